@@ -1,0 +1,73 @@
+//! A safe wrapper over `matrixmultiply::sgemm` for row-major matrices.
+
+/// `c = op(a) · op(b) + beta · c`, with `op(a)` of shape m×k and `op(b)` k×n,
+/// every matrix stored row-major. `a_t` / `b_t` read the stored matrix
+/// transposed (the stored shapes are then k×m and n×k).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: bool, beta: f32, c: &mut [f32]) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm operands too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (rsa, csa) = if a_t { (1, m as isize) } else { (k as isize, 1) };
+    let (rsb, csb) = if b_t { (1, k as isize) } else { (n as isize, 1) };
+    // SAFETY: the asserts above guarantee every index sgemm touches, derived
+    // from (m, k, n) and the strides chosen for the stored shapes, is in bounds.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            rsa,
+            csa,
+            b.as_ptr(),
+            rsb,
+            csb,
+            beta,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gemm;
+
+    fn naive(m: usize, k: usize, n: usize, a: impl Fn(usize, usize) -> f32, b: impl Fn(usize, usize) -> f32) -> Vec<f32> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a(i, p) * b(p, j)).sum();
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn all_transpose_combinations_match_the_definition() {
+        let (m, k, n) = (3, 4, 5);
+        let a: Vec<f32> = (0..m * k).map(|x| x as f32 * 0.5 - 2.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|x| (x as f32).sin()).collect();
+        for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+            let ea = |i: usize, p: usize| if a_t { a[p * m + i] } else { a[i * k + p] };
+            let eb = |p: usize, j: usize| if b_t { b[j * k + p] } else { b[p * n + j] };
+            let want = naive(m, k, n, ea, eb);
+            let mut c = vec![1.0; m * n];
+            gemm(m, k, n, &a, a_t, &b, b_t, 0.0, &mut c);
+            for (x, y) in c.iter().zip(&want) {
+                assert!((x - y).abs() < 1e-5, "a_t={a_t} b_t={b_t}: {x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn beta_accumulates() {
+        let mut c = vec![1.0; 1];
+        gemm(1, 1, 1, &[2.0], false, &[3.0], false, 1.0, &mut c);
+        assert_eq!(c, vec![7.0]);
+    }
+}

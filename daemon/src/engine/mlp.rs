@@ -1,0 +1,245 @@
+//! A multi-layer perceptron: dense layers with ReLU between them.
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::gemm::gemm;
+
+/// One dense layer, `y = x · weight + bias`, weight stored inputs×outputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Dense {
+    pub inputs: usize,
+    pub outputs: usize,
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+impl Dense {
+    /// He-uniform initialisation for layers followed by ReLU, Glorot for the head.
+    fn init(inputs: usize, outputs: usize, relu_after: bool, rng: &mut impl Rng) -> Dense {
+        let bound = if relu_after {
+            (6.0 / inputs.max(1) as f64).sqrt()
+        } else {
+            (6.0 / (inputs + outputs).max(1) as f64).sqrt()
+        } as f32;
+        let weight = (0..inputs * outputs).map(|_| rng.random_range(-bound..=bound)).collect();
+        Dense { inputs, outputs, weight, bias: vec![0.0; outputs] }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Mlp {
+    pub layers: Vec<Dense>,
+}
+
+/// Activations kept from the forward pass for the backward pass.
+#[derive(Debug, Default)]
+pub struct ForwardCache {
+    /// Pre-activation of every layer (the last one holds the logits).
+    pre: Vec<Vec<f32>>,
+    /// Post-ReLU activation of every hidden layer.
+    post: Vec<Vec<f32>>,
+    delta: Vec<f32>,
+    delta_prev: Vec<f32>,
+}
+
+impl ForwardCache {
+    pub fn logits(&self) -> &[f32] {
+        self.pre.last().map_or(&[], |v| v.as_slice())
+    }
+}
+
+/// Gradients shaped like the network's parameters.
+#[derive(Debug, Clone)]
+pub struct Gradients {
+    pub layers: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl Gradients {
+    pub fn zeros_like(mlp: &Mlp) -> Gradients {
+        Gradients { layers: mlp.layers.iter().map(|l| (vec![0.0; l.weight.len()], vec![0.0; l.bias.len()])).collect() }
+    }
+
+    /// Scales all gradients so their global L2 norm is at most `max_norm`.
+    pub fn clip_norm(&mut self, max_norm: f32) {
+        let sq: f64 = self.layers.iter().flat_map(|(w, b)| w.iter().chain(b)).map(|g| (*g as f64) * (*g as f64)).sum();
+        let norm = sq.sqrt() as f32;
+        if norm > max_norm && norm.is_finite() {
+            let s = max_norm / norm;
+            self.layers.iter_mut().flat_map(|(w, b)| w.iter_mut().chain(b.iter_mut())).for_each(|g| *g *= s);
+        }
+    }
+}
+
+impl Mlp {
+    pub fn new(input: usize, hidden: &[usize], output: usize, rng: &mut impl Rng) -> Mlp {
+        let mut dims = vec![input];
+        dims.extend_from_slice(hidden);
+        dims.push(output);
+        let last = dims.len() - 2;
+        let layers = (0..dims.len() - 1).map(|i| Dense::init(dims[i], dims[i + 1], i < last, rng)).collect();
+        Mlp { layers }
+    }
+
+    pub fn input_dim(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.inputs)
+    }
+
+    pub fn output_dim(&self) -> usize {
+        self.layers.last().map_or(0, |l| l.outputs)
+    }
+
+    /// Runs `n` rows of `x` (n × input_dim) through the network; the logits are
+    /// left in `cache.logits()`.
+    pub fn forward(&self, x: &[f32], n: usize, cache: &mut ForwardCache) {
+        let depth = self.layers.len();
+        cache.pre.resize_with(depth, Vec::new);
+        cache.post.resize_with(depth.saturating_sub(1), Vec::new);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let z = &mut cache.pre[l];
+            let input: &[f32] = if l == 0 { x } else { &cache.post[l - 1] };
+            z.resize(n * layer.outputs, 0.0);
+            for row in z.chunks_exact_mut(layer.outputs) {
+                row.copy_from_slice(&layer.bias);
+            }
+            gemm(n, layer.inputs, layer.outputs, input, false, &layer.weight, false, 1.0, z);
+            if l + 1 < depth {
+                let a = &mut cache.post[l];
+                a.resize(z.len(), 0.0);
+                for (a, z) in a.iter_mut().zip(z.iter()) {
+                    *a = z.max(0.0);
+                }
+            }
+        }
+    }
+
+    /// Logits for `n` rows, without keeping a cache around.
+    pub fn predict(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let mut cache = ForwardCache::default();
+        self.forward(x, n, &mut cache);
+        cache.pre.pop().unwrap_or_default()
+    }
+
+    /// Back-propagates `d_logits` (n × output_dim) through the activations left
+    /// by [`Mlp::forward`] on the same `x`, overwriting `grads`.
+    pub fn backward(&self, x: &[f32], n: usize, cache: &mut ForwardCache, d_logits: &[f32], grads: &mut Gradients) {
+        let depth = self.layers.len();
+        cache.delta.clear();
+        cache.delta.extend_from_slice(d_logits);
+        for l in (0..depth).rev() {
+            let layer = &self.layers[l];
+            let input: &[f32] = if l == 0 { x } else { &cache.post[l - 1] };
+            let (gw, gb) = &mut grads.layers[l];
+            gemm(layer.inputs, n, layer.outputs, input, true, &cache.delta, false, 0.0, gw);
+            gb.fill(0.0);
+            for row in cache.delta.chunks_exact(layer.outputs) {
+                for (b, d) in gb.iter_mut().zip(row) {
+                    *b += d;
+                }
+            }
+            if l > 0 {
+                cache.delta_prev.resize(n * layer.inputs, 0.0);
+                gemm(n, layer.outputs, layer.inputs, &cache.delta, false, &layer.weight, true, 0.0, &mut cache.delta_prev);
+                // ReLU'(z) as a multiply, so the loop stays branch-free and vectorises.
+                for (d, z) in cache.delta_prev.iter_mut().zip(&cache.pre[l - 1]) {
+                    *d *= (*z > 0.0) as u32 as f32;
+                }
+                std::mem::swap(&mut cache.delta, &mut cache.delta_prev);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    use super::super::Head;
+    use super::*;
+
+    fn loss_of(mlp: &Mlp, head: Head, x: &[f32], y: &[f32], n: usize) -> f64 {
+        head.loss(&mlp.predict(x, n), y, n)
+    }
+
+    /// A network and inputs whose hidden pre-activations all stay clear of
+    /// ReLU's kink, where finite differences would measure a one-sided slope.
+    fn away_from_kinks(outputs: usize, n: usize) -> (Mlp, Vec<f32>) {
+        for seed in 0.. {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let mut mlp = Mlp::new(4, &[6, 3], outputs, &mut rng);
+            for layer in &mut mlp.layers {
+                layer.bias.iter_mut().for_each(|b| *b = rng.random_range(-0.3..0.3));
+            }
+            let x: Vec<f32> = (0..n * 4).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let mut cache = ForwardCache::default();
+            mlp.forward(&x, n, &mut cache);
+            let hidden = &cache.pre[..cache.pre.len() - 1];
+            if hidden.iter().flatten().all(|z| z.abs() > 0.02) {
+                return (mlp, x);
+            }
+        }
+        unreachable!("some seed always works")
+    }
+
+    /// Central finite differences in f64 over an f32 network: compare with a
+    /// tolerance that reflects f32 rounding.
+    fn check_gradients(head: Head, y: Vec<f32>) {
+        let n = 5;
+        let (mut mlp, x) = away_from_kinks(head.outputs(), n);
+        let mut cache = ForwardCache::default();
+        mlp.forward(&x, n, &mut cache);
+        let mut d = vec![0.0; n * head.outputs()];
+        head.loss_and_grad(cache.logits(), &y, n, &mut d);
+        let mut grads = Gradients::zeros_like(&mlp);
+        mlp.backward(&x, n, &mut cache, &d, &mut grads);
+
+        let eps = 1e-3f32;
+        for l in 0..mlp.layers.len() {
+            for i in 0..mlp.layers[l].weight.len() + mlp.layers[l].bias.len() {
+                let nw = mlp.layers[l].weight.len();
+                let param = |m: &mut Mlp| -> *mut f32 {
+                    if i < nw {
+                        &mut m.layers[l].weight[i]
+                    } else {
+                        &mut m.layers[l].bias[i - nw]
+                    }
+                };
+                // SAFETY: the pointer is into `mlp`, used before `mlp` is touched again.
+                let orig = unsafe { *param(&mut mlp) };
+                unsafe { *param(&mut mlp) = orig + eps };
+                let up = loss_of(&mlp, head, &x, &y, n);
+                unsafe { *param(&mut mlp) = orig - eps };
+                let down = loss_of(&mlp, head, &x, &y, n);
+                unsafe { *param(&mut mlp) = orig };
+                let numeric = (up - down) / (2.0 * eps as f64);
+                let analytic = if i < nw { grads.layers[l].0[i] } else { grads.layers[l].1[i - nw] } as f64;
+                let tol = 2e-3 + 2e-2 * numeric.abs().max(analytic.abs());
+                assert!((numeric - analytic).abs() <= tol, "{head:?} layer {l} param {i}: numeric {numeric} analytic {analytic}");
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_for_every_head() {
+        check_gradients(Head::Binary, vec![1.0, 0.0, 1.0, 1.0, 0.0]);
+        check_gradients(Head::Multiclass(3), vec![0.0, 2.0, 1.0, 2.0, 0.0]);
+        check_gradients(Head::Regression, vec![0.5, -1.0, 2.0, 0.0, 0.3]);
+    }
+
+    #[test]
+    fn a_network_without_hidden_layers_is_linear() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mlp = Mlp::new(2, &[], 1, &mut rng);
+        let w = &mlp.layers[0].weight;
+        let out = mlp.predict(&[1.0, 2.0], 1);
+        assert!((out[0] - (w[0] + 2.0 * w[1])).abs() < 1e-6);
+    }
+
+    #[test]
+    fn clipping_bounds_the_global_norm() {
+        let mut g = Gradients { layers: vec![(vec![3.0], vec![4.0])] };
+        g.clip_norm(1.0);
+        assert!((g.layers[0].0[0] - 0.6).abs() < 1e-6 && (g.layers[0].1[0] - 0.8).abs() < 1e-6);
+    }
+}

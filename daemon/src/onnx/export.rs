@@ -1,0 +1,246 @@
+//! Builds the ONNX graph of a trained model.
+//!
+//! Inputs are the raw feature columns, one `[N, 1]` tensor each: float for
+//! numeric columns (NaN for NULL) and string for categorical ones
+//! ([`NULL_CATEGORY`] for NULL). The graph repeats the feature pipeline's f32
+//! arithmetic, runs the network and applies the head, so the file scores raw
+//! values on its own, in Cerebro or anywhere ONNX Runtime runs.
+
+use cerebro_shared::spec::{Task, NULL_CATEGORY};
+use prost::Message;
+
+use super::proto::*;
+use crate::features::Encoder;
+use crate::train::TrainedModel;
+
+/// Binary models: `[N, 1]` probability of the positive class.
+pub const OUTPUT_PROBABILITY: &str = "probability";
+/// Multiclass models: `[N, C]` class probabilities, classes in label order.
+pub const OUTPUT_PROBABILITIES: &str = "probabilities";
+/// Regression models: `[N, 1]` predicted value in the target's units.
+pub const OUTPUT_VALUE: &str = "value";
+
+const IR_VERSION: i64 = 8;
+const OPSET: i64 = 17;
+const ML_OPSET: i64 = 3;
+const ML_DOMAIN: &str = "ai.onnx.ml";
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ExportError {
+    #[error("the model has no input features")]
+    NoInputs,
+    #[error("feature column \"{0}\" has the name of an output; rename the column")]
+    NameClash(String),
+}
+
+#[derive(Default)]
+struct Graph {
+    nodes: Vec<NodeProto>,
+    initializers: Vec<TensorProto>,
+    next_id: usize,
+}
+
+impl Graph {
+    fn fresh(&mut self, hint: &str) -> String {
+        self.next_id += 1;
+        format!("_cerebro/{hint}_{}", self.next_id)
+    }
+
+    fn const_f32(&mut self, hint: &str, dims: &[i64], data: Vec<f32>) -> String {
+        let name = self.fresh(hint);
+        self.initializers.push(TensorProto {
+            dims: dims.to_vec(),
+            data_type: data_type::FLOAT,
+            float_data: data,
+            name: name.clone(),
+            ..Default::default()
+        });
+        name
+    }
+
+    fn const_i64(&mut self, hint: &str, dims: &[i64], data: Vec<i64>) -> String {
+        let name = self.fresh(hint);
+        self.initializers.push(TensorProto {
+            dims: dims.to_vec(),
+            data_type: data_type::INT64,
+            int64_data: data,
+            name: name.clone(),
+            ..Default::default()
+        });
+        name
+    }
+
+    /// Adds a one-output node and returns its output's name (or `output`).
+    fn node(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, output: Option<&str>) -> String {
+        self.node_in(op, "", inputs, attrs, output)
+    }
+
+    fn node_in(
+        &mut self,
+        op: &str,
+        domain: &str,
+        inputs: &[&str],
+        attrs: Vec<AttributeProto>,
+        output: Option<&str>,
+    ) -> String {
+        let out = output.map_or_else(|| self.fresh(&op.to_ascii_lowercase()), str::to_owned);
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.clone()],
+            name: format!("{op}_{}", self.nodes.len()),
+            op_type: op.into(),
+            attribute: attrs,
+            domain: domain.into(),
+        });
+        out
+    }
+}
+
+fn attr_int(name: &str, i: i64) -> AttributeProto {
+    AttributeProto { name: name.into(), i, r#type: attribute_type::INT, ..Default::default() }
+}
+
+fn attr_ints(name: &str, ints: Vec<i64>) -> AttributeProto {
+    AttributeProto { name: name.into(), ints, r#type: attribute_type::INTS, ..Default::default() }
+}
+
+fn attr_strings(name: &str, strings: Vec<Vec<u8>>) -> AttributeProto {
+    AttributeProto { name: name.into(), strings, r#type: attribute_type::STRINGS, ..Default::default() }
+}
+
+fn value_info(name: &str, elem_type: i32, dims: [Option<i64>; 2]) -> ValueInfoProto {
+    let dim = dims
+        .iter()
+        .map(|d| tensor_shape_proto::Dimension {
+            value: Some(match d {
+                Some(v) => tensor_shape_proto::dimension::Value::DimValue(*v),
+                None => tensor_shape_proto::dimension::Value::DimParam("N".into()),
+            }),
+        })
+        .collect();
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type,
+                shape: Some(TensorShapeProto { dim }),
+            })),
+        }),
+    }
+}
+
+/// Serialises `model` as an ONNX file; `metadata` lands in `metadata_props`.
+pub fn export(model: &TrainedModel, metadata: &[(&str, String)]) -> Result<Vec<u8>, ExportError> {
+    if model.pipeline.width() == 0 {
+        return Err(ExportError::NoInputs);
+    }
+    let outputs = [OUTPUT_PROBABILITY, OUTPUT_PROBABILITIES, OUTPUT_VALUE];
+    if let Some(f) = model.pipeline.features.iter().find(|f| outputs.contains(&f.name.as_str())) {
+        return Err(ExportError::NameClash(f.name.clone()));
+    }
+
+    let mut g = Graph::default();
+    let mut inputs = Vec::new();
+    let mut parts = Vec::new();
+    for feature in &model.pipeline.features {
+        let x = feature.name.as_str();
+        match &feature.encoder {
+            Encoder::Numeric { mean, std, null_indicator } => {
+                inputs.push(value_info(x, data_type::FLOAT, [None, Some(1)]));
+                let mean = g.const_f32("mean", &[1], vec![*mean]);
+                let std = g.const_f32("std", &[1], vec![*std]);
+                let zero = g.const_f32("zero", &[1], vec![0.0]);
+                let is_null = g.node("IsNaN", &[x], vec![], None);
+                let centred = g.node("Sub", &[x, &mean], vec![], None);
+                let scaled = g.node("Div", &[&centred, &std], vec![], None);
+                parts.push(g.node("Where", &[&is_null, &zero, &scaled], vec![], None));
+                if *null_indicator {
+                    parts.push(g.node("Cast", &[&is_null], vec![attr_int("to", data_type::FLOAT as i64)], None));
+                }
+            }
+            Encoder::Categorical { vocabulary } => {
+                inputs.push(value_info(x, data_type::STRING, [None, Some(1)]));
+                if vocabulary.is_empty() {
+                    continue;
+                }
+                let v = vocabulary.len() as i64;
+                let index = g.node_in(
+                    "LabelEncoder",
+                    ML_DOMAIN,
+                    &[x],
+                    vec![
+                        attr_strings("keys_strings", vocabulary.iter().map(|s| s.as_bytes().to_vec()).collect()),
+                        attr_ints("values_int64s", (0..v).collect()),
+                        // Values never seen in training match no column: all zeros.
+                        attr_int("default_int64", -1),
+                    ],
+                    None,
+                );
+                let positions = g.const_i64("positions", &[v], (0..v).collect());
+                let hit = g.node("Equal", &[&index, &positions], vec![], None);
+                parts.push(g.node("Cast", &[&hit], vec![attr_int("to", data_type::FLOAT as i64)], None));
+            }
+        }
+    }
+    let part_refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+    let mut h = g.node("Concat", &part_refs, vec![attr_int("axis", 1)], None);
+
+    let depth = model.mlp.layers.len();
+    for (l, layer) in model.mlp.layers.iter().enumerate() {
+        let w = g.const_f32("weight", &[layer.inputs as i64, layer.outputs as i64], layer.weight.clone());
+        let b = g.const_f32("bias", &[layer.outputs as i64], layer.bias.clone());
+        let z = g.node("MatMul", &[&h, &w], vec![], None);
+        h = g.node("Add", &[&z, &b], vec![], None);
+        if l + 1 < depth {
+            h = g.node("Relu", &[&h], vec![], None);
+        }
+    }
+
+    let output = match model.task {
+        Task::Binary => {
+            g.node("Sigmoid", &[&h], vec![], Some(OUTPUT_PROBABILITY));
+            value_info(OUTPUT_PROBABILITY, data_type::FLOAT, [None, Some(1)])
+        }
+        Task::Multiclass => {
+            g.node("Softmax", &[&h], vec![attr_int("axis", -1)], Some(OUTPUT_PROBABILITIES));
+            value_info(OUTPUT_PROBABILITIES, data_type::FLOAT, [None, Some(model.class_labels.len() as i64)])
+        }
+        Task::Regression => {
+            let s = model.target_scale.expect("regression models carry a target scale");
+            let std = g.const_f32("target_std", &[1], vec![s.std]);
+            let mean = g.const_f32("target_mean", &[1], vec![s.mean]);
+            let scaled = g.node("Mul", &[&h, &std], vec![], None);
+            g.node("Add", &[&scaled, &mean], vec![], Some(OUTPUT_VALUE));
+            value_info(OUTPUT_VALUE, data_type::FLOAT, [None, Some(1)])
+        }
+    };
+
+    let mut props = vec![
+        ("cerebro.task".to_string(), model.task.as_str().to_string()),
+        ("cerebro.class_labels".to_string(), serde_json::to_string(&model.class_labels).expect("labels serialise")),
+        ("cerebro.null_category".to_string(), NULL_CATEGORY.to_string()),
+    ];
+    props.extend(metadata.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    let proto = ModelProto {
+        ir_version: IR_VERSION,
+        producer_name: "cerebro".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        domain: "cerebro".into(),
+        model_version: 1,
+        doc_string: "Cerebro model: feature pipeline, network and head in one graph.".into(),
+        graph: Some(GraphProto {
+            node: g.nodes,
+            name: "cerebro_model".into(),
+            initializer: g.initializers,
+            doc_string: String::new(),
+            input: inputs,
+            output: vec![output],
+        }),
+        opset_import: vec![
+            OperatorSetIdProto { domain: String::new(), version: OPSET },
+            OperatorSetIdProto { domain: ML_DOMAIN.into(), version: ML_OPSET },
+        ],
+        metadata_props: props.into_iter().map(|(key, value)| StringStringEntryProto { key, value }).collect(),
+    };
+    Ok(proto.encode_to_vec())
+}

@@ -1,0 +1,372 @@
+//! One training run: split, fit features, train with early stopping, evaluate.
+
+use std::time::Instant;
+
+use cerebro_shared::batch::ColumnData;
+use cerebro_shared::spec::{Task, TrainingPlan};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Adam, ForwardCache, Gradients, Head, Mlp};
+use crate::features::{FeatureError, FeaturePipeline};
+use crate::metrics::{self, Metrics};
+
+/// What one epoch did, reported while training runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochStats {
+    pub epoch: u32,
+    pub train_loss: f64,
+    pub valid_loss: f64,
+    pub seconds: f64,
+}
+
+/// Whether training should go on after an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    Stop,
+}
+
+/// Regression targets are learnt standardised; predictions are scaled back.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TargetScale {
+    pub mean: f32,
+    pub std: f32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainedModel {
+    pub task: Task,
+    pub class_labels: Vec<String>,
+    pub pipeline: FeaturePipeline,
+    pub mlp: Mlp,
+    pub target_scale: Option<TargetScale>,
+    /// The epoch whose weights were kept (1-based).
+    pub best_epoch: u32,
+    pub epochs_run: u32,
+    pub history: Vec<EpochStats>,
+    pub metrics: Metrics,
+    pub rows_train: usize,
+    pub rows_valid: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("only {usable} row(s) have a usable target; at least 2 are needed")]
+    TooFewRows { usable: usize },
+    #[error(transparent)]
+    Features(#[from] FeatureError),
+    #[error("the target column arrived as {found}, but task {task} needs {expected}")]
+    TargetKind { task: Task, expected: &'static str, found: &'static str },
+    #[error("training diverged at epoch {epoch} (loss is not finite); try a lower learning_rate")]
+    Diverged { epoch: u32 },
+    #[error("training was stopped")]
+    Stopped,
+}
+
+/// Rows scored at once when evaluating, to bound memory.
+const EVAL_CHUNK: usize = 8192;
+
+fn head_for(task: Task, classes: usize) -> Head {
+    match task {
+        Task::Binary => Head::Binary,
+        Task::Multiclass => Head::Multiclass(classes),
+        Task::Regression => Head::Regression,
+    }
+}
+
+/// Trains one model. `features` are in `plan.features` order; `target` is text
+/// for classification and numbers for regression.
+pub fn train(
+    plan: &TrainingPlan,
+    features: &[ColumnData],
+    target: &ColumnData,
+    on_epoch: &mut dyn FnMut(&EpochStats) -> Control,
+) -> Result<TrainedModel, TrainError> {
+    let opts = &plan.options;
+    let head = head_for(plan.task, plan.class_labels.len());
+
+    // Targets as f32 (class index or value); rows whose target is NULL or not a
+    // known label are not used.
+    let (rows, raw_targets): (Vec<usize>, Vec<f64>) = match (plan.task.is_classification(), target) {
+        (true, ColumnData::Text(values)) => values
+            .iter()
+            .enumerate()
+            .filter_map(|(r, v)| {
+                let label = v.as_deref()?;
+                plan.class_labels.iter().position(|l| l == label).map(|i| (r, i as f64))
+            })
+            .unzip(),
+        (false, ColumnData::Float64(values)) => {
+            values.iter().enumerate().filter_map(|(r, v)| v.filter(|x| x.is_finite()).map(|x| (r, x))).unzip()
+        }
+        (classification, found) => {
+            return Err(TrainError::TargetKind {
+                task: plan.task,
+                expected: if classification { "text" } else { "numbers" },
+                found: match found {
+                    ColumnData::Float64(_) => "numbers",
+                    ColumnData::Text(_) => "text",
+                },
+            });
+        }
+    };
+    if rows.len() < 2 {
+        return Err(TrainError::TooFewRows { usable: rows.len() });
+    }
+
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.shuffle(&mut rng);
+    let n_valid = ((rows.len() as f64 * opts.validation_fraction).round() as usize).clamp(1, rows.len() - 1);
+    let (valid_idx, train_idx) = order.split_at(n_valid);
+
+    let train_rows: Vec<usize> = train_idx.iter().map(|&i| rows[i]).collect();
+    let pipeline = FeaturePipeline::fit(&plan.features, features, &train_rows, opts.max_categories as usize)?;
+    let width = pipeline.width();
+    let x_all = pipeline.transform(features)?;
+
+    let target_scale = (plan.task == Task::Regression).then(|| {
+        let n = train_idx.len() as f64;
+        let mean = train_idx.iter().map(|&i| raw_targets[i]).sum::<f64>() / n;
+        let var = train_idx.iter().map(|&i| (raw_targets[i] - mean).powi(2)).sum::<f64>() / n;
+        let std = if var.sqrt() > 1e-12 { var.sqrt() } else { 1.0 };
+        TargetScale { mean: mean as f32, std: std as f32 }
+    });
+    let y: Vec<f32> = raw_targets
+        .iter()
+        .map(|&v| match target_scale {
+            Some(s) => (v as f32 - s.mean) / s.std,
+            None => v as f32,
+        })
+        .collect();
+
+    // Dense copies of the validation rows, scored once per epoch.
+    let gather = |idx: &[usize]| -> (Vec<f32>, Vec<f32>) {
+        let mut x = Vec::with_capacity(idx.len() * width);
+        let mut t = Vec::with_capacity(idx.len());
+        for &i in idx {
+            x.extend_from_slice(&x_all[rows[i] * width..(rows[i] + 1) * width]);
+            t.push(y[i]);
+        }
+        (x, t)
+    };
+    let (x_valid, y_valid) = gather(valid_idx);
+
+    let hidden: Vec<usize> = opts.hidden.iter().map(|&h| h as usize).collect();
+    let mut mlp = Mlp::new(width, &hidden, head.outputs(), &mut rng);
+    let mut adam = Adam::new(&mlp, opts.weight_decay as f32);
+    let mut cache = ForwardCache::default();
+    let mut grads = Gradients::zeros_like(&mlp);
+    let batch = (opts.batch_size as usize).min(train_idx.len());
+    let mut xb = vec![0.0f32; batch * width];
+    let mut yb = vec![0.0f32; batch];
+    let mut d_logits = vec![0.0f32; batch * head.outputs()];
+
+    let mut best = (f64::INFINITY, mlp.clone(), 0u32);
+    let mut history = Vec::new();
+    let mut train_order: Vec<usize> = train_idx.to_vec();
+    let mut since_best = 0;
+    for epoch in 1..=opts.epochs {
+        let started = Instant::now();
+        train_order.shuffle(&mut rng);
+        let mut loss_sum = 0.0;
+        for chunk in train_order.chunks(batch) {
+            let n = chunk.len();
+            for (j, &i) in chunk.iter().enumerate() {
+                xb[j * width..(j + 1) * width].copy_from_slice(&x_all[rows[i] * width..(rows[i] + 1) * width]);
+                yb[j] = y[i];
+            }
+            mlp.forward(&xb[..n * width], n, &mut cache);
+            let k = head.outputs();
+            loss_sum += head.loss_and_grad(cache.logits(), &yb[..n], n, &mut d_logits[..n * k]) * n as f64;
+            mlp.backward(&xb[..n * width], n, &mut cache, &d_logits[..n * k], &mut grads);
+            adam.step(&mut mlp, &grads, opts.learning_rate as f32);
+        }
+        let train_loss = loss_sum / train_order.len() as f64;
+        let valid_loss = head.loss(&predict_logits(&mlp, &x_valid, width), &y_valid, y_valid.len());
+        if !train_loss.is_finite() || !valid_loss.is_finite() {
+            return Err(TrainError::Diverged { epoch });
+        }
+        let stats = EpochStats { epoch, train_loss, valid_loss, seconds: started.elapsed().as_secs_f64() };
+        history.push(stats.clone());
+        if valid_loss < best.0 {
+            best = (valid_loss, mlp.clone(), epoch);
+            since_best = 0;
+        } else {
+            since_best += 1;
+        }
+        if on_epoch(&stats) == Control::Stop {
+            return Err(TrainError::Stopped);
+        }
+        if opts.patience > 0 && since_best >= opts.patience {
+            break;
+        }
+    }
+
+    let (_, mlp, best_epoch) = best;
+    let mut model = TrainedModel {
+        task: plan.task,
+        class_labels: plan.class_labels.clone(),
+        pipeline,
+        mlp,
+        target_scale,
+        best_epoch,
+        epochs_run: history.len() as u32,
+        history,
+        metrics: Metrics::new(),
+        rows_train: train_idx.len(),
+        rows_valid: valid_idx.len(),
+    };
+    let outputs = model.outputs_from_encoded(&x_valid);
+    let valid_targets: Vec<f64> = valid_idx.iter().map(|&i| raw_targets[i]).collect();
+    model.metrics = match model.task {
+        Task::Binary => metrics::binary(&outputs, &valid_targets.iter().map(|&t| t == 1.0).collect::<Vec<_>>()),
+        Task::Multiclass => metrics::multiclass(
+            &outputs,
+            model.class_labels.len(),
+            &valid_targets.iter().map(|&t| t as usize).collect::<Vec<_>>(),
+        ),
+        Task::Regression => {
+            metrics::regression(&outputs.iter().map(|&v| v as f64).collect::<Vec<_>>(), &valid_targets)
+        }
+    };
+    Ok(model)
+}
+
+fn predict_logits(mlp: &Mlp, x: &[f32], width: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len() / width.max(1) * mlp.output_dim());
+    for chunk in x.chunks(EVAL_CHUNK * width.max(1)) {
+        out.extend(mlp.predict(chunk, chunk.len() / width.max(1)));
+    }
+    out
+}
+
+impl TrainedModel {
+    pub fn head(&self) -> Head {
+        head_for(self.task, self.class_labels.len())
+    }
+
+    /// What the exported graph outputs, computed by the engine itself:
+    /// positive-class probabilities (binary), class probabilities row by row
+    /// (multiclass) or values in the target's units (regression).
+    pub fn outputs(&self, columns: &[ColumnData]) -> Result<Vec<f32>, FeatureError> {
+        Ok(self.outputs_from_encoded(&self.pipeline.transform(columns)?))
+    }
+
+    fn outputs_from_encoded(&self, x: &[f32]) -> Vec<f32> {
+        let mut out = predict_logits(&self.mlp, x, self.pipeline.width());
+        match self.head() {
+            Head::Binary => out.iter_mut().for_each(|z| *z = crate::engine::sigmoid(*z)),
+            Head::Multiclass(c) => {
+                let mut row = vec![0.0; c];
+                for chunk in out.chunks_exact_mut(c) {
+                    crate::engine::softmax_into(chunk, &mut row);
+                    chunk.copy_from_slice(&row);
+                }
+            }
+            Head::Regression => {
+                let s = self.target_scale.expect("regression models carry a target scale");
+                out.iter_mut().for_each(|z| *z = *z * s.std + s.mean);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cerebro_shared::spec::{Feature, FeatureKind, TrainOptions};
+
+    use super::*;
+
+    /// A separable problem with a numeric and a categorical signal, NULLs in both.
+    fn toy(n: usize) -> (Vec<ColumnData>, ColumnData) {
+        let mut x = Vec::new();
+        let mut c = Vec::new();
+        let mut y = Vec::new();
+        for i in 0..n {
+            let v = (i as f64 * 0.7).sin() * 3.0;
+            let cat = ["red", "green", "blue"][i % 3];
+            let label = v + if cat == "red" { 1.5 } else { 0.0 } > 0.5;
+            x.push(if i % 17 == 0 { None } else { Some(v) });
+            c.push(if i % 23 == 0 { None } else { Some(cat.to_string()) });
+            y.push(Some(if label { "yes" } else { "no" }.to_string()));
+        }
+        (vec![ColumnData::Float64(x), ColumnData::Text(c)], ColumnData::Text(y))
+    }
+
+    fn plan(task: Task, labels: &[&str]) -> TrainingPlan {
+        TrainingPlan {
+            task,
+            target: "y".into(),
+            features: vec![
+                Feature { name: "x".into(), kind: FeatureKind::Numeric },
+                Feature { name: "c".into(), kind: FeatureKind::Categorical },
+            ],
+            class_labels: labels.iter().map(|s| s.to_string()).collect(),
+            options: TrainOptions { epochs: 40, hidden: vec![16], learning_rate: 0.01, ..Default::default() },
+        }
+    }
+
+    #[test]
+    fn learns_a_binary_problem_and_reports_metrics() {
+        let (features, target) = toy(600);
+        let mut epochs = 0;
+        let m = train(&plan(Task::Binary, &["no", "yes"]), &features, &target, &mut |_| {
+            epochs += 1;
+            Control::Continue
+        })
+        .unwrap();
+        assert!(m.metrics["auc"] > 0.95, "{:?}", m.metrics);
+        assert_eq!(m.rows_valid, 120);
+        assert_eq!(epochs as usize, m.history.len());
+        assert!(m.best_epoch >= 1 && m.best_epoch <= m.epochs_run);
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_weights() {
+        let (features, target) = toy(300);
+        let p = plan(Task::Binary, &["no", "yes"]);
+        let a = train(&p, &features, &target, &mut |_| Control::Continue).unwrap();
+        let b = train(&p, &features, &target, &mut |_| Control::Continue).unwrap();
+        assert_eq!(a.mlp, b.mlp);
+        let mut other = p.clone();
+        other.options.seed = 7;
+        let c = train(&other, &features, &target, &mut |_| Control::Continue).unwrap();
+        assert_ne!(a.mlp, c.mlp);
+    }
+
+    #[test]
+    fn regression_reports_metrics_in_target_units() {
+        let n = 400;
+        let xs: Vec<Option<f64>> = (0..n).map(|i| Some(i as f64 / 40.0)).collect();
+        let ys: Vec<Option<f64>> = xs.iter().map(|x| Some(1000.0 + 50.0 * x.unwrap())).collect();
+        let mut p = plan(Task::Regression, &[]);
+        p.features.truncate(1);
+        p.options.epochs = 200;
+        p.options.patience = 0;
+        let m = train(&p, &[ColumnData::Float64(xs)], &ColumnData::Float64(ys), &mut |_| Control::Continue).unwrap();
+        assert!(m.metrics["r2"] > 0.99, "{:?}", m.metrics);
+        assert!(m.metrics["rmse"] < 20.0, "{:?}", m.metrics);
+    }
+
+    #[test]
+    fn stopping_and_bad_targets_are_errors() {
+        let (features, target) = toy(50);
+        let p = plan(Task::Binary, &["no", "yes"]);
+        assert!(matches!(train(&p, &features, &target, &mut |_| Control::Stop), Err(TrainError::Stopped)));
+        let numeric_target = ColumnData::Float64(vec![Some(1.0); 50]);
+        assert!(matches!(
+            train(&p, &features, &numeric_target, &mut |_| Control::Continue),
+            Err(TrainError::TargetKind { .. })
+        ));
+        let no_labels = ColumnData::Text(vec![None; 50]);
+        assert!(matches!(
+            train(&p, &features, &no_labels, &mut |_| Control::Continue),
+            Err(TrainError::TooFewRows { usable: 0 })
+        ));
+    }
+}

@@ -1,0 +1,105 @@
+//! Export equivalence: ONNX Runtime on the exported file gives what the
+//! engine gives, on held-out rows with NULLs and never-seen categories.
+
+mod common;
+
+use cerebro_daemon::onnx::export;
+use cerebro_daemon::scoring::{InputKind, ScoringModel};
+use cerebro_daemon::train::{train, Control, TrainedModel};
+use cerebro_shared::batch::{ColumnData, NO_LABEL};
+use cerebro_shared::spec::{Feature, FeatureKind, Task, TrainOptions, TrainingPlan};
+
+fn columns(n: usize, offset: usize) -> Vec<ColumnData> {
+    let mut num = Vec::new();
+    let mut cat = Vec::new();
+    let mut flag = Vec::new();
+    for i in offset..offset + n {
+        num.push(if i % 11 == 0 { None } else { Some(((i * 37) % 101) as f64 / 10.0 - 5.0) });
+        cat.push(match i % 13 {
+            0 => None,
+            // Only held-out rows (offset > 0) see this value.
+            1 if offset > 0 => Some("never seen".to_string()),
+            _ => Some(["dsl", "fiber", "none", "sat"][i % 4].to_string()),
+        });
+        flag.push(Some(if i % 3 == 0 { "true" } else { "false" }.to_string()));
+    }
+    vec![ColumnData::Float64(num), ColumnData::Text(cat), ColumnData::Text(flag)]
+}
+
+fn features() -> Vec<Feature> {
+    vec![
+        Feature { name: "monthly charges".into(), kind: FeatureKind::Numeric },
+        Feature { name: "internet".into(), kind: FeatureKind::Categorical },
+        Feature { name: "paperless".into(), kind: FeatureKind::Categorical },
+    ]
+}
+
+fn trained(task: Task) -> TrainedModel {
+    let train_cols = columns(400, 0);
+    let num = match &train_cols[0] {
+        ColumnData::Float64(v) => v.clone(),
+        _ => unreachable!(),
+    };
+    let (target, labels): (ColumnData, Vec<String>) = match task {
+        Task::Binary => (
+            ColumnData::Text(num.iter().map(|v| Some((v.unwrap_or(0.0) > 0.0).to_string())).collect()),
+            vec!["false".into(), "true".into()],
+        ),
+        Task::Multiclass => (
+            ColumnData::Text(num.iter().map(|v| Some(format!("c{}", (v.unwrap_or(0.0) + 5.0) as usize / 4))).collect()),
+            vec!["c0".into(), "c1".into(), "c2".into()],
+        ),
+        Task::Regression => (ColumnData::Float64(num.iter().map(|v| Some(v.unwrap_or(1.0) * 3.0 + 100.0)).collect()), vec![]),
+    };
+    let plan = TrainingPlan {
+        task,
+        target: "y".into(),
+        features: features(),
+        class_labels: labels,
+        options: TrainOptions { epochs: 5, hidden: vec![8, 4], ..Default::default() },
+    };
+    train(&plan, &train_cols, &target, &mut |_| Control::Continue).expect("training succeeds")
+}
+
+#[test]
+fn onnx_runtime_agrees_with_the_engine_for_every_head() {
+    let Some(rt) = common::onnx_runtime() else { return };
+    let held_out = columns(300, 10_000);
+    for task in [Task::Binary, Task::Multiclass, Task::Regression] {
+        let model = trained(task);
+        let bytes = export(&model, &[("cerebro.model", "test".into())]).unwrap();
+        let onnx = ScoringModel::load(&rt, &bytes).unwrap();
+        assert_eq!(
+            onnx.inputs().iter().map(|(n, k)| (n.as_str(), *k)).collect::<Vec<_>>(),
+            vec![("monthly charges", InputKind::Float), ("internet", InputKind::Text), ("paperless", InputKind::Text)]
+        );
+        let engine = model.outputs(&held_out).unwrap();
+        let (runtime, width) = onnx.run(&held_out).unwrap();
+        assert_eq!(engine.len(), runtime.len(), "{task}");
+        assert_eq!(width, if task == Task::Multiclass { 3 } else { 1 });
+        for (i, (e, r)) in engine.iter().zip(&runtime).enumerate() {
+            assert!((e - r).abs() <= 1e-5 * e.abs().max(1.0), "{task} row {i}: engine {e} onnx {r}");
+        }
+
+        let (scores, labels) = onnx.score(&held_out).unwrap();
+        assert_eq!(scores.len(), 300);
+        match task {
+            Task::Binary => assert!(labels.iter().zip(&scores).all(|(l, s)| *l == (*s >= 0.5) as u32)),
+            Task::Multiclass => assert!(labels.iter().all(|l| *l < 3)),
+            Task::Regression => assert!(labels.iter().all(|l| *l == NO_LABEL)),
+        }
+    }
+}
+
+#[test]
+fn batches_of_the_wrong_shape_are_refused() {
+    let Some(rt) = common::onnx_runtime() else { return };
+    let onnx = ScoringModel::load(&rt, &export(&trained(Task::Binary), &[]).unwrap()).unwrap();
+    let mut cols = columns(4, 0);
+    cols.pop();
+    assert!(onnx.run(&cols).is_err());
+    let mut swapped = columns(4, 0);
+    swapped.swap(0, 1);
+    assert!(onnx.run(&swapped).is_err());
+    assert!(ScoringModel::load(&rt, b"not an onnx file").is_err());
+}

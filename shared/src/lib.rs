@@ -1,0 +1,16 @@
+//! The contract between the `cerebro` extension (fdw/) and the daemon `cerebrod`.
+//!
+//! Everything both sides must agree on lives here and nowhere else:
+//! - [`spec`]: what a training request may say, validated into domain types;
+//! - [`protocol`]: the framed control messages on the local socket;
+//! - [`batch`]: the column-major layout of a scoring batch in shared memory;
+//! - [`error`]: stable error codes that cross the wire (mapped to SQLSTATEs
+//!   only in fdw/).
+//!
+//! This crate has no pgrx and no async runtime so that both sides, and plain
+//! `cargo test`, can use it.
+
+pub mod batch;
+pub mod error;
+pub mod protocol;
+pub mod spec;

@@ -1,0 +1,161 @@
+//! Control messages on the daemon's local socket.
+//!
+//! A frame is a little-endian `u32` payload length followed by that many bytes
+//! of JSON. Control messages are small and rare (one per batch of thousands of
+//! rows); the rows themselves travel through shared memory (see [`crate::batch`]).
+//!
+//! A session is: `Hello` (versioned handshake), then any number of `Attach`
+//! (map a shared-memory region) and `Score` requests, each answered in order.
+
+use std::io::{Read, Write};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::batch::BatchLayout;
+use crate::error::WireError;
+
+/// Bumped whenever a message changes shape.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Upper bound on one control frame; anything larger is a broken peer.
+pub const MAX_FRAME_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    Hello { protocol: u32, client: String },
+    /// Map the file at `path` (under /dev/shm) as region `region`.
+    Attach { region: u32, path: String, len: u64 },
+    Score(ScoreRequest),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreRequest {
+    /// `cerebro.model_versions.id` of the model to score with.
+    pub model_version_id: i64,
+    /// The artifact the client expects; the daemon refuses to score with another.
+    pub artifact_sha256: String,
+    /// Which attached region holds the batch.
+    pub region: u32,
+    pub layout: BatchLayout,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Hello { protocol: u32, server: String },
+    Attached { region: u32 },
+    Scored { region: u32, rows: u32 },
+    Error(WireError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection closed by peer")]
+    Closed,
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error(transparent)]
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for FrameError {
+    fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            FrameError::Closed
+        } else {
+            FrameError::Io(e)
+        }
+    }
+}
+
+/// Serialises `msg` into one frame (length prefix included).
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let payload = serde_json::to_vec(msg).expect("protocol messages always serialise");
+    let mut frame = Vec::with_capacity(4 + payload.len());
+    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&payload);
+    frame
+}
+
+/// Reads the payload length from a frame header, enforcing the size limit.
+pub fn payload_len(header: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_le_bytes(header) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+    Ok(serde_json::from_slice(payload)?)
+}
+
+/// Blocking write of one frame.
+pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
+    w.write_all(&encode(msg))?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Blocking read of one frame.
+pub fn read_frame<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, FrameError> {
+    let mut header = [0u8; 4];
+    r.read_exact(&mut header)?;
+    let mut payload = vec![0u8; payload_len(header)?];
+    r.read_exact(&mut payload)?;
+    decode(&payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{plan_batch, ColumnData};
+    use crate::error::ErrorCode;
+
+    #[test]
+    fn frames_round_trip() {
+        let (layout, _) = plan_batch(&[ColumnData::Float64(vec![Some(1.0), None])]);
+        let msgs = vec![
+            Request::Hello { protocol: PROTOCOL_VERSION, client: "test".into() },
+            Request::Attach { region: 0, path: "/dev/shm/x".into(), len: 4096 },
+            Request::Score(ScoreRequest {
+                model_version_id: 7,
+                artifact_sha256: "ab".into(),
+                region: 0,
+                layout,
+            }),
+        ];
+        let mut wire = Vec::new();
+        for m in &msgs {
+            write_frame(&mut wire, m).unwrap();
+        }
+        let mut r = &wire[..];
+        for m in &msgs {
+            let back: Request = read_frame(&mut r).unwrap();
+            assert_eq!(&back, m);
+        }
+        assert!(matches!(read_frame::<_, Request>(&mut r), Err(FrameError::Closed)));
+    }
+
+    #[test]
+    fn oversized_and_malformed_frames_are_rejected() {
+        let header = ((MAX_FRAME_BYTES + 1) as u32).to_le_bytes();
+        assert!(matches!(payload_len(header), Err(FrameError::TooLarge(_))));
+
+        let mut wire = Vec::new();
+        wire.extend_from_slice(&3u32.to_le_bytes());
+        wire.extend_from_slice(b"{x}");
+        assert!(matches!(read_frame::<_, Response>(&mut &wire[..]), Err(FrameError::Malformed(_))));
+    }
+
+    #[test]
+    fn error_responses_carry_code_and_hint() {
+        let resp = Response::Error(WireError::new(ErrorCode::ModelNotFound, "no model 3").with_hint("h"));
+        let back: Response = read_frame(&mut &encode(&resp)[..]).unwrap();
+        assert_eq!(back, resp);
+    }
+}

@@ -1,0 +1,445 @@
+//! What a training request may say, and the validated types it becomes.
+//!
+//! The extension turns an `INSERT INTO cerebro.models` row into these types
+//! before anything is queued; the daemon reads the same types back from the
+//! catalog. Validation lives here so both sides and plain unit tests agree.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Classification targets with more distinct values than this are refused:
+/// they are almost always a regression target or an identifier.
+pub const MAX_CLASSES: usize = 200;
+pub const MAX_HIDDEN_LAYERS: usize = 8;
+pub const MAX_LAYER_WIDTH: u32 = 4096;
+pub const MAX_NAME_LEN: usize = 63;
+
+/// How a categorical NULL is presented to the ONNX artifact: a string input
+/// equal to this marker is the NULL category.
+pub const NULL_CATEGORY: &str = "\u{1}NULL";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    Binary,
+    Multiclass,
+    Regression,
+}
+
+impl Task {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::Binary => "binary",
+            Task::Multiclass => "multiclass",
+            Task::Regression => "regression",
+        }
+    }
+
+    pub fn is_classification(self) -> bool {
+        !matches!(self, Task::Regression)
+    }
+}
+
+impl fmt::Display for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The task a user asked for: a fixed one, or `auto` (decided from the target).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskChoice {
+    Auto,
+    Fixed(Task),
+}
+
+impl FromStr for TaskChoice {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(TaskChoice::Auto),
+            "binary" => Ok(TaskChoice::Fixed(Task::Binary)),
+            "multiclass" => Ok(TaskChoice::Fixed(Task::Multiclass)),
+            "regression" => Ok(TaskChoice::Fixed(Task::Regression)),
+            _ => Err(SpecError::UnknownTask(s.to_owned())),
+        }
+    }
+}
+
+/// How a source column's SQL type is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqlKind {
+    Integer,
+    Real,
+    Text,
+    Boolean,
+}
+
+impl SqlKind {
+    /// Classifies a PostgreSQL type by `pg_type.typcategory` and `typname`;
+    /// `None` for types Cerebro cannot use (dates, arrays, json, ...).
+    pub fn classify(typcategory: char, typname: &str) -> Option<SqlKind> {
+        match (typcategory, typname) {
+            ('N', "int2" | "int4" | "int8") => Some(SqlKind::Integer),
+            ('N', "float4" | "float8" | "numeric") => Some(SqlKind::Real),
+            ('S', _) | ('E', _) => Some(SqlKind::Text),
+            ('B', _) => Some(SqlKind::Boolean),
+            _ => None,
+        }
+    }
+
+    pub fn feature_kind(self) -> FeatureKind {
+        match self {
+            SqlKind::Integer | SqlKind::Real => FeatureKind::Numeric,
+            SqlKind::Text | SqlKind::Boolean => FeatureKind::Categorical,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FeatureKind {
+    /// Standardised; NULLs imputed with the mean plus an indicator.
+    Numeric,
+    /// One-hot over the training vocabulary; NULL is its own category and
+    /// values never seen in training contribute nothing.
+    Categorical,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Feature {
+    pub name: String,
+    pub kind: FeatureKind,
+}
+
+/// Architecture and parameter-tuning choices of one model, with defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainOptions {
+    /// Widths of the hidden layers, input side first.
+    pub hidden: Vec<u32>,
+    pub epochs: u32,
+    pub batch_size: u32,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub seed: u64,
+    /// Share of rows held out for validation (seeded split).
+    pub validation_fraction: f64,
+    /// Stop after this many epochs without a better validation loss (0: never).
+    pub patience: u32,
+    /// Most frequent categories kept per categorical column; rarer ones are
+    /// treated like values never seen.
+    pub max_categories: u32,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            hidden: vec![64, 32],
+            epochs: 30,
+            batch_size: 128,
+            learning_rate: 1e-3,
+            weight_decay: 0.0,
+            seed: 42,
+            validation_fraction: 0.2,
+            patience: 5,
+            max_categories: 1000,
+        }
+    }
+}
+
+pub const OPTION_KEYS: &[&str] = &[
+    "hidden",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "seed",
+    "validation_fraction",
+    "patience",
+    "max_categories",
+];
+
+impl TrainOptions {
+    /// Reads the user's `options` JSON object over the defaults.
+    pub fn from_json(value: Option<&Value>) -> Result<Self, SpecError> {
+        let mut opts = TrainOptions::default();
+        let Some(value) = value else { return Ok(opts) };
+        let obj = value.as_object().ok_or(SpecError::OptionsNotObject)?;
+        for (key, v) in obj {
+            match key.as_str() {
+                "hidden" => {
+                    let arr = v.as_array().ok_or_else(|| type_err(key, "an array of layer widths"))?;
+                    opts.hidden = arr
+                        .iter()
+                        .map(|w| as_u32(key, w, "an array of positive integers"))
+                        .collect::<Result<_, _>>()?;
+                }
+                "epochs" => opts.epochs = as_u32(key, v, "a positive integer")?,
+                "batch_size" => opts.batch_size = as_u32(key, v, "a positive integer")?,
+                "learning_rate" => opts.learning_rate = as_f64(key, v)?,
+                "weight_decay" => opts.weight_decay = as_f64(key, v)?,
+                "seed" => opts.seed = v.as_u64().ok_or_else(|| type_err(key, "a non-negative integer"))?,
+                "validation_fraction" => opts.validation_fraction = as_f64(key, v)?,
+                "patience" => opts.patience = as_u32(key, v, "a non-negative integer")?,
+                "max_categories" => opts.max_categories = as_u32(key, v, "a positive integer")?,
+                _ => return Err(SpecError::UnknownOption(key.clone())),
+            }
+        }
+        opts.validate()?;
+        Ok(opts)
+    }
+
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.hidden.len() > MAX_HIDDEN_LAYERS {
+            return Err(range_err("hidden", format!("{} layers", self.hidden.len()), format!("at most {MAX_HIDDEN_LAYERS} layers")));
+        }
+        if let Some(w) = self.hidden.iter().find(|w| **w == 0 || **w > MAX_LAYER_WIDTH) {
+            return Err(range_err("hidden", w.to_string(), format!("widths from 1 to {MAX_LAYER_WIDTH}")));
+        }
+        check_range("epochs", self.epochs as f64, 1.0, 100_000.0)?;
+        check_range("batch_size", self.batch_size as f64, 1.0, 65_536.0)?;
+        if !(self.learning_rate > 0.0 && self.learning_rate <= 10.0) {
+            return Err(range_err("learning_rate", self.learning_rate.to_string(), "greater than 0 and at most 10".into()));
+        }
+        check_range("weight_decay", self.weight_decay, 0.0, 1.0)?;
+        if !(self.validation_fraction > 0.0 && self.validation_fraction <= 0.5) {
+            return Err(range_err(
+                "validation_fraction",
+                self.validation_fraction.to_string(),
+                "greater than 0 and at most 0.5".into(),
+            ));
+        }
+        check_range("max_categories", self.max_categories as f64, 1.0, 100_000.0)?;
+        Ok(())
+    }
+
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self).expect("options always serialise")
+    }
+}
+
+fn type_err(key: &str, expected: &'static str) -> SpecError {
+    SpecError::OptionType { key: key.to_owned(), expected }
+}
+
+fn range_err(key: &str, value: String, allowed: String) -> SpecError {
+    SpecError::OptionRange { key: key.to_owned(), value, allowed }
+}
+
+fn check_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<(), SpecError> {
+    if !(lo..=hi).contains(&v) {
+        return Err(range_err(key, v.to_string(), format!("from {lo} to {hi}")));
+    }
+    Ok(())
+}
+
+fn as_u32(key: &str, v: &Value, expected: &'static str) -> Result<u32, SpecError> {
+    v.as_u64().and_then(|x| u32::try_from(x).ok()).ok_or_else(|| type_err(key, expected))
+}
+
+fn as_f64(key: &str, v: &Value) -> Result<f64, SpecError> {
+    v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| type_err(key, "a number"))
+}
+
+/// Model names are identifiers people type in WHERE clauses: keep them plain.
+pub fn validate_model_name(name: &str) -> Result<(), SpecError> {
+    let bad = |reason: &'static str| Err(SpecError::InvalidName { name: name.to_owned(), reason });
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.len() > MAX_NAME_LEN {
+        return bad("it is longer than 63 bytes");
+    }
+    if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        return bad("it must start with a letter");
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        return bad("only letters, digits, '_' and '-' are allowed");
+    }
+    Ok(())
+}
+
+/// Decides the task from what the user asked for, the target's SQL type and
+/// its number of distinct non-NULL values.
+pub fn resolve_task(choice: TaskChoice, target: &str, kind: SqlKind, distinct: usize) -> Result<Task, SpecError> {
+    let classification = |requested: Option<Task>| -> Result<Task, SpecError> {
+        if distinct < 2 {
+            return Err(SpecError::SingleClass { target: target.to_owned(), distinct });
+        }
+        if distinct > MAX_CLASSES {
+            return Err(SpecError::TooManyClasses { target: target.to_owned(), distinct });
+        }
+        match requested {
+            Some(Task::Binary) if distinct > 2 => {
+                Err(SpecError::TaskMismatch { target: target.to_owned(), task: Task::Binary, why: format!("it has {distinct} distinct values") })
+            }
+            Some(t) => Ok(t),
+            None if distinct == 2 => Ok(Task::Binary),
+            None => Ok(Task::Multiclass),
+        }
+    };
+    match choice {
+        TaskChoice::Fixed(Task::Regression) => match kind {
+            SqlKind::Integer | SqlKind::Real if distinct >= 2 => Ok(Task::Regression),
+            SqlKind::Integer | SqlKind::Real => Err(SpecError::SingleClass { target: target.to_owned(), distinct }),
+            _ => Err(SpecError::TaskMismatch {
+                target: target.to_owned(),
+                task: Task::Regression,
+                why: "it is not numeric".into(),
+            }),
+        },
+        TaskChoice::Fixed(t) => classification(Some(t)),
+        TaskChoice::Auto if kind == SqlKind::Real => {
+            if distinct < 2 {
+                Err(SpecError::SingleClass { target: target.to_owned(), distinct })
+            } else {
+                Ok(Task::Regression)
+            }
+        }
+        TaskChoice::Auto => classification(None),
+    }
+}
+
+/// Everything the daemon needs to train one model version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingPlan {
+    pub task: Task,
+    pub target: String,
+    pub features: Vec<Feature>,
+    /// Classification: the labels in the target's sort order; the positive
+    /// class of a binary model is the second. Empty for regression.
+    pub class_labels: Vec<String>,
+    pub options: TrainOptions,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SpecError {
+    #[error("invalid model name \"{name}\": {reason}")]
+    InvalidName { name: String, reason: &'static str },
+    #[error("options must be a JSON object")]
+    OptionsNotObject,
+    #[error("unknown option \"{0}\"")]
+    UnknownOption(String),
+    #[error("option \"{key}\" must be {expected}")]
+    OptionType { key: String, expected: &'static str },
+    #[error("option \"{key}\" is {value}, allowed: {allowed}")]
+    OptionRange { key: String, value: String, allowed: String },
+    #[error("unknown task \"{0}\"")]
+    UnknownTask(String),
+    #[error("target column \"{target}\" has {distinct} distinct non-NULL value(s); at least 2 are needed to learn anything")]
+    SingleClass { target: String, distinct: usize },
+    #[error("target column \"{target}\" has {distinct} distinct values, more than the {MAX_CLASSES} classes a classifier may have")]
+    TooManyClasses { target: String, distinct: usize },
+    #[error("target column \"{target}\" cannot be used for task {task}: {why}")]
+    TaskMismatch { target: String, task: Task, why: String },
+}
+
+impl SpecError {
+    /// A hint for the user, where one helps.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            SpecError::UnknownOption(_) => Some(format!("Known options: {}.", OPTION_KEYS.join(", "))),
+            SpecError::UnknownTask(_) => Some("Use binary, multiclass, regression or auto.".into()),
+            SpecError::TooManyClasses { .. } => {
+                Some("For a numeric target set task to 'regression'; an identifier cannot be a target.".into())
+            }
+            SpecError::SingleClass { .. } => Some("Check the source's filter: every row has the same label.".into()),
+            _ => None,
+        }
+    }
+}
+
+/// Options given as JSON, echoed back as a map for display.
+pub fn options_map(opts: &TrainOptions) -> BTreeMap<String, Value> {
+    match opts.to_json() {
+        Value::Object(m) => m.into_iter().collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn defaults_apply_and_known_options_override() {
+        assert_eq!(TrainOptions::from_json(None).unwrap(), TrainOptions::default());
+        let o = TrainOptions::from_json(Some(&json!({"hidden": [16], "epochs": 3, "learning_rate": 0.01}))).unwrap();
+        assert_eq!(o.hidden, vec![16]);
+        assert_eq!(o.epochs, 3);
+        assert_eq!(o.learning_rate, 0.01);
+        assert_eq!(o.batch_size, TrainOptions::default().batch_size);
+        let empty = TrainOptions::from_json(Some(&json!({"hidden": []}))).unwrap();
+        assert!(empty.hidden.is_empty(), "no hidden layer is a linear model, which is allowed");
+    }
+
+    #[test]
+    fn bad_options_say_what_is_wrong() {
+        let e = TrainOptions::from_json(Some(&json!({"epoch": 3}))).unwrap_err();
+        assert_eq!(e, SpecError::UnknownOption("epoch".into()));
+        assert!(e.hint().unwrap().contains("epochs"));
+        assert!(matches!(
+            TrainOptions::from_json(Some(&json!({"learning_rate": -0.1}))).unwrap_err(),
+            SpecError::OptionRange { key, .. } if key == "learning_rate"
+        ));
+        assert!(matches!(
+            TrainOptions::from_json(Some(&json!({"epochs": "ten"}))).unwrap_err(),
+            SpecError::OptionType { key, .. } if key == "epochs"
+        ));
+        assert!(matches!(
+            TrainOptions::from_json(Some(&json!({"hidden": [64, 0]}))).unwrap_err(),
+            SpecError::OptionRange { key, .. } if key == "hidden"
+        ));
+        assert_eq!(TrainOptions::from_json(Some(&json!([1]))).unwrap_err(), SpecError::OptionsNotObject);
+    }
+
+    #[test]
+    fn options_round_trip_through_json() {
+        let o = TrainOptions { seed: 7, ..Default::default() };
+        assert_eq!(TrainOptions::from_json(Some(&o.to_json())).unwrap(), o);
+    }
+
+    #[test]
+    fn model_names() {
+        for ok in ["churn", "Churn_v2", "a-b"] {
+            validate_model_name(ok).unwrap();
+        }
+        for bad in ["", "2churn", "churn model", "x;drop", &"a".repeat(64)] {
+            assert!(matches!(validate_model_name(bad), Err(SpecError::InvalidName { .. })), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tasks_resolve_from_the_target() {
+        let t = |c, k, d| resolve_task(c, "y", k, d);
+        assert_eq!(t(TaskChoice::Auto, SqlKind::Text, 2), Ok(Task::Binary));
+        assert_eq!(t(TaskChoice::Auto, SqlKind::Boolean, 2), Ok(Task::Binary));
+        assert_eq!(t(TaskChoice::Auto, SqlKind::Integer, 5), Ok(Task::Multiclass));
+        assert_eq!(t(TaskChoice::Auto, SqlKind::Real, 500), Ok(Task::Regression));
+        assert_eq!(t(TaskChoice::Fixed(Task::Regression), SqlKind::Integer, 500), Ok(Task::Regression));
+        assert!(matches!(t(TaskChoice::Auto, SqlKind::Text, 1), Err(SpecError::SingleClass { .. })));
+        assert!(matches!(t(TaskChoice::Auto, SqlKind::Real, 1), Err(SpecError::SingleClass { .. })));
+        assert!(matches!(t(TaskChoice::Auto, SqlKind::Integer, 5000), Err(SpecError::TooManyClasses { .. })));
+        assert!(matches!(t(TaskChoice::Fixed(Task::Binary), SqlKind::Text, 3), Err(SpecError::TaskMismatch { .. })));
+        assert!(matches!(t(TaskChoice::Fixed(Task::Regression), SqlKind::Text, 3), Err(SpecError::TaskMismatch { .. })));
+        assert_eq!("AUTO".parse::<TaskChoice>(), Ok(TaskChoice::Auto));
+        assert!("ranking".parse::<TaskChoice>().is_err());
+    }
+
+    #[test]
+    fn sql_types_classify() {
+        assert_eq!(SqlKind::classify('N', "int4"), Some(SqlKind::Integer));
+        assert_eq!(SqlKind::classify('N', "numeric"), Some(SqlKind::Real));
+        assert_eq!(SqlKind::classify('S', "varchar"), Some(SqlKind::Text));
+        assert_eq!(SqlKind::classify('B', "bool"), Some(SqlKind::Boolean));
+        assert_eq!(SqlKind::classify('D', "date"), None);
+        assert_eq!(SqlKind::classify('N', "oid"), None);
+    }
+}
