@@ -204,20 +204,15 @@ mod tests {
     #[test]
     fn fits_on_training_rows_and_encodes_nulls_and_unseen_values() {
         let p = FeaturePipeline::fit(&features(), &columns(), &[0, 1, 2], 100).unwrap();
-        assert_eq!(
-            p.features[0].encoder,
-            Encoder::Numeric { mean: 2.0, std: 1.0, null_indicator: true }
-        );
+        assert_eq!(p.features[0].encoder, Encoder::Numeric { mean: 2.0, std: 1.0, null_indicator: true });
         assert_eq!(
             p.features[1].encoder,
             Encoder::Categorical { vocabulary: vec![NULL_CATEGORY.into(), "a".into(), "b".into()] }
         );
         assert_eq!(p.width(), 5);
 
-        let scoring = vec![
-            ColumnData::Float64(vec![Some(4.0), None]),
-            ColumnData::Text(vec![Some("never seen".into()), None]),
-        ];
+        let scoring =
+            vec![ColumnData::Float64(vec![Some(4.0), None]), ColumnData::Text(vec![Some("never seen".into()), None])];
         let x = p.transform(&scoring).unwrap();
         assert_eq!(x, vec![2.0, 0.0, 0.0, 0.0, 0.0, /* row 2 */ 0.0, 1.0, 1.0, 0.0, 0.0]);
     }
@@ -233,10 +228,7 @@ mod tests {
     #[test]
     fn mismatched_columns_are_errors() {
         let cols = vec![ColumnData::Text(vec![]), ColumnData::Text(vec![])];
-        assert!(matches!(
-            FeaturePipeline::fit(&features(), &cols, &[], 10),
-            Err(FeatureError::KindMismatch { .. })
-        ));
+        assert!(matches!(FeaturePipeline::fit(&features(), &cols, &[], 10), Err(FeatureError::KindMismatch { .. })));
         assert_eq!(
             FeaturePipeline::fit(&features(), &cols[..1], &[], 10),
             Err(FeatureError::ColumnCount { given: 1, expected: 2 })

@@ -42,7 +42,11 @@ pub fn binary(probs: &[f32], labels: &[bool]) -> Metrics {
         .zip(labels)
         .map(|(p, y)| {
             let p = (*p as f64).clamp(1e-15, 1.0 - 1e-15);
-            if *y { -p.ln() } else { -(1.0 - p).ln() }
+            if *y {
+                -p.ln()
+            } else {
+                -(1.0 - p).ln()
+            }
         })
         .sum::<f64>()
         / n;
@@ -76,12 +80,9 @@ pub fn multiclass(probs: &[f32], classes: usize, labels: &[usize]) -> Metrics {
         .map(|c| 2.0 * tp[c] as f64 / (2 * tp[c] + fp[c] + fneg[c]) as f64)
         .collect();
     let macro_f1 = f1s.iter().sum::<f64>() / f1s.len().max(1) as f64;
-    let log_loss = probs
-        .chunks_exact(classes)
-        .zip(labels)
-        .map(|(row, &y)| -(row[y] as f64).clamp(1e-15, 1.0).ln())
-        .sum::<f64>()
-        / n;
+    let log_loss =
+        probs.chunks_exact(classes).zip(labels).map(|(row, &y)| -(row[y] as f64).clamp(1e-15, 1.0).ln()).sum::<f64>()
+            / n;
     Metrics::from([
         ("accuracy".into(), correct as f64 / n),
         ("macro_f1".into(), macro_f1),

@@ -36,6 +36,7 @@ pub enum ScoringError {
 }
 
 /// The process-wide ONNX Runtime environment.
+#[derive(Clone)]
 pub struct OnnxRuntime {
     env: &'static Environment,
     threads: usize,
@@ -101,7 +102,9 @@ impl ScoringModel {
             .inputs()
             .iter()
             .map(|o| match o.dtype() {
-                ValueType::Tensor { ty: TensorElementType::Float32, .. } => Ok((o.name().to_string(), InputKind::Float)),
+                ValueType::Tensor { ty: TensorElementType::Float32, .. } => {
+                    Ok((o.name().to_string(), InputKind::Float))
+                }
                 ValueType::Tensor { ty: TensorElementType::String, .. } => Ok((o.name().to_string(), InputKind::Text)),
                 _ => Err(ScoringError::UnsupportedInput(o.name().to_string())),
             })

@@ -229,9 +229,7 @@ pub fn train(
             model.class_labels.len(),
             &valid_targets.iter().map(|&t| t as usize).collect::<Vec<_>>(),
         ),
-        Task::Regression => {
-            metrics::regression(&outputs.iter().map(|&v| v as f64).collect::<Vec<_>>(), &valid_targets)
-        }
+        Task::Regression => metrics::regression(&outputs.iter().map(|&v| v as f64).collect::<Vec<_>>(), &valid_targets),
     };
     Ok(model)
 }

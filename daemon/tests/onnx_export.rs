@@ -49,7 +49,9 @@ fn trained(task: Task) -> TrainedModel {
             ColumnData::Text(num.iter().map(|v| Some(format!("c{}", (v.unwrap_or(0.0) + 5.0) as usize / 4))).collect()),
             vec!["c0".into(), "c1".into(), "c2".into()],
         ),
-        Task::Regression => (ColumnData::Float64(num.iter().map(|v| Some(v.unwrap_or(1.0) * 3.0 + 100.0)).collect()), vec![]),
+        Task::Regression => {
+            (ColumnData::Float64(num.iter().map(|v| Some(v.unwrap_or(1.0) * 3.0 + 100.0)).collect()), vec![])
+        }
     };
     let plan = TrainingPlan {
         task,

@@ -1,0 +1,203 @@
+//! The `cerebro` PostgreSQL extension: a thin adapter between SQL and cerebrod.
+//!
+//! - `cerebro.models` (INSERT to train, SELECT to watch) and
+//!   `cerebro.predictions` (SELECT to score) are foreign tables of one FDW;
+//! - the catalog they read and write is plain SQL in `sql/catalog.sql`;
+//! - the backend never does device work: it reads rows and hands them to
+//!   cerebrod over a local socket and shared memory.
+
+use pgrx::prelude::*;
+
+mod daemon_client;
+mod error;
+mod fdw;
+mod gucs;
+mod identity;
+mod models;
+mod predictions;
+
+pgrx::pg_module_magic!();
+
+extension_sql_file!("../../sql/catalog.sql", name = "catalog", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn setup() {
+        Spi::run(
+            "CREATE TABLE public.customers (id int PRIMARY KEY, age int, plan text, paid numeric, joined date, churn text);
+             INSERT INTO public.customers
+                 SELECT i, 20 + i % 50, (ARRAY['basic','plus','pro'])[1 + i % 3], (i % 7) * 10.5,
+                        DATE '2024-01-01' + i, CASE WHEN i % 4 = 0 THEN 'yes' ELSE 'no' END
+                 FROM generate_series(1, 200) i;
+             CREATE TABLE public.empty_src (id int, x int, y text);
+             CREATE TABLE public.one_class (id int, x int, y text);
+             INSERT INTO public.one_class SELECT i, i, 'same' FROM generate_series(1, 10) i;",
+        )
+        .unwrap();
+    }
+
+    fn queued_jobs() -> i64 {
+        Spi::get_one::<i64>("SELECT count(*) FROM cerebro.jobs WHERE state = 'queued'").unwrap().unwrap()
+    }
+
+    #[pg_test]
+    fn create_extension_makes_the_catalog_and_foreign_tables() {
+        for rel in [
+            "cerebro.model_versions",
+            "cerebro.jobs",
+            "cerebro.snapshots",
+            "cerebro.artifacts",
+            "cerebro.training_history",
+            "cerebro.models",
+            "cerebro.predictions",
+        ] {
+            let found = Spi::get_one_with_args::<bool>("SELECT to_regclass($1) IS NOT NULL", &[rel.into()]).unwrap();
+            assert_eq!(found, Some(true), "{rel}");
+        }
+        let socket = Spi::get_one::<String>(
+            "SELECT option_value FROM pg_options_to_table((SELECT srvoptions FROM pg_foreign_server
+             WHERE srvname = 'cerebro_daemon')) WHERE option_name = 'socket'",
+        )
+        .unwrap();
+        assert!(socket.is_some());
+    }
+
+    #[pg_test]
+    fn a_valid_insert_freezes_a_snapshot_and_queues_a_job() {
+        setup();
+        Spi::run(
+            "INSERT INTO cerebro.models (name, source, target, key, options)
+             VALUES ('churn', 'customers', 'churn', 'id', '{\"epochs\": 3}')",
+        )
+        .unwrap();
+        assert_eq!(queued_jobs(), 1);
+        let (status, task) = Spi::get_two::<String, String>(
+            "SELECT status::text, task FROM cerebro.model_versions WHERE name = 'churn' AND version = 1",
+        )
+        .unwrap();
+        assert_eq!((status.as_deref(), task.as_deref()), (Some("queued"), Some("binary")));
+        let rows = Spi::get_one::<i64>("SELECT row_count FROM cerebro.snapshots").unwrap();
+        assert_eq!(rows, Some(200));
+        let copied = Spi::get_one::<i64>("SELECT count(*) FROM cerebro_data.snapshot_1").unwrap();
+        assert_eq!(copied, Some(200));
+        // `joined` is a date: skipped from the default features, with a notice.
+        let features = Spi::get_one::<pgrx::JsonB>("SELECT features FROM cerebro.model_versions").unwrap().unwrap();
+        let names: Vec<&str> = features.0.as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+        assert_eq!(names, vec!["age", "plan", "paid"]);
+        let labels = Spi::get_one::<Vec<String>>("SELECT class_labels FROM cerebro.model_versions").unwrap();
+        assert_eq!(labels, Some(vec!["no".to_string(), "yes".to_string()]));
+
+        // A second insert is version 2; the foreign table shows both.
+        Spi::run("INSERT INTO cerebro.models (name, source, target, key) VALUES ('churn', 'customers', 'churn', 'id')")
+            .unwrap();
+        let listed =
+            Spi::get_one::<i64>("SELECT count(*) FROM cerebro.models WHERE name = 'churn' AND status = 'queued'")
+                .unwrap();
+        assert_eq!(listed, Some(2));
+        let progress = Spi::get_one::<String>("SELECT progress FROM cerebro.models WHERE version = 2").unwrap();
+        assert_eq!(progress.as_deref(), Some("queued"));
+    }
+
+    #[pg_test(error = "relation \"no_such_table\" does not exist")]
+    fn unknown_relation() {
+        Spi::run("INSERT INTO cerebro.models (name, source, target) VALUES ('m', 'no_such_table', 'y')").unwrap();
+    }
+
+    #[pg_test(error = "column \"nope\" does not exist in customers")]
+    fn unknown_target_column() {
+        setup();
+        Spi::run("INSERT INTO cerebro.models (name, source, target) VALUES ('m', 'customers', 'nope')").unwrap();
+    }
+
+    #[pg_test(error = "column \"joined\" of customers has type date, which Cerebro cannot use as a feature")]
+    fn wrong_typed_feature() {
+        setup();
+        Spi::run(
+            "INSERT INTO cerebro.models (name, source, target, features)
+             VALUES ('m', 'customers', 'churn', ARRAY['age', 'joined'])",
+        )
+        .unwrap();
+    }
+
+    #[pg_test(error = "empty_src has no rows with a non-NULL \"y\" to train on")]
+    fn empty_source() {
+        setup();
+        Spi::run("INSERT INTO cerebro.models (name, source, target) VALUES ('m', 'empty_src', 'y')").unwrap();
+    }
+
+    #[pg_test(error = "target column \"y\" has 1 distinct non-NULL value(s); at least 2 are needed to learn anything")]
+    fn single_class_label() {
+        setup();
+        Spi::run("INSERT INTO cerebro.models (name, source, target) VALUES ('m', 'one_class', 'y')").unwrap();
+    }
+
+    #[pg_test(error = "permission denied for table customers")]
+    fn user_without_select_privilege() {
+        setup();
+        Spi::run("CREATE ROLE cerebro_test_nobody; SET ROLE cerebro_test_nobody;").unwrap();
+        Spi::run("INSERT INTO cerebro.models (name, source, target) VALUES ('m', 'public.customers', 'churn')")
+            .unwrap();
+    }
+
+    #[pg_test(error = "unknown option \"epoch\"")]
+    fn unknown_option() {
+        setup();
+        Spi::run(
+            "INSERT INTO cerebro.models (name, source, target, options)
+             VALUES ('m', 'customers', 'churn', '{\"epoch\": 3}')",
+        )
+        .unwrap();
+    }
+
+    #[pg_test(error = "column \"status\" of cerebro.models is set by Cerebro and cannot be inserted")]
+    fn read_only_columns() {
+        setup();
+        Spi::run(
+            "INSERT INTO cerebro.models (name, source, target, status) VALUES ('m', 'customers', 'churn', 'ready')",
+        )
+        .unwrap();
+    }
+
+    #[pg_test(error = "model \"ghost\" does not exist")]
+    fn predictions_for_an_unknown_model() {
+        Spi::run("SELECT * FROM cerebro.predictions WHERE model = 'ghost'").unwrap();
+    }
+
+    #[pg_test(error = "model \"churn\" version 1 is queued for training")]
+    fn predictions_before_training() {
+        setup();
+        Spi::run("INSERT INTO cerebro.models (name, source, target, key) VALUES ('churn', 'customers', 'churn', 'id')")
+            .unwrap();
+        Spi::run("SELECT * FROM cerebro.predictions WHERE model = 'churn'").unwrap();
+    }
+
+    #[pg_test(error = "cerebro.predictions needs to know which model to score with")]
+    fn predictions_without_a_model() {
+        Spi::run("SELECT * FROM cerebro.predictions").unwrap();
+    }
+
+    #[pg_test(error = "UPDATE on cerebro.models is not supported")]
+    fn models_are_immutable() {
+        setup();
+        Spi::run("INSERT INTO cerebro.models (name, source, target) VALUES ('m', 'customers', 'churn')").unwrap();
+        Spi::run("UPDATE cerebro.models SET target = 'age' WHERE name = 'm'").unwrap();
+    }
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

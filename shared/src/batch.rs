@@ -135,10 +135,9 @@ pub fn plan_batch(columns: &[ColumnData]) -> (BatchLayout, u64) {
     let mut layouts = Vec::with_capacity(columns.len());
     for col in columns {
         layouts.push(match col {
-            ColumnData::Float64(_) => ColumnLayout::Float64 {
-                values: cur.take(rows as u64 * 8),
-                validity: cur.take(bitmap_len(rows)),
-            },
+            ColumnData::Float64(_) => {
+                ColumnLayout::Float64 { values: cur.take(rows as u64 * 8), validity: cur.take(bitmap_len(rows)) }
+            }
             ColumnData::Text(values) => {
                 let bytes: u64 = values.iter().flatten().map(|s| s.len() as u64).sum();
                 ColumnLayout::Text {
@@ -259,7 +258,8 @@ pub fn read_batch(layout: &BatchLayout, region: &[u8]) -> Result<Vec<ColumnData>
                 let offs = slice(region, *offsets, "offsets")?;
                 let bytes = slice(region, *data, "data")?;
                 let bits = slice(region, *validity, "validity")?;
-                let off = |i: usize| u32::from_le_bytes(offs[i * 4..i * 4 + 4].try_into().expect("4-byte chunk")) as usize;
+                let off =
+                    |i: usize| u32::from_le_bytes(offs[i * 4..i * 4 + 4].try_into().expect("4-byte chunk")) as usize;
                 let mut col = Vec::with_capacity(n);
                 for i in 0..n {
                     let (start, end) = (off(i), off(i + 1));
@@ -284,7 +284,12 @@ pub fn read_batch(layout: &BatchLayout, region: &[u8]) -> Result<Vec<ColumnData>
 }
 
 /// Daemon side: writes one score and one label index per row.
-pub fn write_outputs(layout: &BatchLayout, region: &mut [u8], scores: &[f64], labels: &[u32]) -> Result<(), LayoutError> {
+pub fn write_outputs(
+    layout: &BatchLayout,
+    region: &mut [u8],
+    scores: &[f64],
+    labels: &[u32],
+) -> Result<(), LayoutError> {
     let rows = layout.rows;
     if scores.len() != rows as usize || labels.len() != rows as usize {
         return Err(LayoutError::OutputMismatch(scores.len().min(labels.len()), rows));
@@ -388,10 +393,7 @@ mod tests {
         }
         assert_eq!(read_batch(&layout, &region), Err(LayoutError::BadOffsets { column: 1 }));
 
-        assert_eq!(
-            write_outputs(&layout, &mut region, &[0.0], &[0]),
-            Err(LayoutError::OutputMismatch(1, 3))
-        );
+        assert_eq!(write_outputs(&layout, &mut region, &[0.0], &[0]), Err(LayoutError::OutputMismatch(1, 3)));
     }
 
     #[test]

@@ -24,9 +24,16 @@ pub const MAX_FRAME_BYTES: usize = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
-    Hello { protocol: u32, client: String },
+    Hello {
+        protocol: u32,
+        client: String,
+    },
     /// Map the file at `path` (under /dev/shm) as region `region`.
-    Attach { region: u32, path: String, len: u64 },
+    Attach {
+        region: u32,
+        path: String,
+        len: u64,
+    },
     Score(ScoreRequest),
 }
 
@@ -122,12 +129,7 @@ mod tests {
         let msgs = vec![
             Request::Hello { protocol: PROTOCOL_VERSION, client: "test".into() },
             Request::Attach { region: 0, path: "/dev/shm/x".into(), len: 4096 },
-            Request::Score(ScoreRequest {
-                model_version_id: 7,
-                artifact_sha256: "ab".into(),
-                region: 0,
-                layout,
-            }),
+            Request::Score(ScoreRequest { model_version_id: 7, artifact_sha256: "ab".into(), region: 0, layout }),
         ];
         let mut wire = Vec::new();
         for m in &msgs {

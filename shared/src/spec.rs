@@ -196,7 +196,11 @@ impl TrainOptions {
 
     pub fn validate(&self) -> Result<(), SpecError> {
         if self.hidden.len() > MAX_HIDDEN_LAYERS {
-            return Err(range_err("hidden", format!("{} layers", self.hidden.len()), format!("at most {MAX_HIDDEN_LAYERS} layers")));
+            return Err(range_err(
+                "hidden",
+                format!("{} layers", self.hidden.len()),
+                format!("at most {MAX_HIDDEN_LAYERS} layers"),
+            ));
         }
         if let Some(w) = self.hidden.iter().find(|w| **w == 0 || **w > MAX_LAYER_WIDTH) {
             return Err(range_err("hidden", w.to_string(), format!("widths from 1 to {MAX_LAYER_WIDTH}")));
@@ -204,7 +208,11 @@ impl TrainOptions {
         check_range("epochs", self.epochs as f64, 1.0, 100_000.0)?;
         check_range("batch_size", self.batch_size as f64, 1.0, 65_536.0)?;
         if !(self.learning_rate > 0.0 && self.learning_rate <= 10.0) {
-            return Err(range_err("learning_rate", self.learning_rate.to_string(), "greater than 0 and at most 10".into()));
+            return Err(range_err(
+                "learning_rate",
+                self.learning_rate.to_string(),
+                "greater than 0 and at most 10".into(),
+            ));
         }
         check_range("weight_decay", self.weight_decay, 0.0, 1.0)?;
         if !(self.validation_fraction > 0.0 && self.validation_fraction <= 0.5) {
@@ -275,9 +283,11 @@ pub fn resolve_task(choice: TaskChoice, target: &str, kind: SqlKind, distinct: u
             return Err(SpecError::TooManyClasses { target: target.to_owned(), distinct });
         }
         match requested {
-            Some(Task::Binary) if distinct > 2 => {
-                Err(SpecError::TaskMismatch { target: target.to_owned(), task: Task::Binary, why: format!("it has {distinct} distinct values") })
-            }
+            Some(Task::Binary) if distinct > 2 => Err(SpecError::TaskMismatch {
+                target: target.to_owned(),
+                task: Task::Binary,
+                why: format!("it has {distinct} distinct values"),
+            }),
             Some(t) => Ok(t),
             None if distinct == 2 => Ok(Task::Binary),
             None => Ok(Task::Multiclass),
@@ -331,7 +341,9 @@ pub enum SpecError {
     OptionRange { key: String, value: String, allowed: String },
     #[error("unknown task \"{0}\"")]
     UnknownTask(String),
-    #[error("target column \"{target}\" has {distinct} distinct non-NULL value(s); at least 2 are needed to learn anything")]
+    #[error(
+        "target column \"{target}\" has {distinct} distinct non-NULL value(s); at least 2 are needed to learn anything"
+    )]
     SingleClass { target: String, distinct: usize },
     #[error("target column \"{target}\" has {distinct} distinct values, more than the {MAX_CLASSES} classes a classifier may have")]
     TooManyClasses { target: String, distinct: usize },
@@ -428,7 +440,10 @@ mod tests {
         assert!(matches!(t(TaskChoice::Auto, SqlKind::Real, 1), Err(SpecError::SingleClass { .. })));
         assert!(matches!(t(TaskChoice::Auto, SqlKind::Integer, 5000), Err(SpecError::TooManyClasses { .. })));
         assert!(matches!(t(TaskChoice::Fixed(Task::Binary), SqlKind::Text, 3), Err(SpecError::TaskMismatch { .. })));
-        assert!(matches!(t(TaskChoice::Fixed(Task::Regression), SqlKind::Text, 3), Err(SpecError::TaskMismatch { .. })));
+        assert!(matches!(
+            t(TaskChoice::Fixed(Task::Regression), SqlKind::Text, 3),
+            Err(SpecError::TaskMismatch { .. })
+        ));
         assert_eq!("AUTO".parse::<TaskChoice>(), Ok(TaskChoice::Auto));
         assert!("ranking".parse::<TaskChoice>().is_err());
     }

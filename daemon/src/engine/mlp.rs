@@ -139,7 +139,17 @@ impl Mlp {
             }
             if l > 0 {
                 cache.delta_prev.resize(n * layer.inputs, 0.0);
-                gemm(n, layer.outputs, layer.inputs, &cache.delta, false, &layer.weight, true, 0.0, &mut cache.delta_prev);
+                gemm(
+                    n,
+                    layer.outputs,
+                    layer.inputs,
+                    &cache.delta,
+                    false,
+                    &layer.weight,
+                    true,
+                    0.0,
+                    &mut cache.delta_prev,
+                );
                 // ReLU'(z) as a multiply, so the loop stays branch-free and vectorises.
                 for (d, z) in cache.delta_prev.iter_mut().zip(&cache.pre[l - 1]) {
                     *d *= (*z > 0.0) as u32 as f32;
@@ -215,7 +225,10 @@ mod tests {
                 let numeric = (up - down) / (2.0 * eps as f64);
                 let analytic = if i < nw { grads.layers[l].0[i] } else { grads.layers[l].1[i - nw] } as f64;
                 let tol = 2e-3 + 2e-2 * numeric.abs().max(analytic.abs());
-                assert!((numeric - analytic).abs() <= tol, "{head:?} layer {l} param {i}: numeric {numeric} analytic {analytic}");
+                assert!(
+                    (numeric - analytic).abs() <= tol,
+                    "{head:?} layer {l} param {i}: numeric {numeric} analytic {analytic}"
+                );
             }
         }
     }

@@ -1,0 +1,341 @@
+//! The daemon's access to the catalog (schema `cerebro`) over tokio-postgres.
+
+use std::sync::Arc;
+
+use cerebro_shared::spec::{Feature, Task, TrainOptions, TrainingPlan};
+use futures_util::{stream, StreamExt};
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tracing::{debug, warn};
+
+use crate::train::{EpochStats, TrainedModel};
+
+/// Session-level advisory lock held by the one daemon serving a database.
+const DAEMON_LOCK_KEY: i64 = 0x0C3E_B20D;
+/// Channel the extension notifies (at commit) when it queues a job.
+pub const JOBS_CHANNEL: &str = "cerebro_jobs";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("database error: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("catalog row is not as expected: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    NotFound(String),
+}
+
+pub type Result<T> = std::result::Result<T, CatalogError>;
+
+/// Quotes an SQL identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Opens a connection whose driver task runs in the background. When
+/// `notify` is given, NOTIFY messages on the connection wake it. The returned
+/// handle finishes when the connection is lost.
+pub async fn connect(url: &str, notify: Option<Arc<Notify>>) -> Result<(Catalog, tokio::task::JoinHandle<()>)> {
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
+    let driver = tokio::spawn(async move {
+        let mut messages = stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(n)) => {
+                    debug!(channel = n.channel(), payload = n.payload(), "notification");
+                    if let Some(notify) = &notify {
+                        notify.notify_one();
+                    }
+                }
+                Ok(AsyncMessage::Notice(n)) => debug!("server notice: {}", n.message()),
+                Ok(_) => {}
+                Err(e) => {
+                    warn!("database connection lost: {e}");
+                    break;
+                }
+            }
+        }
+    });
+    Ok((Catalog { client }, driver))
+}
+
+pub struct Catalog {
+    client: Client,
+}
+
+/// A job this daemon has claimed.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub job_id: i64,
+    pub model_version_id: i64,
+    pub attempt: i32,
+}
+
+/// Everything needed to train a claimed job.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub name: String,
+    pub version: i32,
+    pub plan: TrainingPlan,
+    pub data_relation: String,
+    pub snapshot_id: i64,
+}
+
+/// What recovery did with a job a dead daemon left running.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recovered {
+    pub job_id: i64,
+    pub requeued: bool,
+}
+
+/// A model version as the scorer needs to find it.
+#[derive(Debug, Clone)]
+pub struct ModelRef {
+    pub id: i64,
+    pub name: String,
+    pub version: i32,
+    pub features: Vec<Feature>,
+    pub class_labels: Vec<String>,
+    pub source_relation: String,
+    pub key_column: Option<String>,
+    pub artifact_sha256: String,
+}
+
+impl Catalog {
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Takes the daemon lock; false when another daemon holds it.
+    pub async fn try_lock_daemon(&self) -> Result<bool> {
+        let row = self.client.query_one("SELECT pg_try_advisory_lock($1)", &[&DAEMON_LOCK_KEY]).await?;
+        Ok(row.get(0))
+    }
+
+    pub async fn listen(&self) -> Result<()> {
+        self.client.batch_execute(&format!("LISTEN {JOBS_CHANNEL}")).await?;
+        Ok(())
+    }
+
+    /// Requeues jobs left `running` by a daemon that died, or fails those that
+    /// used up their attempts. Only safe while holding the daemon lock.
+    pub async fn recover_stale_jobs(&mut self) -> Result<Vec<Recovered>> {
+        let tx = self.client.transaction().await?;
+        let rows = tx
+            .query(
+                "UPDATE cerebro.jobs SET
+                     state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END::cerebro.job_state,
+                     finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
+                     error = CASE WHEN attempts >= max_attempts
+                         THEN format('cerebrod stopped during training %s times; giving up', attempts)
+                         ELSE format('cerebrod stopped during attempt %s; the job was requeued', attempts) END
+                 WHERE state = 'running'
+                 RETURNING id, model_version_id, state = 'queued', error",
+                &[],
+            )
+            .await?;
+        let mut recovered = Vec::with_capacity(rows.len());
+        for row in rows {
+            let (job_id, mv, requeued, error): (i64, i64, bool, String) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            tx.execute(
+                "UPDATE cerebro.model_versions SET
+                     status = CASE WHEN $2 THEN 'queued' ELSE 'failed' END::cerebro.model_status,
+                     error = CASE WHEN $2 THEN NULL ELSE $3 END,
+                     epoch = 0
+                 WHERE id = $1",
+                &[&mv, &requeued, &error],
+            )
+            .await?;
+            recovered.push(Recovered { job_id, requeued });
+        }
+        tx.commit().await?;
+        Ok(recovered)
+    }
+
+    /// Claims the oldest queued job, marking it and its model as training.
+    pub async fn claim_next_job(&mut self, worker: &str) -> Result<Option<ClaimedJob>> {
+        let tx = self.client.transaction().await?;
+        let row = tx
+            .query_opt(
+                "UPDATE cerebro.jobs j SET state = 'running', attempts = attempts + 1,
+                        claimed_by = $1, claimed_at = now(), error = NULL
+                 FROM (SELECT id FROM cerebro.jobs WHERE state = 'queued'
+                       ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1) next
+                 WHERE j.id = next.id
+                 RETURNING j.id, j.model_version_id, j.attempts",
+                &[&worker],
+            )
+            .await?;
+        let Some(row) = row else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let job = ClaimedJob { job_id: row.get(0), model_version_id: row.get(1), attempt: row.get(2) };
+        tx.execute(
+            "UPDATE cerebro.model_versions SET status = 'training', started_at = now(), epoch = 0, error = NULL
+             WHERE id = $1",
+            &[&job.model_version_id],
+        )
+        .await?;
+        tx.execute("DELETE FROM cerebro.training_history WHERE model_version_id = $1", &[&job.model_version_id])
+            .await?;
+        tx.commit().await?;
+        Ok(Some(job))
+    }
+
+    pub async fn job_spec(&self, model_version_id: i64) -> Result<JobSpec> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT m.name, m.version, m.task, m.target_column, m.features, m.class_labels, m.options,
+                        s.data_relation, s.id
+                 FROM cerebro.model_versions m JOIN cerebro.snapshots s ON s.id = m.snapshot_id
+                 WHERE m.id = $1",
+                &[&model_version_id],
+            )
+            .await?;
+        let corrupt = |what: &str, e: serde_json::Error| CatalogError::Corrupt(format!("{what}: {e}"));
+        let task: Task =
+            serde_json::from_value(serde_json::Value::String(row.get(2))).map_err(|e| corrupt("task", e))?;
+        let features: Vec<Feature> = serde_json::from_value(row.get(4)).map_err(|e| corrupt("features", e))?;
+        let options: TrainOptions = serde_json::from_value(row.get(6)).map_err(|e| corrupt("options", e))?;
+        Ok(JobSpec {
+            name: row.get(0),
+            version: row.get(1),
+            plan: TrainingPlan { task, target: row.get(3), features, class_labels: row.get(5), options },
+            data_relation: row.get(7),
+            snapshot_id: row.get(8),
+        })
+    }
+
+    pub async fn record_epoch(&self, model_version_id: i64, stats: &EpochStats) -> Result<()> {
+        self.client
+            .execute(
+                "WITH h AS (
+                     INSERT INTO cerebro.training_history (model_version_id, epoch, train_loss, valid_loss, seconds)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (model_version_id, epoch) DO UPDATE
+                         SET train_loss = EXCLUDED.train_loss, valid_loss = EXCLUDED.valid_loss,
+                             seconds = EXCLUDED.seconds, recorded_at = now())
+                 UPDATE cerebro.model_versions SET epoch = $2 WHERE id = $1",
+                &[&model_version_id, &(stats.epoch as i32), &stats.train_loss, &stats.valid_loss, &stats.seconds],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Stores the artifact and results and marks job and model done, at once.
+    pub async fn finish_success(
+        &mut self,
+        job: &ClaimedJob,
+        snapshot_id: i64,
+        model: &TrainedModel,
+        onnx: &[u8],
+        sha256: &str,
+        fingerprint: &str,
+    ) -> Result<()> {
+        let metrics = serde_json::to_value(&model.metrics).expect("metrics serialise");
+        let pipeline = serde_json::to_value(&model.pipeline).expect("pipeline serialises");
+        let tx = self.client.transaction().await?;
+        tx.execute(
+            "INSERT INTO cerebro.artifacts (model_version_id, sha256, size_bytes, bytes) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (model_version_id) DO UPDATE
+                 SET sha256 = EXCLUDED.sha256, size_bytes = EXCLUDED.size_bytes, bytes = EXCLUDED.bytes,
+                     created_at = now()",
+            &[&job.model_version_id, &sha256, &(onnx.len() as i64), &onnx],
+        )
+        .await?;
+        tx.execute(
+            "UPDATE cerebro.model_versions SET status = 'ready', metrics = $2, pipeline = $3,
+                    artifact_sha256 = $4, trained_at = now(), error = NULL,
+                    epoch = (SELECT coalesce(max(epoch), 0) FROM cerebro.training_history WHERE model_version_id = $1)
+             WHERE id = $1",
+            &[&job.model_version_id, &metrics, &pipeline, &sha256],
+        )
+        .await?;
+        tx.execute("UPDATE cerebro.snapshots SET fingerprint = $2 WHERE id = $1", &[&snapshot_id, &fingerprint])
+            .await?;
+        tx.execute("UPDATE cerebro.jobs SET state = 'done', finished_at = now() WHERE id = $1", &[&job.job_id]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Marks job and model failed with `error`, which users read in
+    /// `cerebro.models.error`.
+    pub async fn finish_failure(&mut self, job: &ClaimedJob, error: &str) -> Result<()> {
+        let tx = self.client.transaction().await?;
+        tx.execute(
+            "UPDATE cerebro.jobs SET state = 'failed', finished_at = now(), error = $2 WHERE id = $1",
+            &[&job.job_id, &error],
+        )
+        .await?;
+        tx.execute(
+            "UPDATE cerebro.model_versions SET status = 'failed', error = $2 WHERE id = $1",
+            &[&job.model_version_id, &error],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Puts a job back in the queue, its attempt not counted (the daemon is
+    /// shutting down, the job did nothing wrong).
+    pub async fn requeue(&mut self, job: &ClaimedJob) -> Result<()> {
+        let tx = self.client.transaction().await?;
+        tx.execute(
+            "UPDATE cerebro.jobs SET state = 'queued', attempts = greatest(attempts - 1, 0), claimed_by = NULL
+             WHERE id = $1",
+            &[&job.job_id],
+        )
+        .await?;
+        tx.execute(
+            "UPDATE cerebro.model_versions SET status = 'queued', epoch = 0 WHERE id = $1",
+            &[&job.model_version_id],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The ONNX bytes of a ready model version and their sha256.
+    pub async fn artifact(&self, model_version_id: i64) -> Result<Option<(String, Vec<u8>)>> {
+        let row = self
+            .client
+            .query_opt("SELECT sha256, bytes FROM cerebro.artifacts WHERE model_version_id = $1", &[&model_version_id])
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    /// The newest ready version of `name`, or the given version.
+    pub async fn find_model(&self, name: &str, version: Option<i32>) -> Result<ModelRef> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT id, name, version, features, class_labels, source_relation, key_column, artifact_sha256
+                 FROM cerebro.model_versions
+                 WHERE name = $1 AND status = 'ready' AND ($2::int IS NULL OR version = $2)
+                 ORDER BY version DESC LIMIT 1",
+                &[&name, &version],
+            )
+            .await?;
+        let row = row.ok_or_else(|| {
+            CatalogError::NotFound(match version {
+                Some(v) => format!("model \"{name}\" has no ready version {v}"),
+                None => format!("model \"{name}\" has no ready version"),
+            })
+        })?;
+        let features: Vec<Feature> =
+            serde_json::from_value(row.get(3)).map_err(|e| CatalogError::Corrupt(format!("features: {e}")))?;
+        Ok(ModelRef {
+            id: row.get(0),
+            name: row.get(1),
+            version: row.get(2),
+            features,
+            class_labels: row.get(4),
+            source_relation: row.get(5),
+            key_column: row.get(6),
+            artifact_sha256: row.get(7),
+        })
+    }
+}

@@ -1,0 +1,133 @@
+//! The job loop: claim a queued job, train it on a blocking thread, store the
+//! artifact and results. Jobs are durable rows; this loop holds no state a
+//! crash could lose.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::{error, info, warn};
+
+use crate::catalog::{Catalog, CatalogError, ClaimedJob};
+use crate::data::{read_snapshot, sha256_hex};
+use crate::onnx;
+use crate::train::{self, Control, TrainError};
+
+pub struct Scheduler {
+    /// Job state changes and progress.
+    pub control: Catalog,
+    /// COPY of snapshots, on its own connection so progress writes never wait on it.
+    pub data: Arc<Catalog>,
+    pub worker_id: String,
+    pub poll_interval: Duration,
+    pub wake: Arc<Notify>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Scheduler {
+    /// Runs until shutdown; returns an error only when the catalog is lost.
+    pub async fn run(mut self) -> Result<(), CatalogError> {
+        loop {
+            while !*self.shutdown.borrow() {
+                let Some(job) = self.control.claim_next_job(&self.worker_id).await? else { break };
+                self.run_job(job).await?;
+            }
+            if *self.shutdown.borrow() {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(self.poll_interval) => {}
+                _ = self.shutdown.changed() => {}
+            }
+        }
+    }
+
+    async fn run_job(&mut self, job: ClaimedJob) -> Result<(), CatalogError> {
+        let spec = self.control.job_spec(job.model_version_id).await?;
+        info!(job = job.job_id, model = %spec.name, version = spec.version, attempt = job.attempt, "training");
+        let table = match read_snapshot(self.data.client(), &spec).await {
+            Ok(t) => t,
+            Err(CatalogError::Db(e)) if e.as_db_error().is_some() => {
+                // The server refused the read (snapshot dropped, type changed):
+                // retrying cannot help.
+                let msg = format!("cannot read the training snapshot {}: {e}", spec.data_relation);
+                self.control.finish_failure(&job, &msg).await?;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
+        let plan = spec.plan.clone();
+        let stop_flag = stop.clone();
+        let mut training = tokio::task::spawn_blocking(move || {
+            let mut columns = table.columns;
+            let target = columns.pop().expect("the target column is read last");
+            let result = train::train(&plan, &columns, &target, &mut |stats| {
+                let _ = progress_tx.send(stats.clone());
+                if stop_flag.load(Ordering::Relaxed) {
+                    Control::Stop
+                } else {
+                    Control::Continue
+                }
+            });
+            (result, table.fingerprint)
+        });
+
+        let mut shutdown = self.shutdown.clone();
+        let outcome = loop {
+            tokio::select! {
+                done = &mut training => break done,
+                Some(stats) = progress_rx.recv() => {
+                    self.control.record_epoch(job.model_version_id, &stats).await?;
+                }
+                _ = shutdown.changed() => stop.store(true, Ordering::Relaxed),
+            }
+        };
+        while let Ok(stats) = progress_rx.try_recv() {
+            self.control.record_epoch(job.model_version_id, &stats).await?;
+        }
+
+        let (result, fingerprint) = match outcome {
+            Ok(r) => r,
+            Err(join) => {
+                let msg = format!("training crashed: {join}");
+                error!(job = job.job_id, "{msg}");
+                self.control.finish_failure(&job, &msg).await?;
+                return Ok(());
+            }
+        };
+        match result {
+            Ok(model) => {
+                let meta = [
+                    ("cerebro.model", spec.name.clone()),
+                    ("cerebro.version", spec.version.to_string()),
+                    ("cerebro.target", spec.plan.target.clone()),
+                    ("cerebro.snapshot_fingerprint", fingerprint.clone()),
+                ];
+                match onnx::export(&model, &meta) {
+                    Ok(bytes) => {
+                        let sha = sha256_hex(&bytes);
+                        self.control.finish_success(&job, spec.snapshot_id, &model, &bytes, &sha, &fingerprint).await?;
+                        info!(job = job.job_id, model = %spec.name, version = spec.version, metrics = ?model.metrics, "ready");
+                    }
+                    Err(e) => {
+                        self.control.finish_failure(&job, &format!("ONNX export failed: {e}")).await?;
+                    }
+                }
+            }
+            Err(TrainError::Stopped) => {
+                warn!(job = job.job_id, "training stopped by shutdown; job requeued");
+                self.control.requeue(&job).await?;
+            }
+            Err(e) => {
+                warn!(job = job.job_id, "training failed: {e}");
+                self.control.finish_failure(&job, &e.to_string()).await?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,176 @@
+//! The extension's errors and their SQLSTATEs.
+//!
+//! Every error a user can cause has its own variant, a precise message, the
+//! SQLSTATE a PostgreSQL user would expect, and a hint where one helps.
+
+use cerebro_shared::error::{ErrorCode, WireError};
+use cerebro_shared::protocol::FrameError;
+use cerebro_shared::spec::SpecError;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::PgSqlErrorCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CerebroError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("column \"{0}\" of cerebro.models is required")]
+    MissingValue(&'static str),
+    #[error("column \"{0}\" of cerebro.models is set by Cerebro and cannot be inserted")]
+    ReadOnlyColumn(String),
+    #[error("column \"{column}\" of cerebro.models must be {expected}")]
+    WrongValueType { column: String, expected: &'static str },
+    #[error("relation \"{0}\" does not exist")]
+    UnknownRelation(String),
+    #[error("\"{name}\" is {kind}; Cerebro reads tables, views, materialized views and foreign tables")]
+    UnsupportedRelation { name: String, kind: &'static str },
+    #[error("column \"{column}\" does not exist in {relation}")]
+    UnknownColumn { relation: String, column: String },
+    #[error("column \"{column}\" of {relation} has type {type_name}, which Cerebro cannot use as {role}")]
+    UnsupportedType { relation: String, column: String, type_name: String, role: &'static str },
+    #[error("permission denied for table {relation}")]
+    PermissionDenied { relation: String, columns: Vec<String> },
+    #[error("column \"{0}\" is listed twice in features")]
+    DuplicateFeature(String),
+    #[error("column \"{column}\" cannot be both the {role} and a feature")]
+    FeatureConflict { column: String, role: &'static str },
+    #[error("{relation} has no column Cerebro can use as a feature")]
+    NoFeatures { relation: String },
+    #[error("{relation} has no rows with a non-NULL \"{target}\" to train on")]
+    EmptySource { relation: String, target: String },
+    #[error("model \"{0}\" does not exist")]
+    ModelNotFound(String),
+    #[error("model \"{name}\" has no version {version}")]
+    VersionNotFound { name: String, version: i32 },
+    #[error("model \"{name}\" version {version} is {state}")]
+    ModelNotReady { name: String, version: i32, state: String, failed: bool },
+    #[error("cerebro.predictions needs to know which model to score with")]
+    MissingModel,
+    #[error("model \"{0}\" has no key column to identify the rows it scores")]
+    MissingKey(String),
+    #[error("could not connect to cerebrod at \"{socket}\": {reason}")]
+    DaemonUnavailable { socket: String, reason: String },
+    #[error("cerebrod: {0}")]
+    Daemon(WireError),
+    #[error("lost the connection to cerebrod: {0}")]
+    Connection(#[from] FrameError),
+    #[error("cerebrod did not answer within {0} ms")]
+    Timeout(i32),
+    #[error("canceling statement due to user request")]
+    Interrupted,
+    #[error("cerebrod answered out of turn: {0}")]
+    Protocol(String),
+    #[error("cannot set up shared memory for scoring: {0}")]
+    SharedMemory(std::io::Error),
+    #[error("{0}")]
+    Spi(#[from] pgrx::spi::Error),
+    #[error("{0} is not supported")]
+    Unsupported(&'static str),
+    #[error("foreign table option \"object\" must be 'models' or 'predictions', not {0:?}")]
+    UnknownObject(String),
+    #[error("server cerebro_daemon has no \"socket\" option")]
+    MissingSocket,
+}
+
+impl CerebroError {
+    pub fn sqlstate(&self) -> PgSqlErrorCode {
+        use PgSqlErrorCode::*;
+        match self {
+            CerebroError::Spec(e) => match e {
+                SpecError::InvalidName { .. } => ERRCODE_INVALID_NAME,
+                SpecError::TaskMismatch { .. } => ERRCODE_DATATYPE_MISMATCH,
+                _ => ERRCODE_INVALID_PARAMETER_VALUE,
+            },
+            CerebroError::MissingValue(_) => ERRCODE_NOT_NULL_VIOLATION,
+            CerebroError::ReadOnlyColumn(_) => ERRCODE_GENERATED_ALWAYS,
+            CerebroError::WrongValueType { .. } => ERRCODE_DATATYPE_MISMATCH,
+            CerebroError::UnknownRelation(_) => ERRCODE_UNDEFINED_TABLE,
+            CerebroError::UnsupportedRelation { .. } => ERRCODE_WRONG_OBJECT_TYPE,
+            CerebroError::UnknownColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
+            CerebroError::UnsupportedType { .. } => ERRCODE_DATATYPE_MISMATCH,
+            CerebroError::PermissionDenied { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            CerebroError::DuplicateFeature(_) => ERRCODE_DUPLICATE_COLUMN,
+            CerebroError::FeatureConflict { .. } | CerebroError::NoFeatures { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            CerebroError::EmptySource { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            CerebroError::ModelNotFound(_) | CerebroError::VersionNotFound { .. } => ERRCODE_UNDEFINED_OBJECT,
+            CerebroError::ModelNotReady { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            CerebroError::MissingModel | CerebroError::MissingKey(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            CerebroError::DaemonUnavailable { .. } => ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            CerebroError::Daemon(w) => match w.code {
+                ErrorCode::ProtocolMismatch | ErrorCode::BadRequest => ERRCODE_PROTOCOL_VIOLATION,
+                ErrorCode::ModelNotFound => ERRCODE_UNDEFINED_OBJECT,
+                ErrorCode::ArtifactInvalid => ERRCODE_DATA_CORRUPTED,
+                ErrorCode::BufferInvalid | ErrorCode::Internal => ERRCODE_INTERNAL_ERROR,
+                ErrorCode::ScoringFailed => ERRCODE_DATA_EXCEPTION,
+                ErrorCode::Unavailable => ERRCODE_CONNECTION_FAILURE,
+            },
+            CerebroError::Connection(_) => ERRCODE_CONNECTION_FAILURE,
+            CerebroError::Timeout(_) | CerebroError::Interrupted => ERRCODE_QUERY_CANCELED,
+            CerebroError::Protocol(_) => ERRCODE_PROTOCOL_VIOLATION,
+            CerebroError::SharedMemory(_) => ERRCODE_INSUFFICIENT_RESOURCES,
+            CerebroError::Spi(_) => ERRCODE_INTERNAL_ERROR,
+            CerebroError::Unsupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
+            CerebroError::UnknownObject(_) => ERRCODE_FDW_INVALID_OPTION_NAME,
+            CerebroError::MissingSocket => ERRCODE_FDW_OPTION_NAME_NOT_FOUND,
+        }
+    }
+
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            CerebroError::Spec(e) => e.hint(),
+            CerebroError::UnsupportedType { .. } => {
+                Some("Numeric, text, enum and boolean columns are supported; cast others in a view.".into())
+            }
+            CerebroError::PermissionDenied { relation, .. } => {
+                Some(format!("Training reads the source with your privileges: ask for GRANT SELECT ON {relation}."))
+            }
+            CerebroError::NoFeatures { .. } => Some("List the feature columns in the features column.".into()),
+            CerebroError::EmptySource { .. } => Some("A model needs rows to learn from; check the source.".into()),
+            CerebroError::ModelNotReady { failed: true, .. } => {
+                Some("The reason is in the error column of cerebro.models; insert a new version to retrain.".into())
+            }
+            CerebroError::ModelNotReady { .. } => {
+                Some("Watch it with: SELECT name, version, status, progress FROM cerebro.models;".into())
+            }
+            CerebroError::ModelNotFound(_) => {
+                Some("SELECT name, version, status FROM cerebro.models lists the models.".into())
+            }
+            CerebroError::MissingModel => Some("Add WHERE model = '<name>' to the query.".into()),
+            CerebroError::MissingKey(_) => Some("Name one in the query: ... AND key_column = '<column>'.".into()),
+            CerebroError::DaemonUnavailable { .. } => Some(
+                "Start cerebrod as the PostgreSQL server's OS user: cerebrod --config <file> (deploy/demo.sh starts \
+                 one). The path is the socket option of SERVER cerebro_daemon."
+                    .into(),
+            ),
+            CerebroError::Daemon(w) => w.hint.clone(),
+            CerebroError::Timeout(_) => Some("Raise cerebro.scoring_timeout, or check cerebrod's log.".into()),
+            CerebroError::Unsupported(_) => {
+                Some("Model versions are immutable: INSERT INTO cerebro.models a new version instead.".into())
+            }
+            _ => None,
+        }
+    }
+
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            CerebroError::PermissionDenied { columns, .. } if !columns.is_empty() => {
+                Some(format!("No SELECT privilege on column(s): {}.", columns.join(", ")))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl From<CerebroError> for ErrorReport {
+    fn from(e: CerebroError) -> ErrorReport {
+        let mut report = ErrorReport::new(e.sqlstate(), e.to_string(), "cerebro");
+        if let Some(h) = e.hint() {
+            report = report.set_hint(h);
+        }
+        if let Some(d) = e.detail() {
+            report = report.set_detail(d);
+        }
+        report
+    }
+}
+
+pub type Result<T> = std::result::Result<T, CerebroError>;

@@ -1,0 +1,93 @@
+//! The one foreign data wrapper behind `cerebro.models` and
+//! `cerebro.predictions`; the table option `object` says which is which.
+
+use std::collections::HashMap;
+
+use supabase_wrappers::prelude::*;
+
+use crate::error::CerebroError;
+use crate::models::{self, ModelRow, TrainRequest};
+use crate::predictions::PredictionScan;
+
+enum Scan {
+    Models { rows: std::vec::IntoIter<ModelRow>, columns: Vec<Column> },
+    Predictions { scan: Box<PredictionScan>, columns: Vec<Column> },
+}
+
+#[wrappers_fdw(version = "0.1.0", author = "Cerebro", error_type = "CerebroError")]
+pub struct CerebroFdw {
+    socket: Option<String>,
+    scan: Option<Scan>,
+}
+
+fn object(options: &HashMap<String, String>) -> Result<&str, CerebroError> {
+    match options.get("object").map(String::as_str) {
+        Some(o @ ("models" | "predictions")) => Ok(o),
+        other => Err(CerebroError::UnknownObject(other.unwrap_or("").to_owned())),
+    }
+}
+
+impl ForeignDataWrapper<CerebroError> for CerebroFdw {
+    fn new(server: ForeignServer) -> Result<Self, CerebroError> {
+        Ok(CerebroFdw { socket: server.options.get("socket").cloned(), scan: None })
+    }
+
+    fn begin_scan(
+        &mut self,
+        quals: &[Qual],
+        columns: &[Column],
+        _sorts: &[Sort],
+        _limit: &Option<Limit>,
+        options: &HashMap<String, String>,
+    ) -> Result<(), CerebroError> {
+        self.scan = Some(match object(options)? {
+            "models" => Scan::Models { rows: models::list_models()?.into_iter(), columns: columns.to_vec() },
+            _ => {
+                let socket = self.socket.as_deref().ok_or(CerebroError::MissingSocket)?;
+                Scan::Predictions { scan: Box::new(PredictionScan::begin(quals, socket)?), columns: columns.to_vec() }
+            }
+        });
+        Ok(())
+    }
+
+    fn iter_scan(&mut self, row: &mut Row) -> Result<Option<()>, CerebroError> {
+        match self.scan.as_mut() {
+            None => Ok(None),
+            Some(Scan::Models { rows, columns }) => {
+                let Some(mut values) = rows.next() else { return Ok(None) };
+                for col in columns.iter() {
+                    let cell = values.iter_mut().find(|(name, _)| *name == col.name).and_then(|(_, c)| c.take());
+                    row.push(&col.name, cell);
+                }
+                Ok(Some(()))
+            }
+            Some(Scan::Predictions { scan, columns }) => scan.next_row(row, columns),
+        }
+    }
+
+    fn end_scan(&mut self) -> Result<(), CerebroError> {
+        if let Some(Scan::Predictions { mut scan, .. }) = self.scan.take() {
+            scan.end();
+        }
+        Ok(())
+    }
+
+    fn begin_modify(&mut self, options: &HashMap<String, String>) -> Result<(), CerebroError> {
+        match object(options)? {
+            "models" => Ok(()),
+            _ => Err(CerebroError::Unsupported("writing to cerebro.predictions")),
+        }
+    }
+
+    fn insert(&mut self, row: &Row) -> Result<(), CerebroError> {
+        models::queue_training(TrainRequest::from_row(row)?)
+    }
+
+    fn update(&mut self, _rowid: &Cell, _new_row: &Row) -> Result<(), CerebroError> {
+        Err(CerebroError::Unsupported("UPDATE on cerebro.models"))
+    }
+
+    fn delete(&mut self, _rowid: &Cell) -> Result<(), CerebroError> {
+        Err(CerebroError::Unsupported("DELETE on cerebro.models"))
+    }
+}

@@ -1,0 +1,413 @@
+//! `cerebro.models`: INSERT validates a training request and queues it;
+//! SELECT lists every model version with its status and metrics.
+
+use cerebro_shared::spec::{resolve_task, validate_model_name, Feature, SqlKind, Task, TaskChoice, TrainOptions};
+use pgrx::prelude::*;
+use pgrx::{pg_sys, JsonB};
+use supabase_wrappers::prelude::{Cell, Row};
+
+use crate::error::{CerebroError, Result};
+use crate::identity;
+
+/// Columns users may set on INSERT; every other column is Cerebro's.
+const WRITABLE: &[&str] = &["name", "source", "target", "key", "features", "task", "options"];
+
+/// A training request as inserted, before it is checked against the source.
+#[derive(Debug)]
+pub struct TrainRequest {
+    pub name: String,
+    pub source: String,
+    pub target: String,
+    pub key: Option<String>,
+    pub features: Option<Vec<String>>,
+    pub task: TaskChoice,
+    pub options: TrainOptions,
+}
+
+fn text(column: &str, cell: &Option<Cell>) -> Result<Option<String>> {
+    match cell {
+        None => Ok(None),
+        Some(Cell::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(CerebroError::WrongValueType { column: column.into(), expected: "text" }),
+    }
+}
+
+impl TrainRequest {
+    pub fn from_row(row: &Row) -> Result<TrainRequest> {
+        let (mut name, mut source, mut target, mut key, mut features, mut task, mut options) =
+            (None, None, None, None, None, None, None);
+        for (column, cell) in row.iter() {
+            match column.as_str() {
+                "name" => name = text(column, cell)?,
+                "source" => source = text(column, cell)?,
+                "target" => target = text(column, cell)?,
+                "key" => key = text(column, cell)?,
+                "task" => task = text(column, cell)?,
+                "features" => {
+                    features = match cell {
+                        None => None,
+                        Some(Cell::StringArray(values)) => Some(
+                            values
+                                .iter()
+                                .map(|v| v.clone().ok_or(CerebroError::MissingValue("features")))
+                                .collect::<Result<Vec<_>>>()?,
+                        ),
+                        Some(_) => {
+                            return Err(CerebroError::WrongValueType { column: column.clone(), expected: "text[]" });
+                        }
+                    }
+                }
+                "options" => {
+                    options = match cell {
+                        None => None,
+                        Some(Cell::Json(j)) => Some(j.0.clone()),
+                        Some(_) => {
+                            return Err(CerebroError::WrongValueType { column: column.clone(), expected: "jsonb" });
+                        }
+                    }
+                }
+                other if cell.is_some() && !WRITABLE.contains(&other) => {
+                    return Err(CerebroError::ReadOnlyColumn(other.to_owned()));
+                }
+                _ => {}
+            }
+        }
+        let name = name.ok_or(CerebroError::MissingValue("name"))?;
+        validate_model_name(&name)?;
+        Ok(TrainRequest {
+            name,
+            source: source.ok_or(CerebroError::MissingValue("source"))?,
+            target: target.ok_or(CerebroError::MissingValue("target"))?,
+            key,
+            features,
+            task: task.as_deref().unwrap_or("auto").parse()?,
+            options: TrainOptions::from_json(options.as_ref())?,
+        })
+    }
+}
+
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+struct SourceColumn {
+    name: String,
+    type_name: String,
+    kind: Option<SqlKind>,
+    readable: bool,
+}
+
+struct Source {
+    /// `oid::regclass::text`: schema-qualified where needed, quoted.
+    display: String,
+    columns: Vec<SourceColumn>,
+}
+
+impl Source {
+    fn column(&self, name: &str) -> Result<&SourceColumn> {
+        self.columns
+            .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| CerebroError::UnknownColumn { relation: self.display.clone(), column: name.to_owned() })
+    }
+}
+
+fn resolve_source(client: &pgrx::spi::SpiClient<'_>, name: &str) -> Result<Source> {
+    let rel = client.select(
+        "SELECT c.oid, c.relkind::text, c.oid::regclass::text FROM pg_catalog.pg_class c
+         WHERE c.oid = pg_catalog.to_regclass($1)",
+        Some(1),
+        &[name.into()],
+    )?;
+    let Some(row) = rel.into_iter().next() else {
+        return Err(CerebroError::UnknownRelation(name.to_owned()));
+    };
+    let oid: pg_sys::Oid = row.get(1)?.expect("pg_class.oid is not null");
+    let relkind: String = row.get(2)?.expect("relkind is not null");
+    let display: String = row.get(3)?.expect("regclass text is not null");
+    let kind = match relkind.as_str() {
+        "r" | "v" | "m" | "f" | "p" => None,
+        "S" => Some("a sequence"),
+        "i" | "I" => Some("an index"),
+        "c" => Some("a composite type"),
+        _ => Some("not a relation Cerebro can read"),
+    };
+    if let Some(kind) = kind {
+        return Err(CerebroError::UnsupportedRelation { name: display, kind });
+    }
+    let cols = client.select(
+        "SELECT a.attname::text, bt.typname::text, bt.typcategory::text,
+                pg_catalog.format_type(a.atttypid, a.atttypmod),
+                pg_catalog.has_column_privilege($1, a.attnum, 'SELECT')
+         FROM pg_catalog.pg_attribute a
+         JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+         JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+         WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+         ORDER BY a.attnum",
+        None,
+        &[oid.into()],
+    )?;
+    let mut columns = Vec::new();
+    for row in cols {
+        let typname: String = row.get(2)?.unwrap_or_default();
+        let category: String = row.get(3)?.unwrap_or_default();
+        columns.push(SourceColumn {
+            name: row.get(1)?.unwrap_or_default(),
+            type_name: row.get(4)?.unwrap_or_default(),
+            kind: category.chars().next().and_then(|c| SqlKind::classify(c, &typname)),
+            readable: row.get(5)?.unwrap_or(false),
+        });
+    }
+    Ok(Source { display, columns })
+}
+
+/// Validates `req`, freezes its training data and queues the job, all in the
+/// calling transaction: a rolled-back INSERT leaves nothing behind and the
+/// daemon, told by NOTIFY (delivered at commit), never sees it.
+pub fn queue_training(req: TrainRequest) -> Result<()> {
+    Spi::connect_mut(|client| {
+        let source = resolve_source(client, &req.source)?;
+        let target = source.column(&req.target)?;
+        let target_kind = target.kind.ok_or_else(|| CerebroError::UnsupportedType {
+            relation: source.display.clone(),
+            column: target.name.clone(),
+            type_name: target.type_name.clone(),
+            role: "a target",
+        })?;
+        let key = req.key.as_deref().map(|k| source.column(k)).transpose()?;
+
+        let mut features: Vec<Feature> = Vec::new();
+        match &req.features {
+            Some(names) => {
+                for name in names {
+                    let col = source.column(name)?;
+                    if name == &req.target {
+                        return Err(CerebroError::FeatureConflict { column: name.clone(), role: "target" });
+                    }
+                    if Some(name.as_str()) == req.key.as_deref() {
+                        return Err(CerebroError::FeatureConflict { column: name.clone(), role: "key" });
+                    }
+                    if features.iter().any(|f| &f.name == name) {
+                        return Err(CerebroError::DuplicateFeature(name.clone()));
+                    }
+                    let kind = col.kind.ok_or_else(|| CerebroError::UnsupportedType {
+                        relation: source.display.clone(),
+                        column: name.clone(),
+                        type_name: col.type_name.clone(),
+                        role: "a feature",
+                    })?;
+                    features.push(Feature { name: name.clone(), kind: kind.feature_kind() });
+                }
+            }
+            None => {
+                for col in &source.columns {
+                    if col.name == req.target || Some(col.name.as_str()) == req.key.as_deref() {
+                        continue;
+                    }
+                    match col.kind {
+                        Some(kind) => features.push(Feature { name: col.name.clone(), kind: kind.feature_kind() }),
+                        None => notice!(
+                            "cerebro: column \"{}\" ({}) is not used as a feature: its type is not supported",
+                            col.name,
+                            col.type_name
+                        ),
+                    }
+                }
+            }
+        }
+        if features.is_empty() {
+            return Err(CerebroError::NoFeatures { relation: source.display.clone() });
+        }
+
+        // Privileges are checked up front so the error names every column; the
+        // snapshot query below runs as the user anyway, with RLS applied.
+        let mut used: Vec<&str> = vec![req.target.as_str()];
+        used.extend(key.map(|k| k.name.as_str()));
+        used.extend(features.iter().map(|f| f.name.as_str()));
+        let denied: Vec<String> = used
+            .iter()
+            .filter(|c| !source.column(c).map(|c| c.readable).unwrap_or(false))
+            .map(|c| c.to_string())
+            .collect();
+        if !denied.is_empty() {
+            return Err(CerebroError::PermissionDenied { relation: source.display.clone(), columns: denied });
+        }
+
+        let user_name: String = client
+            .select("SELECT current_user::text", Some(1), &[])?
+            .first()
+            .get_one()?
+            .expect("current_user is never NULL");
+        let owner = identity::extension_owner()?;
+        let select_list = used.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
+        let query = format!("SELECT {select_list} FROM {}", source.display);
+
+        let (version, snapshot_id, data_relation) = {
+            let _owner = identity::become_owner(owner);
+            client.update(
+                "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('cerebro.models'), pg_catalog.hashtext($1))",
+                None,
+                &[req.name.as_str().into()],
+            )?;
+            let version: i32 = client
+                .select(
+                    "SELECT coalesce(max(version), 0) + 1 FROM cerebro.model_versions WHERE name = $1",
+                    Some(1),
+                    &[req.name.as_str().into()],
+                )?
+                .first()
+                .get_one()?
+                .expect("coalesce is never NULL");
+            let snapshot_id: i64 = client
+                .update("SELECT nextval('cerebro.snapshots_id_seq')", Some(1), &[])?
+                .first()
+                .get_one()?
+                .expect("nextval is never NULL");
+            let data_relation = format!("cerebro_data.snapshot_{snapshot_id}");
+            client.update(&format!("CREATE TABLE {data_relation} AS {query} WITH NO DATA"), None, &[])?;
+            client.update(&format!("GRANT INSERT ON {data_relation} TO {}", quote_ident(&user_name)), None, &[])?;
+            (version, snapshot_id, data_relation)
+        };
+
+        // The copy runs as the calling user: their privileges and row-level
+        // security decide which rows a model may learn from.
+        let row_count = client.update(&format!("INSERT INTO {data_relation} {query}"), None, &[])?.len() as i64;
+
+        let _owner = identity::become_owner(owner);
+        client.update(&format!("REVOKE INSERT ON {data_relation} FROM {}", quote_ident(&user_name)), None, &[])?;
+        let target_q = quote_ident(&req.target);
+        let (labelled, distinct) = client
+            .select(
+                &format!("SELECT count({target_q}), count(DISTINCT {target_q}) FROM {data_relation}"),
+                Some(1),
+                &[],
+            )?
+            .first()
+            .get_two::<i64, i64>()?;
+        let (labelled, distinct) = (labelled.unwrap_or(0), distinct.unwrap_or(0));
+        if labelled == 0 {
+            return Err(CerebroError::EmptySource { relation: source.display.clone(), target: req.target.clone() });
+        }
+        let task = resolve_task(req.task, &req.target, target_kind, distinct as usize)?;
+        let mut class_labels: Vec<String> = Vec::new();
+        if task != Task::Regression {
+            let labels = client.select(
+                &format!(
+                    "SELECT d.v::text FROM (SELECT DISTINCT {target_q} AS v FROM {data_relation}
+                     WHERE {target_q} IS NOT NULL) d ORDER BY d.v"
+                ),
+                None,
+                &[],
+            )?;
+            for row in labels {
+                class_labels.push(row.get(1)?.expect("labels are not NULL"));
+            }
+        }
+
+        client.update(
+            "INSERT INTO cerebro.snapshots (id, source_relation, query, data_relation, row_count, created_by)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            None,
+            &[
+                snapshot_id.into(),
+                source.display.as_str().into(),
+                query.as_str().into(),
+                data_relation.as_str().into(),
+                row_count.into(),
+                user_name.as_str().into(),
+            ],
+        )?;
+        let features_json = serde_json::to_value(&features).expect("features serialise");
+        let model_version_id: i64 = client
+            .update(
+                "INSERT INTO cerebro.model_versions (name, version, task, source_relation, target_column, key_column,
+                     features, class_labels, options, snapshot_id, epochs, created_by)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id",
+                Some(1),
+                &[
+                    req.name.as_str().into(),
+                    version.into(),
+                    task.as_str().into(),
+                    source.display.as_str().into(),
+                    req.target.as_str().into(),
+                    req.key.clone().into(),
+                    JsonB(features_json).into(),
+                    class_labels.clone().into(),
+                    JsonB(req.options.to_json()).into(),
+                    snapshot_id.into(),
+                    (req.options.epochs as i32).into(),
+                    user_name.as_str().into(),
+                ],
+            )?
+            .first()
+            .get_one()?
+            .expect("RETURNING id");
+        let job_id: i64 = client
+            .update(
+                "INSERT INTO cerebro.jobs (model_version_id) VALUES ($1) RETURNING id",
+                Some(1),
+                &[model_version_id.into()],
+            )?
+            .first()
+            .get_one()?
+            .expect("RETURNING id");
+        client.update("SELECT pg_catalog.pg_notify('cerebro_jobs', $1)", None, &[job_id.to_string().into()])?;
+        notice!(
+            "cerebro: queued {} version {} ({} task, {} features, {} rows); it trains once this transaction commits",
+            req.name,
+            version,
+            task,
+            features.len(),
+            row_count
+        );
+        Ok(())
+    })
+}
+
+/// One row of `cerebro.models`, as (column, value) pairs.
+pub type ModelRow = Vec<(&'static str, Option<Cell>)>;
+
+pub fn list_models() -> Result<Vec<ModelRow>> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT m.name, m.version, m.status::text, m.task, m.source_relation, m.target_column, m.key_column,
+                    ARRAY(SELECT f->>'name' FROM jsonb_array_elements(m.features) f), m.options,
+                    m.epoch, m.epochs, m.metrics, m.error, m.created_at, m.created_by::text, m.trained_at
+             FROM cerebro.model_versions m ORDER BY m.name, m.version",
+            None,
+            &[],
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let status: String = row.get(3)?.unwrap_or_default();
+            let epoch: i32 = row.get(10)?.unwrap_or(0);
+            let epochs: i32 = row.get(11)?.unwrap_or(0);
+            let progress = match status.as_str() {
+                "training" => format!("epoch {epoch} of {epochs}"),
+                "ready" => format!("trained {epoch} of {epochs} epochs"),
+                other => other.to_owned(),
+            };
+            let string = |v: Option<String>| v.map(Cell::String);
+            out.push(vec![
+                ("name", string(row.get(1)?)),
+                ("version", row.get::<i32>(2)?.map(Cell::I32)),
+                ("status", Some(Cell::String(status))),
+                ("task", string(row.get(4)?)),
+                ("source", string(row.get(5)?)),
+                ("target", string(row.get(6)?)),
+                ("key", string(row.get(7)?)),
+                ("features", row.get::<Vec<Option<String>>>(8)?.map(Cell::StringArray)),
+                ("options", row.get::<JsonB>(9)?.map(Cell::Json)),
+                ("epoch", Some(Cell::I32(epoch))),
+                ("epochs", Some(Cell::I32(epochs))),
+                ("progress", Some(Cell::String(progress))),
+                ("metrics", row.get::<JsonB>(12)?.map(Cell::Json)),
+                ("error", string(row.get(13)?)),
+                ("created_at", row.get::<pgrx::datum::TimestampWithTimeZone>(14)?.map(Cell::Timestamptz)),
+                ("created_by", string(row.get(15)?)),
+                ("trained_at", row.get::<pgrx::datum::TimestampWithTimeZone>(16)?.map(Cell::Timestamptz)),
+            ]);
+        }
+        Ok(out)
+    })
+}

@@ -1,0 +1,390 @@
+//! `cerebro.predictions`: scores the rows of a relation the calling user can
+//! see, in batches, through cerebrod.
+//!
+//! The backend reads a batch of source rows (SPI cursor, the user's
+//! privileges), writes it column-wise into a shared-memory region and asks
+//! cerebrod to score it. Two regions alternate: while cerebrod scores one
+//! batch, the backend reads the next one and hands out the previous results.
+
+use std::cell::RefCell;
+use std::panic::AssertUnwindSafe;
+use std::rc::Rc;
+
+use cerebro_shared::batch::{plan_batch, read_outputs, write_batch, BatchLayout, ColumnData, NO_LABEL};
+use cerebro_shared::protocol::{Request, Response, ScoreRequest};
+use cerebro_shared::spec::{Feature, FeatureKind};
+use pgrx::prelude::*;
+use pgrx::{register_xact_callback, JsonB, PgXactCallbackEvent};
+use supabase_wrappers::prelude::{Cell, Column, Qual, Row, Value};
+
+use crate::daemon_client::{DaemonClient, Region};
+use crate::error::{CerebroError, Result};
+use crate::gucs;
+use crate::models::quote_ident;
+
+/// Query parameters taken from the WHERE clause.
+#[derive(Debug, Default)]
+struct Params {
+    model: Option<String>,
+    version: Option<i32>,
+    source: Option<String>,
+    key_column: Option<String>,
+    keys: Option<Vec<String>>,
+}
+
+fn as_text(cell: &Cell) -> Option<String> {
+    match cell {
+        Cell::String(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn as_i32(cell: &Cell) -> Option<i32> {
+    match cell {
+        Cell::I16(v) => Some(*v as i32),
+        Cell::I32(v) => Some(*v),
+        Cell::I64(v) => i32::try_from(*v).ok(),
+        _ => None,
+    }
+}
+
+impl Params {
+    fn from_quals(quals: &[Qual]) -> Params {
+        let mut p = Params::default();
+        for q in quals.iter().filter(|q| q.operator == "=") {
+            match (q.field.as_str(), &q.value, q.use_or) {
+                ("model", Value::Cell(c), false) => p.model = as_text(c),
+                ("version", Value::Cell(c), false) => p.version = as_i32(c),
+                ("source", Value::Cell(c), false) => p.source = as_text(c),
+                ("key_column", Value::Cell(c), false) => p.key_column = as_text(c),
+                ("key", Value::Cell(c), false) => p.keys = as_text(c).map(|k| vec![k]),
+                ("key", Value::Array(cells), true) => p.keys = cells.iter().map(as_text).collect(),
+                _ => {}
+            }
+        }
+        p
+    }
+}
+
+/// The model version a scan uses, fixed when the scan begins.
+struct ModelVersion {
+    id: i64,
+    name: String,
+    version: i32,
+    features: Vec<Feature>,
+    class_labels: Vec<String>,
+    source_relation: String,
+    key_column: Option<String>,
+    artifact_sha256: String,
+}
+
+fn resolve_model(name: &str, version: Option<i32>) -> Result<ModelVersion> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT id, version, status::text, features, class_labels, source_relation, key_column,
+                    artifact_sha256, epoch, epochs
+             FROM cerebro.model_versions
+             WHERE name = $1 AND ($2::int IS NULL OR version = $2)
+             ORDER BY (status = 'ready') DESC, version DESC LIMIT 1",
+            Some(1),
+            &[name.into(), version.into()],
+        )?;
+        let Some(row) = rows.into_iter().next() else {
+            return Err(match version {
+                Some(v) if model_exists(name)? => CerebroError::VersionNotFound { name: name.into(), version: v },
+                _ => CerebroError::ModelNotFound(name.into()),
+            });
+        };
+        let status: String = row.get(3)?.unwrap_or_default();
+        let found_version: i32 = row.get(2)?.unwrap_or_default();
+        if status != "ready" {
+            let state = match status.as_str() {
+                "training" => format!(
+                    "still training (epoch {} of {})",
+                    row.get::<i32>(9)?.unwrap_or(0),
+                    row.get::<i32>(10)?.unwrap_or(0)
+                ),
+                "queued" => "queued for training".to_owned(),
+                other => other.to_owned(),
+            };
+            return Err(CerebroError::ModelNotReady {
+                name: name.into(),
+                version: found_version,
+                failed: status == "failed",
+                state,
+            });
+        }
+        let features: Vec<Feature> = serde_json::from_value(row.get::<JsonB>(4)?.map(|j| j.0).unwrap_or_default())
+            .map_err(|e| CerebroError::Protocol(format!("catalog features are malformed: {e}")))?;
+        Ok(ModelVersion {
+            id: row.get(1)?.expect("id"),
+            name: name.into(),
+            version: found_version,
+            features,
+            class_labels: row.get::<Vec<String>>(5)?.unwrap_or_default(),
+            source_relation: row.get(6)?.expect("source_relation"),
+            key_column: row.get(7)?,
+            artifact_sha256: row.get(8)?.expect("a ready model has an artifact"),
+        })
+    })
+}
+
+fn model_exists(name: &str) -> Result<bool> {
+    Ok(Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM cerebro.model_versions WHERE name = $1)",
+        &[name.into()],
+    )?
+    .unwrap_or(false))
+}
+
+/// Connection and regions, shared with an abort callback so that an ERROR
+/// raised in the middle of a scan (cancel, a failing source query) still
+/// closes the socket and unmaps the regions.
+#[derive(Default)]
+struct Session {
+    client: Option<DaemonClient>,
+    regions: [Option<Region>; 2],
+}
+
+type SharedSession = Rc<RefCell<Session>>;
+
+struct Batch {
+    region: usize,
+    keys: Vec<Option<String>>,
+    layout: BatchLayout,
+}
+
+pub struct PredictionScan {
+    model: ModelVersion,
+    params: Params,
+    source_display: String,
+    key_column: String,
+    cursor: Option<String>,
+    session: SharedSession,
+    batch_rows: i64,
+    /// Results being handed out: (key, label, score).
+    current: std::vec::IntoIter<(Option<String>, Option<String>, f64)>,
+    inflight: Option<Batch>,
+    prepared: Option<Batch>,
+    source_done: bool,
+}
+
+impl PredictionScan {
+    pub fn begin(quals: &[Qual], socket: &str) -> Result<PredictionScan> {
+        let params = Params::from_quals(quals);
+        let name = params.model.clone().ok_or(CerebroError::MissingModel)?;
+        let model = resolve_model(&name, params.version)?;
+        let key_column = params
+            .key_column
+            .clone()
+            .or_else(|| model.key_column.clone())
+            .ok_or_else(|| CerebroError::MissingKey(name.clone()))?;
+        let source_display = match &params.source {
+            None => model.source_relation.clone(),
+            Some(s) => {
+                Spi::get_one_with_args::<String>("SELECT pg_catalog.to_regclass($1)::text", &[s.as_str().into()])?
+                    .ok_or_else(|| CerebroError::UnknownRelation(s.clone()))?
+            }
+        };
+
+        let mut select = vec![format!("{}::text", quote_ident(&key_column))];
+        for f in &model.features {
+            let cast = match f.kind {
+                FeatureKind::Numeric => "float8",
+                FeatureKind::Categorical => "text",
+            };
+            select.push(format!("{}::{cast}", quote_ident(&f.name)));
+        }
+        let mut sql = format!("SELECT {} FROM {source_display}", select.join(", "));
+        if let Some(keys) = &params.keys {
+            let list: Vec<String> = keys.iter().map(|k| format!("'{}'", k.replace('\'', "''"))).collect();
+            sql.push_str(&format!(" WHERE {}::text IN ({})", quote_ident(&key_column), list.join(", ")));
+        }
+        // Runs as the calling user: their privileges and RLS decide what is scored.
+        let cursor = Spi::connect(|client| -> Result<String> {
+            Ok(client.try_open_cursor(sql.as_str(), &[])?.detach_into_name())
+        })?;
+
+        let session: SharedSession = Rc::new(RefCell::new(Session {
+            client: Some(DaemonClient::connect(socket, gucs::SCORING_TIMEOUT_MS.get())?),
+            regions: [None, None],
+        }));
+        let on_abort = AssertUnwindSafe(session.clone());
+        register_xact_callback(PgXactCallbackEvent::Abort, move || {
+            // Bind the whole wrapper: a closure capturing only `.0` would lose
+            // the AssertUnwindSafe around it.
+            let on_abort = on_abort;
+            let _ = on_abort.0.try_borrow_mut().map(|mut s| *s = Session::default());
+        });
+
+        Ok(PredictionScan {
+            model,
+            params,
+            source_display,
+            key_column,
+            cursor: Some(cursor),
+            session,
+            batch_rows: gucs::BATCH_ROWS.get() as i64,
+            current: Vec::new().into_iter(),
+            inflight: None,
+            prepared: None,
+            source_done: false,
+        })
+    }
+
+    /// Reads the next batch of source rows into a free region; `None` at the end.
+    fn prepare(&mut self, region: usize) -> Result<Option<Batch>> {
+        if self.source_done {
+            return Ok(None);
+        }
+        let name = self.cursor.clone().expect("the cursor is open until the scan ends");
+        let features = &self.model.features;
+        let batch_rows = self.batch_rows;
+        let (keys, columns) = Spi::connect(|client| -> Result<_> {
+            let mut cursor = client.find_cursor(&name)?;
+            let table = cursor.fetch(batch_rows)?;
+            let mut keys = Vec::with_capacity(table.len());
+            let mut columns: Vec<ColumnData> = features
+                .iter()
+                .map(|f| match f.kind {
+                    FeatureKind::Numeric => ColumnData::Float64(Vec::with_capacity(table.len())),
+                    FeatureKind::Categorical => ColumnData::Text(Vec::with_capacity(table.len())),
+                })
+                .collect();
+            for row in table {
+                keys.push(row.get::<String>(1)?);
+                for (i, col) in columns.iter_mut().enumerate() {
+                    match col {
+                        ColumnData::Float64(v) => v.push(row.get::<f64>(i + 2)?),
+                        ColumnData::Text(v) => v.push(row.get::<String>(i + 2)?),
+                    }
+                }
+            }
+            cursor.detach_into_name();
+            Ok((keys, columns))
+        })?;
+        if keys.is_empty() {
+            self.source_done = true;
+            return Ok(None);
+        }
+        if (keys.len() as i64) < batch_rows {
+            self.source_done = true;
+        }
+        let (layout, needed) = plan_batch(&columns);
+        let mut session = self.session.borrow_mut();
+        let session = &mut *session;
+        let fits = session.regions[region].as_ref().is_some_and(|r| r.len() as u64 >= needed);
+        if !fits {
+            let len = (needed as usize).next_power_of_two().max(1 << 20);
+            let mut fresh = Region::create(len)?;
+            let client = session.client.as_mut().ok_or(CerebroError::Interrupted)?;
+            match client.call(&Request::Attach { region: region as u32, path: fresh.path(), len: len as u64 })? {
+                Response::Attached { .. } => fresh.unlink(),
+                other => return Err(CerebroError::Protocol(format!("expected attached, got {other:?}"))),
+            }
+            session.regions[region] = Some(fresh);
+        }
+        let map = &mut session.regions[region].as_mut().expect("region set above").map;
+        write_batch(&columns, &layout, &mut map[..]).map_err(|e| CerebroError::Protocol(e.to_string()))?;
+        Ok(Some(Batch { region, keys, layout }))
+    }
+
+    fn submit(&mut self, batch: &Batch) -> Result<()> {
+        let request = Request::Score(ScoreRequest {
+            model_version_id: self.model.id,
+            artifact_sha256: self.model.artifact_sha256.clone(),
+            region: batch.region as u32,
+            layout: batch.layout.clone(),
+        });
+        let mut session = self.session.borrow_mut();
+        session.client.as_mut().ok_or(CerebroError::Interrupted)?.send(&request)
+    }
+
+    fn collect(&mut self, batch: Batch) -> Result<()> {
+        let mut session = self.session.borrow_mut();
+        let client = session.client.as_mut().ok_or(CerebroError::Interrupted)?;
+        match client.recv() {
+            Ok(Response::Scored { .. }) => {}
+            Ok(other) => return Err(CerebroError::Protocol(format!("expected scored, got {other:?}"))),
+            Err(CerebroError::Interrupted) => {
+                // Free everything first: the ERROR raised next leaves this scan behind.
+                *session = Session::default();
+                drop(session);
+                pgrx::check_for_interrupts!();
+                return Err(CerebroError::Interrupted);
+            }
+            Err(e) => return Err(e),
+        }
+        let map = &session.regions[batch.region].as_ref().expect("a submitted batch has a region").map;
+        let (scores, labels) =
+            read_outputs(&batch.layout, &map[..]).map_err(|e| CerebroError::Protocol(e.to_string()))?;
+        let class_labels = &self.model.class_labels;
+        let rows: Vec<_> = batch
+            .keys
+            .into_iter()
+            .zip(scores.into_iter().zip(labels))
+            .map(|(key, (score, label))| {
+                let label = (label != NO_LABEL).then(|| class_labels.get(label as usize).cloned()).flatten();
+                (key, label, score)
+            })
+            .collect();
+        self.current = rows.into_iter();
+        Ok(())
+    }
+
+    /// Makes the next batch's results current; false when the scan is done.
+    fn advance(&mut self) -> Result<bool> {
+        if self.inflight.is_none() {
+            match self.prepare(0)? {
+                Some(b) => {
+                    self.submit(&b)?;
+                    self.inflight = Some(b);
+                }
+                None => return Ok(false),
+            }
+        }
+        let inflight = self.inflight.take().expect("set above");
+        // Read the next source batch while cerebrod scores this one.
+        self.prepared = self.prepare(1 - inflight.region)?;
+        self.collect(inflight)?;
+        if let Some(next) = self.prepared.take() {
+            self.submit(&next)?;
+            self.inflight = Some(next);
+        }
+        Ok(true)
+    }
+
+    pub fn next_row(&mut self, row: &mut Row, columns: &[Column]) -> Result<Option<()>> {
+        loop {
+            if let Some((key, label, score)) = self.current.next() {
+                for col in columns {
+                    let cell = match col.name.as_str() {
+                        "model" => Some(Cell::String(self.model.name.clone())),
+                        "version" => Some(Cell::I32(self.model.version)),
+                        "source" => Some(Cell::String(
+                            self.params.source.clone().unwrap_or_else(|| self.source_display.clone()),
+                        )),
+                        "key_column" => Some(Cell::String(self.key_column.clone())),
+                        "key" => key.clone().map(Cell::String),
+                        "label" => label.clone().map(Cell::String),
+                        "score" => Some(Cell::F64(score)),
+                        _ => None,
+                    };
+                    row.push(&col.name, cell);
+                }
+                return Ok(Some(()));
+            }
+            if !self.advance()? {
+                return Ok(None);
+            }
+        }
+    }
+
+    pub fn end(&mut self) {
+        if let Some(name) = self.cursor.take() {
+            // Dropping a found cursor closes it.
+            let _ = Spi::connect(|client| client.find_cursor(&name).map(drop));
+        }
+        *self.session.borrow_mut() = Session::default();
+    }
+}
