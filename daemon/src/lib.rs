@@ -129,9 +129,12 @@ pub async fn score_relation(
         );
     }
     let relation: String = match source {
-        Some(s) => {
-            catalog.client().query_one("SELECT $1::regclass::text", &[&s]).await.map_err(CatalogError::from)?.get(0)
-        }
+        Some(s) => catalog
+            .client()
+            .query_one("SELECT $1::text::regclass::text", &[&s])
+            .await
+            .map_err(CatalogError::from)?
+            .get(0),
         None => model.source_relation.clone(),
     };
     let key = key_column.map(str::to_owned).or(model.key_column.clone());

@@ -139,16 +139,14 @@ pub async fn serve(
                 ErrorCode::BadRequest,
                 format!("permission denied: cerebrod serves only uid {allowed_uid}, the PostgreSQL server's user"),
             );
-            let mut stream = stream;
-            let _ = stream.write_all(&protocol::encode(&Response::Error(refusal))).await;
+            tokio::spawn(refuse(stream, refusal));
             continue;
         }
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             warn!("refused connection: {max_connections} connections already open");
             let busy = WireError::new(ErrorCode::Unavailable, "cerebrod has too many open connections")
                 .with_hint("Raise max_connections in cerebrod's configuration.");
-            let mut stream = stream;
-            let _ = stream.write_all(&protocol::encode(&Response::Error(busy))).await;
+            tokio::spawn(refuse(stream, busy));
             continue;
         };
         let service = service.clone();
@@ -160,6 +158,24 @@ pub async fn serve(
             drop(permit);
         });
     }
+}
+
+/// Sends one error frame, then reads what the peer already sent before
+/// closing: closing a Unix socket with unread data would reset the
+/// connection and the peer would never read the reason.
+async fn refuse(mut stream: LocalSocketStream, error: WireError) {
+    let _ = stream.write_all(&protocol::encode(&Response::Error(error))).await;
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        let mut total = 0usize;
+        while let Ok(n) = stream.read(&mut sink).await {
+            total += n;
+            if n == 0 || total > 1 << 16 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
 }
 
 #[derive(Default)]

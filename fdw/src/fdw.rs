@@ -18,6 +18,9 @@ enum Scan {
 pub struct CerebroFdw {
     socket: Option<String>,
     scan: Option<Scan>,
+    /// What the scan began with, so a rescan (inner side of a nested loop)
+    /// can start it again.
+    scan_args: Option<(Vec<Qual>, Vec<Column>, HashMap<String, String>)>,
 }
 
 fn object(options: &HashMap<String, String>) -> Result<&str, CerebroError> {
@@ -29,7 +32,7 @@ fn object(options: &HashMap<String, String>) -> Result<&str, CerebroError> {
 
 impl ForeignDataWrapper<CerebroError> for CerebroFdw {
     fn new(server: ForeignServer) -> Result<Self, CerebroError> {
-        Ok(CerebroFdw { socket: server.options.get("socket").cloned(), scan: None })
+        Ok(CerebroFdw { socket: server.options.get("socket").cloned(), scan: None, scan_args: None })
     }
 
     fn begin_scan(
@@ -40,6 +43,7 @@ impl ForeignDataWrapper<CerebroError> for CerebroFdw {
         _limit: &Option<Limit>,
         options: &HashMap<String, String>,
     ) -> Result<(), CerebroError> {
+        self.scan_args = Some((quals.to_vec(), columns.to_vec(), options.clone()));
         self.scan = Some(match object(options)? {
             "models" => Scan::Models { rows: models::list_models()?.into_iter(), columns: columns.to_vec() },
             _ => {
@@ -63,6 +67,27 @@ impl ForeignDataWrapper<CerebroError> for CerebroFdw {
             }
             Some(Scan::Predictions { scan, columns }) => scan.next_row(row, columns),
         }
+    }
+
+    fn get_rel_size(
+        &mut self,
+        _quals: &[Qual],
+        _columns: &[Column],
+        _sorts: &[Sort],
+        _limit: &Option<Limit>,
+        options: &HashMap<String, String>,
+    ) -> Result<(i64, i32), CerebroError> {
+        // Rough sizes so the planner hashes a join instead of rescanning us.
+        Ok(match object(options)? {
+            "models" => (100, 300),
+            _ => (100_000, 64),
+        })
+    }
+
+    fn re_scan(&mut self) -> Result<(), CerebroError> {
+        let Some((quals, columns, options)) = self.scan_args.take() else { return Ok(()) };
+        self.end_scan()?;
+        self.begin_scan(&quals, &columns, &[], &None, &options)
     }
 
     fn end_scan(&mut self) -> Result<(), CerebroError> {

@@ -152,6 +152,10 @@ struct Batch {
     region: usize,
     keys: Vec<Option<String>>,
     layout: BatchLayout,
+    /// Region bytes the batch needs.
+    needed: u64,
+    /// The columns, until they are written into the region.
+    unwritten: Option<Vec<ColumnData>>,
 }
 
 pub struct PredictionScan {
@@ -165,7 +169,6 @@ pub struct PredictionScan {
     /// Results being handed out: (key, label, score).
     current: std::vec::IntoIter<(Option<String>, Option<String>, f64)>,
     inflight: Option<Batch>,
-    prepared: Option<Batch>,
     source_done: bool,
 }
 
@@ -227,7 +230,6 @@ impl PredictionScan {
             batch_rows: gucs::BATCH_ROWS.get() as i64,
             current: Vec::new().into_iter(),
             inflight: None,
-            prepared: None,
             source_done: false,
         })
     }
@@ -271,22 +273,36 @@ impl PredictionScan {
             self.source_done = true;
         }
         let (layout, needed) = plan_batch(&columns);
+        let mut batch = Batch { region, keys, layout, needed, unwritten: Some(columns) };
+        // Write now if the region is attached and large enough; attaching a
+        // new one must wait until no request is in flight.
+        let fits = self.session.borrow().regions[region].as_ref().is_some_and(|r| r.len() as u64 >= needed);
+        if fits {
+            self.write(&mut batch)?;
+        }
+        Ok(Some(batch))
+    }
+
+    /// Puts a batch's columns into its region, attaching a (larger) region
+    /// first when needed. Only called with no request in flight.
+    fn write(&mut self, batch: &mut Batch) -> Result<()> {
+        let Some(columns) = batch.unwritten.take() else { return Ok(()) };
         let mut session = self.session.borrow_mut();
         let session = &mut *session;
-        let fits = session.regions[region].as_ref().is_some_and(|r| r.len() as u64 >= needed);
+        let fits = session.regions[batch.region].as_ref().is_some_and(|r| r.len() as u64 >= batch.needed);
         if !fits {
-            let len = (needed as usize).next_power_of_two().max(1 << 20);
+            let len = (batch.needed as usize).next_power_of_two().max(1 << 20);
             let mut fresh = Region::create(len)?;
             let client = session.client.as_mut().ok_or(CerebroError::Interrupted)?;
-            match client.call(&Request::Attach { region: region as u32, path: fresh.path(), len: len as u64 })? {
+            let request = Request::Attach { region: batch.region as u32, path: fresh.path(), len: len as u64 };
+            match client.call(&request)? {
                 Response::Attached { .. } => fresh.unlink(),
                 other => return Err(CerebroError::Protocol(format!("expected attached, got {other:?}"))),
             }
-            session.regions[region] = Some(fresh);
+            session.regions[batch.region] = Some(fresh);
         }
-        let map = &mut session.regions[region].as_mut().expect("region set above").map;
-        write_batch(&columns, &layout, &mut map[..]).map_err(|e| CerebroError::Protocol(e.to_string()))?;
-        Ok(Some(Batch { region, keys, layout }))
+        let map = &mut session.regions[batch.region].as_mut().expect("region set above").map;
+        write_batch(&columns, &batch.layout, &mut map[..]).map_err(|e| CerebroError::Protocol(e.to_string()))
     }
 
     fn submit(&mut self, batch: &Batch) -> Result<()> {
@@ -336,7 +352,8 @@ impl PredictionScan {
     fn advance(&mut self) -> Result<bool> {
         if self.inflight.is_none() {
             match self.prepare(0)? {
-                Some(b) => {
+                Some(mut b) => {
+                    self.write(&mut b)?;
                     self.submit(&b)?;
                     self.inflight = Some(b);
                 }
@@ -345,9 +362,10 @@ impl PredictionScan {
         }
         let inflight = self.inflight.take().expect("set above");
         // Read the next source batch while cerebrod scores this one.
-        self.prepared = self.prepare(1 - inflight.region)?;
+        let prepared = self.prepare(1 - inflight.region)?;
         self.collect(inflight)?;
-        if let Some(next) = self.prepared.take() {
+        if let Some(mut next) = prepared {
+            self.write(&mut next)?;
             self.submit(&next)?;
             self.inflight = Some(next);
         }

@@ -1,0 +1,220 @@
+# Shared set-up for deploy/demo.sh and deploy/test.sh. Sourced, not run.
+#
+# Every step checks whether its work is already done and skips it if so:
+# packages, cargo-pgrx, ONNX Runtime, builds (cargo is incremental), the
+# project-local PostgreSQL cluster, the database, the extension, the daemon.
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+STATE=${CEREBRO_STATE:-$ROOT/.cerebro}
+PG_BIN=/usr/lib/postgresql/15/bin
+PG_CONFIG=$PG_BIN/pg_config
+PGPORT=${CEREBRO_PGPORT:-28815}
+RUN_DIR=$STATE/run
+PGDATA_DIR=$STATE/pgdata
+LOG_DIR=$STATE/log
+ORT_VERSION=1.31.1
+ORT_LIB=$STATE/lib/libonnxruntime.so.$ORT_VERSION
+PGRX_VERSION=0.16.1
+DAEMON_BIN=$ROOT/target/release/cerebrod
+
+step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+skip() { printf '    %s (already done)\n' "$*"; }
+die() { printf '\033[31merror:\033[0m %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+as_postgres() {
+    if [ "$(id -un)" = postgres ]; then "$@"; else as_root runuser -u postgres -- "$@"; fi
+}
+
+psql_as() { # psql_as DB [psql args...]
+    local db=$1; shift
+    "$PG_BIN/psql" -X -v ON_ERROR_STOP=1 -h "$RUN_DIR" -p "$PGPORT" -U postgres -d "$db" "$@"
+}
+
+ensure_packages() {
+    local wanted=(postgresql-15 postgresql-server-dev-15 libclang-dev gcc sudo python3 python3-pip)
+    local missing=()
+    for p in "${wanted[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    if [ ${#missing[@]} -eq 0 ]; then
+        skip "Debian packages"
+        return
+    fi
+    step "Installing Debian packages: ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+ensure_rust() {
+    command -v cargo >/dev/null || die "cargo is not installed; install a Rust toolchain (1.85 or newer)"
+    rustfmt --version >/dev/null 2>&1 || die "rustfmt is missing (pgrx's bindgen runs it): rustup component add rustfmt"
+}
+
+ensure_cargo_pgrx() {
+    if cargo pgrx --version 2>/dev/null | grep -q "cargo-pgrx $PGRX_VERSION\$"; then
+        skip "cargo-pgrx $PGRX_VERSION"
+    else
+        step "Installing cargo-pgrx $PGRX_VERSION (about 4 to 13 minutes, once)"
+        cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
+    fi
+    if grep -qs "pg15 = \"$PG_CONFIG\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
+        skip "cargo pgrx init"
+    else
+        step "Pointing pgrx at PostgreSQL 15 (downloads nothing)"
+        cargo pgrx init --pg15 "$PG_CONFIG"
+    fi
+}
+
+ensure_onnxruntime() {
+    if [ -f "$ORT_LIB" ]; then
+        skip "ONNX Runtime $ORT_VERSION"
+        return
+    fi
+    step "Installing ONNX Runtime $ORT_VERSION's shared library from the onnxruntime wheel"
+    mkdir -p "$STATE/cache" "$STATE/lib"
+    python3 -m pip download --quiet --no-deps --only-binary=:all: "onnxruntime==$ORT_VERSION" -d "$STATE/cache"
+    python3 - "$STATE/cache" "$ORT_LIB" <<'PY'
+import glob, sys, zipfile
+wheels = glob.glob(sys.argv[1] + "/onnxruntime-*.whl")
+if not wheels:
+    sys.exit("no onnxruntime wheel was downloaded")
+member = "onnxruntime/capi/libonnxruntime.so." + sys.argv[2].rsplit(".so.", 1)[1]
+with zipfile.ZipFile(wheels[0]) as z, open(sys.argv[2] + ".part", "wb") as out:
+    out.write(z.read(member))
+PY
+    mv "$ORT_LIB.part" "$ORT_LIB"
+}
+
+build_release() {
+    step "Building cerebrod (release)"
+    (cd "$ROOT" && cargo build --release -p cerebro-daemon)
+    step "Building and installing the extension (release)"
+    (cd "$ROOT/fdw" && cargo pgrx install --release --sudo --pg-config "$PG_CONFIG" >/dev/null)
+}
+
+ensure_state_dirs() {
+    mkdir -p "$STATE" "$RUN_DIR" "$LOG_DIR"
+    as_root chown postgres: "$RUN_DIR" "$LOG_DIR"
+    as_postgres test -r "$ROOT/deploy/lib.sh" ||
+        die "the PostgreSQL OS user cannot read $ROOT; clone Cerebro where user postgres can read it"
+}
+
+ensure_cluster() {
+    ensure_state_dirs
+    if [ ! -f "$PGDATA_DIR/PG_VERSION" ]; then
+        step "Creating a project-local PostgreSQL 15 cluster in $PGDATA_DIR"
+        mkdir -p "$PGDATA_DIR"
+        as_root chown postgres: "$PGDATA_DIR"
+        as_root chmod 700 "$PGDATA_DIR"
+        # Local socket only, in a project directory: trust is safe here and
+        # lets the scripts connect as postgres from any OS user.
+        as_postgres "$PG_BIN/initdb" -D "$PGDATA_DIR" -U postgres --auth-local=trust --auth-host=reject >/dev/null
+    else
+        skip "PostgreSQL cluster"
+    fi
+    if as_postgres "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" status >/dev/null 2>&1; then
+        skip "PostgreSQL running on port $PGPORT"
+    else
+        step "Starting PostgreSQL on port $PGPORT (socket in $RUN_DIR)"
+        as_postgres "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -l "$LOG_DIR/postgresql.log" -w \
+            -o "-p $PGPORT -k $RUN_DIR -c listen_addresses=''" start >/dev/null
+    fi
+}
+
+# ensure_database DB [fresh]: creates DB with the extension; "fresh" drops it first.
+ensure_database() {
+    local db=$1 fresh=${2:-}
+    if [ "$fresh" = fresh ]; then
+        psql_as postgres -q -c "DROP DATABASE IF EXISTS $db WITH (FORCE)"
+    fi
+    if [ "$(psql_as postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'")" != 1 ]; then
+        step "Creating database $db with the cerebro extension"
+        psql_as postgres -q -c "CREATE DATABASE $db"
+    else
+        skip "database $db"
+    fi
+    psql_as "$db" -q -c "CREATE EXTENSION IF NOT EXISTS cerebro" 2>&1 | grep -v '^NOTICE' || true
+}
+
+# write_daemon_config NAME DB: the config of a daemon serving DB, socket RUN_DIR/NAME.sock.
+write_daemon_config() {
+    local name=$1 db=$2
+    cat >"$STATE/$name.toml" <<TOML
+# Written by deploy/lib.sh; see docs/operations.md for every setting.
+socket_path = "$RUN_DIR/$name.sock"
+database_url = "host=$RUN_DIR port=$PGPORT user=postgres dbname=$db"
+onnxruntime_library = "$ORT_LIB"
+poll_interval_ms = 2000
+TOML
+    psql_as "$db" -q -c "ALTER SERVER cerebro_daemon OPTIONS (SET socket '$RUN_DIR/$name.sock')"
+}
+
+daemon_running() { # daemon_running NAME
+    local pidfile=$RUN_DIR/$1.pid
+    [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+}
+
+stop_daemon() { # stop_daemon NAME
+    local pidfile=$RUN_DIR/$1.pid
+    if daemon_running "$1"; then
+        as_root kill -TERM "$(cat "$pidfile")"
+        for _ in $(seq 1 50); do daemon_running "$1" || break; sleep 0.2; done
+    fi
+    rm -f "$pidfile"
+}
+
+# ensure_daemon NAME: starts cerebrod with STATE/NAME.toml as the postgres OS
+# user, restarting it when the binary is newer than the running process.
+ensure_daemon() {
+    local name=$1 pidfile=$RUN_DIR/$1.pid
+    if daemon_running "$name" && [ "$pidfile" -nt "$DAEMON_BIN" ]; then
+        skip "cerebrod ($name) running, pid $(cat "$pidfile")"
+        return
+    fi
+    stop_daemon "$name"
+    step "Starting cerebrod ($name) as the postgres OS user"
+    # Detached (own session, no inherited terminal or pipes): it outlives this script.
+    as_postgres setsid sh -c "echo \$\$ > '$pidfile'; exec '$DAEMON_BIN' --config '$STATE/$name.toml' >>'$LOG_DIR/$name.log' 2>&1" \
+        </dev/null >/dev/null 2>&1 &
+    for _ in $(seq 1 100); do
+        [ -S "$RUN_DIR/$name.sock" ] && daemon_running "$name" && return
+        sleep 0.1
+    done
+    tail -n 20 "$LOG_DIR/$name.log" >&2 || true
+    die "cerebrod did not start; its log is $LOG_DIR/$name.log"
+}
+
+load_telco() { # load_telco DB
+    local db=$1
+    if [ "$(psql_as "$db" -tAc "SELECT to_regclass('public.telco_churn') IS NOT NULL")" = t ]; then
+        skip "telco_churn table"
+        return
+    fi
+    step "Loading telco_churn (7,043 customers) into $db"
+    psql_as "$db" -q <<SQL
+CREATE TABLE public.telco_churn (
+    customer_id integer PRIMARY KEY, churn text NOT NULL,
+    female integer, senior_citizen integer, partner integer, dependents integer, tenure integer,
+    phone_service integer, multiple_lines text, internet_service text, online_security text,
+    online_backup text, device_protection text, tech_support text, streaming_tv text,
+    streaming_movies text, contract text, paperless_billing integer, payment_method text,
+    monthly_charges numeric, total_charges numeric
+);
+\copy public.telco_churn FROM '$ROOT/deploy/data/telco_churn.csv' WITH (FORMAT csv, HEADER true)
+SQL
+}
+
+setup_everything() {
+    ensure_packages
+    ensure_rust
+    ensure_cargo_pgrx
+    ensure_onnxruntime
+    build_release
+    ensure_cluster
+}

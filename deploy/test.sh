@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs every test tier of Cerebro against real parts. Idempotent: set-up work
+# already done is skipped.
+#
+#   1. cargo test           shared/ and daemon/ (engine, ONNX export through
+#                           the real ONNX Runtime, protocol, batch layout)
+#   2. cargo pgrx test      fdw/ inside a throwaway PostgreSQL 15, run as the
+#                           postgres OS user (initdb refuses root)
+#   3. end-to-end           tests/ against the project-local cluster with the
+#                           release extension and real cerebrod processes
+source "$(dirname "$0")/lib.sh"
+
+E2E_DB=cerebro_e2e
+setup_everything
+
+step "Tier 1/3: cargo test (shared, daemon)"
+(cd "$ROOT" && CEREBRO_REQUIRE_ORT=1 CEREBRO_ORT_LIBRARY="$ORT_LIB" cargo test --release)
+
+step "Tier 2/3: cargo pgrx test (fdw) as the postgres OS user"
+PGRX_TEST_DIR=$STATE/pgrx-test
+as_root rm -rf "$PGRX_TEST_DIR"
+mkdir -p "$PGRX_TEST_DIR"
+as_root chown postgres: "$PGRX_TEST_DIR"
+(cd "$ROOT/fdw" && cargo pgrx test --runas postgres --pgdata "$PGRX_TEST_DIR/data" pg15)
+# pgrx test installed a test build of the extension; put the release build back.
+(cd "$ROOT/fdw" && cargo pgrx install --release --sudo --pg-config "$PG_CONFIG" >/dev/null)
+
+step "Tier 3/3: end-to-end tests (real PostgreSQL, real cerebrod)"
+ensure_cluster
+ensure_database "$E2E_DB" fresh
+write_daemon_config cerebrod-e2e "$E2E_DB"
+stop_daemon cerebrod-e2e
+load_telco "$E2E_DB"
+(cd "$ROOT" && \
+    CEREBRO_E2E_PGHOST="$RUN_DIR" CEREBRO_E2E_PGPORT="$PGPORT" CEREBRO_E2E_DB="$E2E_DB" \
+    CEREBRO_E2E_DAEMON="$DAEMON_BIN" CEREBRO_E2E_CONFIG="$STATE/cerebrod-e2e.toml" \
+    CEREBRO_E2E_SOCKET="$RUN_DIR/cerebrod-e2e.sock" CEREBRO_E2E_LOG="$LOG_DIR/cerebrod-e2e.log" \
+    cargo test --release -p cerebro-tests -- --test-threads=1)
+
+step "All test tiers passed"

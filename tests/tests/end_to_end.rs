@@ -1,0 +1,402 @@
+//! The whole product, every part real: PostgreSQL 15 with the release build of
+//! the extension, cerebrod processes, ONNX Runtime, the telco churn data.
+//!
+//! Run by deploy/test.sh (tier 3), one test at a time: the tests share one
+//! database and start and kill their own daemons.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use cerebro_shared::protocol::{self, Request, Response, PROTOCOL_VERSION};
+use cerebro_tests::{daemon_log, daemon_scores, model_state, wait_for, wait_until_done, Daemon, Env};
+
+const TRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+
+async fn insert(db: &tokio_postgres::Client, name: &str, target: &str, options: &str) -> anyhow::Result<i32> {
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, options)
+         VALUES ($1, 'telco_churn', $2, 'customer_id', $3::text::jsonb)",
+        &[&name, &target, &options],
+    )
+    .await?;
+    Ok(db.query_one("SELECT max(version) FROM cerebro.models WHERE name = $1", &[&name]).await?.get(0))
+}
+
+async fn sql_scores(
+    db: &tokio_postgres::Client,
+    query: &str,
+) -> anyhow::Result<HashMap<String, (Option<String>, f64)>> {
+    Ok(db
+        .query(query, &[])
+        .await?
+        .into_iter()
+        .map(|r| (r.get::<_, String>(0), (r.get::<_, Option<String>>(1), r.get::<_, f64>(2))))
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_trains_from_insert_and_scores_from_select() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+
+    // Queued while no daemon runs: the job waits in the catalog.
+    let v = insert(&db, "e2e_churn", "churn", r#"{"epochs": 25}"#).await?;
+    assert_eq!(model_state(&db, "e2e_churn", v).await?.0, "queued");
+
+    let _daemon = Daemon::start(&env)?;
+    let seen = wait_until_done(&db, "e2e_churn", v, TRAIN_TIMEOUT).await?;
+    assert_eq!(seen.last().map(String::as_str), Some("ready"), "statuses seen: {seen:?}");
+    let allowed = ["queued", "training", "ready"];
+    assert!(seen.iter().all(|s| allowed.contains(&s.as_str())), "{seen:?}");
+
+    let row = db
+        .query_one(
+            "SELECT (metrics->>'auc')::float8, metrics ? 'accuracy' AND metrics ? 'log_loss', epoch, progress,
+                    created_by, trained_at IS NOT NULL
+             FROM cerebro.models WHERE name = 'e2e_churn' AND version = $1",
+            &[&v],
+        )
+        .await?;
+    let auc: f64 = row.get(0);
+    assert!(auc >= 0.80, "validation AUC {auc}");
+    assert!(row.get::<_, bool>(1));
+    let epochs_run: i32 = row.get(2);
+    assert!(epochs_run >= 1);
+    assert!(row.get::<_, String>(3).starts_with("trained"));
+    assert_eq!(row.get::<_, String>(4), "postgres");
+    assert!(row.get::<_, bool>(5));
+
+    let history: i64 = db
+        .query_one(
+            "SELECT count(*) FROM cerebro.training_history h JOIN cerebro.model_versions m ON m.id = h.model_version_id
+             WHERE m.name = 'e2e_churn' AND m.version = $1",
+            &[&v],
+        )
+        .await?
+        .get(0);
+    assert_eq!(history, epochs_run as i64, "one history row per epoch");
+    let (bytes, fingerprint): (i64, Option<String>) = {
+        let r = db
+            .query_one(
+                "SELECT a.size_bytes, s.fingerprint FROM cerebro.model_versions m
+                 JOIN cerebro.artifacts a ON a.model_version_id = m.id JOIN cerebro.snapshots s ON s.id = m.snapshot_id
+                 WHERE m.name = 'e2e_churn' AND m.version = $1",
+                &[&v],
+            )
+            .await?;
+        (r.get(0), r.get(1))
+    };
+    assert!(bytes > 1000);
+    assert_eq!(fingerprint.map(|f| f.len()), Some(64));
+
+    // SQL predictions equal the daemon's own scoring of the same rows.
+    let sql = sql_scores(&db, "SELECT key, label, score FROM cerebro.predictions WHERE model = 'e2e_churn'").await?;
+    assert_eq!(sql.len(), 7043);
+    let reference = daemon_scores(&env, "e2e_churn", &[])?;
+    assert_eq!(reference.len(), 7043);
+    for (key, (label, score)) in &reference {
+        let (sql_label, sql_score) = sql.get(key).unwrap_or_else(|| panic!("key {key} missing from SQL"));
+        assert_eq!(sql_label, label, "key {key}");
+        assert!((sql_score - score).abs() <= 1e-6, "key {key}: SQL {sql_score} daemon {score}");
+        assert_eq!(label.as_deref(), Some(if *score >= 0.5 { "Yes" } else { "No" }));
+    }
+
+    // Small batches give the same answers (many round trips, both regions).
+    db.batch_execute("SET cerebro.batch_rows = 500").await?;
+    let small = sql_scores(&db, "SELECT key, label, score FROM cerebro.predictions WHERE model = 'e2e_churn'").await?;
+    assert_eq!(small, sql);
+    db.batch_execute("RESET cerebro.batch_rows").await?;
+
+    // A key filter is pushed into the source query.
+    let one =
+        sql_scores(&db, "SELECT key, label, score FROM cerebro.predictions WHERE model = 'e2e_churn' AND key = '42'")
+            .await?;
+    assert_eq!(one.len(), 1);
+    assert_eq!(one.get("42"), sql.get("42"));
+
+    // Another relation with the same columns, named in the query; the scan
+    // reads it with the caller's privileges.
+    db.batch_execute(
+        "CREATE OR REPLACE VIEW public.telco_new AS SELECT * FROM telco_churn WHERE tenure < 12;
+         DROP ROLE IF EXISTS e2e_analyst; CREATE ROLE e2e_analyst;
+         GRANT SELECT ON public.telco_new TO e2e_analyst;",
+    )
+    .await?;
+    let new_rows: i64 = db.query_one("SELECT count(*) FROM telco_new", &[]).await?.get(0);
+    let q = "SELECT key, label, score FROM cerebro.predictions WHERE model = 'e2e_churn' AND source = 'telco_new'";
+    let scored = sql_scores(&db, q).await?;
+    assert_eq!(scored.len() as i64, new_rows);
+    assert!(scored.iter().all(|(k, v)| sql.get(k) == Some(v)));
+    let reference_new = daemon_scores(&env, "e2e_churn", &["--source", "telco_new"])?;
+    assert_eq!(reference_new.len() as i64, new_rows);
+
+    db.batch_execute("SET ROLE e2e_analyst").await?;
+    assert_eq!(sql_scores(&db, q).await?.len() as i64, new_rows);
+    let denied = db
+        .query("SELECT * FROM cerebro.predictions WHERE model = 'e2e_churn'", &[])
+        .await
+        .expect_err("no privilege on telco_churn");
+    assert_eq!(denied.code().map(|c| c.code()), Some("42501"), "{denied}");
+    db.batch_execute("RESET ROLE").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regression_and_multiclass_models_train_and_score() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    let reg = insert(&db, "e2e_charges", "monthly_charges", r#"{"epochs": 15}"#).await?;
+    let multi = insert(&db, "e2e_contract", "contract", r#"{"epochs": 5}"#).await?;
+    for (name, v) in [("e2e_charges", reg), ("e2e_contract", multi)] {
+        let seen = wait_until_done(&db, name, v, TRAIN_TIMEOUT).await?;
+        assert_eq!(seen.last().map(String::as_str), Some("ready"), "{name}: {seen:?}");
+    }
+    let r = db
+        .query_one(
+            "SELECT task, (metrics->>'r2')::float8, metrics ? 'rmse' AND metrics ? 'mae'
+             FROM cerebro.models WHERE name = 'e2e_charges'",
+            &[],
+        )
+        .await?;
+    assert_eq!(r.get::<_, String>(0), "regression");
+    assert!(r.get::<_, f64>(1) > 0.8, "R² {}", r.get::<_, f64>(1));
+    assert!(r.get::<_, bool>(2));
+    let preds =
+        sql_scores(&db, "SELECT key, label, score FROM cerebro.predictions WHERE model = 'e2e_charges'").await?;
+    assert_eq!(preds.len(), 7043);
+    assert!(preds.values().all(|(label, value)| label.is_none() && (0.0..200.0).contains(value)));
+    assert_eq!(preds, daemon_scores(&env, "e2e_charges", &[])?);
+
+    let m = db
+        .query_one(
+            "SELECT task, metrics ? 'accuracy' AND metrics ? 'macro_f1' FROM cerebro.models WHERE name = 'e2e_contract'",
+            &[],
+        )
+        .await?;
+    assert_eq!(m.get::<_, String>(0), "multiclass");
+    assert!(m.get::<_, bool>(1));
+    let labels: Vec<String> = db
+        .query("SELECT DISTINCT label FROM cerebro.predictions WHERE model = 'e2e_contract'", &[])
+        .await?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    let known = ["Month-to-month", "One year", "Two year"];
+    assert!(!labels.is_empty() && labels.iter().all(|l| known.contains(&l.as_str())), "{labels:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolled_back_insert_trains_nothing() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    let count = |sql: &'static str| {
+        let db = &db;
+        async move { db.query_one(sql, &[]).await.map(|r| r.get::<_, i64>(0)) }
+    };
+    let jobs_before = count("SELECT count(*) FROM cerebro.jobs").await?;
+    let tables_before = count("SELECT count(*) FROM pg_tables WHERE schemaname = 'cerebro_data'").await?;
+    db.batch_execute(
+        "BEGIN;
+         INSERT INTO cerebro.models (name, source, target, key) VALUES ('e2e_rollback', 'telco_churn', 'churn', 'customer_id');
+         ROLLBACK;",
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(count("SELECT count(*) FROM cerebro.model_versions WHERE name = 'e2e_rollback'").await?, 0);
+    assert_eq!(count("SELECT count(*) FROM cerebro.jobs").await?, jobs_before);
+    assert_eq!(count("SELECT count(*) FROM pg_tables WHERE schemaname = 'cerebro_data'").await?, tables_before);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_is_an_error_with_its_sqlstate_and_queues_nothing() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    db.batch_execute(
+        "DROP TABLE IF EXISTS public.e2e_empty, public.e2e_one_class;
+         CREATE TABLE public.e2e_empty (id int, x int, y text);
+         CREATE TABLE public.e2e_one_class AS SELECT i AS id, i AS x, 'same'::text AS y FROM generate_series(1, 10) i;
+         DROP ROLE IF EXISTS e2e_nobody; CREATE ROLE e2e_nobody;",
+    )
+    .await?;
+    let jobs_before: i64 = db.query_one("SELECT count(*) FROM cerebro.jobs", &[]).await?.get(0);
+    let cases = [
+        ("INSERT INTO cerebro.models (name, source, target) VALUES ('bad', 'no_such_table', 'churn')", "42P01"),
+        ("INSERT INTO cerebro.models (name, source, target) VALUES ('bad', 'telco_churn', 'no_such_column')", "42703"),
+        (
+            "INSERT INTO cerebro.models (name, source, target, features) VALUES ('bad', 'telco_churn', 'churn', ARRAY['tenure', 'nope'])",
+            "42703",
+        ),
+        (
+            "INSERT INTO cerebro.models (name, source, target, features)
+             VALUES ('bad', 'pg_catalog.pg_class', 'relname', ARRAY['reltuples', 'relacl'])",
+            "42804",
+        ),
+        ("INSERT INTO cerebro.models (name, source, target) VALUES ('bad', 'e2e_empty', 'y')", "22023"),
+        ("INSERT INTO cerebro.models (name, source, target) VALUES ('bad', 'e2e_one_class', 'y')", "22023"),
+        ("INSERT INTO cerebro.models (name, source, target) VALUES ('9bad', 'telco_churn', 'churn')", "42602"),
+        (
+            "INSERT INTO cerebro.models (name, source, target, options) VALUES ('bad', 'telco_churn', 'churn', '{\"learning_rate\": -1}')",
+            "22023",
+        ),
+        ("INSERT INTO cerebro.models (source, target) VALUES ('telco_churn', 'churn')", "23502"),
+        ("UPDATE cerebro.models SET target = 'x'", "0A000"),
+    ];
+    for (sql, code) in cases {
+        let err = db.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(err.code().map(|c| c.code()), Some(code), "{sql}: {err:?}");
+    }
+    db.batch_execute("SET ROLE e2e_nobody").await?;
+    let err = db
+        .batch_execute(
+            "INSERT INTO cerebro.models (name, source, target) VALUES ('bad', 'public.telco_churn', 'churn')",
+        )
+        .await
+        .expect_err("no privilege");
+    assert_eq!(err.code().map(|c| c.code()), Some("42501"));
+    db.batch_execute("RESET ROLE").await?;
+    let jobs_after: i64 = db.query_one("SELECT count(*) FROM cerebro.jobs", &[]).await?.get(0);
+    assert_eq!(jobs_after, jobs_before, "nothing was queued");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_socket_refuses_every_user_but_postgres() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let me = std::process::Command::new("id").arg("-un").output()?;
+    if String::from_utf8_lossy(&me.stdout).trim() == "postgres" {
+        eprintln!("SKIPPED: the test runs as postgres, the one user the daemon admits");
+        return Ok(());
+    }
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    let mut stream = UnixStream::connect(&env.socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let _ =
+        stream.write_all(&protocol::encode(&Request::Hello { protocol: PROTOCOL_VERSION, client: "intruder".into() }));
+    let response: Response = protocol::read_frame(&mut stream)?;
+    match response {
+        Response::Error(e) => assert!(e.message.contains("permission denied"), "{e}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let mut rest = Vec::new();
+    assert_eq!(stream.read_to_end(&mut rest)?, 0, "the connection is closed after the refusal");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(daemon_log(&env).contains("refused connection"), "the refusal is logged");
+
+    // The daemon keeps serving the database's backends.
+    let v = insert(&db, "e2e_refusal", "churn", r#"{"epochs": 2}"#).await?;
+    wait_until_done(&db, "e2e_refusal", v, TRAIN_TIMEOUT).await?;
+    let n: i64 =
+        db.query_one("SELECT count(*) FROM cerebro.predictions WHERE model = 'e2e_refusal'", &[]).await?.get(0);
+    assert_eq!(n, 7043);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_daemon_down_scoring_fails_clearly_and_training_waits() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let mut daemon = Daemon::start(&env)?;
+    let v1 = insert(&db, "e2e_down", "churn", r#"{"epochs": 2}"#).await?;
+    wait_until_done(&db, "e2e_down", v1, TRAIN_TIMEOUT).await?;
+    daemon.stop()?;
+
+    let err = db
+        .query("SELECT * FROM cerebro.predictions WHERE model = 'e2e_down'", &[])
+        .await
+        .expect_err("the daemon is down");
+    let db_err = err.as_db_error().expect("a server error");
+    assert_eq!(db_err.code().code(), "08001");
+    assert!(db_err.message().contains(env.socket.to_str().unwrap()), "{}", db_err.message());
+    assert!(db_err.hint().unwrap_or("").contains("cerebrod"), "{:?}", db_err.hint());
+
+    // Training requests still queue, and run once a daemon starts.
+    let v2 = insert(&db, "e2e_down", "churn", r#"{"epochs": 2}"#).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(model_state(&db, "e2e_down", v2).await?.0, "queued");
+    let _daemon = Daemon::start(&env)?;
+    let seen = wait_until_done(&db, "e2e_down", v2, TRAIN_TIMEOUT).await?;
+    assert_eq!(seen.last().map(String::as_str), Some("ready"));
+    let n: i64 = db.query_one("SELECT count(*) FROM cerebro.predictions WHERE model = 'e2e_down'", &[]).await?.get(0);
+    assert_eq!(n, 7043);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_daemon_mid_training_leaves_no_job_stuck() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let slow = r#"{"epochs": 60, "patience": 0, "hidden": [128, 128]}"#;
+
+    // Killed once: the job is retried and finishes.
+    let mut daemon = Daemon::start(&env)?;
+    let v = insert(&db, "e2e_killed", "churn", slow).await?;
+    wait_for(&db, "e2e_killed", v, TRAIN_TIMEOUT, |s, e| s == "training" && e >= 2).await?;
+    daemon.kill();
+    assert_eq!(model_state(&db, "e2e_killed", v).await?.0, "training", "the catalog still says training");
+    let daemon = Daemon::start(&env)?;
+    let seen = wait_until_done(&db, "e2e_killed", v, TRAIN_TIMEOUT).await?;
+    assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
+    let attempts: i32 = db
+        .query_one(
+            "SELECT j.attempts FROM cerebro.jobs j JOIN cerebro.model_versions m ON m.id = j.model_version_id
+             WHERE m.name = 'e2e_killed' AND m.version = $1",
+            &[&v],
+        )
+        .await?
+        .get(0);
+    assert_eq!(attempts, 2);
+    let (epochs, distinct): (i64, i64) = {
+        let r = db
+            .query_one(
+                "SELECT count(*), count(DISTINCT h.epoch) FROM cerebro.training_history h
+                 JOIN cerebro.model_versions m ON m.id = h.model_version_id WHERE m.name = 'e2e_killed'",
+                &[],
+            )
+            .await?;
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((epochs, distinct), (60, 60), "the history is the retried attempt's, epoch by epoch");
+    drop(daemon);
+
+    // Out of attempts: the job fails with the reason instead of looping forever.
+    let v2 = insert(&db, "e2e_killed", "churn", slow).await?;
+    db.execute(
+        "UPDATE cerebro.jobs SET max_attempts = 1 WHERE model_version_id =
+             (SELECT id FROM cerebro.model_versions WHERE name = 'e2e_killed' AND version = $1)",
+        &[&v2],
+    )
+    .await?;
+    let mut daemon = Daemon::start(&env)?;
+    wait_for(&db, "e2e_killed", v2, TRAIN_TIMEOUT, |s, e| s == "training" && e >= 1).await?;
+    daemon.kill();
+    let _daemon = Daemon::start(&env)?;
+    let seen = wait_until_done(&db, "e2e_killed", v2, TRAIN_TIMEOUT).await?;
+    assert_eq!(seen.last().map(String::as_str), Some("failed"));
+    let (_, _, error) = model_state(&db, "e2e_killed", v2).await?;
+    assert!(error.unwrap_or_default().contains("giving up"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_daemon_for_the_same_database_refuses_to_start() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let daemon = Daemon::start(&env)?;
+    let out = std::process::Command::new(&env.daemon_bin).arg("--config").arg(&env.config).output()?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another cerebrod"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The first one still serves: its socket accepts connections.
+    assert!(UnixStream::connect(&env.socket).is_ok());
+    drop(daemon);
+    Ok(())
+}
