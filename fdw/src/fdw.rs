@@ -14,13 +14,20 @@ enum Scan {
     Predictions { scan: Box<PredictionScan>, columns: Vec<Column> },
 }
 
+/// The arguments a scan began with.
+struct ScanArgs {
+    quals: Vec<Qual>,
+    columns: Vec<Column>,
+    options: HashMap<String, String>,
+}
+
 #[wrappers_fdw(version = "0.1.0", author = "Cerebro", error_type = "CerebroError")]
 pub struct CerebroFdw {
     socket: Option<String>,
     scan: Option<Scan>,
     /// What the scan began with, so a rescan (inner side of a nested loop)
     /// can start it again.
-    scan_args: Option<(Vec<Qual>, Vec<Column>, HashMap<String, String>)>,
+    scan_args: Option<ScanArgs>,
 }
 
 fn object(options: &HashMap<String, String>) -> Result<&str, CerebroError> {
@@ -43,7 +50,7 @@ impl ForeignDataWrapper<CerebroError> for CerebroFdw {
         _limit: &Option<Limit>,
         options: &HashMap<String, String>,
     ) -> Result<(), CerebroError> {
-        self.scan_args = Some((quals.to_vec(), columns.to_vec(), options.clone()));
+        self.scan_args = Some(ScanArgs { quals: quals.to_vec(), columns: columns.to_vec(), options: options.clone() });
         self.scan = Some(match object(options)? {
             "models" => Scan::Models { rows: models::list_models()?.into_iter(), columns: columns.to_vec() },
             _ => {
@@ -85,9 +92,9 @@ impl ForeignDataWrapper<CerebroError> for CerebroFdw {
     }
 
     fn re_scan(&mut self) -> Result<(), CerebroError> {
-        let Some((quals, columns, options)) = self.scan_args.take() else { return Ok(()) };
+        let Some(args) = self.scan_args.take() else { return Ok(()) };
         self.end_scan()?;
-        self.begin_scan(&quals, &columns, &[], &None, &options)
+        self.begin_scan(&args.quals, &args.columns, &[], &None, &args.options)
     }
 
     fn end_scan(&mut self) -> Result<(), CerebroError> {
