@@ -12,16 +12,21 @@ source "$(dirname "$0")/lib.sh"
 
 E2E_DB=cerebro_e2e
 setup_everything
+mkdir -p "$LOG_DIR"
+RESULTS=$LOG_DIR/test-results.txt
+: >"$RESULTS"
+# Runs a tier, keeping its output to count the results at the end.
+tier() { "$@" 2>&1 | tee -a "$RESULTS"; }
 
 step "Tier 1/3: cargo test (shared, daemon)"
-(cd "$ROOT" && CEREBRO_REQUIRE_ORT=1 CEREBRO_ORT_LIBRARY="$ORT_LIB" cargo test --release)
+tier env -C "$ROOT" CEREBRO_REQUIRE_ORT=1 CEREBRO_ORT_LIBRARY="$ORT_LIB" cargo test --release --lib --bins --tests
 
 step "Tier 2/3: cargo pgrx test (fdw) as the postgres OS user"
 PGRX_TEST_DIR=$STATE/pgrx-test
 as_root rm -rf "$PGRX_TEST_DIR"
 mkdir -p "$PGRX_TEST_DIR"
 as_root chown postgres: "$PGRX_TEST_DIR"
-(cd "$ROOT/fdw" && cargo pgrx test --runas postgres --pgdata "$PGRX_TEST_DIR/data" pg15)
+tier env -C "$ROOT/fdw" cargo pgrx test --runas postgres --pgdata "$PGRX_TEST_DIR/data" pg15
 # pgrx test installed a test build of the extension; put the release build back.
 (cd "$ROOT/fdw" && cargo pgrx install --release --sudo --pg-config "$PG_CONFIG" >/dev/null)
 
@@ -31,10 +36,13 @@ ensure_database "$E2E_DB" fresh
 write_daemon_config cerebrod-e2e "$E2E_DB"
 stop_daemon cerebrod-e2e
 load_telco "$E2E_DB"
-(cd "$ROOT" && \
+tier env -C "$ROOT" \
     CEREBRO_E2E_PGHOST="$RUN_DIR" CEREBRO_E2E_PGPORT="$PGPORT" CEREBRO_E2E_DB="$E2E_DB" \
     CEREBRO_E2E_DAEMON="$DAEMON_BIN" CEREBRO_E2E_CONFIG="$STATE/cerebrod-e2e.toml" \
     CEREBRO_E2E_SOCKET="$RUN_DIR/cerebrod-e2e.sock" CEREBRO_E2E_LOG="$LOG_DIR/cerebrod-e2e.log" \
-    cargo test --release -p cerebro-tests -- --test-threads=1)
+    cargo test --release -p cerebro-tests --test end_to_end -- --test-threads=1
 
 step "All test tiers passed"
+grep -E '^test result:' "$RESULTS" |
+    sed -E 's/.* ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/' |
+    awk '{ p += $1; f += $2 } END { printf "cerebro: %d passed, %d failed\n", p, f }'

@@ -27,11 +27,6 @@ pub enum CatalogError {
 
 pub type Result<T> = std::result::Result<T, CatalogError>;
 
-/// Quotes an SQL identifier.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 /// Opens a connection whose driver task runs in the background. When
 /// `notify` is given, NOTIFY messages on the connection wake it. The returned
 /// handle finishes when the connection is lost.

@@ -8,7 +8,9 @@ use tokio_postgres::binary_copy::BinaryCopyOutStream;
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
-use crate::catalog::{quote_ident, JobSpec, Result};
+use cerebro_shared::sql::quote_ident;
+
+use crate::catalog::{JobSpec, Result};
 
 /// The SQL type a column is read as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,6 +2,7 @@
 //! SELECT lists every model version with its status and metrics.
 
 use cerebro_shared::spec::{resolve_task, validate_model_name, Feature, SqlKind, Task, TaskChoice, TrainOptions};
+use cerebro_shared::sql::quote_ident;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB};
 use supabase_wrappers::prelude::{Cell, Row};
@@ -84,10 +85,6 @@ impl TrainRequest {
             options: TrainOptions::from_json(options.as_ref())?,
         })
     }
-}
-
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 struct SourceColumn {

@@ -13,6 +13,7 @@ use std::rc::Rc;
 use cerebro_shared::batch::{plan_batch, read_outputs, write_batch, BatchLayout, ColumnData, NO_LABEL};
 use cerebro_shared::protocol::{Request, Response, ScoreRequest};
 use cerebro_shared::spec::{Feature, FeatureKind};
+use cerebro_shared::sql::quote_ident;
 use pgrx::prelude::*;
 use pgrx::{register_xact_callback, JsonB, PgXactCallbackEvent};
 use supabase_wrappers::prelude::{Cell, Column, Qual, Row, Value};
@@ -20,7 +21,6 @@ use supabase_wrappers::prelude::{Cell, Column, Qual, Row, Value};
 use crate::daemon_client::{DaemonClient, Region};
 use crate::error::{CerebroError, Result};
 use crate::gucs;
-use crate::models::quote_ident;
 
 /// Query parameters taken from the WHERE clause.
 #[derive(Debug, Default)]

@@ -5,7 +5,8 @@
 //! - [`protocol`]: the framed control messages on the local socket;
 //! - [`batch`]: the column-major layout of a scoring batch in shared memory;
 //! - [`error`]: stable error codes that cross the wire (mapped to SQLSTATEs
-//!   only in fdw/).
+//!   only in fdw/);
+//! - [`sql`]: the bits of SQL text both sides write.
 //!
 //! This crate has no pgrx and no async runtime so that both sides, and plain
 //! `cargo test`, can use it.
@@ -14,3 +15,4 @@ pub mod batch;
 pub mod error;
 pub mod protocol;
 pub mod spec;
+pub mod sql;
