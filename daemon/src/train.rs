@@ -9,7 +9,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Adam, ForwardCache, Gradients, Head, Mlp};
+use crate::engine::{Head, Mlp, Stack, StackAdam, StackCache};
 use crate::features::{FeatureError, FeaturePipeline};
 use crate::metrics::{self, Metrics};
 
@@ -64,6 +64,8 @@ pub enum TrainError {
     Diverged { epoch: u32 },
     #[error("training was stopped")]
     Stopped,
+    #[error("models differ in {0}, so they cannot train as one stack")]
+    Incompatible(&'static str),
 }
 
 /// Rows scored at once when evaluating, to bound memory.
@@ -85,8 +87,45 @@ pub fn train(
     target: &ColumnData,
     on_epoch: &mut dyn FnMut(&EpochStats) -> Control,
 ) -> Result<TrainedModel, TrainError> {
+    let mut models = train_group(std::slice::from_ref(plan), features, target, &mut |_, stats| on_epoch(stats))?;
+    Ok(models.pop().expect("one plan, one model"))
+}
+
+/// The first option in which `b` differs from `a` among those a stack must share.
+fn incompatibility(a: &TrainingPlan, b: &TrainingPlan) -> Option<&'static str> {
+    let (x, y) = (&a.options, &b.options);
+    [
+        (a.task != b.task, "task"),
+        (a.target != b.target, "target"),
+        (a.features != b.features, "features"),
+        (a.class_labels != b.class_labels, "class labels"),
+        (x.hidden != y.hidden, "hidden"),
+        (x.batch_size != y.batch_size, "batch_size"),
+        (x.seed != y.seed, "seed"),
+        (x.validation_fraction != y.validation_fraction, "validation_fraction"),
+        (x.max_categories != y.max_categories, "max_categories"),
+    ]
+    .into_iter()
+    .find_map(|(differs, what)| differs.then_some(what))
+}
+
+/// Trains several models in one pass over the data, as one [`Stack`]. They
+/// must agree on everything but `learning_rate`, `weight_decay`, `epochs` and
+/// `patience`; each ends exactly as it would have trained alone.
+/// `on_epoch` gets the plan's index with each epoch's statistics.
+pub fn train_group(
+    plans: &[TrainingPlan],
+    features: &[ColumnData],
+    target: &ColumnData,
+    on_epoch: &mut dyn FnMut(usize, &EpochStats) -> Control,
+) -> Result<Vec<TrainedModel>, TrainError> {
+    let plan = plans.first().ok_or(TrainError::Incompatible("no plans"))?;
+    if let Some(what) = plans.iter().find_map(|p| incompatibility(plan, p)) {
+        return Err(TrainError::Incompatible(what));
+    }
     let opts = &plan.options;
     let head = head_for(plan.task, plan.class_labels.len());
+    let k = plans.len();
 
     // Targets as f32 (class index or value); rows whose target is NULL or not a
     // known label are not used.
@@ -117,6 +156,8 @@ pub fn train(
         return Err(TrainError::TooFewRows { usable: rows.len() });
     }
 
+    // One stream orders the data, another initialises weights, so that the
+    // data order is the same for every model of a stack.
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let mut order: Vec<usize> = (0..rows.len()).collect();
     order.shuffle(&mut rng);
@@ -144,94 +185,168 @@ pub fn train(
         .collect();
 
     // Dense copies of the validation rows, scored once per epoch.
-    let gather = |idx: &[usize]| -> (Vec<f32>, Vec<f32>) {
-        let mut x = Vec::with_capacity(idx.len() * width);
-        let mut t = Vec::with_capacity(idx.len());
-        for &i in idx {
-            x.extend_from_slice(&x_all[rows[i] * width..(rows[i] + 1) * width]);
-            t.push(y[i]);
-        }
-        (x, t)
-    };
-    let (x_valid, y_valid) = gather(valid_idx);
+    let mut x_valid = Vec::with_capacity(valid_idx.len() * width);
+    let mut y_valid = Vec::with_capacity(valid_idx.len());
+    for &i in valid_idx {
+        x_valid.extend_from_slice(&x_all[rows[i] * width..(rows[i] + 1) * width]);
+        y_valid.push(y[i]);
+    }
 
-    let hidden: Vec<usize> = opts.hidden.iter().map(|&h| h as usize).collect();
-    let mut mlp = Mlp::new(width, &hidden, head.outputs(), &mut rng);
-    let mut adam = Adam::new(&mlp, opts.weight_decay as f32);
-    let mut cache = ForwardCache::default();
-    let mut grads = Gradients::zeros_like(&mlp);
+    let outputs = head.outputs();
+    let mut dims = vec![width];
+    dims.extend(opts.hidden.iter().map(|&h| h as usize));
+    dims.push(outputs);
+    let mut init_rngs: Vec<ChaCha8Rng> = (0..k)
+        .map(|_| {
+            let mut r = ChaCha8Rng::seed_from_u64(opts.seed);
+            r.set_stream(1);
+            r
+        })
+        .collect();
+    let mut stack = Stack::new(&dims, &mut init_rngs);
+    let mut adam = StackAdam::new(&stack);
+    let lr: Vec<f32> = plans.iter().map(|p| p.options.learning_rate as f32).collect();
+    let wd: Vec<f32> = plans.iter().map(|p| p.options.weight_decay as f32).collect();
+    let mut cache = StackCache::default();
+    let mut grads = stack.zero_gradients();
     let batch = (opts.batch_size as usize).min(train_idx.len());
     let mut xb = vec![0.0f32; batch * width];
     let mut yb = vec![0.0f32; batch];
-    let mut d_logits = vec![0.0f32; batch * head.outputs()];
+    let mut d_logits = vec![0.0f32; batch * k * outputs];
+    let mut block = vec![0.0f32; batch * outputs];
+    let mut block_grad = vec![0.0f32; batch * outputs];
 
-    let mut best = (f64::INFINITY, mlp.clone(), 0u32);
-    let mut history = Vec::new();
+    struct Progress {
+        active: bool,
+        best: (f64, Option<Mlp>, u32),
+        since_best: u32,
+        history: Vec<EpochStats>,
+        loss_sum: f64,
+    }
+    let mut progress: Vec<Progress> = (0..k)
+        .map(|_| Progress {
+            active: true,
+            best: (f64::INFINITY, None, 0),
+            since_best: 0,
+            history: Vec::new(),
+            loss_sum: 0.0,
+        })
+        .collect();
+    let max_epochs = plans.iter().map(|p| p.options.epochs).max().unwrap_or(0);
     let mut train_order: Vec<usize> = train_idx.to_vec();
-    let mut since_best = 0;
-    for epoch in 1..=opts.epochs {
+    for epoch in 1..=max_epochs {
+        if progress.iter().all(|p| !p.active) {
+            break;
+        }
         let started = Instant::now();
+        let active: Vec<bool> = progress.iter().map(|p| p.active).collect();
         train_order.shuffle(&mut rng);
-        let mut loss_sum = 0.0;
+        progress.iter_mut().for_each(|p| p.loss_sum = 0.0);
         for chunk in train_order.chunks(batch) {
             let n = chunk.len();
             for (j, &i) in chunk.iter().enumerate() {
                 xb[j * width..(j + 1) * width].copy_from_slice(&x_all[rows[i] * width..(rows[i] + 1) * width]);
                 yb[j] = y[i];
             }
-            mlp.forward(&xb[..n * width], n, &mut cache);
-            let k = head.outputs();
-            loss_sum += head.loss_and_grad(cache.logits(), &yb[..n], n, &mut d_logits[..n * k]) * n as f64;
-            mlp.backward(&xb[..n * width], n, &mut cache, &d_logits[..n * k], &mut grads);
-            adam.step(&mut mlp, &grads, opts.learning_rate as f32);
+            stack.forward(&xb[..n * width], n, &mut cache);
+            for (m, p) in progress.iter_mut().enumerate() {
+                if !p.active {
+                    continue;
+                }
+                gather_block(cache.logits(), n, k, outputs, m, &mut block[..n * outputs]);
+                let loss = head.loss_and_grad(&block[..n * outputs], &yb[..n], n, &mut block_grad[..n * outputs]);
+                p.loss_sum += loss * n as f64;
+                scatter_block(&block_grad[..n * outputs], n, k, outputs, m, &mut d_logits[..n * k * outputs]);
+            }
+            stack.backward(&xb[..n * width], n, &mut cache, &d_logits[..n * k * outputs], &mut grads);
+            adam.step(&mut stack, &grads, &lr, &wd, &active);
         }
-        let train_loss = loss_sum / train_order.len() as f64;
-        let valid_loss = head.loss(&predict_logits(&mlp, &x_valid, width), &y_valid, y_valid.len());
-        if !train_loss.is_finite() || !valid_loss.is_finite() {
-            return Err(TrainError::Diverged { epoch });
-        }
-        let stats = EpochStats { epoch, train_loss, valid_loss, seconds: started.elapsed().as_secs_f64() };
-        history.push(stats.clone());
-        if valid_loss < best.0 {
-            best = (valid_loss, mlp.clone(), epoch);
-            since_best = 0;
-        } else {
-            since_best += 1;
-        }
-        if on_epoch(&stats) == Control::Stop {
-            return Err(TrainError::Stopped);
-        }
-        if opts.patience > 0 && since_best >= opts.patience {
-            break;
+        let valid_logits = predict_stack(&stack, &x_valid, width);
+        let seconds = started.elapsed().as_secs_f64();
+        let mut valid_block = vec![0.0f32; y_valid.len() * outputs];
+        for (m, p) in progress.iter_mut().enumerate() {
+            if !p.active {
+                continue;
+            }
+            gather_block(&valid_logits, y_valid.len(), k, outputs, m, &mut valid_block);
+            let valid_loss = head.loss(&valid_block, &y_valid, y_valid.len());
+            let train_loss = p.loss_sum / train_order.len() as f64;
+            if !train_loss.is_finite() || !valid_loss.is_finite() {
+                return Err(TrainError::Diverged { epoch });
+            }
+            let stats = EpochStats { epoch, train_loss, valid_loss, seconds };
+            p.history.push(stats.clone());
+            if valid_loss < p.best.0 {
+                p.best = (valid_loss, Some(stack.model(m)), epoch);
+                p.since_best = 0;
+            } else {
+                p.since_best += 1;
+            }
+            if on_epoch(m, &stats) == Control::Stop {
+                return Err(TrainError::Stopped);
+            }
+            let o = &plans[m].options;
+            if epoch >= o.epochs || (o.patience > 0 && p.since_best >= o.patience) {
+                p.active = false;
+            }
         }
     }
 
-    let (_, mlp, best_epoch) = best;
-    let mut model = TrainedModel {
-        task: plan.task,
-        class_labels: plan.class_labels.clone(),
-        pipeline,
-        mlp,
-        target_scale,
-        best_epoch,
-        epochs_run: history.len() as u32,
-        history,
-        metrics: Metrics::new(),
-        rows_train: train_idx.len(),
-        rows_valid: valid_idx.len(),
-    };
-    let outputs = model.outputs_from_encoded(&x_valid);
     let valid_targets: Vec<f64> = valid_idx.iter().map(|&i| raw_targets[i]).collect();
-    model.metrics = match model.task {
-        Task::Binary => metrics::binary(&outputs, &valid_targets.iter().map(|&t| t == 1.0).collect::<Vec<_>>()),
-        Task::Multiclass => metrics::multiclass(
-            &outputs,
-            model.class_labels.len(),
-            &valid_targets.iter().map(|&t| t as usize).collect::<Vec<_>>(),
-        ),
-        Task::Regression => metrics::regression(&outputs.iter().map(|&v| v as f64).collect::<Vec<_>>(), &valid_targets),
-    };
-    Ok(model)
+    let mut models = Vec::with_capacity(k);
+    for (m, p) in progress.into_iter().enumerate() {
+        let (_, mlp, best_epoch) = p.best;
+        let mut model = TrainedModel {
+            task: plan.task,
+            class_labels: plan.class_labels.clone(),
+            pipeline: pipeline.clone(),
+            mlp: mlp.unwrap_or_else(|| stack.model(m)),
+            target_scale,
+            best_epoch,
+            epochs_run: p.history.len() as u32,
+            history: p.history,
+            metrics: Metrics::new(),
+            rows_train: train_idx.len(),
+            rows_valid: valid_idx.len(),
+        };
+        let outputs = model.outputs_from_encoded(&x_valid);
+        model.metrics = match model.task {
+            Task::Binary => metrics::binary(&outputs, &valid_targets.iter().map(|&t| t == 1.0).collect::<Vec<_>>()),
+            Task::Multiclass => metrics::multiclass(
+                &outputs,
+                model.class_labels.len(),
+                &valid_targets.iter().map(|&t| t as usize).collect::<Vec<_>>(),
+            ),
+            Task::Regression => {
+                metrics::regression(&outputs.iter().map(|&v| v as f64).collect::<Vec<_>>(), &valid_targets)
+            }
+        };
+        models.push(model);
+    }
+    Ok(models)
+}
+
+/// Copies model `m`'s `[n × c]` block out of `[n × k·c]` logits.
+fn gather_block(wide: &[f32], n: usize, k: usize, c: usize, m: usize, out: &mut [f32]) {
+    for r in 0..n {
+        out[r * c..(r + 1) * c].copy_from_slice(&wide[r * k * c + m * c..r * k * c + (m + 1) * c]);
+    }
+}
+
+fn scatter_block(block: &[f32], n: usize, k: usize, c: usize, m: usize, wide: &mut [f32]) {
+    for r in 0..n {
+        wide[r * k * c + m * c..r * k * c + (m + 1) * c].copy_from_slice(&block[r * c..(r + 1) * c]);
+    }
+}
+
+fn predict_stack(stack: &Stack, x: &[f32], width: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len() / width.max(1) * stack.k * stack.outputs());
+    let mut cache = StackCache::default();
+    for chunk in x.chunks(EVAL_CHUNK * width.max(1)) {
+        stack.forward(chunk, chunk.len() / width.max(1), &mut cache);
+        out.extend_from_slice(cache.logits());
+    }
+    out
 }
 
 fn predict_logits(mlp: &Mlp, x: &[f32], width: usize) -> Vec<f32> {
@@ -366,5 +481,83 @@ mod tests {
             train(&p, &features, &no_labels, &mut |_| Control::Continue),
             Err(TrainError::TooFewRows { usable: 0 })
         ));
+    }
+}
+
+#[cfg(test)]
+mod group_tests {
+    use cerebro_shared::spec::{Feature, FeatureKind, TrainOptions};
+
+    use super::*;
+
+    #[test]
+    fn a_model_trained_in_a_stack_equals_the_model_trained_alone() {
+        let n = 500;
+        let x: Vec<Option<f64>> =
+            (0..n).map(|i| if i % 13 == 0 { None } else { Some((i as f64 * 0.37).sin()) }).collect();
+        let c: Vec<Option<String>> = (0..n).map(|i| Some(["a", "b", "c"][i % 3].to_string())).collect();
+        let t: Vec<Option<String>> = (0..n)
+            .map(|i| {
+                Some(if x[i].unwrap_or(0.0) + if i % 3 == 0 { 0.4 } else { 0.0 } > 0.1 { "y" } else { "n" }.into())
+            })
+            .collect();
+        let features = vec![ColumnData::Float64(x), ColumnData::Text(c)];
+        let target = ColumnData::Text(t);
+        let base = TrainingPlan {
+            task: Task::Binary,
+            target: "t".into(),
+            features: vec![
+                Feature { name: "x".into(), kind: FeatureKind::Numeric },
+                Feature { name: "c".into(), kind: FeatureKind::Categorical },
+            ],
+            class_labels: vec!["n".into(), "y".into()],
+            options: TrainOptions { hidden: vec![16, 8], epochs: 12, batch_size: 32, ..Default::default() },
+        };
+        let mut plans = Vec::new();
+        for (lr, wd, epochs, patience) in [(1e-3, 0.0, 12, 5), (1e-2, 0.01, 7, 0), (3e-3, 0.0, 12, 2)] {
+            let mut p = base.clone();
+            p.options.learning_rate = lr;
+            p.options.weight_decay = wd;
+            p.options.epochs = epochs;
+            p.options.patience = patience;
+            plans.push(p);
+        }
+        let mut seen = vec![0; plans.len()];
+        let stacked = train_group(&plans, &features, &target, &mut |m, _| {
+            seen[m] += 1;
+            Control::Continue
+        })
+        .unwrap();
+        for (m, plan) in plans.iter().enumerate() {
+            let alone = train(plan, &features, &target, &mut |_| Control::Continue).unwrap();
+            assert_eq!(stacked[m].mlp, alone.mlp, "model {m}: weights differ");
+            let losses = |h: &[EpochStats]| h.iter().map(|e| (e.epoch, e.train_loss, e.valid_loss)).collect::<Vec<_>>();
+            assert_eq!(losses(&stacked[m].history), losses(&alone.history));
+            assert_eq!(stacked[m].best_epoch, alone.best_epoch);
+            assert_eq!(stacked[m].metrics, alone.metrics);
+            assert_eq!(seen[m] as usize, alone.history.len());
+        }
+        assert_eq!(stacked[1].epochs_run, 7, "each model keeps its own epoch budget");
+    }
+
+    #[test]
+    fn models_that_differ_in_shape_or_seed_cannot_stack() {
+        let a = TrainingPlan {
+            task: Task::Regression,
+            target: "t".into(),
+            features: vec![Feature { name: "x".into(), kind: FeatureKind::Numeric }],
+            class_labels: vec![],
+            options: TrainOptions::default(),
+        };
+        let cols = [ColumnData::Float64(vec![Some(1.0), Some(2.0), Some(3.0)])];
+        let t = ColumnData::Float64(vec![Some(1.0), Some(2.0), Some(3.0)]);
+        let mut wider = a.clone();
+        wider.options.hidden = vec![3];
+        let mut reseeded = a.clone();
+        reseeded.options.seed = 1;
+        for (other, what) in [(wider, "hidden"), (reseeded, "seed")] {
+            let err = train_group(&[a.clone(), other], &cols, &t, &mut |_, _| Control::Continue).unwrap_err();
+            assert!(matches!(err, TrainError::Incompatible(w) if w == what), "{err}");
+        }
     }
 }

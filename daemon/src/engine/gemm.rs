@@ -5,14 +5,40 @@
 /// transposed (the stored shapes are then k×m and n×k).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: bool, beta: f32, c: &mut [f32]) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm operands too small");
+    let sa = if a_t { (1, m) } else { (k, 1) };
+    let sb = if b_t { (1, k) } else { (n, 1) };
+    gemm_strided(m, k, n, a, sa, b, sb, beta, c, (n, 1));
+}
+
+/// Highest index a `rows × cols` view with these (row, column) strides touches.
+fn reach(rows: usize, cols: usize, (rs, cs): (usize, usize)) -> usize {
+    (rows - 1) * rs + (cols - 1) * cs
+}
+
+/// `c = a · b + beta · c` over strided views: element (i, j) of a matrix is
+/// at `i * row_stride + j * col_stride` of its slice. Views may be blocks of
+/// wider matrices, which is how a stack multiplies each model's block in place.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_strided(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    sa: (usize, usize),
+    b: &[f32],
+    sb: (usize, usize),
+    beta: f32,
+    c: &mut [f32],
+    sc: (usize, usize),
+) {
     if m == 0 || n == 0 {
         return;
     }
-    let (rsa, csa) = if a_t { (1, m as isize) } else { (k as isize, 1) };
-    let (rsb, csb) = if b_t { (1, k as isize) } else { (n as isize, 1) };
-    // SAFETY: the asserts above guarantee every index sgemm touches, derived
-    // from (m, k, n) and the strides chosen for the stored shapes, is in bounds.
+    assert!(reach(m, n, sc) < c.len(), "gemm: c view out of bounds");
+    if k > 0 {
+        assert!(reach(m, k, sa) < a.len() && reach(k, n, sb) < b.len(), "gemm: a or b view out of bounds");
+    }
+    // SAFETY: the asserts above bound every index sgemm touches.
     unsafe {
         matrixmultiply::sgemm(
             m,
@@ -20,15 +46,15 @@ pub fn gemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: 
             n,
             1.0,
             a.as_ptr(),
-            rsa,
-            csa,
+            sa.0 as isize,
+            sa.1 as isize,
             b.as_ptr(),
-            rsb,
-            csb,
+            sb.0 as isize,
+            sb.1 as isize,
             beta,
             c.as_mut_ptr(),
-            n as isize,
-            1,
+            sc.0 as isize,
+            sc.1 as isize,
         );
     }
 }

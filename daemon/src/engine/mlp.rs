@@ -59,16 +59,6 @@ impl Gradients {
     pub fn zeros_like(mlp: &Mlp) -> Gradients {
         Gradients { layers: mlp.layers.iter().map(|l| (vec![0.0; l.weight.len()], vec![0.0; l.bias.len()])).collect() }
     }
-
-    /// Scales all gradients so their global L2 norm is at most `max_norm`.
-    pub fn clip_norm(&mut self, max_norm: f32) {
-        let sq: f64 = self.layers.iter().flat_map(|(w, b)| w.iter().chain(b)).map(|g| (*g as f64) * (*g as f64)).sum();
-        let norm = sq.sqrt() as f32;
-        if norm > max_norm && norm.is_finite() {
-            let s = max_norm / norm;
-            self.layers.iter_mut().flat_map(|(w, b)| w.iter_mut().chain(b.iter_mut())).for_each(|g| *g *= s);
-        }
-    }
 }
 
 impl Mlp {
@@ -247,12 +237,5 @@ mod tests {
         let w = &mlp.layers[0].weight;
         let out = mlp.predict(&[1.0, 2.0], 1);
         assert!((out[0] - (w[0] + 2.0 * w[1])).abs() < 1e-6);
-    }
-
-    #[test]
-    fn clipping_bounds_the_global_norm() {
-        let mut g = Gradients { layers: vec![(vec![3.0], vec![4.0])] };
-        g.clip_norm(1.0);
-        assert!((g.layers[0].0[0] - 0.6).abs() < 1e-6 && (g.layers[0].1[0] - 0.8).abs() < 1e-6);
     }
 }

@@ -1,14 +1,17 @@
 //! The training engine: dense networks over f32 row-major matrices on CPU.
 //!
-//! Kept deliberately small for now: dense layers with ReLU between them, the
-//! three heads Cerebro needs, and Adam(W). Everything is single-threaded and
-//! seeded, so a model trained twice with the same seed is bit-identical.
+//! Dense layers with ReLU between them, the three heads Cerebro needs, and
+//! Adam(W). Training runs on a [`Stack`]: K networks of one shape trained in
+//! one pass (K = 1 for a single model). Everything is seeded, so a model
+//! trained twice with the same seed is bit-identical, alone or in a stack.
 
 mod gemm;
 mod loss;
 mod mlp;
 mod optim;
+mod stack;
 
 pub use loss::{sigmoid, softmax_into, Head};
 pub use mlp::{Dense, ForwardCache, Gradients, Mlp};
-pub use optim::Adam;
+pub use optim::StackAdam;
+pub use stack::{Stack, StackCache, StackGradients};
