@@ -48,13 +48,14 @@ impl StackAdam {
             };
             for l in 0..stack.weights.len() {
                 let (rows, cols) = (stack.dims[l], stack.dims[l + 1]);
-                // This model's weight elements, as ranges of the layer's buffer.
-                let ranges: Vec<std::ops::Range<usize>> = if l == 0 {
-                    (0..rows).map(|i| i * k * cols + model * cols..i * k * cols + (model + 1) * cols).collect()
+                // This model's weights: `runs` runs of `len` elements, `stride` apart.
+                let (first, len, stride, runs) = if l == 0 {
+                    (model * cols, cols, k * cols, rows)
                 } else {
-                    vec![model * rows * cols..(model + 1) * rows * cols]
+                    (model * rows * cols, rows * cols, 0, 1)
                 };
-                for r in ranges {
+                for run in 0..runs {
+                    let r = first + run * stride..first + run * stride + len;
                     update(
                         &mut stack.weights[l][r.clone()],
                         &grads.weights[l][r.clone()],
