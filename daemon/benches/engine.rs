@@ -1,0 +1,145 @@
+//! Engine benchmark, Cerebro's side. Run through deploy/bench.sh, which also
+//! runs the PyTorch baseline on the same data and initial weights and prints
+//! the ratios.
+//!
+//! `cargo bench -p cerebro-daemon --bench engine -- DIR` writes the data and
+//! initial weights into DIR, runs every workload and prints one JSON line per
+//! workload.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use cerebro_daemon::engine::{Head, Mlp, Stack, StackAdam, StackCache};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const ROWS: usize = 200_000;
+const COLS: usize = 64;
+const BATCH: usize = 512;
+const INFER_BATCH: usize = 8192;
+const LR: f32 = 1e-3;
+
+fn write_f32(path: &Path, data: &[f32]) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
+    for v in data {
+        f.write_all(&v.to_le_bytes()).expect("write");
+    }
+}
+
+/// Weights in PyTorch's layout (`Linear.weight` is out × in).
+fn write_model(dir: &Path, name: &str, model: &Mlp) {
+    for (l, layer) in model.layers.iter().enumerate() {
+        let mut t = vec![0.0f32; layer.weight.len()];
+        for i in 0..layer.inputs {
+            for j in 0..layer.outputs {
+                t[j * layer.inputs + i] = layer.weight[i * layer.outputs + j];
+            }
+        }
+        write_f32(&dir.join(format!("{name}.w{l}")), &t);
+        write_f32(&dir.join(format!("{name}.b{l}")), &layer.bias);
+    }
+}
+
+fn data(dir: &Path) -> (Vec<f32>, Vec<f32>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let teacher: Vec<f32> = (0..COLS).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let mut x = vec![0.0f32; ROWS * COLS];
+    let mut y = vec![0.0f32; ROWS];
+    for r in 0..ROWS {
+        let row = &mut x[r * COLS..(r + 1) * COLS];
+        row.iter_mut().for_each(|v| *v = rng.random_range(-1.0..1.0));
+        let z: f32 = row.iter().zip(&teacher).map(|(a, b)| a * b).sum::<f32>() + (row[0] * row[1] * 3.0).sin();
+        y[r] = (z > 0.0) as u32 as f32;
+    }
+    write_f32(&dir.join("x.f32"), &x);
+    write_f32(&dir.join("y.f32"), &y);
+    (x, y)
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// One epoch over all rows in order, K models at once; returns seconds.
+fn train_epoch(stack: &mut Stack, x: &[f32], y: &[f32]) -> f64 {
+    let k = stack.k;
+    let mut adam = StackAdam::new(stack);
+    let mut cache = StackCache::default();
+    let mut grads = stack.zero_gradients();
+    let lr = vec![LR; k];
+    let wd = vec![0.0; k];
+    let active = vec![true; k];
+    let mut block = vec![0.0f32; BATCH];
+    let mut grad = vec![0.0f32; BATCH];
+    let mut d_wide = vec![0.0f32; BATCH * k];
+    let started = Instant::now();
+    for (xb, yb) in x.chunks(BATCH * COLS).zip(y.chunks(BATCH)) {
+        let n = yb.len();
+        stack.forward(xb, n, &mut cache);
+        let logits = cache.logits();
+        for m in 0..k {
+            for r in 0..n {
+                block[r] = logits[r * k + m];
+            }
+            Head::Binary.loss_and_grad(&block[..n], yb, n, &mut grad[..n]);
+            for r in 0..n {
+                d_wide[r * k + m] = grad[r];
+            }
+        }
+        stack.backward(xb, n, &mut cache, &d_wide[..n * k], &mut grads);
+        adam.step(stack, &grads, &lr, &wd, &active);
+    }
+    started.elapsed().as_secs_f64()
+}
+
+fn report(workload: &str, models: usize, seconds: f64) {
+    println!(
+        "{{\"side\": \"cerebro\", \"workload\": \"{workload}\", \"models\": {models}, \"seconds\": {seconds:.6}, \
+         \"samples_per_s\": {:.1}}}",
+        (ROWS * models) as f64 / seconds
+    );
+}
+
+fn main() {
+    let dir: PathBuf =
+        std::env::args().nth(1).filter(|a| !a.starts_with('-')).unwrap_or_else(|| "bench-data".into()).into();
+    std::fs::create_dir_all(&dir).expect("bench directory");
+    let (x, y) = data(&dir);
+
+    let model = |seed: u64, hidden: &[usize]| Mlp::new(COLS, hidden, 1, &mut ChaCha8Rng::seed_from_u64(seed));
+    let wide = model(1, &[256, 256]);
+    let small = model(2, &[32]);
+    write_model(&dir, "a", &wide);
+    write_model(&dir, "b", &small);
+    let fused: Vec<Mlp> = (0..32).map(|s| model(100 + s, &[32])).collect();
+    for (i, m) in fused.iter().enumerate() {
+        write_model(&dir, &format!("c{i}"), m);
+    }
+
+    // Warm caches and page in the data once.
+    train_epoch(&mut Stack::from_models(std::slice::from_ref(&small)), &x[..BATCH * COLS * 20], &y[..BATCH * 20]);
+
+    report("a_mlp_64_256_256_1", 1, train_epoch(&mut Stack::from_models(&[wide.clone()]), &x, &y));
+    report("b_mlp_64_32_1", 1, train_epoch(&mut Stack::from_models(&[small]), &x, &y));
+    for k in [8, 32] {
+        report(&format!("c_k{k}_mlp_64_32_1"), k, train_epoch(&mut Stack::from_models(&fused[..k]), &x, &y));
+    }
+
+    let started = Instant::now();
+    let mut checksum = 0.0f64;
+    for xb in x.chunks(INFER_BATCH * COLS) {
+        let out = wide.predict(xb, xb.len() / COLS);
+        checksum += out[0] as f64;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(checksum.is_finite());
+    report("inference_b8192_mlp_64_256_256_1", 1, seconds);
+    println!("{{\"side\": \"cerebro\", \"workload\": \"peak_rss_mib\", \"value\": {:.1}}}", peak_rss_mib());
+}
