@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use cerebro_daemon::engine::{Head, Mlp, Stack, StackAdam, StackCache};
+use cerebro_daemon::engine::{Head, Mlp, Scratch, Stack, StackAdam, StackCache};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -134,8 +134,9 @@ fn main() {
 
     let started = Instant::now();
     let mut checksum = 0.0f64;
+    let mut scratch = Scratch::default();
     for xb in x.chunks(INFER_BATCH * COLS) {
-        let out = wide.predict(xb, xb.len() / COLS);
+        let out = wide.predict_into(xb, xb.len() / COLS, &mut scratch);
         checksum += out[0] as f64;
     }
     let seconds = started.elapsed().as_secs_f64();

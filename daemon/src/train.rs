@@ -9,7 +9,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Head, Mlp, Stack, StackAdam, StackCache};
+use crate::engine::{Head, Mlp, Scratch, Stack, StackAdam, StackCache};
 use crate::features::{FeatureError, FeaturePipeline};
 use crate::metrics::{self, Metrics};
 
@@ -351,8 +351,9 @@ fn predict_stack(stack: &Stack, x: &[f32], width: usize) -> Vec<f32> {
 
 fn predict_logits(mlp: &Mlp, x: &[f32], width: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len() / width.max(1) * mlp.output_dim());
+    let mut scratch = Scratch::default();
     for chunk in x.chunks(EVAL_CHUNK * width.max(1)) {
-        out.extend(mlp.predict(chunk, chunk.len() / width.max(1)));
+        out.extend_from_slice(mlp.predict_into(chunk, chunk.len() / width.max(1), &mut scratch));
     }
     out
 }

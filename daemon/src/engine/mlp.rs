@@ -49,6 +49,13 @@ impl ForwardCache {
     }
 }
 
+/// Buffers reused across [`Mlp::predict_into`] calls.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    current: Vec<f32>,
+    next: Vec<f32>,
+}
+
 /// Gradients shaped like the network's parameters.
 #[derive(Debug, Clone)]
 pub struct Gradients {
@@ -105,9 +112,27 @@ impl Mlp {
 
     /// Logits for `n` rows, without keeping a cache around.
     pub fn predict(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let mut cache = ForwardCache::default();
-        self.forward(x, n, &mut cache);
-        cache.pre.pop().unwrap_or_default()
+        self.predict_into(x, n, &mut Scratch::default()).to_vec()
+    }
+
+    /// Logits for `n` rows into reusable buffers: the inference path, with no
+    /// allocation once the buffers have grown and ReLU applied in place.
+    pub fn predict_into<'s>(&self, x: &[f32], n: usize, scratch: &'s mut Scratch) -> &'s [f32] {
+        let depth = self.layers.len();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let out = &mut scratch.next;
+            out.resize(n * layer.outputs, 0.0);
+            for row in out.chunks_exact_mut(layer.outputs) {
+                row.copy_from_slice(&layer.bias);
+            }
+            let input: &[f32] = if l == 0 { x } else { &scratch.current };
+            gemm(n, layer.inputs, layer.outputs, input, false, &layer.weight, false, 1.0, out);
+            if l + 1 < depth {
+                out.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+            std::mem::swap(&mut scratch.current, &mut scratch.next);
+        }
+        &scratch.current[..n * self.output_dim()]
     }
 
     /// Back-propagates `d_logits` (n × output_dim) through the activations left

@@ -12,6 +12,6 @@ mod optim;
 mod stack;
 
 pub use loss::{sigmoid, softmax_into, Head};
-pub use mlp::{Dense, ForwardCache, Gradients, Mlp};
+pub use mlp::{Dense, ForwardCache, Gradients, Mlp, Scratch};
 pub use optim::StackAdam;
 pub use stack::{Stack, StackCache, StackGradients};
