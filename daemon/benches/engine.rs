@@ -2,15 +2,15 @@
 //! runs the PyTorch baseline on the same data and initial weights and prints
 //! the ratios.
 //!
-//! `cargo bench -p cerebro-daemon --bench engine -- DIR` writes the data and
-//! initial weights into DIR, runs every workload and prints one JSON line per
-//! workload.
+//! `cargo bench -p cerebro-daemon --bench engine -- DIR THREADS` writes the
+//! data and initial weights into DIR, runs every workload on THREADS threads
+//! and prints one JSON line per workload.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use cerebro_daemon::engine::{Head, Mlp, Scratch, Stack, StackAdam, StackCache};
+use cerebro_daemon::engine::{Head, Mlp, Scratch, Stack, Trainer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -68,35 +68,18 @@ fn peak_rss_mib() -> f64 {
 }
 
 /// One epoch over all rows in order, K models at once; returns seconds.
-fn train_epoch(stack: &mut Stack, x: &[f32], y: &[f32]) -> f64 {
+fn train_epoch(stack: Stack, x: &[f32], y: &[f32], threads: usize) -> f64 {
     let k = stack.k;
-    let mut adam = StackAdam::new(stack);
-    let mut cache = StackCache::default();
-    let mut grads = stack.zero_gradients();
-    let lr = vec![LR; k];
-    let wd = vec![0.0; k];
-    let active = vec![true; k];
-    let mut block = vec![0.0f32; BATCH];
-    let mut grad = vec![0.0f32; BATCH];
-    let mut d_wide = vec![0.0f32; BATCH * k];
+    let mut trainer = Trainer::new(stack, Head::Binary, threads).expect("training threads");
+    let (lr, wd, active) = (vec![LR; k], vec![0.0; k], vec![true; k]);
+    let mut losses = vec![0.0; k];
     let started = Instant::now();
     for (xb, yb) in x.chunks(BATCH * COLS).zip(y.chunks(BATCH)) {
-        let n = yb.len();
-        stack.forward(xb, n, &mut cache);
-        let logits = cache.logits();
-        for m in 0..k {
-            for r in 0..n {
-                block[r] = logits[r * k + m];
-            }
-            Head::Binary.loss_and_grad(&block[..n], yb, n, &mut grad[..n]);
-            for r in 0..n {
-                d_wide[r * k + m] = grad[r];
-            }
-        }
-        stack.backward(xb, n, &mut cache, &d_wide[..n * k], &mut grads);
-        adam.step(stack, &grads, &lr, &wd, &active);
+        trainer.step(xb, yb, yb.len(), &lr, &wd, &active, &mut losses);
     }
-    started.elapsed().as_secs_f64()
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(losses.iter().all(|l| l.is_finite()));
+    seconds
 }
 
 fn report(workload: &str, models: usize, seconds: f64) {
@@ -108,8 +91,10 @@ fn report(workload: &str, models: usize, seconds: f64) {
 }
 
 fn main() {
-    let dir: PathBuf =
-        std::env::args().nth(1).filter(|a| !a.starts_with('-')).unwrap_or_else(|| "bench-data".into()).into();
+    // Arguments: DIR [THREADS]; cargo bench may add flags of its own.
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let dir: PathBuf = args.first().cloned().unwrap_or_else(|| "bench-data".into()).into();
+    let threads: usize = args.get(1).and_then(|t| t.parse().ok()).unwrap_or(1);
     std::fs::create_dir_all(&dir).expect("bench directory");
     let (x, y) = data(&dir);
 
@@ -124,12 +109,12 @@ fn main() {
     }
 
     // Warm caches and page in the data once.
-    train_epoch(&mut Stack::from_models(std::slice::from_ref(&small)), &x[..BATCH * COLS * 20], &y[..BATCH * 20]);
+    train_epoch(Stack::from_models(std::slice::from_ref(&small)), &x[..BATCH * COLS * 20], &y[..BATCH * 20], threads);
 
-    report("a_mlp_64_256_256_1", 1, train_epoch(&mut Stack::from_models(&[wide.clone()]), &x, &y));
-    report("b_mlp_64_32_1", 1, train_epoch(&mut Stack::from_models(&[small]), &x, &y));
+    report("a_mlp_64_256_256_1", 1, train_epoch(Stack::from_models(&[wide.clone()]), &x, &y, threads));
+    report("b_mlp_64_32_1", 1, train_epoch(Stack::from_models(&[small]), &x, &y, threads));
     for k in [8, 32] {
-        report(&format!("c_k{k}_mlp_64_32_1"), k, train_epoch(&mut Stack::from_models(&fused[..k]), &x, &y));
+        report(&format!("c_k{k}_mlp_64_32_1"), k, train_epoch(Stack::from_models(&fused[..k]), &x, &y, threads));
     }
 
     let started = Instant::now();

@@ -29,6 +29,8 @@ pub struct FileConfig {
     /// Only processes running as this uid may connect; default: cerebrod's own
     /// uid, which must be the PostgreSQL server's.
     pub allowed_uid: Option<u32>,
+    /// Threads each training job splits its minibatches across.
+    pub training_threads: usize,
     pub scoring_threads: usize,
     /// How often the queue is polled besides LISTEN/NOTIFY.
     pub poll_interval_ms: u64,
@@ -46,6 +48,7 @@ impl Default for FileConfig {
             database_url: "host=/var/run/postgresql user=postgres dbname=postgres".into(),
             onnxruntime_library: PathBuf::from("/usr/lib/cerebro/libonnxruntime.so.1.31.1"),
             allowed_uid: None,
+            training_threads: 1,
             scoring_threads: 1,
             poll_interval_ms: 5000,
             max_connections: 256,
@@ -69,6 +72,7 @@ pub struct Config {
     pub database_url: String,
     pub onnxruntime_library: PathBuf,
     pub allowed_uid: u32,
+    pub training_threads: usize,
     pub scoring_threads: usize,
     pub poll_interval: Duration,
     pub max_connections: usize,
@@ -122,6 +126,7 @@ impl TryFrom<FileConfig> for Config {
             onnxruntime_library: f.onnxruntime_library,
             // SAFETY: geteuid has no preconditions and cannot fail.
             allowed_uid: f.allowed_uid.unwrap_or_else(|| unsafe { libc::geteuid() }),
+            training_threads: threads_ok(f.training_threads, "training_threads")?,
             scoring_threads: threads_ok(f.scoring_threads, "scoring_threads")?,
             poll_interval: Duration::from_millis(f.poll_interval_ms),
             max_connections: f.max_connections.max(1),

@@ -73,6 +73,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         data,
         worker_id: format!("cerebrod pid {}", std::process::id()),
         poll_interval: config.poll_interval,
+        training_threads: config.training_threads,
         wake,
         shutdown: shutdown.clone(),
     };

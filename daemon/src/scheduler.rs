@@ -21,6 +21,7 @@ pub struct Scheduler {
     pub data: Arc<Catalog>,
     pub worker_id: String,
     pub poll_interval: Duration,
+    pub training_threads: usize,
     pub wake: Arc<Notify>,
     pub shutdown: watch::Receiver<bool>,
 }
@@ -63,10 +64,11 @@ impl Scheduler {
         let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
         let plan = spec.plan.clone();
         let stop_flag = stop.clone();
+        let threads = self.training_threads;
         let mut training = tokio::task::spawn_blocking(move || {
             let mut columns = table.columns;
             let target = columns.pop().expect("the target column is read last");
-            let result = train::train(&plan, &columns, &target, &mut |stats| {
+            let result = train::train(&plan, &columns, &target, threads, &mut |stats| {
                 let _ = progress_tx.send(stats.clone());
                 if stop_flag.load(Ordering::Relaxed) {
                     Control::Stop

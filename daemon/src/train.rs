@@ -9,7 +9,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Head, Mlp, Scratch, Stack, StackAdam, StackCache};
+use crate::engine::{Head, Mlp, Scratch, Stack, ThreadsError, Trainer};
 use crate::features::{FeatureError, FeaturePipeline};
 use crate::metrics::{self, Metrics};
 
@@ -66,6 +66,8 @@ pub enum TrainError {
     Stopped,
     #[error("models differ in {0}, so they cannot train as one stack")]
     Incompatible(&'static str),
+    #[error(transparent)]
+    Threads(#[from] ThreadsError),
 }
 
 /// Rows scored at once when evaluating, to bound memory.
@@ -85,9 +87,11 @@ pub fn train(
     plan: &TrainingPlan,
     features: &[ColumnData],
     target: &ColumnData,
+    threads: usize,
     on_epoch: &mut dyn FnMut(&EpochStats) -> Control,
 ) -> Result<TrainedModel, TrainError> {
-    let mut models = train_group(std::slice::from_ref(plan), features, target, &mut |_, stats| on_epoch(stats))?;
+    let mut models =
+        train_group(std::slice::from_ref(plan), features, target, threads, &mut |_, stats| on_epoch(stats))?;
     Ok(models.pop().expect("one plan, one model"))
 }
 
@@ -112,11 +116,13 @@ fn incompatibility(a: &TrainingPlan, b: &TrainingPlan) -> Option<&'static str> {
 /// Trains several models in one pass over the data, as one [`Stack`]. They
 /// must agree on everything but `learning_rate`, `weight_decay`, `epochs` and
 /// `patience`; each ends exactly as it would have trained alone.
-/// `on_epoch` gets the plan's index with each epoch's statistics.
+/// `on_epoch` gets the plan's index with each epoch's statistics. Each
+/// minibatch is split across `threads` threads.
 pub fn train_group(
     plans: &[TrainingPlan],
     features: &[ColumnData],
     target: &ColumnData,
+    threads: usize,
     on_epoch: &mut dyn FnMut(usize, &EpochStats) -> Control,
 ) -> Result<Vec<TrainedModel>, TrainError> {
     let plan = plans.first().ok_or(TrainError::Incompatible("no plans"))?;
@@ -203,34 +209,21 @@ pub fn train_group(
             r
         })
         .collect();
-    let mut stack = Stack::new(&dims, &mut init_rngs);
-    let mut adam = StackAdam::new(&stack);
+    let mut trainer = Trainer::new(Stack::new(&dims, &mut init_rngs), head, threads)?;
     let lr: Vec<f32> = plans.iter().map(|p| p.options.learning_rate as f32).collect();
     let wd: Vec<f32> = plans.iter().map(|p| p.options.weight_decay as f32).collect();
-    let mut cache = StackCache::default();
-    let mut grads = stack.zero_gradients();
     let batch = (opts.batch_size as usize).min(train_idx.len());
     let mut xb = vec![0.0f32; batch * width];
     let mut yb = vec![0.0f32; batch];
-    let mut d_logits = vec![0.0f32; batch * k * outputs];
-    let mut block = vec![0.0f32; batch * outputs];
-    let mut block_grad = vec![0.0f32; batch * outputs];
 
     struct Progress {
         active: bool,
         best: (f64, Option<Mlp>, u32),
         since_best: u32,
         history: Vec<EpochStats>,
-        loss_sum: f64,
     }
     let mut progress: Vec<Progress> = (0..k)
-        .map(|_| Progress {
-            active: true,
-            best: (f64::INFINITY, None, 0),
-            since_best: 0,
-            history: Vec::new(),
-            loss_sum: 0.0,
-        })
+        .map(|_| Progress { active: true, best: (f64::INFINITY, None, 0), since_best: 0, history: Vec::new() })
         .collect();
     let max_epochs = plans.iter().map(|p| p.options.epochs).max().unwrap_or(0);
     let mut train_order: Vec<usize> = train_idx.to_vec();
@@ -241,27 +234,16 @@ pub fn train_group(
         let started = Instant::now();
         let active: Vec<bool> = progress.iter().map(|p| p.active).collect();
         train_order.shuffle(&mut rng);
-        progress.iter_mut().for_each(|p| p.loss_sum = 0.0);
+        let mut loss_sums = vec![0.0f64; k];
         for chunk in train_order.chunks(batch) {
             let n = chunk.len();
             for (j, &i) in chunk.iter().enumerate() {
                 xb[j * width..(j + 1) * width].copy_from_slice(&x_all[rows[i] * width..(rows[i] + 1) * width]);
                 yb[j] = y[i];
             }
-            stack.forward(&xb[..n * width], n, &mut cache);
-            for (m, p) in progress.iter_mut().enumerate() {
-                if !p.active {
-                    continue;
-                }
-                gather_block(cache.logits(), n, k, outputs, m, &mut block[..n * outputs]);
-                let loss = head.loss_and_grad(&block[..n * outputs], &yb[..n], n, &mut block_grad[..n * outputs]);
-                p.loss_sum += loss * n as f64;
-                scatter_block(&block_grad[..n * outputs], n, k, outputs, m, &mut d_logits[..n * k * outputs]);
-            }
-            stack.backward(&xb[..n * width], n, &mut cache, &d_logits[..n * k * outputs], &mut grads);
-            adam.step(&mut stack, &grads, &lr, &wd, &active);
+            trainer.step(&xb[..n * width], &yb[..n], n, &lr, &wd, &active, &mut loss_sums);
         }
-        let valid_logits = predict_stack(&stack, &x_valid, width);
+        let valid_logits = trainer.predict(&x_valid, EVAL_CHUNK);
         let seconds = started.elapsed().as_secs_f64();
         let mut valid_block = vec![0.0f32; y_valid.len() * outputs];
         for (m, p) in progress.iter_mut().enumerate() {
@@ -270,14 +252,14 @@ pub fn train_group(
             }
             gather_block(&valid_logits, y_valid.len(), k, outputs, m, &mut valid_block);
             let valid_loss = head.loss(&valid_block, &y_valid, y_valid.len());
-            let train_loss = p.loss_sum / train_order.len() as f64;
+            let train_loss = loss_sums[m] / train_order.len() as f64;
             if !train_loss.is_finite() || !valid_loss.is_finite() {
                 return Err(TrainError::Diverged { epoch });
             }
             let stats = EpochStats { epoch, train_loss, valid_loss, seconds };
             p.history.push(stats.clone());
             if valid_loss < p.best.0 {
-                p.best = (valid_loss, Some(stack.model(m)), epoch);
+                p.best = (valid_loss, Some(trainer.stack.model(m)), epoch);
                 p.since_best = 0;
             } else {
                 p.since_best += 1;
@@ -300,7 +282,7 @@ pub fn train_group(
             task: plan.task,
             class_labels: plan.class_labels.clone(),
             pipeline: pipeline.clone(),
-            mlp: mlp.unwrap_or_else(|| stack.model(m)),
+            mlp: mlp.unwrap_or_else(|| trainer.stack.model(m)),
             target_scale,
             best_epoch,
             epochs_run: p.history.len() as u32,
@@ -331,22 +313,6 @@ fn gather_block(wide: &[f32], n: usize, k: usize, c: usize, m: usize, out: &mut 
     for r in 0..n {
         out[r * c..(r + 1) * c].copy_from_slice(&wide[r * k * c + m * c..r * k * c + (m + 1) * c]);
     }
-}
-
-fn scatter_block(block: &[f32], n: usize, k: usize, c: usize, m: usize, wide: &mut [f32]) {
-    for r in 0..n {
-        wide[r * k * c + m * c..r * k * c + (m + 1) * c].copy_from_slice(&block[r * c..(r + 1) * c]);
-    }
-}
-
-fn predict_stack(stack: &Stack, x: &[f32], width: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(x.len() / width.max(1) * stack.k * stack.outputs());
-    let mut cache = StackCache::default();
-    for chunk in x.chunks(EVAL_CHUNK * width.max(1)) {
-        stack.forward(chunk, chunk.len() / width.max(1), &mut cache);
-        out.extend_from_slice(cache.logits());
-    }
-    out
 }
 
 fn predict_logits(mlp: &Mlp, x: &[f32], width: usize) -> Vec<f32> {
@@ -429,7 +395,7 @@ mod tests {
     fn learns_a_binary_problem_and_reports_metrics() {
         let (features, target) = toy(600);
         let mut epochs = 0;
-        let m = train(&plan(Task::Binary, &["no", "yes"]), &features, &target, &mut |_| {
+        let m = train(&plan(Task::Binary, &["no", "yes"]), &features, &target, 1, &mut |_| {
             epochs += 1;
             Control::Continue
         })
@@ -444,12 +410,12 @@ mod tests {
     fn the_same_seed_gives_the_same_weights() {
         let (features, target) = toy(300);
         let p = plan(Task::Binary, &["no", "yes"]);
-        let a = train(&p, &features, &target, &mut |_| Control::Continue).unwrap();
-        let b = train(&p, &features, &target, &mut |_| Control::Continue).unwrap();
+        let a = train(&p, &features, &target, 1, &mut |_| Control::Continue).unwrap();
+        let b = train(&p, &features, &target, 1, &mut |_| Control::Continue).unwrap();
         assert_eq!(a.mlp, b.mlp);
         let mut other = p.clone();
         other.options.seed = 7;
-        let c = train(&other, &features, &target, &mut |_| Control::Continue).unwrap();
+        let c = train(&other, &features, &target, 1, &mut |_| Control::Continue).unwrap();
         assert_ne!(a.mlp, c.mlp);
     }
 
@@ -462,7 +428,7 @@ mod tests {
         p.features.truncate(1);
         p.options.epochs = 200;
         p.options.patience = 0;
-        let m = train(&p, &[ColumnData::Float64(xs)], &ColumnData::Float64(ys), &mut |_| Control::Continue).unwrap();
+        let m = train(&p, &[ColumnData::Float64(xs)], &ColumnData::Float64(ys), 1, &mut |_| Control::Continue).unwrap();
         assert!(m.metrics["r2"] > 0.99, "{:?}", m.metrics);
         assert!(m.metrics["rmse"] < 20.0, "{:?}", m.metrics);
     }
@@ -471,15 +437,15 @@ mod tests {
     fn stopping_and_bad_targets_are_errors() {
         let (features, target) = toy(50);
         let p = plan(Task::Binary, &["no", "yes"]);
-        assert!(matches!(train(&p, &features, &target, &mut |_| Control::Stop), Err(TrainError::Stopped)));
+        assert!(matches!(train(&p, &features, &target, 1, &mut |_| Control::Stop), Err(TrainError::Stopped)));
         let numeric_target = ColumnData::Float64(vec![Some(1.0); 50]);
         assert!(matches!(
-            train(&p, &features, &numeric_target, &mut |_| Control::Continue),
+            train(&p, &features, &numeric_target, 1, &mut |_| Control::Continue),
             Err(TrainError::TargetKind { .. })
         ));
         let no_labels = ColumnData::Text(vec![None; 50]);
         assert!(matches!(
-            train(&p, &features, &no_labels, &mut |_| Control::Continue),
+            train(&p, &features, &no_labels, 1, &mut |_| Control::Continue),
             Err(TrainError::TooFewRows { usable: 0 })
         ));
     }
@@ -524,21 +490,25 @@ mod group_tests {
             plans.push(p);
         }
         let mut seen = vec![0; plans.len()];
-        let stacked = train_group(&plans, &features, &target, &mut |m, _| {
-            seen[m] += 1;
-            Control::Continue
-        })
-        .unwrap();
-        for (m, plan) in plans.iter().enumerate() {
-            let alone = train(plan, &features, &target, &mut |_| Control::Continue).unwrap();
-            assert_eq!(stacked[m].mlp, alone.mlp, "model {m}: weights differ");
-            let losses = |h: &[EpochStats]| h.iter().map(|e| (e.epoch, e.train_loss, e.valid_loss)).collect::<Vec<_>>();
-            assert_eq!(losses(&stacked[m].history), losses(&alone.history));
-            assert_eq!(stacked[m].best_epoch, alone.best_epoch);
-            assert_eq!(stacked[m].metrics, alone.metrics);
-            assert_eq!(seen[m] as usize, alone.history.len());
+        for threads in [1, 2] {
+            seen.iter_mut().for_each(|s| *s = 0);
+            let stacked = train_group(&plans, &features, &target, threads, &mut |m, _| {
+                seen[m] += 1;
+                Control::Continue
+            })
+            .unwrap();
+            for (m, plan) in plans.iter().enumerate() {
+                let alone = train(plan, &features, &target, threads, &mut |_| Control::Continue).unwrap();
+                assert_eq!(stacked[m].mlp, alone.mlp, "model {m}: weights differ");
+                let losses =
+                    |h: &[EpochStats]| h.iter().map(|e| (e.epoch, e.train_loss, e.valid_loss)).collect::<Vec<_>>();
+                assert_eq!(losses(&stacked[m].history), losses(&alone.history));
+                assert_eq!(stacked[m].best_epoch, alone.best_epoch);
+                assert_eq!(stacked[m].metrics, alone.metrics);
+                assert_eq!(seen[m] as usize, alone.history.len());
+            }
+            assert_eq!(stacked[1].epochs_run, 7, "each model keeps its own epoch budget");
         }
-        assert_eq!(stacked[1].epochs_run, 7, "each model keeps its own epoch budget");
     }
 
     #[test]
@@ -557,7 +527,7 @@ mod group_tests {
         let mut reseeded = a.clone();
         reseeded.options.seed = 1;
         for (other, what) in [(wider, "hidden"), (reseeded, "seed")] {
-            let err = train_group(&[a.clone(), other], &cols, &t, &mut |_, _| Control::Continue).unwrap_err();
+            let err = train_group(&[a.clone(), other], &cols, &t, 1, &mut |_, _| Control::Continue).unwrap_err();
             assert!(matches!(err, TrainError::Incompatible(w) if w == what), "{err}");
         }
     }

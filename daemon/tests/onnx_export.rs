@@ -60,7 +60,7 @@ fn trained(task: Task) -> TrainedModel {
         class_labels: labels,
         options: TrainOptions { epochs: 5, hidden: vec![8, 4], ..Default::default() },
     };
-    train(&plan, &train_cols, &target, &mut |_| Control::Continue).expect("training succeeds")
+    train(&plan, &train_cols, &target, 1, &mut |_| Control::Continue).expect("training succeeds")
 }
 
 #[test]

@@ -10,8 +10,10 @@ mod loss;
 mod mlp;
 mod optim;
 mod stack;
+mod trainer;
 
 pub use loss::{sigmoid, softmax_into, Head};
 pub use mlp::{Dense, ForwardCache, Gradients, Mlp, Scratch};
 pub use optim::StackAdam;
 pub use stack::{Stack, StackCache, StackGradients};
+pub use trainer::{ThreadsError, Trainer};
