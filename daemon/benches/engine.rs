@@ -111,7 +111,7 @@ fn main() {
     // Warm caches and page in the data once.
     train_epoch(Stack::from_models(std::slice::from_ref(&small)), &x[..BATCH * COLS * 20], &y[..BATCH * 20], threads);
 
-    report("a_mlp_64_256_256_1", 1, train_epoch(Stack::from_models(&[wide.clone()]), &x, &y, threads));
+    report("a_mlp_64_256_256_1", 1, train_epoch(Stack::from_models(std::slice::from_ref(&wide)), &x, &y, threads));
     report("b_mlp_64_32_1", 1, train_epoch(Stack::from_models(&[small]), &x, &y, threads));
     for k in [8, 32] {
         report(&format!("c_k{k}_mlp_64_32_1"), k, train_epoch(Stack::from_models(&fused[..k]), &x, &y, threads));

@@ -1,11 +1,14 @@
-//! One optimiser step for a [`Stack`], with each minibatch split across
-//! threads.
+//! One optimiser step for a [`Stack`], spread over threads.
 //!
-//! Threads take contiguous row ranges of the batch and run the forward and
-//! backward passes on them; the loss is computed over the whole batch in
-//! between, and the per-thread gradients are summed in thread order. With a
-//! given thread count every step is deterministic; a different count sums in
-//! another order, so weights agree only to rounding.
+//! - A stack of several models is split by **model**: each thread owns a
+//!   sub-stack and steps it on the whole batch, on its own. Nothing is shared
+//!   or summed across threads, so every model ends exactly as it would
+//!   trained alone on one thread.
+//! - A single model is split by **rows**: threads take contiguous row ranges
+//!   of the batch for the forward and backward passes, the loss is computed
+//!   over the whole batch in between, and the per-thread gradients are summed
+//!   in thread order. Deterministic for a given thread count; another count
+//!   sums in another order, so weights then agree only to rounding.
 
 use super::loss::Head;
 use super::optim::StackAdam;
@@ -16,8 +19,9 @@ struct Part {
     grads: StackGradients,
 }
 
-pub struct Trainer {
-    pub stack: Stack,
+/// Steps one stack, its minibatches split by rows across a pool.
+struct RowTrainer {
+    stack: Stack,
     head: Head,
     adam: StackAdam,
     pool: Option<rayon::ThreadPool>,
@@ -35,23 +39,21 @@ pub struct ThreadsError {
     reason: String,
 }
 
-impl Trainer {
-    pub fn new(stack: Stack, head: Head, threads: usize) -> Result<Trainer, ThreadsError> {
+fn pool(threads: usize) -> Result<rayon::ThreadPool, ThreadsError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("cerebro-train-{i}"))
+        .build()
+        .map_err(|e| ThreadsError { threads, reason: e.to_string() })
+}
+
+impl RowTrainer {
+    fn new(stack: Stack, head: Head, threads: usize) -> Result<RowTrainer, ThreadsError> {
         let threads = threads.max(1);
-        let pool = if threads > 1 {
-            Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .thread_name(|i| format!("cerebro-train-{i}"))
-                    .build()
-                    .map_err(|e| ThreadsError { threads, reason: e.to_string() })?,
-            )
-        } else {
-            None
-        };
+        let pool = if threads > 1 { Some(pool(threads)?) } else { None };
         let parts =
             (0..threads).map(|_| Part { cache: StackCache::default(), grads: stack.zero_gradients() }).collect();
-        Ok(Trainer {
+        Ok(RowTrainer {
             adam: StackAdam::new(&stack),
             grads: stack.zero_gradients(),
             head,
@@ -73,16 +75,7 @@ impl Trainer {
     /// One step on `n` rows of `x` with targets `y`; every active model's
     /// batch loss times `n` is added to `losses[model]`.
     #[allow(clippy::too_many_arguments)]
-    pub fn step(
-        &mut self,
-        x: &[f32],
-        y: &[f32],
-        n: usize,
-        lr: &[f32],
-        wd: &[f32],
-        active: &[bool],
-        losses: &mut [f64],
-    ) {
+    fn step(&mut self, x: &[f32], y: &[f32], n: usize, lr: &[f32], wd: &[f32], active: &[bool], losses: &mut [f64]) {
         let width = self.stack.dims[0];
         let (k, c) = (self.stack.k, self.stack.outputs());
         let ranges = self.ranges(n);
@@ -160,7 +153,7 @@ impl Trainer {
     }
 
     /// Logits of every model for `n` rows, `[n × K·out]`.
-    pub fn predict(&self, x: &[f32], chunk_rows: usize) -> Vec<f32> {
+    fn predict(&self, x: &[f32], chunk_rows: usize) -> Vec<f32> {
         let width = self.stack.dims[0];
         let mut out = Vec::with_capacity(x.len() / width.max(1) * self.stack.k * self.stack.outputs());
         let mut cache = StackCache::default();
@@ -169,5 +162,99 @@ impl Trainer {
             out.extend_from_slice(cache.logits());
         }
         out
+    }
+}
+
+/// Steps a stack of K models on one thread or several.
+pub struct Trainer {
+    inner: Inner,
+}
+
+enum Inner {
+    Rows(RowTrainer),
+    /// Sub-stacks and the index of each one's first model.
+    Models {
+        pool: rayon::ThreadPool,
+        shards: Vec<(usize, RowTrainer)>,
+    },
+}
+
+impl Trainer {
+    pub fn new(stack: Stack, head: Head, threads: usize) -> Result<Trainer, ThreadsError> {
+        let threads = threads.max(1);
+        if stack.k < 2 || threads < 2 {
+            return Ok(Trainer { inner: Inner::Rows(RowTrainer::new(stack, head, threads)?) });
+        }
+        let (k, shards_n) = (stack.k, threads.min(stack.k));
+        let mut shards = Vec::with_capacity(shards_n);
+        for t in 0..shards_n {
+            let (first, end) = (k * t / shards_n, k * (t + 1) / shards_n);
+            let models: Vec<_> = (first..end).map(|m| stack.model(m)).collect();
+            shards.push((first, RowTrainer::new(Stack::from_models(&models), head, 1)?));
+        }
+        Ok(Trainer { inner: Inner::Models { pool: pool(shards_n)?, shards } })
+    }
+
+    /// Model `m` as it stands.
+    pub fn model(&self, m: usize) -> super::Mlp {
+        match &self.inner {
+            Inner::Rows(r) => r.stack.model(m),
+            Inner::Models { shards, .. } => {
+                let (first, shard) = shards.iter().rev().find(|(first, _)| *first <= m).expect("shard 0 starts at 0");
+                shard.stack.model(m - first)
+            }
+        }
+    }
+
+    /// One step on `n` rows of `x` with targets `y`, for every model `m` with
+    /// `active[m]`, at `lr[m]` and weight decay `wd[m]`; each model's batch
+    /// loss times `n` is added to `losses[m]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(
+        &mut self,
+        x: &[f32],
+        y: &[f32],
+        n: usize,
+        lr: &[f32],
+        wd: &[f32],
+        active: &[bool],
+        losses: &mut [f64],
+    ) {
+        match &mut self.inner {
+            Inner::Rows(r) => r.step(x, y, n, lr, wd, active, losses),
+            Inner::Models { pool, shards } => pool.scope(|s| {
+                let mut rest = losses;
+                for (first, shard) in shards.iter_mut() {
+                    let k = shard.stack.k;
+                    let (mine, others) = rest.split_at_mut(k);
+                    rest = others;
+                    let range = *first..*first + k;
+                    let (lr, wd, active) = (&lr[range.clone()], &wd[range.clone()], &active[range]);
+                    s.spawn(move |_| shard.step(x, y, n, lr, wd, active, mine));
+                }
+            }),
+        }
+    }
+
+    /// Logits of every model for the rows of `x`, `[n × K·out]`, scored
+    /// `chunk_rows` rows at a time.
+    pub fn predict(&self, x: &[f32], chunk_rows: usize) -> Vec<f32> {
+        match &self.inner {
+            Inner::Rows(r) => r.predict(x, chunk_rows),
+            Inner::Models { shards, .. } => {
+                let c = shards[0].1.stack.outputs();
+                let parts: Vec<(usize, Vec<f32>)> =
+                    shards.iter().map(|(_, s)| (s.stack.k * c, s.predict(x, chunk_rows))).collect();
+                let row_width: usize = parts.iter().map(|(w, _)| w).sum();
+                let n = parts[0].1.len() / parts[0].0.max(1);
+                let mut out = Vec::with_capacity(n * row_width);
+                for r in 0..n {
+                    for (w, logits) in &parts {
+                        out.extend_from_slice(&logits[r * w..(r + 1) * w]);
+                    }
+                }
+                out
+            }
+        }
     }
 }
