@@ -2,7 +2,7 @@
 # Engine benchmark: Cerebro's engine against PyTorch CPU on the same data,
 # initial weights and thread count, measured in one run; prints ratios.
 #
-#   deploy/bench.sh            threads = 2 for PyTorch (CEREBRO_BENCH_THREADS to change)
+#   deploy/bench.sh            2 threads on both sides (CEREBRO_BENCH_THREADS to change)
 #
 # Set-up is idempotent: PyTorch (from PyPI) goes into .cerebro/bench-venv once.
 source "$(dirname "$0")/lib.sh"
@@ -21,9 +21,9 @@ else
     "$VENV/bin/pip" install --quiet "torch==$TORCH_VERSION" numpy
 fi
 
-step "Cerebro engine (cargo bench)"
+step "Cerebro engine (cargo bench), $THREADS thread(s)"
 mkdir -p "$DATA"
-(cd "$ROOT" && cargo bench --quiet -p cerebro-daemon --bench engine -- "$DATA") | grep '^{' >"$DATA/cerebro.jsonl"
+(cd "$ROOT" && cargo bench --quiet -p cerebro-daemon --bench engine -- "$DATA" "$THREADS") | grep '^{' >"$DATA/cerebro.jsonl"
 step "PyTorch $TORCH_VERSION CPU, $THREADS thread(s)"
 "$VENV/bin/python" "$ROOT/daemon/benches/torch_baseline.py" "$DATA" "$THREADS" >"$DATA/pytorch.jsonl"
 
