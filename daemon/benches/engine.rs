@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use cerebro_daemon::engine::{Head, Mlp, Scratch, Stack, Trainer};
+use cerebro_daemon::engine::{Head, Mlp, Predictor, Stack, Trainer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -119,9 +119,11 @@ fn main() {
 
     let started = Instant::now();
     let mut checksum = 0.0f64;
-    let mut scratch = Scratch::default();
+    let mut predictor = Predictor::new(&wide, threads);
+    let mut out = Vec::with_capacity(INFER_BATCH);
     for xb in x.chunks(INFER_BATCH * COLS) {
-        let out = wide.predict_into(xb, xb.len() / COLS, &mut scratch);
+        out.clear();
+        predictor.predict(xb, xb.len() / COLS, &mut out);
         checksum += out[0] as f64;
     }
     let seconds = started.elapsed().as_secs_f64();

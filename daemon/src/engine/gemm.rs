@@ -1,4 +1,5 @@
-//! A safe wrapper over `matrixmultiply::sgemm` for row-major matrices.
+//! Safe wrappers over the `gemm` crate's f32 kernels (AVX-512 where the CPU
+//! has it, chosen at run time) for row-major and strided matrices.
 
 /// `c = op(a) · op(b) + beta · c`, with `op(a)` of shape m×k and `op(b)` k×n,
 /// every matrix stored row-major. `a_t` / `b_t` read the stored matrix
@@ -38,23 +39,38 @@ pub fn gemm_strided(
     if k > 0 {
         assert!(reach(m, k, sa) < a.len() && reach(k, n, sb) < b.len(), "gemm: a or b view out of bounds");
     }
-    // SAFETY: the asserts above bound every index sgemm touches.
+    if k == 0 {
+        for i in 0..m {
+            for j in 0..n {
+                let v = &mut c[i * sc.0 + j * sc.1];
+                *v = if beta == 0.0 { 0.0 } else { *v * beta };
+            }
+        }
+        return;
+    }
+    // SAFETY: the asserts above bound every index the kernel touches. The
+    // crate computes dst = alpha·dst + beta·lhs·rhs, reading dst only when asked.
     unsafe {
-        matrixmultiply::sgemm(
+        gemm::gemm(
             m,
-            k,
             n,
-            1.0,
-            a.as_ptr(),
-            sa.0 as isize,
-            sa.1 as isize,
-            b.as_ptr(),
-            sb.0 as isize,
-            sb.1 as isize,
-            beta,
+            k,
             c.as_mut_ptr(),
-            sc.0 as isize,
             sc.1 as isize,
+            sc.0 as isize,
+            beta != 0.0,
+            a.as_ptr(),
+            sa.1 as isize,
+            sa.0 as isize,
+            b.as_ptr(),
+            sb.1 as isize,
+            sb.0 as isize,
+            beta,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
         );
     }
 }

@@ -56,6 +56,50 @@ pub struct Scratch {
     next: Vec<f32>,
 }
 
+/// Scores rows with one network on several threads, each taking a
+/// contiguous share of every batch, with buffers kept across batches.
+pub struct Predictor<'m> {
+    mlp: &'m Mlp,
+    scratch: Vec<Scratch>,
+}
+
+impl<'m> Predictor<'m> {
+    pub fn new(mlp: &'m Mlp, threads: usize) -> Predictor<'m> {
+        Predictor { mlp, scratch: (0..threads.max(1)).map(|_| Scratch::default()).collect() }
+    }
+
+    /// Logits for `n` rows of `x`, appended to `out`.
+    pub fn predict(&mut self, x: &[f32], n: usize, out: &mut Vec<f32>) {
+        let (width, t) = (self.mlp.input_dim(), self.scratch.len());
+        if t == 1 || n < 2 * t {
+            out.extend_from_slice(self.mlp.predict_into(x, n, &mut self.scratch[0]));
+            return;
+        }
+        let mlp = self.mlp;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .scratch
+                .iter_mut()
+                .enumerate()
+                .map(|(i, scratch)| {
+                    let (start, end) = (n * i / t, n * (i + 1) / t);
+                    let rows = &x[start * width..end * width];
+                    s.spawn(move || {
+                        mlp.predict_into(rows, end - start, scratch);
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().expect("a scoring thread panicked");
+            }
+        });
+        for (i, scratch) in self.scratch.iter().enumerate() {
+            let rows = n * (i + 1) / t - n * i / t;
+            out.extend_from_slice(&scratch.current[..rows * mlp.output_dim()]);
+        }
+    }
+}
+
 /// Gradients shaped like the network's parameters.
 #[derive(Debug, Clone)]
 pub struct Gradients {
@@ -262,5 +306,30 @@ mod tests {
         let w = &mlp.layers[0].weight;
         let out = mlp.predict(&[1.0, 2.0], 1);
         assert!((out[0] - (w[0] + 2.0 * w[1])).abs() < 1e-6);
+    }
+}
+
+#[cfg(test)]
+mod predictor_tests {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    #[test]
+    fn threaded_prediction_equals_single_threaded() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mlp = Mlp::new(6, &[16, 8], 3, &mut rng);
+        let n = 101;
+        let x: Vec<f32> = (0..n * 6).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let one = mlp.predict(&x, n);
+        for threads in [1, 2, 3] {
+            let mut out = Vec::new();
+            let mut p = Predictor::new(&mlp, threads);
+            p.predict(&x, n, &mut out);
+            p.predict(&x[..6 * 7], 7, &mut out);
+            assert_eq!(&out[..n * 3], &one[..], "{threads} threads");
+            assert_eq!(&out[n * 3..], &one[..7 * 3]);
+        }
     }
 }

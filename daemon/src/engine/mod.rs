@@ -13,7 +13,7 @@ mod stack;
 mod trainer;
 
 pub use loss::{sigmoid, softmax_into, Head};
-pub use mlp::{Dense, ForwardCache, Gradients, Mlp, Scratch};
+pub use mlp::{Dense, ForwardCache, Gradients, Mlp, Predictor, Scratch};
 pub use optim::StackAdam;
 pub use stack::{Stack, StackCache, StackGradients};
 pub use trainer::{ThreadsError, Trainer};
