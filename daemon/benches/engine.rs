@@ -10,7 +10,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use cerebro_daemon::engine::{Head, Mlp, Predictor, Stack, Trainer};
+use cerebro_daemon::engine::{Head, Mlp, ModelStep, Predictor, Stack, Trainer};
+use cerebro_shared::spec::Optimizer;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -70,12 +71,13 @@ fn peak_rss_mib() -> f64 {
 /// One epoch over all rows in order, K models at once; returns seconds.
 fn train_epoch(stack: Stack, x: &[f32], y: &[f32], threads: usize) -> f64 {
     let k = stack.k;
-    let mut trainer = Trainer::new(stack, Head::Binary, threads).expect("training threads");
-    let (lr, wd, active) = (vec![LR; k], vec![0.0; k], vec![true; k]);
+    let mut trainer = Trainer::new(stack, Head::Binary, Optimizer::Adam, threads).expect("training threads");
+    let settings = vec![ModelStep { lr: LR, weight_decay: 0.0, momentum: 0.0, clip_norm: 0.0 }; k];
+    let active = vec![true; k];
     let mut losses = vec![0.0; k];
     let started = Instant::now();
     for (xb, yb) in x.chunks(BATCH * COLS).zip(y.chunks(BATCH)) {
-        trainer.step(xb, yb, yb.len(), &lr, &wd, &active, &mut losses);
+        trainer.step(xb, yb, yb.len(), &settings, &active, &mut losses);
     }
     let seconds = started.elapsed().as_secs_f64();
     assert!(losses.iter().all(|l| l.is_finite()));

@@ -9,7 +9,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Head, Mlp, Scratch, Stack, ThreadsError, Trainer};
+use crate::engine::{scheduled_lr, Head, Mlp, ModelStep, Scratch, Stack, ThreadsError, Trainer};
 use crate::features::{FeatureError, FeaturePipeline};
 use crate::metrics::{self, Metrics};
 
@@ -104,6 +104,7 @@ fn incompatibility(a: &TrainingPlan, b: &TrainingPlan) -> Option<&'static str> {
         (a.features != b.features, "features"),
         (a.class_labels != b.class_labels, "class labels"),
         (x.hidden != y.hidden, "hidden"),
+        (x.optimizer != y.optimizer, "optimizer"),
         (x.batch_size != y.batch_size, "batch_size"),
         (x.seed != y.seed, "seed"),
         (x.validation_fraction != y.validation_fraction, "validation_fraction"),
@@ -114,8 +115,9 @@ fn incompatibility(a: &TrainingPlan, b: &TrainingPlan) -> Option<&'static str> {
 }
 
 /// Trains several models in one pass over the data, as one [`Stack`]. They
-/// must agree on everything but `learning_rate`, `weight_decay`, `epochs` and
-/// `patience`; each ends exactly as it would have trained alone.
+/// must agree on everything but `learning_rate`, `weight_decay`, `epochs`,
+/// `patience`, `momentum`, `schedule`, `warmup_epochs` and `clip_norm`; each
+/// ends exactly as it would have trained alone.
 /// `on_epoch` gets the plan's index with each epoch's statistics. Each
 /// minibatch is split across `threads` threads.
 pub fn train_group(
@@ -209,10 +211,19 @@ pub fn train_group(
             r
         })
         .collect();
-    let mut trainer = Trainer::new(Stack::new(&dims, &mut init_rngs), head, threads)?;
-    let lr: Vec<f32> = plans.iter().map(|p| p.options.learning_rate as f32).collect();
-    let wd: Vec<f32> = plans.iter().map(|p| p.options.weight_decay as f32).collect();
+    let mut trainer = Trainer::new(Stack::new(&dims, &mut init_rngs), head, opts.optimizer, threads)?;
     let batch = (opts.batch_size as usize).min(train_idx.len());
+    let steps_per_epoch = train_idx.len().div_ceil(batch);
+    let mut settings: Vec<ModelStep> = plans
+        .iter()
+        .map(|p| ModelStep {
+            lr: p.options.learning_rate as f32,
+            weight_decay: p.options.weight_decay as f32,
+            momentum: p.options.momentum as f32,
+            clip_norm: p.options.clip_norm as f32,
+        })
+        .collect();
+    let mut step = 0usize;
     let mut xb = vec![0.0f32; batch * width];
     let mut yb = vec![0.0f32; batch];
 
@@ -241,7 +252,14 @@ pub fn train_group(
                 xb[j * width..(j + 1) * width].copy_from_slice(&x_all[rows[i] * width..(rows[i] + 1) * width]);
                 yb[j] = y[i];
             }
-            trainer.step(&xb[..n * width], &yb[..n], n, &lr, &wd, &active, &mut loss_sums);
+            for (s, p) in settings.iter_mut().zip(plans) {
+                let o = &p.options;
+                let total = o.epochs as usize * steps_per_epoch;
+                let warmup = o.warmup_epochs as usize * steps_per_epoch;
+                s.lr = scheduled_lr(o.schedule, o.learning_rate as f32, step, total, warmup);
+            }
+            trainer.step(&xb[..n * width], &yb[..n], n, &settings, &active, &mut loss_sums);
+            step += 1;
         }
         let valid_logits = trainer.predict(&x_valid, EVAL_CHUNK);
         let seconds = started.elapsed().as_secs_f64();
@@ -486,12 +504,20 @@ mod group_tests {
             options: TrainOptions { hidden: vec![16, 8], epochs: 12, batch_size: 32, ..Default::default() },
         };
         let mut plans = Vec::new();
-        for (lr, wd, epochs, patience) in [(1e-3, 0.0, 12, 5), (1e-2, 0.01, 7, 0), (3e-3, 0.0, 12, 2)] {
+        use cerebro_shared::spec::Schedule;
+        for (lr, wd, epochs, patience, schedule, clip) in [
+            (1e-3, 0.0, 12, 5, Schedule::Constant, 0.0),
+            (1e-2, 0.01, 7, 0, Schedule::Cosine, 0.0),
+            (3e-3, 0.0, 12, 2, Schedule::Warmup, 0.5),
+        ] {
             let mut p = base.clone();
             p.options.learning_rate = lr;
             p.options.weight_decay = wd;
             p.options.epochs = epochs;
             p.options.patience = patience;
+            p.options.schedule = schedule;
+            p.options.warmup_epochs = 2;
+            p.options.clip_norm = clip;
             plans.push(p);
         }
         let mut seen = vec![0; plans.len()];

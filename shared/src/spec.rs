@@ -116,9 +116,32 @@ pub struct Feature {
     pub kind: FeatureKind,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Optimizer {
+    /// Adam; `weight_decay` is an L2 penalty added to the gradient.
+    Adam,
+    /// Adam with decoupled weight decay.
+    AdamW,
+    /// Stochastic gradient descent with momentum; `weight_decay` is L2.
+    Sgd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// The learning rate throughout.
+    Constant,
+    /// Cosine decay from the learning rate to 0 over the epoch budget.
+    Cosine,
+    /// Linear warm-up over `warmup_epochs`, then cosine decay.
+    Warmup,
+}
+
 /// Architecture and parameter-tuning choices of one model, with defaults.
+/// Options stored before a key existed read as its default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct TrainOptions {
     /// Widths of the hidden layers, input side first.
     pub hidden: Vec<u32>,
@@ -134,6 +157,13 @@ pub struct TrainOptions {
     /// Most frequent categories kept per categorical column; rarer ones are
     /// treated like values never seen.
     pub max_categories: u32,
+    pub optimizer: Optimizer,
+    /// SGD's momentum.
+    pub momentum: f64,
+    pub schedule: Schedule,
+    pub warmup_epochs: u32,
+    /// Largest global gradient norm per step (0: no clipping).
+    pub clip_norm: f64,
 }
 
 impl Default for TrainOptions {
@@ -148,6 +178,11 @@ impl Default for TrainOptions {
             validation_fraction: 0.2,
             patience: 5,
             max_categories: 1000,
+            optimizer: Optimizer::Adam,
+            momentum: 0.9,
+            schedule: Schedule::Constant,
+            warmup_epochs: 0,
+            clip_norm: 0.0,
         }
     }
 }
@@ -162,6 +197,11 @@ pub const OPTION_KEYS: &[&str] = &[
     "validation_fraction",
     "patience",
     "max_categories",
+    "optimizer",
+    "momentum",
+    "schedule",
+    "warmup_epochs",
+    "clip_norm",
 ];
 
 impl TrainOptions {
@@ -187,6 +227,25 @@ impl TrainOptions {
                 "validation_fraction" => opts.validation_fraction = as_f64(key, v)?,
                 "patience" => opts.patience = as_u32(key, v, "a non-negative integer")?,
                 "max_categories" => opts.max_categories = as_u32(key, v, "a positive integer")?,
+                "optimizer" => {
+                    opts.optimizer = match v.as_str() {
+                        Some("adam") => Optimizer::Adam,
+                        Some("adamw") => Optimizer::AdamW,
+                        Some("sgd") => Optimizer::Sgd,
+                        _ => return Err(type_err(key, "one of \"adam\", \"adamw\", \"sgd\"")),
+                    }
+                }
+                "momentum" => opts.momentum = as_f64(key, v)?,
+                "schedule" => {
+                    opts.schedule = match v.as_str() {
+                        Some("constant") => Schedule::Constant,
+                        Some("cosine") => Schedule::Cosine,
+                        Some("warmup") => Schedule::Warmup,
+                        _ => return Err(type_err(key, "one of \"constant\", \"cosine\", \"warmup\"")),
+                    }
+                }
+                "warmup_epochs" => opts.warmup_epochs = as_u32(key, v, "a non-negative integer")?,
+                "clip_norm" => opts.clip_norm = as_f64(key, v)?,
                 _ => return Err(SpecError::UnknownOption(key.clone())),
             }
         }
@@ -223,6 +282,17 @@ impl TrainOptions {
             ));
         }
         check_range("max_categories", self.max_categories as f64, 1.0, 100_000.0)?;
+        if !(0.0..1.0).contains(&self.momentum) {
+            return Err(range_err("momentum", self.momentum.to_string(), "at least 0 and below 1".into()));
+        }
+        if self.warmup_epochs >= self.epochs && self.schedule == Schedule::Warmup {
+            return Err(range_err(
+                "warmup_epochs",
+                self.warmup_epochs.to_string(),
+                format!("fewer than epochs ({})", self.epochs),
+            ));
+        }
+        check_range("clip_norm", self.clip_norm, 0.0, 1e6)?;
         Ok(())
     }
 
@@ -410,6 +480,31 @@ mod tests {
             SpecError::OptionRange { key, .. } if key == "hidden"
         ));
         assert_eq!(TrainOptions::from_json(Some(&json!([1]))).unwrap_err(), SpecError::OptionsNotObject);
+    }
+
+    #[test]
+    fn optimizers_and_schedules_are_named_options() {
+        let o = TrainOptions::from_json(Some(&json!({
+            "optimizer": "sgd", "momentum": 0.8, "schedule": "warmup", "warmup_epochs": 2, "clip_norm": 1.5
+        })))
+        .unwrap();
+        assert_eq!((o.optimizer, o.schedule, o.warmup_epochs), (Optimizer::Sgd, Schedule::Warmup, 2));
+        assert_eq!((o.momentum, o.clip_norm), (0.8, 1.5));
+        assert!(matches!(
+            TrainOptions::from_json(Some(&json!({"optimizer": "lbfgs"}))).unwrap_err(),
+            SpecError::OptionType { key, .. } if key == "optimizer"
+        ));
+        assert!(matches!(
+            TrainOptions::from_json(Some(&json!({"schedule": "warmup", "warmup_epochs": 40, "epochs": 10}))).unwrap_err(),
+            SpecError::OptionRange { key, .. } if key == "warmup_epochs"
+        ));
+        assert!(matches!(
+            TrainOptions::from_json(Some(&json!({"momentum": 1.0}))).unwrap_err(),
+            SpecError::OptionRange { key, .. } if key == "momentum"
+        ));
+        // Options stored before these keys existed still read.
+        let old: TrainOptions = serde_json::from_value(json!({"epochs": 3})).unwrap();
+        assert_eq!(old.optimizer, Optimizer::Adam);
     }
 
     #[test]

@@ -1,22 +1,48 @@
-//! Adam with decoupled weight decay (AdamW when `weight_decay > 0`).
+//! Optimisers over a [`Stack`]: Adam, AdamW and SGD with momentum, with an
+//! optional global-norm gradient clip. Every model of the stack has its own
+//! learning rate, weight decay, momentum, clip and step count; an inactive
+//! model is left untouched. Weight decay applies to weights, not biases.
+
+use cerebro_shared::spec::Optimizer;
 
 use super::stack::{Stack, StackGradients};
 
-/// Adam(W) over a [`Stack`]: every model has its own learning rate, weight
-/// decay and step count, and an inactive model is left untouched.
+/// One model's settings for one step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelStep {
+    pub lr: f32,
+    pub weight_decay: f32,
+    /// SGD's momentum (ignored by Adam).
+    pub momentum: f32,
+    /// Largest global gradient norm (0: no clipping).
+    pub clip_norm: f32,
+}
+
 #[derive(Debug, Clone)]
-pub struct StackAdam {
+pub struct StackOptimizer {
+    kind: Optimizer,
     pub beta1: f32,
     pub beta2: f32,
     pub eps: f32,
     steps: Vec<i32>,
+    /// Adam's first moments, or SGD's momentum buffers.
     m: StackGradients,
+    /// Adam's second moments.
     v: StackGradients,
 }
 
-impl StackAdam {
-    pub fn new(stack: &Stack) -> StackAdam {
-        StackAdam {
+/// Where model `model`'s parameters of layer `l` lie: `runs` runs of `len`
+/// elements, `stride` apart, from `first`; then its biases.
+fn runs(stack: &Stack, l: usize, model: usize) -> ((usize, usize, usize, usize), std::ops::Range<usize>) {
+    let (k, rows, cols) = (stack.k, stack.dims[l], stack.dims[l + 1]);
+    let weights = if l == 0 { (model * cols, cols, k * cols, rows) } else { (model * rows * cols, rows * cols, 0, 1) };
+    (weights, model * cols..(model + 1) * cols)
+}
+
+impl StackOptimizer {
+    pub fn new(stack: &Stack, kind: Optimizer) -> StackOptimizer {
+        StackOptimizer {
+            kind,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
@@ -26,54 +52,99 @@ impl StackAdam {
         }
     }
 
-    /// One step for every model `i` with `active[i]`, at `lr[i]` and decay `wd[i]`.
-    pub fn step(&mut self, stack: &mut Stack, grads: &StackGradients, lr: &[f32], wd: &[f32], active: &[bool]) {
-        let k = stack.k;
-        let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
-        for model in 0..k {
-            if !active[model] {
-                continue;
+    /// Global L2 norm of one model's gradient.
+    fn norm(stack: &Stack, grads: &StackGradients, model: usize) -> f32 {
+        let mut sum = 0.0f64;
+        for l in 0..stack.weights.len() {
+            let ((first, len, stride, count), biases) = runs(stack, l, model);
+            for run in 0..count {
+                let start = first + run * stride;
+                sum += grads.weights[l][start..start + len].iter().map(|g| (*g as f64) * (*g as f64)).sum::<f64>();
             }
+            sum += grads.biases[l][biases].iter().map(|g| (*g as f64) * (*g as f64)).sum::<f64>();
+        }
+        sum.sqrt() as f32
+    }
+
+    /// One step for every model `i` with `active[i]`, with `settings[i]`.
+    pub fn step(&mut self, stack: &mut Stack, grads: &StackGradients, settings: &[ModelStep], active: &[bool]) {
+        for model in (0..stack.k).filter(|&m| active[m]) {
+            let s = settings[model];
+            let scale = if s.clip_norm > 0.0 {
+                let norm = Self::norm(stack, grads, model);
+                if norm.is_finite() && norm > s.clip_norm {
+                    s.clip_norm / norm
+                } else {
+                    1.0
+                }
+            } else {
+                1.0
+            };
             self.steps[model] += 1;
             let t = self.steps[model];
+            let (b1, b2, eps, kind) = (self.beta1, self.beta2, self.eps, self.kind);
             let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-            let lr = lr[model];
-            let decay = 1.0 - lr * wd[model];
-            let update = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], decay: f32| {
+            // `wd` is 0 for biases.
+            let update = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], wd: f32| {
                 for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                    *m = b1 * *m + (1.0 - b1) * g;
-                    *v = b2 * *v + (1.0 - b2) * g * g;
-                    *p = *p * decay - lr * (*m / c1) / ((*v / c2).sqrt() + eps);
+                    let g = g * scale;
+                    match kind {
+                        Optimizer::Adam | Optimizer::AdamW => {
+                            let g = if kind == Optimizer::Adam { g + wd * *p } else { g };
+                            *m = b1 * *m + (1.0 - b1) * g;
+                            *v = b2 * *v + (1.0 - b2) * g * g;
+                            let decay = if kind == Optimizer::AdamW { 1.0 - s.lr * wd } else { 1.0 };
+                            *p = *p * decay - s.lr * (*m / c1) / ((*v / c2).sqrt() + eps);
+                        }
+                        Optimizer::Sgd => {
+                            *m = s.momentum * *m + g + wd * *p;
+                            *p -= s.lr * *m;
+                        }
+                    }
                 }
             };
             for l in 0..stack.weights.len() {
-                let (rows, cols) = (stack.dims[l], stack.dims[l + 1]);
-                // This model's weights: `runs` runs of `len` elements, `stride` apart.
-                let (first, len, stride, runs) = if l == 0 {
-                    (model * cols, cols, k * cols, rows)
-                } else {
-                    (model * rows * cols, rows * cols, 0, 1)
-                };
-                for run in 0..runs {
+                let ((first, len, stride, count), biases) = runs(stack, l, model);
+                for run in 0..count {
                     let r = first + run * stride..first + run * stride + len;
                     update(
                         &mut stack.weights[l][r.clone()],
                         &grads.weights[l][r.clone()],
                         &mut self.m.weights[l][r.clone()],
                         &mut self.v.weights[l][r],
-                        decay,
+                        s.weight_decay,
                     );
                 }
-                let r = model * cols..(model + 1) * cols;
                 update(
-                    &mut stack.biases[l][r.clone()],
-                    &grads.biases[l][r.clone()],
-                    &mut self.m.biases[l][r.clone()],
-                    &mut self.v.biases[l][r],
-                    1.0,
+                    &mut stack.biases[l][biases.clone()],
+                    &grads.biases[l][biases.clone()],
+                    &mut self.m.biases[l][biases.clone()],
+                    &mut self.v.biases[l][biases],
+                    0.0,
                 );
             }
         }
+    }
+}
+
+/// The learning rate at 0-based `step` of `total` (and `warmup`) steps.
+pub fn scheduled_lr(
+    schedule: cerebro_shared::spec::Schedule,
+    base: f32,
+    step: usize,
+    total: usize,
+    warmup: usize,
+) -> f32 {
+    use cerebro_shared::spec::Schedule;
+    let cosine = |done: usize, span: usize| {
+        let progress = (done as f64 / span.max(1) as f64).min(1.0);
+        (base as f64 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32
+    };
+    match schedule {
+        Schedule::Constant => base,
+        Schedule::Cosine => cosine(step, total),
+        Schedule::Warmup if step < warmup => base * (step + 1) as f32 / warmup as f32,
+        Schedule::Warmup => cosine(step - warmup, total.saturating_sub(warmup)),
     }
 }
 
@@ -86,25 +157,61 @@ mod tests {
     use super::*;
     use crate::engine::Mlp;
 
-    #[test]
-    fn adam_fits_a_linear_target() {
+    fn fit(kind: Optimizer, lr: f32, clip_norm: f32) -> (f64, Mlp) {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let mut stack = Stack::from_models(&[Mlp::new(2, &[], 1, &mut rng)]);
-        let mut opt = StackAdam::new(&stack);
+        let mut opt = StackOptimizer::new(&stack, kind);
         let x = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 2.0, -1.0];
         let y = [3.0, -2.0, 1.0, 8.0];
         let mut cache = StackCache::default();
         let mut grads = stack.zero_gradients();
         let mut d = [0.0; 4];
         let mut loss = f64::MAX;
+        let settings = [ModelStep { lr, weight_decay: 0.0, momentum: 0.9, clip_norm }];
         for _ in 0..2000 {
             stack.forward(&x, 4, &mut cache);
             loss = Head::Regression.loss_and_grad(cache.logits(), &y, 4, &mut d);
             stack.backward(&x, 4, &mut cache, &d, &mut grads);
-            opt.step(&mut stack, &grads, &[0.05], &[0.0], &[true]);
+            opt.step(&mut stack, &grads, &settings, &[true]);
         }
-        assert!(loss < 1e-4, "loss {loss}");
-        let w = &stack.model(0).layers[0].weight;
-        assert!((w[0] - 3.0).abs() < 0.05 && (w[1] + 2.0).abs() < 0.05);
+        (loss, stack.model(0))
+    }
+
+    #[test]
+    fn every_optimizer_fits_a_linear_target() {
+        for (kind, lr) in [(Optimizer::Adam, 0.05), (Optimizer::AdamW, 0.05), (Optimizer::Sgd, 0.01)] {
+            let (loss, model) = fit(kind, lr, 0.0);
+            assert!(loss < 1e-4, "{kind:?}: loss {loss}");
+            let w = &model.layers[0].weight;
+            assert!((w[0] - 3.0).abs() < 0.05 && (w[1] + 2.0).abs() < 0.05, "{kind:?}: {w:?}");
+        }
+    }
+
+    #[test]
+    fn clipping_bounds_each_step() {
+        // SGD without momentum moves by exactly lr × clipped gradient.
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let mut stack = Stack::from_models(&[Mlp::new(2, &[], 1, &mut rng)]);
+        let before = stack.model(0);
+        let grads = StackGradients { weights: vec![vec![30.0, 40.0]], biases: vec![vec![0.0]] };
+        let mut opt = StackOptimizer::new(&stack, Optimizer::Sgd);
+        let s = ModelStep { lr: 1.0, weight_decay: 0.0, momentum: 0.0, clip_norm: 5.0 };
+        opt.step(&mut stack, &grads, &[s], &[true]);
+        let after = stack.model(0);
+        let moved: Vec<f32> = before.layers[0].weight.iter().zip(&after.layers[0].weight).map(|(a, b)| a - b).collect();
+        assert!((moved[0] - 3.0).abs() < 1e-5 && (moved[1] - 4.0).abs() < 1e-5, "{moved:?}");
+    }
+
+    #[test]
+    fn schedules() {
+        use cerebro_shared::spec::Schedule;
+        assert_eq!(scheduled_lr(Schedule::Constant, 0.1, 50, 100, 0), 0.1);
+        assert!((scheduled_lr(Schedule::Cosine, 0.1, 0, 100, 0) - 0.1).abs() < 1e-7);
+        assert!((scheduled_lr(Schedule::Cosine, 0.1, 50, 100, 0) - 0.05).abs() < 1e-7);
+        assert!(scheduled_lr(Schedule::Cosine, 0.1, 100, 100, 0).abs() < 1e-7);
+        assert!((scheduled_lr(Schedule::Warmup, 0.1, 0, 100, 10) - 0.01).abs() < 1e-7);
+        assert!((scheduled_lr(Schedule::Warmup, 0.1, 9, 100, 10) - 0.1).abs() < 1e-7);
+        assert!((scheduled_lr(Schedule::Warmup, 0.1, 10, 100, 10) - 0.1).abs() < 1e-7);
+        assert!((scheduled_lr(Schedule::Warmup, 0.1, 55, 100, 10) - 0.05).abs() < 1e-7);
     }
 }

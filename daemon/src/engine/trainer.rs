@@ -11,7 +11,9 @@
 //!   sums in another order, so weights then agree only to rounding.
 
 use super::loss::Head;
-use super::optim::StackAdam;
+use cerebro_shared::spec::Optimizer;
+
+use super::optim::{ModelStep, StackOptimizer};
 use super::stack::{Stack, StackCache, StackGradients};
 
 /// Multiply-adds a thread must get before splitting a batch's rows pays for
@@ -27,7 +29,7 @@ struct Part {
 struct RowTrainer {
     stack: Stack,
     head: Head,
-    adam: StackAdam,
+    optimizer: StackOptimizer,
     pool: Option<rayon::ThreadPool>,
     parts: Vec<Part>,
     grads: StackGradients,
@@ -52,13 +54,13 @@ fn pool(threads: usize) -> Result<rayon::ThreadPool, ThreadsError> {
 }
 
 impl RowTrainer {
-    fn new(stack: Stack, head: Head, threads: usize) -> Result<RowTrainer, ThreadsError> {
+    fn new(stack: Stack, head: Head, kind: Optimizer, threads: usize) -> Result<RowTrainer, ThreadsError> {
         let threads = threads.max(1);
         let pool = if threads > 1 { Some(pool(threads)?) } else { None };
         let parts =
             (0..threads).map(|_| Part { cache: StackCache::default(), grads: stack.zero_gradients() }).collect();
         Ok(RowTrainer {
-            adam: StackAdam::new(&stack),
+            optimizer: StackOptimizer::new(&stack, kind),
             grads: stack.zero_gradients(),
             head,
             pool,
@@ -82,7 +84,7 @@ impl RowTrainer {
     /// One step on `n` rows of `x` with targets `y`; every active model's
     /// batch loss times `n` is added to `losses[model]`.
     #[allow(clippy::too_many_arguments)]
-    fn step(&mut self, x: &[f32], y: &[f32], n: usize, lr: &[f32], wd: &[f32], active: &[bool], losses: &mut [f64]) {
+    fn step(&mut self, x: &[f32], y: &[f32], n: usize, settings: &[ModelStep], active: &[bool], losses: &mut [f64]) {
         let width = self.stack.dims[0];
         let (k, c) = (self.stack.k, self.stack.outputs());
         let ranges = self.ranges(n);
@@ -156,7 +158,7 @@ impl RowTrainer {
             }
             &self.grads
         };
-        self.adam.step(&mut self.stack, grads, lr, wd, active);
+        self.optimizer.step(&mut self.stack, grads, settings, active);
     }
 
     /// Logits of every model for `n` rows, `[n × K·out]`.
@@ -187,17 +189,17 @@ enum Inner {
 }
 
 impl Trainer {
-    pub fn new(stack: Stack, head: Head, threads: usize) -> Result<Trainer, ThreadsError> {
+    pub fn new(stack: Stack, head: Head, kind: Optimizer, threads: usize) -> Result<Trainer, ThreadsError> {
         let threads = threads.max(1);
         if stack.k < 2 || threads < 2 {
-            return Ok(Trainer { inner: Inner::Rows(Box::new(RowTrainer::new(stack, head, threads)?)) });
+            return Ok(Trainer { inner: Inner::Rows(Box::new(RowTrainer::new(stack, head, kind, threads)?)) });
         }
         let (k, shards_n) = (stack.k, threads.min(stack.k));
         let mut shards = Vec::with_capacity(shards_n);
         for t in 0..shards_n {
             let (first, end) = (k * t / shards_n, k * (t + 1) / shards_n);
             let models: Vec<_> = (first..end).map(|m| stack.model(m)).collect();
-            shards.push((first, RowTrainer::new(Stack::from_models(&models), head, 1)?));
+            shards.push((first, RowTrainer::new(Stack::from_models(&models), head, kind, 1)?));
         }
         Ok(Trainer { inner: Inner::Models { pool: pool(shards_n)?, shards } })
     }
@@ -214,21 +216,19 @@ impl Trainer {
     }
 
     /// One step on `n` rows of `x` with targets `y`, for every model `m` with
-    /// `active[m]`, at `lr[m]` and weight decay `wd[m]`; each model's batch
-    /// loss times `n` is added to `losses[m]`.
-    #[allow(clippy::too_many_arguments)]
+    /// `active[m]`, with `settings[m]`; each model's batch loss times `n` is
+    /// added to `losses[m]`.
     pub fn step(
         &mut self,
         x: &[f32],
         y: &[f32],
         n: usize,
-        lr: &[f32],
-        wd: &[f32],
+        settings: &[ModelStep],
         active: &[bool],
         losses: &mut [f64],
     ) {
         match &mut self.inner {
-            Inner::Rows(r) => r.step(x, y, n, lr, wd, active, losses),
+            Inner::Rows(r) => r.step(x, y, n, settings, active, losses),
             Inner::Models { pool, shards } => pool.scope(|s| {
                 let mut rest = losses;
                 for (first, shard) in shards.iter_mut() {
@@ -236,8 +236,8 @@ impl Trainer {
                     let (mine, others) = rest.split_at_mut(k);
                     rest = others;
                     let range = *first..*first + k;
-                    let (lr, wd, active) = (&lr[range.clone()], &wd[range.clone()], &active[range]);
-                    s.spawn(move |_| shard.step(x, y, n, lr, wd, active, mine));
+                    let (settings, active) = (&settings[range.clone()], &active[range]);
+                    s.spawn(move |_| shard.step(x, y, n, settings, active, mine));
                 }
             }),
         }
@@ -277,13 +277,14 @@ mod tests {
         // Large enough per step that a single model's rows are split.
         let (n, dims) = (256, [8, 256, 256, 1]);
         let mut rngs: Vec<ChaCha8Rng> = (0..k as u64).map(ChaCha8Rng::seed_from_u64).collect();
-        let mut trainer = Trainer::new(Stack::new(&dims, &mut rngs), Head::Binary, threads).unwrap();
+        let mut trainer = Trainer::new(Stack::new(&dims, &mut rngs), Head::Binary, Optimizer::Adam, threads).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(42);
         let x: Vec<f32> = (0..n * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
         let y: Vec<f32> = (0..n).map(|i| (x[i * 8] > 0.0) as u32 as f32).collect();
         let mut losses = vec![0.0; k];
         for _ in 0..5 {
-            trainer.step(&x, &y, n, &vec![1e-3; k], &vec![0.0; k], &vec![true; k], &mut losses);
+            let settings = ModelStep { lr: 1e-3, weight_decay: 0.0, momentum: 0.0, clip_norm: 0.0 };
+            trainer.step(&x, &y, n, &vec![settings; k], &vec![true; k], &mut losses);
         }
         ((0..k).map(|m| trainer.model(m)).collect(), losses)
     }
