@@ -104,6 +104,7 @@ fn incompatibility(a: &TrainingPlan, b: &TrainingPlan) -> Option<&'static str> {
         (a.features != b.features, "features"),
         (a.class_labels != b.class_labels, "class labels"),
         (x.hidden != y.hidden, "hidden"),
+        (x.activation != y.activation, "activation"),
         (x.optimizer != y.optimizer, "optimizer"),
         (x.batch_size != y.batch_size, "batch_size"),
         (x.seed != y.seed, "seed"),
@@ -211,7 +212,7 @@ pub fn train_group(
             r
         })
         .collect();
-    let mut trainer = Trainer::new(Stack::new(&dims, &mut init_rngs), head, opts.optimizer, threads)?;
+    let mut trainer = Trainer::new(Stack::new(&dims, opts.activation, &mut init_rngs), head, opts.optimizer, threads)?;
     let batch = (opts.batch_size as usize).min(train_idx.len());
     let steps_per_epoch = train_idx.len().div_ceil(batch);
     let mut settings: Vec<ModelStep> = plans

@@ -7,7 +7,7 @@ use cerebro_daemon::onnx::export;
 use cerebro_daemon::scoring::{InputKind, ScoringModel};
 use cerebro_daemon::train::{train, Control, TrainedModel};
 use cerebro_shared::batch::{ColumnData, NO_LABEL};
-use cerebro_shared::spec::{Feature, FeatureKind, Task, TrainOptions, TrainingPlan};
+use cerebro_shared::spec::{Activation, Feature, FeatureKind, Task, TrainOptions, TrainingPlan};
 
 fn columns(n: usize, offset: usize) -> Vec<ColumnData> {
     let mut num = Vec::new();
@@ -34,7 +34,7 @@ fn features() -> Vec<Feature> {
     ]
 }
 
-fn trained(task: Task) -> TrainedModel {
+fn trained(task: Task, activation: Activation) -> TrainedModel {
     let train_cols = columns(400, 0);
     let num = match &train_cols[0] {
         ColumnData::Float64(v) => v.clone(),
@@ -58,7 +58,7 @@ fn trained(task: Task) -> TrainedModel {
         target: "y".into(),
         features: features(),
         class_labels: labels,
-        options: TrainOptions { epochs: 5, hidden: vec![8, 4], ..Default::default() },
+        options: TrainOptions { epochs: 5, hidden: vec![8, 4], activation, ..Default::default() },
     };
     train(&plan, &train_cols, &target, 1, &mut |_| Control::Continue).expect("training succeeds")
 }
@@ -67,8 +67,16 @@ fn trained(task: Task) -> TrainedModel {
 fn onnx_runtime_agrees_with_the_engine_for_every_head() {
     let Some(rt) = common::onnx_runtime() else { return };
     let held_out = columns(300, 10_000);
-    for task in [Task::Binary, Task::Multiclass, Task::Regression] {
-        let model = trained(task);
+    let cases = [
+        (Task::Binary, Activation::Relu),
+        (Task::Multiclass, Activation::Relu),
+        (Task::Regression, Activation::Relu),
+        (Task::Binary, Activation::Gelu),
+        (Task::Binary, Activation::Silu),
+        (Task::Regression, Activation::Tanh),
+    ];
+    for (task, activation) in cases {
+        let model = trained(task, activation);
         let bytes = export(&model, &[("cerebro.model", "test".into())]).unwrap();
         let onnx = ScoringModel::load(&rt, &bytes).unwrap();
         assert_eq!(
@@ -80,7 +88,7 @@ fn onnx_runtime_agrees_with_the_engine_for_every_head() {
         assert_eq!(engine.len(), runtime.len(), "{task}");
         assert_eq!(width, if task == Task::Multiclass { 3 } else { 1 });
         for (i, (e, r)) in engine.iter().zip(&runtime).enumerate() {
-            assert!((e - r).abs() <= 1e-5 * e.abs().max(1.0), "{task} row {i}: engine {e} onnx {r}");
+            assert!((e - r).abs() <= 1e-5 * e.abs().max(1.0), "{task} {activation:?} row {i}: engine {e} onnx {r}");
         }
 
         let (scores, labels) = onnx.score(&held_out).unwrap();
@@ -96,7 +104,7 @@ fn onnx_runtime_agrees_with_the_engine_for_every_head() {
 #[test]
 fn batches_of_the_wrong_shape_are_refused() {
     let Some(rt) = common::onnx_runtime() else { return };
-    let onnx = ScoringModel::load(&rt, &export(&trained(Task::Binary), &[]).unwrap()).unwrap();
+    let onnx = ScoringModel::load(&rt, &export(&trained(Task::Binary, Activation::Relu), &[]).unwrap()).unwrap();
     let mut cols = columns(4, 0);
     cols.pop();
     assert!(onnx.run(&cols).is_err());

@@ -127,6 +127,19 @@ pub enum Optimizer {
     Sgd,
 }
 
+/// The nonlinearity after every hidden layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    #[default]
+    Relu,
+    /// GELU, tanh approximation.
+    Gelu,
+    /// SiLU (swish): `x · sigmoid(x)`.
+    Silu,
+    Tanh,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
@@ -145,6 +158,7 @@ pub enum Schedule {
 pub struct TrainOptions {
     /// Widths of the hidden layers, input side first.
     pub hidden: Vec<u32>,
+    pub activation: Activation,
     pub epochs: u32,
     pub batch_size: u32,
     pub learning_rate: f64,
@@ -170,6 +184,7 @@ impl Default for TrainOptions {
     fn default() -> Self {
         TrainOptions {
             hidden: vec![64, 32],
+            activation: Activation::Relu,
             epochs: 30,
             batch_size: 128,
             learning_rate: 1e-3,
@@ -189,6 +204,7 @@ impl Default for TrainOptions {
 
 pub const OPTION_KEYS: &[&str] = &[
     "hidden",
+    "activation",
     "epochs",
     "batch_size",
     "learning_rate",
@@ -218,6 +234,15 @@ impl TrainOptions {
                         .iter()
                         .map(|w| as_u32(key, w, "an array of positive integers"))
                         .collect::<Result<_, _>>()?;
+                }
+                "activation" => {
+                    opts.activation = match v.as_str() {
+                        Some("relu") => Activation::Relu,
+                        Some("gelu") => Activation::Gelu,
+                        Some("silu") => Activation::Silu,
+                        Some("tanh") => Activation::Tanh,
+                        _ => return Err(type_err(key, "one of \"relu\", \"gelu\", \"silu\", \"tanh\"")),
+                    }
                 }
                 "epochs" => opts.epochs = as_u32(key, v, "a positive integer")?,
                 "batch_size" => opts.batch_size = as_u32(key, v, "a positive integer")?,
@@ -490,6 +515,9 @@ mod tests {
         .unwrap();
         assert_eq!((o.optimizer, o.schedule, o.warmup_epochs), (Optimizer::Sgd, Schedule::Warmup, 2));
         assert_eq!((o.momentum, o.clip_norm), (0.8, 1.5));
+        let g = TrainOptions::from_json(Some(&json!({"activation": "gelu"}))).unwrap();
+        assert_eq!(g.activation, Activation::Gelu);
+        assert!(TrainOptions::from_json(Some(&json!({"activation": "swish"}))).is_err());
         assert!(matches!(
             TrainOptions::from_json(Some(&json!({"optimizer": "lbfgs"}))).unwrap_err(),
             SpecError::OptionType { key, .. } if key == "optimizer"

@@ -3,6 +3,7 @@
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use super::activation::{self, Activation};
 use super::gemm::gemm;
 
 /// One dense layer, `y = x · weight + bias`, weight stored inputs×outputs.
@@ -30,6 +31,9 @@ impl Dense {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Mlp {
     pub layers: Vec<Dense>,
+    /// After every layer but the last.
+    #[serde(default)]
+    pub activation: Activation,
 }
 
 /// Activations kept from the forward pass for the backward pass.
@@ -119,7 +123,12 @@ impl Mlp {
         dims.push(output);
         let last = dims.len() - 2;
         let layers = (0..dims.len() - 1).map(|i| Dense::init(dims[i], dims[i + 1], i < last, rng)).collect();
-        Mlp { layers }
+        Mlp { layers, activation: Activation::Relu }
+    }
+
+    pub fn with_activation(mut self, activation: Activation) -> Mlp {
+        self.activation = activation;
+        self
     }
 
     pub fn input_dim(&self) -> usize {
@@ -147,9 +156,7 @@ impl Mlp {
             if l + 1 < depth {
                 let a = &mut cache.post[l];
                 a.resize(z.len(), 0.0);
-                for (a, z) in a.iter_mut().zip(z.iter()) {
-                    *a = z.max(0.0);
-                }
+                activation::apply(self.activation, z, a);
             }
         }
     }
@@ -172,7 +179,7 @@ impl Mlp {
             let input: &[f32] = if l == 0 { x } else { &scratch.current };
             gemm(n, layer.inputs, layer.outputs, input, false, &layer.weight, false, 1.0, out);
             if l + 1 < depth {
-                out.iter_mut().for_each(|v| *v = v.max(0.0));
+                activation::apply_in_place(self.activation, out);
             }
             std::mem::swap(&mut scratch.current, &mut scratch.next);
         }
@@ -209,10 +216,7 @@ impl Mlp {
                     0.0,
                     &mut cache.delta_prev,
                 );
-                // ReLU'(z) as a multiply, so the loop stays branch-free and vectorises.
-                for (d, z) in cache.delta_prev.iter_mut().zip(&cache.pre[l - 1]) {
-                    *d *= (*z > 0.0) as u32 as f32;
-                }
+                activation::backprop(self.activation, &cache.pre[l - 1], &mut cache.delta_prev);
                 std::mem::swap(&mut cache.delta, &mut cache.delta_prev);
             }
         }
@@ -233,10 +237,10 @@ mod tests {
 
     /// A network and inputs whose hidden pre-activations all stay clear of
     /// ReLU's kink, where finite differences would measure a one-sided slope.
-    fn away_from_kinks(outputs: usize, n: usize) -> (Mlp, Vec<f32>) {
+    fn away_from_kinks(outputs: usize, n: usize, act: Activation) -> (Mlp, Vec<f32>) {
         for seed in 0.. {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            let mut mlp = Mlp::new(4, &[6, 3], outputs, &mut rng);
+            let mut mlp = Mlp::new(4, &[6, 3], outputs, &mut rng).with_activation(act);
             for layer in &mut mlp.layers {
                 layer.bias.iter_mut().for_each(|b| *b = rng.random_range(-0.3..0.3));
             }
@@ -253,9 +257,9 @@ mod tests {
 
     /// Central finite differences in f64 over an f32 network: compare with a
     /// tolerance that reflects f32 rounding.
-    fn check_gradients(head: Head, y: Vec<f32>) {
+    fn check_gradients(head: Head, y: Vec<f32>, act: Activation) {
         let n = 5;
-        let (mut mlp, x) = away_from_kinks(head.outputs(), n);
+        let (mut mlp, x) = away_from_kinks(head.outputs(), n, act);
         let mut cache = ForwardCache::default();
         mlp.forward(&x, n, &mut cache);
         let mut d = vec![0.0; n * head.outputs()];
@@ -293,10 +297,12 @@ mod tests {
     }
 
     #[test]
-    fn gradients_match_finite_differences_for_every_head() {
-        check_gradients(Head::Binary, vec![1.0, 0.0, 1.0, 1.0, 0.0]);
-        check_gradients(Head::Multiclass(3), vec![0.0, 2.0, 1.0, 2.0, 0.0]);
-        check_gradients(Head::Regression, vec![0.5, -1.0, 2.0, 0.0, 0.3]);
+    fn gradients_match_finite_differences_for_every_head_and_activation() {
+        for act in [Activation::Relu, Activation::Gelu, Activation::Silu, Activation::Tanh] {
+            check_gradients(Head::Binary, vec![1.0, 0.0, 1.0, 1.0, 0.0], act);
+            check_gradients(Head::Multiclass(3), vec![0.0, 2.0, 1.0, 2.0, 0.0], act);
+            check_gradients(Head::Regression, vec![0.5, -1.0, 2.0, 0.0, 0.3], act);
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@
 
 use rand::Rng;
 
+use super::activation::{self, Activation};
 use super::gemm::gemm_strided;
 use super::mlp::{Dense, Mlp};
 
@@ -29,6 +30,7 @@ pub struct Stack {
     pub weights: Vec<Vec<f32>>,
     /// `[K·dims[l+1]]`, model after model.
     pub biases: Vec<Vec<f32>>,
+    pub activation: Activation,
 }
 
 /// Activations of the last forward pass, kept for the backward pass.
@@ -59,14 +61,17 @@ pub struct StackGradients {
 impl Stack {
     /// K models of shape `dims`, model k initialised from `rngs[k]` exactly as
     /// [`Mlp::new`] would initialise it alone.
-    pub fn new<R: Rng>(dims: &[usize], rngs: &mut [R]) -> Stack {
-        let singles: Vec<Mlp> =
-            rngs.iter_mut().map(|r| Mlp::new(dims[0], &dims[1..dims.len() - 1], dims[dims.len() - 1], r)).collect();
+    pub fn new<R: Rng>(dims: &[usize], activation: Activation, rngs: &mut [R]) -> Stack {
+        let singles: Vec<Mlp> = rngs
+            .iter_mut()
+            .map(|r| Mlp::new(dims[0], &dims[1..dims.len() - 1], dims[dims.len() - 1], r).with_activation(activation))
+            .collect();
         Stack::from_models(&singles)
     }
 
-    /// Stacks models of identical shape.
+    /// Stacks models of identical shape and activation.
     pub fn from_models(models: &[Mlp]) -> Stack {
+        assert!(models.iter().all(|m| m.activation == models[0].activation), "one activation per stack");
         let k = models.len();
         let first = &models[0];
         let mut dims = vec![first.input_dim()];
@@ -91,7 +96,7 @@ impl Stack {
             weights.push(w);
             biases.push(models.iter().flat_map(|m| m.layers[l].bias.iter().copied()).collect());
         }
-        Stack { k, dims, weights, biases }
+        Stack { k, dims, weights, biases, activation: first.activation }
     }
 
     /// Model `m` on its own.
@@ -112,7 +117,7 @@ impl Stack {
                 Dense { inputs: rows, outputs: cols, weight, bias: self.biases[l][m * cols..(m + 1) * cols].to_vec() }
             })
             .collect();
-        Mlp { layers }
+        Mlp { layers, activation: self.activation }
     }
 
     pub fn outputs(&self) -> usize {
@@ -162,9 +167,7 @@ impl Stack {
             if l + 1 < depth {
                 let a = &mut cache.post[l];
                 a.resize(z.len(), 0.0);
-                for (a, z) in a.iter_mut().zip(z.iter()) {
-                    *a = z.max(0.0);
-                }
+                activation::apply(self.activation, z, a);
             }
         }
     }
@@ -231,10 +234,7 @@ impl Stack {
                     (in_wide, 1),
                 );
             }
-            // ReLU'(z) as a multiply, so the loop stays branch-free and vectorises.
-            for (d, z) in cache.delta_prev.iter_mut().zip(&cache.pre[l - 1]) {
-                *d *= (*z > 0.0) as u32 as f32;
-            }
+            activation::backprop(self.activation, &cache.pre[l - 1], &mut cache.delta_prev);
             std::mem::swap(&mut cache.delta, &mut cache.delta_prev);
         }
     }
@@ -264,7 +264,7 @@ mod tests {
     fn a_stack_computes_exactly_what_its_models_compute_alone() {
         let (n, k, head) = (7, 3, Head::Multiclass(2));
         let mut rngs: Vec<ChaCha8Rng> = (0..k as u64).map(ChaCha8Rng::seed_from_u64).collect();
-        let stack = Stack::new(&[5, 8, 4, 2], &mut rngs);
+        let stack = Stack::new(&[5, 8, 4, 2], Activation::Gelu, &mut rngs);
         let mut rng = ChaCha8Rng::seed_from_u64(99);
         let x: Vec<f32> = (0..n * 5).map(|_| rng.random_range(-1.0..1.0)).collect();
         let y: Vec<f32> = (0..n).map(|i| (i % 2) as f32).collect();
@@ -292,8 +292,13 @@ mod tests {
         }
         let mut grads = stack.zero_gradients();
         stack.backward(&x, n, &mut cache, &d_wide, &mut grads);
-        let as_stack =
-            Stack { k, dims: stack.dims.clone(), weights: grads.weights.clone(), biases: grads.biases.clone() };
+        let as_stack = Stack {
+            k,
+            dims: stack.dims.clone(),
+            weights: grads.weights.clone(),
+            biases: grads.biases.clone(),
+            activation: stack.activation,
+        };
         for (m, g) in alone_grads.iter().enumerate() {
             let model_grads = as_stack.model(m);
             for (l, (gw, gb)) in g.layers.iter().enumerate() {

@@ -271,13 +271,16 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
+    use super::super::Activation;
     use super::*;
 
     fn run(threads: usize, k: usize) -> (Vec<super::super::Mlp>, Vec<f64>) {
         // Large enough per step that a single model's rows are split.
         let (n, dims) = (256, [8, 256, 256, 1]);
         let mut rngs: Vec<ChaCha8Rng> = (0..k as u64).map(ChaCha8Rng::seed_from_u64).collect();
-        let mut trainer = Trainer::new(Stack::new(&dims, &mut rngs), Head::Binary, Optimizer::Adam, threads).unwrap();
+        let mut trainer =
+            Trainer::new(Stack::new(&dims, Activation::Silu, &mut rngs), Head::Binary, Optimizer::Adam, threads)
+                .unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(42);
         let x: Vec<f32> = (0..n * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
         let y: Vec<f32> = (0..n).map(|i| (x[i * 8] > 0.0) as u32 as f32).collect();

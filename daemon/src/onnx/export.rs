@@ -10,6 +10,7 @@ use cerebro_shared::spec::{Task, NULL_CATEGORY};
 use prost::Message;
 
 use super::proto::*;
+use crate::engine::activation::{Activation, GELU_A, GELU_C};
 use crate::features::Encoder;
 use crate::train::TrainedModel;
 
@@ -129,6 +130,32 @@ fn value_info(name: &str, elem_type: i32, dims: [Option<i64>; 2]) -> ValueInfoPr
     }
 }
 
+/// The nodes of a hidden-layer activation, written as the engine computes it.
+fn activation(g: &mut Graph, act: Activation, h: &str) -> String {
+    match act {
+        Activation::Relu => g.node("Relu", &[h], vec![], None),
+        Activation::Tanh => g.node("Tanh", &[h], vec![], None),
+        Activation::Silu => {
+            let s = g.node("Sigmoid", &[h], vec![], None);
+            g.node("Mul", &[h, &s], vec![], None)
+        }
+        Activation::Gelu => {
+            // 0.5·h·(1 + tanh(C·(h + A·h³)))
+            let (a, c) = (g.const_f32("gelu_a", &[1], vec![GELU_A]), g.const_f32("gelu_c", &[1], vec![GELU_C]));
+            let (half, one) = (g.const_f32("half", &[1], vec![0.5]), g.const_f32("one", &[1], vec![1.0]));
+            let h2 = g.node("Mul", &[h, h], vec![], None);
+            let h3 = g.node("Mul", &[&h2, h], vec![], None);
+            let ah3 = g.node("Mul", &[&h3, &a], vec![], None);
+            let inner = g.node("Add", &[h, &ah3], vec![], None);
+            let u = g.node("Mul", &[&inner, &c], vec![], None);
+            let t = g.node("Tanh", &[&u], vec![], None);
+            let one_t = g.node("Add", &[&t, &one], vec![], None);
+            let half_h = g.node("Mul", &[h, &half], vec![], None);
+            g.node("Mul", &[&half_h, &one_t], vec![], None)
+        }
+    }
+}
+
 /// Serialises `model` as an ONNX file; `metadata` lands in `metadata_props`.
 pub fn export(model: &TrainedModel, metadata: &[(&str, String)]) -> Result<Vec<u8>, ExportError> {
     if model.pipeline.width() == 0 {
@@ -192,7 +219,7 @@ pub fn export(model: &TrainedModel, metadata: &[(&str, String)]) -> Result<Vec<u
         let z = g.node("MatMul", &[&h, &w], vec![], None);
         h = g.node("Add", &[&z, &b], vec![], None);
         if l + 1 < depth {
-            h = g.node("Relu", &[&h], vec![], None);
+            h = activation(&mut g, model.mlp.activation, &h);
         }
     }
 
