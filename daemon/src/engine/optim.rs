@@ -84,23 +84,29 @@ impl StackOptimizer {
             let t = self.steps[model];
             let (b1, b2, eps, kind) = (self.beta1, self.beta2, self.eps, self.kind);
             let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-            // `wd` is 0 for biases.
+            // `wd` is 0 for biases. One loop per kind, so each stays branch-free.
             let update = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], wd: f32| {
-                for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                    let g = g * scale;
-                    match kind {
-                        Optimizer::Adam | Optimizer::AdamW => {
-                            let g = if kind == Optimizer::Adam { g + wd * *p } else { g };
+                let elements = p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
+                match kind {
+                    Optimizer::Adam => elements.for_each(|(((p, g), m), v)| {
+                        let g = g * scale + wd * *p;
+                        *m = b1 * *m + (1.0 - b1) * g;
+                        *v = b2 * *v + (1.0 - b2) * g * g;
+                        *p -= s.lr * (*m / c1) / ((*v / c2).sqrt() + eps);
+                    }),
+                    Optimizer::AdamW => {
+                        let decay = 1.0 - s.lr * wd;
+                        elements.for_each(|(((p, g), m), v)| {
+                            let g = g * scale;
                             *m = b1 * *m + (1.0 - b1) * g;
                             *v = b2 * *v + (1.0 - b2) * g * g;
-                            let decay = if kind == Optimizer::AdamW { 1.0 - s.lr * wd } else { 1.0 };
                             *p = *p * decay - s.lr * (*m / c1) / ((*v / c2).sqrt() + eps);
-                        }
-                        Optimizer::Sgd => {
-                            *m = s.momentum * *m + g + wd * *p;
-                            *p -= s.lr * *m;
-                        }
+                        })
                     }
+                    Optimizer::Sgd => elements.for_each(|(((p, g), m), _)| {
+                        *m = s.momentum * *m + g * scale + wd * *p;
+                        *p -= s.lr * *m;
+                    }),
                 }
             };
             for l in 0..stack.weights.len() {
