@@ -37,8 +37,6 @@ pub struct FileConfig {
     pub max_connections: usize,
     /// Models kept loaded for scoring.
     pub model_cache_size: usize,
-    /// `auto`, `cpu` or `cuda`.
-    pub device: String,
 }
 
 impl Default for FileConfig {
@@ -53,16 +51,8 @@ impl Default for FileConfig {
             poll_interval_ms: 5000,
             max_connections: 256,
             model_cache_size: 32,
-            device: "auto".into(),
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceChoice {
-    Auto,
-    Cpu,
-    Cuda,
 }
 
 /// The validated configuration the daemon runs with.
@@ -77,7 +67,6 @@ pub struct Config {
     pub poll_interval: Duration,
     pub max_connections: usize,
     pub model_cache_size: usize,
-    pub device: DeviceChoice,
 }
 
 impl Config {
@@ -111,12 +100,6 @@ impl TryFrom<FileConfig> for Config {
                 Err(ConfigError::Invalid(format!("{name} must be between 1 and 1024, not {n}")))
             }
         };
-        let device = match f.device.as_str() {
-            "auto" => DeviceChoice::Auto,
-            "cpu" => DeviceChoice::Cpu,
-            "cuda" => DeviceChoice::Cuda,
-            other => return Err(ConfigError::Invalid(format!("device must be auto, cpu or cuda, not {other:?}"))),
-        };
         if f.poll_interval_ms < 100 {
             return Err(ConfigError::Invalid("poll_interval_ms must be at least 100".into()));
         }
@@ -131,7 +114,6 @@ impl TryFrom<FileConfig> for Config {
             poll_interval: Duration::from_millis(f.poll_interval_ms),
             max_connections: f.max_connections.max(1),
             model_cache_size: f.model_cache_size.max(1),
-            device,
         })
     }
 }
@@ -144,11 +126,12 @@ mod tests {
     fn defaults_validate_and_fields_override() {
         let c = Config::try_from(FileConfig::default()).unwrap();
         assert_eq!(c.poll_interval, Duration::from_secs(5));
-        let f: FileConfig = toml::from_str("socket_path = '/tmp/x.sock'\nallowed_uid = 7\ndevice = 'cpu'").unwrap();
+        let f: FileConfig =
+            toml::from_str("socket_path = '/tmp/x.sock'\nallowed_uid = 7\ntraining_threads = 2").unwrap();
         let c = Config::try_from(f).unwrap();
         assert_eq!(c.socket_path, PathBuf::from("/tmp/x.sock"));
         assert_eq!(c.allowed_uid, 7);
-        assert_eq!(c.device, DeviceChoice::Cpu);
+        assert_eq!(c.training_threads, 2);
     }
 
     #[test]
@@ -156,8 +139,6 @@ mod tests {
         assert!(toml::from_str::<FileConfig>("sockt_path = 'x'").is_err());
         let long = FileConfig { socket_path: PathBuf::from("/".repeat(120)), ..Default::default() };
         assert!(Config::try_from(long).unwrap_err().to_string().contains("socket_path"));
-        let dev = FileConfig { device: "tpu".into(), ..Default::default() };
-        assert!(Config::try_from(dev).unwrap_err().to_string().contains("device"));
         let threads = FileConfig { scoring_threads: 0, ..Default::default() };
         assert!(Config::try_from(threads).unwrap_err().to_string().contains("scoring_threads"));
     }

@@ -4,7 +4,6 @@
 //! before anything is queued; the daemon reads the same types back from the
 //! catalog. Validation lives here so both sides and plain unit tests agree.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -458,14 +457,6 @@ impl SpecError {
             SpecError::SingleClass { .. } => Some("Check the source's filter: every row has the same label.".into()),
             _ => None,
         }
-    }
-}
-
-/// Options given as JSON, echoed back as a map for display.
-pub fn options_map(opts: &TrainOptions) -> BTreeMap<String, Value> {
-    match opts.to_json() {
-        Value::Object(m) => m.into_iter().collect(),
-        _ => BTreeMap::new(),
     }
 }
 
