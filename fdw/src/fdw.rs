@@ -2,8 +2,12 @@
 //! `cerebro.predictions`; the table option `object` says which is which.
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
 
+use pgrx::prelude::*;
+use pgrx::{pg_sys, AllocatedByRust, PgTryBuilder};
 use supabase_wrappers::prelude::*;
+use supabase_wrappers::FdwRoutine;
 
 use crate::error::CerebroError;
 use crate::models::{self, ModelRow, TrainRequest};
@@ -122,4 +126,42 @@ impl ForeignDataWrapper<CerebroError> for CerebroFdw {
     fn delete(&mut self, _rowid: &Cell) -> Result<(), CerebroError> {
         Err(CerebroError::Unsupported("DELETE on cerebro.models"))
     }
+
+    fn fdw_routine_hook(routine: &mut FdwRoutine<AllocatedByRust>) {
+        if let Some(original) = routine.GetForeignRelSize {
+            let _ = WRAPPERS_REL_SIZE.set(original);
+            routine.GetForeignRelSize = Some(rel_size_without_qual_warnings);
+        }
+    }
+}
+
+type RelSizeFn = unsafe extern "C-unwind" fn(*mut pg_sys::PlannerInfo, *mut pg_sys::RelOptInfo, pg_sys::Oid);
+
+static WRAPPERS_REL_SIZE: OnceLock<RelSizeFn> = OnceLock::new();
+
+/// The wrappers framework raises a WARNING, with a dump of the plan tree, for
+/// every WHERE clause it cannot push down (`(metrics->>'auc')::float8 > 0.8`,
+/// a subquery...). PostgreSQL evaluates those clauses itself, as it does for
+/// any foreign scan, so the warning only alarms users: it is silenced while
+/// the framework extracts the clauses, and the thresholds are restored even
+/// when planning fails.
+#[pg_guard]
+unsafe extern "C-unwind" fn rel_size_without_qual_warnings(
+    root: *mut pg_sys::PlannerInfo,
+    baserel: *mut pg_sys::RelOptInfo,
+    foreigntableid: pg_sys::Oid,
+) {
+    let original = *WRAPPERS_REL_SIZE.get().expect("set when the routine was built");
+    // SAFETY: backend-local settings, restored below on every path.
+    let saved = unsafe { (pg_sys::client_min_messages, pg_sys::log_min_messages) };
+    unsafe {
+        pg_sys::client_min_messages = pg_sys::PGERROR as i32;
+        pg_sys::log_min_messages = pg_sys::PGERROR as i32;
+    }
+    PgTryBuilder::new(|| unsafe { original(root, baserel, foreigntableid) })
+        .finally(|| unsafe {
+            pg_sys::client_min_messages = saved.0;
+            pg_sys::log_min_messages = saved.1;
+        })
+        .execute();
 }

