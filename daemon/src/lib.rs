@@ -80,15 +80,19 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     let mut jobs = tokio::spawn(scheduler.run());
 
     let result = tokio::select! {
+        biased;
         _ = shutdown.changed() => Ok(()),
-        _ = control_driver => Err(DaemonError::ConnectionLost),
-        _ = data_driver => Err(DaemonError::ConnectionLost),
         done = &mut jobs => match done {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.into()),
             Err(_) => Err(DaemonError::ConnectionLost),
         },
+        _ = control_driver => Err(DaemonError::ConnectionLost),
+        _ = data_driver => Err(DaemonError::ConnectionLost),
     };
+    // Once a stop was asked for, tasks winding down close their connections:
+    // that is the stop, not a lost database.
+    let result = if *shutdown.borrow() { Ok(()) } else { result };
     // Give an in-flight job the chance to requeue itself before we go.
     if !jobs.is_finished() {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(10), jobs).await;
