@@ -25,21 +25,7 @@ SQL
 fi
 
 version=$(psql_as "$DB" -tAc "SELECT max(version) FROM cerebro.models WHERE name = 'churn'")
-last=""
-for _ in $(seq 1 1200); do
-    IFS='|' read -r status progress error < <(psql_as "$DB" -tAc \
-        "SELECT status, progress, coalesce(error, '') FROM cerebro.models WHERE name = 'churn' AND version = $version")
-    if [ "$progress" != "$last" ]; then
-        printf '    churn v%s: %s\n' "$version" "$progress"
-        last=$progress
-    fi
-    case $status in
-        ready) break ;;
-        failed) die "training failed: $error" ;;
-    esac
-    sleep 0.5
-done
-[ "$status" = ready ] || die "training did not finish in 10 minutes; see $LOG_DIR/cerebrod.log"
+wait_for_model "$DB" churn "$version" 600
 
 step "Validation metrics of churn v$version"
 psql_as "$DB" -c "SELECT name, version, status, progress,

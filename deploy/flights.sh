@@ -75,15 +75,7 @@ SQL
 
 for name in flights_only flights_joined; do
     version=$(psql_as "$DB" -tAc "SELECT max(version) FROM cerebro.models WHERE name = '$name'")
-    last=""
-    for _ in $(seq 1 3600); do
-        IFS='|' read -r status progress error < <(psql_as "$DB" -tAc \
-            "SELECT status, progress, coalesce(error, '') FROM cerebro.models WHERE name = '$name' AND version = $version")
-        [ "$progress" != "$last" ] && printf '    %s v%s: %s\n' "$name" "$version" "$progress" && last=$progress
-        case $status in ready) break ;; failed) die "$name failed: $error" ;; esac
-        sleep 1
-    done
-    [ "$status" = ready ] || die "$name did not finish within an hour"
+    wait_for_model "$DB" "$name" "$version" 3600
 done
 
 step "Validation AUC (80/20 seeded split); scikit-learn references from issue 3"

@@ -210,6 +210,26 @@ CREATE TABLE public.telco_churn (
 SQL
 }
 
+# wait_for_model DB NAME VERSION SECONDS: prints progress as it changes until
+# the version is ready; dies if it fails or takes longer than SECONDS.
+wait_for_model() {
+    local db=$1 name=$2 version=$3 seconds=$4 last="" status progress error
+    for _ in $(seq 1 $((seconds * 2))); do
+        IFS='|' read -r status progress error < <(psql_as "$db" -tAc \
+            "SELECT status, progress, coalesce(error, '') FROM cerebro.models WHERE name = '$name' AND version = $version")
+        if [ "$progress" != "$last" ]; then
+            printf '    %s v%s: %s\n' "$name" "$version" "$progress"
+            last=$progress
+        fi
+        case $status in
+            ready) return ;;
+            failed) die "$name v$version failed: $error" ;;
+        esac
+        sleep 0.5
+    done
+    die "$name v$version did not finish in $seconds s; see $LOG_DIR/cerebrod.log"
+}
+
 setup_everything() {
     ensure_packages
     ensure_rust

@@ -51,13 +51,6 @@ pub enum FeatureError {
     RaggedColumns,
 }
 
-fn kind_name(c: &ColumnData) -> &'static str {
-    match c {
-        ColumnData::Float64(_) => "numbers",
-        ColumnData::Text(_) => "text",
-    }
-}
-
 fn numeric_value(v: Option<f64>) -> Option<f32> {
     v.filter(|x| !x.is_nan()).map(|x| x as f32)
 }
@@ -113,7 +106,7 @@ impl FeaturePipeline {
                     return Err(FeatureError::KindMismatch {
                         name: feature.name.clone(),
                         expected,
-                        found: kind_name(found),
+                        found: found.kind_name(),
                     });
                 }
             };
@@ -162,7 +155,7 @@ impl FeaturePipeline {
                     return Err(FeatureError::KindMismatch {
                         name: feature.name.clone(),
                         expected,
-                        found: kind_name(found),
+                        found: found.kind_name(),
                     });
                 }
             }

@@ -153,10 +153,7 @@ impl ScoringModel {
                     return Err(ScoringError::ColumnKind {
                         index,
                         name: name.clone(),
-                        found: match found {
-                            ColumnData::Float64(_) => "numbers",
-                            ColumnData::Text(_) => "text",
-                        },
+                        found: found.kind_name(),
                         expected: match kind {
                             InputKind::Float => "numbers",
                             InputKind::Text => "text",

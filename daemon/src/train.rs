@@ -154,10 +154,7 @@ pub fn train_group(
             return Err(TrainError::TargetKind {
                 task: plan.task,
                 expected: if classification { "text" } else { "numbers" },
-                found: match found {
-                    ColumnData::Float64(_) => "numbers",
-                    ColumnData::Text(_) => "text",
-                },
+                found: found.kind_name(),
             });
         }
     };

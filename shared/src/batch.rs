@@ -89,6 +89,14 @@ impl ColumnData {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// What the column holds, for error messages.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            ColumnData::Float64(_) => "numbers",
+            ColumnData::Text(_) => "text",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
