@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use cerebro_daemon::engine::{Head, Mlp, ModelStep, Predictor, Stack, Trainer};
+use cerebro_daemon::engine::{Activation, Arch, Batch, Head, Loss, ModelStep, Op, Predictor, Stack, Trainer};
 use cerebro_shared::spec::Optimizer;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -28,17 +28,13 @@ fn write_f32(path: &Path, data: &[f32]) {
     }
 }
 
-/// Weights in PyTorch's layout (`Linear.weight` is out × in).
-fn write_model(dir: &Path, name: &str, model: &Mlp) {
-    for (l, layer) in model.layers.iter().enumerate() {
-        let mut t = vec![0.0f32; layer.weight.len()];
-        for i in 0..layer.inputs {
-            for j in 0..layer.outputs {
-                t[j * layer.inputs + i] = layer.weight[i * layer.outputs + j];
-            }
-        }
-        write_f32(&dir.join(format!("{name}.w{l}")), &t);
-        write_f32(&dir.join(format!("{name}.b{l}")), &layer.bias);
+/// Weights in PyTorch's layout (`Linear.weight` is out × in), as the engine keeps them.
+fn write_model(dir: &Path, name: &str, model: &Stack) {
+    let dense = model.arch.ops.iter().enumerate().filter(|(_, op)| matches!(op, Op::Dense { .. }));
+    for (l, (i, _)) in dense.enumerate() {
+        let (w, b) = model.op_params(i);
+        write_f32(&dir.join(format!("{name}.w{l}")), w);
+        write_f32(&dir.join(format!("{name}.b{l}")), b);
     }
 }
 
@@ -71,13 +67,13 @@ fn peak_rss_mib() -> f64 {
 /// One epoch over all rows in order, K models at once; returns seconds.
 fn train_epoch(stack: Stack, x: &[f32], y: &[f32], threads: usize) -> f64 {
     let k = stack.k;
-    let mut trainer = Trainer::new(stack, Head::Binary, Optimizer::Adam, threads).expect("training threads");
+    let mut trainer = Trainer::new(stack, Loss::new(Head::Binary), Optimizer::Adam, threads).expect("training threads");
     let settings = vec![ModelStep { lr: LR, weight_decay: 0.0, momentum: 0.0, clip_norm: 0.0 }; k];
     let active = vec![true; k];
     let mut losses = vec![0.0; k];
     let started = Instant::now();
     for (xb, yb) in x.chunks(BATCH * COLS).zip(y.chunks(BATCH)) {
-        trainer.step(xb, yb, yb.len(), &settings, &active, &mut losses);
+        trainer.step(Batch { x: xb, codes: &[], n: yb.len() }, yb, &settings, &active, &mut losses);
     }
     let seconds = started.elapsed().as_secs_f64();
     assert!(losses.iter().all(|l| l.is_finite()));
@@ -100,12 +96,14 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("bench directory");
     let (x, y) = data(&dir);
 
-    let model = |seed: u64, hidden: &[usize]| Mlp::new(COLS, hidden, 1, &mut ChaCha8Rng::seed_from_u64(seed));
+    let model = |seed: u64, hidden: &[usize]| {
+        Stack::new(Arch::mlp(COLS, hidden, 1, Activation::Relu), 0, &mut [ChaCha8Rng::seed_from_u64(seed)])
+    };
     let wide = model(1, &[256, 256]);
     let small = model(2, &[32]);
     write_model(&dir, "a", &wide);
     write_model(&dir, "b", &small);
-    let fused: Vec<Mlp> = (0..32).map(|s| model(100 + s, &[32])).collect();
+    let fused: Vec<Stack> = (0..32).map(|s| model(100 + s, &[32])).collect();
     for (i, m) in fused.iter().enumerate() {
         write_model(&dir, &format!("c{i}"), m);
     }
@@ -125,7 +123,7 @@ fn main() {
     let mut out = Vec::with_capacity(INFER_BATCH);
     for xb in x.chunks(INFER_BATCH * COLS) {
         out.clear();
-        predictor.predict(xb, xb.len() / COLS, &mut out);
+        predictor.predict(Batch { x: xb, codes: &[], n: xb.len() / COLS }, &mut out);
         checksum += out[0] as f64;
     }
     let seconds = started.elapsed().as_secs_f64();

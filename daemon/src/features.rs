@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use cerebro_shared::batch::ColumnData;
-use cerebro_shared::spec::{Feature, FeatureKind, NULL_CATEGORY};
+use cerebro_shared::spec::{CategoricalEncoding, Feature, FeatureKind, NumericEncoding, TrainOptions, NULL_CATEGORY};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -19,15 +19,74 @@ pub enum Encoder {
     /// One-hot over `vocabulary` (NULL is the entry [`NULL_CATEGORY`] when it
     /// was seen); a value not in the vocabulary is all zeros.
     Categorical { vocabulary: Vec<String> },
+    /// Piecewise-linear encoding over the bins between consecutive `edges`
+    /// (training quantiles): input t is `clamp((x - edges[t]) / (edges[t+1] - edges[t]), 0, 1)`.
+    /// NULL is all zeros (plus the indicator).
+    Ple { edges: Vec<f32>, null_indicator: bool },
+    /// One input, the mean of the piecewise-linear inputs minus 0.5: the
+    /// value's quantile, from -0.5 to 0.5. NULL is 0 (plus the indicator).
+    Quantile { edges: Vec<f32>, null_indicator: bool },
+    /// A code into the network's embedding table for this column: the index
+    /// in `vocabulary`, or `vocabulary.len()` (a zero vector) for values never seen.
+    Embedding { vocabulary: Vec<String>, dim: usize },
 }
 
 impl Encoder {
+    /// Inputs this column adds to the encoded feature vector (embeddings add
+    /// none: they add a code).
     pub fn width(&self) -> usize {
         match self {
-            Encoder::Numeric { null_indicator, .. } => 1 + *null_indicator as usize,
+            Encoder::Numeric { null_indicator, .. } | Encoder::Quantile { null_indicator, .. } => {
+                1 + *null_indicator as usize
+            }
+            Encoder::Ple { edges, null_indicator } => edges.len() - 1 + *null_indicator as usize,
             Encoder::Categorical { vocabulary } => vocabulary.len(),
+            Encoder::Embedding { .. } => 0,
         }
     }
+
+    fn kind(&self) -> FeatureKind {
+        match self {
+            Encoder::Numeric { .. } | Encoder::Ple { .. } | Encoder::Quantile { .. } => FeatureKind::Numeric,
+            Encoder::Categorical { .. } | Encoder::Embedding { .. } => FeatureKind::Categorical,
+        }
+    }
+}
+
+/// The piecewise-linear inputs of `x` over `edges`, in f32 as the exported graph computes them.
+pub fn ple_inputs(x: f32, edges: &[f32]) -> impl Iterator<Item = f32> + '_ {
+    edges.windows(2).map(move |e| ((x - e[0]) / (e[1] - e[0])).clamp(0.0, 1.0))
+}
+
+/// Distinct quantiles of `values` at `0, 1/bins, ..., 1` (at least two edges;
+/// a constant column gets a unit-wide bin).
+fn quantile_edges(mut values: Vec<f32>, bins: usize) -> Vec<f32> {
+    values.sort_by(f32::total_cmp);
+    let mut edges: Vec<f32> = Vec::with_capacity(bins + 1);
+    if let (Some(&lo), Some(_)) = (values.first(), values.last()) {
+        for b in 0..=bins {
+            let q = values[((values.len() - 1) * b).div_ceil(bins).min(values.len() - 1)];
+            if edges.last().is_none_or(|&last| q > last) {
+                edges.push(q);
+            }
+        }
+        if edges.len() < 2 {
+            edges.push(lo + 1.0);
+        }
+    } else {
+        edges = vec![0.0, 1.0];
+    }
+    edges
+}
+
+/// A pipeline's output for some rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    /// `n × width` encoded inputs.
+    pub x: Vec<f32>,
+    /// `n × embedded columns` embedding codes.
+    pub codes: Vec<u32>,
+    pub n: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,13 +115,15 @@ fn numeric_value(v: Option<f64>) -> Option<f32> {
 }
 
 impl FeaturePipeline {
-    /// Fits encoders for `features` on the given `rows` of `columns`.
+    /// Fits encoders for `features` on the given `rows` of `columns`, with
+    /// the encodings `options` choose.
     pub fn fit(
         features: &[Feature],
         columns: &[ColumnData],
         rows: &[usize],
-        max_categories: usize,
+        options: &TrainOptions,
     ) -> Result<FeaturePipeline, FeatureError> {
+        let max_categories = options.max_categories as usize;
         check_columns(features.len(), columns)?;
         let mut fitted = Vec::with_capacity(features.len());
         for (feature, column) in features.iter().zip(columns) {
@@ -88,7 +149,18 @@ impl FeaturePipeline {
                     let std = var.sqrt();
                     // A constant column carries no signal; keep it finite and harmless.
                     let std = if std > 1e-12 { std } else { 1.0 };
-                    Encoder::Numeric { mean: mean as f32, std: std as f32, null_indicator: nulls > 0 }
+                    let null_indicator = nulls > 0;
+                    let edges = || {
+                        let seen = rows.iter().filter_map(|&r| numeric_value(values[r])).collect();
+                        quantile_edges(seen, options.bins as usize)
+                    };
+                    match options.numeric_encoding(&feature.name) {
+                        NumericEncoding::Standard => {
+                            Encoder::Numeric { mean: mean as f32, std: std as f32, null_indicator }
+                        }
+                        NumericEncoding::Ple => Encoder::Ple { edges: edges(), null_indicator },
+                        NumericEncoding::Quantile => Encoder::Quantile { edges: edges(), null_indicator },
+                    }
                 }
                 (FeatureKind::Categorical, ColumnData::Text(values)) => {
                     let mut counts: HashMap<&str, usize> = HashMap::new();
@@ -100,7 +172,10 @@ impl FeaturePipeline {
                     by_freq.truncate(max_categories);
                     let mut vocabulary: Vec<String> = by_freq.into_iter().map(|(v, _)| v.to_owned()).collect();
                     vocabulary.sort();
-                    Encoder::Categorical { vocabulary }
+                    match options.categorical_encoding(&feature.name, vocabulary.len()) {
+                        CategoricalEncoding::OneHot => Encoder::Categorical { vocabulary },
+                        CategoricalEncoding::Embedding(dim) => Encoder::Embedding { vocabulary, dim: dim as usize },
+                    }
                 }
                 (expected, found) => {
                     return Err(FeatureError::KindMismatch {
@@ -120,49 +195,90 @@ impl FeaturePipeline {
         self.features.iter().map(|f| f.encoder.width()).sum()
     }
 
-    /// Encodes every row of `columns` into a row-major n × width matrix.
-    pub fn transform(&self, columns: &[ColumnData]) -> Result<Vec<f32>, FeatureError> {
+    /// The embedded columns' vocabulary sizes and widths, in code order.
+    pub fn embeddings(&self) -> Vec<(usize, usize)> {
+        self.features
+            .iter()
+            .filter_map(|f| match &f.encoder {
+                Encoder::Embedding { vocabulary, dim } => Some((vocabulary.len(), *dim)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Encodes every row of `columns`.
+    pub fn transform(&self, columns: &[ColumnData]) -> Result<Encoded, FeatureError> {
         let n = check_columns(self.features.len(), columns)?;
-        let width = self.width();
-        let mut out = vec![0.0f32; n * width];
-        let mut offset = 0;
+        let (width, code_cols) = (self.width(), self.embeddings().len());
+        let mut x = vec![0.0f32; n * width];
+        let mut codes = vec![0u32; n * code_cols];
+        let (mut offset, mut code_col) = (0, 0);
         for (feature, column) in self.features.iter().zip(columns) {
             match (&feature.encoder, column) {
                 (Encoder::Numeric { mean, std, null_indicator }, ColumnData::Float64(values)) => {
                     for (r, v) in values.iter().enumerate() {
-                        let row = &mut out[r * width + offset..];
+                        let row = &mut x[r * width + offset..];
                         match numeric_value(*v) {
-                            Some(x) => row[0] = (x - mean) / std,
+                            Some(v) => row[0] = (v - mean) / std,
+                            None if *null_indicator => row[1] = 1.0,
+                            None => {}
+                        }
+                    }
+                }
+                (Encoder::Ple { edges, null_indicator }, ColumnData::Float64(values)) => {
+                    let bins = edges.len() - 1;
+                    for (r, v) in values.iter().enumerate() {
+                        let row = &mut x[r * width + offset..];
+                        match numeric_value(*v) {
+                            Some(v) => row.iter_mut().zip(ple_inputs(v, edges)).for_each(|(o, e)| *o = e),
+                            None if *null_indicator => row[bins] = 1.0,
+                            None => {}
+                        }
+                    }
+                }
+                (Encoder::Quantile { edges, null_indicator }, ColumnData::Float64(values)) => {
+                    let bins = (edges.len() - 1) as f32;
+                    for (r, v) in values.iter().enumerate() {
+                        let row = &mut x[r * width + offset..];
+                        match numeric_value(*v) {
+                            Some(v) => row[0] = ple_inputs(v, edges).sum::<f32>() / bins - 0.5,
                             None if *null_indicator => row[1] = 1.0,
                             None => {}
                         }
                     }
                 }
                 (Encoder::Categorical { vocabulary }, ColumnData::Text(values)) => {
-                    let index: HashMap<&str, usize> =
-                        vocabulary.iter().enumerate().map(|(i, v)| (v.as_str(), i)).collect();
+                    let index = index_of(vocabulary);
                     for (r, v) in values.iter().enumerate() {
                         if let Some(&i) = index.get(v.as_deref().unwrap_or(NULL_CATEGORY)) {
-                            out[r * width + offset + i] = 1.0;
+                            x[r * width + offset + i] = 1.0;
                         }
                     }
                 }
+                (Encoder::Embedding { vocabulary, .. }, ColumnData::Text(values)) => {
+                    let index = index_of(vocabulary);
+                    for (r, v) in values.iter().enumerate() {
+                        let code = index.get(v.as_deref().unwrap_or(NULL_CATEGORY)).copied();
+                        codes[r * code_cols + code_col] = code.unwrap_or(vocabulary.len()) as u32;
+                    }
+                    code_col += 1;
+                }
                 (encoder, found) => {
-                    let expected = match encoder {
-                        Encoder::Numeric { .. } => FeatureKind::Numeric,
-                        Encoder::Categorical { .. } => FeatureKind::Categorical,
-                    };
                     return Err(FeatureError::KindMismatch {
                         name: feature.name.clone(),
-                        expected,
+                        expected: encoder.kind(),
                         found: found.kind_name(),
                     });
                 }
             }
             offset += feature.encoder.width();
         }
-        Ok(out)
+        Ok(Encoded { x, codes, n })
     }
+}
+
+fn index_of(vocabulary: &[String]) -> HashMap<&str, usize> {
+    vocabulary.iter().enumerate().map(|(i, v)| (v.as_str(), i)).collect()
 }
 
 fn check_columns(expected: usize, columns: &[ColumnData]) -> Result<usize, FeatureError> {
@@ -194,9 +310,13 @@ mod tests {
         ]
     }
 
+    fn opts(v: serde_json::Value) -> TrainOptions {
+        TrainOptions::from_json(Some(&v)).unwrap()
+    }
+
     #[test]
     fn fits_on_training_rows_and_encodes_nulls_and_unseen_values() {
-        let p = FeaturePipeline::fit(&features(), &columns(), &[0, 1, 2], 100).unwrap();
+        let p = FeaturePipeline::fit(&features(), &columns(), &[0, 1, 2], &TrainOptions::default()).unwrap();
         assert_eq!(p.features[0].encoder, Encoder::Numeric { mean: 2.0, std: 1.0, null_indicator: true });
         assert_eq!(
             p.features[1].encoder,
@@ -206,24 +326,72 @@ mod tests {
 
         let scoring =
             vec![ColumnData::Float64(vec![Some(4.0), None]), ColumnData::Text(vec![Some("never seen".into()), None])];
-        let x = p.transform(&scoring).unwrap();
+        let x = p.transform(&scoring).unwrap().x;
         assert_eq!(x, vec![2.0, 0.0, 0.0, 0.0, 0.0, /* row 2 */ 0.0, 1.0, 1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn piecewise_linear_and_quantile_encodings() {
+        let values: Vec<Option<f64>> = (0..=100).map(|v| Some(v as f64)).chain([None]).collect();
+        let rows: Vec<usize> = (0..values.len()).collect();
+        let cols = vec![ColumnData::Float64(values)];
+        let f = vec![Feature { name: "v".into(), kind: FeatureKind::Numeric }];
+        let p =
+            FeaturePipeline::fit(&f, &cols, &rows, &opts(serde_json::json!({"numeric_encoding": "ple", "bins": 4})))
+                .unwrap();
+        assert_eq!(
+            p.features[0].encoder,
+            Encoder::Ple { edges: vec![0.0, 25.0, 50.0, 75.0, 100.0], null_indicator: true }
+        );
+        let enc = |p: &FeaturePipeline, v: Option<f64>| p.transform(&[ColumnData::Float64(vec![v])]).unwrap().x;
+        assert_eq!(enc(&p, Some(60.0)), vec![1.0, 1.0, 0.4, 0.0, 0.0]);
+        assert_eq!(enc(&p, Some(-5.0)), vec![0.0; 5]);
+        assert_eq!(enc(&p, None), vec![0.0, 0.0, 0.0, 0.0, 1.0]);
+
+        let q = FeaturePipeline::fit(
+            &f,
+            &cols,
+            &rows,
+            &opts(serde_json::json!({"encodings": {"v": "quantile"}, "bins": 4})),
+        )
+        .unwrap();
+        assert_eq!(q.width(), 2);
+        assert!((enc(&q, Some(60.0))[0] - 0.1).abs() < 1e-6);
+        assert_eq!(enc(&q, Some(1e9)), vec![0.5, 0.0]);
+        assert_eq!(enc(&q, None), vec![0.0, 1.0]);
+    }
+
+    #[test]
+    fn large_vocabularies_are_embedded_and_unseen_values_get_the_spare_code() {
+        let values: Vec<Option<String>> = (0..40).map(|i| Some(format!("c{}", i % 20))).chain([None]).collect();
+        let cols = vec![ColumnData::Text(values)];
+        let f = vec![Feature { name: "c".into(), kind: FeatureKind::Categorical }];
+        let p = FeaturePipeline::fit(&f, &cols, &(0..41).collect::<Vec<_>>(), &TrainOptions::default()).unwrap();
+        assert_eq!(p.width(), 0);
+        assert_eq!(p.embeddings(), vec![(21, cerebro_shared::spec::embedding_dim(21))]);
+        let e = p.transform(&[ColumnData::Text(vec![Some("c0".into()), Some("new".into()), None])]).unwrap();
+        let Encoder::Embedding { vocabulary, .. } = &p.features[0].encoder else { panic!() };
+        assert_eq!(e.codes, vec![vocabulary.iter().position(|v| v == "c0").unwrap() as u32, 21, 0]);
+        assert_eq!(vocabulary[0], NULL_CATEGORY);
+        let onehot = FeaturePipeline::fit(&f, &cols, &[0, 1], &opts(serde_json::json!({"encodings": {"c": "onehot"}})));
+        assert_eq!(onehot.unwrap().width(), 2);
     }
 
     #[test]
     fn rare_categories_beyond_the_cap_are_dropped() {
         let cols = vec![ColumnData::Text(vec![Some("x".into()), Some("x".into()), Some("y".into())])];
         let f = vec![Feature { name: "c".into(), kind: FeatureKind::Categorical }];
-        let p = FeaturePipeline::fit(&f, &cols, &[0, 1, 2], 1).unwrap();
+        let p = FeaturePipeline::fit(&f, &cols, &[0, 1, 2], &opts(serde_json::json!({"max_categories": 1}))).unwrap();
         assert_eq!(p.features[0].encoder, Encoder::Categorical { vocabulary: vec!["x".into()] });
     }
 
     #[test]
     fn mismatched_columns_are_errors() {
         let cols = vec![ColumnData::Text(vec![]), ColumnData::Text(vec![])];
-        assert!(matches!(FeaturePipeline::fit(&features(), &cols, &[], 10), Err(FeatureError::KindMismatch { .. })));
+        let o = TrainOptions::default();
+        assert!(matches!(FeaturePipeline::fit(&features(), &cols, &[], &o), Err(FeatureError::KindMismatch { .. })));
         assert_eq!(
-            FeaturePipeline::fit(&features(), &cols[..1], &[], 10),
+            FeaturePipeline::fit(&features(), &cols[..1], &[], &o),
             Err(FeatureError::ColumnCount { given: 1, expected: 2 })
         );
     }

@@ -3,14 +3,16 @@
 use std::time::Instant;
 
 use cerebro_shared::batch::ColumnData;
-use cerebro_shared::spec::{Task, TrainingPlan};
+use cerebro_shared::spec::{ClassWeights, Norm, RegressionLoss, Task, TrainOptions, TrainingPlan};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{scheduled_lr, Head, Mlp, ModelStep, Scratch, Stack, ThreadsError, Trainer};
-use crate::features::{FeatureError, FeaturePipeline};
+use crate::engine::{
+    scheduled_lr, Arch, Batch, Embedding, Head, Loss, ModelStep, Op, Predictor, Stack, ThreadsError, Trainer,
+};
+use crate::features::{Encoded, FeatureError, FeaturePipeline};
 use crate::metrics::{self, Metrics};
 
 /// What one epoch did, reported while training runs.
@@ -41,7 +43,8 @@ pub struct TrainedModel {
     pub task: Task,
     pub class_labels: Vec<String>,
     pub pipeline: FeaturePipeline,
-    pub mlp: Mlp,
+    /// The trained network (a stack of one).
+    pub network: Stack,
     pub target_scale: Option<TargetScale>,
     /// The epoch whose weights were kept (1-based).
     pub best_epoch: u32,
@@ -81,6 +84,74 @@ fn head_for(task: Task, classes: usize) -> Head {
     }
 }
 
+/// The network the options describe, over the pipeline's inputs:
+/// `hidden` dense layers (each dense → norm → activation → dropout), then
+/// `residual_blocks` blocks `x + dense(dropout(act(dense(norm(x)))))`, then
+/// (after blocks) norm → activation, then the output layer.
+pub fn architecture(opts: &TrainOptions, pipeline: &FeaturePipeline, outputs: usize) -> Arch {
+    let embeddings: Vec<Embedding> =
+        pipeline.embeddings().into_iter().map(|(vocabulary, dim)| Embedding { vocabulary, dim }).collect();
+    let mut width = pipeline.width() + embeddings.iter().map(|e| e.dim).sum::<usize>();
+    let mut ops = Vec::new();
+    let norm = |ops: &mut Vec<Op>, width: usize| match opts.norm {
+        Norm::None => {}
+        Norm::Batch => ops.push(Op::BatchNorm { width }),
+        Norm::Layer => ops.push(Op::LayerNorm { width }),
+    };
+    let f = opts.activation;
+    let dropout = |ops: &mut Vec<Op>| {
+        if opts.dropout > 0.0 {
+            ops.push(Op::Dropout { p: opts.dropout as f32 });
+        }
+    };
+    for &h in &opts.hidden {
+        ops.push(Op::Dense { inputs: width, outputs: h as usize });
+        width = h as usize;
+        norm(&mut ops, width);
+        ops.push(Op::Activation { f });
+        dropout(&mut ops);
+    }
+    for _ in 0..opts.residual_blocks {
+        let from = ops.len();
+        norm(&mut ops, width);
+        ops.push(Op::Dense { inputs: width, outputs: width });
+        ops.push(Op::Activation { f });
+        dropout(&mut ops);
+        ops.push(Op::Dense { inputs: width, outputs: width });
+        ops.push(Op::Residual { from });
+    }
+    if opts.residual_blocks > 0 {
+        norm(&mut ops, width);
+        ops.push(Op::Activation { f });
+    }
+    ops.push(Op::Dense { inputs: width, outputs });
+    Arch { inputs: pipeline.width(), embeddings, ops }
+}
+
+/// The loss the options describe; `targets` are the training rows' class
+/// indexes (for balanced weights).
+fn loss_for(plan: &TrainingPlan, head: Head, targets: impl Iterator<Item = f64>) -> Loss {
+    let opts = &plan.options;
+    let classes = plan.class_labels.len();
+    let class_weights = match &opts.class_weights {
+        ClassWeights::None => Vec::new(),
+        ClassWeights::Balanced => {
+            let mut counts = vec![0usize; classes];
+            let mut total = 0;
+            for t in targets {
+                counts[t as usize] += 1;
+                total += 1;
+            }
+            counts.iter().map(|&c| if c == 0 { 1.0 } else { total as f32 / (classes * c) as f32 }).collect()
+        }
+        ClassWeights::Explicit(map) => {
+            plan.class_labels.iter().map(|l| map.get(l).copied().unwrap_or(1.0) as f32).collect()
+        }
+    };
+    let huber_delta = if opts.loss == RegressionLoss::Huber { opts.huber_delta as f32 } else { 0.0 };
+    Loss { head, class_weights, huber_delta }
+}
+
 /// Trains one model. `features` are in `plan.features` order; `target` is text
 /// for classification and numbers for regression.
 pub fn train(
@@ -104,7 +175,17 @@ fn incompatibility(a: &TrainingPlan, b: &TrainingPlan) -> Option<&'static str> {
         (a.features != b.features, "features"),
         (a.class_labels != b.class_labels, "class labels"),
         (x.hidden != y.hidden, "hidden"),
+        (x.residual_blocks != y.residual_blocks, "residual_blocks"),
+        (x.norm != y.norm, "norm"),
+        (x.dropout != y.dropout, "dropout"),
         (x.activation != y.activation, "activation"),
+        (x.numeric_encoding != y.numeric_encoding, "numeric_encoding"),
+        (x.bins != y.bins, "bins"),
+        (x.onehot_max != y.onehot_max, "onehot_max"),
+        (x.encodings != y.encodings, "encodings"),
+        (x.class_weights != y.class_weights, "class_weights"),
+        (x.loss != y.loss, "loss"),
+        (x.huber_delta != y.huber_delta, "huber_delta"),
         (x.optimizer != y.optimizer, "optimizer"),
         (x.batch_size != y.batch_size, "batch_size"),
         (x.seed != y.seed, "seed"),
@@ -171,9 +252,10 @@ pub fn train_group(
     let (valid_idx, train_idx) = order.split_at(n_valid);
 
     let train_rows: Vec<usize> = train_idx.iter().map(|&i| rows[i]).collect();
-    let pipeline = FeaturePipeline::fit(&plan.features, features, &train_rows, opts.max_categories as usize)?;
+    let pipeline = FeaturePipeline::fit(&plan.features, features, &train_rows, opts)?;
     let width = pipeline.width();
-    let x_all = pipeline.transform(features)?;
+    let code_cols = pipeline.embeddings().len();
+    let Encoded { x: x_all, codes: codes_all, .. } = pipeline.transform(features)?;
 
     let target_scale = (plan.task == Task::Regression).then(|| {
         let n = train_idx.len() as f64;
@@ -192,16 +274,19 @@ pub fn train_group(
 
     // Dense copies of the validation rows, scored once per epoch.
     let mut x_valid = Vec::with_capacity(valid_idx.len() * width);
+    let mut codes_valid = Vec::with_capacity(valid_idx.len() * code_cols);
     let mut y_valid = Vec::with_capacity(valid_idx.len());
     for &i in valid_idx {
         x_valid.extend_from_slice(&x_all[rows[i] * width..(rows[i] + 1) * width]);
+        codes_valid.extend_from_slice(&codes_all[rows[i] * code_cols..(rows[i] + 1) * code_cols]);
         y_valid.push(y[i]);
     }
+    let valid = Encoded { x: x_valid, codes: codes_valid, n: valid_idx.len() };
+    let valid_batch = Batch { x: &valid.x, codes: &valid.codes, n: valid.n };
 
     let outputs = head.outputs();
-    let mut dims = vec![width];
-    dims.extend(opts.hidden.iter().map(|&h| h as usize));
-    dims.push(outputs);
+    let arch = architecture(opts, &pipeline, outputs);
+    let loss = loss_for(plan, head, train_idx.iter().map(|&i| raw_targets[i]));
     let mut init_rngs: Vec<ChaCha8Rng> = (0..k)
         .map(|_| {
             let mut r = ChaCha8Rng::seed_from_u64(opts.seed);
@@ -209,7 +294,7 @@ pub fn train_group(
             r
         })
         .collect();
-    let mut trainer = Trainer::new(Stack::new(&dims, opts.activation, &mut init_rngs), head, opts.optimizer, threads)?;
+    let mut trainer = Trainer::new(Stack::new(arch, opts.seed, &mut init_rngs), loss.clone(), opts.optimizer, threads)?;
     let batch = (opts.batch_size as usize).min(train_idx.len());
     let steps_per_epoch = train_idx.len().div_ceil(batch);
     let mut settings: Vec<ModelStep> = plans
@@ -223,11 +308,12 @@ pub fn train_group(
         .collect();
     let mut step = 0usize;
     let mut xb = vec![0.0f32; batch * width];
+    let mut cb = vec![0u32; batch * code_cols];
     let mut yb = vec![0.0f32; batch];
 
     struct Progress {
         active: bool,
-        best: (f64, Option<Mlp>, u32),
+        best: (f64, Option<Stack>, u32),
         since_best: u32,
         history: Vec<EpochStats>,
     }
@@ -248,6 +334,8 @@ pub fn train_group(
             let n = chunk.len();
             for (j, &i) in chunk.iter().enumerate() {
                 xb[j * width..(j + 1) * width].copy_from_slice(&x_all[rows[i] * width..(rows[i] + 1) * width]);
+                cb[j * code_cols..(j + 1) * code_cols]
+                    .copy_from_slice(&codes_all[rows[i] * code_cols..(rows[i] + 1) * code_cols]);
                 yb[j] = y[i];
             }
             for (s, p) in settings.iter_mut().zip(plans) {
@@ -256,10 +344,11 @@ pub fn train_group(
                 let warmup = o.warmup_epochs as usize * steps_per_epoch;
                 s.lr = scheduled_lr(o.schedule, o.learning_rate as f32, step, total, warmup);
             }
-            trainer.step(&xb[..n * width], &yb[..n], n, &settings, &active, &mut loss_sums);
+            let batch = Batch { x: &xb[..n * width], codes: &cb[..n * code_cols], n };
+            trainer.step(batch, &yb[..n], &settings, &active, &mut loss_sums);
             step += 1;
         }
-        let valid_logits = trainer.predict(&x_valid, EVAL_CHUNK);
+        let valid_logits = trainer.predict(valid_batch, EVAL_CHUNK);
         let seconds = started.elapsed().as_secs_f64();
         let mut valid_block = vec![0.0f32; y_valid.len() * outputs];
         for (m, p) in progress.iter_mut().enumerate() {
@@ -267,7 +356,7 @@ pub fn train_group(
                 continue;
             }
             gather_block(&valid_logits, y_valid.len(), k, outputs, m, &mut valid_block);
-            let valid_loss = head.loss(&valid_block, &y_valid, y_valid.len());
+            let valid_loss = loss.loss(&valid_block, &y_valid, y_valid.len());
             let train_loss = loss_sums[m] / train_order.len() as f64;
             if !train_loss.is_finite() || !valid_loss.is_finite() {
                 return Err(TrainError::Diverged { epoch });
@@ -293,12 +382,12 @@ pub fn train_group(
     let valid_targets: Vec<f64> = valid_idx.iter().map(|&i| raw_targets[i]).collect();
     let mut models = Vec::with_capacity(k);
     for (m, p) in progress.into_iter().enumerate() {
-        let (_, mlp, best_epoch) = p.best;
+        let (_, best, best_epoch) = p.best;
         let mut model = TrainedModel {
             task: plan.task,
             class_labels: plan.class_labels.clone(),
             pipeline: pipeline.clone(),
-            mlp: mlp.unwrap_or_else(|| trainer.model(m)),
+            network: best.unwrap_or_else(|| trainer.model(m)),
             target_scale,
             best_epoch,
             epochs_run: p.history.len() as u32,
@@ -307,7 +396,7 @@ pub fn train_group(
             rows_train: train_idx.len(),
             rows_valid: valid_idx.len(),
         };
-        let outputs = model.outputs_from_encoded(&x_valid);
+        let outputs = model.outputs_from_encoded(valid_batch);
         model.metrics = match model.task {
             Task::Binary => metrics::binary(&outputs, &valid_targets.iter().map(|&t| t == 1.0).collect::<Vec<_>>()),
             Task::Multiclass => metrics::multiclass(
@@ -331,11 +420,12 @@ fn gather_block(wide: &[f32], n: usize, k: usize, c: usize, m: usize, out: &mut 
     }
 }
 
-fn predict_logits(mlp: &Mlp, x: &[f32], width: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(x.len() / width.max(1) * mlp.output_dim());
-    let mut scratch = Scratch::default();
-    for chunk in x.chunks(EVAL_CHUNK * width.max(1)) {
-        out.extend_from_slice(mlp.predict_into(chunk, chunk.len() / width.max(1), &mut scratch));
+fn predict_logits(network: &Stack, batch: Batch<'_>) -> Vec<f32> {
+    let (inputs, cols) = (network.arch.inputs, network.arch.embeddings.len());
+    let mut out = Vec::with_capacity(batch.n * network.outputs());
+    let mut predictor = Predictor::new(network, 1);
+    for start in (0..batch.n).step_by(EVAL_CHUNK) {
+        predictor.predict(batch.rows(start..(start + EVAL_CHUNK).min(batch.n), inputs, cols), &mut out);
     }
     out
 }
@@ -349,11 +439,12 @@ impl TrainedModel {
     /// positive-class probabilities (binary), class probabilities row by row
     /// (multiclass) or values in the target's units (regression).
     pub fn outputs(&self, columns: &[ColumnData]) -> Result<Vec<f32>, FeatureError> {
-        Ok(self.outputs_from_encoded(&self.pipeline.transform(columns)?))
+        let e = self.pipeline.transform(columns)?;
+        Ok(self.outputs_from_encoded(Batch { x: &e.x, codes: &e.codes, n: e.n }))
     }
 
-    fn outputs_from_encoded(&self, x: &[f32]) -> Vec<f32> {
-        let mut out = predict_logits(&self.mlp, x, self.pipeline.width());
+    fn outputs_from_encoded(&self, batch: Batch<'_>) -> Vec<f32> {
+        let mut out = predict_logits(&self.network, batch);
         match self.head() {
             Head::Binary => out.iter_mut().for_each(|z| *z = crate::engine::sigmoid(*z)),
             Head::Multiclass(c) => {
@@ -428,16 +519,16 @@ mod tests {
         let p = plan(Task::Binary, &["no", "yes"]);
         let a = train(&p, &features, &target, 1, &mut |_| Control::Continue).unwrap();
         let b = train(&p, &features, &target, 1, &mut |_| Control::Continue).unwrap();
-        assert_eq!(a.mlp, b.mlp);
+        assert_eq!(a.network, b.network);
         // Rows split across threads: deterministic too, equal up to rounding.
         let c = train(&p, &features, &target, 2, &mut |_| Control::Continue).unwrap();
         let d = train(&p, &features, &target, 2, &mut |_| Control::Continue).unwrap();
-        assert_eq!(c.mlp, d.mlp);
+        assert_eq!(c.network, d.network);
         assert!((c.metrics["auc"] - a.metrics["auc"]).abs() < 0.02, "{:?} vs {:?}", c.metrics, a.metrics);
         let mut other = p.clone();
         other.options.seed = 7;
         let c = train(&other, &features, &target, 1, &mut |_| Control::Continue).unwrap();
-        assert_ne!(a.mlp, c.mlp);
+        assert_ne!(a.network, c.network);
     }
 
     #[test]
@@ -529,7 +620,7 @@ mod group_tests {
             for (m, plan) in plans.iter().enumerate() {
                 // Stacks split by model: each model is computed as on one thread.
                 let alone = train(plan, &features, &target, 1, &mut |_| Control::Continue).unwrap();
-                assert_eq!(stacked[m].mlp, alone.mlp, "model {m}: weights differ");
+                assert_eq!(stacked[m].network, alone.network, "model {m}: weights differ");
                 let losses =
                     |h: &[EpochStats]| h.iter().map(|e| (e.epoch, e.train_loss, e.valid_loss)).collect::<Vec<_>>();
                 assert_eq!(losses(&stacked[m].history), losses(&alone.history));

@@ -4,10 +4,11 @@
 mod common;
 
 use cerebro_daemon::onnx::export;
-use cerebro_daemon::scoring::{InputKind, ScoringModel};
-use cerebro_daemon::train::{train, Control, TrainedModel};
+use cerebro_daemon::scoring::{InputKind, OnnxRuntime, ScoringModel};
+use cerebro_daemon::train::{train, train_group, Control, TrainedModel};
 use cerebro_shared::batch::{ColumnData, NO_LABEL};
-use cerebro_shared::spec::{Activation, Feature, FeatureKind, Task, TrainOptions, TrainingPlan};
+use cerebro_shared::spec::{Feature, FeatureKind, Task, TrainOptions, TrainingPlan};
+use serde_json::json;
 
 fn columns(n: usize, offset: usize) -> Vec<ColumnData> {
     let mut num = Vec::new();
@@ -34,7 +35,7 @@ fn features() -> Vec<Feature> {
     ]
 }
 
-fn trained(task: Task, activation: Activation) -> TrainedModel {
+fn plan(task: Task, options: serde_json::Value) -> (TrainingPlan, ColumnData) {
     let train_cols = columns(400, 0);
     let num = match &train_cols[0] {
         ColumnData::Float64(v) => v.clone(),
@@ -53,58 +54,103 @@ fn trained(task: Task, activation: Activation) -> TrainedModel {
             (ColumnData::Float64(num.iter().map(|v| Some(v.unwrap_or(1.0) * 3.0 + 100.0)).collect()), vec![])
         }
     };
-    let plan = TrainingPlan {
-        task,
-        target: "y".into(),
-        features: features(),
-        class_labels: labels,
-        options: TrainOptions { epochs: 5, hidden: vec![8, 4], activation, ..Default::default() },
-    };
-    train(&plan, &train_cols, &target, 1, &mut |_| Control::Continue).expect("training succeeds")
+    let mut options = TrainOptions::from_json(Some(&options)).expect("valid options");
+    options.epochs = 5;
+    let plan = TrainingPlan { task, target: "y".into(), features: features(), class_labels: labels, options };
+    (plan, target)
+}
+
+fn trained(task: Task, options: serde_json::Value) -> TrainedModel {
+    let (plan, target) = plan(task, options);
+    train(&plan, &columns(400, 0), &target, 1, &mut |_| Control::Continue).expect("training succeeds")
+}
+
+/// The ONNX file of `model`, scored by ONNX Runtime, equals the engine's
+/// outputs on held-out rows (NULLs and never-seen categories included).
+fn check_agreement(rt: &OnnxRuntime, model: &TrainedModel, what: &str) {
+    let held_out = columns(300, 10_000);
+    let task = model.task;
+    let bytes = export(model, &[("cerebro.model", "test".into())]).unwrap();
+    let onnx = ScoringModel::load(rt, &bytes).unwrap();
+    assert_eq!(
+        onnx.inputs().iter().map(|(n, k)| (n.as_str(), *k)).collect::<Vec<_>>(),
+        vec![("monthly charges", InputKind::Float), ("internet", InputKind::Text), ("paperless", InputKind::Text)]
+    );
+    let engine = model.outputs(&held_out).unwrap();
+    let (runtime, width) = onnx.run(&held_out).unwrap();
+    assert_eq!(engine.len(), runtime.len(), "{what}");
+    assert_eq!(width, if task == Task::Multiclass { 3 } else { 1 });
+    for (i, (e, r)) in engine.iter().zip(&runtime).enumerate() {
+        assert!((e - r).abs() <= 1e-5 * e.abs().max(1.0), "{what} row {i}: engine {e} onnx {r}");
+    }
+
+    let (scores, labels) = onnx.score(&held_out).unwrap();
+    assert_eq!(scores.len(), 300);
+    match task {
+        Task::Binary => assert!(labels.iter().zip(&scores).all(|(l, s)| *l == (*s >= 0.5) as u32)),
+        Task::Multiclass => assert!(labels.iter().all(|l| *l < 3)),
+        Task::Regression => assert!(labels.iter().all(|l| *l == NO_LABEL)),
+    }
 }
 
 #[test]
-fn onnx_runtime_agrees_with_the_engine_for_every_head() {
+fn onnx_runtime_agrees_with_the_engine_for_every_head_layer_and_encoding() {
     let Some(rt) = common::onnx_runtime() else { return };
-    let held_out = columns(300, 10_000);
     let cases = [
-        (Task::Binary, Activation::Relu),
-        (Task::Multiclass, Activation::Relu),
-        (Task::Regression, Activation::Relu),
-        (Task::Binary, Activation::Gelu),
-        (Task::Binary, Activation::Silu),
-        (Task::Regression, Activation::Tanh),
+        (Task::Binary, json!({"hidden": [8, 4]})),
+        (Task::Multiclass, json!({"hidden": [8, 4]})),
+        (Task::Regression, json!({"hidden": [8, 4]})),
+        (
+            Task::Binary,
+            json!({"hidden": [8], "activation": "gelu", "residual_blocks": 2, "norm": "layer", "dropout": 0.2}),
+        ),
+        (Task::Binary, json!({"hidden": [8, 6], "activation": "silu", "norm": "batch", "class_weights": "balanced"})),
+        (Task::Multiclass, json!({"hidden": [8], "residual_blocks": 1, "norm": "batch", "dropout": 0.1})),
+        (Task::Regression, json!({"hidden": [8], "activation": "tanh", "loss": "huber", "norm": "layer"})),
+        // Embeddings (never-seen values take the zero row), PLE and quantiles.
+        (
+            Task::Binary,
+            json!({"hidden": [8], "numeric_encoding": "ple", "encodings": {"internet": 3, "paperless": "embedding"}}),
+        ),
+        (
+            Task::Multiclass,
+            json!({"hidden": [8], "encodings": {"monthly charges": "quantile", "internet": "embedding"}}),
+        ),
+        (Task::Regression, json!({"hidden": [], "bins": 5, "numeric_encoding": "ple", "onehot_max": 2})),
     ];
-    for (task, activation) in cases {
-        let model = trained(task, activation);
-        let bytes = export(&model, &[("cerebro.model", "test".into())]).unwrap();
-        let onnx = ScoringModel::load(&rt, &bytes).unwrap();
-        assert_eq!(
-            onnx.inputs().iter().map(|(n, k)| (n.as_str(), *k)).collect::<Vec<_>>(),
-            vec![("monthly charges", InputKind::Float), ("internet", InputKind::Text), ("paperless", InputKind::Text)]
-        );
-        let engine = model.outputs(&held_out).unwrap();
-        let (runtime, width) = onnx.run(&held_out).unwrap();
-        assert_eq!(engine.len(), runtime.len(), "{task}");
-        assert_eq!(width, if task == Task::Multiclass { 3 } else { 1 });
-        for (i, (e, r)) in engine.iter().zip(&runtime).enumerate() {
-            assert!((e - r).abs() <= 1e-5 * e.abs().max(1.0), "{task} {activation:?} row {i}: engine {e} onnx {r}");
-        }
+    for (task, options) in cases {
+        let what = format!("{task} {options}");
+        check_agreement(&rt, &trained(task, options), &what);
+    }
+}
 
-        let (scores, labels) = onnx.score(&held_out).unwrap();
-        assert_eq!(scores.len(), 300);
-        match task {
-            Task::Binary => assert!(labels.iter().zip(&scores).all(|(l, s)| *l == (*s >= 0.5) as u32)),
-            Task::Multiclass => assert!(labels.iter().all(|l| *l < 3)),
-            Task::Regression => assert!(labels.iter().all(|l| *l == NO_LABEL)),
-        }
+/// Every member of a fused stack exports on its own and scores as the engine
+/// scores it.
+#[test]
+fn every_member_of_a_fused_stack_exports_on_its_own() {
+    let Some(rt) = common::onnx_runtime() else { return };
+    let options = json!({"hidden": [8], "residual_blocks": 1, "norm": "batch", "encodings": {"internet": 2}});
+    let (base, target) = plan(Task::Binary, options);
+    let plans: Vec<TrainingPlan> = [1e-3, 3e-3, 1e-2]
+        .iter()
+        .map(|&lr| {
+            let mut p = base.clone();
+            p.options.learning_rate = lr;
+            p
+        })
+        .collect();
+    let members = train_group(&plans, &columns(400, 0), &target, 2, &mut |_, _| Control::Continue).unwrap();
+    assert_eq!(members.len(), 3);
+    assert_ne!(members[0].network, members[2].network);
+    for (m, model) in members.iter().enumerate() {
+        check_agreement(&rt, model, &format!("stack member {m}"));
     }
 }
 
 #[test]
 fn batches_of_the_wrong_shape_are_refused() {
     let Some(rt) = common::onnx_runtime() else { return };
-    let onnx = ScoringModel::load(&rt, &export(&trained(Task::Binary, Activation::Relu), &[]).unwrap()).unwrap();
+    let onnx = ScoringModel::load(&rt, &export(&trained(Task::Binary, json!({})), &[]).unwrap()).unwrap();
     let mut cols = columns(4, 0);
     cols.pop();
     assert!(onnx.run(&cols).is_err());

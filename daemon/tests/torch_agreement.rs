@@ -1,24 +1,37 @@
 //! Agreement with PyTorch: for fixed weights and inputs, the engine's forward
 //! outputs, losses and gradients equal PyTorch's to 1e-5 relative, for every
-//! activation and head. The reference values are made by
+//! activation and head on plain MLPs, and for networks with embeddings,
+//! LayerNorm, BatchNorm (training mode), dropout, residual blocks, class
+//! weights and Huber loss. The reference values are made by
 //! fixtures/make_torch_reference.py.
 
-use cerebro_daemon::engine::{Activation, Dense, ForwardCache, Gradients, Head, Mlp};
+use cerebro_daemon::engine::{Arch, Batch, Head, Loss, Mode, Op, Stack, StackCache};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
+struct LossOptions {
+    #[serde(default)]
+    class_weights: Vec<f32>,
+    #[serde(default)]
+    huber_delta: f32,
+}
+
+#[derive(Deserialize)]
 struct Case {
-    activation: Activation,
+    name: String,
+    arch: Arch,
     head: String,
-    dims: Vec<usize>,
-    weights: Vec<Vec<f32>>,
-    biases: Vec<Vec<f32>>,
+    classes: usize,
+    loss: LossOptions,
+    seed: u64,
+    step: u64,
+    params: Vec<Vec<f32>>,
     x: Vec<f32>,
+    codes: Vec<u32>,
     y: Vec<f32>,
     logits: Vec<f32>,
-    loss: f64,
-    grad_weights: Vec<Vec<f32>>,
-    grad_biases: Vec<Vec<f32>>,
+    loss_value: f64,
+    grads: Vec<Vec<f32>>,
 }
 
 #[derive(Deserialize)]
@@ -39,36 +52,49 @@ fn close(what: &str, ours: &[f32], theirs: &[f32]) {
 fn forward_losses_and_gradients_agree_with_pytorch() {
     let fixtures: Fixtures =
         serde_json::from_str(include_str!("fixtures/torch_reference.json")).expect("fixtures parse");
-    assert_eq!(fixtures.cases.len(), 12, "4 activations x 3 heads (PyTorch {})", fixtures.torch);
+    assert_eq!(fixtures.cases.len(), 18, "12 MLPs and 6 networks with every other op (PyTorch {})", fixtures.torch);
+    let every_op = |op: fn(&Op) -> bool| fixtures.cases.iter().any(|c| c.arch.ops.iter().any(op));
+    assert!(every_op(|o| matches!(o, Op::LayerNorm { .. })) && every_op(|o| matches!(o, Op::BatchNorm { .. })));
+    assert!(every_op(|o| matches!(o, Op::Dropout { .. })) && every_op(|o| matches!(o, Op::Residual { .. })));
+    assert!(fixtures.cases.iter().any(|c| !c.arch.embeddings.is_empty()));
+
     for case in &fixtures.cases {
-        let name = format!("{:?}/{}", case.activation, case.head);
+        let name = &case.name;
+        case.arch.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
         let head = match case.head.as_str() {
             "binary" => Head::Binary,
-            "multiclass" => Head::Multiclass(3),
+            "multiclass" => Head::Multiclass(case.classes),
             _ => Head::Regression,
         };
-        let layers = case
-            .dims
-            .windows(2)
-            .zip(case.weights.iter().zip(&case.biases))
-            .map(|(d, (w, b))| Dense { inputs: d[0], outputs: d[1], weight: w.clone(), bias: b.clone() })
+        let loss = Loss { head, class_weights: case.loss.class_weights.clone(), huber_delta: case.loss.huber_delta };
+        // BatchNorm's running statistics are not used in training mode.
+        let state = case
+            .arch
+            .ops
+            .iter()
+            .filter_map(|op| if let Op::BatchNorm { width } = op { Some(*width) } else { None })
+            .flat_map(|w| [vec![0.0; w], vec![1.0; w]])
             .collect();
-        let mlp = Mlp { layers, activation: case.activation };
+        let net = Stack { k: 1, arch: case.arch.clone(), params: case.params.clone(), state, seed: case.seed };
         let n = case.y.len();
+        let batch = Batch { x: &case.x, codes: &case.codes, n };
 
-        let mut cache = ForwardCache::default();
-        mlp.forward(&case.x, n, &mut cache);
+        let mut cache = StackCache::default();
+        net.forward(batch, &mut cache, Mode::Train { step: case.step, row_offset: 0 });
         close(&format!("{name} logits"), cache.logits(), &case.logits);
 
         let mut d = vec![0.0; case.logits.len()];
-        let loss = head.loss_and_grad(cache.logits(), &case.y, n, &mut d);
-        assert!((loss - case.loss).abs() <= 1e-5 * case.loss.abs().max(1e-1), "{name} loss: {loss} vs {}", case.loss);
+        let value = loss.loss_and_grad(cache.logits(), &case.y, n, &mut d);
+        assert!(
+            (value - case.loss_value).abs() <= 1e-5 * case.loss_value.abs().max(1e-1),
+            "{name} loss: {value} vs {}",
+            case.loss_value
+        );
 
-        let mut grads = Gradients::zeros_like(&mlp);
-        mlp.backward(&case.x, n, &mut cache, &d, &mut grads);
-        for (l, (gw, gb)) in grads.layers.iter().enumerate() {
-            close(&format!("{name} layer {l} weight gradient"), gw, &case.grad_weights[l]);
-            close(&format!("{name} layer {l} bias gradient"), gb, &case.grad_biases[l]);
+        let mut grads = net.zero_gradients();
+        net.backward(batch, &mut cache, &d, &mut grads);
+        for (s, (ours, theirs)) in grads.params.iter().zip(&case.grads).enumerate() {
+            close(&format!("{name} slot {s} gradient"), ours, theirs);
         }
     }
 }

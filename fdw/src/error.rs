@@ -77,7 +77,8 @@ impl CerebroError {
         match self {
             CerebroError::Spec(e) => match e {
                 SpecError::InvalidName { .. } => ERRCODE_INVALID_NAME,
-                SpecError::TaskMismatch { .. } => ERRCODE_DATATYPE_MISMATCH,
+                SpecError::TaskMismatch { .. } | SpecError::EncodingKind { .. } => ERRCODE_DATATYPE_MISMATCH,
+                SpecError::UnknownEncodedColumn(_) => ERRCODE_UNDEFINED_COLUMN,
                 _ => ERRCODE_INVALID_PARAMETER_VALUE,
             },
             CerebroError::MissingValue(_) => ERRCODE_NOT_NULL_VIOLATION,

@@ -157,6 +157,26 @@ mod tests {
         .unwrap();
     }
 
+    #[pg_test(error = "option \"encodings\" names column \"agee\", which is not a feature of this model")]
+    fn encoding_for_an_unknown_column() {
+        setup();
+        Spi::run(
+            "INSERT INTO cerebro.models (name, source, target, options)
+             VALUES ('m', 'customers', 'churn', '{\"encodings\": {\"agee\": \"ple\"}}')",
+        )
+        .unwrap();
+    }
+
+    #[pg_test(error = "option \"class_weights\" names label \"maybe\", which the target does not have")]
+    fn class_weight_for_an_unknown_label() {
+        setup();
+        Spi::run(
+            "INSERT INTO cerebro.models (name, source, target, options)
+             VALUES ('m', 'customers', 'churn', '{\"class_weights\": {\"maybe\": 2}}')",
+        )
+        .unwrap();
+    }
+
     #[pg_test(error = "column \"status\" of cerebro.models is set by Cerebro and cannot be inserted")]
     fn read_only_columns() {
         setup();

@@ -300,6 +300,7 @@ pub fn queue_training(req: TrainRequest) -> Result<()> {
                 class_labels.push(row.get(1)?.expect("labels are not NULL"));
             }
         }
+        req.options.check_against(&features, task, &class_labels)?;
 
         client.update(
             "INSERT INTO cerebro.snapshots (id, source_relation, query, data_relation, row_count, created_by)

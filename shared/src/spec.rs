@@ -4,6 +4,7 @@
 //! before anything is queued; the daemon reads the same types back from the
 //! catalog. Validation lives here so both sides and plain unit tests agree.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -139,6 +140,151 @@ pub enum Activation {
     Tanh,
 }
 
+/// Normalisation after every hidden dense layer, before its activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Norm {
+    #[default]
+    None,
+    Batch,
+    Layer,
+}
+
+/// How a numeric column becomes inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NumericEncoding {
+    /// `(x - mean) / std`.
+    #[default]
+    Standard,
+    /// The value's position in the training distribution, from -0.5 to 0.5
+    /// (piecewise linear between `bins` quantiles).
+    Quantile,
+    /// Piecewise-linear encoding: one input per quantile bin, 0 below the
+    /// bin, 1 above it, linear inside.
+    Ple,
+}
+
+/// How a categorical column becomes inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CategoricalEncoding {
+    OneHot,
+    /// A learnt vector of this many values per category.
+    Embedding(u32),
+}
+
+/// Per-class weights of a classifier's loss. Stored as written:
+/// `"none"`, `"balanced"` or `{"label": weight, ...}`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(into = "Value", try_from = "Value")]
+pub enum ClassWeights {
+    #[default]
+    None,
+    /// Inversely proportional to each class's share of the training rows.
+    Balanced,
+    /// By label; labels not named weigh 1.
+    Explicit(BTreeMap<String, f64>),
+}
+
+/// A regression model's training loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegressionLoss {
+    #[default]
+    Mse,
+    Huber,
+}
+
+/// An encoding named for one column in `encodings`. Stored as written: a
+/// name, or an embedding width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "Value", try_from = "Value")]
+pub enum ColumnEncoding {
+    Standard,
+    Quantile,
+    Ple,
+    OneHot,
+    Embedding(Option<u32>),
+}
+
+impl From<ColumnEncoding> for Value {
+    fn from(e: ColumnEncoding) -> Value {
+        match e {
+            ColumnEncoding::Standard => "standard".into(),
+            ColumnEncoding::Quantile => "quantile".into(),
+            ColumnEncoding::Ple => "ple".into(),
+            ColumnEncoding::OneHot => "onehot".into(),
+            ColumnEncoding::Embedding(None) => "embedding".into(),
+            ColumnEncoding::Embedding(Some(d)) => d.into(),
+        }
+    }
+}
+
+impl TryFrom<Value> for ColumnEncoding {
+    type Error = String;
+    fn try_from(v: Value) -> Result<Self, String> {
+        ColumnEncoding::parse(&v).ok_or_else(|| format!("not a column encoding: {v}"))
+    }
+}
+
+impl From<ClassWeights> for Value {
+    fn from(w: ClassWeights) -> Value {
+        match w {
+            ClassWeights::None => "none".into(),
+            ClassWeights::Balanced => "balanced".into(),
+            ClassWeights::Explicit(map) => map.into_iter().map(|(k, v)| (k, Value::from(v))).collect(),
+        }
+    }
+}
+
+impl TryFrom<Value> for ClassWeights {
+    type Error = String;
+    fn try_from(v: Value) -> Result<Self, String> {
+        ClassWeights::parse(&v).ok_or_else(|| format!("not class weights: {v}"))
+    }
+}
+
+impl ClassWeights {
+    fn parse(v: &Value) -> Option<ClassWeights> {
+        match v {
+            Value::String(s) if s == "none" => Some(ClassWeights::None),
+            Value::String(s) if s == "balanced" => Some(ClassWeights::Balanced),
+            Value::Object(obj) => obj
+                .iter()
+                .map(|(label, w)| w.as_f64().filter(|w| w.is_finite()).map(|w| (label.clone(), w)))
+                .collect::<Option<_>>()
+                .map(ClassWeights::Explicit),
+            _ => None,
+        }
+    }
+}
+
+impl ColumnEncoding {
+    fn parse(v: &Value) -> Option<ColumnEncoding> {
+        if let Some(dim) = v.as_u64() {
+            return u32::try_from(dim).ok().map(|d| ColumnEncoding::Embedding(Some(d)));
+        }
+        match v.as_str()? {
+            "standard" => Some(ColumnEncoding::Standard),
+            "quantile" => Some(ColumnEncoding::Quantile),
+            "ple" => Some(ColumnEncoding::Ple),
+            "onehot" => Some(ColumnEncoding::OneHot),
+            "embedding" => Some(ColumnEncoding::Embedding(None)),
+            _ => None,
+        }
+    }
+
+    fn is_numeric(self) -> bool {
+        matches!(self, ColumnEncoding::Standard | ColumnEncoding::Quantile | ColumnEncoding::Ple)
+    }
+}
+
+/// The embedding width for a column with `vocabulary` categories:
+/// `min(32, round(1.6 · vocabulary^0.56))`, at least 2.
+pub fn embedding_dim(vocabulary: usize) -> usize {
+    ((1.6 * (vocabulary.max(1) as f64).powf(0.56)).round() as usize).clamp(2, 32)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
@@ -177,6 +323,25 @@ pub struct TrainOptions {
     pub warmup_epochs: u32,
     /// Largest global gradient norm per step (0: no clipping).
     pub clip_norm: f64,
+    /// Residual blocks after the hidden layers, each
+    /// `x + dense(dense(x) → activation → dropout)` as wide as the last hidden layer.
+    pub residual_blocks: u32,
+    pub norm: Norm,
+    /// Dropout after every hidden activation (0: none).
+    pub dropout: f64,
+    /// The encoding of numeric columns not named in `encodings`.
+    pub numeric_encoding: NumericEncoding,
+    /// Quantile bins of the quantile and piecewise-linear encodings.
+    pub bins: u32,
+    /// Categorical columns with more categories than this get an embedding
+    /// (sized by [`embedding_dim`]) unless named in `encodings`; the others are one-hot.
+    pub onehot_max: u32,
+    /// Per-column encodings overriding the defaults above.
+    pub encodings: BTreeMap<String, ColumnEncoding>,
+    pub class_weights: ClassWeights,
+    pub loss: RegressionLoss,
+    /// Huber's threshold, in standard deviations of the target.
+    pub huber_delta: f64,
 }
 
 impl Default for TrainOptions {
@@ -197,6 +362,16 @@ impl Default for TrainOptions {
             schedule: Schedule::Constant,
             warmup_epochs: 0,
             clip_norm: 0.0,
+            residual_blocks: 0,
+            norm: Norm::None,
+            dropout: 0.0,
+            numeric_encoding: NumericEncoding::Standard,
+            bins: 8,
+            onehot_max: 16,
+            encodings: BTreeMap::new(),
+            class_weights: ClassWeights::None,
+            loss: RegressionLoss::Mse,
+            huber_delta: 1.0,
         }
     }
 }
@@ -217,7 +392,21 @@ pub const OPTION_KEYS: &[&str] = &[
     "schedule",
     "warmup_epochs",
     "clip_norm",
+    "residual_blocks",
+    "norm",
+    "dropout",
+    "numeric_encoding",
+    "bins",
+    "onehot_max",
+    "encodings",
+    "class_weights",
+    "loss",
+    "huber_delta",
 ];
+
+/// Embeddings wider than this are refused.
+pub const MAX_EMBEDDING_DIM: u32 = 512;
+pub const MAX_RESIDUAL_BLOCKS: u32 = 16;
 
 impl TrainOptions {
     /// Reads the user's `options` JSON object over the defaults.
@@ -270,6 +459,45 @@ impl TrainOptions {
                 }
                 "warmup_epochs" => opts.warmup_epochs = as_u32(key, v, "a non-negative integer")?,
                 "clip_norm" => opts.clip_norm = as_f64(key, v)?,
+                "residual_blocks" => opts.residual_blocks = as_u32(key, v, "a non-negative integer")?,
+                "norm" => {
+                    opts.norm = match v.as_str() {
+                        Some("none") => Norm::None,
+                        Some("batch") => Norm::Batch,
+                        Some("layer") => Norm::Layer,
+                        _ => return Err(type_err(key, "one of \"none\", \"batch\", \"layer\"")),
+                    }
+                }
+                "dropout" => opts.dropout = as_f64(key, v)?,
+                "numeric_encoding" => {
+                    opts.numeric_encoding = match v.as_str() {
+                        Some("standard") => NumericEncoding::Standard,
+                        Some("quantile") => NumericEncoding::Quantile,
+                        Some("ple") => NumericEncoding::Ple,
+                        _ => return Err(type_err(key, "one of \"standard\", \"quantile\", \"ple\"")),
+                    }
+                }
+                "bins" => opts.bins = as_u32(key, v, "a positive integer")?,
+                "onehot_max" => opts.onehot_max = as_u32(key, v, "a non-negative integer")?,
+                "encodings" => {
+                    let obj = v.as_object().ok_or_else(|| type_err(key, ENCODINGS_SHAPE))?;
+                    opts.encodings = obj
+                        .iter()
+                        .map(|(col, e)| ColumnEncoding::parse(e).map(|e| (col.clone(), e)))
+                        .collect::<Option<_>>()
+                        .ok_or_else(|| type_err(key, ENCODINGS_SHAPE))?;
+                }
+                "class_weights" => {
+                    opts.class_weights = ClassWeights::parse(v).ok_or_else(|| type_err(key, CLASS_WEIGHTS_SHAPE))?
+                }
+                "loss" => {
+                    opts.loss = match v.as_str() {
+                        Some("mse") => RegressionLoss::Mse,
+                        Some("huber") => RegressionLoss::Huber,
+                        _ => return Err(type_err(key, "one of \"mse\", \"huber\"")),
+                    }
+                }
+                "huber_delta" => opts.huber_delta = as_f64(key, v)?,
                 _ => return Err(SpecError::UnknownOption(key.clone())),
             }
         }
@@ -317,13 +545,102 @@ impl TrainOptions {
             ));
         }
         check_range("clip_norm", self.clip_norm, 0.0, 1e6)?;
+        if self.residual_blocks > 0 && self.hidden.is_empty() {
+            return Err(range_err(
+                "residual_blocks",
+                self.residual_blocks.to_string(),
+                "0 when there are no hidden layers (blocks are as wide as the last one)".into(),
+            ));
+        }
+        check_range("residual_blocks", self.residual_blocks as f64, 0.0, MAX_RESIDUAL_BLOCKS as f64)?;
+        if !(0.0..0.95).contains(&self.dropout) {
+            return Err(range_err("dropout", self.dropout.to_string(), "at least 0 and below 0.95".into()));
+        }
+        check_range("bins", self.bins as f64, 2.0, 256.0)?;
+        for (col, e) in &self.encodings {
+            if let ColumnEncoding::Embedding(Some(d)) = e {
+                if *d == 0 || *d > MAX_EMBEDDING_DIM {
+                    return Err(range_err(
+                        "encodings",
+                        format!("{d} for column \"{col}\""),
+                        format!("embedding widths from 1 to {MAX_EMBEDDING_DIM}"),
+                    ));
+                }
+            }
+        }
+        if let ClassWeights::Explicit(w) = &self.class_weights {
+            if let Some((label, v)) = w.iter().find(|(_, v)| !(**v > 0.0 && **v <= 1e6)) {
+                return Err(range_err(
+                    "class_weights",
+                    format!("{v} for \"{label}\""),
+                    "greater than 0 and at most 1000000".into(),
+                ));
+            }
+        }
+        if !(self.huber_delta > 0.0 && self.huber_delta <= 1e3) {
+            return Err(range_err(
+                "huber_delta",
+                self.huber_delta.to_string(),
+                "greater than 0 and at most 1000".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// Checks the options that name columns or labels against the model's
+    /// features, task and class labels.
+    pub fn check_against(&self, features: &[Feature], task: Task, class_labels: &[String]) -> Result<(), SpecError> {
+        for (col, e) in &self.encodings {
+            let Some(f) = features.iter().find(|f| &f.name == col) else {
+                return Err(SpecError::UnknownEncodedColumn(col.clone()));
+            };
+            if e.is_numeric() != (f.kind == FeatureKind::Numeric) {
+                return Err(SpecError::EncodingKind { column: col.clone(), kind: f.kind, encoding: *e });
+            }
+        }
+        if self.class_weights != ClassWeights::None && !task.is_classification() {
+            return Err(SpecError::OptionTask { key: "class_weights", task });
+        }
+        if let ClassWeights::Explicit(w) = &self.class_weights {
+            if let Some(label) = w.keys().find(|l| !class_labels.contains(l)) {
+                return Err(SpecError::UnknownLabel { label: label.clone(), labels: class_labels.to_vec() });
+            }
+        }
+        if self.loss == RegressionLoss::Huber && task != Task::Regression {
+            return Err(SpecError::OptionTask { key: "loss", task });
+        }
+        Ok(())
+    }
+
+    /// How column `feature` is encoded, given its vocabulary size when categorical.
+    pub fn categorical_encoding(&self, column: &str, vocabulary: usize) -> CategoricalEncoding {
+        match self.encodings.get(column) {
+            Some(ColumnEncoding::OneHot) => CategoricalEncoding::OneHot,
+            Some(ColumnEncoding::Embedding(Some(d))) => CategoricalEncoding::Embedding(*d),
+            Some(ColumnEncoding::Embedding(None)) => CategoricalEncoding::Embedding(embedding_dim(vocabulary) as u32),
+            _ if vocabulary > self.onehot_max as usize => {
+                CategoricalEncoding::Embedding(embedding_dim(vocabulary) as u32)
+            }
+            _ => CategoricalEncoding::OneHot,
+        }
+    }
+
+    pub fn numeric_encoding(&self, column: &str) -> NumericEncoding {
+        match self.encodings.get(column) {
+            Some(ColumnEncoding::Standard) => NumericEncoding::Standard,
+            Some(ColumnEncoding::Quantile) => NumericEncoding::Quantile,
+            Some(ColumnEncoding::Ple) => NumericEncoding::Ple,
+            _ => self.numeric_encoding,
+        }
     }
 
     pub fn to_json(&self) -> Value {
         serde_json::to_value(self).expect("options always serialise")
     }
 }
+
+const ENCODINGS_SHAPE: &str = "an object from column names to \"standard\", \"quantile\", \"ple\", \"onehot\", \"embedding\" or an embedding width";
+const CLASS_WEIGHTS_SHAPE: &str = "\"none\", \"balanced\" or an object from labels to positive numbers";
 
 fn type_err(key: &str, expected: &'static str) -> SpecError {
     SpecError::OptionType { key: key.to_owned(), expected }
@@ -433,6 +750,14 @@ pub enum SpecError {
     OptionType { key: String, expected: &'static str },
     #[error("option \"{key}\" is {value}, allowed: {allowed}")]
     OptionRange { key: String, value: String, allowed: String },
+    #[error("option \"encodings\" names column \"{0}\", which is not a feature of this model")]
+    UnknownEncodedColumn(String),
+    #[error("option \"encodings\" gives {kind:?} column \"{column}\" the encoding {encoding:?}")]
+    EncodingKind { column: String, kind: FeatureKind, encoding: ColumnEncoding },
+    #[error("option \"{key}\" does not apply to a {task} model")]
+    OptionTask { key: &'static str, task: Task },
+    #[error("option \"class_weights\" names label \"{label}\", which the target does not have")]
+    UnknownLabel { label: String, labels: Vec<String> },
     #[error("unknown task \"{0}\"")]
     UnknownTask(String),
     #[error(
@@ -455,6 +780,10 @@ impl SpecError {
                 Some("For a numeric target set task to 'regression'; an identifier cannot be a target.".into())
             }
             SpecError::SingleClass { .. } => Some("Check the source's filter: every row has the same label.".into()),
+            SpecError::EncodingKind { .. } => Some(
+                "Numeric columns take standard, quantile or ple; categorical ones onehot, embedding or a width.".into(),
+            ),
+            SpecError::UnknownLabel { labels, .. } => Some(format!("The labels are: {}.", labels.join(", "))),
             _ => None,
         }
     }
@@ -530,6 +859,75 @@ mod tests {
     fn options_round_trip_through_json() {
         let o = TrainOptions { seed: 7, ..Default::default() };
         assert_eq!(TrainOptions::from_json(Some(&o.to_json())).unwrap(), o);
+        let written = json!({
+            "hidden": [32], "residual_blocks": 2, "norm": "layer", "dropout": 0.1,
+            "numeric_encoding": "ple", "bins": 16, "onehot_max": 4,
+            "encodings": {"tenure": "quantile", "city": 8, "plan": "onehot", "state": "embedding"},
+            "class_weights": {"yes": 3.0}, "loss": "mse"
+        });
+        let o = TrainOptions::from_json(Some(&written)).unwrap();
+        assert_eq!(o.encodings["city"], ColumnEncoding::Embedding(Some(8)));
+        assert_eq!(o.to_json()["encodings"], written["encodings"], "stored as written");
+        assert_eq!(TrainOptions::from_json(Some(&o.to_json())).unwrap(), o);
+        let stored: TrainOptions = serde_json::from_value(o.to_json()).unwrap();
+        assert_eq!(stored, o);
+    }
+
+    #[test]
+    fn architecture_and_encoding_options_are_checked() {
+        let bad = |v: Value, key: &str| {
+            let e = TrainOptions::from_json(Some(&v)).unwrap_err();
+            assert!(
+                matches!(&e, SpecError::OptionRange { key: k, .. } | SpecError::OptionType { key: k, .. } if k == key),
+                "{v}: {e}"
+            );
+        };
+        bad(json!({"hidden": [], "residual_blocks": 1}), "residual_blocks");
+        bad(json!({"dropout": 0.99}), "dropout");
+        bad(json!({"norm": "group"}), "norm");
+        bad(json!({"encodings": {"x": "log"}}), "encodings");
+        bad(json!({"encodings": {"x": 0}}), "encodings");
+        bad(json!({"class_weights": {"yes": -1}}), "class_weights");
+        bad(json!({"class_weights": "inverse"}), "class_weights");
+        bad(json!({"bins": 1}), "bins");
+
+        let features = vec![
+            Feature { name: "tenure".into(), kind: FeatureKind::Numeric },
+            Feature { name: "plan".into(), kind: FeatureKind::Categorical },
+        ];
+        let labels = vec!["no".to_string(), "yes".to_string()];
+        let check = |v: Value, task| TrainOptions::from_json(Some(&v)).unwrap().check_against(&features, task, &labels);
+        check(json!({"encodings": {"tenure": "ple", "plan": 4}, "class_weights": {"yes": 2}}), Task::Binary).unwrap();
+        assert_eq!(
+            check(json!({"encodings": {"tenur": "ple"}}), Task::Binary),
+            Err(SpecError::UnknownEncodedColumn("tenur".into()))
+        );
+        assert!(matches!(
+            check(json!({"encodings": {"plan": "ple"}}), Task::Binary),
+            Err(SpecError::EncodingKind { .. })
+        ));
+        assert!(matches!(
+            check(json!({"class_weights": {"maybe": 2}}), Task::Binary),
+            Err(SpecError::UnknownLabel { .. })
+        ));
+        assert!(matches!(check(json!({"loss": "huber"}), Task::Binary), Err(SpecError::OptionTask { .. })));
+        assert!(matches!(
+            check(json!({"class_weights": "balanced"}), Task::Regression),
+            Err(SpecError::OptionTask { .. })
+        ));
+    }
+
+    #[test]
+    fn categorical_encodings_follow_the_size_rule_and_overrides() {
+        let o =
+            TrainOptions::from_json(Some(&json!({"encodings": {"a": "onehot", "b": 5, "c": "embedding"}}))).unwrap();
+        assert_eq!(o.categorical_encoding("x", 16), CategoricalEncoding::OneHot);
+        assert_eq!(o.categorical_encoding("x", 17), CategoricalEncoding::Embedding(8));
+        assert_eq!(o.categorical_encoding("a", 5000), CategoricalEncoding::OneHot);
+        assert_eq!(o.categorical_encoding("b", 3), CategoricalEncoding::Embedding(5));
+        assert_eq!(o.categorical_encoding("c", 3), CategoricalEncoding::Embedding(3));
+        assert_eq!(embedding_dim(100_000), 32);
+        assert_eq!(embedding_dim(1), 2);
     }
 
     #[test]

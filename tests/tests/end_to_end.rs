@@ -189,6 +189,30 @@ async fn regression_and_multiclass_models_train_and_score() -> anyhow::Result<()
     Ok(())
 }
 
+/// A network with every kind of layer and encoding, declared in SQL, trains
+/// in the daemon and scores from SQL exactly as the daemon's own scoring path.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_layer_and_encoding_trains_from_sql_and_scores() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    let options = r#"{"epochs": 8, "hidden": [32], "residual_blocks": 1, "norm": "layer", "dropout": 0.1,
+        "activation": "gelu", "numeric_encoding": "ple", "onehot_max": 3,
+        "encodings": {"total_charges": "quantile", "payment_method": 3}, "class_weights": "balanced"}"#;
+    let v = insert(&db, "e2e_family", "churn", options).await?;
+    let seen = wait_until_done(&db, "e2e_family", v, TRAIN_TIMEOUT).await?;
+    assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
+    let auc: f64 = db
+        .query_one("SELECT (metrics->>'auc')::float8 FROM cerebro.models WHERE name = 'e2e_family'", &[])
+        .await?
+        .get(0);
+    assert!(auc > 0.8, "AUC {auc}");
+    let preds = sql_scores(&db, "SELECT key, label, score FROM cerebro.predictions WHERE model = 'e2e_family'").await?;
+    assert_eq!(preds.len(), 7043);
+    assert_eq!(preds, daemon_scores(&env, "e2e_family", &[])?);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rolled_back_insert_trains_nothing() -> anyhow::Result<()> {
     let env = Env::from_env();
@@ -242,6 +266,22 @@ async fn bad_input_is_an_error_with_its_sqlstate_and_queues_nothing() -> anyhow:
         ("INSERT INTO cerebro.models (name, source, target) VALUES ('9bad', 'telco_churn', 'churn')", "42602"),
         (
             "INSERT INTO cerebro.models (name, source, target, options) VALUES ('bad', 'telco_churn', 'churn', '{\"learning_rate\": -1}')",
+            "22023",
+        ),
+        (
+            "INSERT INTO cerebro.models (name, source, target, options) VALUES ('bad', 'telco_churn', 'churn', '{\"encodings\": {\"tenur\": \"ple\"}}')",
+            "42703",
+        ),
+        (
+            "INSERT INTO cerebro.models (name, source, target, options) VALUES ('bad', 'telco_churn', 'churn', '{\"encodings\": {\"contract\": \"ple\"}}')",
+            "42804",
+        ),
+        (
+            "INSERT INTO cerebro.models (name, source, target, options) VALUES ('bad', 'telco_churn', 'monthly_charges', '{\"class_weights\": \"balanced\"}')",
+            "22023",
+        ),
+        (
+            "INSERT INTO cerebro.models (name, source, target, options) VALUES ('bad', 'telco_churn', 'churn', '{\"residual_blocks\": 2, \"hidden\": []}')",
             "22023",
         ),
         ("INSERT INTO cerebro.models (source, target) VALUES ('telco_churn', 'churn')", "23502"),

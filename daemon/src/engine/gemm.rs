@@ -4,6 +4,7 @@
 /// `c = op(a) · op(b) + beta · c`, with `op(a)` of shape m×k and `op(b)` k×n,
 /// every matrix stored row-major. `a_t` / `b_t` read the stored matrix
 /// transposed (the stored shapes are then k×m and n×k).
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], b_t: bool, beta: f32, c: &mut [f32]) {
     let sa = if a_t { (1, m) } else { (k, 1) };

@@ -18,40 +18,76 @@ impl Head {
             Head::Multiclass(c) => c,
         }
     }
+}
 
-    /// Mean loss over `n` rows; `grad` receives d(mean loss)/d(logits).
-    pub fn loss_and_grad(self, logits: &[f32], targets: &[f32], n: usize, grad: &mut [f32]) -> f64 {
-        let inv_n = 1.0 / n.max(1) as f32;
-        let mut total = 0.0f64;
-        match self {
-            Head::Binary => {
-                for ((z, y), g) in logits.iter().zip(targets).zip(grad.iter_mut()) {
-                    total += bce_with_logits(*z, *y) as f64;
-                    *g = (sigmoid(*z) - y) * inv_n;
-                }
-            }
-            Head::Multiclass(c) => {
-                for ((row, y), g) in logits.chunks_exact(c).zip(targets).zip(grad.chunks_exact_mut(c)) {
-                    softmax_into(row, g);
-                    let k = *y as usize;
-                    total -= (g[k].max(f32::MIN_POSITIVE) as f64).ln();
-                    g[k] -= 1.0;
-                    g.iter_mut().for_each(|v| *v *= inv_n);
-                }
-            }
-            Head::Regression => {
-                for ((z, y), g) in logits.iter().zip(targets).zip(grad.iter_mut()) {
-                    let d = z - y;
-                    total += (d * d) as f64;
-                    *g = 2.0 * d * inv_n;
-                }
-            }
-        }
-        total / n.max(1) as f64
+/// A head with its loss settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loss {
+    pub head: Head,
+    /// Classification: one weight per class (empty: all 1). The loss is
+    /// `Σ w_y·l / Σ w_y` over the batch, as PyTorch's weighted cross-entropy.
+    pub class_weights: Vec<f32>,
+    /// Regression: Huber's threshold on the standardised target (0: squared error).
+    pub huber_delta: f32,
+}
+
+impl Loss {
+    pub fn new(head: Head) -> Loss {
+        Loss { head, class_weights: Vec::new(), huber_delta: 0.0 }
     }
 
-    /// Mean loss without gradients (validation).
-    pub fn loss(self, logits: &[f32], targets: &[f32], n: usize) -> f64 {
+    fn weight(&self, class: f32) -> f32 {
+        self.class_weights.get(class as usize).copied().unwrap_or(1.0)
+    }
+
+    /// Loss over `n` rows; `grad` receives d(loss)/d(logits).
+    pub fn loss_and_grad(&self, logits: &[f32], targets: &[f32], n: usize, grad: &mut [f32]) -> f64 {
+        let mut total = 0.0f64;
+        match self.head {
+            Head::Binary | Head::Multiclass(_) => {
+                let weights: f32 = targets[..n].iter().map(|&y| self.weight(y)).sum();
+                let weights = if weights > 0.0 { weights } else { 1.0 };
+                let inv = 1.0 / weights;
+                if let Head::Multiclass(c) = self.head {
+                    for ((row, y), g) in logits.chunks_exact(c).zip(targets).zip(grad.chunks_exact_mut(c)) {
+                        softmax_into(row, g);
+                        let (k, w) = (*y as usize, self.weight(*y));
+                        total -= w as f64 * (g[k].max(f32::MIN_POSITIVE) as f64).ln();
+                        g[k] -= 1.0;
+                        g.iter_mut().for_each(|v| *v *= w * inv);
+                    }
+                } else {
+                    for ((z, y), g) in logits.iter().zip(targets).zip(grad.iter_mut()) {
+                        let w = self.weight(*y);
+                        total += (w * bce_with_logits(*z, *y)) as f64;
+                        *g = (sigmoid(*z) - y) * w * inv;
+                    }
+                }
+                total / weights as f64
+            }
+            Head::Regression => {
+                let inv_n = 1.0 / n.max(1) as f32;
+                let delta = self.huber_delta;
+                for ((z, y), g) in logits.iter().zip(targets).zip(grad.iter_mut()) {
+                    let d = z - y;
+                    if delta > 0.0 && d.abs() > delta {
+                        total += (delta * (d.abs() - 0.5 * delta)) as f64;
+                        *g = delta * d.signum() * inv_n;
+                    } else if delta > 0.0 {
+                        total += (0.5 * d * d) as f64;
+                        *g = d * inv_n;
+                    } else {
+                        total += (d * d) as f64;
+                        *g = 2.0 * d * inv_n;
+                    }
+                }
+                total / n.max(1) as f64
+            }
+        }
+    }
+
+    /// The loss without gradients (validation).
+    pub fn loss(&self, logits: &[f32], targets: &[f32], n: usize) -> f64 {
         let mut scratch = vec![0.0; logits.len()];
         self.loss_and_grad(logits, targets, n, &mut scratch)
     }
@@ -82,16 +118,60 @@ mod tests {
 
     #[test]
     fn binary_loss_is_stable_for_large_logits() {
-        let l = Head::Binary.loss(&[100.0, -100.0], &[1.0, 0.0], 2);
+        let l = Loss::new(Head::Binary).loss(&[100.0, -100.0], &[1.0, 0.0], 2);
         assert!(l.is_finite() && l < 1e-6);
-        let l = Head::Binary.loss(&[100.0], &[0.0], 1);
+        let l = Loss::new(Head::Binary).loss(&[100.0], &[0.0], 1);
         assert!((l - 100.0).abs() < 1e-3);
     }
 
     #[test]
     fn cross_entropy_of_uniform_logits_is_log_c() {
-        let l = Head::Multiclass(4).loss(&[0.0; 4], &[2.0], 1);
+        let l = Loss::new(Head::Multiclass(4)).loss(&[0.0; 4], &[2.0], 1);
         assert!((l - 4f64.ln()).abs() < 1e-6);
+    }
+
+    /// Finite differences of every loss, weighted and not, in f64.
+    #[test]
+    fn gradients_match_finite_differences() {
+        let logits = [0.3f32, -1.2, 2.0, 0.1, -0.4, 0.9];
+        let cases = [
+            (Loss::new(Head::Binary), vec![1.0, 0.0, 1.0, 0.0, 0.0, 1.0]),
+            (Loss { class_weights: vec![0.4, 2.5], ..Loss::new(Head::Binary) }, vec![1.0, 0.0, 1.0, 0.0, 0.0, 1.0]),
+            (Loss::new(Head::Multiclass(3)), vec![2.0, 0.0]),
+            (Loss { class_weights: vec![1.0, 3.0, 0.5], ..Loss::new(Head::Multiclass(3)) }, vec![1.0, 2.0]),
+            (Loss::new(Head::Regression), vec![0.1, 0.5, -2.0, 0.0, 3.0, 1.0]),
+            (Loss { huber_delta: 1.0, ..Loss::new(Head::Regression) }, vec![0.1, 0.5, -2.0, 0.0, 3.0, 1.0]),
+        ];
+        for (loss, y) in cases {
+            let n = y.len();
+            let mut grad = vec![0.0; logits.len()];
+            loss.loss_and_grad(&logits, &y, n, &mut grad);
+            for i in 0..logits.len() {
+                let eps = 1e-3;
+                let at = |d: f32| {
+                    let mut l = logits;
+                    l[i] += d;
+                    loss.loss(&l, &y, n)
+                };
+                let numeric = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+                assert!((numeric - grad[i] as f64).abs() < 1e-3, "{loss:?} logit {i}: {numeric} vs {}", grad[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn huber_is_quadratic_inside_and_linear_outside() {
+        let huber = Loss { huber_delta: 1.0, ..Loss::new(Head::Regression) };
+        assert!((huber.loss(&[0.5], &[0.0], 1) - 0.125).abs() < 1e-7);
+        assert!((huber.loss(&[3.0], &[0.0], 1) - 2.5).abs() < 1e-7);
+    }
+
+    #[test]
+    fn class_weights_weigh_each_row_by_its_class() {
+        let weighted = Loss { class_weights: vec![1.0, 3.0], ..Loss::new(Head::Binary) };
+        let (a, b) = (Loss::new(Head::Binary).loss(&[0.0], &[1.0], 1), Loss::new(Head::Binary).loss(&[2.0], &[0.0], 1));
+        let both = weighted.loss(&[0.0, 2.0], &[1.0, 0.0], 2);
+        assert!((both - (3.0 * a + b) / 4.0).abs() < 1e-6);
     }
 
     #[test]

@@ -1,21 +1,28 @@
-//! The training engine: dense networks over f32 row-major matrices on CPU.
+//! The training engine: tabular networks over f32 row-major matrices on CPU.
 //!
-//! Dense layers with ReLU, GELU, SiLU or tanh between them, the three heads Cerebro needs, and
-//! Adam, AdamW or SGD with schedules and clipping. Training runs on a [`Stack`]: K networks of one shape trained in
-//! one pass (K = 1 for a single model). Everything is seeded, so a model
-//! trained twice with the same seed is bit-identical, alone or in a stack.
+//! Networks are a sequence of [`Op`]s: dense layers, ReLU/GELU/SiLU/tanh,
+//! LayerNorm and BatchNorm, dropout and residual connections, over encoded
+//! features and learnt categorical embeddings. Heads are binary (optionally
+//! class-weighted), multiclass, and regression (squared error or Huber).
+//! Optimisers are Adam, AdamW and SGD with momentum, with schedules,
+//! weight decay and clipping.
+//!
+//! Training always runs on a [`Stack`]: K networks of one architecture
+//! trained in one pass (K = 1 for a single model). Everything is seeded, so a
+//! model trained twice with the same seed is bit-identical, alone or in a stack.
 
 pub mod activation;
 mod gemm;
 mod loss;
-mod mlp;
 mod optim;
 mod stack;
 mod trainer;
 
 pub use activation::Activation;
-pub use loss::{sigmoid, softmax_into, Head};
-pub use mlp::{Dense, ForwardCache, Gradients, Mlp, Predictor, Scratch};
+pub use loss::{sigmoid, softmax_into, Head, Loss};
 pub use optim::{scheduled_lr, ModelStep, StackOptimizer};
-pub use stack::{Stack, StackCache, StackGradients};
+pub use stack::{
+    dropout_keeps, Arch, ArchError, Batch, Embedding, Mode, Op, Predictor, Stack, StackCache, StackGradients,
+    BATCH_NORM_MOMENTUM, NORM_EPS,
+};
 pub use trainer::{ThreadsError, Trainer};

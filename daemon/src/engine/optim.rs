@@ -5,7 +5,7 @@
 
 use cerebro_shared::spec::Optimizer;
 
-use super::stack::{Stack, StackGradients};
+use super::stack::{Slot, Stack, StackGradients};
 
 /// One model's settings for one step.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -31,14 +31,6 @@ pub struct StackOptimizer {
     v: StackGradients,
 }
 
-/// Where model `model`'s parameters of layer `l` lie: `runs` runs of `len`
-/// elements, `stride` apart, from `first`; then its biases.
-fn runs(stack: &Stack, l: usize, model: usize) -> ((usize, usize, usize, usize), std::ops::Range<usize>) {
-    let (k, rows, cols) = (stack.k, stack.dims[l], stack.dims[l + 1]);
-    let weights = if l == 0 { (model * cols, cols, k * cols, rows) } else { (model * rows * cols, rows * cols, 0, 1) };
-    (weights, model * cols..(model + 1) * cols)
-}
-
 impl StackOptimizer {
     pub fn new(stack: &Stack, kind: Optimizer) -> StackOptimizer {
         StackOptimizer {
@@ -53,25 +45,22 @@ impl StackOptimizer {
     }
 
     /// Global L2 norm of one model's gradient.
-    fn norm(stack: &Stack, grads: &StackGradients, model: usize) -> f32 {
+    fn norm(slots: &[Slot], grads: &StackGradients, model: usize) -> f32 {
         let mut sum = 0.0f64;
-        for l in 0..stack.weights.len() {
-            let ((first, len, stride, count), biases) = runs(stack, l, model);
-            for run in 0..count {
-                let start = first + run * stride;
-                sum += grads.weights[l][start..start + len].iter().map(|g| (*g as f64) * (*g as f64)).sum::<f64>();
-            }
-            sum += grads.biases[l][biases].iter().map(|g| (*g as f64) * (*g as f64)).sum::<f64>();
+        for (g, slot) in grads.params.iter().zip(slots) {
+            let run = &g[model * slot.len..(model + 1) * slot.len];
+            sum += run.iter().map(|g| (*g as f64) * (*g as f64)).sum::<f64>();
         }
         sum.sqrt() as f32
     }
 
     /// One step for every model `i` with `active[i]`, with `settings[i]`.
     pub fn step(&mut self, stack: &mut Stack, grads: &StackGradients, settings: &[ModelStep], active: &[bool]) {
+        let slots = stack.arch.slots();
         for model in (0..stack.k).filter(|&m| active[m]) {
             let s = settings[model];
             let scale = if s.clip_norm > 0.0 {
-                let norm = Self::norm(stack, grads, model);
+                let norm = Self::norm(&slots, grads, model);
                 if norm.is_finite() && norm > s.clip_norm {
                     s.clip_norm / norm
                 } else {
@@ -109,24 +98,14 @@ impl StackOptimizer {
                     }),
                 }
             };
-            for l in 0..stack.weights.len() {
-                let ((first, len, stride, count), biases) = runs(stack, l, model);
-                for run in 0..count {
-                    let r = first + run * stride..first + run * stride + len;
-                    update(
-                        &mut stack.weights[l][r.clone()],
-                        &grads.weights[l][r.clone()],
-                        &mut self.m.weights[l][r.clone()],
-                        &mut self.v.weights[l][r],
-                        s.weight_decay,
-                    );
-                }
+            for (s_idx, slot) in slots.iter().enumerate() {
+                let r = model * slot.len..(model + 1) * slot.len;
                 update(
-                    &mut stack.biases[l][biases.clone()],
-                    &grads.biases[l][biases.clone()],
-                    &mut self.m.biases[l][biases.clone()],
-                    &mut self.v.biases[l][biases],
-                    0.0,
+                    &mut stack.params[s_idx][r.clone()],
+                    &grads.params[s_idx][r.clone()],
+                    &mut self.m.params[s_idx][r.clone()],
+                    &mut self.v.params[s_idx][r],
+                    if slot.decay { s.weight_decay } else { 0.0 },
                 );
             }
         }
@@ -159,13 +138,16 @@ mod tests {
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
-    use super::super::{Head, StackCache};
+    use super::super::stack::{Arch, Batch, Mode};
+    use super::super::{Activation, Head, Loss, StackCache};
     use super::*;
-    use crate::engine::Mlp;
 
-    fn fit(kind: Optimizer, lr: f32, clip_norm: f32) -> (f64, Mlp) {
-        let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let mut stack = Stack::from_models(&[Mlp::new(2, &[], 1, &mut rng)]);
+    fn linear() -> Stack {
+        Stack::new(Arch::mlp(2, &[], 1, Activation::Relu), 0, &mut [ChaCha8Rng::seed_from_u64(0)])
+    }
+
+    fn fit(kind: Optimizer, lr: f32, clip_norm: f32) -> (f64, Stack) {
+        let mut stack = linear();
         let mut opt = StackOptimizer::new(&stack, kind);
         let x = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 2.0, -1.0];
         let y = [3.0, -2.0, 1.0, 8.0];
@@ -175,9 +157,10 @@ mod tests {
         let mut loss = f64::MAX;
         let settings = [ModelStep { lr, weight_decay: 0.0, momentum: 0.9, clip_norm }];
         for _ in 0..2000 {
-            stack.forward(&x, 4, &mut cache);
-            loss = Head::Regression.loss_and_grad(cache.logits(), &y, 4, &mut d);
-            stack.backward(&x, 4, &mut cache, &d, &mut grads);
+            let batch = Batch { x: &x, codes: &[], n: 4 };
+            stack.forward(batch, &mut cache, Mode::Train { step: 0, row_offset: 0 });
+            loss = Loss::new(Head::Regression).loss_and_grad(cache.logits(), &y, 4, &mut d);
+            stack.backward(batch, &mut cache, &d, &mut grads);
             opt.step(&mut stack, &grads, &settings, &[true]);
         }
         (loss, stack.model(0))
@@ -188,7 +171,7 @@ mod tests {
         for (kind, lr) in [(Optimizer::Adam, 0.05), (Optimizer::AdamW, 0.05), (Optimizer::Sgd, 0.01)] {
             let (loss, model) = fit(kind, lr, 0.0);
             assert!(loss < 1e-4, "{kind:?}: loss {loss}");
-            let w = &model.layers[0].weight;
+            let w = &model.params[0];
             assert!((w[0] - 3.0).abs() < 0.05 && (w[1] + 2.0).abs() < 0.05, "{kind:?}: {w:?}");
         }
     }
@@ -196,15 +179,14 @@ mod tests {
     #[test]
     fn clipping_bounds_each_step() {
         // SGD without momentum moves by exactly lr × clipped gradient.
-        let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let mut stack = Stack::from_models(&[Mlp::new(2, &[], 1, &mut rng)]);
+        let mut stack = linear();
         let before = stack.model(0);
-        let grads = StackGradients { weights: vec![vec![30.0, 40.0]], biases: vec![vec![0.0]] };
+        let grads = StackGradients { params: vec![vec![30.0, 40.0], vec![0.0]] };
         let mut opt = StackOptimizer::new(&stack, Optimizer::Sgd);
         let s = ModelStep { lr: 1.0, weight_decay: 0.0, momentum: 0.0, clip_norm: 5.0 };
         opt.step(&mut stack, &grads, &[s], &[true]);
         let after = stack.model(0);
-        let moved: Vec<f32> = before.layers[0].weight.iter().zip(&after.layers[0].weight).map(|(a, b)| a - b).collect();
+        let moved: Vec<f32> = before.params[0].iter().zip(&after.params[0]).map(|(a, b)| a - b).collect();
         assert!((moved[0] - 3.0).abs() < 1e-5 && (moved[1] - 4.0).abs() < 1e-5, "{moved:?}");
     }
 

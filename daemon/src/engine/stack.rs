@@ -1,241 +1,952 @@
-//! K networks of one shape trained together, one pass over the data for all.
+//! K networks of one architecture trained together, one pass over the data for all.
 //!
 //! Model selection trains many small networks on the same rows. Running them
 //! one after another launches many small matrix products; a stack runs them
 //! as one computation instead:
 //!
-//! - the first layer of all K models is one wide product
-//!   `X [n × in] · W0 [in × K·h0]` (model k owns columns `k·h0 .. (k+1)·h0`);
-//! - every later layer is block-diagonal: K products on strided views of the
-//!   same activation matrix, with no copies;
-//! - activations of all models live side by side in `[n × K·h]` matrices.
+//! - the first dense layer of all K models is one wide product over the
+//!   shared input, `X [n × in] · W0ᵀ [in × K·h0]`;
+//! - every later dense layer is block-diagonal: K products on strided views
+//!   of the same activation matrix, with no copies;
+//! - activations of all models live side by side in `[n × K·w]` matrices
+//!   (model m owns columns `m·w .. (m+1)·w`), so element-wise layers,
+//!   normalisations and dropout run over all models in one loop.
 //!
-//! Each model keeps its own initialisation (its own seed) and learning rate,
-//! and, because every product sums in the same order whatever K is, a model
-//! trained in a stack ends bit-identical to the same model trained alone.
+//! A single model is a stack with K = 1. Every parameter tensor is stored
+//! model after model (`[K × len]`), dense weights as `[out × in]` like
+//! PyTorch's `Linear.weight`. Because every product sums in the same order
+//! whatever K is, a model trained in a stack ends bit-identical to the same
+//! model trained alone.
 
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 
 use super::activation::{self, Activation};
 use super::gemm::gemm_strided;
-use super::mlp::{Dense, Mlp};
 
-#[derive(Debug, Clone, PartialEq)]
+/// LayerNorm and BatchNorm's variance epsilon (PyTorch's default).
+pub const NORM_EPS: f32 = 1e-5;
+/// Weight of a batch's statistics in BatchNorm's running averages (PyTorch's default).
+pub const BATCH_NORM_MOMENTUM: f32 = 0.1;
+
+/// One layer of a network, applied to the output of the previous one.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// `y = x · Wᵀ + b`. The first op of every network is dense; its input
+    /// is the encoded features followed by the categorical embeddings.
+    Dense {
+        inputs: usize,
+        outputs: usize,
+    },
+    Activation {
+        f: Activation,
+    },
+    /// Normalises each row over its features, then scales and shifts.
+    LayerNorm {
+        width: usize,
+    },
+    /// Normalises each feature over the batch (running averages when scoring),
+    /// then scales and shifts.
+    BatchNorm {
+        width: usize,
+    },
+    /// Zeroes each value with probability `p` while training, scaling the
+    /// rest by `1/(1-p)`; the identity when scoring.
+    Dropout {
+        p: f32,
+    },
+    /// Adds the input of op `from` to this op's input: a residual connection
+    /// around ops `from..this`.
+    Residual {
+        from: usize,
+    },
+}
+
+/// A categorical column's learnt vectors: `vocabulary` rows plus one, always
+/// zero, for values never seen in training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Embedding {
+    pub vocabulary: usize,
+    pub dim: usize,
+}
+
+/// The shape of every model of a stack.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Arch {
+    /// Width of the encoded (non-embedded) feature vector.
+    pub inputs: usize,
+    /// One per embedded categorical column, in the order of the codes.
+    pub embeddings: Vec<Embedding>,
+    pub ops: Vec<Op>,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ArchError {
+    #[error("a network starts with a dense layer over its inputs")]
+    NoInputLayer,
+    #[error("op {op} expects width {expected} but receives {found}")]
+    Width { op: usize, expected: usize, found: usize },
+    #[error("op {op}: a residual connection must start after the first op and before itself")]
+    ResidualSource { op: usize },
+    #[error("op {op}: dropout probability {p} is not in [0, 1)")]
+    DropoutRate { op: usize, p: f32 },
+}
+
+/// Where one parameter tensor of one model lives, and whether weight decay applies.
+#[derive(Debug, Clone, Copy)]
+pub struct Slot {
+    pub len: usize,
+    pub decay: bool,
+}
+
+impl Arch {
+    /// A plain multi-layer perceptron: dense layers with `activation` between them.
+    pub fn mlp(inputs: usize, hidden: &[usize], outputs: usize, activation: Activation) -> Arch {
+        let mut ops = Vec::new();
+        let mut width = inputs;
+        for &h in hidden {
+            ops.push(Op::Dense { inputs: width, outputs: h });
+            ops.push(Op::Activation { f: activation });
+            width = h;
+        }
+        ops.push(Op::Dense { inputs: width, outputs });
+        Arch { inputs, embeddings: Vec::new(), ops }
+    }
+
+    pub fn embedded_width(&self) -> usize {
+        self.embeddings.iter().map(|e| e.dim).sum()
+    }
+
+    /// Output width of op `i` (`i = ops.len()` is not allowed).
+    fn width_after(&self, i: usize) -> usize {
+        self.ops[..=i]
+            .iter()
+            .rev()
+            .find_map(|op| match op {
+                Op::Dense { outputs, .. } => Some(*outputs),
+                _ => None,
+            })
+            .unwrap_or(self.inputs + self.embedded_width())
+    }
+
+    /// Input width of op `i`.
+    fn width_before(&self, i: usize) -> usize {
+        if i == 0 {
+            self.inputs + self.embedded_width()
+        } else {
+            self.width_after(i - 1)
+        }
+    }
+
+    pub fn outputs(&self) -> usize {
+        self.ops.len().checked_sub(1).map_or(0, |last| self.width_after(last))
+    }
+
+    pub fn has_batch_norm(&self) -> bool {
+        self.ops.iter().any(|op| matches!(op, Op::BatchNorm { .. }))
+    }
+
+    /// Multiply-adds of the dense layers for one row of one model.
+    pub fn macs_per_row(&self) -> usize {
+        self.ops.iter().map(|op| if let Op::Dense { inputs, outputs } = op { inputs * outputs } else { 0 }).sum()
+    }
+
+    pub fn validate(&self) -> Result<(), ArchError> {
+        if !matches!(self.ops.first(), Some(Op::Dense { .. })) {
+            return Err(ArchError::NoInputLayer);
+        }
+        for (i, op) in self.ops.iter().enumerate() {
+            let found = self.width_before(i);
+            let expected = match *op {
+                Op::Dense { inputs, .. } => inputs,
+                Op::LayerNorm { width } | Op::BatchNorm { width } => width,
+                Op::Dropout { p } if !(0.0..1.0).contains(&p) => return Err(ArchError::DropoutRate { op: i, p }),
+                Op::Residual { from } if from == 0 || from >= i => return Err(ArchError::ResidualSource { op: i }),
+                Op::Residual { from } => self.width_before(from),
+                Op::Activation { .. } | Op::Dropout { .. } => found,
+            };
+            if expected != found {
+                return Err(ArchError::Width { op: i, expected, found });
+            }
+        }
+        Ok(())
+    }
+
+    /// Parameter tensors of one model, in storage order: embedding tables,
+    /// then each op's (weight, bias) or (gain, shift).
+    pub fn slots(&self) -> Vec<Slot> {
+        let mut slots: Vec<Slot> =
+            self.embeddings.iter().map(|e| Slot { len: (e.vocabulary + 1) * e.dim, decay: true }).collect();
+        for op in &self.ops {
+            match *op {
+                Op::Dense { inputs, outputs } => {
+                    slots.push(Slot { len: inputs * outputs, decay: true });
+                    slots.push(Slot { len: outputs, decay: false });
+                }
+                Op::LayerNorm { width } | Op::BatchNorm { width } => {
+                    slots.push(Slot { len: width, decay: false });
+                    slots.push(Slot { len: width, decay: false });
+                }
+                _ => {}
+            }
+        }
+        slots
+    }
+
+    /// Index of op `i`'s first parameter slot.
+    fn slot_of(&self, i: usize) -> usize {
+        self.embeddings.len()
+            + self.ops[..i]
+                .iter()
+                .map(|op| match op {
+                    Op::Dense { .. } | Op::LayerNorm { .. } | Op::BatchNorm { .. } => 2,
+                    _ => 0,
+                })
+                .sum::<usize>()
+    }
+
+    /// Index of op `i`'s running mean in the state (BatchNorm only; the
+    /// running variance follows it).
+    fn state_of(&self, i: usize) -> usize {
+        2 * self.ops[..i].iter().filter(|op| matches!(op, Op::BatchNorm { .. })).count()
+    }
+
+    fn is_residual_source(&self, i: usize) -> bool {
+        self.ops.iter().any(|op| matches!(op, Op::Residual { from } if *from == i))
+    }
+}
+
+/// The rows a step or a prediction works on: `n` rows of encoded features
+/// (`n × arch.inputs`) and of embedding codes (`n × arch.embeddings.len()`).
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    pub x: &'a [f32],
+    pub codes: &'a [u32],
+    pub n: usize,
+}
+
+impl<'a> Batch<'a> {
+    /// Rows `range` of a batch whose rows are `inputs` and `codes_per_row` wide.
+    pub fn rows(&self, range: std::ops::Range<usize>, inputs: usize, codes_per_row: usize) -> Batch<'a> {
+        Batch {
+            x: &self.x[range.start * inputs..range.end * inputs],
+            codes: &self.codes[range.start * codes_per_row..range.end * codes_per_row],
+            n: range.len(),
+        }
+    }
+}
+
+/// Training (batch statistics, dropout) or scoring (running statistics, no dropout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `step` and the batch's first row, `row_offset`, seed the dropout masks,
+    /// so a batch split across threads draws what it would draw whole.
+    Train {
+        step: u64,
+        row_offset: usize,
+    },
+    Eval,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stack {
     pub k: usize,
-    /// Layer widths, input first: `[in, h0, h1, ..., out]`.
-    pub dims: Vec<usize>,
-    /// Layer 0: `[in × K·dims[1]]` row-major. Layer l ≥ 1: K blocks of
-    /// `[dims[l] × dims[l+1]]`, model after model.
-    pub weights: Vec<Vec<f32>>,
-    /// `[K·dims[l+1]]`, model after model.
-    pub biases: Vec<Vec<f32>>,
-    pub activation: Activation,
+    pub arch: Arch,
+    /// Slot `s` of [`Arch::slots`] holds `[K × len]`, model after model.
+    pub params: Vec<Vec<f32>>,
+    /// BatchNorm running means and variances, `[K × width]` each.
+    pub state: Vec<Vec<f32>>,
+    /// Seeds the dropout masks; models of one stack share it.
+    pub seed: u64,
 }
 
 /// Activations of the last forward pass, kept for the backward pass.
 #[derive(Debug, Default)]
 pub struct StackCache {
-    /// Pre-activation of every layer, `[n × K·dims[l+1]]`.
-    pre: Vec<Vec<f32>>,
-    /// Post-ReLU activation of every hidden layer.
-    post: Vec<Vec<f32>>,
+    n: usize,
+    /// Gathered embeddings, `[n × K·e]`.
+    emb: Vec<f32>,
+    /// Output of every op, `[n × K·w]`; when scoring, element-wise ops work
+    /// in place and `at[i]` says which buffer holds op i's output.
+    out: Vec<Vec<f32>>,
+    at: Vec<usize>,
+    /// Normalised values (norms) or masks (dropout).
+    aux: Vec<Vec<f32>>,
+    /// LayerNorm: `1/σ` per row and model. BatchNorm: batch mean, unbiased
+    /// variance and `1/σ` per column.
+    stats: Vec<Vec<f32>>,
     delta: Vec<f32>,
     delta_prev: Vec<f32>,
+    /// Gradient flowing into op outputs through residual connections.
+    pending: Vec<Vec<f32>>,
+    d_emb: Vec<f32>,
 }
 
 impl StackCache {
-    /// Logits of all models, `[n × K·out]`.
+    /// Logits of all models of the last forward pass, `[n × K·out]`.
     pub fn logits(&self) -> &[f32] {
-        self.pre.last().map_or(&[], |v| v.as_slice())
+        self.at.last().map_or(&[], |&b| self.out[b].as_slice())
     }
 }
 
 /// Gradients shaped like the stack's parameters.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StackGradients {
-    pub weights: Vec<Vec<f32>>,
-    pub biases: Vec<Vec<f32>>,
+    pub params: Vec<Vec<f32>>,
+}
+
+/// A well-mixed 64-bit hash (SplitMix64's finaliser).
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Whether dropout keeps value `col` of row `row` at op `op` in step `step`:
+/// a pure function of its arguments, the same for a model alone or in a
+/// stack, on one thread or several.
+pub fn dropout_keeps(seed: u64, step: u64, op: usize, row: usize, col: usize, p: f32) -> bool {
+    let h = mix(mix(mix(seed ^ mix(step)) ^ ((op as u64) << 32 | col as u64)) ^ row as u64);
+    ((h >> 40) as f32) * (1.0 / (1u64 << 24) as f32) >= p
 }
 
 impl Stack {
-    /// K models of shape `dims`, model k initialised from `rngs[k]` exactly as
-    /// [`Mlp::new`] would initialise it alone.
-    pub fn new<R: Rng>(dims: &[usize], activation: Activation, rngs: &mut [R]) -> Stack {
-        let singles: Vec<Mlp> = rngs
-            .iter_mut()
-            .map(|r| Mlp::new(dims[0], &dims[1..dims.len() - 1], dims[dims.len() - 1], r).with_activation(activation))
-            .collect();
+    /// K models of architecture `arch`, model k initialised from `rngs[k]`
+    /// exactly as it would be alone.
+    pub fn new<R: Rng>(arch: Arch, seed: u64, rngs: &mut [R]) -> Stack {
+        arch.validate().expect("a valid architecture");
+        let singles: Vec<Stack> = rngs.iter_mut().map(|r| Stack::init_one(&arch, seed, r)).collect();
         Stack::from_models(&singles)
     }
 
-    /// Stacks models of identical shape and activation.
-    pub fn from_models(models: &[Mlp]) -> Stack {
-        assert!(models.iter().all(|m| m.activation == models[0].activation), "one activation per stack");
-        let k = models.len();
-        let first = &models[0];
-        let mut dims = vec![first.input_dim()];
-        dims.extend(first.layers.iter().map(|l| l.outputs));
-        let mut weights = Vec::new();
-        let mut biases = Vec::new();
-        for l in 0..first.layers.len() {
-            let (rows, cols) = (dims[l], dims[l + 1]);
-            let mut w = vec![0.0; rows * cols * k];
-            if l == 0 {
-                for (m, model) in models.iter().enumerate() {
-                    for i in 0..rows {
-                        w[i * k * cols + m * cols..i * k * cols + (m + 1) * cols]
-                            .copy_from_slice(&model.layers[0].weight[i * cols..(i + 1) * cols]);
+    /// Embedding vectors uniform in ±1 (the unseen row zero); dense weights
+    /// He-uniform when an activation follows, Glorot-uniform otherwise; biases
+    /// and shifts 0, gains 1.
+    fn init_one(arch: &Arch, seed: u64, rng: &mut impl Rng) -> Stack {
+        let mut params = Vec::new();
+        for e in &arch.embeddings {
+            let mut table: Vec<f32> = (0..e.vocabulary * e.dim).map(|_| rng.random_range(-1.0..=1.0)).collect();
+            table.resize((e.vocabulary + 1) * e.dim, 0.0);
+            params.push(table);
+        }
+        let mut state = Vec::new();
+        for (i, op) in arch.ops.iter().enumerate() {
+            match *op {
+                Op::Dense { inputs, outputs } => {
+                    let activated = arch.ops[i + 1..]
+                        .iter()
+                        .find(|op| !matches!(op, Op::LayerNorm { .. } | Op::BatchNorm { .. } | Op::Dropout { .. }))
+                        .is_some_and(|op| matches!(op, Op::Activation { .. }));
+                    let bound = if activated {
+                        (6.0 / inputs.max(1) as f64).sqrt()
+                    } else {
+                        (6.0 / (inputs + outputs).max(1) as f64).sqrt()
+                    } as f32;
+                    params.push((0..inputs * outputs).map(|_| rng.random_range(-bound..=bound)).collect());
+                    params.push(vec![0.0; outputs]);
+                }
+                Op::LayerNorm { width } | Op::BatchNorm { width } => {
+                    params.push(vec![1.0; width]);
+                    params.push(vec![0.0; width]);
+                    if matches!(op, Op::BatchNorm { .. }) {
+                        state.push(vec![0.0; width]);
+                        state.push(vec![1.0; width]);
                     }
                 }
-            } else {
-                for (m, model) in models.iter().enumerate() {
-                    w[m * rows * cols..(m + 1) * rows * cols].copy_from_slice(&model.layers[l].weight);
-                }
+                _ => {}
             }
-            weights.push(w);
-            biases.push(models.iter().flat_map(|m| m.layers[l].bias.iter().copied()).collect());
         }
-        Stack { k, dims, weights, biases, activation: first.activation }
+        Stack { k: 1, arch: arch.clone(), params, state, seed }
+    }
+
+    /// Stacks models of one architecture and seed.
+    pub fn from_models(models: &[Stack]) -> Stack {
+        let first = &models[0];
+        assert!(models.iter().all(|m| m.arch == first.arch && m.seed == first.seed), "one architecture per stack");
+        let cat = |pick: fn(&Stack) -> &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+            (0..pick(first).len()).map(|s| models.iter().flat_map(|m| pick(m)[s].iter().copied()).collect()).collect()
+        };
+        Stack {
+            k: models.iter().map(|m| m.k).sum(),
+            arch: first.arch.clone(),
+            params: cat(|m| &m.params),
+            state: cat(|m| &m.state),
+            seed: first.seed,
+        }
     }
 
     /// Model `m` on its own.
-    pub fn model(&self, m: usize) -> Mlp {
-        let k = self.k;
-        let layers = (0..self.weights.len())
-            .map(|l| {
-                let (rows, cols) = (self.dims[l], self.dims[l + 1]);
-                let weight = if l == 0 {
-                    (0..rows)
-                        .flat_map(|i| {
-                            self.weights[0][i * k * cols + m * cols..i * k * cols + (m + 1) * cols].iter().copied()
-                        })
-                        .collect()
-                } else {
-                    self.weights[l][m * rows * cols..(m + 1) * rows * cols].to_vec()
-                };
-                Dense { inputs: rows, outputs: cols, weight, bias: self.biases[l][m * cols..(m + 1) * cols].to_vec() }
-            })
-            .collect();
-        Mlp { layers, activation: self.activation }
+    pub fn model(&self, m: usize) -> Stack {
+        let part = |tensors: &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+            tensors
+                .iter()
+                .map(|t| {
+                    let len = t.len() / self.k;
+                    t[m * len..(m + 1) * len].to_vec()
+                })
+                .collect()
+        };
+        Stack { k: 1, arch: self.arch.clone(), params: part(&self.params), state: part(&self.state), seed: self.seed }
     }
 
     pub fn outputs(&self) -> usize {
-        *self.dims.last().expect("a stack has layers")
+        self.arch.outputs()
     }
 
     pub fn zero_gradients(&self) -> StackGradients {
-        StackGradients {
-            weights: self.weights.iter().map(|w| vec![0.0; w.len()]).collect(),
-            biases: self.biases.iter().map(|b| vec![0.0; b.len()]).collect(),
+        StackGradients { params: self.params.iter().map(|p| vec![0.0; p.len()]).collect() }
+    }
+
+    /// Runs a batch through every model; the logits are left in `cache.logits()`.
+    pub fn forward(&self, batch: Batch<'_>, cache: &mut StackCache, mode: Mode) {
+        let (k, n, arch) = (self.k, batch.n, &self.arch);
+        let ops = arch.ops.len();
+        let train = matches!(mode, Mode::Train { .. });
+        cache.n = n;
+        cache.out.resize_with(ops, Vec::new);
+        cache.aux.resize_with(ops, Vec::new);
+        cache.stats.resize_with(ops, Vec::new);
+        cache.at.clear();
+        self.gather_embeddings(batch, &mut cache.emb);
+
+        for i in 0..ops {
+            let wide_in = k * arch.width_before(i);
+            let wide_out = k * arch.width_after(i);
+            let slot = arch.slot_of(i);
+            // Element-wise ops run in place when scoring, unless a residual
+            // connection still needs their input.
+            let in_place = !train && i > 0 && !arch.is_residual_source(i);
+            let src = if i == 0 { usize::MAX } else { cache.at[i - 1] };
+            let elementwise = matches!(arch.ops[i], Op::Activation { .. } | Op::BatchNorm { .. } | Op::Dropout { .. });
+            let (dst, input, output, earlier) = if elementwise && in_place {
+                (src, None, &mut cache.out[src][..], &[][..])
+            } else {
+                split_io(&mut cache.out, src, i, n * wide_out)
+            };
+            cache.at.push(dst);
+            match arch.ops[i] {
+                Op::Dense { inputs, outputs } => {
+                    let (w, b) = (&self.params[slot], &self.params[slot + 1]);
+                    for row in output.chunks_exact_mut(wide_out) {
+                        row.copy_from_slice(b);
+                    }
+                    if i == 0 {
+                        self.input_dense(batch, &cache.emb, outputs, output);
+                    } else {
+                        let input = input.expect("dense layers write a new buffer");
+                        for m in 0..k {
+                            gemm_strided(
+                                n,
+                                inputs,
+                                outputs,
+                                &input[m * inputs..],
+                                (wide_in, 1),
+                                &w[m * outputs * inputs..],
+                                (1, inputs),
+                                1.0,
+                                &mut output[m * outputs..],
+                                (wide_out, 1),
+                            );
+                        }
+                    }
+                }
+                Op::Activation { f } => match input {
+                    Some(z) => activation::apply(f, z, output),
+                    None => activation::apply_in_place(f, output),
+                },
+                Op::LayerNorm { width } => {
+                    let input = input.expect("layer norms write a new buffer");
+                    let (xhat, inv) = (&mut cache.aux[i], &mut cache.stats[i]);
+                    xhat.resize(n * wide_out, 0.0);
+                    inv.resize(n * k, 0.0);
+                    layer_norm(input, width, &self.params[slot], &self.params[slot + 1], xhat, inv, output);
+                }
+                Op::BatchNorm { width } => {
+                    let (gain, shift) = (&self.params[slot], &self.params[slot + 1]);
+                    if train {
+                        let (xhat, stats) = (&mut cache.aux[i], &mut cache.stats[i]);
+                        let input = input.expect("training writes a new buffer");
+                        batch_norm_train(input, n, k * width, gain, shift, xhat, stats, output);
+                    } else {
+                        let s = arch.state_of(i);
+                        let (mean, var) = (&self.state[s], &self.state[s + 1]);
+                        let (scale, offset) = batch_norm_affine(gain, shift, mean, var);
+                        if let Some(src) = input {
+                            output.copy_from_slice(src);
+                        }
+                        for row in output.chunks_exact_mut(wide_out) {
+                            for ((x, s), o) in row.iter_mut().zip(&scale).zip(&offset) {
+                                *x = *x * s + o;
+                            }
+                        }
+                    }
+                }
+                Op::Dropout { p } => match (mode, input) {
+                    (Mode::Train { step, row_offset }, Some(input)) => {
+                        let width = wide_out / k;
+                        let mask = &mut cache.aux[i];
+                        mask.resize(n * wide_out, 0.0);
+                        let keep = 1.0 / (1.0 - p);
+                        for r in 0..n {
+                            for c in 0..width {
+                                let v =
+                                    if dropout_keeps(self.seed, step, i, row_offset + r, c, p) { keep } else { 0.0 };
+                                for m in 0..k {
+                                    mask[r * wide_out + m * width + c] = v;
+                                }
+                            }
+                        }
+                        output.iter_mut().zip(input).zip(mask.iter()).for_each(|((o, x), m)| *o = x * m);
+                    }
+                    (_, Some(input)) => output.copy_from_slice(input),
+                    (_, None) => {}
+                },
+                Op::Residual { from } => {
+                    let input = input.expect("residual connections write a new buffer");
+                    let skip = &earlier[cache.at[from - 1]];
+                    output.iter_mut().zip(input).zip(skip).for_each(|((o, a), b)| *o = a + b);
+                }
+            }
         }
     }
 
-    /// Runs `n` rows of `x` (`n × dims[0]`) through every model.
-    pub fn forward(&self, x: &[f32], n: usize, cache: &mut StackCache) {
-        let (k, depth) = (self.k, self.weights.len());
-        cache.pre.resize_with(depth, Vec::new);
-        cache.post.resize_with(depth - 1, Vec::new);
-        for l in 0..depth {
-            let (rows, cols) = (self.dims[l], self.dims[l + 1]);
-            let wide = k * cols;
-            let z = &mut cache.pre[l];
-            z.resize(n * wide, 0.0);
-            for row in z.chunks_exact_mut(wide) {
-                row.copy_from_slice(&self.biases[l]);
-            }
-            if l == 0 {
-                gemm_strided(n, rows, wide, x, (rows, 1), &self.weights[0], (wide, 1), 1.0, z, (wide, 1));
-            } else {
-                let input = &cache.post[l - 1];
-                let in_wide = k * rows;
-                for m in 0..k {
-                    gemm_strided(
-                        n,
-                        rows,
-                        cols,
-                        &input[m * rows..],
-                        (in_wide, 1),
-                        &self.weights[l][m * rows * cols..],
-                        (cols, 1),
-                        1.0,
-                        &mut z[m * cols..],
-                        (wide, 1),
-                    );
+    /// `[n × K·e]`: each model's vectors for each row's codes.
+    fn gather_embeddings(&self, batch: Batch<'_>, emb: &mut Vec<f32>) {
+        let (k, e, cols) = (self.k, self.arch.embedded_width(), self.arch.embeddings.len());
+        emb.resize(batch.n * k * e, 0.0);
+        if e == 0 {
+            return;
+        }
+        for r in 0..batch.n {
+            for m in 0..k {
+                let mut at = r * k * e + m * e;
+                for (c, spec) in self.arch.embeddings.iter().enumerate() {
+                    let code = (batch.codes[r * cols + c] as usize).min(spec.vocabulary);
+                    let table = &self.params[c];
+                    let rows = (spec.vocabulary + 1) * spec.dim;
+                    let start = m * rows + code * spec.dim;
+                    emb[at..at + spec.dim].copy_from_slice(&table[start..start + spec.dim]);
+                    at += spec.dim;
                 }
             }
-            if l + 1 < depth {
-                let a = &mut cache.post[l];
-                a.resize(z.len(), 0.0);
-                activation::apply(self.activation, z, a);
+        }
+    }
+
+    /// Adds the first dense layer's products to `out` (which holds its bias):
+    /// one wide product over the shared features for all models, then each
+    /// model's embeddings through its own columns of the weight.
+    fn input_dense(&self, batch: Batch<'_>, emb: &[f32], outputs: usize, out: &mut [f32]) {
+        let (k, n, p, e) = (self.k, batch.n, self.arch.inputs, self.arch.embedded_width());
+        let w = &self.params[self.arch.slot_of(0)];
+        let (fan_in, wide) = (p + e, k * outputs);
+        gemm_strided(n, p, wide, batch.x, (p, 1), w, (1, fan_in), 1.0, out, (wide, 1));
+        if e > 0 {
+            for m in 0..k {
+                gemm_strided(
+                    n,
+                    e,
+                    outputs,
+                    &emb[m * e..],
+                    (k * e, 1),
+                    &w[m * outputs * fan_in + p..],
+                    (1, fan_in),
+                    1.0,
+                    &mut out[m * outputs..],
+                    (wide, 1),
+                );
             }
         }
     }
 
     /// Back-propagates `d_logits` (`n × K·out`) through the activations of the
-    /// last [`Stack::forward`] on the same `x`, overwriting `grads`.
-    pub fn backward(&self, x: &[f32], n: usize, cache: &mut StackCache, d_logits: &[f32], grads: &mut StackGradients) {
-        let (k, depth) = (self.k, self.weights.len());
+    /// last training [`Stack::forward`] on the same batch, overwriting `grads`.
+    pub fn backward(&self, batch: Batch<'_>, cache: &mut StackCache, d_logits: &[f32], grads: &mut StackGradients) {
+        let (k, n, arch) = (self.k, batch.n, &self.arch);
+        let ops = arch.ops.len();
         cache.delta.clear();
         cache.delta.extend_from_slice(d_logits);
-        for l in (0..depth).rev() {
-            let (rows, cols) = (self.dims[l], self.dims[l + 1]);
-            let wide = k * cols;
-            let gb = &mut grads.biases[l];
-            gb.fill(0.0);
-            for row in cache.delta.chunks_exact(wide) {
-                for (b, d) in gb.iter_mut().zip(row) {
-                    *b += d;
+        cache.pending.resize_with(ops, Vec::new);
+        cache.pending.iter_mut().for_each(Vec::clear);
+        for g in grads.params.iter_mut() {
+            g.fill(0.0);
+        }
+        for i in (0..ops).rev() {
+            if !cache.pending[i].is_empty() {
+                cache.delta.iter_mut().zip(&cache.pending[i]).for_each(|(d, e)| *d += e);
+                cache.pending[i].clear();
+            }
+            let wide_in = k * arch.width_before(i);
+            let wide_out = k * arch.width_after(i);
+            let slot = arch.slot_of(i);
+            let input: &[f32] = if i == 0 { batch.x } else { &cache.out[cache.at[i - 1]] };
+            match arch.ops[i] {
+                Op::Dense { inputs, outputs } => {
+                    column_sums(&cache.delta, wide_out, &mut grads.params[slot + 1]);
+                    if i == 0 {
+                        self.input_dense_backward(batch, cache, outputs, &mut grads.params);
+                        break;
+                    }
+                    let gw = &mut grads.params[slot];
+                    let w = &self.params[slot];
+                    cache.delta_prev.resize(n * wide_in, 0.0);
+                    for m in 0..k {
+                        // dW_m [in × out, stored transposed] = input_mᵀ · delta_m
+                        gemm_strided(
+                            inputs,
+                            n,
+                            outputs,
+                            &input[m * inputs..],
+                            (1, wide_in),
+                            &cache.delta[m * outputs..],
+                            (wide_out, 1),
+                            0.0,
+                            &mut gw[m * outputs * inputs..],
+                            (1, inputs),
+                        );
+                        gemm_strided(
+                            n,
+                            outputs,
+                            inputs,
+                            &cache.delta[m * outputs..],
+                            (wide_out, 1),
+                            &w[m * outputs * inputs..],
+                            (inputs, 1),
+                            0.0,
+                            &mut cache.delta_prev[m * inputs..],
+                            (wide_in, 1),
+                        );
+                    }
+                    std::mem::swap(&mut cache.delta, &mut cache.delta_prev);
+                }
+                Op::Activation { f } => activation::backprop(f, input, &mut cache.delta),
+                Op::LayerNorm { width } => {
+                    let (gg, gs) = grads.params[slot..].split_at_mut(1);
+                    layer_norm_backward(
+                        &mut cache.delta,
+                        width,
+                        &self.params[slot],
+                        &cache.aux[i],
+                        &cache.stats[i],
+                        &mut gg[0],
+                        &mut gs[0],
+                    );
+                }
+                Op::BatchNorm { .. } => {
+                    let (gg, gs) = grads.params[slot..].split_at_mut(1);
+                    batch_norm_backward(
+                        &mut cache.delta,
+                        n,
+                        wide_out,
+                        &self.params[slot],
+                        &cache.aux[i],
+                        &cache.stats[i],
+                        &mut gg[0],
+                        &mut gs[0],
+                    );
+                }
+                Op::Dropout { .. } => cache.delta.iter_mut().zip(&cache.aux[i]).for_each(|(d, m)| *d *= m),
+                Op::Residual { from } => {
+                    // The sum's gradient reaches both addends: the ops inside
+                    // the block (through delta) and the block's input.
+                    let into = from - 1;
+                    let pending = &mut cache.pending[into];
+                    if pending.is_empty() {
+                        pending.extend_from_slice(&cache.delta);
+                    } else {
+                        pending.iter_mut().zip(&cache.delta).for_each(|(p, d)| *p += d);
+                    }
                 }
             }
-            if l == 0 {
-                gemm_strided(
-                    rows,
-                    n,
-                    wide,
-                    x,
-                    (1, rows),
-                    &cache.delta,
-                    (wide, 1),
-                    0.0,
-                    &mut grads.weights[0],
-                    (wide, 1),
-                );
-                break;
-            }
-            let input = &cache.post[l - 1];
-            let in_wide = k * rows;
+        }
+    }
+
+    fn input_dense_backward(&self, batch: Batch<'_>, cache: &mut StackCache, outputs: usize, grads: &mut [Vec<f32>]) {
+        let (k, n, p, e) = (self.k, batch.n, self.arch.inputs, self.arch.embedded_width());
+        let (fan_in, wide) = (p + e, k * outputs);
+        let (grads, rest) = grads.split_at_mut(self.arch.embeddings.len());
+        let gw = &mut rest[0];
+        // dW[:, :p] for all models at once: Xᵀ · delta, written transposed.
+        gemm_strided(p, n, wide, batch.x, (1, p), &cache.delta, (wide, 1), 0.0, gw, (1, fan_in));
+        if e == 0 {
+            return;
+        }
+        let w = &self.params[self.arch.slot_of(0)];
+        cache.d_emb.resize(n * k * e, 0.0);
+        for m in 0..k {
+            gemm_strided(
+                e,
+                n,
+                outputs,
+                &cache.emb[m * e..],
+                (1, k * e),
+                &cache.delta[m * outputs..],
+                (wide, 1),
+                0.0,
+                &mut gw[m * outputs * fan_in + p..],
+                (1, fan_in),
+            );
+            gemm_strided(
+                n,
+                outputs,
+                e,
+                &cache.delta[m * outputs..],
+                (wide, 1),
+                &w[m * outputs * fan_in + p..],
+                (fan_in, 1),
+                0.0,
+                &mut cache.d_emb[m * e..],
+                (k * e, 1),
+            );
+        }
+        // Scatter-add into the tables, rows in order (deterministic).
+        let cols = self.arch.embeddings.len();
+        for r in 0..n {
             for m in 0..k {
-                gemm_strided(
-                    rows,
-                    n,
-                    cols,
-                    &input[m * rows..],
-                    (1, in_wide),
-                    &cache.delta[m * cols..],
-                    (wide, 1),
-                    0.0,
-                    &mut grads.weights[l][m * rows * cols..],
-                    (cols, 1),
-                );
+                let mut at = r * k * e + m * e;
+                for (c, spec) in self.arch.embeddings.iter().enumerate() {
+                    let code = (batch.codes[r * cols + c] as usize).min(spec.vocabulary);
+                    if code < spec.vocabulary {
+                        let start = m * (spec.vocabulary + 1) * spec.dim + code * spec.dim;
+                        grads[c][start..start + spec.dim]
+                            .iter_mut()
+                            .zip(&cache.d_emb[at..at + spec.dim])
+                            .for_each(|(g, d)| *g += d);
+                    }
+                    at += spec.dim;
+                }
             }
-            cache.delta_prev.resize(n * in_wide, 0.0);
-            for m in 0..k {
-                gemm_strided(
-                    n,
-                    cols,
-                    rows,
-                    &cache.delta[m * cols..],
-                    (wide, 1),
-                    &self.weights[l][m * rows * cols..],
-                    (1, cols),
-                    0.0,
-                    &mut cache.delta_prev[m * rows..],
-                    (in_wide, 1),
-                );
+        }
+    }
+
+    /// Folds a training forward pass's batch statistics into the BatchNorm
+    /// running averages of the models with `active[m]`.
+    pub fn update_running_stats(&mut self, cache: &StackCache, active: &[bool]) {
+        let k = self.k;
+        for (i, op) in self.arch.ops.iter().enumerate() {
+            let Op::BatchNorm { width } = *op else { continue };
+            let s = self.arch.state_of(i);
+            let stats = &cache.stats[i];
+            let (mean, var) = (&stats[..k * width], &stats[k * width..2 * k * width]);
+            for m in (0..k).filter(|&m| active[m]) {
+                let cols = m * width..(m + 1) * width;
+                for j in cols {
+                    let rm = &mut self.state[s][j];
+                    *rm = (1.0 - BATCH_NORM_MOMENTUM) * *rm + BATCH_NORM_MOMENTUM * mean[j];
+                    let rv = &mut self.state[s + 1][j];
+                    *rv = (1.0 - BATCH_NORM_MOMENTUM) * *rv + BATCH_NORM_MOMENTUM * var[j];
+                }
             }
-            activation::backprop(self.activation, &cache.pre[l - 1], &mut cache.delta_prev);
-            std::mem::swap(&mut cache.delta, &mut cache.delta_prev);
+        }
+    }
+
+    /// The BatchNorm op `i`'s scoring-time `x · scale + offset`, for export.
+    pub fn batch_norm_affine(&self, i: usize) -> (Vec<f32>, Vec<f32>) {
+        let (slot, s) = (self.arch.slot_of(i), self.arch.state_of(i));
+        batch_norm_affine(&self.params[slot], &self.params[slot + 1], &self.state[s], &self.state[s + 1])
+    }
+
+    /// Op `i`'s two parameter tensors (weight and bias, or gain and shift).
+    pub fn op_params(&self, i: usize) -> (&[f32], &[f32]) {
+        let slot = self.arch.slot_of(i);
+        (&self.params[slot], &self.params[slot + 1])
+    }
+
+    /// Embedding table `c`, `(vocabulary + 1) × dim`.
+    pub fn embedding_table(&self, c: usize) -> &[f32] {
+        &self.params[c]
+    }
+}
+
+/// Op `i`'s own output buffer, resized to `len`, with its input (buffer
+/// `src`, none for the first op) and every earlier buffer.
+#[allow(clippy::type_complexity)]
+fn split_io(
+    bufs: &mut [Vec<f32>],
+    src: usize,
+    i: usize,
+    len: usize,
+) -> (usize, Option<&[f32]>, &mut [f32], &[Vec<f32>]) {
+    bufs[i].resize(len, 0.0);
+    let (before, after) = bufs.split_at_mut(i);
+    let input = (src != usize::MAX).then(|| &before[src][..]);
+    (i, input, &mut after[0][..], before)
+}
+
+/// `sums[j] = Σ_r m[r, j]` over a row-major matrix `cols` wide.
+fn column_sums(m: &[f32], cols: usize, sums: &mut [f32]) {
+    sums.fill(0.0);
+    for row in m.chunks_exact(cols) {
+        sums.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+    }
+}
+
+/// Normalises every `width`-wide group (one row of one model) of `input`.
+fn layer_norm(
+    input: &[f32],
+    width: usize,
+    gain: &[f32],
+    shift: &[f32],
+    xhat: &mut [f32],
+    inv: &mut [f32],
+    out: &mut [f32],
+) {
+    let models = gain.len() / width;
+    for (g, ((x, (xh, o)), inv)) in input
+        .chunks_exact(width)
+        .zip(xhat.chunks_exact_mut(width).zip(out.chunks_exact_mut(width)))
+        .zip(inv.iter_mut())
+        .enumerate()
+    {
+        let m = g % models;
+        let mean = x.iter().sum::<f32>() / width as f32;
+        let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
+        *inv = 1.0 / (var + NORM_EPS).sqrt();
+        let (gm, sm) = (&gain[m * width..(m + 1) * width], &shift[m * width..(m + 1) * width]);
+        for j in 0..width {
+            xh[j] = (x[j] - mean) * *inv;
+            o[j] = xh[j] * gm[j] + sm[j];
+        }
+    }
+}
+
+fn layer_norm_backward(
+    delta: &mut [f32],
+    width: usize,
+    gain: &[f32],
+    xhat: &[f32],
+    inv: &[f32],
+    d_gain: &mut [f32],
+    d_shift: &mut [f32],
+) {
+    let models = gain.len() / width;
+    let mut dxhat = vec![0.0f32; width];
+    for (g, ((d, xh), inv)) in delta.chunks_exact_mut(width).zip(xhat.chunks_exact(width)).zip(inv).enumerate() {
+        let m = g % models;
+        let cols = m * width..(m + 1) * width;
+        let gm = &gain[cols.clone()];
+        for j in 0..width {
+            d_gain[cols.start + j] += d[j] * xh[j];
+            d_shift[cols.start + j] += d[j];
+            dxhat[j] = d[j] * gm[j];
+        }
+        let sum: f32 = dxhat.iter().sum();
+        let dot: f32 = dxhat.iter().zip(xh).map(|(a, b)| a * b).sum();
+        let w = width as f32;
+        for j in 0..width {
+            d[j] = inv / w * (w * dxhat[j] - sum - xh[j] * dot);
+        }
+    }
+}
+
+/// BatchNorm over the batch's `n` rows for each of `cols` columns; `stats`
+/// receives each column's mean, unbiased variance and `1/σ`.
+#[allow(clippy::too_many_arguments)]
+fn batch_norm_train(
+    input: &[f32],
+    n: usize,
+    cols: usize,
+    gain: &[f32],
+    shift: &[f32],
+    xhat: &mut Vec<f32>,
+    stats: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    xhat.resize(n * cols, 0.0);
+    stats.resize(3 * cols, 0.0);
+    let (mean, rest) = stats.split_at_mut(cols);
+    let (var, inv) = rest.split_at_mut(cols);
+    column_sums(input, cols, mean);
+    mean.iter_mut().for_each(|m| *m /= n as f32);
+    var.fill(0.0);
+    for row in input.chunks_exact(cols) {
+        for j in 0..cols {
+            let d = row[j] - mean[j];
+            var[j] += d * d;
+        }
+    }
+    for j in 0..cols {
+        let biased = var[j] / n as f32;
+        inv[j] = 1.0 / (biased + NORM_EPS).sqrt();
+        var[j] = if n > 1 { var[j] / (n - 1) as f32 } else { biased };
+    }
+    for ((x, xh), o) in input.chunks_exact(cols).zip(xhat.chunks_exact_mut(cols)).zip(out.chunks_exact_mut(cols)) {
+        for j in 0..cols {
+            xh[j] = (x[j] - mean[j]) * inv[j];
+            o[j] = xh[j] * gain[j] + shift[j];
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn batch_norm_backward(
+    delta: &mut [f32],
+    n: usize,
+    cols: usize,
+    gain: &[f32],
+    xhat: &[f32],
+    stats: &[f32],
+    d_gain: &mut [f32],
+    d_shift: &mut [f32],
+) {
+    let inv = &stats[2 * cols..3 * cols];
+    // Σ dxhat and Σ dxhat·xhat per column, with dxhat = delta·gain.
+    let (mut sum, mut dot) = (vec![0.0f32; cols], vec![0.0f32; cols]);
+    for (d, xh) in delta.chunks_exact(cols).zip(xhat.chunks_exact(cols)) {
+        for j in 0..cols {
+            d_gain[j] += d[j] * xh[j];
+            d_shift[j] += d[j];
+            let dx = d[j] * gain[j];
+            sum[j] += dx;
+            dot[j] += dx * xh[j];
+        }
+    }
+    let nf = n as f32;
+    for (d, xh) in delta.chunks_exact_mut(cols).zip(xhat.chunks_exact(cols)) {
+        for j in 0..cols {
+            d[j] = inv[j] / nf * (nf * d[j] * gain[j] - sum[j] - xh[j] * dot[j]);
+        }
+    }
+}
+
+/// Scoring-time BatchNorm as `x · scale + offset`.
+fn batch_norm_affine(gain: &[f32], shift: &[f32], mean: &[f32], var: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let scale: Vec<f32> = gain.iter().zip(var).map(|(g, v)| g / (v + NORM_EPS).sqrt()).collect();
+    let offset = shift.iter().zip(mean).zip(&scale).map(|((s, m), sc)| s - m * sc).collect();
+    (scale, offset)
+}
+
+/// Scores rows with one network on several threads, each taking a
+/// contiguous share of every batch, with buffers kept across batches.
+pub struct Predictor<'m> {
+    net: &'m Stack,
+    caches: Vec<StackCache>,
+}
+
+impl<'m> Predictor<'m> {
+    pub fn new(net: &'m Stack, threads: usize) -> Predictor<'m> {
+        Predictor { net, caches: (0..threads.max(1)).map(|_| StackCache::default()).collect() }
+    }
+
+    /// Logits of every model for the batch's rows, `[n × K·out]`, appended to `out`.
+    pub fn predict(&mut self, batch: Batch<'_>, out: &mut Vec<f32>) {
+        let (n, t) = (batch.n, self.caches.len());
+        let (inputs, cols) = (self.net.arch.inputs, self.net.arch.embeddings.len());
+        if t == 1 || n < 2 * t {
+            self.net.forward(batch, &mut self.caches[0], Mode::Eval);
+            out.extend_from_slice(self.caches[0].logits());
+            return;
+        }
+        let net = self.net;
+        std::thread::scope(|s| {
+            for (i, cache) in self.caches.iter_mut().enumerate() {
+                let part = batch.rows(n * i / t..n * (i + 1) / t, inputs, cols);
+                s.spawn(move || net.forward(part, cache, Mode::Eval));
+            }
+        });
+        for cache in &self.caches {
+            out.extend_from_slice(cache.logits());
         }
     }
 }
@@ -245,66 +956,275 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    use super::super::{ForwardCache, Gradients, Head};
+    use super::super::loss::{Head, Loss};
     use super::*;
+
+    /// Every kind of op: embeddings, norms, dropout, a residual block.
+    pub(crate) fn every_op(act: Activation, outputs: usize) -> Arch {
+        let ops = vec![
+            Op::Dense { inputs: 5, outputs: 6 },
+            Op::BatchNorm { width: 6 },
+            Op::Activation { f: act },
+            Op::LayerNorm { width: 6 },
+            Op::Dense { inputs: 6, outputs: 4 },
+            Op::Activation { f: act },
+            Op::Dropout { p: 0.3 },
+            Op::Dense { inputs: 4, outputs: 6 },
+            Op::Residual { from: 3 },
+            Op::Activation { f: act },
+            Op::Dense { inputs: 6, outputs },
+        ];
+        Arch { inputs: 3, embeddings: vec![Embedding { vocabulary: 3, dim: 2 }], ops }
+    }
+
+    fn batch_data(n: usize, rng: &mut ChaCha8Rng) -> (Vec<f32>, Vec<u32>) {
+        let x = (0..n * 3).map(|_| rng.random_range(-1.0..1.0)).collect();
+        // Code 3 is "never seen": the zero row.
+        let codes = (0..n).map(|r| (r % 4) as u32).collect();
+        (x, codes)
+    }
+
+    /// Moves every parameter off its initial value (gains off 1, shifts off
+    /// 0), keeping the unseen embedding rows at zero.
+    pub(crate) fn randomise(stack: &mut Stack, rng: &mut ChaCha8Rng) {
+        let tables = stack.arch.embeddings.clone();
+        for (s, (p, slot)) in stack.params.iter_mut().zip(stack.arch.slots()).enumerate() {
+            for (j, v) in p.iter_mut().enumerate() {
+                if s < tables.len() && j % slot.len >= tables[s].vocabulary * tables[s].dim {
+                    continue;
+                }
+                *v += rng.random_range(-0.3..0.3);
+            }
+        }
+        for s in stack.state.iter_mut() {
+            s.iter_mut().for_each(|v| *v = v.abs() + rng.random_range(0.1..0.5));
+        }
+    }
 
     #[test]
     fn stacking_round_trips_models() {
-        let models: Vec<Mlp> = (0..3).map(|s| Mlp::new(5, &[4, 3], 2, &mut ChaCha8Rng::seed_from_u64(s))).collect();
+        let arch = every_op(Activation::Relu, 2);
+        let models: Vec<Stack> =
+            (0..3).map(|s| Stack::new(arch.clone(), 9, &mut [ChaCha8Rng::seed_from_u64(s)])).collect();
         let stack = Stack::from_models(&models);
         for (m, model) in models.iter().enumerate() {
             assert_eq!(&stack.model(m), model);
         }
     }
 
+    #[test]
+    fn bad_architectures_are_refused() {
+        let mut a = Arch::mlp(3, &[4], 1, Activation::Relu);
+        a.validate().unwrap();
+        a.ops.insert(2, Op::LayerNorm { width: 5 });
+        assert_eq!(a.validate(), Err(ArchError::Width { op: 2, expected: 5, found: 4 }));
+        let r = Arch { inputs: 2, embeddings: vec![], ops: vec![Op::Residual { from: 0 }] };
+        assert_eq!(r.validate(), Err(ArchError::NoInputLayer));
+        let mut d = Arch::mlp(3, &[4], 1, Activation::Relu);
+        d.ops.insert(1, Op::Residual { from: 0 });
+        assert_eq!(d.validate(), Err(ArchError::ResidualSource { op: 1 }));
+    }
+
     /// Every model's logits and gradients in a stack are bit-identical to the
-    /// same model's computed alone (whose gradients the finite-difference
-    /// tests check).
+    /// same model's computed alone, with every kind of op.
     #[test]
     fn a_stack_computes_exactly_what_its_models_compute_alone() {
-        let (n, k, head) = (7, 3, Head::Multiclass(2));
+        let (n, k) = (7, 3);
+        let loss = Loss::new(Head::Multiclass(2));
         let mut rngs: Vec<ChaCha8Rng> = (0..k as u64).map(ChaCha8Rng::seed_from_u64).collect();
-        let stack = Stack::new(&[5, 8, 4, 2], Activation::Gelu, &mut rngs);
+        let mut stack = Stack::new(every_op(Activation::Gelu, 2), 5, &mut rngs);
         let mut rng = ChaCha8Rng::seed_from_u64(99);
-        let x: Vec<f32> = (0..n * 5).map(|_| rng.random_range(-1.0..1.0)).collect();
+        randomise(&mut stack, &mut rng);
+        let (x, codes) = batch_data(n, &mut rng);
+        let batch = Batch { x: &x, codes: &codes, n };
         let y: Vec<f32> = (0..n).map(|i| (i % 2) as f32).collect();
+        let mode = Mode::Train { step: 3, row_offset: 0 };
 
         let mut cache = StackCache::default();
-        stack.forward(&x, n, &mut cache);
+        stack.forward(batch, &mut cache, mode);
         let wide = cache.logits().to_vec();
         let mut d_wide = vec![0.0; n * k * 2];
         let mut alone_grads = Vec::new();
         for m in 0..k {
             let model = stack.model(m);
-            let mut c = ForwardCache::default();
-            model.forward(&x, n, &mut c);
+            let mut c = StackCache::default();
+            model.forward(batch, &mut c, mode);
             for r in 0..n {
                 assert_eq!(&wide[r * k * 2 + m * 2..r * k * 2 + m * 2 + 2], &c.logits()[r * 2..r * 2 + 2]);
             }
             let mut d = vec![0.0; n * 2];
-            head.loss_and_grad(c.logits(), &y, n, &mut d);
+            loss.loss_and_grad(c.logits(), &y, n, &mut d);
             for r in 0..n {
                 d_wide[r * k * 2 + m * 2..r * k * 2 + m * 2 + 2].copy_from_slice(&d[r * 2..r * 2 + 2]);
             }
-            let mut g = Gradients::zeros_like(&model);
-            model.backward(&x, n, &mut c, &d, &mut g);
+            let mut g = model.zero_gradients();
+            model.backward(batch, &mut c, &d, &mut g);
             alone_grads.push(g);
         }
         let mut grads = stack.zero_gradients();
-        stack.backward(&x, n, &mut cache, &d_wide, &mut grads);
-        let as_stack = Stack {
-            k,
-            dims: stack.dims.clone(),
-            weights: grads.weights.clone(),
-            biases: grads.biases.clone(),
-            activation: stack.activation,
-        };
+        stack.backward(batch, &mut cache, &d_wide, &mut grads);
+        let as_stack = Stack { params: grads.params, ..stack.clone() };
         for (m, g) in alone_grads.iter().enumerate() {
-            let model_grads = as_stack.model(m);
-            for (l, (gw, gb)) in g.layers.iter().enumerate() {
-                assert_eq!(&model_grads.layers[l].weight, gw, "model {m} layer {l} weights");
-                assert_eq!(&model_grads.layers[l].bias, gb, "model {m} layer {l} biases");
+            assert_eq!(as_stack.model(m).params, g.params, "model {m}");
+        }
+    }
+
+    /// Scoring runs element-wise ops in place; it must give what a fresh
+    /// out-of-place pass gives, with residual sources left intact.
+    #[test]
+    fn scoring_in_place_equals_scoring_into_fresh_buffers() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let mut stack = Stack::new(every_op(Activation::Silu, 3), 1, &mut [ChaCha8Rng::seed_from_u64(1)]);
+        randomise(&mut stack, &mut rng);
+        let (x, codes) = batch_data(9, &mut rng);
+        let batch = Batch { x: &x, codes: &codes, n: 9 };
+        let mut cache = StackCache::default();
+        stack.forward(batch, &mut cache, Mode::Eval);
+        let scored = cache.logits().to_vec();
+        // The same network without dropout and with BatchNorm as its affine
+        // map, computed by hand op by op.
+        let mut h: Vec<f32> = Vec::new();
+        let mut inputs_of: Vec<Vec<f32>> = Vec::new();
+        let mut emb = Vec::new();
+        stack.gather_embeddings(batch, &mut emb);
+        for (i, op) in stack.arch.ops.iter().enumerate() {
+            let input = if i == 0 {
+                (0..9).flat_map(|r| x[r * 3..r * 3 + 3].iter().chain(&emb[r * 2..r * 2 + 2]).copied()).collect()
+            } else {
+                h.clone()
+            };
+            inputs_of.push(input.clone());
+            h = match *op {
+                Op::Dense { inputs, outputs } => {
+                    let (w, b) = stack.op_params(i);
+                    (0..9)
+                        .flat_map(|r| {
+                            let input = &input;
+                            (0..outputs).map(move |o| {
+                                let mut s = b[o];
+                                let mut acc = 0.0;
+                                for j in 0..inputs {
+                                    acc += input[r * inputs + j] * w[o * inputs + j];
+                                }
+                                s += acc;
+                                s
+                            })
+                        })
+                        .collect()
+                }
+                Op::Activation { f } => {
+                    let mut o = vec![0.0; input.len()];
+                    activation::apply(f, &input, &mut o);
+                    o
+                }
+                Op::BatchNorm { width } => {
+                    let (scale, offset) = stack.batch_norm_affine(i);
+                    input.iter().enumerate().map(|(j, v)| v * scale[j % width] + offset[j % width]).collect()
+                }
+                Op::LayerNorm { width } => {
+                    let (g, s) = stack.op_params(i);
+                    input
+                        .chunks(width)
+                        .flat_map(|x| {
+                            let mean = x.iter().sum::<f32>() / width as f32;
+                            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
+                            let inv = 1.0 / (var + NORM_EPS).sqrt();
+                            x.iter().enumerate().map(move |(j, v)| (v - mean) * inv * g[j] + s[j]).collect::<Vec<_>>()
+                        })
+                        .collect()
+                }
+                Op::Dropout { .. } => input,
+                Op::Residual { from } => input.iter().zip(&inputs_of[from]).map(|(a, b)| a + b).collect(),
+            };
+        }
+        for (a, b) in scored.iter().zip(&h) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+
+    /// Central finite differences over every parameter of a network with
+    /// every kind of op, for every activation and loss. For ReLU, a seed is
+    /// picked whose pre-activations stay clear of the kink, where finite
+    /// differences would measure a one-sided slope.
+    #[test]
+    fn gradients_match_finite_differences_for_every_op_activation_and_loss() {
+        let n = 6;
+        let losses = [
+            (Loss::new(Head::Binary), vec![1.0, 0.0, 1.0, 1.0, 0.0, 0.0]),
+            (Loss { class_weights: vec![0.5, 2.0], ..Loss::new(Head::Binary) }, vec![1.0, 0.0, 1.0, 1.0, 0.0, 1.0]),
+            (Loss::new(Head::Multiclass(3)), vec![0.0, 2.0, 1.0, 2.0, 0.0, 1.0]),
+            (
+                Loss { class_weights: vec![1.0, 0.3, 3.0], ..Loss::new(Head::Multiclass(3)) },
+                vec![0.0, 2.0, 1.0, 2.0, 0.0, 1.0],
+            ),
+            (Loss::new(Head::Regression), vec![0.5, -1.0, 2.0, 0.0, 0.3, -0.2]),
+            (Loss { huber_delta: 0.5, ..Loss::new(Head::Regression) }, vec![0.5, -1.0, 2.0, 0.0, 0.3, -0.2]),
+        ];
+        let mode = Mode::Train { step: 11, row_offset: 0 };
+        for act in [Activation::Relu, Activation::Gelu, Activation::Silu, Activation::Tanh] {
+            for (loss, y) in &losses {
+                let (mut net, x, codes) = (0..)
+                    .find_map(|seed| {
+                        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                        let arch = every_op(act, loss.head.outputs());
+                        let mut net = Stack::new(arch, seed, &mut [ChaCha8Rng::seed_from_u64(seed)]);
+                        randomise(&mut net, &mut rng);
+                        let (x, codes) = batch_data(n, &mut rng);
+                        let mut c = StackCache::default();
+                        net.forward(Batch { x: &x, codes: &codes, n }, &mut c, mode);
+                        let clear = net.arch.ops.iter().enumerate().all(|(i, op)| {
+                            !matches!(op, Op::Activation { f: Activation::Relu })
+                                || c.out[c.at[i - 1]].iter().all(|z| z.abs() > 0.05)
+                        });
+                        clear.then_some((net, x, codes))
+                    })
+                    .expect("some seed works");
+                let batch = Batch { x: &x, codes: &codes, n };
+                let mut cache = StackCache::default();
+                net.forward(batch, &mut cache, mode);
+                let mut d = vec![0.0; n * loss.head.outputs()];
+                loss.loss_and_grad(cache.logits(), y, n, &mut d);
+                let mut grads = net.zero_gradients();
+                net.backward(batch, &mut cache, &d, &mut grads);
+
+                let loss_at = |net: &Stack| {
+                    let mut c = StackCache::default();
+                    net.forward(batch, &mut c, mode);
+                    loss.loss(c.logits(), y, n)
+                };
+                let eps = 2e-3f32;
+                let tables = net.arch.embeddings.clone();
+                for s in 0..net.params.len() {
+                    for j in 0..net.params[s].len() {
+                        // The unseen-category row is frozen at zero, not trained.
+                        if s < tables.len() && j >= tables[s].vocabulary * tables[s].dim {
+                            continue;
+                        }
+                        let orig = net.params[s][j];
+                        net.params[s][j] = orig + eps;
+                        let up = loss_at(&net);
+                        net.params[s][j] = orig - eps;
+                        let down = loss_at(&net);
+                        net.params[s][j] = orig;
+                        let numeric = (up - down) / (2.0 * eps as f64);
+                        let analytic = grads.params[s][j] as f64;
+                        let tol = 3e-3 + 3e-2 * numeric.abs().max(analytic.abs());
+                        assert!(
+                            (numeric - analytic).abs() <= tol,
+                            "{act:?} {loss:?} slot {s} param {j}: numeric {numeric} analytic {analytic}"
+                        );
+                    }
+                }
             }
         }
+    }
+
+    #[test]
+    fn dropout_masks_drop_about_p_and_depend_only_on_their_coordinates() {
+        let kept = (0..10_000).filter(|&c| dropout_keeps(1, 2, 3, 4, c, 0.25)).count();
+        assert!((7_200..7_800).contains(&kept), "{kept}");
+        assert_eq!(dropout_keeps(1, 2, 3, 4, 5, 0.5), dropout_keeps(1, 2, 3, 4, 5, 0.5));
+        let differ = (0..1000).filter(|&r| dropout_keeps(1, 2, 3, r, 0, 0.5) != dropout_keeps(1, 3, 3, r, 0, 0.5));
+        assert!(differ.count() > 300, "another step draws another mask");
     }
 }

@@ -8,13 +8,15 @@
 //!   of the batch for the forward and backward passes, the loss is computed
 //!   over the whole batch in between, and the per-thread gradients are summed
 //!   in thread order. Deterministic for a given thread count; another count
-//!   sums in another order, so weights then agree only to rounding.
+//!   sums in another order, so weights then agree only to rounding. A
+//!   network with BatchNorm is not split: its statistics are the whole
+//!   batch's.
 
-use super::loss::Head;
 use cerebro_shared::spec::Optimizer;
 
+use super::loss::Loss;
 use super::optim::{ModelStep, StackOptimizer};
-use super::stack::{Stack, StackCache, StackGradients};
+use super::stack::{Batch, Mode, Stack, StackCache, StackGradients};
 
 /// Multiply-adds a thread must get before splitting a batch's rows pays for
 /// waking it (measured: a 64-32-1 network at batch 512, about 1M, does not).
@@ -28,7 +30,9 @@ struct Part {
 /// Steps one stack, its minibatches split by rows across a pool.
 struct RowTrainer {
     stack: Stack,
-    head: Head,
+    loss: Loss,
+    /// Steps taken, which seed the dropout masks.
+    steps: u64,
     optimizer: StackOptimizer,
     pool: Option<rayon::ThreadPool>,
     parts: Vec<Part>,
@@ -54,7 +58,7 @@ fn pool(threads: usize) -> Result<rayon::ThreadPool, ThreadsError> {
 }
 
 impl RowTrainer {
-    fn new(stack: Stack, head: Head, kind: Optimizer, threads: usize) -> Result<RowTrainer, ThreadsError> {
+    fn new(stack: Stack, loss: Loss, kind: Optimizer, threads: usize) -> Result<RowTrainer, ThreadsError> {
         let threads = threads.max(1);
         let pool = if threads > 1 { Some(pool(threads)?) } else { None };
         let parts =
@@ -62,7 +66,8 @@ impl RowTrainer {
         Ok(RowTrainer {
             optimizer: StackOptimizer::new(&stack, kind),
             grads: stack.zero_gradients(),
-            head,
+            loss,
+            steps: 0,
             pool,
             parts,
             stack,
@@ -76,21 +81,23 @@ impl RowTrainer {
     /// the step is too small for waking threads to pay off. The choice depends
     /// only on the shape and `n`, so runs stay deterministic.
     fn ranges(&self, n: usize) -> Vec<std::ops::Range<usize>> {
-        let macs: usize = n * self.stack.k * self.stack.dims.windows(2).map(|w| w[0] * w[1]).sum::<usize>();
-        let t = if macs < MIN_MACS_PER_THREAD * 2 { 1 } else { self.parts.len() };
+        let macs = n * self.stack.k * self.stack.arch.macs_per_row();
+        let t = if macs < MIN_MACS_PER_THREAD * 2 || self.stack.arch.has_batch_norm() { 1 } else { self.parts.len() };
         (0..t).map(|i| n * i / t..n * (i + 1) / t).collect()
     }
 
-    /// One step on `n` rows of `x` with targets `y`; every active model's
-    /// batch loss times `n` is added to `losses[model]`.
-    #[allow(clippy::too_many_arguments)]
-    fn step(&mut self, x: &[f32], y: &[f32], n: usize, settings: &[ModelStep], active: &[bool], losses: &mut [f64]) {
-        let width = self.stack.dims[0];
+    /// One step on a batch with targets `y`; every active model's batch loss
+    /// times `n` is added to `losses[model]`.
+    fn step(&mut self, batch: Batch<'_>, y: &[f32], settings: &[ModelStep], active: &[bool], losses: &mut [f64]) {
+        let n = batch.n;
+        let (inputs, cols) = (self.stack.arch.inputs, self.stack.arch.embeddings.len());
         let (k, c) = (self.stack.k, self.stack.outputs());
         let ranges = self.ranges(n);
         let stack = &self.stack;
+        let step = self.steps;
         let forward = |part: &mut Part, r: &std::ops::Range<usize>| {
-            stack.forward(&x[r.start * width..r.end * width], r.len(), &mut part.cache)
+            let mode = Mode::Train { step, row_offset: r.start };
+            stack.forward(batch.rows(r.clone(), inputs, cols), &mut part.cache, mode)
         };
         match self.pool.as_ref().filter(|_| ranges.len() > 1) {
             None => forward(&mut self.parts[0], &ranges[0]),
@@ -112,7 +119,7 @@ impl RowTrainer {
                         .copy_from_slice(&logits[j * k * c + m * c..j * k * c + (m + 1) * c]);
                 }
             }
-            losses[m] += self.head.loss_and_grad(&self.block, &y[..n], n, &mut self.block_grad) * n as f64;
+            losses[m] += self.loss.loss_and_grad(&self.block, &y[..n], n, &mut self.block_grad) * n as f64;
             for row in 0..n {
                 self.d_logits[row * k * c + m * c..row * k * c + (m + 1) * c]
                     .copy_from_slice(&self.block_grad[row * c..(row + 1) * c]);
@@ -122,8 +129,7 @@ impl RowTrainer {
         let d_logits = &self.d_logits;
         let backward = |part: &mut Part, r: &std::ops::Range<usize>| {
             stack.backward(
-                &x[r.start * width..r.end * width],
-                r.len(),
+                batch.rows(r.clone(), inputs, cols),
                 &mut part.cache,
                 &d_logits[r.start * k * c..r.end * k * c],
                 &mut part.grads,
@@ -142,32 +148,31 @@ impl RowTrainer {
             &self.parts[0].grads
         } else {
             let (first, rest) = self.parts[..ranges.len()].split_first().expect("at least one part");
-            for (total, g) in self.grads.weights.iter_mut().zip(&first.grads.weights) {
-                total.copy_from_slice(g);
-            }
-            for (total, g) in self.grads.biases.iter_mut().zip(&first.grads.biases) {
+            for (total, g) in self.grads.params.iter_mut().zip(&first.grads.params) {
                 total.copy_from_slice(g);
             }
             for part in rest {
-                for (total, g) in self.grads.weights.iter_mut().zip(&part.grads.weights) {
-                    total.iter_mut().zip(g).for_each(|(t, g)| *t += g);
-                }
-                for (total, g) in self.grads.biases.iter_mut().zip(&part.grads.biases) {
+                for (total, g) in self.grads.params.iter_mut().zip(&part.grads.params) {
                     total.iter_mut().zip(g).for_each(|(t, g)| *t += g);
                 }
             }
             &self.grads
         };
         self.optimizer.step(&mut self.stack, grads, settings, active);
+        // BatchNorm never splits rows, so part 0 saw the whole batch.
+        self.stack.update_running_stats(&self.parts[0].cache, active);
+        self.steps += 1;
     }
 
-    /// Logits of every model for `n` rows, `[n × K·out]`.
-    fn predict(&self, x: &[f32], chunk_rows: usize) -> Vec<f32> {
-        let width = self.stack.dims[0];
-        let mut out = Vec::with_capacity(x.len() / width.max(1) * self.stack.k * self.stack.outputs());
+    /// Logits of every model for the batch's rows, `[n × K·out]`, scored
+    /// `chunk_rows` rows at a time.
+    fn predict(&self, batch: Batch<'_>, chunk_rows: usize) -> Vec<f32> {
+        let (inputs, cols) = (self.stack.arch.inputs, self.stack.arch.embeddings.len());
+        let mut out = Vec::with_capacity(batch.n * self.stack.k * self.stack.outputs());
         let mut cache = StackCache::default();
-        for chunk in x.chunks(chunk_rows * width.max(1)) {
-            self.stack.forward(chunk, chunk.len() / width.max(1), &mut cache);
+        for start in (0..batch.n).step_by(chunk_rows.max(1)) {
+            let rows = batch.rows(start..(start + chunk_rows).min(batch.n), inputs, cols);
+            self.stack.forward(rows, &mut cache, Mode::Eval);
             out.extend_from_slice(cache.logits());
         }
         out
@@ -189,23 +194,23 @@ enum Inner {
 }
 
 impl Trainer {
-    pub fn new(stack: Stack, head: Head, kind: Optimizer, threads: usize) -> Result<Trainer, ThreadsError> {
+    pub fn new(stack: Stack, loss: Loss, kind: Optimizer, threads: usize) -> Result<Trainer, ThreadsError> {
         let threads = threads.max(1);
         if stack.k < 2 || threads < 2 {
-            return Ok(Trainer { inner: Inner::Rows(Box::new(RowTrainer::new(stack, head, kind, threads)?)) });
+            return Ok(Trainer { inner: Inner::Rows(Box::new(RowTrainer::new(stack, loss, kind, threads)?)) });
         }
         let (k, shards_n) = (stack.k, threads.min(stack.k));
         let mut shards = Vec::with_capacity(shards_n);
         for t in 0..shards_n {
             let (first, end) = (k * t / shards_n, k * (t + 1) / shards_n);
             let models: Vec<_> = (first..end).map(|m| stack.model(m)).collect();
-            shards.push((first, RowTrainer::new(Stack::from_models(&models), head, kind, 1)?));
+            shards.push((first, RowTrainer::new(Stack::from_models(&models), loss.clone(), kind, 1)?));
         }
         Ok(Trainer { inner: Inner::Models { pool: pool(shards_n)?, shards } })
     }
 
     /// Model `m` as it stands.
-    pub fn model(&self, m: usize) -> super::Mlp {
+    pub fn model(&self, m: usize) -> Stack {
         match &self.inner {
             Inner::Rows(r) => r.stack.model(m),
             Inner::Models { shards, .. } => {
@@ -215,20 +220,12 @@ impl Trainer {
         }
     }
 
-    /// One step on `n` rows of `x` with targets `y`, for every model `m` with
+    /// One step on a batch with targets `y`, for every model `m` with
     /// `active[m]`, with `settings[m]`; each model's batch loss times `n` is
     /// added to `losses[m]`.
-    pub fn step(
-        &mut self,
-        x: &[f32],
-        y: &[f32],
-        n: usize,
-        settings: &[ModelStep],
-        active: &[bool],
-        losses: &mut [f64],
-    ) {
+    pub fn step(&mut self, batch: Batch<'_>, y: &[f32], settings: &[ModelStep], active: &[bool], losses: &mut [f64]) {
         match &mut self.inner {
-            Inner::Rows(r) => r.step(x, y, n, settings, active, losses),
+            Inner::Rows(r) => r.step(batch, y, settings, active, losses),
             Inner::Models { pool, shards } => pool.scope(|s| {
                 let mut rest = losses;
                 for (first, shard) in shards.iter_mut() {
@@ -237,21 +234,21 @@ impl Trainer {
                     rest = others;
                     let range = *first..*first + k;
                     let (settings, active) = (&settings[range.clone()], &active[range]);
-                    s.spawn(move |_| shard.step(x, y, n, settings, active, mine));
+                    s.spawn(move |_| shard.step(batch, y, settings, active, mine));
                 }
             }),
         }
     }
 
-    /// Logits of every model for the rows of `x`, `[n × K·out]`, scored
+    /// Logits of every model for the batch's rows, `[n × K·out]`, scored
     /// `chunk_rows` rows at a time.
-    pub fn predict(&self, x: &[f32], chunk_rows: usize) -> Vec<f32> {
+    pub fn predict(&self, batch: Batch<'_>, chunk_rows: usize) -> Vec<f32> {
         match &self.inner {
-            Inner::Rows(r) => r.predict(x, chunk_rows),
+            Inner::Rows(r) => r.predict(batch, chunk_rows),
             Inner::Models { shards, .. } => {
                 let c = shards[0].1.stack.outputs();
                 let parts: Vec<(usize, Vec<f32>)> =
-                    shards.iter().map(|(_, s)| (s.stack.k * c, s.predict(x, chunk_rows))).collect();
+                    shards.iter().map(|(_, s)| (s.stack.k * c, s.predict(batch, chunk_rows))).collect();
                 let row_width: usize = parts.iter().map(|(w, _)| w).sum();
                 let n = parts[0].1.len() / parts[0].0.max(1);
                 let mut out = Vec::with_capacity(n * row_width);
@@ -271,23 +268,27 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    use super::super::Activation;
+    use super::super::stack::{Arch, Op};
+    use super::super::{Activation, Head};
     use super::*;
 
-    fn run(threads: usize, k: usize) -> (Vec<super::super::Mlp>, Vec<f64>) {
-        // Large enough per step that a single model's rows are split.
-        let (n, dims) = (256, [8, 256, 256, 1]);
+    fn run(threads: usize, k: usize) -> (Vec<Stack>, Vec<f64>) {
+        // Large enough per step that a single model's rows are split; with
+        // dropout, whose masks must not depend on the split.
+        let n = 256;
+        let mut arch = Arch::mlp(8, &[256, 256], 1, Activation::Silu);
+        arch.ops.insert(2, Op::Dropout { p: 0.2 });
         let mut rngs: Vec<ChaCha8Rng> = (0..k as u64).map(ChaCha8Rng::seed_from_u64).collect();
-        let mut trainer =
-            Trainer::new(Stack::new(&dims, Activation::Silu, &mut rngs), Head::Binary, Optimizer::Adam, threads)
-                .unwrap();
+        let stack = Stack::new(arch, 3, &mut rngs);
+        let mut trainer = Trainer::new(stack, Loss::new(Head::Binary), Optimizer::Adam, threads).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(42);
         let x: Vec<f32> = (0..n * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
         let y: Vec<f32> = (0..n).map(|i| (x[i * 8] > 0.0) as u32 as f32).collect();
         let mut losses = vec![0.0; k];
         for _ in 0..5 {
             let settings = ModelStep { lr: 1e-3, weight_decay: 0.0, momentum: 0.0, clip_norm: 0.0 };
-            trainer.step(&x, &y, n, &vec![settings; k], &vec![true; k], &mut losses);
+            let batch = Batch { x: &x, codes: &[], n };
+            trainer.step(batch, &y, &vec![settings; k], &vec![true; k], &mut losses);
         }
         ((0..k).map(|m| trainer.model(m)).collect(), losses)
     }
@@ -298,8 +299,8 @@ mod tests {
         let (two, loss_two) = run(2, 1);
         assert_eq!(run(2, 1).0, two, "the same thread count gives the same weights");
         assert!((loss_one[0] - loss_two[0]).abs() < 1e-4 * loss_one[0].abs());
-        for (a, b) in one[0].layers.iter().zip(&two[0].layers) {
-            for (x, y) in a.weight.iter().zip(&b.weight) {
+        for (a, b) in one[0].params.iter().zip(&two[0].params) {
+            for (x, y) in a.iter().zip(b) {
                 assert!((x - y).abs() <= 1e-4, "{x} vs {y}");
             }
         }

@@ -11,6 +11,7 @@ use prost::Message;
 
 use super::proto::*;
 use crate::engine::activation::{Activation, GELU_A, GELU_C};
+use crate::engine::{Op, Stack, NORM_EPS};
 use crate::features::Encoder;
 use crate::train::TrainedModel;
 
@@ -101,6 +102,10 @@ fn attr_int(name: &str, i: i64) -> AttributeProto {
     AttributeProto { name: name.into(), i, r#type: attribute_type::INT, ..Default::default() }
 }
 
+fn attr_float(name: &str, f: f32) -> AttributeProto {
+    AttributeProto { name: name.into(), f, r#type: attribute_type::FLOAT, ..Default::default() }
+}
+
 fn attr_ints(name: &str, ints: Vec<i64>) -> AttributeProto {
     AttributeProto { name: name.into(), ints, r#type: attribute_type::INTS, ..Default::default() }
 }
@@ -156,9 +161,60 @@ fn activation(g: &mut Graph, act: Activation, h: &str) -> String {
     }
 }
 
+/// Piecewise-linear inputs `[N, bins]` of a float column `x`, NaN for NULL rows.
+fn ple(g: &mut Graph, x: &str, edges: &[f32]) -> String {
+    let bins = edges.len() as i64 - 1;
+    let lower = g.const_f32("ple_lower", &[bins], edges[..edges.len() - 1].to_vec());
+    let width = g.const_f32("ple_width", &[bins], edges.windows(2).map(|e| e[1] - e[0]).collect());
+    let (zero, one) = (g.const_f32("zero", &[], vec![0.0]), g.const_f32("one", &[], vec![1.0]));
+    let shifted = g.node("Sub", &[x, &lower], vec![], None);
+    let scaled = g.node("Div", &[&shifted, &width], vec![], None);
+    g.node("Clip", &[&scaled, &zero, &one], vec![], None)
+}
+
+/// The network's ops over `h`, the concatenated inputs.
+fn network(g: &mut Graph, net: &Stack, mut h: String) -> String {
+    // The input of every op, for residual connections.
+    let mut inputs: Vec<String> = Vec::with_capacity(net.arch.ops.len());
+    for (i, op) in net.arch.ops.iter().enumerate() {
+        inputs.push(h.clone());
+        h = match *op {
+            Op::Dense { inputs, outputs } => {
+                let (w, b) = net.op_params(i);
+                let w = g.const_f32("weight", &[outputs as i64, inputs as i64], w.to_vec());
+                let b = g.const_f32("bias", &[outputs as i64], b.to_vec());
+                g.node("Gemm", &[&h, &w, &b], vec![attr_int("transB", 1)], None)
+            }
+            Op::Activation { f } => activation(g, f, &h),
+            Op::LayerNorm { width } => {
+                let (gain, shift) = net.op_params(i);
+                let gain = g.const_f32("ln_gain", &[width as i64], gain.to_vec());
+                let shift = g.const_f32("ln_shift", &[width as i64], shift.to_vec());
+                g.node(
+                    "LayerNormalization",
+                    &[&h, &gain, &shift],
+                    vec![attr_int("axis", -1), attr_float("epsilon", NORM_EPS)],
+                    None,
+                )
+            }
+            Op::BatchNorm { width } => {
+                // Scoring uses the running statistics: an affine map per feature.
+                let (scale, offset) = net.batch_norm_affine(i);
+                let scale = g.const_f32("bn_scale", &[width as i64], scale);
+                let offset = g.const_f32("bn_offset", &[width as i64], offset);
+                let scaled = g.node("Mul", &[&h, &scale], vec![], None);
+                g.node("Add", &[&scaled, &offset], vec![], None)
+            }
+            Op::Dropout { .. } => h,
+            Op::Residual { from } => g.node("Add", &[&h, &inputs[from]], vec![], None),
+        };
+    }
+    h
+}
+
 /// Serialises `model` as an ONNX file; `metadata` lands in `metadata_props`.
 pub fn export(model: &TrainedModel, metadata: &[(&str, String)]) -> Result<Vec<u8>, ExportError> {
-    if model.pipeline.width() == 0 {
+    if model.pipeline.width() == 0 && model.pipeline.embeddings().is_empty() {
         return Err(ExportError::NoInputs);
     }
     let outputs = [OUTPUT_PROBABILITY, OUTPUT_PROBABILITIES, OUTPUT_VALUE];
@@ -169,6 +225,9 @@ pub fn export(model: &TrainedModel, metadata: &[(&str, String)]) -> Result<Vec<u
     let mut g = Graph::default();
     let mut inputs = Vec::new();
     let mut parts = Vec::new();
+    // Embeddings follow the encoded inputs, in column order, as in the engine.
+    let mut embedded = Vec::new();
+    let float = attr_int("to", data_type::FLOAT as i64);
     for feature in &model.pipeline.features {
         let x = feature.name.as_str();
         match &feature.encoder {
@@ -182,15 +241,36 @@ pub fn export(model: &TrainedModel, metadata: &[(&str, String)]) -> Result<Vec<u
                 let scaled = g.node("Div", &[&centred, &std], vec![], None);
                 parts.push(g.node("Where", &[&is_null, &zero, &scaled], vec![], None));
                 if *null_indicator {
-                    parts.push(g.node("Cast", &[&is_null], vec![attr_int("to", data_type::FLOAT as i64)], None));
+                    parts.push(g.node("Cast", &[&is_null], vec![float.clone()], None));
                 }
             }
-            Encoder::Categorical { vocabulary } => {
+            Encoder::Ple { edges, null_indicator } | Encoder::Quantile { edges, null_indicator } => {
+                inputs.push(value_info(x, data_type::FLOAT, [None, Some(1)]));
+                let zero = g.const_f32("zero", &[1], vec![0.0]);
+                let is_null = g.node("IsNaN", &[x], vec![], None);
+                let pieces = ple(&mut g, x, edges);
+                let value = if matches!(feature.encoder, Encoder::Quantile { .. }) {
+                    let axes = g.const_i64("axes", &[1], vec![1]);
+                    let sum = g.node("ReduceSum", &[&pieces, &axes], vec![attr_int("keepdims", 1)], None);
+                    let bins = g.const_f32("bins", &[1], vec![(edges.len() - 1) as f32]);
+                    let half = g.const_f32("half", &[1], vec![0.5]);
+                    let mean = g.node("Div", &[&sum, &bins], vec![], None);
+                    g.node("Sub", &[&mean, &half], vec![], None)
+                } else {
+                    pieces
+                };
+                parts.push(g.node("Where", &[&is_null, &zero, &value], vec![], None));
+                if *null_indicator {
+                    parts.push(g.node("Cast", &[&is_null], vec![float.clone()], None));
+                }
+            }
+            Encoder::Categorical { vocabulary } | Encoder::Embedding { vocabulary, .. } => {
                 inputs.push(value_info(x, data_type::STRING, [None, Some(1)]));
-                if vocabulary.is_empty() {
+                let v = vocabulary.len() as i64;
+                let embedding = matches!(feature.encoder, Encoder::Embedding { .. });
+                if vocabulary.is_empty() && !embedding {
                     continue;
                 }
-                let v = vocabulary.len() as i64;
                 let index = g.node_in(
                     "LabelEncoder",
                     ML_DOMAIN,
@@ -198,30 +278,30 @@ pub fn export(model: &TrainedModel, metadata: &[(&str, String)]) -> Result<Vec<u
                     vec![
                         attr_strings("keys_strings", vocabulary.iter().map(|s| s.as_bytes().to_vec()).collect()),
                         attr_ints("values_int64s", (0..v).collect()),
-                        // Values never seen in training match no column: all zeros.
-                        attr_int("default_int64", -1),
+                        // Values never seen in training: no one-hot column, or
+                        // the embedding table's zero row.
+                        attr_int("default_int64", if embedding { v } else { -1 }),
                     ],
                     None,
                 );
-                let positions = g.const_i64("positions", &[v], (0..v).collect());
-                let hit = g.node("Equal", &[&index, &positions], vec![], None);
-                parts.push(g.node("Cast", &[&hit], vec![attr_int("to", data_type::FLOAT as i64)], None));
+                if let Encoder::Embedding { dim, .. } = &feature.encoder {
+                    let c = embedded.len();
+                    let table =
+                        g.const_f32("embedding", &[v + 1, *dim as i64], model.network.embedding_table(c).to_vec());
+                    let rows = g.node("Gather", &[&table, &index], vec![attr_int("axis", 0)], None);
+                    embedded.push(g.node("Flatten", &[&rows], vec![attr_int("axis", 1)], None));
+                } else {
+                    let positions = g.const_i64("positions", &[v], (0..v).collect());
+                    let hit = g.node("Equal", &[&index, &positions], vec![], None);
+                    parts.push(g.node("Cast", &[&hit], vec![float.clone()], None));
+                }
             }
         }
     }
+    parts.extend(embedded);
     let part_refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-    let mut h = g.node("Concat", &part_refs, vec![attr_int("axis", 1)], None);
-
-    let depth = model.mlp.layers.len();
-    for (l, layer) in model.mlp.layers.iter().enumerate() {
-        let w = g.const_f32("weight", &[layer.inputs as i64, layer.outputs as i64], layer.weight.clone());
-        let b = g.const_f32("bias", &[layer.outputs as i64], layer.bias.clone());
-        let z = g.node("MatMul", &[&h, &w], vec![], None);
-        h = g.node("Add", &[&z, &b], vec![], None);
-        if l + 1 < depth {
-            h = activation(&mut g, model.mlp.activation, &h);
-        }
-    }
+    let features = g.node("Concat", &part_refs, vec![attr_int("axis", 1)], None);
+    let h = network(&mut g, &model.network, features);
 
     let output = match model.task {
         Task::Binary => {
