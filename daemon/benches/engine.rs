@@ -93,6 +93,9 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let dir: PathBuf = args.first().cloned().unwrap_or_else(|| "bench-data".into()).into();
     let threads: usize = args.get(1).and_then(|t| t.parse().ok()).unwrap_or(1);
+    // An optional third argument runs only the workloads whose names start with it (for profiling).
+    let only = args.get(2).cloned().unwrap_or_default();
+    let run = |workload: &str| workload.starts_with(&only);
     std::fs::create_dir_all(&dir).expect("bench directory");
     let (x, y) = data(&dir);
 
@@ -111,10 +114,21 @@ fn main() {
     // Warm caches and page in the data once.
     train_epoch(Stack::from_models(std::slice::from_ref(&small)), &x[..BATCH * COLS * 20], &y[..BATCH * 20], threads);
 
-    report("a_mlp_64_256_256_1", 1, train_epoch(Stack::from_models(std::slice::from_ref(&wide)), &x, &y, threads));
-    report("b_mlp_64_32_1", 1, train_epoch(Stack::from_models(&[small]), &x, &y, threads));
+    if run("a_mlp_64_256_256_1") {
+        let seconds = train_epoch(Stack::from_models(std::slice::from_ref(&wide)), &x, &y, threads);
+        report("a_mlp_64_256_256_1", 1, seconds);
+    }
+    if run("b_mlp_64_32_1") {
+        report("b_mlp_64_32_1", 1, train_epoch(Stack::from_models(&[small]), &x, &y, threads));
+    }
     for k in [8, 32] {
-        report(&format!("c_k{k}_mlp_64_32_1"), k, train_epoch(Stack::from_models(&fused[..k]), &x, &y, threads));
+        let workload = format!("c_k{k}_mlp_64_32_1");
+        if run(&workload) {
+            report(&workload, k, train_epoch(Stack::from_models(&fused[..k]), &x, &y, threads));
+        }
+    }
+    if !run("inference_b8192_mlp_64_256_256_1") {
+        return;
     }
 
     let started = Instant::now();

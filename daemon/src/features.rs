@@ -316,7 +316,8 @@ mod tests {
 
     #[test]
     fn fits_on_training_rows_and_encodes_nulls_and_unseen_values() {
-        let p = FeaturePipeline::fit(&features(), &columns(), &[0, 1, 2], &TrainOptions::default()).unwrap();
+        let standard = opts(serde_json::json!({"numeric_encoding": "standard"}));
+        let p = FeaturePipeline::fit(&features(), &columns(), &[0, 1, 2], &standard).unwrap();
         assert_eq!(p.features[0].encoder, Encoder::Numeric { mean: 2.0, std: 1.0, null_indicator: true });
         assert_eq!(
             p.features[1].encoder,

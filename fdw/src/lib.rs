@@ -86,7 +86,8 @@ mod tests {
         assert_eq!((status.as_deref(), task.as_deref()), (Some("queued"), Some("binary")));
         let rows = Spi::get_one::<i64>("SELECT row_count FROM cerebro.snapshots").unwrap();
         assert_eq!(rows, Some(200));
-        let copied = Spi::get_one::<i64>("SELECT count(*) FROM cerebro_data.snapshot_1").unwrap();
+        let data = Spi::get_one::<String>("SELECT data_relation FROM cerebro.snapshots").unwrap().unwrap();
+        let copied = Spi::get_one::<i64>(&format!("SELECT count(*) FROM {data}")).unwrap();
         assert_eq!(copied, Some(200));
         // `joined` is a date: skipped from the default features, with a notice.
         let features = Spi::get_one::<pgrx::JsonB>("SELECT features FROM cerebro.model_versions").unwrap().unwrap();

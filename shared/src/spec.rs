@@ -151,11 +151,10 @@ pub enum Norm {
 }
 
 /// How a numeric column becomes inputs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NumericEncoding {
     /// `(x - mean) / std`.
-    #[default]
     Standard,
     /// The value's position in the training distribution, from -0.5 to 0.5
     /// (piecewise linear between `bins` quantiles).
@@ -330,11 +329,13 @@ pub struct TrainOptions {
     /// Dropout after every hidden activation (0: none).
     pub dropout: f64,
     /// The encoding of numeric columns not named in `encodings`.
+    #[serde(default = "legacy_numeric_encoding")]
     pub numeric_encoding: NumericEncoding,
     /// Quantile bins of the quantile and piecewise-linear encodings.
     pub bins: u32,
     /// Categorical columns with more categories than this get an embedding
     /// (sized by [`embedding_dim`]) unless named in `encodings`; the others are one-hot.
+    #[serde(default = "legacy_onehot_max")]
     pub onehot_max: u32,
     /// Per-column encodings overriding the defaults above.
     pub encodings: BTreeMap<String, ColumnEncoding>,
@@ -342,6 +343,16 @@ pub struct TrainOptions {
     pub loss: RegressionLoss,
     /// Huber's threshold, in standard deviations of the target.
     pub huber_delta: f64,
+}
+
+/// Options stored before `numeric_encoding` and `onehot_max` existed were
+/// trained with standardised numbers and one-hot categories: read them so.
+fn legacy_numeric_encoding() -> NumericEncoding {
+    NumericEncoding::Standard
+}
+
+fn legacy_onehot_max() -> u32 {
+    u32::MAX
 }
 
 impl Default for TrainOptions {
@@ -365,8 +376,10 @@ impl Default for TrainOptions {
             residual_blocks: 0,
             norm: Norm::None,
             dropout: 0.0,
-            numeric_encoding: NumericEncoding::Standard,
-            bins: 8,
+            // Measured: PLE beats standardisation on telco_churn (AUC 0.847
+            // vs 0.833) and nycflights13 (0.792 vs 0.738); see docs/benchmarks.md.
+            numeric_encoding: NumericEncoding::Ple,
+            bins: 16,
             onehot_max: 16,
             encodings: BTreeMap::new(),
             class_weights: ClassWeights::None,
@@ -850,9 +863,11 @@ mod tests {
             TrainOptions::from_json(Some(&json!({"momentum": 1.0}))).unwrap_err(),
             SpecError::OptionRange { key, .. } if key == "momentum"
         ));
-        // Options stored before these keys existed still read.
+        // Options stored before these keys existed still read, meaning what they meant then.
         let old: TrainOptions = serde_json::from_value(json!({"epochs": 3})).unwrap();
         assert_eq!(old.optimizer, Optimizer::Adam);
+        assert_eq!((old.numeric_encoding, old.onehot_max), (NumericEncoding::Standard, u32::MAX));
+        assert_eq!(TrainOptions::default().numeric_encoding, NumericEncoding::Ple);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::activation::{self, Activation};
-use super::gemm::gemm_strided;
+use super::gemm::{gemm_strided, gemm_uniform, UniformScratch};
 
 /// LayerNorm and BatchNorm's variance epsilon (PyTorch's default).
 pub const NORM_EPS: f32 = 1e-5;
@@ -265,8 +265,10 @@ pub struct Stack {
 #[derive(Debug, Default)]
 pub struct StackCache {
     n: usize,
-    /// Gathered embeddings, `[n × K·e]`.
+    /// Gathered embeddings, `[n × K·e]`, and one model's products of them.
     emb: Vec<f32>,
+    emb_product: Vec<f32>,
+    uniform: UniformScratch,
     /// Output of every op, `[n × K·w]`; when scoring, element-wise ops work
     /// in place and `at[i]` says which buffer holds op i's output.
     out: Vec<Vec<f32>>,
@@ -428,12 +430,13 @@ impl Stack {
             cache.at.push(dst);
             match arch.ops[i] {
                 Op::Dense { inputs, outputs } => {
+                    // Products first, bias after: the gemm crate folds an
+                    // existing destination into its sums in a shape-dependent
+                    // order, which would make a model's result depend on K.
                     let (w, b) = (&self.params[slot], &self.params[slot + 1]);
-                    for row in output.chunks_exact_mut(wide_out) {
-                        row.copy_from_slice(b);
-                    }
                     if i == 0 {
-                        self.input_dense(batch, &cache.emb, outputs, output);
+                        let scratch = (&mut cache.emb_product, &mut cache.uniform);
+                        self.input_dense(batch, &cache.emb, scratch, outputs, output);
                     } else {
                         let input = input.expect("dense layers write a new buffer");
                         for m in 0..k {
@@ -445,11 +448,14 @@ impl Stack {
                                 (wide_in, 1),
                                 &w[m * outputs * inputs..],
                                 (1, inputs),
-                                1.0,
+                                0.0,
                                 &mut output[m * outputs..],
                                 (wide_out, 1),
                             );
                         }
+                    }
+                    for row in output.chunks_exact_mut(wide_out) {
+                        row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
                     }
                 }
                 Op::Activation { f } => match input {
@@ -534,15 +540,23 @@ impl Stack {
         }
     }
 
-    /// Adds the first dense layer's products to `out` (which holds its bias):
-    /// one wide product over the shared features for all models, then each
-    /// model's embeddings through its own columns of the weight.
-    fn input_dense(&self, batch: Batch<'_>, emb: &[f32], outputs: usize, out: &mut [f32]) {
+    /// The first dense layer's products (without bias) into `out`: one wide
+    /// product over the shared features for all models, plus each model's
+    /// embeddings through its own columns of the weight.
+    fn input_dense(
+        &self,
+        batch: Batch<'_>,
+        emb: &[f32],
+        (scratch, uniform): (&mut Vec<f32>, &mut UniformScratch),
+        outputs: usize,
+        out: &mut [f32],
+    ) {
         let (k, n, p, e) = (self.k, batch.n, self.arch.inputs, self.arch.embedded_width());
         let w = &self.params[self.arch.slot_of(0)];
         let (fan_in, wide) = (p + e, k * outputs);
-        gemm_strided(n, p, wide, batch.x, (p, 1), w, (1, fan_in), 1.0, out, (wide, 1));
+        gemm_uniform(n, p, wide, batch.x, (p, 1), w, (1, fan_in), out, (wide, 1), uniform);
         if e > 0 {
+            scratch.resize(n * outputs, 0.0);
             for m in 0..k {
                 gemm_strided(
                     n,
@@ -552,10 +566,13 @@ impl Stack {
                     (k * e, 1),
                     &w[m * outputs * fan_in + p..],
                     (1, fan_in),
-                    1.0,
-                    &mut out[m * outputs..],
-                    (wide, 1),
+                    0.0,
+                    scratch,
+                    (outputs, 1),
                 );
+                for (row, part) in out.chunks_exact_mut(wide).zip(scratch.chunks_exact(outputs)) {
+                    row[m * outputs..(m + 1) * outputs].iter_mut().zip(part).for_each(|(o, s)| *o += s);
+                }
             }
         }
     }
@@ -668,7 +685,7 @@ impl Stack {
         let (grads, rest) = grads.split_at_mut(self.arch.embeddings.len());
         let gw = &mut rest[0];
         // dW[:, :p] for all models at once: Xᵀ · delta, written transposed.
-        gemm_strided(p, n, wide, batch.x, (1, p), &cache.delta, (wide, 1), 0.0, gw, (1, fan_in));
+        gemm_uniform(p, n, wide, batch.x, (1, p), &cache.delta, (wide, 1), gw, (1, fan_in), &mut cache.uniform);
         if e == 0 {
             return;
         }
@@ -1026,16 +1043,29 @@ mod tests {
     }
 
     /// Every model's logits and gradients in a stack are bit-identical to the
-    /// same model's computed alone, with every kind of op.
+    /// same model's computed alone: with every kind of op, and over the shapes
+    /// where the gemm crate switches kernels (few rows, 1-wide layers).
     #[test]
     fn a_stack_computes_exactly_what_its_models_compute_alone() {
-        let (n, k) = (7, 3);
+        let k = 3;
+        let wide_mlp = Arch::mlp(20, &[16, 8], 2, Activation::Gelu);
+        let linear = Arch::mlp(5, &[], 2, Activation::Relu);
+        let narrow = Arch::mlp(3, &[1, 4], 2, Activation::Tanh);
+        for arch in [every_op(Activation::Gelu, 2), wide_mlp, linear, narrow] {
+            for n in [1, 2, 7, 40, 600] {
+                stack_equals_models(&arch, k, n);
+            }
+        }
+    }
+
+    fn stack_equals_models(arch: &Arch, k: usize, n: usize) {
         let loss = Loss::new(Head::Multiclass(2));
         let mut rngs: Vec<ChaCha8Rng> = (0..k as u64).map(ChaCha8Rng::seed_from_u64).collect();
-        let mut stack = Stack::new(every_op(Activation::Gelu, 2), 5, &mut rngs);
+        let mut stack = Stack::new(arch.clone(), 5, &mut rngs);
         let mut rng = ChaCha8Rng::seed_from_u64(99);
         randomise(&mut stack, &mut rng);
-        let (x, codes) = batch_data(n, &mut rng);
+        let x: Vec<f32> = (0..n * arch.inputs).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let codes: Vec<u32> = (0..n * arch.embeddings.len()).map(|r| (r % 4) as u32).collect();
         let batch = Batch { x: &x, codes: &codes, n };
         let y: Vec<f32> = (0..n).map(|i| (i % 2) as f32).collect();
         let mode = Mode::Train { step: 3, row_offset: 0 };
@@ -1050,7 +1080,11 @@ mod tests {
             let mut c = StackCache::default();
             model.forward(batch, &mut c, mode);
             for r in 0..n {
-                assert_eq!(&wide[r * k * 2 + m * 2..r * k * 2 + m * 2 + 2], &c.logits()[r * 2..r * 2 + 2]);
+                assert_eq!(
+                    &wide[r * k * 2 + m * 2..r * k * 2 + m * 2 + 2],
+                    &c.logits()[r * 2..r * 2 + 2],
+                    "{arch:?}, {n} rows: model {m} row {r}"
+                );
             }
             let mut d = vec![0.0; n * 2];
             loss.loss_and_grad(c.logits(), &y, n, &mut d);
@@ -1065,7 +1099,7 @@ mod tests {
         stack.backward(batch, &mut cache, &d_wide, &mut grads);
         let as_stack = Stack { params: grads.params, ..stack.clone() };
         for (m, g) in alone_grads.iter().enumerate() {
-            assert_eq!(as_stack.model(m).params, g.params, "model {m}");
+            assert_eq!(as_stack.model(m).params, g.params, "{arch:?}, {n} rows: model {m} gradients");
         }
     }
 
