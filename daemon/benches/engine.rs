@@ -10,7 +10,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use cerebro_daemon::engine::{Activation, Arch, Batch, Head, Loss, ModelStep, Op, Predictor, Stack, Trainer};
+use cerebro_daemon::engine::{
+    Activation, Arch, Batch, BatchSource, Head, Loss, MiniBatch, ModelStep, Op, Predictor, Stack, Trainer,
+};
 use cerebro_shared::spec::Optimizer;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -64,17 +66,29 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// Rows in order, borrowed in place (as PyTorch slices its tensor).
+struct InOrder<'a> {
+    x: &'a [f32],
+    y: &'a [f32],
+}
+
+impl BatchSource for InOrder<'_> {
+    fn batch<'s>(&'s self, i: usize, _: &'s mut MiniBatch) -> (Batch<'s>, &'s [f32]) {
+        let rows = i * BATCH..((i + 1) * BATCH).min(self.y.len());
+        (Batch { x: &self.x[rows.start * COLS..rows.end * COLS], codes: &[], n: rows.len() }, &self.y[rows])
+    }
+}
+
 /// One epoch over all rows in order, K models at once; returns seconds.
 fn train_epoch(stack: Stack, x: &[f32], y: &[f32], threads: usize) -> f64 {
     let k = stack.k;
     let mut trainer = Trainer::new(stack, Loss::new(Head::Binary), Optimizer::Adam, threads).expect("training threads");
-    let settings = vec![ModelStep { lr: LR, weight_decay: 0.0, momentum: 0.0, clip_norm: 0.0 }; k];
+    let settings = |_: usize, _: usize| ModelStep { lr: LR, weight_decay: 0.0, momentum: 0.0, clip_norm: 0.0 };
     let active = vec![true; k];
     let mut losses = vec![0.0; k];
+    let source = InOrder { x, y };
     let started = Instant::now();
-    for (xb, yb) in x.chunks(BATCH * COLS).zip(y.chunks(BATCH)) {
-        trainer.step(Batch { x: xb, codes: &[], n: yb.len() }, yb, &settings, &active, &mut losses);
-    }
+    trainer.epoch(y.len().div_ceil(BATCH), &source, &settings, &active, &mut losses);
     let seconds = started.elapsed().as_secs_f64();
     assert!(losses.iter().all(|l| l.is_finite()));
     seconds

@@ -10,7 +10,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{
-    scheduled_lr, Arch, Batch, Embedding, Head, Loss, ModelStep, Op, Predictor, Stack, ThreadsError, Trainer,
+    scheduled_lr, Arch, Batch, BatchSource, Embedding, Head, Loss, MiniBatch, ModelStep, Op, Predictor, Stack,
+    ThreadsError, Trainer,
 };
 use crate::features::{Encoded, FeatureError, FeaturePipeline};
 use crate::metrics::{self, Metrics};
@@ -297,7 +298,7 @@ pub fn train_group(
     let mut trainer = Trainer::new(Stack::new(arch, opts.seed, &mut init_rngs), loss.clone(), opts.optimizer, threads)?;
     let batch = (opts.batch_size as usize).min(train_idx.len());
     let steps_per_epoch = train_idx.len().div_ceil(batch);
-    let mut settings: Vec<ModelStep> = plans
+    let settings: Vec<ModelStep> = plans
         .iter()
         .map(|p| ModelStep {
             lr: p.options.learning_rate as f32,
@@ -307,9 +308,6 @@ pub fn train_group(
         })
         .collect();
     let mut step = 0usize;
-    let mut xb = vec![0.0f32; batch * width];
-    let mut cb = vec![0u32; batch * code_cols];
-    let mut yb = vec![0.0f32; batch];
 
     struct Progress {
         active: bool,
@@ -330,24 +328,20 @@ pub fn train_group(
         let active: Vec<bool> = progress.iter().map(|p| p.active).collect();
         train_order.shuffle(&mut rng);
         let mut loss_sums = vec![0.0f64; k];
-        for chunk in train_order.chunks(batch) {
-            let n = chunk.len();
-            for (j, &i) in chunk.iter().enumerate() {
-                xb[j * width..(j + 1) * width].copy_from_slice(&x_all[rows[i] * width..(rows[i] + 1) * width]);
-                cb[j * code_cols..(j + 1) * code_cols]
-                    .copy_from_slice(&codes_all[rows[i] * code_cols..(rows[i] + 1) * code_cols]);
-                yb[j] = y[i];
+        let chunks: Vec<&[usize]> = train_order.chunks(batch).collect();
+        let source = Gather { chunks: &chunks, rows: &rows, x: &x_all, codes: &codes_all, y: &y, width, code_cols };
+        let first_step = step;
+        let step_settings = |i: usize, m: usize| {
+            let o = &plans[m].options;
+            let total = o.epochs as usize * steps_per_epoch;
+            let warmup = o.warmup_epochs as usize * steps_per_epoch;
+            ModelStep {
+                lr: scheduled_lr(o.schedule, o.learning_rate as f32, first_step + i, total, warmup),
+                ..settings[m]
             }
-            for (s, p) in settings.iter_mut().zip(plans) {
-                let o = &p.options;
-                let total = o.epochs as usize * steps_per_epoch;
-                let warmup = o.warmup_epochs as usize * steps_per_epoch;
-                s.lr = scheduled_lr(o.schedule, o.learning_rate as f32, step, total, warmup);
-            }
-            let batch = Batch { x: &xb[..n * width], codes: &cb[..n * code_cols], n };
-            trainer.step(batch, &yb[..n], &settings, &active, &mut loss_sums);
-            step += 1;
-        }
+        };
+        trainer.epoch(chunks.len(), &source, &step_settings, &active, &mut loss_sums);
+        step += chunks.len();
         let valid_logits = trainer.predict(valid_batch, EVAL_CHUNK);
         let seconds = started.elapsed().as_secs_f64();
         let mut valid_block = vec![0.0f32; y_valid.len() * outputs];
@@ -411,6 +405,34 @@ pub fn train_group(
         models.push(model);
     }
     Ok(models)
+}
+
+/// An epoch's minibatches: chunk `i` of the shuffled order, gathered.
+struct Gather<'a> {
+    chunks: &'a [&'a [usize]],
+    rows: &'a [usize],
+    x: &'a [f32],
+    codes: &'a [u32],
+    y: &'a [f32],
+    width: usize,
+    code_cols: usize,
+}
+
+impl BatchSource for Gather<'_> {
+    fn batch<'s>(&'s self, i: usize, mb: &'s mut MiniBatch) -> (Batch<'s>, &'s [f32]) {
+        let (width, cols, chunk) = (self.width, self.code_cols, self.chunks[i]);
+        mb.n = chunk.len();
+        mb.x.resize(mb.n * width, 0.0);
+        mb.codes.resize(mb.n * cols, 0);
+        mb.y.resize(mb.n, 0.0);
+        for (j, &i) in chunk.iter().enumerate() {
+            let r = self.rows[i];
+            mb.x[j * width..(j + 1) * width].copy_from_slice(&self.x[r * width..(r + 1) * width]);
+            mb.codes[j * cols..(j + 1) * cols].copy_from_slice(&self.codes[r * cols..(r + 1) * cols]);
+            mb.y[j] = self.y[i];
+        }
+        mb.view()
+    }
 }
 
 /// Copies model `m`'s `[n × c]` block out of `[n × k·c]` logits.

@@ -59,8 +59,9 @@ impl Loss {
                 } else {
                     for ((z, y), g) in logits.iter().zip(targets).zip(grad.iter_mut()) {
                         let w = self.weight(*y);
-                        total += (w * bce_with_logits(*z, *y)) as f64;
-                        *g = (sigmoid(*z) - y) * w * inv;
+                        let (loss, p) = bce_and_sigmoid(*z, *y);
+                        total += (w * loss) as f64;
+                        *g = (p - y) * w * inv;
                     }
                 }
                 total / weights as f64
@@ -97,9 +98,11 @@ pub fn sigmoid(z: f32) -> f32 {
     1.0 / (1.0 + (-z).exp())
 }
 
-/// Stable `log(1 + e^z) - y·z`.
-fn bce_with_logits(z: f32, y: f32) -> f32 {
-    z.max(0.0) - z * y + (-z.abs()).exp().ln_1p()
+/// Stable `log(1 + e^z) - y·z` and `sigmoid(z)` from one exponential.
+fn bce_and_sigmoid(z: f32, y: f32) -> (f32, f32) {
+    let e = (-z.abs()).exp();
+    let p = if z >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+    (z.max(0.0) - z * y + e.ln_1p(), p)
 }
 
 pub fn softmax_into(logits: &[f32], out: &mut [f32]) {

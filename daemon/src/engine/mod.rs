@@ -25,4 +25,4 @@ pub use stack::{
     dropout_keeps, Arch, ArchError, Batch, Embedding, Mode, Op, Predictor, Stack, StackCache, StackGradients,
     BATCH_NORM_MOMENTUM, NORM_EPS,
 };
-pub use trainer::{ThreadsError, Trainer};
+pub use trainer::{BatchSource, MiniBatch, ThreadsError, Trainer, SHARD_MODELS};

@@ -586,8 +586,17 @@ impl Stack {
         cache.delta.extend_from_slice(d_logits);
         cache.pending.resize_with(ops, Vec::new);
         cache.pending.iter_mut().for_each(Vec::clear);
-        for g in grads.params.iter_mut() {
+        // Dense gradients are written whole; embedding tables (scatter-added)
+        // and norm gains and shifts (summed over rows) accumulate.
+        for g in grads.params[..arch.embeddings.len()].iter_mut() {
             g.fill(0.0);
+        }
+        for (i, op) in arch.ops.iter().enumerate() {
+            if matches!(op, Op::LayerNorm { .. } | Op::BatchNorm { .. }) {
+                let slot = arch.slot_of(i);
+                grads.params[slot].fill(0.0);
+                grads.params[slot + 1].fill(0.0);
+            }
         }
         for i in (0..ops).rev() {
             if !cache.pending[i].is_empty() {
