@@ -40,51 +40,69 @@ impl Loss {
         self.class_weights.get(class as usize).copied().unwrap_or(1.0)
     }
 
+    /// What a batch's summed loss is divided by: the sum of its rows'
+    /// class weights (classification) or its row count (regression).
+    pub fn denominator(&self, targets: &[f32]) -> f32 {
+        let d = match self.head {
+            Head::Binary | Head::Multiclass(_) => targets.iter().map(|&y| self.weight(y)).sum(),
+            Head::Regression => targets.len() as f32,
+        };
+        if d > 0.0 {
+            d
+        } else {
+            1.0
+        }
+    }
+
     /// Loss over `n` rows; `grad` receives d(loss)/d(logits).
     pub fn loss_and_grad(&self, logits: &[f32], targets: &[f32], n: usize, grad: &mut [f32]) -> f64 {
+        let denominator = self.denominator(&targets[..n]);
+        self.sum_and_grad(logits, &targets[..n], grad, 1.0 / denominator) / denominator as f64
+    }
+
+    /// The summed (weighted) loss of some rows of a batch; `grad` receives
+    /// its gradient times `inv_denominator`, one over the whole batch's
+    /// [`Loss::denominator`]. Parts of a batch computed apart add up to the
+    /// whole batch's loss and gradient.
+    pub fn sum_and_grad(&self, logits: &[f32], targets: &[f32], grad: &mut [f32], inv_denominator: f32) -> f64 {
         let mut total = 0.0f64;
+        let inv = inv_denominator;
         match self.head {
-            Head::Binary | Head::Multiclass(_) => {
-                let weights: f32 = targets[..n].iter().map(|&y| self.weight(y)).sum();
-                let weights = if weights > 0.0 { weights } else { 1.0 };
-                let inv = 1.0 / weights;
-                if let Head::Multiclass(c) = self.head {
-                    for ((row, y), g) in logits.chunks_exact(c).zip(targets).zip(grad.chunks_exact_mut(c)) {
-                        softmax_into(row, g);
-                        let (k, w) = (*y as usize, self.weight(*y));
-                        total -= w as f64 * (g[k].max(f32::MIN_POSITIVE) as f64).ln();
-                        g[k] -= 1.0;
-                        g.iter_mut().for_each(|v| *v *= w * inv);
-                    }
-                } else {
-                    for ((z, y), g) in logits.iter().zip(targets).zip(grad.iter_mut()) {
-                        let w = self.weight(*y);
-                        let (loss, p) = bce_and_sigmoid(*z, *y);
-                        total += (w * loss) as f64;
-                        *g = (p - y) * w * inv;
-                    }
+            Head::Multiclass(c) => {
+                for ((row, y), g) in logits.chunks_exact(c).zip(targets).zip(grad.chunks_exact_mut(c)) {
+                    softmax_into(row, g);
+                    let (k, w) = (*y as usize, self.weight(*y));
+                    total -= w as f64 * (g[k].max(f32::MIN_POSITIVE) as f64).ln();
+                    g[k] -= 1.0;
+                    g.iter_mut().for_each(|v| *v *= w * inv);
                 }
-                total / weights as f64
+            }
+            Head::Binary => {
+                for ((z, y), g) in logits.iter().zip(targets).zip(grad.iter_mut()) {
+                    let w = self.weight(*y);
+                    let (loss, p) = bce_and_sigmoid(*z, *y);
+                    total += (w * loss) as f64;
+                    *g = (p - y) * w * inv;
+                }
             }
             Head::Regression => {
-                let inv_n = 1.0 / n.max(1) as f32;
                 let delta = self.huber_delta;
                 for ((z, y), g) in logits.iter().zip(targets).zip(grad.iter_mut()) {
                     let d = z - y;
                     if delta > 0.0 && d.abs() > delta {
                         total += (delta * (d.abs() - 0.5 * delta)) as f64;
-                        *g = delta * d.signum() * inv_n;
+                        *g = delta * d.signum() * inv;
                     } else if delta > 0.0 {
                         total += (0.5 * d * d) as f64;
-                        *g = d * inv_n;
+                        *g = d * inv;
                     } else {
                         total += (d * d) as f64;
-                        *g = 2.0 * d * inv_n;
+                        *g = 2.0 * d * inv;
                     }
                 }
-                total / n.max(1) as f64
             }
         }
+        total
     }
 
     /// The loss without gradients (validation).

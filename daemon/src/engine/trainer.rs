@@ -55,9 +55,28 @@ pub trait BatchSource: Sync {
     fn batch<'s>(&'s self, i: usize, buffer: &'s mut MiniBatch) -> (Batch<'s>, &'s [f32]);
 }
 
+/// One thread's share of a step: its rows' activations, loss and gradients.
 struct Part {
     cache: StackCache,
     grads: StackGradients,
+    d_logits: Vec<f32>,
+    block: Vec<f32>,
+    block_grad: Vec<f32>,
+    /// Each model's summed loss over the part's rows.
+    losses: Vec<f64>,
+}
+
+impl Part {
+    fn new(stack: &Stack) -> Part {
+        Part {
+            cache: StackCache::default(),
+            grads: stack.zero_gradients(),
+            d_logits: Vec::new(),
+            block: Vec::new(),
+            block_grad: Vec::new(),
+            losses: vec![0.0; stack.k],
+        }
+    }
 }
 
 /// Steps one stack, its minibatches split by rows across a pool.
@@ -70,9 +89,6 @@ struct RowTrainer {
     pool: Option<rayon::ThreadPool>,
     parts: Vec<Part>,
     grads: StackGradients,
-    d_logits: Vec<f32>,
-    block: Vec<f32>,
-    block_grad: Vec<f32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,8 +110,7 @@ impl RowTrainer {
     fn new(stack: Stack, loss: Loss, kind: Optimizer, threads: usize) -> Result<RowTrainer, ThreadsError> {
         let threads = threads.max(1);
         let pool = if threads > 1 { Some(pool(threads)?) } else { None };
-        let parts =
-            (0..threads).map(|_| Part { cache: StackCache::default(), grads: stack.zero_gradients() }).collect();
+        let parts = (0..threads).map(|_| Part::new(&stack)).collect();
         Ok(RowTrainer {
             optimizer: StackOptimizer::new(&stack, kind),
             grads: stack.zero_gradients(),
@@ -104,9 +119,6 @@ impl RowTrainer {
             pool,
             parts,
             stack,
-            d_logits: Vec::new(),
-            block: Vec::new(),
-            block_grad: Vec::new(),
         })
     }
 
@@ -126,55 +138,42 @@ impl RowTrainer {
         let (inputs, cols) = (self.stack.arch.inputs, self.stack.arch.embeddings.len());
         let (k, c) = (self.stack.k, self.stack.outputs());
         let ranges = self.ranges(n);
-        let stack = &self.stack;
-        let step = self.steps;
-        let forward = |part: &mut Part, r: &std::ops::Range<usize>| {
-            let mode = Mode::Train { step, row_offset: r.start };
-            stack.forward(batch.rows(r.clone(), inputs, cols), &mut part.cache, mode)
+        let (stack, loss, step) = (&self.stack, &self.loss, self.steps);
+        // Each part computes its own rows' loss against the whole batch's
+        // denominator, so forward, loss and backward need no barrier between them.
+        let denominator = loss.denominator(&y[..n]);
+        let inv_denominator = 1.0 / denominator;
+        let part_step = |part: &mut Part, r: &std::ops::Range<usize>| {
+            let rows = batch.rows(r.clone(), inputs, cols);
+            stack.forward(rows, &mut part.cache, Mode::Train { step, row_offset: r.start });
+            let m_rows = r.len();
+            part.d_logits.resize(m_rows * k * c, 0.0);
+            part.block.resize(m_rows * c, 0.0);
+            part.block_grad.resize(m_rows * c, 0.0);
+            let logits = part.cache.logits();
+            for m in (0..k).filter(|&m| active[m]) {
+                for j in 0..m_rows {
+                    part.block[j * c..(j + 1) * c].copy_from_slice(&logits[j * k * c + m * c..j * k * c + (m + 1) * c]);
+                }
+                part.losses[m] = loss.sum_and_grad(&part.block, &y[r.clone()], &mut part.block_grad, inv_denominator);
+                for j in 0..m_rows {
+                    part.d_logits[j * k * c + m * c..j * k * c + (m + 1) * c]
+                        .copy_from_slice(&part.block_grad[j * c..(j + 1) * c]);
+                }
+            }
+            stack.backward(rows, &mut part.cache, &part.d_logits, &mut part.grads);
         };
         match self.pool.as_ref().filter(|_| ranges.len() > 1) {
-            None => forward(&mut self.parts[0], &ranges[0]),
+            None => part_step(&mut self.parts[0], &ranges[0]),
             Some(pool) => pool.scope(|s| {
                 for (part, r) in self.parts.iter_mut().zip(&ranges) {
-                    s.spawn(move |_| forward(part, r));
+                    s.spawn(move |_| part_step(part, r));
                 }
             }),
         }
-
-        self.d_logits.resize(n * k * c, 0.0);
-        self.block.resize(n * c, 0.0);
-        self.block_grad.resize(n * c, 0.0);
         for m in (0..k).filter(|&m| active[m]) {
-            for (part, r) in self.parts.iter().zip(&ranges) {
-                let logits = part.cache.logits();
-                for (j, row) in r.clone().enumerate() {
-                    self.block[row * c..(row + 1) * c]
-                        .copy_from_slice(&logits[j * k * c + m * c..j * k * c + (m + 1) * c]);
-                }
-            }
-            losses[m] += self.loss.loss_and_grad(&self.block, &y[..n], n, &mut self.block_grad) * n as f64;
-            for row in 0..n {
-                self.d_logits[row * k * c + m * c..row * k * c + (m + 1) * c]
-                    .copy_from_slice(&self.block_grad[row * c..(row + 1) * c]);
-            }
-        }
-
-        let d_logits = &self.d_logits;
-        let backward = |part: &mut Part, r: &std::ops::Range<usize>| {
-            stack.backward(
-                batch.rows(r.clone(), inputs, cols),
-                &mut part.cache,
-                &d_logits[r.start * k * c..r.end * k * c],
-                &mut part.grads,
-            )
-        };
-        match self.pool.as_ref().filter(|_| ranges.len() > 1) {
-            None => backward(&mut self.parts[0], &ranges[0]),
-            Some(pool) => pool.scope(|s| {
-                for (part, r) in self.parts.iter_mut().zip(&ranges) {
-                    s.spawn(move |_| backward(part, r));
-                }
-            }),
+            let total: f64 = self.parts[..ranges.len()].iter().map(|p| p.losses[m]).sum();
+            losses[m] += total / denominator as f64 * n as f64;
         }
 
         let grads = if ranges.len() == 1 {
