@@ -74,6 +74,9 @@ pub struct JobSpec {
     pub plan: TrainingPlan,
     pub data_relation: String,
     pub snapshot_id: i64,
+    /// The source's key column, if the model has one: the snapshot is read
+    /// in its order.
+    pub key_column: Option<String>,
 }
 
 /// What recovery did with a job a dead daemon left running.
@@ -184,7 +187,7 @@ impl Catalog {
             .client
             .query_one(
                 "SELECT m.name, m.version, m.task, m.target_column, m.features, m.class_labels, m.options,
-                        s.data_relation, s.id
+                        s.data_relation, s.id, m.key_column
                  FROM cerebro.model_versions m JOIN cerebro.snapshots s ON s.id = m.snapshot_id
                  WHERE m.id = $1",
                 &[&model_version_id],
@@ -201,6 +204,7 @@ impl Catalog {
             plan: TrainingPlan { task, target: row.get(3), features, class_labels: row.get(5), options },
             data_relation: row.get(7),
             snapshot_id: row.get(8),
+            key_column: row.get(9),
         })
     }
 

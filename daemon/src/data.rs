@@ -42,10 +42,16 @@ pub struct Table {
     pub fingerprint: String,
 }
 
-/// `SELECT col::type, ... FROM relation` as a COPY BINARY stream.
-pub async fn copy_columns(client: &Client, relation: &str, columns: &[(String, ReadAs)]) -> Result<Table> {
+/// `SELECT col::type, ... FROM relation [ORDER BY order_by]` as a COPY BINARY stream.
+pub async fn copy_columns(
+    client: &Client,
+    relation: &str,
+    columns: &[(String, ReadAs)],
+    order_by: Option<&str>,
+) -> Result<Table> {
     let select: Vec<String> = columns.iter().map(|(c, t)| format!("{}::{}", quote_ident(c), t.cast())).collect();
-    let sql = format!("COPY (SELECT {} FROM {relation}) TO STDOUT (FORMAT binary)", select.join(", "));
+    let order = order_by.map_or(String::new(), |k| format!(" ORDER BY {}", quote_ident(k)));
+    let sql = format!("COPY (SELECT {} FROM {relation}{order}) TO STDOUT (FORMAT binary)", select.join(", "));
     let types: Vec<Type> = columns
         .iter()
         .map(|(_, t)| match t {
@@ -95,13 +101,16 @@ pub async fn copy_columns(client: &Client, relation: &str, columns: &[(String, R
     Ok(Table { columns: out, fingerprint: hex(&hash.finalize()) })
 }
 
-/// Reads a job's snapshot: its features in plan order, then the target.
+/// Reads a job's snapshot: its features in plan order, then the target; in
+/// key order when the model has a key, so that the same rows give the same
+/// seeded split, the same model and the same fingerprint whatever order the
+/// snapshot's heap holds them in.
 pub async fn read_snapshot(client: &Client, job: &JobSpec) -> Result<Table> {
     let mut columns: Vec<(String, ReadAs)> =
         job.plan.features.iter().map(|f| (f.name.clone(), ReadAs::for_feature(f.kind))).collect();
     let target = if job.plan.task == Task::Regression { ReadAs::Float64 } else { ReadAs::Text };
     columns.push((job.plan.target.clone(), target));
-    copy_columns(client, &job.data_relation, &columns).await
+    copy_columns(client, &job.data_relation, &columns, job.key_column.as_deref()).await
 }
 
 pub fn hex(bytes: &[u8]) -> String {

@@ -148,7 +148,7 @@ pub async fn score_relation(
     if let Some(k) = &key {
         columns.push((k.clone(), ReadAs::Text));
     }
-    let mut table = copy_columns(catalog.client(), &relation, &columns).await?.columns;
+    let mut table = copy_columns(catalog.client(), &relation, &columns, None).await?.columns;
     let keys = match key {
         Some(_) => match table.pop() {
             Some(ColumnData::Text(k)) => k,

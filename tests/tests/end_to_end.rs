@@ -213,6 +213,56 @@ async fn every_layer_and_encoding_trains_from_sql_and_scores() -> anyhow::Result
     Ok(())
 }
 
+/// The same rows in another order train the same model: training reads a
+/// snapshot in key order, so the seeded split, the fingerprint, every epoch's
+/// losses and the metrics repeat.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_insert_repeated_over_reordered_rows_trains_the_same_model() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    let mut versions = Vec::new();
+    for direction in ["ASC", "DESC"] {
+        db.batch_execute(&format!(
+            "CREATE OR REPLACE VIEW public.e2e_reordered AS
+             SELECT * FROM public.telco_churn ORDER BY md5(customer_id::text) {direction}"
+        ))
+        .await?;
+        db.execute(
+            "INSERT INTO cerebro.models (name, source, target, key, options)
+             VALUES ('e2e_repeat', 'e2e_reordered', 'churn', 'customer_id', '{\"epochs\": 4, \"patience\": 0}')",
+            &[],
+        )
+        .await?;
+        let v: i32 =
+            db.query_one("SELECT max(version) FROM cerebro.models WHERE name = 'e2e_repeat'", &[]).await?.get(0);
+        let seen = wait_until_done(&db, "e2e_repeat", v, TRAIN_TIMEOUT).await?;
+        assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
+        versions.push(v);
+    }
+    let model = |v: i32| {
+        let db = &db;
+        async move {
+            let row = db
+                .query_one(
+                    "SELECT s.fingerprint, m.metrics::text,
+                            (SELECT array_agg(h.train_loss || '/' || h.valid_loss ORDER BY h.epoch)
+                             FROM cerebro.training_history h WHERE h.model_version_id = m.id)
+                     FROM cerebro.model_versions m JOIN cerebro.snapshots s ON s.id = m.snapshot_id
+                     WHERE m.name = 'e2e_repeat' AND m.version = $1",
+                    &[&v],
+                )
+                .await?;
+            anyhow::Ok((row.get::<_, String>(0), row.get::<_, String>(1), row.get::<_, Vec<String>>(2)))
+        }
+    };
+    let (first, second) = (model(versions[0]).await?, model(versions[1]).await?);
+    assert_eq!(first.2.len(), 4);
+    assert_eq!(first, second);
+    db.batch_execute("DROP VIEW public.e2e_reordered").await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rolled_back_insert_trains_nothing() -> anyhow::Result<()> {
     let env = Env::from_env();
