@@ -78,12 +78,37 @@ impl Loss {
                 }
             }
             Head::Binary => {
-                for ((z, y), g) in logits.iter().zip(targets).zip(grad.iter_mut()) {
-                    let w = self.weight(*y);
-                    let (loss, p) = bce_and_sigmoid(*z, *y);
-                    total += (w * loss) as f64;
-                    *g = (p - y) * w * inv;
+                // Sixteen running sums, one per lane, so the loop vectorises;
+                // they are added in a fixed order, so the result is deterministic.
+                const LANES: usize = 16;
+                let mut sums = [0.0f32; LANES];
+                // Class weights picked by a select, not an indexed load, so the loop vectorises.
+                let (w0, w1) = (self.weight(0.0), self.weight(1.0));
+                let row = |z: f32, y: f32| {
+                    let w = if y > 0.5 { w1 } else { w0 };
+                    let (loss, p) = bce_and_sigmoid(z, y);
+                    (w * loss, (p - y) * w * inv)
+                };
+                let body = logits.len() / LANES * LANES;
+                for ((z, y), g) in logits[..body]
+                    .chunks_exact(LANES)
+                    .zip(targets.chunks_exact(LANES))
+                    .zip(grad.chunks_exact_mut(LANES))
+                {
+                    let (z, y, g): (&[f32; LANES], &[f32; LANES], &mut [f32; LANES]) =
+                        (z.try_into().unwrap(), y.try_into().unwrap(), g.try_into().unwrap());
+                    for l in 0..LANES {
+                        let (loss, d) = row(z[l], y[l]);
+                        sums[l] += loss;
+                        g[l] = d;
+                    }
                 }
+                for (i, (z, y)) in logits.iter().zip(targets).enumerate().skip(body) {
+                    let (loss, d) = row(*z, *y);
+                    sums[i - body] += loss;
+                    grad[i] = d;
+                }
+                total = sums.iter().map(|&s| s as f64).sum();
             }
             Head::Regression => {
                 let delta = self.huber_delta;
@@ -118,9 +143,53 @@ pub fn sigmoid(z: f32) -> f32 {
 
 /// Stable `log(1 + e^z) - y·z` and `sigmoid(z)` from one exponential.
 fn bce_and_sigmoid(z: f32, y: f32) -> (f32, f32) {
-    let e = (-z.abs()).exp();
+    let e = exp_nonpositive(-z.abs());
     let p = if z >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
-    (z.max(0.0) - z * y + e.ln_1p(), p)
+    (z.max(0.0) - z * y + ln_1p_unit(e), p)
+}
+
+/// `e^x` for `x ≤ 0`, within 2 ulp (Cephes' `expf` polynomial), without
+/// branches or library calls, so loops over it vectorise. Below -87 it
+/// returns `e^-87`.
+fn exp_nonpositive(x: f32) -> f32 {
+    let x = x.max(-87.0);
+    // Round to nearest with the 1.5·2²³ trick (no library call).
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `ln(1 + e)` for `e` in `[0, 1]`, within 2 ulp (Cephes' `logf` polynomial
+/// plus the classic correction for the rounding of `1 + e`), branch-free.
+fn ln_1p_unit(e: f32) -> f32 {
+    let u = 1.0 + e;
+    let big = u > std::f32::consts::SQRT_2;
+    let (m, k) = if big { (u * 0.5, 1.0) } else { (u, 0.0) };
+    let x = m - 1.0;
+    let z = x * x;
+    let poly = ((((((((7.037_683_6e-2 * x - 1.151_461e-1) * x + 1.167_699_9e-1) * x - 1.242_014_1e-1) * x
+        + 1.424_932_3e-1)
+        * x
+        - 1.666_805_8e-1)
+        * x
+        + 2.000_071_4e-1)
+        * x
+        - 2.499_999_4e-1)
+        * x
+        + 3.333_333_1e-1)
+        * x
+        * z;
+    let ln_u = x + (poly - k * 2.121_944_4e-4 - 0.5 * z) + k * 0.693_359_4;
+    // u - 1 is exact; scaling by e / (u - 1) undoes the rounding of 1 + e.
+    if u == 1.0 {
+        e
+    } else {
+        ln_u * (e / (u - 1.0))
+    }
 }
 
 pub fn softmax_into(logits: &[f32], out: &mut [f32]) {
@@ -178,6 +247,19 @@ mod tests {
                 assert!((numeric - grad[i] as f64).abs() < 1e-3, "{loss:?} logit {i}: {numeric} vs {}", grad[i]);
             }
         }
+    }
+
+    #[test]
+    fn the_branch_free_exp_and_log1p_are_within_a_few_ulp() {
+        let ulps = |a: f32, b: f32| (a.to_bits() as i64 - b.to_bits() as i64).abs();
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            assert!(ulps(exp_nonpositive(x), x.exp()) <= 3, "exp({x}): {} vs {}", exp_nonpositive(x), x.exp());
+            let e = i as f32 / 200_000.0;
+            let (ours, exact) = (ln_1p_unit(e), (e as f64).ln_1p() as f32);
+            assert!(ulps(ours, exact) <= 3, "ln_1p({e}): {ours} vs {exact}");
+        }
+        assert_eq!(ln_1p_unit(1e-30), 1e-30);
     }
 
     #[test]

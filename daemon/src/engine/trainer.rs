@@ -277,27 +277,13 @@ impl Trainer {
     /// `active[m]`, with `settings[m]`; each model's batch loss times `n` is
     /// added to `losses[m]`.
     pub fn step(&mut self, batch: Batch<'_>, y: &[f32], settings: &[ModelStep], active: &[bool], losses: &mut [f64]) {
-        match &mut self.inner {
-            Inner::Rows(r) => r.step(batch, y, settings, active, losses),
-            Inner::Models { pool, threads } => pool.scope(|s| {
-                let mut rest = losses;
-                for shards in threads.iter_mut() {
-                    let models: usize = shards.iter().map(|(_, r)| r.stack.k).sum();
-                    let (mine, others) = rest.split_at_mut(models);
-                    rest = others;
-                    s.spawn(move |_| {
-                        let mut mine = mine;
-                        for (first, shard) in shards.iter_mut() {
-                            let k = shard.stack.k;
-                            let (losses, next) = mine.split_at_mut(k);
-                            mine = next;
-                            let range = *first..*first + k;
-                            shard.step(batch, y, &settings[range.clone()], &active[range], losses);
-                        }
-                    });
-                }
-            }),
+        struct One<'a>(Batch<'a>, &'a [f32]);
+        impl BatchSource for One<'_> {
+            fn batch<'s>(&'s self, _: usize, _: &'s mut MiniBatch) -> (Batch<'s>, &'s [f32]) {
+                (self.0, self.1)
+            }
         }
+        self.epoch(1, &One(batch, y), &|_, m| settings[m], active, losses);
     }
 
     /// `steps` steps, the minibatch of step `i` from `source`
