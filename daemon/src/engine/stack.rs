@@ -943,36 +943,62 @@ fn batch_norm_affine(gain: &[f32], shift: &[f32], mean: &[f32], var: &[f32]) -> 
     (scale, offset)
 }
 
-/// Scores rows with one network on several threads, each taking a
-/// contiguous share of every batch, with buffers kept across batches.
+/// Rows a scoring thread pushes through the network at once: activations of
+/// this many rows stay in cache (measured on MLP 64-256-256-1: 512-row chunks
+/// against whole 4096-row shares).
+const PREDICT_CHUNK: usize = 512;
+
+/// Scores rows with one network (or stack) on several threads, each taking a
+/// contiguous share of every batch in cache-sized chunks, with buffers kept
+/// across batches.
 pub struct Predictor<'m> {
     net: &'m Stack,
-    caches: Vec<StackCache>,
+    pool: Option<rayon::ThreadPool>,
+    /// One cache and one output buffer per thread.
+    parts: Vec<(StackCache, Vec<f32>)>,
 }
 
 impl<'m> Predictor<'m> {
+    /// A predictor on `threads` threads; with more than one, a pool is
+    /// started (an error when the system refuses threads).
     pub fn new(net: &'m Stack, threads: usize) -> Predictor<'m> {
-        Predictor { net, caches: (0..threads.max(1)).map(|_| StackCache::default()).collect() }
+        let threads = threads.max(1);
+        let pool = (threads > 1)
+            .then(|| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("cerebro-score-{i}"))
+                    .build()
+                    .ok()
+            })
+            .flatten();
+        let parts = (0..if pool.is_some() { threads } else { 1 }).map(|_| Default::default()).collect();
+        Predictor { net, pool, parts }
     }
 
     /// Logits of every model for the batch's rows, `[n × K·out]`, appended to `out`.
     pub fn predict(&mut self, batch: Batch<'_>, out: &mut Vec<f32>) {
-        let (n, t) = (batch.n, self.caches.len());
-        let (inputs, cols) = (self.net.arch.inputs, self.net.arch.embeddings.len());
-        if t == 1 || n < 2 * t {
-            self.net.forward(batch, &mut self.caches[0], Mode::Eval);
-            out.extend_from_slice(self.caches[0].logits());
-            return;
-        }
+        let (n, t) = (batch.n, self.parts.len());
         let net = self.net;
-        std::thread::scope(|s| {
-            for (i, cache) in self.caches.iter_mut().enumerate() {
-                let part = batch.rows(n * i / t..n * (i + 1) / t, inputs, cols);
-                s.spawn(move || net.forward(part, cache, Mode::Eval));
+        let run = |(cache, logits): &mut (StackCache, Vec<f32>), rows: std::ops::Range<usize>| {
+            logits.clear();
+            for start in rows.clone().step_by(PREDICT_CHUNK) {
+                let chunk = start..(start + PREDICT_CHUNK).min(rows.end);
+                net.forward(batch.rows(chunk, net.arch.inputs, net.arch.embeddings.len()), cache, Mode::Eval);
+                logits.extend_from_slice(cache.logits());
             }
-        });
-        for cache in &self.caches {
-            out.extend_from_slice(cache.logits());
+        };
+        match self.pool.as_ref().filter(|_| n >= 2 * t) {
+            None => run(&mut self.parts[0], 0..n),
+            Some(pool) => pool.scope(|s| {
+                for (i, part) in self.parts.iter_mut().enumerate() {
+                    s.spawn(move |_| run(part, n * i / t..n * (i + 1) / t));
+                }
+            }),
+        }
+        let used = if self.pool.is_some() && n >= 2 * t { t } else { 1 };
+        for (_, logits) in &self.parts[..used] {
+            out.extend_from_slice(logits);
         }
     }
 }
@@ -1258,6 +1284,32 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// Scoring on several threads, in chunks, agrees with one pass over all
+    /// rows. Not bit for bit: the gemm crate picks its kernel by the number of
+    /// rows, and a chunk has fewer than the whole batch.
+    #[test]
+    fn threaded_chunked_prediction_equals_one_pass() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut net = Stack::new(every_op(Activation::Relu, 3), 2, &mut [ChaCha8Rng::seed_from_u64(2)]);
+        randomise(&mut net, &mut rng);
+        let n = 2 * PREDICT_CHUNK + 77;
+        let (x, codes) = batch_data(n, &mut rng);
+        let mut cache = StackCache::default();
+        net.forward(Batch { x: &x, codes: &codes, n }, &mut cache, Mode::Eval);
+        let whole = cache.logits().to_vec();
+        for threads in [1, 2, 3] {
+            let mut p = Predictor::new(&net, threads);
+            let mut out = Vec::new();
+            p.predict(Batch { x: &x, codes: &codes, n }, &mut out);
+            p.predict(Batch { x: &x[..3 * 7], codes: &codes[..7], n: 7 }, &mut out);
+            assert_eq!(out.len(), (n + 7) * 3);
+            let expected = whole.iter().chain(&whole[..7 * 3]);
+            for (i, (a, b)) in out.iter().zip(expected).enumerate() {
+                assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{threads} threads, value {i}: {a} vs {b}");
             }
         }
     }
