@@ -71,7 +71,9 @@ fn quantile_edges(mut values: Vec<f32>, bins: usize) -> Vec<f32> {
             }
         }
         if edges.len() < 2 {
-            edges.push(lo + 1.0);
+            // A bin wide enough to exist in f32 at this magnitude (1.0 is
+            // lost next to 1e9).
+            edges.push(lo + (lo.abs() * 1e-3).max(1.0));
         }
     } else {
         edges = vec![0.0, 1.0];
@@ -360,6 +362,16 @@ mod tests {
         assert!((enc(&q, Some(60.0))[0] - 0.1).abs() < 1e-6);
         assert_eq!(enc(&q, Some(1e9)), vec![0.5, 0.0]);
         assert_eq!(enc(&q, None), vec![0.0, 1.0]);
+    }
+
+    #[test]
+    fn a_constant_column_gets_a_real_bin_at_any_magnitude() {
+        for v in [0.0, 3.5, -2e9, 1e9, 3e30] {
+            let edges = quantile_edges(vec![v as f32; 5], 8);
+            assert_eq!(edges.len(), 2);
+            assert!(edges[1] > edges[0], "{v}: {edges:?}");
+            assert!(ple_inputs(v as f32, &edges).all(|x| x.is_finite()), "{v}");
+        }
     }
 
     #[test]

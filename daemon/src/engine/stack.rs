@@ -264,7 +264,6 @@ pub struct Stack {
 /// Activations of the last forward pass, kept for the backward pass.
 #[derive(Debug, Default)]
 pub struct StackCache {
-    n: usize,
     /// Gathered embeddings, `[n × K·e]`, and one model's products of them.
     emb: Vec<f32>,
     emb_product: Vec<f32>,
@@ -406,7 +405,6 @@ impl Stack {
         let (k, n, arch) = (self.k, batch.n, &self.arch);
         let ops = arch.ops.len();
         let train = matches!(mode, Mode::Train { .. });
-        cache.n = n;
         cache.out.resize_with(ops, Vec::new);
         cache.aux.resize_with(ops, Vec::new);
         cache.stats.resize_with(ops, Vec::new);
@@ -430,9 +428,9 @@ impl Stack {
             cache.at.push(dst);
             match arch.ops[i] {
                 Op::Dense { inputs, outputs } => {
-                    // Products first, bias after: the gemm crate folds an
-                    // existing destination into its sums in a shape-dependent
-                    // order, which would make a model's result depend on K.
+                    // Products are written, not accumulated, and the bias added
+                    // after: each element's arithmetic is then the product's
+                    // alone, whichever kernel the gemm crate picks.
                     let (w, b) = (&self.params[slot], &self.params[slot + 1]);
                     if i == 0 {
                         let scratch = (&mut cache.emb_product, &mut cache.uniform);
