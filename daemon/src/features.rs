@@ -112,8 +112,11 @@ pub enum FeatureError {
     RaggedColumns,
 }
 
+/// A numeric input as the network sees it: NULL, NaN, ±Infinity and values
+/// beyond the f32 range (which become infinite) all count as missing, as in
+/// the exported graph.
 fn numeric_value(v: Option<f64>) -> Option<f32> {
-    v.filter(|x| !x.is_nan()).map(|x| x as f32)
+    v.map(|x| x as f32).filter(|x| x.is_finite())
 }
 
 impl FeaturePipeline {
@@ -362,6 +365,18 @@ mod tests {
         assert!((enc(&q, Some(60.0))[0] - 0.1).abs() < 1e-6);
         assert_eq!(enc(&q, Some(1e9)), vec![0.5, 0.0]);
         assert_eq!(enc(&q, None), vec![0.0, 1.0]);
+    }
+
+    #[test]
+    fn infinite_and_out_of_range_values_count_as_missing() {
+        let values = vec![Some(1.0), Some(3.0), Some(f64::INFINITY), Some(f64::NEG_INFINITY), Some(1e300), None];
+        let cols = vec![ColumnData::Float64(values)];
+        let f = vec![Feature { name: "v".into(), kind: FeatureKind::Numeric }];
+        let standard = opts(serde_json::json!({"numeric_encoding": "standard"}));
+        let p = FeaturePipeline::fit(&f, &cols, &[0, 1, 2, 3, 4, 5], &standard).unwrap();
+        assert_eq!(p.features[0].encoder, Encoder::Numeric { mean: 2.0, std: 1.0, null_indicator: true });
+        let x = p.transform(&cols).unwrap().x;
+        assert_eq!(x, vec![-1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Export equivalence: ONNX Runtime on the exported file gives what the
-//! engine gives, on held-out rows with NULLs and never-seen categories.
+//! engine gives, on held-out rows with NULLs, infinities, out-of-range
+//! values and never-seen categories.
 
 mod common;
 
@@ -15,7 +16,12 @@ fn columns(n: usize, offset: usize) -> Vec<ColumnData> {
     let mut cat = Vec::new();
     let mut flag = Vec::new();
     for i in offset..offset + n {
-        num.push(if i % 11 == 0 { None } else { Some(((i * 37) % 101) as f64 / 10.0 - 5.0) });
+        num.push(match i % 11 {
+            0 => None,
+            // Only held-out rows see values the network treats as missing.
+            3 if offset > 0 => Some([f64::INFINITY, f64::NEG_INFINITY, 1e300, f64::NAN][i % 4]),
+            _ => Some(((i * 37) % 101) as f64 / 10.0 - 5.0),
+        });
         cat.push(match i % 13 {
             0 => None,
             // Only held-out rows (offset > 0) see this value.

@@ -161,6 +161,14 @@ fn activation(g: &mut Graph, act: Activation, h: &str) -> String {
     }
 }
 
+/// `[N, 1]` booleans: where the float column `x` is missing to the network
+/// (NULL arrives as NaN; ±Infinity counts as missing too, as in the engine).
+fn missing(g: &mut Graph, x: &str) -> String {
+    let nan = g.node("IsNaN", &[x], vec![], None);
+    let inf = g.node("IsInf", &[x], vec![], None);
+    g.node("Or", &[&nan, &inf], vec![], None)
+}
+
 /// Piecewise-linear inputs `[N, bins]` of a float column `x`, NaN for NULL rows.
 fn ple(g: &mut Graph, x: &str, edges: &[f32]) -> String {
     let bins = edges.len() as i64 - 1;
@@ -236,7 +244,7 @@ pub fn export(model: &TrainedModel, metadata: &[(&str, String)]) -> Result<Vec<u
                 let mean = g.const_f32("mean", &[1], vec![*mean]);
                 let std = g.const_f32("std", &[1], vec![*std]);
                 let zero = g.const_f32("zero", &[1], vec![0.0]);
-                let is_null = g.node("IsNaN", &[x], vec![], None);
+                let is_null = missing(&mut g, x);
                 let centred = g.node("Sub", &[x, &mean], vec![], None);
                 let scaled = g.node("Div", &[&centred, &std], vec![], None);
                 parts.push(g.node("Where", &[&is_null, &zero, &scaled], vec![], None));
@@ -247,7 +255,7 @@ pub fn export(model: &TrainedModel, metadata: &[(&str, String)]) -> Result<Vec<u
             Encoder::Ple { edges, null_indicator } | Encoder::Quantile { edges, null_indicator } => {
                 inputs.push(value_info(x, data_type::FLOAT, [None, Some(1)]));
                 let zero = g.const_f32("zero", &[1], vec![0.0]);
-                let is_null = g.node("IsNaN", &[x], vec![], None);
+                let is_null = missing(&mut g, x);
                 let pieces = ple(&mut g, x, edges);
                 let value = if matches!(feature.encoder, Encoder::Quantile { .. }) {
                     let axes = g.const_i64("axes", &[1], vec![1]);
