@@ -443,12 +443,8 @@ fn gather_block(wide: &[f32], n: usize, k: usize, c: usize, m: usize, out: &mut 
 }
 
 fn predict_logits(network: &Stack, batch: Batch<'_>) -> Vec<f32> {
-    let (inputs, cols) = (network.arch.inputs, network.arch.embeddings.len());
     let mut out = Vec::with_capacity(batch.n * network.outputs());
-    let mut predictor = Predictor::new(network, 1);
-    for start in (0..batch.n).step_by(EVAL_CHUNK) {
-        predictor.predict(batch.rows(start..(start + EVAL_CHUNK).min(batch.n), inputs, cols), &mut out);
-    }
+    Predictor::new(network, 1).predict(batch, &mut out);
     out
 }
 

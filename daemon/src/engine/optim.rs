@@ -25,6 +25,8 @@ pub struct StackOptimizer {
     pub beta2: f32,
     pub eps: f32,
     steps: Vec<i32>,
+    /// The stack's parameter tensors (fixed with its architecture).
+    slots: Vec<Slot>,
     /// Adam's first moments, or SGD's momentum buffers.
     m: StackGradients,
     /// Adam's second moments.
@@ -39,6 +41,7 @@ impl StackOptimizer {
             beta2: 0.999,
             eps: 1e-8,
             steps: vec![0; stack.k],
+            slots: stack.arch.slots(),
             m: stack.zero_gradients(),
             v: stack.zero_gradients(),
         }
@@ -56,11 +59,11 @@ impl StackOptimizer {
 
     /// One step for every model `i` with `active[i]`, with `settings[i]`.
     pub fn step(&mut self, stack: &mut Stack, grads: &StackGradients, settings: &[ModelStep], active: &[bool]) {
-        let slots = stack.arch.slots();
+        let slots = &self.slots;
         for model in (0..stack.k).filter(|&m| active[m]) {
             let s = settings[model];
             let scale = if s.clip_norm > 0.0 {
-                let norm = Self::norm(&slots, grads, model);
+                let norm = Self::norm(slots, grads, model);
                 if norm.is_finite() && norm > s.clip_norm {
                     s.clip_norm / norm
                 } else {

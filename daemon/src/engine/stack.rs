@@ -744,6 +744,17 @@ impl Stack {
         }
     }
 
+    /// Scoring logits of every model for the batch's rows, `[n × K·out]`,
+    /// appended to `out`, computed `chunk_rows` rows at a time.
+    pub fn predict_chunked(&self, batch: Batch<'_>, chunk_rows: usize, cache: &mut StackCache, out: &mut Vec<f32>) {
+        let (inputs, cols) = (self.arch.inputs, self.arch.embeddings.len());
+        for start in (0..batch.n).step_by(chunk_rows.max(1)) {
+            let rows = batch.rows(start..(start + chunk_rows).min(batch.n), inputs, cols);
+            self.forward(rows, cache, Mode::Eval);
+            out.extend_from_slice(cache.logits());
+        }
+    }
+
     /// Folds a training forward pass's batch statistics into the BatchNorm
     /// running averages of the models with `active[m]`.
     pub fn update_running_stats(&mut self, cache: &StackCache, active: &[bool]) {
@@ -978,13 +989,10 @@ impl<'m> Predictor<'m> {
     pub fn predict(&mut self, batch: Batch<'_>, out: &mut Vec<f32>) {
         let (n, t) = (batch.n, self.parts.len());
         let net = self.net;
+        let (inputs, cols) = (net.arch.inputs, net.arch.embeddings.len());
         let run = |(cache, logits): &mut (StackCache, Vec<f32>), rows: std::ops::Range<usize>| {
             logits.clear();
-            for start in rows.clone().step_by(PREDICT_CHUNK) {
-                let chunk = start..(start + PREDICT_CHUNK).min(rows.end);
-                net.forward(batch.rows(chunk, net.arch.inputs, net.arch.embeddings.len()), cache, Mode::Eval);
-                logits.extend_from_slice(cache.logits());
-            }
+            net.predict_chunked(batch.rows(rows, inputs, cols), PREDICT_CHUNK, cache, logits);
         };
         match self.pool.as_ref().filter(|_| n >= 2 * t) {
             None => run(&mut self.parts[0], 0..n),

@@ -39,13 +39,9 @@ pub struct MiniBatch {
 }
 
 impl MiniBatch {
-    pub fn batch(&self) -> Batch<'_> {
-        Batch { x: &self.x, codes: &self.codes, n: self.n }
-    }
-
     /// The gathered rows and their targets.
     pub fn view(&self) -> (Batch<'_>, &[f32]) {
-        (self.batch(), &self.y)
+        (Batch { x: &self.x, codes: &self.codes, n: self.n }, &self.y)
     }
 }
 
@@ -199,14 +195,8 @@ impl RowTrainer {
     /// Logits of every model for the batch's rows, `[n × K·out]`, scored
     /// `chunk_rows` rows at a time.
     fn predict(&self, batch: Batch<'_>, chunk_rows: usize) -> Vec<f32> {
-        let (inputs, cols) = (self.stack.arch.inputs, self.stack.arch.embeddings.len());
         let mut out = Vec::with_capacity(batch.n * self.stack.k * self.stack.outputs());
-        let mut cache = StackCache::default();
-        for start in (0..batch.n).step_by(chunk_rows.max(1)) {
-            let rows = batch.rows(start..(start + chunk_rows).min(batch.n), inputs, cols);
-            self.stack.forward(rows, &mut cache, Mode::Eval);
-            out.extend_from_slice(cache.logits());
-        }
+        self.stack.predict_chunked(batch, chunk_rows, &mut StackCache::default(), &mut out);
         out
     }
 }
