@@ -17,6 +17,12 @@ LOG_DIR=$STATE/log
 ORT_VERSION=1.31.1
 ORT_LIB=$STATE/lib/libonnxruntime.so.$ORT_VERSION
 PGRX_VERSION=0.16.1
+# CUDA user-space libraries for the GPU backend, from NVIDIA's PyPI wheels:
+# NVRTC always (it compiles the kernels, and tier 1 compiles them without a
+# GPU), cuBLAS only where a CUDA driver is installed.
+CUDA_LIB_DIR=$STATE/cuda
+NVRTC_VERSION=12.9.86
+CUBLAS_VERSION=12.9.1.4
 DAEMON_BIN=$ROOT/target/release/cerebrod
 
 step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
@@ -89,6 +95,44 @@ with zipfile.ZipFile(wheels[0]) as z, open(sys.argv[2] + ".part", "wb") as out:
     out.write(z.read(member))
 PY
     mv "$ORT_LIB.part" "$ORT_LIB"
+}
+
+# extract_wheel_libs PACKAGE VERSION: the package's lib/*.so* files into CUDA_LIB_DIR.
+extract_wheel_libs() {
+    mkdir -p "$STATE/cache" "$CUDA_LIB_DIR"
+    python3 -m pip download --quiet --no-deps --only-binary=:all: "$1==$2" -d "$STATE/cache"
+    python3 - "$STATE/cache" "$1" "$2" "$CUDA_LIB_DIR" <<'PY'
+import glob, os, sys, zipfile
+cache, package, version, dest = sys.argv[1:]
+wheels = glob.glob(f"{cache}/{package.replace('-', '_')}-{version}-*.whl")
+if not wheels:
+    sys.exit(f"no {package} {version} wheel was downloaded")
+with zipfile.ZipFile(wheels[0]) as z:
+    for member in z.namelist():
+        if "/lib/" in member and ".so" in member and ".alt." not in member:
+            target = os.path.join(dest, os.path.basename(member))
+            with open(target + ".part", "wb") as out:
+                out.write(z.read(member))
+            os.replace(target + ".part", target)
+PY
+}
+
+ensure_cuda_libraries() {
+    if [ -f "$CUDA_LIB_DIR/libnvrtc.so.12" ]; then
+        skip "NVRTC $NVRTC_VERSION"
+    else
+        step "Installing NVRTC $NVRTC_VERSION (compiles the GPU kernels at run time) from its wheel"
+        extract_wheel_libs nvidia-cuda-nvrtc-cu12 "$NVRTC_VERSION"
+    fi
+    if ! /sbin/ldconfig -p | grep -q 'libcuda\.so\.1'; then
+        return # no CUDA driver: no GPU to train on, no cuBLAS needed
+    fi
+    if [ -f "$CUDA_LIB_DIR/libcublas.so.12" ] || /sbin/ldconfig -p | grep -q 'libcublas\.so\.12'; then
+        skip "cuBLAS"
+    else
+        step "Installing cuBLAS $CUBLAS_VERSION (a CUDA driver is installed) from its wheel"
+        extract_wheel_libs nvidia-cublas-cu12 "$CUBLAS_VERSION"
+    fi
 }
 
 build_release() {
@@ -180,7 +224,7 @@ ensure_daemon() {
     stop_daemon "$name"
     step "Starting cerebrod ($name) as the postgres OS user"
     # Detached (own session, no inherited terminal or pipes): it outlives this script.
-    as_postgres setsid sh -c "echo \$\$ > '$pidfile'; exec '$DAEMON_BIN' --config '$STATE/$name.toml' >>'$LOG_DIR/$name.log' 2>&1" \
+    as_postgres setsid sh -c "echo \$\$ > '$pidfile'; exec env LD_LIBRARY_PATH='$CUDA_LIB_DIR' '$DAEMON_BIN' --config '$STATE/$name.toml' >>'$LOG_DIR/$name.log' 2>&1" \
         </dev/null >/dev/null 2>&1 &
     for _ in $(seq 1 100); do
         [ -S "$RUN_DIR/$name.sock" ] && daemon_running "$name" && return
@@ -235,6 +279,7 @@ setup_everything() {
     ensure_rust
     ensure_cargo_pgrx
     ensure_onnxruntime
+    ensure_cuda_libraries
     build_release
     ensure_cluster
 }

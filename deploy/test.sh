@@ -19,7 +19,10 @@ RESULTS=$LOG_DIR/test-results.txt
 tier() { "$@" 2>&1 | tee -a "$RESULTS"; }
 
 step "Tier 1/3: cargo test (shared, daemon)"
-tier env -C "$ROOT" CEREBRO_REQUIRE_ORT=1 CEREBRO_ORT_LIBRARY="$ORT_LIB" cargo test --release --lib --bins --tests
+# NVRTC is installed everywhere, so the GPU kernels are compiled even where
+# no GPU is (the GPU training tests then skip, saying so).
+tier env -C "$ROOT" CEREBRO_REQUIRE_ORT=1 CEREBRO_ORT_LIBRARY="$ORT_LIB" \
+    CEREBRO_REQUIRE_NVRTC=1 LD_LIBRARY_PATH="$CUDA_LIB_DIR" cargo test --release --lib --bins --tests
 
 step "Tier 2/3: cargo pgrx test (fdw) as the postgres OS user"
 PGRX_TEST_DIR=$STATE/pgrx-test

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::engine::DeviceChoice;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -29,8 +31,11 @@ pub struct FileConfig {
     /// Only processes running as this uid may connect; default: cerebrod's own
     /// uid, which must be the PostgreSQL server's.
     pub allowed_uid: Option<u32>,
-    /// Threads each training job splits its minibatches across.
+    /// Threads each training job splits its minibatches across (on CPU).
     pub training_threads: usize,
+    /// Where jobs train: "cpu", "cuda" (GPU 0), "cuda:N", or "auto" (GPU 0
+    /// when one is usable, else the CPU).
+    pub device: String,
     pub scoring_threads: usize,
     /// How often the queue is polled besides LISTEN/NOTIFY.
     pub poll_interval_ms: u64,
@@ -47,6 +52,7 @@ impl Default for FileConfig {
             onnxruntime_library: PathBuf::from("/usr/lib/cerebro/libonnxruntime.so.1.31.1"),
             allowed_uid: None,
             training_threads: 1,
+            device: "cpu".into(),
             scoring_threads: 1,
             poll_interval_ms: 5000,
             max_connections: 256,
@@ -63,6 +69,7 @@ pub struct Config {
     pub onnxruntime_library: PathBuf,
     pub allowed_uid: u32,
     pub training_threads: usize,
+    pub device: DeviceChoice,
     pub scoring_threads: usize,
     pub poll_interval: Duration,
     pub max_connections: usize,
@@ -110,6 +117,7 @@ impl TryFrom<FileConfig> for Config {
             // SAFETY: geteuid has no preconditions and cannot fail.
             allowed_uid: f.allowed_uid.unwrap_or_else(|| unsafe { libc::geteuid() }),
             training_threads: threads_ok(f.training_threads, "training_threads")?,
+            device: f.device.parse().map_err(ConfigError::Invalid)?,
             scoring_threads: threads_ok(f.scoring_threads, "scoring_threads")?,
             poll_interval: Duration::from_millis(f.poll_interval_ms),
             max_connections: f.max_connections.max(1),
@@ -132,6 +140,9 @@ mod tests {
         assert_eq!(c.socket_path, PathBuf::from("/tmp/x.sock"));
         assert_eq!(c.allowed_uid, 7);
         assert_eq!(c.training_threads, 2);
+        assert_eq!(c.device, DeviceChoice::Cpu);
+        let f: FileConfig = toml::from_str("device = 'cuda:1'").unwrap();
+        assert_eq!(Config::try_from(f).unwrap().device, DeviceChoice::Cuda(1));
     }
 
     #[test]
@@ -141,5 +152,7 @@ mod tests {
         assert!(Config::try_from(long).unwrap_err().to_string().contains("socket_path"));
         let threads = FileConfig { scoring_threads: 0, ..Default::default() };
         assert!(Config::try_from(threads).unwrap_err().to_string().contains("scoring_threads"));
+        let device = FileConfig { device: "gpu".into(), ..Default::default() };
+        assert!(Config::try_from(device).unwrap_err().to_string().contains("device must be"));
     }
 }

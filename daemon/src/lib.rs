@@ -26,6 +26,7 @@ use tracing::{info, warn};
 use crate::catalog::CatalogError;
 use crate::config::Config;
 use crate::data::{copy_columns, ReadAs};
+use crate::engine::{Compute, DeviceChoice};
 use crate::scoring::{OnnxRuntime, ScoringError, ScoringModel};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +45,14 @@ pub enum DaemonError {
 
 /// Runs the daemon until `shutdown` becomes true or the database is lost.
 pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), DaemonError> {
-    info!("cerebrod {} starting; {}", env!("CARGO_PKG_VERSION"), gpu::inventory());
+    let gpus = gpu::inventory();
+    info!("cerebrod {} starting; {gpus}; training on device = {}", env!("CARGO_PKG_VERSION"), config.device);
+    if let DeviceChoice::Cuda(n) = config.device {
+        let present = matches!(&gpus, gpu::GpuInventory::Devices(d) if d.iter().any(|g| g.ordinal == n));
+        if !present {
+            warn!("device = cuda:{n}, but {gpus}: training jobs will fail until the GPU is usable");
+        }
+    }
     let runtime = OnnxRuntime::load(&config.onnxruntime_library, config.scoring_threads)?;
 
     let wake = Arc::new(Notify::new());
@@ -73,7 +81,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         data,
         worker_id: format!("cerebrod pid {}", std::process::id()),
         poll_interval: config.poll_interval,
-        training_threads: config.training_threads,
+        compute: Compute { device: config.device, threads: config.training_threads },
         wake,
         shutdown: shutdown.clone(),
     };

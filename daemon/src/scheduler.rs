@@ -11,6 +11,7 @@ use tracing::{error, info, warn};
 
 use crate::catalog::{Catalog, CatalogError, ClaimedJob};
 use crate::data::{read_snapshot, sha256_hex};
+use crate::engine::Compute;
 use crate::onnx;
 use crate::train::{self, Control, TrainError};
 
@@ -21,7 +22,8 @@ pub struct Scheduler {
     pub data: Arc<Catalog>,
     pub worker_id: String,
     pub poll_interval: Duration,
-    pub training_threads: usize,
+    /// The device and CPU threads every job trains with.
+    pub compute: Compute,
     pub wake: Arc<Notify>,
     pub shutdown: watch::Receiver<bool>,
 }
@@ -64,11 +66,11 @@ impl Scheduler {
         let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
         let plan = spec.plan.clone();
         let stop_flag = stop.clone();
-        let threads = self.training_threads;
+        let compute = self.compute;
         let mut training = tokio::task::spawn_blocking(move || {
             let mut columns = table.columns;
             let target = columns.pop().expect("the target column is read last");
-            let result = train::train(&plan, &columns, &target, threads, &mut |stats| {
+            let result = train::train(&plan, &columns, &target, compute, &mut |stats| {
                 let _ = progress_tx.send(stats.clone());
                 if stop_flag.load(Ordering::Relaxed) {
                     Control::Stop
@@ -109,12 +111,13 @@ impl Scheduler {
                     ("cerebro.version", spec.version.to_string()),
                     ("cerebro.target", spec.plan.target.clone()),
                     ("cerebro.snapshot_fingerprint", fingerprint.clone()),
+                    ("cerebro.device", model.device.clone()),
                 ];
                 match onnx::export(&model, &meta) {
                     Ok(bytes) => {
                         let sha = sha256_hex(&bytes);
                         self.control.finish_success(&job, spec.snapshot_id, &model, &bytes, &sha, &fingerprint).await?;
-                        info!(job = job.job_id, model = %spec.name, version = spec.version, metrics = ?model.metrics, "ready");
+                        info!(job = job.job_id, model = %spec.name, version = spec.version, device = %model.device, metrics = ?model.metrics, "ready");
                     }
                     Err(e) => {
                         self.control.finish_failure(&job, &format!("ONNX export failed: {e}")).await?;

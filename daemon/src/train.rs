@@ -10,8 +10,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{
-    scheduled_lr, Arch, Batch, BatchSource, Embedding, Head, Loss, MiniBatch, ModelStep, Op, Predictor, Stack,
-    ThreadsError, Trainer,
+    backend, scheduled_lr, Arch, BackendError, Batch, BatchSource, Compute, Embedding, Head, Loss, MiniBatch,
+    ModelStep, Op, Predictor, Stack,
 };
 use crate::features::{Encoded, FeatureError, FeaturePipeline};
 use crate::metrics::{self, Metrics};
@@ -54,6 +54,9 @@ pub struct TrainedModel {
     pub metrics: Metrics,
     pub rows_train: usize,
     pub rows_valid: usize,
+    /// Where it trained, in words ("cpu, 1 thread", "cuda:0 NVIDIA H100 ...").
+    #[serde(default)]
+    pub device: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +74,7 @@ pub enum TrainError {
     #[error("models differ in {0}, so they cannot train as one stack")]
     Incompatible(&'static str),
     #[error(transparent)]
-    Threads(#[from] ThreadsError),
+    Backend(#[from] BackendError),
 }
 
 /// Rows scored at once when evaluating, to bound memory.
@@ -159,11 +162,11 @@ pub fn train(
     plan: &TrainingPlan,
     features: &[ColumnData],
     target: &ColumnData,
-    threads: usize,
+    compute: Compute,
     on_epoch: &mut dyn FnMut(&EpochStats) -> Control,
 ) -> Result<TrainedModel, TrainError> {
     let mut models =
-        train_group(std::slice::from_ref(plan), features, target, threads, &mut |_, stats| on_epoch(stats))?;
+        train_group(std::slice::from_ref(plan), features, target, compute, &mut |_, stats| on_epoch(stats))?;
     Ok(models.pop().expect("one plan, one model"))
 }
 
@@ -201,13 +204,13 @@ fn incompatibility(a: &TrainingPlan, b: &TrainingPlan) -> Option<&'static str> {
 /// must agree on everything but `learning_rate`, `weight_decay`, `epochs`,
 /// `patience`, `momentum`, `schedule`, `warmup_epochs` and `clip_norm`; each
 /// ends exactly as it would have trained alone.
-/// `on_epoch` gets the plan's index with each epoch's statistics. Each
-/// minibatch is split across `threads` threads.
+/// `on_epoch` gets the plan's index with each epoch's statistics. `compute`
+/// says on which device, and on CPU with how many threads.
 pub fn train_group(
     plans: &[TrainingPlan],
     features: &[ColumnData],
     target: &ColumnData,
-    threads: usize,
+    compute: Compute,
     on_epoch: &mut dyn FnMut(usize, &EpochStats) -> Control,
 ) -> Result<Vec<TrainedModel>, TrainError> {
     let plan = plans.first().ok_or(TrainError::Incompatible("no plans"))?;
@@ -295,7 +298,8 @@ pub fn train_group(
             r
         })
         .collect();
-    let mut trainer = Trainer::new(Stack::new(arch, opts.seed, &mut init_rngs), loss.clone(), opts.optimizer, threads)?;
+    let mut trainer =
+        backend::start(Stack::new(arch, opts.seed, &mut init_rngs), loss.clone(), opts.optimizer, compute)?;
     let batch = (opts.batch_size as usize).min(train_idx.len());
     let steps_per_epoch = train_idx.len().div_ceil(batch);
     let settings: Vec<ModelStep> = plans
@@ -340,9 +344,9 @@ pub fn train_group(
                 ..settings[m]
             }
         };
-        trainer.epoch(chunks.len(), &source, &step_settings, &active, &mut loss_sums);
+        trainer.epoch(chunks.len(), &source, &step_settings, &active, &mut loss_sums)?;
         step += chunks.len();
-        let valid_logits = trainer.predict(valid_batch, EVAL_CHUNK);
+        let valid_logits = trainer.predict(valid_batch, EVAL_CHUNK)?;
         let seconds = started.elapsed().as_secs_f64();
         let mut valid_block = vec![0.0f32; y_valid.len() * outputs];
         for (m, p) in progress.iter_mut().enumerate() {
@@ -358,7 +362,7 @@ pub fn train_group(
             let stats = EpochStats { epoch, train_loss, valid_loss, seconds };
             p.history.push(stats.clone());
             if valid_loss < p.best.0 {
-                p.best = (valid_loss, Some(trainer.model(m)), epoch);
+                p.best = (valid_loss, Some(trainer.model(m)?), epoch);
                 p.since_best = 0;
             } else {
                 p.since_best += 1;
@@ -377,11 +381,15 @@ pub fn train_group(
     let mut models = Vec::with_capacity(k);
     for (m, p) in progress.into_iter().enumerate() {
         let (_, best, best_epoch) = p.best;
+        let network = match best {
+            Some(network) => network,
+            None => trainer.model(m)?,
+        };
         let mut model = TrainedModel {
             task: plan.task,
             class_labels: plan.class_labels.clone(),
             pipeline: pipeline.clone(),
-            network: best.unwrap_or_else(|| trainer.model(m)),
+            network,
             target_scale,
             best_epoch,
             epochs_run: p.history.len() as u32,
@@ -389,6 +397,7 @@ pub fn train_group(
             metrics: Metrics::new(),
             rows_train: train_idx.len(),
             rows_valid: valid_idx.len(),
+            device: trainer.device().to_string(),
         };
         let outputs = model.outputs_from_encoded(valid_batch);
         model.metrics = match model.task {
@@ -520,7 +529,7 @@ mod tests {
     fn learns_a_binary_problem_and_reports_metrics() {
         let (features, target) = toy(600);
         let mut epochs = 0;
-        let m = train(&plan(Task::Binary, &["no", "yes"]), &features, &target, 1, &mut |_| {
+        let m = train(&plan(Task::Binary, &["no", "yes"]), &features, &target, Compute::cpu(1), &mut |_| {
             epochs += 1;
             Control::Continue
         })
@@ -535,17 +544,17 @@ mod tests {
     fn the_same_seed_gives_the_same_weights() {
         let (features, target) = toy(300);
         let p = plan(Task::Binary, &["no", "yes"]);
-        let a = train(&p, &features, &target, 1, &mut |_| Control::Continue).unwrap();
-        let b = train(&p, &features, &target, 1, &mut |_| Control::Continue).unwrap();
+        let a = train(&p, &features, &target, Compute::cpu(1), &mut |_| Control::Continue).unwrap();
+        let b = train(&p, &features, &target, Compute::cpu(1), &mut |_| Control::Continue).unwrap();
         assert_eq!(a.network, b.network);
         // Rows split across threads: deterministic too, equal up to rounding.
-        let c = train(&p, &features, &target, 2, &mut |_| Control::Continue).unwrap();
-        let d = train(&p, &features, &target, 2, &mut |_| Control::Continue).unwrap();
+        let c = train(&p, &features, &target, Compute::cpu(2), &mut |_| Control::Continue).unwrap();
+        let d = train(&p, &features, &target, Compute::cpu(2), &mut |_| Control::Continue).unwrap();
         assert_eq!(c.network, d.network);
         assert!((c.metrics["auc"] - a.metrics["auc"]).abs() < 0.02, "{:?} vs {:?}", c.metrics, a.metrics);
         let mut other = p.clone();
         other.options.seed = 7;
-        let c = train(&other, &features, &target, 1, &mut |_| Control::Continue).unwrap();
+        let c = train(&other, &features, &target, Compute::cpu(1), &mut |_| Control::Continue).unwrap();
         assert_ne!(a.network, c.network);
     }
 
@@ -558,7 +567,10 @@ mod tests {
         p.features.truncate(1);
         p.options.epochs = 200;
         p.options.patience = 0;
-        let m = train(&p, &[ColumnData::Float64(xs)], &ColumnData::Float64(ys), 1, &mut |_| Control::Continue).unwrap();
+        let m = train(&p, &[ColumnData::Float64(xs)], &ColumnData::Float64(ys), Compute::cpu(1), &mut |_| {
+            Control::Continue
+        })
+        .unwrap();
         assert!(m.metrics["r2"] > 0.99, "{:?}", m.metrics);
         assert!(m.metrics["rmse"] < 20.0, "{:?}", m.metrics);
     }
@@ -567,15 +579,18 @@ mod tests {
     fn stopping_and_bad_targets_are_errors() {
         let (features, target) = toy(50);
         let p = plan(Task::Binary, &["no", "yes"]);
-        assert!(matches!(train(&p, &features, &target, 1, &mut |_| Control::Stop), Err(TrainError::Stopped)));
+        assert!(matches!(
+            train(&p, &features, &target, Compute::cpu(1), &mut |_| Control::Stop),
+            Err(TrainError::Stopped)
+        ));
         let numeric_target = ColumnData::Float64(vec![Some(1.0); 50]);
         assert!(matches!(
-            train(&p, &features, &numeric_target, 1, &mut |_| Control::Continue),
+            train(&p, &features, &numeric_target, Compute::cpu(1), &mut |_| Control::Continue),
             Err(TrainError::TargetKind { .. })
         ));
         let no_labels = ColumnData::Text(vec![None; 50]);
         assert!(matches!(
-            train(&p, &features, &no_labels, 1, &mut |_| Control::Continue),
+            train(&p, &features, &no_labels, Compute::cpu(1), &mut |_| Control::Continue),
             Err(TrainError::TooFewRows { usable: 0 })
         ));
     }
@@ -630,14 +645,14 @@ mod group_tests {
         let mut seen = vec![0; plans.len()];
         for threads in [1, 2] {
             seen.iter_mut().for_each(|s| *s = 0);
-            let stacked = train_group(&plans, &features, &target, threads, &mut |m, _| {
+            let stacked = train_group(&plans, &features, &target, Compute::cpu(threads), &mut |m, _| {
                 seen[m] += 1;
                 Control::Continue
             })
             .unwrap();
             for (m, plan) in plans.iter().enumerate() {
                 // Stacks split by model: each model is computed as on one thread.
-                let alone = train(plan, &features, &target, 1, &mut |_| Control::Continue).unwrap();
+                let alone = train(plan, &features, &target, Compute::cpu(1), &mut |_| Control::Continue).unwrap();
                 assert_eq!(stacked[m].network, alone.network, "model {m}: weights differ");
                 let losses =
                     |h: &[EpochStats]| h.iter().map(|e| (e.epoch, e.train_loss, e.valid_loss)).collect::<Vec<_>>();
@@ -666,7 +681,8 @@ mod group_tests {
         let mut reseeded = a.clone();
         reseeded.options.seed = 1;
         for (other, what) in [(wider, "hidden"), (reseeded, "seed")] {
-            let err = train_group(&[a.clone(), other], &cols, &t, 1, &mut |_, _| Control::Continue).unwrap_err();
+            let err = train_group(&[a.clone(), other], &cols, &t, Compute::cpu(1), &mut |_, _| Control::Continue)
+                .unwrap_err();
             assert!(matches!(err, TrainError::Incompatible(w) if w == what), "{err}");
         }
     }

@@ -4,6 +4,7 @@
 
 mod common;
 
+use cerebro_daemon::engine::Compute;
 use cerebro_daemon::onnx::export;
 use cerebro_daemon::scoring::{InputKind, OnnxRuntime, ScoringModel};
 use cerebro_daemon::train::{train, train_group, Control, TrainedModel};
@@ -68,7 +69,7 @@ fn plan(task: Task, options: serde_json::Value) -> (TrainingPlan, ColumnData) {
 
 fn trained(task: Task, options: serde_json::Value) -> TrainedModel {
     let (plan, target) = plan(task, options);
-    train(&plan, &columns(400, 0), &target, 1, &mut |_| Control::Continue).expect("training succeeds")
+    train(&plan, &columns(400, 0), &target, Compute::cpu(1), &mut |_| Control::Continue).expect("training succeeds")
 }
 
 /// The ONNX file of `model`, scored by ONNX Runtime, equals the engine's
@@ -145,7 +146,8 @@ fn every_member_of_a_fused_stack_exports_on_its_own() {
             p
         })
         .collect();
-    let members = train_group(&plans, &columns(400, 0), &target, 2, &mut |_, _| Control::Continue).unwrap();
+    let members =
+        train_group(&plans, &columns(400, 0), &target, Compute::cpu(2), &mut |_, _| Control::Continue).unwrap();
     assert_eq!(members.len(), 3);
     assert_ne!(members[0].network, members[2].network);
     for (m, model) in members.iter().enumerate() {

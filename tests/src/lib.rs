@@ -41,6 +41,16 @@ impl Env {
         }
     }
 
+    /// The same set-up with `lines` added to the daemon's config, written
+    /// beside it as `<config>.<name>.toml`.
+    pub fn with_config_lines(&self, name: &str, lines: &str) -> Result<Env> {
+        let mut text = std::fs::read_to_string(&self.config).context("reading the e2e daemon config")?;
+        text.push_str(lines);
+        let path = self.config.with_extension(format!("{name}.toml"));
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(Env { config: path, ..self.clone() })
+    }
+
     /// A connection that records every notice and warning the server sends.
     pub async fn connect_recording_notices(&self) -> Result<(Client, std::sync::Arc<std::sync::Mutex<Vec<String>>>)> {
         use futures_util::StreamExt;

@@ -475,6 +475,34 @@ async fn killing_the_daemon_mid_training_leaves_no_job_stuck() -> anyhow::Result
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_cuda_job_on_a_machine_without_a_gpu_fails_with_the_reason_and_the_daemon_keeps_serving() -> anyhow::Result<()>
+{
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let mut daemon = Daemon::start(&env)?;
+    let v1 = insert(&db, "e2e_device", "churn", r#"{"epochs": 2}"#).await?;
+    assert_eq!(wait_until_done(&db, "e2e_device", v1, TRAIN_TIMEOUT).await?.last().map(String::as_str), Some("ready"));
+    daemon.stop()?;
+
+    let _daemon = Daemon::start(&env.with_config_lines("cuda", "device = \"cuda\"\n")?)?;
+    let v2 = insert(&db, "e2e_device", "churn", r#"{"epochs": 2}"#).await?;
+    let seen = wait_until_done(&db, "e2e_device", v2, TRAIN_TIMEOUT).await?;
+    let (status, _, error) = model_state(&db, "e2e_device", v2).await?;
+    if std::path::Path::new("/proc/driver/nvidia").exists() {
+        // A machine with an NVIDIA driver: the job trains on its GPU.
+        assert_eq!(status, "ready", "{seen:?} {error:?}");
+    } else {
+        assert_eq!(status, "failed", "{seen:?}");
+        let error = error.unwrap_or_default();
+        assert!(error.starts_with("no GPU"), "{error}");
+    }
+    // The same daemon still scores with the version that trained.
+    let n: i64 = db.query_one("SELECT count(*) FROM cerebro.predictions WHERE model = 'e2e_device'", &[]).await?.get(0);
+    assert_eq!(n, 7043);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_second_daemon_for_the_same_database_refuses_to_start() -> anyhow::Result<()> {
     let env = Env::from_env();
     let daemon = Daemon::start(&env)?;

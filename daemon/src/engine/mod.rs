@@ -7,11 +7,16 @@
 //! Optimisers are Adam, AdamW and SGD with momentum, with schedules,
 //! weight decay and clipping.
 //!
+//! Stacks train on the CPU or on a CUDA GPU, behind one trait
+//! ([`StackTrainer`], chosen by [`backend::start`]).
+//!
 //! Training always runs on a [`Stack`]: K networks of one architecture
 //! trained in one pass (K = 1 for a single model). Everything is seeded, so a
 //! model trained twice with the same seed is bit-identical, alone or in a stack.
 
 pub mod activation;
+pub mod backend;
+pub mod cuda;
 mod gemm;
 mod loss;
 mod optim;
@@ -19,6 +24,7 @@ mod stack;
 mod trainer;
 
 pub use activation::Activation;
+pub use backend::{BackendError, Compute, DeviceChoice, StackTrainer};
 pub use loss::{sigmoid, softmax_into, Head, Loss};
 pub use optim::{scheduled_lr, ModelStep, StackOptimizer};
 pub use stack::{
