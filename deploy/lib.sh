@@ -43,7 +43,7 @@ psql_as() { # psql_as DB [psql args...]
 }
 
 ensure_packages() {
-    local wanted=(postgresql-15 postgresql-server-dev-15 libclang-dev gcc sudo python3 python3-pip)
+    local wanted=(postgresql-15 postgresql-server-dev-15 libclang-dev gcc sudo python3 python3-pip python3-venv)
     local missing=()
     for p in "${wanted[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -135,11 +135,28 @@ ensure_cuda_libraries() {
     fi
 }
 
+# The onnxruntime Python package, for the test that scores an exported model
+# outside the database as a user would.
+TEST_VENV=$STATE/test-venv
+ensure_test_python() {
+    if "$TEST_VENV/bin/python" -c "import onnxruntime, numpy; assert onnxruntime.__version__ == '$ORT_VERSION'" 2>/dev/null; then
+        skip "onnxruntime $ORT_VERSION (Python) in $TEST_VENV"
+        return
+    fi
+    step "Installing onnxruntime $ORT_VERSION and numpy (Python) into $TEST_VENV"
+    python3 -m venv "$TEST_VENV"
+    "$TEST_VENV/bin/pip" install --quiet "onnxruntime==$ORT_VERSION" numpy
+}
+
 build_release() {
     step "Building cerebrod (release)"
     (cd "$ROOT" && cargo build --release -p cerebro-daemon)
     step "Building and installing the extension (release)"
     (cd "$ROOT/fdw" && cargo pgrx install --release --sudo --pg-config "$PG_CONFIG" >/dev/null)
+    # Install scripts of released versions, so that databases created by them
+    # can be re-created and upgrade paths tested (pgrx installs only the
+    # current version's script and the upgrade scripts).
+    as_root install -m 644 "$ROOT"/sql/released/cerebro--*.sql "$("$PG_CONFIG" --sharedir)/extension/"
 }
 
 ensure_state_dirs() {
@@ -184,6 +201,8 @@ ensure_database() {
         skip "database $db"
     fi
     psql_as "$db" -q -c "CREATE EXTENSION IF NOT EXISTS cerebro" 2>&1 | grep -v '^NOTICE' || true
+    # A database made by an earlier release is upgraded in place (a no-op when current).
+    psql_as "$db" -q -c "ALTER EXTENSION cerebro UPDATE"
 }
 
 # write_daemon_config NAME DB: the config of a daemon serving DB, socket RUN_DIR/NAME.sock.

@@ -12,6 +12,7 @@ source "$(dirname "$0")/lib.sh"
 
 E2E_DB=cerebro_e2e
 setup_everything
+ensure_test_python
 mkdir -p "$LOG_DIR"
 RESULTS=$LOG_DIR/test-results.txt
 : >"$RESULTS"
@@ -43,6 +44,7 @@ tier env -C "$ROOT" \
     CEREBRO_E2E_PGHOST="$RUN_DIR" CEREBRO_E2E_PGPORT="$PGPORT" CEREBRO_E2E_DB="$E2E_DB" \
     CEREBRO_E2E_DAEMON="$DAEMON_BIN" CEREBRO_E2E_CONFIG="$STATE/cerebrod-e2e.toml" \
     CEREBRO_E2E_SOCKET="$RUN_DIR/cerebrod-e2e.sock" CEREBRO_E2E_LOG="$LOG_DIR/cerebrod-e2e.log" \
+    CEREBRO_E2E_PYTHON="$TEST_VENV/bin/python" \
     cargo test --release -p cerebro-tests --test end_to_end -- --test-threads=1
 
 step "All test tiers passed"

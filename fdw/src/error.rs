@@ -43,6 +43,14 @@ pub enum CerebroError {
     VersionNotFound { name: String, version: i32 },
     #[error("model \"{name}\" version {version} is {state}")]
     ModelNotReady { name: String, version: i32, state: String, failed: bool },
+    #[error("{0} must not be NULL")]
+    NullArgument(&'static str),
+    #[error("permission denied to {action} model \"{model}\"")]
+    NotModelOwner { model: String, owner: String, action: &'static str },
+    #[error("model \"{name}\" version {version} is {status}; only a ready version can be {to}")]
+    NotDeployable { name: String, version: i32, status: String, to: &'static str },
+    #[error("model \"{name}\" has no earlier deployment to roll back to")]
+    NothingToRollBack { name: String, deployed: Option<i32> },
     #[error("cerebro.predictions needs to know which model to score with")]
     MissingModel,
     #[error("model \"{0}\" has no key column to identify the rows it scores")]
@@ -95,6 +103,11 @@ impl CerebroError {
             CerebroError::ModelNotFound(_) | CerebroError::VersionNotFound { .. } => ERRCODE_UNDEFINED_OBJECT,
             CerebroError::ModelNotReady { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             CerebroError::MissingModel | CerebroError::MissingKey(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            CerebroError::NullArgument(_) => ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            CerebroError::NotModelOwner { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            CerebroError::NotDeployable { .. } | CerebroError::NothingToRollBack { .. } => {
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
             CerebroError::DaemonUnavailable { .. } => ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
             CerebroError::Daemon(w) => match w.code {
                 ErrorCode::ProtocolMismatch | ErrorCode::BadRequest => ERRCODE_PROTOCOL_VIOLATION,
@@ -136,6 +149,19 @@ impl CerebroError {
                 Some("SELECT name, version, status FROM cerebro.models lists the models.".into())
             }
             CerebroError::MissingModel => Some("Add WHERE model = '<name>' to the query.".into()),
+            CerebroError::NotModelOwner { owner, .. } => Some(format!(
+                "Only the model's owner ({owner}), members of role cerebro_admin and superusers may do this."
+            )),
+            CerebroError::NotDeployable { .. } => Some(
+                "SELECT version, status FROM cerebro.models WHERE name = '...' shows which versions are ready.".into(),
+            ),
+            CerebroError::NothingToRollBack { deployed: Some(v), .. } => Some(format!(
+                "Version {v} is deployed and no earlier deployment is left to return to; \
+                 cerebro.deploy(model, version) deploys any ready version."
+            )),
+            CerebroError::NothingToRollBack { deployed: None, .. } => {
+                Some("Nothing is deployed yet: cerebro.deploy(model, version) deploys a version.".into())
+            }
             CerebroError::MissingKey(_) => Some("Name one in the query: ... AND key_column = '<column>'.".into()),
             CerebroError::DaemonUnavailable { .. } => Some(
                 "Start cerebrod as the PostgreSQL server's OS user: cerebrod --config <file> (deploy/demo.sh starts \

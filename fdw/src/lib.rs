@@ -9,6 +9,7 @@
 use pgrx::prelude::*;
 
 mod daemon_client;
+mod deployments;
 mod error;
 mod fdw;
 mod gucs;
@@ -18,7 +19,14 @@ mod predictions;
 
 pgrx::pg_module_magic!();
 
-extension_sql_file!("../../sql/catalog.sql", name = "catalog", finalize);
+// A fresh install runs the 0.1.0 catalog, then every upgrade script in
+// order: the same SQL an upgraded database ran.
+extension_sql_file!(
+    "../../sql/catalog.sql",
+    name = "catalog",
+    requires = [fdw::__cerebro_fdw_pgrx::cerebro_fdw_handler, fdw::__cerebro_fdw_pgrx::cerebro_fdw_validator]
+);
+extension_sql_file!("../../sql/cerebro--0.1.0--0.2.0.sql", name = "upgrade_0_2_0", requires = ["catalog"], finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
@@ -56,6 +64,9 @@ mod tests {
             "cerebro.snapshots",
             "cerebro.artifacts",
             "cerebro.training_history",
+            "cerebro.deployments",
+            "cerebro.deployment_history",
+            "cerebro.audit_log",
             "cerebro.models",
             "cerebro.predictions",
         ] {
@@ -203,6 +214,66 @@ mod tests {
     #[pg_test(error = "cerebro.predictions needs to know which model to score with")]
     fn predictions_without_a_model() {
         Spi::run("SELECT * FROM cerebro.predictions").unwrap();
+    }
+
+    /// A model with versions 1 (ready, as if trained) and 2 (queued).
+    fn two_versions() {
+        setup();
+        for _ in 0..2 {
+            Spi::run("INSERT INTO cerebro.models (name, source, target, key) VALUES ('m', 'customers', 'churn', 'id')")
+                .unwrap();
+        }
+        Spi::run("UPDATE cerebro.model_versions SET status = 'ready' WHERE name = 'm' AND version = 1").unwrap();
+    }
+
+    #[pg_test]
+    fn deploying_records_history_and_audit_and_marks_the_model() {
+        two_versions();
+        assert_eq!(Spi::get_one::<i32>("SELECT cerebro.deploy('m', 1, 'first')").unwrap(), Some(1));
+        let deployed = Spi::get_one::<i32>("SELECT version FROM cerebro.models WHERE name = 'm' AND deployed").unwrap();
+        assert_eq!(deployed, Some(1));
+        let (action, comment) =
+            Spi::get_two::<String, String>("SELECT action, comment FROM cerebro.deployment_history WHERE name = 'm'")
+                .unwrap();
+        assert_eq!((action.as_deref(), comment.as_deref()), (Some("deploy"), Some("first")));
+        let actions = Spi::get_one::<Vec<String>>(
+            "SELECT array_agg(action ORDER BY id) FROM cerebro.audit_log WHERE model = 'm'",
+        )
+        .unwrap();
+        let expected: Vec<String> = ["create", "create", "deploy"].map(String::from).to_vec();
+        assert_eq!(actions, Some(expected));
+    }
+
+    #[pg_test(error = "model \"m\" version 2 is queued; only a ready version can be deployed")]
+    fn deploying_a_version_that_is_not_ready() {
+        two_versions();
+        Spi::run("SELECT cerebro.deploy('m', 2)").unwrap();
+    }
+
+    #[pg_test(error = "model \"m\" has no earlier deployment to roll back to")]
+    fn rolling_back_past_the_first_deployment() {
+        two_versions();
+        Spi::run("SELECT cerebro.deploy('m', 1)").unwrap();
+        Spi::run("SELECT cerebro.rollback('m')").unwrap();
+    }
+
+    #[pg_test(error = "version must not be NULL")]
+    fn deploying_a_null_version() {
+        two_versions();
+        Spi::run("SELECT cerebro.deploy('m', NULL)").unwrap();
+    }
+
+    #[pg_test(error = "permission denied to deploy or roll back model \"m\"")]
+    fn only_the_owner_deploys() {
+        two_versions();
+        Spi::run("CREATE ROLE cerebro_test_other; SET ROLE cerebro_test_other").unwrap();
+        Spi::run("SELECT cerebro.deploy('m', 1)").unwrap();
+    }
+
+    #[pg_test(error = "model \"m\" version 2 is queued; only a ready version can be exported")]
+    fn exporting_a_version_that_is_not_ready() {
+        two_versions();
+        Spi::run("SELECT cerebro.export_onnx('m', 2)").unwrap();
     }
 
     #[pg_test(error = "UPDATE on cerebro.models is not supported")]

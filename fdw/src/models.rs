@@ -349,6 +349,18 @@ pub fn queue_training(req: TrainRequest) -> Result<()> {
             .first()
             .get_one()?
             .expect("RETURNING id");
+        client.update(
+            "INSERT INTO cerebro.audit_log (role_name, action, model, version, detail)
+             VALUES ($1, 'create', $2, $3, jsonb_build_object('source', $4::text, 'target', $5::text))",
+            None,
+            &[
+                user_name.as_str().into(),
+                req.name.as_str().into(),
+                version.into(),
+                source.display.as_str().into(),
+                req.target.as_str().into(),
+            ],
+        )?;
         client.update("SELECT pg_catalog.pg_notify('cerebro_jobs', $1)", None, &[job_id.to_string().into()])?;
         notice!(
             "cerebro: queued {} version {} ({} task, {} features, {} rows); it trains once this transaction commits",
@@ -370,8 +382,10 @@ pub fn list_models() -> Result<Vec<ModelRow>> {
         let rows = client.select(
             "SELECT m.name, m.version, m.status::text, m.task, m.source_relation, m.target_column, m.key_column,
                     ARRAY(SELECT f->>'name' FROM jsonb_array_elements(m.features) f), m.options,
-                    m.epoch, m.epochs, m.metrics, m.error, m.created_at, m.created_by::text, m.trained_at
-             FROM cerebro.model_versions m ORDER BY m.name, m.version",
+                    m.epoch, m.epochs, m.metrics, m.error, m.created_at, m.created_by::text, m.trained_at,
+                    d.version IS NOT DISTINCT FROM m.version
+             FROM cerebro.model_versions m LEFT JOIN cerebro.deployments d ON d.name = m.name
+             ORDER BY m.name, m.version",
             None,
             &[],
         )?;
@@ -404,6 +418,7 @@ pub fn list_models() -> Result<Vec<ModelRow>> {
                 ("created_at", row.get::<pgrx::datum::TimestampWithTimeZone>(14)?.map(Cell::Timestamptz)),
                 ("created_by", string(row.get(15)?)),
                 ("trained_at", row.get::<pgrx::datum::TimestampWithTimeZone>(16)?.map(Cell::Timestamptz)),
+                ("deployed", row.get::<bool>(17)?.map(Cell::Bool)),
             ]);
         }
         Ok(out)

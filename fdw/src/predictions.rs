@@ -66,7 +66,9 @@ impl Params {
     }
 }
 
-/// The model version a scan uses, fixed when the scan begins.
+/// The model version a scan uses, fixed when the scan begins: the one the
+/// query names, else the deployed one, else the latest ready one (else the
+/// latest, to say why it cannot score).
 struct ModelVersion {
     id: i64,
     name: String,
@@ -84,8 +86,10 @@ fn resolve_model(name: &str, version: Option<i32>) -> Result<ModelVersion> {
             "SELECT id, version, status::text, features, class_labels, source_relation, key_column,
                     artifact_sha256, epoch, epochs
              FROM cerebro.model_versions
-             WHERE name = $1 AND ($2::int IS NULL OR version = $2)
-             ORDER BY (status = 'ready') DESC, version DESC LIMIT 1",
+             WHERE name = $1 AND version = coalesce($2::int,
+                 (SELECT d.version FROM cerebro.deployments d WHERE d.name = $1),
+                 (SELECT max(r.version) FROM cerebro.model_versions r WHERE r.name = $1 AND r.status = 'ready'),
+                 (SELECT max(a.version) FROM cerebro.model_versions a WHERE a.name = $1))",
             Some(1),
             &[name.into(), version.into()],
         )?;

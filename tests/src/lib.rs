@@ -22,6 +22,8 @@ pub struct Env {
     pub config: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
+    /// A Python with the onnxruntime package.
+    pub python: PathBuf,
 }
 
 fn var(name: &str) -> String {
@@ -38,6 +40,7 @@ impl Env {
             config: var("CEREBRO_E2E_CONFIG").into(),
             socket: var("CEREBRO_E2E_SOCKET").into(),
             log: var("CEREBRO_E2E_LOG").into(),
+            python: var("CEREBRO_E2E_PYTHON").into(),
         }
     }
 
@@ -71,7 +74,12 @@ impl Env {
     }
 
     pub async fn connect(&self) -> Result<Client> {
-        let url = format!("host={} port={} user=postgres dbname={}", self.pghost, self.pgport, self.db);
+        self.connect_to(&self.db).await
+    }
+
+    /// A connection to another database of the same cluster.
+    pub async fn connect_to(&self, db: &str) -> Result<Client> {
+        let url = format!("host={} port={} user=postgres dbname={db}", self.pghost, self.pgport);
         let (client, conn) = tokio_postgres::connect(&url, NoTls).await.context("connecting to the e2e database")?;
         tokio::spawn(async move {
             let _ = conn.await;

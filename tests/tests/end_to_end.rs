@@ -502,6 +502,204 @@ async fn a_cuda_job_on_a_machine_without_a_gpu_fails_with_the_reason_and_the_dae
     Ok(())
 }
 
+/// Each row's version in a predictions query, counted.
+async fn versions_scored(db: &tokio_postgres::Client, query: &str) -> anyhow::Result<Vec<(i32, i64)>> {
+    let rows = db.query(&format!("SELECT version, count(*) FROM ({query}) p GROUP BY 1 ORDER BY 1"), &[]).await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deployments_choose_the_scored_version_roll_back_and_keep_their_history() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    let mut versions = Vec::new();
+    for epochs in [2, 3, 4] {
+        let v = insert(&db, "e2e_deploy", "churn", &format!(r#"{{"epochs": {epochs}}}"#)).await?;
+        assert_eq!(
+            wait_until_done(&db, "e2e_deploy", v, TRAIN_TIMEOUT).await?.last().map(String::as_str),
+            Some("ready")
+        );
+        versions.push(v);
+    }
+    let (v1, v2, v3) = (versions[0], versions[1], versions[2]);
+    let all = "SELECT * FROM cerebro.predictions WHERE model = 'e2e_deploy'";
+
+    // Nothing deployed: the latest ready version scores.
+    assert_eq!(versions_scored(&db, all).await?, vec![(v3, 7043)]);
+    let deployed: i32 = db.query_one("SELECT cerebro.deploy('e2e_deploy', $1, 'first release')", &[&v2]).await?.get(0);
+    assert_eq!(deployed, v2);
+    assert_eq!(versions_scored(&db, all).await?, vec![(v2, 7043)]);
+    // A query that names a version gets it, deployed or not.
+    let named = format!("{all} AND version = {v1}");
+    assert_eq!(versions_scored(&db, &named).await?, vec![(v1, 7043)]);
+
+    // A scan that started keeps its version through a deployment change.
+    let mut reader = env.connect().await?;
+    let tx = reader.transaction().await?;
+    tx.execute(&format!("DECLARE c NO SCROLL CURSOR FOR SELECT version FROM ({all}) p"), &[]).await?;
+    let first: Vec<i32> = tx.query("FETCH 100 FROM c", &[]).await?.iter().map(|r| r.get(0)).collect();
+    db.execute("SELECT cerebro.deploy('e2e_deploy', $1)", &[&v3]).await?;
+    let rest: Vec<i32> = tx.query("FETCH ALL FROM c", &[]).await?.iter().map(|r| r.get(0)).collect();
+    assert_eq!(first.len() + rest.len(), 7043);
+    assert!(first.iter().chain(&rest).all(|&v| v == v2), "a running scan changed version");
+    tx.commit().await?;
+    // New queries see the change at once, with nothing restarted.
+    assert_eq!(versions_scored(&db, all).await?, vec![(v3, 7043)]);
+
+    let back: i32 = db.query_one("SELECT cerebro.rollback('e2e_deploy', 'v3 is worse')", &[]).await?.get(0);
+    assert_eq!(back, v2);
+    assert_eq!(versions_scored(&db, all).await?, vec![(v2, 7043)]);
+    let err = db.query_one("SELECT cerebro.rollback('e2e_deploy')", &[]).await.expect_err("nothing earlier");
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("55000"), "{err}");
+
+    type Change = (String, Option<i32>, i32, Option<String>, String);
+    let history: Vec<Change> = db
+        .query(
+            "SELECT action, from_version, to_version, comment, changed_by::text FROM cerebro.deployment_history
+             WHERE name = 'e2e_deploy' ORDER BY id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    let by = "postgres".to_string();
+    assert_eq!(
+        history,
+        vec![
+            ("deploy".into(), None, v2, Some("first release".into()), by.clone()),
+            ("deploy".into(), Some(v2), v3, None, by.clone()),
+            ("rollback".into(), Some(v3), v2, Some("v3 is worse".into()), by),
+        ]
+    );
+    let flags: Vec<(i32, bool)> = db
+        .query("SELECT version, deployed FROM cerebro.models WHERE name = 'e2e_deploy' ORDER BY version", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(flags, vec![(v1, false), (v2, true), (v3, false)]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn export_onnx_returns_the_archived_file_and_is_audited() -> anyhow::Result<()> {
+    use sha2::Digest;
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    let v = insert(&db, "e2e_export", "churn", r#"{"epochs": 2}"#).await?;
+    wait_until_done(&db, "e2e_export", v, TRAIN_TIMEOUT).await?;
+    let bytes: Vec<u8> = db.query_one("SELECT cerebro.export_onnx('e2e_export', $1)", &[&v]).await?.get(0);
+    let archived: String = db
+        .query_one(
+            "SELECT artifact_sha256 FROM cerebro.model_versions WHERE name = 'e2e_export' AND version = $1",
+            &[&v],
+        )
+        .await?
+        .get(0);
+    let sha: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(sha, archived);
+    let audited: i64 = db
+        .query_one("SELECT count(*) FROM cerebro.audit_log WHERE model = 'e2e_export' AND action = 'export'", &[])
+        .await?
+        .get(0);
+    assert_eq!(audited, 1);
+
+    // The file scores every row in Python's onnxruntime exactly as SQL does.
+    let dir = std::env::temp_dir().join(format!("cerebro-export-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (model, rows) = (dir.join("model.onnx"), dir.join("rows.json"));
+    std::fs::write(&model, &bytes)?;
+    let json: serde_json::Value = db.query_one("SELECT json_agg(t) FROM telco_churn t", &[]).await?.get(0);
+    std::fs::write(&rows, json.to_string())?;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/score_onnx.py");
+    let out = std::process::Command::new(&env.python).arg(script).arg(&model).arg(&rows).arg("customer_id").output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let python: HashMap<String, f64> = String::from_utf8(out.stdout)?
+        .lines()
+        .map(|l| {
+            let (key, score) = l.split_once(',').expect("key,score");
+            (key.to_string(), score.parse().expect("a number"))
+        })
+        .collect();
+    let sql = sql_scores(&db, "SELECT key, label, score FROM cerebro.predictions WHERE model = 'e2e_export'").await?;
+    assert_eq!(python.len(), 7043);
+    assert_eq!(sql.len(), 7043);
+    for (key, (_, score)) in &sql {
+        let p = python[key];
+        assert!((p - score).abs() <= 1e-6, "row {key}: python {p}, sql {score}");
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// Every object of schema cerebro, described in text, sorted.
+async fn describe_schema(db: &tokio_postgres::Client) -> anyhow::Result<Vec<String>> {
+    let rows = db
+        .query(
+            "SELECT format('%s %s', c.relkind, c.relname) FROM pg_class c
+                 WHERE c.relnamespace = 'cerebro'::regnamespace
+             UNION ALL
+             SELECT format('column %s.%s %s %s %s', c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
+                           a.attnotnull, pg_get_expr(d.adbin, d.adrelid))
+                 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+                 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                 WHERE c.relnamespace = 'cerebro'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
+             UNION ALL
+             SELECT format('constraint %s %s', conname, pg_get_constraintdef(oid)) FROM pg_constraint
+                 WHERE connamespace = 'cerebro'::regnamespace
+             UNION ALL
+             SELECT format('index %s', pg_get_indexdef(indexrelid)) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+                 WHERE c.relnamespace = 'cerebro'::regnamespace
+             UNION ALL
+             SELECT format('function %s(%s) %s %s', p.proname, pg_get_function_arguments(p.oid),
+                           pg_get_function_result(p.oid), p.prosecdef)
+                 FROM pg_proc p WHERE p.pronamespace = 'cerebro'::regnamespace
+             UNION ALL
+             SELECT format('trigger %s', pg_get_triggerdef(t.oid)) FROM pg_trigger t
+                 JOIN pg_class c ON c.oid = t.tgrelid
+                 WHERE c.relnamespace = 'cerebro'::regnamespace AND NOT t.tgisinternal
+             UNION ALL
+             SELECT format('dumped %s', x::regclass) FROM pg_extension e, unnest(e.extconfig) x
+                 WHERE e.extname = 'cerebro'
+             UNION ALL
+             SELECT format('grant %s %s', c.relname, c.relacl) FROM pg_class c
+                 WHERE c.relnamespace = 'cerebro'::regnamespace AND c.relacl IS NOT NULL",
+            &[],
+        )
+        .await?;
+    let mut lines: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    lines.sort();
+    Ok(lines)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_made_by_0_1_0_upgrades_to_exactly_the_fresh_schema() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let admin = env.connect().await?;
+    admin.execute("DROP DATABASE IF EXISTS cerebro_upgrade WITH (FORCE)", &[]).await?;
+    admin.execute("CREATE DATABASE cerebro_upgrade", &[]).await?;
+    let old = env.connect_to("cerebro_upgrade").await?;
+    old.batch_execute("CREATE EXTENSION cerebro VERSION '0.1.0'").await?;
+    old.batch_execute("ALTER EXTENSION cerebro UPDATE").await?;
+    let version: String =
+        old.query_one("SELECT extversion FROM pg_extension WHERE extname = 'cerebro'", &[]).await?.get(0);
+    assert_eq!(version, env!("CARGO_PKG_VERSION"));
+    // The e2e database was created fresh at the current version.
+    let (upgraded, fresh) = (describe_schema(&old).await?, describe_schema(&admin).await?);
+    let only_upgraded: Vec<&String> = upgraded.iter().filter(|l| !fresh.contains(l)).collect();
+    let only_fresh: Vec<&String> = fresh.iter().filter(|l| !upgraded.contains(l)).collect();
+    assert!(
+        only_upgraded.is_empty() && only_fresh.is_empty(),
+        "upgraded only: {only_upgraded:#?}\nfresh only: {only_fresh:#?}"
+    );
+    drop(old);
+    admin.execute("DROP DATABASE cerebro_upgrade WITH (FORCE)", &[]).await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_daemon_for_the_same_database_refuses_to_start() -> anyhow::Result<()> {
     let env = Env::from_env();
