@@ -1,5 +1,6 @@
 -- Cerebro 0.1.0 -> 0.2.0: deployments with rollback and their history, the
--- audit log, ONNX export, and a catalog that pg_dump keeps.
+-- audit log, ONNX export, access control on the catalog, and a catalog that
+-- pg_dump keeps.
 --
 -- This file is both the upgrade script and, after catalog.sql, part of every
 -- fresh install of 0.2.0, so the two paths cannot drift apart. Released
@@ -48,7 +49,8 @@ CREATE TABLE cerebro.audit_log (
     id        bigserial   PRIMARY KEY,
     at        timestamptz NOT NULL DEFAULT now(),
     role_name name        NOT NULL,
-    action    text        NOT NULL CHECK (action IN ('create', 'deploy', 'rollback', 'delete', 'export', 'grant', 'revoke')),
+    action    text        NOT NULL
+              CHECK (action IN ('create', 'deploy', 'rollback', 'delete', 'export', 'grant', 'revoke')),
     model     text        NOT NULL,
     version   integer,
     detail    jsonb
@@ -61,7 +63,7 @@ SELECT pg_catalog.pg_extension_config_dump('cerebro.deployment_history_id_seq', 
 SELECT pg_catalog.pg_extension_config_dump('cerebro.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('cerebro.audit_log_id_seq', '');
 
--- Implemented in the extension's library (fdw/src/deployments.rs); they
+-- Implemented in the extension's library (fdw/src/admin.rs); they
 -- check the caller's rights, then write the catalog as the extension owner.
 CREATE FUNCTION cerebro.deploy(model text, version integer, comment text DEFAULT NULL) RETURNS integer
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'deploy_wrapper';
@@ -70,4 +72,61 @@ CREATE FUNCTION cerebro.rollback(model text, comment text DEFAULT NULL) RETURNS 
 CREATE FUNCTION cerebro.export_onnx(model text, version integer) RETURNS bytea
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'export_onnx_wrapper';
 
-GRANT SELECT ON cerebro.deployments, cerebro.deployment_history, cerebro.audit_log TO PUBLIC;
+CREATE FUNCTION cerebro.grant_model(model text, grantee text) RETURNS void
+    LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'grant_model_wrapper';
+CREATE FUNCTION cerebro.revoke_model(model text, grantee text) RETURNS void
+    LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'revoke_model_wrapper';
+
+-- Who may see and score a model besides its owner: a role, and through it
+-- its members.
+CREATE TABLE cerebro.model_grants (
+    name       text        NOT NULL,
+    grantee    name        NOT NULL,
+    granted_by name        NOT NULL,
+    granted_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (name, grantee)
+);
+SELECT pg_catalog.pg_extension_config_dump('cerebro.model_grants', '');
+
+-- Whether `who` may see and score `model`: it owns it (created its first
+-- version) or is a member of its owner, was granted it (or is a member of a
+-- grantee), is a member of cerebro_admin, or is a superuser. Runs as the
+-- extension owner so that the row-level security it serves does not apply
+-- to itself; policies pass the querying role.
+CREATE FUNCTION cerebro.may_use(model text, who name) RETURNS boolean
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = who AND rolsuper)
+        OR EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = 'cerebro_admin'
+                   AND pg_has_role(who, r.oid, 'MEMBER'))
+        OR EXISTS (SELECT 1 FROM (SELECT created_by FROM cerebro.model_versions
+                                  WHERE name = model ORDER BY version LIMIT 1) o
+                   JOIN pg_roles r ON r.rolname = o.created_by
+                   WHERE pg_has_role(who, r.oid, 'MEMBER'))
+        OR EXISTS (SELECT 1 FROM cerebro.model_grants g JOIN pg_roles r ON r.rolname = g.grantee
+                   WHERE g.name = model AND pg_has_role(who, r.oid, 'MEMBER'))
+$$;
+
+-- Row-level security: every role sees only the catalog rows of the models it
+-- may use. The extension owner and the daemon's role bypass it (owner,
+-- superuser or BYPASSRLS).
+ALTER TABLE cerebro.model_versions ENABLE ROW LEVEL SECURITY;
+CREATE POLICY visible ON cerebro.model_versions FOR SELECT USING (cerebro.may_use(name, current_user));
+ALTER TABLE cerebro.training_history ENABLE ROW LEVEL SECURITY;
+CREATE POLICY visible ON cerebro.training_history FOR SELECT
+    USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = model_version_id));
+ALTER TABLE cerebro.jobs ENABLE ROW LEVEL SECURITY;
+CREATE POLICY visible ON cerebro.jobs FOR SELECT
+    USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = model_version_id));
+ALTER TABLE cerebro.snapshots ENABLE ROW LEVEL SECURITY;
+CREATE POLICY visible ON cerebro.snapshots FOR SELECT
+    USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.snapshot_id = id));
+ALTER TABLE cerebro.deployments ENABLE ROW LEVEL SECURITY;
+CREATE POLICY visible ON cerebro.deployments FOR SELECT USING (cerebro.may_use(name, current_user));
+ALTER TABLE cerebro.deployment_history ENABLE ROW LEVEL SECURITY;
+CREATE POLICY visible ON cerebro.deployment_history FOR SELECT USING (cerebro.may_use(name, current_user));
+ALTER TABLE cerebro.audit_log ENABLE ROW LEVEL SECURITY;
+CREATE POLICY visible ON cerebro.audit_log FOR SELECT USING (cerebro.may_use(model, current_user));
+ALTER TABLE cerebro.model_grants ENABLE ROW LEVEL SECURITY;
+CREATE POLICY visible ON cerebro.model_grants FOR SELECT USING (cerebro.may_use(name, current_user));
+
+GRANT SELECT ON cerebro.deployments, cerebro.deployment_history, cerebro.audit_log, cerebro.model_grants TO PUBLIC;

@@ -43,6 +43,10 @@ pub enum CerebroError {
     VersionNotFound { name: String, version: i32 },
     #[error("model \"{name}\" version {version} is {state}")]
     ModelNotReady { name: String, version: i32, state: String, failed: bool },
+    #[error("permission denied for model \"{model}\"")]
+    ModelAccessDenied { model: String, owner: String },
+    #[error("role \"{0}\" does not exist")]
+    UnknownRole(String),
     #[error("{0} must not be NULL")]
     NullArgument(&'static str),
     #[error("permission denied to {action} model \"{model}\"")]
@@ -104,7 +108,10 @@ impl CerebroError {
             CerebroError::ModelNotReady { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             CerebroError::MissingModel | CerebroError::MissingKey(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             CerebroError::NullArgument(_) => ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            CerebroError::NotModelOwner { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            CerebroError::NotModelOwner { .. } | CerebroError::ModelAccessDenied { .. } => {
+                ERRCODE_INSUFFICIENT_PRIVILEGE
+            }
+            CerebroError::UnknownRole(_) => ERRCODE_UNDEFINED_OBJECT,
             CerebroError::NotDeployable { .. } | CerebroError::NothingToRollBack { .. } => {
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
@@ -151,6 +158,10 @@ impl CerebroError {
             CerebroError::MissingModel => Some("Add WHERE model = '<name>' to the query.".into()),
             CerebroError::NotModelOwner { owner, .. } => Some(format!(
                 "Only the model's owner ({owner}), members of role cerebro_admin and superusers may do this."
+            )),
+            CerebroError::ModelAccessDenied { model, owner } => Some(format!(
+                "Its owner ({owner}) or a member of cerebro_admin can give you access: \
+                 SELECT cerebro.grant_model('{model}', '<your role>');"
             )),
             CerebroError::NotDeployable { .. } => Some(
                 "SELECT version, status FROM cerebro.models WHERE name = '...' shows which versions are ready.".into(),

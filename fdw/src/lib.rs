@@ -8,8 +8,8 @@
 
 use pgrx::prelude::*;
 
+mod admin;
 mod daemon_client;
-mod deployments;
 mod error;
 mod fdw;
 mod gucs;
@@ -67,6 +67,7 @@ mod tests {
             "cerebro.deployments",
             "cerebro.deployment_history",
             "cerebro.audit_log",
+            "cerebro.model_grants",
             "cerebro.models",
             "cerebro.predictions",
         ] {
@@ -263,7 +264,7 @@ mod tests {
         Spi::run("SELECT cerebro.deploy('m', NULL)").unwrap();
     }
 
-    #[pg_test(error = "permission denied to deploy or roll back model \"m\"")]
+    #[pg_test(error = "permission denied to deploy model \"m\"")]
     fn only_the_owner_deploys() {
         two_versions();
         Spi::run("CREATE ROLE cerebro_test_other; SET ROLE cerebro_test_other").unwrap();
@@ -274,6 +275,63 @@ mod tests {
     fn exporting_a_version_that_is_not_ready() {
         two_versions();
         Spi::run("SELECT cerebro.export_onnx('m', 2)").unwrap();
+    }
+
+    fn count(query: &str) -> i64 {
+        Spi::get_one::<i64>(query).unwrap().unwrap()
+    }
+
+    #[pg_test]
+    fn a_role_sees_only_the_models_it_owns_or_was_granted() {
+        two_versions();
+        Spi::run("SELECT cerebro.deploy('m', 1)").unwrap();
+        Spi::run("CREATE ROLE cerebro_test_analyst").unwrap();
+        let visible = || {
+            Spi::run("SET ROLE cerebro_test_analyst").unwrap();
+            let seen = [
+                count("SELECT count(*) FROM cerebro.models"),
+                count("SELECT count(*) FROM cerebro.model_versions"),
+                count("SELECT count(*) FROM cerebro.jobs"),
+                count("SELECT count(*) FROM cerebro.snapshots"),
+                count("SELECT count(*) FROM cerebro.deployments"),
+                count("SELECT count(*) FROM cerebro.deployment_history"),
+                count("SELECT count(*) FROM cerebro.audit_log"),
+            ];
+            Spi::run("RESET ROLE").unwrap();
+            seen
+        };
+        assert_eq!(visible(), [0; 7]);
+        Spi::run("SELECT cerebro.grant_model('m', 'cerebro_test_analyst')").unwrap();
+        // Two versions (and their jobs and snapshots), one deployment, and the
+        // audit rows: two creates, a deploy and the grant.
+        assert_eq!(visible(), [2, 2, 2, 2, 1, 1, 4]);
+        Spi::run("SELECT cerebro.revoke_model('m', 'cerebro_test_analyst')").unwrap();
+        assert_eq!(visible(), [0; 7]);
+        // Through a group role: members of a grantee see what it sees.
+        Spi::run("CREATE ROLE cerebro_test_team; GRANT cerebro_test_team TO cerebro_test_analyst").unwrap();
+        Spi::run("SELECT cerebro.grant_model('m', 'cerebro_test_team')").unwrap();
+        assert_eq!(visible()[0], 2);
+    }
+
+    #[pg_test(error = "permission denied for model \"m\"")]
+    fn scoring_a_model_without_a_grant() {
+        two_versions();
+        Spi::run("CREATE ROLE cerebro_test_stranger; SET ROLE cerebro_test_stranger").unwrap();
+        Spi::run("SELECT * FROM cerebro.predictions WHERE model = 'm'").unwrap();
+    }
+
+    #[pg_test(error = "permission denied to add a version to model \"m\"")]
+    fn only_the_owner_adds_versions() {
+        two_versions();
+        Spi::run("CREATE ROLE cerebro_test_other2; GRANT SELECT ON customers TO cerebro_test_other2").unwrap();
+        Spi::run("SELECT cerebro.grant_model('m', 'cerebro_test_other2'); SET ROLE cerebro_test_other2").unwrap();
+        Spi::run("INSERT INTO cerebro.models (name, source, target) VALUES ('m', 'customers', 'churn')").unwrap();
+    }
+
+    #[pg_test(error = "role \"nobody_here\" does not exist")]
+    fn granting_to_an_unknown_role() {
+        two_versions();
+        Spi::run("SELECT cerebro.grant_model('m', 'nobody_here')").unwrap();
     }
 
     #[pg_test(error = "UPDATE on cerebro.models is not supported")]

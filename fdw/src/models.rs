@@ -255,6 +255,13 @@ pub fn queue_training(req: TrainRequest) -> Result<()> {
                 .first()
                 .get_one()?
                 .expect("coalesce is never NULL");
+            if version > 1 {
+                // A model's versions are its owner's to add.
+                if let (false, owner) = crate::admin::administers(client, &req.name, &user_name)? {
+                    let (model, action) = (req.name.clone(), "add a version to");
+                    return Err(CerebroError::NotModelOwner { model, owner, action });
+                }
+            }
             let snapshot_id: i64 = client
                 .update("SELECT nextval('cerebro.snapshots_id_seq')", Some(1), &[])?
                 .first()

@@ -81,6 +81,27 @@ struct ModelVersion {
 }
 
 fn resolve_model(name: &str, version: Option<i32>) -> Result<ModelVersion> {
+    match resolve_visible(name, version) {
+        // Hidden by row-level security: say so rather than "does not exist".
+        Err(CerebroError::ModelNotFound(_) | CerebroError::VersionNotFound { .. }) if model_exists_at_all(name)? => {
+            Spi::connect_mut(|client| {
+                let user = crate::admin::current_user(client)?;
+                crate::admin::check_may_use(client, name, &user)
+            })?;
+            resolve_visible(name, version)
+        }
+        other => other,
+    }
+}
+
+/// Whether any version of `name` exists, whoever may see it.
+fn model_exists_at_all(name: &str) -> Result<bool> {
+    let _owner = crate::identity::become_owner(crate::identity::extension_owner()?);
+    model_exists(name)
+}
+
+/// [`resolve_model`] within what the caller may see.
+fn resolve_visible(name: &str, version: Option<i32>) -> Result<ModelVersion> {
     Spi::connect(|client| {
         let rows = client.select(
             "SELECT id, version, status::text, features, class_labels, source_relation, key_column,

@@ -79,7 +79,12 @@ impl Env {
 
     /// A connection to another database of the same cluster.
     pub async fn connect_to(&self, db: &str) -> Result<Client> {
-        let url = format!("host={} port={} user=postgres dbname={db}", self.pghost, self.pgport);
+        self.connect_as("postgres", db).await
+    }
+
+    /// A connection as `role` (the test cluster trusts local connections).
+    pub async fn connect_as(&self, role: &str, db: &str) -> Result<Client> {
+        let url = format!("host={} port={} user={role} dbname={db}", self.pghost, self.pgport);
         let (client, conn) = tokio_postgres::connect(&url, NoTls).await.context("connecting to the e2e database")?;
         tokio::spawn(async move {
             let _ = conn.await;

@@ -121,7 +121,8 @@ async fn a_model_trains_from_insert_and_scores_from_select() -> anyhow::Result<(
     db.batch_execute(
         "CREATE OR REPLACE VIEW public.telco_new AS SELECT * FROM telco_churn WHERE tenure < 12;
          DROP ROLE IF EXISTS e2e_analyst; CREATE ROLE e2e_analyst;
-         GRANT SELECT ON public.telco_new TO e2e_analyst;",
+         GRANT SELECT ON public.telco_new TO e2e_analyst;
+         SELECT cerebro.grant_model('e2e_churn', 'e2e_analyst');",
     )
     .await?;
     let new_rows: i64 = db.query_one("SELECT count(*) FROM telco_new", &[]).await?.get(0);
@@ -632,6 +633,51 @@ async fn export_onnx_returns_the_archived_file_and_is_audited() -> anyhow::Resul
         assert!((p - score).abs() <= 1e-6, "row {key}: python {p}, sql {score}");
     }
     std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_without_a_grant_sees_and_scores_nothing_until_granted() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    db.batch_execute(
+        "DROP ROLE IF EXISTS e2e_outsider; CREATE ROLE e2e_outsider LOGIN; GRANT SELECT ON telco_churn TO e2e_outsider",
+    )
+    .await?;
+    let v = insert(&db, "e2e_private", "churn", r#"{"epochs": 2}"#).await?;
+    wait_until_done(&db, "e2e_private", v, TRAIN_TIMEOUT).await?;
+
+    let outsider = env.connect_as("e2e_outsider", &env.db).await?;
+    let listed = "SELECT count(*) FROM cerebro.models WHERE name = 'e2e_private'";
+    assert_eq!(outsider.query_one(listed, &[]).await?.get::<_, i64>(0), 0, "another role's model is listed");
+    let scoring = "SELECT count(*) FROM cerebro.predictions WHERE model = 'e2e_private'";
+    let err = outsider.query_one(scoring, &[]).await.expect_err("no grant");
+    let e = err.as_db_error().expect("a server error");
+    assert_eq!(e.code().code(), "42501");
+    assert_eq!(e.message(), "permission denied for model \"e2e_private\"");
+    assert!(e.hint().unwrap_or("").contains("cerebro.grant_model('e2e_private'"), "{:?}", e.hint());
+    for denied in ["SELECT cerebro.export_onnx('e2e_private', 1)", "SELECT cerebro.deploy('e2e_private', 1)"] {
+        let err = outsider.query_one(denied, &[]).await.expect_err("no grant");
+        assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42501"), "{denied}: {err}");
+    }
+
+    db.execute("SELECT cerebro.grant_model('e2e_private', 'e2e_outsider')", &[]).await?;
+    assert_eq!(outsider.query_one(listed, &[]).await?.get::<_, i64>(0), 1);
+    assert_eq!(outsider.query_one(scoring, &[]).await?.get::<_, i64>(0), 7043);
+    // A grant lets one see and score, not deploy.
+    let err = outsider.query_one("SELECT cerebro.deploy('e2e_private', 1)", &[]).await.expect_err("not the owner");
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42501"));
+
+    db.execute("SELECT cerebro.revoke_model('e2e_private', 'e2e_outsider')", &[]).await?;
+    assert_eq!(outsider.query_one(listed, &[]).await?.get::<_, i64>(0), 0);
+    let audited: Vec<String> = db
+        .query("SELECT action FROM cerebro.audit_log WHERE model = 'e2e_private' ORDER BY id", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(audited, ["create", "grant", "revoke"]);
     Ok(())
 }
 

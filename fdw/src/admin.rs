@@ -1,12 +1,15 @@
-//! `cerebro.deploy`, `cerebro.rollback` and `cerebro.export_onnx`.
+//! Model administration: `cerebro.deploy`, `cerebro.rollback`,
+//! `cerebro.export_onnx`, `cerebro.grant_model` and `cerebro.revoke_model`.
 //!
 //! Deploying picks the version `cerebro.predictions` scores with when a query
-//! names none. Only a model's owner (the role that created its first
-//! version), a member of `cerebro_admin` or a superuser may change it. Every
-//! change is recorded in `cerebro.deployment_history` and
-//! `cerebro.audit_log`; the catalog is written as the extension owner, after
-//! the checks ran as the caller. A scan resolves its version when it starts,
-//! so a deployment change reaches new queries at once and never a running one.
+//! names none. A model's owner (the role that created its first version, or
+//! a member of it), members of `cerebro_admin` and superusers may deploy,
+//! roll back and grant it; whoever may use it (`cerebro.may_use`) may export
+//! it. Every change is recorded in `cerebro.audit_log` (deployments also in
+//! `cerebro.deployment_history`); the catalog is read and written as the
+//! extension owner, after the checks, in the caller's transaction. A scan
+//! resolves its version when it starts, so a deployment change reaches new
+//! queries at once and never a running one.
 
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::panic::ErrorReport;
@@ -41,33 +44,56 @@ fn first<T: FromDatum + IntoDatum>(
     }
 }
 
-fn current_user(client: &mut SpiClient<'_>) -> Result<String> {
+pub(crate) fn current_user(client: &mut SpiClient<'_>) -> Result<String> {
     Ok(first::<String>(client, "SELECT current_user::text", &[], 1)?.expect("current_user is never NULL"))
 }
 
-/// Who may deploy: the owner, `cerebro_admin`'s members, superusers.
-fn check_may_deploy(client: &mut SpiClient<'_>, model: &str, user: &str) -> Result<()> {
-    let owner = first::<String>(
+/// The role that owns `model` (created its first version), read past
+/// row-level security.
+fn owner_of(client: &mut SpiClient<'_>, model: &str) -> Result<String> {
+    let _owner = identity::become_owner(identity::extension_owner()?);
+    first::<String>(
         client,
         "SELECT created_by::text FROM cerebro.model_versions WHERE name = $1 ORDER BY version LIMIT 1",
         &[model.into()],
         1,
     )?
-    .ok_or_else(|| CerebroError::ModelNotFound(model.into()))?;
+    .ok_or_else(|| CerebroError::ModelNotFound(model.into()))
+}
+
+/// Whether `user` administers `model`: a member of its owner or of
+/// `cerebro_admin`, or a superuser.
+pub(crate) fn administers(client: &mut SpiClient<'_>, model: &str, user: &str) -> Result<(bool, String)> {
+    let owner = owner_of(client, model)?;
     let allowed = first::<bool>(
         client,
-        "SELECT $1 = $2
-             OR (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = $2)
-             OR (EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'cerebro_admin')
-                 AND pg_catalog.pg_has_role($2, 'cerebro_admin', 'MEMBER'))",
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $2 AND rolsuper)
+             OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname IN ($1, 'cerebro_admin')
+                        AND pg_catalog.pg_has_role($2, r.oid, 'MEMBER'))",
         &[owner.as_str().into(), user.into()],
         1,
     )?
     .unwrap_or(false);
+    Ok((allowed, owner))
+}
+
+fn check_administers(client: &mut SpiClient<'_>, model: &str, user: &str, action: &'static str) -> Result<()> {
+    match administers(client, model, user)? {
+        (true, _) => Ok(()),
+        (false, owner) => Err(CerebroError::NotModelOwner { model: model.into(), owner, action }),
+    }
+}
+
+/// Whether `user` may see and score `model` (`cerebro.may_use`); an error
+/// naming the owner when it may not.
+pub(crate) fn check_may_use(client: &mut SpiClient<'_>, model: &str, user: &str) -> Result<()> {
+    let owner = owner_of(client, model)?;
+    let allowed =
+        first::<bool>(client, "SELECT cerebro.may_use($1, $2)", &[model.into(), user.into()], 1)?.unwrap_or(false);
     if allowed {
         Ok(())
     } else {
-        Err(CerebroError::NotModelOwner { model: model.into(), owner, action: "deploy or roll back" })
+        Err(CerebroError::ModelAccessDenied { model: model.into(), owner })
     }
 }
 
@@ -111,7 +137,8 @@ struct Audit<'a> {
     user: &'a str,
     action: &'a str,
     model: &'a str,
-    version: i32,
+    /// None for what concerns the whole model (grants).
+    version: Option<i32>,
     detail: serde_json::Value,
 }
 
@@ -129,9 +156,9 @@ fn try_deploy(model: Option<&str>, version: Option<i32>, comment: Option<&str>) 
     let version = required(version, "version")?;
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
-        check_may_deploy(client, model, &user)?;
-        check_ready(client, model, version, "deployed")?;
+        check_administers(client, model, &user, "deploy")?;
         let _owner = identity::become_owner(identity::extension_owner()?);
+        check_ready(client, model, version, "deployed")?;
         let current = first::<i32>(
             client,
             "SELECT version FROM cerebro.deployments WHERE name = $1 FOR UPDATE",
@@ -159,7 +186,7 @@ fn try_rollback(model: Option<&str>, comment: Option<&str>) -> Result<i32> {
     let model = required(model, "model")?;
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
-        check_may_deploy(client, model, &user)?;
+        check_administers(client, model, &user, "roll back")?;
         let _owner = identity::become_owner(identity::extension_owner()?);
         let query = "SELECT version, earlier[cardinality(earlier)] FROM cerebro.deployments WHERE name = $1 FOR UPDATE";
         let (current, previous) = match client.update(query, Some(1), &[model.into()])?.next() {
@@ -203,7 +230,7 @@ fn record(client: &mut SpiClient<'_>, c: Change<'_>) -> Result<()> {
         &[c.model.into(), c.action.into(), c.from.into(), c.to.into(), c.comment.into(), c.user.into()],
     )?;
     let detail = serde_json::json!({ "from_version": c.from, "comment": c.comment });
-    audit(client, Audit { user: c.user, action: c.action, model: c.model, version: c.to, detail })?;
+    audit(client, Audit { user: c.user, action: c.action, model: c.model, version: Some(c.to), detail })?;
     let model = c.model;
     match c.from {
         Some(from) => notice!("model \"{model}\": version {} is deployed (was {from})", c.to),
@@ -217,8 +244,9 @@ fn try_export(model: Option<&str>, version: Option<i32>) -> Result<Vec<u8>> {
     let version = required(version, "version")?;
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
-        check_ready(client, model, version, "exported")?;
+        check_may_use(client, model, &user)?;
         let _owner = identity::become_owner(identity::extension_owner()?);
+        check_ready(client, model, version, "exported")?;
         let bytes = first::<Vec<u8>>(
             client,
             "SELECT a.bytes FROM cerebro.artifacts a JOIN cerebro.model_versions m ON m.id = a.model_version_id
@@ -228,9 +256,66 @@ fn try_export(model: Option<&str>, version: Option<i32>) -> Result<Vec<u8>> {
         )?
         .ok_or_else(|| CerebroError::VersionNotFound { name: model.into(), version })?;
         let detail = serde_json::json!({ "bytes": bytes.len() });
-        audit(client, Audit { user: &user, action: "export", model, version, detail })?;
+        audit(client, Audit { user: &user, action: "export", model, version: Some(version), detail })?;
         Ok(bytes)
     })
+}
+
+fn try_grant(model: Option<&str>, grantee: Option<&str>, grant: bool) -> Result<()> {
+    let model = required(model, "model")?;
+    let grantee = required(grantee, "grantee")?;
+    Spi::connect_mut(|client| {
+        let user = current_user(client)?;
+        check_administers(client, model, &user, if grant { "grant" } else { "revoke" })?;
+        let role_exists = first::<bool>(
+            client,
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)",
+            &[grantee.into()],
+            1,
+        )?;
+        if role_exists != Some(true) {
+            return Err(CerebroError::UnknownRole(grantee.into()));
+        }
+        let _owner = identity::become_owner(identity::extension_owner()?);
+        let changed = if grant {
+            client
+                .update(
+                    "INSERT INTO cerebro.model_grants (name, grantee, granted_by) VALUES ($1, $2, $3)
+                     ON CONFLICT DO NOTHING RETURNING 1",
+                    None,
+                    &[model.into(), grantee.into(), user.as_str().into()],
+                )?
+                .len()
+        } else {
+            client
+                .update(
+                    "DELETE FROM cerebro.model_grants WHERE name = $1 AND grantee = $2 RETURNING 1",
+                    None,
+                    &[model.into(), grantee.into()],
+                )?
+                .len()
+        };
+        if changed == 0 {
+            let what = if grant { "already has" } else { "has no" };
+            notice!("role \"{grantee}\" {what} a grant on model \"{model}\"");
+            return Ok(());
+        }
+        let action = if grant { "grant" } else { "revoke" };
+        let detail = serde_json::json!({ "grantee": grantee });
+        audit(client, Audit { user: &user, action, model, version: None, detail })
+    })
+}
+
+/// Lets `grantee` (and its members) see and score `model`.
+#[pg_extern(sql = false)]
+fn grant_model(model: Option<&str>, grantee: Option<&str>) {
+    try_grant(model, grantee, true).unwrap_or_else(|e| raise(e))
+}
+
+/// Takes back what `cerebro.grant_model` gave.
+#[pg_extern(sql = false)]
+fn revoke_model(model: Option<&str>, grantee: Option<&str>) {
+    try_grant(model, grantee, false).unwrap_or_else(|e| raise(e))
 }
 
 /// Makes `version` the one `cerebro.predictions` uses for `model`; returns it.
