@@ -1,6 +1,6 @@
 -- Cerebro 0.1.0 -> 0.2.0: deployments with rollback and their history, the
--- audit log, ONNX export, access control on the catalog, and a catalog that
--- pg_dump keeps.
+-- audit log, ONNX export, access control on the catalog, provenance and
+-- reproduction, and a catalog that pg_dump keeps.
 --
 -- This file is both the upgrade script and, after catalog.sql, part of every
 -- fresh install of 0.2.0, so the two paths cannot drift apart. Released
@@ -29,6 +29,17 @@ CREATE TABLE cerebro.deployments (
 );
 
 ALTER FOREIGN TABLE cerebro.models ADD COLUMN deployed boolean;
+
+-- Provenance. `request`: the INSERT as written (options before defaults);
+-- `trained_with`: the daemon's version, the git commit it was built from,
+-- the device and threads; `weights_sha256`: the trained parameters, so that
+-- two trainings can be compared bit for bit; `reproduces`: the version a
+-- cerebro.reproduce() call retrained.
+ALTER TABLE cerebro.model_versions
+    ADD COLUMN request        jsonb,
+    ADD COLUMN trained_with   jsonb,
+    ADD COLUMN weights_sha256 text,
+    ADD COLUMN reproduces     integer;
 
 -- Every deployment change: who, when, from which version to which, and why.
 CREATE TABLE cerebro.deployment_history (
@@ -72,6 +83,8 @@ CREATE FUNCTION cerebro.rollback(model text, comment text DEFAULT NULL) RETURNS 
 CREATE FUNCTION cerebro.export_onnx(model text, version integer) RETURNS bytea
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'export_onnx_wrapper';
 
+CREATE FUNCTION cerebro.reproduce(model text, version integer) RETURNS integer
+    LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'reproduce_wrapper';
 CREATE FUNCTION cerebro.grant_model(model text, grantee text) RETURNS void
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'grant_model_wrapper';
 CREATE FUNCTION cerebro.revoke_model(model text, grantee text) RETURNS void

@@ -46,7 +46,12 @@ pub enum DaemonError {
 /// Runs the daemon until `shutdown` becomes true or the database is lost.
 pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), DaemonError> {
     let gpus = gpu::inventory();
-    info!("cerebrod {} starting; {gpus}; training on device = {}", env!("CARGO_PKG_VERSION"), config.device);
+    info!(
+        "cerebrod {} ({}) starting; {gpus}; training on device = {}",
+        env!("CARGO_PKG_VERSION"),
+        env!("CEREBRO_GIT_COMMIT"),
+        config.device
+    );
     if let DeviceChoice::Cuda(n) = config.device {
         let present = matches!(&gpus, gpu::GpuInventory::Devices(d) if d.iter().any(|g| g.ordinal == n));
         if !present {

@@ -458,6 +458,28 @@ fn predict_logits(network: &Stack, batch: Batch<'_>) -> Vec<f32> {
 }
 
 impl TrainedModel {
+    /// sha256 of every trained parameter and running statistic, in storage
+    /// order, as little-endian f32: equal exactly when the weights are.
+    pub fn weights_sha256(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        for tensor in self.network.params.iter().chain(&self.network.state) {
+            for v in tensor {
+                hash.update(v.to_le_bytes());
+            }
+        }
+        hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// What trained it: cerebrod's version, the commit it was built from, the device.
+    pub fn trained_with(&self) -> serde_json::Value {
+        serde_json::json!({
+            "cerebrod": env!("CARGO_PKG_VERSION"),
+            "commit": env!("CEREBRO_GIT_COMMIT"),
+            "device": self.device,
+        })
+    }
+
     pub fn head(&self) -> Head {
         head_for(self.task, self.class_labels.len())
     }

@@ -306,6 +306,66 @@ fn try_grant(model: Option<&str>, grantee: Option<&str>, grant: bool) -> Result<
     })
 }
 
+fn try_reproduce(model: Option<&str>, version: Option<i32>) -> Result<i32> {
+    let model = required(model, "model")?;
+    let version = required(version, "version")?;
+    Spi::connect_mut(|client| {
+        let user = current_user(client)?;
+        check_administers(client, model, &user, "add a version to")?;
+        let _owner = identity::become_owner(identity::extension_owner()?);
+        status_of(client, model, version)?;
+        let data = first::<String>(
+            client,
+            "SELECT s.data_relation FROM cerebro.snapshots s JOIN cerebro.model_versions m ON m.snapshot_id = s.id
+             WHERE m.name = $1 AND m.version = $2 AND pg_catalog.to_regclass(s.data_relation) IS NOT NULL",
+            &[model.into(), version.into()],
+            1,
+        )?;
+        if data.is_none() {
+            return Err(CerebroError::SnapshotGone { name: model.into(), version });
+        }
+        client.update(
+            "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('cerebro.models'), pg_catalog.hashtext($1))",
+            None,
+            &[model.into()],
+        )?;
+        let (id, new_version) = match client
+            .update(
+                "INSERT INTO cerebro.model_versions (name, version, task, source_relation, target_column, key_column,
+                     features, class_labels, options, snapshot_id, epochs, created_by, request, reproduces)
+                 SELECT name, (SELECT max(version) + 1 FROM cerebro.model_versions WHERE name = $1), task,
+                        source_relation, target_column, key_column, features, class_labels, options, snapshot_id,
+                        epochs, $3, request, version
+                 FROM cerebro.model_versions WHERE name = $1 AND version = $2
+                 RETURNING id, version",
+                Some(1),
+                &[model.into(), version.into(), user.as_str().into()],
+            )?
+            .next()
+        {
+            Some(row) => (row.get::<i64>(1)?.expect("id"), row.get::<i32>(2)?.expect("version")),
+            None => return Err(CerebroError::VersionNotFound { name: model.into(), version }),
+        };
+        let job: i64 =
+            first(client, "INSERT INTO cerebro.jobs (model_version_id) VALUES ($1) RETURNING id", &[id.into()], 1)?
+                .expect("RETURNING id");
+        let detail = serde_json::json!({ "reproduces": version });
+        audit(client, Audit { user: &user, action: "create", model, version: Some(new_version), detail })?;
+        client.update("SELECT pg_catalog.pg_notify('cerebro_jobs', $1)", None, &[job.to_string().into()])?;
+        notice!(
+            "model \"{model}\" version {new_version} is queued: version {version} retrained on its frozen snapshot"
+        );
+        Ok(new_version)
+    })
+}
+
+/// Retrains `version` from its frozen snapshot with the same options and
+/// seed, as a new version; returns it.
+#[pg_extern(sql = false)]
+fn reproduce(model: Option<&str>, version: Option<i32>) -> i32 {
+    try_reproduce(model, version).unwrap_or_else(|e| raise(e))
+}
+
 /// Lets `grantee` (and its members) see and score `model`.
 #[pg_extern(sql = false)]
 fn grant_model(model: Option<&str>, grantee: Option<&str>) {

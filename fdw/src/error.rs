@@ -45,6 +45,8 @@ pub enum CerebroError {
     ModelNotReady { name: String, version: i32, state: String, failed: bool },
     #[error("permission denied for model \"{model}\"")]
     ModelAccessDenied { model: String, owner: String },
+    #[error("model \"{name}\" version {version} has no frozen snapshot left to retrain on")]
+    SnapshotGone { name: String, version: i32 },
     #[error("role \"{0}\" does not exist")]
     UnknownRole(String),
     #[error("{0} must not be NULL")]
@@ -112,6 +114,7 @@ impl CerebroError {
                 ERRCODE_INSUFFICIENT_PRIVILEGE
             }
             CerebroError::UnknownRole(_) => ERRCODE_UNDEFINED_OBJECT,
+            CerebroError::SnapshotGone { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             CerebroError::NotDeployable { .. } | CerebroError::NothingToRollBack { .. } => {
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }

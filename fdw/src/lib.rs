@@ -328,6 +328,27 @@ mod tests {
         Spi::run("INSERT INTO cerebro.models (name, source, target) VALUES ('m', 'customers', 'churn')").unwrap();
     }
 
+    #[pg_test]
+    fn reproduce_queues_a_copy_on_the_same_snapshot() {
+        two_versions();
+        assert_eq!(Spi::get_one::<i32>("SELECT cerebro.reproduce('m', 1)").unwrap(), Some(3));
+        let same = Spi::get_one::<bool>(
+            "SELECT a.snapshot_id = b.snapshot_id AND a.options = b.options AND a.request = b.request
+                    AND b.reproduces = 1 AND b.status = 'queued'
+             FROM cerebro.model_versions a, cerebro.model_versions b
+             WHERE a.name = 'm' AND a.version = 1 AND b.name = 'm' AND b.version = 3",
+        )
+        .unwrap();
+        assert_eq!(same, Some(true));
+        assert_eq!(queued_jobs(), 3);
+    }
+
+    #[pg_test(error = "model \"m\" has no version 9")]
+    fn reproducing_a_version_that_does_not_exist() {
+        two_versions();
+        Spi::run("SELECT cerebro.reproduce('m', 9)").unwrap();
+    }
+
     #[pg_test(error = "role \"nobody_here\" does not exist")]
     fn granting_to_an_unknown_role() {
         two_versions();

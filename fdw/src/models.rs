@@ -23,6 +23,8 @@ pub struct TrainRequest {
     pub features: Option<Vec<String>>,
     pub task: TaskChoice,
     pub options: TrainOptions,
+    /// The row as written, before any default: provenance.
+    pub written: serde_json::Value,
 }
 
 fn text(column: &str, cell: &Option<Cell>) -> Result<Option<String>> {
@@ -73,6 +75,10 @@ impl TrainRequest {
                 _ => {}
             }
         }
+        let written = serde_json::json!({
+            "name": name, "source": source, "target": target, "key": key,
+            "features": features, "task": task, "options": options,
+        });
         let name = name.ok_or(CerebroError::MissingValue("name"))?;
         validate_model_name(&name)?;
         Ok(TrainRequest {
@@ -83,6 +89,7 @@ impl TrainRequest {
             features,
             task: task.as_deref().unwrap_or("auto").parse()?,
             options: TrainOptions::from_json(options.as_ref())?,
+            written,
         })
     }
 }
@@ -326,8 +333,8 @@ pub fn queue_training(req: TrainRequest) -> Result<()> {
         let model_version_id: i64 = client
             .update(
                 "INSERT INTO cerebro.model_versions (name, version, task, source_relation, target_column, key_column,
-                     features, class_labels, options, snapshot_id, epochs, created_by)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id",
+                     features, class_labels, options, snapshot_id, epochs, created_by, request)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING id",
                 Some(1),
                 &[
                     req.name.as_str().into(),
@@ -342,6 +349,7 @@ pub fn queue_training(req: TrainRequest) -> Result<()> {
                     snapshot_id.into(),
                     (req.options.epochs as i32).into(),
                     user_name.as_str().into(),
+                    JsonB(req.written.clone()).into(),
                 ],
             )?
             .first()

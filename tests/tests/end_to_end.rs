@@ -681,6 +681,56 @@ async fn a_role_without_a_grant_sees_and_scores_nothing_until_granted() -> anyho
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn reproduce_retrains_a_version_bit_for_bit_from_its_frozen_snapshot() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    db.batch_execute("DROP TABLE IF EXISTS e2e_repro_src; CREATE TABLE e2e_repro_src AS SELECT * FROM telco_churn")
+        .await?;
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, options)
+         VALUES ('e2e_repro', 'e2e_repro_src', 'churn', 'customer_id', '{\"epochs\": 4, \"dropout\": 0.1}')",
+        &[],
+    )
+    .await?;
+    assert_eq!(wait_until_done(&db, "e2e_repro", 1, TRAIN_TIMEOUT).await?.last().map(String::as_str), Some("ready"));
+    // The source changes after training; a reproduction reads the frozen snapshot.
+    db.execute("UPDATE e2e_repro_src SET tenure = tenure + 7, churn = 'No'", &[]).await?;
+    let v2: i32 = db.query_one("SELECT cerebro.reproduce('e2e_repro', 1)", &[]).await?.get(0);
+    assert_eq!(v2, 2);
+    assert_eq!(wait_until_done(&db, "e2e_repro", v2, TRAIN_TIMEOUT).await?.last().map(String::as_str), Some("ready"));
+
+    let provenance = "SELECT weights_sha256, metrics, snapshot_id, request, trained_with, reproduces
+                      FROM cerebro.model_versions WHERE name = 'e2e_repro' AND version = $1";
+    let (a, b) = (db.query_one(provenance, &[&1i32]).await?, db.query_one(provenance, &[&v2]).await?);
+    let sha: (Option<String>, Option<String>) = (a.get(0), b.get(0));
+    assert!(sha.0.is_some());
+    assert_eq!(sha.0, sha.1, "the reproduction's weights differ");
+    assert_eq!(a.get::<_, serde_json::Value>(1), b.get::<_, serde_json::Value>(1), "metrics differ");
+    assert_eq!(a.get::<_, i64>(2), b.get::<_, i64>(2), "not the same snapshot");
+    let request: serde_json::Value = a.get(3);
+    assert_eq!(request["options"], serde_json::json!({"epochs": 4, "dropout": 0.1}), "options as written");
+    assert_eq!(request["source"], "e2e_repro_src");
+    assert_eq!(request, b.get::<_, serde_json::Value>(3));
+    let trained_with: serde_json::Value = a.get(4);
+    assert!(trained_with["commit"].as_str().is_some_and(|c| c.len() >= 40), "{trained_with}");
+    assert_eq!(trained_with["device"], "cpu, 1 thread");
+    assert_eq!((a.get::<_, Option<i32>>(5), b.get::<_, Option<i32>>(5)), (None, Some(1)));
+
+    let history = "SELECT array_agg(h.train_loss ORDER BY h.epoch) || array_agg(h.valid_loss ORDER BY h.epoch)
+                   FROM cerebro.training_history h JOIN cerebro.model_versions m ON m.id = h.model_version_id
+                   WHERE m.name = 'e2e_repro' AND m.version = $1";
+    let (ha, hb): (Vec<f64>, Vec<f64>) =
+        (db.query_one(history, &[&1i32]).await?.get(0), db.query_one(history, &[&v2]).await?.get(0));
+    assert_eq!(ha, hb, "per-epoch losses differ");
+    let scores = |v: i32| {
+        format!("SELECT key, label, score FROM cerebro.predictions WHERE model = 'e2e_repro' AND version = {v}")
+    };
+    assert_eq!(sql_scores(&db, &scores(1)).await?, sql_scores(&db, &scores(v2)).await?);
+    Ok(())
+}
+
 /// Every object of schema cerebro, described in text, sorted.
 async fn describe_schema(db: &tokio_postgres::Client) -> anyhow::Result<Vec<String>> {
     let rows = db
