@@ -1,6 +1,6 @@
 -- Cerebro 0.1.0 -> 0.2.0: deployments with rollback and their history, the
 -- audit log, ONNX export, access control on the catalog, provenance and
--- reproduction, and a catalog that pg_dump keeps.
+-- reproduction, retention, and a catalog that pg_dump keeps.
 --
 -- This file is both the upgrade script and, after catalog.sql, part of every
 -- fresh install of 0.2.0, so the two paths cannot drift apart. Released
@@ -40,6 +40,19 @@ ALTER TABLE cerebro.model_versions
     ADD COLUMN trained_with   jsonb,
     ADD COLUMN weights_sha256 text,
     ADD COLUMN reproduces     integer;
+
+-- Lineage (filled by derived models) and retention. A deleted version that
+-- another version descends from keeps its row, status 'deleted', without its
+-- bytes (artifact, snapshot data); `artifact_bytes` is what its ONNX file took.
+ALTER TYPE cerebro.model_status ADD VALUE 'deleted';
+ALTER TABLE cerebro.model_versions
+    ADD COLUMN parent_version integer,
+    ADD COLUMN change         text,
+    ADD COLUMN artifact_bytes bigint,
+    ADD COLUMN deleted_at     timestamptz;
+UPDATE cerebro.model_versions m SET artifact_bytes = a.size_bytes
+FROM cerebro.artifacts a WHERE a.model_version_id = m.id;
+ALTER FOREIGN TABLE cerebro.models ADD COLUMN storage_bytes bigint;
 
 -- Every deployment change: who, when, from which version to which, and why.
 CREATE TABLE cerebro.deployment_history (
@@ -85,6 +98,8 @@ CREATE FUNCTION cerebro.export_onnx(model text, version integer) RETURNS bytea
 
 CREATE FUNCTION cerebro.reproduce(model text, version integer) RETURNS integer
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'reproduce_wrapper';
+CREATE FUNCTION cerebro.delete_model(model text, version integer) RETURNS bigint
+    LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'delete_model_wrapper';
 CREATE FUNCTION cerebro.grant_model(model text, grantee text) RETURNS void
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'grant_model_wrapper';
 CREATE FUNCTION cerebro.revoke_model(model text, grantee text) RETURNS void

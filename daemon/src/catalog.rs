@@ -249,9 +249,17 @@ impl Catalog {
             "UPDATE cerebro.model_versions SET status = 'ready', metrics = $2, pipeline = $3,
                     artifact_sha256 = $4, trained_at = now(), error = NULL,
                     epoch = (SELECT coalesce(max(epoch), 0) FROM cerebro.training_history WHERE model_version_id = $1),
-                    weights_sha256 = $5, trained_with = $6
+                    weights_sha256 = $5, trained_with = $6, artifact_bytes = $7
              WHERE id = $1",
-            &[&job.model_version_id, &metrics, &pipeline, &sha256, &model.weights_sha256(), &model.trained_with()],
+            &[
+                &job.model_version_id,
+                &metrics,
+                &pipeline,
+                &sha256,
+                &model.weights_sha256(),
+                &model.trained_with(),
+                &(onnx.len() as i64),
+            ],
         )
         .await?;
         tx.execute("UPDATE cerebro.snapshots SET fingerprint = $2 WHERE id = $1", &[&snapshot_id, &fingerprint])

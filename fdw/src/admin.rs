@@ -366,6 +366,125 @@ fn reproduce(model: Option<&str>, version: Option<i32>) -> i32 {
     try_reproduce(model, version).unwrap_or_else(|e| raise(e))
 }
 
+fn try_delete(model: Option<&str>, version: Option<i32>) -> Result<i64> {
+    let model = required(model, "model")?;
+    let version = required(version, "version")?;
+    Spi::connect_mut(|client| {
+        let user = current_user(client)?;
+        check_administers(client, model, &user, "delete")?;
+        let _owner = identity::become_owner(identity::extension_owner()?);
+        // Lock the job before the version, in the daemon's order when it
+        // claims one: a claim in flight finishes first (and the version is
+        // then training), or skips the job this transaction holds.
+        client.update(
+            "SELECT 1 FROM cerebro.jobs j JOIN cerebro.model_versions m ON m.id = j.model_version_id
+             WHERE m.name = $1 AND m.version = $2 FOR UPDATE OF j",
+            None,
+            &[model.into(), version.into()],
+        )?;
+        client.update(
+            "SELECT 1 FROM cerebro.model_versions WHERE name = $1 AND version = $2 FOR UPDATE",
+            None,
+            &[model.into(), version.into()],
+        )?;
+        let status = status_of(client, model, version)?;
+        if status == "training" || status == "deleted" {
+            return Err(CerebroError::NotDeletable { name: model.into(), version, status });
+        }
+        let deployed = first::<i32>(
+            client,
+            "SELECT version FROM cerebro.deployments WHERE name = $1 FOR UPDATE",
+            &[model.into()],
+            1,
+        )?;
+        if deployed == Some(version) {
+            return Err(CerebroError::DeletingDeployed { name: model.into(), version });
+        }
+        let row = client
+            .update(
+                "SELECT m.id, m.snapshot_id, s.data_relation, coalesce(m.artifact_bytes, 0),
+                        EXISTS (SELECT 1 FROM cerebro.model_versions c
+                                WHERE c.name = m.name AND (c.parent_version = m.version OR c.reproduces = m.version))
+                 FROM cerebro.model_versions m JOIN cerebro.snapshots s ON s.id = m.snapshot_id
+                 WHERE m.name = $1 AND m.version = $2",
+                Some(1),
+                &[model.into(), version.into()],
+            )?
+            .next()
+            .ok_or_else(|| CerebroError::VersionNotFound { name: model.into(), version })?;
+        let id: i64 = row.get(1)?.expect("id");
+        let snapshot: i64 = row.get(2)?.expect("snapshot_id");
+        let data_relation: String = row.get(3)?.expect("data_relation");
+        let mut freed: i64 = row.get(4)?.unwrap_or(0);
+        let is_parent: bool = row.get(5)?.unwrap_or(false);
+
+        client.update("DELETE FROM cerebro.artifacts WHERE model_version_id = $1", None, &[id.into()])?;
+        if is_parent {
+            // Versions descend from it: keep the row, and so the lineage.
+            client.update(
+                "UPDATE cerebro.model_versions SET status = 'deleted', deleted_at = now() WHERE id = $1",
+                None,
+                &[id.into()],
+            )?;
+        } else {
+            client.update("DELETE FROM cerebro.model_versions WHERE id = $1", None, &[id.into()])?;
+        }
+        client.update(
+            "UPDATE cerebro.deployments SET earlier = pg_catalog.array_remove(earlier, $2) WHERE name = $1",
+            None,
+            &[model.into(), version.into()],
+        )?;
+        // The snapshot's data goes when no live version trains or retrains on it.
+        let still_used = first::<bool>(
+            client,
+            "SELECT EXISTS (SELECT 1 FROM cerebro.model_versions WHERE snapshot_id = $1 AND status <> 'deleted')",
+            &[snapshot.into()],
+            1,
+        )?
+        .unwrap_or(true);
+        if !still_used {
+            freed += first::<i64>(
+                client,
+                "SELECT pg_catalog.pg_total_relation_size(pg_catalog.to_regclass($1))",
+                &[data_relation.as_str().into()],
+                1,
+            )?
+            .unwrap_or(0);
+            client.update(&format!("DROP TABLE IF EXISTS {data_relation}"), None, &[])?;
+            client.update(
+                "DELETE FROM cerebro.snapshots s WHERE s.id = $1
+                     AND NOT EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.snapshot_id = s.id)",
+                None,
+                &[snapshot.into()],
+            )?;
+            client.update("UPDATE cerebro.snapshots SET frozen = false WHERE id = $1", None, &[snapshot.into()])?;
+        }
+        // The last version gone: the name is free again, without its grants.
+        client.update(
+            "DELETE FROM cerebro.model_grants g WHERE g.name = $1
+                 AND NOT EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.name = g.name)",
+            None,
+            &[model.into()],
+        )?;
+        client.update(
+            "DELETE FROM cerebro.deployments d WHERE d.name = $1
+                 AND NOT EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.name = d.name)",
+            None,
+            &[model.into()],
+        )?;
+        let detail = serde_json::json!({ "freed_bytes": freed, "lineage_kept": is_parent, "status": status });
+        audit(client, Audit { user: &user, action: "delete", model, version: Some(version), detail })?;
+        Ok(freed)
+    })
+}
+
+/// Deletes a version's artifact and snapshot data (and its row, unless other
+/// versions descend from it); returns the bytes freed.
+#[pg_extern(sql = false)]
+fn delete_model(model: Option<&str>, version: Option<i32>) -> i64 {
+    try_delete(model, version).unwrap_or_else(|e| raise(e))
+}
+
 /// Lets `grantee` (and its members) see and score `model`.
 #[pg_extern(sql = false)]
 fn grant_model(model: Option<&str>, grantee: Option<&str>) {

@@ -47,6 +47,10 @@ pub enum CerebroError {
     ModelAccessDenied { model: String, owner: String },
     #[error("model \"{name}\" version {version} has no frozen snapshot left to retrain on")]
     SnapshotGone { name: String, version: i32 },
+    #[error("model \"{name}\" version {version} is {status} and cannot be deleted")]
+    NotDeletable { name: String, version: i32, status: String },
+    #[error("model \"{name}\" version {version} is deployed and cannot be deleted")]
+    DeletingDeployed { name: String, version: i32 },
     #[error("role \"{0}\" does not exist")]
     UnknownRole(String),
     #[error("{0} must not be NULL")]
@@ -114,7 +118,9 @@ impl CerebroError {
                 ERRCODE_INSUFFICIENT_PRIVILEGE
             }
             CerebroError::UnknownRole(_) => ERRCODE_UNDEFINED_OBJECT,
-            CerebroError::SnapshotGone { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            CerebroError::SnapshotGone { .. }
+            | CerebroError::NotDeletable { .. }
+            | CerebroError::DeletingDeployed { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             CerebroError::NotDeployable { .. } | CerebroError::NothingToRollBack { .. } => {
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
@@ -162,6 +168,12 @@ impl CerebroError {
             CerebroError::NotModelOwner { owner, .. } => Some(format!(
                 "Only the model's owner ({owner}), members of role cerebro_admin and superusers may do this."
             )),
+            CerebroError::DeletingDeployed { name, .. } => {
+                Some(format!("Deploy another version first: SELECT cerebro.deploy('{name}', <version>); or roll back."))
+            }
+            CerebroError::NotDeletable { status, .. } if status == "training" => {
+                Some("Wait for its training to end, then delete it.".into())
+            }
             CerebroError::ModelAccessDenied { model, owner } => Some(format!(
                 "Its owner ({owner}) or a member of cerebro_admin can give you access: \
                  SELECT cerebro.grant_model('{model}', '<your role>');"

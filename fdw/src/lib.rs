@@ -349,6 +349,51 @@ mod tests {
         Spi::run("SELECT cerebro.reproduce('m', 9)").unwrap();
     }
 
+    #[pg_test]
+    fn delete_frees_bytes_but_keeps_lineage() {
+        two_versions();
+        let data_of = |v: i32| {
+            Spi::get_one::<String>(&format!(
+                "SELECT s.data_relation FROM cerebro.snapshots s JOIN cerebro.model_versions m ON m.snapshot_id = s.id
+                 WHERE m.name = 'm' AND m.version = {v}"
+            ))
+            .unwrap()
+            .unwrap()
+        };
+        let exists = |rel: &str| count(&format!("SELECT count(*) FROM pg_class WHERE oid = to_regclass('{rel}')")) == 1;
+        let (data1, data2) = (data_of(1), data_of(2));
+        // A queued version: its row, job and snapshot go.
+        let freed = Spi::get_one::<i64>("SELECT cerebro.delete_model('m', 2)").unwrap().unwrap();
+        assert!(freed > 0, "{freed}");
+        assert!(!exists(&data2));
+        assert_eq!(count("SELECT count(*) FROM cerebro.model_versions WHERE name = 'm'"), 1);
+        assert_eq!(queued_jobs(), 1);
+        // Version 3 reproduces version 1 on its snapshot: deleting 1 keeps its
+        // row (the lineage) and the snapshot version 3 still needs.
+        Spi::run("SELECT cerebro.reproduce('m', 1)").unwrap();
+        Spi::run("SELECT cerebro.delete_model('m', 1)").unwrap();
+        let status =
+            Spi::get_one::<String>("SELECT status::text FROM cerebro.model_versions WHERE version = 1").unwrap();
+        assert_eq!(status.as_deref(), Some("deleted"));
+        assert!(exists(&data1));
+        let audited = count("SELECT count(*) FROM cerebro.audit_log WHERE model = 'm' AND action = 'delete'");
+        assert_eq!(audited, 2);
+    }
+
+    #[pg_test(error = "model \"m\" version 1 is deployed and cannot be deleted")]
+    fn deleting_the_deployed_version() {
+        two_versions();
+        Spi::run("SELECT cerebro.deploy('m', 1)").unwrap();
+        Spi::run("SELECT cerebro.delete_model('m', 1)").unwrap();
+    }
+
+    #[pg_test(error = "model \"m\" version 1 is deleted")]
+    fn scoring_a_deleted_version() {
+        two_versions();
+        Spi::run("SELECT cerebro.reproduce('m', 1); SELECT cerebro.delete_model('m', 1)").unwrap();
+        Spi::run("SELECT * FROM cerebro.predictions WHERE model = 'm' AND version = 1").unwrap();
+    }
+
     #[pg_test(error = "role \"nobody_here\" does not exist")]
     fn granting_to_an_unknown_role() {
         two_versions();

@@ -398,8 +398,11 @@ pub fn list_models() -> Result<Vec<ModelRow>> {
             "SELECT m.name, m.version, m.status::text, m.task, m.source_relation, m.target_column, m.key_column,
                     ARRAY(SELECT f->>'name' FROM jsonb_array_elements(m.features) f), m.options,
                     m.epoch, m.epochs, m.metrics, m.error, m.created_at, m.created_by::text, m.trained_at,
-                    d.version IS NOT DISTINCT FROM m.version
+                    d.version IS NOT DISTINCT FROM m.version,
+                    coalesce(m.artifact_bytes, 0)
+                        + coalesce(pg_catalog.pg_total_relation_size(pg_catalog.to_regclass(s.data_relation)), 0)
              FROM cerebro.model_versions m LEFT JOIN cerebro.deployments d ON d.name = m.name
+             LEFT JOIN cerebro.snapshots s ON s.id = m.snapshot_id
              ORDER BY m.name, m.version",
             None,
             &[],
@@ -434,6 +437,7 @@ pub fn list_models() -> Result<Vec<ModelRow>> {
                 ("created_by", string(row.get(15)?)),
                 ("trained_at", row.get::<pgrx::datum::TimestampWithTimeZone>(16)?.map(Cell::Timestamptz)),
                 ("deployed", row.get::<bool>(17)?.map(Cell::Bool)),
+                ("storage_bytes", row.get::<i64>(18)?.map(Cell::I64)),
             ]);
         }
         Ok(out)

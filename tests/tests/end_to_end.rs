@@ -731,6 +731,37 @@ async fn reproduce_retrains_a_version_bit_for_bit_from_its_frozen_snapshot() -> 
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_a_version_frees_the_storage_cerebro_models_shows() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    for _ in 0..2 {
+        let v = insert(&db, "e2e_retain", "churn", r#"{"epochs": 2}"#).await?;
+        wait_until_done(&db, "e2e_retain", v, TRAIN_TIMEOUT).await?;
+    }
+    let storage = "SELECT version, storage_bytes FROM cerebro.models WHERE name = 'e2e_retain' ORDER BY version";
+    let sizes: Vec<(i32, i64)> = db.query(storage, &[]).await?.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let artifact: i64 = db
+        .query_one("SELECT artifact_bytes FROM cerebro.model_versions WHERE name = 'e2e_retain' AND version = 1", &[])
+        .await?
+        .get(0);
+    assert!(artifact > 10_000 && sizes[0].1 > artifact, "{sizes:?}, artifact {artifact}");
+
+    let freed: i64 = db.query_one("SELECT cerebro.delete_model('e2e_retain', 1)", &[]).await?.get(0);
+    assert_eq!(freed, sizes[0].1, "freed what cerebro.models showed");
+    let left: Vec<(i32, i64)> = db.query(storage, &[]).await?.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(left, vec![sizes[1]]);
+    let err = db
+        .query("SELECT * FROM cerebro.predictions WHERE model = 'e2e_retain' AND version = 1", &[])
+        .await
+        .expect_err("deleted");
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42704"), "{err}");
+    let n: i64 = db.query_one("SELECT count(*) FROM cerebro.predictions WHERE model = 'e2e_retain'", &[]).await?.get(0);
+    assert_eq!(n, 7043, "the other version still scores");
+    Ok(())
+}
+
 /// Every object of schema cerebro, described in text, sorted.
 async fn describe_schema(db: &tokio_postgres::Client) -> anyhow::Result<Vec<String>> {
     let rows = db
