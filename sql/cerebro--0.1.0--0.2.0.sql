@@ -1,6 +1,7 @@
 -- Cerebro 0.1.0 -> 0.2.0: deployments with rollback and their history, the
 -- audit log, ONNX export, access control on the catalog, provenance and
--- reproduction, retention, and a catalog that pg_dump keeps.
+-- reproduction, retention, a searchable archive, and a catalog that pg_dump
+-- keeps.
 --
 -- This file is both the upgrade script and, after catalog.sql, part of every
 -- fresh install of 0.2.0, so the two paths cannot drift apart. Released
@@ -86,6 +87,93 @@ SELECT pg_catalog.pg_extension_config_dump('cerebro.deployment_history', '');
 SELECT pg_catalog.pg_extension_config_dump('cerebro.deployment_history_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('cerebro.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('cerebro.audit_log_id_seq', '');
+
+-- The searchable archive: what people search models by, one row per fact,
+-- indexed. Derived from cerebro.model_versions by a trigger (so not dumped:
+-- a restore rebuilds them as it loads the versions).
+CREATE TABLE cerebro.model_features (
+    model_version_id bigint NOT NULL REFERENCES cerebro.model_versions (id) ON DELETE CASCADE,
+    column_name      text   NOT NULL,
+    kind             text   NOT NULL,  -- numeric or categorical
+    PRIMARY KEY (model_version_id, column_name)
+);
+CREATE INDEX model_features_by_column ON cerebro.model_features (column_name);
+
+-- Hidden layers in order: `dense` (hidden) then `residual` blocks; width NULL
+-- when it depends on the data (a residual block without dense layers before it).
+CREATE TABLE cerebro.model_layers (
+    model_version_id bigint  NOT NULL REFERENCES cerebro.model_versions (id) ON DELETE CASCADE,
+    position         integer NOT NULL,
+    kind             text    NOT NULL CHECK (kind IN ('dense', 'residual')),
+    width            integer,
+    PRIMARY KEY (model_version_id, position)
+);
+CREATE INDEX model_layers_by_width ON cerebro.model_layers (width);
+
+CREATE TABLE cerebro.model_metrics (
+    model_version_id bigint           NOT NULL REFERENCES cerebro.model_versions (id) ON DELETE CASCADE,
+    metric           text             NOT NULL,
+    value            double precision NOT NULL,
+    PRIMARY KEY (model_version_id, metric)
+);
+CREATE INDEX model_metrics_by_value ON cerebro.model_metrics (metric, value);
+CREATE INDEX model_versions_by_source ON cerebro.model_versions (source_relation);
+
+-- SECURITY DEFINER: whoever writes a version (the extension owner, the
+-- daemon's role) need not be able to write the derived tables.
+CREATE FUNCTION cerebro.index_model_version() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+BEGIN
+    DELETE FROM cerebro.model_features WHERE model_version_id = NEW.id;
+    DELETE FROM cerebro.model_layers WHERE model_version_id = NEW.id;
+    DELETE FROM cerebro.model_metrics WHERE model_version_id = NEW.id;
+    INSERT INTO cerebro.model_features (model_version_id, column_name, kind)
+    SELECT NEW.id, f->>'name', f->>'kind' FROM jsonb_array_elements(NEW.features) f;
+    INSERT INTO cerebro.model_layers (model_version_id, position, kind, width)
+    SELECT NEW.id, h.n, 'dense', h.w::int
+    FROM jsonb_array_elements_text(coalesce(NEW.options->'hidden', '[]')) WITH ORDINALITY h(w, n);
+    INSERT INTO cerebro.model_layers (model_version_id, position, kind, width)
+    SELECT NEW.id, jsonb_array_length(coalesce(NEW.options->'hidden', '[]')) + b, 'residual',
+           (NEW.options->'hidden'->>(jsonb_array_length(NEW.options->'hidden') - 1))::int
+    FROM generate_series(1, coalesce((NEW.options->>'residual_blocks')::int, 0)) b;
+    INSERT INTO cerebro.model_metrics (model_version_id, metric, value)
+    SELECT NEW.id, m.key, m.value::text::double precision
+    FROM jsonb_each(coalesce(NEW.metrics, '{}')) m WHERE jsonb_typeof(m.value) = 'number';
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER index_archive AFTER INSERT OR UPDATE OF features, options, metrics ON cerebro.model_versions
+    FOR EACH ROW EXECUTE FUNCTION cerebro.index_model_version();
+UPDATE cerebro.model_versions SET metrics = metrics;
+
+-- One row per version with what people search on; the caller's row-level
+-- security applies (security_invoker).
+CREATE VIEW cerebro.archive WITH (security_invoker = true) AS
+SELECT m.name, m.version, m.status, m.task, m.source_relation, m.target_column,
+       (SELECT count(*) FROM cerebro.model_layers l WHERE l.model_version_id = m.id)::int AS layers,
+       ARRAY(SELECT l.width FROM cerebro.model_layers l WHERE l.model_version_id = m.id ORDER BY l.position)
+           AS widths,
+       ARRAY(SELECT f.column_name FROM cerebro.model_features f WHERE f.model_version_id = m.id
+             ORDER BY f.column_name) AS features,
+       m.options->>'activation' AS activation, m.options->>'norm' AS norm,
+       (m.options->>'dropout')::float8 AS dropout, m.options->>'optimizer' AS optimizer,
+       (m.options->>'learning_rate')::float8 AS learning_rate,
+       (m.metrics->>'auc')::float8 AS auc, (m.metrics->>'accuracy')::float8 AS accuracy,
+       (m.metrics->>'log_loss')::float8 AS log_loss, (m.metrics->>'macro_f1')::float8 AS macro_f1,
+       (m.metrics->>'rmse')::float8 AS rmse, (m.metrics->>'mae')::float8 AS mae, (m.metrics->>'r2')::float8 AS r2,
+       m.created_by, m.created_at, m.trained_at, m.id AS model_version_id
+FROM cerebro.model_versions m;
+
+ALTER TABLE cerebro.model_features ENABLE ROW LEVEL SECURITY;
+CREATE POLICY visible ON cerebro.model_features FOR SELECT
+    USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = model_version_id));
+ALTER TABLE cerebro.model_layers ENABLE ROW LEVEL SECURITY;
+CREATE POLICY visible ON cerebro.model_layers FOR SELECT
+    USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = model_version_id));
+ALTER TABLE cerebro.model_metrics ENABLE ROW LEVEL SECURITY;
+CREATE POLICY visible ON cerebro.model_metrics FOR SELECT
+    USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = model_version_id));
+GRANT SELECT ON cerebro.model_features, cerebro.model_layers, cerebro.model_metrics, cerebro.archive TO PUBLIC;
 
 -- Implemented in the extension's library (fdw/src/admin.rs); they
 -- check the caller's rights, then write the catalog as the extension owner.

@@ -394,6 +394,51 @@ mod tests {
         Spi::run("SELECT * FROM cerebro.predictions WHERE model = 'm' AND version = 1").unwrap();
     }
 
+    #[pg_test]
+    fn archive_searches_by_relation_metric_layers_column() {
+        setup();
+        Spi::run(
+            "INSERT INTO cerebro.models (name, source, target, features, options) VALUES
+                 ('deep', 'customers', 'churn', ARRAY['age', 'plan'], '{\"hidden\": [16, 8], \"residual_blocks\": 1}'),
+                 ('wide', 'customers', 'churn', ARRAY['paid'], '{\"hidden\": [64]}');
+             UPDATE cerebro.model_versions SET status = 'ready', metrics = '{\"auc\": 0.85, \"accuracy\": 0.8}'
+                 WHERE name = 'deep';
+             UPDATE cerebro.model_versions SET status = 'ready', metrics = '{\"auc\": 0.75}' WHERE name = 'wide';",
+        )
+        .unwrap();
+        let (layers, widths) =
+            Spi::get_two::<i32, Vec<i32>>("SELECT layers, widths FROM cerebro.archive WHERE name = 'deep'").unwrap();
+        assert_eq!((layers, widths), (Some(3), Some(vec![16, 8, 8])));
+        let found = Spi::get_one::<Vec<String>>(
+            "SELECT array_agg(name) FROM cerebro.archive
+             WHERE source_relation = 'customers' AND auc > 0.8 AND layers < 4",
+        )
+        .unwrap();
+        assert_eq!(found, Some(vec!["deep".to_string()]));
+        let by_column = Spi::get_one::<Vec<String>>(
+            "SELECT array_agg(DISTINCT m.name) FROM cerebro.model_features f
+             JOIN cerebro.model_versions m ON m.id = f.model_version_id WHERE f.column_name = 'paid'",
+        )
+        .unwrap();
+        assert_eq!(by_column, Some(vec!["wide".to_string()]));
+        // The searches are answered from indexes.
+        Spi::run("SET LOCAL enable_seqscan = off").unwrap();
+        for (query, index) in [
+            ("SELECT * FROM cerebro.model_metrics WHERE metric = 'auc' AND value > 0.8", "model_metrics_by_value"),
+            ("SELECT * FROM cerebro.model_features WHERE column_name = 'paid'", "model_features_by_column"),
+            ("SELECT * FROM cerebro.model_versions WHERE source_relation = 'customers'", "model_versions_by_source"),
+        ] {
+            let plan: Vec<String> = Spi::connect(|c| {
+                c.select(&format!("EXPLAIN (COSTS OFF) {query}"), None, &[])
+                    .unwrap()
+                    .map(|r| r.get::<String>(1).unwrap().unwrap_or_default())
+                    .collect()
+            });
+            let text = plan.join(" ");
+            assert!(text.contains(index), "{query}: {text}");
+        }
+    }
+
     #[pg_test(error = "role \"nobody_here\" does not exist")]
     fn granting_to_an_unknown_role() {
         two_versions();

@@ -724,6 +724,17 @@ async fn reproduce_retrains_a_version_bit_for_bit_from_its_frozen_snapshot() -> 
     let (ha, hb): (Vec<f64>, Vec<f64>) =
         (db.query_one(history, &[&1i32]).await?.get(0), db.query_one(history, &[&v2]).await?.get(0));
     assert_eq!(ha, hb, "per-epoch losses differ");
+    // The daemon's metrics reach the searchable archive.
+    let row = db
+        .query_one(
+            "SELECT a.auc, (m.metrics->>'auc')::float8, a.layers, cardinality(a.features) FROM cerebro.archive a
+             JOIN cerebro.model_versions m ON m.id = a.model_version_id WHERE a.name = 'e2e_repro' AND a.version = 1",
+            &[],
+        )
+        .await?;
+    let (auc, metric): (Option<f64>, Option<f64>) = (row.get(0), row.get(1));
+    assert!(auc.is_some() && auc == metric, "{auc:?} {metric:?}");
+    assert!(row.get::<_, i32>(2) >= 1 && row.get::<_, i32>(3) == 19, "layers and features");
     let scores = |v: i32| {
         format!("SELECT key, label, score FROM cerebro.predictions WHERE model = 'e2e_repro' AND version = {v}")
     };
