@@ -44,7 +44,7 @@ tier env -C "$ROOT" \
     CEREBRO_E2E_PGHOST="$RUN_DIR" CEREBRO_E2E_PGPORT="$PGPORT" CEREBRO_E2E_DB="$E2E_DB" \
     CEREBRO_E2E_DAEMON="$DAEMON_BIN" CEREBRO_E2E_CONFIG="$STATE/cerebrod-e2e.toml" \
     CEREBRO_E2E_SOCKET="$RUN_DIR/cerebrod-e2e.sock" CEREBRO_E2E_LOG="$LOG_DIR/cerebrod-e2e.log" \
-    CEREBRO_E2E_PYTHON="$TEST_VENV/bin/python" \
+    CEREBRO_E2E_PYTHON="$TEST_VENV/bin/python" CEREBRO_E2E_PGBIN="$PG_BIN" \
     cargo test --release -p cerebro-tests --test end_to_end -- --test-threads=1
 
 step "All test tiers passed"

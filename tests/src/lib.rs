@@ -24,6 +24,8 @@ pub struct Env {
     pub log: PathBuf,
     /// A Python with the onnxruntime package.
     pub python: PathBuf,
+    /// PostgreSQL's binaries (pg_dump, pg_restore).
+    pub pgbin: String,
 }
 
 fn var(name: &str) -> String {
@@ -41,6 +43,7 @@ impl Env {
             socket: var("CEREBRO_E2E_SOCKET").into(),
             log: var("CEREBRO_E2E_LOG").into(),
             python: var("CEREBRO_E2E_PYTHON").into(),
+            pgbin: var("CEREBRO_E2E_PGBIN"),
         }
     }
 

@@ -773,6 +773,46 @@ async fn deleting_a_version_frees_the_storage_cerebro_models_shows() -> anyhow::
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pg_dump_restores_every_model_with_its_archive_and_no_duplicate_audit() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    let v = insert(&db, "e2e_backup", "churn", r#"{"epochs": 2}"#).await?;
+    wait_until_done(&db, "e2e_backup", v, TRAIN_TIMEOUT).await?;
+    db.execute("SELECT cerebro.deploy('e2e_backup', $1)", &[&v]).await?;
+
+    let dump = std::env::temp_dir().join(format!("cerebro-e2e-{}.dump", std::process::id()));
+    let tool = |name: &str| std::path::Path::new(&env.pgbin).join(name);
+    let conn = ["-h", &env.pghost, "-p", &env.pgport, "-U", "postgres"];
+    let out =
+        std::process::Command::new(tool("pg_dump")).args(conn).args(["-Fc", "-f"]).arg(&dump).arg(&env.db).output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    db.execute("DROP DATABASE IF EXISTS cerebro_restored WITH (FORCE)", &[]).await?;
+    db.execute("CREATE DATABASE cerebro_restored", &[]).await?;
+    let out = std::process::Command::new(tool("pg_restore"))
+        .args(conn)
+        .args(["-d", "cerebro_restored"])
+        .arg(&dump)
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_file(&dump)?;
+
+    let restored = env.connect_to("cerebro_restored").await?;
+    let census = "SELECT (SELECT count(*) FROM cerebro.model_versions), (SELECT count(*) FROM cerebro.artifacts),
+                         (SELECT count(*) FROM cerebro.audit_log), (SELECT count(*) FROM cerebro.model_metrics),
+                         (SELECT count(*) FROM cerebro.model_features), (SELECT count(*) FROM cerebro.deployments),
+                         (SELECT string_agg(artifact_sha256, ',' ORDER BY id) FROM cerebro.model_versions)";
+    let count =
+        |r: &tokio_postgres::Row| -> (Vec<i64>, Option<String>) { ((0..6).map(|i| r.get(i)).collect(), r.get(6)) };
+    let (before, after) = (count(&db.query_one(census, &[]).await?), count(&restored.query_one(census, &[]).await?));
+    assert!(before.0.iter().all(|&n| n > 0), "{before:?}");
+    assert_eq!(before, after);
+    drop(restored);
+    db.execute("DROP DATABASE cerebro_restored WITH (FORCE)", &[]).await?;
+    Ok(())
+}
+
 /// Every object of schema cerebro, described in text, sorted.
 async fn describe_schema(db: &tokio_postgres::Client) -> anyhow::Result<Vec<String>> {
     let rows = db
