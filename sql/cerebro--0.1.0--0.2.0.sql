@@ -175,6 +175,28 @@ CREATE POLICY visible ON cerebro.model_metrics FOR SELECT
     USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = model_version_id));
 GRANT SELECT ON cerebro.model_features, cerebro.model_layers, cerebro.model_metrics, cerebro.archive TO PUBLIC;
 
+-- What cerebrod's database role needs, and nothing more: it claims and
+-- finishes jobs, reads snapshots, writes history and artifacts. Row-level
+-- security hides other roles' models, so the role also needs BYPASSRLS,
+-- which only a superuser can give (docs/operations.md). Run by a superuser.
+CREATE FUNCTION cerebro.grant_daemon_privileges(daemon text) RETURNS void
+    LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE
+    owner name := (SELECT r.rolname FROM pg_extension e JOIN pg_roles r ON r.oid = e.extowner
+                   WHERE e.extname = 'cerebro');
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA cerebro, cerebro_data TO %I', daemon);
+    EXECUTE format('GRANT SELECT, UPDATE ON cerebro.jobs, cerebro.model_versions, cerebro.snapshots TO %I', daemon);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE ON cerebro.artifacts TO %I', daemon);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON cerebro.training_history TO %I', daemon);
+    -- Snapshot tables, present and future (the extension owner creates them).
+    EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA cerebro_data TO %I', daemon);
+    EXECUTE format('ALTER DEFAULT PRIVILEGES FOR ROLE %I IN SCHEMA cerebro_data GRANT SELECT ON TABLES TO %I',
+                   owner, daemon);
+END
+$$;
+REVOKE ALL ON FUNCTION cerebro.grant_daemon_privileges(text) FROM PUBLIC;
+
 -- Implemented in the extension's library (fdw/src/admin.rs); they
 -- check the caller's rights, then write the catalog as the extension owner.
 CREATE FUNCTION cerebro.deploy(model text, version integer, comment text DEFAULT NULL) RETURNS integer

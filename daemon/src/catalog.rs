@@ -27,6 +27,22 @@ pub enum CatalogError {
 
 pub type Result<T> = std::result::Result<T, CatalogError>;
 
+impl CatalogError {
+    /// The server refused a statement (a privilege, a constraint) while the
+    /// connection stayed up: the job at hand fails, the daemon goes on.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, CatalogError::Db(e) if e.as_db_error().is_some())
+    }
+
+    /// The server's own message when it refused a statement, else the error.
+    pub fn reason(&self) -> String {
+        match self {
+            CatalogError::Db(e) => e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string()),
+            other => other.to_string(),
+        }
+    }
+}
+
 /// Opens a connection whose driver task runs in the background. When
 /// `notify` is given, NOTIFY messages on the connection wake it. The returned
 /// handle finishes when the connection is lost.

@@ -82,17 +82,37 @@ impl Scheduler {
         });
 
         let mut shutdown = self.shutdown.clone();
+        // A write the catalog refuses stops training and fails the job.
+        let mut refused: Option<CatalogError> = None;
         let outcome = loop {
             tokio::select! {
                 done = &mut training => break done,
                 Some(stats) = progress_rx.recv() => {
-                    self.control.record_epoch(job.model_version_id, &stats).await?;
+                    if refused.is_none() {
+                        match self.control.record_epoch(job.model_version_id, &stats).await {
+                            Err(e) if e.is_refusal() => {
+                                stop.store(true, Ordering::Relaxed);
+                                refused = Some(e);
+                            }
+                            other => other?,
+                        }
+                    }
                 }
                 _ = shutdown.changed() => stop.store(true, Ordering::Relaxed),
             }
         };
         while let Ok(stats) = progress_rx.try_recv() {
-            self.control.record_epoch(job.model_version_id, &stats).await?;
+            if refused.is_none() {
+                if let Err(e) = self.control.record_epoch(job.model_version_id, &stats).await {
+                    if !e.is_refusal() {
+                        return Err(e);
+                    }
+                    refused = Some(e);
+                }
+            }
+        }
+        if let Some(e) = refused {
+            return self.fail_refused(&job, e).await;
         }
 
         let (result, fingerprint) = match outcome {
@@ -116,7 +136,14 @@ impl Scheduler {
                 match onnx::export(&model, &meta) {
                     Ok(bytes) => {
                         let sha = sha256_hex(&bytes);
-                        self.control.finish_success(&job, spec.snapshot_id, &model, &bytes, &sha, &fingerprint).await?;
+                        let stored = self
+                            .control
+                            .finish_success(&job, spec.snapshot_id, &model, &bytes, &sha, &fingerprint)
+                            .await;
+                        match stored {
+                            Err(e) if e.is_refusal() => return self.fail_refused(&job, e).await,
+                            other => other?,
+                        }
                         info!(job = job.job_id, model = %spec.name, version = spec.version, device = %model.device, metrics = ?model.metrics, "ready");
                     }
                     Err(e) => {
@@ -134,5 +161,13 @@ impl Scheduler {
             }
         }
         Ok(())
+    }
+
+    /// Fails `job` because the catalog refused one of its writes; the daemon
+    /// carries on with the next job.
+    async fn fail_refused(&mut self, job: &ClaimedJob, e: CatalogError) -> Result<(), CatalogError> {
+        let msg = format!("the catalog refused cerebrod's write: {}; check the daemon role's privileges", e.reason());
+        error!(job = job.job_id, "{msg}");
+        self.control.finish_failure(job, &msg).await
     }
 }

@@ -57,6 +57,18 @@ impl Env {
         Ok(Env { config: path, ..self.clone() })
     }
 
+    /// The same set-up with config key `key` set to `value` (a TOML value),
+    /// written beside the config as `<config>.<name>.toml`.
+    pub fn with_config_value(&self, name: &str, key: &str, value: &str) -> Result<Env> {
+        let text = std::fs::read_to_string(&self.config).context("reading the e2e daemon config")?;
+        let mut lines: Vec<String> =
+            text.lines().filter(|l| l.split('=').next().map(str::trim) != Some(key)).map(String::from).collect();
+        lines.push(format!("{key} = {value}"));
+        let path = self.config.with_extension(format!("{name}.toml"));
+        std::fs::write(&path, lines.join("\n") + "\n").with_context(|| format!("writing {}", path.display()))?;
+        Ok(Env { config: path, ..self.clone() })
+    }
+
     /// A connection that records every notice and warning the server sends.
     pub async fn connect_recording_notices(&self) -> Result<(Client, std::sync::Arc<std::sync::Mutex<Vec<String>>>)> {
         use futures_util::StreamExt;

@@ -2,7 +2,8 @@
 //! the extension, cerebrod processes, ONNX Runtime, the telco churn data.
 //!
 //! Run by deploy/test.sh (tier 3), one test at a time: the tests share one
-//! database and start and kill their own daemons.
+//! database and start and kill their own daemons. Roles are the cluster's,
+//! not the database's: tests create theirs if missing and never drop them.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -120,7 +121,7 @@ async fn a_model_trains_from_insert_and_scores_from_select() -> anyhow::Result<(
     // reads it with the caller's privileges.
     db.batch_execute(
         "CREATE OR REPLACE VIEW public.telco_new AS SELECT * FROM telco_churn WHERE tenure < 12;
-         DROP ROLE IF EXISTS e2e_analyst; CREATE ROLE e2e_analyst;
+         DO $$ BEGIN CREATE ROLE e2e_analyst; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
          GRANT SELECT ON public.telco_new TO e2e_analyst;
          SELECT cerebro.grant_model('e2e_churn', 'e2e_analyst');",
     )
@@ -296,7 +297,7 @@ async fn bad_input_is_an_error_with_its_sqlstate_and_queues_nothing() -> anyhow:
         "DROP TABLE IF EXISTS public.e2e_empty, public.e2e_one_class;
          CREATE TABLE public.e2e_empty (id int, x int, y text);
          CREATE TABLE public.e2e_one_class AS SELECT i AS id, i AS x, 'same'::text AS y FROM generate_series(1, 10) i;
-         DROP ROLE IF EXISTS e2e_nobody; CREATE ROLE e2e_nobody;",
+         DO $$ BEGIN CREATE ROLE e2e_nobody; EXCEPTION WHEN duplicate_object THEN NULL; END $$;",
     )
     .await?;
     let jobs_before: i64 = db.query_one("SELECT count(*) FROM cerebro.jobs", &[]).await?.get(0);
@@ -642,7 +643,8 @@ async fn a_role_without_a_grant_sees_and_scores_nothing_until_granted() -> anyho
     let db = env.connect().await?;
     let _daemon = Daemon::start(&env)?;
     db.batch_execute(
-        "DROP ROLE IF EXISTS e2e_outsider; CREATE ROLE e2e_outsider LOGIN; GRANT SELECT ON telco_churn TO e2e_outsider",
+        "DO $$ BEGIN CREATE ROLE e2e_outsider; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         ALTER ROLE e2e_outsider LOGIN; GRANT SELECT ON telco_churn TO e2e_outsider",
     )
     .await?;
     let v = insert(&db, "e2e_private", "churn", r#"{"epochs": 2}"#).await?;
@@ -810,6 +812,44 @@ async fn a_pg_dump_restores_every_model_with_its_archive_and_no_duplicate_audit(
     assert_eq!(before, after);
     drop(restored);
     db.execute("DROP DATABASE cerebro_restored WITH (FORCE)", &[]).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cerebrod_runs_as_a_role_with_only_the_documented_privileges() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    db.batch_execute(
+        "DO $$ BEGIN CREATE ROLE e2e_cerebrod; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         ALTER ROLE e2e_cerebrod LOGIN BYPASSRLS;
+         SELECT cerebro.grant_daemon_privileges('e2e_cerebrod');",
+    )
+    .await?;
+    let url = format!("'host={} port={} user=e2e_cerebrod dbname={}'", env.pghost, env.pgport, env.db);
+    let _daemon = Daemon::start(&env.with_config_value("least-privilege", "database_url", &url)?)?;
+    let v = insert(&db, "e2e_least", "churn", r#"{"epochs": 2}"#).await?;
+    let seen = wait_until_done(&db, "e2e_least", v, TRAIN_TIMEOUT).await?;
+    let (status, _, error) = model_state(&db, "e2e_least", v).await?;
+    assert_eq!(status, "ready", "{seen:?}: {error:?}");
+    let n: i64 = db.query_one("SELECT count(*) FROM cerebro.predictions WHERE model = 'e2e_least'", &[]).await?.get(0);
+    assert_eq!(n, 7043);
+    let superuser: bool =
+        db.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = 'e2e_cerebrod'", &[]).await?.get(0);
+    assert!(!superuser);
+
+    // A privilege taken away: the job fails with the reason, and the daemon
+    // goes on to the next one.
+    db.batch_execute("REVOKE INSERT ON cerebro.training_history FROM e2e_cerebrod").await?;
+    let v2 = insert(&db, "e2e_least", "churn", r#"{"epochs": 2}"#).await?;
+    wait_until_done(&db, "e2e_least", v2, TRAIN_TIMEOUT).await?;
+    let (status, _, error) = model_state(&db, "e2e_least", v2).await?;
+    assert_eq!(status, "failed");
+    let error = error.unwrap_or_default();
+    assert!(error.contains("permission denied for table training_history"), "{error}");
+    assert!(error.contains("privileges"), "{error}");
+    db.batch_execute("GRANT INSERT ON cerebro.training_history TO e2e_cerebrod").await?;
+    let v3 = insert(&db, "e2e_least", "churn", r#"{"epochs": 2}"#).await?;
+    assert_eq!(wait_until_done(&db, "e2e_least", v3, TRAIN_TIMEOUT).await?.last().map(String::as_str), Some("ready"));
     Ok(())
 }
 
