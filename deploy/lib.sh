@@ -135,17 +135,19 @@ ensure_cuda_libraries() {
     fi
 }
 
-# The onnxruntime Python package, for the test that scores an exported model
-# outside the database as a user would.
+# The onnxruntime and onnx Python packages, for the tests that score an
+# exported model outside the database and import one built by another tool.
 TEST_VENV=$STATE/test-venv
+ONNX_VERSION=1.19.1
 ensure_test_python() {
-    if "$TEST_VENV/bin/python" -c "import onnxruntime, numpy; assert onnxruntime.__version__ == '$ORT_VERSION'" 2>/dev/null; then
-        skip "onnxruntime $ORT_VERSION (Python) in $TEST_VENV"
+    if "$TEST_VENV/bin/python" -c "import onnxruntime, onnx, numpy
+assert onnxruntime.__version__ == '$ORT_VERSION' and onnx.__version__ == '$ONNX_VERSION'" 2>/dev/null; then
+        skip "onnxruntime $ORT_VERSION and onnx $ONNX_VERSION (Python) in $TEST_VENV"
         return
     fi
-    step "Installing onnxruntime $ORT_VERSION and numpy (Python) into $TEST_VENV"
+    step "Installing onnxruntime $ORT_VERSION, onnx $ONNX_VERSION and numpy (Python) into $TEST_VENV"
     python3 -m venv "$TEST_VENV"
-    "$TEST_VENV/bin/pip" install --quiet "onnxruntime==$ORT_VERSION" numpy
+    "$TEST_VENV/bin/pip" install --quiet "onnxruntime==$ORT_VERSION" "onnx==$ONNX_VERSION" numpy
 }
 
 build_release() {

@@ -55,6 +55,14 @@ UPDATE cerebro.model_versions m SET artifact_bytes = a.size_bytes
 FROM cerebro.artifacts a WHERE a.model_version_id = m.id;
 ALTER FOREIGN TABLE cerebro.models ADD COLUMN storage_bytes bigint;
 
+-- Models trained elsewhere and imported as ONNX: no snapshot, no target;
+-- `import_layout` says which columns feed which graph input and which
+-- output is scored (cerebro_shared::onnx_graph::ImportLayout).
+ALTER TABLE cerebro.model_versions
+    ALTER COLUMN snapshot_id DROP NOT NULL,
+    ALTER COLUMN target_column DROP NOT NULL,
+    ADD COLUMN import_layout jsonb;
+
 -- Every deployment change: who, when, from which version to which, and why.
 CREATE TABLE cerebro.deployment_history (
     id           bigserial   PRIMARY KEY,
@@ -208,6 +216,10 @@ CREATE FUNCTION cerebro.export_onnx(model text, version integer) RETURNS bytea
 
 CREATE FUNCTION cerebro.reproduce(model text, version integer) RETURNS integer
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'reproduce_wrapper';
+CREATE FUNCTION cerebro.import_onnx(name text, onnx bytea, source text, inputs jsonb, task text,
+                                    labels text[] DEFAULT NULL, output text DEFAULT NULL, key text DEFAULT NULL)
+    RETURNS integer
+    LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'import_onnx_wrapper';
 CREATE FUNCTION cerebro.delete_model(model text, version integer) RETURNS bigint
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'delete_model_wrapper';
 CREATE FUNCTION cerebro.grant_model(model text, grantee text) RETURNS void

@@ -74,6 +74,28 @@ pub struct Catalog {
     client: Client,
 }
 
+/// A version's ONNX file and how to feed it.
+pub struct Artifact {
+    pub sha256: String,
+    pub bytes: Vec<u8>,
+    /// Set for imported models; Cerebro's own exports need none.
+    pub import_layout: Option<cerebro_shared::onnx_graph::ImportLayout>,
+    pub task: cerebro_shared::spec::Task,
+}
+
+impl Artifact {
+    /// A scoring session for it.
+    pub fn load(
+        &self,
+        rt: &crate::scoring::OnnxRuntime,
+    ) -> std::result::Result<crate::scoring::ScoringModel, crate::scoring::ScoringError> {
+        match &self.import_layout {
+            Some(layout) => crate::scoring::ScoringModel::load_imported(rt, &self.bytes, layout, self.task),
+            None => crate::scoring::ScoringModel::load(rt, &self.bytes),
+        }
+    }
+}
+
 /// A job this daemon has claimed.
 #[derive(Debug, Clone)]
 pub struct ClaimedJob {
@@ -323,12 +345,33 @@ impl Catalog {
     }
 
     /// The ONNX bytes of a ready model version and their sha256.
-    pub async fn artifact(&self, model_version_id: i64) -> Result<Option<(String, Vec<u8>)>> {
+    pub async fn artifact(&self, model_version_id: i64) -> Result<Option<Artifact>> {
         let row = self
             .client
-            .query_opt("SELECT sha256, bytes FROM cerebro.artifacts WHERE model_version_id = $1", &[&model_version_id])
+            .query_opt(
+                "SELECT a.sha256, a.bytes, m.import_layout, m.task
+                 FROM cerebro.artifacts a JOIN cerebro.model_versions m ON m.id = a.model_version_id
+                 WHERE a.model_version_id = $1",
+                &[&model_version_id],
+            )
             .await?;
-        Ok(row.map(|r| (r.get(0), r.get(1))))
+        row.map(|r| {
+            let layout: Option<serde_json::Value> = r.get(2);
+            let task: String = r.get(3);
+            Ok(Artifact {
+                sha256: r.get(0),
+                bytes: r.get(1),
+                import_layout: layout
+                    .map(serde_json::from_value)
+                    .transpose()
+                    .map_err(|e| CatalogError::Corrupt(format!("import_layout: {e}")))?,
+                task: match task.parse() {
+                    Ok(cerebro_shared::spec::TaskChoice::Fixed(t)) => t,
+                    _ => return Err(CatalogError::Corrupt(format!("unknown task {task}"))),
+                },
+            })
+        })
+        .transpose()
     }
 
     /// The newest ready version of `name`, or the given version.

@@ -27,7 +27,7 @@ use crate::catalog::CatalogError;
 use crate::config::Config;
 use crate::data::{copy_columns, ReadAs};
 use crate::engine::{Compute, DeviceChoice};
-use crate::scoring::{OnnxRuntime, ScoringError, ScoringModel};
+use crate::scoring::{OnnxRuntime, ScoringError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -137,14 +137,16 @@ pub async fn score_relation(
     let runtime = OnnxRuntime::load(&config.onnxruntime_library, config.scoring_threads)?;
     let (catalog, _driver) = catalog::connect(&config.database_url, None).await?;
     let model = catalog.find_model(model_name, version).await?;
-    let (sha, bytes) = catalog
+    let artifact = catalog
         .artifact(model.id)
         .await?
         .ok_or_else(|| CatalogError::NotFound(format!("model {model_name} has no artifact")))?;
-    if sha != model.artifact_sha256 {
-        return Err(
-            CatalogError::Corrupt(format!("artifact {sha} is not the recorded {}", model.artifact_sha256)).into()
-        );
+    if artifact.sha256 != model.artifact_sha256 {
+        return Err(CatalogError::Corrupt(format!(
+            "artifact {} is not the recorded {}",
+            artifact.sha256, model.artifact_sha256
+        ))
+        .into());
     }
     let relation: String = match source {
         Some(s) => catalog
@@ -169,7 +171,7 @@ pub async fn score_relation(
         },
         None => vec![None; table.first().map_or(0, |c| c.len())],
     };
-    let scoring = ScoringModel::load(&runtime, &bytes)?;
+    let scoring = artifact.load(&runtime)?;
     let (scores, labels) = scoring.score(&table)?;
     Ok(keys
         .into_iter()

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use cerebro_shared::batch::{ColumnData, NO_LABEL};
-use cerebro_shared::spec::NULL_CATEGORY;
+use cerebro_shared::onnx_graph::ImportLayout;
+use cerebro_shared::spec::{Task, NULL_CATEGORY};
 use ort::environment::Environment;
 use ort::session::Session;
 use ort::value::{Tensor, TensorElementType, ValueType};
@@ -84,21 +85,27 @@ enum OutputHead {
 
 pub struct ScoringModel {
     session: Mutex<Session>,
-    inputs: Vec<(String, InputKind)>,
+    /// Graph inputs in feed order, each taking the next `usize` columns.
+    inputs: Vec<(String, InputKind, usize)>,
     head: OutputHead,
-    output: &'static str,
+    output: String,
+    /// Binary: the output column with the positive class's probability.
+    positive_column: usize,
 }
 
 impl ScoringModel {
-    pub fn load(rt: &OnnxRuntime, bytes: &[u8]) -> Result<ScoringModel, ScoringError> {
+    fn session(rt: &OnnxRuntime, bytes: &[u8]) -> Result<Session, ScoringError> {
         let art = |e: ort::Error| ScoringError::Artifact(e.to_string());
-        let session = Session::builder(rt.env)
+        Session::builder(rt.env)
             .map_err(art)?
             .with_intra_threads(rt.threads)
             .map_err(|e| ScoringError::Artifact(e.to_string()))?
             .commit_from_memory(bytes)
-            .map_err(art)?;
-        let inputs = session
+            .map_err(art)
+    }
+
+    fn input_kinds(session: &Session) -> Result<Vec<(String, InputKind)>, ScoringError> {
+        session
             .inputs()
             .iter()
             .map(|o| match o.dtype() {
@@ -108,7 +115,14 @@ impl ScoringModel {
                 ValueType::Tensor { ty: TensorElementType::String, .. } => Ok((o.name().to_string(), InputKind::Text)),
                 _ => Err(ScoringError::UnsupportedInput(o.name().to_string())),
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect()
+    }
+
+    /// A model Cerebro exported: one `[N, 1]` input per feature, an output
+    /// named after its head.
+    pub fn load(rt: &OnnxRuntime, bytes: &[u8]) -> Result<ScoringModel, ScoringError> {
+        let session = ScoringModel::session(rt, bytes)?;
+        let inputs = ScoringModel::input_kinds(&session)?.into_iter().map(|(n, k)| (n, k, 1)).collect();
         let names: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
         let (head, output) = if names.contains(&OUTPUT_PROBABILITY) {
             (OutputHead::Binary, OUTPUT_PROBABILITY)
@@ -119,53 +133,98 @@ impl ScoringModel {
         } else {
             return Err(ScoringError::UnknownOutput);
         };
-        Ok(ScoringModel { session: Mutex::new(session), inputs, head, output })
+        Ok(ScoringModel { session: Mutex::new(session), inputs, head, output: output.into(), positive_column: 0 })
     }
 
-    pub fn inputs(&self) -> &[(String, InputKind)] {
-        &self.inputs
+    /// An imported model, fed and read as `layout` says, for `task`.
+    pub fn load_imported(
+        rt: &OnnxRuntime,
+        bytes: &[u8],
+        layout: &ImportLayout,
+        task: Task,
+    ) -> Result<ScoringModel, ScoringError> {
+        let session = ScoringModel::session(rt, bytes)?;
+        let kinds = ScoringModel::input_kinds(&session)?;
+        let inputs = layout
+            .inputs
+            .iter()
+            .map(|i| match kinds.iter().find(|(n, _)| *n == i.name) {
+                Some((_, kind)) => Ok((i.name.clone(), *kind, i.columns)),
+                None => Err(ScoringError::Artifact(format!("the graph has no input \"{}\"", i.name))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if !session.outputs().iter().any(|o| o.name() == layout.output) {
+            return Err(ScoringError::Artifact(format!("the graph has no output \"{}\"", layout.output)));
+        }
+        let head = match task {
+            Task::Binary => OutputHead::Binary,
+            Task::Multiclass => OutputHead::Multiclass,
+            Task::Regression => OutputHead::Regression,
+        };
+        Ok(ScoringModel {
+            session: Mutex::new(session),
+            inputs,
+            head,
+            output: layout.output.clone(),
+            positive_column: layout.positive_column,
+        })
+    }
+
+    /// Each graph input's name and kind, in feed order.
+    pub fn inputs(&self) -> Vec<(String, InputKind)> {
+        self.inputs.iter().map(|(n, k, _)| (n.clone(), *k)).collect()
     }
 
     /// The graph's raw output for `columns` (given in input order), flattened
     /// row-major, and its width per row.
     pub fn run(&self, columns: &[ColumnData]) -> Result<(Vec<f32>, usize), ScoringError> {
-        if columns.len() != self.inputs.len() {
-            return Err(ScoringError::ColumnCount { given: columns.len(), expected: self.inputs.len() });
+        let expected: usize = self.inputs.iter().map(|(_, _, k)| k).sum();
+        if columns.len() != expected {
+            return Err(ScoringError::ColumnCount { given: columns.len(), expected });
         }
         let n = columns.first().map_or(0, |c| c.len());
         if n == 0 {
             return Ok((Vec::new(), 1));
         }
         let run_err = |e: ort::Error| ScoringError::Run(e.to_string());
-        let mut feed: Vec<(String, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(columns.len());
-        for (index, (column, (name, kind))) in columns.iter().zip(&self.inputs).enumerate() {
-            let value: ort::session::SessionInputValue<'_> = match (column, kind) {
-                (ColumnData::Float64(values), InputKind::Float) => {
-                    let data: Vec<f32> = values.iter().map(|v| v.map_or(f32::NAN, |x| x as f32)).collect();
-                    Tensor::from_array(([n, 1], data)).map_err(run_err)?.into()
+        let mut feed: Vec<(String, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(self.inputs.len());
+        let mut next = 0;
+        for (name, kind, width) in &self.inputs {
+            let group = &columns[next..next + width];
+            let wrong = |index: usize, found: &ColumnData| ScoringError::ColumnKind {
+                index,
+                name: name.clone(),
+                found: found.kind_name(),
+                expected: match kind {
+                    InputKind::Float => "numbers",
+                    InputKind::Text => "text",
+                },
+            };
+            let value: ort::session::SessionInputValue<'_> = match kind {
+                InputKind::Float => {
+                    // Row-major [n, width]: row r holds the group's values of row r.
+                    let mut data = vec![0.0f32; n * width];
+                    for (c, column) in group.iter().enumerate() {
+                        let ColumnData::Float64(values) = column else { return Err(wrong(next + c, column)) };
+                        for (r, v) in values.iter().enumerate() {
+                            data[r * width + c] = v.map_or(f32::NAN, |x| x as f32);
+                        }
+                    }
+                    Tensor::from_array(([n, *width], data)).map_err(run_err)?.into()
                 }
-                (ColumnData::Text(values), InputKind::Text) => {
+                InputKind::Text => {
+                    let ColumnData::Text(values) = &group[0] else { return Err(wrong(next, &group[0])) };
                     let data: Vec<String> =
                         values.iter().map(|v| v.clone().unwrap_or_else(|| NULL_CATEGORY.to_owned())).collect();
                     Tensor::from_string_array(([n, 1], &data[..])).map_err(run_err)?.into()
                 }
-                (found, _) => {
-                    return Err(ScoringError::ColumnKind {
-                        index,
-                        name: name.clone(),
-                        found: found.kind_name(),
-                        expected: match kind {
-                            InputKind::Float => "numbers",
-                            InputKind::Text => "text",
-                        },
-                    });
-                }
             };
             feed.push((name.clone(), value));
+            next += width;
         }
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let outputs = session.run(feed).map_err(run_err)?;
-        let (_, data) = outputs[self.output].try_extract_tensor::<f32>().map_err(run_err)?;
+        let (_, data) = outputs[self.output.as_str()].try_extract_tensor::<f32>().map_err(run_err)?;
         let width = data.len() / n;
         Ok((data.to_vec(), width))
     }
@@ -176,7 +235,13 @@ impl ScoringModel {
     pub fn score(&self, columns: &[ColumnData]) -> Result<(Vec<f64>, Vec<u32>), ScoringError> {
         let (out, width) = self.run(columns)?;
         Ok(match self.head {
-            OutputHead::Binary => out.iter().map(|&p| (p as f64, (p >= 0.5) as u32)).unzip(),
+            OutputHead::Binary => out
+                .chunks_exact(width.max(1))
+                .map(|row| {
+                    let p = row[self.positive_column.min(row.len() - 1)];
+                    (p as f64, (p >= 0.5) as u32)
+                })
+                .unzip(),
             OutputHead::Multiclass => out
                 .chunks_exact(width.max(1))
                 .map(|row| {

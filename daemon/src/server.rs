@@ -57,7 +57,7 @@ impl ScoringService {
                 return Ok(model.clone());
             }
         }
-        let (sha, bytes) = self
+        let artifact = self
             .catalog
             .artifact(model_version_id)
             .await
@@ -65,6 +65,7 @@ impl ScoringService {
             .ok_or_else(|| {
                 WireError::new(ErrorCode::ModelNotFound, format!("model version {model_version_id} has no artifact"))
             })?;
+        let sha = artifact.sha256.clone();
         if sha != expected_sha {
             return Err(WireError::new(
                 ErrorCode::ModelNotFound,
@@ -72,7 +73,7 @@ impl ScoringService {
             ));
         }
         let runtime = self.runtime.clone();
-        let model = tokio::task::spawn_blocking(move || ScoringModel::load(&runtime, &bytes))
+        let model = tokio::task::spawn_blocking(move || artifact.load(&runtime))
             .await
             .map_err(|e| WireError::new(ErrorCode::Internal, format!("model loading task failed: {e}")))?
             .map_err(|e| WireError::new(ErrorCode::ArtifactInvalid, e.to_string()))?;

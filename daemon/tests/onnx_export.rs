@@ -83,6 +83,20 @@ fn check_agreement(rt: &OnnxRuntime, model: &TrainedModel, what: &str) {
         onnx.inputs().iter().map(|(n, k)| (n.as_str(), *k)).collect::<Vec<_>>(),
         vec![("monthly charges", InputKind::Float), ("internet", InputKind::Text), ("paperless", InputKind::Text)]
     );
+    // The backend's protobuf reader sees the graph as ONNX Runtime does.
+    let signature = cerebro_shared::onnx_graph::read_signature(&bytes).unwrap();
+    let read: Vec<(&str, i32, Vec<Option<i64>>)> =
+        signature.inputs.iter().map(|i| (i.name.as_str(), i.elem_type, i.dims.clone())).collect();
+    use cerebro_shared::onnx_graph::{FLOAT, STRING};
+    assert_eq!(
+        read,
+        vec![
+            ("monthly charges", FLOAT, vec![None, Some(1)]),
+            ("internet", STRING, vec![None, Some(1)]),
+            ("paperless", STRING, vec![None, Some(1)])
+        ]
+    );
+    assert_eq!(signature.outputs.len(), 1);
     let engine = model.outputs(&held_out).unwrap();
     let (runtime, width) = onnx.run(&held_out).unwrap();
     assert_eq!(engine.len(), runtime.len(), "{what}");

@@ -21,7 +21,7 @@ use crate::error::{CerebroError, Result};
 use crate::identity;
 
 /// Raises `e` as an ERROR with its SQLSTATE, hint and detail.
-fn raise(e: CerebroError) -> ! {
+pub(crate) fn raise(e: CerebroError) -> ! {
     ErrorReport::from(e).report(PgLogLevel::ERROR);
     unreachable!("an ERROR does not return")
 }
@@ -405,7 +405,7 @@ fn try_delete(model: Option<&str>, version: Option<i32>) -> Result<i64> {
                 "SELECT m.id, m.snapshot_id, s.data_relation, coalesce(m.artifact_bytes, 0),
                         EXISTS (SELECT 1 FROM cerebro.model_versions c
                                 WHERE c.name = m.name AND (c.parent_version = m.version OR c.reproduces = m.version))
-                 FROM cerebro.model_versions m JOIN cerebro.snapshots s ON s.id = m.snapshot_id
+                 FROM cerebro.model_versions m LEFT JOIN cerebro.snapshots s ON s.id = m.snapshot_id
                  WHERE m.name = $1 AND m.version = $2",
                 Some(1),
                 &[model.into(), version.into()],
@@ -413,8 +413,9 @@ fn try_delete(model: Option<&str>, version: Option<i32>) -> Result<i64> {
             .next()
             .ok_or_else(|| CerebroError::VersionNotFound { name: model.into(), version })?;
         let id: i64 = row.get(1)?.expect("id");
-        let snapshot: i64 = row.get(2)?.expect("snapshot_id");
-        let data_relation: String = row.get(3)?.expect("data_relation");
+        // Imported versions have no snapshot.
+        let snapshot: Option<i64> = row.get(2)?;
+        let data_relation: Option<String> = row.get(3)?;
         let mut freed: i64 = row.get(4)?.unwrap_or(0);
         let is_parent: bool = row.get(5)?.unwrap_or(false);
 
@@ -435,29 +436,31 @@ fn try_delete(model: Option<&str>, version: Option<i32>) -> Result<i64> {
             &[model.into(), version.into()],
         )?;
         // The snapshot's data goes when no live version trains or retrains on it.
-        let still_used = first::<bool>(
-            client,
-            "SELECT EXISTS (SELECT 1 FROM cerebro.model_versions WHERE snapshot_id = $1 AND status <> 'deleted')",
-            &[snapshot.into()],
-            1,
-        )?
-        .unwrap_or(true);
-        if !still_used {
-            freed += first::<i64>(
+        if let (Some(snapshot), Some(data_relation)) = (snapshot, data_relation) {
+            let still_used = first::<bool>(
                 client,
-                "SELECT pg_catalog.pg_total_relation_size(pg_catalog.to_regclass($1))",
-                &[data_relation.as_str().into()],
+                "SELECT EXISTS (SELECT 1 FROM cerebro.model_versions WHERE snapshot_id = $1 AND status <> 'deleted')",
+                &[snapshot.into()],
                 1,
             )?
-            .unwrap_or(0);
-            client.update(&format!("DROP TABLE IF EXISTS {data_relation}"), None, &[])?;
-            client.update(
-                "DELETE FROM cerebro.snapshots s WHERE s.id = $1
-                     AND NOT EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.snapshot_id = s.id)",
-                None,
-                &[snapshot.into()],
-            )?;
-            client.update("UPDATE cerebro.snapshots SET frozen = false WHERE id = $1", None, &[snapshot.into()])?;
+            .unwrap_or(true);
+            if !still_used {
+                freed += first::<i64>(
+                    client,
+                    "SELECT pg_catalog.pg_total_relation_size(pg_catalog.to_regclass($1))",
+                    &[data_relation.as_str().into()],
+                    1,
+                )?
+                .unwrap_or(0);
+                client.update(&format!("DROP TABLE IF EXISTS {data_relation}"), None, &[])?;
+                client.update(
+                    "DELETE FROM cerebro.snapshots s WHERE s.id = $1
+                         AND NOT EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.snapshot_id = s.id)",
+                    None,
+                    &[snapshot.into()],
+                )?;
+                client.update("UPDATE cerebro.snapshots SET frozen = false WHERE id = $1", None, &[snapshot.into()])?;
+            }
         }
         // The last version gone: the name is free again, without its grants.
         client.update(

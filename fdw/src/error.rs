@@ -51,6 +51,8 @@ pub enum CerebroError {
     NotDeletable { name: String, version: i32, status: String },
     #[error("model \"{name}\" version {version} is deployed and cannot be deleted")]
     DeletingDeployed { name: String, version: i32 },
+    #[error("cannot import the ONNX model: {0}")]
+    ImportInvalid(String),
     #[error("role \"{0}\" does not exist")]
     UnknownRole(String),
     #[error("{0} must not be NULL")]
@@ -118,6 +120,7 @@ impl CerebroError {
                 ERRCODE_INSUFFICIENT_PRIVILEGE
             }
             CerebroError::UnknownRole(_) => ERRCODE_UNDEFINED_OBJECT,
+            CerebroError::ImportInvalid(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             CerebroError::SnapshotGone { .. }
             | CerebroError::NotDeletable { .. }
             | CerebroError::DeletingDeployed { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

@@ -14,6 +14,7 @@ mod error;
 mod fdw;
 mod gucs;
 mod identity;
+mod imports;
 mod models;
 mod predictions;
 

@@ -94,21 +94,21 @@ impl TrainRequest {
     }
 }
 
-struct SourceColumn {
-    name: String,
-    type_name: String,
-    kind: Option<SqlKind>,
-    readable: bool,
+pub(crate) struct SourceColumn {
+    pub(crate) name: String,
+    pub(crate) type_name: String,
+    pub(crate) kind: Option<SqlKind>,
+    pub(crate) readable: bool,
 }
 
-struct Source {
+pub(crate) struct Source {
     /// `oid::regclass::text`: schema-qualified where needed, quoted.
-    display: String,
-    columns: Vec<SourceColumn>,
+    pub(crate) display: String,
+    pub(crate) columns: Vec<SourceColumn>,
 }
 
 impl Source {
-    fn column(&self, name: &str) -> Result<&SourceColumn> {
+    pub(crate) fn column(&self, name: &str) -> Result<&SourceColumn> {
         self.columns
             .iter()
             .find(|c| c.name == name)
@@ -116,7 +116,7 @@ impl Source {
     }
 }
 
-fn resolve_source(client: &pgrx::spi::SpiClient<'_>, name: &str) -> Result<Source> {
+pub(crate) fn resolve_source(client: &pgrx::spi::SpiClient<'_>, name: &str) -> Result<Source> {
     let rel = client.select(
         "SELECT c.oid, c.relkind::text, c.oid::regclass::text FROM pg_catalog.pg_class c
          WHERE c.oid = pg_catalog.to_regclass($1)",

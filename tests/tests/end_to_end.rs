@@ -853,6 +853,82 @@ async fn cerebrod_runs_as_a_role_with_only_the_documented_privileges() -> anyhow
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn an_onnx_model_built_elsewhere_imports_checked_and_scores() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    let path = std::env::temp_dir().join(format!("cerebro-external-{}.onnx", std::process::id()));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/make_external_onnx.py");
+    let out = std::process::Command::new(&env.python).arg(script).arg(&path).output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let onnx = std::fs::read(&path)?;
+    std::fs::remove_file(&path)?;
+
+    let import = "SELECT cerebro.import_onnx('e2e_external', $1, 'telco_churn', $2::text::jsonb, $3,
+                                            ARRAY['No', 'Yes'], NULL, 'customer_id')";
+    let good = r#"{"numbers": ["tenure", "monthly_charges"], "contract": "contract"}"#;
+    // Every mismatch between the graph and the columns is refused, and nothing is stored.
+    for (bytes, inputs, task, expected) in [
+        (&b"not onnx"[..], good, "binary", "not a readable ONNX model"),
+        (
+            &onnx[..],
+            r#"{"numbers": ["tenure", "monthly_charges"]}"#,
+            "binary",
+            "graph input \"contract\" is not mapped",
+        ),
+        (
+            &onnx[..],
+            r#"{"numbers": ["tenure", "monthly_charges"], "contract": "contract", "extra": "x"}"#,
+            "binary",
+            "no input \"extra\"",
+        ),
+        (
+            &onnx[..],
+            r#"{"numbers": ["tenure", "contract"], "contract": "contract"}"#,
+            "binary",
+            "cannot feed input \"numbers\"",
+        ),
+        (&onnx[..], r#"{"numbers": ["tenure"], "contract": "contract"}"#, "binary", "takes 2 column(s); 1 are mapped"),
+        (
+            &onnx[..],
+            r#"{"numbers": ["tenure", "nope"], "contract": "contract"}"#,
+            "binary",
+            "column \"nope\" does not exist",
+        ),
+        (&onnx[..], good, "regression", "a regression model takes no labels"),
+    ] {
+        let err = db.query_one(import, &[&bytes, &inputs, &task]).await.expect_err(expected);
+        let e = err.as_db_error().expect("a server error");
+        assert!(e.message().contains(expected), "{expected}: got {}", e.message());
+        assert!(["22023", "42703"].contains(&e.code().code()), "{expected}: {}", e.code().code());
+    }
+    let none: i64 = db.query_one("SELECT count(*) FROM cerebro.models WHERE name = 'e2e_external'", &[]).await?.get(0);
+    assert_eq!(none, 0);
+
+    let v: i32 = db.query_one(import, &[&onnx, &good, &"binary"]).await?.get(0);
+    assert_eq!(v, 1);
+    let status: String =
+        db.query_one("SELECT status FROM cerebro.models WHERE name = 'e2e_external'", &[]).await?.get(0);
+    assert_eq!(status, "ready");
+    let scored =
+        sql_scores(&db, "SELECT key, label, score FROM cerebro.predictions WHERE model = 'e2e_external'").await?;
+    assert_eq!(scored.len(), 7043);
+    let rows =
+        db.query("SELECT customer_id::text, tenure, monthly_charges::float8, contract FROM telco_churn", &[]).await?;
+    for r in rows {
+        let (key, tenure, monthly, contract): (String, i32, f64, String) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        let code =
+            ["Month-to-month", "One year", "Two year"].iter().position(|c| *c == contract).map_or(-1.0, |i| i as f32);
+        let z = -0.05 * tenure as f32 + 0.02 * monthly as f32 - 0.8 * code - 0.3;
+        let p = 1.0 / (1.0 + (-z).exp());
+        let (label, score) = &scored[&key];
+        assert!((score - p as f64).abs() < 1e-5, "row {key}: {score} vs {p}");
+        assert_eq!(label.as_deref(), Some(if *score >= 0.5 { "Yes" } else { "No" }), "row {key}");
+    }
+    Ok(())
+}
+
 /// Every object of schema cerebro, described in text, sorted.
 async fn describe_schema(db: &tokio_postgres::Client) -> anyhow::Result<Vec<String>> {
     let rows = db

@@ -1,0 +1,272 @@
+//! The inputs and outputs of an ONNX model, read straight from its protobuf
+//! bytes: enough to check an imported model against the columns it is
+//! declared to score, without ONNX Runtime (the database process never loads
+//! it).
+
+use serde::{Deserialize, Serialize};
+
+/// How an imported model is fed and read, stored with it in the catalog
+/// (`model_versions.import_layout`). Cerebro's own exports need none: one
+/// `[N, 1]` input per feature and an output named after the head.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportLayout {
+    /// Graph inputs in feed order; each takes the next `columns` features.
+    pub inputs: Vec<ImportInput>,
+    /// The float output scores are read from.
+    pub output: String,
+    /// Binary models: the output column holding the positive class's
+    /// probability (0 for a one-column output, 1 for two columns).
+    pub positive_column: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportInput {
+    pub name: String,
+    pub columns: usize,
+}
+
+/// ONNX's `TensorProto.DataType` values Cerebro feeds or reads.
+pub const FLOAT: i32 = 1;
+pub const STRING: i32 = 8;
+
+/// One graph input or output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// `TensorProto.DataType`; 0 when the value is not a tensor.
+    pub elem_type: i32,
+    /// One entry per dimension: its size, or None when symbolic or unknown.
+    pub dims: Vec<Option<i64>>,
+}
+
+impl TensorInfo {
+    pub fn type_name(&self) -> &'static str {
+        match self.elem_type {
+            FLOAT => "float",
+            STRING => "string",
+            0 => "not a tensor",
+            2 => "uint8",
+            3 => "int8",
+            6 => "int32",
+            7 => "int64",
+            9 => "bool",
+            10 => "float16",
+            11 => "double",
+            _ => "another element type",
+        }
+    }
+}
+
+/// A graph's real inputs (initializers excluded) and its outputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphSignature {
+    pub inputs: Vec<TensorInfo>,
+    pub outputs: Vec<TensorInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a readable ONNX model: {0}")]
+pub struct OnnxFormatError(String);
+
+fn malformed(what: &str) -> OnnxFormatError {
+    OnnxFormatError(what.to_string())
+}
+
+/// A cursor over protobuf fields.
+struct Fields<'a> {
+    bytes: &'a [u8],
+}
+
+enum Value<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+    Fixed,
+}
+
+impl<'a> Fields<'a> {
+    fn varint(&mut self) -> Result<u64, OnnxFormatError> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&b, rest) = self.bytes.split_first().ok_or_else(|| malformed("truncated varint"))?;
+            self.bytes = rest;
+            value |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(malformed("varint longer than 10 bytes"))
+    }
+
+    fn next_field(&mut self) -> Result<Option<(u64, Value<'a>)>, OnnxFormatError> {
+        if self.bytes.is_empty() {
+            return Ok(None);
+        }
+        let key = self.varint()?;
+        let value = match key & 7 {
+            0 => Value::Varint(self.varint()?),
+            1 | 5 => {
+                let n = if key & 7 == 1 { 8 } else { 4 };
+                if self.bytes.len() < n {
+                    return Err(malformed("truncated fixed-size field"));
+                }
+                self.bytes = &self.bytes[n..];
+                Value::Fixed
+            }
+            2 => {
+                let len = usize::try_from(self.varint()?).map_err(|_| malformed("length too large"))?;
+                if self.bytes.len() < len {
+                    return Err(malformed("a field runs past the end of the file"));
+                }
+                let (field, rest) = self.bytes.split_at(len);
+                self.bytes = rest;
+                Value::Bytes(field)
+            }
+            other => return Err(malformed(&format!("unsupported wire type {other}"))),
+        };
+        Ok(Some((key >> 3, value)))
+    }
+}
+
+/// Every length-delimited field `number` of a message.
+fn messages(bytes: &[u8], number: u64) -> Result<Vec<&[u8]>, OnnxFormatError> {
+    let mut fields = Fields { bytes };
+    let mut found = Vec::new();
+    while let Some((n, value)) = fields.next_field()? {
+        if let (true, Value::Bytes(b)) = (n == number, value) {
+            found.push(b);
+        }
+    }
+    Ok(found)
+}
+
+fn varint_field(bytes: &[u8], number: u64) -> Result<Option<u64>, OnnxFormatError> {
+    let mut fields = Fields { bytes };
+    let mut found = None;
+    while let Some((n, value)) = fields.next_field()? {
+        if let (true, Value::Varint(v)) = (n == number, value) {
+            found = Some(v);
+        }
+    }
+    Ok(found)
+}
+
+fn string_field(bytes: &[u8], number: u64) -> Result<Option<String>, OnnxFormatError> {
+    Ok(match messages(bytes, number)?.last() {
+        Some(b) => Some(String::from_utf8(b.to_vec()).map_err(|_| malformed("a name is not UTF-8"))?),
+        None => None,
+    })
+}
+
+/// ValueInfoProto: name (1), type (2) → TypeProto.tensor_type (1) →
+/// elem_type (1), shape (2) → dim (1) → dim_value (1).
+fn tensor_info(value_info: &[u8]) -> Result<TensorInfo, OnnxFormatError> {
+    let name = string_field(value_info, 1)?.ok_or_else(|| malformed("a graph value has no name"))?;
+    let (mut elem_type, mut dims) = (0, Vec::new());
+    if let Some(tensor) =
+        messages(value_info, 2)?.last().map(|t| messages(t, 1)).transpose()?.and_then(|t| t.last().copied())
+    {
+        elem_type = varint_field(tensor, 1)?.unwrap_or(0) as i32;
+        if let Some(shape) = messages(tensor, 2)?.last() {
+            for dim in messages(shape, 1)? {
+                dims.push(varint_field(dim, 1)?.map(|v| v as i64));
+            }
+        }
+    }
+    Ok(TensorInfo { name, elem_type, dims })
+}
+
+/// ModelProto.graph (7) → GraphProto.input (11), output (12), initializer (5,
+/// whose names, field 8, older exporters also list as inputs).
+pub fn read_signature(model: &[u8]) -> Result<GraphSignature, OnnxFormatError> {
+    let graph = *messages(model, 7)?.last().ok_or_else(|| malformed("no graph"))?;
+    let initializers: Vec<String> =
+        messages(graph, 5)?.into_iter().filter_map(|t| string_field(t, 8).transpose()).collect::<Result<_, _>>()?;
+    let inputs = messages(graph, 11)?
+        .into_iter()
+        .map(tensor_info)
+        .filter(|i| i.as_ref().map_or(true, |i| !initializers.contains(&i.name)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let outputs = messages(graph, 12)?.into_iter().map(tensor_info).collect::<Result<Vec<_>, _>>()?;
+    if outputs.is_empty() {
+        return Err(malformed("the graph has no output"));
+    }
+    Ok(GraphSignature { inputs, outputs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn varint(mut v: u64, out: &mut Vec<u8>) {
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(b);
+                return;
+            }
+            out.push(b | 0x80);
+        }
+    }
+
+    fn field(number: u64, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        varint(number << 3 | 2, &mut out);
+        varint(body.len() as u64, &mut out);
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn int_field(number: u64, v: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        varint(number << 3, &mut out);
+        varint(v, &mut out);
+        out
+    }
+
+    fn value_info(name: &str, elem: u64, dims: &[Option<u64>]) -> Vec<u8> {
+        let mut shape = Vec::new();
+        for d in dims {
+            let dim = match d {
+                Some(v) => int_field(1, *v),
+                None => field(2, b"N"),
+            };
+            shape.extend(field(1, &dim));
+        }
+        let tensor = [int_field(1, elem), field(2, &shape)].concat();
+        [field(1, name.as_bytes()), field(2, &field(1, &tensor))].concat()
+    }
+
+    #[test]
+    fn reads_inputs_outputs_and_skips_initializers() {
+        let initializer = [field(8, b"w"), int_field(2, 1)].concat();
+        let graph = [
+            field(5, &initializer),
+            field(11, &value_info("features", 1, &[None, Some(3)])),
+            field(11, &value_info("w", 1, &[Some(3)])),
+            field(11, &value_info("plan", 8, &[None, Some(1)])),
+            field(12, &value_info("p", 1, &[None, Some(1)])),
+        ]
+        .concat();
+        // ir_version (1) and a producer name (2) around the graph (7).
+        let model = [int_field(1, 8), field(2, b"test"), field(7, &graph)].concat();
+        let sig = read_signature(&model).unwrap();
+        let names: Vec<&str> = sig.inputs.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["features", "plan"]);
+        assert_eq!(sig.inputs[0].dims, vec![None, Some(3)]);
+        assert_eq!((sig.inputs[1].elem_type, sig.inputs[1].type_name()), (STRING, "string"));
+        assert_eq!(sig.outputs[0].name, "p");
+    }
+
+    #[test]
+    fn garbage_and_truncation_are_errors_not_panics() {
+        assert!(read_signature(b"").is_err());
+        assert!(read_signature(b"not an onnx file at all").is_err());
+        let graph = field(12, &value_info("p", 1, &[Some(1)]));
+        let model = field(7, &graph);
+        for cut in 0..model.len() {
+            let _ = read_signature(&model[..cut]);
+        }
+        assert!(read_signature(&model).is_ok());
+    }
+}
