@@ -13,6 +13,7 @@
 
 pub mod batch;
 pub mod error;
+pub mod mst;
 pub mod onnx_graph;
 pub mod protocol;
 pub mod spec;

@@ -1,0 +1,793 @@
+//! The model selection language: one text that declares a whole search over
+//! model selection triples, feature engineering (FE), architecture (AS) and
+//! parameter tuning (PT). Grammar and examples: docs/selection.md.
+//!
+//! ```text
+//! source   {flights, (SELECT f.*, w.temp FROM flights f JOIN weather w USING (origin, hour))}
+//! features flights.*, weather.{temp, precip}?, -tailnum
+//! encode   dep_time = ple, carrier = {onehot, embedding}
+//! model    hidden = {[64, 32], [128, 64]}, activation = {relu, gelu}, dropout = range(0, 0.3)
+//! train    lr = range(1e-4, 1e-2, log), batch_size = {256, 512}, epochs = 30
+//! search   random(20, seed = 7)
+//! ```
+//!
+//! Sets `{a, b}` and ranges `range(lo, hi[, log|linear|int])` may stand for
+//! any value; an optional feature group (`?`) and a set of sources are
+//! searched too. Every error quotes the text and points at the position.
+//! Launching a selection from SQL with it comes next (issue 4).
+
+use std::ops::Range;
+
+use serde_json::{json, Value as Json};
+
+use crate::spec::{SpecError, TrainOptions};
+
+/// Where a piece of the text is, in bytes.
+pub type Span = Range<usize>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Number(f64),
+    Word(String),
+    Text(String),
+    List(Vec<(Value, Span)>),
+    /// One of these: a dimension of the search.
+    Set(Vec<(Value, Span)>),
+    /// Any number in `[lo, hi]`, drawn on this scale.
+    Range {
+        lo: f64,
+        hi: f64,
+        scale: Scale,
+    },
+    /// A parenthesised SQL query (as a source).
+    Query(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    Linear,
+    Log,
+    Int,
+}
+
+/// A feature selection: `t.*`, `t.{a, b}`, `col`, `*`; `-` excludes, `?`
+/// makes the group optional (searched with and without).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Selection {
+    pub exclude: bool,
+    pub table: Option<String>,
+    /// None: every column.
+    pub columns: Option<Vec<String>>,
+    pub optional: bool,
+    pub span: Span,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub key: String,
+    pub key_span: Span,
+    pub value: Value,
+    pub span: Span,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Search {
+    /// Every combination of the sets.
+    Grid,
+    /// `n` combinations drawn with `seed`.
+    Random { n: u64, seed: u64 },
+    /// Successive halving: start `n` candidates, keep 1/`eta` at each rung.
+    Halving { n: u64, eta: u64, seed: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Spec {
+    pub source: Option<(Value, Span)>,
+    pub features: Vec<Selection>,
+    pub encodings: Vec<Assignment>,
+    pub model: Vec<Assignment>,
+    pub train: Vec<Assignment>,
+    pub search: Option<(Search, Span)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The text does not follow the grammar (SQLSTATE 42601).
+    Syntax,
+    /// It does, but a value is not allowed (22023).
+    Invalid,
+}
+
+/// An error with the position it is about.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message} (line {line}, column {column})")]
+pub struct MstError {
+    pub kind: ErrorKind,
+    pub message: String,
+    pub offset: usize,
+    pub line: usize,
+    pub column: usize,
+    /// The line of text with a caret under the position.
+    pub snippet: String,
+}
+
+impl MstError {
+    fn at(text: &str, offset: usize, kind: ErrorKind, message: String) -> MstError {
+        let offset = offset.min(text.len());
+        let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+        let line = text[..offset].matches('\n').count() + 1;
+        let column = text[line_start..offset].chars().count() + 1;
+        let snippet = format!("{}\n{}^", &text[line_start..line_end], " ".repeat(column - 1));
+        MstError { kind, message, offset, line, column, snippet }
+    }
+}
+
+/// Keys of the `model` clause (architecture) and the `train` clause
+/// (parameter tuning), as TrainOptions names them; `lr` is `learning_rate`.
+const MODEL_KEYS: &[&str] = &["hidden", "activation", "residual_blocks", "norm", "dropout"];
+const TRAIN_KEYS: &[&str] = &[
+    "optimizer",
+    "learning_rate",
+    "batch_size",
+    "epochs",
+    "schedule",
+    "warmup_epochs",
+    "weight_decay",
+    "momentum",
+    "clip_norm",
+    "seed",
+    "patience",
+    "validation_fraction",
+    "class_weights",
+    "loss",
+    "huber_delta",
+    "numeric_encoding",
+    "bins",
+    "onehot_max",
+];
+
+struct Parser<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Parser<'a> {
+    fn error(&self, offset: usize, message: impl Into<String>) -> MstError {
+        MstError::at(self.text, offset, ErrorKind::Syntax, message.into())
+    }
+
+    fn rest(&self) -> &'a str {
+        &self.text[self.at..]
+    }
+
+    /// Skips spaces and `--` comments; newlines too unless `keep_newlines`.
+    fn skip(&mut self, keep_newlines: bool) {
+        loop {
+            let rest = self.rest();
+            if rest.starts_with("--") {
+                self.at += rest.find('\n').unwrap_or(rest.len());
+            } else if let Some(c) = rest.chars().next().filter(|c| c.is_whitespace() && !(keep_newlines && *c == '\n'))
+            {
+                self.at += c.len_utf8();
+            } else {
+                return;
+            }
+        }
+    }
+
+    fn peek(&mut self) -> Option<char> {
+        self.skip(false);
+        self.rest().chars().next()
+    }
+
+    /// Consumes `c` if it comes next; otherwise leaves the position where
+    /// it was, so that a newline ending a clause is still there.
+    fn eat(&mut self, c: char) -> bool {
+        let before = self.at;
+        if self.peek() == Some(c) {
+            self.at += c.len_utf8();
+            true
+        } else {
+            self.at = before;
+            false
+        }
+    }
+
+    fn expect(&mut self, c: char, context: &str) -> Result<(), MstError> {
+        if self.eat(c) {
+            Ok(())
+        } else {
+            let found = self.describe_next();
+            Err(self.error(self.at, format!("expected \"{c}\" {context}, found {found}")))
+        }
+    }
+
+    fn describe_next(&mut self) -> String {
+        match self.peek() {
+            None => "the end of the text".into(),
+            Some(_) => {
+                let word: String = self.rest().chars().take_while(|c| !c.is_whitespace()).take(20).collect();
+                format!("\"{word}\"")
+            }
+        }
+    }
+
+    fn ident(&mut self) -> Option<(String, Span)> {
+        self.skip(false);
+        let start = self.at;
+        let len: usize = self
+            .rest()
+            .char_indices()
+            .take_while(|(i, c)| c.is_alphabetic() || *c == '_' || (*i > 0 && c.is_ascii_digit()))
+            .map(|(_, c)| c.len_utf8())
+            .sum();
+        if len == 0 {
+            return None;
+        }
+        self.at += len;
+        Some((self.text[start..self.at].to_string(), start..self.at))
+    }
+
+    fn expect_ident(&mut self, what: &str) -> Result<(String, Span), MstError> {
+        match self.ident() {
+            Some(i) => Ok(i),
+            None => {
+                let found = self.describe_next();
+                Err(self.error(self.at, format!("expected {what}, found {found}")))
+            }
+        }
+    }
+
+    fn number(&mut self) -> Result<Option<f64>, MstError> {
+        self.skip(false);
+        let start = self.at;
+        let bytes = self.rest().as_bytes();
+        let mut i = 0;
+        if i < bytes.len() && (bytes[i] == b'-' || bytes[i] == b'+') {
+            i += 1;
+        }
+        let digits_start = i;
+        while i < bytes.len() && (bytes[i].is_ascii_digit() || bytes[i] == b'.') {
+            i += 1;
+        }
+        if i == digits_start {
+            return Ok(None);
+        }
+        if i < bytes.len() && (bytes[i] == b'e' || bytes[i] == b'E') {
+            i += 1;
+            if i < bytes.len() && (bytes[i] == b'-' || bytes[i] == b'+') {
+                i += 1;
+            }
+            while i < bytes.len() && bytes[i].is_ascii_digit() {
+                i += 1;
+            }
+        }
+        let text = &self.rest()[..i];
+        let n = text.parse::<f64>().map_err(|_| self.error(start, format!("\"{text}\" is not a number")))?;
+        self.at += i;
+        Ok(Some(n))
+    }
+
+    /// A parenthesised SQL query, kept as written; quotes and nested
+    /// parentheses are respected.
+    fn query(&mut self) -> Result<String, MstError> {
+        let open = self.at;
+        self.at += 1;
+        let (mut depth, mut quote) = (1usize, None::<char>);
+        let start = self.at;
+        for (i, c) in self.rest().char_indices() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '\'' | '"') => quote = Some(c),
+                (None, '(') => depth += 1,
+                (None, ')') => {
+                    depth -= 1;
+                    if depth == 0 {
+                        let sql = self.text[start..start + i].trim().to_string();
+                        self.at = start + i + 1;
+                        return Ok(sql);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Err(self.error(open, "this \"(\" is never closed"))
+    }
+
+    fn value(&mut self) -> Result<(Value, Span), MstError> {
+        self.skip(false);
+        let start = self.at;
+        let value = match self.peek() {
+            Some(c @ ('{' | '[')) => {
+                self.at += 1;
+                let close = if c == '{' { '}' } else { ']' };
+                let mut items = Vec::new();
+                if !self.eat(close) {
+                    loop {
+                        items.push(self.value()?);
+                        if self.eat(close) {
+                            break;
+                        }
+                        self.expect(',', &format!("or \"{close}\" between values"))?;
+                    }
+                }
+                if close == '}' {
+                    if items.is_empty() {
+                        return Err(MstError::at(
+                            self.text,
+                            start,
+                            ErrorKind::Invalid,
+                            "an empty set has no value to try".into(),
+                        ));
+                    }
+                    Value::Set(items)
+                } else {
+                    Value::List(items)
+                }
+            }
+            Some('(') => Value::Query(self.query()?),
+            Some('\'') => {
+                self.at += 1;
+                let end = self.rest().find('\'').ok_or_else(|| self.error(start, "this string is never closed"))?;
+                let text = self.rest()[..end].to_string();
+                self.at += end + 1;
+                Value::Text(text)
+            }
+            Some(c) if c.is_ascii_digit() || c == '-' || c == '+' || c == '.' => {
+                Value::Number(self.number()?.ok_or_else(|| self.error(start, "expected a number"))?)
+            }
+            Some(c) if c.is_alphabetic() || c == '_' => {
+                let (word, _) = self.ident().expect("starts with a letter");
+                if word == "range" && self.peek() == Some('(') {
+                    self.range(start)?
+                } else {
+                    Value::Word(word)
+                }
+            }
+            _ => {
+                let found = self.describe_next();
+                return Err(self.error(start, format!("expected a value, found {found}")));
+            }
+        };
+        Ok((value, start..self.at))
+    }
+
+    fn range(&mut self, start: usize) -> Result<Value, MstError> {
+        self.expect('(', "after range")?;
+        let bound = |p: &mut Parser<'_>, which: &str| -> Result<f64, MstError> {
+            let at = {
+                p.skip(false);
+                p.at
+            };
+            p.number()?.ok_or_else(|| {
+                MstError::at(
+                    p.text,
+                    at,
+                    ErrorKind::Syntax,
+                    format!("range needs a {which} bound: range(lo, hi[, log])"),
+                )
+            })
+        };
+        let lo = bound(self, "lower")?;
+        self.expect(',', "between the bounds of range")?;
+        let hi = bound(self, "upper")?;
+        let scale = if self.eat(',') {
+            let (word, span) = self.expect_ident("log, linear or int")?;
+            match word.as_str() {
+                "log" => Scale::Log,
+                "linear" => Scale::Linear,
+                "int" => Scale::Int,
+                _ => return Err(self.error(span.start, format!("\"{word}\" is not a scale; use log, linear or int"))),
+            }
+        } else {
+            Scale::Linear
+        };
+        self.expect(')', "to close range")?;
+        let invalid = |m: String| MstError::at(self.text, start, ErrorKind::Invalid, m);
+        if !(lo.is_finite() && hi.is_finite()) || lo >= hi {
+            return Err(invalid(format!("range({lo}, {hi}) is empty: the lower bound must be below the upper")));
+        }
+        if scale == Scale::Log && lo <= 0.0 {
+            return Err(invalid(format!("a log range needs positive bounds, not {lo}")));
+        }
+        Ok(Value::Range { lo, hi, scale })
+    }
+
+    fn assignments(&mut self) -> Result<Vec<Assignment>, MstError> {
+        let mut out = Vec::new();
+        loop {
+            let (key, key_span) = self.expect_ident("a setting name")?;
+            self.expect('=', &format!("after \"{key}\""))?;
+            let (value, span) = self.value()?;
+            out.push(Assignment { key, key_span, value, span });
+            if !self.eat(',') {
+                return Ok(out);
+            }
+        }
+    }
+
+    fn selection(&mut self) -> Result<Selection, MstError> {
+        self.skip(false);
+        let start = self.at;
+        let exclude = self.eat('-');
+        let (table, columns) = if self.eat('*') {
+            (None, None)
+        } else {
+            let (first, _) = self.expect_ident("a column or table name")?;
+            if self.rest().starts_with('.') {
+                self.at += 1;
+                if self.eat('*') {
+                    (Some(first), None)
+                } else if self.eat('{') {
+                    let mut names = Vec::new();
+                    loop {
+                        names.push(self.expect_ident("a column name")?.0);
+                        if self.eat('}') {
+                            break;
+                        }
+                        self.expect(',', "or \"}\" between column names")?;
+                    }
+                    (Some(first), Some(names))
+                } else {
+                    let (column, _) = self.expect_ident("a column name, \"*\" or \"{\" after \".\"")?;
+                    (Some(first), Some(vec![column]))
+                }
+            } else {
+                (None, Some(vec![first]))
+            }
+        };
+        let optional = self.eat('?');
+        if exclude && optional {
+            return Err(self.error(start, "an excluded column cannot also be optional"));
+        }
+        Ok(Selection { exclude, table, columns, optional, span: start..self.at })
+    }
+
+    fn search(&mut self) -> Result<Search, MstError> {
+        let (word, span) = self.expect_ident("grid, random(n) or halving(n)")?;
+        let count = |p: &mut Parser<'_>, what: &str| -> Result<u64, MstError> {
+            p.skip(false);
+            let at = p.at;
+            match p.number()? {
+                Some(n) if n >= 1.0 && n.fract() == 0.0 => Ok(n as u64),
+                _ => Err(MstError::at(
+                    p.text,
+                    at,
+                    ErrorKind::Invalid,
+                    format!("{what} must be a whole number, at least 1"),
+                )),
+            }
+        };
+        match word.as_str() {
+            "grid" => Ok(Search::Grid),
+            "random" | "halving" => {
+                self.expect('(', &format!("after {word}"))?;
+                let n = count(self, "the number of candidates")?;
+                let (mut seed, mut eta) = (0, 3);
+                while self.eat(',') {
+                    let (key, key_span) = self.expect_ident("seed or eta")?;
+                    self.expect('=', &format!("after \"{key}\""))?;
+                    match key.as_str() {
+                        "seed" => {
+                            self.skip(false);
+                            let at = self.at;
+                            seed = match self.number()? {
+                                Some(n) if n >= 0.0 && n.fract() == 0.0 => n as u64,
+                                _ => return Err(self.error(at, "seed must be a whole number")),
+                            }
+                        }
+                        "eta" if word == "halving" => eta = count(self, "eta")?.max(2),
+                        _ => return Err(self.error(key_span.start, format!("{word} takes no setting \"{key}\""))),
+                    }
+                }
+                self.expect(')', &format!("to close {word}"))?;
+                Ok(if word == "random" { Search::Random { n, seed } } else { Search::Halving { n, eta, seed } })
+            }
+            _ => Err(self.error(span.start, format!("unknown search \"{word}\"; use grid, random(n) or halving(n)"))),
+        }
+    }
+
+    /// The end of a clause: a newline, a ";" or the end of the text.
+    fn end_clause(&mut self) -> Result<(), MstError> {
+        self.skip(true);
+        match self.rest().chars().next() {
+            None => Ok(()),
+            Some('\n') | Some(';') => {
+                self.at += 1;
+                Ok(())
+            }
+            Some(_) => {
+                let found = self.describe_next();
+                Err(self.error(self.at, format!("expected the end of the clause, found {found}")))
+            }
+        }
+    }
+}
+
+/// Parses a selection text.
+pub fn parse(text: &str) -> Result<Spec, MstError> {
+    let mut p = Parser { text, at: 0 };
+    let mut spec = Spec::default();
+    loop {
+        if p.peek().is_none() {
+            break;
+        }
+        if p.eat(';') {
+            continue;
+        }
+        let (clause, span) = p.expect_ident("a clause: source, features, encode, model, train or search")?;
+        let twice = |p: &Parser<'_>| p.error(span.start, format!("\"{clause}\" is given twice"));
+        match clause.as_str() {
+            "source" => {
+                if spec.source.is_some() {
+                    return Err(twice(&p));
+                }
+                spec.source = Some(p.value()?);
+            }
+            "features" => loop {
+                spec.features.push(p.selection()?);
+                if !p.eat(',') {
+                    break;
+                }
+            },
+            "encode" => spec.encodings.extend(p.assignments()?),
+            "model" => spec.model.extend(p.assignments()?),
+            "train" => spec.train.extend(p.assignments()?),
+            "search" => {
+                if spec.search.is_some() {
+                    return Err(twice(&p));
+                }
+                let start = p.at;
+                let search = p.search()?;
+                spec.search = Some((search, start..p.at));
+            }
+            other => {
+                return Err(p.error(
+                    span.start,
+                    format!(
+                        "unknown clause \"{other}\"; the clauses are source, features, encode, model, train and search"
+                    ),
+                ))
+            }
+        }
+        p.end_clause()?;
+    }
+    spec.check(text)?;
+    Ok(spec)
+}
+
+/// The JSON an option value stands for (a set or range is not one).
+fn to_json(value: &Value) -> Option<Json> {
+    Some(match value {
+        Value::Number(n) if n.fract() == 0.0 && n.abs() < 9e15 => json!(*n as i64),
+        Value::Number(n) => json!(n),
+        Value::Word(w) | Value::Text(w) => json!(w),
+        Value::List(items) => Json::Array(items.iter().map(|(v, _)| to_json(v)).collect::<Option<_>>()?),
+        Value::Set(_) | Value::Range { .. } | Value::Query(_) => return None,
+    })
+}
+
+/// Every concrete value a value may take, with the span it comes from (a
+/// range gives its two bounds), for checking.
+fn choices(value: &Value, span: &Span) -> Vec<(Value, Span)> {
+    match value {
+        Value::Set(items) => items.iter().flat_map(|(v, s)| choices(v, s)).collect(),
+        Value::Range { lo, hi, scale } => {
+            let round = |x: f64| if *scale == Scale::Int { x.round() } else { x };
+            vec![(Value::Number(round(*lo)), span.clone()), (Value::Number(round(*hi)), span.clone())]
+        }
+        Value::List(items) => {
+            // A list with sets inside stands for every list they make.
+            let mut lists: Vec<Vec<(Value, Span)>> = vec![Vec::new()];
+            for (item, item_span) in items {
+                let options = choices(item, item_span);
+                lists = lists
+                    .into_iter()
+                    .flat_map(|l| {
+                        options.iter().map(move |o| {
+                            let mut l = l.clone();
+                            l.push(o.clone());
+                            l
+                        })
+                    })
+                    .collect();
+                if lists.len() > 10_000 {
+                    break;
+                }
+            }
+            lists.into_iter().map(|l| (Value::List(l), span.clone())).collect()
+        }
+        other => vec![(other.clone(), span.clone())],
+    }
+}
+
+/// How many values a value stands for in a grid; None for a range.
+fn grid_size(value: &Value) -> Option<u128> {
+    match value {
+        Value::Set(items) => items.iter().map(|(v, _)| grid_size(v)).sum(),
+        Value::List(items) => items.iter().map(|(v, _)| grid_size(v)).product(),
+        Value::Range { .. } => None,
+        _ => Some(1),
+    }
+}
+
+impl Spec {
+    /// Checks every value against the options it sets, at its position.
+    fn check(&self, text: &str) -> Result<(), MstError> {
+        let invalid = |span: &Span, m: String| MstError::at(text, span.start, ErrorKind::Invalid, m);
+        for (clause, keys, other, other_keys) in
+            [("model", MODEL_KEYS, "train", TRAIN_KEYS), ("train", TRAIN_KEYS, "model", MODEL_KEYS)]
+        {
+            let list = if clause == "model" { &self.model } else { &self.train };
+            for a in list {
+                let key = if a.key == "lr" { "learning_rate" } else { a.key.as_str() };
+                if !keys.contains(&key) {
+                    let why = if other_keys.contains(&key) {
+                        format!("\"{}\" belongs under {other}, not {clause}", a.key)
+                    } else {
+                        format!("unknown {clause} setting \"{}\"; known: {}", a.key, keys.join(", "))
+                    };
+                    return Err(invalid(&a.key_span, why));
+                }
+                if matches!(a.value, Value::Query(_)) {
+                    return Err(invalid(&a.span, format!("\"{}\" takes a value, not a query", a.key)));
+                }
+                for (choice, span) in choices(&a.value, &a.span) {
+                    let json =
+                        to_json(&choice).ok_or_else(|| invalid(&span, "a set or range cannot nest here".into()))?;
+                    TrainOptions::from_json(Some(&json!({ key: json })))
+                        .map_err(|e| invalid(&span, option_message(e)))?;
+                }
+            }
+        }
+        for a in &self.encodings {
+            for (choice, span) in choices(&a.value, &a.span) {
+                let json = to_json(&choice).ok_or_else(|| invalid(&span, "an encoding is a name or a width".into()))?;
+                let options = json!({ "encodings": { a.key.clone(): json } });
+                TrainOptions::from_json(Some(&options)).map_err(|e| invalid(&span, option_message(e)))?;
+            }
+        }
+        if let Some((source, span)) = &self.source {
+            for (choice, span) in choices(source, span) {
+                if !matches!(choice, Value::Word(_) | Value::Text(_) | Value::Query(_)) {
+                    return Err(invalid(&span, "a source is a relation name or a parenthesised query".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// How many candidates the search trains: for a grid every combination
+    /// (an error if a range is in it), for random and halving `n`.
+    pub fn candidates(&self, text: &str) -> Result<u128, MstError> {
+        match self.search.as_ref().map(|(s, _)| *s).unwrap_or(Search::Grid) {
+            Search::Random { n, .. } | Search::Halving { n, .. } => Ok(n as u128),
+            Search::Grid => {
+                let mut total: u128 = 1;
+                let values = self.source.iter().map(|(v, s)| (v, s));
+                let assignments =
+                    self.encodings.iter().chain(&self.model).chain(&self.train).map(|a| (&a.value, &a.span));
+                for (value, span) in values.chain(assignments) {
+                    let size = grid_size(value).ok_or_else(|| {
+                        MstError::at(
+                            text,
+                            span.start,
+                            ErrorKind::Invalid,
+                            "a grid cannot enumerate a range; use search random(n) or halving(n), or a set".into(),
+                        )
+                    })?;
+                    total = total.saturating_mul(size);
+                }
+                for _ in self.features.iter().filter(|s| s.optional) {
+                    total = total.saturating_mul(2);
+                }
+                Ok(total)
+            }
+        }
+    }
+}
+
+/// An option error's message, in the language's terms.
+fn option_message(e: SpecError) -> String {
+    e.to_string().replace("option \"learning_rate\"", "\"lr\" (learning_rate)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = "\
+source   {flights, (SELECT f.*, w.temp FROM flights f JOIN weather w USING (origin, hour) WHERE f.note <> ')')}
+features flights.*, weather.{temp, precip}?, -tailnum
+encode   dep_time = ple, carrier = {onehot, embedding, 8}
+model    hidden = {[64, 32], [{128, 256}, 64]}, activation = {relu, gelu}, dropout = {0, 0.1}
+train    lr = {1e-3, 3e-4}, batch_size = {256, 512}, epochs = 30  -- a comment
+search   grid
+";
+
+    #[test]
+    fn parses_every_clause_and_counts_the_grid() {
+        let spec = parse(EXAMPLE).unwrap();
+        let Some((Value::Set(sources), _)) = &spec.source else { panic!("{:?}", spec.source) };
+        assert_eq!(sources.len(), 2);
+        let Value::Query(sql) = &sources[1].0 else { panic!() };
+        assert!(sql.starts_with("SELECT f.*") && sql.ends_with("<> ')'"), "{sql}");
+        assert_eq!(spec.features.len(), 3);
+        assert_eq!(spec.features[1].columns, Some(vec!["temp".into(), "precip".into()]));
+        assert!(spec.features[1].optional && spec.features[2].exclude);
+        assert_eq!(spec.features[0].table.as_deref(), Some("flights"));
+        // 2 sources × 3 carrier encodings × 3 hidden × 2 activations × 2
+        // dropouts × 2 lr × 2 batch sizes × 2 (optional weather group).
+        assert_eq!(spec.candidates(EXAMPLE).unwrap(), 2 * 3 * 3 * 2 * 2 * 2 * 2 * 2);
+        assert_eq!(spec.search.as_ref().map(|s| s.0), Some(Search::Grid));
+    }
+
+    #[test]
+    fn ranges_need_a_random_or_halving_search() {
+        let text = "model hidden = [64]\ntrain lr = range(1e-4, 1e-2, log), epochs = range(5, 50, int)\nsearch random(20, seed = 7)";
+        let spec = parse(text).unwrap();
+        assert_eq!(spec.candidates(text).unwrap(), 20);
+        let grid = "train lr = range(1e-4, 1e-2, log)";
+        let err = parse(grid).unwrap().candidates(grid).unwrap_err();
+        assert!(err.message.contains("a grid cannot enumerate a range"), "{err}");
+        assert_eq!((err.line, err.column), (1, 12));
+    }
+
+    fn error(text: &str) -> MstError {
+        parse(text).expect_err(text)
+    }
+
+    #[test]
+    fn bad_specs_say_what_and_where() {
+        let e = error("features flights.*,\n");
+        assert_eq!((e.kind, e.line, e.column), (ErrorKind::Syntax, 2, 1), "{e}");
+        assert_eq!(e.message, "expected a column or table name, found the end of the text");
+
+        let e = error("train lr = {}");
+        assert_eq!((e.kind, e.column), (ErrorKind::Invalid, 12));
+        assert_eq!(e.message, "an empty set has no value to try");
+        assert_eq!(e.snippet, "train lr = {}\n           ^");
+
+        let e = error("train lr = {1e-3, -0.01}");
+        assert_eq!((e.kind, e.column), (ErrorKind::Invalid, 19), "{e}");
+        assert!(e.message.contains("learning_rate") && e.message.contains("-0.01"), "{e}");
+
+        let e = error("train lr = range(1e-4)");
+        assert!(e.message.contains("expected \",\" between the bounds of range"), "{e}");
+        let e = error("train lr = range(, 1)");
+        assert!(e.message.contains("range needs a lower bound"), "{e}");
+        let e = error("train lr = range(0.1, 0.01)");
+        assert!(e.message.contains("is empty"), "{e}");
+        let e = error("train lr = range(0, 1, log)");
+        assert!(e.message.contains("positive bounds"), "{e}");
+
+        let e = error("model lr = 0.1");
+        assert_eq!(e.message, "\"lr\" belongs under train, not model");
+        let e = error("train hiden = [64]");
+        assert!(e.message.starts_with("unknown train setting \"hiden\""), "{e}");
+        let e = error("modle hidden = [64]");
+        assert!(e.message.starts_with("unknown clause \"modle\""), "{e}");
+        let e = error("model activation = {relu, swish}");
+        assert_eq!(e.column, 27, "{e}");
+        let e = error("source (SELECT * FROM t");
+        assert_eq!((e.column, e.message.as_str()), (8, "this \"(\" is never closed"));
+        let e = error("search random(0)");
+        assert!(e.message.contains("at least 1"), "{e}");
+        let e = error("encode carrier = wide");
+        assert!(e.message.contains("encodings"), "{e}");
+        let e = error("train epochs = 3 4");
+        assert!(e.message.contains("expected the end of the clause"), "{e}");
+    }
+
+    #[test]
+    fn a_huge_grid_is_counted_not_built() {
+        let sets: Vec<String> = (0..6)
+            .map(|i| format!("{{{}}}", (1..=10).map(|v| (v * 10 + i).to_string()).collect::<Vec<_>>().join(", ")))
+            .collect();
+        let text = format!("model hidden = [{}]", sets.join(", "));
+        let spec = parse(&text).unwrap();
+        assert_eq!(spec.candidates(&text).unwrap(), 1_000_000);
+    }
+}
