@@ -575,8 +575,12 @@ fn choices(value: &Value, span: &Span) -> Vec<(Value, Span)> {
     match value {
         Value::Set(items) => items.iter().flat_map(|(v, s)| choices(v, s)).collect(),
         Value::Range { lo, hi, scale } => {
+            // The bounds, and a point between them that is not a whole
+            // number (as most draws will not be): an integer setting over a
+            // linear range fails there.
             let round = |x: f64| if *scale == Scale::Int { x.round() } else { x };
-            vec![(Value::Number(round(*lo)), span.clone()), (Value::Number(round(*hi)), span.clone())]
+            let mid = if *scale == Scale::Log { (lo * hi).sqrt() } else { lo + (hi - lo) * 0.377 };
+            [*lo, *hi, mid].into_iter().map(|x| (Value::Number(round(x)), span.clone())).collect()
         }
         Value::List(items) => {
             // A list with sets inside stands for every list they make.
@@ -689,6 +693,165 @@ impl Spec {
     }
 }
 
+/// One concrete triple of a search.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// A relation name or a query; None: the INSERT's own source.
+    pub source: Option<Value>,
+    /// The feature selections, without the optional groups left out.
+    pub features: Vec<Selection>,
+    /// `options` for this candidate: model, train and encode settings.
+    pub options: serde_json::Map<String, Json>,
+}
+
+/// One axis of a search: where its value goes, and the values it takes.
+enum Axis {
+    Source(Vec<Value>),
+    Optional(usize),
+    Option { key: String, encoding: bool, choices: Vec<Json>, range: Option<(f64, f64, Scale)> },
+}
+
+/// SplitMix64: a small, seeded, portable generator, so a random search
+/// draws the same candidates on every machine.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.unit() * n as f64) as usize % n.max(1)
+    }
+}
+
+impl Spec {
+    fn axes(&self) -> Vec<Axis> {
+        let mut axes = Vec::new();
+        if let Some((value, span)) = &self.source {
+            axes.push(Axis::Source(choices(value, span).into_iter().map(|(v, _)| v).collect()));
+        }
+        for (i, s) in self.features.iter().enumerate() {
+            if s.optional {
+                axes.push(Axis::Optional(i));
+            }
+        }
+        let settings =
+            self.encodings.iter().map(|a| (a, true)).chain(self.model.iter().chain(&self.train).map(|a| (a, false)));
+        for (a, encoding) in settings {
+            let key = if a.key == "lr" { "learning_rate".to_string() } else { a.key.clone() };
+            let range = match a.value {
+                Value::Range { lo, hi, scale } => Some((lo, hi, scale)),
+                _ => None,
+            };
+            let choices = match range {
+                Some(_) => Vec::new(),
+                None => choices(&a.value, &a.span).iter().filter_map(|(v, _)| to_json(v)).collect(),
+            };
+            axes.push(Axis::Option { key, encoding, choices, range });
+        }
+        axes
+    }
+
+    /// The candidates the search trains: every combination for a grid (at
+    /// most `limit`, else an error saying how many the spec expands to),
+    /// `n` seeded draws for random and halving.
+    pub fn expand(&self, text: &str, limit: u128) -> Result<Vec<Candidate>, MstError> {
+        let total = self.candidates(text)?;
+        if total > limit {
+            let at = self.search.as_ref().map_or(0, |(_, s)| s.start);
+            return Err(MstError::at(
+                text,
+                at,
+                ErrorKind::Invalid,
+                format!("this search expands to {total} candidates, more than the {limit} allowed"),
+            ));
+        }
+        let axes = self.axes();
+        let base = Candidate { source: None, features: self.features.clone(), options: serde_json::Map::new() };
+        let pick = |candidate: &mut Candidate, axis: &Axis, choice: Choice| match (axis, choice) {
+            (Axis::Source(values), Choice::Index(i)) => candidate.source = Some(values[i].clone()),
+            // Choice 1 leaves the optional group out (marked empty, dropped below).
+            (Axis::Optional(f), Choice::Index(1)) => candidate.features[*f].columns = Some(Vec::new()),
+            (Axis::Option { key, encoding, choices, .. }, choice) => {
+                let value = match choice {
+                    Choice::Index(i) => choices[i].clone(),
+                    Choice::Drawn(v) => v,
+                };
+                if *encoding {
+                    let map = candidate.options.entry("encodings").or_insert_with(|| json!({}));
+                    map.as_object_mut().expect("encodings is an object").insert(key.clone(), value);
+                } else {
+                    candidate.options.insert(key.clone(), value);
+                }
+            }
+            _ => {}
+        };
+        let sizes: Vec<usize> = axes
+            .iter()
+            .map(|a| match a {
+                Axis::Source(v) => v.len(),
+                Axis::Optional(_) => 2,
+                Axis::Option { choices, .. } => choices.len(),
+            })
+            .collect();
+        let mut out = Vec::new();
+        match self.search.as_ref().map(|(s, _)| *s).unwrap_or(Search::Grid) {
+            Search::Grid => {
+                for index in 0..total as usize {
+                    let mut c = base.clone();
+                    let mut rest = index;
+                    for (axis, &size) in axes.iter().zip(&sizes) {
+                        pick(&mut c, axis, Choice::Index(rest % size));
+                        rest /= size;
+                    }
+                    out.push(c);
+                }
+            }
+            Search::Random { n, seed } | Search::Halving { n, seed, .. } => {
+                let mut rng = SplitMix(seed);
+                for _ in 0..n {
+                    let mut c = base.clone();
+                    for (axis, &size) in axes.iter().zip(&sizes) {
+                        let choice = match axis {
+                            Axis::Option { range: Some((lo, hi, scale)), .. } => {
+                                let u = rng.unit();
+                                Choice::Drawn(match scale {
+                                    Scale::Linear => json!(lo + u * (hi - lo)),
+                                    Scale::Log => json!((lo.ln() + u * (hi.ln() - lo.ln())).exp()),
+                                    Scale::Int => json!((lo + u * (hi - lo + 1.0)).floor().min(*hi) as i64),
+                                })
+                            }
+                            _ => Choice::Index(rng.below(size)),
+                        };
+                        pick(&mut c, axis, choice);
+                    }
+                    out.push(c);
+                }
+            }
+        }
+        // Optional groups left out are dropped, not kept empty.
+        for c in &mut out {
+            c.features.retain(|s| s.columns.as_ref().is_none_or(|cols| !cols.is_empty()));
+        }
+        Ok(out)
+    }
+}
+
+enum Choice {
+    Index(usize),
+    Drawn(Json),
+}
+
 /// An option error's message, in the language's terms.
 fn option_message(e: SpecError) -> String {
     e.to_string().replace("option \"learning_rate\"", "\"lr\" (learning_rate)")
@@ -779,6 +942,35 @@ search   grid
         assert!(e.message.contains("encodings"), "{e}");
         let e = error("train epochs = 3 4");
         assert!(e.message.contains("expected the end of the clause"), "{e}");
+    }
+
+    #[test]
+    fn a_grid_expands_to_every_combination_and_a_random_search_repeats() {
+        let text = "features a, b.{x, y}?\nmodel hidden = {[8], [16, 8]}\ntrain lr = {0.01, 0.001}, epochs = 3";
+        let spec = parse(text).unwrap();
+        let all = spec.expand(text, 100).unwrap();
+        assert_eq!(all.len(), 8);
+        let distinct: std::collections::BTreeSet<String> =
+            all.iter().map(|c| format!("{:?}{:?}", c.options, c.features.len())).collect();
+        assert_eq!(distinct.len(), 8, "every combination once");
+        assert!(all.iter().all(|c| c.options["epochs"] == 3));
+        let err = spec.expand(text, 7).unwrap_err();
+        assert_eq!(err.message, "this search expands to 8 candidates, more than the 7 allowed");
+
+        let text = "model dropout = range(0, 0.5)\ntrain lr = range(1e-4, 1e-2, log), epochs = range(5, 50, int)\n\
+                    search random(50, seed = 3)";
+        let spec = parse(text).unwrap();
+        let (a, b) = (spec.expand(text, 1000).unwrap(), spec.expand(text, 1000).unwrap());
+        assert_eq!(a, b, "the same seed draws the same candidates");
+        for c in &a {
+            let lr = c.options["learning_rate"].as_f64().unwrap();
+            let epochs = c.options["epochs"].as_u64().expect("a whole number of epochs");
+            let dropout = c.options["dropout"].as_f64().unwrap();
+            assert!((1e-4..=1e-2).contains(&lr) && (5..=50).contains(&epochs) && (0.0..0.5).contains(&dropout));
+            TrainOptions::from_json(Some(&Json::Object(c.options.clone()))).expect("valid options");
+        }
+        let err = parse("train epochs = range(5, 50)\nsearch random(3)").unwrap_err();
+        assert!(err.message.contains("epochs"), "{err}");
     }
 
     #[test]
