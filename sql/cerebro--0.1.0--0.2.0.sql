@@ -96,6 +96,22 @@ SELECT pg_catalog.pg_extension_config_dump('cerebro.deployment_history_id_seq', 
 SELECT pg_catalog.pg_extension_config_dump('cerebro.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('cerebro.audit_log_id_seq', '');
 
+-- Model selections: one INSERT with a `spec` (docs/selection.md) queues
+-- every candidate as a version of the model; the leaderboard ranks them.
+CREATE TABLE cerebro.selections (
+    id         bigserial   PRIMARY KEY,
+    name       text        NOT NULL,
+    spec       text        NOT NULL,
+    candidates integer     NOT NULL,
+    created_by name        NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE cerebro.model_versions ADD COLUMN selection_id bigint REFERENCES cerebro.selections (id);
+CREATE INDEX model_versions_by_selection ON cerebro.model_versions (selection_id) WHERE selection_id IS NOT NULL;
+ALTER FOREIGN TABLE cerebro.models ADD COLUMN spec text;
+SELECT pg_catalog.pg_extension_config_dump('cerebro.selections', '');
+SELECT pg_catalog.pg_extension_config_dump('cerebro.selections_id_seq', '');
+
 -- The searchable archive: what people search models by, one row per fact,
 -- indexed. Derived from cerebro.model_versions by a trigger (so not dumped:
 -- a restore rebuilds them as it loads the versions).
@@ -172,6 +188,27 @@ SELECT m.name, m.version, m.status, m.task, m.source_relation, m.target_column,
        m.created_by, m.created_at, m.trained_at, m.id AS model_version_id
 FROM cerebro.model_versions m;
 
+-- Each selection's candidates, best first: by validation AUC (binary),
+-- accuracy (multiclass) or RMSE (regression); unfinished ones last.
+CREATE VIEW cerebro.leaderboard WITH (security_invoker = true) AS
+SELECT m.selection_id AS selection, m.name, m.version,
+       rank() OVER (PARTITION BY m.selection_id ORDER BY
+           CASE m.task WHEN 'binary' THEN -(m.metrics->>'auc')::float8
+                       WHEN 'multiclass' THEN -(m.metrics->>'accuracy')::float8
+                       ELSE (m.metrics->>'rmse')::float8 END NULLS LAST)::int AS rank,
+       m.status, m.source_relation AS source,
+       ARRAY(SELECT f->>'name' FROM jsonb_array_elements(m.features) f) AS features,
+       jsonb_strip_nulls(jsonb_build_object(
+           'hidden', m.options->'hidden', 'residual_blocks', m.options->'residual_blocks',
+           'activation', m.options->'activation', 'norm', m.options->'norm', 'dropout', m.options->'dropout',
+           'optimizer', m.options->'optimizer', 'lr', m.options->'learning_rate',
+           'batch_size', m.options->'batch_size', 'epochs', m.options->'epochs',
+           'encodings', nullif(m.options->'encodings', '{}'::jsonb))) AS triple,
+       m.metrics, m.epoch AS epochs_run,
+       (SELECT sum(h.seconds) FROM cerebro.training_history h WHERE h.model_version_id = m.id) AS train_seconds,
+       m.error
+FROM cerebro.model_versions m WHERE m.selection_id IS NOT NULL;
+
 ALTER TABLE cerebro.model_features ENABLE ROW LEVEL SECURITY;
 CREATE POLICY visible ON cerebro.model_features FOR SELECT
     USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = model_version_id));
@@ -181,7 +218,8 @@ CREATE POLICY visible ON cerebro.model_layers FOR SELECT
 ALTER TABLE cerebro.model_metrics ENABLE ROW LEVEL SECURITY;
 CREATE POLICY visible ON cerebro.model_metrics FOR SELECT
     USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = model_version_id));
-GRANT SELECT ON cerebro.model_features, cerebro.model_layers, cerebro.model_metrics, cerebro.archive TO PUBLIC;
+GRANT SELECT ON cerebro.model_features, cerebro.model_layers, cerebro.model_metrics, cerebro.archive,
+    cerebro.selections, cerebro.leaderboard TO PUBLIC;
 
 -- What cerebrod's database role needs, and nothing more: it claims and
 -- finishes jobs, reads snapshots, writes history and artifacts. Row-level
@@ -278,5 +316,7 @@ ALTER TABLE cerebro.audit_log ENABLE ROW LEVEL SECURITY;
 CREATE POLICY visible ON cerebro.audit_log FOR SELECT USING (cerebro.may_use(model, current_user));
 ALTER TABLE cerebro.model_grants ENABLE ROW LEVEL SECURITY;
 CREATE POLICY visible ON cerebro.model_grants FOR SELECT USING (cerebro.may_use(name, current_user));
+ALTER TABLE cerebro.selections ENABLE ROW LEVEL SECURITY;
+CREATE POLICY visible ON cerebro.selections FOR SELECT USING (cerebro.may_use(name, current_user));
 
 GRANT SELECT ON cerebro.deployments, cerebro.deployment_history, cerebro.audit_log, cerebro.model_grants TO PUBLIC;

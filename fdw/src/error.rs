@@ -51,6 +51,12 @@ pub enum CerebroError {
     NotDeletable { name: String, version: i32, status: String },
     #[error("model \"{name}\" version {version} is deployed and cannot be deleted")]
     DeletingDeployed { name: String, version: i32 },
+    #[error("invalid selection spec: {}", .0.message)]
+    Selection(cerebro_shared::mst::MstError),
+    #[error("this selection expands to {total} candidates, more than cerebro.max_candidates ({limit})")]
+    TooManyCandidates { total: u128, limit: u128 },
+    #[error("selection names table \"{table}\", but the source is {relation}")]
+    SelectionTable { table: String, relation: String },
     #[error("cannot import the ONNX model: {0}")]
     ImportInvalid(String),
     #[error("role \"{0}\" does not exist")]
@@ -120,7 +126,12 @@ impl CerebroError {
                 ERRCODE_INSUFFICIENT_PRIVILEGE
             }
             CerebroError::UnknownRole(_) => ERRCODE_UNDEFINED_OBJECT,
-            CerebroError::ImportInvalid(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            CerebroError::ImportInvalid(_) | CerebroError::SelectionTable { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            CerebroError::Selection(e) => match e.kind {
+                cerebro_shared::mst::ErrorKind::Syntax => ERRCODE_SYNTAX_ERROR,
+                cerebro_shared::mst::ErrorKind::Invalid => ERRCODE_INVALID_PARAMETER_VALUE,
+            },
+            CerebroError::TooManyCandidates { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             CerebroError::SnapshotGone { .. }
             | CerebroError::NotDeletable { .. }
             | CerebroError::DeletingDeployed { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -208,6 +219,7 @@ impl CerebroError {
 
     pub fn detail(&self) -> Option<String> {
         match self {
+            CerebroError::Selection(e) => Some(format!("line {}, column {}:\n{}", e.line, e.column, e.snippet)),
             CerebroError::PermissionDenied { columns, .. } if !columns.is_empty() => {
                 Some(format!("No SELECT privilege on column(s): {}.", columns.join(", ")))
             }

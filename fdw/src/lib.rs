@@ -17,6 +17,7 @@ mod identity;
 mod imports;
 mod models;
 mod predictions;
+mod selections;
 
 pgrx::pg_module_magic!();
 
@@ -438,6 +439,72 @@ mod tests {
             let text = plan.join(" ");
             assert!(text.contains(index), "{query}: {text}");
         }
+    }
+
+    #[pg_test]
+    fn a_selection_queues_every_candidate_and_ranks_them() {
+        setup();
+        Spi::run(
+            "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('sel', 'customers', 'churn', 'id',
+                 'features age, plan, paid?
+                  model hidden = {[8], [16, 8]}
+                  train lr = {0.01, 0.001}, epochs = 2')",
+        )
+        .unwrap();
+        assert_eq!(
+            count("SELECT count(*) FROM cerebro.model_versions WHERE name = 'sel' AND selection_id IS NOT NULL"),
+            8
+        );
+        assert_eq!(count("SELECT count(*) FROM cerebro.leaderboard WHERE name = 'sel'"), 8);
+        assert_eq!(count("SELECT candidates FROM cerebro.selections WHERE name = 'sel'"), 8);
+        let distinct = count(
+            "SELECT count(DISTINCT (features::text, options->'hidden', options->'learning_rate'))
+             FROM cerebro.model_versions WHERE name = 'sel'",
+        );
+        assert_eq!(distinct, 8);
+        assert_eq!(
+            count(
+                "SELECT count(*) FROM cerebro.model_versions WHERE name = 'sel' AND jsonb_array_length(features) = 2"
+            ),
+            4
+        );
+        // Once trained, the leaderboard ranks by the validation metric.
+        Spi::run(
+            "UPDATE cerebro.model_versions SET status = 'ready', metrics = jsonb_build_object('auc', version / 10.0)
+             WHERE name = 'sel'",
+        )
+        .unwrap();
+        assert_eq!(
+            Spi::get_one::<i32>("SELECT version FROM cerebro.leaderboard WHERE name = 'sel' AND rank = 1").unwrap(),
+            Some(8)
+        );
+    }
+
+    #[pg_test(error = "invalid selection spec: expected \"=\" after \"lr\", found \"0.1\"")]
+    fn a_spec_that_does_not_parse() {
+        setup();
+        Spi::run("INSERT INTO cerebro.models (name, source, target, spec) VALUES ('s', 'customers', 'churn', 'train lr 0.1')")
+            .unwrap();
+    }
+
+    #[pg_test(error = "this selection expands to 8 candidates, more than cerebro.max_candidates (4)")]
+    fn a_spec_with_too_many_candidates() {
+        setup();
+        Spi::run("SET cerebro.max_candidates = 4").unwrap();
+        Spi::run(
+            "INSERT INTO cerebro.models (name, source, target, spec)
+             VALUES ('s', 'customers', 'churn', 'model hidden = {[8], [16]}, dropout = {0, 0.1, 0.2, 0.3}')",
+        )
+        .unwrap();
+    }
+
+    #[pg_test(error = "invalid selection spec: option \"dropout\" is 1.5, allowed: at least 0 and below 0.95")]
+    fn a_spec_with_a_value_out_of_range() {
+        setup();
+        Spi::run(
+            "INSERT INTO cerebro.models (name, source, target, spec) VALUES ('s', 'customers', 'churn', 'model dropout = {0.1, 1.5}')",
+        )
+        .unwrap();
     }
 
     #[pg_test(error = "role \"nobody_here\" does not exist")]

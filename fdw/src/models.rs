@@ -11,7 +11,7 @@ use crate::error::{CerebroError, Result};
 use crate::identity;
 
 /// Columns users may set on INSERT; every other column is Cerebro's.
-const WRITABLE: &[&str] = &["name", "source", "target", "key", "features", "task", "options"];
+const WRITABLE: &[&str] = &["name", "source", "target", "key", "features", "task", "options", "spec"];
 
 /// A training request as inserted, before it is checked against the source.
 #[derive(Debug)]
@@ -25,6 +25,8 @@ pub struct TrainRequest {
     pub options: TrainOptions,
     /// The row as written, before any default: provenance.
     pub written: serde_json::Value,
+    /// A model selection spec (docs/selection.md): queue every candidate.
+    pub spec: Option<String>,
 }
 
 fn text(column: &str, cell: &Option<Cell>) -> Result<Option<String>> {
@@ -39,6 +41,7 @@ impl TrainRequest {
     pub fn from_row(row: &Row) -> Result<TrainRequest> {
         let (mut name, mut source, mut target, mut key, mut features, mut task, mut options) =
             (None, None, None, None, None, None, None);
+        let mut spec = None;
         for (column, cell) in row.iter() {
             match column.as_str() {
                 "name" => name = text(column, cell)?,
@@ -46,6 +49,7 @@ impl TrainRequest {
                 "target" => target = text(column, cell)?,
                 "key" => key = text(column, cell)?,
                 "task" => task = text(column, cell)?,
+                "spec" => spec = text(column, cell)?,
                 "features" => {
                     features = match cell {
                         None => None,
@@ -77,7 +81,7 @@ impl TrainRequest {
         }
         let written = serde_json::json!({
             "name": name, "source": source, "target": target, "key": key,
-            "features": features, "task": task, "options": options,
+            "features": features, "task": task, "options": options, "spec": spec,
         });
         let name = name.ok_or(CerebroError::MissingValue("name"))?;
         validate_model_name(&name)?;
@@ -90,6 +94,7 @@ impl TrainRequest {
             task: task.as_deref().unwrap_or("auto").parse()?,
             options: TrainOptions::from_json(options.as_ref())?,
             written,
+            spec,
         })
     }
 }
@@ -169,6 +174,15 @@ pub(crate) fn resolve_source(client: &pgrx::spi::SpiClient<'_>, name: &str) -> R
 /// calling transaction: a rolled-back INSERT leaves nothing behind and the
 /// daemon, told by NOTIFY (delivered at commit), never sees it.
 pub fn queue_training(req: TrainRequest) -> Result<()> {
+    match req.spec.clone() {
+        Some(spec) => crate::selections::queue_selection(req, &spec),
+        None => queue_version(&req, None).map(drop),
+    }
+}
+
+/// Queues one version for `req` (part of selection `selection`, if any);
+/// returns its version number.
+pub(crate) fn queue_version(req: &TrainRequest, selection: Option<i64>) -> Result<i32> {
     Spi::connect_mut(|client| {
         let source = resolve_source(client, &req.source)?;
         let target = source.column(&req.target)?;
@@ -333,8 +347,8 @@ pub fn queue_training(req: TrainRequest) -> Result<()> {
         let model_version_id: i64 = client
             .update(
                 "INSERT INTO cerebro.model_versions (name, version, task, source_relation, target_column, key_column,
-                     features, class_labels, options, snapshot_id, epochs, created_by, request)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING id",
+                     features, class_labels, options, snapshot_id, epochs, created_by, request, selection_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING id",
                 Some(1),
                 &[
                     req.name.as_str().into(),
@@ -350,6 +364,7 @@ pub fn queue_training(req: TrainRequest) -> Result<()> {
                     (req.options.epochs as i32).into(),
                     user_name.as_str().into(),
                     JsonB(req.written.clone()).into(),
+                    selection.into(),
                 ],
             )?
             .first()
@@ -385,7 +400,7 @@ pub fn queue_training(req: TrainRequest) -> Result<()> {
             features.len(),
             row_count
         );
-        Ok(())
+        Ok(version)
     })
 }
 

@@ -929,6 +929,40 @@ async fn an_onnx_model_built_elsewhere_imports_checked_and_scores() -> anyhow::R
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_selection_trains_every_candidate_and_the_leaderboard_ranks_them() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('e2e_select', 'telco_churn', 'churn',
+             'customer_id', 'model hidden = {[16], [32, 16]}\ntrain lr = {0.01, 0.003}, epochs = 3')",
+        &[],
+    )
+    .await?;
+    for v in 1..=4 {
+        assert_eq!(
+            wait_until_done(&db, "e2e_select", v, TRAIN_TIMEOUT).await?.last().map(String::as_str),
+            Some("ready")
+        );
+    }
+    let board = db
+        .query(
+            "SELECT rank, version, (metrics->>'auc')::float8, triple FROM cerebro.leaderboard
+             WHERE name = 'e2e_select' ORDER BY rank, version",
+            &[],
+        )
+        .await?;
+    assert_eq!(board.len(), 4);
+    let aucs: Vec<f64> = board.iter().map(|r| r.get(2)).collect();
+    assert!(aucs.windows(2).all(|w| w[0] >= w[1]), "ranked by AUC: {aucs:?}");
+    assert_eq!(board[0].get::<_, i32>(0), 1);
+    let triples: std::collections::BTreeSet<String> =
+        board.iter().map(|r| r.get::<_, serde_json::Value>(3)).map(|t| format!("{}{}", t["hidden"], t["lr"])).collect();
+    assert_eq!(triples.len(), 4, "{triples:?}");
+    Ok(())
+}
+
 /// Every object of schema cerebro, described in text, sorted.
 async fn describe_schema(db: &tokio_postgres::Client) -> anyhow::Result<Vec<String>> {
     let rows = db
