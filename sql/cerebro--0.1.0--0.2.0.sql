@@ -211,13 +211,13 @@ FROM cerebro.model_versions m WHERE m.selection_id IS NOT NULL;
 
 ALTER TABLE cerebro.model_features ENABLE ROW LEVEL SECURITY;
 CREATE POLICY visible ON cerebro.model_features FOR SELECT
-    USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = model_version_id));
+    USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = model_features.model_version_id));
 ALTER TABLE cerebro.model_layers ENABLE ROW LEVEL SECURITY;
 CREATE POLICY visible ON cerebro.model_layers FOR SELECT
-    USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = model_version_id));
+    USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = model_layers.model_version_id));
 ALTER TABLE cerebro.model_metrics ENABLE ROW LEVEL SECURITY;
 CREATE POLICY visible ON cerebro.model_metrics FOR SELECT
-    USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = model_version_id));
+    USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = model_metrics.model_version_id));
 GRANT SELECT ON cerebro.model_features, cerebro.model_layers, cerebro.model_metrics, cerebro.archive,
     cerebro.selections, cerebro.leaderboard TO PUBLIC;
 
@@ -301,13 +301,13 @@ ALTER TABLE cerebro.model_versions ENABLE ROW LEVEL SECURITY;
 CREATE POLICY visible ON cerebro.model_versions FOR SELECT USING (cerebro.may_use(name, current_user));
 ALTER TABLE cerebro.training_history ENABLE ROW LEVEL SECURITY;
 CREATE POLICY visible ON cerebro.training_history FOR SELECT
-    USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = model_version_id));
+    USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = training_history.model_version_id));
 ALTER TABLE cerebro.jobs ENABLE ROW LEVEL SECURITY;
 CREATE POLICY visible ON cerebro.jobs FOR SELECT
-    USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = model_version_id));
+    USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = jobs.model_version_id));
 ALTER TABLE cerebro.snapshots ENABLE ROW LEVEL SECURITY;
 CREATE POLICY visible ON cerebro.snapshots FOR SELECT
-    USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.snapshot_id = id));
+    USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.snapshot_id = snapshots.id));
 ALTER TABLE cerebro.deployments ENABLE ROW LEVEL SECURITY;
 CREATE POLICY visible ON cerebro.deployments FOR SELECT USING (cerebro.may_use(name, current_user));
 ALTER TABLE cerebro.deployment_history ENABLE ROW LEVEL SECURITY;

@@ -176,13 +176,28 @@ pub(crate) fn resolve_source(client: &pgrx::spi::SpiClient<'_>, name: &str) -> R
 pub fn queue_training(req: TrainRequest) -> Result<()> {
     match req.spec.clone() {
         Some(spec) => crate::selections::queue_selection(req, &spec),
-        None => queue_version(&req, None).map(drop),
+        None => queue_version(&req, None, None).map(drop),
     }
 }
 
 /// Queues one version for `req` (part of selection `selection`, if any);
 /// returns its version number.
-pub(crate) fn queue_version(req: &TrainRequest, selection: Option<i64>) -> Result<i32> {
+/// A snapshot frozen for the candidates of one selection on one source.
+#[derive(Clone)]
+pub(crate) struct Frozen {
+    id: i64,
+    data_relation: String,
+    row_count: i64,
+}
+
+/// Snapshots shared by a selection's candidates, by source.
+pub(crate) type SharedSnapshots = std::collections::HashMap<String, Frozen>;
+
+pub(crate) fn queue_version(
+    req: &TrainRequest,
+    selection: Option<i64>,
+    shared: Option<&mut SharedSnapshots>,
+) -> Result<i32> {
     Spi::connect_mut(|client| {
         let source = resolve_source(client, &req.source)?;
         let target = source.column(&req.target)?;
@@ -257,7 +272,21 @@ pub(crate) fn queue_version(req: &TrainRequest, selection: Option<i64>) -> Resul
             .get_one()?
             .expect("current_user is never NULL");
         let owner = identity::extension_owner()?;
-        let select_list = used.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
+        // A selection's candidates share one snapshot per source, of every
+        // readable column they could use; a plain INSERT freezes what it uses.
+        let reused = shared.as_ref().and_then(|m| m.get(&source.display).cloned());
+        let frozen_columns: Vec<&str> = if shared.is_some() {
+            let mut cols: Vec<&str> = used.clone();
+            for c in &source.columns {
+                if c.readable && c.kind.is_some() && !cols.contains(&c.name.as_str()) {
+                    cols.push(c.name.as_str());
+                }
+            }
+            cols
+        } else {
+            used.clone()
+        };
+        let select_list = frozen_columns.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
         let query = format!("SELECT {select_list} FROM {}", source.display);
 
         let (version, snapshot_id, data_relation) = {
@@ -283,23 +312,38 @@ pub(crate) fn queue_version(req: &TrainRequest, selection: Option<i64>) -> Resul
                     return Err(CerebroError::NotModelOwner { model, owner, action });
                 }
             }
-            let snapshot_id: i64 = client
-                .update("SELECT nextval('cerebro.snapshots_id_seq')", Some(1), &[])?
-                .first()
-                .get_one()?
-                .expect("nextval is never NULL");
-            let data_relation = format!("cerebro_data.snapshot_{snapshot_id}");
-            client.update(&format!("CREATE TABLE {data_relation} AS {query} WITH NO DATA"), None, &[])?;
-            client.update(&format!("GRANT INSERT ON {data_relation} TO {}", quote_ident(&user_name)), None, &[])?;
-            (version, snapshot_id, data_relation)
+            if let Some(f) = &reused {
+                (version, f.id, f.data_relation.clone())
+            } else {
+                let snapshot_id: i64 = client
+                    .update("SELECT nextval('cerebro.snapshots_id_seq')", Some(1), &[])?
+                    .first()
+                    .get_one()?
+                    .expect("nextval is never NULL");
+                let data_relation = format!("cerebro_data.snapshot_{snapshot_id}");
+                client.update(&format!("CREATE TABLE {data_relation} AS {query} WITH NO DATA"), None, &[])?;
+                client.update(&format!("GRANT INSERT ON {data_relation} TO {}", quote_ident(&user_name)), None, &[])?;
+                (version, snapshot_id, data_relation)
+            }
         };
 
         // The copy runs as the calling user: their privileges and row-level
         // security decide which rows a model may learn from.
-        let row_count = client.update(&format!("INSERT INTO {data_relation} {query}"), None, &[])?.len() as i64;
+        let row_count = match &reused {
+            Some(f) => f.row_count,
+            None => {
+                let rows = client.update(&format!("INSERT INTO {data_relation} {query}"), None, &[])?.len() as i64;
+                let _owner = identity::become_owner(owner);
+                client.update(
+                    &format!("REVOKE INSERT ON {data_relation} FROM {}", quote_ident(&user_name)),
+                    None,
+                    &[],
+                )?;
+                rows
+            }
+        };
 
         let _owner = identity::become_owner(owner);
-        client.update(&format!("REVOKE INSERT ON {data_relation} FROM {}", quote_ident(&user_name)), None, &[])?;
         let target_q = quote_ident(&req.target);
         let (labelled, distinct) = client
             .select(
@@ -330,19 +374,27 @@ pub(crate) fn queue_version(req: &TrainRequest, selection: Option<i64>) -> Resul
         }
         req.options.check_against(&features, task, &class_labels)?;
 
-        client.update(
-            "INSERT INTO cerebro.snapshots (id, source_relation, query, data_relation, row_count, created_by)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-            None,
-            &[
-                snapshot_id.into(),
-                source.display.as_str().into(),
-                query.as_str().into(),
-                data_relation.as_str().into(),
-                row_count.into(),
-                user_name.as_str().into(),
-            ],
-        )?;
+        if reused.is_none() {
+            client.update(
+                "INSERT INTO cerebro.snapshots (id, source_relation, query, data_relation, row_count, created_by)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                None,
+                &[
+                    snapshot_id.into(),
+                    source.display.as_str().into(),
+                    query.as_str().into(),
+                    data_relation.as_str().into(),
+                    row_count.into(),
+                    user_name.as_str().into(),
+                ],
+            )?;
+            if let Some(map) = shared {
+                map.insert(
+                    source.display.clone(),
+                    Frozen { id: snapshot_id, data_relation: data_relation.clone(), row_count },
+                );
+            }
+        }
         let features_json = serde_json::to_value(&features).expect("features serialise");
         let model_version_id: i64 = client
             .update(

@@ -1,7 +1,8 @@
 //! INSERT with a `spec`: a model selection. The spec (docs/selection.md) is
 //! parsed and expanded here, in the INSERT's transaction; each candidate is
-//! queued as a version of the model, like an INSERT of its own, and tied to
-//! a row of `cerebro.selections` that `cerebro.leaderboard` ranks.
+//! queued as a version of the model, checked like an INSERT of its own, and
+//! tied to a row of `cerebro.selections` that `cerebro.leaderboard` ranks.
+//! Candidates on one source share one frozen snapshot.
 
 use cerebro_shared::mst::{self, Selection, Value};
 use cerebro_shared::spec::TrainOptions;
@@ -79,6 +80,7 @@ pub fn queue_selection(req: TrainRequest, text: &str) -> Result<()> {
     })?;
 
     let mut versions = Vec::with_capacity(candidates.len());
+    let mut snapshots = crate::models::SharedSnapshots::new();
     for (i, candidate) in candidates.iter().enumerate() {
         let source = match &candidate.source {
             None => req.source.clone(),
@@ -120,7 +122,7 @@ pub fn queue_selection(req: TrainRequest, text: &str) -> Result<()> {
             written,
             spec: None,
         };
-        versions.push(queue_version(&one, Some(selection))?);
+        versions.push(queue_version(&one, Some(selection), Some(&mut snapshots))?);
     }
     notice!(
         "cerebro: selection {selection} queued {} candidate(s) as versions {} to {} of {}; \
