@@ -74,6 +74,10 @@ pub struct Catalog {
     client: Client,
 }
 
+/// Options each model of a stack may set on its own (train::train_group).
+const PER_MODEL_OPTIONS: [&str; 8] =
+    ["learning_rate", "weight_decay", "epochs", "patience", "momentum", "schedule", "warmup_epochs", "clip_norm"];
+
 /// A version's ONNX file and how to feed it.
 pub struct Artifact {
     pub sha256: String,
@@ -220,6 +224,46 @@ impl Catalog {
         Ok(Some(job))
     }
 
+    /// Claims, with `job`, up to `limit` queued jobs of the same selection
+    /// that can train in one stack with it: same snapshot, target, features,
+    /// task and options but for those a stack lets each model have its own
+    /// (engine::train_group). Lost races are skipped, not waited for.
+    pub async fn claim_companions(&mut self, job: &ClaimedJob, worker: &str, limit: i64) -> Result<Vec<ClaimedJob>> {
+        let tx = self.client.transaction().await?;
+        let rows = tx
+            .query(
+                "UPDATE cerebro.jobs j SET state = 'running', attempts = attempts + 1,
+                        claimed_by = $2, claimed_at = now(), error = NULL
+                 FROM (SELECT j2.id FROM cerebro.jobs j2
+                       JOIN cerebro.model_versions m2 ON m2.id = j2.model_version_id
+                       JOIN cerebro.model_versions m ON m.id = $1
+                       WHERE j2.state = 'queued' AND m.selection_id IS NOT NULL
+                         AND m2.selection_id = m.selection_id AND m2.snapshot_id = m.snapshot_id
+                         AND m2.target_column = m.target_column AND m2.task = m.task
+                         AND m2.features = m.features AND m2.class_labels = m.class_labels
+                         AND m2.options - $3::text[] = m.options - $3::text[]
+                       ORDER BY j2.id FOR UPDATE OF j2 SKIP LOCKED LIMIT $4) next
+                 WHERE j.id = next.id
+                 RETURNING j.id, j.model_version_id, j.attempts",
+                &[&job.model_version_id, &worker, &&PER_MODEL_OPTIONS[..], &limit],
+            )
+            .await?;
+        let jobs: Vec<ClaimedJob> = rows
+            .iter()
+            .map(|r| ClaimedJob { job_id: r.get(0), model_version_id: r.get(1), attempt: r.get(2) })
+            .collect();
+        let ids: Vec<i64> = jobs.iter().map(|j| j.model_version_id).collect();
+        tx.execute(
+            "UPDATE cerebro.model_versions SET status = 'training', started_at = now(), epoch = 0, error = NULL
+             WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+        tx.execute("DELETE FROM cerebro.training_history WHERE model_version_id = ANY($1)", &[&ids]).await?;
+        tx.commit().await?;
+        Ok(jobs)
+    }
+
     pub async fn job_spec(&self, model_version_id: i64) -> Result<JobSpec> {
         let row = self
             .client
@@ -268,10 +312,12 @@ impl Catalog {
         job: &ClaimedJob,
         snapshot_id: i64,
         model: &TrainedModel,
+        stack: usize,
         onnx: &[u8],
-        sha256: &str,
         fingerprint: &str,
     ) -> Result<()> {
+        let sha256 = crate::data::sha256_hex(onnx);
+        let sha256 = sha256.as_str();
         let metrics = serde_json::to_value(&model.metrics).expect("metrics serialise");
         let pipeline = serde_json::to_value(&model.pipeline).expect("pipeline serialises");
         let tx = self.client.transaction().await?;
@@ -295,7 +341,7 @@ impl Catalog {
                 &pipeline,
                 &sha256,
                 &model.weights_sha256(),
-                &model.trained_with(),
+                &model.trained_with(stack),
                 &(onnx.len() as i64),
             ],
         )

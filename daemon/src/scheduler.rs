@@ -10,10 +10,13 @@ use tokio::sync::{mpsc, watch, Notify};
 use tracing::{error, info, warn};
 
 use crate::catalog::{Catalog, CatalogError, ClaimedJob};
-use crate::data::{read_snapshot, sha256_hex};
+use crate::data::read_snapshot;
 use crate::engine::Compute;
 use crate::onnx;
 use crate::train::{self, Control, TrainError};
+
+/// Most candidates trained in one stack (activations of all of them stay in memory).
+const MAX_STACK: i64 = 32;
 
 pub struct Scheduler {
     /// Job state changes and progress.
@@ -47,16 +50,28 @@ impl Scheduler {
         }
     }
 
-    async fn run_job(&mut self, job: ClaimedJob) -> Result<(), CatalogError> {
-        let spec = self.control.job_spec(job.model_version_id).await?;
-        info!(job = job.job_id, model = %spec.name, version = spec.version, attempt = job.attempt, "training");
+    /// Trains `first`, with the queued candidates of its selection that can
+    /// share its stack: one read of the data, one pass per epoch for all.
+    async fn run_job(&mut self, first: ClaimedJob) -> Result<(), CatalogError> {
+        let mut jobs = vec![first.clone()];
+        jobs.extend(self.control.claim_companions(&first, &self.worker_id, MAX_STACK - 1).await?);
+        let mut specs = Vec::with_capacity(jobs.len());
+        for job in &jobs {
+            specs.push(self.control.job_spec(job.model_version_id).await?);
+        }
+        let spec = specs[0].clone();
+        for (job, s) in jobs.iter().zip(&specs) {
+            info!(job = job.job_id, model = %s.name, version = s.version, attempt = job.attempt, stack = jobs.len(), "training");
+        }
         let table = match read_snapshot(self.data.client(), &spec).await {
             Ok(t) => t,
             Err(CatalogError::Db(e)) if e.as_db_error().is_some() => {
                 // The server refused the read (snapshot dropped, type changed):
                 // retrying cannot help.
                 let msg = format!("cannot read the training snapshot {}: {e}", spec.data_relation);
-                self.control.finish_failure(&job, &msg).await?;
+                for job in &jobs {
+                    self.control.finish_failure(job, &msg).await?;
+                }
                 return Ok(());
             }
             Err(e) => return Err(e),
@@ -64,14 +79,14 @@ impl Scheduler {
 
         let stop = Arc::new(AtomicBool::new(false));
         let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
-        let plan = spec.plan.clone();
+        let plans: Vec<_> = specs.iter().map(|s| s.plan.clone()).collect();
         let stop_flag = stop.clone();
         let compute = self.compute;
         let mut training = tokio::task::spawn_blocking(move || {
             let mut columns = table.columns;
             let target = columns.pop().expect("the target column is read last");
-            let result = train::train(&plan, &columns, &target, compute, &mut |stats| {
-                let _ = progress_tx.send(stats.clone());
+            let result = train::train_group(&plans, &columns, &target, compute, &mut |m, stats| {
+                let _ = progress_tx.send((m, stats.clone()));
                 if stop_flag.load(Ordering::Relaxed) {
                     Control::Stop
                 } else {
@@ -82,14 +97,14 @@ impl Scheduler {
         });
 
         let mut shutdown = self.shutdown.clone();
-        // A write the catalog refuses stops training and fails the job.
+        // A write the catalog refuses stops training and fails the jobs.
         let mut refused: Option<CatalogError> = None;
         let outcome = loop {
             tokio::select! {
                 done = &mut training => break done,
-                Some(stats) = progress_rx.recv() => {
+                Some((m, stats)) = progress_rx.recv() => {
                     if refused.is_none() {
-                        match self.control.record_epoch(job.model_version_id, &stats).await {
+                        match self.control.record_epoch(jobs[m].model_version_id, &stats).await {
                             Err(e) if e.is_refusal() => {
                                 stop.store(true, Ordering::Relaxed);
                                 refused = Some(e);
@@ -101,9 +116,9 @@ impl Scheduler {
                 _ = shutdown.changed() => stop.store(true, Ordering::Relaxed),
             }
         };
-        while let Ok(stats) = progress_rx.try_recv() {
+        while let Ok((m, stats)) = progress_rx.try_recv() {
             if refused.is_none() {
-                if let Err(e) = self.control.record_epoch(job.model_version_id, &stats).await {
+                if let Err(e) = self.control.record_epoch(jobs[m].model_version_id, &stats).await {
                     if !e.is_refusal() {
                         return Err(e);
                     }
@@ -112,52 +127,71 @@ impl Scheduler {
             }
         }
         if let Some(e) = refused {
-            return self.fail_refused(&job, e).await;
+            let reason = e.reason();
+            for job in &jobs {
+                self.fail_refused(job, &reason).await?;
+            }
+            return Ok(());
         }
 
         let (result, fingerprint) = match outcome {
             Ok(r) => r,
             Err(join) => {
                 let msg = format!("training crashed: {join}");
-                error!(job = job.job_id, "{msg}");
-                self.control.finish_failure(&job, &msg).await?;
+                error!(job = first.job_id, "{msg}");
+                for job in &jobs {
+                    self.control.finish_failure(job, &msg).await?;
+                }
                 return Ok(());
             }
         };
-        match result {
-            Ok(model) => {
-                let meta = [
-                    ("cerebro.model", spec.name.clone()),
-                    ("cerebro.version", spec.version.to_string()),
-                    ("cerebro.target", spec.plan.target.clone()),
-                    ("cerebro.snapshot_fingerprint", fingerprint.clone()),
-                    ("cerebro.device", model.device.clone()),
-                ];
-                match onnx::export(&model, &meta) {
-                    Ok(bytes) => {
-                        let sha = sha256_hex(&bytes);
-                        let stored = self
-                            .control
-                            .finish_success(&job, spec.snapshot_id, &model, &bytes, &sha, &fingerprint)
-                            .await;
-                        match stored {
-                            Err(e) if e.is_refusal() => return self.fail_refused(&job, e).await,
-                            other => other?,
-                        }
-                        info!(job = job.job_id, model = %spec.name, version = spec.version, device = %model.device, metrics = ?model.metrics, "ready");
-                    }
-                    Err(e) => {
-                        self.control.finish_failure(&job, &format!("ONNX export failed: {e}")).await?;
-                    }
-                }
-            }
+        let results = match result {
+            Ok(results) => results,
             Err(TrainError::Stopped) => {
-                warn!(job = job.job_id, "training stopped by shutdown; job requeued");
-                self.control.requeue(&job).await?;
+                warn!(job = first.job_id, stack = jobs.len(), "training stopped by shutdown; jobs requeued");
+                for job in &jobs {
+                    self.control.requeue(job).await?;
+                }
+                return Ok(());
             }
             Err(e) => {
-                warn!(job = job.job_id, "training failed: {e}");
-                self.control.finish_failure(&job, &e.to_string()).await?;
+                warn!(job = first.job_id, "training failed: {e}");
+                for job in &jobs {
+                    self.control.finish_failure(job, &e.to_string()).await?;
+                }
+                return Ok(());
+            }
+        };
+        for ((job, spec), result) in jobs.iter().zip(&specs).zip(results) {
+            let model = match result {
+                Ok(model) => model,
+                Err(e) => {
+                    warn!(job = job.job_id, "training failed: {e}");
+                    self.control.finish_failure(job, &e.to_string()).await?;
+                    continue;
+                }
+            };
+            let meta = [
+                ("cerebro.model", spec.name.clone()),
+                ("cerebro.version", spec.version.to_string()),
+                ("cerebro.target", spec.plan.target.clone()),
+                ("cerebro.snapshot_fingerprint", fingerprint.clone()),
+                ("cerebro.device", model.device.clone()),
+            ];
+            match onnx::export(&model, &meta) {
+                Ok(bytes) => {
+                    let stack = jobs.len();
+                    let stored =
+                        self.control.finish_success(job, spec.snapshot_id, &model, stack, &bytes, &fingerprint).await;
+                    match stored {
+                        Err(e) if e.is_refusal() => self.fail_refused(job, &e.reason()).await?,
+                        other => other?,
+                    }
+                    info!(job = job.job_id, model = %spec.name, version = spec.version, device = %model.device, metrics = ?model.metrics, "ready");
+                }
+                Err(e) => {
+                    self.control.finish_failure(job, &format!("ONNX export failed: {e}")).await?;
+                }
             }
         }
         Ok(())
@@ -165,8 +199,8 @@ impl Scheduler {
 
     /// Fails `job` because the catalog refused one of its writes; the daemon
     /// carries on with the next job.
-    async fn fail_refused(&mut self, job: &ClaimedJob, e: CatalogError) -> Result<(), CatalogError> {
-        let msg = format!("the catalog refused cerebrod's write: {}; check the daemon role's privileges", e.reason());
+    async fn fail_refused(&mut self, job: &ClaimedJob, reason: &str) -> Result<(), CatalogError> {
+        let msg = format!("the catalog refused cerebrod's write: {reason}; check the daemon role's privileges");
         error!(job = job.job_id, "{msg}");
         self.control.finish_failure(job, &msg).await
     }

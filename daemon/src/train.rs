@@ -167,7 +167,7 @@ pub fn train(
 ) -> Result<TrainedModel, TrainError> {
     let mut models =
         train_group(std::slice::from_ref(plan), features, target, compute, &mut |_, stats| on_epoch(stats))?;
-    Ok(models.pop().expect("one plan, one model"))
+    models.pop().expect("one plan, one model")
 }
 
 /// The first option in which `b` differs from `a` among those a stack must share.
@@ -205,14 +205,16 @@ fn incompatibility(a: &TrainingPlan, b: &TrainingPlan) -> Option<&'static str> {
 /// `patience`, `momentum`, `schedule`, `warmup_epochs` and `clip_norm`; each
 /// ends exactly as it would have trained alone.
 /// `on_epoch` gets the plan's index with each epoch's statistics. `compute`
-/// says on which device, and on CPU with how many threads.
+/// says on which device, and on CPU with how many threads. A model that
+/// diverges fails alone (its entry is the error) while the others go on;
+/// the outer error fails them all (bad data, a stop).
 pub fn train_group(
     plans: &[TrainingPlan],
     features: &[ColumnData],
     target: &ColumnData,
     compute: Compute,
     on_epoch: &mut dyn FnMut(usize, &EpochStats) -> Control,
-) -> Result<Vec<TrainedModel>, TrainError> {
+) -> Result<Vec<Result<TrainedModel, TrainError>>, TrainError> {
     let plan = plans.first().ok_or(TrainError::Incompatible("no plans"))?;
     if let Some(what) = plans.iter().find_map(|p| incompatibility(plan, p)) {
         return Err(TrainError::Incompatible(what));
@@ -315,12 +317,20 @@ pub fn train_group(
 
     struct Progress {
         active: bool,
+        /// The epoch whose loss was not finite.
+        diverged: Option<u32>,
         best: (f64, Option<Stack>, u32),
         since_best: u32,
         history: Vec<EpochStats>,
     }
     let mut progress: Vec<Progress> = (0..k)
-        .map(|_| Progress { active: true, best: (f64::INFINITY, None, 0), since_best: 0, history: Vec::new() })
+        .map(|_| Progress {
+            active: true,
+            diverged: None,
+            best: (f64::INFINITY, None, 0),
+            since_best: 0,
+            history: Vec::new(),
+        })
         .collect();
     let max_epochs = plans.iter().map(|p| p.options.epochs).max().unwrap_or(0);
     let mut train_order: Vec<usize> = train_idx.to_vec();
@@ -357,7 +367,9 @@ pub fn train_group(
             let valid_loss = loss.loss(&valid_block, &y_valid, y_valid.len());
             let train_loss = loss_sums[m] / train_order.len() as f64;
             if !train_loss.is_finite() || !valid_loss.is_finite() {
-                return Err(TrainError::Diverged { epoch });
+                p.active = false;
+                p.diverged = Some(epoch);
+                continue;
             }
             let stats = EpochStats { epoch, train_loss, valid_loss, seconds };
             p.history.push(stats.clone());
@@ -380,6 +392,10 @@ pub fn train_group(
     let valid_targets: Vec<f64> = valid_idx.iter().map(|&i| raw_targets[i]).collect();
     let mut models = Vec::with_capacity(k);
     for (m, p) in progress.into_iter().enumerate() {
+        if let Some(epoch) = p.diverged {
+            models.push(Err(TrainError::Diverged { epoch }));
+            continue;
+        }
         let (_, best, best_epoch) = p.best;
         let network = match best {
             Some(network) => network,
@@ -411,7 +427,7 @@ pub fn train_group(
                 metrics::regression(&outputs.iter().map(|&v| v as f64).collect::<Vec<_>>(), &valid_targets)
             }
         };
-        models.push(model);
+        models.push(Ok(model));
     }
     Ok(models)
 }
@@ -471,12 +487,14 @@ impl TrainedModel {
         hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    /// What trained it: cerebrod's version, the commit it was built from, the device.
-    pub fn trained_with(&self) -> serde_json::Value {
+    /// What trained it: cerebrod's version, the commit it was built from,
+    /// the device, and how many models its stack trained at once.
+    pub fn trained_with(&self, stack: usize) -> serde_json::Value {
         serde_json::json!({
             "cerebrod": env!("CARGO_PKG_VERSION"),
             "commit": env!("CEREBRO_GIT_COMMIT"),
             "device": self.device,
+            "stack": stack,
         })
     }
 
@@ -519,7 +537,7 @@ mod tests {
     use super::*;
 
     /// A separable problem with a numeric and a categorical signal, NULLs in both.
-    fn toy(n: usize) -> (Vec<ColumnData>, ColumnData) {
+    pub(super) fn toy(n: usize) -> (Vec<ColumnData>, ColumnData) {
         let mut x = Vec::new();
         let mut c = Vec::new();
         let mut y = Vec::new();
@@ -534,7 +552,7 @@ mod tests {
         (vec![ColumnData::Float64(x), ColumnData::Text(c)], ColumnData::Text(y))
     }
 
-    fn plan(task: Task, labels: &[&str]) -> TrainingPlan {
+    pub(super) fn plan(task: Task, labels: &[&str]) -> TrainingPlan {
         TrainingPlan {
             task,
             target: "y".into(),
@@ -671,7 +689,10 @@ mod group_tests {
                 seen[m] += 1;
                 Control::Continue
             })
-            .unwrap();
+            .unwrap()
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect::<Vec<_>>();
             for (m, plan) in plans.iter().enumerate() {
                 // Stacks split by model: each model is computed as on one thread.
                 let alone = train(plan, &features, &target, Compute::cpu(1), &mut |_| Control::Continue).unwrap();
@@ -685,6 +706,22 @@ mod group_tests {
             }
             assert_eq!(stacked[1].epochs_run, 7, "each model keeps its own epoch budget");
         }
+    }
+
+    #[test]
+    fn a_model_that_diverges_fails_alone_in_its_stack() {
+        let (features, target) = super::tests::toy(300);
+        let mut calm = super::tests::plan(Task::Binary, &["no", "yes"]);
+        calm.options.optimizer = cerebro_shared::spec::Optimizer::Sgd;
+        calm.options.epochs = 3;
+        let mut wild = calm.clone();
+        wild.options.learning_rate = 1e30;
+        let results =
+            train_group(&[calm.clone(), wild], &features, &target, Compute::cpu(1), &mut |_, _| Control::Continue)
+                .unwrap();
+        assert!(matches!(results[1], Err(TrainError::Diverged { .. })), "{:?}", results[1].as_ref().err());
+        let alone = train(&calm, &features, &target, Compute::cpu(1), &mut |_| Control::Continue).unwrap();
+        assert_eq!(results[0].as_ref().unwrap().network, alone.network);
     }
 
     #[test]

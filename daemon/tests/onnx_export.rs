@@ -160,8 +160,11 @@ fn every_member_of_a_fused_stack_exports_on_its_own() {
             p
         })
         .collect();
-    let members =
-        train_group(&plans, &columns(400, 0), &target, Compute::cpu(2), &mut |_, _| Control::Continue).unwrap();
+    let members = train_group(&plans, &columns(400, 0), &target, Compute::cpu(2), &mut |_, _| Control::Continue)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect::<Vec<_>>();
     assert_eq!(members.len(), 3);
     assert_ne!(members[0].network, members[2].network);
     for (m, model) in members.iter().enumerate() {

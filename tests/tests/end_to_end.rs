@@ -718,6 +718,7 @@ async fn reproduce_retrains_a_version_bit_for_bit_from_its_frozen_snapshot() -> 
     let trained_with: serde_json::Value = a.get(4);
     assert!(trained_with["commit"].as_str().is_some_and(|c| c.len() >= 40), "{trained_with}");
     assert_eq!(trained_with["device"], "cpu, 1 thread");
+    assert_eq!(trained_with["stack"], 1);
     assert_eq!((a.get::<_, Option<i32>>(5), b.get::<_, Option<i32>>(5)), (None, Some(1)));
 
     let history = "SELECT array_agg(h.train_loss ORDER BY h.epoch) || array_agg(h.valid_loss ORDER BY h.epoch)
@@ -960,6 +961,18 @@ async fn a_selection_trains_every_candidate_and_the_leaderboard_ranks_them() -> 
     let triples: std::collections::BTreeSet<String> =
         board.iter().map(|r| r.get::<_, serde_json::Value>(3)).map(|t| format!("{}{}", t["hidden"], t["lr"])).collect();
     assert_eq!(triples.len(), 4, "{triples:?}");
+    // Candidates of one shape trained together, as one stack over one read
+    // of the data: two shapes, two stacks of two.
+    let stacks: Vec<i64> = db
+        .query(
+            "SELECT (trained_with->>'stack')::bigint FROM cerebro.model_versions WHERE name = 'e2e_select' ORDER BY version",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(stacks, vec![2, 2, 2, 2]);
     Ok(())
 }
 
