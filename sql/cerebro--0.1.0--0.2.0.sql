@@ -83,7 +83,7 @@ CREATE TABLE cerebro.audit_log (
     at        timestamptz NOT NULL DEFAULT now(),
     role_name name        NOT NULL,
     action    text        NOT NULL
-              CHECK (action IN ('create', 'deploy', 'rollback', 'delete', 'export', 'grant', 'revoke')),
+              CHECK (action IN ('create', 'deploy', 'rollback', 'delete', 'export', 'grant', 'revoke', 'cancel')),
     model     text        NOT NULL,
     version   integer,
     detail    jsonb
@@ -108,6 +108,11 @@ CREATE TABLE cerebro.selections (
 );
 ALTER TABLE cerebro.model_versions ADD COLUMN selection_id bigint REFERENCES cerebro.selections (id);
 CREATE INDEX model_versions_by_selection ON cerebro.model_versions (selection_id) WHERE selection_id IS NOT NULL;
+-- Cancelling: queued candidates are cancelled at once; running ones are
+-- asked to stop (cerebrod checks after each epoch) and end 'cancelled'.
+ALTER TYPE cerebro.model_status ADD VALUE 'cancelled';
+ALTER TYPE cerebro.job_state ADD VALUE 'cancelled';
+ALTER TABLE cerebro.jobs ADD COLUMN cancel_requested boolean NOT NULL DEFAULT false;
 ALTER FOREIGN TABLE cerebro.models ADD COLUMN spec text;
 SELECT pg_catalog.pg_extension_config_dump('cerebro.selections', '');
 SELECT pg_catalog.pg_extension_config_dump('cerebro.selections_id_seq', '');
@@ -258,6 +263,8 @@ CREATE FUNCTION cerebro.import_onnx(name text, onnx bytea, source text, inputs j
                                     labels text[] DEFAULT NULL, output text DEFAULT NULL, key text DEFAULT NULL)
     RETURNS integer
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'import_onnx_wrapper';
+CREATE FUNCTION cerebro.cancel_selection(selection bigint) RETURNS integer
+    LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'cancel_selection_wrapper';
 CREATE FUNCTION cerebro.delete_model(model text, version integer) RETURNS bigint
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'delete_model_wrapper';
 CREATE FUNCTION cerebro.grant_model(model text, grantee text) RETURNS void

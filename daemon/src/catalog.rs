@@ -371,6 +371,24 @@ impl Catalog {
         Ok(())
     }
 
+    /// Which of `jobs` a user asked to cancel (cerebro.cancel_selection).
+    pub async fn cancel_requested(&self, jobs: &[i64]) -> Result<Vec<i64>> {
+        let rows =
+            self.client.query("SELECT id FROM cerebro.jobs WHERE id = ANY($1) AND cancel_requested", &[&jobs]).await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Ends a job whose cancellation was asked for; its model is 'cancelled'.
+    pub async fn finish_cancelled(&mut self, job: &ClaimedJob) -> Result<()> {
+        let tx = self.client.transaction().await?;
+        tx.execute("UPDATE cerebro.jobs SET state = 'cancelled', finished_at = now() WHERE id = $1", &[&job.job_id])
+            .await?;
+        tx.execute("UPDATE cerebro.model_versions SET status = 'cancelled' WHERE id = $1", &[&job.model_version_id])
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Puts a job back in the queue, its attempt not counted (the daemon is
     /// shutting down, the job did nothing wrong).
     pub async fn requeue(&mut self, job: &ClaimedJob) -> Result<()> {

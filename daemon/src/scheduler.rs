@@ -78,9 +78,12 @@ impl Scheduler {
         };
 
         let stop = Arc::new(AtomicBool::new(false));
+        // Candidates a user cancelled, by index: checked after each epoch.
+        let cancelled: Arc<Vec<AtomicBool>> = Arc::new(jobs.iter().map(|_| AtomicBool::new(false)).collect());
         let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
         let plans: Vec<_> = specs.iter().map(|s| s.plan.clone()).collect();
         let stop_flag = stop.clone();
+        let cancel_flags = cancelled.clone();
         let compute = self.compute;
         let mut training = tokio::task::spawn_blocking(move || {
             let mut columns = table.columns;
@@ -89,6 +92,8 @@ impl Scheduler {
                 let _ = progress_tx.send((m, stats.clone()));
                 if stop_flag.load(Ordering::Relaxed) {
                     Control::Stop
+                } else if cancel_flags[m].load(Ordering::Relaxed) {
+                    Control::Drop
                 } else {
                     Control::Continue
                 }
@@ -110,6 +115,12 @@ impl Scheduler {
                                 refused = Some(e);
                             }
                             other => other?,
+                        }
+                        let ids: Vec<i64> = jobs.iter().map(|j| j.job_id).collect();
+                        for id in self.control.cancel_requested(&ids).await? {
+                            if let Some(i) = jobs.iter().position(|j| j.job_id == id) {
+                                cancelled[i].store(true, Ordering::Relaxed);
+                            }
                         }
                     }
                 }
@@ -165,6 +176,11 @@ impl Scheduler {
         for ((job, spec), result) in jobs.iter().zip(&specs).zip(results) {
             let model = match result {
                 Ok(model) => model,
+                Err(TrainError::Cancelled) => {
+                    info!(job = job.job_id, model = %spec.name, version = spec.version, "cancelled");
+                    self.control.finish_cancelled(job).await?;
+                    continue;
+                }
                 Err(e) => {
                     warn!(job = job.job_id, "training failed: {e}");
                     self.control.finish_failure(job, &e.to_string()).await?;

@@ -29,7 +29,10 @@ pub struct EpochStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
     Continue,
+    /// Stop every model (the daemon is shutting down).
     Stop,
+    /// Stop this model only; the others go on (a cancelled candidate).
+    Drop,
 }
 
 /// Regression targets are learnt standardised; predictions are scaled back.
@@ -71,6 +74,8 @@ pub enum TrainError {
     Diverged { epoch: u32 },
     #[error("training was stopped")]
     Stopped,
+    #[error("cancelled")]
+    Cancelled,
     #[error("models differ in {0}, so they cannot train as one stack")]
     Incompatible(&'static str),
     #[error(transparent)]
@@ -319,6 +324,7 @@ pub fn train_group(
         active: bool,
         /// The epoch whose loss was not finite.
         diverged: Option<u32>,
+        cancelled: bool,
         best: (f64, Option<Stack>, u32),
         since_best: u32,
         history: Vec<EpochStats>,
@@ -327,6 +333,7 @@ pub fn train_group(
         .map(|_| Progress {
             active: true,
             diverged: None,
+            cancelled: false,
             best: (f64::INFINITY, None, 0),
             since_best: 0,
             history: Vec::new(),
@@ -379,8 +386,14 @@ pub fn train_group(
             } else {
                 p.since_best += 1;
             }
-            if on_epoch(m, &stats) == Control::Stop {
-                return Err(TrainError::Stopped);
+            match on_epoch(m, &stats) {
+                Control::Stop => return Err(TrainError::Stopped),
+                Control::Drop => {
+                    p.active = false;
+                    p.cancelled = true;
+                    continue;
+                }
+                Control::Continue => {}
             }
             let o = &plans[m].options;
             if epoch >= o.epochs || (o.patience > 0 && p.since_best >= o.patience) {
@@ -394,6 +407,10 @@ pub fn train_group(
     for (m, p) in progress.into_iter().enumerate() {
         if let Some(epoch) = p.diverged {
             models.push(Err(TrainError::Diverged { epoch }));
+            continue;
+        }
+        if p.cancelled {
+            models.push(Err(TrainError::Cancelled));
             continue;
         }
         let (_, best, best_epoch) = p.best;

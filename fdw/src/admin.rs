@@ -488,6 +488,55 @@ fn delete_model(model: Option<&str>, version: Option<i32>) -> i64 {
     try_delete(model, version).unwrap_or_else(|e| raise(e))
 }
 
+fn try_cancel(selection: Option<i64>) -> Result<i32> {
+    let selection = selection.ok_or(CerebroError::NullArgument("selection"))?;
+    Spi::connect_mut(|client| {
+        let user = current_user(client)?;
+        let name = {
+            let _owner = identity::become_owner(identity::extension_owner()?);
+            first::<String>(client, "SELECT name FROM cerebro.selections WHERE id = $1", &[selection.into()], 1)?
+        }
+        .ok_or(CerebroError::SelectionNotFound(selection))?;
+        check_administers(client, &name, &user, "cancel a selection of")?;
+        let _owner = identity::become_owner(identity::extension_owner()?);
+        let queued = client
+            .update(
+                "WITH j AS (
+                     UPDATE cerebro.jobs j SET state = 'cancelled', finished_at = now()
+                     FROM cerebro.model_versions m
+                     WHERE m.id = j.model_version_id AND m.selection_id = $1 AND j.state = 'queued'
+                     RETURNING j.model_version_id)
+                 UPDATE cerebro.model_versions SET status = 'cancelled' WHERE id IN (SELECT model_version_id FROM j)
+                 RETURNING id",
+                None,
+                &[selection.into()],
+            )?
+            .len();
+        let running = client
+            .update(
+                "UPDATE cerebro.jobs j SET cancel_requested = true FROM cerebro.model_versions m
+                 WHERE m.id = j.model_version_id AND m.selection_id = $1 AND j.state = 'running'
+                 RETURNING j.id",
+                None,
+                &[selection.into()],
+            )?
+            .len();
+        let detail = serde_json::json!({ "selection": selection, "queued": queued, "running": running });
+        audit(client, Audit { user: &user, action: "cancel", model: &name, version: None, detail })?;
+        notice!(
+            "selection {selection}: {queued} queued candidate(s) cancelled, {running} training asked to stop \
+             after their current epoch; finished ones are kept"
+        );
+        Ok((queued + running) as i32)
+    })
+}
+
+/// Cancels a selection's candidates that have not finished; returns how many.
+#[pg_extern(sql = false)]
+fn cancel_selection(selection: Option<i64>) -> i32 {
+    try_cancel(selection).unwrap_or_else(|e| raise(e))
+}
+
 /// Lets `grantee` (and its members) see and score `model`.
 #[pg_extern(sql = false)]
 fn grant_model(model: Option<&str>, grantee: Option<&str>) {

@@ -57,6 +57,8 @@ pub enum CerebroError {
     TooManyCandidates { total: u128, limit: u128 },
     #[error("selection names table \"{table}\", but the source is {relation}")]
     SelectionTable { table: String, relation: String },
+    #[error("selection {0} does not exist")]
+    SelectionNotFound(i64),
     #[error("cannot import the ONNX model: {0}")]
     ImportInvalid(String),
     #[error("role \"{0}\" does not exist")]
@@ -125,7 +127,7 @@ impl CerebroError {
             CerebroError::NotModelOwner { .. } | CerebroError::ModelAccessDenied { .. } => {
                 ERRCODE_INSUFFICIENT_PRIVILEGE
             }
-            CerebroError::UnknownRole(_) => ERRCODE_UNDEFINED_OBJECT,
+            CerebroError::UnknownRole(_) | CerebroError::SelectionNotFound(_) => ERRCODE_UNDEFINED_OBJECT,
             CerebroError::ImportInvalid(_) | CerebroError::SelectionTable { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             CerebroError::Selection(e) => match e.kind {
                 cerebro_shared::mst::ErrorKind::Syntax => ERRCODE_SYNTAX_ERROR,

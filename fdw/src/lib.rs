@@ -480,6 +480,32 @@ mod tests {
         );
     }
 
+    #[pg_test]
+    fn cancelling_a_selection_cancels_its_queued_candidates() {
+        setup();
+        Spi::run(
+            "INSERT INTO cerebro.models (name, source, target, spec)
+             VALUES ('c', 'customers', 'churn', 'train lr = {0.01, 0.001, 0.0001}')",
+        )
+        .unwrap();
+        Spi::run("UPDATE cerebro.model_versions SET status = 'ready' WHERE name = 'c' AND version = 1").unwrap();
+        Spi::run("UPDATE cerebro.jobs SET state = 'done' WHERE model_version_id = (SELECT id FROM cerebro.model_versions WHERE name = 'c' AND version = 1)").unwrap();
+        let selection = count("SELECT id FROM cerebro.selections WHERE name = 'c'");
+        assert_eq!(Spi::get_one::<i32>(&format!("SELECT cerebro.cancel_selection({selection})")).unwrap(), Some(2));
+        let statuses = Spi::get_one::<Vec<String>>(
+            "SELECT array_agg(status::text ORDER BY version) FROM cerebro.model_versions WHERE name = 'c'",
+        )
+        .unwrap();
+        let expected: Vec<String> = ["ready", "cancelled", "cancelled"].map(String::from).to_vec();
+        assert_eq!(statuses, Some(expected), "finished candidates are kept");
+        assert_eq!(queued_jobs(), 0);
+    }
+
+    #[pg_test(error = "selection 999 does not exist")]
+    fn cancelling_an_unknown_selection() {
+        Spi::run("SELECT cerebro.cancel_selection(999)").unwrap();
+    }
+
     #[pg_test(error = "invalid selection spec: expected \"=\" after \"lr\", found \"0.1\"")]
     fn a_spec_that_does_not_parse() {
         setup();

@@ -193,7 +193,8 @@ pub async fn model_state(db: &Client, name: &str, version: i32) -> Result<(Strin
     Ok((row.get(0), row.get(1), row.get(2)))
 }
 
-/// Polls until the version is ready or failed; returns every status seen, in order.
+/// Polls until the version has finished (ready, failed, cancelled or deleted);
+/// returns every status seen, in order.
 pub async fn wait_until_done(db: &Client, name: &str, version: i32, timeout: Duration) -> Result<Vec<String>> {
     let deadline = Instant::now() + timeout;
     let mut seen: Vec<String> = Vec::new();
@@ -202,7 +203,7 @@ pub async fn wait_until_done(db: &Client, name: &str, version: i32, timeout: Dur
         if seen.last() != Some(&status) {
             seen.push(status.clone());
         }
-        if status == "ready" || status == "failed" {
+        if matches!(status.as_str(), "ready" | "failed" | "cancelled" | "deleted") {
             return Ok(seen);
         }
         if Instant::now() > deadline {

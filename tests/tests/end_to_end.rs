@@ -976,6 +976,36 @@ async fn a_selection_trains_every_candidate_and_the_leaderboard_ranks_them() -> 
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_a_selection_stops_its_candidates() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('e2e_cancel', 'telco_churn', 'churn',
+             'customer_id', 'model hidden = {[256, 256], [8]}\ntrain lr = {1e-3, 5e-4, 2e-4}, epochs = 400, patience = 0')",
+        &[],
+    )
+    .await?;
+    // Versions 1, 3 and 5 share a shape and train as one stack; 2, 4 and 6 wait.
+    wait_for(&db, "e2e_cancel", 1, TRAIN_TIMEOUT, |s, e| s == "training" && e >= 2).await?;
+    let selection: i64 = db.query_one("SELECT id FROM cerebro.selections WHERE name = 'e2e_cancel'", &[]).await?.get(0);
+    let n: i32 = db.query_one("SELECT cerebro.cancel_selection($1)", &[&selection]).await?.get(0);
+    assert_eq!(n, 6);
+    for v in 1..=6 {
+        let seen = wait_until_done(&db, "e2e_cancel", v, TRAIN_TIMEOUT).await.ok();
+        let (status, epoch, _) = model_state(&db, "e2e_cancel", v).await?;
+        assert_eq!(status, "cancelled", "version {v}: {seen:?}");
+        assert!(epoch < 400, "version {v} ran to the end");
+    }
+    let audited: i64 = db
+        .query_one("SELECT count(*) FROM cerebro.audit_log WHERE model = 'e2e_cancel' AND action = 'cancel'", &[])
+        .await?
+        .get(0);
+    assert_eq!(audited, 1);
+    Ok(())
+}
+
 /// Every object of schema cerebro, described in text, sorted.
 async fn describe_schema(db: &tokio_postgres::Client) -> anyhow::Result<Vec<String>> {
     let rows = db
