@@ -119,7 +119,7 @@ impl Arch {
     }
 
     /// Output width of op `i` (`i = ops.len()` is not allowed).
-    fn width_after(&self, i: usize) -> usize {
+    pub(crate) fn width_after(&self, i: usize) -> usize {
         self.ops[..=i]
             .iter()
             .rev()
@@ -131,7 +131,7 @@ impl Arch {
     }
 
     /// Input width of op `i`.
-    fn width_before(&self, i: usize) -> usize {
+    pub(crate) fn width_before(&self, i: usize) -> usize {
         if i == 0 {
             self.inputs + self.embedded_width()
         } else {
@@ -195,7 +195,7 @@ impl Arch {
     }
 
     /// Index of op `i`'s first parameter slot.
-    fn slot_of(&self, i: usize) -> usize {
+    pub(crate) fn slot_of(&self, i: usize) -> usize {
         self.embeddings.len()
             + self.ops[..i]
                 .iter()
@@ -208,7 +208,7 @@ impl Arch {
 
     /// Index of op `i`'s running mean in the state (BatchNorm only; the
     /// running variance follows it).
-    fn state_of(&self, i: usize) -> usize {
+    pub(crate) fn state_of(&self, i: usize) -> usize {
         2 * self.ops[..i].iter().filter(|op| matches!(op, Op::BatchNorm { .. })).count()
     }
 

@@ -479,15 +479,11 @@ impl CudaTrainer {
                 offset += spec.dim;
             }
         }
-        let mut slot = arch.embeddings.len();
-        let mut state = 0;
-        let mut width = p + e;
         for (i, op) in arch.ops.iter().enumerate() {
             let input = self.input_of(i);
-            let wide_in = k * width;
-            if let Op::Dense { outputs, .. } = op {
-                width = *outputs;
-            }
+            let (slot, state) = (arch.slot_of(i), arch.state_of(i));
+            let wide_in = k * arch.width_before(i);
+            let width = arch.width_after(i);
             let wide = k * width;
             let len = n * wide;
             if matches!(op, Op::Dropout { .. }) && step.is_none() {
@@ -524,7 +520,6 @@ impl CudaTrainer {
                     }
                     let args = [Arg::Ptr(out), Arg::Ptr(b), Arg::Long(n as i64), Arg::Long(wide as i64)];
                     self.launch(&kern.add_bias, grid(len), &args)?;
-                    slot += 2;
                 }
                 Op::Activation { f } => {
                     let args = [Arg::Int(activation_code(f)), Arg::Ptr(input), Arg::Ptr(out), Arg::Long(len as i64)];
@@ -546,7 +541,6 @@ impl CudaTrainer {
                         Arg::Int(k as i32),
                     ];
                     self.launch(&kern.layer_norm_forward, grid(n * k), &args)?;
-                    slot += 2;
                 }
                 Op::BatchNorm { .. } => {
                     let (gain, shift) = (self.params[slot].ptr, self.params[slot + 1].ptr);
@@ -578,8 +572,6 @@ impl CudaTrainer {
                         ];
                         self.launch(&kern.batch_norm_eval, grid(len), &args)?;
                     }
-                    slot += 2;
-                    state += 2;
                 }
                 Op::Dropout { p } => {
                     let mask = self.aux[i].ensure(&s, len)?;
@@ -663,35 +655,12 @@ impl CudaTrainer {
     fn backward(&mut self, n: usize) -> Result<(), CudaError> {
         let (k, s) = (self.k, self.stream.clone());
         let arch = self.arch.clone();
-        let (p, e) = (arch.inputs, arch.embedded_width());
-        let widths: Vec<(usize, usize)> = {
-            let mut w = p + e;
-            arch.ops
-                .iter()
-                .map(|op| {
-                    let before = w;
-                    if let Op::Dense { outputs, .. } = op {
-                        w = *outputs;
-                    }
-                    (before, w)
-                })
-                .collect()
-        };
-        let mut slots = Vec::with_capacity(arch.ops.len());
-        let mut slot = arch.embeddings.len();
-        for op in &arch.ops {
-            slots.push(slot);
-            if matches!(op, Op::Dense { .. } | Op::LayerNorm { .. } | Op::BatchNorm { .. }) {
-                slot += 2;
-            }
-        }
         for (_, set) in self.pending.iter_mut() {
             *set = false;
         }
         for i in (0..arch.ops.len()).rev() {
             let kern = &self.gpu.kernels;
-            let (width_in, width_out) = widths[i];
-            let (wide_in, wide_out) = (k * width_in, k * width_out);
+            let (wide_in, wide_out) = (k * arch.width_before(i), k * arch.width_after(i));
             let len = n * wide_out;
             let delta = self.delta.ptr;
             if self.pending[i].1 {
@@ -699,7 +668,7 @@ impl CudaTrainer {
                 self.launch(&kern.add_into, grid(len), &args)?;
                 self.pending[i].1 = false;
             }
-            let slot = slots[i];
+            let slot = arch.slot_of(i);
             let input = self.input_of(i);
             match arch.ops[i] {
                 Op::Dense { inputs, outputs } => {
@@ -888,9 +857,9 @@ impl CudaTrainer {
             ];
             self.launch(&kern.optimizer_step, grid(k * slot.len), &args)?;
         }
-        let mut state = 0;
         for (i, op) in self.arch.ops.iter().enumerate() {
             let Op::BatchNorm { width } = *op else { continue };
+            let state = self.arch.state_of(i);
             let args = [
                 Arg::Ptr(self.state[state].ptr),
                 Arg::Ptr(self.state[state + 1].ptr),
@@ -901,7 +870,6 @@ impl CudaTrainer {
                 Arg::Float(BATCH_NORM_MOMENTUM),
             ];
             self.launch(&kern.batch_norm_running, grid(k * width), &args)?;
-            state += 2;
         }
         Ok(())
     }
