@@ -290,20 +290,24 @@ impl Catalog {
         })
     }
 
-    pub async fn record_epoch(&self, model_version_id: i64, stats: &EpochStats) -> Result<()> {
-        self.client
-            .execute(
+    /// Records one epoch of a version; returns whether a user asked to
+    /// cancel its job (cerebro.cancel_selection), so training can stop it.
+    pub async fn record_epoch(&self, model_version_id: i64, stats: &EpochStats) -> Result<bool> {
+        let row = self
+            .client
+            .query_opt(
                 "WITH h AS (
                      INSERT INTO cerebro.training_history (model_version_id, epoch, train_loss, valid_loss, seconds)
                      VALUES ($1, $2, $3, $4, $5)
                      ON CONFLICT (model_version_id, epoch) DO UPDATE
                          SET train_loss = EXCLUDED.train_loss, valid_loss = EXCLUDED.valid_loss,
                              seconds = EXCLUDED.seconds, recorded_at = now())
-                 UPDATE cerebro.model_versions SET epoch = $2 WHERE id = $1",
+                 UPDATE cerebro.model_versions SET epoch = $2 WHERE id = $1
+                 RETURNING (SELECT j.cancel_requested FROM cerebro.jobs j WHERE j.model_version_id = $1)",
                 &[&model_version_id, &(stats.epoch as i32), &stats.train_loss, &stats.valid_loss, &stats.seconds],
             )
             .await?;
-        Ok(())
+        Ok(row.and_then(|r| r.get::<_, Option<bool>>(0)).unwrap_or(false))
     }
 
     /// Stores the artifact and results and marks job and model done, at once.
@@ -369,13 +373,6 @@ impl Catalog {
         .await?;
         tx.commit().await?;
         Ok(())
-    }
-
-    /// Which of `jobs` a user asked to cancel (cerebro.cancel_selection).
-    pub async fn cancel_requested(&self, jobs: &[i64]) -> Result<Vec<i64>> {
-        let rows =
-            self.client.query("SELECT id FROM cerebro.jobs WHERE id = ANY($1) AND cancel_requested", &[&jobs]).await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     /// Ends a job whose cancellation was asked for; its model is 'cancelled'.

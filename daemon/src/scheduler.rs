@@ -78,7 +78,7 @@ impl Scheduler {
         };
 
         let stop = Arc::new(AtomicBool::new(false));
-        // Candidates a user cancelled, by index: checked after each epoch.
+        // Candidates a user cancelled, by index: learnt as each records an epoch.
         let cancelled: Arc<Vec<AtomicBool>> = Arc::new(jobs.iter().map(|_| AtomicBool::new(false)).collect());
         let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
         let plans: Vec<_> = specs.iter().map(|s| s.plan.clone()).collect();
@@ -114,12 +114,11 @@ impl Scheduler {
                                 stop.store(true, Ordering::Relaxed);
                                 refused = Some(e);
                             }
-                            other => other?,
-                        }
-                        let ids: Vec<i64> = jobs.iter().map(|j| j.job_id).collect();
-                        for id in self.control.cancel_requested(&ids).await? {
-                            if let Some(i) = jobs.iter().position(|j| j.job_id == id) {
-                                cancelled[i].store(true, Ordering::Relaxed);
+                            Err(e) => return Err(e),
+                            Ok(cancel) => {
+                                if cancel {
+                                    cancelled[m].store(true, Ordering::Relaxed);
+                                }
                             }
                         }
                     }
