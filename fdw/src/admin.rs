@@ -77,6 +77,29 @@ pub(crate) fn administers(client: &mut SpiClient<'_>, model: &str, user: &str) -
     Ok((allowed, owner))
 }
 
+/// The next version number of `name`, under a transaction lock on the
+/// name so that concurrent INSERTs number in turn; a model's versions after
+/// the first are its owner's to add. Reads past row-level security: call it
+/// as the extension owner.
+pub(crate) fn next_version(client: &mut SpiClient<'_>, name: &str, user: &str) -> Result<i32> {
+    client.update(
+        "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('cerebro.models'), pg_catalog.hashtext($1))",
+        None,
+        &[name.into()],
+    )?;
+    let version = first::<i32>(
+        client,
+        "SELECT coalesce(max(version), 0) + 1 FROM cerebro.model_versions WHERE name = $1",
+        &[name.into()],
+        1,
+    )?
+    .expect("coalesce is never NULL");
+    if version > 1 {
+        check_administers(client, name, user, "add a version to")?;
+    }
+    Ok(version)
+}
+
 fn check_administers(client: &mut SpiClient<'_>, model: &str, user: &str, action: &'static str) -> Result<()> {
     match administers(client, model, user)? {
         (true, _) => Ok(()),
@@ -133,16 +156,16 @@ fn check_ready(client: &mut SpiClient<'_>, model: &str, version: i32, to: &'stat
 }
 
 /// One row of `cerebro.audit_log`.
-struct Audit<'a> {
-    user: &'a str,
-    action: &'a str,
-    model: &'a str,
+pub(crate) struct Audit<'a> {
+    pub(crate) user: &'a str,
+    pub(crate) action: &'a str,
+    pub(crate) model: &'a str,
     /// None for what concerns the whole model (grants).
-    version: Option<i32>,
-    detail: serde_json::Value,
+    pub(crate) version: Option<i32>,
+    pub(crate) detail: serde_json::Value,
 }
 
-fn audit(client: &mut SpiClient<'_>, a: Audit<'_>) -> Result<()> {
+pub(crate) fn audit(client: &mut SpiClient<'_>, a: Audit<'_>) -> Result<()> {
     client.update(
         "INSERT INTO cerebro.audit_log (role_name, action, model, version, detail) VALUES ($1, $2, $3, $4, $5)",
         None,
@@ -324,28 +347,19 @@ fn try_reproduce(model: Option<&str>, version: Option<i32>) -> Result<i32> {
         if data.is_none() {
             return Err(CerebroError::SnapshotGone { name: model.into(), version });
         }
-        client.update(
-            "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('cerebro.models'), pg_catalog.hashtext($1))",
-            None,
-            &[model.into()],
-        )?;
-        let (id, new_version) = match client
-            .update(
-                "INSERT INTO cerebro.model_versions (name, version, task, source_relation, target_column, key_column,
-                     features, class_labels, options, snapshot_id, epochs, created_by, request, reproduces)
-                 SELECT name, (SELECT max(version) + 1 FROM cerebro.model_versions WHERE name = $1), task,
-                        source_relation, target_column, key_column, features, class_labels, options, snapshot_id,
-                        epochs, $3, request, version
-                 FROM cerebro.model_versions WHERE name = $1 AND version = $2
-                 RETURNING id, version",
-                Some(1),
-                &[model.into(), version.into(), user.as_str().into()],
-            )?
-            .next()
-        {
-            Some(row) => (row.get::<i64>(1)?.expect("id"), row.get::<i32>(2)?.expect("version")),
-            None => return Err(CerebroError::VersionNotFound { name: model.into(), version }),
-        };
+        let new_version = next_version(client, model, &user)?;
+        let id = first::<i64>(
+            client,
+            "INSERT INTO cerebro.model_versions (name, version, task, source_relation, target_column, key_column,
+                 features, class_labels, options, snapshot_id, epochs, created_by, request, reproduces)
+             SELECT name, $3, task, source_relation, target_column, key_column, features, class_labels, options,
+                    snapshot_id, epochs, $4, request, version
+             FROM cerebro.model_versions WHERE name = $1 AND version = $2
+             RETURNING id",
+            &[model.into(), version.into(), new_version.into(), user.as_str().into()],
+            1,
+        )?
+        .ok_or_else(|| CerebroError::VersionNotFound { name: model.into(), version })?;
         let job: i64 =
             first(client, "INSERT INTO cerebro.jobs (model_version_id) VALUES ($1) RETURNING id", &[id.into()], 1)?
                 .expect("RETURNING id");

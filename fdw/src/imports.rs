@@ -12,7 +12,7 @@ use cerebro_shared::spec::{validate_model_name, Feature, FeatureKind, Task, Task
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
-use crate::admin::{administers, current_user, raise};
+use crate::admin::{audit, current_user, next_version, raise, Audit};
 use crate::error::{CerebroError, Result};
 use crate::identity;
 use crate::models::resolve_source;
@@ -186,27 +186,8 @@ fn try_import(req: ImportRequest<'_>) -> Result<i32> {
         let layout = ImportLayout { inputs: layout, output: output.name.clone(), positive_column };
 
         let user = current_user(client)?;
-        let owner = identity::extension_owner()?;
-        let _owner = identity::become_owner(owner);
-        client.update(
-            "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('cerebro.models'), pg_catalog.hashtext($1))",
-            None,
-            &[req.name.into()],
-        )?;
-        let version: i32 = client
-            .select(
-                "SELECT coalesce(max(version), 0) + 1 FROM cerebro.model_versions WHERE name = $1",
-                Some(1),
-                &[req.name.into()],
-            )?
-            .first()
-            .get_one()?
-            .expect("coalesce is never NULL");
-        if version > 1 {
-            if let (false, owner) = administers(client, req.name, &user)? {
-                return Err(CerebroError::NotModelOwner { model: req.name.into(), owner, action: "add a version to" });
-            }
-        }
+        let _owner = identity::become_owner(identity::extension_owner()?);
+        let version = next_version(client, req.name, &user)?;
         let sha: String = client
             .select("SELECT encode(sha256($1), 'hex')", Some(1), &[req.onnx.into()])?
             .first()
@@ -246,12 +227,8 @@ fn try_import(req: ImportRequest<'_>) -> Result<i32> {
             None,
             &[id.into(), sha.as_str().into(), (req.onnx.len() as i64).into(), req.onnx.into()],
         )?;
-        client.update(
-            "INSERT INTO cerebro.audit_log (role_name, action, model, version, detail)
-             VALUES ($1, 'create', $2, $3, jsonb_build_object('imported', true, 'bytes', $4::bigint))",
-            None,
-            &[user.as_str().into(), req.name.into(), version.into(), (req.onnx.len() as i64).into()],
-        )?;
+        let detail = serde_json::json!({ "imported": true, "bytes": req.onnx.len() });
+        audit(client, Audit { user: &user, action: "create", model: req.name, version: Some(version), detail })?;
         notice!(
             "model \"{}\" version {version} imported: {} feature column(s), output \"{}\"",
             req.name,

@@ -266,11 +266,7 @@ pub(crate) fn queue_version(
             return Err(CerebroError::PermissionDenied { relation: source.display.clone(), columns: denied });
         }
 
-        let user_name: String = client
-            .select("SELECT current_user::text", Some(1), &[])?
-            .first()
-            .get_one()?
-            .expect("current_user is never NULL");
+        let user_name = crate::admin::current_user(client)?;
         let owner = identity::extension_owner()?;
         // A selection's candidates share one snapshot per source, of every
         // readable column they could use; a plain INSERT freezes what it uses.
@@ -291,27 +287,7 @@ pub(crate) fn queue_version(
 
         let (version, snapshot_id, data_relation) = {
             let _owner = identity::become_owner(owner);
-            client.update(
-                "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('cerebro.models'), pg_catalog.hashtext($1))",
-                None,
-                &[req.name.as_str().into()],
-            )?;
-            let version: i32 = client
-                .select(
-                    "SELECT coalesce(max(version), 0) + 1 FROM cerebro.model_versions WHERE name = $1",
-                    Some(1),
-                    &[req.name.as_str().into()],
-                )?
-                .first()
-                .get_one()?
-                .expect("coalesce is never NULL");
-            if version > 1 {
-                // A model's versions are its owner's to add.
-                if let (false, owner) = crate::admin::administers(client, &req.name, &user_name)? {
-                    let (model, action) = (req.name.clone(), "add a version to");
-                    return Err(CerebroError::NotModelOwner { model, owner, action });
-                }
-            }
+            let version = crate::admin::next_version(client, &req.name, &user_name)?;
             if let Some(f) = &reused {
                 (version, f.id, f.data_relation.clone())
             } else {
@@ -431,18 +407,15 @@ pub(crate) fn queue_version(
             .first()
             .get_one()?
             .expect("RETURNING id");
-        client.update(
-            "INSERT INTO cerebro.audit_log (role_name, action, model, version, detail)
-             VALUES ($1, 'create', $2, $3, jsonb_build_object('source', $4::text, 'target', $5::text))",
-            None,
-            &[
-                user_name.as_str().into(),
-                req.name.as_str().into(),
-                version.into(),
-                source.display.as_str().into(),
-                req.target.as_str().into(),
-            ],
-        )?;
+        let detail = serde_json::json!({ "source": source.display, "target": req.target });
+        let create = crate::admin::Audit {
+            user: &user_name,
+            action: "create",
+            model: &req.name,
+            version: Some(version),
+            detail,
+        };
+        crate::admin::audit(client, create)?;
         client.update("SELECT pg_catalog.pg_notify('cerebro_jobs', $1)", None, &[job_id.to_string().into()])?;
         notice!(
             "cerebro: queued {} version {} ({} task, {} features, {} rows); it trains once this transaction commits",

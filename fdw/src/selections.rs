@@ -64,8 +64,7 @@ pub fn queue_selection(req: TrainRequest, text: &str) -> Result<()> {
         req.written["options"].as_object().cloned().unwrap_or_default();
 
     let selection = Spi::connect_mut(|client| -> Result<i64> {
-        let user: String =
-            client.select("SELECT current_user::text", Some(1), &[])?.first().get_one()?.expect("current_user");
+        let user = crate::admin::current_user(client)?;
         let _owner = identity::become_owner(identity::extension_owner()?);
         let id: i64 = client
             .update(
