@@ -104,7 +104,13 @@ CREATE TABLE cerebro.selections (
     spec       text        NOT NULL,
     candidates integer     NOT NULL,
     created_by name        NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT now(),
+    -- How cerebrod runs the candidates (strategy, halving rungs, budget,
+    -- promote): shared/src/mst.rs SelectionPlan.
+    plan       jsonb       NOT NULL DEFAULT '{"strategy": "grid"}',
+    -- Set by cerebro.finish_selection once no candidate is left to train.
+    finished_at timestamptz,
+    promoted_version integer
 );
 ALTER TABLE cerebro.model_versions ADD COLUMN selection_id bigint REFERENCES cerebro.selections (id);
 CREATE INDEX model_versions_by_selection ON cerebro.model_versions (selection_id) WHERE selection_id IS NOT NULL;
@@ -201,7 +207,7 @@ SELECT m.selection_id AS selection, m.name, m.version,
            CASE m.task WHEN 'binary' THEN -(m.metrics->>'auc')::float8
                        WHEN 'multiclass' THEN -(m.metrics->>'accuracy')::float8
                        ELSE (m.metrics->>'rmse')::float8 END NULLS LAST)::int AS rank,
-       m.status, m.source_relation AS source,
+       m.status, m.trained_with->>'stopped' AS stopped, m.source_relation AS source,
        ARRAY(SELECT f->>'name' FROM jsonb_array_elements(m.features) f) AS features,
        jsonb_strip_nulls(jsonb_build_object(
            'hidden', m.options->'hidden', 'residual_blocks', m.options->'residual_blocks',
@@ -240,6 +246,7 @@ BEGIN
     EXECUTE format('GRANT SELECT, UPDATE ON cerebro.jobs, cerebro.model_versions, cerebro.snapshots TO %I', daemon);
     EXECUTE format('GRANT SELECT, INSERT, UPDATE ON cerebro.artifacts TO %I', daemon);
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON cerebro.training_history TO %I', daemon);
+    EXECUTE format('GRANT SELECT ON cerebro.selections TO %I', daemon);
     -- Snapshot tables, present and future (the extension owner creates them).
     EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA cerebro_data TO %I', daemon);
     EXECUTE format('ALTER DEFAULT PRIVILEGES FOR ROLE %I IN SCHEMA cerebro_data GRANT SELECT ON TABLES TO %I',
@@ -265,6 +272,10 @@ CREATE FUNCTION cerebro.import_onnx(name text, onnx bytea, source text, inputs j
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'import_onnx_wrapper';
 CREATE FUNCTION cerebro.cancel_selection(selection bigint) RETURNS integer
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'cancel_selection_wrapper';
+-- cerebrod calls it after each stack; it acts only on a selection with
+-- nothing left to train, and only as its spec asked (promote).
+CREATE FUNCTION cerebro.finish_selection(selection bigint) RETURNS integer
+    LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'finish_selection_wrapper';
 CREATE FUNCTION cerebro.delete_model(model text, version integer) RETURNS bigint
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'delete_model_wrapper';
 CREATE FUNCTION cerebro.grant_model(model text, grantee text) RETURNS void

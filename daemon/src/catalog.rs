@@ -1,7 +1,9 @@
 //! The daemon's access to the catalog (schema `cerebro`) over tokio-postgres.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use cerebro_shared::mst::SelectionPlan;
 use cerebro_shared::spec::{Feature, Task, TrainOptions, TrainingPlan};
 use futures_util::{stream, StreamExt};
 use tokio::sync::Notify;
@@ -119,6 +121,21 @@ pub struct JobSpec {
     /// The source's key column, if the model has one: the snapshot is read
     /// in its order.
     pub key_column: Option<String>,
+    /// The model selection the version is a candidate of.
+    pub selection: Option<i64>,
+}
+
+/// Where a selection stands when a stack of its candidates starts.
+#[derive(Debug, Clone)]
+pub struct SelectionState {
+    pub plan: SelectionPlan,
+    /// Since the INSERT that started it.
+    pub elapsed_seconds: f64,
+    /// Epochs its candidates have trained so far.
+    pub epochs_spent: u64,
+    /// Per rung epoch, the best validation loss up to it of every candidate
+    /// outside the stack that reached it.
+    pub rung_losses: BTreeMap<u32, Vec<f64>>,
 }
 
 /// What recovery did with a job a dead daemon left running.
@@ -269,7 +286,7 @@ impl Catalog {
             .client
             .query_one(
                 "SELECT m.name, m.version, m.task, m.target_column, m.features, m.class_labels, m.options,
-                        s.data_relation, s.id, m.key_column
+                        s.data_relation, s.id, m.key_column, m.selection_id
                  FROM cerebro.model_versions m JOIN cerebro.snapshots s ON s.id = m.snapshot_id
                  WHERE m.id = $1",
                 &[&model_version_id],
@@ -287,7 +304,55 @@ impl Catalog {
             data_relation: row.get(7),
             snapshot_id: row.get(8),
             key_column: row.get(9),
+            selection: row.get(10),
         })
+    }
+
+    /// The plan and progress of `selection`, leaving out the versions in
+    /// `stack` (about to train).
+    pub async fn selection_state(&self, selection: i64, stack: &[i64]) -> Result<SelectionState> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT s.plan, extract(epoch FROM clock_timestamp() - s.created_at)::float8,
+                        (SELECT coalesce(sum(m.epoch), 0)::bigint FROM cerebro.model_versions m
+                         WHERE m.selection_id = s.id AND m.id <> ALL($2))
+                 FROM cerebro.selections s WHERE s.id = $1",
+                &[&selection, &stack],
+            )
+            .await?;
+        let plan: SelectionPlan =
+            serde_json::from_value(row.get(0)).map_err(|e| CatalogError::Corrupt(format!("selection plan: {e}")))?;
+        let rungs: Vec<i32> = plan.rungs.iter().map(|&r| r as i32).collect();
+        let mut rung_losses: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
+        for r in self
+            .client
+            .query(
+                "SELECT r.epoch, (SELECT min(h.valid_loss) FROM cerebro.training_history h
+                                  WHERE h.model_version_id = m.id AND h.epoch <= r.epoch)
+                 FROM cerebro.model_versions m, unnest($2::int[]) AS r(epoch)
+                 WHERE m.selection_id = $1 AND m.id <> ALL($3) AND m.epoch >= r.epoch",
+                &[&selection, &rungs, &stack],
+            )
+            .await?
+        {
+            if let Some(loss) = r.get::<_, Option<f64>>(1) {
+                rung_losses.entry(r.get::<_, i32>(0) as u32).or_default().push(loss);
+            }
+        }
+        Ok(SelectionState {
+            plan,
+            elapsed_seconds: row.get(1),
+            epochs_spent: row.get::<_, i64>(2).max(0) as u64,
+            rung_losses,
+        })
+    }
+
+    /// Lets the catalog close `selection` if nothing of it is left to train
+    /// (and promote its winner if asked); returns the version promoted.
+    pub async fn finish_selection(&self, selection: i64) -> Result<Option<i32>> {
+        let row = self.client.query_one("SELECT cerebro.finish_selection($1)", &[&selection]).await?;
+        Ok(row.get(0))
     }
 
     /// Records one epoch of a version; returns whether a user asked to
@@ -316,7 +381,7 @@ impl Catalog {
         job: &ClaimedJob,
         snapshot_id: i64,
         model: &TrainedModel,
-        stack: usize,
+        trained_with: &serde_json::Value,
         onnx: &[u8],
         fingerprint: &str,
     ) -> Result<()> {
@@ -345,7 +410,7 @@ impl Catalog {
                 &pipeline,
                 &sha256,
                 &model.weights_sha256(),
-                &model.trained_with(stack),
+                trained_with,
                 &(onnx.len() as i64),
             ],
         )
@@ -375,13 +440,20 @@ impl Catalog {
         Ok(())
     }
 
-    /// Ends a job whose cancellation was asked for; its model is 'cancelled'.
-    pub async fn finish_cancelled(&mut self, job: &ClaimedJob) -> Result<()> {
+    /// Ends a job whose cancellation was asked for (or whose selection's
+    /// budget ran out: `reason`); its model is 'cancelled'.
+    pub async fn finish_cancelled(&mut self, job: &ClaimedJob, reason: Option<&str>) -> Result<()> {
         let tx = self.client.transaction().await?;
-        tx.execute("UPDATE cerebro.jobs SET state = 'cancelled', finished_at = now() WHERE id = $1", &[&job.job_id])
-            .await?;
-        tx.execute("UPDATE cerebro.model_versions SET status = 'cancelled' WHERE id = $1", &[&job.model_version_id])
-            .await?;
+        tx.execute(
+            "UPDATE cerebro.jobs SET state = 'cancelled', finished_at = now(), error = $2 WHERE id = $1",
+            &[&job.job_id, &reason],
+        )
+        .await?;
+        tx.execute(
+            "UPDATE cerebro.model_versions SET status = 'cancelled', error = $2 WHERE id = $1",
+            &[&job.model_version_id, &reason],
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }

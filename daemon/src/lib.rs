@@ -10,6 +10,7 @@ pub mod data;
 pub mod engine;
 pub mod features;
 pub mod gpu;
+pub mod guide;
 pub mod metrics;
 pub mod onnx;
 pub mod scheduler;

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{error, info, warn};
@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 use crate::catalog::{Catalog, CatalogError, ClaimedJob};
 use crate::data::read_snapshot;
 use crate::engine::Compute;
+use crate::guide::Guide;
 use crate::onnx;
 use crate::train::{self, Control, TrainError};
 
@@ -77,6 +78,23 @@ impl Scheduler {
             Err(e) => return Err(e),
         };
 
+        let selection = spec.selection;
+        let mut guide = match selection {
+            Some(id) => {
+                let ids: Vec<i64> = jobs.iter().map(|j| j.model_version_id).collect();
+                let state = self.control.selection_state(id, &ids).await?;
+                Some(Guide::new(state, jobs.len(), Instant::now()))
+            }
+            None => None,
+        };
+        if let Some(why) = guide.as_ref().and_then(|g| g.exhausted(Instant::now())) {
+            for job in &jobs {
+                self.control.finish_cancelled(job, Some(&why)).await?;
+            }
+            info!(job = first.job_id, stack = jobs.len(), "{why}");
+            return self.finish_selection(selection).await;
+        }
+
         let stop = Arc::new(AtomicBool::new(false));
         // Candidates a user cancelled, by index: learnt as each records an epoch.
         let cancelled: Arc<Vec<AtomicBool>> = Arc::new(jobs.iter().map(|_| AtomicBool::new(false)).collect());
@@ -88,17 +106,22 @@ impl Scheduler {
         let mut training = tokio::task::spawn_blocking(move || {
             let mut columns = table.columns;
             let target = columns.pop().expect("the target column is read last");
-            let result = train::train_group(&plans, &columns, &target, compute, &mut |m, stats| {
-                let _ = progress_tx.send((m, stats.clone()));
-                if stop_flag.load(Ordering::Relaxed) {
-                    Control::Stop
-                } else if cancel_flags[m].load(Ordering::Relaxed) {
-                    Control::Drop
-                } else {
-                    Control::Continue
+            let result = train::train_group(&plans, &columns, &target, compute, &mut |reports, controls| {
+                for (m, stats) in reports {
+                    let _ = progress_tx.send((*m, stats.clone()));
+                    controls[*m] = if stop_flag.load(Ordering::Relaxed) {
+                        Control::Stop
+                    } else if cancel_flags[*m].load(Ordering::Relaxed) {
+                        Control::Drop
+                    } else {
+                        Control::Continue
+                    };
+                }
+                if let Some(guide) = guide.as_mut() {
+                    guide.steer(reports, controls, Instant::now());
                 }
             });
-            (result, table.fingerprint)
+            (result, table.fingerprint, guide)
         });
 
         let mut shutdown = self.shutdown.clone();
@@ -144,7 +167,7 @@ impl Scheduler {
             return Ok(());
         }
 
-        let (result, fingerprint) = match outcome {
+        let (result, fingerprint, guide) = match outcome {
             Ok(r) => r,
             Err(join) => {
                 let msg = format!("training crashed: {join}");
@@ -152,7 +175,7 @@ impl Scheduler {
                 for job in &jobs {
                     self.control.finish_failure(job, &msg).await?;
                 }
-                return Ok(());
+                return self.finish_selection(selection).await;
             }
         };
         let results = match result {
@@ -169,15 +192,16 @@ impl Scheduler {
                 for job in &jobs {
                     self.control.finish_failure(job, &e.to_string()).await?;
                 }
-                return Ok(());
+                return self.finish_selection(selection).await;
             }
         };
-        for ((job, spec), result) in jobs.iter().zip(&specs).zip(results) {
+        let stopped = guide.map(|g| g.stopped).unwrap_or_default();
+        for (m, ((job, spec), result)) in jobs.iter().zip(&specs).zip(results).enumerate() {
             let model = match result {
                 Ok(model) => model,
                 Err(TrainError::Cancelled) => {
                     info!(job = job.job_id, model = %spec.name, version = spec.version, "cancelled");
-                    self.control.finish_cancelled(job).await?;
+                    self.control.finish_cancelled(job, None).await?;
                     continue;
                 }
                 Err(e) => {
@@ -195,9 +219,12 @@ impl Scheduler {
             ];
             match onnx::export(&model, &meta) {
                 Ok(bytes) => {
-                    let stack = jobs.len();
+                    let mut with = model.trained_with(jobs.len());
+                    if let Some(why) = stopped.get(m).cloned().flatten() {
+                        with["stopped"] = why.into();
+                    }
                     let stored =
-                        self.control.finish_success(job, spec.snapshot_id, &model, stack, &bytes, &fingerprint).await;
+                        self.control.finish_success(job, spec.snapshot_id, &model, &with, &bytes, &fingerprint).await;
                     match stored {
                         Err(e) if e.is_refusal() => self.fail_refused(job, &e.reason()).await?,
                         other => other?,
@@ -208,6 +235,19 @@ impl Scheduler {
                     self.control.finish_failure(job, &format!("ONNX export failed: {e}")).await?;
                 }
             }
+        }
+        self.finish_selection(selection).await
+    }
+
+    /// Lets the catalog close the selection when its last candidate is done,
+    /// promoting its winner if the spec asked to.
+    async fn finish_selection(&mut self, selection: Option<i64>) -> Result<(), CatalogError> {
+        let Some(id) = selection else { return Ok(()) };
+        match self.control.finish_selection(id).await {
+            Ok(Some(version)) => info!(selection = id, version, "selection finished; its best candidate is deployed"),
+            Ok(None) => {}
+            Err(e) if e.is_refusal() => warn!(selection = id, "cannot finish the selection: {}", e.reason()),
+            Err(e) => return Err(e),
         }
         Ok(())
     }

@@ -33,7 +33,15 @@ pub enum Control {
     Stop,
     /// Stop this model only; the others go on (a cancelled candidate).
     Drop,
+    /// Stop training this model and keep it as it is, like early stopping
+    /// (a candidate halving or a budget let go no further).
+    Finish,
 }
+
+/// Called after each epoch with the statistics of every model still
+/// training (its index in the stack, its epoch); sets `controls[m]` for the
+/// models it wants to stop (all start as [`Control::Continue`]).
+pub type OnEpoch<'a> = dyn FnMut(&[(usize, EpochStats)], &mut [Control]) + 'a;
 
 /// Regression targets are learnt standardised; predictions are scaled back.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -170,8 +178,11 @@ pub fn train(
     compute: Compute,
     on_epoch: &mut dyn FnMut(&EpochStats) -> Control,
 ) -> Result<TrainedModel, TrainError> {
-    let mut models =
-        train_group(std::slice::from_ref(plan), features, target, compute, &mut |_, stats| on_epoch(stats))?;
+    let mut models = train_group(std::slice::from_ref(plan), features, target, compute, &mut |reports, controls| {
+        for (m, stats) in reports {
+            controls[*m] = on_epoch(stats);
+        }
+    })?;
     models.pop().expect("one plan, one model")
 }
 
@@ -209,7 +220,7 @@ fn incompatibility(a: &TrainingPlan, b: &TrainingPlan) -> Option<&'static str> {
 /// must agree on everything but `learning_rate`, `weight_decay`, `epochs`,
 /// `patience`, `momentum`, `schedule`, `warmup_epochs` and `clip_norm`; each
 /// ends exactly as it would have trained alone.
-/// `on_epoch` gets the plan's index with each epoch's statistics. `compute`
+/// `on_epoch` gets each epoch's statistics of the models still training. `compute`
 /// says on which device, and on CPU with how many threads. A model that
 /// diverges fails alone (its entry is the error) while the others go on;
 /// the outer error fails them all (bad data, a stop).
@@ -218,7 +229,7 @@ pub fn train_group(
     features: &[ColumnData],
     target: &ColumnData,
     compute: Compute,
-    on_epoch: &mut dyn FnMut(usize, &EpochStats) -> Control,
+    on_epoch: &mut OnEpoch<'_>,
 ) -> Result<Vec<Result<TrainedModel, TrainError>>, TrainError> {
     let plan = plans.first().ok_or(TrainError::Incompatible("no plans"))?;
     if let Some(what) = plans.iter().find_map(|p| incompatibility(plan, p)) {
@@ -366,6 +377,7 @@ pub fn train_group(
         let valid_logits = trainer.predict(valid_batch, EVAL_CHUNK)?;
         let seconds = started.elapsed().as_secs_f64();
         let mut valid_block = vec![0.0f32; y_valid.len() * outputs];
+        let mut reports = Vec::with_capacity(k);
         for (m, p) in progress.iter_mut().enumerate() {
             if !p.active {
                 continue;
@@ -386,18 +398,25 @@ pub fn train_group(
             } else {
                 p.since_best += 1;
             }
-            match on_epoch(m, &stats) {
-                Control::Stop => return Err(TrainError::Stopped),
-                Control::Drop => {
-                    p.active = false;
-                    p.cancelled = true;
-                    continue;
-                }
-                Control::Continue => {}
-            }
             let o = &plans[m].options;
             if epoch >= o.epochs || (o.patience > 0 && p.since_best >= o.patience) {
                 p.active = false;
+            }
+            reports.push((m, stats));
+        }
+        let mut controls = vec![Control::Continue; k];
+        on_epoch(&reports, &mut controls);
+        for (m, _) in &reports {
+            match controls[*m] {
+                Control::Stop => return Err(TrainError::Stopped),
+                // A model that has just finished its epochs is kept.
+                Control::Drop if progress[*m].active => {
+                    progress[*m].active = false;
+                    progress[*m].cancelled = true;
+                }
+                Control::Drop => {}
+                Control::Finish => progress[*m].active = false,
+                Control::Continue => {}
             }
         }
     }
@@ -702,9 +721,10 @@ mod group_tests {
         let mut seen = vec![0; plans.len()];
         for threads in [1, 2] {
             seen.iter_mut().for_each(|s| *s = 0);
-            let stacked = train_group(&plans, &features, &target, Compute::cpu(threads), &mut |m, _| {
-                seen[m] += 1;
-                Control::Continue
+            let stacked = train_group(&plans, &features, &target, Compute::cpu(threads), &mut |reports, _| {
+                for (m, _) in reports {
+                    seen[*m] += 1;
+                }
             })
             .unwrap()
             .into_iter()
@@ -726,6 +746,30 @@ mod group_tests {
     }
 
     #[test]
+    fn a_finished_model_stops_and_is_kept_while_its_stack_goes_on() {
+        let (features, target) = super::tests::toy(300);
+        let mut plan = super::tests::plan(Task::Binary, &["no", "yes"]);
+        plan.options.epochs = 6;
+        plan.options.patience = 0;
+        let plans = [plan.clone(), plan.clone()];
+        let mut reported = Vec::new();
+        let results = train_group(&plans, &features, &target, Compute::cpu(1), &mut |reports, controls| {
+            reported.push(reports.iter().map(|(m, s)| (*m, s.epoch)).collect::<Vec<_>>());
+            for (m, stats) in reports {
+                if *m == 1 && stats.epoch == 2 {
+                    controls[1] = Control::Finish;
+                }
+            }
+        })
+        .unwrap();
+        let (kept, full) = (results[1].as_ref().unwrap(), results[0].as_ref().unwrap());
+        assert_eq!((kept.epochs_run, full.epochs_run), (2, 6));
+        assert_eq!(reported[1], vec![(0, 2), (1, 2)], "one report per epoch, with every model still training");
+        assert_eq!(reported[2], vec![(0, 3)]);
+        assert!(kept.metrics.contains_key("auc"), "a finished model is scored: {:?}", kept.metrics);
+    }
+
+    #[test]
     fn a_model_that_diverges_fails_alone_in_its_stack() {
         let (features, target) = super::tests::toy(300);
         let mut calm = super::tests::plan(Task::Binary, &["no", "yes"]);
@@ -733,9 +777,7 @@ mod group_tests {
         calm.options.epochs = 3;
         let mut wild = calm.clone();
         wild.options.learning_rate = 1e30;
-        let results =
-            train_group(&[calm.clone(), wild], &features, &target, Compute::cpu(1), &mut |_, _| Control::Continue)
-                .unwrap();
+        let results = train_group(&[calm.clone(), wild], &features, &target, Compute::cpu(1), &mut |_, _| {}).unwrap();
         assert!(matches!(results[1], Err(TrainError::Diverged { .. })), "{:?}", results[1].as_ref().err());
         let alone = train(&calm, &features, &target, Compute::cpu(1), &mut |_| Control::Continue).unwrap();
         assert_eq!(results[0].as_ref().unwrap().network, alone.network);
@@ -757,8 +799,7 @@ mod group_tests {
         let mut reseeded = a.clone();
         reseeded.options.seed = 1;
         for (other, what) in [(wider, "hidden"), (reseeded, "seed")] {
-            let err = train_group(&[a.clone(), other], &cols, &t, Compute::cpu(1), &mut |_, _| Control::Continue)
-                .unwrap_err();
+            let err = train_group(&[a.clone(), other], &cols, &t, Compute::cpu(1), &mut |_, _| {}).unwrap_err();
             assert!(matches!(err, TrainError::Incompatible(w) if w == what), "{err}");
         }
     }

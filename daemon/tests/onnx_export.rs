@@ -160,7 +160,7 @@ fn every_member_of_a_fused_stack_exports_on_its_own() {
             p
         })
         .collect();
-    let members = train_group(&plans, &columns(400, 0), &target, Compute::cpu(2), &mut |_, _| Control::Continue)
+    let members = train_group(&plans, &columns(400, 0), &target, Compute::cpu(2), &mut |_, _| {})
         .unwrap()
         .into_iter()
         .map(|r| r.unwrap())

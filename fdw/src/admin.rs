@@ -181,28 +181,30 @@ fn try_deploy(model: Option<&str>, version: Option<i32>, comment: Option<&str>) 
         let user = current_user(client)?;
         check_administers(client, model, &user, "deploy")?;
         let _owner = identity::become_owner(identity::extension_owner()?);
-        check_ready(client, model, version, "deployed")?;
-        let current = first::<i32>(
-            client,
-            "SELECT version FROM cerebro.deployments WHERE name = $1 FOR UPDATE",
-            &[model.into()],
-            1,
-        )?;
-        if current == Some(version) {
-            notice!("model \"{model}\" version {version} is already deployed");
-            return Ok(version);
-        }
-        client.update(
-            "INSERT INTO cerebro.deployments (name, version, deployed_by) VALUES ($1, $2, $3)
-             ON CONFLICT (name) DO UPDATE
-                 SET earlier = cerebro.deployments.earlier || cerebro.deployments.version,
-                     version = EXCLUDED.version, deployed_at = now(), deployed_by = EXCLUDED.deployed_by",
-            None,
-            &[model.into(), version.into(), user.as_str().into()],
-        )?;
-        record(client, Change { user: &user, action: "deploy", model, from: current, to: version, comment })?;
-        Ok(version)
+        deploy_as(client, &user, model, version, comment)
     })
+}
+
+/// Deploys `version` of `model` for `user`, whose right to has been checked;
+/// runs as the extension's owner.
+fn deploy_as(client: &mut SpiClient<'_>, user: &str, model: &str, version: i32, comment: Option<&str>) -> Result<i32> {
+    check_ready(client, model, version, "deployed")?;
+    let current =
+        first::<i32>(client, "SELECT version FROM cerebro.deployments WHERE name = $1 FOR UPDATE", &[model.into()], 1)?;
+    if current == Some(version) {
+        notice!("model \"{model}\" version {version} is already deployed");
+        return Ok(version);
+    }
+    client.update(
+        "INSERT INTO cerebro.deployments (name, version, deployed_by) VALUES ($1, $2, $3)
+         ON CONFLICT (name) DO UPDATE
+             SET earlier = cerebro.deployments.earlier || cerebro.deployments.version,
+                 version = EXCLUDED.version, deployed_at = now(), deployed_by = EXCLUDED.deployed_by",
+        None,
+        &[model.into(), version.into(), user.into()],
+    )?;
+    record(client, Change { user, action: "deploy", model, from: current, to: version, comment })?;
+    Ok(version)
 }
 
 fn try_rollback(model: Option<&str>, comment: Option<&str>) -> Result<i32> {
@@ -549,6 +551,68 @@ fn try_cancel(selection: Option<i64>) -> Result<i32> {
 #[pg_extern(sql = false)]
 fn cancel_selection(selection: Option<i64>) -> i32 {
     try_cancel(selection).unwrap_or_else(|e| raise(e))
+}
+
+/// Marks a selection finished once none of its candidates is queued or
+/// training, and, if its spec says `promote`, deploys its best candidate for
+/// the user who started it. cerebrod calls it after each stack; calling it
+/// again, or early, changes nothing. Returns the version promoted, if any.
+fn try_finish_selection(selection: Option<i64>) -> Result<Option<i32>> {
+    let selection = selection.ok_or(CerebroError::NullArgument("selection"))?;
+    Spi::connect_mut(|client| {
+        let _owner = identity::become_owner(identity::extension_owner()?);
+        let query =
+            "SELECT name, created_by::text, coalesce((plan->>'promote')::boolean, false), finished_at IS NOT NULL
+                     FROM cerebro.selections WHERE id = $1 FOR UPDATE";
+        let Some(row) = client.update(query, Some(1), &[selection.into()])?.next() else {
+            return Err(CerebroError::SelectionNotFound(selection));
+        };
+        let name: String = row.get(1)?.unwrap_or_default();
+        let by: String = row.get(2)?.unwrap_or_default();
+        let promote: bool = row.get(3)?.unwrap_or(false);
+        let finished: bool = row.get(4)?.unwrap_or(false);
+        let unfinished = first::<i64>(
+            client,
+            "SELECT count(*) FROM cerebro.model_versions WHERE selection_id = $1 AND status IN ('queued', 'training')",
+            &[selection.into()],
+            1,
+        )?;
+        if finished || unfinished.unwrap_or(0) > 0 {
+            return Ok(None);
+        }
+        client.update("UPDATE cerebro.selections SET finished_at = now() WHERE id = $1", None, &[selection.into()])?;
+        if !promote {
+            return Ok(None);
+        }
+        let best = client
+            .select(
+                "SELECT version, metrics FROM cerebro.leaderboard
+                 WHERE selection = $1 AND status = 'ready' ORDER BY rank, version LIMIT 1",
+                Some(1),
+                &[selection.into()],
+            )?
+            .first()
+            .get_two::<i32, JsonB>()?;
+        let (Some(version), metrics) = best else {
+            notice!("selection {selection}: no candidate is ready, so none was promoted");
+            return Ok(None);
+        };
+        let metrics = metrics.map(|m| m.0.to_string()).unwrap_or_default();
+        let comment = format!("promoted: best candidate of selection {selection} ({metrics})");
+        deploy_as(client, &by, &name, version, Some(&comment))?;
+        client.update(
+            "UPDATE cerebro.selections SET promoted_version = $2 WHERE id = $1",
+            None,
+            &[selection.into(), version.into()],
+        )?;
+        Ok(Some(version))
+    })
+}
+
+/// See [`try_finish_selection`].
+#[pg_extern(sql = false)]
+fn finish_selection(selection: Option<i64>) -> Option<i32> {
+    try_finish_selection(selection).unwrap_or_else(|e| raise(e))
 }
 
 /// Lets `grantee` (and its members) see and score `model`.

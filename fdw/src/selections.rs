@@ -52,7 +52,8 @@ fn pick_features(
 }
 
 /// Queues every candidate of the selection `text` declares.
-pub fn queue_selection(req: TrainRequest, text: &str) -> Result<()> {
+pub fn queue_selection(req: TrainRequest, written: &str) -> Result<()> {
+    let text = mst::resolve(written);
     let spec = mst::parse(text).map_err(CerebroError::Selection)?;
     let limit = gucs::MAX_CANDIDATES.get().max(1) as u128;
     let total = spec.candidates(text).map_err(CerebroError::Selection)?;
@@ -70,7 +71,7 @@ pub fn queue_selection(req: TrainRequest, text: &str) -> Result<()> {
             .update(
                 "INSERT INTO cerebro.selections (name, spec, candidates, created_by) VALUES ($1, $2, $3, $4) RETURNING id",
                 Some(1),
-                &[req.name.as_str().into(), text.into(), (candidates.len() as i32).into(), user.as_str().into()],
+                &[req.name.as_str().into(), written.into(), (candidates.len() as i32).into(), user.as_str().into()],
             )?
             .first()
             .get_one()?
@@ -79,6 +80,7 @@ pub fn queue_selection(req: TrainRequest, text: &str) -> Result<()> {
     })?;
 
     let mut versions = Vec::with_capacity(candidates.len());
+    let mut max_epochs = 0;
     let mut snapshots = crate::models::SharedSnapshots::new();
     for (i, candidate) in candidates.iter().enumerate() {
         let source = match &candidate.source {
@@ -107,6 +109,8 @@ pub fn queue_selection(req: TrainRequest, text: &str) -> Result<()> {
             }
         }
         let options_json = serde_json::Value::Object(options);
+        let options = TrainOptions::from_json(Some(&options_json))?;
+        max_epochs = max_epochs.max(options.epochs);
         let mut written = req.written.clone();
         written["selection"] = serde_json::json!({ "id": selection, "candidate": i + 1 });
         written["options"] = options_json.clone();
@@ -117,12 +121,22 @@ pub fn queue_selection(req: TrainRequest, text: &str) -> Result<()> {
             key: req.key.clone(),
             features,
             task: req.task,
-            options: TrainOptions::from_json(Some(&options_json))?,
+            options,
             written,
             spec: None,
         };
         versions.push(queue_version(&one, Some(selection), Some(&mut snapshots))?);
     }
+    let plan = serde_json::to_value(spec.plan(max_epochs)).expect("a plan serialises");
+    Spi::connect_mut(|client| -> Result<()> {
+        let _owner = identity::become_owner(identity::extension_owner()?);
+        client.update(
+            "UPDATE cerebro.selections SET plan = $2 WHERE id = $1",
+            None,
+            &[selection.into(), pgrx::JsonB(plan).into()],
+        )?;
+        Ok(())
+    })?;
     notice!(
         "cerebro: selection {selection} queued {} candidate(s) as versions {} to {} of {}; \
          SELECT * FROM cerebro.leaderboard WHERE selection = {selection} ranks them",

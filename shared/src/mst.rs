@@ -18,6 +18,7 @@
 
 use std::ops::Range;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 
 use crate::spec::{SpecError, TrainOptions};
@@ -76,9 +77,29 @@ pub enum Search {
     Grid,
     /// `n` combinations drawn with `seed`.
     Random { n: u64, seed: u64 },
-    /// Successive halving: start `n` candidates, keep 1/`eta` at each rung.
-    Halving { n: u64, eta: u64, seed: u64 },
+    /// Successive halving, asynchronous (ASHA): start `n` candidates; at
+    /// each rung (`min_epochs`, `min_epochs`·`eta`, ...) a candidate goes on
+    /// only if it is in the best 1/`eta` of those that reached that rung.
+    /// `min_epochs` None: chosen from the candidates' epochs (three rungs).
+    Halving { n: u64, eta: u64, seed: u64, min_epochs: Option<u64> },
 }
+
+/// What a selection may spend before its unfinished candidates stop.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    /// Wall time from the INSERT.
+    Seconds(f64),
+    /// Epochs summed over every candidate.
+    Epochs(u64),
+}
+
+/// The documented default selection (docs/selection.md): what `spec =
+/// 'default'` searches when a user has no search of their own in mind.
+pub const DEFAULT_SPEC: &str = "\
+model  hidden = {[64, 32], [128, 64], [256, 128]}, dropout = {0, 0.1, 0.2}
+train  lr = range(3e-4, 1e-2, log), weight_decay = {0, 1e-4}, epochs = 40, patience = 8
+search halving(24, eta = 3, seed = 1)
+budget 10 min";
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Spec {
@@ -88,6 +109,9 @@ pub struct Spec {
     pub model: Vec<Assignment>,
     pub train: Vec<Assignment>,
     pub search: Option<(Search, Span)>,
+    pub budget: Option<(Budget, Span)>,
+    /// Deploy the best candidate when the selection ends.
+    pub promote: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -465,9 +489,9 @@ impl<'a> Parser<'a> {
             "random" | "halving" => {
                 self.expect('(', &format!("after {word}"))?;
                 let n = count(self, "the number of candidates")?;
-                let (mut seed, mut eta) = (0, 3);
+                let (mut seed, mut eta, mut min_epochs) = (0, 3, None);
                 while self.eat(',') {
-                    let (key, key_span) = self.expect_ident("seed or eta")?;
+                    let (key, key_span) = self.expect_ident("seed, eta or min_epochs")?;
                     self.expect('=', &format!("after \"{key}\""))?;
                     match key.as_str() {
                         "seed" => {
@@ -478,15 +502,59 @@ impl<'a> Parser<'a> {
                                 _ => return Err(self.error(at, "seed must be a whole number")),
                             }
                         }
-                        "eta" if word == "halving" => eta = count(self, "eta")?.max(2),
+                        "eta" if word == "halving" => {
+                            self.skip(false);
+                            let at = self.at;
+                            eta = count(self, "eta")?;
+                            if eta < 2 {
+                                return Err(self.error(at, "eta must be at least 2 (keep the best 1/eta at each rung)"));
+                            }
+                        }
+                        "min_epochs" if word == "halving" => min_epochs = Some(count(self, "min_epochs")?),
                         _ => return Err(self.error(key_span.start, format!("{word} takes no setting \"{key}\""))),
                     }
                 }
                 self.expect(')', &format!("to close {word}"))?;
-                Ok(if word == "random" { Search::Random { n, seed } } else { Search::Halving { n, eta, seed } })
+                Ok(if word == "random" {
+                    Search::Random { n, seed }
+                } else {
+                    Search::Halving { n, eta, seed, min_epochs }
+                })
             }
             _ => Err(self.error(span.start, format!("unknown search \"{word}\"; use grid, random(n) or halving(n)"))),
         }
+    }
+
+    /// `budget <amount> <unit>`: wall time (s, min, h) or epochs.
+    fn budget(&mut self) -> Result<Budget, MstError> {
+        self.skip(false);
+        let at = self.at;
+        let amount = match self.number()? {
+            Some(n) if n > 0.0 && n.is_finite() => n,
+            Some(_) => return Err(self.error(at, "a budget must be more than zero")),
+            None => {
+                let found = self.describe_next();
+                return Err(self.error(at, format!("expected an amount after budget, found {found}")));
+            }
+        };
+        let Some((unit, span)) = self.ident() else {
+            return Err(self.error(self.at, "a budget needs a unit: s, min, h or epochs (e.g. budget 10 min)"));
+        };
+        let seconds = match unit.as_str() {
+            "s" | "sec" | "second" | "seconds" => 1.0,
+            "min" | "minute" | "minutes" => 60.0,
+            "h" | "hour" | "hours" => 3600.0,
+            "epoch" | "epochs" => {
+                if amount.fract() != 0.0 {
+                    return Err(self.error(at, "an epoch budget is a whole number"));
+                }
+                return Ok(Budget::Epochs(amount as u64));
+            }
+            other => {
+                return Err(self.error(span.start, format!("unknown budget unit \"{other}\"; use s, min, h or epochs")))
+            }
+        };
+        Ok(Budget::Seconds(amount * seconds))
     }
 
     /// The end of a clause: a newline, a ";" or the end of the text.
@@ -517,7 +585,8 @@ pub fn parse(text: &str) -> Result<Spec, MstError> {
         if p.eat(';') {
             continue;
         }
-        let (clause, span) = p.expect_ident("a clause: source, features, encode, model, train or search")?;
+        let (clause, span) =
+            p.expect_ident("a clause: source, features, encode, model, train, search, budget or promote")?;
         let twice = |p: &Parser<'_>| p.error(span.start, format!("\"{clause}\" is given twice"));
         match clause.as_str() {
             "source" => {
@@ -543,11 +612,25 @@ pub fn parse(text: &str) -> Result<Spec, MstError> {
                 let search = p.search()?;
                 spec.search = Some((search, start..p.at));
             }
+            "budget" => {
+                if spec.budget.is_some() {
+                    return Err(twice(&p));
+                }
+                let start = p.at;
+                let budget = p.budget()?;
+                spec.budget = Some((budget, start..p.at));
+            }
+            "promote" => {
+                if spec.promote {
+                    return Err(twice(&p));
+                }
+                spec.promote = true;
+            }
             other => {
                 return Err(p.error(
                     span.start,
                     format!(
-                        "unknown clause \"{other}\"; the clauses are source, features, encode, model, train and search"
+                        "unknown clause \"{other}\"; the clauses are source, features, encode, model, train, search, budget and promote"
                     ),
                 ))
             }
@@ -852,6 +935,83 @@ enum Choice {
     Drawn(Json),
 }
 
+/// How cerebrod runs a selection's candidates, decided at INSERT and kept in
+/// `cerebro.selections.plan`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SelectionPlan {
+    /// `grid`, `random` or `halving`.
+    pub strategy: String,
+    /// Halving: at each epoch of `rungs`, a candidate goes on only if its best
+    /// validation loss so far is in the best 1/`eta` of those recorded there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rungs: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_epochs: Option<u64>,
+    #[serde(default)]
+    pub promote: bool,
+}
+
+impl SelectionPlan {
+    /// Whether a candidate with best loss `loss` at a rung goes on, given
+    /// every best loss recorded at that rung (its own included): the best
+    /// ceil(n/eta) go on, so the first to arrive always does (asynchronous
+    /// successive halving never waits for a rung to fill).
+    pub fn survives(&self, loss: f64, recorded: &[f64]) -> bool {
+        let eta = self.eta.unwrap_or(3).max(2) as usize;
+        let keep = recorded.len().div_ceil(eta).max(1);
+        let better = recorded.iter().filter(|&&l| l < loss).count();
+        better < keep
+    }
+}
+
+/// The epochs at which halving compares candidates: `min`, `min`·eta, ...
+/// below `max_epochs`; `min` None picks it so there are three rungs.
+pub fn rungs(eta: u64, min: Option<u64>, max_epochs: u32) -> Vec<u32> {
+    let eta = eta.max(2);
+    let max = u64::from(max_epochs);
+    let min = min.unwrap_or_else(|| max.div_ceil(eta.pow(3)).max(1));
+    let mut out = Vec::new();
+    let mut r = min;
+    while r < max {
+        out.push(r as u32);
+        r = r.saturating_mul(eta);
+    }
+    out
+}
+
+impl Spec {
+    /// The plan for this spec's candidates, whose most epochs is `max_epochs`.
+    pub fn plan(&self, max_epochs: u32) -> SelectionPlan {
+        let search = self.search.as_ref().map(|(s, _)| *s).unwrap_or(Search::Grid);
+        let (strategy, rungs, eta) = match search {
+            Search::Grid => ("grid", Vec::new(), None),
+            Search::Random { .. } => ("random", Vec::new(), None),
+            Search::Halving { eta, min_epochs, .. } => {
+                ("halving", rungs(eta, min_epochs, max_epochs), Some(eta.min(u64::from(u32::MAX)) as u32))
+            }
+        };
+        let (budget_seconds, budget_epochs) = match self.budget.as_ref().map(|(b, _)| *b) {
+            Some(Budget::Seconds(s)) => (Some(s), None),
+            Some(Budget::Epochs(e)) => (None, Some(e)),
+            None => (None, None),
+        };
+        SelectionPlan { strategy: strategy.into(), rungs, eta, budget_seconds, budget_epochs, promote: self.promote }
+    }
+}
+
+/// The text a spec stands for: `default` is [`DEFAULT_SPEC`].
+pub fn resolve(text: &str) -> &str {
+    if text.trim().eq_ignore_ascii_case("default") {
+        DEFAULT_SPEC
+    } else {
+        text
+    }
+}
+
 /// An option error's message, in the language's terms.
 fn option_message(e: SpecError) -> String {
     e.to_string().replace("option \"learning_rate\"", "\"lr\" (learning_rate)")
@@ -981,5 +1141,65 @@ search   grid
         let text = format!("model hidden = [{}]", sets.join(", "));
         let spec = parse(&text).unwrap();
         assert_eq!(spec.candidates(&text).unwrap(), 1_000_000);
+    }
+
+    #[test]
+    fn halving_budgets_and_promotion_make_the_plan() {
+        let text = "train epochs = 30\nsearch halving(27, eta = 3, seed = 2)\nbudget 10 min\npromote";
+        let spec = parse(text).unwrap();
+        let plan = spec.plan(30);
+        assert_eq!(plan.strategy, "halving");
+        assert_eq!(plan.rungs, vec![2, 6, 18], "three rungs below 30 epochs");
+        assert_eq!(
+            (plan.eta, plan.budget_seconds, plan.budget_epochs, plan.promote),
+            (Some(3), Some(600.0), None, true)
+        );
+        let plan = parse("search halving(8, eta = 2, min_epochs = 5)\nbudget 200 epochs").unwrap().plan(40);
+        assert_eq!((plan.rungs, plan.budget_epochs), (vec![5, 10, 20], Some(200)));
+        assert_eq!(parse("budget 1.5 h").unwrap().plan(10).budget_seconds, Some(5400.0));
+        assert_eq!(
+            parse("model hidden = [8]").unwrap().plan(10),
+            SelectionPlan { strategy: "grid".into(), ..Default::default() }
+        );
+
+        let e = error("budget 10");
+        assert!(e.message.contains("needs a unit"), "{e}");
+        let e = error("budget 10 weeks");
+        assert!(e.message.contains("unknown budget unit \"weeks\""), "{e}");
+        let e = error("budget -1 s");
+        assert!(e.message.contains("more than zero") || e.message.contains("expected an amount"), "{e}");
+        let e = error("budget 2.5 epochs");
+        assert!(e.message.contains("whole number"), "{e}");
+        let e = error("search halving(9, eta = 1)");
+        assert!(e.message.contains("eta must be at least 2"), "{e}");
+        let e = error("search random(9, min_epochs = 2)");
+        assert!(e.message.contains("random takes no setting \"min_epochs\""), "{e}");
+        let e = error("promote\npromote");
+        assert!(e.message.contains("given twice"), "{e}");
+    }
+
+    #[test]
+    fn a_rung_keeps_the_best_third_and_never_waits() {
+        let plan = SelectionPlan { strategy: "halving".into(), eta: Some(3), ..Default::default() };
+        assert!(plan.survives(0.5, &[0.5]), "the first to arrive goes on");
+        let six = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6];
+        let kept: Vec<f64> = six.iter().copied().filter(|&l| plan.survives(l, &six)).collect();
+        assert_eq!(kept, vec![0.1, 0.2]);
+        assert!(!plan.survives(0.4, &[0.4, 0.3, 0.2]));
+        assert!(plan.survives(0.2, &[0.4, 0.3, 0.2]));
+    }
+
+    #[test]
+    fn the_default_selection_is_valid_and_bounded() {
+        assert_eq!(resolve(" DEFAULT "), DEFAULT_SPEC);
+        assert_eq!(resolve("model hidden = [8]"), "model hidden = [8]");
+        let spec = parse(DEFAULT_SPEC).unwrap();
+        let candidates = spec.expand(DEFAULT_SPEC, 100).unwrap();
+        assert_eq!(candidates.len(), 24);
+        let plan = spec.plan(40);
+        assert_eq!((plan.strategy.as_str(), plan.budget_seconds), ("halving", Some(600.0)));
+        for c in &candidates {
+            TrainOptions::from_json(Some(&Json::Object(c.options.clone()))).expect("valid options");
+        }
     }
 }

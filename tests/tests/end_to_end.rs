@@ -1006,6 +1006,143 @@ async fn cancelling_a_selection_stops_its_candidates() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits for cerebrod to close selection `name` (after its last candidate);
+/// returns its id and promoted version.
+async fn wait_for_selection(db: &tokio_postgres::Client, name: &str) -> anyhow::Result<(i64, Option<i32>)> {
+    let deadline = std::time::Instant::now() + TRAIN_TIMEOUT;
+    loop {
+        let row = db
+            .query_one(
+                "SELECT id, finished_at IS NOT NULL, promoted_version FROM cerebro.selections WHERE name = $1",
+                &[&name],
+            )
+            .await?;
+        if row.get::<_, bool>(1) {
+            return Ok((row.get(0), row.get(2)));
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "selection {name} not finished after {TRAIN_TIMEOUT:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn halving_stops_the_weak_at_each_rung_and_promotes_the_winner() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    // Nine candidates of one shape: one stack. Rungs at epochs 2 and 6: three
+    // go past the first, one past the second.
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('e2e_halving', 'telco_churn', 'churn',
+             'customer_id', 'model hidden = [16]
+              train lr = range(1e-4, 3e-2, log), epochs = 12, patience = 0
+              search halving(9, eta = 3, min_epochs = 2, seed = 5)
+              promote')",
+        &[],
+    )
+    .await?;
+    let (selection, promoted) = wait_for_selection(&db, "e2e_halving").await?;
+    let rows = db
+        .query(
+            "SELECT version, status::text, epochs_run, stopped, rank FROM cerebro.leaderboard WHERE selection = $1
+             ORDER BY version",
+            &[&selection],
+        )
+        .await?;
+    assert_eq!(rows.len(), 9);
+    let mut epochs: Vec<i32> = rows.iter().map(|r| r.get(2)).collect();
+    epochs.sort();
+    assert_eq!(epochs, vec![2, 2, 2, 2, 2, 2, 6, 6, 12]);
+    for r in &rows {
+        assert_eq!(r.get::<_, String>(1), "ready");
+        let stopped: Option<String> = r.get(3);
+        assert_eq!(stopped.is_some(), r.get::<_, i32>(2) < 12, "{stopped:?}");
+        if let Some(why) = stopped {
+            assert!(why.starts_with("halving: not in the best 1/3 at rung"), "{why}");
+        }
+    }
+    let best = rows.iter().find(|r| r.get::<_, i32>(4) == 1).map(|r| r.get::<_, i32>(0));
+    assert_eq!(promoted, best, "the leaderboard's first is promoted");
+    let deployed: i32 =
+        db.query_one("SELECT version FROM cerebro.deployments WHERE name = 'e2e_halving'", &[]).await?.get(0);
+    assert_eq!(Some(deployed), best);
+    let comment: String =
+        db.query_one("SELECT comment FROM cerebro.deployment_history WHERE name = 'e2e_halving'", &[]).await?.get(0);
+    assert!(comment.starts_with(&format!("promoted: best candidate of selection {selection}")), "{comment}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spent_budget_stops_training_and_cancels_what_has_not_started() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    // Two shapes, two stacks of two; 30 epochs in all: the first stack uses
+    // them (15 each), the second never starts.
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('e2e_budget', 'telco_churn', 'churn',
+             'customer_id', 'model hidden = {[16], [8]}
+              train lr = {0.01, 0.003}, epochs = 40, patience = 0
+              budget 30 epochs')",
+        &[],
+    )
+    .await?;
+    let (selection, promoted) = wait_for_selection(&db, "e2e_budget").await?;
+    assert_eq!(promoted, None, "promotion was not asked for");
+    let rows = db
+        .query(
+            "SELECT status::text, epochs_run, stopped, error FROM cerebro.leaderboard WHERE selection = $1",
+            &[&selection],
+        )
+        .await?;
+    let mut ready = 0;
+    for r in &rows {
+        let (status, epochs, stopped, error): (String, i32, Option<String>, Option<String>) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        match status.as_str() {
+            "ready" => {
+                ready += 1;
+                assert_eq!(epochs, 15);
+                assert_eq!(stopped.as_deref(), Some("the selection's budget of 30 epochs was spent (after epoch 15)"));
+            }
+            "cancelled" => {
+                let error = error.unwrap_or_default();
+                assert!(error.contains("budget of 30 epochs was spent before this candidate started"), "{error}");
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(ready, 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_default_selection_finds_a_good_churn_model() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, spec)
+         VALUES ('e2e_default_sel', 'telco_churn', 'churn', 'customer_id', 'default')",
+        &[],
+    )
+    .await?;
+    let (selection, _) = wait_for_selection(&db, "e2e_default_sel").await?;
+    let row = db
+        .query_one(
+            "SELECT count(*), max((metrics->>'auc')::float8), count(*) FILTER (WHERE status = 'ready')
+             FROM cerebro.leaderboard WHERE selection = $1",
+            &[&selection],
+        )
+        .await?;
+    let (candidates, best, ready): (i64, f64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!((candidates, ready), (24, 24));
+    assert!(best >= 0.83, "best validation AUC {best}");
+    let spec: String = db.query_one("SELECT spec FROM cerebro.selections WHERE id = $1", &[&selection]).await?.get(0);
+    assert_eq!(spec, "default", "the spec is kept as written");
+    Ok(())
+}
+
 /// Every object of schema cerebro, described in text, sorted.
 async fn describe_schema(db: &tokio_postgres::Client) -> anyhow::Result<Vec<String>> {
     let rows = db
