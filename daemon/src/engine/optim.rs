@@ -74,36 +74,12 @@ impl StackOptimizer {
             };
             self.steps[model] += 1;
             let t = self.steps[model];
-            let (b1, b2, eps, kind) = (self.beta1, self.beta2, self.eps, self.kind);
+            let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
             let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-            // `wd` is 0 for biases. One loop per kind, so each stays branch-free.
-            let update = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], wd: f32| {
-                let elements = p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
-                match kind {
-                    Optimizer::Adam => elements.for_each(|(((p, g), m), v)| {
-                        let g = g * scale + wd * *p;
-                        *m = b1 * *m + (1.0 - b1) * g;
-                        *v = b2 * *v + (1.0 - b2) * g * g;
-                        *p -= s.lr * (*m / c1) / ((*v / c2).sqrt() + eps);
-                    }),
-                    Optimizer::AdamW => {
-                        let decay = 1.0 - s.lr * wd;
-                        elements.for_each(|(((p, g), m), v)| {
-                            let g = g * scale;
-                            *m = b1 * *m + (1.0 - b1) * g;
-                            *v = b2 * *v + (1.0 - b2) * g * g;
-                            *p = *p * decay - s.lr * (*m / c1) / ((*v / c2).sqrt() + eps);
-                        })
-                    }
-                    Optimizer::Sgd => elements.for_each(|(((p, g), m), _)| {
-                        *m = s.momentum * *m + g * scale + wd * *p;
-                        *p -= s.lr * *m;
-                    }),
-                }
-            };
+            let rule = Rule { kind: self.kind, b1, b2, eps, c1, c2, scale, lr: s.lr, momentum: s.momentum };
             for (s_idx, slot) in slots.iter().enumerate() {
                 let r = model * slot.len..(model + 1) * slot.len;
-                update(
+                rule.apply(
                     &mut stack.params[s_idx][r.clone()],
                     &grads.params[s_idx][r.clone()],
                     &mut self.m.params[s_idx][r.clone()],
@@ -111,6 +87,83 @@ impl StackOptimizer {
                     if slot.decay { s.weight_decay } else { 0.0 },
                 );
             }
+        }
+    }
+}
+
+/// One model's update rule for one step, with its bias corrections.
+#[derive(Clone, Copy)]
+struct Rule {
+    kind: Optimizer,
+    b1: f32,
+    b2: f32,
+    eps: f32,
+    c1: f32,
+    c2: f32,
+    /// The gradient clip's factor (1: none).
+    scale: f32,
+    lr: f32,
+    momentum: f32,
+}
+
+impl Rule {
+    /// Updates `p` (with moments `m`, `v`) from gradient `g`; `wd` is 0 for
+    /// biases. The loops are elementwise and memory-bound, so they run in the
+    /// widest vectors the CPU has: the same operations in the same order at
+    /// every width (no fused multiply-add is formed), so results do not
+    /// depend on the machine.
+    fn apply(self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], wd: f32) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F, checked just above.
+                return unsafe { self.apply_avx512(p, g, m, v, wd) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2, checked just above.
+                return unsafe { self.apply_avx2(p, g, m, v, wd) };
+            }
+        }
+        self.apply_portable(p, g, m, v, wd)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn apply_avx512(self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], wd: f32) {
+        self.apply_portable(p, g, m, v, wd)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn apply_avx2(self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], wd: f32) {
+        self.apply_portable(p, g, m, v, wd)
+    }
+
+    /// One loop per kind, so each stays branch-free and vectorises.
+    #[inline(always)]
+    fn apply_portable(self, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], wd: f32) {
+        let Rule { kind, b1, b2, eps, c1, c2, scale, lr, momentum } = self;
+        let elements = p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
+        match kind {
+            Optimizer::Adam => elements.for_each(|(((p, g), m), v)| {
+                let g = g * scale + wd * *p;
+                *m = b1 * *m + (1.0 - b1) * g;
+                *v = b2 * *v + (1.0 - b2) * g * g;
+                *p -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
+            }),
+            Optimizer::AdamW => {
+                let decay = 1.0 - lr * wd;
+                elements.for_each(|(((p, g), m), v)| {
+                    let g = g * scale;
+                    *m = b1 * *m + (1.0 - b1) * g;
+                    *v = b2 * *v + (1.0 - b2) * g * g;
+                    *p = *p * decay - lr * (*m / c1) / ((*v / c2).sqrt() + eps);
+                })
+            }
+            Optimizer::Sgd => elements.for_each(|(((p, g), m), _)| {
+                *m = momentum * *m + g * scale + wd * *p;
+                *p -= lr * *m;
+            }),
         }
     }
 }

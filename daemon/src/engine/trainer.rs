@@ -14,6 +14,7 @@
 //!   network with BatchNorm is not split: its statistics are the whole
 //!   batch's.
 
+use rayon::prelude::*;
 use cerebro_shared::spec::Optimizer;
 
 use super::loss::Loss;
@@ -331,10 +332,13 @@ impl Trainer {
     pub fn predict(&self, batch: Batch<'_>, chunk_rows: usize) -> Vec<f32> {
         match &self.inner {
             Inner::Rows(r) => r.predict(batch, chunk_rows),
-            Inner::Models { .. } => {
+            Inner::Models { pool, .. } => {
                 let c = self.shards().next().expect("a shard").1.stack.outputs();
-                let parts: Vec<(usize, Vec<f32>)> =
-                    self.shards().map(|(_, s)| (s.stack.k * c, s.predict(batch, chunk_rows))).collect();
+                // Shards score at once, as they train: one per thread at a time.
+                let shards: Vec<&RowTrainer> = self.shards().map(|(_, s)| s).collect();
+                let parts: Vec<(usize, Vec<f32>)> = pool.install(|| {
+                    shards.par_iter().map(|s| (s.stack.k * c, s.predict(batch, chunk_rows))).collect()
+                });
                 let row_width: usize = parts.iter().map(|(w, _)| w).sum();
                 let n = batch.n;
                 let mut out = Vec::with_capacity(n * row_width);
