@@ -120,6 +120,8 @@ ALTER TYPE cerebro.model_status ADD VALUE 'cancelled';
 ALTER TYPE cerebro.job_state ADD VALUE 'cancelled';
 ALTER TABLE cerebro.jobs ADD COLUMN cancel_requested boolean NOT NULL DEFAULT false;
 ALTER FOREIGN TABLE cerebro.models ADD COLUMN spec text;
+-- Derived models: INSERT with parent_version and a change (docs/selection.md).
+ALTER FOREIGN TABLE cerebro.models ADD COLUMN parent_version integer, ADD COLUMN change text;
 SELECT pg_catalog.pg_extension_config_dump('cerebro.selections', '');
 SELECT pg_catalog.pg_extension_config_dump('cerebro.selections_id_seq', '');
 
@@ -220,6 +222,23 @@ SELECT m.selection_id AS selection, m.name, m.version,
        m.error
 FROM cerebro.model_versions m WHERE m.selection_id IS NOT NULL;
 
+-- A model's versions as a tree: each derived version under its parent, with
+-- the change along the edge and what its warm start took from the parent.
+-- ORDER BY name, path lists a tree depth first.
+CREATE VIEW cerebro.lineage WITH (security_invoker = true) AS
+WITH RECURSIVE tree AS (
+    SELECT m.id, 0 AS depth, ARRAY[m.version] AS path
+    FROM cerebro.model_versions m WHERE m.parent_version IS NULL
+    UNION ALL
+    SELECT c.id, t.depth + 1, t.path || c.version
+    FROM tree t JOIN cerebro.model_versions p ON p.id = t.id
+    JOIN cerebro.model_versions c ON c.name = p.name AND c.parent_version = p.version
+)
+SELECT m.name, m.version, m.parent_version AS parent, m.change, t.depth, t.path,
+       repeat('  ', t.depth) || 'v' || m.version AS tree,
+       m.status, m.metrics, m.trained_with->'warm_start' AS warm_start, m.created_by, m.created_at
+FROM tree t JOIN cerebro.model_versions m ON m.id = t.id;
+
 ALTER TABLE cerebro.model_features ENABLE ROW LEVEL SECURITY;
 CREATE POLICY visible ON cerebro.model_features FOR SELECT
     USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = model_features.model_version_id));
@@ -230,7 +249,7 @@ ALTER TABLE cerebro.model_metrics ENABLE ROW LEVEL SECURITY;
 CREATE POLICY visible ON cerebro.model_metrics FOR SELECT
     USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = model_metrics.model_version_id));
 GRANT SELECT ON cerebro.model_features, cerebro.model_layers, cerebro.model_metrics, cerebro.archive,
-    cerebro.selections, cerebro.leaderboard TO PUBLIC;
+    cerebro.selections, cerebro.leaderboard, cerebro.lineage TO PUBLIC;
 
 -- What cerebrod's database role needs, and nothing more: it claims and
 -- finishes jobs, reads snapshots, writes history and artifacts. Row-level

@@ -123,6 +123,8 @@ pub struct JobSpec {
     pub key_column: Option<String>,
     /// The model selection the version is a candidate of.
     pub selection: Option<i64>,
+    /// The version it derives from (a warm start).
+    pub parent_version: Option<i32>,
 }
 
 /// Where a selection stands when a stack of its candidates starts.
@@ -286,7 +288,7 @@ impl Catalog {
             .client
             .query_one(
                 "SELECT m.name, m.version, m.task, m.target_column, m.features, m.class_labels, m.options,
-                        s.data_relation, s.id, m.key_column, m.selection_id
+                        s.data_relation, s.id, m.key_column, m.selection_id, m.parent_version
                  FROM cerebro.model_versions m JOIN cerebro.snapshots s ON s.id = m.snapshot_id
                  WHERE m.id = $1",
                 &[&model_version_id],
@@ -305,7 +307,23 @@ impl Catalog {
             snapshot_id: row.get(8),
             key_column: row.get(9),
             selection: row.get(10),
+            parent_version: row.get(11),
         })
+    }
+
+    /// The ONNX file and feature pipeline of `name`'s `version`, if it still
+    /// has them (a deleted version has neither).
+    pub async fn parent_weights(&self, name: &str, version: i32) -> Result<Option<(Vec<u8>, serde_json::Value)>> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT a.bytes, p.pipeline FROM cerebro.model_versions p
+                 JOIN cerebro.artifacts a ON a.model_version_id = p.id
+                 WHERE p.name = $1 AND p.version = $2 AND p.pipeline IS NOT NULL",
+                &[&name, &version],
+            )
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
     /// The plan and progress of `selection`, leaving out the versions in

@@ -17,6 +17,7 @@ pub mod scheduler;
 pub mod scoring;
 pub mod server;
 pub mod train;
+pub mod warm;
 
 use std::sync::Arc;
 

@@ -9,12 +9,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{error, info, warn};
 
-use crate::catalog::{Catalog, CatalogError, ClaimedJob};
+use crate::catalog::{Catalog, CatalogError, ClaimedJob, JobSpec};
 use crate::data::read_snapshot;
 use crate::engine::Compute;
+use crate::features::FeaturePipeline;
 use crate::guide::Guide;
 use crate::onnx;
 use crate::train::{self, Control, TrainError};
+use crate::warm::ParentWeights;
 
 /// Most candidates trained in one stack (activations of all of them stay in memory).
 const MAX_STACK: i64 = 32;
@@ -95,6 +97,14 @@ impl Scheduler {
             return self.finish_selection(selection).await;
         }
 
+        let mut parents = Vec::with_capacity(specs.len());
+        for s in &specs {
+            parents.push(match s.parent_version {
+                Some(v) => self.parent_weights(s, v).await?,
+                None => None,
+            });
+        }
+
         let stop = Arc::new(AtomicBool::new(false));
         // Candidates a user cancelled, by index: learnt as each records an epoch.
         let cancelled: Arc<Vec<AtomicBool>> = Arc::new(jobs.iter().map(|_| AtomicBool::new(false)).collect());
@@ -106,21 +116,23 @@ impl Scheduler {
         let mut training = tokio::task::spawn_blocking(move || {
             let mut columns = table.columns;
             let target = columns.pop().expect("the target column is read last");
-            let result = train::train_group(&plans, &columns, &target, compute, &mut |reports, controls| {
-                for (m, stats) in reports {
-                    let _ = progress_tx.send((*m, stats.clone()));
-                    controls[*m] = if stop_flag.load(Ordering::Relaxed) {
-                        Control::Stop
-                    } else if cancel_flags[*m].load(Ordering::Relaxed) {
-                        Control::Drop
-                    } else {
-                        Control::Continue
-                    };
-                }
-                if let Some(guide) = guide.as_mut() {
-                    guide.steer(reports, controls, Instant::now());
-                }
-            });
+            let warm: Vec<Option<&ParentWeights>> = parents.iter().map(Option::as_ref).collect();
+            let result =
+                train::train_group_warm(&plans, &warm, &columns, &target, compute, &mut |reports, controls| {
+                    for (m, stats) in reports {
+                        let _ = progress_tx.send((*m, stats.clone()));
+                        controls[*m] = if stop_flag.load(Ordering::Relaxed) {
+                            Control::Stop
+                        } else if cancel_flags[*m].load(Ordering::Relaxed) {
+                            Control::Drop
+                        } else {
+                            Control::Continue
+                        };
+                    }
+                    if let Some(guide) = guide.as_mut() {
+                        guide.steer(reports, controls, Instant::now());
+                    }
+                });
             (result, table.fingerprint, guide)
         });
 
@@ -237,6 +249,29 @@ impl Scheduler {
             }
         }
         self.finish_selection(selection).await
+    }
+
+    /// The weights `spec`'s parent `version` left, to start from; None (and
+    /// a cold start, logged) when they are gone or unreadable.
+    async fn parent_weights(&self, spec: &JobSpec, version: i32) -> Result<Option<ParentWeights>, CatalogError> {
+        let Some((onnx, pipeline)) = self.control.parent_weights(&spec.name, version).await? else {
+            warn!(model = %spec.name, version = spec.version, parent = version, "the parent's weights are gone; training from scratch");
+            return Ok(None);
+        };
+        let pipeline: FeaturePipeline = match serde_json::from_value(pipeline) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(model = %spec.name, parent = version, "the parent's pipeline is unreadable ({e}); training from scratch");
+                return Ok(None);
+            }
+        };
+        match ParentWeights::from_onnx(version, &onnx, pipeline) {
+            Ok(w) => Ok(Some(w)),
+            Err(e) => {
+                warn!(model = %spec.name, parent = version, "the parent's ONNX file is unreadable ({e}); training from scratch");
+                Ok(None)
+            }
+        }
     }
 
     /// Lets the catalog close the selection when its last candidate is done,

@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use cerebro_shared::batch::ColumnData;
-use cerebro_shared::spec::{ClassWeights, Norm, RegressionLoss, Task, TrainOptions, TrainingPlan};
+use cerebro_shared::spec::{ClassWeights, Norm, RegressionLoss, Split, Task, TrainOptions, TrainingPlan};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -15,6 +15,7 @@ use crate::engine::{
 };
 use crate::features::{Encoded, FeatureError, FeaturePipeline};
 use crate::metrics::{self, Metrics};
+use crate::warm::{warm_start, ParentWeights, WarmReport};
 
 /// What one epoch did, reported while training runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,6 +69,9 @@ pub struct TrainedModel {
     /// Where it trained, in words ("cpu, 1 thread", "cuda:0 NVIDIA H100 ...").
     #[serde(default)]
     pub device: String,
+    /// What it took from its parent, if it is a derived model.
+    #[serde(skip)]
+    pub warm_start: Option<WarmReport>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -210,6 +214,7 @@ fn incompatibility(a: &TrainingPlan, b: &TrainingPlan) -> Option<&'static str> {
         (x.batch_size != y.batch_size, "batch_size"),
         (x.seed != y.seed, "seed"),
         (x.validation_fraction != y.validation_fraction, "validation_fraction"),
+        (x.split != y.split, "split"),
         (x.max_categories != y.max_categories, "max_categories"),
     ]
     .into_iter()
@@ -226,6 +231,19 @@ fn incompatibility(a: &TrainingPlan, b: &TrainingPlan) -> Option<&'static str> {
 /// the outer error fails them all (bad data, a stop).
 pub fn train_group(
     plans: &[TrainingPlan],
+    features: &[ColumnData],
+    target: &ColumnData,
+    compute: Compute,
+    on_epoch: &mut OnEpoch<'_>,
+) -> Result<Vec<Result<TrainedModel, TrainError>>, TrainError> {
+    train_group_warm(plans, &[], features, target, compute, on_epoch)
+}
+
+/// [`train_group`], where model `m` with `warm[m]` starts from that parent's
+/// weights wherever the shapes allow (derived models; see [`crate::warm`]).
+pub fn train_group_warm(
+    plans: &[TrainingPlan],
+    warm: &[Option<&ParentWeights>],
     features: &[ColumnData],
     target: &ColumnData,
     compute: Compute,
@@ -269,9 +287,18 @@ pub fn train_group(
     // data order is the same for every model of a stack.
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.shuffle(&mut rng);
     let n_valid = ((rows.len() as f64 * opts.validation_fraction).round() as usize).clamp(1, rows.len() - 1);
-    let (valid_idx, train_idx) = order.split_at(n_valid);
+    let (valid_idx, train_idx) = match opts.split {
+        Split::Random => {
+            order.shuffle(&mut rng);
+            order.split_at(n_valid)
+        }
+        // Rows arrive in key order: the last ones validate.
+        Split::Ordered => {
+            order.rotate_left(rows.len() - n_valid);
+            order.split_at(n_valid)
+        }
+    };
 
     let train_rows: Vec<usize> = train_idx.iter().map(|&i| rows[i]).collect();
     let pipeline = FeaturePipeline::fit(&plan.features, features, &train_rows, opts)?;
@@ -316,8 +343,11 @@ pub fn train_group(
             r
         })
         .collect();
-    let mut trainer =
-        backend::start(Stack::new(arch, opts.seed, &mut init_rngs), loss.clone(), opts.optimizer, compute)?;
+    let mut initial = Stack::new(arch, opts.seed, &mut init_rngs);
+    let warm_reports: Vec<Option<WarmReport>> = (0..k)
+        .map(|m| warm.get(m).copied().flatten().map(|parent| warm_start(&mut initial, m, &pipeline, parent)))
+        .collect();
+    let mut trainer = backend::start(initial, loss.clone(), opts.optimizer, compute)?;
     let batch = (opts.batch_size as usize).min(train_idx.len());
     let steps_per_epoch = train_idx.len().div_ceil(batch);
     let settings: Vec<ModelStep> = plans
@@ -450,6 +480,7 @@ pub fn train_group(
             rows_train: train_idx.len(),
             rows_valid: valid_idx.len(),
             device: trainer.device().to_string(),
+            warm_start: warm_reports[m].clone(),
         };
         let outputs = model.outputs_from_encoded(valid_batch);
         model.metrics = match model.task {
@@ -526,12 +557,16 @@ impl TrainedModel {
     /// What trained it: cerebrod's version, the commit it was built from,
     /// the device, and how many models its stack trained at once.
     pub fn trained_with(&self, stack: usize) -> serde_json::Value {
-        serde_json::json!({
+        let mut with = serde_json::json!({
             "cerebrod": env!("CARGO_PKG_VERSION"),
             "commit": env!("CEREBRO_GIT_COMMIT"),
             "device": self.device,
             "stack": stack,
-        })
+        });
+        if let Some(warm) = &self.warm_start {
+            with["warm_start"] = serde_json::json!(warm);
+        }
+        with
     }
 
     pub fn head(&self) -> Head {
@@ -567,13 +602,13 @@ impl TrainedModel {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use cerebro_shared::spec::{Feature, FeatureKind, TrainOptions};
 
     use super::*;
 
     /// A separable problem with a numeric and a categorical signal, NULLs in both.
-    pub(super) fn toy(n: usize) -> (Vec<ColumnData>, ColumnData) {
+    pub(crate) fn toy(n: usize) -> (Vec<ColumnData>, ColumnData) {
         let mut x = Vec::new();
         let mut c = Vec::new();
         let mut y = Vec::new();
@@ -588,7 +623,7 @@ mod tests {
         (vec![ColumnData::Float64(x), ColumnData::Text(c)], ColumnData::Text(y))
     }
 
-    pub(super) fn plan(task: Task, labels: &[&str]) -> TrainingPlan {
+    pub(crate) fn plan(task: Task, labels: &[&str]) -> TrainingPlan {
         TrainingPlan {
             task,
             target: "y".into(),
@@ -599,6 +634,34 @@ mod tests {
             class_labels: labels.iter().map(|s| s.to_string()).collect(),
             options: TrainOptions { epochs: 40, hidden: vec![16], learning_rate: 0.01, ..Default::default() },
         }
+    }
+
+    #[test]
+    fn an_ordered_split_validates_on_the_last_rows() {
+        // The last fifth flips its labels: learnt from the rows before it,
+        // it is mostly wrong; mixed into training by a random split, it is not.
+        let (features, target) = toy(600);
+        let ColumnData::Text(labels) = target else { unreachable!() };
+        let flipped: Vec<Option<String>> = labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| match (i >= 480, l.as_deref()) {
+                (true, Some("yes")) => Some("no".to_string()),
+                (true, _) => Some("yes".to_string()),
+                (false, l) => l.map(str::to_string),
+            })
+            .collect();
+        let target = ColumnData::Text(flipped);
+        let accuracy = |split| {
+            let mut p = plan(Task::Binary, &["no", "yes"]);
+            p.options.split = split;
+            let m = train(&p, &features, &target, Compute::cpu(1), &mut |_| Control::Continue).unwrap();
+            assert_eq!(m.rows_valid, 120);
+            m.metrics["accuracy"]
+        };
+        let (ordered, random) = (accuracy(Split::Ordered), accuracy(Split::Random));
+        assert!(ordered < 0.35, "validated on the flipped rows: {ordered}");
+        assert!(random > 0.6, "{random}");
     }
 
     #[test]

@@ -32,7 +32,7 @@ fn required<T>(value: Option<T>, what: &'static str) -> Result<T> {
 
 /// Column `column` (1-based) of the first row `query` returns, None when it
 /// returns no row or NULL.
-fn first<T: FromDatum + IntoDatum>(
+pub(crate) fn first<T: FromDatum + IntoDatum>(
     client: &mut SpiClient<'_>,
     query: &str,
     args: &[DatumWithOid],

@@ -75,6 +75,14 @@ pub enum CerebroError {
     MissingModel,
     #[error("model \"{0}\" has no key column to identify the rows it scores")]
     MissingKey(String),
+    #[error("model \"{0}\" has no deployed or ready version to derive from")]
+    NoParent(String),
+    #[error("cannot derive from version {version} of \"{name}\": it is {status}, not ready")]
+    NotDerivable { name: String, version: i32, status: String },
+    #[error("column \"{column}\" is not a feature of the parent, so it cannot be removed")]
+    NotAFeature { column: String },
+    #[error("option \"split\" = \"ordered\" validates on the last rows in key order, but no key is given")]
+    OrderedSplitNeedsKey,
     #[error("could not connect to cerebrod at \"{socket}\": {reason}")]
     DaemonUnavailable { socket: String, reason: String },
     #[error("cerebrod: {0}")]
@@ -122,7 +130,11 @@ impl CerebroError {
             CerebroError::EmptySource { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             CerebroError::ModelNotFound(_) | CerebroError::VersionNotFound { .. } => ERRCODE_UNDEFINED_OBJECT,
             CerebroError::ModelNotReady { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            CerebroError::MissingModel | CerebroError::MissingKey(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            CerebroError::NoParent(_) | CerebroError::NotDerivable { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            CerebroError::NotAFeature { .. } => ERRCODE_UNDEFINED_COLUMN,
+            CerebroError::MissingModel | CerebroError::MissingKey(_) | CerebroError::OrderedSplitNeedsKey => {
+                ERRCODE_INVALID_PARAMETER_VALUE
+            }
             CerebroError::NullArgument(_) => ERRCODE_NULL_VALUE_NOT_ALLOWED,
             CerebroError::NotModelOwner { .. } | CerebroError::ModelAccessDenied { .. } => {
                 ERRCODE_INSUFFICIENT_PRIVILEGE
@@ -205,6 +217,9 @@ impl CerebroError {
                 Some("Nothing is deployed yet: cerebro.deploy(model, version) deploys a version.".into())
             }
             CerebroError::MissingKey(_) => Some("Name one in the query: ... AND key_column = '<column>'.".into()),
+            CerebroError::OrderedSplitNeedsKey => {
+                Some("Set key to a column that orders the rows in time (an id or a timestamp).".into())
+            }
             CerebroError::DaemonUnavailable { .. } => Some(
                 "Start cerebrod as the PostgreSQL server's OS user: cerebrod --config <file> (deploy/demo.sh starts \
                  one). The path is the socket option of SERVER cerebro_daemon."

@@ -15,6 +15,7 @@ mod fdw;
 mod gucs;
 mod identity;
 mod imports;
+mod lineage;
 mod models;
 mod predictions;
 mod selections;

@@ -1,7 +1,9 @@
 //! `cerebro.models`: INSERT validates a training request and queues it;
 //! SELECT lists every model version with its status and metrics.
 
-use cerebro_shared::spec::{resolve_task, validate_model_name, Feature, SqlKind, Task, TaskChoice, TrainOptions};
+use cerebro_shared::spec::{
+    resolve_task, validate_model_name, Feature, Split, SqlKind, Task, TaskChoice, TrainOptions,
+};
 use cerebro_shared::sql::quote_ident;
 use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB};
@@ -11,7 +13,8 @@ use crate::error::{CerebroError, Result};
 use crate::identity;
 
 /// Columns users may set on INSERT; every other column is Cerebro's.
-const WRITABLE: &[&str] = &["name", "source", "target", "key", "features", "task", "options", "spec"];
+const WRITABLE: &[&str] =
+    &["name", "source", "target", "key", "features", "task", "options", "spec", "parent_version", "change"];
 
 /// A training request as inserted, before it is checked against the source.
 #[derive(Debug)]
@@ -27,6 +30,15 @@ pub struct TrainRequest {
     pub written: serde_json::Value,
     /// A model selection spec (docs/selection.md): queue every candidate.
     pub spec: Option<String>,
+    /// A derived model: its parent version (None: the deployed or latest
+    /// ready one) and the change, both as written.
+    pub lineage: Option<Lineage>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Lineage {
+    pub parent_version: Option<i32>,
+    pub change: Option<String>,
 }
 
 fn text(column: &str, cell: &Option<Cell>) -> Result<Option<String>> {
@@ -41,9 +53,19 @@ impl TrainRequest {
     pub fn from_row(row: &Row) -> Result<TrainRequest> {
         let (mut name, mut source, mut target, mut key, mut features, mut task, mut options) =
             (None, None, None, None, None, None, None);
-        let mut spec = None;
+        let (mut spec, mut change, mut parent_version) = (None, None, None);
         for (column, cell) in row.iter() {
             match column.as_str() {
+                "change" => change = text(column, cell)?,
+                "parent_version" => {
+                    parent_version = match cell {
+                        None => None,
+                        Some(Cell::I32(v)) => Some(*v),
+                        Some(_) => {
+                            return Err(CerebroError::WrongValueType { column: column.clone(), expected: "integer" });
+                        }
+                    }
+                }
                 "name" => name = text(column, cell)?,
                 "source" => source = text(column, cell)?,
                 "target" => target = text(column, cell)?,
@@ -82,19 +104,27 @@ impl TrainRequest {
         let written = serde_json::json!({
             "name": name, "source": source, "target": target, "key": key,
             "features": features, "task": task, "options": options, "spec": spec,
+            "parent_version": parent_version, "change": change,
         });
         let name = name.ok_or(CerebroError::MissingValue("name"))?;
         validate_model_name(&name)?;
+        let lineage = (parent_version.is_some() || change.is_some()).then_some(Lineage { parent_version, change });
+        if lineage.is_some() && spec.is_some() {
+            return Err(CerebroError::Unsupported("a selection (spec) derived from a parent version"));
+        }
+        // A derived model takes what it does not set from its parent.
+        let derived = lineage.is_some();
         Ok(TrainRequest {
             name,
-            source: source.ok_or(CerebroError::MissingValue("source"))?,
-            target: target.ok_or(CerebroError::MissingValue("target"))?,
+            source: source.or_else(|| derived.then(String::new)).ok_or(CerebroError::MissingValue("source"))?,
+            target: target.or_else(|| derived.then(String::new)).ok_or(CerebroError::MissingValue("target"))?,
             key,
             features,
             task: task.as_deref().unwrap_or("auto").parse()?,
             options: TrainOptions::from_json(options.as_ref())?,
             written,
             spec,
+            lineage,
         })
     }
 }
@@ -174,9 +204,10 @@ pub(crate) fn resolve_source(client: &pgrx::spi::SpiClient<'_>, name: &str) -> R
 /// calling transaction: a rolled-back INSERT leaves nothing behind and the
 /// daemon, told by NOTIFY (delivered at commit), never sees it.
 pub fn queue_training(req: TrainRequest) -> Result<()> {
-    match req.spec.clone() {
-        Some(spec) => crate::selections::queue_selection(req, &spec),
-        None => queue_version(&req, None, None).map(drop),
+    match (req.spec.clone(), req.lineage.is_some()) {
+        (Some(spec), _) => crate::selections::queue_selection(req, &spec),
+        (None, true) => crate::lineage::queue_derived(req),
+        (None, false) => queue_version(&req, None, None).map(drop),
     }
 }
 
@@ -208,6 +239,9 @@ pub(crate) fn queue_version(
             role: "a target",
         })?;
         let key = req.key.as_deref().map(|k| source.column(k)).transpose()?;
+        if req.options.split == Split::Ordered && key.is_none() {
+            return Err(CerebroError::OrderedSplitNeedsKey);
+        }
 
         let mut features: Vec<Feature> = Vec::new();
         match &req.features {
@@ -375,8 +409,9 @@ pub(crate) fn queue_version(
         let model_version_id: i64 = client
             .update(
                 "INSERT INTO cerebro.model_versions (name, version, task, source_relation, target_column, key_column,
-                     features, class_labels, options, snapshot_id, epochs, created_by, request, selection_id)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING id",
+                     features, class_labels, options, snapshot_id, epochs, created_by, request, selection_id,
+                     parent_version, change)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) RETURNING id",
                 Some(1),
                 &[
                     req.name.as_str().into(),
@@ -393,6 +428,8 @@ pub(crate) fn queue_version(
                     user_name.as_str().into(),
                     JsonB(req.written.clone()).into(),
                     selection.into(),
+                    req.lineage.as_ref().and_then(|l| l.parent_version).into(),
+                    req.lineage.as_ref().and_then(|l| l.change.clone()).into(),
                 ],
             )?
             .first()
@@ -440,7 +477,8 @@ pub fn list_models() -> Result<Vec<ModelRow>> {
                     m.epoch, m.epochs, m.metrics, m.error, m.created_at, m.created_by::text, m.trained_at,
                     d.version IS NOT DISTINCT FROM m.version,
                     coalesce(m.artifact_bytes, 0)
-                        + coalesce(pg_catalog.pg_total_relation_size(pg_catalog.to_regclass(s.data_relation)), 0)
+                        + coalesce(pg_catalog.pg_total_relation_size(pg_catalog.to_regclass(s.data_relation)), 0),
+                    m.parent_version, m.change
              FROM cerebro.model_versions m LEFT JOIN cerebro.deployments d ON d.name = m.name
              LEFT JOIN cerebro.snapshots s ON s.id = m.snapshot_id
              ORDER BY m.name, m.version",
@@ -478,6 +516,8 @@ pub fn list_models() -> Result<Vec<ModelRow>> {
                 ("trained_at", row.get::<pgrx::datum::TimestampWithTimeZone>(16)?.map(Cell::Timestamptz)),
                 ("deployed", row.get::<bool>(17)?.map(Cell::Bool)),
                 ("storage_bytes", row.get::<i64>(18)?.map(Cell::I64)),
+                ("parent_version", row.get::<i32>(19)?.map(Cell::I32)),
+                ("change", string(row.get(20)?)),
             ]);
         }
         Ok(out)

@@ -124,6 +124,7 @@ pub fn queue_selection(req: TrainRequest, written: &str) -> Result<()> {
             options,
             written,
             spec: None,
+            lineage: None,
         };
         versions.push(queue_version(&one, Some(selection), Some(&mut snapshots))?);
     }

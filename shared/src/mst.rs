@@ -69,6 +69,8 @@ pub struct Assignment {
     pub key_span: Span,
     pub value: Value,
     pub span: Span,
+    /// `key += value`: appended to the parent's value (a change only).
+    pub append: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +153,7 @@ impl MstError {
 /// (parameter tuning), as TrainOptions names them; `lr` is `learning_rate`.
 const MODEL_KEYS: &[&str] = &["hidden", "activation", "residual_blocks", "norm", "dropout"];
 const TRAIN_KEYS: &[&str] = &[
+    "split",
     "optimizer",
     "learning_rate",
     "batch_size",
@@ -363,10 +366,18 @@ impl<'a> Parser<'a> {
                 Value::Number(self.number()?.ok_or_else(|| self.error(start, "expected a number"))?)
             }
             Some(c) if c.is_alphabetic() || c == '_' => {
-                let (word, _) = self.ident().expect("starts with a letter");
+                let (mut word, _) = self.ident().expect("starts with a letter");
                 if word == "range" && self.peek() == Some('(') {
                     self.range(start)?
                 } else {
+                    // A schema-qualified relation: nyc.flights.
+                    while self.rest().starts_with('.')
+                        && self.rest()[1..].starts_with(|c: char| c.is_alphabetic() || c == '_')
+                    {
+                        self.at += 1;
+                        let (part, _) = self.ident().expect("starts with a letter");
+                        word = format!("{word}.{part}");
+                    }
                     Value::Word(word)
                 }
             }
@@ -423,9 +434,10 @@ impl<'a> Parser<'a> {
         let mut out = Vec::new();
         loop {
             let (key, key_span) = self.expect_ident("a setting name")?;
+            let append = self.eat('+');
             self.expect('=', &format!("after \"{key}\""))?;
             let (value, span) = self.value()?;
-            out.push(Assignment { key, key_span, value, span });
+            out.push(Assignment { key, key_span, value, span, append });
             if !self.eat(',') {
                 return Ok(out);
             }
@@ -721,6 +733,12 @@ impl Spec {
                 if matches!(a.value, Value::Query(_)) {
                     return Err(invalid(&a.span, format!("\"{}\" takes a value, not a query", a.key)));
                 }
+                if a.append && (key != "hidden" || !matches!(a.value, Value::List(_))) {
+                    return Err(invalid(
+                        &a.key_span,
+                        format!("only a list can be appended to: hidden += [64] adds a layer; \"{}\" takes =", a.key),
+                    ));
+                }
                 for (choice, span) in choices(&a.value, &a.span) {
                     let json =
                         to_json(&choice).ok_or_else(|| invalid(&span, "a set or range cannot nest here".into()))?;
@@ -749,6 +767,15 @@ impl Spec {
     /// How many candidates the search trains: for a grid every combination
     /// (an error if a range is in it), for random and halving `n`.
     pub fn candidates(&self, text: &str) -> Result<u128, MstError> {
+        if let Some(a) = self.model.iter().chain(&self.train).find(|a| a.append) {
+            return Err(MstError::at(
+                text,
+                a.key_span.start,
+                ErrorKind::Invalid,
+                "\"+=\" changes a parent's setting: it belongs in a change (parent_version, change), not a selection"
+                    .into(),
+            ));
+        }
         match self.search.as_ref().map(|(s, _)| *s).unwrap_or(Search::Grid) {
             Search::Random { n, .. } | Search::Halving { n, .. } => Ok(n as u128),
             Search::Grid => {
@@ -1003,6 +1030,66 @@ impl Spec {
     }
 }
 
+/// A derived model's change to its parent (docs/selection.md, "Derived
+/// models"): single values only.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Change {
+    /// A new source relation.
+    pub source: Option<String>,
+    /// Selections applied to the parent's features: names and groups are
+    /// added, `-name` removed.
+    pub features: Vec<Selection>,
+    /// Options set (model, train and encode settings).
+    pub set: serde_json::Map<String, Json>,
+    /// Lists appended to the parent's (`hidden += [64]`).
+    pub append: Vec<(String, Json)>,
+}
+
+/// Parses a change: the language's clauses, each with one value.
+pub fn parse_change(text: &str) -> Result<Change, MstError> {
+    let spec = parse(text)?;
+    let invalid = |at: usize, m: &str| MstError::at(text, at, ErrorKind::Invalid, m.to_string());
+    if let Some((_, span)) = &spec.search {
+        return Err(invalid(span.start, "a change has no search: it makes one model"));
+    }
+    if let Some((_, span)) = &spec.budget {
+        return Err(invalid(span.start, "a change has no budget: it makes one model"));
+    }
+    if spec.promote {
+        return Err(invalid(0, "a change has no promote: deploy the new version with cerebro.deploy"));
+    }
+    let single = "a change takes one value; to try several, run a selection (spec)";
+    if let Some(s) = spec.features.iter().find(|s| s.optional) {
+        return Err(invalid(s.span.start, single));
+    }
+    let mut change = Change { features: spec.features.clone(), ..Change::default() };
+    if let Some((value, span)) = &spec.source {
+        change.source = match value {
+            Value::Word(w) | Value::Text(w) => Some(w.clone()),
+            Value::Query(_) => return Err(invalid(span.start, "a query as a source is not supported: create a view")),
+            _ => return Err(invalid(span.start, single)),
+        };
+    }
+    let settings =
+        spec.encodings.iter().map(|a| (a, true)).chain(spec.model.iter().chain(&spec.train).map(|a| (a, false)));
+    for (a, encoding) in settings {
+        if grid_size(&a.value) != Some(1) {
+            return Err(invalid(a.span.start, single));
+        }
+        let json = to_json(&a.value).ok_or_else(|| invalid(a.span.start, single))?;
+        let key = if a.key == "lr" { "learning_rate".to_string() } else { a.key.clone() };
+        if encoding {
+            let map = change.set.entry("encodings").or_insert_with(|| json!({}));
+            map.as_object_mut().expect("encodings is an object").insert(key, json);
+        } else if a.append {
+            change.append.push((key, json));
+        } else {
+            change.set.insert(key, json);
+        }
+    }
+    Ok(change)
+}
+
 /// The text a spec stands for: `default` is [`DEFAULT_SPEC`].
 pub fn resolve(text: &str) -> &str {
     if text.trim().eq_ignore_ascii_case("default") {
@@ -1162,6 +1249,12 @@ search   grid
             SelectionPlan { strategy: "grid".into(), ..Default::default() }
         );
 
+        let spec = parse("source {nyc.flights_known, nyc.flights_joined}").unwrap();
+        let sources: Vec<_> = spec.expand("", 10).unwrap().into_iter().map(|c| c.source).collect();
+        assert_eq!(
+            sources,
+            vec![Some(Value::Word("nyc.flights_known".into())), Some(Value::Word("nyc.flights_joined".into()))]
+        );
         let e = error("budget 10");
         assert!(e.message.contains("needs a unit"), "{e}");
         let e = error("budget 10 weeks");
@@ -1201,5 +1294,34 @@ search   grid
         for c in &candidates {
             TrainOptions::from_json(Some(&Json::Object(c.options.clone()))).expect("valid options");
         }
+    }
+
+    #[test]
+    fn a_change_takes_single_values_and_appends_layers() {
+        let c = parse_change(
+            "source nyc.flights_joined\nfeatures -tailnum, weather.{temp}\nmodel hidden += [64]\ntrain lr = 3e-4",
+        )
+        .unwrap();
+        assert_eq!(c.source.as_deref(), Some("nyc.flights_joined"));
+        assert_eq!(c.features.len(), 2);
+        assert!(c.features[0].exclude);
+        assert_eq!(c.append, vec![("hidden".to_string(), json!([64]))]);
+        assert_eq!(c.set["learning_rate"], json!(3e-4));
+        let c = parse_change("encode contract = embedding").unwrap();
+        assert_eq!(c.set["encodings"], json!({"contract": "embedding"}));
+
+        for (text, message) in [
+            ("train lr = {1e-3, 3e-4}", "a change takes one value"),
+            ("features weather.{temp}?", "a change takes one value"),
+            ("search random(3)", "a change has no search"),
+            ("budget 5 min", "a change has no budget"),
+            ("train lr += [1]", "only a list can be appended to"),
+        ] {
+            let e = parse_change(text).unwrap_err();
+            assert!(e.message.starts_with(message), "{text}: {e}");
+        }
+        let text = "model hidden += [64]";
+        let e = parse(text).unwrap().candidates(text).unwrap_err();
+        assert!(e.message.contains("belongs in a change"), "{e}");
     }
 }

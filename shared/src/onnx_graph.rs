@@ -193,6 +193,58 @@ pub fn read_signature(model: &[u8]) -> Result<GraphSignature, OnnxFormatError> {
     Ok(GraphSignature { inputs, outputs })
 }
 
+/// A float tensor stored in a graph.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Initializer {
+    pub name: String,
+    pub dims: Vec<i64>,
+    pub data: Vec<f32>,
+}
+
+/// Little-endian f32s, four bytes each.
+fn floats(bytes: &[u8]) -> Result<Vec<f32>, OnnxFormatError> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(malformed("float data is not a whole number of floats"));
+    }
+    Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+/// The graph's float initializers, in file order: TensorProto dims (1,
+/// packed or not), data_type (2, FLOAT = 1), float_data (4, packed) or
+/// raw_data (9), name (8). Tensors of other types are skipped.
+pub fn read_initializers(model: &[u8]) -> Result<Vec<Initializer>, OnnxFormatError> {
+    const FLOAT: u64 = 1;
+    let graph = *messages(model, 7)?.last().ok_or_else(|| malformed("no graph"))?;
+    let mut out = Vec::new();
+    for tensor in messages(graph, 5)? {
+        if varint_field(tensor, 2)?.unwrap_or(0) != FLOAT {
+            continue;
+        }
+        let (mut dims, mut data) = (Vec::new(), Vec::new());
+        let mut fields = Fields { bytes: tensor };
+        while let Some((n, value)) = fields.next_field()? {
+            match (n, value) {
+                (1, Value::Varint(d)) => dims.push(d as i64),
+                (1, Value::Bytes(packed)) => {
+                    let mut ints = Fields { bytes: packed };
+                    while !ints.bytes.is_empty() {
+                        dims.push(ints.varint()? as i64);
+                    }
+                }
+                (4 | 9, Value::Bytes(b)) => data.extend(floats(b)?),
+                _ => {}
+            }
+        }
+        let name = string_field(tensor, 8)?.unwrap_or_default();
+        let expected: i64 = dims.iter().product();
+        if expected != data.len() as i64 {
+            return Err(malformed(&format!("initializer {name} has {} values for dims {dims:?}", data.len())));
+        }
+        out.push(Initializer { name, dims, data });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -295,6 +295,18 @@ pub enum Schedule {
     Warmup,
 }
 
+/// Which rows validate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    /// A seeded random share of the rows.
+    #[default]
+    Random,
+    /// The last share of the rows in key order: a model is validated on
+    /// rows that come after everything it trained on (time-ordered data).
+    Ordered,
+}
+
 /// Architecture and parameter-tuning choices of one model, with defaults.
 /// Options stored before a key existed read as its default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -308,8 +320,10 @@ pub struct TrainOptions {
     pub learning_rate: f64,
     pub weight_decay: f64,
     pub seed: u64,
-    /// Share of rows held out for validation (seeded split).
+    /// Share of rows held out for validation.
     pub validation_fraction: f64,
+    /// How the validation rows are chosen.
+    pub split: Split,
     /// Stop after this many epochs without a better validation loss (0: never).
     pub patience: u32,
     /// Most frequent categories kept per categorical column; rarer ones are
@@ -366,6 +380,7 @@ impl Default for TrainOptions {
             weight_decay: 0.0,
             seed: 42,
             validation_fraction: 0.2,
+            split: Split::Random,
             patience: 5,
             max_categories: 1000,
             optimizer: Optimizer::Adam,
@@ -398,6 +413,7 @@ pub const OPTION_KEYS: &[&str] = &[
     "weight_decay",
     "seed",
     "validation_fraction",
+    "split",
     "patience",
     "max_categories",
     "optimizer",
@@ -451,6 +467,13 @@ impl TrainOptions {
                 "weight_decay" => opts.weight_decay = as_f64(key, v)?,
                 "seed" => opts.seed = v.as_u64().ok_or_else(|| type_err(key, "a non-negative integer"))?,
                 "validation_fraction" => opts.validation_fraction = as_f64(key, v)?,
+                "split" => {
+                    opts.split = match v.as_str() {
+                        Some("random") => Split::Random,
+                        Some("ordered") => Split::Ordered,
+                        _ => return Err(type_err(key, "one of \"random\", \"ordered\"")),
+                    }
+                }
                 "patience" => opts.patience = as_u32(key, v, "a non-negative integer")?,
                 "max_categories" => opts.max_categories = as_u32(key, v, "a positive integer")?,
                 "optimizer" => {

@@ -1143,6 +1143,96 @@ async fn the_default_selection_finds_a_good_churn_model() -> anyhow::Result<()> 
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_derived_model_records_its_lineage_and_starts_from_its_parent() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    insert(&db, "e2e_lineage", "churn", r#"{"hidden": [32, 16], "epochs": 4}"#).await?;
+    assert_eq!(wait_until_done(&db, "e2e_lineage", 1, TRAIN_TIMEOUT).await?.last().map(String::as_str), Some("ready"));
+
+    // No parent named: the latest ready version (1).
+    db.execute(
+        "INSERT INTO cerebro.models (name, change) VALUES ('e2e_lineage', 'features -female
+             model hidden += [8]
+             train lr = 3e-4')",
+        &[],
+    )
+    .await?;
+    assert_eq!(wait_until_done(&db, "e2e_lineage", 2, TRAIN_TIMEOUT).await?.last().map(String::as_str), Some("ready"));
+    let row = db
+        .query_one(
+            "SELECT parent_version, change, features, options->'hidden', (options->>'learning_rate')::float8,
+                    options->>'epochs'
+             FROM cerebro.models WHERE name = 'e2e_lineage' AND version = 2",
+            &[],
+        )
+        .await?;
+    assert_eq!(row.get::<_, Option<i32>>(0), Some(1));
+    assert!(row.get::<_, String>(1).starts_with("features -female"));
+    let features: Vec<String> = row.get(2);
+    assert!(!features.contains(&"female".to_string()) && features.contains(&"tenure".to_string()), "{features:?}");
+    assert_eq!(row.get::<_, serde_json::Value>(3), serde_json::json!([32, 16, 8]));
+    assert_eq!((row.get::<_, f64>(4), row.get::<_, String>(5)), (3e-4, "4".to_string()), "the rest is inherited");
+    let warm: serde_json::Value = db
+        .query_one(
+            "SELECT trained_with->'warm_start' FROM cerebro.model_versions WHERE name = 'e2e_lineage' AND version = 2",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(
+        (warm["from_version"].as_i64(), warm["layers"].as_i64(), warm["of_layers"].as_i64()),
+        (Some(1), Some(1), Some(3)),
+        "{warm}"
+    );
+    let (kept, of) = (warm["input_columns"].as_i64().unwrap(), warm["of_input_columns"].as_i64().unwrap());
+    assert!(kept > 0 && kept == of, "every input but female's was the parent's too: {warm}");
+
+    db.execute(
+        "INSERT INTO cerebro.models (name, parent_version, change) VALUES ('e2e_lineage', 2, 'train epochs = 2')",
+        &[],
+    )
+    .await?;
+    assert_eq!(wait_until_done(&db, "e2e_lineage", 3, TRAIN_TIMEOUT).await?.last().map(String::as_str), Some("ready"));
+    type Node = (i32, Option<i32>, i32, Vec<i32>, String);
+    let tree: Vec<Node> = db
+        .query(
+            "SELECT version, parent, depth, path, tree FROM cerebro.lineage WHERE name = 'e2e_lineage' ORDER BY path",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    assert_eq!(
+        tree,
+        vec![
+            (1, None, 0, vec![1], "v1".to_string()),
+            (2, Some(1), 1, vec![1, 2], "  v2".to_string()),
+            (3, Some(2), 2, vec![1, 2, 3], "    v3".to_string())
+        ]
+    );
+
+    // Bad changes: a clear error each, and nothing queued.
+    for (sql, code) in [
+        ("INSERT INTO cerebro.models (name, change) VALUES ('e2e_lineage', 'train lr = {1e-3, 1e-4}')", "22023"),
+        (
+            "INSERT INTO cerebro.models (name, parent_version, change) VALUES ('e2e_lineage', 99, 'train epochs = 2')",
+            "42704",
+        ),
+        ("INSERT INTO cerebro.models (name, change) VALUES ('e2e_lineage', 'features -no_such_column')", "42703"),
+        ("INSERT INTO cerebro.models (name, change) VALUES ('e2e_no_such_model', 'train epochs = 2')", "42704"),
+    ] {
+        let err = db.execute(sql, &[]).await.expect_err(sql);
+        assert_eq!(err.as_db_error().map(|e| e.code().code()), Some(code), "{sql}: {err:?}");
+    }
+    let versions: i64 =
+        db.query_one("SELECT count(*) FROM cerebro.models WHERE name = 'e2e_lineage'", &[]).await?.get(0);
+    assert_eq!(versions, 3);
+    Ok(())
+}
+
 /// Every object of schema cerebro, described in text, sorted.
 async fn describe_schema(db: &tokio_postgres::Client) -> anyhow::Result<Vec<String>> {
     let rows = db

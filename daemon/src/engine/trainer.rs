@@ -14,8 +14,8 @@
 //!   network with BatchNorm is not split: its statistics are the whole
 //!   batch's.
 
-use rayon::prelude::*;
 use cerebro_shared::spec::Optimizer;
+use rayon::prelude::*;
 
 use super::loss::Loss;
 use super::optim::{ModelStep, StackOptimizer};
@@ -336,9 +336,8 @@ impl Trainer {
                 let c = self.shards().next().expect("a shard").1.stack.outputs();
                 // Shards score at once, as they train: one per thread at a time.
                 let shards: Vec<&RowTrainer> = self.shards().map(|(_, s)| s).collect();
-                let parts: Vec<(usize, Vec<f32>)> = pool.install(|| {
-                    shards.par_iter().map(|s| (s.stack.k * c, s.predict(batch, chunk_rows))).collect()
-                });
+                let parts: Vec<(usize, Vec<f32>)> =
+                    pool.install(|| shards.par_iter().map(|s| (s.stack.k * c, s.predict(batch, chunk_rows))).collect());
                 let row_width: usize = parts.iter().map(|(w, _)| w).sum();
                 let n = batch.n;
                 let mut out = Vec::with_capacity(n * row_width);

@@ -1,0 +1,171 @@
+//! Derived models: an INSERT naming a parent version and a change in the
+//! selection language (docs/selection.md, "Derived models") queues a new
+//! version that is the parent's request with the change applied. The
+//! lineage is recorded (`parent_version`, `change`); cerebrod starts the
+//! new version from the parent's weights where shapes allow.
+
+use cerebro_shared::mst::{self, Change};
+use cerebro_shared::spec::TrainOptions;
+use pgrx::prelude::*;
+use pgrx::JsonB;
+
+use crate::admin::{check_may_use, current_user, first};
+use crate::error::{CerebroError, Result};
+use crate::identity;
+use crate::models::{queue_version, resolve_source, Lineage, TrainRequest};
+
+/// What a derived model inherits from its parent.
+struct Parent {
+    version: i32,
+    source: String,
+    target: String,
+    key: Option<String>,
+    features: Vec<String>,
+    options: serde_json::Value,
+}
+
+/// The parent version: the one named, else the deployed one, else the
+/// latest ready one.
+fn parent_of(name: &str, named: Option<i32>) -> Result<Parent> {
+    Spi::connect_mut(|client| {
+        let user = current_user(client)?;
+        check_may_use(client, name, &user)?;
+        let _owner = identity::become_owner(identity::extension_owner()?);
+        let version = match named {
+            Some(v) => v,
+            None => first::<i32>(
+                client,
+                "SELECT coalesce((SELECT d.version FROM cerebro.deployments d WHERE d.name = $1),
+                                 (SELECT max(version) FROM cerebro.model_versions
+                                  WHERE name = $1 AND status = 'ready'))",
+                &[name.into()],
+                1,
+            )?
+            .ok_or_else(|| CerebroError::NoParent(name.to_string()))?,
+        };
+        let query = "SELECT status::text, source_relation, target_column, key_column,
+                            ARRAY(SELECT f->>'name' FROM jsonb_array_elements(features) f), options
+                     FROM cerebro.model_versions WHERE name = $1 AND version = $2";
+        let Some(row) = client.update(query, Some(1), &[name.into(), version.into()])?.next() else {
+            return Err(CerebroError::VersionNotFound { name: name.into(), version });
+        };
+        let status: String = row.get(1)?.unwrap_or_default();
+        let target: Option<String> = row.get(3)?;
+        let (true, Some(target)) = (status == "ready", target) else {
+            return Err(CerebroError::NotDerivable { name: name.into(), version, status });
+        };
+        Ok(Parent {
+            version,
+            source: row.get(2)?.unwrap_or_default(),
+            target,
+            key: row.get(4)?,
+            features: row.get::<Vec<Option<String>>>(5)?.unwrap_or_default().into_iter().flatten().collect(),
+            options: row.get::<JsonB>(6)?.map(|j| j.0).unwrap_or_default(),
+        })
+    })
+}
+
+/// The parent's features with the change's selections applied: `-c`
+/// removes, a name or group adds.
+fn apply_features(
+    parent: &[String],
+    change: &Change,
+    source: &str,
+    target: &str,
+    key: Option<&str>,
+) -> Result<Vec<String>> {
+    let mut features = parent.to_vec();
+    if change.features.is_empty() {
+        return Ok(features);
+    }
+    let columns = Spi::connect(|client| -> Result<Vec<(String, bool)>> {
+        let resolved = resolve_source(client, source)?;
+        Ok(resolved.columns.iter().map(|c| (c.name.clone(), c.kind.is_some())).collect())
+    })?;
+    let short = |n: &str| n.rsplit('.').next().unwrap_or(n).trim_matches('"').to_string();
+    for s in &change.features {
+        if let Some(table) = &s.table {
+            if short(table) != short(source) {
+                return Err(CerebroError::SelectionTable { table: table.clone(), relation: source.to_string() });
+            }
+        }
+        let named: Vec<String> = match &s.columns {
+            Some(names) => names.clone(),
+            None => columns
+                .iter()
+                .filter(|(c, usable)| *usable && c != target && Some(c.as_str()) != key)
+                .map(|(c, _)| c.clone())
+                .collect(),
+        };
+        if s.exclude {
+            for c in &named {
+                if !features.contains(c) {
+                    return Err(CerebroError::NotAFeature { column: c.clone() });
+                }
+            }
+            features.retain(|c| !named.contains(c));
+        } else {
+            for c in named {
+                if !features.contains(&c) {
+                    features.push(c);
+                }
+            }
+        }
+    }
+    Ok(features)
+}
+
+/// The parent's options with the change's settings and appends.
+fn apply_options(parent: &serde_json::Value, change: &Change) -> Result<serde_json::Value> {
+    let mut options = parent.as_object().cloned().unwrap_or_default();
+    for (key, value) in &change.set {
+        match (key.as_str(), options.get_mut("encodings").and_then(|e| e.as_object_mut()), value.as_object()) {
+            ("encodings", Some(existing), Some(more)) => existing.extend(more.clone()),
+            _ => {
+                options.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    for (key, more) in &change.append {
+        let mut list = options.get(key).and_then(|v| v.as_array()).cloned().unwrap_or_default();
+        list.extend(more.as_array().cloned().unwrap_or_default());
+        options.insert(key.clone(), serde_json::Value::Array(list));
+    }
+    Ok(serde_json::Value::Object(options))
+}
+
+/// Queues the derived version `req` asks for.
+pub fn queue_derived(req: TrainRequest) -> Result<()> {
+    let lineage = req.lineage.clone().expect("a derived request");
+    let change = match &lineage.change {
+        Some(text) => mst::parse_change(text).map_err(CerebroError::Selection)?,
+        None => Change::default(),
+    };
+    let parent = parent_of(&req.name, lineage.parent_version)?;
+    let pick =
+        |written: &str, inherited: &str| if written.is_empty() { inherited.to_string() } else { written.to_string() };
+    let source = change.source.clone().unwrap_or_else(|| pick(&req.source, &parent.source));
+    let target = pick(&req.target, &parent.target);
+    let key = req.key.clone().or(parent.key.clone());
+    let features = match &req.features {
+        Some(written) => written.clone(),
+        None => apply_features(&parent.features, &change, &source, &target, key.as_deref())?,
+    };
+    let mut options = apply_options(&parent.options, &change)?;
+    if let Some(written) = req.written["options"].as_object() {
+        options.as_object_mut().expect("options are an object").extend(written.clone());
+    }
+    let derived = TrainRequest {
+        name: req.name.clone(),
+        source,
+        target,
+        key,
+        features: Some(features),
+        task: req.task,
+        options: TrainOptions::from_json(Some(&options))?,
+        written: req.written.clone(),
+        spec: None,
+        lineage: Some(Lineage { parent_version: Some(parent.version), change: lineage.change }),
+    };
+    queue_version(&derived, None, None).map(drop)
+}
