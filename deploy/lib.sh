@@ -154,6 +154,11 @@ build_release() {
     step "Building cerebrod (release)"
     (cd "$ROOT" && cargo build --release -p cerebro-daemon)
     step "Building and installing the extension (release)"
+    # pgrx copies over the library in place; a backend that has the old one
+    # loaded (a session that scored, cerebrod's connection) would then run
+    # changed code and crash the server. Unlinked first, the old file lives on
+    # for them and the copy is a new file.
+    as_root rm -f "$("$PG_CONFIG" --pkglibdir)/cerebro.so"
     (cd "$ROOT/fdw" && cargo pgrx install --release --sudo --pg-config "$PG_CONFIG" >/dev/null)
     # Install scripts of released versions, so that databases created by them
     # can be re-created and upgrade paths tested (pgrx installs only the
