@@ -42,6 +42,10 @@ pub struct FileConfig {
     pub max_connections: usize,
     /// Models kept loaded for scoring.
     pub model_cache_size: usize,
+    /// Most memory one stack of a selection's candidates may take while it
+    /// trains (weights, optimiser state, activations); fewer candidates
+    /// share a stack when theirs would take more.
+    pub stack_memory_mib: usize,
 }
 
 impl Default for FileConfig {
@@ -57,6 +61,7 @@ impl Default for FileConfig {
             poll_interval_ms: 5000,
             max_connections: 256,
             model_cache_size: 32,
+            stack_memory_mib: 2048,
         }
     }
 }
@@ -74,6 +79,7 @@ pub struct Config {
     pub poll_interval: Duration,
     pub max_connections: usize,
     pub model_cache_size: usize,
+    pub stack_memory_bytes: usize,
 }
 
 impl Config {
@@ -122,6 +128,10 @@ impl TryFrom<FileConfig> for Config {
             poll_interval: Duration::from_millis(f.poll_interval_ms),
             max_connections: f.max_connections.max(1),
             model_cache_size: f.model_cache_size.max(1),
+            stack_memory_bytes: match f.stack_memory_mib {
+                0 => return Err(ConfigError::Invalid("stack_memory_mib must be at least 1".into())),
+                mib => mib.saturating_mul(1 << 20),
+            },
         })
     }
 }

@@ -89,6 +89,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         worker_id: format!("cerebrod pid {}", std::process::id()),
         poll_interval: config.poll_interval,
         compute: Compute { device: config.device, threads: config.training_threads },
+        stack_memory_bytes: config.stack_memory_bytes,
         wake,
         shutdown: shutdown.clone(),
     };

@@ -30,6 +30,8 @@ pub struct Scheduler {
     pub poll_interval: Duration,
     /// The device and CPU threads every job trains with.
     pub compute: Compute,
+    /// Most memory one stack may take (`stack_memory_mib`).
+    pub stack_memory_bytes: usize,
     pub wake: Arc<Notify>,
     pub shutdown: watch::Receiver<bool>,
 }
@@ -80,6 +82,27 @@ impl Scheduler {
             Err(e) => return Err(e),
         };
 
+        // Fewer candidates share the stack when all of them would not fit
+        // in the memory budget; the others go back to the queue.
+        if jobs.len() > 1 {
+            let features = &table.columns[..table.columns.len() - 1];
+            if let Ok(per_model) = train::model_bytes(&spec.plan, features) {
+                let fit = (self.stack_memory_bytes / per_model.max(1)).max(1);
+                if jobs.len() > fit {
+                    info!(
+                        job = first.job_id,
+                        claimed = jobs.len(),
+                        fit,
+                        per_model_mib = per_model >> 20,
+                        "stack limited by stack_memory_mib"
+                    );
+                    for job in jobs.drain(fit..) {
+                        self.control.requeue(&job).await?;
+                    }
+                    specs.truncate(fit);
+                }
+            }
+        }
         let selection = spec.selection;
         let mut guide = match selection {
             Some(id) => {

@@ -221,6 +221,21 @@ fn incompatibility(a: &TrainingPlan, b: &TrainingPlan) -> Option<&'static str> {
     .find_map(|(differs, what)| differs.then_some(what))
 }
 
+/// About how much memory one model of `plan` takes while it trains on
+/// `features` (the columns it reads), in bytes: its weights, gradients,
+/// optimiser moments and best copy, and its activations for a minibatch
+/// (outputs, saved values, deltas) and for a chunk of validation rows.
+pub fn model_bytes(plan: &TrainingPlan, features: &[ColumnData]) -> Result<usize, TrainError> {
+    let rows: Vec<usize> = (0..features.first().map_or(0, ColumnData::len)).collect();
+    let pipeline = FeaturePipeline::fit(&plan.features, features, &rows, &plan.options)?;
+    let outputs = head_for(plan.task, plan.class_labels.len()).outputs();
+    let arch = architecture(&plan.options, &pipeline, outputs);
+    let params: usize = arch.slots().iter().map(|s| s.len).sum();
+    let activations: usize = (0..arch.ops.len()).map(|i| arch.width_after(i)).sum::<usize>() + arch.inputs;
+    let rows_at_once = 3 * plan.options.batch_size as usize + EVAL_CHUNK;
+    Ok(4 * (5 * params + rows_at_once * activations))
+}
+
 /// Trains several models in one pass over the data, as one [`Stack`]. They
 /// must agree on everything but `learning_rate`, `weight_decay`, `epochs`,
 /// `patience`, `momentum`, `schedule`, `warmup_epochs` and `clip_norm`; each
@@ -634,6 +649,16 @@ pub(crate) mod tests {
             class_labels: labels.iter().map(|s| s.to_string()).collect(),
             options: TrainOptions { epochs: 40, hidden: vec![16], learning_rate: 0.01, ..Default::default() },
         }
+    }
+
+    #[test]
+    fn a_wider_model_takes_more_memory() {
+        let (features, _) = toy(300);
+        let mut p = plan(Task::Binary, &["no", "yes"]);
+        let small = model_bytes(&p, &features).unwrap();
+        p.options.hidden = vec![256, 256];
+        let wide = model_bytes(&p, &features).unwrap();
+        assert!(small > 8192 * 4 && wide > 2 * small, "{small} {wide}");
     }
 
     #[test]

@@ -1233,6 +1233,73 @@ async fn a_derived_model_records_its_lineage_and_starts_from_its_parent() -> any
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_specs_are_precise_errors_and_queue_nothing() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let million = format!(
+        "model hidden = [{}]",
+        (0..6)
+            .map(|i| format!("{{{}}}", (1..=10).map(|v| (v * 10 + i).to_string()).collect::<Vec<_>>().join(", ")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for (spec, code, message) in [
+        ("features tenure, no_such_column", "42703", "column \"no_such_column\" does not exist in telco_churn"),
+        ("train lr = {}", "22023", "an empty set has no value to try"),
+        ("train lr = -0.01", "22023", "learning_rate"),
+        ("train lr = range(, 1e-2)", "42601", "range needs a lower bound"),
+        (million.as_str(), "54000", "this selection expands to 1000000 candidates"),
+    ] {
+        let err = db
+            .execute(
+                "INSERT INTO cerebro.models (name, source, target, key, spec)
+                 VALUES ('e2e_bad_spec', 'telco_churn', 'churn', 'customer_id', $1)",
+                &[&spec],
+            )
+            .await
+            .expect_err(spec);
+        let e = err.as_db_error().expect("a server error");
+        assert_eq!(e.code().code(), code, "{spec}: {}", e.message());
+        assert!(e.message().contains(message), "{spec}: {}", e.message());
+    }
+    let queued: i64 = db
+        .query_one(
+            "SELECT (SELECT count(*) FROM cerebro.models WHERE name = 'e2e_bad_spec')
+                  + (SELECT count(*) FROM cerebro.selections WHERE name = 'e2e_bad_spec')",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(queued, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_memory_budget_splits_a_stack() -> anyhow::Result<()> {
+    // 1 MiB holds no churn model's activations: each candidate trains alone.
+    let env = Env::from_env().with_config_value("cerebrod-stackmem", "stack_memory_mib", "1")?;
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('e2e_stackmem', 'telco_churn', 'churn',
+             'customer_id', 'train lr = {0.01, 0.003, 0.001}, epochs = 2')",
+        &[],
+    )
+    .await?;
+    let (selection, _) = wait_for_selection(&db, "e2e_stackmem").await?;
+    let rows = db
+        .query(
+            "SELECT m.status::text, (m.trained_with->>'stack')::int FROM cerebro.model_versions m
+             WHERE m.selection_id = $1",
+            &[&selection],
+        )
+        .await?;
+    let seen: Vec<(String, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(seen, vec![("ready".to_string(), 1); 3]);
+    Ok(())
+}
+
 /// Every object of schema cerebro, described in text, sorted.
 async fn describe_schema(db: &tokio_postgres::Client) -> anyhow::Result<Vec<String>> {
     let rows = db
