@@ -75,6 +75,8 @@ pub enum CerebroError {
     MissingModel,
     #[error("model \"{0}\" has no key column to identify the rows it scores")]
     MissingKey(String),
+    #[error("the source query cannot be used: {0}")]
+    QuerySource(&'static str),
     #[error("model \"{0}\" has no deployed or ready version to derive from")]
     NoParent(String),
     #[error("cannot derive from version {version} of \"{name}\": it is {status}, not ready")]
@@ -132,6 +134,7 @@ impl CerebroError {
             CerebroError::ModelNotReady { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             CerebroError::NoParent(_) | CerebroError::NotDerivable { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             CerebroError::NotAFeature { .. } => ERRCODE_UNDEFINED_COLUMN,
+            CerebroError::QuerySource(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             CerebroError::MissingModel | CerebroError::MissingKey(_) | CerebroError::OrderedSplitNeedsKey => {
                 ERRCODE_INVALID_PARAMETER_VALUE
             }

@@ -12,7 +12,8 @@ use pgrx::JsonB;
 use crate::admin::{check_may_use, current_user, first};
 use crate::error::{CerebroError, Result};
 use crate::identity;
-use crate::models::{queue_version, resolve_source, Lineage, TrainRequest};
+use crate::models::{queue_version, Lineage, TrainRequest};
+use crate::selections::{merge_options, selected_columns, source_columns};
 
 /// What a derived model inherits from its parent.
 struct Parent {
@@ -78,30 +79,12 @@ fn apply_features(
     if change.features.is_empty() {
         return Ok(features);
     }
-    let columns = Spi::connect(|client| -> Result<Vec<(String, bool)>> {
-        let resolved = resolve_source(client, source)?;
-        Ok(resolved.columns.iter().map(|c| (c.name.clone(), c.kind.is_some())).collect())
-    })?;
-    let short = |n: &str| n.rsplit('.').next().unwrap_or(n).trim_matches('"').to_string();
+    let columns = source_columns(source)?;
     for s in &change.features {
-        if let Some(table) = &s.table {
-            if short(table) != short(source) {
-                return Err(CerebroError::SelectionTable { table: table.clone(), relation: source.to_string() });
-            }
-        }
-        let named: Vec<String> = match &s.columns {
-            Some(names) => names.clone(),
-            None => columns
-                .iter()
-                .filter(|(c, usable)| *usable && c != target && Some(c.as_str()) != key)
-                .map(|(c, _)| c.clone())
-                .collect(),
-        };
+        let named = selected_columns(s, source, &columns, target, key)?;
         if s.exclude {
-            for c in &named {
-                if !features.contains(c) {
-                    return Err(CerebroError::NotAFeature { column: c.clone() });
-                }
+            if let Some(c) = named.iter().find(|c| !features.contains(c)) {
+                return Err(CerebroError::NotAFeature { column: c.clone() });
             }
             features.retain(|c| !named.contains(c));
         } else {
@@ -116,22 +99,15 @@ fn apply_features(
 }
 
 /// The parent's options with the change's settings and appends.
-fn apply_options(parent: &serde_json::Value, change: &Change) -> Result<serde_json::Value> {
+fn apply_options(parent: &serde_json::Value, change: &Change) -> serde_json::Value {
     let mut options = parent.as_object().cloned().unwrap_or_default();
-    for (key, value) in &change.set {
-        match (key.as_str(), options.get_mut("encodings").and_then(|e| e.as_object_mut()), value.as_object()) {
-            ("encodings", Some(existing), Some(more)) => existing.extend(more.clone()),
-            _ => {
-                options.insert(key.clone(), value.clone());
-            }
-        }
-    }
+    merge_options(&mut options, &change.set);
     for (key, more) in &change.append {
         let mut list = options.get(key).and_then(|v| v.as_array()).cloned().unwrap_or_default();
         list.extend(more.as_array().cloned().unwrap_or_default());
         options.insert(key.clone(), serde_json::Value::Array(list));
     }
-    Ok(serde_json::Value::Object(options))
+    serde_json::Value::Object(options)
 }
 
 /// Queues the derived version `req` asks for.
@@ -151,7 +127,7 @@ pub fn queue_derived(req: TrainRequest) -> Result<()> {
         Some(written) => written.clone(),
         None => apply_features(&parent.features, &change, &source, &target, key.as_deref())?,
     };
-    let mut options = apply_options(&parent.options, &change)?;
+    let mut options = apply_options(&parent.options, &change);
     if let Some(written) = req.written["options"].as_object() {
         options.as_object_mut().expect("options are an object").extend(written.clone());
     }

@@ -151,7 +151,81 @@ impl Source {
     }
 }
 
+/// The query a source names, when it is one: `(SELECT ...)`.
+pub(crate) fn source_query(source: &str) -> Option<&str> {
+    let t = source.trim();
+    (t.len() >= 2 && t.starts_with('(') && t.ends_with(')')).then(|| t[1..t.len() - 1].trim())
+}
+
+/// How a source appears in FROM: a relation as is, a query with an alias.
+pub(crate) fn from_item(display: &str) -> String {
+    match source_query(display) {
+        Some(_) => format!("{display} AS source"),
+        None => display.to_owned(),
+    }
+}
+
+/// Refuses anything but one SELECT (or VALUES, or WITH ... SELECT): the
+/// text is run inside Cerebro's own statements.
+pub(crate) fn check_single_select(query: &str) -> Result<()> {
+    let text = std::ffi::CString::new(query).map_err(|_| CerebroError::QuerySource("it contains a NUL byte"))?;
+    // SAFETY: raw_parser reads the NUL-terminated string and returns a List
+    // of RawStmt (or raises a syntax error, which pgrx turns into an ERROR).
+    unsafe {
+        let list = pg_sys::raw_parser(text.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
+        if list.is_null() || (*list).length != 1 {
+            return Err(CerebroError::QuerySource("it must be exactly one SELECT statement"));
+        }
+        let raw = (*(*list).elements).ptr_value as *mut pg_sys::RawStmt;
+        if (*(*raw).stmt).type_ != pg_sys::NodeTag::T_SelectStmt {
+            return Err(CerebroError::QuerySource("it must be a SELECT statement"));
+        }
+    }
+    Ok(())
+}
+
+/// A query source's columns, as the user running it sees them (the probe
+/// runs as the user, so their privileges on every table it reads apply).
+fn resolve_query(client: &pgrx::spi::SpiClient<'_>, query: &str) -> Result<Source> {
+    check_single_select(query)?;
+    let display = format!("({query})");
+    let probe = client.select(&format!("SELECT * FROM {} LIMIT 0", from_item(&display)), None, &[])?;
+    let mut named: Vec<(String, pg_sys::Oid)> = Vec::new();
+    for i in 1..=probe.columns()? {
+        let name = probe.column_name(i)?;
+        if named.iter().any(|(n, _)| *n == name) {
+            return Err(CerebroError::QuerySource("two of its columns have the same name; name them apart with AS"));
+        }
+        named.push((name, probe.column_type_oid(i)?.value()));
+    }
+    let mut columns = Vec::with_capacity(named.len());
+    for (name, oid) in named {
+        let row = client
+            .select(
+                "SELECT bt.typname::text, bt.typcategory::text, pg_catalog.format_type(t.oid, NULL)
+                 FROM pg_catalog.pg_type t
+                 JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+                 WHERE t.oid = $1",
+                Some(1),
+                &[oid.into()],
+            )?
+            .first()
+            .get_three::<String, String, String>()?;
+        let (typname, category, type_name) = (row.0.unwrap_or_default(), row.1.unwrap_or_default(), row.2);
+        columns.push(SourceColumn {
+            name,
+            type_name: type_name.unwrap_or_default(),
+            kind: category.chars().next().and_then(|c| SqlKind::classify(c, &typname)),
+            readable: true,
+        });
+    }
+    Ok(Source { display, columns })
+}
+
 pub(crate) fn resolve_source(client: &pgrx::spi::SpiClient<'_>, name: &str) -> Result<Source> {
+    if let Some(query) = source_query(name) {
+        return resolve_query(client, query);
+    }
     let rel = client.select(
         "SELECT c.oid, c.relkind::text, c.oid::regclass::text FROM pg_catalog.pg_class c
          WHERE c.oid = pg_catalog.to_regclass($1)",
@@ -317,7 +391,7 @@ pub(crate) fn queue_version(
             used.clone()
         };
         let select_list = frozen_columns.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
-        let query = format!("SELECT {select_list} FROM {}", source.display);
+        let query = format!("SELECT {select_list} FROM {}", from_item(&source.display));
 
         let (version, snapshot_id, data_relation) = {
             let _owner = identity::become_owner(owner);

@@ -209,6 +209,10 @@ impl PredictionScan {
             .ok_or_else(|| CerebroError::MissingKey(name.clone()))?;
         let source_display = match &params.source {
             None => model.source_relation.clone(),
+            Some(s) if crate::models::source_query(s).is_some() => {
+                crate::models::check_single_select(crate::models::source_query(s).unwrap_or_default())?;
+                s.trim().to_owned()
+            }
             Some(s) => {
                 Spi::get_one_with_args::<String>("SELECT pg_catalog.to_regclass($1)::text", &[s.as_str().into()])?
                     .ok_or_else(|| CerebroError::UnknownRelation(s.clone()))?
@@ -223,7 +227,7 @@ impl PredictionScan {
             };
             select.push(format!("{}::{cast}", quote_ident(&f.name)));
         }
-        let mut sql = format!("SELECT {} FROM {source_display}", select.join(", "));
+        let mut sql = format!("SELECT {} FROM {}", select.join(", "), crate::models::from_item(&source_display));
         if let Some(keys) = &params.keys {
             let list: Vec<String> = keys.iter().map(|k| format!("'{}'", k.replace('\'', "''"))).collect();
             sql.push_str(&format!(" WHERE {}::text IN ({})", quote_ident(&key_column), list.join(", ")));

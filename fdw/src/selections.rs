@@ -13,29 +13,76 @@ use crate::gucs;
 use crate::identity;
 use crate::models::{queue_version, resolve_source, TrainRequest};
 
+/// The usable columns of `source`: (name, of a type Cerebro can use).
+pub(crate) fn source_columns(source: &str) -> Result<Vec<(String, bool)>> {
+    Spi::connect(|client| {
+        let resolved = resolve_source(client, source)?;
+        Ok(resolved.columns.iter().map(|c| (c.name.clone(), c.kind.is_some())).collect())
+    })
+}
+
+/// The columns one selection names: its own list, or for `*` and `t.*`
+/// every usable column of `source` but the target and key.
+pub(crate) fn selected_columns(
+    s: &Selection,
+    source: &str,
+    columns: &[(String, bool)],
+    target: &str,
+    key: Option<&str>,
+) -> Result<Vec<String>> {
+    let short = |name: &str| name.rsplit('.').next().unwrap_or(name).trim_matches('"').to_string();
+    if let Some(table) = &s.table {
+        if crate::models::source_query(source).is_some() {
+            // A table the query reads: `t.*` is every column of t that the
+            // query returns under the same name.
+            if s.columns.is_none() {
+                let of_table = source_columns(table)?;
+                return Ok(columns
+                    .iter()
+                    .filter(|(c, usable)| {
+                        *usable && c != target && Some(c.as_str()) != key && of_table.iter().any(|(t, _)| t == c)
+                    })
+                    .map(|(c, _)| c.clone())
+                    .collect());
+            }
+        } else if short(table) != short(source) {
+            return Err(CerebroError::SelectionTable { table: table.clone(), relation: source.to_string() });
+        }
+    }
+    Ok(match &s.columns {
+        Some(names) => names.clone(),
+        None => columns
+            .iter()
+            .filter(|(c, usable)| *usable && c != target && Some(c.as_str()) != key)
+            .map(|(c, _)| c.clone())
+            .collect(),
+    })
+}
+
+/// `options` with `set` applied: `encodings` merge column by column, any
+/// other key is replaced.
+pub(crate) fn merge_options(
+    options: &mut serde_json::Map<String, serde_json::Value>,
+    set: &serde_json::Map<String, serde_json::Value>,
+) {
+    for (key, value) in set {
+        match (key.as_str(), options.get_mut("encodings").and_then(|e| e.as_object_mut()), value.as_object()) {
+            ("encodings", Some(existing), Some(more)) => existing.extend(more.clone()),
+            _ => {
+                options.insert(key.clone(), value.clone());
+            }
+        }
+    }
+}
+
 /// The feature columns a candidate's selections pick from `source`.
 fn pick_features(
     selections: &[Selection],
-    source_name: &str,
-    source_columns: &[(String, bool)],
+    source: &str,
+    columns: &[(String, bool)],
     req: &TrainRequest,
 ) -> Result<Vec<String>> {
-    let short = |name: &str| name.rsplit('.').next().unwrap_or(name).trim_matches('"').to_string();
-    let columns_of = |s: &Selection| -> Result<Vec<String>> {
-        if let Some(table) = &s.table {
-            if short(table) != short(source_name) {
-                return Err(CerebroError::SelectionTable { table: table.clone(), relation: source_name.to_string() });
-            }
-        }
-        Ok(match &s.columns {
-            Some(names) => names.clone(),
-            None => source_columns
-                .iter()
-                .filter(|(c, usable)| *usable && *c != req.target && Some(c) != req.key.as_ref())
-                .map(|(c, _)| c.clone())
-                .collect(),
-        })
-    };
+    let columns_of = |s: &Selection| selected_columns(s, source, columns, &req.target, req.key.as_deref());
     let mut picked: Vec<String> = Vec::new();
     for s in selections.iter().filter(|s| !s.exclude) {
         for c in columns_of(s)? {
@@ -86,28 +133,17 @@ pub fn queue_selection(req: TrainRequest, written: &str) -> Result<()> {
         let source = match &candidate.source {
             None => req.source.clone(),
             Some(Value::Word(w) | Value::Text(w)) => w.clone(),
-            Some(_) => {
-                return Err(CerebroError::Unsupported("a query as a selection source (create a view and name it)"))
-            }
+            Some(Value::Query(q)) => format!("({q})"),
+            Some(_) => unreachable!("the parser accepts only names and queries as sources"),
         };
         let features = if spec.features.is_empty() {
             req.features.clone()
         } else {
-            let columns = Spi::connect(|client| -> Result<Vec<(String, bool)>> {
-                let resolved = resolve_source(client, &source)?;
-                Ok(resolved.columns.iter().map(|c| (c.name.clone(), c.kind.is_some())).collect())
-            })?;
+            let columns = source_columns(&source)?;
             Some(pick_features(&candidate.features, &source, &columns, &req)?)
         };
         let mut options = base.clone();
-        for (key, value) in &candidate.options {
-            match (key.as_str(), options.get_mut("encodings").and_then(|e| e.as_object_mut()), value.as_object()) {
-                ("encodings", Some(existing), Some(more)) => existing.extend(more.clone()),
-                _ => {
-                    options.insert(key.clone(), value.clone());
-                }
-            }
-        }
+        merge_options(&mut options, &candidate.options);
         let options_json = serde_json::Value::Object(options);
         let options = TrainOptions::from_json(Some(&options_json))?;
         max_epochs = max_epochs.max(options.epochs);

@@ -1066,7 +1066,7 @@ pub fn parse_change(text: &str) -> Result<Change, MstError> {
     if let Some((value, span)) = &spec.source {
         change.source = match value {
             Value::Word(w) | Value::Text(w) => Some(w.clone()),
-            Value::Query(_) => return Err(invalid(span.start, "a query as a source is not supported: create a view")),
+            Value::Query(q) => Some(format!("({q})")),
             _ => return Err(invalid(span.start, single)),
         };
     }

@@ -1300,6 +1300,80 @@ async fn a_memory_budget_splits_a_stack() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_query_with_a_join_is_a_source_for_training_scoring_and_selections() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    db.batch_execute(
+        "DROP TABLE IF EXISTS e2e_contracts;
+         CREATE TABLE e2e_contracts AS SELECT DISTINCT contract, length(contract) AS contract_len FROM telco_churn;",
+    )
+    .await?;
+    let query = "(SELECT c.customer_id, c.churn, c.tenure, c.monthly_charges, c.contract, k.contract_len
+                 FROM telco_churn c JOIN e2e_contracts k USING (contract))";
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, options)
+         VALUES ('e2e_query', $1, 'churn', 'customer_id', '{\"epochs\": 3}')",
+        &[&query],
+    )
+    .await?;
+    assert_eq!(wait_until_done(&db, "e2e_query", 1, TRAIN_TIMEOUT).await?.last().map(String::as_str), Some("ready"));
+    let row = db.query_one("SELECT source, features FROM cerebro.models WHERE name = 'e2e_query'", &[]).await?;
+    assert!(row.get::<_, String>(0).starts_with("(SELECT c.customer_id"));
+    assert!(row.get::<_, Vec<String>>(1).contains(&"contract_len".to_string()));
+    // Scoring runs the query again, as the querying user.
+    let scored: i64 = db
+        .query_one("SELECT count(*) FROM cerebro.predictions WHERE model = 'e2e_query' AND score BETWEEN 0 AND 1", &[])
+        .await?
+        .get(0);
+    assert_eq!(scored, 7043);
+
+    // A selection over a relation and a query: telco_churn.* from the query
+    // is every column of telco_churn the query returns.
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('e2e_query_sel', 'telco_churn', 'churn',
+             'customer_id', 'source {telco_churn, (SELECT c.*, k.contract_len FROM telco_churn c JOIN e2e_contracts k USING (contract))}
+              features telco_churn.*, -total_charges
+              train epochs = 2')",
+        &[],
+    )
+    .await?;
+    let (selection, _) = wait_for_selection(&db, "e2e_query_sel").await?;
+    let rows = db
+        .query(
+            "SELECT status::text, source, features FROM cerebro.leaderboard WHERE selection = $1 ORDER BY version",
+            &[&selection],
+        )
+        .await?;
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        assert_eq!(r.get::<_, String>(0), "ready");
+        let features: Vec<String> = r.get(2);
+        assert!(features.contains(&"tenure".to_string()) && !features.contains(&"total_charges".to_string()));
+        assert!(!features.contains(&"contract_len".to_string()), "telco_churn.* names telco_churn's columns only");
+    }
+
+    for (source, code) in [
+        ("(SELECT 1 AS churn; DROP TABLE e2e_contracts)", "22023"),
+        ("(DELETE FROM e2e_contracts RETURNING *)", "22023"),
+        ("(SELECT c.churn, c.churn FROM telco_churn c)", "22023"),
+        ("(SELECT churn FROM no_such_table)", "42P01"),
+    ] {
+        let err = db
+            .execute(
+                "INSERT INTO cerebro.models (name, source, target) VALUES ('e2e_query_bad', $1, 'churn')",
+                &[&source],
+            )
+            .await
+            .expect_err(source);
+        assert_eq!(err.as_db_error().map(|e| e.code().code()), Some(code), "{source}: {err:?}");
+    }
+    let kept: i64 = db.query_one("SELECT count(*) FROM e2e_contracts", &[]).await?.get(0);
+    assert_eq!(kept, 3, "nothing in a source query runs but its SELECT");
+    Ok(())
+}
+
 /// Every object of schema cerebro, described in text, sorted.
 async fn describe_schema(db: &tokio_postgres::Client) -> anyhow::Result<Vec<String>> {
     let rows = db
