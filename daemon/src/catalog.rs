@@ -443,33 +443,28 @@ impl Catalog {
     /// Marks job and model failed with `error`, which users read in
     /// `cerebro.models.error`.
     pub async fn finish_failure(&mut self, job: &ClaimedJob, error: &str) -> Result<()> {
-        let tx = self.client.transaction().await?;
-        tx.execute(
-            "UPDATE cerebro.jobs SET state = 'failed', finished_at = now(), error = $2 WHERE id = $1",
-            &[&job.job_id, &error],
-        )
-        .await?;
-        tx.execute(
-            "UPDATE cerebro.model_versions SET status = 'failed', error = $2 WHERE id = $1",
-            &[&job.model_version_id, &error],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        self.end_job(job, "failed", Some(error)).await
     }
 
     /// Ends a job whose cancellation was asked for (or whose selection's
     /// budget ran out: `reason`); its model is 'cancelled'.
     pub async fn finish_cancelled(&mut self, job: &ClaimedJob, reason: Option<&str>) -> Result<()> {
+        self.end_job(job, "cancelled", reason).await
+    }
+
+    /// Ends job and model in `outcome` ('failed' or 'cancelled', a value of
+    /// both `job_state` and `model_status`) with `error`, at once.
+    async fn end_job(&mut self, job: &ClaimedJob, outcome: &str, error: Option<&str>) -> Result<()> {
         let tx = self.client.transaction().await?;
         tx.execute(
-            "UPDATE cerebro.jobs SET state = 'cancelled', finished_at = now(), error = $2 WHERE id = $1",
-            &[&job.job_id, &reason],
+            "UPDATE cerebro.jobs SET state = $3::text::cerebro.job_state, finished_at = now(), error = $2
+             WHERE id = $1",
+            &[&job.job_id, &error, &outcome],
         )
         .await?;
         tx.execute(
-            "UPDATE cerebro.model_versions SET status = 'cancelled', error = $2 WHERE id = $1",
-            &[&job.model_version_id, &reason],
+            "UPDATE cerebro.model_versions SET status = $3::text::cerebro.model_status, error = $2 WHERE id = $1",
+            &[&job.model_version_id, &error, &outcome],
         )
         .await?;
         tx.commit().await?;

@@ -123,7 +123,8 @@ pub fn warm_start(stack: &mut Stack, m: usize, child: &FeaturePipeline, parent: 
         of_input_columns: dense_ops.first().map_or(0, |d| d.1),
         embeddings: 0,
     };
-    let mine = |tensor: &mut Vec<f32>| {
+    // Model m's part of a stacked tensor.
+    let mine = |tensor: &[f32]| {
         let len = tensor.len() / k;
         m * len..(m + 1) * len
     };
@@ -135,7 +136,7 @@ pub fn warm_start(stack: &mut Stack, m: usize, child: &FeaturePipeline, parent: 
                 continue;
             }
             let (theirs, ours) = (input_columns(&parent.pipeline), input_columns(child));
-            let r = mine(&mut stack.params[slot]);
+            let r = mine(&stack.params[slot]);
             let w = &mut stack.params[slot][r];
             for (name, &(at, width, encoder)) in &ours {
                 let Some(&(from, their_width, their_encoder)) = theirs.get(name) else { continue };
@@ -149,12 +150,12 @@ pub fn warm_start(stack: &mut Stack, m: usize, child: &FeaturePipeline, parent: 
                 report.input_columns += width;
             }
             // The bias goes with the layer's outputs.
-            let r = mine(&mut stack.params[slot + 1]);
+            let r = mine(&stack.params[slot + 1]);
             stack.params[slot + 1][r].copy_from_slice(pb);
         } else if (*po, *pi) == (outputs, inputs) {
-            let r = mine(&mut stack.params[slot]);
+            let r = mine(&stack.params[slot]);
             stack.params[slot][r].copy_from_slice(pw);
-            let r = mine(&mut stack.params[slot + 1]);
+            let r = mine(&stack.params[slot + 1]);
             stack.params[slot + 1][r].copy_from_slice(pb);
             report.layers += 1;
         }
@@ -171,7 +172,7 @@ pub fn warm_start(stack: &mut Stack, m: usize, child: &FeaturePipeline, parent: 
     for (c, (name, encoder)) in embedded(child).iter().enumerate() {
         let Some(j) = theirs.iter().position(|(n, e)| n == name && e == encoder) else { continue };
         let Some(table) = parent.embeddings.get(j) else { continue };
-        let r = mine(&mut stack.params[c]);
+        let r = mine(&stack.params[c]);
         if stack.params[c][r.clone()].len() == table.len() {
             stack.params[c][r].copy_from_slice(table);
             report.embeddings += 1;

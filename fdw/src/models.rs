@@ -198,28 +198,39 @@ fn resolve_query(client: &pgrx::spi::SpiClient<'_>, query: &str) -> Result<Sourc
         }
         named.push((name, probe.column_type_oid(i)?.value()));
     }
-    let mut columns = Vec::with_capacity(named.len());
-    for (name, oid) in named {
-        let row = client
-            .select(
-                "SELECT bt.typname::text, bt.typcategory::text, pg_catalog.format_type(t.oid, NULL)
-                 FROM pg_catalog.pg_type t
-                 JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
-                 WHERE t.oid = $1",
-                Some(1),
-                &[oid.into()],
-            )?
-            .first()
-            .get_three::<String, String, String>()?;
-        let (typname, category, type_name) = (row.0.unwrap_or_default(), row.1.unwrap_or_default(), row.2);
+    let (names, oids): (Vec<String>, Vec<i64>) = named.into_iter().map(|(n, o)| (n, i64::from(o.to_u32()))).unzip();
+    let described = client.select(
+        &format!(
+            "SELECT c.name, bt.typname::text, bt.typcategory::text, pg_catalog.format_type(t.oid, NULL), true
+             FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS c(name, type_oid, n)
+             JOIN pg_catalog.pg_type t ON t.oid = c.type_oid::oid {BASE_TYPE_JOIN}
+             ORDER BY c.n"
+        ),
+        None,
+        &[names.into(), oids.into()],
+    )?;
+    Ok(Source { display, columns: source_columns_of(described)? })
+}
+
+/// Joins `bt`, the base type of `t` (itself unless `t` is a domain).
+const BASE_TYPE_JOIN: &str =
+    "JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END";
+
+/// Rows of (name, base typname, base category, type as written, readable)
+/// as source columns, classified by the kind Cerebro can use.
+fn source_columns_of(rows: pgrx::spi::SpiTupleTable<'_>) -> Result<Vec<SourceColumn>> {
+    let mut columns = Vec::new();
+    for row in rows {
+        let typname: String = row.get(2)?.unwrap_or_default();
+        let category: String = row.get(3)?.unwrap_or_default();
         columns.push(SourceColumn {
-            name,
-            type_name: type_name.unwrap_or_default(),
+            name: row.get(1)?.unwrap_or_default(),
+            type_name: row.get(4)?.unwrap_or_default(),
             kind: category.chars().next().and_then(|c| SqlKind::classify(c, &typname)),
-            readable: true,
+            readable: row.get(5)?.unwrap_or(false),
         });
     }
-    Ok(Source { display, columns })
+    Ok(columns)
 }
 
 pub(crate) fn resolve_source(client: &pgrx::spi::SpiClient<'_>, name: &str) -> Result<Source> {
@@ -249,29 +260,19 @@ pub(crate) fn resolve_source(client: &pgrx::spi::SpiClient<'_>, name: &str) -> R
         return Err(CerebroError::UnsupportedRelation { name: display, kind });
     }
     let cols = client.select(
-        "SELECT a.attname::text, bt.typname::text, bt.typcategory::text,
-                pg_catalog.format_type(a.atttypid, a.atttypmod),
-                pg_catalog.has_column_privilege($1, a.attnum, 'SELECT')
-         FROM pg_catalog.pg_attribute a
-         JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
-         JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
-         WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
-         ORDER BY a.attnum",
+        &format!(
+            "SELECT a.attname::text, bt.typname::text, bt.typcategory::text,
+                    pg_catalog.format_type(a.atttypid, a.atttypmod),
+                    pg_catalog.has_column_privilege($1, a.attnum, 'SELECT')
+             FROM pg_catalog.pg_attribute a
+             JOIN pg_catalog.pg_type t ON t.oid = a.atttypid {BASE_TYPE_JOIN}
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+             ORDER BY a.attnum"
+        ),
         None,
         &[oid.into()],
     )?;
-    let mut columns = Vec::new();
-    for row in cols {
-        let typname: String = row.get(2)?.unwrap_or_default();
-        let category: String = row.get(3)?.unwrap_or_default();
-        columns.push(SourceColumn {
-            name: row.get(1)?.unwrap_or_default(),
-            type_name: row.get(4)?.unwrap_or_default(),
-            kind: category.chars().next().and_then(|c| SqlKind::classify(c, &typname)),
-            readable: row.get(5)?.unwrap_or(false),
-        });
-    }
-    Ok(Source { display, columns })
+    Ok(Source { display, columns: source_columns_of(cols)? })
 }
 
 /// Validates `req`, freezes its training data and queues the job, all in the

@@ -209,14 +209,16 @@ impl PredictionScan {
             .ok_or_else(|| CerebroError::MissingKey(name.clone()))?;
         let source_display = match &params.source {
             None => model.source_relation.clone(),
-            Some(s) if crate::models::source_query(s).is_some() => {
-                crate::models::check_single_select(crate::models::source_query(s).unwrap_or_default())?;
-                s.trim().to_owned()
-            }
-            Some(s) => {
-                Spi::get_one_with_args::<String>("SELECT pg_catalog.to_regclass($1)::text", &[s.as_str().into()])?
-                    .ok_or_else(|| CerebroError::UnknownRelation(s.clone()))?
-            }
+            Some(s) => match crate::models::source_query(s) {
+                Some(query) => {
+                    crate::models::check_single_select(query)?;
+                    s.trim().to_owned()
+                }
+                None => {
+                    Spi::get_one_with_args::<String>("SELECT pg_catalog.to_regclass($1)::text", &[s.as_str().into()])?
+                        .ok_or_else(|| CerebroError::UnknownRelation(s.clone()))?
+                }
+            },
         };
 
         let mut select = vec![format!("{}::text", quote_ident(&key_column))];
