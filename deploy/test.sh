@@ -8,7 +8,17 @@
 #                           postgres OS user (initdb refuses root)
 #   3. end-to-end           tests/ against the project-local cluster with the
 #                           release extension and real cerebrod processes
+#   4. security             hostile roles and local users replay attacks
+#                           against the same cluster (tests/tests/security/)
+#
+# While working on one part, CEREBRO_TIERS="3 4" deploy/test.sh some_name
+# runs only those tiers, and only the end-to-end and security tests whose
+# names contain some_name.
 source "$(dirname "$0")/lib.sh"
+
+TIERS=${CEREBRO_TIERS:-1 2 3 4}
+FILTER=("$@")
+wants() { [[ " $TIERS " == *" $1 "* ]]; }
 
 E2E_DB=cerebro_e2e
 setup_everything
@@ -19,33 +29,49 @@ RESULTS=$LOG_DIR/test-results.txt
 # Runs a tier, keeping its output to count the results at the end.
 tier() { "$@" 2>&1 | tee -a "$RESULTS"; }
 
-step "Tier 1/3: cargo test (shared, daemon)"
-# NVRTC is installed everywhere, so the GPU kernels are compiled even where
-# no GPU is (the GPU training tests then skip, saying so).
-tier env -C "$ROOT" CEREBRO_REQUIRE_ORT=1 CEREBRO_ORT_LIBRARY="$ORT_LIB" \
-    CEREBRO_REQUIRE_NVRTC=1 LD_LIBRARY_PATH="$CUDA_LIB_DIR" cargo test --release --lib --bins --tests
+if wants 1; then
+    step "Tier 1/4: cargo test (shared, daemon)"
+    # NVRTC is installed everywhere, so the GPU kernels are compiled even where
+    # no GPU is (the GPU training tests then skip, saying so).
+    tier env -C "$ROOT" CEREBRO_REQUIRE_ORT=1 CEREBRO_ORT_LIBRARY="$ORT_LIB" \
+        CEREBRO_REQUIRE_NVRTC=1 LD_LIBRARY_PATH="$CUDA_LIB_DIR" cargo test --release --lib --bins --tests
+fi
 
-step "Tier 2/3: cargo pgrx test (fdw) as the postgres OS user"
-PGRX_TEST_DIR=$STATE/pgrx-test
-as_root rm -rf "$PGRX_TEST_DIR"
-mkdir -p "$PGRX_TEST_DIR"
-as_root chown postgres: "$PGRX_TEST_DIR"
-tier env -C "$ROOT/fdw" cargo pgrx test --runas postgres --pgdata "$PGRX_TEST_DIR/data" pg15
-# pgrx test installed a test build of the extension; put the release build back.
-(cd "$ROOT/fdw" && cargo pgrx install --release --sudo --pg-config "$PG_CONFIG" >/dev/null)
+if wants 2; then
+    step "Tier 2/4: cargo pgrx test (fdw) as the postgres OS user"
+    PGRX_TEST_DIR=$STATE/pgrx-test
+    as_root rm -rf "$PGRX_TEST_DIR"
+    mkdir -p "$PGRX_TEST_DIR"
+    as_root chown postgres: "$PGRX_TEST_DIR"
+    tier env -C "$ROOT/fdw" cargo pgrx test --runas postgres --pgdata "$PGRX_TEST_DIR/data" pg15
+    # pgrx test installed a test build of the extension; put the release build back.
+    (cd "$ROOT/fdw" && cargo pgrx install --release --sudo --pg-config "$PG_CONFIG" >/dev/null)
+fi
 
-step "Tier 3/3: end-to-end tests (real PostgreSQL, real cerebrod)"
-ensure_cluster
-ensure_database "$E2E_DB" fresh
-write_daemon_config cerebrod-e2e "$E2E_DB"
-stop_daemon cerebrod-e2e
-load_telco "$E2E_DB"
-tier env -C "$ROOT" \
-    CEREBRO_E2E_PGHOST="$RUN_DIR" CEREBRO_E2E_PGPORT="$PGPORT" CEREBRO_E2E_DB="$E2E_DB" \
-    CEREBRO_E2E_DAEMON="$DAEMON_BIN" CEREBRO_E2E_CONFIG="$STATE/cerebrod-e2e.toml" \
-    CEREBRO_E2E_SOCKET="$RUN_DIR/cerebrod-e2e.sock" CEREBRO_E2E_LOG="$LOG_DIR/cerebrod-e2e.log" \
-    CEREBRO_E2E_PYTHON="$TEST_VENV/bin/python" CEREBRO_E2E_PGBIN="$PG_BIN" \
-    cargo test --release -p cerebro-tests --test end_to_end -- --test-threads=1
+# e2e_tier NAME TEST: runs one suite of tests/ against a fresh database.
+e2e_tier() {
+    ensure_cluster
+    ensure_database "$E2E_DB" fresh
+    write_daemon_config cerebrod-e2e "$E2E_DB"
+    stop_daemon cerebrod-e2e
+    load_telco "$E2E_DB"
+    tier env -C "$ROOT" \
+        CEREBRO_E2E_PGHOST="$RUN_DIR" CEREBRO_E2E_PGPORT="$PGPORT" CEREBRO_E2E_DB="$E2E_DB" \
+        CEREBRO_E2E_DAEMON="$DAEMON_BIN" CEREBRO_E2E_CONFIG="$STATE/cerebrod-e2e.toml" \
+        CEREBRO_E2E_SOCKET="$RUN_DIR/cerebrod-e2e.sock" CEREBRO_E2E_LOG="$LOG_DIR/cerebrod-e2e.log" \
+        CEREBRO_E2E_PYTHON="$TEST_VENV/bin/python" CEREBRO_E2E_PGBIN="$PG_BIN" \
+        cargo test --release -p cerebro-tests --test "$1" -- --test-threads=1 "${FILTER[@]}"
+}
+
+if wants 3; then
+    step "Tier 3/4: end-to-end tests (real PostgreSQL, real cerebrod)"
+    e2e_tier end_to_end
+fi
+
+if wants 4; then
+    step "Tier 4/4: security tests (hostile roles and OS users against the same parts)"
+    e2e_tier security
+fi
 
 step "All test tiers passed"
 grep -E '^test result:' "$RESULTS" |

@@ -157,10 +157,16 @@ CREATE INDEX model_metrics_by_value ON cerebro.model_metrics (metric, value);
 CREATE INDEX model_versions_by_source ON cerebro.model_versions (source_relation);
 
 -- SECURITY DEFINER: whoever writes a version (the extension owner, the
--- daemon's role) need not be able to write the derived tables.
+-- daemon's role) need not be able to write the derived tables. Nobody may
+-- attach it to a table of their own (EXECUTE is revoked; the trigger below
+-- fires whatever the writer's privileges): NEW would then carry the user's
+-- types, and their casts would run as the function's owner.
 CREATE FUNCTION cerebro.index_model_version() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'cerebro.model_versions'::pg_catalog.regclass THEN
+        RAISE EXCEPTION 'cerebro.index_model_version() indexes cerebro.model_versions only';
+    END IF;
     DELETE FROM cerebro.model_features WHERE model_version_id = NEW.id;
     DELETE FROM cerebro.model_layers WHERE model_version_id = NEW.id;
     DELETE FROM cerebro.model_metrics WHERE model_version_id = NEW.id;
@@ -181,6 +187,7 @@ END
 $$;
 CREATE TRIGGER index_archive AFTER INSERT OR UPDATE OF features, options, metrics ON cerebro.model_versions
     FOR EACH ROW EXECUTE FUNCTION cerebro.index_model_version();
+REVOKE ALL ON FUNCTION cerebro.index_model_version() FROM PUBLIC;
 UPDATE cerebro.model_versions SET metrics = metrics;
 
 -- One row per version with what people search on; the caller's row-level
@@ -252,11 +259,12 @@ GRANT SELECT ON cerebro.model_features, cerebro.model_layers, cerebro.model_metr
     cerebro.selections, cerebro.leaderboard, cerebro.lineage TO PUBLIC;
 
 -- What cerebrod's database role needs, and nothing more: it claims and
--- finishes jobs, reads snapshots, writes history and artifacts. Row-level
--- security hides other roles' models, so the role also needs BYPASSRLS,
--- which only a superuser can give (docs/operations.md). Run by a superuser.
+-- finishes jobs, reads snapshots, writes history and artifacts, closes
+-- selections and holds the daemon lock. Row-level security hides other
+-- roles' models, so the role also needs BYPASSRLS, which only a superuser
+-- can give (docs/operations.md). Run by a superuser.
 CREATE FUNCTION cerebro.grant_daemon_privileges(daemon text) RETURNS void
-    LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     owner name := (SELECT r.rolname FROM pg_extension e JOIN pg_roles r ON r.oid = e.extowner
                    WHERE e.extname = 'cerebro');
@@ -266,6 +274,8 @@ BEGIN
     EXECUTE format('GRANT SELECT, INSERT, UPDATE ON cerebro.artifacts TO %I', daemon);
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON cerebro.training_history TO %I', daemon);
     EXECUTE format('GRANT SELECT ON cerebro.selections TO %I', daemon);
+    EXECUTE format('GRANT UPDATE ON cerebro.daemon_lock TO %I', daemon);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION cerebro.finish_selection(bigint) TO %I', daemon);
     -- Snapshot tables, present and future (the extension owner creates them).
     EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA cerebro_data TO %I', daemon);
     EXECUTE format('ALTER DEFAULT PRIVILEGES FOR ROLE %I IN SCHEMA cerebro_data GRANT SELECT ON TABLES TO %I',
@@ -292,9 +302,11 @@ CREATE FUNCTION cerebro.import_onnx(name text, onnx bytea, source text, inputs j
 CREATE FUNCTION cerebro.cancel_selection(selection bigint) RETURNS integer
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'cancel_selection_wrapper';
 -- cerebrod calls it after each stack; it acts only on a selection with
--- nothing left to train, and only as its spec asked (promote).
+-- nothing left to train, and only as its spec asked (promote). Internal:
+-- only cerebrod's role may call it (cerebro.grant_daemon_privileges).
 CREATE FUNCTION cerebro.finish_selection(selection bigint) RETURNS integer
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'finish_selection_wrapper';
+REVOKE ALL ON FUNCTION cerebro.finish_selection(bigint) FROM PUBLIC;
 CREATE FUNCTION cerebro.delete_model(model text, version integer) RETURNS bigint
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'delete_model_wrapper';
 CREATE FUNCTION cerebro.grant_model(model text, grantee text) RETURNS void
@@ -315,21 +327,14 @@ SELECT pg_catalog.pg_extension_config_dump('cerebro.model_grants', '');
 
 -- Whether `who` may see and score `model`: it owns it (created its first
 -- version) or is a member of its owner, was granted it (or is a member of a
--- grantee), is a member of cerebro_admin, or is a superuser. Runs as the
--- extension owner so that the row-level security it serves does not apply
--- to itself; policies pass the querying role.
-CREATE FUNCTION cerebro.may_use(model text, who name) RETURNS boolean
-    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $$
-    SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = who AND rolsuper)
-        OR EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = 'cerebro_admin'
-                   AND pg_has_role(who, r.oid, 'MEMBER'))
-        OR EXISTS (SELECT 1 FROM (SELECT created_by FROM cerebro.model_versions
-                                  WHERE name = model ORDER BY version LIMIT 1) o
-                   JOIN pg_roles r ON r.rolname = o.created_by
-                   WHERE pg_has_role(who, r.oid, 'MEMBER'))
-        OR EXISTS (SELECT 1 FROM cerebro.model_grants g JOIN pg_roles r ON r.rolname = g.grantee
-                   WHERE g.name = model AND pg_has_role(who, r.oid, 'MEMBER'))
-$$;
+-- grantee), is a member of cerebro_admin, or is a superuser. In the
+-- extension's library (fdw/src/access.rs): it reads the catalog as the
+-- extension owner, so that the row-level security it serves does not apply
+-- to itself, and it answers only about the calling role and roles whose
+-- privileges the caller has, so nobody learns who may use what; policies
+-- pass the querying role.
+CREATE FUNCTION cerebro.may_use(model text, who text) RETURNS boolean
+    LANGUAGE c STABLE AS 'MODULE_PATHNAME', 'may_use_wrapper';
 
 -- Row-level security: every role sees only the catalog rows of the models it
 -- may use. The extension owner and the daemon's role bypass it (owner,
@@ -357,3 +362,67 @@ ALTER TABLE cerebro.selections ENABLE ROW LEVEL SECURITY;
 CREATE POLICY visible ON cerebro.selections FOR SELECT USING (cerebro.may_use(name, current_user));
 
 GRANT SELECT ON cerebro.deployments, cerebro.deployment_history, cerebro.audit_log, cerebro.model_grants TO PUBLIC;
+
+-- Snapshots keep the source's columns under neutral names: column i of a
+-- snapshot table is c<i>, and `columns` lists the source column each holds.
+-- pg_attribute, which every role can read, then shows nothing of a model's
+-- columns. Every snapshot column has a built-in type (an enum was converted
+-- to text by its output function when the snapshot was frozen, as the user
+-- who froze it), so neither the extension owner nor cerebrod ever runs a
+-- cast, operator or function a user wrote when they read one. Snapshots
+-- frozen before are converted here.
+ALTER TABLE cerebro.snapshots ADD COLUMN columns text[];
+DO $$
+DECLARE
+    s record;
+    c record;
+    names text[];
+    base oid;
+BEGIN
+    FOR s IN SELECT id, data_relation, pg_catalog.to_regclass(data_relation) AS rel FROM cerebro.snapshots LOOP
+        names := '{}';
+        IF s.rel IS NOT NULL THEN
+            FOR c IN SELECT a.attnum, a.attname, a.atttypid
+                     FROM pg_catalog.pg_attribute a
+                     WHERE a.attrelid = s.rel AND a.attnum > 0 AND NOT a.attisdropped
+                     ORDER BY a.attnum LOOP
+                names := names || c.attname::text;
+                -- Through every level of domains to the base type.
+                base := c.atttypid;
+                WHILE (SELECT t.typtype FROM pg_catalog.pg_type t WHERE t.oid = base) = 'd' LOOP
+                    base := (SELECT t.typbasetype FROM pg_catalog.pg_type t WHERE t.oid = base);
+                END LOOP;
+                IF (SELECT t.typtype FROM pg_catalog.pg_type t WHERE t.oid = base) = 'e' THEN
+                    EXECUTE pg_catalog.format(
+                        'ALTER TABLE %s ALTER COLUMN %I TYPE pg_catalog.text '
+                        'USING pg_catalog.textin(pg_catalog.enum_out((%I)::%s))',
+                        s.rel, c.attname, c.attname, base::pg_catalog.regtype);
+                END IF;
+                EXECUTE pg_catalog.format('ALTER TABLE %s RENAME COLUMN %I TO %I',
+                                          s.rel, c.attname, '__cerebro_renaming_' || pg_catalog.cardinality(names));
+            END LOOP;
+            FOR i IN 1 .. pg_catalog.cardinality(names) LOOP
+                EXECUTE pg_catalog.format('ALTER TABLE %s RENAME COLUMN %I TO %I', s.rel, '__cerebro_renaming_' || i, 'c' || i);
+            END LOOP;
+        END IF;
+        UPDATE cerebro.snapshots SET columns = names WHERE id = s.id;
+    END LOOP;
+END
+$$;
+ALTER TABLE cerebro.snapshots ALTER COLUMN columns SET NOT NULL;
+
+-- The daemon lock: the one cerebrod serving a database holds this view
+-- locked (EXCLUSIVE, in a transaction of its own), so a second one refuses to
+-- start. Nobody else has a privilege on it, so nobody else can take the lock
+-- (an advisory lock, which any role can take, let any role keep cerebrod
+-- from starting). A view reads no table, so locking it locks nothing else,
+-- and VACUUM and ANALYZE, which would wait for a locked table, skip views.
+CREATE VIEW cerebro.daemon_lock AS SELECT;
+
+-- Every model name ever used, one row each: INSERT, reproduce and import
+-- lock a name's row (as the extension owner) while they number its next
+-- version, so that concurrent ones number in turn. Nobody else has a
+-- privilege on it, so nobody else can hold that lock (an advisory lock on the
+-- name, which any role can take, let any role stall another's INSERTs).
+CREATE TABLE cerebro.model_names (name text PRIMARY KEY);
+

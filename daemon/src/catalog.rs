@@ -1,19 +1,25 @@
 //! The daemon's access to the catalog (schema `cerebro`) over tokio-postgres.
+//!
+//! Every session cerebrod opens pins `search_path` to `pg_catalog, pg_temp`,
+//! so no unqualified name in its SQL resolves to a schema a user can create
+//! objects in, and sets `lock_timeout`, so that no statement waits longer
+//! than that on a lock a user's open transaction holds.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use cerebro_shared::mst::SelectionPlan;
 use cerebro_shared::spec::{Feature, Task, TrainOptions, TrainingPlan};
+use cerebro_shared::sql::snapshot_column;
 use futures_util::{stream, StreamExt};
 use tokio::sync::Notify;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use tracing::{debug, warn};
 
 use crate::train::{EpochStats, TrainedModel};
 
-/// Session-level advisory lock held by the one daemon serving a database.
-const DAEMON_LOCK_KEY: i64 = 0x0C3E_B20D;
 /// Channel the extension notifies (at commit) when it queues a job.
 pub const JOBS_CHANNEL: &str = "cerebro_jobs";
 
@@ -25,15 +31,56 @@ pub enum CatalogError {
     Corrupt(String),
     #[error("{0}")]
     NotFound(String),
+    /// A user's relation the daemon will not read (it would run their code).
+    #[error("{0}")]
+    Unreadable(String),
 }
 
 pub type Result<T> = std::result::Result<T, CatalogError>;
 
+/// What a statement's failure means for the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Another transaction held a lock the statement needed, past
+    /// `lock_timeout` (or a deadlock with it was broken by failing ours):
+    /// nothing is wrong with the job, the write may succeed later.
+    Lock,
+    /// The server refused the statement (a privilege, a constraint) while
+    /// the connection stayed up: the job at hand fails, the daemon goes on.
+    Refusal,
+    /// No answer from the server: the connection is gone.
+    Lost,
+}
+
+impl Failure {
+    /// Classifies a failed statement by its SQLSTATE (None: no server error).
+    pub fn of(code: Option<&SqlState>) -> Failure {
+        match code {
+            None => Failure::Lost,
+            Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE || *c == SqlState::T_R_DEADLOCK_DETECTED => Failure::Lock,
+            Some(_) => Failure::Refusal,
+        }
+    }
+}
+
 impl CatalogError {
+    fn failure(&self) -> Option<Failure> {
+        match self {
+            CatalogError::Db(e) => Some(Failure::of(e.code())),
+            _ => None,
+        }
+    }
+
+    /// Another transaction held a lock this statement needed (see
+    /// [`Failure::Lock`]); never a reason to fail a job or stop the daemon.
+    pub fn is_lock_timeout(&self) -> bool {
+        self.failure() == Some(Failure::Lock)
+    }
+
     /// The server refused a statement (a privilege, a constraint) while the
     /// connection stayed up: the job at hand fails, the daemon goes on.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, CatalogError::Db(e) if e.as_db_error().is_some())
+        self.failure() == Some(Failure::Refusal)
     }
 
     /// The server's own message when it refused a statement, else the error.
@@ -45,10 +92,23 @@ impl CatalogError {
     }
 }
 
-/// Opens a connection whose driver task runs in the background. When
-/// `notify` is given, NOTIFY messages on the connection wake it. The returned
-/// handle finishes when the connection is lost.
-pub async fn connect(url: &str, notify: Option<Arc<Notify>>) -> Result<(Catalog, tokio::task::JoinHandle<()>)> {
+/// What every session of cerebrod runs first: nothing it runs later may
+/// resolve a name through a schema a user can write (pg_temp last, where
+/// functions and operators are never looked up), nor wait on a lock for
+/// longer than `lock_timeout`.
+pub fn session_setup(lock_timeout: Duration) -> String {
+    format!("SET search_path = pg_catalog, pg_temp; SET lock_timeout = {}", lock_timeout.as_millis().max(1))
+}
+
+/// Opens a connection whose driver task runs in the background, with the
+/// session set up by [`session_setup`]. When `notify` is given, NOTIFY
+/// messages on the connection wake it. The returned handle finishes when the
+/// connection is lost.
+pub async fn connect(
+    url: &str,
+    notify: Option<Arc<Notify>>,
+    lock_timeout: Duration,
+) -> Result<(Catalog, tokio::task::JoinHandle<()>)> {
     let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
     let driver = tokio::spawn(async move {
         let mut messages = stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -69,7 +129,60 @@ pub async fn connect(url: &str, notify: Option<Arc<Notify>>) -> Result<(Catalog,
             }
         }
     });
+    if let Err(e) = client.batch_execute(&session_setup(lock_timeout)).await {
+        driver.abort();
+        return Err(e.into());
+    }
     Ok((Catalog { client }, driver))
+}
+
+/// The daemon lock: while this lives, its session keeps a transaction open
+/// holding `cerebro.daemon_lock` in EXCLUSIVE mode, which no role but the
+/// daemon's (and the extension owner and superusers) has a privilege to
+/// take. EXCLUSIVE lets `pg_dump`'s ACCESS SHARE through; being a view's,
+/// it is never in VACUUM's or ANALYZE's way. Dropping it closes
+/// the session, which ends the transaction and frees the lock.
+pub struct DaemonLock {
+    client: Client,
+}
+
+impl DaemonLock {
+    /// The server process of the lock's session: it names the daemon in
+    /// `pg_stat_activity` and in the jobs it claims.
+    pub async fn backend_pid(&self) -> Result<i32> {
+        Ok(self.client.query_one("SELECT pg_catalog.pg_backend_pid()", &[]).await?.get(0))
+    }
+}
+
+/// Takes the daemon lock on a session of its own; None when another daemon
+/// holds it. The returned handle finishes when that session is lost, and
+/// with it the lock.
+pub async fn lock_daemon(
+    url: &str,
+    lock_timeout: Duration,
+) -> Result<Option<(DaemonLock, tokio::task::JoinHandle<()>)>> {
+    let (session, driver) = connect(url, None, lock_timeout).await?;
+    let client = session.client;
+    // The transaction stays idle for the daemon's life: a role or database
+    // setting must not end it. Idle in a READ COMMITTED transaction that
+    // wrote nothing, the session holds no snapshot and no transaction id, so
+    // it holds vacuum back nowhere.
+    let taken = async {
+        client.batch_execute("SET idle_in_transaction_session_timeout = 0").await?;
+        client.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED").await?;
+        client.batch_execute("LOCK TABLE cerebro.daemon_lock IN EXCLUSIVE MODE NOWAIT").await
+    }
+    .await;
+    match taken {
+        Ok(()) => Ok(Some((DaemonLock { client }, driver))),
+        Err(e) => {
+            driver.abort();
+            match e.code() {
+                Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE => Ok(None),
+                _ => Err(e.into()),
+            }
+        }
+    }
 }
 
 pub struct Catalog {
@@ -121,10 +234,41 @@ pub struct JobSpec {
     /// The source's key column, if the model has one: the snapshot is read
     /// in its order.
     pub key_column: Option<String>,
+    /// Where the snapshot keeps the plan's columns.
+    pub snapshot_columns: SnapshotColumns,
     /// The model selection the version is a candidate of.
     pub selection: Option<i64>,
     /// The version it derives from (a warm start).
     pub parent_version: Option<i32>,
+}
+
+/// The snapshot table's names for a plan's columns: a snapshot stores source
+/// column i as `snapshot_column(i)` and lists the source names in
+/// `cerebro.snapshots.columns`. Everything but the read of the snapshot
+/// itself keeps the source names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotColumns {
+    /// The features', in plan order.
+    pub features: Vec<String>,
+    pub target: String,
+    pub key: Option<String>,
+}
+
+impl SnapshotColumns {
+    /// Maps `plan`'s features and target, and `key`, through `columns` (the
+    /// source names, in snapshot order).
+    pub fn map(columns: &[String], plan: &TrainingPlan, key: Option<&str>) -> Result<SnapshotColumns> {
+        let find = |name: &str| {
+            columns.iter().position(|c| c == name).map(snapshot_column).ok_or_else(|| {
+                CatalogError::Corrupt(format!("the snapshot has no column {name} (it has {})", columns.join(", ")))
+            })
+        };
+        Ok(SnapshotColumns {
+            features: plan.features.iter().map(|f| find(&f.name)).collect::<Result<_>>()?,
+            target: find(&plan.target)?,
+            key: key.map(find).transpose()?,
+        })
+    }
 }
 
 /// Where a selection stands when a stack of its candidates starts.
@@ -140,11 +284,63 @@ pub struct SelectionState {
     pub rung_losses: BTreeMap<u32, Vec<f64>>,
 }
 
-/// What recovery did with a job a dead daemon left running.
+/// Where the sweep put a job that was left `running`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SweptTo {
+    Queued,
+    /// Its attempts are used up.
+    Failed,
+    /// A user asked to cancel it.
+    Cancelled,
+}
+
+impl SweptTo {
+    /// Both a `job_state` and a `model_status`.
+    fn state(self) -> &'static str {
+        match self {
+            SweptTo::Queued => "queued",
+            SweptTo::Failed => "failed",
+            SweptTo::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What the sweep did with a job left `running`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Recovered {
+pub struct Swept {
     pub job_id: i64,
-    pub requeued: bool,
+    pub to: SweptTo,
+    /// Claimed by another daemon (one that stopped): not by this one.
+    pub orphaned: bool,
+}
+
+/// Where a job left `running` goes, and the error users read: a daemon that
+/// stopped (`orphaned`) or this daemon's write that ended the attempt (a
+/// transaction held a lock it needed) left it there. Attempts count either
+/// way, so a job that keeps being left ends `failed` after `max_attempts`.
+pub fn sweep_outcome(
+    attempts: i32,
+    max_attempts: i32,
+    cancel_requested: bool,
+    orphaned: bool,
+) -> (SweptTo, Option<String>) {
+    if cancel_requested {
+        return (SweptTo::Cancelled, None);
+    }
+    let used_up = attempts >= max_attempts;
+    let error = match (orphaned, used_up) {
+        (true, false) => format!("cerebrod stopped during attempt {attempts}; the job was requeued"),
+        (true, true) => format!("cerebrod stopped during training {attempts} times; giving up"),
+        (false, false) => format!(
+            "another transaction held a lock on the job's catalog rows or snapshot during attempt {attempts}; \
+             the job was requeued"
+        ),
+        (false, true) => format!(
+            "another transaction held a lock on the job's catalog rows or snapshot during attempt {attempts}; \
+             giving up after {attempts} attempts"
+        ),
+    };
+    (if used_up { SweptTo::Failed } else { SweptTo::Queued }, Some(error))
 }
 
 /// A model version as the scorer needs to find it.
@@ -165,10 +361,8 @@ impl Catalog {
         &self.client
     }
 
-    /// Takes the daemon lock; false when another daemon holds it.
-    pub async fn try_lock_daemon(&self) -> Result<bool> {
-        let row = self.client.query_one("SELECT pg_try_advisory_lock($1)", &[&DAEMON_LOCK_KEY]).await?;
-        Ok(row.get(0))
+    pub fn client_mut(&mut self) -> &mut Client {
+        &mut self.client
     }
 
     pub async fn listen(&self) -> Result<()> {
@@ -176,51 +370,63 @@ impl Catalog {
         Ok(())
     }
 
-    /// Requeues jobs left `running` by a daemon that died, or fails those that
-    /// used up their attempts. Only safe while holding the daemon lock.
-    pub async fn recover_stale_jobs(&mut self) -> Result<Vec<Recovered>> {
+    /// Puts jobs left `running` back in the queue (or fails them after
+    /// `max_attempts`, or cancels them if a user asked to), but for those of
+    /// `training`: ones a daemon that stopped claimed, and ones whose ending
+    /// write `worker` gave up on because a transaction held a lock it needed.
+    /// Rows locked now are skipped, never waited for: a later sweep takes
+    /// them. Only safe while holding the daemon lock.
+    pub async fn sweep_jobs(&mut self, worker: &str, training: &[i64]) -> Result<Vec<Swept>> {
         let tx = self.client.transaction().await?;
         let rows = tx
             .query(
-                "UPDATE cerebro.jobs SET
-                     state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END::cerebro.job_state,
-                     finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
-                     error = CASE WHEN attempts >= max_attempts
-                         THEN format('cerebrod stopped during training %s times; giving up', attempts)
-                         ELSE format('cerebrod stopped during attempt %s; the job was requeued', attempts) END
-                 WHERE state = 'running'
-                 RETURNING id, model_version_id, state = 'queued', error",
-                &[],
+                "SELECT j.id, j.model_version_id, j.attempts, j.max_attempts, j.cancel_requested,
+                        j.claimed_by IS DISTINCT FROM $1
+                 FROM cerebro.jobs j JOIN cerebro.model_versions m ON m.id = j.model_version_id
+                 WHERE j.state = 'running' AND j.id <> ALL($2)
+                 ORDER BY j.id
+                 FOR UPDATE OF j SKIP LOCKED FOR NO KEY UPDATE OF m SKIP LOCKED",
+                &[&worker, &training],
             )
             .await?;
-        let mut recovered = Vec::with_capacity(rows.len());
+        let mut swept = Vec::with_capacity(rows.len());
         for row in rows {
-            let (job_id, mv, requeued, error): (i64, i64, bool, String) =
-                (row.get(0), row.get(1), row.get(2), row.get(3));
+            let (job_id, mv, orphaned): (i64, i64, bool) = (row.get(0), row.get(1), row.get(5));
+            let (to, error) = sweep_outcome(row.get(2), row.get(3), row.get(4), orphaned);
             tx.execute(
-                "UPDATE cerebro.model_versions SET
-                     status = CASE WHEN $2 THEN 'queued' ELSE 'failed' END::cerebro.model_status,
-                     error = CASE WHEN $2 THEN NULL ELSE $3 END,
-                     epoch = 0
+                "UPDATE cerebro.jobs SET state = $2::pg_catalog.text::cerebro.job_state, error = $3,
+                        finished_at = CASE WHEN $2 = 'queued' THEN NULL ELSE pg_catalog.now() END,
+                        claimed_by = CASE WHEN $2 = 'queued' THEN NULL ELSE claimed_by END
                  WHERE id = $1",
-                &[&mv, &requeued, &error],
+                &[&job_id, &to.state(), &error],
             )
             .await?;
-            recovered.push(Recovered { job_id, requeued });
+            tx.execute(
+                "UPDATE cerebro.model_versions SET status = $2::pg_catalog.text::cerebro.model_status,
+                        error = CASE WHEN $2 = 'queued' THEN NULL ELSE $3 END,
+                        epoch = CASE WHEN $2 = 'queued' THEN 0 ELSE epoch END
+                 WHERE id = $1",
+                &[&mv, &to.state(), &error],
+            )
+            .await?;
+            swept.push(Swept { job_id, to, orphaned });
         }
         tx.commit().await?;
-        Ok(recovered)
+        Ok(swept)
     }
 
     /// Claims the oldest queued job, marking it and its model as training.
+    /// Jobs whose rows another transaction holds are skipped, not waited for.
     pub async fn claim_next_job(&mut self, worker: &str) -> Result<Option<ClaimedJob>> {
         let tx = self.client.transaction().await?;
         let row = tx
             .query_opt(
                 "UPDATE cerebro.jobs j SET state = 'running', attempts = attempts + 1,
-                        claimed_by = $1, claimed_at = now(), error = NULL
-                 FROM (SELECT id FROM cerebro.jobs WHERE state = 'queued'
-                       ORDER BY id FOR UPDATE SKIP LOCKED LIMIT 1) next
+                        claimed_by = $1, claimed_at = pg_catalog.now(), error = NULL
+                 FROM (SELECT j2.id FROM cerebro.jobs j2 JOIN cerebro.model_versions m2 ON m2.id = j2.model_version_id
+                       WHERE j2.state = 'queued'
+                       ORDER BY j2.id LIMIT 1
+                       FOR UPDATE OF j2 SKIP LOCKED FOR NO KEY UPDATE OF m2 SKIP LOCKED) next
                  WHERE j.id = next.id
                  RETURNING j.id, j.model_version_id, j.attempts",
                 &[&worker],
@@ -232,7 +438,8 @@ impl Catalog {
         };
         let job = ClaimedJob { job_id: row.get(0), model_version_id: row.get(1), attempt: row.get(2) };
         tx.execute(
-            "UPDATE cerebro.model_versions SET status = 'training', started_at = now(), epoch = 0, error = NULL
+            "UPDATE cerebro.model_versions SET status = 'training', started_at = pg_catalog.now(), epoch = 0,
+                    error = NULL
              WHERE id = $1",
             &[&job.model_version_id],
         )
@@ -252,7 +459,7 @@ impl Catalog {
         let rows = tx
             .query(
                 "UPDATE cerebro.jobs j SET state = 'running', attempts = attempts + 1,
-                        claimed_by = $2, claimed_at = now(), error = NULL
+                        claimed_by = $2, claimed_at = pg_catalog.now(), error = NULL
                  FROM (SELECT j2.id FROM cerebro.jobs j2
                        JOIN cerebro.model_versions m2 ON m2.id = j2.model_version_id
                        JOIN cerebro.model_versions m ON m.id = $1
@@ -260,8 +467,9 @@ impl Catalog {
                          AND m2.selection_id = m.selection_id AND m2.snapshot_id = m.snapshot_id
                          AND m2.target_column = m.target_column AND m2.task = m.task
                          AND m2.features = m.features AND m2.class_labels = m.class_labels
-                         AND m2.options - $3::text[] = m.options - $3::text[]
-                       ORDER BY j2.id FOR UPDATE OF j2 SKIP LOCKED LIMIT $4) next
+                         AND m2.options - $3::pg_catalog.text[] = m.options - $3::pg_catalog.text[]
+                       ORDER BY j2.id LIMIT $4
+                       FOR UPDATE OF j2 SKIP LOCKED FOR NO KEY UPDATE OF m2 SKIP LOCKED) next
                  WHERE j.id = next.id
                  RETURNING j.id, j.model_version_id, j.attempts",
                 &[&job.model_version_id, &worker, &&PER_MODEL_OPTIONS[..], &limit],
@@ -273,7 +481,8 @@ impl Catalog {
             .collect();
         let ids: Vec<i64> = jobs.iter().map(|j| j.model_version_id).collect();
         tx.execute(
-            "UPDATE cerebro.model_versions SET status = 'training', started_at = now(), epoch = 0, error = NULL
+            "UPDATE cerebro.model_versions SET status = 'training', started_at = pg_catalog.now(), epoch = 0,
+                    error = NULL
              WHERE id = ANY($1)",
             &[&ids],
         )
@@ -283,29 +492,36 @@ impl Catalog {
         Ok(jobs)
     }
 
+    /// What training `model_version_id` needs; NotFound when its version or
+    /// snapshot is gone.
     pub async fn job_spec(&self, model_version_id: i64) -> Result<JobSpec> {
         let row = self
             .client
-            .query_one(
+            .query_opt(
                 "SELECT m.name, m.version, m.task, m.target_column, m.features, m.class_labels, m.options,
-                        s.data_relation, s.id, m.key_column, m.selection_id, m.parent_version
+                        s.data_relation, s.id, m.key_column, m.selection_id, m.parent_version, s.columns
                  FROM cerebro.model_versions m JOIN cerebro.snapshots s ON s.id = m.snapshot_id
                  WHERE m.id = $1",
                 &[&model_version_id],
             )
-            .await?;
+            .await?
+            .ok_or_else(|| CatalogError::NotFound(format!("model version {model_version_id} has no snapshot")))?;
         let corrupt = |what: &str, e: serde_json::Error| CatalogError::Corrupt(format!("{what}: {e}"));
         let task: Task =
             serde_json::from_value(serde_json::Value::String(row.get(2))).map_err(|e| corrupt("task", e))?;
         let features: Vec<Feature> = serde_json::from_value(row.get(4)).map_err(|e| corrupt("features", e))?;
         let options: TrainOptions = serde_json::from_value(row.get(6)).map_err(|e| corrupt("options", e))?;
+        let plan = TrainingPlan { task, target: row.get(3), features, class_labels: row.get(5), options };
+        let key_column: Option<String> = row.get(9);
+        let columns: Vec<String> = row.get(12);
         Ok(JobSpec {
             name: row.get(0),
             version: row.get(1),
-            plan: TrainingPlan { task, target: row.get(3), features, class_labels: row.get(5), options },
+            snapshot_columns: SnapshotColumns::map(&columns, &plan, key_column.as_deref())?,
+            plan,
             data_relation: row.get(7),
             snapshot_id: row.get(8),
-            key_column: row.get(9),
+            key_column,
             selection: row.get(10),
             parent_version: row.get(11),
         })
@@ -332,8 +548,8 @@ impl Catalog {
         let row = self
             .client
             .query_one(
-                "SELECT s.plan, extract(epoch FROM clock_timestamp() - s.created_at)::float8,
-                        (SELECT coalesce(sum(m.epoch), 0)::bigint FROM cerebro.model_versions m
+                "SELECT s.plan, extract(epoch FROM pg_catalog.clock_timestamp() - s.created_at)::pg_catalog.float8,
+                        (SELECT coalesce(pg_catalog.sum(m.epoch), 0)::pg_catalog.int8 FROM cerebro.model_versions m
                          WHERE m.selection_id = s.id AND m.id <> ALL($2))
                  FROM cerebro.selections s WHERE s.id = $1",
                 &[&selection, &stack],
@@ -346,9 +562,9 @@ impl Catalog {
         for r in self
             .client
             .query(
-                "SELECT r.epoch, (SELECT min(h.valid_loss) FROM cerebro.training_history h
+                "SELECT r.epoch, (SELECT pg_catalog.min(h.valid_loss) FROM cerebro.training_history h
                                   WHERE h.model_version_id = m.id AND h.epoch <= r.epoch)
-                 FROM cerebro.model_versions m, unnest($2::int[]) AS r(epoch)
+                 FROM cerebro.model_versions m, pg_catalog.unnest($2::pg_catalog.int4[]) AS r(epoch)
                  WHERE m.selection_id = $1 AND m.id <> ALL($3) AND m.epoch >= r.epoch",
                 &[&selection, &rungs, &stack],
             )
@@ -368,9 +584,33 @@ impl Catalog {
 
     /// Lets the catalog close `selection` if nothing of it is left to train
     /// (and promote its winner if asked); returns the version promoted.
-    pub async fn finish_selection(&self, selection: i64) -> Result<Option<i32>> {
-        let row = self.client.query_one("SELECT cerebro.finish_selection($1)", &[&selection]).await?;
+    /// `lock_timeout` overrides the session's for this call.
+    pub async fn finish_selection(&mut self, selection: i64, lock_timeout: Option<Duration>) -> Result<Option<i32>> {
+        let tx = self.client.transaction().await?;
+        if let Some(t) = lock_timeout {
+            tx.batch_execute(&format!("SET LOCAL lock_timeout = {}", t.as_millis().max(1))).await?;
+        }
+        let row = tx.query_one("SELECT cerebro.finish_selection($1)", &[&selection]).await?;
+        tx.commit().await?;
         Ok(row.get(0))
+    }
+
+    /// Selections left open with nothing of them queued or training: the
+    /// call that should have closed them (after their last stack) failed, or
+    /// a user cancelled all that was left of them.
+    pub async fn unfinished_selections(&self) -> Result<Vec<i64>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT s.id FROM cerebro.selections s
+                 WHERE s.finished_at IS NULL
+                   AND NOT EXISTS (SELECT FROM cerebro.model_versions m
+                                   WHERE m.selection_id = s.id AND m.status IN ('queued', 'training'))
+                 ORDER BY s.id",
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     /// Records one epoch of a version; returns whether a user asked to
@@ -384,7 +624,7 @@ impl Catalog {
                      VALUES ($1, $2, $3, $4, $5)
                      ON CONFLICT (model_version_id, epoch) DO UPDATE
                          SET train_loss = EXCLUDED.train_loss, valid_loss = EXCLUDED.valid_loss,
-                             seconds = EXCLUDED.seconds, recorded_at = now())
+                             seconds = EXCLUDED.seconds, recorded_at = pg_catalog.now())
                  UPDATE cerebro.model_versions SET epoch = $2 WHERE id = $1
                  RETURNING (SELECT j.cancel_requested FROM cerebro.jobs j WHERE j.model_version_id = $1)",
                 &[&model_version_id, &(stats.epoch as i32), &stats.train_loss, &stats.valid_loss, &stats.seconds],
@@ -408,18 +648,26 @@ impl Catalog {
         let metrics = serde_json::to_value(&model.metrics).expect("metrics serialise");
         let pipeline = serde_json::to_value(&model.pipeline).expect("pipeline serialises");
         let tx = self.client.transaction().await?;
+        // The job's row first, then the version's: the order in which
+        // cerebro.delete_model takes them, so the two never deadlock.
+        tx.execute(
+            "UPDATE cerebro.jobs SET state = 'done', finished_at = pg_catalog.now() WHERE id = $1",
+            &[&job.job_id],
+        )
+        .await?;
         tx.execute(
             "INSERT INTO cerebro.artifacts (model_version_id, sha256, size_bytes, bytes) VALUES ($1, $2, $3, $4)
              ON CONFLICT (model_version_id) DO UPDATE
                  SET sha256 = EXCLUDED.sha256, size_bytes = EXCLUDED.size_bytes, bytes = EXCLUDED.bytes,
-                     created_at = now()",
+                     created_at = pg_catalog.now()",
             &[&job.model_version_id, &sha256, &(onnx.len() as i64), &onnx],
         )
         .await?;
         tx.execute(
             "UPDATE cerebro.model_versions SET status = 'ready', metrics = $2, pipeline = $3,
-                    artifact_sha256 = $4, trained_at = now(), error = NULL,
-                    epoch = (SELECT coalesce(max(epoch), 0) FROM cerebro.training_history WHERE model_version_id = $1),
+                    artifact_sha256 = $4, trained_at = pg_catalog.now(), error = NULL,
+                    epoch = (SELECT coalesce(pg_catalog.max(epoch), 0) FROM cerebro.training_history
+                             WHERE model_version_id = $1),
                     weights_sha256 = $5, trained_with = $6, artifact_bytes = $7
              WHERE id = $1",
             &[
@@ -435,7 +683,6 @@ impl Catalog {
         .await?;
         tx.execute("UPDATE cerebro.snapshots SET fingerprint = $2 WHERE id = $1", &[&snapshot_id, &fingerprint])
             .await?;
-        tx.execute("UPDATE cerebro.jobs SET state = 'done', finished_at = now() WHERE id = $1", &[&job.job_id]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -457,13 +704,15 @@ impl Catalog {
     async fn end_job(&mut self, job: &ClaimedJob, outcome: &str, error: Option<&str>) -> Result<()> {
         let tx = self.client.transaction().await?;
         tx.execute(
-            "UPDATE cerebro.jobs SET state = $3::text::cerebro.job_state, finished_at = now(), error = $2
+            "UPDATE cerebro.jobs SET state = $3::pg_catalog.text::cerebro.job_state, finished_at = pg_catalog.now(),
+                    error = $2
              WHERE id = $1",
             &[&job.job_id, &error, &outcome],
         )
         .await?;
         tx.execute(
-            "UPDATE cerebro.model_versions SET status = $3::text::cerebro.model_status, error = $2 WHERE id = $1",
+            "UPDATE cerebro.model_versions SET status = $3::pg_catalog.text::cerebro.model_status, error = $2
+             WHERE id = $1",
             &[&job.model_version_id, &error, &outcome],
         )
         .await?;
@@ -527,7 +776,7 @@ impl Catalog {
             .query_opt(
                 "SELECT id, name, version, features, class_labels, source_relation, key_column, artifact_sha256
                  FROM cerebro.model_versions
-                 WHERE name = $1 AND status = 'ready' AND ($2::int IS NULL OR version = $2)
+                 WHERE name = $1 AND status = 'ready' AND ($2::pg_catalog.int4 IS NULL OR version = $2)
                  ORDER BY version DESC LIMIT 1",
                 &[&name, &version],
             )
@@ -550,5 +799,73 @@ impl Catalog {
             key_column: row.get(6),
             artifact_sha256: row.get(7),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cerebro_shared::spec::FeatureKind;
+
+    use super::*;
+
+    #[test]
+    fn lock_conflicts_are_told_apart_from_refusals() {
+        assert_eq!(Failure::of(Some(&SqlState::LOCK_NOT_AVAILABLE)), Failure::Lock);
+        assert_eq!(Failure::of(Some(&SqlState::T_R_DEADLOCK_DETECTED)), Failure::Lock);
+        assert_eq!(Failure::of(Some(&SqlState::INSUFFICIENT_PRIVILEGE)), Failure::Refusal);
+        assert_eq!(Failure::of(Some(&SqlState::UNIQUE_VIOLATION)), Failure::Refusal);
+        assert_eq!(Failure::of(None), Failure::Lost);
+        let corrupt = CatalogError::Corrupt("x".into());
+        assert!(!corrupt.is_lock_timeout() && !corrupt.is_refusal());
+    }
+
+    #[test]
+    fn sessions_pin_the_search_path_and_bound_lock_waits() {
+        let sql = session_setup(Duration::from_millis(1500));
+        assert_eq!(sql, "SET search_path = pg_catalog, pg_temp; SET lock_timeout = 1500");
+        // Never 0, which would mean waiting forever.
+        assert!(session_setup(Duration::ZERO).ends_with("lock_timeout = 1"));
+    }
+
+    #[test]
+    fn the_sweep_requeues_cancels_or_gives_up() {
+        assert_eq!(sweep_outcome(1, 3, true, false), (SweptTo::Cancelled, None));
+        assert_eq!(sweep_outcome(3, 3, true, true), (SweptTo::Cancelled, None));
+        let (to, error) = sweep_outcome(1, 3, false, true);
+        assert_eq!(to, SweptTo::Queued);
+        assert_eq!(error.unwrap(), "cerebrod stopped during attempt 1; the job was requeued");
+        let (to, error) = sweep_outcome(3, 3, false, true);
+        assert_eq!(to, SweptTo::Failed);
+        assert!(error.unwrap().contains("giving up"));
+        let (to, error) = sweep_outcome(2, 3, false, false);
+        assert_eq!(to, SweptTo::Queued);
+        assert!(error.unwrap().contains("another transaction held a lock on the job's catalog rows"));
+        let (to, error) = sweep_outcome(3, 3, false, false);
+        assert_eq!(to, SweptTo::Failed);
+        let error = error.unwrap();
+        assert!(error.contains("held a lock") && error.contains("giving up after 3 attempts"), "{error}");
+    }
+
+    fn plan(features: &[&str], target: &str) -> TrainingPlan {
+        TrainingPlan {
+            task: Task::Binary,
+            target: target.into(),
+            features: features.iter().map(|n| Feature { name: (*n).into(), kind: FeatureKind::Numeric }).collect(),
+            class_labels: vec!["no".into(), "yes".into()],
+            options: TrainOptions::default(),
+        }
+    }
+
+    #[test]
+    fn snapshot_columns_follow_the_recorded_order() {
+        let columns: Vec<String> = ["customer_id", "tenure", "churn", "Monthly \"x\""].map(String::from).into();
+        let p = plan(&["Monthly \"x\"", "tenure"], "churn");
+        let mapped = SnapshotColumns::map(&columns, &p, Some("customer_id")).unwrap();
+        assert_eq!(mapped.features, vec!["c4", "c2"]);
+        assert_eq!(mapped.target, "c3");
+        assert_eq!(mapped.key.as_deref(), Some("c1"));
+        assert_eq!(SnapshotColumns::map(&columns, &p, None).unwrap().key, None);
+        let e = SnapshotColumns::map(&columns, &plan(&["gone"], "churn"), None).unwrap_err();
+        assert!(e.to_string().contains("no column gone"), "{e}");
     }
 }

@@ -18,6 +18,9 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// The lock_timeout_ms values accepted: from a tenth of a second to ten minutes.
+const LOCK_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=600_000;
+
 /// The file as written; every field has a default.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -40,12 +43,23 @@ pub struct FileConfig {
     /// How often the queue is polled besides LISTEN/NOTIFY.
     pub poll_interval_ms: u64,
     pub max_connections: usize,
+    /// Longest one batch may take to score; a longer run is stopped and the
+    /// query fails saying so.
+    pub scoring_deadline_ms: u64,
     /// Models kept loaded for scoring.
     pub model_cache_size: usize,
     /// Most memory one stack of a selection's candidates may take while it
     /// trains (weights, optimiser state, activations); fewer candidates
     /// share a stack when theirs would take more.
     pub stack_memory_mib: usize,
+    /// Most memory one model may take while it trains: a model that needs
+    /// more fails with the reason instead of taking the daemon's memory (and,
+    /// through the kernel's OOM killer, every other role's training).
+    pub model_memory_mib: usize,
+    /// Longest cerebrod waits for a row or table lock another transaction
+    /// holds before it gives up on that write (and retries it later), so that
+    /// a user's open transaction cannot hold training up.
+    pub lock_timeout_ms: u64,
 }
 
 impl Default for FileConfig {
@@ -60,8 +74,11 @@ impl Default for FileConfig {
             scoring_threads: 1,
             poll_interval_ms: 5000,
             max_connections: 256,
+            scoring_deadline_ms: 60_000,
             model_cache_size: 32,
             stack_memory_mib: 2048,
+            model_memory_mib: 8192,
+            lock_timeout_ms: 5000,
         }
     }
 }
@@ -78,8 +95,11 @@ pub struct Config {
     pub scoring_threads: usize,
     pub poll_interval: Duration,
     pub max_connections: usize,
+    pub scoring_deadline: Duration,
     pub model_cache_size: usize,
     pub stack_memory_bytes: usize,
+    pub model_memory_bytes: usize,
+    pub lock_timeout: Duration,
 }
 
 impl Config {
@@ -116,6 +136,16 @@ impl TryFrom<FileConfig> for Config {
         if f.poll_interval_ms < 100 {
             return Err(ConfigError::Invalid("poll_interval_ms must be at least 100".into()));
         }
+        // 0 would mean waiting forever: any user's open transaction could
+        // then stop training for everyone.
+        if !LOCK_TIMEOUT_MS.contains(&f.lock_timeout_ms) {
+            return Err(ConfigError::Invalid(format!(
+                "lock_timeout_ms must be between {} and {}, not {}",
+                LOCK_TIMEOUT_MS.start(),
+                LOCK_TIMEOUT_MS.end(),
+                f.lock_timeout_ms
+            )));
+        }
         Ok(Config {
             socket_path: f.socket_path,
             database_url: f.database_url,
@@ -127,11 +157,22 @@ impl TryFrom<FileConfig> for Config {
             scoring_threads: threads_ok(f.scoring_threads, "scoring_threads")?,
             poll_interval: Duration::from_millis(f.poll_interval_ms),
             max_connections: f.max_connections.max(1),
+            scoring_deadline: match f.scoring_deadline_ms {
+                ms if ms < 100 => {
+                    return Err(ConfigError::Invalid(format!("scoring_deadline_ms must be at least 100, not {ms}")))
+                }
+                ms => Duration::from_millis(ms),
+            },
             model_cache_size: f.model_cache_size.max(1),
             stack_memory_bytes: match f.stack_memory_mib {
                 0 => return Err(ConfigError::Invalid("stack_memory_mib must be at least 1".into())),
                 mib => mib.saturating_mul(1 << 20),
             },
+            model_memory_bytes: match f.model_memory_mib {
+                0 => return Err(ConfigError::Invalid("model_memory_mib must be at least 1".into())),
+                mib => mib.saturating_mul(1 << 20),
+            },
+            lock_timeout: Duration::from_millis(f.lock_timeout_ms),
         })
     }
 }
@@ -144,6 +185,7 @@ mod tests {
     fn defaults_validate_and_fields_override() {
         let c = Config::try_from(FileConfig::default()).unwrap();
         assert_eq!(c.poll_interval, Duration::from_secs(5));
+        assert_eq!(c.lock_timeout, Duration::from_secs(5));
         let f: FileConfig =
             toml::from_str("socket_path = '/tmp/x.sock'\nallowed_uid = 7\ntraining_threads = 2").unwrap();
         let c = Config::try_from(f).unwrap();
@@ -164,5 +206,21 @@ mod tests {
         assert!(Config::try_from(threads).unwrap_err().to_string().contains("scoring_threads"));
         let device = FileConfig { device: "gpu".into(), ..Default::default() };
         assert!(Config::try_from(device).unwrap_err().to_string().contains("device must be"));
+    }
+
+    #[test]
+    fn lock_timeout_is_bounded_and_never_zero() {
+        let f: FileConfig = toml::from_str("lock_timeout_ms = 1000").unwrap();
+        assert_eq!(Config::try_from(f).unwrap().lock_timeout, Duration::from_secs(1));
+        for bad in [0, 99, 600_001] {
+            let f = FileConfig { lock_timeout_ms: bad, ..Default::default() };
+            let e = Config::try_from(f).unwrap_err().to_string();
+            assert!(e.contains("lock_timeout_ms") && e.contains(&bad.to_string()), "{e}");
+        }
+        for good in [100, 600_000] {
+            let f = FileConfig { lock_timeout_ms: good, ..Default::default() };
+            assert_eq!(Config::try_from(f).unwrap().lock_timeout, Duration::from_millis(good));
+        }
+        assert!(toml::from_str::<FileConfig>("lock_timeout_ms = -1").is_err());
     }
 }

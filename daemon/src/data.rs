@@ -2,15 +2,14 @@
 
 use cerebro_shared::batch::ColumnData;
 use cerebro_shared::spec::{FeatureKind, Task};
+use cerebro_shared::sql::{as_float8, as_text, quote_ident};
 use futures_util::{pin_mut, TryStreamExt};
 use sha2::{Digest, Sha256};
 use tokio_postgres::binary_copy::BinaryCopyOutStream;
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
-use cerebro_shared::sql::quote_ident;
-
-use crate::catalog::{JobSpec, Result};
+use crate::catalog::{CatalogError, JobSpec, Result};
 
 /// The SQL type a column is read as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,17 +19,126 @@ pub enum ReadAs {
 }
 
 impl ReadAs {
-    fn cast(self) -> &'static str {
-        match self {
-            ReadAs::Float64 => "float8",
-            ReadAs::Text => "text",
-        }
-    }
-
     pub fn for_feature(kind: FeatureKind) -> ReadAs {
         match kind {
             FeatureKind::Numeric => ReadAs::Float64,
             FeatureKind::Categorical => ReadAs::Text,
+        }
+    }
+}
+
+/// One column of a read: its name in the relation, the type it is read as
+/// and, when its base type is an enum, that enum (schema-qualified and
+/// quoted), read through the enum's output function rather than a cast.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadColumn {
+    pub name: String,
+    pub read_as: ReadAs,
+    pub enum_type: Option<String>,
+}
+
+impl ReadColumn {
+    /// A column of a built-in type (every column of a snapshot).
+    pub fn builtin(name: impl Into<String>, read_as: ReadAs) -> ReadColumn {
+        ReadColumn { name: name.into(), read_as, enum_type: None }
+    }
+
+    /// The select-list expression: only pg_catalog's conversions, so no cast,
+    /// function or operator a user wrote runs in the daemon's session.
+    fn expr(&self) -> String {
+        let column = quote_ident(&self.name);
+        match self.read_as {
+            ReadAs::Float64 => as_float8(&column),
+            ReadAs::Text => as_text(&column, self.enum_type.as_deref()),
+        }
+    }
+}
+
+/// The last OID of objects made by initdb (FirstNormalObjectId): types
+/// below it are built in, so neither they nor casts between them belong to
+/// any user.
+const FIRST_NORMAL_OID: u32 = 16384;
+
+/// A user's relation as `cerebrod score` reads it: its schema-qualified name
+/// and the base type (domains resolved) of each of its columns.
+#[derive(Debug, Clone)]
+pub struct UserRelation {
+    pub qualified: String,
+    /// (name, base type OID, the base type schema-qualified and quoted when
+    /// it is an enum)
+    columns: Vec<(String, u32, Option<String>)>,
+}
+
+impl UserRelation {
+    /// Looks `name` up as a relation name (never a query: the daemon runs no
+    /// SQL a user wrote). An unqualified name is looked up in the session's
+    /// search_path as it was before cerebrod pinned it (the role's or the
+    /// database's), as psql would.
+    pub async fn resolve(client: &mut Client, name: &str) -> Result<UserRelation> {
+        if name.trim_start().starts_with('(') {
+            return Err(CatalogError::Unreadable(format!(
+                "{name} is a query; cerebrod score reads relations only (name one with --source)"
+            )));
+        }
+        // Only the name lookup runs under the caller's search_path: a
+        // relation is all it can find there.
+        let tx = client.transaction().await?;
+        tx.execute(
+            "SELECT pg_catalog.set_config('search_path', s.reset_val, true) FROM pg_catalog.pg_settings s
+             WHERE s.name = 'search_path'",
+            &[],
+        )
+        .await?;
+        let oid: Option<u32> =
+            tx.query_one("SELECT pg_catalog.to_regclass($1)::pg_catalog.oid", &[&name]).await?.get(0);
+        tx.commit().await?;
+        let oid = oid.ok_or_else(|| CatalogError::NotFound(format!("relation \"{name}\" does not exist")))?;
+        let qualified: String = client
+            .query_one(
+                "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+                 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                 WHERE c.oid = $1",
+                &[&oid],
+            )
+            .await?
+            .get(0);
+        // Domains over domains are followed down to the base type.
+        let rows = client
+            .query(
+                "WITH RECURSIVE base (attnum, name, type) AS (
+                     SELECT a.attnum, a.attname::pg_catalog.text, a.atttypid FROM pg_catalog.pg_attribute a
+                     WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+                     UNION ALL
+                     SELECT b.attnum, b.name, t.typbasetype
+                     FROM base b JOIN pg_catalog.pg_type t ON t.oid = b.type WHERE t.typtype = 'd')
+                 SELECT b.name, t.oid, CASE WHEN t.typtype = 'e'
+                        THEN pg_catalog.format('%I.%I', n.nspname, t.typname) END
+                 FROM base b JOIN pg_catalog.pg_type t ON t.oid = b.type
+                 JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+                 WHERE t.typtype <> 'd'
+                 ORDER BY b.attnum",
+                &[&oid],
+            )
+            .await?;
+        let columns = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+        Ok(UserRelation { qualified, columns })
+    }
+
+    /// How to read `column` as `read_as` without running a user's code: a
+    /// built-in type through pg_catalog's casts, an enum to text through its
+    /// output function; anything else is refused.
+    pub fn read(&self, column: &str, read_as: ReadAs) -> Result<ReadColumn> {
+        let Some((name, oid, enum_type)) = self.columns.iter().find(|(n, _, _)| n == column) else {
+            return Err(CatalogError::NotFound(format!("relation {} has no column {column}", self.qualified)));
+        };
+        match (read_as, enum_type) {
+            (ReadAs::Text, Some(e)) => Ok(ReadColumn { name: name.clone(), read_as, enum_type: Some(e.clone()) }),
+            (_, None) if *oid < FIRST_NORMAL_OID => Ok(ReadColumn::builtin(name.clone(), read_as)),
+            _ => Err(CatalogError::Unreadable(format!(
+                "column {column} of {} has a type that is not built in; cerebrod score reads it only as {}",
+                self.qualified,
+                if enum_type.is_some() { "text (an enum)" } else { "nothing (its conversions are its owner's code)" }
+            ))),
         }
     }
 }
@@ -42,19 +150,20 @@ pub struct Table {
     pub fingerprint: String,
 }
 
-/// `SELECT col::type, ... FROM relation [ORDER BY order_by]` as a COPY BINARY stream.
+/// `SELECT <column as type>, ... FROM relation [ORDER BY order_by]` as a
+/// COPY BINARY stream. `relation` is already quoted and qualified.
 pub async fn copy_columns(
     client: &Client,
     relation: &str,
-    columns: &[(String, ReadAs)],
+    columns: &[ReadColumn],
     order_by: Option<&str>,
 ) -> Result<Table> {
-    let select: Vec<String> = columns.iter().map(|(c, t)| format!("{}::{}", quote_ident(c), t.cast())).collect();
+    let select: Vec<String> = columns.iter().map(ReadColumn::expr).collect();
     let order = order_by.map_or(String::new(), |k| format!(" ORDER BY {}", quote_ident(k)));
     let sql = format!("COPY (SELECT {} FROM {relation}{order}) TO STDOUT (FORMAT binary)", select.join(", "));
     let types: Vec<Type> = columns
         .iter()
-        .map(|(_, t)| match t {
+        .map(|c| match c.read_as {
             ReadAs::Float64 => Type::FLOAT8,
             ReadAs::Text => Type::TEXT,
         })
@@ -63,7 +172,7 @@ pub async fn copy_columns(
     pin_mut!(stream);
     let mut out: Vec<ColumnData> = columns
         .iter()
-        .map(|(_, t)| match t {
+        .map(|c| match c.read_as {
             ReadAs::Float64 => ColumnData::Float64(Vec::new()),
             ReadAs::Text => ColumnData::Text(Vec::new()),
         })
@@ -104,13 +213,20 @@ pub async fn copy_columns(
 /// Reads a job's snapshot: its features in plan order, then the target; in
 /// key order when the model has a key, so that the same rows give the same
 /// seeded split, the same model and the same fingerprint whatever order the
-/// snapshot's heap holds them in.
+/// snapshot's heap holds them in. Snapshot columns are built-in types under
+/// neutral names (`JobSpec::snapshot_columns`).
 pub async fn read_snapshot(client: &Client, job: &JobSpec) -> Result<Table> {
-    let mut columns: Vec<(String, ReadAs)> =
-        job.plan.features.iter().map(|f| (f.name.clone(), ReadAs::for_feature(f.kind))).collect();
+    let names = &job.snapshot_columns;
+    let mut columns: Vec<ReadColumn> = job
+        .plan
+        .features
+        .iter()
+        .zip(&names.features)
+        .map(|(f, name)| ReadColumn::builtin(name.clone(), ReadAs::for_feature(f.kind)))
+        .collect();
     let target = if job.plan.task == Task::Regression { ReadAs::Float64 } else { ReadAs::Text };
-    columns.push((job.plan.target.clone(), target));
-    copy_columns(client, &job.data_relation, &columns, job.key_column.as_deref()).await
+    columns.push(ReadColumn::builtin(names.target.clone(), target));
+    copy_columns(client, &job.data_relation, &columns, names.key.as_deref()).await
 }
 
 pub fn hex(bytes: &[u8]) -> String {

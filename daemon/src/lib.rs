@@ -1,8 +1,8 @@
 //! cerebrod: trains, exports and scores Cerebro models.
 //!
-//! [`run`] is the whole daemon: it takes the database's daemon lock, recovers
-//! jobs a previous daemon left running, then serves the control socket and
-//! runs the job loop until `shutdown` turns true.
+//! [`run`] is the whole daemon: it takes the database's daemon lock, then
+//! serves the control socket and runs the job loop (which first recovers
+//! jobs a previous daemon left running) until `shutdown` turns true.
 
 pub mod catalog;
 pub mod config;
@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use crate::catalog::CatalogError;
 use crate::config::Config;
-use crate::data::{copy_columns, ReadAs};
+use crate::data::{copy_columns, ReadAs, UserRelation};
 use crate::engine::{Compute, DeviceChoice};
 use crate::scoring::{OnnxRuntime, ScoringError};
 
@@ -62,34 +62,36 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     }
     let runtime = OnnxRuntime::load(&config.onnxruntime_library, config.scoring_threads)?;
 
-    let wake = Arc::new(Notify::new());
-    let (mut control, control_driver) = catalog::connect(&config.database_url, Some(wake.clone())).await?;
-    if !control.try_lock_daemon().await? {
+    let lock_timeout = config.lock_timeout;
+    let Some((daemon_lock, lock_driver)) = catalog::lock_daemon(&config.database_url, lock_timeout).await? else {
         return Err(DaemonError::AlreadyRunning);
-    }
-    for r in control.recover_stale_jobs().await? {
-        if r.requeued {
-            warn!(job = r.job_id, "job was left running by a stopped daemon; requeued");
-        } else {
-            warn!(job = r.job_id, "job was left running too many times; marked failed");
-        }
-    }
+    };
+    let worker_id = format!("cerebrod pid {} (session {})", std::process::id(), daemon_lock.backend_pid().await?);
+    let wake = Arc::new(Notify::new());
+    let (control, control_driver) = catalog::connect(&config.database_url, Some(wake.clone()), lock_timeout).await?;
     control.listen().await?;
-    let (data, data_driver) = catalog::connect(&config.database_url, None).await?;
+    let (data, data_driver) = catalog::connect(&config.database_url, None, lock_timeout).await?;
     let data = Arc::new(data);
 
-    let listener = server::bind(&config.socket_path)?;
+    let listener = server::bind(&config.socket_path, config.allowed_uid)?;
     info!(socket = %config.socket_path.display(), allowed_uid = config.allowed_uid, "listening");
     let service = Arc::new(server::ScoringService::new(runtime, data.clone(), config.model_cache_size));
-    let server =
-        tokio::spawn(server::serve(listener, service, config.allowed_uid, config.max_connections, shutdown.clone()));
+    let server = tokio::spawn(server::serve(
+        listener,
+        service,
+        config.allowed_uid,
+        server::Limits { max_connections: config.max_connections, scoring_deadline: config.scoring_deadline },
+        shutdown.clone(),
+    ));
     let scheduler = scheduler::Scheduler {
         control,
         data,
-        worker_id: format!("cerebrod pid {}", std::process::id()),
+        worker_id,
         poll_interval: config.poll_interval,
+        lock_timeout,
         compute: Compute { device: config.device, threads: config.training_threads },
         stack_memory_bytes: config.stack_memory_bytes,
+        model_memory_bytes: config.model_memory_bytes,
         wake,
         shutdown: shutdown.clone(),
     };
@@ -105,6 +107,9 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         },
         _ = control_driver => Err(DaemonError::ConnectionLost),
         _ = data_driver => Err(DaemonError::ConnectionLost),
+        // Without the lock's session another daemon could start and take
+        // over the jobs this one is training.
+        _ = lock_driver => Err(DaemonError::ConnectionLost),
     };
     // Once a stop was asked for, tasks winding down close their connections:
     // that is the stop, not a lost database.
@@ -115,6 +120,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     }
     server.abort();
     let _ = std::fs::remove_file(&config.socket_path);
+    // Last: the lock is freed only once nothing of this daemon writes any more.
+    drop(daemon_lock);
     info!("cerebrod stopped");
     result
 }
@@ -138,7 +145,7 @@ pub async fn score_relation(
     key_column: Option<&str>,
 ) -> Result<Vec<ScoredRow>, DaemonError> {
     let runtime = OnnxRuntime::load(&config.onnxruntime_library, config.scoring_threads)?;
-    let (catalog, _driver) = catalog::connect(&config.database_url, None).await?;
+    let (mut catalog, _driver) = catalog::connect(&config.database_url, None, config.lock_timeout).await?;
     let model = catalog.find_model(model_name, version).await?;
     let artifact = catalog
         .artifact(model.id)
@@ -151,22 +158,16 @@ pub async fn score_relation(
         ))
         .into());
     }
-    let relation: String = match source {
-        Some(s) => catalog
-            .client()
-            .query_one("SELECT $1::text::regclass::text", &[&s])
-            .await
-            .map_err(CatalogError::from)?
-            .get(0),
-        None => model.source_relation.clone(),
-    };
+    let relation = UserRelation::resolve(catalog.client_mut(), source.unwrap_or(&model.source_relation)).await?;
     let key = key_column.map(str::to_owned).or(model.key_column.clone());
-    let mut columns: Vec<(String, ReadAs)> =
-        model.features.iter().map(|f| (f.name.clone(), ReadAs::for_feature(f.kind))).collect();
-    if let Some(k) = &key {
-        columns.push((k.clone(), ReadAs::Text));
+    let mut columns = Vec::with_capacity(model.features.len() + 1);
+    for f in &model.features {
+        columns.push(relation.read(&f.name, ReadAs::for_feature(f.kind))?);
     }
-    let mut table = copy_columns(catalog.client(), &relation, &columns, None).await?.columns;
+    if let Some(k) = &key {
+        columns.push(relation.read(k, ReadAs::Text)?);
+    }
+    let mut table = copy_columns(catalog.client(), &relation.qualified, &columns, None).await?.columns;
     let keys = match key {
         Some(_) => match table.pop() {
             Some(ColumnData::Text(k)) => k,

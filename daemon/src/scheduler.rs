@@ -7,19 +7,26 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Notify};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::catalog::{Catalog, CatalogError, ClaimedJob, JobSpec};
+use crate::catalog::{Catalog, CatalogError, ClaimedJob, JobSpec, SweptTo};
 use crate::data::read_snapshot;
 use crate::engine::Compute;
 use crate::features::FeaturePipeline;
 use crate::guide::Guide;
 use crate::onnx;
-use crate::train::{self, Control, TrainError};
+use crate::train::{self, Control, EpochStats, TrainError};
 use crate::warm::ParentWeights;
 
 /// Most candidates trained in one stack (activations of all of them stay in memory).
 const MAX_STACK: i64 = 32;
+/// After a lock kept one of a model's epochs out of the catalog, its records
+/// are skipped for this long, so that a lock held for a long time costs one
+/// `lock_timeout` per model now and then, not one per epoch.
+const RECORD_PAUSE: Duration = Duration::from_secs(30);
+/// How long a retry to close a selection (the sweep's) waits for a lock: the
+/// first try, after the selection's last stack, waits the full lock_timeout.
+const RETRY_LOCK_TIMEOUT: Duration = Duration::from_millis(100);
 
 pub struct Scheduler {
     /// Job state changes and progress.
@@ -28,21 +35,68 @@ pub struct Scheduler {
     pub data: Arc<Catalog>,
     pub worker_id: String,
     pub poll_interval: Duration,
+    /// The sessions' lock_timeout (`lock_timeout_ms`).
+    pub lock_timeout: Duration,
     /// The device and CPU threads every job trains with.
     pub compute: Compute,
     /// Most memory one stack may take (`stack_memory_mib`).
     pub stack_memory_bytes: usize,
+    /// Most memory one model may take (`model_memory_mib`).
+    pub model_memory_bytes: usize,
     pub wake: Arc<Notify>,
     pub shutdown: watch::Receiver<bool>,
 }
 
+/// The outcome of a write that ends `job`, where a lock another transaction
+/// held past lock_timeout is no failure: the job stays `running`, and the
+/// sweep puts it back in the queue once the lock is released.
+fn unless_locked(job: &ClaimedJob, written: Result<(), CatalogError>) -> Result<(), CatalogError> {
+    match written {
+        Err(e) if e.is_lock_timeout() => {
+            warn!(
+                job = job.job_id,
+                "a transaction held a lock on the job's catalog rows past lock_timeout ({}); the job stays \
+                 running and goes back to the queue once the lock is released",
+                e.reason()
+            );
+            Ok(())
+        }
+        other => other,
+    }
+}
+
 impl Scheduler {
-    /// Runs until shutdown; returns an error only when the catalog is lost.
+    /// Runs until shutdown; returns an error only when the catalog is lost
+    /// (or refuses what the daemon cannot work without).
     pub async fn run(mut self) -> Result<(), CatalogError> {
+        let mut selections_swept: Option<Instant> = None;
         loop {
             while !*self.shutdown.borrow() {
-                let Some(job) = self.control.claim_next_job(&self.worker_id).await? else { break };
-                self.run_job(job).await?;
+                self.sweep_jobs(&[]).await?;
+                if selections_swept.is_none_or(|t| t.elapsed() >= self.poll_interval) {
+                    self.sweep_selections().await?;
+                    selections_swept = Some(Instant::now());
+                }
+                let job = match self.control.claim_next_job(&self.worker_id).await {
+                    Ok(Some(job)) => job,
+                    Ok(None) => break,
+                    Err(e) if e.is_lock_timeout() => {
+                        warn!("claiming a job waited on a lock past lock_timeout ({}); trying again later", e.reason());
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                };
+                match self.run_job(job.clone()).await {
+                    // Any other write of the stack a lock held up: the
+                    // stack's jobs stay running, and the sweep requeues them.
+                    Err(e) if e.is_lock_timeout() => warn!(
+                        job = job.job_id,
+                        "a transaction held a lock the job needed past lock_timeout ({}); its stack stays \
+                         running and goes back to the queue once the lock is released",
+                        e.reason()
+                    ),
+                    other => other?,
+                }
             }
             if *self.shutdown.borrow() {
                 return Ok(());
@@ -55,38 +109,158 @@ impl Scheduler {
         }
     }
 
+    /// Requeues, fails or cancels the jobs left `running` but for those of
+    /// `training` (see `Catalog::sweep_jobs`); never waits on a lock.
+    async fn sweep_jobs(&mut self, training: &[i64]) -> Result<(), CatalogError> {
+        let swept = match self.control.sweep_jobs(&self.worker_id, training).await {
+            Ok(swept) => swept,
+            Err(e) if e.is_lock_timeout() => {
+                debug!("the sweep waited on a lock past lock_timeout ({}); next pass", e.reason());
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        for s in swept {
+            let why = if s.orphaned { "by a stopped daemon" } else { "when a lock held up its ending" };
+            match s.to {
+                SweptTo::Queued => warn!(job = s.job_id, "job was left running {why}; requeued"),
+                SweptTo::Failed => warn!(job = s.job_id, "job was left running {why} too many times; marked failed"),
+                SweptTo::Cancelled => info!(job = s.job_id, "job was left running {why}; cancelled, as asked"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes selections that nothing is left to train for but are still
+    /// open (their closing was held up by a lock, or their candidates were
+    /// all cancelled). Each try waits only briefly: a lock held for long
+    /// costs this loop little, and the next pass tries again.
+    async fn sweep_selections(&mut self) -> Result<(), CatalogError> {
+        let ids = match self.control.unfinished_selections().await {
+            Ok(ids) => ids,
+            Err(e) if e.is_lock_timeout() || e.is_refusal() => {
+                debug!("cannot list unfinished selections: {}", e.reason());
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let wait = self.lock_timeout.min(RETRY_LOCK_TIMEOUT);
+        for id in ids {
+            match self.control.finish_selection(id, Some(wait)).await {
+                Ok(Some(version)) => {
+                    info!(selection = id, version, "selection finished; its best candidate is deployed")
+                }
+                Ok(None) => info!(selection = id, "selection finished"),
+                Err(e) if e.is_lock_timeout() || e.is_refusal() => {
+                    debug!(selection = id, "cannot finish the selection yet: {}", e.reason())
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Records an epoch of `job`, unless a lock kept one of its epochs out
+    /// less than RECORD_PAUSE ago (`paused_until`); true when a user asked to
+    /// cancel it. A lock held past lock_timeout skips the record with a
+    /// warning: training goes on.
+    async fn record_epoch(
+        &mut self,
+        job: &ClaimedJob,
+        stats: &EpochStats,
+        paused_until: &mut Option<Instant>,
+    ) -> Result<bool, CatalogError> {
+        if paused_until.is_some_and(|t| Instant::now() < t) {
+            debug!(job = job.job_id, epoch = stats.epoch, "epoch not recorded: the job's catalog rows were locked");
+            return Ok(false);
+        }
+        match self.control.record_epoch(job.model_version_id, stats).await {
+            Err(e) if e.is_lock_timeout() => {
+                warn!(
+                    job = job.job_id,
+                    epoch = stats.epoch,
+                    "a transaction held a lock on the job's catalog rows past lock_timeout ({}); epochs are not \
+                     recorded for {}s, training goes on",
+                    e.reason(),
+                    RECORD_PAUSE.as_secs()
+                );
+                *paused_until = Some(Instant::now() + RECORD_PAUSE);
+                Ok(false)
+            }
+            other => other,
+        }
+    }
+
     /// Trains `first`, with the queued candidates of its selection that can
     /// share its stack: one read of the data, one pass per epoch for all.
     async fn run_job(&mut self, first: ClaimedJob) -> Result<(), CatalogError> {
-        let mut jobs = vec![first.clone()];
-        jobs.extend(self.control.claim_companions(&first, &self.worker_id, MAX_STACK - 1).await?);
-        let mut specs = Vec::with_capacity(jobs.len());
-        for job in &jobs {
-            specs.push(self.control.job_spec(job.model_version_id).await?);
+        let mut claimed = vec![first.clone()];
+        match self.control.claim_companions(&first, &self.worker_id, MAX_STACK - 1).await {
+            Ok(more) => claimed.extend(more),
+            Err(e) if e.is_lock_timeout() => {
+                warn!(job = first.job_id, "claiming its companions waited on a lock ({}); it trains alone", e.reason())
+            }
+            Err(e) => return Err(e),
         }
-        let spec = specs[0].clone();
+        let mut jobs = Vec::with_capacity(claimed.len());
+        let mut specs = Vec::with_capacity(claimed.len());
+        for job in claimed {
+            match self.control.job_spec(job.model_version_id).await {
+                Ok(spec) => {
+                    jobs.push(job);
+                    specs.push(spec);
+                }
+                Err(e @ (CatalogError::Corrupt(_) | CatalogError::NotFound(_))) => {
+                    let msg = format!("cannot read the training request: {e}");
+                    warn!(job = job.job_id, "{msg}");
+                    let ended = self.control.finish_failure(&job, &msg).await;
+                    unless_locked(&job, ended)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let Some(spec) = specs.first().cloned() else { return Ok(()) };
+        let selection = spec.selection;
         for (job, s) in jobs.iter().zip(&specs) {
             info!(job = job.job_id, model = %s.name, version = s.version, attempt = job.attempt, stack = jobs.len(), "training");
         }
         let table = match read_snapshot(self.data.client(), &spec).await {
             Ok(t) => t,
-            Err(CatalogError::Db(e)) if e.as_db_error().is_some() => {
+            Err(e) if e.is_refusal() => {
                 // The server refused the read (snapshot dropped, type changed):
                 // retrying cannot help.
-                let msg = format!("cannot read the training snapshot {}: {e}", spec.data_relation);
+                let msg = format!("cannot read the training snapshot {}: {}", spec.data_relation, e.reason());
                 for job in &jobs {
-                    self.control.finish_failure(job, &msg).await?;
+                    let ended = self.control.finish_failure(job, &msg).await;
+                    unless_locked(job, ended)?;
                 }
-                return Ok(());
+                return self.finish_selection(selection).await;
             }
             Err(e) => return Err(e),
         };
 
-        // Fewer candidates share the stack when all of them would not fit
-        // in the memory budget; the others go back to the queue.
+        // A model too big for the daemon fails, saying so; fewer candidates
+        // share the stack when all of them would not fit in the memory
+        // budget, and the others go back to the queue. (A stack's models
+        // share one architecture, so one size fits all.)
+        let features = &table.columns[..table.columns.len() - 1];
+        let per_model = train::model_bytes(&spec.plan, features).ok();
+        if let Some(needed) = per_model.filter(|&b| b > self.model_memory_bytes) {
+            let msg = format!(
+                "training this model needs about {} MiB, more than cerebrod's model_memory_mib ({} MiB); use \
+                 fewer or narrower layers, smaller embeddings or a smaller batch_size",
+                needed >> 20,
+                self.model_memory_bytes >> 20
+            );
+            warn!(job = first.job_id, "{msg}");
+            for job in &jobs {
+                let ended = self.control.finish_failure(job, &msg).await;
+                unless_locked(job, ended)?;
+            }
+            return self.finish_selection(selection).await;
+        }
         if jobs.len() > 1 {
-            let features = &table.columns[..table.columns.len() - 1];
-            if let Ok(per_model) = train::model_bytes(&spec.plan, features) {
+            if let Some(per_model) = per_model {
                 let fit = (self.stack_memory_bytes / per_model.max(1)).max(1);
                 if jobs.len() > fit {
                     info!(
@@ -97,13 +271,13 @@ impl Scheduler {
                         "stack limited by stack_memory_mib"
                     );
                     for job in jobs.drain(fit..) {
-                        self.control.requeue(&job).await?;
+                        let requeued = self.control.requeue(&job).await;
+                        unless_locked(&job, requeued)?;
                     }
                     specs.truncate(fit);
                 }
             }
         }
-        let selection = spec.selection;
         let mut guide = match selection {
             Some(id) => {
                 let ids: Vec<i64> = jobs.iter().map(|j| j.model_version_id).collect();
@@ -114,7 +288,8 @@ impl Scheduler {
         };
         if let Some(why) = guide.as_ref().and_then(|g| g.exhausted(Instant::now())) {
             for job in &jobs {
-                self.control.finish_cancelled(job, Some(&why)).await?;
+                let ended = self.control.finish_cancelled(job, Some(&why)).await;
+                unless_locked(job, ended)?;
             }
             info!(job = first.job_id, stack = jobs.len(), "{why}");
             return self.finish_selection(selection).await;
@@ -162,12 +337,19 @@ impl Scheduler {
         let mut shutdown = self.shutdown.clone();
         // A write the catalog refuses stops training and fails the jobs.
         let mut refused: Option<CatalogError> = None;
+        // Per model: until when its epochs go unrecorded (a lock held them up).
+        let mut paused: Vec<Option<Instant>> = vec![None; jobs.len()];
+        // Jobs left running by earlier stacks go back to the queue while this
+        // one trains, not only after it.
+        let stack: Vec<i64> = jobs.iter().map(|j| j.job_id).collect();
+        let mut sweep = tokio::time::interval_at(tokio::time::Instant::now() + self.poll_interval, self.poll_interval);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let outcome = loop {
             tokio::select! {
                 done = &mut training => break done,
                 Some((m, stats)) = progress_rx.recv() => {
                     if refused.is_none() {
-                        match self.control.record_epoch(jobs[m].model_version_id, &stats).await {
+                        match self.record_epoch(&jobs[m], &stats, &mut paused[m]).await {
                             Err(e) if e.is_refusal() => {
                                 stop.store(true, Ordering::Relaxed);
                                 refused = Some(e);
@@ -181,12 +363,17 @@ impl Scheduler {
                         }
                     }
                 }
+                _ = sweep.tick() => {
+                    if let Err(e) = self.sweep_jobs(&stack).await {
+                        debug!("sweep during training: {e}");
+                    }
+                }
                 _ = shutdown.changed() => stop.store(true, Ordering::Relaxed),
             }
         };
         while let Ok((m, stats)) = progress_rx.try_recv() {
             if refused.is_none() {
-                if let Err(e) = self.control.record_epoch(jobs[m].model_version_id, &stats).await {
+                if let Err(e) = self.record_epoch(&jobs[m], &stats, &mut paused[m]).await {
                     if !e.is_refusal() {
                         return Err(e);
                     }
@@ -199,7 +386,7 @@ impl Scheduler {
             for job in &jobs {
                 self.fail_refused(job, &reason).await?;
             }
-            return Ok(());
+            return self.finish_selection(selection).await;
         }
 
         let (result, fingerprint, guide) = match outcome {
@@ -208,7 +395,8 @@ impl Scheduler {
                 let msg = format!("training crashed: {join}");
                 error!(job = first.job_id, "{msg}");
                 for job in &jobs {
-                    self.control.finish_failure(job, &msg).await?;
+                    let ended = self.control.finish_failure(job, &msg).await;
+                    unless_locked(job, ended)?;
                 }
                 return self.finish_selection(selection).await;
             }
@@ -218,14 +406,16 @@ impl Scheduler {
             Err(TrainError::Stopped) => {
                 warn!(job = first.job_id, stack = jobs.len(), "training stopped by shutdown; jobs requeued");
                 for job in &jobs {
-                    self.control.requeue(job).await?;
+                    let requeued = self.control.requeue(job).await;
+                    unless_locked(job, requeued)?;
                 }
                 return Ok(());
             }
             Err(e) => {
                 warn!(job = first.job_id, "training failed: {e}");
                 for job in &jobs {
-                    self.control.finish_failure(job, &e.to_string()).await?;
+                    let ended = self.control.finish_failure(job, &e.to_string()).await;
+                    unless_locked(job, ended)?;
                 }
                 return self.finish_selection(selection).await;
             }
@@ -236,12 +426,14 @@ impl Scheduler {
                 Ok(model) => model,
                 Err(TrainError::Cancelled) => {
                     info!(job = job.job_id, model = %spec.name, version = spec.version, "cancelled");
-                    self.control.finish_cancelled(job, None).await?;
+                    let ended = self.control.finish_cancelled(job, None).await;
+                    unless_locked(job, ended)?;
                     continue;
                 }
                 Err(e) => {
                     warn!(job = job.job_id, "training failed: {e}");
-                    self.control.finish_failure(job, &e.to_string()).await?;
+                    let ended = self.control.finish_failure(job, &e.to_string()).await;
+                    unless_locked(job, ended)?;
                     continue;
                 }
             };
@@ -261,13 +453,16 @@ impl Scheduler {
                     let stored =
                         self.control.finish_success(job, spec.snapshot_id, &model, &with, &bytes, &fingerprint).await;
                     match stored {
+                        Ok(()) => {
+                            info!(job = job.job_id, model = %spec.name, version = spec.version, device = %model.device, metrics = ?model.metrics, "ready")
+                        }
                         Err(e) if e.is_refusal() => self.fail_refused(job, &e.reason()).await?,
-                        other => other?,
+                        other => unless_locked(job, other)?,
                     }
-                    info!(job = job.job_id, model = %spec.name, version = spec.version, device = %model.device, metrics = ?model.metrics, "ready");
                 }
                 Err(e) => {
-                    self.control.finish_failure(job, &format!("ONNX export failed: {e}")).await?;
+                    let ended = self.control.finish_failure(job, &format!("ONNX export failed: {e}")).await;
+                    unless_locked(job, ended)?;
                 }
             }
         }
@@ -298,12 +493,19 @@ impl Scheduler {
     }
 
     /// Lets the catalog close the selection when its last candidate is done,
-    /// promoting its winner if the spec asked to.
+    /// promoting its winner if the spec asked to. When a lock or a refusal
+    /// keeps it open, the sweep tries again on later passes.
     async fn finish_selection(&mut self, selection: Option<i64>) -> Result<(), CatalogError> {
         let Some(id) = selection else { return Ok(()) };
-        match self.control.finish_selection(id).await {
+        match self.control.finish_selection(id, None).await {
             Ok(Some(version)) => info!(selection = id, version, "selection finished; its best candidate is deployed"),
             Ok(None) => {}
+            Err(e) if e.is_lock_timeout() => warn!(
+                selection = id,
+                "a transaction held a lock that closing the selection needs (its model's deployment?) past \
+                 lock_timeout ({}); tried again on later passes",
+                e.reason()
+            ),
             Err(e) if e.is_refusal() => warn!(selection = id, "cannot finish the selection: {}", e.reason()),
             Err(e) => return Err(e),
         }
@@ -315,6 +517,7 @@ impl Scheduler {
     async fn fail_refused(&mut self, job: &ClaimedJob, reason: &str) -> Result<(), CatalogError> {
         let msg = format!("the catalog refused cerebrod's write: {reason}; check the daemon role's privileges");
         error!(job = job.job_id, "{msg}");
-        self.control.finish_failure(job, &msg).await
+        let ended = self.control.finish_failure(job, &msg).await;
+        unless_locked(job, ended)
     }
 }

@@ -143,6 +143,8 @@ impl ScoringModel {
         layout: &ImportLayout,
         task: Task,
     ) -> Result<ScoringModel, ScoringError> {
+        // Checked at import too; a catalog restored from elsewhere is not.
+        cerebro_shared::onnx_graph::check_self_contained(bytes).map_err(|e| ScoringError::Artifact(e.to_string()))?;
         let session = ScoringModel::session(rt, bytes)?;
         let kinds = ScoringModel::input_kinds(&session)?;
         let inputs = layout
@@ -178,6 +180,17 @@ impl ScoringModel {
     /// The graph's raw output for `columns` (given in input order), flattened
     /// row-major, and its width per row.
     pub fn run(&self, columns: &[ColumnData]) -> Result<(Vec<f32>, usize), ScoringError> {
+        self.run_with(columns, None)
+    }
+
+    /// [`ScoringModel::run`] under `options`, through which another thread
+    /// may stop the run (`RunOptions::terminate`): an imported graph can
+    /// loop or grow for as long as its author likes.
+    pub fn run_with(
+        &self,
+        columns: &[ColumnData],
+        options: Option<&ort::session::RunOptions>,
+    ) -> Result<(Vec<f32>, usize), ScoringError> {
         let expected: usize = self.inputs.iter().map(|(_, _, k)| k).sum();
         if columns.len() != expected {
             return Err(ScoringError::ColumnCount { given: columns.len(), expected });
@@ -223,7 +236,11 @@ impl ScoringModel {
             next += width;
         }
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        let outputs = session.run(feed).map_err(run_err)?;
+        let outputs = match options {
+            Some(options) => session.run_with_options(feed, options),
+            None => session.run(feed),
+        }
+        .map_err(run_err)?;
         let (_, data) = outputs[self.output.as_str()].try_extract_tensor::<f32>().map_err(run_err)?;
         let width = data.len() / n;
         Ok((data.to_vec(), width))
@@ -233,7 +250,16 @@ impl ScoringModel {
     /// (binary), the top class's probability (multiclass), or the value
     /// (regression, label [`NO_LABEL`]).
     pub fn score(&self, columns: &[ColumnData]) -> Result<(Vec<f64>, Vec<u32>), ScoringError> {
-        let (out, width) = self.run(columns)?;
+        self.score_with(columns, None)
+    }
+
+    /// [`ScoringModel::score`] under `options` (see [`ScoringModel::run_with`]).
+    pub fn score_with(
+        &self,
+        columns: &[ColumnData],
+        options: Option<&ort::session::RunOptions>,
+    ) -> Result<(Vec<f64>, Vec<u32>), ScoringError> {
+        let (out, width) = self.run_with(columns, options)?;
         Ok(match self.head {
             OutputHead::Binary => out
                 .chunks_exact(width.max(1))

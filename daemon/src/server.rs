@@ -2,38 +2,69 @@
 //! for batches to be scored.
 //!
 //! Only processes running as the allowed uid (the PostgreSQL server's) are
-//! served; any other peer gets one error frame and the connection is closed
-//! and logged. ONNX Runtime work runs on blocking threads, never on the async
-//! workers.
+//! served; any other peer gets one error frame and the connection is closed.
+//! Refusals are logged, the first at once and the rest as a count at most
+//! every [`REFUSAL_LOG_INTERVAL`], so that nobody can flood the log. The
+//! socket file itself is open only to the allowed uid (see [`bind`]). ONNX
+//! Runtime work runs on blocking threads, never on the async workers.
+//!
+//! Regions are anonymous memory files (memfd) the backend creates and sends
+//! as a file descriptor with its `Attach` frame; frames are read with
+//! recvmsg so that the descriptors arriving with them are kept.
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
+use std::future::Future;
+use std::io::{ErrorKind, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use cerebro_shared::batch::{read_batch, write_outputs};
 use cerebro_shared::error::{ErrorCode, WireError};
 use cerebro_shared::protocol::{self, FrameError, Request, Response, ScoreRequest, PROTOCOL_VERSION};
-use interprocess::local_socket::tokio::prelude::*;
-use interprocess::local_socket::{GenericFilePath, ListenerOptions};
 use memmap2::{MmapMut, MmapOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustix::fs::{FileType, SealFlags};
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Mutex, Semaphore};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::catalog::Catalog;
 use crate::scoring::{OnnxRuntime, ScoringModel};
 
-/// Shared-memory regions must be files the backend made under this prefix.
-pub const SHM_PREFIX: &str = "/dev/shm/cerebro-";
 const MAX_REGIONS_PER_CONNECTION: usize = 16;
 const MAX_REGION_BYTES: u64 = 4 << 30;
+/// Descriptors one recvmsg takes; more are closed by the kernel, and an
+/// `Attach` wants exactly one anyway.
+const MAX_FDS_PER_READ: usize = 4;
+/// Refused connections are logged at most once per interval (after the first).
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot create the socket {path}: {source}")]
     Bind { path: PathBuf, source: std::io::Error },
+    #[error(
+        "allowed_uid {allowed_uid} is not cerebrod's uid {daemon_uid}, and the socket {path} cannot be opened to it: \
+         {reason}. Run cerebrod as uid {allowed_uid} (the PostgreSQL server's OS user; then leave allowed_uid unset), \
+         or make cerebrod's user a member of uid {allowed_uid}'s primary group"
+    )]
+    SocketAccess { path: PathBuf, allowed_uid: u32, daemon_uid: u32, reason: String },
+}
+
+/// Where connections get scoring sessions; a trait so that the socket can be
+/// tested without ONNX Runtime or a database.
+pub trait ModelSource: Send + Sync + 'static {
+    fn scoring_model(
+        &self,
+        model_version_id: i64,
+        expected_sha: &str,
+    ) -> impl Future<Output = Result<Arc<ScoringModel>, WireError>> + Send;
 }
 
 /// Loads and caches scoring sessions, keyed by model version.
@@ -89,53 +120,239 @@ impl ScoringService {
     }
 }
 
-/// Creates the listening socket, replacing a stale socket file. Callers hold
-/// the daemon lock, so no live daemon owns that file.
-pub fn bind(path: &Path) -> Result<LocalSocketListener, ServerError> {
+impl ModelSource for ScoringService {
+    fn scoring_model(
+        &self,
+        model_version_id: i64,
+        expected_sha: &str,
+    ) -> impl Future<Output = Result<Arc<ScoringModel>, WireError>> + Send {
+        self.model(model_version_id, expected_sha)
+    }
+}
+
+/// Creates the listening socket, replacing a stale socket file (callers hold
+/// the daemon lock, so no live daemon owns that file), and opens it to
+/// `allowed_uid` only:
+///
+/// - mode 0600 when `allowed_uid` is cerebrod's own effective uid (cerebrod
+///   runs as the PostgreSQL server's OS user, the normal set-up);
+/// - otherwise mode 0660 with the group set to `allowed_uid`'s primary group,
+///   which the kernel allows only when cerebrod runs as root or its user is a
+///   member of that group; when it may not, cerebrod refuses to start.
+///
+/// Whoever else the mode lets through (root, members of that group) is still
+/// refused by the peer-credential check in [`serve`]; the mode keeps every
+/// other local user from reaching cerebrod at all.
+pub fn bind(path: &Path, allowed_uid: u32) -> Result<UnixListener, ServerError> {
     let err = |source| ServerError::Bind { path: path.to_path_buf(), source };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
     match std::fs::remove_file(path) {
         Ok(()) => info!("removed stale socket {}", path.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
     }
-    let name = path.to_fs_name::<GenericFilePath>().map_err(err)?;
-    let listener = ListenerOptions::new().name(name).create_tokio().map_err(err)?;
-    // Everyone may reach the socket so that every refused peer is seen and
-    // logged here; the peer-credential check is the gate.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(err)?;
+    let listener = UnixListener::bind(path).map_err(err)?;
+    // Until the mode is set the file has the umask's; a peer connecting in
+    // that instant is still refused by the peer check.
+    let opened = restrict(path, allowed_uid).inspect_err(|_| {
+        let _ = std::fs::remove_file(path);
+    })?;
+    info!(socket = %path.display(), "{opened}");
     Ok(listener)
 }
 
+/// Sets the socket's mode (and group) by the rule of [`bind`]; says what it did.
+fn restrict(path: &Path, allowed_uid: u32) -> Result<String, ServerError> {
+    let daemon_uid = rustix::process::geteuid().as_raw();
+    let chmod = |mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|source| ServerError::Bind { path: path.to_path_buf(), source })
+    };
+    if allowed_uid == daemon_uid {
+        chmod(0o600)?;
+        return Ok(format!("socket mode 0600: only uid {daemon_uid} (cerebrod's own, allowed_uid) can connect"));
+    }
+    let refuse =
+        |reason: String| ServerError::SocketAccess { path: path.to_path_buf(), allowed_uid, daemon_uid, reason };
+    let gid = primary_group(allowed_uid).ok_or_else(|| {
+        refuse(format!("uid {allowed_uid} has no entry in the user database, so its primary group is unknown"))
+    })?;
+    std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| {
+        refuse(format!(
+            "cerebrod may not give the socket to group {gid}, uid {allowed_uid}'s primary group ({e}): it is not \
+             root and not a member of that group"
+        ))
+    })?;
+    chmod(0o660)?;
+    Ok(format!(
+        "socket mode 0660, group {gid} (the primary group of allowed_uid {allowed_uid}, which is not cerebrod's uid \
+         {daemon_uid}); cerebrod admits only uid {allowed_uid}"
+    ))
+}
+
+/// The primary group of `uid` in the user database.
+fn primary_group(uid: u32) -> Option<u32> {
+    // Users may come from NSS (LDAP, ...), which only the C library reads;
+    // rustix deliberately has no such lookup.
+    let mut buffer = vec![0 as libc::c_char; 4096];
+    loop {
+        let mut entry = MaybeUninit::<libc::passwd>::uninit();
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: getpwuid_r writes only into `entry` and the `buffer.len()`
+        // bytes of `buffer`, and sets `found` to `entry` or null; neither
+        // is read unless it reports success with a non-null `found`.
+        let rc = unsafe { libc::getpwuid_r(uid, entry.as_mut_ptr(), buffer.as_mut_ptr(), buffer.len(), &mut found) };
+        if rc == libc::ERANGE && buffer.len() < 1 << 20 {
+            buffer.resize(buffer.len() * 4, 0);
+            continue;
+        }
+        if rc != 0 || found.is_null() {
+            return None;
+        }
+        // SAFETY: success with a non-null `found`: `entry` was filled in.
+        return Some(unsafe { entry.assume_init() }.pw_gid);
+    }
+}
+
+/// Who a refused connection came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: Option<u32>,
+    pub pid: Option<i32>,
+}
+
+/// A log line a [`RefusalLog`] asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefusalLine {
+    /// Log this refusal on its own.
+    One(Peer),
+    /// `count` refusals went unlogged since the last line; `latest` is the newest.
+    Since { count: u64, latest: Peer },
+}
+
+/// Rate limit for refusal lines: the first refusal is logged at once, then at
+/// most one line per interval, counting the refusals in between. Plain logic
+/// over the caller's clock; [`serve`] calls [`RefusalLog::flush`] when
+/// [`RefusalLog::due`] comes so a burst is reported even if nothing follows.
+#[derive(Debug)]
+pub struct RefusalLog {
+    interval: Duration,
+    last_line: Option<Instant>,
+    unlogged: u64,
+    latest: Option<Peer>,
+}
+
+impl RefusalLog {
+    pub fn new(interval: Duration) -> RefusalLog {
+        RefusalLog { interval, last_line: None, unlogged: 0, latest: None }
+    }
+
+    /// Records a refusal at `now`; returns the line to log, if any.
+    pub fn refused(&mut self, now: Instant, peer: Peer) -> Option<RefusalLine> {
+        if self.last_line.is_some_and(|t| now.duration_since(t) < self.interval) {
+            self.unlogged += 1;
+            self.latest = Some(peer);
+            return None;
+        }
+        self.last_line = Some(now);
+        self.latest = None;
+        match std::mem::take(&mut self.unlogged) {
+            0 => Some(RefusalLine::One(peer)),
+            n => Some(RefusalLine::Since { count: n + 1, latest: peer }),
+        }
+    }
+
+    /// When the count of unlogged refusals should be logged; `None` when there is none.
+    pub fn due(&self) -> Option<Instant> {
+        match (self.unlogged, self.last_line) {
+            (0, _) | (_, None) => None,
+            (_, Some(t)) => Some(t + self.interval),
+        }
+    }
+
+    /// The count of unlogged refusals, once an interval has passed since the last line.
+    pub fn flush(&mut self, now: Instant) -> Option<RefusalLine> {
+        if self.due().is_none_or(|due| now < due) {
+            return None;
+        }
+        self.last_line = Some(now);
+        let latest = self.latest.take().expect("unlogged refusals have a latest peer");
+        Some(RefusalLine::Since { count: std::mem::take(&mut self.unlogged), latest })
+    }
+}
+
+fn log_refusal(line: Option<RefusalLine>, reason: &str) {
+    match line {
+        None => {}
+        Some(RefusalLine::One(peer)) => warn!(
+            peer_uid = ?peer.uid,
+            peer_pid = ?peer.pid,
+            "refused connection: {reason} (further refusals are counted and logged at most every {} s)",
+            REFUSAL_LOG_INTERVAL.as_secs()
+        ),
+        Some(RefusalLine::Since { count, latest }) => warn!(
+            latest_peer_uid = ?latest.uid,
+            latest_peer_pid = ?latest.pid,
+            "refused {count} more connection{} since the last such line: {reason}",
+            if count == 1 { "" } else { "s" }
+        ),
+    }
+}
+
 /// Accepts connections until shutdown.
-pub async fn serve(
-    listener: LocalSocketListener,
-    service: Arc<ScoringService>,
+/// What one connection, and all of them, may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once (`max_connections`).
+    pub max_connections: usize,
+    /// Longest one batch may take to score (`scoring_deadline_ms`): an
+    /// imported graph can loop or grow for as long as its author likes, and
+    /// a run nobody waits for any more would hold a thread and a core.
+    pub scoring_deadline: Duration,
+}
+
+pub async fn serve<S: ModelSource>(
+    listener: UnixListener,
+    service: Arc<S>,
     allowed_uid: u32,
-    max_connections: usize,
+    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let max_connections = limits.max_connections;
     let slots = Arc::new(Semaphore::new(max_connections));
+    let not_allowed = format!("peer is not the PostgreSQL server's user (allowed_uid {allowed_uid})");
+    let too_many = format!("{max_connections} connections already open (max_connections)");
+    let mut strangers = RefusalLog::new(REFUSAL_LOG_INTERVAL);
+    let mut crowd = RefusalLog::new(REFUSAL_LOG_INTERVAL);
     loop {
+        let due = match (strangers.due(), crowd.due()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(s) => s,
+                Ok((s, _)) => s,
                 Err(e) => {
                     warn!("accept failed: {e}");
                     continue;
                 }
             },
+            _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                let now = Instant::now();
+                log_refusal(strangers.flush(now), &not_allowed);
+                log_refusal(crowd.flush(now), &too_many);
+                continue;
+            }
             _ = shutdown.changed() => return,
         };
-        let creds = stream.peer_creds();
-        let (uid, pid) = match &creds {
-            Ok(c) => (c.euid(), c.pid()),
-            Err(_) => (None, None),
+        let peer = match stream.peer_cred() {
+            Ok(c) => Peer { uid: Some(c.uid()), pid: c.pid() },
+            Err(_) => Peer { uid: None, pid: None },
         };
-        if uid != Some(allowed_uid) {
-            warn!(peer_uid = ?uid, peer_pid = ?pid, allowed_uid, "refused connection: peer is not the PostgreSQL server's user");
+        if peer.uid != Some(allowed_uid) {
+            log_refusal(strangers.refused(Instant::now(), peer), &not_allowed);
             let refusal = WireError::new(
                 ErrorCode::BadRequest,
                 format!("permission denied: cerebrod serves only uid {allowed_uid}, the PostgreSQL server's user"),
@@ -144,7 +361,7 @@ pub async fn serve(
             continue;
         }
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            warn!("refused connection: {max_connections} connections already open");
+            log_refusal(crowd.refused(Instant::now(), peer), &too_many);
             let busy = WireError::new(ErrorCode::Unavailable, "cerebrod has too many open connections")
                 .with_hint("Raise max_connections in cerebrod's configuration.");
             tokio::spawn(refuse(stream, busy));
@@ -153,8 +370,9 @@ pub async fn serve(
         let service = service.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(e) = Connection::default().run(stream, &service, shutdown).await {
-                debug!(peer_pid = ?pid, "connection ended: {e}");
+            let connection = Connection { scoring_deadline: Some(limits.scoring_deadline), ..Default::default() };
+            if let Err(e) = connection.run(stream, &*service, shutdown).await {
+                debug!(peer_pid = ?peer.pid, "connection ended: {e}");
             }
             drop(permit);
         });
@@ -163,8 +381,9 @@ pub async fn serve(
 
 /// Sends one error frame, then reads what the peer already sent before
 /// closing: closing a Unix socket with unread data would reset the
-/// connection and the peer would never read the reason.
-async fn refuse(mut stream: LocalSocketStream, error: WireError) {
+/// connection and the peer would never read the reason. (Descriptors sent
+/// along are closed by the kernel: plain reads take no ancillary data.)
+async fn refuse(mut stream: UnixStream, error: WireError) {
     let _ = stream.write_all(&protocol::encode(&Response::Error(error))).await;
     let mut sink = [0u8; 4096];
     let drain = async {
@@ -176,33 +395,68 @@ async fn refuse(mut stream: LocalSocketStream, error: WireError) {
             }
         }
     };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
+/// Reads one frame; the descriptors that arrive with its bytes go to `fds`.
+async fn read_request(stream: &UnixStream, fds: &mut Vec<OwnedFd>) -> Result<Request, FrameError> {
+    let mut header = [0u8; 4];
+    recv_exact(stream, &mut header, fds).await?;
+    let mut payload = vec![0u8; protocol::payload_len(header)?];
+    recv_exact(stream, &mut payload, fds).await?;
+    protocol::decode(&payload)
+}
+
+/// Fills `buf` with recvmsg, keeping the descriptors received. A read never
+/// goes past `buf`, the rest of the frame being read, and the kernel hands
+/// descriptors out with the read that takes the first byte they were sent
+/// with, so every descriptor here was sent with this frame.
+async fn recv_exact(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<(), FrameError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        stream.readable().await?;
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_READ))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let received = stream.try_io(Interest::READABLE, || {
+            let mut iov = [IoSliceMut::new(&mut buf[filled..])];
+            rustix::net::recvmsg(stream, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC).map_err(std::io::Error::from)
+        });
+        // Take the descriptors before anything can fail, so none is lost
+        // unclosed (dropping the buffer would close them too).
+        for message in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(rights) = message {
+                fds.extend(rights);
+            }
+        }
+        match received {
+            Ok(msg) if msg.bytes == 0 => return Err(FrameError::Closed),
+            Ok(msg) => filled += msg.bytes,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 #[derive(Default)]
 struct Connection {
     greeted: bool,
     regions: HashMap<u32, MmapMut>,
-}
-
-async fn read_request(stream: &mut LocalSocketStream) -> Result<Request, FrameError> {
-    let mut header = [0u8; 4];
-    stream.read_exact(&mut header).await?;
-    let mut payload = vec![0u8; protocol::payload_len(header)?];
-    stream.read_exact(&mut payload).await?;
-    protocol::decode(&payload)
+    /// Past it, a scoring run is stopped (`Limits::scoring_deadline`).
+    scoring_deadline: Option<Duration>,
 }
 
 impl Connection {
-    async fn run(
+    async fn run<S: ModelSource>(
         mut self,
-        mut stream: LocalSocketStream,
-        service: &ScoringService,
+        mut stream: UnixStream,
+        service: &S,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), FrameError> {
         loop {
+            let mut fds = Vec::new();
             let request = tokio::select! {
-                r = read_request(&mut stream) => r,
+                r = read_request(&stream, &mut fds) => r,
                 _ = shutdown.changed() => return Ok(()),
             };
             let request = match request {
@@ -215,7 +469,7 @@ impl Connection {
                 }
                 Err(e) => return Err(e),
             };
-            let (response, keep_open) = self.handle(request, service).await;
+            let (response, keep_open) = self.handle(request, fds, service).await;
             stream.write_all(&protocol::encode(&response)).await?;
             if !keep_open {
                 return Ok(());
@@ -223,7 +477,19 @@ impl Connection {
         }
     }
 
-    async fn handle(&mut self, request: Request, service: &ScoringService) -> (Response, bool) {
+    /// Answers one request. `fds` came with it: an attach maps one, any
+    /// other request gets them closed before it is answered.
+    async fn handle<S: ModelSource>(&mut self, request: Request, fds: Vec<OwnedFd>, service: &S) -> (Response, bool) {
+        let fds = match request {
+            Request::Attach { .. } if self.greeted => fds,
+            _ => {
+                if !fds.is_empty() {
+                    debug!("closed {} file descriptors sent with a request other than attach", fds.len());
+                }
+                drop(fds);
+                Vec::new()
+            }
+        };
         match request {
             Request::Hello { protocol, client } => {
                 if protocol != PROTOCOL_VERSION {
@@ -246,7 +512,7 @@ impl Connection {
             _ if !self.greeted => {
                 (Response::Error(WireError::new(ErrorCode::BadRequest, "the first message must be hello")), false)
             }
-            Request::Attach { region, path, len } => match self.attach(region, &path, len) {
+            Request::Attach { region, len } => match self.attach(region, len, fds) {
                 Ok(()) => (Response::Attached { region }, true),
                 Err(e) => (Response::Error(e), true),
             },
@@ -257,50 +523,98 @@ impl Connection {
         }
     }
 
-    fn attach(&mut self, region: u32, path: &str, len: u64) -> Result<(), WireError> {
+    /// Maps the memory file sent with an attach. Its descriptor is closed on
+    /// return, mapped or not: the mapping alone keeps the memory.
+    fn attach(&mut self, region: u32, len: u64, fds: Vec<OwnedFd>) -> Result<(), WireError> {
         let bad = |msg: String| WireError::new(ErrorCode::BufferInvalid, msg);
-        if !path.starts_with(SHM_PREFIX) || path[SHM_PREFIX.len()..].contains('/') {
-            return Err(bad(format!("shared memory must be a file named {SHM_PREFIX}*, not {path}")));
-        }
+        let fd = match <[OwnedFd; 1]>::try_from(fds) {
+            Ok([fd]) => fd,
+            Err(fds) if fds.is_empty() => {
+                return Err(bad(format!(
+                    "attach of region {region} came without a file descriptor: the region's memory file must be \
+                     sent with the frame (SCM_RIGHTS)"
+                )))
+            }
+            Err(fds) => {
+                return Err(bad(format!(
+                    "attach of region {region} came with {} file descriptors; exactly one, the region's memory \
+                     file, is expected",
+                    fds.len()
+                )))
+            }
+        };
         if len == 0 || len > MAX_REGION_BYTES {
             return Err(bad(format!("region of {len} bytes; allowed: 1 to {MAX_REGION_BYTES}")));
         }
         if !self.regions.contains_key(&region) && self.regions.len() >= MAX_REGIONS_PER_CONNECTION {
             return Err(bad(format!("at most {MAX_REGIONS_PER_CONNECTION} regions per connection")));
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| bad(format!("cannot open {path}: {e}")))?;
-        let actual = file.metadata().map_err(|e| bad(format!("cannot stat {path}: {e}")))?.len();
-        if actual < len {
-            return Err(bad(format!("{path} has {actual} bytes, fewer than the {len} announced")));
+        let stat = rustix::fs::fstat(&fd).map_err(|e| bad(format!("cannot stat region {region}'s descriptor: {e}")))?;
+        if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+            return Err(bad(format!("region {region}'s descriptor is not a memory file")));
         }
-        // SAFETY: the mapping is of a file the peer created for this purpose;
-        // the protocol gives the daemon exclusive use of a region between a
+        let actual = stat.st_size.max(0) as u64;
+        if actual < len {
+            return Err(bad(format!(
+                "region {region}'s memory file has {actual} bytes, fewer than the {len} announced"
+            )));
+        }
+        // A file that could shrink under the mapping would make cerebrod's
+        // reads of the lost pages fault (SIGBUS) and kill it.
+        let seals = rustix::fs::fcntl_get_seals(&fd)
+            .map_err(|e| bad(format!("region {region}'s descriptor is not a sealable memory file (memfd): {e}")))?;
+        if !seals.contains(SealFlags::SHRINK) {
+            return Err(bad(format!(
+                "region {region}'s memory file is not sealed against shrinking (F_SEAL_SHRINK); cerebrod maps only \
+                 sealed regions"
+            )));
+        }
+        // SAFETY: the file cannot shrink (sealed above), so all `len` bytes
+        // stay backed for the mapping's life. The peer maps it too, but the
+        // protocol gives the daemon exclusive use of a region between a
         // score request and its answer, and every read is bounds-checked.
-        let map = unsafe { MmapOptions::new().len(len as usize).map_mut(&file) }
-            .map_err(|e| bad(format!("cannot map {path}: {e}")))?;
+        let map = unsafe { MmapOptions::new().len(len as usize).map_mut(&fd) }
+            .map_err(|e| bad(format!("cannot map region {region}: {e}")))?;
         self.regions.insert(region, map);
         Ok(())
     }
 
-    async fn score(&mut self, req: ScoreRequest, service: &ScoringService) -> Result<Response, WireError> {
-        let model = service.model(req.model_version_id, &req.artifact_sha256).await?;
+    async fn score<S: ModelSource>(&mut self, req: ScoreRequest, service: &S) -> Result<Response, WireError> {
+        let model = service.scoring_model(req.model_version_id, &req.artifact_sha256).await?;
         let mut map = self
             .regions
             .remove(&req.region)
             .ok_or_else(|| WireError::new(ErrorCode::BadRequest, format!("region {} is not attached", req.region)))?;
         let layout = req.layout;
+        let internal = |e: String| WireError::new(ErrorCode::Internal, e);
+        let options = Arc::new(ort::session::RunOptions::new().map_err(|e| internal(e.to_string()))?);
+        // ONNX Runtime checks the flag between kernels (and loop iterations).
+        let stopper = self.scoring_deadline.map(|deadline| {
+            let options = options.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(deadline).await;
+                let _ = options.terminate();
+            })
+        });
+        let started = std::time::Instant::now();
         let (map, result) = tokio::task::spawn_blocking(move || {
-            let result = score_region(&model, &layout, &mut map);
+            let result = score_region(&model, &layout, &mut map, &options);
             (map, result)
         })
         .await
-        .map_err(|e| WireError::new(ErrorCode::Internal, format!("scoring task failed: {e}")))?;
+        .map_err(|e| internal(format!("scoring task failed: {e}")))?;
+        if let Some(stopper) = stopper {
+            stopper.abort();
+        }
         self.regions.insert(req.region, map);
-        let rows = result?;
+        let rows = result.map_err(|e| match self.scoring_deadline {
+            Some(deadline) if started.elapsed() >= deadline => WireError::new(
+                ErrorCode::ScoringFailed,
+                format!("scoring one batch took longer than cerebrod's scoring_deadline_ms ({} ms) and was stopped", deadline.as_millis()),
+            )
+            .with_hint("The model does too much work per row; an imported graph may loop. A smaller cerebro.batch_rows helps a slow but finite model."),
+            _ => e,
+        })?;
         Ok(Response::Scored { region: req.region, rows })
     }
 }
@@ -309,11 +623,280 @@ fn score_region(
     model: &ScoringModel,
     layout: &cerebro_shared::batch::BatchLayout,
     region: &mut [u8],
+    options: &ort::session::RunOptions,
 ) -> Result<u32, WireError> {
     let bad = |e: cerebro_shared::batch::LayoutError| WireError::new(ErrorCode::BufferInvalid, e.to_string());
     let columns = read_batch(layout, region).map_err(bad)?;
-    let (scores, labels) =
-        model.score(&columns).map_err(|e| WireError::new(ErrorCode::ScoringFailed, e.to_string()))?;
+    let (scores, labels) = model
+        .score_with(&columns, Some(options))
+        .map_err(|e| WireError::new(ErrorCode::ScoringFailed, e.to_string()))?;
     write_outputs(layout, region, &scores, &labels).map_err(bad)?;
     Ok(layout.rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{IoSlice, Read, Write};
+    use std::os::fd::{AsFd, BorrowedFd};
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::net::UnixStream as StdStream;
+
+    use rustix::fs::MemfdFlags;
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+
+    use super::*;
+
+    fn test_limits(max_connections: usize) -> Limits {
+        Limits { max_connections, scoring_deadline: Duration::from_secs(60) }
+    }
+
+    /// Scores nothing: the socket's tests need no model.
+    struct NoModels;
+
+    impl ModelSource for NoModels {
+        async fn scoring_model(&self, id: i64, _: &str) -> Result<Arc<ScoringModel>, WireError> {
+            Err(WireError::new(ErrorCode::ModelNotFound, format!("no model {id} in this test")))
+        }
+    }
+
+    fn temp_socket(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("cerebro-server-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir.join("cerebrod.sock")
+    }
+
+    fn memfd(name: &str, len: u64, sealed: bool) -> OwnedFd {
+        let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap();
+        rustix::fs::ftruncate(&fd, len).unwrap();
+        if sealed {
+            rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW).unwrap();
+        }
+        fd
+    }
+
+    /// How many descriptors of this process are memfds named `name`.
+    fn open_copies(name: &str) -> usize {
+        let wanted = format!("/memfd:{name} ");
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with(&wanted))
+            .count()
+    }
+
+    fn connect(path: &Path) -> StdStream {
+        let s = StdStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+
+    /// Sends `request` with `fds` attached to its first byte, as the backend does.
+    fn send(stream: &mut StdStream, request: &Request, fds: &[BorrowedFd<'_>]) {
+        let frame = protocol::encode(request);
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !fds.is_empty() {
+            assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
+        }
+        let sent = rustix::net::sendmsg(&*stream, &[IoSlice::new(&frame)], &mut control, SendFlags::NOSIGNAL).unwrap();
+        stream.write_all(&frame[sent..]).unwrap();
+    }
+
+    fn call(stream: &mut StdStream, request: &Request, fds: &[BorrowedFd<'_>]) -> Response {
+        send(stream, request, fds);
+        protocol::read_frame(stream).unwrap()
+    }
+
+    fn hello(protocol: u32) -> Request {
+        Request::Hello { protocol, client: "server test".into() }
+    }
+
+    fn error_of(response: Response) -> WireError {
+        match response {
+            Response::Error(e) => e,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    /// Whether cerebrod closed the connection. Our side is shut first: a
+    /// refusal drains what the peer sends until it closes.
+    fn closed(stream: &mut StdStream) -> bool {
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let mut rest = Vec::new();
+        matches!(stream.read_to_end(&mut rest), Ok(0))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn regions_come_as_sealed_memfds_with_the_attach_frame() {
+        let path = temp_socket("attach");
+        let euid = rustix::process::geteuid().as_raw();
+        let listener = bind(&path, euid).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600, "the socket is its owner's alone");
+        assert_eq!(meta.uid(), euid);
+        let (stop, shutdown) = watch::channel(false);
+        let server = tokio::spawn(serve(listener, Arc::new(NoModels), euid, test_limits(4), shutdown));
+
+        let mut s = connect(&path);
+        // Before hello, nothing is attached and a descriptor sent along is closed.
+        let early = memfd("cerebro-test-early", 4096, true);
+        let e = error_of(call(&mut s, &Request::Attach { region: 0, len: 4096 }, &[early.as_fd()]));
+        assert!(e.message.contains("hello"), "{e}");
+        assert!(closed(&mut s));
+        assert_eq!(open_copies("cerebro-test-early"), 1, "cerebrod closed its copy");
+
+        let mut s = connect(&path);
+        assert!(matches!(call(&mut s, &hello(PROTOCOL_VERSION), &[]), Response::Hello { .. }));
+        let region = memfd("cerebro-test-region", 1 << 20, true);
+        let attach = Request::Attach { region: 0, len: 1 << 20 };
+        assert_eq!(call(&mut s, &attach, &[region.as_fd()]), Response::Attached { region: 0 });
+        assert_eq!(open_copies("cerebro-test-region"), 1, "cerebrod keeps the mapping, not the descriptor");
+
+        // An attach without a descriptor is refused, precisely, and the
+        // connection goes on.
+        let e = error_of(call(&mut s, &Request::Attach { region: 1, len: 4096 }, &[]));
+        assert_eq!(e.code, ErrorCode::BufferInvalid);
+        assert!(e.message.contains("without a file descriptor"), "{e}");
+        let two = [region.as_fd(), region.as_fd()];
+        let e = error_of(call(&mut s, &Request::Attach { region: 1, len: 4096 }, &two));
+        assert!(e.message.contains("2 file descriptors"), "{e}");
+        let unsealed = memfd("cerebro-test-unsealed", 4096, false);
+        let e = error_of(call(&mut s, &Request::Attach { region: 1, len: 4096 }, &[unsealed.as_fd()]));
+        assert!(e.message.contains("F_SEAL_SHRINK"), "{e}");
+        let e = error_of(call(&mut s, &Request::Attach { region: 1, len: 0 }, &[region.as_fd()]));
+        assert_eq!(e.code, ErrorCode::BufferInvalid);
+        let e = error_of(call(&mut s, &Request::Attach { region: 1, len: 2 << 20 }, &[region.as_fd()]));
+        assert!(e.message.contains("fewer than"), "{e}");
+        let file = std::fs::File::open("/proc/self/exe").unwrap();
+        let e = error_of(call(&mut s, &Request::Attach { region: 1, len: 16 }, &[file.as_fd()]));
+        assert!(e.message.contains("memfd"), "{e}");
+        assert_eq!(
+            call(&mut s, &Request::Attach { region: 1, len: 4096 }, &[region.as_fd()]),
+            Response::Attached { region: 1 }
+        );
+
+        // Descriptors sent with any other request are closed.
+        let stray = memfd("cerebro-test-stray", 4096, true);
+        let score = Request::Score(ScoreRequest {
+            model_version_id: 9,
+            artifact_sha256: "ab".into(),
+            region: 0,
+            layout: cerebro_shared::batch::plan_batch(&[]).0,
+        });
+        let e = error_of(call(&mut s, &score, &[stray.as_fd()]));
+        assert_eq!(e.code, ErrorCode::ModelNotFound);
+        assert_eq!(open_copies("cerebro-test-stray"), 1);
+        assert_eq!(open_copies("cerebro-test-unsealed"), 1);
+
+        // A client of another protocol version gets the mismatch and is closed.
+        let mut old = connect(&path);
+        let e = error_of(call(&mut old, &hello(PROTOCOL_VERSION - 1), &[]));
+        assert_eq!(e.code, ErrorCode::ProtocolMismatch);
+        assert!(closed(&mut old));
+
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server).await.expect("serve stops").unwrap();
+        assert!(closed(&mut s), "connections end with the server");
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn an_attached_region_is_the_peers_memory() {
+        let fd = memfd("cerebro-test-shared", 4096, true);
+        // SAFETY: a fresh memfd of 4096 bytes, sealed against shrinking.
+        let mut mine = unsafe { MmapOptions::new().len(4096).map_mut(&fd) }.unwrap();
+        let mut c = Connection { greeted: true, ..Default::default() };
+        c.attach(3, 4096, vec![fd.try_clone().unwrap()]).unwrap();
+        mine[..4].copy_from_slice(b"abcd");
+        assert_eq!(&c.regions[&3][..4], b"abcd");
+        c.regions.get_mut(&3).unwrap()[4..8].copy_from_slice(b"efgh");
+        assert_eq!(&mine[4..8], b"efgh");
+        let e = c.attach(4, 0, vec![fd.try_clone().unwrap()]).unwrap_err();
+        assert!(e.message.contains("1 to"), "{e}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn strangers_and_the_crowd_get_one_error_frame() {
+        let path = temp_socket("refuse");
+        let euid = rustix::process::geteuid().as_raw();
+        let listener = bind(&path, euid).unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        // Nobody here is uid euid + 1: every peer is a stranger.
+        let server = tokio::spawn(serve(listener, Arc::new(NoModels), euid.wrapping_add(1), test_limits(4), shutdown));
+        for _ in 0..3 {
+            let mut s = connect(&path);
+            send(&mut s, &hello(PROTOCOL_VERSION), &[]);
+            let e = error_of(protocol::read_frame(&mut s).unwrap());
+            assert!(e.message.contains("permission denied"), "{e}");
+            assert!(closed(&mut s));
+        }
+        stop.send(true).unwrap();
+        server.await.unwrap();
+
+        let listener = bind(&path, euid).unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        let server = tokio::spawn(serve(listener, Arc::new(NoModels), euid, test_limits(1), shutdown));
+        let mut first = connect(&path);
+        assert!(matches!(call(&mut first, &hello(PROTOCOL_VERSION), &[]), Response::Hello { .. }));
+        let mut second = connect(&path);
+        let e = error_of(call(&mut second, &hello(PROTOCOL_VERSION), &[]));
+        assert_eq!(e.code, ErrorCode::Unavailable);
+        assert!(closed(&mut second));
+        assert!(matches!(call(&mut first, &hello(PROTOCOL_VERSION), &[]), Response::Hello { .. }));
+        stop.send(true).unwrap();
+        server.await.unwrap();
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_socket_for_another_uid_goes_to_its_group_or_is_refused() {
+        let path = temp_socket("group");
+        let euid = rustix::process::geteuid().as_raw();
+        // No user database has this uid.
+        let ghost = 3_999_999_999;
+        let e = bind(&path, ghost).unwrap_err();
+        assert!(matches!(e, ServerError::SocketAccess { .. }), "{e}");
+        assert!(e.to_string().contains("no entry in the user database"), "{e}");
+        assert!(!path.exists(), "a refused socket is removed");
+
+        let nobody = 65534;
+        if euid == 0 && primary_group(nobody).is_some() {
+            let gid = primary_group(nobody).unwrap();
+            let _listener = bind(&path, nobody).unwrap();
+            let meta = std::fs::metadata(&path).unwrap();
+            assert_eq!(meta.mode() & 0o777, 0o660);
+            assert_eq!(meta.gid(), gid);
+        } else {
+            eprintln!("SKIPPED: the group rule needs root and a user 65534");
+        }
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn refusals_are_logged_first_then_counted_per_interval() {
+        let interval = Duration::from_secs(10);
+        let mut log = RefusalLog::new(interval);
+        let t0 = Instant::now();
+        let peer = |pid| Peer { uid: Some(7), pid: Some(pid) };
+        assert_eq!(log.due(), None);
+        assert_eq!(log.refused(t0, peer(1)), Some(RefusalLine::One(peer(1))));
+        assert_eq!(log.due(), None, "nothing unlogged yet");
+        for pid in 2..=200 {
+            assert_eq!(log.refused(t0 + Duration::from_millis(pid as u64), peer(pid)), None);
+        }
+        assert_eq!(log.due(), Some(t0 + interval));
+        assert_eq!(log.flush(t0 + Duration::from_secs(9)), None, "too early");
+        assert_eq!(log.flush(t0 + interval), Some(RefusalLine::Since { count: 199, latest: peer(200) }));
+        assert_eq!(log.due(), None);
+        assert_eq!(log.flush(t0 + interval * 3), None, "nothing to say");
+
+        // The next refusal within the interval waits; after it, a quiet
+        // stretch lets a lone refusal through as itself.
+        assert_eq!(log.refused(t0 + interval + Duration::from_secs(1), peer(201)), None);
+        assert_eq!(
+            log.refused(t0 + interval * 2 + Duration::from_secs(1), peer(202)),
+            Some(RefusalLine::Since { count: 2, latest: peer(202) })
+        );
+        assert_eq!(log.refused(t0 + interval * 5, peer(203)), Some(RefusalLine::One(peer(203))));
+    }
 }

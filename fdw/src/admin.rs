@@ -15,8 +15,9 @@ use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use pgrx::{FromDatum, IntoDatum, JsonB, PgLogLevel};
+use pgrx::{pg_sys, FromDatum, IntoDatum, JsonB, PgLogLevel};
 
+use crate::access;
 use crate::error::{CerebroError, Result};
 use crate::identity;
 
@@ -48,45 +49,17 @@ pub(crate) fn current_user(client: &mut SpiClient<'_>) -> Result<String> {
     Ok(first::<String>(client, "SELECT current_user::text", &[], 1)?.expect("current_user is never NULL"))
 }
 
-/// The role that owns `model` (created its first version), read past
-/// row-level security.
-fn owner_of(client: &mut SpiClient<'_>, model: &str) -> Result<String> {
-    let _owner = identity::become_owner(identity::extension_owner()?);
-    first::<String>(
-        client,
-        "SELECT created_by::text FROM cerebro.model_versions WHERE name = $1 ORDER BY version LIMIT 1",
-        &[model.into()],
-        1,
-    )?
-    .ok_or_else(|| CerebroError::ModelNotFound(model.into()))
-}
-
-/// Whether `user` administers `model`: a member of its owner or of
-/// `cerebro_admin`, or a superuser.
-pub(crate) fn administers(client: &mut SpiClient<'_>, model: &str, user: &str) -> Result<(bool, String)> {
-    let owner = owner_of(client, model)?;
-    let allowed = first::<bool>(
-        client,
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $2 AND rolsuper)
-             OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname IN ($1, 'cerebro_admin')
-                        AND pg_catalog.pg_has_role($2, r.oid, 'MEMBER'))",
-        &[owner.as_str().into(), user.into()],
-        1,
-    )?
-    .unwrap_or(false);
-    Ok((allowed, owner))
-}
-
-/// The next version number of `name`, under a transaction lock on the
-/// name so that concurrent INSERTs number in turn; a model's versions after
-/// the first are its owner's to add. Reads past row-level security: call it
-/// as the extension owner.
-pub(crate) fn next_version(client: &mut SpiClient<'_>, name: &str, user: &str) -> Result<i32> {
+/// The next version number of `name`, under a lock on the name's row of
+/// `cerebro.model_names` so that concurrent INSERTs number in turn; a model's versions after
+/// the first are its owner's to add (`caller` is the role asking). Reads
+/// past row-level security: call it as the extension owner.
+pub(crate) fn next_version(client: &mut SpiClient<'_>, name: &str, caller: pg_sys::Oid) -> Result<i32> {
     client.update(
-        "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('cerebro.models'), pg_catalog.hashtext($1))",
+        "INSERT INTO cerebro.model_names (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
         None,
         &[name.into()],
     )?;
+    client.update("SELECT 1 FROM cerebro.model_names WHERE name = $1 FOR UPDATE", None, &[name.into()])?;
     let version = first::<i32>(
         client,
         "SELECT coalesce(max(version), 0) + 1 FROM cerebro.model_versions WHERE name = $1",
@@ -95,29 +68,9 @@ pub(crate) fn next_version(client: &mut SpiClient<'_>, name: &str, user: &str) -
     )?
     .expect("coalesce is never NULL");
     if version > 1 {
-        check_administers(client, name, user, "add a version to")?;
+        access::check_may_add_version(name, caller)?;
     }
     Ok(version)
-}
-
-fn check_administers(client: &mut SpiClient<'_>, model: &str, user: &str, action: &'static str) -> Result<()> {
-    match administers(client, model, user)? {
-        (true, _) => Ok(()),
-        (false, owner) => Err(CerebroError::NotModelOwner { model: model.into(), owner, action }),
-    }
-}
-
-/// Whether `user` may see and score `model` (`cerebro.may_use`); an error
-/// naming the owner when it may not.
-pub(crate) fn check_may_use(client: &mut SpiClient<'_>, model: &str, user: &str) -> Result<()> {
-    let owner = owner_of(client, model)?;
-    let allowed =
-        first::<bool>(client, "SELECT cerebro.may_use($1, $2)", &[model.into(), user.into()], 1)?.unwrap_or(false);
-    if allowed {
-        Ok(())
-    } else {
-        Err(CerebroError::ModelAccessDenied { model: model.into(), owner })
-    }
 }
 
 /// The status of `model`'s `version`, or the matching not-found error.
@@ -179,8 +132,8 @@ fn try_deploy(model: Option<&str>, version: Option<i32>, comment: Option<&str>) 
     let version = required(version, "version")?;
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
-        check_administers(client, model, &user, "deploy")?;
-        let _owner = identity::become_owner(identity::extension_owner()?);
+        access::check_administers(model, identity::current_role(), "deploy")?;
+        let _owner = identity::become_owner()?;
         deploy_as(client, &user, model, version, comment)
     })
 }
@@ -211,8 +164,8 @@ fn try_rollback(model: Option<&str>, comment: Option<&str>) -> Result<i32> {
     let model = required(model, "model")?;
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
-        check_administers(client, model, &user, "roll back")?;
-        let _owner = identity::become_owner(identity::extension_owner()?);
+        access::check_administers(model, identity::current_role(), "roll back")?;
+        let _owner = identity::become_owner()?;
         let query = "SELECT version, earlier[cardinality(earlier)] FROM cerebro.deployments WHERE name = $1 FOR UPDATE";
         let (current, previous) = match client.update(query, Some(1), &[model.into()])?.next() {
             Some(row) => (row.get::<i32>(1)?, row.get::<i32>(2)?),
@@ -269,8 +222,8 @@ fn try_export(model: Option<&str>, version: Option<i32>) -> Result<Vec<u8>> {
     let version = required(version, "version")?;
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
-        check_may_use(client, model, &user)?;
-        let _owner = identity::become_owner(identity::extension_owner()?);
+        access::check_may_use(model, identity::current_role())?;
+        let _owner = identity::become_owner()?;
         check_ready(client, model, version, "exported")?;
         let bytes = first::<Vec<u8>>(
             client,
@@ -291,7 +244,7 @@ fn try_grant(model: Option<&str>, grantee: Option<&str>, grant: bool) -> Result<
     let grantee = required(grantee, "grantee")?;
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
-        check_administers(client, model, &user, if grant { "grant" } else { "revoke" })?;
+        access::check_administers(model, identity::current_role(), if grant { "grant" } else { "revoke" })?;
         let role_exists = first::<bool>(
             client,
             "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)",
@@ -301,7 +254,7 @@ fn try_grant(model: Option<&str>, grantee: Option<&str>, grant: bool) -> Result<
         if role_exists != Some(true) {
             return Err(CerebroError::UnknownRole(grantee.into()));
         }
-        let _owner = identity::become_owner(identity::extension_owner()?);
+        let _owner = identity::become_owner()?;
         let changed = if grant {
             client
                 .update(
@@ -336,8 +289,9 @@ fn try_reproduce(model: Option<&str>, version: Option<i32>) -> Result<i32> {
     let version = required(version, "version")?;
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
-        check_administers(client, model, &user, "add a version to")?;
-        let _owner = identity::become_owner(identity::extension_owner()?);
+        let caller = identity::current_role();
+        access::check_administers(model, caller, "add a version to")?;
+        let _owner = identity::become_owner()?;
         status_of(client, model, version)?;
         let data = first::<String>(
             client,
@@ -349,7 +303,7 @@ fn try_reproduce(model: Option<&str>, version: Option<i32>) -> Result<i32> {
         if data.is_none() {
             return Err(CerebroError::SnapshotGone { name: model.into(), version });
         }
-        let new_version = next_version(client, model, &user)?;
+        let new_version = next_version(client, model, caller)?;
         let id = first::<i64>(
             client,
             "INSERT INTO cerebro.model_versions (name, version, task, source_relation, target_column, key_column,
@@ -362,12 +316,10 @@ fn try_reproduce(model: Option<&str>, version: Option<i32>) -> Result<i32> {
             1,
         )?
         .ok_or_else(|| CerebroError::VersionNotFound { name: model.into(), version })?;
-        let job: i64 =
-            first(client, "INSERT INTO cerebro.jobs (model_version_id) VALUES ($1) RETURNING id", &[id.into()], 1)?
-                .expect("RETURNING id");
+        client.update("INSERT INTO cerebro.jobs (model_version_id) VALUES ($1)", None, &[id.into()])?;
         let detail = serde_json::json!({ "reproduces": version });
         audit(client, Audit { user: &user, action: "create", model, version: Some(new_version), detail })?;
-        client.update("SELECT pg_catalog.pg_notify('cerebro_jobs', $1)", None, &[job.to_string().into()])?;
+        client.update("SELECT pg_catalog.pg_notify('cerebro_jobs', '')", None, &[])?;
         notice!(
             "model \"{model}\" version {new_version} is queued: version {version} retrained on its frozen snapshot"
         );
@@ -387,8 +339,8 @@ fn try_delete(model: Option<&str>, version: Option<i32>) -> Result<i64> {
     let version = required(version, "version")?;
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
-        check_administers(client, model, &user, "delete")?;
-        let _owner = identity::become_owner(identity::extension_owner()?);
+        access::check_administers(model, identity::current_role(), "delete")?;
+        let _owner = identity::become_owner()?;
         // Lock the job before the version, in the daemon's order when it
         // claims one: a claim in flight finishes first (and the version is
         // then training), or skips the job this transaction holds.
@@ -509,12 +461,17 @@ fn try_cancel(selection: Option<i64>) -> Result<i32> {
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
         let name = {
-            let _owner = identity::become_owner(identity::extension_owner()?);
+            let _owner = identity::become_owner()?;
             first::<String>(client, "SELECT name FROM cerebro.selections WHERE id = $1", &[selection.into()], 1)?
         }
         .ok_or(CerebroError::SelectionNotFound(selection))?;
-        check_administers(client, &name, &user, "cancel a selection of")?;
-        let _owner = identity::become_owner(identity::extension_owner()?);
+        // Another role's selection does not exist for a role that may not use its model.
+        let caller = identity::current_role();
+        if !access::allowed_to_use(&name, caller)? {
+            return Err(CerebroError::SelectionNotFound(selection));
+        }
+        access::check_administers(&name, caller, "cancel a selection of")?;
+        let _owner = identity::become_owner()?;
         let queued = client
             .update(
                 "WITH j AS (
@@ -560,7 +517,7 @@ fn cancel_selection(selection: Option<i64>) -> i32 {
 fn try_finish_selection(selection: Option<i64>) -> Result<Option<i32>> {
     let selection = selection.ok_or(CerebroError::NullArgument("selection"))?;
     Spi::connect_mut(|client| {
-        let _owner = identity::become_owner(identity::extension_owner()?);
+        let _owner = identity::become_owner()?;
         let query =
             "SELECT name, created_by::text, coalesce((plan->>'promote')::boolean, false), finished_at IS NOT NULL
                      FROM cerebro.selections WHERE id = $1 FOR UPDATE";

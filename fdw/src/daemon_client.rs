@@ -4,17 +4,18 @@
 //! Every wait has a deadline and polls for query cancellation, so a cancelled
 //! query returns at once.
 
-use std::fs::OpenOptions;
-use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{ErrorKind, IoSlice, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cerebro_shared::protocol::{self, Request, Response, PROTOCOL_VERSION};
 use memmap2::{MmapMut, MmapOptions};
 use pgrx::pg_sys;
+use rustix::fs::{MemfdFlags, SealFlags};
+use rustix::io::Errno;
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 
 use crate::error::{CerebroError, Result};
 
@@ -93,60 +94,62 @@ impl DaemonClient {
         self.send(request)?;
         self.recv()
     }
-}
 
-static NEXT_REGION: AtomicU64 = AtomicU64::new(0);
-
-/// A shared-memory region: a file under /dev/shm mapped here, and by cerebrod
-/// once attached. The file is unlinked as soon as cerebrod has mapped it, so
-/// nothing is left behind whatever happens to either process afterwards.
-pub struct Region {
-    path: PathBuf,
-    pub map: MmapMut,
-    linked: bool,
-}
-
-impl Region {
-    pub fn create(len: usize) -> Result<Region> {
-        let path = PathBuf::from(format!(
-            "/dev/shm/cerebro-{}-{}",
-            std::process::id(),
-            NEXT_REGION.fetch_add(1, Ordering::Relaxed)
-        ));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(CerebroError::SharedMemory)?;
-        let fail = |e: std::io::Error| {
-            let _ = std::fs::remove_file(&path);
-            CerebroError::SharedMemory(e)
+    /// Attaches `memory` as region `region`: the Attach frame goes out with
+    /// the region's descriptor (SCM_RIGHTS). Only with no request in flight.
+    pub fn attach(&mut self, region: u32, memory: &Region) -> Result<()> {
+        let frame = protocol::encode(&Request::Attach { region, len: memory.len() as u64 });
+        let fds = [memory.fd.as_fd()];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        let pushed = control.push(SendAncillaryMessage::ScmRights(&fds));
+        debug_assert!(pushed, "the buffer is sized for one descriptor");
+        let connection = |e: std::io::Error| CerebroError::Connection(e.into());
+        let sent = loop {
+            match rustix::net::sendmsg(&self.stream, &[IoSlice::new(&frame)], &mut control, SendFlags::NOSIGNAL) {
+                Ok(n) => break n,
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(connection(e.into())),
+            }
         };
-        file.set_len(len as u64).map_err(fail)?;
-        // SAFETY: a fresh private file of exactly `len` bytes.
-        let map = unsafe { MmapOptions::new().len(len).map_mut(&file) }.map_err(fail)?;
-        Ok(Region { path, map, linked: true })
-    }
-
-    pub fn path(&self) -> String {
-        self.path.to_string_lossy().into_owned()
-    }
-
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn unlink(&mut self) {
-        if std::mem::take(&mut self.linked) {
-            let _ = std::fs::remove_file(&self.path);
+        // The descriptor went with the first byte; what a short send left
+        // is plain bytes.
+        self.stream.write_all(&frame[sent..]).map_err(connection)?;
+        match self.recv()? {
+            Response::Attached { .. } => Ok(()),
+            other => Err(CerebroError::Protocol(format!("expected attached, got {other:?}"))),
         }
     }
 }
 
-impl Drop for Region {
-    fn drop(&mut self) {
-        self.unlink();
+/// A shared-memory region: an anonymous memory file (memfd) mapped here and,
+/// once attached, by cerebrod, which receives its descriptor over the socket.
+/// It has no name anywhere, so no other user can squat, open or replace it,
+/// and the kernel frees it when the last mapping and descriptor go, whatever
+/// happens to either process.
+pub struct Region {
+    pub map: MmapMut,
+    fd: OwnedFd,
+}
+
+impl Region {
+    pub fn create(len: usize) -> Result<Region> {
+        let shm = |e: Errno| CerebroError::SharedMemory(e.into());
+        // Not inherited by programs the backend may run.
+        let fd =
+            rustix::fs::memfd_create("cerebro-region", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).map_err(shm)?;
+        rustix::fs::ftruncate(&fd, len as u64).map_err(shm)?;
+        // A fixed size lets cerebrod map it without fearing that the pages
+        // go away under its mapping (SIGBUS); cerebrod checks the seals.
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL).map_err(shm)?;
+        // SAFETY: a fresh memory file of exactly `len` bytes that cannot
+        // shrink; only this backend and cerebrod map it, and the protocol
+        // gives one of them a region at a time.
+        let map = unsafe { MmapOptions::new().len(len).map_mut(&fd) }.map_err(CerebroError::SharedMemory)?;
+        Ok(Region { map, fd })
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
     }
 }

@@ -43,8 +43,15 @@ pub enum CerebroError {
     VersionNotFound { name: String, version: i32 },
     #[error("model \"{name}\" version {version} is {state}")]
     ModelNotReady { name: String, version: i32, state: String, failed: bool },
-    #[error("permission denied for model \"{model}\"")]
-    ModelAccessDenied { model: String, owner: String },
+    #[error("a model named \"{0}\" already exists and you may not add versions to it")]
+    NameTaken(String),
+    #[error("cerebro.may_use answers only about your own role and roles whose privileges you have")]
+    AskingForAnotherRole,
+    #[error(
+        "model \"{model}\" reads its source through {code}, owned by role \"{owner}\", which would run with \
+         your rights"
+    )]
+    ForeignSourceCode { model: String, code: String, owner: String, own_source: String },
     #[error("model \"{name}\" version {version} has no frozen snapshot left to retrain on")]
     SnapshotGone { name: String, version: i32 },
     #[error("model \"{name}\" version {version} is {status} and cannot be deleted")]
@@ -139,9 +146,10 @@ impl CerebroError {
                 ERRCODE_INVALID_PARAMETER_VALUE
             }
             CerebroError::NullArgument(_) => ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            CerebroError::NotModelOwner { .. } | CerebroError::ModelAccessDenied { .. } => {
-                ERRCODE_INSUFFICIENT_PRIVILEGE
-            }
+            CerebroError::NotModelOwner { .. }
+            | CerebroError::AskingForAnotherRole
+            | CerebroError::ForeignSourceCode { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            CerebroError::NameTaken(_) => ERRCODE_DUPLICATE_OBJECT,
             CerebroError::UnknownRole(_) | CerebroError::SelectionNotFound(_) => ERRCODE_UNDEFINED_OBJECT,
             CerebroError::ImportInvalid(_) | CerebroError::SelectionTable { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             CerebroError::Selection(e) => match e.kind {
@@ -192,9 +200,11 @@ impl CerebroError {
             CerebroError::ModelNotReady { .. } => {
                 Some("Watch it with: SELECT name, version, status, progress FROM cerebro.models;".into())
             }
-            CerebroError::ModelNotFound(_) => {
-                Some("SELECT name, version, status FROM cerebro.models lists the models.".into())
-            }
+            CerebroError::ModelNotFound(_) => Some(
+                "SELECT name, version, status FROM cerebro.models lists the models you may use; \
+                 another role's model is used only once its owner grants it: cerebro.grant_model."
+                    .into(),
+            ),
             CerebroError::MissingModel => Some("Add WHERE model = '<name>' to the query.".into()),
             CerebroError::NotModelOwner { owner, .. } => Some(format!(
                 "Only the model's owner ({owner}), members of role cerebro_admin and superusers may do this."
@@ -205,9 +215,13 @@ impl CerebroError {
             CerebroError::NotDeletable { status, .. } if status == "training" => {
                 Some("Wait for its training to end, then delete it.".into())
             }
-            CerebroError::ModelAccessDenied { model, owner } => Some(format!(
-                "Its owner ({owner}) or a member of cerebro_admin can give you access: \
-                 SELECT cerebro.grant_model('{model}', '<your role>');"
+            CerebroError::NameTaken(_) => {
+                Some("Model names are unique in a database; choose another name for your model.".into())
+            }
+            CerebroError::ForeignSourceCode { own_source, .. } => Some(format!(
+                "Scoring it would run that code with your rights. Name the rows to score yourself: \
+                 ... WHERE model = '...' AND source = '<a table or query you trust>' \
+                 (its own source is {own_source})."
             )),
             CerebroError::NotDeployable { .. } => Some(
                 "SELECT version, status FROM cerebro.models WHERE name = '...' shows which versions are ready.".into(),

@@ -15,7 +15,7 @@ use pgrx::JsonB;
 use crate::admin::{audit, current_user, next_version, raise, Audit};
 use crate::error::{CerebroError, Result};
 use crate::identity;
-use crate::models::resolve_source;
+use crate::sources::resolve_source;
 
 /// What `cerebro.import_onnx` was given.
 pub struct ImportRequest<'a> {
@@ -186,8 +186,9 @@ fn try_import(req: ImportRequest<'_>) -> Result<i32> {
         let layout = ImportLayout { inputs: layout, output: output.name.clone(), positive_column };
 
         let user = current_user(client)?;
-        let _owner = identity::become_owner(identity::extension_owner()?);
-        let version = next_version(client, req.name, &user)?;
+        let caller = identity::current_role();
+        let _owner = identity::become_owner()?;
+        let version = next_version(client, req.name, caller)?;
         let sha: String = client
             .select("SELECT encode(sha256($1), 'hex')", Some(1), &[req.onnx.into()])?
             .first()

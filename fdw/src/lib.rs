@@ -8,6 +8,7 @@
 
 use pgrx::prelude::*;
 
+mod access;
 mod admin;
 mod daemon_client;
 mod error;
@@ -19,6 +20,7 @@ mod lineage;
 mod models;
 mod predictions;
 mod selections;
+mod sources;
 
 pgrx::pg_module_magic!();
 
@@ -127,13 +129,13 @@ mod tests {
         Spi::run("INSERT INTO cerebro.models (name, source, target) VALUES ('m', 'no_such_table', 'y')").unwrap();
     }
 
-    #[pg_test(error = "column \"nope\" does not exist in customers")]
+    #[pg_test(error = "column \"nope\" does not exist in public.customers")]
     fn unknown_target_column() {
         setup();
         Spi::run("INSERT INTO cerebro.models (name, source, target) VALUES ('m', 'customers', 'nope')").unwrap();
     }
 
-    #[pg_test(error = "column \"joined\" of customers has type date, which Cerebro cannot use as a feature")]
+    #[pg_test(error = "column \"joined\" of public.customers has type date, which Cerebro cannot use as a feature")]
     fn wrong_typed_feature() {
         setup();
         Spi::run(
@@ -143,7 +145,7 @@ mod tests {
         .unwrap();
     }
 
-    #[pg_test(error = "empty_src has no rows with a non-NULL \"y\" to train on")]
+    #[pg_test(error = "public.empty_src has no rows with a non-NULL \"y\" to train on")]
     fn empty_source() {
         setup();
         Spi::run("INSERT INTO cerebro.models (name, source, target) VALUES ('m', 'empty_src', 'y')").unwrap();
@@ -155,7 +157,7 @@ mod tests {
         Spi::run("INSERT INTO cerebro.models (name, source, target) VALUES ('m', 'one_class', 'y')").unwrap();
     }
 
-    #[pg_test(error = "permission denied for table customers")]
+    #[pg_test(error = "permission denied for table public.customers")]
     fn user_without_select_privilege() {
         setup();
         Spi::run("CREATE ROLE cerebro_test_nobody; SET ROLE cerebro_test_nobody;").unwrap();
@@ -267,8 +269,8 @@ mod tests {
         Spi::run("SELECT cerebro.deploy('m', NULL)").unwrap();
     }
 
-    #[pg_test(error = "permission denied to deploy model \"m\"")]
-    fn only_the_owner_deploys() {
+    #[pg_test(error = "model \"m\" does not exist")]
+    fn a_model_not_granted_does_not_exist_for_deploy() {
         two_versions();
         Spi::run("CREATE ROLE cerebro_test_other; SET ROLE cerebro_test_other").unwrap();
         Spi::run("SELECT cerebro.deploy('m', 1)").unwrap();
@@ -316,7 +318,7 @@ mod tests {
         assert_eq!(visible()[0], 2);
     }
 
-    #[pg_test(error = "permission denied for model \"m\"")]
+    #[pg_test(error = "model \"m\" does not exist")]
     fn scoring_a_model_without_a_grant() {
         two_versions();
         Spi::run("CREATE ROLE cerebro_test_stranger; SET ROLE cerebro_test_stranger").unwrap();
@@ -414,7 +416,7 @@ mod tests {
         assert_eq!((layers, widths), (Some(3), Some(vec![16, 8, 8])));
         let found = Spi::get_one::<Vec<String>>(
             "SELECT array_agg(name) FROM cerebro.archive
-             WHERE source_relation = 'customers' AND auc > 0.8 AND layers < 4",
+             WHERE source_relation = 'public.customers' AND auc > 0.8 AND layers < 4",
         )
         .unwrap();
         assert_eq!(found, Some(vec!["deep".to_string()]));
@@ -429,7 +431,10 @@ mod tests {
         for (query, index) in [
             ("SELECT * FROM cerebro.model_metrics WHERE metric = 'auc' AND value > 0.8", "model_metrics_by_value"),
             ("SELECT * FROM cerebro.model_features WHERE column_name = 'paid'", "model_features_by_column"),
-            ("SELECT * FROM cerebro.model_versions WHERE source_relation = 'customers'", "model_versions_by_source"),
+            (
+                "SELECT * FROM cerebro.model_versions WHERE source_relation = 'public.customers'",
+                "model_versions_by_source",
+            ),
         ] {
             let plan: Vec<String> = Spi::connect(|c| {
                 c.select(&format!("EXPLAIN (COSTS OFF) {query}"), None, &[])
@@ -538,6 +543,91 @@ mod tests {
     fn granting_to_an_unknown_role() {
         two_versions();
         Spi::run("SELECT cerebro.grant_model('m', 'nobody_here')").unwrap();
+    }
+
+    #[pg_test]
+    fn a_snapshot_keeps_built_in_types_under_neutral_names() {
+        setup();
+        Spi::run(
+            "INSERT INTO cerebro.models (name, source, target, key, features)
+             VALUES ('m', 'customers', 'churn', 'id', ARRAY['age', 'plan', 'paid'])",
+        )
+        .unwrap();
+        let columns = Spi::get_one::<Vec<String>>("SELECT columns FROM cerebro.snapshots").unwrap();
+        let expected: Vec<String> = ["churn", "id", "age", "plan", "paid"].map(String::from).to_vec();
+        assert_eq!(columns, Some(expected));
+        let described = Spi::get_one::<String>(
+            "SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ', ' ORDER BY a.attnum)
+             FROM pg_attribute a JOIN cerebro.snapshots s ON a.attrelid = to_regclass(s.data_relation)
+             WHERE a.attnum > 0",
+        )
+        .unwrap();
+        assert_eq!(described.as_deref(), Some("c1 text, c2 integer, c3 integer, c4 text, c5 numeric"));
+        assert_eq!(
+            Spi::get_one::<String>("SELECT source_relation FROM cerebro.model_versions").unwrap().as_deref(),
+            Some("public.customers")
+        );
+    }
+
+    #[pg_test]
+    fn an_enum_target_is_frozen_as_text_without_its_owners_cast() {
+        setup();
+        Spi::run(
+            "CREATE TYPE public.tier AS ENUM ('low', 'high');
+             CREATE DOMAIN public.tier_d AS public.tier;
+             CREATE FUNCTION public.tier_spy(public.tier) RETURNS text LANGUAGE plpgsql AS
+                 $$ BEGIN RAISE EXCEPTION 'the cast ran as %', current_user; END $$;
+             CREATE CAST (public.tier AS text) WITH FUNCTION public.tier_spy(public.tier);
+             CREATE TABLE public.tiers AS
+                 SELECT i AS id, i % 5 AS x, (CASE WHEN i % 3 = 0 THEN 'high' ELSE 'low' END)::public.tier_d AS t
+                 FROM generate_series(1, 60) i;",
+        )
+        .unwrap();
+        Spi::run("INSERT INTO cerebro.models (name, source, target, key) VALUES ('e', 'tiers', 't', 'id')").unwrap();
+        let labels = Spi::get_one::<Vec<String>>("SELECT class_labels FROM cerebro.model_versions").unwrap();
+        assert_eq!(labels, Some(vec!["high".to_string(), "low".to_string()]));
+    }
+
+    #[pg_test]
+    fn a_function_in_the_search_path_never_runs_as_the_owner() {
+        setup();
+        Spi::run(
+            "CREATE ROLE cerebro_test_mallory; GRANT SELECT ON customers TO cerebro_test_mallory;
+             CREATE SCHEMA mallory AUTHORIZATION cerebro_test_mallory;
+             SET ROLE cerebro_test_mallory;
+             CREATE FUNCTION mallory.nextval(text) RETURNS bigint LANGUAGE plpgsql AS
+                 $$ BEGIN RAISE EXCEPTION 'nextval hijacked as %', current_user; END $$;
+             CREATE FUNCTION mallory.text_eq(text, text) RETURNS boolean LANGUAGE plpgsql AS
+                 $$ BEGIN IF current_user <> 'cerebro_test_mallory' THEN
+                        RAISE EXCEPTION '= hijacked as %', current_user; END IF;
+                    RETURN $1 OPERATOR(pg_catalog.=) $2; END $$;
+             CREATE OPERATOR mallory.= (LEFTARG = text, RIGHTARG = text, FUNCTION = mallory.text_eq);
+             CREATE FUNCTION mallory.count(anyelement) RETURNS bigint LANGUAGE plpgsql AS
+                 $$ BEGIN RAISE EXCEPTION 'count hijacked as %', current_user; END $$;
+             SET search_path = mallory, public;",
+        )
+        .unwrap();
+        Spi::run(
+            "INSERT INTO cerebro.models (name, source, target, key) VALUES ('mine', 'customers', 'churn', 'id');
+             SELECT count(*) FROM cerebro.models;",
+        )
+        .unwrap();
+        Spi::run("RESET ROLE; RESET search_path").unwrap();
+        assert_eq!(count("SELECT count(*) FROM cerebro.model_versions WHERE name = 'mine'"), 1);
+    }
+
+    #[pg_test(error = "cerebro.may_use answers only about your own role and roles whose privileges you have")]
+    fn may_use_does_not_answer_about_other_roles() {
+        two_versions();
+        Spi::run("CREATE ROLE cerebro_test_prober; SET ROLE cerebro_test_prober").unwrap();
+        assert_eq!(Spi::get_one::<bool>("SELECT cerebro.may_use('m', 'cerebro_test_prober')").unwrap(), Some(false));
+        Spi::run("SELECT cerebro.may_use('m', 'postgres')").unwrap();
+    }
+
+    #[pg_test(error = "permission denied for function finish_selection")]
+    fn finish_selection_is_not_for_users() {
+        Spi::run("CREATE ROLE cerebro_test_holder; SET ROLE cerebro_test_holder").unwrap();
+        Spi::run("SELECT cerebro.finish_selection(1)").unwrap();
     }
 
     #[pg_test(error = "UPDATE on cerebro.models is not supported")]

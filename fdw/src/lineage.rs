@@ -9,11 +9,13 @@ use cerebro_shared::spec::TrainOptions;
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
-use crate::admin::{check_may_use, current_user, first};
+use crate::access;
+use crate::admin::first;
 use crate::error::{CerebroError, Result};
 use crate::identity;
 use crate::models::{queue_version, Lineage, TrainRequest};
 use crate::selections::{merge_options, selected_columns, source_columns};
+use crate::sources::check_own_source;
 
 /// What a derived model inherits from its parent.
 struct Parent {
@@ -29,9 +31,8 @@ struct Parent {
 /// latest ready one.
 fn parent_of(name: &str, named: Option<i32>) -> Result<Parent> {
     Spi::connect_mut(|client| {
-        let user = current_user(client)?;
-        check_may_use(client, name, &user)?;
-        let _owner = identity::become_owner(identity::extension_owner()?);
+        access::check_may_use(name, identity::current_role())?;
+        let _owner = identity::become_owner()?;
         let version = match named {
             Some(v) => v,
             None => first::<i32>(
@@ -121,6 +122,11 @@ pub fn queue_derived(req: TrainRequest) -> Result<()> {
     let pick =
         |written: &str, inherited: &str| if written.is_empty() { inherited.to_string() } else { written.to_string() };
     let source = change.source.clone().unwrap_or_else(|| pick(&req.source, &parent.source));
+    if source == parent.source {
+        // The parent's source is read again, as the caller: like scoring it,
+        // that must run no code of a role without the caller's rights.
+        Spi::connect(|client| check_own_source(client, &req.name, &source))?;
+    }
     let target = pick(&req.target, &parent.target);
     let key = req.key.clone().or(parent.key.clone());
     let features = match &req.features {

@@ -1,16 +1,15 @@
 //! `cerebro.models`: INSERT validates a training request and queues it;
 //! SELECT lists every model version with its status and metrics.
 
-use cerebro_shared::spec::{
-    resolve_task, validate_model_name, Feature, Split, SqlKind, Task, TaskChoice, TrainOptions,
-};
-use cerebro_shared::sql::quote_ident;
+use cerebro_shared::spec::{resolve_task, validate_model_name, Feature, Split, Task, TaskChoice, TrainOptions};
+use cerebro_shared::sql::{quote_ident, snapshot_column};
 use pgrx::prelude::*;
-use pgrx::{pg_sys, JsonB};
+use pgrx::JsonB;
 use supabase_wrappers::prelude::{Cell, Row};
 
 use crate::error::{CerebroError, Result};
 use crate::identity;
+use crate::sources::{resolve_source, SourceColumn};
 
 /// Columns users may set on INSERT; every other column is Cerebro's.
 const WRITABLE: &[&str] =
@@ -129,152 +128,6 @@ impl TrainRequest {
     }
 }
 
-pub(crate) struct SourceColumn {
-    pub(crate) name: String,
-    pub(crate) type_name: String,
-    pub(crate) kind: Option<SqlKind>,
-    pub(crate) readable: bool,
-}
-
-pub(crate) struct Source {
-    /// `oid::regclass::text`: schema-qualified where needed, quoted.
-    pub(crate) display: String,
-    pub(crate) columns: Vec<SourceColumn>,
-}
-
-impl Source {
-    pub(crate) fn column(&self, name: &str) -> Result<&SourceColumn> {
-        self.columns
-            .iter()
-            .find(|c| c.name == name)
-            .ok_or_else(|| CerebroError::UnknownColumn { relation: self.display.clone(), column: name.to_owned() })
-    }
-}
-
-/// The query a source names, when it is one: `(SELECT ...)`.
-pub(crate) fn source_query(source: &str) -> Option<&str> {
-    let t = source.trim();
-    (t.len() >= 2 && t.starts_with('(') && t.ends_with(')')).then(|| t[1..t.len() - 1].trim())
-}
-
-/// How a source appears in FROM: a relation as is, a query with an alias.
-pub(crate) fn from_item(display: &str) -> String {
-    match source_query(display) {
-        Some(_) => format!("{display} AS source"),
-        None => display.to_owned(),
-    }
-}
-
-/// Refuses anything but one SELECT (or VALUES, or WITH ... SELECT): the
-/// text is run inside Cerebro's own statements.
-pub(crate) fn check_single_select(query: &str) -> Result<()> {
-    let text = std::ffi::CString::new(query).map_err(|_| CerebroError::QuerySource("it contains a NUL byte"))?;
-    // SAFETY: raw_parser reads the NUL-terminated string and returns a List
-    // of RawStmt (or raises a syntax error, which pgrx turns into an ERROR).
-    unsafe {
-        let list = pg_sys::raw_parser(text.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
-        if list.is_null() || (*list).length != 1 {
-            return Err(CerebroError::QuerySource("it must be exactly one SELECT statement"));
-        }
-        let raw = (*(*list).elements).ptr_value as *mut pg_sys::RawStmt;
-        if (*(*raw).stmt).type_ != pg_sys::NodeTag::T_SelectStmt {
-            return Err(CerebroError::QuerySource("it must be a SELECT statement"));
-        }
-    }
-    Ok(())
-}
-
-/// A query source's columns, as the user running it sees them (the probe
-/// runs as the user, so their privileges on every table it reads apply).
-fn resolve_query(client: &pgrx::spi::SpiClient<'_>, query: &str) -> Result<Source> {
-    check_single_select(query)?;
-    let display = format!("({query})");
-    let probe = client.select(&format!("SELECT * FROM {} LIMIT 0", from_item(&display)), None, &[])?;
-    let mut named: Vec<(String, pg_sys::Oid)> = Vec::new();
-    for i in 1..=probe.columns()? {
-        let name = probe.column_name(i)?;
-        if named.iter().any(|(n, _)| *n == name) {
-            return Err(CerebroError::QuerySource("two of its columns have the same name; name them apart with AS"));
-        }
-        named.push((name, probe.column_type_oid(i)?.value()));
-    }
-    let (names, oids): (Vec<String>, Vec<i64>) = named.into_iter().map(|(n, o)| (n, i64::from(o.to_u32()))).unzip();
-    let described = client.select(
-        &format!(
-            "SELECT c.name, bt.typname::text, bt.typcategory::text, pg_catalog.format_type(t.oid, NULL), true
-             FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS c(name, type_oid, n)
-             JOIN pg_catalog.pg_type t ON t.oid = c.type_oid::oid {BASE_TYPE_JOIN}
-             ORDER BY c.n"
-        ),
-        None,
-        &[names.into(), oids.into()],
-    )?;
-    Ok(Source { display, columns: source_columns_of(described)? })
-}
-
-/// Joins `bt`, the base type of `t` (itself unless `t` is a domain).
-const BASE_TYPE_JOIN: &str =
-    "JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END";
-
-/// Rows of (name, base typname, base category, type as written, readable)
-/// as source columns, classified by the kind Cerebro can use.
-fn source_columns_of(rows: pgrx::spi::SpiTupleTable<'_>) -> Result<Vec<SourceColumn>> {
-    let mut columns = Vec::new();
-    for row in rows {
-        let typname: String = row.get(2)?.unwrap_or_default();
-        let category: String = row.get(3)?.unwrap_or_default();
-        columns.push(SourceColumn {
-            name: row.get(1)?.unwrap_or_default(),
-            type_name: row.get(4)?.unwrap_or_default(),
-            kind: category.chars().next().and_then(|c| SqlKind::classify(c, &typname)),
-            readable: row.get(5)?.unwrap_or(false),
-        });
-    }
-    Ok(columns)
-}
-
-pub(crate) fn resolve_source(client: &pgrx::spi::SpiClient<'_>, name: &str) -> Result<Source> {
-    if let Some(query) = source_query(name) {
-        return resolve_query(client, query);
-    }
-    let rel = client.select(
-        "SELECT c.oid, c.relkind::text, c.oid::regclass::text FROM pg_catalog.pg_class c
-         WHERE c.oid = pg_catalog.to_regclass($1)",
-        Some(1),
-        &[name.into()],
-    )?;
-    let Some(row) = rel.into_iter().next() else {
-        return Err(CerebroError::UnknownRelation(name.to_owned()));
-    };
-    let oid: pg_sys::Oid = row.get(1)?.expect("pg_class.oid is not null");
-    let relkind: String = row.get(2)?.expect("relkind is not null");
-    let display: String = row.get(3)?.expect("regclass text is not null");
-    let kind = match relkind.as_str() {
-        "r" | "v" | "m" | "f" | "p" => None,
-        "S" => Some("a sequence"),
-        "i" | "I" => Some("an index"),
-        "c" => Some("a composite type"),
-        _ => Some("not a relation Cerebro can read"),
-    };
-    if let Some(kind) = kind {
-        return Err(CerebroError::UnsupportedRelation { name: display, kind });
-    }
-    let cols = client.select(
-        &format!(
-            "SELECT a.attname::text, bt.typname::text, bt.typcategory::text,
-                    pg_catalog.format_type(a.atttypid, a.atttypmod),
-                    pg_catalog.has_column_privilege($1, a.attnum, 'SELECT')
-             FROM pg_catalog.pg_attribute a
-             JOIN pg_catalog.pg_type t ON t.oid = a.atttypid {BASE_TYPE_JOIN}
-             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
-             ORDER BY a.attnum"
-        ),
-        None,
-        &[oid.into()],
-    )?;
-    Ok(Source { display, columns: source_columns_of(cols)? })
-}
-
 /// Validates `req`, freezes its training data and queues the job, all in the
 /// calling transaction: a rolled-back INSERT leaves nothing behind and the
 /// daemon, told by NOTIFY (delivered at commit), never sees it.
@@ -286,19 +139,21 @@ pub fn queue_training(req: TrainRequest) -> Result<()> {
     }
 }
 
-/// Queues one version for `req` (part of selection `selection`, if any);
-/// returns its version number.
 /// A snapshot frozen for the candidates of one selection on one source.
 #[derive(Clone)]
 pub(crate) struct Frozen {
     id: i64,
     data_relation: String,
     row_count: i64,
+    /// The source column each snapshot column holds, in order.
+    columns: Vec<String>,
 }
 
 /// Snapshots shared by a selection's candidates, by source.
 pub(crate) type SharedSnapshots = std::collections::HashMap<String, Frozen>;
 
+/// Queues one version for `req` (part of selection `selection`, if any);
+/// returns its version number.
 pub(crate) fn queue_version(
     req: &TrainRequest,
     selection: Option<i64>,
@@ -376,27 +231,35 @@ pub(crate) fn queue_version(
         }
 
         let user_name = crate::admin::current_user(client)?;
-        let owner = identity::extension_owner()?;
+        let caller = identity::current_role();
         // A selection's candidates share one snapshot per source, of every
         // readable column they could use; a plain INSERT freezes what it uses.
         let reused = shared.as_ref().and_then(|m| m.get(&source.display).cloned());
-        let frozen_columns: Vec<&str> = if shared.is_some() {
-            let mut cols: Vec<&str> = used.clone();
+        let mut frozen: Vec<&SourceColumn> = used.iter().map(|c| source.column(c)).collect::<Result<_>>()?;
+        if shared.is_some() {
             for c in &source.columns {
-                if c.readable && c.kind.is_some() && !cols.contains(&c.name.as_str()) {
-                    cols.push(c.name.as_str());
+                if c.readable && c.kind.is_some() && !frozen.iter().any(|f| f.name == c.name) {
+                    frozen.push(c);
                 }
             }
-            cols
-        } else {
-            used.clone()
+        }
+        // Column i of the snapshot is snapshot_column(i), holding frozen[i]
+        // converted to a built-in type as the user (who may run their own
+        // casts): the owner and cerebrod then only ever read built-in types.
+        let frozen_names: Vec<String> = match &reused {
+            Some(f) => f.columns.clone(),
+            None => frozen.iter().map(|c| c.name.clone()).collect(),
         };
-        let select_list = frozen_columns.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
-        let query = format!("SELECT {select_list} FROM {}", from_item(&source.display));
+        let snapshot_col = |name: &str| -> String {
+            let i = frozen_names.iter().position(|n| n == name).expect("every used column is frozen");
+            snapshot_column(i)
+        };
+        let targets = (0..frozen.len()).map(snapshot_column).collect::<Vec<_>>().join(", ");
+        let values = frozen.iter().map(|c| c.stored()).collect::<Vec<_>>().join(", ");
 
         let (version, snapshot_id, data_relation) = {
-            let _owner = identity::become_owner(owner);
-            let version = crate::admin::next_version(client, &req.name, &user_name)?;
+            let _owner = identity::become_owner()?;
+            let version = crate::admin::next_version(client, &req.name, caller)?;
             if let Some(f) = &reused {
                 (version, f.id, f.data_relation.clone())
             } else {
@@ -406,19 +269,26 @@ pub(crate) fn queue_version(
                     .get_one()?
                     .expect("nextval is never NULL");
                 let data_relation = format!("cerebro_data.snapshot_{snapshot_id}");
-                client.update(&format!("CREATE TABLE {data_relation} AS {query} WITH NO DATA"), None, &[])?;
+                let definition = frozen
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| format!("{} {}", snapshot_column(i), c.storage()))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                client.update(&format!("CREATE TABLE {data_relation} ({definition})"), None, &[])?;
                 client.update(&format!("GRANT INSERT ON {data_relation} TO {}", quote_ident(&user_name)), None, &[])?;
                 (version, snapshot_id, data_relation)
             }
         };
+        let query = format!("INSERT INTO {data_relation} ({targets}) SELECT {values} FROM {}", source.in_from());
 
         // The copy runs as the calling user: their privileges and row-level
         // security decide which rows a model may learn from.
         let row_count = match &reused {
             Some(f) => f.row_count,
             None => {
-                let rows = client.update(&format!("INSERT INTO {data_relation} {query}"), None, &[])?.len() as i64;
-                let _owner = identity::become_owner(owner);
+                let rows = client.update(&query, None, &[])?.len() as i64;
+                let _owner = identity::become_owner()?;
                 client.update(
                     &format!("REVOKE INSERT ON {data_relation} FROM {}", quote_ident(&user_name)),
                     None,
@@ -428,8 +298,8 @@ pub(crate) fn queue_version(
             }
         };
 
-        let _owner = identity::become_owner(owner);
-        let target_q = quote_ident(&req.target);
+        let _owner = identity::become_owner()?;
+        let target_q = snapshot_col(&req.target);
         let (labelled, distinct) = client
             .select(
                 &format!("SELECT count({target_q}), count(DISTINCT {target_q}) FROM {data_relation}"),
@@ -461,8 +331,9 @@ pub(crate) fn queue_version(
 
         if reused.is_none() {
             client.update(
-                "INSERT INTO cerebro.snapshots (id, source_relation, query, data_relation, row_count, created_by)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
+                "INSERT INTO cerebro.snapshots (id, source_relation, query, data_relation, row_count, created_by,
+                     columns)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 None,
                 &[
                     snapshot_id.into(),
@@ -471,12 +342,13 @@ pub(crate) fn queue_version(
                     data_relation.as_str().into(),
                     row_count.into(),
                     user_name.as_str().into(),
+                    frozen_names.clone().into(),
                 ],
             )?;
             if let Some(map) = shared {
                 map.insert(
                     source.display.clone(),
-                    Frozen { id: snapshot_id, data_relation: data_relation.clone(), row_count },
+                    Frozen { id: snapshot_id, data_relation: data_relation.clone(), row_count, columns: frozen_names },
                 );
             }
         }
@@ -510,15 +382,7 @@ pub(crate) fn queue_version(
             .first()
             .get_one()?
             .expect("RETURNING id");
-        let job_id: i64 = client
-            .update(
-                "INSERT INTO cerebro.jobs (model_version_id) VALUES ($1) RETURNING id",
-                Some(1),
-                &[model_version_id.into()],
-            )?
-            .first()
-            .get_one()?
-            .expect("RETURNING id");
+        client.update("INSERT INTO cerebro.jobs (model_version_id) VALUES ($1)", None, &[model_version_id.into()])?;
         let detail = serde_json::json!({ "source": source.display, "target": req.target });
         let create = crate::admin::Audit {
             user: &user_name,
@@ -528,7 +392,9 @@ pub(crate) fn queue_version(
             detail,
         };
         crate::admin::audit(client, create)?;
-        client.update("SELECT pg_catalog.pg_notify('cerebro_jobs', $1)", None, &[job_id.to_string().into()])?;
+        // No payload: anyone may LISTEN on the channel, and cerebrod claims
+        // the oldest queued job whatever woke it.
+        client.update("SELECT pg_catalog.pg_notify('cerebro_jobs', '')", None, &[])?;
         notice!(
             "cerebro: queued {} version {} ({} task, {} features, {} rows); it trains once this transaction commits",
             req.name,
@@ -545,6 +411,7 @@ pub(crate) fn queue_version(
 pub type ModelRow = Vec<(&'static str, Option<Cell>)>;
 
 pub fn list_models() -> Result<Vec<ModelRow>> {
+    let _path = identity::pin_search_path();
     Spi::connect(|client| {
         let rows = client.select(
             "SELECT m.name, m.version, m.status::text, m.task, m.source_relation, m.target_column, m.key_column,

@@ -13,7 +13,6 @@ use std::rc::Rc;
 use cerebro_shared::batch::{plan_batch, read_outputs, write_batch, BatchLayout, ColumnData, NO_LABEL};
 use cerebro_shared::protocol::{Request, Response, ScoreRequest};
 use cerebro_shared::spec::{Feature, FeatureKind};
-use cerebro_shared::sql::quote_ident;
 use pgrx::prelude::*;
 use pgrx::{register_xact_callback, JsonB, PgXactCallbackEvent};
 use supabase_wrappers::prelude::{Cell, Column, Qual, Row, Value};
@@ -21,6 +20,7 @@ use supabase_wrappers::prelude::{Cell, Column, Qual, Row, Value};
 use crate::daemon_client::{DaemonClient, Region};
 use crate::error::{CerebroError, Result};
 use crate::gucs;
+use crate::sources::{check_own_source, resolve_source, BaseType, Source};
 
 /// Query parameters taken from the WHERE clause.
 #[derive(Debug, Default)]
@@ -80,28 +80,10 @@ struct ModelVersion {
     artifact_sha256: String,
 }
 
+/// [`ModelVersion`] among the versions the caller may use: a model another
+/// role has not granted does not exist for the caller.
 fn resolve_model(name: &str, version: Option<i32>) -> Result<ModelVersion> {
-    match resolve_visible(name, version) {
-        // Hidden by row-level security: say so rather than "does not exist".
-        Err(CerebroError::ModelNotFound(_) | CerebroError::VersionNotFound { .. }) if model_exists_at_all(name)? => {
-            Spi::connect_mut(|client| {
-                let user = crate::admin::current_user(client)?;
-                crate::admin::check_may_use(client, name, &user)
-            })?;
-            resolve_visible(name, version)
-        }
-        other => other,
-    }
-}
-
-/// Whether any version of `name` exists, whoever may see it.
-fn model_exists_at_all(name: &str) -> Result<bool> {
-    let _owner = crate::identity::become_owner(crate::identity::extension_owner()?);
-    model_exists(name)
-}
-
-/// [`resolve_model`] within what the caller may see.
-fn resolve_visible(name: &str, version: Option<i32>) -> Result<ModelVersion> {
+    let _path = crate::identity::pin_search_path();
     Spi::connect(|client| {
         let rows = client.select(
             "SELECT id, version, status::text, features, class_labels, source_relation, key_column,
@@ -116,7 +98,9 @@ fn resolve_visible(name: &str, version: Option<i32>) -> Result<ModelVersion> {
         )?;
         let Some(row) = rows.into_iter().next() else {
             return Err(match version {
-                Some(v) if model_exists(name)? => CerebroError::VersionNotFound { name: name.into(), version: v },
+                Some(v) if model_exists(client, name)? => {
+                    CerebroError::VersionNotFound { name: name.into(), version: v }
+                }
                 _ => CerebroError::ModelNotFound(name.into()),
             });
         };
@@ -154,12 +138,24 @@ fn resolve_visible(name: &str, version: Option<i32>) -> Result<ModelVersion> {
     })
 }
 
-fn model_exists(name: &str) -> Result<bool> {
-    Ok(Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM cerebro.model_versions WHERE name = $1)",
-        &[name.into()],
-    )?
-    .unwrap_or(false))
+/// Whether the caller can see any version of `name`.
+fn model_exists(client: &pgrx::spi::SpiClient<'_>, name: &str) -> Result<bool> {
+    Ok(client
+        .select("SELECT EXISTS (SELECT 1 FROM cerebro.model_versions WHERE name = $1)", Some(1), &[name.into()])?
+        .first()
+        .get_one::<bool>()?
+        .unwrap_or(false))
+}
+
+/// The source a scan reads: the one the query names (the caller's choice,
+/// read like any relation they query), else the model's own, read only if it
+/// runs no code of a role without the caller's rights (check_own_source).
+fn scan_source(client: &pgrx::spi::SpiClient<'_>, model: &ModelVersion, named: Option<&str>) -> Result<Source> {
+    if let Some(named) = named {
+        return resolve_source(client, named);
+    }
+    check_own_source(client, &model.name, &model.source_relation)?;
+    resolve_source(client, &model.source_relation)
 }
 
 /// Connection and regions, shared with an abort callback so that an ERROR
@@ -207,36 +203,35 @@ impl PredictionScan {
             .clone()
             .or_else(|| model.key_column.clone())
             .ok_or_else(|| CerebroError::MissingKey(name.clone()))?;
-        let source_display = match &params.source {
-            None => model.source_relation.clone(),
-            Some(s) => match crate::models::source_query(s) {
-                Some(query) => {
-                    crate::models::check_single_select(query)?;
-                    s.trim().to_owned()
-                }
-                None => {
-                    Spi::get_one_with_args::<String>("SELECT pg_catalog.to_regclass($1)::text", &[s.as_str().into()])?
-                        .ok_or_else(|| CerebroError::UnknownRelation(s.clone()))?
-                }
-            },
-        };
-
-        let mut select = vec![format!("{}::text", quote_ident(&key_column))];
-        for f in &model.features {
-            let cast = match f.kind {
-                FeatureKind::Numeric => "float8",
-                FeatureKind::Categorical => "text",
-            };
-            select.push(format!("{}::{cast}", quote_ident(&f.name)));
-        }
-        let mut sql = format!("SELECT {} FROM {}", select.join(", "), crate::models::from_item(&source_display));
-        if let Some(keys) = &params.keys {
-            let list: Vec<String> = keys.iter().map(|k| format!("'{}'", k.replace('\'', "''"))).collect();
-            sql.push_str(&format!(" WHERE {}::text IN ({})", quote_ident(&key_column), list.join(", ")));
-        }
-        // Runs as the calling user: their privileges and RLS decide what is scored.
-        let cursor = Spi::connect(|client| -> Result<String> {
-            Ok(client.try_open_cursor(sql.as_str(), &[])?.detach_into_name())
+        // Runs as the calling user: their privileges and RLS decide what is
+        // scored. The source's own text runs under their search_path; every
+        // name Cerebro adds is qualified, and the keys are a parameter.
+        let (source_display, cursor) = Spi::connect(|client| -> Result<(String, String)> {
+            let source = scan_source(client, &model, params.source.as_deref())?;
+            let key = source.column(&key_column)?;
+            let mut select = vec![key.text()];
+            for f in &model.features {
+                let col = source.column(&f.name)?;
+                select.push(match (f.kind, &col.base) {
+                    (FeatureKind::Categorical, _) => col.text(),
+                    (FeatureKind::Numeric, BaseType::BuiltIn(_)) => col.float8(),
+                    (FeatureKind::Numeric, _) => {
+                        return Err(CerebroError::UnsupportedType {
+                            relation: source.display.clone(),
+                            column: col.name.clone(),
+                            type_name: col.type_name.clone(),
+                            role: "the numeric feature this model was trained on",
+                        })
+                    }
+                });
+            }
+            let mut sql = format!("SELECT {} FROM {}", select.join(", "), source.in_from());
+            let mut args = Vec::new();
+            if let Some(keys) = &params.keys {
+                sql.push_str(&format!(" WHERE {} OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[])", key.text()));
+                args.push(keys.clone().into());
+            }
+            Ok((source.display.clone(), client.try_open_cursor(sql.as_str(), &args)?.detach_into_name()))
         })?;
 
         let session: SharedSession = Rc::new(RefCell::new(Session {
@@ -323,13 +318,9 @@ impl PredictionScan {
         let fits = session.regions[batch.region].as_ref().is_some_and(|r| r.len() as u64 >= batch.needed);
         if !fits {
             let len = (batch.needed as usize).next_power_of_two().max(1 << 20);
-            let mut fresh = Region::create(len)?;
+            let fresh = Region::create(len)?;
             let client = session.client.as_mut().ok_or(CerebroError::Interrupted)?;
-            let request = Request::Attach { region: batch.region as u32, path: fresh.path(), len: len as u64 };
-            match client.call(&request)? {
-                Response::Attached { .. } => fresh.unlink(),
-                other => return Err(CerebroError::Protocol(format!("expected attached, got {other:?}"))),
-            }
+            client.attach(batch.region as u32, &fresh)?;
             session.regions[batch.region] = Some(fresh);
         }
         let map = &mut session.regions[batch.region].as_mut().expect("region set above").map;

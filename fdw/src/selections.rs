@@ -11,7 +11,8 @@ use pgrx::prelude::*;
 use crate::error::{CerebroError, Result};
 use crate::gucs;
 use crate::identity;
-use crate::models::{queue_version, resolve_source, TrainRequest};
+use crate::models::{queue_version, TrainRequest};
+use crate::sources::{resolve_source, source_query};
 
 /// The usable columns of `source`: (name, of a type Cerebro can use).
 pub(crate) fn source_columns(source: &str) -> Result<Vec<(String, bool)>> {
@@ -32,7 +33,7 @@ pub(crate) fn selected_columns(
 ) -> Result<Vec<String>> {
     let short = |name: &str| name.rsplit('.').next().unwrap_or(name).trim_matches('"').to_string();
     if let Some(table) = &s.table {
-        if crate::models::source_query(source).is_some() {
+        if source_query(source).is_some() {
             // A table the query reads: `t.*` is every column of t that the
             // query returns under the same name.
             if s.columns.is_none() {
@@ -113,7 +114,7 @@ pub fn queue_selection(req: TrainRequest, written: &str) -> Result<()> {
 
     let selection = Spi::connect_mut(|client| -> Result<i64> {
         let user = crate::admin::current_user(client)?;
-        let _owner = identity::become_owner(identity::extension_owner()?);
+        let _owner = identity::become_owner()?;
         let id: i64 = client
             .update(
                 "INSERT INTO cerebro.selections (name, spec, candidates, created_by) VALUES ($1, $2, $3, $4) RETURNING id",
@@ -166,7 +167,7 @@ pub fn queue_selection(req: TrainRequest, written: &str) -> Result<()> {
     }
     let plan = serde_json::to_value(spec.plan(max_epochs)).expect("a plan serialises");
     Spi::connect_mut(|client| -> Result<()> {
-        let _owner = identity::become_owner(identity::extension_owner()?);
+        let _owner = identity::become_owner()?;
         client.update(
             "UPDATE cerebro.selections SET plan = $2 WHERE id = $1",
             None,

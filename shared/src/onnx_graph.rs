@@ -175,9 +175,86 @@ fn tensor_info(value_info: &[u8]) -> Result<TensorInfo, OnnxFormatError> {
     Ok(TensorInfo { name, elem_type, dims })
 }
 
+/// How deep graphs may nest (a subgraph in an attribute of a node of a
+/// subgraph...): far beyond any real model, and a bound on the recursion.
+const MAX_NESTING: usize = 64;
+
+/// Refuses a model that does not carry all its data: a tensor anywhere in it
+/// (an initializer, a sparse one, a node attribute's, in a subgraph or a
+/// function) whose data is stored outside the file would make ONNX Runtime
+/// read a file of the server's by a path the model's author chose, and hand
+/// its bytes to the model.
+pub fn check_self_contained(model: &[u8]) -> Result<(), OnnxFormatError> {
+    for graph in messages(model, 7)? {
+        check_graph(graph, 0)?;
+    }
+    // ModelProto.functions (25) → FunctionProto.node (7).
+    for function in messages(model, 25)? {
+        for node in messages(function, 7)? {
+            check_node(node, 0)?;
+        }
+    }
+    Ok(())
+}
+
+/// GraphProto: node (1), initializer (5), sparse_initializer (15).
+fn check_graph(graph: &[u8], depth: usize) -> Result<(), OnnxFormatError> {
+    if depth > MAX_NESTING {
+        return Err(malformed("graphs nest too deeply"));
+    }
+    for tensor in messages(graph, 5)? {
+        check_tensor(tensor)?;
+    }
+    for sparse in messages(graph, 15)? {
+        check_sparse(sparse)?;
+    }
+    for node in messages(graph, 1)? {
+        check_node(node, depth)?;
+    }
+    Ok(())
+}
+
+/// NodeProto.attribute (5) → AttributeProto: t (5), g (6), tensors (10),
+/// graphs (11), sparse_tensor (22), sparse_tensors (23).
+fn check_node(node: &[u8], depth: usize) -> Result<(), OnnxFormatError> {
+    for attribute in messages(node, 5)? {
+        for tensor in messages(attribute, 5)?.into_iter().chain(messages(attribute, 10)?) {
+            check_tensor(tensor)?;
+        }
+        for sparse in messages(attribute, 22)?.into_iter().chain(messages(attribute, 23)?) {
+            check_sparse(sparse)?;
+        }
+        for graph in messages(attribute, 6)?.into_iter().chain(messages(attribute, 11)?) {
+            check_graph(graph, depth + 1)?;
+        }
+    }
+    Ok(())
+}
+
+/// SparseTensorProto: values (1), indices (2).
+fn check_sparse(sparse: &[u8]) -> Result<(), OnnxFormatError> {
+    for tensor in messages(sparse, 1)?.into_iter().chain(messages(sparse, 2)?) {
+        check_tensor(tensor)?;
+    }
+    Ok(())
+}
+
+/// TensorProto: external_data (13), data_location (14, 1 = EXTERNAL).
+fn check_tensor(tensor: &[u8]) -> Result<(), OnnxFormatError> {
+    if varint_field(tensor, 14)? == Some(1) || !messages(tensor, 13)?.is_empty() {
+        let name = string_field(tensor, 8)?.unwrap_or_default();
+        return Err(OnnxFormatError(format!(
+            "tensor \"{name}\" keeps its data in an external file; Cerebro imports only models that carry \
+             all their data (save it with the data inside, e.g. onnx.save(model, path, save_as_external_data=False))"
+        )));
+    }
+    Ok(())
+}
+
 /// ModelProto.graph (7) → GraphProto.input (11), output (12), initializer (5,
 /// whose names, field 8, older exporters also list as inputs).
 pub fn read_signature(model: &[u8]) -> Result<GraphSignature, OnnxFormatError> {
+    check_self_contained(model)?;
     let graph = *messages(model, 7)?.last().ok_or_else(|| malformed("no graph"))?;
     let initializers: Vec<String> =
         messages(graph, 5)?.into_iter().filter_map(|t| string_field(t, 8).transpose()).collect::<Result<_, _>>()?;
@@ -287,6 +364,36 @@ mod tests {
         }
         let tensor = [int_field(1, elem), field(2, &shape)].concat();
         [field(1, name.as_bytes()), field(2, &field(1, &tensor))].concat()
+    }
+
+    #[test]
+    fn a_tensor_with_external_data_anywhere_is_refused() {
+        let outputs = field(12, &value_info("p", 1, &[None, Some(1)]));
+        let external = [field(8, b"w"), int_field(14, 1)].concat();
+        let listed = [field(8, b"w"), field(13, &[field(1, b"location"), field(2, b"/etc/passwd")].concat())].concat();
+        let inline = [field(8, b"w"), int_field(2, 1)].concat();
+        let as_initializer = |t: &[u8]| [field(5, t), outputs.clone()].concat();
+        let in_constant = |t: &[u8]| [field(1, &field(5, &field(5, t))), outputs.clone()].concat();
+        let in_subgraph = |t: &[u8]| {
+            let body = field(5, t);
+            [field(1, &field(5, &field(6, &body))), outputs.clone()].concat()
+        };
+        let in_sparse = |t: &[u8]| [field(15, &field(1, t)), outputs.clone()].concat();
+        for graph in [as_initializer(&external), in_constant(&external), in_subgraph(&external), in_sparse(&external)] {
+            let model = field(7, &graph);
+            let err = read_signature(&model).unwrap_err();
+            assert!(err.to_string().contains("external file"), "{err}");
+        }
+        assert!(read_signature(&field(7, &as_initializer(&listed))).is_err());
+        let function = field(25, &field(7, &field(5, &field(5, &external))));
+        assert!(check_self_contained(&[field(7, &as_initializer(&inline)), function].concat()).is_err());
+        assert!(read_signature(&field(7, &as_initializer(&inline))).is_ok());
+        // Nesting past any real model is refused, not followed.
+        let mut deep = field(5, &inline);
+        for _ in 0..100 {
+            deep = field(1, &field(5, &field(6, &deep)));
+        }
+        assert!(check_self_contained(&field(7, &deep)).unwrap_err().to_string().contains("nest"));
     }
 
     #[test]

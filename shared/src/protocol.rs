@@ -6,6 +6,11 @@
 //!
 //! A session is: `Hello` (versioned handshake), then any number of `Attach`
 //! (map a shared-memory region) and `Score` requests, each answered in order.
+//!
+//! A region is an anonymous memory file (memfd) whose descriptor travels with
+//! the `Attach` frame as SCM_RIGHTS ancillary data, attached to the frame's
+//! first byte; it is never named in a file system, so no other local user can
+//! squat, open or replace it.
 
 use std::io::{Read, Write};
 
@@ -16,7 +21,8 @@ use crate::batch::BatchLayout;
 use crate::error::WireError;
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: `Attach` carries the region as a file descriptor, no longer a path.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Upper bound on one control frame; anything larger is a broken peer.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
@@ -28,10 +34,12 @@ pub enum Request {
         protocol: u32,
         client: String,
     },
-    /// Map the file at `path` (under /dev/shm) as region `region`.
+    /// Map the memory file whose descriptor came with this frame (exactly
+    /// one, SCM_RIGHTS) as region `region`, `len` bytes long. The file must
+    /// be sealed against shrinking (F_SEAL_SHRINK), so the daemon's mapping
+    /// stays backed whatever the peer does.
     Attach {
         region: u32,
-        path: String,
         len: u64,
     },
     Score(ScoreRequest),
@@ -128,7 +136,7 @@ mod tests {
         let (layout, _) = plan_batch(&[ColumnData::Float64(vec![Some(1.0), None])]);
         let msgs = vec![
             Request::Hello { protocol: PROTOCOL_VERSION, client: "test".into() },
-            Request::Attach { region: 0, path: "/dev/shm/x".into(), len: 4096 },
+            Request::Attach { region: 0, len: 4096 },
             Request::Score(ScoreRequest { model_version_id: 7, artifact_sha256: "ab".into(), region: 0, layout }),
         ];
         let mut wire = Vec::new();

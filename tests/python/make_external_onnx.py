@@ -1,17 +1,21 @@
 """Builds an ONNX model the way another tool would, for the import test: a
 logistic regression over telco columns, with Cerebro's conventions nowhere.
 
-    make_external_onnx.py OUT.onnx
+    make_external_onnx.py OUT.onnx [--external-data]
+
+With --external-data, the weights go to a file beside OUT.onnx that the
+model refers to by name (ONNX's external data), which Cerebro refuses.
 
 Inputs: "numbers", float [N, 2] (tenure, monthly_charges), and "contract",
 string [N, 1]. Output "probabilities", float [N, 2]: [1 - p, p] with
 p = sigmoid(-0.05 * tenure + 0.02 * monthly_charges - 0.8 * code(contract) - 0.3),
 code = 0, 1, 2 for Month-to-month, One year, Two year (-1 otherwise).
 """
+import os
 import sys
 
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 
 def main():
@@ -49,7 +53,15 @@ def main():
     )
     model.ir_version = 8
     onnx.checker.check_model(model)
-    onnx.save(model, sys.argv[1])
+    if "--external-data" in sys.argv[2:]:
+        # Only raw_data moves out of the file: store the weights that way.
+        for tensor in model.graph.initializer:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+        location = os.path.basename(sys.argv[1]) + ".data"
+        onnx.save(model, sys.argv[1], save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=location, size_threshold=0)
+    else:
+        onnx.save(model, sys.argv[1])
 
 
 if __name__ == "__main__":
