@@ -75,6 +75,20 @@ async fn caught(env: &Env, notices: &Arc<Mutex<Vec<String>>>) -> anyhow::Result<
     Ok(seen)
 }
 
+/// Her trap never ran with another role's rights (on any of the
+/// connections whose notices are given, nor in her table), and she is not a
+/// superuser.
+async fn assert_contained(env: &Env, notices: &[&Arc<Mutex<Vec<String>>>]) -> anyhow::Result<()> {
+    let mut seen = Vec::new();
+    for n in notices {
+        seen.extend(caught(env, n).await?);
+    }
+    seen.dedup();
+    assert!(seen.is_empty(), "her code ran with another role's rights: {seen:?}");
+    assert!(!is_superuser(env, MALLORY).await?, "{MALLORY} became a superuser");
+    Ok(())
+}
+
 async fn wait_ready(db: &Client, name: &str) -> anyhow::Result<i32> {
     let version: i32 = db.query_one("SELECT max(version) FROM cerebro.models WHERE name = $1", &[&name]).await?.get(0);
     let seen = wait_until_done(db, name, version, TRAIN_TIMEOUT).await?;
@@ -178,10 +192,7 @@ async fn functions_and_operators_in_a_hostile_search_path_never_run_with_more_ri
     admin.batch_execute("SELECT cerebro.deploy('sec_path', 3); SELECT cerebro.rollback('sec_path')").await?;
 
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut seen = caught(&env, &notices).await?;
-    seen.extend(caught(&env, &admin_notices).await?);
-    assert!(seen.is_empty(), "her functions ran with another role's rights: {seen:?}");
-    assert!(!is_superuser(&env, MALLORY).await?, "{MALLORY} became a superuser");
+    assert_contained(&env, &[&notices, &admin_notices]).await?;
     Ok(())
 }
 
@@ -241,10 +252,7 @@ async fn a_cast_on_a_users_own_type_runs_neither_as_the_owner_nor_in_cerebrod_no
     let reference = daemon_scores(&env, "sec_cast", &[])?;
     assert_eq!(reference.len(), 7043);
 
-    let mut seen = caught(&env, &notices).await?;
-    seen.extend(caught(&env, &admin_notices).await?);
-    assert!(seen.is_empty(), "her cast ran with another role's rights: {seen:?}");
-    assert!(!is_superuser(&env, MALLORY).await?);
+    assert_contained(&env, &[&notices, &admin_notices]).await?;
     Ok(())
 }
 
@@ -311,10 +319,7 @@ async fn a_trojan_source_is_not_scored_with_another_roles_rights() -> anyhow::Re
         .get(0);
     assert_eq!(named, 7043);
 
-    let mut seen = caught(&env, &notices).await?;
-    seen.extend(caught(&env, &admin_notices).await?);
-    assert!(seen.is_empty(), "her source ran with another role's rights: {seen:?}");
-    assert!(!is_superuser(&env, MALLORY).await?);
+    assert_contained(&env, &[&notices, &admin_notices]).await?;
     Ok(())
 }
 
@@ -584,8 +589,7 @@ async fn no_security_definer_function_is_a_roles_to_call_or_attach() -> anyhow::
         .map(|r| r.get(0))
         .collect();
     assert!(callable.is_empty(), "SECURITY DEFINER functions PUBLIC may call: {callable:?}");
-    assert!(caught(&env, &notices).await?.is_empty());
-    assert!(!is_superuser(&env, MALLORY).await?);
+    assert_contained(&env, &[&notices]).await?;
     Ok(())
 }
 
@@ -615,10 +619,7 @@ async fn a_reproduced_version_does_not_launder_a_trojan_source() -> anyhow::Resu
         .await
         .expect_err("still her code");
     assert_eq!(db_error(&err).0, "42501", "{err}");
-    let mut seen = caught(&env, &notices).await?;
-    seen.extend(caught(&env, &admin_notices).await?);
-    assert!(seen.is_empty(), "{seen:?}");
-    assert!(!is_superuser(&env, MALLORY).await?);
+    assert_contained(&env, &[&notices, &admin_notices]).await?;
     Ok(())
 }
 
@@ -680,10 +681,7 @@ async fn a_tables_owner_cannot_slip_code_into_another_roles_scoring() -> anyhow:
     let scored: i64 =
         admin.query_one("SELECT count(*) FROM cerebro.predictions WHERE model = 'sec_guarded'", &[]).await?.get(0);
     assert_eq!(scored, 7043);
-    let mut seen = caught(&env, &notices).await?;
-    seen.extend(caught(&env, &admin_notices).await?);
-    assert!(seen.is_empty(), "{seen:?}");
-    assert!(!is_superuser(&env, MALLORY).await?);
+    assert_contained(&env, &[&notices, &admin_notices]).await?;
     Ok(())
 }
 
