@@ -150,16 +150,24 @@ assert onnxruntime.__version__ == '$ORT_VERSION' and onnx.__version__ == '$ONNX_
     "$TEST_VENV/bin/pip" install --quiet "onnxruntime==$ORT_VERSION" "onnx==$ONNX_VERSION" numpy
 }
 
+# unlink_extension_library: pgrx copies over the library in place; a backend
+# that has the old one loaded (a session that scored, cerebrod's connection)
+# would then run changed code and crash the server. Unlinked first, the old
+# file lives on for them and the copy is a new file.
+unlink_extension_library() {
+    as_root rm -f "$("$PG_CONFIG" --pkglibdir)/cerebro.so"
+}
+
+install_extension() {
+    unlink_extension_library
+    (cd "$ROOT/fdw" && cargo pgrx install --release --sudo --pg-config "$PG_CONFIG" >/dev/null)
+}
+
 build_release() {
     step "Building cerebrod (release)"
     (cd "$ROOT" && cargo build --release -p cerebro-daemon)
     step "Building and installing the extension (release)"
-    # pgrx copies over the library in place; a backend that has the old one
-    # loaded (a session that scored, cerebrod's connection) would then run
-    # changed code and crash the server. Unlinked first, the old file lives on
-    # for them and the copy is a new file.
-    as_root rm -f "$("$PG_CONFIG" --pkglibdir)/cerebro.so"
-    (cd "$ROOT/fdw" && cargo pgrx install --release --sudo --pg-config "$PG_CONFIG" >/dev/null)
+    install_extension
     # Install scripts of released versions, so that databases created by them
     # can be re-created and upgrade paths tested (pgrx installs only the
     # current version's script and the upgrade scripts).

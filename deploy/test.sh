@@ -43,9 +43,12 @@ if wants 2; then
     as_root rm -rf "$PGRX_TEST_DIR"
     mkdir -p "$PGRX_TEST_DIR"
     as_root chown postgres: "$PGRX_TEST_DIR"
+    # pgrx test installs a test build of the extension where the release one
+    # is (unlinked first: live backends keep theirs); then the release build
+    # goes back.
+    unlink_extension_library
     tier env -C "$ROOT/fdw" cargo pgrx test --runas postgres --pgdata "$PGRX_TEST_DIR/data" pg15
-    # pgrx test installed a test build of the extension; put the release build back.
-    (cd "$ROOT/fdw" && cargo pgrx install --release --sudo --pg-config "$PG_CONFIG" >/dev/null)
+    install_extension
 fi
 
 # e2e_tier NAME TEST: runs one suite of tests/ against a fresh database.

@@ -426,3 +426,22 @@ CREATE VIEW cerebro.daemon_lock AS SELECT;
 -- name, which any role can take, let any role stall another's INSERTs).
 CREATE TABLE cerebro.model_names (name text PRIMARY KEY);
 
+-- Who wrote a version's source: a query source is its author's code, which
+-- runs with the rights of whoever scores the model over it, so scoring
+-- another role's query needs that author to have the scorer's rights
+-- (docs/sql.md, "Security"). The inserting role, but for a reproduction (the
+-- original's author) and a derived version that reads its parent's source
+-- (the parent's). Existing versions: their creator, or the reproduced
+-- version's author.
+ALTER TABLE cerebro.model_versions ADD COLUMN source_author name;
+WITH RECURSIVE authored (id, author) AS (
+    SELECT m.id, m.created_by FROM cerebro.model_versions m WHERE m.reproduces IS NULL
+    UNION ALL
+    SELECT r.id, a.author FROM authored a
+    JOIN cerebro.model_versions o ON o.id = a.id
+    JOIN cerebro.model_versions r ON r.name = o.name AND r.reproduces = o.version
+)
+UPDATE cerebro.model_versions m SET source_author = a.author FROM authored a WHERE a.id = m.id;
+UPDATE cerebro.model_versions SET source_author = created_by WHERE source_author IS NULL;
+ALTER TABLE cerebro.model_versions ALTER COLUMN source_author SET NOT NULL;
+

@@ -307,9 +307,9 @@ fn try_reproduce(model: Option<&str>, version: Option<i32>) -> Result<i32> {
         let id = first::<i64>(
             client,
             "INSERT INTO cerebro.model_versions (name, version, task, source_relation, target_column, key_column,
-                 features, class_labels, options, snapshot_id, epochs, created_by, request, reproduces)
+                 features, class_labels, options, snapshot_id, epochs, created_by, request, reproduces, source_author)
              SELECT name, $3, task, source_relation, target_column, key_column, features, class_labels, options,
-                    snapshot_id, epochs, $4, request, version
+                    snapshot_id, epochs, $4, request, version, source_author
              FROM cerebro.model_versions WHERE name = $1 AND version = $2
              RETURNING id",
             &[model.into(), version.into(), new_version.into(), user.as_str().into()],

@@ -48,8 +48,8 @@ pub enum CerebroError {
     #[error("cerebro.may_use answers only about your own role and roles whose privileges you have")]
     AskingForAnotherRole,
     #[error(
-        "model \"{model}\" reads its source through {code}, owned by role \"{owner}\", which would run with \
-         your rights"
+        "model \"{model}\" reads its source through {code} of role \"{owner}\", which would run with your \
+         rights"
     )]
     ForeignSourceCode { model: String, code: String, owner: String, own_source: String },
     #[error("model \"{name}\" version {version} has no frozen snapshot left to retrain on")]

@@ -202,8 +202,8 @@ fn try_import(req: ImportRequest<'_>) -> Result<i32> {
             .update(
                 "INSERT INTO cerebro.model_versions (name, version, status, task, source_relation, key_column, features,
                      class_labels, options, epochs, created_by, request, import_layout, artifact_sha256,
-                     artifact_bytes, trained_at)
-                 VALUES ($1, $2, 'ready', $3, $4, $5, $6, $7, '{}', 0, $8, $9, $10, $11, $12, now()) RETURNING id",
+                     artifact_bytes, trained_at, source_author)
+                 VALUES ($1, $2, 'ready', $3, $4, $5, $6, $7, '{}', 0, $8, $9, $10, $11, $12, now(), $8) RETURNING id",
                 Some(1),
                 &[
                     req.name.into(),

@@ -25,6 +25,8 @@ struct Parent {
     key: Option<String>,
     features: Vec<String>,
     options: serde_json::Value,
+    /// Who wrote its source.
+    source_author: String,
 }
 
 /// The parent version: the one named, else the deployed one, else the
@@ -46,7 +48,8 @@ fn parent_of(name: &str, named: Option<i32>) -> Result<Parent> {
             .ok_or_else(|| CerebroError::NoParent(name.to_string()))?,
         };
         let query = "SELECT status::text, source_relation, target_column, key_column,
-                            ARRAY(SELECT f->>'name' FROM jsonb_array_elements(features) f), options
+                            ARRAY(SELECT f->>'name' FROM jsonb_array_elements(features) f), options,
+                            source_author::text
                      FROM cerebro.model_versions WHERE name = $1 AND version = $2";
         let Some(row) = client.update(query, Some(1), &[name.into(), version.into()])?.next() else {
             return Err(CerebroError::VersionNotFound { name: name.into(), version });
@@ -63,6 +66,7 @@ fn parent_of(name: &str, named: Option<i32>) -> Result<Parent> {
             key: row.get(4)?,
             features: row.get::<Vec<Option<String>>>(5)?.unwrap_or_default().into_iter().flatten().collect(),
             options: row.get::<JsonB>(6)?.map(|j| j.0).unwrap_or_default(),
+            source_author: row.get(7)?.unwrap_or_default(),
         })
     })
 }
@@ -122,10 +126,11 @@ pub fn queue_derived(req: TrainRequest) -> Result<()> {
     let pick =
         |written: &str, inherited: &str| if written.is_empty() { inherited.to_string() } else { written.to_string() };
     let source = change.source.clone().unwrap_or_else(|| pick(&req.source, &parent.source));
-    if source == parent.source {
+    let inherited = source == parent.source;
+    if inherited {
         // The parent's source is read again, as the caller: like scoring it,
         // that must run no code of a role without the caller's rights.
-        Spi::connect(|client| check_own_source(client, &req.name, &source))?;
+        Spi::connect(|client| check_own_source(client, &req.name, &source, &parent.source_author))?;
     }
     let target = pick(&req.target, &parent.target);
     let key = req.key.clone().or(parent.key.clone());
@@ -148,6 +153,7 @@ pub fn queue_derived(req: TrainRequest) -> Result<()> {
         written: req.written.clone(),
         spec: None,
         lineage: Some(Lineage { parent_version: Some(parent.version), change: lineage.change }),
+        source_author: inherited.then_some(parent.source_author),
     };
     queue_version(&derived, None, None).map(drop)
 }

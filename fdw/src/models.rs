@@ -32,6 +32,9 @@ pub struct TrainRequest {
     /// A derived model: its parent version (None: the deployed or latest
     /// ready one) and the change, both as written.
     pub lineage: Option<Lineage>,
+    /// Who wrote `source` when it is not the inserting role: a derived
+    /// version reading its parent's source keeps the parent's author.
+    pub source_author: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -124,6 +127,7 @@ impl TrainRequest {
             written,
             spec,
             lineage,
+            source_author: None,
         })
     }
 }
@@ -357,8 +361,8 @@ pub(crate) fn queue_version(
             .update(
                 "INSERT INTO cerebro.model_versions (name, version, task, source_relation, target_column, key_column,
                      features, class_labels, options, snapshot_id, epochs, created_by, request, selection_id,
-                     parent_version, change)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) RETURNING id",
+                     parent_version, change, source_author)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) RETURNING id",
                 Some(1),
                 &[
                     req.name.as_str().into(),
@@ -377,6 +381,7 @@ pub(crate) fn queue_version(
                     selection.into(),
                     req.lineage.as_ref().and_then(|l| l.parent_version).into(),
                     req.lineage.as_ref().and_then(|l| l.change.clone()).into(),
+                    req.source_author.as_deref().unwrap_or(&user_name).into(),
                 ],
             )?
             .first()

@@ -78,6 +78,8 @@ struct ModelVersion {
     source_relation: String,
     key_column: Option<String>,
     artifact_sha256: String,
+    /// Who wrote its source (a query's text is its author's code).
+    source_author: String,
 }
 
 /// [`ModelVersion`] among the versions the caller may use: a model another
@@ -87,7 +89,7 @@ fn resolve_model(name: &str, version: Option<i32>) -> Result<ModelVersion> {
     Spi::connect(|client| {
         let rows = client.select(
             "SELECT id, version, status::text, features, class_labels, source_relation, key_column,
-                    artifact_sha256, epoch, epochs
+                    artifact_sha256, epoch, epochs, source_author::text
              FROM cerebro.model_versions
              WHERE name = $1 AND version = coalesce($2::int,
                  (SELECT d.version FROM cerebro.deployments d WHERE d.name = $1),
@@ -134,6 +136,7 @@ fn resolve_model(name: &str, version: Option<i32>) -> Result<ModelVersion> {
             source_relation: row.get(6)?.expect("source_relation"),
             key_column: row.get(7)?,
             artifact_sha256: row.get(8)?.expect("a ready model has an artifact"),
+            source_author: row.get(11)?.unwrap_or_default(),
         })
     })
 }
@@ -154,7 +157,7 @@ fn scan_source(client: &pgrx::spi::SpiClient<'_>, model: &ModelVersion, named: O
     if let Some(named) = named {
         return resolve_source(client, named);
     }
-    check_own_source(client, &model.name, &model.source_relation)?;
+    check_own_source(client, &model.name, &model.source_relation, &model.source_author)?;
     resolve_source(client, &model.source_relation)
 }
 

@@ -162,6 +162,7 @@ pub fn queue_selection(req: TrainRequest, written: &str) -> Result<()> {
             written,
             spec: None,
             lineage: None,
+            source_author: None,
         };
         versions.push(queue_version(&one, Some(selection), Some(&mut snapshots))?);
     }

@@ -265,12 +265,17 @@ pub(crate) struct ForeignCode {
     pub(crate) owner: String,
 }
 
-/// What a query reaches: every function its expressions call (operators'
-/// and casts' too) and every domain whose checks it runs.
+/// What a query reaches: every function its expressions call (casts' and
+/// type I/O's too), every operator it applies (whose negator or commutator
+/// the planner may put in its place), every domain whose checks it runs, and
+/// every relation it reads, views' placeholders included, with whether
+/// row-level security policies were added to the read.
 #[derive(Default)]
 struct Reached {
     functions: Vec<pg_sys::Oid>,
+    operators: Vec<pg_sys::Oid>,
     domains: Vec<pg_sys::Oid>,
+    relations: Vec<(pg_sys::Oid, bool)>,
 }
 
 #[pg_guard]
@@ -281,12 +286,17 @@ unsafe extern "C-unwind" fn note_function(function: pg_sys::Oid, context: *mut s
     false
 }
 
-/// A tree walker over an analysed query, as PostgreSQL's own
-/// contain_*_functions walkers are written: every node's functions, then
-/// its children; a subquery (a view, once rewritten, is one) through
-/// query_tree_walker, which also visits row-level security quals and, with
-/// QTW_EXAMINE_SORTGROUP, the ORDER BY / GROUP BY / DISTINCT / window
-/// clauses whose operators a query may choose (`ORDER BY x USING ~<~`).
+/// How query_tree_walker is asked to walk every query, as PostgreSQL's own
+/// contain_*_functions walkers do, plus: the range table entries themselves
+/// (which relations, with which row-level security quals) and the ORDER BY /
+/// GROUP BY / DISTINCT / window clauses, whose operators a query may choose
+/// (`ORDER BY x USING ~<~`).
+const WALK_FLAGS: i32 = (pg_sys::QTW_EXAMINE_RTES_BEFORE | pg_sys::QTW_EXAMINE_SORTGROUP) as i32;
+
+/// A tree walker over an analysed and rewritten query: every node's
+/// functions, then its children; a subquery (a view, once rewritten, is
+/// one) through query_tree_walker, which also visits the row-level security
+/// quals of each range table entry.
 #[pg_guard]
 unsafe extern "C-unwind" fn walk(node: *mut pg_sys::Node, context: *mut std::ffi::c_void) -> bool {
     if node.is_null() {
@@ -295,28 +305,39 @@ unsafe extern "C-unwind" fn walk(node: *mut pg_sys::Node, context: *mut std::ffi
     // SAFETY: `node` is a valid node of the tree being walked; `context` is
     // the &mut Reached that reached_by passes down.
     unsafe {
+        pg_sys::check_stack_depth();
+        let reached = &mut *(context as *mut Reached);
         match (*node).type_ {
             pg_sys::NodeTag::T_Query => {
-                return pg_sys::query_tree_walker(
-                    node.cast(),
-                    Some(walk),
-                    context,
-                    pg_sys::QTW_EXAMINE_SORTGROUP as i32,
-                );
+                return pg_sys::query_tree_walker(node.cast(), Some(walk), context, WALK_FLAGS);
+            }
+            pg_sys::NodeTag::T_RangeTblEntry => {
+                let rte = node as *mut pg_sys::RangeTblEntry;
+                if (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION {
+                    reached.relations.push(((*rte).relid, !(*rte).securityQuals.is_null()));
+                }
+                // query_tree_walker goes on into the entry's contents.
+                return false;
             }
             pg_sys::NodeTag::T_SortGroupClause => {
                 let clause = node as *mut pg_sys::SortGroupClause;
-                let reached = &mut *(context as *mut Reached);
                 for op in [(*clause).eqop, (*clause).sortop] {
                     if op != pg_sys::Oid::INVALID {
+                        reached.operators.push(op);
                         reached.functions.push(pg_sys::get_opcode(op));
                     }
                 }
                 return false;
             }
+            // The same layout: DistinctExpr and NullIfExpr are OpExprs.
+            pg_sys::NodeTag::T_OpExpr | pg_sys::NodeTag::T_DistinctExpr | pg_sys::NodeTag::T_NullIfExpr => {
+                reached.operators.push((*(node as *mut pg_sys::OpExpr)).opno);
+            }
+            pg_sys::NodeTag::T_ScalarArrayOpExpr => {
+                reached.operators.push((*(node as *mut pg_sys::ScalarArrayOpExpr)).opno);
+            }
             pg_sys::NodeTag::T_CoerceToDomain => {
-                let coerce = node as *mut pg_sys::CoerceToDomain;
-                (*(context as *mut Reached)).domains.push((*coerce).resulttype);
+                reached.domains.push((*(node as *mut pg_sys::CoerceToDomain)).resulttype);
             }
             _ => {}
         }
@@ -356,52 +377,110 @@ fn reached_by(sql: &str) -> Result<Reached> {
     Ok(reached)
 }
 
-/// The first code `SELECT * FROM <from>` would run that belongs to a role
-/// without every right the calling role has: a function (of an operator, a
-/// cast, a view, a row-level security policy, the query itself) or a
-/// domain's checks. Code of the calling role itself, of a superuser or of a
-/// role that has the caller's rights gains nothing by running as the caller.
+/// Whether code `owner` wrote may run with `reader`'s rights: it gains
+/// nothing by it when the owner is the reader, a superuser, or has the
+/// reader's privileges anyway.
+fn trusted_by(owner: pg_sys::Oid, reader: pg_sys::Oid) -> bool {
+    // SAFETY: a syscache-backed privilege test (true for a superuser owner).
+    owner == reader || unsafe { pg_sys::has_privs_of_role(owner, reader) }
+}
+
+fn role_name(role: pg_sys::Oid) -> String {
+    // SAFETY: a syscache lookup; noerr gives NULL for a dropped role.
+    let name = unsafe { pg_sys::GetUserNameFromId(role, true) };
+    if name.is_null() {
+        role.to_u32().to_string()
+    } else {
+        owned(name)
+    }
+}
+
+/// The first code `SELECT * FROM <from>` would run with the calling role's
+/// rights that belongs to a role without them. SQL text runs with its
+/// reader's rights, and builtins run any SQL or change any setting given to
+/// them (`query_to_xml`, `set_config`, `pg_read_file` for a superuser), so
+/// every text the read goes through must be written by a role the reader
+/// trusts: each view's (its owner's), each table's row-level security
+/// policies applied to the reader (the table owner's); and every function,
+/// operator (with its negator and commutator, which the planner may use
+/// instead) and domain reached must be owned by one. Nothing is planned or
+/// run to find out.
 pub(crate) fn foreign_code(client: &SpiClient<'_>, from: &str) -> Result<Option<ForeignCode>> {
     let reached = reached_by(&format!("SELECT * FROM {from}"))?;
     let reader = identity::current_role();
-    let ids = |oids: &[pg_sys::Oid]| oids.iter().map(|o| i64::from(o.to_u32())).collect::<Vec<i64>>();
+    let ids = |oids: &mut dyn Iterator<Item = pg_sys::Oid>| oids.map(|o| i64::from(o.to_u32())).collect::<Vec<i64>>();
+    let views_and_policies: Vec<i64> = ids(&mut reached.relations.iter().map(|(r, _)| *r));
+    let policed: Vec<bool> = reached.relations.iter().map(|(_, p)| *p).collect();
     let _path = identity::pin_search_path();
     let owners = client.select(
-        "SELECT 'function ' || p.oid::pg_catalog.regprocedure::text, p.proowner
-             FROM pg_catalog.pg_proc p WHERE p.oid = ANY ($1::bigint[]::oid[])
+        "SELECT 'view ' || c.oid::pg_catalog.regclass::text, c.relowner
+             FROM unnest($1::bigint[], $2::bool[]) AS r(relid, policed)
+             JOIN pg_catalog.pg_class c ON c.oid = r.relid::oid WHERE c.relkind = 'v'
+         UNION ALL
+         SELECT 'the row-level security policies of ' || c.oid::pg_catalog.regclass::text, c.relowner
+             FROM unnest($1::bigint[], $2::bool[]) AS r(relid, policed)
+             JOIN pg_catalog.pg_class c ON c.oid = r.relid::oid WHERE r.policed
+         UNION ALL
+         SELECT 'function ' || p.oid::pg_catalog.regprocedure::text, p.proowner
+             FROM pg_catalog.pg_proc p WHERE p.oid = ANY ($3::bigint[]::oid[])
+         UNION ALL
+         SELECT 'operator ' || o.oid::pg_catalog.regoperator::text, o.oprowner
+             FROM pg_catalog.pg_operator o WHERE o.oid = ANY ($4::bigint[]::oid[])
+         UNION ALL
+         SELECT 'operator ' || n.oid::pg_catalog.regoperator::text || ' (planned for '
+                    || o.oid::pg_catalog.regoperator::text || ')', owner
+             FROM pg_catalog.pg_operator o
+             JOIN pg_catalog.pg_operator n ON n.oid IN (o.oprnegate, o.oprcom)
+             JOIN pg_catalog.pg_proc p ON p.oid = n.oprcode,
+             LATERAL (VALUES (n.oprowner), (p.proowner)) AS w(owner)
+             WHERE o.oid = ANY ($4::bigint[]::oid[])
          UNION ALL
          SELECT 'domain ' || t.oid::pg_catalog.regtype::text, t.typowner
-             FROM pg_catalog.pg_type t WHERE t.oid = ANY ($2::bigint[]::oid[])",
+             FROM pg_catalog.pg_type t WHERE t.oid = ANY ($5::bigint[]::oid[])",
         None,
-        &[ids(&reached.functions).into(), ids(&reached.domains).into()],
+        &[
+            views_and_policies.into(),
+            policed.into(),
+            ids(&mut reached.functions.iter().copied()).into(),
+            ids(&mut reached.operators.iter().copied()).into(),
+            ids(&mut reached.domains.iter().copied()).into(),
+        ],
     )?;
     for row in owners {
-        let code: String = row.get(1)?.unwrap_or_default();
         let owner: pg_sys::Oid = row.get(2)?.unwrap_or(pg_sys::Oid::INVALID);
-        // SAFETY: a syscache-backed privilege test (true for a superuser owner).
-        if owner == reader || unsafe { pg_sys::has_privs_of_role(owner, reader) } {
-            continue;
+        if !trusted_by(owner, reader) {
+            let code: String = row.get(1)?.unwrap_or_default();
+            return Ok(Some(ForeignCode { code, owner: role_name(owner) }));
         }
-        // SAFETY: a syscache lookup; noerr gives NULL for a dropped role.
-        let name = unsafe { pg_sys::GetUserNameFromId(owner, true) };
-        let owner = if name.is_null() { format!("{}", owner.to_u32()) } else { owned(name) };
-        return Ok(Some(ForeignCode { code, owner }));
     }
     Ok(None)
 }
 
-/// Refuses to read `model`'s own source (`display`) for the calling role
-/// when that would run code a role without the caller's rights wrote
-/// ([`foreign_code`]). Run before the source is resolved or probed: planning
-/// a query may already run its functions (constant folding).
-pub(crate) fn check_own_source(client: &SpiClient<'_>, model: &str, display: &str) -> Result<()> {
+/// Refuses to read `model`'s own source (`display`, a query written by
+/// `author`, or a relation) for the calling role when that would run code
+/// of a role without the caller's rights ([`foreign_code`]). A query's own
+/// text is its author's code; it is checked before it is even parsed as
+/// part of anything, since planning may already run its functions
+/// (constant folding).
+pub(crate) fn check_own_source(client: &SpiClient<'_>, model: &str, display: &str, author: &str) -> Result<()> {
+    let refuse = |code: String, owner: String| CerebroError::ForeignSourceCode {
+        model: model.to_owned(),
+        code,
+        owner,
+        own_source: display.to_owned(),
+    };
+    if source_query(display).is_some() {
+        let author_oid = std::ffi::CString::new(author)
+            .ok()
+            // SAFETY: a syscache lookup; missing_ok returns InvalidOid.
+            .map(|a| unsafe { pg_sys::get_role_oid(a.as_ptr(), true) })
+            .unwrap_or(pg_sys::Oid::INVALID);
+        if author_oid == pg_sys::Oid::INVALID || !trusted_by(author_oid, identity::current_role()) {
+            return Err(refuse("a query".to_owned(), author.to_owned()));
+        }
+    }
     match foreign_code(client, &from_item(display))? {
         None => Ok(()),
-        Some(ForeignCode { code, owner }) => Err(CerebroError::ForeignSourceCode {
-            model: model.to_owned(),
-            code,
-            owner,
-            own_source: display.to_owned(),
-        }),
+        Some(ForeignCode { code, owner }) => Err(refuse(code, owner)),
     }
 }

@@ -292,8 +292,7 @@ async fn a_trojan_source_is_not_scored_with_another_roles_rights() -> anyhow::Re
             .expect_err("a superuser does not run her source");
         let (code, message) = db_error(&err);
         assert_eq!(code, "42501", "{message}");
-        assert!(message.contains(&format!("owned by role \"{MALLORY}\"")), "{message}");
-        assert!(message.contains("spy()"), "{message}");
+        assert!(message.contains(&format!("of role \"{MALLORY}\"")), "{message}");
         let hint = err.as_db_error().and_then(|d| d.hint()).unwrap_or("").to_owned();
         assert!(hint.contains("source ="), "{hint}");
         // Deriving from it would run it too.
@@ -751,5 +750,104 @@ async fn nobody_can_hold_the_lock_that_numbers_a_models_versions() -> anyhow::Re
         .await?;
     admin.batch_execute("RESET statement_timeout").await?;
     mallory.batch_execute("SELECT pg_advisory_unlock_all()").await?;
+    Ok(())
+}
+
+/// A view of another role can hide what it runs where no function of that
+/// role appears: SQL text a builtin runs (`query_to_xml`), a setting it
+/// changes for the rest of the scorer's session (`set_config`), a scan of
+/// `cerebro.predictions` over a source it names, an operator whose negator
+/// the planner puts in its place. Who wrote the view is what counts.
+#[tokio::test(flavor = "multi_thread")]
+async fn code_hidden_behind_builtins_or_the_planner_is_still_its_authors() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let _daemon = Daemon::start(&env)?;
+    arm_mallory(&env).await?;
+    let (mallory, notices) = connect_recording(&env, MALLORY).await?;
+    mallory
+        .batch_execute(&format!(
+            "CREATE FUNCTION {MALLORY}.spy() RETURNS integer LANGUAGE plpgsql AS
+                 $$ BEGIN PERFORM {MALLORY}.trap('hidden'); RETURN 1; END $$;
+             CREATE FUNCTION {MALLORY}.ge(integer, integer) RETURNS boolean LANGUAGE plpgsql AS
+                 $$ BEGIN PERFORM {MALLORY}.trap('negator'); RETURN $1 OPERATOR(pg_catalog.>=) $2; END $$;
+             CREATE OPERATOR {MALLORY}.>>>= (LEFTARG = integer, RIGHTARG = integer, FUNCTION = {MALLORY}.ge);
+             CREATE OPERATOR {MALLORY}.<<< (LEFTARG = integer, RIGHTARG = integer, FUNCTION = pg_catalog.int4lt,
+                                            NEGATOR = OPERATOR({MALLORY}.>>>=));
+             GRANT USAGE ON SCHEMA {MALLORY} TO PUBLIC;
+             CREATE VIEW {MALLORY}.hiding AS
+                 SELECT customer_id, churn, tenure, monthly_charges, contract FROM public.telco_churn;
+             INSERT INTO cerebro.models (name, source, target, key, options)
+                 VALUES ('sec_hiding', 'hiding', 'churn', 'customer_id', '{{\"epochs\": 2}}');
+             SELECT cerebro.grant_model('sec_hiding', 'postgres');"
+        ))
+        .await?;
+    wait_ready(&mallory, "sec_hiding").await?;
+    let (admin, admin_notices) = connect_recording(&env, "postgres").await?;
+    let columns = "t.customer_id, t.churn, t.tenure, t.monthly_charges, t.contract";
+    for (what, view) in [
+        (
+            "query_to_xml",
+            format!(
+                "SELECT {columns}, length(pg_catalog.query_to_xml('SELECT {MALLORY}.spy()', true, false, '')::text)
+                 AS junk FROM public.telco_churn t"
+            ),
+        ),
+        (
+            "set_config",
+            format!(
+                "SELECT {columns} FROM public.telco_churn t
+                 WHERE pg_catalog.set_config('search_path', '{MALLORY}, pg_catalog', false) IS NOT NULL"
+            ),
+        ),
+        (
+            "a scan naming its source",
+            format!(
+                "SELECT {columns} FROM public.telco_churn t WHERE (SELECT count(*) FROM cerebro.predictions p
+                 WHERE p.model = 'sec_hiding' AND p.source = '(SELECT customer_id, tenure, monthly_charges,
+                 contract, {MALLORY}.spy() AS z FROM public.telco_churn LIMIT 1)') >= 0"
+            ),
+        ),
+        (
+            "a negator",
+            format!("SELECT {columns} FROM public.telco_churn t WHERE NOT (t.tenure OPERATOR({MALLORY}.<<<) -1)"),
+        ),
+    ] {
+        mallory.batch_execute(&format!("DROP VIEW {MALLORY}.hiding; CREATE VIEW {MALLORY}.hiding AS {view}")).await?;
+        let err = admin
+            .query("SELECT count(*) FROM cerebro.predictions WHERE model = 'sec_hiding'", &[])
+            .await
+            .expect_err(what);
+        let (code, message) = db_error(&err);
+        assert_eq!(code, "42501", "{what}: {message}");
+        assert!(message.contains(&format!("view {MALLORY}.hiding")), "{what}: {message}");
+    }
+    let path: String = admin.query_one("SHOW search_path", &[]).await?.get(0);
+    assert!(!path.contains(MALLORY), "the scan changed the scorer's search_path: {path}");
+
+    // The scorer's own view, over her operator: the planner would run her
+    // negator, so the operator is checked too.
+    admin
+        .batch_execute(&format!(
+            "CREATE OR REPLACE VIEW public.sec_own_view AS SELECT * FROM public.telco_churn;
+             INSERT INTO cerebro.models (name, source, target, key, options)
+                 VALUES ('sec_own_view', 'public.sec_own_view', 'churn', 'customer_id', '{{\"epochs\": 2}}');"
+        ))
+        .await?;
+    wait_ready(&admin, "sec_own_view").await?;
+    admin
+        .batch_execute(&format!(
+            "CREATE OR REPLACE VIEW public.sec_own_view AS SELECT * FROM public.telco_churn t
+             WHERE NOT (t.tenure OPERATOR({MALLORY}.<<<) -1)"
+        ))
+        .await?;
+    let err = admin
+        .query("SELECT count(*) FROM cerebro.predictions WHERE model = 'sec_own_view'", &[])
+        .await
+        .expect_err("her negator");
+    let (code, message) = db_error(&err);
+    assert_eq!(code, "42501", "{message}");
+    assert!(message.contains(&format!("operator {MALLORY}.")), "{message}");
+    admin.batch_execute("DROP VIEW public.sec_own_view CASCADE").await?;
+    assert_contained(&env, &[&notices, &admin_notices]).await?;
     Ok(())
 }
