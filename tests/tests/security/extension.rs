@@ -827,11 +827,11 @@ async fn code_hidden_behind_builtins_or_the_planner_is_still_its_authors() -> an
     // The scorer's own view, over her operator: the planner would run her
     // negator, so the operator is checked too.
     admin
-        .batch_execute(&format!(
+        .batch_execute(
             "CREATE OR REPLACE VIEW public.sec_own_view AS SELECT * FROM public.telco_churn;
              INSERT INTO cerebro.models (name, source, target, key, options)
-                 VALUES ('sec_own_view', 'public.sec_own_view', 'churn', 'customer_id', '{{\"epochs\": 2}}');"
-        ))
+                 VALUES ('sec_own_view', 'public.sec_own_view', 'churn', 'customer_id', '{\"epochs\": 2}');",
+        )
         .await?;
     wait_ready(&admin, "sec_own_view").await?;
     admin
