@@ -23,7 +23,7 @@ use crate::error::{CerebroError, Result};
 use crate::identity;
 
 /// `name`'s role, if it exists.
-fn role_oid(name: &str) -> Option<pg_sys::Oid> {
+pub(crate) fn role_oid(name: &str) -> Option<pg_sys::Oid> {
     let name = CString::new(name).ok()?;
     // SAFETY: a syscache lookup; missing_ok makes it return InvalidOid
     // instead of raising.
@@ -51,6 +51,29 @@ fn is_admin(who: pg_sys::Oid) -> bool {
 struct Holders {
     owner: Option<String>,
     grantees: Vec<String>,
+}
+
+impl Holders {
+    /// Whether `who` may use the model: an admin, or a member of its owner or
+    /// of a grantee.
+    fn usable_by(&self, who: pg_sys::Oid) -> bool {
+        is_admin(who) || self.owner.iter().chain(&self.grantees).filter_map(|r| role_oid(r)).any(|r| is_member(who, r))
+    }
+
+    /// Refuses what `who` may not do to the model: "does not exist" when it
+    /// does not exist or `who` may not even use it, a permission error naming
+    /// the owner (whom `who` can see) when it may use it but not administer it.
+    fn check_administers(&self, model: &str, who: pg_sys::Oid, action: &'static str) -> Result<()> {
+        let owner = match &self.owner {
+            Some(owner) if self.usable_by(who) => owner,
+            _ => return Err(CerebroError::ModelNotFound(model.into())),
+        };
+        if is_admin(who) || role_oid(owner).is_some_and(|o| is_member(who, o)) {
+            Ok(())
+        } else {
+            Err(CerebroError::NotModelOwner { model: model.into(), owner: owner.clone(), action })
+        }
+    }
 }
 
 fn holders(model: &str) -> Result<Holders> {
@@ -116,8 +139,7 @@ pub(crate) fn allowed_to_use(model: &str, who: pg_sys::Oid) -> Result<bool> {
     if let Some(answer) = cached {
         return Ok(answer);
     }
-    let h = holders(model)?;
-    let answer = h.owner.iter().chain(&h.grantees).filter_map(|r| role_oid(r)).any(|r| is_member(who, r));
+    let answer = holders(model)?.usable_by(who);
     if let Some(now) = now {
         ANSWERS.with_borrow_mut(|a| {
             let (at, map) = a.get_or_insert_with(|| (now, HashMap::new()));
@@ -134,37 +156,27 @@ pub(crate) fn allowed_to_use(model: &str, who: pg_sys::Oid) -> Result<bool> {
 /// Refuses, as "does not exist", a model `who` may not use (or that does
 /// not exist).
 pub(crate) fn check_may_use(model: &str, who: pg_sys::Oid) -> Result<()> {
-    if holders(model)?.owner.is_some() && allowed_to_use(model, who)? {
+    let h = holders(model)?;
+    if h.owner.is_some() && h.usable_by(who) {
         Ok(())
     } else {
         Err(CerebroError::ModelNotFound(model.into()))
     }
 }
 
-/// Refuses what `who` may not do to `model`: "does not exist" when it may
-/// not even use it, a permission error naming the owner (whom it can see)
-/// when it may use it but not administer it.
+/// See [`Holders::check_administers`].
 pub(crate) fn check_administers(model: &str, who: pg_sys::Oid, action: &'static str) -> Result<()> {
-    let Some(owner) = holders(model)?.owner else {
-        return Err(CerebroError::ModelNotFound(model.into()));
-    };
-    if !allowed_to_use(model, who)? {
-        return Err(CerebroError::ModelNotFound(model.into()));
-    }
-    if is_admin(who) || role_oid(&owner).is_some_and(|o| is_member(who, o)) {
-        Ok(())
-    } else {
-        Err(CerebroError::NotModelOwner { model: model.into(), owner, action })
-    }
+    holders(model)?.check_administers(model, who, action)
 }
 
 /// Before a new version of `model` (which has versions) is added: the name
 /// is taken when `who` may not even see it.
 pub(crate) fn check_may_add_version(model: &str, who: pg_sys::Oid) -> Result<()> {
-    if !allowed_to_use(model, who)? {
+    let h = holders(model)?;
+    if !h.usable_by(who) {
         return Err(CerebroError::NameTaken(model.into()));
     }
-    check_administers(model, who, "add a version to")
+    h.check_administers(model, who, "add a version to")
 }
 
 /// `cerebro.may_use(model, who)`: what row-level security on the catalog

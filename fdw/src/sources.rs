@@ -469,15 +469,10 @@ pub(crate) fn check_own_source(client: &SpiClient<'_>, model: &str, display: &st
         owner,
         own_source: display.to_owned(),
     };
-    if source_query(display).is_some() {
-        let author_oid = std::ffi::CString::new(author)
-            .ok()
-            // SAFETY: a syscache lookup; missing_ok returns InvalidOid.
-            .map(|a| unsafe { pg_sys::get_role_oid(a.as_ptr(), true) })
-            .unwrap_or(pg_sys::Oid::INVALID);
-        if author_oid == pg_sys::Oid::INVALID || !trusted_by(author_oid, identity::current_role()) {
-            return Err(refuse("a query".to_owned(), author.to_owned()));
-        }
+    if source_query(display).is_some()
+        && !crate::access::role_oid(author).is_some_and(|a| trusted_by(a, identity::current_role()))
+    {
+        return Err(refuse("a query".to_owned(), author.to_owned()));
     }
     match foreign_code(client, &from_item(display))? {
         None => Ok(()),

@@ -89,6 +89,22 @@ async fn assert_contained(env: &Env, notices: &[&Arc<Mutex<Vec<String>>>]) -> an
     Ok(())
 }
 
+/// How many rows `db` scores with `model` over its own source.
+async fn scored_rows(db: &Client, model: &str) -> anyhow::Result<i64> {
+    let sql = format!("SELECT count(*) FROM cerebro.predictions WHERE model = '{model}'");
+    Ok(db.query_one(&sql, &[]).await?.get(0))
+}
+
+/// Scoring `model` over its own source as `db` is refused (42501) because
+/// it would run another role's code; the error.
+async fn refused_scoring(db: &Client, model: &str, why: &str) -> anyhow::Result<tokio_postgres::Error> {
+    let sql = format!("SELECT count(*) FROM cerebro.predictions WHERE model = '{model}'");
+    let err = db.query(&sql, &[]).await.expect_err(why);
+    let (code, message) = db_error(&err);
+    assert_eq!(code, "42501", "{model}, {why}: {message}");
+    Ok(err)
+}
+
 async fn wait_ready(db: &Client, name: &str) -> anyhow::Result<i32> {
     let version: i32 = db.query_one("SELECT max(version) FROM cerebro.models WHERE name = $1", &[&name]).await?.get(0);
     let seen = wait_until_done(db, name, version, TRAIN_TIMEOUT).await?;
@@ -162,9 +178,7 @@ async fn functions_and_operators_in_a_hostile_search_path_never_run_with_more_ri
     wait_ready(&mallory, "sec_path").await?;
     let listed: i64 = mallory.query_one("SELECT count(*) FROM cerebro.models", &[]).await?.get(0);
     assert!(listed >= 3, "her models are listed: {listed}");
-    let scored: i64 =
-        mallory.query_one("SELECT count(*) FROM cerebro.predictions WHERE model = 'sec_path'", &[]).await?.get(0);
-    assert_eq!(scored, 7043);
+    assert_eq!(scored_rows(&mallory, "sec_path").await?, 7043);
     for call in [
         "SELECT cerebro.deploy('sec_path', 1)",
         "SELECT cerebro.export_onnx('sec_path', 1)",
@@ -280,18 +294,12 @@ async fn a_trojan_source_is_not_scored_with_another_roles_rights() -> anyhow::Re
     wait_ready(&mallory, "sec_trojan").await?;
     wait_ready(&mallory, "sec_trojan_view").await?;
     // Her own scoring runs her own code, as her.
-    let hers: i64 =
-        mallory.query_one("SELECT count(*) FROM cerebro.predictions WHERE model = 'sec_trojan'", &[]).await?.get(0);
-    assert_eq!(hers, 7043);
+    assert_eq!(scored_rows(&mallory, "sec_trojan").await?, 7043);
 
     let (admin, admin_notices) = connect_recording(&env, "postgres").await?;
     for model in ["sec_trojan", "sec_trojan_view"] {
-        let err = admin
-            .query(&format!("SELECT count(*) FROM cerebro.predictions WHERE model = '{model}'"), &[])
-            .await
-            .expect_err("a superuser does not run her source");
-        let (code, message) = db_error(&err);
-        assert_eq!(code, "42501", "{message}");
+        let err = refused_scoring(&admin, model, "a superuser does not run her source").await?;
+        let (_, message) = db_error(&err);
         assert!(message.contains(&format!("of role \"{MALLORY}\"")), "{message}");
         let hint = err.as_db_error().and_then(|d| d.hint()).unwrap_or("").to_owned();
         assert!(hint.contains("source ="), "{hint}");
@@ -303,11 +311,7 @@ async fn a_trojan_source_is_not_scored_with_another_roles_rights() -> anyhow::Re
         assert_eq!(db_error(&err).0, "42501", "{err}");
     }
     // A role she granted the model to fares the same.
-    let err = alice
-        .query("SELECT count(*) FROM cerebro.predictions WHERE model = 'sec_trojan'", &[])
-        .await
-        .expect_err("a grantee does not run her source");
-    assert_eq!(db_error(&err).0, "42501");
+    refused_scoring(&alice, "sec_trojan", "a grantee does not run her source").await?;
     // Naming the rows to score is the scorer's choice, read like any query.
     let named: i64 = admin
         .query_one(
@@ -518,9 +522,7 @@ async fn a_source_in_the_creators_own_schema_trains_and_scores() -> anyhow::Resu
     let source: String =
         mallory.query_one("SELECT source FROM cerebro.models WHERE name = 'sec_own_schema'", &[]).await?.get(0);
     assert_eq!(source, format!("{MALLORY}.et"));
-    let scored: i64 =
-        mallory.query_one("SELECT count(*) FROM cerebro.predictions WHERE model = 'sec_own_schema'", &[]).await?.get(0);
-    assert_eq!(scored, 7043);
+    assert_eq!(scored_rows(&mallory, "sec_own_schema").await?, 7043);
     Ok(())
 }
 
@@ -613,11 +615,7 @@ async fn a_reproduced_version_does_not_launder_a_trojan_source() -> anyhow::Resu
     let (admin, admin_notices) = connect_recording(&env, "postgres").await?;
     admin.batch_execute("SELECT cerebro.reproduce('sec_launder', 1)").await?;
     wait_ready(&admin, "sec_launder").await?;
-    let err = admin
-        .query("SELECT count(*) FROM cerebro.predictions WHERE model = 'sec_launder'", &[])
-        .await
-        .expect_err("still her code");
-    assert_eq!(db_error(&err).0, "42501", "{err}");
+    refused_scoring(&admin, "sec_launder", "still her code").await?;
     assert_contained(&env, &[&notices, &admin_notices]).await?;
     Ok(())
 }
@@ -665,21 +663,11 @@ async fn a_tables_owner_cannot_slip_code_into_another_roles_scoring() -> anyhow:
              GRANT SELECT ON {MALLORY}.shared TO PUBLIC;"
         ))
         .await?;
-    let err = admin
-        .query("SELECT count(*) FROM cerebro.predictions WHERE model = 'sec_swapped'", &[])
-        .await
-        .expect_err("the view is her code");
-    assert_eq!(db_error(&err).0, "42501", "{err}");
+    refused_scoring(&admin, "sec_swapped", "the view is her code").await?;
     // Her policy runs for a grantee who does not bypass row-level security.
-    let err = alice
-        .query("SELECT count(*) FROM cerebro.predictions WHERE model = 'sec_guarded'", &[])
-        .await
-        .expect_err("the policy is her code");
-    assert_eq!(db_error(&err).0, "42501", "{err}");
+    refused_scoring(&alice, "sec_guarded", "the policy is her code").await?;
     // A superuser skips policies: nothing of hers runs, so it scores.
-    let scored: i64 =
-        admin.query_one("SELECT count(*) FROM cerebro.predictions WHERE model = 'sec_guarded'", &[]).await?.get(0);
-    assert_eq!(scored, 7043);
+    assert_eq!(scored_rows(&admin, "sec_guarded").await?, 7043);
     assert_contained(&env, &[&notices, &admin_notices]).await?;
     Ok(())
 }
@@ -813,12 +801,7 @@ async fn code_hidden_behind_builtins_or_the_planner_is_still_its_authors() -> an
         ),
     ] {
         mallory.batch_execute(&format!("DROP VIEW {MALLORY}.hiding; CREATE VIEW {MALLORY}.hiding AS {view}")).await?;
-        let err = admin
-            .query("SELECT count(*) FROM cerebro.predictions WHERE model = 'sec_hiding'", &[])
-            .await
-            .expect_err(what);
-        let (code, message) = db_error(&err);
-        assert_eq!(code, "42501", "{what}: {message}");
+        let (_, message) = db_error(&refused_scoring(&admin, "sec_hiding", what).await?);
         assert!(message.contains(&format!("view {MALLORY}.hiding")), "{what}: {message}");
     }
     let path: String = admin.query_one("SHOW search_path", &[]).await?.get(0);
@@ -840,12 +823,7 @@ async fn code_hidden_behind_builtins_or_the_planner_is_still_its_authors() -> an
              WHERE NOT (t.tenure OPERATOR({MALLORY}.<<<) -1)"
         ))
         .await?;
-    let err = admin
-        .query("SELECT count(*) FROM cerebro.predictions WHERE model = 'sec_own_view'", &[])
-        .await
-        .expect_err("her negator");
-    let (code, message) = db_error(&err);
-    assert_eq!(code, "42501", "{message}");
+    let (_, message) = db_error(&refused_scoring(&admin, "sec_own_view", "her negator").await?);
     assert!(message.contains(&format!("operator {MALLORY}.")), "{message}");
     admin.batch_execute("DROP VIEW public.sec_own_view CASCADE").await?;
     assert_contained(&env, &[&notices, &admin_notices]).await?;
