@@ -37,6 +37,19 @@ as_postgres() {
     if [ "$(id -un)" = postgres ]; then "$@"; else as_root runuser -u postgres -- "$@"; fi
 }
 
+# close_inherited_fds: closes every file descriptor above 2 of the current
+# shell; call it in a subshell. What outlives this script (the postmaster,
+# cerebrod's watchdog, and the subshell that starts them) must not keep a
+# descriptor its caller holds: the lock of
+# `flock /tmp/cerebro-e2e.lock deploy/test.sh`, say, would never be freed.
+close_inherited_fds() {
+    local fd
+    for fd in /proc/$BASHPID/fd/*; do
+        fd=${fd##*/}
+        if [ "$fd" -gt 2 ] && [ -e "/proc/$BASHPID/fd/$fd" ]; then eval "exec $fd>&-"; fi
+    done
+}
+
 psql_as() { # psql_as DB [psql args...]
     local db=$1; shift
     "$PG_BIN/psql" -X -v ON_ERROR_STOP=1 -h "$RUN_DIR" -p "$PGPORT" -U postgres -d "$db" "$@"
@@ -139,15 +152,19 @@ ensure_cuda_libraries() {
 # exported model outside the database and import one built by another tool.
 TEST_VENV=$STATE/test-venv
 ONNX_VERSION=1.19.1
+# The tests drive Cerebro from Python as applications do (psycopg 3 defaults).
+PSYCOPG_VERSION=3.2.10
 ensure_test_python() {
-    if "$TEST_VENV/bin/python" -c "import onnxruntime, onnx, numpy
-assert onnxruntime.__version__ == '$ORT_VERSION' and onnx.__version__ == '$ONNX_VERSION'" 2>/dev/null; then
-        skip "onnxruntime $ORT_VERSION and onnx $ONNX_VERSION (Python) in $TEST_VENV"
+    if "$TEST_VENV/bin/python" -c "import onnxruntime, onnx, numpy, psycopg
+assert onnxruntime.__version__ == '$ORT_VERSION' and onnx.__version__ == '$ONNX_VERSION'
+assert psycopg.__version__ == '$PSYCOPG_VERSION'" 2>/dev/null; then
+        skip "onnxruntime $ORT_VERSION, onnx $ONNX_VERSION and psycopg $PSYCOPG_VERSION (Python) in $TEST_VENV"
         return
     fi
-    step "Installing onnxruntime $ORT_VERSION, onnx $ONNX_VERSION and numpy (Python) into $TEST_VENV"
+    step "Installing onnxruntime $ORT_VERSION, onnx $ONNX_VERSION, psycopg $PSYCOPG_VERSION and numpy (Python) into $TEST_VENV"
     python3 -m venv "$TEST_VENV"
-    "$TEST_VENV/bin/pip" install --quiet "onnxruntime==$ORT_VERSION" "onnx==$ONNX_VERSION" numpy
+    "$TEST_VENV/bin/pip" install --quiet "onnxruntime==$ORT_VERSION" "onnx==$ONNX_VERSION" numpy \
+        "psycopg[binary]==$PSYCOPG_VERSION"
 }
 
 # unlink_extension_library: pgrx copies over the library in place; a backend
@@ -198,8 +215,11 @@ ensure_cluster() {
         skip "PostgreSQL running on port $PGPORT"
     else
         step "Starting PostgreSQL on port $PGPORT (socket in $RUN_DIR)"
-        as_postgres "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -l "$LOG_DIR/postgresql.log" -w \
-            -o "-p $PGPORT -k $RUN_DIR -c listen_addresses=''" start >/dev/null
+        (
+            close_inherited_fds
+            as_postgres "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -l "$LOG_DIR/postgresql.log" -w \
+                -o "-p $PGPORT -k $RUN_DIR -c listen_addresses=''" start >/dev/null
+        )
     fi
 }
 
@@ -238,28 +258,45 @@ daemon_running() { # daemon_running NAME
     [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null
 }
 
-stop_daemon() { # stop_daemon NAME
-    local pidfile=$RUN_DIR/$1.pid
+watchdog_running() { # watchdog_running NAME
+    local pidfile=$RUN_DIR/$1.watchdog.pid
+    [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+}
+
+# stop_daemon NAME: stops cerebrod NAME and the watchdog that restarts it.
+stop_daemon() {
+    local pidfile=$RUN_DIR/$1.pid watchdog=$RUN_DIR/$1.watchdog.pid
+    if watchdog_running "$1"; then
+        # The watchdog passes SIGTERM on to cerebrod, waits for it, and exits.
+        as_root kill -TERM "$(cat "$watchdog")"
+        for _ in $(seq 1 100); do watchdog_running "$1" || break; sleep 0.2; done
+    fi
     if daemon_running "$1"; then
         as_root kill -TERM "$(cat "$pidfile")"
         for _ in $(seq 1 50); do daemon_running "$1" || break; sleep 0.2; done
     fi
-    rm -f "$pidfile"
+    rm -f "$pidfile" "$watchdog"
 }
 
 # ensure_daemon NAME: starts cerebrod with STATE/NAME.toml as the postgres OS
-# user, restarting it when the binary is newer than the running process.
+# user, under deploy/watchdog.sh, which starts it again 2 s after it dies
+# (as systemd does with deploy/cerebrod.service); restarts both when the
+# binary is newer than the running process.
 ensure_daemon() {
     local name=$1 pidfile=$RUN_DIR/$1.pid
-    if daemon_running "$name" && [ "$pidfile" -nt "$DAEMON_BIN" ]; then
-        skip "cerebrod ($name) running, pid $(cat "$pidfile")"
+    if watchdog_running "$name" && daemon_running "$name" && [ "$pidfile" -nt "$DAEMON_BIN" ]; then
+        skip "cerebrod ($name) running under its watchdog, pid $(cat "$pidfile")"
         return
     fi
     stop_daemon "$name"
-    step "Starting cerebrod ($name) as the postgres OS user"
-    # Detached (own session, no inherited terminal or pipes): it outlives this script.
-    as_postgres setsid sh -c "echo \$\$ > '$pidfile'; exec env LD_LIBRARY_PATH='$CUDA_LIB_DIR' '$DAEMON_BIN' --config '$STATE/$name.toml' >>'$LOG_DIR/$name.log' 2>&1" \
-        </dev/null >/dev/null 2>&1 &
+    step "Starting cerebrod ($name) as the postgres OS user, under a watchdog"
+    # Detached (own session, no inherited terminal, pipes or other
+    # descriptors): it outlives this script.
+    (
+        close_inherited_fds
+        as_postgres setsid bash "$ROOT/deploy/watchdog.sh" "$pidfile" "$LOG_DIR/$name.log" \
+            env LD_LIBRARY_PATH="$CUDA_LIB_DIR" "$DAEMON_BIN" --config "$STATE/$name.toml"
+    ) </dev/null >/dev/null 2>&1 &
     for _ in $(seq 1 100); do
         [ -S "$RUN_DIR/$name.sock" ] && daemon_running "$name" && return
         sleep 0.1

@@ -301,6 +301,8 @@ CREATE FUNCTION cerebro.import_onnx(name text, onnx bytea, source text, inputs j
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'import_onnx_wrapper';
 CREATE FUNCTION cerebro.cancel_selection(selection bigint) RETURNS integer
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'cancel_selection_wrapper';
+CREATE FUNCTION cerebro.cancel(model text, version integer) RETURNS text
+    LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'cancel_wrapper';
 -- cerebrod calls it after each stack; it acts only on a selection with
 -- nothing left to train, and only as its spec asked (promote). Internal:
 -- only cerebrod's role may call it (cerebro.grant_daemon_privileges).

@@ -14,9 +14,9 @@ use cerebro_shared::spec::{Feature, Task, TrainOptions, TrainingPlan};
 use cerebro_shared::sql::snapshot_column;
 use futures_util::{stream, StreamExt};
 use tokio::sync::Notify;
-use tokio_postgres::error::SqlState;
+use tokio_postgres::error::{Severity, SqlState};
 use tokio_postgres::{AsyncMessage, Client, NoTls};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::train::{EpochStats, TrainedModel};
 
@@ -25,8 +25,15 @@ pub const JOBS_CHANNEL: &str = "cerebro_jobs";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    #[error("database error: {0}")]
-    Db(#[from] tokio_postgres::Error),
+    /// Displayed through [`describe`]: tokio-postgres shows a server's error
+    /// as just "db error". Not a `#[source]`, so that the chain a binary
+    /// prints does not repeat the message.
+    #[error("database error: {}", describe(.0))]
+    Db(tokio_postgres::Error),
+    /// This daemon's session with the database ended (the connection, or
+    /// the daemon lock's, was lost) while the job loop worked.
+    #[error("the connection to the database was lost: {0}")]
+    Lost(String),
     #[error("catalog row is not as expected: {0}")]
     Corrupt(String),
     #[error("{0}")]
@@ -36,7 +43,47 @@ pub enum CatalogError {
     Unreadable(String),
 }
 
+impl From<tokio_postgres::Error> for CatalogError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        CatalogError::Db(e)
+    }
+}
+
 pub type Result<T> = std::result::Result<T, CatalogError>;
+
+/// A database error as people should read it (in a job's reason, a log
+/// line): the server's own message with its detail and hint when the server
+/// sent one, otherwise what happened to the connection, with its causes.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut text = db.message().to_string();
+        if let Some(detail) = db.detail() {
+            text.push_str(&format!(" (DETAIL: {detail})"));
+        }
+        if let Some(hint) = db.hint() {
+            text.push_str(&format!(" (HINT: {hint})"));
+        }
+        return text;
+    }
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// SQLSTATEs with which the server ends a session, or refuses one for now:
+/// connection exceptions (class 08), and an administrator's or a crash's
+/// shutdown, or a server still starting (57P01, 57P02, 57P03).
+fn ends_session(code: &SqlState) -> bool {
+    code.code().starts_with("08")
+        || *code == SqlState::ADMIN_SHUTDOWN
+        || *code == SqlState::CRASH_SHUTDOWN
+        || *code == SqlState::CANNOT_CONNECT_NOW
+}
 
 /// What a statement's failure means for the daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,11 +101,24 @@ pub enum Failure {
 
 impl Failure {
     /// Classifies a failed statement by its SQLSTATE (None: no server error).
+    /// A server that ends the session (a fast shutdown's "terminating
+    /// connection due to administrator command") answers with an error too,
+    /// which is no refusal: the job did nothing wrong.
     pub fn of(code: Option<&SqlState>) -> Failure {
         match code {
             None => Failure::Lost,
             Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE || *c == SqlState::T_R_DEADLOCK_DETECTED => Failure::Lock,
+            Some(c) if ends_session(c) => Failure::Lost,
             Some(_) => Failure::Refusal,
+        }
+    }
+
+    /// Classifies a failed statement: a FATAL or PANIC error ends the
+    /// session whatever its SQLSTATE.
+    pub fn of_error(e: &tokio_postgres::Error) -> Failure {
+        match e.as_db_error().and_then(|d| d.parsed_severity()) {
+            Some(Severity::Fatal | Severity::Panic) => Failure::Lost,
+            _ => Failure::of(e.code()),
         }
     }
 }
@@ -66,8 +126,34 @@ impl Failure {
 impl CatalogError {
     fn failure(&self) -> Option<Failure> {
         match self {
-            CatalogError::Db(e) => Some(Failure::of(e.code())),
+            CatalogError::Db(e) => Some(Failure::of_error(e)),
+            CatalogError::Lost(_) => Some(Failure::Lost),
             _ => None,
+        }
+    }
+
+    /// The session with the database is gone (or going): reconnecting is
+    /// the cure, and nothing is wrong with the job at hand.
+    pub fn is_lost(&self) -> bool {
+        self.failure() == Some(Failure::Lost)
+    }
+
+    /// Worth trying again at start-up: the server is unreachable, starting,
+    /// stopping or out of connection slots. Not a wrong password, database
+    /// or extension, which no retry mends (and which cerebrod reports and
+    /// exits on when it has not served yet).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CatalogError::Db(e) => match e.code() {
+                Some(c) => ends_session(c) || c.code().starts_with("53"),
+                None => {
+                    e.is_closed()
+                        || std::iter::successors(std::error::Error::source(e), |c| c.source())
+                            .any(|c| c.is::<std::io::Error>())
+                }
+            },
+            CatalogError::Lost(_) => true,
+            _ => false,
         }
     }
 
@@ -83,10 +169,11 @@ impl CatalogError {
         self.failure() == Some(Failure::Refusal)
     }
 
-    /// The server's own message when it refused a statement, else the error.
+    /// The server's own message (with its detail and hint) when it refused
+    /// a statement, else the error.
     pub fn reason(&self) -> String {
         match self {
-            CatalogError::Db(e) => e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string()),
+            CatalogError::Db(e) => describe(e),
             other => other.to_string(),
         }
     }
@@ -100,17 +187,28 @@ pub fn session_setup(lock_timeout: Duration) -> String {
     format!("SET search_path = pg_catalog, pg_temp; SET lock_timeout = {}", lock_timeout.as_millis().max(1))
 }
 
+/// The `application_name` cerebrod's sessions show in `pg_stat_activity`,
+/// unless `database_url` names another.
+pub const APPLICATION_NAME: &str = "cerebrod";
+
 /// Opens a connection whose driver task runs in the background, with the
 /// session set up by [`session_setup`]. When `notify` is given, NOTIFY
 /// messages on the connection wake it. The returned handle finishes when the
-/// connection is lost.
+/// connection is lost, with what the server said about it.
 pub async fn connect(
     url: &str,
     notify: Option<Arc<Notify>>,
     lock_timeout: Duration,
-) -> Result<(Catalog, tokio::task::JoinHandle<()>)> {
-    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
+) -> Result<(Catalog, tokio::task::JoinHandle<String>)> {
+    let mut config: tokio_postgres::Config = url.parse()?;
+    if config.get_application_name().is_none() {
+        config.application_name(APPLICATION_NAME);
+    }
+    let (client, mut connection) = config.connect(NoTls).await?;
     let driver = tokio::spawn(async move {
+        // A server that stops at once (immediate shutdown, a crashed
+        // backend) says why in a WARNING before it closes the connection.
+        let mut farewell: Option<String> = None;
         let mut messages = stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
@@ -120,14 +218,21 @@ pub async fn connect(
                         notify.notify_one();
                     }
                 }
-                Ok(AsyncMessage::Notice(n)) => debug!("server notice: {}", n.message()),
+                Ok(AsyncMessage::Notice(n)) => {
+                    debug!("server notice: {}", n.message());
+                    if ends_session(n.code()) {
+                        farewell = Some(n.message().to_string());
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => {
-                    warn!("database connection lost: {e}");
-                    break;
+                    let why = farewell.take().unwrap_or_else(|| describe(&e));
+                    debug!("database connection lost: {why}");
+                    return why;
                 }
             }
         }
+        farewell.unwrap_or_else(|| "the server closed the connection".into())
     });
     if let Err(e) = client.batch_execute(&session_setup(lock_timeout)).await {
         driver.abort();
@@ -160,7 +265,7 @@ impl DaemonLock {
 pub async fn lock_daemon(
     url: &str,
     lock_timeout: Duration,
-) -> Result<Option<(DaemonLock, tokio::task::JoinHandle<()>)>> {
+) -> Result<Option<(DaemonLock, tokio::task::JoinHandle<String>)>> {
     let (session, driver) = connect(url, None, lock_timeout).await?;
     let client = session.client;
     // The transaction stays idle for the daemon's life: a role or database
@@ -305,40 +410,66 @@ impl SweptTo {
     }
 }
 
+/// Who or what left a job `running` that the sweep finds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeftBy {
+    /// Another daemon, which stopped (killed, crashed, its machine down).
+    StoppedDaemon,
+    /// This daemon's write that ended the attempt, because a transaction
+    /// held a lock it needed.
+    HeldLock,
+    /// An earlier session of this daemon, which ended for the reason given
+    /// (its connection to the database was lost, say) while the job trained.
+    EndedSession(String),
+}
+
+impl LeftBy {
+    /// What to call it in a log line.
+    pub fn describe(&self) -> &str {
+        match self {
+            LeftBy::StoppedDaemon => "by a stopped daemon",
+            LeftBy::HeldLock => "when a lock held up its ending",
+            LeftBy::EndedSession(_) => "when cerebrod's session with the database ended",
+        }
+    }
+}
+
 /// What the sweep did with a job left `running`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Swept {
     pub job_id: i64,
     pub to: SweptTo,
-    /// Claimed by another daemon (one that stopped): not by this one.
-    pub orphaned: bool,
+    pub left_by: LeftBy,
 }
 
-/// Where a job left `running` goes, and the error users read: a daemon that
-/// stopped (`orphaned`) or this daemon's write that ended the attempt (a
-/// transaction held a lock it needed) left it there. Attempts count either
-/// way, so a job that keeps being left ends `failed` after `max_attempts`.
+/// Where a job left `running` goes, and the error users read. Attempts count
+/// whatever left it there, so that a job that keeps being left (one that
+/// crashes the daemon or a backend each time) ends `failed` after
+/// `max_attempts`.
 pub fn sweep_outcome(
     attempts: i32,
     max_attempts: i32,
     cancel_requested: bool,
-    orphaned: bool,
+    left_by: &LeftBy,
 ) -> (SweptTo, Option<String>) {
     if cancel_requested {
         return (SweptTo::Cancelled, None);
     }
     let used_up = attempts >= max_attempts;
-    let error = match (orphaned, used_up) {
-        (true, false) => format!("cerebrod stopped during attempt {attempts}; the job was requeued"),
-        (true, true) => format!("cerebrod stopped during training {attempts} times; giving up"),
-        (false, false) => format!(
-            "another transaction held a lock on the job's catalog rows or snapshot during attempt {attempts}; \
-             the job was requeued"
-        ),
-        (false, true) => format!(
-            "another transaction held a lock on the job's catalog rows or snapshot during attempt {attempts}; \
-             giving up after {attempts} attempts"
-        ),
+    let lock = "another transaction held a lock on the job's catalog rows or snapshot";
+    let error = match (left_by, used_up) {
+        (LeftBy::StoppedDaemon, false) => format!("cerebrod stopped during attempt {attempts}; the job was requeued"),
+        (LeftBy::StoppedDaemon, true) => format!("cerebrod stopped during training {attempts} times; giving up"),
+        (LeftBy::HeldLock, false) => format!("{lock} during attempt {attempts}; the job was requeued"),
+        (LeftBy::HeldLock, true) => {
+            format!("{lock} during attempt {attempts}; giving up after {attempts} attempts")
+        }
+        (LeftBy::EndedSession(why), false) => {
+            format!("attempt {attempts} was interrupted: {why}; the job was requeued")
+        }
+        (LeftBy::EndedSession(why), true) => {
+            format!("attempt {attempts} was interrupted: {why}; giving up after {attempts} attempts")
+        }
     };
     (if used_up { SweptTo::Failed } else { SweptTo::Queued }, Some(error))
 }
@@ -372,29 +503,44 @@ impl Catalog {
 
     /// Puts jobs left `running` back in the queue (or fails them after
     /// `max_attempts`, or cancels them if a user asked to), but for those of
-    /// `training`: ones a daemon that stopped claimed, and ones whose ending
-    /// write `worker` gave up on because a transaction held a lock it needed.
-    /// Rows locked now are skipped, never waited for: a later sweep takes
-    /// them. Only safe while holding the daemon lock.
-    pub async fn sweep_jobs(&mut self, worker: &str, training: &[i64]) -> Result<Vec<Swept>> {
+    /// `training`: ones a daemon that stopped claimed, ones whose ending
+    /// write `worker` gave up on because a transaction held a lock it needed,
+    /// and ones claimed by this daemon's `earlier` sessions (worker id, and
+    /// why the session ended). Rows locked now are skipped, never waited
+    /// for: a later sweep takes them. Only safe while holding the daemon lock.
+    pub async fn sweep_jobs(
+        &mut self,
+        worker: &str,
+        training: &[i64],
+        earlier: &[(String, String)],
+    ) -> Result<Vec<Swept>> {
         let tx = self.client.transaction().await?;
         let rows = tx
             .query(
-                "SELECT j.id, j.model_version_id, j.attempts, j.max_attempts, j.cancel_requested,
-                        j.claimed_by IS DISTINCT FROM $1
+                "SELECT j.id, j.model_version_id, j.attempts, j.max_attempts, j.cancel_requested, j.claimed_by
                  FROM cerebro.jobs j JOIN cerebro.model_versions m ON m.id = j.model_version_id
-                 WHERE j.state = 'running' AND j.id <> ALL($2)
+                 WHERE j.state = 'running' AND j.id <> ALL($1)
                  ORDER BY j.id
                  FOR UPDATE OF j SKIP LOCKED FOR NO KEY UPDATE OF m SKIP LOCKED",
-                &[&worker, &training],
+                &[&training],
             )
             .await?;
         let mut swept = Vec::with_capacity(rows.len());
         for row in rows {
-            let (job_id, mv, orphaned): (i64, i64, bool) = (row.get(0), row.get(1), row.get(5));
-            let (to, error) = sweep_outcome(row.get(2), row.get(3), row.get(4), orphaned);
+            let (job_id, mv, claimed_by): (i64, i64, Option<String>) = (row.get(0), row.get(1), row.get(5));
+            let left_by = match claimed_by {
+                Some(w) if w == worker => LeftBy::HeldLock,
+                Some(w) => match earlier.iter().find(|(id, _)| *id == w) {
+                    Some((_, why)) => LeftBy::EndedSession(why.clone()),
+                    None => LeftBy::StoppedDaemon,
+                },
+                None => LeftBy::StoppedDaemon,
+            };
+            let (to, error) = sweep_outcome(row.get(2), row.get(3), row.get(4), &left_by);
+            // A cancel keeps the reason its request wrote on the job.
             tx.execute(
-                "UPDATE cerebro.jobs SET state = $2::pg_catalog.text::cerebro.job_state, error = $3,
+                "UPDATE cerebro.jobs SET state = $2::pg_catalog.text::cerebro.job_state,
+                        error = coalesce($3, error),
                         finished_at = CASE WHEN $2 = 'queued' THEN NULL ELSE pg_catalog.now() END,
                         claimed_by = CASE WHEN $2 = 'queued' THEN NULL ELSE claimed_by END
                  WHERE id = $1",
@@ -403,29 +549,39 @@ impl Catalog {
             .await?;
             tx.execute(
                 "UPDATE cerebro.model_versions SET status = $2::pg_catalog.text::cerebro.model_status,
-                        error = CASE WHEN $2 = 'queued' THEN NULL ELSE $3 END,
+                        error = CASE WHEN $2 = 'queued' THEN NULL
+                                     ELSE (SELECT j.error FROM cerebro.jobs j WHERE j.id = $3) END,
                         epoch = CASE WHEN $2 = 'queued' THEN 0 ELSE epoch END
                  WHERE id = $1",
-                &[&mv, &to.state(), &error],
+                &[&mv, &to.state(), &job_id],
             )
             .await?;
-            swept.push(Swept { job_id, to, orphaned });
+            swept.push(Swept { job_id, to, left_by });
         }
         tx.commit().await?;
         Ok(swept)
     }
 
-    /// Claims the oldest queued job, marking it and its model as training.
-    /// Jobs whose rows another transaction holds are skipped, not waited for.
+    /// Claims a queued job, marking it and its model as training: the oldest
+    /// of the role served longest ago, so that roles take turns and one
+    /// role's long queue cannot hold everyone else's (its own jobs still go
+    /// in order). Jobs whose rows another transaction holds are skipped, not
+    /// waited for.
     pub async fn claim_next_job(&mut self, worker: &str) -> Result<Option<ClaimedJob>> {
         let tx = self.client.transaction().await?;
         let row = tx
             .query_opt(
                 "UPDATE cerebro.jobs j SET state = 'running', attempts = attempts + 1,
                         claimed_by = $1, claimed_at = pg_catalog.now(), error = NULL
-                 FROM (SELECT j2.id FROM cerebro.jobs j2 JOIN cerebro.model_versions m2 ON m2.id = j2.model_version_id
+                 FROM (WITH served AS (
+                           SELECT m.created_by, pg_catalog.max(j.claimed_at) AS last
+                           FROM cerebro.jobs j JOIN cerebro.model_versions m ON m.id = j.model_version_id
+                           WHERE j.claimed_at IS NOT NULL
+                           GROUP BY m.created_by)
+                       SELECT j2.id FROM cerebro.jobs j2 JOIN cerebro.model_versions m2 ON m2.id = j2.model_version_id
+                       LEFT JOIN served s ON s.created_by = m2.created_by
                        WHERE j2.state = 'queued'
-                       ORDER BY j2.id LIMIT 1
+                       ORDER BY s.last NULLS FIRST, j2.id LIMIT 1
                        FOR UPDATE OF j2 SKIP LOCKED FOR NO KEY UPDATE OF m2 SKIP LOCKED) next
                  WHERE j.id = next.id
                  RETURNING j.id, j.model_version_id, j.attempts",
@@ -705,15 +861,18 @@ impl Catalog {
         let tx = self.client.transaction().await?;
         tx.execute(
             "UPDATE cerebro.jobs SET state = $3::pg_catalog.text::cerebro.job_state, finished_at = pg_catalog.now(),
-                    error = $2
+                    error = coalesce($2, error)
              WHERE id = $1",
             &[&job.job_id, &error, &outcome],
         )
         .await?;
+        // Without a reason of its own (a user's cancel), the job's is kept:
+        // cerebro.cancel wrote who asked and when; a claim clears it.
         tx.execute(
-            "UPDATE cerebro.model_versions SET status = $3::pg_catalog.text::cerebro.model_status, error = $2
+            "UPDATE cerebro.model_versions SET status = $3::pg_catalog.text::cerebro.model_status,
+                    error = (SELECT j.error FROM cerebro.jobs j WHERE j.id = $2)
              WHERE id = $1",
-            &[&job.model_version_id, &error, &outcome],
+            &[&job.model_version_id, &job.job_id, &outcome],
         )
         .await?;
         tx.commit().await?;
@@ -815,6 +974,16 @@ mod tests {
         assert_eq!(Failure::of(Some(&SqlState::INSUFFICIENT_PRIVILEGE)), Failure::Refusal);
         assert_eq!(Failure::of(Some(&SqlState::UNIQUE_VIOLATION)), Failure::Refusal);
         assert_eq!(Failure::of(None), Failure::Lost);
+        // A server stopping (fast or after a crash), starting, or a broken
+        // connection: the session is gone, the statement was not refused.
+        assert_eq!(Failure::of(Some(&SqlState::ADMIN_SHUTDOWN)), Failure::Lost);
+        assert_eq!(Failure::of(Some(&SqlState::CRASH_SHUTDOWN)), Failure::Lost);
+        assert_eq!(Failure::of(Some(&SqlState::CANNOT_CONNECT_NOW)), Failure::Lost);
+        assert_eq!(Failure::of(Some(&SqlState::CONNECTION_FAILURE)), Failure::Lost);
+        // A cancelled statement is not a lost session.
+        assert_eq!(Failure::of(Some(&SqlState::QUERY_CANCELED)), Failure::Refusal);
+        let lost = CatalogError::Lost("the server closed the connection".into());
+        assert!(lost.is_lost() && lost.is_transient() && !lost.is_refusal());
         let corrupt = CatalogError::Corrupt("x".into());
         assert!(!corrupt.is_lock_timeout() && !corrupt.is_refusal());
     }
@@ -829,21 +998,39 @@ mod tests {
 
     #[test]
     fn the_sweep_requeues_cancels_or_gives_up() {
-        assert_eq!(sweep_outcome(1, 3, true, false), (SweptTo::Cancelled, None));
-        assert_eq!(sweep_outcome(3, 3, true, true), (SweptTo::Cancelled, None));
-        let (to, error) = sweep_outcome(1, 3, false, true);
+        let stopped = LeftBy::StoppedDaemon;
+        let lock = LeftBy::HeldLock;
+        assert_eq!(sweep_outcome(1, 3, true, &lock), (SweptTo::Cancelled, None));
+        assert_eq!(sweep_outcome(3, 3, true, &stopped), (SweptTo::Cancelled, None));
+        let (to, error) = sweep_outcome(1, 3, false, &stopped);
         assert_eq!(to, SweptTo::Queued);
         assert_eq!(error.unwrap(), "cerebrod stopped during attempt 1; the job was requeued");
-        let (to, error) = sweep_outcome(3, 3, false, true);
+        let (to, error) = sweep_outcome(3, 3, false, &stopped);
         assert_eq!(to, SweptTo::Failed);
         assert!(error.unwrap().contains("giving up"));
-        let (to, error) = sweep_outcome(2, 3, false, false);
+        let (to, error) = sweep_outcome(2, 3, false, &lock);
         assert_eq!(to, SweptTo::Queued);
         assert!(error.unwrap().contains("another transaction held a lock on the job's catalog rows"));
-        let (to, error) = sweep_outcome(3, 3, false, false);
+        let (to, error) = sweep_outcome(3, 3, false, &lock);
         assert_eq!(to, SweptTo::Failed);
         let error = error.unwrap();
         assert!(error.contains("held a lock") && error.contains("giving up after 3 attempts"), "{error}");
+    }
+
+    #[test]
+    fn a_job_a_lost_session_left_is_requeued_with_the_servers_reason_until_its_attempts_run_out() {
+        let lost = LeftBy::EndedSession(
+            "the connection to the database was lost: terminating connection due to administrator command".into(),
+        );
+        let (to, error) = sweep_outcome(1, 3, false, &lost);
+        assert_eq!(to, SweptTo::Queued, "a database restart fails no job that has attempts left");
+        let error = error.unwrap();
+        assert!(error.starts_with("attempt 1 was interrupted: the connection to the database was lost"), "{error}");
+        assert!(error.contains("terminating connection due to administrator command"), "{error}");
+        let (to, error) = sweep_outcome(3, 3, false, &lost);
+        assert_eq!(to, SweptTo::Failed);
+        assert!(error.unwrap().ends_with("giving up after 3 attempts"));
+        assert_eq!(sweep_outcome(2, 3, true, &lost), (SweptTo::Cancelled, None));
     }
 
     fn plan(features: &[&str], target: &str) -> TrainingPlan {

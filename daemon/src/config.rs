@@ -126,6 +126,14 @@ impl TryFrom<FileConfig> for Config {
         if f.database_url.trim().is_empty() {
             return Err(ConfigError::Invalid("database_url is empty".into()));
         }
+        // Checked here, so that a typo stops cerebrod at once instead of
+        // failing every try to reach the database.
+        if let Err(e) = f.database_url.parse::<tokio_postgres::Config>() {
+            return Err(ConfigError::Invalid(format!(
+                "database_url is not a valid connection string: {}",
+                crate::catalog::describe(&e)
+            )));
+        }
         let threads_ok = |n: usize, name: &str| {
             if (1..=1024).contains(&n) {
                 Ok(n)
@@ -206,6 +214,9 @@ mod tests {
         assert!(Config::try_from(threads).unwrap_err().to_string().contains("scoring_threads"));
         let device = FileConfig { device: "gpu".into(), ..Default::default() };
         assert!(Config::try_from(device).unwrap_err().to_string().contains("device must be"));
+        let url = FileConfig { database_url: "host=/tmp dbname='unclosed".into(), ..Default::default() };
+        let e = Config::try_from(url).unwrap_err().to_string();
+        assert!(e.contains("database_url is not a valid connection string"), "{e}");
     }
 
     #[test]

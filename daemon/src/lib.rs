@@ -2,7 +2,10 @@
 //!
 //! [`run`] is the whole daemon: it takes the database's daemon lock, then
 //! serves the control socket and runs the job loop (which first recovers
-//! jobs a previous daemon left running) until `shutdown` turns true.
+//! jobs a previous daemon left running) until `shutdown` turns true. When
+//! its session with the database ends (a restart, a crashed backend, a
+//! terminated connection), it reconnects with backoff and goes on: the
+//! socket stays open, and models already loaded are scored meanwhile.
 
 pub mod catalog;
 pub mod config;
@@ -19,17 +22,22 @@ pub mod server;
 pub mod train;
 pub mod warm;
 
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use cerebro_shared::batch::{ColumnData, NO_LABEL};
 use tokio::sync::{watch, Notify};
-use tracing::{info, warn};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
 
-use crate::catalog::CatalogError;
+use crate::catalog::{Catalog, CatalogError};
 use crate::config::Config;
 use crate::data::{copy_columns, ReadAs, UserRelation};
 use crate::engine::{Compute, DeviceChoice};
 use crate::scoring::{OnnxRuntime, ScoringError};
+use crate::server::{CatalogSlot, ScoringService};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -41,11 +49,152 @@ pub enum DaemonError {
     Server(#[from] server::ServerError),
     #[error("another cerebrod already serves this database (it holds the daemon lock)")]
     AlreadyRunning,
-    #[error("the connection to the database was lost")]
-    ConnectionLost,
+    #[error("the job loop panicked: {0}")]
+    JobLoopPanicked(String),
 }
 
-/// Runs the daemon until `shutdown` becomes true or the database is lost.
+impl DaemonError {
+    /// Worth trying again at start-up (see [`CatalogError::is_transient`]).
+    fn is_transient(&self) -> bool {
+        matches!(self, DaemonError::Catalog(e) if e.is_transient())
+    }
+}
+
+/// The first wait before trying the database again.
+pub const RECONNECT_FIRST: Duration = Duration::from_millis(500);
+/// The longest wait between two tries.
+pub const RECONNECT_MAX: Duration = Duration::from_secs(10);
+/// A session that lasted this long ended by accident, not in a loop that
+/// fails at once each time: the waits start again from RECONNECT_FIRST.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
+/// How long a stopping daemon lets a stack in training requeue its jobs.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Waits between tries to reach the database: RECONNECT_FIRST, doubled
+/// after each failure, at most RECONNECT_MAX.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: RECONNECT_FIRST }
+    }
+}
+
+impl Backoff {
+    /// The wait before the next try; each call doubles the one after.
+    pub fn next_wait(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = (self.next * 2).min(RECONNECT_MAX);
+        wait
+    }
+
+    pub fn reset(&mut self) {
+        self.next = RECONNECT_FIRST;
+    }
+}
+
+/// The daemon lock, held on a session of its own.
+struct HeldLock {
+    _lock: catalog::DaemonLock,
+    /// Finishes when the lock's session is lost, and the lock with it.
+    driver: JoinHandle<String>,
+    /// Its server process, which names the daemon in the jobs it claims.
+    pid: i32,
+}
+
+/// One session of the daemon with the database: the job loop's connection
+/// (which LISTENs) and the one that reads snapshots and artifacts.
+struct Session {
+    control: Catalog,
+    control_driver: JoinHandle<String>,
+    data: Arc<Catalog>,
+    data_driver: JoinHandle<String>,
+    /// What the jobs this session claims say in `claimed_by`: unique to the
+    /// session, so that the next one knows the jobs it left running.
+    worker_id: String,
+}
+
+/// Takes the daemon lock unless `held` still has it (its session alive),
+/// then opens the job loop's and the data connections.
+async fn open_session(
+    config: &Config,
+    held: &mut Option<HeldLock>,
+    wake: &Arc<Notify>,
+    number: u64,
+) -> Result<Session, DaemonError> {
+    let (url, lock_timeout) = (config.database_url.as_str(), config.lock_timeout);
+    if held.as_ref().is_none_or(|h| h.driver.is_finished()) {
+        *held = None;
+        let Some((lock, driver)) = catalog::lock_daemon(url, lock_timeout).await? else {
+            return Err(DaemonError::AlreadyRunning);
+        };
+        let pid = match lock.backend_pid().await {
+            Ok(pid) => pid,
+            Err(e) => {
+                driver.abort();
+                return Err(e.into());
+            }
+        };
+        *held = Some(HeldLock { _lock: lock, driver, pid });
+    }
+    let pid = held.as_ref().map_or(0, |h| h.pid);
+    let (control, control_driver) = catalog::connect(url, Some(wake.clone()), lock_timeout).await?;
+    if let Err(e) = control.listen().await {
+        control_driver.abort();
+        return Err(e.into());
+    }
+    let (data, data_driver) = match catalog::connect(url, None, lock_timeout).await {
+        Ok(c) => c,
+        Err(e) => {
+            control_driver.abort();
+            return Err(e.into());
+        }
+    };
+    Ok(Session {
+        control,
+        control_driver,
+        data: Arc::new(data),
+        data_driver,
+        worker_id: format!("cerebrod pid {} (session {pid}, connection {number})", std::process::id()),
+    })
+}
+
+/// The file system's identity of a socket file, to tell ours from one
+/// another daemon made in its place.
+fn socket_file(path: &Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// The control socket being served, and the file it was bound to.
+struct Listening {
+    server: JoinHandle<()>,
+    file: Option<(u64, u64)>,
+}
+
+/// How a session ended.
+enum End {
+    /// A stop was asked for.
+    Stop,
+    /// The job loop returned (an error ends the session).
+    JobLoop(Result<(scheduler::Carry, Result<(), CatalogError>), tokio::task::JoinError>),
+    /// A connection of the session was lost: why.
+    Lost(String),
+}
+
+/// Why a driver's connection ended.
+fn lost_because(what: &str, ended: Result<String, tokio::task::JoinError>) -> String {
+    let why = ended.unwrap_or_else(|e| e.to_string());
+    format!("the connection to the database was lost: {why} ({what} connection)")
+}
+
+/// Runs the daemon until `shutdown` becomes true. Database errors end a
+/// session, never the daemon: it reconnects, waiting RECONNECT_FIRST
+/// doubled after each failed try up to RECONNECT_MAX, and says so in its
+/// log. It gives up only before it has first served, on errors no retry
+/// mends (a wrong database or password, another daemon holding the lock).
 pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), DaemonError> {
     let gpus = gpu::inventory();
     info!(
@@ -61,67 +210,176 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         }
     }
     let runtime = OnnxRuntime::load(&config.onnxruntime_library, config.scoring_threads)?;
-
-    let lock_timeout = config.lock_timeout;
-    let Some((daemon_lock, lock_driver)) = catalog::lock_daemon(&config.database_url, lock_timeout).await? else {
-        return Err(DaemonError::AlreadyRunning);
-    };
-    let worker_id = format!("cerebrod pid {} (session {})", std::process::id(), daemon_lock.backend_pid().await?);
+    let catalog = Arc::new(CatalogSlot::default());
+    let service = Arc::new(ScoringService::new(runtime, catalog.clone(), config.model_cache_size));
+    let limits = server::Limits { max_connections: config.max_connections, scoring_deadline: config.scoring_deadline };
     let wake = Arc::new(Notify::new());
-    let (control, control_driver) = catalog::connect(&config.database_url, Some(wake.clone()), lock_timeout).await?;
-    control.listen().await?;
-    let (data, data_driver) = catalog::connect(&config.database_url, None, lock_timeout).await?;
-    let data = Arc::new(data);
 
-    let listener = server::bind(&config.socket_path, config.allowed_uid)?;
-    info!(socket = %config.socket_path.display(), allowed_uid = config.allowed_uid, "listening");
-    let service = Arc::new(server::ScoringService::new(runtime, data.clone(), config.model_cache_size));
-    let server = tokio::spawn(server::serve(
-        listener,
-        service,
-        config.allowed_uid,
-        server::Limits { max_connections: config.max_connections, scoring_deadline: config.scoring_deadline },
-        shutdown.clone(),
-    ));
-    let scheduler = scheduler::Scheduler {
-        control,
-        data,
-        worker_id,
-        poll_interval: config.poll_interval,
-        lock_timeout,
-        compute: Compute { device: config.device, threads: config.training_threads },
-        stack_memory_bytes: config.stack_memory_bytes,
-        model_memory_bytes: config.model_memory_bytes,
-        wake,
-        shutdown: shutdown.clone(),
-    };
-    let mut jobs = tokio::spawn(scheduler.run());
+    let mut held: Option<HeldLock> = None;
+    let mut listening: Option<Listening> = None;
+    let mut carry = scheduler::Carry::default();
+    let mut backoff = Backoff::default();
+    // Before the next try to reach the database.
+    let mut pause = Duration::ZERO;
+    let mut sessions = 0u64;
+    // Failed tries since the last session ended, and when it ended.
+    let mut tries = 0u32;
+    let mut away_since: Option<Instant> = None;
 
-    let result = tokio::select! {
-        biased;
-        _ = shutdown.changed() => Ok(()),
-        done = &mut jobs => match done {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(DaemonError::ConnectionLost),
-        },
-        _ = control_driver => Err(DaemonError::ConnectionLost),
-        _ = data_driver => Err(DaemonError::ConnectionLost),
-        // Without the lock's session another daemon could start and take
-        // over the jobs this one is training.
-        _ = lock_driver => Err(DaemonError::ConnectionLost),
+    let result = loop {
+        if !pause.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        if *shutdown.borrow() {
+            break Ok(());
+        }
+        let session = match open_session(&config, &mut held, &wake, sessions + 1).await {
+            Ok(s) => s,
+            Err(e) if sessions == 0 && !e.is_transient() => break Err(e),
+            Err(e) => {
+                tries += 1;
+                pause = backoff.next_wait();
+                let doing = if sessions == 0 { "reach" } else { "reconnect to" };
+                warn!(
+                    attempt = tries,
+                    "cannot {doing} the database: {e}; trying again in {:.1} s",
+                    pause.as_secs_f64()
+                );
+                continue;
+            }
+        };
+        sessions += 1;
+        if let Some(since) = away_since.take() {
+            info!(
+                attempts = tries + 1,
+                "reconnected to the database after {:.1} s; the job loop resumes",
+                since.elapsed().as_secs_f64()
+            );
+        }
+        tries = 0;
+
+        // The socket is bound once the daemon holds the lock, and again if
+        // another daemon replaced (or removed) the file while this one was
+        // away from the database and without the lock.
+        if listening.as_ref().is_none_or(|l| l.file.is_none() || socket_file(&config.socket_path) != l.file) {
+            if let Some(old) = listening.take() {
+                old.server.abort();
+                warn!(socket = %config.socket_path.display(), "the socket file changed while cerebrod was away; binding it again");
+            }
+            let listener = match server::bind(&config.socket_path, config.allowed_uid) {
+                Ok(l) => l,
+                Err(e) => break Err(e.into()),
+            };
+            info!(socket = %config.socket_path.display(), allowed_uid = config.allowed_uid, "listening");
+            let server =
+                tokio::spawn(server::serve(listener, service.clone(), config.allowed_uid, limits, shutdown.clone()));
+            listening = Some(Listening { server, file: socket_file(&config.socket_path) });
+        }
+
+        let Session { control, mut control_driver, data, mut data_driver, worker_id } = session;
+        catalog.set(Some(data.clone()));
+        let started = Instant::now();
+        let (lost_tx, lost) = watch::channel(false);
+        let scheduler = scheduler::Scheduler {
+            control,
+            data,
+            worker_id: worker_id.clone(),
+            poll_interval: config.poll_interval,
+            lock_timeout: config.lock_timeout,
+            compute: Compute { device: config.device, threads: config.training_threads },
+            stack_memory_bytes: config.stack_memory_bytes,
+            model_memory_bytes: config.model_memory_bytes,
+            wake: wake.clone(),
+            shutdown: shutdown.clone(),
+            lost,
+            carry: std::mem::take(&mut carry),
+        };
+        let mut jobs = tokio::spawn(scheduler.run());
+        let lock_driver = &mut held.as_mut().expect("open_session holds the lock").driver;
+        let end = tokio::select! {
+            biased;
+            _ = shutdown.changed() => End::Stop,
+            why = &mut control_driver => End::Lost(lost_because("the job loop's", why)),
+            why = &mut data_driver => End::Lost(lost_because("the snapshots' and artifacts'", why)),
+            // Without the lock's session another daemon could start and
+            // take over the jobs this one is training.
+            why = lock_driver => End::Lost(lost_because("the daemon lock's", why)),
+            done = &mut jobs => End::JobLoop(done),
+        };
+        // From here the session's connections serve nothing: calls on them
+        // fail at once instead of waiting on a server that is gone.
+        catalog.set(None);
+        let stopping = *shutdown.borrow() || matches!(end, End::Stop);
+        if stopping {
+            // Give a stack in training the chance to requeue its jobs.
+            if !jobs.is_finished() {
+                let _ = tokio::time::timeout(STOP_GRACE, &mut jobs).await;
+            }
+            control_driver.abort();
+            data_driver.abort();
+            break Ok(());
+        }
+        control_driver.abort();
+        data_driver.abort();
+        let (ended, why) = match end {
+            End::Stop => unreachable!("handled above"),
+            End::Lost(why) => {
+                let _ = lost_tx.send(true);
+                let ended = jobs.await;
+                // A statement in flight got the server's own words (a fast
+                // shutdown's FATAL goes to it, not to the connection).
+                let why = match &ended {
+                    Ok((_, Err(e @ CatalogError::Db(db)))) if e.is_lost() && db.as_db_error().is_some() => {
+                        format!("the connection to the database was lost: {}", e.reason())
+                    }
+                    _ => why,
+                };
+                (ended, why)
+            }
+            End::JobLoop(done) => {
+                let why = match &done {
+                    Ok((_, Err(e))) if e.is_lost() => {
+                        format!("the connection to the database was lost: {}", e.reason())
+                    }
+                    Ok((_, Err(e))) => format!("the job loop stopped: {e}"),
+                    Ok((_, Ok(()))) => "the job loop stopped".into(),
+                    Err(e) => e.to_string(),
+                };
+                (done, why)
+            }
+        };
+        match ended {
+            Ok((c, _)) => carry = c,
+            Err(e) => break Err(DaemonError::JobLoopPanicked(e.to_string())),
+        }
+        carry.session_ended(worker_id, why.clone());
+        error!(
+            "{why}. Reconnecting; the jobs this session had in hand go back to the queue once cerebrod is back, \
+             and models already loaded are still scored meanwhile"
+        );
+        let lasted = started.elapsed();
+        if lasted >= STABLE_SESSION {
+            backoff.reset();
+            pause = Duration::ZERO;
+        } else {
+            // A session that ends soon after it began waits longer each
+            // time, so that an error met at every start does not spin.
+            pause = backoff.next_wait();
+        }
+        away_since = Some(Instant::now());
     };
-    // Once a stop was asked for, tasks winding down close their connections:
-    // that is the stop, not a lost database.
-    let result = if *shutdown.borrow() { Ok(()) } else { result };
-    // Give an in-flight job the chance to requeue itself before we go.
-    if !jobs.is_finished() {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), jobs).await;
+    if let Some(l) = listening {
+        l.server.abort();
+        // Only our own file: another daemon may have bound the path since.
+        if l.file.is_some() && socket_file(&config.socket_path) == l.file {
+            let _ = std::fs::remove_file(&config.socket_path);
+        }
     }
-    server.abort();
-    let _ = std::fs::remove_file(&config.socket_path);
     // Last: the lock is freed only once nothing of this daemon writes any more.
-    drop(daemon_lock);
+    drop(held);
     info!("cerebrod stopped");
     result
 }
@@ -186,4 +444,25 @@ pub async fn score_relation(
             score,
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_waits_double_from_half_a_second_to_ten() {
+        let mut backoff = Backoff::default();
+        let waits: Vec<f64> = (0..7).map(|_| backoff.next_wait().as_secs_f64()).collect();
+        assert_eq!(waits, vec![0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]);
+        backoff.reset();
+        assert_eq!(backoff.next_wait(), RECONNECT_FIRST);
+    }
+
+    #[test]
+    fn only_errors_a_retry_can_mend_are_retried_at_start_up() {
+        assert!(!DaemonError::AlreadyRunning.is_transient());
+        assert!(DaemonError::Catalog(CatalogError::Lost("gone".into())).is_transient());
+        assert!(!DaemonError::Catalog(CatalogError::Corrupt("bad row".into())).is_transient());
+    }
 }

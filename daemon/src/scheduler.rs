@@ -27,6 +27,33 @@ const RECORD_PAUSE: Duration = Duration::from_secs(30);
 /// How long a retry to close a selection (the sweep's) waits for a lock: the
 /// first try, after the selection's last stack, waits the full lock_timeout.
 const RETRY_LOCK_TIMEOUT: Duration = Duration::from_millis(100);
+/// Earlier sessions remembered to name why their jobs were left running.
+/// The first sweep of the next session takes nearly all of them; the bound
+/// only keeps a daemon that reconnects for months from growing.
+const EARLIER_SESSIONS: usize = 64;
+
+/// What one session of the job loop hands the next when the daemon's
+/// session with the database ends and cerebrod reconnects.
+#[derive(Default)]
+pub struct Carry {
+    /// A stack told to stop when the session ended, which stops at the end
+    /// of its epoch: the next session trains nothing before it has, so
+    /// that two stacks never hold the memory and cores one may take.
+    unwinding: Option<tokio::task::JoinHandle<()>>,
+    /// Worker ids of earlier sessions and why each ended: the sweep names
+    /// that reason in the jobs they left running.
+    earlier: Vec<(String, String)>,
+}
+
+impl Carry {
+    /// Records that the session working as `worker` ended, for `why`.
+    pub fn session_ended(&mut self, worker: String, why: String) {
+        if self.earlier.len() >= EARLIER_SESSIONS {
+            self.earlier.remove(0);
+        }
+        self.earlier.push((worker, why));
+    }
+}
 
 pub struct Scheduler {
     /// Job state changes and progress.
@@ -45,6 +72,12 @@ pub struct Scheduler {
     pub model_memory_bytes: usize,
     pub wake: Arc<Notify>,
     pub shutdown: watch::Receiver<bool>,
+    /// Turns true when the daemon's session with the database ends (a
+    /// connection, or the daemon lock's, is lost): the loop stops what it
+    /// does, a stack in training included, and returns.
+    pub lost: watch::Receiver<bool>,
+    /// From the session before, and for the next.
+    pub carry: Carry,
 }
 
 /// The outcome of a write that ends `job`, where a lock another transaction
@@ -65,13 +98,44 @@ fn unless_locked(job: &ClaimedJob, written: Result<(), CatalogError>) -> Result<
     }
 }
 
+/// The error the loop returns when told its session ended.
+fn session_lost() -> CatalogError {
+    CatalogError::Lost("cerebrod's session with the database ended".into())
+}
+
 impl Scheduler {
-    /// Runs until shutdown; returns an error only when the catalog is lost
-    /// (or refuses what the daemon cannot work without).
-    pub async fn run(mut self) -> Result<(), CatalogError> {
+    /// Runs until shutdown, or until the session ends (`lost`, or an error:
+    /// the catalog lost, or refusing what the loop cannot work without);
+    /// hands back what the next session needs.
+    pub async fn run(mut self) -> (Carry, Result<(), CatalogError>) {
+        let result = self.serve().await;
+        (self.carry, result)
+    }
+
+    async fn serve(&mut self) -> Result<(), CatalogError> {
+        if let Some(mut stack) = self.carry.unwinding.take() {
+            if !stack.is_finished() {
+                info!("waiting for the stack the lost session was training to stop at the end of its epoch");
+            }
+            let mut shutdown = self.shutdown.clone();
+            let mut lost = self.lost.clone();
+            let lost_again = tokio::select! {
+                _ = &mut stack => false,
+                _ = shutdown.changed() => return Ok(()),
+                _ = lost.changed() => true,
+            };
+            if lost_again {
+                // Handed on: the next session waits for it instead.
+                self.carry.unwinding = Some(stack);
+                return Err(session_lost());
+            }
+        }
         let mut selections_swept: Option<Instant> = None;
         loop {
             while !*self.shutdown.borrow() {
+                if *self.lost.borrow() {
+                    return Err(session_lost());
+                }
                 self.sweep_jobs(&[]).await?;
                 if selections_swept.is_none_or(|t| t.elapsed() >= self.poll_interval) {
                     self.sweep_selections().await?;
@@ -105,6 +169,7 @@ impl Scheduler {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(self.poll_interval) => {}
                 _ = self.shutdown.changed() => {}
+                _ = self.lost.changed() => return Err(session_lost()),
             }
         }
     }
@@ -112,7 +177,7 @@ impl Scheduler {
     /// Requeues, fails or cancels the jobs left `running` but for those of
     /// `training` (see `Catalog::sweep_jobs`); never waits on a lock.
     async fn sweep_jobs(&mut self, training: &[i64]) -> Result<(), CatalogError> {
-        let swept = match self.control.sweep_jobs(&self.worker_id, training).await {
+        let swept = match self.control.sweep_jobs(&self.worker_id, training, &self.carry.earlier).await {
             Ok(swept) => swept,
             Err(e) if e.is_lock_timeout() => {
                 debug!("the sweep waited on a lock past lock_timeout ({}); next pass", e.reason());
@@ -121,7 +186,7 @@ impl Scheduler {
             Err(e) => return Err(e),
         };
         for s in swept {
-            let why = if s.orphaned { "by a stopped daemon" } else { "when a lock held up its ending" };
+            let why = s.left_by.describe();
             match s.to {
                 SweptTo::Queued => warn!(job = s.job_id, "job was left running {why}; requeued"),
                 SweptTo::Failed => warn!(job = s.job_id, "job was left running {why} too many times; marked failed"),
@@ -344,9 +409,10 @@ impl Scheduler {
         let stack: Vec<i64> = jobs.iter().map(|j| j.job_id).collect();
         let mut sweep = tokio::time::interval_at(tokio::time::Instant::now() + self.poll_interval, self.poll_interval);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut lost = self.lost.clone();
         let outcome = loop {
             tokio::select! {
-                done = &mut training => break done,
+                done = &mut training => break Ok(done),
                 Some((m, stats)) = progress_rx.recv() => {
                     if refused.is_none() {
                         match self.record_epoch(&jobs[m], &stats, &mut paused[m]).await {
@@ -354,7 +420,7 @@ impl Scheduler {
                                 stop.store(true, Ordering::Relaxed);
                                 refused = Some(e);
                             }
-                            Err(e) => return Err(e),
+                            Err(e) => break Err(e),
                             Ok(cancel) => {
                                 if cancel {
                                     cancelled[m].store(true, Ordering::Relaxed);
@@ -369,6 +435,22 @@ impl Scheduler {
                     }
                 }
                 _ = shutdown.changed() => stop.store(true, Ordering::Relaxed),
+                _ = lost.changed() => break Err(session_lost()),
+            }
+        };
+        let outcome = match outcome {
+            Ok(done) => done,
+            Err(e) => {
+                // The session ended under the stack (or cannot record it):
+                // its jobs stay `running`, and the next session's sweep puts
+                // them back in the queue. The stack stops at the end of its
+                // epoch; the next session waits for that before it trains.
+                stop.store(true, Ordering::Relaxed);
+                warn!(job = first.job_id, stack = jobs.len(), "training stopped: {e}");
+                self.carry.unwinding = Some(tokio::spawn(async move {
+                    let _ = training.await;
+                }));
+                return Err(e);
             }
         };
         while let Ok((m, stats)) = progress_rx.try_recv() {

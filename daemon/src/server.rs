@@ -67,35 +67,91 @@ pub trait ModelSource: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Arc<ScoringModel>, WireError>> + Send;
 }
 
+/// Longest the scorer waits for a model's artifact from the database: a
+/// server that stopped answering (a network gone quiet) must fail the
+/// query, not hold it until the backend's own timeout.
+pub const ARTIFACT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The catalog connection scoring reads artifacts through: absent while
+/// cerebrod reconnects to the database, when models already loaded are
+/// still served and others are refused at once.
+#[derive(Default)]
+pub struct CatalogSlot(std::sync::Mutex<Option<Arc<Catalog>>>);
+
+impl CatalogSlot {
+    pub fn set(&self, catalog: Option<Arc<Catalog>>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = catalog;
+    }
+
+    /// The connection, or the error a request that needs it gets.
+    pub fn get(&self, model_version_id: i64) -> Result<Arc<Catalog>, WireError> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(|| away(model_version_id))
+    }
+}
+
+/// What a scoring request that needs the catalog gets while cerebrod has
+/// no connection to the database.
+fn away(model_version_id: i64) -> WireError {
+    WireError::new(
+        ErrorCode::Unavailable,
+        format!(
+            "cerebrod has lost its connection to the database and is reconnecting; model version \
+             {model_version_id} is not loaded, and its artifact cannot be read until cerebrod is back"
+        ),
+    )
+    .with_hint(
+        "Try again in a few seconds; cerebrod's log shows its attempts. Models it has scored since it started are \
+         still served meanwhile.",
+    )
+}
+
 /// Loads and caches scoring sessions, keyed by model version.
 pub struct ScoringService {
     runtime: OnnxRuntime,
-    catalog: Arc<Catalog>,
+    catalog: Arc<CatalogSlot>,
     cache: Mutex<HashMap<i64, (String, Arc<ScoringModel>)>>,
     capacity: usize,
 }
 
 impl ScoringService {
-    pub fn new(runtime: OnnxRuntime, catalog: Arc<Catalog>, capacity: usize) -> ScoringService {
+    pub fn new(runtime: OnnxRuntime, catalog: Arc<CatalogSlot>, capacity: usize) -> ScoringService {
         ScoringService { runtime, catalog, cache: Mutex::new(HashMap::new()), capacity }
     }
 
     /// The session for `model_version_id`, loaded from the catalog on a miss.
     /// Refuses when the stored artifact is not the one the client expects.
+    /// Models already loaded need no database: they are served while
+    /// cerebrod reconnects.
     pub async fn model(&self, model_version_id: i64, expected_sha: &str) -> Result<Arc<ScoringModel>, WireError> {
         if let Some((sha, model)) = self.cache.lock().await.get(&model_version_id) {
             if sha == expected_sha {
                 return Ok(model.clone());
             }
         }
-        let artifact = self
-            .catalog
-            .artifact(model_version_id)
-            .await
-            .map_err(|e| WireError::new(ErrorCode::Unavailable, format!("cannot read the artifact: {e}")))?
-            .ok_or_else(|| {
-                WireError::new(ErrorCode::ModelNotFound, format!("model version {model_version_id} has no artifact"))
-            })?;
+        let catalog = self.catalog.get(model_version_id)?;
+        let read = tokio::time::timeout(ARTIFACT_READ_TIMEOUT, catalog.artifact(model_version_id)).await;
+        let artifact = match read {
+            Err(_) => {
+                return Err(WireError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "reading model version {model_version_id}'s artifact from the database took longer than {} s",
+                        ARTIFACT_READ_TIMEOUT.as_secs()
+                    ),
+                ))
+            }
+            Ok(Err(e)) if e.is_lost() => return Err(away(model_version_id)),
+            Ok(Err(e)) => {
+                return Err(WireError::new(ErrorCode::Unavailable, format!("cannot read the artifact: {}", e.reason())))
+            }
+            Ok(Ok(None)) => {
+                return Err(WireError::new(
+                    ErrorCode::ModelNotFound,
+                    format!("model version {model_version_id} has no artifact"),
+                ))
+            }
+            Ok(Ok(Some(artifact))) => artifact,
+        };
         let sha = artifact.sha256.clone();
         if sha != expected_sha {
             return Err(WireError::new(
@@ -898,5 +954,14 @@ mod tests {
             Some(RefusalLine::Since { count: 2, latest: peer(202) })
         );
         assert_eq!(log.refused(t0 + interval * 5, peer(203)), Some(RefusalLine::One(peer(203))));
+    }
+
+    #[test]
+    fn without_a_database_a_model_not_loaded_is_refused_at_once_saying_why() {
+        let slot = CatalogSlot::default();
+        let e = slot.get(42).err().expect("no catalog while reconnecting");
+        assert_eq!(e.code, ErrorCode::Unavailable);
+        assert!(e.message.contains("reconnecting") && e.message.contains("model version 42"), "{}", e.message);
+        assert!(e.hint.unwrap_or_default().contains("still served"));
     }
 }

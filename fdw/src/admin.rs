@@ -456,6 +456,87 @@ fn delete_model(model: Option<&str>, version: Option<i32>) -> i64 {
     try_delete(model, version).unwrap_or_else(|e| raise(e))
 }
 
+/// Stops one version's training: a queued version is cancelled at once, a
+/// training one after its current epoch (cerebrod reads the request when it
+/// records the epoch). Its creator or whoever administers the model may;
+/// the reason says who and when. Returns `cancelled` or `cancelling`.
+fn try_cancel_version(model: Option<&str>, version: Option<i32>) -> Result<String> {
+    let model = required(model, "model")?;
+    let version = required(version, "version")?;
+    Spi::connect_mut(|client| {
+        let user = current_user(client)?;
+        let caller = identity::current_role();
+        if !access::allowed_to_use(model, caller)? {
+            return Err(CerebroError::ModelNotFound(model.into()));
+        }
+        let found = {
+            let _owner = identity::become_owner()?;
+            client
+                .update(
+                    "SELECT id, status::text, created_by::text, 'cancelled by ' || $3 || ' at ' || now()::text
+                     FROM cerebro.model_versions WHERE name = $1 AND version = $2",
+                    Some(1),
+                    &[model.into(), version.into(), user.as_str().into()],
+                )?
+                .next()
+                .map(|row| -> Result<(i64, String, String, String)> {
+                    Ok((
+                        row.get(1)?.expect("id"),
+                        row.get(2)?.unwrap_or_default(),
+                        row.get(3)?.unwrap_or_default(),
+                        row.get(4)?.unwrap_or_default(),
+                    ))
+                })
+                .transpose()?
+        };
+        let (id, status, created_by, reason) =
+            found.ok_or_else(|| CerebroError::VersionNotFound { name: model.into(), version })?;
+        if created_by != user {
+            access::check_administers(model, caller, "cancel a version of")?;
+        }
+        let _owner = identity::become_owner()?;
+        // One statement each, so that a job claimed in between is found
+        // running by the second.
+        let queued = client
+            .update(
+                "WITH j AS (
+                     UPDATE cerebro.jobs SET state = 'cancelled', finished_at = now(), error = $2
+                     WHERE model_version_id = $1 AND state = 'queued' RETURNING model_version_id)
+                 UPDATE cerebro.model_versions SET status = 'cancelled', error = $2
+                 WHERE id IN (SELECT model_version_id FROM j) RETURNING id",
+                None,
+                &[id.into(), reason.as_str().into()],
+            )?
+            .len();
+        let outcome = if queued > 0 {
+            "cancelled"
+        } else {
+            let running = client
+                .update(
+                    "UPDATE cerebro.jobs SET cancel_requested = true, error = $2
+                     WHERE model_version_id = $1 AND state = 'running' RETURNING id",
+                    None,
+                    &[id.into(), reason.as_str().into()],
+                )?
+                .len();
+            if running == 0 {
+                return Err(CerebroError::NotCancellable { name: model.into(), version, status });
+            }
+            notice!("model \"{model}\" version {version} stops training after its current epoch");
+            "cancelling"
+        };
+        let detail = serde_json::json!({ "outcome": outcome });
+        audit(client, Audit { user: &user, action: "cancel", model, version: Some(version), detail })?;
+        Ok(outcome.to_owned())
+    })
+}
+
+/// Stops one version's training; returns `cancelled` or `cancelling`.
+#[pg_extern(sql = false)]
+fn cancel(model: Option<&str>, version: Option<i32>) -> String {
+    try_cancel_version(model, version).unwrap_or_else(|e| raise(e))
+}
+
 fn try_cancel(selection: Option<i64>) -> Result<i32> {
     let selection = selection.ok_or(CerebroError::NullArgument("selection"))?;
     Spi::connect_mut(|client| {
@@ -472,26 +553,30 @@ fn try_cancel(selection: Option<i64>) -> Result<i32> {
         }
         access::check_administers(&name, caller, "cancel a selection of")?;
         let _owner = identity::become_owner()?;
+        let reason = format!("selection {selection} cancelled by {user} at ");
         let queued = client
             .update(
                 "WITH j AS (
-                     UPDATE cerebro.jobs j SET state = 'cancelled', finished_at = now()
+                     UPDATE cerebro.jobs j SET state = 'cancelled', finished_at = now(), error = $2 || now()::text
                      FROM cerebro.model_versions m
                      WHERE m.id = j.model_version_id AND m.selection_id = $1 AND j.state = 'queued'
                      RETURNING j.model_version_id)
-                 UPDATE cerebro.model_versions SET status = 'cancelled' WHERE id IN (SELECT model_version_id FROM j)
+                 UPDATE cerebro.model_versions SET status = 'cancelled', error = $2 || now()::text
+                 WHERE id IN (SELECT model_version_id FROM j)
                  RETURNING id",
                 None,
-                &[selection.into()],
+                &[selection.into(), reason.as_str().into()],
             )?
             .len();
+        // cerebrod ends a running job with the reason its request left here.
         let running = client
             .update(
-                "UPDATE cerebro.jobs j SET cancel_requested = true FROM cerebro.model_versions m
+                "UPDATE cerebro.jobs j SET cancel_requested = true, error = $2 || now()::text
+                 FROM cerebro.model_versions m
                  WHERE m.id = j.model_version_id AND m.selection_id = $1 AND j.state = 'running'
                  RETURNING j.id",
                 None,
-                &[selection.into()],
+                &[selection.into(), reason.as_str().into()],
             )?
             .len();
         let detail = serde_json::json!({ "selection": selection, "queued": queued, "running": running });

@@ -19,6 +19,8 @@ pub enum CerebroError {
     ReadOnlyColumn(String),
     #[error("column \"{column}\" of cerebro.models must be {expected}")]
     WrongValueType { column: String, expected: &'static str },
+    #[error("{what} is not JSON Cerebro can read: {reason}")]
+    UnusableJson { what: &'static str, reason: String },
     #[error("relation \"{0}\" does not exist")]
     UnknownRelation(String),
     #[error("\"{name}\" is {kind}; Cerebro reads tables, views, materialized views and foreign tables")]
@@ -56,12 +58,16 @@ pub enum CerebroError {
     SnapshotGone { name: String, version: i32 },
     #[error("model \"{name}\" version {version} is {status} and cannot be deleted")]
     NotDeletable { name: String, version: i32, status: String },
+    #[error("model \"{name}\" version {version} is {status}; only a queued or training version can be cancelled")]
+    NotCancellable { name: String, version: i32, status: String },
     #[error("model \"{name}\" version {version} is deployed and cannot be deleted")]
     DeletingDeployed { name: String, version: i32 },
     #[error("invalid selection spec: {}", .0.message)]
     Selection(cerebro_shared::mst::MstError),
     #[error("this selection expands to {total} candidates, more than cerebro.max_candidates ({limit})")]
     TooManyCandidates { total: u128, limit: u128 },
+    #[error("{what} is {value}, more than {setting} allows ({limit})")]
+    LimitExceeded { what: String, value: String, setting: &'static str, limit: String, smaller: &'static str },
     #[error("selection names table \"{table}\", but the source is {relation}")]
     SelectionTable { table: String, relation: String },
     #[error("selection {0} does not exist")]
@@ -129,6 +135,7 @@ impl CerebroError {
             CerebroError::MissingValue(_) => ERRCODE_NOT_NULL_VIOLATION,
             CerebroError::ReadOnlyColumn(_) => ERRCODE_GENERATED_ALWAYS,
             CerebroError::WrongValueType { .. } => ERRCODE_DATATYPE_MISMATCH,
+            CerebroError::UnusableJson { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             CerebroError::UnknownRelation(_) => ERRCODE_UNDEFINED_TABLE,
             CerebroError::UnsupportedRelation { .. } => ERRCODE_WRONG_OBJECT_TYPE,
             CerebroError::UnknownColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
@@ -156,10 +163,13 @@ impl CerebroError {
                 cerebro_shared::mst::ErrorKind::Syntax => ERRCODE_SYNTAX_ERROR,
                 cerebro_shared::mst::ErrorKind::Invalid => ERRCODE_INVALID_PARAMETER_VALUE,
             },
-            CerebroError::TooManyCandidates { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            CerebroError::TooManyCandidates { .. } | CerebroError::LimitExceeded { .. } => {
+                ERRCODE_PROGRAM_LIMIT_EXCEEDED
+            }
             CerebroError::SnapshotGone { .. }
             | CerebroError::NotDeletable { .. }
-            | CerebroError::DeletingDeployed { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            | CerebroError::DeletingDeployed { .. }
+            | CerebroError::NotCancellable { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             CerebroError::NotDeployable { .. } | CerebroError::NothingToRollBack { .. } => {
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
@@ -192,6 +202,15 @@ impl CerebroError {
             CerebroError::PermissionDenied { relation, .. } => {
                 Some(format!("Training reads the source with your privileges: ask for GRANT SELECT ON {relation}."))
             }
+            CerebroError::LimitExceeded { setting, smaller, .. } => Some(format!(
+                "{smaller}, or ask a superuser to raise {setting} (ALTER SYSTEM SET {setting} = ...; SELECT \
+                 pg_reload_conf())."
+            )),
+            CerebroError::UnusableJson { .. } => Some(
+                "Numbers must fit in a double precision float; objects and arrays may nest at most 32 levels deep; \
+                 the text may be at most 1 MB."
+                    .into(),
+            ),
             CerebroError::NoFeatures { .. } => Some("List the feature columns in the features column.".into()),
             CerebroError::EmptySource { .. } => Some("A model needs rows to learn from; check the source.".into()),
             CerebroError::ModelNotReady { failed: true, .. } => {

@@ -1,15 +1,20 @@
 //! The one foreign data wrapper behind `cerebro.models` and
 //! `cerebro.predictions`; the table option `object` says which is which.
+//!
+//! supabase-wrappers provides the handler, the validator and the modify
+//! callbacks; scans and INSERT's row conversion are Cerebro's own
+//! (`fdw_routine_hook`): see foreign_scan.rs for why.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
 
 use pgrx::prelude::*;
-use pgrx::{pg_sys, AllocatedByRust, PgTryBuilder};
+use pgrx::{pg_sys, AllocatedByRust, JsonB};
 use supabase_wrappers::prelude::*;
 use supabase_wrappers::FdwRoutine;
 
 use crate::error::CerebroError;
+use crate::foreign_scan;
+use crate::jsonb::JsonbText;
 use crate::models::{self, ModelRow, TrainRequest};
 use crate::predictions::PredictionScan;
 
@@ -18,20 +23,10 @@ enum Scan {
     Predictions { scan: Box<PredictionScan>, columns: Vec<Column> },
 }
 
-/// The arguments a scan began with.
-struct ScanArgs {
-    quals: Vec<Qual>,
-    columns: Vec<Column>,
-    options: HashMap<String, String>,
-}
-
 #[wrappers_fdw(version = "0.1.0", author = "Cerebro", error_type = "CerebroError")]
 pub struct CerebroFdw {
     socket: Option<String>,
     scan: Option<Scan>,
-    /// What the scan began with, so a rescan (inner side of a nested loop)
-    /// can start it again.
-    scan_args: Option<ScanArgs>,
 }
 
 fn object(options: &HashMap<String, String>) -> Result<&str, CerebroError> {
@@ -43,7 +38,7 @@ fn object(options: &HashMap<String, String>) -> Result<&str, CerebroError> {
 
 impl ForeignDataWrapper<CerebroError> for CerebroFdw {
     fn new(server: ForeignServer) -> Result<Self, CerebroError> {
-        Ok(CerebroFdw { socket: server.options.get("socket").cloned(), scan: None, scan_args: None })
+        Ok(CerebroFdw { socket: server.options.get("socket").cloned(), scan: None })
     }
 
     fn begin_scan(
@@ -54,7 +49,6 @@ impl ForeignDataWrapper<CerebroError> for CerebroFdw {
         _limit: &Option<Limit>,
         options: &HashMap<String, String>,
     ) -> Result<(), CerebroError> {
-        self.scan_args = Some(ScanArgs { quals: quals.to_vec(), columns: columns.to_vec(), options: options.clone() });
         self.scan = Some(match object(options)? {
             "models" => Scan::Models { rows: models::list_models()?.into_iter(), columns: columns.to_vec() },
             _ => {
@@ -80,27 +74,6 @@ impl ForeignDataWrapper<CerebroError> for CerebroFdw {
         }
     }
 
-    fn get_rel_size(
-        &mut self,
-        _quals: &[Qual],
-        _columns: &[Column],
-        _sorts: &[Sort],
-        _limit: &Option<Limit>,
-        options: &HashMap<String, String>,
-    ) -> Result<(i64, i32), CerebroError> {
-        // Rough sizes so the planner hashes a join instead of rescanning us.
-        Ok(match object(options)? {
-            "models" => (100, 300),
-            _ => (100_000, 64),
-        })
-    }
-
-    fn re_scan(&mut self) -> Result<(), CerebroError> {
-        let Some(args) = self.scan_args.take() else { return Ok(()) };
-        self.end_scan()?;
-        self.begin_scan(&args.quals, &args.columns, &[], &None, &args.options)
-    }
-
     fn end_scan(&mut self) -> Result<(), CerebroError> {
         if let Some(Scan::Predictions { mut scan, .. }) = self.scan.take() {
             scan.end();
@@ -115,53 +88,84 @@ impl ForeignDataWrapper<CerebroError> for CerebroFdw {
         }
     }
 
-    fn insert(&mut self, row: &Row) -> Result<(), CerebroError> {
-        models::queue_training(TrainRequest::from_row(row)?)
-    }
-
-    fn update(&mut self, _rowid: &Cell, _new_row: &Row) -> Result<(), CerebroError> {
-        Err(CerebroError::Unsupported("UPDATE on cerebro.models"))
-    }
-
-    fn delete(&mut self, _rowid: &Cell) -> Result<(), CerebroError> {
-        Err(CerebroError::Unsupported("DELETE on cerebro.models"))
-    }
-
     fn fdw_routine_hook(routine: &mut FdwRoutine<AllocatedByRust>) {
-        if let Some(original) = routine.GetForeignRelSize {
-            let _ = WRAPPERS_REL_SIZE.set(original);
-            routine.GetForeignRelSize = Some(rel_size_without_qual_warnings);
-        }
+        routine.GetForeignRelSize = Some(foreign_scan::get_foreign_rel_size);
+        routine.GetForeignPaths = Some(foreign_scan::get_foreign_paths);
+        routine.GetForeignPlan = Some(foreign_scan::get_foreign_plan);
+        routine.ExplainForeignScan = Some(foreign_scan::explain_foreign_scan);
+        routine.BeginForeignScan = Some(foreign_scan::begin_foreign_scan);
+        routine.IterateForeignScan = Some(foreign_scan::iterate_foreign_scan);
+        routine.ReScanForeignScan = Some(foreign_scan::re_scan_foreign_scan);
+        routine.EndForeignScan = Some(foreign_scan::end_foreign_scan);
+        // The framework's aggregate pushdown reads the planning state its
+        // own callbacks kept; Cerebro pushes no aggregates.
+        routine.GetForeignUpperPaths = None;
+        routine.ExecForeignInsert = Some(exec_foreign_insert);
+        // Refused before the framework converts the row (see exec_foreign_insert).
+        routine.ExecForeignUpdate = Some(exec_foreign_update);
+        routine.ExecForeignDelete = Some(exec_foreign_delete);
     }
 }
 
-type RelSizeFn = unsafe extern "C-unwind" fn(*mut pg_sys::PlannerInfo, *mut pg_sys::RelOptInfo, pg_sys::Oid);
-
-static WRAPPERS_REL_SIZE: OnceLock<RelSizeFn> = OnceLock::new();
-
-/// The wrappers framework raises a WARNING, with a dump of the plan tree, for
-/// every WHERE clause it cannot push down (`(metrics->>'auc')::float8 > 0.8`,
-/// a subquery...). PostgreSQL evaluates those clauses itself, as it does for
-/// any foreign scan, so the warning only alarms users: it is silenced while
-/// the framework extracts the clauses, and the thresholds are restored even
-/// when planning fails.
 #[pg_guard]
-unsafe extern "C-unwind" fn rel_size_without_qual_warnings(
-    root: *mut pg_sys::PlannerInfo,
-    baserel: *mut pg_sys::RelOptInfo,
-    foreigntableid: pg_sys::Oid,
-) {
-    let original = *WRAPPERS_REL_SIZE.get().expect("set when the routine was built");
-    // SAFETY: backend-local settings, restored below on every path.
-    let saved = unsafe { (pg_sys::client_min_messages, pg_sys::log_min_messages) };
-    unsafe {
-        pg_sys::client_min_messages = pg_sys::PGERROR as i32;
-        pg_sys::log_min_messages = pg_sys::PGERROR as i32;
+unsafe extern "C-unwind" fn exec_foreign_update(
+    _estate: *mut pg_sys::EState,
+    _rinfo: *mut pg_sys::ResultRelInfo,
+    _slot: *mut pg_sys::TupleTableSlot,
+    _plan_slot: *mut pg_sys::TupleTableSlot,
+) -> *mut pg_sys::TupleTableSlot {
+    crate::admin::raise(CerebroError::Unsupported("UPDATE on cerebro.models"))
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn exec_foreign_delete(
+    _estate: *mut pg_sys::EState,
+    _rinfo: *mut pg_sys::ResultRelInfo,
+    _slot: *mut pg_sys::TupleTableSlot,
+    _plan_slot: *mut pg_sys::TupleTableSlot,
+) -> *mut pg_sys::TupleTableSlot {
+    crate::admin::raise(CerebroError::Unsupported("DELETE on cerebro.models"))
+}
+
+/// One INSERT into `cerebro.models`: the row becomes a training request.
+/// The framework's conversion of the row panics on jsonb serde_json cannot
+/// hold (see jsonb.rs); this one reads jsonb as text and says what is wrong.
+#[pg_guard]
+unsafe extern "C-unwind" fn exec_foreign_insert(
+    _estate: *mut pg_sys::EState,
+    _rinfo: *mut pg_sys::ResultRelInfo,
+    slot: *mut pg_sys::TupleTableSlot,
+    _plan_slot: *mut pg_sys::TupleTableSlot,
+) -> *mut pg_sys::TupleTableSlot {
+    let queued = unsafe { inserted_row(slot) }.and_then(|row| models::queue_training(TrainRequest::from_row(&row)?));
+    if let Err(e) = queued {
+        crate::admin::raise(e);
     }
-    PgTryBuilder::new(|| unsafe { original(root, baserel, foreigntableid) })
-        .finally(|| unsafe {
-            pg_sys::client_min_messages = saved.0;
-            pg_sys::log_min_messages = saved.1;
-        })
-        .execute();
+    slot
+}
+
+unsafe fn inserted_row(slot: *mut pg_sys::TupleTableSlot) -> Result<Row, CerebroError> {
+    let mut row = Row::new();
+    unsafe {
+        let desc = (*slot).tts_tupleDescriptor;
+        let natts = (*desc).natts as usize;
+        pg_sys::slot_getsomeattrs_int(slot, natts as i32);
+        let values = std::slice::from_raw_parts((*slot).tts_values, natts);
+        let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts);
+        for (i, attr) in (*desc).attrs.as_slice(natts).iter().enumerate() {
+            if attr.attisdropped {
+                continue;
+            }
+            let name = pgrx::name_data_to_str(&attr.attname);
+            let cell = if nulls[i] {
+                None
+            } else if attr.atttypid == pg_sys::JSONBOID {
+                Some(Cell::Json(JsonB(JsonbText::of_datum(values[i]).parse("options")?)))
+            } else {
+                Cell::from_polymorphic_datum(values[i], false, attr.atttypid)
+            };
+            row.push(name, cell);
+        }
+    }
+    Ok(row)
 }

@@ -10,7 +10,62 @@ pub static SCORING_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 /// Most candidates one selection INSERT may queue.
 pub static MAX_CANDIDATES: GucSetting<i32> = GucSetting::<i32>::new(100);
 
+/// Largest model an INSERT may queue, in parameters.
+pub static MAX_MODEL_PARAMETERS: GucSetting<i32> = GucSetting::<i32>::new(25_000_000);
+/// Most memory training one model may be estimated to take, in MiB.
+pub static MAX_MODEL_MEMORY_MB: GucSetting<i32> = GucSetting::<i32>::new(4096);
+/// Most work one training job may be, in rows times epochs.
+pub static MAX_TRAINING_WORK: GucSetting<f64> = GucSetting::<f64>::new(500_000_000.0);
+/// Most training jobs one role may have queued or running.
+pub static MAX_JOBS_PER_ROLE: GucSetting<i32> = GucSetting::<i32>::new(200);
+
+/// Limits protect the server from its users: only a superuser (or
+/// ALTER SYSTEM / ALTER DATABASE by one) changes them.
+fn define_limits() {
+    GucRegistry::define_int_guc(
+        c"cerebro.max_model_parameters",
+        c"Most parameters a model queued by INSERT may have.",
+        c"Estimated at INSERT from the network, the feature columns and the classes.",
+        &MAX_MODEL_PARAMETERS,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"cerebro.max_model_memory",
+        c"Most memory training one model queued by INSERT may be estimated to take.",
+        c"Parameters with gradients and optimiser state, and one minibatch's activations.",
+        &MAX_MODEL_MEMORY_MB,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_MB,
+    );
+    GucRegistry::define_float_guc(
+        c"cerebro.max_training_work",
+        c"Most work one training job queued by INSERT may be, in rows times epochs.",
+        c"Rows of the frozen snapshot with a target, times the epochs asked for.",
+        &MAX_TRAINING_WORK,
+        1.0,
+        1e18,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"cerebro.max_jobs_per_role",
+        c"Most training jobs one role may have queued or running at once.",
+        c"An INSERT that would queue more is refused; cerebrod also takes roles' jobs in turn.",
+        &MAX_JOBS_PER_ROLE,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+}
+
 pub fn init() {
+    define_limits();
     GucRegistry::define_int_guc(
         c"cerebro.max_candidates",
         c"Most candidates one INSERT with a selection spec may queue.",

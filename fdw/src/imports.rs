@@ -247,7 +247,7 @@ fn import_onnx(
     name: Option<&str>,
     onnx: Option<&[u8]>,
     source: Option<&str>,
-    inputs: Option<JsonB>,
+    inputs: Option<crate::jsonb::JsonbText>,
     task: Option<&str>,
     labels: Option<Vec<Option<String>>>,
     output: Option<&str>,
@@ -257,7 +257,7 @@ fn import_onnx(
         v.ok_or(CerebroError::NullArgument(what))
     }
     let run = || -> Result<i32> {
-        let inputs = inputs.ok_or(CerebroError::NullArgument("inputs"))?;
+        let inputs = inputs.ok_or(CerebroError::NullArgument("inputs"))?.parse("inputs")?;
         let labels = labels
             .unwrap_or_default()
             .into_iter()
@@ -267,7 +267,7 @@ fn import_onnx(
             name: need(name, "name")?,
             onnx: onnx.ok_or(CerebroError::NullArgument("onnx"))?,
             source: need(source, "source")?,
-            inputs: &inputs.0,
+            inputs: &inputs,
             task: need(task, "task")?,
             labels,
             output,

@@ -13,9 +13,12 @@ mod admin;
 mod daemon_client;
 mod error;
 mod fdw;
+mod foreign_scan;
 mod gucs;
 mod identity;
 mod imports;
+mod jsonb;
+mod limits;
 mod lineage;
 mod models;
 mod predictions;
@@ -36,6 +39,30 @@ extension_sql_file!("../../sql/cerebro--0.1.0--0.2.0.sql", name = "upgrade_0_2_0
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
+    keep_backtraces_in_the_server_log();
+}
+
+/// A panic in a backend becomes an ERROR (pgrx's hook, installed when the
+/// library loads); pgrx puts a captured backtrace in that ERROR's DETAIL,
+/// which goes to the client. Capture is switched off for pgrx, and this hook
+/// writes the panic and its backtrace to the server log (the backend's
+/// stderr) before pgrx's hook turns it into the ERROR.
+fn keep_backtraces_in_the_server_log() {
+    // Read once, at the first capture: none has happened yet in this backend.
+    std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    let to_error = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        // pgrx raises every ERROR, Cerebro's and PostgreSQL's, as a panic
+        // with one of these payloads: those are reports, not bugs.
+        let payload = info.payload();
+        let reported = payload.is::<pgrx::pg_sys::panic::ErrorReportWithLevel>()
+            || payload.is::<pgrx::pg_sys::panic::CaughtError>();
+        if !reported {
+            let backtrace = std::backtrace::Backtrace::force_capture();
+            eprintln!("cerebro: panic in backend {}: {info}\n{backtrace}", std::process::id());
+        }
+        to_error(info)
+    }));
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -332,6 +332,8 @@ pub(crate) fn queue_version(
             }
         }
         req.options.check_against(&features, task, &class_labels)?;
+        crate::limits::check_model(&req.options, &features, task, class_labels.len(), labelled as u64)?;
+        crate::limits::check_role_share(client, &user_name)?;
 
         if reused.is_none() {
             client.update(

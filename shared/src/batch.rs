@@ -12,7 +12,9 @@
 //!
 //! Every span starts on an 8-byte boundary. The reader copies out of the region
 //! and checks every span against the region's length, because the region is
-//! shared with another process and its layout comes off the wire.
+//! shared with another process and its layout comes off the wire; no two
+//! spans may overlap, so what a read allocates is bounded by the region's
+//! size (a few times it), however many columns a layout lists.
 
 use serde::{Deserialize, Serialize};
 
@@ -115,6 +117,14 @@ pub enum LayoutError {
     RowMismatch { found: usize, rows: u32 },
     #[error("{0} outputs given for a batch of {1} rows")]
     OutputMismatch(usize, u32),
+    #[error("span {what} ({offset}+{len}) overlaps another span of the batch")]
+    Overlap { what: &'static str, offset: u64, len: u64 },
+    #[error("{found} columns given for a layout of {expected}")]
+    ColumnCount { found: usize, expected: usize },
+    #[error("column {column} is laid out as another kind of column")]
+    KindMismatch { column: usize },
+    #[error("text column {column} holds {bytes} bytes, more than its u32 offsets can address")]
+    TextTooLarge { column: usize, bytes: u64 },
 }
 
 fn align8(x: u64) -> u64 {
@@ -138,7 +148,9 @@ impl Cursor {
 /// Lays out `columns` (all of the same length) and the output spans from offset
 /// 0; returns the layout and the region size it needs.
 pub fn plan_batch(columns: &[ColumnData]) -> (BatchLayout, u64) {
-    let rows = columns.first().map_or(0, |c| c.len()) as u32;
+    // More rows than a u32 counts cannot be one batch: saturate, and
+    // write_batch refuses the columns (TooManyRows), never a truncated count.
+    let rows = u32::try_from(columns.first().map_or(0, |c| c.len())).unwrap_or(u32::MAX);
     let mut cur = Cursor(0);
     let mut layouts = Vec::with_capacity(columns.len());
     for col in columns {
@@ -172,6 +184,36 @@ fn slice<'a>(region: &'a [u8], span: Span, what: &'static str) -> Result<&'a [u8
     Ok(&region[span.offset as usize..span.end() as usize])
 }
 
+/// Every span of a layout, named, inputs and outputs.
+fn spans(layout: &BatchLayout) -> Vec<(Span, &'static str)> {
+    let mut all = Vec::with_capacity(layout.columns.len() * 3 + 2);
+    for c in &layout.columns {
+        match c {
+            ColumnLayout::Float64 { values, validity } => all.extend([(*values, "values"), (*validity, "validity")]),
+            ColumnLayout::Text { offsets, data, validity } => {
+                all.extend([(*offsets, "offsets"), (*data, "data"), (*validity, "validity")])
+            }
+        }
+    }
+    all.extend([(layout.output.scores, "scores"), (layout.output.labels, "labels")]);
+    all
+}
+
+/// Refuses a layout two of whose non-empty spans share a byte: a layout
+/// from [`plan_batch`] never does, and a hostile one that named one span for
+/// every column would make a small region read as gigabytes.
+fn check_disjoint(layout: &BatchLayout) -> Result<(), LayoutError> {
+    let mut all: Vec<(Span, &'static str)> = spans(layout).into_iter().filter(|(s, _)| s.len > 0).collect();
+    all.sort_by_key(|(s, _)| (s.offset, s.len));
+    for pair in all.windows(2) {
+        let ((before, _), (span, what)) = (pair[0], pair[1]);
+        if span.offset < before.end() {
+            return Err(LayoutError::Overlap { what, offset: span.offset, len: span.len });
+        }
+    }
+    Ok(())
+}
+
 fn check_span(region: usize, span: Span, what: &'static str) -> Result<(), LayoutError> {
     if span.offset.checked_add(span.len).is_none_or(|end| end > region as u64) {
         return Err(LayoutError::OutOfRegion { what, offset: span.offset, len: span.len, region: region as u64 });
@@ -200,13 +242,25 @@ fn is_valid(bitmap: &[u8], i: usize) -> bool {
 }
 
 /// Writes `columns` into `region` where `layout` (from [`plan_batch`]) says.
+/// Every span is checked against the columns and the region first: a
+/// layout that does not fit them is an error, never a panic or a partial
+/// write past a span.
 pub fn write_batch(columns: &[ColumnData], layout: &BatchLayout, region: &mut [u8]) -> Result<(), LayoutError> {
-    for (col, lay) in columns.iter().zip(&layout.columns) {
-        if col.len() != layout.rows as usize {
-            return Err(LayoutError::RowMismatch { found: col.len(), rows: layout.rows });
+    let rows = layout.rows;
+    if rows > MAX_BATCH_ROWS {
+        return Err(LayoutError::TooManyRows(rows));
+    }
+    if columns.len() != layout.columns.len() {
+        return Err(LayoutError::ColumnCount { found: columns.len(), expected: layout.columns.len() });
+    }
+    for (ci, (col, lay)) in columns.iter().zip(&layout.columns).enumerate() {
+        if col.len() != rows as usize {
+            return Err(LayoutError::RowMismatch { found: col.len(), rows });
         }
         match (col, lay) {
             (ColumnData::Float64(values), ColumnLayout::Float64 { values: vs, validity }) => {
+                expect_len(*vs, rows as u64 * 8, rows, "values")?;
+                expect_len(*validity, bitmap_len(rows), rows, "validity")?;
                 let out = slice_mut(region, *vs, "values")?;
                 for (chunk, v) in out.chunks_exact_mut(8).zip(values) {
                     chunk.copy_from_slice(&v.unwrap_or(0.0).to_le_bytes());
@@ -214,14 +268,22 @@ pub fn write_batch(columns: &[ColumnData], layout: &BatchLayout, region: &mut [u
                 write_validity(slice_mut(region, *validity, "validity")?, values);
             }
             (ColumnData::Text(values), ColumnLayout::Text { offsets, data, validity }) => {
-                let mut pos = 0u32;
+                let bytes: u64 = values.iter().flatten().map(|s| s.len() as u64).sum();
+                if bytes > u64::from(u32::MAX) {
+                    return Err(LayoutError::TextTooLarge { column: ci, bytes });
+                }
+                expect_len(*offsets, (rows as u64 + 1) * 4, rows, "offsets")?;
+                expect_len(*data, bytes, rows, "data")?;
+                expect_len(*validity, bitmap_len(rows), rows, "validity")?;
                 {
                     let data_out = slice_mut(region, *data, "data")?;
+                    let mut pos = 0usize;
                     for s in values.iter().flatten() {
-                        data_out[pos as usize..pos as usize + s.len()].copy_from_slice(s.as_bytes());
-                        pos += s.len() as u32;
+                        data_out[pos..pos + s.len()].copy_from_slice(s.as_bytes());
+                        pos += s.len();
                     }
                 }
+                // Each offset is at most `bytes`, which fits a u32 (checked above).
                 let offs = slice_mut(region, *offsets, "offsets")?;
                 let mut pos = 0u32;
                 offs[..4].copy_from_slice(&0u32.to_le_bytes());
@@ -231,7 +293,7 @@ pub fn write_batch(columns: &[ColumnData], layout: &BatchLayout, region: &mut [u
                 }
                 write_validity(slice_mut(region, *validity, "validity")?, values);
             }
-            _ => unreachable!("plan_batch lays out each column as its own kind"),
+            _ => return Err(LayoutError::KindMismatch { column: ci }),
         }
     }
     Ok(())
@@ -243,6 +305,7 @@ pub fn read_batch(layout: &BatchLayout, region: &[u8]) -> Result<Vec<ColumnData>
     if rows > MAX_BATCH_ROWS {
         return Err(LayoutError::TooManyRows(rows));
     }
+    check_disjoint(layout)?;
     let n = rows as usize;
     let mut out = Vec::with_capacity(layout.columns.len());
     for (ci, lay) in layout.columns.iter().enumerate() {
@@ -299,6 +362,9 @@ pub fn write_outputs(
     labels: &[u32],
 ) -> Result<(), LayoutError> {
     let rows = layout.rows;
+    if rows > MAX_BATCH_ROWS {
+        return Err(LayoutError::TooManyRows(rows));
+    }
     if scores.len() != rows as usize || labels.len() != rows as usize {
         return Err(LayoutError::OutputMismatch(scores.len().min(labels.len()), rows));
     }
@@ -317,6 +383,12 @@ pub fn write_outputs(
 
 /// Backend side: reads the scores and label indexes the daemon wrote.
 pub fn read_outputs(layout: &BatchLayout, region: &[u8]) -> Result<(Vec<f64>, Vec<u32>), LayoutError> {
+    let rows = layout.rows;
+    if rows > MAX_BATCH_ROWS {
+        return Err(LayoutError::TooManyRows(rows));
+    }
+    expect_len(layout.output.scores, rows as u64 * 8, rows, "scores")?;
+    expect_len(layout.output.labels, rows as u64 * 4, rows, "labels")?;
     let scores = slice(region, layout.output.scores, "scores")?
         .chunks_exact(8)
         .map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk")))
@@ -402,6 +474,67 @@ mod tests {
         assert_eq!(read_batch(&layout, &region), Err(LayoutError::BadOffsets { column: 1 }));
 
         assert_eq!(write_outputs(&layout, &mut region, &[0.0], &[0]), Err(LayoutError::OutputMismatch(1, 3)));
+    }
+
+    #[test]
+    fn overlapping_spans_are_refused_so_a_read_stays_within_the_region() {
+        let cols = vec![ColumnData::Float64(vec![Some(1.0); 64])];
+        let (layout, len) = plan_batch(&cols);
+        let mut region = vec![0u8; len as usize];
+        write_batch(&cols, &layout, &mut region).unwrap();
+        // Ten thousand columns over one span would read 10,000 × 64 values
+        // out of a region of a few hundred bytes.
+        let mut many = layout.clone();
+        many.columns = vec![layout.columns[0].clone(); 10_000];
+        let ColumnLayout::Float64 { values, .. } = layout.columns[0] else { panic!() };
+        assert_eq!(
+            read_batch(&many, &region),
+            Err(LayoutError::Overlap { what: "values", offset: values.offset, len: values.len })
+        );
+        let mut onto_output = layout.clone();
+        onto_output.output.labels = values;
+        assert!(matches!(read_batch(&onto_output, &region), Err(LayoutError::Overlap { .. })));
+        // Empty spans overlap nothing.
+        let empty = vec![ColumnData::Float64(vec![]), ColumnData::Text(vec![]), ColumnData::Float64(vec![])];
+        let (layout, len) = plan_batch(&empty);
+        assert_eq!(read_batch(&layout, &vec![0u8; len as usize]).unwrap(), empty);
+    }
+
+    #[test]
+    fn huge_lengths_are_errors_not_allocations() {
+        let cols = sample();
+        let (layout, len) = plan_batch(&cols);
+        let region = vec![0u8; len as usize];
+        let mut huge = layout.clone();
+        huge.output.scores = Span { offset: 0, len: 1 << 60 };
+        assert!(matches!(read_outputs(&huge, &region), Err(LayoutError::WrongLength { .. })));
+        huge.rows = MAX_BATCH_ROWS;
+        huge.output = OutputLayout { scores: Span { offset: 0, len: 0 }, labels: Span { offset: 0, len: 0 } };
+        huge.columns = vec![ColumnLayout::Float64 {
+            values: Span { offset: 0, len: MAX_BATCH_ROWS as u64 * 8 },
+            validity: Span { offset: MAX_BATCH_ROWS as u64 * 8, len: bitmap_len(MAX_BATCH_ROWS) },
+        }];
+        assert!(matches!(read_batch(&huge, &region), Err(LayoutError::OutOfRegion { .. })));
+    }
+
+    #[test]
+    fn a_layout_that_does_not_fit_the_columns_is_an_error_when_writing() {
+        let cols = sample();
+        let (layout, len) = plan_batch(&cols);
+        let mut region = vec![0u8; len as usize];
+        assert_eq!(
+            write_batch(&cols[..2], &layout, &mut region),
+            Err(LayoutError::ColumnCount { found: 2, expected: 3 })
+        );
+        let mut swapped = layout.clone();
+        swapped.columns.swap(0, 1);
+        assert_eq!(write_batch(&cols, &swapped, &mut region), Err(LayoutError::KindMismatch { column: 0 }));
+        let mut short = layout.clone();
+        if let ColumnLayout::Text { data, .. } = &mut short.columns[1] {
+            data.len -= 1;
+        }
+        assert!(matches!(write_batch(&cols, &short, &mut region), Err(LayoutError::WrongLength { what: "data", .. })));
+        assert!(matches!(write_batch(&cols, &layout, &mut region[..8]), Err(LayoutError::OutOfRegion { .. })));
     }
 
     #[test]

@@ -6,13 +6,15 @@
 //! - [`batch`]: the column-major layout of a scoring batch in shared memory;
 //! - [`error`]: stable error codes that cross the wire (mapped to SQLSTATEs
 //!   only in fdw/);
-//! - [`sql`]: the bits of SQL text both sides write.
+//! - [`sql`]: the bits of SQL text both sides write;
+//! - [`limits`]: how large a model and how much work a job is, estimated at INSERT.
 //!
 //! This crate has no pgrx and no async runtime so that both sides, and plain
 //! `cargo test`, can use it.
 
 pub mod batch;
 pub mod error;
+pub mod limits;
 pub mod mst;
 pub mod onnx_graph;
 pub mod protocol;

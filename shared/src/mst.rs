@@ -21,7 +21,7 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 
-use crate::spec::{SpecError, TrainOptions};
+use crate::spec::{show_number, SpecError, TrainOptions, MAX_EPOCHS};
 
 /// Where a piece of the text is, in bytes.
 pub type Span = Range<usize>;
@@ -103,6 +103,28 @@ train  lr = range(3e-4, 1e-2, log), weight_decay = {0, 1e-4}, epochs = 40, patie
 search halving(24, eta = 3, seed = 1)
 budget 10 min";
 
+/// Limits that keep a spec's parsing and checking bounded in time, memory
+/// and stack: a backend runs them on its own stack, on any text any role
+/// sends. No real spec comes near them (docs/selection.md, "Limits").
+///
+/// Most bytes of a spec or change text.
+pub const MAX_SPEC_BYTES: usize = 64 * 1024;
+/// How deep lists and sets may nest (`[{[64]}]` is 3 levels): the parser
+/// recurses once per level, as do the functions that walk a value, so this
+/// bounds their stack. Real specs use 2 or 3.
+pub const MAX_NESTING: usize = 32;
+/// Most candidates `random(n)` or `halving(n)` may draw: the most
+/// `cerebro.max_candidates` may allow.
+pub const MAX_SEARCH_CANDIDATES: u64 = 1_000_000;
+/// Halving's largest `eta` (it keeps the best 1/eta at each rung).
+pub const MAX_ETA: u64 = 1000;
+/// Seeds of a search: whole numbers a spec's numbers (f64) hold exactly.
+pub const MAX_SEED: u64 = (1 << 53) - 1;
+/// A wall-time budget is at most 365 days, in seconds.
+pub const MAX_BUDGET_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+/// An epoch budget is at most this many epochs.
+pub const MAX_BUDGET_EPOCHS: u64 = 1_000_000_000;
+
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Spec {
     pub source: Option<(Value, Span)>,
@@ -139,13 +161,51 @@ pub struct MstError {
 
 impl MstError {
     fn at(text: &str, offset: usize, kind: ErrorKind, message: String) -> MstError {
-        let offset = offset.min(text.len());
+        let mut offset = offset.min(text.len());
+        while !text.is_char_boundary(offset) {
+            offset -= 1;
+        }
         let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
         let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
         let line = text[..offset].matches('\n').count() + 1;
         let column = text[line_start..offset].chars().count() + 1;
-        let snippet = format!("{}\n{}^", &text[line_start..line_end], " ".repeat(column - 1));
+        let (shown, caret) = clip_line(&text[line_start..line_end], column - 1);
+        let snippet = format!("{shown}\n{}^", " ".repeat(caret));
         MstError { kind, message, offset, line, column, snippet }
+    }
+}
+
+/// The part of a line a snippet shows: all of it when it is short, else a
+/// window around the position (a 64 KiB one-line spec would otherwise be
+/// quoted whole, twice over with the caret line). Returns the text and how
+/// many characters precede the caret in it.
+fn clip_line(line: &str, position: usize) -> (String, usize) {
+    const WIDTH: usize = 100;
+    const BEFORE: usize = 40;
+    if line.chars().count() <= WIDTH {
+        return (line.to_string(), position);
+    }
+    let start = position.saturating_sub(BEFORE);
+    let mut shown: String = line.chars().skip(start).take(WIDTH).collect();
+    let more = line.chars().count() > start + WIDTH;
+    let mut caret = position - start;
+    if start > 0 {
+        shown.insert_str(0, "...");
+        caret += 3;
+    }
+    if more {
+        shown.push_str("...");
+    }
+    (shown, caret)
+}
+
+/// A piece of the text quoted in a message, cut short if it is long.
+fn quote_short(text: &str) -> String {
+    const MOST: usize = 24;
+    if text.chars().count() <= MOST {
+        format!("\"{text}\"")
+    } else {
+        format!("\"{}...\"", text.chars().take(MOST).collect::<String>())
     }
 }
 
@@ -177,6 +237,8 @@ const TRAIN_KEYS: &[&str] = &[
 struct Parser<'a> {
     text: &'a str,
     at: usize,
+    /// Lists and sets open around the value being parsed.
+    depth: usize,
 }
 
 impl<'a> Parser<'a> {
@@ -291,7 +353,25 @@ impl<'a> Parser<'a> {
             }
         }
         let text = &self.rest()[..i];
-        let n = text.parse::<f64>().map_err(|_| self.error(start, format!("\"{text}\" is not a number")))?;
+        let n = text.parse::<f64>().map_err(|_| self.error(start, format!("{} is not a number", quote_short(text))))?;
+        // f64 parsing saturates: too large becomes infinity, too small 0.
+        // Either would silently be another number than the one written.
+        let invalid = |message: String| MstError::at(self.text, start, ErrorKind::Invalid, message);
+        if !n.is_finite() {
+            return Err(invalid(format!(
+                "{} is out of range: a number is at most {} in size",
+                quote_short(text),
+                show_number(f64::MAX)
+            )));
+        }
+        let mantissa = text.split(['e', 'E']).next().unwrap_or(text);
+        if n == 0.0 && mantissa.bytes().any(|b| (b'1'..=b'9').contains(&b)) {
+            return Err(invalid(format!(
+                "{} is too small to represent: a number other than 0 is at least {} in size",
+                quote_short(text),
+                show_number(f64::from_bits(1))
+            )));
+        }
         self.at += i;
         Ok(Some(n))
     }
@@ -323,37 +403,73 @@ impl<'a> Parser<'a> {
         Err(self.error(open, "this \"(\" is never closed"))
     }
 
+    /// A value. Lists and sets recurse, through [`Parser::items`] only and
+    /// at most [`MAX_NESTING`] levels deep; everything else is parsed in
+    /// [`Parser::scalar`], whose larger frame is never on the recursive path.
     fn value(&mut self) -> Result<(Value, Span), MstError> {
         self.skip(false);
         let start = self.at;
         let value = match self.peek() {
-            Some(c @ ('{' | '[')) => {
-                self.at += 1;
-                let close = if c == '{' { '}' } else { ']' };
-                let mut items = Vec::new();
-                if !self.eat(close) {
-                    loop {
-                        items.push(self.value()?);
-                        if self.eat(close) {
-                            break;
-                        }
-                        self.expect(',', &format!("or \"{close}\" between values"))?;
-                    }
+            Some(c @ ('{' | '[')) => self.items(start, c)?,
+            _ => self.scalar(start)?,
+        };
+        Ok((value, start..self.at))
+    }
+
+    /// A list (`[`) or a set (`{`), from its opening bracket.
+    fn items(&mut self, start: usize, open: char) -> Result<Value, MstError> {
+        // Checked before recursing: each level takes frames of the backend's
+        // stack, which a text of brackets would otherwise overflow.
+        if self.depth >= MAX_NESTING {
+            return Err(self.nested_too_deep(start));
+        }
+        self.depth += 1;
+        self.at += 1;
+        let close = if open == '{' { '}' } else { ']' };
+        let mut items = Vec::new();
+        if !self.eat(close) {
+            loop {
+                items.push(self.value()?);
+                if self.eat(close) {
+                    break;
                 }
-                if close == '}' {
-                    if items.is_empty() {
-                        return Err(MstError::at(
-                            self.text,
-                            start,
-                            ErrorKind::Invalid,
-                            "an empty set has no value to try".into(),
-                        ));
-                    }
-                    Value::Set(items)
-                } else {
-                    Value::List(items)
-                }
+                self.expect_between(close)?;
             }
+        }
+        self.depth -= 1;
+        if close == ']' {
+            return Ok(Value::List(items));
+        }
+        if items.is_empty() {
+            return Err(self.empty_set(start));
+        }
+        Ok(Value::Set(items))
+    }
+
+    #[inline(never)]
+    fn nested_too_deep(&self, at: usize) -> MstError {
+        MstError::at(
+            self.text,
+            at,
+            ErrorKind::Invalid,
+            format!("lists and sets are nested more than {MAX_NESTING} levels deep"),
+        )
+    }
+
+    #[inline(never)]
+    fn empty_set(&self, at: usize) -> MstError {
+        MstError::at(self.text, at, ErrorKind::Invalid, "an empty set has no value to try".into())
+    }
+
+    #[inline(never)]
+    fn expect_between(&mut self, close: char) -> Result<(), MstError> {
+        self.expect(',', &format!("or \"{close}\" between values"))
+    }
+
+    /// Any value but a list or a set.
+    #[inline(never)]
+    fn scalar(&mut self, start: usize) -> Result<Value, MstError> {
+        Ok(match self.peek() {
             Some('(') => Value::Query(self.query()?),
             Some('\'') => {
                 self.at += 1;
@@ -366,7 +482,9 @@ impl<'a> Parser<'a> {
                 Value::Number(self.number()?.ok_or_else(|| self.error(start, "expected a number"))?)
             }
             Some(c) if c.is_alphabetic() || c == '_' => {
-                let (mut word, _) = self.ident().expect("starts with a letter");
+                let Some((mut word, _)) = self.ident() else {
+                    return Err(self.error(start, "expected a name"));
+                };
                 if word == "range" && self.peek() == Some('(') {
                     self.range(start)?
                 } else {
@@ -375,7 +493,7 @@ impl<'a> Parser<'a> {
                         && self.rest()[1..].starts_with(|c: char| c.is_alphabetic() || c == '_')
                     {
                         self.at += 1;
-                        let (part, _) = self.ident().expect("starts with a letter");
+                        let (part, _) = self.expect_ident("a name after \".\"")?;
                         word = format!("{word}.{part}");
                     }
                     Value::Word(word)
@@ -385,8 +503,7 @@ impl<'a> Parser<'a> {
                 let found = self.describe_next();
                 return Err(self.error(start, format!("expected a value, found {found}")));
             }
-        };
-        Ok((value, start..self.at))
+        })
     }
 
     fn range(&mut self, start: usize) -> Result<Value, MstError> {
@@ -421,11 +538,15 @@ impl<'a> Parser<'a> {
         };
         self.expect(')', "to close range")?;
         let invalid = |m: String| MstError::at(self.text, start, ErrorKind::Invalid, m);
-        if !(lo.is_finite() && hi.is_finite()) || lo >= hi {
-            return Err(invalid(format!("range({lo}, {hi}) is empty: the lower bound must be below the upper")));
+        if lo >= hi {
+            return Err(invalid(format!(
+                "range({}, {}) is empty: the lower bound must be below the upper",
+                show_number(lo),
+                show_number(hi)
+            )));
         }
         if scale == Scale::Log && lo <= 0.0 {
-            return Err(invalid(format!("a log range needs positive bounds, not {lo}")));
+            return Err(invalid(format!("a log range needs positive bounds, not {}", show_number(lo))));
         }
         Ok(Value::Range { lo, hi, scale })
     }
@@ -483,46 +604,35 @@ impl<'a> Parser<'a> {
 
     fn search(&mut self) -> Result<Search, MstError> {
         let (word, span) = self.expect_ident("grid, random(n) or halving(n)")?;
-        let count = |p: &mut Parser<'_>, what: &str| -> Result<u64, MstError> {
-            p.skip(false);
-            let at = p.at;
-            match p.number()? {
-                Some(n) if n >= 1.0 && n.fract() == 0.0 => Ok(n as u64),
-                _ => Err(MstError::at(
-                    p.text,
-                    at,
-                    ErrorKind::Invalid,
-                    format!("{what} must be a whole number, at least 1"),
-                )),
-            }
-        };
         match word.as_str() {
             "grid" => Ok(Search::Grid),
             "random" | "halving" => {
                 self.expect('(', &format!("after {word}"))?;
-                let n = count(self, "the number of candidates")?;
+                let n = self.whole_number(1, MAX_SEARCH_CANDIDATES, || {
+                    format!("the number of candidates must be a whole number, at least 1 and at most {MAX_SEARCH_CANDIDATES}")
+                })?;
                 let (mut seed, mut eta, mut min_epochs) = (0, 3, None);
                 while self.eat(',') {
                     let (key, key_span) = self.expect_ident("seed, eta or min_epochs")?;
                     self.expect('=', &format!("after \"{key}\""))?;
                     match key.as_str() {
                         "seed" => {
-                            self.skip(false);
-                            let at = self.at;
-                            seed = match self.number()? {
-                                Some(n) if n >= 0.0 && n.fract() == 0.0 => n as u64,
-                                _ => return Err(self.error(at, "seed must be a whole number")),
-                            }
+                            seed = self.whole_number(0, MAX_SEED, || {
+                                format!("seed must be a whole number from 0 to {MAX_SEED}")
+                            })?
                         }
                         "eta" if word == "halving" => {
-                            self.skip(false);
-                            let at = self.at;
-                            eta = count(self, "eta")?;
-                            if eta < 2 {
-                                return Err(self.error(at, "eta must be at least 2 (keep the best 1/eta at each rung)"));
-                            }
+                            eta = self.whole_number(2, MAX_ETA, || {
+                                format!(
+                                    "eta must be at least 2 and at most {MAX_ETA}, a whole number (keep the best 1/eta at each rung)"
+                                )
+                            })?
                         }
-                        "min_epochs" if word == "halving" => min_epochs = Some(count(self, "min_epochs")?),
+                        "min_epochs" if word == "halving" => {
+                            min_epochs = Some(self.whole_number(1, u64::from(MAX_EPOCHS), || {
+                                format!("min_epochs must be a whole number, at least 1 and at most {MAX_EPOCHS}")
+                            })?)
+                        }
                         _ => return Err(self.error(key_span.start, format!("{word} takes no setting \"{key}\""))),
                     }
                 }
@@ -537,12 +647,26 @@ impl<'a> Parser<'a> {
         }
     }
 
+    /// A whole number from `lo` to `hi`: anything else, a fraction or a
+    /// number too large included, is an error that says the range (never a
+    /// value clamped into it).
+    fn whole_number(&mut self, lo: u64, hi: u64, message: impl FnOnce() -> String) -> Result<u64, MstError> {
+        self.skip(false);
+        let at = self.at;
+        match self.number()? {
+            // Both bounds are below 2^53, so the comparison is exact and the
+            // cast takes a whole number that fits.
+            Some(n) if n.fract() == 0.0 && n >= lo as f64 && n <= hi as f64 => Ok(n as u64),
+            _ => Err(MstError::at(self.text, at, ErrorKind::Invalid, message())),
+        }
+    }
+
     /// `budget <amount> <unit>`: wall time (s, min, h) or epochs.
     fn budget(&mut self) -> Result<Budget, MstError> {
         self.skip(false);
         let at = self.at;
         let amount = match self.number()? {
-            Some(n) if n > 0.0 && n.is_finite() => n,
+            Some(n) if n > 0.0 => n,
             Some(_) => return Err(self.error(at, "a budget must be more than zero")),
             None => {
                 let found = self.describe_next();
@@ -552,6 +676,7 @@ impl<'a> Parser<'a> {
         let Some((unit, span)) = self.ident() else {
             return Err(self.error(self.at, "a budget needs a unit: s, min, h or epochs (e.g. budget 10 min)"));
         };
+        let invalid = |m: String| MstError::at(self.text, at, ErrorKind::Invalid, m);
         let seconds = match unit.as_str() {
             "s" | "sec" | "second" | "seconds" => 1.0,
             "min" | "minute" | "minutes" => 60.0,
@@ -560,13 +685,28 @@ impl<'a> Parser<'a> {
                 if amount.fract() != 0.0 {
                     return Err(self.error(at, "an epoch budget is a whole number"));
                 }
+                if amount > MAX_BUDGET_EPOCHS as f64 {
+                    return Err(invalid(format!(
+                        "an epoch budget is at most {MAX_BUDGET_EPOCHS} epochs, not {}",
+                        show_number(amount)
+                    )));
+                }
                 return Ok(Budget::Epochs(amount as u64));
             }
             other => {
                 return Err(self.error(span.start, format!("unknown budget unit \"{other}\"; use s, min, h or epochs")))
             }
         };
-        Ok(Budget::Seconds(amount * seconds))
+        let total = amount * seconds;
+        if total > MAX_BUDGET_SECONDS {
+            return Err(invalid(format!(
+                "a time budget is at most 365 days ({MAX_BUDGET_SECONDS} s, {} min or {} h), not {} {unit}",
+                MAX_BUDGET_SECONDS / 60.0,
+                MAX_BUDGET_SECONDS / 3600.0,
+                show_number(amount)
+            )));
+        }
+        Ok(Budget::Seconds(total))
     }
 
     /// The end of a clause: a newline, a ";" or the end of the text.
@@ -588,7 +728,15 @@ impl<'a> Parser<'a> {
 
 /// Parses a selection text.
 pub fn parse(text: &str) -> Result<Spec, MstError> {
-    let mut p = Parser { text, at: 0 };
+    if text.len() > MAX_SPEC_BYTES {
+        return Err(MstError::at(
+            text,
+            0,
+            ErrorKind::Invalid,
+            format!("the text is {} bytes long, more than the {MAX_SPEC_BYTES} a spec or change may have", text.len()),
+        ));
+    }
+    let mut p = Parser { text, at: 0, depth: 0 };
     let mut spec = Spec::default();
     loop {
         if p.peek().is_none() {
@@ -653,10 +801,15 @@ pub fn parse(text: &str) -> Result<Spec, MstError> {
     Ok(spec)
 }
 
+/// Whole numbers up to this hold exactly in a spec's numbers (f64); they go
+/// to `options` as JSON integers.
+const MAX_EXACT_WHOLE: f64 = 9_007_199_254_740_991.0;
+
 /// The JSON an option value stands for (a set or range is not one).
+/// Recurses once per level of a list: at most [`MAX_NESTING`].
 fn to_json(value: &Value) -> Option<Json> {
     Some(match value {
-        Value::Number(n) if n.fract() == 0.0 && n.abs() < 9e15 => json!(*n as i64),
+        Value::Number(n) if n.fract() == 0.0 && n.abs() <= MAX_EXACT_WHOLE => json!(*n as i64),
         Value::Number(n) => json!(n),
         Value::Word(w) | Value::Text(w) => json!(w),
         Value::List(items) => Json::Array(items.iter().map(|(v, _)| to_json(v)).collect::<Option<_>>()?),
@@ -664,51 +817,155 @@ fn to_json(value: &Value) -> Option<Json> {
     })
 }
 
-/// Every concrete value a value may take, with the span it comes from (a
-/// range gives its two bounds), for checking.
-fn choices(value: &Value, span: &Span) -> Vec<(Value, Span)> {
+/// The points of a range a check tries: the bounds, and a point between
+/// them that is not a whole number (as most draws will not be), so an
+/// integer setting over a linear range fails there. Computed so that no
+/// finite bounds overflow.
+fn range_points(lo: f64, hi: f64, scale: Scale) -> [f64; 3] {
+    let mid = match scale {
+        Scale::Log => lo.sqrt() * hi.sqrt(),
+        _ => lo + (hi * 0.377 - lo * 0.377),
+    };
+    let round = |x: f64| if scale == Scale::Int { x.round() } else { x };
+    [round(lo), round(hi), round(mid)]
+}
+
+/// The first of the values [`visit_choices`] visits.
+fn first_choice(value: &Value) -> Value {
     match value {
-        Value::Set(items) => items.iter().flat_map(|(v, s)| choices(v, s)).collect(),
+        Value::Set(items) => items.first().map_or_else(|| value.clone(), |(v, _)| first_choice(v)),
+        Value::Range { lo, hi, scale } => Value::Number(range_points(*lo, *hi, *scale)[0]),
+        Value::List(items) => Value::List(items.iter().map(|(v, s)| (first_choice(v), s.clone())).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Calls `visit` with the concrete values a value may take, with the span
+/// each comes from (a list: its own), for checking: every element of a set,
+/// a range's [`range_points`], and for a list with sets inside, its first
+/// combination and then that one with a single item changed, until every
+/// choice of every item has been seen in a list of the real length. No
+/// option relates a list's items to one another (`hidden` checks each
+/// width, and the number of layers), so this checks what every combination
+/// would, in time linear in the text where the combinations can be
+/// exponentially many. Stops at the first error `visit` returns.
+fn visit_choices(
+    value: &Value,
+    span: &Span,
+    visit: &mut dyn FnMut(Value, &Span) -> Result<(), MstError>,
+) -> Result<(), MstError> {
+    match value {
+        Value::Set(items) => items.iter().try_for_each(|(v, s)| visit_choices(v, s, visit)),
         Value::Range { lo, hi, scale } => {
-            // The bounds, and a point between them that is not a whole
-            // number (as most draws will not be): an integer setting over a
-            // linear range fails there.
-            let round = |x: f64| if *scale == Scale::Int { x.round() } else { x };
-            let mid = if *scale == Scale::Log { (lo * hi).sqrt() } else { lo + (hi - lo) * 0.377 };
-            [*lo, *hi, mid].into_iter().map(|x| (Value::Number(round(x)), span.clone())).collect()
+            range_points(*lo, *hi, *scale).into_iter().try_for_each(|x| visit(Value::Number(x), span))
         }
         Value::List(items) => {
-            // A list with sets inside stands for every list they make.
-            let mut lists: Vec<Vec<(Value, Span)>> = vec![Vec::new()];
-            for (item, item_span) in items {
-                let options = choices(item, item_span);
-                lists = lists
-                    .into_iter()
-                    .flat_map(|l| {
-                        options.iter().map(move |o| {
-                            let mut l = l.clone();
-                            l.push(o.clone());
-                            l
-                        })
-                    })
-                    .collect();
-                if lists.len() > 10_000 {
-                    break;
-                }
+            let first: Vec<(Value, Span)> = items.iter().map(|(v, s)| (first_choice(v), s.clone())).collect();
+            visit(Value::List(first.clone()), span)?;
+            for (i, (item, item_span)) in items.iter().enumerate() {
+                let mut seen_first = false;
+                visit_choices(item, item_span, &mut |choice, _| {
+                    if !seen_first {
+                        seen_first = true;
+                        return Ok(());
+                    }
+                    let mut list = first.clone();
+                    list[i].0 = choice;
+                    visit(Value::List(list), span)
+                })?;
             }
-            lists.into_iter().map(|l| (Value::List(l), span.clone())).collect()
+            Ok(())
         }
-        other => vec![(other.clone(), span.clone())],
+        other => visit(other.clone(), span),
     }
 }
 
 /// How many values a value stands for in a grid; None for a range.
+/// Saturates instead of overflowing: such a grid is refused by its count.
 fn grid_size(value: &Value) -> Option<u128> {
     match value {
-        Value::Set(items) => items.iter().map(|(v, _)| grid_size(v)).sum(),
-        Value::List(items) => items.iter().map(|(v, _)| grid_size(v)).product(),
+        Value::Set(items) => items.iter().try_fold(0u128, |n, (v, _)| Some(n.saturating_add(grid_size(v)?))),
+        Value::List(items) => items.iter().try_fold(1u128, |n, (v, _)| Some(n.saturating_mul(grid_size(v)?))),
         Value::Range { .. } => None,
         _ => Some(1),
+    }
+}
+
+/// The concrete values a value stands for, numbered without being built (a
+/// list of sets stands for the product of their sizes): `count` of them, the
+/// `nth` in a fixed order: a set's items in turn, a list's combinations with
+/// its last item varying fastest, a range inside a set or list as its
+/// [`range_points`].
+enum Chooser {
+    One(Value),
+    /// Each item with the number of choices before it, and the total.
+    Set(Vec<(u128, Chooser)>, u128),
+    /// Each item with its span, and the product of their counts.
+    List(Vec<(Chooser, Span)>, u128),
+}
+
+impl Chooser {
+    fn new(value: &Value) -> Chooser {
+        match value {
+            Value::Set(items) => {
+                let mut total = 0u128;
+                let mut out = Vec::with_capacity(items.len());
+                for (v, _) in items {
+                    let c = Chooser::new(v);
+                    let n = c.count();
+                    out.push((total, c));
+                    total = total.saturating_add(n);
+                }
+                Chooser::Set(out, total)
+            }
+            Value::Range { lo, hi, scale } => {
+                let points = range_points(*lo, *hi, *scale);
+                Chooser::Set(points.iter().zip(0..).map(|(x, i)| (i, Chooser::One(Value::Number(*x)))).collect(), 3)
+            }
+            Value::List(items) => {
+                let out: Vec<(Chooser, Span)> = items.iter().map(|(v, s)| (Chooser::new(v), s.clone())).collect();
+                let total = out.iter().fold(1u128, |n, (c, _)| n.saturating_mul(c.count()));
+                Chooser::List(out, total)
+            }
+            other => Chooser::One(other.clone()),
+        }
+    }
+
+    fn count(&self) -> u128 {
+        match self {
+            Chooser::One(_) => 1,
+            Chooser::Set(_, n) | Chooser::List(_, n) => *n,
+        }
+    }
+
+    /// The `index`th value; an index past the count (only a saturated one
+    /// can be) picks a value still, never panics.
+    fn nth(&self, index: u128) -> Value {
+        match self {
+            Chooser::One(v) => v.clone(),
+            Chooser::Set(items, _) => {
+                let at = items.partition_point(|(before, _)| *before <= index).saturating_sub(1);
+                match items.get(at) {
+                    Some((before, c)) => c.nth(index - before),
+                    None => Value::Set(Vec::new()),
+                }
+            }
+            Chooser::List(items, _) => {
+                let mut rest = index;
+                let mut out: Vec<(Value, Span)> = items
+                    .iter()
+                    .rev()
+                    .map(|(c, span)| {
+                        let n = c.count().max(1);
+                        let value = c.nth(rest % n);
+                        rest /= n;
+                        (value, span.clone())
+                    })
+                    .collect();
+                out.reverse();
+                Value::List(out)
+            }
+        }
     }
 }
 
@@ -739,27 +996,27 @@ impl Spec {
                         format!("only a list can be appended to: hidden += [64] adds a layer; \"{}\" takes =", a.key),
                     ));
                 }
-                for (choice, span) in choices(&a.value, &a.span) {
+                visit_choices(&a.value, &a.span, &mut |choice, span| {
                     let json =
-                        to_json(&choice).ok_or_else(|| invalid(&span, "a set or range cannot nest here".into()))?;
+                        to_json(&choice).ok_or_else(|| invalid(span, "a set or range cannot nest here".into()))?;
                     TrainOptions::from_json(Some(&json!({ key: json })))
-                        .map_err(|e| invalid(&span, option_message(e)))?;
-                }
+                        .map(drop)
+                        .map_err(|e| invalid(span, option_message(e)))
+                })?;
             }
         }
         for a in &self.encodings {
-            for (choice, span) in choices(&a.value, &a.span) {
-                let json = to_json(&choice).ok_or_else(|| invalid(&span, "an encoding is a name or a width".into()))?;
+            visit_choices(&a.value, &a.span, &mut |choice, span| {
+                let json = to_json(&choice).ok_or_else(|| invalid(span, "an encoding is a name or a width".into()))?;
                 let options = json!({ "encodings": { a.key.clone(): json } });
-                TrainOptions::from_json(Some(&options)).map_err(|e| invalid(&span, option_message(e)))?;
-            }
+                TrainOptions::from_json(Some(&options)).map(drop).map_err(|e| invalid(span, option_message(e)))
+            })?;
         }
         if let Some((source, span)) = &self.source {
-            for (choice, span) in choices(source, span) {
-                if !matches!(choice, Value::Word(_) | Value::Text(_) | Value::Query(_)) {
-                    return Err(invalid(&span, "a source is a relation name or a parenthesised query".into()));
-                }
-            }
+            visit_choices(source, span, &mut |choice, span| match choice {
+                Value::Word(_) | Value::Text(_) | Value::Query(_) => Ok(()),
+                _ => Err(invalid(span, "a source is a relation name or a parenthesised query".into())),
+            })?;
         }
         Ok(())
     }
@@ -816,9 +1073,9 @@ pub struct Candidate {
 
 /// One axis of a search: where its value goes, and the values it takes.
 enum Axis {
-    Source(Vec<Value>),
+    Source(Chooser),
     Optional(usize),
-    Option { key: String, encoding: bool, choices: Vec<Json>, range: Option<(f64, f64, Scale)> },
+    Option { key: String, encoding: bool, choices: Chooser, range: Option<(f64, f64, Scale)> },
 }
 
 /// SplitMix64: a small, seeded, portable generator, so a random search
@@ -839,16 +1096,16 @@ impl SplitMix {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    fn below(&mut self, n: usize) -> usize {
-        (self.unit() * n as f64) as usize % n.max(1)
+    fn below(&mut self, n: u128) -> u128 {
+        (self.unit() * n as f64) as u128 % n.max(1)
     }
 }
 
 impl Spec {
     fn axes(&self) -> Vec<Axis> {
         let mut axes = Vec::new();
-        if let Some((value, span)) = &self.source {
-            axes.push(Axis::Source(choices(value, span).into_iter().map(|(v, _)| v).collect()));
+        if let Some((value, _)) = &self.source {
+            axes.push(Axis::Source(Chooser::new(value)));
         }
         for (i, s) in self.features.iter().enumerate() {
             if s.optional {
@@ -863,11 +1120,7 @@ impl Spec {
                 Value::Range { lo, hi, scale } => Some((lo, hi, scale)),
                 _ => None,
             };
-            let choices = match range {
-                Some(_) => Vec::new(),
-                None => choices(&a.value, &a.span).iter().filter_map(|(v, _)| to_json(v)).collect(),
-            };
-            axes.push(Axis::Option { key, encoding, choices, range });
+            axes.push(Axis::Option { key, encoding, choices: Chooser::new(&a.value), range });
         }
         axes
     }
@@ -889,38 +1142,49 @@ impl Spec {
         let axes = self.axes();
         let base = Candidate { source: None, features: self.features.clone(), options: serde_json::Map::new() };
         let pick = |candidate: &mut Candidate, axis: &Axis, choice: Choice| match (axis, choice) {
-            (Axis::Source(values), Choice::Index(i)) => candidate.source = Some(values[i].clone()),
+            (Axis::Source(values), Choice::Index(i)) => candidate.source = Some(values.nth(i)),
             // Choice 1 leaves the optional group out (marked empty, dropped below).
-            (Axis::Optional(f), Choice::Index(1)) => candidate.features[*f].columns = Some(Vec::new()),
+            (Axis::Optional(f), Choice::Index(1)) => {
+                if let Some(s) = candidate.features.get_mut(*f) {
+                    s.columns = Some(Vec::new());
+                }
+            }
             (Axis::Option { key, encoding, choices, .. }, choice) => {
                 let value = match choice {
-                    Choice::Index(i) => choices[i].clone(),
+                    // Every choice is a JSON value once check() has passed.
+                    Choice::Index(i) => match to_json(&choices.nth(i)) {
+                        Some(v) => v,
+                        None => return,
+                    },
                     Choice::Drawn(v) => v,
                 };
                 if *encoding {
                     let map = candidate.options.entry("encodings").or_insert_with(|| json!({}));
-                    map.as_object_mut().expect("encodings is an object").insert(key.clone(), value);
+                    if let Some(map) = map.as_object_mut() {
+                        map.insert(key.clone(), value);
+                    }
                 } else {
                     candidate.options.insert(key.clone(), value);
                 }
             }
             _ => {}
         };
-        let sizes: Vec<usize> = axes
+        let sizes: Vec<u128> = axes
             .iter()
             .map(|a| match a {
-                Axis::Source(v) => v.len(),
+                Axis::Source(c) => c.count(),
                 Axis::Optional(_) => 2,
-                Axis::Option { choices, .. } => choices.len(),
+                Axis::Option { choices, .. } => choices.count(),
             })
             .collect();
         let mut out = Vec::new();
         match self.search.as_ref().map(|(s, _)| *s).unwrap_or(Search::Grid) {
             Search::Grid => {
-                for index in 0..total as usize {
+                for index in 0..total {
                     let mut c = base.clone();
                     let mut rest = index;
                     for (axis, &size) in axes.iter().zip(&sizes) {
+                        let size = size.max(1);
                         pick(&mut c, axis, Choice::Index(rest % size));
                         rest /= size;
                     }
@@ -958,7 +1222,7 @@ impl Spec {
 }
 
 enum Choice {
-    Index(usize),
+    Index(u128),
     Drawn(Json),
 }
 
@@ -997,10 +1261,12 @@ impl SelectionPlan {
 
 /// The epochs at which halving compares candidates: `min`, `min`·eta, ...
 /// below `max_epochs`; `min` None picks it so there are three rungs.
+/// Total for any arguments: eta³ saturates (it overflowed, then divided by
+/// zero, for eta = 2^32), and a rung is at least epoch 1 (0·eta would loop).
 pub fn rungs(eta: u64, min: Option<u64>, max_epochs: u32) -> Vec<u32> {
     let eta = eta.max(2);
     let max = u64::from(max_epochs);
-    let min = min.unwrap_or_else(|| max.div_ceil(eta.pow(3)).max(1));
+    let min = min.unwrap_or_else(|| max.div_ceil(eta.saturating_pow(3))).max(1);
     let mut out = Vec::new();
     let mut r = min;
     while r < max {
@@ -1018,7 +1284,8 @@ impl Spec {
             Search::Grid => ("grid", Vec::new(), None),
             Search::Random { .. } => ("random", Vec::new(), None),
             Search::Halving { eta, min_epochs, .. } => {
-                ("halving", rungs(eta, min_epochs, max_epochs), Some(eta.min(u64::from(u32::MAX)) as u32))
+                // The parser keeps eta to 2..=MAX_ETA; a Search built by hand may not.
+                ("halving", rungs(eta, min_epochs, max_epochs), Some(u32::try_from(eta).unwrap_or(u32::MAX)))
             }
         };
         let (budget_seconds, budget_epochs) = match self.budget.as_ref().map(|(b, _)| *b) {
@@ -1080,7 +1347,9 @@ pub fn parse_change(text: &str) -> Result<Change, MstError> {
         let key = if a.key == "lr" { "learning_rate".to_string() } else { a.key.clone() };
         if encoding {
             let map = change.set.entry("encodings").or_insert_with(|| json!({}));
-            map.as_object_mut().expect("encodings is an object").insert(key, json);
+            if let Some(map) = map.as_object_mut() {
+                map.insert(key, json);
+            }
         } else if a.append {
             change.append.push((key, json));
         } else {
@@ -1294,6 +1563,220 @@ search   grid
         for c in &candidates {
             TrainOptions::from_json(Some(&Json::Object(c.options.clone()))).expect("valid options");
         }
+    }
+
+    /// A text of `depth` brackets around a value, in a clause.
+    fn nested(clause: &str, open: char, depth: usize) -> String {
+        let close = if open == '[' { ']' } else { '}' };
+        format!("{clause}{}8{}", open.to_string().repeat(depth), close.to_string().repeat(depth))
+    }
+
+    #[test]
+    fn deep_brackets_are_refused_before_the_parser_recurses() {
+        for open in ['[', '{'] {
+            let text = nested("model hidden = ", open, 20_000);
+            for e in [parse(&text).unwrap_err(), parse_change(&text).unwrap_err()] {
+                assert_eq!(e.message, "lists and sets are nested more than 32 levels deep");
+                // "model hidden = " is 15 characters: the 33rd bracket.
+                assert_eq!((e.kind, e.line, e.column, e.offset), (ErrorKind::Invalid, 1, 16 + 32, 15 + 32));
+                assert!(e.snippet.len() < 300, "the quoted line is cut to a window: {}", e.snippet);
+                assert!(e.snippet.ends_with('^') && e.snippet.starts_with("..."), "{}", e.snippet);
+            }
+        }
+        // 32 levels are parsed (and then refused as a value, not for depth).
+        let e = parse(&nested("model hidden = ", '[', MAX_NESTING)).unwrap_err();
+        assert!(!e.message.contains("nested"), "{e}");
+        let e = parse(&nested("source ", '{', MAX_NESTING + 1)).unwrap_err();
+        assert_eq!(e.message, "lists and sets are nested more than 32 levels deep");
+    }
+
+    #[test]
+    fn parsing_and_checking_run_on_a_small_stack() {
+        // A backend's stack is what PostgreSQL left it; everything recursive
+        // here is bounded by MAX_NESTING, so a small thread stack suffices
+        // (this needs under 16 KiB in a release build, under 128 KiB in a
+        // debug one; the test leaves room).
+        std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(|| {
+                for open in ['[', '{'] {
+                    for depth in [MAX_NESTING, MAX_NESTING + 1, 20_000] {
+                        let text = nested("model hidden = ", open, depth);
+                        assert!(parse(&text).is_err());
+                        assert!(parse_change(&text).is_err());
+                    }
+                }
+                let sets = format!("model dropout = {}0.1{}", "{".repeat(MAX_NESTING), "}".repeat(MAX_NESTING));
+                let spec = parse(&sets).unwrap();
+                assert_eq!(spec.expand(&sets, 10).unwrap().len(), 1);
+                let e = parse_change(&sets).unwrap_err();
+                assert!(e.message.starts_with("a change takes one value"), "{e}");
+            })
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
+    }
+
+    #[test]
+    fn a_text_longer_than_the_limit_is_refused_whole() {
+        let text = format!("model hidden = [{}8]", "8, ".repeat(MAX_SPEC_BYTES / 3));
+        let e = parse(&text).unwrap_err();
+        assert_eq!(
+            e.message,
+            format!("the text is {} bytes long, more than the 65536 a spec or change may have", text.len())
+        );
+        assert_eq!((e.kind, e.line, e.column), (ErrorKind::Invalid, 1, 1));
+        assert!(parse_change(&text).unwrap_err().message.starts_with("the text is"));
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_errors_never_clamps() {
+        let cases: &[(&str, &str, usize)] = &[
+            (
+                "search halving(4, eta = 4294967296)",
+                "eta must be at least 2 and at most 1000, a whole number (keep the best 1/eta at each rung)",
+                25,
+            ),
+            (
+                "search halving(4, eta = 1e308)",
+                "eta must be at least 2 and at most 1000, a whole number (keep the best 1/eta at each rung)",
+                25,
+            ),
+            (
+                "search halving(4, eta = 2.5)",
+                "eta must be at least 2 and at most 1000, a whole number (keep the best 1/eta at each rung)",
+                25,
+            ),
+            (
+                "budget 1e308 min",
+                "a time budget is at most 365 days (31536000 s, 525600 min or 8760 h), not 1e308 min",
+                8,
+            ),
+            ("budget 8761 h", "a time budget is at most 365 days (31536000 s, 525600 min or 8760 h), not 8761 h", 8),
+            ("budget 1e10 epochs", "an epoch budget is at most 1000000000 epochs, not 10000000000", 8),
+            ("budget 1e400 s", "\"1e400\" is out of range: a number is at most 1.7976931348623157e308 in size", 8),
+            (
+                "search random(4294967296)",
+                "the number of candidates must be a whole number, at least 1 and at most 1000000",
+                15,
+            ),
+            (
+                "search random(1e308)",
+                "the number of candidates must be a whole number, at least 1 and at most 1000000",
+                15,
+            ),
+            ("search random(3, seed = 1e308)", "seed must be a whole number from 0 to 9007199254740991", 25),
+            ("search random(3, seed = -1)", "seed must be a whole number from 0 to 9007199254740991", 25),
+            ("search random(3, seed = 9007199254740993)", "seed must be a whole number from 0 to 9007199254740991", 25),
+            (
+                "search halving(3, min_epochs = 1e9)",
+                "min_epochs must be a whole number, at least 1 and at most 100000",
+                32,
+            ),
+            ("train lr = 1e400", "\"1e400\" is out of range: a number is at most 1.7976931348623157e308 in size", 12),
+            (
+                "train lr = 1e-400",
+                "\"1e-400\" is too small to represent: a number other than 0 is at least 5e-324 in size",
+                12,
+            ),
+            ("train epochs = 4294967296", "\"epochs\" is 4294967296, allowed: from 1 to 100000", 16),
+            ("train epochs = 1e300", "\"epochs\" is 1e300, allowed: from 1 to 100000", 16),
+            ("train batch_size = -1", "\"batch_size\" is -1, allowed: from 1 to 65536", 20),
+            ("train seed = -5", "\"seed\" is -5, allowed: from 0 to 18446744073709551615", 14),
+            ("model hidden = [64, 1e10]", "\"hidden\" is 10000000000, allowed: widths from 1 to 4096", 16),
+            (
+                "encode city = 1e10",
+                "\"encodings\" is 10000000000 for column \"city\", allowed: embedding widths from 1 to 512",
+                15,
+            ),
+            (
+                "train lr = range(1e-300, 1e300, log)",
+                "\"lr\" (learning_rate) is 1e300, allowed: greater than 0 and at most 10",
+                12,
+            ),
+        ];
+        for (text, message, column) in cases {
+            let e = parse(text).expect_err(text);
+            let got = e.message.strip_prefix("option ").unwrap_or(&e.message);
+            assert_eq!((got, e.column), (*message, *column), "{text}");
+            assert_eq!(e.kind, ErrorKind::Invalid, "{text}: {e}");
+        }
+        // The largest values allowed are kept exactly.
+        let spec = parse("search halving(1000000, eta = 1000, seed = 9007199254740991)\nbudget 365 days").unwrap_err();
+        assert!(spec.message.contains("unknown budget unit"), "{spec}");
+        let spec = parse("search halving(1000000, eta = 1000, seed = 9007199254740991)\nbudget 8760 h").unwrap();
+        assert_eq!(
+            spec.search.as_ref().map(|s| s.0),
+            Some(Search::Halving { n: 1_000_000, eta: 1000, seed: 9_007_199_254_740_991, min_epochs: None })
+        );
+        let plan = spec.plan(100_000);
+        assert_eq!((plan.eta, plan.budget_seconds), (Some(1000), Some(MAX_BUDGET_SECONDS)));
+        assert_eq!(plan.rungs, vec![1, 1000]);
+        assert_eq!(parse("budget 1000000000 epochs").unwrap().plan(1).budget_epochs, Some(1_000_000_000));
+    }
+
+    #[test]
+    fn rungs_are_total() {
+        // eta³ overflowed (and then divided by zero) for eta = 2^32.
+        assert_eq!(rungs(4_294_967_296, None, 30), vec![1]);
+        assert_eq!(rungs(u64::MAX, None, u32::MAX), vec![1]);
+        assert_eq!(rungs(3, Some(0), 30), vec![1, 3, 9, 27], "a rung 0 would never grow");
+        assert_eq!(rungs(0, Some(u64::MAX), 30), Vec::<u32>::new());
+        assert_eq!(rungs(2, None, 0), Vec::<u32>::new());
+        let hand_built = Spec {
+            search: Some((Search::Halving { n: 4, eta: 4_294_967_296, seed: 0, min_epochs: None }, 0..0)),
+            ..Spec::default()
+        };
+        assert_eq!(hand_built.plan(30).eta, Some(u32::MAX));
+    }
+
+    #[test]
+    fn lists_of_sets_are_checked_and_drawn_without_building_their_product() {
+        // 100^8 = 10^16 lists: counted, checked item by item, drawn from.
+        let set = format!("{{{}}}", (1..=100).map(|w| w.to_string()).collect::<Vec<_>>().join(", "));
+        let text = format!("model hidden = [{}]\nsearch random(5, seed = 3)", [set.as_str(); 8].join(", "));
+        let spec = parse(&text).unwrap();
+        assert_eq!(spec.candidates(&text).unwrap(), 5);
+        for c in spec.expand(&text, 10).unwrap() {
+            let hidden = c.options["hidden"].as_array().unwrap().clone();
+            assert_eq!(hidden.len(), 8);
+            assert!(hidden.iter().all(|w| (1..=100).contains(&w.as_u64().unwrap())), "{hidden:?}");
+        }
+        let grid = format!("model hidden = [{}]", [set.as_str(); 8].join(", "));
+        assert_eq!(parse(&grid).unwrap().candidates(&grid).unwrap(), 10u128.pow(16));
+        // A bad width in any position of any set is found, at the list.
+        let bad = format!("model hidden = [{set}, {{8, 0}}, {set}]");
+        let e = parse(&bad).unwrap_err();
+        assert_eq!((e.column, e.message.as_str()), (16, "option \"hidden\" is 0, allowed: widths from 1 to 4096"));
+        // More layers than allowed fail on the first combination, at once.
+        let wide = format!("model hidden = [{}]", vec![set.as_str(); 100].join(", "));
+        assert!(parse(&wide).unwrap_err().message.contains("at most 8 layers"));
+        // A product past u128 saturates instead of overflowing.
+        assert_eq!(grid_size(&parse_value(&format!("[{}]", vec![set.as_str(); 30].join(", ")))), Some(u128::MAX));
+    }
+
+    #[test]
+    fn a_grid_over_lists_of_sets_keeps_every_item() {
+        // Lists used to be cut short once 10,000 combinations were built.
+        let set = "{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}";
+        let text = format!("model hidden = [{}, 7]\nsearch random(20, seed = 1)", [set; 5].join(", "));
+        let spec = parse(&text).unwrap();
+        for c in spec.expand(&text, 100).unwrap() {
+            let hidden = c.options["hidden"].as_array().unwrap();
+            assert_eq!((hidden.len(), &hidden[5]), (6, &json!(7)), "{hidden:?}");
+        }
+        let grid = "model hidden = [{8, 16}, {1, 2, 3}]\ntrain lr = {0.1, 0.01}";
+        let all: Vec<_> = parse(grid).unwrap().expand(grid, 100).unwrap().into_iter().map(|c| c.options).collect();
+        assert_eq!(all.len(), 12);
+        assert_eq!(all[0]["hidden"], json!([8, 1]));
+        assert_eq!(all[1]["hidden"], json!([8, 2]), "the last item varies fastest");
+        assert_eq!(all[3]["hidden"], json!([16, 1]));
+        assert_eq!(all[6]["learning_rate"], json!(0.01));
+    }
+
+    /// One value, parsed alone.
+    fn parse_value(text: &str) -> Value {
+        Parser { text, at: 0, depth: 0 }.value().unwrap().0
     }
 
     #[test]

@@ -256,7 +256,9 @@ fn check_tensor(tensor: &[u8]) -> Result<(), OnnxFormatError> {
 pub fn read_signature(model: &[u8]) -> Result<GraphSignature, OnnxFormatError> {
     check_self_contained(model)?;
     let graph = *messages(model, 7)?.last().ok_or_else(|| malformed("no graph"))?;
-    let initializers: Vec<String> =
+    // A set: a file of many tiny inputs and initializers would make a list
+    // search quadratic, in the backend that imports it.
+    let initializers: std::collections::HashSet<String> =
         messages(graph, 5)?.into_iter().filter_map(|t| string_field(t, 8).transpose()).collect::<Result<_, _>>()?;
     let inputs = messages(graph, 11)?
         .into_iter()
@@ -313,8 +315,9 @@ pub fn read_initializers(model: &[u8]) -> Result<Vec<Initializer>, OnnxFormatErr
             }
         }
         let name = string_field(tensor, 8)?.unwrap_or_default();
-        let expected: i64 = dims.iter().product();
-        if expected != data.len() as i64 {
+        // Checked: dims come from the file, and their product can overflow.
+        let expected = dims.iter().try_fold(1i64, |n, d| if *d < 0 { None } else { n.checked_mul(*d) });
+        if expected != i64::try_from(data.len()).ok() {
             return Err(malformed(&format!("initializer {name} has {} values for dims {dims:?}", data.len())));
         }
         out.push(Initializer { name, dims, data });
@@ -415,6 +418,22 @@ mod tests {
         assert_eq!(sig.inputs[0].dims, vec![None, Some(3)]);
         assert_eq!((sig.inputs[1].elem_type, sig.inputs[1].type_name()), (STRING, "string"));
         assert_eq!(sig.outputs[0].name, "p");
+    }
+
+    #[test]
+    fn initializer_dims_that_overflow_or_are_negative_are_errors() {
+        let tensor = |dims: &[u64]| {
+            let mut t: Vec<u8> = dims.iter().flat_map(|d| int_field(1, *d)).collect();
+            t.extend(int_field(2, 1));
+            t.extend(field(8, b"w"));
+            t.extend(field(9, &[0u8; 8]));
+            field(7, &field(5, &t))
+        };
+        assert_eq!(read_initializers(&tensor(&[2])).unwrap()[0].data, vec![0.0, 0.0]);
+        for dims in [&[1 << 40, 1 << 40][..], &[u64::MAX, 2], &[1 << 62, 4, 0]] {
+            let e = read_initializers(&tensor(dims)).unwrap_err();
+            assert!(e.to_string().contains("has 2 values for dims"), "{dims:?}: {e}");
+        }
     }
 
     #[test]

@@ -96,6 +96,16 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     frame
 }
 
+/// [`encode`], refusing a frame larger than [`MAX_FRAME_BYTES`]: the peer
+/// would refuse it, and close the connection, anyway.
+pub fn try_encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let frame = encode(msg);
+    if frame.len() - 4 > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(frame.len() - 4));
+    }
+    Ok(frame)
+}
+
 /// Reads the payload length from a frame header, enforcing the size limit.
 pub fn payload_len(header: [u8; 4]) -> Result<usize, FrameError> {
     let len = u32::from_le_bytes(header) as usize;
@@ -109,9 +119,10 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
     Ok(serde_json::from_slice(payload)?)
 }
 
-/// Blocking write of one frame.
+/// Blocking write of one frame; one larger than the peer would read is
+/// refused here rather than sent.
 pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
-    w.write_all(&encode(msg))?;
+    w.write_all(&try_encode(msg)?)?;
     w.flush()?;
     Ok(())
 }
@@ -160,6 +171,16 @@ mod tests {
         wire.extend_from_slice(&3u32.to_le_bytes());
         wire.extend_from_slice(b"{x}");
         assert!(matches!(read_frame::<_, Response>(&mut &wire[..]), Err(FrameError::Malformed(_))));
+    }
+
+    #[test]
+    fn a_frame_too_large_for_the_peer_is_not_sent() {
+        let hello = Request::Hello { protocol: PROTOCOL_VERSION, client: "x".repeat(MAX_FRAME_BYTES) };
+        let mut wire = Vec::new();
+        assert!(matches!(write_frame(&mut wire, &hello), Err(FrameError::TooLarge(_))));
+        assert!(wire.is_empty());
+        // A length prefix of 2^32 - 1 is refused before anything is allocated.
+        assert!(matches!(read_frame::<_, Request>(&mut &[0xff; 8][..]), Err(FrameError::TooLarge(_))));
     }
 
     #[test]

@@ -17,6 +17,18 @@ pub const MAX_CLASSES: usize = 200;
 pub const MAX_HIDDEN_LAYERS: usize = 8;
 pub const MAX_LAYER_WIDTH: u32 = 4096;
 pub const MAX_NAME_LEN: usize = 63;
+/// The most epochs one model trains (and the most halving's `min_epochs`).
+pub const MAX_EPOCHS: u32 = 100_000;
+pub const MAX_BATCH_SIZE: u32 = 65_536;
+pub const MAX_CATEGORIES: u32 = 100_000;
+
+/// Most bytes of an `options` JSON text ([`parse_options_text`]): a
+/// thousand columns' encodings take a few tens of KiB.
+pub const MAX_OPTIONS_BYTES: usize = 1 << 20;
+/// How deep an `options` JSON text may nest. Real options nest 2 levels
+/// (`{"encodings": {...}}`); serde_json refuses 128, which a backend's stack
+/// may not reach safely.
+pub const MAX_OPTIONS_DEPTH: usize = 32;
 
 /// How a categorical NULL is presented to the ONNX artifact: a string input
 /// equal to this marker is the NULL category.
@@ -436,6 +448,9 @@ pub const OPTION_KEYS: &[&str] = &[
 /// Embeddings wider than this are refused.
 pub const MAX_EMBEDDING_DIM: u32 = 512;
 pub const MAX_RESIDUAL_BLOCKS: u32 = 16;
+/// Quantile bins of the quantile and piecewise-linear encodings.
+pub const MIN_BINS: u32 = 2;
+pub const MAX_BINS: u32 = 256;
 
 impl TrainOptions {
     /// Reads the user's `options` JSON object over the defaults.
@@ -447,9 +462,16 @@ impl TrainOptions {
             match key.as_str() {
                 "hidden" => {
                     let arr = v.as_array().ok_or_else(|| type_err(key, "an array of layer widths"))?;
+                    if arr.len() > MAX_HIDDEN_LAYERS {
+                        return Err(too_many_layers(arr.len()));
+                    }
+                    let widths = format!("widths from 1 to {MAX_LAYER_WIDTH}");
                     opts.hidden = arr
                         .iter()
-                        .map(|w| as_u32(key, w, "an array of positive integers"))
+                        .map(|w| {
+                            whole(key, w, 1, MAX_LAYER_WIDTH.into(), "an array of positive integers", &widths)
+                                .map(|w| w as u32)
+                        })
                         .collect::<Result<_, _>>()?;
                 }
                 "activation" => {
@@ -461,11 +483,14 @@ impl TrainOptions {
                         _ => return Err(type_err(key, "one of \"relu\", \"gelu\", \"silu\", \"tanh\"")),
                     }
                 }
-                "epochs" => opts.epochs = as_u32(key, v, "a positive integer")?,
-                "batch_size" => opts.batch_size = as_u32(key, v, "a positive integer")?,
+                "epochs" => opts.epochs = whole_u32(key, v, 1, MAX_EPOCHS, "a positive integer")?,
+                "batch_size" => opts.batch_size = whole_u32(key, v, 1, MAX_BATCH_SIZE, "a positive integer")?,
                 "learning_rate" => opts.learning_rate = as_f64(key, v)?,
                 "weight_decay" => opts.weight_decay = as_f64(key, v)?,
-                "seed" => opts.seed = v.as_u64().ok_or_else(|| type_err(key, "a non-negative integer"))?,
+                "seed" => {
+                    opts.seed =
+                        whole(key, v, 0, u64::MAX, "a non-negative integer", &format!("from 0 to {}", u64::MAX))?
+                }
                 "validation_fraction" => opts.validation_fraction = as_f64(key, v)?,
                 "split" => {
                     opts.split = match v.as_str() {
@@ -474,8 +499,8 @@ impl TrainOptions {
                         _ => return Err(type_err(key, "one of \"random\", \"ordered\"")),
                     }
                 }
-                "patience" => opts.patience = as_u32(key, v, "a non-negative integer")?,
-                "max_categories" => opts.max_categories = as_u32(key, v, "a positive integer")?,
+                "patience" => opts.patience = whole_u32(key, v, 0, u32::MAX, "a non-negative integer")?,
+                "max_categories" => opts.max_categories = whole_u32(key, v, 1, MAX_CATEGORIES, "a positive integer")?,
                 "optimizer" => {
                     opts.optimizer = match v.as_str() {
                         Some("adam") => Optimizer::Adam,
@@ -493,9 +518,11 @@ impl TrainOptions {
                         _ => return Err(type_err(key, "one of \"constant\", \"cosine\", \"warmup\"")),
                     }
                 }
-                "warmup_epochs" => opts.warmup_epochs = as_u32(key, v, "a non-negative integer")?,
+                "warmup_epochs" => opts.warmup_epochs = whole_u32(key, v, 0, u32::MAX, "a non-negative integer")?,
                 "clip_norm" => opts.clip_norm = as_f64(key, v)?,
-                "residual_blocks" => opts.residual_blocks = as_u32(key, v, "a non-negative integer")?,
+                "residual_blocks" => {
+                    opts.residual_blocks = whole_u32(key, v, 0, MAX_RESIDUAL_BLOCKS, "a non-negative integer")?
+                }
                 "norm" => {
                     opts.norm = match v.as_str() {
                         Some("none") => Norm::None,
@@ -513,15 +540,25 @@ impl TrainOptions {
                         _ => return Err(type_err(key, "one of \"standard\", \"quantile\", \"ple\"")),
                     }
                 }
-                "bins" => opts.bins = as_u32(key, v, "a positive integer")?,
-                "onehot_max" => opts.onehot_max = as_u32(key, v, "a non-negative integer")?,
+                "bins" => opts.bins = whole_u32(key, v, MIN_BINS, MAX_BINS, "a positive integer")?,
+                // u32::MAX included: options stored before onehot_max existed read so.
+                "onehot_max" => opts.onehot_max = whole_u32(key, v, 0, u32::MAX, "a non-negative integer")?,
                 "encodings" => {
                     let obj = v.as_object().ok_or_else(|| type_err(key, ENCODINGS_SHAPE))?;
                     opts.encodings = obj
                         .iter()
-                        .map(|(col, e)| ColumnEncoding::parse(e).map(|e| (col.clone(), e)))
-                        .collect::<Option<_>>()
-                        .ok_or_else(|| type_err(key, ENCODINGS_SHAPE))?;
+                        .map(|(col, e)| {
+                            if e.is_number() {
+                                // A width: out of range is said as such, not as a wrong shape.
+                                let d = whole(key, e, 1, MAX_EMBEDDING_DIM.into(), ENCODINGS_SHAPE, "")
+                                    .map_err(|_| embedding_width_err(col, &show_json_number(e)))?;
+                                return Ok((col.clone(), ColumnEncoding::Embedding(Some(d as u32))));
+                            }
+                            ColumnEncoding::parse(e)
+                                .map(|e| (col.clone(), e))
+                                .ok_or_else(|| type_err(key, ENCODINGS_SHAPE))
+                        })
+                        .collect::<Result<_, _>>()?;
                 }
                 "class_weights" => {
                     opts.class_weights = ClassWeights::parse(v).ok_or_else(|| type_err(key, CLASS_WEIGHTS_SHAPE))?
@@ -543,21 +580,17 @@ impl TrainOptions {
 
     pub fn validate(&self) -> Result<(), SpecError> {
         if self.hidden.len() > MAX_HIDDEN_LAYERS {
-            return Err(range_err(
-                "hidden",
-                format!("{} layers", self.hidden.len()),
-                format!("at most {MAX_HIDDEN_LAYERS} layers"),
-            ));
+            return Err(too_many_layers(self.hidden.len()));
         }
         if let Some(w) = self.hidden.iter().find(|w| **w == 0 || **w > MAX_LAYER_WIDTH) {
             return Err(range_err("hidden", w.to_string(), format!("widths from 1 to {MAX_LAYER_WIDTH}")));
         }
-        check_range("epochs", self.epochs as f64, 1.0, 100_000.0)?;
-        check_range("batch_size", self.batch_size as f64, 1.0, 65_536.0)?;
+        check_range("epochs", self.epochs as f64, 1.0, MAX_EPOCHS as f64)?;
+        check_range("batch_size", self.batch_size as f64, 1.0, MAX_BATCH_SIZE as f64)?;
         if !(self.learning_rate > 0.0 && self.learning_rate <= 10.0) {
             return Err(range_err(
                 "learning_rate",
-                self.learning_rate.to_string(),
+                show_number(self.learning_rate),
                 "greater than 0 and at most 10".into(),
             ));
         }
@@ -565,13 +598,13 @@ impl TrainOptions {
         if !(self.validation_fraction > 0.0 && self.validation_fraction <= 0.5) {
             return Err(range_err(
                 "validation_fraction",
-                self.validation_fraction.to_string(),
+                show_number(self.validation_fraction),
                 "greater than 0 and at most 0.5".into(),
             ));
         }
-        check_range("max_categories", self.max_categories as f64, 1.0, 100_000.0)?;
+        check_range("max_categories", self.max_categories as f64, 1.0, MAX_CATEGORIES as f64)?;
         if !(0.0..1.0).contains(&self.momentum) {
-            return Err(range_err("momentum", self.momentum.to_string(), "at least 0 and below 1".into()));
+            return Err(range_err("momentum", show_number(self.momentum), "at least 0 and below 1".into()));
         }
         if self.warmup_epochs >= self.epochs && self.schedule == Schedule::Warmup {
             return Err(range_err(
@@ -590,17 +623,13 @@ impl TrainOptions {
         }
         check_range("residual_blocks", self.residual_blocks as f64, 0.0, MAX_RESIDUAL_BLOCKS as f64)?;
         if !(0.0..0.95).contains(&self.dropout) {
-            return Err(range_err("dropout", self.dropout.to_string(), "at least 0 and below 0.95".into()));
+            return Err(range_err("dropout", show_number(self.dropout), "at least 0 and below 0.95".into()));
         }
-        check_range("bins", self.bins as f64, 2.0, 256.0)?;
+        check_range("bins", self.bins as f64, MIN_BINS as f64, MAX_BINS as f64)?;
         for (col, e) in &self.encodings {
             if let ColumnEncoding::Embedding(Some(d)) = e {
                 if *d == 0 || *d > MAX_EMBEDDING_DIM {
-                    return Err(range_err(
-                        "encodings",
-                        format!("{d} for column \"{col}\""),
-                        format!("embedding widths from 1 to {MAX_EMBEDDING_DIM}"),
-                    ));
+                    return Err(embedding_width_err(col, &d.to_string()));
                 }
             }
         }
@@ -608,7 +637,7 @@ impl TrainOptions {
             if let Some((label, v)) = w.iter().find(|(_, v)| !(**v > 0.0 && **v <= 1e6)) {
                 return Err(range_err(
                     "class_weights",
-                    format!("{v} for \"{label}\""),
+                    format!("{} for \"{label}\"", show_number(*v)),
                     "greater than 0 and at most 1000000".into(),
                 ));
             }
@@ -616,7 +645,7 @@ impl TrainOptions {
         if !(self.huber_delta > 0.0 && self.huber_delta <= 1e3) {
             return Err(range_err(
                 "huber_delta",
-                self.huber_delta.to_string(),
+                show_number(self.huber_delta),
                 "greater than 0 and at most 1000".into(),
             ));
         }
@@ -686,19 +715,136 @@ fn range_err(key: &str, value: String, allowed: String) -> SpecError {
     SpecError::OptionRange { key: key.to_owned(), value, allowed }
 }
 
+fn too_many_layers(layers: usize) -> SpecError {
+    range_err("hidden", format!("{layers} layers"), format!("at most {MAX_HIDDEN_LAYERS} layers"))
+}
+
+fn embedding_width_err(column: &str, width: &str) -> SpecError {
+    range_err(
+        "encodings",
+        format!("{width} for column \"{column}\""),
+        format!("embedding widths from 1 to {MAX_EMBEDDING_DIM}"),
+    )
+}
+
 fn check_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<(), SpecError> {
     if !(lo..=hi).contains(&v) {
-        return Err(range_err(key, v.to_string(), format!("from {lo} to {hi}")));
+        return Err(range_err(key, show_number(v), format!("from {} to {}", show_number(lo), show_number(hi))));
     }
     Ok(())
 }
 
-fn as_u32(key: &str, v: &Value, expected: &'static str) -> Result<u32, SpecError> {
-    v.as_u64().and_then(|x| u32::try_from(x).ok()).ok_or_else(|| type_err(key, expected))
+/// A number as messages show it: plainly, or with an exponent when it is
+/// very large or very small (`1e300`, not three hundred zeros).
+pub fn show_number(x: f64) -> String {
+    if x != 0.0 && x.is_finite() && !(1e-6..1e16).contains(&x.abs()) {
+        format!("{x:e}")
+    } else {
+        x.to_string()
+    }
+}
+
+/// A JSON number as messages show it.
+fn show_json_number(v: &Value) -> String {
+    match v {
+        Value::Number(n) if n.is_f64() => n.as_f64().map_or_else(|| n.to_string(), show_number),
+        other => other.to_string(),
+    }
+}
+
+/// A whole-number option: a JSON integer from `lo` to `hi`. A whole number
+/// outside them (negative, too large, or so large JSON reads it as a
+/// float) is a range error that says `allowed` (or "from lo to hi"); a
+/// fraction or another type is a type error. Never a value clamped.
+fn whole(key: &str, v: &Value, lo: u64, hi: u64, expected: &'static str, allowed: &str) -> Result<u64, SpecError> {
+    let out_of_range = |shown: String| {
+        let allowed = if allowed.is_empty() { format!("from {lo} to {hi}") } else { allowed.to_string() };
+        range_err(key, shown, allowed)
+    };
+    let Value::Number(n) = v else { return Err(type_err(key, expected)) };
+    if let Some(x) = n.as_u64() {
+        return if (lo..=hi).contains(&x) { Ok(x) } else { Err(out_of_range(x.to_string())) };
+    }
+    if let Some(x) = n.as_i64() {
+        return Err(out_of_range(x.to_string()));
+    }
+    match n.as_f64() {
+        Some(x) if x.fract() == 0.0 && !(lo as f64..=hi as f64).contains(&x) => Err(out_of_range(show_number(x))),
+        _ => Err(type_err(key, expected)),
+    }
+}
+
+/// [`whole`] for the u32 options; `hi` is at most u32::MAX, so the value fits.
+fn whole_u32(key: &str, v: &Value, lo: u32, hi: u32, expected: &'static str) -> Result<u32, SpecError> {
+    whole(key, v, lo.into(), hi.into(), expected, "").map(|x| x as u32)
 }
 
 fn as_f64(key: &str, v: &Value) -> Result<f64, SpecError> {
     v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| type_err(key, "a number"))
+}
+
+/// Parses an `options` JSON text (as a backend reads it from jsonb) into a
+/// value for [`TrainOptions::from_json`], within limits: at most
+/// [`MAX_OPTIONS_BYTES`] bytes and [`MAX_OPTIONS_DEPTH`] levels of arrays and
+/// objects (see [`parse_json_within`]).
+pub fn parse_options_text(text: &str) -> Result<Value, SpecError> {
+    parse_json_within(text, MAX_OPTIONS_BYTES, MAX_OPTIONS_DEPTH).map_err(SpecError::OptionsText)
+}
+
+/// Parses a JSON text of at most `max_bytes` bytes and `max_depth` levels of
+/// arrays and objects, or says precisely why not ("number out of range at
+/// line 1 column 16", "nested more than 32 levels deep at line 1 column
+/// 33"). The depth is checked by a scan of the brackets before serde_json
+/// runs, so a deep text costs no stack at all; a number JSON cannot hold
+/// (`1e400`) is an error that says where, like any other malformed text.
+pub fn parse_json_within(text: &str, max_bytes: usize, max_depth: usize) -> Result<Value, String> {
+    if text.len() > max_bytes {
+        return Err(format!("the text is {} bytes long, more than the {max_bytes} allowed", text.len()));
+    }
+    if let Some(at) = nesting_past(text.as_bytes(), max_depth) {
+        let (line, column) = line_and_column(text, at);
+        return Err(format!("nested more than {max_depth} levels deep at line {line} column {column}"));
+    }
+    serde_json::from_str(text).map_err(|e| e.to_string())
+}
+
+/// Where a JSON text first opens more than `most` arrays and objects, not
+/// counting brackets inside strings; None if it never does. Malformed text
+/// is left for the JSON parser to describe.
+fn nesting_past(json: &[u8], most: usize) -> Option<usize> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, &b) in json.iter().enumerate() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > most {
+                    return Some(i);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The 1-based line and column (in characters) of byte `at` of `text`, as
+/// serde_json reports positions.
+fn line_and_column(text: &str, at: usize) -> (usize, usize) {
+    let before = text.get(..at).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
 }
 
 /// Model names are identifiers people type in WHERE clauses: keep them plain.
@@ -780,6 +926,10 @@ pub enum SpecError {
     InvalidName { name: String, reason: &'static str },
     #[error("options must be a JSON object")]
     OptionsNotObject,
+    /// An options text that is not JSON, or is past a limit of
+    /// [`parse_options_text`]; says what and where.
+    #[error("options: {0}")]
+    OptionsText(String),
     #[error("unknown option \"{0}\"")]
     UnknownOption(String),
     #[error("option \"{key}\" must be {expected}")]
@@ -966,6 +1116,115 @@ mod tests {
         assert_eq!(o.categorical_encoding("c", 3), CategoricalEncoding::Embedding(3));
         assert_eq!(embedding_dim(100_000), 32);
         assert_eq!(embedding_dim(1), 2);
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_range_errors_that_say_the_limits() {
+        let range = |v: Value| match TrainOptions::from_json(Some(&v)).unwrap_err() {
+            SpecError::OptionRange { key, value, allowed } => format!("{key}: {value} not {allowed}"),
+            other => panic!("{v}: {other}"),
+        };
+        assert_eq!(range(json!({"epochs": 4_294_967_296u64})), "epochs: 4294967296 not from 1 to 100000");
+        assert_eq!(range(json!({"epochs": 1e300})), "epochs: 1e300 not from 1 to 100000");
+        assert_eq!(range(json!({"epochs": 100_001})), "epochs: 100001 not from 1 to 100000");
+        assert_eq!(range(json!({"epochs": -1})), "epochs: -1 not from 1 to 100000");
+        assert_eq!(range(json!({"batch_size": 65_537})), "batch_size: 65537 not from 1 to 65536");
+        assert_eq!(range(json!({"patience": 4_294_967_296u64})), "patience: 4294967296 not from 0 to 4294967295");
+        assert_eq!(range(json!({"seed": -1})), "seed: -1 not from 0 to 18446744073709551615");
+        assert_eq!(range(json!({"seed": 1e300})), "seed: 1e300 not from 0 to 18446744073709551615");
+        assert_eq!(range(json!({"bins": 1e308})), "bins: 1e308 not from 2 to 256");
+        assert_eq!(range(json!({"max_categories": 0})), "max_categories: 0 not from 1 to 100000");
+        assert_eq!(range(json!({"residual_blocks": 17})), "residual_blocks: 17 not from 0 to 16");
+        assert_eq!(range(json!({"hidden": [64, 1e10]})), "hidden: 10000000000 not widths from 1 to 4096");
+        assert_eq!(range(json!({"hidden": [64, 4097]})), "hidden: 4097 not widths from 1 to 4096");
+        assert_eq!(range(json!({"hidden": vec![8; 100_000]})), "hidden: 100000 layers not at most 8 layers");
+        assert_eq!(
+            range(json!({"encodings": {"city": 1e10}})),
+            "encodings: 10000000000 for column \"city\" not embedding widths from 1 to 512"
+        );
+        assert_eq!(
+            range(json!({"encodings": {"city": -3}})),
+            "encodings: -3 for column \"city\" not embedding widths from 1 to 512"
+        );
+        assert_eq!(range(json!({"learning_rate": 1e300})), "learning_rate: 1e300 not greater than 0 and at most 10");
+        assert_eq!(range(json!({"clip_norm": 1e7})), "clip_norm: 10000000 not from 0 to 1000000");
+        // A fraction is still the wrong type for a whole-number option.
+        assert_eq!(
+            TrainOptions::from_json(Some(&json!({"epochs": 2.5}))).unwrap_err().to_string(),
+            "option \"epochs\" must be a positive integer"
+        );
+        // The largest values allowed are kept exactly.
+        let o = TrainOptions::from_json(Some(&json!({
+            "seed": u64::MAX, "patience": u32::MAX, "onehot_max": u32::MAX, "epochs": 100_000, "hidden": vec![4096; 8]
+        })))
+        .unwrap();
+        assert_eq!((o.seed, o.patience, o.onehot_max, o.epochs), (u64::MAX, u32::MAX, u32::MAX, 100_000));
+    }
+
+    #[test]
+    fn no_json_value_panics_the_options_reader() {
+        let numbers = [
+            json!(u64::MAX),
+            json!(i64::MIN),
+            json!(f64::MAX),
+            json!(-f64::MAX),
+            json!(f64::MIN_POSITIVE),
+            json!(-0.0),
+            json!(0),
+            json!(f64::NAN), // null: serde_json has no NaN
+        ];
+        let mut deep = json!(1);
+        for _ in 0..1000 {
+            deep = json!([deep]);
+        }
+        let mut values: Vec<Value> = numbers.to_vec();
+        values.extend([json!(null), json!("x"), json!([1, "a"]), json!({"a": {"b": 1}}), deep]);
+        for key in OPTION_KEYS {
+            for v in &values {
+                let _ = TrainOptions::from_json(Some(&json!({ *key: v.clone() })));
+                let _ = TrainOptions::from_json(Some(&json!({ *key: [v.clone()] })));
+                let _ = TrainOptions::from_json(Some(&json!({ *key: { "a": v.clone() } })));
+            }
+        }
+        for v in &values {
+            let _ = TrainOptions::from_json(Some(v));
+        }
+    }
+
+    #[test]
+    fn options_text_is_parsed_within_limits() {
+        let v = parse_options_text(r#"{"epochs": 3, "encodings": {"city": 8}}"#).unwrap();
+        assert_eq!(TrainOptions::from_json(Some(&v)).unwrap().epochs, 3);
+        assert_eq!(
+            parse_options_text(r#"{"epochs": 1e400}"#).unwrap_err().to_string(),
+            "options: number out of range at line 1 column 16"
+        );
+        let deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(
+            parse_options_text(&deep).unwrap_err(),
+            SpecError::OptionsText("nested more than 32 levels deep at line 1 column 33".into())
+        );
+        let deep = format!("{{\n \"a\": {}1{}}}", "{\"b\": ".repeat(200), "}".repeat(200));
+        assert_eq!(
+            parse_options_text(&deep).unwrap_err().to_string(),
+            "options: nested more than 32 levels deep at line 2 column 193"
+        );
+        // Brackets in strings, escaped quotes included, are not nesting.
+        let text = format!(r#"{{"a\"[": "{}\"{}"}}"#, "[".repeat(100), "{".repeat(100));
+        assert_eq!(parse_options_text(&text).unwrap()["a\"["].as_str().map(str::len), Some(201));
+        let big = format!(r#"{{"a": "{}"}}"#, "x".repeat(MAX_OPTIONS_BYTES));
+        assert!(parse_options_text(&big).unwrap_err().to_string().contains("more than the 1048576 allowed"));
+        assert!(matches!(parse_options_text("{"), Err(SpecError::OptionsText(_))));
+        assert!(matches!(parse_options_text(""), Err(SpecError::OptionsText(_))));
+        // serde_json reads "-0" as the float -0.0: like 3.0, not an integer (jsonb writes it 0).
+        let minus_zero = parse_options_text(r#"{"seed": -0}"#).unwrap();
+        assert_eq!(
+            TrainOptions::from_json(Some(&minus_zero)).unwrap_err().to_string(),
+            "option \"seed\" must be a non-negative integer"
+        );
+        // Exactly 32 levels parse.
+        let ok = format!("{}1{}", "[".repeat(MAX_OPTIONS_DEPTH), "]".repeat(MAX_OPTIONS_DEPTH));
+        assert!(parse_options_text(&ok).is_ok());
     }
 
     #[test]

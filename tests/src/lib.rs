@@ -24,8 +24,13 @@ pub struct Env {
     pub log: PathBuf,
     /// A Python with the onnxruntime package.
     pub python: PathBuf,
-    /// PostgreSQL's binaries (pg_dump, pg_restore).
+    /// PostgreSQL's binaries (pg_dump, pg_restore, pg_ctl).
     pub pgbin: String,
+    /// The cluster's data directory, for tests that restart it
+    /// (CEREBRO_E2E_PGDATA; tier 5 sets it).
+    pub pgdata: Option<PathBuf>,
+    /// The server log the cluster writes to (CEREBRO_E2E_PGLOG).
+    pub pglog: Option<PathBuf>,
 }
 
 fn var(name: &str) -> String {
@@ -44,7 +49,61 @@ impl Env {
             log: var("CEREBRO_E2E_LOG").into(),
             python: var("CEREBRO_E2E_PYTHON").into(),
             pgbin: var("CEREBRO_E2E_PGBIN"),
+            pgdata: std::env::var_os("CEREBRO_E2E_PGDATA").map(PathBuf::from),
+            pglog: std::env::var_os("CEREBRO_E2E_PGLOG").map(PathBuf::from),
         }
+    }
+
+    /// Runs `pg_ctl` on the cluster as deploy/lib.sh does, as the postgres
+    /// OS user, with the server's output going to its log.
+    pub fn pg_ctl(&self, args: &[&str]) -> Result<()> {
+        let pgdata =
+            self.pgdata.as_ref().context("CEREBRO_E2E_PGDATA is not set: run the tests with deploy/test.sh")?;
+        let pglog = self.pglog.as_ref().context("CEREBRO_E2E_PGLOG is not set: run the tests with deploy/test.sh")?;
+        let out = without_inherited_fds("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(format!("{}/pg_ctl", self.pgbin))
+            .arg("-D")
+            .arg(pgdata)
+            .arg("-l")
+            .arg(pglog)
+            .args(["-w", "-t", "120"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running pg_ctl")?;
+        if !out.status.success() {
+            bail!(
+                "pg_ctl {} failed with {}: {}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Restarts the cluster in shutdown `mode` ("fast": every session is
+    /// terminated; "immediate": every process is stopped at once and the
+    /// server recovers from a crash), waiting until it accepts connections.
+    /// The server's options (port, socket directory) are the ones it was
+    /// started with.
+    pub fn restart_postgres(&self, mode: &str) -> Result<()> {
+        self.pg_ctl(&["-m", mode, "restart"])
+    }
+
+    /// The server log's length now, to read what is written after it with
+    /// [`Env::server_log_since`].
+    pub fn server_log_len(&self) -> u64 {
+        self.pglog.as_ref().and_then(|p| std::fs::metadata(p).ok()).map_or(0, |m| m.len())
+    }
+
+    /// What the server wrote to its log after it was `from` bytes long.
+    pub fn server_log_since(&self, from: u64) -> String {
+        let Some(path) = &self.pglog else { return String::new() };
+        let bytes = std::fs::read(path).unwrap_or_default();
+        String::from_utf8_lossy(bytes.get(from as usize..).unwrap_or_default()).into_owned()
     }
 
     /// The same set-up with `lines` added to the daemon's config, written
@@ -108,6 +167,26 @@ impl Env {
     }
 }
 
+/// A command for `program` that runs with every file descriptor above 2
+/// closed. What outlives a test (the postmaster pg_ctl restarts) must not
+/// keep a descriptor the test process inherited: the lock of `flock
+/// /tmp/cerebro-e2e.lock deploy/test.sh` would never be freed.
+fn without_inherited_fds(program: &str) -> Command {
+    let mut command = Command::new("bash");
+    command
+        .arg("-c")
+        .arg(
+            r#"for fd in /proc/$$/fd/*; do
+                   fd=${fd##*/}
+                   if [ "$fd" -gt 2 ] && [ -e "/proc/$$/fd/$fd" ]; then eval "exec $fd>&-"; fi
+               done
+               exec "$@""#,
+        )
+        .arg("bash")
+        .arg(program);
+    command
+}
+
 fn postgres_ids() -> Result<(u32, u32)> {
     let id = |flag: &str| -> Result<u32> {
         let out = Command::new("id").args([flag, "postgres"]).output()?;
@@ -154,6 +233,11 @@ impl Daemon {
         self.child.as_ref().expect("running").id()
     }
 
+    /// Whether the process started is still running (it has not exited).
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// SIGKILL: the daemon gets no chance to clean up.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -179,6 +263,108 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Whether a process with this pid exists.
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn read_pid(path: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// A cerebrod running under deploy/watchdog.sh, as deploy/lib.sh starts the
+/// demo's: as the postgres OS user, started again 2 s after it dies. The
+/// watchdog and the daemon are stopped (SIGTERM) when this is dropped.
+pub struct Supervised {
+    watchdog: Child,
+    pidfile: PathBuf,
+    watchdog_pidfile: PathBuf,
+    socket: PathBuf,
+}
+
+impl Supervised {
+    pub fn start(env: &Env) -> Result<Supervised> {
+        let pidfile = env.socket.with_extension("pid");
+        let watchdog_pidfile = env.socket.with_extension("watchdog.pid");
+        let _ = std::fs::remove_file(&pidfile);
+        // The watchdog appends to the log as postgres; Daemon::start may
+        // have made it as root.
+        let (uid, gid) = postgres_ids()?;
+        OpenOptions::new().create(true).append(true).open(&env.log)?;
+        std::os::unix::fs::chown(&env.log, Some(uid), Some(gid))
+            .with_context(|| format!("giving {} to postgres", env.log.display()))?;
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/watchdog.sh");
+        let watchdog = without_inherited_fds("runuser")
+            .args(["-u", "postgres", "--", "bash", script])
+            .arg(&pidfile)
+            .arg(&env.log)
+            .arg(&env.daemon_bin)
+            .arg("--config")
+            .arg(&env.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting deploy/watchdog.sh")?;
+        let supervised = Supervised { watchdog, pidfile, watchdog_pidfile, socket: env.socket.clone() };
+        supervised.wait_serving(None, Duration::from_secs(30))?;
+        Ok(supervised)
+    }
+
+    /// The daemon's pid now.
+    pub fn pid(&self) -> Option<u32> {
+        read_pid(&self.pidfile).filter(|&p| alive(p))
+    }
+
+    /// SIGKILL to the daemon (not the watchdog), as a crash would.
+    pub fn kill_daemon(&self) -> Result<u32> {
+        let pid = self.pid().context("no daemon is running under the watchdog")?;
+        let status = Command::new("kill").args(["-KILL", &pid.to_string()]).status()?;
+        if !status.success() {
+            bail!("kill -KILL {pid} failed");
+        }
+        while alive(pid) && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(pid)
+    }
+
+    /// Waits until a daemon other than `old` runs and accepts connections
+    /// on the socket; returns its pid.
+    pub fn wait_serving(&self, old: Option<u32>, timeout: Duration) -> Result<u32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(pid) = self.pid().filter(|&p| Some(p) != old) {
+                if UnixStream::connect(&self.socket).is_ok() {
+                    return Ok(pid);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no cerebrod (other than {old:?}) serves {} after {timeout:?}", self.socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        if let Some(pid) = read_pid(&self.watchdog_pidfile) {
+            let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline && matches!(self.watchdog.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Should the watchdog not have stopped, nothing of it stays behind.
+        for pid in [read_pid(&self.watchdog_pidfile), read_pid(&self.pidfile)].into_iter().flatten() {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+        let _ = self.watchdog.kill();
+        let _ = self.watchdog.wait();
     }
 }
 

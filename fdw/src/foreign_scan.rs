@@ -1,0 +1,599 @@
+//! The scan half of the foreign data wrapper: how PostgreSQL plans and runs a
+//! SELECT over `cerebro.models` and `cerebro.predictions`.
+//!
+//! supabase-wrappers 0.1.28 keeps a raw pointer to its planning state in the
+//! plan (`fdw_private`) and frees that state when the first execution ends.
+//! PostgreSQL caches plans — prepared statements after five executions (what
+//! psycopg, JDBC, pgx and PostgREST do by themselves), PL/pgSQL, SQL functions
+//! — and re-executes them, so the framework's scan ran through freed memory
+//! and took the server down (upstream issues #56 and #482, fixed in 0.2.x,
+//! which needs a newer Rust than ours). These callbacks replace the
+//! framework's scan callbacks: a plan carries only node trees PostgreSQL
+//! copies with it, and every execution builds its own state and frees it,
+//! whether it ends or fails.
+//!
+//! - Planning finds the conditions Cerebro can use (`column = value` and
+//!   `column = ANY (array)` with an equality operator and a value that needs
+//!   no column of the scan: a constant, a parameter, an outer reference, a
+//!   stable expression). Their attribute numbers go in `fdw_private` and their
+//!   value expressions in `fdw_exprs`, which PostgreSQL prepares and keeps
+//!   up to date like any other expression of the plan. Every condition stays
+//!   a filter PostgreSQL checks too, so narrowing the scan never changes what
+//!   a query returns.
+//! - Execution evaluates those expressions when the scan begins (and again on
+//!   rescan, when an outer row's parameter changes) and hands the values to
+//!   [`CerebroFdw`] as [`Qual`]s.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CStr};
+use std::ptr;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::FromDatum;
+use supabase_wrappers::prelude::{Cell, Column, ForeignDataWrapper, ForeignServer, Qual, Row, Value};
+
+use crate::admin::raise;
+use crate::error::CerebroError;
+use crate::fdw::CerebroFdw;
+
+/// Planner estimates: rough, so that a join hashes instead of rescanning a
+/// scoring scan.
+fn estimate(object: &str) -> (f64, i32) {
+    match object {
+        "models" => (100.0, 300),
+        _ => (100_000.0, 64),
+    }
+}
+
+/// What a plan tells its executions, kept in `fdw_private` as
+/// `(pushed attnos, pushed-with-ANY flags, needed attnos)`: integer lists,
+/// which `copyObject` copies with the plan.
+struct PlanPrivate {
+    /// Attribute numbers of the pushed conditions; `fdw_exprs` holds their
+    /// values in the same order.
+    pushed: Vec<i32>,
+    /// Whether each pushed condition is `= ANY (array)`.
+    any: Vec<bool>,
+    /// The attributes the query reads; empty when it reads whole rows.
+    needed: Vec<i32>,
+}
+
+impl PlanPrivate {
+    unsafe fn to_list(&self) -> *mut pg_sys::List {
+        unsafe fn ints(values: impl Iterator<Item = i32>) -> *mut pg_sys::List {
+            let mut list = ptr::null_mut();
+            for v in values {
+                list = unsafe { pg_sys::lappend_int(list, v) };
+            }
+            list
+        }
+        unsafe {
+            let pushed = ints(self.pushed.iter().copied());
+            let any = ints(self.any.iter().map(|&a| a as i32));
+            let needed = ints(self.needed.iter().copied());
+            let mut list = pg_sys::lappend(ptr::null_mut(), pushed.cast());
+            list = pg_sys::lappend(list, any.cast());
+            pg_sys::lappend(list, needed.cast())
+        }
+    }
+
+    unsafe fn from_list(list: *mut pg_sys::List) -> PlanPrivate {
+        unsafe fn ints(list: *mut pg_sys::List) -> Vec<i32> {
+            if list.is_null() {
+                return Vec::new();
+            }
+            let cells = unsafe { std::slice::from_raw_parts((*list).elements, (*list).length as usize) };
+            cells.iter().map(|c| unsafe { c.int_value }).collect()
+        }
+        unsafe fn nth(list: *mut pg_sys::List, n: usize) -> *mut pg_sys::List {
+            if list.is_null() || (*list).length as usize <= n {
+                return ptr::null_mut();
+            }
+            (*(*list).elements.add(n)).ptr_value.cast()
+        }
+        unsafe {
+            PlanPrivate {
+                pushed: ints(nth(list, 0)),
+                any: ints(nth(list, 1)).into_iter().map(|a| a != 0).collect(),
+                needed: ints(nth(list, 2)),
+            }
+        }
+    }
+}
+
+/// The `object` option of a foreign table: which of the two tables it is.
+unsafe fn table_options(foreigntableid: pg_sys::Oid) -> HashMap<String, String> {
+    unsafe { def_elems((*pg_sys::GetForeignTable(foreigntableid)).options) }
+}
+
+unsafe fn def_elems(list: *mut pg_sys::List) -> HashMap<String, String> {
+    let mut options = HashMap::new();
+    if list.is_null() {
+        return options;
+    }
+    unsafe {
+        for cell in std::slice::from_raw_parts((*list).elements, (*list).length as usize) {
+            let def = cell.ptr_value as *mut pg_sys::DefElem;
+            let name = CStr::from_ptr((*def).defname).to_string_lossy().into_owned();
+            let value = CStr::from_ptr(pg_sys::defGetString(def)).to_string_lossy().into_owned();
+            options.insert(name, value);
+        }
+    }
+    options
+}
+
+fn object_of(options: &HashMap<String, String>) -> String {
+    options.get("object").cloned().unwrap_or_default()
+}
+
+#[pg_guard]
+pub unsafe extern "C-unwind" fn get_foreign_rel_size(
+    _root: *mut pg_sys::PlannerInfo,
+    baserel: *mut pg_sys::RelOptInfo,
+    foreigntableid: pg_sys::Oid,
+) {
+    unsafe {
+        let (rows, width) = estimate(&object_of(&table_options(foreigntableid)));
+        (*baserel).rows = rows;
+        (*(*baserel).reltarget).width = width;
+        // Nothing is carried from here to the plan: GetForeignPlan reads the
+        // conditions from the planner's own lists.
+        (*baserel).fdw_private = ptr::null_mut();
+    }
+}
+
+#[pg_guard]
+pub unsafe extern "C-unwind" fn get_foreign_paths(
+    root: *mut pg_sys::PlannerInfo,
+    baserel: *mut pg_sys::RelOptInfo,
+    _foreigntableid: pg_sys::Oid,
+) {
+    unsafe {
+        let rows = (*baserel).rows;
+        let path = pg_sys::create_foreignscan_path(
+            root,
+            baserel,
+            ptr::null_mut(),
+            rows,
+            0.0,
+            rows,
+            ptr::null_mut(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+        );
+        pg_sys::add_path(baserel, path.cast());
+    }
+}
+
+/// Strips binary-compatible casts (`varchar` to `text`).
+unsafe fn strip_relabel(mut node: *mut pg_sys::Node) -> *mut pg_sys::Node {
+    unsafe {
+        while !node.is_null() && (*node).type_ == pg_sys::NodeTag::T_RelabelType {
+            node = (*(node as *mut pg_sys::RelabelType)).arg.cast();
+        }
+    }
+    node
+}
+
+/// The attribute of this scan a node is, if it is one.
+unsafe fn scan_column(node: *mut pg_sys::Node, relid: u32) -> Option<i32> {
+    unsafe {
+        let node = strip_relabel(node);
+        if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_Var {
+            return None;
+        }
+        let var = node as *mut pg_sys::Var;
+        ((*var).varno as u32 == relid && (*var).varlevelsup == 0 && (*var).varattno >= 1)
+            .then_some((*var).varattno as i32)
+    }
+}
+
+/// Whether an expression can be evaluated once when the scan begins: it reads
+/// no column of any relation at this level, calls nothing volatile and has
+/// no subquery of its own to run per row.
+unsafe fn evaluable_at_start(node: *mut pg_sys::Node) -> bool {
+    unsafe {
+        !pg_sys::contain_var_clause(node)
+            && !pg_sys::contain_volatile_functions(node)
+            && !pg_sys::contain_subplans(node)
+    }
+}
+
+/// Equality PostgreSQL itself vouches for (an operator that merge-joins is an
+/// equality of a btree family), under a collation where equal means the same
+/// bytes (the source query compares keys with the default collation).
+unsafe fn is_equality(opno: pg_sys::Oid, input_type: pg_sys::Oid, collation: pg_sys::Oid) -> bool {
+    unsafe {
+        pg_sys::op_mergejoinable(opno, input_type)
+            && (collation == pg_sys::InvalidOid || pg_sys::get_collation_isdeterministic(collation))
+    }
+}
+
+/// `column = value` or `column = ANY (array)` over this scan, as
+/// (attnum, value expression, is ANY).
+unsafe fn pushable(clause: *mut pg_sys::Node, relid: u32) -> Option<(i32, *mut pg_sys::Node, bool)> {
+    unsafe {
+        if clause.is_null() {
+            return None;
+        }
+        match (*clause).type_ {
+            pg_sys::NodeTag::T_OpExpr => {
+                let op = clause as *mut pg_sys::OpExpr;
+                let args = (*op).args;
+                if args.is_null() || (*args).length != 2 {
+                    return None;
+                }
+                let left: *mut pg_sys::Node = (*(*args).elements).ptr_value.cast();
+                let right: *mut pg_sys::Node = (*(*args).elements.add(1)).ptr_value.cast();
+                let (attnum, value) = match (scan_column(left, relid), scan_column(right, relid)) {
+                    (Some(a), None) => (a, right),
+                    (None, Some(a)) => (a, left),
+                    _ => return None,
+                };
+                let input_type = pg_sys::exprType(strip_relabel(left));
+                (is_equality((*op).opno, input_type, (*op).inputcollid) && evaluable_at_start(value))
+                    .then_some((attnum, value, false))
+            }
+            pg_sys::NodeTag::T_ScalarArrayOpExpr => {
+                let op = clause as *mut pg_sys::ScalarArrayOpExpr;
+                let args = (*op).args;
+                if !(*op).useOr || args.is_null() || (*args).length != 2 {
+                    return None;
+                }
+                let left: *mut pg_sys::Node = (*(*args).elements).ptr_value.cast();
+                let right: *mut pg_sys::Node = (*(*args).elements.add(1)).ptr_value.cast();
+                let attnum = scan_column(left, relid)?;
+                let input_type = pg_sys::exprType(strip_relabel(left));
+                (is_equality((*op).opno, input_type, (*op).inputcollid) && evaluable_at_start(right))
+                    .then_some((attnum, right, true))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The attributes a query reads from this scan (empty: every one).
+unsafe fn needed_attributes(baserel: *mut pg_sys::RelOptInfo, clauses: *mut pg_sys::List) -> Vec<i32> {
+    unsafe {
+        let relid = (*baserel).relid;
+        let mut attrs: *mut pg_sys::Bitmapset = ptr::null_mut();
+        pg_sys::pull_varattnos((*(*baserel).reltarget).exprs.cast(), relid, &mut attrs);
+        pg_sys::pull_varattnos(clauses.cast(), relid, &mut attrs);
+        let offset = pg_sys::FirstLowInvalidHeapAttributeNumber;
+        let mut needed = Vec::new();
+        let mut member = -1;
+        loop {
+            member = pg_sys::bms_next_member(attrs, member);
+            if member < 0 {
+                break;
+            }
+            let attnum = member + offset;
+            if attnum == 0 {
+                // A whole-row reference reads everything.
+                return Vec::new();
+            }
+            if attnum > 0 {
+                needed.push(attnum);
+            }
+        }
+        if needed.is_empty() {
+            // `SELECT count(*)`: rows still have to be produced; one column
+            // keeps the slot's shape honest without converting the others.
+            needed.push(1);
+        }
+        needed
+    }
+}
+
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C-unwind" fn get_foreign_plan(
+    _root: *mut pg_sys::PlannerInfo,
+    baserel: *mut pg_sys::RelOptInfo,
+    foreigntableid: pg_sys::Oid,
+    _best_path: *mut pg_sys::ForeignPath,
+    tlist: *mut pg_sys::List,
+    scan_clauses: *mut pg_sys::List,
+    outer_plan: *mut pg_sys::Plan,
+) -> *mut pg_sys::ForeignScan {
+    unsafe {
+        let relid = (*baserel).relid;
+        let scores = object_of(&table_options(foreigntableid)) == "predictions";
+        let mut private = PlanPrivate { pushed: Vec::new(), any: Vec::new(), needed: Vec::new() };
+        let mut fdw_exprs: *mut pg_sys::List = ptr::null_mut();
+        if scores && !scan_clauses.is_null() {
+            for cell in std::slice::from_raw_parts((*scan_clauses).elements, (*scan_clauses).length as usize) {
+                let rinfo = cell.ptr_value as *mut pg_sys::RestrictInfo;
+                if let Some((attnum, value, any)) = pushable((*rinfo).clause.cast(), relid) {
+                    private.pushed.push(attnum);
+                    private.any.push(any);
+                    fdw_exprs = pg_sys::lappend(fdw_exprs, value.cast());
+                }
+            }
+        }
+        // Every condition stays a filter PostgreSQL checks on each row.
+        let local_quals = pg_sys::extract_actual_clauses(scan_clauses, false);
+        private.needed = needed_attributes(baserel, local_quals);
+        pg_sys::make_foreignscan(
+            tlist,
+            local_quals,
+            relid,
+            fdw_exprs,
+            private.to_list(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+            outer_plan,
+        )
+    }
+}
+
+/// One execution of a scan: built in BeginForeignScan, freed in
+/// EndForeignScan or, when the query fails first, with the query's memory.
+struct ScanExecution {
+    fdw: CerebroFdw,
+    options: HashMap<String, String>,
+    columns: Vec<Column>,
+    /// (column name, is ANY, prepared value expression) of each pushed condition.
+    pushed: Vec<(String, bool, *mut pg_sys::ExprState)>,
+    row: Row,
+    /// Whether [`CerebroFdw::begin_scan`] ran: on the first row, not in
+    /// BeginForeignScan, because a value computed by an InitPlan
+    /// (`model = (SELECT ...)`) is only ready once the executor runs.
+    started: bool,
+}
+
+/// Where a scan's state lives: palloc'd in the query's memory context, whose
+/// reset callback frees the state if the scan never reached its end.
+#[repr(C)]
+struct ScanHandle {
+    callback: pg_sys::MemoryContextCallback,
+    execution: *mut ScanExecution,
+}
+
+unsafe extern "C-unwind" fn free_abandoned_scan(arg: *mut c_void) {
+    let handle = arg as *mut ScanHandle;
+    unsafe {
+        let execution = std::mem::replace(&mut (*handle).execution, ptr::null_mut());
+        if !execution.is_null() {
+            // Dropping closes the daemon connection and unmaps the regions;
+            // nothing in it calls back into PostgreSQL.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(Box::from_raw(execution))));
+        }
+    }
+}
+
+unsafe fn relation_columns(rel: pg_sys::Relation, needed: &[i32]) -> Vec<Column> {
+    unsafe {
+        let desc = (*rel).rd_att;
+        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+        attrs
+            .iter()
+            .filter(|a| !a.attisdropped && (needed.is_empty() || needed.contains(&(a.attnum as i32))))
+            .map(|a| Column {
+                name: pgrx::name_data_to_str(&a.attname).to_owned(),
+                num: a.attnum as usize,
+                type_oid: a.atttypid,
+            })
+            .collect()
+    }
+}
+
+/// A pushed condition's value, evaluated now, as the framework's [`Value`].
+unsafe fn evaluate(state: *mut pg_sys::ExprState, econtext: *mut pg_sys::ExprContext, any: bool) -> Option<Value> {
+    unsafe {
+        let old = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
+        let mut isnull = false;
+        let datum = (*state).evalfunc.map(|eval| eval(state, econtext, &mut isnull));
+        pg_sys::MemoryContextSwitchTo(old);
+        let datum = datum?;
+        if isnull {
+            // `col = NULL` matches nothing; PostgreSQL's filter says so.
+            return None;
+        }
+        let type_oid = pg_sys::exprType((*state).expr.cast());
+        if !any {
+            return Cell::from_polymorphic_datum(datum, false, type_oid).map(Value::Cell);
+        }
+        let element_type = pg_sys::get_element_type(type_oid);
+        if element_type == pg_sys::InvalidOid {
+            return None;
+        }
+        let array = pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) as *mut pg_sys::ArrayType;
+        let (mut len, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
+        pg_sys::get_typlenbyvalalign(element_type, &mut len, &mut byval, &mut align);
+        let (mut elements, mut nulls, mut count) = (ptr::null_mut(), ptr::null_mut(), 0);
+        pg_sys::deconstruct_array(array, element_type, len as i32, byval, align, &mut elements, &mut nulls, &mut count);
+        let cells = (0..count as usize)
+            .filter(|&i| !*nulls.add(i))
+            .filter_map(|i| Cell::from_polymorphic_datum(*elements.add(i), false, element_type))
+            .collect();
+        Some(Value::Array(cells))
+    }
+}
+
+impl ScanExecution {
+    unsafe fn quals(&self, econtext: *mut pg_sys::ExprContext) -> Vec<Qual> {
+        self.pushed
+            .iter()
+            .filter_map(|(field, any, state)| {
+                let value = unsafe { evaluate(*state, econtext, *any) }?;
+                Some(Qual { field: field.clone(), operator: "=".into(), value, use_or: *any, param: None })
+            })
+            .collect()
+    }
+
+    unsafe fn begin(&mut self, econtext: *mut pg_sys::ExprContext) -> Result<(), CerebroError> {
+        let quals = unsafe { self.quals(econtext) };
+        self.started = true;
+        self.fdw.begin_scan(&quals, &self.columns, &[], &None, &self.options)
+    }
+
+    fn end(&mut self) -> Result<(), CerebroError> {
+        if !std::mem::replace(&mut self.started, false) {
+            return Ok(());
+        }
+        self.fdw.end_scan()
+    }
+}
+
+#[pg_guard]
+pub unsafe extern "C-unwind" fn begin_foreign_scan(node: *mut pg_sys::ForeignScanState, eflags: i32) {
+    unsafe {
+        if eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0 {
+            return;
+        }
+        let plan = (*node).ss.ps.plan as *mut pg_sys::ForeignScan;
+        let rel = (*node).ss.ss_currentRelation;
+        let private = PlanPrivate::from_list((*plan).fdw_private);
+        let table = pg_sys::GetForeignTable((*rel).rd_id);
+        let server = pg_sys::GetForeignServer((*table).serverid);
+        let server = ForeignServer {
+            server_oid: (*server).serverid,
+            server_name: CStr::from_ptr((*server).servername).to_string_lossy().into_owned(),
+            server_type: None,
+            server_version: None,
+            options: def_elems((*server).options),
+        };
+        let fdw = CerebroFdw::new(server).unwrap_or_else(|e| raise(e));
+        let states = pg_sys::ExecInitExprList((*plan).fdw_exprs, node.cast());
+        let desc = (*rel).rd_att;
+        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+        let pushed = private
+            .pushed
+            .iter()
+            .zip(&private.any)
+            .enumerate()
+            .map(|(i, (&attnum, &any))| {
+                let name = pgrx::name_data_to_str(&attrs[attnum as usize - 1].attname).to_owned();
+                (name, any, (*(*states).elements.add(i)).ptr_value as *mut pg_sys::ExprState)
+            })
+            .collect();
+        let execution = Box::into_raw(Box::new(ScanExecution {
+            fdw,
+            options: table_options((*rel).rd_id),
+            columns: relation_columns(rel, &private.needed),
+            pushed,
+            row: Row::new(),
+            started: false,
+        }));
+        // A failure from here on frees the state with the query's memory.
+        let handle = pg_sys::palloc0(std::mem::size_of::<ScanHandle>()) as *mut ScanHandle;
+        (*handle).execution = execution;
+        (*handle).callback.func = Some(free_abandoned_scan);
+        (*handle).callback.arg = handle.cast();
+        pg_sys::MemoryContextRegisterResetCallback(pg_sys::CurrentMemoryContext, &mut (*handle).callback);
+        (*node).fdw_state = handle.cast();
+    }
+}
+
+unsafe fn execution_of<'a>(node: *mut pg_sys::ForeignScanState) -> Option<&'a mut ScanExecution> {
+    unsafe {
+        let handle = (*node).fdw_state as *mut ScanHandle;
+        if handle.is_null() || (*handle).execution.is_null() {
+            None
+        } else {
+            Some(&mut *(*handle).execution)
+        }
+    }
+}
+
+#[pg_guard]
+pub unsafe extern "C-unwind" fn iterate_foreign_scan(
+    node: *mut pg_sys::ForeignScanState,
+) -> *mut pg_sys::TupleTableSlot {
+    unsafe {
+        let slot = (*node).ss.ss_ScanTupleSlot;
+        if let Some(clear) = (*(*slot).tts_ops).clear {
+            clear(slot);
+        }
+        let Some(execution) = execution_of(node) else { return slot };
+        if !execution.started {
+            if let Err(e) = execution.begin((*node).ss.ps.ps_ExprContext) {
+                raise(e);
+            }
+        }
+        execution.row = Row::new();
+        match execution.fdw.iter_scan(&mut execution.row) {
+            Err(e) => raise(e),
+            Ok(None) => slot,
+            Ok(Some(())) => {
+                let natts = (*(*slot).tts_tupleDescriptor).natts as usize;
+                let values = std::slice::from_raw_parts_mut((*slot).tts_values, natts);
+                let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, natts);
+                nulls.fill(true);
+                // Datums are made in the per-tuple context the executor
+                // switched to, and live until the next row.
+                for (column, cell) in execution.columns.iter().zip(execution.row.cells.drain(..)) {
+                    if let Some(datum) = cell.and_then(|c| c.into_datum()) {
+                        values[column.num - 1] = datum;
+                        nulls[column.num - 1] = false;
+                    }
+                }
+                pg_sys::ExecStoreVirtualTuple(slot);
+                slot
+            }
+        }
+    }
+}
+
+#[pg_guard]
+pub unsafe extern "C-unwind" fn re_scan_foreign_scan(node: *mut pg_sys::ForeignScanState) {
+    unsafe {
+        let Some(execution) = execution_of(node) else { return };
+        // The pushed values may have changed (an outer row's parameter): the
+        // next row begins the scan again with them.
+        if let Err(e) = execution.end() {
+            raise(e);
+        }
+    }
+}
+
+#[pg_guard]
+pub unsafe extern "C-unwind" fn end_foreign_scan(node: *mut pg_sys::ForeignScanState) {
+    unsafe {
+        let handle = (*node).fdw_state as *mut ScanHandle;
+        if handle.is_null() || (*handle).execution.is_null() {
+            return;
+        }
+        let mut execution = Box::from_raw(std::mem::replace(&mut (*handle).execution, ptr::null_mut()));
+        let ended = execution.end();
+        drop(execution);
+        if let Err(e) = ended {
+            raise(e);
+        }
+    }
+}
+
+#[pg_guard]
+pub unsafe extern "C-unwind" fn explain_foreign_scan(
+    node: *mut pg_sys::ForeignScanState,
+    es: *mut pg_sys::ExplainState,
+) {
+    unsafe {
+        let plan = (*node).ss.ps.plan as *mut pg_sys::ForeignScan;
+        let private = PlanPrivate::from_list((*plan).fdw_private);
+        if private.pushed.is_empty() {
+            return;
+        }
+        let rel = (*node).ss.ss_currentRelation;
+        let desc = (*rel).rd_att;
+        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+        let pushed: Vec<String> = private
+            .pushed
+            .iter()
+            .zip(&private.any)
+            .map(|(&attnum, &any)| {
+                let name = pgrx::name_data_to_str(&attrs[attnum as usize - 1].attname);
+                if any {
+                    format!("{name} = ANY (...)")
+                } else {
+                    format!("{name} = ...")
+                }
+            })
+            .collect();
+        let text = std::ffi::CString::new(pushed.join(", ")).expect("column names have no NUL");
+        pg_sys::ExplainPropertyText(c"Cerebro Conditions".as_ptr(), text.as_ptr(), es);
+    }
+}

@@ -1,0 +1,296 @@
+//! Prepared statements, cached plans and the extended protocol, as
+//! applications and drivers use them: PostgreSQL switches a prepared
+//! statement to a cached generic plan on its sixth execution, and psycopg,
+//! JDBC, pgx and PostgREST prepare by themselves. Before issue 12 the sixth
+//! execution over `cerebro.models` killed the backend (signal 11, and the
+//! postmaster reset every session) and over `cerebro.predictions` failed
+//! with an assertion; every test here failed on that code.
+
+use std::process::Command;
+
+use cerebro_tests::Env;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use crate::{scoring_model, MODEL};
+
+/// Version 1 of the model, scored: every row's score summed.
+const SCORED: &str = "SELECT count(*)::text || ' ' || sum(score)::numeric(20,9) FROM cerebro.predictions
+                      WHERE model = 'rb_churn' AND version = 1";
+
+/// A query with `$n` parameters, the values to bind, and the same values
+/// written as SQL literals for the unprepared run.
+struct Case {
+    what: &'static str,
+    sql: &'static str,
+    params: Vec<Box<dyn ToSql + Sync + Send>>,
+    literals: Vec<&'static str>,
+}
+
+fn case(what: &'static str, sql: &'static str, params: Vec<(Box<dyn ToSql + Sync + Send>, &'static str)>) -> Case {
+    let (params, literals) = params.into_iter().unzip();
+    Case { what, sql, params, literals }
+}
+
+/// Every foreign table and SQL function a user reads, with conditions pushed
+/// to Cerebro as constants, parameters, InitPlans and outer references.
+fn cases() -> Vec<Case> {
+    let m = || -> (Box<dyn ToSql + Sync + Send>, &'static str) { (Box::new(MODEL), "'rb_churn'") };
+    vec![
+        case("models by name", "SELECT name, version, status, task FROM cerebro.models WHERE name = $1", vec![m()]),
+        case(
+            "every model",
+            "SELECT name, version FROM cerebro.models WHERE version >= $1",
+            vec![(Box::new(1i32), "1")],
+        ),
+        case("predictions", "SELECT key, label, score FROM cerebro.predictions WHERE model = $1", vec![m()]),
+        case(
+            "predictions of a version",
+            "SELECT key, version, score FROM cerebro.predictions WHERE model = $1 AND version = $2",
+            vec![m(), (Box::new(1i32), "1")],
+        ),
+        case(
+            "predictions of some keys",
+            "SELECT key, label, score FROM cerebro.predictions WHERE model = $1 AND key = ANY ($2)",
+            vec![m(), (Box::new(vec!["1".to_owned(), "17".to_owned(), "4242".to_owned()]), "'{1,17,4242}'::text[]")],
+        ),
+        case(
+            "predictions of one key",
+            "SELECT key, score FROM cerebro.predictions WHERE model = $1 AND key = $2",
+            vec![m(), (Box::new("99"), "'99'")],
+        ),
+        case(
+            "an InitPlan's model",
+            "SELECT key, score FROM cerebro.predictions WHERE model = (SELECT $1::text) AND key IN ('1', '2', '3')",
+            vec![m()],
+        ),
+        case(
+            "an outer reference per row",
+            "SELECT c.customer_id, (SELECT p.score FROM cerebro.predictions p
+                                    WHERE p.model = $1 AND p.key = c.customer_id::text)
+             FROM telco_churn c WHERE c.customer_id <= 25",
+            vec![m()],
+        ),
+        case(
+            "a join the planner narrows",
+            "SELECT m.name, count(*), sum(p.score) FROM cerebro.models m
+             JOIN cerebro.predictions p ON p.model = m.name AND p.version = m.version
+             WHERE m.name = $1 GROUP BY m.name",
+            vec![m()],
+        ),
+        case("archive", "SELECT name, version, auc IS NOT NULL FROM cerebro.archive WHERE name = $1", vec![m()]),
+        case("lineage", "SELECT name, version, path FROM cerebro.lineage WHERE name = $1", vec![m()]),
+        case("leaderboard", "SELECT * FROM cerebro.leaderboard WHERE name = $1", vec![m()]),
+        case("may_use", "SELECT cerebro.may_use($1, current_user)", vec![m()]),
+        case("export_onnx", "SELECT length(cerebro.export_onnx($1, 1)) > 0", vec![m()]),
+    ]
+}
+
+/// The rows of `sql` as sorted text, whatever their types.
+fn as_text(sql: &str) -> String {
+    format!("SELECT coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '') FROM ({sql}) t")
+}
+
+fn with_literals(sql: &str, literals: &[&str]) -> String {
+    // Highest first, so that $1 does not eat the start of $10.
+    literals.iter().enumerate().rev().fold(sql.to_owned(), |s, (i, lit)| s.replace(&format!("${}", i + 1), lit))
+}
+
+pub async fn unprepared(db: &Client, sql: &str) -> anyhow::Result<String> {
+    let rows = db.simple_query(sql).await?;
+    let text = rows.into_iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or_default().to_owned()),
+        _ => None,
+    });
+    Ok(text.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_table_view_and_function_answers_the_same_prepared_ten_times_in_every_plan_mode() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = scoring_model(&env, &db).await?;
+    let pid: i32 = db.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+    for mode in ["auto", "force_generic_plan", "force_custom_plan"] {
+        db.batch_execute(&format!("SET plan_cache_mode = {mode}")).await?;
+        for c in cases() {
+            let expected = unprepared(&db, &as_text(&with_literals(c.sql, &c.literals))).await?;
+            assert!(
+                !expected.is_empty() || c.what == "leaderboard",
+                "{}: the unprepared query returned nothing",
+                c.what
+            );
+            // A named statement over the extended protocol, as drivers do.
+            let statement = db.prepare(&as_text(c.sql)).await?;
+            let params: Vec<&(dyn ToSql + Sync)> = c.params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+            for run in 1..=10 {
+                let got: String = db
+                    .query_one(&statement, &params)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{} ({mode}), execution {run}: {e:?}", c.what))?
+                    .get(0);
+                assert_eq!(got, expected, "{} ({mode}), execution {run}", c.what);
+            }
+        }
+    }
+    // The same backend answered everything: nothing crashed on the way.
+    assert_eq!(db.query_one("SELECT pg_backend_pid()", &[]).await?.get::<_, i32>(0), pid);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sql_prepare_and_plpgsql_loops_reuse_their_plans_safely() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = scoring_model(&env, &db).await?;
+    let expected = unprepared(&db, SCORED).await?;
+    for mode in ["auto", "force_generic_plan"] {
+        db.batch_execute(&format!(
+            "SET plan_cache_mode = {mode};
+             DEALLOCATE ALL;
+             PREPARE q(text) AS SELECT count(*) FROM cerebro.models WHERE name = $1 AND version = 1;
+             PREPARE p(text) AS SELECT count(*)::text || ' ' || sum(score)::numeric(20,9) FROM cerebro.predictions
+                 WHERE model = $1 AND version = 1;"
+        ))
+        .await?;
+        for _ in 0..10 {
+            assert_eq!(unprepared(&db, "EXECUTE q('rb_churn')").await?, "1");
+            assert_eq!(unprepared(&db, "EXECUTE p('rb_churn')").await?, expected);
+        }
+        // PL/pgSQL caches the plans of its queries the same way.
+        unprepared(
+            &db,
+            "DO $$ DECLARE n bigint; s text; BEGIN
+                 FOR i IN 1..10 LOOP
+                     SELECT count(*) INTO n FROM cerebro.models WHERE name = 'rb_churn' AND version = 1;
+                     SELECT count(*)::text || ' ' || sum(score)::numeric(20,9) INTO s
+                         FROM cerebro.predictions WHERE model = 'rb_churn' AND version = 1;
+                     IF n <> 1 THEN RAISE EXCEPTION 'models said %', n; END IF;
+                     PERFORM set_config('rb.scored', s, false);
+                 END LOOP;
+             END $$",
+        )
+        .await?;
+        assert_eq!(unprepared(&db, "SELECT current_setting('rb.scored')").await?, expected);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prepared_insert_queues_one_version_per_execution() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    for mode in ["auto", "force_generic_plan", "force_custom_plan"] {
+        db.batch_execute(&format!("SET plan_cache_mode = {mode}; BEGIN")).await?;
+        let statement = db
+            .prepare(
+                "INSERT INTO cerebro.models (name, source, target, key, options)
+                 VALUES ($1, 'telco_churn', 'churn', 'customer_id', $2::text::jsonb)",
+            )
+            .await?;
+        for run in 1..=10 {
+            let name = format!("rb_insert_{run}");
+            let options = format!(r#"{{"epochs": {run}}}"#);
+            assert_eq!(db.execute(&statement, &[&name, &options]).await?, 1, "{mode}, execution {run}");
+        }
+        let queued: Vec<(String, i32)> = db
+            .query(
+                "SELECT m.name, (v.options->>'epochs')::int FROM cerebro.models m
+                 JOIN cerebro.model_versions v USING (name, version)
+                 WHERE m.name LIKE 'rb\\_insert\\_%' ORDER BY 2",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let expected: Vec<(String, i32)> = (1..=10).map(|i| (format!("rb_insert_{i}"), i)).collect();
+        assert_eq!(queued, expected, "{mode}");
+        db.batch_execute("ROLLBACK").await?;
+    }
+    Ok(())
+}
+
+/// Runs a Python program with psycopg 3 in its default configuration (it
+/// prepares a statement on its fifth execution); returns what it printed.
+fn psycopg(env: &Env, program: &str) -> anyhow::Result<String> {
+    let dsn = format!("host={} port={} dbname={} user=postgres", env.pghost, env.pgport, env.db);
+    let out = Command::new(&env.python).arg("-c").arg(program).arg(dsn).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "python failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn psycopg_with_its_defaults_polls_scores_and_inserts() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = scoring_model(&env, &db).await?;
+    let expected = unprepared(&db, SCORED).await?;
+    let printed = psycopg(
+        &env,
+        r#"
+import sys, psycopg
+with psycopg.connect(sys.argv[1]) as conn:
+    assert conn.prepare_threshold == 5, conn.prepare_threshold
+    pid = conn.info.backend_pid
+    seen = set()
+    for _ in range(12):
+        status = conn.execute(
+            "SELECT status FROM cerebro.models WHERE name = %s AND version = 1", ("rb_churn",)).fetchone()[0]
+        scored = conn.execute(
+            "SELECT count(*)::text || ' ' || sum(score)::numeric(20,9) FROM cerebro.predictions "
+            "WHERE model = %s AND version = 1", ("rb_churn",)).fetchone()[0]
+        one = conn.execute(
+            "SELECT label FROM cerebro.predictions WHERE model = %s AND key = %s", ("rb_churn", "7")).fetchall()
+        seen.add((status, scored, len(one)))
+    with conn.transaction(force_rollback=True):
+        for i in range(8):
+            conn.execute(
+                "INSERT INTO cerebro.models (name, source, target, key, options) "
+                "VALUES (%s, 'telco_churn', 'churn', 'customer_id', %s::jsonb)",
+                (f"rb_psycopg_{i}", '{"epochs": 2}'))
+        queued = conn.execute("SELECT count(*) FROM cerebro.models WHERE name LIKE 'rb_psycopg_%'").fetchone()[0]
+    assert conn.info.backend_pid == pid
+    print(len(seen), *sorted(seen)[0], queued, sep="|")
+"#,
+    )?;
+    assert_eq!(printed.trim(), format!("1|ready|{expected}|1|8"));
+    let left: i64 =
+        db.query_one("SELECT count(*) FROM cerebro.models WHERE name LIKE 'rb_psycopg_%'", &[]).await?.get(0);
+    assert_eq!(left, 0, "the rolled-back INSERTs left versions behind");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pgbench_with_prepared_statements_and_eight_clients_scores_without_an_error() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = scoring_model(&env, &db).await?;
+    let script = std::env::temp_dir().join(format!("cerebro-pgbench-{}.sql", std::process::id()));
+    std::fs::write(
+        &script,
+        "\\set k random(1, 7043)
+SELECT status FROM cerebro.models WHERE name = 'rb_churn';
+SELECT label, score FROM cerebro.predictions WHERE model = 'rb_churn' AND key = :k::text;
+SELECT count(*) FROM cerebro.predictions WHERE model = 'rb_churn' AND key IN (:k::text, '1', '2');
+",
+    )?;
+    let out = Command::new(format!("{}/pgbench", env.pgbin))
+        .args(["-n", "-M", "prepared", "-c", "8", "-j", "2", "-t", "25", "-f"])
+        .arg(&script)
+        .args(["-h", &env.pghost, "-p", &env.pgport, "-U", "postgres", &env.db])
+        .output()?;
+    let _ = std::fs::remove_file(&script);
+    let report = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "pgbench failed:\n{report}");
+    assert!(report.contains("number of transactions actually processed: 200/200"), "{report}");
+    assert!(report.contains("number of failed transactions: 0"), "{report}");
+    // And the session that watched is still the same backend.
+    assert_eq!(unprepared(&db, "SELECT 1").await?, "1");
+    Ok(())
+}

@@ -1,0 +1,410 @@
+//! PostgreSQL restarted and cerebrod killed while a selection trains and a
+//! scan streams. Before issue 12 cerebrod exited on the first lost
+//! connection ("the connection to the database was lost") and nothing
+//! started it again, so every queued and training job stalled. Now it
+//! reconnects by itself, and deploy/watchdog.sh (systemd's Restart=on-failure
+//! where there is systemd) starts it again when it dies.
+//!
+//! "Nothing lost" is checked against a reference: the same selection trained
+//! without a fault, whose every candidate must come out with the same
+//! weights.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use cerebro_tests::{daemon_log, model_state, wait_for, wait_until_done, Daemon, Env, Supervised};
+use tokio_postgres::Client;
+
+use crate::TRAIN_TIMEOUT;
+
+/// Four candidates in two stacks of two (one per shape), slow enough that a
+/// fault lands while a stack trains.
+const SPEC: &str = "model hidden = {[128, 128], [96, 48]}
+train lr = {0.01, 0.003}, epochs = 400, batch_size = 64, patience = 0";
+
+/// The selection trained without a fault, whose weights the others must equal.
+const REFERENCE: &str = "rs_reference";
+
+/// Models scored by the tests: trained once per database.
+const SCORED: &str = "rs_scored";
+const UNLOADED: &str = "rs_unloaded";
+
+/// How long a restarted or reconnecting daemon may take to serve again.
+const BACK_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn insert_selection(db: &Client, name: &str) -> anyhow::Result<()> {
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, spec)
+         VALUES ($1, 'telco_churn', 'churn', 'customer_id', $2)",
+        &[&name, &SPEC],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Waits for cerebrod to close selection `name` (after its last candidate);
+/// returns its id.
+async fn wait_for_selection(db: &Client, name: &str) -> anyhow::Result<i64> {
+    let deadline = Instant::now() + TRAIN_TIMEOUT;
+    loop {
+        let row = db
+            .query_one("SELECT id, finished_at IS NOT NULL FROM cerebro.selections WHERE name = $1", &[&name])
+            .await?;
+        if row.get::<_, bool>(1) {
+            return Ok(row.get(0));
+        }
+        anyhow::ensure!(Instant::now() < deadline, "selection {name} not finished after {TRAIN_TIMEOUT:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One candidate as it ended.
+#[derive(Debug, Clone, PartialEq)]
+struct Candidate {
+    version: i32,
+    status: String,
+    weights: Option<String>,
+    attempts: i32,
+    error: Option<String>,
+    /// Epochs in training_history, and distinct ones.
+    history: (i64, i64),
+    epoch: i32,
+}
+
+/// Every candidate of selection `name`, by its hyper-parameters.
+async fn candidates(db: &Client, name: &str) -> anyhow::Result<BTreeMap<String, Candidate>> {
+    let rows = db
+        .query(
+            "SELECT concat_ws(' ', m.options->'hidden', m.options->'learning_rate'), m.version, m.status::text, m.weights_sha256, j.attempts, m.error,
+                    (SELECT count(*) FROM cerebro.training_history h WHERE h.model_version_id = m.id),
+                    (SELECT count(DISTINCT h.epoch) FROM cerebro.training_history h WHERE h.model_version_id = m.id),
+                    m.epoch
+             FROM cerebro.model_versions m JOIN cerebro.jobs j ON j.model_version_id = m.id
+             WHERE m.name = $1 ORDER BY m.version",
+            &[&name],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                Candidate {
+                    version: r.get(1),
+                    status: r.get(2),
+                    weights: r.get(3),
+                    attempts: r.get(4),
+                    error: r.get(5),
+                    history: (r.get(6), r.get(7)),
+                    epoch: r.get(8),
+                },
+            )
+        })
+        .collect())
+}
+
+/// The reference selection's weights by hyper-parameters, trained (by the
+/// daemon running now) the first time a test asks.
+async fn reference(db: &Client) -> anyhow::Result<BTreeMap<String, String>> {
+    let exists: i64 =
+        db.query_one("SELECT count(*) FROM cerebro.selections WHERE name = $1", &[&REFERENCE]).await?.get(0);
+    if exists == 0 {
+        insert_selection(db, REFERENCE).await?;
+    }
+    wait_for_selection(db, REFERENCE).await?;
+    let mut weights = BTreeMap::new();
+    for (triple, c) in candidates(db, REFERENCE).await? {
+        anyhow::ensure!(c.status == "ready" && c.attempts == 1, "reference candidate {triple}: {c:?}");
+        weights.insert(triple, c.weights.expect("a ready version has weights"));
+    }
+    anyhow::ensure!(weights.len() == 4, "{weights:?}");
+    Ok(weights)
+}
+
+/// Checks that selection `name` lost nothing: every candidate ready, with
+/// the reference's weights and one history row per epoch it trained.
+async fn assert_nothing_lost(db: &Client, name: &str, reference: &BTreeMap<String, String>) -> anyhow::Result<()> {
+    wait_for_selection(db, name).await?;
+    let got = candidates(db, name).await?;
+    assert_eq!(got.len(), reference.len(), "{got:?}");
+    for (triple, c) in &got {
+        assert_eq!(c.status, "ready", "{triple}: {c:?}");
+        assert_eq!(c.weights.as_ref(), reference.get(triple), "{triple} trained other weights than without a fault");
+        assert_eq!(c.history, (c.epoch as i64, c.epoch as i64), "{triple}: one history row per epoch: {c:?}");
+        assert!(c.attempts <= 3, "{triple}: {c:?}");
+    }
+    Ok(())
+}
+
+/// A ready plain model `name` (trained once per database).
+async fn ready_model(db: &Client, name: &str) -> anyhow::Result<()> {
+    let ready: i64 = db
+        .query_one("SELECT count(*) FROM cerebro.models WHERE name = $1 AND status = 'ready'", &[&name])
+        .await?
+        .get(0);
+    if ready == 0 {
+        db.execute(
+            "INSERT INTO cerebro.models (name, source, target, key, options)
+             VALUES ($1, 'telco_churn', 'churn', 'customer_id', '{\"epochs\": 2}')",
+            &[&name],
+        )
+        .await?;
+        let version: i32 =
+            db.query_one("SELECT max(version) FROM cerebro.models WHERE name = $1", &[&name]).await?.get(0);
+        let seen = wait_until_done(db, name, version, TRAIN_TIMEOUT).await?;
+        assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
+    }
+    Ok(())
+}
+
+async fn count_scored(db: &Client, model: &str) -> Result<i64, tokio_postgres::Error> {
+    Ok(db.query_one("SELECT count(*) FROM cerebro.predictions WHERE model = $1", &[&model]).await?.get(0))
+}
+
+/// A connection once the server accepts them again.
+async fn reconnect(env: &Env) -> anyhow::Result<Client> {
+    let deadline = Instant::now() + BACK_TIMEOUT;
+    loop {
+        match env.connect().await {
+            Ok(db) => return Ok(db),
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("waiting for PostgreSQL: {e:#}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Waits until cerebrod's log, past `from`, says `what`.
+async fn wait_for_log(env: &Env, from: usize, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + BACK_TIMEOUT;
+    while !daemon_log(env).get(from..).is_some_and(|l| l.contains(what)) {
+        anyhow::ensure!(Instant::now() < deadline, "cerebrod's log never said {what:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// PostgreSQL restarted in `mode` while a selection trains and a scan is
+/// half read: the scan's session ends with the server's, a new one scores;
+/// the same cerebrod reconnects and the selection ends as if nothing had
+/// happened.
+async fn restart_mid_selection_and_scan(mode: &str) -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let mut daemon = Daemon::start(&env)?;
+    let pid = daemon.pid();
+    let reference = reference(&db).await?;
+    ready_model(&db, SCORED).await?;
+    let name = format!("rs_restart_{mode}");
+    insert_selection(&db, &name).await?;
+    wait_for(&db, &name, 1, TRAIN_TIMEOUT, |s, e| s == "training" && e >= 2).await?;
+
+    // A scan streaming from another session: small batches, the first few
+    // scored and read, the rest waiting.
+    let scanner = env.connect().await?;
+    scanner
+        .batch_execute(&format!(
+            "SET cerebro.batch_rows = 100; BEGIN;
+             DECLARE scan CURSOR FOR SELECT key, score FROM cerebro.predictions WHERE model = '{SCORED}'"
+        ))
+        .await?;
+    assert_eq!(scanner.query("FETCH 250 FROM scan", &[]).await?.len(), 250);
+
+    let log_from = daemon_log(&env).len();
+    let server_log_from = env.server_log_len();
+    env.restart_postgres(mode)?;
+
+    // The scan's session went with the server, as every session did.
+    let err = scanner.query("FETCH 250 FROM scan", &[]).await.expect_err("the server restarted under the scan");
+    assert!(
+        err.is_closed() || err.code().is_some_and(|c| c.code().starts_with("57P") || c.code().starts_with("08")),
+        "{err:?}"
+    );
+    // A new session scores at once, from the model cerebrod has loaded,
+    // even before cerebrod is back in the database.
+    let db = reconnect(&env).await?;
+    assert_eq!(count_scored(&db, SCORED).await?, 7043);
+
+    assert_nothing_lost(&db, &name, &reference).await?;
+    let first = &candidates(&db, &name).await?.into_values().find(|c| c.version == 1).expect("version 1");
+    assert_eq!(first.attempts, 2, "interrupted once, then trained in full: {first:?}");
+
+    assert!(daemon.is_running(), "cerebrod exited; see {}", env.log.display());
+    assert_eq!(daemon.pid(), pid);
+    let log = daemon_log(&env)[log_from..].to_string();
+    assert!(log.contains("the connection to the database was lost"), "{log}");
+    assert!(log.contains("reconnected to the database"), "{log}");
+    let server_log = env.server_log_since(server_log_from);
+    assert!(!server_log.contains("terminated by signal"), "{server_log}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fast_restart_of_postgresql_loses_no_training_and_cerebrod_reconnects() -> anyhow::Result<()> {
+    restart_mid_selection_and_scan("fast").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_immediate_restart_of_postgresql_loses_no_training_and_cerebrod_reconnects() -> anyhow::Result<()> {
+    restart_mid_selection_and_scan("immediate").await
+}
+
+/// While cerebrod cannot reach the database it still scores the models it
+/// has loaded (the data comes from the backend), and refuses the others at
+/// once, saying why, instead of leaving the query waiting.
+#[tokio::test(flavor = "multi_thread")]
+async fn while_cerebrod_is_away_loaded_models_score_and_others_fail_at_once() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let mut daemon = Daemon::start(&env)?;
+    ready_model(&db, SCORED).await?;
+    ready_model(&db, UNLOADED).await?;
+    assert_eq!(count_scored(&db, SCORED).await?, 7043, "loads it");
+
+    let log_from = daemon_log(&env).len();
+    let closed = ClosedDatabase::close(&env).await?;
+    wait_for_log(&env, log_from, "cannot reconnect to the database").await?;
+
+    assert_eq!(count_scored(&db, SCORED).await?, 7043, "a loaded model needs no database");
+    let started = Instant::now();
+    let err = count_scored(&db, UNLOADED).await.expect_err("its artifact cannot be read");
+    assert!(started.elapsed() < Duration::from_secs(10), "refused at once, not after a wait");
+    let db_err = err.as_db_error().expect("an ERROR");
+    assert_eq!(db_err.code().code(), "08006", "{db_err:?}");
+    assert!(db_err.message().contains("reconnecting"), "{}", db_err.message());
+
+    drop(closed);
+    wait_for_log(&env, log_from, "reconnected to the database").await?;
+    assert_eq!(count_scored(&db, UNLOADED).await?, 7043);
+    assert!(daemon.is_running(), "cerebrod exited; see {}", env.log.display());
+    Ok(())
+}
+
+/// The test database closed to new connections, and cerebrod's sessions
+/// terminated: cerebrod cannot reconnect until this is dropped (also when
+/// the test fails half-way, so the database is never left closed).
+struct ClosedDatabase {
+    env: Env,
+}
+
+impl ClosedDatabase {
+    async fn close(env: &Env) -> anyhow::Result<ClosedDatabase> {
+        // From another database: PostgreSQL refuses to close the one a
+        // session is connected to.
+        let admin = env.connect_to("postgres").await?;
+        let closed = ClosedDatabase { env: env.clone() };
+        admin.batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", env.db)).await?;
+        // The sessions chosen first (OFFSET 0 keeps the planner from
+        // merging the filters), and only then terminated.
+        let terminated: i64 = admin
+            .query_one(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(s.pid))
+                 FROM (SELECT pid FROM pg_stat_activity
+                       WHERE application_name = 'cerebrod' AND datname = $1 OFFSET 0) s",
+                &[&env.db],
+            )
+            .await?
+            .get(0);
+        assert_eq!(terminated, 3, "the daemon lock's, the job loop's and the data sessions");
+        Ok(closed)
+    }
+}
+
+impl Drop for ClosedDatabase {
+    fn drop(&mut self) {
+        // Synchronous, so that it runs when a test panics as well.
+        let status = std::process::Command::new(format!("{}/psql", self.env.pgbin))
+            .args(["-X", "-q", "-h", &self.env.pghost, "-p", &self.env.pgport, "-U", "postgres", "-d", "postgres"])
+            .arg("-c")
+            .arg(format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", self.env.db))
+            .status();
+        assert!(status.is_ok_and(|s| s.success()), "could not open database {} again", self.env.db);
+    }
+}
+
+/// kill -9 of cerebrod at three moments of a selection (just after the
+/// INSERT, during its first stack, during its second) under the watchdog
+/// that deploy/lib.sh starts it with: a new cerebrod is back each time, and
+/// every candidate ends with the weights of an uninterrupted run.
+#[tokio::test(flavor = "multi_thread")]
+async fn cerebrod_killed_under_its_watchdog_is_back_and_the_selection_loses_nothing() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let supervised = Supervised::start(&env)?;
+    let reference = reference(&db).await?;
+    let name = "rs_killed";
+    let mut pids = vec![supervised.pid().expect("running")];
+
+    insert_selection(&db, name).await?;
+    let killed = supervised.kill_daemon()?;
+    pids.push(supervised.wait_serving(Some(killed), BACK_TIMEOUT)?);
+    // Versions 1 and 3 share a shape and train as one stack, 2 and 4 as
+    // the next.
+    for version in [1, 2] {
+        wait_for(&db, name, version, TRAIN_TIMEOUT, |s, e| s == "training" && e >= 2).await?;
+        let killed = supervised.kill_daemon()?;
+        pids.push(supervised.wait_serving(Some(killed), BACK_TIMEOUT)?);
+    }
+    assert_nothing_lost(&db, name, &reference).await?;
+    let got = candidates(&db, name).await?;
+    for c in got.values().filter(|c| c.version <= 2) {
+        assert!(c.attempts >= 2, "killed while it trained, then trained in full: {c:?}");
+    }
+    pids.dedup();
+    assert_eq!(pids.len(), 4, "a new cerebrod after each kill: {pids:?}");
+    let log = daemon_log(&env);
+    assert!(log.contains("was killed by signal 9; starting it again"), "the watchdog says what it did");
+    Ok(())
+}
+
+/// Attempts of a plain model's job.
+async fn attempts(db: &Client, name: &str, version: i32) -> anyhow::Result<i32> {
+    Ok(db
+        .query_one(
+            "SELECT j.attempts FROM cerebro.jobs j JOIN cerebro.model_versions m ON m.id = j.model_version_id
+             WHERE m.name = $1 AND m.version = $2",
+            &[&name, &version],
+        )
+        .await?
+        .get(0))
+}
+
+/// A job whose daemon is killed every time it trains fails after its third
+/// attempt, saying why, instead of going round for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_killed_three_times_fails_with_the_reason() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let supervised = Supervised::start(&env)?;
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, options)
+         VALUES ('rs_thrice', 'telco_churn', 'churn', 'customer_id',
+                 '{\"epochs\": 400, \"patience\": 0, \"hidden\": [128, 128], \"batch_size\": 64}')",
+        &[],
+    )
+    .await?;
+    let version: i32 =
+        db.query_one("SELECT max(version) FROM cerebro.models WHERE name = 'rs_thrice'", &[]).await?.get(0);
+    for attempt in 1..=3 {
+        let deadline = Instant::now() + TRAIN_TIMEOUT;
+        loop {
+            let (status, epoch, _) = model_state(&db, "rs_thrice", version).await?;
+            if status == "training" && epoch >= 1 && attempts(&db, "rs_thrice", version).await? == attempt {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "attempt {attempt} never trained (status {status})");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let killed = supervised.kill_daemon()?;
+        supervised.wait_serving(Some(killed), BACK_TIMEOUT)?;
+    }
+    let seen = wait_until_done(&db, "rs_thrice", version, TRAIN_TIMEOUT).await?;
+    let (status, _, error) = model_state(&db, "rs_thrice", version).await?;
+    assert_eq!(status, "failed", "{seen:?}");
+    let error = error.unwrap_or_default();
+    assert!(error.contains("cerebrod stopped during training 3 times; giving up"), "{error}");
+    assert_eq!(attempts(&db, "rs_thrice", version).await?, 3);
+    Ok(())
+}
