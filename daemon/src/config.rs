@@ -56,6 +56,10 @@ pub struct FileConfig {
     /// more fails with the reason instead of taking the daemon's memory (and,
     /// through the kernel's OOM killer, every other role's training).
     pub model_memory_mib: usize,
+    /// Most work one job may be, in rows read times epochs: a job beyond it
+    /// fails with the reason. The backends refuse such an INSERT first
+    /// (`cerebro.max_training_work`); this is the daemon operator's own bound.
+    pub max_training_work: u64,
     /// Longest cerebrod waits for a row or table lock another transaction
     /// holds before it gives up on that write (and retries it later), so that
     /// a user's open transaction cannot hold training up.
@@ -78,6 +82,7 @@ impl Default for FileConfig {
             model_cache_size: 32,
             stack_memory_mib: 2048,
             model_memory_mib: 8192,
+            max_training_work: 10_000_000_000,
             lock_timeout_ms: 5000,
         }
     }
@@ -99,6 +104,7 @@ pub struct Config {
     pub model_cache_size: usize,
     pub stack_memory_bytes: usize,
     pub model_memory_bytes: usize,
+    pub max_training_work: u64,
     pub lock_timeout: Duration,
 }
 
@@ -179,6 +185,10 @@ impl TryFrom<FileConfig> for Config {
             model_memory_bytes: match f.model_memory_mib {
                 0 => return Err(ConfigError::Invalid("model_memory_mib must be at least 1".into())),
                 mib => mib.saturating_mul(1 << 20),
+            },
+            max_training_work: match f.max_training_work {
+                0 => return Err(ConfigError::Invalid("max_training_work must be at least 1".into())),
+                work => work,
             },
             lock_timeout: Duration::from_millis(f.lock_timeout_ms),
         })

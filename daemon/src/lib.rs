@@ -292,6 +292,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             compute: Compute { device: config.device, threads: config.training_threads },
             stack_memory_bytes: config.stack_memory_bytes,
             model_memory_bytes: config.model_memory_bytes,
+            max_training_work: config.max_training_work,
             wake: wake.clone(),
             shutdown: shutdown.clone(),
             lost,

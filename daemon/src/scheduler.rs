@@ -70,6 +70,8 @@ pub struct Scheduler {
     pub stack_memory_bytes: usize,
     /// Most memory one model may take (`model_memory_mib`).
     pub model_memory_bytes: usize,
+    /// Most rows × epochs one job may be (`max_training_work`).
+    pub max_training_work: u64,
     pub wake: Arc<Notify>,
     pub shutdown: watch::Receiver<bool>,
     /// Turns true when the daemon's session with the database ends (a
@@ -303,6 +305,31 @@ impl Scheduler {
             }
             Err(e) => return Err(e),
         };
+
+        // A job beyond the daemon's own bound on work fails, saying so.
+        let rows = table.columns.first().map_or(0, |c| c.len() as u64);
+        let (mut within, mut within_specs) = (Vec::with_capacity(jobs.len()), Vec::with_capacity(specs.len()));
+        for (job, s) in jobs.into_iter().zip(specs) {
+            let epochs = s.plan.options.epochs;
+            let work = cerebro_shared::limits::training_work(rows, epochs);
+            if work > self.max_training_work {
+                let msg = format!(
+                    "this job's work is {rows} rows × {epochs} epochs = {work}, more than cerebrod's \
+                     max_training_work ({}); ask for fewer epochs or train on fewer rows",
+                    self.max_training_work
+                );
+                warn!(job = job.job_id, "{msg}");
+                let ended = self.control.finish_failure(&job, &msg).await;
+                unless_locked(&job, ended)?;
+            } else {
+                within.push(job);
+                within_specs.push(s);
+            }
+        }
+        let (mut jobs, mut specs) = (within, within_specs);
+        if jobs.is_empty() {
+            return self.finish_selection(selection).await;
+        }
 
         // A model too big for the daemon fails, saying so; fewer candidates
         // share the stack when all of them would not fit in the memory

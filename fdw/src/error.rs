@@ -20,7 +20,7 @@ pub enum CerebroError {
     #[error("column \"{column}\" of cerebro.models must be {expected}")]
     WrongValueType { column: String, expected: &'static str },
     #[error("{what} is not JSON Cerebro can read: {reason}")]
-    UnusableJson { what: &'static str, reason: String },
+    UnusableJson { what: String, reason: String },
     #[error("relation \"{0}\" does not exist")]
     UnknownRelation(String),
     #[error("\"{name}\" is {kind}; Cerebro reads tables, views, materialized views and foreign tables")]

@@ -160,7 +160,7 @@ unsafe fn inserted_row(slot: *mut pg_sys::TupleTableSlot) -> Result<Row, Cerebro
             let cell = if nulls[i] {
                 None
             } else if attr.atttypid == pg_sys::JSONBOID {
-                Some(Cell::Json(JsonB(JsonbText::of_datum(values[i]).parse("options")?)))
+                Some(Cell::Json(JsonB(JsonbText::of_datum(values[i]).parse(name)?)))
             } else {
                 Cell::from_polymorphic_datum(values[i], false, attr.atttypid)
             };

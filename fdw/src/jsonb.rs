@@ -35,9 +35,9 @@ impl JsonbText {
 
     /// The value, or why Cerebro cannot read it: within the size and depth
     /// of options (checked without recursion), numbers that fit an f64.
-    pub fn parse(&self, what: &'static str) -> Result<Value, CerebroError> {
+    pub fn parse(&self, what: &str) -> Result<Value, CerebroError> {
         parse_json_within(&self.0, MAX_OPTIONS_BYTES, MAX_OPTIONS_DEPTH)
-            .map_err(|reason| CerebroError::UnusableJson { what, reason })
+            .map_err(|reason| CerebroError::UnusableJson { what: what.to_owned(), reason })
     }
 }
 

@@ -295,3 +295,23 @@ async fn limits_refuse_what_is_too_big_at_insert_and_name_their_setting() -> any
     assert!(message.contains("cerebro.max_jobs_per_role"), "{message}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cerebrods_own_bound_on_work_fails_a_job_with_the_reason() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let bounded = env.with_config_value("work_bound", "max_training_work", "10000")?;
+    let _daemon = cerebro_tests::Daemon::start(&bounded)?;
+    // 7,043 rows × 2 epochs: within the backends' limit, beyond this daemon's.
+    db.batch_execute(
+        "INSERT INTO cerebro.models (name, source, target, key, options)
+         VALUES ('rb_work', 'telco_churn', 'churn', 'customer_id', '{\"epochs\": 2}')",
+    )
+    .await?;
+    let seen = cerebro_tests::wait_until_done(&db, "rb_work", 1, crate::TRAIN_TIMEOUT).await?;
+    assert_eq!(seen.last().map(String::as_str), Some("failed"), "{seen:?}");
+    let (_, _, error) = cerebro_tests::model_state(&db, "rb_work", 1).await?;
+    let error = error.unwrap_or_default();
+    assert!(error.contains("7043 rows × 2 epochs = 14086, more than cerebrod's max_training_work (10000)"), "{error}");
+    Ok(())
+}
