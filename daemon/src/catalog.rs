@@ -562,7 +562,9 @@ impl Catalog {
         Ok(swept)
     }
 
-    /// Claims a queued job, marking it and its model as training: the oldest
+    /// Claims a queued job, marking it and its model as training (a job whose
+    /// cancel was asked for before a requeue keeps the request's reason,
+    /// and stops after its first epoch): the oldest
     /// of the role served longest ago, so that roles take turns and one
     /// role's long queue cannot hold everyone else's (its own jobs still go
     /// in order). Jobs whose rows another transaction holds are skipped, not
@@ -572,7 +574,8 @@ impl Catalog {
         let row = tx
             .query_opt(
                 "UPDATE cerebro.jobs j SET state = 'running', attempts = attempts + 1,
-                        claimed_by = $1, claimed_at = pg_catalog.now(), error = NULL
+                        claimed_by = $1, claimed_at = pg_catalog.now(),
+                        error = CASE WHEN j.cancel_requested THEN j.error END
                  FROM (WITH served AS (
                            SELECT m.created_by, pg_catalog.max(j.claimed_at) AS last
                            FROM cerebro.jobs j JOIN cerebro.model_versions m ON m.id = j.model_version_id
@@ -615,7 +618,8 @@ impl Catalog {
         let rows = tx
             .query(
                 "UPDATE cerebro.jobs j SET state = 'running', attempts = attempts + 1,
-                        claimed_by = $2, claimed_at = pg_catalog.now(), error = NULL
+                        claimed_by = $2, claimed_at = pg_catalog.now(),
+                        error = CASE WHEN j.cancel_requested THEN j.error END
                  FROM (SELECT j2.id FROM cerebro.jobs j2
                        JOIN cerebro.model_versions m2 ON m2.id = j2.model_version_id
                        JOIN cerebro.model_versions m ON m.id = $1

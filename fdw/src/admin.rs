@@ -495,35 +495,39 @@ fn try_cancel_version(model: Option<&str>, version: Option<i32>) -> Result<Strin
             access::check_administers(model, caller, "cancel a version of")?;
         }
         let _owner = identity::become_owner()?;
-        // One statement each, so that a job claimed in between is found
-        // running by the second.
-        let queued = client
-            .update(
-                "WITH j AS (
-                     UPDATE cerebro.jobs SET state = 'cancelled', finished_at = now(), error = $2
-                     WHERE model_version_id = $1 AND state = 'queued' RETURNING model_version_id)
-                 UPDATE cerebro.model_versions SET status = 'cancelled', error = $2
-                 WHERE id IN (SELECT model_version_id FROM j) RETURNING id",
-                None,
-                &[id.into(), reason.as_str().into()],
-            )?
-            .len();
-        let outcome = if queued > 0 {
-            "cancelled"
-        } else {
-            let running = client
-                .update(
-                    "UPDATE cerebro.jobs SET cancel_requested = true, error = $2
-                     WHERE model_version_id = $1 AND state = 'running' RETURNING id",
+        // The job's row, locked: cerebrod's claims skip it meanwhile, and
+        // its state cannot change between reading and writing it.
+        let state = first::<String>(
+            client,
+            "SELECT state::text FROM cerebro.jobs WHERE model_version_id = $1 FOR UPDATE",
+            &[id.into()],
+            1,
+        )?;
+        let outcome = match state.as_deref() {
+            Some("queued") => {
+                client.update(
+                    "UPDATE cerebro.jobs SET state = 'cancelled', finished_at = now(), error = $2
+                     WHERE model_version_id = $1",
                     None,
                     &[id.into(), reason.as_str().into()],
-                )?
-                .len();
-            if running == 0 {
-                return Err(CerebroError::NotCancellable { name: model.into(), version, status });
+                )?;
+                client.update(
+                    "UPDATE cerebro.model_versions SET status = 'cancelled', error = $2 WHERE id = $1",
+                    None,
+                    &[id.into(), reason.as_str().into()],
+                )?;
+                "cancelled"
             }
-            notice!("model \"{model}\" version {version} stops training after its current epoch");
-            "cancelling"
+            Some("running") => {
+                client.update(
+                    "UPDATE cerebro.jobs SET cancel_requested = true, error = $2 WHERE model_version_id = $1",
+                    None,
+                    &[id.into(), reason.as_str().into()],
+                )?;
+                notice!("model \"{model}\" version {version} stops training after its current epoch");
+                "cancelling"
+            }
+            _ => return Err(CerebroError::NotCancellable { name: model.into(), version, status }),
         };
         let detail = serde_json::json!({ "outcome": outcome });
         audit(client, Audit { user: &user, action: "cancel", model, version: Some(version), detail })?;

@@ -81,13 +81,6 @@ impl ForeignDataWrapper<CerebroError> for CerebroFdw {
         Ok(())
     }
 
-    fn begin_modify(&mut self, options: &HashMap<String, String>) -> Result<(), CerebroError> {
-        match object(options)? {
-            "models" => Ok(()),
-            _ => Err(CerebroError::Unsupported("writing to cerebro.predictions")),
-        }
-    }
-
     fn fdw_routine_hook(routine: &mut FdwRoutine<AllocatedByRust>) {
         routine.GetForeignRelSize = Some(foreign_scan::get_foreign_rel_size);
         routine.GetForeignPaths = Some(foreign_scan::get_foreign_paths);
@@ -100,12 +93,41 @@ impl ForeignDataWrapper<CerebroError> for CerebroFdw {
         // The framework's aggregate pushdown reads the planning state its
         // own callbacks kept; Cerebro pushes no aggregates.
         routine.GetForeignUpperPaths = None;
+        // The framework's modify state lived in a memory context of the
+        // backend's whole life, freed only at EndForeignModify, which an
+        // ERROR skips: Cerebro's modify callbacks keep no state at all.
+        routine.BeginForeignModify = Some(begin_foreign_modify);
+        routine.EndForeignModify = Some(end_foreign_modify);
         routine.ExecForeignInsert = Some(exec_foreign_insert);
         // Refused before the framework converts the row (see exec_foreign_insert).
         routine.ExecForeignUpdate = Some(exec_foreign_update);
         routine.ExecForeignDelete = Some(exec_foreign_delete);
     }
 }
+
+/// Only `cerebro.models` takes rows.
+#[pg_guard]
+unsafe extern "C-unwind" fn begin_foreign_modify(
+    _mtstate: *mut pg_sys::ModifyTableState,
+    rinfo: *mut pg_sys::ResultRelInfo,
+    _fdw_private: *mut pg_sys::List,
+    _subplan_index: i32,
+    _eflags: i32,
+) {
+    let options = unsafe { foreign_scan::table_options((*(*rinfo).ri_RelationDesc).rd_id) };
+    let writable = match object(&options) {
+        Ok("models") => Ok(()),
+        Ok(_) => Err(CerebroError::Unsupported("writing to cerebro.predictions")),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = writable {
+        crate::admin::raise(e);
+    }
+    unsafe { (*rinfo).ri_FdwState = std::ptr::null_mut() };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn end_foreign_modify(_estate: *mut pg_sys::EState, _rinfo: *mut pg_sys::ResultRelInfo) {}
 
 #[pg_guard]
 unsafe extern "C-unwind" fn exec_foreign_update(
@@ -149,7 +171,9 @@ unsafe fn inserted_row(slot: *mut pg_sys::TupleTableSlot) -> Result<Row, Cerebro
     unsafe {
         let desc = (*slot).tts_tupleDescriptor;
         let natts = (*desc).natts as usize;
-        pg_sys::slot_getsomeattrs_int(slot, natts as i32);
+        if ((*slot).tts_nvalid as usize) < natts {
+            pg_sys::slot_getsomeattrs_int(slot, natts as i32);
+        }
         let values = std::slice::from_raw_parts((*slot).tts_values, natts);
         let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts);
         for (i, attr) in (*desc).attrs.as_slice(natts).iter().enumerate() {

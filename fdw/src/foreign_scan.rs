@@ -102,8 +102,8 @@ impl PlanPrivate {
     }
 }
 
-/// The `object` option of a foreign table: which of the two tables it is.
-unsafe fn table_options(foreigntableid: pg_sys::Oid) -> HashMap<String, String> {
+/// A foreign table's options (`object` says which of the two tables it is).
+pub(crate) unsafe fn table_options(foreigntableid: pg_sys::Oid) -> HashMap<String, String> {
     unsafe { def_elems((*pg_sys::GetForeignTable(foreigntableid)).options) }
 }
 
@@ -201,15 +201,21 @@ unsafe fn evaluable_at_start(node: *mut pg_sys::Node) -> bool {
     }
 }
 
-/// Equality PostgreSQL itself vouches for (an operator that merge-joins is an
-/// equality of a btree family), under a collation where equal means the same
-/// bytes (the source query compares keys with the default collation).
+/// A built-in equality (one that merge-joins: equality of a btree family;
+/// any role may mark an operator of its own MERGES, so only built-in ones
+/// count), under a collation where equal means the same bytes (the source
+/// query compares keys with the default collation).
 unsafe fn is_equality(opno: pg_sys::Oid, input_type: pg_sys::Oid, collation: pg_sys::Oid) -> bool {
     unsafe {
-        pg_sys::op_mergejoinable(opno, input_type)
+        opno.to_u32() < pg_sys::FirstNormalObjectId
+            && pg_sys::op_mergejoinable(opno, input_type)
             && (collation == pg_sys::InvalidOid || pg_sys::get_collation_isdeterministic(collation))
     }
 }
+
+/// The columns a scoring scan uses to choose its model and rows; conditions
+/// on the others (`score`, `label`) are only PostgreSQL's filter.
+const PUSHED_COLUMNS: [&str; 5] = ["model", "version", "source", "key_column", "key"];
 
 /// `column = value` or `column = ANY (array)` over this scan, as
 /// (attnum, value expression, is ANY).
@@ -307,6 +313,10 @@ pub unsafe extern "C-unwind" fn get_foreign_plan(
             for cell in std::slice::from_raw_parts((*scan_clauses).elements, (*scan_clauses).length as usize) {
                 let rinfo = cell.ptr_value as *mut pg_sys::RestrictInfo;
                 if let Some((attnum, value, any)) = pushable((*rinfo).clause.cast(), relid) {
+                    let name = pg_sys::get_attname(foreigntableid, attnum as i16, true);
+                    if name.is_null() || !PUSHED_COLUMNS.contains(&CStr::from_ptr(name).to_string_lossy().as_ref()) {
+                        continue;
+                    }
                     private.pushed.push(attnum);
                     private.any.push(any);
                     fdw_exprs = pg_sys::lappend(fdw_exprs, value.cast());
@@ -380,54 +390,78 @@ unsafe fn relation_columns(rel: pg_sys::Relation, needed: &[i32]) -> Vec<Column>
     }
 }
 
-/// A pushed condition's value, evaluated now, as the framework's [`Value`].
-unsafe fn evaluate(state: *mut pg_sys::ExprState, econtext: *mut pg_sys::ExprContext, any: bool) -> Option<Value> {
+/// What a pushed condition's value turned out to be when the scan began.
+enum Pushed {
+    /// Narrows the scan.
+    Value(Value),
+    /// NULL: the (strict, built-in) equality matches no row at all.
+    MatchesNothing,
+    /// A value Cerebro cannot narrow by: PostgreSQL's filter alone decides.
+    Unused,
+}
+
+/// A pushed condition's value, evaluated now.
+unsafe fn evaluate(state: *mut pg_sys::ExprState, econtext: *mut pg_sys::ExprContext, any: bool) -> Pushed {
     unsafe {
         let old = pg_sys::MemoryContextSwitchTo((*econtext).ecxt_per_tuple_memory);
         let mut isnull = false;
         let datum = (*state).evalfunc.map(|eval| eval(state, econtext, &mut isnull));
         pg_sys::MemoryContextSwitchTo(old);
-        let datum = datum?;
+        let Some(datum) = datum else { return Pushed::Unused };
         if isnull {
-            // `col = NULL` matches nothing; PostgreSQL's filter says so.
-            return None;
+            return Pushed::MatchesNothing;
         }
         let type_oid = pg_sys::exprType((*state).expr.cast());
         if !any {
-            return Cell::from_polymorphic_datum(datum, false, type_oid).map(Value::Cell);
+            return Cell::from_polymorphic_datum(datum, false, type_oid)
+                .map_or(Pushed::Unused, |c| Pushed::Value(Value::Cell(c)));
         }
         let element_type = pg_sys::get_element_type(type_oid);
         if element_type == pg_sys::InvalidOid {
-            return None;
+            return Pushed::Unused;
         }
         let array = pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) as *mut pg_sys::ArrayType;
         let (mut len, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
         pg_sys::get_typlenbyvalalign(element_type, &mut len, &mut byval, &mut align);
         let (mut elements, mut nulls, mut count) = (ptr::null_mut(), ptr::null_mut(), 0);
         pg_sys::deconstruct_array(array, element_type, len as i32, byval, align, &mut elements, &mut nulls, &mut count);
-        let cells = (0..count as usize)
-            .filter(|&i| !*nulls.add(i))
-            .filter_map(|i| Cell::from_polymorphic_datum(*elements.add(i), false, element_type))
-            .collect();
-        Some(Value::Array(cells))
+        // NULL elements match nothing; one element Cerebro cannot read and
+        // the scan cannot be narrowed by the list.
+        let mut cells = Vec::with_capacity(count as usize);
+        for i in (0..count as usize).filter(|&i| !*nulls.add(i)) {
+            match Cell::from_polymorphic_datum(*elements.add(i), false, element_type) {
+                Some(cell) => cells.push(cell),
+                None => return Pushed::Unused,
+            }
+        }
+        Pushed::Value(Value::Array(cells))
     }
 }
 
 impl ScanExecution {
-    unsafe fn quals(&self, econtext: *mut pg_sys::ExprContext) -> Vec<Qual> {
-        self.pushed
-            .iter()
-            .filter_map(|(field, any, state)| {
-                let value = unsafe { evaluate(*state, econtext, *any) }?;
-                Some(Qual { field: field.clone(), operator: "=".into(), value, use_or: *any, param: None })
-            })
-            .collect()
+    /// The pushed conditions as [`Qual`]s; `None` when one matches nothing.
+    unsafe fn quals(&self, econtext: *mut pg_sys::ExprContext) -> Option<Vec<Qual>> {
+        let mut quals = Vec::with_capacity(self.pushed.len());
+        for (field, any, state) in &self.pushed {
+            match unsafe { evaluate(*state, econtext, *any) } {
+                Pushed::Value(value) => {
+                    quals.push(Qual { field: field.clone(), operator: "=".into(), value, use_or: *any, param: None })
+                }
+                Pushed::MatchesNothing => return None,
+                Pushed::Unused => {}
+            }
+        }
+        Some(quals)
     }
 
-    unsafe fn begin(&mut self, econtext: *mut pg_sys::ExprContext) -> Result<(), CerebroError> {
-        let quals = unsafe { self.quals(econtext) };
+    /// Begins the scan with the pushed values; false when they match no row
+    /// (`model = NULL`), which then scores nothing, as PostgreSQL's filter
+    /// would keep nothing.
+    unsafe fn begin(&mut self, econtext: *mut pg_sys::ExprContext) -> Result<bool, CerebroError> {
+        let Some(quals) = (unsafe { self.quals(econtext) }) else { return Ok(false) };
         self.started = true;
-        self.fdw.begin_scan(&quals, &self.columns, &[], &None, &self.options)
+        self.fdw.begin_scan(&quals, &self.columns, &[], &None, &self.options)?;
+        Ok(true)
     }
 
     fn end(&mut self) -> Result<(), CerebroError> {
@@ -510,8 +544,10 @@ pub unsafe extern "C-unwind" fn iterate_foreign_scan(
         }
         let Some(execution) = execution_of(node) else { return slot };
         if !execution.started {
-            if let Err(e) = execution.begin((*node).ss.ps.ps_ExprContext) {
-                raise(e);
+            match execution.begin((*node).ss.ps.ps_ExprContext) {
+                Ok(true) => {}
+                Ok(false) => return slot,
+                Err(e) => raise(e),
             }
         }
         execution.row = Row::new();

@@ -48,6 +48,7 @@ pub extern "C-unwind" fn _PG_init() {
 /// writes the panic and its backtrace to the server log (the backend's
 /// stderr) before pgrx's hook turns it into the ERROR.
 fn keep_backtraces_in_the_server_log() {
+    use std::io::Write;
     // Read once, at the first capture: none has happened yet in this backend.
     std::env::set_var("RUST_LIB_BACKTRACE", "0");
     let to_error = std::panic::take_hook();
@@ -59,7 +60,12 @@ fn keep_backtraces_in_the_server_log() {
             || payload.is::<pgrx::pg_sys::panic::CaughtError>();
         if !reported {
             let backtrace = std::backtrace::Backtrace::force_capture();
-            eprintln!("cerebro: panic in backend {}: {info}\n{backtrace}", std::process::id());
+            // A failed write must not panic inside the hook: that aborts.
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "cerebro: panic in backend {}: {info}\n{backtrace}",
+                std::process::id()
+            );
         }
         to_error(info)
     }));

@@ -294,3 +294,55 @@ SELECT count(*) FROM cerebro.predictions WHERE model = 'rb_churn' AND key IN (:k
     assert_eq!(unprepared(&db, "SELECT 1").await?, "1");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn null_parameters_match_nothing_as_the_unprepared_query_does() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = scoring_model(&env, &db).await?;
+    for mode in ["force_generic_plan", "force_custom_plan"] {
+        db.batch_execute(&format!("SET plan_cache_mode = {mode}")).await?;
+        let by_model = db.prepare("SELECT count(*) FROM cerebro.predictions WHERE model = $1").await?;
+        let by_keys =
+            db.prepare("SELECT count(*) FROM cerebro.predictions WHERE model = $1 AND key = ANY ($2)").await?;
+        for _ in 0..7 {
+            let none: Option<&str> = None;
+            assert_eq!(db.query_one(&by_model, &[&none]).await?.get::<_, i64>(0), 0, "{mode}");
+            let no_keys: Option<Vec<String>> = None;
+            assert_eq!(db.query_one(&by_keys, &[&MODEL, &no_keys]).await?.get::<_, i64>(0), 0, "{mode}");
+            let null_key = vec![None::<String>];
+            assert_eq!(db.query_one(&by_keys, &[&MODEL, &null_key]).await?.get::<_, i64>(0), 0, "{mode}");
+        }
+    }
+    assert_eq!(unprepared(&db, "SELECT count(*) FROM cerebro.predictions WHERE model = NULL").await?, "0");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_writes_leave_no_memory_behind_in_the_backend() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = scoring_model(&env, &db).await?;
+    // Refused INSERTs, UPDATEs and DELETEs, each caught, in one session.
+    unprepared(
+        &db,
+        "DO $$ BEGIN
+             FOR i IN 1..50 LOOP
+                 BEGIN
+                     INSERT INTO cerebro.models (name, source, target) VALUES ('bad name!', 'telco_churn', 'churn');
+                 EXCEPTION WHEN OTHERS THEN NULL; END;
+                 BEGIN
+                     UPDATE cerebro.models SET task = 'binary' WHERE name = 'rb_churn';
+                 EXCEPTION WHEN OTHERS THEN NULL; END;
+                 BEGIN
+                     DELETE FROM cerebro.models WHERE name = 'rb_churn';
+                 EXCEPTION WHEN OTHERS THEN NULL; END;
+             END LOOP;
+         END $$",
+    )
+    .await?;
+    let contexts: i64 =
+        db.query_one("SELECT count(*) FROM pg_backend_memory_contexts WHERE name LIKE 'Wrappers%'", &[]).await?.get(0);
+    assert_eq!(contexts, 0, "memory contexts left by refused writes");
+    Ok(())
+}
