@@ -12,17 +12,19 @@
 //! copies with it, and every execution builds its own state and frees it,
 //! whether it ends or fails.
 //!
-//! - Planning finds the conditions Cerebro can use (`column = value` and
-//!   `column = ANY (array)` with an equality operator and a value that needs
-//!   no column of the scan: a constant, a parameter, an outer reference, a
-//!   stable expression). Their attribute numbers go in `fdw_private` and their
+//! - Planning finds the conditions Cerebro can use: `column = value` and
+//!   `column = ANY (array)` on `model`, `version`, `source`, `key_column` or
+//!   `key`, with a built-in equality and a value that needs no column of the
+//!   scan (a constant, a parameter, an outer reference, a stable
+//!   expression). Their attribute numbers go in `fdw_private` and their
 //!   value expressions in `fdw_exprs`, which PostgreSQL prepares and keeps
 //!   up to date like any other expression of the plan. Every condition stays
 //!   a filter PostgreSQL checks too, so narrowing the scan never changes what
 //!   a query returns.
 //! - Execution evaluates those expressions when the scan begins (and again on
 //!   rescan, when an outer row's parameter changes) and hands the values to
-//!   [`CerebroFdw`] as [`Qual`]s.
+//!   [`CerebroFdw`] as [`Qual`]s; a NULL value matches no row, so the scan
+//!   returns none, as the unprepared query does.
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
