@@ -447,3 +447,14 @@ UPDATE cerebro.model_versions m SET source_author = a.author FROM authored a WHE
 UPDATE cerebro.model_versions SET source_author = created_by WHERE source_author IS NULL;
 ALTER TABLE cerebro.model_versions ALTER COLUMN source_author SET NOT NULL;
 
+
+-- Which version a name means when a query names none: the deployed one, else
+-- the newest ready one. SQL predictions, derived models and `cerebrod score`
+-- all ask this one function. Runs with the caller's rights: a model a role
+-- may not use resolves to nothing.
+CREATE FUNCTION cerebro.resolve_version(name text, version integer DEFAULT NULL) RETURNS integer
+    LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce($2,
+                    (SELECT d.version FROM cerebro.deployments d WHERE d.name = $1),
+                    (SELECT max(r.version) FROM cerebro.model_versions r WHERE r.name = $1 AND r.status = 'ready'))
+$$;

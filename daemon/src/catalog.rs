@@ -932,15 +932,16 @@ impl Catalog {
         .transpose()
     }
 
-    /// The newest ready version of `name`, or the given version.
+    /// The version of `name` SQL predictions score with (the given one, else
+    /// the deployed one, else the newest ready one: cerebro.resolve_version),
+    /// if it is ready.
     pub async fn find_model(&self, name: &str, version: Option<i32>) -> Result<ModelRef> {
         let row = self
             .client
             .query_opt(
                 "SELECT id, name, version, features, class_labels, source_relation, key_column, artifact_sha256
                  FROM cerebro.model_versions
-                 WHERE name = $1 AND status = 'ready' AND ($2::pg_catalog.int4 IS NULL OR version = $2)
-                 ORDER BY version DESC LIMIT 1",
+                 WHERE name = $1 AND status = 'ready' AND version = cerebro.resolve_version($1, $2::pg_catalog.int4)",
                 &[&name, &version],
             )
             .await?;

@@ -37,15 +37,8 @@ fn parent_of(name: &str, named: Option<i32>) -> Result<Parent> {
         let _owner = identity::become_owner()?;
         let version = match named {
             Some(v) => v,
-            None => first::<i32>(
-                client,
-                "SELECT coalesce((SELECT d.version FROM cerebro.deployments d WHERE d.name = $1),
-                                 (SELECT max(version) FROM cerebro.model_versions
-                                  WHERE name = $1 AND status = 'ready'))",
-                &[name.into()],
-                1,
-            )?
-            .ok_or_else(|| CerebroError::NoParent(name.to_string()))?,
+            None => first::<i32>(client, "SELECT cerebro.resolve_version($1)", &[name.into()], 1)?
+                .ok_or_else(|| CerebroError::NoParent(name.to_string()))?,
         };
         let query = "SELECT status::text, source_relation, target_column, key_column,
                             ARRAY(SELECT f->>'name' FROM jsonb_array_elements(features) f), options,

@@ -91,9 +91,7 @@ fn resolve_model(name: &str, version: Option<i32>) -> Result<ModelVersion> {
             "SELECT id, version, status::text, features, class_labels, source_relation, key_column,
                     artifact_sha256, epoch, epochs, source_author::text
              FROM cerebro.model_versions
-             WHERE name = $1 AND version = coalesce($2::int,
-                 (SELECT d.version FROM cerebro.deployments d WHERE d.name = $1),
-                 (SELECT max(r.version) FROM cerebro.model_versions r WHERE r.name = $1 AND r.status = 'ready'),
+             WHERE name = $1 AND version = coalesce(cerebro.resolve_version($1, $2::int),
                  (SELECT max(a.version) FROM cerebro.model_versions a WHERE a.name = $1))",
             Some(1),
             &[name.into(), version.into()],

@@ -510,6 +510,65 @@ async fn versions_scored(db: &tokio_postgres::Client, query: &str) -> anyhow::Re
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// Whether `cerebrod score` (no version named) gives SQL predictions' answers.
+async fn daemon_agrees_with_sql(env: &Env, db: &tokio_postgres::Client, model: &str) -> anyhow::Result<()> {
+    let sql = sql_scores(
+        db,
+        &format!(
+            "SELECT key, label, score FROM cerebro.predictions WHERE model = '{model}' AND key_column = 'customer_id'"
+        ),
+    )
+    .await?;
+    let daemon = daemon_scores(env, model, &[])?;
+    assert_eq!(sql.len(), daemon.len());
+    for (key, (label, score)) in &sql {
+        let (d_label, d_score) = &daemon[key];
+        assert_eq!(label, d_label, "{key}");
+        assert!((score - d_score).abs() < 1e-6, "{key}: SQL {score}, cerebrod score {d_score}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cerebrod_score_follows_deployments_and_rollbacks_as_sql_predictions_do() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    let mut versions = Vec::new();
+    for (epochs, hidden) in [(2, 16), (3, 8)] {
+        let options = format!(r#"{{"epochs": {epochs}, "hidden": [{hidden}]}}"#);
+        let v = insert(&db, "e2e_resolve", "churn", &options).await?;
+        let seen = wait_until_done(&db, "e2e_resolve", v, TRAIN_TIMEOUT).await?;
+        assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
+        versions.push(v);
+    }
+    // The two versions score differently, so agreeing says which one scored.
+    let by_version = |v: i32| {
+        format!("SELECT key, label, score FROM cerebro.predictions WHERE model = 'e2e_resolve' AND version = {v}")
+    };
+    let (first, second) =
+        (sql_scores(&db, &by_version(versions[0])).await?, sql_scores(&db, &by_version(versions[1])).await?);
+    assert!(first.iter().any(|(k, (_, s))| (s - second[k].1).abs() > 1e-6), "the versions score alike");
+    let resolve = "SELECT cerebro.resolve_version('e2e_resolve')";
+    // Nothing deployed: the newest ready version.
+    assert_eq!(db.query_one(resolve, &[]).await?.get::<_, i32>(0), versions[1]);
+    daemon_agrees_with_sql(&env, &db, "e2e_resolve").await?;
+    // Deployed: the older version, for SQL and for cerebrod alike.
+    db.execute("SELECT cerebro.deploy('e2e_resolve', $1)", &[&versions[0]]).await?;
+    assert_eq!(db.query_one(resolve, &[]).await?.get::<_, i32>(0), versions[0]);
+    daemon_agrees_with_sql(&env, &db, "e2e_resolve").await?;
+    // Deploy the newer one, roll back to the older one.
+    db.execute("SELECT cerebro.deploy('e2e_resolve', $1)", &[&versions[1]]).await?;
+    daemon_agrees_with_sql(&env, &db, "e2e_resolve").await?;
+    db.execute("SELECT cerebro.rollback('e2e_resolve')", &[]).await?;
+    assert_eq!(db.query_one(resolve, &[]).await?.get::<_, i32>(0), versions[0]);
+    daemon_agrees_with_sql(&env, &db, "e2e_resolve").await?;
+    // A named version is that version.
+    let named: i32 = db.query_one("SELECT cerebro.resolve_version('e2e_resolve', 2)", &[]).await?.get(0);
+    assert_eq!(named, 2);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn deployments_choose_the_scored_version_roll_back_and_keep_their_history() -> anyhow::Result<()> {
     let env = Env::from_env();
