@@ -566,7 +566,7 @@ impl TrainedModel {
                 hash.update(v.to_le_bytes());
             }
         }
-        hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        crate::data::hex(&hash.finalize())
     }
 
     /// What trained it: cerebrod's version, the commit it was built from,

@@ -22,7 +22,10 @@ __device__ float activate(int f, float z) {
         case 0: return fmaxf(z, 0.0f);
         case 1: return 0.5f * z * (1.0f + tanhf(GELU_C * (z + GELU_A * z * z * z)));
         case 2: return z * sigmoidf_(z);
-        default: return tanhf(z);
+        case 3: return tanhf(z);
+        // An activation the host added without its kernel: stop the launch
+        // (the host gets an error) rather than compute the wrong function.
+        default: __trap(); return 0.0f;
     }
 }
 
@@ -37,10 +40,11 @@ __device__ float derivative(int f, float z) {
             float s = sigmoidf_(z);
             return s * (1.0f + z * (1.0f - s));
         }
-        default: {
+        case 3: {
             float t = tanhf(z);
             return 1.0f - t * t;
         }
+        default: __trap(); return 0.0f;
     }
 }
 
