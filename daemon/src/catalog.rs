@@ -20,8 +20,7 @@ use tracing::debug;
 
 use crate::train::{EpochStats, TrainedModel};
 
-/// Channel the extension notifies (at commit) when it queues a job.
-pub const JOBS_CHANNEL: &str = "cerebro_jobs";
+pub use cerebro_shared::sql::JOBS_CHANNEL;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {

@@ -45,6 +45,15 @@ pub(crate) fn first<T: FromDatum + IntoDatum>(
     }
 }
 
+/// Queues a training job for a version and wakes cerebrod, which hears it
+/// when the transaction commits (a rolled-back INSERT trains nothing). As
+/// the extension owner.
+pub(crate) fn enqueue(client: &mut SpiClient<'_>, model_version_id: i64) -> Result<()> {
+    client.update("INSERT INTO cerebro.jobs (model_version_id) VALUES ($1)", None, &[model_version_id.into()])?;
+    client.update("SELECT pg_catalog.pg_notify($1, '')", None, &[cerebro_shared::sql::JOBS_CHANNEL.into()])?;
+    Ok(())
+}
+
 pub(crate) fn current_user(client: &mut SpiClient<'_>) -> Result<String> {
     Ok(first::<String>(client, "SELECT current_user::text", &[], 1)?.expect("current_user is never NULL"))
 }
@@ -316,10 +325,9 @@ fn try_reproduce(model: Option<&str>, version: Option<i32>) -> Result<i32> {
             1,
         )?
         .ok_or_else(|| CerebroError::VersionNotFound { name: model.into(), version })?;
-        client.update("INSERT INTO cerebro.jobs (model_version_id) VALUES ($1)", None, &[id.into()])?;
+        enqueue(client, id)?;
         let detail = serde_json::json!({ "reproduces": version });
         audit(client, Audit { user: &user, action: "create", model, version: Some(new_version), detail })?;
-        client.update("SELECT pg_catalog.pg_notify('cerebro_jobs', '')", None, &[])?;
         notice!(
             "model \"{model}\" version {new_version} is queued: version {version} retrained on its frozen snapshot"
         );

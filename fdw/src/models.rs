@@ -389,7 +389,7 @@ pub(crate) fn queue_version(
             .first()
             .get_one()?
             .expect("RETURNING id");
-        client.update("INSERT INTO cerebro.jobs (model_version_id) VALUES ($1)", None, &[model_version_id.into()])?;
+        crate::admin::enqueue(client, model_version_id)?;
         let detail = serde_json::json!({ "source": source.display, "target": req.target });
         let create = crate::admin::Audit {
             user: &user_name,
@@ -399,9 +399,6 @@ pub(crate) fn queue_version(
             detail,
         };
         crate::admin::audit(client, create)?;
-        // No payload: anyone may LISTEN on the channel, and cerebrod claims
-        // the oldest queued job whatever woke it.
-        client.update("SELECT pg_catalog.pg_notify('cerebro_jobs', '')", None, &[])?;
         notice!(
             "cerebro: queued {} version {} ({} task, {} features, {} rows); it trains once this transaction commits",
             req.name,

@@ -48,6 +48,11 @@ pub fn as_text(expr: &str, enum_type: Option<&str>) -> String {
     }
 }
 
+/// The channel an INSERT notifies when it queues a job, and cerebrod
+/// LISTENs on. The notification has no payload: anyone may LISTEN, and
+/// cerebrod claims whatever is queued whatever woke it.
+pub const JOBS_CHANNEL: &str = "cerebro_jobs";
+
 #[cfg(test)]
 mod tests {
     use super::*;
