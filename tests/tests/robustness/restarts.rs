@@ -294,6 +294,14 @@ impl ClosedDatabase {
         // From another database: PostgreSQL refuses to close the one a
         // session is connected to.
         let admin = env.connect_to("postgres").await?;
+        // cerebrod's three sessions first: one may still be opening (its data
+        // connection right after start-up, say).
+        let sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'cerebrod' AND datname = $1";
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while admin.query_one(sessions, &[&env.db]).await?.get::<_, i64>(0) < 3 {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "cerebrod did not open its three sessions in 30 s");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         let closed = ClosedDatabase { env: env.clone() };
         admin.batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", env.db)).await?;
         // The sessions chosen first (OFFSET 0 keeps the planner from
