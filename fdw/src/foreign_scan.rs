@@ -508,7 +508,7 @@ pub unsafe extern "C-unwind" fn begin_foreign_scan(node: *mut pg_sys::ForeignSca
             .collect();
         let execution = Box::into_raw(Box::new(ScanExecution {
             fdw,
-            options: table_options((*rel).rd_id),
+            options: def_elems((*table).options),
             columns: relation_columns(rel, &private.needed),
             pushed,
             row: Row::new(),

@@ -368,6 +368,18 @@ impl Drop for Supervised {
     }
 }
 
+/// Queues a version of `name` over telco_churn (target churn, key
+/// customer_id) with `options` (JSON text); returns its version.
+pub async fn insert_telco_model(db: &Client, name: &str, options: &str) -> Result<i32> {
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, options)
+         VALUES ($1, 'telco_churn', 'churn', 'customer_id', $2::text::jsonb)",
+        &[&name, &options],
+    )
+    .await?;
+    Ok(db.query_one("SELECT max(version) FROM cerebro.models WHERE name = $1", &[&name]).await?.get(0))
+}
+
 /// Status, epoch and error of a model version.
 pub async fn model_state(db: &Client, name: &str, version: i32) -> Result<(String, i32, Option<String>)> {
     let row = db

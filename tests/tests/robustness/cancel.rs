@@ -3,20 +3,9 @@
 
 use std::time::Duration;
 
-use cerebro_tests::{model_state, wait_for, wait_until_done, Daemon, Env};
-use tokio_postgres::Client;
+use cerebro_tests::{insert_telco_model, model_state, wait_for, wait_until_done, Daemon, Env};
 
 use crate::{hostile_role_client, TRAIN_TIMEOUT};
-
-async fn queue(db: &Client, name: &str, options: &str) -> anyhow::Result<i32> {
-    db.execute(
-        "INSERT INTO cerebro.models (name, source, target, key, options)
-         VALUES ($1, 'telco_churn', 'churn', 'customer_id', $2::text::jsonb)",
-        &[&name, &options],
-    )
-    .await?;
-    Ok(db.query_one("SELECT max(version) FROM cerebro.models WHERE name = $1", &[&name]).await?.get(0))
-}
 
 fn sqlstate(e: &tokio_postgres::Error) -> String {
     e.as_db_error().map(|d| d.code().code().to_owned()).unwrap_or_else(|| e.to_string())
@@ -31,7 +20,7 @@ async fn the_owner_of_a_version_stops_its_training_and_the_reason_says_who_and_w
     let other = hostile_role_client(&env, "rb_bystander").await?;
 
     // Queued (no daemon yet): cancelled at once.
-    let queued = queue(&owner, "rb_cancel", r#"{"epochs": 2}"#).await?;
+    let queued = insert_telco_model(&owner, "rb_cancel", r#"{"epochs": 2}"#).await?;
     let outcome: String = owner.query_one("SELECT cerebro.cancel('rb_cancel', $1)", &[&queued]).await?.get(0);
     assert_eq!(outcome, "cancelled");
     let (status, _, error) = model_state(&owner, "rb_cancel", queued).await?;
@@ -43,7 +32,7 @@ async fn the_owner_of_a_version_stops_its_training_and_the_reason_says_who_and_w
     assert_eq!(sqlstate(&e), "55000");
 
     // Training: it stops after the epoch it is in.
-    let training = queue(&owner, "rb_cancel", r#"{"epochs": 2000, "patience": 0}"#).await?;
+    let training = insert_telco_model(&owner, "rb_cancel", r#"{"epochs": 2000, "patience": 0}"#).await?;
     let _daemon = Daemon::start(&env)?;
     wait_for(&owner, "rb_cancel", training, TRAIN_TIMEOUT, |s, epoch| s == "training" && epoch >= 1).await?;
     // A role that may not use the model does not see it; nor can it stop it.

@@ -3,7 +3,9 @@
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use cerebro_tests::{daemon_log, daemon_scores, model_state, wait_for, wait_until_done, Daemon, Env};
+use cerebro_tests::{
+    daemon_log, daemon_scores, insert_telco_model, model_state, wait_for, wait_until_done, Daemon, Env,
+};
 use tokio_postgres::Client;
 
 use crate::{db_error, hostile_role, TRAIN_TIMEOUT};
@@ -12,16 +14,6 @@ use crate::{db_error, hostile_role, TRAIN_TIMEOUT};
 /// shared by every test and every tier.
 fn log_since(env: &Env, from: usize) -> String {
     daemon_log(env).get(from..).unwrap_or_default().to_owned()
-}
-
-async fn insert_plain(db: &Client, name: &str, options: &str) -> anyhow::Result<i32> {
-    db.execute(
-        "INSERT INTO cerebro.models (name, source, target, key, options)
-         VALUES ($1, 'telco_churn', 'churn', 'customer_id', $2::text::jsonb)",
-        &[&name, &options],
-    )
-    .await?;
-    Ok(db.query_one("SELECT max(version) FROM cerebro.models WHERE name = $1", &[&name]).await?.get(0))
 }
 
 /// Versions of `name` and the state of their jobs.
@@ -64,7 +56,7 @@ async fn an_advisory_lock_no_longer_keeps_cerebrod_from_starting() -> anyhow::Re
     }
 
     let daemon = Daemon::start(&env)?;
-    let v = insert_plain(&db, "sec_squat", r#"{"epochs": 2}"#).await?;
+    let v = insert_telco_model(&db, "sec_squat", r#"{"epochs": 2}"#).await?;
     let seen = wait_until_done(&db, "sec_squat", v, TRAIN_TIMEOUT).await?;
     assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
 
@@ -126,7 +118,7 @@ async fn a_user_holding_locks_on_its_jobs_does_not_stop_training_for_others() ->
 
     // Meanwhile another role's model trains, once the held stack is done.
     let started = Instant::now();
-    let v = insert_plain(&db, "sec_bystander", r#"{"epochs": 2}"#).await?;
+    let v = insert_telco_model(&db, "sec_bystander", r#"{"epochs": 2}"#).await?;
     let seen = wait_until_done(&db, "sec_bystander", v, Duration::from_secs(150)).await?;
     assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
     assert!(still_holding(&holder).await?, "the holder's transaction was open all along");
@@ -171,7 +163,7 @@ async fn a_held_deployment_delays_a_promotion_but_not_training() -> anyhow::Resu
     let holder = hostile_role(&env, "sec_holder", true).await?;
     let log_start = daemon_log(&env).len();
     let _daemon = Daemon::start(&env)?;
-    let v1 = insert_plain(&holder, "sec_promo", r#"{"epochs": 2}"#).await?;
+    let v1 = insert_telco_model(&holder, "sec_promo", r#"{"epochs": 2}"#).await?;
     wait_until_done(&db, "sec_promo", v1, TRAIN_TIMEOUT).await?;
 
     // Deploying in a transaction left open holds the model's deployment row.
@@ -199,7 +191,7 @@ async fn a_held_deployment_delays_a_promotion_but_not_training() -> anyhow::Resu
         assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
     }
     // The promotion waits for the deployment row; training goes on.
-    let b = insert_plain(&db, "sec_bystander2", r#"{"epochs": 2}"#).await?;
+    let b = insert_telco_model(&db, "sec_bystander2", r#"{"epochs": 2}"#).await?;
     let seen = wait_until_done(&db, "sec_bystander2", b, Duration::from_secs(120)).await?;
     assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
     assert!(still_holding(&holder).await?);
@@ -271,7 +263,7 @@ async fn cerebrod_pins_its_search_path() -> anyhow::Result<()> {
     let log_start = daemon_log(&env).len();
     let result = async {
         let _daemon = Daemon::start(&env)?;
-        let v = insert_plain(&db, "sec_trapped", r#"{"epochs": 2}"#).await?;
+        let v = insert_telco_model(&db, "sec_trapped", r#"{"epochs": 2}"#).await?;
         let seen = wait_until_done(&db, "sec_trapped", v, TRAIN_TIMEOUT).await?;
         let (status, _, error) = model_state(&db, "sec_trapped", v).await?;
         assert_eq!(status, "ready", "{seen:?}: {error:?}");
@@ -339,7 +331,8 @@ async fn a_model_too_big_for_the_daemon_fails_saying_so() -> anyhow::Result<()> 
     let db = env.connect().await?;
     let hog = hostile_role(&env, "sec_hog", true).await?;
     let daemon = Daemon::start(&env)?;
-    let v = insert_plain(&hog, "sec_hog_model", r#"{"hidden": [512, 512], "batch_size": 4096, "epochs": 2}"#).await?;
+    let v =
+        insert_telco_model(&hog, "sec_hog_model", r#"{"hidden": [512, 512], "batch_size": 4096, "epochs": 2}"#).await?;
     wait_until_done(&hog, "sec_hog_model", v, TRAIN_TIMEOUT).await?;
     let (status, _, error) = model_state(&hog, "sec_hog_model", v).await?;
     assert_eq!(status, "failed");
@@ -348,7 +341,7 @@ async fn a_model_too_big_for_the_daemon_fails_saying_so() -> anyhow::Result<()> 
     drop(daemon);
     // With the default budget the daemon trains an ordinary model.
     let _daemon = Daemon::start(&Env::from_env())?;
-    let v = insert_plain(&db, "sec_after_hog", r#"{"epochs": 2}"#).await?;
+    let v = insert_telco_model(&db, "sec_after_hog", r#"{"epochs": 2}"#).await?;
     let seen = wait_until_done(&db, "sec_after_hog", v, TRAIN_TIMEOUT).await?;
     assert_eq!(seen.last().map(String::as_str), Some("ready"));
     Ok(())
