@@ -17,6 +17,7 @@ use cerebro_daemon::features::FeaturePipeline;
 use cerebro_daemon::train::{train, train_group, Control};
 use cerebro_shared::batch::ColumnData;
 use cerebro_shared::spec::{Feature, FeatureKind, Task, TrainOptions, TrainingPlan};
+use cerebro_shared::sql::metrics;
 
 /// The grid: hidden {[64, 32], [128, 64]} × lr {1e-3, 2e-3, 3e-3, 5e-3} ×
 /// weight_decay {0, 1e-4}; every candidate runs all its epochs.
@@ -128,7 +129,7 @@ fn main() {
     .expect("write telco.json");
 
     let compute = Compute::cpu(threads);
-    let auc = |m: &cerebro_daemon::train::TrainedModel| m.metrics.get("auc").copied().unwrap_or(0.0);
+    let auc = |m: &cerebro_daemon::train::TrainedModel| m.metrics.get(metrics::AUC).copied().unwrap_or(0.0);
     // Warm caches and the thread pool once.
     train(&plans[0], &columns, &target, compute, &mut |_| Control::Continue).expect("warm-up");
 

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cerebro_shared::mst::SelectionPlan;
+use cerebro_shared::provenance::TrainedWith;
 use cerebro_shared::spec::{Feature, Task, TrainOptions, TrainingPlan};
-use cerebro_shared::sql::snapshot_column;
+use cerebro_shared::sql::{snapshot_column, JobState, ModelStatus};
 use futures_util::{stream, StreamExt};
 use tokio::sync::Notify;
 use tokio_postgres::error::{Severity, SqlState};
@@ -293,30 +294,14 @@ pub struct Catalog {
     client: Client,
 }
 
-/// Options each model of a stack may set on its own (train::train_group).
-const PER_MODEL_OPTIONS: [&str; 8] =
-    ["learning_rate", "weight_decay", "epochs", "patience", "momentum", "schedule", "warmup_epochs", "clip_norm"];
-
-/// A version's ONNX file and how to feed it.
+/// A version's ONNX file and how to feed it (`ScoringModel::from_artifact`
+/// loads it).
 pub struct Artifact {
     pub sha256: String,
     pub bytes: Vec<u8>,
     /// Set for imported models; Cerebro's own exports need none.
     pub import_layout: Option<cerebro_shared::onnx_graph::ImportLayout>,
     pub task: cerebro_shared::spec::Task,
-}
-
-impl Artifact {
-    /// A scoring session for it.
-    pub fn load(
-        &self,
-        rt: &crate::scoring::OnnxRuntime,
-    ) -> std::result::Result<crate::scoring::ScoringModel, crate::scoring::ScoringError> {
-        match &self.import_layout {
-            Some(layout) => crate::scoring::ScoringModel::load_imported(rt, &self.bytes, layout, self.task),
-            None => crate::scoring::ScoringModel::load(rt, &self.bytes),
-        }
-    }
 }
 
 /// A job this daemon has claimed.
@@ -399,12 +384,21 @@ pub enum SweptTo {
 }
 
 impl SweptTo {
-    /// Both a `job_state` and a `model_status`.
-    fn state(self) -> &'static str {
+    /// The job's state it ends in.
+    fn job_state(self) -> JobState {
         match self {
-            SweptTo::Queued => "queued",
-            SweptTo::Failed => "failed",
-            SweptTo::Cancelled => "cancelled",
+            SweptTo::Queued => JobState::Queued,
+            SweptTo::Failed => JobState::Failed,
+            SweptTo::Cancelled => JobState::Cancelled,
+        }
+    }
+
+    /// Its model version's status: the label of the same name.
+    fn model_status(self) -> ModelStatus {
+        match self {
+            SweptTo::Queued => ModelStatus::Queued,
+            SweptTo::Failed => ModelStatus::Failed,
+            SweptTo::Cancelled => ModelStatus::Cancelled,
         }
     }
 }
@@ -543,7 +537,7 @@ impl Catalog {
                         finished_at = CASE WHEN $2 = 'queued' THEN NULL ELSE pg_catalog.now() END,
                         claimed_by = CASE WHEN $2 = 'queued' THEN NULL ELSE claimed_by END
                  WHERE id = $1",
-                &[&job_id, &to.state(), &error],
+                &[&job_id, &to.job_state().as_str(), &error],
             )
             .await?;
             tx.execute(
@@ -552,7 +546,7 @@ impl Catalog {
                                      ELSE (SELECT j.error FROM cerebro.jobs j WHERE j.id = $3) END,
                         epoch = CASE WHEN $2 = 'queued' THEN 0 ELSE epoch END
                  WHERE id = $1",
-                &[&mv, &to.state(), &job_id],
+                &[&mv, &to.model_status().as_str(), &job_id],
             )
             .await?;
             swept.push(Swept { job_id, to, left_by });
@@ -631,7 +625,7 @@ impl Catalog {
                        FOR UPDATE OF j2 SKIP LOCKED FOR NO KEY UPDATE OF m2 SKIP LOCKED) next
                  WHERE j.id = next.id
                  RETURNING j.id, j.model_version_id, j.attempts",
-                &[&job.model_version_id, &worker, &&PER_MODEL_OPTIONS[..], &limit],
+                &[&job.model_version_id, &worker, &cerebro_shared::spec::PER_MODEL_OPTIONS, &limit],
             )
             .await?;
         let jobs: Vec<ClaimedJob> = rows
@@ -798,14 +792,15 @@ impl Catalog {
         job: &ClaimedJob,
         snapshot_id: i64,
         model: &TrainedModel,
-        trained_with: &serde_json::Value,
+        trained_with: &TrainedWith,
         onnx: &[u8],
         fingerprint: &str,
     ) -> Result<()> {
-        let sha256 = crate::data::sha256_hex(onnx);
+        let sha256 = crate::digest::sha256_hex(onnx);
         let sha256 = sha256.as_str();
         let metrics = serde_json::to_value(&model.metrics).expect("metrics serialise");
         let pipeline = serde_json::to_value(&model.pipeline).expect("pipeline serialises");
+        let trained_with = serde_json::to_value(trained_with).expect("trained_with serialises");
         let tx = self.client.transaction().await?;
         // The job's row first, then the version's: the order in which
         // cerebro.delete_model takes them, so the two never deadlock.
@@ -835,7 +830,7 @@ impl Catalog {
                 &pipeline,
                 &sha256,
                 &model.weights_sha256(),
-                trained_with,
+                &trained_with,
                 &(onnx.len() as i64),
             ],
         )
@@ -849,24 +844,30 @@ impl Catalog {
     /// Marks job and model failed with `error`, which users read in
     /// `cerebro.models.error`.
     pub async fn finish_failure(&mut self, job: &ClaimedJob, error: &str) -> Result<()> {
-        self.end_job(job, "failed", Some(error)).await
+        self.end_job(job, JobState::Failed, ModelStatus::Failed, Some(error)).await
     }
 
     /// Ends a job whose cancellation was asked for (or whose selection's
     /// budget ran out: `reason`); its model is 'cancelled'.
     pub async fn finish_cancelled(&mut self, job: &ClaimedJob, reason: Option<&str>) -> Result<()> {
-        self.end_job(job, "cancelled", reason).await
+        self.end_job(job, JobState::Cancelled, ModelStatus::Cancelled, reason).await
     }
 
-    /// Ends job and model in `outcome` ('failed' or 'cancelled', a value of
-    /// both `job_state` and `model_status`) with `error`, at once.
-    async fn end_job(&mut self, job: &ClaimedJob, outcome: &str, error: Option<&str>) -> Result<()> {
+    /// Ends the job in `state` and its model in `status` (both failed, or
+    /// both cancelled) with `error`, at once.
+    async fn end_job(
+        &mut self,
+        job: &ClaimedJob,
+        state: JobState,
+        status: ModelStatus,
+        error: Option<&str>,
+    ) -> Result<()> {
         let tx = self.client.transaction().await?;
         tx.execute(
             "UPDATE cerebro.jobs SET state = $3::pg_catalog.text::cerebro.job_state, finished_at = pg_catalog.now(),
                     error = coalesce($2, error)
              WHERE id = $1",
-            &[&job.job_id, &error, &outcome],
+            &[&job.job_id, &error, &state.as_str()],
         )
         .await?;
         // Without a reason of its own (a user's cancel), the job's is kept:
@@ -875,7 +876,7 @@ impl Catalog {
             "UPDATE cerebro.model_versions SET status = $3::pg_catalog.text::cerebro.model_status,
                     error = (SELECT j.error FROM cerebro.jobs j WHERE j.id = $2)
              WHERE id = $1",
-            &[&job.model_version_id, &job.job_id, &outcome],
+            &[&job.model_version_id, &job.job_id, &status.as_str()],
         )
         .await?;
         tx.commit().await?;

@@ -207,7 +207,7 @@ pub async fn copy_columns(
             }
         }
     }
-    Ok(Table { columns: out, fingerprint: hex(&hash.finalize()) })
+    Ok(Table { columns: out, fingerprint: crate::digest::hex(&hash.finalize()) })
 }
 
 /// Reads a job's snapshot: its features in plan order, then the target; in
@@ -227,12 +227,4 @@ pub async fn read_snapshot(client: &Client, job: &JobSpec) -> Result<Table> {
     let target = if job.plan.task == Task::Regression { ReadAs::Float64 } else { ReadAs::Text };
     columns.push(ReadColumn::builtin(names.target.clone(), target));
     copy_columns(client, &job.data_relation, &columns, names.key.as_deref()).await
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
 }

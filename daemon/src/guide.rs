@@ -97,6 +97,8 @@ impl Guide {
 
 #[cfg(test)]
 mod tests {
+    use cerebro_shared::mst::Strategy;
+
     use super::*;
 
     fn state(plan: SelectionPlan) -> SelectionState {
@@ -113,7 +115,7 @@ mod tests {
 
     #[test]
     fn halving_stops_all_but_the_best_third_at_a_rung() {
-        let plan = SelectionPlan { strategy: "halving".into(), rungs: vec![2, 6], eta: Some(3), ..Default::default() };
+        let plan = SelectionPlan { strategy: Strategy::Halving, rungs: vec![2, 6], eta: Some(3), ..Default::default() };
         let mut earlier = state(plan);
         earlier.rung_losses.insert(2, vec![0.05]);
         let mut guide = Guide::new(earlier, 5, Instant::now());
@@ -131,7 +133,7 @@ mod tests {
 
     #[test]
     fn budgets_stop_everyone_and_say_so() {
-        let plan = SelectionPlan { strategy: "grid".into(), budget_epochs: Some(10), ..Default::default() };
+        let plan = SelectionPlan { strategy: Strategy::Grid, budget_epochs: Some(10), ..Default::default() };
         let mut spent = state(plan);
         spent.epochs_spent = 6;
         let mut guide = Guide::new(spent, 2, Instant::now());
@@ -143,7 +145,7 @@ mod tests {
         assert_eq!(controls, vec![Control::Finish; 2]);
         assert_eq!(guide.stopped[1].as_deref(), Some("the selection's budget of 10 epochs was spent (after epoch 2)"));
 
-        let plan = SelectionPlan { strategy: "grid".into(), budget_seconds: Some(60.0), ..Default::default() };
+        let plan = SelectionPlan { strategy: Strategy::Grid, budget_seconds: Some(60.0), ..Default::default() };
         let mut late = state(plan);
         late.elapsed_seconds = 61.0;
         let guide = Guide::new(late, 1, Instant::now());

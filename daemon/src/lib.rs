@@ -10,6 +10,7 @@
 pub mod catalog;
 pub mod config;
 pub mod data;
+pub mod digest;
 pub mod engine;
 pub mod features;
 pub mod gpu;
@@ -36,7 +37,7 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::config::Config;
 use crate::data::{copy_columns, ReadAs, UserRelation};
 use crate::engine::{Compute, DeviceChoice};
-use crate::scoring::{OnnxRuntime, ScoringError};
+use crate::scoring::{OnnxRuntime, ScoringError, ScoringModel};
 use crate::server::{CatalogSlot, ScoringService};
 
 #[derive(Debug, thiserror::Error)]
@@ -434,7 +435,7 @@ pub async fn score_relation(
         },
         None => vec![None; table.first().map_or(0, |c| c.len())],
     };
-    let scoring = artifact.load(&runtime)?;
+    let scoring = ScoringModel::from_artifact(&runtime, &artifact)?;
     let (scores, labels) = scoring.score(&table)?;
     Ok(keys
         .into_iter()

@@ -2,7 +2,10 @@
 
 use std::collections::BTreeMap;
 
-/// Metric name to value; serialised into `cerebro.model_versions.metrics`.
+use cerebro_shared::sql::metrics::{ACCURACY, AUC, LOG_LOSS, MACRO_F1, MAE, R2, RMSE};
+
+/// Metric name ([`cerebro_shared::sql::metrics`]) to value; serialised into
+/// `cerebro.model_versions.metrics`.
 pub type Metrics = BTreeMap<String, f64>;
 
 /// Area under the ROC curve from scores and 0/1 labels, with tied scores
@@ -51,9 +54,9 @@ pub fn binary(probs: &[f32], labels: &[bool]) -> Metrics {
         .sum::<f64>()
         / n;
     Metrics::from([
-        ("auc".into(), auc(probs, labels)),
-        ("accuracy".into(), correct as f64 / n),
-        ("log_loss".into(), log_loss),
+        (AUC.into(), auc(probs, labels)),
+        (ACCURACY.into(), correct as f64 / n),
+        (LOG_LOSS.into(), log_loss),
     ])
 }
 
@@ -83,11 +86,7 @@ pub fn multiclass(probs: &[f32], classes: usize, labels: &[usize]) -> Metrics {
     let log_loss =
         probs.chunks_exact(classes).zip(labels).map(|(row, &y)| -(row[y] as f64).clamp(1e-15, 1.0).ln()).sum::<f64>()
             / n;
-    Metrics::from([
-        ("accuracy".into(), correct as f64 / n),
-        ("macro_f1".into(), macro_f1),
-        ("log_loss".into(), log_loss),
-    ])
+    Metrics::from([(ACCURACY.into(), correct as f64 / n), (MACRO_F1.into(), macro_f1), (LOG_LOSS.into(), log_loss)])
 }
 
 /// RMSE, MAE and R² in the target's own units.
@@ -98,9 +97,9 @@ pub fn regression(predicted: &[f64], actual: &[f64]) -> Metrics {
     let sst: f64 = actual.iter().map(|y| (y - mean).powi(2)).sum();
     let mae = predicted.iter().zip(actual).map(|(p, y)| (p - y).abs()).sum::<f64>() / n;
     Metrics::from([
-        ("rmse".into(), (sse / n).sqrt()),
-        ("mae".into(), mae),
-        ("r2".into(), if sst > 0.0 { 1.0 - sse / sst } else { f64::NAN }),
+        (RMSE.into(), (sse / n).sqrt()),
+        (MAE.into(), mae),
+        (R2.into(), if sst > 0.0 { 1.0 - sse / sst } else { f64::NAN }),
     ])
 }
 
@@ -119,25 +118,25 @@ mod tests {
     #[test]
     fn binary_metrics() {
         let m = binary(&[0.9, 0.2, 0.6, 0.4], &[true, false, false, true]);
-        assert_eq!(m["accuracy"], 0.5);
-        assert_eq!(m["auc"], 0.75);
-        assert!(m["log_loss"] > 0.0);
+        assert_eq!(m[ACCURACY], 0.5);
+        assert_eq!(m[AUC], 0.75);
+        assert!(m[LOG_LOSS] > 0.0);
     }
 
     #[test]
     fn multiclass_metrics() {
         let probs = [0.8, 0.1, 0.1, 0.1, 0.8, 0.1, 0.1, 0.8, 0.1];
         let m = multiclass(&probs, 3, &[0, 1, 2]);
-        assert!((m["accuracy"] - 2.0 / 3.0).abs() < 1e-12);
+        assert!((m[ACCURACY] - 2.0 / 3.0).abs() < 1e-12);
         // class 0: f1 1; class 1: tp1 fp1 -> 2/3; class 2: fn1 -> 0
-        assert!((m["macro_f1"] - (1.0 + 2.0 / 3.0) / 3.0).abs() < 1e-12);
+        assert!((m[MACRO_F1] - (1.0 + 2.0 / 3.0) / 3.0).abs() < 1e-12);
     }
 
     #[test]
     fn regression_metrics() {
         let m = regression(&[1.0, 2.0, 3.0], &[1.0, 2.0, 5.0]);
-        assert!((m["rmse"] - (4.0f64 / 3.0).sqrt()).abs() < 1e-12);
-        assert!((m["mae"] - 2.0 / 3.0).abs() < 1e-12);
-        assert!((m["r2"] - (1.0 - 4.0 / (78.0 / 9.0))).abs() < 1e-12);
+        assert!((m[RMSE] - (4.0f64 / 3.0).sqrt()).abs() < 1e-12);
+        assert!((m[MAE] - 2.0 / 3.0).abs() < 1e-12);
+        assert!((m[R2] - (1.0 - 4.0 / (78.0 / 9.0))).abs() < 1e-12);
     }
 }

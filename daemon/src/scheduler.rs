@@ -6,16 +6,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cerebro_shared::provenance::TrainedWith;
 use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinError;
 use tracing::{debug, error, info, warn};
 
 use crate::catalog::{Catalog, CatalogError, ClaimedJob, JobSpec, SweptTo};
-use crate::data::read_snapshot;
+use crate::data::{read_snapshot, Table};
 use crate::engine::Compute;
 use crate::features::FeaturePipeline;
 use crate::guide::Guide;
 use crate::onnx;
-use crate::train::{self, Control, EpochStats, TrainError};
+use crate::train::{self, Control, EpochStats, TrainError, TrainedModel};
 use crate::warm::ParentWeights;
 
 /// Most candidates trained in one stack (activations of all of them stay in memory).
@@ -103,6 +105,53 @@ fn unless_locked(job: &ClaimedJob, written: Result<(), CatalogError>) -> Result<
 /// The error the loop returns when told its session ended.
 fn session_lost() -> CatalogError {
     CatalogError::Lost("cerebrod's session with the database ended".into())
+}
+
+/// The jobs of one stack, with what each asks for (`specs[i]` is
+/// `jobs[i]`'s). A stage of `Scheduler::run_job` takes out the jobs it ends.
+struct StackJobs {
+    /// The job the stack was claimed for, which names the stack in log
+    /// lines, still in it or not.
+    first: i64,
+    /// The first request read: the stack reads its snapshot and is sized by
+    /// it (its models share one architecture), and its selection is the
+    /// stack's.
+    lead: JobSpec,
+    jobs: Vec<ClaimedJob>,
+    specs: Vec<JobSpec>,
+}
+
+/// What the training thread hands back: each model's result (or one error
+/// for all), the snapshot's fingerprint, and the guide that steered it.
+type TrainOutput = (Result<Vec<Result<TrainedModel, TrainError>>, TrainError>, String, Option<Guide>);
+
+/// A stack training on a blocking thread, and what the job loop steers it by.
+struct Training {
+    task: tokio::task::JoinHandle<TrainOutput>,
+    /// Each model's epochs, as they finish.
+    progress: mpsc::UnboundedReceiver<(usize, EpochStats)>,
+    /// Stops every model at the end of its epoch.
+    stop: Arc<AtomicBool>,
+    /// Candidates a user cancelled, by index: learnt as each records an epoch.
+    cancelled: Arc<Vec<AtomicBool>>,
+}
+
+/// How training a stack ended.
+enum Trained {
+    /// Each model's result, to store or end one by one.
+    Models(TrainedStack),
+    /// Every job of the stack has ended: its selection may be finished.
+    Ended,
+    /// A shutdown stopped the stack, and its jobs went back to the queue.
+    Requeued,
+}
+
+/// The models a stack trained, or why each did not train.
+struct TrainedStack {
+    results: Vec<Result<TrainedModel, TrainError>>,
+    fingerprint: String,
+    /// Per model, why its selection's guide stopped it before its own end.
+    stopped: Vec<Option<String>>,
 }
 
 impl Scheduler {
@@ -260,15 +309,58 @@ impl Scheduler {
 
     /// Trains `first`, with the queued candidates of its selection that can
     /// share its stack: one read of the data, one pass per epoch for all.
+    /// Each stage ends the jobs it cannot take further; a stage that leaves
+    /// none has ended them all, and their selection may be finished.
     async fn run_job(&mut self, first: ClaimedJob) -> Result<(), CatalogError> {
+        let claimed = self.claim_stack(&first).await?;
+        let Some(mut stack) = self.read_requests(&first, claimed).await? else { return Ok(()) };
+        let selection = stack.lead.selection;
+        let Some(table) = self.read_training_data(&stack).await? else {
+            return self.finish_selection(selection).await;
+        };
+        if !self.keep_within_work_bound(&mut stack, &table).await? {
+            return self.finish_selection(selection).await;
+        }
+        if !self.fit_memory(&mut stack, &table).await? {
+            return self.finish_selection(selection).await;
+        }
+        let guide = self.selection_guide(&stack).await?;
+        if !self.keep_within_budget(&stack, guide.as_ref()).await? {
+            return self.finish_selection(selection).await;
+        }
+        let parents = self.warm_starts(&stack).await?;
+        let training = self.start_training(&stack, table, parents, guide);
+        let (finished, refused) = self.watch_training(&stack, training).await?;
+        let trained = match self.training_outcome(&stack, finished, refused).await? {
+            Trained::Models(trained) => trained,
+            Trained::Ended => return self.finish_selection(selection).await,
+            Trained::Requeued => return Ok(()),
+        };
+        self.store_models(&stack, trained).await?;
+        self.finish_selection(selection).await
+    }
+
+    /// `first`, with the queued candidates of its selection that can share
+    /// its stack; alone when a lock holds them up.
+    async fn claim_stack(&mut self, first: &ClaimedJob) -> Result<Vec<ClaimedJob>, CatalogError> {
         let mut claimed = vec![first.clone()];
-        match self.control.claim_companions(&first, &self.worker_id, MAX_STACK - 1).await {
+        match self.control.claim_companions(first, &self.worker_id, MAX_STACK - 1).await {
             Ok(more) => claimed.extend(more),
             Err(e) if e.is_lock_timeout() => {
                 warn!(job = first.job_id, "claiming its companions waited on a lock ({}); it trains alone", e.reason())
             }
             Err(e) => return Err(e),
         }
+        Ok(claimed)
+    }
+
+    /// What each of `claimed` asks for; a job whose request is gone or
+    /// unreadable fails. None when no job is left.
+    async fn read_requests(
+        &mut self,
+        first: &ClaimedJob,
+        claimed: Vec<ClaimedJob>,
+    ) -> Result<Option<StackJobs>, CatalogError> {
         let mut jobs = Vec::with_capacity(claimed.len());
         let mut specs = Vec::with_capacity(claimed.len());
         for job in claimed {
@@ -286,28 +378,34 @@ impl Scheduler {
                 Err(e) => return Err(e),
             }
         }
-        let Some(spec) = specs.first().cloned() else { return Ok(()) };
-        let selection = spec.selection;
+        let Some(lead) = specs.first().cloned() else { return Ok(None) };
         for (job, s) in jobs.iter().zip(&specs) {
             info!(job = job.job_id, model = %s.name, version = s.version, attempt = job.attempt, stack = jobs.len(), "training");
         }
-        let table = match read_snapshot(self.data.client(), &spec).await {
-            Ok(t) => t,
+        Ok(Some(StackJobs { first: first.job_id, lead, jobs, specs }))
+    }
+
+    /// The stack's snapshot, read once for all its models. None when the
+    /// server refused the read (the jobs failed).
+    async fn read_training_data(&mut self, stack: &StackJobs) -> Result<Option<Table>, CatalogError> {
+        match read_snapshot(self.data.client(), &stack.lead).await {
+            Ok(t) => Ok(Some(t)),
             Err(e) if e.is_refusal() => {
                 // The server refused the read (snapshot dropped, type changed):
                 // retrying cannot help.
-                let msg = format!("cannot read the training snapshot {}: {}", spec.data_relation, e.reason());
-                for job in &jobs {
-                    let ended = self.control.finish_failure(job, &msg).await;
-                    unless_locked(job, ended)?;
-                }
-                return self.finish_selection(selection).await;
+                let msg = format!("cannot read the training snapshot {}: {}", stack.lead.data_relation, e.reason());
+                self.fail_all(&stack.jobs, &msg).await?;
+                Ok(None)
             }
-            Err(e) => return Err(e),
-        };
+            Err(e) => Err(e),
+        }
+    }
 
-        // A job beyond the daemon's own bound on work fails, saying so.
+    /// Fails, saying so, each job beyond the daemon's own bound on work;
+    /// false when none is left.
+    async fn keep_within_work_bound(&mut self, stack: &mut StackJobs, table: &Table) -> Result<bool, CatalogError> {
         let rows = table.columns.first().map_or(0, |c| c.len() as u64);
+        let (jobs, specs) = (std::mem::take(&mut stack.jobs), std::mem::take(&mut stack.specs));
         let (mut within, mut within_specs) = (Vec::with_capacity(jobs.len()), Vec::with_capacity(specs.len()));
         for (job, s) in jobs.into_iter().zip(specs) {
             let epochs = s.plan.options.epochs;
@@ -326,17 +424,17 @@ impl Scheduler {
                 within_specs.push(s);
             }
         }
-        let (mut jobs, mut specs) = (within, within_specs);
-        if jobs.is_empty() {
-            return self.finish_selection(selection).await;
-        }
+        (stack.jobs, stack.specs) = (within, within_specs);
+        Ok(!stack.jobs.is_empty())
+    }
 
-        // A model too big for the daemon fails, saying so; fewer candidates
-        // share the stack when all of them would not fit in the memory
-        // budget, and the others go back to the queue. (A stack's models
-        // share one architecture, so one size fits all.)
+    /// A model too big for the daemon fails, saying so (false: the whole
+    /// stack failed); fewer candidates share the stack when all of them
+    /// would not fit in the memory budget, and the others go back to the
+    /// queue. (A stack's models share one architecture, so one size fits all.)
+    async fn fit_memory(&mut self, stack: &mut StackJobs, table: &Table) -> Result<bool, CatalogError> {
         let features = &table.columns[..table.columns.len() - 1];
-        let per_model = train::model_bytes(&spec.plan, features).ok();
+        let per_model = train::model_bytes(&stack.lead.plan, features).ok();
         if let Some(needed) = per_model.filter(|&b| b > self.model_memory_bytes) {
             let msg = format!(
                 "training this model needs about {} MiB, more than cerebrod's model_memory_mib ({} MiB); use \
@@ -344,66 +442,83 @@ impl Scheduler {
                 needed >> 20,
                 self.model_memory_bytes >> 20
             );
-            warn!(job = first.job_id, "{msg}");
-            for job in &jobs {
-                let ended = self.control.finish_failure(job, &msg).await;
-                unless_locked(job, ended)?;
-            }
-            return self.finish_selection(selection).await;
+            warn!(job = stack.first, "{msg}");
+            self.fail_all(&stack.jobs, &msg).await?;
+            return Ok(false);
         }
-        if jobs.len() > 1 {
+        if stack.jobs.len() > 1 {
             if let Some(per_model) = per_model {
                 let fit = (self.stack_memory_bytes / per_model.max(1)).max(1);
-                if jobs.len() > fit {
+                if stack.jobs.len() > fit {
                     info!(
-                        job = first.job_id,
-                        claimed = jobs.len(),
+                        job = stack.first,
+                        claimed = stack.jobs.len(),
                         fit,
                         per_model_mib = per_model >> 20,
                         "stack limited by stack_memory_mib"
                     );
-                    for job in jobs.drain(fit..) {
+                    for job in stack.jobs.drain(fit..) {
                         let requeued = self.control.requeue(&job).await;
                         unless_locked(&job, requeued)?;
                     }
-                    specs.truncate(fit);
+                    stack.specs.truncate(fit);
                 }
             }
         }
-        let mut guide = match selection {
-            Some(id) => {
-                let ids: Vec<i64> = jobs.iter().map(|j| j.model_version_id).collect();
-                let state = self.control.selection_state(id, &ids).await?;
-                Some(Guide::new(state, jobs.len(), Instant::now()))
-            }
-            None => None,
-        };
-        if let Some(why) = guide.as_ref().and_then(|g| g.exhausted(Instant::now())) {
-            for job in &jobs {
-                let ended = self.control.finish_cancelled(job, Some(&why)).await;
-                unless_locked(job, ended)?;
-            }
-            info!(job = first.job_id, stack = jobs.len(), "{why}");
-            return self.finish_selection(selection).await;
-        }
+        Ok(true)
+    }
 
-        let mut parents = Vec::with_capacity(specs.len());
-        for s in &specs {
+    /// What steers a selection's stack between epochs (None for a model
+    /// outside a selection), from where the selection stands now.
+    async fn selection_guide(&mut self, stack: &StackJobs) -> Result<Option<Guide>, CatalogError> {
+        let Some(id) = stack.lead.selection else { return Ok(None) };
+        let ids: Vec<i64> = stack.jobs.iter().map(|j| j.model_version_id).collect();
+        let state = self.control.selection_state(id, &ids).await?;
+        Ok(Some(Guide::new(state, stack.jobs.len(), Instant::now())))
+    }
+
+    /// Cancels the stack's jobs, saying why, when their selection's budget
+    /// is spent before they start; false when it was.
+    async fn keep_within_budget(&mut self, stack: &StackJobs, guide: Option<&Guide>) -> Result<bool, CatalogError> {
+        let Some(why) = guide.and_then(|g| g.exhausted(Instant::now())) else { return Ok(true) };
+        for job in &stack.jobs {
+            let ended = self.control.finish_cancelled(job, Some(&why)).await;
+            unless_locked(job, ended)?;
+        }
+        info!(job = stack.first, stack = stack.jobs.len(), "{why}");
+        Ok(false)
+    }
+
+    /// Each model's parent weights to start from, in stack order (None: a
+    /// cold start).
+    async fn warm_starts(&self, stack: &StackJobs) -> Result<Vec<Option<ParentWeights>>, CatalogError> {
+        let mut parents = Vec::with_capacity(stack.specs.len());
+        for s in &stack.specs {
             parents.push(match s.parent_version {
                 Some(v) => self.parent_weights(s, v).await?,
                 None => None,
             });
         }
+        Ok(parents)
+    }
 
+    /// Starts training the stack on a blocking thread, which reports each
+    /// epoch and is told after it which models go on.
+    fn start_training(
+        &self,
+        stack: &StackJobs,
+        table: Table,
+        parents: Vec<Option<ParentWeights>>,
+        mut guide: Option<Guide>,
+    ) -> Training {
         let stop = Arc::new(AtomicBool::new(false));
-        // Candidates a user cancelled, by index: learnt as each records an epoch.
-        let cancelled: Arc<Vec<AtomicBool>> = Arc::new(jobs.iter().map(|_| AtomicBool::new(false)).collect());
-        let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
-        let plans: Vec<_> = specs.iter().map(|s| s.plan.clone()).collect();
+        let cancelled: Arc<Vec<AtomicBool>> = Arc::new(stack.jobs.iter().map(|_| AtomicBool::new(false)).collect());
+        let (progress_tx, progress) = mpsc::unbounded_channel();
+        let plans: Vec<_> = stack.specs.iter().map(|s| s.plan.clone()).collect();
         let stop_flag = stop.clone();
         let cancel_flags = cancelled.clone();
         let compute = self.compute;
-        let mut training = tokio::task::spawn_blocking(move || {
+        let task = tokio::task::spawn_blocking(move || {
             let mut columns = table.columns;
             let target = columns.pop().expect("the target column is read last");
             let warm: Vec<Option<&ParentWeights>> = parents.iter().map(Option::as_ref).collect();
@@ -425,7 +540,21 @@ impl Scheduler {
                 });
             (result, table.fingerprint, guide)
         });
+        Training { task, progress, stop, cancelled }
+    }
 
+    /// Records the stack's epochs while it trains, sweeping meanwhile, and
+    /// tells it to stop on shutdown; returns how its thread ended and a
+    /// write the catalog refused, if one did (it stopped the stack then).
+    /// When the session ends under it, its jobs stay `running` for the next
+    /// session's sweep.
+    async fn watch_training(
+        &mut self,
+        stack: &StackJobs,
+        training: Training,
+    ) -> Result<(Result<TrainOutput, JoinError>, Option<CatalogError>), CatalogError> {
+        let Training { task: mut training, progress: mut progress_rx, stop, cancelled } = training;
+        let jobs = &stack.jobs;
         let mut shutdown = self.shutdown.clone();
         // A write the catalog refuses stops training and fails the jobs.
         let mut refused: Option<CatalogError> = None;
@@ -433,7 +562,7 @@ impl Scheduler {
         let mut paused: Vec<Option<Instant>> = vec![None; jobs.len()];
         // Jobs left running by earlier stacks go back to the queue while this
         // one trains, not only after it.
-        let stack: Vec<i64> = jobs.iter().map(|j| j.job_id).collect();
+        let stack_ids: Vec<i64> = jobs.iter().map(|j| j.job_id).collect();
         let mut sweep = tokio::time::interval_at(tokio::time::Instant::now() + self.poll_interval, self.poll_interval);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut lost = self.lost.clone();
@@ -457,7 +586,7 @@ impl Scheduler {
                     }
                 }
                 _ = sweep.tick() => {
-                    if let Err(e) = self.sweep_jobs(&stack).await {
+                    if let Err(e) = self.sweep_jobs(&stack_ids).await {
                         debug!("sweep during training: {e}");
                     }
                 }
@@ -473,7 +602,7 @@ impl Scheduler {
                 // them back in the queue. The stack stops at the end of its
                 // epoch; the next session waits for that before it trains.
                 stop.store(true, Ordering::Relaxed);
-                warn!(job = first.job_id, stack = jobs.len(), "training stopped: {e}");
+                warn!(job = stack.first, stack = jobs.len(), "training stopped: {e}");
                 self.carry.unwinding = Some(tokio::spawn(async move {
                     let _ = training.await;
                 }));
@@ -490,47 +619,59 @@ impl Scheduler {
                 }
             }
         }
+        Ok((outcome, refused))
+    }
+
+    /// Ends the stack's jobs when training ended for all of them at once (a
+    /// refused write, a crash, a shutdown, bad data); else each model's
+    /// result.
+    async fn training_outcome(
+        &mut self,
+        stack: &StackJobs,
+        finished: Result<TrainOutput, JoinError>,
+        refused: Option<CatalogError>,
+    ) -> Result<Trained, CatalogError> {
         if let Some(e) = refused {
             let reason = e.reason();
-            for job in &jobs {
+            for job in &stack.jobs {
                 self.fail_refused(job, &reason).await?;
             }
-            return self.finish_selection(selection).await;
+            return Ok(Trained::Ended);
         }
-
-        let (result, fingerprint, guide) = match outcome {
+        let (result, fingerprint, guide) = match finished {
             Ok(r) => r,
             Err(join) => {
                 let msg = format!("training crashed: {join}");
-                error!(job = first.job_id, "{msg}");
-                for job in &jobs {
-                    let ended = self.control.finish_failure(job, &msg).await;
-                    unless_locked(job, ended)?;
-                }
-                return self.finish_selection(selection).await;
+                error!(job = stack.first, "{msg}");
+                self.fail_all(&stack.jobs, &msg).await?;
+                return Ok(Trained::Ended);
             }
         };
         let results = match result {
             Ok(results) => results,
             Err(TrainError::Stopped) => {
-                warn!(job = first.job_id, stack = jobs.len(), "training stopped by shutdown; jobs requeued");
-                for job in &jobs {
+                warn!(job = stack.first, stack = stack.jobs.len(), "training stopped by shutdown; jobs requeued");
+                for job in &stack.jobs {
                     let requeued = self.control.requeue(job).await;
                     unless_locked(job, requeued)?;
                 }
-                return Ok(());
+                return Ok(Trained::Requeued);
             }
             Err(e) => {
-                warn!(job = first.job_id, "training failed: {e}");
-                for job in &jobs {
-                    let ended = self.control.finish_failure(job, &e.to_string()).await;
-                    unless_locked(job, ended)?;
-                }
-                return self.finish_selection(selection).await;
+                warn!(job = stack.first, "training failed: {e}");
+                self.fail_all(&stack.jobs, &e.to_string()).await?;
+                return Ok(Trained::Ended);
             }
         };
         let stopped = guide.map(|g| g.stopped).unwrap_or_default();
-        for (m, ((job, spec), result)) in jobs.iter().zip(&specs).zip(results).enumerate() {
+        Ok(Trained::Models(TrainedStack { results, fingerprint, stopped }))
+    }
+
+    /// Ends each job of the stack by its model's result: stored and ready,
+    /// cancelled, or failed.
+    async fn store_models(&mut self, stack: &StackJobs, trained: TrainedStack) -> Result<(), CatalogError> {
+        let TrainedStack { results, fingerprint, stopped } = trained;
+        for (m, ((job, spec), result)) in stack.jobs.iter().zip(&stack.specs).zip(results).enumerate() {
             let model = match result {
                 Ok(model) => model,
                 Err(TrainError::Cancelled) => {
@@ -546,36 +687,50 @@ impl Scheduler {
                     continue;
                 }
             };
-            let meta = [
-                ("cerebro.model", spec.name.clone()),
-                ("cerebro.version", spec.version.to_string()),
-                ("cerebro.target", spec.plan.target.clone()),
-                ("cerebro.snapshot_fingerprint", fingerprint.clone()),
-                ("cerebro.device", model.device.clone()),
-            ];
-            match onnx::export(&model, &meta) {
-                Ok(bytes) => {
-                    let mut with = model.trained_with(jobs.len());
-                    if let Some(why) = stopped.get(m).cloned().flatten() {
-                        with["stopped"] = why.into();
+            let why_stopped = stopped.get(m).cloned().flatten();
+            self.store_model(job, spec, &model, stack.jobs.len(), why_stopped, &fingerprint).await?;
+        }
+        Ok(())
+    }
+
+    /// Exports `model` to ONNX and stores it with its results and
+    /// provenance, in one transaction that makes its version ready; an
+    /// export or a write the catalog refuses fails the job instead.
+    async fn store_model(
+        &mut self,
+        job: &ClaimedJob,
+        spec: &JobSpec,
+        model: &TrainedModel,
+        stack_size: usize,
+        stopped: Option<String>,
+        fingerprint: &str,
+    ) -> Result<(), CatalogError> {
+        let meta = [
+            ("cerebro.model", spec.name.clone()),
+            ("cerebro.version", spec.version.to_string()),
+            ("cerebro.target", spec.plan.target.clone()),
+            ("cerebro.snapshot_fingerprint", fingerprint.to_string()),
+            ("cerebro.device", model.device.clone()),
+        ];
+        match onnx::export(model, &meta) {
+            Ok(bytes) => {
+                let with = TrainedWith { stopped, ..model.trained_with(stack_size) };
+                let stored =
+                    self.control.finish_success(job, spec.snapshot_id, model, &with, &bytes, fingerprint).await;
+                match stored {
+                    Ok(()) => {
+                        info!(job = job.job_id, model = %spec.name, version = spec.version, device = %model.device, metrics = ?model.metrics, "ready")
                     }
-                    let stored =
-                        self.control.finish_success(job, spec.snapshot_id, &model, &with, &bytes, &fingerprint).await;
-                    match stored {
-                        Ok(()) => {
-                            info!(job = job.job_id, model = %spec.name, version = spec.version, device = %model.device, metrics = ?model.metrics, "ready")
-                        }
-                        Err(e) if e.is_refusal() => self.fail_refused(job, &e.reason()).await?,
-                        other => unless_locked(job, other)?,
-                    }
-                }
-                Err(e) => {
-                    let ended = self.control.finish_failure(job, &format!("ONNX export failed: {e}")).await;
-                    unless_locked(job, ended)?;
+                    Err(e) if e.is_refusal() => self.fail_refused(job, &e.reason()).await?,
+                    other => unless_locked(job, other)?,
                 }
             }
+            Err(e) => {
+                let ended = self.control.finish_failure(job, &format!("ONNX export failed: {e}")).await;
+                unless_locked(job, ended)?;
+            }
         }
-        self.finish_selection(selection).await
+        Ok(())
     }
 
     /// The weights `spec`'s parent `version` left, to start from; None (and
@@ -617,6 +772,15 @@ impl Scheduler {
             ),
             Err(e) if e.is_refusal() => warn!(selection = id, "cannot finish the selection: {}", e.reason()),
             Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    /// Fails each of `jobs` with `msg`.
+    async fn fail_all(&mut self, jobs: &[ClaimedJob], msg: &str) -> Result<(), CatalogError> {
+        for job in jobs {
+            let ended = self.control.finish_failure(job, msg).await;
+            unless_locked(job, ended)?;
         }
         Ok(())
     }

@@ -1,8 +1,9 @@
 //! Scoring with ONNX Runtime, loaded at run time from a shared library.
 //!
-//! The daemon is the only process that loads ONNX Runtime; backends send it
-//! batches. A [`ScoringModel`] wraps one session and knows how to feed
-//! Cerebro's column batches to it and how to read its head.
+//! The daemon is the only process that loads ONNX Runtime, and this module
+//! the only one that builds its sessions; backends send it batches. A
+//! [`ScoringModel`] wraps one session and knows how to feed Cerebro's column
+//! batches to it and how to read its head.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -14,6 +15,7 @@ use ort::environment::Environment;
 use ort::session::Session;
 use ort::value::{Tensor, TensorElementType, ValueType};
 
+use crate::catalog::Artifact;
 use crate::onnx::{OUTPUT_PROBABILITIES, OUTPUT_PROBABILITY, OUTPUT_VALUE};
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +118,15 @@ impl ScoringModel {
                 _ => Err(ScoringError::UnsupportedInput(o.name().to_string())),
             })
             .collect()
+    }
+
+    /// A scoring session for a version's stored artifact: an imported model
+    /// as its layout says, else one Cerebro exported.
+    pub fn from_artifact(rt: &OnnxRuntime, artifact: &Artifact) -> Result<ScoringModel, ScoringError> {
+        match &artifact.import_layout {
+            Some(layout) => ScoringModel::load_imported(rt, &artifact.bytes, layout, artifact.task),
+            None => ScoringModel::load(rt, &artifact.bytes),
+        }
     }
 
     /// A model Cerebro exported: one `[N, 1]` input per feature, an output

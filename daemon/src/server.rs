@@ -160,7 +160,7 @@ impl ScoringService {
             ));
         }
         let runtime = self.runtime.clone();
-        let model = tokio::task::spawn_blocking(move || artifact.load(&runtime))
+        let model = tokio::task::spawn_blocking(move || ScoringModel::from_artifact(&runtime, &artifact))
             .await
             .map_err(|e| WireError::new(ErrorCode::Internal, format!("model loading task failed: {e}")))?
             .map_err(|e| WireError::new(ErrorCode::ArtifactInvalid, e.to_string()))?;

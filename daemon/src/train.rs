@@ -3,6 +3,7 @@
 use std::time::Instant;
 
 use cerebro_shared::batch::ColumnData;
+use cerebro_shared::provenance::TrainedWith;
 use cerebro_shared::spec::{ClassWeights, Norm, RegressionLoss, Split, Task, TrainOptions, TrainingPlan};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -15,7 +16,7 @@ use crate::engine::{
 };
 use crate::features::{Encoded, FeatureError, FeaturePipeline};
 use crate::metrics::{self, Metrics};
-use crate::warm::{warm_start, ParentWeights, WarmReport};
+use crate::warm::{warm_start, ParentWeights, WarmStart};
 
 /// What one epoch did, reported while training runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,7 +72,7 @@ pub struct TrainedModel {
     pub device: String,
     /// What it took from its parent, if it is a derived model.
     #[serde(skip)]
-    pub warm_start: Option<WarmReport>,
+    pub warm_start: Option<WarmStart>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -190,35 +191,19 @@ pub fn train(
     models.pop().expect("one plan, one model")
 }
 
-/// The first option in which `b` differs from `a` among those a stack must share.
+/// The first thing in which `b` differs from `a` among those a stack must
+/// share: task, target, features, class labels, then every option but the
+/// per-model ones ([`TrainOptions::first_stack_mismatch`]).
 fn incompatibility(a: &TrainingPlan, b: &TrainingPlan) -> Option<&'static str> {
-    let (x, y) = (&a.options, &b.options);
     [
         (a.task != b.task, "task"),
         (a.target != b.target, "target"),
         (a.features != b.features, "features"),
         (a.class_labels != b.class_labels, "class labels"),
-        (x.hidden != y.hidden, "hidden"),
-        (x.residual_blocks != y.residual_blocks, "residual_blocks"),
-        (x.norm != y.norm, "norm"),
-        (x.dropout != y.dropout, "dropout"),
-        (x.activation != y.activation, "activation"),
-        (x.numeric_encoding != y.numeric_encoding, "numeric_encoding"),
-        (x.bins != y.bins, "bins"),
-        (x.onehot_max != y.onehot_max, "onehot_max"),
-        (x.encodings != y.encodings, "encodings"),
-        (x.class_weights != y.class_weights, "class_weights"),
-        (x.loss != y.loss, "loss"),
-        (x.huber_delta != y.huber_delta, "huber_delta"),
-        (x.optimizer != y.optimizer, "optimizer"),
-        (x.batch_size != y.batch_size, "batch_size"),
-        (x.seed != y.seed, "seed"),
-        (x.validation_fraction != y.validation_fraction, "validation_fraction"),
-        (x.split != y.split, "split"),
-        (x.max_categories != y.max_categories, "max_categories"),
     ]
     .into_iter()
     .find_map(|(differs, what)| differs.then_some(what))
+    .or_else(|| a.options.first_stack_mismatch(&b.options))
 }
 
 /// About how much memory one model of `plan` takes while it trains on
@@ -237,9 +222,10 @@ pub fn model_bytes(plan: &TrainingPlan, features: &[ColumnData]) -> Result<usize
 }
 
 /// Trains several models in one pass over the data, as one [`Stack`]. They
-/// must agree on everything but `learning_rate`, `weight_decay`, `epochs`,
-/// `patience`, `momentum`, `schedule`, `warmup_epochs` and `clip_norm`; each
-/// ends exactly as it would have trained alone.
+/// must agree on everything but the options in
+/// [`PER_MODEL_OPTIONS`](cerebro_shared::spec::PER_MODEL_OPTIONS) (`learning_rate`,
+/// `weight_decay`, `epochs`, `patience`, `momentum`, `schedule`, `warmup_epochs`
+/// and `clip_norm`); each ends exactly as it would have trained alone.
 /// `on_epoch` gets each epoch's statistics of the models still training. `compute`
 /// says on which device, and on CPU with how many threads. A model that
 /// diverges fails alone (its entry is the error) while the others go on;
@@ -264,16 +250,112 @@ pub fn train_group_warm(
     compute: Compute,
     on_epoch: &mut OnEpoch<'_>,
 ) -> Result<Vec<Result<TrainedModel, TrainError>>, TrainError> {
+    let plan = stack_plan(plans)?;
+    // One stream orders the data, another initialises weights, so that the
+    // data order is the same for every model of a stack.
+    let mut order_rng = ChaCha8Rng::seed_from_u64(plan.options.seed);
+    let data = TrainingData::prepare(plan, features, target, &mut order_rng)?;
+    let StartedStack { mut trainer, loss, warm_reports } = start_stack(plan, plans.len(), warm, &data, compute)?;
+    let progress = run_epochs(plans, &data, trainer.as_mut(), &loss, &mut order_rng, on_epoch)?;
+    finish_models(plan, &data, trainer.as_ref(), progress, warm_reports)
+}
+
+/// The plan every model of the stack shares all but per-model options with.
+fn stack_plan(plans: &[TrainingPlan]) -> Result<&TrainingPlan, TrainError> {
     let plan = plans.first().ok_or(TrainError::Incompatible("no plans"))?;
     if let Some(what) = plans.iter().find_map(|p| incompatibility(plan, p)) {
         return Err(TrainError::Incompatible(what));
     }
-    let opts = &plan.options;
-    let head = head_for(plan.task, plan.class_labels.len());
-    let k = plans.len();
+    Ok(plan)
+}
 
-    // Targets as f32 (class index or value); rows whose target is NULL or not a
-    // known label are not used.
+/// The rows a stack trains and validates on, encoded once for all its models.
+struct TrainingData {
+    /// The rows whose target is usable (not NULL, a known label, finite), as
+    /// row numbers of the columns; everything below indexes this list.
+    rows: Vec<usize>,
+    /// Their targets: class index or value, in the target's units.
+    raw_targets: Vec<f64>,
+    /// Their targets as learnt: regression standardised by `target_scale`.
+    y: Vec<f32>,
+    target_scale: Option<TargetScale>,
+    train_idx: Vec<usize>,
+    valid_idx: Vec<usize>,
+    pipeline: FeaturePipeline,
+    /// Every row of the columns, encoded (`x_all` is `width` wide).
+    x_all: Vec<f32>,
+    codes_all: Vec<u32>,
+    /// Dense copies of the validation rows, scored once per epoch.
+    valid: Encoded,
+    y_valid: Vec<f32>,
+}
+
+impl TrainingData {
+    /// Splits the rows (drawing from `rng`, the data-order stream), fits the
+    /// feature pipeline on the training split and encodes every row.
+    fn prepare(
+        plan: &TrainingPlan,
+        features: &[ColumnData],
+        target: &ColumnData,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<TrainingData, TrainError> {
+        let opts = &plan.options;
+        let (rows, raw_targets) = usable_targets(plan, target)?;
+        let (valid_idx, train_idx) = split_rows(rows.len(), opts.validation_fraction, opts.split, rng);
+
+        let train_rows: Vec<usize> = train_idx.iter().map(|&i| rows[i]).collect();
+        let pipeline = FeaturePipeline::fit(&plan.features, features, &train_rows, opts)?;
+        let width = pipeline.width();
+        let code_cols = pipeline.embeddings().len();
+        let Encoded { x: x_all, codes: codes_all, .. } = pipeline.transform(features)?;
+
+        let target_scale = (plan.task == Task::Regression).then(|| {
+            let n = train_idx.len() as f64;
+            let mean = train_idx.iter().map(|&i| raw_targets[i]).sum::<f64>() / n;
+            let var = train_idx.iter().map(|&i| (raw_targets[i] - mean).powi(2)).sum::<f64>() / n;
+            let std = if var.sqrt() > 1e-12 { var.sqrt() } else { 1.0 };
+            TargetScale { mean: mean as f32, std: std as f32 }
+        });
+        let y: Vec<f32> = raw_targets
+            .iter()
+            .map(|&v| match target_scale {
+                Some(s) => (v as f32 - s.mean) / s.std,
+                None => v as f32,
+            })
+            .collect();
+
+        let mut x_valid = Vec::with_capacity(valid_idx.len() * width);
+        let mut codes_valid = Vec::with_capacity(valid_idx.len() * code_cols);
+        let mut y_valid = Vec::with_capacity(valid_idx.len());
+        for &i in &valid_idx {
+            x_valid.extend_from_slice(&x_all[rows[i] * width..(rows[i] + 1) * width]);
+            codes_valid.extend_from_slice(&codes_all[rows[i] * code_cols..(rows[i] + 1) * code_cols]);
+            y_valid.push(y[i]);
+        }
+        let valid = Encoded { x: x_valid, codes: codes_valid, n: valid_idx.len() };
+        Ok(TrainingData {
+            rows,
+            raw_targets,
+            y,
+            target_scale,
+            train_idx,
+            valid_idx,
+            pipeline,
+            x_all,
+            codes_all,
+            valid,
+            y_valid,
+        })
+    }
+
+    fn valid_batch(&self) -> Batch<'_> {
+        Batch { x: &self.valid.x, codes: &self.valid.codes, n: self.valid.n }
+    }
+}
+
+/// The rows with a usable target and their targets as f64 (class index or
+/// value); rows whose target is NULL or not a known label are not used.
+fn usable_targets(plan: &TrainingPlan, target: &ColumnData) -> Result<(Vec<usize>, Vec<f64>), TrainError> {
     let (rows, raw_targets): (Vec<usize>, Vec<f64>) = match (plan.task.is_classification(), target) {
         (true, ColumnData::Text(values)) => values
             .iter()
@@ -297,60 +379,50 @@ pub fn train_group_warm(
     if rows.len() < 2 {
         return Err(TrainError::TooFewRows { usable: rows.len() });
     }
+    Ok((rows, raw_targets))
+}
 
-    // One stream orders the data, another initialises weights, so that the
-    // data order is the same for every model of a stack.
-    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    let n_valid = ((rows.len() as f64 * opts.validation_fraction).round() as usize).clamp(1, rows.len() - 1);
-    let (valid_idx, train_idx) = match opts.split {
+/// The validation and training indexes of `n` usable rows (at least 2):
+/// each split has at least one.
+fn split_rows(n: usize, validation_fraction: f64, split: Split, rng: &mut ChaCha8Rng) -> (Vec<usize>, Vec<usize>) {
+    let mut order: Vec<usize> = (0..n).collect();
+    let n_valid = ((n as f64 * validation_fraction).round() as usize).clamp(1, n - 1);
+    let (valid_idx, train_idx) = match split {
         Split::Random => {
-            order.shuffle(&mut rng);
+            order.shuffle(rng);
             order.split_at(n_valid)
         }
         // Rows arrive in key order: the last ones validate.
         Split::Ordered => {
-            order.rotate_left(rows.len() - n_valid);
+            order.rotate_left(n - n_valid);
             order.split_at(n_valid)
         }
     };
+    (valid_idx.to_vec(), train_idx.to_vec())
+}
 
-    let train_rows: Vec<usize> = train_idx.iter().map(|&i| rows[i]).collect();
-    let pipeline = FeaturePipeline::fit(&plan.features, features, &train_rows, opts)?;
-    let width = pipeline.width();
-    let code_cols = pipeline.embeddings().len();
-    let Encoded { x: x_all, codes: codes_all, .. } = pipeline.transform(features)?;
+/// A stack ready for its first epoch.
+struct StartedStack {
+    /// Its network, on its device.
+    trainer: Box<dyn backend::StackTrainer>,
+    loss: Loss,
+    /// Per model, what its warm start copied.
+    warm_reports: Vec<Option<WarmStart>>,
+}
 
-    let target_scale = (plan.task == Task::Regression).then(|| {
-        let n = train_idx.len() as f64;
-        let mean = train_idx.iter().map(|&i| raw_targets[i]).sum::<f64>() / n;
-        let var = train_idx.iter().map(|&i| (raw_targets[i] - mean).powi(2)).sum::<f64>() / n;
-        let std = if var.sqrt() > 1e-12 { var.sqrt() } else { 1.0 };
-        TargetScale { mean: mean as f32, std: std as f32 }
-    });
-    let y: Vec<f32> = raw_targets
-        .iter()
-        .map(|&v| match target_scale {
-            Some(s) => (v as f32 - s.mean) / s.std,
-            None => v as f32,
-        })
-        .collect();
-
-    // Dense copies of the validation rows, scored once per epoch.
-    let mut x_valid = Vec::with_capacity(valid_idx.len() * width);
-    let mut codes_valid = Vec::with_capacity(valid_idx.len() * code_cols);
-    let mut y_valid = Vec::with_capacity(valid_idx.len());
-    for &i in valid_idx {
-        x_valid.extend_from_slice(&x_all[rows[i] * width..(rows[i] + 1) * width]);
-        codes_valid.extend_from_slice(&codes_all[rows[i] * code_cols..(rows[i] + 1) * code_cols]);
-        y_valid.push(y[i]);
-    }
-    let valid = Encoded { x: x_valid, codes: codes_valid, n: valid_idx.len() };
-    let valid_batch = Batch { x: &valid.x, codes: &valid.codes, n: valid.n };
-
-    let outputs = head.outputs();
-    let arch = architecture(opts, &pipeline, outputs);
-    let loss = loss_for(plan, head, train_idx.iter().map(|&i| raw_targets[i]));
+/// The stack's network on its device, initialised (model `m` from its
+/// parent's weights where `warm[m]` has them).
+fn start_stack(
+    plan: &TrainingPlan,
+    k: usize,
+    warm: &[Option<&ParentWeights>],
+    data: &TrainingData,
+    compute: Compute,
+) -> Result<StartedStack, TrainError> {
+    let opts = &plan.options;
+    let head = head_for(plan.task, plan.class_labels.len());
+    let arch = architecture(opts, &data.pipeline, head.outputs());
+    let loss = loss_for(plan, head, data.train_idx.iter().map(|&i| data.raw_targets[i]));
     let mut init_rngs: Vec<ChaCha8Rng> = (0..k)
         .map(|_| {
             let mut r = ChaCha8Rng::seed_from_u64(opts.seed);
@@ -359,12 +431,44 @@ pub fn train_group_warm(
         })
         .collect();
     let mut initial = Stack::new(arch, opts.seed, &mut init_rngs);
-    let warm_reports: Vec<Option<WarmReport>> = (0..k)
-        .map(|m| warm.get(m).copied().flatten().map(|parent| warm_start(&mut initial, m, &pipeline, parent)))
+    let warm_reports: Vec<Option<WarmStart>> = (0..k)
+        .map(|m| warm.get(m).copied().flatten().map(|parent| warm_start(&mut initial, m, &data.pipeline, parent)))
         .collect();
-    let mut trainer = backend::start(initial, loss.clone(), opts.optimizer, compute)?;
-    let batch = (opts.batch_size as usize).min(train_idx.len());
-    let steps_per_epoch = train_idx.len().div_ceil(batch);
+    let trainer = backend::start(initial, loss.clone(), opts.optimizer, compute)?;
+    Ok(StartedStack { trainer, loss, warm_reports })
+}
+
+/// One model's course through the epochs of its stack.
+struct Progress {
+    active: bool,
+    /// The epoch whose loss was not finite.
+    diverged: Option<u32>,
+    cancelled: bool,
+    best: (f64, Option<Stack>, u32),
+    since_best: u32,
+    history: Vec<EpochStats>,
+}
+
+/// Trains the stack epoch by epoch until every model has stopped: at its
+/// own epoch budget, by early stopping, by diverging, or as `on_epoch`
+/// says. Each model keeps its best epoch's weights.
+fn run_epochs(
+    plans: &[TrainingPlan],
+    data: &TrainingData,
+    trainer: &mut dyn backend::StackTrainer,
+    loss: &Loss,
+    rng: &mut ChaCha8Rng,
+    on_epoch: &mut OnEpoch<'_>,
+) -> Result<Vec<Progress>, TrainError> {
+    let k = plans.len();
+    let outputs = loss.head.outputs();
+    let width = data.pipeline.width();
+    let code_cols = data.pipeline.embeddings().len();
+    let valid_batch = data.valid_batch();
+    let y_valid = &data.y_valid;
+    // The stack's models share batch_size.
+    let batch = (plans[0].options.batch_size as usize).min(data.train_idx.len());
+    let steps_per_epoch = data.train_idx.len().div_ceil(batch);
     let settings: Vec<ModelStep> = plans
         .iter()
         .map(|p| ModelStep {
@@ -376,15 +480,6 @@ pub fn train_group_warm(
         .collect();
     let mut step = 0usize;
 
-    struct Progress {
-        active: bool,
-        /// The epoch whose loss was not finite.
-        diverged: Option<u32>,
-        cancelled: bool,
-        best: (f64, Option<Stack>, u32),
-        since_best: u32,
-        history: Vec<EpochStats>,
-    }
     let mut progress: Vec<Progress> = (0..k)
         .map(|_| Progress {
             active: true,
@@ -396,17 +491,25 @@ pub fn train_group_warm(
         })
         .collect();
     let max_epochs = plans.iter().map(|p| p.options.epochs).max().unwrap_or(0);
-    let mut train_order: Vec<usize> = train_idx.to_vec();
+    let mut train_order: Vec<usize> = data.train_idx.to_vec();
     for epoch in 1..=max_epochs {
         if progress.iter().all(|p| !p.active) {
             break;
         }
         let started = Instant::now();
         let active: Vec<bool> = progress.iter().map(|p| p.active).collect();
-        train_order.shuffle(&mut rng);
+        train_order.shuffle(rng);
         let mut loss_sums = vec![0.0f64; k];
         let chunks: Vec<&[usize]> = train_order.chunks(batch).collect();
-        let source = Gather { chunks: &chunks, rows: &rows, x: &x_all, codes: &codes_all, y: &y, width, code_cols };
+        let source = Gather {
+            chunks: &chunks,
+            rows: &data.rows,
+            x: &data.x_all,
+            codes: &data.codes_all,
+            y: &data.y,
+            width,
+            code_cols,
+        };
         let first_step = step;
         let step_settings = |i: usize, m: usize| {
             let o = &plans[m].options;
@@ -428,7 +531,7 @@ pub fn train_group_warm(
                 continue;
             }
             gather_block(&valid_logits, y_valid.len(), k, outputs, m, &mut valid_block);
-            let valid_loss = loss.loss(&valid_block, &y_valid, y_valid.len());
+            let valid_loss = loss.loss(&valid_block, y_valid, y_valid.len());
             let train_loss = loss_sums[m] / train_order.len() as f64;
             if !train_loss.is_finite() || !valid_loss.is_finite() {
                 p.active = false;
@@ -465,8 +568,20 @@ pub fn train_group_warm(
             }
         }
     }
+    Ok(progress)
+}
 
-    let valid_targets: Vec<f64> = valid_idx.iter().map(|&i| raw_targets[i]).collect();
+/// Each model of the stack with its best weights and validation metrics,
+/// or why it has none.
+fn finish_models(
+    plan: &TrainingPlan,
+    data: &TrainingData,
+    trainer: &dyn backend::StackTrainer,
+    progress: Vec<Progress>,
+    warm_reports: Vec<Option<WarmStart>>,
+) -> Result<Vec<Result<TrainedModel, TrainError>>, TrainError> {
+    let k = progress.len();
+    let valid_targets: Vec<f64> = data.valid_idx.iter().map(|&i| data.raw_targets[i]).collect();
     let mut models = Vec::with_capacity(k);
     for (m, p) in progress.into_iter().enumerate() {
         if let Some(epoch) = p.diverged {
@@ -485,33 +600,35 @@ pub fn train_group_warm(
         let mut model = TrainedModel {
             task: plan.task,
             class_labels: plan.class_labels.clone(),
-            pipeline: pipeline.clone(),
+            pipeline: data.pipeline.clone(),
             network,
-            target_scale,
+            target_scale: data.target_scale,
             best_epoch,
             epochs_run: p.history.len() as u32,
             history: p.history,
             metrics: Metrics::new(),
-            rows_train: train_idx.len(),
-            rows_valid: valid_idx.len(),
+            rows_train: data.train_idx.len(),
+            rows_valid: data.valid_idx.len(),
             device: trainer.device().to_string(),
             warm_start: warm_reports[m].clone(),
         };
-        let outputs = model.outputs_from_encoded(valid_batch);
-        model.metrics = match model.task {
-            Task::Binary => metrics::binary(&outputs, &valid_targets.iter().map(|&t| t == 1.0).collect::<Vec<_>>()),
-            Task::Multiclass => metrics::multiclass(
-                &outputs,
-                model.class_labels.len(),
-                &valid_targets.iter().map(|&t| t as usize).collect::<Vec<_>>(),
-            ),
-            Task::Regression => {
-                metrics::regression(&outputs.iter().map(|&v| v as f64).collect::<Vec<_>>(), &valid_targets)
-            }
-        };
+        let outputs = model.outputs_from_encoded(data.valid_batch());
+        model.metrics = validation_metrics(model.task, model.class_labels.len(), &outputs, &valid_targets);
         models.push(Ok(model));
     }
     Ok(models)
+}
+
+/// A model's metrics from its outputs on the validation rows (as
+/// [`TrainedModel::outputs`]) and their targets (class index or value).
+fn validation_metrics(task: Task, classes: usize, outputs: &[f32], valid_targets: &[f64]) -> Metrics {
+    match task {
+        Task::Binary => metrics::binary(outputs, &valid_targets.iter().map(|&t| t == 1.0).collect::<Vec<_>>()),
+        Task::Multiclass => {
+            metrics::multiclass(outputs, classes, &valid_targets.iter().map(|&t| t as usize).collect::<Vec<_>>())
+        }
+        Task::Regression => metrics::regression(&outputs.iter().map(|&v| v as f64).collect::<Vec<_>>(), valid_targets),
+    }
 }
 
 /// An epoch's minibatches: chunk `i` of the shuffled order, gathered.
@@ -566,22 +683,21 @@ impl TrainedModel {
                 hash.update(v.to_le_bytes());
             }
         }
-        crate::data::hex(&hash.finalize())
+        crate::digest::hex(&hash.finalize())
     }
 
     /// What trained it: cerebrod's version, the commit it was built from,
-    /// the device, and how many models its stack trained at once.
-    pub fn trained_with(&self, stack: usize) -> serde_json::Value {
-        let mut with = serde_json::json!({
-            "cerebrod": env!("CARGO_PKG_VERSION"),
-            "commit": env!("CEREBRO_GIT_COMMIT"),
-            "device": self.device,
-            "stack": stack,
-        });
-        if let Some(warm) = &self.warm_start {
-            with["warm_start"] = serde_json::json!(warm);
+    /// the device, how many models its stack trained at once, and what it
+    /// took from its parent. Why it stopped early is the job loop's to add.
+    pub fn trained_with(&self, stack: usize) -> TrainedWith {
+        TrainedWith {
+            cerebrod: env!("CARGO_PKG_VERSION").into(),
+            commit: env!("CEREBRO_GIT_COMMIT").into(),
+            device: self.device.clone(),
+            stack,
+            warm_start: self.warm_start.clone(),
+            stopped: None,
         }
-        with
     }
 
     pub fn head(&self) -> Head {
@@ -619,6 +735,7 @@ impl TrainedModel {
 #[cfg(test)]
 pub(crate) mod tests {
     use cerebro_shared::spec::{Feature, FeatureKind, TrainOptions};
+    use cerebro_shared::sql::metrics::{ACCURACY, AUC, R2, RMSE};
 
     use super::*;
 
@@ -682,7 +799,7 @@ pub(crate) mod tests {
             p.options.split = split;
             let m = train(&p, &features, &target, Compute::cpu(1), &mut |_| Control::Continue).unwrap();
             assert_eq!(m.rows_valid, 120);
-            m.metrics["accuracy"]
+            m.metrics[ACCURACY]
         };
         let (ordered, random) = (accuracy(Split::Ordered), accuracy(Split::Random));
         assert!(ordered < 0.35, "validated on the flipped rows: {ordered}");
@@ -698,7 +815,7 @@ pub(crate) mod tests {
             Control::Continue
         })
         .unwrap();
-        assert!(m.metrics["auc"] > 0.95, "{:?}", m.metrics);
+        assert!(m.metrics[AUC] > 0.95, "{:?}", m.metrics);
         assert_eq!(m.rows_valid, 120);
         assert_eq!(epochs as usize, m.history.len());
         assert!(m.best_epoch >= 1 && m.best_epoch <= m.epochs_run);
@@ -715,7 +832,7 @@ pub(crate) mod tests {
         let c = train(&p, &features, &target, Compute::cpu(2), &mut |_| Control::Continue).unwrap();
         let d = train(&p, &features, &target, Compute::cpu(2), &mut |_| Control::Continue).unwrap();
         assert_eq!(c.network, d.network);
-        assert!((c.metrics["auc"] - a.metrics["auc"]).abs() < 0.02, "{:?} vs {:?}", c.metrics, a.metrics);
+        assert!((c.metrics[AUC] - a.metrics[AUC]).abs() < 0.02, "{:?} vs {:?}", c.metrics, a.metrics);
         let mut other = p.clone();
         other.options.seed = 7;
         let c = train(&other, &features, &target, Compute::cpu(1), &mut |_| Control::Continue).unwrap();
@@ -735,8 +852,8 @@ pub(crate) mod tests {
             Control::Continue
         })
         .unwrap();
-        assert!(m.metrics["r2"] > 0.99, "{:?}", m.metrics);
-        assert!(m.metrics["rmse"] < 20.0, "{:?}", m.metrics);
+        assert!(m.metrics[R2] > 0.99, "{:?}", m.metrics);
+        assert!(m.metrics[RMSE] < 20.0, "{:?}", m.metrics);
     }
 
     #[test]
@@ -763,6 +880,7 @@ pub(crate) mod tests {
 #[cfg(test)]
 mod group_tests {
     use cerebro_shared::spec::{Feature, FeatureKind, TrainOptions};
+    use cerebro_shared::sql::metrics::AUC;
 
     use super::*;
 
@@ -854,7 +972,7 @@ mod group_tests {
         assert_eq!((kept.epochs_run, full.epochs_run), (2, 6));
         assert_eq!(reported[1], vec![(0, 2), (1, 2)], "one report per epoch, with every model still training");
         assert_eq!(reported[2], vec![(0, 3)]);
-        assert!(kept.metrics.contains_key("auc"), "a finished model is scored: {:?}", kept.metrics);
+        assert!(kept.metrics.contains_key(AUC), "a finished model is scored: {:?}", kept.metrics);
     }
 
     #[test]

@@ -13,7 +13,8 @@
 use std::collections::HashMap;
 
 use cerebro_shared::onnx_graph::{read_initializers, OnnxFormatError};
-use serde::Serialize;
+/// What a warm start copied, recorded in `trained_with`.
+pub use cerebro_shared::provenance::WarmStart;
 
 use crate::engine::{Op, Stack};
 use crate::features::{Encoder, FeaturePipeline};
@@ -27,19 +28,6 @@ pub struct ParentWeights {
     dense: Vec<(usize, usize, Vec<f32>, Vec<f32>)>,
     /// Each embedding table, in the order of the embedded columns.
     embeddings: Vec<Vec<f32>>,
-}
-
-/// What a warm start copied, recorded in `trained_with`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct WarmReport {
-    pub from_version: i32,
-    /// Dense layers after the input layer copied whole, of the child's.
-    pub layers: usize,
-    pub of_layers: usize,
-    /// Input-layer columns that kept the parent's weights, of the child's.
-    pub input_columns: usize,
-    pub of_input_columns: usize,
-    pub embeddings: usize,
 }
 
 impl ParentWeights {
@@ -103,7 +91,7 @@ fn same_inputs(a: &Encoder, b: &Encoder) -> bool {
 
 /// Copies `parent`'s weights into model `m` of `stack`, whose pipeline is
 /// `child`, wherever shapes allow.
-pub fn warm_start(stack: &mut Stack, m: usize, child: &FeaturePipeline, parent: &ParentWeights) -> WarmReport {
+pub fn warm_start(stack: &mut Stack, m: usize, child: &FeaturePipeline, parent: &ParentWeights) -> WarmStart {
     let k = stack.k;
     let dense_ops: Vec<(usize, usize, usize)> = stack
         .arch
@@ -115,7 +103,7 @@ pub fn warm_start(stack: &mut Stack, m: usize, child: &FeaturePipeline, parent: 
             _ => None,
         })
         .collect();
-    let mut report = WarmReport {
+    let mut report = WarmStart {
         from_version: parent.version,
         layers: 0,
         of_layers: dense_ops.len().saturating_sub(1),
@@ -215,7 +203,7 @@ mod tests {
         let x_width = fitted.width();
         assert_eq!(
             report,
-            WarmReport {
+            WarmStart {
                 from_version: 4,
                 layers: 1,
                 of_layers: 3,

@@ -155,7 +155,7 @@ pub(crate) fn allowed_to_use(model: &str, who: pg_sys::Oid) -> Result<bool> {
 
 /// Refuses, as "does not exist", a model `who` may not use (or that does
 /// not exist).
-pub(crate) fn check_may_use(model: &str, who: pg_sys::Oid) -> Result<()> {
+fn check_may_use(model: &str, who: pg_sys::Oid) -> Result<()> {
     let h = holders(model)?;
     if h.owner.is_some() && h.usable_by(who) {
         Ok(())
@@ -165,7 +165,7 @@ pub(crate) fn check_may_use(model: &str, who: pg_sys::Oid) -> Result<()> {
 }
 
 /// See [`Holders::check_administers`].
-pub(crate) fn check_administers(model: &str, who: pg_sys::Oid, action: &'static str) -> Result<()> {
+fn check_administers(model: &str, who: pg_sys::Oid, action: &'static str) -> Result<()> {
     holders(model)?.check_administers(model, who, action)
 }
 
@@ -177,6 +177,40 @@ pub(crate) fn check_may_add_version(model: &str, who: pg_sys::Oid) -> Result<()>
         return Err(CerebroError::NameTaken(model.into()));
     }
     h.check_administers(model, who, "add a version to")
+}
+
+/// Runs `f` as the extension owner once the calling role is found to
+/// administer `model` (`action` says what it asked, for the error): the
+/// check always comes first, so nothing runs with the owner's rights for a
+/// role that may not.
+pub(crate) fn as_administrator<T>(model: &str, action: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    check_administers(model, identity::current_role(), action)?;
+    let _owner = identity::become_owner()?;
+    f()
+}
+
+/// [`as_administrator`] for what the role that created a version may also
+/// do to it (cancel its training): `creator` is that version's creator.
+pub(crate) fn as_creator_or_administrator<T>(
+    model: &str,
+    creator: &str,
+    action: &'static str,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let caller = identity::current_role();
+    if role_oid(creator) != Some(caller) {
+        check_administers(model, caller, action)?;
+    }
+    let _owner = identity::become_owner()?;
+    f()
+}
+
+/// [`as_administrator`] for what every role that may use `model` may do
+/// (export it, derive from it).
+pub(crate) fn as_user_of<T>(model: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    check_may_use(model, identity::current_role())?;
+    let _owner = identity::become_owner()?;
+    f()
 }
 
 /// `cerebro.may_use(model, who)`: what row-level security on the catalog
@@ -195,5 +229,5 @@ fn may_use(model: Option<&str>, who: Option<&str>) -> Option<bool> {
         }
         allowed_to_use(model, who)
     };
-    Some(answer().unwrap_or_else(|e| crate::admin::raise(e)))
+    Some(answer().unwrap_or_else(|e| crate::error::raise(e)))
 }

@@ -11,75 +11,18 @@
 //! resolves its version when it starts, so a deployment change reaches new
 //! queries at once and never a running one.
 
-use pgrx::datum::DatumWithOid;
-use pgrx::pg_sys::panic::ErrorReport;
+use cerebro_shared::sql::{JobState, ModelStatus};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use pgrx::{pg_sys, FromDatum, IntoDatum, JsonB, PgLogLevel};
+use pgrx::JsonB;
 
 use crate::access;
-use crate::error::{CerebroError, Result};
+use crate::catalog::{audit, current_user, enqueue, first, next_version, Audit};
+use crate::error::{raise, CerebroError, Result};
 use crate::identity;
-
-/// Raises `e` as an ERROR with its SQLSTATE, hint and detail.
-pub(crate) fn raise(e: CerebroError) -> ! {
-    ErrorReport::from(e).report(PgLogLevel::ERROR);
-    unreachable!("an ERROR does not return")
-}
 
 fn required<T>(value: Option<T>, what: &'static str) -> Result<T> {
     value.ok_or(CerebroError::NullArgument(what))
-}
-
-/// Column `column` (1-based) of the first row `query` returns, None when it
-/// returns no row or NULL.
-pub(crate) fn first<T: FromDatum + IntoDatum>(
-    client: &mut SpiClient<'_>,
-    query: &str,
-    args: &[DatumWithOid],
-    column: usize,
-) -> Result<Option<T>> {
-    match client.update(query, Some(1), args)?.next() {
-        Some(row) => Ok(row.get::<T>(column)?),
-        None => Ok(None),
-    }
-}
-
-/// Queues a training job for a version and wakes cerebrod, which hears it
-/// when the transaction commits (a rolled-back INSERT trains nothing). As
-/// the extension owner.
-pub(crate) fn enqueue(client: &mut SpiClient<'_>, model_version_id: i64) -> Result<()> {
-    client.update("INSERT INTO cerebro.jobs (model_version_id) VALUES ($1)", None, &[model_version_id.into()])?;
-    client.update("SELECT pg_catalog.pg_notify($1, '')", None, &[cerebro_shared::sql::JOBS_CHANNEL.into()])?;
-    Ok(())
-}
-
-pub(crate) fn current_user(client: &mut SpiClient<'_>) -> Result<String> {
-    Ok(first::<String>(client, "SELECT current_user::text", &[], 1)?.expect("current_user is never NULL"))
-}
-
-/// The next version number of `name`, under a lock on the name's row of
-/// `cerebro.model_names` so that concurrent INSERTs number in turn; a model's versions after
-/// the first are its owner's to add (`caller` is the role asking). Reads
-/// past row-level security: call it as the extension owner.
-pub(crate) fn next_version(client: &mut SpiClient<'_>, name: &str, caller: pg_sys::Oid) -> Result<i32> {
-    client.update(
-        "INSERT INTO cerebro.model_names (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
-        None,
-        &[name.into()],
-    )?;
-    client.update("SELECT 1 FROM cerebro.model_names WHERE name = $1 FOR UPDATE", None, &[name.into()])?;
-    let version = first::<i32>(
-        client,
-        "SELECT coalesce(max(version), 0) + 1 FROM cerebro.model_versions WHERE name = $1",
-        &[name.into()],
-        1,
-    )?
-    .expect("coalesce is never NULL");
-    if version > 1 {
-        access::check_may_add_version(name, caller)?;
-    }
-    Ok(version)
 }
 
 /// The status of `model`'s `version`, or the matching not-found error.
@@ -110,30 +53,11 @@ fn status_of(client: &mut SpiClient<'_>, model: &str, version: i32) -> Result<St
 
 fn check_ready(client: &mut SpiClient<'_>, model: &str, version: i32, to: &'static str) -> Result<()> {
     let status = status_of(client, model, version)?;
-    if status == "ready" {
+    if status == ModelStatus::Ready.as_str() {
         Ok(())
     } else {
         Err(CerebroError::NotDeployable { name: model.into(), version, status, to })
     }
-}
-
-/// One row of `cerebro.audit_log`.
-pub(crate) struct Audit<'a> {
-    pub(crate) user: &'a str,
-    pub(crate) action: &'a str,
-    pub(crate) model: &'a str,
-    /// None for what concerns the whole model (grants).
-    pub(crate) version: Option<i32>,
-    pub(crate) detail: serde_json::Value,
-}
-
-pub(crate) fn audit(client: &mut SpiClient<'_>, a: Audit<'_>) -> Result<()> {
-    client.update(
-        "INSERT INTO cerebro.audit_log (role_name, action, model, version, detail) VALUES ($1, $2, $3, $4, $5)",
-        None,
-        &[a.user.into(), a.action.into(), a.model.into(), a.version.into(), JsonB(a.detail).into()],
-    )?;
-    Ok(())
 }
 
 fn try_deploy(model: Option<&str>, version: Option<i32>, comment: Option<&str>) -> Result<i32> {
@@ -141,9 +65,7 @@ fn try_deploy(model: Option<&str>, version: Option<i32>, comment: Option<&str>) 
     let version = required(version, "version")?;
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
-        access::check_administers(model, identity::current_role(), "deploy")?;
-        let _owner = identity::become_owner()?;
-        deploy_as(client, &user, model, version, comment)
+        access::as_administrator(model, "deploy", || deploy_as(client, &user, model, version, comment))
     })
 }
 
@@ -173,28 +95,29 @@ fn try_rollback(model: Option<&str>, comment: Option<&str>) -> Result<i32> {
     let model = required(model, "model")?;
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
-        access::check_administers(model, identity::current_role(), "roll back")?;
-        let _owner = identity::become_owner()?;
-        let query = "SELECT version, earlier[cardinality(earlier)] FROM cerebro.deployments WHERE name = $1 FOR UPDATE";
-        let (current, previous) = match client.update(query, Some(1), &[model.into()])?.next() {
-            Some(row) => (row.get::<i32>(1)?, row.get::<i32>(2)?),
-            None => (None, None),
-        };
-        let (Some(current), Some(previous)) = (current, previous) else {
-            return Err(CerebroError::NothingToRollBack { name: model.into(), deployed: current });
-        };
-        check_ready(client, model, previous, "rolled back to")?;
-        client.update(
-            "UPDATE cerebro.deployments
-             SET version = earlier[cardinality(earlier)], earlier = earlier[1:cardinality(earlier) - 1],
-                 deployed_at = now(), deployed_by = $2
-             WHERE name = $1",
-            None,
-            &[model.into(), user.as_str().into()],
-        )?;
-        let change = Change { user: &user, action: "rollback", model, from: Some(current), to: previous, comment };
-        record(client, change)?;
-        Ok(previous)
+        access::as_administrator(model, "roll back", || {
+            let query =
+                "SELECT version, earlier[cardinality(earlier)] FROM cerebro.deployments WHERE name = $1 FOR UPDATE";
+            let (current, previous) = match client.update(query, Some(1), &[model.into()])?.next() {
+                Some(row) => (row.get::<i32>(1)?, row.get::<i32>(2)?),
+                None => (None, None),
+            };
+            let (Some(current), Some(previous)) = (current, previous) else {
+                return Err(CerebroError::NothingToRollBack { name: model.into(), deployed: current });
+            };
+            check_ready(client, model, previous, "rolled back to")?;
+            client.update(
+                "UPDATE cerebro.deployments
+                 SET version = earlier[cardinality(earlier)], earlier = earlier[1:cardinality(earlier) - 1],
+                     deployed_at = now(), deployed_by = $2
+                 WHERE name = $1",
+                None,
+                &[model.into(), user.as_str().into()],
+            )?;
+            let change = Change { user: &user, action: "rollback", model, from: Some(current), to: previous, comment };
+            record(client, change)?;
+            Ok(previous)
+        })
     })
 }
 
@@ -231,20 +154,20 @@ fn try_export(model: Option<&str>, version: Option<i32>) -> Result<Vec<u8>> {
     let version = required(version, "version")?;
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
-        access::check_may_use(model, identity::current_role())?;
-        let _owner = identity::become_owner()?;
-        check_ready(client, model, version, "exported")?;
-        let bytes = first::<Vec<u8>>(
-            client,
-            "SELECT a.bytes FROM cerebro.artifacts a JOIN cerebro.model_versions m ON m.id = a.model_version_id
-             WHERE m.name = $1 AND m.version = $2",
-            &[model.into(), version.into()],
-            1,
-        )?
-        .ok_or_else(|| CerebroError::VersionNotFound { name: model.into(), version })?;
-        let detail = serde_json::json!({ "bytes": bytes.len() });
-        audit(client, Audit { user: &user, action: "export", model, version: Some(version), detail })?;
-        Ok(bytes)
+        access::as_user_of(model, || {
+            check_ready(client, model, version, "exported")?;
+            let bytes = first::<Vec<u8>>(
+                client,
+                "SELECT a.bytes FROM cerebro.artifacts a JOIN cerebro.model_versions m ON m.id = a.model_version_id
+                 WHERE m.name = $1 AND m.version = $2",
+                &[model.into(), version.into()],
+                1,
+            )?
+            .ok_or_else(|| CerebroError::VersionNotFound { name: model.into(), version })?;
+            let detail = serde_json::json!({ "bytes": bytes.len() });
+            audit(client, Audit { user: &user, action: "export", model, version: Some(version), detail })?;
+            Ok(bytes)
+        })
     })
 }
 
@@ -253,43 +176,43 @@ fn try_grant(model: Option<&str>, grantee: Option<&str>, grant: bool) -> Result<
     let grantee = required(grantee, "grantee")?;
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
-        access::check_administers(model, identity::current_role(), if grant { "grant" } else { "revoke" })?;
-        let role_exists = first::<bool>(
-            client,
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)",
-            &[grantee.into()],
-            1,
-        )?;
-        if role_exists != Some(true) {
-            return Err(CerebroError::UnknownRole(grantee.into()));
-        }
-        let _owner = identity::become_owner()?;
-        let changed = if grant {
-            client
-                .update(
-                    "INSERT INTO cerebro.model_grants (name, grantee, granted_by) VALUES ($1, $2, $3)
-                     ON CONFLICT DO NOTHING RETURNING 1",
-                    None,
-                    &[model.into(), grantee.into(), user.as_str().into()],
-                )?
-                .len()
-        } else {
-            client
-                .update(
-                    "DELETE FROM cerebro.model_grants WHERE name = $1 AND grantee = $2 RETURNING 1",
-                    None,
-                    &[model.into(), grantee.into()],
-                )?
-                .len()
-        };
-        if changed == 0 {
-            let what = if grant { "already has" } else { "has no" };
-            notice!("role \"{grantee}\" {what} a grant on model \"{model}\"");
-            return Ok(());
-        }
-        let action = if grant { "grant" } else { "revoke" };
-        let detail = serde_json::json!({ "grantee": grantee });
-        audit(client, Audit { user: &user, action, model, version: None, detail })
+        access::as_administrator(model, if grant { "grant" } else { "revoke" }, || {
+            let role_exists = first::<bool>(
+                client,
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)",
+                &[grantee.into()],
+                1,
+            )?;
+            if role_exists != Some(true) {
+                return Err(CerebroError::UnknownRole(grantee.into()));
+            }
+            let changed = if grant {
+                client
+                    .update(
+                        "INSERT INTO cerebro.model_grants (name, grantee, granted_by) VALUES ($1, $2, $3)
+                         ON CONFLICT DO NOTHING RETURNING 1",
+                        None,
+                        &[model.into(), grantee.into(), user.as_str().into()],
+                    )?
+                    .len()
+            } else {
+                client
+                    .update(
+                        "DELETE FROM cerebro.model_grants WHERE name = $1 AND grantee = $2 RETURNING 1",
+                        None,
+                        &[model.into(), grantee.into()],
+                    )?
+                    .len()
+            };
+            if changed == 0 {
+                let what = if grant { "already has" } else { "has no" };
+                notice!("role \"{grantee}\" {what} a grant on model \"{model}\"");
+                return Ok(());
+            }
+            let action = if grant { "grant" } else { "revoke" };
+            let detail = serde_json::json!({ "grantee": grantee });
+            audit(client, Audit { user: &user, action, model, version: None, detail })
+        })
     })
 }
 
@@ -299,39 +222,39 @@ fn try_reproduce(model: Option<&str>, version: Option<i32>) -> Result<i32> {
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
         let caller = identity::current_role();
-        access::check_administers(model, caller, "add a version to")?;
-        let _owner = identity::become_owner()?;
-        status_of(client, model, version)?;
-        let data = first::<String>(
-            client,
-            "SELECT s.data_relation FROM cerebro.snapshots s JOIN cerebro.model_versions m ON m.snapshot_id = s.id
-             WHERE m.name = $1 AND m.version = $2 AND pg_catalog.to_regclass(s.data_relation) IS NOT NULL",
-            &[model.into(), version.into()],
-            1,
-        )?;
-        if data.is_none() {
-            return Err(CerebroError::SnapshotGone { name: model.into(), version });
-        }
-        let new_version = next_version(client, model, caller)?;
-        let id = first::<i64>(
-            client,
-            "INSERT INTO cerebro.model_versions (name, version, task, source_relation, target_column, key_column,
-                 features, class_labels, options, snapshot_id, epochs, created_by, request, reproduces, source_author)
-             SELECT name, $3, task, source_relation, target_column, key_column, features, class_labels, options,
-                    snapshot_id, epochs, $4, request, version, source_author
-             FROM cerebro.model_versions WHERE name = $1 AND version = $2
-             RETURNING id",
-            &[model.into(), version.into(), new_version.into(), user.as_str().into()],
-            1,
-        )?
-        .ok_or_else(|| CerebroError::VersionNotFound { name: model.into(), version })?;
-        enqueue(client, id)?;
-        let detail = serde_json::json!({ "reproduces": version });
-        audit(client, Audit { user: &user, action: "create", model, version: Some(new_version), detail })?;
-        notice!(
-            "model \"{model}\" version {new_version} is queued: version {version} retrained on its frozen snapshot"
-        );
-        Ok(new_version)
+        access::as_administrator(model, "add a version to", || {
+            status_of(client, model, version)?;
+            let data = first::<String>(
+                client,
+                "SELECT s.data_relation FROM cerebro.snapshots s JOIN cerebro.model_versions m ON m.snapshot_id = s.id
+                 WHERE m.name = $1 AND m.version = $2 AND pg_catalog.to_regclass(s.data_relation) IS NOT NULL",
+                &[model.into(), version.into()],
+                1,
+            )?;
+            if data.is_none() {
+                return Err(CerebroError::SnapshotGone { name: model.into(), version });
+            }
+            let new_version = next_version(client, model, caller)?;
+            let id = first::<i64>(
+                client,
+                "INSERT INTO cerebro.model_versions (name, version, task, source_relation, target_column, key_column,
+                     features, class_labels, options, snapshot_id, epochs, created_by, request, reproduces, source_author)
+                 SELECT name, $3, task, source_relation, target_column, key_column, features, class_labels, options,
+                        snapshot_id, epochs, $4, request, version, source_author
+                 FROM cerebro.model_versions WHERE name = $1 AND version = $2
+                 RETURNING id",
+                &[model.into(), version.into(), new_version.into(), user.as_str().into()],
+                1,
+            )?
+            .ok_or_else(|| CerebroError::VersionNotFound { name: model.into(), version })?;
+            enqueue(client, id)?;
+            let detail = serde_json::json!({ "reproduces": version });
+            audit(client, Audit { user: &user, action: "create", model, version: Some(new_version), detail })?;
+            notice!(
+                "model \"{model}\" version {new_version} is queued: version {version} retrained on its frozen snapshot"
+            );
+            Ok(new_version)
+        })
     })
 }
 
@@ -347,113 +270,117 @@ fn try_delete(model: Option<&str>, version: Option<i32>) -> Result<i64> {
     let version = required(version, "version")?;
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
-        access::check_administers(model, identity::current_role(), "delete")?;
-        let _owner = identity::become_owner()?;
-        // Lock the job before the version, in the daemon's order when it
-        // claims one: a claim in flight finishes first (and the version is
-        // then training), or skips the job this transaction holds.
-        client.update(
-            "SELECT 1 FROM cerebro.jobs j JOIN cerebro.model_versions m ON m.id = j.model_version_id
-             WHERE m.name = $1 AND m.version = $2 FOR UPDATE OF j",
-            None,
-            &[model.into(), version.into()],
-        )?;
-        client.update(
-            "SELECT 1 FROM cerebro.model_versions WHERE name = $1 AND version = $2 FOR UPDATE",
-            None,
-            &[model.into(), version.into()],
-        )?;
-        let status = status_of(client, model, version)?;
-        if status == "training" || status == "deleted" {
-            return Err(CerebroError::NotDeletable { name: model.into(), version, status });
-        }
-        let deployed = first::<i32>(
-            client,
-            "SELECT version FROM cerebro.deployments WHERE name = $1 FOR UPDATE",
-            &[model.into()],
-            1,
-        )?;
-        if deployed == Some(version) {
-            return Err(CerebroError::DeletingDeployed { name: model.into(), version });
-        }
-        let row = client
-            .update(
-                "SELECT m.id, m.snapshot_id, s.data_relation, coalesce(m.artifact_bytes, 0),
-                        EXISTS (SELECT 1 FROM cerebro.model_versions c
-                                WHERE c.name = m.name AND (c.parent_version = m.version OR c.reproduces = m.version))
-                 FROM cerebro.model_versions m LEFT JOIN cerebro.snapshots s ON s.id = m.snapshot_id
-                 WHERE m.name = $1 AND m.version = $2",
-                Some(1),
-                &[model.into(), version.into()],
-            )?
-            .next()
-            .ok_or_else(|| CerebroError::VersionNotFound { name: model.into(), version })?;
-        let id: i64 = row.get(1)?.expect("id");
-        // Imported versions have no snapshot.
-        let snapshot: Option<i64> = row.get(2)?;
-        let data_relation: Option<String> = row.get(3)?;
-        let mut freed: i64 = row.get(4)?.unwrap_or(0);
-        let is_parent: bool = row.get(5)?.unwrap_or(false);
-
-        client.update("DELETE FROM cerebro.artifacts WHERE model_version_id = $1", None, &[id.into()])?;
-        if is_parent {
-            // Versions descend from it: keep the row, and so the lineage.
+        access::as_administrator(model, "delete", || {
+            // Lock the job before the version, in the daemon's order when it
+            // claims one: a claim in flight finishes first (and the version is
+            // then training), or skips the job this transaction holds.
             client.update(
-                "UPDATE cerebro.model_versions SET status = 'deleted', deleted_at = now() WHERE id = $1",
+                "SELECT 1 FROM cerebro.jobs j JOIN cerebro.model_versions m ON m.id = j.model_version_id
+                 WHERE m.name = $1 AND m.version = $2 FOR UPDATE OF j",
                 None,
-                &[id.into()],
+                &[model.into(), version.into()],
             )?;
-        } else {
-            client.update("DELETE FROM cerebro.model_versions WHERE id = $1", None, &[id.into()])?;
-        }
-        client.update(
-            "UPDATE cerebro.deployments SET earlier = pg_catalog.array_remove(earlier, $2) WHERE name = $1",
-            None,
-            &[model.into(), version.into()],
-        )?;
-        // The snapshot's data goes when no live version trains or retrains on it.
-        if let (Some(snapshot), Some(data_relation)) = (snapshot, data_relation) {
-            let still_used = first::<bool>(
+            client.update(
+                "SELECT 1 FROM cerebro.model_versions WHERE name = $1 AND version = $2 FOR UPDATE",
+                None,
+                &[model.into(), version.into()],
+            )?;
+            let status = status_of(client, model, version)?;
+            if matches!(status.parse(), Ok(ModelStatus::Training | ModelStatus::Deleted)) {
+                return Err(CerebroError::NotDeletable { name: model.into(), version, status });
+            }
+            let deployed = first::<i32>(
                 client,
-                "SELECT EXISTS (SELECT 1 FROM cerebro.model_versions WHERE snapshot_id = $1 AND status <> 'deleted')",
-                &[snapshot.into()],
+                "SELECT version FROM cerebro.deployments WHERE name = $1 FOR UPDATE",
+                &[model.into()],
                 1,
-            )?
-            .unwrap_or(true);
-            if !still_used {
-                freed += first::<i64>(
+            )?;
+            if deployed == Some(version) {
+                return Err(CerebroError::DeletingDeployed { name: model.into(), version });
+            }
+            let row = client
+                .update(
+                    "SELECT m.id, m.snapshot_id, s.data_relation, coalesce(m.artifact_bytes, 0),
+                            EXISTS (SELECT 1 FROM cerebro.model_versions c
+                                    WHERE c.name = m.name AND (c.parent_version = m.version OR c.reproduces = m.version))
+                     FROM cerebro.model_versions m LEFT JOIN cerebro.snapshots s ON s.id = m.snapshot_id
+                     WHERE m.name = $1 AND m.version = $2",
+                    Some(1),
+                    &[model.into(), version.into()],
+                )?
+                .next()
+                .ok_or_else(|| CerebroError::VersionNotFound { name: model.into(), version })?;
+            let id: i64 = row.get(1)?.expect("id");
+            // Imported versions have no snapshot.
+            let snapshot: Option<i64> = row.get(2)?;
+            let data_relation: Option<String> = row.get(3)?;
+            let mut freed: i64 = row.get(4)?.unwrap_or(0);
+            let is_parent: bool = row.get(5)?.unwrap_or(false);
+
+            client.update("DELETE FROM cerebro.artifacts WHERE model_version_id = $1", None, &[id.into()])?;
+            if is_parent {
+                // Versions descend from it: keep the row, and so the lineage.
+                client.update(
+                    "UPDATE cerebro.model_versions SET status = 'deleted', deleted_at = now() WHERE id = $1",
+                    None,
+                    &[id.into()],
+                )?;
+            } else {
+                client.update("DELETE FROM cerebro.model_versions WHERE id = $1", None, &[id.into()])?;
+            }
+            client.update(
+                "UPDATE cerebro.deployments SET earlier = pg_catalog.array_remove(earlier, $2) WHERE name = $1",
+                None,
+                &[model.into(), version.into()],
+            )?;
+            // The snapshot's data goes when no live version trains or retrains on it.
+            if let (Some(snapshot), Some(data_relation)) = (snapshot, data_relation) {
+                let still_used = first::<bool>(
                     client,
-                    "SELECT pg_catalog.pg_total_relation_size(pg_catalog.to_regclass($1))",
-                    &[data_relation.as_str().into()],
+                    "SELECT EXISTS (SELECT 1 FROM cerebro.model_versions WHERE snapshot_id = $1 AND status <> 'deleted')",
+                    &[snapshot.into()],
                     1,
                 )?
-                .unwrap_or(0);
-                client.update(&format!("DROP TABLE IF EXISTS {data_relation}"), None, &[])?;
-                client.update(
-                    "DELETE FROM cerebro.snapshots s WHERE s.id = $1
-                         AND NOT EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.snapshot_id = s.id)",
-                    None,
-                    &[snapshot.into()],
-                )?;
-                client.update("UPDATE cerebro.snapshots SET frozen = false WHERE id = $1", None, &[snapshot.into()])?;
+                .unwrap_or(true);
+                if !still_used {
+                    freed += first::<i64>(
+                        client,
+                        "SELECT pg_catalog.pg_total_relation_size(pg_catalog.to_regclass($1))",
+                        &[data_relation.as_str().into()],
+                        1,
+                    )?
+                    .unwrap_or(0);
+                    client.update(&format!("DROP TABLE IF EXISTS {data_relation}"), None, &[])?;
+                    client.update(
+                        "DELETE FROM cerebro.snapshots s WHERE s.id = $1
+                             AND NOT EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.snapshot_id = s.id)",
+                        None,
+                        &[snapshot.into()],
+                    )?;
+                    client.update(
+                        "UPDATE cerebro.snapshots SET frozen = false WHERE id = $1",
+                        None,
+                        &[snapshot.into()],
+                    )?;
+                }
             }
-        }
-        // The last version gone: the name is free again, without its grants.
-        client.update(
-            "DELETE FROM cerebro.model_grants g WHERE g.name = $1
-                 AND NOT EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.name = g.name)",
-            None,
-            &[model.into()],
-        )?;
-        client.update(
-            "DELETE FROM cerebro.deployments d WHERE d.name = $1
-                 AND NOT EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.name = d.name)",
-            None,
-            &[model.into()],
-        )?;
-        let detail = serde_json::json!({ "freed_bytes": freed, "lineage_kept": is_parent, "status": status });
-        audit(client, Audit { user: &user, action: "delete", model, version: Some(version), detail })?;
-        Ok(freed)
+            // The last version gone: the name is free again, without its grants.
+            client.update(
+                "DELETE FROM cerebro.model_grants g WHERE g.name = $1
+                     AND NOT EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.name = g.name)",
+                None,
+                &[model.into()],
+            )?;
+            client.update(
+                "DELETE FROM cerebro.deployments d WHERE d.name = $1
+                     AND NOT EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.name = d.name)",
+                None,
+                &[model.into()],
+            )?;
+            let detail = serde_json::json!({ "freed_bytes": freed, "lineage_kept": is_parent, "status": status });
+            audit(client, Audit { user: &user, action: "delete", model, version: Some(version), detail })?;
+            Ok(freed)
+        })
     })
 }
 
@@ -499,47 +426,45 @@ fn try_cancel_version(model: Option<&str>, version: Option<i32>) -> Result<Strin
         };
         let (id, status, created_by, reason) =
             found.ok_or_else(|| CerebroError::VersionNotFound { name: model.into(), version })?;
-        if created_by != user {
-            access::check_administers(model, caller, "cancel a version of")?;
-        }
-        let _owner = identity::become_owner()?;
-        // The job's row, locked: cerebrod's claims skip it meanwhile, and
-        // its state cannot change between reading and writing it.
-        let state = first::<String>(
-            client,
-            "SELECT state::text FROM cerebro.jobs WHERE model_version_id = $1 FOR UPDATE",
-            &[id.into()],
-            1,
-        )?;
-        let outcome = match state.as_deref() {
-            Some("queued") => {
-                client.update(
-                    "UPDATE cerebro.jobs SET state = 'cancelled', finished_at = now(), error = $2
-                     WHERE model_version_id = $1",
-                    None,
-                    &[id.into(), reason.as_str().into()],
-                )?;
-                client.update(
-                    "UPDATE cerebro.model_versions SET status = 'cancelled', error = $2 WHERE id = $1",
-                    None,
-                    &[id.into(), reason.as_str().into()],
-                )?;
-                "cancelled"
-            }
-            Some("running") => {
-                client.update(
-                    "UPDATE cerebro.jobs SET cancel_requested = true, error = $2 WHERE model_version_id = $1",
-                    None,
-                    &[id.into(), reason.as_str().into()],
-                )?;
-                notice!("model \"{model}\" version {version} stops training after its current epoch");
-                "cancelling"
-            }
-            _ => return Err(CerebroError::NotCancellable { name: model.into(), version, status }),
-        };
-        let detail = serde_json::json!({ "outcome": outcome });
-        audit(client, Audit { user: &user, action: "cancel", model, version: Some(version), detail })?;
-        Ok(outcome.to_owned())
+        access::as_creator_or_administrator(model, &created_by, "cancel a version of", || {
+            // The job's row, locked: cerebrod's claims skip it meanwhile, and
+            // its state cannot change between reading and writing it.
+            let state = first::<String>(
+                client,
+                "SELECT state::text FROM cerebro.jobs WHERE model_version_id = $1 FOR UPDATE",
+                &[id.into()],
+                1,
+            )?;
+            let outcome = match state.as_deref().map(str::parse) {
+                Some(Ok(JobState::Queued)) => {
+                    client.update(
+                        "UPDATE cerebro.jobs SET state = 'cancelled', finished_at = now(), error = $2
+                         WHERE model_version_id = $1",
+                        None,
+                        &[id.into(), reason.as_str().into()],
+                    )?;
+                    client.update(
+                        "UPDATE cerebro.model_versions SET status = 'cancelled', error = $2 WHERE id = $1",
+                        None,
+                        &[id.into(), reason.as_str().into()],
+                    )?;
+                    "cancelled"
+                }
+                Some(Ok(JobState::Running)) => {
+                    client.update(
+                        "UPDATE cerebro.jobs SET cancel_requested = true, error = $2 WHERE model_version_id = $1",
+                        None,
+                        &[id.into(), reason.as_str().into()],
+                    )?;
+                    notice!("model \"{model}\" version {version} stops training after its current epoch");
+                    "cancelling"
+                }
+                _ => return Err(CerebroError::NotCancellable { name: model.into(), version, status }),
+            };
+            let detail = serde_json::json!({ "outcome": outcome });
+            audit(client, Audit { user: &user, action: "cancel", model, version: Some(version), detail })?;
+            Ok(outcome.to_owned())
+        })
     })
 }
 
@@ -563,41 +488,41 @@ fn try_cancel(selection: Option<i64>) -> Result<i32> {
         if !access::allowed_to_use(&name, caller)? {
             return Err(CerebroError::SelectionNotFound(selection));
         }
-        access::check_administers(&name, caller, "cancel a selection of")?;
-        let _owner = identity::become_owner()?;
-        let reason = format!("selection {selection} cancelled by {user} at ");
-        let queued = client
-            .update(
-                "WITH j AS (
-                     UPDATE cerebro.jobs j SET state = 'cancelled', finished_at = now(), error = $2 || now()::text
+        access::as_administrator(&name, "cancel a selection of", || {
+            let reason = format!("selection {selection} cancelled by {user} at ");
+            let queued = client
+                .update(
+                    "WITH j AS (
+                         UPDATE cerebro.jobs j SET state = 'cancelled', finished_at = now(), error = $2 || now()::text
+                         FROM cerebro.model_versions m
+                         WHERE m.id = j.model_version_id AND m.selection_id = $1 AND j.state = 'queued'
+                         RETURNING j.model_version_id)
+                     UPDATE cerebro.model_versions SET status = 'cancelled', error = $2 || now()::text
+                     WHERE id IN (SELECT model_version_id FROM j)
+                     RETURNING id",
+                    None,
+                    &[selection.into(), reason.as_str().into()],
+                )?
+                .len();
+            // cerebrod ends a running job with the reason its request left here.
+            let running = client
+                .update(
+                    "UPDATE cerebro.jobs j SET cancel_requested = true, error = $2 || now()::text
                      FROM cerebro.model_versions m
-                     WHERE m.id = j.model_version_id AND m.selection_id = $1 AND j.state = 'queued'
-                     RETURNING j.model_version_id)
-                 UPDATE cerebro.model_versions SET status = 'cancelled', error = $2 || now()::text
-                 WHERE id IN (SELECT model_version_id FROM j)
-                 RETURNING id",
-                None,
-                &[selection.into(), reason.as_str().into()],
-            )?
-            .len();
-        // cerebrod ends a running job with the reason its request left here.
-        let running = client
-            .update(
-                "UPDATE cerebro.jobs j SET cancel_requested = true, error = $2 || now()::text
-                 FROM cerebro.model_versions m
-                 WHERE m.id = j.model_version_id AND m.selection_id = $1 AND j.state = 'running'
-                 RETURNING j.id",
-                None,
-                &[selection.into(), reason.as_str().into()],
-            )?
-            .len();
-        let detail = serde_json::json!({ "selection": selection, "queued": queued, "running": running });
-        audit(client, Audit { user: &user, action: "cancel", model: &name, version: None, detail })?;
-        notice!(
-            "selection {selection}: {queued} queued candidate(s) cancelled, {running} training asked to stop \
-             after their current epoch; finished ones are kept"
-        );
-        Ok((queued + running) as i32)
+                     WHERE m.id = j.model_version_id AND m.selection_id = $1 AND j.state = 'running'
+                     RETURNING j.id",
+                    None,
+                    &[selection.into(), reason.as_str().into()],
+                )?
+                .len();
+            let detail = serde_json::json!({ "selection": selection, "queued": queued, "running": running });
+            audit(client, Audit { user: &user, action: "cancel", model: &name, version: None, detail })?;
+            notice!(
+                "selection {selection}: {queued} queued candidate(s) cancelled, {running} training asked to stop \
+                 after their current epoch; finished ones are kept"
+            );
+            Ok((queued + running) as i32)
+        })
     })
 }
 

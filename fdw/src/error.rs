@@ -5,14 +5,18 @@
 
 use cerebro_shared::error::{ErrorCode, WireError};
 use cerebro_shared::protocol::FrameError;
+use cerebro_shared::request::RequestError;
 use cerebro_shared::spec::SpecError;
+use cerebro_shared::sql::ModelStatus;
 use pgrx::pg_sys::panic::ErrorReport;
-use pgrx::PgSqlErrorCode;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CerebroError {
     #[error(transparent)]
     Spec(#[from] SpecError),
+    #[error(transparent)]
+    Request(#[from] RequestError),
     #[error("column \"{0}\" of cerebro.models is required")]
     MissingValue(&'static str),
     #[error("column \"{0}\" of cerebro.models is set by Cerebro and cannot be inserted")]
@@ -25,18 +29,8 @@ pub enum CerebroError {
     UnknownRelation(String),
     #[error("\"{name}\" is {kind}; Cerebro reads tables, views, materialized views and foreign tables")]
     UnsupportedRelation { name: String, kind: &'static str },
-    #[error("column \"{column}\" does not exist in {relation}")]
-    UnknownColumn { relation: String, column: String },
-    #[error("column \"{column}\" of {relation} has type {type_name}, which Cerebro cannot use as {role}")]
-    UnsupportedType { relation: String, column: String, type_name: String, role: &'static str },
     #[error("permission denied for table {relation}")]
     PermissionDenied { relation: String, columns: Vec<String> },
-    #[error("column \"{0}\" is listed twice in features")]
-    DuplicateFeature(String),
-    #[error("column \"{column}\" cannot be both the {role} and a feature")]
-    FeatureConflict { column: String, role: &'static str },
-    #[error("{relation} has no column Cerebro can use as a feature")]
-    NoFeatures { relation: String },
     #[error("{relation} has no rows with a non-NULL \"{target}\" to train on")]
     EmptySource { relation: String, target: String },
     #[error("model \"{0}\" does not exist")]
@@ -68,12 +62,8 @@ pub enum CerebroError {
     TooManyCandidates { total: u128, limit: u128 },
     #[error("{what} is {value}, more than {setting} allows ({limit})")]
     LimitExceeded { what: String, value: String, setting: &'static str, limit: String, smaller: &'static str },
-    #[error("selection names table \"{table}\", but the source is {relation}")]
-    SelectionTable { table: String, relation: String },
     #[error("selection {0} does not exist")]
     SelectionNotFound(i64),
-    #[error("cannot import the ONNX model: {0}")]
-    ImportInvalid(String),
     #[error("role \"{0}\" does not exist")]
     UnknownRole(String),
     #[error("{0} must not be NULL")]
@@ -94,8 +84,6 @@ pub enum CerebroError {
     NoParent(String),
     #[error("cannot derive from version {version} of \"{name}\": it is {status}, not ready")]
     NotDerivable { name: String, version: i32, status: String },
-    #[error("column \"{column}\" is not a feature of the parent, so it cannot be removed")]
-    NotAFeature { column: String },
     #[error("option \"split\" = \"ordered\" validates on the last rows in key order, but no key is given")]
     OrderedSplitNeedsKey,
     #[error("could not connect to cerebrod at \"{socket}\": {reason}")]
@@ -138,16 +126,20 @@ impl CerebroError {
             CerebroError::UnusableJson { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             CerebroError::UnknownRelation(_) => ERRCODE_UNDEFINED_TABLE,
             CerebroError::UnsupportedRelation { .. } => ERRCODE_WRONG_OBJECT_TYPE,
-            CerebroError::UnknownColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
-            CerebroError::UnsupportedType { .. } => ERRCODE_DATATYPE_MISMATCH,
+            CerebroError::Request(e) => match e {
+                RequestError::UnknownColumn { .. } | RequestError::NotAFeature { .. } => ERRCODE_UNDEFINED_COLUMN,
+                RequestError::UnsupportedType { .. } => ERRCODE_DATATYPE_MISMATCH,
+                RequestError::DuplicateFeature(_) => ERRCODE_DUPLICATE_COLUMN,
+                RequestError::FeatureConflict { .. }
+                | RequestError::NoFeatures { .. }
+                | RequestError::SelectionTable { .. }
+                | RequestError::ImportInvalid(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            },
             CerebroError::PermissionDenied { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
-            CerebroError::DuplicateFeature(_) => ERRCODE_DUPLICATE_COLUMN,
-            CerebroError::FeatureConflict { .. } | CerebroError::NoFeatures { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             CerebroError::EmptySource { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             CerebroError::ModelNotFound(_) | CerebroError::VersionNotFound { .. } => ERRCODE_UNDEFINED_OBJECT,
             CerebroError::ModelNotReady { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             CerebroError::NoParent(_) | CerebroError::NotDerivable { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            CerebroError::NotAFeature { .. } => ERRCODE_UNDEFINED_COLUMN,
             CerebroError::QuerySource(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             CerebroError::MissingModel | CerebroError::MissingKey(_) | CerebroError::OrderedSplitNeedsKey => {
                 ERRCODE_INVALID_PARAMETER_VALUE
@@ -158,7 +150,6 @@ impl CerebroError {
             | CerebroError::ForeignSourceCode { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             CerebroError::NameTaken(_) => ERRCODE_DUPLICATE_OBJECT,
             CerebroError::UnknownRole(_) | CerebroError::SelectionNotFound(_) => ERRCODE_UNDEFINED_OBJECT,
-            CerebroError::ImportInvalid(_) | CerebroError::SelectionTable { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             CerebroError::Selection(e) => match e.kind {
                 cerebro_shared::mst::ErrorKind::Syntax => ERRCODE_SYNTAX_ERROR,
                 cerebro_shared::mst::ErrorKind::Invalid => ERRCODE_INVALID_PARAMETER_VALUE,
@@ -196,9 +187,7 @@ impl CerebroError {
     pub fn hint(&self) -> Option<String> {
         match self {
             CerebroError::Spec(e) => e.hint(),
-            CerebroError::UnsupportedType { .. } => {
-                Some("Numeric, text, enum and boolean columns are supported; cast others in a view.".into())
-            }
+            CerebroError::Request(e) => e.hint(),
             CerebroError::PermissionDenied { relation, .. } => {
                 Some(format!("Training reads the source with your privileges: ask for GRANT SELECT ON {relation}."))
             }
@@ -211,7 +200,6 @@ impl CerebroError {
                  the text may be at most 1 MB."
                     .into(),
             ),
-            CerebroError::NoFeatures { .. } => Some("List the feature columns in the features column.".into()),
             CerebroError::EmptySource { .. } => Some("A model needs rows to learn from; check the source.".into()),
             CerebroError::ModelNotReady { failed: true, .. } => {
                 Some("The reason is in the error column of cerebro.models; insert a new version to retrain.".into())
@@ -231,7 +219,7 @@ impl CerebroError {
             CerebroError::DeletingDeployed { name, .. } => {
                 Some(format!("Deploy another version first: SELECT cerebro.deploy('{name}', <version>); or roll back."))
             }
-            CerebroError::NotDeletable { status, .. } if status == "training" => {
+            CerebroError::NotDeletable { status, .. } if status == ModelStatus::Training.as_str() => {
                 Some("Wait for its training to end, then delete it.".into())
             }
             CerebroError::NameTaken(_) => {
@@ -295,3 +283,9 @@ impl From<CerebroError> for ErrorReport {
 }
 
 pub type Result<T> = std::result::Result<T, CerebroError>;
+
+/// Raises `e` as an ERROR with its SQLSTATE, hint and detail.
+pub(crate) fn raise(e: CerebroError) -> ! {
+    ErrorReport::from(e).report(PgLogLevel::ERROR);
+    unreachable!("an ERROR does not return")
+}

@@ -86,10 +86,10 @@ impl ForeignDataWrapper<CerebroError> for CerebroFdw {
         routine.GetForeignPaths = Some(foreign_scan::get_foreign_paths);
         routine.GetForeignPlan = Some(foreign_scan::get_foreign_plan);
         routine.ExplainForeignScan = Some(foreign_scan::explain_foreign_scan);
-        routine.BeginForeignScan = Some(foreign_scan::begin_foreign_scan);
-        routine.IterateForeignScan = Some(foreign_scan::iterate_foreign_scan);
-        routine.ReScanForeignScan = Some(foreign_scan::re_scan_foreign_scan);
-        routine.EndForeignScan = Some(foreign_scan::end_foreign_scan);
+        routine.BeginForeignScan = Some(foreign_scan::begin_foreign_scan::<Self>);
+        routine.IterateForeignScan = Some(foreign_scan::iterate_foreign_scan::<Self>);
+        routine.ReScanForeignScan = Some(foreign_scan::re_scan_foreign_scan::<Self>);
+        routine.EndForeignScan = Some(foreign_scan::end_foreign_scan::<Self>);
         // The framework's aggregate pushdown reads the planning state its
         // own callbacks kept; Cerebro pushes no aggregates.
         routine.GetForeignUpperPaths = None;
@@ -121,7 +121,7 @@ unsafe extern "C-unwind" fn begin_foreign_modify(
         Err(e) => Err(e),
     };
     if let Err(e) = writable {
-        crate::admin::raise(e);
+        crate::error::raise(e);
     }
     unsafe { (*rinfo).ri_FdwState = std::ptr::null_mut() };
 }
@@ -136,7 +136,7 @@ unsafe extern "C-unwind" fn exec_foreign_update(
     _slot: *mut pg_sys::TupleTableSlot,
     _plan_slot: *mut pg_sys::TupleTableSlot,
 ) -> *mut pg_sys::TupleTableSlot {
-    crate::admin::raise(CerebroError::Unsupported("UPDATE on cerebro.models"))
+    crate::error::raise(CerebroError::Unsupported("UPDATE on cerebro.models"))
 }
 
 #[pg_guard]
@@ -146,7 +146,7 @@ unsafe extern "C-unwind" fn exec_foreign_delete(
     _slot: *mut pg_sys::TupleTableSlot,
     _plan_slot: *mut pg_sys::TupleTableSlot,
 ) -> *mut pg_sys::TupleTableSlot {
-    crate::admin::raise(CerebroError::Unsupported("DELETE on cerebro.models"))
+    crate::error::raise(CerebroError::Unsupported("DELETE on cerebro.models"))
 }
 
 /// One INSERT into `cerebro.models`: the row becomes a training request.
@@ -159,9 +159,10 @@ unsafe extern "C-unwind" fn exec_foreign_insert(
     slot: *mut pg_sys::TupleTableSlot,
     _plan_slot: *mut pg_sys::TupleTableSlot,
 ) -> *mut pg_sys::TupleTableSlot {
-    let queued = unsafe { inserted_row(slot) }.and_then(|row| models::queue_training(TrainRequest::from_row(&row)?));
+    let queued =
+        unsafe { inserted_row(slot) }.and_then(|row| crate::training::queue_training(TrainRequest::from_row(&row)?));
     if let Err(e) = queued {
-        crate::admin::raise(e);
+        crate::error::raise(e);
     }
     slot
 }

@@ -23,8 +23,10 @@
 //!   a query returns.
 //! - Execution evaluates those expressions when the scan begins (and again on
 //!   rescan, when an outer row's parameter changes) and hands the values to
-//!   [`CerebroFdw`] as [`Qual`]s; a NULL value matches no row, so the scan
-//!   returns none, as the unprepared query does.
+//!   the wrapper (`crate::fdw::CerebroFdw`, these callbacks' type parameter,
+//!   so that this module does not import the one that installs it) as
+//!   [`Qual`]s; a NULL value matches no row, so the scan returns none, as
+//!   the unprepared query does.
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
@@ -35,9 +37,8 @@ use pgrx::prelude::*;
 use pgrx::FromDatum;
 use supabase_wrappers::prelude::{Cell, Column, ForeignDataWrapper, ForeignServer, Qual, Row, Value};
 
-use crate::admin::raise;
+use crate::error::raise;
 use crate::error::CerebroError;
-use crate::fdw::CerebroFdw;
 
 /// Planner estimates: rough, so that a join hashes instead of rescanning a
 /// scoring scan.
@@ -343,14 +344,14 @@ pub unsafe extern "C-unwind" fn get_foreign_plan(
 
 /// One execution of a scan: built in BeginForeignScan, freed in
 /// EndForeignScan or, when the query fails first, with the query's memory.
-struct ScanExecution {
-    fdw: CerebroFdw,
+struct ScanExecution<W> {
+    fdw: W,
     options: HashMap<String, String>,
     columns: Vec<Column>,
     /// (column name, is ANY, prepared value expression) of each pushed condition.
     pushed: Vec<(String, bool, *mut pg_sys::ExprState)>,
     row: Row,
-    /// Whether [`CerebroFdw::begin_scan`] ran: on the first row, not in
+    /// Whether [`ForeignDataWrapper::begin_scan`] ran: on the first row, not in
     /// BeginForeignScan, because a value computed by an InitPlan
     /// (`model = (SELECT ...)`) is only ready once the executor runs.
     started: bool,
@@ -359,13 +360,13 @@ struct ScanExecution {
 /// Where a scan's state lives: palloc'd in the query's memory context, whose
 /// reset callback frees the state if the scan never reached its end.
 #[repr(C)]
-struct ScanHandle {
+struct ScanHandle<W> {
     callback: pg_sys::MemoryContextCallback,
-    execution: *mut ScanExecution,
+    execution: *mut ScanExecution<W>,
 }
 
-unsafe extern "C-unwind" fn free_abandoned_scan(arg: *mut c_void) {
-    let handle = arg as *mut ScanHandle;
+unsafe extern "C-unwind" fn free_abandoned_scan<W>(arg: *mut c_void) {
+    let handle = arg as *mut ScanHandle<W>;
     unsafe {
         let execution = std::mem::replace(&mut (*handle).execution, ptr::null_mut());
         if !execution.is_null() {
@@ -440,7 +441,7 @@ unsafe fn evaluate(state: *mut pg_sys::ExprState, econtext: *mut pg_sys::ExprCon
     }
 }
 
-impl ScanExecution {
+impl<W: ForeignDataWrapper<CerebroError>> ScanExecution<W> {
     /// The pushed conditions as [`Qual`]s; `None` when one matches nothing.
     unsafe fn quals(&self, econtext: *mut pg_sys::ExprContext) -> Option<Vec<Qual>> {
         let mut quals = Vec::with_capacity(self.pushed.len());
@@ -475,7 +476,10 @@ impl ScanExecution {
 }
 
 #[pg_guard]
-pub unsafe extern "C-unwind" fn begin_foreign_scan(node: *mut pg_sys::ForeignScanState, eflags: i32) {
+pub unsafe extern "C-unwind" fn begin_foreign_scan<W: ForeignDataWrapper<CerebroError>>(
+    node: *mut pg_sys::ForeignScanState,
+    eflags: i32,
+) {
     unsafe {
         if eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0 {
             return;
@@ -492,7 +496,7 @@ pub unsafe extern "C-unwind" fn begin_foreign_scan(node: *mut pg_sys::ForeignSca
             server_version: None,
             options: def_elems((*server).options),
         };
-        let fdw = CerebroFdw::new(server).unwrap_or_else(|e| raise(e));
+        let fdw = W::new(server).unwrap_or_else(|e| raise(e));
         let states = pg_sys::ExecInitExprList((*plan).fdw_exprs, node.cast());
         let desc = (*rel).rd_att;
         let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
@@ -515,18 +519,18 @@ pub unsafe extern "C-unwind" fn begin_foreign_scan(node: *mut pg_sys::ForeignSca
             started: false,
         }));
         // A failure from here on frees the state with the query's memory.
-        let handle = pg_sys::palloc0(std::mem::size_of::<ScanHandle>()) as *mut ScanHandle;
+        let handle = pg_sys::palloc0(std::mem::size_of::<ScanHandle<W>>()) as *mut ScanHandle<W>;
         (*handle).execution = execution;
-        (*handle).callback.func = Some(free_abandoned_scan);
+        (*handle).callback.func = Some(free_abandoned_scan::<W>);
         (*handle).callback.arg = handle.cast();
         pg_sys::MemoryContextRegisterResetCallback(pg_sys::CurrentMemoryContext, &mut (*handle).callback);
         (*node).fdw_state = handle.cast();
     }
 }
 
-unsafe fn execution_of<'a>(node: *mut pg_sys::ForeignScanState) -> Option<&'a mut ScanExecution> {
+unsafe fn execution_of<'a, W>(node: *mut pg_sys::ForeignScanState) -> Option<&'a mut ScanExecution<W>> {
     unsafe {
-        let handle = (*node).fdw_state as *mut ScanHandle;
+        let handle = (*node).fdw_state as *mut ScanHandle<W>;
         if handle.is_null() || (*handle).execution.is_null() {
             None
         } else {
@@ -536,7 +540,7 @@ unsafe fn execution_of<'a>(node: *mut pg_sys::ForeignScanState) -> Option<&'a mu
 }
 
 #[pg_guard]
-pub unsafe extern "C-unwind" fn iterate_foreign_scan(
+pub unsafe extern "C-unwind" fn iterate_foreign_scan<W: ForeignDataWrapper<CerebroError>>(
     node: *mut pg_sys::ForeignScanState,
 ) -> *mut pg_sys::TupleTableSlot {
     unsafe {
@@ -544,7 +548,7 @@ pub unsafe extern "C-unwind" fn iterate_foreign_scan(
         if let Some(clear) = (*(*slot).tts_ops).clear {
             clear(slot);
         }
-        let Some(execution) = execution_of(node) else { return slot };
+        let Some(execution) = execution_of::<W>(node) else { return slot };
         if !execution.started {
             match execution.begin((*node).ss.ps.ps_ExprContext) {
                 Ok(true) => {}
@@ -577,9 +581,11 @@ pub unsafe extern "C-unwind" fn iterate_foreign_scan(
 }
 
 #[pg_guard]
-pub unsafe extern "C-unwind" fn re_scan_foreign_scan(node: *mut pg_sys::ForeignScanState) {
+pub unsafe extern "C-unwind" fn re_scan_foreign_scan<W: ForeignDataWrapper<CerebroError>>(
+    node: *mut pg_sys::ForeignScanState,
+) {
     unsafe {
-        let Some(execution) = execution_of(node) else { return };
+        let Some(execution) = execution_of::<W>(node) else { return };
         // The pushed values may have changed (an outer row's parameter): the
         // next row begins the scan again with them.
         if let Err(e) = execution.end() {
@@ -589,9 +595,11 @@ pub unsafe extern "C-unwind" fn re_scan_foreign_scan(node: *mut pg_sys::ForeignS
 }
 
 #[pg_guard]
-pub unsafe extern "C-unwind" fn end_foreign_scan(node: *mut pg_sys::ForeignScanState) {
+pub unsafe extern "C-unwind" fn end_foreign_scan<W: ForeignDataWrapper<CerebroError>>(
+    node: *mut pg_sys::ForeignScanState,
+) {
     unsafe {
-        let handle = (*node).fdw_state as *mut ScanHandle;
+        let handle = (*node).fdw_state as *mut ScanHandle<W>;
         if handle.is_null() || (*handle).execution.is_null() {
             return;
         }

@@ -2,18 +2,20 @@
 //! `cerebro.predictions` scores with it like with any version.
 //!
 //! The graph is checked against the declared columns before anything is
-//! stored: every graph input is mapped to columns of the source of the right
-//! kind and number, the scored output is a float tensor of the width the
-//! task needs. The model is read straight from its bytes
-//! (`cerebro_shared::onnx_graph`), since the backend never loads ONNX Runtime.
+//! stored (`cerebro_shared::request`'s import rules): every graph input is
+//! mapped to columns of the source of the right kind and number, the scored
+//! output is a float tensor of the width the task needs. The model is read
+//! straight from its bytes (`cerebro_shared::onnx_graph`), since the backend
+//! never loads ONNX Runtime.
 
-use cerebro_shared::onnx_graph::{read_signature, ImportInput, ImportLayout, TensorInfo, FLOAT, STRING};
-use cerebro_shared::spec::{validate_model_name, Feature, FeatureKind, Task, TaskChoice};
+use cerebro_shared::onnx_graph::{read_signature, ImportLayout};
+use cerebro_shared::request::{self, RequestError};
+use cerebro_shared::spec::{validate_model_name, TaskChoice};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
-use crate::admin::{audit, current_user, next_version, raise, Audit};
-use crate::error::{CerebroError, Result};
+use crate::catalog::{audit, current_user, next_version, Audit};
+use crate::error::{raise, CerebroError, Result};
 use crate::identity;
 use crate::sources::resolve_source;
 
@@ -29,161 +31,20 @@ pub struct ImportRequest<'a> {
     pub key: Option<&'a str>,
 }
 
-fn invalid(message: String) -> CerebroError {
-    CerebroError::ImportInvalid(message)
-}
-
-/// The columns each graph input takes, from `{"input": "col"}` or
-/// `{"input": ["col", ...]}`, in graph order.
-fn mapping(inputs: &serde_json::Value, graph: &[TensorInfo]) -> Result<Vec<(String, Vec<String>)>> {
-    let object = inputs
-        .as_object()
-        .ok_or_else(|| invalid("inputs must be a JSON object from graph input names to column names".into()))?;
-    let names: Vec<&str> = graph.iter().map(|i| i.name.as_str()).collect();
-    if let Some(unknown) = object.keys().find(|k| !names.contains(&k.as_str())) {
-        return Err(invalid(format!("the graph has no input \"{unknown}\"; its inputs are: {}", names.join(", "))));
-    }
-    graph
-        .iter()
-        .map(|input| {
-            let columns: Vec<String> = match object.get(&input.name) {
-                None => return Err(invalid(format!("graph input \"{}\" is not mapped to any column", input.name))),
-                Some(serde_json::Value::String(c)) => vec![c.clone()],
-                Some(serde_json::Value::Array(cs)) => cs
-                    .iter()
-                    .map(|c| c.as_str().map(str::to_owned))
-                    .collect::<Option<Vec<_>>>()
-                    .filter(|cs| !cs.is_empty())
-                    .ok_or_else(|| {
-                        invalid(format!("input \"{}\" must map to a column or a list of them", input.name))
-                    })?,
-                Some(_) => {
-                    return Err(invalid(format!("input \"{}\" must map to a column or a list of them", input.name)))
-                }
-            };
-            Ok((input.name.clone(), columns))
-        })
-        .collect()
-}
-
-/// The output to score with, checked against the task.
-fn scored_output<'g>(
-    graph: &'g [TensorInfo],
-    wanted: Option<&str>,
-    task: Task,
-    classes: usize,
-) -> Result<(&'g TensorInfo, usize)> {
-    let floats: Vec<&TensorInfo> = graph.iter().filter(|o| o.elem_type == FLOAT).collect();
-    let output = match wanted {
-        Some(name) => graph
-            .iter()
-            .find(|o| o.name == name)
-            .ok_or_else(|| invalid(format!("the graph has no output \"{name}\"")))?,
-        None if floats.len() == 1 => floats[0],
-        None => {
-            let names: Vec<&str> = graph.iter().map(|o| o.name.as_str()).collect();
-            return Err(invalid(format!(
-                "name the output to score with; the graph's outputs are: {}",
-                names.join(", ")
-            )));
-        }
-    };
-    if output.elem_type != FLOAT {
-        return Err(invalid(format!(
-            "output \"{}\" is a {} tensor; Cerebro scores from a float tensor",
-            output.name,
-            output.type_name()
-        )));
-    }
-    let width = if output.dims.len() >= 2 { output.dims[1] } else { Some(1) };
-    let (allowed, positive): (&[usize], usize) = match task {
-        Task::Binary => (&[1, 2], if width == Some(2) { 1 } else { 0 }),
-        Task::Multiclass => (std::slice::from_ref(&classes), 0),
-        Task::Regression => (&[1], 0),
-    };
-    if let Some(w) = width {
-        if !allowed.contains(&(w as usize)) {
-            return Err(invalid(format!(
-                "output \"{}\" has {w} column(s); a {} model needs {}",
-                output.name,
-                task.as_str(),
-                allowed.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" or ")
-            )));
-        }
-    }
-    Ok((output, positive))
-}
-
 fn try_import(req: ImportRequest<'_>) -> Result<i32> {
     validate_model_name(req.name)?;
-    let task = match req.task.parse::<TaskChoice>()? {
-        TaskChoice::Fixed(t) => t,
-        TaskChoice::Auto => {
-            return Err(invalid("an imported model's task must be binary, multiclass or regression".into()))
-        }
-    };
-    match (task, req.labels.len()) {
-        (Task::Binary, 2) | (Task::Regression, 0) => {}
-        (Task::Multiclass, n) if n >= 2 => {}
-        (Task::Binary, n) => {
-            return Err(invalid(format!("a binary model needs 2 labels (negative, then positive), not {n}")));
-        }
-        (Task::Multiclass, n) => {
-            return Err(invalid(format!("a multiclass model needs its labels in output order, not {n}")))
-        }
-        (Task::Regression, _) => return Err(invalid("a regression model takes no labels".into())),
-    }
-    let graph = read_signature(req.onnx).map_err(|e| invalid(e.to_string()))?;
-    let groups = mapping(req.inputs, &graph.inputs)?;
-    let (output, positive_column) = scored_output(&graph.outputs, req.output, task, req.labels.len())?;
+    let task = request::import_task(req.task.parse::<TaskChoice>()?, req.labels.len())?;
+    let graph = read_signature(req.onnx).map_err(|e| RequestError::ImportInvalid(e.to_string()))?;
+    let groups = request::import_mapping(req.inputs, &graph.inputs)?;
+    let (output, positive_column) = request::scored_output(&graph.outputs, req.output, task, req.labels.len())?;
 
     Spi::connect_mut(|client| {
         let source = resolve_source(client, req.source)?;
         if let Some(key) = req.key {
             source.column(key)?;
         }
-        let mut features: Vec<Feature> = Vec::new();
-        let mut layout = Vec::new();
-        for ((input_name, columns), info) in groups.iter().zip(&graph.inputs) {
-            let wanted = match info.elem_type {
-                FLOAT => FeatureKind::Numeric,
-                STRING => FeatureKind::Categorical,
-                _ => {
-                    return Err(invalid(format!(
-                        "graph input \"{input_name}\" is a {} tensor; Cerebro feeds float and string tensors",
-                        info.type_name()
-                    )));
-                }
-            };
-            if wanted == FeatureKind::Categorical && columns.len() != 1 {
-                return Err(invalid(format!("string input \"{input_name}\" takes one column, not {}", columns.len())));
-            }
-            if let Some(Some(width)) = info.dims.get(1) {
-                if *width as usize != columns.len() {
-                    return Err(invalid(format!(
-                        "graph input \"{input_name}\" takes {width} column(s); {} are mapped to it",
-                        columns.len()
-                    )));
-                }
-            }
-            for name in columns {
-                let col = source.column(name)?;
-                let kind = col.kind.map(|k| k.feature_kind());
-                if kind != Some(wanted) {
-                    return Err(invalid(format!(
-                        "column \"{name}\" ({}) cannot feed input \"{input_name}\", a {} tensor",
-                        col.type_name,
-                        info.type_name()
-                    )));
-                }
-                if features.iter().any(|f| &f.name == name) {
-                    return Err(CerebroError::DuplicateFeature(name.clone()));
-                }
-                features.push(Feature { name: name.clone(), kind: wanted });
-            }
-            layout.push(ImportInput { name: input_name.clone(), columns: columns.len() });
-        }
-        let layout = ImportLayout { inputs: layout, output: output.name.clone(), positive_column };
+        let (features, inputs) = request::import_features(&groups, &graph.inputs, &source.shape())?;
+        let layout = ImportLayout { inputs, output: output.name.clone(), positive_column };
 
         let user = current_user(client)?;
         let caller = identity::current_role();

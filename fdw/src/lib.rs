@@ -10,6 +10,7 @@ use pgrx::prelude::*;
 
 mod access;
 mod admin;
+mod catalog;
 mod daemon_client;
 mod error;
 mod fdw;
@@ -19,11 +20,10 @@ mod identity;
 mod imports;
 mod jsonb;
 mod limits;
-mod lineage;
 mod models;
 mod predictions;
-mod selections;
 mod sources;
+mod training;
 
 pgrx::pg_module_magic!();
 

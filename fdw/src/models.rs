@@ -1,15 +1,15 @@
-//! `cerebro.models`: INSERT validates a training request and queues it;
-//! SELECT lists every model version with its status and metrics.
+//! `cerebro.models`: an INSERT's row becomes a training request (queued by
+//! crate::training); SELECT lists every model version with its status and
+//! metrics.
 
-use cerebro_shared::spec::{resolve_task, validate_model_name, Feature, Split, Task, TaskChoice, TrainOptions};
-use cerebro_shared::sql::{quote_ident, snapshot_column};
+use cerebro_shared::spec::{validate_model_name, TaskChoice, TrainOptions};
+use cerebro_shared::sql::ModelStatus;
 use pgrx::prelude::*;
 use pgrx::JsonB;
 use supabase_wrappers::prelude::{Cell, Row};
 
 use crate::error::{CerebroError, Result};
 use crate::identity;
-use crate::sources::{resolve_source, SourceColumn};
 
 /// Columns users may set on INSERT; every other column is Cerebro's.
 const WRITABLE: &[&str] =
@@ -32,9 +32,6 @@ pub struct TrainRequest {
     /// A derived model: its parent version (None: the deployed or latest
     /// ready one) and the change, both as written.
     pub lineage: Option<Lineage>,
-    /// Who wrote `source` when it is not the inserting role: a derived
-    /// version reading its parent's source keeps the parent's author.
-    pub source_author: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -127,288 +124,8 @@ impl TrainRequest {
             written,
             spec,
             lineage,
-            source_author: None,
         })
     }
-}
-
-/// Validates `req`, freezes its training data and queues the job, all in the
-/// calling transaction: a rolled-back INSERT leaves nothing behind and the
-/// daemon, told by NOTIFY (delivered at commit), never sees it.
-pub fn queue_training(req: TrainRequest) -> Result<()> {
-    match (req.spec.clone(), req.lineage.is_some()) {
-        (Some(spec), _) => crate::selections::queue_selection(req, &spec),
-        (None, true) => crate::lineage::queue_derived(req),
-        (None, false) => queue_version(&req, None, None).map(drop),
-    }
-}
-
-/// A snapshot frozen for the candidates of one selection on one source.
-#[derive(Clone)]
-pub(crate) struct Frozen {
-    id: i64,
-    data_relation: String,
-    row_count: i64,
-    /// The source column each snapshot column holds, in order.
-    columns: Vec<String>,
-}
-
-/// Snapshots shared by a selection's candidates, by source.
-pub(crate) type SharedSnapshots = std::collections::HashMap<String, Frozen>;
-
-/// Queues one version for `req` (part of selection `selection`, if any);
-/// returns its version number.
-pub(crate) fn queue_version(
-    req: &TrainRequest,
-    selection: Option<i64>,
-    shared: Option<&mut SharedSnapshots>,
-) -> Result<i32> {
-    Spi::connect_mut(|client| {
-        let source = resolve_source(client, &req.source)?;
-        let target = source.column(&req.target)?;
-        let target_kind = target.kind.ok_or_else(|| CerebroError::UnsupportedType {
-            relation: source.display.clone(),
-            column: target.name.clone(),
-            type_name: target.type_name.clone(),
-            role: "a target",
-        })?;
-        let key = req.key.as_deref().map(|k| source.column(k)).transpose()?;
-        if req.options.split == Split::Ordered && key.is_none() {
-            return Err(CerebroError::OrderedSplitNeedsKey);
-        }
-
-        let mut features: Vec<Feature> = Vec::new();
-        match &req.features {
-            Some(names) => {
-                for name in names {
-                    let col = source.column(name)?;
-                    if name == &req.target {
-                        return Err(CerebroError::FeatureConflict { column: name.clone(), role: "target" });
-                    }
-                    if Some(name.as_str()) == req.key.as_deref() {
-                        return Err(CerebroError::FeatureConflict { column: name.clone(), role: "key" });
-                    }
-                    if features.iter().any(|f| &f.name == name) {
-                        return Err(CerebroError::DuplicateFeature(name.clone()));
-                    }
-                    let kind = col.kind.ok_or_else(|| CerebroError::UnsupportedType {
-                        relation: source.display.clone(),
-                        column: name.clone(),
-                        type_name: col.type_name.clone(),
-                        role: "a feature",
-                    })?;
-                    features.push(Feature { name: name.clone(), kind: kind.feature_kind() });
-                }
-            }
-            None => {
-                for col in &source.columns {
-                    if col.name == req.target || Some(col.name.as_str()) == req.key.as_deref() {
-                        continue;
-                    }
-                    match col.kind {
-                        Some(kind) => features.push(Feature { name: col.name.clone(), kind: kind.feature_kind() }),
-                        None => notice!(
-                            "cerebro: column \"{}\" ({}) is not used as a feature: its type is not supported",
-                            col.name,
-                            col.type_name
-                        ),
-                    }
-                }
-            }
-        }
-        if features.is_empty() {
-            return Err(CerebroError::NoFeatures { relation: source.display.clone() });
-        }
-
-        // Privileges are checked up front so the error names every column; the
-        // snapshot query below runs as the user anyway, with RLS applied.
-        let mut used: Vec<&str> = vec![req.target.as_str()];
-        used.extend(key.map(|k| k.name.as_str()));
-        used.extend(features.iter().map(|f| f.name.as_str()));
-        let denied: Vec<String> = used
-            .iter()
-            .filter(|c| !source.column(c).map(|c| c.readable).unwrap_or(false))
-            .map(|c| c.to_string())
-            .collect();
-        if !denied.is_empty() {
-            return Err(CerebroError::PermissionDenied { relation: source.display.clone(), columns: denied });
-        }
-
-        let user_name = crate::admin::current_user(client)?;
-        let caller = identity::current_role();
-        // A selection's candidates share one snapshot per source, of every
-        // readable column they could use; a plain INSERT freezes what it uses.
-        let reused = shared.as_ref().and_then(|m| m.get(&source.display).cloned());
-        let mut frozen: Vec<&SourceColumn> = used.iter().map(|c| source.column(c)).collect::<Result<_>>()?;
-        if shared.is_some() {
-            for c in &source.columns {
-                if c.readable && c.kind.is_some() && !frozen.iter().any(|f| f.name == c.name) {
-                    frozen.push(c);
-                }
-            }
-        }
-        // Column i of the snapshot is snapshot_column(i), holding frozen[i]
-        // converted to a built-in type as the user (who may run their own
-        // casts): the owner and cerebrod then only ever read built-in types.
-        let frozen_names: Vec<String> = match &reused {
-            Some(f) => f.columns.clone(),
-            None => frozen.iter().map(|c| c.name.clone()).collect(),
-        };
-        let snapshot_col = |name: &str| -> String {
-            let i = frozen_names.iter().position(|n| n == name).expect("every used column is frozen");
-            snapshot_column(i)
-        };
-        let targets = (0..frozen.len()).map(snapshot_column).collect::<Vec<_>>().join(", ");
-        let values = frozen.iter().map(|c| c.stored()).collect::<Vec<_>>().join(", ");
-
-        let (version, snapshot_id, data_relation) = {
-            let _owner = identity::become_owner()?;
-            let version = crate::admin::next_version(client, &req.name, caller)?;
-            if let Some(f) = &reused {
-                (version, f.id, f.data_relation.clone())
-            } else {
-                let snapshot_id: i64 = client
-                    .update("SELECT nextval('cerebro.snapshots_id_seq')", Some(1), &[])?
-                    .first()
-                    .get_one()?
-                    .expect("nextval is never NULL");
-                let data_relation = format!("cerebro_data.snapshot_{snapshot_id}");
-                let definition = frozen
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| format!("{} {}", snapshot_column(i), c.storage()))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                client.update(&format!("CREATE TABLE {data_relation} ({definition})"), None, &[])?;
-                client.update(&format!("GRANT INSERT ON {data_relation} TO {}", quote_ident(&user_name)), None, &[])?;
-                (version, snapshot_id, data_relation)
-            }
-        };
-        let query = format!("INSERT INTO {data_relation} ({targets}) SELECT {values} FROM {}", source.in_from());
-
-        // The copy runs as the calling user: their privileges and row-level
-        // security decide which rows a model may learn from.
-        let row_count = match &reused {
-            Some(f) => f.row_count,
-            None => {
-                let rows = client.update(&query, None, &[])?.len() as i64;
-                let _owner = identity::become_owner()?;
-                client.update(
-                    &format!("REVOKE INSERT ON {data_relation} FROM {}", quote_ident(&user_name)),
-                    None,
-                    &[],
-                )?;
-                rows
-            }
-        };
-
-        let _owner = identity::become_owner()?;
-        let target_q = snapshot_col(&req.target);
-        let (labelled, distinct) = client
-            .select(
-                &format!("SELECT count({target_q}), count(DISTINCT {target_q}) FROM {data_relation}"),
-                Some(1),
-                &[],
-            )?
-            .first()
-            .get_two::<i64, i64>()?;
-        let (labelled, distinct) = (labelled.unwrap_or(0), distinct.unwrap_or(0));
-        if labelled == 0 {
-            return Err(CerebroError::EmptySource { relation: source.display.clone(), target: req.target.clone() });
-        }
-        let task = resolve_task(req.task, &req.target, target_kind, distinct as usize)?;
-        let mut class_labels: Vec<String> = Vec::new();
-        if task != Task::Regression {
-            let labels = client.select(
-                &format!(
-                    "SELECT d.v::text FROM (SELECT DISTINCT {target_q} AS v FROM {data_relation}
-                     WHERE {target_q} IS NOT NULL) d ORDER BY d.v"
-                ),
-                None,
-                &[],
-            )?;
-            for row in labels {
-                class_labels.push(row.get(1)?.expect("labels are not NULL"));
-            }
-        }
-        req.options.check_against(&features, task, &class_labels)?;
-        crate::limits::check_model(&req.options, &features, task, class_labels.len(), labelled as u64)?;
-        crate::limits::check_role_share(client, &user_name)?;
-
-        if reused.is_none() {
-            client.update(
-                "INSERT INTO cerebro.snapshots (id, source_relation, query, data_relation, row_count, created_by,
-                     columns)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                None,
-                &[
-                    snapshot_id.into(),
-                    source.display.as_str().into(),
-                    query.as_str().into(),
-                    data_relation.as_str().into(),
-                    row_count.into(),
-                    user_name.as_str().into(),
-                    frozen_names.clone().into(),
-                ],
-            )?;
-            if let Some(map) = shared {
-                map.insert(
-                    source.display.clone(),
-                    Frozen { id: snapshot_id, data_relation: data_relation.clone(), row_count, columns: frozen_names },
-                );
-            }
-        }
-        let features_json = serde_json::to_value(&features).expect("features serialise");
-        let model_version_id: i64 = client
-            .update(
-                "INSERT INTO cerebro.model_versions (name, version, task, source_relation, target_column, key_column,
-                     features, class_labels, options, snapshot_id, epochs, created_by, request, selection_id,
-                     parent_version, change, source_author)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) RETURNING id",
-                Some(1),
-                &[
-                    req.name.as_str().into(),
-                    version.into(),
-                    task.as_str().into(),
-                    source.display.as_str().into(),
-                    req.target.as_str().into(),
-                    req.key.clone().into(),
-                    JsonB(features_json).into(),
-                    class_labels.clone().into(),
-                    JsonB(req.options.to_json()).into(),
-                    snapshot_id.into(),
-                    (req.options.epochs as i32).into(),
-                    user_name.as_str().into(),
-                    JsonB(req.written.clone()).into(),
-                    selection.into(),
-                    req.lineage.as_ref().and_then(|l| l.parent_version).into(),
-                    req.lineage.as_ref().and_then(|l| l.change.clone()).into(),
-                    req.source_author.as_deref().unwrap_or(&user_name).into(),
-                ],
-            )?
-            .first()
-            .get_one()?
-            .expect("RETURNING id");
-        crate::admin::enqueue(client, model_version_id)?;
-        let detail = serde_json::json!({ "source": source.display, "target": req.target });
-        let create = crate::admin::Audit {
-            user: &user_name,
-            action: "create",
-            model: &req.name,
-            version: Some(version),
-            detail,
-        };
-        crate::admin::audit(client, create)?;
-        notice!(
-            "cerebro: queued {} version {} ({} task, {} features, {} rows); it trains once this transaction commits",
-            req.name,
-            version,
-            task,
-            features.len(),
-            row_count
-        );
-        Ok(version)
-    })
 }
 
 /// One row of `cerebro.models`, as (column, value) pairs.
@@ -436,10 +153,10 @@ pub fn list_models() -> Result<Vec<ModelRow>> {
             let status: String = row.get(3)?.unwrap_or_default();
             let epoch: i32 = row.get(10)?.unwrap_or(0);
             let epochs: i32 = row.get(11)?.unwrap_or(0);
-            let progress = match status.as_str() {
-                "training" => format!("epoch {epoch} of {epochs}"),
-                "ready" => format!("trained {epoch} of {epochs} epochs"),
-                other => other.to_owned(),
+            let progress = match status.parse() {
+                Ok(ModelStatus::Training) => format!("epoch {epoch} of {epochs}"),
+                Ok(ModelStatus::Ready) => format!("trained {epoch} of {epochs} epochs"),
+                _ => status.clone(),
             };
             let string = |v: Option<String>| v.map(Cell::String);
             out.push(vec![

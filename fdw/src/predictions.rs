@@ -12,7 +12,9 @@ use std::rc::Rc;
 
 use cerebro_shared::batch::{plan_batch, read_outputs, write_batch, BatchLayout, ColumnData, NO_LABEL};
 use cerebro_shared::protocol::{Request, Response, ScoreRequest};
+use cerebro_shared::request::RequestError;
 use cerebro_shared::spec::{Feature, FeatureKind};
+use cerebro_shared::sql::ModelStatus;
 use pgrx::prelude::*;
 use pgrx::{register_xact_callback, JsonB, PgXactCallbackEvent};
 use supabase_wrappers::prelude::{Cell, Column, Qual, Row, Value};
@@ -106,20 +108,21 @@ fn resolve_model(name: &str, version: Option<i32>) -> Result<ModelVersion> {
         };
         let status: String = row.get(3)?.unwrap_or_default();
         let found_version: i32 = row.get(2)?.unwrap_or_default();
-        if status != "ready" {
-            let state = match status.as_str() {
-                "training" => format!(
+        let parsed = status.parse::<ModelStatus>().ok();
+        if parsed != Some(ModelStatus::Ready) {
+            let state = match parsed {
+                Some(ModelStatus::Training) => format!(
                     "still training (epoch {} of {})",
                     row.get::<i32>(9)?.unwrap_or(0),
                     row.get::<i32>(10)?.unwrap_or(0)
                 ),
-                "queued" => "queued for training".to_owned(),
-                other => other.to_owned(),
+                Some(ModelStatus::Queued) => "queued for training".to_owned(),
+                _ => status.clone(),
             };
             return Err(CerebroError::ModelNotReady {
                 name: name.into(),
                 version: found_version,
-                failed: status == "failed",
+                failed: parsed == Some(ModelStatus::Failed),
                 state,
             });
         }
@@ -217,12 +220,13 @@ impl PredictionScan {
                     (FeatureKind::Categorical, _) => col.text(),
                     (FeatureKind::Numeric, BaseType::BuiltIn(_)) => col.float8(),
                     (FeatureKind::Numeric, _) => {
-                        return Err(CerebroError::UnsupportedType {
+                        return Err(RequestError::UnsupportedType {
                             relation: source.display.clone(),
                             column: col.name.clone(),
                             type_name: col.type_name.clone(),
                             role: "the numeric feature this model was trained on",
-                        })
+                        }
+                        .into())
                     }
                 });
             }

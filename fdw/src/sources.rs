@@ -18,6 +18,7 @@
 
 use std::ffi::CStr;
 
+use cerebro_shared::request::{source_query, Column, RequestError, SourceShape};
 use cerebro_shared::spec::SqlKind;
 use cerebro_shared::sql::{as_float8, as_output_text, as_text, quote_ident};
 use pgrx::spi::SpiClient;
@@ -89,22 +90,29 @@ pub(crate) struct Source {
 
 impl Source {
     pub(crate) fn column(&self, name: &str) -> Result<&SourceColumn> {
-        self.columns
-            .iter()
-            .find(|c| c.name == name)
-            .ok_or_else(|| CerebroError::UnknownColumn { relation: self.display.clone(), column: name.to_owned() })
+        self.columns.iter().find(|c| c.name == name).ok_or_else(|| {
+            RequestError::UnknownColumn { relation: self.display.clone(), column: name.to_owned() }.into()
+        })
+    }
+
+    /// The source as `cerebro_shared::request`'s rules see it, without the
+    /// columns of tables a selection names (see [`read_shape`]).
+    pub(crate) fn shape(&self) -> SourceShape {
+        SourceShape {
+            relation: self.display.clone(),
+            columns: self
+                .columns
+                .iter()
+                .map(|c| Column { name: c.name.clone(), type_name: c.type_name.clone(), kind: c.kind })
+                .collect(),
+            tables: Default::default(),
+        }
     }
 
     /// How the source appears in FROM: a relation as is, a query with an alias.
     pub(crate) fn in_from(&self) -> String {
         from_item(&self.display)
     }
-}
-
-/// The query a source names, when it is one: `(SELECT ...)`.
-pub(crate) fn source_query(source: &str) -> Option<&str> {
-    let t = source.trim();
-    (t.len() >= 2 && t.starts_with('(') && t.ends_with(')')).then(|| t[1..t.len() - 1].trim())
 }
 
 /// How a source appears in FROM: a relation as is, a query with an alias.
@@ -256,6 +264,18 @@ pub(crate) fn resolve_source(client: &SpiClient<'_>, name: &str) -> Result<Sourc
         ));
     }
     Ok(Source { display, columns: describe(client, rows)? })
+}
+
+/// What `cerebro_shared::request`'s rules need of `source`, resolved as
+/// the calling user: its columns and, for a query, those of each table in
+/// `tables` (named whole by a selection, `t.*`).
+pub(crate) fn read_shape(client: &SpiClient<'_>, source: &str, tables: &[String]) -> Result<SourceShape> {
+    let mut shape = resolve_source(client, source)?.shape();
+    for table in tables {
+        let columns = resolve_source(client, table)?.columns.into_iter().map(|c| c.name).collect();
+        shape.tables.insert(table.clone(), columns);
+    }
+    Ok(shape)
 }
 
 /// Code that reading a source would run with the reader's rights, owned

@@ -6,6 +6,8 @@
 //! - [`batch`]: the column-major layout of a scoring batch in shared memory;
 //! - [`error`]: stable error codes that cross the wire (mapped to SQLSTATEs
 //!   only in fdw/);
+//! - [`request`]: the rules of a request that creates model versions (features,
+//!   a candidate's or a change's options, an import's graph), apart from the database;
 //! - [`sql`]: the bits of SQL text both sides write;
 //! - [`limits`]: how large a model and how much work a job is, estimated at INSERT.
 //!
@@ -18,5 +20,7 @@ pub mod limits;
 pub mod mst;
 pub mod onnx_graph;
 pub mod protocol;
+pub mod provenance;
+pub mod request;
 pub mod spec;
 pub mod sql;

@@ -1230,8 +1230,7 @@ enum Choice {
 /// `cerebro.selections.plan`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct SelectionPlan {
-    /// `grid`, `random` or `halving`.
-    pub strategy: String,
+    pub strategy: Strategy,
     /// Halving: at each epoch of `rungs`, a candidate goes on only if its best
     /// validation loss so far is in the best 1/`eta` of those recorded there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -1244,6 +1243,30 @@ pub struct SelectionPlan {
     pub budget_epochs: Option<u64>,
     #[serde(default)]
     pub promote: bool,
+}
+
+/// How a selection's candidates were chosen and are run, as
+/// `cerebro.selections.plan->>'strategy'` stores it: `grid`, `random` or
+/// `halving` (the column's default plan is a grid's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    #[default]
+    Grid,
+    Random,
+    /// Candidates stop at rungs unless among the best (`SelectionPlan::rungs`).
+    Halving,
+}
+
+impl Strategy {
+    /// The stored label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Grid => "grid",
+            Strategy::Random => "random",
+            Strategy::Halving => "halving",
+        }
+    }
 }
 
 impl SelectionPlan {
@@ -1281,11 +1304,11 @@ impl Spec {
     pub fn plan(&self, max_epochs: u32) -> SelectionPlan {
         let search = self.search.as_ref().map(|(s, _)| *s).unwrap_or(Search::Grid);
         let (strategy, rungs, eta) = match search {
-            Search::Grid => ("grid", Vec::new(), None),
-            Search::Random { .. } => ("random", Vec::new(), None),
+            Search::Grid => (Strategy::Grid, Vec::new(), None),
+            Search::Random { .. } => (Strategy::Random, Vec::new(), None),
             Search::Halving { eta, min_epochs, .. } => {
                 // The parser keeps eta to 2..=MAX_ETA; a Search built by hand may not.
-                ("halving", rungs(eta, min_epochs, max_epochs), Some(u32::try_from(eta).unwrap_or(u32::MAX)))
+                (Strategy::Halving, rungs(eta, min_epochs, max_epochs), Some(u32::try_from(eta).unwrap_or(u32::MAX)))
             }
         };
         let (budget_seconds, budget_epochs) = match self.budget.as_ref().map(|(b, _)| *b) {
@@ -1293,7 +1316,7 @@ impl Spec {
             Some(Budget::Epochs(e)) => (None, Some(e)),
             None => (None, None),
         };
-        SelectionPlan { strategy: strategy.into(), rungs, eta, budget_seconds, budget_epochs, promote: self.promote }
+        SelectionPlan { strategy, rungs, eta, budget_seconds, budget_epochs, promote: self.promote }
     }
 }
 
@@ -1504,7 +1527,7 @@ search   grid
         let text = "train epochs = 30\nsearch halving(27, eta = 3, seed = 2)\nbudget 10 min\npromote";
         let spec = parse(text).unwrap();
         let plan = spec.plan(30);
-        assert_eq!(plan.strategy, "halving");
+        assert_eq!(plan.strategy, Strategy::Halving);
         assert_eq!(plan.rungs, vec![2, 6, 18], "three rungs below 30 epochs");
         assert_eq!(
             (plan.eta, plan.budget_seconds, plan.budget_epochs, plan.promote),
@@ -1515,7 +1538,7 @@ search   grid
         assert_eq!(parse("budget 1.5 h").unwrap().plan(10).budget_seconds, Some(5400.0));
         assert_eq!(
             parse("model hidden = [8]").unwrap().plan(10),
-            SelectionPlan { strategy: "grid".into(), ..Default::default() }
+            SelectionPlan { strategy: Strategy::Grid, ..Default::default() }
         );
 
         let spec = parse("source {nyc.flights_known, nyc.flights_joined}").unwrap();
@@ -1541,8 +1564,23 @@ search   grid
     }
 
     #[test]
+    fn a_plan_is_stored_with_its_strategy_as_a_word() {
+        let plan = parse("search halving(8, eta = 2, min_epochs = 5)\nbudget 200 epochs").unwrap().plan(40);
+        assert_eq!(
+            serde_json::to_value(&plan).unwrap(),
+            json!({"strategy": "halving", "rungs": [5, 10, 20], "eta": 2, "budget_epochs": 200, "promote": false})
+        );
+        let plan = parse("search random(4, seed = 1)").unwrap().plan(10);
+        assert_eq!(serde_json::to_value(&plan).unwrap(), json!({"strategy": "random", "promote": false}));
+        // The column's default plan.
+        let stored: SelectionPlan = serde_json::from_value(json!({"strategy": "grid"})).unwrap();
+        assert_eq!(stored, SelectionPlan::default());
+        assert_eq!(stored.strategy.as_str(), "grid");
+    }
+
+    #[test]
     fn a_rung_keeps_the_best_third_and_never_waits() {
-        let plan = SelectionPlan { strategy: "halving".into(), eta: Some(3), ..Default::default() };
+        let plan = SelectionPlan { strategy: Strategy::Halving, eta: Some(3), ..Default::default() };
         assert!(plan.survives(0.5, &[0.5]), "the first to arrive goes on");
         let six = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6];
         let kept: Vec<f64> = six.iter().copied().filter(|&l| plan.survives(l, &six)).collect();
@@ -1559,7 +1597,7 @@ search   grid
         let candidates = spec.expand(DEFAULT_SPEC, 100).unwrap();
         assert_eq!(candidates.len(), 24);
         let plan = spec.plan(40);
-        assert_eq!((plan.strategy.as_str(), plan.budget_seconds), ("halving", Some(600.0)));
+        assert_eq!((plan.strategy, plan.budget_seconds), (Strategy::Halving, Some(600.0)));
         for c in &candidates {
             TrainOptions::from_json(Some(&Json::Object(c.options.clone()))).expect("valid options");
         }

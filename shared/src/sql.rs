@@ -8,6 +8,16 @@
 //! picks nothing, and an enum (the one kind of usable type an ordinary role
 //! can own, and so give a cast of its own) goes to text through
 //! `enum_out`, never through `pg_cast`.
+//!
+//! It also names the catalog's facts that Rust code on either side compares
+//! or writes: the labels of the SQL enum types `cerebro.model_status` and
+//! `cerebro.job_state` ([`ModelStatus`], [`JobState`]; the SQL files stay
+//! their home, and a test holds the two to the same labels) and the keys
+//! of a version's `metrics` ([`metrics`]).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
 
 /// Quotes an SQL identifier (always, so any name is safe).
 pub fn quote_ident(name: &str) -> String {
@@ -53,6 +63,124 @@ pub fn as_text(expr: &str, enum_type: Option<&str>) -> String {
 /// cerebrod claims whatever is queued whatever woke it.
 pub const JOBS_CHANNEL: &str = "cerebro_jobs";
 
+/// A model version's status: a label of the SQL enum `cerebro.model_status`
+/// (`cerebro.model_versions.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelStatus {
+    Queued,
+    Training,
+    Ready,
+    Failed,
+    Cancelled,
+    Deleted,
+}
+
+impl ModelStatus {
+    pub const ALL: [ModelStatus; 6] = [
+        ModelStatus::Queued,
+        ModelStatus::Training,
+        ModelStatus::Ready,
+        ModelStatus::Failed,
+        ModelStatus::Cancelled,
+        ModelStatus::Deleted,
+    ];
+
+    /// The SQL label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelStatus::Queued => "queued",
+            ModelStatus::Training => "training",
+            ModelStatus::Ready => "ready",
+            ModelStatus::Failed => "failed",
+            ModelStatus::Cancelled => "cancelled",
+            ModelStatus::Deleted => "deleted",
+        }
+    }
+}
+
+impl std::str::FromStr for ModelStatus {
+    type Err = UnknownLabel;
+    fn from_str(label: &str) -> Result<Self, UnknownLabel> {
+        ModelStatus::ALL.into_iter().find(|s| s.as_str() == label).ok_or_else(|| UnknownLabel(label.to_owned()))
+    }
+}
+
+impl fmt::Display for ModelStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A job's state: a label of the SQL enum `cerebro.job_state`
+/// (`cerebro.jobs.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 5] =
+        [JobState::Queued, JobState::Running, JobState::Done, JobState::Failed, JobState::Cancelled];
+
+    /// The SQL label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::str::FromStr for JobState {
+    type Err = UnknownLabel;
+    fn from_str(label: &str) -> Result<Self, UnknownLabel> {
+        JobState::ALL.into_iter().find(|s| s.as_str() == label).ok_or_else(|| UnknownLabel(label.to_owned()))
+    }
+}
+
+/// A status or state read from the catalog that this build does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("\"{0}\" is not a label Cerebro knows")]
+pub struct UnknownLabel(pub String);
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The names of validation metrics: the keys of
+/// `cerebro.model_versions.metrics`, which the views `cerebro.archive` and
+/// `cerebro.leaderboard` read by name.
+pub mod metrics {
+    /// Binary: area under the ROC curve.
+    pub const AUC: &str = "auc";
+    /// Binary and multiclass.
+    pub const ACCURACY: &str = "accuracy";
+    /// Binary and multiclass.
+    pub const LOG_LOSS: &str = "log_loss";
+    /// Multiclass.
+    pub const MACRO_F1: &str = "macro_f1";
+    /// Regression, in the target's units.
+    pub const RMSE: &str = "rmse";
+    /// Regression, in the target's units.
+    pub const MAE: &str = "mae";
+    /// Regression: R².
+    pub const R2: &str = "r2";
+
+    /// Every metric a model version may have.
+    pub const ALL: [&str; 7] = [AUC, ACCURACY, LOG_LOSS, MACRO_F1, RMSE, MAE, R2];
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,5 +200,67 @@ mod tests {
         assert_eq!(snapshot_column(0), "c1");
         let o = as_output_text("\"k\"");
         assert!(o.contains("pg_catalog.format('%s', \"k\")") && !o.contains("::"), "{o}");
+    }
+
+    /// The SQL that defines the catalog: the 0.1.0 catalog, then every
+    /// upgrade script in order.
+    const CATALOG_SQL: [&str; 2] =
+        [include_str!("../../sql/catalog.sql"), include_str!("../../sql/cerebro--0.1.0--0.2.0.sql")];
+
+    /// The labels the SQL files give enum type `name` (`cerebro.x`): those
+    /// of its `CREATE TYPE ... AS ENUM (...)`, then those `ALTER TYPE ...
+    /// ADD VALUE` adds.
+    fn enum_labels(name: &str) -> Vec<String> {
+        let quoted = |list: &str| -> Vec<String> {
+            list.split(',').map(|l| l.trim().trim_matches('\'').to_string()).filter(|l| !l.is_empty()).collect()
+        };
+        let create = format!("CREATE TYPE {name} AS ENUM (");
+        let add = format!("ALTER TYPE {name} ADD VALUE ");
+        let mut labels = Vec::new();
+        for sql in CATALOG_SQL {
+            for line in sql.lines().map(str::trim) {
+                if let Some(rest) = line.strip_prefix(&create) {
+                    let list = rest.split_once(')').expect("the label list closes on its line").0;
+                    labels.extend(quoted(list));
+                } else if let Some(rest) = line.strip_prefix(&add) {
+                    labels.extend(quoted(rest.trim_end_matches(';')));
+                }
+            }
+        }
+        labels
+    }
+
+    #[test]
+    fn statuses_and_states_are_the_labels_of_the_sql_enums() {
+        let mut statuses: Vec<&str> = ModelStatus::ALL.iter().map(|s| s.as_str()).collect();
+        let mut sql = enum_labels("cerebro.model_status");
+        statuses.sort_unstable();
+        sql.sort_unstable();
+        assert_eq!(statuses, sql);
+        let mut states: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+        let mut sql = enum_labels("cerebro.job_state");
+        states.sort_unstable();
+        sql.sort_unstable();
+        assert_eq!(states, sql);
+        // serde and FromStr read and write the same labels.
+        for s in ModelStatus::ALL {
+            assert_eq!(s.as_str().parse::<ModelStatus>(), Ok(s));
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+            assert_eq!(serde_json::from_value::<ModelStatus>(s.as_str().into()).unwrap(), s);
+        }
+        assert_eq!("ended".parse::<JobState>(), Err(UnknownLabel("ended".into())));
+        for s in JobState::ALL {
+            assert_eq!(s.as_str().parse::<JobState>(), Ok(s));
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+            assert_eq!(serde_json::from_value::<JobState>(s.as_str().into()).unwrap(), s);
+        }
+    }
+
+    #[test]
+    fn the_catalogs_views_read_every_metric_by_its_name() {
+        let upgrade = CATALOG_SQL[1];
+        for name in metrics::ALL {
+            assert!(upgrade.contains(&format!("(m.metrics->>'{name}')")), "{name}");
+        }
     }
 }

@@ -1,0 +1,81 @@
+//! Reads and writes of the `cerebro` schema that several SQL functions
+//! share: numbering a model's versions, queueing a job, the audit log.
+//! Callers decide who may (crate::access) and run these as the extension
+//! owner where they read past row-level security.
+
+use pgrx::datum::DatumWithOid;
+use pgrx::spi::SpiClient;
+use pgrx::{pg_sys, FromDatum, IntoDatum, JsonB};
+
+use crate::access;
+use crate::error::Result;
+
+/// Column `column` (1-based) of the first row `query` returns, None when it
+/// returns no row or NULL.
+pub(crate) fn first<T: FromDatum + IntoDatum>(
+    client: &mut SpiClient<'_>,
+    query: &str,
+    args: &[DatumWithOid],
+    column: usize,
+) -> Result<Option<T>> {
+    match client.update(query, Some(1), args)?.next() {
+        Some(row) => Ok(row.get::<T>(column)?),
+        None => Ok(None),
+    }
+}
+
+/// Queues a training job for a version and wakes cerebrod, which hears it
+/// when the transaction commits (a rolled-back INSERT trains nothing). As
+/// the extension owner.
+pub(crate) fn enqueue(client: &mut SpiClient<'_>, model_version_id: i64) -> Result<()> {
+    client.update("INSERT INTO cerebro.jobs (model_version_id) VALUES ($1)", None, &[model_version_id.into()])?;
+    client.update("SELECT pg_catalog.pg_notify($1, '')", None, &[cerebro_shared::sql::JOBS_CHANNEL.into()])?;
+    Ok(())
+}
+
+pub(crate) fn current_user(client: &mut SpiClient<'_>) -> Result<String> {
+    Ok(first::<String>(client, "SELECT current_user::text", &[], 1)?.expect("current_user is never NULL"))
+}
+
+/// The next version number of `name`, under a lock on the name's row of
+/// `cerebro.model_names` so that concurrent INSERTs number in turn; a model's versions after
+/// the first are its owner's to add (`caller` is the role asking). Reads
+/// past row-level security: call it as the extension owner.
+pub(crate) fn next_version(client: &mut SpiClient<'_>, name: &str, caller: pg_sys::Oid) -> Result<i32> {
+    client.update(
+        "INSERT INTO cerebro.model_names (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
+        None,
+        &[name.into()],
+    )?;
+    client.update("SELECT 1 FROM cerebro.model_names WHERE name = $1 FOR UPDATE", None, &[name.into()])?;
+    let version = first::<i32>(
+        client,
+        "SELECT coalesce(max(version), 0) + 1 FROM cerebro.model_versions WHERE name = $1",
+        &[name.into()],
+        1,
+    )?
+    .expect("coalesce is never NULL");
+    if version > 1 {
+        access::check_may_add_version(name, caller)?;
+    }
+    Ok(version)
+}
+
+/// One row of `cerebro.audit_log`.
+pub(crate) struct Audit<'a> {
+    pub(crate) user: &'a str,
+    pub(crate) action: &'a str,
+    pub(crate) model: &'a str,
+    /// None for what concerns the whole model (grants).
+    pub(crate) version: Option<i32>,
+    pub(crate) detail: serde_json::Value,
+}
+
+pub(crate) fn audit(client: &mut SpiClient<'_>, a: Audit<'_>) -> Result<()> {
+    client.update(
+        "INSERT INTO cerebro.audit_log (role_name, action, model, version, detail) VALUES ($1, $2, $3, $4, $5)",
+        None,
+        &[a.user.into(), a.action.into(), a.model.into(), a.version.into(), JsonB(a.detail).into()],
+    )?;
+    Ok(())
+}

@@ -1,0 +1,333 @@
+//! Queues the versions a builder asked for, each in stages: resolve its
+//! source and features, freeze its training data, read its labels, check it
+//! against options and limits, record it and wake cerebrod.
+//!
+//! A selection's candidates on one source share one snapshot, of every
+//! readable column they could use; a plain INSERT freezes what it uses.
+
+use std::collections::HashMap;
+
+use cerebro_shared::request::{self, Column};
+use cerebro_shared::spec::{resolve_task, Feature, Split, SqlKind, Task};
+use cerebro_shared::sql::{quote_ident, snapshot_column};
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::JsonB;
+
+use super::{Batch, NewSelection, VersionRequest};
+use crate::catalog::{audit, current_user, enqueue, next_version, Audit};
+use crate::error::{CerebroError, Result};
+use crate::identity;
+use crate::sources::{resolve_source, Source, SourceColumn};
+
+/// Queues every version of `batch` (and records its selection, if any).
+pub(super) fn queue(batch: Batch) -> Result<()> {
+    let Batch { selection, versions } = batch;
+    let Some(new_selection) = selection else {
+        for version in &versions {
+            queue_version(version, None, None)?;
+        }
+        return Ok(());
+    };
+    let name = versions.first().map(|v| v.name.clone()).unwrap_or_default();
+    let selection = record_selection(&name, &new_selection, versions.len())?;
+    let mut snapshots = SharedSnapshots::new();
+    let mut numbers = Vec::with_capacity(versions.len());
+    for mut version in versions {
+        if let Some(candidate) = version.candidate {
+            version.written["selection"] = serde_json::json!({ "id": selection, "candidate": candidate });
+        }
+        numbers.push(queue_version(&version, Some(selection), Some(&mut snapshots))?);
+    }
+    notice!(
+        "cerebro: selection {selection} queued {} candidate(s) as versions {} to {} of {name}; \
+         SELECT * FROM cerebro.leaderboard WHERE selection = {selection} ranks them",
+        numbers.len(),
+        numbers.first().copied().unwrap_or(0),
+        numbers.last().copied().unwrap_or(0),
+    );
+    Ok(())
+}
+
+/// The row of `cerebro.selections` its candidates point to; returns its id.
+fn record_selection(name: &str, selection: &NewSelection, candidates: usize) -> Result<i64> {
+    let plan = serde_json::to_value(&selection.plan).expect("a plan serialises");
+    Spi::connect_mut(|client| {
+        let user = current_user(client)?;
+        let _owner = identity::become_owner()?;
+        let id: i64 = client
+            .update(
+                "INSERT INTO cerebro.selections (name, spec, candidates, created_by, plan)
+                 VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                Some(1),
+                &[
+                    name.into(),
+                    selection.spec.as_str().into(),
+                    (candidates as i32).into(),
+                    user.as_str().into(),
+                    JsonB(plan).into(),
+                ],
+            )?
+            .first()
+            .get_one()?
+            .expect("RETURNING id");
+        Ok(id)
+    })
+}
+
+/// A snapshot frozen for the candidates of one selection on one source.
+#[derive(Clone)]
+struct Frozen {
+    id: i64,
+    data_relation: String,
+    row_count: i64,
+    /// The source column each snapshot column holds, in order.
+    columns: Vec<String>,
+    /// The copy that filled it; None when it was frozen for an earlier candidate.
+    query: Option<String>,
+}
+
+/// Snapshots shared by a selection's candidates, by source.
+type SharedSnapshots = HashMap<String, Frozen>;
+
+/// A version's source and what it reads of it.
+struct Resolved {
+    source: Source,
+    target_kind: SqlKind,
+    features: Vec<Feature>,
+    /// Target, key and features: what the version reads.
+    used: Vec<String>,
+}
+
+/// What the frozen rows say of the target.
+struct Labels {
+    /// Rows with a target.
+    labelled: i64,
+    task: Task,
+    /// Classification: the distinct targets in sort order.
+    class_labels: Vec<String>,
+}
+
+/// Queues one version (a candidate of `selection`, if any); returns its number.
+fn queue_version(v: &VersionRequest, selection: Option<i64>, shared: Option<&mut SharedSnapshots>) -> Result<i32> {
+    Spi::connect_mut(|client| {
+        let resolved = resolve(client, v)?;
+        let user = current_user(client)?;
+        let caller = identity::current_role();
+        let reused = shared.as_ref().and_then(|m| m.get(&resolved.source.display).cloned());
+        // Column i of the snapshot holds frozen[i]: what this version reads,
+        // and for a selection every other readable column of a usable type.
+        let mut frozen: Vec<&SourceColumn> =
+            resolved.used.iter().map(|c| resolved.source.column(c)).collect::<Result<_>>()?;
+        if shared.is_some() {
+            for c in &resolved.source.columns {
+                if c.readable && c.kind.is_some() && !frozen.iter().any(|f| f.name == c.name) {
+                    frozen.push(c);
+                }
+            }
+        }
+        let version = {
+            let _owner = identity::become_owner()?;
+            next_version(client, &v.name, caller)?
+        };
+        let snapshot = match reused {
+            Some(f) => f,
+            None => freeze(client, &resolved.source, &frozen, &user)?,
+        };
+        let labels = read_labels(client, v, &resolved, &snapshot)?;
+        v.options.check_against(&resolved.features, labels.task, &labels.class_labels)?;
+        crate::limits::check_model(
+            &v.options,
+            &resolved.features,
+            labels.task,
+            labels.class_labels.len(),
+            labels.labelled as u64,
+        )?;
+        crate::limits::check_role_share(client, &user)?;
+        record(client, v, &resolved, &snapshot, &labels, version, selection, &user)?;
+        if let (Some(map), Some(_)) = (shared, &snapshot.query) {
+            map.insert(resolved.source.display.clone(), Frozen { query: None, ..snapshot });
+        }
+        Ok(version)
+    })
+}
+
+/// Resolves the version's source as the user, and checks the target, key
+/// and features against it and their privileges.
+fn resolve(client: &SpiClient<'_>, v: &VersionRequest) -> Result<Resolved> {
+    let source = resolve_source(client, &v.source)?;
+    let shape = source.shape();
+    let target_kind = request::target_kind(&shape, &v.target)?;
+    let key = v.key.as_deref().map(|k| shape.column(k)).transpose()?;
+    if v.options.split == Split::Ordered && key.is_none() {
+        return Err(CerebroError::OrderedSplitNeedsKey);
+    }
+    let (features, unusable) = request::features(&shape, &v.target, v.key.as_deref(), v.features.as_deref())?;
+    for Column { name, type_name, .. } in unusable {
+        notice!("cerebro: column \"{name}\" ({type_name}) is not used as a feature: its type is not supported");
+    }
+    // Privileges are checked up front so the error names every column; the
+    // snapshot query runs as the user anyway, with RLS applied.
+    let mut used: Vec<String> = vec![v.target.clone()];
+    used.extend(v.key.clone());
+    used.extend(features.iter().map(|f| f.name.clone()));
+    let denied: Vec<String> =
+        used.iter().filter(|c| !source.column(c).map(|c| c.readable).unwrap_or(false)).cloned().collect();
+    if !denied.is_empty() {
+        return Err(CerebroError::PermissionDenied { relation: source.display.clone(), columns: denied });
+    }
+    Ok(Resolved { source, target_kind, features, used })
+}
+
+/// Creates a snapshot table and copies `columns` of the source into it as
+/// `user`, whose privileges and row-level security decide which rows a
+/// model may learn from. Each column is converted to a built-in type as the
+/// user (who may run their own casts): the owner and cerebrod then only
+/// ever read built-in types.
+fn freeze(client: &mut SpiClient<'_>, source: &Source, columns: &[&SourceColumn], user: &str) -> Result<Frozen> {
+    let (id, data_relation) = {
+        let _owner = identity::become_owner()?;
+        let id: i64 = client
+            .update("SELECT nextval('cerebro.snapshots_id_seq')", Some(1), &[])?
+            .first()
+            .get_one()?
+            .expect("nextval is never NULL");
+        let data_relation = format!("cerebro_data.snapshot_{id}");
+        let definition = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{} {}", snapshot_column(i), c.storage()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        client.update(&format!("CREATE TABLE {data_relation} ({definition})"), None, &[])?;
+        client.update(&format!("GRANT INSERT ON {data_relation} TO {}", quote_ident(user)), None, &[])?;
+        (id, data_relation)
+    };
+    let targets = (0..columns.len()).map(snapshot_column).collect::<Vec<_>>().join(", ");
+    let values = columns.iter().map(|c| c.stored()).collect::<Vec<_>>().join(", ");
+    let query = format!("INSERT INTO {data_relation} ({targets}) SELECT {values} FROM {}", source.in_from());
+    let row_count = client.update(&query, None, &[])?.len() as i64;
+    let _owner = identity::become_owner()?;
+    client.update(&format!("REVOKE INSERT ON {data_relation} FROM {}", quote_ident(user)), None, &[])?;
+    Ok(Frozen {
+        id,
+        data_relation,
+        row_count,
+        columns: columns.iter().map(|c| c.name.clone()).collect(),
+        query: Some(query),
+    })
+}
+
+/// Counts the frozen rows with a target, resolves the task and reads the
+/// class labels.
+fn read_labels(
+    client: &mut SpiClient<'_>,
+    v: &VersionRequest,
+    resolved: &Resolved,
+    snapshot: &Frozen,
+) -> Result<Labels> {
+    let _owner = identity::become_owner()?;
+    let position = snapshot.columns.iter().position(|n| n == &v.target).expect("the target is frozen");
+    let (target, data) = (snapshot_column(position), &snapshot.data_relation);
+    let (labelled, distinct) = client
+        .select(&format!("SELECT count({target}), count(DISTINCT {target}) FROM {data}"), Some(1), &[])?
+        .first()
+        .get_two::<i64, i64>()?;
+    let (labelled, distinct) = (labelled.unwrap_or(0), distinct.unwrap_or(0));
+    if labelled == 0 {
+        return Err(CerebroError::EmptySource { relation: resolved.source.display.clone(), target: v.target.clone() });
+    }
+    let task = resolve_task(v.task, &v.target, resolved.target_kind, distinct as usize)?;
+    let mut class_labels: Vec<String> = Vec::new();
+    if task != Task::Regression {
+        let labels = client.select(
+            &format!(
+                "SELECT d.v::text FROM (SELECT DISTINCT {target} AS v FROM {data}
+                 WHERE {target} IS NOT NULL) d ORDER BY d.v"
+            ),
+            None,
+            &[],
+        )?;
+        for row in labels {
+            class_labels.push(row.get(1)?.expect("labels are not NULL"));
+        }
+    }
+    Ok(Labels { labelled, task, class_labels })
+}
+
+/// Writes the snapshot's row (when it is new), the version's row and its
+/// job, and the audit row; cerebrod hears of the job at commit.
+#[allow(clippy::too_many_arguments)]
+fn record(
+    client: &mut SpiClient<'_>,
+    v: &VersionRequest,
+    resolved: &Resolved,
+    snapshot: &Frozen,
+    labels: &Labels,
+    version: i32,
+    selection: Option<i64>,
+    user: &str,
+) -> Result<()> {
+    let _owner = identity::become_owner()?;
+    let source = &resolved.source.display;
+    if let Some(query) = &snapshot.query {
+        client.update(
+            "INSERT INTO cerebro.snapshots (id, source_relation, query, data_relation, row_count, created_by,
+                 columns)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            None,
+            &[
+                snapshot.id.into(),
+                source.as_str().into(),
+                query.as_str().into(),
+                snapshot.data_relation.as_str().into(),
+                snapshot.row_count.into(),
+                user.into(),
+                snapshot.columns.clone().into(),
+            ],
+        )?;
+    }
+    let features_json = serde_json::to_value(&resolved.features).expect("features serialise");
+    let model_version_id: i64 = client
+        .update(
+            "INSERT INTO cerebro.model_versions (name, version, task, source_relation, target_column, key_column,
+                 features, class_labels, options, snapshot_id, epochs, created_by, request, selection_id,
+                 parent_version, change, source_author)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) RETURNING id",
+            Some(1),
+            &[
+                v.name.as_str().into(),
+                version.into(),
+                labels.task.as_str().into(),
+                source.as_str().into(),
+                v.target.as_str().into(),
+                v.key.clone().into(),
+                JsonB(features_json).into(),
+                labels.class_labels.clone().into(),
+                JsonB(v.options.to_json()).into(),
+                snapshot.id.into(),
+                (v.options.epochs as i32).into(),
+                user.into(),
+                JsonB(v.written.clone()).into(),
+                selection.into(),
+                v.lineage.as_ref().and_then(|l| l.parent_version).into(),
+                v.lineage.as_ref().and_then(|l| l.change.clone()).into(),
+                v.source_author.as_deref().unwrap_or(user).into(),
+            ],
+        )?
+        .first()
+        .get_one()?
+        .expect("RETURNING id");
+    enqueue(client, model_version_id)?;
+    let detail = serde_json::json!({ "source": source, "target": v.target });
+    audit(client, Audit { user, action: "create", model: &v.name, version: Some(version), detail })?;
+    notice!(
+        "cerebro: queued {} version {} ({} task, {} features, {} rows); it trains once this transaction commits",
+        v.name,
+        version,
+        labels.task,
+        resolved.features.len(),
+        snapshot.row_count
+    );
+    Ok(())
+}

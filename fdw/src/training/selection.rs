@@ -1,0 +1,76 @@
+//! A selection's request: the spec (docs/selection.md) parsed and expanded,
+//! each candidate a version with its own source, features and options.
+
+use std::collections::HashMap;
+
+use cerebro_shared::mst::{self, Candidate, Value};
+use cerebro_shared::request::{self, merge_options, SourceShape};
+use cerebro_shared::spec::TrainOptions;
+use pgrx::prelude::*;
+
+use super::{Batch, NewSelection, VersionRequest};
+use crate::error::{CerebroError, Result};
+use crate::gucs;
+use crate::models::TrainRequest;
+use crate::sources::read_shape;
+
+/// The candidates of the selection `written` declares, as versions of `req`'s model.
+pub(super) fn build(req: &TrainRequest, written: &str) -> Result<Batch> {
+    let text = mst::resolve(written);
+    let spec = mst::parse(text).map_err(CerebroError::Selection)?;
+    let limit = gucs::MAX_CANDIDATES.get().max(1) as u128;
+    let total = spec.candidates(text).map_err(CerebroError::Selection)?;
+    if total > limit {
+        return Err(CerebroError::TooManyCandidates { total, limit });
+    }
+    let candidates = spec.expand(text, limit).map_err(CerebroError::Selection)?;
+    let base: serde_json::Map<String, serde_json::Value> =
+        req.written["options"].as_object().cloned().unwrap_or_default();
+
+    let source_of = |c: &Candidate| match &c.source {
+        None => req.source.clone(),
+        Some(Value::Word(w) | Value::Text(w)) => w.clone(),
+        Some(Value::Query(q)) => format!("({q})"),
+        Some(_) => unreachable!("the parser accepts only names and queries as sources"),
+    };
+    // Each source is read once, with the tables its candidates name whole.
+    let mut shapes: HashMap<String, SourceShape> = HashMap::new();
+    let mut versions = Vec::with_capacity(candidates.len());
+    let mut max_epochs = 0;
+    for (i, candidate) in candidates.iter().enumerate() {
+        let source = source_of(candidate);
+        let features = if spec.features.is_empty() {
+            req.features.clone()
+        } else {
+            if !shapes.contains_key(&source) {
+                let named = candidates.iter().filter(|c| source_of(c) == source).flat_map(|c| &c.features);
+                let tables = request::tables_to_read(named, &source);
+                let shape = Spi::connect(|client| read_shape(client, &source, &tables))?;
+                shapes.insert(source.clone(), shape);
+            }
+            let shape = &shapes[&source];
+            Some(request::candidate_features(&candidate.features, shape, &req.target, req.key.as_deref())?)
+        };
+        let mut options = base.clone();
+        merge_options(&mut options, &candidate.options);
+        let options_json = serde_json::Value::Object(options);
+        let options = TrainOptions::from_json(Some(&options_json))?;
+        max_epochs = max_epochs.max(options.epochs);
+        let mut written = req.written.clone();
+        written["options"] = options_json;
+        versions.push(VersionRequest {
+            name: req.name.clone(),
+            source,
+            target: req.target.clone(),
+            key: req.key.clone(),
+            features,
+            task: req.task,
+            options,
+            written,
+            lineage: None,
+            source_author: None,
+            candidate: Some(i + 1),
+        });
+    }
+    Ok(Batch { selection: Some(NewSelection { spec: written.to_owned(), plan: spec.plan(max_epochs) }), versions })
+}

@@ -1,0 +1,596 @@
+//! The rules of a request that creates model versions, apart from the
+//! database that holds what they read.
+//!
+//! - Which columns of a source become a model's features: those an INSERT
+//!   lists, those a selection's candidate picks (`features` clauses of
+//!   docs/selection.md), those a derived version's change adds or removes.
+//! - How a candidate's settings or a change rewrite the options as written.
+//! - Whether an imported ONNX graph fits the columns it is mapped to.
+//!
+//! fdw/ reads the source's columns (as the user) and the parent's request,
+//! calls these, and writes the outcome; everything here is plain data in,
+//! plain data out, tested with `cargo test`.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value};
+
+use crate::mst::{Change, Selection};
+use crate::onnx_graph::{ImportInput, TensorInfo, FLOAT, STRING};
+use crate::spec::{Feature, FeatureKind, SqlKind, Task, TaskChoice};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    #[error("column \"{column}\" does not exist in {relation}")]
+    UnknownColumn { relation: String, column: String },
+    #[error("column \"{column}\" of {relation} has type {type_name}, which Cerebro cannot use as {role}")]
+    UnsupportedType { relation: String, column: String, type_name: String, role: &'static str },
+    #[error("column \"{0}\" is listed twice in features")]
+    DuplicateFeature(String),
+    #[error("column \"{column}\" cannot be both the {role} and a feature")]
+    FeatureConflict { column: String, role: &'static str },
+    #[error("{relation} has no column Cerebro can use as a feature")]
+    NoFeatures { relation: String },
+    #[error("column \"{column}\" is not a feature of the parent, so it cannot be removed")]
+    NotAFeature { column: String },
+    #[error("selection names table \"{table}\", but the source is {relation}")]
+    SelectionTable { table: String, relation: String },
+    #[error("cannot import the ONNX model: {0}")]
+    ImportInvalid(String),
+}
+
+impl RequestError {
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            RequestError::UnsupportedType { .. } => {
+                Some("Numeric, text, enum and boolean columns are supported; cast others in a view.".into())
+            }
+            RequestError::NoFeatures { .. } => Some("List the feature columns in the features column.".into()),
+            _ => None,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, RequestError>;
+
+/// One column of a source, as its reader may see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Column {
+    pub name: String,
+    /// As declared (a domain, a typmod), for messages.
+    pub type_name: String,
+    /// None: of a type Cerebro cannot use.
+    pub kind: Option<SqlKind>,
+}
+
+/// A source as the rules see it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SourceShape {
+    /// The source as messages name it: `"schema"."relation"` or `(SELECT ...)`.
+    pub relation: String,
+    pub columns: Vec<Column>,
+    /// When the source is a query: the columns of each table that a
+    /// selection names whole (`t.*`), by the name written; see [`tables_to_read`].
+    pub tables: BTreeMap<String, Vec<String>>,
+}
+
+impl SourceShape {
+    pub fn column(&self, name: &str) -> Result<&Column> {
+        self.columns
+            .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| RequestError::UnknownColumn { relation: self.relation.clone(), column: name.to_owned() })
+    }
+
+    /// Usable columns but the target and key, in source order.
+    fn candidates<'a>(&'a self, target: &'a str, key: Option<&'a str>) -> impl Iterator<Item = &'a Column> + 'a {
+        self.columns.iter().filter(move |c| c.kind.is_some() && c.name != target && Some(c.name.as_str()) != key)
+    }
+}
+
+/// The query a source names, when it is one: `(SELECT ...)`.
+pub fn source_query(source: &str) -> Option<&str> {
+    let t = source.trim();
+    (t.len() >= 2 && t.starts_with('(') && t.ends_with(')')).then(|| t[1..t.len() - 1].trim())
+}
+
+/// A model's features: the columns `listed`, in order, or when none are
+/// listed every column of a usable type but the target and the key. The
+/// second list holds the columns left out for their type, for the caller
+/// to tell the user about.
+pub fn features<'a>(
+    source: &'a SourceShape,
+    target: &str,
+    key: Option<&str>,
+    listed: Option<&[String]>,
+) -> Result<(Vec<Feature>, Vec<&'a Column>)> {
+    let mut features: Vec<Feature> = Vec::new();
+    let mut unusable = Vec::new();
+    match listed {
+        Some(names) => {
+            for name in names {
+                let column = source.column(name)?;
+                if name == target {
+                    return Err(RequestError::FeatureConflict { column: name.clone(), role: "target" });
+                }
+                if Some(name.as_str()) == key {
+                    return Err(RequestError::FeatureConflict { column: name.clone(), role: "key" });
+                }
+                if features.iter().any(|f| &f.name == name) {
+                    return Err(RequestError::DuplicateFeature(name.clone()));
+                }
+                let kind = column.kind.ok_or_else(|| unsupported(source, column, "a feature"))?;
+                features.push(Feature { name: name.clone(), kind: kind.feature_kind() });
+            }
+        }
+        None => {
+            for column in &source.columns {
+                if column.name == target || Some(column.name.as_str()) == key {
+                    continue;
+                }
+                match column.kind {
+                    Some(kind) => features.push(Feature { name: column.name.clone(), kind: kind.feature_kind() }),
+                    None => unusable.push(column),
+                }
+            }
+        }
+    }
+    if features.is_empty() {
+        return Err(RequestError::NoFeatures { relation: source.relation.clone() });
+    }
+    Ok((features, unusable))
+}
+
+/// The target's kind, or why the column cannot be one.
+pub fn target_kind(source: &SourceShape, target: &str) -> Result<SqlKind> {
+    let column = source.column(target)?;
+    column.kind.ok_or_else(|| unsupported(source, column, "a target"))
+}
+
+fn unsupported(source: &SourceShape, column: &Column, role: &'static str) -> RequestError {
+    RequestError::UnsupportedType {
+        relation: source.relation.clone(),
+        column: column.name.clone(),
+        type_name: column.type_name.clone(),
+        role,
+    }
+}
+
+/// The tables whose columns [`selected_columns`] needs: those `selections`
+/// name whole (`t.*`) when the source is a query.
+pub fn tables_to_read<'a>(selections: impl IntoIterator<Item = &'a Selection>, source: &str) -> Vec<String> {
+    if source_query(source).is_none() {
+        return Vec::new();
+    }
+    let mut tables: Vec<String> = Vec::new();
+    for s in selections {
+        if let (Some(table), None) = (&s.table, &s.columns) {
+            if !tables.contains(table) {
+                tables.push(table.clone());
+            }
+        }
+    }
+    tables
+}
+
+/// The columns one selection names: its own list, or for `*` and `t.*`
+/// every usable column of the source but the target and key. Of a query,
+/// `t.*` is every column of table t that the query returns under the same
+/// name; of a relation, `t` must be the relation.
+pub fn selected_columns(s: &Selection, source: &SourceShape, target: &str, key: Option<&str>) -> Result<Vec<String>> {
+    let short = |name: &str| name.rsplit('.').next().unwrap_or(name).trim_matches('"').to_string();
+    if let Some(table) = &s.table {
+        if source_query(&source.relation).is_some() {
+            if s.columns.is_none() {
+                let of_table = source.tables.get(table).map(Vec::as_slice).unwrap_or_default();
+                return Ok(source
+                    .candidates(target, key)
+                    .filter(|c| of_table.contains(&c.name))
+                    .map(|c| c.name.clone())
+                    .collect());
+            }
+        } else if short(table) != short(&source.relation) {
+            return Err(RequestError::SelectionTable { table: table.clone(), relation: source.relation.clone() });
+        }
+    }
+    Ok(match &s.columns {
+        Some(names) => names.clone(),
+        None => source.candidates(target, key).map(|c| c.name.clone()).collect(),
+    })
+}
+
+/// The feature columns a selection candidate picks: what its selections
+/// name, less what its exclusions (`-c`) name.
+pub fn candidate_features(
+    selections: &[Selection],
+    source: &SourceShape,
+    target: &str,
+    key: Option<&str>,
+) -> Result<Vec<String>> {
+    let mut picked: Vec<String> = Vec::new();
+    for s in selections.iter().filter(|s| !s.exclude) {
+        for c in selected_columns(s, source, target, key)? {
+            if !picked.contains(&c) {
+                picked.push(c);
+            }
+        }
+    }
+    for s in selections.iter().filter(|s| s.exclude) {
+        let out = selected_columns(s, source, target, key)?;
+        picked.retain(|c| !out.contains(c));
+    }
+    Ok(picked)
+}
+
+/// A parent's features with a change's selections applied in order: a
+/// name or group adds, `-c` removes (and must name a feature).
+pub fn apply_features(
+    parent: &[String],
+    change: &Change,
+    source: &SourceShape,
+    target: &str,
+    key: Option<&str>,
+) -> Result<Vec<String>> {
+    let mut features = parent.to_vec();
+    for s in &change.features {
+        let named = selected_columns(s, source, target, key)?;
+        if s.exclude {
+            if let Some(c) = named.iter().find(|c| !features.contains(c)) {
+                return Err(RequestError::NotAFeature { column: c.clone() });
+            }
+            features.retain(|c| !named.contains(c));
+        } else {
+            for c in named {
+                if !features.contains(&c) {
+                    features.push(c);
+                }
+            }
+        }
+    }
+    Ok(features)
+}
+
+/// `options` with `set` applied: `encodings` merge column by column, any
+/// other key is replaced.
+pub fn merge_options(options: &mut Map<String, Value>, set: &Map<String, Value>) {
+    for (key, value) in set {
+        match (key.as_str(), options.get_mut("encodings").and_then(|e| e.as_object_mut()), value.as_object()) {
+            ("encodings", Some(existing), Some(more)) => existing.extend(more.clone()),
+            _ => {
+                options.insert(key.clone(), value.clone());
+            }
+        }
+    }
+}
+
+/// A parent's options (as stored) with a change's settings and appends
+/// (`hidden += [64]`).
+pub fn apply_options(parent: &Value, change: &Change) -> Value {
+    let mut options = parent.as_object().cloned().unwrap_or_default();
+    merge_options(&mut options, &change.set);
+    for (key, more) in &change.append {
+        let mut list = options.get(key).and_then(|v| v.as_array()).cloned().unwrap_or_default();
+        list.extend(more.as_array().cloned().unwrap_or_default());
+        options.insert(key.clone(), Value::Array(list));
+    }
+    Value::Object(options)
+}
+
+fn invalid(message: String) -> RequestError {
+    RequestError::ImportInvalid(message)
+}
+
+/// An imported model's task, which must be fixed, with the labels it needs:
+/// a binary model two (negative, then positive), a multiclass one its labels
+/// in output order, a regression none.
+pub fn import_task(choice: TaskChoice, labels: usize) -> Result<Task> {
+    let task = match choice {
+        TaskChoice::Fixed(t) => t,
+        TaskChoice::Auto => {
+            return Err(invalid("an imported model's task must be binary, multiclass or regression".into()))
+        }
+    };
+    match (task, labels) {
+        (Task::Binary, 2) | (Task::Regression, 0) => Ok(task),
+        (Task::Multiclass, n) if n >= 2 => Ok(task),
+        (Task::Binary, n) => Err(invalid(format!("a binary model needs 2 labels (negative, then positive), not {n}"))),
+        (Task::Multiclass, n) => Err(invalid(format!("a multiclass model needs its labels in output order, not {n}"))),
+        (Task::Regression, _) => Err(invalid("a regression model takes no labels".into())),
+    }
+}
+
+/// The columns each graph input takes, from `{"input": "col"}` or
+/// `{"input": ["col", ...]}`, in graph order.
+pub fn import_mapping(inputs: &Value, graph: &[TensorInfo]) -> Result<Vec<(String, Vec<String>)>> {
+    let object = inputs
+        .as_object()
+        .ok_or_else(|| invalid("inputs must be a JSON object from graph input names to column names".into()))?;
+    let names: Vec<&str> = graph.iter().map(|i| i.name.as_str()).collect();
+    if let Some(unknown) = object.keys().find(|k| !names.contains(&k.as_str())) {
+        return Err(invalid(format!("the graph has no input \"{unknown}\"; its inputs are: {}", names.join(", "))));
+    }
+    let not_columns =
+        |input: &TensorInfo| invalid(format!("input \"{}\" must map to a column or a list of them", input.name));
+    graph
+        .iter()
+        .map(|input| {
+            let columns: Vec<String> = match object.get(&input.name) {
+                None => return Err(invalid(format!("graph input \"{}\" is not mapped to any column", input.name))),
+                Some(Value::String(c)) => vec![c.clone()],
+                Some(Value::Array(cs)) => cs
+                    .iter()
+                    .map(|c| c.as_str().map(str::to_owned))
+                    .collect::<Option<Vec<_>>>()
+                    .filter(|cs| !cs.is_empty())
+                    .ok_or_else(|| not_columns(input))?,
+                Some(_) => return Err(not_columns(input)),
+            };
+            Ok((input.name.clone(), columns))
+        })
+        .collect()
+}
+
+/// The output to score with (the one named, else the only float one),
+/// checked against the task; with the column of a binary model's positive
+/// class.
+pub fn scored_output<'g>(
+    graph: &'g [TensorInfo],
+    wanted: Option<&str>,
+    task: Task,
+    classes: usize,
+) -> Result<(&'g TensorInfo, usize)> {
+    let floats: Vec<&TensorInfo> = graph.iter().filter(|o| o.elem_type == FLOAT).collect();
+    let output = match wanted {
+        Some(name) => graph
+            .iter()
+            .find(|o| o.name == name)
+            .ok_or_else(|| invalid(format!("the graph has no output \"{name}\"")))?,
+        None if floats.len() == 1 => floats[0],
+        None => {
+            let names: Vec<&str> = graph.iter().map(|o| o.name.as_str()).collect();
+            return Err(invalid(format!(
+                "name the output to score with; the graph's outputs are: {}",
+                names.join(", ")
+            )));
+        }
+    };
+    if output.elem_type != FLOAT {
+        return Err(invalid(format!(
+            "output \"{}\" is a {} tensor; Cerebro scores from a float tensor",
+            output.name,
+            output.type_name()
+        )));
+    }
+    let width = if output.dims.len() >= 2 { output.dims[1] } else { Some(1) };
+    let (allowed, positive): (&[usize], usize) = match task {
+        Task::Binary => (&[1, 2], if width == Some(2) { 1 } else { 0 }),
+        Task::Multiclass => (std::slice::from_ref(&classes), 0),
+        Task::Regression => (&[1], 0),
+    };
+    if let Some(w) = width {
+        if !allowed.contains(&(w as usize)) {
+            return Err(invalid(format!(
+                "output \"{}\" has {w} column(s); a {} model needs {}",
+                output.name,
+                task.as_str(),
+                allowed.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" or ")
+            )));
+        }
+    }
+    Ok((output, positive))
+}
+
+/// An imported model's features and feed layout: each graph input fed by
+/// the columns mapped to it, floats from numeric columns and strings from
+/// one categorical column, every column once.
+pub fn import_features(
+    groups: &[(String, Vec<String>)],
+    graph: &[TensorInfo],
+    source: &SourceShape,
+) -> Result<(Vec<Feature>, Vec<ImportInput>)> {
+    let mut features: Vec<Feature> = Vec::new();
+    let mut layout = Vec::new();
+    for ((input_name, columns), info) in groups.iter().zip(graph) {
+        let wanted = match info.elem_type {
+            FLOAT => FeatureKind::Numeric,
+            STRING => FeatureKind::Categorical,
+            _ => {
+                return Err(invalid(format!(
+                    "graph input \"{input_name}\" is a {} tensor; Cerebro feeds float and string tensors",
+                    info.type_name()
+                )));
+            }
+        };
+        if wanted == FeatureKind::Categorical && columns.len() != 1 {
+            return Err(invalid(format!("string input \"{input_name}\" takes one column, not {}", columns.len())));
+        }
+        if let Some(Some(width)) = info.dims.get(1) {
+            if *width as usize != columns.len() {
+                return Err(invalid(format!(
+                    "graph input \"{input_name}\" takes {width} column(s); {} are mapped to it",
+                    columns.len()
+                )));
+            }
+        }
+        for name in columns {
+            let column = source.column(name)?;
+            if column.kind.map(|k| k.feature_kind()) != Some(wanted) {
+                return Err(invalid(format!(
+                    "column \"{name}\" ({}) cannot feed input \"{input_name}\", a {} tensor",
+                    column.type_name,
+                    info.type_name()
+                )));
+            }
+            if features.iter().any(|f| &f.name == name) {
+                return Err(RequestError::DuplicateFeature(name.clone()));
+            }
+            features.push(Feature { name: name.clone(), kind: wanted });
+        }
+        layout.push(ImportInput { name: input_name.clone(), columns: columns.len() });
+    }
+    Ok((features, layout))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mst::parse_change;
+    use serde_json::json;
+
+    fn column(name: &str, kind: Option<SqlKind>) -> Column {
+        Column { name: name.into(), type_name: if kind.is_some() { "integer" } else { "point" }.into(), kind }
+    }
+
+    /// `public.t (id, a, b, c, p point, y)`.
+    fn table() -> SourceShape {
+        let numeric = Some(SqlKind::Integer);
+        SourceShape {
+            relation: "\"public\".\"t\"".into(),
+            columns: vec![
+                column("id", numeric),
+                column("a", numeric),
+                column("b", Some(SqlKind::Text)),
+                column("c", numeric),
+                column("p", None),
+                column("y", Some(SqlKind::Boolean)),
+            ],
+            tables: BTreeMap::new(),
+        }
+    }
+
+    fn names(features: &[Feature]) -> Vec<&str> {
+        features.iter().map(|f| f.name.as_str()).collect()
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn features_default_to_every_usable_column_but_target_and_key() {
+        let source = table();
+        let (features, unusable) = features(&source, "y", Some("id"), None).unwrap();
+        assert_eq!(names(&features), ["a", "b", "c"]);
+        assert_eq!(features[1].kind, FeatureKind::Categorical);
+        assert_eq!(unusable.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["p"]);
+    }
+
+    #[test]
+    fn listed_features_are_checked_in_order() {
+        let source = table();
+        let listed = |l: &[&str]| features(&source, "y", Some("id"), Some(&strings(l))).map(|(f, _)| f);
+        assert_eq!(names(&listed(&["c", "a"]).unwrap()), ["c", "a"]);
+        assert_eq!(
+            listed(&["a", "nope"]).unwrap_err(),
+            RequestError::UnknownColumn { relation: source.relation.clone(), column: "nope".into() }
+        );
+        assert_eq!(listed(&["y"]).unwrap_err(), RequestError::FeatureConflict { column: "y".into(), role: "target" });
+        assert_eq!(listed(&["id"]).unwrap_err(), RequestError::FeatureConflict { column: "id".into(), role: "key" });
+        assert_eq!(listed(&["a", "a"]).unwrap_err(), RequestError::DuplicateFeature("a".into()));
+        let err = listed(&["p"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "column \"p\" of \"public\".\"t\" has type point, which Cerebro cannot use as a feature"
+        );
+        assert!(err.hint().is_some());
+        assert_eq!(listed(&[]).unwrap_err(), RequestError::NoFeatures { relation: source.relation.clone() });
+    }
+
+    #[test]
+    fn a_target_must_be_of_a_usable_type() {
+        let source = table();
+        assert_eq!(target_kind(&source, "y").unwrap(), SqlKind::Boolean);
+        assert!(matches!(target_kind(&source, "p"), Err(RequestError::UnsupportedType { role: "a target", .. })));
+        assert!(matches!(target_kind(&source, "q"), Err(RequestError::UnknownColumn { .. })));
+    }
+
+    #[test]
+    fn a_change_adds_and_removes_features() {
+        let source = table();
+        let parent = strings(&["a", "b"]);
+        let change = parse_change("features -a, c").unwrap();
+        assert_eq!(apply_features(&parent, &change, &source, "y", Some("id")).unwrap(), ["b", "c"]);
+        let change = parse_change("features t.*").unwrap();
+        assert_eq!(apply_features(&parent, &change, &source, "y", Some("id")).unwrap(), ["a", "b", "c"]);
+        let change = parse_change("features -c").unwrap();
+        assert_eq!(
+            apply_features(&parent, &change, &source, "y", None).unwrap_err(),
+            RequestError::NotAFeature { column: "c".into() }
+        );
+        let change = parse_change("features other.*").unwrap();
+        assert!(matches!(
+            apply_features(&parent, &change, &source, "y", None),
+            Err(RequestError::SelectionTable { .. })
+        ));
+    }
+
+    #[test]
+    fn a_query_sources_table_group_is_the_tables_columns_the_query_returns() {
+        let mut source = table();
+        source.relation = "(SELECT t.*, u.w FROM t JOIN u USING (id))".into();
+        source.columns.push(column("w", Some(SqlKind::Integer)));
+        let change = parse_change("features u.*, -b").unwrap();
+        assert_eq!(tables_to_read(&change.features, &source.relation), ["u"]);
+        assert_eq!(tables_to_read(&change.features, "\"public\".\"t\""), Vec::<String>::new());
+        source.tables.insert("u".into(), strings(&["id", "w", "z"]));
+        // id is the key, z is not returned by the query.
+        assert_eq!(candidate_features(&change.features, &source, "y", Some("id")).unwrap(), ["w"]);
+        let parent = strings(&["a", "b"]);
+        assert_eq!(apply_features(&parent, &change, &source, "y", Some("id")).unwrap(), ["a", "w"]);
+    }
+
+    #[test]
+    fn options_merge_encodings_by_column_and_replace_the_rest() {
+        let mut options = json!({"hidden": [64], "encodings": {"a": "ple"}}).as_object().cloned().unwrap();
+        let set = json!({"hidden": [8], "encodings": {"b": "onehot"}}).as_object().cloned().unwrap();
+        merge_options(&mut options, &set);
+        assert_eq!(Value::Object(options), json!({"hidden": [8], "encodings": {"a": "ple", "b": "onehot"}}));
+        let change = parse_change("model hidden += [16]\ntrain lr = 0.01").unwrap();
+        let applied = apply_options(&json!({"hidden": [64, 32]}), &change);
+        assert_eq!(applied["hidden"], json!([64, 32, 16]));
+        assert_eq!(applied.as_object().unwrap().len(), 2, "{applied}");
+    }
+
+    fn tensor(name: &str, elem_type: i32, dims: &[Option<i64>]) -> TensorInfo {
+        TensorInfo { name: name.into(), elem_type, dims: dims.to_vec() }
+    }
+
+    #[test]
+    fn an_import_maps_graph_inputs_to_columns_of_their_kind() {
+        let source = table();
+        let graph = [tensor("num", FLOAT, &[None, Some(2)]), tensor("cat", STRING, &[None, Some(1)])];
+        let groups = import_mapping(&json!({"num": ["a", "c"], "cat": "b"}), &graph).unwrap();
+        let (features, layout) = import_features(&groups, &graph, &source).unwrap();
+        assert_eq!(names(&features), ["a", "c", "b"]);
+        assert_eq!(layout.iter().map(|i| i.columns).collect::<Vec<_>>(), [2, 1]);
+
+        let message = |r: Result<Vec<(String, Vec<String>)>>| r.unwrap_err().to_string();
+        assert_eq!(
+            message(import_mapping(&json!({"num": "a", "x": "b"}), &graph)),
+            "cannot import the ONNX model: the graph has no input \"x\"; its inputs are: num, cat"
+        );
+        assert!(message(import_mapping(&json!({"num": "a"}), &graph)).contains("\"cat\" is not mapped"));
+        assert!(message(import_mapping(&json!({"num": [], "cat": "b"}), &graph)).contains("must map to a column"));
+        let groups = import_mapping(&json!({"num": ["a"], "cat": "b"}), &graph).unwrap();
+        assert!(import_features(&groups, &graph, &source).unwrap_err().to_string().contains("takes 2 column(s)"));
+        let groups = import_mapping(&json!({"num": ["a", "b"], "cat": "b"}), &graph).unwrap();
+        assert!(import_features(&groups, &graph, &source).unwrap_err().to_string().contains("cannot feed input"));
+        let groups = import_mapping(&json!({"num": ["a", "a"], "cat": "b"}), &graph).unwrap();
+        assert_eq!(import_features(&groups, &graph, &source).unwrap_err(), RequestError::DuplicateFeature("a".into()));
+    }
+
+    #[test]
+    fn an_imports_output_and_labels_fit_its_task() {
+        let outputs = [tensor("label", 7, &[None]), tensor("probabilities", FLOAT, &[None, Some(2)])];
+        let (output, positive) = scored_output(&outputs, None, Task::Binary, 2).unwrap();
+        assert_eq!((output.name.as_str(), positive), ("probabilities", 1));
+        assert!(scored_output(&outputs, Some("label"), Task::Binary, 2).is_err());
+        assert!(scored_output(&outputs, None, Task::Regression, 0).unwrap_err().to_string().contains("needs 1"));
+        assert!(scored_output(&outputs, None, Task::Multiclass, 3).is_err());
+        assert_eq!(import_task(TaskChoice::Fixed(Task::Binary), 2).unwrap(), Task::Binary);
+        assert!(import_task(TaskChoice::Fixed(Task::Binary), 3).is_err());
+        assert!(import_task(TaskChoice::Fixed(Task::Regression), 1).is_err());
+        assert!(import_task(TaskChoice::Fixed(Task::Multiclass), 1).is_err());
+        assert!(import_task(TaskChoice::Auto, 2).is_err());
+    }
+}
