@@ -23,52 +23,7 @@ ensure_database "$DB"
 write_daemon_config cerebrod "$DB"
 ensure_daemon cerebrod
 
-if [ "$(psql_as "$DB" -tAc "SELECT to_regclass('nyc.flights') IS NOT NULL")" = t ]; then
-    skip "nycflights13 tables"
-else
-    step "Loading nycflights13 into schema nyc"
-    psql_as "$DB" -q <<SQL
-CREATE SCHEMA nyc;
-CREATE TABLE nyc.flights (
-    flight_id integer PRIMARY KEY, year integer, month integer, day integer, dep_time float8,
-    sched_dep_time integer, dep_delay float8, arr_time float8, sched_arr_time integer, arr_delay float8,
-    carrier text, flight integer, tailnum text, origin text, dest text, air_time float8, distance float8,
-    hour integer, minute integer, time_hour timestamptz);
-CREATE TABLE nyc.planes (
-    tailnum text PRIMARY KEY, year float8, type text, manufacturer text, model text, engines integer,
-    seats integer, speed float8, engine text);
-CREATE TABLE nyc.weather (
-    origin text, year integer, month integer, day integer, hour integer, temp float8, dewp float8,
-    humid float8, wind_dir float8, wind_speed float8, wind_gust float8, precip float8, pressure float8,
-    visib float8, time_hour timestamptz);
-CREATE TABLE nyc.airports (
-    faa text PRIMARY KEY, name text, lat float8, lon float8, alt float8, tz float8, dst text, tzone text);
-\copy nyc.flights FROM PROGRAM 'zcat "$SRC/flights.csv.gz"' WITH (FORMAT csv, HEADER true)
-\copy nyc.planes FROM PROGRAM 'zcat "$SRC/planes.csv.gz"' WITH (FORMAT csv, HEADER true)
-\copy nyc.weather FROM PROGRAM 'zcat "$SRC/weather.csv.gz"' WITH (FORMAT csv, HEADER true)
-\copy nyc.airports FROM PROGRAM 'zcat "$SRC/airports.csv.gz"' WITH (FORMAT csv, HEADER true)
-
--- What is known before departure; cancelled flights (no arr_delay) left out.
-CREATE VIEW nyc.flights_known AS
-SELECT f.flight_id, f.arr_delay > 15 AS late,
-       f.month, f.day, extract(isodow FROM f.time_hour AT TIME ZONE 'America/New_York')::int AS weekday,
-       f.sched_dep_time, f.sched_arr_time, f.hour, f.carrier, f.origin, f.dest, f.distance
-FROM nyc.flights f
-WHERE f.arr_delay IS NOT NULL;
-
-CREATE VIEW nyc.flights_joined AS
-SELECT k.*,
-       p.year AS plane_year, p.type AS plane_type, p.manufacturer, p.engines, p.seats, p.engine,
-       w.temp, w.dewp, w.humid, w.wind_dir, w.wind_speed, w.precip, w.pressure, w.visib,
-       a.lat AS dest_lat, a.lon AS dest_lon, a.alt AS dest_alt, a.tz AS dest_tz
-FROM nyc.flights_known k
-JOIN nyc.flights f USING (flight_id)
-LEFT JOIN nyc.planes p ON p.tailnum = f.tailnum
-LEFT JOIN LATERAL (SELECT * FROM nyc.weather w
-                   WHERE w.origin = f.origin AND w.time_hour = f.time_hour LIMIT 1) w ON true
-LEFT JOIN nyc.airports a ON a.faa = f.dest;
-SQL
-fi
+load_nycflights "$DB" "$SRC"
 
 if [ "${1:-}" = selection ]; then
     step "Default models on each source, and a selection over both (validated on the last 20 % of flights)"

@@ -4,7 +4,9 @@ use std::time::Instant;
 
 use cerebro_shared::batch::ColumnData;
 use cerebro_shared::provenance::TrainedWith;
-use cerebro_shared::spec::{ClassWeights, Norm, RegressionLoss, Split, Task, TrainOptions, TrainingPlan};
+use cerebro_shared::spec::{
+    ClassWeights, Norm, RegressionLoss, Split, TargetTransform, Task, TrainOptions, TrainingPlan, AUTO_LOG_SKEWNESS,
+};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -45,11 +47,35 @@ pub enum Control {
 /// models it wants to stop (all start as [`Control::Continue`]).
 pub type OnEpoch<'a> = dyn FnMut(&[(usize, EpochStats)], &mut [Control]) + 'a;
 
-/// Regression targets are learnt standardised; predictions are scaled back.
+/// How a regression network's output becomes a value in the target's
+/// units: `z · std + mean`, then `exp` when `log`. The network learnt
+/// `(y - mean) / std`, or `(ln y - mean) / std` when `log`
+/// (`target_transform`; `none` is mean 0 and std 1).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct TargetScale {
     pub mean: f32,
     pub std: f32,
+    /// The network learnt the target's natural logarithm.
+    #[serde(default)]
+    pub log: bool,
+}
+
+impl TargetScale {
+    /// A target value as the network learns it.
+    fn learnt(&self, y: f64) -> f32 {
+        let y = if self.log { y.ln() } else { y };
+        (y as f32 - self.mean) / self.std
+    }
+
+    /// A network output as a value in the target's units.
+    pub fn value(&self, z: f32) -> f32 {
+        let v = z * self.std + self.mean;
+        if self.log {
+            v.exp()
+        } else {
+            v
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,6 +86,10 @@ pub struct TrainedModel {
     /// The trained network (a stack of one).
     pub network: Stack,
     pub target_scale: Option<TargetScale>,
+    /// What `target_transform = "auto"` chose (`log` or `standardize`);
+    /// None when the options named the transform.
+    #[serde(default)]
+    pub auto_transform: Option<TargetTransform>,
     /// The epoch whose weights were kept (1-based).
     pub best_epoch: u32,
     pub epochs_run: u32,
@@ -83,6 +113,10 @@ pub enum TrainError {
     Features(#[from] FeatureError),
     #[error("the target column arrived as {found}, but task {task} needs {expected}")]
     TargetKind { task: Task, expected: &'static str, found: &'static str },
+    #[error(
+        "option \"target_transform\" is \"log\", but the target has values that are not greater than 0 (the smallest is {smallest}); ln(y) needs every target > 0"
+    )]
+    TargetNotPositive { smallest: f64 },
     #[error("training diverged at epoch {epoch} (loss is not finite); try a lower learning_rate")]
     Diverged { epoch: u32 },
     #[error("training was stopped")]
@@ -171,7 +205,8 @@ fn loss_for(plan: &TrainingPlan, head: Head, targets: impl Iterator<Item = f64>)
         }
     };
     let huber_delta = if opts.loss == RegressionLoss::Huber { opts.huber_delta as f32 } else { 0.0 };
-    Loss { head, class_weights, huber_delta }
+    let label_smoothing = if plan.task.is_classification() { opts.label_smoothing as f32 } else { 0.0 };
+    Loss { head, class_weights, huber_delta, label_smoothing }
 }
 
 /// Trains one model. `features` are in `plan.features` order; `target` is text
@@ -276,9 +311,11 @@ struct TrainingData {
     rows: Vec<usize>,
     /// Their targets: class index or value, in the target's units.
     raw_targets: Vec<f64>,
-    /// Their targets as learnt: regression standardised by `target_scale`.
+    /// Their targets as learnt: regression transformed by `target_scale`.
     y: Vec<f32>,
     target_scale: Option<TargetScale>,
+    /// What `target_transform = "auto"` chose.
+    auto_transform: Option<TargetTransform>,
     train_idx: Vec<usize>,
     valid_idx: Vec<usize>,
     pipeline: FeaturePipeline,
@@ -309,17 +346,16 @@ impl TrainingData {
         let code_cols = pipeline.embeddings().len();
         let Encoded { x: x_all, codes: codes_all, .. } = pipeline.transform(features)?;
 
-        let target_scale = (plan.task == Task::Regression).then(|| {
-            let n = train_idx.len() as f64;
-            let mean = train_idx.iter().map(|&i| raw_targets[i]).sum::<f64>() / n;
-            let var = train_idx.iter().map(|&i| (raw_targets[i] - mean).powi(2)).sum::<f64>() / n;
-            let std = if var.sqrt() > 1e-12 { var.sqrt() } else { 1.0 };
-            TargetScale { mean: mean as f32, std: std as f32 }
-        });
+        let (target_scale, auto_transform) = if plan.task == Task::Regression {
+            let (scale, auto) = target_scale(opts.target_transform, &raw_targets, &train_idx)?;
+            (Some(scale), auto)
+        } else {
+            (None, None)
+        };
         let y: Vec<f32> = raw_targets
             .iter()
             .map(|&v| match target_scale {
-                Some(s) => (v as f32 - s.mean) / s.std,
+                Some(s) => s.learnt(v),
                 None => v as f32,
             })
             .collect();
@@ -338,6 +374,7 @@ impl TrainingData {
             raw_targets,
             y,
             target_scale,
+            auto_transform,
             train_idx,
             valid_idx,
             pipeline,
@@ -351,6 +388,56 @@ impl TrainingData {
     fn valid_batch(&self) -> Batch<'_> {
         Batch { x: &self.valid.x, codes: &self.valid.codes, n: self.valid.n }
     }
+}
+
+/// How a regression learns its target (`targets` are every usable row's,
+/// `train_idx` the training rows among them), and what `auto` chose. The
+/// mean and deviation are the training rows' (of `ln y` for `log`); every
+/// usable target must be greater than 0 for `log`.
+fn target_scale(
+    transform: TargetTransform,
+    targets: &[f64],
+    train_idx: &[usize],
+) -> Result<(TargetScale, Option<TargetTransform>), TrainError> {
+    let smallest = targets.iter().copied().fold(f64::INFINITY, f64::min);
+    let (transform, auto) = match transform {
+        TargetTransform::Auto => {
+            let train: Vec<f64> = train_idx.iter().map(|&i| targets[i]).collect();
+            let chosen = if smallest > 0.0 && skewness(&train) > AUTO_LOG_SKEWNESS {
+                TargetTransform::Log
+            } else {
+                TargetTransform::Standardize
+            };
+            (chosen, Some(chosen))
+        }
+        t => (t, None),
+    };
+    if transform == TargetTransform::Log && smallest <= 0.0 {
+        return Err(TrainError::TargetNotPositive { smallest });
+    }
+    let log = transform == TargetTransform::Log;
+    if transform == TargetTransform::None {
+        return Ok((TargetScale { mean: 0.0, std: 1.0, log: false }, auto));
+    }
+    let value = |i: usize| if log { targets[i].ln() } else { targets[i] };
+    let n = train_idx.len() as f64;
+    let mean = train_idx.iter().map(|&i| value(i)).sum::<f64>() / n;
+    let var = train_idx.iter().map(|&i| (value(i) - mean).powi(2)).sum::<f64>() / n;
+    let std = if var.sqrt() > 1e-12 { var.sqrt() } else { 1.0 };
+    Ok((TargetScale { mean: mean as f32, std: std as f32, log }, auto))
+}
+
+/// The sample skewness `m3 / m2^1.5` (population central moments) of
+/// `values`; 0 when they do not vary.
+fn skewness(values: &[f64]) -> f64 {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let moment = |p: i32| values.iter().map(|v| (v - mean).powi(p)).sum::<f64>() / n;
+    let m2 = moment(2);
+    if m2 <= 0.0 || !m2.is_finite() {
+        return 0.0;
+    }
+    moment(3) / m2.powf(1.5)
 }
 
 /// The rows with a usable target and their targets as f64 (class index or
@@ -603,6 +690,7 @@ fn finish_models(
             pipeline: data.pipeline.clone(),
             network,
             target_scale: data.target_scale,
+            auto_transform: data.auto_transform,
             best_epoch,
             epochs_run: p.history.len() as u32,
             history: p.history,
@@ -697,6 +785,7 @@ impl TrainedModel {
             stack,
             warm_start: self.warm_start.clone(),
             stopped: None,
+            target_transform: self.auto_transform,
         }
     }
 
@@ -725,7 +814,7 @@ impl TrainedModel {
             }
             Head::Regression => {
                 let s = self.target_scale.expect("regression models carry a target scale");
-                out.iter_mut().for_each(|z| *z = *z * s.std + s.mean);
+                out.iter_mut().for_each(|z| *z = s.value(*z));
             }
         }
         out
@@ -856,6 +945,112 @@ pub(crate) mod tests {
         assert!(m.metrics[RMSE] < 20.0, "{:?}", m.metrics);
     }
 
+    /// A strictly positive, right-skewed target over [`toy`]'s columns:
+    /// `exp(1 + 0.5·x + [1 for one category in three] + noise)`, from about
+    /// 0.5 to about 35.
+    fn skewed(n: usize) -> (Vec<ColumnData>, ColumnData) {
+        let (features, _) = toy(n);
+        let ColumnData::Float64(x) = &features[0] else { unreachable!() };
+        let y = x
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let noise = ((i * 7919) % 101) as f64 / 101.0 - 0.5;
+                Some((1.0 + 0.5 * v.unwrap_or(0.0) + if i % 3 == 0 { 1.0 } else { 0.0 } + 0.3 * noise).exp())
+            })
+            .collect();
+        (features, ColumnData::Float64(y))
+    }
+
+    fn regression_plan(options: serde_json::Value) -> TrainingPlan {
+        let mut p = plan(Task::Regression, &[]);
+        let epochs = p.options.epochs;
+        p.options = TrainOptions::from_json(Some(&options)).unwrap();
+        p.options.epochs = epochs;
+        p.options.hidden = vec![16];
+        p.options.learning_rate = 0.01;
+        p
+    }
+
+    #[test]
+    fn a_log_target_model_predicts_in_the_targets_units() {
+        let (features, target) = skewed(600);
+        let ColumnData::Float64(ys) = &target else { unreachable!() };
+        let ys: Vec<f64> = ys.iter().map(|y| y.unwrap()).collect();
+        assert!(skewness(&ys) > 1.0, "the toy target is right-skewed: {}", skewness(&ys));
+        let train_with = |transform: &str| {
+            let p = regression_plan(serde_json::json!({ "target_transform": transform }));
+            train(&p, &features, &target, Compute::cpu(1), &mut |_| Control::Continue).unwrap()
+        };
+        let log = train_with("log");
+        let scale = log.target_scale.unwrap();
+        assert!(scale.log && scale.mean > 0.5 && scale.mean < 3.0, "learnt ln y: {scale:?}");
+        let predicted = log.outputs(&features).unwrap();
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let (p, t) = (mean(&predicted.iter().map(|&v| v as f64).collect::<Vec<_>>()), mean(&ys));
+        assert!((p - t).abs() < 0.2 * t, "mean prediction {p}, mean target {t}");
+        assert!(predicted.iter().all(|&v| v > 0.0), "exp of anything is positive");
+        // Metrics are in the target's units, so they compare across transforms.
+        let standardized = train_with("standardize");
+        assert!(!standardized.target_scale.unwrap().log);
+        for m in [&log, &standardized] {
+            assert!(m.metrics[R2] > 0.7 && m.metrics[RMSE] < 0.5 * t, "{:?}", m.metrics);
+        }
+        assert_eq!((log.auto_transform, standardized.auto_transform), (None, None));
+        // Auto picks log for this target, and says so in trained_with.
+        let auto = train_with("auto");
+        assert_eq!(auto.auto_transform, Some(TargetTransform::Log));
+        assert_eq!(auto.network, log.network, "auto's log is log");
+        assert_eq!(auto.trained_with(1).target_transform, Some(TargetTransform::Log));
+        assert_eq!(log.trained_with(1).target_transform, None);
+        // None learns the raw target: mean 0, deviation 1, in the target's units.
+        let none = train_with("none");
+        assert_eq!(none.target_scale, Some(TargetScale { mean: 0.0, std: 1.0, log: false }));
+    }
+
+    #[test]
+    fn auto_keeps_standardizing_a_symmetric_or_non_positive_target() {
+        let (features, target) = skewed(300);
+        let ColumnData::Float64(ys) = &target else { unreachable!() };
+        let auto = regression_plan(serde_json::json!({"target_transform": "auto"}));
+        let log = regression_plan(serde_json::json!({"target_transform": "log"}));
+        let run =
+            |p: &TrainingPlan, t: &ColumnData| train(p, &features, t, Compute::cpu(1), &mut |_| Control::Continue);
+        // ln of the skewed target is about symmetric, and positive.
+        let symmetric = ColumnData::Float64(ys.iter().map(|y| y.map(f64::ln)).collect());
+        let m = run(&auto, &symmetric).unwrap();
+        assert_eq!(m.auto_transform, Some(TargetTransform::Standardize));
+        assert!(!m.target_scale.unwrap().log);
+        let standardized = run(&regression_plan(serde_json::json!({})), &symmetric).unwrap();
+        assert_eq!(m.network, standardized.network, "auto's standardize is the default's");
+        // Skewed but with a value at 0: auto standardizes, log refuses.
+        let mut with_zero = ys.clone();
+        with_zero[5] = Some(0.0);
+        let with_zero = ColumnData::Float64(with_zero);
+        assert_eq!(run(&auto, &with_zero).unwrap().auto_transform, Some(TargetTransform::Standardize));
+        let err = run(&log, &with_zero).unwrap_err();
+        assert!(matches!(err, TrainError::TargetNotPositive { smallest } if smallest == 0.0), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "option \"target_transform\" is \"log\", but the target has values that are not greater than 0 \
+             (the smallest is 0); ln(y) needs every target > 0"
+        );
+        // NULL and non-finite targets are not used, so they do not count.
+        let mut with_null = ys.clone();
+        with_null[3] = None;
+        with_null[4] = Some(f64::NEG_INFINITY);
+        assert!(run(&log, &ColumnData::Float64(with_null)).unwrap().target_scale.unwrap().log);
+    }
+
+    #[test]
+    fn skewness_is_the_third_standardised_moment() {
+        assert_eq!(skewness(&[1.0, 2.0, 3.0]), 0.0);
+        assert_eq!(skewness(&[5.0; 4]), 0.0, "no spread, no skew");
+        // 0, 0, 0, 3: mean 0.75, m2 = 1.6875, m3 = 2.53125, skewness = 2.53125 / 1.6875^1.5 = 2/√3.
+        assert!((skewness(&[0.0, 0.0, 0.0, 3.0]) - 2.0 / 3f64.sqrt()).abs() < 1e-12);
+        assert!((skewness(&[0.0, 3.0, 3.0, 3.0]) + 2.0 / 3f64.sqrt()).abs() < 1e-12, "left-skewed is negative");
+    }
+
     #[test]
     fn stopping_and_bad_targets_are_errors() {
         let (features, target) = toy(50);
@@ -886,6 +1081,12 @@ mod group_tests {
 
     #[test]
     fn a_model_trained_in_a_stack_equals_the_model_trained_alone() {
+        for label_smoothing in [0.0, 0.15] {
+            a_stack_equals_its_models_alone(label_smoothing);
+        }
+    }
+
+    fn a_stack_equals_its_models_alone(label_smoothing: f64) {
         let n = 500;
         let x: Vec<Option<f64>> =
             (0..n).map(|i| if i % 13 == 0 { None } else { Some((i as f64 * 0.37).sin()) }).collect();
@@ -905,7 +1106,13 @@ mod group_tests {
                 Feature { name: "c".into(), kind: FeatureKind::Categorical },
             ],
             class_labels: vec!["n".into(), "y".into()],
-            options: TrainOptions { hidden: vec![16, 8], epochs: 12, batch_size: 32, ..Default::default() },
+            options: TrainOptions {
+                hidden: vec![16, 8],
+                epochs: 12,
+                batch_size: 32,
+                label_smoothing,
+                ..Default::default()
+            },
         };
         let mut plans = Vec::new();
         use cerebro_shared::spec::Schedule;
@@ -948,6 +1155,14 @@ mod group_tests {
                 assert_eq!(seen[m] as usize, alone.history.len());
             }
             assert_eq!(stacked[1].epochs_run, 7, "each model keeps its own epoch budget");
+        }
+        if label_smoothing > 0.0 {
+            // The option reaches the loss: without it the model is another.
+            let mut plain = plans[0].clone();
+            plain.options.label_smoothing = 0.0;
+            let with = train(&plans[0], &features, &target, Compute::cpu(1), &mut |_| Control::Continue).unwrap();
+            let without = train(&plain, &features, &target, Compute::cpu(1), &mut |_| Control::Continue).unwrap();
+            assert_ne!(with.network, without.network);
         }
     }
 

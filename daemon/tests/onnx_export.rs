@@ -145,6 +145,35 @@ fn onnx_runtime_agrees_with_the_engine_for_every_head_layer_and_encoding() {
     }
 }
 
+/// A regression's target transform is undone inside the graph: ONNX Runtime
+/// gives what the engine gives after inverting it (`exp` after `log`), in
+/// the target's units; label smoothing changes training only.
+#[test]
+fn target_transforms_are_inverted_inside_the_graph() {
+    let Some(rt) = common::onnx_runtime() else { return };
+    for (transform, log) in [("log", true), ("standardize", false), ("none", false), ("auto", false)] {
+        let options = json!({"hidden": [8], "target_transform": transform});
+        let model = trained(Task::Regression, options.clone());
+        let scale = model.target_scale.expect("a regression has a target scale");
+        assert_eq!(scale.log, log, "{transform}");
+        if transform == "log" {
+            assert!(scale.mean > 4.0 && scale.mean < 5.0, "the network learnt ln y (y near 100): {scale:?}");
+        }
+        check_agreement(&rt, &model, &format!("regression {options}"));
+        if transform == "none" {
+            continue; // five epochs from 0 do not reach 100 on the raw scale
+        }
+        // In the target's units: the targets are 3·x + 100 for x in [-5, 5].
+        let values = model.outputs(&columns(300, 10_000)).unwrap();
+        let mean = values.iter().map(|&v| v as f64).sum::<f64>() / values.len() as f64;
+        assert!((mean - 100.0).abs() < 20.0, "{transform}: mean score {mean}");
+    }
+    for task in [Task::Binary, Task::Multiclass] {
+        let options = json!({"hidden": [8], "label_smoothing": 0.1});
+        check_agreement(&rt, &trained(task, options.clone()), &format!("{task} {options}"));
+    }
+}
+
 /// Every member of a fused stack exports on its own and scores as the engine
 /// scores it.
 #[test]

@@ -14,6 +14,8 @@ struct LossOptions {
     class_weights: Vec<f32>,
     #[serde(default)]
     huber_delta: f32,
+    #[serde(default)]
+    label_smoothing: f32,
 }
 
 #[derive(Deserialize)]
@@ -66,7 +68,12 @@ fn forward_losses_and_gradients_agree_with_pytorch() {
             "multiclass" => Head::Multiclass(case.classes),
             _ => Head::Regression,
         };
-        let loss = Loss { head, class_weights: case.loss.class_weights.clone(), huber_delta: case.loss.huber_delta };
+        let loss = Loss {
+            head,
+            class_weights: case.loss.class_weights.clone(),
+            huber_delta: case.loss.huber_delta,
+            label_smoothing: case.loss.label_smoothing,
+        };
         // BatchNorm's running statistics are not used in training mode.
         let state = case
             .arch

@@ -227,8 +227,10 @@ const TRAIN_KEYS: &[&str] = &[
     "patience",
     "validation_fraction",
     "class_weights",
+    "label_smoothing",
     "loss",
     "huber_delta",
+    "target_transform",
     "numeric_encoding",
     "bins",
     "onehot_max",
@@ -1810,6 +1812,31 @@ search   grid
         assert_eq!(all[1]["hidden"], json!([8, 2]), "the last item varies fastest");
         assert_eq!(all[3]["hidden"], json!([16, 1]));
         assert_eq!(all[6]["learning_rate"], json!(0.01));
+    }
+
+    #[test]
+    fn label_smoothing_and_target_transforms_are_train_settings() {
+        let text = "train label_smoothing = {0, 0.1}\ntrain target_transform = {standardize, log}";
+        let all: Vec<_> = parse(text).unwrap().expand(text, 100).unwrap().into_iter().map(|c| c.options).collect();
+        let pairs: Vec<_> = all.iter().map(|o| (o["label_smoothing"].clone(), o["target_transform"].clone())).collect();
+        assert_eq!(
+            pairs,
+            vec![
+                (json!(0), json!("standardize")),
+                (json!(0.1), json!("standardize")),
+                (json!(0), json!("log")),
+                (json!(0.1), json!("log")),
+            ]
+        );
+        // Bad values are the option's own message, at the value.
+        let text = "train label_smoothing = {0.1, 0.7}";
+        let e = parse(text).unwrap_err();
+        assert!(e.message.contains("\"label_smoothing\" is 0.7, allowed: at least 0 and below 0.5"), "{e}");
+        let text = "train target_transform = sqrt";
+        let e = parse(text).unwrap_err();
+        assert!(e.message.contains("one of \"none\", \"standardize\", \"log\", \"auto\""), "{e}");
+        let e = parse("model label_smoothing = 0.1").unwrap_err();
+        assert!(e.message.contains("belongs under train"), "{e}");
     }
 
     /// One value, parsed alone.

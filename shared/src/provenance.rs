@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::spec::TargetTransform;
+
 /// `cerebro.model_versions.trained_with`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainedWith {
@@ -26,6 +28,10 @@ pub struct TrainedWith {
     /// it kept its best weights so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped: Option<String>,
+    /// The transform `target_transform = "auto"` chose for a regression's
+    /// target (`"log"` or `"standardize"`); absent when the options named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_transform: Option<TargetTransform>,
 }
 
 /// What a warm start copied from the parent version's weights.
@@ -56,6 +62,7 @@ mod tests {
             stack: 1,
             warm_start: None,
             stopped: None,
+            target_transform: None,
         }
     }
 
@@ -84,6 +91,7 @@ mod tests {
                 embeddings: 0,
             }),
             stopped: Some("the selection's budget of 10 epochs was spent (after epoch 2)".into()),
+            target_transform: Some(TargetTransform::Log),
             ..with
         };
         let value = serde_json::to_value(&full).unwrap();
@@ -99,6 +107,7 @@ mod tests {
                     "input_columns": 20, "of_input_columns": 21, "embeddings": 0,
                 },
                 "stopped": "the selection's budget of 10 epochs was spent (after epoch 2)",
+                "target_transform": "log",
             })
         );
         assert_eq!(serde_json::from_value::<TrainedWith>(value).unwrap(), full);

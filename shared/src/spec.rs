@@ -298,6 +298,11 @@ pub enum SpecError {
     OptionTask { key: &'static str, task: Task },
     #[error("option \"class_weights\" names label \"{label}\", which the target does not have")]
     UnknownLabel { label: String, labels: Vec<String> },
+    /// `target_transform = "log"` over a target that is not always > 0.
+    #[error(
+        "option \"target_transform\" is \"log\", but target column \"{target}\" has values that are not greater than 0 (the smallest is {smallest}); ln(y) needs every target > 0"
+    )]
+    TargetNotPositive { target: String, smallest: String },
     #[error("unknown task \"{0}\"")]
     UnknownTask(String),
     #[error(
@@ -324,6 +329,10 @@ impl SpecError {
                 "Numeric columns take standard, quantile or ple; categorical ones onehot, embedding or a width.".into(),
             ),
             SpecError::UnknownLabel { labels, .. } => Some(format!("The labels are: {}.", labels.join(", "))),
+            SpecError::TargetNotPositive { .. } => Some(
+                "Use \"auto\" (log only for a positive, right-skewed target), \"standardize\" or \"none\", or shift the target above 0."
+                    .into(),
+            ),
             _ => None,
         }
     }

@@ -437,8 +437,10 @@ fn json_value() -> impl Strategy<Value = Value> {
         ][..]).prop_map(Value::from),
         (0u64..10_000).prop_map(Value::from),
         prop::sample::select(OPTION_KEYS).prop_map(Value::from),
-        prop::sample::select(&["relu", "sgd", "warmup", "ple", "balanced", "none", "embedding", "huber", "ordered"][..])
-            .prop_map(Value::from),
+        prop::sample::select(
+            &["relu", "sgd", "warmup", "ple", "balanced", "none", "embedding", "huber", "ordered", "log", "auto"][..],
+        )
+        .prop_map(Value::from),
     ];
     leaf.prop_recursive(4, 32, 6, |inner| {
         prop_oneof![

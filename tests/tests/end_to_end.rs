@@ -191,6 +191,173 @@ async fn regression_and_multiclass_models_train_and_score() -> anyhow::Result<()
     Ok(())
 }
 
+/// `key,score` by key: `bytes` (an exported ONNX file) scoring `rows` (a
+/// JSON array of row objects) in Python's onnxruntime (tests/python/score_onnx.py).
+fn python_scores(env: &Env, bytes: &[u8], rows: &serde_json::Value, key: &str) -> anyhow::Result<HashMap<String, f64>> {
+    let dir = std::env::temp_dir().join(format!("cerebro-score-{}-{key}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (model, rows_file) = (dir.join("model.onnx"), dir.join("rows.json"));
+    std::fs::write(&model, bytes)?;
+    std::fs::write(&rows_file, rows.to_string())?;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/score_onnx.py");
+    let out = std::process::Command::new(&env.python).arg(script).arg(&model).arg(&rows_file).arg(key).output()?;
+    std::fs::remove_dir_all(&dir)?;
+    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8(out.stdout)?
+        .lines()
+        .map(|l| {
+            let (key, score) = l.split_once(',').expect("key,score");
+            (key.to_string(), score.parse().expect("a number"))
+        })
+        .collect())
+}
+
+/// A regression that learns ln(y) scores in the target's units, from SQL,
+/// cerebrod and the exported file alike; `auto` picks log for a positive,
+/// right-skewed target and says so in `trained_with`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_log_target_regression_scores_in_the_targets_units() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    // Prices from about 6 to 330, log-uniform-ish: skewness about 1.5.
+    db.batch_execute(
+        "DROP TABLE IF EXISTS public.e2e_prices;
+         CREATE TABLE public.e2e_prices AS
+         SELECT i AS id, (i % 40) / 10.0 AS size, (ARRAY['north', 'south', 'east'])[1 + i % 3] AS area,
+                round(exp(2 + 0.8 * ((i % 40) / 10.0) + CASE WHEN i % 3 = 0 THEN 0.5 ELSE 0 END
+                          + 0.2 * sin(i))::numeric, 2)::float8 AS price
+         FROM generate_series(1, 800) i;",
+    )
+    .await?;
+    let _daemon = Daemon::start(&env)?;
+    let mut versions = Vec::new();
+    for (name, transform) in [("e2e_log_price", "log"), ("e2e_auto_price", "auto")] {
+        let options = format!(r#"{{"target_transform": "{transform}", "epochs": 40, "learning_rate": 0.01}}"#);
+        db.execute(
+            "INSERT INTO cerebro.models (name, source, target, key, options)
+             VALUES ($1, 'e2e_prices', 'price', 'id', $2::text::jsonb)",
+            &[&name, &options],
+        )
+        .await?;
+        let v: i32 = db.query_one("SELECT max(version) FROM cerebro.models WHERE name = $1", &[&name]).await?.get(0);
+        versions.push((name, v));
+    }
+    for &(name, v) in &versions {
+        let seen = wait_until_done(&db, name, v, TRAIN_TIMEOUT).await?;
+        assert_eq!(
+            seen.last().map(String::as_str),
+            Some("ready"),
+            "{name}: {seen:?} {:?}",
+            model_state(&db, name, v).await?
+        );
+    }
+    let mean_price: f64 = db.query_one("SELECT avg(price) FROM e2e_prices", &[]).await?.get(0);
+    let rows: serde_json::Value = db.query_one("SELECT json_agg(t) FROM e2e_prices t", &[]).await?.get(0);
+    for &(name, v) in &versions {
+        let r = db
+            .query_one(
+                "SELECT task, (metrics->>'r2')::float8, (metrics->>'rmse')::float8, trained_with->>'target_transform'
+                 FROM cerebro.model_versions WHERE name = $1 AND version = $2",
+                &[&name, &v],
+            )
+            .await?;
+        assert_eq!(r.get::<_, String>(0), "regression");
+        let (r2, rmse): (f64, f64) = (r.get(1), r.get(2));
+        // Metrics are in the target's units (an RMSE in ln units would be below 1).
+        assert!(r2 > 0.8 && rmse > 1.0 && rmse < 0.5 * mean_price, "{name}: R² {r2}, RMSE {rmse}");
+        let chosen: Option<String> = r.get(3);
+        let expected = (name == "e2e_auto_price").then(|| "log".to_string());
+        assert_eq!(chosen, expected, "{name}: trained_with says what auto chose, and only then");
+
+        let sql = sql_scores(&db, &format!("SELECT key, label, score FROM cerebro.predictions WHERE model = '{name}'"))
+            .await?;
+        assert_eq!(sql.len(), 800);
+        let mean_score = sql.values().map(|(_, s)| s).sum::<f64>() / sql.len() as f64;
+        assert!(
+            (mean_score - mean_price).abs() < 0.2 * mean_price,
+            "{name}: mean score {mean_score}, mean price {mean_price}"
+        );
+        assert!(
+            sql.values().all(|(label, s)| label.is_none() && *s > 1.0 && *s < 1000.0),
+            "{name}: in the target's units"
+        );
+        assert_eq!(sql, daemon_scores(&env, name, &[])?, "{name}: SQL and cerebrod agree");
+        // The exported file gives the same values on its own.
+        let bytes: Vec<u8> = db.query_one("SELECT cerebro.export_onnx($1, $2)", &[&name, &v]).await?.get(0);
+        let python = python_scores(&env, &bytes, &rows, "id")?;
+        assert_eq!(python.len(), 800);
+        for (key, (_, score)) in &sql {
+            let p = python[key];
+            assert!((p - score).abs() <= 1e-6 * score.abs().max(1.0), "{name} row {key}: python {p}, sql {score}");
+        }
+    }
+    Ok(())
+}
+
+/// Bad values of the training options that need the data or a range are
+/// 22023 with the option's message, and queue nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_label_smoothing_and_target_transforms_are_refused_at_insert() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    db.batch_execute(
+        "DROP TABLE IF EXISTS public.e2e_signed;
+         CREATE TABLE public.e2e_signed AS SELECT i AS id, i % 7 AS x, (i % 11 - 2)::float8 AS y
+         FROM generate_series(1, 100) i;",
+    )
+    .await?;
+    let jobs_before: i64 = db.query_one("SELECT count(*) FROM cerebro.jobs", &[]).await?.get(0);
+    let cases = [
+        (
+            "telco_churn",
+            "churn",
+            r#"{"label_smoothing": 0.7}"#,
+            r#"option "label_smoothing" is 0.7, allowed: at least 0 and below 0.5"#,
+        ),
+        (
+            "telco_churn",
+            "monthly_charges",
+            r#"{"label_smoothing": 0.1}"#,
+            r#"option "label_smoothing" does not apply to a regression model"#,
+        ),
+        (
+            "telco_churn",
+            "churn",
+            r#"{"target_transform": "log"}"#,
+            r#"option "target_transform" does not apply to a binary model"#,
+        ),
+        (
+            "telco_churn",
+            "monthly_charges",
+            r#"{"target_transform": "exp"}"#,
+            r#"option "target_transform" must be one of "none", "standardize", "log", "auto""#,
+        ),
+        (
+            "e2e_signed",
+            "y",
+            r#"{"target_transform": "log"}"#,
+            r#"option "target_transform" is "log", but target column "y" has values that are not greater than 0 (the smallest is -2); ln(y) needs every target > 0"#,
+        ),
+    ];
+    for (source, target, options, message) in cases {
+        let task = if target == "churn" { "auto" } else { "regression" };
+        let err = db
+            .execute(
+                "INSERT INTO cerebro.models (name, source, target, task, options)
+                 VALUES ('e2e_bad_option', $1, $2, $3, $4::text::jsonb)",
+                &[&source, &target, &task, &options],
+            )
+            .await
+            .expect_err(options);
+        let e = err.as_db_error().expect("a server error");
+        assert_eq!(e.code().code(), "22023", "{options}: {}", e.message());
+        assert_eq!(e.message(), message, "{options}");
+    }
+    let jobs_after: i64 = db.query_one("SELECT count(*) FROM cerebro.jobs", &[]).await?.get(0);
+    assert_eq!(jobs_after, jobs_before, "nothing was queued");
+    Ok(())
+}
+
 /// A network with every kind of layer and encoding, declared in SQL, trains
 /// in the daemon and scores from SQL exactly as the daemon's own scoring path.
 #[tokio::test(flavor = "multi_thread")]

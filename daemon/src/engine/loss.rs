@@ -29,11 +29,18 @@ pub struct Loss {
     pub class_weights: Vec<f32>,
     /// Regression: Huber's threshold on the standardised target (0: squared error).
     pub huber_delta: f32,
+    /// Classification: label smoothing ε (0: none). Binary rows learn the
+    /// target `y(1 - ε) + ε/2`. Multiclass rows learn `(1 - ε)·onehot + ε/K`
+    /// as PyTorch's `cross_entropy(weight=w, label_smoothing=ε)` does: a
+    /// row's loss is `(1 - ε)·w_y·(-ln p_y) + (ε/K)·Σ_j w_j·(-ln p_j)`, each
+    /// smoothing term weighed by its own class. Class weights still pick the
+    /// denominator by each row's class.
+    pub label_smoothing: f32,
 }
 
 impl Loss {
     pub fn new(head: Head) -> Loss {
-        Loss { head, class_weights: Vec::new(), huber_delta: 0.0 }
+        Loss { head, class_weights: Vec::new(), huber_delta: 0.0, label_smoothing: 0.0 }
     }
 
     fn weight(&self, class: f32) -> f32 {
@@ -68,6 +75,33 @@ impl Loss {
         let mut total = 0.0f64;
         let inv = inv_denominator;
         match self.head {
+            Head::Multiclass(c) if self.label_smoothing > 0.0 => {
+                let eps = self.label_smoothing;
+                let spread = eps / c as f32;
+                let weights: Vec<f32> = (0..c).map(|j| self.weight(j as f32)).collect();
+                let total_weight: f32 = weights.iter().sum();
+                for ((row, y), g) in logits.chunks_exact(c).zip(targets).zip(grad.chunks_exact_mut(c)) {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0f32;
+                    for (g, z) in g.iter_mut().zip(row) {
+                        *g = (z - max).exp();
+                        sum += *g;
+                    }
+                    let ln_sum = sum.ln();
+                    let k = *y as usize;
+                    let on_target = (1.0 - eps) * weights[k];
+                    // d(loss)/dz = (a + (ε/K)·Σw)·p - a·onehot - (ε/K)·w, a = (1 - ε)·w_y.
+                    let scale = on_target + spread * total_weight;
+                    let mut row_loss = 0.0f32;
+                    for (j, (g, z)) in g.iter_mut().zip(row).enumerate() {
+                        let neg_log_p = -(z - max - ln_sum);
+                        let here = if j == k { on_target } else { 0.0 } + spread * weights[j];
+                        row_loss += here * neg_log_p;
+                        *g = (scale * (*g / sum) - here) * inv;
+                    }
+                    total += row_loss as f64;
+                }
+            }
             Head::Multiclass(c) => {
                 for ((row, y), g) in logits.chunks_exact(c).zip(targets).zip(grad.chunks_exact_mut(c)) {
                     softmax_into(row, g);
@@ -84,10 +118,13 @@ impl Loss {
                 let mut sums = [0.0f32; LANES];
                 // Class weights picked by a select, not an indexed load, so the loop vectorises.
                 let (w0, w1) = (self.weight(0.0), self.weight(1.0));
+                // The smoothed target; exactly y when ε = 0.
+                let (keep, add) = (1.0 - self.label_smoothing, 0.5 * self.label_smoothing);
                 let row = |z: f32, y: f32| {
                     let w = if y > 0.5 { w1 } else { w0 };
-                    let (loss, p) = bce_and_sigmoid(z, y);
-                    (w * loss, (p - y) * w * inv)
+                    let t = y * keep + add;
+                    let (loss, p) = bce_and_sigmoid(z, t);
+                    (w * loss, (p - t) * w * inv)
                 };
                 let body = logits.len() / LANES * LANES;
                 for ((z, y), g) in logits[..body]
@@ -231,6 +268,16 @@ mod tests {
             (Loss { class_weights: vec![1.0, 3.0, 0.5], ..Loss::new(Head::Multiclass(3)) }, vec![1.0, 2.0]),
             (Loss::new(Head::Regression), vec![0.1, 0.5, -2.0, 0.0, 3.0, 1.0]),
             (Loss { huber_delta: 1.0, ..Loss::new(Head::Regression) }, vec![0.1, 0.5, -2.0, 0.0, 3.0, 1.0]),
+            (Loss { label_smoothing: 0.2, ..Loss::new(Head::Binary) }, vec![1.0, 0.0, 1.0, 0.0, 0.0, 1.0]),
+            (
+                Loss { label_smoothing: 0.1, class_weights: vec![0.4, 2.5], ..Loss::new(Head::Binary) },
+                vec![1.0, 0.0, 1.0, 0.0, 0.0, 1.0],
+            ),
+            (Loss { label_smoothing: 0.3, ..Loss::new(Head::Multiclass(3)) }, vec![2.0, 0.0]),
+            (
+                Loss { label_smoothing: 0.1, class_weights: vec![1.0, 3.0, 0.5], ..Loss::new(Head::Multiclass(3)) },
+                vec![1.0, 2.0],
+            ),
         ];
         for (loss, y) in cases {
             let n = y.len();
@@ -275,6 +322,62 @@ mod tests {
         let (a, b) = (Loss::new(Head::Binary).loss(&[0.0], &[1.0], 1), Loss::new(Head::Binary).loss(&[2.0], &[0.0], 1));
         let both = weighted.loss(&[0.0, 2.0], &[1.0, 0.0], 2);
         assert!((both - (3.0 * a + b) / 4.0).abs() < 1e-6);
+    }
+
+    /// Label smoothing against values worked out by hand (in f64).
+    #[test]
+    fn label_smoothing_matches_a_hand_computation() {
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-6 * b.abs().max(1.0);
+        // Binary, ε = 0.2: targets 1 → 0.9 and 0 → 0.1. At z = 0 (p = 1/2)
+        // the loss is ln 2 whatever the target, the gradient p - t.
+        let binary = Loss { label_smoothing: 0.2, ..Loss::new(Head::Binary) };
+        let mut g = [0.0; 2];
+        let l = binary.loss_and_grad(&[0.0, 0.0], &[1.0, 0.0], 2, &mut g);
+        assert!(close(l, 2f64.ln()), "{l}");
+        assert!(close(g[0] as f64, (0.5 - 0.9) / 2.0) && close(g[1] as f64, (0.5 - 0.1) / 2.0), "{g:?}");
+        // At z = 2, target 1: ln(1 + e^-2) + (1 - 0.9)·2 (BCE with soft target 0.9).
+        let l = binary.loss(&[2.0], &[1.0], 1);
+        let p = 1.0 / (1.0 + (-2f64).exp());
+        assert!(close(l, (1.0 + (-2f64).exp()).ln() + 0.1 * 2.0), "{l}");
+        binary.loss_and_grad(&[2.0], &[1.0], 1, &mut g);
+        assert!(close(g[0] as f64, p - 0.9), "{g:?}");
+        // With class weights (0.5, 2): each row weighs its own class; the
+        // mean is over the weights.
+        let weighted = Loss { class_weights: vec![0.5, 2.0], ..binary.clone() };
+        let (a, b) = (binary.loss(&[2.0], &[1.0], 1), binary.loss(&[-1.0], &[0.0], 1));
+        assert!(close(weighted.loss(&[2.0, -1.0], &[1.0, 0.0], 2), (2.0 * a + 0.5 * b) / 2.5));
+
+        // Multiclass, K = 3, ε = 0.3: target class 1 gets 0.8, the others 0.1.
+        let z = [1.0f64, 2.0, 0.5];
+        let norm: f64 = z.iter().map(|v| v.exp()).sum();
+        let p: Vec<f64> = z.iter().map(|v| v.exp() / norm).collect();
+        let q = [0.1, 0.8, 0.1];
+        let expected: f64 = -(0..3).map(|j| q[j] * p[j].ln()).sum::<f64>();
+        let multi = Loss { label_smoothing: 0.3, ..Loss::new(Head::Multiclass(3)) };
+        let mut g = [0.0; 3];
+        let l = multi.loss_and_grad(&[1.0, 2.0, 0.5], &[1.0], 1, &mut g);
+        assert!(close(l, expected), "{l} vs {expected}");
+        for j in 0..3 {
+            assert!(close(g[j] as f64, p[j] - q[j]), "class {j}: {} vs {}", g[j], p[j] - q[j]);
+        }
+        // Weighted as PyTorch: (1 - ε)·w_y·(-ln p_y) + (ε/K)·Σ_j w_j·(-ln p_j), over w_y.
+        let w = [1.0, 3.0, 0.5];
+        let weighted = Loss { class_weights: w.iter().map(|&v| v as f32).collect(), ..multi.clone() };
+        let row = (1.0 - 0.3) * w[1] * -p[1].ln() + 0.1 * (0..3).map(|j| w[j] * -p[j].ln()).sum::<f64>();
+        let l = weighted.loss_and_grad(&[1.0, 2.0, 0.5], &[1.0], 1, &mut g);
+        assert!(close(l, row / w[1]), "{l} vs {}", row / w[1]);
+        let total_w: f64 = w.iter().sum();
+        for j in 0..3 {
+            let here = if j == 1 { 0.7 * w[1] } else { 0.0 } + 0.1 * w[j];
+            let expected = ((0.7 * w[1] + 0.1 * total_w) * p[j] - here) / w[1];
+            assert!(close(g[j] as f64, expected), "class {j}: {} vs {expected}", g[j]);
+        }
+        // ε = 0 is the plain loss, bit for bit.
+        let (plain, zero) = (Loss::new(Head::Binary), Loss { label_smoothing: 0.0, ..Loss::new(Head::Binary) });
+        let (mut a, mut b) = ([0.0; 3], [0.0; 3]);
+        let la = plain.loss_and_grad(&[0.3, -2.0, 5.0], &[1.0, 0.0, 0.0], 3, &mut a);
+        let lb = zero.loss_and_grad(&[0.3, -2.0, 5.0], &[1.0, 0.0, 0.0], 3, &mut b);
+        assert_eq!((la, a), (lb, b));
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! Networks are a sequence of [`Op`]s: dense layers, ReLU/GELU/SiLU/tanh,
 //! LayerNorm and BatchNorm, dropout and residual connections, over encoded
-//! features and learnt categorical embeddings. Heads are binary (optionally
-//! class-weighted), multiclass, and regression (squared error or Huber).
+//! features and learnt categorical embeddings. Heads are binary and
+//! multiclass (optionally class-weighted and label-smoothed), and regression
+//! (squared error or Huber).
 //! Optimisers are Adam, AdamW and SGD with momentum, with schedules,
 //! weight decay and clipping.
 //!

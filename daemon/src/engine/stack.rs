@@ -1234,6 +1234,14 @@ pub(crate) mod tests {
             ),
             (Loss::new(Head::Regression), vec![0.5, -1.0, 2.0, 0.0, 0.3, -0.2]),
             (Loss { huber_delta: 0.5, ..Loss::new(Head::Regression) }, vec![0.5, -1.0, 2.0, 0.0, 0.3, -0.2]),
+            (
+                Loss { label_smoothing: 0.1, class_weights: vec![0.5, 2.0], ..Loss::new(Head::Binary) },
+                vec![1.0, 0.0, 1.0, 1.0, 0.0, 1.0],
+            ),
+            (
+                Loss { label_smoothing: 0.2, class_weights: vec![1.0, 0.3, 3.0], ..Loss::new(Head::Multiclass(3)) },
+                vec![0.0, 2.0, 1.0, 2.0, 0.0, 1.0],
+            ),
         ];
         let mode = Mode::Train { step: 11, row_offset: 0 };
         for act in [Activation::Relu, Activation::Gelu, Activation::Silu, Activation::Tanh] {

@@ -19,7 +19,8 @@ use crate::train::TrainedModel;
 pub const OUTPUT_PROBABILITY: &str = "probability";
 /// Multiclass models: `[N, C]` class probabilities, classes in label order.
 pub const OUTPUT_PROBABILITIES: &str = "probabilities";
-/// Regression models: `[N, 1]` predicted value in the target's units.
+/// Regression models: `[N, 1]` predicted value in the target's units
+/// (the graph undoes the target transform: `exp` after `log`).
 pub const OUTPUT_VALUE: &str = "value";
 
 const IR_VERSION: i64 = 8;
@@ -325,7 +326,13 @@ pub fn export(model: &TrainedModel, metadata: &[(&str, String)]) -> Result<Vec<u
             let std = g.const_f32("target_std", &[1], vec![s.std]);
             let mean = g.const_f32("target_mean", &[1], vec![s.mean]);
             let scaled = g.node("Mul", &[&h, &std], vec![], None);
-            g.node("Add", &[&scaled, &mean], vec![], Some(OUTPUT_VALUE));
+            // The target transform, undone: scores are in the target's units.
+            if s.log {
+                let learnt = g.node("Add", &[&scaled, &mean], vec![], None);
+                g.node("Exp", &[&learnt], vec![], Some(OUTPUT_VALUE));
+            } else {
+                g.node("Add", &[&scaled, &mean], vec![], Some(OUTPUT_VALUE));
+            }
             value_info(OUTPUT_VALUE, data_type::FLOAT, [None, Some(1)])
         }
     };

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use cerebro_shared::request::{self, Column};
-use cerebro_shared::spec::{resolve_task, Feature, Split, SqlKind, Task};
+use cerebro_shared::spec::{resolve_task, Feature, SpecError, Split, SqlKind, Task};
 use cerebro_shared::sql::{quote_ident, snapshot_column};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -219,7 +219,7 @@ fn freeze(client: &mut SpiClient<'_>, source: &Source, columns: &[&SourceColumn]
 }
 
 /// Counts the frozen rows with a target, resolves the task and reads the
-/// class labels.
+/// class labels; a regression learning `ln(y)` must have every target > 0.
 fn read_labels(
     client: &mut SpiClient<'_>,
     v: &VersionRequest,
@@ -238,6 +238,16 @@ fn read_labels(
         return Err(CerebroError::EmptySource { relation: resolved.source.display.clone(), target: v.target.clone() });
     }
     let task = resolve_task(v.task, &v.target, resolved.target_kind, distinct as usize)?;
+    if v.options.needs_positive_target(task) {
+        let (smallest, positive) = client
+            .select(&format!("SELECT min({target})::text, min({target}) > 0 FROM {data}"), Some(1), &[])?
+            .first()
+            .get_two::<String, bool>()?;
+        if positive == Some(false) {
+            let smallest = smallest.unwrap_or_default();
+            return Err(SpecError::TargetNotPositive { target: v.target.clone(), smallest }.into());
+        }
+    }
     let mut class_labels: Vec<String> = Vec::new();
     if task != Task::Regression {
         let labels = client.select(

@@ -123,6 +123,29 @@ pub enum RegressionLoss {
     Huber,
 }
 
+/// How a regression model learns its target. Whatever the transform, scores
+/// and validation metrics are in the target's units: the exported graph
+/// inverts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetTransform {
+    /// The target as it is.
+    None,
+    /// `(y - mean) / std` over the training rows (what every regression
+    /// learnt before this option existed).
+    #[default]
+    Standardize,
+    /// `ln(y)`, then standardised; every target must be greater than 0.
+    Log,
+    /// `log` when every target is greater than 0 and the training rows'
+    /// sample skewness exceeds [`AUTO_LOG_SKEWNESS`], else `standardize`.
+    Auto,
+}
+
+/// The sample skewness of the training rows' targets (`m3 / m2^1.5`, the
+/// population moments) above which `target_transform = "auto"` learns `ln(y)`.
+pub const AUTO_LOG_SKEWNESS: f64 = 1.0;
+
 /// An encoding named for one column in `encodings`. Stored as written: a
 /// name, or an embedding width.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -344,9 +367,15 @@ pub struct TrainOptions {
     /// Per-column encodings overriding the defaults above.
     pub encodings: BTreeMap<String, ColumnEncoding>,
     pub class_weights: ClassWeights,
+    /// Classification: the share ε of each row's target spread over all K
+    /// classes: the target is `(1 - ε)·onehot + ε/K` (binary: `y(1 - ε) + ε/2`).
+    pub label_smoothing: f64,
     pub loss: RegressionLoss,
-    /// Huber's threshold, in standard deviations of the target.
+    /// Huber's threshold, in standard deviations of the target (in the
+    /// target's units with `target_transform = "none"`).
     pub huber_delta: f64,
+    /// Regression: how the target is learnt.
+    pub target_transform: TargetTransform,
 }
 
 /// Options stored before `numeric_encoding` and `onehot_max` existed were
@@ -388,8 +417,11 @@ impl Default for TrainOptions {
             onehot_max: 16,
             encodings: BTreeMap::new(),
             class_weights: ClassWeights::None,
+            label_smoothing: 0.0,
             loss: RegressionLoss::Mse,
             huber_delta: 1.0,
+            // What every regression learnt before the option existed.
+            target_transform: TargetTransform::Standardize,
         }
     }
 }
@@ -455,10 +487,14 @@ pub struct WrittenOptions {
     pub encodings: Option<BTreeMap<String, ColumnEncoding>>,
     #[serde(deserialize_with = "read::class_weights")]
     pub class_weights: Option<ClassWeights>,
+    #[serde(deserialize_with = "read::number")]
+    pub label_smoothing: Option<f64>,
     #[serde(deserialize_with = "read::named")]
     pub loss: Option<RegressionLoss>,
     #[serde(deserialize_with = "read::number")]
     pub huber_delta: Option<f64>,
+    #[serde(deserialize_with = "read::named")]
+    pub target_transform: Option<TargetTransform>,
 }
 
 /// Every option's key, in the order [`WrittenOptions`] declares them (the
@@ -528,8 +564,10 @@ impl TryFrom<WrittenOptions> for TrainOptions {
             onehot_max,
             encodings,
             class_weights,
+            label_smoothing,
             loss,
             huber_delta,
+            target_transform,
         } = written;
         let opts = TrainOptions {
             hidden: hidden.unwrap_or(d.hidden),
@@ -556,8 +594,10 @@ impl TryFrom<WrittenOptions> for TrainOptions {
             onehot_max: onehot_max.unwrap_or(d.onehot_max),
             encodings: encodings.unwrap_or(d.encodings),
             class_weights: class_weights.unwrap_or(d.class_weights),
+            label_smoothing: label_smoothing.unwrap_or(d.label_smoothing),
             loss: loss.unwrap_or(d.loss),
             huber_delta: huber_delta.unwrap_or(d.huber_delta),
+            target_transform: target_transform.unwrap_or(d.target_transform),
         };
         opts.validate()?;
         Ok(opts)
@@ -647,6 +687,13 @@ impl TrainOptions {
                 ));
             }
         }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            return Err(range_err(
+                "label_smoothing",
+                show_number(self.label_smoothing),
+                "at least 0 and below 0.5".into(),
+            ));
+        }
         if !(self.huber_delta > 0.0 && self.huber_delta <= 1e3) {
             return Err(range_err(
                 "huber_delta",
@@ -676,10 +723,24 @@ impl TrainOptions {
                 return Err(SpecError::UnknownLabel { label: label.clone(), labels: class_labels.to_vec() });
             }
         }
+        if self.label_smoothing > 0.0 && !task.is_classification() {
+            return Err(SpecError::OptionTask { key: "label_smoothing", task });
+        }
         if self.loss == RegressionLoss::Huber && task != Task::Regression {
             return Err(SpecError::OptionTask { key: "loss", task });
         }
+        if self.target_transform != TargetTransform::Standardize && task != Task::Regression {
+            return Err(SpecError::OptionTask { key: "target_transform", task });
+        }
         Ok(())
+    }
+
+    /// Whether a model of `task` with these options needs every target to
+    /// be greater than 0 (a regression with `target_transform = "log"`):
+    /// the INSERT checks the frozen rows, and says
+    /// [`SpecError::TargetNotPositive`] if one is not.
+    pub fn needs_positive_target(&self, task: Task) -> bool {
+        task == Task::Regression && self.target_transform == TargetTransform::Log
     }
 
     /// How column `feature` is encoded, given its vocabulary size when categorical.
@@ -1187,6 +1248,23 @@ mod tests {
             (r#"{"huber_delta":0}"#, r#"option "huber_delta" is 0, allowed: greater than 0 and at most 1000"#),
             (r#"{"huber_delta":1001}"#, r#"option "huber_delta" is 1001, allowed: greater than 0 and at most 1000"#),
             (r#"{"huber_delta":"x"}"#, r#"option "huber_delta" must be a number"#),
+            (r#"{"label_smoothing":0.5}"#, r#"option "label_smoothing" is 0.5, allowed: at least 0 and below 0.5"#),
+            (r#"{"label_smoothing":0.7}"#, r#"option "label_smoothing" is 0.7, allowed: at least 0 and below 0.5"#),
+            (r#"{"label_smoothing":-0.1}"#, r#"option "label_smoothing" is -0.1, allowed: at least 0 and below 0.5"#),
+            (r#"{"label_smoothing":"0.1"}"#, r#"option "label_smoothing" must be a number"#),
+            (r#"{"label_smoothing":null}"#, r#"option "label_smoothing" must be a number"#),
+            (
+                r#"{"target_transform":"sqrt"}"#,
+                r#"option "target_transform" must be one of "none", "standardize", "log", "auto""#,
+            ),
+            (
+                r#"{"target_transform":"Log"}"#,
+                r#"option "target_transform" must be one of "none", "standardize", "log", "auto""#,
+            ),
+            (
+                r#"{"target_transform":true}"#,
+                r#"option "target_transform" must be one of "none", "standardize", "log", "auto""#,
+            ),
             (r#"{"epoch":3}"#, r#"unknown option "epoch""#),
             (r#"{"Epochs":3}"#, r#"unknown option "Epochs""#),
             (r#"{"":3}"#, r#"unknown option """#),
@@ -1223,7 +1301,7 @@ mod tests {
             "Known options: hidden, activation, epochs, batch_size, learning_rate, weight_decay, seed, \
              validation_fraction, split, patience, max_categories, optimizer, momentum, schedule, warmup_epochs, \
              clip_norm, residual_blocks, norm, dropout, numeric_encoding, bins, onehot_max, encodings, \
-             class_weights, loss, huber_delta."
+             class_weights, label_smoothing, loss, huber_delta, target_transform."
         );
         // The fields of the variants, not only their text.
         assert_eq!(
@@ -1249,7 +1327,7 @@ mod tests {
     fn options_are_stored_byte_for_byte() {
         assert_eq!(
             TrainOptions::default().to_json().to_string(),
-            r#"{"activation":"relu","batch_size":128,"bins":16,"class_weights":"none","clip_norm":0.0,"dropout":0.0,"encodings":{},"epochs":30,"hidden":[64,32],"huber_delta":1.0,"learning_rate":0.001,"loss":"mse","max_categories":1000,"momentum":0.9,"norm":"none","numeric_encoding":"ple","onehot_max":16,"optimizer":"adam","patience":5,"residual_blocks":0,"schedule":"constant","seed":42,"split":"random","validation_fraction":0.2,"warmup_epochs":0,"weight_decay":0.0}"#
+            r#"{"activation":"relu","batch_size":128,"bins":16,"class_weights":"none","clip_norm":0.0,"dropout":0.0,"encodings":{},"epochs":30,"hidden":[64,32],"huber_delta":1.0,"label_smoothing":0.0,"learning_rate":0.001,"loss":"mse","max_categories":1000,"momentum":0.9,"norm":"none","numeric_encoding":"ple","onehot_max":16,"optimizer":"adam","patience":5,"residual_blocks":0,"schedule":"constant","seed":42,"split":"random","target_transform":"standardize","validation_fraction":0.2,"warmup_epochs":0,"weight_decay":0.0}"#
         );
         let full = json!({
             "hidden": [128, 64, 32], "activation": "gelu", "epochs": 50, "batch_size": 256, "learning_rate": 0.003,
@@ -1263,7 +1341,7 @@ mod tests {
         });
         assert_eq!(
             TrainOptions::from_json(Some(&full)).unwrap().to_json().to_string(),
-            r#"{"activation":"gelu","batch_size":256,"bins":32,"class_weights":{"no":1.0,"yes":2.5},"clip_norm":2.5,"dropout":0.1,"encodings":{"age":"standard","city":12,"fare":"quantile","plan":"onehot","state":"embedding","tenure":"ple"},"epochs":50,"hidden":[128,64,32],"huber_delta":1.5,"learning_rate":0.003,"loss":"huber","max_categories":500,"momentum":0.85,"norm":"layer","numeric_encoding":"quantile","onehot_max":8,"optimizer":"sgd","patience":9,"residual_blocks":2,"schedule":"warmup","seed":7,"split":"ordered","validation_fraction":0.25,"warmup_epochs":4,"weight_decay":0.0001}"#
+            r#"{"activation":"gelu","batch_size":256,"bins":32,"class_weights":{"no":1.0,"yes":2.5},"clip_norm":2.5,"dropout":0.1,"encodings":{"age":"standard","city":12,"fare":"quantile","plan":"onehot","state":"embedding","tenure":"ple"},"epochs":50,"hidden":[128,64,32],"huber_delta":1.5,"label_smoothing":0.0,"learning_rate":0.003,"loss":"huber","max_categories":500,"momentum":0.85,"norm":"layer","numeric_encoding":"quantile","onehot_max":8,"optimizer":"sgd","patience":9,"residual_blocks":2,"schedule":"warmup","seed":7,"split":"ordered","target_transform":"standardize","validation_fraction":0.25,"warmup_epochs":4,"weight_decay":0.0001}"#
         );
         let other = json!({
             "class_weights": "balanced", "optimizer": "adamw", "schedule": "cosine", "norm": "batch",
@@ -1271,7 +1349,7 @@ mod tests {
         });
         assert_eq!(
             TrainOptions::from_json(Some(&other)).unwrap().to_json().to_string(),
-            r#"{"activation":"silu","batch_size":128,"bins":16,"class_weights":"balanced","clip_norm":0.0,"dropout":0.0,"encodings":{},"epochs":30,"hidden":[64,32],"huber_delta":1.0,"learning_rate":0.001,"loss":"mse","max_categories":1000,"momentum":0.9,"norm":"batch","numeric_encoding":"ple","onehot_max":16,"optimizer":"adamw","patience":5,"residual_blocks":0,"schedule":"cosine","seed":42,"split":"random","validation_fraction":0.2,"warmup_epochs":0,"weight_decay":0.0}"#
+            r#"{"activation":"silu","batch_size":128,"bins":16,"class_weights":"balanced","clip_norm":0.0,"dropout":0.0,"encodings":{},"epochs":30,"hidden":[64,32],"huber_delta":1.0,"label_smoothing":0.0,"learning_rate":0.001,"loss":"mse","max_categories":1000,"momentum":0.9,"norm":"batch","numeric_encoding":"ple","onehot_max":16,"optimizer":"adamw","patience":5,"residual_blocks":0,"schedule":"cosine","seed":42,"split":"random","target_transform":"standardize","validation_fraction":0.2,"warmup_epochs":0,"weight_decay":0.0}"#
         );
     }
 
@@ -1365,6 +1443,83 @@ mod tests {
             check(json!({"class_weights": "balanced"}), Task::Regression),
             Err(SpecError::OptionTask { .. })
         ));
+    }
+
+    #[test]
+    fn label_smoothing_and_target_transforms_are_checked() {
+        let o = TrainOptions::from_json(Some(&json!({"label_smoothing": 0.1, "target_transform": "log"}))).unwrap();
+        assert_eq!((o.label_smoothing, o.target_transform), (0.1, TargetTransform::Log));
+        let d = TrainOptions::default();
+        assert_eq!((d.label_smoothing, d.target_transform), (0.0, TargetTransform::Standardize));
+        // Options stored before these keys existed read as what training did then.
+        let old: TrainOptions = serde_json::from_value(json!({"epochs": 3})).unwrap();
+        assert_eq!((old.label_smoothing, old.target_transform), (0.0, TargetTransform::Standardize));
+        // Out of range and of the wrong type: the exact errors.
+        let err = |v: Value| TrainOptions::from_json(Some(&v)).unwrap_err();
+        assert_eq!(
+            err(json!({"label_smoothing": 0.7})),
+            SpecError::OptionRange {
+                key: "label_smoothing".into(),
+                value: "0.7".into(),
+                allowed: "at least 0 and below 0.5".into()
+            }
+        );
+        assert_eq!(
+            err(json!({"label_smoothing": 0.5})),
+            SpecError::OptionRange {
+                key: "label_smoothing".into(),
+                value: "0.5".into(),
+                allowed: "at least 0 and below 0.5".into()
+            }
+        );
+        assert!(TrainOptions::from_json(Some(&json!({"label_smoothing": 0.4999}))).is_ok());
+        assert!(TrainOptions::from_json(Some(&json!({"label_smoothing": 0}))).is_ok());
+        assert_eq!(
+            err(json!({"label_smoothing": "a lot"})),
+            SpecError::OptionType { key: "label_smoothing".into(), expected: "a number".into() }
+        );
+        assert_eq!(
+            err(json!({"target_transform": "sqrt"})),
+            SpecError::OptionType {
+                key: "target_transform".into(),
+                expected: "one of \"none\", \"standardize\", \"log\", \"auto\"".into()
+            }
+        );
+        // Each on the wrong task.
+        let check = |v: Value, task| TrainOptions::from_json(Some(&v)).unwrap().check_against(&[], task, &[]);
+        for task in [Task::Binary, Task::Multiclass] {
+            check(json!({"label_smoothing": 0.2}), task).unwrap();
+            check(json!({"target_transform": "standardize"}), task).unwrap();
+            for transform in ["none", "log", "auto"] {
+                assert_eq!(
+                    check(json!({ "target_transform": transform }), task),
+                    Err(SpecError::OptionTask { key: "target_transform", task })
+                );
+            }
+        }
+        assert_eq!(
+            check(json!({"label_smoothing": 0.1}), Task::Regression),
+            Err(SpecError::OptionTask { key: "label_smoothing", task: Task::Regression })
+        );
+        assert_eq!(
+            check(json!({"label_smoothing": 0.1}), Task::Regression).unwrap_err().to_string(),
+            "option \"label_smoothing\" does not apply to a regression model"
+        );
+        for transform in ["none", "standardize", "log", "auto"] {
+            check(json!({ "target_transform": transform, "label_smoothing": 0 }), Task::Regression).unwrap();
+        }
+        // Only a log transform of a regression needs a positive target.
+        let needs = |v: Value, task| TrainOptions::from_json(Some(&v)).unwrap().needs_positive_target(task);
+        assert!(needs(json!({"target_transform": "log"}), Task::Regression));
+        assert!(!needs(json!({"target_transform": "auto"}), Task::Regression));
+        assert!(!needs(json!({}), Task::Regression));
+        let e = SpecError::TargetNotPositive { target: "price".into(), smallest: "-3".into() };
+        assert_eq!(
+            e.to_string(),
+            "option \"target_transform\" is \"log\", but target column \"price\" has values that are not greater \
+             than 0 (the smallest is -3); ln(y) needs every target > 0"
+        );
+        assert!(e.hint().unwrap().contains("\"auto\""));
     }
 
     #[test]
@@ -1472,6 +1627,7 @@ mod tests {
         check::<Norm>(r#""none", "batch", "layer""#);
         check::<NumericEncoding>(r#""standard", "quantile", "ple""#);
         check::<RegressionLoss>(r#""mse", "huber""#);
+        check::<TargetTransform>(r#""none", "standardize", "log", "auto""#);
         check::<EncodingName>(r#""standard", "quantile", "ple", "onehot", "embedding""#);
         check::<WeightsName>(r#""none", "balanced""#);
         // Names are exact: no other case, no enum written as an object.
@@ -1529,8 +1685,10 @@ mod tests {
             ("onehot_max", json!(4)),
             ("encodings", json!({"x": "ple"})),
             ("class_weights", json!("balanced")),
+            ("label_smoothing", json!(0.1)),
             ("loss", json!("huber")),
             ("huber_delta", json!(2)),
+            ("target_transform", json!("log")),
         ];
         assert_eq!(changed.iter().map(|(key, _)| *key).collect::<Vec<_>>(), OPTION_KEYS);
         let base = TrainOptions::default();

@@ -258,9 +258,10 @@ extern "C" __global__ void scatter_embedding(float* grad, const unsigned int* co
 
 // Losses write, per (row, model), the weighted loss and d(loss)/d(logits)
 // already divided by the batch's denominator. Inactive models get zeros.
+// `smoothing` is label smoothing ε: the target y becomes y(1 - ε) + ε/2.
 extern "C" __global__ void binary_loss(const float* logits, const float* y, float* grad, float* row_loss,
                                        const float* active, long long rows, int models, float w0, float w1,
-                                       float inv_denominator) {
+                                       float smoothing, float inv_denominator) {
     GRID_STRIDE(i, rows * models) {
         int m = (int)(i % models);
         if (active[m] == 0.0f) {
@@ -268,8 +269,9 @@ extern "C" __global__ void binary_loss(const float* logits, const float* y, floa
             row_loss[i] = 0.0f;
             continue;
         }
-        float z = logits[i], t = y[i / models];
-        float w = t > 0.5f ? w1 : w0;
+        float z = logits[i], label = y[i / models];
+        float w = label > 0.5f ? w1 : w0;
+        float t = label * (1.0f - smoothing) + 0.5f * smoothing;
         float e = expf(-fabsf(z));
         float p = z >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
         row_loss[i] = w * (fmaxf(z, 0.0f) - z * t + log1pf(e));
@@ -278,9 +280,12 @@ extern "C" __global__ void binary_loss(const float* logits, const float* y, floa
 }
 
 // `weights` holds one weight per class, or is ignored when `weighted` is 0.
+// With label smoothing ε > 0 the row's loss is PyTorch's
+// (1 - ε)·w_k·(-ln p_k) + (ε/C)·Σ_c w_c·(-ln p_c), as in the CPU engine.
 extern "C" __global__ void multiclass_loss(const float* logits, const float* y, float* grad, float* row_loss,
                                            const float* active, long long rows, int models, int classes,
-                                           const float* weights, int weighted, float inv_denominator) {
+                                           const float* weights, int weighted, float smoothing,
+                                           float inv_denominator) {
     GRID_STRIDE(i, rows * models) {
         int m = (int)(i % models);
         const float* z = logits + i * classes;
@@ -298,6 +303,19 @@ extern "C" __global__ void multiclass_loss(const float* logits, const float* y, 
         for (int c = 0; c < classes; c++) {
             g[c] = expf(z[c] - max);
             sum += g[c];
+        }
+        if (smoothing > 0.0f) {
+            float spread = smoothing / (float)classes, on_target = (1.0f - smoothing) * w;
+            float total_weight = 0.0f;
+            for (int c = 0; c < classes; c++) total_weight += weighted ? weights[c] : 1.0f;
+            float scale = on_target + spread * total_weight, ln_sum = logf(sum), loss = 0.0f;
+            for (int c = 0; c < classes; c++) {
+                float here = (c == k ? on_target : 0.0f) + spread * (weighted ? weights[c] : 1.0f);
+                loss += here * -(z[c] - max - ln_sum);
+                g[c] = (scale * (g[c] / sum) - here) * inv_denominator;
+            }
+            row_loss[i] = loss;
+            continue;
         }
         for (int c = 0; c < classes; c++) g[c] /= sum;
         row_loss[i] = -w * logf(fmaxf(g[k], 1.17549435e-38f));

