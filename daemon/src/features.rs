@@ -26,6 +26,13 @@ pub enum Encoder {
     /// One input, the mean of the piecewise-linear inputs minus 0.5: the
     /// value's quantile, from -0.5 to 0.5. NULL is 0 (plus the indicator).
     Quantile { edges: Vec<f32>, null_indicator: bool },
+    /// Robust scaling with smooth clipping (RealMLP-TD): `z = (x - median) / scale`,
+    /// clamped to ±[`ROBUST_CLAMP`], then `z / sqrt(1 + (z/3)^2)`, which is
+    /// close to `z` near the median and saturates towards ±3 for outliers.
+    /// `scale` is the training rows' inter-quartile range `q75 - q25`, or
+    /// `(max - min) / 2` where that is 0, or 1 for a constant column (see
+    /// `robust_scale`). NULL is 0, the median (plus the indicator).
+    Robust { median: f32, scale: f32, null_indicator: bool },
     /// A code into the network's embedding table for this column: the index
     /// in `vocabulary`, or `vocabulary.len()` (a zero vector) for values never seen.
     Embedding { vocabulary: Vec<String>, dim: usize },
@@ -36,9 +43,9 @@ impl Encoder {
     /// none: they add a code).
     pub fn width(&self) -> usize {
         match self {
-            Encoder::Numeric { null_indicator, .. } | Encoder::Quantile { null_indicator, .. } => {
-                1 + *null_indicator as usize
-            }
+            Encoder::Numeric { null_indicator, .. }
+            | Encoder::Quantile { null_indicator, .. }
+            | Encoder::Robust { null_indicator, .. } => 1 + *null_indicator as usize,
             Encoder::Ple { edges, null_indicator } => edges.len() - 1 + *null_indicator as usize,
             Encoder::Categorical { vocabulary } => vocabulary.len(),
             Encoder::Embedding { .. } => 0,
@@ -47,7 +54,9 @@ impl Encoder {
 
     fn kind(&self) -> FeatureKind {
         match self {
-            Encoder::Numeric { .. } | Encoder::Ple { .. } | Encoder::Quantile { .. } => FeatureKind::Numeric,
+            Encoder::Numeric { .. } | Encoder::Ple { .. } | Encoder::Quantile { .. } | Encoder::Robust { .. } => {
+                FeatureKind::Numeric
+            }
             Encoder::Categorical { .. } | Encoder::Embedding { .. } => FeatureKind::Categorical,
         }
     }
@@ -56,6 +65,49 @@ impl Encoder {
 /// The piecewise-linear inputs of `x` over `edges`, in f32 as the exported graph computes them.
 pub fn ple_inputs(x: f32, edges: &[f32]) -> impl Iterator<Item = f32> + '_ {
     edges.windows(2).map(move |e| ((x - e[0]) / (e[1] - e[0])).clamp(0.0, 1.0))
+}
+
+/// Robust inputs are clamped to this many scales from the median before the
+/// smooth clip, where it is 3 to f32 precision: beyond it `(z/3)^2` would
+/// overflow f32 and the clip would fall back to 0.
+pub const ROBUST_CLAMP: f32 = 1e6;
+
+/// The robust encoding of `x` (finite) given the fitted `median` and
+/// `scale`, in f32 as the exported graph computes it.
+pub fn robust_input(x: f32, median: f32, scale: f32) -> f32 {
+    let z = ((x - median) / scale).clamp(-ROBUST_CLAMP, ROBUST_CLAMP);
+    let t = z / 3.0;
+    z / (1.0 + t * t).sqrt()
+}
+
+/// The `p`-quantile of sorted `values` (not empty), interpolated linearly
+/// between the two nearest ranks (numpy's default).
+fn quantile_of_sorted(values: &[f32], p: f64) -> f64 {
+    let pos = p * (values.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    let (a, b) = (values[lo] as f64, values[hi] as f64);
+    a + (b - a) * (pos - lo as f64)
+}
+
+/// The median and scale of the robust encoding over `values` (the training
+/// rows' finite values). The scale is the inter-quartile range; where that
+/// is 0 (more than half the rows share one value) half the range, as
+/// RealMLP-TD's reference code does; where that is 0 too (a constant
+/// column, or none at all) 1, as the standard encoding does: such a column
+/// carries no signal, and a value that differs still encodes finitely.
+fn robust_scale(mut values: Vec<f32>) -> (f32, f32) {
+    if values.is_empty() {
+        return (0.0, 1.0);
+    }
+    values.sort_by(f32::total_cmp);
+    let median = quantile_of_sorted(&values, 0.5) as f32;
+    let iqr = (quantile_of_sorted(&values, 0.75) - quantile_of_sorted(&values, 0.25)) as f32;
+    let half_range = ((values[values.len() - 1] as f64 - values[0] as f64) / 2.0) as f32;
+    // A positive, normal f32 (a subnormal or overflowed scale would not
+    // divide cleanly in f32).
+    let usable = |s: f32| s.is_normal() && s > 0.0;
+    let scale = [iqr, half_range].into_iter().find(|&s| usable(s)).unwrap_or(1.0);
+    (median, scale)
 }
 
 /// Distinct quantiles of `values` at `0, 1/bins, ..., 1` (at least two edges;
@@ -155,16 +207,18 @@ impl FeaturePipeline {
                     // A constant column carries no signal; keep it finite and harmless.
                     let std = if std > 1e-12 { std } else { 1.0 };
                     let null_indicator = nulls > 0;
-                    let edges = || {
-                        let seen = rows.iter().filter_map(|&r| numeric_value(values[r])).collect();
-                        quantile_edges(seen, options.bins as usize)
-                    };
+                    let seen = || rows.iter().filter_map(|&r| numeric_value(values[r])).collect();
+                    let edges = || quantile_edges(seen(), options.bins as usize);
                     match options.numeric_encoding(&feature.name) {
                         NumericEncoding::Standard => {
                             Encoder::Numeric { mean: mean as f32, std: std as f32, null_indicator }
                         }
                         NumericEncoding::Ple => Encoder::Ple { edges: edges(), null_indicator },
                         NumericEncoding::Quantile => Encoder::Quantile { edges: edges(), null_indicator },
+                        NumericEncoding::Robust => {
+                            let (median, scale) = robust_scale(seen());
+                            Encoder::Robust { median, scale, null_indicator }
+                        }
                     }
                 }
                 (FeatureKind::Categorical, ColumnData::Text(values)) => {
@@ -247,6 +301,16 @@ impl FeaturePipeline {
                         let row = &mut x[r * width + offset..];
                         match numeric_value(*v) {
                             Some(v) => row[0] = ple_inputs(v, edges).sum::<f32>() / bins - 0.5,
+                            None if *null_indicator => row[1] = 1.0,
+                            None => {}
+                        }
+                    }
+                }
+                (Encoder::Robust { median, scale, null_indicator }, ColumnData::Float64(values)) => {
+                    for (r, v) in values.iter().enumerate() {
+                        let row = &mut x[r * width + offset..];
+                        match numeric_value(*v) {
+                            Some(v) => row[0] = robust_input(v, *median, *scale),
                             None if *null_indicator => row[1] = 1.0,
                             None => {}
                         }
@@ -365,6 +429,68 @@ mod tests {
         assert!((enc(&q, Some(60.0))[0] - 0.1).abs() < 1e-6);
         assert_eq!(enc(&q, Some(1e9)), vec![0.5, 0.0]);
         assert_eq!(enc(&q, None), vec![0.0, 1.0]);
+    }
+
+    #[test]
+    fn robust_scaling_is_fitted_on_training_rows_and_clips_smoothly() {
+        // Training rows 0..=8: values 1..=9 and a NULL; row 10 (1000) is not
+        // a training row and must not move the median or the quartiles.
+        let values: Vec<Option<f64>> = (1..=9).map(|v| Some(v as f64)).chain([None, Some(1000.0)]).collect();
+        let cols = vec![ColumnData::Float64(values)];
+        let f = vec![Feature { name: "v".into(), kind: FeatureKind::Numeric }];
+        let rows: Vec<usize> = (0..10).collect();
+        let p =
+            FeaturePipeline::fit(&f, &cols, &rows, &opts(serde_json::json!({"numeric_encoding": "robust"}))).unwrap();
+        // Median 5; q25 = 3, q75 = 7 (linear interpolation): IQR 4.
+        assert_eq!(p.features[0].encoder, Encoder::Robust { median: 5.0, scale: 4.0, null_indicator: true });
+        assert_eq!(p.width(), 2);
+        let enc = |p: &FeaturePipeline, v: Option<f64>| p.transform(&[ColumnData::Float64(vec![v])]).unwrap().x;
+        // By hand: z = (x - 5) / 4, then z / sqrt(1 + (z/3)^2).
+        assert_eq!(enc(&p, Some(5.0)), vec![0.0, 0.0]);
+        // z = 3: 3 / sqrt(2).
+        assert!((enc(&p, Some(17.0))[0] - 2.121_320_3).abs() < 1e-6);
+        // z = -1.5: -1.5 / sqrt(1.25) = -1.341641.
+        assert!((enc(&p, Some(-1.0))[0] + 1.341_640_8).abs() < 1e-6);
+        // z = 0.25: close to z itself.
+        assert!((enc(&p, Some(6.0))[0] - 0.25 / (1.0f32 + 0.25 * 0.25 / 9.0).sqrt()).abs() < 1e-7);
+        // Outliers saturate below 3, far ones at 3 to f32 precision, finitely.
+        let outlier = enc(&p, Some(1000.0))[0];
+        assert!(outlier > 2.99 && outlier < 3.0, "{outlier}");
+        assert_eq!(enc(&p, Some(1e30)), vec![3.0, 0.0]);
+        assert_eq!(enc(&p, Some(-3e38)), vec![-3.0, 0.0]);
+        // NULL (and what counts as missing) is the median, 0, and the flag.
+        assert_eq!(enc(&p, None), vec![0.0, 1.0]);
+        assert_eq!(enc(&p, Some(f64::INFINITY)), vec![0.0, 1.0]);
+
+        // Without NULLs in the training rows there is no flag; a per-column
+        // `robust` overrides the default encoding.
+        let p =
+            FeaturePipeline::fit(&f, &cols, &[0, 1, 2, 3, 4], &opts(serde_json::json!({"encodings": {"v": "robust"}})))
+                .unwrap();
+        assert_eq!(p.features[0].encoder, Encoder::Robust { median: 3.0, scale: 2.0, null_indicator: false });
+        assert_eq!(enc(&p, None), vec![0.0]);
+    }
+
+    #[test]
+    fn a_robust_scale_of_zero_falls_back_to_half_the_range_then_to_one() {
+        // Most rows share one value: the IQR is 0, half the range is 5.
+        let mostly_zero = vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 10.0];
+        assert_eq!(robust_scale(mostly_zero), (0.0, 5.0));
+        // A constant column, and a column with no values at all: scale 1.
+        assert_eq!(robust_scale(vec![7.0; 4]), (7.0, 1.0));
+        assert_eq!(robust_scale(vec![]), (0.0, 1.0));
+        assert_eq!(robust_scale(vec![2.5]), (2.5, 1.0));
+        // Even sizes interpolate: median of 1, 2, 3, 4 is 2.5; q25 1.75, q75 3.25.
+        assert_eq!(robust_scale(vec![4.0, 1.0, 3.0, 2.0]), (2.5, 1.5));
+        // Extreme magnitudes keep a finite, normal scale.
+        let (median, scale) = robust_scale(vec![-3e38, -3e38, 3e38, 3e38]);
+        assert!(median.is_finite() && scale.is_normal(), "{median} {scale}");
+        assert!(robust_input(3e38, median, scale).is_finite());
+        // Every input is finite and within (-3, 3].
+        for x in [-1e38, -1.0, 0.0, 1e-30, 1.0, 1e38] {
+            let y = robust_input(x, 7.0, 1.0);
+            assert!(y.is_finite() && y.abs() <= 3.0, "{x}: {y}");
+        }
     }
 
     #[test]

@@ -181,6 +181,19 @@ mod tests {
     use crate::train::{architecture, train, Control};
 
     #[test]
+    fn robust_inputs_match_robust_inputs_only() {
+        let robust = |median, scale| Encoder::Robust { median, scale, null_indicator: true };
+        let standard = Encoder::Numeric { mean: 0.0, std: 1.0, null_indicator: true };
+        // Refitted on new rows, the median and scale move; the input means the same.
+        assert!(same_inputs(&robust(1.0, 2.0), &robust(1.5, 2.5)));
+        // As wide as a standardised column, but not the same input.
+        assert_eq!(robust(0.0, 1.0).width(), standard.width());
+        assert!(!same_inputs(&robust(0.0, 1.0), &standard));
+        assert!(!same_inputs(&standard, &robust(0.0, 1.0)));
+        assert!(!same_inputs(&robust(0.0, 1.0), &Encoder::Robust { median: 0.0, scale: 1.0, null_indicator: false }));
+    }
+
+    #[test]
     fn a_child_keeps_its_parents_weights_where_shapes_allow() {
         let (features, target) = toy(300);
         let mut parent_plan = plan(Task::Binary, &["no", "yes"]);

@@ -138,10 +138,86 @@ fn onnx_runtime_agrees_with_the_engine_for_every_head_layer_and_encoding() {
             json!({"hidden": [8], "encodings": {"monthly charges": "quantile", "internet": "embedding"}}),
         ),
         (Task::Regression, json!({"hidden": [], "bins": 5, "numeric_encoding": "ple", "onehot_max": 2})),
+        // Robust scaling of a column with NULLs (and, held out, infinities
+        // and values beyond f32), by default and per column.
+        (Task::Regression, json!({"hidden": [], "numeric_encoding": "robust"})),
+        (Task::Binary, json!({"hidden": [8], "encodings": {"monthly charges": "robust", "internet": "embedding"}})),
     ];
     for (task, options) in cases {
         let what = format!("{task} {options}");
         check_agreement(&rt, &trained(task, options), &what);
+    }
+}
+
+/// Robust scaling exports exactly: a column with outliers (far beyond the
+/// training rows' when held out), one whose quartiles coincide (the scale
+/// falls back to half the range) and one with NULLs.
+#[test]
+fn robust_scaling_agrees_with_the_engine_on_outliers_nulls_and_a_zero_iqr() {
+    use cerebro_daemon::features::Encoder;
+    let Some(rt) = common::onnx_runtime() else { return };
+    let cols = |n: usize, offset: usize| -> Vec<ColumnData> {
+        let (mut skewed, mut spiky, mut holes) = (Vec::new(), Vec::new(), Vec::new());
+        for i in offset..offset + n {
+            let base = ((i * 37) % 101) as f64 / 10.0;
+            skewed.push(Some(match (i % 17, offset > 0) {
+                (0, false) => 1e4,
+                (5, false) => -2e5,
+                (0, true) => 1e12,
+                (5, true) => -1e30,
+                (9, true) => 3e38,
+                (12, true) => -3e38,
+                _ => base,
+            }));
+            // Three quarters zeros: q25 = q75 = 0.
+            spiky.push(Some(if i % 4 == 0 { base * 100.0 - 300.0 } else { 0.0 }));
+            holes.push(match i % 5 {
+                0 => None,
+                3 if offset > 0 => Some([f64::INFINITY, f64::NAN, 1e300][i % 3]),
+                _ => Some(base - 5.0),
+            });
+        }
+        vec![ColumnData::Float64(skewed), ColumnData::Float64(spiky), ColumnData::Float64(holes)]
+    };
+    let features: Vec<Feature> = ["skewed", "spiky", "holes"]
+        .iter()
+        .map(|n| Feature { name: n.to_string(), kind: FeatureKind::Numeric })
+        .collect();
+    let train_cols = cols(400, 0);
+    let ColumnData::Float64(skewed) = &train_cols[0] else { unreachable!() };
+    let target = ColumnData::Float64(skewed.iter().map(|v| Some(v.unwrap().clamp(-10.0, 20.0) * 2.0 + 1.0)).collect());
+    let held_out = cols(300, 10_000);
+    for options in [
+        json!({"hidden": [], "numeric_encoding": "robust"}),
+        json!({"hidden": [8, 4], "activation": "gelu", "encodings": {"skewed": "robust", "spiky": "robust", "holes": "robust"}}),
+    ] {
+        let mut options = TrainOptions::from_json(Some(&options)).unwrap();
+        options.epochs = 5;
+        let plan = TrainingPlan {
+            task: Task::Regression,
+            target: "y".into(),
+            features: features.clone(),
+            class_labels: vec![],
+            options,
+        };
+        let model = train(&plan, &train_cols, &target, Compute::cpu(1), &mut |_| Control::Continue).unwrap();
+        let encoders: Vec<&Encoder> = model.pipeline.features.iter().map(|f| &f.encoder).collect();
+        assert!(matches!(encoders[0], Encoder::Robust { null_indicator: false, .. }), "{encoders:?}");
+        let Encoder::Robust { median, scale, .. } = encoders[1] else { panic!("{encoders:?}") };
+        assert_eq!(*median, 0.0);
+        assert!(*scale > 100.0, "half the range, not the zero IQR: {scale}");
+        assert!(matches!(encoders[2], Encoder::Robust { null_indicator: true, .. }), "{encoders:?}");
+        assert_eq!(model.pipeline.width(), 4);
+
+        let bytes = export(&model, &[]).unwrap();
+        let onnx = ScoringModel::load(&rt, &bytes).unwrap();
+        let engine = model.outputs(&held_out).unwrap();
+        let (runtime, width) = onnx.run(&held_out).unwrap();
+        assert_eq!((engine.len(), width), (runtime.len(), 1));
+        for (i, (e, r)) in engine.iter().zip(&runtime).enumerate() {
+            assert!(e.is_finite(), "row {i}: {e}");
+            assert!((e - r).abs() <= 1e-5 * e.abs().max(1.0), "{:?} row {i}: engine {e} onnx {r}", plan.options);
+        }
     }
 }
 

@@ -29,7 +29,7 @@ fn column_inputs(name: &str, kind: InputKind, options: &TrainOptions) -> (u64, u
     let vocabulary = u64::from(options.max_categories).max(1);
     let numeric = |encoding: NumericEncoding| match encoding {
         // The value and its "was NULL" indicator.
-        NumericEncoding::Standard | NumericEncoding::Quantile => 2,
+        NumericEncoding::Standard | NumericEncoding::Quantile | NumericEncoding::Robust => 2,
         NumericEncoding::Ple => u64::from(options.bins).max(1) + 1,
     };
     let embedded = |dim: Option<u32>| {
@@ -38,10 +38,7 @@ fn column_inputs(name: &str, kind: InputKind, options: &TrainOptions) -> (u64, u
         (dim, (vocabulary + 2).saturating_mul(dim))
     };
     match (kind, options.encodings.get(name)) {
-        (InputKind::Numeric, Some(ColumnEncoding::Standard)) => (numeric(NumericEncoding::Standard), 0),
-        (InputKind::Numeric, Some(ColumnEncoding::Quantile)) => (numeric(NumericEncoding::Quantile), 0),
-        (InputKind::Numeric, Some(ColumnEncoding::Ple)) => (numeric(NumericEncoding::Ple), 0),
-        (InputKind::Numeric, _) => (numeric(options.numeric_encoding), 0),
+        (InputKind::Numeric, _) => (numeric(options.numeric_encoding(name)), 0),
         (InputKind::Categorical, Some(ColumnEncoding::Embedding(dim))) => embedded(*dim),
         (InputKind::Categorical, Some(ColumnEncoding::OneHot)) => (vocabulary + 1, 0),
         (InputKind::Categorical, _) if vocabulary > u64::from(options.onehot_max) => embedded(None),
@@ -111,6 +108,16 @@ mod tests {
         // 4 inputs (two values, two NULL flags) -> 8 -> 4 -> 1.
         assert_eq!(size.parameters, (4 * 8 + 8) + (8 * 4 + 4) + (4 + 1));
         assert!(size.training_bytes > size.parameters * 16);
+    }
+
+    #[test]
+    fn a_robust_column_is_one_input_and_its_null_flag() {
+        let every = options(serde_json::json!({"hidden": [8], "numeric_encoding": "robust"}));
+        assert_eq!(model_size(&every, &[("a", InputKind::Numeric)], 1).parameters, (2 * 8 + 8) + (8 + 1));
+        // One robust column among PLE ones (16 bins and the flag).
+        let one = options(serde_json::json!({"hidden": [8], "bins": 16, "encodings": {"a": "robust"}}));
+        let size = model_size(&one, &[("a", InputKind::Numeric), ("b", InputKind::Numeric)], 1);
+        assert_eq!(size.parameters, ((2 + 17) * 8 + 8) + (8 + 1));
     }
 
     #[test]

@@ -1486,6 +1486,26 @@ search   grid
     }
 
     #[test]
+    fn the_robust_encoding_can_be_searched() {
+        let text = "encode fare = {ple, robust}\ntrain numeric_encoding = {standard, robust}, epochs = 3";
+        let spec = parse(text).unwrap();
+        let all = spec.expand(text, 100).unwrap();
+        assert_eq!(all.len(), 4);
+        let tried: std::collections::BTreeSet<String> = all
+            .iter()
+            .map(|c| format!("{} {}", c.options["encodings"]["fare"], c.options["numeric_encoding"]))
+            .collect();
+        assert!(tried.contains(r#""robust" "robust""#) && tried.contains(r#""ple" "standard""#), "{tried:?}");
+        for c in &all {
+            TrainOptions::from_json(Some(&Json::Object(c.options.clone()))).unwrap();
+        }
+        let e = error("encode fare = {ple, robst}");
+        assert!(e.message.contains("\"robust\""), "{e}");
+        let e = error("train numeric_encoding = robst");
+        assert!(e.message.contains("\"robust\""), "{e}");
+    }
+
+    #[test]
     fn a_grid_expands_to_every_combination_and_a_random_search_repeats() {
         let text = "features a, b.{x, y}?\nmodel hidden = {[8], [16, 8]}\ntrain lr = {0.01, 0.001}, epochs = 3";
         let spec = parse(text).unwrap();

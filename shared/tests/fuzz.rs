@@ -141,6 +141,7 @@ const TOKENS: &[&str] = &[
     "embedding",
     "onehot",
     "ple",
+    "robust",
     "é",
     "\u{0}",
     "\u{feff}",

@@ -12,7 +12,7 @@ use prost::Message;
 use super::proto::*;
 use crate::engine::activation::{Activation, GELU_A, GELU_C};
 use crate::engine::{Op, Stack, NORM_EPS};
-use crate::features::Encoder;
+use crate::features::{Encoder, ROBUST_CLAMP};
 use crate::train::TrainedModel;
 
 /// Binary models: `[N, 1]` probability of the positive class.
@@ -181,6 +181,24 @@ fn ple(g: &mut Graph, x: &str, edges: &[f32]) -> String {
     g.node("Clip", &[&scaled, &zero, &one], vec![], None)
 }
 
+/// The robust encoding `[N, 1]` of a float column `x`, as
+/// [`crate::features::robust_input`] computes it (NaN for NULL rows).
+fn robust(g: &mut Graph, x: &str, median: f32, scale: f32) -> String {
+    let median = g.const_f32("median", &[1], vec![median]);
+    let scale = g.const_f32("scale", &[1], vec![scale]);
+    let (lo, hi) =
+        (g.const_f32("clamp_lo", &[], vec![-ROBUST_CLAMP]), g.const_f32("clamp_hi", &[], vec![ROBUST_CLAMP]));
+    let (three, one) = (g.const_f32("three", &[1], vec![3.0]), g.const_f32("one", &[1], vec![1.0]));
+    let centred = g.node("Sub", &[x, &median], vec![], None);
+    let scaled = g.node("Div", &[&centred, &scale], vec![], None);
+    let z = g.node("Clip", &[&scaled, &lo, &hi], vec![], None);
+    let t = g.node("Div", &[&z, &three], vec![], None);
+    let t2 = g.node("Mul", &[&t, &t], vec![], None);
+    let inner = g.node("Add", &[&t2, &one], vec![], None);
+    let root = g.node("Sqrt", &[&inner], vec![], None);
+    g.node("Div", &[&z, &root], vec![], None)
+}
+
 /// The network's ops over `h`, the concatenated inputs.
 fn network(g: &mut Graph, net: &Stack, mut h: String) -> String {
     // The input of every op, for residual connections.
@@ -249,6 +267,16 @@ pub fn export(model: &TrainedModel, metadata: &[(&str, String)]) -> Result<Vec<u
                 let centred = g.node("Sub", &[x, &mean], vec![], None);
                 let scaled = g.node("Div", &[&centred, &std], vec![], None);
                 parts.push(g.node("Where", &[&is_null, &zero, &scaled], vec![], None));
+                if *null_indicator {
+                    parts.push(g.node("Cast", &[&is_null], vec![float.clone()], None));
+                }
+            }
+            Encoder::Robust { median, scale, null_indicator } => {
+                inputs.push(value_info(x, data_type::FLOAT, [None, Some(1)]));
+                let zero = g.const_f32("zero", &[1], vec![0.0]);
+                let is_null = missing(&mut g, x);
+                let value = robust(&mut g, x, *median, *scale);
+                parts.push(g.node("Where", &[&is_null, &zero, &value], vec![], None));
                 if *null_indicator {
                     parts.push(g.node("Cast", &[&is_null], vec![float.clone()], None));
                 }

@@ -315,7 +315,14 @@ impl ClosedDatabase {
             )
             .await?
             .get(0);
-        assert_eq!(terminated, 3, "the daemon lock's, the job loop's and the data sessions");
+        // Usually all three; one ending on its own meanwhile (the backend
+        // already gone) is not terminated, so what matters is that none is left.
+        assert!(terminated >= 1, "the daemon lock's, the job loop's and the data sessions: none terminated");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while admin.query_one(sessions, &[&env.db]).await?.get::<_, i64>(0) > 0 {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "cerebrod's sessions did not end in 30 s");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         Ok(closed)
     }
 }
