@@ -252,9 +252,15 @@ ensure_database() {
     if [ "$installed" != "$digest" ]; then
         if [ -n "$before" ] && [ ! -f "$ROOT/sql/released/cerebro--$before.sql" ]; then
             step "Database $db has cerebro $before from an earlier build of this unreleased version: recreating the extension (its models are dropped)"
-            psql_as "$db" -q -c "DROP EXTENSION cerebro CASCADE" 2>&1 | grep -v '^NOTICE' || true
-            psql_as "$db" -q -c "DROP SCHEMA IF EXISTS cerebro_data CASCADE" 2>&1 | grep -v '^NOTICE' || true
-            psql_as "$db" -q -c "CREATE EXTENSION cerebro"
+            # cerebrod holds catalog locks while it runs: stop whichever serves
+            # this database (ensure_daemon starts it again).
+            local config
+            for config in "$STATE"/*.toml; do
+                [ -f "$config" ] && grep -q "dbname=$db\"" "$config" && stop_daemon "$(basename "$config" .toml)"
+            done
+            psql_as "$db" -q -c "SET client_min_messages = warning" -c "SET lock_timeout = '60s'" \
+                -c "DROP EXTENSION cerebro CASCADE" -c "DROP SCHEMA IF EXISTS cerebro_data CASCADE" \
+                -c "CREATE EXTENSION cerebro"
         fi
         psql_as "$db" -q -c "COMMENT ON EXTENSION cerebro IS '$digest'"
     fi
