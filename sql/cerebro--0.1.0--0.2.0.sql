@@ -110,7 +110,14 @@ CREATE TABLE cerebro.selections (
     plan       jsonb       NOT NULL DEFAULT '{"strategy": "grid"}',
     -- Set by cerebro.finish_selection once no candidate is left to train.
     finished_at timestamptz,
-    promoted_version integer
+    promoted_version integer,
+    -- The spec's budget, and what its candidates have spent of it: seconds
+    -- since the INSERT and epochs summed over the candidates, brought up to
+    -- date by cerebro.finish_selection after each stack cerebrod trains.
+    budget_seconds double precision GENERATED ALWAYS AS ((plan->>'budget_seconds')::double precision) STORED,
+    budget_epochs bigint GENERATED ALWAYS AS ((plan->>'budget_epochs')::bigint) STORED,
+    spent_seconds double precision NOT NULL DEFAULT 0,
+    spent_epochs bigint NOT NULL DEFAULT 0
 );
 ALTER TABLE cerebro.model_versions ADD COLUMN selection_id bigint REFERENCES cerebro.selections (id);
 CREATE INDEX model_versions_by_selection ON cerebro.model_versions (selection_id) WHERE selection_id IS NOT NULL;

@@ -532,10 +532,11 @@ fn cancel_selection(selection: Option<i64>) -> i32 {
     try_cancel(selection).unwrap_or_else(|e| raise(e))
 }
 
-/// Marks a selection finished once none of its candidates is queued or
-/// training, and, if its spec says `promote`, deploys its best candidate for
-/// the user who started it. cerebrod calls it after each stack; calling it
-/// again, or early, changes nothing. Returns the version promoted, if any.
+/// Brings what a selection has spent of its budget up to date, marks it
+/// finished once none of its candidates is queued or training, and, if its
+/// spec says `promote`, deploys its best candidate for the user who started
+/// it. cerebrod calls it after each stack; calling it again, or early,
+/// changes nothing but the spending. Returns the version promoted, if any.
 fn try_finish_selection(selection: Option<i64>) -> Result<Option<i32>> {
     let selection = selection.ok_or(CerebroError::NullArgument("selection"))?;
     Spi::connect_mut(|client| {
@@ -550,13 +551,25 @@ fn try_finish_selection(selection: Option<i64>) -> Result<Option<i32>> {
         let by: String = row.get(2)?.unwrap_or_default();
         let promote: bool = row.get(3)?.unwrap_or(false);
         let finished: bool = row.get(4)?.unwrap_or(false);
+        if finished {
+            return Ok(None);
+        }
+        client.update(
+            "UPDATE cerebro.selections s
+             SET spent_seconds = extract(epoch FROM now() - s.created_at),
+                 spent_epochs = (SELECT coalesce(sum(m.epoch), 0) FROM cerebro.model_versions m
+                                 WHERE m.selection_id = s.id)
+             WHERE s.id = $1",
+            None,
+            &[selection.into()],
+        )?;
         let unfinished = first::<i64>(
             client,
             "SELECT count(*) FROM cerebro.model_versions WHERE selection_id = $1 AND status IN ('queued', 'training')",
             &[selection.into()],
             1,
         )?;
-        if finished || unfinished.unwrap_or(0) > 0 {
+        if unfinished.unwrap_or(0) > 0 {
             return Ok(None);
         }
         client.update("UPDATE cerebro.selections SET finished_at = now() WHERE id = $1", None, &[selection.into()])?;

@@ -1340,6 +1340,19 @@ async fn a_spent_budget_stops_training_and_cancels_what_has_not_started() -> any
         }
     }
     assert_eq!(ready, 2);
+    // The budget and what was spent of it, as cerebro.selections shows them.
+    let spent = db
+        .query_one(
+            "SELECT budget_epochs, budget_seconds, spent_epochs, spent_seconds,
+                    spent_seconds <= extract(epoch FROM finished_at - created_at)
+             FROM cerebro.selections WHERE id = $1",
+            &[&selection],
+        )
+        .await?;
+    let (budget, no_seconds, epochs, seconds, bounded): (Option<i64>, Option<f64>, i64, f64, bool) =
+        (spent.get(0), spent.get(1), spent.get(2), spent.get(3), spent.get(4));
+    assert_eq!((budget, no_seconds, epochs), (Some(30), None, 30));
+    assert!(seconds > 0.0 && bounded, "spent {seconds} s, within the selection's life");
     Ok(())
 }
 
