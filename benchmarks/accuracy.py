@@ -265,8 +265,9 @@ def cerebro(conn, task: Task, train: pd.DataFrame, test: pd.DataFrame, use_log: 
         if row is None:
             raise RuntimeError(f"selection {selection} has no ready candidate")
         version, class_labels = row
-        cur.execute("SELECT count(*), sum(epochs_run) FROM cerebro.leaderboard WHERE selection = %s", (selection,))
-        candidates, epochs = cur.fetchone()
+        cur.execute("SELECT candidates, spent_epochs, spent_seconds, budget_seconds FROM cerebro.selections"
+                    " WHERE id = %s", (selection,))
+        candidates, epochs, spent_s, budget_s = cur.fetchone()
         t1 = time.time()
         cur.execute("SELECT key, label, score FROM cerebro.predictions"
                     " WHERE model = %s AND version = %s AND source = %s",
@@ -283,7 +284,8 @@ def cerebro(conn, task: Task, train: pd.DataFrame, test: pd.DataFrame, use_log: 
         value = metric(task, truth.astype(str), scored["label"])
     else:
         value = metric(task, truth.astype(float), scored["score"].astype(float), use_log=use_log)
-    details = {"selection": selection, "version": version, "candidates": candidates, "epochs": epochs}
+    details = {"selection": selection, "version": version, "candidates": candidates, "epochs": epochs,
+               "spent_s": spent_s, "budget_s": budget_s}
     return value, trained_s, scored_s, details
 
 
@@ -334,14 +336,16 @@ def delta(row):
 def print_table(rows):
     print()
     print(f"{'task':14} {'metric':10} {'Cerebro':>8} {'HGB':>8} {'LightGBM':>8} {'delta':>7}"
-          f" {'Cerebro s':>9} {'cands':>5} {'HGB s':>6} {'LGBM s':>6}")
+          f" {'Cerebro s':>9} {'budget':>7} {'cands':>5} {'HGB s':>6} {'LGBM s':>6}")
     for r in rows:
+        budget = f"{100 * r['spent_s'] / r['budget_s']:6.1f}%" if r.get("budget_s") else "   none"
         print(f"{r['task']:14} {r['metric']:10} {r['cerebro']:8.4f} {r['hgb']:8.4f} {r['lightgbm']:8.4f}"
-              f" {r['delta']:+7.2f} {r['cerebro_train_s']:9.1f} {r['candidates']:5d} {r['hgb_s']:6.1f}"
+              f" {r['delta']:+7.2f} {r['cerebro_train_s']:9.1f} {budget:>7} {r['candidates']:5d} {r['hgb_s']:6.1f}"
               f" {r['lightgbm_s']:6.1f}")
     if rows:
         print(f"{'mean delta':14} {'':10} {'':8} {'':8} {'':8} {sum(r['delta'] for r in rows) / len(rows):+7.2f}")
-    print("delta: Cerebro minus the best baseline, in AUC or accuracy points (x100) or % of RMSE; + is Cerebro better")
+    print("delta: Cerebro minus the best baseline, in AUC or accuracy points (x100) or % of RMSE; + is Cerebro better;"
+          " budget: the share of the selection's time budget it spent (cerebro.selections)")
 
 
 if __name__ == "__main__":
