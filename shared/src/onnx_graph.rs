@@ -325,49 +325,16 @@ pub fn read_initializers(model: &[u8]) -> Result<Vec<Initializer>, OnnxFormatErr
     Ok(out)
 }
 
+/// The tests' protobuf writer, shared with tests/fuzz.rs.
+#[cfg(test)]
+#[path = "../tests/support/protobuf.rs"]
+mod protobuf;
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn varint(mut v: u64, out: &mut Vec<u8>) {
-        loop {
-            let b = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                out.push(b);
-                return;
-            }
-            out.push(b | 0x80);
-        }
-    }
-
-    fn field(number: u64, body: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        varint(number << 3 | 2, &mut out);
-        varint(body.len() as u64, &mut out);
-        out.extend_from_slice(body);
-        out
-    }
-
-    fn int_field(number: u64, v: u64) -> Vec<u8> {
-        let mut out = Vec::new();
-        varint(number << 3, &mut out);
-        varint(v, &mut out);
-        out
-    }
-
-    fn value_info(name: &str, elem: u64, dims: &[Option<u64>]) -> Vec<u8> {
-        let mut shape = Vec::new();
-        for d in dims {
-            let dim = match d {
-                Some(v) => int_field(1, *v),
-                None => field(2, b"N"),
-            };
-            shape.extend(field(1, &dim));
-        }
-        let tensor = [int_field(1, elem), field(2, &shape)].concat();
-        [field(1, name.as_bytes()), field(2, &field(1, &tensor))].concat()
-    }
+    use super::protobuf::{field, int_field, value_info};
 
     #[test]
     fn a_tensor_with_external_data_anywhere_is_refused() {
