@@ -232,10 +232,26 @@ def score_model(task, model, x_test, y_test, classes, use_log):
     return metric(task, y_test, np.exp(pred) if use_log else pred, use_log=use_log)
 
 
-def cerebro(conn, task: Task, train: pd.DataFrame, test: pd.DataFrame, use_log: bool, extra: dict):
-    """Cerebro's default selection on the training table (with `extra`
-    options, if any); its winner scores the test table. Returns (metric,
-    seconds to train, seconds to score, details)."""
+def score_version(cur, name, task: Task, test: pd.DataFrame, version, class_labels, use_log):
+    """The test metric of `name`'s `version`, scored through cerebro.predictions."""
+    cur.execute("SELECT key, label, score FROM cerebro.predictions"
+                " WHERE model = %s AND version = %s AND source = %s",
+                (name, version, f"accuracy.{task.name}_test"))
+    scored = pd.DataFrame(cur.fetchall(), columns=["key", "label", "score"])
+    truth = test.assign(key=test["row_id"].astype(str)).set_index("key")[task.target]
+    scored = scored.set_index("key").loc[truth.index]
+    if task.kind == "binary":
+        positive = class_labels[1]
+        return metric(task, (truth.astype(str).str.lower() == positive.lower()).astype(int), None, scored["score"])
+    if task.kind == "multiclass":
+        return metric(task, truth.astype(str), scored["label"])
+    return metric(task, truth.astype(float), scored["score"].astype(float), use_log=use_log)
+
+
+def cerebro(conn, task: Task, train: pd.DataFrame, test: pd.DataFrame, use_log: bool, extra: dict, spec: str):
+    """Cerebro's selection `spec` (the default one unless asked otherwise) on
+    the training table (with `extra` options, if any); its winner scores the
+    test table. Returns (metric, seconds to train, seconds to score, details)."""
     name = f"accuracy_{task.name}"
     options = {"split": "ordered"} if task.time_order else {}
     options.update(extra)
@@ -243,8 +259,8 @@ def cerebro(conn, task: Task, train: pd.DataFrame, test: pd.DataFrame, use_log: 
         t0 = time.time()
         cur.execute(
             "INSERT INTO cerebro.models (name, source, target, key, task, spec, options)"
-            " VALUES (%s, %s, %s, 'row_id', %s, 'default', %s)",
-            (name, f"accuracy.{task.name}_train", task.target, task.kind, json.dumps(options)))
+            " VALUES (%s, %s, %s, 'row_id', %s, %s, %s)",
+            (name, f"accuracy.{task.name}_train", task.target, task.kind, spec, json.dumps(options)))
         conn.commit()
         cur.execute("SELECT max(id) FROM cerebro.selections WHERE name = %s", (name,))
         selection = cur.fetchone()[0]
@@ -257,34 +273,32 @@ def cerebro(conn, task: Task, train: pd.DataFrame, test: pd.DataFrame, use_log: 
                 raise RuntimeError(f"selection {selection} did not finish in {SELECTION_TIMEOUT_S} s")
             time.sleep(1)
         trained_s = time.time() - t0
-        cur.execute(
-            "SELECT l.version, m.class_labels FROM cerebro.leaderboard l"
-            " JOIN cerebro.model_versions m ON m.name = %s AND m.version = l.version"
-            " WHERE l.selection = %s AND l.status = 'ready' ORDER BY l.rank, l.version LIMIT 1", (name, selection))
-        row = cur.fetchone()
-        if row is None:
-            raise RuntimeError(f"selection {selection} has no ready candidate")
-        version, class_labels = row
+        # The leaderboard's first (the ensemble when it ranks first), and the
+        # best single candidate, to show what the ensemble adds.
+        picks = {}
+        for pick, where in (("winner", ""), ("single", " AND l.ensemble_of IS NULL")):
+            cur.execute(
+                "SELECT l.version, m.class_labels FROM cerebro.leaderboard l"
+                " JOIN cerebro.model_versions m ON m.name = %s AND m.version = l.version"
+                " WHERE l.selection = %s AND l.status = 'ready'" + where + " ORDER BY l.rank, l.version LIMIT 1",
+                (name, selection))
+            row = cur.fetchone()
+            if row is None:
+                raise RuntimeError(f"selection {selection} has no ready candidate")
+            picks[pick] = row
+        cur.execute("SELECT count(*) FILTER (WHERE ensemble_of IS NOT NULL AND status = 'ready')"
+                    " FROM cerebro.leaderboard WHERE selection = %s", (selection,))
+        ensembles = cur.fetchone()[0]
         cur.execute("SELECT candidates, spent_epochs, spent_seconds, budget_seconds FROM cerebro.selections"
                     " WHERE id = %s", (selection,))
         candidates, epochs, spent_s, budget_s = cur.fetchone()
         t1 = time.time()
-        cur.execute("SELECT key, label, score FROM cerebro.predictions"
-                    " WHERE model = %s AND version = %s AND source = %s",
-                    (name, version, f"accuracy.{task.name}_test"))
-        scored = pd.DataFrame(cur.fetchall(), columns=["key", "label", "score"])
+        value = score_version(cur, name, task, test, *picks["winner"], use_log)
         scored_s = time.time() - t1
+        single = score_version(cur, name, task, test, *picks["single"], use_log)
     conn.commit()
-    truth = test.assign(key=test["row_id"].astype(str)).set_index("key")[task.target]
-    scored = scored.set_index("key").loc[truth.index]
-    if task.kind == "binary":
-        positive = class_labels[1]
-        value = metric(task, (truth.astype(str).str.lower() == positive.lower()).astype(int), None, scored["score"])
-    elif task.kind == "multiclass":
-        value = metric(task, truth.astype(str), scored["label"])
-    else:
-        value = metric(task, truth.astype(float), scored["score"].astype(float), use_log=use_log)
-    details = {"selection": selection, "version": version, "candidates": candidates, "epochs": epochs,
+    details = {"selection": selection, "version": picks["winner"][0], "single_version": picks["single"][0],
+               "single": single, "ensemble": ensembles > 0, "candidates": candidates, "epochs": epochs,
                "spent_s": spent_s, "budget_s": budget_s}
     return value, trained_s, scored_s, details
 
@@ -293,6 +307,7 @@ def main():
     conninfo, out_dir = sys.argv[1], sys.argv[2]
     wanted = sys.argv[3:]
     extra = json.loads(os.environ.get("CEREBRO_ACCURACY_OPTIONS") or "{}")
+    spec = os.environ.get("CEREBRO_ACCURACY_SPEC") or "default"
     tasks = [t for t in TASKS if not wanted or t.name in wanted]
     rows = []
     with psycopg.connect(conninfo) as conn:
@@ -305,7 +320,7 @@ def main():
             load_table(conn, f"{task.name}_test", test)
             use_log = log_target(task, train)
             print(f"==> {task.name}: {len(train)} training rows, {len(test)} test rows", flush=True)
-            value, trained_s, scored_s, details = cerebro(conn, task, train, test, use_log, extra)
+            value, trained_s, scored_s, details = cerebro(conn, task, train, test, use_log, extra, spec)
             base = baselines(task, train, test, use_log)
             row = {"task": task.name, "metric": metric_name(task, use_log), "cerebro": value,
                    "hgb": base["hgb"][0], "lightgbm": base["lightgbm"][0], "cerebro_train_s": trained_s,
@@ -335,15 +350,17 @@ def delta(row):
 
 def print_table(rows):
     print()
-    print(f"{'task':14} {'metric':10} {'Cerebro':>8} {'HGB':>8} {'LightGBM':>8} {'delta':>7}"
+    print(f"{'task':14} {'metric':10} {'Cerebro':>8} {'single':>8} {'HGB':>8} {'LightGBM':>8} {'delta':>7}"
           f" {'Cerebro s':>9} {'budget':>7} {'cands':>5} {'HGB s':>6} {'LGBM s':>6}")
     for r in rows:
         budget = f"{100 * r['spent_s'] / r['budget_s']:6.1f}%" if r.get("budget_s") else "   none"
-        print(f"{r['task']:14} {r['metric']:10} {r['cerebro']:8.4f} {r['hgb']:8.4f} {r['lightgbm']:8.4f}"
+        winner = f"{r['cerebro']:.4f}{'e' if r['version'] != r['single_version'] else ' '}"
+        print(f"{r['task']:14} {r['metric']:10} {winner:>8} {r['single']:8.4f} {r['hgb']:8.4f} {r['lightgbm']:8.4f}"
               f" {r['delta']:+7.2f} {r['cerebro_train_s']:9.1f} {budget:>7} {r['candidates']:5d} {r['hgb_s']:6.1f}"
               f" {r['lightgbm_s']:6.1f}")
     if rows:
         print(f"{'mean delta':14} {'':10} {'':8} {'':8} {'':8} {sum(r['delta'] for r in rows) / len(rows):+7.2f}")
+    print("Cerebro: the leaderboard's first (e: the ensemble); single: the best single candidate")
     print("delta: Cerebro minus the best baseline, in AUC or accuracy points (x100) or % of RMSE; + is Cerebro better;"
           " budget: the share of the selection's time budget it spent (cerebro.selections)")
 

@@ -7,6 +7,8 @@
 #   deploy/accuracy.sh telco_churn ames     some of them
 #   CEREBRO_ACCURACY_OPTIONS='{"target_transform": "standardize"}' deploy/accuracy.sh ames
 #                                           with options added to every INSERT
+#   CEREBRO_ACCURACY_SPEC='search random(8)' deploy/accuracy.sh caravan
+#                                           another selection spec than 'default'
 #
 # Runs in a database of its own, cerebro_accuracy, made afresh each run, with
 # a cerebrod of its own (stopped at the end); the cluster and the build are

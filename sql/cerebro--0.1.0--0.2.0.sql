@@ -233,11 +233,14 @@ SELECT m.selection_id AS selection, m.name, m.version,
            'encodings', nullif(m.options->'encodings', '{}'::jsonb))) AS triple,
        m.metrics, m.epoch AS epochs_run,
        (SELECT sum(h.seconds) FROM cerebro.training_history h WHERE h.model_version_id = m.id) AS train_seconds,
-       m.error
+       m.error,
+       -- The selection's ensemble: the candidates it averages, with weights.
+       m.trained_with->'ensemble'->'members' AS ensemble_of
 FROM cerebro.model_versions m WHERE m.selection_id IS NOT NULL;
 
 -- A model's versions as a tree: each derived version under its parent, with
--- the change along the edge and what its warm start took from the parent.
+-- the change along the edge and what its warm start took from the parent;
+-- an ensemble lists the versions it averages, with their weights.
 -- ORDER BY name, path lists a tree depth first.
 CREATE VIEW cerebro.lineage WITH (security_invoker = true) AS
 WITH RECURSIVE tree AS (
@@ -250,7 +253,8 @@ WITH RECURSIVE tree AS (
 )
 SELECT m.name, m.version, m.parent_version AS parent, m.change, t.depth, t.path,
        repeat('  ', t.depth) || 'v' || m.version AS tree,
-       m.status, m.metrics, m.trained_with->'warm_start' AS warm_start, m.created_by, m.created_at
+       m.status, m.metrics, m.trained_with->'warm_start' AS warm_start, m.created_by, m.created_at,
+       m.trained_with->'ensemble'->'members' AS ensemble_of
 FROM tree t JOIN cerebro.model_versions m ON m.id = t.id;
 
 ALTER TABLE cerebro.model_features ENABLE ROW LEVEL SECURITY;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cerebro_shared::mst::SelectionPlan;
-use cerebro_shared::provenance::TrainedWith;
+use cerebro_shared::provenance::{EnsembleRequest, TrainedWith};
 use cerebro_shared::spec::{Feature, Task, TrainOptions, TrainingPlan};
 use cerebro_shared::sql::{snapshot_column, JobState, ModelStatus};
 use futures_util::{stream, StreamExt};
@@ -19,6 +19,7 @@ use tokio_postgres::error::{Severity, SqlState};
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use tracing::debug;
 
+use crate::metrics::Metrics;
 use crate::train::{EpochStats, TrainedModel};
 
 pub use cerebro_shared::sql::JOBS_CHANNEL;
@@ -304,6 +305,38 @@ pub struct Artifact {
     pub task: cerebro_shared::spec::Task,
 }
 
+/// What a finished job stores with its version.
+pub struct Stored<'a> {
+    pub onnx: &'a [u8],
+    pub metrics: &'a Metrics,
+    /// The fitted feature pipeline (None for an ensemble: its members keep theirs).
+    pub pipeline: Option<serde_json::Value>,
+    pub weights_sha256: String,
+    pub trained_with: &'a TrainedWith,
+}
+
+impl<'a> Stored<'a> {
+    /// What `model`, exported as `onnx`, stores.
+    pub fn model(model: &'a TrainedModel, trained_with: &'a TrainedWith, onnx: &'a [u8]) -> Stored<'a> {
+        Stored {
+            onnx,
+            metrics: &model.metrics,
+            pipeline: Some(serde_json::to_value(&model.pipeline).expect("pipeline serialises")),
+            weights_sha256: model.weights_sha256(),
+            trained_with,
+        }
+    }
+}
+
+/// A version an ensemble may weigh, as the catalog has it now.
+pub struct EnsembleCandidate {
+    pub version: i32,
+    pub status: String,
+    pub snapshot_id: i64,
+    pub features: serde_json::Value,
+    pub artifact: Option<Artifact>,
+}
+
 /// A job this daemon has claimed.
 #[derive(Debug, Clone)]
 pub struct ClaimedJob {
@@ -329,6 +362,8 @@ pub struct JobSpec {
     pub selection: Option<i64>,
     /// The version it derives from (a warm start).
     pub parent_version: Option<i32>,
+    /// Set for a selection's ensemble: the versions it may weigh.
+    pub ensemble: Option<EnsembleRequest>,
 }
 
 /// The snapshot table's names for a plan's columns: a snapshot stores source
@@ -617,6 +652,7 @@ impl Catalog {
                        JOIN cerebro.model_versions m2 ON m2.id = j2.model_version_id
                        JOIN cerebro.model_versions m ON m.id = $1
                        WHERE j2.state = 'queued' AND m.selection_id IS NOT NULL
+                         AND NOT m.request ? 'ensemble' AND NOT m2.request ? 'ensemble'
                          AND m2.selection_id = m.selection_id AND m2.snapshot_id = m.snapshot_id
                          AND m2.target_column = m.target_column AND m2.task = m.task
                          AND m2.features = m.features AND m2.class_labels = m.class_labels
@@ -652,7 +688,8 @@ impl Catalog {
             .client
             .query_opt(
                 "SELECT m.name, m.version, m.task, m.target_column, m.features, m.class_labels, m.options,
-                        s.data_relation, s.id, m.key_column, m.selection_id, m.parent_version, s.columns
+                        s.data_relation, s.id, m.key_column, m.selection_id, m.parent_version, s.columns,
+                        m.request->'ensemble'
                  FROM cerebro.model_versions m JOIN cerebro.snapshots s ON s.id = m.snapshot_id
                  WHERE m.id = $1",
                 &[&model_version_id],
@@ -667,6 +704,8 @@ impl Catalog {
         let plan = TrainingPlan { task, target: row.get(3), features, class_labels: row.get(5), options };
         let key_column: Option<String> = row.get(9);
         let columns: Vec<String> = row.get(12);
+        let ensemble: Option<serde_json::Value> = row.get(13);
+        let ensemble = ensemble.map(serde_json::from_value).transpose().map_err(|e| corrupt("ensemble", e))?;
         Ok(JobSpec {
             name: row.get(0),
             version: row.get(1),
@@ -677,6 +716,7 @@ impl Catalog {
             key_column,
             selection: row.get(10),
             parent_version: row.get(11),
+            ensemble,
         })
     }
 
@@ -791,16 +831,15 @@ impl Catalog {
         &mut self,
         job: &ClaimedJob,
         snapshot_id: i64,
-        model: &TrainedModel,
-        trained_with: &TrainedWith,
-        onnx: &[u8],
+        stored: &Stored<'_>,
         fingerprint: &str,
     ) -> Result<()> {
+        let onnx = stored.onnx;
         let sha256 = crate::digest::sha256_hex(onnx);
         let sha256 = sha256.as_str();
-        let metrics = serde_json::to_value(&model.metrics).expect("metrics serialise");
-        let pipeline = serde_json::to_value(&model.pipeline).expect("pipeline serialises");
-        let trained_with = serde_json::to_value(trained_with).expect("trained_with serialises");
+        let metrics = serde_json::to_value(stored.metrics).expect("metrics serialise");
+        let pipeline = &stored.pipeline;
+        let trained_with = serde_json::to_value(stored.trained_with).expect("trained_with serialises");
         let tx = self.client.transaction().await?;
         // The job's row first, then the version's: the order in which
         // cerebro.delete_model takes them, so the two never deadlock.
@@ -829,7 +868,7 @@ impl Catalog {
                 &metrics,
                 &pipeline,
                 &sha256,
-                &model.weights_sha256(),
+                &stored.weights_sha256,
                 &trained_with,
                 &(onnx.len() as i64),
             ],
@@ -900,6 +939,32 @@ impl Catalog {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Each of `name`'s `versions` that still exists, in that order, with
+    /// its artifact if it has one.
+    pub async fn ensemble_candidates(&self, name: &str, versions: &[i32]) -> Result<Vec<EnsembleCandidate>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT m.id, m.version, m.status::pg_catalog.text, m.snapshot_id, m.features
+                 FROM pg_catalog.unnest($2::pg_catalog.int4[]) WITH ORDINALITY AS p(version, place)
+                 JOIN cerebro.model_versions m ON m.name = $1 AND m.version = p.version
+                 ORDER BY p.place",
+                &[&name, &versions],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push(EnsembleCandidate {
+                version: r.get(1),
+                status: r.get(2),
+                snapshot_id: r.get(3),
+                features: r.get(4),
+                artifact: self.artifact(r.get(0)).await?,
+            });
+        }
+        Ok(out)
     }
 
     /// The ONNX bytes of a ready model version and their sha256.

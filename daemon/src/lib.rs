@@ -12,6 +12,7 @@ pub mod config;
 pub mod data;
 pub mod digest;
 pub mod engine;
+pub mod ensemble;
 pub mod features;
 pub mod gpu;
 pub mod guide;
@@ -212,7 +213,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     }
     let runtime = OnnxRuntime::load(&config.onnxruntime_library, config.scoring_threads)?;
     let catalog = Arc::new(CatalogSlot::default());
-    let service = Arc::new(ScoringService::new(runtime, catalog.clone(), config.model_cache_size));
+    let service = Arc::new(ScoringService::new(runtime.clone(), catalog.clone(), config.model_cache_size));
     let limits = server::Limits { max_connections: config.max_connections, scoring_deadline: config.scoring_deadline };
     let wake = Arc::new(Notify::new());
 
@@ -294,6 +295,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             stack_memory_bytes: config.stack_memory_bytes,
             model_memory_bytes: config.model_memory_bytes,
             max_training_work: config.max_training_work,
+            runtime: runtime.clone(),
             wake: wake.clone(),
             shutdown: shutdown.clone(),
             lost,

@@ -11,12 +11,14 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinError;
 use tracing::{debug, error, info, warn};
 
-use crate::catalog::{Catalog, CatalogError, ClaimedJob, JobSpec, SweptTo};
+use crate::catalog::{Catalog, CatalogError, ClaimedJob, JobSpec, Stored, SweptTo};
 use crate::data::{read_snapshot, Table};
 use crate::engine::Compute;
+use crate::ensemble::{self, Candidate};
 use crate::features::FeaturePipeline;
 use crate::guide::Guide;
 use crate::onnx;
+use crate::scoring::OnnxRuntime;
 use crate::train::{self, Control, EpochStats, TrainError, TrainedModel};
 use crate::warm::ParentWeights;
 
@@ -74,6 +76,8 @@ pub struct Scheduler {
     pub model_memory_bytes: usize,
     /// Most rows × epochs one job may be (`max_training_work`).
     pub max_training_work: u64,
+    /// Scores a selection's candidates when it weighs them into an ensemble.
+    pub runtime: OnnxRuntime,
     pub wake: Arc<Notify>,
     pub shutdown: watch::Receiver<bool>,
     /// Turns true when the daemon's session with the database ends (a
@@ -315,6 +319,10 @@ impl Scheduler {
         let claimed = self.claim_stack(&first).await?;
         let Some(mut stack) = self.read_requests(&first, claimed).await? else { return Ok(()) };
         let selection = stack.lead.selection;
+        if stack.lead.ensemble.is_some() {
+            self.build_ensemble(&stack).await?;
+            return self.finish_selection(selection).await;
+        }
         let Some(table) = self.read_training_data(&stack).await? else {
             return self.finish_selection(selection).await;
         };
@@ -715,8 +723,8 @@ impl Scheduler {
         match onnx::export(model, &meta) {
             Ok(bytes) => {
                 let with = TrainedWith { stopped, ..model.trained_with(stack_size) };
-                let stored =
-                    self.control.finish_success(job, spec.snapshot_id, model, &with, &bytes, fingerprint).await;
+                let stored = Stored::model(model, &with, &bytes);
+                let stored = self.control.finish_success(job, spec.snapshot_id, &stored, fingerprint).await;
                 match stored {
                     Ok(()) => {
                         info!(job = job.job_id, model = %spec.name, version = spec.version, device = %model.device, metrics = ?model.metrics, "ready")
@@ -731,6 +739,102 @@ impl Scheduler {
             }
         }
         Ok(())
+    }
+
+    /// Weighs a selection's best candidates into its ensemble (the stack's
+    /// one job, which claims no companions) and stores it as its version:
+    /// each member scored by ONNX Runtime on the candidates' validation
+    /// rows, read again from their snapshot. A member gone or not ready, or
+    /// any other failure, fails the job with the reason.
+    async fn build_ensemble(&mut self, stack: &StackJobs) -> Result<(), CatalogError> {
+        let (job, spec) = (&stack.jobs[0], &stack.specs[0]);
+        let Some(members) = self.ensemble_members(job, spec).await? else { return Ok(()) };
+        let Some(table) = self.read_training_data(stack).await? else { return Ok(()) };
+        let meta = [
+            ("cerebro.model", spec.name.clone()),
+            ("cerebro.version", spec.version.to_string()),
+            ("cerebro.target", spec.plan.target.clone()),
+            ("cerebro.snapshot_fingerprint", table.fingerprint.clone()),
+        ];
+        let (runtime, plan) = (self.runtime.clone(), spec.plan.clone());
+        let weighing = tokio::task::spawn_blocking(move || {
+            let meta: Vec<(&str, String)> = meta.iter().map(|(k, v)| (*k, v.clone())).collect();
+            (ensemble::build(&runtime, &plan, &table.columns, &members, &meta), table.fingerprint)
+        });
+        let (built, fingerprint) = match weighing.await {
+            Ok(done) => done,
+            Err(join) => {
+                let msg = format!("building the ensemble crashed: {join}");
+                error!(job = job.job_id, "{msg}");
+                return self.fail_all(&stack.jobs, &msg).await;
+            }
+        };
+        let built = match built {
+            Ok(b) => b,
+            Err(e) => {
+                let msg = format!("cannot build the ensemble: {e}");
+                warn!(job = job.job_id, "{msg}");
+                let ended = self.control.finish_failure(job, &msg).await;
+                return unless_locked(job, ended);
+            }
+        };
+        let with = built.trained_with();
+        let stored = Stored {
+            onnx: &built.onnx,
+            metrics: &built.metrics,
+            pipeline: None,
+            weights_sha256: built.weights_sha256.clone(),
+            trained_with: &with,
+        };
+        match self.control.finish_success(job, spec.snapshot_id, &stored, &fingerprint).await {
+            Ok(()) => info!(
+                job = job.job_id,
+                model = %spec.name,
+                version = spec.version,
+                members = ?built.ensemble.members,
+                rows_valid = built.rows_valid,
+                metrics = ?built.metrics,
+                "ensemble ready"
+            ),
+            Err(e) if e.is_refusal() => self.fail_refused(job, &e.reason()).await?,
+            other => unless_locked(job, other)?,
+        }
+        Ok(())
+    }
+
+    /// The ensemble's pool as its request names it, each with its ONNX
+    /// file; None (the job failed, saying why) when one is gone, not ready
+    /// or learnt from other data than the ensemble's.
+    async fn ensemble_members(
+        &mut self,
+        job: &ClaimedJob,
+        spec: &JobSpec,
+    ) -> Result<Option<Vec<Candidate>>, CatalogError> {
+        let pool = spec.ensemble.as_ref().map(|e| e.pool.clone()).unwrap_or_default();
+        let mut found = self.control.ensemble_candidates(&spec.name, &pool).await?;
+        let features = serde_json::to_value(&spec.plan.features).expect("features serialise");
+        let problem = pool.iter().find_map(|&version| match found.iter().find(|c| c.version == version) {
+            None => Some(format!("member version {version} was deleted")),
+            Some(c) if c.status != "ready" => Some(format!("member version {version} is {}, not ready", c.status)),
+            Some(c) if c.snapshot_id != spec.snapshot_id || c.features != features => {
+                Some(format!("member version {version} learnt from other data than the ensemble's request"))
+            }
+            Some(c) if c.artifact.is_none() => Some(format!("member version {version} has no ONNX file")),
+            Some(_) => None,
+        });
+        if let Some(why) = problem {
+            let msg = format!("cannot build the ensemble: {why}");
+            warn!(job = job.job_id, "{msg}");
+            let ended = self.control.finish_failure(job, &msg).await;
+            unless_locked(job, ended)?;
+            return Ok(None);
+        }
+        Ok(Some(
+            found
+                .drain(..)
+                .filter_map(|c| c.artifact.map(|artifact| Candidate { version: c.version, artifact }))
+                .collect(),
+        ))
     }
 
     /// The weights `spec`'s parent `version` left, to start from; None (and

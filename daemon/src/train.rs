@@ -469,6 +469,19 @@ fn usable_targets(plan: &TrainingPlan, target: &ColumnData) -> Result<(Vec<usize
     Ok((rows, raw_targets))
 }
 
+/// The validation rows a model of `plan` was scored on, as row numbers of
+/// `target`'s column, with their targets (class index or value): the rows
+/// and order [`train_group`] validates on, so a model read back from its
+/// ONNX file can be scored on them again (a selection's ensemble).
+pub fn validation_rows(plan: &TrainingPlan, target: &ColumnData) -> Result<(Vec<usize>, Vec<f64>), TrainError> {
+    let (rows, raw_targets) = usable_targets(plan, target)?;
+    // The data-order stream's first draws are the split's, as in train_group_warm.
+    let mut order_rng = ChaCha8Rng::seed_from_u64(plan.options.seed);
+    let opts = &plan.options;
+    let (valid_idx, _) = split_rows(rows.len(), opts.validation_fraction, opts.split, &mut order_rng);
+    Ok(valid_idx.iter().map(|&i| (rows[i], raw_targets[i])).unzip())
+}
+
 /// The validation and training indexes of `n` usable rows (at least 2):
 /// each split has at least one.
 fn split_rows(n: usize, validation_fraction: f64, split: Split, rng: &mut ChaCha8Rng) -> (Vec<usize>, Vec<usize>) {
@@ -709,7 +722,7 @@ fn finish_models(
 
 /// A model's metrics from its outputs on the validation rows (as
 /// [`TrainedModel::outputs`]) and their targets (class index or value).
-fn validation_metrics(task: Task, classes: usize, outputs: &[f32], valid_targets: &[f64]) -> Metrics {
+pub fn validation_metrics(task: Task, classes: usize, outputs: &[f32], valid_targets: &[f64]) -> Metrics {
     match task {
         Task::Binary => metrics::binary(outputs, &valid_targets.iter().map(|&t| t == 1.0).collect::<Vec<_>>()),
         Task::Multiclass => {
@@ -786,6 +799,7 @@ impl TrainedModel {
             warm_start: self.warm_start.clone(),
             stopped: None,
             target_transform: self.auto_transform,
+            ensemble: None,
         }
     }
 

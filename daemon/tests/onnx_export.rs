@@ -289,3 +289,86 @@ fn batches_of_the_wrong_shape_are_refused() {
     assert!(onnx.run(&swapped).is_err());
     assert!(ScoringModel::load(&rt, b"not an onnx file").is_err());
 }
+
+/// A selection's ensemble, as cerebrod builds it: members of different
+/// architectures and encodings, weighed on their validation rows, in one
+/// graph whose output is the weighted sum of the engine's own outputs.
+#[test]
+fn an_ensemble_graph_is_the_weighted_average_of_its_members() {
+    use cerebro_daemon::catalog::Artifact;
+    use cerebro_daemon::ensemble::{build, Candidate};
+    use cerebro_daemon::train::{validation_metrics, validation_rows};
+
+    let Some(rt) = common::onnx_runtime() else { return };
+    for task in [Task::Binary, Task::Multiclass, Task::Regression] {
+        let options = [
+            json!({"hidden": [8], "learning_rate": 0.01}),
+            json!({"hidden": [16, 8], "numeric_encoding": "robust", "learning_rate": 0.003}),
+            json!({"hidden": [4], "numeric_encoding": "ple", "encodings": {"internet": 2}, "dropout": 0.1}),
+        ];
+        let train_cols = columns(400, 0);
+        let mut members = Vec::new();
+        let mut candidates = Vec::new();
+        let mut plan0 = None;
+        for (v, o) in options.iter().enumerate() {
+            let model = trained(task, o.clone());
+            let bytes = export(&model, &[]).unwrap();
+            candidates.push(Candidate {
+                version: v as i32 + 1,
+                artifact: Artifact { sha256: String::new(), bytes, import_layout: None, task },
+            });
+            members.push(model);
+            plan0.get_or_insert_with(|| plan(task, o.clone()));
+        }
+        let (plan, target) = plan0.unwrap();
+        let mut table = train_cols.clone();
+        table.push(target.clone());
+
+        // The rows cerebrod weighs on are the ones each member validated on.
+        let (rows, targets) = validation_rows(&plan, &target).unwrap();
+        let valid: Vec<ColumnData> = train_cols.iter().map(|c| c.take(&rows)).collect();
+        for m in &members {
+            let again = validation_metrics(task, plan.class_labels.len(), &m.outputs(&valid).unwrap(), &targets);
+            for (k, v) in &m.metrics {
+                assert!((v - again[k]).abs() < 1e-9, "{task:?} {k}: {v} then {}", again[k]);
+            }
+        }
+
+        let built = build(&rt, &plan, &table, &candidates, &[("cerebro.model", "e".into())]).unwrap();
+        let total: f64 = built.ensemble.members.iter().map(|m| m.weight).sum();
+        assert!((total - 1.0).abs() < 1e-6, "{task:?}: weights sum to {total}");
+        assert_eq!(built.ensemble.pool, 3);
+        assert!(built.ensemble.rounds >= 1);
+
+        // ONNX Runtime on the ensemble's file equals the weighted sum of the
+        // engine's outputs on held-out rows (NULLs, unseen categories).
+        let held_out = columns(300, 10_000);
+        let graph = ScoringModel::load(&rt, &built.onnx).unwrap();
+        let (scored, _) = graph.run(&held_out).unwrap();
+        let mut expected = vec![0.0f32; scored.len()];
+        for m in &built.ensemble.members {
+            let out = members[m.version as usize - 1].outputs(&held_out).unwrap();
+            for (e, o) in expected.iter_mut().zip(out) {
+                *e += m.weight as f32 * o;
+            }
+        }
+        for (i, (e, r)) in expected.iter().zip(&scored).enumerate() {
+            assert!((e - r).abs() <= 1e-5 * e.abs().max(1.0), "{task:?} row {i}: engine {e} ensemble {r}");
+        }
+        // Its metrics are the weighted average's on the validation rows, and
+        // greedy selection never ends worse than its best member there.
+        let mut average = vec![0.0f32; targets.len() * if task == Task::Multiclass { 3 } else { 1 }];
+        for m in &built.ensemble.members {
+            for (a, o) in average.iter_mut().zip(members[m.version as usize - 1].outputs(&valid).unwrap()) {
+                *a += m.weight as f32 * o;
+            }
+        }
+        let metrics = validation_metrics(task, plan.class_labels.len(), &average, &targets);
+        let key = if task == Task::Regression { "rmse" } else { "log_loss" };
+        assert!((metrics[key] - built.metrics[key]).abs() < 1e-5, "{task:?}");
+        let best = members.iter().map(|m| m.metrics[key]).fold(f64::INFINITY, f64::min);
+        assert!(built.metrics[key] <= best + 1e-5, "{task:?}: ensemble {} best member {best}", built.metrics[key]);
+        let meta = cerebro_shared::onnx_graph::read_signature(&built.onnx).unwrap();
+        assert_eq!(meta.outputs.len(), 1);
+    }
+}

@@ -11,6 +11,7 @@
 //! resolves its version when it starts, so a deployment change reaches new
 //! queries at once and never a running one.
 
+use cerebro_shared::mst::SelectionPlan;
 use cerebro_shared::sql::{JobState, ModelStatus};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -20,6 +21,7 @@ use crate::access;
 use crate::catalog::{audit, current_user, enqueue, first, next_version, Audit};
 use crate::error::{raise, CerebroError, Result};
 use crate::identity;
+use crate::training;
 
 fn required<T>(value: Option<T>, what: &'static str) -> Result<T> {
     value.ok_or(CerebroError::NullArgument(what))
@@ -515,6 +517,12 @@ fn try_cancel(selection: Option<i64>) -> Result<i32> {
                     &[selection.into(), reason.as_str().into()],
                 )?
                 .len();
+            // A cancelled selection draws no more rounds and gets no ensemble.
+            client.update(
+                "UPDATE cerebro.selections SET plan = plan - 'ensemble' - 'rounds' WHERE id = $1",
+                None,
+                &[selection.into()],
+            )?;
             let detail = serde_json::json!({ "selection": selection, "queued": queued, "running": running });
             audit(client, Audit { user: &user, action: "cancel", model: &name, version: None, detail })?;
             notice!(
@@ -541,8 +549,8 @@ fn try_finish_selection(selection: Option<i64>) -> Result<Option<i32>> {
     let selection = selection.ok_or(CerebroError::NullArgument("selection"))?;
     Spi::connect_mut(|client| {
         let _owner = identity::become_owner()?;
-        let query =
-            "SELECT name, created_by::text, coalesce((plan->>'promote')::boolean, false), finished_at IS NOT NULL
+        let query = "SELECT name, created_by::text, coalesce((plan->>'promote')::boolean, false),
+                            finished_at IS NOT NULL, spec, plan
                      FROM cerebro.selections WHERE id = $1 FOR UPDATE";
         let Some(row) = client.update(query, Some(1), &[selection.into()])?.next() else {
             return Err(CerebroError::SelectionNotFound(selection));
@@ -551,6 +559,15 @@ fn try_finish_selection(selection: Option<i64>) -> Result<Option<i32>> {
         let by: String = row.get(2)?.unwrap_or_default();
         let promote: bool = row.get(3)?.unwrap_or(false);
         let finished: bool = row.get(4)?.unwrap_or(false);
+        let spec: String = row.get(5)?.unwrap_or_default();
+        // A plan this code cannot read (written by another version) draws no
+        // round and no ensemble, and still lets the selection close.
+        let plan: SelectionPlan = row
+            .get::<JsonB>(6)?
+            .and_then(|p| {
+                serde_json::from_value(p.0).map_err(|e| warning!("cerebro: selection {selection}'s plan: {e}")).ok()
+            })
+            .unwrap_or_default();
         if finished {
             return Ok(None);
         }
@@ -571,6 +588,23 @@ fn try_finish_selection(selection: Option<i64>) -> Result<Option<i32>> {
         )?;
         if unfinished.unwrap_or(0) > 0 {
             return Ok(None);
+        }
+        // Then the next round, while one is due; a round that cannot be
+        // drawn ends the rounds, never the selection's chance to close.
+        match training::rounds::draw_next(client, selection, &spec, &plan) {
+            Ok(Some(round)) => {
+                training::rounds::queue(client, round, &name, &by)?;
+                return Ok(None);
+            }
+            Ok(None) => {}
+            Err(e) => warning!("cerebro: selection {selection} draws no further round: {e}"),
+        }
+        // The ensemble comes last, once every candidate it may weigh is done;
+        // the selection ends when it has.
+        if let Some(pool) = plan.ensemble {
+            if training::ensemble::queue(client, selection, &name, &by, pool)?.is_some() {
+                return Ok(None);
+            }
         }
         client.update("UPDATE cerebro.selections SET finished_at = now() WHERE id = $1", None, &[selection.into()])?;
         if !promote {

@@ -42,6 +42,16 @@ pub(crate) fn current_user(client: &mut SpiClient<'_>) -> Result<String> {
 /// the first are its owner's to add (`caller` is the role asking). Reads
 /// past row-level security: call it as the extension owner.
 pub(crate) fn next_version(client: &mut SpiClient<'_>, name: &str, caller: pg_sys::Oid) -> Result<i32> {
+    let version = allocate_version(client, name)?;
+    if version > 1 {
+        access::check_may_add_version(name, caller)?;
+    }
+    Ok(version)
+}
+
+/// [`next_version`] without the owner's check, for a version Cerebro adds
+/// on behalf of a role that was checked before (a selection's ensemble).
+pub(crate) fn allocate_version(client: &mut SpiClient<'_>, name: &str) -> Result<i32> {
     client.update(
         "INSERT INTO cerebro.model_names (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
         None,
@@ -55,9 +65,6 @@ pub(crate) fn next_version(client: &mut SpiClient<'_>, name: &str, caller: pg_sy
         1,
     )?
     .expect("coalesce is never NULL");
-    if version > 1 {
-        access::check_may_add_version(name, caller)?;
-    }
     Ok(version)
 }
 

@@ -108,6 +108,8 @@ pub enum CerebroError {
     UnknownObject(String),
     #[error("server cerebro_daemon has no \"socket\" option")]
     MissingSocket,
+    #[error("the catalog holds an unreadable value: {0}")]
+    Catalog(String),
 }
 
 impl CerebroError {
@@ -180,6 +182,7 @@ impl CerebroError {
             CerebroError::Spi(_) => ERRCODE_INTERNAL_ERROR,
             CerebroError::Unsupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             CerebroError::UnknownObject(_) => ERRCODE_FDW_INVALID_OPTION_NAME,
+            CerebroError::Catalog(_) => ERRCODE_DATA_CORRUPTED,
             CerebroError::MissingSocket => ERRCODE_FDW_OPTION_NAME_NOT_FOUND,
         }
     }

@@ -88,6 +88,14 @@ impl ColumnData {
         }
     }
 
+    /// The values of `rows`, in that order.
+    pub fn take(&self, rows: &[usize]) -> ColumnData {
+        match self {
+            ColumnData::Float64(v) => ColumnData::Float64(rows.iter().map(|&r| v[r]).collect()),
+            ColumnData::Text(v) => ColumnData::Text(rows.iter().map(|&r| v[r].clone()).collect()),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -95,13 +95,44 @@ pub enum Budget {
     Epochs(u64),
 }
 
+/// Most rounds `random(n, rounds = r)` or `halving(n, rounds = r)` may draw.
+pub const MAX_ROUNDS: u64 = 1000;
+/// A selection drawing rounds stops after this many rounds in a row found
+/// nothing better than the best candidate before them.
+pub const ROUNDS_PATIENCE: u32 = 2;
+
+/// How many of a selection's best candidates `ensemble` weighs by default.
+pub const DEFAULT_ENSEMBLE_POOL: u32 = 8;
+/// The most candidates an `ensemble` may weigh: its graph holds every one.
+pub const MAX_ENSEMBLE_POOL: u32 = 32;
+
 /// The documented default selection (docs/selection.md): what `spec =
 /// 'default'` searches when a user has no search of their own in mind.
 pub const DEFAULT_SPEC: &str = "\
 model  hidden = {[64, 32], [128, 64], [256, 128]}, dropout = {0, 0.1, 0.2}
 train  lr = range(3e-4, 1e-2, log), weight_decay = {0, 1e-4}, epochs = 40, patience = 8
-search halving(24, eta = 3, seed = 1)
-budget 10 min";
+search halving(24, eta = 3, seed = 1, rounds = 25)
+budget 10 min
+ensemble";
+
+/// Under this share of the labelled rows, a class is rare enough that the
+/// default selection also searches `class_weights = {none, balanced}`.
+pub const RARE_CLASS_SHARE: f64 = 0.15;
+
+/// Whether `text` asks for the default selection.
+pub fn is_default(text: &str) -> bool {
+    text.trim().eq_ignore_ascii_case("default")
+}
+
+/// The text the default selection searches on data whose rarest class holds
+/// `minority_share` of the labelled rows (None: a regression): the default
+/// spec, with class weights searched too when a class is rare.
+pub fn default_for(minority_share: Option<f64>) -> String {
+    match minority_share {
+        Some(share) if share < RARE_CLASS_SHARE => format!("{DEFAULT_SPEC}\ntrain  class_weights = {{none, balanced}}"),
+        _ => DEFAULT_SPEC.to_owned(),
+    }
+}
 
 /// Limits that keep a spec's parsing and checking bounded in time, memory
 /// and stack: a backend runs them on its own stack, on any text any role
@@ -133,9 +164,16 @@ pub struct Spec {
     pub model: Vec<Assignment>,
     pub train: Vec<Assignment>,
     pub search: Option<(Search, Span)>,
+    /// Random and halving: draw `n` candidates per round, up to this many
+    /// rounds while the budget lasts and rounds still find better ones
+    /// (docs/selection.md, "Rounds"); 1 when not given.
+    pub rounds: Option<(u64, Span)>,
     pub budget: Option<(Budget, Span)>,
     /// Deploy the best candidate when the selection ends.
     pub promote: bool,
+    /// When the candidates are done, weigh the best this many of them into
+    /// one more version, a greedy ensemble (docs/selection.md, "Ensembles").
+    pub ensemble: Option<(u32, Span)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -604,24 +642,30 @@ impl<'a> Parser<'a> {
         Ok(Selection { exclude, table, columns, optional, span: start..self.at })
     }
 
-    fn search(&mut self) -> Result<Search, MstError> {
+    fn search(&mut self) -> Result<(Search, Option<(u64, Span)>), MstError> {
         let (word, span) = self.expect_ident("grid, random(n) or halving(n)")?;
         match word.as_str() {
-            "grid" => Ok(Search::Grid),
+            "grid" => Ok((Search::Grid, None)),
             "random" | "halving" => {
                 self.expect('(', &format!("after {word}"))?;
                 let n = self.whole_number(1, MAX_SEARCH_CANDIDATES, || {
                     format!("the number of candidates must be a whole number, at least 1 and at most {MAX_SEARCH_CANDIDATES}")
                 })?;
-                let (mut seed, mut eta, mut min_epochs) = (0, 3, None);
+                let (mut seed, mut eta, mut min_epochs, mut rounds) = (0, 3, None, None);
                 while self.eat(',') {
-                    let (key, key_span) = self.expect_ident("seed, eta or min_epochs")?;
+                    let (key, key_span) = self.expect_ident("seed, rounds, eta or min_epochs")?;
                     self.expect('=', &format!("after \"{key}\""))?;
                     match key.as_str() {
                         "seed" => {
                             seed = self.whole_number(0, MAX_SEED, || {
                                 format!("seed must be a whole number from 0 to {MAX_SEED}")
                             })?
+                        }
+                        "rounds" => {
+                            let value = self.whole_number(1, MAX_ROUNDS, || {
+                                format!("rounds must be a whole number, at least 1 and at most {MAX_ROUNDS}")
+                            })?;
+                            rounds = Some((value, key_span.start..self.at));
                         }
                         "eta" if word == "halving" => {
                             eta = self.whole_number(2, MAX_ETA, || {
@@ -639,11 +683,12 @@ impl<'a> Parser<'a> {
                     }
                 }
                 self.expect(')', &format!("to close {word}"))?;
-                Ok(if word == "random" {
+                let search = if word == "random" {
                     Search::Random { n, seed }
                 } else {
                     Search::Halving { n, eta, seed, min_epochs }
-                })
+                };
+                Ok((search, rounds))
             }
             _ => Err(self.error(span.start, format!("unknown search \"{word}\"; use grid, random(n) or halving(n)"))),
         }
@@ -711,6 +756,19 @@ impl<'a> Parser<'a> {
         Ok(Budget::Seconds(total))
     }
 
+    /// `ensemble [n]`: how many of the best candidates the ensemble weighs.
+    fn ensemble_pool(&mut self) -> Result<u32, MstError> {
+        self.skip(true);
+        if !self.rest().starts_with(|c: char| c.is_ascii_digit() || c == '.' || c == '-' || c == '+') {
+            return Ok(DEFAULT_ENSEMBLE_POOL);
+        }
+        let hi = u64::from(MAX_ENSEMBLE_POOL);
+        let n = self.whole_number(2, hi, || {
+            format!("an ensemble weighs from 2 to {MAX_ENSEMBLE_POOL} of the best candidates (e.g. ensemble 8)")
+        })?;
+        Ok(n as u32)
+    }
+
     /// The end of a clause: a newline, a ";" or the end of the text.
     fn end_clause(&mut self) -> Result<(), MstError> {
         self.skip(true);
@@ -748,7 +806,7 @@ pub fn parse(text: &str) -> Result<Spec, MstError> {
             continue;
         }
         let (clause, span) =
-            p.expect_ident("a clause: source, features, encode, model, train, search, budget or promote")?;
+            p.expect_ident("a clause: source, features, encode, model, train, search, budget, promote or ensemble")?;
         let twice = |p: &Parser<'_>| p.error(span.start, format!("\"{clause}\" is given twice"));
         match clause.as_str() {
             "source" => {
@@ -771,8 +829,9 @@ pub fn parse(text: &str) -> Result<Spec, MstError> {
                     return Err(twice(&p));
                 }
                 let start = p.at;
-                let search = p.search()?;
+                let (search, rounds) = p.search()?;
                 spec.search = Some((search, start..p.at));
+                spec.rounds = rounds;
             }
             "budget" => {
                 if spec.budget.is_some() {
@@ -788,11 +847,18 @@ pub fn parse(text: &str) -> Result<Spec, MstError> {
                 }
                 spec.promote = true;
             }
+            "ensemble" => {
+                if spec.ensemble.is_some() {
+                    return Err(twice(&p));
+                }
+                let pool = p.ensemble_pool()?;
+                spec.ensemble = Some((pool, span.start..p.at));
+            }
             other => {
                 return Err(p.error(
                     span.start,
                     format!(
-                        "unknown clause \"{other}\"; the clauses are source, features, encode, model, train, search, budget and promote"
+                        "unknown clause \"{other}\"; the clauses are source, features, encode, model, train, search, budget, promote and ensemble"
                     ),
                 ))
             }
@@ -1014,6 +1080,17 @@ impl Spec {
                 TrainOptions::from_json(Some(&options)).map(drop).map_err(|e| invalid(span, option_message(e)))
             })?;
         }
+        if let Some((rounds, span)) = &self.rounds {
+            let searched_source = self.source.as_ref().is_some_and(|(v, _)| grid_size(v) != Some(1));
+            if *rounds > 1 && (searched_source || self.features.iter().any(|f| f.optional)) {
+                return Err(invalid(
+                    span,
+                    "rounds draw model and train settings only: they need one source and no optional feature \
+                     group (each later round trains on the data the first one froze)"
+                        .into(),
+                ));
+            }
+        }
         if let Some((source, span)) = &self.source {
             visit_choices(source, span, &mut |choice, span| match choice {
                 Value::Word(_) | Value::Text(_) | Value::Query(_) => Ok(()),
@@ -1131,6 +1208,13 @@ impl Spec {
     /// most `limit`, else an error saying how many the spec expands to),
     /// `n` seeded draws for random and halving.
     pub fn expand(&self, text: &str, limit: u128) -> Result<Vec<Candidate>, MstError> {
+        self.expand_round(text, limit, 1)
+    }
+
+    /// The candidates of round `round` (from 1): for random and halving, the
+    /// next `n` draws of the same seeded sequence (round 2 draws candidates
+    /// n+1 to 2n); a grid has only its first round.
+    pub fn expand_round(&self, text: &str, limit: u128, round: u64) -> Result<Vec<Candidate>, MstError> {
         let total = self.candidates(text)?;
         if total > limit {
             let at = self.search.as_ref().map_or(0, |(_, s)| s.start);
@@ -1181,6 +1265,7 @@ impl Spec {
             .collect();
         let mut out = Vec::new();
         match self.search.as_ref().map(|(s, _)| *s).unwrap_or(Search::Grid) {
+            Search::Grid if round > 1 => {}
             Search::Grid => {
                 for index in 0..total {
                     let mut c = base.clone();
@@ -1195,7 +1280,8 @@ impl Spec {
             }
             Search::Random { n, seed } | Search::Halving { n, seed, .. } => {
                 let mut rng = SplitMix(seed);
-                for _ in 0..n {
+                let earlier = n.saturating_mul(round.max(1) - 1);
+                for draw in 0..earlier.saturating_add(n) {
                     let mut c = base.clone();
                     for (axis, &size) in axes.iter().zip(&sizes) {
                         let choice = match axis {
@@ -1211,7 +1297,9 @@ impl Spec {
                         };
                         pick(&mut c, axis, choice);
                     }
-                    out.push(c);
+                    if draw >= earlier {
+                        out.push(c);
+                    }
                 }
             }
         }
@@ -1245,6 +1333,18 @@ pub struct SelectionPlan {
     pub budget_epochs: Option<u64>,
     #[serde(default)]
     pub promote: bool,
+    /// Once the candidates are done, the best this many of them are weighed
+    /// into an ensemble, one more version of the selection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ensemble: Option<u32>,
+    /// Most rounds of candidates to draw (absent: one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rounds: Option<u32>,
+    /// The text searched, where it is not the spec as written: `default`
+    /// with what the data added to it ([`default_for`]). Later rounds draw
+    /// from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub searched: Option<String>,
 }
 
 /// How a selection's candidates were chosen and are run, as
@@ -1271,7 +1371,32 @@ impl Strategy {
     }
 }
 
+/// Where a selection drawing rounds stands once its last round is done.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoundsStanding {
+    pub last_round: u32,
+    /// The round of the best candidate so far (the leaderboard's first).
+    pub best_round: u32,
+    /// Since the INSERT, and summed over every candidate.
+    pub elapsed_seconds: f64,
+    pub spent_epochs: u64,
+    /// The last round's wall time and epochs: what the next one may take.
+    pub round_seconds: f64,
+    pub round_epochs: u64,
+}
+
 impl SelectionPlan {
+    /// Whether another round is due (docs/selection.md, "Rounds"): fewer
+    /// than `rounds` drawn, one of the last [`ROUNDS_PATIENCE`] found the
+    /// best so far, and one more like the last fits in the budget.
+    pub fn next_round_due(&self, s: &RoundsStanding) -> bool {
+        let Some(rounds) = self.rounds else { return false };
+        let improving = s.last_round.saturating_sub(s.best_round) < ROUNDS_PATIENCE;
+        let fits_time = self.budget_seconds.is_none_or(|b| s.elapsed_seconds + s.round_seconds <= b);
+        let fits_epochs = self.budget_epochs.is_none_or(|b| s.spent_epochs.saturating_add(s.round_epochs) <= b);
+        s.last_round < rounds && improving && fits_time && fits_epochs
+    }
+
     /// Whether a candidate with best loss `loss` at a rung goes on, given
     /// every best loss recorded at that rung (its own included): the best
     /// ceil(n/eta) go on, so the first to arrive always does (asynchronous
@@ -1318,7 +1443,20 @@ impl Spec {
             Some(Budget::Epochs(e)) => (None, Some(e)),
             None => (None, None),
         };
-        SelectionPlan { strategy, rungs, eta, budget_seconds, budget_epochs, promote: self.promote }
+        SelectionPlan {
+            strategy,
+            rungs,
+            eta,
+            budget_seconds,
+            budget_epochs,
+            promote: self.promote,
+            ensemble: self.ensemble.as_ref().map(|(n, _)| *n),
+            rounds: match (search, self.rounds.as_ref()) {
+                (Search::Random { .. } | Search::Halving { .. }, Some(&(r, _))) if r > 1 => u32::try_from(r).ok(),
+                _ => None,
+            },
+            searched: None,
+        }
     }
 }
 
@@ -1349,6 +1487,9 @@ pub fn parse_change(text: &str) -> Result<Change, MstError> {
     }
     if spec.promote {
         return Err(invalid(0, "a change has no promote: deploy the new version with cerebro.deploy"));
+    }
+    if let Some((_, span)) = &spec.ensemble {
+        return Err(invalid(span.start, "a change has no ensemble: it makes one model"));
     }
     let single = "a change takes one value; to try several, run a selection (spec)";
     if let Some(s) = spec.features.iter().find(|s| s.optional) {
@@ -1386,7 +1527,7 @@ pub fn parse_change(text: &str) -> Result<Change, MstError> {
 
 /// The text a spec stands for: `default` is [`DEFAULT_SPEC`].
 pub fn resolve(text: &str) -> &str {
-    if text.trim().eq_ignore_ascii_case("default") {
+    if is_default(text) {
         DEFAULT_SPEC
     } else {
         text
@@ -1620,9 +1761,105 @@ search   grid
         assert_eq!(candidates.len(), 24);
         let plan = spec.plan(40);
         assert_eq!((plan.strategy, plan.budget_seconds), (Strategy::Halving, Some(600.0)));
+        assert_eq!((plan.ensemble, plan.rounds), (Some(DEFAULT_ENSEMBLE_POOL), Some(25)));
         for c in &candidates {
             TrainOptions::from_json(Some(&Json::Object(c.options.clone()))).expect("valid options");
         }
+    }
+
+    #[test]
+    fn an_ensemble_weighs_a_pool_of_the_best() {
+        let plan = parse("search random(4)\nensemble").unwrap().plan(10);
+        assert_eq!(plan.ensemble, Some(DEFAULT_ENSEMBLE_POOL));
+        assert_eq!(serde_json::to_value(&plan).unwrap()["ensemble"], json!(DEFAULT_ENSEMBLE_POOL));
+        assert_eq!(parse("search random(4); ensemble 3").unwrap().plan(10).ensemble, Some(3));
+        assert_eq!(parse("search random(4)").unwrap().plan(10).ensemble, None);
+        for (text, says) in [
+            ("ensemble 1", "from 2 to 32"),
+            ("ensemble 33", "from 2 to 32"),
+            ("ensemble 2.5", "from 2 to 32"),
+            ("ensemble -3", "from 2 to 32"),
+            ("ensemble\nensemble", "given twice"),
+            ("ensemble 4 5", "end of the clause"),
+        ] {
+            let e = error(text);
+            assert!(e.message.contains(says), "{text}: {}", e.message);
+        }
+        let e = parse_change("train lr = 1e-3\nensemble").unwrap_err();
+        assert_eq!((e.kind, e.line), (ErrorKind::Invalid, 2));
+        assert!(e.message.contains("a change has no ensemble"), "{}", e.message);
+    }
+
+    #[test]
+    fn rounds_continue_the_same_seeded_draws() {
+        let space = "model hidden = {[8], [16], [32]}\ntrain lr = range(1e-4, 1e-2, log)\n";
+        let one_long = format!("{space}search random(12, seed = 3)");
+        let rounds = format!("{space}search halving(4, seed = 3, rounds = 3)");
+        let long = parse(&one_long).unwrap().expand(&one_long, 100).unwrap();
+        let spec = parse(&rounds).unwrap();
+        assert_eq!(spec.plan(10).rounds, Some(3));
+        for round in 1..=3u64 {
+            let drawn = spec.expand_round(&rounds, 100, round).unwrap();
+            let at = 4 * (round as usize - 1);
+            assert_eq!(drawn, long[at..at + 4], "round {round}");
+        }
+        assert_eq!(spec.expand(&rounds, 100).unwrap(), spec.expand_round(&rounds, 100, 1).unwrap());
+        let grid = space.replace("range(1e-4, 1e-2, log)", "{1e-3, 1e-2}");
+        let grid = parse(&grid).unwrap();
+        assert!(grid.expand_round("", 100, 2).unwrap().is_empty(), "a grid has one round");
+        assert_eq!(parse("search random(4, rounds = 1)").unwrap().plan(10).rounds, None);
+        assert_eq!(parse("search random(4)").unwrap().plan(10).rounds, None);
+
+        for (text, says) in [
+            ("search random(4, rounds = 0)", "rounds must be a whole number, at least 1 and at most 1000"),
+            ("search halving(4, rounds = 2.5)", "rounds must be a whole number"),
+            ("search halving(4, rounds = 1001)", "at most 1000"),
+            ("features a, b?\nsearch random(4, rounds = 2)", "one source and no optional feature group"),
+            ("source {t, u}\nsearch random(4, rounds = 2)", "one source and no optional feature group"),
+        ] {
+            let e = error(text);
+            assert!(e.message.contains(says), "{text}: {}", e.message);
+        }
+        // One round of a searched source or optional group is still a plain search.
+        parse("features a, b?\nsearch random(4, rounds = 1)").unwrap();
+    }
+
+    #[test]
+    fn the_default_searches_class_weights_when_a_class_is_rare() {
+        assert!(is_default(" Default ") && !is_default("search random(3)"));
+        assert_eq!(default_for(None), DEFAULT_SPEC);
+        assert_eq!(default_for(Some(0.5)), DEFAULT_SPEC);
+        let rare = default_for(Some(0.06));
+        let spec = parse(&rare).unwrap();
+        let drawn = spec.expand(&rare, 100).unwrap();
+        let weights: std::collections::BTreeSet<String> =
+            drawn.iter().map(|c| c.options["class_weights"].to_string()).collect();
+        assert_eq!(weights.into_iter().collect::<Vec<_>>(), vec!["\"balanced\"", "\"none\""]);
+        assert_eq!(spec.plan(40), parse(DEFAULT_SPEC).unwrap().plan(40), "the same plan, one more setting");
+    }
+
+    #[test]
+    fn a_round_is_due_while_rounds_improve_and_the_budget_holds_one_more() {
+        let plan = SelectionPlan { rounds: Some(5), budget_seconds: Some(100.0), ..Default::default() };
+        let after = |last_round, best_round, elapsed_seconds| RoundsStanding {
+            last_round,
+            best_round,
+            elapsed_seconds,
+            spent_epochs: 0,
+            round_seconds: 20.0,
+            round_epochs: 0,
+        };
+        assert!(plan.next_round_due(&after(1, 1, 20.0)));
+        assert!(plan.next_round_due(&after(2, 1, 40.0)), "one round without a better candidate goes on");
+        assert!(!plan.next_round_due(&after(3, 1, 60.0)), "two in a row end it");
+        assert!(plan.next_round_due(&after(3, 3, 80.0)), "80 s + 20 s fits in 100 s");
+        assert!(!plan.next_round_due(&after(3, 3, 80.5)), "one more would pass the budget");
+        assert!(!plan.next_round_due(&after(5, 5, 20.0)), "five rounds drawn");
+        let epochs = SelectionPlan { rounds: Some(5), budget_epochs: Some(30), ..Default::default() };
+        let spent = |spent_epochs| RoundsStanding { spent_epochs, round_epochs: 12, ..after(1, 1, 0.0) };
+        assert!(epochs.next_round_due(&spent(12)));
+        assert!(!epochs.next_round_due(&spent(24)));
+        assert!(!SelectionPlan::default().next_round_due(&after(1, 1, 0.0)), "no rounds asked for");
     }
 
     /// A text of `depth` brackets around a value, in a clause.

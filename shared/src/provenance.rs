@@ -32,6 +32,38 @@ pub struct TrainedWith {
     /// target (`"log"` or `"standardize"`); absent when the options named one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_transform: Option<TargetTransform>,
+    /// For an ensemble: the versions it averages and their weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ensemble: Option<Ensemble>,
+}
+
+/// `cerebro.model_versions.request->'ensemble'`: an ensemble version asks
+/// for the versions it may weigh, best first (written when its selection's
+/// candidates are done; a reproduction weighs the same ones again).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnsembleRequest {
+    /// The selection whose candidates they are.
+    pub selection: i64,
+    /// Versions of the same model, on one snapshot and one validation split.
+    pub pool: Vec<i32>,
+}
+
+/// What greedy ensemble selection chose: `trained_with->'ensemble'`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ensemble {
+    /// The members with a weight above 0, best single model first; the
+    /// weights sum to 1.
+    pub members: Vec<EnsembleMember>,
+    /// How many of the pool were weighed.
+    pub pool: usize,
+    /// Greedy steps taken (each added one member's share).
+    pub rounds: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnsembleMember {
+    pub version: i32,
+    pub weight: f64,
 }
 
 /// What a warm start copied from the parent version's weights.
@@ -63,6 +95,7 @@ mod tests {
             warm_start: None,
             stopped: None,
             target_transform: None,
+            ensemble: None,
         }
     }
 
@@ -92,6 +125,11 @@ mod tests {
             }),
             stopped: Some("the selection's budget of 10 epochs was spent (after epoch 2)".into()),
             target_transform: Some(TargetTransform::Log),
+            ensemble: Some(Ensemble {
+                members: vec![EnsembleMember { version: 3, weight: 0.75 }, EnsembleMember { version: 1, weight: 0.25 }],
+                pool: 8,
+                rounds: 4,
+            }),
             ..with
         };
         let value = serde_json::to_value(&full).unwrap();
@@ -108,6 +146,7 @@ mod tests {
                 },
                 "stopped": "the selection's budget of 10 epochs was spent (after epoch 2)",
                 "target_transform": "log",
+                "ensemble": {"members": [{"version": 3, "weight": 0.75}, {"version": 1, "weight": 0.25}], "pool": 8, "rounds": 4},
             })
         );
         assert_eq!(serde_json::from_value::<TrainedWith>(value).unwrap(), full);

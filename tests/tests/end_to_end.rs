@@ -1210,7 +1210,8 @@ async fn cancelling_a_selection_stops_its_candidates() -> anyhow::Result<()> {
     let _daemon = Daemon::start(&env)?;
     db.execute(
         "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('e2e_cancel', 'telco_churn', 'churn',
-             'customer_id', 'model hidden = {[256, 256], [8]}\ntrain lr = {1e-3, 5e-4, 2e-4}, epochs = 400, patience = 0')",
+             'customer_id', 'model hidden = {[256, 256], [8]}\ntrain lr = {1e-3, 5e-4, 2e-4}, epochs = 400, patience = 0
+              ensemble')",
         &[],
     )
     .await?;
@@ -1230,6 +1231,16 @@ async fn cancelling_a_selection_stops_its_candidates() -> anyhow::Result<()> {
         .await?
         .get(0);
     assert_eq!(audited, 1);
+    // A cancelled selection gets no ensemble of what it kept.
+    wait_for_selection(&db, "e2e_cancel").await?;
+    let row = db
+        .query_one(
+            "SELECT plan ? 'ensemble', (SELECT count(*) FROM cerebro.model_versions m WHERE m.selection_id = s.id)
+             FROM cerebro.selections s WHERE s.id = $1",
+            &[&selection],
+        )
+        .await?;
+    assert_eq!((row.get::<_, bool>(0), row.get::<_, i64>(1)), (false, 6));
     Ok(())
 }
 
@@ -1375,11 +1386,288 @@ async fn the_default_selection_finds_a_good_churn_model() -> anyhow::Result<()> 
             &[&selection],
         )
         .await?;
-    let (candidates, best, ready): (i64, f64, i64) = (row.get(0), row.get(1), row.get(2));
-    assert_eq!((candidates, ready), (24, 24));
+    let (versions, best, ready): (i64, f64, i64) = (row.get(0), row.get(1), row.get(2));
+    // Rounds of 24 candidates, then the ensemble of the best.
+    assert!(versions % 24 == 1 && versions > 24 && ready == versions, "{versions} versions, {ready} ready");
+    // The rounds ended at their most, or after two found nothing better.
+    let rounds = db
+        .query_one(
+            "SELECT max(coalesce((m.request->'selection'->>'round')::int, 1)),
+                    (SELECT coalesce((b.request->'selection'->>'round')::int, 1)
+                     FROM cerebro.leaderboard l JOIN cerebro.model_versions b
+                          ON b.selection_id = l.selection AND b.version = l.version
+                     WHERE l.selection = $1 AND l.ensemble_of IS NULL ORDER BY l.rank, l.version LIMIT 1)
+             FROM cerebro.model_versions m WHERE m.selection_id = $1 AND NOT m.request ? 'ensemble'",
+            &[&selection],
+        )
+        .await?;
+    let (last, best_round): (i32, i32) = (rounds.get(0), rounds.get(1));
+    assert_eq!(i64::from(last) * 24 + 1, versions);
+    assert!(last == 25 || last - best_round >= 2, "stopped after round {last}, best in round {best_round}");
+    let ensembles: i64 = db
+        .query_one(
+            "SELECT count(*) FROM cerebro.leaderboard WHERE selection = $1 AND ensemble_of IS NOT NULL",
+            &[&selection],
+        )
+        .await?
+        .get(0);
+    assert_eq!(ensembles, 1);
     assert!(best >= 0.83, "best validation AUC {best}");
-    let spec: String = db.query_one("SELECT spec FROM cerebro.selections WHERE id = $1", &[&selection]).await?.get(0);
-    assert_eq!(spec, "default", "the spec is kept as written");
+    let row =
+        db.query_one("SELECT spec, plan ? 'searched' FROM cerebro.selections WHERE id = $1", &[&selection]).await?;
+    assert_eq!(row.get::<_, String>(0), "default", "the spec is kept as written");
+    assert!(!row.get::<_, bool>(1), "churners are 26 %: no class weights searched");
+    Ok(())
+}
+
+/// With a class under 15 % of the rows, the default selection also searches
+/// `class_weights = {none, balanced}`, in every round.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_default_selection_weighs_a_rare_class() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    // About 7 % churners: every customer who stayed, a fifth of those who left.
+    db.batch_execute(
+        "DROP TABLE IF EXISTS e2e_rare_churn;
+         CREATE TABLE e2e_rare_churn AS
+         SELECT * FROM telco_churn WHERE churn = 'No' OR abs(hashtext(customer_id)) % 5 = 0",
+    )
+    .await?;
+    let _daemon = Daemon::start(&env)?;
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, spec, options)
+         VALUES ('e2e_rare', 'e2e_rare_churn', 'churn', 'customer_id', 'default', '{\"epochs\": 6}')",
+        &[],
+    )
+    .await?;
+    let (selection, _) = wait_for_selection(&db, "e2e_rare").await?;
+    let searched: String =
+        db.query_one("SELECT plan->>'searched' FROM cerebro.selections WHERE id = $1", &[&selection]).await?.get(0);
+    assert!(searched.ends_with("train  class_weights = {none, balanced}"), "{searched}");
+    let rows = db
+        .query(
+            "SELECT coalesce((request->'selection'->>'round')::int, 1), options->>'class_weights', count(*)
+             FROM cerebro.model_versions WHERE selection_id = $1 AND NOT request ? 'ensemble' GROUP BY 1, 2",
+            &[&selection],
+        )
+        .await?;
+    let mut weights: HashMap<String, i64> = HashMap::new();
+    for r in &rows {
+        *weights.entry(r.get(1)).or_default() += r.get::<_, i64>(2);
+    }
+    assert!(
+        weights.get("balanced").is_some_and(|&n| n > 0) && weights.get("none").is_some_and(|&n| n > 0),
+        "{weights:?}"
+    );
+    let rounds = rows.iter().map(|r| r.get::<_, i32>(0)).max().unwrap_or(0);
+    if rounds > 1 {
+        assert!(
+            rows.iter().any(|r| r.get::<_, i32>(0) == 2 && r.get::<_, String>(1) == "balanced"),
+            "later rounds search the weights too"
+        );
+    }
+    Ok(())
+}
+
+/// `ensemble`: once its candidates are done, a selection weighs its best
+/// into one more version, whose file averages theirs; it scores, deploys,
+/// exports and reproduces like any version.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_selections_ensemble_averages_its_best_and_is_a_version_like_any() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('e2e_ensemble', 'telco_churn', 'churn',
+             'customer_id', 'model hidden = {[16], [8, 8]}
+              train lr = {0.01, 0.002}, epochs = 6, patience = 0
+              ensemble 3')",
+        &[],
+    )
+    .await?;
+    let (selection, _) = wait_for_selection(&db, "e2e_ensemble").await?;
+    let rows = db
+        .query(
+            "SELECT version, status::text, rank, ensemble_of, error FROM cerebro.leaderboard WHERE selection = $1
+             ORDER BY version",
+            &[&selection],
+        )
+        .await?;
+    assert_eq!(rows.len(), 5, "four candidates and the ensemble");
+    for r in &rows {
+        assert_eq!(r.get::<_, String>(1), "ready", "{:?}", r.get::<_, Option<String>>(4));
+    }
+    let ensemble: i32 = rows[4].get(0);
+    assert_eq!(ensemble, 5);
+    let members: serde_json::Value = rows[4].get(3);
+    assert!(rows[..4].iter().all(|r| r.get::<_, Option<serde_json::Value>>(3).is_none()));
+
+    // Its pool: the best three candidates by rank, as its request records them.
+    let pool: serde_json::Value = db
+        .query_one(
+            "SELECT request->'ensemble'->'pool' FROM cerebro.model_versions WHERE name = 'e2e_ensemble' AND version = 5",
+            &[],
+        )
+        .await?
+        .get(0);
+    let mut ranked: Vec<(i32, i32)> = rows[..4].iter().map(|r| (r.get(2), r.get(0))).collect();
+    ranked.sort();
+    let best3: Vec<i32> = ranked.iter().take(3).map(|&(_, v)| v).collect();
+    assert_eq!(pool, serde_json::json!(best3));
+    let weights: Vec<(i32, f64)> = members
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| (m["version"].as_i64().unwrap() as i32, m["weight"].as_f64().unwrap()))
+        .collect();
+    assert!(!weights.is_empty() && weights.iter().all(|(v, w)| best3.contains(v) && *w > 0.0), "{weights:?}");
+    assert!((weights.iter().map(|(_, w)| w).sum::<f64>() - 1.0).abs() < 1e-6, "{weights:?}");
+    let lineage: serde_json::Value = db
+        .query_one("SELECT ensemble_of FROM cerebro.lineage WHERE name = 'e2e_ensemble' AND version = 5", &[])
+        .await?
+        .get(0);
+    assert_eq!(lineage, members);
+    // cerebrod queued it for the role that started the selection.
+    let by: (String, String) = {
+        let r = db
+            .query_one(
+                "SELECT created_by::text, current_user::text FROM cerebro.model_versions
+                 WHERE name = 'e2e_ensemble' AND version = 5",
+                &[],
+            )
+            .await?;
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(by.0, by.1);
+    // The selection ended after its ensemble.
+    let after: bool = db
+        .query_one(
+            "SELECT s.finished_at >= m.trained_at FROM cerebro.selections s
+             JOIN cerebro.model_versions m ON m.selection_id = s.id AND m.version = 5 WHERE s.id = $1",
+            &[&selection],
+        )
+        .await?
+        .get(0);
+    assert!(after);
+
+    // Its scores are the weighted average of its members' scores, row by row.
+    let scores = |v: i32| {
+        format!("SELECT key, label, score FROM cerebro.predictions WHERE model = 'e2e_ensemble' AND version = {v}")
+    };
+    let scored = sql_scores(&db, &scores(ensemble)).await?;
+    assert_eq!(scored.len(), 7043);
+    let mut average: HashMap<String, f64> = HashMap::new();
+    for &(v, w) in &weights {
+        for (key, (_, s)) in sql_scores(&db, &scores(v)).await? {
+            *average.entry(key).or_default() += w * s;
+        }
+    }
+    for (key, (label, s)) in &scored {
+        assert!((s - average[key]).abs() < 1e-5, "row {key}: ensemble {s}, average {}", average[key]);
+        assert_eq!(label.as_deref(), Some(if *s >= 0.5 { "Yes" } else { "No" }));
+    }
+    // Deployed, it is what predictions score; exported, it scores the same on its own.
+    db.execute("SELECT cerebro.deploy('e2e_ensemble', 5)", &[]).await?;
+    let deployed =
+        sql_scores(&db, "SELECT key, label, score FROM cerebro.predictions WHERE model = 'e2e_ensemble'").await?;
+    assert_eq!(deployed, scored);
+    assert_eq!(daemon_scores(&env, "e2e_ensemble", &[])?, scored, "cerebrod score agrees");
+    let bytes: Vec<u8> = db.query_one("SELECT cerebro.export_onnx('e2e_ensemble', 5)", &[]).await?.get(0);
+    let rows_json: serde_json::Value =
+        db.query_one("SELECT json_agg(t) FROM (SELECT * FROM telco_churn LIMIT 500) t", &[]).await?.get(0);
+    let python = python_scores(&env, &bytes, &rows_json, "customer_id")?;
+    assert_eq!(python.len(), 500);
+    for (key, p) in &python {
+        assert!((p - scored[key].1).abs() < 1e-6, "row {key}: python {p}, sql {}", scored[key].1);
+    }
+    // A reproduction weighs the same pool again, to the same result.
+    let v6: i32 = db.query_one("SELECT cerebro.reproduce('e2e_ensemble', 5)", &[]).await?.get(0);
+    assert_eq!(
+        wait_until_done(&db, "e2e_ensemble", v6, TRAIN_TIMEOUT).await?.last().map(String::as_str),
+        Some("ready")
+    );
+    let provenance = "SELECT weights_sha256, metrics, trained_with->'ensemble', artifact_sha256
+                      FROM cerebro.model_versions WHERE name = 'e2e_ensemble' AND version = $1";
+    let (a, b) = (db.query_one(provenance, &[&5i32]).await?, db.query_one(provenance, &[&v6]).await?);
+    assert_eq!(a.get::<_, Option<String>>(0), b.get::<_, Option<String>>(0));
+    assert_eq!(a.get::<_, serde_json::Value>(1), b.get::<_, serde_json::Value>(1));
+    assert_eq!(a.get::<_, serde_json::Value>(2), b.get::<_, serde_json::Value>(2));
+    Ok(())
+}
+
+/// `rounds`: each round draws the next candidates of the same seeded
+/// sequence once the last round is done, on the first round's snapshot,
+/// while the budget can hold one more round.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_selection_draws_rounds_while_its_budget_lasts() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    let space = "model hidden = {[8], [16]}
+                 train lr = range(1e-3, 3e-2, log), epochs = 4, patience = 0";
+    for (name, search) in [
+        ("e2e_rounds", "search random(3, seed = 2, rounds = 3)"),
+        // Round 1 spends 12 epochs; another would pass the budget of 20.
+        ("e2e_rounds_budget", "search random(3, seed = 2, rounds = 5)\nbudget 20 epochs"),
+    ] {
+        db.execute(
+            "INSERT INTO cerebro.models (name, source, target, key, spec)
+             VALUES ($1, 'telco_churn', 'churn', 'customer_id', $2)",
+            &[&name, &format!("{space}\n{search}")],
+        )
+        .await?;
+    }
+    let (selection, _) = wait_for_selection(&db, "e2e_rounds").await?;
+    let rows = db
+        .query(
+            "SELECT m.version, m.status::text, m.request->'selection', m.options->>'learning_rate', m.snapshot_id,
+                    m.created_at
+             FROM cerebro.model_versions m WHERE m.selection_id = $1 ORDER BY m.version",
+            &[&selection],
+        )
+        .await?;
+    assert_eq!(rows.len(), 9, "three rounds of three");
+    let snapshot: i64 = rows[0].get(4);
+    let mut rates = std::collections::HashSet::new();
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r.get::<_, String>(1), "ready");
+        let place: serde_json::Value = r.get(2);
+        assert_eq!(place["candidate"], i + 1);
+        let round = if i < 3 { serde_json::Value::Null } else { serde_json::json!(i / 3 + 1) };
+        assert_eq!(place["round"], round, "{place}");
+        assert_eq!(r.get::<_, i64>(4), snapshot, "every round learns from the first one's snapshot");
+        assert!(rates.insert(r.get::<_, String>(3)), "each draw is new");
+    }
+    // A round starts once the one before it is done.
+    let round_done = |round: usize| -> anyhow::Result<()> {
+        let next: std::time::SystemTime = rows[round * 3].get(5);
+        anyhow::ensure!(rows[..round * 3].iter().all(|r| r.get::<_, std::time::SystemTime>(5) < next));
+        Ok(())
+    };
+    round_done(1)?;
+    round_done(2)?;
+    let candidates: i32 =
+        db.query_one("SELECT candidates FROM cerebro.selections WHERE id = $1", &[&selection]).await?.get(0);
+    assert_eq!(candidates, 9);
+    let strangers: i64 = db
+        .query_one(
+            "SELECT count(*) FROM cerebro.model_versions WHERE selection_id = $1 AND created_by <> current_user",
+            &[&selection],
+        )
+        .await?
+        .get(0);
+    assert_eq!(strangers, 0, "later rounds are the selection's creator's");
+
+    let (selection, _) = wait_for_selection(&db, "e2e_rounds_budget").await?;
+    let row = db
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE status = 'ready'), sum(epoch)
+             FROM cerebro.model_versions WHERE selection_id = $1",
+            &[&selection],
+        )
+        .await?;
+    let (count, ready, epochs): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!((count, ready, epochs), (3, 3, 12), "no round that the budget could not hold");
     Ok(())
 }
 
@@ -1490,6 +1778,13 @@ async fn bad_specs_are_precise_errors_and_queue_nothing() -> anyhow::Result<()> 
         ("train lr = -0.01", "22023", "learning_rate"),
         ("train lr = range(, 1e-2)", "42601", "range needs a lower bound"),
         (million.as_str(), "54000", "this selection expands to 1000000 candidates"),
+        ("search random(4)\nensemble 1", "22023", "an ensemble weighs from 2 to 32 of the best candidates"),
+        ("search halving(4, rounds = 0)", "22023", "rounds must be a whole number, at least 1 and at most 1000"),
+        (
+            "features tenure, contract?\nsearch random(4, rounds = 3)",
+            "22023",
+            "rounds draw model and train settings only",
+        ),
     ] {
         let err = db
             .execute(

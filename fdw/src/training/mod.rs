@@ -15,7 +15,9 @@
 //! `cerebro_shared::request`'s.
 
 mod derived;
+pub(crate) mod ensemble;
 mod queue;
+pub(crate) mod rounds;
 mod selection;
 
 use cerebro_shared::mst::SelectionPlan;

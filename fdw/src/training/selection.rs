@@ -3,20 +3,27 @@
 
 use std::collections::HashMap;
 
-use cerebro_shared::mst::{self, Candidate, Value};
+use cerebro_shared::mst::{self, Candidate, SelectionPlan, Value};
 use cerebro_shared::request::{self, merge_options, SourceShape};
-use cerebro_shared::spec::TrainOptions;
+use cerebro_shared::spec::{resolve_task, TrainOptions};
+use cerebro_shared::sql::quote_ident;
 use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
 
 use super::{Batch, NewSelection, VersionRequest};
 use crate::error::{CerebroError, Result};
 use crate::gucs;
 use crate::models::TrainRequest;
-use crate::sources::read_shape;
+use crate::sources::{read_shape, resolve_source};
 
 /// The candidates of the selection `written` declares, as versions of `req`'s model.
 pub(super) fn build(req: &TrainRequest, written: &str) -> Result<Batch> {
-    let text = mst::resolve(written);
+    let searched = if mst::is_default(written) {
+        Some(mst::default_for(Spi::connect(|client| minority_share(client, req))?))
+    } else {
+        None
+    };
+    let text = searched.as_deref().unwrap_or(written);
     let spec = mst::parse(text).map_err(CerebroError::Selection)?;
     let limit = gucs::MAX_CANDIDATES.get().max(1) as u128;
     let total = spec.candidates(text).map_err(CerebroError::Selection)?;
@@ -72,5 +79,34 @@ pub(super) fn build(req: &TrainRequest, written: &str) -> Result<Batch> {
             candidate: Some(i + 1),
         });
     }
-    Ok(Batch { selection: Some(NewSelection { spec: written.to_owned(), plan: spec.plan(max_epochs) }), versions })
+    let plan = SelectionPlan { searched: searched.filter(|t| t != mst::DEFAULT_SPEC), ..spec.plan(max_epochs) };
+    Ok(Batch { selection: Some(NewSelection { spec: written.to_owned(), plan }), versions })
+}
+
+/// The share of the labelled rows its rarest class holds, when `req`'s
+/// target makes a classification; None for a regression, or when the
+/// source or target cannot be read (queueing says why, precisely). Read as
+/// the user, like everything a selection reads of its source.
+fn minority_share(client: &SpiClient<'_>, req: &TrainRequest) -> Result<Option<f64>> {
+    let Ok(source) = resolve_source(client, &req.source) else { return Ok(None) };
+    let readable = source.column(&req.target).is_ok_and(|c| c.readable);
+    let Ok(kind) = request::target_kind(&source.shape(), &req.target) else { return Ok(None) };
+    if !readable {
+        return Ok(None);
+    }
+    let target = quote_ident(&req.target);
+    let row = client
+        .select(
+            &format!(
+                "SELECT min(n)::float8 / nullif(sum(n), 0)::float8, count(*)
+                 FROM (SELECT count(*) AS n FROM {} WHERE {target} IS NOT NULL GROUP BY {target}) classes",
+                source.in_from()
+            ),
+            Some(1),
+            &[],
+        )?
+        .first();
+    let (share, classes) = (row.get::<f64>(1)?, row.get::<i64>(2)?.unwrap_or(0));
+    let Ok(task) = resolve_task(req.task, &req.target, kind, classes as usize) else { return Ok(None) };
+    Ok(share.filter(|_| task.is_classification()))
 }
