@@ -36,6 +36,10 @@ pub enum Encoder {
     /// A code into the network's embedding table for this column: the index
     /// in `vocabulary`, or `vocabulary.len()` (a zero vector) for values never seen.
     Embedding { vocabulary: Vec<String>, dim: usize },
+    /// Encoded as [`Encoder::Numeric`], and the standardised value also
+    /// feeds the network's periodic embedding of this column
+    /// (`engine::Periodic`: learnt frequencies, then a linear layer and ReLU).
+    Periodic { mean: f32, std: f32, null_indicator: bool },
 }
 
 impl Encoder {
@@ -45,7 +49,8 @@ impl Encoder {
         match self {
             Encoder::Numeric { null_indicator, .. }
             | Encoder::Quantile { null_indicator, .. }
-            | Encoder::Robust { null_indicator, .. } => 1 + *null_indicator as usize,
+            | Encoder::Robust { null_indicator, .. }
+            | Encoder::Periodic { null_indicator, .. } => 1 + *null_indicator as usize,
             Encoder::Ple { edges, null_indicator } => edges.len() - 1 + *null_indicator as usize,
             Encoder::Categorical { vocabulary } => vocabulary.len(),
             Encoder::Embedding { .. } => 0,
@@ -54,9 +59,11 @@ impl Encoder {
 
     fn kind(&self) -> FeatureKind {
         match self {
-            Encoder::Numeric { .. } | Encoder::Ple { .. } | Encoder::Quantile { .. } | Encoder::Robust { .. } => {
-                FeatureKind::Numeric
-            }
+            Encoder::Numeric { .. }
+            | Encoder::Ple { .. }
+            | Encoder::Quantile { .. }
+            | Encoder::Robust { .. }
+            | Encoder::Periodic { .. } => FeatureKind::Numeric,
             Encoder::Categorical { .. } | Encoder::Embedding { .. } => FeatureKind::Categorical,
         }
     }
@@ -219,6 +226,9 @@ impl FeaturePipeline {
                             let (median, scale) = robust_scale(seen());
                             Encoder::Robust { median, scale, null_indicator }
                         }
+                        NumericEncoding::Periodic => {
+                            Encoder::Periodic { mean: mean as f32, std: std as f32, null_indicator }
+                        }
                     }
                 }
                 (FeatureKind::Categorical, ColumnData::Text(values)) => {
@@ -265,6 +275,20 @@ impl FeaturePipeline {
             .collect()
     }
 
+    /// Where each periodic column's standardised value is in the encoded
+    /// inputs, in feature order: what the network's periodic embeddings read.
+    pub fn periodic_inputs(&self) -> Vec<usize> {
+        let mut offset = 0;
+        let mut at = Vec::new();
+        for f in &self.features {
+            if matches!(f.encoder, Encoder::Periodic { .. }) {
+                at.push(offset);
+            }
+            offset += f.encoder.width();
+        }
+        at
+    }
+
     /// Encodes every row of `columns`.
     pub fn transform(&self, columns: &[ColumnData]) -> Result<Encoded, FeatureError> {
         let n = check_columns(self.features.len(), columns)?;
@@ -274,7 +298,10 @@ impl FeaturePipeline {
         let (mut offset, mut code_col) = (0, 0);
         for (feature, column) in self.features.iter().zip(columns) {
             match (&feature.encoder, column) {
-                (Encoder::Numeric { mean, std, null_indicator }, ColumnData::Float64(values)) => {
+                (
+                    Encoder::Numeric { mean, std, null_indicator } | Encoder::Periodic { mean, std, null_indicator },
+                    ColumnData::Float64(values),
+                ) => {
                     for (r, v) in values.iter().enumerate() {
                         let row = &mut x[r * width + offset..];
                         match numeric_value(*v) {

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{
     backend, scheduled_lr, Arch, BackendError, Batch, BatchSource, Compute, Embedding, Head, Loss, MiniBatch,
-    ModelStep, Op, Predictor, Stack,
+    ModelStep, Op, Periodic, Predictor, Stack,
 };
 use crate::features::{Encoded, FeatureError, FeaturePipeline};
 use crate::metrics::{self, Metrics};
@@ -147,7 +147,16 @@ fn head_for(task: Task, classes: usize) -> Head {
 pub fn architecture(opts: &TrainOptions, pipeline: &FeaturePipeline, outputs: usize) -> Arch {
     let embeddings: Vec<Embedding> =
         pipeline.embeddings().into_iter().map(|(vocabulary, dim)| Embedding { vocabulary, dim }).collect();
-    let mut width = pipeline.width() + embeddings.iter().map(|e| e.dim).sum::<usize>();
+    let columns = pipeline.periodic_inputs();
+    let periodic = (!columns.is_empty()).then_some(Periodic {
+        columns,
+        frequencies: opts.periodic_frequencies as usize,
+        dim: opts.periodic_dim as usize,
+        sigma: opts.periodic_sigma as f32,
+    });
+    let mut width = pipeline.width()
+        + embeddings.iter().map(|e| e.dim).sum::<usize>()
+        + periodic.as_ref().map_or(0, Periodic::width);
     let mut ops = Vec::new();
     let norm = |ops: &mut Vec<Op>, width: usize| match opts.norm {
         Norm::None => {}
@@ -181,7 +190,7 @@ pub fn architecture(opts: &TrainOptions, pipeline: &FeaturePipeline, outputs: us
         ops.push(Op::Activation { f });
     }
     ops.push(Op::Dense { inputs: width, outputs });
-    Arch { inputs: pipeline.width(), embeddings, ops }
+    Arch { inputs: pipeline.width(), embeddings, ops, periodic }
 }
 
 /// The loss the options describe; `targets` are the training rows' class
@@ -251,7 +260,13 @@ pub fn model_bytes(plan: &TrainingPlan, features: &[ColumnData]) -> Result<usize
     let outputs = head_for(plan.task, plan.class_labels.len()).outputs();
     let arch = architecture(&plan.options, &pipeline, outputs);
     let params: usize = arch.slots().iter().map(|s| s.len).sum();
-    let activations: usize = (0..arch.ops.len()).map(|i| arch.width_after(i)).sum::<usize>() + arch.inputs;
+    // Per row: every op's output, the inputs and embeddings, and the
+    // periodic embeddings' [cos, sin] features.
+    let periodic = arch.periodic.as_ref().map_or(0, |p| p.columns.len() * 2 * p.frequencies);
+    let activations: usize = (0..arch.ops.len()).map(|i| arch.width_after(i)).sum::<usize>()
+        + arch.inputs
+        + arch.embedded_width()
+        + periodic;
     let rows_at_once = 3 * plan.options.batch_size as usize + EVAL_CHUNK;
     Ok(4 * (5 * params + rows_at_once * activations))
 }

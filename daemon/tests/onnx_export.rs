@@ -142,6 +142,17 @@ fn onnx_runtime_agrees_with_the_engine_for_every_head_layer_and_encoding() {
         // and values beyond f32), by default and per column.
         (Task::Regression, json!({"hidden": [], "numeric_encoding": "robust"})),
         (Task::Binary, json!({"hidden": [8], "encodings": {"monthly charges": "robust", "internet": "embedding"}})),
+        // Periodic embeddings, after a categorical one, for every head.
+        (
+            Task::Binary,
+            json!({"hidden": [8], "numeric_encoding": "periodic", "periodic_sigma": 1.0,
+                   "encodings": {"internet": "embedding"}}),
+        ),
+        (Task::Multiclass, json!({"hidden": [8], "encodings": {"monthly charges": "periodic"}, "periodic_dim": 3})),
+        (
+            Task::Regression,
+            json!({"hidden": [], "numeric_encoding": "periodic", "periodic_frequencies": 5, "periodic_sigma": 3.0}),
+        ),
     ];
     for (task, options) in cases {
         let what = format!("{task} {options}");
@@ -304,7 +315,7 @@ fn an_ensemble_graph_is_the_weighted_average_of_its_members() {
         let options = [
             json!({"hidden": [8], "learning_rate": 0.01}),
             json!({"hidden": [16, 8], "numeric_encoding": "robust", "learning_rate": 0.003}),
-            json!({"hidden": [4], "numeric_encoding": "ple", "encodings": {"internet": 2}, "dropout": 0.1}),
+            json!({"hidden": [4], "numeric_encoding": "periodic", "encodings": {"internet": 2}, "dropout": 0.1}),
         ];
         let train_cols = columns(400, 0);
         let mut members = Vec::new();

@@ -29,8 +29,14 @@ fn column_inputs(name: &str, kind: InputKind, options: &TrainOptions) -> (u64, u
     let vocabulary = u64::from(options.max_categories).max(1);
     let numeric = |encoding: NumericEncoding| match encoding {
         // The value and its "was NULL" indicator.
-        NumericEncoding::Standard | NumericEncoding::Quantile | NumericEncoding::Robust => 2,
-        NumericEncoding::Ple => u64::from(options.bins).max(1) + 1,
+        NumericEncoding::Standard | NumericEncoding::Quantile | NumericEncoding::Robust => (2, 0),
+        NumericEncoding::Ple => (u64::from(options.bins).max(1) + 1, 0),
+        // Those two, and the embedding's outputs from its frequencies, its
+        // linear layer and bias.
+        NumericEncoding::Periodic => {
+            let (k, d) = (u64::from(options.periodic_frequencies), u64::from(options.periodic_dim));
+            (2 + d, k + 2 * k * d + d)
+        }
     };
     let embedded = |dim: Option<u32>| {
         let dim = dim.map(u64::from).unwrap_or(embedding_dim(vocabulary as usize) as u64);
@@ -38,7 +44,7 @@ fn column_inputs(name: &str, kind: InputKind, options: &TrainOptions) -> (u64, u
         (dim, (vocabulary + 2).saturating_mul(dim))
     };
     match (kind, options.encodings.get(name)) {
-        (InputKind::Numeric, _) => (numeric(options.numeric_encoding(name)), 0),
+        (InputKind::Numeric, _) => numeric(options.numeric_encoding(name)),
         (InputKind::Categorical, Some(ColumnEncoding::Embedding(dim))) => embedded(*dim),
         (InputKind::Categorical, Some(ColumnEncoding::OneHot)) => (vocabulary + 1, 0),
         (InputKind::Categorical, _) if vocabulary > u64::from(options.onehot_max) => embedded(None),
@@ -99,6 +105,16 @@ mod tests {
 
     fn options(json: serde_json::Value) -> TrainOptions {
         TrainOptions::from_json(Some(&json)).unwrap()
+    }
+
+    #[test]
+    fn a_periodic_column_counts_its_embedding() {
+        let o = options(serde_json::json!({
+            "hidden": [8], "numeric_encoding": "periodic", "periodic_frequencies": 3, "periodic_dim": 4
+        }));
+        let size = model_size(&o, &[("a", InputKind::Numeric)], 1);
+        // z, its NULL flag and 4 outputs -> 8 -> 1; frequencies 3, W 6 × 4, b 4.
+        assert_eq!(size.parameters, (3 + 6 * 4 + 4) + (6 * 8 + 8) + (8 + 1));
     }
 
     #[test]

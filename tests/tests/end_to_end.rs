@@ -338,6 +338,18 @@ async fn bad_label_smoothing_and_target_transforms_are_refused_at_insert() -> an
             r#"{"target_transform": "log"}"#,
             r#"option "target_transform" is "log", but target column "y" has values that are not greater than 0 (the smallest is -2); ln(y) needs every target > 0"#,
         ),
+        (
+            "telco_churn",
+            "churn",
+            r#"{"periodic_sigma": 0}"#,
+            r#"option "periodic_sigma" is 0, allowed: greater than 0 and at most 100"#,
+        ),
+        (
+            "telco_churn",
+            "churn",
+            r#"{"periodic_frequencies": 1000}"#,
+            r#"option "periodic_frequencies" is 1000, allowed: from 1 to 128"#,
+        ),
     ];
     for (source, target, options, message) in cases {
         let task = if target == "churn" { "auto" } else { "regression" };
@@ -367,7 +379,9 @@ async fn every_layer_and_encoding_trains_from_sql_and_scores() -> anyhow::Result
     let _daemon = Daemon::start(&env)?;
     let options = r#"{"epochs": 8, "hidden": [32], "residual_blocks": 1, "norm": "layer", "dropout": 0.1,
         "activation": "gelu", "numeric_encoding": "ple", "onehot_max": 3,
-        "encodings": {"total_charges": "quantile", "payment_method": 3}, "class_weights": "balanced"}"#;
+        "encodings": {"total_charges": "quantile", "payment_method": 3, "tenure": "periodic",
+                      "monthly_charges": "periodic"},
+        "periodic_frequencies": 8, "periodic_dim": 8, "class_weights": "balanced"}"#;
     let v = insert(&db, "e2e_family", "churn", options).await?;
     let seen = wait_until_done(&db, "e2e_family", v, TRAIN_TIMEOUT).await?;
     assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
@@ -1420,23 +1434,28 @@ async fn the_default_selection_finds_a_good_churn_model() -> anyhow::Result<()> 
     Ok(())
 }
 
-/// With a class under 15 % of the rows, the default selection also searches
-/// `class_weights = {none, balanced}`, in every round.
+/// With a class under 15 % of the rows and 1,000 rows of it, the default
+/// selection also searches `class_weights = {none, balanced}`, in every round.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_default_selection_weighs_a_rare_class() -> anyhow::Result<()> {
     let env = Env::from_env();
     let db = env.connect().await?;
-    // About 7 % churners: every customer who stayed, a fifth of those who left.
+    // 1,869 churners among 17,391 customers (11 %): every customer, and
+    // those who stayed twice more.
     db.batch_execute(
         "DROP TABLE IF EXISTS e2e_rare_churn;
          CREATE TABLE e2e_rare_churn AS
-         SELECT * FROM telco_churn WHERE churn = 'No' OR abs(hashtext(customer_id)) % 5 = 0",
+         SELECT row_number() OVER () AS id, t.* FROM (
+             SELECT * FROM telco_churn
+             UNION ALL SELECT * FROM telco_churn WHERE churn = 'No'
+             UNION ALL SELECT * FROM telco_churn WHERE churn = 'No') t;
+         ALTER TABLE e2e_rare_churn DROP COLUMN customer_id;",
     )
     .await?;
     let _daemon = Daemon::start(&env)?;
     db.execute(
-        "INSERT INTO cerebro.models (name, source, target, key, spec, options)
-         VALUES ('e2e_rare', 'e2e_rare_churn', 'churn', 'customer_id', 'default', '{\"epochs\": 6}')",
+        "INSERT INTO cerebro.models (name, source, target, key, spec)
+         VALUES ('e2e_rare', 'e2e_rare_churn', 'churn', 'id', 'default')",
         &[],
     )
     .await?;

@@ -29,7 +29,7 @@ pub use backend::{BackendError, Compute, DeviceChoice, StackTrainer};
 pub use loss::{sigmoid, softmax_into, Head, Loss};
 pub use optim::{scheduled_lr, ModelStep, StackOptimizer};
 pub use stack::{
-    dropout_keeps, Arch, ArchError, Batch, Embedding, Mode, Op, Predictor, Stack, StackCache, StackGradients,
+    dropout_keeps, Arch, ArchError, Batch, Embedding, Mode, Op, Periodic, Predictor, Stack, StackCache, StackGradients,
     BATCH_NORM_MOMENTUM, NORM_EPS,
 };
 pub use trainer::{BatchSource, MiniBatch, ThreadsError, Trainer, SHARD_MODELS};

@@ -71,6 +71,27 @@ pub struct Embedding {
     pub dim: usize,
 }
 
+/// Periodic embeddings of numeric inputs (MLP-PLR, Gorishniy et al., 2022):
+/// input column `columns[f]` (a standardised value z) becomes
+/// `ReLU([cos(2π·c·z), sin(2π·c·z)] · W_f + b_f)`, `dim` wide, with
+/// `frequencies` learnt frequencies c (drawn from N(0, sigma²) at first).
+/// Each model's embeddings follow its categorical ones into the first dense
+/// layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Periodic {
+    pub columns: Vec<usize>,
+    pub frequencies: usize,
+    pub dim: usize,
+    pub sigma: f32,
+}
+
+impl Periodic {
+    /// What one model's embeddings add to the first dense layer's inputs.
+    pub fn width(&self) -> usize {
+        self.columns.len() * self.dim
+    }
+}
+
 /// The shape of every model of a stack.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Arch {
@@ -79,6 +100,10 @@ pub struct Arch {
     /// One per embedded categorical column, in the order of the codes.
     pub embeddings: Vec<Embedding>,
     pub ops: Vec<Op>,
+    /// Periodic embeddings of some numeric inputs; their parameters are the
+    /// last three slots (frequencies, weights, biases).
+    #[serde(default)]
+    pub periodic: Option<Periodic>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -91,6 +116,8 @@ pub enum ArchError {
     ResidualSource { op: usize },
     #[error("op {op}: dropout probability {p} is not in [0, 1)")]
     DropoutRate { op: usize, p: f32 },
+    #[error("a periodic embedding reads input {column}, but there are {inputs}")]
+    PeriodicColumn { column: usize, inputs: usize },
 }
 
 /// Where one parameter tensor of one model lives, and whether weight decay applies.
@@ -111,10 +138,16 @@ impl Arch {
             width = h;
         }
         ops.push(Op::Dense { inputs: width, outputs });
-        Arch { inputs, embeddings: Vec::new(), ops }
+        Arch { inputs, embeddings: Vec::new(), ops, periodic: None }
     }
 
+    /// The first dense layer's inputs beyond the encoded features: each
+    /// model's categorical embeddings, then its periodic ones.
     pub fn embedded_width(&self) -> usize {
+        self.categorical_width() + self.periodic.as_ref().map_or(0, Periodic::width)
+    }
+
+    fn categorical_width(&self) -> usize {
         self.embeddings.iter().map(|e| e.dim).sum()
     }
 
@@ -156,6 +189,9 @@ impl Arch {
         if !matches!(self.ops.first(), Some(Op::Dense { .. })) {
             return Err(ArchError::NoInputLayer);
         }
+        if let Some(&column) = self.periodic.iter().flat_map(|p| &p.columns).find(|&&c| c >= self.inputs) {
+            return Err(ArchError::PeriodicColumn { column, inputs: self.inputs });
+        }
         for (i, op) in self.ops.iter().enumerate() {
             let found = self.width_before(i);
             let expected = match *op {
@@ -174,7 +210,9 @@ impl Arch {
     }
 
     /// Parameter tensors of one model, in storage order: embedding tables,
-    /// then each op's (weight, bias) or (gain, shift).
+    /// then each op's (weight, bias) or (gain, shift), then the periodic
+    /// embeddings' frequencies `[F × k]`, weights `[F × 2k × dim]` and biases
+    /// `[F × dim]`.
     pub fn slots(&self) -> Vec<Slot> {
         let mut slots: Vec<Slot> =
             self.embeddings.iter().map(|e| Slot { len: (e.vocabulary + 1) * e.dim, decay: true }).collect();
@@ -191,7 +229,18 @@ impl Arch {
                 _ => {}
             }
         }
+        if let Some(p) = &self.periodic {
+            let (f, k, d) = (p.columns.len(), p.frequencies, p.dim);
+            slots.push(Slot { len: f * k, decay: false });
+            slots.push(Slot { len: f * 2 * k * d, decay: true });
+            slots.push(Slot { len: f * d, decay: false });
+        }
         slots
+    }
+
+    /// Index of the periodic embeddings' first slot (their frequencies).
+    pub(crate) fn periodic_slot(&self) -> usize {
+        self.slot_of(self.ops.len())
     }
 
     /// Index of op `i`'s first parameter slot.
@@ -267,6 +316,8 @@ pub struct StackCache {
     /// Gathered embeddings, `[n × K·e]`, and one model's products of them.
     emb: Vec<f32>,
     emb_product: Vec<f32>,
+    /// Periodic embeddings' `[cos, sin]` features, `[n × K × F × 2k]`.
+    periodic: Vec<f32>,
     uniform: UniformScratch,
     /// Output of every op, `[n × K·w]`; when scoring, element-wise ops work
     /// in place and `at[i]` says which buffer holds op i's output.
@@ -295,6 +346,13 @@ impl StackCache {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StackGradients {
     pub params: Vec<Vec<f32>>,
+}
+
+/// A draw from N(0, 1) (Box–Muller, from two uniform draws).
+fn standard_normal(rng: &mut impl Rng) -> f32 {
+    let u: f64 = 1.0 - rng.random::<f64>();
+    let v: f64 = rng.random::<f64>();
+    ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
 }
 
 /// A well-mixed 64-bit hash (SplitMix64's finaliser).
@@ -359,6 +417,15 @@ impl Stack {
                 _ => {}
             }
         }
+        // Drawn last, so that a network without them draws what it did before.
+        if let Some(p) = &arch.periodic {
+            let (f, k, d) = (p.columns.len(), p.frequencies, p.dim);
+            params.push((0..f * k).map(|_| p.sigma * standard_normal(rng)).collect());
+            // PyTorch's Linear: weights and biases uniform in ±1/√fan_in.
+            let bound = 1.0 / ((2 * k) as f32).sqrt();
+            params.push((0..f * 2 * k * d).map(|_| rng.random_range(-bound..=bound)).collect());
+            params.push((0..f * d).map(|_| rng.random_range(-bound..=bound)).collect());
+        }
         Stack { k: 1, arch: arch.clone(), params, state, seed }
     }
 
@@ -410,6 +477,7 @@ impl Stack {
         cache.stats.resize_with(ops, Vec::new);
         cache.at.clear();
         self.gather_embeddings(batch, &mut cache.emb);
+        self.periodic_embeddings(batch, &mut cache.emb, &mut cache.periodic);
 
         for i in 0..ops {
             let wide_in = k * arch.width_before(i);
@@ -516,11 +584,12 @@ impl Stack {
         }
     }
 
-    /// `[n × K·e]`: each model's vectors for each row's codes.
+    /// `[n × K·e]`: each model's vectors for each row's codes (its periodic
+    /// embeddings, after them, are [`Stack::periodic_embeddings`]').
     fn gather_embeddings(&self, batch: Batch<'_>, emb: &mut Vec<f32>) {
         let (k, e, cols) = (self.k, self.arch.embedded_width(), self.arch.embeddings.len());
         emb.resize(batch.n * k * e, 0.0);
-        if e == 0 {
+        if self.arch.categorical_width() == 0 {
             return;
         }
         for r in 0..batch.n {
@@ -533,6 +602,91 @@ impl Stack {
                     let start = m * rows + code * spec.dim;
                     emb[at..at + spec.dim].copy_from_slice(&table[start..start + spec.dim]);
                     at += spec.dim;
+                }
+            }
+        }
+    }
+
+    /// Each model's periodic embeddings of each row, into their columns of
+    /// `emb` (after the categorical ones), keeping the `[cos, sin]` features
+    /// in `features` for the backward pass. Sums run in a fixed order, the
+    /// same for a model alone or in a stack.
+    fn periodic_embeddings(&self, batch: Batch<'_>, emb: &mut [f32], features: &mut Vec<f32>) {
+        let Some(p) = &self.arch.periodic else { return };
+        let (k, e, inputs) = (self.k, self.arch.embedded_width(), self.arch.inputs);
+        let (cat, f_count, kf, d) = (self.arch.categorical_width(), p.columns.len(), p.frequencies, p.dim);
+        let slot = self.arch.periodic_slot();
+        let (freq, weight, bias) = (&self.params[slot], &self.params[slot + 1], &self.params[slot + 2]);
+        features.resize(batch.n * k * f_count * 2 * kf, 0.0);
+        for r in 0..batch.n {
+            for m in 0..k {
+                for (f, &column) in p.columns.iter().enumerate() {
+                    let z = batch.x[r * inputs + column];
+                    let at = ((r * k + m) * f_count + f) * 2 * kf;
+                    let v = &mut features[at..at + 2 * kf];
+                    let c = &freq[(m * f_count + f) * kf..][..kf];
+                    for j in 0..kf {
+                        let a = (std::f32::consts::TAU * c[j]) * z;
+                        v[j] = a.cos();
+                        v[kf + j] = a.sin();
+                    }
+                    let w = &weight[(m * f_count + f) * 2 * kf * d..][..2 * kf * d];
+                    let b = &bias[(m * f_count + f) * d..][..d];
+                    let out = &mut emb[r * k * e + m * e + cat + f * d..][..d];
+                    for o in 0..d {
+                        let mut h = 0.0f32;
+                        for (i, vi) in v.iter().enumerate() {
+                            h += vi * w[i * d + o];
+                        }
+                        out[o] = (h + b[o]).max(0.0);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The periodic embeddings' gradients from `d_emb` (the gradient of the
+    /// first dense layer's embedded inputs), accumulated row by row in order.
+    /// `grads` are the slots from the first dense layer's on.
+    fn periodic_backward(&self, batch: Batch<'_>, cache: &StackCache, grads: &mut [Vec<f32>]) {
+        let Some(p) = &self.arch.periodic else { return };
+        let (k, e, inputs) = (self.k, self.arch.embedded_width(), self.arch.inputs);
+        let (cat, f_count, kf, d) = (self.arch.categorical_width(), p.columns.len(), p.frequencies, p.dim);
+        let slot = self.arch.periodic_slot() - self.arch.embeddings.len();
+        let weight = &self.params[self.arch.periodic_slot() + 1];
+        let (g_freq, rest) = grads[slot..].split_at_mut(1);
+        let (g_weight, g_bias) = rest.split_at_mut(1);
+        let (g_freq, g_weight, g_bias) = (&mut g_freq[0], &mut g_weight[0], &mut g_bias[0]);
+        g_freq.fill(0.0);
+        g_weight.fill(0.0);
+        g_bias.fill(0.0);
+        let (mut dh, mut dv) = (vec![0.0f32; d], vec![0.0f32; 2 * kf]);
+        for r in 0..batch.n {
+            for m in 0..k {
+                for (f, &column) in p.columns.iter().enumerate() {
+                    let z = batch.x[r * inputs + column];
+                    let v = &cache.periodic[((r * k + m) * f_count + f) * 2 * kf..][..2 * kf];
+                    let at = r * k * e + m * e + cat + f * d;
+                    let (out, d_out) = (&cache.emb[at..at + d], &cache.d_emb[at..at + d]);
+                    for o in 0..d {
+                        dh[o] = if out[o] > 0.0 { d_out[o] } else { 0.0 };
+                    }
+                    let block = (m * f_count + f) * 2 * kf * d;
+                    let (w, gw) = (&weight[block..block + 2 * kf * d], &mut g_weight[block..block + 2 * kf * d]);
+                    g_bias[(m * f_count + f) * d..][..d].iter_mut().zip(&dh).for_each(|(g, h)| *g += h);
+                    for i in 0..2 * kf {
+                        let mut s = 0.0f32;
+                        for o in 0..d {
+                            gw[i * d + o] += v[i] * dh[o];
+                            s += dh[o] * w[i * d + o];
+                        }
+                        dv[i] = s;
+                    }
+                    let gc = &mut g_freq[(m * f_count + f) * kf..][..kf];
+                    for j in 0..kf {
+                        // d/dc of cos(2πcz) and sin(2πcz).
+                        gc[j] += (dv[kf + j] * v[j] - dv[j] * v[kf + j]) * std::f32::consts::TAU * z;
+                    }
                 }
             }
         }
@@ -724,6 +878,7 @@ impl Stack {
                 (k * e, 1),
             );
         }
+        self.periodic_backward(batch, cache, rest);
         // Scatter-add into the tables, rows in order (deterministic).
         let cols = self.arch.embeddings.len();
         for r in 0..n {
@@ -791,6 +946,13 @@ impl Stack {
     /// Embedding table `c`, `(vocabulary + 1) × dim`.
     pub fn embedding_table(&self, c: usize) -> &[f32] {
         &self.params[c]
+    }
+
+    /// The periodic embeddings' frequencies, weights and biases, if any.
+    pub fn periodic_params(&self) -> Option<(&[f32], &[f32], &[f32])> {
+        self.arch.periodic.as_ref()?;
+        let slot = self.arch.periodic_slot();
+        Some((&self.params[slot], &self.params[slot + 1], &self.params[slot + 2]))
     }
 }
 
@@ -1017,8 +1179,17 @@ pub(crate) mod tests {
     use super::super::loss::{Head, Loss};
     use super::*;
 
-    /// Every kind of op: embeddings, norms, dropout, a residual block.
+    /// Every kind of op: embeddings (categorical and periodic), norms,
+    /// dropout, a residual block.
     pub(crate) fn every_op(act: Activation, outputs: usize) -> Arch {
+        let mut arch = every_gpu_op(act, outputs);
+        arch.periodic = Some(Periodic { columns: vec![0, 2], frequencies: 3, dim: 2, sigma: 0.5 });
+        arch.ops[0] = Op::Dense { inputs: 9, outputs: 6 };
+        arch
+    }
+
+    /// [`every_op`] without periodic embeddings, which have no GPU kernels.
+    pub(crate) fn every_gpu_op(act: Activation, outputs: usize) -> Arch {
         let ops = vec![
             Op::Dense { inputs: 5, outputs: 6 },
             Op::BatchNorm { width: 6 },
@@ -1032,7 +1203,7 @@ pub(crate) mod tests {
             Op::Activation { f: act },
             Op::Dense { inputs: 6, outputs },
         ];
-        Arch { inputs: 3, embeddings: vec![Embedding { vocabulary: 3, dim: 2 }], ops }
+        Arch { inputs: 3, embeddings: vec![Embedding { vocabulary: 3, dim: 2 }], ops, periodic: None }
     }
 
     fn batch_data(n: usize, rng: &mut ChaCha8Rng) -> (Vec<f32>, Vec<u32>) {
@@ -1059,6 +1230,59 @@ pub(crate) mod tests {
         }
     }
 
+    /// The periodic embeddings' values before their ReLU, by hand.
+    fn periodic_pre_activations(net: &Stack, batch: Batch<'_>) -> Vec<f32> {
+        let p = net.arch.periodic.as_ref().expect("periodic embeddings");
+        let (freq, weight, bias) = net.periodic_params().unwrap();
+        let (f_count, kf, d) = (p.columns.len(), p.frequencies, p.dim);
+        let mut out = Vec::new();
+        for r in 0..batch.n {
+            for m in 0..net.k {
+                for (f, &column) in p.columns.iter().enumerate() {
+                    let z = batch.x[r * net.arch.inputs + column];
+                    let c = &freq[(m * f_count + f) * kf..][..kf];
+                    let v: Vec<f32> = (0..kf)
+                        .map(|j| (std::f32::consts::TAU * c[j] * z).cos())
+                        .chain((0..kf).map(|j| (std::f32::consts::TAU * c[j] * z).sin()))
+                        .collect();
+                    let w = &weight[(m * f_count + f) * 2 * kf * d..];
+                    for o in 0..d {
+                        let h: f32 = v.iter().enumerate().map(|(i, vi)| vi * w[i * d + o]).sum();
+                        out.push(h + bias[(m * f_count + f) * d + o]);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// A periodic embedding is what its formula says: the scored network's
+    /// first-layer inputs hold `ReLU([cos 2πcz, sin 2πcz] · W + b)` after the
+    /// categorical embeddings.
+    #[test]
+    fn periodic_embeddings_follow_their_formula() {
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let mut stack = Stack::new(every_op(Activation::Relu, 2), 3, &mut [ChaCha8Rng::seed_from_u64(3)]);
+        randomise(&mut stack, &mut rng);
+        let (x, codes) = batch_data(5, &mut rng);
+        let batch = Batch { x: &x, codes: &codes, n: 5 };
+        let mut emb = Vec::new();
+        stack.gather_embeddings(batch, &mut emb);
+        stack.periodic_embeddings(batch, &mut emb, &mut Vec::new());
+        let expected: Vec<f32> = periodic_pre_activations(&stack, batch).iter().map(|h| h.max(0.0)).collect();
+        let e = stack.arch.embedded_width();
+        let got: Vec<f32> = (0..5).flat_map(|r| emb[r * e + 2..(r + 1) * e].to_vec()).collect();
+        assert_eq!(got.len(), expected.len());
+        for (a, b) in got.iter().zip(&expected) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        assert!(got.iter().any(|v| *v > 0.0), "some embeddings are active");
+        // Frequencies start from N(0, sigma²): spread, not all equal.
+        let fresh = Stack::new(every_op(Activation::Relu, 2), 3, &mut [ChaCha8Rng::seed_from_u64(3)]);
+        let (freq, _, _) = fresh.periodic_params().unwrap();
+        assert!(freq.iter().any(|c| *c != freq[0]) && freq.iter().all(|c| c.abs() < 5.0), "{freq:?}");
+    }
+
     #[test]
     fn stacking_round_trips_models() {
         let arch = every_op(Activation::Relu, 2);
@@ -1076,11 +1300,14 @@ pub(crate) mod tests {
         a.validate().unwrap();
         a.ops.insert(2, Op::LayerNorm { width: 5 });
         assert_eq!(a.validate(), Err(ArchError::Width { op: 2, expected: 5, found: 4 }));
-        let r = Arch { inputs: 2, embeddings: vec![], ops: vec![Op::Residual { from: 0 }] };
+        let r = Arch { inputs: 2, embeddings: vec![], ops: vec![Op::Residual { from: 0 }], periodic: None };
         assert_eq!(r.validate(), Err(ArchError::NoInputLayer));
         let mut d = Arch::mlp(3, &[4], 1, Activation::Relu);
         d.ops.insert(1, Op::Residual { from: 0 });
         assert_eq!(d.validate(), Err(ArchError::ResidualSource { op: 1 }));
+        let mut p = every_op(Activation::Relu, 1);
+        p.periodic.as_mut().unwrap().columns = vec![0, 3];
+        assert_eq!(p.validate(), Err(ArchError::PeriodicColumn { column: 3, inputs: 3 }));
     }
 
     /// Every model's logits and gradients in a stack are bit-identical to the
@@ -1162,9 +1389,11 @@ pub(crate) mod tests {
         let mut inputs_of: Vec<Vec<f32>> = Vec::new();
         let mut emb = Vec::new();
         stack.gather_embeddings(batch, &mut emb);
+        stack.periodic_embeddings(batch, &mut emb, &mut Vec::new());
+        let e = stack.arch.embedded_width();
         for (i, op) in stack.arch.ops.iter().enumerate() {
             let input = if i == 0 {
-                (0..9).flat_map(|r| x[r * 3..r * 3 + 3].iter().chain(&emb[r * 2..r * 2 + 2]).copied()).collect()
+                (0..9).flat_map(|r| x[r * 3..r * 3 + 3].iter().chain(&emb[r * e..(r + 1) * e]).copied()).collect()
             } else {
                 h.clone()
             };
@@ -1258,7 +1487,9 @@ pub(crate) mod tests {
                         let clear = net.arch.ops.iter().enumerate().all(|(i, op)| {
                             !matches!(op, Op::Activation { f: Activation::Relu })
                                 || c.out[c.at[i - 1]].iter().all(|z| z.abs() > 0.05)
-                        });
+                        }) && periodic_pre_activations(&net, Batch { x: &x, codes: &codes, n })
+                            .iter()
+                            .all(|h| h.abs() > 0.05);
                         clear.then_some((net, x, codes))
                     })
                     .expect("some seed works");

@@ -239,6 +239,37 @@ fn network(g: &mut Graph, net: &Stack, mut h: String) -> String {
     h
 }
 
+/// Each periodic column's embedding of its standardised value `z` (graph
+/// values `inputs`, in column order), as the engine computes it:
+/// `Relu(Concat(Cos(z·2πc), Sin(z·2πc)) · W + b)`.
+fn periodic_embeddings(g: &mut Graph, net: &Stack, inputs: &[String]) -> Vec<String> {
+    let (Some(p), Some((freq, weight, bias))) = (&net.arch.periodic, net.periodic_params()) else {
+        return Vec::new();
+    };
+    let (kf, d) = (p.frequencies, p.dim);
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(f, z)| {
+            let scaled: Vec<f32> = freq[f * kf..(f + 1) * kf].iter().map(|c| std::f32::consts::TAU * c).collect();
+            let c = g.const_f32("frequencies", &[1, kf as i64], scaled);
+            let angle = g.node("Mul", &[z, &c], vec![], None);
+            let cos = g.node("Cos", &[&angle], vec![], None);
+            let sin = g.node("Sin", &[&angle], vec![], None);
+            let v = g.node("Concat", &[&cos, &sin], vec![attr_int("axis", 1)], None);
+            let w = g.const_f32(
+                "periodic_weight",
+                &[2 * kf as i64, d as i64],
+                weight[f * 2 * kf * d..][..2 * kf * d].to_vec(),
+            );
+            let b = g.const_f32("periodic_bias", &[d as i64], bias[f * d..(f + 1) * d].to_vec());
+            let h = g.node("MatMul", &[&v, &w], vec![], None);
+            let hb = g.node("Add", &[&h, &b], vec![], None);
+            g.node("Relu", &[&hb], vec![], None)
+        })
+        .collect()
+}
+
 /// Serialises `model` as an ONNX file; `metadata` lands in `metadata_props`.
 pub fn export(model: &TrainedModel, metadata: &[(&str, String)]) -> Result<Vec<u8>, ExportError> {
     if model.pipeline.width() == 0 && model.pipeline.embeddings().is_empty() {
@@ -252,13 +283,15 @@ pub fn export(model: &TrainedModel, metadata: &[(&str, String)]) -> Result<Vec<u
     let mut g = Graph::default();
     let mut inputs = Vec::new();
     let mut parts = Vec::new();
-    // Embeddings follow the encoded inputs, in column order, as in the engine.
+    // Embeddings follow the encoded inputs, in column order, as in the engine:
+    // categorical ones, then periodic ones of the standardised values.
     let mut embedded = Vec::new();
+    let mut periodic_inputs = Vec::new();
     let float = attr_int("to", data_type::FLOAT as i64);
     for feature in &model.pipeline.features {
         let x = feature.name.as_str();
         match &feature.encoder {
-            Encoder::Numeric { mean, std, null_indicator } => {
+            Encoder::Numeric { mean, std, null_indicator } | Encoder::Periodic { mean, std, null_indicator } => {
                 inputs.push(value_info(x, data_type::FLOAT, [None, Some(1)]));
                 let mean = g.const_f32("mean", &[1], vec![*mean]);
                 let std = g.const_f32("std", &[1], vec![*std]);
@@ -266,7 +299,11 @@ pub fn export(model: &TrainedModel, metadata: &[(&str, String)]) -> Result<Vec<u
                 let is_null = missing(&mut g, x);
                 let centred = g.node("Sub", &[x, &mean], vec![], None);
                 let scaled = g.node("Div", &[&centred, &std], vec![], None);
-                parts.push(g.node("Where", &[&is_null, &zero, &scaled], vec![], None));
+                let z = g.node("Where", &[&is_null, &zero, &scaled], vec![], None);
+                if matches!(feature.encoder, Encoder::Periodic { .. }) {
+                    periodic_inputs.push(z.clone());
+                }
+                parts.push(z);
                 if *null_indicator {
                     parts.push(g.node("Cast", &[&is_null], vec![float.clone()], None));
                 }
@@ -336,6 +373,7 @@ pub fn export(model: &TrainedModel, metadata: &[(&str, String)]) -> Result<Vec<u
         }
     }
     parts.extend(embedded);
+    parts.extend(periodic_embeddings(&mut g, &model.network, &periodic_inputs));
     let part_refs: Vec<&str> = parts.iter().map(String::as_str).collect();
     let features = g.node("Concat", &part_refs, vec![attr_int("axis", 1)], None);
     let h = network(&mut g, &model.network, features);

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use cerebro_shared::mst::{self, Candidate, SelectionPlan, Value};
+use cerebro_shared::mst::{self, Candidate, ClassBalance, SelectionPlan, Value};
 use cerebro_shared::request::{self, merge_options, SourceShape};
 use cerebro_shared::spec::{resolve_task, TrainOptions};
 use cerebro_shared::sql::quote_ident;
@@ -19,7 +19,7 @@ use crate::sources::{read_shape, resolve_source};
 /// The candidates of the selection `written` declares, as versions of `req`'s model.
 pub(super) fn build(req: &TrainRequest, written: &str) -> Result<Batch> {
     let searched = if mst::is_default(written) {
-        Some(mst::default_for(Spi::connect(|client| minority_share(client, req))?))
+        Some(mst::default_for(Spi::connect(|client| class_balance(client, req))?))
     } else {
         None
     };
@@ -83,11 +83,11 @@ pub(super) fn build(req: &TrainRequest, written: &str) -> Result<Batch> {
     Ok(Batch { selection: Some(NewSelection { spec: written.to_owned(), plan }), versions })
 }
 
-/// The share of the labelled rows its rarest class holds, when `req`'s
-/// target makes a classification; None for a regression, or when the
-/// source or target cannot be read (queueing says why, precisely). Read as
-/// the user, like everything a selection reads of its source.
-fn minority_share(client: &SpiClient<'_>, req: &TrainRequest) -> Result<Option<f64>> {
+/// How `req`'s target spreads over its classes, when it makes a
+/// classification; None for a regression, or when the source or target
+/// cannot be read (queueing says why, precisely). Read as the user, like
+/// everything a selection reads of its source.
+fn class_balance(client: &SpiClient<'_>, req: &TrainRequest) -> Result<Option<ClassBalance>> {
     let Ok(source) = resolve_source(client, &req.source) else { return Ok(None) };
     let readable = source.column(&req.target).is_ok_and(|c| c.readable);
     let Ok(kind) = request::target_kind(&source.shape(), &req.target) else { return Ok(None) };
@@ -98,7 +98,7 @@ fn minority_share(client: &SpiClient<'_>, req: &TrainRequest) -> Result<Option<f
     let row = client
         .select(
             &format!(
-                "SELECT min(n)::float8 / nullif(sum(n), 0)::float8, count(*)
+                "SELECT min(n), min(n)::float8 / nullif(sum(n), 0)::float8, count(*)
                  FROM (SELECT count(*) AS n FROM {} WHERE {target} IS NOT NULL GROUP BY {target}) classes",
                 source.in_from()
             ),
@@ -106,7 +106,9 @@ fn minority_share(client: &SpiClient<'_>, req: &TrainRequest) -> Result<Option<f
             &[],
         )?
         .first();
-    let (share, classes) = (row.get::<f64>(1)?, row.get::<i64>(2)?.unwrap_or(0));
+    let (rarest, share, classes) = (row.get::<i64>(1)?, row.get::<f64>(2)?, row.get::<i64>(3)?.unwrap_or(0));
     let Ok(task) = resolve_task(req.task, &req.target, kind, classes as usize) else { return Ok(None) };
-    Ok(share.filter(|_| task.is_classification()))
+    let (Some(rarest), Some(share)) = (rarest, share) else { return Ok(None) };
+    let balance = ClassBalance { rarest_rows: rarest.max(0) as u64, rarest_share: share };
+    Ok(task.is_classification().then_some(balance))
 }

@@ -44,6 +44,9 @@ pub const MAX_RESIDUAL_BLOCKS: u32 = 16;
 /// Quantile bins of the quantile and piecewise-linear encodings.
 pub const MIN_BINS: u32 = 2;
 pub const MAX_BINS: u32 = 256;
+/// Most frequencies, and the widest output, of a periodic embedding.
+pub const MAX_PERIODIC_FREQUENCIES: u32 = 128;
+pub const MAX_PERIODIC_DIM: u32 = 128;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -94,6 +97,9 @@ pub enum NumericEncoding {
     /// Robust scaling (RealMLP-TD): `(x - median) / (q75 - q25)`, then the
     /// smooth clip `z / sqrt(1 + (z/3)^2)`, so outliers saturate near ±3.
     Robust,
+    /// Periodic embedding (MLP-PLR): the standardised value `z` as an input,
+    /// and `ReLU(W·[cos(2πcz), sin(2πcz)] + b)` with learnt frequencies `c`.
+    Periodic,
 }
 
 /// How a categorical column becomes inputs.
@@ -158,6 +164,7 @@ pub enum ColumnEncoding {
     Quantile,
     Ple,
     Robust,
+    Periodic,
     OneHot,
     Embedding(Option<u32>),
 }
@@ -170,6 +177,7 @@ enum EncodingName {
     Quantile,
     Ple,
     Robust,
+    Periodic,
     OneHot,
     Embedding,
 }
@@ -189,6 +197,7 @@ impl From<ColumnEncoding> for Value {
             ColumnEncoding::Quantile => EncodingName::Quantile,
             ColumnEncoding::Ple => EncodingName::Ple,
             ColumnEncoding::Robust => EncodingName::Robust,
+            ColumnEncoding::Periodic => EncodingName::Periodic,
             ColumnEncoding::OneHot => EncodingName::OneHot,
             ColumnEncoding::Embedding(None) => EncodingName::Embedding,
             ColumnEncoding::Embedding(Some(d)) => return d.into(),
@@ -258,6 +267,7 @@ impl ColumnEncoding {
             EncodingName::Quantile => ColumnEncoding::Quantile,
             EncodingName::Ple => ColumnEncoding::Ple,
             EncodingName::Robust => ColumnEncoding::Robust,
+            EncodingName::Periodic => ColumnEncoding::Periodic,
             EncodingName::OneHot => ColumnEncoding::OneHot,
             EncodingName::Embedding => ColumnEncoding::Embedding(None),
         })
@@ -266,7 +276,11 @@ impl ColumnEncoding {
     fn is_numeric(self) -> bool {
         matches!(
             self,
-            ColumnEncoding::Standard | ColumnEncoding::Quantile | ColumnEncoding::Ple | ColumnEncoding::Robust
+            ColumnEncoding::Standard
+                | ColumnEncoding::Quantile
+                | ColumnEncoding::Ple
+                | ColumnEncoding::Robust
+                | ColumnEncoding::Periodic
         )
     }
 }
@@ -370,6 +384,12 @@ pub struct TrainOptions {
     pub numeric_encoding: NumericEncoding,
     /// Quantile bins of the quantile and piecewise-linear encodings.
     pub bins: u32,
+    /// Periodic embeddings: frequencies per column, the width of each
+    /// column's embedding, and the deviation the frequencies start from
+    /// (drawn from N(0, sigma²) over standardised values).
+    pub periodic_frequencies: u32,
+    pub periodic_dim: u32,
+    pub periodic_sigma: f64,
     /// Categorical columns with more categories than this get an embedding
     /// (sized by [`embedding_dim`]) unless named in `encodings`; the others are one-hot.
     #[serde(default = "legacy_onehot_max")]
@@ -426,6 +446,11 @@ impl Default for TrainOptions {
             // vs 0.833) and nycflights13 (0.792 vs 0.738); see docs/benchmarks.md.
             numeric_encoding: NumericEncoding::Ple,
             bins: 16,
+            // MLP-PLR's usual sizes (Gorishniy et al., 2022); sigma is the
+            // setting that matters most, and a selection may search it.
+            periodic_frequencies: 16,
+            periodic_dim: 16,
+            periodic_sigma: 0.1,
             onehot_max: 16,
             encodings: BTreeMap::new(),
             class_weights: ClassWeights::None,
@@ -496,6 +521,12 @@ pub struct WrittenOptions {
     pub numeric_encoding: Option<NumericEncoding>,
     #[serde(deserialize_with = "read::whole::<_, MIN_BINS, MAX_BINS>")]
     pub bins: Option<u32>,
+    #[serde(deserialize_with = "read::whole::<_, 1, MAX_PERIODIC_FREQUENCIES>")]
+    pub periodic_frequencies: Option<u32>,
+    #[serde(deserialize_with = "read::whole::<_, 1, MAX_PERIODIC_DIM>")]
+    pub periodic_dim: Option<u32>,
+    #[serde(deserialize_with = "read::number")]
+    pub periodic_sigma: Option<f64>,
     /// u32::MAX included: options stored before onehot_max existed read so.
     #[serde(deserialize_with = "read::whole::<_, 0, { u32::MAX }>")]
     pub onehot_max: Option<u32>,
@@ -577,6 +608,9 @@ impl TryFrom<WrittenOptions> for TrainOptions {
             dropout,
             numeric_encoding,
             bins,
+            periodic_frequencies,
+            periodic_dim,
+            periodic_sigma,
             onehot_max,
             encodings,
             class_weights,
@@ -607,6 +641,9 @@ impl TryFrom<WrittenOptions> for TrainOptions {
             dropout: dropout.unwrap_or(d.dropout),
             numeric_encoding: numeric_encoding.unwrap_or(d.numeric_encoding),
             bins: bins.unwrap_or(d.bins),
+            periodic_frequencies: periodic_frequencies.unwrap_or(d.periodic_frequencies),
+            periodic_dim: periodic_dim.unwrap_or(d.periodic_dim),
+            periodic_sigma: periodic_sigma.unwrap_or(d.periodic_sigma),
             onehot_max: onehot_max.unwrap_or(d.onehot_max),
             encodings: encodings.unwrap_or(d.encodings),
             class_weights: class_weights.unwrap_or(d.class_weights),
@@ -687,6 +724,16 @@ impl TrainOptions {
             return Err(range_err("dropout", show_number(self.dropout), "at least 0 and below 0.95".into()));
         }
         check_range("bins", self.bins as f64, MIN_BINS as f64, MAX_BINS as f64)?;
+        let (frequencies, dim) = (self.periodic_frequencies as f64, self.periodic_dim as f64);
+        check_range("periodic_frequencies", frequencies, 1.0, MAX_PERIODIC_FREQUENCIES as f64)?;
+        check_range("periodic_dim", dim, 1.0, MAX_PERIODIC_DIM as f64)?;
+        if !(self.periodic_sigma > 0.0 && self.periodic_sigma <= 100.0) {
+            return Err(range_err(
+                "periodic_sigma",
+                show_number(self.periodic_sigma),
+                "greater than 0 and at most 100".into(),
+            ));
+        }
         for (col, e) in &self.encodings {
             if let ColumnEncoding::Embedding(Some(d)) = e {
                 if *d == 0 || *d > MAX_EMBEDDING_DIM {
@@ -779,6 +826,7 @@ impl TrainOptions {
             Some(ColumnEncoding::Quantile) => NumericEncoding::Quantile,
             Some(ColumnEncoding::Ple) => NumericEncoding::Ple,
             Some(ColumnEncoding::Robust) => NumericEncoding::Robust,
+            Some(ColumnEncoding::Periodic) => NumericEncoding::Periodic,
             _ => self.numeric_encoding,
         }
     }
@@ -1188,11 +1236,11 @@ mod tests {
             (r#"{"dropout":"x"}"#, r#"option "dropout" must be a number"#),
             (
                 r#"{"numeric_encoding":"log"}"#,
-                r#"option "numeric_encoding" must be one of "standard", "quantile", "ple", "robust""#,
+                r#"option "numeric_encoding" must be one of "standard", "quantile", "ple", "robust", "periodic""#,
             ),
             (
                 r#"{"numeric_encoding":1}"#,
-                r#"option "numeric_encoding" must be one of "standard", "quantile", "ple", "robust""#,
+                r#"option "numeric_encoding" must be one of "standard", "quantile", "ple", "robust", "periodic""#,
             ),
             (r#"{"bins":1}"#, r#"option "bins" is 1, allowed: from 2 to 256"#),
             (r#"{"bins":257}"#, r#"option "bins" is 257, allowed: from 2 to 256"#),
@@ -1202,11 +1250,11 @@ mod tests {
             (r#"{"onehot_max":"x"}"#, r#"option "onehot_max" must be a non-negative integer"#),
             (
                 r#"{"encodings":[]}"#,
-                r#"option "encodings" must be an object from column names to "standard", "quantile", "ple", "robust", "onehot", "embedding" or an embedding width"#,
+                r#"option "encodings" must be an object from column names to "standard", "quantile", "ple", "robust", "periodic", "onehot", "embedding" or an embedding width"#,
             ),
             (
                 r#"{"encodings":{"x":"log"}}"#,
-                r#"option "encodings" must be an object from column names to "standard", "quantile", "ple", "robust", "onehot", "embedding" or an embedding width"#,
+                r#"option "encodings" must be an object from column names to "standard", "quantile", "ple", "robust", "periodic", "onehot", "embedding" or an embedding width"#,
             ),
             (
                 r#"{"encodings":{"x":0}}"#,
@@ -1226,7 +1274,7 @@ mod tests {
             ),
             (
                 r#"{"encodings":{"x":null}}"#,
-                r#"option "encodings" must be an object from column names to "standard", "quantile", "ple", "robust", "onehot", "embedding" or an embedding width"#,
+                r#"option "encodings" must be an object from column names to "standard", "quantile", "ple", "robust", "periodic", "onehot", "embedding" or an embedding width"#,
             ),
             (
                 r#"{"encodings":{"x":1e+300}}"#,
@@ -1238,7 +1286,7 @@ mod tests {
             ),
             (
                 r#"{"encodings":{"a":"log","b":0}}"#,
-                r#"option "encodings" must be an object from column names to "standard", "quantile", "ple", "robust", "onehot", "embedding" or an embedding width"#,
+                r#"option "encodings" must be an object from column names to "standard", "quantile", "ple", "robust", "periodic", "onehot", "embedding" or an embedding width"#,
             ),
             (
                 r#"{"class_weights":"inverse"}"#,
@@ -1321,8 +1369,9 @@ mod tests {
             e.hint().unwrap(),
             "Known options: hidden, activation, epochs, batch_size, learning_rate, weight_decay, seed, \
              validation_fraction, split, patience, max_categories, optimizer, momentum, schedule, warmup_epochs, \
-             clip_norm, residual_blocks, norm, dropout, numeric_encoding, bins, onehot_max, encodings, \
-             class_weights, label_smoothing, loss, huber_delta, target_transform."
+             clip_norm, residual_blocks, norm, dropout, numeric_encoding, bins, periodic_frequencies, periodic_dim, \
+             periodic_sigma, onehot_max, encodings, class_weights, label_smoothing, loss, huber_delta, \
+             target_transform."
         );
         // The fields of the variants, not only their text.
         assert_eq!(
@@ -1348,7 +1397,7 @@ mod tests {
     fn options_are_stored_byte_for_byte() {
         assert_eq!(
             TrainOptions::default().to_json().to_string(),
-            r#"{"activation":"relu","batch_size":128,"bins":16,"class_weights":"none","clip_norm":0.0,"dropout":0.0,"encodings":{},"epochs":30,"hidden":[64,32],"huber_delta":1.0,"label_smoothing":0.0,"learning_rate":0.001,"loss":"mse","max_categories":1000,"momentum":0.9,"norm":"none","numeric_encoding":"ple","onehot_max":16,"optimizer":"adam","patience":5,"residual_blocks":0,"schedule":"constant","seed":42,"split":"random","target_transform":"standardize","validation_fraction":0.2,"warmup_epochs":0,"weight_decay":0.0}"#
+            r#"{"activation":"relu","batch_size":128,"bins":16,"class_weights":"none","clip_norm":0.0,"dropout":0.0,"encodings":{},"epochs":30,"hidden":[64,32],"huber_delta":1.0,"label_smoothing":0.0,"learning_rate":0.001,"loss":"mse","max_categories":1000,"momentum":0.9,"norm":"none","numeric_encoding":"ple","onehot_max":16,"optimizer":"adam","patience":5,"periodic_dim":16,"periodic_frequencies":16,"periodic_sigma":0.1,"residual_blocks":0,"schedule":"constant","seed":42,"split":"random","target_transform":"standardize","validation_fraction":0.2,"warmup_epochs":0,"weight_decay":0.0}"#
         );
         let full = json!({
             "hidden": [128, 64, 32], "activation": "gelu", "epochs": 50, "batch_size": 256, "learning_rate": 0.003,
@@ -1362,7 +1411,7 @@ mod tests {
         });
         assert_eq!(
             TrainOptions::from_json(Some(&full)).unwrap().to_json().to_string(),
-            r#"{"activation":"gelu","batch_size":256,"bins":32,"class_weights":{"no":1.0,"yes":2.5},"clip_norm":2.5,"dropout":0.1,"encodings":{"age":"standard","city":12,"fare":"quantile","plan":"onehot","state":"embedding","tenure":"ple"},"epochs":50,"hidden":[128,64,32],"huber_delta":1.5,"label_smoothing":0.0,"learning_rate":0.003,"loss":"huber","max_categories":500,"momentum":0.85,"norm":"layer","numeric_encoding":"quantile","onehot_max":8,"optimizer":"sgd","patience":9,"residual_blocks":2,"schedule":"warmup","seed":7,"split":"ordered","target_transform":"standardize","validation_fraction":0.25,"warmup_epochs":4,"weight_decay":0.0001}"#
+            r#"{"activation":"gelu","batch_size":256,"bins":32,"class_weights":{"no":1.0,"yes":2.5},"clip_norm":2.5,"dropout":0.1,"encodings":{"age":"standard","city":12,"fare":"quantile","plan":"onehot","state":"embedding","tenure":"ple"},"epochs":50,"hidden":[128,64,32],"huber_delta":1.5,"label_smoothing":0.0,"learning_rate":0.003,"loss":"huber","max_categories":500,"momentum":0.85,"norm":"layer","numeric_encoding":"quantile","onehot_max":8,"optimizer":"sgd","patience":9,"periodic_dim":16,"periodic_frequencies":16,"periodic_sigma":0.1,"residual_blocks":2,"schedule":"warmup","seed":7,"split":"ordered","target_transform":"standardize","validation_fraction":0.25,"warmup_epochs":4,"weight_decay":0.0001}"#
         );
         let other = json!({
             "class_weights": "balanced", "optimizer": "adamw", "schedule": "cosine", "norm": "batch",
@@ -1370,7 +1419,7 @@ mod tests {
         });
         assert_eq!(
             TrainOptions::from_json(Some(&other)).unwrap().to_json().to_string(),
-            r#"{"activation":"silu","batch_size":128,"bins":16,"class_weights":"balanced","clip_norm":0.0,"dropout":0.0,"encodings":{},"epochs":30,"hidden":[64,32],"huber_delta":1.0,"label_smoothing":0.0,"learning_rate":0.001,"loss":"mse","max_categories":1000,"momentum":0.9,"norm":"batch","numeric_encoding":"ple","onehot_max":16,"optimizer":"adamw","patience":5,"residual_blocks":0,"schedule":"cosine","seed":42,"split":"random","target_transform":"standardize","validation_fraction":0.2,"warmup_epochs":0,"weight_decay":0.0}"#
+            r#"{"activation":"silu","batch_size":128,"bins":16,"class_weights":"balanced","clip_norm":0.0,"dropout":0.0,"encodings":{},"epochs":30,"hidden":[64,32],"huber_delta":1.0,"label_smoothing":0.0,"learning_rate":0.001,"loss":"mse","max_categories":1000,"momentum":0.9,"norm":"batch","numeric_encoding":"ple","onehot_max":16,"optimizer":"adamw","patience":5,"periodic_dim":16,"periodic_frequencies":16,"periodic_sigma":0.1,"residual_blocks":0,"schedule":"cosine","seed":42,"split":"random","target_transform":"standardize","validation_fraction":0.2,"warmup_epochs":0,"weight_decay":0.0}"#
         );
     }
 
@@ -1486,6 +1535,40 @@ mod tests {
             check(json!({"class_weights": "balanced"}), Task::Regression),
             Err(SpecError::OptionTask { .. })
         ));
+    }
+
+    #[test]
+    fn periodic_embeddings_are_an_encoding_with_checked_sizes() {
+        let o = TrainOptions::from_json(Some(&json!({
+            "numeric_encoding": "periodic", "periodic_frequencies": 8, "periodic_dim": 4, "periodic_sigma": 0.5,
+            "encodings": {"age": "ple", "fare": "periodic"}
+        })))
+        .unwrap();
+        assert_eq!(
+            (o.numeric_encoding("other"), o.numeric_encoding("age")),
+            (NumericEncoding::Periodic, NumericEncoding::Ple)
+        );
+        assert_eq!(o.numeric_encoding("fare"), NumericEncoding::Periodic);
+        assert_eq!((o.periodic_frequencies, o.periodic_dim, o.periodic_sigma), (8, 4, 0.5));
+        let err = |v: Value| TrainOptions::from_json(Some(&v)).unwrap_err().to_string();
+        assert_eq!(
+            err(json!({"periodic_frequencies": 0})),
+            r#"option "periodic_frequencies" is 0, allowed: from 1 to 128"#
+        );
+        assert_eq!(err(json!({"periodic_dim": 129})), r#"option "periodic_dim" is 129, allowed: from 1 to 128"#);
+        assert_eq!(
+            err(json!({"periodic_sigma": 0})),
+            r#"option "periodic_sigma" is 0, allowed: greater than 0 and at most 100"#
+        );
+        assert_eq!(err(json!({"periodic_sigma": "wide"})), r#"option "periodic_sigma" must be a number"#);
+        let check = |v: Value| {
+            TrainOptions::from_json(Some(&v)).unwrap().check_against(
+                &[Feature { name: "plan".into(), kind: FeatureKind::Categorical }],
+                Task::Binary,
+                &[],
+            )
+        };
+        assert!(check(json!({"encodings": {"plan": "periodic"}})).is_err(), "a categorical column is not periodic");
     }
 
     #[test]
@@ -1670,10 +1753,10 @@ mod tests {
         check::<Optimizer>(r#""adam", "adamw", "sgd""#);
         check::<Schedule>(r#""constant", "cosine", "warmup""#);
         check::<Norm>(r#""none", "batch", "layer""#);
-        check::<NumericEncoding>(r#""standard", "quantile", "ple", "robust""#);
+        check::<NumericEncoding>(r#""standard", "quantile", "ple", "robust", "periodic""#);
         check::<RegressionLoss>(r#""mse", "huber""#);
         check::<TargetTransform>(r#""none", "standardize", "log", "auto""#);
-        check::<EncodingName>(r#""standard", "quantile", "ple", "robust", "onehot", "embedding""#);
+        check::<EncodingName>(r#""standard", "quantile", "ple", "robust", "periodic", "onehot", "embedding""#);
         check::<WeightsName>(r#""none", "balanced""#);
         // Names are exact: no other case, no enum written as an object.
         for v in [json!("Relu"), json!({"relu": null}), json!(["relu"])] {
@@ -1727,6 +1810,9 @@ mod tests {
             ("dropout", json!(0.1)),
             ("numeric_encoding", json!("standard")),
             ("bins", json!(8)),
+            ("periodic_frequencies", json!(8)),
+            ("periodic_dim", json!(8)),
+            ("periodic_sigma", json!(1)),
             ("onehot_max", json!(4)),
             ("encodings", json!({"x": "ple"})),
             ("class_weights", json!("balanced")),

@@ -51,6 +51,8 @@ pub enum CudaError {
     Blas(#[from] cudarc::cublas::result::CublasError),
     #[error("NVRTC cannot compile the engine's kernels for {arch}: {log}")]
     Compile { arch: String, log: String },
+    #[error("{0} have no GPU kernels yet: they train on the CPU engine (cerebrod's device = cpu, or auto)")]
+    Unsupported(&'static str),
 }
 
 /// Checks that the driver, cuBLAS and NVRTC libraries can be loaded and
@@ -330,6 +332,9 @@ pub struct CudaTrainer {
 impl CudaTrainer {
     /// Moves `stack` onto GPU `ordinal`.
     pub fn new(stack: Stack, loss: Loss, optimizer: Optimizer, ordinal: usize) -> Result<CudaTrainer, CudaError> {
+        if stack.arch.periodic.is_some() {
+            return Err(CudaError::Unsupported("periodic numeric embeddings (numeric_encoding = \"periodic\")"));
+        }
         let gpu = open(ordinal)?;
         let stream = gpu.context.new_stream()?;
         let blas = CudaBlas::new(stream.clone())?;
@@ -982,7 +987,7 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::super::backend::{self, Compute, DeviceChoice};
-    use super::super::stack::tests::every_op;
+    use super::super::stack::tests::every_gpu_op;
     use super::*;
 
     /// Fixed minibatches of `rows` rows, borrowed from whole arrays.
@@ -1040,7 +1045,7 @@ mod tests {
 
     fn stack(k: usize, outputs: usize, first_seed: u64) -> Stack {
         let mut rngs: Vec<ChaCha8Rng> = (first_seed..first_seed + k as u64).map(ChaCha8Rng::seed_from_u64).collect();
-        Stack::new(every_op(Activation::Gelu, outputs), 7, &mut rngs)
+        Stack::new(every_gpu_op(Activation::Gelu, outputs), 7, &mut rngs)
     }
 
     /// Two epochs of 6 steps for the trainer's models, which are models
@@ -1067,6 +1072,16 @@ mod tests {
         (a - b).abs() <= tolerance * a.abs().max(b.abs()).max(1.0)
     }
 
+    /// Periodic embeddings have no kernels: the GPU refuses them at once,
+    /// saying where they train, before it looks for a GPU at all.
+    #[test]
+    fn periodic_embeddings_are_refused_on_the_gpu() {
+        let arch = super::super::stack::tests::every_op(Activation::Relu, 1);
+        let stack = Stack::new(arch, 1, &mut [ChaCha8Rng::seed_from_u64(1)]);
+        let refused = CudaTrainer::new(stack, Loss::new(Head::Binary), Optimizer::Adam, 0).err().expect("refused");
+        assert!(matches!(refused, CudaError::Unsupported(_)), "{refused}");
+        assert!(refused.to_string().contains("device = cpu"), "{refused}");
+    }
     #[test]
     fn gpu_training_agrees_with_the_cpu_engine() {
         let cases = [
