@@ -609,80 +609,98 @@ impl Stack {
 
     /// Each model's periodic embeddings of each row, into their columns of
     /// `emb` (after the categorical ones), keeping the `[cos, sin]` features
-    /// in `features` for the backward pass. Sums run in a fixed order, the
-    /// same for a model alone or in a stack.
+    /// in `features` for the backward pass. Each model's product for a
+    /// column has the same shape alone or in a stack, so it sums the same.
     fn periodic_embeddings(&self, batch: Batch<'_>, emb: &mut [f32], features: &mut Vec<f32>) {
         let Some(p) = &self.arch.periodic else { return };
-        let (k, e, inputs) = (self.k, self.arch.embedded_width(), self.arch.inputs);
+        let (k, n, e, inputs) = (self.k, batch.n, self.arch.embedded_width(), self.arch.inputs);
         let (cat, f_count, kf, d) = (self.arch.categorical_width(), p.columns.len(), p.frequencies, p.dim);
         let slot = self.arch.periodic_slot();
         let (freq, weight, bias) = (&self.params[slot], &self.params[slot + 1], &self.params[slot + 2]);
-        features.resize(batch.n * k * f_count * 2 * kf, 0.0);
-        for r in 0..batch.n {
+        // features[r][m][f] holds 2k values: row stride k·F·2k.
+        let row = k * f_count * 2 * kf;
+        features.resize(n * row, 0.0);
+        for r in 0..n {
             for m in 0..k {
                 for (f, &column) in p.columns.iter().enumerate() {
                     let z = batch.x[r * inputs + column];
-                    let at = ((r * k + m) * f_count + f) * 2 * kf;
-                    let v = &mut features[at..at + 2 * kf];
+                    let v = &mut features[r * row + (m * f_count + f) * 2 * kf..][..2 * kf];
                     let c = &freq[(m * f_count + f) * kf..][..kf];
                     for j in 0..kf {
                         let a = (std::f32::consts::TAU * c[j]) * z;
                         v[j] = a.cos();
                         v[kf + j] = a.sin();
                     }
-                    let w = &weight[(m * f_count + f) * 2 * kf * d..][..2 * kf * d];
-                    let b = &bias[(m * f_count + f) * d..][..d];
-                    let out = &mut emb[r * k * e + m * e + cat + f * d..][..d];
-                    for o in 0..d {
-                        let mut h = 0.0f32;
-                        for (i, vi) in v.iter().enumerate() {
-                            h += vi * w[i * d + o];
-                        }
-                        out[o] = (h + b[o]).max(0.0);
-                    }
                 }
+            }
+        }
+        for m in 0..k {
+            for f in 0..f_count {
+                let block = m * f_count + f;
+                gemm_strided(
+                    n,
+                    2 * kf,
+                    d,
+                    &features[block * 2 * kf..],
+                    (row, 1),
+                    &weight[block * 2 * kf * d..],
+                    (d, 1),
+                    0.0,
+                    &mut emb[m * e + cat + f * d..],
+                    (k * e, 1),
+                );
+            }
+        }
+        for r in 0..n {
+            for m in 0..k {
+                let out = &mut emb[r * k * e + m * e + cat..][..f_count * d];
+                let b = &bias[m * f_count * d..][..f_count * d];
+                out.iter_mut().zip(b).for_each(|(o, b)| *o = (*o + b).max(0.0));
             }
         }
     }
 
     /// The periodic embeddings' gradients from `d_emb` (the gradient of the
-    /// first dense layer's embedded inputs), accumulated row by row in order.
-    /// `grads` are the slots from the first dense layer's on.
+    /// first dense layer's embedded inputs), each written whole (summed over
+    /// the rows in order). `grads` are the slots from the first dense
+    /// layer's on.
     fn periodic_backward(&self, batch: Batch<'_>, cache: &StackCache, grads: &mut [Vec<f32>]) {
         let Some(p) = &self.arch.periodic else { return };
-        let (k, e, inputs) = (self.k, self.arch.embedded_width(), self.arch.inputs);
+        let (k, n, e, inputs) = (self.k, batch.n, self.arch.embedded_width(), self.arch.inputs);
         let (cat, f_count, kf, d) = (self.arch.categorical_width(), p.columns.len(), p.frequencies, p.dim);
         let slot = self.arch.periodic_slot() - self.arch.embeddings.len();
         let weight = &self.params[self.arch.periodic_slot() + 1];
         let (g_freq, rest) = grads[slot..].split_at_mut(1);
         let (g_weight, g_bias) = rest.split_at_mut(1);
         let (g_freq, g_weight, g_bias) = (&mut g_freq[0], &mut g_weight[0], &mut g_bias[0]);
-        g_freq.fill(0.0);
-        g_weight.fill(0.0);
-        g_bias.fill(0.0);
-        let (mut dh, mut dv) = (vec![0.0f32; d], vec![0.0f32; 2 * kf]);
-        for r in 0..batch.n {
-            for m in 0..k {
-                for (f, &column) in p.columns.iter().enumerate() {
-                    let z = batch.x[r * inputs + column];
-                    let v = &cache.periodic[((r * k + m) * f_count + f) * 2 * kf..][..2 * kf];
+        let row = k * f_count * 2 * kf;
+        let (mut dh, mut dv) = (vec![0.0f32; n * d], vec![0.0f32; n * 2 * kf]);
+        for m in 0..k {
+            for (f, &column) in p.columns.iter().enumerate() {
+                let block = m * f_count + f;
+                // Through the ReLU: the gradient where the embedding was positive.
+                for r in 0..n {
                     let at = r * k * e + m * e + cat + f * d;
                     let (out, d_out) = (&cache.emb[at..at + d], &cache.d_emb[at..at + d]);
                     for o in 0..d {
-                        dh[o] = if out[o] > 0.0 { d_out[o] } else { 0.0 };
+                        dh[r * d + o] = if out[o] > 0.0 { d_out[o] } else { 0.0 };
                     }
-                    let block = (m * f_count + f) * 2 * kf * d;
-                    let (w, gw) = (&weight[block..block + 2 * kf * d], &mut g_weight[block..block + 2 * kf * d]);
-                    g_bias[(m * f_count + f) * d..][..d].iter_mut().zip(&dh).for_each(|(g, h)| *g += h);
-                    for i in 0..2 * kf {
-                        let mut s = 0.0f32;
-                        for o in 0..d {
-                            gw[i * d + o] += v[i] * dh[o];
-                            s += dh[o] * w[i * d + o];
-                        }
-                        dv[i] = s;
-                    }
-                    let gc = &mut g_freq[(m * f_count + f) * kf..][..kf];
+                }
+                let gb = &mut g_bias[block * d..(block + 1) * d];
+                gb.fill(0.0);
+                for r in 0..n {
+                    gb.iter_mut().zip(&dh[r * d..(r + 1) * d]).for_each(|(g, h)| *g += h);
+                }
+                let v = &cache.periodic[block * 2 * kf..];
+                // dW [2k × d] = Vᵀ · dh; dV [n × 2k] = dh · Wᵀ.
+                gemm_strided(2 * kf, n, d, v, (1, row), &dh, (d, 1), 0.0, &mut g_weight[block * 2 * kf * d..], (d, 1));
+                let w = &weight[block * 2 * kf * d..];
+                gemm_strided(n, d, 2 * kf, &dh, (d, 1), w, (1, d), 0.0, &mut dv, (2 * kf, 1));
+                let gc = &mut g_freq[block * kf..(block + 1) * kf];
+                gc.fill(0.0);
+                for r in 0..n {
+                    let z = batch.x[r * inputs + column];
+                    let (v, dv) = (&v[r * row..r * row + 2 * kf], &dv[r * 2 * kf..(r + 1) * 2 * kf]);
                     for j in 0..kf {
                         // d/dc of cos(2πcz) and sin(2πcz).
                         gc[j] += (dv[kf + j] * v[j] - dv[j] * v[kf + j]) * std::f32::consts::TAU * z;
