@@ -722,17 +722,23 @@ impl Catalog {
 
     /// The ONNX file and feature pipeline of `name`'s `version`, if it still
     /// has them (a deleted version has neither).
-    pub async fn parent_weights(&self, name: &str, version: i32) -> Result<Option<(Vec<u8>, serde_json::Value)>> {
+    /// For an ensemble, its best candidate's (the first of its pool, whose
+    /// options it carries): the version they are read from comes first.
+    pub async fn parent_weights(&self, name: &str, version: i32) -> Result<Option<(i32, Vec<u8>, serde_json::Value)>> {
         let row = self
             .client
             .query_opt(
-                "SELECT a.bytes, p.pipeline FROM cerebro.model_versions p
+                "SELECT p.version, a.bytes, p.pipeline FROM cerebro.model_versions p
                  JOIN cerebro.artifacts a ON a.model_version_id = p.id
-                 WHERE p.name = $1 AND p.version = $2 AND p.pipeline IS NOT NULL",
+                 WHERE p.name = $1 AND p.pipeline IS NOT NULL
+                   AND p.version = coalesce(
+                       (SELECT (e.request->'ensemble'->'pool'->>0)::int
+                        FROM cerebro.model_versions e WHERE e.name = $1 AND e.version = $2),
+                       $2)",
                 &[&name, &version],
             )
             .await?;
-        Ok(row.map(|r| (r.get(0), r.get(1))))
+        Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
     }
 
     /// The plan and progress of `selection`, leaving out the versions in

@@ -837,13 +837,18 @@ impl Scheduler {
         ))
     }
 
-    /// The weights `spec`'s parent `version` left, to start from; None (and
-    /// a cold start, logged) when they are gone or unreadable.
+    /// The weights `spec`'s parent `version` left, to start from (an
+    /// ensemble's: its best candidate's); None (and a cold start, logged)
+    /// when they are gone or unreadable.
     async fn parent_weights(&self, spec: &JobSpec, version: i32) -> Result<Option<ParentWeights>, CatalogError> {
-        let Some((onnx, pipeline)) = self.control.parent_weights(&spec.name, version).await? else {
+        let Some((from, onnx, pipeline)) = self.control.parent_weights(&spec.name, version).await? else {
             warn!(model = %spec.name, version = spec.version, parent = version, "the parent's weights are gone; training from scratch");
             return Ok(None);
         };
+        if from != version {
+            info!(model = %spec.name, version = spec.version, parent = version, member = from, "the parent is an ensemble: starting from its best candidate");
+        }
+        let version = from;
         let pipeline: FeaturePipeline = match serde_json::from_value(pipeline) {
             Ok(p) => p,
             Err(e) => {

@@ -85,6 +85,10 @@ pub struct TrainedModel {
     pub pipeline: FeaturePipeline,
     /// The trained network (a stack of one).
     pub network: Stack,
+    /// A mini-ensemble's other networks (`members` − 1 of them), averaged
+    /// with `network`; empty for one network.
+    #[serde(default)]
+    pub members: Vec<Stack>,
     pub target_scale: Option<TargetScale>,
     /// What `target_transform = "auto"` chose (`log` or `standardize`);
     /// None when the options named the transform.
@@ -268,7 +272,8 @@ pub fn model_bytes(plan: &TrainingPlan, features: &[ColumnData]) -> Result<usize
         + arch.embedded_width()
         + periodic;
     let rows_at_once = 3 * plan.options.batch_size as usize + EVAL_CHUNK;
-    Ok(4 * (5 * params + rows_at_once * activations))
+    // A mini-ensemble is that many networks.
+    Ok(4 * (5 * params + rows_at_once * activations) * plan.options.members.max(1) as usize)
 }
 
 /// Trains several models in one pass over the data, as one [`Stack`]. They
@@ -305,9 +310,94 @@ pub fn train_group_warm(
     // data order is the same for every model of a stack.
     let mut order_rng = ChaCha8Rng::seed_from_u64(plan.options.seed);
     let data = TrainingData::prepare(plan, features, target, &mut order_rng)?;
-    let StartedStack { mut trainer, loss, warm_reports } = start_stack(plan, plans.len(), warm, &data, compute)?;
-    let progress = run_epochs(plans, &data, trainer.as_mut(), &loss, &mut order_rng, on_epoch)?;
-    finish_models(plan, &data, trainer.as_ref(), progress, warm_reports)
+    // A mini-ensemble of `members` networks is that many models of the
+    // stack (plan j's member i is model j·members + i); a parent lends its
+    // weights to the first member only, so that the others differ.
+    let members = plan.options.members.max(1) as usize;
+    let expanded: Vec<TrainingPlan> = plans.iter().flat_map(|p| std::iter::repeat_n(p.clone(), members)).collect();
+    let warm: Vec<Option<&ParentWeights>> = (0..expanded.len())
+        .map(|m| if m % members == 0 { warm.get(m / members).copied().flatten() } else { None })
+        .collect();
+    let StartedStack { mut trainer, loss, warm_reports } = start_stack(plan, expanded.len(), &warm, &data, compute)?;
+    let progress = if members == 1 {
+        run_epochs(&expanded, &data, trainer.as_mut(), &loss, &mut order_rng, on_epoch)?
+    } else {
+        let mut by_plan = |reports: &[(usize, EpochStats)], controls: &mut [Control]| {
+            per_plan_epoch(reports, controls, plans.len(), members, on_epoch)
+        };
+        run_epochs(&expanded, &data, trainer.as_mut(), &loss, &mut order_rng, &mut by_plan)?
+    };
+    let models = finish_models(plan, &data, trainer.as_ref(), progress, warm_reports)?;
+    Ok(if members == 1 { models } else { join_members(models, members, &data) })
+}
+
+/// A mini-ensemble's epoch as its plan's: `on_epoch` sees one report per
+/// plan (the mean losses of its members that trained this epoch) and its
+/// control for a plan applies to all its members.
+fn per_plan_epoch(
+    reports: &[(usize, EpochStats)],
+    controls: &mut [Control],
+    plans: usize,
+    members: usize,
+    on_epoch: &mut OnEpoch<'_>,
+) {
+    let mut joined = Vec::with_capacity(plans);
+    for j in 0..plans {
+        let mine: Vec<&EpochStats> = reports.iter().filter(|(m, _)| m / members == j).map(|(_, s)| s).collect();
+        let Some(first) = mine.first() else { continue };
+        let n = mine.len() as f64;
+        joined.push((
+            j,
+            EpochStats {
+                epoch: first.epoch,
+                train_loss: mine.iter().map(|s| s.train_loss).sum::<f64>() / n,
+                valid_loss: mine.iter().map(|s| s.valid_loss).sum::<f64>() / n,
+                seconds: first.seconds,
+            },
+        ));
+    }
+    let mut by_plan = vec![Control::Continue; plans];
+    on_epoch(&joined, &mut by_plan);
+    for (m, _) in reports {
+        controls[*m] = by_plan[m / members];
+    }
+}
+
+/// Each plan's members as one model: the first member's, with the others
+/// beside it and the metrics of their average. A member that failed fails
+/// the plan (a cancel first).
+fn join_members(
+    models: Vec<Result<TrainedModel, TrainError>>,
+    members: usize,
+    data: &TrainingData,
+) -> Vec<Result<TrainedModel, TrainError>> {
+    let valid_targets: Vec<f64> = data.valid_idx.iter().map(|&i| data.raw_targets[i]).collect();
+    let mut joined = Vec::with_capacity(models.len() / members);
+    let mut models = models.into_iter();
+    loop {
+        let group: Vec<Result<TrainedModel, TrainError>> = models.by_ref().take(members).collect();
+        if group.is_empty() {
+            break;
+        }
+        let failed = group
+            .iter()
+            .position(|m| matches!(m, Err(TrainError::Cancelled)))
+            .or(group.iter().position(Result::is_err));
+        let mut group = group.into_iter();
+        if let Some(at) = failed {
+            joined.push(group.nth(at).expect("a failed member"));
+            continue;
+        }
+        let mut first = group.next().expect("a member").expect("no member failed");
+        for other in group.flatten() {
+            first.epochs_run = first.epochs_run.max(other.epochs_run);
+            first.members.push(other.network);
+        }
+        let outputs = first.outputs_from_encoded(data.valid_batch());
+        first.metrics = validation_metrics(first.task, first.class_labels.len(), &outputs, &valid_targets);
+        joined.push(Ok(first));
+    }
+    joined
 }
 
 /// The plan every model of the stack shares all but per-model options with.
@@ -538,10 +628,13 @@ fn start_stack(
     let head = head_for(plan.task, plan.class_labels.len());
     let arch = architecture(opts, &data.pipeline, head.outputs());
     let loss = loss_for(plan, head, data.train_idx.iter().map(|&i| data.raw_targets[i]));
+    // Model m is member m % members of its mini-ensemble: member 0 draws
+    // what a single network draws, member i from stream 1 + i.
+    let members = opts.members.max(1) as usize;
     let mut init_rngs: Vec<ChaCha8Rng> = (0..k)
-        .map(|_| {
+        .map(|m| {
             let mut r = ChaCha8Rng::seed_from_u64(opts.seed);
-            r.set_stream(1);
+            r.set_stream(1 + (m % members) as u64);
             r
         })
         .collect();
@@ -727,6 +820,7 @@ fn finish_models(
             rows_valid: data.valid_idx.len(),
             device: trainer.device().to_string(),
             warm_start: warm_reports[m].clone(),
+            members: Vec::new(),
         };
         let outputs = model.outputs_from_encoded(data.valid_batch());
         model.metrics = validation_metrics(model.task, model.class_labels.len(), &outputs, &valid_targets);
@@ -794,9 +888,11 @@ impl TrainedModel {
     pub fn weights_sha256(&self) -> String {
         use sha2::{Digest, Sha256};
         let mut hash = Sha256::new();
-        for tensor in self.network.params.iter().chain(&self.network.state) {
-            for v in tensor {
-                hash.update(v.to_le_bytes());
+        for net in std::iter::once(&self.network).chain(&self.members) {
+            for tensor in net.params.iter().chain(&net.state) {
+                for v in tensor {
+                    hash.update(v.to_le_bytes());
+                }
             }
         }
         crate::digest::hex(&hash.finalize())
@@ -830,8 +926,25 @@ impl TrainedModel {
         Ok(self.outputs_from_encoded(Batch { x: &e.x, codes: &e.codes, n: e.n }))
     }
 
+    /// A mini-ensemble's is the average of its members', `Σ (1/k)·output`
+    /// in member order, as its ONNX graph sums them.
     fn outputs_from_encoded(&self, batch: Batch<'_>) -> Vec<f32> {
-        let mut out = predict_logits(&self.network, batch);
+        if self.members.is_empty() {
+            return self.network_outputs(&self.network, batch);
+        }
+        let weight = 1.0 / (1 + self.members.len()) as f32;
+        let mut sum = vec![0.0f32; 0];
+        for net in std::iter::once(&self.network).chain(&self.members) {
+            let out = self.network_outputs(net, batch);
+            sum.resize(out.len(), 0.0);
+            sum.iter_mut().zip(&out).for_each(|(s, o)| *s += weight * o);
+        }
+        sum
+    }
+
+    /// One network's head outputs.
+    fn network_outputs(&self, network: &Stack, batch: Batch<'_>) -> Vec<f32> {
+        let mut out = predict_logits(network, batch);
         match self.head() {
             Head::Binary => out.iter_mut().for_each(|z| *z = crate::engine::sigmoid(*z)),
             Head::Multiclass(c) => {
@@ -937,6 +1050,47 @@ pub(crate) mod tests {
         assert_eq!(m.rows_valid, 120);
         assert_eq!(epochs as usize, m.history.len());
         assert!(m.best_epoch >= 1 && m.best_epoch <= m.epochs_run);
+    }
+
+    /// A mini-ensemble trains its members in one stack: the first is the
+    /// single network of the same plan, the others start elsewhere; its
+    /// outputs and metrics are their average's, and `on_epoch` sees one
+    /// report per epoch for the whole.
+    #[test]
+    fn a_mini_ensemble_trains_its_members_together_and_averages_them() {
+        let (features, target) = toy(400);
+        let mut p = plan(Task::Binary, &["no", "yes"]);
+        p.options.epochs = 6;
+        let single = train(&p, &features, &target, Compute::cpu(1), &mut |_| Control::Continue).unwrap();
+        p.options.members = 3;
+        let mut reports = 0;
+        let m = train(&p, &features, &target, Compute::cpu(1), &mut |_| {
+            reports += 1;
+            Control::Continue
+        })
+        .unwrap();
+        assert_eq!(reports, 6, "one report per epoch");
+        assert_eq!(m.members.len(), 2);
+        assert_eq!(m.network, single.network, "member 0 is the single network");
+        assert!(m.members.iter().all(|n| *n != m.network) && m.members[0] != m.members[1]);
+        let (rows, targets) = validation_rows(&p, &target).unwrap();
+        let valid: Vec<ColumnData> = features.iter().map(|c| c.take(&rows)).collect();
+        let average = m.outputs(&valid).unwrap();
+        let mut expected = vec![0.0f32; average.len()];
+        for net in std::iter::once(&m.network).chain(&m.members) {
+            let alone = TrainedModel { network: net.clone(), members: Vec::new(), ..m.clone() };
+            for (e, o) in expected.iter_mut().zip(alone.outputs(&valid).unwrap()) {
+                *e += o / 3.0;
+            }
+        }
+        for (a, e) in average.iter().zip(&expected) {
+            assert!((a - e).abs() < 1e-6, "{a} vs {e}");
+        }
+        assert_eq!(m.metrics, validation_metrics(Task::Binary, 2, &average, &targets));
+        assert_ne!(m.weights_sha256(), single.weights_sha256());
+        // Memory: three networks' worth.
+        let one = model_bytes(&plan(Task::Binary, &["no", "yes"]), &features).unwrap();
+        assert_eq!(model_bytes(&p, &features).unwrap(), 3 * one);
     }
 
     #[test]

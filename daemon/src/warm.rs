@@ -38,7 +38,9 @@ impl ParentWeights {
         let mut embeddings = Vec::new();
         let mut pending_weight: Option<(usize, usize, Vec<f32>)> = None;
         for t in read_initializers(onnx)? {
-            let kind = t.name.strip_prefix("_cerebro/").and_then(|n| n.rsplit_once('_')).map(|(k, _)| k);
+            // A mini-ensemble's first member lends its weights.
+            let name = t.name.strip_prefix("_m0/").unwrap_or(&t.name);
+            let kind = name.strip_prefix("_cerebro/").and_then(|n| n.rsplit_once('_')).map(|(k, _)| k);
             match (kind, t.dims.as_slice()) {
                 (Some("weight"), &[outputs, inputs]) => {
                     pending_weight = Some((outputs as usize, inputs as usize, t.data));

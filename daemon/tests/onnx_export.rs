@@ -142,6 +142,9 @@ fn onnx_runtime_agrees_with_the_engine_for_every_head_layer_and_encoding() {
         // and values beyond f32), by default and per column.
         (Task::Regression, json!({"hidden": [], "numeric_encoding": "robust"})),
         (Task::Binary, json!({"hidden": [8], "encodings": {"monthly charges": "robust", "internet": "embedding"}})),
+        // Mini-ensembles: one graph averaging three networks.
+        (Task::Binary, json!({"hidden": [8], "members": 3})),
+        (Task::Regression, json!({"hidden": [8], "members": 2, "numeric_encoding": "periodic"})),
         // Periodic embeddings, after a categorical one, for every head.
         (
             Task::Binary,

@@ -90,7 +90,9 @@ pub fn model_size(options: &TrainOptions, columns: &[(&str, InputKind)], outputs
     let training_bytes = parameters
         .saturating_mul(per_parameter)
         .saturating_add(u64::from(options.batch_size).saturating_mul(activations).saturating_mul(per_activation));
-    ModelSize { parameters, training_bytes }
+    // A mini-ensemble is that many networks.
+    let members = u64::from(options.members.max(1));
+    ModelSize { parameters: parameters.saturating_mul(members), training_bytes: training_bytes.saturating_mul(members) }
 }
 
 /// Rows read times epochs: what one training job costs, whatever the
@@ -105,6 +107,15 @@ mod tests {
 
     fn options(json: serde_json::Value) -> TrainOptions {
         TrainOptions::from_json(Some(&json)).unwrap()
+    }
+
+    #[test]
+    fn a_mini_ensemble_counts_every_member() {
+        let one = options(serde_json::json!({"hidden": [8]}));
+        let three = options(serde_json::json!({"hidden": [8], "members": 3}));
+        let columns = [("a", InputKind::Numeric), ("b", InputKind::Categorical)];
+        let (a, b) = (model_size(&one, &columns, 1), model_size(&three, &columns, 1));
+        assert_eq!((b.parameters, b.training_bytes), (3 * a.parameters, 3 * a.training_bytes));
     }
 
     #[test]

@@ -265,7 +265,7 @@ fn quote_short(text: &str) -> String {
 
 /// Keys of the `model` clause (architecture) and the `train` clause
 /// (parameter tuning), as TrainOptions names them; `lr` is `learning_rate`.
-const MODEL_KEYS: &[&str] = &["hidden", "activation", "residual_blocks", "norm", "dropout"];
+const MODEL_KEYS: &[&str] = &["hidden", "activation", "residual_blocks", "norm", "dropout", "members"];
 const TRAIN_KEYS: &[&str] = &[
     "split",
     "optimizer",

@@ -381,7 +381,7 @@ async fn every_layer_and_encoding_trains_from_sql_and_scores() -> anyhow::Result
         "activation": "gelu", "numeric_encoding": "ple", "onehot_max": 3,
         "encodings": {"total_charges": "quantile", "payment_method": 3, "tenure": "periodic",
                       "monthly_charges": "periodic"},
-        "periodic_frequencies": 8, "periodic_dim": 8, "class_weights": "balanced"}"#;
+        "periodic_frequencies": 8, "periodic_dim": 8, "class_weights": "balanced", "members": 2}"#;
     let v = insert(&db, "e2e_family", "churn", options).await?;
     let seen = wait_until_done(&db, "e2e_family", v, TRAIN_TIMEOUT).await?;
     assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
@@ -1611,6 +1611,28 @@ async fn a_selections_ensemble_averages_its_best_and_is_a_version_like_any() -> 
     assert_eq!(a.get::<_, Option<String>>(0), b.get::<_, Option<String>>(0));
     assert_eq!(a.get::<_, serde_json::Value>(1), b.get::<_, serde_json::Value>(1));
     assert_eq!(a.get::<_, serde_json::Value>(2), b.get::<_, serde_json::Value>(2));
+    // Derived from the ensemble, a new version is one network that starts
+    // from its best candidate, whose options it carries.
+    db.execute(
+        "INSERT INTO cerebro.models (name, parent_version, change) VALUES ('e2e_ensemble', 5, 'train lr = 0.003')",
+        &[],
+    )
+    .await?;
+    let v7: i32 =
+        db.query_one("SELECT max(version) FROM cerebro.models WHERE name = 'e2e_ensemble'", &[]).await?.get(0);
+    assert_eq!(
+        wait_until_done(&db, "e2e_ensemble", v7, TRAIN_TIMEOUT).await?.last().map(String::as_str),
+        Some("ready")
+    );
+    let warm: serde_json::Value = db
+        .query_one(
+            "SELECT trained_with->'warm_start' FROM cerebro.model_versions WHERE name = 'e2e_ensemble' AND version = $1",
+            &[&v7],
+        )
+        .await?
+        .get(0);
+    assert_eq!(warm["from_version"], best3[0], "{warm}");
+    assert!(warm["layers"].as_u64().unwrap_or(0) >= 1, "{warm}");
     Ok(())
 }
 

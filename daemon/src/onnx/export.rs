@@ -34,6 +34,8 @@ pub enum ExportError {
     NoInputs,
     #[error("feature column \"{0}\" has the name of an output; rename the column")]
     NameClash(String),
+    #[error("the mini-ensemble's graph: {0}")]
+    Members(#[from] super::EnsembleError),
 }
 
 #[derive(Default)]
@@ -271,7 +273,25 @@ fn periodic_embeddings(g: &mut Graph, net: &Stack, inputs: &[String]) -> Vec<Str
 }
 
 /// Serialises `model` as an ONNX file; `metadata` lands in `metadata_props`.
+/// A mini-ensemble is one graph that averages its members' graphs.
 pub fn export(model: &TrainedModel, metadata: &[(&str, String)]) -> Result<Vec<u8>, ExportError> {
+    if model.members.is_empty() {
+        return export_network(model, metadata);
+    }
+    let files = std::iter::once(&model.network)
+        .chain(&model.members)
+        .map(|network| {
+            let single = TrainedModel { network: network.clone(), members: Vec::new(), ..model.clone() };
+            export_network(&single, metadata)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let weight = 1.0 / files.len() as f32;
+    let members: Vec<(&[u8], f32)> = files.iter().map(|f| (f.as_slice(), weight)).collect();
+    Ok(super::ensemble(&members, metadata)?)
+}
+
+/// One network's graph.
+fn export_network(model: &TrainedModel, metadata: &[(&str, String)]) -> Result<Vec<u8>, ExportError> {
     if model.pipeline.width() == 0 && model.pipeline.embeddings().is_empty() {
         return Err(ExportError::NoInputs);
     }
