@@ -442,8 +442,7 @@ impl TrainingData {
         rng: &mut ChaCha8Rng,
     ) -> Result<TrainingData, TrainError> {
         let opts = &plan.options;
-        let (rows, raw_targets) = usable_targets(plan, target)?;
-        let (valid_idx, train_idx) = split_rows(rows.len(), opts.validation_fraction, opts.split, rng);
+        let (rows, raw_targets, valid_idx, train_idx) = split_usable(plan, target, rng)?;
 
         let train_rows: Vec<usize> = train_idx.iter().map(|&i| rows[i]).collect();
         let pipeline = FeaturePipeline::fit(&plan.features, features, &train_rows, opts)?;
@@ -579,12 +578,21 @@ fn usable_targets(plan: &TrainingPlan, target: &ColumnData) -> Result<(Vec<usize
 /// and order [`train_group`] validates on, so a model read back from its
 /// ONNX file can be scored on them again (a selection's ensemble).
 pub fn validation_rows(plan: &TrainingPlan, target: &ColumnData) -> Result<(Vec<usize>, Vec<f64>), TrainError> {
-    let (rows, raw_targets) = usable_targets(plan, target)?;
-    // The data-order stream's first draws are the split's, as in train_group_warm.
+    // A fresh data-order stream, as train_group_warm starts it.
     let mut order_rng = ChaCha8Rng::seed_from_u64(plan.options.seed);
-    let opts = &plan.options;
-    let (valid_idx, _) = split_rows(rows.len(), opts.validation_fraction, opts.split, &mut order_rng);
+    let (rows, raw_targets, valid_idx, _) = split_usable(plan, target, &mut order_rng)?;
     Ok(valid_idx.iter().map(|&i| (rows[i], raw_targets[i])).unzip())
+}
+
+/// The rows with a usable target, their targets, and the validation and
+/// training indexes among them, split with `rng`'s next draws.
+type UsableSplit = (Vec<usize>, Vec<f64>, Vec<usize>, Vec<usize>);
+
+fn split_usable(plan: &TrainingPlan, target: &ColumnData, rng: &mut ChaCha8Rng) -> Result<UsableSplit, TrainError> {
+    let (rows, raw_targets) = usable_targets(plan, target)?;
+    let opts = &plan.options;
+    let (valid_idx, train_idx) = split_rows(rows.len(), opts.validation_fraction, opts.split, rng);
+    Ok((rows, raw_targets, valid_idx, train_idx))
 }
 
 /// The validation and training indexes of `n` usable rows (at least 2):

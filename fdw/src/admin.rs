@@ -18,7 +18,7 @@ use pgrx::spi::SpiClient;
 use pgrx::JsonB;
 
 use crate::access;
-use crate::catalog::{audit, current_user, enqueue, first, next_version, Audit};
+use crate::catalog::{audit, current_user, first, next_version, queue_copy, Audit, CopyOf};
 use crate::error::{raise, CerebroError, Result};
 use crate::identity;
 use crate::training;
@@ -237,21 +237,10 @@ fn try_reproduce(model: Option<&str>, version: Option<i32>) -> Result<i32> {
                 return Err(CerebroError::SnapshotGone { name: model.into(), version });
             }
             let new_version = next_version(client, model, caller)?;
-            let id = first::<i64>(
-                client,
-                "INSERT INTO cerebro.model_versions (name, version, task, source_relation, target_column, key_column,
-                     features, class_labels, options, snapshot_id, epochs, created_by, request, reproduces, source_author)
-                 SELECT name, $3, task, source_relation, target_column, key_column, features, class_labels, options,
-                        snapshot_id, epochs, $4, request, version, source_author
-                 FROM cerebro.model_versions WHERE name = $1 AND version = $2
-                 RETURNING id",
-                &[model.into(), version.into(), new_version.into(), user.as_str().into()],
-                1,
-            )?
-            .ok_or_else(|| CerebroError::VersionNotFound { name: model.into(), version })?;
-            enqueue(client, id)?;
+            let copy = CopyOf { reproduces: true, ..CopyOf::default() };
             let detail = serde_json::json!({ "reproduces": version });
-            audit(client, Audit { user: &user, action: "create", model, version: Some(new_version), detail })?;
+            queue_copy(client, model, version, new_version, &user, copy, detail)?
+                .ok_or_else(|| CerebroError::VersionNotFound { name: model.into(), version })?;
             notice!(
                 "model \"{model}\" version {new_version} is queued: version {version} retrained on its frozen snapshot"
             );

@@ -24,6 +24,61 @@ pub(crate) fn first<T: FromDatum + IntoDatum>(
     }
 }
 
+/// What a version copied from another of its model's sets for itself; the
+/// rest (task, source, target, key, features, labels, snapshot, the
+/// source's author) is the original's.
+#[derive(Default)]
+pub(crate) struct CopyOf {
+    pub(crate) options: Option<serde_json::Value>,
+    pub(crate) epochs: Option<i32>,
+    pub(crate) request: Option<serde_json::Value>,
+    /// It is a candidate of the original's selection too.
+    pub(crate) in_selection: bool,
+    /// It reproduces the original (`model_versions.reproduces`).
+    pub(crate) reproduces: bool,
+}
+
+/// Records version `version` of `name` for `user`, a copy of its version
+/// `from` with `copy`'s settings, queues its job and audits it as created
+/// (with `detail`). None when `from` does not exist. As the extension owner.
+pub(crate) fn queue_copy(
+    client: &mut SpiClient<'_>,
+    name: &str,
+    from: i32,
+    version: i32,
+    user: &str,
+    copy: CopyOf,
+    detail: serde_json::Value,
+) -> Result<Option<i64>> {
+    let id = first::<i64>(
+        client,
+        "INSERT INTO cerebro.model_versions (name, version, task, source_relation, target_column, key_column,
+             features, class_labels, options, snapshot_id, epochs, created_by, request, selection_id, reproduces,
+             source_author)
+         SELECT name, $3, task, source_relation, target_column, key_column, features, class_labels,
+                coalesce($4, options), snapshot_id, coalesce($5, epochs), $6, coalesce($7, request),
+                CASE WHEN $8 THEN selection_id END, CASE WHEN $9 THEN version END, source_author
+         FROM cerebro.model_versions WHERE name = $1 AND version = $2
+         RETURNING id",
+        &[
+            name.into(),
+            from.into(),
+            version.into(),
+            copy.options.map(JsonB).into(),
+            copy.epochs.into(),
+            user.into(),
+            copy.request.map(JsonB).into(),
+            copy.in_selection.into(),
+            copy.reproduces.into(),
+        ],
+        1,
+    )?;
+    let Some(id) = id else { return Ok(None) };
+    enqueue(client, id)?;
+    audit(client, Audit { user, action: "create", model: name, version: Some(version), detail })?;
+    Ok(Some(id))
+}
+
 /// Queues a training job for a version and wakes cerebrod, which hears it
 /// when the transaction commits (a rolled-back INSERT trains nothing). As
 /// the extension owner.

@@ -11,7 +11,7 @@ use cerebro_shared::provenance::EnsembleRequest;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
 
-use crate::catalog::{allocate_version, audit, enqueue, first, Audit};
+use crate::catalog::{allocate_version, first, queue_copy, CopyOf};
 use crate::error::Result;
 
 /// Queues the ensemble of `selection` of model `name` for `by`, over at most
@@ -39,12 +39,12 @@ pub(crate) fn queue(
     // and split), since the weights are chosen on those rows.
     let rows = client.select(
         "WITH ranked AS (
-             SELECT m.version, m.snapshot_id, m.features, m.options, l.rank
+             SELECT m.version, m.snapshot_id, m.features, m.options, m.request, l.rank
              FROM cerebro.leaderboard l
              JOIN cerebro.model_versions m ON m.selection_id = l.selection AND m.version = l.version
              WHERE l.selection = $1 AND l.status = 'ready' AND m.import_layout IS NULL AND m.metrics IS NOT NULL),
          best AS (SELECT * FROM ranked ORDER BY rank, version LIMIT 1)
-         SELECT r.version FROM ranked r, best b
+         SELECT r.version, r.request FROM ranked r, best b
          WHERE r.snapshot_id = b.snapshot_id AND r.features = b.features
            AND r.options->'split' IS NOT DISTINCT FROM b.options->'split'
            AND r.options->'seed' IS NOT DISTINCT FROM b.options->'seed'
@@ -54,39 +54,24 @@ pub(crate) fn queue(
         &[selection.into(), (pool_size as i64).into()],
     )?;
     let mut pool: Vec<i32> = Vec::new();
+    let mut best_request = None;
     for row in rows {
         pool.extend(row.get::<i32>(1)?);
+        if best_request.is_none() {
+            best_request = row.get::<JsonB>(2)?.map(|j| j.0);
+        }
     }
-    if pool.len() < 2 {
-        return Ok(None);
-    }
-    let request = EnsembleRequest { selection, pool: pool.clone() };
-    let version = allocate_version(client, name)?;
+    let (Some(mut asked), 2..) = (best_request, pool.len()) else { return Ok(None) };
     // Everything a job reads (task, target, features, labels, options,
-    // snapshot) is the best candidate's, which every member shares.
-    let id = first::<i64>(
-        client,
-        "INSERT INTO cerebro.model_versions (name, version, task, source_relation, target_column, key_column,
-             features, class_labels, options, snapshot_id, epochs, created_by, request, selection_id, source_author)
-         SELECT name, $3, task, source_relation, target_column, key_column, features, class_labels, options,
-                snapshot_id, 0, $4, (request - 'selection')
-                    || pg_catalog.jsonb_build_object('selection', pg_catalog.jsonb_build_object('id', $1::bigint),
-                                                     'ensemble', $5::jsonb),
-                selection_id, source_author
-         FROM cerebro.model_versions WHERE selection_id = $1 AND version = $2
-         RETURNING id",
-        &[
-            selection.into(),
-            pool[0].into(),
-            version.into(),
-            by.into(),
-            JsonB(serde_json::to_value(&request).expect("a request serialises")).into(),
-        ],
-        1,
-    )?
-    .expect("the best candidate's row was just read");
-    enqueue(client, id)?;
+    // snapshot) is the best candidate's, which every member shares; its
+    // request, less its place among the candidates, names the pool.
     let detail = serde_json::json!({ "ensemble_of": pool, "selection": selection });
-    audit(client, Audit { user: by, action: "create", model: name, version: Some(version), detail })?;
+    let request = EnsembleRequest { selection, pool };
+    asked["selection"] = serde_json::json!({ "id": selection });
+    asked["ensemble"] = serde_json::to_value(&request).expect("a request serialises");
+    let version = allocate_version(client, name)?;
+    let copy = CopyOf { epochs: Some(0), request: Some(asked), in_selection: true, ..CopyOf::default() };
+    queue_copy(client, name, request.pool[0], version, by, copy, detail)?
+        .expect("the best candidate's row was just read");
     Ok(Some(version))
 }

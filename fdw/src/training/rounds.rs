@@ -16,7 +16,7 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
 
-use crate::catalog::{allocate_version, audit, enqueue, first, Audit};
+use crate::catalog::{allocate_version, queue_copy, CopyOf};
 use crate::error::{CerebroError, Result};
 use crate::gucs;
 
@@ -113,30 +113,16 @@ pub(crate) fn queue(client: &mut SpiClient<'_>, round: Round, name: &str, by: &s
     let queued = candidates.len();
     for (place, asked, options) in candidates {
         let version = allocate_version(client, name)?;
-        let id = first::<i64>(
-            client,
-            "INSERT INTO cerebro.model_versions (name, version, task, source_relation, target_column, key_column,
-                 features, class_labels, options, snapshot_id, epochs, created_by, request, selection_id,
-                 source_author)
-             SELECT name, $3, task, source_relation, target_column, key_column, features, class_labels, $4,
-                    snapshot_id, $5, $6, $7, selection_id, source_author
-             FROM cerebro.model_versions WHERE selection_id = $1 AND version = $2
-             RETURNING id",
-            &[
-                selection.into(),
-                template.into(),
-                version.into(),
-                JsonB(options.to_json()).into(),
-                (options.epochs as i32).into(),
-                by.into(),
-                JsonB(asked).into(),
-            ],
-            1,
-        )?
-        .expect("the first candidate's row was just read");
-        enqueue(client, id)?;
+        let copy = CopyOf {
+            options: Some(options.to_json()),
+            epochs: Some(options.epochs as i32),
+            request: Some(asked),
+            in_selection: true,
+            reproduces: false,
+        };
         let detail = serde_json::json!({ "selection": selection, "round": number, "candidate": place });
-        audit(client, Audit { user: by, action: "create", model: name, version: Some(version), detail })?;
+        queue_copy(client, name, template, version, by, copy, detail)?
+            .expect("the first candidate's row was just read");
     }
     client.update(
         "UPDATE cerebro.selections SET candidates = candidates + $2 WHERE id = $1",

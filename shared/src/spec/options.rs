@@ -46,9 +46,9 @@ pub const MIN_BINS: u32 = 2;
 pub const MAX_BINS: u32 = 256;
 /// Most frequencies, and the widest output, of a periodic embedding.
 pub const MAX_PERIODIC_FREQUENCIES: u32 = 128;
+pub const MAX_PERIODIC_DIM: u32 = 128;
 /// Most networks one mini-ensemble trains.
 pub const MAX_MEMBERS: u32 = 16;
-pub const MAX_PERIODIC_DIM: u32 = 128;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
