@@ -78,6 +78,7 @@ e2e_tier() {
 if wants 3; then
     step "Tier 3/5: end-to-end tests (real PostgreSQL, real cerebrod)"
     e2e_tier end_to_end
+    e2e_tier predict
 fi
 
 if wants 4; then

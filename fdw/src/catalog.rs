@@ -29,6 +29,9 @@ pub(crate) fn first<T: FromDatum + IntoDatum>(
 /// source's author) is the original's.
 #[derive(Default)]
 pub(crate) struct CopyOf {
+    /// A subset of the original's features (a later round's candidate that
+    /// leaves columns out); the snapshot is the original's.
+    pub(crate) features: Option<serde_json::Value>,
     pub(crate) options: Option<serde_json::Value>,
     pub(crate) epochs: Option<i32>,
     pub(crate) request: Option<serde_json::Value>,
@@ -55,7 +58,7 @@ pub(crate) fn queue_copy(
         "INSERT INTO cerebro.model_versions (name, version, task, source_relation, target_column, key_column,
              features, class_labels, options, snapshot_id, epochs, created_by, request, selection_id, reproduces,
              source_author)
-         SELECT name, $3, task, source_relation, target_column, key_column, features, class_labels,
+         SELECT name, $3, task, source_relation, target_column, key_column, coalesce($10, features), class_labels,
                 coalesce($4, options), snapshot_id, coalesce($5, epochs), $6, coalesce($7, request),
                 CASE WHEN $8 THEN selection_id END, CASE WHEN $9 THEN version END, source_author
          FROM cerebro.model_versions WHERE name = $1 AND version = $2
@@ -70,6 +73,7 @@ pub(crate) fn queue_copy(
             copy.request.map(JsonB).into(),
             copy.in_selection.into(),
             copy.reproduces.into(),
+            copy.features.map(JsonB).into(),
         ],
         1,
     )?;

@@ -153,3 +153,24 @@ impl Region {
         self.map.len()
     }
 }
+
+/// The socket option of SERVER cerebro_daemon, where cerebrod listens (what
+/// the FDW reads from its server; a function reads it here).
+pub fn server_socket() -> Result<String> {
+    // SAFETY: a catalog lookup that returns NULL when the server is missing;
+    // its options are a List of DefElem, each read as a string.
+    unsafe {
+        let server = pg_sys::GetForeignServerByName(c"cerebro_daemon".as_ptr(), true);
+        if server.is_null() || (*server).options.is_null() {
+            return Err(CerebroError::MissingSocket);
+        }
+        let options = (*server).options;
+        for i in 0..(*options).length as usize {
+            let option = (*(*options).elements.add(i)).ptr_value as *mut pg_sys::DefElem;
+            if std::ffi::CStr::from_ptr((*option).defname) == c"socket" {
+                return Ok(std::ffi::CStr::from_ptr(pg_sys::defGetString(option)).to_string_lossy().into_owned());
+            }
+        }
+        Err(CerebroError::MissingSocket)
+    }
+}

@@ -76,6 +76,12 @@ pub enum CerebroError {
     NothingToRollBack { name: String, deployed: Option<i32> },
     #[error("cerebro.predictions needs to know which model to score with")]
     MissingModel,
+    #[error("cerebro.predict needs a row (of a table, a composite type or a subquery), not {0}")]
+    NotARow(String),
+    #[error("model \"{model}\" version {version} reads column \"{column}\", which {row_type} does not have")]
+    MissingFeature { model: String, version: i32, column: String, row_type: String },
+    #[error("column \"{column}\" is {type_name}, but the model reads it as {expected}")]
+    FeatureType { column: String, type_name: String, expected: &'static str },
     #[error("model \"{0}\" has no key column to identify the rows it scores")]
     MissingKey(String),
     #[error("the source query cannot be used: {0}")]
@@ -176,6 +182,8 @@ impl CerebroError {
                 ErrorCode::Unavailable => ERRCODE_CONNECTION_FAILURE,
             },
             CerebroError::Connection(_) => ERRCODE_CONNECTION_FAILURE,
+            CerebroError::NotARow(_) | CerebroError::FeatureType { .. } => ERRCODE_DATATYPE_MISMATCH,
+            CerebroError::MissingFeature { .. } => ERRCODE_UNDEFINED_COLUMN,
             CerebroError::Timeout(_) | CerebroError::Interrupted => ERRCODE_QUERY_CANCELED,
             CerebroError::Protocol(_) => ERRCODE_PROTOCOL_VIOLATION,
             CerebroError::SharedMemory(_) => ERRCODE_INSUFFICIENT_RESOURCES,
@@ -216,6 +224,18 @@ impl CerebroError {
                     .into(),
             ),
             CerebroError::MissingModel => Some("Add WHERE model = '<name>' to the query.".into()),
+            CerebroError::NotARow(_) => Some(
+                "Pass a whole row: cerebro.predict('churn', c) FROM customers c, ROW(...)::customers, or a \
+                 subquery's row: FROM (VALUES (...)) AS r(tenure, contract, ...)."
+                    .into(),
+            ),
+            CerebroError::MissingFeature { model, version, .. } => Some(format!(
+                "The row needs every feature the model was trained on, by name: SELECT features FROM \
+                 cerebro.model_versions WHERE name = '{model}' AND version = {version} lists them."
+            )),
+            CerebroError::FeatureType { column, .. } => Some(format!(
+                "Cast it in the query, e.g. ROW(..., {column}::float8, ...), or pass the table's own row."
+            )),
             CerebroError::NotModelOwner { owner, .. } => Some(format!(
                 "Only the model's owner ({owner}), members of role cerebro_admin and superusers may do this."
             )),

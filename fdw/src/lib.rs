@@ -21,6 +21,7 @@ mod imports;
 mod jsonb;
 mod limits;
 mod models;
+mod predict;
 mod predictions;
 mod sources;
 mod training;

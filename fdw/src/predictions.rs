@@ -71,22 +71,23 @@ impl Params {
 /// The model version a scan uses, fixed when the scan begins: the one the
 /// query names, else the deployed one, else the latest ready one (else the
 /// latest, to say why it cannot score).
-struct ModelVersion {
-    id: i64,
-    name: String,
-    version: i32,
-    features: Vec<Feature>,
-    class_labels: Vec<String>,
+#[derive(Clone)]
+pub(crate) struct ModelVersion {
+    pub(crate) id: i64,
+    pub(crate) name: String,
+    pub(crate) version: i32,
+    pub(crate) features: Vec<Feature>,
+    pub(crate) class_labels: Vec<String>,
     source_relation: String,
     key_column: Option<String>,
-    artifact_sha256: String,
+    pub(crate) artifact_sha256: String,
     /// Who wrote its source (a query's text is its author's code).
     source_author: String,
 }
 
 /// [`ModelVersion`] among the versions the caller may use: a model another
 /// role has not granted does not exist for the caller.
-fn resolve_model(name: &str, version: Option<i32>) -> Result<ModelVersion> {
+pub(crate) fn resolve_model(name: &str, version: Option<i32>) -> Result<ModelVersion> {
     let _path = crate::identity::pin_search_path();
     Spi::connect(|client| {
         let rows = client.select(
@@ -218,7 +219,7 @@ impl PredictionScan {
                 let col = source.column(&f.name)?;
                 select.push(match (f.kind, &col.base) {
                     (FeatureKind::Categorical, _) => col.text(),
-                    (FeatureKind::Numeric, BaseType::BuiltIn(_)) => col.float8(),
+                    (FeatureKind::Numeric, BaseType::BuiltIn(_) | BaseType::Ordered(_)) => col.float8(),
                     (FeatureKind::Numeric, _) => {
                         return Err(RequestError::UnsupportedType {
                             relation: source.display.clone(),
@@ -233,7 +234,7 @@ impl PredictionScan {
             let mut sql = format!("SELECT {} FROM {}", select.join(", "), source.in_from());
             let mut args = Vec::new();
             if let Some(keys) = &params.keys {
-                sql.push_str(&format!(" WHERE {} OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[])", key.text()));
+                sql.push_str(&format!(" WHERE {}", key.equals_any("$1::pg_catalog.text[]")));
                 args.push(keys.clone().into());
             }
             Ok((source.display.clone(), client.try_open_cursor(sql.as_str(), &args)?.detach_into_name()))

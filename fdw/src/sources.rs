@@ -41,6 +41,9 @@ pub(crate) struct SourceColumn {
 pub(crate) enum BaseType {
     /// Built in (schema-qualified name): its casts are PostgreSQL's own.
     BuiltIn(String),
+    /// Built in, with a default btree operator class (schema-qualified
+    /// name): its values also compare in their own type, as an index does.
+    Ordered(String),
     /// An enum (schema-qualified, quoted): whoever owns it may have given it
     /// casts, so it becomes text through its output function.
     Enum(String),
@@ -53,7 +56,7 @@ impl SourceColumn {
     /// The built-in type a snapshot stores it as.
     pub(crate) fn storage(&self) -> &str {
         match &self.base {
-            BaseType::BuiltIn(t) => t,
+            BaseType::BuiltIn(t) | BaseType::Ordered(t) => t,
             BaseType::Enum(_) | BaseType::Other => "pg_catalog.text",
         }
     }
@@ -61,7 +64,7 @@ impl SourceColumn {
     /// The column as its snapshot stores it; run as the user who freezes it.
     pub(crate) fn stored(&self) -> String {
         match &self.base {
-            BaseType::BuiltIn(t) => format!("({})::{t}", quote_ident(&self.name)),
+            BaseType::BuiltIn(t) | BaseType::Ordered(t) => format!("({})::{t}", quote_ident(&self.name)),
             _ => self.text(),
         }
     }
@@ -70,9 +73,21 @@ impl SourceColumn {
     pub(crate) fn text(&self) -> String {
         let column = quote_ident(&self.name);
         match &self.base {
-            BaseType::BuiltIn(_) => as_text(&column, None),
+            BaseType::BuiltIn(_) | BaseType::Ordered(_) => as_text(&column, None),
             BaseType::Enum(t) => as_text(&column, Some(t)),
             BaseType::Other => as_output_text(&column),
+        }
+    }
+
+    /// `column = ANY (keys)` for keys that `array` (a text[] expression)
+    /// gives: compared in the column's own type when it is a built-in one
+    /// with a btree order (integers, text, uuid, dates...), so that an index
+    /// on the column finds them (a key that is not a value of that type is
+    /// the type's own input error, as in any query); as text otherwise.
+    pub(crate) fn equals_any(&self, array: &str) -> String {
+        match &self.base {
+            BaseType::Ordered(t) => format!("{} OPERATOR(pg_catalog.=) ANY ({array}::{t}[])", self.stored()),
+            _ => format!("{} OPERATOR(pg_catalog.=) ANY ({array})", self.text()),
         }
     }
 
@@ -173,7 +188,11 @@ fn describe(client: &SpiClient<'_>, rows: Vec<(String, pg_sys::Oid, String, bool
         // SAFETY: a syscache lookup of an existing type; the name comes back
         // schema-qualified and quoted where needed.
         let qualified = || owned(unsafe { pg_sys::format_type_be_qualified(*base) });
-        let base = if base.to_u32() < pg_sys::FirstNormalObjectId {
+        // SAFETY: a syscache lookup of an existing type's operator classes.
+        let ordered = || unsafe { pg_sys::GetDefaultOpClass(*base, pg_sys::BTREE_AM_OID) } != pg_sys::InvalidOid;
+        let base = if base.to_u32() < pg_sys::FirstNormalObjectId && category != "A" && ordered() {
+            BaseType::Ordered(qualified())
+        } else if base.to_u32() < pg_sys::FirstNormalObjectId {
             BaseType::BuiltIn(qualified())
         } else if typtype == "e" {
             BaseType::Enum(qualified())

@@ -1488,6 +1488,73 @@ async fn the_default_selection_weighs_a_rare_class() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// On an ordered split, the default searches with and without a numeric
+/// column that follows the key order (a time index): every round's
+/// candidates learn with it or leave it out, and those without it score.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_default_selection_searches_without_a_time_index_on_an_ordered_split() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    // signup_day rises with id, as a date stored as a number would.
+    db.batch_execute(
+        "DROP TABLE IF EXISTS e2e_dated_churn;
+         CREATE TABLE e2e_dated_churn AS
+         SELECT row_number() OVER (ORDER BY customer_id) AS id, t.* FROM telco_churn t;
+         ALTER TABLE e2e_dated_churn ADD COLUMN signup_day float8;
+         UPDATE e2e_dated_churn SET signup_day = 20000 + id / 10.0 + (id % 7);
+         ALTER TABLE e2e_dated_churn DROP COLUMN customer_id;",
+    )
+    .await?;
+    let _daemon = Daemon::start(&env)?;
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, spec, options)
+         VALUES ('e2e_dated', 'e2e_dated_churn', 'churn', 'id', 'default', '{\"split\": \"ordered\"}')",
+        &[],
+    )
+    .await?;
+    let (selection, _) = wait_for_selection(&db, "e2e_dated").await?;
+    let searched: String =
+        db.query_one("SELECT plan->>'searched' FROM cerebro.selections WHERE id = $1", &[&selection]).await?.get(0);
+    assert!(searched.ends_with("features *, -signup_day?"), "{searched}");
+    let rows = db
+        .query(
+            "SELECT coalesce((request->'selection'->>'round')::int, 1), features @> '[{\"name\": \"signup_day\"}]',
+                    jsonb_array_length(features), status::text, error
+             FROM cerebro.model_versions WHERE selection_id = $1 AND NOT request ? 'ensemble'",
+            &[&selection],
+        )
+        .await?;
+    let mut sets: HashMap<(i32, bool), i32> = HashMap::new();
+    for r in &rows {
+        assert_eq!(r.get::<_, String>(3), "ready", "{:?}", r.get::<_, Option<String>>(4));
+        let (with, width) = (r.get::<_, bool>(1), r.get::<_, i32>(2));
+        assert_eq!(width, if with { 20 } else { 19 }, "every other column is kept");
+        *sets.entry((r.get(0), with)).or_default() += 1;
+    }
+    let rounds = rows.iter().map(|r| r.get::<_, i32>(0)).max().unwrap_or(0);
+    for round in 1..=rounds.min(2) {
+        assert!(sets.contains_key(&(round, true)) && sets.contains_key(&(round, false)), "round {round}: {sets:?}");
+    }
+    // A candidate without the column scores every row, the column unread.
+    let without: i32 = db
+        .query_one(
+            "SELECT min(version) FROM cerebro.model_versions
+             WHERE selection_id = $1 AND NOT features @> '[{\"name\": \"signup_day\"}]'",
+            &[&selection],
+        )
+        .await?
+        .get(0);
+    let scored: i64 = db
+        .query_one(
+            &format!("SELECT count(score) FROM cerebro.predictions WHERE model = 'e2e_dated' AND version = {without}"),
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(scored, 7043);
+    Ok(())
+}
+
 /// `ensemble`: once its candidates are done, a selection weighs its best
 /// into one more version, whose file averages theirs; it scores, deploys,
 /// exports and reproduces like any version.

@@ -29,8 +29,8 @@ pub(crate) struct Round {
     number: i32,
     /// The first candidate's version: every new one copies its row.
     template: i32,
-    /// Each candidate's place in the selection, request and options.
-    candidates: Vec<(usize, serde_json::Value, TrainOptions)>,
+    /// Each candidate's place in the selection, request, options and features.
+    candidates: Vec<(usize, serde_json::Value, TrainOptions, Vec<Feature>)>,
 }
 
 /// The next round of `selection` (spec `spec`), if its plan asks for rounds
@@ -55,11 +55,12 @@ pub(crate) fn draw_next(
     let limit = gucs::MAX_CANDIDATES.get().max(1) as u128;
     let drawn = parsed.expand_round(text, limit, number as u64).map_err(CerebroError::Selection)?;
 
-    // Every candidate of a selection with rounds shares source and features:
-    // each new one is the first candidate's request with its own options.
+    // Every candidate of a selection with rounds shares source and snapshot:
+    // each new one is the first candidate's request with its own options,
+    // and the features the first round froze less those it leaves out.
     let row = client
         .select(
-            "SELECT m.version, m.request, m.features, m.task, m.class_labels, s.row_count
+            "SELECT m.version, m.request, m.task, m.class_labels, s.row_count, s.columns
              FROM cerebro.model_versions m JOIN cerebro.snapshots s ON s.id = m.snapshot_id
              WHERE m.selection_id = $1 AND NOT m.request ? 'ensemble' ORDER BY m.version LIMIT 1",
             Some(1),
@@ -69,17 +70,25 @@ pub(crate) fn draw_next(
     let Some(template) = row.get::<i32>(1)? else { return Ok(None) };
     let request = row.get::<JsonB>(2)?.map(|j| j.0).unwrap_or_default();
     let unreadable = |what: &str, e: String| CerebroError::Catalog(format!("version {template}'s {what}: {e}"));
-    let features: Vec<Feature> = serde_json::from_value(row.get::<JsonB>(3)?.map(|j| j.0).unwrap_or_default())
-        .map_err(|e| unreadable("features", e.to_string()))?;
-    let task: Task = serde_json::from_value(serde_json::Value::String(row.get::<String>(4)?.unwrap_or_default()))
+    let task: Task = serde_json::from_value(serde_json::Value::String(row.get::<String>(3)?.unwrap_or_default()))
         .map_err(|e| unreadable("task", e.to_string()))?;
-    let class_labels: Vec<String> = row.get::<Vec<String>>(5)?.unwrap_or_default();
-    let rows = row.get::<i64>(6)?.unwrap_or(0).max(0) as u64;
+    let class_labels: Vec<String> = row.get::<Vec<String>>(4)?.unwrap_or_default();
+    let rows = row.get::<i64>(5)?.unwrap_or(0).max(0) as u64;
+    let frozen: Vec<String> = row.get::<Vec<String>>(6)?.unwrap_or_default();
     let written = request["options"].as_object().cloned().unwrap_or_default();
+    let features = first_round_features(client, selection, &frozen)?;
 
     let per_round = drawn.len();
     let mut candidates = Vec::with_capacity(per_round);
     for (i, candidate) in drawn.iter().enumerate() {
+        let left_out = candidate.left_out();
+        let features: Vec<Feature> = features.iter().filter(|f| !left_out.contains(&f.name)).cloned().collect();
+        if features.is_empty() {
+            notice!(
+                "cerebro: selection {selection}, round {number}: a candidate is left out: it leaves out every feature"
+            );
+            continue;
+        }
         let mut options = written.clone();
         merge_options(&mut options, &candidate.options);
         let options_json = serde_json::Value::Object(options);
@@ -98,7 +107,7 @@ pub(crate) fn draw_next(
         let mut asked = request.clone();
         asked["options"] = options_json;
         asked["selection"] = serde_json::json!({ "id": selection, "candidate": place, "round": number });
-        candidates.push((place, asked, options));
+        candidates.push((place, asked, options, features));
     }
     if candidates.is_empty() {
         return Ok(None);
@@ -111,9 +120,10 @@ pub(crate) fn draw_next(
 pub(crate) fn queue(client: &mut SpiClient<'_>, round: Round, name: &str, by: &str) -> Result<usize> {
     let Round { selection, number, template, candidates } = round;
     let queued = candidates.len();
-    for (place, asked, options) in candidates {
+    for (place, asked, options, features) in candidates {
         let version = allocate_version(client, name)?;
         let copy = CopyOf {
+            features: Some(serde_json::to_value(&features).expect("features serialise")),
             options: Some(options.to_json()),
             epochs: Some(options.epochs as i32),
             request: Some(asked),
@@ -130,6 +140,31 @@ pub(crate) fn queue(client: &mut SpiClient<'_>, round: Round, name: &str, by: &s
         &[selection.into(), (queued as i32).into()],
     )?;
     Ok(queued)
+}
+
+/// Every feature any first-round candidate of `selection` learns from, in
+/// the order its snapshot froze them (`frozen`, the snapshot's columns).
+fn first_round_features(client: &mut SpiClient<'_>, selection: i64, frozen: &[String]) -> Result<Vec<Feature>> {
+    let rows = client.select(
+        &format!(
+            "SELECT DISTINCT m.features FROM cerebro.model_versions m
+             WHERE m.selection_id = $1 AND NOT m.request ? 'ensemble' AND {ROUND_OF} = 1"
+        ),
+        None,
+        &[selection.into()],
+    )?;
+    let mut all: Vec<Feature> = Vec::new();
+    for row in rows {
+        let features: Vec<Feature> = serde_json::from_value(row.get::<JsonB>(1)?.map(|j| j.0).unwrap_or_default())
+            .map_err(|e| CerebroError::Catalog(format!("selection {selection}'s features: {e}")))?;
+        for f in features {
+            if !all.iter().any(|seen| seen.name == f.name) {
+                all.push(f);
+            }
+        }
+    }
+    all.sort_by_key(|f| frozen.iter().position(|c| c == &f.name));
+    Ok(all)
 }
 
 /// Where `selection`'s rounds stand, read from its versions; None while

@@ -3,9 +3,9 @@
 
 use std::collections::HashMap;
 
-use cerebro_shared::mst::{self, Candidate, ClassBalance, SelectionPlan, Value};
+use cerebro_shared::mst::{self, Candidate, ClassBalance, SelectionPlan, SourceFacts, Value};
 use cerebro_shared::request::{self, merge_options, SourceShape};
-use cerebro_shared::spec::{resolve_task, TrainOptions};
+use cerebro_shared::spec::{resolve_task, Split, SqlKind, TrainOptions};
 use cerebro_shared::sql::quote_ident;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -19,7 +19,7 @@ use crate::sources::{read_shape, resolve_source};
 /// The candidates of the selection `written` declares, as versions of `req`'s model.
 pub(super) fn build(req: &TrainRequest, written: &str) -> Result<Batch> {
     let searched = if mst::is_default(written) {
-        Some(mst::default_for(Spi::connect(|client| class_balance(client, req))?))
+        Some(mst::default_for(&Spi::connect(|client| source_facts(client, req))?))
     } else {
         None
     };
@@ -81,6 +81,59 @@ pub(super) fn build(req: &TrainRequest, written: &str) -> Result<Batch> {
     }
     let plan = SelectionPlan { searched: searched.filter(|t| t != mst::DEFAULT_SPEC), ..spec.plan(max_epochs) };
     Ok(Batch { selection: Some(NewSelection { spec: written.to_owned(), plan }), versions })
+}
+
+/// What the default selection reads of `req`'s source before it searches.
+fn source_facts(client: &SpiClient<'_>, req: &TrainRequest) -> Result<SourceFacts> {
+    Ok(SourceFacts { balance: class_balance(client, req)?, trend_columns: trend_columns(client, req)? })
+}
+
+/// Most numeric columns whose correlation with the key order is measured
+/// (one aggregate each, in one scan).
+const MAX_TREND_SCAN: usize = 256;
+
+/// The numeric columns of `req`'s source that follow its key order
+/// (mst::TREND_CORRELATION), the most correlated first: only for an
+/// ordered split of a model whose features the user left to Cerebro, and
+/// none when the source or key cannot be read (queueing says why).
+fn trend_columns(client: &SpiClient<'_>, req: &TrainRequest) -> Result<Vec<String>> {
+    let ordered = TrainOptions::from_json(Some(&req.written["options"])).is_ok_and(|o| o.split == Split::Ordered);
+    let (true, None, Some(key)) = (ordered, &req.features, req.key.as_deref()) else { return Ok(Vec::new()) };
+    let Ok(source) = resolve_source(client, &req.source) else { return Ok(Vec::new()) };
+    let Some(key) = source.column(key).ok().filter(|k| k.readable) else { return Ok(Vec::new()) };
+    let numeric: Vec<_> = source
+        .columns
+        .iter()
+        .filter(|c| c.readable && c.name != req.target && c.name != key.name)
+        .filter(|c| matches!(c.kind, Some(SqlKind::Integer | SqlKind::Real)))
+        .take(MAX_TREND_SCAN)
+        .collect();
+    if numeric.is_empty() {
+        return Ok(Vec::new());
+    }
+    let correlations = (0..numeric.len()).map(|i| format!("corr(v{i}, r)")).collect::<Vec<_>>().join(", ");
+    let columns = numeric.iter().enumerate().map(|(i, c)| format!("{} AS v{i}", c.float8())).collect::<Vec<_>>();
+    let columns = columns.join(", ");
+    let row = client
+        .select(
+            &format!(
+                "SELECT {correlations} FROM (SELECT {columns}, row_number() OVER (ORDER BY {})::float8 AS r
+                 FROM {}) ordered",
+                key.stored(),
+                source.in_from()
+            ),
+            Some(1),
+            &[],
+        )?
+        .first();
+    let mut trends = Vec::new();
+    for (i, c) in numeric.iter().enumerate() {
+        if let Some(r) = row.get::<f64>(i + 1)?.map(f64::abs).filter(|r| *r >= mst::TREND_CORRELATION) {
+            trends.push((r, c.name.clone()));
+        }
+    }
+    trends.sort_by(|a, b| b.0.total_cmp(&a.0));
+    Ok(trends.into_iter().map(|(_, name)| name).collect())
 }
 
 /// How `req`'s target spreads over its classes, when it makes a

@@ -1,0 +1,330 @@
+//! `cerebro.predict(model, input [, version])` and `cerebro.predict_label`:
+//! one row's score, or its label, for application code that asks once per
+//! request. The row is the caller's own value (a table's row, a row built in
+//! the query, a subquery's), read by column name; nothing is read from the
+//! model's source.
+//!
+//! A backend keeps, between calls, its connection to cerebrod with one
+//! attached region, a kept plan that checks which version a model resolves
+//! to, and what it last resolved of each model (features, labels, file).
+//! Each call checks the version again with the statement's snapshot (the
+//! functions are STABLE), so a deploy or a rollback is seen by the next
+//! statement and never within one. A connection that a cancel, a timeout or
+//! a restart of cerebrod left in doubt is dropped, and the next call (or,
+//! for a connection found closed, the same call) opens a new one.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use cerebro_shared::batch::{plan_batch, read_outputs, write_batch, ColumnData, NO_LABEL};
+use cerebro_shared::protocol::{Request, Response, ScoreRequest};
+use cerebro_shared::spec::FeatureKind;
+use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::{AnyElement, AnyNumeric, FromDatum, PgOid};
+
+use crate::daemon_client::{DaemonClient, Region};
+use crate::error::{raise, CerebroError, Result};
+use crate::gucs;
+use crate::predictions::{resolve_model, ModelVersion};
+
+/// The region a connection attaches first; a larger row gets a larger one.
+const REGION_BYTES: usize = 1 << 16;
+
+thread_local! {
+    static BACKEND: RefCell<Backend> = RefCell::new(Backend::default());
+}
+
+#[derive(Default)]
+struct Backend {
+    link: Option<Link>,
+    /// Which version `(model, version asked)` resolves to now, and whether it is ready.
+    lookup: Option<OwnedPreparedStatement>,
+    /// What was last resolved for each `(model, version asked)`.
+    models: HashMap<(String, Option<i32>), ModelVersion>,
+}
+
+/// A connection to cerebrod and its one region.
+struct Link {
+    client: DaemonClient,
+    region: Region,
+    /// A request went out and its answer has not been read: an ERROR (a
+    /// cancel) came in between, so the next answer on it is not ours.
+    in_doubt: bool,
+}
+
+impl Link {
+    fn open(rows_bytes: u64) -> Result<Link> {
+        let socket = crate::daemon_client::server_socket()?;
+        let mut client = DaemonClient::connect(&socket, gucs::SCORING_TIMEOUT_MS.get())?;
+        let region = Region::create((rows_bytes as usize).next_power_of_two().max(REGION_BYTES))?;
+        client.attach(0, &region)?;
+        Ok(Link { client, region, in_doubt: false })
+    }
+
+    /// Scores one batch: the scores and labels of its rows.
+    fn score(&mut self, model: &ModelVersion, columns: &[ColumnData]) -> Result<(Vec<f64>, Vec<u32>)> {
+        let (layout, needed) = plan_batch(columns);
+        if (self.region.len() as u64) < needed {
+            let larger = Region::create((needed as usize).next_power_of_two())?;
+            self.client.attach(0, &larger)?;
+            self.region = larger;
+        }
+        write_batch(columns, &layout, &mut self.region.map[..]).map_err(|e| CerebroError::Protocol(e.to_string()))?;
+        let request = Request::Score(ScoreRequest {
+            model_version_id: model.id,
+            artifact_sha256: model.artifact_sha256.clone(),
+            region: 0,
+            layout: layout.clone(),
+        });
+        self.in_doubt = true;
+        self.client.send(&request)?;
+        match self.client.recv() {
+            Ok(Response::Scored { .. }) => {}
+            Ok(other) => return Err(CerebroError::Protocol(format!("expected scored, got {other:?}"))),
+            // The daemon answered with an error: the connection is in step.
+            Err(e @ CerebroError::Daemon(_)) => {
+                self.in_doubt = false;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        }
+        self.in_doubt = false;
+        read_outputs(&layout, &self.region.map[..]).map_err(|e| CerebroError::Protocol(e.to_string()))
+    }
+}
+
+/// The ready version `(name, version)` resolves to, from the cache when the
+/// catalog still resolves to the same one.
+fn resolved(backend: &mut Backend, name: &str, version: Option<i32>) -> Result<ModelVersion> {
+    let key = (name.to_owned(), version);
+    let current = Spi::connect(|client| -> Result<Option<i64>> {
+        if backend.lookup.is_none() {
+            let plan = client.prepare(
+                "SELECT id FROM cerebro.model_versions
+                 WHERE name = $1 AND status = 'ready' AND version = cerebro.resolve_version($1, $2)",
+                &[PgOid::from(pg_sys::TEXTOID), PgOid::from(pg_sys::INT4OID)],
+            )?;
+            backend.lookup = Some(plan.keep());
+        }
+        let plan = backend.lookup.as_ref().expect("prepared above");
+        let rows = client.select(plan, Some(1), &[name.into(), version.into()])?;
+        Ok(match rows.into_iter().next() {
+            Some(row) => row.get::<i64>(1)?,
+            None => None,
+        })
+    })?;
+    match (current, backend.models.get(&key)) {
+        (Some(id), Some(cached)) if cached.id == id => Ok(cached.clone()),
+        _ => {
+            // Resolving in full says precisely why a model cannot score.
+            let model = resolve_model(name, version)?;
+            backend.models.insert(key, model.clone());
+            Ok(model)
+        }
+    }
+}
+
+/// One row's score and label with the model `name` resolves to.
+fn predict_row(
+    name: Option<&str>,
+    input: Option<AnyElement>,
+    version: Option<i32>,
+) -> Result<Option<(f64, Option<String>)>> {
+    let name = name.ok_or(CerebroError::NullArgument("model"))?;
+    let Some(input) = input else { return Ok(None) };
+    BACKEND.with(|backend| {
+        let mut backend = backend.borrow_mut();
+        let model = resolved(&mut backend, name, version)?;
+        let columns = read_row(&input, &model)?;
+        let (_, needed) = plan_batch(&columns);
+        // A connection in doubt is dropped; one found closed (cerebrod
+        // restarted) is opened again once, since scoring changes nothing.
+        if backend.link.as_ref().is_some_and(|l| l.in_doubt) {
+            backend.link = None;
+        }
+        let reused = backend.link.is_some();
+        let attempt = |backend: &mut Backend| -> Result<(Vec<f64>, Vec<u32>)> {
+            if backend.link.is_none() {
+                backend.link = Some(Link::open(needed)?);
+            }
+            let link = backend.link.as_mut().expect("opened above");
+            link.score(&model, &columns)
+        };
+        let scored = match attempt(&mut backend) {
+            Err(CerebroError::Connection(_)) if reused => {
+                backend.link = None;
+                attempt(&mut backend)
+            }
+            other => other,
+        };
+        let (scores, labels) = match scored {
+            Ok(s) => s,
+            Err(e) => {
+                if !matches!(e, CerebroError::Daemon(_)) {
+                    backend.link = None;
+                }
+                if matches!(e, CerebroError::Interrupted) {
+                    pgrx::check_for_interrupts!();
+                }
+                return Err(e);
+            }
+        };
+        let (Some(&score), Some(&label)) = (scores.first(), labels.first()) else {
+            return Err(CerebroError::Protocol("cerebrod scored no row".into()));
+        };
+        let label = (label != NO_LABEL).then(|| model.class_labels.get(label as usize).cloned()).flatten();
+        Ok(Some((score, label)))
+    })
+}
+
+/// The model's features read from `input`'s columns of the same names, one
+/// row per column.
+fn read_row(input: &AnyElement, model: &ModelVersion) -> Result<Vec<ColumnData>> {
+    let row = Row::of(input)?;
+    model
+        .features
+        .iter()
+        .map(|f| {
+            let Some(column) = row.column(&f.name) else {
+                return Err(CerebroError::MissingFeature {
+                    model: model.name.clone(),
+                    version: model.version,
+                    column: f.name.clone(),
+                    row_type: row.type_name(),
+                });
+            };
+            Ok(match f.kind {
+                FeatureKind::Numeric => ColumnData::Float64(vec![row.number(column)?]),
+                FeatureKind::Categorical => ColumnData::Text(vec![row.text(column)]),
+            })
+        })
+        .collect()
+}
+
+/// A composite value's columns, deformed once.
+struct Row {
+    type_oid: pg_sys::Oid,
+    names: Vec<String>,
+    /// Each column's base type (through domains).
+    types: Vec<pg_sys::Oid>,
+    values: Vec<pg_sys::Datum>,
+    nulls: Vec<bool>,
+}
+
+impl Row {
+    fn of(input: &AnyElement) -> Result<Row> {
+        // SAFETY: get_typtype reads the syscache; a composite datum (typtype
+        // 'c', or a record) is a HeapTupleHeader, deformed with the row
+        // type's own descriptor, released before returning.
+        unsafe {
+            let oid = input.oid();
+            let base = pg_sys::getBaseType(oid);
+            if base != pg_sys::RECORDOID && pg_sys::get_typtype(base) != pg_sys::TYPTYPE_COMPOSITE as std::ffi::c_char {
+                return Err(CerebroError::NotARow(type_name(oid)));
+            }
+            let header = pg_sys::pg_detoast_datum(input.datum().cast_mut_ptr()) as pg_sys::HeapTupleHeader;
+            let type_oid = pgrx::heap_tuple_header_get_type_id(header);
+            let typmod = pgrx::heap_tuple_header_get_typmod(header);
+            let desc = pg_sys::lookup_rowtype_tupdesc(type_oid, typmod);
+            let natts = (*desc).natts as usize;
+            let mut tuple: pg_sys::HeapTupleData = std::mem::zeroed();
+            tuple.t_len = pgrx::heap_tuple_header_get_datum_length(header) as u32;
+            tuple.t_data = header;
+            let mut values = vec![pg_sys::Datum::from(0); natts];
+            let mut nulls = vec![true; natts];
+            pg_sys::heap_deform_tuple(&mut tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+            let mut names = Vec::with_capacity(natts);
+            let mut types = Vec::with_capacity(natts);
+            for i in 0..natts {
+                let att = (*desc).attrs.as_slice(natts)[i];
+                if att.attisdropped {
+                    names.push(String::new());
+                } else {
+                    names.push(std::ffi::CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned());
+                }
+                types.push(pg_sys::getBaseType(att.atttypid));
+            }
+            pg_sys::DecrTupleDescRefCount(desc);
+            Ok(Row { type_oid, names, types, values, nulls })
+        }
+    }
+
+    fn column(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| n == name)
+    }
+
+    fn type_name(&self) -> String {
+        type_name(self.type_oid)
+    }
+
+    /// A numeric feature: a column of an integer, floating-point or numeric type.
+    fn number(&self, i: usize) -> Result<Option<f64>> {
+        if self.nulls[i] {
+            return Ok(None);
+        }
+        let datum = self.values[i];
+        // SAFETY: each arm reads the datum as the type the row says it is.
+        let value = unsafe {
+            match self.types[i] {
+                pg_sys::INT2OID => i16::from_datum(datum, false).map(f64::from),
+                pg_sys::INT4OID => i32::from_datum(datum, false).map(f64::from),
+                pg_sys::INT8OID => i64::from_datum(datum, false).map(|v| v as f64),
+                pg_sys::FLOAT4OID => f32::from_datum(datum, false).map(f64::from),
+                pg_sys::FLOAT8OID => f64::from_datum(datum, false),
+                pg_sys::NUMERICOID => AnyNumeric::from_datum(datum, false).map(|n| {
+                    // NaN and infinities as float8 has them; out of range is not a float8 either.
+                    f64::try_from(n).unwrap_or(f64::NAN)
+                }),
+                other => {
+                    return Err(CerebroError::FeatureType {
+                        column: self.names[i].clone(),
+                        type_name: type_name(other),
+                        expected: "a number (smallint, integer, bigint, real, double precision or numeric)",
+                    })
+                }
+            }
+        };
+        Ok(value)
+    }
+
+    /// A categorical feature as the snapshot and `cerebro.predictions` read
+    /// it: the column cast to text (a boolean as true/false, a character(n)
+    /// without its padding), else the type's output function.
+    fn text(&self, i: usize) -> Option<String> {
+        if self.nulls[i] {
+            return None;
+        }
+        let datum = self.values[i];
+        // SAFETY: the datum is of the row's type for this column; the output
+        // function returns a palloc'd NUL-terminated string.
+        unsafe {
+            match self.types[i] {
+                pg_sys::BOOLOID => bool::from_datum(datum, false).map(|b| b.to_string()),
+                oid => {
+                    let mut output = pg_sys::InvalidOid;
+                    let mut varlena = false;
+                    pg_sys::getTypeOutputInfo(oid, &mut output, &mut varlena);
+                    let text = pg_sys::OidOutputFunctionCall(output, datum);
+                    let text = std::ffi::CStr::from_ptr(text).to_string_lossy().into_owned();
+                    Some(if oid == pg_sys::BPCHAROID { text.trim_end_matches(' ').to_owned() } else { text })
+                }
+            }
+        }
+    }
+}
+
+fn type_name(oid: pg_sys::Oid) -> String {
+    // SAFETY: format_type_be returns a palloc'd string for any type oid.
+    unsafe { std::ffi::CStr::from_ptr(pg_sys::format_type_be(oid)).to_string_lossy().into_owned() }
+}
+
+#[pg_extern(sql = false)]
+fn predict(model: Option<&str>, input: Option<AnyElement>, version: Option<i32>) -> Option<f64> {
+    predict_row(model, input, version).unwrap_or_else(|e| raise(e)).map(|(score, _)| score)
+}
+
+#[pg_extern(sql = false)]
+fn predict_label(model: Option<&str>, input: Option<AnyElement>, version: Option<i32>) -> Option<String> {
+    predict_row(model, input, version).unwrap_or_else(|e| raise(e)).and_then(|(_, label)| label)
+}

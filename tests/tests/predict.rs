@@ -1,0 +1,246 @@
+//! One row's score for application code (issue 15): `cerebro.predict` and
+//! `cerebro.predict_label` equal `cerebro.predictions` row for row, follow
+//! deployments from one statement to the next, survive a restart of
+//! cerebrod in the same session, work prepared, and fail precisely; and
+//! by-key predictions find their rows through the source's index.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use cerebro_tests::{wait_until_done, Daemon, Env};
+use tokio_postgres::Client;
+
+const TRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Trains a model of `target` on telco_churn and waits until it is ready.
+async fn train(db: &Client, name: &str, target: &str, options: &str) -> anyhow::Result<i32> {
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, options)
+         VALUES ($1, 'telco_churn', $2, 'customer_id', $3::text::jsonb)",
+        &[&name, &target, &options],
+    )
+    .await?;
+    let version: i32 = db.query_one("SELECT max(version) FROM cerebro.models WHERE name = $1", &[&name]).await?.get(0);
+    let seen = wait_until_done(db, name, version, TRAIN_TIMEOUT).await?;
+    anyhow::ensure!(seen.last().map(String::as_str) == Some("ready"), "{name} v{version}: {seen:?}");
+    Ok(version)
+}
+
+type Scores = HashMap<String, (Option<String>, f64)>;
+
+async fn scores(db: &Client, query: &str) -> anyhow::Result<Scores> {
+    Ok(db
+        .query(query, &[])
+        .await?
+        .into_iter()
+        .map(|r| (r.get::<_, String>(0), (r.get::<_, Option<String>>(1), r.get::<_, f64>(2))))
+        .collect())
+}
+
+/// Every key of `b` in `a`, with the same label and a score equal to 1e-6
+/// (ONNX Runtime may sum in another order for one row than for a batch).
+fn assert_same(a: &Scores, b: &Scores, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (key, (label, score)) in b {
+        let (l, s) = a.get(key).unwrap_or_else(|| panic!("{what}: key {key} missing"));
+        assert_eq!(l, label, "{what}: key {key}");
+        assert!((s - score).abs() <= 1e-6 * score.abs().max(1.0), "{what}: key {key}: {s} against {score}");
+    }
+}
+
+async fn sqlstate(db: &Client, sql: &str) -> String {
+    match db.simple_query(sql).await {
+        Ok(_) => format!("no error from {sql}"),
+        Err(e) => e.as_db_error().map_or_else(|| e.to_string(), |d| format!("{} {}", d.code().code(), d.message())),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn predict_equals_predictions_for_every_row_and_task() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    for (name, target, options) in [
+        ("p_churn", "churn", r#"{"epochs": 3}"#),
+        ("p_charges", "monthly_charges", r#"{"epochs": 3, "target_transform": "log"}"#),
+        ("p_contract", "contract", r#"{"epochs": 3}"#),
+    ] {
+        train(&db, name, target, options).await?;
+        let batch =
+            scores(&db, &format!("SELECT key, label, score FROM cerebro.predictions WHERE model = '{name}'")).await?;
+        let one_by_one = scores(
+            &db,
+            &format!(
+                "SELECT t.customer_id::text, cerebro.predict_label('{name}', t), cerebro.predict('{name}', t)
+                 FROM telco_churn t"
+            ),
+        )
+        .await?;
+        assert_eq!(batch.len(), 7043);
+        assert_same(&one_by_one, &batch, name);
+    }
+    // A row built in the query, read by column name (where a name first
+    // appears), in any order, with columns the model does not read and a
+    // NULL feature.
+    let built: f64 = db
+        .query_one(
+            "SELECT cerebro.predict('p_churn', r) FROM (
+                 SELECT t.tenure, t.contract, NULL::float8 AS total_charges, 'extra' AS note, t.*
+                 FROM telco_churn t WHERE customer_id = 1) r",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert!((0.0..=1.0).contains(&built), "{built}");
+    let none: Option<f64> = db.query_one("SELECT cerebro.predict('p_churn', NULL::telco_churn)", &[]).await?.get(0);
+    assert_eq!(none, None, "a NULL row scores NULL");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn predict_follows_deployments_from_one_statement_to_the_next() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let admin = env.connect().await?;
+    let mut daemon = Daemon::start(&env)?;
+    let v1 = train(&db, "p_deployed", "churn", r#"{"epochs": 2, "seed": 1}"#).await?;
+    let v2 = train(&db, "p_deployed", "churn", r#"{"epochs": 2, "seed": 2, "hidden": [16]}"#).await?;
+    let of = |v: i32| {
+        format!("SELECT score FROM cerebro.predictions WHERE model = 'p_deployed' AND version = {v} AND key = '7'")
+    };
+    let (s1, s2): (f64, f64) = (db.query_one(&of(v1), &[]).await?.get(0), db.query_one(&of(v2), &[]).await?.get(0));
+    assert_ne!(s1, s2);
+    let predict = "SELECT cerebro.predict('p_deployed', t) FROM telco_churn t WHERE customer_id = 7";
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-6;
+    admin.execute("SELECT cerebro.deploy('p_deployed', $1)", &[&v1]).await?;
+    assert!(close(db.query_one(predict, &[]).await?.get(0), s1));
+    admin.execute("SELECT cerebro.deploy('p_deployed', $1)", &[&v2]).await?;
+    assert!(close(db.query_one(predict, &[]).await?.get(0), s2), "the next statement sees the deploy");
+    admin.execute("SELECT cerebro.rollback('p_deployed')", &[]).await?;
+    assert!(close(db.query_one(predict, &[]).await?.get(0), s1), "and the rollback");
+    let pinned = format!("SELECT cerebro.predict('p_deployed', t, {v2}) FROM telco_churn t WHERE customer_id = 7");
+    assert!(close(db.query_one(&pinned, &[]).await?.get(0), s2), "a version named is the one scored");
+
+    // cerebrod restarted: the session's connection is gone, the next call
+    // opens another.
+    daemon.stop()?;
+    let down = sqlstate(&db, predict).await;
+    assert!(down.starts_with("08001"), "{down}");
+    daemon = Daemon::start(&env)?;
+    assert!(close(db.query_one(predict, &[]).await?.get(0), s1));
+    drop(daemon);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn predict_works_prepared_and_by_key_predictions_use_the_index() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    train(&db, "p_keyed", "churn", r#"{"epochs": 2}"#).await?;
+    let batch = scores(&db, "SELECT key, label, score FROM cerebro.predictions WHERE model = 'p_keyed'").await?;
+    // The extended protocol, one statement executed ten times (the sixth and
+    // later with a generic plan).
+    let statement = db
+        .prepare(
+            "SELECT t.customer_id::text, cerebro.predict_label('p_keyed', t), cerebro.predict('p_keyed', t)
+             FROM telco_churn t WHERE customer_id = $1",
+        )
+        .await?;
+    for id in 1..=10i32 {
+        let row = db.query_one(&statement, &[&id]).await?;
+        let got: Scores = [(row.get::<_, String>(0), (row.get(1), row.get(2)))].into();
+        let key = id.to_string();
+        assert_same(&got, &[(key.clone(), batch[&key].clone())].into(), "prepared");
+    }
+    db.batch_execute(
+        "PREPARE p(int) AS SELECT cerebro.predict('p_keyed', t) FROM telco_churn t WHERE customer_id = $1",
+    )
+    .await?;
+    for _ in 0..10 {
+        let row = db.query_one("EXECUTE p(3)", &[]).await?;
+        assert!((row.get::<_, f64>(0) - batch["3"].1).abs() <= 1e-6);
+    }
+
+    // A key compared in the key column's own type: an index scan of
+    // telco_churn's primary key, not a sequential scan.
+    let scans = "SELECT coalesce(idx_scan, 0), coalesce(seq_scan, 0) FROM pg_stat_user_tables
+                 WHERE relid = 'public.telco_churn'::regclass";
+    let flush = "SELECT pg_stat_force_next_flush()";
+    db.query(flush, &[]).await?;
+    db.batch_execute("SELECT pg_stat_clear_snapshot()").await?;
+    let before = db.query_one(scans, &[]).await?;
+    let (idx, seq): (i64, i64) = (before.get(0), before.get(1));
+    let keyed =
+        db.query("SELECT key, score FROM cerebro.predictions WHERE model = 'p_keyed' AND key = '42'", &[]).await?;
+    assert_eq!(keyed.len(), 1);
+    assert_eq!(keyed[0].get::<_, f64>(1), batch["42"].1);
+    let many =
+        db.query("SELECT key FROM cerebro.predictions WHERE model = 'p_keyed' AND key IN ('5', '6', 'x0')", &[]).await;
+    let bad = many.expect_err("'x0' is not an integer").as_db_error().map(|d| d.code().code().to_string());
+    assert_eq!(bad.as_deref(), Some("22P02"));
+    db.query(flush, &[]).await?;
+    db.batch_execute("SELECT pg_stat_clear_snapshot()").await?;
+    let after = db.query_one(scans, &[]).await?;
+    assert!(after.get::<_, i64>(0) > idx, "an index scan");
+    assert_eq!(after.get::<_, i64>(1), seq, "no sequential scan");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn predict_fails_precisely() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    train(&db, "p_errors", "churn", r#"{"epochs": 2}"#).await?;
+    db.batch_execute(
+        "DROP TABLE IF EXISTS p_text_tenure;
+         CREATE TABLE p_text_tenure AS SELECT * FROM telco_churn WHERE customer_id = 1;
+         ALTER TABLE p_text_tenure ALTER COLUMN tenure TYPE text;",
+    )
+    .await?;
+    for (sql, expected) in [
+        ("SELECT cerebro.predict('p_errors', r) FROM (SELECT tenure FROM telco_churn LIMIT 1) r", "42703"),
+        ("SELECT cerebro.predict('p_errors', t) FROM p_text_tenure t", "42804"),
+        ("SELECT cerebro.predict('p_errors', 42)", "42804"),
+        ("SELECT cerebro.predict('p_nothing', t) FROM telco_churn t LIMIT 1", "42704"),
+        ("SELECT cerebro.predict('p_errors', t, 9) FROM telco_churn t LIMIT 1", "42704"),
+        ("SELECT cerebro.predict(NULL, t) FROM telco_churn t LIMIT 1", "22004"),
+    ] {
+        let got = sqlstate(&db, sql).await;
+        assert!(got.starts_with(expected), "{sql}: {got}");
+    }
+    let missing =
+        sqlstate(&db, "SELECT cerebro.predict('p_errors', r) FROM (SELECT tenure FROM telco_churn LIMIT 1) r").await;
+    assert!(missing.contains("reads column \"female\""), "{missing}");
+
+    // A version still training is not ready.
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, options)
+         VALUES ('p_errors', 'telco_churn', 'churn', 'customer_id', '{\"epochs\": 400}')",
+        &[],
+    )
+    .await?;
+    let not_ready =
+        sqlstate(&db, "SELECT cerebro.predict('p_errors', t, 2) FROM telco_churn t WHERE customer_id = 1").await;
+    assert!(not_ready.starts_with("55000"), "{not_ready}");
+    db.execute("SELECT cerebro.cancel('p_errors', 2)", &[]).await?;
+
+    // A role the model is not granted to does not see it.
+    db.batch_execute(
+        "DO $$ BEGIN CREATE ROLE p_outsider LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         GRANT SELECT ON telco_churn TO p_outsider;",
+    )
+    .await?;
+    let outsider = env.connect_as("p_outsider", &env.db).await?;
+    let hidden =
+        sqlstate(&outsider, "SELECT cerebro.predict('p_errors', t, 1) FROM telco_churn t WHERE customer_id = 1").await;
+    assert!(hidden.starts_with("42704"), "{hidden}");
+    db.execute("SELECT cerebro.grant_model('p_errors', 'p_outsider')", &[]).await?;
+    let granted: f64 = outsider
+        .query_one("SELECT cerebro.predict('p_errors', t, 1) FROM telco_churn t WHERE customer_id = 1", &[])
+        .await?
+        .get(0);
+    assert!((0.0..=1.0).contains(&granted));
+    Ok(())
+}
