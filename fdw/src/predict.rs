@@ -245,7 +245,10 @@ impl Row {
                 }
                 types.push(pg_sys::getBaseType(att.atttypid));
             }
-            pg_sys::DecrTupleDescRefCount(desc);
+            // ReleaseTupleDesc: only a reference-counted descriptor was pinned.
+            if (*desc).tdrefcount >= 0 {
+                pg_sys::DecrTupleDescRefCount(desc);
+            }
             Ok(Row { type_oid, names, types, values, nulls })
         }
     }

@@ -1891,7 +1891,7 @@ async fn bad_specs_are_precise_errors_and_queue_nothing() -> anyhow::Result<()> 
         (
             "features tenure, contract?\nsearch random(4, rounds = 3)",
             "22023",
-            "rounds draw model and train settings only",
+            "they need one source and no other optional feature group",
         ),
     ] {
         let err = db
