@@ -471,9 +471,15 @@ ALTER TABLE cerebro.model_versions ALTER COLUMN source_author SET NOT NULL;
 -- the newest ready one. SQL predictions, derived models and `cerebrod score`
 -- all ask this one function. Runs with the caller's rights: a model a role
 -- may not use resolves to nothing.
+-- PL/pgSQL, not SQL: it keeps its plans for the session, where a SQL
+-- function with a SET clause parses and plans its body at every call of a
+-- new statement (cerebro.predict checks the version once a call).
 CREATE FUNCTION cerebro.resolve_version(name text, version integer DEFAULT NULL) RETURNS integer
-    LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT coalesce($2,
-                    (SELECT d.version FROM cerebro.deployments d WHERE d.name = $1),
-                    (SELECT max(r.version) FROM cerebro.model_versions r WHERE r.name = $1 AND r.status = 'ready'))
+    LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN coalesce(resolve_version.version,
+                    (SELECT d.version FROM cerebro.deployments d WHERE d.name = resolve_version.name),
+                    (SELECT max(r.version) FROM cerebro.model_versions r
+                     WHERE r.name = resolve_version.name AND r.status = 'ready'));
+END
 $$;
