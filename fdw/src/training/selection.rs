@@ -14,7 +14,7 @@ use super::{Batch, NewSelection, VersionRequest};
 use crate::error::{CerebroError, Result};
 use crate::gucs;
 use crate::models::TrainRequest;
-use crate::sources::{read_shape, resolve_source};
+use crate::sources::{read_shape, resolve_source, BaseType, SourceColumn};
 
 /// The candidates of the selection `written` declares, as versions of `req`'s model.
 pub(super) fn build(req: &TrainRequest, written: &str) -> Result<Batch> {
@@ -100,7 +100,9 @@ fn trend_columns(client: &SpiClient<'_>, req: &TrainRequest) -> Result<Vec<Strin
     let ordered = TrainOptions::from_json(Some(&req.written["options"])).is_ok_and(|o| o.split == Split::Ordered);
     let (true, None, Some(key)) = (ordered, &req.features, req.key.as_deref()) else { return Ok(Vec::new()) };
     let Ok(source) = resolve_source(client, &req.source) else { return Ok(Vec::new()) };
-    let Some(key) = source.column(key).ok().filter(|k| k.readable) else { return Ok(Vec::new()) };
+    // A key of a built-in type without an order (json, point) orders nothing.
+    let orderable = |k: &&SourceColumn| k.readable && !matches!(k.base, BaseType::BuiltIn(_));
+    let Some(key) = source.column(key).ok().filter(orderable) else { return Ok(Vec::new()) };
     let numeric: Vec<_> = source
         .columns
         .iter()
@@ -111,13 +113,13 @@ fn trend_columns(client: &SpiClient<'_>, req: &TrainRequest) -> Result<Vec<Strin
     if numeric.is_empty() {
         return Ok(Vec::new());
     }
-    let correlations = (0..numeric.len()).map(|i| format!("corr(v{i}, r)")).collect::<Vec<_>>().join(", ");
+    let correlations = (0..numeric.len()).map(|i| format!("pg_catalog.corr(v{i}, r)")).collect::<Vec<_>>().join(", ");
     let columns = numeric.iter().enumerate().map(|(i, c)| format!("{} AS v{i}", c.float8())).collect::<Vec<_>>();
     let columns = columns.join(", ");
     let row = client
         .select(
             &format!(
-                "SELECT {correlations} FROM (SELECT {columns}, row_number() OVER (ORDER BY {})::float8 AS r
+                "SELECT {correlations} FROM (SELECT {columns}, pg_catalog.row_number() OVER (ORDER BY {})::float8 AS r
                  FROM {}) ordered",
                 key.stored(),
                 source.in_from()

@@ -369,9 +369,12 @@ async fn a_key_never_becomes_sql_even_without_standard_conforming_strings() -> a
     for (how, result) in [("bound", bound), ("inline", inline), ("listed", listed)] {
         match result {
             Ok(rows) => assert!(rows.len() <= 1, "{how}: the payload matched {} rows", rows.len()),
+            // The key is compared as the key column's type (integer): the
+            // payload, whole, is a value that integer input refuses, never SQL.
             Err(e) => {
-                let (_, message) = db_error(&e);
-                panic!("{how}: the key was run as SQL: {message}");
+                let (code, message) = db_error(&e);
+                let refused_as_data = format!("invalid input syntax for type integer: \"{payload}\"");
+                assert!(code == "22P02" && message == refused_as_data, "{how}: the key was run as SQL: {message}");
             }
         }
     }
