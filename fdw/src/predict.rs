@@ -28,7 +28,7 @@ use crate::error::{raise, CerebroError, Result};
 use crate::gucs;
 use crate::predictions::{resolve_model, ModelVersion};
 
-/// The region a connection attaches first; a larger row gets a larger one.
+/// The region a connection attaches first; a larger row attaches a larger one.
 const REGION_BYTES: usize = 1 << 16;
 
 thread_local! {
@@ -54,10 +54,10 @@ struct Link {
 }
 
 impl Link {
-    fn open(rows_bytes: u64) -> Result<Link> {
+    fn open() -> Result<Link> {
         let socket = crate::daemon_client::server_socket()?;
         let mut client = DaemonClient::connect(&socket, gucs::SCORING_TIMEOUT_MS.get())?;
-        let region = Region::create((rows_bytes as usize).next_power_of_two().max(REGION_BYTES))?;
+        let region = Region::create(REGION_BYTES)?;
         client.attach(0, &region)?;
         Ok(Link { client, region, in_doubt: false })
     }
@@ -137,7 +137,6 @@ fn predict_row(
         let mut backend = backend.borrow_mut();
         let model = resolved(&mut backend, name, version)?;
         let columns = read_row(&input, &model)?;
-        let (_, needed) = plan_batch(&columns);
         // A connection in doubt is dropped; one found closed (cerebrod
         // restarted) is opened again once, since scoring changes nothing.
         if backend.link.as_ref().is_some_and(|l| l.in_doubt) {
@@ -146,7 +145,7 @@ fn predict_row(
         let reused = backend.link.is_some();
         let attempt = |backend: &mut Backend| -> Result<(Vec<f64>, Vec<u32>)> {
             if backend.link.is_none() {
-                backend.link = Some(Link::open(needed)?);
+                backend.link = Some(Link::open()?);
             }
             let link = backend.link.as_mut().expect("opened above");
             link.score(&model, &columns)
