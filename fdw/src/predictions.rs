@@ -219,7 +219,7 @@ impl PredictionScan {
                 let col = source.column(&f.name)?;
                 select.push(match (f.kind, &col.base) {
                     (FeatureKind::Categorical, _) => col.text(),
-                    (FeatureKind::Numeric, BaseType::BuiltIn(_) | BaseType::Ordered(_)) => col.float8(),
+                    (FeatureKind::Numeric, BaseType::BuiltIn { .. }) => col.float8(),
                     (FeatureKind::Numeric, _) => {
                         return Err(RequestError::UnsupportedType {
                             relation: source.display.clone(),

@@ -40,10 +40,9 @@ pub(crate) struct SourceColumn {
 /// reading it safely goes.
 pub(crate) enum BaseType {
     /// Built in (schema-qualified name): its casts are PostgreSQL's own.
-    BuiltIn(String),
-    /// Built in, with a default btree operator class (schema-qualified
-    /// name): its values also compare in their own type, as an index does.
-    Ordered(String),
+    /// `ordered`: it has a default btree operator class, so its values also
+    /// compare in their own type, as an index does.
+    BuiltIn { name: String, ordered: bool },
     /// An enum (schema-qualified, quoted): whoever owns it may have given it
     /// casts, so it becomes text through its output function.
     Enum(String),
@@ -56,7 +55,7 @@ impl SourceColumn {
     /// The built-in type a snapshot stores it as.
     pub(crate) fn storage(&self) -> &str {
         match &self.base {
-            BaseType::BuiltIn(t) | BaseType::Ordered(t) => t,
+            BaseType::BuiltIn { name, .. } => name,
             BaseType::Enum(_) | BaseType::Other => "pg_catalog.text",
         }
     }
@@ -64,7 +63,7 @@ impl SourceColumn {
     /// The column as its snapshot stores it; run as the user who freezes it.
     pub(crate) fn stored(&self) -> String {
         match &self.base {
-            BaseType::BuiltIn(t) | BaseType::Ordered(t) => format!("({})::{t}", quote_ident(&self.name)),
+            BaseType::BuiltIn { name: t, .. } => format!("({})::{t}", quote_ident(&self.name)),
             _ => self.text(),
         }
     }
@@ -73,7 +72,7 @@ impl SourceColumn {
     pub(crate) fn text(&self) -> String {
         let column = quote_ident(&self.name);
         match &self.base {
-            BaseType::BuiltIn(_) | BaseType::Ordered(_) => as_text(&column, None),
+            BaseType::BuiltIn { .. } => as_text(&column, None),
             BaseType::Enum(t) => as_text(&column, Some(t)),
             BaseType::Other => as_output_text(&column),
         }
@@ -86,7 +85,9 @@ impl SourceColumn {
     /// the type's own input error, as in any query); as text otherwise.
     pub(crate) fn equals_any(&self, array: &str) -> String {
         match &self.base {
-            BaseType::Ordered(t) => format!("{} OPERATOR(pg_catalog.=) ANY ({array}::{t}[])", self.stored()),
+            BaseType::BuiltIn { name: t, ordered: true } => {
+                format!("{} OPERATOR(pg_catalog.=) ANY ({array}::{t}[])", self.stored())
+            }
             _ => format!("{} OPERATOR(pg_catalog.=) ANY ({array})", self.text()),
         }
     }
@@ -190,10 +191,8 @@ fn describe(client: &SpiClient<'_>, rows: Vec<(String, pg_sys::Oid, String, bool
         let qualified = || owned(unsafe { pg_sys::format_type_be_qualified(*base) });
         // SAFETY: a syscache lookup of an existing type's operator classes.
         let ordered = || unsafe { pg_sys::GetDefaultOpClass(*base, pg_sys::BTREE_AM_OID) } != pg_sys::InvalidOid;
-        let base = if base.to_u32() < pg_sys::FirstNormalObjectId && category != "A" && ordered() {
-            BaseType::Ordered(qualified())
-        } else if base.to_u32() < pg_sys::FirstNormalObjectId {
-            BaseType::BuiltIn(qualified())
+        let base = if base.to_u32() < pg_sys::FirstNormalObjectId {
+            BaseType::BuiltIn { name: qualified(), ordered: category != "A" && ordered() }
         } else if typtype == "e" {
             BaseType::Enum(qualified())
         } else {
