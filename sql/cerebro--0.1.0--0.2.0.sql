@@ -483,3 +483,8 @@ BEGIN
                      WHERE r.name = resolve_version.name AND r.status = 'ready'));
 END
 $$;
+
+-- Each class's probability, in the order of the model's class_labels: a
+-- multiclass model's whole output, [1 - score, score] for a binary one,
+-- NULL for regression (issue 15).
+ALTER FOREIGN TABLE cerebro.predictions ADD COLUMN probabilities double precision[];

@@ -6,9 +6,10 @@
 //! batches to it and how to read its head.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use cerebro_shared::batch::{ColumnData, NO_LABEL};
+use cerebro_shared::batch::{ColumnData, ColumnRef, NO_LABEL};
 use cerebro_shared::onnx_graph::ImportLayout;
 use cerebro_shared::spec::{Task, NULL_CATEGORY};
 use ort::environment::Environment;
@@ -36,6 +37,8 @@ pub enum ScoringError {
     ColumnKind { index: usize, name: String, found: &'static str, expected: &'static str },
     #[error("ONNX Runtime failed while scoring: {0}")]
     Run(String),
+    #[error("the model gives {width} values per row, not one probability for each of its {classes} classes")]
+    ClassCount { width: usize, classes: usize },
 }
 
 /// The process-wide ONNX Runtime environment.
@@ -43,6 +46,9 @@ pub enum ScoringError {
 pub struct OnnxRuntime {
     env: &'static Environment,
     threads: usize,
+    /// Sessions per model: batches of several connections, or the two
+    /// regions of one scan, score at once up to this many.
+    sessions: usize,
 }
 
 static ENVIRONMENT: OnceLock<(PathBuf, Result<Environment, String>)> = OnceLock::new();
@@ -66,7 +72,11 @@ impl OnnxRuntime {
             return Err(ScoringError::RuntimeMismatch { loaded: loaded.clone(), requested: library.to_path_buf() });
         }
         match env {
-            Ok(env) => Ok(OnnxRuntime { env, threads: threads.max(1) }),
+            Ok(env) => {
+                let threads = threads.max(1);
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                Ok(OnnxRuntime { env, threads, sessions: (cores / threads).max(1) })
+            }
             Err(reason) => Err(ScoringError::Runtime { path: library.to_path_buf(), reason: reason.clone() }),
         }
     }
@@ -86,13 +96,19 @@ enum OutputHead {
 }
 
 pub struct ScoringModel {
-    session: Mutex<Session>,
+    /// Identical sessions of the one graph: ONNX Runtime runs a session one
+    /// call at a time, so concurrent batches each take a free one.
+    sessions: Vec<Mutex<Session>>,
+    next_session: AtomicUsize,
     /// Graph inputs in feed order, each taking the next `usize` columns.
     inputs: Vec<(String, InputKind, usize)>,
     head: OutputHead,
     output: String,
     /// Binary: the output column with the positive class's probability.
     positive_column: usize,
+    /// An imported graph, whose work per row its author decides (it may
+    /// loop); one Cerebro exported does a fixed, small amount.
+    imported: bool,
 }
 
 impl ScoringModel {
@@ -104,6 +120,19 @@ impl ScoringModel {
             .map_err(|e| ScoringError::Artifact(e.to_string()))?
             .commit_from_memory(bytes)
             .map_err(art)
+    }
+
+    fn sessions(rt: &OnnxRuntime, bytes: &[u8]) -> Result<Vec<Mutex<Session>>, ScoringError> {
+        (0..rt.sessions).map(|_| ScoringModel::session(rt, bytes).map(Mutex::new)).collect()
+    }
+
+    /// A free session, else (all busy) the next in turn, waited for.
+    fn free_session(&self) -> std::sync::MutexGuard<'_, Session> {
+        let first = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let n = self.sessions.len();
+        (0..n)
+            .find_map(|i| self.sessions[(first + i) % n].try_lock().ok())
+            .unwrap_or_else(|| self.sessions[first % n].lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn input_kinds(session: &Session) -> Result<Vec<(String, InputKind)>, ScoringError> {
@@ -132,7 +161,8 @@ impl ScoringModel {
     /// A model Cerebro exported: one `[N, 1]` input per feature, an output
     /// named after its head.
     pub fn load(rt: &OnnxRuntime, bytes: &[u8]) -> Result<ScoringModel, ScoringError> {
-        let session = ScoringModel::session(rt, bytes)?;
+        let sessions = ScoringModel::sessions(rt, bytes)?;
+        let session = sessions[0].lock().unwrap_or_else(|p| p.into_inner());
         let inputs = ScoringModel::input_kinds(&session)?.into_iter().map(|(n, k)| (n, k, 1)).collect();
         let names: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
         let (head, output) = if names.contains(&OUTPUT_PROBABILITY) {
@@ -144,7 +174,17 @@ impl ScoringModel {
         } else {
             return Err(ScoringError::UnknownOutput);
         };
-        Ok(ScoringModel { session: Mutex::new(session), inputs, head, output: output.into(), positive_column: 0 })
+        let output = output.to_owned();
+        drop(session);
+        Ok(ScoringModel {
+            sessions,
+            next_session: AtomicUsize::new(0),
+            inputs,
+            head,
+            output,
+            positive_column: 0,
+            imported: false,
+        })
     }
 
     /// An imported model, fed and read as `layout` says, for `task`.
@@ -156,7 +196,8 @@ impl ScoringModel {
     ) -> Result<ScoringModel, ScoringError> {
         // Checked at import too; a catalog restored from elsewhere is not.
         cerebro_shared::onnx_graph::check_self_contained(bytes).map_err(|e| ScoringError::Artifact(e.to_string()))?;
-        let session = ScoringModel::session(rt, bytes)?;
+        let sessions = ScoringModel::sessions(rt, bytes)?;
+        let session = sessions[0].lock().unwrap_or_else(|p| p.into_inner());
         let kinds = ScoringModel::input_kinds(&session)?;
         let inputs = layout
             .inputs
@@ -174,13 +215,21 @@ impl ScoringModel {
             Task::Multiclass => OutputHead::Multiclass,
             Task::Regression => OutputHead::Regression,
         };
+        drop(session);
         Ok(ScoringModel {
-            session: Mutex::new(session),
+            sessions,
+            next_session: AtomicUsize::new(0),
             inputs,
             head,
             output: layout.output.clone(),
             positive_column: layout.positive_column,
+            imported: true,
         })
+    }
+
+    /// Whether the graph was imported rather than exported by Cerebro.
+    pub fn imported(&self) -> bool {
+        self.imported
     }
 
     /// Each graph input's name and kind, in feed order.
@@ -202,6 +251,15 @@ impl ScoringModel {
         columns: &[ColumnData],
         options: Option<&ort::session::RunOptions>,
     ) -> Result<(Vec<f32>, usize), ScoringError> {
+        self.run_refs(&columns.iter().map(ColumnData::as_ref).collect::<Vec<_>>(), options)
+    }
+
+    /// [`ScoringModel::run_with`] for columns borrowed from a batch's region.
+    pub fn run_refs(
+        &self,
+        columns: &[ColumnRef<'_>],
+        options: Option<&ort::session::RunOptions>,
+    ) -> Result<(Vec<f32>, usize), ScoringError> {
         let expected: usize = self.inputs.iter().map(|(_, _, k)| k).sum();
         if columns.len() != expected {
             return Err(ScoringError::ColumnCount { given: columns.len(), expected });
@@ -215,7 +273,7 @@ impl ScoringModel {
         let mut next = 0;
         for (name, kind, width) in &self.inputs {
             let group = &columns[next..next + width];
-            let wrong = |index: usize, found: &ColumnData| ScoringError::ColumnKind {
+            let wrong = |index: usize, found: &ColumnRef<'_>| ScoringError::ColumnKind {
                 index,
                 name: name.clone(),
                 found: found.kind_name(),
@@ -229,7 +287,7 @@ impl ScoringModel {
                     // Row-major [n, width]: row r holds the group's values of row r.
                     let mut data = vec![0.0f32; n * width];
                     for (c, column) in group.iter().enumerate() {
-                        let ColumnData::Float64(values) = column else { return Err(wrong(next + c, column)) };
+                        let ColumnRef::Float64(values) = column else { return Err(wrong(next + c, column)) };
                         for (r, v) in values.iter().enumerate() {
                             data[r * width + c] = v.map_or(f32::NAN, |x| x as f32);
                         }
@@ -237,16 +295,16 @@ impl ScoringModel {
                     Tensor::from_array(([n, *width], data)).map_err(run_err)?.into()
                 }
                 InputKind::Text => {
-                    let ColumnData::Text(values) = &group[0] else { return Err(wrong(next, &group[0])) };
-                    let data: Vec<String> =
-                        values.iter().map(|v| v.clone().unwrap_or_else(|| NULL_CATEGORY.to_owned())).collect();
+                    let ColumnRef::Text(values) = &group[0] else { return Err(wrong(next, &group[0])) };
+                    // ort wants owned ('static) strings; it copies them again for ONNX Runtime.
+                    let data: Vec<String> = values.iter().map(|v| v.unwrap_or(NULL_CATEGORY).to_owned()).collect();
                     Tensor::from_string_array(([n, 1], &data[..])).map_err(run_err)?.into()
                 }
             };
             feed.push((name.clone(), value));
             next += width;
         }
-        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let mut session = self.free_session();
         let outputs = match options {
             Some(options) => session.run_with_options(feed, options),
             None => session.run(feed),
@@ -261,17 +319,32 @@ impl ScoringModel {
     /// (binary), the top class's probability (multiclass), or the value
     /// (regression, label [`NO_LABEL`]).
     pub fn score(&self, columns: &[ColumnData]) -> Result<(Vec<f64>, Vec<u32>), ScoringError> {
-        self.score_with(columns, None)
+        self.score_with(&columns.iter().map(ColumnData::as_ref).collect::<Vec<_>>(), None)
     }
 
     /// [`ScoringModel::score`] under `options` (see [`ScoringModel::run_with`]).
     pub fn score_with(
         &self,
-        columns: &[ColumnData],
+        columns: &[ColumnRef<'_>],
         options: Option<&ort::session::RunOptions>,
     ) -> Result<(Vec<f64>, Vec<u32>), ScoringError> {
-        let (out, width) = self.run_with(columns, options)?;
-        Ok(match self.head {
+        let (out, width) = self.run_refs(columns, options)?;
+        Ok(self.head_of(&out, width))
+    }
+
+    /// Every class's probability for each row, `classes` per row in the
+    /// order of the model's class labels: a multiclass model's whole output.
+    pub fn probabilities(out: &[f32], width: usize, classes: usize) -> Result<Vec<f64>, ScoringError> {
+        if width != classes && !out.is_empty() {
+            return Err(ScoringError::ClassCount { width, classes });
+        }
+        Ok(out.iter().map(|&p| p as f64).collect())
+    }
+
+    /// One score and one label index per row of a raw output `width` wide
+    /// (see [`ScoringModel::score`]).
+    pub fn head_of(&self, out: &[f32], width: usize) -> (Vec<f64>, Vec<u32>) {
+        match self.head {
             OutputHead::Binary => out
                 .chunks_exact(width.max(1))
                 .map(|row| {
@@ -287,6 +360,6 @@ impl ScoringModel {
                 })
                 .unzip(),
             OutputHead::Regression => out.iter().map(|&v| (v as f64, NO_LABEL)).unzip(),
-        })
+        }
     }
 }

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cerebro_shared::batch::{read_batch, write_outputs};
+use cerebro_shared::batch::{read_batch_ref, write_outputs, write_probabilities};
 use cerebro_shared::error::{ErrorCode, WireError};
 use cerebro_shared::protocol::{self, FrameError, Request, Response, ScoreRequest, PROTOCOL_VERSION};
 use memmap2::{MmapMut, MmapOptions};
@@ -42,6 +42,9 @@ const MAX_REGION_BYTES: u64 = 4 << 30;
 /// Descriptors one recvmsg takes; more are closed by the kernel, and an
 /// `Attach` wants exactly one anyway.
 const MAX_FDS_PER_READ: usize = 4;
+/// Batches of at most this many rows of a model Cerebro exported score on
+/// the connection's task, without a deadline (see `Connection::score`).
+const INLINE_ROWS: u32 = 64;
 /// Refused connections are logged at most once per interval (after the first).
 pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -641,6 +644,15 @@ impl Connection {
             .regions
             .remove(&req.region)
             .ok_or_else(|| WireError::new(ErrorCode::BadRequest, format!("region {} is not attached", req.region)))?;
+        if !model.imported() && req.layout.rows <= INLINE_ROWS {
+            // A few rows of a graph Cerebro exported (no loops, a fixed
+            // amount of work per row) score on the connection's own task:
+            // a hand-off to the blocking pool and a deadline timer would
+            // cost more than the run.
+            let result = score_region(&model, &req.layout, &mut map, None);
+            self.regions.insert(req.region, map);
+            return Ok(Response::Scored { region: req.region, rows: result? });
+        }
         let layout = req.layout;
         let internal = |e: String| WireError::new(ErrorCode::Internal, e);
         let options = Arc::new(ort::session::RunOptions::new().map_err(|e| internal(e.to_string()))?);
@@ -654,7 +666,7 @@ impl Connection {
         });
         let started = std::time::Instant::now();
         let (map, result) = tokio::task::spawn_blocking(move || {
-            let result = score_region(&model, &layout, &mut map, &options);
+            let result = score_region(&model, &layout, &mut map, Some(&options));
             (map, result)
         })
         .await
@@ -679,14 +691,19 @@ fn score_region(
     model: &ScoringModel,
     layout: &cerebro_shared::batch::BatchLayout,
     region: &mut [u8],
-    options: &ort::session::RunOptions,
+    options: Option<&ort::session::RunOptions>,
 ) -> Result<u32, WireError> {
     let bad = |e: cerebro_shared::batch::LayoutError| WireError::new(ErrorCode::BufferInvalid, e.to_string());
-    let columns = read_batch(layout, region).map_err(bad)?;
-    let (scores, labels) = model
-        .score_with(&columns, Some(options))
-        .map_err(|e| WireError::new(ErrorCode::ScoringFailed, e.to_string()))?;
+    let failed = |e: crate::scoring::ScoringError| WireError::new(ErrorCode::ScoringFailed, e.to_string());
+    let columns = read_batch_ref(layout, region).map_err(bad)?;
+    let (out, width) = model.run_refs(&columns, options).map_err(failed)?;
+    drop(columns);
+    let (scores, labels) = model.head_of(&out, width);
     write_outputs(layout, region, &scores, &labels).map_err(bad)?;
+    if layout.output.classes > 0 {
+        let probabilities = ScoringModel::probabilities(&out, width, layout.output.classes as usize).map_err(failed)?;
+        write_probabilities(layout, region, &probabilities).map_err(bad)?;
+    }
     Ok(layout.rows)
 }
 

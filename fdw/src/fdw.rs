@@ -53,7 +53,11 @@ impl ForeignDataWrapper<CerebroError> for CerebroFdw {
             "models" => Scan::Models { rows: models::list_models()?.into_iter(), columns: columns.to_vec() },
             _ => {
                 let socket = self.socket.as_deref().ok_or(CerebroError::MissingSocket)?;
-                Scan::Predictions { scan: Box::new(PredictionScan::begin(quals, socket)?), columns: columns.to_vec() }
+                {
+                    let probabilities = columns.iter().any(|c| c.name == "probabilities");
+                    let scan = PredictionScan::begin(quals, socket, probabilities)?;
+                    Scan::Predictions { scan: Box::new(scan), columns: columns.to_vec() }
+                }
             }
         });
         Ok(())

@@ -14,6 +14,7 @@ mod catalog;
 mod daemon_client;
 mod error;
 mod fdw;
+mod fetch;
 mod foreign_scan;
 mod gucs;
 mod identity;

@@ -10,10 +10,12 @@ use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 
-use cerebro_shared::batch::{plan_batch, read_outputs, write_batch, BatchLayout, ColumnData, NO_LABEL};
+use cerebro_shared::batch::{
+    plan_packed, read_outputs, read_probabilities, write_packed, BatchLayout, PackedColumn, NO_LABEL,
+};
 use cerebro_shared::protocol::{Request, Response, ScoreRequest};
 use cerebro_shared::request::RequestError;
-use cerebro_shared::spec::{Feature, FeatureKind};
+use cerebro_shared::spec::{Feature, FeatureKind, Task};
 use cerebro_shared::sql::ModelStatus;
 use pgrx::prelude::*;
 use pgrx::{register_xact_callback, JsonB, PgXactCallbackEvent};
@@ -21,6 +23,7 @@ use supabase_wrappers::prelude::{Cell, Column, Qual, Row, Value};
 
 use crate::daemon_client::{DaemonClient, Region};
 use crate::error::{CerebroError, Result};
+use crate::fetch::fetch_into;
 use crate::gucs;
 use crate::sources::{check_own_source, resolve_source, BaseType, Source};
 
@@ -78,6 +81,7 @@ pub(crate) struct ModelVersion {
     pub(crate) version: i32,
     pub(crate) features: Vec<Feature>,
     pub(crate) class_labels: Vec<String>,
+    pub(crate) task: Task,
     source_relation: String,
     key_column: Option<String>,
     pub(crate) artifact_sha256: String,
@@ -92,7 +96,7 @@ pub(crate) fn resolve_model(name: &str, version: Option<i32>) -> Result<ModelVer
     Spi::connect(|client| {
         let rows = client.select(
             "SELECT id, version, status::text, features, class_labels, source_relation, key_column,
-                    artifact_sha256, epoch, epochs, source_author::text
+                    artifact_sha256, epoch, epochs, source_author::text, task
              FROM cerebro.model_versions
              WHERE name = $1 AND version = coalesce(cerebro.resolve_version($1, $2::int),
                  (SELECT max(a.version) FROM cerebro.model_versions a WHERE a.name = $1))",
@@ -135,6 +139,8 @@ pub(crate) fn resolve_model(name: &str, version: Option<i32>) -> Result<ModelVer
             version: found_version,
             features,
             class_labels: row.get::<Vec<String>>(5)?.unwrap_or_default(),
+            task: serde_json::from_value(serde_json::Value::String(row.get::<String>(12)?.unwrap_or_default()))
+                .map_err(|e| CerebroError::Protocol(format!("catalog task is malformed: {e}")))?,
             source_relation: row.get(6)?.expect("source_relation"),
             key_column: row.get(7)?,
             artifact_sha256: row.get(8)?.expect("a ready model has an artifact"),
@@ -176,12 +182,25 @@ type SharedSession = Rc<RefCell<Session>>;
 
 struct Batch {
     region: usize,
-    keys: Vec<Option<String>>,
+    keys: PackedColumn,
     layout: BatchLayout,
     /// Region bytes the batch needs.
     needed: u64,
     /// The columns, until they are written into the region.
-    unwritten: Option<Vec<ColumnData>>,
+    unwritten: Option<Vec<PackedColumn>>,
+}
+
+/// A scored batch, handed out row by row: a key or label becomes a
+/// string only when the query asks for it.
+#[derive(Default)]
+struct Scored {
+    keys: Option<PackedColumn>,
+    scores: Vec<f64>,
+    labels: Vec<u32>,
+    /// `classes` per row, when the query reads `probabilities` of a
+    /// multiclass model.
+    probabilities: Vec<f64>,
+    next: usize,
 }
 
 pub struct PredictionScan {
@@ -192,14 +211,18 @@ pub struct PredictionScan {
     cursor: Option<String>,
     session: SharedSession,
     batch_rows: i64,
-    /// Results being handed out: (key, label, score).
-    current: std::vec::IntoIter<(Option<String>, Option<String>, f64)>,
+    /// Results being handed out.
+    current: Scored,
     inflight: Option<Batch>,
     source_done: bool,
+    /// Class probabilities asked of cerebrod per row: the classes of a
+    /// multiclass model whose `probabilities` the query reads, else 0.
+    classes: u32,
 }
 
 impl PredictionScan {
-    pub fn begin(quals: &[Qual], socket: &str) -> Result<PredictionScan> {
+    /// A scan for `quals`; `probabilities`: whether the query reads that column.
+    pub fn begin(quals: &[Qual], socket: &str, probabilities: bool) -> Result<PredictionScan> {
         let params = Params::from_quals(quals);
         let name = params.model.clone().ok_or(CerebroError::MissingModel)?;
         let model = resolve_model(&name, params.version)?;
@@ -253,16 +276,20 @@ impl PredictionScan {
         });
 
         Ok(PredictionScan {
-            model,
             params,
             source_display,
             key_column,
             cursor: Some(cursor),
             session,
             batch_rows: gucs::BATCH_ROWS.get() as i64,
-            current: Vec::new().into_iter(),
+            current: Scored::default(),
             inflight: None,
             source_done: false,
+            classes: match model.task {
+                Task::Multiclass if probabilities => model.class_labels.len() as u32,
+                _ => 0,
+            },
+            model,
         })
     }
 
@@ -271,40 +298,25 @@ impl PredictionScan {
         if self.source_done {
             return Ok(None);
         }
-        let name = self.cursor.clone().expect("the cursor is open until the scan ends");
-        let features = &self.model.features;
-        let batch_rows = self.batch_rows;
-        let (keys, columns) = Spi::connect(|client| -> Result<_> {
-            let mut cursor = client.find_cursor(&name)?;
-            let table = cursor.fetch(batch_rows)?;
-            let mut keys = Vec::with_capacity(table.len());
-            let mut columns: Vec<ColumnData> = features
-                .iter()
-                .map(|f| match f.kind {
-                    FeatureKind::Numeric => ColumnData::Float64(Vec::with_capacity(table.len())),
-                    FeatureKind::Categorical => ColumnData::Text(Vec::with_capacity(table.len())),
-                })
-                .collect();
-            for row in table {
-                keys.push(row.get::<String>(1)?);
-                for (i, col) in columns.iter_mut().enumerate() {
-                    match col {
-                        ColumnData::Float64(v) => v.push(row.get::<f64>(i + 2)?),
-                        ColumnData::Text(v) => v.push(row.get::<String>(i + 2)?),
-                    }
-                }
-            }
-            cursor.detach_into_name();
-            Ok((keys, columns))
-        })?;
+        let name = self.cursor.as_deref().expect("the cursor is open until the scan ends");
+        let capacity = self.batch_rows as usize;
+        // The cursor's columns: the key, then each feature, as `begin` selected them.
+        let wanted = std::iter::once(PackedColumn::text(capacity))
+            .chain(self.model.features.iter().map(|f| match f.kind {
+                FeatureKind::Numeric => PackedColumn::float64(capacity),
+                FeatureKind::Categorical => PackedColumn::text(capacity),
+            }))
+            .collect();
+        let mut columns = fetch_into(name, self.batch_rows, wanted)?;
+        let keys = columns.remove(0);
         if keys.is_empty() {
             self.source_done = true;
             return Ok(None);
         }
-        if (keys.len() as i64) < batch_rows {
+        if (keys.len() as i64) < self.batch_rows {
             self.source_done = true;
         }
-        let (layout, needed) = plan_batch(&columns);
+        let (layout, needed) = plan_packed(&columns, self.classes);
         let mut batch = Batch { region, keys, layout, needed, unwritten: Some(columns) };
         // Write now if the region is attached and large enough; attaching a
         // new one must wait until no request is in flight.
@@ -330,7 +342,7 @@ impl PredictionScan {
             session.regions[batch.region] = Some(fresh);
         }
         let map = &mut session.regions[batch.region].as_mut().expect("region set above").map;
-        write_batch(&columns, &batch.layout, &mut map[..]).map_err(|e| CerebroError::Protocol(e.to_string()))
+        write_packed(&columns, &batch.layout, &mut map[..]).map_err(|e| CerebroError::Protocol(e.to_string()))
     }
 
     fn submit(&mut self, batch: &Batch) -> Result<()> {
@@ -362,17 +374,9 @@ impl PredictionScan {
         let map = &session.regions[batch.region].as_ref().expect("a submitted batch has a region").map;
         let (scores, labels) =
             read_outputs(&batch.layout, &map[..]).map_err(|e| CerebroError::Protocol(e.to_string()))?;
-        let class_labels = &self.model.class_labels;
-        let rows: Vec<_> = batch
-            .keys
-            .into_iter()
-            .zip(scores.into_iter().zip(labels))
-            .map(|(key, (score, label))| {
-                let label = (label != NO_LABEL).then(|| class_labels.get(label as usize).cloned()).flatten();
-                (key, label, score)
-            })
-            .collect();
-        self.current = rows.into_iter();
+        let probabilities =
+            read_probabilities(&batch.layout, &map[..]).map_err(|e| CerebroError::Protocol(e.to_string()))?;
+        self.current = Scored { keys: Some(batch.keys), scores, labels, probabilities, next: 0 };
         Ok(())
     }
 
@@ -402,7 +406,10 @@ impl PredictionScan {
 
     pub fn next_row(&mut self, row: &mut Row, columns: &[Column]) -> Result<Option<()>> {
         loop {
-            if let Some((key, label, score)) = self.current.next() {
+            if self.current.next < self.current.scores.len() {
+                let i = self.current.next;
+                self.current.next += 1;
+                let current = &self.current;
                 for col in columns {
                     let cell = match col.name.as_str() {
                         "model" => Some(Cell::String(self.model.name.clone())),
@@ -411,9 +418,19 @@ impl PredictionScan {
                             self.params.source.clone().unwrap_or_else(|| self.source_display.clone()),
                         )),
                         "key_column" => Some(Cell::String(self.key_column.clone())),
-                        "key" => key.clone().map(Cell::String),
-                        "label" => label.clone().map(Cell::String),
-                        "score" => Some(Cell::F64(score)),
+                        // Bytes that are not UTF-8 (a database in another
+                        // encoding) show as U+FFFD rather than failing the scan.
+                        "key" => current
+                            .keys
+                            .as_ref()
+                            .and_then(|k| k.text_at(i))
+                            .map(|b| Cell::String(String::from_utf8_lossy(b).into_owned())),
+                        "label" => (current.labels[i] != NO_LABEL)
+                            .then(|| self.model.class_labels.get(current.labels[i] as usize).cloned())
+                            .flatten()
+                            .map(Cell::String),
+                        "score" => Some(Cell::F64(current.scores[i])),
+                        "probabilities" => self.probabilities_of(i),
                         _ => None,
                     };
                     row.push(&col.name, cell);
@@ -423,6 +440,25 @@ impl PredictionScan {
             if !self.advance()? {
                 return Ok(None);
             }
+        }
+    }
+
+    /// Row `i`'s probability of each class, in the order of the model's
+    /// class labels: what cerebrod gave (multiclass), `[1 − p, p]`
+    /// (binary), none (regression).
+    fn probabilities_of(&self, i: usize) -> Option<Cell> {
+        let current = &self.current;
+        match self.model.task {
+            Task::Multiclass => {
+                let k = self.classes as usize;
+                let row = current.probabilities.get(i * k..(i + 1) * k)?;
+                Some(Cell::F64Array(row.iter().map(|&p| Some(p)).collect()))
+            }
+            Task::Binary => {
+                let p = current.scores[i];
+                Some(Cell::F64Array(vec![Some(1.0 - p), Some(p)]))
+            }
+            Task::Regression => None,
         }
     }
 

@@ -21,13 +21,31 @@ use serde::{Deserialize, Serialize};
 /// Rows in one batch are capped so a broken request cannot ask for absurd sizes.
 pub const MAX_BATCH_ROWS: u32 = 1 << 20;
 
+/// Class probabilities a row may ask for, capped likewise.
+pub const MAX_CLASSES: u32 = 1 << 16;
+
 /// The label index written for rows that have no label (regression models).
 pub const NO_LABEL: u32 = u32::MAX;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// On the wire `[offset, len]`: a layout names a few spans per column, and
+/// one request per scored row must decode in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "[u64; 2]", into = "[u64; 2]")]
 pub struct Span {
     pub offset: u64,
     pub len: u64,
+}
+
+impl From<[u64; 2]> for Span {
+    fn from([offset, len]: [u64; 2]) -> Span {
+        Span { offset, len }
+    }
+}
+
+impl From<Span> for [u64; 2] {
+    fn from(span: Span) -> [u64; 2] {
+        [span.offset, span.len]
+    }
 }
 
 impl Span {
@@ -36,8 +54,10 @@ impl Span {
     }
 }
 
+/// Externally tagged (`{"float64": {...}}`): an internally tagged enum is
+/// buffered whole before it is read, which cost more than scoring one row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum ColumnLayout {
     Float64 { values: Span, validity: Span },
     Text { offsets: Span, data: Span, validity: Span },
@@ -50,6 +70,12 @@ pub struct OutputLayout {
     pub scores: Span,
     /// `rows` u32: index into the model's class labels, or [`NO_LABEL`].
     pub labels: Span,
+    /// How many class probabilities each row gets in `probabilities`: the
+    /// model's classes when the backend asks for them (multiclass), else 0.
+    pub classes: u32,
+    /// `rows × classes` f64, row by row: each class's probability, in the
+    /// order of the model's class labels.
+    pub probabilities: Span,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,7 +88,7 @@ pub struct BatchLayout {
 impl BatchLayout {
     /// Bytes of region the batch needs, inputs and outputs together.
     pub fn required_len(&self) -> u64 {
-        let mut end = self.output.scores.end().max(self.output.labels.end());
+        let mut end = self.output.scores.end().max(self.output.labels.end()).max(self.output.probabilities.end());
         for c in &self.columns {
             end = end.max(match c {
                 ColumnLayout::Float64 { validity, .. } => validity.end(),
@@ -133,6 +159,10 @@ pub enum LayoutError {
     KindMismatch { column: usize },
     #[error("text column {column} holds {bytes} bytes, more than its u32 offsets can address")]
     TextTooLarge { column: usize, bytes: u64 },
+    #[error("{0} class probabilities per row exceed the limit of {MAX_CLASSES}")]
+    TooManyClasses(u32),
+    #[error("{found} probabilities given for {rows} rows of {classes} classes")]
+    ProbabilityMismatch { found: usize, rows: u32, classes: u32 },
 }
 
 fn align8(x: u64) -> u64 {
@@ -153,9 +183,114 @@ impl Cursor {
     }
 }
 
+/// One column in the region's own encoding, built row by row: writing it
+/// into a region is a copy per span. The backend's scan appends to these
+/// straight from PostgreSQL's datums, one allocation per column per batch
+/// rather than one per value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PackedColumn {
+    Float64 { values: Vec<f64>, validity: Vec<u8> },
+    Text { offsets: Vec<u32>, data: Vec<u8>, validity: Vec<u8> },
+}
+
+fn push_valid(validity: &mut Vec<u8>, row: usize, valid: bool) {
+    if row.is_multiple_of(8) {
+        validity.push(0);
+    }
+    if valid {
+        *validity.last_mut().expect("pushed above") |= 1 << (row % 8);
+    }
+}
+
+impl PackedColumn {
+    pub fn float64(capacity: usize) -> PackedColumn {
+        PackedColumn::Float64 { values: Vec::with_capacity(capacity), validity: Vec::with_capacity(capacity / 8 + 1) }
+    }
+
+    pub fn text(capacity: usize) -> PackedColumn {
+        let mut offsets = Vec::with_capacity(capacity + 1);
+        offsets.push(0);
+        PackedColumn::Text { offsets, data: Vec::new(), validity: Vec::with_capacity(capacity / 8 + 1) }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            PackedColumn::Float64 { values, .. } => values.len(),
+            PackedColumn::Text { offsets, .. } => offsets.len() - 1,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Row `row`'s bytes in a text column; `None` for NULL, for a number
+    /// column, or past the end.
+    pub fn text_at(&self, row: usize) -> Option<&[u8]> {
+        match self {
+            PackedColumn::Text { offsets, data, validity } if row + 1 < offsets.len() && is_valid(validity, row) => {
+                Some(&data[offsets[row] as usize..offsets[row + 1] as usize])
+            }
+            _ => None,
+        }
+    }
+
+    /// Appends a number (NULL as `None`); a text column takes it as NULL.
+    pub fn push_f64(&mut self, value: Option<f64>) {
+        let row = self.len();
+        match self {
+            PackedColumn::Float64 { values, validity } => {
+                values.push(value.unwrap_or(0.0));
+                push_valid(validity, row, value.is_some());
+            }
+            PackedColumn::Text { .. } => self.push_text(None),
+        }
+    }
+
+    /// Appends a text value's bytes (NULL as `None`); a number column takes
+    /// it as NULL. Offsets past 4 GiB saturate: the write refuses the column
+    /// (TextTooLarge) by its byte count.
+    pub fn push_text(&mut self, value: Option<&[u8]>) {
+        let row = self.len();
+        match self {
+            PackedColumn::Text { offsets, data, validity } => {
+                if let Some(bytes) = value {
+                    data.extend_from_slice(bytes);
+                }
+                offsets.push(u32::try_from(data.len()).unwrap_or(u32::MAX));
+                push_valid(validity, row, value.is_some());
+            }
+            PackedColumn::Float64 { .. } => self.push_f64(None),
+        }
+    }
+}
+
+impl From<&ColumnData> for PackedColumn {
+    fn from(column: &ColumnData) -> PackedColumn {
+        match column {
+            ColumnData::Float64(values) => {
+                let mut packed = PackedColumn::float64(values.len());
+                values.iter().for_each(|v| packed.push_f64(*v));
+                packed
+            }
+            ColumnData::Text(values) => {
+                let mut packed = PackedColumn::text(values.len());
+                values.iter().for_each(|v| packed.push_text(v.as_deref().map(str::as_bytes)));
+                packed
+            }
+        }
+    }
+}
+
 /// Lays out `columns` (all of the same length) and the output spans from offset
 /// 0; returns the layout and the region size it needs.
 pub fn plan_batch(columns: &[ColumnData]) -> (BatchLayout, u64) {
+    plan_packed(&columns.iter().map(PackedColumn::from).collect::<Vec<_>>(), 0)
+}
+
+/// [`plan_batch`] for columns already in the region's encoding, with room
+/// for `classes` probabilities per row (0: none asked for).
+pub fn plan_packed(columns: &[PackedColumn], classes: u32) -> (BatchLayout, u64) {
     // More rows than a u32 counts cannot be one batch: saturate, and
     // write_batch refuses the columns (TooManyRows), never a truncated count.
     let rows = u32::try_from(columns.first().map_or(0, |c| c.len())).unwrap_or(u32::MAX);
@@ -163,20 +298,22 @@ pub fn plan_batch(columns: &[ColumnData]) -> (BatchLayout, u64) {
     let mut layouts = Vec::with_capacity(columns.len());
     for col in columns {
         layouts.push(match col {
-            ColumnData::Float64(_) => {
+            PackedColumn::Float64 { .. } => {
                 ColumnLayout::Float64 { values: cur.take(rows as u64 * 8), validity: cur.take(bitmap_len(rows)) }
             }
-            ColumnData::Text(values) => {
-                let bytes: u64 = values.iter().flatten().map(|s| s.len() as u64).sum();
-                ColumnLayout::Text {
-                    offsets: cur.take((rows as u64 + 1) * 4),
-                    data: cur.take(bytes),
-                    validity: cur.take(bitmap_len(rows)),
-                }
-            }
+            PackedColumn::Text { data, .. } => ColumnLayout::Text {
+                offsets: cur.take((rows as u64 + 1) * 4),
+                data: cur.take(data.len() as u64),
+                validity: cur.take(bitmap_len(rows)),
+            },
         });
     }
-    let output = OutputLayout { scores: cur.take(rows as u64 * 8), labels: cur.take(rows as u64 * 4) };
+    let output = OutputLayout {
+        scores: cur.take(rows as u64 * 8),
+        labels: cur.take(rows as u64 * 4),
+        classes,
+        probabilities: cur.take(rows as u64 * classes as u64 * 8),
+    };
     let layout = BatchLayout { rows, columns: layouts, output };
     let len = layout.required_len();
     (layout, len)
@@ -203,7 +340,11 @@ fn spans(layout: &BatchLayout) -> Vec<(Span, &'static str)> {
             }
         }
     }
-    all.extend([(layout.output.scores, "scores"), (layout.output.labels, "labels")]);
+    all.extend([
+        (layout.output.scores, "scores"),
+        (layout.output.labels, "labels"),
+        (layout.output.probabilities, "probabilities"),
+    ]);
     all
 }
 
@@ -236,15 +377,6 @@ fn expect_len(span: Span, expected: u64, rows: u32, what: &'static str) -> Resul
     Ok(())
 }
 
-fn write_validity<T>(out: &mut [u8], values: &[Option<T>]) {
-    out.fill(0);
-    for (i, v) in values.iter().enumerate() {
-        if v.is_some() {
-            out[i / 8] |= 1 << (i % 8);
-        }
-    }
-}
-
 fn is_valid(bitmap: &[u8], i: usize) -> bool {
     bitmap[i / 8] & (1 << (i % 8)) != 0
 }
@@ -254,6 +386,11 @@ fn is_valid(bitmap: &[u8], i: usize) -> bool {
 /// layout that does not fit them is an error, never a panic or a partial
 /// write past a span.
 pub fn write_batch(columns: &[ColumnData], layout: &BatchLayout, region: &mut [u8]) -> Result<(), LayoutError> {
+    write_packed(&columns.iter().map(PackedColumn::from).collect::<Vec<_>>(), layout, region)
+}
+
+/// [`write_batch`] for columns already in the region's encoding.
+pub fn write_packed(columns: &[PackedColumn], layout: &BatchLayout, region: &mut [u8]) -> Result<(), LayoutError> {
     let rows = layout.rows;
     if rows > MAX_BATCH_ROWS {
         return Err(LayoutError::TooManyRows(rows));
@@ -266,40 +403,31 @@ pub fn write_batch(columns: &[ColumnData], layout: &BatchLayout, region: &mut [u
             return Err(LayoutError::RowMismatch { found: col.len(), rows });
         }
         match (col, lay) {
-            (ColumnData::Float64(values), ColumnLayout::Float64 { values: vs, validity }) => {
+            (PackedColumn::Float64 { values, validity }, ColumnLayout::Float64 { values: vs, validity: vb }) => {
                 expect_len(*vs, rows as u64 * 8, rows, "values")?;
-                expect_len(*validity, bitmap_len(rows), rows, "validity")?;
+                expect_len(*vb, bitmap_len(rows), rows, "validity")?;
                 let out = slice_mut(region, *vs, "values")?;
                 for (chunk, v) in out.chunks_exact_mut(8).zip(values) {
-                    chunk.copy_from_slice(&v.unwrap_or(0.0).to_le_bytes());
+                    chunk.copy_from_slice(&v.to_le_bytes());
                 }
-                write_validity(slice_mut(region, *validity, "validity")?, values);
+                slice_mut(region, *vb, "validity")?.copy_from_slice(validity);
             }
-            (ColumnData::Text(values), ColumnLayout::Text { offsets, data, validity }) => {
-                let bytes: u64 = values.iter().flatten().map(|s| s.len() as u64).sum();
-                if bytes > u64::from(u32::MAX) {
-                    return Err(LayoutError::TextTooLarge { column: ci, bytes });
+            (
+                PackedColumn::Text { offsets, data, validity },
+                ColumnLayout::Text { offsets: os, data: ds, validity: vb },
+            ) => {
+                if data.len() as u64 > u64::from(u32::MAX) {
+                    return Err(LayoutError::TextTooLarge { column: ci, bytes: data.len() as u64 });
                 }
-                expect_len(*offsets, (rows as u64 + 1) * 4, rows, "offsets")?;
-                expect_len(*data, bytes, rows, "data")?;
-                expect_len(*validity, bitmap_len(rows), rows, "validity")?;
-                {
-                    let data_out = slice_mut(region, *data, "data")?;
-                    let mut pos = 0usize;
-                    for s in values.iter().flatten() {
-                        data_out[pos..pos + s.len()].copy_from_slice(s.as_bytes());
-                        pos += s.len();
-                    }
+                expect_len(*os, (rows as u64 + 1) * 4, rows, "offsets")?;
+                expect_len(*ds, data.len() as u64, rows, "data")?;
+                expect_len(*vb, bitmap_len(rows), rows, "validity")?;
+                slice_mut(region, *ds, "data")?.copy_from_slice(data);
+                let out = slice_mut(region, *os, "offsets")?;
+                for (chunk, o) in out.chunks_exact_mut(4).zip(offsets) {
+                    chunk.copy_from_slice(&o.to_le_bytes());
                 }
-                // Each offset is at most `bytes`, which fits a u32 (checked above).
-                let offs = slice_mut(region, *offsets, "offsets")?;
-                let mut pos = 0u32;
-                offs[..4].copy_from_slice(&0u32.to_le_bytes());
-                for (i, v) in values.iter().enumerate() {
-                    pos += v.as_ref().map_or(0, |s| s.len() as u32);
-                    offs[(i + 1) * 4..(i + 2) * 4].copy_from_slice(&pos.to_le_bytes());
-                }
-                write_validity(slice_mut(region, *validity, "validity")?, values);
+                slice_mut(region, *vb, "validity")?.copy_from_slice(validity);
             }
             _ => return Err(LayoutError::KindMismatch { column: ci }),
         }
@@ -307,8 +435,59 @@ pub fn write_batch(columns: &[ColumnData], layout: &BatchLayout, region: &mut [u
     Ok(())
 }
 
+/// One column of a batch as it lies in the region: numbers copied out,
+/// text borrowed where it lies (checked UTF-8), so that scoring a batch
+/// allocates nothing per value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ColumnRef<'a> {
+    Float64(Vec<Option<f64>>),
+    Text(Vec<Option<&'a str>>),
+}
+
+impl ColumnRef<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            ColumnRef::Float64(v) => v.len(),
+            ColumnRef::Text(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// What the column holds, for error messages.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            ColumnRef::Float64(_) => "numbers",
+            ColumnRef::Text(_) => "text",
+        }
+    }
+}
+
+impl ColumnData {
+    /// The column as a [`ColumnRef`], its text borrowed.
+    pub fn as_ref(&self) -> ColumnRef<'_> {
+        match self {
+            ColumnData::Float64(v) => ColumnRef::Float64(v.clone()),
+            ColumnData::Text(v) => ColumnRef::Text(v.iter().map(Option::as_deref).collect()),
+        }
+    }
+}
+
 /// Copies the batch's columns out of `region`, checking every span first.
 pub fn read_batch(layout: &BatchLayout, region: &[u8]) -> Result<Vec<ColumnData>, LayoutError> {
+    Ok(read_batch_ref(layout, region)?
+        .into_iter()
+        .map(|c| match c {
+            ColumnRef::Float64(v) => ColumnData::Float64(v),
+            ColumnRef::Text(v) => ColumnData::Text(v.into_iter().map(|s| s.map(str::to_owned)).collect()),
+        })
+        .collect())
+}
+
+/// [`read_batch`] with the text left in the region, borrowed.
+pub fn read_batch_ref<'a>(layout: &BatchLayout, region: &'a [u8]) -> Result<Vec<ColumnRef<'a>>, LayoutError> {
     let rows = layout.rows;
     if rows > MAX_BATCH_ROWS {
         return Err(LayoutError::TooManyRows(rows));
@@ -329,7 +508,7 @@ pub fn read_batch(layout: &BatchLayout, region: &[u8]) -> Result<Vec<ColumnData>
                             .then(|| f64::from_le_bytes(vals[i * 8..i * 8 + 8].try_into().expect("8-byte chunk")))
                     })
                     .collect();
-                out.push(ColumnData::Float64(col));
+                out.push(ColumnRef::Float64(col));
             }
             ColumnLayout::Text { offsets, data, validity } => {
                 expect_len(*offsets, (rows as u64 + 1) * 4, rows, "offsets")?;
@@ -346,16 +525,12 @@ pub fn read_batch(layout: &BatchLayout, region: &[u8]) -> Result<Vec<ColumnData>
                         return Err(LayoutError::BadOffsets { column: ci });
                     }
                     col.push(if is_valid(bits, i) {
-                        Some(
-                            std::str::from_utf8(&bytes[start..end])
-                                .map_err(|_| LayoutError::BadUtf8 { column: ci })?
-                                .to_owned(),
-                        )
+                        Some(std::str::from_utf8(&bytes[start..end]).map_err(|_| LayoutError::BadUtf8 { column: ci })?)
                     } else {
                         None
                     });
                 }
-                out.push(ColumnData::Text(col));
+                out.push(ColumnRef::Text(col));
             }
         }
     }
@@ -389,6 +564,46 @@ pub fn write_outputs(
     Ok(())
 }
 
+/// Daemon side: writes each row's `classes` probabilities (row by row),
+/// when the layout asks for them.
+pub fn write_probabilities(layout: &BatchLayout, region: &mut [u8], probabilities: &[f64]) -> Result<(), LayoutError> {
+    let (rows, classes) = (layout.rows, layout.output.classes);
+    if rows > MAX_BATCH_ROWS {
+        return Err(LayoutError::TooManyRows(rows));
+    }
+    if classes > MAX_CLASSES {
+        return Err(LayoutError::TooManyClasses(classes));
+    }
+    let expected = rows as u64 * classes as u64;
+    if probabilities.len() as u64 != expected {
+        return Err(LayoutError::ProbabilityMismatch { found: probabilities.len(), rows, classes });
+    }
+    expect_len(layout.output.probabilities, expected * 8, rows, "probabilities")?;
+    check_disjoint(layout)?;
+    let out = slice_mut(region, layout.output.probabilities, "probabilities")?;
+    for (chunk, p) in out.chunks_exact_mut(8).zip(probabilities) {
+        chunk.copy_from_slice(&p.to_le_bytes());
+    }
+    Ok(())
+}
+
+/// Backend side: the probabilities the daemon wrote, `classes` per row
+/// (empty when the layout asked for none).
+pub fn read_probabilities(layout: &BatchLayout, region: &[u8]) -> Result<Vec<f64>, LayoutError> {
+    let (rows, classes) = (layout.rows, layout.output.classes);
+    if rows > MAX_BATCH_ROWS {
+        return Err(LayoutError::TooManyRows(rows));
+    }
+    if classes > MAX_CLASSES {
+        return Err(LayoutError::TooManyClasses(classes));
+    }
+    expect_len(layout.output.probabilities, rows as u64 * classes as u64 * 8, rows, "probabilities")?;
+    Ok(slice(region, layout.output.probabilities, "probabilities")?
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk")))
+        .collect())
+}
+
 /// Backend side: reads the scores and label indexes the daemon wrote.
 pub fn read_outputs(layout: &BatchLayout, region: &[u8]) -> Result<(Vec<f64>, Vec<u32>), LayoutError> {
     let rows = layout.rows;
@@ -418,6 +633,55 @@ mod tests {
             ColumnData::Text(vec![Some("DSL".into()), Some("".into()), None]),
             ColumnData::Text(vec![Some("Fibre optic ✓".into()), None, Some("No".into())]),
         ]
+    }
+
+    #[test]
+    fn packed_columns_built_row_by_row_write_what_their_values_write() {
+        let cols = sample();
+        let mut packed = vec![PackedColumn::float64(3), PackedColumn::text(1), PackedColumn::text(0)];
+        for row in 0..3 {
+            for (p, c) in packed.iter_mut().zip(&cols) {
+                match c {
+                    ColumnData::Float64(v) => p.push_f64(v[row]),
+                    ColumnData::Text(v) => p.push_text(v[row].as_deref().map(str::as_bytes)),
+                }
+            }
+        }
+        assert_eq!(packed, cols.iter().map(PackedColumn::from).collect::<Vec<_>>());
+        assert_eq!(packed[2].text_at(0), Some("Fibre optic ✓".as_bytes()));
+        assert_eq!((packed[2].text_at(1), packed[1].text_at(1), packed[0].text_at(0)), (None, Some(&b""[..]), None));
+        let (layout, len) = plan_packed(&packed, 0);
+        assert_eq!((layout.clone(), len), plan_batch(&cols));
+        let mut region = vec![0xAAu8; len as usize];
+        write_packed(&packed, &layout, &mut region).unwrap();
+        assert_eq!(read_batch(&layout, &region).unwrap(), cols);
+        let borrowed = read_batch_ref(&layout, &region).unwrap();
+        assert_eq!(borrowed, cols.iter().map(ColumnData::as_ref).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn class_probabilities_have_their_own_span_and_are_counted() {
+        let cols = sample();
+        let packed: Vec<PackedColumn> = cols.iter().map(PackedColumn::from).collect();
+        let (layout, len) = plan_packed(&packed, 2);
+        assert_eq!((layout.output.classes, layout.output.probabilities.len), (2, 3 * 2 * 8));
+        let mut region = vec![0u8; len as usize];
+        write_packed(&packed, &layout, &mut region).unwrap();
+        let probabilities = [0.25, 0.75, 1.0, 0.0, 0.5, 0.5];
+        write_outputs(&layout, &mut region, &[0.75, 1.0, 0.5], &[1, 0, 1]).unwrap();
+        write_probabilities(&layout, &mut region, &probabilities).unwrap();
+        assert_eq!(read_probabilities(&layout, &region).unwrap(), probabilities);
+        assert_eq!(read_batch(&layout, &region).unwrap(), cols, "the inputs are untouched");
+        assert_eq!(
+            write_probabilities(&layout, &mut region, &probabilities[..4]),
+            Err(LayoutError::ProbabilityMismatch { found: 4, rows: 3, classes: 2 })
+        );
+        let (none, _) = plan_batch(&cols);
+        assert_eq!(read_probabilities(&none, &region).unwrap(), Vec::<f64>::new());
+        let mut hostile = layout.clone();
+        hostile.output.probabilities = hostile.output.scores;
+        hostile.output.probabilities.len = 48;
+        assert!(matches!(write_probabilities(&hostile, &mut region, &probabilities), Err(LayoutError::Overlap { .. })));
     }
 
     #[test]
@@ -517,7 +781,12 @@ mod tests {
         huge.output.scores = Span { offset: 0, len: 1 << 60 };
         assert!(matches!(read_outputs(&huge, &region), Err(LayoutError::WrongLength { .. })));
         huge.rows = MAX_BATCH_ROWS;
-        huge.output = OutputLayout { scores: Span { offset: 0, len: 0 }, labels: Span { offset: 0, len: 0 } };
+        huge.output = OutputLayout {
+            scores: Span { offset: 0, len: 0 },
+            labels: Span { offset: 0, len: 0 },
+            classes: 0,
+            probabilities: Span::default(),
+        };
         huge.columns = vec![ColumnLayout::Float64 {
             values: Span { offset: 0, len: MAX_BATCH_ROWS as u64 * 8 },
             validity: Span { offset: MAX_BATCH_ROWS as u64 * 8, len: bitmap_len(MAX_BATCH_ROWS) },

@@ -22,7 +22,8 @@ use crate::error::WireError;
 
 /// Bumped whenever a message changes shape.
 /// 2: `Attach` carries the region as a file descriptor, no longer a path.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: a batch's output may ask for every class's probability.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Upper bound on one control frame; anything larger is a broken peer.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;

@@ -588,7 +588,11 @@ fn layout() -> impl Strategy<Value = BatchLayout> {
     ];
     let rows = prop_oneof![4 => 0u32..70, 1 => any::<u32>(), 1 => Just(MAX_BATCH_ROWS), 1 => Just(MAX_BATCH_ROWS + 1)];
     (rows, prop::collection::vec(column, 0..6), span(), span()).prop_map(|(rows, columns, scores, labels)| {
-        BatchLayout { rows, columns, output: OutputLayout { scores, labels } }
+        BatchLayout {
+            rows,
+            columns,
+            output: OutputLayout { scores, labels, classes: 0, probabilities: Span::default() },
+        }
     })
 }
 

@@ -78,6 +78,7 @@ async fn predict_equals_predictions_for_every_row_and_task() -> anyhow::Result<(
         .await?;
         assert_eq!(batch.len(), 7043);
         assert_same(&one_by_one, &batch, name);
+        check_probabilities(&db, name, &batch).await?;
     }
     // A row built in the query, read by column name (where a name first
     // appears), in any order, with columns the model does not read and a
@@ -94,6 +95,39 @@ async fn predict_equals_predictions_for_every_row_and_task() -> anyhow::Result<(
     assert!((0.0..=1.0).contains(&built), "{built}");
     let none: Option<f64> = db.query_one("SELECT cerebro.predict('p_churn', NULL::telco_churn)", &[]).await?.get(0);
     assert_eq!(none, None, "a NULL row scores NULL");
+    Ok(())
+}
+
+/// `probabilities` holds each class's probability in the order of the
+/// model's class labels: they sum to 1, the label is the most probable class
+/// and the score is its probability (binary: `[1 − score, score]`, the label
+/// the second class when the score is at least one half); NULL for regression.
+async fn check_probabilities(db: &Client, name: &str, scored: &Scores) -> anyhow::Result<()> {
+    let classes: Vec<String> = db
+        .query_one("SELECT class_labels FROM cerebro.model_versions WHERE name = $1 AND status = 'ready'", &[&name])
+        .await?
+        .get::<_, Option<Vec<String>>>(0)
+        .unwrap_or_default();
+    let rows =
+        db.query(&format!("SELECT key, probabilities FROM cerebro.predictions WHERE model = '{name}'"), &[]).await?;
+    assert_eq!(rows.len(), scored.len(), "{name}");
+    for row in rows {
+        let key: String = row.get(0);
+        let probabilities: Option<Vec<f64>> = row.get(1);
+        let (label, score) = &scored[&key];
+        let Some(p) = probabilities else {
+            assert!(classes.is_empty(), "{name}: key {key} has no probabilities but classes {classes:?}");
+            continue;
+        };
+        assert_eq!(p.len(), classes.len(), "{name}: key {key}: {p:?}");
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-4, "{name}: key {key}: {p:?} does not sum to 1");
+        let top = (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b])).expect("classes");
+        // The score: the positive (second) class's probability for these
+        // binary models, the predicted class's for the multiclass one.
+        let expected = if classes.len() == 2 { p[1] } else { p[top] };
+        assert!((expected - score).abs() < 1e-6, "{name}: key {key}: {p:?} against score {score}");
+        assert_eq!(label.as_deref(), Some(classes[top].as_str()), "{name}: key {key}: {p:?}");
+    }
     Ok(())
 }
 

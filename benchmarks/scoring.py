@@ -1,0 +1,273 @@
+"""Scoring benchmark: Cerebro's SQL scoring against what a user does today.
+
+On a 345k-row copy of telco_churn (49 copies, a new integer key `id`), with
+a churn model trained once (hidden [64, 32], as the demo's), one run
+measures:
+
+  (a) the floor: the scan of the feature columns alone (EXPLAIN ANALYZE's
+      execution time), and ONNX Runtime alone on ready arrays (the exported
+      file, batches of 10k, every core);
+  (b) the vectorised Python pipeline a competent user writes: psycopg COPY
+      into pandas, the arrays built, onnxruntime on the exported file in
+      batches of 10k;
+  (c) Cerebro's SQL scoring: every row through cerebro.predictions, read by
+      an aggregate and written by INSERT ... SELECT;
+  (d) latency percentiles with pgbench -M prepared at 1 and 8 clients: the
+      plain lookup of one row (the floor), cerebro.predict on one row, and
+      by-key predictions.
+
+Every timed part runs REPEATS times; the median counts. Prints one table of
+rows/s and ratios, one of percentiles, and writes both as JSON lines.
+
+    python benchmarks/scoring.py CONNINFO OUT_DIR
+
+deploy/scoring.sh sets everything up and runs it.
+"""
+
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import psycopg
+
+COPIES = 49
+BATCH = 10_000
+REPEATS = 3
+MODEL = "bench_churn"
+TABLE = "scoring_bench"
+# What the exported graph takes for a NULL category (shared/src/spec.rs).
+NULL_CATEGORY = "\x01NULL"
+PGBENCH_SECONDS = int(os.environ.get("CEREBRO_SCORING_PGBENCH_SECONDS", "8"))
+
+
+def median_seconds(f, repeats=REPEATS):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def prepare(conn):
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM telco_churn")
+        base = cur.fetchone()[0]
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (TABLE,))
+        if cur.fetchone()[0]:
+            cur.execute(f"SELECT count(*) FROM {TABLE}")
+            if cur.fetchone()[0] == base * COPIES:
+                print(f"    {TABLE}: {base * COPIES:,} rows, kept", flush=True)
+                return
+            cur.execute(f"DROP TABLE {TABLE}")
+        print(f"    {TABLE}: {COPIES} copies of telco_churn", flush=True)
+        cur.execute(
+            f"""CREATE TABLE {TABLE} AS
+                SELECT row_number() OVER ()::integer AS id, t.*
+                FROM generate_series(1, {COPIES}), telco_churn t"""
+        )
+        cur.execute(f"ALTER TABLE {TABLE} ADD PRIMARY KEY (id)")
+        cur.execute(f"VACUUM ANALYZE {TABLE}")
+
+
+def train(conn):
+    with conn.cursor() as cur:
+        cur.execute("SELECT max(version) FROM cerebro.models WHERE name = %s AND status = 'ready'", (MODEL,))
+        version = cur.fetchone()[0]
+        if version is not None:
+            print(f"    model {MODEL} v{version}: ready, kept", flush=True)
+            return version
+        print(f"    model {MODEL}: training (hidden [64, 32], 5 epochs)", flush=True)
+        cur.execute(
+            """INSERT INTO cerebro.models (name, source, target, key, options)
+               VALUES (%s, 'telco_churn', 'churn', 'customer_id', '{"hidden": [64, 32], "epochs": 5}')""",
+            (MODEL,),
+        )
+        cur.execute("SELECT max(version) FROM cerebro.models WHERE name = %s", (MODEL,))
+        version = cur.fetchone()[0]
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            cur.execute("SELECT status, error FROM cerebro.models WHERE name = %s AND version = %s", (MODEL, version))
+            status, error = cur.fetchone()
+            if status == "ready":
+                return version
+            if status in ("failed", "cancelled"):
+                sys.exit(f"training {MODEL} v{version} {status}: {error}")
+            time.sleep(0.5)
+        sys.exit(f"training {MODEL} v{version} took longer than 10 minutes")
+
+
+def text_inputs(session):
+    return [i.name for i in session.get_inputs() if i.type == "tensor(string)"]
+
+
+def feeds(session, frame):
+    """The exported graph's inputs for all of `frame`'s rows, converted once:
+    [n, 1] float32 for a numeric column (NaN for NULL), [n, 1] strings for
+    a categorical one (NULL as the graph's NULL category)."""
+    out = {}
+    for i in session.get_inputs():
+        column = frame[i.name]
+        if i.type == "tensor(string)":
+            out[i.name] = column.fillna(NULL_CATEGORY).to_numpy(dtype=object).reshape(-1, 1)
+        else:
+            out[i.name] = column.to_numpy(np.float32, na_value=np.nan).reshape(-1, 1)
+    return out
+
+
+def batches(arrays, rows):
+    for start in range(0, rows, BATCH):
+        yield {name: a[start : start + BATCH] for name, a in arrays.items()}
+
+
+def copy_frame(conn, session):
+    """Every row of the table's key and feature columns, by COPY into pandas."""
+    columns = ["id"] + [i.name for i in session.get_inputs()]
+    buf = io.BytesIO()
+    with conn.cursor() as cur:
+        with cur.copy(f"COPY (SELECT {', '.join(columns)} FROM {TABLE}) TO STDOUT WITH (FORMAT csv, HEADER)") as copy:
+            for block in copy:
+                buf.write(block)
+    buf.seek(0)
+    return pd.read_csv(buf, keep_default_na=False, na_values=[""], dtype={c: object for c in text_inputs(session)})
+
+
+def score_in_batches(session, frame):
+    first_output = [session.get_outputs()[0].name]
+    return np.concatenate([session.run(first_output, f)[0] for f in batches(feeds(session, frame), len(frame))])
+
+
+def pgbench(conninfo_args, script, clients, out_dir, name):
+    path = os.path.join(out_dir, f"{name}.sql")
+    with open(path, "w") as f:
+        f.write(script)
+    prefix = os.path.join(out_dir, f"pgbench_{name}_{clients}")
+    for old in os.listdir(out_dir):
+        if old.startswith(os.path.basename(prefix) + "."):
+            os.remove(os.path.join(out_dir, old))
+    subprocess.run(
+        ["pgbench", "-n", "-M", "prepared", "-T", str(PGBENCH_SECONDS), "-c", str(clients), "-j", str(min(clients, 2)),
+         "-f", path, "--log", f"--log-prefix={prefix}", *conninfo_args],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    latencies = []
+    for log in os.listdir(out_dir):
+        if log.startswith(os.path.basename(prefix) + "."):
+            with open(os.path.join(out_dir, log)) as f:
+                latencies += [int(line.split()[2]) for line in f]
+    latencies.sort()
+    pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+    return {"what": name, "clients": clients, "p50_us": pct(0.50), "p99_us": pct(0.99),
+            "calls_per_s": len(latencies) / PGBENCH_SECONDS}
+
+
+def main():
+    conninfo, out_dir = sys.argv[1], sys.argv[2]
+    os.makedirs(out_dir, exist_ok=True)
+    conn = psycopg.connect(conninfo, autocommit=True)
+    prepare(conn)
+    version = train(conn)
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT count(*) FROM {TABLE}")
+        rows = cur.fetchone()[0]
+        cur.execute("SELECT cerebro.export_onnx(%s, %s)", (MODEL, version))
+        onnx_bytes = cur.fetchone()[0]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count()
+    session = ort.InferenceSession(bytes(onnx_bytes), options, providers=["CPUExecutionProvider"])
+    features = [i.name for i in session.get_inputs()]
+    assert session.get_outputs()[0].name in ("probability", "probabilities", "value")
+    print(f"    {rows:,} rows, {len(features)} features, model {MODEL} v{version}", flush=True)
+
+    results = {}
+    # (a) The floor.
+    def scan():
+        with conn.cursor() as cur:
+            cur.execute(f"EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) SELECT {', '.join(features)} FROM {TABLE}")
+            return cur.fetchone()[0][0]["Execution Time"] / 1000.0
+    results["scan"] = statistics.median(scan() for _ in range(REPEATS))
+    frame = copy_frame(conn, session)
+    ready = list(batches(feeds(session, frame), len(frame)))
+    first_output = [session.get_outputs()[0].name]
+    results["ort_alone"] = median_seconds(lambda: [session.run(first_output, f) for f in ready])
+
+    # (b) The Python client pipeline, end to end.
+    python_scores = {}
+    def client():
+        f = copy_frame(conn, session)
+        python_scores["scores"] = score_in_batches(session, f)
+        python_scores["ids"] = f["id"].to_numpy()
+    results["python"] = median_seconds(client)
+
+    # (c) Cerebro's SQL scoring.
+    where = f"model = '{MODEL}' AND version = {version} AND source = '{TABLE}' AND key_column = 'id'"
+    def sql_read():
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT count(*), sum(score) FROM cerebro.predictions WHERE {where}")
+            n, _ = cur.fetchone()
+            assert n == rows, f"cerebro.predictions gave {n} rows, not {rows}"
+    results["sql"] = median_seconds(sql_read)
+    with conn.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS scoring_bench_scored")
+        cur.execute("CREATE UNLOGGED TABLE scoring_bench_scored (id text, label text, score float8)")
+    def sql_insert():
+        with conn.cursor() as cur:
+            cur.execute("TRUNCATE scoring_bench_scored")
+            cur.execute(f"INSERT INTO scoring_bench_scored SELECT key, label, score FROM cerebro.predictions WHERE {where}")
+    results["sql_insert"] = median_seconds(sql_insert)
+    # The same scores as the Python pipeline's (a check, not a timing).
+    with conn.cursor() as cur:
+        cur.execute("SELECT id::integer, score FROM scoring_bench_scored ORDER BY id::integer")
+        sql_scores = np.array([s for _, s in cur.fetchall()])
+    order = np.argsort(python_scores["ids"])
+    prob = python_scores["scores"][order]
+    prob = prob[:, -1] if prob.ndim == 2 else prob
+    worst = float(np.max(np.abs(prob - sql_scores)))
+    assert worst < 1e-5, f"SQL and Python scores differ by {worst}"
+
+    lines = []
+    floor = results["scan"] + results["ort_alone"]
+    table = [
+        ("(a) scan of the feature columns alone", results["scan"], ""),
+        ("(a) ONNX Runtime alone, ready arrays", results["ort_alone"], ""),
+        ("(b) Python: COPY, pandas, onnxruntime", results["python"], ""),
+        ("(c) SQL: SELECT ... FROM cerebro.predictions", results["sql"],
+         f"{results['python'] / results['sql']:.2f}x (b), {results['sql'] / floor:.2f}x floor"),
+        ("(c) SQL: INSERT INTO t SELECT ... predictions", results["sql_insert"],
+         f"{results['python'] / results['sql_insert']:.2f}x (b), {results['sql_insert'] / floor:.2f}x floor"),
+    ]
+    print(f"\n{'batch scoring, ' + format(rows, ',') + ' rows':50} {'seconds':>8} {'rows/s':>11}  ratio")
+    for label, seconds, ratio in table:
+        print(f"{label:50} {seconds:>8.3f} {rows / seconds:>11,.0f}  {ratio}")
+        lines.append({"what": label, "seconds": seconds, "rows_per_s": rows / seconds})
+    print(f"(floor = scan + ONNX Runtime alone = {floor:.3f} s; SQL and Python scores agree to {worst:.1e})")
+
+    params = psycopg.conninfo.conninfo_to_dict(conninfo)
+    args = ["-h", params["host"], "-p", str(params["port"]), "-U", params["user"], params["dbname"]]
+    keys = f"\\set id random(1, {rows})\n"
+    scripts = [
+        ("lookup", keys + f"SELECT tenure FROM {TABLE} WHERE id = :id;\n"),
+        ("predict", keys + f"SELECT cerebro.predict('{MODEL}', t) FROM {TABLE} t WHERE id = :id;\n"),
+        ("by_key", keys + f"SELECT score FROM cerebro.predictions WHERE model = '{MODEL}' AND source = '{TABLE}' "
+                          f"AND key_column = 'id' AND key = :id::text;\n"),
+    ]
+    print(f"\n{'one row, pgbench -M prepared, ' + str(PGBENCH_SECONDS) + ' s':42} {'clients':>7} {'p50 µs':>8} {'p99 µs':>8} {'calls/s':>9}")
+    for name, script in scripts:
+        for clients in (1, 8):
+            r = pgbench(args, script, clients, out_dir, name)
+            print(f"{name:42} {clients:>7} {r['p50_us']:>8,} {r['p99_us']:>8,} {r['calls_per_s']:>9,.0f}", flush=True)
+            lines.append(r)
+    with open(os.path.join(out_dir, "scoring.jsonl"), "w") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+    main()
