@@ -303,6 +303,16 @@ pub struct Artifact {
     /// Set for imported models; Cerebro's own exports need none.
     pub import_layout: Option<cerebro_shared::onnx_graph::ImportLayout>,
     pub task: cerebro_shared::spec::Task,
+    /// What the engine needs to score the version itself (a model Cerebro
+    /// trained; None for an imported one or a selection's ensemble).
+    pub native: Option<NativeParts>,
+}
+
+/// A trained version's fitted pipeline, options and class labels.
+pub struct NativeParts {
+    pub pipeline: crate::features::FeaturePipeline,
+    pub options: TrainOptions,
+    pub classes: usize,
 }
 
 /// What a finished job stores with its version.
@@ -978,7 +988,7 @@ impl Catalog {
         let row = self
             .client
             .query_opt(
-                "SELECT a.sha256, a.bytes, m.import_layout, m.task
+                "SELECT a.sha256, a.bytes, m.import_layout, m.task, m.pipeline, m.options, m.class_labels
                  FROM cerebro.artifacts a JOIN cerebro.model_versions m ON m.id = a.model_version_id
                  WHERE a.model_version_id = $1",
                 &[&model_version_id],
@@ -987,6 +997,19 @@ impl Catalog {
         row.map(|r| {
             let layout: Option<serde_json::Value> = r.get(2);
             let task: String = r.get(3);
+            let pipeline: Option<serde_json::Value> = r.get(4);
+            let options: Option<serde_json::Value> = r.get(5);
+            let classes = r.get::<_, Option<Vec<String>>>(6).map_or(0, |c| c.len());
+            // A catalog the engine cannot read leaves the version to ONNX Runtime.
+            let native = match (pipeline, options, &layout) {
+                (Some(pipeline), Some(options), None) => {
+                    match (serde_json::from_value(pipeline), serde_json::from_value(options)) {
+                        (Ok(pipeline), Ok(options)) => Some(NativeParts { pipeline, options, classes }),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
             Ok(Artifact {
                 sha256: r.get(0),
                 bytes: r.get(1),
@@ -998,6 +1021,7 @@ impl Catalog {
                     Ok(cerebro_shared::spec::TaskChoice::Fixed(t)) => t,
                     _ => return Err(CatalogError::Corrupt(format!("unknown task {task}"))),
                 },
+                native,
             })
         })
         .transpose()

@@ -40,6 +40,9 @@ pub struct FileConfig {
     /// when one is usable, else the CPU).
     pub device: String,
     pub scoring_threads: usize,
+    /// Whether models Cerebro trained are scored by the engine itself, once
+    /// it agrees with ONNX Runtime on them (false: ONNX Runtime scores all).
+    pub native_scoring: bool,
     /// How often the queue is polled besides LISTEN/NOTIFY.
     pub poll_interval_ms: u64,
     pub max_connections: usize,
@@ -76,6 +79,7 @@ impl Default for FileConfig {
             training_threads: 1,
             device: "cpu".into(),
             scoring_threads: 1,
+            native_scoring: true,
             poll_interval_ms: 5000,
             max_connections: 256,
             scoring_deadline_ms: 60_000,
@@ -98,6 +102,7 @@ pub struct Config {
     pub training_threads: usize,
     pub device: DeviceChoice,
     pub scoring_threads: usize,
+    pub native_scoring: bool,
     pub poll_interval: Duration,
     pub max_connections: usize,
     pub scoring_deadline: Duration,
@@ -169,6 +174,7 @@ impl TryFrom<FileConfig> for Config {
             training_threads: threads_ok(f.training_threads, "training_threads")?,
             device: f.device.parse().map_err(ConfigError::Invalid)?,
             scoring_threads: threads_ok(f.scoring_threads, "scoring_threads")?,
+            native_scoring: f.native_scoring,
             poll_interval: Duration::from_millis(f.poll_interval_ms),
             max_connections: f.max_connections.max(1),
             scoring_deadline: match f.scoring_deadline_ms {

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use cerebro_shared::batch::ColumnData;
+use cerebro_shared::batch::{ColumnData, ColumnRef};
 use cerebro_shared::spec::{CategoricalEncoding, Feature, FeatureKind, NumericEncoding, TrainOptions, NULL_CATEGORY};
 use serde::{Deserialize, Serialize};
 
@@ -188,7 +188,7 @@ impl FeaturePipeline {
         options: &TrainOptions,
     ) -> Result<FeaturePipeline, FeatureError> {
         let max_categories = options.max_categories as usize;
-        check_columns(features.len(), columns)?;
+        check_columns(features.len(), &columns.iter().map(ColumnData::len).collect::<Vec<_>>())?;
         let mut fitted = Vec::with_capacity(features.len());
         for (feature, column) in features.iter().zip(columns) {
             let encoder = match (feature.kind, column) {
@@ -291,7 +291,12 @@ impl FeaturePipeline {
 
     /// Encodes every row of `columns`.
     pub fn transform(&self, columns: &[ColumnData]) -> Result<Encoded, FeatureError> {
-        let n = check_columns(self.features.len(), columns)?;
+        self.transform_refs(&columns.iter().map(ColumnData::as_ref).collect::<Vec<_>>())
+    }
+
+    /// [`FeaturePipeline::transform`] for columns whose text is borrowed.
+    pub fn transform_refs(&self, columns: &[ColumnRef<'_>]) -> Result<Encoded, FeatureError> {
+        let n = check_columns(self.features.len(), &columns.iter().map(ColumnRef::len).collect::<Vec<_>>())?;
         let (width, code_cols) = (self.width(), self.embeddings().len());
         let mut x = vec![0.0f32; n * width];
         let mut codes = vec![0u32; n * code_cols];
@@ -300,7 +305,7 @@ impl FeaturePipeline {
             match (&feature.encoder, column) {
                 (
                     Encoder::Numeric { mean, std, null_indicator } | Encoder::Periodic { mean, std, null_indicator },
-                    ColumnData::Float64(values),
+                    ColumnRef::Float64(values),
                 ) => {
                     for (r, v) in values.iter().enumerate() {
                         let row = &mut x[r * width + offset..];
@@ -311,7 +316,7 @@ impl FeaturePipeline {
                         }
                     }
                 }
-                (Encoder::Ple { edges, null_indicator }, ColumnData::Float64(values)) => {
+                (Encoder::Ple { edges, null_indicator }, ColumnRef::Float64(values)) => {
                     let bins = edges.len() - 1;
                     for (r, v) in values.iter().enumerate() {
                         let row = &mut x[r * width + offset..];
@@ -322,7 +327,7 @@ impl FeaturePipeline {
                         }
                     }
                 }
-                (Encoder::Quantile { edges, null_indicator }, ColumnData::Float64(values)) => {
+                (Encoder::Quantile { edges, null_indicator }, ColumnRef::Float64(values)) => {
                     let bins = (edges.len() - 1) as f32;
                     for (r, v) in values.iter().enumerate() {
                         let row = &mut x[r * width + offset..];
@@ -333,7 +338,7 @@ impl FeaturePipeline {
                         }
                     }
                 }
-                (Encoder::Robust { median, scale, null_indicator }, ColumnData::Float64(values)) => {
+                (Encoder::Robust { median, scale, null_indicator }, ColumnRef::Float64(values)) => {
                     for (r, v) in values.iter().enumerate() {
                         let row = &mut x[r * width + offset..];
                         match numeric_value(*v) {
@@ -343,18 +348,18 @@ impl FeaturePipeline {
                         }
                     }
                 }
-                (Encoder::Categorical { vocabulary }, ColumnData::Text(values)) => {
+                (Encoder::Categorical { vocabulary }, ColumnRef::Text(values)) => {
                     let index = index_of(vocabulary);
                     for (r, v) in values.iter().enumerate() {
-                        if let Some(&i) = index.get(v.as_deref().unwrap_or(NULL_CATEGORY)) {
+                        if let Some(&i) = index.get(v.unwrap_or(NULL_CATEGORY)) {
                             x[r * width + offset + i] = 1.0;
                         }
                     }
                 }
-                (Encoder::Embedding { vocabulary, .. }, ColumnData::Text(values)) => {
+                (Encoder::Embedding { vocabulary, .. }, ColumnRef::Text(values)) => {
                     let index = index_of(vocabulary);
                     for (r, v) in values.iter().enumerate() {
-                        let code = index.get(v.as_deref().unwrap_or(NULL_CATEGORY)).copied();
+                        let code = index.get(v.unwrap_or(NULL_CATEGORY)).copied();
                         codes[r * code_cols + code_col] = code.unwrap_or(vocabulary.len()) as u32;
                     }
                     code_col += 1;
@@ -377,12 +382,13 @@ fn index_of(vocabulary: &[String]) -> HashMap<&str, usize> {
     vocabulary.iter().enumerate().map(|(i, v)| (v.as_str(), i)).collect()
 }
 
-fn check_columns(expected: usize, columns: &[ColumnData]) -> Result<usize, FeatureError> {
-    if columns.len() != expected {
-        return Err(FeatureError::ColumnCount { given: columns.len(), expected });
+/// The row count of columns of lengths `lens`, `expected` of them.
+fn check_columns(expected: usize, lens: &[usize]) -> Result<usize, FeatureError> {
+    if lens.len() != expected {
+        return Err(FeatureError::ColumnCount { given: lens.len(), expected });
     }
-    let n = columns.first().map_or(0, |c| c.len());
-    if columns.iter().any(|c| c.len() != n) {
+    let n = lens.first().copied().unwrap_or(0);
+    if lens.iter().any(|&len| len != n) {
         return Err(FeatureError::RaggedColumns);
     }
     Ok(n)

@@ -17,6 +17,7 @@ pub mod features;
 pub mod gpu;
 pub mod guide;
 pub mod metrics;
+pub mod native;
 pub mod onnx;
 pub mod scheduler;
 pub mod scoring;
@@ -211,7 +212,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             warn!("device = cuda:{n}, but {gpus}: training jobs will fail until the GPU is usable");
         }
     }
-    let runtime = OnnxRuntime::load(&config.onnxruntime_library, config.scoring_threads)?;
+    let runtime =
+        OnnxRuntime::load(&config.onnxruntime_library, config.scoring_threads)?.with_native(config.native_scoring);
     let catalog = Arc::new(CatalogSlot::default());
     let service = Arc::new(ScoringService::new(runtime.clone(), catalog.clone(), config.model_cache_size));
     let limits = server::Limits { max_connections: config.max_connections, scoring_deadline: config.scoring_deadline };
@@ -406,7 +408,8 @@ pub async fn score_relation(
     source: Option<&str>,
     key_column: Option<&str>,
 ) -> Result<Vec<ScoredRow>, DaemonError> {
-    let runtime = OnnxRuntime::load(&config.onnxruntime_library, config.scoring_threads)?;
+    let runtime =
+        OnnxRuntime::load(&config.onnxruntime_library, config.scoring_threads)?.with_native(config.native_scoring);
     let (mut catalog, _driver) = catalog::connect(&config.database_url, None, config.lock_timeout).await?;
     let model = catalog.find_model(model_name, version).await?;
     let artifact = catalog

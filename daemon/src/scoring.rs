@@ -16,7 +16,8 @@ use ort::environment::Environment;
 use ort::session::Session;
 use ort::value::{Tensor, TensorElementType, ValueType};
 
-use crate::catalog::Artifact;
+use crate::catalog::{Artifact, NativeParts};
+use crate::native::{disagreement, NativeModel, AGREEMENT};
 use crate::onnx::{OUTPUT_PROBABILITIES, OUTPUT_PROBABILITY, OUTPUT_VALUE};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,8 @@ pub enum ScoringError {
     ColumnKind { index: usize, name: String, found: &'static str, expected: &'static str },
     #[error("ONNX Runtime failed while scoring: {0}")]
     Run(String),
+    #[error("the engine failed while scoring: {0}")]
+    Native(String),
     #[error("the model gives {width} values per row, not one probability for each of its {classes} classes")]
     ClassCount { width: usize, classes: usize },
 }
@@ -49,6 +52,9 @@ pub struct OnnxRuntime {
     /// Sessions per model: batches of several connections, or the two
     /// regions of one scan, score at once up to this many.
     sessions: usize,
+    /// Whether models Cerebro trained are scored by the engine (see
+    /// [`crate::native`]) once they agree with ONNX Runtime.
+    native: bool,
 }
 
 static ENVIRONMENT: OnceLock<(PathBuf, Result<Environment, String>)> = OnceLock::new();
@@ -75,10 +81,19 @@ impl OnnxRuntime {
             Ok(env) => {
                 let threads = threads.max(1);
                 let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-                Ok(OnnxRuntime { env, threads, sessions: (cores / threads).max(1) })
+                Ok(OnnxRuntime { env, threads, sessions: (cores / threads).max(1), native: true })
             }
             Err(reason) => Err(ScoringError::Runtime { path: library.to_path_buf(), reason: reason.clone() }),
         }
+    }
+}
+
+impl OnnxRuntime {
+    /// The same runtime, scoring every model with ONNX Runtime when
+    /// `native` is false (config `native_scoring`).
+    pub fn with_native(mut self, native: bool) -> OnnxRuntime {
+        self.native = native;
+        self
     }
 }
 
@@ -109,6 +124,8 @@ pub struct ScoringModel {
     /// An imported graph, whose work per row its author decides (it may
     /// loop); one Cerebro exported does a fixed, small amount.
     imported: bool,
+    /// The engine's copy of the model, when it scores it (see [`crate::native`]).
+    native: Option<NativeModel>,
 }
 
 impl ScoringModel {
@@ -154,8 +171,39 @@ impl ScoringModel {
     pub fn from_artifact(rt: &OnnxRuntime, artifact: &Artifact) -> Result<ScoringModel, ScoringError> {
         match &artifact.import_layout {
             Some(layout) => ScoringModel::load_imported(rt, &artifact.bytes, layout, artifact.task),
-            None => ScoringModel::load(rt, &artifact.bytes),
+            None => {
+                let mut model = ScoringModel::load(rt, &artifact.bytes)?;
+                if let Some(parts) = artifact.native.as_ref().filter(|_| rt.native) {
+                    model.native = model.checked_native(&artifact.bytes, parts, artifact.task);
+                }
+                Ok(model)
+            }
         }
+    }
+
+    /// The engine's copy of this model, if it rebuilds from `bytes` and
+    /// scores the probe rows as ONNX Runtime does; else None, logged.
+    fn checked_native(&self, bytes: &[u8], parts: &NativeParts, task: Task) -> Option<NativeModel> {
+        let native = NativeModel::from_onnx(bytes, parts.pipeline.clone(), &parts.options, task, parts.classes)
+            .map_err(|e| tracing::info!("scoring with ONNX Runtime: {e}"))
+            .ok()?;
+        let probe = native.probe();
+        let columns: Vec<ColumnRef<'_>> = probe.iter().map(ColumnData::as_ref).collect();
+        let (ort, width) = self.run_refs(&columns, None).map_err(|e| tracing::warn!("probe: {e}")).ok()?;
+        let (own, own_width) = native.run(&columns).map_err(|e| tracing::warn!("probe: {e}")).ok()?;
+        let apart = if width == own_width { disagreement(&ort, &own, task == Task::Regression) } else { f64::INFINITY };
+        if apart > AGREEMENT {
+            tracing::warn!(
+                "scoring with ONNX Runtime: the engine's copy of the model differs from it by {apart:e} on the probe rows"
+            );
+            return None;
+        }
+        Some(native)
+    }
+
+    /// Whether the engine scores this model (else ONNX Runtime).
+    pub fn native(&self) -> bool {
+        self.native.is_some()
     }
 
     /// A model Cerebro exported: one `[N, 1]` input per feature, an output
@@ -184,6 +232,7 @@ impl ScoringModel {
             output,
             positive_column: 0,
             imported: false,
+            native: None,
         })
     }
 
@@ -224,6 +273,7 @@ impl ScoringModel {
             output: layout.output.clone(),
             positive_column: layout.positive_column,
             imported: true,
+            native: None,
         })
     }
 
@@ -263,6 +313,9 @@ impl ScoringModel {
         let expected: usize = self.inputs.iter().map(|(_, _, k)| k).sum();
         if columns.len() != expected {
             return Err(ScoringError::ColumnCount { given: columns.len(), expected });
+        }
+        if let Some(native) = &self.native {
+            return native.run(columns).map_err(|e| ScoringError::Native(e.to_string()));
         }
         let n = columns.first().map_or(0, |c| c.len());
         if n == 0 {

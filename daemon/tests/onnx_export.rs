@@ -4,11 +4,13 @@
 
 mod common;
 
+use cerebro_daemon::catalog::{Artifact, NativeParts};
 use cerebro_daemon::engine::Compute;
+use cerebro_daemon::native::{disagreement, NativeModel, AGREEMENT};
 use cerebro_daemon::onnx::export;
 use cerebro_daemon::scoring::{InputKind, OnnxRuntime, ScoringModel};
 use cerebro_daemon::train::{train, train_group, Control, TrainedModel};
-use cerebro_shared::batch::{ColumnData, NO_LABEL};
+use cerebro_shared::batch::{ColumnData, ColumnRef, NO_LABEL};
 use cerebro_shared::spec::{Feature, FeatureKind, Task, TrainOptions, TrainingPlan};
 use serde_json::json;
 
@@ -159,8 +161,56 @@ fn onnx_runtime_agrees_with_the_engine_for_every_head_layer_and_encoding() {
     ];
     for (task, options) in cases {
         let what = format!("{task} {options}");
-        check_agreement(&rt, &trained(task, options), &what);
+        let model = trained(task, options.clone());
+        check_agreement(&rt, &model, &what);
+        check_native(&rt, &model, &plan(task, options).0.options, &what);
     }
+}
+
+/// The engine's copy of the exported file (its weights read back from it)
+/// scores as ONNX Runtime does the file, on held-out rows and on its probe
+/// rows, and a version whose catalog parts are given is scored by it.
+fn check_native(rt: &OnnxRuntime, model: &TrainedModel, options: &TrainOptions, what: &str) {
+    let bytes = export(model, &[]).unwrap();
+    let classes = model.class_labels.len();
+    let native = NativeModel::from_onnx(&bytes, model.pipeline.clone(), options, model.task, classes).unwrap();
+    let onnx = ScoringModel::load(rt, &bytes).unwrap();
+    let values = model.task == Task::Regression;
+    for rows in [columns(300, 10_000), native.probe()] {
+        let refs: Vec<ColumnRef<'_>> = rows.iter().map(ColumnData::as_ref).collect();
+        let (own, width) = native.run(&refs).unwrap();
+        let (runtime, runtime_width) = onnx.run(&rows).unwrap();
+        assert_eq!(width, runtime_width, "{what}");
+        let apart = disagreement(&runtime, &own, values);
+        assert!(apart <= AGREEMENT, "{what}: the engine's copy is {apart:e} away from ONNX Runtime");
+    }
+    let parts = NativeParts { pipeline: model.pipeline.clone(), options: options.clone(), classes };
+    let artifact =
+        Artifact { sha256: String::new(), bytes, import_layout: None, task: model.task, native: Some(parts) };
+    let scoring = ScoringModel::from_artifact(rt, &artifact).unwrap();
+    assert!(scoring.native(), "{what}: the version is scored by the engine");
+    let held_out = columns(300, 10_000);
+    assert_eq!(scoring.score(&held_out).unwrap().1, onnx.score(&held_out).unwrap().1, "{what}: the same labels");
+    let off = ScoringModel::from_artifact(&rt.clone().with_native(false), &artifact).unwrap();
+    assert!(!off.native(), "{what}: native_scoring = false leaves it to ONNX Runtime");
+}
+
+/// A file whose weights are not the network its options describe stays
+/// with ONNX Runtime.
+#[test]
+fn a_file_that_is_not_the_network_of_its_options_is_left_to_onnx_runtime() {
+    let Some(rt) = common::onnx_runtime() else { return };
+    let model = trained(Task::Binary, json!({"hidden": [8]}));
+    let bytes = export(&model, &[]).unwrap();
+    let other = plan(Task::Binary, json!({"hidden": [6]})).0.options;
+    let err = NativeModel::from_onnx(&bytes, model.pipeline.clone(), &other, Task::Binary, 2).unwrap_err();
+    assert!(err.to_string().contains("weight"), "{err}");
+    let parts = NativeParts { pipeline: model.pipeline.clone(), options: other, classes: 2 };
+    let artifact =
+        Artifact { sha256: String::new(), bytes, import_layout: None, task: Task::Binary, native: Some(parts) };
+    let scoring = ScoringModel::from_artifact(&rt, &artifact).unwrap();
+    assert!(!scoring.native());
+    assert_eq!(scoring.score(&columns(50, 10_000)).unwrap().0.len(), 50, "ONNX Runtime still scores it");
 }
 
 /// Robust scaling exports exactly: a column with outliers (far beyond the
@@ -250,6 +300,7 @@ fn target_transforms_are_inverted_inside_the_graph() {
             assert!(scale.mean > 4.0 && scale.mean < 5.0, "the network learnt ln y (y near 100): {scale:?}");
         }
         check_agreement(&rt, &model, &format!("regression {options}"));
+        check_native(&rt, &model, &plan(Task::Regression, options.clone()).0.options, &format!("regression {options}"));
         if transform == "none" {
             continue; // five epochs from 0 do not reach 100 on the raw scale
         }
@@ -329,7 +380,7 @@ fn an_ensemble_graph_is_the_weighted_average_of_its_members() {
             let bytes = export(&model, &[]).unwrap();
             candidates.push(Candidate {
                 version: v as i32 + 1,
-                artifact: Artifact { sha256: String::new(), bytes, import_layout: None, task },
+                artifact: Artifact { sha256: String::new(), bytes, import_layout: None, task, native: None },
             });
             members.push(model);
             plan0.get_or_insert_with(|| plan(task, o.clone()));

@@ -288,7 +288,8 @@ async fn a_log_target_regression_scores_in_the_targets_units() -> anyhow::Result
         assert_eq!(python.len(), 800);
         for (key, (_, score)) in &sql {
             let p = python[key];
-            assert!((p - score).abs() <= 1e-6 * score.abs().max(1.0), "{name} row {key}: python {p}, sql {score}");
+            // The engine scores Cerebro's own models, to 1e-5 of ONNX Runtime (docs/sql.md).
+            assert!((p - score).abs() <= 1e-5 * score.abs().max(1.0), "{name} row {key}: python {p}, sql {score}");
         }
     }
     Ok(())
@@ -871,7 +872,8 @@ async fn export_onnx_returns_the_archived_file_and_is_audited() -> anyhow::Resul
     assert_eq!(sql.len(), 7043);
     for (key, (_, score)) in &sql {
         let p = python[key];
-        assert!((p - score).abs() <= 1e-6, "row {key}: python {p}, sql {score}");
+        // The engine scores Cerebro's own models, to 1e-5 of ONNX Runtime (docs/sql.md).
+        assert!((p - score).abs() <= 1e-5, "row {key}: python {p}, sql {score}");
     }
     std::fs::remove_dir_all(&dir)?;
     Ok(())

@@ -1,0 +1,290 @@
+//! Scoring a model Cerebro trained with the engine's own forward pass.
+//!
+//! ONNX Runtime runs the exported graph node by node, categoricals as
+//! string tensors (each value copied twice on the way in), and a one-row
+//! request pays for the whole graph's dispatch. The engine scores the same
+//! network from the same weights: the version's fitted pipeline encodes
+//! the batch (as in training), the network is rebuilt from the weights the
+//! ONNX file holds (read back as warm starts read them, here every one of
+//! them), and the head and target transform are applied as the graph does.
+//!
+//! The ONNX file stays the one home of the weights. A model is scored
+//! natively only once a probe batch (every kind of value each feature can
+//! take, NULLs and unseen categories included) scores the same through
+//! both, to [`AGREEMENT`]; otherwise ONNX Runtime scores it, and the log
+//! says why.
+
+use std::collections::{HashMap, VecDeque};
+
+use cerebro_shared::batch::{ColumnData, ColumnRef};
+use cerebro_shared::spec::{Task, TrainOptions, NULL_CATEGORY};
+use prost::Message;
+
+use crate::engine::{sigmoid, Arch, Batch, Op, Predictor, Stack, NORM_EPS};
+use crate::features::{Encoder, FeatureError, FeaturePipeline};
+use crate::onnx::proto::ModelProto;
+
+/// How far a native score may be from ONNX Runtime's on the probe batch:
+/// absolute for probabilities, relative (to at least 1) for values.
+pub const AGREEMENT: f64 = 1e-5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NativeError {
+    #[error("the ONNX file cannot be read: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("the ONNX file has no graph")]
+    NoGraph,
+    #[error("the ONNX file does not hold the network its options describe: {0}")]
+    Shape(String),
+    #[error(transparent)]
+    Features(#[from] FeatureError),
+}
+
+/// What the graph does after the network, per member.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Head {
+    Sigmoid,
+    Softmax,
+    /// `value = learnt · std + mean`, then `exp` for a log-transformed target.
+    Value {
+        mean: f32,
+        std: f32,
+        log: bool,
+    },
+}
+
+/// A model ready for the engine: its pipeline, its network (one per member
+/// of a mini-ensemble, stacked) and its head.
+#[derive(Debug, Clone)]
+pub struct NativeModel {
+    pipeline: FeaturePipeline,
+    network: Stack,
+    head: Head,
+    /// Each member's share of the output (`ensemble_weight`; 1 alone).
+    weights: Vec<f32>,
+}
+
+/// The initializers of one member of the graph, by kind (`weight`,
+/// `bias`, `ln_gain`, ...), each kind in the order the graph holds them.
+type Tensors = HashMap<String, VecDeque<(Vec<i64>, Vec<f32>)>>;
+
+fn shape(what: impl Into<String>) -> NativeError {
+    NativeError::Shape(what.into())
+}
+
+fn take(tensors: &mut Tensors, kind: &str, len: usize) -> Result<Vec<f32>, NativeError> {
+    let (_, data) =
+        tensors.get_mut(kind).and_then(VecDeque::pop_front).ok_or_else(|| shape(format!("no {kind} left")))?;
+    if data.len() != len {
+        return Err(shape(format!("a {kind} of {} values where {len} are needed", data.len())));
+    }
+    Ok(data)
+}
+
+/// One member's network of architecture `arch`, its parameters taken from
+/// `tensors` in the order the export wrote them.
+fn member(arch: &Arch, tensors: &mut Tensors) -> Result<Stack, NativeError> {
+    let mut params = Vec::new();
+    let mut state = Vec::new();
+    for e in &arch.embeddings {
+        params.push(take(tensors, "embedding", (e.vocabulary + 1) * e.dim)?);
+    }
+    for op in &arch.ops {
+        match *op {
+            Op::Dense { inputs, outputs } => {
+                params.push(take(tensors, "weight", inputs * outputs)?);
+                params.push(take(tensors, "bias", outputs)?);
+            }
+            Op::LayerNorm { width } => {
+                params.push(take(tensors, "ln_gain", width)?);
+                params.push(take(tensors, "ln_shift", width)?);
+            }
+            Op::BatchNorm { width } => {
+                // The file holds the folded affine map; as gain and shift
+                // over a mean of 0 and a variance of 1 − ε it is the same map.
+                params.push(take(tensors, "bn_scale", width)?);
+                params.push(take(tensors, "bn_offset", width)?);
+                state.push(vec![0.0; width]);
+                state.push(vec![1.0 - NORM_EPS; width]);
+            }
+            Op::Activation { .. } | Op::Dropout { .. } | Op::Residual { .. } => {}
+        }
+    }
+    if let Some(p) = &arch.periodic {
+        let (kf, d) = (p.frequencies, p.dim);
+        let (mut frequencies, mut weights, mut biases) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in &p.columns {
+            // Stored as 2π·c, the engine's c.
+            frequencies.extend(take(tensors, "frequencies", kf)?.into_iter().map(|c| c / std::f32::consts::TAU));
+            weights.extend(take(tensors, "periodic_weight", 2 * kf * d)?);
+            biases.extend(take(tensors, "periodic_bias", d)?);
+        }
+        params.extend([frequencies, weights, biases]);
+    }
+    for kind in ["embedding", "weight", "bias", "ln_gain", "ln_shift", "bn_scale", "bn_offset", "frequencies"] {
+        if tensors.get(kind).is_some_and(|left| !left.is_empty()) {
+            return Err(shape(format!("more {kind} tensors than the network has")));
+        }
+    }
+    Ok(Stack { k: 1, arch: arch.clone(), params, state, seed: 0 })
+}
+
+impl NativeModel {
+    /// The model in `onnx`, a file Cerebro exported for a version of `task`
+    /// with `classes` class labels, fitted pipeline `pipeline` and
+    /// `options` (as the catalog keeps them).
+    pub fn from_onnx(
+        onnx: &[u8],
+        pipeline: FeaturePipeline,
+        options: &TrainOptions,
+        task: Task,
+        classes: usize,
+    ) -> Result<NativeModel, NativeError> {
+        let graph = ModelProto::decode(onnx)?.graph.ok_or(NativeError::NoGraph)?;
+        // A mini-ensemble's members are prefixed `_m0/`, `_m1/`, ...
+        let mut members: Vec<Tensors> = Vec::new();
+        let mut weights: Vec<f32> = Vec::new();
+        for t in graph.initializer {
+            let (index, name) = match t.name.strip_prefix("_m").and_then(|rest| rest.split_once('/')) {
+                Some((i, rest)) => (i.parse::<usize>().map_err(|_| shape(format!("initializer {}", t.name)))?, rest),
+                None => (0, t.name.as_str()),
+            };
+            if members.len() <= index {
+                members.resize_with(index + 1, Tensors::new);
+                weights.resize(index + 1, 1.0);
+            }
+            if name == "ensemble_weight" {
+                weights[index] = t.float_data.first().copied().ok_or_else(|| shape("an empty ensemble weight"))?;
+                continue;
+            }
+            let Some((kind, _)) = name.strip_prefix("_cerebro/").and_then(|n| n.rsplit_once('_')) else {
+                return Err(shape(format!("initializer {} is not one Cerebro writes", t.name)));
+            };
+            members[index].entry(kind.to_owned()).or_default().push_back((t.dims, t.float_data));
+        }
+        if members.is_empty() {
+            return Err(shape("no initializers"));
+        }
+        let outputs = if task == Task::Multiclass { classes } else { 1 };
+        let arch = crate::train::architecture(options, &pipeline, outputs);
+        let head = match task {
+            Task::Binary => Head::Sigmoid,
+            Task::Multiclass => Head::Softmax,
+            Task::Regression => {
+                let log = graph.node.iter().any(|n| n.op_type == "Exp");
+                let first = &mut members[0];
+                let std = take(first, "target_std", 1)?[0];
+                let mean = take(first, "target_mean", 1)?[0];
+                Head::Value { mean, std, log }
+            }
+        };
+        let networks = members.iter_mut().map(|m| member(&arch, m)).collect::<Result<Vec<_>, _>>()?;
+        Ok(NativeModel { pipeline, network: Stack::from_models(&networks), head, weights })
+    }
+
+    /// The graph's output for `columns` (in the pipeline's feature order),
+    /// row by row, and its width: what ONNX Runtime gives for the file.
+    pub fn run(&self, columns: &[ColumnRef<'_>]) -> Result<(Vec<f32>, usize), NativeError> {
+        let encoded = self.pipeline.transform_refs(columns)?;
+        let n = encoded.n;
+        let mut logits = Vec::with_capacity(n * self.network.k * self.network.outputs());
+        Predictor::new(&self.network, 1).predict(Batch { x: &encoded.x, codes: &encoded.codes, n }, &mut logits);
+        let (k, width) = (self.network.k, self.network.outputs());
+        let mut out = vec![0.0f32; n * width];
+        for (row, wide) in out.chunks_exact_mut(width).zip(logits.chunks_exact(k * width)) {
+            for (member, &weight) in wide.chunks_exact(width).zip(&self.weights) {
+                match self.head {
+                    Head::Sigmoid => row[0] += weight * sigmoid(member[0]),
+                    Head::Softmax => {
+                        let max = member.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let sum: f32 = member.iter().map(|l| (l - max).exp()).sum();
+                        for (o, l) in row.iter_mut().zip(member) {
+                            *o += weight * (l - max).exp() / sum;
+                        }
+                    }
+                    Head::Value { mean, std, log } => {
+                        let learnt = member[0] * std + mean;
+                        row[0] += weight * if log { learnt.exp() } else { learnt };
+                    }
+                }
+            }
+        }
+        Ok((out, width))
+    }
+
+    /// Rows that reach every branch of the pipeline: for each numeric
+    /// feature NULL, NaN, its centre, far below and far above it and the
+    /// edges of its bins; for each categorical one NULL, every value it
+    /// knows and one it never saw. Features cycle through their values
+    /// independently, so rows mix them.
+    pub fn probe(&self) -> Vec<ColumnData> {
+        let rows = self
+            .pipeline
+            .features
+            .iter()
+            .map(|f| match &f.encoder {
+                Encoder::Categorical { vocabulary } | Encoder::Embedding { vocabulary, .. } => vocabulary.len() + 2,
+                Encoder::Ple { edges, .. } | Encoder::Quantile { edges, .. } => edges.len() + 4,
+                _ => 6,
+            })
+            .max()
+            .unwrap_or(1)
+            .max(8);
+        self.pipeline
+            .features
+            .iter()
+            .map(|f| {
+                let numbers = |centre: f32, spread: f32, extra: &[f32]| {
+                    let mut values: Vec<Option<f64>> = vec![
+                        None,
+                        Some(f64::NAN),
+                        Some(centre as f64),
+                        Some((centre - 3.0 * spread) as f64),
+                        Some((centre + 3.0 * spread) as f64),
+                        Some((centre + 0.5 * spread) as f64),
+                    ];
+                    values.extend(extra.iter().map(|&e| Some(e as f64)));
+                    ColumnData::Float64((0..rows).map(|r| values[r % values.len()]).collect())
+                };
+                match &f.encoder {
+                    Encoder::Numeric { mean, std, .. } | Encoder::Periodic { mean, std, .. } => {
+                        numbers(*mean, *std, &[])
+                    }
+                    Encoder::Robust { median, scale, .. } => numbers(*median, *scale * 4.0, &[]),
+                    Encoder::Ple { edges, .. } | Encoder::Quantile { edges, .. } => {
+                        let (lo, hi) = (edges[0], edges[edges.len() - 1]);
+                        numbers((lo + hi) / 2.0, (hi - lo).abs().max(1.0), edges)
+                    }
+                    Encoder::Categorical { vocabulary } | Encoder::Embedding { vocabulary, .. } => {
+                        let mut values: Vec<Option<String>> = vec![None, Some("\u{2}never seen".to_owned())];
+                        values.extend(vocabulary.iter().map(|v| (v != NULL_CATEGORY).then(|| v.clone())));
+                        ColumnData::Text((0..rows).map(|r| values[(r + 1) % values.len()].clone()).collect())
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+/// The largest disagreement between two outputs of one graph, in the
+/// sense of [`AGREEMENT`] (absolute for probabilities, relative for values).
+pub fn disagreement(a: &[f32], b: &[f32], values: bool) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| {
+            let (x, y) = (x as f64, y as f64);
+            if x.is_nan() && y.is_nan() {
+                return 0.0;
+            }
+            let d = (x - y).abs();
+            if values {
+                d / x.abs().max(1.0)
+            } else {
+                d
+            }
+        })
+        .fold(0.0, |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) })
+}
