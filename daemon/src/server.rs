@@ -167,6 +167,8 @@ impl ScoringService {
             .await
             .map_err(|e| WireError::new(ErrorCode::Internal, format!("model loading task failed: {e}")))?
             .map_err(|e| WireError::new(ErrorCode::ArtifactInvalid, e.to_string()))?;
+        let scorer = if model.native() { "the engine" } else { "ONNX Runtime" };
+        info!("model version {model_version_id} loaded for scoring, scored by {scorer}");
         let model = Arc::new(model);
         let mut cache = self.cache.lock().await;
         if cache.len() >= self.capacity {
@@ -463,7 +465,7 @@ async fn read_request(stream: &UnixStream, fds: &mut Vec<OwnedFd>) -> Result<Req
     recv_exact(stream, &mut header, fds).await?;
     let mut payload = vec![0u8; protocol::payload_len(header)?];
     recv_exact(stream, &mut payload, fds).await?;
-    protocol::decode(&payload)
+    protocol::decode_request(&payload)
 }
 
 /// Fills `buf` with recvmsg, keeping the descriptors received. A read never

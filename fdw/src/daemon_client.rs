@@ -54,6 +54,23 @@ impl DaemonClient {
         }
     }
 
+    /// Whether the connection can take the next request: cerebrod never
+    /// speaks unasked, so a socket with anything to read (a close, a stray
+    /// answer) or left mid-frame cannot.
+    pub fn is_idle(&self) -> bool {
+        let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+        self.buffer.is_empty()
+            && matches!(rustix::net::recv(&self.stream, &mut [0u8; 1], flags), Err(rustix::io::Errno::AGAIN))
+    }
+
+    /// Waits up to `timeout_ms` for each later answer (`cerebro.scoring_timeout`).
+    pub fn set_timeout_ms(&mut self, timeout_ms: i32) -> Result<()> {
+        self.timeout_ms = timeout_ms;
+        self.stream
+            .set_write_timeout(Some(Duration::from_millis(timeout_ms as u64)))
+            .map_err(|e| CerebroError::Connection(e.into()))
+    }
+
     pub fn send(&mut self, request: &Request) -> Result<()> {
         self.stream.write_all(&protocol::encode(request)).map_err(|e| CerebroError::Connection(e.into()))
     }

@@ -22,6 +22,7 @@ mod imports;
 mod jsonb;
 mod limits;
 mod models;
+mod plans;
 mod predict;
 mod predictions;
 mod sources;

@@ -94,12 +94,14 @@ pub(crate) struct ModelVersion {
 pub(crate) fn resolve_model(name: &str, version: Option<i32>) -> Result<ModelVersion> {
     let _path = crate::identity::pin_search_path();
     Spi::connect(|client| {
-        let rows = client.select(
+        let rows = crate::plans::select(
+            client,
             "SELECT id, version, status::text, features, class_labels, source_relation, key_column,
                     artifact_sha256, epoch, epochs, source_author::text, task
              FROM cerebro.model_versions
              WHERE name = $1 AND version = coalesce(cerebro.resolve_version($1, $2::int),
                  (SELECT max(a.version) FROM cerebro.model_versions a WHERE a.name = $1))",
+            &[PgOid::from(pg_sys::TEXTOID), PgOid::from(pg_sys::INT4OID)],
             Some(1),
             &[name.into(), version.into()],
         )?;
@@ -180,6 +182,44 @@ struct Session {
 
 type SharedSession = Rc<RefCell<Session>>;
 
+/// Regions larger than this in all are not kept between scans.
+const MAX_KEPT_REGION_BYTES: usize = 16 << 20;
+
+thread_local! {
+    /// The connection and regions of this backend's last scan that ended
+    /// with nothing in flight, with the socket they belong to: the next
+    /// scan takes them, since connecting, shaking hands and attaching two
+    /// fresh regions cost more than scoring a few keys.
+    static IDLE: RefCell<Option<(String, Session)>> = const { RefCell::new(None) };
+}
+
+impl Session {
+    /// A session on `socket`: the one the last scan left, if it is for the
+    /// same socket and still idle, else a new connection.
+    fn open(socket: &str) -> Result<Session> {
+        let timeout = gucs::SCORING_TIMEOUT_MS.get();
+        if let Some((kept, mut session)) = IDLE.with(|idle| idle.borrow_mut().take()) {
+            if kept == socket {
+                if let Some(client) = session.client.as_mut().filter(|c| c.is_idle()) {
+                    if client.set_timeout_ms(timeout).is_ok() {
+                        return Ok(session);
+                    }
+                }
+            }
+        }
+        Ok(Session { client: Some(DaemonClient::connect(socket, timeout)?), regions: [None, None] })
+    }
+
+    /// Keeps the session for the next scan on `socket`, unless its regions
+    /// grew large.
+    fn keep(self, socket: String) {
+        let bytes: usize = self.regions.iter().flatten().map(Region::len).sum();
+        if self.client.is_some() && bytes <= MAX_KEPT_REGION_BYTES {
+            IDLE.with(|idle| *idle.borrow_mut() = Some((socket, self)));
+        }
+    }
+}
+
 struct Batch {
     region: usize,
     keys: PackedColumn,
@@ -218,6 +258,8 @@ pub struct PredictionScan {
     /// Class probabilities asked of cerebrod per row: the classes of a
     /// multiclass model whose `probabilities` the query reads, else 0.
     classes: u32,
+    /// cerebrod's socket, which the session is kept for when the scan ends.
+    socket: String,
 }
 
 impl PredictionScan {
@@ -263,10 +305,7 @@ impl PredictionScan {
             Ok((source.display.clone(), client.try_open_cursor(sql.as_str(), &args)?.detach_into_name()))
         })?;
 
-        let session: SharedSession = Rc::new(RefCell::new(Session {
-            client: Some(DaemonClient::connect(socket, gucs::SCORING_TIMEOUT_MS.get())?),
-            regions: [None, None],
-        }));
+        let session: SharedSession = Rc::new(RefCell::new(Session::open(socket)?));
         let on_abort = AssertUnwindSafe(session.clone());
         register_xact_callback(PgXactCallbackEvent::Abort, move || {
             // Bind the whole wrapper: a closure capturing only `.0` would lose
@@ -285,6 +324,7 @@ impl PredictionScan {
             current: Scored::default(),
             inflight: None,
             source_done: false,
+            socket: socket.to_owned(),
             classes: match model.task {
                 Task::Multiclass if probabilities => model.class_labels.len() as u32,
                 _ => 0,
@@ -467,6 +507,11 @@ impl PredictionScan {
             // Dropping a found cursor closes it.
             let _ = Spi::connect(|client| client.find_cursor(&name).map(drop));
         }
-        *self.session.borrow_mut() = Session::default();
+        let session = std::mem::take(&mut *self.session.borrow_mut());
+        // A scan stopped early (LIMIT) leaves a batch in flight: its answer
+        // would be read as the next scan's, so that connection goes.
+        if self.inflight.take().is_none() {
+            session.keep(std::mem::take(&mut self.socket));
+        }
     }
 }

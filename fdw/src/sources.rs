@@ -22,10 +22,11 @@ use cerebro_shared::request::{source_query, Column, RequestError, SourceShape};
 use cerebro_shared::spec::SqlKind;
 use cerebro_shared::sql::{as_float8, as_output_text, as_text, quote_ident};
 use pgrx::spi::SpiClient;
-use pgrx::{pg_guard, pg_sys};
+use pgrx::{pg_guard, pg_sys, PgOid};
 
 use crate::error::{CerebroError, Result};
 use crate::identity;
+use crate::plans;
 
 pub(crate) struct SourceColumn {
     pub(crate) name: String,
@@ -173,11 +174,13 @@ fn describe(client: &SpiClient<'_>, rows: Vec<(String, pg_sys::Oid, String, bool
     let bases: Vec<pg_sys::Oid> = rows.iter().map(|r| unsafe { pg_sys::getBaseType(r.1) }).collect();
     let oids: Vec<i64> = bases.iter().map(|o| i64::from(o.to_u32())).collect();
     let _path = identity::pin_search_path();
-    let described = client.select(
+    let described = plans::select(
+        client,
         "SELECT t.typname::text, t.typcategory::text, t.typtype::text
          FROM unnest($1::bigint[]) WITH ORDINALITY AS c(type_oid, n)
          JOIN pg_catalog.pg_type t ON t.oid = c.type_oid::oid
          ORDER BY c.n",
+        &[PgOid::from(pg_sys::INT8ARRAYOID)],
         None,
         &[oids.into()],
     )?;
@@ -235,20 +238,27 @@ pub(crate) fn resolve_source(client: &SpiClient<'_>, name: &str) -> Result<Sourc
     if let Some(query) = source_query(name) {
         return resolve_query(client, query);
     }
-    let oid = client
-        .select("SELECT pg_catalog.to_regclass($1)::pg_catalog.oid", Some(1), &[name.into()])?
-        .first()
-        .get_one::<pg_sys::Oid>()?
-        .ok_or_else(|| CerebroError::UnknownRelation(name.to_owned()))?;
+    let oid = plans::select(
+        client,
+        "SELECT pg_catalog.to_regclass($1)::pg_catalog.oid",
+        &[PgOid::from(pg_sys::TEXTOID)],
+        Some(1),
+        &[name.into()],
+    )?
+    .first()
+    .get_one::<pg_sys::Oid>()?
+    .ok_or_else(|| CerebroError::UnknownRelation(name.to_owned()))?;
     // Scoring reads the relation later in the statement: keep it from being
     // dropped, or replaced by a view of the same name, until then.
     // SAFETY: a lock on an existing relation, released at transaction end.
     unsafe { pg_sys::LockRelationOid(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
     let _path = identity::pin_search_path();
-    let rel = client.select(
+    let rel = plans::select(
+        client,
         "SELECT c.relkind::text, pg_catalog.format('%I.%I', n.nspname, c.relname)
          FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
          WHERE c.oid = $1",
+        &[PgOid::from(pg_sys::OIDOID)],
         Some(1),
         &[oid.into()],
     )?;
@@ -265,12 +275,14 @@ pub(crate) fn resolve_source(client: &SpiClient<'_>, name: &str) -> Result<Sourc
         _ => return Err(CerebroError::UnsupportedRelation { name: display, kind: "not a relation Cerebro can read" }),
     }
     let mut rows = Vec::new();
-    for row in client.select(
+    for row in plans::select(
+        client,
         "SELECT a.attname::text, a.atttypid, pg_catalog.format_type(a.atttypid, a.atttypmod),
                 pg_catalog.has_column_privilege($1, a.attnum, 'SELECT')
          FROM pg_catalog.pg_attribute a
          WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
          ORDER BY a.attnum",
+        &[PgOid::from(pg_sys::OIDOID)],
         None,
         &[oid.into()],
     )? {
@@ -450,7 +462,9 @@ pub(crate) fn foreign_code(client: &SpiClient<'_>, from: &str) -> Result<Option<
     let views_and_policies: Vec<i64> = ids(&mut reached.relations.iter().map(|(r, _)| *r));
     let policed: Vec<bool> = reached.relations.iter().map(|(_, p)| *p).collect();
     let _path = identity::pin_search_path();
-    let owners = client.select(
+    let array = |oid| PgOid::from(oid);
+    let owners = plans::select(
+        client,
         "SELECT 'view ' || c.oid::pg_catalog.regclass::text, c.relowner
              FROM unnest($1::bigint[], $2::bool[]) AS r(relid, policed)
              JOIN pg_catalog.pg_class c ON c.oid = r.relid::oid WHERE c.relkind = 'v'
@@ -475,6 +489,13 @@ pub(crate) fn foreign_code(client: &SpiClient<'_>, from: &str) -> Result<Option<
          UNION ALL
          SELECT 'domain ' || t.oid::pg_catalog.regtype::text, t.typowner
              FROM pg_catalog.pg_type t WHERE t.oid = ANY ($5::bigint[]::oid[])",
+        &[
+            array(pg_sys::INT8ARRAYOID),
+            array(pg_sys::BOOLARRAYOID),
+            array(pg_sys::INT8ARRAYOID),
+            array(pg_sys::INT8ARRAYOID),
+            array(pg_sys::INT8ARRAYOID),
+        ],
         None,
         &[
             views_and_policies.into(),

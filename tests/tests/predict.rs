@@ -221,6 +221,47 @@ async fn predict_works_prepared_and_by_key_predictions_use_the_index() -> anyhow
     Ok(())
 }
 
+/// A backend keeps the connection of a scan that ended with nothing in
+/// flight for its next scan: scans after a LIMIT (which leaves a batch in
+/// flight), after an ERROR mid-scan and after cerebrod restarted between
+/// two queries all score what a fresh connection scores.
+#[tokio::test(flavor = "multi_thread")]
+async fn by_key_scans_keep_their_connection_across_limits_errors_and_restarts() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let mut daemon = Daemon::start(&env)?;
+    train(&db, "p_kept", "churn", r#"{"epochs": 2}"#).await?;
+    let batch = scores(&db, "SELECT key, label, score FROM cerebro.predictions WHERE model = 'p_kept'").await?;
+    let by_key = db
+        .prepare("SELECT key, label, score FROM cerebro.predictions WHERE model = 'p_kept' AND key = $1")
+        .await?;
+    let check = |rows: Vec<tokio_postgres::Row>, key: &str| {
+        assert_eq!(rows.len(), 1, "key {key}");
+        let got: Scores = [(rows[0].get::<_, String>(0), (rows[0].get(1), rows[0].get(2)))].into();
+        assert_same(&got, &[(key.to_owned(), batch[key].clone())].into(), "kept connection");
+    };
+    for key in ["1", "2", "3"] {
+        check(db.query(&by_key, &[&key]).await?, key);
+    }
+    let first = db.query("SELECT key FROM cerebro.predictions WHERE model = 'p_kept' LIMIT 1", &[]).await?;
+    assert_eq!(first.len(), 1);
+    check(db.query(&by_key, &[&"4"]).await?, "4");
+    let bad = sqlstate(&db, "SELECT key FROM cerebro.predictions WHERE model = 'p_kept' AND key IN ('5', 'x0')").await;
+    assert!(bad.starts_with("22P02"), "{bad}");
+    check(db.query(&by_key, &[&"5"]).await?, "5");
+
+    daemon.stop()?;
+    let down = sqlstate(&db, "SELECT score FROM cerebro.predictions WHERE model = 'p_kept' AND key = '6'").await;
+    assert!(down.starts_with("08001"), "{down}");
+    daemon = Daemon::start(&env)?;
+    check(db.query(&by_key, &[&"6"]).await?, "6");
+    daemon.stop()?;
+    daemon = Daemon::start(&env)?;
+    check(db.query(&by_key, &[&"7"]).await?, "7");
+    drop(daemon);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn predict_fails_precisely() -> anyhow::Result<()> {
     let env = Env::from_env();

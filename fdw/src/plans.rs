@@ -1,0 +1,45 @@
+//! Catalog queries planned once per session.
+//!
+//! Every scan of `cerebro.predictions` resolves its model and source with a
+//! handful of catalog queries; run through `SPI_execute`, each is parsed and
+//! planned again every time, which cost more than scoring a few keys. Here
+//! each query text is prepared once per backend and its plan kept
+//! (`SPI_keepplan`); PostgreSQL's plan cache replans it when what it reads
+//! changes (DDL, a new role for row-level security), so results are the
+//! same as planning afresh.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use pgrx::datum::DatumWithOid;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
+use pgrx::PgOid;
+
+use crate::error::Result;
+
+thread_local! {
+    static KEPT: RefCell<HashMap<&'static str, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+}
+
+/// Runs `sql` (arguments of `types`) with `args`, through the plan this
+/// backend keeps for it, prepared on first use.
+pub(crate) fn select<'c>(
+    client: &SpiClient<'c>,
+    sql: &'static str,
+    types: &[PgOid],
+    limit: Option<i64>,
+    args: &[DatumWithOid<'_>],
+) -> Result<SpiTupleTable<'c>> {
+    KEPT.with(|kept| -> Result<SpiTupleTable<'c>> {
+        // A query run while another is (a function in it scoring a row)
+        // plans its own, unkept.
+        let Ok(mut kept) = kept.try_borrow_mut() else {
+            return Ok(client.select(sql, limit, args)?);
+        };
+        if !kept.contains_key(sql) {
+            let plan = client.prepare(sql, types)?.keep();
+            kept.insert(sql, plan);
+        }
+        Ok(client.select(&kept[sql], limit, args)?)
+    })
+}
