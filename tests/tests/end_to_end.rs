@@ -107,7 +107,13 @@ async fn a_model_trains_from_insert_and_scores_from_select() -> anyhow::Result<(
     // Small batches give the same answers (many round trips, both regions).
     db.batch_execute("SET cerebro.batch_rows = 500").await?;
     let small = sql_scores(&db, "SELECT key, label, score FROM cerebro.predictions WHERE model = 'e2e_churn'").await?;
-    assert_eq!(small, sql);
+    // The engine may sum a row in another order in another batch: to 1e-6.
+    assert_eq!(small.len(), sql.len());
+    for (key, (label, score)) in &small {
+        let (sql_label, sql_score) = &sql[key];
+        assert_eq!(label, sql_label, "key {key}");
+        assert!((score - sql_score).abs() <= 1e-6, "key {key}: batches of 500 {score}, of 8192 {sql_score}");
+    }
     db.batch_execute("RESET cerebro.batch_rows").await?;
 
     // A key filter is pushed into the source query.
