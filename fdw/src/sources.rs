@@ -192,8 +192,7 @@ fn describe(client: &SpiClient<'_>, rows: Vec<(String, pg_sys::Oid, String, bool
         // SAFETY: a syscache lookup of an existing type; the name comes back
         // schema-qualified and quoted where needed.
         let qualified = || owned(unsafe { pg_sys::format_type_be_qualified(*base) });
-        // SAFETY: a syscache lookup of an existing type's operator classes.
-        let ordered = || unsafe { pg_sys::GetDefaultOpClass(*base, pg_sys::BTREE_AM_OID) } != pg_sys::InvalidOid;
+        let ordered = || has_btree_order(*base);
         let base = if base.to_u32() < pg_sys::FirstNormalObjectId {
             BaseType::BuiltIn { name: qualified(), ordered: category != "A" && ordered() }
         } else if typtype == "e" {
@@ -342,6 +341,25 @@ unsafe extern "C-unwind" fn note_function(function: pg_sys::Oid, context: *mut s
 /// GROUP BY / DISTINCT / window clauses, whose operators a query may choose
 /// (`ORDER BY x USING ~<~`).
 const WALK_FLAGS: i32 = (pg_sys::QTW_EXAMINE_RTES_BEFORE | pg_sys::QTW_EXAMINE_SORTGROUP) as i32;
+
+thread_local! {
+    /// Whether each built-in type has a default btree operator class.
+    static ORDERED: std::cell::RefCell<std::collections::HashMap<pg_sys::Oid, bool>> = Default::default();
+}
+
+/// Whether the built-in type `base` has a default btree operator class,
+/// remembered for the session: finding out scans pg_opclass, and every scan
+/// of predictions asks it of every built-in column of its source. A
+/// built-in type's default operator classes come with the server.
+fn has_btree_order(base: pg_sys::Oid) -> bool {
+    if let Some(known) = ORDERED.with(|o| o.borrow().get(&base).copied()) {
+        return known;
+    }
+    // SAFETY: a catalog lookup of an existing type's operator classes.
+    let ordered = unsafe { pg_sys::GetDefaultOpClass(base, pg_sys::BTREE_AM_OID) } != pg_sys::InvalidOid;
+    ORDERED.with(|o| o.borrow_mut().insert(base, ordered));
+    ordered
+}
 
 /// A tree walker over an analysed and rewritten query: every node's
 /// functions, then its children; a subquery (a view, once rewritten, is
