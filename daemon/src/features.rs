@@ -351,7 +351,7 @@ impl FeaturePipeline {
                 (Encoder::Categorical { vocabulary }, ColumnRef::Text(values)) => {
                     let index = index_of(vocabulary);
                     for (r, v) in values.iter().enumerate() {
-                        if let Some(&i) = index.get(v.unwrap_or(NULL_CATEGORY)) {
+                        if let Some(&i) = index.get(v.unwrap_or(NULL_CATEGORY.as_bytes())) {
                             x[r * width + offset + i] = 1.0;
                         }
                     }
@@ -359,7 +359,7 @@ impl FeaturePipeline {
                 (Encoder::Embedding { vocabulary, .. }, ColumnRef::Text(values)) => {
                     let index = index_of(vocabulary);
                     for (r, v) in values.iter().enumerate() {
-                        let code = index.get(v.unwrap_or(NULL_CATEGORY)).copied();
+                        let code = index.get(v.unwrap_or(NULL_CATEGORY.as_bytes())).copied();
                         codes[r * code_cols + code_col] = code.unwrap_or(vocabulary.len()) as u32;
                     }
                     code_col += 1;
@@ -378,8 +378,8 @@ impl FeaturePipeline {
     }
 }
 
-fn index_of(vocabulary: &[String]) -> HashMap<&str, usize> {
-    vocabulary.iter().enumerate().map(|(i, v)| (v.as_str(), i)).collect()
+fn index_of(vocabulary: &[String]) -> rustc_hash::FxHashMap<&[u8], usize> {
+    vocabulary.iter().enumerate().map(|(i, v)| (v.as_bytes(), i)).collect()
 }
 
 /// The row count of columns of lengths `lens`, `expected` of them.

@@ -349,8 +349,13 @@ impl ScoringModel {
                 }
                 InputKind::Text => {
                     let ColumnRef::Text(values) = &group[0] else { return Err(wrong(next, &group[0])) };
-                    // ort wants owned ('static) strings; it copies them again for ONNX Runtime.
-                    let data: Vec<String> = values.iter().map(|v| v.unwrap_or(NULL_CATEGORY).to_owned()).collect();
+                    // ort wants owned ('static) strings; it copies them again
+                    // for ONNX Runtime. Bytes that are not UTF-8 become a
+                    // string no label encoder knows, as in the engine.
+                    let data: Vec<String> = values
+                        .iter()
+                        .map(|v| v.map_or(NULL_CATEGORY.into(), |b| String::from_utf8_lossy(b).into_owned()))
+                        .collect();
                     Tensor::from_string_array(([n, 1], &data[..])).map_err(run_err)?.into()
                 }
             };

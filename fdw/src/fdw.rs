@@ -19,8 +19,12 @@ use crate::models::{self, ModelRow, TrainRequest};
 use crate::predictions::PredictionScan;
 
 enum Scan {
-    Models { rows: std::vec::IntoIter<ModelRow>, columns: Vec<Column> },
-    Predictions { scan: Box<PredictionScan>, columns: Vec<Column> },
+    Models {
+        rows: std::vec::IntoIter<ModelRow>,
+        columns: Vec<Column>,
+    },
+    /// Hands out its rows through [`foreign_scan::SlotRows`].
+    Predictions(Box<PredictionScan>),
 }
 
 #[wrappers_fdw(version = "0.1.0", author = "Cerebro", error_type = "CerebroError")]
@@ -33,6 +37,15 @@ fn object(options: &HashMap<String, String>) -> Result<&str, CerebroError> {
     match options.get("object").map(String::as_str) {
         Some(o @ ("models" | "predictions")) => Ok(o),
         other => Err(CerebroError::UnknownObject(other.unwrap_or("").to_owned())),
+    }
+}
+
+impl foreign_scan::SlotRows for CerebroFdw {
+    fn next_into(&mut self, values: &mut [pg_sys::Datum], nulls: &mut [bool]) -> Option<Result<bool, CerebroError>> {
+        match self.scan.as_mut() {
+            Some(Scan::Predictions(scan)) => Some(scan.next_into(values, nulls)),
+            _ => None,
+        }
     }
 }
 
@@ -53,11 +66,7 @@ impl ForeignDataWrapper<CerebroError> for CerebroFdw {
             "models" => Scan::Models { rows: models::list_models()?.into_iter(), columns: columns.to_vec() },
             _ => {
                 let socket = self.socket.as_deref().ok_or(CerebroError::MissingSocket)?;
-                {
-                    let probabilities = columns.iter().any(|c| c.name == "probabilities");
-                    let scan = PredictionScan::begin(quals, socket, probabilities)?;
-                    Scan::Predictions { scan: Box::new(scan), columns: columns.to_vec() }
-                }
+                Scan::Predictions(Box::new(PredictionScan::begin(quals, socket, columns)?))
             }
         });
         Ok(())
@@ -74,12 +83,12 @@ impl ForeignDataWrapper<CerebroError> for CerebroFdw {
                 }
                 Ok(Some(()))
             }
-            Some(Scan::Predictions { scan, columns }) => scan.next_row(row, columns),
+            Some(Scan::Predictions(_)) => unreachable!("a predictions scan hands out its rows through next_into"),
         }
     }
 
     fn end_scan(&mut self) -> Result<(), CerebroError> {
-        if let Some(Scan::Predictions { mut scan, .. }) = self.scan.take() {
+        if let Some(Scan::Predictions(mut scan)) = self.scan.take() {
             scan.end();
         }
         Ok(())

@@ -12,6 +12,7 @@
 use std::ffi::CString;
 
 use cerebro_shared::batch::PackedColumn;
+use cerebro_shared::pg_numeric::numeric_to_f64;
 use pgrx::{pg_guard, pg_sys};
 
 use crate::error::{CerebroError, Result};
@@ -23,14 +24,66 @@ use crate::error::{CerebroError, Result};
 struct Receiver {
     dest: pg_sys::DestReceiver,
     columns: Vec<PackedColumn>,
+    /// How each column's values are read, from the query's types (`startup`).
+    reads: Vec<Read>,
     /// Set by `startup` when the query's columns are not what `columns` wants.
     mismatch: Option<String>,
 }
 
-fn wanted_type(column: &PackedColumn) -> pg_sys::Oid {
-    match column {
-        PackedColumn::Float64 { .. } => pg_sys::FLOAT8OID,
-        PackedColumn::Text { .. } => pg_sys::TEXTOID,
+/// How a column's datums become a batch's values.
+#[derive(Clone, Copy)]
+enum Read {
+    Float8,
+    Float4,
+    Int2,
+    Int4,
+    Int8,
+    /// Decoded from its digits ([`numeric_to_f64`]), without the text
+    /// round trip of `numeric::float8`.
+    Numeric,
+    Text,
+}
+
+impl Read {
+    /// How a value of type `type_oid` is read into `column`, if it can be.
+    fn of(column: &PackedColumn, type_oid: pg_sys::Oid) -> Option<Read> {
+        Some(match (column, type_oid) {
+            (PackedColumn::Float64 { .. }, pg_sys::FLOAT8OID) => Read::Float8,
+            (PackedColumn::Float64 { .. }, pg_sys::FLOAT4OID) => Read::Float4,
+            (PackedColumn::Float64 { .. }, pg_sys::INT2OID) => Read::Int2,
+            (PackedColumn::Float64 { .. }, pg_sys::INT4OID) => Read::Int4,
+            (PackedColumn::Float64 { .. }, pg_sys::INT8OID) => Read::Int8,
+            (PackedColumn::Float64 { .. }, pg_sys::NUMERICOID) => Read::Numeric,
+            (PackedColumn::Text { .. }, pg_sys::TEXTOID) => Read::Text,
+            _ => return None,
+        })
+    }
+}
+
+/// Whether a number column of built-in type `type_oid` is read as it is
+/// stored, rather than cast to `float8` by the query: the integers, the
+/// floats and `numeric`, whose casts cost more than reading them here.
+pub fn reads_as_number(type_oid: pg_sys::Oid) -> bool {
+    Read::of(&PackedColumn::float64(0), type_oid).is_some()
+}
+
+/// A varlena's bytes, read where they lie when short and inline; `free`
+/// afterwards says whether a detoasted copy was made.
+///
+/// # Safety
+/// `value` is a valid varlena datum.
+unsafe fn varlena_bytes<'a>(value: pg_sys::Datum) -> (&'a [u8], Option<*mut pg_sys::varlena>) {
+    // SAFETY: as the caller promises; compressed or out-of-line values are
+    // copied first.
+    unsafe {
+        let raw = value.cast_mut_ptr::<pg_sys::varlena>();
+        let extended = pgrx::varlena::varatt_is_1b_e(raw) || pgrx::varlena::varatt_is_4b_c(raw);
+        let plain = if extended { pg_sys::pg_detoast_datum_packed(raw) } else { raw };
+        let bytes = std::slice::from_raw_parts(
+            pgrx::varlena::vardata_any(plain) as *const u8,
+            pgrx::varlena::varsize_any_exhdr(plain),
+        );
+        (bytes, (plain != raw).then_some(plain))
     }
 }
 
@@ -46,12 +99,17 @@ unsafe extern "C-unwind" fn startup(dest: *mut pg_sys::DestReceiver, _operation:
             return;
         }
         let attrs = (*typeinfo).attrs.as_slice(natts);
+        let mut reads = Vec::with_capacity(natts);
         for (i, (attr, column)) in attrs.iter().zip(&receiver.columns).enumerate() {
-            if attr.atttypid != wanted_type(column) {
-                receiver.mismatch = Some(format!("column {} has type {:?}", i + 1, attr.atttypid));
-                return;
+            match Read::of(column, attr.atttypid) {
+                Some(read) => reads.push(read),
+                None => {
+                    receiver.mismatch = Some(format!("column {} has type {:?}", i + 1, attr.atttypid));
+                    return;
+                }
             }
         }
+        receiver.reads = reads;
     }
 }
 
@@ -70,24 +128,29 @@ unsafe extern "C-unwind" fn receive(slot: *mut pg_sys::TupleTableSlot, dest: *mu
         }
         let values = std::slice::from_raw_parts((*slot).tts_values, natts);
         let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts);
-        for ((column, value), null) in receiver.columns.iter_mut().zip(values).zip(nulls) {
-            match column {
-                // float8 is passed by value on every 64-bit build pgrx supports.
-                PackedColumn::Float64 { .. } => column.push_f64((!null).then(|| f64::from_bits(value.value() as u64))),
-                PackedColumn::Text { .. } if *null => column.push_text(None),
-                PackedColumn::Text { .. } => {
-                    let raw = value.cast_mut_ptr::<pg_sys::varlena>();
-                    // Compressed or out-of-line values need a copy; most
-                    // are short and inline, read where they lie.
-                    let extended = pgrx::varlena::varatt_is_1b_e(raw) || pgrx::varlena::varatt_is_4b_c(raw);
-                    let plain = if extended { pg_sys::pg_detoast_datum_packed(raw) } else { raw };
-                    let bytes = std::slice::from_raw_parts(
-                        pgrx::varlena::vardata_any(plain) as *const u8,
-                        pgrx::varlena::varsize_any_exhdr(plain),
-                    );
-                    column.push_text(Some(bytes));
-                    if plain != raw {
-                        pg_sys::pfree(plain.cast());
+        let Receiver { columns, reads, .. } = receiver;
+        for (((column, read), value), null) in columns.iter_mut().zip(reads.iter()).zip(values).zip(nulls) {
+            if *null {
+                column.push_null();
+                continue;
+            }
+            // Pass-by-value types are in the datum itself (float8 and int8
+            // are on every 64-bit build pgrx supports).
+            match read {
+                Read::Float8 => column.push_f64(Some(f64::from_bits(value.value() as u64))),
+                Read::Float4 => column.push_f64(Some(f32::from_bits(value.value() as u32) as f64)),
+                Read::Int2 => column.push_f64(Some(value.value() as i16 as f64)),
+                Read::Int4 => column.push_f64(Some(value.value() as i32 as f64)),
+                Read::Int8 => column.push_f64(Some(value.value() as i64 as f64)),
+                Read::Numeric | Read::Text => {
+                    let (bytes, copy) = varlena_bytes(*value);
+                    match read {
+                        // Bytes a numeric's type would never store read as NULL.
+                        Read::Numeric => column.push_f64(numeric_to_f64(bytes)),
+                        _ => column.push_text(Some(bytes)),
+                    }
+                    if let Some(copy) = copy {
+                        pg_sys::pfree(copy.cast());
                     }
                 }
             }
@@ -103,9 +166,9 @@ unsafe extern "C-unwind" fn shutdown(_dest: *mut pg_sys::DestReceiver) {}
 unsafe extern "C-unwind" fn destroy(_dest: *mut pg_sys::DestReceiver) {}
 
 /// Fetches up to `rows` more rows of the open cursor `cursor` into
-/// `columns` (empty, one per column of the cursor's query: `float8` for a
-/// [`PackedColumn::Float64`], `text` for a [`PackedColumn::Text`]) and
-/// returns them filled.
+/// `columns` (empty, one per column of the cursor's query: a number type
+/// [`reads_as_number`] accepts for a [`PackedColumn::Float64`], `text` for
+/// a [`PackedColumn::Text`]) and returns them filled.
 pub fn fetch_into(cursor: &str, rows: i64, columns: Vec<PackedColumn>) -> Result<Vec<PackedColumn>> {
     let name = CString::new(cursor).map_err(|_| CerebroError::Protocol(format!("cursor name {cursor:?}")))?;
     let mut receiver = Box::new(Receiver {
@@ -117,6 +180,7 @@ pub fn fetch_into(cursor: &str, rows: i64, columns: Vec<PackedColumn>) -> Result
             mydest: pg_sys::CommandDest::DestNone,
         },
         columns,
+        reads: Vec::new(),
         mismatch: None,
     });
     // SAFETY: the portal is looked up by name and checked; the receiver

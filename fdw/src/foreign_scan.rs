@@ -539,8 +539,19 @@ unsafe fn execution_of<'a, W>(node: *mut pg_sys::ForeignScanState) -> Option<&'a
     }
 }
 
+/// A wrapper that can write some scans' rows straight into the scan slot,
+/// without the framework's [`Row`] of [`Cell`]s in between (a `String` per
+/// text value, made and then copied into a datum): a scan that scores a
+/// table hands out hundreds of thousands of rows.
+pub trait SlotRows {
+    /// Writes the next row into `values` and `nulls` (one per attribute of
+    /// the relation, all NULL on entry) and says whether there was one;
+    /// `None` when this scan hands out its rows through `iter_scan`.
+    fn next_into(&mut self, values: &mut [pg_sys::Datum], nulls: &mut [bool]) -> Option<Result<bool, CerebroError>>;
+}
+
 #[pg_guard]
-pub unsafe extern "C-unwind" fn iterate_foreign_scan<W: ForeignDataWrapper<CerebroError>>(
+pub unsafe extern "C-unwind" fn iterate_foreign_scan<W: ForeignDataWrapper<CerebroError> + SlotRows>(
     node: *mut pg_sys::ForeignScanState,
 ) -> *mut pg_sys::TupleTableSlot {
     unsafe {
@@ -556,17 +567,27 @@ pub unsafe extern "C-unwind" fn iterate_foreign_scan<W: ForeignDataWrapper<Cereb
                 Err(e) => raise(e),
             }
         }
+        let natts = (*(*slot).tts_tupleDescriptor).natts as usize;
+        let values = std::slice::from_raw_parts_mut((*slot).tts_values, natts);
+        let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, natts);
+        nulls.fill(true);
+        // Datums are made in the per-tuple context the executor switched
+        // to, and live until the next row.
+        if let Some(next) = execution.fdw.next_into(values, nulls) {
+            return match next {
+                Err(e) => raise(e),
+                Ok(false) => slot,
+                Ok(true) => {
+                    pg_sys::ExecStoreVirtualTuple(slot);
+                    slot
+                }
+            };
+        }
         execution.row = Row::new();
         match execution.fdw.iter_scan(&mut execution.row) {
             Err(e) => raise(e),
             Ok(None) => slot,
             Ok(Some(())) => {
-                let natts = (*(*slot).tts_tupleDescriptor).natts as usize;
-                let values = std::slice::from_raw_parts_mut((*slot).tts_values, natts);
-                let nulls = std::slice::from_raw_parts_mut((*slot).tts_isnull, natts);
-                nulls.fill(true);
-                // Datums are made in the per-tuple context the executor
-                // switched to, and live until the next row.
                 for (column, cell) in execution.columns.iter().zip(execution.row.cells.drain(..)) {
                     if let Some(datum) = cell.and_then(|c| c.into_datum()) {
                         values[column.num - 1] = datum;

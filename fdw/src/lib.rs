@@ -582,6 +582,47 @@ mod tests {
     }
 
     #[pg_test]
+    fn numbers_read_as_stored_equal_their_float8_casts_bit_for_bit() {
+        use cerebro_shared::batch::PackedColumn;
+        // Numerics of every length, scale and sign, both storage formats
+        // (short below a weight of 64 and a scale of 64, long beyond), the
+        // special values, and each integer and float type.
+        Spi::run(
+            "CREATE TABLE public.numbers AS
+             SELECT (pg_catalog.random() - 0.5) * 10 ^ (i % 40 - 20) AS f,
+                    pg_catalog.round(((pg_catalog.random() - 0.5) * 10 ^ (i % 30 - 8))::numeric, i % 25) AS n,
+                    (i * 7919 % 65536 - 32768)::int2 AS s, i * 104729 AS i4, i::int8 * 1000000007 * 1000000 AS i8
+             FROM pg_catalog.generate_series(1, 5000) i
+             UNION ALL SELECT 0.1, x, 0::int2, 0, 0
+             FROM pg_catalog.unnest(ARRAY['0', '-0.0', '0.1', '29.85', '-1990.50', '1e-130', '9.999999999999999e307',
+                 '123456789012345678901234567890.123456789', 'NaN', 'Infinity', '-Infinity',
+                 '0.000000000000000000000000000000000000000001']::numeric[]) x
+             UNION ALL SELECT NULL, NULL, NULL, NULL, NULL",
+        )
+        .unwrap();
+        let casts = "SELECT n, n::float8, i4, i4::float8, i8, i8::float8, s, s::float8, f::float4, f::float4::float8
+                     FROM public.numbers";
+        let rows = Spi::get_one::<i64>("SELECT count(*) FROM public.numbers").unwrap().unwrap();
+        let read = Spi::connect(|client| {
+            let cursor = client.open_cursor(casts, &[]).detach_into_name();
+            crate::fetch::fetch_into(&cursor, rows + 1, (0..10).map(|_| PackedColumn::float64(0)).collect()).unwrap()
+        });
+        let values = |c: &PackedColumn| match c {
+            PackedColumn::Float64 { values, validity } => {
+                (0..values.len()).map(|i| (validity[i / 8] >> (i % 8) & 1 == 1).then(|| values[i])).collect::<Vec<_>>()
+            }
+            PackedColumn::Text { .. } => unreachable!(),
+        };
+        for pair in read.chunks(2) {
+            let (stored, cast) = (values(&pair[0]), values(&pair[1]));
+            assert_eq!(stored.len() as i64, rows);
+            for (s, c) in stored.iter().zip(&cast) {
+                assert_eq!(s.map(f64::to_bits), c.map(f64::to_bits), "read {s:?}, cast {c:?}");
+            }
+        }
+    }
+
+    #[pg_test]
     fn a_snapshot_keeps_built_in_types_under_neutral_names() {
         setup();
         Spi::run(

@@ -1,4 +1,5 @@
-//! Catalog queries planned once per session.
+//! Catalog queries, and the queries scans read their rows with, planned
+//! once per session.
 //!
 //! Every scan of `cerebro.predictions` resolves its model and source with a
 //! handful of catalog queries; run through `SPI_execute`, each is parsed and
@@ -19,7 +20,13 @@ use crate::error::Result;
 
 thread_local! {
     static KEPT: RefCell<HashMap<&'static str, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+    /// Plans of the queries scans read their rows with, by text: the same
+    /// model over the same source reads with the same query every time.
+    static CURSORS: RefCell<HashMap<String, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
 }
+
+/// More scan queries than this and the kept ones are forgotten.
+const MAX_KEPT_CURSORS: usize = 64;
 
 /// Runs `sql` (arguments of `types`) with `args`, through the plan this
 /// backend keeps for it, prepared on first use.
@@ -41,5 +48,28 @@ pub(crate) fn select<'c>(
             kept.insert(sql, plan);
         }
         Ok(client.select(&kept[sql], limit, args)?)
+    })
+}
+
+/// Opens a cursor on `sql` (arguments of `types`) with `args`, through the
+/// plan this backend keeps for that text, and returns its name.
+pub(crate) fn open_cursor(
+    client: &SpiClient<'_>,
+    sql: &str,
+    types: &[PgOid],
+    args: &[DatumWithOid<'_>],
+) -> Result<String> {
+    CURSORS.with(|kept| -> Result<String> {
+        let Ok(mut kept) = kept.try_borrow_mut() else {
+            return Ok(client.try_open_cursor(sql, args)?.detach_into_name());
+        };
+        if !kept.contains_key(sql) {
+            if kept.len() >= MAX_KEPT_CURSORS {
+                kept.clear();
+            }
+            let plan = client.prepare(sql, types)?.keep();
+            kept.insert(sql.to_owned(), plan);
+        }
+        Ok(client.try_open_cursor(&kept[sql], args)?.detach_into_name())
     })
 }

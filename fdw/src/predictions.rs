@@ -19,11 +19,11 @@ use cerebro_shared::spec::{Feature, FeatureKind, Task};
 use cerebro_shared::sql::ModelStatus;
 use pgrx::prelude::*;
 use pgrx::{register_xact_callback, JsonB, PgXactCallbackEvent};
-use supabase_wrappers::prelude::{Cell, Column, Qual, Row, Value};
+use supabase_wrappers::prelude::{Cell, Column, Qual, Value};
 
 use crate::daemon_client::{DaemonClient, Region};
 use crate::error::{CerebroError, Result};
-use crate::fetch::fetch_into;
+use crate::fetch::{fetch_into, reads_as_number};
 use crate::gucs;
 use crate::sources::{check_own_source, resolve_source, BaseType, Source};
 
@@ -243,16 +243,60 @@ struct Scored {
     next: usize,
 }
 
+/// A column of `cerebro.predictions` a query reads.
+#[derive(Clone, Copy)]
+enum Output {
+    Model,
+    Version,
+    Source,
+    KeyColumn,
+    Key,
+    Label,
+    Score,
+    Probabilities,
+}
+
+impl Output {
+    fn of(column: &str) -> Option<Output> {
+        Some(match column {
+            "model" => Output::Model,
+            "version" => Output::Version,
+            "source" => Output::Source,
+            "key_column" => Output::KeyColumn,
+            "key" => Output::Key,
+            "label" => Output::Label,
+            "score" => Output::Score,
+            "probabilities" => Output::Probabilities,
+            _ => return None,
+        })
+    }
+}
+
+/// A text datum of `bytes` (in the database's encoding), made in the
+/// current memory context.
+fn text_datum(bytes: &[u8]) -> pg_sys::Datum {
+    // SAFETY: copies `bytes.len()` readable bytes into a fresh varlena; a
+    // value comes from a row of at most 1 GB, or from the catalog.
+    pg_sys::Datum::from(unsafe { pg_sys::cstring_to_text_with_len(bytes.as_ptr().cast(), bytes.len() as i32) })
+}
+
 pub struct PredictionScan {
     model: ModelVersion,
-    params: Params,
-    source_display: String,
+    /// The columns the query reads: (attribute number − 1, which).
+    outputs: Vec<(usize, Output)>,
+    /// What the `source` column shows: the source as the query named it,
+    /// else the model's own.
+    source_shown: String,
     key_column: String,
     cursor: Option<String>,
     session: SharedSession,
     batch_rows: i64,
+    /// Rows a batch is sized for: a batch's worth, or as many as the keys.
+    expected_rows: usize,
     /// Results being handed out.
     current: Scored,
+    /// Feature columns a batch was written from, kept for the next batch.
+    spare: Vec<PackedColumn>,
     inflight: Option<Batch>,
     source_done: bool,
     /// Class probabilities asked of cerebrod per row: the classes of a
@@ -263,9 +307,12 @@ pub struct PredictionScan {
 }
 
 impl PredictionScan {
-    /// A scan for `quals`; `probabilities`: whether the query reads that column.
-    pub fn begin(quals: &[Qual], socket: &str, probabilities: bool) -> Result<PredictionScan> {
+    /// A scan for `quals` that hands out `columns`.
+    pub fn begin(quals: &[Qual], socket: &str, columns: &[Column]) -> Result<PredictionScan> {
         let params = Params::from_quals(quals);
+        let outputs: Vec<(usize, Output)> =
+            columns.iter().filter_map(|c| Some((c.num - 1, Output::of(&c.name)?))).collect();
+        let probabilities = outputs.iter().any(|(_, o)| matches!(o, Output::Probabilities));
         let name = params.model.clone().ok_or(CerebroError::MissingModel)?;
         let model = resolve_model(&name, params.version)?;
         let key_column = params
@@ -284,6 +331,8 @@ impl PredictionScan {
                 let col = source.column(&f.name)?;
                 select.push(match (f.kind, &col.base) {
                     (FeatureKind::Categorical, _) => col.text(),
+                    // Read as stored: the receiver makes it a float8 itself.
+                    (FeatureKind::Numeric, BaseType::BuiltIn { oid, .. }) if reads_as_number(*oid) => col.stored(),
                     (FeatureKind::Numeric, BaseType::BuiltIn { .. }) => col.float8(),
                     (FeatureKind::Numeric, _) => {
                         return Err(RequestError::UnsupportedType {
@@ -297,14 +346,16 @@ impl PredictionScan {
                 });
             }
             let mut sql = format!("SELECT {} FROM {}", select.join(", "), source.in_from());
-            let mut args = Vec::new();
+            let (mut types, mut args) = (Vec::new(), Vec::new());
             if let Some(keys) = &params.keys {
                 sql.push_str(&format!(" WHERE {}", key.equals_any("$1::pg_catalog.text[]")));
+                types.push(PgOid::from(pg_sys::TEXTARRAYOID));
                 args.push(keys.clone().into());
             }
-            Ok((source.display.clone(), client.try_open_cursor(sql.as_str(), &args)?.detach_into_name()))
+            Ok((source.display.clone(), crate::plans::open_cursor(client, &sql, &types, &args)?))
         })?;
 
+        let batch_rows = gucs::BATCH_ROWS.get() as i64;
         let session: SharedSession = Rc::new(RefCell::new(Session::open(socket)?));
         let on_abort = AssertUnwindSafe(session.clone());
         register_xact_callback(PgXactCallbackEvent::Abort, move || {
@@ -315,13 +366,15 @@ impl PredictionScan {
         });
 
         Ok(PredictionScan {
-            params,
-            source_display,
+            source_shown: params.source.clone().unwrap_or(source_display),
+            outputs,
             key_column,
             cursor: Some(cursor),
             session,
-            batch_rows: gucs::BATCH_ROWS.get() as i64,
+            batch_rows,
+            expected_rows: params.keys.as_ref().map_or(batch_rows as usize, |k| k.len().min(batch_rows as usize)),
             current: Scored::default(),
+            spare: Vec::new(),
             inflight: None,
             source_done: false,
             socket: socket.to_owned(),
@@ -339,13 +392,29 @@ impl PredictionScan {
             return Ok(None);
         }
         let name = self.cursor.as_deref().expect("the cursor is open until the scan ends");
-        let capacity = self.batch_rows as usize;
-        // The cursor's columns: the key, then each feature, as `begin` selected them.
-        let wanted = std::iter::once(PackedColumn::text(capacity))
-            .chain(self.model.features.iter().map(|f| match f.kind {
-                FeatureKind::Numeric => PackedColumn::float64(capacity),
-                FeatureKind::Categorical => PackedColumn::text(capacity),
-            }))
+        let capacity = self.expected_rows;
+        // The cursor's columns: the key, then each feature, as `begin`
+        // selected them; in the buffers of batches done with, when there
+        // are (the current batch's keys are handed out by now).
+        let keys = self.current.keys.take().unwrap_or_else(|| PackedColumn::text(capacity));
+        let mut features = std::mem::take(&mut self.spare);
+        if features.len() != self.model.features.len() {
+            features = self
+                .model
+                .features
+                .iter()
+                .map(|f| match f.kind {
+                    FeatureKind::Numeric => PackedColumn::float64(capacity),
+                    FeatureKind::Categorical => PackedColumn::text(capacity),
+                })
+                .collect();
+        }
+        let wanted = std::iter::once(keys)
+            .chain(features)
+            .map(|mut column| {
+                column.clear();
+                column
+            })
             .collect();
         let mut columns = fetch_into(name, self.batch_rows, wanted)?;
         let keys = columns.remove(0);
@@ -382,7 +451,9 @@ impl PredictionScan {
             session.regions[batch.region] = Some(fresh);
         }
         let map = &mut session.regions[batch.region].as_mut().expect("region set above").map;
-        write_packed(&columns, &batch.layout, &mut map[..]).map_err(|e| CerebroError::Protocol(e.to_string()))
+        write_packed(&columns, &batch.layout, &mut map[..]).map_err(|e| CerebroError::Protocol(e.to_string()))?;
+        self.spare = columns;
+        Ok(())
     }
 
     fn submit(&mut self, batch: &Batch) -> Result<()> {
@@ -444,59 +515,57 @@ impl PredictionScan {
         Ok(true)
     }
 
-    pub fn next_row(&mut self, row: &mut Row, columns: &[Column]) -> Result<Option<()>> {
-        loop {
-            if self.current.next < self.current.scores.len() {
-                let i = self.current.next;
-                self.current.next += 1;
-                let current = &self.current;
-                for col in columns {
-                    let cell = match col.name.as_str() {
-                        "model" => Some(Cell::String(self.model.name.clone())),
-                        "version" => Some(Cell::I32(self.model.version)),
-                        "source" => Some(Cell::String(
-                            self.params.source.clone().unwrap_or_else(|| self.source_display.clone()),
-                        )),
-                        "key_column" => Some(Cell::String(self.key_column.clone())),
-                        // Bytes that are not UTF-8 (a database in another
-                        // encoding) show as U+FFFD rather than failing the scan.
-                        "key" => current
-                            .keys
-                            .as_ref()
-                            .and_then(|k| k.text_at(i))
-                            .map(|b| Cell::String(String::from_utf8_lossy(b).into_owned())),
-                        "label" => (current.labels[i] != NO_LABEL)
-                            .then(|| self.model.class_labels.get(current.labels[i] as usize).cloned())
-                            .flatten()
-                            .map(Cell::String),
-                        "score" => Some(Cell::F64(current.scores[i])),
-                        "probabilities" => self.probabilities_of(i),
-                        _ => None,
-                    };
-                    row.push(&col.name, cell);
-                }
-                return Ok(Some(()));
-            }
+    /// Writes the next row's values into `values` and `nulls` (one per
+    /// attribute of `cerebro.predictions`, all NULL on entry); false when
+    /// the scan is done.
+    pub fn next_into(&mut self, values: &mut [pg_sys::Datum], nulls: &mut [bool]) -> Result<bool> {
+        while self.current.next >= self.current.scores.len() {
             if !self.advance()? {
-                return Ok(None);
+                return Ok(false);
             }
         }
+        let i = self.current.next;
+        self.current.next += 1;
+        let current = &self.current;
+        for &(at, output) in &self.outputs {
+            let value = match output {
+                Output::Model => Some(text_datum(self.model.name.as_bytes())),
+                Output::Version => Some(pg_sys::Datum::from(self.model.version)),
+                Output::Source => Some(text_datum(self.source_shown.as_bytes())),
+                Output::KeyColumn => Some(text_datum(self.key_column.as_bytes())),
+                // The key's bytes as the source gave them, in the database's
+                // encoding, as a text datum again.
+                Output::Key => current.keys.as_ref().and_then(|k| k.text_at(i)).map(text_datum),
+                Output::Label => self
+                    .model
+                    .class_labels
+                    .get(current.labels[i] as usize)
+                    .filter(|_| current.labels[i] != NO_LABEL)
+                    .map(|label| text_datum(label.as_bytes())),
+                Output::Score => Some(current.scores[i].into_datum().expect("a float8 is never NULL")),
+                Output::Probabilities => self.probabilities_of(i).and_then(IntoDatum::into_datum),
+            };
+            if let Some(datum) = value {
+                values[at] = datum;
+                nulls[at] = false;
+            }
+        }
+        Ok(true)
     }
 
     /// Row `i`'s probability of each class, in the order of the model's
     /// class labels: what cerebrod gave (multiclass), `[1 − p, p]`
     /// (binary), none (regression).
-    fn probabilities_of(&self, i: usize) -> Option<Cell> {
+    fn probabilities_of(&self, i: usize) -> Option<Vec<f64>> {
         let current = &self.current;
         match self.model.task {
             Task::Multiclass => {
                 let k = self.classes as usize;
-                let row = current.probabilities.get(i * k..(i + 1) * k)?;
-                Some(Cell::F64Array(row.iter().map(|&p| Some(p)).collect()))
+                current.probabilities.get(i * k..(i + 1) * k).map(<[f64]>::to_vec)
             }
             Task::Binary => {
                 let p = current.scores[i];
-                Some(Cell::F64Array(vec![Some(1.0 - p), Some(p)]))
+                Some(vec![1.0 - p, p])
             }
             Task::Regression => None,
         }

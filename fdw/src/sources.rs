@@ -43,7 +43,7 @@ pub(crate) enum BaseType {
     /// Built in (schema-qualified name): its casts are PostgreSQL's own.
     /// `ordered`: it has a default btree operator class, so its values also
     /// compare in their own type, as an index does.
-    BuiltIn { name: String, ordered: bool },
+    BuiltIn { name: String, oid: pg_sys::Oid, ordered: bool },
     /// An enum (schema-qualified, quoted): whoever owns it may have given it
     /// casts, so it becomes text through its output function.
     Enum(String),
@@ -86,7 +86,7 @@ impl SourceColumn {
     /// the type's own input error, as in any query); as text otherwise.
     pub(crate) fn equals_any(&self, array: &str) -> String {
         match &self.base {
-            BaseType::BuiltIn { name: t, ordered: true } => {
+            BaseType::BuiltIn { name: t, ordered: true, .. } => {
                 format!("{} OPERATOR(pg_catalog.=) ANY ({array}::{t}[])", self.stored())
             }
             _ => format!("{} OPERATOR(pg_catalog.=) ANY ({array})", self.text()),
@@ -166,47 +166,56 @@ fn owned(text: *mut std::ffi::c_char) -> String {
     unsafe { CStr::from_ptr(text).to_string_lossy().into_owned() }
 }
 
+/// What `pg_type` says of a type that decides how Cerebro reads it.
+struct TypeFacts {
+    typname: String,
+    /// `typcategory`: `N` numeric, `S` string, `A` array...
+    category: char,
+    /// `typtype`: `b` base, `e` enum, `c` composite...
+    typtype: char,
+}
+
+/// [`TypeFacts`] of `oid`, from the syscache (blank for a type dropped
+/// meanwhile, which then reads as nothing Cerebro can use).
+fn type_facts(oid: pg_sys::Oid) -> TypeFacts {
+    // SAFETY: a syscache lookup; the tuple is read, then released.
+    unsafe {
+        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::TYPEOID as i32, pg_sys::Datum::from(oid));
+        if tuple.is_null() {
+            return TypeFacts { typname: String::new(), category: ' ', typtype: ' ' };
+        }
+        let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_type>(tuple);
+        let facts = TypeFacts {
+            typname: pgrx::name_data_to_str(&(*form).typname).to_owned(),
+            category: (*form).typcategory as u8 as char,
+            typtype: (*form).typtype as u8 as char,
+        };
+        pg_sys::ReleaseSysCache(tuple);
+        facts
+    }
+}
+
 /// `(name, type oid, type as written, readable)` rows as source columns.
 /// Each type is reduced to its base type (through every level of domains)
 /// and classified by what Cerebro can use it as.
-fn describe(client: &SpiClient<'_>, rows: Vec<(String, pg_sys::Oid, String, bool)>) -> Result<Vec<SourceColumn>> {
+fn describe(rows: Vec<(String, pg_sys::Oid, String, bool)>) -> Result<Vec<SourceColumn>> {
     // SAFETY: getBaseType follows typbasetype through the syscache.
     let bases: Vec<pg_sys::Oid> = rows.iter().map(|r| unsafe { pg_sys::getBaseType(r.1) }).collect();
-    let oids: Vec<i64> = bases.iter().map(|o| i64::from(o.to_u32())).collect();
-    let _path = identity::pin_search_path();
-    let described = plans::select(
-        client,
-        "SELECT t.typname::text, t.typcategory::text, t.typtype::text
-         FROM unnest($1::bigint[]) WITH ORDINALITY AS c(type_oid, n)
-         JOIN pg_catalog.pg_type t ON t.oid = c.type_oid::oid
-         ORDER BY c.n",
-        &[PgOid::from(pg_sys::INT8ARRAYOID)],
-        None,
-        &[oids.into()],
-    )?;
     let mut columns = Vec::with_capacity(rows.len());
-    for ((row, base), (name, _, type_name, readable)) in described.into_iter().zip(&bases).zip(rows) {
-        let typname: String = row.get(1)?.unwrap_or_default();
-        let category: String = row.get(2)?.unwrap_or_default();
-        let typtype: String = row.get(3)?.unwrap_or_default();
+    for (base, (name, _, type_name, readable)) in bases.iter().zip(rows) {
+        let TypeFacts { typname, category, typtype } = type_facts(*base);
         // SAFETY: a syscache lookup of an existing type; the name comes back
         // schema-qualified and quoted where needed.
         let qualified = || owned(unsafe { pg_sys::format_type_be_qualified(*base) });
         let ordered = || has_btree_order(*base);
         let base = if base.to_u32() < pg_sys::FirstNormalObjectId {
-            BaseType::BuiltIn { name: qualified(), ordered: category != "A" && ordered() }
-        } else if typtype == "e" {
+            BaseType::BuiltIn { name: qualified(), oid: *base, ordered: category != 'A' && ordered() }
+        } else if typtype == 'e' {
             BaseType::Enum(qualified())
         } else {
             BaseType::Other
         };
-        columns.push(SourceColumn {
-            name,
-            type_name,
-            kind: category.chars().next().and_then(|c| SqlKind::classify(c, &typname)),
-            readable,
-            base,
-        });
+        columns.push(SourceColumn { name, type_name, kind: SqlKind::classify(category, &typname), readable, base });
     }
     Ok(columns)
 }
@@ -228,7 +237,7 @@ fn resolve_query(client: &SpiClient<'_>, query: &str) -> Result<Source> {
         let written = owned(unsafe { pg_sys::format_type_be(oid) });
         rows.push((name, oid, written, true));
     }
-    Ok(Source { display, columns: describe(client, rows)? })
+    Ok(Source { display, columns: describe(rows)? })
 }
 
 /// Resolves `name` (a relation the user names, in their `search_path`, or
@@ -292,7 +301,7 @@ pub(crate) fn resolve_source(client: &SpiClient<'_>, name: &str) -> Result<Sourc
             row.get::<bool>(4)?.unwrap_or(false),
         ));
     }
-    Ok(Source { display, columns: describe(client, rows)? })
+    Ok(Source { display, columns: describe(rows)? })
 }
 
 /// What `cerebro_shared::request`'s rules need of `source`, resolved as

@@ -235,6 +235,29 @@ impl PackedColumn {
         }
     }
 
+    /// Empties the column, keeping its allocations for the next batch.
+    pub fn clear(&mut self) {
+        match self {
+            PackedColumn::Float64 { values, validity } => {
+                values.clear();
+                validity.clear();
+            }
+            PackedColumn::Text { offsets, data, validity } => {
+                offsets.truncate(1);
+                data.clear();
+                validity.clear();
+            }
+        }
+    }
+
+    /// Appends a NULL.
+    pub fn push_null(&mut self) {
+        match self {
+            PackedColumn::Float64 { .. } => self.push_f64(None),
+            PackedColumn::Text { .. } => self.push_text(None),
+        }
+    }
+
     /// Appends a number (NULL as `None`); a text column takes it as NULL.
     pub fn push_f64(&mut self, value: Option<f64>) {
         let row = self.len();
@@ -436,12 +459,13 @@ pub fn write_packed(columns: &[PackedColumn], layout: &BatchLayout, region: &mut
 }
 
 /// One column of a batch as it lies in the region: numbers copied out,
-/// text borrowed where it lies (checked UTF-8), so that scoring a batch
-/// allocates nothing per value.
+/// text borrowed where it lies, as bytes, so that scoring a batch allocates
+/// nothing per value. A category is looked up by its bytes; bytes that are
+/// not UTF-8 are no category a model knows.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ColumnRef<'a> {
     Float64(Vec<Option<f64>>),
-    Text(Vec<Option<&'a str>>),
+    Text(Vec<Option<&'a [u8]>>),
 }
 
 impl ColumnRef<'_> {
@@ -470,23 +494,31 @@ impl ColumnData {
     pub fn as_ref(&self) -> ColumnRef<'_> {
         match self {
             ColumnData::Float64(v) => ColumnRef::Float64(v.clone()),
-            ColumnData::Text(v) => ColumnRef::Text(v.iter().map(Option::as_deref).collect()),
+            ColumnData::Text(v) => ColumnRef::Text(v.iter().map(|s| s.as_deref().map(str::as_bytes)).collect()),
         }
     }
 }
 
-/// Copies the batch's columns out of `region`, checking every span first.
+/// Copies the batch's columns out of `region`, checking every span first
+/// and that text is UTF-8.
 pub fn read_batch(layout: &BatchLayout, region: &[u8]) -> Result<Vec<ColumnData>, LayoutError> {
-    Ok(read_batch_ref(layout, region)?
+    read_batch_ref(layout, region)?
         .into_iter()
-        .map(|c| match c {
-            ColumnRef::Float64(v) => ColumnData::Float64(v),
-            ColumnRef::Text(v) => ColumnData::Text(v.into_iter().map(|s| s.map(str::to_owned)).collect()),
+        .enumerate()
+        .map(|(column, c)| match c {
+            ColumnRef::Float64(v) => Ok(ColumnData::Float64(v)),
+            ColumnRef::Text(v) => v
+                .into_iter()
+                .map(|s| {
+                    s.map(|b| String::from_utf8(b.to_vec()).map_err(|_| LayoutError::BadUtf8 { column })).transpose()
+                })
+                .collect::<Result<_, _>>()
+                .map(ColumnData::Text),
         })
-        .collect())
+        .collect()
 }
 
-/// [`read_batch`] with the text left in the region, borrowed.
+/// [`read_batch`] with the text left in the region, borrowed as bytes.
 pub fn read_batch_ref<'a>(layout: &BatchLayout, region: &'a [u8]) -> Result<Vec<ColumnRef<'a>>, LayoutError> {
     let rows = layout.rows;
     if rows > MAX_BATCH_ROWS {
@@ -524,11 +556,7 @@ pub fn read_batch_ref<'a>(layout: &BatchLayout, region: &'a [u8]) -> Result<Vec<
                     if start > end || end > bytes.len() {
                         return Err(LayoutError::BadOffsets { column: ci });
                     }
-                    col.push(if is_valid(bits, i) {
-                        Some(std::str::from_utf8(&bytes[start..end]).map_err(|_| LayoutError::BadUtf8 { column: ci })?)
-                    } else {
-                        None
-                    });
+                    col.push(is_valid(bits, i).then(|| &bytes[start..end]));
                 }
                 out.push(ColumnRef::Text(col));
             }

@@ -9,7 +9,8 @@
 //! - [`request`]: the rules of a request that creates model versions (features,
 //!   a candidate's or a change's options, an import's graph), apart from the database;
 //! - [`sql`]: the bits of SQL text both sides write;
-//! - [`limits`]: how large a model and how much work a job is, estimated at INSERT.
+//! - [`limits`]: how large a model and how much work a job is, estimated at INSERT;
+//! - [`pg_numeric`]: PostgreSQL's `numeric` read as an `f64` from its bytes.
 //!
 //! This crate has no pgrx and no async runtime so that both sides, and plain
 //! `cargo test`, can use it.
@@ -19,6 +20,7 @@ pub mod error;
 pub mod limits;
 pub mod mst;
 pub mod onnx_graph;
+pub mod pg_numeric;
 pub mod protocol;
 pub mod provenance;
 pub mod request;
