@@ -304,13 +304,16 @@ CREATE FUNCTION cerebro.rollback(model text, comment text DEFAULT NULL) RETURNS 
 CREATE FUNCTION cerebro.export_onnx(model text, version integer) RETURNS bytea
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'export_onnx_wrapper';
 
--- One row's score, or label, for application code (fdw/src/predict.rs):
+-- One row's score, label or class probabilities, for application code (fdw/src/predict.rs):
 -- SELECT cerebro.predict('churn', c) FROM customers c WHERE id = $1. STABLE:
 -- within one statement every call scores with the same version.
 CREATE FUNCTION cerebro.predict(model text, input anyelement, version integer DEFAULT NULL) RETURNS float8
     LANGUAGE c CALLED ON NULL INPUT STABLE PARALLEL RESTRICTED AS 'MODULE_PATHNAME', 'predict_wrapper';
 CREATE FUNCTION cerebro.predict_label(model text, input anyelement, version integer DEFAULT NULL) RETURNS text
     LANGUAGE c CALLED ON NULL INPUT STABLE PARALLEL RESTRICTED AS 'MODULE_PATHNAME', 'predict_label_wrapper';
+CREATE FUNCTION cerebro.predict_proba(model text, input anyelement, version integer DEFAULT NULL)
+    RETURNS double precision[]
+    LANGUAGE c CALLED ON NULL INPUT STABLE PARALLEL RESTRICTED AS 'MODULE_PATHNAME', 'predict_proba_wrapper';
 
 CREATE FUNCTION cerebro.reproduce(model text, version integer) RETURNS integer
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'reproduce_wrapper';

@@ -20,7 +20,9 @@
 //!   value expressions in `fdw_exprs`, which PostgreSQL prepares and keeps
 //!   up to date like any other expression of the plan. Every condition stays
 //!   a filter PostgreSQL checks too, so narrowing the scan never changes what
-//!   a query returns.
+//!   a query returns; except a lone `model`, `source` or `key_column = text`,
+//!   which every row the scan returns repeats (`echoes`): checking it again
+//!   on each of a table's rows cost a tenth of a scoring backend's time.
 //! - Execution evaluates those expressions when the scan begins (and again on
 //!   rescan, when an outer row's parameter changes) and hands the values to
 //!   the wrapper (`crate::fdw::CerebroFdw`, these callbacks' type parameter,
@@ -220,6 +222,24 @@ unsafe fn is_equality(opno: pg_sys::Oid, input_type: pg_sys::Oid, collation: pg_
 /// on the others (`score`, `label`) are only PostgreSQL's filter.
 const PUSHED_COLUMNS: [&str; 5] = ["model", "version", "source", "key_column", "key"];
 
+/// Columns a scan shows exactly as the condition that chose them said:
+/// `model = 'm'` scores model `m` and every row it returns says `m`.
+const ECHOED_COLUMNS: [&str; 3] = ["model", "source", "key_column"];
+
+/// Whether `clause`, a pushed `column = value` on a column of
+/// [`ECHOED_COLUMNS`], holds for every row the scan returns, so that
+/// PostgreSQL need not check it again on each row: text equality with a
+/// text value (which the scan takes as it is), and one value, not a list.
+/// A second condition on the same column still needs checking; the caller
+/// sees to that.
+unsafe fn echoes(clause: *mut pg_sys::Node, value: *mut pg_sys::Node, any: bool) -> bool {
+    unsafe {
+        !any && (*clause).type_ == pg_sys::NodeTag::T_OpExpr
+            && (*(clause as *mut pg_sys::OpExpr)).opno == pg_sys::Oid::from(pg_sys::TextEqualOperator)
+            && pg_sys::exprType(value) == pg_sys::TEXTOID
+    }
+}
+
 /// `column = value` or `column = ANY (array)` over this scan, as
 /// (attnum, value expression, is ANY).
 unsafe fn pushable(clause: *mut pg_sys::Node, relid: u32) -> Option<(i32, *mut pg_sys::Node, bool)> {
@@ -312,13 +332,19 @@ pub unsafe extern "C-unwind" fn get_foreign_plan(
         let scores = object_of(&table_options(foreigntableid)) == "predictions";
         let mut private = PlanPrivate { pushed: Vec::new(), any: Vec::new(), needed: Vec::new() };
         let mut fdw_exprs: *mut pg_sys::List = ptr::null_mut();
+        let mut echoed: Vec<(i32, *mut pg_sys::RestrictInfo)> = Vec::new();
         if scores && !scan_clauses.is_null() {
             for cell in std::slice::from_raw_parts((*scan_clauses).elements, (*scan_clauses).length as usize) {
                 let rinfo = cell.ptr_value as *mut pg_sys::RestrictInfo;
                 if let Some((attnum, value, any)) = pushable((*rinfo).clause.cast(), relid) {
                     let name = pg_sys::get_attname(foreigntableid, attnum as i16, true);
-                    if name.is_null() || !PUSHED_COLUMNS.contains(&CStr::from_ptr(name).to_string_lossy().as_ref()) {
+                    let name =
+                        if name.is_null() { String::new() } else { CStr::from_ptr(name).to_string_lossy().into() };
+                    if !PUSHED_COLUMNS.contains(&name.as_str()) {
                         continue;
+                    }
+                    if ECHOED_COLUMNS.contains(&name.as_str()) && echoes((*rinfo).clause.cast(), value, any) {
+                        echoed.push((attnum, rinfo));
                     }
                     private.pushed.push(attnum);
                     private.any.push(any);
@@ -326,8 +352,21 @@ pub unsafe extern "C-unwind" fn get_foreign_plan(
                 }
             }
         }
-        // Every condition stays a filter PostgreSQL checks on each row.
-        let local_quals = pg_sys::extract_actual_clauses(scan_clauses, false);
+        // Every other condition stays a filter PostgreSQL checks on each row.
+        let mut kept: *mut pg_sys::List = ptr::null_mut();
+        if !scan_clauses.is_null() {
+            for cell in std::slice::from_raw_parts((*scan_clauses).elements, (*scan_clauses).length as usize) {
+                let rinfo = cell.ptr_value as *mut pg_sys::RestrictInfo;
+                let only_condition_on_its_column = echoed
+                    .iter()
+                    .find(|(_, r)| *r == rinfo)
+                    .is_some_and(|(attnum, _)| private.pushed.iter().filter(|&&a| a == *attnum).count() == 1);
+                if !only_condition_on_its_column {
+                    kept = pg_sys::lappend(kept, rinfo.cast());
+                }
+            }
+        }
+        let local_quals = pg_sys::extract_actual_clauses(kept, false);
         private.needed = needed_attributes(baserel, local_quals);
         pg_sys::make_foreignscan(
             tlist,

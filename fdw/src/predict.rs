@@ -1,6 +1,6 @@
-//! `cerebro.predict(model, input [, version])` and `cerebro.predict_label`:
-//! one row's score, or its label, for application code that asks once per
-//! request. The row is the caller's own value (a table's row, a row built in
+//! `cerebro.predict(model, input [, version])`, `cerebro.predict_label` and
+//! `cerebro.predict_proba`: one row's score, label or class probabilities,
+//! for application code that asks once per request. The row is the caller's own value (a table's row, a row built in
 //! the query, a subquery's), read by column name; nothing is read from the
 //! model's source.
 //!
@@ -16,9 +16,11 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use cerebro_shared::batch::{plan_batch, read_outputs, write_batch, ColumnData, NO_LABEL};
+use cerebro_shared::batch::{
+    plan_packed, read_outputs, read_probabilities, write_packed, ColumnData, PackedColumn, NO_LABEL,
+};
 use cerebro_shared::protocol::{Request, Response, ScoreRequest};
-use cerebro_shared::spec::FeatureKind;
+use cerebro_shared::spec::{FeatureKind, Task};
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 use pgrx::{AnyElement, AnyNumeric, FromDatum, PgOid};
@@ -62,15 +64,17 @@ impl Link {
         Ok(Link { client, region, in_doubt: false })
     }
 
-    /// Scores one batch: the scores and labels of its rows.
-    fn score(&mut self, model: &ModelVersion, columns: &[ColumnData]) -> Result<(Vec<f64>, Vec<u32>)> {
-        let (layout, needed) = plan_batch(columns);
+    /// Scores one batch: the scores and labels of its rows, and `classes`
+    /// probabilities per row (0: none asked for).
+    fn score(&mut self, model: &ModelVersion, columns: &[ColumnData], classes: u32) -> Result<Scored> {
+        let packed: Vec<PackedColumn> = columns.iter().map(PackedColumn::from).collect();
+        let (layout, needed) = plan_packed(&packed, classes);
         if (self.region.len() as u64) < needed {
             let larger = Region::create((needed as usize).next_power_of_two())?;
             self.client.attach(0, &larger)?;
             self.region = larger;
         }
-        write_batch(columns, &layout, &mut self.region.map[..]).map_err(|e| CerebroError::Protocol(e.to_string()))?;
+        write_packed(&packed, &layout, &mut self.region.map[..]).map_err(|e| CerebroError::Protocol(e.to_string()))?;
         let request = Request::Score(ScoreRequest {
             model_version_id: model.id,
             artifact_sha256: model.artifact_sha256.clone(),
@@ -90,7 +94,10 @@ impl Link {
             Err(e) => return Err(e),
         }
         self.in_doubt = false;
-        read_outputs(&layout, &self.region.map[..]).map_err(|e| CerebroError::Protocol(e.to_string()))
+        let protocol = |e: cerebro_shared::batch::LayoutError| CerebroError::Protocol(e.to_string());
+        let (scores, labels) = read_outputs(&layout, &self.region.map[..]).map_err(protocol)?;
+        let probabilities = read_probabilities(&layout, &self.region.map[..]).map_err(protocol)?;
+        Ok(Scored { scores, labels, probabilities })
     }
 }
 
@@ -125,12 +132,32 @@ fn resolved(backend: &mut Backend, name: &str, version: Option<i32>) -> Result<M
     }
 }
 
-/// One row's score and label with the model `name` resolves to.
+/// What cerebrod answered for a batch.
+struct Scored {
+    scores: Vec<f64>,
+    labels: Vec<u32>,
+    /// The classes asked for, per row.
+    probabilities: Vec<f64>,
+}
+
+/// One row's prediction.
+struct Prediction {
+    score: f64,
+    label: Option<String>,
+    /// Each class's probability, in the order of the model's class labels,
+    /// when asked for: what cerebrod gave (multiclass), `[1 − p, p]`
+    /// (binary), none (regression); as `cerebro.predictions` shows them.
+    probabilities: Option<Vec<f64>>,
+}
+
+/// One row's prediction with the model `name` resolves to; `probabilities`:
+/// whether to ask for each class's.
 fn predict_row(
     name: Option<&str>,
     input: Option<AnyElement>,
     version: Option<i32>,
-) -> Result<Option<(f64, Option<String>)>> {
+    probabilities: bool,
+) -> Result<Option<Prediction>> {
     let name = name.ok_or(CerebroError::NullArgument("model"))?;
     let Some(input) = input else { return Ok(None) };
     BACKEND.with(|backend| {
@@ -143,12 +170,16 @@ fn predict_row(
             backend.link = None;
         }
         let reused = backend.link.is_some();
-        let attempt = |backend: &mut Backend| -> Result<(Vec<f64>, Vec<u32>)> {
+        let classes = match model.task {
+            Task::Multiclass if probabilities => model.class_labels.len() as u32,
+            _ => 0,
+        };
+        let attempt = |backend: &mut Backend| -> Result<Scored> {
             if backend.link.is_none() {
                 backend.link = Some(Link::open()?);
             }
             let link = backend.link.as_mut().expect("opened above");
-            link.score(&model, &columns)
+            link.score(&model, &columns, classes)
         };
         let scored = match attempt(&mut backend) {
             Err(CerebroError::Connection(_)) if reused => {
@@ -157,7 +188,7 @@ fn predict_row(
             }
             other => other,
         };
-        let (scores, labels) = match scored {
+        let scored = match scored {
             Ok(s) => s,
             Err(e) => {
                 if !matches!(e, CerebroError::Daemon(_)) {
@@ -169,11 +200,18 @@ fn predict_row(
                 return Err(e);
             }
         };
-        let (Some(&score), Some(&label)) = (scores.first(), labels.first()) else {
+        let (Some(&score), Some(&label)) = (scored.scores.first(), scored.labels.first()) else {
             return Err(CerebroError::Protocol("cerebrod scored no row".into()));
         };
         let label = (label != NO_LABEL).then(|| model.class_labels.get(label as usize).cloned()).flatten();
-        Ok(Some((score, label)))
+        let probabilities = match model.task {
+            _ if !probabilities => None,
+            Task::Multiclass if scored.probabilities.len() == classes as usize => Some(scored.probabilities),
+            Task::Multiclass => return Err(CerebroError::Protocol("cerebrod gave no class probabilities".into())),
+            Task::Binary => Some(vec![1.0 - score, score]),
+            Task::Regression => None,
+        };
+        Ok(Some(Prediction { score, label, probabilities }))
     })
 }
 
@@ -323,10 +361,15 @@ fn type_name(oid: pg_sys::Oid) -> String {
 
 #[pg_extern(sql = false)]
 fn predict(model: Option<&str>, input: Option<AnyElement>, version: Option<i32>) -> Option<f64> {
-    predict_row(model, input, version).unwrap_or_else(|e| raise(e)).map(|(score, _)| score)
+    predict_row(model, input, version, false).unwrap_or_else(|e| raise(e)).map(|p| p.score)
 }
 
 #[pg_extern(sql = false)]
 fn predict_label(model: Option<&str>, input: Option<AnyElement>, version: Option<i32>) -> Option<String> {
-    predict_row(model, input, version).unwrap_or_else(|e| raise(e)).and_then(|(_, label)| label)
+    predict_row(model, input, version, false).unwrap_or_else(|e| raise(e)).and_then(|p| p.label)
+}
+
+#[pg_extern(sql = false)]
+fn predict_proba(model: Option<&str>, input: Option<AnyElement>, version: Option<i32>) -> Option<Vec<f64>> {
+    predict_row(model, input, version, true).unwrap_or_else(|e| raise(e)).and_then(|p| p.probabilities)
 }

@@ -1,5 +1,6 @@
-//! One row's score for application code (issue 15): `cerebro.predict` and
-//! `cerebro.predict_label` equal `cerebro.predictions` row for row, follow
+//! One row's score for application code (issue 15): `cerebro.predict`,
+//! `cerebro.predict_label` and `cerebro.predict_proba` equal
+//! `cerebro.predictions` row for row, follow
 //! deployments from one statement to the next, survive a restart of
 //! cerebrod in the same session, work prepared, and fail precisely; and
 //! by-key predictions find their rows through the source's index.
@@ -79,6 +80,7 @@ async fn predict_equals_predictions_for_every_row_and_task() -> anyhow::Result<(
         assert_eq!(batch.len(), 7043);
         assert_same(&one_by_one, &batch, name);
         check_probabilities(&db, name, &batch).await?;
+        check_predict_proba(&db, name).await?;
     }
     // A row built in the query, read by column name (where a name first
     // appears), in any order, with columns the model does not read and a
@@ -127,6 +129,35 @@ async fn check_probabilities(db: &Client, name: &str, scored: &Scores) -> anyhow
         let expected = if classes.len() == 2 { p[1] } else { p[top] };
         assert!((expected - score).abs() < 1e-6, "{name}: key {key}: {p:?} against score {score}");
         assert_eq!(label.as_deref(), Some(classes[top].as_str()), "{name}: key {key}: {p:?}");
+    }
+    Ok(())
+}
+
+/// `cerebro.predict_proba` of each row equals the `probabilities` that
+/// `cerebro.predictions` gives it (to 1e-6), NULL for regression.
+async fn check_predict_proba(db: &Client, name: &str) -> anyhow::Result<()> {
+    let probabilities = |sql: String| async move {
+        let rows = db.query(&sql, &[]).await?;
+        anyhow::Ok(
+            rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, Option<Vec<f64>>>(1))).collect::<HashMap<_, _>>(),
+        )
+    };
+    let batch =
+        probabilities(format!("SELECT key, probabilities FROM cerebro.predictions WHERE model = '{name}'")).await?;
+    let one_by_one =
+        probabilities(format!("SELECT t.customer_id::text, cerebro.predict_proba('{name}', t) FROM telco_churn t"))
+            .await?;
+    assert_eq!(one_by_one.len(), batch.len(), "{name}");
+    for (key, expected) in &batch {
+        let found = &one_by_one[key];
+        match (found, expected) {
+            (Some(f), Some(e)) => {
+                assert_eq!(f.len(), e.len(), "{name}: key {key}");
+                assert!(f.iter().zip(e).all(|(a, b)| (a - b).abs() <= 1e-6), "{name}: key {key}: {f:?} against {e:?}");
+            }
+            (None, None) => {}
+            _ => panic!("{name}: key {key}: {found:?} against {expected:?}"),
+        }
     }
     Ok(())
 }
@@ -316,5 +347,56 @@ async fn predict_fails_precisely() -> anyhow::Result<()> {
         .await?
         .get(0);
     assert!((0.0..=1.0).contains(&granted));
+    Ok(())
+}
+
+/// The `Filter:` line of a query's plan: the conditions PostgreSQL checks
+/// on each row.
+async fn filter(db: &Client, sql: &str) -> anyhow::Result<String> {
+    let rows = db.query(&format!("EXPLAIN (COSTS OFF) {sql}"), &[]).await?;
+    Ok(rows.iter().map(|r| r.get::<_, String>(0)).filter(|l| l.trim_start().starts_with("Filter:")).collect())
+}
+
+/// A lone `model`, `source` or `key_column = '...'` is not checked again on
+/// every row (each row the scan returns says what it asked), and a query
+/// still returns what PostgreSQL's own filter would: rows that say so, none
+/// for two models at once, the same prepared as planned afresh.
+#[tokio::test(flavor = "multi_thread")]
+async fn conditions_every_row_repeats_are_not_checked_again() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    train(&db, "p_echo_a", "churn", r#"{"epochs": 1}"#).await?;
+    train(&db, "p_echo_b", "churn", r#"{"epochs": 1}"#).await?;
+    let asked = "SELECT model, source, key_column, key FROM cerebro.predictions
+                 WHERE model = 'p_echo_a' AND source = 'telco_churn' AND key_column = 'customer_id'
+                   AND key = ANY ('{42,43}')";
+    let checked = filter(&db, asked).await?;
+    assert!(!checked.contains("model =") && !checked.contains("source =") && !checked.contains("key_column ="));
+    assert!(checked.contains("key = ANY"), "{checked}");
+    let rows = db.query(asked, &[]).await?;
+    let seen: Vec<(String, String, String, String)> =
+        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    let mut keys: Vec<&str> = seen.iter().map(|(.., k)| k.as_str()).collect();
+    keys.sort();
+    assert_eq!(keys, ["42", "43"]);
+    for (model, source, key_column, _) in &seen {
+        assert_eq!((model.as_str(), source.as_str(), key_column.as_str()), ("p_echo_a", "telco_churn", "customer_id"));
+    }
+    // Two conditions on one column are both checked: no row is of two
+    // models. (Two constants would be seen contradictory by the planner.)
+    let both = "SELECT count(*) FROM cerebro.predictions WHERE model = 'p_echo_a' AND model = ANY ('{p_echo_b}')";
+    assert!(filter(&db, both).await?.contains("model ="));
+    assert_eq!(db.query_one(both, &[]).await?.get::<_, i64>(0), 0);
+    // Prepared, past the executions after which PostgreSQL keeps a generic plan.
+    let prepared = db
+        .prepare(
+            "SELECT count(*) FILTER (WHERE model = $1) FROM cerebro.predictions WHERE model = $1 AND key = ANY ($2)",
+        )
+        .await?;
+    for name in ["p_echo_a", "p_echo_b"].iter().cycle().take(8) {
+        let keys = vec!["42".to_owned(), "43".to_owned()];
+        assert_eq!(db.query_one(&prepared, &[name, &keys]).await?.get::<_, i64>(0), 2, "{name}");
+    }
     Ok(())
 }
