@@ -176,7 +176,9 @@ fn check_native(rt: &OnnxRuntime, model: &TrainedModel, options: &TrainOptions, 
     let native = NativeModel::from_onnx(&bytes, model.pipeline.clone(), options, model.task, classes).unwrap();
     let onnx = ScoringModel::load(rt, &bytes).unwrap();
     let values = model.task == Task::Regression;
-    for rows in [columns(300, 10_000), native.probe()] {
+    // More rows than the engine runs through the network at a time (512),
+    // the last chunk partial.
+    for rows in [columns(1_300, 10_000), native.probe()] {
         let refs: Vec<ColumnRef<'_>> = rows.iter().map(ColumnData::as_ref).collect();
         let (own, width) = native.run(&refs).unwrap();
         let (runtime, runtime_width) = onnx.run(&rows).unwrap();
