@@ -67,8 +67,8 @@ pub fn reads_as_number(type_oid: pg_sys::Oid) -> bool {
     Read::of(&PackedColumn::float64(0), type_oid).is_some()
 }
 
-/// A varlena's bytes, read where they lie when short and inline; `free`
-/// afterwards says whether a detoasted copy was made.
+/// A varlena's bytes, read where they lie when short and inline, and the
+/// detoasted copy they lie in otherwise, for the caller to free.
 ///
 /// # Safety
 /// `value` is a valid varlena datum.
