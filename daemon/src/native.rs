@@ -20,9 +20,10 @@ use cerebro_shared::batch::{ColumnData, ColumnRef};
 use cerebro_shared::spec::{Task, TrainOptions, NULL_CATEGORY};
 use prost::Message;
 
-use crate::engine::{sigmoid, Arch, Batch, Op, Predictor, Stack, NORM_EPS};
+use crate::engine::{sigmoid, softmax_into, Arch, Batch, Op, Predictor, Stack, NORM_EPS};
 use crate::features::{Encoder, FeatureError, FeaturePipeline};
 use crate::onnx::proto::ModelProto;
+use crate::train::TargetScale;
 
 /// How far a native score may be from ONNX Runtime's on the probe batch:
 /// absolute for probabilities, relative (to at least 1) for values.
@@ -45,12 +46,8 @@ pub enum NativeError {
 enum Head {
     Sigmoid,
     Softmax,
-    /// `value = learnt · std + mean`, then `exp` for a log-transformed target.
-    Value {
-        mean: f32,
-        std: f32,
-        log: bool,
-    },
+    /// The network's output in the target's units.
+    Value(TargetScale),
 }
 
 /// A model ready for the engine: its pipeline, its network (one per member
@@ -175,7 +172,7 @@ impl NativeModel {
                 let first = &mut members[0];
                 let std = take(first, "target_std", 1)?[0];
                 let mean = take(first, "target_mean", 1)?[0];
-                Head::Value { mean, std, log }
+                Head::Value(TargetScale { mean, std, log })
             }
         };
         let networks = members.iter_mut().map(|m| member(&arch, m)).collect::<Result<Vec<_>, _>>()?;
@@ -191,21 +188,16 @@ impl NativeModel {
         Predictor::new(&self.network, 1).predict(Batch { x: &encoded.x, codes: &encoded.codes, n }, &mut logits);
         let (k, width) = (self.network.k, self.network.outputs());
         let mut out = vec![0.0f32; n * width];
+        let mut probabilities = vec![0.0f32; width];
         for (row, wide) in out.chunks_exact_mut(width).zip(logits.chunks_exact(k * width)) {
             for (member, &weight) in wide.chunks_exact(width).zip(&self.weights) {
                 match self.head {
                     Head::Sigmoid => row[0] += weight * sigmoid(member[0]),
                     Head::Softmax => {
-                        let max = member.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let sum: f32 = member.iter().map(|l| (l - max).exp()).sum();
-                        for (o, l) in row.iter_mut().zip(member) {
-                            *o += weight * (l - max).exp() / sum;
-                        }
+                        softmax_into(member, &mut probabilities);
+                        row.iter_mut().zip(&probabilities).for_each(|(o, p)| *o += weight * p);
                     }
-                    Head::Value { mean, std, log } => {
-                        let learnt = member[0] * std + mean;
-                        row[0] += weight * if log { learnt.exp() } else { learnt };
-                    }
+                    Head::Value(scale) => row[0] += weight * scale.value(member[0]),
                 }
             }
         }

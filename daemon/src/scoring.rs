@@ -86,9 +86,7 @@ impl OnnxRuntime {
             Err(reason) => Err(ScoringError::Runtime { path: library.to_path_buf(), reason: reason.clone() }),
         }
     }
-}
 
-impl OnnxRuntime {
     /// The same runtime, scoring every model with ONNX Runtime when
     /// `native` is false (config `native_scoring`).
     pub fn with_native(mut self, native: bool) -> OnnxRuntime {

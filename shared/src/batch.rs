@@ -16,6 +16,8 @@
 //! spans may overlap, so what a read allocates is bounded by the region's
 //! size (a few times it), however many columns a layout lists.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 /// Rows in one batch are capped so a broken request cannot ask for absurd sizes.
@@ -464,7 +466,8 @@ pub fn write_packed(columns: &[PackedColumn], layout: &BatchLayout, region: &mut
 /// not UTF-8 are no category a model knows.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ColumnRef<'a> {
-    Float64(Vec<Option<f64>>),
+    /// Borrowed from a [`ColumnData`]; decoded from the region's bytes.
+    Float64(Cow<'a, [Option<f64>]>),
     Text(Vec<Option<&'a [u8]>>),
 }
 
@@ -490,10 +493,10 @@ impl ColumnRef<'_> {
 }
 
 impl ColumnData {
-    /// The column as a [`ColumnRef`], its text borrowed.
+    /// The column as a [`ColumnRef`], borrowed.
     pub fn as_ref(&self) -> ColumnRef<'_> {
         match self {
-            ColumnData::Float64(v) => ColumnRef::Float64(v.clone()),
+            ColumnData::Float64(v) => ColumnRef::Float64(Cow::Borrowed(v)),
             ColumnData::Text(v) => ColumnRef::Text(v.iter().map(|s| s.as_deref().map(str::as_bytes)).collect()),
         }
     }
@@ -506,7 +509,7 @@ pub fn read_batch(layout: &BatchLayout, region: &[u8]) -> Result<Vec<ColumnData>
         .into_iter()
         .enumerate()
         .map(|(column, c)| match c {
-            ColumnRef::Float64(v) => Ok(ColumnData::Float64(v)),
+            ColumnRef::Float64(v) => Ok(ColumnData::Float64(v.into_owned())),
             ColumnRef::Text(v) => v
                 .into_iter()
                 .map(|s| {
@@ -540,7 +543,7 @@ pub fn read_batch_ref<'a>(layout: &BatchLayout, region: &'a [u8]) -> Result<Vec<
                             .then(|| f64::from_le_bytes(vals[i * 8..i * 8 + 8].try_into().expect("8-byte chunk")))
                     })
                     .collect();
-                out.push(ColumnRef::Float64(col));
+                out.push(ColumnRef::Float64(Cow::Owned(col)));
             }
             ColumnLayout::Text { offsets, data, validity } => {
                 expect_len(*offsets, (rows as u64 + 1) * 4, rows, "offsets")?;

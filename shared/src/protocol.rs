@@ -173,10 +173,11 @@ pub fn read_frame<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, FrameErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batch::{plan_batch, ColumnData};
+    use crate::error::ErrorCode;
 
     #[test]
     fn score_frames_read_in_one_pass_equal_the_enum_s_reading() {
-        use crate::batch::{plan_batch, ColumnData};
         let (layout, _) = plan_batch(&[ColumnData::Float64(vec![Some(1.0)]), ColumnData::Text(vec![None])]);
         let score =
             Request::Score(ScoreRequest { model_version_id: 7, artifact_sha256: "ab".into(), region: 1, layout });
@@ -190,8 +191,6 @@ mod tests {
         let unknown = br#"{"type": "score", "model_version_id": 7, "artifact_sha256": "ab", "region": 1, "extra": 1}"#;
         assert!(matches!(decode_request(unknown), Err(FrameError::Malformed(_))));
     }
-    use crate::batch::{plan_batch, ColumnData};
-    use crate::error::ErrorCode;
 
     #[test]
     fn frames_round_trip() {
