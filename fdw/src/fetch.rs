@@ -60,6 +60,46 @@ impl Read {
     }
 }
 
+impl Read {
+    /// A non-NULL number datum as an f64; `None` for bytes no numeric
+    /// would store, or for text.
+    ///
+    /// # Safety
+    /// `value` is a datum of the type this `Read` was chosen for.
+    unsafe fn number(self, value: pg_sys::Datum) -> Option<f64> {
+        // Pass-by-value types are in the datum itself (float8 and int8 are
+        // on every 64-bit build pgrx supports).
+        match self {
+            Read::Float8 => Some(f64::from_bits(value.value() as u64)),
+            Read::Float4 => Some(f32::from_bits(value.value() as u32) as f64),
+            Read::Int2 => Some(value.value() as i16 as f64),
+            Read::Int4 => Some(value.value() as i32 as f64),
+            Read::Int8 => Some(value.value() as i64 as f64),
+            Read::Numeric => {
+                // SAFETY: a numeric is a varlena.
+                let (bytes, copy) = unsafe { varlena_bytes(value) };
+                let number = numeric_to_f64(bytes);
+                if let Some(copy) = copy {
+                    // SAFETY: the detoasted copy is ours.
+                    unsafe { pg_sys::pfree(copy.cast()) };
+                }
+                number
+            }
+            Read::Text => None,
+        }
+    }
+}
+
+/// A non-NULL datum of built-in type `type_oid` as an f64, read as scans
+/// read numbers; `None` when the type is not one of [`reads_as_number`]'s.
+///
+/// # Safety
+/// `value` is a datum of type `type_oid`.
+pub unsafe fn number_of(type_oid: pg_sys::Oid, value: pg_sys::Datum) -> Option<Option<f64>> {
+    // SAFETY: as the caller promises.
+    Read::of(&PackedColumn::float64(0), type_oid).map(|read| unsafe { read.number(value) })
+}
+
 /// Whether a number column of built-in type `type_oid` is read as it is
 /// stored, rather than cast to `float8` by the query: the integers, the
 /// floats and `numeric`, whose casts cost more than reading them here.
@@ -134,25 +174,16 @@ unsafe extern "C-unwind" fn receive(slot: *mut pg_sys::TupleTableSlot, dest: *mu
                 column.push_null();
                 continue;
             }
-            // Pass-by-value types are in the datum itself (float8 and int8
-            // are on every 64-bit build pgrx supports).
             match read {
-                Read::Float8 => column.push_f64(Some(f64::from_bits(value.value() as u64))),
-                Read::Float4 => column.push_f64(Some(f32::from_bits(value.value() as u32) as f64)),
-                Read::Int2 => column.push_f64(Some(value.value() as i16 as f64)),
-                Read::Int4 => column.push_f64(Some(value.value() as i32 as f64)),
-                Read::Int8 => column.push_f64(Some(value.value() as i64 as f64)),
-                Read::Numeric | Read::Text => {
+                Read::Text => {
                     let (bytes, copy) = varlena_bytes(*value);
-                    match read {
-                        // Bytes a numeric's type would never store read as NULL.
-                        Read::Numeric => column.push_f64(numeric_to_f64(bytes)),
-                        _ => column.push_text(Some(bytes)),
-                    }
+                    column.push_text(Some(bytes));
                     if let Some(copy) = copy {
                         pg_sys::pfree(copy.cast());
                     }
                 }
+                // Bytes a numeric's type would never store read as NULL.
+                number => column.push_f64(number.number(*value)),
             }
         }
         true

@@ -23,7 +23,7 @@ use cerebro_shared::protocol::{Request, Response, ScoreRequest};
 use cerebro_shared::spec::{FeatureKind, Task};
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
-use pgrx::{AnyElement, AnyNumeric, FromDatum, PgOid};
+use pgrx::{AnyElement, FromDatum, PgOid};
 
 use crate::daemon_client::{DaemonClient, Region};
 use crate::error::{raise, CerebroError, Result};
@@ -298,34 +298,18 @@ impl Row {
         type_name(self.type_oid)
     }
 
-    /// A numeric feature: a column of an integer, floating-point or numeric type.
+    /// A numeric feature: a column of an integer, floating-point or numeric
+    /// type, read as `cerebro.predictions` reads it.
     fn number(&self, i: usize) -> Result<Option<f64>> {
         if self.nulls[i] {
             return Ok(None);
         }
-        let datum = self.values[i];
-        // SAFETY: each arm reads the datum as the type the row says it is.
-        let value = unsafe {
-            match self.types[i] {
-                pg_sys::INT2OID => i16::from_datum(datum, false).map(f64::from),
-                pg_sys::INT4OID => i32::from_datum(datum, false).map(f64::from),
-                pg_sys::INT8OID => i64::from_datum(datum, false).map(|v| v as f64),
-                pg_sys::FLOAT4OID => f32::from_datum(datum, false).map(f64::from),
-                pg_sys::FLOAT8OID => f64::from_datum(datum, false),
-                pg_sys::NUMERICOID => AnyNumeric::from_datum(datum, false).map(|n| {
-                    // NaN and infinities as float8 has them; out of range is not a float8 either.
-                    f64::try_from(n).unwrap_or(f64::NAN)
-                }),
-                other => {
-                    return Err(CerebroError::FeatureType {
-                        column: self.names[i].clone(),
-                        type_name: type_name(other),
-                        expected: "a number (smallint, integer, bigint, real, double precision or numeric)",
-                    })
-                }
-            }
-        };
-        Ok(value)
+        // SAFETY: the datum is of the row's type for this column.
+        unsafe { crate::fetch::number_of(self.types[i], self.values[i]) }.ok_or_else(|| CerebroError::FeatureType {
+            column: self.names[i].clone(),
+            type_name: type_name(self.types[i]),
+            expected: "a number (smallint, integer, bigint, real, double precision or numeric)",
+        })
     }
 
     /// A categorical feature as the snapshot and `cerebro.predictions` read

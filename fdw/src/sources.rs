@@ -41,15 +41,25 @@ pub(crate) struct SourceColumn {
 /// reading it safely goes.
 pub(crate) enum BaseType {
     /// Built in (schema-qualified name): its casts are PostgreSQL's own.
-    /// `ordered`: it has a default btree operator class, so its values also
-    /// compare in their own type, as an index does.
-    BuiltIn { name: String, oid: pg_sys::Oid, ordered: bool },
+    BuiltIn { name: String, oid: pg_sys::Oid },
     /// An enum (schema-qualified, quoted): whoever owns it may have given it
     /// casts, so it becomes text through its output function.
     Enum(String),
     /// Anything else a role or an extension made (a composite, a range, an
     /// extension's type): text through its output function.
     Other,
+}
+
+impl BaseType {
+    /// Whether values also compare in their own type, as an index does: a
+    /// built-in type, not an array, with a default btree operator class.
+    /// Asked of a key column only, when a scan or a selection needs it.
+    pub(crate) fn ordered(&self) -> bool {
+        let BaseType::BuiltIn { oid, .. } = self else { return false };
+        // SAFETY: catalog lookups of an existing type and its operator classes.
+        type_facts(*oid).category != 'A'
+            && unsafe { pg_sys::GetDefaultOpClass(*oid, pg_sys::BTREE_AM_OID) } != pg_sys::InvalidOid
+    }
 }
 
 impl SourceColumn {
@@ -86,7 +96,7 @@ impl SourceColumn {
     /// the type's own input error, as in any query); as text otherwise.
     pub(crate) fn equals_any(&self, array: &str) -> String {
         match &self.base {
-            BaseType::BuiltIn { name: t, ordered: true, .. } => {
+            BaseType::BuiltIn { name: t, .. } if self.base.ordered() => {
                 format!("{} OPERATOR(pg_catalog.=) ANY ({array}::{t}[])", self.stored())
             }
             _ => format!("{} OPERATOR(pg_catalog.=) ANY ({array})", self.text()),
@@ -207,9 +217,8 @@ fn describe(rows: Vec<(String, pg_sys::Oid, String, bool)>) -> Result<Vec<Source
         // SAFETY: a syscache lookup of an existing type; the name comes back
         // schema-qualified and quoted where needed.
         let qualified = || owned(unsafe { pg_sys::format_type_be_qualified(*base) });
-        let ordered = || has_btree_order(*base);
         let base = if base.to_u32() < pg_sys::FirstNormalObjectId {
-            BaseType::BuiltIn { name: qualified(), oid: *base, ordered: category != 'A' && ordered() }
+            BaseType::BuiltIn { name: qualified(), oid: *base }
         } else if typtype == 'e' {
             BaseType::Enum(qualified())
         } else {
@@ -350,25 +359,6 @@ unsafe extern "C-unwind" fn note_function(function: pg_sys::Oid, context: *mut s
 /// GROUP BY / DISTINCT / window clauses, whose operators a query may choose
 /// (`ORDER BY x USING ~<~`).
 const WALK_FLAGS: i32 = (pg_sys::QTW_EXAMINE_RTES_BEFORE | pg_sys::QTW_EXAMINE_SORTGROUP) as i32;
-
-thread_local! {
-    /// Whether each built-in type has a default btree operator class.
-    static ORDERED: std::cell::RefCell<std::collections::HashMap<pg_sys::Oid, bool>> = Default::default();
-}
-
-/// Whether the built-in type `base` has a default btree operator class,
-/// remembered for the session: finding out scans pg_opclass, and every scan
-/// of predictions asks it of every built-in column of its source. A
-/// built-in type's default operator classes come with the server.
-fn has_btree_order(base: pg_sys::Oid) -> bool {
-    if let Some(known) = ORDERED.with(|o| o.borrow().get(&base).copied()) {
-        return known;
-    }
-    // SAFETY: a catalog lookup of an existing type's operator classes.
-    let ordered = unsafe { pg_sys::GetDefaultOpClass(base, pg_sys::BTREE_AM_OID) } != pg_sys::InvalidOid;
-    ORDERED.with(|o| o.borrow_mut().insert(base, ordered));
-    ordered
-}
 
 /// A tree walker over an analysed and rewritten query: every node's
 /// functions, then its children; a subquery (a view, once rewritten, is

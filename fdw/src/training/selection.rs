@@ -101,7 +101,7 @@ fn trend_columns(client: &SpiClient<'_>, req: &TrainRequest) -> Result<Vec<Strin
     let (true, None, Some(key)) = (ordered, &req.features, req.key.as_deref()) else { return Ok(Vec::new()) };
     let Ok(source) = resolve_source(client, &req.source) else { return Ok(Vec::new()) };
     // A key of a built-in type without an order (json, point) orders nothing.
-    let orderable = |k: &&SourceColumn| k.readable && !matches!(k.base, BaseType::BuiltIn { ordered: false, .. });
+    let orderable = |k: &&SourceColumn| k.readable && (!matches!(k.base, BaseType::BuiltIn { .. }) || k.base.ordered());
     let Some(key) = source.column(key).ok().filter(orderable) else { return Ok(Vec::new()) };
     let numeric: Vec<_> = source
         .columns
