@@ -161,6 +161,28 @@ CREATE TABLE cerebro.model_metrics (
     PRIMARY KEY (model_version_id, metric)
 );
 CREATE INDEX model_metrics_by_value ON cerebro.model_metrics (metric, value);
+
+-- Global importance (issue 16): how much the version's validation metric
+-- drops when one source column is shuffled among the validation rows,
+-- measured by cerebrod after training (cerebro_shared::importance::Importance:
+-- metric, baseline, rows, repeats and the columns, most important first).
+-- `importance` is each column's share of the drops, summing to 1.
+ALTER TABLE cerebro.model_versions ADD COLUMN importance jsonb;
+CREATE TABLE cerebro.model_importance (
+    model_version_id bigint           NOT NULL REFERENCES cerebro.model_versions (id) ON DELETE CASCADE,
+    column_name      text             NOT NULL,
+    rank             integer          NOT NULL,
+    importance       double precision NOT NULL,
+    metric_drop      double precision NOT NULL,
+    PRIMARY KEY (model_version_id, rank)
+);
+CREATE INDEX model_importance_by_column ON cerebro.model_importance (column_name, rank);
+
+-- Rule surrogate (issue 16): a decision tree of depth 4 fitted by cerebrod
+-- to the version's own predictions on its training rows, with its fidelity
+-- on the validation rows (cerebro_shared::surrogate::Surrogate). Read as
+-- rules or as SQL with the functions below.
+ALTER TABLE cerebro.model_versions ADD COLUMN surrogate jsonb;
 CREATE INDEX model_versions_by_source ON cerebro.model_versions (source_relation);
 
 -- SECURITY DEFINER: whoever writes a version (the extension owner, the
@@ -177,6 +199,7 @@ BEGIN
     DELETE FROM cerebro.model_features WHERE model_version_id = NEW.id;
     DELETE FROM cerebro.model_layers WHERE model_version_id = NEW.id;
     DELETE FROM cerebro.model_metrics WHERE model_version_id = NEW.id;
+    DELETE FROM cerebro.model_importance WHERE model_version_id = NEW.id;
     INSERT INTO cerebro.model_features (model_version_id, column_name, kind)
     SELECT NEW.id, f->>'name', f->>'kind' FROM jsonb_array_elements(NEW.features) f;
     INSERT INTO cerebro.model_layers (model_version_id, position, kind, width)
@@ -189,10 +212,14 @@ BEGIN
     INSERT INTO cerebro.model_metrics (model_version_id, metric, value)
     SELECT NEW.id, m.key, m.value::text::double precision
     FROM jsonb_each(coalesce(NEW.metrics, '{}')) m WHERE jsonb_typeof(m.value) = 'number';
+    INSERT INTO cerebro.model_importance (model_version_id, column_name, rank, importance, metric_drop)
+    SELECT NEW.id, c.value->>'column', c.n, (c.value->>'importance')::double precision,
+           (c.value->>'drop')::double precision
+    FROM jsonb_array_elements(coalesce(NEW.importance->'columns', '[]')) WITH ORDINALITY c(value, n);
     RETURN NULL;
 END
 $$;
-CREATE TRIGGER index_archive AFTER INSERT OR UPDATE OF features, options, metrics ON cerebro.model_versions
+CREATE TRIGGER index_archive AFTER INSERT OR UPDATE OF features, options, metrics, importance ON cerebro.model_versions
     FOR EACH ROW EXECUTE FUNCTION cerebro.index_model_version();
 REVOKE ALL ON FUNCTION cerebro.index_model_version() FROM PUBLIC;
 UPDATE cerebro.model_versions SET metrics = metrics;
@@ -206,6 +233,9 @@ SELECT m.name, m.version, m.status, m.task, m.source_relation, m.target_column,
            AS widths,
        ARRAY(SELECT f.column_name FROM cerebro.model_features f WHERE f.model_version_id = m.id
              ORDER BY f.column_name) AS features,
+       -- The five columns that matter most, most important first.
+       ARRAY(SELECT i.column_name FROM cerebro.model_importance i WHERE i.model_version_id = m.id
+             ORDER BY i.rank LIMIT 5) AS top_columns,
        m.options->>'activation' AS activation, m.options->>'norm' AS norm,
        (m.options->>'dropout')::float8 AS dropout, m.options->>'optimizer' AS optimizer,
        (m.options->>'learning_rate')::float8 AS learning_rate,
@@ -266,6 +296,10 @@ CREATE POLICY visible ON cerebro.model_layers FOR SELECT
 ALTER TABLE cerebro.model_metrics ENABLE ROW LEVEL SECURITY;
 CREATE POLICY visible ON cerebro.model_metrics FOR SELECT
     USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = model_metrics.model_version_id));
+ALTER TABLE cerebro.model_importance ENABLE ROW LEVEL SECURITY;
+CREATE POLICY visible ON cerebro.model_importance FOR SELECT
+    USING (EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.id = model_importance.model_version_id));
+GRANT SELECT ON cerebro.model_importance TO PUBLIC;
 GRANT SELECT ON cerebro.model_features, cerebro.model_layers, cerebro.model_metrics, cerebro.archive,
     cerebro.selections, cerebro.leaderboard, cerebro.lineage TO PUBLIC;
 
@@ -314,6 +348,14 @@ CREATE FUNCTION cerebro.predict_label(model text, input anyelement, version inte
 CREATE FUNCTION cerebro.predict_proba(model text, input anyelement, version integer DEFAULT NULL)
     RETURNS double precision[]
     LANGUAGE c CALLED ON NULL INPUT STABLE PARALLEL RESTRICTED AS 'MODULE_PATHNAME', 'predict_proba_wrapper';
+
+-- A version's rule surrogate as rules (one row per leaf) and as a SQL CASE
+-- expression over the source's columns (fdw/src/admin.rs).
+CREATE FUNCTION cerebro.surrogate_rules(model text, version integer)
+    RETURNS TABLE (leaf integer, rule text, prediction text, support bigint, share double precision)
+    LANGUAGE c CALLED ON NULL INPUT STABLE AS 'MODULE_PATHNAME', 'surrogate_rules_wrapper';
+CREATE FUNCTION cerebro.surrogate_sql(model text, version integer) RETURNS text
+    LANGUAGE c CALLED ON NULL INPUT STABLE AS 'MODULE_PATHNAME', 'surrogate_sql_wrapper';
 
 CREATE FUNCTION cerebro.reproduce(model text, version integer) RETURNS integer
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'reproduce_wrapper';

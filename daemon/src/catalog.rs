@@ -9,10 +9,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cerebro_shared::importance::Importance;
 use cerebro_shared::mst::SelectionPlan;
 use cerebro_shared::provenance::{EnsembleRequest, TrainedWith};
 use cerebro_shared::spec::{Feature, Task, TrainOptions, TrainingPlan};
 use cerebro_shared::sql::{snapshot_column, JobState, ModelStatus};
+use cerebro_shared::surrogate::Surrogate;
 use futures_util::{stream, StreamExt};
 use tokio::sync::Notify;
 use tokio_postgres::error::{Severity, SqlState};
@@ -323,6 +325,8 @@ pub struct Stored<'a> {
     pub pipeline: Option<serde_json::Value>,
     pub weights_sha256: String,
     pub trained_with: &'a TrainedWith,
+    pub importance: Option<&'a Importance>,
+    pub surrogate: Option<&'a Surrogate>,
 }
 
 impl<'a> Stored<'a> {
@@ -334,6 +338,8 @@ impl<'a> Stored<'a> {
             pipeline: Some(serde_json::to_value(&model.pipeline).expect("pipeline serialises")),
             weights_sha256: model.weights_sha256(),
             trained_with,
+            importance: model.importance.as_ref(),
+            surrogate: model.surrogate.as_ref(),
         }
     }
 }
@@ -856,6 +862,8 @@ impl Catalog {
         let metrics = serde_json::to_value(stored.metrics).expect("metrics serialise");
         let pipeline = &stored.pipeline;
         let trained_with = serde_json::to_value(stored.trained_with).expect("trained_with serialises");
+        let importance = stored.importance.map(|i| serde_json::to_value(i).expect("importance serialises"));
+        let surrogate = stored.surrogate.map(|s| serde_json::to_value(s).expect("surrogate serialises"));
         let tx = self.client.transaction().await?;
         // The job's row first, then the version's: the order in which
         // cerebro.delete_model takes them, so the two never deadlock.
@@ -877,7 +885,8 @@ impl Catalog {
                     artifact_sha256 = $4, trained_at = pg_catalog.now(), error = NULL,
                     epoch = (SELECT coalesce(pg_catalog.max(epoch), 0) FROM cerebro.training_history
                              WHERE model_version_id = $1),
-                    weights_sha256 = $5, trained_with = $6, artifact_bytes = $7
+                    weights_sha256 = $5, trained_with = $6, artifact_bytes = $7, importance = $8,
+                    surrogate = $9
              WHERE id = $1",
             &[
                 &job.model_version_id,
@@ -887,6 +896,8 @@ impl Catalog {
                 &stored.weights_sha256,
                 &trained_with,
                 &(onnx.len() as i64),
+                &importance,
+                &surrogate,
             ],
         )
         .await?;

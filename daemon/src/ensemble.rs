@@ -7,14 +7,18 @@
 //! Runtime, so what is weighed is exactly what each version scores.
 
 use cerebro_shared::batch::ColumnData;
+use cerebro_shared::importance::Importance;
 use cerebro_shared::provenance::{Ensemble, EnsembleMember, TrainedWith};
 use cerebro_shared::spec::{Feature, Task, TrainingPlan};
+use cerebro_shared::surrogate::Surrogate;
+use tracing::warn;
 
 use crate::catalog::Artifact;
 use crate::metrics::Metrics;
 use crate::onnx::{self, EnsembleError};
 use crate::scoring::{OnnxRuntime, ScoringError, ScoringModel};
 use crate::train::{self, TrainError};
+use crate::{distill, importance};
 
 /// Greedy steps: each adds one share of a member (so weights are
 /// multiples of 1/rounds at most this fine).
@@ -56,6 +60,12 @@ pub struct Built {
     pub weights_sha256: String,
     /// Validation rows it was weighed on.
     pub rows_valid: usize,
+    /// Its source columns' permutation importance, scored through ONNX
+    /// Runtime (None when it could not be measured, logged).
+    pub importance: Option<Importance>,
+    /// Its rule surrogate, distilled through ONNX Runtime (None when it
+    /// could not be, logged).
+    pub surrogate: Option<Surrogate>,
 }
 
 impl Built {
@@ -195,6 +205,14 @@ pub fn build(
         return Err(BuildError::Disagrees(worst));
     }
 
+    let importance = measure_importance(&graph, plan, &valid, &targets).unwrap_or_else(|e| {
+        warn!("cannot measure the importance of the ensemble's columns: {e}");
+        None
+    });
+    let surrogate = surrogate(&graph, plan, features, &target[0])
+        .inspect_err(|e| warn!("cannot distill the ensemble's rule surrogate: {e}"))
+        .ok();
+
     let files: Vec<String> = chosen
         .iter()
         .map(|&(m, w)| format!("{}:{w}", crate::digest::sha256_hex(&candidates[m].artifact.bytes)))
@@ -208,7 +226,53 @@ pub fn build(
         ensemble: Ensemble { members, pool: candidates.len(), rounds: weighed.rounds },
         weights_sha256: crate::digest::sha256_hex(files.join(",").as_bytes()),
         rows_valid: rows.len(),
+        importance,
+        surrogate,
     })
+}
+
+/// The merged `graph`'s rule surrogate, fitted on the training rows.
+fn surrogate(
+    graph: &ScoringModel,
+    plan: &TrainingPlan,
+    features: &[ColumnData],
+    target: &ColumnData,
+) -> Result<Surrogate, BuildError> {
+    let (train, valid) = train::training_and_validation_rows(plan, target)?;
+    let names: Vec<String> = plan.features.iter().map(|f| f.name.clone()).collect();
+    distill::distill(
+        plan.task,
+        &plan.class_labels,
+        &names,
+        features,
+        &train,
+        &valid,
+        plan.options.seed,
+        &mut |columns| Ok(graph.run(&feed(graph, &plan.features, columns, 0)?).map_err(BuildError::Scoring)?.0),
+    )
+}
+
+/// The permutation importance of the merged `graph`'s columns on (a sample
+/// of) the validation rows `valid`.
+fn measure_importance(
+    graph: &ScoringModel,
+    plan: &TrainingPlan,
+    valid: &[ColumnData],
+    targets: &[f64],
+) -> Result<Option<Importance>, BuildError> {
+    let picked = importance::sample(targets.len(), valid.len(), plan.options.seed);
+    let valid: Vec<ColumnData> = valid.iter().map(|c| c.take(&picked)).collect();
+    let targets: Vec<f64> = picked.iter().map(|&p| targets[p]).collect();
+    let names: Vec<String> = plan.features.iter().map(|f| f.name.clone()).collect();
+    importance::permutation(
+        plan.task,
+        plan.class_labels.len(),
+        &names,
+        &valid,
+        &targets,
+        plan.options.seed,
+        &mut |columns| Ok(graph.run(&feed(graph, &plan.features, columns, 0)?).map_err(BuildError::Scoring)?.0),
+    )
 }
 
 /// `valid`'s columns (in `features` order) in the order `model` takes its inputs.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use cerebro_shared::mst::SelectionPlan;
 
 use crate::catalog::SelectionState;
-use crate::train::{Control, EpochStats};
+use crate::train::{Control, EpochStats, TrainError, TrainedModel};
 
 pub struct Guide {
     plan: SelectionPlan,
@@ -21,6 +21,8 @@ pub struct Guide {
     best: Vec<f64>,
     /// Why each model stopped before its own end, if it did.
     pub stopped: Vec<Option<String>>,
+    /// The models halving stopped at a rung.
+    halved: Vec<bool>,
 }
 
 impl Guide {
@@ -28,8 +30,8 @@ impl Guide {
     pub fn new(state: SelectionState, k: usize, now: Instant) -> Guide {
         let deadline = state
             .plan
-            .budget_seconds
-            .map(|budget| now + Duration::from_secs_f64((budget - state.elapsed_seconds).max(0.0)));
+            .training_seconds()
+            .map(|training| now + Duration::from_secs_f64((training - state.elapsed_seconds).max(0.0)));
         let epochs_left = state.plan.budget_epochs.map(|budget| budget.saturating_sub(state.epochs_spent));
         Guide {
             plan: state.plan,
@@ -38,6 +40,7 @@ impl Guide {
             rung_losses: state.rung_losses,
             best: vec![f64::INFINITY; k],
             stopped: vec![None; k],
+            halved: vec![false; k],
         }
     }
 
@@ -47,10 +50,38 @@ impl Guide {
             return Some(format!("the selection's budget of {budget} epochs was spent"));
         }
         if self.deadline.is_some_and(|d| now >= d) {
-            let budget = self.plan.budget_seconds.unwrap_or(0.0);
-            return Some(format!("the selection's time budget of {budget} s was spent"));
+            return Some(self.time_spent());
         }
         None
+    }
+
+    fn time_spent(&self) -> String {
+        let budget = self.plan.budget_seconds.unwrap_or(0.0);
+        let training = self.plan.training_seconds().unwrap_or(0.0);
+        format!("the selection's time for training, {training} s of its {budget} s budget, was spent")
+    }
+
+    /// Whether halving stopped model `m` at a rung: it lost to the
+    /// selection's better candidates early.
+    pub fn halved(&self, m: usize) -> bool {
+        self.halved.get(m).copied().unwrap_or(false)
+    }
+
+    /// When training must stop, even within an epoch: the selection's time
+    /// for training is spent.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Records why the models that the deadline cut short within an epoch
+    /// stopped.
+    pub fn note_interrupted(&mut self, models: &[Result<TrainedModel, TrainError>]) {
+        for (m, model) in models.iter().enumerate() {
+            let Ok(TrainedModel { interrupted: Some(epoch), .. }) = model else { continue };
+            if self.stopped[m].is_none() {
+                self.stopped[m] = Some(format!("{} (during epoch {epoch}, which was not kept)", self.time_spent()));
+            }
+        }
     }
 
     /// Why candidates about to start should not: the budget is already spent.
@@ -84,6 +115,7 @@ impl Guide {
         for (m, _) in reports {
             if controls[*m] == Control::Continue && !self.plan.survives(self.best[*m], board) {
                 controls[*m] = Control::Finish;
+                self.halved[*m] = true;
                 self.stopped[*m] = Some(format!(
                     "halving: not in the best 1/{eta} at rung {} of {} (epoch {epoch}, {} candidates compared)",
                     rung + 1,
@@ -128,6 +160,7 @@ mod tests {
         // Six compared (one earlier candidate at 0.05): ceil(6/3) = 2 go on: 0.05 and 0.1.
         assert_eq!(controls, vec![Control::Finish, Control::Continue, Control::Finish, Control::Finish, Control::Drop]);
         assert!(guide.stopped[0].as_deref().unwrap().contains("rung 1 of 2 (epoch 2, 6 candidates compared)"));
+        assert_eq!((0..5).map(|m| guide.halved(m)).collect::<Vec<_>>(), [true, false, true, true, false]);
         assert_eq!(guide.stopped[4], None, "a cancel is left as it is");
     }
 
@@ -146,9 +179,22 @@ mod tests {
         assert_eq!(guide.stopped[1].as_deref(), Some("the selection's budget of 10 epochs was spent (after epoch 2)"));
 
         let plan = SelectionPlan { strategy: Strategy::Grid, budget_seconds: Some(60.0), ..Default::default() };
-        let mut late = state(plan);
+        let mut late = state(plan.clone());
         late.elapsed_seconds = 61.0;
         let guide = Guide::new(late, 1, Instant::now());
-        assert!(guide.exhausted(Instant::now()).unwrap().contains("time budget of 60 s"));
+        assert!(guide.exhausted(Instant::now()).unwrap().contains("57 s of its 60 s budget"));
+
+        // Training stops 3 s (5 %) before the budget ends.
+        let mut near = state(plan);
+        near.elapsed_seconds = 56.0;
+        let now = Instant::now();
+        let guide = Guide::new(near, 1, now);
+        assert_eq!(guide.deadline(), Some(now + Duration::from_secs(1)));
+        assert_eq!(guide.exhausted(now), None);
+        let why = guide.exhausted(now + Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            why,
+            "the selection's time for training, 57 s of its 60 s budget, was spent before this candidate started"
+        );
     }
 }

@@ -6,7 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cerebro_shared::batch::ColumnData;
 use cerebro_shared::provenance::TrainedWith;
+use cerebro_shared::spec::TrainingPlan;
+use rayon::prelude::*;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinError;
 use tracing::{debug, error, info, warn};
@@ -109,6 +112,34 @@ fn unless_locked(job: &ClaimedJob, written: Result<(), CatalogError>) -> Result<
 /// The error the loop returns when told its session ended.
 fn session_lost() -> CatalogError {
     CatalogError::Lost("cerebrod's session with the database ended".into())
+}
+
+/// Measures the permutation importance of each model the stack trained and
+/// distills its rule surrogate, on both cores at once, except for those
+/// halving stopped at a rung: a selection stops most of its candidates so,
+/// and they lost to better ones. A model whose measurement fails is stored
+/// without it (logged).
+fn explain_models(
+    models: &mut [Result<TrainedModel, TrainError>],
+    plans: &[TrainingPlan],
+    features: &[ColumnData],
+    target: &ColumnData,
+    guide: Option<&Guide>,
+) {
+    let started = Instant::now();
+    models.par_iter_mut().zip(plans).enumerate().for_each(|(m, (model, plan))| {
+        let Ok(model) = model else { return };
+        if guide.is_some_and(|g| g.halved(m)) {
+            return;
+        }
+        if let Err(e) = model.measure_importance(plan, features, target) {
+            warn!("cannot measure the importance of a model's columns: {e}");
+        }
+        if let Err(e) = model.distill(plan, features, target) {
+            warn!("cannot distill a model's rule surrogate: {e}");
+        }
+    });
+    info!(models = models.len(), seconds = started.elapsed().as_secs_f64(), "importance and surrogates measured");
 }
 
 /// The jobs of one stack, with what each asks for (`specs[i]` is
@@ -526,12 +557,19 @@ impl Scheduler {
         let stop_flag = stop.clone();
         let cancel_flags = cancelled.clone();
         let compute = self.compute;
+        let deadline = guide.as_ref().and_then(Guide::deadline);
         let task = tokio::task::spawn_blocking(move || {
             let mut columns = table.columns;
             let target = columns.pop().expect("the target column is read last");
             let warm: Vec<Option<&ParentWeights>> = parents.iter().map(Option::as_ref).collect();
-            let result =
-                train::train_group_warm(&plans, &warm, &columns, &target, compute, &mut |reports, controls| {
+            let mut result = train::train_group_warm(
+                &plans,
+                &warm,
+                &columns,
+                &target,
+                compute,
+                deadline,
+                &mut |reports, controls| {
                     for (m, stats) in reports {
                         let _ = progress_tx.send((*m, stats.clone()));
                         controls[*m] = if stop_flag.load(Ordering::Relaxed) {
@@ -545,7 +583,14 @@ impl Scheduler {
                     if let Some(guide) = guide.as_mut() {
                         guide.steer(reports, controls, Instant::now());
                     }
-                });
+                },
+            );
+            if let (Ok(models), Some(guide)) = (&result, guide.as_mut()) {
+                guide.note_interrupted(models);
+            }
+            if let Ok(models) = result.as_mut() {
+                explain_models(models, &plans, &columns, &target, guide.as_ref());
+            }
             (result, table.fingerprint, guide)
         });
         Training { task, progress, stop, cancelled }
@@ -785,6 +830,8 @@ impl Scheduler {
             pipeline: None,
             weights_sha256: built.weights_sha256.clone(),
             trained_with: &with,
+            importance: built.importance.as_ref(),
+            surrogate: built.surrogate.as_ref(),
         };
         match self.control.finish_success(job, spec.snapshot_id, &stored, &fingerprint).await {
             Ok(()) => info!(

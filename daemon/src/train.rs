@@ -3,10 +3,12 @@
 use std::time::Instant;
 
 use cerebro_shared::batch::ColumnData;
+use cerebro_shared::importance::Importance;
 use cerebro_shared::provenance::TrainedWith;
 use cerebro_shared::spec::{
     ClassWeights, Norm, RegressionLoss, Split, TargetTransform, Task, TrainOptions, TrainingPlan, AUTO_LOG_SKEWNESS,
 };
+use cerebro_shared::surrogate::Surrogate;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -19,6 +21,7 @@ use crate::engine::{
 use crate::features::{Encoded, FeatureError, FeaturePipeline};
 use crate::metrics::{self, Metrics};
 use crate::warm::{warm_start, ParentWeights, WarmStart};
+use crate::{distill, importance};
 
 /// What one epoch did, reported while training runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,6 +100,9 @@ pub struct TrainedModel {
     /// The epoch whose weights were kept (1-based).
     pub best_epoch: u32,
     pub epochs_run: u32,
+    /// The epoch that a deadline cut short (`epochs_run` + 1), if one did.
+    #[serde(default)]
+    pub interrupted: Option<u32>,
     pub history: Vec<EpochStats>,
     pub metrics: Metrics,
     pub rows_train: usize,
@@ -107,6 +113,13 @@ pub struct TrainedModel {
     /// What it took from its parent, if it is a derived model.
     #[serde(skip)]
     pub warm_start: Option<WarmStart>,
+    /// Each source column's permutation importance, once measured
+    /// ([`TrainedModel::measure_importance`]).
+    #[serde(default)]
+    pub importance: Option<Importance>,
+    /// Its rule surrogate, once distilled ([`TrainedModel::distill`]).
+    #[serde(default)]
+    pub surrogate: Option<Surrogate>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +148,10 @@ pub enum TrainError {
 
 /// Rows scored at once when evaluating, to bound memory.
 const EVAL_CHUNK: usize = 8192;
+
+/// Parts of an epoch between which a deadline is checked: an epoch of a
+/// large table can take minutes.
+const EPOCH_PARTS: usize = 16;
 
 fn head_for(task: Task, classes: usize) -> Head {
     match task {
@@ -292,17 +309,20 @@ pub fn train_group(
     compute: Compute,
     on_epoch: &mut OnEpoch<'_>,
 ) -> Result<Vec<Result<TrainedModel, TrainError>>, TrainError> {
-    train_group_warm(plans, &[], features, target, compute, on_epoch)
+    train_group_warm(plans, &[], features, target, compute, None, on_epoch)
 }
 
 /// [`train_group`], where model `m` with `warm[m]` starts from that parent's
 /// weights wherever the shapes allow (derived models; see [`crate::warm`]).
+/// At `deadline`, even within an epoch, every model still training stops
+/// and keeps its best epoch's weights ([`TrainedModel::interrupted`]).
 pub fn train_group_warm(
     plans: &[TrainingPlan],
     warm: &[Option<&ParentWeights>],
     features: &[ColumnData],
     target: &ColumnData,
     compute: Compute,
+    deadline: Option<Instant>,
     on_epoch: &mut OnEpoch<'_>,
 ) -> Result<Vec<Result<TrainedModel, TrainError>>, TrainError> {
     let plan = stack_plan(plans)?;
@@ -320,12 +340,12 @@ pub fn train_group_warm(
         .collect();
     let StartedStack { mut trainer, loss, warm_reports } = start_stack(plan, expanded.len(), &warm, &data, compute)?;
     let progress = if members == 1 {
-        run_epochs(&expanded, &data, trainer.as_mut(), &loss, &mut order_rng, on_epoch)?
+        run_epochs(&expanded, &data, trainer.as_mut(), &loss, &mut order_rng, deadline, on_epoch)?
     } else {
         let mut by_plan = |reports: &[(usize, EpochStats)], controls: &mut [Control]| {
             per_plan_epoch(reports, controls, plans.len(), members, on_epoch)
         };
-        run_epochs(&expanded, &data, trainer.as_mut(), &loss, &mut order_rng, &mut by_plan)?
+        run_epochs(&expanded, &data, trainer.as_mut(), &loss, &mut order_rng, deadline, &mut by_plan)?
     };
     let models = finish_models(plan, &data, trainer.as_ref(), progress, warm_reports)?;
     Ok(if members == 1 { models } else { join_members(models, members, &data) })
@@ -584,6 +604,17 @@ pub fn validation_rows(plan: &TrainingPlan, target: &ColumnData) -> Result<(Vec<
     Ok(valid_idx.iter().map(|&i| (rows[i], raw_targets[i])).unzip())
 }
 
+/// The training and the validation rows of `plan`'s split of `target`
+/// (rows of the snapshot).
+pub fn training_and_validation_rows(
+    plan: &TrainingPlan,
+    target: &ColumnData,
+) -> Result<(Vec<usize>, Vec<usize>), TrainError> {
+    let mut order_rng = ChaCha8Rng::seed_from_u64(plan.options.seed);
+    let (rows, _, valid_idx, train_idx) = split_usable(plan, target, &mut order_rng)?;
+    Ok((train_idx.iter().map(|&i| rows[i]).collect(), valid_idx.iter().map(|&i| rows[i]).collect()))
+}
+
 /// The rows with a usable target, their targets, and the validation and
 /// training indexes among them, split with `rng`'s next draws.
 type UsableSplit = (Vec<usize>, Vec<f64>, Vec<usize>, Vec<usize>);
@@ -660,20 +691,23 @@ struct Progress {
     /// The epoch whose loss was not finite.
     diverged: Option<u32>,
     cancelled: bool,
+    /// The epoch a deadline cut short.
+    interrupted: Option<u32>,
     best: (f64, Option<Stack>, u32),
     since_best: u32,
     history: Vec<EpochStats>,
 }
 
 /// Trains the stack epoch by epoch until every model has stopped: at its
-/// own epoch budget, by early stopping, by diverging, or as `on_epoch`
-/// says. Each model keeps its best epoch's weights.
+/// own epoch budget, by early stopping, by diverging, as `on_epoch` says,
+/// or at `deadline`. Each model keeps its best epoch's weights.
 fn run_epochs(
     plans: &[TrainingPlan],
     data: &TrainingData,
     trainer: &mut dyn backend::StackTrainer,
     loss: &Loss,
     rng: &mut ChaCha8Rng,
+    deadline: Option<Instant>,
     on_epoch: &mut OnEpoch<'_>,
 ) -> Result<Vec<Progress>, TrainError> {
     let k = plans.len();
@@ -701,6 +735,7 @@ fn run_epochs(
             active: true,
             diverged: None,
             cancelled: false,
+            interrupted: None,
             best: (f64::INFINITY, None, 0),
             since_best: 0,
             history: Vec::new(),
@@ -717,26 +752,41 @@ fn run_epochs(
         train_order.shuffle(rng);
         let mut loss_sums = vec![0.0f64; k];
         let chunks: Vec<&[usize]> = train_order.chunks(batch).collect();
-        let source = Gather {
-            chunks: &chunks,
-            rows: &data.rows,
-            x: &data.x_all,
-            codes: &data.codes_all,
-            y: &data.y,
-            width,
-            code_cols,
+        // With a deadline the epoch runs in parts, so that it can end between
+        // them; each step is the same either way.
+        let part = match deadline {
+            Some(_) => chunks.len().div_ceil(EPOCH_PARTS).max(1),
+            None => chunks.len().max(1),
         };
-        let first_step = step;
-        let step_settings = |i: usize, m: usize| {
-            let o = &plans[m].options;
-            let total = o.epochs as usize * steps_per_epoch;
-            let warmup = o.warmup_epochs as usize * steps_per_epoch;
-            ModelStep {
-                lr: scheduled_lr(o.schedule, o.learning_rate as f32, first_step + i, total, warmup),
-                ..settings[m]
+        for (nth, part_chunks) in chunks.chunks(part).enumerate() {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                for p in progress.iter_mut().filter(|p| p.active) {
+                    p.active = false;
+                    p.interrupted = Some(epoch);
+                }
+                return Ok(progress);
             }
-        };
-        trainer.epoch(chunks.len(), &source, &step_settings, &active, &mut loss_sums)?;
+            let source = Gather {
+                chunks: part_chunks,
+                rows: &data.rows,
+                x: &data.x_all,
+                codes: &data.codes_all,
+                y: &data.y,
+                width,
+                code_cols,
+            };
+            let first_step = step + nth * part;
+            let step_settings = |i: usize, m: usize| {
+                let o = &plans[m].options;
+                let total = o.epochs as usize * steps_per_epoch;
+                let warmup = o.warmup_epochs as usize * steps_per_epoch;
+                ModelStep {
+                    lr: scheduled_lr(o.schedule, o.learning_rate as f32, first_step + i, total, warmup),
+                    ..settings[m]
+                }
+            };
+            trainer.epoch(part_chunks.len(), &source, &step_settings, &active, &mut loss_sums)?;
+        }
         step += chunks.len();
         let valid_logits = trainer.predict(valid_batch, EVAL_CHUNK)?;
         let seconds = started.elapsed().as_secs_f64();
@@ -822,12 +872,15 @@ fn finish_models(
             auto_transform: data.auto_transform,
             best_epoch,
             epochs_run: p.history.len() as u32,
+            interrupted: p.interrupted,
             history: p.history,
             metrics: Metrics::new(),
             rows_train: data.train_idx.len(),
             rows_valid: data.valid_idx.len(),
             device: trainer.device().to_string(),
             warm_start: warm_reports[m].clone(),
+            importance: None,
+            surrogate: None,
             members: Vec::new(),
         };
         let outputs = model.outputs_from_encoded(data.valid_batch());
@@ -929,6 +982,52 @@ impl TrainedModel {
     /// What the exported graph outputs, computed by the engine itself:
     /// positive-class probabilities (binary), class probabilities row by row
     /// (multiclass) or values in the target's units (regression).
+    /// Measures each source column's permutation importance on `plan`'s
+    /// validation rows of `features` ([`crate::importance`]).
+    pub fn measure_importance(
+        &mut self,
+        plan: &TrainingPlan,
+        features: &[ColumnData],
+        target: &ColumnData,
+    ) -> Result<(), TrainError> {
+        let (rows, targets) = validation_rows(plan, target)?;
+        let picked = importance::sample(rows.len(), features.len(), plan.options.seed);
+        let rows: Vec<usize> = picked.iter().map(|&p| rows[p]).collect();
+        let targets: Vec<f64> = picked.iter().map(|&p| targets[p]).collect();
+        let valid: Vec<ColumnData> = features.iter().map(|c| c.take(&rows)).collect();
+        let names: Vec<String> = plan.features.iter().map(|f| f.name.clone()).collect();
+        let classes = self.class_labels.len();
+        self.importance =
+            importance::permutation(self.task, classes, &names, &valid, &targets, plan.options.seed, &mut |columns| {
+                self.outputs(columns)
+            })?;
+        Ok(())
+    }
+
+    /// Fits its rule surrogate to what it predicts on `plan`'s training rows
+    /// of `features` ([`crate::distill`]).
+    pub fn distill(
+        &mut self,
+        plan: &TrainingPlan,
+        features: &[ColumnData],
+        target: &ColumnData,
+    ) -> Result<(), TrainError> {
+        let (train, valid) = training_and_validation_rows(plan, target)?;
+        let names: Vec<String> = plan.features.iter().map(|f| f.name.clone()).collect();
+        let surrogate = distill::distill(
+            self.task,
+            &self.class_labels,
+            &names,
+            features,
+            &train,
+            &valid,
+            plan.options.seed,
+            &mut |columns| self.outputs(columns),
+        )?;
+        self.surrogate = Some(surrogate);
+        Ok(())
+    }
+
     pub fn outputs(&self, columns: &[ColumnData]) -> Result<Vec<f32>, FeatureError> {
         let e = self.pipeline.transform(columns)?;
         Ok(self.outputs_from_encoded(Batch { x: &e.x, codes: &e.codes, n: e.n }))
@@ -973,6 +1072,8 @@ impl TrainedModel {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::time::Duration;
+
     use cerebro_shared::spec::{Feature, FeatureKind, TrainOptions};
     use cerebro_shared::sql::metrics::{ACCURACY, AUC, R2, RMSE};
 
@@ -1099,6 +1200,54 @@ pub(crate) mod tests {
         // Memory: three networks' worth.
         let one = model_bytes(&plan(Task::Binary, &["no", "yes"]), &features).unwrap();
         assert_eq!(model_bytes(&p, &features).unwrap(), 3 * one);
+    }
+
+    #[test]
+    fn a_deadline_stops_within_an_epoch_and_parts_change_nothing_before_it() {
+        let (features, target) = toy(600);
+        let mut p = plan(Task::Binary, &["no", "yes"]);
+        p.options.batch_size = 16;
+        p.options.epochs = 3;
+        let plans = [p.clone(), p];
+        let group = |deadline: Option<Instant>| {
+            // Epoch 1 ends before the deadline; the deadline passes after it.
+            let mut wait = |_: &[(usize, EpochStats)], _: &mut [Control]| {
+                if let Some(d) =
+                    deadline.filter(|d| d.saturating_duration_since(Instant::now()) < Duration::from_secs(60))
+                {
+                    std::thread::sleep(d.saturating_duration_since(Instant::now()));
+                }
+            };
+            train_group_warm(&plans, &[], &features, &target, Compute::cpu(2), deadline, &mut wait).unwrap()
+        };
+        // An epoch in parts, with a deadline that never comes, is the same epoch.
+        let whole = group(None);
+        let in_parts = group(Some(Instant::now() + Duration::from_secs(3600)));
+        for (a, b) in whole.iter().zip(&in_parts) {
+            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+            assert_eq!(a.network, b.network);
+            assert_eq!(
+                a.history.iter().map(|h| h.train_loss).collect::<Vec<_>>(),
+                b.history.iter().map(|h| h.train_loss).collect::<Vec<_>>()
+            );
+            assert_eq!((a.epochs_run, a.interrupted), (3, None));
+        }
+        // A deadline that passes after epoch 1 stops epoch 2 before its
+        // first part: each model is epoch 1's.
+        for (model, whole) in group(Some(Instant::now() + Duration::from_millis(500))).into_iter().zip(&whole) {
+            let model = model.unwrap();
+            assert_eq!((model.epochs_run, model.interrupted, model.best_epoch), (1, Some(2), 1));
+            let first = &whole.as_ref().unwrap().history[0];
+            assert_eq!(
+                (model.history[0].train_loss, model.history[0].valid_loss),
+                (first.train_loss, first.valid_loss)
+            );
+        }
+        // One already passed stops every model before its first step.
+        for model in group(Some(Instant::now())) {
+            let model = model.unwrap();
+            assert_eq!((model.epochs_run, model.interrupted, model.best_epoch), (0, Some(1), 0));
+        }
     }
 
     #[test]

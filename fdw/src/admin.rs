@@ -13,6 +13,7 @@
 
 use cerebro_shared::mst::SelectionPlan;
 use cerebro_shared::sql::{JobState, ModelStatus};
+use cerebro_shared::surrogate::Surrogate;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
@@ -169,6 +170,25 @@ fn try_export(model: Option<&str>, version: Option<i32>) -> Result<Vec<u8>> {
             let detail = serde_json::json!({ "bytes": bytes.len() });
             audit(client, Audit { user: &user, action: "export", model, version: Some(version), detail })?;
             Ok(bytes)
+        })
+    })
+}
+
+/// The version's rule surrogate, as cerebrod stored it.
+fn surrogate_of(model: Option<&str>, version: Option<i32>) -> Result<Surrogate> {
+    let model = required(model, "model")?;
+    let version = required(version, "version")?;
+    Spi::connect_mut(|client| {
+        access::as_user_of(model, || {
+            check_ready(client, model, version, "explained")?;
+            let stored = first::<JsonB>(
+                client,
+                "SELECT surrogate FROM cerebro.model_versions WHERE name = $1 AND version = $2",
+                &[model.into(), version.into()],
+                1,
+            )?
+            .ok_or_else(|| CerebroError::NoSurrogate { name: model.into(), version })?;
+            serde_json::from_value(stored.0).map_err(|e| CerebroError::Catalog(format!("surrogate: {e}")))
         })
     })
 }
@@ -652,6 +672,39 @@ fn deploy(model: Option<&str>, version: Option<i32>, comment: Option<&str>) -> i
 #[pg_extern(sql = false)]
 fn rollback(model: Option<&str>, comment: Option<&str>) -> i32 {
     try_rollback(model, comment).unwrap_or_else(|e| raise(e))
+}
+
+/// The version's rule surrogate, one row per leaf: the tests on the way to
+/// it, what it predicts, and how many of the fitted rows reach it.
+#[pg_extern(sql = false)]
+#[allow(clippy::type_complexity)]
+fn surrogate_rules(
+    model: Option<&str>,
+    version: Option<i32>,
+) -> TableIterator<
+    'static,
+    (name!(leaf, i32), name!(rule, String), name!(prediction, String), name!(support, i64), name!(share, f64)),
+> {
+    let surrogate = surrogate_of(model, version).unwrap_or_else(|e| raise(e));
+    let rows = surrogate.rows.max(1) as f64;
+    let rules: Vec<_> = surrogate
+        .root
+        .rules()
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let rule = if r.conditions.is_empty() { "always".to_string() } else { r.conditions.join(" and ") };
+            (i as i32 + 1, rule, r.prediction, r.support as i64, r.support as f64 / rows)
+        })
+        .collect();
+    TableIterator::new(rules)
+}
+
+/// The version's rule surrogate as a SQL `CASE` expression over the
+/// source's columns, each leaf followed by its support.
+#[pg_extern(sql = false)]
+fn surrogate_sql(model: Option<&str>, version: Option<i32>) -> String {
+    surrogate_of(model, version).map(|s| s.root.to_sql()).unwrap_or_else(|e| raise(e))
 }
 
 /// The version's ONNX file, as cerebrod exported it.

@@ -72,6 +72,8 @@ pub enum CerebroError {
     NotModelOwner { model: String, owner: String, action: &'static str },
     #[error("model \"{name}\" version {version} is {status}; only a ready version can be {to}")]
     NotDeployable { name: String, version: i32, status: String, to: &'static str },
+    #[error("model \"{name}\" version {version} has no rule surrogate")]
+    NoSurrogate { name: String, version: i32 },
     #[error("model \"{name}\" has no earlier deployment to roll back to")]
     NothingToRollBack { name: String, deployed: Option<i32> },
     #[error("cerebro.predictions needs to know which model to score with")]
@@ -169,9 +171,9 @@ impl CerebroError {
             | CerebroError::NotDeletable { .. }
             | CerebroError::DeletingDeployed { .. }
             | CerebroError::NotCancellable { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            CerebroError::NotDeployable { .. } | CerebroError::NothingToRollBack { .. } => {
-                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
-            }
+            CerebroError::NotDeployable { .. }
+            | CerebroError::NothingToRollBack { .. }
+            | CerebroError::NoSurrogate { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             CerebroError::DaemonUnavailable { .. } => ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
             CerebroError::Daemon(w) => match w.code {
                 ErrorCode::ProtocolMismatch | ErrorCode::BadRequest => ERRCODE_PROTOCOL_VIOLATION,
@@ -253,6 +255,12 @@ impl CerebroError {
                  ... WHERE model = '...' AND source = '<a table or query you trust>' \
                  (its own source is {own_source})."
             )),
+            CerebroError::NoSurrogate { .. } => Some(
+                "cerebrod distills one after training, except for the candidates that halving stopped early and \
+                 for imported models; SELECT version FROM cerebro.model_versions WHERE name = '...' AND surrogate \
+                 IS NOT NULL lists the versions that have one."
+                    .into(),
+            ),
             CerebroError::NotDeployable { .. } => Some(
                 "SELECT version, status FROM cerebro.models WHERE name = '...' shows which versions are ready.".into(),
             ),

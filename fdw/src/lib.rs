@@ -462,11 +462,38 @@ mod tests {
         )
         .unwrap();
         assert_eq!(by_column, Some(vec!["wide".to_string()]));
+        // Importance, as cerebrod writes it, indexed by column and rank.
+        Spi::run(
+            "UPDATE cerebro.model_versions SET importance =
+                 '{\"metric\": \"auc\", \"baseline\": 0.85, \"rows\": 100, \"repeats\": 3, \"columns\": [
+                    {\"column\": \"plan\", \"importance\": 0.75, \"drop\": 0.09},
+                    {\"column\": \"age\", \"importance\": 0.25, \"drop\": 0.03}]}'
+             WHERE name = 'deep'",
+        )
+        .unwrap();
+        let top = Spi::get_one::<Vec<String>>("SELECT top_columns FROM cerebro.archive WHERE name = 'deep'").unwrap();
+        assert_eq!(top, Some(vec!["plan".to_string(), "age".to_string()]));
+        let among_top = Spi::get_one::<Vec<String>>(
+            "SELECT array_agg(a.name) FROM cerebro.archive a
+             WHERE a.source_relation = 'public.customers' AND EXISTS (SELECT 1 FROM cerebro.model_importance i
+                   WHERE i.model_version_id = a.model_version_id AND i.column_name = 'age' AND i.rank <= 3)",
+        )
+        .unwrap();
+        assert_eq!(among_top, Some(vec!["deep".to_string()]));
+        let (drop, share) = Spi::get_two::<f64, f64>(
+            "SELECT metric_drop, importance FROM cerebro.model_importance WHERE column_name = 'plan' AND rank = 1",
+        )
+        .unwrap();
+        assert_eq!((drop, share), (Some(0.09), Some(0.75)));
         // The searches are answered from indexes.
         Spi::run("SET LOCAL enable_seqscan = off").unwrap();
         for (query, index) in [
             ("SELECT * FROM cerebro.model_metrics WHERE metric = 'auc' AND value > 0.8", "model_metrics_by_value"),
             ("SELECT * FROM cerebro.model_features WHERE column_name = 'paid'", "model_features_by_column"),
+            (
+                "SELECT * FROM cerebro.model_importance WHERE column_name = 'age' AND rank <= 3",
+                "model_importance_by_column",
+            ),
             (
                 "SELECT * FROM cerebro.model_versions WHERE source_relation = 'public.customers'",
                 "model_versions_by_source",

@@ -10,6 +10,8 @@
 //!   a candidate's or a change's options, an import's graph), apart from the database;
 //! - [`sql`]: the bits of SQL text both sides write;
 //! - [`limits`]: how large a model and how much work a job is, estimated at INSERT;
+//! - [`importance`]: a version's permutation importance per source column, as stored;
+//! - [`surrogate`]: a shallow decision tree distilled from a version, as rules and SQL;
 //! - [`pg_numeric`]: PostgreSQL's `numeric` read as an `f64` from its bytes.
 //!
 //! This crate has no pgrx and no async runtime so that both sides, and plain
@@ -17,6 +19,7 @@
 
 pub mod batch;
 pub mod error;
+pub mod importance;
 pub mod limits;
 pub mod mst;
 pub mod onnx_graph;
@@ -26,3 +29,4 @@ pub mod provenance;
 pub mod request;
 pub mod spec;
 pub mod sql;
+pub mod surrogate;

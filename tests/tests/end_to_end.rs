@@ -200,6 +200,108 @@ async fn regression_and_multiclass_models_train_and_score() -> anyhow::Result<()
 
 /// `key,score` by key: `bytes` (an exported ONNX file) scoring `rows` (a
 /// JSON array of row objects) in Python's onnxruntime (tests/python/score_onnx.py).
+/// Permutation importance (issue 16) on a table where only `a` and `b`
+/// decide the target, for every head.
+#[tokio::test(flavor = "multi_thread")]
+async fn importance_ranks_the_two_columns_that_decide_the_target_first() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    db.batch_execute(
+        "DROP TABLE IF EXISTS e2e_two_matter;
+         SELECT setseed(0.25);
+         CREATE TABLE e2e_two_matter AS
+         SELECT i AS id, a, b, random() AS noise1, random() AS noise2, (ARRAY['x', 'y', 'z'])[1 + i % 3] AS noise3,
+                CASE WHEN a + b > 1 THEN 'yes' ELSE 'no' END AS label,
+                3 * a - 2 * b + 0.05 * random() AS amount,
+                CASE WHEN a > 0.5 AND b > 0.5 THEN 'both' WHEN a > 0.5 THEN 'a' WHEN b > 0.5 THEN 'b'
+                     ELSE 'none' END AS kind
+         FROM (SELECT i, random() AS a, random() AS b FROM generate_series(1, 3000) i) s",
+    )
+    .await?;
+    let mut trained = Vec::new();
+    for (name, target, metric) in
+        [("e2e_imp_binary", "label", "auc"), ("e2e_imp_reg", "amount", "rmse"), ("e2e_imp_multi", "kind", "accuracy")]
+    {
+        db.execute(
+            "INSERT INTO cerebro.models (name, source, target, key, features, options)
+             VALUES ($1, 'e2e_two_matter', $2, 'id', ARRAY['noise1', 'a', 'noise2', 'b', 'noise3'], '{\"epochs\": 30}')",
+            &[&name, &target],
+        )
+        .await?;
+        let v: i32 = db.query_one("SELECT max(version) FROM cerebro.models WHERE name = $1", &[&name]).await?.get(0);
+        trained.push((name, v, metric));
+    }
+    for &(name, v, metric) in &trained {
+        let seen = wait_until_done(&db, name, v, TRAIN_TIMEOUT).await?;
+        assert_eq!(seen.last().map(String::as_str), Some("ready"), "{name}: {seen:?}");
+        let row = db
+            .query_one(
+                "SELECT a.top_columns, m.importance->>'metric', (m.importance->>'repeats')::int,
+                        (SELECT sum(i.importance) FROM cerebro.model_importance i WHERE i.model_version_id = m.id)
+                 FROM cerebro.archive a JOIN cerebro.model_versions m ON m.id = a.model_version_id
+                 WHERE a.name = $1 AND a.version = $2",
+                &[&name, &v],
+            )
+            .await?;
+        let mut top: Vec<String> = row.get(0);
+        assert_eq!(top.len(), 5, "{name}: {top:?}");
+        top.truncate(2);
+        top.sort();
+        assert_eq!(top, ["a", "b"], "{name}");
+        assert_eq!((row.get::<_, String>(1), row.get::<_, i32>(2)), (metric.to_string(), 3), "{name}");
+        let shares: f64 = row.get(3);
+        assert!((shares - 1.0).abs() < 1e-9, "{name}: shares sum to {shares}");
+
+        // The rule surrogate: its leaves cover the rows it was fitted on, and
+        // its SQL, run over the source, agrees with the model as its
+        // fidelity says.
+        let s = db
+            .query_one(
+                "SELECT surrogate->>'fidelity_metric', (surrogate->>'fidelity')::float8, (surrogate->>'rows')::int8
+                 FROM cerebro.model_versions WHERE name = $1 AND version = $2",
+                &[&name, &v],
+            )
+            .await?;
+        let (fidelity_metric, fidelity, fitted): (String, f64, i64) = (s.get(0), s.get(1), s.get(2));
+        let rules = db
+            .query_one(
+                "SELECT count(*), sum(support)::int8, sum(share), bool_and(rule LIKE '%a %' OR rule LIKE '%b %')
+                 FROM cerebro.surrogate_rules($1, $2)",
+                &[&name, &v],
+            )
+            .await?;
+        let (leaves, support, share): (i64, i64, f64) = (rules.get(0), rules.get(1), rules.get(2));
+        assert!((2..=16).contains(&leaves) && support == fitted && (share - 1.0).abs() < 1e-9, "{name}");
+        assert!(rules.get::<_, bool>(3), "{name}: every rule tests a or b");
+        let case: String = db.query_one("SELECT cerebro.surrogate_sql($1, $2)", &[&name, &v]).await?.get(0);
+        let compare = if metric == "rmse" {
+            format!(
+                "SELECT 1 - sum((c - s)^2) / (count(*) * var_pop(s))
+                 FROM (SELECT ({case}) AS c, p.score AS s FROM e2e_two_matter t JOIN p ON p.key = t.id::text) x"
+            )
+        } else {
+            format!("SELECT avg((({case}) = p.label)::int::float8) FROM e2e_two_matter t JOIN p ON p.key = t.id::text")
+        };
+        let agreement: f64 = db
+            .query_one(
+                &format!(
+                    "WITH p AS (SELECT key, label, score FROM cerebro.predictions WHERE model = '{name}') {compare}"
+                ),
+                &[],
+            )
+            .await?
+            .get(0);
+        let expected = if metric == "rmse" { "r2" } else { "agreement" };
+        assert_eq!(fidelity_metric, expected, "{name}");
+        assert!(
+            fidelity > 0.75 && (agreement - fidelity).abs() < 0.1,
+            "{name}: {agreement} over the table, {fidelity}"
+        );
+    }
+    Ok(())
+}
+
 fn python_scores(env: &Env, bytes: &[u8], rows: &serde_json::Value, key: &str) -> anyhow::Result<HashMap<String, f64>> {
     let dir = std::env::temp_dir().join(format!("cerebro-score-{}-{key}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -902,6 +1004,12 @@ async fn a_role_without_a_grant_sees_and_scores_nothing_until_granted() -> anyho
     let outsider = env.connect_as("e2e_outsider", &env.db).await?;
     let listed = "SELECT count(*) FROM cerebro.models WHERE name = 'e2e_private'";
     assert_eq!(outsider.query_one(listed, &[]).await?.get::<_, i64>(0), 0, "another role's model is listed");
+    let importance = "SELECT count(*) FROM cerebro.model_importance i JOIN cerebro.model_versions m
+                      ON m.id = i.model_version_id WHERE m.name = 'e2e_private'";
+    let ranked = "SELECT count(*) FROM cerebro.model_importance";
+    assert_eq!(db.query_one(importance, &[]).await?.get::<_, i64>(0), 19, "one row per feature");
+    let hidden = outsider.query_one(ranked, &[]).await?.get::<_, i64>(0);
+    assert_eq!(hidden, 0, "another role's importance is visible");
     let scoring = "SELECT count(*) FROM cerebro.predictions WHERE model = 'e2e_private'";
     let err = outsider.query_one(scoring, &[]).await.expect_err("no grant");
     let e = err.as_db_error().expect("a server error");
@@ -914,8 +1022,14 @@ async fn a_role_without_a_grant_sees_and_scores_nothing_until_granted() -> anyho
         assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42704"), "{denied}: {err}");
     }
 
+    let surrogate = "SELECT cerebro.surrogate_sql('e2e_private', 1)";
+    let err = outsider.query_one(surrogate, &[]).await.expect_err("no grant");
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42704"), "{err}");
+
     db.execute("SELECT cerebro.grant_model('e2e_private', 'e2e_outsider')", &[]).await?;
     assert_eq!(outsider.query_one(listed, &[]).await?.get::<_, i64>(0), 1);
+    assert_eq!(outsider.query_one(importance, &[]).await?.get::<_, i64>(0), 19);
+    assert!(outsider.query_one(surrogate, &[]).await?.get::<_, String>(0).starts_with("CASE WHEN "));
     assert_eq!(outsider.query_one(scoring, &[]).await?.get::<_, i64>(0), 7043);
     // A grant lets one see and score, not deploy.
     let err = outsider.query_one("SELECT cerebro.deploy('e2e_private', 1)", &[]).await.expect_err("not the owner");
@@ -1055,9 +1169,10 @@ async fn a_pg_dump_restores_every_model_with_its_archive_and_no_duplicate_audit(
     let census = "SELECT (SELECT count(*) FROM cerebro.model_versions), (SELECT count(*) FROM cerebro.artifacts),
                          (SELECT count(*) FROM cerebro.audit_log), (SELECT count(*) FROM cerebro.model_metrics),
                          (SELECT count(*) FROM cerebro.model_features), (SELECT count(*) FROM cerebro.deployments),
+                         (SELECT count(*) FROM cerebro.model_importance),
                          (SELECT string_agg(artifact_sha256, ',' ORDER BY id) FROM cerebro.model_versions)";
     let count =
-        |r: &tokio_postgres::Row| -> (Vec<i64>, Option<String>) { ((0..6).map(|i| r.get(i)).collect(), r.get(6)) };
+        |r: &tokio_postgres::Row| -> (Vec<i64>, Option<String>) { ((0..7).map(|i| r.get(i)).collect(), r.get(7)) };
     let (before, after) = (count(&db.query_one(census, &[]).await?), count(&restored.query_one(census, &[]).await?));
     assert!(before.0.iter().all(|&n| n > 0), "{before:?}");
     assert_eq!(before, after);
@@ -1177,6 +1292,11 @@ async fn an_onnx_model_built_elsewhere_imports_checked_and_scores() -> anyhow::R
         assert!((score - p as f64).abs() < 1e-5, "row {key}: {score} vs {p}");
         assert_eq!(label.as_deref(), Some(if *score >= 0.5 { "Yes" } else { "No" }), "row {key}");
     }
+    // Nothing to distill it from: no snapshot, no training rows.
+    let err = db.query_one("SELECT cerebro.surrogate_sql('e2e_external', 1)", &[]).await.expect_err("no surrogate");
+    let e = err.as_db_error().expect("a server error");
+    assert_eq!((e.code().code(), e.message()), ("55000", "model \"e2e_external\" version 1 has no rule surrogate"));
+    assert!(e.hint().unwrap_or("").contains("surrogate IS NOT NULL"), "{:?}", e.hint());
     Ok(())
 }
 
@@ -1622,6 +1742,18 @@ async fn a_selections_ensemble_averages_its_best_and_is_a_version_like_any() -> 
         .await?
         .get(0);
     assert_eq!(lineage, members);
+    // Its importance, measured through ONNX Runtime on its validation rows.
+    let imp = db
+        .query_one(
+            "SELECT importance->>'metric', jsonb_array_length(importance->'columns'), (importance->>'rows')::int,
+                    surrogate->>'fidelity_metric', (surrogate->>'rows')::int
+             FROM cerebro.model_versions WHERE name = 'e2e_ensemble' AND version = 5",
+            &[],
+        )
+        .await?;
+    assert_eq!((imp.get::<_, String>(0), imp.get::<_, i32>(1), imp.get::<_, i32>(2)), ("auc".into(), 19, 1409));
+    // And its rule surrogate, fitted on the training rows.
+    assert_eq!((imp.get::<_, String>(3), imp.get::<_, i32>(4)), ("agreement".into(), 7043 - 1409));
     // cerebrod queued it for the role that started the selection.
     let by: (String, String) = {
         let r = db

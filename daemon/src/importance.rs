@@ -1,0 +1,168 @@
+//! Permutation importance of a version's source columns on its validation
+//! rows (docs/sql.md, "Importance"): each column's values are shuffled among
+//! the rows, the rows scored again, and the validation metric's drop kept.
+//! The scorer is the caller's: the engine for a model Cerebro trained, ONNX
+//! Runtime for an ensemble.
+
+use cerebro_shared::batch::ColumnData;
+use cerebro_shared::importance::Importance;
+use cerebro_shared::spec::Task;
+use cerebro_shared::sql::metrics::{ACCURACY, AUC, RMSE};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::train::validation_metrics;
+
+/// Outputs of the rows of some columns, as [`validation_metrics`] reads
+/// them: a version's scorer.
+pub type Scorer<'a, E> = dyn FnMut(&[ColumnData]) -> Result<Vec<f32>, E> + 'a;
+
+/// Shuffles of each column, averaged.
+pub const REPEATS: u32 = 3;
+
+/// Rows scored in one call of the scorer (several shuffles at once).
+const BATCH_ROWS: usize = 32_768;
+
+/// Rows scored per shuffle: all the validation rows up to this many.
+pub const MAX_ROWS: usize = 5_000;
+
+/// Rows scored for the whole measurement, over every column and shuffle:
+/// a version with many columns is measured on fewer rows (down to
+/// [`MIN_ROWS`]), so that importance costs a small part of training.
+const ROW_SCORES: usize = 400_000;
+const MIN_ROWS: usize = 1_000;
+
+/// Which of `valid` validation rows to score for `columns` source columns
+/// (their positions): a seeded sample when there are more than the work
+/// allows, else all of them.
+pub fn sample(valid: usize, columns: usize, seed: u64) -> Vec<usize> {
+    let allowed = (ROW_SCORES / (columns.max(1) * REPEATS as usize)).clamp(MIN_ROWS, MAX_ROWS);
+    let mut picked: Vec<usize> = (0..valid).collect();
+    if valid > allowed {
+        picked.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+        picked.truncate(allowed);
+        picked.sort_unstable();
+    }
+    picked
+}
+
+/// The metric importance is measured by, as the leaderboard ranks: AUC,
+/// accuracy, RMSE; and whether higher is better.
+fn metric(task: Task) -> (&'static str, bool) {
+    match task {
+        Task::Binary => (AUC, true),
+        Task::Multiclass => (ACCURACY, true),
+        Task::Regression => (RMSE, false),
+    }
+}
+
+/// The importance of each of `names` (the columns of `valid`, the rows
+/// scored, whose targets are `targets`), scoring with `score`, which gives
+/// the outputs of rows as [`validation_metrics`] reads them. None when the
+/// metric is not defined on these rows (one class only).
+pub fn permutation<E>(
+    task: Task,
+    classes: usize,
+    names: &[String],
+    valid: &[ColumnData],
+    targets: &[f64],
+    seed: u64,
+    score: &mut Scorer<'_, E>,
+) -> Result<Option<Importance>, E> {
+    let (metric, higher_is_better) = metric(task);
+    let measure = |outputs: &[f32]| validation_metrics(task, classes, outputs, targets)[metric];
+    let baseline = measure(&score(valid)?);
+    if !baseline.is_finite() {
+        return Ok(None);
+    }
+    let n = targets.len();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    // Every (column, shuffle) is a block of n rows; blocks are scored
+    // together, up to BATCH_ROWS rows a call, as a scorer runs large
+    // batches faster than many small ones.
+    let blocks: Vec<(usize, Vec<usize>)> = (0..names.len())
+        .flat_map(|j| std::iter::repeat_n(j, REPEATS as usize))
+        .map(|j| {
+            let mut order: Vec<usize> = (0..n).collect();
+            order.shuffle(&mut rng);
+            (j, order)
+        })
+        .collect();
+    let per_call = (BATCH_ROWS / n.max(1)).max(1);
+    let mut sums = vec![0.0; names.len()];
+    for group in blocks.chunks(per_call) {
+        let batch: Vec<ColumnData> = valid
+            .iter()
+            .enumerate()
+            .map(|(c, column)| {
+                let rows: Vec<usize> = group
+                    .iter()
+                    .flat_map(|(j, order)| if *j == c { order.clone() } else { (0..n).collect() })
+                    .collect();
+                column.take(&rows)
+            })
+            .collect();
+        let outputs = score(&batch)?;
+        let width = outputs.len() / (group.len() * n).max(1);
+        for ((j, _), block) in group.iter().zip(outputs.chunks(n * width)) {
+            let shuffled = measure(block);
+            sums[*j] += if higher_is_better { baseline - shuffled } else { shuffled - baseline };
+        }
+    }
+    let drops = names.iter().cloned().zip(sums.into_iter().map(|s| s / REPEATS as f64)).collect();
+    Ok(Some(Importance::from_drops(metric, baseline, n, REPEATS, drops)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use super::*;
+
+    #[test]
+    fn only_the_columns_the_scorer_reads_matter() {
+        check_importance(400, 1);
+        // 9 shuffles of 12,000 rows: two a call.
+        check_importance(12_000, 5);
+    }
+
+    /// y = 1 when 8a + b > 0, as the scorer knows; it never reads c.
+    fn check_importance(n: usize, calls_for_shuffles: usize) {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let a: Vec<Option<f64>> = (0..n).map(|_| Some(rand::Rng::random_range(&mut rng, -1.0..1.0))).collect();
+        let b: Vec<Option<f64>> = (0..n).map(|_| Some(rand::Rng::random_range(&mut rng, -1.0..1.0))).collect();
+        let c: Vec<Option<String>> = (0..n).map(|i| Some(format!("c{}", i % 3))).collect();
+        let targets: Vec<f64> =
+            a.iter().zip(&b).map(|(a, b)| (8.0 * a.unwrap() + b.unwrap() > 0.0) as u8 as f64).collect();
+        let valid = vec![ColumnData::Float64(a), ColumnData::Float64(b), ColumnData::Text(c)];
+        let names: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let calls = std::cell::Cell::new(0);
+        let mut score = |cols: &[ColumnData]| -> Result<Vec<f32>, Infallible> {
+            calls.set(calls.get() + 1);
+            let (ColumnData::Float64(a), ColumnData::Float64(b)) = (&cols[0], &cols[1]) else { unreachable!() };
+            Ok(a.iter().zip(b).map(|(a, b)| 1.0 / (1.0 + (-(8.0 * a.unwrap() + b.unwrap())).exp()) as f32).collect())
+        };
+        let imp = permutation(Task::Binary, 2, &names, &valid, &targets, 7, &mut score).unwrap().unwrap();
+        assert_eq!(calls.get(), 1 + calls_for_shuffles);
+        assert_eq!(imp.top(3), ["a", "b", "c"]);
+        assert_eq!((imp.metric.as_str(), imp.rows, imp.repeats), ("auc", n, REPEATS));
+        assert!(imp.baseline > 0.95, "{imp:?}");
+        assert!(imp.columns[0].drop > 0.3 && imp.columns[0].importance > 0.9, "{imp:?}");
+        assert_eq!((imp.columns[2].drop, imp.columns[2].importance), (0.0, 0.0), "c is never read");
+        // The same seed, the same measurement.
+        let again = permutation(Task::Binary, 2, &names, &valid, &targets, 7, &mut score).unwrap().unwrap();
+        assert_eq!(again, imp);
+    }
+
+    #[test]
+    fn many_columns_score_fewer_rows() {
+        assert_eq!(sample(300, 10, 1), (0..300).collect::<Vec<_>>(), "few rows: all of them");
+        assert_eq!(sample(20_000, 10, 1).len(), MAX_ROWS);
+        let wide = sample(20_000, 85, 1);
+        assert_eq!(wide.len(), 400_000 / (85 * 3));
+        assert!(wide.windows(2).all(|w| w[0] < w[1]) && wide[wide.len() - 1] > wide.len(), "a sorted sample");
+        assert_eq!(sample(20_000, 1000, 1).len(), MIN_ROWS);
+        assert_eq!(sample(20_000, 85, 1), wide, "seeded");
+    }
+}
