@@ -168,6 +168,7 @@ CREATE INDEX model_metrics_by_value ON cerebro.model_metrics (metric, value);
 -- metric, baseline, rows, repeats and the columns, most important first).
 -- `importance` is each column's share of the drops, summing to 1.
 ALTER TABLE cerebro.model_versions ADD COLUMN importance jsonb;
+ALTER FOREIGN TABLE cerebro.models ADD COLUMN top_columns text[];
 CREATE TABLE cerebro.model_importance (
     model_version_id bigint           NOT NULL REFERENCES cerebro.model_versions (id) ON DELETE CASCADE,
     column_name      text             NOT NULL,

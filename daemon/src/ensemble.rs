@@ -11,7 +11,7 @@ use cerebro_shared::importance::Importance;
 use cerebro_shared::provenance::{Ensemble, EnsembleMember, TrainedWith};
 use cerebro_shared::spec::{Feature, Task, TrainingPlan};
 use cerebro_shared::surrogate::Surrogate;
-use tracing::warn;
+use tracing::{error, warn};
 
 use crate::catalog::Artifact;
 use crate::metrics::Metrics;
@@ -205,13 +205,21 @@ pub fn build(
         return Err(BuildError::Disagrees(worst));
     }
 
-    let importance = measure_importance(&graph, plan, &valid, &targets).unwrap_or_else(|e| {
-        warn!("cannot measure the importance of the ensemble's columns: {e}");
-        None
+    // Extras: a failure, even a panic, leaves the ensemble without them.
+    let explained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let importance = measure_importance(&graph, plan, &valid, &targets).unwrap_or_else(|e| {
+            warn!("cannot measure the importance of the ensemble's columns: {e}");
+            None
+        });
+        let surrogate = surrogate(&graph, plan, features, &target[0])
+            .inspect_err(|e| warn!("cannot distill the ensemble's rule surrogate: {e}"))
+            .ok();
+        (importance, surrogate)
+    }));
+    let (importance, surrogate) = explained.unwrap_or_else(|_| {
+        error!("measuring the ensemble's importance or surrogate panicked; it is stored without them");
+        (None, None)
     });
-    let surrogate = surrogate(&graph, plan, features, &target[0])
-        .inspect_err(|e| warn!("cannot distill the ensemble's rule surrogate: {e}"))
-        .ok();
 
     let files: Vec<String> = chosen
         .iter()

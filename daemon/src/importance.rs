@@ -105,7 +105,7 @@ pub fn permutation<E>(
             .collect();
         let outputs = score(&batch)?;
         let width = outputs.len() / (group.len() * n).max(1);
-        for ((j, _), block) in group.iter().zip(outputs.chunks(n * width)) {
+        for ((j, _), block) in group.iter().zip(outputs.chunks((n * width).max(1))) {
             let shuffled = measure(block);
             sums[*j] += if higher_is_better { baseline - shuffled } else { shuffled - baseline };
         }

@@ -117,8 +117,9 @@ fn session_lost() -> CatalogError {
 /// Measures the permutation importance of each model the stack trained and
 /// distills its rule surrogate, on both cores at once, except for those
 /// halving stopped at a rung: a selection stops most of its candidates so,
-/// and they lost to better ones. A model whose measurement fails is stored
-/// without it (logged).
+/// and they lost to better ones. A model whose measurement fails, even by
+/// a panic, is stored without it (logged): it is an extra, and the trained
+/// model must not be lost for it.
 fn explain_models(
     models: &mut [Result<TrainedModel, TrainError>],
     plans: &[TrainingPlan],
@@ -132,11 +133,17 @@ fn explain_models(
         if guide.is_some_and(|g| g.halved(m)) {
             return;
         }
-        if let Err(e) = model.measure_importance(plan, features, target) {
-            warn!("cannot measure the importance of a model's columns: {e}");
-        }
-        if let Err(e) = model.distill(plan, features, target) {
-            warn!("cannot distill a model's rule surrogate: {e}");
+        let explained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if let Err(e) = model.measure_importance(plan, features, target) {
+                warn!("cannot measure the importance of a model's columns: {e}");
+            }
+            if let Err(e) = model.distill(plan, features, target) {
+                warn!("cannot distill a model's rule surrogate: {e}");
+            }
+        }));
+        if explained.is_err() {
+            error!("measuring a model's importance or surrogate panicked; it is stored without them");
+            (model.importance, model.surrogate) = (None, None);
         }
     });
     info!(models = models.len(), seconds = started.elapsed().as_secs_f64(), "importance and surrogates measured");

@@ -141,7 +141,11 @@ pub fn list_models() -> Result<Vec<ModelRow>> {
                     d.version IS NOT DISTINCT FROM m.version,
                     coalesce(m.artifact_bytes, 0)
                         + coalesce(pg_catalog.pg_total_relation_size(pg_catalog.to_regclass(s.data_relation)), 0),
-                    m.parent_version, m.change
+                    m.parent_version, m.change,
+                    CASE WHEN m.importance IS NOT NULL THEN
+                        ARRAY(SELECT c.value->>'column'
+                              FROM pg_catalog.jsonb_array_elements(m.importance->'columns') WITH ORDINALITY c(value, n)
+                              ORDER BY c.n LIMIT 5) END
              FROM cerebro.model_versions m LEFT JOIN cerebro.deployments d ON d.name = m.name
              LEFT JOIN cerebro.snapshots s ON s.id = m.snapshot_id
              ORDER BY m.name, m.version",
@@ -181,6 +185,7 @@ pub fn list_models() -> Result<Vec<ModelRow>> {
                 ("storage_bytes", row.get::<i64>(18)?.map(Cell::I64)),
                 ("parent_version", row.get::<i32>(19)?.map(Cell::I32)),
                 ("change", string(row.get(20)?)),
+                ("top_columns", row.get::<Vec<Option<String>>>(21)?.map(Cell::StringArray)),
             ]);
         }
         Ok(out)

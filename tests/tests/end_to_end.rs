@@ -246,6 +246,11 @@ async fn importance_ranks_the_two_columns_that_decide_the_target_first() -> anyh
             .await?;
         let mut top: Vec<String> = row.get(0);
         assert_eq!(top.len(), 5, "{name}: {top:?}");
+        let listed: Vec<String> = db
+            .query_one("SELECT top_columns FROM cerebro.models WHERE name = $1 AND version = $2", &[&name, &v])
+            .await?
+            .get(0);
+        assert_eq!(listed, top, "{name}: cerebro.models and cerebro.archive agree");
         top.truncate(2);
         top.sort();
         assert_eq!(top, ["a", "b"], "{name}");
