@@ -28,6 +28,10 @@ struct Receiver {
     reads: Vec<Read>,
     /// Set by `startup` when the query's columns are not what `columns` wants.
     mismatch: Option<String>,
+    /// The text of the columns from this one on is converted to UTF-8, as
+    /// cerebrod reads it (features); the columns before it keep the
+    /// database's encoding (keys, handed back to PostgreSQL).
+    utf8_from: usize,
 }
 
 /// How a column's datums become a batch's values.
@@ -41,7 +45,11 @@ enum Read {
     /// Decoded from its digits ([`numeric_to_f64`]), without the text
     /// round trip of `numeric::float8`.
     Numeric,
+    /// Text as stored, in the database's encoding.
     Text,
+    /// Text converted from the database's encoding to UTF-8
+    /// ([`text_to_utf8`]), in a database whose encoding is another.
+    TextToUtf8,
 }
 
 impl Read {
@@ -85,7 +93,58 @@ impl Read {
                 }
                 number
             }
-            Read::Text => None,
+            Read::Text | Read::TextToUtf8 => None,
+        }
+    }
+}
+
+/// Whether text read in this database must be converted for cerebrod,
+/// which reads UTF-8 (a snapshot reaches it in UTF-8: COPY converts to the
+/// client's encoding). SQL_ASCII declares no encoding: its bytes pass as
+/// they are.
+pub fn text_needs_utf8() -> bool {
+    // SAFETY: reads a backend global.
+    let encoding = unsafe { pg_sys::GetDatabaseEncoding() };
+    encoding != pg_sys::pg_enc::PG_UTF8 as i32 && encoding != pg_sys::pg_enc::PG_SQL_ASCII as i32
+}
+
+/// Whether a datum of type `type_oid` reads as a Rust string: pgrx reads
+/// text as UTF-8, which a value of a database in another encoding is only
+/// when it is ASCII (any value of another type reads as its own Rust type).
+///
+/// # Safety
+/// `value` is a non-NULL datum of type `type_oid`.
+pub unsafe fn reads_as_string(value: pg_sys::Datum, type_oid: pg_sys::Oid) -> bool {
+    if !text_needs_utf8() || ![pg_sys::TEXTOID, pg_sys::VARCHAROID, pg_sys::BPCHAROID].contains(&type_oid) {
+        return true;
+    }
+    // SAFETY: these types are varlenas.
+    unsafe {
+        let (bytes, copy) = varlena_bytes(value);
+        let ascii = bytes.is_ascii();
+        if let Some(copy) = copy {
+            pg_sys::pfree(copy.cast());
+        }
+        ascii
+    }
+}
+
+/// `bytes`, text in the database's encoding, as UTF-8: the same bytes when
+/// they need no conversion (ASCII), else a palloc'd copy for the caller to
+/// free. Every server encoding converts to UTF-8.
+///
+/// # Safety
+/// Called in a backend, with `bytes` a valid string of the database's encoding.
+pub unsafe fn text_to_utf8(bytes: &[u8]) -> (&[u8], Option<*mut std::ffi::c_char>) {
+    // SAFETY: as the caller promises; the result is NUL-terminated when it
+    // is a copy.
+    unsafe {
+        let converted =
+            pg_sys::pg_server_to_any(bytes.as_ptr().cast(), bytes.len() as i32, pg_sys::pg_enc::PG_UTF8 as i32);
+        if converted.cast_const().cast::<u8>() == bytes.as_ptr() {
+            (bytes, None)
+        } else {
+            (std::ffi::CStr::from_ptr(converted).to_bytes(), Some(converted))
         }
     }
 }
@@ -140,8 +199,10 @@ unsafe extern "C-unwind" fn startup(dest: *mut pg_sys::DestReceiver, _operation:
         }
         let attrs = (*typeinfo).attrs.as_slice(natts);
         let mut reads = Vec::with_capacity(natts);
+        let convert = text_needs_utf8();
         for (i, (attr, column)) in attrs.iter().zip(&receiver.columns).enumerate() {
             match Read::of(column, attr.atttypid) {
+                Some(Read::Text) if convert && i >= receiver.utf8_from => reads.push(Read::TextToUtf8),
                 Some(read) => reads.push(read),
                 None => {
                     receiver.mismatch = Some(format!("column {} has type {:?}", i + 1, attr.atttypid));
@@ -182,6 +243,17 @@ unsafe extern "C-unwind" fn receive(slot: *mut pg_sys::TupleTableSlot, dest: *mu
                         pg_sys::pfree(copy.cast());
                     }
                 }
+                Read::TextToUtf8 => {
+                    let (bytes, copy) = varlena_bytes(*value);
+                    let (utf8, converted) = text_to_utf8(bytes);
+                    column.push_text(Some(utf8));
+                    if let Some(converted) = converted {
+                        pg_sys::pfree(converted.cast());
+                    }
+                    if let Some(copy) = copy {
+                        pg_sys::pfree(copy.cast());
+                    }
+                }
                 // Bytes a numeric's type would never store read as NULL.
                 number => column.push_f64(number.number(*value)),
             }
@@ -199,8 +271,10 @@ unsafe extern "C-unwind" fn destroy(_dest: *mut pg_sys::DestReceiver) {}
 /// Fetches up to `rows` more rows of the open cursor `cursor` into
 /// `columns` (empty, one per column of the cursor's query: a number type
 /// [`reads_as_number`] accepts for a [`PackedColumn::Float64`], `text` for
-/// a [`PackedColumn::Text`]) and returns them filled.
-pub fn fetch_into(cursor: &str, rows: i64, columns: Vec<PackedColumn>) -> Result<Vec<PackedColumn>> {
+/// a [`PackedColumn::Text`]) and returns them filled. The text of columns
+/// `utf8_from` and after is converted to UTF-8 where the database's
+/// encoding is another ([`text_needs_utf8`]); the columns before keep it.
+pub fn fetch_into(cursor: &str, rows: i64, columns: Vec<PackedColumn>, utf8_from: usize) -> Result<Vec<PackedColumn>> {
     let name = CString::new(cursor).map_err(|_| CerebroError::Protocol(format!("cursor name {cursor:?}")))?;
     let mut receiver = Box::new(Receiver {
         dest: pg_sys::DestReceiver {
@@ -213,6 +287,7 @@ pub fn fetch_into(cursor: &str, rows: i64, columns: Vec<PackedColumn>) -> Result
         columns,
         reads: Vec::new(),
         mismatch: None,
+        utf8_from,
     });
     // SAFETY: the portal is looked up by name and checked; the receiver
     // outlives the fetch, which calls back into it only during the call.

@@ -454,7 +454,12 @@ unsafe fn evaluate(state: *mut pg_sys::ExprState, econtext: *mut pg_sys::ExprCon
             return Pushed::MatchesNothing;
         }
         let type_oid = pg_sys::exprType((*state).expr.cast());
+        // Text that is not ASCII, in a database whose encoding is not
+        // UTF-8, cannot be a Rust string: PostgreSQL's filter decides alone.
         if !any {
+            if !crate::fetch::reads_as_string(datum, type_oid) {
+                return Pushed::Unused;
+            }
             return Cell::from_polymorphic_datum(datum, false, type_oid)
                 .map_or(Pushed::Unused, |c| Pushed::Value(Value::Cell(c)));
         }
@@ -471,6 +476,9 @@ unsafe fn evaluate(state: *mut pg_sys::ExprState, econtext: *mut pg_sys::ExprCon
         // the scan cannot be narrowed by the list.
         let mut cells = Vec::with_capacity(count as usize);
         for i in (0..count as usize).filter(|&i| !*nulls.add(i)) {
+            if !crate::fetch::reads_as_string(*elements.add(i), element_type) {
+                return Pushed::Unused;
+            }
             match Cell::from_polymorphic_datum(*elements.add(i), false, element_type) {
                 Some(cell) => cells.push(cell),
                 None => return Pushed::Unused,

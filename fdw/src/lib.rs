@@ -632,7 +632,7 @@ mod tests {
         let rows = Spi::get_one::<i64>("SELECT count(*) FROM public.numbers").unwrap().unwrap();
         let read = Spi::connect(|client| {
             let cursor = client.open_cursor(casts, &[]).detach_into_name();
-            crate::fetch::fetch_into(&cursor, rows + 1, (0..10).map(|_| PackedColumn::float64(0)).collect()).unwrap()
+            crate::fetch::fetch_into(&cursor, rows + 1, (0..10).map(|_| PackedColumn::float64(0)).collect(), 0).unwrap()
         });
         let values = |c: &PackedColumn| match c {
             PackedColumn::Float64 { values, validity } => {

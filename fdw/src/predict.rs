@@ -330,7 +330,18 @@ impl Row {
                     let mut varlena = false;
                     pg_sys::getTypeOutputInfo(oid, &mut output, &mut varlena);
                     let text = pg_sys::OidOutputFunctionCall(output, datum);
-                    let text = std::ffi::CStr::from_ptr(text).to_string_lossy().into_owned();
+                    let bytes = std::ffi::CStr::from_ptr(text).to_bytes();
+                    // In cerebrod's encoding, as cerebro.predictions sends it.
+                    let text = if crate::fetch::text_needs_utf8() {
+                        let (utf8, converted) = crate::fetch::text_to_utf8(bytes);
+                        let owned = String::from_utf8_lossy(utf8).into_owned();
+                        if let Some(converted) = converted {
+                            pg_sys::pfree(converted.cast());
+                        }
+                        owned
+                    } else {
+                        String::from_utf8_lossy(bytes).into_owned()
+                    };
                     Some(if oid == pg_sys::BPCHAROID { text.trim_end_matches(' ').to_owned() } else { text })
                 }
             }

@@ -416,7 +416,8 @@ impl PredictionScan {
                 column
             })
             .collect();
-        let mut columns = fetch_into(name, self.batch_rows, wanted)?;
+        // The key goes back to PostgreSQL as it is; the features go to cerebrod.
+        let mut columns = fetch_into(name, self.batch_rows, wanted, 1)?;
         let keys = columns.remove(0);
         if keys.is_empty() {
             self.source_done = true;

@@ -1186,6 +1186,75 @@ async fn a_pg_dump_restores_every_model_with_its_archive_and_no_duplicate_audit(
     Ok(())
 }
 
+/// A database in LATIN1: training reads its text as UTF-8 (COPY converts
+/// to cerebrod's encoding), so scoring must send it so too, or a
+/// category with an accent is a value never seen.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_latin1_database_scores_accented_categories_as_it_trained_on_them() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let name = "cerebro_e2e_latin1";
+    db.execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"), &[]).await?;
+    db.execute(
+        &format!("CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"),
+        &[],
+    )
+    .await?;
+    let socket = env.socket.with_file_name("cerebrod-e2e-latin1.sock");
+    let latin = env.connect_to(name).await?;
+    latin
+        .batch_execute(&format!(
+            "CREATE EXTENSION cerebro;
+             ALTER SERVER cerebro_daemon OPTIONS (SET socket '{}');
+             CREATE TABLE cafes AS
+             SELECT kind || '-' || i AS tag, kind, (i * 7919 % 101)::float8 AS noise,
+                    CASE WHEN kind = 'Café' THEN 'oui' ELSE 'non' END AS label
+             FROM generate_series(1, 900) i, LATERAL (SELECT (ARRAY['Café', 'Crème', 'Thé'])[1 + i % 3] AS kind) k",
+            socket.display()
+        ))
+        .await?;
+    let url = format!("'host={} port={} user=postgres dbname={name}'", env.pghost, env.pgport);
+    let mut latin_env = env.with_config_value("latin1", "database_url", &url)?;
+    latin_env = latin_env.with_config_value("latin1", "socket_path", &format!("'{}'", socket.display()))?;
+    latin_env.socket = socket;
+    let mut daemon = Daemon::start(&latin_env)?;
+    latin
+        .execute(
+            "INSERT INTO cerebro.models (name, source, target, key, features, options)
+             VALUES ('e2e_latin1', 'cafes', 'label', 'tag', ARRAY['kind', 'noise'], '{\"epochs\": 30}')",
+            &[],
+        )
+        .await?;
+    let seen = wait_until_done(&latin, "e2e_latin1", 1, TRAIN_TIMEOUT).await?;
+    assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
+    let by_kind: HashMap<String, (f64, i64)> = latin
+        .query(
+            "SELECT c.kind, avg(p.score), count(*) FROM cerebro.predictions p JOIN cafes c ON c.tag = p.key
+             WHERE p.model = 'e2e_latin1' GROUP BY c.kind",
+            &[],
+        )
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    // Every key came back as it is stored (the join found all 900).
+    assert_eq!(by_kind.values().map(|(_, n)| n).sum::<i64>(), 900, "{by_kind:?}");
+    assert!(by_kind["Café"].0 > 0.9, "{by_kind:?}");
+    assert!(by_kind["Crème"].0 < 0.1 && by_kind["Thé"].0 < 0.1, "{by_kind:?}");
+    let one: f64 =
+        latin.query_one("SELECT cerebro.predict('e2e_latin1', c) FROM cafes c WHERE tag = 'Café-3'", &[]).await?.get(0);
+    assert!(one > 0.9, "{one}");
+    let label: String = latin
+        .query_one("SELECT label FROM cerebro.predictions WHERE model = 'e2e_latin1' AND key = 'Crème-1'", &[])
+        .await?
+        .get(0);
+    assert_eq!(label, "non");
+    daemon.stop()?;
+    drop(latin);
+    db.execute(&format!("DROP DATABASE {name} WITH (FORCE)"), &[]).await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cerebrod_runs_as_a_role_with_only_the_documented_privileges() -> anyhow::Result<()> {
     let env = Env::from_env();
