@@ -20,6 +20,10 @@ pub const MAX_DEPTH: u32 = 4;
 /// there are more.
 pub const FIT_ROWS: usize = 20_000;
 
+/// Validation rows the fidelity is measured on: a seeded sample of this
+/// many when there are more.
+pub const CHECK_ROWS: usize = 5_000;
+
 /// The share of the fitted rows a leaf holds at least (and 5 rows).
 const MIN_LEAF_SHARE: f64 = 0.01;
 
@@ -37,13 +41,9 @@ pub fn distill<E>(
     seed: u64,
     score: &mut Scorer<'_, E>,
 ) -> Result<Surrogate, E> {
-    let mut fit = fit_rows.to_vec();
-    if fit.len() > FIT_ROWS {
-        fit.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
-        fit.truncate(FIT_ROWS);
-        fit.sort_unstable();
-    }
-    let rows: Vec<usize> = fit.iter().chain(check_rows).copied().collect();
+    let fit = sampled(fit_rows, FIT_ROWS, seed);
+    let check = sampled(check_rows, CHECK_ROWS, seed);
+    let rows: Vec<usize> = fit.iter().chain(&check).copied().collect();
     let scored: Vec<ColumnData> = features.iter().map(|c| c.take(&rows)).collect();
     let outputs = score(&scored)?;
     let predicted = match task {
@@ -65,6 +65,17 @@ pub fn distill<E>(
     let min_leaf = ((fit.len() as f64 * MIN_LEAF_SHARE) as usize).max(5);
     let growth = Growth { max_depth: MAX_DEPTH, min_leaf };
     Ok(Surrogate::distill(names, &scored, &predicted, &fitted, &checked, growth))
+}
+
+/// At most `most` of `rows`, a seeded sample in their order.
+fn sampled(rows: &[usize], most: usize, seed: u64) -> Vec<usize> {
+    let mut picked = rows.to_vec();
+    if picked.len() > most {
+        picked.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+        picked.truncate(most);
+        picked.sort_unstable();
+    }
+    picked
 }
 
 #[cfg(test)]

@@ -207,7 +207,7 @@ pub fn build(
 
     // Extras: a failure, even a panic, leaves the ensemble without them.
     let explained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let importance = measure_importance(&graph, plan, &valid, &targets).unwrap_or_else(|e| {
+        let importance = measure_importance(&graph, chosen.len(), plan, &valid, &targets).unwrap_or_else(|e| {
             warn!("cannot measure the importance of the ensemble's columns: {e}");
             None
         });
@@ -260,15 +260,16 @@ fn surrogate(
     )
 }
 
-/// The permutation importance of the merged `graph`'s columns on (a sample
-/// of) the validation rows `valid`.
+/// The permutation importance of the merged `graph`'s columns (of
+/// `networks` members) on (a sample of) the validation rows `valid`.
 fn measure_importance(
     graph: &ScoringModel,
+    networks: usize,
     plan: &TrainingPlan,
     valid: &[ColumnData],
     targets: &[f64],
 ) -> Result<Option<Importance>, BuildError> {
-    let picked = importance::sample(targets.len(), valid.len(), plan.options.seed);
+    let picked = importance::sample(targets.len(), valid.len(), networks, plan.options.seed);
     let valid: Vec<ColumnData> = valid.iter().map(|c| c.take(&picked)).collect();
     let targets: Vec<f64> = picked.iter().map(|&p| targets[p]).collect();
     let names: Vec<String> = plan.features.iter().map(|f| f.name.clone()).collect();

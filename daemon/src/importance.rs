@@ -27,17 +27,20 @@ const BATCH_ROWS: usize = 32_768;
 /// Rows scored per shuffle: all the validation rows up to this many.
 pub const MAX_ROWS: usize = 5_000;
 
-/// Rows scored for the whole measurement, over every column and shuffle:
-/// a version with many columns is measured on fewer rows (down to
-/// [`MIN_ROWS`]), so that importance costs a small part of training.
-const ROW_SCORES: usize = 400_000;
-const MIN_ROWS: usize = 1_000;
+/// Rows scored for the whole measurement, over every column, shuffle and
+/// network: a version with many columns (or an ensemble of many networks)
+/// is measured on fewer rows (down to [`MIN_ROWS`]), so that importance
+/// costs a small part of training.
+const ROW_SCORES: usize = 100_000;
+const MIN_ROWS: usize = 500;
 
 /// Which of `valid` validation rows to score for `columns` source columns
-/// (their positions): a seeded sample when there are more than the work
-/// allows, else all of them.
-pub fn sample(valid: usize, columns: usize, seed: u64) -> Vec<usize> {
-    let allowed = (ROW_SCORES / (columns.max(1) * REPEATS as usize)).clamp(MIN_ROWS, MAX_ROWS);
+/// of a version of `networks` networks (an ensemble scores each row with
+/// every member): a seeded sample of their positions when there are more
+/// than the work allows, else all of them.
+pub fn sample(valid: usize, columns: usize, networks: usize, seed: u64) -> Vec<usize> {
+    let work = columns.max(1) * REPEATS as usize * networks.max(1);
+    let allowed = (ROW_SCORES / work).clamp(MIN_ROWS, MAX_ROWS);
     let mut picked: Vec<usize> = (0..valid).collect();
     if valid > allowed {
         picked.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
@@ -157,12 +160,13 @@ mod tests {
 
     #[test]
     fn many_columns_score_fewer_rows() {
-        assert_eq!(sample(300, 10, 1), (0..300).collect::<Vec<_>>(), "few rows: all of them");
-        assert_eq!(sample(20_000, 10, 1).len(), MAX_ROWS);
-        let wide = sample(20_000, 85, 1);
-        assert_eq!(wide.len(), 400_000 / (85 * 3));
+        assert_eq!(sample(300, 10, 1, 1), (0..300).collect::<Vec<_>>(), "few rows: all of them");
+        assert_eq!(sample(20_000, 5, 1, 1).len(), MAX_ROWS);
+        let wide = sample(20_000, 25, 1, 1);
+        assert_eq!(wide.len(), 100_000 / (25 * 3));
         assert!(wide.windows(2).all(|w| w[0] < w[1]) && wide[wide.len() - 1] > wide.len(), "a sorted sample");
-        assert_eq!(sample(20_000, 1000, 1).len(), MIN_ROWS);
-        assert_eq!(sample(20_000, 85, 1), wide, "seeded");
+        assert_eq!(sample(20_000, 1000, 1, 1).len(), MIN_ROWS);
+        assert_eq!(sample(20_000, 25, 1, 1), wide, "seeded");
+        assert_eq!(sample(20_000, 10, 4, 1).len(), 100_000 / (10 * 3 * 4), "an ensemble of 4 networks");
     }
 }

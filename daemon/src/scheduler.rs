@@ -361,6 +361,13 @@ impl Scheduler {
             self.build_ensemble(&stack).await?;
             return self.finish_selection(selection).await;
         }
+        // A spent budget ends the stack before its data is read: reading a
+        // large snapshot takes seconds, and every stack still queued when the
+        // budget runs out would read it for nothing.
+        let early = self.selection_guide(&stack).await?;
+        if !self.keep_within_budget(&stack, early.as_ref()).await? {
+            return self.finish_selection(selection).await;
+        }
         let Some(table) = self.read_training_data(&stack).await? else {
             return self.finish_selection(selection).await;
         };

@@ -991,7 +991,8 @@ impl TrainedModel {
         target: &ColumnData,
     ) -> Result<(), TrainError> {
         let (rows, targets) = validation_rows(plan, target)?;
-        let picked = importance::sample(rows.len(), features.len(), plan.options.seed);
+        let networks = 1 + self.members.len();
+        let picked = importance::sample(rows.len(), features.len(), networks, plan.options.seed);
         let rows: Vec<usize> = picked.iter().map(|&p| rows[p]).collect();
         let targets: Vec<f64> = picked.iter().map(|&p| targets[p]).collect();
         let valid: Vec<ColumnData> = features.iter().map(|c| c.take(&rows)).collect();
