@@ -7,11 +7,8 @@
 use cerebro_shared::batch::ColumnData;
 use cerebro_shared::spec::Task;
 use cerebro_shared::surrogate::{Growth, Predicted, Surrogate};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 
-use crate::importance::Scorer;
+use crate::importance::{seeded_sample, Scorer};
 
 /// How deep the tree grows: 4 levels, at most 16 rules, still read at a glance.
 pub const MAX_DEPTH: u32 = 4;
@@ -41,8 +38,8 @@ pub fn distill<E>(
     seed: u64,
     score: &mut Scorer<'_, E>,
 ) -> Result<Surrogate, E> {
-    let fit = sampled(fit_rows, FIT_ROWS, seed);
-    let check = sampled(check_rows, CHECK_ROWS, seed);
+    let fit = seeded_sample(fit_rows, FIT_ROWS, seed);
+    let check = seeded_sample(check_rows, CHECK_ROWS, seed);
     let rows: Vec<usize> = fit.iter().chain(&check).copied().collect();
     let scored: Vec<ColumnData> = features.iter().map(|c| c.take(&rows)).collect();
     let outputs = score(&scored)?;
@@ -65,17 +62,6 @@ pub fn distill<E>(
     let min_leaf = ((fit.len() as f64 * MIN_LEAF_SHARE) as usize).max(5);
     let growth = Growth { max_depth: MAX_DEPTH, min_leaf };
     Ok(Surrogate::distill(names, &scored, &predicted, &fitted, &checked, growth))
-}
-
-/// At most `most` of `rows`, a seeded sample in their order.
-fn sampled(rows: &[usize], most: usize, seed: u64) -> Vec<usize> {
-    let mut picked = rows.to_vec();
-    if picked.len() > most {
-        picked.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
-        picked.truncate(most);
-        picked.sort_unstable();
-    }
-    picked
 }
 
 #[cfg(test)]

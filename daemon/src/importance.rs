@@ -41,10 +41,16 @@ const MIN_ROWS: usize = 500;
 pub fn sample(valid: usize, columns: usize, networks: usize, seed: u64) -> Vec<usize> {
     let work = columns.max(1) * REPEATS as usize * networks.max(1);
     let allowed = (ROW_SCORES / work).clamp(MIN_ROWS, MAX_ROWS);
-    let mut picked: Vec<usize> = (0..valid).collect();
-    if valid > allowed {
+    seeded_sample(&(0..valid).collect::<Vec<_>>(), allowed, seed)
+}
+
+/// At most `most` of `rows`: a seeded sample, in their order, when there
+/// are more; else all of them.
+pub fn seeded_sample(rows: &[usize], most: usize, seed: u64) -> Vec<usize> {
+    let mut picked = rows.to_vec();
+    if picked.len() > most {
         picked.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
-        picked.truncate(allowed);
+        picked.truncate(most);
         picked.sort_unstable();
     }
     picked

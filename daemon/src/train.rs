@@ -979,9 +979,6 @@ impl TrainedModel {
         head_for(self.task, self.class_labels.len())
     }
 
-    /// What the exported graph outputs, computed by the engine itself:
-    /// positive-class probabilities (binary), class probabilities row by row
-    /// (multiclass) or values in the target's units (regression).
     /// Measures each source column's permutation importance on `plan`'s
     /// validation rows of `features` ([`crate::importance`]).
     pub fn measure_importance(
@@ -1029,6 +1026,9 @@ impl TrainedModel {
         Ok(())
     }
 
+    /// What the exported graph outputs, computed by the engine itself:
+    /// positive-class probabilities (binary), class probabilities row by row
+    /// (multiclass) or values in the target's units (regression).
     pub fn outputs(&self, columns: &[ColumnData]) -> Result<Vec<f32>, FeatureError> {
         let e = self.pipeline.transform(columns)?;
         Ok(self.outputs_from_encoded(Batch { x: &e.x, codes: &e.codes, n: e.n }))
