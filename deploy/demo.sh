@@ -45,6 +45,22 @@ psql_as "$DB" -c "SELECT label AS predicted, count(*) AS customers,
        round(avg(score)::numeric, 3) AS mean_p_churn
 FROM cerebro.predictions WHERE model = 'churn' GROUP BY label ORDER BY label"
 
+step "Why: what matters to churn v$version, the likeliest churner's reasons, and rules that mimic the model"
+psql_as "$DB" -c "SELECT i.rank, i.column_name, round(i.importance::numeric, 3) AS share_of_auc_drop
+FROM cerebro.model_importance i JOIN cerebro.model_versions m ON m.id = i.model_version_id
+WHERE m.name = 'churn' AND m.version = $version AND i.rank <= 5 ORDER BY i.rank"
+
+psql_as "$DB" -c "SELECT p.key AS customer_id, round(p.score::numeric, 3) AS p_churn,
+       round((p.explanation->>'baseline')::numeric, 3) AS typical_p,
+       c->>'column' AS reason, c->>'value' AS value, round((c->>'contribution')::numeric, 3) AS contribution
+FROM cerebro.predictions p, jsonb_array_elements(p.explanation->'contributions') c
+WHERE p.model = 'churn' AND p.explain AND p.top_k = 3
+  AND p.key = (SELECT key FROM cerebro.predictions WHERE model = 'churn' ORDER BY score DESC, key LIMIT 1)"
+
+psql_as "$DB" -c "SELECT round((surrogate->>'fidelity')::numeric, 3) AS surrogate_agreement_with_the_model
+FROM cerebro.model_versions WHERE name = 'churn' AND version = $version"
+psql_as "$DB" -c "SELECT rule, prediction, support FROM cerebro.surrogate_rules('churn', $version)"
+
 cat <<MSG
 
 Cerebro is running.

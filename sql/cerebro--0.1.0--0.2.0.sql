@@ -534,3 +534,13 @@ $$;
 -- multiclass model's whole output, [1 - score, score] for a binary one,
 -- NULL for regression (issue 15).
 ALTER FOREIGN TABLE cerebro.predictions ADD COLUMN probabilities double precision[];
+
+-- Per-row explanations (issue 16): WHERE explain [AND top_k = k] makes each
+-- row's explanation the jsonb {baseline, contributions: [{column, value,
+-- contribution}, ...] (the k largest, 5 unless top_k says), rest}, from
+-- integrated gradients that cerebrod computes with the network's own
+-- weights. baseline + the contributions + rest = score.
+ALTER FOREIGN TABLE cerebro.predictions
+    ADD COLUMN explain boolean,
+    ADD COLUMN top_k integer,
+    ADD COLUMN explanation jsonb;

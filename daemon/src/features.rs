@@ -154,6 +154,22 @@ pub struct Encoded {
 pub struct FittedFeature {
     pub name: String,
     pub encoder: Encoder,
+    /// The training rows' typical value of the column: where integrated
+    /// gradients start from (see [`FeaturePipeline::baseline`]). Absent in
+    /// pipelines fitted before explanations existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub typical: Option<Typical>,
+}
+
+/// A column's typical value in the training rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Typical {
+    /// The median of its numbers; NULL when most rows were NULL.
+    Median(Option<f64>),
+    /// Its most frequent category (ties: the first in sort order); NULL
+    /// when NULL was the most frequent.
+    Mode(Option<String>),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -191,6 +207,7 @@ impl FeaturePipeline {
         check_columns(features.len(), &columns.iter().map(ColumnData::len).collect::<Vec<_>>())?;
         let mut fitted = Vec::with_capacity(features.len());
         for (feature, column) in features.iter().zip(columns) {
+            let typical;
             let encoder = match (feature.kind, column) {
                 (FeatureKind::Numeric, ColumnData::Float64(values)) => {
                     let (mut sum, mut count, mut nulls) = (0.0f64, 0usize, 0usize);
@@ -214,7 +231,13 @@ impl FeaturePipeline {
                     // A constant column carries no signal; keep it finite and harmless.
                     let std = if std > 1e-12 { std } else { 1.0 };
                     let null_indicator = nulls > 0;
-                    let seen = || rows.iter().filter_map(|&r| numeric_value(values[r])).collect();
+                    let seen = || rows.iter().filter_map(|&r| numeric_value(values[r])).collect::<Vec<f32>>();
+                    let median = (count >= nulls && count > 0).then(|| {
+                        let mut seen = seen();
+                        let middle = seen.len() / 2;
+                        *seen.select_nth_unstable_by(middle, f32::total_cmp).1 as f64
+                    });
+                    typical = Typical::Median(median);
                     let edges = || quantile_edges(seen(), options.bins as usize);
                     match options.numeric_encoding(&feature.name) {
                         NumericEncoding::Standard => {
@@ -238,6 +261,9 @@ impl FeaturePipeline {
                     }
                     let mut by_freq: Vec<(&str, usize)> = counts.into_iter().collect();
                     by_freq.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+                    typical = Typical::Mode(
+                        by_freq.first().map(|(v, _)| *v).filter(|&v| v != NULL_CATEGORY).map(str::to_owned),
+                    );
                     by_freq.truncate(max_categories);
                     let mut vocabulary: Vec<String> = by_freq.into_iter().map(|(v, _)| v.to_owned()).collect();
                     vocabulary.sort();
@@ -254,9 +280,54 @@ impl FeaturePipeline {
                     });
                 }
             };
-            fitted.push(FittedFeature { name: feature.name.clone(), encoder });
+            fitted.push(FittedFeature { name: feature.name.clone(), encoder, typical: Some(typical) });
         }
         Ok(FeaturePipeline { features: fitted })
+    }
+
+    /// One row of the typical value of each column: the baseline of an
+    /// explanation. A pipeline fitted before it kept typical values gives
+    /// what its encoders know: a numeric column's mean (its median, robust
+    /// scaling; its middle bin edge, PLE and quantile encodings), and NULL
+    /// for a categorical column.
+    pub fn baseline(&self) -> Vec<ColumnData> {
+        self.features
+            .iter()
+            .map(|f| match (&f.typical, &f.encoder) {
+                (Some(Typical::Median(v)), _) => ColumnData::Float64(vec![*v]),
+                (Some(Typical::Mode(v)), _) => ColumnData::Text(vec![v.clone()]),
+                (None, Encoder::Numeric { mean, .. } | Encoder::Periodic { mean, .. }) => {
+                    ColumnData::Float64(vec![Some(*mean as f64)])
+                }
+                (None, Encoder::Robust { median, .. }) => ColumnData::Float64(vec![Some(*median as f64)]),
+                (None, Encoder::Ple { edges, .. } | Encoder::Quantile { edges, .. }) => {
+                    ColumnData::Float64(vec![Some(edges[edges.len() / 2] as f64)])
+                }
+                (None, Encoder::Categorical { .. } | Encoder::Embedding { .. }) => ColumnData::Text(vec![None]),
+            })
+            .collect()
+    }
+
+    /// Where each column's inputs are in the encoded vector (`start..end`;
+    /// empty for an embedded column) and, for an embedded column, where its
+    /// vector is among one model's categorical vectors.
+    pub fn spans(&self) -> Vec<(std::ops::Range<usize>, Option<std::ops::Range<usize>>)> {
+        let (mut input, mut vector) = (0, 0);
+        self.features
+            .iter()
+            .map(|f| {
+                let inputs = input..input + f.encoder.width();
+                input = inputs.end;
+                let embedded = match &f.encoder {
+                    Encoder::Embedding { dim, .. } => {
+                        vector += dim;
+                        Some(vector - dim..vector)
+                    }
+                    _ => None,
+                };
+                (inputs, embedded)
+            })
+            .collect()
     }
 
     /// Width of the encoded input vector.
@@ -414,6 +485,36 @@ mod tests {
 
     fn opts(v: serde_json::Value) -> TrainOptions {
         TrainOptions::from_json(Some(&v)).unwrap()
+    }
+
+    /// Each column's typical value is the training rows' median or most
+    /// frequent category (NULL when most rows are NULL), over the rows the
+    /// pipeline is fitted on; a pipeline stored before typical values
+    /// existed falls back on its encoders' centres.
+    #[test]
+    fn typical_values_are_medians_and_modes_of_the_fitted_rows() {
+        let p = FeaturePipeline::fit(&features(), &columns(), &[0, 1, 2, 3], &TrainOptions::default()).unwrap();
+        assert_eq!(p.features[0].typical, Some(Typical::Median(Some(3.0))), "1 and 3 seen: the upper middle");
+        assert_eq!(p.features[1].typical, Some(Typical::Mode(Some("a".into()))));
+        assert_eq!(p.baseline(), vec![ColumnData::Float64(vec![Some(3.0)]), ColumnData::Text(vec![Some("a".into())])]);
+        let mostly_null = FeaturePipeline::fit(&features(), &columns(), &[2, 3, 0], &TrainOptions::default()).unwrap();
+        assert_eq!(mostly_null.features[0].typical, Some(Typical::Median(None)));
+        assert_eq!(mostly_null.features[1].typical, Some(Typical::Mode(Some("a".into()))));
+        let null_mode = FeaturePipeline::fit(&features(), &columns(), &[2, 1], &TrainOptions::default()).unwrap();
+        assert_eq!(null_mode.features[1].typical, Some(Typical::Mode(None)), "a tie of NULL and b: NULL sorts first");
+
+        let standard = opts(serde_json::json!({"numeric_encoding": "standard"}));
+        let p = FeaturePipeline::fit(&features(), &columns(), &[0, 1, 2, 3], &standard).unwrap();
+        let mut stored = serde_json::to_value(&p).unwrap();
+        for f in stored["features"].as_array_mut().unwrap() {
+            f.as_object_mut().unwrap().remove("typical");
+        }
+        let old: FeaturePipeline = serde_json::from_value(stored).unwrap();
+        assert_eq!(
+            old.baseline(),
+            vec![ColumnData::Float64(vec![Some(2.0)]), ColumnData::Text(vec![None])],
+            "the mean"
+        );
     }
 
     #[test]

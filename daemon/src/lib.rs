@@ -7,6 +7,7 @@
 //! terminated connection), it reconnects with backoff and goes on: the
 //! socket stays open, and models already loaded are scored meanwhile.
 
+pub mod attribution;
 pub mod catalog;
 pub mod config;
 pub mod data;

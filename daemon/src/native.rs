@@ -43,7 +43,7 @@ pub enum NativeError {
 
 /// What the graph does after the network, per member.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Head {
+pub(crate) enum Head {
     Sigmoid,
     Softmax,
     /// The network's output in the target's units.
@@ -54,11 +54,11 @@ enum Head {
 /// of a mini-ensemble, stacked) and its head.
 #[derive(Debug, Clone)]
 pub struct NativeModel {
-    pipeline: FeaturePipeline,
-    network: Stack,
-    head: Head,
+    pub(crate) pipeline: FeaturePipeline,
+    pub(crate) network: Stack,
+    pub(crate) head: Head,
     /// Each member's share of the output (`ensemble_weight`; 1 alone).
-    weights: Vec<f32>,
+    pub(crate) weights: Vec<f32>,
 }
 
 /// The initializers of one member of the graph, by kind (`weight`,

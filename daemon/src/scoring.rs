@@ -42,6 +42,10 @@ pub enum ScoringError {
     Native(String),
     #[error("the model gives {width} values per row, not one probability for each of its {classes} classes")]
     ClassCount { width: usize, classes: usize },
+    #[error("this model cannot be explained: {0}")]
+    NotExplainable(&'static str),
+    #[error("{given} columns asked to be explained; the model reads {expected}")]
+    ExplainedCount { given: usize, expected: usize },
 }
 
 /// The process-wide ONNX Runtime environment.
@@ -122,8 +126,13 @@ pub struct ScoringModel {
     /// An imported graph, whose work per row its author decides (it may
     /// loop); one Cerebro exported does a fixed, small amount.
     imported: bool,
-    /// The engine's copy of the model, when it scores it (see [`crate::native`]).
+    /// The engine's copy of the model, when it agrees with ONNX Runtime
+    /// (see [`crate::native`]): what explains it, and scores it when
+    /// `scores_natively`.
     native: Option<NativeModel>,
+    scores_natively: bool,
+    /// Threads an explanation runs on (`scoring_threads`).
+    threads: usize,
 }
 
 impl ScoringModel {
@@ -171,8 +180,9 @@ impl ScoringModel {
             Some(layout) => ScoringModel::load_imported(rt, &artifact.bytes, layout, artifact.task),
             None => {
                 let mut model = ScoringModel::load(rt, &artifact.bytes)?;
-                if let Some(parts) = artifact.native.as_ref().filter(|_| rt.native) {
+                if let Some(parts) = artifact.native.as_ref() {
                     model.native = model.checked_native(&artifact.bytes, parts, artifact.task);
+                    model.scores_natively = rt.native;
                 }
                 Ok(model)
             }
@@ -201,7 +211,30 @@ impl ScoringModel {
 
     /// Whether the engine scores this model (else ONNX Runtime).
     pub fn native(&self) -> bool {
-        self.native.is_some()
+        self.native.is_some() && self.scores_natively
+    }
+
+    /// Each row's baseline score and each column's contribution to its
+    /// score (see [`crate::attribution`]), row by row: `1 + explained`
+    /// values per row.
+    pub fn explain(&self, columns: &[ColumnRef<'_>], explained: usize) -> Result<Vec<f64>, ScoringError> {
+        let native = self.native.as_ref().ok_or(ScoringError::NotExplainable(if self.imported {
+            "it was imported, and explanations need a network Cerebro trained"
+        } else {
+            "the engine does not run its graph (an ensemble of versions, or a network whose copy in the engine \
+             disagreed with ONNX Runtime)"
+        }))?;
+        let expected = native.pipeline.features.len();
+        if explained != expected {
+            return Err(ScoringError::ExplainedCount { given: explained, expected });
+        }
+        let found = native.explain(columns, self.threads).map_err(|e| ScoringError::Native(e.to_string()))?;
+        let mut values = Vec::with_capacity(found.baselines.len() * (1 + expected));
+        for (baseline, row) in found.baselines.iter().zip(found.contributions.chunks_exact(expected)) {
+            values.push(*baseline);
+            values.extend_from_slice(row);
+        }
+        Ok(values)
     }
 
     /// A model Cerebro exported: one `[N, 1]` input per feature, an output
@@ -231,6 +264,8 @@ impl ScoringModel {
             positive_column: 0,
             imported: false,
             native: None,
+            scores_natively: false,
+            threads: rt.threads,
         })
     }
 
@@ -272,6 +307,8 @@ impl ScoringModel {
             positive_column: layout.positive_column,
             imported: true,
             native: None,
+            scores_natively: false,
+            threads: rt.threads,
         })
     }
 
@@ -312,7 +349,7 @@ impl ScoringModel {
         if columns.len() != expected {
             return Err(ScoringError::ColumnCount { given: columns.len(), expected });
         }
-        if let Some(native) = &self.native {
+        if let Some(native) = self.native.as_ref().filter(|_| self.scores_natively) {
             return native.run(columns).map_err(|e| ScoringError::Native(e.to_string()));
         }
         let n = columns.first().map_or(0, |c| c.len());

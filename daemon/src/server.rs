@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cerebro_shared::batch::{read_batch_ref, write_outputs, write_probabilities};
+use cerebro_shared::batch::{read_batch_ref, write_explanations, write_outputs, write_probabilities};
 use cerebro_shared::error::{ErrorCode, WireError};
 use cerebro_shared::protocol::{self, FrameError, Request, Response, ScoreRequest, PROTOCOL_VERSION};
 use memmap2::{MmapMut, MmapOptions};
@@ -646,7 +646,7 @@ impl Connection {
             .regions
             .remove(&req.region)
             .ok_or_else(|| WireError::new(ErrorCode::BadRequest, format!("region {} is not attached", req.region)))?;
-        if !model.imported() && req.layout.rows <= INLINE_ROWS {
+        if !model.imported() && req.layout.rows <= INLINE_ROWS && req.layout.output.explained == 0 {
             // A few rows of a graph Cerebro exported (no loops, a fixed
             // amount of work per row) score on the connection's own task:
             // a hand-off to the blocking pool and a deadline timer would
@@ -699,12 +699,27 @@ fn score_region(
     let failed = |e: crate::scoring::ScoringError| WireError::new(ErrorCode::ScoringFailed, e.to_string());
     let columns = read_batch_ref(layout, region).map_err(bad)?;
     let (out, width) = model.run_refs(&columns, options).map_err(failed)?;
+    let explanations = match layout.output.explained {
+        0 => None,
+        explained => Some(model.explain(&columns, explained as usize).map_err(|e| match e {
+            crate::scoring::ScoringError::NotExplainable(_) => {
+                WireError::new(ErrorCode::Unsupported, e.to_string()).with_hint(
+                    "Explanations are of networks Cerebro trained; an ensemble's members are such networks: SELECT \
+                     ensemble_of FROM cerebro.lineage WHERE name = '...' lists them, to explain with version = ...",
+                )
+            }
+            e => failed(e),
+        })?),
+    };
     drop(columns);
     let (scores, labels) = model.head_of(&out, width);
     write_outputs(layout, region, &scores, &labels).map_err(bad)?;
     if layout.output.classes > 0 {
         let probabilities = ScoringModel::probabilities(&out, width, layout.output.classes as usize).map_err(failed)?;
         write_probabilities(layout, region, &probabilities).map_err(bad)?;
+    }
+    if let Some(values) = explanations {
+        write_explanations(layout, region, &values).map_err(bad)?;
     }
     Ok(layout.rows)
 }

@@ -8,7 +8,7 @@ use cerebro_daemon::catalog::{Artifact, NativeParts};
 use cerebro_daemon::engine::Compute;
 use cerebro_daemon::native::{disagreement, NativeModel, AGREEMENT};
 use cerebro_daemon::onnx::export;
-use cerebro_daemon::scoring::{InputKind, OnnxRuntime, ScoringModel};
+use cerebro_daemon::scoring::{InputKind, OnnxRuntime, ScoringError, ScoringModel};
 use cerebro_daemon::train::{train, train_group, Control, TrainedModel};
 use cerebro_shared::batch::{ColumnData, ColumnRef, NO_LABEL};
 use cerebro_shared::spec::{Feature, FeatureKind, Task, TrainOptions, TrainingPlan};
@@ -193,8 +193,33 @@ fn check_native(rt: &OnnxRuntime, model: &TrainedModel, options: &TrainOptions, 
     assert!(scoring.native(), "{what}: the version is scored by the engine");
     let held_out = columns(300, 10_000);
     assert_eq!(scoring.score(&held_out).unwrap().1, onnx.score(&held_out).unwrap().1, "{what}: the same labels");
+    check_completeness(&scoring, &held_out, model.task, what);
     let off = ScoringModel::from_artifact(&rt.clone().with_native(false), &artifact).unwrap();
     assert!(!off.native(), "{what}: native_scoring = false leaves it to ONNX Runtime");
+    check_completeness(&off, &held_out, model.task, &format!("{what}, scored by ONNX Runtime"));
+}
+
+/// Integrated gradients are complete: each row's contributions add up to
+/// its score minus the baseline's, to 1e-3 (relative to the value, for
+/// regression), NULLs, non-finite numbers and never-seen categories
+/// included; and the baseline row scores the baseline.
+fn check_completeness(scoring: &ScoringModel, rows: &[ColumnData], task: Task, what: &str) {
+    let columns = rows.len();
+    let refs: Vec<ColumnRef<'_>> = rows.iter().map(ColumnData::as_ref).collect();
+    let values = scoring.explain(&refs, columns).unwrap();
+    let (scores, _) = scoring.score(rows).unwrap();
+    assert_eq!(values.len(), scores.len() * (1 + columns), "{what}");
+    for (r, (row, score)) in values.chunks_exact(1 + columns).zip(&scores).enumerate() {
+        let total = row[0] + row[1..].iter().sum::<f64>();
+        let scale = if task == Task::Regression { score.abs().max(1.0) } else { 1.0 };
+        assert!(
+            (total - score).abs() <= 1e-3 * scale,
+            "{what} row {r}: baseline {} + contributions {:?} = {total}, score {score}",
+            row[0],
+            &row[1..]
+        );
+    }
+    assert!(scoring.explain(&refs, columns + 1).is_err(), "{what}: the columns explained are the model's");
 }
 
 /// A file whose weights are not the network its options describe stays
@@ -213,6 +238,10 @@ fn a_file_that_is_not_the_network_of_its_options_is_left_to_onnx_runtime() {
     let scoring = ScoringModel::from_artifact(&rt, &artifact).unwrap();
     assert!(!scoring.native());
     assert_eq!(scoring.score(&columns(50, 10_000)).unwrap().0.len(), 50, "ONNX Runtime still scores it");
+    let rows = columns(5, 10_000);
+    let refs: Vec<ColumnRef<'_>> = rows.iter().map(ColumnData::as_ref).collect();
+    let err = scoring.explain(&refs, 3).unwrap_err();
+    assert!(matches!(err, ScoringError::NotExplainable(_)), "without the engine's copy, no explanation: {err}");
 }
 
 /// Robust scaling exports exactly: a column with outliers (far beyond the

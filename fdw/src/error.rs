@@ -78,6 +78,8 @@ pub enum CerebroError {
     NothingToRollBack { name: String, deployed: Option<i32> },
     #[error("cerebro.predictions needs to know which model to score with")]
     MissingModel,
+    #[error("top_k must be at least 1, not {0}")]
+    TopK(i32),
     #[error("cerebro.predict needs a row (of a table, a composite type or a subquery), not {0}")]
     NotARow(String),
     #[error("model \"{model}\" version {version} reads column \"{column}\", which {row_type} does not have")]
@@ -182,6 +184,7 @@ impl CerebroError {
                 ErrorCode::BufferInvalid | ErrorCode::Internal => ERRCODE_INTERNAL_ERROR,
                 ErrorCode::ScoringFailed => ERRCODE_DATA_EXCEPTION,
                 ErrorCode::Unavailable => ERRCODE_CONNECTION_FAILURE,
+                ErrorCode::Unsupported => ERRCODE_FEATURE_NOT_SUPPORTED,
             },
             CerebroError::Connection(_) => ERRCODE_CONNECTION_FAILURE,
             CerebroError::NotARow(_) | CerebroError::FeatureType { .. } => ERRCODE_DATATYPE_MISMATCH,
@@ -191,6 +194,7 @@ impl CerebroError {
             CerebroError::SharedMemory(_) => ERRCODE_INSUFFICIENT_RESOURCES,
             CerebroError::Spi(_) => ERRCODE_INTERNAL_ERROR,
             CerebroError::Unsupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
+            CerebroError::TopK(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             CerebroError::UnknownObject(_) => ERRCODE_FDW_INVALID_OPTION_NAME,
             CerebroError::Catalog(_) => ERRCODE_DATA_CORRUPTED,
             CerebroError::MissingSocket => ERRCODE_FDW_OPTION_NAME_NOT_FOUND,
@@ -226,6 +230,11 @@ impl CerebroError {
                     .into(),
             ),
             CerebroError::MissingModel => Some("Add WHERE model = '<name>' to the query.".into()),
+            CerebroError::TopK(_) => Some(
+                "top_k is how many columns each explanation lists, largest contribution first; the others are \
+                 summed in its \"rest\". Leave it out for 5."
+                    .into(),
+            ),
             CerebroError::NotARow(_) => Some(
                 "Pass a whole row: cerebro.predict('churn', c) FROM customers c, ROW(...)::customers, or a \
                  subquery's row: FROM (VALUES (...)) AS r(tenure, contract, ...)."

@@ -220,7 +220,7 @@ unsafe fn is_equality(opno: pg_sys::Oid, input_type: pg_sys::Oid, collation: pg_
 
 /// The columns a scoring scan uses to choose its model and rows; conditions
 /// on the others (`score`, `label`) are only PostgreSQL's filter.
-const PUSHED_COLUMNS: [&str; 5] = ["model", "version", "source", "key_column", "key"];
+const PUSHED_COLUMNS: [&str; 7] = ["model", "version", "source", "key_column", "key", "explain", "top_k"];
 
 /// Columns a scan shows exactly as the condition that chose them said:
 /// `model = 'm'` scores model `m` and every row it returns says `m`.
@@ -248,6 +248,12 @@ unsafe fn pushable(clause: *mut pg_sys::Node, relid: u32) -> Option<(i32, *mut p
             return None;
         }
         match (*clause).type_ {
+            // `WHERE explain`: the planner's form of `explain = true`.
+            pg_sys::NodeTag::T_Var => {
+                let attnum = scan_column(clause, relid)?;
+                (pg_sys::exprType(clause) == pg_sys::BOOLOID)
+                    .then(|| (attnum, pg_sys::makeBoolConst(true, false).cast(), false))
+            }
             pg_sys::NodeTag::T_OpExpr => {
                 let op = clause as *mut pg_sys::OpExpr;
                 let args = (*op).args;

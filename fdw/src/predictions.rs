@@ -11,8 +11,10 @@ use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 
 use cerebro_shared::batch::{
-    plan_packed, read_outputs, read_probabilities, write_packed, BatchLayout, PackedColumn, NO_LABEL,
+    plan_explained, read_explanations, read_outputs, read_probabilities, write_packed, BatchLayout, PackedColumn,
+    NO_LABEL,
 };
+use cerebro_shared::explanation::{ascii_json, explanation, number, DEFAULT_TOP_K};
 use cerebro_shared::protocol::{Request, Response, ScoreRequest};
 use cerebro_shared::request::RequestError;
 use cerebro_shared::spec::{Feature, FeatureKind, Task};
@@ -35,6 +37,8 @@ struct Params {
     source: Option<String>,
     key_column: Option<String>,
     keys: Option<Vec<String>>,
+    explain: Option<bool>,
+    top_k: Option<i32>,
 }
 
 fn as_text(cell: &Cell) -> Option<String> {
@@ -64,6 +68,8 @@ impl Params {
                 ("key_column", Value::Cell(c), false) => p.key_column = as_text(c),
                 ("key", Value::Cell(c), false) => p.keys = as_text(c).map(|k| vec![k]),
                 ("key", Value::Array(cells), true) => p.keys = cells.iter().map(as_text).collect(),
+                ("explain", Value::Cell(Cell::Bool(b)), false) => p.explain = Some(*b),
+                ("top_k", Value::Cell(c), false) => p.top_k = as_i32(c),
                 _ => {}
             }
         }
@@ -228,6 +234,8 @@ struct Batch {
     needed: u64,
     /// The columns, until they are written into the region.
     unwritten: Option<Vec<PackedColumn>>,
+    /// The columns, kept when their explanations will show their values.
+    explained: Option<Vec<PackedColumn>>,
 }
 
 /// A scored batch, handed out row by row: a key or label becomes a
@@ -240,6 +248,11 @@ struct Scored {
     /// `classes` per row, when the query reads `probabilities` of a
     /// multiclass model.
     probabilities: Vec<f64>,
+    /// When the query asks for explanations: `1 + features` per row (the
+    /// baseline's score, then each feature's contribution), and the
+    /// feature values they explain.
+    explanations: Vec<f64>,
+    values: Option<Vec<PackedColumn>>,
     next: usize,
 }
 
@@ -254,6 +267,9 @@ enum Output {
     Label,
     Score,
     Probabilities,
+    Explain,
+    TopK,
+    Explanation,
 }
 
 impl Output {
@@ -267,8 +283,27 @@ impl Output {
             "label" => Output::Label,
             "score" => Output::Score,
             "probabilities" => Output::Probabilities,
+            "explain" => Output::Explain,
+            "top_k" => Output::TopK,
+            "explanation" => Output::Explanation,
             _ => return None,
         })
+    }
+}
+
+/// A jsonb datum of JSON `text` (ASCII: see [`ascii_json`]), made in the
+/// current memory context.
+fn jsonb_datum(text: &str) -> pg_sys::Datum {
+    let text = std::ffi::CString::new(text).expect("JSON text has no NUL byte");
+    // SAFETY: jsonb's input function reads the NUL-terminated text and
+    // returns a fresh datum; bad JSON (never made here) would be an ERROR.
+    unsafe {
+        pg_sys::OidInputFunctionCall(
+            pg_sys::Oid::from(pg_sys::F_JSONB_IN),
+            text.as_ptr().cast_mut(),
+            pg_sys::JSONBOID,
+            -1,
+        )
     }
 }
 
@@ -295,6 +330,10 @@ pub struct PredictionScan {
     expected_rows: usize,
     /// Results being handed out.
     current: Scored,
+    /// Whether the query asks for explanations (`explain`).
+    explain: bool,
+    /// Columns an explanation lists (`top_k`).
+    top_k: usize,
     /// Feature columns a batch was written from, kept for the next batch.
     spare: Vec<PackedColumn>,
     inflight: Option<Batch>,
@@ -314,6 +353,11 @@ impl PredictionScan {
             columns.iter().filter_map(|c| Some((c.num - 1, Output::of(&c.name)?))).collect();
         let probabilities = outputs.iter().any(|(_, o)| matches!(o, Output::Probabilities));
         let name = params.model.clone().ok_or(CerebroError::MissingModel)?;
+        let top_k = match params.top_k {
+            Some(k) if k < 1 => return Err(CerebroError::TopK(k)),
+            Some(k) => k as usize,
+            None => DEFAULT_TOP_K,
+        };
         let model = resolve_model(&name, params.version)?;
         let key_column = params
             .key_column
@@ -374,6 +418,8 @@ impl PredictionScan {
             batch_rows,
             expected_rows: params.keys.as_ref().map_or(batch_rows as usize, |k| k.len().min(batch_rows as usize)),
             current: Scored::default(),
+            explain: params.explain == Some(true),
+            top_k,
             spare: Vec::new(),
             inflight: None,
             source_done: false,
@@ -426,8 +472,10 @@ impl PredictionScan {
         if (keys.len() as i64) < self.batch_rows {
             self.source_done = true;
         }
-        let (layout, needed) = plan_packed(&columns, self.classes);
-        let mut batch = Batch { region, keys, layout, needed, unwritten: Some(columns) };
+        let explained = if self.explain { self.model.features.len() as u32 } else { 0 };
+        let (layout, needed) = plan_explained(&columns, self.classes, explained);
+        let kept = self.explain.then(|| columns.clone());
+        let mut batch = Batch { region, keys, layout, needed, unwritten: Some(columns), explained: kept };
         // Write now if the region is attached and large enough; attaching a
         // new one must wait until no request is in flight.
         let fits = self.session.borrow().regions[region].as_ref().is_some_and(|r| r.len() as u64 >= needed);
@@ -488,7 +536,10 @@ impl PredictionScan {
             read_outputs(&batch.layout, &map[..]).map_err(|e| CerebroError::Protocol(e.to_string()))?;
         let probabilities =
             read_probabilities(&batch.layout, &map[..]).map_err(|e| CerebroError::Protocol(e.to_string()))?;
-        self.current = Scored { keys: Some(batch.keys), scores, labels, probabilities, next: 0 };
+        let explanations =
+            read_explanations(&batch.layout, &map[..]).map_err(|e| CerebroError::Protocol(e.to_string()))?;
+        let values = batch.explained;
+        self.current = Scored { keys: Some(batch.keys), scores, labels, probabilities, explanations, values, next: 0 };
         Ok(())
     }
 
@@ -545,6 +596,9 @@ impl PredictionScan {
                     .map(|label| text_datum(label.as_bytes())),
                 Output::Score => Some(current.scores[i].into_datum().expect("a float8 is never NULL")),
                 Output::Probabilities => self.probabilities_of(i).and_then(IntoDatum::into_datum),
+                Output::Explain => Some(pg_sys::Datum::from(self.explain)),
+                Output::TopK => Some(pg_sys::Datum::from(self.top_k as i32)),
+                Output::Explanation => self.explanation_of(i).map(|text| jsonb_datum(&text)),
             };
             if let Some(datum) = value {
                 values[at] = datum;
@@ -570,6 +624,30 @@ impl PredictionScan {
             }
             Task::Regression => None,
         }
+    }
+
+    /// Row `i`'s explanation as jsonb text, when the query asks for one.
+    fn explanation_of(&self, i: usize) -> Option<String> {
+        let current = &self.current;
+        let features = &self.model.features;
+        let width = 1 + features.len();
+        let row = current.explanations.get(i * width..(i + 1) * width)?;
+        let values = current.values.as_ref()?;
+        let shown = values
+            .iter()
+            .map(|column| match column {
+                PackedColumn::Float64 { .. } => column.f64_at(i).map_or(serde_json::Value::Null, number),
+                PackedColumn::Text { .. } => column
+                    .text_at(i)
+                    .map_or(serde_json::Value::Null, |b| String::from_utf8_lossy(b).into_owned().into()),
+            })
+            .collect();
+        let names: Vec<&str> = features.iter().map(|f| f.name.as_str()).collect();
+        let class = match self.model.task {
+            Task::Multiclass => self.model.class_labels.get(current.labels[i] as usize).map(String::as_str),
+            _ => None,
+        };
+        Some(ascii_json(&explanation(&names, shown, row[0], &row[1..], class, self.top_k)))
     }
 
     pub fn end(&mut self) {

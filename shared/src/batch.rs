@@ -26,6 +26,9 @@ pub const MAX_BATCH_ROWS: u32 = 1 << 20;
 /// Class probabilities a row may ask for, capped likewise.
 pub const MAX_CLASSES: u32 = 1 << 16;
 
+/// Columns a row's explanation may cover, capped likewise.
+pub const MAX_EXPLAINED: u32 = 1 << 16;
+
 /// The label index written for rows that have no label (regression models).
 pub const NO_LABEL: u32 = u32::MAX;
 
@@ -78,6 +81,15 @@ pub struct OutputLayout {
     /// `rows × classes` f64, row by row: each class's probability, in the
     /// order of the model's class labels.
     pub probabilities: Span,
+    /// How many columns each row's explanation covers in `explanations`:
+    /// the model's features when the backend asks for explanations, else 0.
+    #[serde(default)]
+    pub explained: u32,
+    /// `rows × (1 + explained)` f64, row by row: the baseline row's score
+    /// of the output explained, then each feature's contribution to the
+    /// row's score (integrated gradients), in the model's feature order.
+    #[serde(default)]
+    pub explanations: Span,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,7 +102,9 @@ pub struct BatchLayout {
 impl BatchLayout {
     /// Bytes of region the batch needs, inputs and outputs together.
     pub fn required_len(&self) -> u64 {
-        let mut end = self.output.scores.end().max(self.output.labels.end()).max(self.output.probabilities.end());
+        let output = &self.output;
+        let mut end = output.scores.end().max(output.labels.end()).max(output.probabilities.end());
+        end = end.max(output.explanations.end());
         for c in &self.columns {
             end = end.max(match c {
                 ColumnLayout::Float64 { validity, .. } => validity.end(),
@@ -165,6 +179,10 @@ pub enum LayoutError {
     TooManyClasses(u32),
     #[error("{found} probabilities given for {rows} rows of {classes} classes")]
     ProbabilityMismatch { found: usize, rows: u32, classes: u32 },
+    #[error("explanations of {0} columns per row exceed the limit of {MAX_EXPLAINED}")]
+    TooManyExplained(u32),
+    #[error("{found} explanation values given for {rows} rows of {explained} columns (and a baseline each)")]
+    ExplanationMismatch { found: usize, rows: u32, explained: u32 },
 }
 
 fn align8(x: u64) -> u64 {
@@ -232,6 +250,17 @@ impl PackedColumn {
         match self {
             PackedColumn::Text { offsets, data, validity } if row + 1 < offsets.len() && is_valid(validity, row) => {
                 Some(&data[offsets[row] as usize..offsets[row + 1] as usize])
+            }
+            _ => None,
+        }
+    }
+
+    /// Row `row`'s number in a number column; `None` for NULL, for a text
+    /// column, or past the end.
+    pub fn f64_at(&self, row: usize) -> Option<f64> {
+        match self {
+            PackedColumn::Float64 { values, validity } if row < values.len() && is_valid(validity, row) => {
+                Some(values[row])
             }
             _ => None,
         }
@@ -316,6 +345,12 @@ pub fn plan_batch(columns: &[ColumnData]) -> (BatchLayout, u64) {
 /// [`plan_batch`] for columns already in the region's encoding, with room
 /// for `classes` probabilities per row (0: none asked for).
 pub fn plan_packed(columns: &[PackedColumn], classes: u32) -> (BatchLayout, u64) {
+    plan_explained(columns, classes, 0)
+}
+
+/// [`plan_packed`] with room for explanations of `explained` columns per
+/// row (0: none asked for).
+pub fn plan_explained(columns: &[PackedColumn], classes: u32, explained: u32) -> (BatchLayout, u64) {
     // More rows than a u32 counts cannot be one batch: saturate, and
     // write_batch refuses the columns (TooManyRows), never a truncated count.
     let rows = u32::try_from(columns.first().map_or(0, |c| c.len())).unwrap_or(u32::MAX);
@@ -338,6 +373,8 @@ pub fn plan_packed(columns: &[PackedColumn], classes: u32) -> (BatchLayout, u64)
         labels: cur.take(rows as u64 * 4),
         classes,
         probabilities: cur.take(rows as u64 * classes as u64 * 8),
+        explained,
+        explanations: cur.take(rows as u64 * explanation_width(explained) * 8),
     };
     let layout = BatchLayout { rows, columns: layouts, output };
     let len = layout.required_len();
@@ -369,8 +406,18 @@ fn spans(layout: &BatchLayout) -> Vec<(Span, &'static str)> {
         (layout.output.scores, "scores"),
         (layout.output.labels, "labels"),
         (layout.output.probabilities, "probabilities"),
+        (layout.output.explanations, "explanations"),
     ]);
     all
+}
+
+/// Values per row of `explanations`: a baseline score, then one per column.
+fn explanation_width(explained: u32) -> u64 {
+    if explained == 0 {
+        0
+    } else {
+        1 + explained as u64
+    }
 }
 
 /// Refuses a layout two of whose non-empty spans share a byte: a layout
@@ -618,6 +665,46 @@ pub fn write_probabilities(layout: &BatchLayout, region: &mut [u8], probabilitie
     Ok(())
 }
 
+/// Daemon side: writes each row's baseline score and `explained`
+/// contributions (row by row), when the layout asks for them.
+pub fn write_explanations(layout: &BatchLayout, region: &mut [u8], values: &[f64]) -> Result<(), LayoutError> {
+    let expected = explanations_len(layout)?;
+    if values.len() as u64 != expected {
+        let (rows, explained) = (layout.rows, layout.output.explained);
+        return Err(LayoutError::ExplanationMismatch { found: values.len(), rows, explained });
+    }
+    check_disjoint(layout)?;
+    let out = slice_mut(region, layout.output.explanations, "explanations")?;
+    for (chunk, v) in out.chunks_exact_mut(8).zip(values) {
+        chunk.copy_from_slice(&v.to_le_bytes());
+    }
+    Ok(())
+}
+
+/// Backend side: the explanations the daemon wrote, `1 + explained` per
+/// row (empty when the layout asked for none).
+pub fn read_explanations(layout: &BatchLayout, region: &[u8]) -> Result<Vec<f64>, LayoutError> {
+    explanations_len(layout)?;
+    Ok(slice(region, layout.output.explanations, "explanations")?
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk")))
+        .collect())
+}
+
+/// Values the layout's explanations span holds, checked against its size.
+fn explanations_len(layout: &BatchLayout) -> Result<u64, LayoutError> {
+    let (rows, explained) = (layout.rows, layout.output.explained);
+    if rows > MAX_BATCH_ROWS {
+        return Err(LayoutError::TooManyRows(rows));
+    }
+    if explained > MAX_EXPLAINED {
+        return Err(LayoutError::TooManyExplained(explained));
+    }
+    let values = rows as u64 * explanation_width(explained);
+    expect_len(layout.output.explanations, values * 8, rows, "explanations")?;
+    Ok(values)
+}
+
 /// Backend side: the probabilities the daemon wrote, `classes` per row
 /// (empty when the layout asked for none).
 pub fn read_probabilities(layout: &BatchLayout, region: &[u8]) -> Result<Vec<f64>, LayoutError> {
@@ -681,6 +768,10 @@ mod tests {
         assert_eq!(packed, cols.iter().map(PackedColumn::from).collect::<Vec<_>>());
         assert_eq!(packed[2].text_at(0), Some("Fibre optic ✓".as_bytes()));
         assert_eq!((packed[2].text_at(1), packed[1].text_at(1), packed[0].text_at(0)), (None, Some(&b""[..]), None));
+        assert_eq!(
+            (packed[0].f64_at(0), packed[0].f64_at(1), packed[0].f64_at(3), packed[1].f64_at(0)),
+            (Some(1.5), None, None, None)
+        );
         let (layout, len) = plan_packed(&packed, 0);
         assert_eq!((layout.clone(), len), plan_batch(&cols));
         let mut region = vec![0xAAu8; len as usize];
@@ -713,6 +804,43 @@ mod tests {
         hostile.output.probabilities = hostile.output.scores;
         hostile.output.probabilities.len = 48;
         assert!(matches!(write_probabilities(&hostile, &mut region, &probabilities), Err(LayoutError::Overlap { .. })));
+    }
+
+    #[test]
+    fn explanations_have_their_own_span_and_are_counted() {
+        let cols = sample();
+        let packed: Vec<PackedColumn> = cols.iter().map(PackedColumn::from).collect();
+        let (layout, len) = plan_explained(&packed, 2, 3);
+        assert_eq!((layout.output.explained, layout.output.explanations.len), (3, 3 * 4 * 8));
+        let mut region = vec![0u8; len as usize];
+        write_packed(&packed, &layout, &mut region).unwrap();
+        write_outputs(&layout, &mut region, &[0.75, 1.0, 0.5], &[1, 0, 1]).unwrap();
+        write_probabilities(&layout, &mut region, &[0.25, 0.75, 1.0, 0.0, 0.5, 0.5]).unwrap();
+        let values: Vec<f64> = (0..12).map(|v| v as f64 / 8.0).collect();
+        write_explanations(&layout, &mut region, &values).unwrap();
+        assert_eq!(read_explanations(&layout, &region).unwrap(), values);
+        assert_eq!(read_probabilities(&layout, &region).unwrap(), [0.25, 0.75, 1.0, 0.0, 0.5, 0.5]);
+        assert_eq!(read_batch(&layout, &region).unwrap(), cols, "the inputs are untouched");
+        assert_eq!(
+            write_explanations(&layout, &mut region, &values[..8]),
+            Err(LayoutError::ExplanationMismatch { found: 8, rows: 3, explained: 3 })
+        );
+        let (none, _) = plan_packed(&packed, 2);
+        assert_eq!(read_explanations(&none, &region).unwrap(), Vec::<f64>::new());
+        // A layout from before explanations existed reads as asking for none.
+        let mut old = serde_json::to_value(&none).unwrap();
+        let output = old["output"].as_object_mut().unwrap();
+        output.remove("explained");
+        output.remove("explanations");
+        let read = serde_json::from_value::<BatchLayout>(old).unwrap();
+        assert_eq!((read.output.explained, read.output.explanations.len), (0, 0));
+        assert_eq!(read.output.probabilities, none.output.probabilities);
+        let mut hostile = layout.clone();
+        hostile.output.explanations = hostile.output.probabilities;
+        hostile.output.explanations.len = 3 * 4 * 8;
+        assert!(write_explanations(&hostile, &mut region, &values).is_err());
+        hostile.output.explained = MAX_EXPLAINED + 1;
+        assert_eq!(read_explanations(&hostile, &region), Err(LayoutError::TooManyExplained(MAX_EXPLAINED + 1)));
     }
 
     #[test]
@@ -817,6 +945,8 @@ mod tests {
             labels: Span { offset: 0, len: 0 },
             classes: 0,
             probabilities: Span::default(),
+            explained: 0,
+            explanations: Span::default(),
         };
         huge.columns = vec![ColumnLayout::Float64 {
             values: Span { offset: 0, len: MAX_BATCH_ROWS as u64 * 8 },

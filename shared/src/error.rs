@@ -22,6 +22,9 @@ pub enum ErrorCode {
     ScoringFailed,
     /// The daemon cannot serve now (starting up, shutting down, no database).
     Unavailable,
+    /// The model cannot do what the request asks (explain a model the
+    /// engine does not run).
+    Unsupported,
     /// A bug: anything else.
     Internal,
 }
@@ -36,6 +39,7 @@ impl ErrorCode {
             ErrorCode::BufferInvalid => "buffer_invalid",
             ErrorCode::ScoringFailed => "scoring_failed",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Unsupported => "unsupported",
             ErrorCode::Internal => "internal",
         }
     }

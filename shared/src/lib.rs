@@ -19,6 +19,7 @@
 
 pub mod batch;
 pub mod error;
+pub mod explanation;
 pub mod importance;
 pub mod limits;
 pub mod mst;

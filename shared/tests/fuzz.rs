@@ -591,7 +591,14 @@ fn layout() -> impl Strategy<Value = BatchLayout> {
         BatchLayout {
             rows,
             columns,
-            output: OutputLayout { scores, labels, classes: 0, probabilities: Span::default() },
+            output: OutputLayout {
+                scores,
+                labels,
+                classes: 0,
+                probabilities: Span::default(),
+                explained: 0,
+                explanations: Span::default(),
+            },
         }
     })
 }

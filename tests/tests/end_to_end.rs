@@ -303,7 +303,66 @@ async fn importance_ranks_the_two_columns_that_decide_the_target_first() -> anyh
             fidelity > 0.75 && (agreement - fidelity).abs() < 0.1,
             "{name}: {agreement} over the table, {fidelity}"
         );
+
+        // Per-row attributions: every row's add up to its score (the
+        // baseline's score, the listed contributions and the rest), and on
+        // average a and b move the score most. Asked with parameters, as an
+        // application asks.
+        let rows = db
+            .query(
+                "SELECT score, label, explanation, explain, top_k FROM cerebro.predictions
+                 WHERE model = $1 AND explain AND top_k = $2",
+                &[&name, &5i32],
+            )
+            .await?;
+        assert_eq!(rows.len(), 3000, "{name}");
+        let mut sizes: HashMap<String, f64> = HashMap::new();
+        for row in &rows {
+            let (score, label, e): (f64, Option<String>, serde_json::Value) = (row.get(0), row.get(1), row.get(2));
+            assert_eq!((row.get::<_, bool>(3), row.get::<_, i32>(4)), (true, 5), "{name}");
+            let listed = e["contributions"].as_array().expect("contributions");
+            assert_eq!(listed.len(), 5, "{name}: {e}");
+            let total = e["baseline"].as_f64().unwrap()
+                + e["rest"].as_f64().unwrap()
+                + listed.iter().map(|c| c["contribution"].as_f64().unwrap()).sum::<f64>();
+            let scale = if metric == "rmse" { score.abs().max(1.0) } else { 1.0 };
+            assert!((total - score).abs() <= 1e-3 * scale, "{name}: {e} adds up to {total}, not {score}");
+            if metric == "accuracy" {
+                assert_eq!(e["class"].as_str(), label.as_deref(), "{name}: the predicted class is explained");
+            }
+            for c in listed {
+                *sizes.entry(c["column"].as_str().unwrap().to_owned()).or_default() +=
+                    c["contribution"].as_f64().unwrap().abs();
+            }
+        }
+        let mut by_size: Vec<(String, f64)> = sizes.into_iter().collect();
+        by_size.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let mut top: Vec<&str> = by_size[..2].iter().map(|(c, _)| c.as_str()).collect();
+        top.sort();
+        assert_eq!(top, ["a", "b"], "{name}: {by_size:?}");
+        // Fewer columns listed: the others are the rest; without explain, none.
+        let e: serde_json::Value = db
+            .query_one(
+                "SELECT explanation FROM cerebro.predictions WHERE model = $1 AND key = '7' AND explain AND top_k = 2",
+                &[&name],
+            )
+            .await?
+            .get(0);
+        assert_eq!(e["contributions"].as_array().map(Vec::len), Some(2), "{name}: {e}");
+        let plain = db
+            .query_one("SELECT explanation, explain FROM cerebro.predictions WHERE model = $1 AND key = '7'", &[&name])
+            .await?;
+        assert_eq!(plain.get::<_, Option<serde_json::Value>>(0), None, "{name}");
+        assert!(!plain.get::<_, bool>(1));
     }
+    let err = db
+        .query(
+            "SELECT explanation FROM cerebro.predictions WHERE model = 'e2e_imp_binary' AND explain AND top_k = 0",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("22023"), "{err}");
     Ok(())
 }
 
@@ -1030,12 +1089,17 @@ async fn a_role_without_a_grant_sees_and_scores_nothing_until_granted() -> anyho
     let surrogate = "SELECT cerebro.surrogate_sql('e2e_private', 1)";
     let err = outsider.query_one(surrogate, &[]).await.expect_err("no grant");
     assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42704"), "{err}");
+    let explained = "SELECT explanation FROM cerebro.predictions WHERE model = 'e2e_private' AND key = '7' AND explain";
+    let err = outsider.query_one(explained, &[]).await.expect_err("no grant");
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42704"), "{err}");
 
     db.execute("SELECT cerebro.grant_model('e2e_private', 'e2e_outsider')", &[]).await?;
     assert_eq!(outsider.query_one(listed, &[]).await?.get::<_, i64>(0), 1);
     assert_eq!(outsider.query_one(importance, &[]).await?.get::<_, i64>(0), 19);
     assert!(outsider.query_one(surrogate, &[]).await?.get::<_, String>(0).starts_with("CASE WHEN "));
     assert_eq!(outsider.query_one(scoring, &[]).await?.get::<_, i64>(0), 7043);
+    let why: serde_json::Value = outsider.query_one(explained, &[]).await?.get(0);
+    assert_eq!(why["contributions"].as_array().map(Vec::len), Some(5), "{why}");
     // A grant lets one see and score, not deploy.
     let err = outsider.query_one("SELECT cerebro.deploy('e2e_private', 1)", &[]).await.expect_err("not the owner");
     assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42501"));
@@ -1354,6 +1418,13 @@ async fn an_onnx_model_built_elsewhere_imports_checked_and_scores() -> anyhow::R
     let scored =
         sql_scores(&db, "SELECT key, label, score FROM cerebro.predictions WHERE model = 'e2e_external'").await?;
     assert_eq!(scored.len(), 7043);
+    // Explanations need a network Cerebro trained.
+    let explained =
+        "SELECT explanation FROM cerebro.predictions WHERE model = 'e2e_external' AND key = '7' AND explain";
+    let err = db.query_one(explained, &[]).await.expect_err("an imported graph");
+    let e = err.as_db_error().expect("a server error");
+    assert_eq!(e.code().code(), "0A000", "{}", e.message());
+    assert!(e.message().contains("imported"), "{}", e.message());
     let rows =
         db.query("SELECT customer_id::text, tenure, monthly_charges::float8, contract FROM telco_churn", &[]).await?;
     for r in rows {

@@ -21,6 +21,7 @@ pub mod cuda;
 mod gemm;
 mod loss;
 mod optim;
+pub mod path;
 mod stack;
 mod trainer;
 

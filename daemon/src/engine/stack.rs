@@ -296,6 +296,8 @@ pub enum Mode {
         row_offset: usize,
     },
     Eval,
+    /// Scoring, keeping every op's output for [`Stack::products_backward`].
+    Gradient,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -333,6 +335,8 @@ pub struct StackCache {
     /// Gradient flowing into op outputs through residual connections.
     pending: Vec<Vec<f32>>,
     d_emb: Vec<f32>,
+    /// Norm gains' and shifts' gradients when only the inputs' are wanted.
+    d_norm: [Vec<f32>; 2],
 }
 
 impl StackCache {
@@ -469,6 +473,20 @@ impl Stack {
 
     /// Runs a batch through every model; the logits are left in `cache.logits()`.
     pub fn forward(&self, batch: Batch<'_>, cache: &mut StackCache, mode: Mode) {
+        self.forward_from(batch, None, cache, mode);
+    }
+
+    /// [`Stack::forward`] in [`Mode::Gradient`], with the first dense
+    /// layer's products of the encoded inputs and categorical vectors
+    /// given (`[n × K·h]`, as [`Stack::linear_products`] computes them)
+    /// instead of computed: along integrated gradients' straight path they
+    /// are interpolated between two rows' products. The batch's inputs are
+    /// read by the periodic embeddings alone (none: may be empty).
+    pub fn forward_products(&self, batch: Batch<'_>, products: &[f32], cache: &mut StackCache) {
+        self.forward_from(batch, Some(products), cache, Mode::Gradient);
+    }
+
+    fn forward_from(&self, batch: Batch<'_>, products: Option<&[f32]>, cache: &mut StackCache, mode: Mode) {
         let (k, n, arch) = (self.k, batch.n, &self.arch);
         let ops = arch.ops.len();
         let train = matches!(mode, Mode::Train { .. });
@@ -476,7 +494,12 @@ impl Stack {
         cache.aux.resize_with(ops, Vec::new);
         cache.stats.resize_with(ops, Vec::new);
         cache.at.clear();
-        self.gather_embeddings(batch, &mut cache.emb);
+        match products {
+            // Only the periodic embeddings are read: the categorical ones
+            // are in the products.
+            Some(_) => cache.emb.resize(n * k * arch.embedded_width(), 0.0),
+            None => self.gather_embeddings(batch, &mut cache.emb),
+        }
         self.periodic_embeddings(batch, &mut cache.emb, &mut cache.periodic);
 
         for i in 0..ops {
@@ -484,8 +507,8 @@ impl Stack {
             let wide_out = k * arch.width_after(i);
             let slot = arch.slot_of(i);
             // Element-wise ops run in place when scoring, unless a residual
-            // connection still needs their input.
-            let in_place = !train && i > 0 && !arch.is_residual_source(i);
+            // connection still needs their input (or a backward pass will).
+            let in_place = mode == Mode::Eval && i > 0 && !arch.is_residual_source(i);
             let src = if i == 0 { usize::MAX } else { cache.at[i - 1] };
             let elementwise = matches!(arch.ops[i], Op::Activation { .. } | Op::BatchNorm { .. } | Op::Dropout { .. });
             let (dst, input, output, earlier) = if elementwise && in_place {
@@ -500,7 +523,10 @@ impl Stack {
                     // after: each element's arithmetic is then the product's
                     // alone, whichever kernel the gemm crate picks.
                     let (w, b) = (&self.params[slot], &self.params[slot + 1]);
-                    if i == 0 {
+                    if let (0, Some(products)) = (i, products) {
+                        output.copy_from_slice(products);
+                        self.periodic_dense(n, &cache.emb, &mut cache.emb_product, outputs, output);
+                    } else if i == 0 {
                         let scratch = (&mut cache.emb_product, &mut cache.uniform);
                         self.input_dense(batch, &cache.emb, scratch, outputs, output);
                     } else {
@@ -584,6 +610,55 @@ impl Stack {
         }
     }
 
+    /// Each model's categorical embedding vectors for each row's codes,
+    /// `[n × K·c]` (`c` the width of one model's categorical embeddings).
+    pub fn categorical_vectors(&self, batch: Batch<'_>) -> Vec<f32> {
+        let (k, e, c) = (self.k, self.arch.embedded_width(), self.arch.categorical_width());
+        let mut emb = Vec::new();
+        self.gather_embeddings(batch, &mut emb);
+        let mut vectors = Vec::with_capacity(batch.n * k * c);
+        for model_row in emb.chunks_exact(e.max(1)).take(batch.n * k) {
+            vectors.extend_from_slice(&model_row[..c]);
+        }
+        vectors
+    }
+
+    /// The first dense layer's products (no bias, no periodic embeddings)
+    /// of `n` rows of encoded inputs `x` (`[n × inputs]`) and categorical
+    /// vectors (`[n × K·c]`): `[n × K·h]`, linear in both.
+    pub fn linear_products(&self, x: &[f32], vectors: &[f32], n: usize) -> Vec<f32> {
+        let Op::Dense { outputs, .. } = self.arch.ops[0] else { unreachable!("validated: a network starts dense") };
+        let (k, p, e, c) = (self.k, self.arch.inputs, self.arch.embedded_width(), self.arch.categorical_width());
+        let (fan_in, wide) = (p + e, k * outputs);
+        let w = &self.params[self.arch.slot_of(0)];
+        let mut out = vec![0.0f32; n * wide];
+        gemm_uniform(n, p, wide, x, (p, 1), w, (1, fan_in), &mut out, (wide, 1), &mut UniformScratch::default());
+        for m in 0..k {
+            let w_m = &w[m * outputs * fan_in + p..];
+            let v = &vectors[m * c..];
+            gemm_strided(n, c, outputs, v, (k * c, 1), w_m, (1, fan_in), 1.0, &mut out[m * outputs..], (wide, 1));
+        }
+        out
+    }
+
+    /// The transpose of [`Stack::linear_products`]: from the gradient of
+    /// the products (`[n × K·h]`), the encoded inputs' (`dx`, `[n ×
+    /// inputs]`, summed over the models) and each model's categorical
+    /// vectors' (`d_vectors`, `[n × K·c]`).
+    pub fn linear_products_backward(&self, d_products: &[f32], n: usize, dx: &mut [f32], d_vectors: &mut [f32]) {
+        let Op::Dense { outputs, .. } = self.arch.ops[0] else { unreachable!("validated: a network starts dense") };
+        let (k, p, e, c) = (self.k, self.arch.inputs, self.arch.embedded_width(), self.arch.categorical_width());
+        let (fan_in, wide) = (p + e, k * outputs);
+        let w = &self.params[self.arch.slot_of(0)];
+        for m in 0..k {
+            let (d, w_m) = (&d_products[m * outputs..], &w[m * outputs * fan_in..]);
+            let beta = if m == 0 { 0.0 } else { 1.0 };
+            gemm_strided(n, outputs, p, d, (wide, 1), w_m, (fan_in, 1), beta, dx, (p, 1));
+            let dv = &mut d_vectors[m * c..];
+            gemm_strided(n, outputs, c, d, (wide, 1), &w_m[p..], (fan_in, 1), 0.0, dv, (k * c, 1));
+        }
+    }
+
     /// `[n × K·e]`: each model's vectors for each row's codes (its periodic
     /// embeddings, after them, are [`Stack::periodic_embeddings`]').
     fn gather_embeddings(&self, batch: Batch<'_>, emb: &mut Vec<f32>) {
@@ -660,19 +735,28 @@ impl Stack {
         }
     }
 
-    /// The periodic embeddings' gradients from `d_emb` (the gradient of the
-    /// first dense layer's embedded inputs), each written whole (summed over
-    /// the rows in order). `grads` are the slots from the first dense
-    /// layer's on.
-    fn periodic_backward(&self, batch: Batch<'_>, cache: &StackCache, grads: &mut [Vec<f32>]) {
+    /// Back-propagates `d_emb` (the gradient of the first dense layer's
+    /// embedded inputs) through the periodic embeddings: into their
+    /// parameters' gradients `grads` (the slots from the first dense
+    /// layer's on; each written whole, summed over the rows in order), and
+    /// into the gradient `dx` of the encoded inputs they read, added.
+    fn periodic_backward(
+        &self,
+        batch: Batch<'_>,
+        cache: &StackCache,
+        grads: Option<&mut [Vec<f32>]>,
+        mut dx: Option<&mut [f32]>,
+    ) {
         let Some(p) = &self.arch.periodic else { return };
         let (k, n, e, inputs) = (self.k, batch.n, self.arch.embedded_width(), self.arch.inputs);
         let (cat, f_count, kf, d) = (self.arch.categorical_width(), p.columns.len(), p.frequencies, p.dim);
         let slot = self.arch.periodic_slot() - self.arch.embeddings.len();
-        let weight = &self.params[self.arch.periodic_slot() + 1];
-        let (g_freq, rest) = grads[slot..].split_at_mut(1);
-        let (g_weight, g_bias) = rest.split_at_mut(1);
-        let (g_freq, g_weight, g_bias) = (&mut g_freq[0], &mut g_weight[0], &mut g_bias[0]);
+        let (freq, weight) = (&self.params[self.arch.periodic_slot()], &self.params[self.arch.periodic_slot() + 1]);
+        let mut grads = grads.map(|grads| {
+            let (g_freq, rest) = grads[slot..].split_at_mut(1);
+            let (g_weight, g_bias) = rest.split_at_mut(1);
+            (&mut g_freq[0], &mut g_weight[0], &mut g_bias[0])
+        });
         let row = k * f_count * 2 * kf;
         let (mut dh, mut dv) = (vec![0.0f32; n * d], vec![0.0f32; n * 2 * kf]);
         for m in 0..k {
@@ -686,26 +770,58 @@ impl Stack {
                         dh[r * d + o] = if out[o] > 0.0 { d_out[o] } else { 0.0 };
                     }
                 }
-                let gb = &mut g_bias[block * d..(block + 1) * d];
-                gb.fill(0.0);
-                for r in 0..n {
-                    gb.iter_mut().zip(&dh[r * d..(r + 1) * d]).for_each(|(g, h)| *g += h);
-                }
                 let v = &cache.periodic[block * 2 * kf..];
-                // dW [2k × d] = Vᵀ · dh; dV [n × 2k] = dh · Wᵀ.
-                gemm_strided(2 * kf, n, d, v, (1, row), &dh, (d, 1), 0.0, &mut g_weight[block * 2 * kf * d..], (d, 1));
                 let w = &weight[block * 2 * kf * d..];
+                // dV [n × 2k] = dh · Wᵀ.
                 gemm_strided(n, d, 2 * kf, &dh, (d, 1), w, (1, d), 0.0, &mut dv, (2 * kf, 1));
-                let gc = &mut g_freq[block * kf..(block + 1) * kf];
-                gc.fill(0.0);
-                for r in 0..n {
-                    let z = batch.x[r * inputs + column];
-                    let (v, dv) = (&v[r * row..r * row + 2 * kf], &dv[r * 2 * kf..(r + 1) * 2 * kf]);
-                    for j in 0..kf {
-                        // d/dc of cos(2πcz) and sin(2πcz).
-                        gc[j] += (dv[kf + j] * v[j] - dv[j] * v[kf + j]) * std::f32::consts::TAU * z;
+                if let Some((g_freq, g_weight, g_bias)) = grads.as_mut() {
+                    let gb = &mut g_bias[block * d..(block + 1) * d];
+                    gb.fill(0.0);
+                    for r in 0..n {
+                        gb.iter_mut().zip(&dh[r * d..(r + 1) * d]).for_each(|(g, h)| *g += h);
+                    }
+                    // dW [2k × d] = Vᵀ · dh.
+                    let gw = &mut g_weight[block * 2 * kf * d..];
+                    gemm_strided(2 * kf, n, d, v, (1, row), &dh, (d, 1), 0.0, gw, (d, 1));
+                    let gc = &mut g_freq[block * kf..(block + 1) * kf];
+                    gc.fill(0.0);
+                    for r in 0..n {
+                        let z = batch.x[r * inputs + column];
+                        let (v, dv) = (&v[r * row..r * row + 2 * kf], &dv[r * 2 * kf..(r + 1) * 2 * kf]);
+                        for j in 0..kf {
+                            // d/dc of cos(2πcz) and sin(2πcz).
+                            gc[j] += (dv[kf + j] * v[j] - dv[j] * v[kf + j]) * std::f32::consts::TAU * z;
+                        }
                     }
                 }
+                if let Some(dx) = dx.as_deref_mut() {
+                    let c = &freq[block * kf..(block + 1) * kf];
+                    for r in 0..n {
+                        let (v, dv) = (&v[r * row..r * row + 2 * kf], &dv[r * 2 * kf..(r + 1) * 2 * kf]);
+                        // d/dz of cos(2πcz) and sin(2πcz).
+                        let dz: f32 = (0..kf)
+                            .map(|j| (dv[kf + j] * v[j] - dv[j] * v[kf + j]) * std::f32::consts::TAU * c[j])
+                            .sum();
+                        dx[r * inputs + column] += dz;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds the first dense layer's products of each model's periodic
+    /// embeddings (in `emb`, `[n × K·e]`) to `out` (`[n × K·h]`).
+    fn periodic_dense(&self, n: usize, emb: &[f32], scratch: &mut Vec<f32>, outputs: usize, out: &mut [f32]) {
+        let Some(periodic) = &self.arch.periodic else { return };
+        let (k, p, e, c) = (self.k, self.arch.inputs, self.arch.embedded_width(), self.arch.categorical_width());
+        let (fan_in, wide, width) = (p + e, k * outputs, periodic.width());
+        let w = &self.params[self.arch.slot_of(0)];
+        scratch.resize(n * outputs, 0.0);
+        for m in 0..k {
+            let (emb_m, w_m) = (&emb[m * e + c..], &w[m * outputs * fan_in + p + c..]);
+            gemm_strided(n, width, outputs, emb_m, (k * e, 1), w_m, (1, fan_in), 0.0, scratch, (outputs, 1));
+            for (row, part) in out.chunks_exact_mut(wide).zip(scratch.chunks_exact(outputs)) {
+                row[m * outputs..(m + 1) * outputs].iter_mut().zip(part).for_each(|(o, s)| *o += s);
             }
         }
     }
@@ -750,12 +866,7 @@ impl Stack {
     /// Back-propagates `d_logits` (`n × K·out`) through the activations of the
     /// last training [`Stack::forward`] on the same batch, overwriting `grads`.
     pub fn backward(&self, batch: Batch<'_>, cache: &mut StackCache, d_logits: &[f32], grads: &mut StackGradients) {
-        let (k, n, arch) = (self.k, batch.n, &self.arch);
-        let ops = arch.ops.len();
-        cache.delta.clear();
-        cache.delta.extend_from_slice(d_logits);
-        cache.pending.resize_with(ops, Vec::new);
-        cache.pending.iter_mut().for_each(Vec::clear);
+        let arch = &self.arch;
         // Dense gradients are written whole; embedding tables (scatter-added)
         // and norm gains and shifts (summed over rows) accumulate.
         for g in grads.params[..arch.embeddings.len()].iter_mut() {
@@ -768,6 +879,56 @@ impl Stack {
                 grads.params[slot + 1].fill(0.0);
             }
         }
+        self.backprop(batch, cache, d_logits, Some(&mut grads.params));
+        let Op::Dense { outputs, .. } = arch.ops[0] else { unreachable!("validated: a network starts dense") };
+        self.input_dense_backward(batch, cache, outputs, &mut grads.params);
+    }
+
+    /// Back-propagates `d_logits` (`n × K·out`) through the last
+    /// [`Stack::forward_products`] on the same batch: `d_products` receives
+    /// the gradient of the products it was given (`[n × K·h]`), and `dx`
+    /// (`[n × inputs]`) that of the encoded inputs through the periodic
+    /// embeddings (zero elsewhere; left empty without them).
+    pub fn products_backward(
+        &self,
+        batch: Batch<'_>,
+        cache: &mut StackCache,
+        d_logits: &[f32],
+        d_products: &mut Vec<f32>,
+        dx: &mut Vec<f32>,
+    ) {
+        self.backprop(batch, cache, d_logits, None);
+        d_products.clear();
+        d_products.extend_from_slice(&cache.delta);
+        dx.clear();
+        let Some(periodic) = &self.arch.periodic else { return };
+        let Op::Dense { outputs, .. } = self.arch.ops[0] else { unreachable!("validated: a network starts dense") };
+        let (k, n, p, e, c) =
+            (self.k, batch.n, self.arch.inputs, self.arch.embedded_width(), self.arch.categorical_width());
+        let (fan_in, wide, width) = (p + e, k * outputs, periodic.width());
+        let w = &self.params[self.arch.slot_of(0)];
+        cache.d_emb.resize(n * k * e, 0.0);
+        for m in 0..k {
+            let (d, w_m) = (&cache.delta[m * outputs..], &w[m * outputs * fan_in + p + c..]);
+            let d_emb = &mut cache.d_emb[m * e + c..];
+            gemm_strided(n, outputs, width, d, (wide, 1), w_m, (fan_in, 1), 0.0, d_emb, (k * e, 1));
+        }
+        dx.resize(n * p, 0.0);
+        self.periodic_backward(batch, cache, None, Some(dx));
+    }
+
+    /// The backward pass from the logits down to the first dense layer's
+    /// output (its gradient left in `cache.delta`): with `grads`, after a
+    /// training forward, writing the parameters' gradients of every op but
+    /// the first dense layer's weights; without, after a
+    /// [`Mode::Gradient`] forward, the inputs' path alone.
+    fn backprop(&self, batch: Batch<'_>, cache: &mut StackCache, d_logits: &[f32], mut grads: Option<&mut [Vec<f32>]>) {
+        let (k, n, arch) = (self.k, batch.n, &self.arch);
+        let ops = arch.ops.len();
+        cache.delta.clear();
+        cache.delta.extend_from_slice(d_logits);
+        cache.pending.resize_with(ops, Vec::new);
+        cache.pending.iter_mut().for_each(Vec::clear);
         for i in (0..ops).rev() {
             if !cache.pending[i].is_empty() {
                 cache.delta.iter_mut().zip(&cache.pending[i]).for_each(|(d, e)| *d += e);
@@ -779,28 +940,30 @@ impl Stack {
             let input: &[f32] = if i == 0 { batch.x } else { &cache.out[cache.at[i - 1]] };
             match arch.ops[i] {
                 Op::Dense { inputs, outputs } => {
-                    column_sums(&cache.delta, wide_out, &mut grads.params[slot + 1]);
+                    if let Some(grads) = grads.as_deref_mut() {
+                        column_sums(&cache.delta, wide_out, &mut grads[slot + 1]);
+                    }
                     if i == 0 {
-                        self.input_dense_backward(batch, cache, outputs, &mut grads.params);
                         break;
                     }
-                    let gw = &mut grads.params[slot];
                     let w = &self.params[slot];
                     cache.delta_prev.resize(n * wide_in, 0.0);
                     for m in 0..k {
-                        // dW_m [in × out, stored transposed] = input_mᵀ · delta_m
-                        gemm_strided(
-                            inputs,
-                            n,
-                            outputs,
-                            &input[m * inputs..],
-                            (1, wide_in),
-                            &cache.delta[m * outputs..],
-                            (wide_out, 1),
-                            0.0,
-                            &mut gw[m * outputs * inputs..],
-                            (1, inputs),
-                        );
+                        if let Some(grads) = grads.as_deref_mut() {
+                            // dW_m [in × out, stored transposed] = input_mᵀ · delta_m
+                            gemm_strided(
+                                inputs,
+                                n,
+                                outputs,
+                                &input[m * inputs..],
+                                (1, wide_in),
+                                &cache.delta[m * outputs..],
+                                (wide_out, 1),
+                                0.0,
+                                &mut grads[slot][m * outputs * inputs..],
+                                (1, inputs),
+                            );
+                        }
                         gemm_strided(
                             n,
                             outputs,
@@ -818,31 +981,57 @@ impl Stack {
                 }
                 Op::Activation { f } => activation::backprop(f, input, &mut cache.delta),
                 Op::LayerNorm { width } => {
-                    let (gg, gs) = grads.params[slot..].split_at_mut(1);
+                    let (gg, gs) = match grads.as_deref_mut() {
+                        Some(grads) => {
+                            let (gg, gs) = grads[slot..].split_at_mut(1);
+                            (&mut gg[0], &mut gs[0])
+                        }
+                        None => {
+                            let [gg, gs] = &mut cache.d_norm;
+                            gg.resize(k * width, 0.0);
+                            gs.resize(k * width, 0.0);
+                            (gg, gs)
+                        }
+                    };
                     layer_norm_backward(
                         &mut cache.delta,
                         width,
                         &self.params[slot],
                         &cache.aux[i],
                         &cache.stats[i],
-                        &mut gg[0],
-                        &mut gs[0],
+                        gg,
+                        gs,
                     );
                 }
-                Op::BatchNorm { .. } => {
-                    let (gg, gs) = grads.params[slot..].split_at_mut(1);
-                    batch_norm_backward(
-                        &mut cache.delta,
-                        n,
-                        wide_out,
-                        &self.params[slot],
-                        &cache.aux[i],
-                        &cache.stats[i],
-                        &mut gg[0],
-                        &mut gs[0],
-                    );
+                Op::BatchNorm { .. } => match grads.as_deref_mut() {
+                    Some(grads) => {
+                        let (gg, gs) = grads[slot..].split_at_mut(1);
+                        batch_norm_backward(
+                            &mut cache.delta,
+                            n,
+                            wide_out,
+                            &self.params[slot],
+                            &cache.aux[i],
+                            &cache.stats[i],
+                            &mut gg[0],
+                            &mut gs[0],
+                        );
+                    }
+                    None => {
+                        // Scoring's BatchNorm is an affine map per column.
+                        let s = arch.state_of(i);
+                        let (gain, shift) = (&self.params[slot], &self.params[slot + 1]);
+                        let (scale, _) = batch_norm_affine(gain, shift, &self.state[s], &self.state[s + 1]);
+                        for row in cache.delta.chunks_exact_mut(wide_out) {
+                            row.iter_mut().zip(&scale).for_each(|(d, s)| *d *= s);
+                        }
+                    }
+                },
+                Op::Dropout { .. } => {
+                    if grads.is_some() {
+                        cache.delta.iter_mut().zip(&cache.aux[i]).for_each(|(d, m)| *d *= m);
+                    }
                 }
-                Op::Dropout { .. } => cache.delta.iter_mut().zip(&cache.aux[i]).for_each(|(d, m)| *d *= m),
                 Op::Residual { from } => {
                     // The sum's gradient reaches both addends: the ops inside
                     // the block (through delta) and the block's input.
@@ -896,7 +1085,7 @@ impl Stack {
                 (k * e, 1),
             );
         }
-        self.periodic_backward(batch, cache, rest);
+        self.periodic_backward(batch, cache, Some(rest), None);
         // Scatter-add into the tables, rows in order (deterministic).
         let cols = self.arch.embeddings.len();
         for r in 0..n {
@@ -1126,7 +1315,7 @@ fn batch_norm_backward(
 }
 
 /// Scoring-time BatchNorm as `x · scale + offset`.
-fn batch_norm_affine(gain: &[f32], shift: &[f32], mean: &[f32], var: &[f32]) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn batch_norm_affine(gain: &[f32], shift: &[f32], mean: &[f32], var: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let scale: Vec<f32> = gain.iter().zip(var).map(|(g, v)| g / (v + NORM_EPS).sqrt()).collect();
     let offset = shift.iter().zip(mean).zip(&scale).map(|((s, m), sc)| s - m * sc).collect();
     (scale, offset)
@@ -1548,6 +1737,98 @@ pub(crate) mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The scoring network from the first dense layer's products on: given
+    /// the products of the encoded inputs and categorical vectors
+    /// ([`Stack::linear_products`]) it scores as from the codes; its
+    /// gradient with respect to the products and to the inputs its periodic
+    /// embeddings read is the slope finite differences measure, through
+    /// every op in its scoring form (running BatchNorm statistics, no
+    /// dropout), for a stack of two models; and the products' backward is
+    /// their transpose.
+    #[test]
+    fn gradients_from_the_first_layers_products_match_finite_differences_when_scoring() {
+        let n = 5;
+        for act in [Activation::Relu, Activation::Gelu, Activation::Tanh] {
+            let (net, x, codes) = (0..)
+                .find_map(|seed| {
+                    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                    let models: Vec<Stack> = (0..2)
+                        .map(|m| {
+                            let mut net =
+                                Stack::new(every_op(act, 3), 7, &mut [ChaCha8Rng::seed_from_u64(seed * 2 + m)]);
+                            randomise(&mut net, &mut rng);
+                            net
+                        })
+                        .collect();
+                    let net = Stack::from_models(&models);
+                    let (x, codes) = batch_data(n, &mut rng);
+                    let mut c = StackCache::default();
+                    net.forward(Batch { x: &x, codes: &codes, n }, &mut c, Mode::Gradient);
+                    let clear = net.arch.ops.iter().enumerate().all(|(i, op)| {
+                        !matches!(op, Op::Activation { f: Activation::Relu })
+                            || c.out[c.at[i - 1]].iter().all(|z| z.abs() > 0.05)
+                    }) && periodic_pre_activations(&net, Batch { x: &x, codes: &codes, n })
+                        .iter()
+                        .all(|h| h.abs() > 0.05);
+                    clear.then_some((net, x, codes))
+                })
+                .expect("some seed works");
+            let batch = Batch { x: &x, codes: &codes, n };
+            let vectors = net.categorical_vectors(batch);
+            assert_eq!(vectors.len(), n * 2 * 2);
+            let products = net.linear_products(&x, &vectors, n);
+            let logits = |x: &[f32], products: &[f32]| {
+                let mut c = StackCache::default();
+                net.forward_products(Batch { x, codes: &[], n }, products, &mut c);
+                c.logits().to_vec()
+            };
+            let mut scored = StackCache::default();
+            net.forward(batch, &mut scored, Mode::Eval);
+            for (a, b) in logits(&x, &products).iter().zip(scored.logits()) {
+                assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{act:?}: {a} from the products, {b} scored");
+            }
+
+            let mut rng = ChaCha8Rng::seed_from_u64(3);
+            let weights: Vec<f32> = (0..n * 2 * 3).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let objective = |x: &[f32], products: &[f32]| -> f64 {
+                logits(x, products).iter().zip(&weights).map(|(l, w)| (l * w) as f64).sum()
+            };
+            let mut cache = StackCache::default();
+            net.forward_products(batch, &products, &mut cache);
+            let (mut d_products, mut dx) = (Vec::new(), Vec::new());
+            net.products_backward(batch, &mut cache, &weights, &mut d_products, &mut dx);
+            assert_eq!((d_products.len(), dx.len()), (products.len(), x.len()));
+            let eps = 2e-3f32;
+            let check = |what: &str, j: usize, analytic: f32, up: f64, down: f64| {
+                let numeric = (up - down) / (2.0 * eps as f64);
+                let tol = 3e-3 + 3e-2 * numeric.abs().max(analytic.abs() as f64);
+                assert!(
+                    (numeric - analytic as f64).abs() <= tol,
+                    "{act:?} {what} {j}: numeric {numeric} analytic {analytic}"
+                );
+            };
+            for j in 0..x.len() {
+                let (mut up, mut down) = (x.clone(), x.clone());
+                up[j] += eps;
+                down[j] -= eps;
+                check("input", j, dx[j], objective(&up, &products), objective(&down, &products));
+            }
+            for j in 0..products.len() {
+                let (mut up, mut down) = (products.clone(), products.clone());
+                up[j] += eps;
+                down[j] -= eps;
+                check("product", j, d_products[j], objective(&x, &up), objective(&x, &down));
+            }
+
+            // <d, L(x, v)> = <Lᵀ d, (x, v)>.
+            let (mut lx, mut lv) = (vec![0.0f32; x.len()], vec![0.0f32; vectors.len()]);
+            net.linear_products_backward(&d_products, n, &mut lx, &mut lv);
+            let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| (a * b) as f64).sum::<f64>();
+            let (left, right) = (dot(&d_products, &products), dot(&lx, &x) + dot(&lv, &vectors));
+            assert!((left - right).abs() <= 1e-4 * left.abs().max(1.0), "{act:?}: {left} vs {right}");
         }
     }
 

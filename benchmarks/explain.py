@@ -1,0 +1,247 @@
+"""Explanation benchmark: per-row attributions through SQL against PyTorch.
+
+On telco_churn's 7,043 rows, with a churn model trained once (hidden
+[64, 32], as the scoring benchmark's), one run measures integrated
+gradients over STEPS midpoints from the same baseline row:
+
+  (a) PyTorch autograd alone: the network rebuilt from the exported ONNX
+      file's weights, the rows already encoded as tensors, batches of
+      BATCH_ROWS rows times STEPS points, 2 threads (torch.set_num_threads);
+  (b) the Python pipeline a user writes around it: psycopg COPY into
+      pandas, the rows encoded with the version's fitted pipeline (read from
+      cerebro.model_versions), then (a), then each column's contribution;
+  (c) Cerebro: SELECT ... FROM cerebro.predictions WHERE ... AND explain,
+      every row's explanation built as jsonb, cerebrod's scoring_threads = 2.
+
+Every timed part runs REPEATS times; the median counts. It checks that
+both sides' contributions agree and that each row's add up to its score,
+and prints rows/s and ratios.
+
+    python benchmarks/explain.py CONNINFO OUT_DIR
+
+deploy/explain.sh sets everything up and runs it.
+"""
+
+import io
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import onnx
+import pandas as pd
+import psycopg
+import torch
+from onnx import numpy_helper
+
+STEPS = 32
+BATCH_ROWS = 256
+THREADS = 2
+REPEATS = 3
+MODEL = "bench_churn"
+TABLE = "telco_churn"
+NULL_CATEGORY = "\x01NULL"
+
+
+def median_seconds(f):
+    times = []
+    for _ in range(REPEATS):
+        t = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def train(conn):
+    with conn.cursor() as cur:
+        cur.execute("SELECT max(version) FROM cerebro.models WHERE name = %s AND status = 'ready'", (MODEL,))
+        version = cur.fetchone()[0]
+        if version is not None:
+            print(f"    model {MODEL} v{version}: ready, kept", flush=True)
+            return version
+        print(f"    model {MODEL}: training (hidden [64, 32], 5 epochs)", flush=True)
+        cur.execute(
+            """INSERT INTO cerebro.models (name, source, target, key, options)
+               VALUES (%s, %s, 'churn', 'customer_id', '{"hidden": [64, 32], "epochs": 5}')""",
+            (MODEL, TABLE),
+        )
+        cur.execute("SELECT max(version) FROM cerebro.models WHERE name = %s", (MODEL,))
+        version = cur.fetchone()[0]
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            cur.execute("SELECT status, error FROM cerebro.models WHERE name = %s AND version = %s", (MODEL, version))
+            status, error = cur.fetchone()
+            if status == "ready":
+                return version
+            if status in ("failed", "cancelled"):
+                sys.exit(f"training {MODEL} v{version} {status}: {error}")
+            time.sleep(0.5)
+        sys.exit(f"training {MODEL} v{version} took longer than 10 minutes")
+
+
+def encoder_width(encoder):
+    kind = encoder["kind"]
+    if kind == "numeric":
+        return 1 + int(encoder["null_indicator"])
+    if kind == "categorical":
+        return len(encoder["vocabulary"])
+    sys.exit(f"this benchmark encodes numeric and one-hot columns only, not {kind}")
+
+
+def encode(pipeline, frame):
+    """The network's input matrix for `frame`, as the fitted pipeline
+    encodes it (features.rs): standardised numbers with a NULL indicator,
+    one-hot categories (NULL as its own category)."""
+    parts = []
+    for feature in pipeline["features"]:
+        encoder, column = feature["encoder"], frame[feature["name"]]
+        if encoder["kind"] == "numeric":
+            values = pd.to_numeric(column, errors="coerce").to_numpy(np.float32, na_value=np.nan)
+            missing = ~np.isfinite(values)
+            z = np.where(missing, 0.0, (values - np.float32(encoder["mean"])) / np.float32(encoder["std"]))
+            parts.append(z.astype(np.float32).reshape(-1, 1))
+            if encoder["null_indicator"]:
+                parts.append(missing.astype(np.float32).reshape(-1, 1))
+        else:
+            vocabulary = encoder["vocabulary"]
+            codes = pd.Categorical(column.fillna(NULL_CATEGORY), categories=vocabulary).codes
+            one_hot = np.zeros((len(frame), len(vocabulary)), np.float32)
+            seen = codes >= 0
+            one_hot[np.nonzero(seen)[0], codes[seen]] = 1.0
+            parts.append(one_hot)
+    return np.hstack(parts)
+
+
+def baseline_frame(pipeline):
+    row = {}
+    for feature in pipeline["features"]:
+        typical = feature["typical"]
+        row[feature["name"]] = [typical.get("median", typical.get("mode"))]
+    return pd.DataFrame(row)
+
+
+def network(onnx_bytes, options):
+    """The exported MLP as torch layers, its weights read from the file."""
+    if options.get("norm", "none") != "none" or options.get("residual_blocks", 0) or options.get("members", 1) != 1:
+        sys.exit("this benchmark rebuilds plain MLPs only")
+    tensors = {t.name: numpy_helper.to_array(t) for t in onnx.load_from_string(onnx_bytes).graph.initializer}
+    layers = []
+    for i in range(len(options["hidden"]) + 1):
+        w, b = tensors[f"_cerebro/weight_{i}"], tensors[f"_cerebro/bias_{i}"]
+        linear = torch.nn.Linear(w.shape[1], w.shape[0])
+        linear.weight.data = torch.from_numpy(w.copy())
+        linear.bias.data = torch.from_numpy(b.copy())
+        layers += [linear, torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1]).eval()
+
+
+def integrated_gradients(net, x, x0):
+    """Each input's contribution for every row of `x` against `x0`:
+    (x - x0) times the gradient of the churn probability averaged over
+    STEPS midpoints of the straight path, by autograd, batch by batch."""
+    alphas = ((torch.arange(STEPS, dtype=torch.float32) + 0.5) / STEPS).view(1, -1, 1)
+    out = []
+    for start in range(0, len(x), BATCH_ROWS):
+        xb = x[start : start + BATCH_ROWS]
+        path = (x0 + alphas * (xb - x0).unsqueeze(1)).reshape(-1, x.shape[1]).requires_grad_(True)
+        probability = torch.sigmoid(net(path)).sum()
+        (grad,) = torch.autograd.grad(probability, path)
+        out.append((xb - x0) * grad.view(len(xb), STEPS, -1).mean(1))
+    return torch.cat(out)
+
+
+def by_column(pipeline, attributions):
+    spans, at = [], 0
+    for feature in pipeline["features"]:
+        width = encoder_width(feature["encoder"])
+        spans.append((at, at + width))
+        at += width
+    return np.stack([attributions[:, a:b].sum(1) for a, b in spans], axis=1)
+
+
+def main():
+    conninfo, out_dir = sys.argv[1], sys.argv[2]
+    os.makedirs(out_dir, exist_ok=True)
+    torch.set_num_threads(THREADS)
+    conn = psycopg.connect(conninfo, autocommit=True)
+    version = train(conn)
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT pipeline, options, cerebro.export_onnx(name, version), key_column FROM cerebro.model_versions "
+            "WHERE name = %s AND version = %s",
+            (MODEL, version),
+        )
+        pipeline, options, onnx_bytes, key = cur.fetchone()
+        cur.execute(f"SELECT count(*) FROM {TABLE}")
+        rows = cur.fetchone()[0]
+    names = [f["name"] for f in pipeline["features"]]
+    net = network(bytes(onnx_bytes), options)
+    print(f"    {rows:,} rows, {len(names)} columns, model {MODEL} v{version}, {STEPS} steps", flush=True)
+
+    def copy_frame():
+        buf = io.BytesIO()
+        columns = ", ".join([key] + names)
+        with conn.cursor() as cur:
+            with cur.copy(f"COPY (SELECT {columns} FROM {TABLE}) TO STDOUT WITH (FORMAT csv, HEADER)") as copy:
+                for block in copy:
+                    buf.write(block)
+        buf.seek(0)
+        text = [f["name"] for f in pipeline["features"] if f["encoder"]["kind"] == "categorical"]
+        return pd.read_csv(buf, keep_default_na=False, na_values=[""], dtype={c: object for c in text + [key]})
+
+    x0 = torch.from_numpy(encode(pipeline, baseline_frame(pipeline)))
+    frame = copy_frame()
+    x = torch.from_numpy(encode(pipeline, frame))
+    results = {"torch_alone": median_seconds(lambda: integrated_gradients(net, x, x0))}
+
+    python = {}
+    def client():
+        f = copy_frame()
+        encoded = torch.from_numpy(encode(pipeline, f))
+        python["keys"] = f[key].to_numpy()
+        python["columns"] = by_column(pipeline, integrated_gradients(net, encoded, x0).numpy())
+    results["python"] = median_seconds(client)
+
+    where = f"model = '{MODEL}' AND version = {version} AND explain"
+    def sql():
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT count(*), sum(score) FROM cerebro.predictions WHERE {where}")
+            n, _ = cur.fetchone()
+            assert n == rows, f"cerebro.predictions gave {n} rows, not {rows}"
+    results["sql"] = median_seconds(sql)
+
+    # The same contributions, and complete (checks, not timings).
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT key, score, explanation FROM cerebro.predictions WHERE {where} AND top_k = {len(names)}")
+        explained = {k: (s, e) for k, s, e in cur.fetchall()}
+    worst_gap, apart = 0.0, []
+    for k, row in zip(python["keys"], python["columns"]):
+        score, e = explained[k]
+        listed = {c["column"]: c["contribution"] for c in e["contributions"]}
+        worst_gap = max(worst_gap, abs(e["baseline"] + sum(listed.values()) + e["rest"] - score))
+        apart.append(max(abs(listed[n] - v) for n, v in zip(names, row)))
+    apart = np.array(apart)
+
+    print(f"\n{'explanations, ' + format(rows, ',') + ' rows, ' + str(STEPS) + ' steps':50} {'seconds':>8} {'rows/s':>9}  ratio")
+    table = [
+        ("(a) PyTorch autograd alone, encoded tensors", results["torch_alone"], ""),
+        ("(b) Python: COPY, pandas, PyTorch autograd", results["python"], ""),
+        ("(c) SQL: cerebro.predictions ... AND explain", results["sql"],
+         f"{results['torch_alone'] / results['sql']:.2f}x (a), {results['python'] / results['sql']:.2f}x (b)"),
+    ]
+    lines = []
+    for label, seconds, ratio in table:
+        print(f"{label:50} {seconds:>8.3f} {rows / seconds:>9,.0f}  {ratio}")
+        lines.append({"what": label, "seconds": seconds, "rows_per_s": rows / seconds})
+    print(f"(completeness: every row's baseline + contributions + rest within {worst_gap:.1e} of its score; "
+          f"contributions apart from PyTorch's: median {np.median(apart):.1e}, worst {apart.max():.1e}, "
+          f"{np.mean(apart > 1e-3):.1%} of rows beyond 1e-3, those cerebrod integrated with more steps)")
+    with open(os.path.join(out_dir, "explain.jsonl"), "w") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+//! Where a straight path through a piecewise-linear network bends.
+//!
+//! A network of dense layers, ReLUs, scoring-mode BatchNorms (affine maps),
+//! dropouts (the identity when scoring) and residual sums is linear between
+//! the points where some ReLU's input crosses zero. Along a straight line of
+//! first-layer products `from + α·(to − from)`, every op's output on the
+//! current piece is `a + α·b`; the next bend is the nearest α where a ReLU's
+//! input reaches zero, after which that unit's state flips. Integrated
+//! gradients integrate a smooth function on each piece, and a few
+//! Gauss–Legendre points per piece make them exact to rounding, where
+//! evenly spaced points converge only as fast as their spacing shrinks.
+
+use super::stack::{batch_norm_affine, Arch, Op, Stack};
+use super::Activation;
+
+/// The most pieces one path is cut into; past it the path is treated as
+/// curved (the caller integrates it with evenly spaced points).
+pub const MAX_PIECES: usize = 4096;
+
+/// Whether the network is linear between bends that [`bends`] can find:
+/// ReLUs alone, no LayerNorm, no periodic embeddings.
+pub fn piecewise_linear(arch: &Arch) -> bool {
+    arch.periodic.is_none()
+        && arch.ops.iter().all(|op| match op {
+            Op::Activation { f } => *f == Activation::Relu,
+            Op::LayerNorm { .. } => false,
+            _ => true,
+        })
+}
+
+/// One piece of a path, on which every model of the stack is linear.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Piece {
+    pub start: f64,
+    pub end: f64,
+    /// The most any logit of any model changes along the piece.
+    pub change: f64,
+}
+
+/// The pieces, in order from 0 to 1, of the path of first-layer products
+/// (without bias; `[K·h]` each, as `Stack::linear_products` lays them
+/// out) from `from` to `to`, cut wherever any model of the stack bends;
+/// `None` when the network is not [`piecewise_linear`] or bends more than
+/// [`MAX_PIECES`] times.
+pub fn pieces(net: &Stack, from: &[f32], to: &[f32]) -> Option<Vec<Piece>> {
+    if !piecewise_linear(&net.arch) {
+        return None;
+    }
+    // Each model's pieces as (end, how fast its logits change).
+    let models = (0..net.k).map(|m| model_pieces(net, m, from, to)).collect::<Option<Vec<_>>>()?;
+    let mut ends: Vec<f64> = models.iter().flatten().map(|&(end, _)| end).collect();
+    ends.sort_by(f64::total_cmp);
+    ends.dedup();
+    if ends.len() > MAX_PIECES {
+        return None;
+    }
+    let mut next = vec![0usize; models.len()];
+    let mut start = 0.0;
+    let mut out = Vec::with_capacity(ends.len());
+    for end in ends {
+        let mut rate = 0.0f64;
+        for (model, at) in models.iter().zip(next.iter_mut()) {
+            // The piece of this model that holds (start, end).
+            while model[*at].0 < end {
+                *at += 1;
+            }
+            rate = rate.max(model[*at].1);
+        }
+        out.push(Piece { start, end, change: rate * (end - start) });
+        start = end;
+    }
+    Some(out)
+}
+
+/// Model `m`'s pieces, traced one after the other: where each ends, and
+/// how fast its fastest logit changes on it.
+fn model_pieces(net: &Stack, m: usize, from: &[f32], to: &[f32]) -> Option<Vec<(f64, f64)>> {
+    let arch = &net.arch;
+    let Op::Dense { outputs: h, .. } = arch.ops[0] else { return None };
+    let bias = &net.params[arch.slot_of(0) + 1][m * h..(m + 1) * h];
+    let start: Vec<f64> = from[m * h..(m + 1) * h].iter().zip(bias).map(|(&f, &b)| f as f64 + b as f64).collect();
+    let slope: Vec<f64> =
+        from[m * h..(m + 1) * h].iter().zip(&to[m * h..(m + 1) * h]).map(|(&f, &t)| (t - f) as f64).collect();
+    let affine: Vec<Option<(Vec<f64>, Vec<f64>)>> = arch
+        .ops
+        .iter()
+        .enumerate()
+        .map(|(i, op)| match op {
+            Op::BatchNorm { width } => {
+                let (slot, s) = (arch.slot_of(i), arch.state_of(i));
+                let (scale, offset) =
+                    batch_norm_affine(&net.params[slot], &net.params[slot + 1], &net.state[s], &net.state[s + 1]);
+                let cols = m * width..(m + 1) * width;
+                let widen = |v: &[f32]| v[cols.clone()].iter().map(|&x| x as f64).collect::<Vec<f64>>();
+                Some((widen(&scale), widen(&offset)))
+            }
+            _ => None,
+        })
+        .collect();
+    let mut pieces = Vec::new();
+    let mut at = 0.0f64;
+    loop {
+        // Each op's output on the piece that starts at `at`: a + α·b.
+        let mut outs: Vec<(Vec<f64>, Vec<f64>)> = Vec::with_capacity(arch.ops.len());
+        let mut next = 1.0f64;
+        for (i, op) in arch.ops.iter().enumerate() {
+            let (a, b) = if i == 0 {
+                (start.clone(), slope.clone())
+            } else {
+                let (a, b) = &outs[i - 1];
+                match *op {
+                    Op::Dense { inputs, outputs } => {
+                        let w = &net.params[arch.slot_of(i)][m * outputs * inputs..(m + 1) * outputs * inputs];
+                        let bias = &net.params[arch.slot_of(i) + 1][m * outputs..(m + 1) * outputs];
+                        let (mut na, mut nb) = (vec![0.0; outputs], vec![0.0; outputs]);
+                        for o in 0..outputs {
+                            let row = &w[o * inputs..(o + 1) * inputs];
+                            na[o] = bias[o] as f64 + row.iter().zip(a).map(|(&w, x)| w as f64 * x).sum::<f64>();
+                            nb[o] = row.iter().zip(b).map(|(&w, x)| w as f64 * x).sum::<f64>();
+                        }
+                        (na, nb)
+                    }
+                    Op::Activation { .. } => {
+                        let (mut na, mut nb) = (a.clone(), b.clone());
+                        for u in 0..a.len() {
+                            let value = a[u] + at * b[u];
+                            // At a bend (to rounding) the unit is as it will
+                            // be just after: on if its input is rising.
+                            let at_bend = value.abs() <= 1e-9 * (a[u].abs() + b[u].abs());
+                            let on = if at_bend { b[u] > 0.0 } else { value > 0.0 };
+                            if !on {
+                                na[u] = 0.0;
+                                nb[u] = 0.0;
+                            }
+                            if b[u] != 0.0 {
+                                let cross = -a[u] / b[u];
+                                if cross > at && cross < next {
+                                    next = cross;
+                                }
+                            }
+                        }
+                        (na, nb)
+                    }
+                    Op::BatchNorm { .. } => {
+                        let (scale, offset) = affine[i].as_ref().expect("set for every BatchNorm");
+                        let na = a.iter().zip(scale).zip(offset).map(|((x, s), o)| x * s + o).collect();
+                        let nb = b.iter().zip(scale).map(|(x, s)| x * s).collect();
+                        (na, nb)
+                    }
+                    Op::Dropout { .. } => (a.clone(), b.clone()),
+                    Op::Residual { from } => {
+                        let (sa, sb) = &outs[from - 1];
+                        (a.iter().zip(sa).map(|(x, y)| x + y).collect(), b.iter().zip(sb).map(|(x, y)| x + y).collect())
+                    }
+                    Op::LayerNorm { .. } => return None,
+                }
+            };
+            outs.push((a, b));
+        }
+        let rate = outs.last().map_or(0.0, |(_, b)| b.iter().fold(0.0f64, |r, x| r.max(x.abs())));
+        if next >= 1.0 {
+            pieces.push((1.0, rate));
+            return Some(pieces);
+        }
+        // A crossing found again at the same point (rounding) must not
+        // stall the walk: step past it.
+        at = if next > at { next } else { at + f64::EPSILON };
+        pieces.push((at, rate));
+        if pieces.len() >= MAX_PIECES {
+            return None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+    use crate::engine::stack::tests::randomise;
+    use crate::engine::{Batch, Embedding, StackCache};
+
+    /// A network of every piecewise-linear op: dense layers, ReLUs,
+    /// scoring-mode BatchNorm, dropout and a residual sum.
+    fn piecewise(outputs: usize) -> Arch {
+        let ops = vec![
+            Op::Dense { inputs: 5, outputs: 12 },
+            Op::BatchNorm { width: 12 },
+            Op::Activation { f: Activation::Relu },
+            Op::Dense { inputs: 12, outputs: 8 },
+            Op::Activation { f: Activation::Relu },
+            Op::Dropout { p: 0.3 },
+            Op::Dense { inputs: 8, outputs: 12 },
+            Op::Residual { from: 3 },
+            Op::Activation { f: Activation::Relu },
+            Op::Dense { inputs: 12, outputs },
+        ];
+        Arch { inputs: 3, embeddings: vec![Embedding { vocabulary: 3, dim: 2 }], ops, periodic: None }
+    }
+
+    /// On every piece the logits are linear in α (their value halfway is
+    /// the mean of their values near the ends), and no piece is cut where
+    /// the network does not bend: two neighbours together are not linear.
+    #[test]
+    fn a_path_is_linear_on_each_piece_and_bends_between_them() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let models: Vec<Stack> = (0..2)
+            .map(|m| {
+                let mut net = Stack::new(piecewise(3), 5, &mut [ChaCha8Rng::seed_from_u64(m)]);
+                randomise(&mut net, &mut rng);
+                net
+            })
+            .collect();
+        let net = Stack::from_models(&models);
+        assert!(piecewise_linear(&net.arch));
+        let n = 6;
+        let x: Vec<f32> = (0..n * 3).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let codes: Vec<u32> = (0..n as u32).map(|r| r % 4).collect();
+        let products = net.linear_products(&x, &net.categorical_vectors(Batch { x: &x, codes: &codes, n }), n);
+        let kh = products.len() / n;
+        let logits_at = |from: &[f32], to: &[f32], alpha: f64| {
+            let along: Vec<f32> = from.iter().zip(to).map(|(f, t)| f + alpha as f32 * (t - f)).collect();
+            let mut cache = StackCache::default();
+            net.forward_products(Batch { x: &[], codes: &[], n: 1 }, &along, &mut cache);
+            cache.logits().iter().map(|&l| l as f64).collect::<Vec<f64>>()
+        };
+        let linear_between = |from: &[f32], to: &[f32], a: f64, b: f64| {
+            let (s, e, mid) = (logits_at(from, to, a), logits_at(from, to, b), logits_at(from, to, (a + b) / 2.0));
+            mid.iter().zip(s.iter().zip(&e)).all(|(m, (s, e))| (m - (s + e) / 2.0).abs() < 1e-4)
+        };
+        let mut total = 0;
+        for r in 1..n {
+            let (from, to) = (&products[..kh], &products[r * kh..(r + 1) * kh]);
+            let pieces = pieces(&net, from, to).expect("piecewise linear");
+            assert_eq!((pieces[0].start, pieces.last().unwrap().end), (0.0, 1.0));
+            total += pieces.len();
+            for p in &pieces {
+                let inset = (p.end - p.start) * 1e-3;
+                assert!(linear_between(from, to, p.start + inset, p.end - inset), "row {r}: {p:?} is not linear");
+                let (s, e) = (logits_at(from, to, p.start + inset), logits_at(from, to, p.end - inset));
+                let change = s.iter().zip(&e).map(|(s, e)| (e - s).abs()).fold(0.0, f64::max);
+                assert!(change <= p.change * (1.0 + 1e-3) + 1e-6, "row {r}: {p:?} changes by {change}");
+            }
+            for pair in pieces.windows(2) {
+                let inset = (pair[0].end - pair[0].start).min(pair[1].end - pair[1].start) * 1e-3;
+                if !linear_between(from, to, pair[0].start + inset, pair[1].end - inset) {
+                    continue;
+                }
+                // A cut where a unit only touches zero is harmless; most cut a bend.
+                total -= 1;
+            }
+        }
+        assert!(total > 3 * (n - 1), "the paths bend: {total} pieces that are cut at bends");
+    }
+
+    #[test]
+    fn networks_with_smooth_parts_are_not_cut() {
+        let mut arch = piecewise(1);
+        arch.ops[2] = Op::Activation { f: Activation::Gelu };
+        assert!(!piecewise_linear(&arch));
+        let mut arch = piecewise(1);
+        arch.ops[1] = Op::LayerNorm { width: 12 };
+        assert!(!piecewise_linear(&arch));
+    }
+}
