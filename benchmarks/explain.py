@@ -85,23 +85,30 @@ def encoder_width(encoder):
     kind = encoder["kind"]
     if kind == "numeric":
         return 1 + int(encoder["null_indicator"])
+    if kind == "ple":
+        return len(encoder["edges"]) - 1 + int(encoder["null_indicator"])
     if kind == "categorical":
         return len(encoder["vocabulary"])
-    sys.exit(f"this benchmark encodes numeric and one-hot columns only, not {kind}")
+    sys.exit(f"this benchmark encodes standardised, PLE and one-hot columns only, not {kind}")
 
 
 def encode(pipeline, frame):
     """The network's input matrix for `frame`, as the fitted pipeline
-    encodes it (features.rs): standardised numbers with a NULL indicator,
-    one-hot categories (NULL as its own category)."""
+    encodes it (features.rs): standardised numbers or piecewise-linear bins
+    with a NULL indicator, one-hot categories (NULL as its own category)."""
     parts = []
     for feature in pipeline["features"]:
         encoder, column = feature["encoder"], frame[feature["name"]]
-        if encoder["kind"] == "numeric":
+        if encoder["kind"] in ("numeric", "ple"):
             values = pd.to_numeric(column, errors="coerce").to_numpy(np.float32, na_value=np.nan)
             missing = ~np.isfinite(values)
-            z = np.where(missing, 0.0, (values - np.float32(encoder["mean"])) / np.float32(encoder["std"]))
-            parts.append(z.astype(np.float32).reshape(-1, 1))
+            if encoder["kind"] == "numeric":
+                z = np.where(missing, 0.0, (values - np.float32(encoder["mean"])) / np.float32(encoder["std"]))
+                parts.append(z.astype(np.float32).reshape(-1, 1))
+            else:
+                edges = np.array(encoder["edges"], np.float32)
+                bins = np.clip((values[:, None] - edges[None, :-1]) / (edges[None, 1:] - edges[None, :-1]), 0.0, 1.0)
+                parts.append(np.where(missing[:, None], 0.0, bins).astype(np.float32))
             if encoder["null_indicator"]:
                 parts.append(missing.astype(np.float32).reshape(-1, 1))
         else:
@@ -126,10 +133,12 @@ def network(onnx_bytes, options):
     """The exported MLP as torch layers, its weights read from the file."""
     if options.get("norm", "none") != "none" or options.get("residual_blocks", 0) or options.get("members", 1) != 1:
         sys.exit("this benchmark rebuilds plain MLPs only")
-    tensors = {t.name: numpy_helper.to_array(t) for t in onnx.load_from_string(onnx_bytes).graph.initializer}
+    graph = onnx.load_from_string(onnx_bytes).graph
+    # Initializers are named _cerebro/<kind>_<n>, in the order the graph uses them.
+    of_kind = lambda kind: [numpy_helper.to_array(t) for t in graph.initializer
+                            if t.name.rsplit("_", 1)[0] == f"_cerebro/{kind}"]
     layers = []
-    for i in range(len(options["hidden"]) + 1):
-        w, b = tensors[f"_cerebro/weight_{i}"], tensors[f"_cerebro/bias_{i}"]
+    for w, b in zip(of_kind("weight"), of_kind("bias")):
         linear = torch.nn.Linear(w.shape[1], w.shape[0])
         linear.weight.data = torch.from_numpy(w.copy())
         linear.bias.data = torch.from_numpy(b.copy())
@@ -137,19 +146,28 @@ def network(onnx_bytes, options):
     return torch.nn.Sequential(*layers[:-1]).eval()
 
 
-def integrated_gradients(net, x, x0):
+def integrated_gradients(net, x, x0, steps=STEPS):
     """Each input's contribution for every row of `x` against `x0`:
     (x - x0) times the gradient of the churn probability averaged over
-    STEPS midpoints of the straight path, by autograd, batch by batch."""
-    alphas = ((torch.arange(STEPS, dtype=torch.float32) + 0.5) / STEPS).view(1, -1, 1)
+    `steps` midpoints of the straight path, by autograd, batch by batch."""
+    alphas = ((torch.arange(steps, dtype=torch.float32) + 0.5) / steps).view(1, -1, 1)
+    rows = max(1, BATCH_ROWS * STEPS // steps)
     out = []
-    for start in range(0, len(x), BATCH_ROWS):
-        xb = x[start : start + BATCH_ROWS]
+    for start in range(0, len(x), rows):
+        xb = x[start : start + rows]
         path = (x0 + alphas * (xb - x0).unsqueeze(1)).reshape(-1, x.shape[1]).requires_grad_(True)
         probability = torch.sigmoid(net(path)).sum()
         (grad,) = torch.autograd.grad(probability, path)
-        out.append((xb - x0) * grad.view(len(xb), STEPS, -1).mean(1))
+        out.append((xb - x0) * grad.view(len(xb), steps, -1).mean(1))
     return torch.cat(out)
+
+
+def completeness_gaps(net, x, x0, attributions):
+    """How far each row's contributions add up from its probability minus
+    the baseline's."""
+    with torch.no_grad():
+        p, p0 = torch.sigmoid(net(x)).squeeze(1), torch.sigmoid(net(x0)).squeeze(1)
+    return (attributions.sum(1) - (p - p0)).abs().numpy()
 
 
 def by_column(pipeline, attributions):
@@ -195,6 +213,12 @@ def main():
     frame = copy_frame()
     x = torch.from_numpy(encode(pipeline, frame))
     results = {"torch_alone": median_seconds(lambda: integrated_gradients(net, x, x0))}
+    # How faithful evenly spaced points are, and what more of them cost.
+    faithful = []
+    for steps in (STEPS, 4 * STEPS, 16 * STEPS):
+        seconds = median_seconds(lambda: integrated_gradients(net, x, x0, steps)) if steps != STEPS else results["torch_alone"]
+        gaps = completeness_gaps(net, x, x0, integrated_gradients(net, x, x0, steps))
+        faithful.append((steps, seconds, float(gaps.max()), float(np.mean(gaps > 1e-3))))
 
     python = {}
     def client():
@@ -235,9 +259,12 @@ def main():
     for label, seconds, ratio in table:
         print(f"{label:50} {seconds:>8.3f} {rows / seconds:>9,.0f}  {ratio}")
         lines.append({"what": label, "seconds": seconds, "rows_per_s": rows / seconds})
-    print(f"(completeness: every row's baseline + contributions + rest within {worst_gap:.1e} of its score; "
-          f"contributions apart from PyTorch's: median {np.median(apart):.1e}, worst {apart.max():.1e}, "
-          f"{np.mean(apart > 1e-3):.1%} of rows beyond 1e-3, those cerebrod integrated with more steps)")
+    print(f"(c) completeness: every row's baseline + contributions + rest within {worst_gap:.1e} of its score; "
+          f"contributions apart from PyTorch's at {STEPS} steps: median {np.median(apart):.1e}, worst {apart.max():.1e}")
+    print(f"\n{'PyTorch autograd, evenly spaced points':50} {'seconds':>8} {'worst gap':>10} {'rows > 1e-3':>12}  Cerebro (c) faster by")
+    for steps, seconds, worst, share in faithful:
+        print(f"{str(steps) + ' midpoints':50} {seconds:>8.3f} {worst:>10.1e} {share:>12.1%}  {seconds / results['sql']:.2f}x")
+        lines.append({"what": f"pytorch {steps} midpoints", "seconds": seconds, "worst_gap": worst, "rows_beyond_1e-3": share})
     with open(os.path.join(out_dir, "explain.jsonl"), "w") as f:
         for line in lines:
             f.write(json.dumps(line) + "\n")

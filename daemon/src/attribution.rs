@@ -15,13 +15,14 @@
 //! points. A network of ReLUs bends wherever a unit switches, and evenly
 //! spaced points converge only as fast as their spacing shrinks there: on a
 //! churn model of hidden [64, 32], 32 points miss completeness by more
-//! than 1e-3 on most rows. When the network is piecewise linear
+//! than 1e-3 on a third of the rows. When the network is piecewise linear
 //! ([`path::piecewise_linear`]), the path is cut where it bends
-//! ([`path::bends`]) and each piece, on which the score is smooth, gets
-//! [`POINTS_PER_PIECE`] Gauss–Legendre points: exact to rounding. Other
-//! networks get [`STEPS`] Gauss–Legendre points over the whole path. A row
-//! whose contributions still miss by more than [`COMPLETENESS`] is
-//! integrated again with twice the points, up to [`MAX_POINTS`].
+//! ([`path::pieces`]) and each piece, on which the score is a smooth
+//! function of linear logits, gets Gauss–Legendre points enough for how
+//! much the logits change there: exact to rounding. Other networks get
+//! [`STEPS`] Gauss–Legendre points over the whole path. A row whose
+//! contributions still miss by more than [`COMPLETENESS`] is integrated
+//! again with twice the points, up to [`MAX_POINTS`].
 //!
 //! The first dense layer is linear in the inputs and vectors, so its
 //! products along the path are interpolated between the two rows' products
@@ -42,8 +43,15 @@ use crate::native::{Head, NativeError, NativeModel};
 /// Points over the whole path of a network that is not piecewise linear.
 pub const STEPS: usize = 32;
 
-/// Points on each piece of a piecewise-linear network's path.
+/// Points on a piece of a piecewise-linear network's path along which no
+/// logit changes by more than [`SMALL_CHANGE`]; on other pieces, this many
+/// and one more for each unit the logits change by.
 pub const POINTS_PER_PIECE: usize = 2;
+
+/// A logit change small enough for one point on its piece: the score is
+/// then nearly linear there, and the point's error is under a
+/// two-hundredth of the piece's share of the score.
+pub const SMALL_CHANGE: f64 = 0.1;
 
 /// The most points one row is integrated with, its first try's doubled.
 pub const MAX_POINTS: usize = 4096;
@@ -257,9 +265,10 @@ impl Path<'_> {
 
     /// Row `r`'s points along its path and their weights (summing to 1),
     /// at refinement `level`: on each piece of a piecewise-linear network's
-    /// path, [`POINTS_PER_PIECE`] and one more for each unit its logits
-    /// change along it (the score is a smooth function of them there),
-    /// times 2^level; else [`STEPS`] times 2^level over the whole path.
+    /// path, one where its logits hardly change, else [`POINTS_PER_PIECE`]
+    /// and one more for each unit they change by (the score is a smooth
+    /// function of them there), times 2^level; else [`STEPS`] times 2^level
+    /// over the whole path.
     fn points(&self, r: usize, level: u32, rules: &mut Rules) -> Vec<(f64, f64)> {
         let kh = self.base_products.len();
         let pieces = self
@@ -274,7 +283,9 @@ impl Path<'_> {
         };
         let mut out = Vec::new();
         for piece in pieces.iter().filter(|p| p.end > p.start) {
-            let n = (POINTS_PER_PIECE + (piece.change * scale).ceil().min(64.0) as usize) << level;
+            let change = piece.change * scale;
+            let n = if change < SMALL_CHANGE { 1 } else { POINTS_PER_PIECE + change.ceil().min(64.0) as usize };
+            let n = n << level;
             let length = piece.end - piece.start;
             out.extend(rules.get(n).iter().map(|&(t, w)| (piece.start + t * length, w * length)));
         }

@@ -73,101 +73,240 @@ pub fn pieces(net: &Stack, from: &[f32], to: &[f32]) -> Option<Vec<Piece>> {
 }
 
 /// Model `m`'s pieces, traced one after the other: where each ends, and
-/// how fast its fastest logit changes on it.
+/// how fast its fastest logit changes on it. The whole network is run once,
+/// at the start of the path; at each bend one unit switches, and only what
+/// that changes downstream is updated. A ReLU with no ReLU before it sees
+/// the same lines all along, so its units' switches are sorted once.
 fn model_pieces(net: &Stack, m: usize, from: &[f32], to: &[f32]) -> Option<Vec<(f64, f64)>> {
+    let model = Model::of(net, m);
     let arch = &net.arch;
     let Op::Dense { outputs: h, .. } = arch.ops[0] else { return None };
     let bias = &net.params[arch.slot_of(0) + 1][m * h..(m + 1) * h];
     let start: Vec<f64> = from[m * h..(m + 1) * h].iter().zip(bias).map(|(&f, &b)| f as f64 + b as f64).collect();
     let slope: Vec<f64> =
         from[m * h..(m + 1) * h].iter().zip(&to[m * h..(m + 1) * h]).map(|(&f, &t)| (t - f) as f64).collect();
-    let affine: Vec<Option<(Vec<f64>, Vec<f64>)>> = arch
-        .ops
-        .iter()
-        .enumerate()
-        .map(|(i, op)| match op {
-            Op::BatchNorm { width } => {
-                let (slot, s) = (arch.slot_of(i), arch.state_of(i));
-                let (scale, offset) =
-                    batch_norm_affine(&net.params[slot], &net.params[slot + 1], &net.state[s], &net.state[s + 1]);
-                let cols = m * width..(m + 1) * width;
-                let widen = |v: &[f32]| v[cols.clone()].iter().map(|&x| x as f64).collect::<Vec<f64>>();
-                Some((widen(&scale), widen(&offset)))
+
+    // Each op's output on the current piece, a + α·b, and each ReLU's
+    // units' states, from a full pass at α = 0.
+    let ops = arch.ops.len();
+    let mut outs: Vec<Line> = Vec::with_capacity(ops);
+    let mut on: Vec<Vec<bool>> = vec![Vec::new(); ops];
+    for i in 0..ops {
+        let out = match arch.ops[i] {
+            Op::Dense { .. } if i == 0 => Line { a: start.clone(), b: slope.clone() },
+            Op::Activation { .. } => {
+                let input = &outs[i - 1];
+                on[i] = input.a.iter().zip(&input.b).map(|(&a, &b)| a > 0.0 || (a == 0.0 && b > 0.0)).collect();
+                let mut out = input.clone();
+                out.mask(&on[i]);
+                out
             }
-            _ => None,
-        })
-        .collect();
+            _ => {
+                let mut out = Line::zeros(arch.width_after(i));
+                model.apply(i, &outs[i - 1], outs.get(residual_source(&arch.ops[i])), false, &mut out);
+                out
+            }
+        };
+        outs.push(out);
+    }
+    // Switches of the ReLUs whose inputs never change, in order.
+    let first_relu = arch.ops.iter().position(|op| matches!(op, Op::Activation { .. }));
+    let mut fixed: Vec<(f64, usize, usize)> = Vec::new();
+    if let Some(i) = first_relu {
+        let input = &outs[i - 1];
+        for (u, ((&a, &b), &state)) in input.a.iter().zip(&input.b).zip(&on[i]).enumerate() {
+            if b != 0.0 && (state == (b < 0.0)) {
+                let cross = -a / b;
+                if (0.0..1.0).contains(&cross) {
+                    fixed.push((cross, i, u));
+                }
+            }
+        }
+        fixed.sort_by(|x, y| y.0.total_cmp(&x.0));
+    }
+
+    let mut deltas: Vec<Line> = (0..ops).map(|i| Line::zeros(arch.width_after(i))).collect();
+    let mut touched = vec![false; ops];
     let mut pieces = Vec::new();
     let mut at = 0.0f64;
     loop {
-        // Each op's output on the piece that starts at `at`: a + α·b.
-        let mut outs: Vec<(Vec<f64>, Vec<f64>)> = Vec::with_capacity(arch.ops.len());
-        let mut next = 1.0f64;
-        for (i, op) in arch.ops.iter().enumerate() {
-            let (a, b) = if i == 0 {
-                (start.clone(), slope.clone())
-            } else {
-                let (a, b) = &outs[i - 1];
-                match *op {
-                    Op::Dense { inputs, outputs } => {
-                        let w = &net.params[arch.slot_of(i)][m * outputs * inputs..(m + 1) * outputs * inputs];
-                        let bias = &net.params[arch.slot_of(i) + 1][m * outputs..(m + 1) * outputs];
-                        let (mut na, mut nb) = (vec![0.0; outputs], vec![0.0; outputs]);
-                        for o in 0..outputs {
-                            let row = &w[o * inputs..(o + 1) * inputs];
-                            na[o] = bias[o] as f64 + row.iter().zip(a).map(|(&w, x)| w as f64 * x).sum::<f64>();
-                            nb[o] = row.iter().zip(b).map(|(&w, x)| w as f64 * x).sum::<f64>();
-                        }
-                        (na, nb)
+        let rate = outs[ops - 1].b.iter().fold(0.0f64, |r, x| r.max(x.abs()));
+        // The next switch: an active unit whose input falls to zero, or an
+        // inactive one whose input rises to it.
+        let mut next: Option<(f64, usize, usize)> = fixed.last().copied();
+        for (i, states) in on.iter().enumerate().filter(|(i, s)| !s.is_empty() && Some(*i) != first_relu) {
+            let input = &outs[i - 1];
+            for (u, &state) in states.iter().enumerate() {
+                let b = input.b[u];
+                if (state && b < 0.0) || (!state && b > 0.0) {
+                    let cross = (-input.a[u] / b).max(at);
+                    if cross < 1.0 && next.is_none_or(|(t, _, _)| cross < t) {
+                        next = Some((cross, i, u));
                     }
-                    Op::Activation { .. } => {
-                        let (mut na, mut nb) = (a.clone(), b.clone());
-                        for u in 0..a.len() {
-                            let value = a[u] + at * b[u];
-                            // At a bend (to rounding) the unit is as it will
-                            // be just after: on if its input is rising.
-                            let at_bend = value.abs() <= 1e-9 * (a[u].abs() + b[u].abs());
-                            let on = if at_bend { b[u] > 0.0 } else { value > 0.0 };
-                            if !on {
-                                na[u] = 0.0;
-                                nb[u] = 0.0;
-                            }
-                            if b[u] != 0.0 {
-                                let cross = -a[u] / b[u];
-                                if cross > at && cross < next {
-                                    next = cross;
-                                }
-                            }
-                        }
-                        (na, nb)
-                    }
-                    Op::BatchNorm { .. } => {
-                        let (scale, offset) = affine[i].as_ref().expect("set for every BatchNorm");
-                        let na = a.iter().zip(scale).zip(offset).map(|((x, s), o)| x * s + o).collect();
-                        let nb = b.iter().zip(scale).map(|(x, s)| x * s).collect();
-                        (na, nb)
-                    }
-                    Op::Dropout { .. } => (a.clone(), b.clone()),
-                    Op::Residual { from } => {
-                        let (sa, sb) = &outs[from - 1];
-                        (a.iter().zip(sa).map(|(x, y)| x + y).collect(), b.iter().zip(sb).map(|(x, y)| x + y).collect())
-                    }
-                    Op::LayerNorm { .. } => return None,
                 }
-            };
-            outs.push((a, b));
+            }
         }
-        let rate = outs.last().map_or(0.0, |(_, b)| b.iter().fold(0.0f64, |r, x| r.max(x.abs())));
-        if next >= 1.0 {
+        let Some((cross, i, u)) = next else {
             pieces.push((1.0, rate));
             return Some(pieces);
+        };
+        if Some(i) == first_relu {
+            fixed.pop();
         }
-        // A crossing found again at the same point (rounding) must not
-        // stall the walk: step past it.
-        at = if next > at { next } else { at + f64::EPSILON };
-        pieces.push((at, rate));
+        let cross = cross.max(at);
+        pieces.push((cross, rate));
         if pieces.len() >= MAX_PIECES {
             return None;
+        }
+        at = cross;
+        on[i][u] = !on[i][u];
+        // What the switch adds to op i's output, then to every op after it.
+        let sign = if on[i][u] { 1.0 } else { -1.0 };
+        let (a, b) = (sign * outs[i - 1].a[u], sign * outs[i - 1].b[u]);
+        touched.fill(false);
+        deltas[i].clear();
+        deltas[i].a[u] = a;
+        deltas[i].b[u] = b;
+        outs[i].a[u] += a;
+        outs[i].b[u] += b;
+        touched[i] = true;
+        for j in i + 1..ops {
+            if !touched[j - 1] {
+                continue;
+            }
+            let (before, after) = deltas.split_at_mut(j);
+            let (input, change) = (&before[j - 1], &mut after[0]);
+            match arch.ops[j] {
+                Op::Activation { .. } => {
+                    change.copy_from(input);
+                    change.mask(&on[j]);
+                }
+                _ => {
+                    let skip = residual_source(&arch.ops[j]);
+                    let skip = (skip < j && touched[skip]).then(|| &before[skip]);
+                    model.apply(j, input, skip, true, change);
+                }
+            }
+            outs[j].add(change);
+            touched[j] = true;
+        }
+    }
+}
+
+/// The op whose output a residual op adds (`usize::MAX`: none).
+fn residual_source(op: &Op) -> usize {
+    match op {
+        Op::Residual { from } => from - 1,
+        _ => usize::MAX,
+    }
+}
+
+/// `a + α·b` for each unit of one op's output.
+#[derive(Debug, Clone)]
+struct Line {
+    a: Vec<f64>,
+    b: Vec<f64>,
+}
+
+impl Line {
+    fn zeros(width: usize) -> Line {
+        Line { a: vec![0.0; width], b: vec![0.0; width] }
+    }
+
+    fn clear(&mut self) {
+        self.a.fill(0.0);
+        self.b.fill(0.0);
+    }
+
+    fn copy_from(&mut self, other: &Line) {
+        self.a.copy_from_slice(&other.a);
+        self.b.copy_from_slice(&other.b);
+    }
+
+    fn mask(&mut self, on: &[bool]) {
+        for ((a, b), &on) in self.a.iter_mut().zip(self.b.iter_mut()).zip(on) {
+            if !on {
+                (*a, *b) = (0.0, 0.0);
+            }
+        }
+    }
+
+    fn add(&mut self, other: &Line) {
+        self.a.iter_mut().zip(&other.a).for_each(|(x, y)| *x += y);
+        self.b.iter_mut().zip(&other.b).for_each(|(x, y)| *x += y);
+    }
+}
+
+/// One model's parameters for the ops that are affine maps when scoring.
+struct Model<'a> {
+    net: &'a Stack,
+    m: usize,
+    /// Each BatchNorm's scale and offset.
+    affine: Vec<Option<(Vec<f64>, Vec<f64>)>>,
+}
+
+impl<'a> Model<'a> {
+    fn of(net: &'a Stack, m: usize) -> Model<'a> {
+        let arch = &net.arch;
+        let affine = arch
+            .ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| match op {
+                Op::BatchNorm { width } => {
+                    let (slot, s) = (arch.slot_of(i), arch.state_of(i));
+                    let (scale, offset) =
+                        batch_norm_affine(&net.params[slot], &net.params[slot + 1], &net.state[s], &net.state[s + 1]);
+                    let cols = m * width..(m + 1) * width;
+                    let widen = |v: &[f32]| v[cols.clone()].iter().map(|&x| x as f64).collect::<Vec<f64>>();
+                    Some((widen(&scale), widen(&offset)))
+                }
+                _ => None,
+            })
+            .collect();
+        Model { net, m, affine }
+    }
+
+    /// Op `i` (not an activation, not the first) applied to `input` into
+    /// `out`, with `skip` the output a residual op adds. A change
+    /// (`linear`) passes through the linear part alone: no bias, no offset.
+    fn apply(&self, i: usize, input: &Line, skip: Option<&Line>, linear: bool, out: &mut Line) {
+        let (net, m) = (self.net, self.m);
+        match net.arch.ops[i] {
+            Op::Dense { inputs, outputs } => {
+                let slot = net.arch.slot_of(i);
+                let w = &net.params[slot][m * outputs * inputs..(m + 1) * outputs * inputs];
+                let bias = &net.params[slot + 1][m * outputs..(m + 1) * outputs];
+                out.clear();
+                // A change is often one unit: skip the zero columns.
+                for (c, (&a, &b)) in input.a.iter().zip(&input.b).enumerate() {
+                    if a == 0.0 && b == 0.0 {
+                        continue;
+                    }
+                    for o in 0..outputs {
+                        let wv = w[o * inputs + c] as f64;
+                        out.a[o] += wv * a;
+                        out.b[o] += wv * b;
+                    }
+                }
+                if !linear {
+                    out.a.iter_mut().zip(bias).for_each(|(x, &b)| *x += b as f64);
+                }
+            }
+            Op::BatchNorm { .. } => {
+                let (scale, offset) = self.affine[i].as_ref().expect("set for every BatchNorm");
+                for u in 0..input.a.len() {
+                    out.a[u] = input.a[u] * scale[u] + if linear { 0.0 } else { offset[u] };
+                    out.b[u] = input.b[u] * scale[u];
+                }
+            }
+            Op::Residual { .. } => {
+                out.copy_from(input);
+                if let Some(skip) = skip {
+                    out.add(skip);
+                }
+            }
+            Op::Dropout { .. } | Op::Activation { .. } | Op::LayerNorm { .. } => out.copy_from(input),
         }
     }
 }
