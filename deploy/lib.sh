@@ -148,6 +148,27 @@ ensure_cuda_libraries() {
     fi
 }
 
+# ensure_venv VENV REQUIREMENT...: a venv at VENV holding every pip
+# REQUIREMENT, installed once. `name==version` must be that version (a local
+# build tag such as torch's `+cu132` counts as it); a bare name, present.
+ensure_venv() {
+    local venv=$1
+    shift
+    if "$venv/bin/python" -c "
+import importlib.metadata as m, sys
+def held(requirement):
+    name, _, version = requirement.partition('==')
+    found = m.version(name.split('[')[0])
+    return not version or found == version or found.startswith(version + '+')
+sys.exit(not all(held(r) for r in sys.argv[1:]))" "$@" 2>/dev/null; then
+        skip "$* in $venv"
+    else
+        step "Installing $* into $venv (once)"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet "$@"
+    fi
+}
+
 # The onnxruntime and onnx Python packages, for the tests that score an
 # exported model outside the database and import one built by another tool.
 TEST_VENV=$STATE/test-venv

@@ -19,15 +19,7 @@ VENV=$STATE/scoring-venv
 OUT=$STATE/scoring
 PACKAGES=("onnxruntime==$ORT_VERSION" pandas==2.3.3 numpy==2.3.5 "psycopg[binary]==3.2.10")
 
-if "$VENV/bin/python" -c "
-import importlib.metadata as m, sys
-sys.exit(any(m.version(p.split('==')[0].split('[')[0]) != p.split('==')[1] for p in sys.argv[1:]))" "${PACKAGES[@]}" 2>/dev/null; then
-    skip "${PACKAGES[*]} in $VENV"
-else
-    step "Installing ${PACKAGES[*]} into $VENV (once)"
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet "${PACKAGES[@]}"
-fi
+ensure_venv "$VENV" "${PACKAGES[@]}"
 
 setup_everything
 ensure_database "$DB"

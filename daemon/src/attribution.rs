@@ -75,8 +75,6 @@ pub struct Explained {
     /// `rows × columns` contributions, row by row, columns in the
     /// pipeline's order.
     pub contributions: Vec<f64>,
-    /// The most points any row's path was integrated with.
-    pub points: usize,
 }
 
 impl NativeModel {
@@ -89,6 +87,23 @@ impl NativeModel {
         let net = &self.network;
         let rows = Batch { x: &encoded.x, codes: &encoded.codes, n };
         let base = Batch { x: &baseline.x, codes: &baseline.codes, n: 1 };
+        let mut cache = StackCache::default();
+        let mut logits = Vec::new();
+        net.predict_chunked(base, 1, &mut cache, &mut logits);
+        let base_logits = logits.clone();
+        logits.clear();
+        net.predict_chunked(rows, 512, &mut cache, &mut logits);
+        let wide = net.k * net.outputs();
+        let mut probabilities = Vec::new();
+        let explained: Vec<usize> = logits.chunks_exact(wide).map(|l| self.explained_output(l)).collect();
+        let scores: Vec<f64> = logits
+            .chunks_exact(wide)
+            .zip(&explained)
+            .map(|(l, &c)| self.output_gradient(l, c, None, &mut probabilities))
+            .collect();
+        let baselines: Vec<f64> =
+            explained.iter().map(|&c| self.output_gradient(&base_logits, c, None, &mut probabilities)).collect();
+
         let (vectors, base_vectors) = (net.categorical_vectors(rows), net.categorical_vectors(base));
         let path = Path {
             model: self,
@@ -98,27 +113,14 @@ impl NativeModel {
             vectors,
             base_x: &baseline.x,
             base_vectors,
-            explained: Vec::new(),
+            explained,
             piecewise: path::piecewise_linear(&net.arch),
+            spans: self.pipeline.spans(),
         };
-
-        let mut cache = StackCache::default();
-        let mut logits = Vec::new();
-        net.predict_chunked(base, 1, &mut cache, &mut logits);
-        let base_logits = logits.clone();
-        logits.clear();
-        net.predict_chunked(rows, 512, &mut cache, &mut logits);
-        let wide = net.k * net.outputs();
-        let explained: Vec<usize> = logits.chunks_exact(wide).map(|l| self.explained_output(l)).collect();
-        let scores: Vec<f64> =
-            logits.chunks_exact(wide).zip(&explained).map(|(l, &c)| self.output_gradient(l, c, None)).collect();
-        let baselines: Vec<f64> = explained.iter().map(|&c| self.output_gradient(&base_logits, c, None)).collect();
-        let path = Path { explained, ..path };
 
         let width = self.pipeline.features.len();
         let mut contributions = vec![0.0f64; n * width];
         let mut pending: Vec<usize> = (0..n).collect();
-        let mut most = 0;
         for level in 0.. {
             if pending.is_empty() {
                 break;
@@ -127,7 +129,6 @@ impl NativeModel {
             let mut again = Vec::new();
             for ((&r, row), &used) in pending.iter().zip(found.chunks_exact(width)).zip(&points) {
                 contributions[r * width..(r + 1) * width].copy_from_slice(row);
-                most = most.max(used);
                 let gap = (row.iter().sum::<f64>() - (scores[r] - baselines[r])).abs();
                 let scale = match self.head {
                     Head::Value(_) => scores[r].abs().max(1.0),
@@ -139,7 +140,7 @@ impl NativeModel {
             }
             pending = again;
         }
-        Ok(Explained { scores, baselines, contributions, points: most })
+        Ok(Explained { scores, baselines, contributions })
     }
 
     /// Which output a row's explanation is of: the positive class, the
@@ -147,21 +148,23 @@ impl NativeModel {
     fn explained_output(&self, logits: &[f32]) -> usize {
         let Head::Softmax = self.head else { return 0 };
         let width = self.network.outputs();
-        let mut average = vec![0.0f32; width];
-        let mut probabilities = vec![0.0f32; width];
-        for (member, &weight) in logits.chunks_exact(width).zip(&self.weights) {
-            softmax_into(member, &mut probabilities);
-            average.iter_mut().zip(&probabilities).for_each(|(a, p)| *a += weight * p);
-        }
+        let (mut average, mut probabilities) = (vec![0.0f32; width], vec![0.0f32; width]);
+        self.head_output(logits, &mut average, &mut probabilities);
         average.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i)
     }
 
     /// Output `class` of one row's logits (every member's, `K × outputs`)
     /// as the graph computes it; with `d`, its gradient with respect to
-    /// each logit too.
-    fn output_gradient(&self, logits: &[f32], class: usize, mut d: Option<&mut [f32]>) -> f64 {
+    /// each logit too. `probabilities` is scratch for a softmax head.
+    fn output_gradient(
+        &self,
+        logits: &[f32],
+        class: usize,
+        mut d: Option<&mut [f32]>,
+        probabilities: &mut Vec<f32>,
+    ) -> f64 {
         let width = self.network.outputs();
-        let mut probabilities = vec![0.0f32; width];
+        probabilities.resize(width, 0.0);
         let mut score = 0.0f64;
         for (m, (member, &weight)) in logits.chunks_exact(width).zip(&self.weights).enumerate() {
             let d_member = d.as_deref_mut().map(|d| &mut d[m * width..(m + 1) * width]);
@@ -174,11 +177,11 @@ impl NativeModel {
                     }
                 }
                 Head::Softmax => {
-                    softmax_into(member, &mut probabilities);
+                    softmax_into(member, probabilities);
                     let p = probabilities[class];
                     score += (weight * p) as f64;
                     if let Some(d) = d_member {
-                        for (j, (d, &q)) in d.iter_mut().zip(&probabilities).enumerate() {
+                        for (j, (d, &q)) in d.iter_mut().zip(probabilities.iter()).enumerate() {
                             *d = weight * p * (f32::from(j == class) - q);
                         }
                     }
@@ -211,6 +214,9 @@ struct Path<'a> {
     explained: Vec<usize>,
     /// Whether the path is cut where the network bends.
     piecewise: bool,
+    /// Each column's encoded inputs and embedding dims
+    /// ([`FeaturePipeline::spans`](crate::features::FeaturePipeline::spans)).
+    spans: Vec<(std::ops::Range<usize>, Option<std::ops::Range<usize>>)>,
 }
 
 /// Gauss–Legendre points and weights on [0, 1], `n` of them: exact for
@@ -322,10 +328,10 @@ impl Path<'_> {
         let (p, kc, kh) = (net.arch.inputs, self.base_vectors.len(), self.base_products.len());
         let periodic = net.arch.periodic.is_some();
         let wide = net.k * net.outputs();
-        let spans = model.pipeline.spans();
+        let spans = &self.spans;
         let width = spans.len();
         let c = kc / net.k.max(1);
-        let PassScratch { cache, x, products, d_logits, d_products, dx } = scratch;
+        let PassScratch { cache, x, products, d_logits, d_products, dx, probabilities } = scratch;
         x.clear();
         products.clear();
         let mut owner = Vec::new();
@@ -348,7 +354,7 @@ impl Path<'_> {
         for ((logits, d), &(j, weight)) in
             cache.logits().chunks_exact(wide).zip(d_logits.chunks_exact_mut(wide)).zip(&owner)
         {
-            model.output_gradient(logits, self.explained[pass[j].0], Some(d));
+            model.output_gradient(logits, self.explained[pass[j].0], Some(d), probabilities);
             d.iter_mut().for_each(|d| *d *= weight);
         }
         net.products_backward(batch, cache, d_logits, d_products, dx);
@@ -371,7 +377,7 @@ impl Path<'_> {
             let (gx, gv, gp) = (&gx[j * p..(j + 1) * p], &gv[j * kc..(j + 1) * kc], &g_periodic[j * p..(j + 1) * p]);
             let input = |i: usize| (row_x[i] - self.base_x[i]) as f64 * (gx[i] as f64 + gp[i]);
             let vector = |i: usize| (row_v[i] - self.base_vectors[i]) as f64 * gv[i] as f64;
-            for (o, (inputs, embedded)) in row_out.iter_mut().zip(&spans) {
+            for (o, (inputs, embedded)) in row_out.iter_mut().zip(spans) {
                 *o = inputs.clone().map(input).sum::<f64>();
                 if let Some(dims) = embedded {
                     *o += (0..net.k).flat_map(|m| dims.clone().map(move |d| m * c + d)).map(vector).sum::<f64>();
@@ -400,6 +406,7 @@ struct PassScratch {
     d_logits: Vec<f32>,
     d_products: Vec<f32>,
     dx: Vec<f32>,
+    probabilities: Vec<f32>,
 }
 
 #[cfg(test)]

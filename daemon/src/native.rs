@@ -190,18 +190,26 @@ impl NativeModel {
         let mut out = vec![0.0f32; n * width];
         let mut probabilities = vec![0.0f32; width];
         for (row, wide) in out.chunks_exact_mut(width).zip(logits.chunks_exact(k * width)) {
-            for (member, &weight) in wide.chunks_exact(width).zip(&self.weights) {
-                match self.head {
-                    Head::Sigmoid => row[0] += weight * sigmoid(member[0]),
-                    Head::Softmax => {
-                        softmax_into(member, &mut probabilities);
-                        row.iter_mut().zip(&probabilities).for_each(|(o, p)| *o += weight * p);
-                    }
-                    Head::Value(scale) => row[0] += weight * scale.value(member[0]),
-                }
-            }
+            self.head_output(wide, row, &mut probabilities);
         }
         Ok((out, width))
+    }
+
+    /// The graph's output for one row from every member's logits (`wide`,
+    /// `K × outputs`), added into `row` (zeros); `probabilities` is scratch
+    /// of one member's width.
+    pub(crate) fn head_output(&self, wide: &[f32], row: &mut [f32], probabilities: &mut [f32]) {
+        let width = self.network.outputs();
+        for (member, &weight) in wide.chunks_exact(width).zip(&self.weights) {
+            match self.head {
+                Head::Sigmoid => row[0] += weight * sigmoid(member[0]),
+                Head::Softmax => {
+                    softmax_into(member, probabilities);
+                    row.iter_mut().zip(probabilities.iter()).for_each(|(o, p)| *o += weight * p);
+                }
+                Head::Value(scale) => row[0] += weight * scale.value(member[0]),
+            }
+        }
     }
 
     /// Rows that reach every branch of the pipeline: for each numeric

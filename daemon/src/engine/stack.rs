@@ -1463,6 +1463,23 @@ pub(crate) mod tests {
         out
     }
 
+    /// Whether every ReLU's input (and every periodic embedding's value
+    /// before its ReLU) on `batch` is clear of zero, so that finite
+    /// differences of ±eps measure one slope, not two.
+    fn clear_of_kinks(net: &Stack, batch: Batch<'_>, mode: Mode) -> bool {
+        let mut c = StackCache::default();
+        net.forward(batch, &mut c, mode);
+        net.arch.ops.iter().enumerate().all(|(i, op)| {
+            !matches!(op, Op::Activation { f: Activation::Relu }) || c.out[c.at[i - 1]].iter().all(|z| z.abs() > 0.05)
+        }) && periodic_pre_activations(net, batch).iter().all(|h| h.abs() > 0.05)
+    }
+
+    /// A finite-difference slope and an analytic gradient agree, to the
+    /// tolerance central differences of f32 passes allow.
+    fn slopes_agree(numeric: f64, analytic: f64) -> bool {
+        (numeric - analytic).abs() <= 3e-3 + 3e-2 * numeric.abs().max(analytic.abs())
+    }
+
     /// A periodic embedding is what its formula says: the scored network's
     /// first-layer inputs hold `ReLU([cos 2πcz, sin 2πcz] · W + b)` after the
     /// categorical embeddings.
@@ -1689,15 +1706,7 @@ pub(crate) mod tests {
                         let mut net = Stack::new(arch, seed, &mut [ChaCha8Rng::seed_from_u64(seed)]);
                         randomise(&mut net, &mut rng);
                         let (x, codes) = batch_data(n, &mut rng);
-                        let mut c = StackCache::default();
-                        net.forward(Batch { x: &x, codes: &codes, n }, &mut c, mode);
-                        let clear = net.arch.ops.iter().enumerate().all(|(i, op)| {
-                            !matches!(op, Op::Activation { f: Activation::Relu })
-                                || c.out[c.at[i - 1]].iter().all(|z| z.abs() > 0.05)
-                        }) && periodic_pre_activations(&net, Batch { x: &x, codes: &codes, n })
-                            .iter()
-                            .all(|h| h.abs() > 0.05);
-                        clear.then_some((net, x, codes))
+                        clear_of_kinks(&net, Batch { x: &x, codes: &codes, n }, mode).then_some((net, x, codes))
                     })
                     .expect("some seed works");
                 let batch = Batch { x: &x, codes: &codes, n };
@@ -1729,9 +1738,8 @@ pub(crate) mod tests {
                         net.params[s][j] = orig;
                         let numeric = (up - down) / (2.0 * eps as f64);
                         let analytic = grads.params[s][j] as f64;
-                        let tol = 3e-3 + 3e-2 * numeric.abs().max(analytic.abs());
                         assert!(
-                            (numeric - analytic).abs() <= tol,
+                            slopes_agree(numeric, analytic),
                             "{act:?} {loss:?} slot {s} param {j}: numeric {numeric} analytic {analytic}"
                         );
                     }
@@ -1765,15 +1773,8 @@ pub(crate) mod tests {
                         .collect();
                     let net = Stack::from_models(&models);
                     let (x, codes) = batch_data(n, &mut rng);
-                    let mut c = StackCache::default();
-                    net.forward(Batch { x: &x, codes: &codes, n }, &mut c, Mode::Gradient);
-                    let clear = net.arch.ops.iter().enumerate().all(|(i, op)| {
-                        !matches!(op, Op::Activation { f: Activation::Relu })
-                            || c.out[c.at[i - 1]].iter().all(|z| z.abs() > 0.05)
-                    }) && periodic_pre_activations(&net, Batch { x: &x, codes: &codes, n })
-                        .iter()
-                        .all(|h| h.abs() > 0.05);
-                    clear.then_some((net, x, codes))
+                    let batch = Batch { x: &x, codes: &codes, n };
+                    clear_of_kinks(&net, batch, Mode::Gradient).then_some((net, x, codes))
                 })
                 .expect("some seed works");
             let batch = Batch { x: &x, codes: &codes, n };
@@ -1804,9 +1805,8 @@ pub(crate) mod tests {
             let eps = 2e-3f32;
             let check = |what: &str, j: usize, analytic: f32, up: f64, down: f64| {
                 let numeric = (up - down) / (2.0 * eps as f64);
-                let tol = 3e-3 + 3e-2 * numeric.abs().max(analytic.abs() as f64);
                 assert!(
-                    (numeric - analytic as f64).abs() <= tol,
+                    slopes_agree(numeric, analytic as f64),
                     "{act:?} {what} {j}: numeric {numeric} analytic {analytic}"
                 );
             };
