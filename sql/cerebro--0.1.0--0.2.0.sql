@@ -83,7 +83,8 @@ CREATE TABLE cerebro.audit_log (
     at        timestamptz NOT NULL DEFAULT now(),
     role_name name        NOT NULL,
     action    text        NOT NULL
-              CHECK (action IN ('create', 'deploy', 'rollback', 'delete', 'export', 'grant', 'revoke', 'cancel')),
+              CHECK (action IN ('create', 'deploy', 'rollback', 'delete', 'export', 'grant', 'revoke', 'cancel',
+                                'distill')),
     model     text        NOT NULL,
     version   integer,
     detail    jsonb
@@ -357,6 +358,11 @@ CREATE FUNCTION cerebro.surrogate_rules(model text, version integer)
     LANGUAGE c CALLED ON NULL INPUT STABLE AS 'MODULE_PATHNAME', 'surrogate_rules_wrapper';
 CREATE FUNCTION cerebro.surrogate_sql(model text, version integer) RETURNS text
     LANGUAGE c CALLED ON NULL INPUT STABLE AS 'MODULE_PATHNAME', 'surrogate_sql_wrapper';
+-- Fits the version's surrogate again, max_depth levels deep, on its training
+-- snapshot (cerebrod scores it there) and stores it in place of the last.
+CREATE FUNCTION cerebro.distill(model text, version integer, max_depth integer DEFAULT 4)
+    RETURNS TABLE (leaves integer, fidelity_metric text, fidelity double precision, fitted_rows bigint)
+    LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'distill_wrapper';
 
 CREATE FUNCTION cerebro.reproduce(model text, version integer) RETURNS integer
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'reproduce_wrapper';

@@ -2,16 +2,24 @@
 //! decision tree fitted to what the version predicts on its training rows
 //! ([`cerebro_shared::surrogate`]), its fidelity measured on the validation
 //! rows. The scorer is the caller's: the engine for a model Cerebro
-//! trained, ONNX Runtime for an ensemble.
+//! trained, ONNX Runtime for an ensemble, either for a version distilled
+//! on request (`cerebro.distill`, [`distill_scored`]).
 
 use cerebro_shared::batch::ColumnData;
-use cerebro_shared::spec::Task;
+use cerebro_shared::spec::{Task, TrainingPlan};
 use cerebro_shared::surrogate::{Growth, Predicted, Surrogate};
 
 use crate::importance::{seeded_sample, Scorer};
+use crate::scoring::{ScoringError, ScoringModel};
+use crate::train::{self, TrainError};
 
-/// How deep the tree grows: 4 levels, at most 16 rules, still read at a glance.
-pub const MAX_DEPTH: u32 = 4;
+#[derive(Debug, thiserror::Error)]
+pub enum DistillError {
+    #[error("{0}")]
+    Rows(#[from] TrainError),
+    #[error("{0}")]
+    Scoring(#[from] ScoringError),
+}
 
 /// Training rows the tree is fitted on: a seeded sample of this many when
 /// there are more.
@@ -25,8 +33,8 @@ pub const CHECK_ROWS: usize = 5_000;
 const MIN_LEAF_SHARE: f64 = 0.01;
 
 /// Fits the surrogate of a version of `task` (classes `labels`) whose
-/// outputs `score` gives, on `fit_rows` of `features` (named `names`), and
-/// measures it on `check_rows`.
+/// outputs `score` gives, `max_depth` levels deep, on `fit_rows` of
+/// `features` (named `names`), and measures it on `check_rows`.
 #[allow(clippy::too_many_arguments)]
 pub fn distill<E>(
     task: Task,
@@ -36,6 +44,7 @@ pub fn distill<E>(
     fit_rows: &[usize],
     check_rows: &[usize],
     seed: u64,
+    max_depth: u32,
     score: &mut Scorer<'_, E>,
 ) -> Result<Surrogate, E> {
     let fit = seeded_sample(fit_rows, FIT_ROWS, seed);
@@ -60,8 +69,33 @@ pub fn distill<E>(
     let fitted: Vec<usize> = (0..fit.len()).collect();
     let checked: Vec<usize> = (fit.len()..rows.len()).collect();
     let min_leaf = ((fit.len() as f64 * MIN_LEAF_SHARE) as usize).max(5);
-    let growth = Growth { max_depth: MAX_DEPTH, min_leaf };
+    let growth = Growth { max_depth, min_leaf };
     Ok(Surrogate::distill(names, &scored, &predicted, &fitted, &checked, growth))
+}
+
+/// The surrogate, `max_depth` levels deep, of the version `model` scores,
+/// fitted on `plan`'s training rows of `features` (in `plan`'s order, as
+/// its snapshot is read) and measured on its validation rows.
+pub fn distill_scored(
+    model: &ScoringModel,
+    plan: &TrainingPlan,
+    features: &[ColumnData],
+    target: &ColumnData,
+    max_depth: u32,
+) -> Result<Surrogate, DistillError> {
+    let (train, valid) = train::training_and_validation_rows(plan, target)?;
+    let names: Vec<String> = plan.features.iter().map(|f| f.name.clone()).collect();
+    distill(
+        plan.task,
+        &plan.class_labels,
+        &names,
+        features,
+        &train,
+        &valid,
+        plan.options.seed,
+        max_depth,
+        &mut |columns| Ok(model.run(&model.arrange(&plan.features, columns)?)?.0),
+    )
 }
 
 #[cfg(test)]
@@ -83,7 +117,7 @@ mod tests {
             let ColumnData::Float64(x) = &cols[0] else { unreachable!() };
             Ok(x.iter().map(|v| if v.unwrap() > 0.3 { 0.9 } else { 0.2 }).collect())
         };
-        let s = distill(Task::Binary, &labels, &["x".into()], &features, &even, &odd, 1, &mut score).unwrap();
+        let s = distill(Task::Binary, &labels, &["x".into()], &features, &even, &odd, 1, 4, &mut score).unwrap();
         assert_eq!((s.rows, s.fidelity_metric.as_str()), (500, "agreement"));
         assert!(s.fidelity > 0.99, "{s:?}");
         let rules = s.root.rules();

@@ -10,7 +10,7 @@ use cerebro_shared::batch::ColumnData;
 use cerebro_shared::importance::Importance;
 use cerebro_shared::provenance::{Ensemble, EnsembleMember, TrainedWith};
 use cerebro_shared::spec::{Feature, Task, TrainingPlan};
-use cerebro_shared::surrogate::Surrogate;
+use cerebro_shared::surrogate::{Surrogate, DEFAULT_MAX_DEPTH};
 use tracing::{error, warn};
 
 use crate::catalog::Artifact;
@@ -211,7 +211,7 @@ pub fn build(
             warn!("cannot measure the importance of the ensemble's columns: {e}");
             None
         });
-        let surrogate = surrogate(&graph, plan, features, &target[0])
+        let surrogate = distill::distill_scored(&graph, plan, features, &target[0], DEFAULT_MAX_DEPTH)
             .inspect_err(|e| warn!("cannot distill the ensemble's rule surrogate: {e}"))
             .ok();
         (importance, surrogate)
@@ -237,27 +237,6 @@ pub fn build(
         importance,
         surrogate,
     })
-}
-
-/// The merged `graph`'s rule surrogate, fitted on the training rows.
-fn surrogate(
-    graph: &ScoringModel,
-    plan: &TrainingPlan,
-    features: &[ColumnData],
-    target: &ColumnData,
-) -> Result<Surrogate, BuildError> {
-    let (train, valid) = train::training_and_validation_rows(plan, target)?;
-    let names: Vec<String> = plan.features.iter().map(|f| f.name.clone()).collect();
-    distill::distill(
-        plan.task,
-        &plan.class_labels,
-        &names,
-        features,
-        &train,
-        &valid,
-        plan.options.seed,
-        &mut |columns| Ok(graph.run(&feed(graph, &plan.features, columns, 0)?).map_err(BuildError::Scoring)?.0),
-    )
 }
 
 /// The permutation importance of the merged `graph`'s columns (of
@@ -291,14 +270,10 @@ fn feed(
     valid: &[ColumnData],
     version: i32,
 ) -> Result<Vec<ColumnData>, BuildError> {
-    model
-        .inputs()
-        .iter()
-        .map(|(name, _)| match features.iter().position(|f| &f.name == name) {
-            Some(i) => Ok(valid[i].clone()),
-            None => Err(BuildError::UnknownInput { version, input: name.clone() }),
-        })
-        .collect()
+    model.arrange(features, valid).map_err(|e| match e {
+        ScoringError::MissingInput(input) => BuildError::UnknownInput { version, input },
+        e => BuildError::Member { version, source: e },
+    })
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::sync::{Mutex, OnceLock};
 
 use cerebro_shared::batch::{ColumnData, ColumnRef, NO_LABEL};
 use cerebro_shared::onnx_graph::ImportLayout;
-use cerebro_shared::spec::{Task, NULL_CATEGORY};
+use cerebro_shared::spec::{Feature, Task, NULL_CATEGORY};
 use ort::environment::Environment;
 use ort::session::Session;
 use ort::value::{Tensor, TensorElementType, ValueType};
@@ -46,6 +46,8 @@ pub enum ScoringError {
     NotExplainable(&'static str),
     #[error("{given} columns asked to be explained; the model reads {expected}")]
     ExplainedCount { given: usize, expected: usize },
+    #[error("the graph reads column \"{0}\", which the version's features do not have")]
+    MissingInput(String),
 }
 
 /// The process-wide ONNX Runtime environment.
@@ -320,6 +322,18 @@ impl ScoringModel {
     /// Each graph input's name and kind, in feed order.
     pub fn inputs(&self) -> Vec<(String, InputKind)> {
         self.inputs.iter().map(|(n, k, _)| (n.clone(), *k)).collect()
+    }
+
+    /// `columns`, one per feature of `features` in that order, in the order
+    /// the graph takes its inputs.
+    pub fn arrange(&self, features: &[Feature], columns: &[ColumnData]) -> Result<Vec<ColumnData>, ScoringError> {
+        self.inputs
+            .iter()
+            .map(|(name, _, _)| match features.iter().position(|f| &f.name == name) {
+                Some(i) => Ok(columns[i].clone()),
+                None => Err(ScoringError::MissingInput(name.clone())),
+            })
+            .collect()
     }
 
     /// The graph's raw output for `columns` (given in input order), flattened

@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use cerebro_shared::batch::{read_batch_ref, write_explanations, write_outputs, write_probabilities};
 use cerebro_shared::error::{ErrorCode, WireError};
-use cerebro_shared::protocol::{self, FrameError, Request, Response, ScoreRequest, PROTOCOL_VERSION};
+use cerebro_shared::protocol::{self, DistillRequest, FrameError, Request, Response, ScoreRequest, PROTOCOL_VERSION};
+use cerebro_shared::surrogate::{Surrogate, DEPTHS};
 use memmap2::{MmapMut, MmapOptions};
 use rustix::fs::{FileType, SealFlags};
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
@@ -35,6 +36,8 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::catalog::Catalog;
+use crate::data::read_snapshot;
+use crate::distill;
 use crate::scoring::{OnnxRuntime, ScoringModel};
 
 const MAX_REGIONS_PER_CONNECTION: usize = 16;
@@ -68,6 +71,9 @@ pub trait ModelSource: Send + Sync + 'static {
         model_version_id: i64,
         expected_sha: &str,
     ) -> impl Future<Output = Result<Arc<ScoringModel>, WireError>> + Send;
+
+    /// The version's rule surrogate, fitted afresh on its training snapshot.
+    fn distill(&self, req: DistillRequest) -> impl Future<Output = Result<Surrogate, WireError>> + Send;
 }
 
 /// Longest the scorer waits for a model's artifact from the database: a
@@ -179,6 +185,64 @@ impl ScoringService {
         cache.insert(model_version_id, (sha, model.clone()));
         Ok(model)
     }
+
+    /// Reads the version's training snapshot and fits its rule surrogate to
+    /// what the version predicts there (`cerebro.distill`). The snapshot is
+    /// read on the data connection, as training reads it.
+    async fn distill_version(&self, req: DistillRequest) -> Result<Surrogate, WireError> {
+        let id = req.model_version_id;
+        if !DEPTHS.contains(&req.max_depth) {
+            let msg = format!("max_depth {} is outside {}..={}", req.max_depth, DEPTHS.start(), DEPTHS.end());
+            return Err(WireError::new(ErrorCode::BadRequest, msg));
+        }
+        let model = self.model(id, &req.artifact_sha256).await?;
+        if model.imported() {
+            return Err(WireError::new(
+                ErrorCode::Unsupported,
+                format!("model version {id} was imported: it has no training snapshot to distill it on"),
+            ));
+        }
+        let catalog = self.catalog.get(id)?;
+        let unreadable = |e: crate::catalog::CatalogError| {
+            if e.is_lost() {
+                away(id)
+            } else if e.is_refusal() || matches!(e, crate::catalog::CatalogError::NotFound(_)) {
+                WireError::new(
+                    ErrorCode::ModelNotFound,
+                    format!("model version {id}'s training snapshot: {}", e.reason()),
+                )
+            } else {
+                WireError::new(
+                    ErrorCode::Unavailable,
+                    format!("cannot read model version {id}'s snapshot: {}", e.reason()),
+                )
+            }
+        };
+        let spec = catalog.job_spec(id).await.map_err(unreadable)?;
+        let started = std::time::Instant::now();
+        let table = read_snapshot(catalog.client(), &spec).await.map_err(unreadable)?;
+        let read = started.elapsed().as_secs_f64();
+        let (plan, max_depth) = (spec.plan, req.max_depth);
+        let surrogate = tokio::task::spawn_blocking(move || {
+            let Some((target, features)) = table.columns.split_last() else {
+                return Err(WireError::new(ErrorCode::Internal, "the snapshot was read without columns"));
+            };
+            distill::distill_scored(&model, &plan, features, target, max_depth)
+                .map_err(|e| WireError::new(ErrorCode::ScoringFailed, e.to_string()))
+        })
+        .await
+        .map_err(|e| WireError::new(ErrorCode::Internal, format!("distilling task failed: {e}")))??;
+        info!(
+            model = %spec.name,
+            version = spec.version,
+            max_depth,
+            fidelity = surrogate.fidelity,
+            read_seconds = read,
+            seconds = started.elapsed().as_secs_f64(),
+            "rule surrogate distilled on request"
+        );
+        Ok(surrogate)
+    }
 }
 
 impl ModelSource for ScoringService {
@@ -188,6 +252,10 @@ impl ModelSource for ScoringService {
         expected_sha: &str,
     ) -> impl Future<Output = Result<Arc<ScoringModel>, WireError>> + Send {
         self.model(model_version_id, expected_sha)
+    }
+
+    fn distill(&self, req: DistillRequest) -> impl Future<Output = Result<Surrogate, WireError>> + Send {
+        self.distill_version(req)
     }
 }
 
@@ -581,6 +649,7 @@ impl Connection {
                 Ok(resp) => (resp, true),
                 Err(e) => (Response::Error(e), true),
             },
+            Request::Distill(req) => (distilled(service.distill(req).await), true),
         }
     }
 
@@ -689,6 +758,22 @@ impl Connection {
     }
 }
 
+/// The answer to a distill request: the surrogate, or why not, when even
+/// a surrogate of the depth asked for is too large for one frame.
+fn distilled(surrogate: Result<Surrogate, WireError>) -> Response {
+    let response = match surrogate {
+        Ok(surrogate) => Response::Distilled { surrogate },
+        Err(e) => return Response::Error(e),
+    };
+    match protocol::try_encode(&response) {
+        Ok(_) => response,
+        Err(e) => Response::Error(
+            WireError::new(ErrorCode::Unsupported, format!("the surrogate is too large to send: {e}"))
+                .with_hint("Ask for a smaller max_depth."),
+        ),
+    }
+}
+
 fn score_region(
     model: &ScoringModel,
     layout: &cerebro_shared::batch::BatchLayout,
@@ -746,6 +831,10 @@ mod tests {
     impl ModelSource for NoModels {
         async fn scoring_model(&self, id: i64, _: &str) -> Result<Arc<ScoringModel>, WireError> {
             Err(WireError::new(ErrorCode::ModelNotFound, format!("no model {id} in this test")))
+        }
+
+        async fn distill(&self, req: DistillRequest) -> Result<Surrogate, WireError> {
+            Err(WireError::new(ErrorCode::ModelNotFound, format!("no model {} in this test", req.model_version_id)))
         }
     }
 

@@ -8,7 +8,7 @@ use cerebro_shared::provenance::TrainedWith;
 use cerebro_shared::spec::{
     ClassWeights, Norm, RegressionLoss, Split, TargetTransform, Task, TrainOptions, TrainingPlan, AUTO_LOG_SKEWNESS,
 };
-use cerebro_shared::surrogate::Surrogate;
+use cerebro_shared::surrogate::{Surrogate, DEFAULT_MAX_DEPTH};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -1020,6 +1020,7 @@ impl TrainedModel {
             &train,
             &valid,
             plan.options.seed,
+            DEFAULT_MAX_DEPTH,
             &mut |columns| self.outputs(columns),
         )?;
         self.surrogate = Some(surrogate);

@@ -12,14 +12,16 @@
 //! queries at once and never a running one.
 
 use cerebro_shared::mst::SelectionPlan;
+use cerebro_shared::protocol::{DistillRequest, Request, Response};
 use cerebro_shared::sql::{JobState, ModelStatus};
-use cerebro_shared::surrogate::Surrogate;
+use cerebro_shared::surrogate::{Surrogate, DEPTHS};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
 
 use crate::access;
 use crate::catalog::{audit, current_user, first, next_version, queue_copy, Audit, CopyOf};
+use crate::daemon_client::{server_socket, DaemonClient};
 use crate::error::{raise, CerebroError, Result};
 use crate::identity;
 use crate::training;
@@ -193,6 +195,68 @@ fn surrogate_of(model: Option<&str>, version: Option<i32>) -> Result<Surrogate> 
     })
 }
 
+/// Longest a distill call waits for cerebrod: reading a large snapshot and
+/// scoring its sample takes seconds, not this; a cancel or statement_timeout
+/// ends the wait at once.
+const DISTILL_TIMEOUT_MS: i32 = 600_000;
+
+/// Fits the version's rule surrogate again, `max_depth` levels deep, and
+/// stores it in place of the one it had.
+fn try_distill(model: Option<&str>, version: Option<i32>, max_depth: Option<i32>) -> Result<Surrogate> {
+    let model = required(model, "model")?;
+    let version = required(version, "version")?;
+    let asked = required(max_depth, "max_depth")?;
+    let max_depth =
+        u32::try_from(asked).ok().filter(|d| DEPTHS.contains(d)).ok_or(CerebroError::MaxDepth { given: asked })?;
+    Spi::connect_mut(|client| {
+        let user = current_user(client)?;
+        access::as_administrator(model, "distill", || {
+            check_ready(client, model, version, "distilled")?;
+            let row = client
+                .select(
+                    "SELECT m.id, m.artifact_sha256, m.import_layout IS NOT NULL,
+                            pg_catalog.to_regclass(s.data_relation) IS NOT NULL
+                     FROM cerebro.model_versions m LEFT JOIN cerebro.snapshots s ON s.id = m.snapshot_id
+                     WHERE m.name = $1 AND m.version = $2",
+                    Some(1),
+                    &[model.into(), version.into()],
+                )?
+                .first();
+            let (id, sha, imported, snapshot) =
+                (row.get::<i64>(1)?, row.get::<String>(2)?, row.get::<bool>(3)?, row.get::<bool>(4)?);
+            let (Some(id), Some(sha)) = (id, sha) else {
+                return Err(CerebroError::VersionNotFound { name: model.into(), version });
+            };
+            if imported == Some(true) {
+                return Err(CerebroError::DistillingImport { name: model.into(), version });
+            }
+            if snapshot != Some(true) {
+                return Err(CerebroError::SnapshotGone { name: model.into(), version, to: "distill on" });
+            }
+            let mut daemon = DaemonClient::connect(&server_socket()?, DISTILL_TIMEOUT_MS)?;
+            let request = Request::Distill(DistillRequest { model_version_id: id, artifact_sha256: sha, max_depth });
+            let surrogate = match daemon.call(&request)? {
+                Response::Distilled { surrogate } => surrogate,
+                other => return Err(CerebroError::Protocol(format!("expected a surrogate, got {other:?}"))),
+            };
+            let stored = serde_json::to_value(&surrogate).map_err(|e| CerebroError::Catalog(e.to_string()))?;
+            client.update(
+                "UPDATE cerebro.model_versions SET surrogate = $3 WHERE name = $1 AND version = $2",
+                None,
+                &[model.into(), version.into(), JsonB(stored).into()],
+            )?;
+            let detail = serde_json::json!({
+                "max_depth": max_depth,
+                "leaves": surrogate.root.rules().len(),
+                "fidelity_metric": surrogate.fidelity_metric,
+                "fidelity": surrogate.fidelity,
+            });
+            audit(client, Audit { user: &user, action: "distill", model, version: Some(version), detail })?;
+            Ok(surrogate)
+        })
+    })
+}
+
 fn try_grant(model: Option<&str>, grantee: Option<&str>, grant: bool) -> Result<()> {
     let model = required(model, "model")?;
     let grantee = required(grantee, "grantee")?;
@@ -254,7 +318,7 @@ fn try_reproduce(model: Option<&str>, version: Option<i32>) -> Result<i32> {
                 1,
             )?;
             if data.is_none() {
-                return Err(CerebroError::SnapshotGone { name: model.into(), version });
+                return Err(CerebroError::SnapshotGone { name: model.into(), version, to: "retrain on" });
             }
             let new_version = next_version(client, model, caller)?;
             let copy = CopyOf { reproduces: true, ..CopyOf::default() };
@@ -698,6 +762,23 @@ fn surrogate_rules(
         })
         .collect();
     TableIterator::new(rules)
+}
+
+/// Fits the version's rule surrogate again, `max_depth` levels deep, on its
+/// training snapshot, and stores it: what `surrogate_rules` and
+/// `surrogate_sql` show from then on. One row: its leaves and fidelity.
+#[pg_extern(sql = false)]
+#[allow(clippy::type_complexity)]
+fn distill(
+    model: Option<&str>,
+    version: Option<i32>,
+    max_depth: Option<i32>,
+) -> TableIterator<
+    'static,
+    (name!(leaves, i32), name!(fidelity_metric, String), name!(fidelity, f64), name!(fitted_rows, i64)),
+> {
+    let s = try_distill(model, version, max_depth).unwrap_or_else(|e| raise(e));
+    TableIterator::once((s.root.rules().len() as i32, s.fidelity_metric, s.fidelity, s.rows as i64))
 }
 
 /// The version's rule surrogate as a SQL `CASE` expression over the

@@ -8,6 +8,7 @@ use cerebro_shared::protocol::FrameError;
 use cerebro_shared::request::RequestError;
 use cerebro_shared::spec::SpecError;
 use cerebro_shared::sql::ModelStatus;
+use cerebro_shared::surrogate::{DEFAULT_MAX_DEPTH, DEPTHS};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 
@@ -48,8 +49,12 @@ pub enum CerebroError {
          rights"
     )]
     ForeignSourceCode { model: String, code: String, owner: String, own_source: String },
-    #[error("model \"{name}\" version {version} has no frozen snapshot left to retrain on")]
-    SnapshotGone { name: String, version: i32 },
+    #[error("model \"{name}\" version {version} has no frozen snapshot left to {to}")]
+    SnapshotGone { name: String, version: i32, to: &'static str },
+    #[error("model \"{name}\" version {version} was imported: it has no training rows to distill it on")]
+    DistillingImport { name: String, version: i32 },
+    #[error("max_depth must be between {} and {}, not {given}", DEPTHS.start(), DEPTHS.end())]
+    MaxDepth { given: i32 },
     #[error("model \"{name}\" version {version} is {status} and cannot be deleted")]
     NotDeletable { name: String, version: i32, status: String },
     #[error("model \"{name}\" version {version} is {status}; only a queued or training version can be cancelled")]
@@ -194,7 +199,8 @@ impl CerebroError {
             CerebroError::SharedMemory(_) => ERRCODE_INSUFFICIENT_RESOURCES,
             CerebroError::Spi(_) => ERRCODE_INTERNAL_ERROR,
             CerebroError::Unsupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
-            CerebroError::TopK(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            CerebroError::TopK(_) | CerebroError::MaxDepth { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            CerebroError::DistillingImport { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             CerebroError::UnknownObject(_) => ERRCODE_FDW_INVALID_OPTION_NAME,
             CerebroError::Catalog(_) => ERRCODE_DATA_CORRUPTED,
             CerebroError::MissingSocket => ERRCODE_FDW_OPTION_NAME_NOT_FOUND,
@@ -264,10 +270,17 @@ impl CerebroError {
                  ... WHERE model = '...' AND source = '<a table or query you trust>' \
                  (its own source is {own_source})."
             )),
-            CerebroError::NoSurrogate { .. } => Some(
+            CerebroError::NoSurrogate { name, version } => Some(format!(
                 "cerebrod distills one after training, except for the candidates that halving stopped early and \
-                 for imported models; SELECT version FROM cerebro.model_versions WHERE name = '...' AND surrogate \
-                 IS NOT NULL lists the versions that have one."
+                 for imported models; SELECT cerebro.distill('{name}', {version}) distills it now."
+            )),
+            CerebroError::MaxDepth { .. } => Some(format!(
+                "A tree of depth d has at most 2^d rules; leave max_depth out for {DEFAULT_MAX_DEPTH}, as cerebrod \
+                 distills after training."
+            )),
+            CerebroError::DistillingImport { .. } => Some(
+                "A surrogate is fitted to a version's predictions on the rows it was trained on, and an imported \
+                 graph brings none; it still scores through cerebro.predictions like any version."
                     .into(),
             ),
             CerebroError::NotDeployable { .. } => Some(

@@ -5,7 +5,8 @@
 //! rows); the rows themselves travel through shared memory (see [`crate::batch`]).
 //!
 //! A session is: `Hello` (versioned handshake), then any number of `Attach`
-//! (map a shared-memory region) and `Score` requests, each answered in order.
+//! (map a shared-memory region), `Score` and `Distill` requests, each
+//! answered in order.
 //!
 //! A region is an anonymous memory file (memfd) whose descriptor travels with
 //! the `Attach` frame as SCM_RIGHTS ancillary data, attached to the frame's
@@ -19,11 +20,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::BatchLayout;
 use crate::error::WireError;
+use crate::surrogate::Surrogate;
 
 /// Bumped whenever a message changes shape.
 /// 2: `Attach` carries the region as a file descriptor, no longer a path.
 /// 3: a batch's output may ask for every class's probability.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: `Distill` asks for a version's rule surrogate.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Upper bound on one control frame; anything larger is a broken peer.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
@@ -44,6 +47,20 @@ pub enum Request {
         len: u64,
     },
     Score(ScoreRequest),
+    /// Fit a rule surrogate of `max_depth` levels to the version's own
+    /// predictions on its training snapshot; answered with `Distilled`. The
+    /// daemon stores nothing: the backend writes the surrogate in its own
+    /// transaction, so a cancelled or rolled-back call leaves no trace.
+    Distill(DistillRequest),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DistillRequest {
+    /// `cerebro.model_versions.id` of the version to distill.
+    pub model_version_id: i64,
+    /// The artifact the client expects; the daemon refuses to distill another.
+    pub artifact_sha256: String,
+    pub max_depth: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,6 +80,7 @@ pub enum Response {
     Hello { protocol: u32, server: String },
     Attached { region: u32 },
     Scored { region: u32, rows: u32 },
+    Distilled { surrogate: Surrogate },
     Error(WireError),
 }
 
@@ -181,9 +199,14 @@ mod tests {
         let (layout, _) = plan_batch(&[ColumnData::Float64(vec![Some(1.0)]), ColumnData::Text(vec![None])]);
         let score =
             Request::Score(ScoreRequest { model_version_id: 7, artifact_sha256: "ab".into(), region: 1, layout });
-        for request in
-            [score, Request::Hello { protocol: 2, client: "old".into() }, Request::Attach { region: 0, len: 8 }]
-        {
+        let distill =
+            Request::Distill(DistillRequest { model_version_id: 7, artifact_sha256: "ab".into(), max_depth: 4 });
+        for request in [
+            score,
+            distill,
+            Request::Hello { protocol: 2, client: "old".into() },
+            Request::Attach { region: 0, len: 8 },
+        ] {
             let frame = encode(&request);
             assert_eq!(decode_request(&frame[4..]).unwrap(), request);
             assert_eq!(decode::<Request>(&frame[4..]).unwrap(), request);
@@ -199,6 +222,7 @@ mod tests {
             Request::Hello { protocol: PROTOCOL_VERSION, client: "test".into() },
             Request::Attach { region: 0, len: 4096 },
             Request::Score(ScoreRequest { model_version_id: 7, artifact_sha256: "ab".into(), region: 0, layout }),
+            Request::Distill(DistillRequest { model_version_id: 7, artifact_sha256: "ab".into(), max_depth: 2 }),
         ];
         let mut wire = Vec::new();
         for m in &msgs {

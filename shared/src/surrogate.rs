@@ -18,6 +18,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::ColumnData;
 
+/// How deep a surrogate grows unless asked otherwise: 4 levels, at most 16
+/// rules, still read at a glance.
+pub const DEFAULT_MAX_DEPTH: u32 = 4;
+
+/// The depths one may ask for: one test at least; at most 8 levels (256
+/// rules, more than anyone reads), which also keeps the tree's JSON within
+/// one control frame.
+pub const DEPTHS: std::ops::RangeInclusive<u32> = 1..=8;
+
 /// What the network predicted for each row: a class index, or a value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Predicted {

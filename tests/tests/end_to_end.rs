@@ -304,6 +304,37 @@ async fn importance_ranks_the_two_columns_that_decide_the_target_first() -> anyh
             "{name}: {agreement} over the table, {fidelity}"
         );
 
+        // Distilled again on request, shallower, then at the default depth:
+        // the same training rows, the same first test, a fidelity near the
+        // one fitted after training (ONNX Runtime and the engine may round a
+        // borderline row apart).
+        let first_test = |case: &str| case.split(" THEN ").next().map(str::to_owned);
+        let shallow = db
+            .query_one(
+                "SELECT leaves, fidelity_metric, fidelity, fitted_rows FROM cerebro.distill($1, $2, max_depth => $3)",
+                &[&name, &v, &2i32],
+            )
+            .await?;
+        let leaves: i32 = shallow.get(0);
+        assert!((2..=4).contains(&leaves), "{name}: {leaves} leaves at depth 2");
+        assert_eq!((shallow.get::<_, String>(1), shallow.get::<_, i64>(3)), (expected.to_string(), fitted), "{name}");
+        let stored = db
+            .query_one(
+                "SELECT (surrogate->>'max_depth')::int, (SELECT count(*)::int FROM cerebro.surrogate_rules($1, $2))
+                 FROM cerebro.model_versions WHERE name = $1 AND version = $2",
+                &[&name, &v],
+            )
+            .await?;
+        assert_eq!((stored.get::<_, i32>(0), stored.get::<_, i32>(1)), (2, leaves), "{name}: the new one is shown");
+        let again = db.query_one("SELECT fidelity FROM cerebro.distill($1, $2)", &[&name, &v]).await?;
+        assert!(
+            (again.get::<_, f64>(0) - fidelity).abs() < 0.02,
+            "{name}: {} against {fidelity}",
+            again.get::<_, f64>(0)
+        );
+        let case_again: String = db.query_one("SELECT cerebro.surrogate_sql($1, $2)", &[&name, &v]).await?.get(0);
+        assert_eq!(first_test(&case_again), first_test(&case), "{name}");
+
         // Per-row attributions: every row's add up to its score (the
         // baseline's score, the listed contributions and the rest), and on
         // average a and b move the score most. Asked with parameters, as an
@@ -363,6 +394,25 @@ async fn importance_ranks_the_two_columns_that_decide_the_target_first() -> anyh
         .await
         .unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("22023"), "{err}");
+    let binary = trained[0].1;
+    for depth in [0i32, 9, -1] {
+        let err = db
+            .query("SELECT * FROM cerebro.distill('e2e_imp_binary', $1, $2)", &[&binary, &depth])
+            .await
+            .expect_err("a depth out of range");
+        let e = err.as_db_error().expect("a server error");
+        assert_eq!(e.code().code(), "22023", "{depth}: {}", e.message());
+        assert_eq!(e.message(), format!("max_depth must be between 1 and 8, not {depth}"));
+        assert!(e.hint().is_some_and(|h| h.contains("leave max_depth out for 4")), "{:?}", e.hint());
+    }
+    let audited = db
+        .query_one(
+            "SELECT count(*) FROM cerebro.audit_log WHERE action = 'distill' AND model = 'e2e_imp_binary'
+             AND version = $1",
+            &[&binary],
+        )
+        .await?;
+    assert_eq!(audited.get::<_, i64>(0), 2, "each distill call is audited, and only those that ran");
     Ok(())
 }
 
@@ -1089,6 +1139,9 @@ async fn a_role_without_a_grant_sees_and_scores_nothing_until_granted() -> anyho
     let surrogate = "SELECT cerebro.surrogate_sql('e2e_private', 1)";
     let err = outsider.query_one(surrogate, &[]).await.expect_err("no grant");
     assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42704"), "{err}");
+    let distill = "SELECT * FROM cerebro.distill('e2e_private', 1, 3)";
+    let err = outsider.query_one(distill, &[]).await.expect_err("no grant");
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42704"), "{err}");
     let explained = "SELECT explanation FROM cerebro.predictions WHERE model = 'e2e_private' AND key = '7' AND explain";
     let err = outsider.query_one(explained, &[]).await.expect_err("no grant");
     assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42704"), "{err}");
@@ -1103,6 +1156,9 @@ async fn a_role_without_a_grant_sees_and_scores_nothing_until_granted() -> anyho
     // A grant lets one see and score, not deploy.
     let err = outsider.query_one("SELECT cerebro.deploy('e2e_private', 1)", &[]).await.expect_err("not the owner");
     assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42501"));
+    // Nor distill: that replaces the surrogate the owner's users read.
+    let err = outsider.query_one(distill, &[]).await.expect_err("not the owner");
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42501"), "{err}");
 
     db.execute("SELECT cerebro.revoke_model('e2e_private', 'e2e_outsider')", &[]).await?;
     assert_eq!(outsider.query_one(listed, &[]).await?.get::<_, i64>(0), 0);
@@ -1441,7 +1497,11 @@ async fn an_onnx_model_built_elsewhere_imports_checked_and_scores() -> anyhow::R
     let err = db.query_one("SELECT cerebro.surrogate_sql('e2e_external', 1)", &[]).await.expect_err("no surrogate");
     let e = err.as_db_error().expect("a server error");
     assert_eq!((e.code().code(), e.message()), ("55000", "model \"e2e_external\" version 1 has no rule surrogate"));
-    assert!(e.hint().unwrap_or("").contains("surrogate IS NOT NULL"), "{:?}", e.hint());
+    assert!(e.hint().unwrap_or("").contains("cerebro.distill('e2e_external', 1)"), "{:?}", e.hint());
+    let err = db.query_one("SELECT * FROM cerebro.distill('e2e_external', 1)", &[]).await.expect_err("imported");
+    let e = err.as_db_error().expect("a server error");
+    assert_eq!(e.code().code(), "0A000", "{}", e.message());
+    assert!(e.message().contains("was imported"), "{}", e.message());
     Ok(())
 }
 
