@@ -34,7 +34,7 @@
 //! [`Stack::linear_products`]: crate::engine::Stack::linear_products
 //! [`FeaturePipeline::baseline`]: crate::features::FeaturePipeline::baseline
 
-use cerebro_shared::batch::ColumnRef;
+use cerebro_shared::batch::{ColumnData, ColumnRef};
 
 use crate::engine::path;
 use crate::engine::{sigmoid, softmax_into, Batch, StackCache};
@@ -81,8 +81,23 @@ impl NativeModel {
     /// Integrated-gradient contributions of every column to every row's
     /// score, over `threads` threads.
     pub fn explain(&self, columns: &[ColumnRef<'_>], threads: usize) -> Result<Explained, NativeError> {
+        self.explain_against(columns, &self.pipeline.baseline(), None, threads)
+    }
+
+    /// [`NativeModel::explain`] from a given `baseline` row (one value per
+    /// column, in the pipeline's order) and, for a softmax head, of the
+    /// given class of each row rather than the one it ranks first: what
+    /// an ensemble's members are explained with, so that their
+    /// explanations add up to the ensemble's.
+    pub fn explain_against(
+        &self,
+        columns: &[ColumnRef<'_>],
+        baseline: &[ColumnData],
+        classes: Option<&[usize]>,
+        threads: usize,
+    ) -> Result<Explained, NativeError> {
         let encoded = self.pipeline.transform_refs(columns)?;
-        let baseline = self.pipeline.transform(&self.pipeline.baseline())?;
+        let baseline = self.pipeline.transform(baseline)?;
         let n = encoded.n;
         let net = &self.network;
         let rows = Batch { x: &encoded.x, codes: &encoded.codes, n };
@@ -95,7 +110,10 @@ impl NativeModel {
         net.predict_chunked(rows, 512, &mut cache, &mut logits);
         let wide = net.k * net.outputs();
         let mut probabilities = Vec::new();
-        let explained: Vec<usize> = logits.chunks_exact(wide).map(|l| self.explained_output(l)).collect();
+        let explained: Vec<usize> = match classes {
+            Some(classes) => classes.to_vec(),
+            None => logits.chunks_exact(wide).map(|l| self.explained_output(l)).collect(),
+        };
         let scores: Vec<f64> = logits
             .chunks_exact(wide)
             .zip(&explained)

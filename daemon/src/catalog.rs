@@ -308,6 +308,18 @@ pub struct Artifact {
     /// What the engine needs to score the version itself (a model Cerebro
     /// trained; None for an imported one or a selection's ensemble).
     pub native: Option<NativeParts>,
+    /// A selection's ensemble's members, heaviest first (empty for any other
+    /// version): what explains it.
+    pub members: Vec<MemberRef>,
+}
+
+/// A member of a selection's ensemble, as its lineage names it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberRef {
+    pub version: i32,
+    pub weight: f64,
+    /// Its `model_versions.id` and artifact, None once it was deleted.
+    pub stored: Option<(i64, String)>,
 }
 
 /// A trained version's fitted pipeline, options and class labels.
@@ -1005,37 +1017,76 @@ impl Catalog {
                 &[&model_version_id],
             )
             .await?;
-        row.map(|r| {
-            let layout: Option<serde_json::Value> = r.get(2);
-            let task: String = r.get(3);
-            let pipeline: Option<serde_json::Value> = r.get(4);
-            let options: Option<serde_json::Value> = r.get(5);
-            let classes = r.get::<_, Option<Vec<String>>>(6).map_or(0, |c| c.len());
-            // A catalog the engine cannot read leaves the version to ONNX Runtime.
-            let native = match (pipeline, options, &layout) {
-                (Some(pipeline), Some(options), None) => {
-                    match (serde_json::from_value(pipeline), serde_json::from_value(options)) {
-                        (Ok(pipeline), Ok(options)) => Some(NativeParts { pipeline, options, classes }),
-                        _ => None,
+        let artifact = row
+            .map(|r| {
+                let layout: Option<serde_json::Value> = r.get(2);
+                let task: String = r.get(3);
+                let pipeline: Option<serde_json::Value> = r.get(4);
+                let options: Option<serde_json::Value> = r.get(5);
+                let classes = r.get::<_, Option<Vec<String>>>(6).map_or(0, |c| c.len());
+                // A catalog the engine cannot read leaves the version to ONNX Runtime.
+                let native = match (pipeline, options, &layout) {
+                    (Some(pipeline), Some(options), None) => {
+                        match (serde_json::from_value(pipeline), serde_json::from_value(options)) {
+                            (Ok(pipeline), Ok(options)) => Some(NativeParts { pipeline, options, classes }),
+                            _ => None,
+                        }
                     }
-                }
-                _ => None,
-            };
-            Ok(Artifact {
-                sha256: r.get(0),
-                bytes: r.get(1),
-                import_layout: layout
-                    .map(serde_json::from_value)
-                    .transpose()
-                    .map_err(|e| CatalogError::Corrupt(format!("import_layout: {e}")))?,
-                task: match task.parse() {
-                    Ok(cerebro_shared::spec::TaskChoice::Fixed(t)) => t,
-                    _ => return Err(CatalogError::Corrupt(format!("unknown task {task}"))),
-                },
-                native,
+                    _ => None,
+                };
+                Ok(Artifact {
+                    sha256: r.get(0),
+                    bytes: r.get(1),
+                    members: Vec::new(),
+                    import_layout: layout
+                        .map(serde_json::from_value)
+                        .transpose()
+                        .map_err(|e| CatalogError::Corrupt(format!("import_layout: {e}")))?,
+                    task: match task.parse() {
+                        Ok(cerebro_shared::spec::TaskChoice::Fixed(t)) => t,
+                        _ => return Err(CatalogError::Corrupt(format!("unknown task {task}"))),
+                    },
+                    native,
+                })
             })
-        })
-        .transpose()
+            .transpose()?;
+        match artifact {
+            // Only a version the engine cannot score alone may be an ensemble.
+            Some(mut artifact) if artifact.native.is_none() && artifact.import_layout.is_none() => {
+                artifact.members = self.ensemble_members(model_version_id).await?;
+                Ok(Some(artifact))
+            }
+            artifact => Ok(artifact),
+        }
+    }
+
+    /// The members of `model_version_id` if it is a selection's ensemble,
+    /// heaviest first, as its lineage records them.
+    async fn ensemble_members(&self, model_version_id: i64) -> Result<Vec<MemberRef>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT (e->>'version')::int, (e->>'weight')::float8, v.id, a.sha256
+                 FROM cerebro.model_versions m
+                 CROSS JOIN LATERAL jsonb_array_elements(m.trained_with->'ensemble'->'members')
+                     WITH ORDINALITY AS l(e, n)
+                 LEFT JOIN cerebro.model_versions v ON v.name = m.name AND v.version = (e->>'version')::int
+                 LEFT JOIN cerebro.artifacts a ON a.model_version_id = v.id
+                 WHERE m.id = $1 AND jsonb_typeof(m.trained_with->'ensemble'->'members') = 'array'
+                 ORDER BY l.n",
+                &[&model_version_id],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let stored = match (r.get::<_, Option<i64>>(2), r.get::<_, Option<String>>(3)) {
+                    (Some(id), Some(sha)) => Some((id, sha)),
+                    _ => None,
+                };
+                MemberRef { version: r.get(0), weight: r.get(1), stored }
+            })
+            .collect())
     }
 
     /// The version of `name` SQL predictions score with (the given one, else

@@ -16,7 +16,7 @@ use ort::environment::Environment;
 use ort::session::Session;
 use ort::value::{Tensor, TensorElementType, ValueType};
 
-use crate::catalog::{Artifact, NativeParts};
+use crate::catalog::{Artifact, MemberRef, NativeParts};
 use crate::native::{disagreement, NativeModel, AGREEMENT};
 use crate::onnx::{OUTPUT_PROBABILITIES, OUTPUT_PROBABILITY, OUTPUT_VALUE};
 
@@ -135,6 +135,8 @@ pub struct ScoringModel {
     scores_natively: bool,
     /// Threads an explanation runs on (`scoring_threads`).
     threads: usize,
+    /// A selection's ensemble's members, heaviest first: what explains it.
+    members: Vec<MemberRef>,
 }
 
 impl ScoringModel {
@@ -182,6 +184,7 @@ impl ScoringModel {
             Some(layout) => ScoringModel::load_imported(rt, &artifact.bytes, layout, artifact.task),
             None => {
                 let mut model = ScoringModel::load(rt, &artifact.bytes)?;
+                model.members = artifact.members.clone();
                 if let Some(parts) = artifact.native.as_ref() {
                     model.native = model.checked_native(&artifact.bytes, parts, artifact.task);
                     model.scores_natively = rt.native;
@@ -223,8 +226,7 @@ impl ScoringModel {
         let native = self.native.as_ref().ok_or(ScoringError::NotExplainable(if self.imported {
             "it was imported, and explanations need a network Cerebro trained"
         } else {
-            "the engine does not run its graph (an ensemble of versions, or a network whose copy in the engine \
-             disagreed with ONNX Runtime)"
+            "the engine does not run its graph (its copy of the network disagreed with ONNX Runtime)"
         }))?;
         let expected = native.pipeline.features.len();
         if explained != expected {
@@ -235,6 +237,85 @@ impl ScoringModel {
         for (baseline, row) in found.baselines.iter().zip(found.contributions.chunks_exact(expected)) {
             values.push(*baseline);
             values.extend_from_slice(row);
+        }
+        Ok(values)
+    }
+
+    /// The members of a selection's ensemble, heaviest first; empty for any
+    /// other version.
+    pub fn members(&self) -> &[MemberRef] {
+        &self.members
+    }
+
+    /// A selection's ensemble's explanations, laid out as
+    /// [`ScoringModel::explain`]'s: each member's (`members`, loaded, with
+    /// their weights) from one baseline row and of the class the ensemble
+    /// ranks first (`out`, its output for these rows), weighted as the graph
+    /// weighs their outputs. Integrated gradients are linear in the
+    /// function explained, so the weighted sum explains the weighted sum:
+    /// the contributions add up to the ensemble's score less the baseline's.
+    /// The baseline row takes each column's typical value from the heaviest
+    /// member that reads it; a column a member does not read gets nothing
+    /// from it.
+    pub fn explain_ensemble(
+        &self,
+        members: &[(f64, &ScoringModel)],
+        columns: &[ColumnRef<'_>],
+        explained: usize,
+        out: &[f32],
+        width: usize,
+    ) -> Result<Vec<f64>, ScoringError> {
+        let names: Vec<&str> = self.inputs.iter().map(|(name, _, _)| name.as_str()).collect();
+        if explained != names.len() || columns.len() != names.len() {
+            return Err(ScoringError::ExplainedCount { given: explained, expected: names.len() });
+        }
+        let natives = members
+            .iter()
+            .map(|(weight, m)| {
+                m.native.as_ref().map(|n| (*weight, n)).ok_or(ScoringError::NotExplainable(
+                    "a member of the ensemble is scored by ONNX Runtime alone (its copy in the engine disagreed)",
+                ))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // Where each member's columns are among the ensemble's.
+        let places = natives
+            .iter()
+            .map(|(_, n)| {
+                n.pipeline
+                    .features
+                    .iter()
+                    .map(|f| names.iter().position(|&c| c == f.name).ok_or(ScoringError::MissingInput(f.name.clone())))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut baseline: Vec<Option<ColumnData>> = vec![None; names.len()];
+        for ((_, native), place) in natives.iter().zip(&places) {
+            for (value, &c) in native.pipeline.baseline().into_iter().zip(place) {
+                baseline[c].get_or_insert(value);
+            }
+        }
+        let classes: Option<Vec<usize>> = match self.head {
+            OutputHead::Multiclass => Some(self.head_of(out, width).1.into_iter().map(|c| c as usize).collect()),
+            _ => None,
+        };
+        let rows = columns.first().map_or(0, ColumnRef::len);
+        let mut values = vec![0.0f64; rows * (1 + explained)];
+        for ((weight, native), place) in natives.iter().zip(&places) {
+            let own: Vec<ColumnRef<'_>> = place.iter().map(|&c| columns[c].clone()).collect();
+            let base: Vec<ColumnData> =
+                place.iter().map(|&c| baseline[c].clone().expect("set by a member reading it")).collect();
+            let found = native
+                .explain_against(&own, &base, classes.as_deref(), self.threads)
+                .map_err(|e| ScoringError::Native(e.to_string()))?;
+            let per_row = found.contributions.chunks_exact(place.len().max(1));
+            for ((row, base_score), contributions) in
+                values.chunks_exact_mut(1 + explained).zip(&found.baselines).zip(per_row)
+            {
+                row[0] += weight * base_score;
+                for (&c, contribution) in place.iter().zip(contributions) {
+                    row[1 + c] += weight * contribution;
+                }
+            }
         }
         Ok(values)
     }
@@ -268,6 +349,7 @@ impl ScoringModel {
             native: None,
             scores_natively: false,
             threads: rt.threads,
+            members: Vec::new(),
         })
     }
 
@@ -311,6 +393,7 @@ impl ScoringModel {
             native: None,
             scores_natively: false,
             threads: rt.threads,
+            members: Vec::new(),
         })
     }
 

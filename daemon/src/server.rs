@@ -720,10 +720,12 @@ impl Connection {
             // amount of work per row) score on the connection's own task:
             // a hand-off to the blocking pool and a deadline timer would
             // cost more than the run.
-            let result = score_region(&model, &req.layout, &mut map, None);
+            let result = score_region(&model, &[], &req.layout, &mut map, None);
             self.regions.insert(req.region, map);
             return Ok(Response::Scored { region: req.region, rows: result? });
         }
+        let members =
+            if req.layout.output.explained > 0 { ensemble_members(&model, service).await? } else { Vec::new() };
         let layout = req.layout;
         let internal = |e: String| WireError::new(ErrorCode::Internal, e);
         let options = Arc::new(ort::session::RunOptions::new().map_err(|e| internal(e.to_string()))?);
@@ -737,7 +739,7 @@ impl Connection {
         });
         let started = std::time::Instant::now();
         let (map, result) = tokio::task::spawn_blocking(move || {
-            let result = score_region(&model, &layout, &mut map, Some(&options));
+            let result = score_region(&model, &members, &layout, &mut map, Some(&options));
             (map, result)
         })
         .await
@@ -774,8 +776,33 @@ fn distilled(surrogate: Result<Surrogate, WireError>) -> Response {
     }
 }
 
+/// The members of `model`, when it is a selection's ensemble, loaded as
+/// any model scored is (and cached), with their weights: what explains it.
+async fn ensemble_members<S: ModelSource>(
+    model: &ScoringModel,
+    service: &S,
+) -> Result<Vec<(f64, Arc<ScoringModel>)>, WireError> {
+    let mut loaded = Vec::with_capacity(model.members().len());
+    for member in model.members() {
+        let Some((id, sha)) = &member.stored else {
+            return Err(WireError::new(
+                ErrorCode::Unsupported,
+                format!(
+                    "the ensemble is explained by its members, and its member version {} was deleted",
+                    member.version
+                ),
+            ));
+        };
+        loaded.push((member.weight, service.scoring_model(*id, sha).await?));
+    }
+    Ok(loaded)
+}
+
+/// Scores the batch in `region` with `model`, and explains it when asked
+/// (an ensemble by its `members`).
 fn score_region(
     model: &ScoringModel,
+    members: &[(f64, Arc<ScoringModel>)],
     layout: &cerebro_shared::batch::BatchLayout,
     region: &mut [u8],
     options: Option<&ort::session::RunOptions>,
@@ -786,15 +813,23 @@ fn score_region(
     let (out, width) = model.run_refs(&columns, options).map_err(failed)?;
     let explanations = match layout.output.explained {
         0 => None,
-        explained => Some(model.explain(&columns, explained as usize).map_err(|e| match e {
-            crate::scoring::ScoringError::NotExplainable(_) => {
-                WireError::new(ErrorCode::Unsupported, e.to_string()).with_hint(
-                    "Explanations are of networks Cerebro trained; an ensemble's members are such networks: SELECT \
-                     ensemble_of FROM cerebro.lineage WHERE name = '...' lists them, to explain with version = ...",
-                )
-            }
-            e => failed(e),
-        })?),
+        explained => {
+            let found = if members.is_empty() {
+                model.explain(&columns, explained as usize)
+            } else {
+                let members: Vec<(f64, &ScoringModel)> = members.iter().map(|(w, m)| (*w, m.as_ref())).collect();
+                model.explain_ensemble(&members, &columns, explained as usize, &out, width)
+            };
+            Some(found.map_err(|e| {
+                match e {
+                    crate::scoring::ScoringError::NotExplainable(_) => {
+                        WireError::new(ErrorCode::Unsupported, e.to_string())
+                            .with_hint("Explanations are of networks Cerebro trained, and of ensembles of them.")
+                    }
+                    e => failed(e),
+                }
+            })?)
+        }
     };
     drop(columns);
     let (scores, labels) = model.head_of(&out, width);

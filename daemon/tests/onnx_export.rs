@@ -187,8 +187,14 @@ fn check_native(rt: &OnnxRuntime, model: &TrainedModel, options: &TrainOptions, 
         assert!(apart <= AGREEMENT, "{what}: the engine's copy is {apart:e} away from ONNX Runtime");
     }
     let parts = NativeParts { pipeline: model.pipeline.clone(), options: options.clone(), classes };
-    let artifact =
-        Artifact { sha256: String::new(), bytes, import_layout: None, task: model.task, native: Some(parts) };
+    let artifact = Artifact {
+        sha256: String::new(),
+        bytes,
+        import_layout: None,
+        task: model.task,
+        native: Some(parts),
+        members: Vec::new(),
+    };
     let scoring = ScoringModel::from_artifact(rt, &artifact).unwrap();
     assert!(scoring.native(), "{what}: the version is scored by the engine");
     let held_out = columns(300, 10_000);
@@ -233,8 +239,14 @@ fn a_file_that_is_not_the_network_of_its_options_is_left_to_onnx_runtime() {
     let err = NativeModel::from_onnx(&bytes, model.pipeline.clone(), &other, Task::Binary, 2).unwrap_err();
     assert!(err.to_string().contains("weight"), "{err}");
     let parts = NativeParts { pipeline: model.pipeline.clone(), options: other, classes: 2 };
-    let artifact =
-        Artifact { sha256: String::new(), bytes, import_layout: None, task: Task::Binary, native: Some(parts) };
+    let artifact = Artifact {
+        sha256: String::new(),
+        bytes,
+        import_layout: None,
+        task: Task::Binary,
+        native: Some(parts),
+        members: Vec::new(),
+    };
     let scoring = ScoringModel::from_artifact(&rt, &artifact).unwrap();
     assert!(!scoring.native());
     assert_eq!(scoring.score(&columns(50, 10_000)).unwrap().0.len(), 50, "ONNX Runtime still scores it");
@@ -411,7 +423,14 @@ fn an_ensemble_graph_is_the_weighted_average_of_its_members() {
             let bytes = export(&model, &[]).unwrap();
             candidates.push(Candidate {
                 version: v as i32 + 1,
-                artifact: Artifact { sha256: String::new(), bytes, import_layout: None, task, native: None },
+                artifact: Artifact {
+                    sha256: String::new(),
+                    bytes,
+                    import_layout: None,
+                    task,
+                    native: None,
+                    members: Vec::new(),
+                },
             });
             members.push(model);
             plan0.get_or_insert_with(|| plan(task, o.clone()));
@@ -466,5 +485,66 @@ fn an_ensemble_graph_is_the_weighted_average_of_its_members() {
         assert!(built.metrics[key] <= best + 1e-5, "{task:?}: ensemble {} best member {best}", built.metrics[key]);
         let meta = cerebro_shared::onnx_graph::read_signature(&built.onnx).unwrap();
         assert_eq!(meta.outputs.len(), 1);
+    }
+}
+
+/// A selection's ensemble is explained by its members: each from one
+/// baseline row, of the class the ensemble ranks first, weighted as its
+/// graph weighs their outputs; the contributions add up to the ensemble's
+/// own score, for every head, with members of three architectures and
+/// encodings (the periodic one integrated without path cuts).
+#[test]
+fn an_ensemble_is_explained_by_its_members_completely() {
+    let Some(rt) = common::onnx_runtime() else { return };
+    let weights = [0.5, 0.3, 0.2];
+    for task in [Task::Binary, Task::Multiclass, Task::Regression] {
+        let options = [
+            json!({"hidden": [8], "learning_rate": 0.01}),
+            json!({"hidden": [16, 8], "numeric_encoding": "robust", "learning_rate": 0.003}),
+            json!({"hidden": [4], "numeric_encoding": "periodic", "encodings": {"internet": 2}, "dropout": 0.1}),
+        ];
+        let (mut files, mut members) = (Vec::new(), Vec::new());
+        for o in &options {
+            let model = trained(task, o.clone());
+            let bytes = export(&model, &[]).unwrap();
+            let classes = model.class_labels.len();
+            let parts =
+                NativeParts { pipeline: model.pipeline.clone(), options: plan(task, o.clone()).0.options, classes };
+            let artifact = Artifact {
+                sha256: String::new(),
+                bytes: bytes.clone(),
+                import_layout: None,
+                task,
+                native: Some(parts),
+                members: Vec::new(),
+            };
+            let member = ScoringModel::from_artifact(&rt, &artifact).unwrap();
+            assert!(member.native(), "{task:?}: the engine runs each member");
+            members.push(member);
+            files.push(bytes);
+        }
+        let weighed: Vec<(&[u8], f32)> = files.iter().zip(weights).map(|(b, w)| (b.as_slice(), w as f32)).collect();
+        let graph = ScoringModel::load(&rt, &cerebro_daemon::onnx::ensemble(&weighed, &[]).unwrap()).unwrap();
+        let held_out = columns(300, 10_000);
+        let refs: Vec<ColumnRef<'_>> = held_out.iter().map(ColumnData::as_ref).collect();
+        let (out, width) = graph.run(&held_out).unwrap();
+        let (scores, _) = graph.score(&held_out).unwrap();
+        let weighted: Vec<(f64, &ScoringModel)> = weights.iter().copied().zip(&members).collect();
+        let values = graph.explain_ensemble(&weighted, &refs, 3, &out, width).unwrap();
+        assert_eq!(values.len(), scores.len() * 4, "{task:?}");
+        for (r, (row, score)) in values.chunks_exact(4).zip(&scores).enumerate() {
+            let total = row[0] + row[1..].iter().sum::<f64>();
+            let scale = if task == Task::Regression { score.abs().max(1.0) } else { 1.0 };
+            assert!((total - score).abs() <= 1e-3 * scale, "{task:?} row {r}: {row:?} adds up to {total}, not {score}");
+        }
+        // One member at full weight is explained as it explains itself
+        // (its own baseline row is then the ensemble's).
+        let alone =
+            graph.explain_ensemble(&[(1.0, &members[0])], &refs, 3, &members[0].run(&held_out).unwrap().0, width);
+        assert_eq!(alone.unwrap(), members[0].explain(&refs, 3).unwrap(), "{task:?}");
+        assert!(
+            graph.explain_ensemble(&weighted, &refs, 2, &out, width).is_err(),
+            "{task:?}: every column is explained"
+        );
     }
 }

@@ -2000,6 +2000,27 @@ async fn a_selections_ensemble_averages_its_best_and_is_a_version_like_any() -> 
         assert!((s - average[key]).abs() < 1e-5, "row {key}: ensemble {s}, average {}", average[key]);
         assert_eq!(label.as_deref(), Some(if *s >= 0.5 { "Yes" } else { "No" }));
     }
+    // It is explained by its members, and completely: each row's
+    // contributions add up to its own score.
+    let explained = db
+        .query(
+            "SELECT key, score, explanation FROM cerebro.predictions
+             WHERE model = 'e2e_ensemble' AND version = $1 AND explain AND top_k = 19",
+            &[&ensemble],
+        )
+        .await?;
+    assert_eq!(explained.len(), 7043);
+    for row in &explained {
+        let (key, score, e): (String, f64, serde_json::Value) = (row.get(0), row.get(1), row.get(2));
+        assert!((score - scored[&key].1).abs() < 1e-9, "row {key}");
+        let total = e["baseline"].as_f64().unwrap()
+            + e["rest"].as_f64().unwrap()
+            + e["contributions"].as_array().unwrap().iter().map(|c| c["contribution"].as_f64().unwrap()).sum::<f64>();
+        assert!((total - score).abs() <= 1e-3, "row {key}: {e} adds up to {total}, not {score}");
+    }
+    // And distilled again on request, through ONNX Runtime.
+    let shallow = db.query_one("SELECT leaves, fitted_rows FROM cerebro.distill('e2e_ensemble', 5, 2)", &[]).await?;
+    assert!((1..=4).contains(&shallow.get::<_, i32>(0)) && shallow.get::<_, i64>(1) == 7043 - 1409);
     // Deployed, it is what predictions score; exported, it scores the same on its own.
     db.execute("SELECT cerebro.deploy('e2e_ensemble', 5)", &[]).await?;
     let deployed =
