@@ -118,7 +118,11 @@ CREATE TABLE cerebro.selections (
     budget_seconds double precision GENERATED ALWAYS AS ((plan->>'budget_seconds')::double precision) STORED,
     budget_epochs bigint GENERATED ALWAYS AS ((plan->>'budget_epochs')::bigint) STORED,
     spent_seconds double precision NOT NULL DEFAULT 0,
-    spent_epochs bigint NOT NULL DEFAULT 0
+    spent_epochs bigint NOT NULL DEFAULT 0,
+    -- Stacks whose snapshot cerebrod took from its memory rather than read
+    -- again (snapshot_cache_mib, docs/operations.md), and the bytes of them.
+    snapshot_cache_hits integer NOT NULL DEFAULT 0,
+    snapshot_cache_bytes bigint NOT NULL DEFAULT 0
 );
 ALTER TABLE cerebro.model_versions ADD COLUMN selection_id bigint REFERENCES cerebro.selections (id);
 CREATE INDEX model_versions_by_selection ON cerebro.model_versions (selection_id) WHERE selection_id IS NOT NULL;
@@ -321,6 +325,7 @@ BEGIN
     EXECUTE format('GRANT SELECT, INSERT, UPDATE ON cerebro.artifacts TO %I', daemon);
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON cerebro.training_history TO %I', daemon);
     EXECUTE format('GRANT SELECT ON cerebro.selections TO %I', daemon);
+    EXECUTE format('GRANT UPDATE (snapshot_cache_hits, snapshot_cache_bytes) ON cerebro.selections TO %I', daemon);
     EXECUTE format('GRANT UPDATE ON cerebro.daemon_lock TO %I', daemon);
     EXECUTE format('GRANT EXECUTE ON FUNCTION cerebro.finish_selection(bigint) TO %I', daemon);
     -- Snapshot tables, present and future (the extension owner creates them).

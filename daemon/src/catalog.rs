@@ -381,6 +381,9 @@ pub struct JobSpec {
     pub plan: TrainingPlan,
     pub data_relation: String,
     pub snapshot_id: i64,
+    /// When the snapshot was frozen, in microseconds since 1970: with its
+    /// id, what tells it from one a catalog made again numbers the same.
+    pub snapshot_created_micros: i64,
     /// The source's key column, if the model has one: the snapshot is read
     /// in its order.
     pub key_column: Option<String>,
@@ -717,7 +720,7 @@ impl Catalog {
             .query_opt(
                 "SELECT m.name, m.version, m.task, m.target_column, m.features, m.class_labels, m.options,
                         s.data_relation, s.id, m.key_column, m.selection_id, m.parent_version, s.columns,
-                        m.request->'ensemble'
+                        m.request->'ensemble', (extract(epoch FROM s.created_at) * 1e6)::int8
                  FROM cerebro.model_versions m JOIN cerebro.snapshots s ON s.id = m.snapshot_id
                  WHERE m.id = $1",
                 &[&model_version_id],
@@ -741,11 +744,26 @@ impl Catalog {
             plan,
             data_relation: row.get(7),
             snapshot_id: row.get(8),
+            snapshot_created_micros: row.get(14),
             key_column,
             selection: row.get(10),
             parent_version: row.get(11),
             ensemble,
         })
+    }
+
+    /// Counts a stack of `selection` whose snapshot, `bytes` of it, came
+    /// from cerebrod's cache rather than the database.
+    pub async fn count_cache_hit(&self, selection: i64, bytes: i64) -> Result<()> {
+        self.client
+            .execute(
+                "UPDATE cerebro.selections
+                 SET snapshot_cache_hits = snapshot_cache_hits + 1, snapshot_cache_bytes = snapshot_cache_bytes + $2
+                 WHERE id = $1",
+                &[&selection, &bytes],
+            )
+            .await?;
+        Ok(())
     }
 
     /// The ONNX file and feature pipeline of `name`'s `version`, if it still

@@ -55,6 +55,9 @@ pub struct FileConfig {
     /// trains (weights, optimiser state, activations); fewer candidates
     /// share a stack when theirs would take more.
     pub stack_memory_mib: usize,
+    /// Most memory the snapshots kept for later stacks may take
+    /// ([`crate::snapshot_cache`]); 0 keeps none.
+    pub snapshot_cache_mib: usize,
     /// Most memory one model may take while it trains: a model that needs
     /// more fails with the reason instead of taking the daemon's memory (and,
     /// through the kernel's OOM killer, every other role's training).
@@ -85,6 +88,7 @@ impl Default for FileConfig {
             scoring_deadline_ms: 60_000,
             model_cache_size: 32,
             stack_memory_mib: 2048,
+            snapshot_cache_mib: 1024,
             model_memory_mib: 8192,
             max_training_work: 10_000_000_000,
             lock_timeout_ms: 5000,
@@ -108,6 +112,7 @@ pub struct Config {
     pub scoring_deadline: Duration,
     pub model_cache_size: usize,
     pub stack_memory_bytes: usize,
+    pub snapshot_cache_bytes: usize,
     pub model_memory_bytes: usize,
     pub max_training_work: u64,
     pub lock_timeout: Duration,
@@ -184,6 +189,7 @@ impl TryFrom<FileConfig> for Config {
                 ms => Duration::from_millis(ms),
             },
             model_cache_size: f.model_cache_size.max(1),
+            snapshot_cache_bytes: f.snapshot_cache_mib.saturating_mul(1 << 20),
             stack_memory_bytes: match f.stack_memory_mib {
                 0 => return Err(ConfigError::Invalid("stack_memory_mib must be at least 1".into())),
                 mib => mib.saturating_mul(1 << 20),

@@ -145,6 +145,7 @@ impl UserRelation {
 
 /// Columns read, plus a sha256 over every value in order: the fingerprint of
 /// exactly the rows that were read.
+#[derive(Debug, Clone)]
 pub struct Table {
     pub columns: Vec<ColumnData>,
     pub fingerprint: String,
@@ -216,6 +217,12 @@ pub async fn copy_columns(
 /// snapshot's heap holds them in. Snapshot columns are built-in types under
 /// neutral names (`JobSpec::snapshot_columns`).
 pub async fn read_snapshot(client: &Client, job: &JobSpec) -> Result<Table> {
+    copy_columns(client, &job.data_relation, &snapshot_read(job), job.snapshot_columns.key.as_deref()).await
+}
+
+/// The columns [`read_snapshot`] reads for `job`: its features, then its
+/// target (a number for a regression, else text).
+pub fn snapshot_read(job: &JobSpec) -> Vec<ReadColumn> {
     let names = &job.snapshot_columns;
     let mut columns: Vec<ReadColumn> = job
         .plan
@@ -226,5 +233,5 @@ pub async fn read_snapshot(client: &Client, job: &JobSpec) -> Result<Table> {
         .collect();
     let target = if job.plan.task == Task::Regression { ReadAs::Float64 } else { ReadAs::Text };
     columns.push(ReadColumn::builtin(names.target.clone(), target));
-    copy_columns(client, &job.data_relation, &columns, names.key.as_deref()).await
+    columns
 }

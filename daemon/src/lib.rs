@@ -25,6 +25,7 @@ pub mod onnx;
 pub mod scheduler;
 pub mod scoring;
 pub mod server;
+pub mod snapshot_cache;
 pub mod train;
 pub mod warm;
 
@@ -221,6 +222,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     let service = Arc::new(ScoringService::new(runtime.clone(), catalog.clone(), config.model_cache_size));
     let limits = server::Limits { max_connections: config.max_connections, scoring_deadline: config.scoring_deadline };
     let wake = Arc::new(Notify::new());
+    // Kept across sessions: a snapshot never changes once frozen.
+    let snapshots = Arc::new(snapshot_cache::SnapshotCache::new(config.snapshot_cache_bytes));
 
     let mut held: Option<HeldLock> = None;
     let mut listening: Option<Listening> = None;
@@ -305,6 +308,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             shutdown: shutdown.clone(),
             lost,
             carry: std::mem::take(&mut carry),
+            snapshots: snapshots.clone(),
         };
         let mut jobs = tokio::spawn(scheduler.run());
         let lock_driver = &mut held.as_mut().expect("open_session holds the lock").driver;

@@ -22,6 +22,7 @@ use crate::features::FeaturePipeline;
 use crate::guide::Guide;
 use crate::onnx;
 use crate::scoring::OnnxRuntime;
+use crate::snapshot_cache::{SnapshotCache, SnapshotKey};
 use crate::train::{self, Control, EpochStats, TrainError, TrainedModel};
 use crate::warm::ParentWeights;
 
@@ -89,6 +90,8 @@ pub struct Scheduler {
     pub lost: watch::Receiver<bool>,
     /// From the session before, and for the next.
     pub carry: Carry,
+    /// Snapshots read, for the next stacks that read the same (`snapshot_cache_mib`).
+    pub snapshots: Arc<SnapshotCache>,
 }
 
 /// The outcome of a write that ends `job`, where a lock another transaction
@@ -440,9 +443,43 @@ impl Scheduler {
 
     /// The stack's snapshot, read once for all its models. None when the
     /// server refused the read (the jobs failed).
-    async fn read_training_data(&mut self, stack: &StackJobs) -> Result<Option<Table>, CatalogError> {
+    async fn read_training_data(&mut self, stack: &StackJobs) -> Result<Option<Arc<Table>>, CatalogError> {
+        let key = SnapshotKey::of(&stack.lead);
+        if let Some((table, bytes)) = self.snapshots.get(&key) {
+            let cache = self.snapshots.stats();
+            info!(
+                job = stack.first,
+                snapshot = stack.lead.snapshot_id,
+                bytes,
+                hits = cache.hits,
+                misses = cache.misses,
+                cached = cache.bytes,
+                "snapshot read from cerebrod's cache"
+            );
+            if let Some(selection) = stack.lead.selection {
+                match self.control.count_cache_hit(selection, bytes as i64).await {
+                    Err(e) if e.is_lock_timeout() => {
+                        warn!(selection, "not counted in the selection's cache hits: {}", e.reason())
+                    }
+                    counted => counted?,
+                }
+            }
+            return Ok(Some(table));
+        }
         match read_snapshot(self.data.client(), &stack.lead).await {
-            Ok(t) => Ok(Some(t)),
+            Ok(t) => {
+                let table = Arc::new(t);
+                if self.snapshots.insert(key, table.clone()) {
+                    let cache = self.snapshots.stats();
+                    debug!(
+                        snapshot = stack.lead.snapshot_id,
+                        entries = cache.entries,
+                        cached = cache.bytes,
+                        "snapshot kept"
+                    );
+                }
+                Ok(Some(table))
+            }
             Err(e) if e.is_refusal() => {
                 // The server refused the read (snapshot dropped, type changed):
                 // retrying cannot help.
@@ -560,7 +597,7 @@ impl Scheduler {
     fn start_training(
         &self,
         stack: &StackJobs,
-        table: Table,
+        table: Arc<Table>,
         parents: Vec<Option<ParentWeights>>,
         mut guide: Option<Guide>,
     ) -> Training {
@@ -573,17 +610,11 @@ impl Scheduler {
         let compute = self.compute;
         let deadline = guide.as_ref().and_then(Guide::deadline);
         let task = tokio::task::spawn_blocking(move || {
-            let mut columns = table.columns;
-            let target = columns.pop().expect("the target column is read last");
+            let (columns, target) = table.columns.split_at(table.columns.len() - 1);
+            let target = &target[0];
             let warm: Vec<Option<&ParentWeights>> = parents.iter().map(Option::as_ref).collect();
-            let mut result = train::train_group_warm(
-                &plans,
-                &warm,
-                &columns,
-                &target,
-                compute,
-                deadline,
-                &mut |reports, controls| {
+            let mut result =
+                train::train_group_warm(&plans, &warm, columns, target, compute, deadline, &mut |reports, controls| {
                     for (m, stats) in reports {
                         let _ = progress_tx.send((*m, stats.clone()));
                         controls[*m] = if stop_flag.load(Ordering::Relaxed) {
@@ -597,15 +628,14 @@ impl Scheduler {
                     if let Some(guide) = guide.as_mut() {
                         guide.steer(reports, controls, Instant::now());
                     }
-                },
-            );
+                });
             if let (Ok(models), Some(guide)) = (&result, guide.as_mut()) {
                 guide.note_interrupted(models);
             }
             if let Ok(models) = result.as_mut() {
-                explain_models(models, &plans, &columns, &target, guide.as_ref());
+                explain_models(models, &plans, columns, target, guide.as_ref());
             }
-            (result, table.fingerprint, guide)
+            (result, table.fingerprint.clone(), guide)
         });
         Training { task, progress, stop, cancelled }
     }
@@ -818,7 +848,7 @@ impl Scheduler {
         let (runtime, plan) = (self.runtime.clone(), spec.plan.clone());
         let weighing = tokio::task::spawn_blocking(move || {
             let meta: Vec<(&str, String)> = meta.iter().map(|(k, v)| (*k, v.clone())).collect();
-            (ensemble::build(&runtime, &plan, &table.columns, &members, &meta), table.fingerprint)
+            (ensemble::build(&runtime, &plan, &table.columns, &members, &meta), table.fingerprint.clone())
         });
         let (built, fingerprint) = match weighing.await {
             Ok(done) => done,

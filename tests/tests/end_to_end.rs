@@ -1973,6 +1973,16 @@ async fn a_selections_ensemble_averages_its_best_and_is_a_version_like_any() -> 
         (r.get(0), r.get(1))
     };
     assert_eq!(by.0, by.1);
+    // Its stacks after the first took the snapshot from cerebrod's memory.
+    let cache = db
+        .query_one(
+            "SELECT snapshot_cache_hits, snapshot_cache_bytes FROM cerebro.selections WHERE id = $1",
+            &[&selection],
+        )
+        .await?;
+    let (hits, bytes): (i32, i64) = (cache.get(0), cache.get(1));
+    // telco_churn's 7,043 rows of 19 features and the target: well over 100 kB a read.
+    assert!(hits >= 1 && bytes >= hits as i64 * 100_000, "{hits} hits, {bytes} bytes");
     // The selection ended after its ensemble.
     let after: bool = db
         .query_one(
