@@ -9,6 +9,10 @@
 #                                     includes and excludes the joins, validated on the last
 #                                     fifth of the year (split = ordered), against the default
 #                                     model on each source, validated the same way
+#   deploy/flights.sh reuse           reuse across iterations (issue 17): a selection on
+#                                     nyc.flights_known, then the same selection on its
+#                                     snapshot (parent_version); seconds from each INSERT to
+#                                     its first epoch, and what cerebrod's snapshot cache served
 #
 # Runs in the demo's database (sets it up if needed); idempotent.
 source "$(dirname "$0")/lib.sh"
@@ -24,6 +28,49 @@ write_daemon_config cerebrod "$DB"
 ensure_daemon cerebrod
 
 load_nycflights "$DB" "$SRC"
+
+if [ "${1:-}" = reuse ]; then
+    name="flights_reuse_$(date +%s)"
+    spec='model hidden = {[64, 32], [128, 64]}
+          train  lr = {1e-3, 3e-3}, epochs = 1, patience = 0'
+    # Seconds from the selection's INSERT (its transaction's start) to the
+    # start of its first epoch: the earliest epoch's end less its length.
+    first_epoch() {
+        psql_as "$DB" -tAc "
+SELECT round(extract(epoch FROM min(h.recorded_at - h.seconds * interval '1 second') - s.created_at)::numeric, 2)
+FROM cerebro.selections s JOIN cerebro.model_versions m ON m.selection_id = s.id
+JOIN cerebro.training_history h ON h.model_version_id = m.id
+WHERE s.id = $1 GROUP BY s.created_at"
+    }
+    finish() {
+        until [ "$(psql_as "$DB" -tAc "SELECT finished_at IS NOT NULL FROM cerebro.selections WHERE id = $1")" = t ]; do
+            sleep 1
+        done
+    }
+    step "A selection on nyc.flights_known ($name): it freezes the source, cerebrod reads the snapshot"
+    started=$(date +%s.%N)
+    psql_as "$DB" -q -c "INSERT INTO cerebro.models (name, source, target, key, spec)
+        VALUES ('$name', 'nyc.flights_known', 'late', 'flight_id', \$\$$spec\$\$)"
+    insert1=$(awk -v a="$(date +%s.%N)" -v b="$started" 'BEGIN { print a - b }')
+    first=$(psql_as "$DB" -tAc "SELECT max(id) FROM cerebro.selections WHERE name = '$name'")
+    finish "$first"
+    parent=$(psql_as "$DB" -tAc "SELECT min(version) FROM cerebro.model_versions WHERE selection_id = $first")
+    step "The same selection on version $parent's snapshot (parent_version)"
+    started=$(date +%s.%N)
+    psql_as "$DB" -q -c "INSERT INTO cerebro.models (name, parent_version, spec) VALUES ('$name', $parent, \$\$$spec\$\$)"
+    insert2=$(awk -v a="$(date +%s.%N)" -v b="$started" 'BEGIN { print a - b }')
+    second=$(psql_as "$DB" -tAc "SELECT max(id) FROM cerebro.selections WHERE name = '$name'")
+    finish "$second"
+    f1=$(first_epoch "$first")
+    f2=$(first_epoch "$second")
+    printf '\n%-44s %10s %18s\n' "" "INSERT, s" "to first epoch, s"
+    printf '%-44s %10.2f %18.2f\n' "selection $first (freezes the source)" "$insert1" "$f1"
+    printf '%-44s %10.2f %18.2f\n' "selection $second (on version $parent's snapshot)" "$insert2" "$f2"
+    awk -v a="$f1" -v b="$f2" 'BEGIN { printf "    the second reached its first epoch %.1fx sooner\n", a / b }'
+    psql_as "$DB" -c "SELECT id, snapshot_cache_hits AS cache_hits, pg_size_pretty(snapshot_cache_bytes) AS served,
+        round(spent_seconds::numeric, 1) AS seconds FROM cerebro.selections WHERE id IN ($first, $second) ORDER BY id"
+    exit 0
+fi
 
 if [ "${1:-}" = selection ]; then
     step "Default models on each source, and a selection over both (validated on the last 20 % of flights)"

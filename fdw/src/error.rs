@@ -53,6 +53,12 @@ pub enum CerebroError {
     SnapshotGone { name: String, version: i32, to: &'static str },
     #[error("model \"{name}\" version {version} was imported: it has no training rows to distill it on")]
     DistillingImport { name: String, version: i32 },
+    #[error("a selection on model \"{name}\" version {version}'s snapshot reads column \"{column}\", which was not frozen with it")]
+    NotInSnapshot { column: String, name: String, version: i32 },
+    #[error("a selection on version {version}'s snapshot trains on its rows and target; it cannot name {what}")]
+    OnSnapshot { version: i32, what: &'static str },
+    #[error("a change and a spec cannot be given together")]
+    ChangeWithSpec,
     #[error("max_depth must be between {} and {}, not {given}", DEPTHS.start(), DEPTHS.end())]
     MaxDepth { given: i32 },
     #[error("model \"{name}\" version {version} is {status} and cannot be deleted")]
@@ -201,6 +207,8 @@ impl CerebroError {
             CerebroError::Unsupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             CerebroError::TopK(_) | CerebroError::MaxDepth { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             CerebroError::DistillingImport { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
+            CerebroError::NotInSnapshot { .. } => ERRCODE_UNDEFINED_COLUMN,
+            CerebroError::OnSnapshot { .. } | CerebroError::ChangeWithSpec => ERRCODE_INVALID_PARAMETER_VALUE,
             CerebroError::UnknownObject(_) => ERRCODE_FDW_INVALID_OPTION_NAME,
             CerebroError::Catalog(_) => ERRCODE_DATA_CORRUPTED,
             CerebroError::MissingSocket => ERRCODE_FDW_OPTION_NAME_NOT_FOUND,
@@ -274,6 +282,21 @@ impl CerebroError {
                 "cerebrod distills one after training, except for the candidates that halving stopped early and \
                  for imported models; SELECT cerebro.distill('{name}', {version}) distills it now."
             )),
+            CerebroError::NotInSnapshot { name, version, .. } => Some(format!(
+                "A selection with parent_version trains on the rows and columns frozen for that version: SELECT \
+                 s.columns FROM cerebro.snapshots s JOIN cerebro.model_versions m ON m.snapshot_id = s.id WHERE \
+                 m.name = '{name}' AND m.version = {version} lists them. Leave parent_version out to freeze the \
+                 source afresh."
+            )),
+            CerebroError::OnSnapshot { .. } => Some(
+                "Leave it out to search on the parent's rows, or leave parent_version out to freeze a source afresh."
+                    .into(),
+            ),
+            CerebroError::ChangeWithSpec => Some(
+                "A spec with parent_version is a selection on that version's snapshot; a change derives one version. \
+                 Write what the change says in the spec instead."
+                    .into(),
+            ),
             CerebroError::MaxDepth { .. } => Some(format!(
                 "A tree of depth d has at most 2^d rules; leave max_depth out for {DEFAULT_MAX_DEPTH}, as cerebrod \
                  distills after training."

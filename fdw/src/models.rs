@@ -16,7 +16,7 @@ const WRITABLE: &[&str] =
     &["name", "source", "target", "key", "features", "task", "options", "spec", "parent_version", "change"];
 
 /// A training request as inserted, before it is checked against the source.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct TrainRequest {
     pub name: String,
     pub source: String,
@@ -107,10 +107,10 @@ impl TrainRequest {
         });
         let name = name.ok_or(CerebroError::MissingValue("name"))?;
         validate_model_name(&name)?;
-        let lineage = (parent_version.is_some() || change.is_some()).then_some(Lineage { parent_version, change });
-        if lineage.is_some() && spec.is_some() {
-            return Err(CerebroError::Unsupported("a selection (spec) derived from a parent version"));
+        if change.is_some() && spec.is_some() {
+            return Err(CerebroError::ChangeWithSpec);
         }
+        let lineage = (parent_version.is_some() || change.is_some()).then_some(Lineage { parent_version, change });
         // A derived model takes what it does not set from its parent.
         let derived = lineage.is_some();
         Ok(TrainRequest {

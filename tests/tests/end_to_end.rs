@@ -2532,3 +2532,90 @@ async fn filters_the_foreign_tables_cannot_push_down_raise_no_warning() -> anyho
     assert!(notices.lock().expect("notice log").iter().any(|n| n == "WARNING: still heard"));
     Ok(())
 }
+
+/// `parent_version` with a `spec`: a selection on that version's frozen
+/// snapshot. Its candidates read the rows the parent trained on (the source
+/// has changed since), with the parent's features unless the spec picks
+/// others among the columns frozen then; cerebrod reads the snapshot once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_selection_on_a_versions_snapshot_trains_on_its_frozen_rows() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    db.batch_execute(
+        "DROP TABLE IF EXISTS e2e_onsnap_src;
+         CREATE TABLE e2e_onsnap_src AS SELECT * FROM telco_churn;
+         INSERT INTO cerebro.models (name, source, target, key, features, options) VALUES ('e2e_onsnap',
+             'e2e_onsnap_src', 'churn', 'customer_id', ARRAY['tenure', 'contract', 'monthly_charges'],
+             '{\"epochs\": 3}')",
+    )
+    .await?;
+    let seen = wait_until_done(&db, "e2e_onsnap", 1, TRAIN_TIMEOUT).await?;
+    assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
+    // The source changes; the parent's snapshot does not.
+    db.batch_execute("DELETE FROM e2e_onsnap_src WHERE tenure > 12").await?;
+    let snapshots = "SELECT count(*) FROM cerebro.snapshots";
+    let before: i64 = db.query_one(snapshots, &[]).await?.get(0);
+
+    db.execute(
+        "INSERT INTO cerebro.models (name, parent_version, spec) VALUES ('e2e_onsnap', $1,
+             'model hidden = {[8], [16]}
+              train lr = {0.01, 0.003}, epochs = 3, patience = 0')",
+        &[&1i32],
+    )
+    .await?;
+    let (selection, _) = wait_for_selection(&db, "e2e_onsnap").await?;
+    assert_eq!(db.query_one(snapshots, &[]).await?.get::<_, i64>(0), before, "no snapshot frozen");
+    let rows = db
+        .query(
+            "SELECT m.version, m.status::text, m.snapshot_id = p.snapshot_id, s.row_count,
+                    ARRAY(SELECT f->>'name' FROM jsonb_array_elements(m.features) f), m.target_column, m.error
+             FROM cerebro.model_versions m JOIN cerebro.snapshots s ON s.id = m.snapshot_id
+             JOIN cerebro.model_versions p ON p.name = m.name AND p.version = 1
+             WHERE m.selection_id = $1 ORDER BY m.version",
+            &[&selection],
+        )
+        .await?;
+    assert_eq!(rows.len(), 4, "four candidates");
+    for r in &rows {
+        let (status, same, frozen_rows) = (r.get::<_, String>(1), r.get::<_, bool>(2), r.get::<_, i64>(3));
+        assert_eq!(status, "ready", "{:?}", r.get::<_, Option<String>>(6));
+        assert!(same, "version {} trains on the parent's snapshot", r.get::<_, i32>(0));
+        assert_eq!(frozen_rows, 7043, "the rows frozen before the DELETE");
+        assert_eq!(r.get::<_, Vec<String>>(4), ["tenure", "contract", "monthly_charges"]);
+        assert_eq!(r.get::<_, String>(5), "churn");
+    }
+    // cerebrod read the snapshot for the parent; the candidates took it from memory.
+    let hits: i32 =
+        db.query_one("SELECT snapshot_cache_hits FROM cerebro.selections WHERE id = $1", &[&selection]).await?.get(0);
+    assert!(hits >= 1, "{hits} cache hits");
+
+    // Columns frozen with the parent only; no source, no change with it.
+    for (spec, code, says) in [
+        (
+            "features tenure, total_charges\nmodel hidden = [8]",
+            "42703",
+            "column \"total_charges\", which was not frozen",
+        ),
+        ("source telco_churn\nmodel hidden = [8]", "22023", "it cannot name a source"),
+    ] {
+        let err = db
+            .execute("INSERT INTO cerebro.models (name, parent_version, spec) VALUES ('e2e_onsnap', 1, $1)", &[&spec])
+            .await
+            .expect_err(spec);
+        let e = err.as_db_error().expect("a server error");
+        assert_eq!(e.code().code(), code, "{spec}: {}", e.message());
+        assert!(e.message().contains(says), "{spec}: {}", e.message());
+        assert!(e.hint().is_some(), "{spec}");
+    }
+    let err = db
+        .execute(
+            "INSERT INTO cerebro.models (name, parent_version, change, spec) VALUES ('e2e_onsnap', 1, 'train lr = 0.01',
+                 'model hidden = [8]')",
+            &[],
+        )
+        .await
+        .expect_err("a change and a spec");
+    assert_eq!(err.code().map(|c| c.code()), Some("22023"), "{err}");
+    Ok(())
+}

@@ -19,20 +19,22 @@ use crate::models::{Lineage, TrainRequest};
 use crate::sources::{check_own_source, read_shape};
 
 /// What a derived version inherits from its parent.
-struct Parent {
-    version: i32,
-    source: String,
-    target: String,
-    key: Option<String>,
-    features: Vec<String>,
-    options: serde_json::Value,
+pub(super) struct Parent {
+    pub(super) version: i32,
+    pub(super) source: String,
+    pub(super) target: String,
+    pub(super) key: Option<String>,
+    pub(super) features: Vec<String>,
+    pub(super) options: serde_json::Value,
     /// Who wrote its source.
-    source_author: String,
+    pub(super) source_author: String,
+    /// Its frozen training rows (a selection on its snapshot reuses them).
+    pub(super) snapshot_id: i64,
 }
 
 /// The parent version: the one named, else what `cerebro.resolve_version`
 /// picks (the deployed one, else the newest ready one).
-fn parent_of(name: &str, named: Option<i32>) -> Result<Parent> {
+pub(super) fn parent_of(name: &str, named: Option<i32>) -> Result<Parent> {
     Spi::connect_mut(|client| {
         access::as_user_of(name, || {
             let version = match named {
@@ -42,7 +44,7 @@ fn parent_of(name: &str, named: Option<i32>) -> Result<Parent> {
             };
             let query = "SELECT status::text, source_relation, target_column, key_column,
                                 ARRAY(SELECT f->>'name' FROM jsonb_array_elements(features) f), options,
-                                source_author::text
+                                source_author::text, snapshot_id
                          FROM cerebro.model_versions WHERE name = $1 AND version = $2";
             let Some(row) = client.update(query, Some(1), &[name.into(), version.into()])?.next() else {
                 return Err(CerebroError::VersionNotFound { name: name.into(), version });
@@ -60,6 +62,7 @@ fn parent_of(name: &str, named: Option<i32>) -> Result<Parent> {
                 features: row.get::<Vec<Option<String>>>(5)?.unwrap_or_default().into_iter().flatten().collect(),
                 options: row.get::<JsonB>(6)?.map(|j| j.0).unwrap_or_default(),
                 source_author: row.get(7)?.unwrap_or_default(),
+                snapshot_id: row.get(8)?.unwrap_or_default(),
             })
         })
     })
@@ -109,5 +112,5 @@ pub(super) fn build(req: &TrainRequest, lineage: &Lineage) -> Result<Batch> {
         source_author: inherited.then_some(parent.source_author),
         candidate: None,
     };
-    Ok(Batch { selection: None, versions: vec![version] })
+    Ok(Batch { selection: None, versions: vec![version], on_snapshot: None })
 }

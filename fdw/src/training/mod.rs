@@ -3,7 +3,8 @@
 //! ```text
 //! models.rs      the row as written (TrainRequest)
 //!   → a builder  what versions it asks for (a Batch); reads, never writes:
-//!                plain (here), selection.rs (a spec), derived.rs (a parent and a change)
+//!                plain (here), selection.rs (a spec, on a parent's snapshot or
+//!                not), derived.rs (a parent and a change)
 //!   → queue.rs   per version: resolve its source, freeze the snapshot, read the
 //!                labels, check, write the catalog rows, enqueue
 //! ```
@@ -61,13 +62,20 @@ pub(crate) struct NewSelection {
 pub(crate) struct Batch {
     pub(crate) selection: Option<NewSelection>,
     pub(crate) versions: Vec<VersionRequest>,
+    /// A selection on a version's frozen snapshot: the snapshot, and that
+    /// version. Its candidates read it rather than freezing their own.
+    pub(crate) on_snapshot: Option<(i64, i32)>,
 }
 
 /// Queues what `req` asks for: one version, a selection's candidates, or a
 /// version derived from a parent.
 pub fn queue_training(req: TrainRequest) -> Result<()> {
     let batch = match (&req.spec, &req.lineage) {
-        (Some(spec), _) => selection::build(&req, spec)?,
+        (Some(spec), Some(lineage)) => {
+            let parent = derived::parent_of(&req.name, lineage.parent_version)?;
+            selection::build(&req, spec, Some(&parent))?
+        }
+        (Some(spec), None) => selection::build(&req, spec, None)?,
         (None, Some(lineage)) => derived::build(&req, lineage)?,
         (None, None) => plain(req),
     };
@@ -89,5 +97,5 @@ fn plain(req: TrainRequest) -> Batch {
         source_author: None,
         candidate: None,
     };
-    Batch { selection: None, versions: vec![version] }
+    Batch { selection: None, versions: vec![version], on_snapshot: None }
 }

@@ -22,22 +22,23 @@ use crate::sources::{resolve_source, Source, SourceColumn};
 
 /// Queues every version of `batch` (and records its selection, if any).
 pub(super) fn queue(batch: Batch) -> Result<()> {
-    let Batch { selection, versions } = batch;
+    let Batch { selection, versions, on_snapshot } = batch;
     let Some(new_selection) = selection else {
         for version in &versions {
-            queue_version(version, None, None)?;
+            queue_version(version, None, None, None)?;
         }
         return Ok(());
     };
     let name = versions.first().map(|v| v.name.clone()).unwrap_or_default();
-    let selection = record_selection(&name, &new_selection, versions.len())?;
     let mut snapshots = SharedSnapshots::new();
+    let fixed = on_snapshot.map(|(snapshot, parent)| frozen_snapshot(&name, snapshot, parent)).transpose()?;
+    let selection = record_selection(&name, &new_selection, versions.len())?;
     let mut numbers = Vec::with_capacity(versions.len());
     for mut version in versions {
         if let Some(candidate) = version.candidate {
             version.written["selection"] = serde_json::json!({ "id": selection, "candidate": candidate });
         }
-        numbers.push(queue_version(&version, Some(selection), Some(&mut snapshots))?);
+        numbers.push(queue_version(&version, Some(selection), Some(&mut snapshots), fixed.as_ref())?);
     }
     notice!(
         "cerebro: selection {selection} queued {} candidate(s) as versions {} to {} of {name}; \
@@ -75,6 +76,27 @@ fn record_selection(name: &str, selection: &NewSelection, candidates: usize) -> 
     })
 }
 
+/// Version `parent`'s snapshot `id`, for a selection on it.
+fn frozen_snapshot(name: &str, id: i64, parent: i32) -> Result<Frozen> {
+    Spi::connect(|client| {
+        let _owner = identity::become_owner()?;
+        let row = client
+            .select(
+                "SELECT data_relation, row_count, columns FROM cerebro.snapshots
+                 WHERE id = $1 AND pg_catalog.to_regclass(data_relation) IS NOT NULL",
+                Some(1),
+                &[id.into()],
+            )?
+            .first();
+        let (Some(data_relation), Some(row_count), Some(columns)) =
+            (row.get::<String>(1)?, row.get::<i64>(2)?, row.get::<Vec<String>>(3)?)
+        else {
+            return Err(CerebroError::SnapshotGone { name: name.into(), version: parent, to: "train a selection on" });
+        };
+        Ok(Frozen { id, data_relation, row_count, columns, query: None, of_version: Some(parent) })
+    })
+}
+
 /// A snapshot frozen for the candidates of one selection on one source.
 #[derive(Clone)]
 struct Frozen {
@@ -85,6 +107,9 @@ struct Frozen {
     columns: Vec<String>,
     /// The copy that filled it; None when it was frozen for an earlier candidate.
     query: Option<String>,
+    /// The version it was frozen for, when a selection trains on that
+    /// version's snapshot: it holds only the columns frozen then.
+    of_version: Option<i32>,
 }
 
 /// Snapshots shared by a selection's candidates, by source.
@@ -109,12 +134,18 @@ struct Labels {
 }
 
 /// Queues one version (a candidate of `selection`, if any); returns its number.
-fn queue_version(v: &VersionRequest, selection: Option<i64>, shared: Option<&mut SharedSnapshots>) -> Result<i32> {
+/// With `fixed`, it reads that snapshot (a selection on a version's).
+fn queue_version(
+    v: &VersionRequest,
+    selection: Option<i64>,
+    shared: Option<&mut SharedSnapshots>,
+    fixed: Option<&Frozen>,
+) -> Result<i32> {
     Spi::connect_mut(|client| {
         let resolved = resolve(client, v)?;
         let user = current_user(client)?;
         let caller = identity::current_role();
-        let reused = shared.as_ref().and_then(|m| m.get(&resolved.source.display).cloned());
+        let reused = fixed.cloned().or_else(|| shared.as_ref().and_then(|m| m.get(&resolved.source.display).cloned()));
         // Column i of the snapshot holds frozen[i]: what this version reads,
         // and for a selection every other readable column of a usable type.
         let mut frozen: Vec<&SourceColumn> =
@@ -134,6 +165,11 @@ fn queue_version(v: &VersionRequest, selection: Option<i64>, shared: Option<&mut
             Some(f) => f,
             None => freeze(client, &resolved.source, &frozen, &user)?,
         };
+        if let (Some(parent), Some(missing)) =
+            (snapshot.of_version, resolved.used.iter().find(|c| !snapshot.columns.contains(c)))
+        {
+            return Err(CerebroError::NotInSnapshot { column: missing.clone(), name: v.name.clone(), version: parent });
+        }
         let labels = read_labels(client, v, &resolved, &snapshot)?;
         v.options.check_against(&resolved.features, labels.task, &labels.class_labels)?;
         crate::limits::check_model(
@@ -215,6 +251,7 @@ fn freeze(client: &mut SpiClient<'_>, source: &Source, columns: &[&SourceColumn]
         row_count,
         columns: columns.iter().map(|c| c.name.clone()).collect(),
         query: Some(query),
+        of_version: None,
     })
 }
 

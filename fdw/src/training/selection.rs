@@ -10,14 +10,45 @@ use cerebro_shared::sql::quote_ident;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
+use super::derived::Parent;
 use super::{Batch, NewSelection, VersionRequest};
 use crate::error::{CerebroError, Result};
 use crate::gucs;
 use crate::models::TrainRequest;
-use crate::sources::{read_shape, resolve_source, BaseType, SourceColumn};
+use crate::sources::{check_own_source, read_shape, resolve_source, BaseType, SourceColumn};
 
-/// The candidates of the selection `written` declares, as versions of `req`'s model.
-pub(super) fn build(req: &TrainRequest, written: &str) -> Result<Batch> {
+/// The candidates of the selection `written` declares, as versions of `req`'s
+/// model; with `parent`, on that version's frozen snapshot: its source,
+/// target and key, its features unless the spec picks others, its options
+/// under the INSERT's and the spec's.
+pub(super) fn build(req: &TrainRequest, written: &str, parent: Option<&Parent>) -> Result<Batch> {
+    let on_parent;
+    let req = match parent {
+        Some(parent) => {
+            if !req.source.is_empty() {
+                return Err(CerebroError::OnSnapshot { version: parent.version, what: "a source" });
+            }
+            if !req.target.is_empty() && req.target != parent.target {
+                return Err(CerebroError::OnSnapshot { version: parent.version, what: "another target" });
+            }
+            // Its rows are the parent's; its source is read only for its
+            // shape, as the caller, who must not run another role's code.
+            Spi::connect(|client| check_own_source(client, &req.name, &parent.source, &parent.source_author))?;
+            let mut options = parent.options.clone();
+            if let (Some(inherited), Some(written)) = (options.as_object_mut(), req.written["options"].as_object()) {
+                inherited.extend(written.clone());
+            }
+            let mut inherited = req.clone();
+            inherited.source = parent.source.clone();
+            inherited.target = parent.target.clone();
+            inherited.key = req.key.clone().or(parent.key.clone());
+            inherited.features = req.features.clone().or(Some(parent.features.clone()));
+            inherited.written["options"] = options;
+            on_parent = inherited;
+            &on_parent
+        }
+        None => req,
+    };
     let searched = if mst::is_default(written) {
         Some(mst::default_for(&Spi::connect(|client| source_facts(client, req))?))
     } else {
@@ -34,6 +65,9 @@ pub(super) fn build(req: &TrainRequest, written: &str) -> Result<Batch> {
     let base: serde_json::Map<String, serde_json::Value> =
         req.written["options"].as_object().cloned().unwrap_or_default();
 
+    if let (Some(parent), true) = (parent, candidates.iter().any(|c| c.source.is_some())) {
+        return Err(CerebroError::OnSnapshot { version: parent.version, what: "a source" });
+    }
     let source_of = |c: &Candidate| match &c.source {
         None => req.source.clone(),
         Some(Value::Word(w) | Value::Text(w)) => w.clone(),
@@ -75,12 +109,16 @@ pub(super) fn build(req: &TrainRequest, written: &str) -> Result<Batch> {
             options,
             written,
             lineage: None,
-            source_author: None,
+            source_author: parent.map(|p| p.source_author.clone()),
             candidate: Some(i + 1),
         });
     }
     let plan = SelectionPlan { searched: searched.filter(|t| t != mst::DEFAULT_SPEC), ..spec.plan(max_epochs) };
-    Ok(Batch { selection: Some(NewSelection { spec: written.to_owned(), plan }), versions })
+    Ok(Batch {
+        selection: Some(NewSelection { spec: written.to_owned(), plan }),
+        versions,
+        on_snapshot: parent.map(|p| (p.snapshot_id, p.version)),
+    })
 }
 
 /// What the default selection reads of `req`'s source before it searches.
