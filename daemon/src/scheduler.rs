@@ -609,12 +609,21 @@ impl Scheduler {
         let cancel_flags = cancelled.clone();
         let compute = self.compute;
         let deadline = guide.as_ref().and_then(Guide::deadline);
+        let (cache, read) = (self.snapshots.clone(), SnapshotKey::of(&stack.lead));
         let task = tokio::task::spawn_blocking(move || {
             let (columns, target) = table.columns.split_at(table.columns.len() - 1);
             let target = &target[0];
             let warm: Vec<Option<&ParentWeights>> = parents.iter().map(Option::as_ref).collect();
-            let mut result =
-                train::train_group_warm(&plans, &warm, columns, target, compute, deadline, &mut |reports, controls| {
+            let reuse = Some(train::Reuse { cache: &cache, read: &read });
+            let mut result = train::train_group_warm(
+                &plans,
+                &warm,
+                columns,
+                target,
+                compute,
+                deadline,
+                reuse,
+                &mut |reports, controls| {
                     for (m, stats) in reports {
                         let _ = progress_tx.send((*m, stats.clone()));
                         controls[*m] = if stop_flag.load(Ordering::Relaxed) {
@@ -628,7 +637,8 @@ impl Scheduler {
                     if let Some(guide) = guide.as_mut() {
                         guide.steer(reports, controls, Instant::now());
                     }
-                });
+                },
+            );
             if let (Ok(models), Some(guide)) = (&result, guide.as_mut()) {
                 guide.note_interrupted(models);
             }

@@ -1,9 +1,11 @@
-//! Snapshots already read, kept for the next stack that reads the same
-//! columns of the same snapshot (issue 17, "reuse across iterations"): a
-//! selection's later stacks and rounds, derived models and reproductions
-//! over one snapshot skip its COPY. A frozen snapshot never changes, so an
-//! entry is never stale; when the memory budget (`snapshot_cache_mib`) is
-//! full, the least recently used entries go first.
+//! Snapshots already read, and their rows as a stack's pipeline encoded
+//! them, kept for the next stack that reads the same columns of the same
+//! snapshot (issue 17, "reuse across iterations"): a selection's later
+//! stacks and rounds, derived models and reproductions over one snapshot
+//! skip its COPY, and those whose pipeline and split are the same skip the
+//! fit and the encoding too. A frozen snapshot never changes, so an entry
+//! is never stale; when the memory budget (`snapshot_cache_mib`) is full,
+//! the least recently used entries go first.
 //!
 //! Entries are whole reads (a snapshot's columns as one request read them,
 //! in its key order), never assembled from several: a snapshot without a
@@ -14,6 +16,7 @@
 //! is bounded by their bytes, which the LRU crates (bounded by an entry
 //! count) do not track.
 
+use std::any::Any;
 use std::sync::{Arc, Mutex};
 
 use cerebro_shared::batch::ColumnData;
@@ -56,9 +59,17 @@ pub struct CacheStats {
     pub evictions: u64,
 }
 
+/// A read, or what `encoding` (a description of a pipeline and split, the
+/// trainer's) made of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct EntryKey {
+    read: SnapshotKey,
+    encoding: Option<String>,
+}
+
 struct Entry {
-    key: SnapshotKey,
-    table: Arc<Table>,
+    key: EntryKey,
+    value: Arc<dyn Any + Send + Sync>,
     bytes: usize,
 }
 
@@ -87,12 +98,44 @@ impl SnapshotCache {
     /// The table `key` read, if kept (it becomes the most recently used),
     /// with its size in bytes.
     pub fn get(&self, key: &SnapshotKey) -> Option<(Arc<Table>, usize)> {
+        self.find(&EntryKey { read: key.clone(), encoding: None })
+    }
+
+    /// Keeps `table` as what `key` reads, evicting the least recently used
+    /// entries until it fits; a table larger than the whole budget is not
+    /// kept. Returns whether it was.
+    pub fn insert(&self, key: SnapshotKey, table: Arc<Table>) -> bool {
+        let bytes = table_bytes(&table);
+        self.keep(EntryKey { read: key, encoding: None }, table, bytes)
+    }
+
+    /// What `encoding` made of the rows `key` reads, if kept.
+    pub fn get_encoded<T: Any + Send + Sync>(&self, key: &SnapshotKey, encoding: &str) -> Option<(Arc<T>, usize)> {
+        self.find(&EntryKey { read: key.clone(), encoding: Some(encoding.to_owned()) })
+    }
+
+    /// Keeps `value`, `bytes` large, as what `encoding` made of the rows
+    /// `key` reads ([`SnapshotCache::insert`]'s rules).
+    pub fn insert_encoded<T: Any + Send + Sync>(
+        &self,
+        key: SnapshotKey,
+        encoding: String,
+        value: Arc<T>,
+        bytes: usize,
+    ) -> bool {
+        self.keep(EntryKey { read: key, encoding: Some(encoding) }, value, bytes)
+    }
+
+    fn find<T: Any + Send + Sync>(&self, key: &EntryKey) -> Option<(Arc<T>, usize)> {
         let mut state = self.state();
-        match state.entries.iter().position(|e| &e.key == key) {
-            Some(at) => {
-                let entry = state.entries.remove(at);
-                let found = (entry.table.clone(), entry.bytes);
-                state.entries.push(entry);
+        let found = state.entries.iter().position(|e| &e.key == key).and_then(|at| {
+            let entry = state.entries.remove(at);
+            let found = entry.value.clone().downcast::<T>().ok().map(|v| (v, entry.bytes));
+            state.entries.push(entry);
+            found
+        });
+        match found {
+            Some(found) => {
                 state.stats.hits += 1;
                 Some(found)
             }
@@ -103,11 +146,7 @@ impl SnapshotCache {
         }
     }
 
-    /// Keeps `table` as what `key` reads, evicting the least recently used
-    /// entries until it fits; a table larger than the whole budget is not
-    /// kept. Returns whether it was.
-    pub fn insert(&self, key: SnapshotKey, table: Arc<Table>) -> bool {
-        let bytes = table_bytes(&table);
+    fn keep(&self, key: EntryKey, value: Arc<dyn Any + Send + Sync>, bytes: usize) -> bool {
         if bytes > self.budget {
             return false;
         }
@@ -119,7 +158,7 @@ impl SnapshotCache {
             held -= evicted.bytes;
             state.stats.evictions += 1;
         }
-        state.entries.push(Entry { key, table, bytes });
+        state.entries.push(Entry { key, value, bytes });
         true
     }
 
@@ -194,6 +233,18 @@ mod tests {
         // A table larger than the budget is not kept, and evicts nothing.
         assert!(!cache.insert(key(4, &["a"]), table(1000)));
         assert_eq!(cache.stats().entries, 2);
+        // Encodings count against the same budget: this one evicts 1.
+        assert!(cache.insert_encoded(key(3, &["a"]), "e".into(), Arc::new(0u8), 900));
+        assert!(cache.get(&key(1, &["a"])).is_none(), "1 was evicted for the encoding");
+        assert!(cache.get(&key(3, &["a"])).is_some());
+        // What a pipeline made of a read is kept beside it, by its description.
+        assert!(cache.insert_encoded(key(1, &["a"]), "ple, seed 1".into(), Arc::new(vec![1.0f32; 10]), 40));
+        assert_eq!(
+            cache.get_encoded::<Vec<f32>>(&key(1, &["a"]), "ple, seed 1").map(|(v, b)| (v.len(), b)),
+            Some((10, 40))
+        );
+        assert!(cache.get_encoded::<Vec<f32>>(&key(1, &["a"]), "ple, seed 2").is_none(), "another split");
+        assert!(cache.get_encoded::<Vec<u8>>(&key(1, &["a"]), "ple, seed 1").is_none(), "another type");
         // Nothing is kept with no budget.
         let none = SnapshotCache::new(0);
         assert!(!none.insert(key(1, &["a"]), table(1)));

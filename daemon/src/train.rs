@@ -1,5 +1,6 @@
 //! One training run: split, fit features, train with early stopping, evaluate.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use cerebro_shared::batch::ColumnData;
@@ -20,6 +21,7 @@ use crate::engine::{
 };
 use crate::features::{Encoded, FeatureError, FeaturePipeline};
 use crate::metrics::{self, Metrics};
+use crate::snapshot_cache::{SnapshotCache, SnapshotKey};
 use crate::warm::{warm_start, ParentWeights, WarmStart};
 use crate::{distill, importance};
 
@@ -309,13 +311,49 @@ pub fn train_group(
     compute: Compute,
     on_epoch: &mut OnEpoch<'_>,
 ) -> Result<Vec<Result<TrainedModel, TrainError>>, TrainError> {
-    train_group_warm(plans, &[], features, target, compute, None, on_epoch)
+    train_group_warm(plans, &[], features, target, compute, None, None, on_epoch)
+}
+
+/// Where a stack may find its rows already split and encoded, and keep
+/// them for the next: cerebrod's cache, and the read its columns came from.
+#[derive(Clone, Copy)]
+pub struct Reuse<'a> {
+    pub cache: &'a SnapshotCache,
+    pub read: &'a SnapshotKey,
+}
+
+/// A stack's rows as [`TrainingData::prepare`] left them, with the
+/// data-order stream as it left it, so that a stack that finds them trains
+/// exactly as one that prepared them.
+struct Prepared {
+    data: TrainingData,
+    order_rng: ChaCha8Rng,
+}
+
+/// What [`TrainingData::prepare`] reads of a plan, as text: its task,
+/// target, features and labels, and its options but those only the
+/// network and its optimiser read. Stacks of equal descriptions over the
+/// same read get the same rows, split and encoding.
+fn encoding_of(plan: &TrainingPlan) -> String {
+    let d = TrainOptions::default();
+    let mut o = plan.options.clone();
+    (o.hidden, o.activation, o.epochs, o.batch_size, o.learning_rate, o.weight_decay, o.patience) =
+        (d.hidden, d.activation, d.epochs, d.batch_size, d.learning_rate, d.weight_decay, d.patience);
+    (o.optimizer, o.momentum, o.schedule, o.warmup_epochs, o.clip_norm, o.residual_blocks, o.norm, o.dropout) =
+        (d.optimizer, d.momentum, d.schedule, d.warmup_epochs, d.clip_norm, d.residual_blocks, d.norm, d.dropout);
+    (o.members, o.class_weights, o.label_smoothing, o.loss, o.huber_delta) =
+        (d.members, d.class_weights, d.label_smoothing, d.loss, d.huber_delta);
+    serde_json::to_string(&(plan.task, &plan.target, &plan.features, &plan.class_labels, &o))
+        .expect("a plan serialises")
 }
 
 /// [`train_group`], where model `m` with `warm[m]` starts from that parent's
 /// weights wherever the shapes allow (derived models; see [`crate::warm`]).
 /// At `deadline`, even within an epoch, every model still training stops
 /// and keeps its best epoch's weights ([`TrainedModel::interrupted`]).
+/// With `reuse`, rows another stack split and encoded the same way are
+/// taken from cerebrod's cache, and this stack's are kept there.
+#[allow(clippy::too_many_arguments)]
 pub fn train_group_warm(
     plans: &[TrainingPlan],
     warm: &[Option<&ParentWeights>],
@@ -323,13 +361,30 @@ pub fn train_group_warm(
     target: &ColumnData,
     compute: Compute,
     deadline: Option<Instant>,
+    reuse: Option<Reuse<'_>>,
     on_epoch: &mut OnEpoch<'_>,
 ) -> Result<Vec<Result<TrainedModel, TrainError>>, TrainError> {
     let plan = stack_plan(plans)?;
-    // One stream orders the data, another initialises weights, so that the
-    // data order is the same for every model of a stack.
-    let mut order_rng = ChaCha8Rng::seed_from_u64(plan.options.seed);
-    let data = TrainingData::prepare(plan, features, target, &mut order_rng)?;
+    let encoding = reuse.map(|_| encoding_of(plan));
+    let found = reuse.zip(encoding.as_deref()).and_then(|(r, e)| r.cache.get_encoded::<Prepared>(r.read, e));
+    let prepared = match found {
+        Some((prepared, bytes)) => {
+            tracing::info!(bytes, "rows split and encoded taken from cerebrod's cache");
+            prepared
+        }
+        None => {
+            // One stream orders the data, another initialises weights, so
+            // that the data order is the same for every model of a stack.
+            let mut order_rng = ChaCha8Rng::seed_from_u64(plan.options.seed);
+            let data = TrainingData::prepare(plan, features, target, &mut order_rng)?;
+            let prepared = Arc::new(Prepared { data, order_rng });
+            if let (Some(r), Some(e)) = (reuse, encoding) {
+                r.cache.insert_encoded(r.read.clone(), e, prepared.clone(), prepared.data.bytes());
+            }
+            prepared
+        }
+    };
+    let (data, mut order_rng) = (&prepared.data, prepared.order_rng.clone());
     // A mini-ensemble of `members` networks is that many models of the
     // stack (plan j's member i is model j·members + i); a parent lends its
     // weights to the first member only, so that the others differ.
@@ -338,17 +393,17 @@ pub fn train_group_warm(
     let warm: Vec<Option<&ParentWeights>> = (0..expanded.len())
         .map(|m| if m % members == 0 { warm.get(m / members).copied().flatten() } else { None })
         .collect();
-    let StartedStack { mut trainer, loss, warm_reports } = start_stack(plan, expanded.len(), &warm, &data, compute)?;
+    let StartedStack { mut trainer, loss, warm_reports } = start_stack(plan, expanded.len(), &warm, data, compute)?;
     let progress = if members == 1 {
-        run_epochs(&expanded, &data, trainer.as_mut(), &loss, &mut order_rng, deadline, on_epoch)?
+        run_epochs(&expanded, data, trainer.as_mut(), &loss, &mut order_rng, deadline, on_epoch)?
     } else {
         let mut by_plan = |reports: &[(usize, EpochStats)], controls: &mut [Control]| {
             per_plan_epoch(reports, controls, plans.len(), members, on_epoch)
         };
-        run_epochs(&expanded, &data, trainer.as_mut(), &loss, &mut order_rng, deadline, &mut by_plan)?
+        run_epochs(&expanded, data, trainer.as_mut(), &loss, &mut order_rng, deadline, &mut by_plan)?
     };
-    let models = finish_models(plan, &data, trainer.as_ref(), progress, warm_reports)?;
-    Ok(if members == 1 { models } else { join_members(models, members, &data) })
+    let models = finish_models(plan, data, trainer.as_ref(), progress, warm_reports)?;
+    Ok(if members == 1 { models } else { join_members(models, members, data) })
 }
 
 /// A mini-ensemble's epoch as its plan's: `on_epoch` sees one report per
@@ -507,6 +562,14 @@ impl TrainingData {
             valid,
             y_valid,
         })
+    }
+
+    /// About what it takes in memory.
+    fn bytes(&self) -> usize {
+        let floats = self.x_all.len() + self.codes_all.len() + self.y.len() + self.valid.x.len();
+        let more = self.valid.codes.len() + self.y_valid.len();
+        let indexes = self.rows.len() + self.train_idx.len() + self.valid_idx.len() + self.raw_targets.len();
+        4 * (floats + more) + 8 * indexes
     }
 
     fn valid_batch(&self) -> Batch<'_> {
@@ -1204,6 +1267,47 @@ pub(crate) mod tests {
         assert_eq!(model_bytes(&p, &features).unwrap(), 3 * one);
     }
 
+    /// A stack that finds its rows split and encoded in the cache trains
+    /// exactly as one that prepared them: same weights, same losses; one
+    /// whose split or encoding differs prepares its own.
+    #[test]
+    fn rows_taken_from_the_cache_train_the_same_models() {
+        let (features, target) = toy(600);
+        let mut p = plan(Task::Binary, &["no", "yes"]);
+        p.options.epochs = 3;
+        let cache = SnapshotCache::new(1 << 30);
+        let read =
+            SnapshotKey { snapshot_id: 1, created_micros: 1, relation: "s".into(), columns: vec![], order_by: None };
+        let group = |plans: &[TrainingPlan], reuse: Option<Reuse<'_>>| {
+            let mut go_on = |_: &[(usize, EpochStats)], _: &mut [Control]| {};
+            train_group_warm(plans, &[], &features, &target, Compute::cpu(2), None, reuse, &mut go_on).unwrap()
+        };
+        let alone = group(std::slice::from_ref(&p), None);
+        let reuse = Some(Reuse { cache: &cache, read: &read });
+        let first = group(std::slice::from_ref(&p), reuse);
+        assert_eq!(cache.stats().entries, 1, "the stack's rows are kept");
+        // Another optimiser on the same rows: a hit.
+        let mut other = p.clone();
+        other.options.learning_rate = 0.003;
+        let again = group(&[p.clone(), other.clone()], reuse);
+        assert_eq!(cache.stats().entries, 1, "nothing new to keep");
+        for (a, b) in [(&alone[0], &first[0]), (&alone[0], &again[0])] {
+            let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+            assert_eq!(a.network, b.network);
+            assert_eq!(
+                a.history.iter().map(|h| h.train_loss).collect::<Vec<_>>(),
+                b.history.iter().map(|h| h.train_loss).collect::<Vec<_>>()
+            );
+        }
+        let other_alone = group(std::slice::from_ref(&other), None);
+        assert_eq!(other_alone[0].as_ref().unwrap().network, again[1].as_ref().unwrap().network);
+        // Another seed splits the rows otherwise: prepared and kept apart.
+        let mut reseeded = p.clone();
+        reseeded.options.seed += 1;
+        group(&[reseeded], reuse);
+        assert_eq!(cache.stats().entries, 2);
+    }
+
     #[test]
     fn a_deadline_stops_within_an_epoch_and_parts_change_nothing_before_it() {
         let (features, target) = toy(600);
@@ -1220,7 +1324,7 @@ pub(crate) mod tests {
                     std::thread::sleep(d.saturating_duration_since(Instant::now()));
                 }
             };
-            train_group_warm(&plans, &[], &features, &target, Compute::cpu(2), deadline, &mut wait).unwrap()
+            train_group_warm(&plans, &[], &features, &target, Compute::cpu(2), deadline, None, &mut wait).unwrap()
         };
         // An epoch in parts, with a deadline that never comes, is the same epoch.
         let whole = group(None);

@@ -5,6 +5,7 @@
 //! A selection's candidates on one source share one snapshot, of every
 //! readable column they could use; a plain INSERT freezes what it uses.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use cerebro_shared::request::{self, Column};
@@ -25,12 +26,13 @@ pub(super) fn queue(batch: Batch) -> Result<()> {
     let Batch { selection, versions, on_snapshot } = batch;
     let Some(new_selection) = selection else {
         for version in &versions {
-            queue_version(version, None, None, None)?;
+            queue_version(version, None, None, None, &mut KnownTargets::new())?;
         }
         return Ok(());
     };
     let name = versions.first().map(|v| v.name.clone()).unwrap_or_default();
     let mut snapshots = SharedSnapshots::new();
+    let mut known = KnownTargets::new();
     let fixed = on_snapshot.map(|(snapshot, parent)| frozen_snapshot(&name, snapshot, parent)).transpose()?;
     let selection = record_selection(&name, &new_selection, versions.len())?;
     let mut numbers = Vec::with_capacity(versions.len());
@@ -38,7 +40,7 @@ pub(super) fn queue(batch: Batch) -> Result<()> {
         if let Some(candidate) = version.candidate {
             version.written["selection"] = serde_json::json!({ "id": selection, "candidate": candidate });
         }
-        numbers.push(queue_version(&version, Some(selection), Some(&mut snapshots), fixed.as_ref())?);
+        numbers.push(queue_version(&version, Some(selection), Some(&mut snapshots), fixed.as_ref(), &mut known)?);
     }
     notice!(
         "cerebro: selection {selection} queued {} candidate(s) as versions {} to {} of {name}; \
@@ -140,6 +142,7 @@ fn queue_version(
     selection: Option<i64>,
     shared: Option<&mut SharedSnapshots>,
     fixed: Option<&Frozen>,
+    known: &mut KnownTargets,
 ) -> Result<i32> {
     Spi::connect_mut(|client| {
         let resolved = resolve(client, v)?;
@@ -170,7 +173,7 @@ fn queue_version(
         {
             return Err(CerebroError::NotInSnapshot { column: missing.clone(), name: v.name.clone(), version: parent });
         }
-        let labels = read_labels(client, v, &resolved, &snapshot)?;
+        let labels = read_labels(client, v, &resolved, &snapshot, known)?;
         v.options.check_against(&resolved.features, labels.task, &labels.class_labels)?;
         crate::limits::check_model(
             &v.options,
@@ -262,32 +265,49 @@ fn read_labels(
     v: &VersionRequest,
     resolved: &Resolved,
     snapshot: &Frozen,
+    known: &mut KnownTargets,
 ) -> Result<Labels> {
     let _owner = identity::become_owner()?;
     let position = snapshot.columns.iter().position(|n| n == &v.target).expect("the target is frozen");
     let (target, data) = (snapshot_column(position), &snapshot.data_relation);
-    let (labelled, distinct) = client
-        .select(&format!("SELECT count({target}), count(DISTINCT {target}) FROM {data}"), Some(1), &[])?
-        .first()
-        .get_two::<i64, i64>()?;
-    let (labelled, distinct) = (labelled.unwrap_or(0), distinct.unwrap_or(0));
+    let facts = match known.entry((data.clone(), target.clone())) {
+        Entry::Occupied(known) => known.into_mut(),
+        Entry::Vacant(unknown) => {
+            let (labelled, distinct) = client
+                .select(&format!("SELECT count({target}), count(DISTINCT {target}) FROM {data}"), Some(1), &[])?
+                .first()
+                .get_two::<i64, i64>()?;
+            unknown.insert(TargetFacts {
+                labelled: labelled.unwrap_or(0),
+                distinct: distinct.unwrap_or(0),
+                smallest: None,
+                labels: None,
+            })
+        }
+    };
+    let (labelled, distinct) = (facts.labelled, facts.distinct);
     if labelled == 0 {
         return Err(CerebroError::EmptySource { relation: resolved.source.display.clone(), target: v.target.clone() });
     }
     let task = resolve_task(v.task, &v.target, resolved.target_kind, distinct as usize)?;
     if v.options.needs_positive_target(task) {
-        let (smallest, positive) = client
-            .select(&format!("SELECT min({target})::text, min({target}) > 0 FROM {data}"), Some(1), &[])?
-            .first()
-            .get_two::<String, bool>()?;
-        if positive == Some(false) {
-            let smallest = smallest.unwrap_or_default();
+        if facts.smallest.is_none() {
+            let found = client
+                .select(&format!("SELECT min({target})::text, min({target}) > 0 FROM {data}"), Some(1), &[])?
+                .first()
+                .get_two::<String, bool>()?;
+            facts.smallest = Some(found);
+        }
+        if let Some((smallest, Some(false))) = &facts.smallest {
+            let smallest = smallest.clone().unwrap_or_default();
             return Err(SpecError::TargetNotPositive { target: v.target.clone(), smallest }.into());
         }
     }
-    let mut class_labels: Vec<String> = Vec::new();
-    if task != Task::Regression {
-        let labels = client.select(
+    if task == Task::Regression {
+        return Ok(Labels { labelled, task, class_labels: Vec::new() });
+    }
+    if facts.labels.is_none() {
+        let rows = client.select(
             &format!(
                 "SELECT d.v::text FROM (SELECT DISTINCT {target} AS v FROM {data}
                  WHERE {target} IS NOT NULL) d ORDER BY d.v"
@@ -295,12 +315,30 @@ fn read_labels(
             None,
             &[],
         )?;
-        for row in labels {
-            class_labels.push(row.get(1)?.expect("labels are not NULL"));
+        let mut labels = Vec::new();
+        for row in rows {
+            labels.push(row.get(1)?.expect("labels are not NULL"));
         }
+        facts.labels = Some(labels);
     }
-    Ok(Labels { labelled, task, class_labels })
+    Ok(Labels { labelled, task, class_labels: facts.labels.clone().unwrap_or_default() })
 }
+
+/// What a snapshot's target column holds, each fact read once per INSERT
+/// (a selection's candidates share their snapshot and target) and only
+/// when a candidate needs it.
+struct TargetFacts {
+    labelled: i64,
+    distinct: i64,
+    /// The smallest value, as text, and whether it is above 0: read for a
+    /// regression that learns `ln y`.
+    smallest: Option<(Option<String>, Option<bool>)>,
+    /// The distinct values in sort order: read for a classification.
+    labels: Option<Vec<String>>,
+}
+
+/// Target facts by snapshot table and column.
+type KnownTargets = HashMap<(String, String), TargetFacts>;
 
 /// Writes the snapshot's row (when it is new), the version's row and its
 /// job, and the audit row; cerebrod hears of the job at commit.
