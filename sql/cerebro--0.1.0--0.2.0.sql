@@ -369,6 +369,13 @@ CREATE FUNCTION cerebro.distill(model text, version integer, max_depth integer D
     RETURNS TABLE (leaves integer, fidelity_metric text, fidelity double precision, fitted_rows bigint)
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'distill_wrapper';
 
+-- The best versions of the archived tasks nearest a source's by their
+-- meta-features (cerebro.snapshots.meta), nearest first (fdw/src/recommend.rs).
+CREATE FUNCTION cerebro.recommend(source text, target text, k integer DEFAULT 5, key text DEFAULT NULL)
+    RETURNS TABLE (rank integer, model text, version integer, distance double precision, metric text,
+                   value double precision, features text[], options jsonb, why text)
+    LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'recommend_wrapper';
+
 CREATE FUNCTION cerebro.reproduce(model text, version integer) RETURNS integer
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'reproduce_wrapper';
 CREATE FUNCTION cerebro.import_onnx(name text, onnx bytea, source text, inputs jsonb, task text,
@@ -488,6 +495,10 @@ BEGIN
 END
 $$;
 ALTER TABLE cerebro.snapshots ALTER COLUMN columns SET NOT NULL;
+-- What the task first frozen on the snapshot looks like (rows, feature
+-- kinds, NULLs, cardinalities, target): shared/src/meta.rs, MetaFeatures;
+-- what cerebro.recommend compares a new task with.
+ALTER TABLE cerebro.snapshots ADD COLUMN meta jsonb;
 
 -- The daemon lock: the one cerebrod serving a database holds this view
 -- locked (EXCLUSIVE, in a transaction of its own), so a second one refuses to

@@ -57,6 +57,8 @@ pub enum CerebroError {
     NotInSnapshot { column: String, name: String, version: i32 },
     #[error("a selection on version {version}'s snapshot trains on its rows and target; it cannot name {what}")]
     OnSnapshot { version: i32, what: &'static str },
+    #[error("k must be at least 1, not {0}")]
+    RecommendCount(i32),
     #[error("a change and a spec cannot be given together")]
     ChangeWithSpec,
     #[error("max_depth must be between {} and {}, not {given}", DEPTHS.start(), DEPTHS.end())]
@@ -208,7 +210,9 @@ impl CerebroError {
             CerebroError::TopK(_) | CerebroError::MaxDepth { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             CerebroError::DistillingImport { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             CerebroError::NotInSnapshot { .. } => ERRCODE_UNDEFINED_COLUMN,
-            CerebroError::OnSnapshot { .. } | CerebroError::ChangeWithSpec => ERRCODE_INVALID_PARAMETER_VALUE,
+            CerebroError::OnSnapshot { .. } | CerebroError::ChangeWithSpec | CerebroError::RecommendCount(_) => {
+                ERRCODE_INVALID_PARAMETER_VALUE
+            }
             CerebroError::UnknownObject(_) => ERRCODE_FDW_INVALID_OPTION_NAME,
             CerebroError::Catalog(_) => ERRCODE_DATA_CORRUPTED,
             CerebroError::MissingSocket => ERRCODE_FDW_OPTION_NAME_NOT_FOUND,
@@ -292,6 +296,7 @@ impl CerebroError {
                 "Leave it out to search on the parent's rows, or leave parent_version out to freeze a source afresh."
                     .into(),
             ),
+            CerebroError::RecommendCount(_) => Some("k is how many versions to recommend; leave it out for 5.".into()),
             CerebroError::ChangeWithSpec => Some(
                 "A spec with parent_version is a selection on that version's snapshot; a change derives one version. \
                  Write what the change says in the spec instead."

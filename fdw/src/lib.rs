@@ -25,6 +25,7 @@ mod models;
 mod plans;
 mod predict;
 mod predictions;
+mod recommend;
 mod sources;
 mod training;
 

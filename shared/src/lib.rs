@@ -11,6 +11,7 @@
 //! - [`sql`]: the bits of SQL text both sides write;
 //! - [`limits`]: how large a model and how much work a job is, estimated at INSERT;
 //! - [`importance`]: a version's permutation importance per source column, as stored;
+//! - [`meta`]: a task's meta-features, how far two tasks are, and what the archive recommends for one;
 //! - [`surrogate`]: a shallow decision tree distilled from a version, as rules and SQL;
 //! - [`pg_numeric`]: PostgreSQL's `numeric` read as an `f64` from its bytes.
 //!
@@ -22,6 +23,7 @@ pub mod error;
 pub mod explanation;
 pub mod importance;
 pub mod limits;
+pub mod meta;
 pub mod mst;
 pub mod onnx_graph;
 pub mod pg_numeric;

@@ -2619,3 +2619,98 @@ async fn a_selection_on_a_versions_snapshot_trains_on_its_frozen_rows() -> anyho
     assert_eq!(err.code().map(|c| c.code()), Some("22023"), "{err}");
     Ok(())
 }
+
+/// Meta-features are measured when a snapshot is frozen, and
+/// `cerebro.recommend` ranks the best version of each archived task of the
+/// same kind by how near its meta-features are to a new source's.
+#[tokio::test(flavor = "multi_thread")]
+async fn recommendations_come_from_the_nearest_archived_tasks() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    // Two archived tasks: one shaped like the new source, one not.
+    db.batch_execute(
+        "DROP TABLE IF EXISTS e2e_rec_like, e2e_rec_unlike, e2e_rec_new;
+         SELECT setseed(0.5);
+         CREATE TABLE e2e_rec_like AS
+         SELECT i AS id, random() AS a, random() AS b, CASE WHEN i % 10 = 0 THEN NULL ELSE random() END AS c,
+                (ARRAY['x', 'y', 'z'])[1 + i % 3] AS kind, (i % 4 = 0) AS label
+         FROM generate_series(1, 4000) i;
+         CREATE TABLE e2e_rec_new AS SELECT id + 10000 AS id, a, b, c, kind, label FROM e2e_rec_like;
+         CREATE TABLE e2e_rec_unlike AS
+         SELECT i AS id, random() AS a, random() AS b, random() AS d, random() AS e, random() AS f, random() AS g,
+                random() AS h, random() AS j, (i % 2 = 0) AS label
+         FROM generate_series(1, 300) i;
+         INSERT INTO cerebro.models (name, source, target, key, options) VALUES
+             ('e2e_rec_like', 'e2e_rec_like', 'label', 'id', '{\"epochs\": 2}'),
+             ('e2e_rec_unlike', 'e2e_rec_unlike', 'label', 'id', '{\"epochs\": 2}');",
+    )
+    .await?;
+    for name in ["e2e_rec_like", "e2e_rec_unlike"] {
+        let v: i32 = db.query_one("SELECT max(version) FROM cerebro.models WHERE name = $1", &[&name]).await?.get(0);
+        let seen = wait_until_done(&db, name, v, TRAIN_TIMEOUT).await?;
+        assert_eq!(seen.last().map(String::as_str), Some("ready"), "{name}: {seen:?}");
+    }
+    let meta: serde_json::Value = db
+        .query_one(
+            "SELECT s.meta FROM cerebro.snapshots s JOIN cerebro.model_versions m ON m.snapshot_id = s.id
+             WHERE m.name = 'e2e_rec_like' ORDER BY m.version DESC LIMIT 1",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(
+        (&meta["task"], &meta["rows"], &meta["numeric"], &meta["categorical"], &meta["classes"]),
+        (
+            &serde_json::json!("binary"),
+            &serde_json::json!(4000),
+            &serde_json::json!(3),
+            &serde_json::json!(1),
+            &serde_json::json!(2)
+        ),
+        "{meta}"
+    );
+    let share = meta["minority_share"].as_f64().unwrap();
+    assert!((share - 0.25).abs() < 1e-9, "{meta}");
+    let nulls = meta["null_share"].as_f64().unwrap();
+    assert!((nulls - 400.0 / 16000.0).abs() < 1e-9, "{meta}");
+    assert!((meta["mean_cardinality"].as_f64().unwrap() - 3.0).abs() < 1e-9, "{meta}");
+
+    // Asked with parameters, as an application asks.
+    let rows = db
+        .query(
+            "SELECT rank, model, version, distance, metric, value, features, options, why
+             FROM cerebro.recommend($1, $2, k => $3, key => $4)",
+            &[&"e2e_rec_new", &"label", &50i32, &"id"],
+        )
+        .await?;
+    assert!(!rows.is_empty());
+    let first = &rows[0];
+    assert_eq!((first.get::<_, i32>(0), first.get::<_, String>(1)), (1, "e2e_rec_like".to_string()));
+    assert!(first.get::<_, f64>(3) < 0.05, "the same shape: {}", first.get::<_, f64>(3));
+    assert_eq!(first.get::<_, String>(4), "auc");
+    assert_eq!(first.get::<_, Vec<String>>(6), ["a", "b", "c", "kind"]);
+    assert_eq!(first.get::<_, serde_json::Value>(7)["epochs"], 2);
+    assert!(first.get::<_, String>(8).contains("\"e2e_rec_like\" version"), "{}", first.get::<_, String>(8));
+    let distances: Vec<f64> = rows.iter().map(|r| r.get(3)).collect();
+    assert!(distances.windows(2).all(|w| w[0] <= w[1]), "nearest first: {distances:?}");
+    let unlike = rows.iter().position(|r| r.get::<_, String>(1) == "e2e_rec_unlike").expect("every binary task ranked");
+    assert!(unlike > 0 && distances[unlike] > 0.5, "{distances:?}");
+    assert!(rows.iter().all(|r| r.get::<_, String>(4) == "auc"), "binary tasks only");
+    assert_eq!(db.query("SELECT * FROM cerebro.recommend('e2e_rec_new', 'label', 1)", &[]).await?.len(), 1);
+    // Without the key, the id is a feature: the same task looks a little further.
+    let keyless: f64 =
+        db.query_one("SELECT distance FROM cerebro.recommend('e2e_rec_new', 'label', 1)", &[]).await?.get(0);
+    assert!(keyless > first.get::<_, f64>(3), "{keyless}");
+
+    for (call, code) in [
+        ("SELECT * FROM cerebro.recommend('e2e_rec_new', 'label', 0)", "22023"),
+        ("SELECT * FROM cerebro.recommend('e2e_rec_missing', 'label')", "42P01"),
+        ("SELECT * FROM cerebro.recommend('e2e_rec_new', 'nope')", "42703"),
+        ("SELECT * FROM cerebro.recommend('e2e_rec_new', 'label', key => 'nope')", "42703"),
+    ] {
+        let err = db.query(call, &[]).await.expect_err(call);
+        assert_eq!(err.code().map(|c| c.code()), Some(code), "{call}: {err}");
+    }
+    Ok(())
+}

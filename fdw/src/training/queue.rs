@@ -19,6 +19,7 @@ use super::{Batch, NewSelection, VersionRequest};
 use crate::catalog::{audit, current_user, enqueue, next_version, Audit};
 use crate::error::{CerebroError, Result};
 use crate::identity;
+use crate::recommend::{measure, Measured};
 use crate::sources::{resolve_source, Source, SourceColumn};
 
 /// Queues every version of `batch` (and records its selection, if any).
@@ -184,6 +185,9 @@ fn queue_version(
         )?;
         crate::limits::check_role_share(client, &user)?;
         record(client, v, &resolved, &snapshot, &labels, version, selection, &user)?;
+        if snapshot.query.is_some() {
+            store_meta(client, v, &resolved, &snapshot, labels.task)?;
+        }
         if let (Some(map), Some(_)) = (shared, &snapshot.query) {
             map.insert(resolved.source.display.clone(), Frozen { query: None, ..snapshot });
         }
@@ -256,6 +260,30 @@ fn freeze(client: &mut SpiClient<'_>, source: &Source, columns: &[&SourceColumn]
         query: Some(query),
         of_version: None,
     })
+}
+
+/// Measures a snapshot just frozen as the task of its first version (its
+/// features and target) and keeps its meta-features (`cerebro.recommend`).
+fn store_meta(
+    client: &mut SpiClient<'_>,
+    v: &VersionRequest,
+    resolved: &Resolved,
+    snapshot: &Frozen,
+    task: Task,
+) -> Result<()> {
+    let _owner = identity::become_owner()?;
+    let column = |name: &str| snapshot.columns.iter().position(|c| c == name).map(snapshot_column);
+    let features: Vec<Measured> =
+        resolved.features.iter().filter_map(|f| column(&f.name).map(|expr| Measured { expr, kind: f.kind })).collect();
+    let target = column(&v.target).expect("the target is frozen");
+    let meta = measure(client, &snapshot.data_relation, &features, &v.target, &target, task)?;
+    let meta = serde_json::to_value(&meta).expect("meta-features serialise");
+    client.update(
+        "UPDATE cerebro.snapshots SET meta = $2 WHERE id = $1",
+        None,
+        &[snapshot.id.into(), JsonB(meta).into()],
+    )?;
+    Ok(())
 }
 
 /// Counts the frozen rows with a target, resolves the task and reads the
