@@ -15,6 +15,7 @@ use tracing::{error, warn};
 
 use crate::catalog::Artifact;
 use crate::metrics::Metrics;
+use crate::native::disagreement;
 use crate::onnx::{self, EnsembleError};
 use crate::scoring::{OnnxRuntime, ScoringError, ScoringModel};
 use crate::train::{self, TrainError};
@@ -24,8 +25,9 @@ use crate::{distill, importance};
 /// multiples of 1/rounds at most this fine).
 pub const ROUNDS: usize = 25;
 /// How far the ensemble's graph may stray from the average of its members'
-/// outputs (f32 arithmetic in another order) before it is refused.
-const AGREEMENT: f32 = 1e-4;
+/// outputs (f32 arithmetic in another order) before it is refused: in
+/// probability, or relative to the value.
+const AGREEMENT: f64 = 1e-4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -39,8 +41,8 @@ pub enum BuildError {
     Graph(#[from] EnsembleError),
     #[error("the ensemble's graph cannot be scored: {0}")]
     Scoring(ScoringError),
-    #[error("the ensemble's graph disagrees with its members' average by {0} on a validation row")]
-    Disagrees(f32),
+    #[error("the ensemble's graph disagrees with its members' average by {0:e} on a validation row")]
+    Disagrees(f64),
 }
 
 /// One candidate the ensemble may weigh.
@@ -200,8 +202,10 @@ pub fn build(
 
     let graph = ScoringModel::load(runtime, &bytes).map_err(BuildError::Scoring)?;
     let (scored, _) = graph.run(&feed(&graph, &plan.features, &valid, 0)?).map_err(BuildError::Scoring)?;
-    let worst = scored.iter().zip(&average).map(|(s, a)| (s - a).abs()).fold(0.0f32, f32::max);
-    if worst > AGREEMENT || scored.len() != average.len() {
+    // Relative for values: members the engine scores and the graph ONNX
+    // Runtime runs round a price of a million apart by a few hundredths.
+    let worst = disagreement(&scored, &average, plan.task == Task::Regression);
+    if worst > AGREEMENT {
         return Err(BuildError::Disagrees(worst));
     }
 

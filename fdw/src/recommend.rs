@@ -131,6 +131,21 @@ fn archived(client: &SpiClient<'_>, task: Task) -> Result<Vec<Archived>> {
     Ok(found)
 }
 
+/// How many recommended versions a recommended selection starts from.
+const SEEDS: usize = 5;
+
+/// The options of the versions `cerebro.recommend` names first for
+/// `source`'s `target`: what `spec = 'recommended'` searches around.
+pub(crate) fn seeds(
+    client: &SpiClient<'_>,
+    source: &str,
+    target: &str,
+    key: Option<&str>,
+) -> Result<Vec<serde_json::Value>> {
+    let task = source_meta(client, source, target, key)?;
+    Ok(meta::recommend(&task, archived(client, task.task)?, SEEDS).into_iter().map(|r| r.from.options).collect())
+}
+
 type Recommended = (i32, String, i32, f64, String, Option<f64>, Vec<String>, JsonB, String);
 
 fn try_recommend(

@@ -172,7 +172,83 @@ pub struct SourceFacts {
 /// default spec, with class weights searched too when a class is rare and
 /// has rows enough, and each time-index column searched with and without.
 pub fn default_for(facts: &SourceFacts) -> String {
-    let mut text = DEFAULT_SPEC.to_owned();
+    with_facts(DEFAULT_SPEC.to_owned(), facts)
+}
+
+/// Whether `text` asks for the selection the archive recommends.
+pub fn is_recommended(text: &str) -> bool {
+    text.trim().eq_ignore_ascii_case("recommended")
+}
+
+/// Candidates a recommended selection draws in each round: half the
+/// default's, since it starts near what won on tasks like this one.
+pub const RECOMMENDED_CANDIDATES: u32 = 12;
+
+/// The text `spec = 'recommended'` searches: the default's clauses, but
+/// with the models and training the recommended versions used (`seeds`,
+/// their options as `model_versions.options` stores them) and what lies
+/// around them: their hidden layers, dropouts, weight decays and numeric
+/// encodings as sets, and learning rates from a third of the smallest to
+/// three times the largest; plus what the source's facts add, as for the
+/// default. None without a seed whose options read.
+pub fn recommended_for(seeds: &[serde_json::Value], facts: &SourceFacts) -> Option<String> {
+    fn distinct(values: impl Iterator<Item = String>) -> Vec<String> {
+        let mut seen: Vec<String> = Vec::new();
+        for v in values {
+            if !seen.contains(&v) {
+                seen.push(v);
+            }
+        }
+        seen
+    }
+    fn number(v: f64) -> String {
+        format!("{v}")
+    }
+    /// Three significant digits: the ends of a learning-rate range.
+    fn rounded(v: f64) -> String {
+        format!("{v:.2e}")
+    }
+    let seeds: Vec<&serde_json::Map<String, serde_json::Value>> =
+        seeds.iter().filter_map(|s| s.as_object()).filter(|o| o.get("hidden").is_some_and(|h| h.is_array())).collect();
+    if seeds.is_empty() {
+        return None;
+    }
+    let hidden = distinct(seeds.iter().map(|o| {
+        let widths: Vec<String> =
+            o["hidden"].as_array().into_iter().flatten().filter_map(|w| w.as_u64()).map(|w| w.to_string()).collect();
+        format!("[{}]", widths.join(", "))
+    }));
+    let of = |key: &str, fallback: f64| {
+        distinct(seeds.iter().map(|o| number(o.get(key).and_then(|v| v.as_f64()).unwrap_or(fallback))))
+    };
+    let encodings = distinct(seeds.iter().filter_map(|o| o.get("numeric_encoding")?.as_str().map(str::to_owned)));
+    let rates: Vec<f64> = seeds.iter().filter_map(|o| o.get("learning_rate")?.as_f64()).filter(|r| *r > 0.0).collect();
+    let (low, high) = rates.iter().fold((f64::INFINITY, 0.0f64), |(l, h), &r| (l.min(r), h.max(r)));
+    let (low, high) = if rates.is_empty() { (3e-4, 1e-2) } else { (low / 3.0, high * 3.0) };
+    let model = format!("model  hidden = {{{}}}, dropout = {{{}}}", hidden.join(", "), of("dropout", 0.0).join(", "));
+    let mut train = format!(
+        "train  lr = range({}, {}, log), weight_decay = {{{}}}, epochs = 40, patience = 8",
+        rounded(low),
+        rounded(high),
+        of("weight_decay", 0.0).join(", ")
+    );
+    if !encodings.is_empty() {
+        train.push_str(&format!(", numeric_encoding = {{{}}}", encodings.join(", ")));
+    }
+    let text = format!(
+        "{model}
+{train}
+search halving({RECOMMENDED_CANDIDATES}, eta = 3, seed = 1, rounds = 25)
+budget 10 min
+ensemble"
+    );
+    Some(with_facts(text, facts))
+}
+
+/// `text` with what `facts` add to a selection the product writes: class
+/// weights searched for a rare class with rows enough, and each time-index
+/// column searched with and without.
+fn with_facts(mut text: String, facts: &SourceFacts) -> String {
     if let Some(b) = facts.balance {
         if b.rarest_share < RARE_CLASS_SHARE && b.rarest_rows >= RARE_CLASS_MIN_ROWS {
             text.push_str("\ntrain  class_weights = {none, balanced}");
@@ -1611,9 +1687,10 @@ pub fn parse_change(text: &str) -> Result<Change, MstError> {
     Ok(change)
 }
 
-/// The text a spec stands for: `default` is [`DEFAULT_SPEC`].
+/// The text a spec stands for: `default` is [`DEFAULT_SPEC`], and so is
+/// `recommended` when nothing was recommended.
 pub fn resolve(text: &str) -> &str {
-    if is_default(text) {
+    if is_default(text) || is_recommended(text) {
         DEFAULT_SPEC
     } else {
         text
@@ -1948,6 +2025,42 @@ search   grid
             drawn.iter().map(|c| c.options["class_weights"].to_string()).collect();
         assert_eq!(weights.into_iter().collect::<Vec<_>>(), vec!["\"balanced\"", "\"none\""]);
         assert_eq!(spec.plan(40), parse(DEFAULT_SPEC).unwrap().plan(40), "the same plan, one more setting");
+    }
+
+    #[test]
+    fn a_recommended_selection_searches_around_the_versions_recommended() {
+        assert!(is_recommended("Recommended ") && !is_recommended("default"));
+        assert_eq!(resolve("recommended"), DEFAULT_SPEC, "nothing recommended: the default");
+        assert_eq!(recommended_for(&[], &SourceFacts::default()), None);
+        assert_eq!(recommended_for(&[serde_json::json!({"lr": 1})], &SourceFacts::default()), None);
+        let seeds = [
+            serde_json::json!({"hidden": [128, 64], "dropout": 0.1, "learning_rate": 0.002, "weight_decay": 0.0,
+                               "numeric_encoding": "ple"}),
+            serde_json::json!({"hidden": [], "dropout": 0.0, "learning_rate": 0.01, "weight_decay": 0.0001,
+                               "numeric_encoding": "periodic"}),
+            serde_json::json!({"hidden": [128, 64], "dropout": 0.1, "learning_rate": 0.001, "weight_decay": 0.0,
+                               "numeric_encoding": "ple"}),
+        ];
+        let text = recommended_for(&seeds, &SourceFacts::default()).unwrap();
+        let spec = parse(&text).unwrap_or_else(|e| panic!("{text}: {e:?}"));
+        assert!(text.starts_with("model  hidden = {[128, 64], []}, dropout = {0.1, 0}\n"), "{text}");
+        assert!(text.contains("lr = range(3.33e-4, 3.00e-2, log)"), "{text}");
+        assert!(text.contains("numeric_encoding = {ple, periodic}") && text.contains("weight_decay = {0, 0.0001}"));
+        let drawn = spec.expand(&text, 100).unwrap();
+        assert_eq!(drawn.len(), RECOMMENDED_CANDIDATES as usize);
+        for c in &drawn {
+            let lr = c.options["learning_rate"].as_f64().unwrap();
+            assert!((0.001 / 3.0 - 1e-12..=0.03 + 1e-12).contains(&lr), "{lr}");
+        }
+        let default = parse(DEFAULT_SPEC).unwrap().plan(40);
+        let plan = spec.plan(40);
+        assert_eq!(
+            (plan.budget_seconds, plan.rounds, plan.ensemble),
+            (default.budget_seconds, default.rounds, default.ensemble)
+        );
+        // What the source's facts add, as for the default.
+        let trends = SourceFacts { trend_columns: vec!["t".into()], ..SourceFacts::default() };
+        assert!(recommended_for(&seeds, &trends).unwrap().ends_with("\nfeatures *, -t?"));
     }
 
     #[test]

@@ -2703,6 +2703,27 @@ async fn recommendations_come_from_the_nearest_archived_tasks() -> anyhow::Resul
         db.query_one("SELECT distance FROM cerebro.recommend('e2e_rec_new', 'label', 1)", &[]).await?.get(0);
     assert!(keyless > first.get::<_, f64>(3), "{keyless}");
 
+    // spec = 'recommended': a selection around what was recommended,
+    // written out in the selection's plan.
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, spec)
+         VALUES ('e2e_rec_sel', 'e2e_rec_new', 'label', 'id', 'recommended')",
+        &[],
+    )
+    .await?;
+    let plan = db
+        .query_one(
+            "SELECT id, spec, plan->>'searched', candidates FROM cerebro.selections WHERE name = 'e2e_rec_sel'",
+            &[],
+        )
+        .await?;
+    let searched: String = plan.get(2);
+    assert_eq!(plan.get::<_, String>(1), "recommended");
+    assert!(searched.starts_with("model  hidden = {[64, 32]"), "the recommended versions' layers: {searched}");
+    assert!(searched.contains("search halving(12"), "{searched}");
+    assert_eq!(plan.get::<_, i32>(3), 12);
+    db.execute("SELECT cerebro.cancel_selection($1)", &[&plan.get::<_, i64>(0)]).await?;
+
     for (call, code) in [
         ("SELECT * FROM cerebro.recommend('e2e_rec_new', 'label', 0)", "22023"),
         ("SELECT * FROM cerebro.recommend('e2e_rec_missing', 'label')", "42P01"),

@@ -15,6 +15,7 @@ use super::{Batch, NewSelection, VersionRequest};
 use crate::error::{CerebroError, Result};
 use crate::gucs;
 use crate::models::TrainRequest;
+use crate::recommend;
 use crate::sources::{check_own_source, read_shape, resolve_source, BaseType, SourceColumn};
 
 /// The candidates of the selection `written` declares, as versions of `req`'s
@@ -51,6 +52,24 @@ pub(super) fn build(req: &TrainRequest, written: &str, parent: Option<&Parent>) 
     };
     let searched = if mst::is_default(written) {
         Some(mst::default_for(&Spi::connect(|client| source_facts(client, req))?))
+    } else if mst::is_recommended(written) {
+        Some(Spi::connect(|client| -> Result<String> {
+            let facts = source_facts(client, req)?;
+            let seeds = recommend::seeds(client, &req.source, &req.target, req.key.as_deref())?;
+            Ok(match mst::recommended_for(&seeds, &facts) {
+                Some(text) => {
+                    notice!(
+                        "cerebro: the selection searches around {} version(s) cerebro.recommend names",
+                        seeds.len()
+                    );
+                    text
+                }
+                None => {
+                    notice!("cerebro: the archive holds no task of this kind yet; the selection is the default");
+                    mst::default_for(&facts)
+                }
+            })
+        })?)
     } else {
         None
     };
