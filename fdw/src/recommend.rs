@@ -128,6 +128,7 @@ fn archived(client: &SpiClient<'_>, task: Task) -> Result<Vec<Archived>> {
             options: row.get::<JsonB>(7)?.map(|j| j.0).unwrap_or_default(),
         });
     }
+    found.extend(meta::portfolio().into_iter().filter(|p| p.meta.task == task));
     Ok(found)
 }
 
@@ -170,11 +171,13 @@ fn try_recommend(
             .map(|(i, r)| {
                 let m = &r.from.meta;
                 let value = r.from.value.map_or("none".into(), |v| format!("{v:.4}"));
+                let whose = match r.from.model.strip_prefix(meta::BUILT_IN) {
+                    Some(task) => format!("built in, the best candidate of the accuracy benchmark's{task} task"),
+                    None => format!("\"{}\" version {}", r.from.model, r.from.version),
+                };
                 let why = format!(
-                    "\"{}\" version {}: validation {metric} {value} on {} rows of {} numeric and {} categorical \
+                    "{whose}: validation {metric} {value} on {} rows of {} numeric and {} categorical \
                      columns ({} {}), meta-feature distance {:.2}",
-                    r.from.model,
-                    r.from.version,
                     m.rows,
                     m.numeric,
                     m.categorical,

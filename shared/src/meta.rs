@@ -83,6 +83,41 @@ pub struct Archived {
     pub options: serde_json::Value,
 }
 
+/// One task of the portfolio the extension ships: the best single
+/// candidate of Cerebro's accuracy benchmark on it (docs/benchmarks.md),
+/// with its task's meta-features. `deploy/portfolio.sh` regenerates
+/// `shared/data/portfolio.json`.
+#[derive(Debug, Clone, Deserialize)]
+struct PortfolioEntry {
+    task: String,
+    value: f64,
+    meta: MetaFeatures,
+    options: serde_json::Value,
+}
+
+/// The portfolio's tasks as archived versions a recommendation may name:
+/// model `(built in) <task>`, version 0, snapshots numbered below 0.
+pub fn portfolio() -> Vec<Archived> {
+    let entries: Vec<PortfolioEntry> =
+        serde_json::from_str(include_str!("../data/portfolio.json")).expect("the shipped portfolio reads");
+    entries
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| Archived {
+            model: format!("{BUILT_IN} {}", e.task),
+            version: 0,
+            snapshot: -(i as i64) - 1,
+            meta: e.meta,
+            value: Some(e.value),
+            features: Vec::new(),
+            options: e.options,
+        })
+        .collect()
+}
+
+/// How a portfolio task's model is named.
+pub const BUILT_IN: &str = "(built in)";
+
 /// An archived version recommended for a task, and how far its task is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Recommendation {
@@ -246,6 +281,19 @@ mod tests {
             3,
         );
         assert_eq!(found.iter().map(|r| r.from.version).collect::<Vec<_>>(), [2]);
+    }
+
+    #[test]
+    fn the_shipped_portfolio_reads_and_covers_every_kind_of_task() {
+        let tasks = portfolio();
+        for kind in [Task::Binary, Task::Multiclass, Task::Regression] {
+            assert!(tasks.iter().any(|t| t.meta.task == kind), "{kind:?}");
+        }
+        for t in &tasks {
+            assert!(t.model.starts_with(BUILT_IN) && t.version == 0 && t.snapshot < 0, "{t:?}");
+            assert!(t.options["hidden"].is_array(), "{t:?}");
+            assert_eq!(distance(&t.meta, &t.meta), Some(0.0));
+        }
     }
 
     #[test]

@@ -2697,6 +2697,14 @@ async fn recommendations_come_from_the_nearest_archived_tasks() -> anyhow::Resul
     let unlike = rows.iter().position(|r| r.get::<_, String>(1) == "e2e_rec_unlike").expect("every binary task ranked");
     assert!(unlike > 0 && distances[unlike] > 0.5, "{distances:?}");
     assert!(rows.iter().all(|r| r.get::<_, String>(4) == "auc"), "binary tasks only");
+    // The portfolio the extension ships is ranked with the archive.
+    let built_in = rows.iter().find(|r| r.get::<_, String>(1) == "(built in) telco_churn").expect("shipped");
+    assert_eq!(built_in.get::<_, i32>(2), 0);
+    assert!(
+        built_in.get::<_, String>(8).starts_with("built in, the best candidate"),
+        "{}",
+        built_in.get::<_, String>(8)
+    );
     assert_eq!(db.query("SELECT * FROM cerebro.recommend('e2e_rec_new', 'label', 1)", &[]).await?.len(), 1);
     // Without the key, the id is a feature: the same task looks a little further.
     let keyless: f64 =
