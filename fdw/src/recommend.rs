@@ -2,7 +2,7 @@
 //! source asked about), and `cerebro.recommend`: the best versions of the
 //! archived tasks nearest a source's (`cerebro_shared::meta`).
 
-use cerebro_shared::meta::{self, Archived, MetaFeatures};
+use cerebro_shared::meta::{self, Archived, MetaFeatures, Recommendation};
 use cerebro_shared::request;
 use cerebro_shared::spec::{resolve_task, FeatureKind, Task, TaskChoice};
 use pgrx::prelude::*;
@@ -143,8 +143,23 @@ pub(crate) fn seeds(
     target: &str,
     key: Option<&str>,
 ) -> Result<Vec<serde_json::Value>> {
+    let (_, found) = recommended(client, source, target, key, SEEDS)?;
+    Ok(found.into_iter().map(|r| r.from.options).collect())
+}
+
+/// The task of `source`'s `target` as the caller sees it, and the best
+/// archived versions nearest it, at most `k`: what both the function and
+/// the recommended selection start from.
+fn recommended(
+    client: &SpiClient<'_>,
+    source: &str,
+    target: &str,
+    key: Option<&str>,
+    k: usize,
+) -> Result<(Task, Vec<Recommendation>)> {
     let task = source_meta(client, source, target, key)?;
-    Ok(meta::recommend(&task, archived(client, task.task)?, SEEDS).into_iter().map(|r| r.from.options).collect())
+    let found = meta::recommend(&task, archived(client, task.task)?, k);
+    Ok((task.task, found))
 }
 
 type Recommended = (i32, String, i32, f64, String, Option<f64>, Vec<String>, JsonB, String);
@@ -162,9 +177,8 @@ fn try_recommend(
         return Err(CerebroError::RecommendCount(k));
     }
     Spi::connect(|client| {
-        let task = source_meta(client, source, target, key)?;
-        let (metric, _) = meta::metric_for(task.task);
-        let found = meta::recommend(&task, archived(client, task.task)?, k as usize);
+        let (task, found) = recommended(client, source, target, key, k as usize)?;
+        let (metric, _) = meta::metric_for(task);
         Ok(found
             .into_iter()
             .enumerate()

@@ -160,22 +160,6 @@ pub fn recommend(task: &MetaFeatures, archived: Vec<Archived>, k: usize) -> Vec<
     best
 }
 
-/// The skewness of `values`: 0 for fewer than three or no spread.
-pub fn skewness(values: &[f64]) -> f64 {
-    let n = values.len() as f64;
-    if values.len() < 3 {
-        return 0.0;
-    }
-    let mean = values.iter().sum::<f64>() / n;
-    let m2 = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
-    let m3 = values.iter().map(|v| (v - mean).powi(3)).sum::<f64>() / n;
-    if m2 <= 0.0 {
-        0.0
-    } else {
-        m3 / m2.powf(1.5)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,13 +278,5 @@ mod tests {
             assert!(t.options["hidden"].is_array(), "{t:?}");
             assert_eq!(distance(&t.meta, &t.meta), Some(0.0));
         }
-    }
-
-    #[test]
-    fn skewness_is_zero_for_symmetric_values_and_positive_for_a_long_right_tail() {
-        assert!(skewness(&[1.0, 2.0, 3.0, 4.0, 5.0]).abs() < 1e-12);
-        assert!(skewness(&[1.0, 1.0, 1.0, 2.0, 10.0]) > 1.0);
-        assert_eq!(skewness(&[3.0, 3.0, 3.0]), 0.0);
-        assert_eq!(skewness(&[1.0]), 0.0);
     }
 }
