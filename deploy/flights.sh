@@ -9,6 +9,9 @@
 #                                     includes and excludes the joins, validated on the last
 #                                     fifth of the year (split = ordered), against the default
 #                                     model on each source, validated the same way
+#   deploy/flights.sh joins           joins found from foreign keys (issue 17): the selection
+#                                     above (hand-written joined view or not) against the same
+#                                     grid on nyc.flight_facts with features joins(auto)
 #   deploy/flights.sh reuse           reuse across iterations (issue 17): a selection on
 #                                     nyc.flights_known, then the same selection on its
 #                                     snapshot (parent_version); seconds from each INSERT to
@@ -69,6 +72,42 @@ WHERE s.id = $1 GROUP BY s.created_at"
     awk -v a="$f1" -v b="$f2" 'BEGIN { printf "    the second reached its first epoch %.1fx sooner\n", a / b }'
     psql_as "$DB" -c "SELECT id, snapshot_cache_hits AS cache_hits, pg_size_pretty(snapshot_cache_bytes) AS served,
         round(spent_seconds::numeric, 1) AS seconds FROM cerebro.selections WHERE id IN ($first, $second) ORDER BY id"
+    exit 0
+fi
+
+if [ "${1:-}" = joins ]; then
+    stamp=$(date +%s)
+    grid='model  hidden = {[64, 32], [128, 64]}, dropout = {0, 0.1}
+          train  split = ordered, lr = {1e-3, 3e-3}'
+    step "The hand-written joined view, searched with and without (flights_hand_$stamp), and joins(auto) on nyc.flight_facts (flights_auto_$stamp)"
+    started=$(date +%s)
+    psql_as "$DB" -q -c "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('flights_hand_$stamp',
+        'nyc.flights_known', 'late', 'flight_id', \$\$source {nyc.flights_known, nyc.flights_joined}
+        $grid\$\$)"
+    hand=$(psql_as "$DB" -tAc "SELECT max(id) FROM cerebro.selections WHERE name = 'flights_hand_$stamp'")
+    psql_as "$DB" -q -c "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('flights_auto_$stamp',
+        'nyc.flight_facts', 'late', 'flight_id', \$\$features joins(auto)
+        $grid\$\$)"
+    auto=$(psql_as "$DB" -tAc "SELECT max(id) FROM cerebro.selections WHERE name = 'flights_auto_$stamp'")
+    for selection in "$hand" "$auto"; do
+        until [ "$(psql_as "$DB" -tAc "SELECT finished_at IS NOT NULL FROM cerebro.selections WHERE id = $selection")" = t ]; do
+            sleep 2
+        done
+    done
+    echo "    both trained in $(( $(date +%s) - started )) s"
+    psql_as "$DB" -c "
+SELECT j->>'table' AS joined, j->>'on' AS on_columns, j->>'hop' AS hop, j->>'tuple_ratio' AS tuple_ratio,
+       coalesce(j->>'why', 'searched: ' || jsonb_array_length(j->'columns') || ' columns') AS what
+FROM cerebro.selections s, jsonb_array_elements((s.plan->'joins'->'kept') || (s.plan->'joins'->'pruned')) j
+WHERE s.id = $auto"
+    psql_as "$DB" -c "
+SELECT l.selection, l.rank, l.version, left(l.source, 40) AS source, array_length(l.features, 1) AS features,
+       l.triple->>'hidden' AS hidden, l.triple->>'lr' AS lr, round((l.metrics->>'auc')::numeric, 4) AS auc
+FROM cerebro.leaderboard l WHERE l.selection IN ($hand, $auto) AND l.rank <= 3 ORDER BY l.selection, l.rank"
+    psql_as "$DB" -c "
+SELECT CASE l.selection WHEN $hand THEN 'hand-written joined view' ELSE 'joins(auto)' END AS selection,
+       round((l.metrics->>'auc')::numeric, 4) AS best_auc
+FROM cerebro.leaderboard l WHERE l.selection IN ($hand, $auto) AND l.rank = 1 ORDER BY l.selection"
     exit 0
 fi
 

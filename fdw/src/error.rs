@@ -59,6 +59,10 @@ pub enum CerebroError {
     OnSnapshot { version: i32, what: &'static str },
     #[error("k must be at least 1, not {0}")]
     RecommendCount(i32),
+    #[error(transparent)]
+    Joins(#[from] cerebro_shared::joins::JoinsError),
+    #[error("joins(auto) follows the foreign keys declared on a table, and {relation} is {kind}")]
+    JoinsNeedTable { relation: String, kind: &'static str },
     #[error("a change and a spec cannot be given together")]
     ChangeWithSpec,
     #[error("max_depth must be between {} and {}, not {given}", DEPTHS.start(), DEPTHS.end())]
@@ -210,6 +214,9 @@ impl CerebroError {
             CerebroError::TopK(_) | CerebroError::MaxDepth { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             CerebroError::DistillingImport { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             CerebroError::NotInSnapshot { .. } => ERRCODE_UNDEFINED_COLUMN,
+            CerebroError::Joins(cerebro_shared::joins::JoinsError::NameTooLong { .. }) => ERRCODE_NAME_TOO_LONG,
+            CerebroError::Joins(cerebro_shared::joins::JoinsError::NameTaken { .. }) => ERRCODE_DUPLICATE_COLUMN,
+            CerebroError::JoinsNeedTable { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             CerebroError::OnSnapshot { .. } | CerebroError::ChangeWithSpec | CerebroError::RecommendCount(_) => {
                 ERRCODE_INVALID_PARAMETER_VALUE
             }
@@ -297,6 +304,12 @@ impl CerebroError {
                     .into(),
             ),
             CerebroError::RecommendCount(_) => Some("k is how many versions to recommend; leave it out for 5.".into()),
+            CerebroError::Joins(e) => e.hint(),
+            CerebroError::JoinsNeedTable { .. } => Some(
+                "Name the table the foreign keys are declared on as the source (ALTER TABLE ... ADD FOREIGN KEY ... \
+                 NOT VALID declares one without checking the rows), or write the joins in a view."
+                    .into(),
+            ),
             CerebroError::ChangeWithSpec => Some(
                 "A spec with parent_version is a selection on that version's snapshot; a change derives one version. \
                  Write what the change says in the spec instead."

@@ -1,5 +1,7 @@
 //! Every setting of the extension.
 
+use std::ffi::CString;
+
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 /// Rows sent to cerebrod in one scoring batch.
@@ -18,6 +20,20 @@ pub static MAX_MODEL_MEMORY_MB: GucSetting<i32> = GucSetting::<i32>::new(4096);
 pub static MAX_TRAINING_WORK: GucSetting<f64> = GucSetting::<f64>::new(500_000_000.0);
 /// Most training jobs one role may have queued or running.
 pub static MAX_JOBS_PER_ROLE: GucSetting<i32> = GucSetting::<i32>::new(200);
+
+/// Models that recommendations leave out, comma-separated: a model's name,
+/// or `(built in) <task>` for an entry of the shipped portfolio.
+pub static RECOMMEND_EXCLUDE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// [`RECOMMEND_EXCLUDE`] as names.
+pub fn recommend_excluded() -> Vec<String> {
+    RECOMMEND_EXCLUDE
+        .get()
+        .map(|names| {
+            names.to_string_lossy().split(',').map(str::trim).filter(|n| !n.is_empty()).map(String::from).collect()
+        })
+        .unwrap_or_default()
+}
 
 /// Limits protect the server from its users: only a superuser (or
 /// ALTER SYSTEM / ALTER DATABASE by one) changes them.
@@ -95,5 +111,15 @@ pub fn init() {
         i32::MAX,
         GucContext::Userset,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_string_guc(
+        c"cerebro.recommend_exclude",
+        c"Models that cerebro.recommend and spec = 'recommended' leave out, comma-separated.",
+        c"A model's name, or '(built in) <task>' for an entry of the shipped portfolio: to keep a task's own \
+          versions out of what is recommended for it (the leave-one-task-out benchmark does), or models that \
+          should not seed others.",
+        &RECOMMEND_EXCLUDE,
+        GucContext::Userset,
+        GucFlags::default(),
     );
 }

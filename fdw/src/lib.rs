@@ -19,6 +19,7 @@ mod foreign_scan;
 mod gucs;
 mod identity;
 mod imports;
+mod joins;
 mod jsonb;
 mod limits;
 mod models;

@@ -10,6 +10,7 @@ use pgrx::spi::SpiClient;
 use pgrx::JsonB;
 
 use crate::error::{raise, CerebroError, Result};
+use crate::gucs;
 use crate::sources::resolve_source;
 
 /// A column to measure: how to read it in the query's FROM, and its kind.
@@ -129,6 +130,8 @@ fn archived(client: &SpiClient<'_>, task: Task) -> Result<Vec<Archived>> {
         });
     }
     found.extend(meta::portfolio().into_iter().filter(|p| p.meta.task == task));
+    let excluded = gucs::recommend_excluded();
+    found.retain(|a| !excluded.contains(&a.model));
     Ok(found)
 }
 

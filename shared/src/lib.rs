@@ -10,6 +10,7 @@
 //!   a candidate's or a change's options, an import's graph), apart from the database;
 //! - [`sql`]: the bits of SQL text both sides write;
 //! - [`limits`]: how large a model and how much work a job is, estimated at INSERT;
+//! - [`joins`]: which joins `features joins(auto)` follows from declared foreign keys, which it prunes, and the query;
 //! - [`importance`]: a version's permutation importance per source column, as stored;
 //! - [`meta`]: a task's meta-features, how far two tasks are, and what the archive recommends for one;
 //! - [`surrogate`]: a shallow decision tree distilled from a version, as rules and SQL;
@@ -22,6 +23,7 @@ pub mod batch;
 pub mod error;
 pub mod explanation;
 pub mod importance;
+pub mod joins;
 pub mod limits;
 pub mod meta;
 pub mod mst;

@@ -267,7 +267,7 @@ fn with_facts(mut text: String, facts: &SourceFacts) -> String {
 }
 
 /// Whether `name` reads back as one identifier of the language.
-fn is_bare_name(name: &str) -> bool {
+pub fn is_bare_name(name: &str) -> bool {
     let mut chars = name.chars();
     chars.next().is_some_and(|c| c.is_alphabetic() || c == '_')
         && chars.all(|c| c.is_alphabetic() || c == '_' || c.is_ascii_digit())
@@ -313,6 +313,21 @@ pub struct Spec {
     /// When the candidates are done, weigh the best this many of them into
     /// one more version, a greedy ensemble (docs/selection.md, "Ensembles").
     pub ensemble: Option<(u32, Span)>,
+    /// `features joins(auto)`: the joins the source table's foreign keys
+    /// declare are searched (crate::joins); fdw/ rewrites the spec with
+    /// [`with_joins`] before it is expanded.
+    pub joins: Option<JoinsAuto>,
+}
+
+/// `joins(auto [, hops = n])` in a features clause.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JoinsAuto {
+    pub hops: u32,
+    /// The item as written.
+    pub span: Span,
+    /// The item with the comma that separates it from its neighbour, what
+    /// goes when nothing replaces it.
+    pub removal: Span,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -786,6 +801,39 @@ impl<'a> Parser<'a> {
         Ok(Selection { exclude, table, columns, optional, span: start..self.at })
     }
 
+    /// `joins(auto [, hops = n])`, if that is what comes next.
+    fn joins(&mut self) -> Result<Option<u32>, MstError> {
+        let at = self.at;
+        match self.ident() {
+            Some((word, _)) if word == "joins" && self.peek() == Some('(') => {}
+            _ => {
+                self.at = at;
+                return Ok(None);
+            }
+        }
+        self.expect('(', "after joins")?;
+        let (mode, span) = self.expect_ident("auto")?;
+        if mode != "auto" {
+            return Err(self.error(
+                span.start,
+                format!("joins({mode}) is not a mode; joins(auto) follows the source's foreign keys"),
+            ));
+        }
+        let mut hops = 1;
+        if self.eat(',') {
+            let (key, span) = self.expect_ident("hops")?;
+            if key != "hops" {
+                return Err(self.error(span.start, format!("unknown joins setting \"{key}\"; known: hops")));
+            }
+            self.expect('=', "after hops")?;
+            hops = self.whole_number(1, u64::from(crate::joins::MAX_HOPS), || {
+                format!("hops must be 1 or {}: joins(auto) follows keys one hop out, or two", crate::joins::MAX_HOPS)
+            })? as u32;
+        }
+        self.expect(')', "to close joins(")?;
+        Ok(Some(hops))
+    }
+
     fn search(&mut self) -> Result<(Search, Option<(u64, Span)>), MstError> {
         let (word, span) = self.expect_ident("grid, random(n) or halving(n)")?;
         match word.as_str() {
@@ -959,12 +1007,39 @@ pub fn parse(text: &str) -> Result<Spec, MstError> {
                 }
                 spec.source = Some(p.value()?);
             }
-            "features" => loop {
-                spec.features.push(p.selection()?);
-                if !p.eat(',') {
-                    break;
+            "features" => {
+                let mut previous_end = None;
+                loop {
+                    p.skip(false);
+                    let start = p.at;
+                    if let Some(hops) = p.joins()? {
+                        if spec.joins.is_some() {
+                            return Err(p.error(start, "joins(auto) is given twice"));
+                        }
+                        let span = start..p.at;
+                        let removal = match previous_end {
+                            Some(end) => end..p.at,
+                            None => {
+                                let after = p.at;
+                                p.skip(false);
+                                if p.rest().starts_with(',') {
+                                    start..p.at + 1
+                                } else {
+                                    p.at = after;
+                                    span.clone()
+                                }
+                            }
+                        };
+                        spec.joins = Some(JoinsAuto { hops, span, removal });
+                    } else {
+                        spec.features.push(p.selection()?);
+                    }
+                    previous_end = Some(p.at);
+                    if !p.eat(',') {
+                        break;
+                    }
                 }
-            },
+            }
             "encode" => spec.encodings.extend(p.assignments()?),
             "model" => spec.model.extend(p.assignments()?),
             "train" => spec.train.extend(p.assignments()?),
@@ -1239,6 +1314,15 @@ impl Spec {
                 ));
             }
         }
+        if let (Some(_), Some((source, span))) = (&self.joins, &self.source) {
+            if !matches!(source, Value::Word(_) | Value::Text(_)) {
+                return Err(invalid(
+                    span,
+                    "joins(auto) follows the foreign keys of one table: the source must be a table's name, not a set or a query"
+                        .into(),
+                ));
+            }
+        }
         if let Some((source, span)) = &self.source {
             visit_choices(source, span, &mut |choice, span| match choice {
                 Value::Word(_) | Value::Text(_) | Value::Query(_) => Ok(()),
@@ -1500,6 +1584,9 @@ pub struct SelectionPlan {
     /// from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub searched: Option<String>,
+    /// `features joins(auto)`: the joins searched and those pruned, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joins: Option<crate::joins::JoinPlan>,
 }
 
 /// How a selection's candidates were chosen and are run, as
@@ -1618,6 +1705,7 @@ impl Spec {
                 _ => None,
             },
             searched: None,
+            joins: None,
         }
     }
 }
@@ -1653,6 +1741,12 @@ pub fn parse_change(text: &str) -> Result<Change, MstError> {
     if let Some((_, span)) = &spec.ensemble {
         return Err(invalid(span.start, "a change has no ensemble: it makes one model"));
     }
+    if let Some(j) = &spec.joins {
+        return Err(invalid(
+            j.span.start,
+            "joins(auto) searches joins: it belongs in a selection (spec); a change names its source or columns",
+        ));
+    }
     let single = "a change takes one value; to try several, run a selection (spec)";
     if let Some(s) = spec.features.iter().find(|s| s.optional) {
         return Err(invalid(s.span.start, single));
@@ -1685,6 +1779,36 @@ pub fn parse_change(text: &str) -> Result<Change, MstError> {
         }
     }
     Ok(change)
+}
+
+/// `text` (parsed as `spec`) with `joins(auto)` replaced by what it found:
+/// the source is `query` (the source table with the joins kept), and the
+/// item is `groups` (each join's columns, added and optionally left out
+/// again), after every source column (`*`) when nothing else adds columns
+/// (`features joins(auto)`, `features -a, joins(auto)`).
+pub fn with_joins(text: &str, spec: &Spec, query: &str, groups: &[String]) -> String {
+    let Some(joins) = &spec.joins else { return text.to_string() };
+    let mut items: Vec<String> = Vec::new();
+    if !spec.features.iter().any(|s| !s.exclude && !s.optional) {
+        items.push("*".into());
+    }
+    items.extend(groups.iter().cloned());
+    let mut edits = vec![if items.is_empty() {
+        (joins.removal.clone(), String::new())
+    } else {
+        (joins.span.clone(), items.join(", "))
+    }];
+    match &spec.source {
+        Some((_, span)) => edits.push((span.clone(), query.to_string())),
+        None => edits.push((0..0, format!("source {query}\n"))),
+    }
+    // From the end, so each span still points into the text as written.
+    edits.sort_by_key(|(span, _)| std::cmp::Reverse(span.start));
+    let mut out = text.to_string();
+    for (span, with) in edits {
+        out.replace_range(span, &with);
+    }
+    out
 }
 
 /// The text a spec stands for: `default` is [`DEFAULT_SPEC`], and so is
@@ -2370,5 +2494,64 @@ search   grid
         let text = "model hidden += [64]";
         let e = parse(text).unwrap().candidates(text).unwrap_err();
         assert!(e.message.contains("belongs in a change"), "{e}");
+    }
+
+    #[test]
+    fn joins_auto_is_parsed_and_rewritten_into_a_source_and_optional_groups() {
+        let groups = ["p.{p__a, p__b}, -p.{p__a, p__b}?".to_string()];
+        let query = "(SELECT s.* FROM t s)";
+
+        let text = "features joins(auto)\nmodel hidden = {[8], [16]}";
+        let spec = parse(text).unwrap();
+        assert_eq!(spec.joins.as_ref().map(|j| j.hops), Some(1));
+        assert!(spec.features.is_empty());
+        let rewritten = with_joins(text, &spec, query, &groups);
+        assert_eq!(
+            rewritten,
+            "source (SELECT s.* FROM t s)\nfeatures *, p.{p__a, p__b}, -p.{p__a, p__b}?\nmodel hidden = {[8], [16]}"
+        );
+        // Each kept join doubles the grid: with and without it.
+        assert_eq!(parse(&rewritten).unwrap().candidates(&rewritten).unwrap(), 4);
+
+        let text = "source nyc.flights\nfeatures tenure, joins(auto, hops = 2), -b\nsearch halving(4, rounds = 3)";
+        let spec = parse(text).unwrap();
+        assert_eq!(spec.joins.as_ref().map(|j| j.hops), Some(2));
+        assert_eq!(
+            with_joins(text, &spec, query, &groups),
+            "source (SELECT s.* FROM t s)\nfeatures tenure, p.{p__a, p__b}, -p.{p__a, p__b}?, -b\nsearch halving(4, rounds = 3)"
+        );
+        // Only exclusions besides: every column is the base.
+        let only_out = "features -b, joins(auto)";
+        assert_eq!(
+            with_joins(only_out, &parse(only_out).unwrap(), query, &groups),
+            "source (SELECT s.* FROM t s)\nfeatures -b, *, p.{p__a, p__b}, -p.{p__a, p__b}?"
+        );
+        // Nothing kept: the item goes with its comma, first or not.
+        assert_eq!(
+            with_joins(text, &spec, query, &[]),
+            "source (SELECT s.* FROM t s)\nfeatures tenure, -b\nsearch halving(4, rounds = 3)"
+        );
+        let text = "features joins(auto) , tenure";
+        let spec = parse(text).unwrap();
+        assert_eq!(with_joins(text, &spec, query, &[]), "source (SELECT s.* FROM t s)\nfeatures  tenure");
+        // The groups leave named columns out optionally, which rounds allow.
+        let rewritten = with_joins(text, &spec, query, &groups) + "\nsearch random(4, rounds = 2)";
+        assert!(parse(&rewritten).is_ok());
+
+        for (bad, says) in [
+            ("features joins(manual)", "joins(manual) is not a mode"),
+            ("features joins(auto, hops = 3)", "hops must be 1 or 2"),
+            ("features joins(auto, depth = 2)", "unknown joins setting \"depth\""),
+            ("features joins(auto), joins(auto)", "given twice"),
+            ("source {a, b}\nfeatures joins(auto)", "the source must be a table's name"),
+            ("source (SELECT 1)\nfeatures joins(auto)", "the source must be a table's name"),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.message.contains(says), "{bad}: {e}");
+        }
+        let e = parse_change("features joins(auto)").unwrap_err();
+        assert!(e.message.contains("belongs in a selection"), "{e}");
+        // A column named joins is still a column.
+        assert_eq!(parse("features joins, a").unwrap().features.len(), 2);
     }
 }

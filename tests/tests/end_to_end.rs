@@ -2620,6 +2620,154 @@ async fn a_selection_on_a_versions_snapshot_trains_on_its_frozen_rows() -> anyho
     Ok(())
 }
 
+/// `features joins(auto)` on a schema with declared keys: a one-column
+/// key, a NOT VALID one with orphans, a composite one, and a second hop.
+/// The tiny table behind a categorical key is pruned by the tuple ratio
+/// rule, the others are searched with and without, the plan says which and
+/// why, and the winner (the join that decides the target) scores through
+/// its query source.
+#[tokio::test(flavor = "multi_thread")]
+async fn joins_auto_follows_declared_foreign_keys_and_prunes_small_tables() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    db.batch_execute(
+        "DROP SCHEMA IF EXISTS e2e_shop CASCADE;
+         CREATE SCHEMA e2e_shop;
+         SELECT setseed(0.25);
+         CREATE TABLE e2e_shop.regions (code text PRIMARY KEY, tax float8);
+         INSERT INTO e2e_shop.regions VALUES ('n', 0.1), ('s', 0.2), ('e', 0.15), ('w', 0.05);
+         CREATE TABLE e2e_shop.customers (id integer PRIMARY KEY, segment text, age float8,
+             region text REFERENCES e2e_shop.regions);
+         INSERT INTO e2e_shop.customers
+         SELECT i, (ARRAY['home', 'pro'])[1 + i % 2], 18 + (i * 37) % 60, (ARRAY['n', 's', 'e', 'w'])[1 + i % 4]
+         FROM generate_series(1, 400) i;
+         CREATE TABLE e2e_shop.stores (store text PRIMARY KEY, size float8);
+         INSERT INTO e2e_shop.stores SELECT 'st' || i, i * 100 FROM generate_series(1, 5) i;
+         CREATE TABLE e2e_shop.promos (store text, week integer, discount float8, PRIMARY KEY (store, week));
+         INSERT INTO e2e_shop.promos SELECT 'st' || s, w, round(random()::numeric, 2)
+         FROM generate_series(1, 5) s, generate_series(1, 520) w;
+         CREATE TABLE e2e_shop.orders (id integer PRIMARY KEY, customer_id integer, store text
+             REFERENCES e2e_shop.stores, week integer, amount float8, returned boolean,
+             FOREIGN KEY (store, week) REFERENCES e2e_shop.promos);
+         INSERT INTO e2e_shop.orders
+         SELECT i, 1 + (i * 7) % 410, 'st' || (1 + floor(random() * 5)), 1 + floor(random() * 520), (i % 97) + 1,
+                false
+         FROM generate_series(1, 3000) i;
+         -- Whether an order is returned is decided by its promotion alone, of
+         -- 2,600 (store, week) pairs: too many to learn from the key.
+         UPDATE e2e_shop.orders o SET returned = p.discount > 0.5
+         FROM e2e_shop.promos p WHERE p.store = o.store AND p.week = o.week;
+         -- Ten customers are missing: the key is declared without checking the rows.
+         ALTER TABLE e2e_shop.orders ADD FOREIGN KEY (customer_id) REFERENCES e2e_shop.customers NOT VALID;
+         CREATE VIEW e2e_shop.orders_view AS SELECT * FROM e2e_shop.orders;",
+    )
+    .await?;
+    let (client, notices) = env.connect_recording_notices().await?;
+    client
+        .execute(
+            "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('e2e_joins', 'e2e_shop.orders',
+                 'returned', 'id', 'features joins(auto, hops = 2)
+                                    model hidden = [32]
+                                    train lr = 0.01, epochs = 12, patience = 0')",
+            &[],
+        )
+        .await?;
+    let said = notices.lock().expect("notices").join("\n");
+    assert!(said.contains("joins(auto) searches with and without 2 join(s)"), "{said}");
+    let (selection, _) = wait_for_selection(&db, "e2e_joins").await?;
+
+    let plan: serde_json::Value =
+        db.query_one("SELECT plan->'joins' FROM cerebro.selections WHERE id = $1", &[&selection]).await?.get(0);
+    let kept: Vec<(String, serde_json::Value)> = plan["kept"]
+        .as_array()
+        .expect("kept joins")
+        .iter()
+        .map(|j| (j["prefix"].as_str().unwrap_or_default().to_string(), j["on"].clone()))
+        .collect();
+    assert_eq!(
+        kept,
+        [
+            ("customers".to_string(), serde_json::json!(["customer_id"])),
+            ("promos".to_string(), serde_json::json!(["store", "week"])),
+        ],
+        "{plan}"
+    );
+    let pruned: Vec<(&str, u64)> = plan["pruned"]
+        .as_array()
+        .expect("pruned joins")
+        .iter()
+        .map(|p| (p["table"].as_str().unwrap_or_default(), p["hop"].as_u64().unwrap_or(0)))
+        .collect();
+    // stores: 5 rows for 3,000 orders, behind the categorical store; regions
+    // (hop 2): 4 rows behind the customers' region.
+    assert_eq!(pruned, [("e2e_shop.stores", 1), ("e2e_shop.regions", 2)], "{plan}");
+    assert!(plan["pruned"][0]["why"].as_str().unwrap_or_default().contains("tuple ratio 600"), "{plan}");
+
+    // Four candidates: with and without each join.
+    let rows = db
+        .query(
+            "SELECT m.version, m.status::text, m.error,
+                    ARRAY(SELECT f->>'name' FROM jsonb_array_elements(m.features) f), l.rank
+             FROM cerebro.model_versions m JOIN cerebro.leaderboard l ON l.name = m.name AND l.version = m.version
+             WHERE m.selection_id = $1 ORDER BY l.rank",
+            &[&selection],
+        )
+        .await?;
+    let mut combinations = Vec::new();
+    for r in &rows {
+        assert_eq!(r.get::<_, String>(1), "ready", "{:?}", r.get::<_, Option<String>>(2));
+        let features: Vec<String> = r.get(3);
+        assert!(features.contains(&"store".to_string()) && features.contains(&"customer_id".to_string()));
+        assert!(!features.iter().any(|f| f.starts_with("stores__")), "pruned: {features:?}");
+        combinations.push((
+            features.contains(&"customers__age".to_string()),
+            features.contains(&"promos__discount".to_string()),
+        ));
+    }
+    combinations.sort();
+    assert_eq!(combinations, [(false, false), (false, true), (true, false), (true, true)]);
+    // The promotion decides the target: the best candidates have it.
+    let best: Vec<String> = rows[0].get(3);
+    assert!(best.contains(&"promos__discount".to_string()), "{best:?}");
+
+    // Scoring reads the query the plan wrote, every order once.
+    let version: i32 = rows[0].get(0);
+    let scored: i64 = db
+        .query_one("SELECT count(*) FROM cerebro.predictions WHERE model = 'e2e_joins' AND version = $1", &[&version])
+        .await?
+        .get(0);
+    assert_eq!(scored, 3000);
+
+    // A view has no keys; a selection on a snapshot and a change cannot join.
+    for (sql, code, says) in [
+        (
+            "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('e2e_joins_view',
+                 'e2e_shop.orders_view', 'returned', 'id', 'features joins(auto)')",
+            "0A000",
+            "is a view",
+        ),
+        (
+            "INSERT INTO cerebro.models (name, parent_version, spec) VALUES ('e2e_joins', 1, 'features joins(auto)')",
+            "22023",
+            "cannot name joins(auto)",
+        ),
+        (
+            "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('e2e_joins_q',
+                 '(SELECT * FROM e2e_shop.orders)', 'returned', 'id', 'features joins(auto)')",
+            "0A000",
+            "is a query",
+        ),
+    ] {
+        let err = db.execute(sql, &[]).await.expect_err(sql);
+        let e = err.as_db_error().expect("a server error");
+        assert_eq!(e.code().code(), code, "{sql}: {}", e.message());
+        assert!(e.message().contains(says), "{sql}: {}", e.message());
+        assert!(e.hint().is_some(), "{sql}");
+    }
+    Ok(())
+}
+
 /// Meta-features are measured when a snapshot is frozen, and
 /// `cerebro.recommend` ranks the best version of each archived task of the
 /// same kind by how near its meta-features are to a new source's.
@@ -2710,6 +2858,17 @@ async fn recommendations_come_from_the_nearest_archived_tasks() -> anyhow::Resul
     let keyless: f64 =
         db.query_one("SELECT distance FROM cerebro.recommend('e2e_rec_new', 'label', 1)", &[]).await?.get(0);
     assert!(keyless > first.get::<_, f64>(3), "{keyless}");
+    // Models left out by the setting are not recommended, built in or not.
+    db.batch_execute("SET cerebro.recommend_exclude = 'e2e_rec_like, (built in) telco_churn'").await?;
+    let left: Vec<String> = db
+        .query("SELECT model FROM cerebro.recommend('e2e_rec_new', 'label', 50, key => 'id')", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left.len(), rows.len() - 2, "{left:?}");
+    assert!(!left.iter().any(|m| m == "e2e_rec_like" || m == "(built in) telco_churn"), "{left:?}");
+    db.batch_execute("RESET cerebro.recommend_exclude").await?;
 
     // spec = 'recommended': a selection around what was recommended,
     // written out in the selection's plan.

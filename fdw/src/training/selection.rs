@@ -3,7 +3,8 @@
 
 use std::collections::HashMap;
 
-use cerebro_shared::mst::{self, Candidate, ClassBalance, SelectionPlan, SourceFacts, Value};
+use cerebro_shared::joins::{self, JoinPlan};
+use cerebro_shared::mst::{self, Candidate, ClassBalance, Selection, SelectionPlan, SourceFacts, Value};
 use cerebro_shared::request::{self, merge_options, SourceShape};
 use cerebro_shared::spec::{resolve_task, Split, SqlKind, TrainOptions};
 use cerebro_shared::sql::quote_ident;
@@ -73,6 +74,18 @@ pub(super) fn build(req: &TrainRequest, written: &str, parent: Option<&Parent>) 
     } else {
         None
     };
+    let mut searched = searched;
+    let mut found_joins = None;
+    let spec = mst::parse(searched.as_deref().unwrap_or(written)).map_err(CerebroError::Selection)?;
+    if let Some(auto) = &spec.joins {
+        if let Some(parent) = parent {
+            return Err(CerebroError::OnSnapshot { version: parent.version, what: "joins(auto)" });
+        }
+        let text = searched.as_deref().unwrap_or(written);
+        let (rewritten, plan) = Spi::connect(|client| with_joins(client, req, text, &spec, auto.hops))?;
+        searched = Some(rewritten);
+        found_joins = Some(plan);
+    }
     let text = searched.as_deref().unwrap_or(written);
     let spec = mst::parse(text).map_err(CerebroError::Selection)?;
     let limit = gucs::MAX_CANDIDATES.get().max(1) as u128;
@@ -132,12 +145,48 @@ pub(super) fn build(req: &TrainRequest, written: &str, parent: Option<&Parent>) 
             candidate: Some(i + 1),
         });
     }
-    let plan = SelectionPlan { searched: searched.filter(|t| t != mst::DEFAULT_SPEC), ..spec.plan(max_epochs) };
+    let plan = SelectionPlan {
+        searched: searched.filter(|t| t != mst::DEFAULT_SPEC),
+        joins: found_joins,
+        ..spec.plan(max_epochs)
+    };
     Ok(Batch {
         selection: Some(NewSelection { spec: written.to_owned(), plan }),
         versions,
         on_snapshot: parent.map(|p| (p.snapshot_id, p.version)),
     })
+}
+
+/// `text` with `features joins(auto)` replaced by the joins the source
+/// table's foreign keys lead to (less those pruned), and what was found.
+fn with_joins(
+    client: &SpiClient<'_>,
+    req: &TrainRequest,
+    text: &str,
+    spec: &mst::Spec,
+    hops: u32,
+) -> Result<(String, JoinPlan)> {
+    let source = match &spec.source {
+        Some((Value::Word(w) | Value::Text(w), _)) => w.clone(),
+        _ => req.source.clone(),
+    };
+    let schema = crate::joins::read(client, &source, hops)?;
+    // The pruning rule asks whether a key is a feature of every candidate:
+    // what the non-optional selections pick (everything, with none).
+    let shape = read_shape(client, &schema.source.relation, &[])?;
+    let every: Vec<Selection> = if spec.features.iter().any(|s| !s.exclude && !s.optional) {
+        spec.features.iter().filter(|s| !s.optional).cloned().collect()
+    } else {
+        let all = Selection { exclude: false, table: None, columns: None, optional: false, span: 0..0 };
+        std::iter::once(all).chain(spec.features.iter().filter(|s| !s.optional).cloned()).collect()
+    };
+    let features = request::candidate_features(&every, &shape, &req.target, req.key.as_deref())?;
+    let written = &req.written["options"];
+    let options = TrainOptions::from_json(written.is_object().then_some(written))?;
+    let plan = joins::plan(&schema, hops, &features, options.max_categories)?;
+    crate::joins::announce(&plan);
+    let rewritten = mst::with_joins(text, spec, &plan.query, &plan.features_text());
+    Ok((rewritten, plan))
 }
 
 /// What the default selection reads of `req`'s source before it searches.
