@@ -76,8 +76,15 @@ pub(crate) fn measure(
 }
 
 /// The meta-features of `target` learnt from every other usable column of
-/// `source` but its `key`, read as the caller.
-fn source_meta(client: &SpiClient<'_>, source: &str, target: &str, key: Option<&str>) -> Result<MetaFeatures> {
+/// `source` but its `key`, read as the caller, for the task `choice` makes
+/// of it (as an INSERT's `task` does).
+fn source_meta(
+    client: &SpiClient<'_>,
+    source: &str,
+    target: &str,
+    key: Option<&str>,
+    choice: TaskChoice,
+) -> Result<MetaFeatures> {
     let source = resolve_source(client, source)?;
     let shape = source.shape();
     let kind = request::target_kind(&shape, target)?;
@@ -93,7 +100,7 @@ fn source_meta(client: &SpiClient<'_>, source: &str, target: &str, key: Option<&
         .first()
         .get_one::<i64>()?
         .unwrap_or(0);
-    let task = resolve_task(TaskChoice::Auto, target, kind, distinct as usize)?;
+    let task = resolve_task(choice, target, kind, distinct as usize)?;
     let readable: Vec<Measured> = features
         .iter()
         .filter_map(|f| source.column(&f.name).ok().filter(|c| c.readable).map(|c| (f, c)))
@@ -139,14 +146,16 @@ fn archived(client: &SpiClient<'_>, task: Task) -> Result<Vec<Archived>> {
 const SEEDS: usize = 5;
 
 /// The options of the versions `cerebro.recommend` names first for
-/// `source`'s `target`: what `spec = 'recommended'` searches around.
+/// `source`'s `target` (the task `choice` makes of it): what
+/// `spec = 'recommended'` searches around.
 pub(crate) fn seeds(
     client: &SpiClient<'_>,
     source: &str,
     target: &str,
     key: Option<&str>,
+    choice: TaskChoice,
 ) -> Result<Vec<serde_json::Value>> {
-    let (_, found) = recommended(client, source, target, key, SEEDS)?;
+    let (_, found) = recommended(client, source, target, key, choice, SEEDS)?;
     Ok(found.into_iter().map(|r| r.from.options).collect())
 }
 
@@ -158,9 +167,10 @@ fn recommended(
     source: &str,
     target: &str,
     key: Option<&str>,
+    choice: TaskChoice,
     k: usize,
 ) -> Result<(Task, Vec<Recommendation>)> {
-    let task = source_meta(client, source, target, key)?;
+    let task = source_meta(client, source, target, key, choice)?;
     let found = meta::recommend(&task, archived(client, task.task)?, k);
     Ok((task.task, found))
 }
@@ -180,7 +190,7 @@ fn try_recommend(
         return Err(CerebroError::RecommendCount(k));
     }
     Spi::connect(|client| {
-        let (task, found) = recommended(client, source, target, key, k as usize)?;
+        let (task, found) = recommended(client, source, target, key, TaskChoice::Auto, k as usize)?;
         let (metric, _) = meta::metric_for(task);
         Ok(found
             .into_iter()

@@ -2869,6 +2869,16 @@ async fn recommendations_come_from_the_nearest_archived_tasks() -> anyhow::Resul
     assert_eq!(left.len(), rows.len() - 2, "{left:?}");
     assert!(!left.iter().any(|m| m == "e2e_rec_like" || m == "(built in) telco_churn"), "{left:?}");
     db.batch_execute("RESET cerebro.recommend_exclude").await?;
+    // The INSERT's task decides what is recommended: an integer target of
+    // 4,000 values is a regression when the INSERT says so (task auto would
+    // refuse it as too many classes). Rolled back: only the INSERT is tried.
+    db.batch_execute(
+        "BEGIN;
+         INSERT INTO cerebro.models (name, source, target, task, spec)
+             VALUES ('e2e_rec_regression', 'e2e_rec_new', 'id', 'regression', 'recommended');
+         ROLLBACK;",
+    )
+    .await?;
 
     // spec = 'recommended': a selection around what was recommended,
     // written out in the selection's plan.

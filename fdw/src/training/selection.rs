@@ -56,7 +56,7 @@ pub(super) fn build(req: &TrainRequest, written: &str, parent: Option<&Parent>) 
     } else if mst::is_recommended(written) {
         Some(Spi::connect(|client| -> Result<String> {
             let facts = source_facts(client, req)?;
-            let seeds = recommend::seeds(client, &req.source, &req.target, req.key.as_deref())?;
+            let seeds = recommend::seeds(client, &req.source, &req.target, req.key.as_deref(), req.task)?;
             Ok(match mst::recommended_for(&seeds, &facts) {
                 Some(text) => {
                     notice!(
