@@ -429,6 +429,7 @@ const TRAIN_KEYS: &[&str] = &[
     "periodic_dim",
     "periodic_sigma",
     "onehot_max",
+    "warm_start",
 ];
 
 struct Parser<'a> {

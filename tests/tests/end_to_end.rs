@@ -2768,6 +2768,130 @@ async fn joins_auto_follows_declared_foreign_keys_and_prunes_small_tables() -> a
     Ok(())
 }
 
+/// The id of `name`'s newest selection, once it has finished.
+async fn newest_selection_finished(db: &tokio_postgres::Client, name: &str) -> anyhow::Result<i64> {
+    let deadline = std::time::Instant::now() + TRAIN_TIMEOUT;
+    loop {
+        let row = db
+            .query_one(
+                "SELECT id, finished_at IS NOT NULL FROM cerebro.selections WHERE name = $1 ORDER BY id DESC LIMIT 1",
+                &[&name],
+            )
+            .await?;
+        if row.get::<_, bool>(1) {
+            return Ok(row.get(0));
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "selection of {name} not finished after {TRAIN_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `train warm_start = true`: a selection's candidate that differs from
+/// an archived version of its model only in parameter tuning continues
+/// from the best such version's weights; one with another network starts
+/// afresh.
+#[tokio::test(flavor = "multi_thread")]
+async fn warm_started_candidates_continue_from_versions_that_differ_only_in_tuning() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('e2e_warm', 'telco_churn', 'churn',
+             'customer_id', 'features tenure, contract, monthly_charges
+                             model hidden = [16]
+                             train lr = {0.01, 0.003}, epochs = 3, patience = 0')",
+        &[],
+    )
+    .await?;
+    let first = newest_selection_finished(&db, "e2e_warm").await?;
+    let (client, notices) = env.connect_recording_notices().await?;
+    client
+        .execute(
+            "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('e2e_warm', 'telco_churn',
+                 'churn', 'customer_id', 'features tenure, contract, monthly_charges
+                                         model hidden = {[16], [32]}
+                                         train lr = 0.001, epochs = 2, patience = 0, warm_start = true')",
+            &[],
+        )
+        .await?;
+    let said = notices.lock().expect("notices").join("\n");
+    assert!(said.contains("warm_start: 1 of 2 candidate(s) continue"), "{said}");
+    let second = newest_selection_finished(&db, "e2e_warm").await?;
+    assert_ne!(first, second);
+
+    // The best of the first selection, by validation AUC.
+    let best: i32 = db
+        .query_one(
+            "SELECT version FROM cerebro.model_versions WHERE selection_id = $1
+             ORDER BY (metrics->>'auc')::float8 DESC, version DESC LIMIT 1",
+            &[&first],
+        )
+        .await?
+        .get(0);
+    let rows = db
+        .query(
+            "SELECT options->'hidden', parent_version, trained_with->'warm_start', status::text, error
+             FROM cerebro.model_versions WHERE selection_id = $1 ORDER BY version",
+            &[&second],
+        )
+        .await?;
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        assert_eq!(r.get::<_, String>(3), "ready", "{:?}", r.get::<_, Option<String>>(4));
+        let warm: Option<serde_json::Value> = r.get(2);
+        match r.get::<_, serde_json::Value>(0).to_string().as_str() {
+            "[16]" => {
+                assert_eq!(r.get::<_, Option<i32>>(1), Some(best), "the best archived version");
+                let warm = warm.expect("a warm start");
+                assert_eq!(warm["from_version"], best);
+                assert_eq!(warm["layers"], warm["of_layers"], "every layer copied: {warm}");
+            }
+            other => {
+                assert_eq!(other, "[32]");
+                assert_eq!(r.get::<_, Option<i32>>(1), None, "another network starts afresh");
+                assert!(warm.is_none(), "{warm:?}");
+            }
+        }
+    }
+    // A warm-started candidate is the archived version's child in the lineage.
+    let children: i64 = db
+        .query_one(
+            "SELECT count(*) FROM cerebro.model_versions WHERE name = 'e2e_warm' AND parent_version = $1",
+            &[&best],
+        )
+        .await?
+        .get(0);
+    assert_eq!(children, 1);
+
+    // A plain INSERT continues from the best such version too.
+    client
+        .execute(
+            "INSERT INTO cerebro.models (name, source, target, key, features, options) VALUES ('e2e_warm',
+                 'telco_churn', 'churn', 'customer_id', ARRAY['tenure', 'contract', 'monthly_charges'],
+                 '{\"hidden\": [16], \"learning_rate\": 0.0005, \"epochs\": 1, \"patience\": 0, \"warm_start\": true}')",
+            &[],
+        )
+        .await?;
+    let version: i32 =
+        db.query_one("SELECT max(version) FROM cerebro.model_versions WHERE name = 'e2e_warm'", &[]).await?.get(0);
+    let seen = wait_until_done(&db, "e2e_warm", version, TRAIN_TIMEOUT).await?;
+    assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
+    let row = db
+        .query_one(
+            "SELECT p.options->'hidden', m.trained_with->'warm_start'->'from_version' = to_jsonb(p.version)
+             FROM cerebro.model_versions m JOIN cerebro.model_versions p ON p.name = m.name AND p.version = m.parent_version
+             WHERE m.name = 'e2e_warm' AND m.version = $1",
+            &[&version],
+        )
+        .await?;
+    assert_eq!(row.get::<_, serde_json::Value>(0), serde_json::json!([16]));
+    assert!(row.get::<_, bool>(1), "trained_with names the version it continued from");
+    Ok(())
+}
+
 /// Meta-features are measured when a snapshot is frozen, and
 /// `cerebro.recommend` ranks the best version of each archived task of the
 /// same kind by how near its meta-features are to a new source's.

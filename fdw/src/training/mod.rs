@@ -4,7 +4,8 @@
 //! models.rs      the row as written (TrainRequest)
 //!   → a builder  what versions it asks for (a Batch); reads, never writes:
 //!                plain (here), selection.rs (a spec, on a parent's snapshot or
-//!                not), derived.rs (a parent and a change)
+//!                not), derived.rs (a parent and a change); warm.rs finds the
+//!                archived version a `warm_start` continues from
 //!   → queue.rs   per version: resolve its source, freeze the snapshot, read the
 //!                labels, check, write the catalog rows, enqueue
 //! ```
@@ -20,9 +21,12 @@ pub(crate) mod ensemble;
 mod queue;
 pub(crate) mod rounds;
 mod selection;
+mod warm;
 
 use cerebro_shared::mst::SelectionPlan;
 use cerebro_shared::spec::{TaskChoice, TrainOptions};
+
+use pgrx::prelude::*;
 
 use crate::error::Result;
 use crate::models::{Lineage, TrainRequest};
@@ -77,13 +81,28 @@ pub fn queue_training(req: TrainRequest) -> Result<()> {
         }
         (Some(spec), None) => selection::build(&req, spec, None)?,
         (None, Some(lineage)) => derived::build(&req, lineage)?,
-        (None, None) => plain(req),
+        (None, None) => plain(req)?,
     };
     queue::queue(batch)
 }
 
-/// A plain INSERT: one version, as written.
-fn plain(req: TrainRequest) -> Batch {
+/// A plain INSERT: one version, as written; with `warm_start`, continuing
+/// from an archived version that differs only in parameter tuning.
+fn plain(req: TrainRequest) -> Result<Batch> {
+    let parent = if req.options.warm_start {
+        let mut warm = warm::WarmStarts::default();
+        let parent = warm.parent(&req, &req.source, req.features.as_deref(), &req.options)?;
+        if parent.is_none() {
+            notice!(
+                "cerebro: warm_start: no ready version of \"{}\" differs from this one only in parameter tuning; it \
+                 starts afresh",
+                req.name
+            );
+        }
+        parent
+    } else {
+        None
+    };
     let version = VersionRequest {
         name: req.name,
         source: req.source,
@@ -93,9 +112,9 @@ fn plain(req: TrainRequest) -> Batch {
         task: req.task,
         options: req.options,
         written: req.written,
-        lineage: None,
+        lineage: parent.map(|v| Lineage { parent_version: Some(v), change: None }),
         source_author: None,
         candidate: None,
     };
-    Batch { selection: None, versions: vec![version], on_snapshot: None }
+    Ok(Batch { selection: None, versions: vec![version], on_snapshot: None })
 }

@@ -12,10 +12,11 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
 use super::derived::Parent;
+use super::warm::WarmStarts;
 use super::{Batch, NewSelection, VersionRequest};
 use crate::error::{CerebroError, Result};
 use crate::gucs;
-use crate::models::TrainRequest;
+use crate::models::{Lineage, TrainRequest};
 use crate::recommend;
 use crate::sources::{check_own_source, read_shape, resolve_source, BaseType, SourceColumn};
 
@@ -108,6 +109,7 @@ pub(super) fn build(req: &TrainRequest, written: &str, parent: Option<&Parent>) 
     };
     // Each source is read once, with the tables its candidates name whole.
     let mut shapes: HashMap<String, SourceShape> = HashMap::new();
+    let mut warm = WarmStarts::default();
     let mut versions = Vec::with_capacity(candidates.len());
     let mut max_epochs = 0;
     for (i, candidate) in candidates.iter().enumerate() {
@@ -131,6 +133,12 @@ pub(super) fn build(req: &TrainRequest, written: &str, parent: Option<&Parent>) 
         max_epochs = max_epochs.max(options.epochs);
         let mut written = req.written.clone();
         written["options"] = options_json;
+        let lineage = if options.warm_start {
+            warm.parent(req, &source, features.as_deref(), &options)?
+                .map(|version| Lineage { parent_version: Some(version), change: None })
+        } else {
+            None
+        };
         versions.push(VersionRequest {
             name: req.name.clone(),
             source,
@@ -140,10 +148,19 @@ pub(super) fn build(req: &TrainRequest, written: &str, parent: Option<&Parent>) 
             task: req.task,
             options,
             written,
-            lineage: None,
+            lineage,
             source_author: parent.map(|p| p.source_author.clone()),
             candidate: Some(i + 1),
         });
+    }
+    if warm.asked > 0 {
+        notice!(
+            "cerebro: warm_start: {} of {} candidate(s) continue from an archived version of \"{}\" that differs \
+             only in parameter tuning; the others start afresh",
+            warm.found,
+            warm.asked,
+            req.name
+        );
     }
     let plan = SelectionPlan {
         searched: searched.filter(|t| t != mst::DEFAULT_SPEC),

@@ -414,6 +414,12 @@ pub struct TrainOptions {
     /// to transform: `standardize` (the default) and `auto` leave it alone,
     /// so a selection may search `auto` whatever the task.
     pub target_transform: TargetTransform,
+    /// A selection's candidate continues from the weights of an archived
+    /// version of its model that differs from it only in parameter tuning
+    /// ([`TrainOptions::differs_only_in_tuning`]), where there is one
+    /// (docs/selection.md, "Warm starts"). Stored only when set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub warm_start: bool,
 }
 
 /// Options stored before `numeric_encoding` and `onehot_max` existed were
@@ -470,6 +476,7 @@ impl Default for TrainOptions {
             // (RMSE of ln y 0.1228 against 0.1240 on ames, 0.469 against
             // 0.432 on hotel_rates) to change how regressions train.
             target_transform: TargetTransform::Standardize,
+            warm_start: false,
         }
     }
 }
@@ -551,6 +558,8 @@ pub struct WrittenOptions {
     pub huber_delta: Option<f64>,
     #[serde(deserialize_with = "read::named")]
     pub target_transform: Option<TargetTransform>,
+    #[serde(deserialize_with = "read::flag")]
+    pub warm_start: Option<bool>,
 }
 
 /// Every option's key, in the order [`WrittenOptions`] declares them (the
@@ -563,8 +572,40 @@ pub const OPTION_KEYS: &[&str] = WrittenOptions::FIELD_NAMES_AS_SLICE;
 /// be the same for all of them ([`TrainOptions::first_stack_mismatch`]); the
 /// daemon claims queued jobs as companions of a stack only when their options
 /// differ in none but these.
-pub const PER_MODEL_OPTIONS: &[&str] =
-    &["learning_rate", "weight_decay", "epochs", "patience", "momentum", "schedule", "warmup_epochs", "clip_norm"];
+pub const PER_MODEL_OPTIONS: &[&str] = &[
+    "learning_rate",
+    "weight_decay",
+    "epochs",
+    "patience",
+    "momentum",
+    "schedule",
+    "warmup_epochs",
+    "clip_norm",
+    "warm_start",
+];
+
+/// The options a warm-started candidate may set apart from the archived
+/// version it continues from: parameter tuning. Everything else (the
+/// network, the inputs and their encodings, the validation rows, the
+/// target's transform) must be the same, or its weights mean something
+/// else, or its validation rows were trained on.
+pub const TUNING_OPTIONS: &[&str] = &[
+    "learning_rate",
+    "weight_decay",
+    "epochs",
+    "patience",
+    "momentum",
+    "schedule",
+    "warmup_epochs",
+    "clip_norm",
+    "warm_start",
+    "optimizer",
+    "batch_size",
+    "class_weights",
+    "label_smoothing",
+    "loss",
+    "huber_delta",
+];
 
 impl WrittenOptions {
     /// Reads a user's `options` JSON object. Keys are read in the object's
@@ -628,6 +669,7 @@ impl TryFrom<WrittenOptions> for TrainOptions {
             loss,
             huber_delta,
             target_transform,
+            warm_start,
         } = written;
         let opts = TrainOptions {
             hidden: hidden.unwrap_or(d.hidden),
@@ -662,6 +704,7 @@ impl TryFrom<WrittenOptions> for TrainOptions {
             loss: loss.unwrap_or(d.loss),
             huber_delta: huber_delta.unwrap_or(d.huber_delta),
             target_transform: target_transform.unwrap_or(d.target_transform),
+            warm_start: warm_start.unwrap_or(d.warm_start),
         };
         opts.validate()?;
         Ok(opts)
@@ -846,6 +889,14 @@ impl TrainOptions {
     pub fn to_json(&self) -> Value {
         serde_json::to_value(self).expect("options always serialise")
     }
+
+    /// Whether `self` and `other` differ in nothing but [`TUNING_OPTIONS`]
+    /// (their stored values compared): the same network on the same inputs
+    /// and validation rows, so one may continue from the other's weights.
+    pub fn differs_only_in_tuning(&self, other: &TrainOptions) -> bool {
+        let (a, b) = (self.to_json(), other.to_json());
+        OPTION_KEYS.iter().filter(|k| !TUNING_OPTIONS.contains(k)).all(|k| a.get(k) == b.get(k))
+    }
 }
 
 fn range_err(key: &str, value: String, allowed: String) -> SpecError {
@@ -920,6 +971,7 @@ mod read {
     enum Scalar {
         Number(Number),
         Str(String),
+        Bool(bool),
         Other,
     }
 
@@ -943,8 +995,8 @@ mod read {
                 fn visit_str<E>(self, s: &str) -> Result<Scalar, E> {
                     Ok(Scalar::Str(s.to_owned()))
                 }
-                fn visit_bool<E>(self, _: bool) -> Result<Scalar, E> {
-                    Ok(Scalar::Other)
+                fn visit_bool<E>(self, b: bool) -> Result<Scalar, E> {
+                    Ok(Scalar::Bool(b))
                 }
                 fn visit_unit<E>(self) -> Result<Scalar, E> {
                     Ok(Scalar::Other)
@@ -983,6 +1035,18 @@ mod read {
         whole_number(Scalar::read(d).number(), 0, u64::MAX, "a non-negative integer", None)
             .map(Some)
             .map_err(Problem::raise)
+    }
+
+    /// true or false (as JSON, or as the words a spec writes).
+    pub(super) fn flag<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+        match Scalar::read(d) {
+            Scalar::Bool(b) => Some(b),
+            Scalar::Str(s) if s == "true" => Some(true),
+            Scalar::Str(s) if s == "false" => Some(false),
+            _ => None,
+        }
+        .map(Some)
+        .ok_or_else(|| Problem::Type("true or false".into()).raise())
     }
 
     /// A finite number.
@@ -1068,7 +1132,7 @@ mod read {
                         Scalar::Str(name) => {
                             ColumnEncoding::named(&name).ok_or_else(|| Problem::Type(encodings_shape().into()))
                         }
-                        Scalar::Other => Err(Problem::Type(encodings_shape().into())),
+                        Scalar::Bool(_) | Scalar::Other => Err(Problem::Type(encodings_shape().into())),
                     };
                     out.insert(column, encoding.map_err(Problem::raise)?);
                 }
@@ -1383,7 +1447,7 @@ mod tests {
              validation_fraction, split, patience, max_categories, optimizer, momentum, schedule, warmup_epochs, \
              clip_norm, residual_blocks, norm, dropout, members, numeric_encoding, bins, periodic_frequencies, \
              periodic_dim, periodic_sigma, onehot_max, encodings, class_weights, label_smoothing, loss, \
-             huber_delta, target_transform."
+             huber_delta, target_transform, warm_start."
         );
         // The fields of the variants, not only their text.
         assert_eq!(
@@ -1788,6 +1852,9 @@ mod tests {
         assert_eq!(read_stored, keys, "stored options read every key");
         let stored = TrainOptions::default().to_json();
         let stored = stored.as_object().unwrap();
+        // warm_start is stored only when set: what versions stored before it
+        // existed stays what they would store now.
+        keys.retain(|k| *k != "warm_start");
         assert_eq!(stored.keys().map(String::as_str).collect::<Vec<_>>(), keys, "stored options write every key");
         // What is stored reads back as written options too.
         for (key, v) in stored {
@@ -1835,6 +1902,7 @@ mod tests {
             ("loss", json!("huber")),
             ("huber_delta", json!(2)),
             ("target_transform", json!("log")),
+            ("warm_start", json!(true)),
         ];
         assert_eq!(changed.iter().map(|(key, _)| *key).collect::<Vec<_>>(), OPTION_KEYS);
         let base = TrainOptions::default();
@@ -1870,5 +1938,29 @@ mod tests {
         assert!(serde_json::from_value::<TrainOptions>(json!({"epoch": 3})).is_err());
         let o = TrainOptions::from_json(Some(&json!({"encodings": {"city": 8, "plan": "embedding"}}))).unwrap();
         assert_eq!(serde_json::from_value::<TrainOptions>(o.to_json()).unwrap(), o);
+    }
+
+    #[test]
+    fn a_warm_start_continues_only_from_options_that_differ_in_tuning() {
+        let read = |v: serde_json::Value| TrainOptions::from_json(Some(&v)).unwrap();
+        let archived = read(json!({"hidden": [32], "learning_rate": 0.01}));
+        // Stored only when asked; a spec's word reads as JSON's boolean.
+        assert!(archived.to_json().get("warm_start").is_none());
+        let asked = read(json!({"hidden": [32], "learning_rate": 0.001, "epochs": 5, "warm_start": "true"}));
+        assert!(asked.warm_start);
+        assert_eq!(asked.to_json()["warm_start"], true);
+        assert!(asked.differs_only_in_tuning(&archived));
+        for other in [
+            json!({"hidden": [64], "warm_start": true}),
+            json!({"hidden": [32], "dropout": 0.1, "warm_start": true}),
+            json!({"hidden": [32], "seed": 7, "warm_start": true}),
+            json!({"hidden": [32], "numeric_encoding": "standard", "warm_start": true}),
+        ] {
+            assert!(!read(other.clone()).differs_only_in_tuning(&archived), "{other}");
+        }
+        assert_eq!(
+            TrainOptions::from_json(Some(&json!({"warm_start": 1}))).unwrap_err(),
+            SpecError::OptionType { key: "warm_start".into(), expected: "true or false".into() }
+        );
     }
 }
