@@ -248,13 +248,9 @@ def score_version(cur, name, task: Task, test: pd.DataFrame, version, class_labe
     return metric(task, truth.astype(float), scored["score"].astype(float), use_log=use_log)
 
 
-def cerebro(conn, task: Task, train: pd.DataFrame, test: pd.DataFrame, use_log: bool, extra: dict, spec: str):
-    """Cerebro's selection `spec` (the default one unless asked otherwise) on
-    the training table (with `extra` options, if any); its winner scores the
-    test table. Returns (metric, seconds to train, seconds to score, details)."""
-    name = f"accuracy_{task.name}"
-    options = {"split": "ordered"} if task.time_order else {}
-    options.update(extra)
+def run_selection(conn, name: str, task: Task, spec: str, options: dict) -> int:
+    """INSERTs selection `spec` as model `name` on the task's training table
+    with `options`, and returns its id once it has finished."""
     with conn.cursor() as cur:
         t0 = time.time()
         cur.execute(
@@ -268,11 +264,23 @@ def cerebro(conn, task: Task, train: pd.DataFrame, test: pd.DataFrame, use_log: 
             cur.execute("SELECT finished_at IS NOT NULL FROM cerebro.selections WHERE id = %s", (selection,))
             conn.commit()
             if cur.fetchone()[0]:
-                break
+                return selection
             if time.time() - t0 > SELECTION_TIMEOUT_S:
                 raise RuntimeError(f"selection {selection} did not finish in {SELECTION_TIMEOUT_S} s")
             time.sleep(1)
-        trained_s = time.time() - t0
+
+
+def cerebro(conn, task: Task, train: pd.DataFrame, test: pd.DataFrame, use_log: bool, extra: dict, spec: str):
+    """Cerebro's selection `spec` (the default one unless asked otherwise) on
+    the training table (with `extra` options, if any); its winner scores the
+    test table. Returns (metric, seconds to train, seconds to score, details)."""
+    name = f"accuracy_{task.name}"
+    options = {"split": "ordered"} if task.time_order else {}
+    options.update(extra)
+    t0 = time.time()
+    selection = run_selection(conn, name, task, spec, options)
+    trained_s = time.time() - t0
+    with conn.cursor() as cur:
         # The leaderboard's first (the ensemble when it ranks first), and the
         # best single candidate, to show what the ensemble adds.
         picks = {}

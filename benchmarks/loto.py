@@ -28,7 +28,6 @@ nycflights13 unless tasks are named).
 
 import json
 import sys
-import time
 
 import psycopg
 
@@ -43,26 +42,10 @@ def better(task, a, b):
 
 
 def run(conn, name, task, spec, options, exclude=""):
-    """Runs selection `spec` as model `name` on the task's training table;
-    returns its id once finished."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT set_config('cerebro.recommend_exclude', %s, false)", (exclude,))
-        cur.execute(
-            "INSERT INTO cerebro.models (name, source, target, key, task, spec, options)"
-            " VALUES (%s, %s, %s, 'row_id', %s, %s, %s)",
-            (name, f"accuracy.{task.name}_train", task.target, task.kind, spec, json.dumps(options)))
-        conn.commit()
-        cur.execute("SELECT max(id) FROM cerebro.selections WHERE name = %s", (name,))
-        selection = cur.fetchone()[0]
-        t0 = time.time()
-        while True:
-            cur.execute("SELECT finished_at IS NOT NULL FROM cerebro.selections WHERE id = %s", (selection,))
-            conn.commit()
-            if cur.fetchone()[0]:
-                return selection
-            if time.time() - t0 > accuracy.SELECTION_TIMEOUT_S:
-                raise RuntimeError(f"selection {selection} did not finish")
-            time.sleep(1)
+    """benchmarks/accuracy.py's run_selection, with the models named in
+    `exclude` left out of recommendations."""
+    conn.execute("SELECT set_config('cerebro.recommend_exclude', %s, false)", (exclude,))
+    return accuracy.run_selection(conn, name, task, spec, options)
 
 
 def timeline(cur, selection, task):

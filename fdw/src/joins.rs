@@ -5,40 +5,24 @@
 use std::collections::BTreeMap;
 
 use cerebro_shared::joins::{ForeignKey, Schema, Table};
-use cerebro_shared::request::source_query;
+use cerebro_shared::request::{source_query, SourceShape};
 use cerebro_shared::spec::SqlKind;
 use cerebro_shared::sql::quote_ident;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
 use crate::error::{CerebroError, Result};
-use crate::sources::resolve_source;
+use crate::sources::{resolve_source, Source};
 
 /// The schema `joins(auto, hops)` looks at from `source`, which must be a
-/// table: foreign keys are declared on tables only.
-pub(crate) fn read(client: &SpiClient<'_>, source: &str, hops: u32) -> Result<Schema> {
+/// table (foreign keys are declared on tables only), and the source's shape.
+pub(crate) fn read(client: &SpiClient<'_>, source: &str, hops: u32) -> Result<(Schema, SourceShape)> {
     if source_query(source).is_some() {
         return Err(CerebroError::JoinsNeedTable { relation: "the source".into(), kind: "a query" });
     }
     let resolved = resolve_source(client, source)?;
-    let relation = resolved.display.clone();
-    let kind = client
-        .select(
-            "SELECT c.relkind::text FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass($1)",
-            Some(1),
-            &[relation.clone().into()],
-        )?
-        .first()
-        .get_one::<String>()?
-        .unwrap_or_default();
-    match kind.as_str() {
-        "r" | "p" => {}
-        "v" => return Err(CerebroError::JoinsNeedTable { relation, kind: "a view" }),
-        "m" => return Err(CerebroError::JoinsNeedTable { relation, kind: "a materialized view" }),
-        "f" => return Err(CerebroError::JoinsNeedTable { relation, kind: "a foreign table" }),
-        _ => return Err(CerebroError::JoinsNeedTable { relation, kind: "a query" }),
-    }
-    let source = table(client, &relation)?;
+    let shape = resolved.shape();
+    let source = table(client, resolved)?;
     let mut tables = BTreeMap::new();
     let mut frontier: Vec<String> = source.foreign_keys.iter().map(|k| k.table.clone()).collect();
     for hop in 1..=hops {
@@ -47,7 +31,7 @@ pub(crate) fn read(client: &SpiClient<'_>, source: &str, hops: u32) -> Result<Sc
             if tables.contains_key(&relation) {
                 continue;
             }
-            let t = table(client, &relation)?;
+            let t = table(client, resolve_source(client, &relation)?)?;
             if hop < hops && t.readable {
                 next.extend(t.foreign_keys.iter().map(|k| k.table.clone()));
             }
@@ -55,20 +39,40 @@ pub(crate) fn read(client: &SpiClient<'_>, source: &str, hops: u32) -> Result<Sc
         }
         frontier = next;
     }
-    Ok(Schema { source, tables })
+    Ok((Schema { source, tables }, shape))
 }
 
 /// One table: its columns as the user sees them, its foreign keys, and for
 /// a table the user may read its rows and each one-column key's distinct
-/// values (what the pruning rule weighs).
-fn table(client: &SpiClient<'_>, relation: &str) -> Result<Table> {
-    let resolved = resolve_source(client, relation)?;
+/// values (what the pruning rule weighs). Anything but a table is refused
+/// before it is read: foreign keys are declared on tables only.
+fn table(client: &SpiClient<'_>, resolved: Source) -> Result<Table> {
+    let relation = resolved.display.as_str();
     let readable = resolved.columns.iter().all(|c| c.readable);
     let columns: Vec<(String, Option<bool>)> = resolved
         .columns
         .iter()
         .map(|c| (c.name.clone(), c.kind.map(|k| matches!(k, SqlKind::Text | SqlKind::Boolean))))
         .collect();
+    let row = client
+        .select(
+            "SELECT c.relname::text, c.relkind::text FROM pg_catalog.pg_class c
+             WHERE c.oid = pg_catalog.to_regclass($1)",
+            Some(1),
+            &[relation.into()],
+        )?
+        .first();
+    let (name, kind) = (row.get::<String>(1)?.unwrap_or_default(), row.get::<String>(2)?.unwrap_or_default());
+    let not_a_table = match kind.as_str() {
+        "r" | "p" => None,
+        "v" => Some("a view"),
+        "m" => Some("a materialized view"),
+        "f" => Some("a foreign table"),
+        _ => Some("a query"),
+    };
+    if let Some(kind) = not_a_table {
+        return Err(CerebroError::JoinsNeedTable { relation: resolved.display, kind });
+    }
     let mut foreign_keys = Vec::new();
     for row in client.select(
         "SELECT con.conname::text,
@@ -94,15 +98,6 @@ fn table(client: &SpiClient<'_>, relation: &str) -> Result<Table> {
             referenced: row.get::<Vec<String>>(4)?.unwrap_or_default(),
         });
     }
-    let name = client
-        .select(
-            "SELECT c.relname::text FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass($1)",
-            Some(1),
-            &[relation.into()],
-        )?
-        .first()
-        .get_one::<String>()?
-        .unwrap_or_default();
     let mut rows = 0;
     let mut distinct = BTreeMap::new();
     if readable {

@@ -1592,14 +1592,15 @@ async fn cancelling_a_selection_stops_its_candidates() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits for cerebrod to close selection `name` (after its last candidate);
-/// returns its id and promoted version.
+/// Waits for cerebrod to close the newest selection of `name` (after its last
+/// candidate); returns its id and promoted version.
 async fn wait_for_selection(db: &tokio_postgres::Client, name: &str) -> anyhow::Result<(i64, Option<i32>)> {
     let deadline = std::time::Instant::now() + TRAIN_TIMEOUT;
     loop {
         let row = db
             .query_one(
-                "SELECT id, finished_at IS NOT NULL, promoted_version FROM cerebro.selections WHERE name = $1",
+                "SELECT id, finished_at IS NOT NULL, promoted_version FROM cerebro.selections WHERE name = $1
+                 ORDER BY id DESC LIMIT 1",
                 &[&name],
             )
             .await?;
@@ -2768,27 +2769,6 @@ async fn joins_auto_follows_declared_foreign_keys_and_prunes_small_tables() -> a
     Ok(())
 }
 
-/// The id of `name`'s newest selection, once it has finished.
-async fn newest_selection_finished(db: &tokio_postgres::Client, name: &str) -> anyhow::Result<i64> {
-    let deadline = std::time::Instant::now() + TRAIN_TIMEOUT;
-    loop {
-        let row = db
-            .query_one(
-                "SELECT id, finished_at IS NOT NULL FROM cerebro.selections WHERE name = $1 ORDER BY id DESC LIMIT 1",
-                &[&name],
-            )
-            .await?;
-        if row.get::<_, bool>(1) {
-            return Ok(row.get(0));
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "selection of {name} not finished after {TRAIN_TIMEOUT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// `train warm_start = true`: a selection's candidate that differs from
 /// an archived version of its model only in parameter tuning continues
 /// from the best such version's weights; one with another network starts
@@ -2806,7 +2786,7 @@ async fn warm_started_candidates_continue_from_versions_that_differ_only_in_tuni
         &[],
     )
     .await?;
-    let first = newest_selection_finished(&db, "e2e_warm").await?;
+    let first = wait_for_selection(&db, "e2e_warm").await?.0;
     let (client, notices) = env.connect_recording_notices().await?;
     client
         .execute(
@@ -2819,7 +2799,7 @@ async fn warm_started_candidates_continue_from_versions_that_differ_only_in_tuni
         .await?;
     let said = notices.lock().expect("notices").join("\n");
     assert!(said.contains("warm_start: 1 of 2 candidate(s) continue"), "{said}");
-    let second = newest_selection_finished(&db, "e2e_warm").await?;
+    let second = wait_for_selection(&db, "e2e_warm").await?.0;
     assert_ne!(first, second);
 
     // The best of the first selection, by validation AUC.

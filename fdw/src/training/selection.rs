@@ -187,10 +187,9 @@ fn with_joins(
         Some((Value::Word(w) | Value::Text(w), _)) => w.clone(),
         _ => req.source.clone(),
     };
-    let schema = crate::joins::read(client, &source, hops)?;
+    let (schema, shape) = crate::joins::read(client, &source, hops)?;
     // The pruning rule asks whether a key is a feature of every candidate:
     // what the non-optional selections pick (everything, with none).
-    let shape = read_shape(client, &schema.source.relation, &[])?;
     let every: Vec<Selection> = if spec.features.iter().any(|s| !s.exclude && !s.optional) {
         spec.features.iter().filter(|s| !s.optional).cloned().collect()
     } else {

@@ -584,28 +584,14 @@ pub const PER_MODEL_OPTIONS: &[&str] = &[
     "warm_start",
 ];
 
-/// The options a warm-started candidate may set apart from the archived
-/// version it continues from: parameter tuning. Everything else (the
-/// network, the inputs and their encodings, the validation rows, the
-/// target's transform) must be the same, or its weights mean something
-/// else, or its validation rows were trained on.
-pub const TUNING_OPTIONS: &[&str] = &[
-    "learning_rate",
-    "weight_decay",
-    "epochs",
-    "patience",
-    "momentum",
-    "schedule",
-    "warmup_epochs",
-    "clip_norm",
-    "warm_start",
-    "optimizer",
-    "batch_size",
-    "class_weights",
-    "label_smoothing",
-    "loss",
-    "huber_delta",
-];
+/// The options a warm-started version may set apart from the archived
+/// version it continues from besides [`PER_MODEL_OPTIONS`]: with them,
+/// parameter tuning. Everything else (the network, the inputs and their
+/// encodings, the validation rows, the target's transform) must be the
+/// same, or its weights mean something else, or its validation rows were
+/// trained on.
+pub const TUNING_OPTIONS: &[&str] =
+    &["optimizer", "batch_size", "class_weights", "label_smoothing", "loss", "huber_delta"];
 
 impl WrittenOptions {
     /// Reads a user's `options` JSON object. Keys are read in the object's
@@ -890,12 +876,14 @@ impl TrainOptions {
         serde_json::to_value(self).expect("options always serialise")
     }
 
-    /// Whether `self` and `other` differ in nothing but [`TUNING_OPTIONS`]
-    /// (their stored values compared): the same network on the same inputs
-    /// and validation rows, so one may continue from the other's weights.
+    /// Whether `self` and `other` differ in nothing but [`PER_MODEL_OPTIONS`]
+    /// and [`TUNING_OPTIONS`] (their stored values compared): the same
+    /// network on the same inputs and validation rows, so one may continue
+    /// from the other's weights.
     pub fn differs_only_in_tuning(&self, other: &TrainOptions) -> bool {
         let (a, b) = (self.to_json(), other.to_json());
-        OPTION_KEYS.iter().filter(|k| !TUNING_OPTIONS.contains(k)).all(|k| a.get(k) == b.get(k))
+        let tuning = |k: &&&str| PER_MODEL_OPTIONS.contains(k) || TUNING_OPTIONS.contains(k);
+        OPTION_KEYS.iter().filter(|k| !tuning(k)).all(|k| a.get(k) == b.get(k))
     }
 }
 
