@@ -12,6 +12,10 @@ measures:
       batches of 10k;
   (c) Cerebro's SQL scoring: every row through cerebro.predictions, read by
       an aggregate and written by INSERT ... SELECT;
+  for writing scores into a table, the same again with the write: (a)
+      PostgreSQL's own INSERT ... SELECT of as many rows of the same shape
+      (the key, a constant label and score), unscored; (b) the Python
+      pipeline that then COPYs its scores back into the table;
   (d) latency percentiles with pgbench -M prepared at 1 and 8 clients: the
       plain lookup of one row (the floor), cerebro.predict on one row, and
       by-key predictions.
@@ -138,6 +142,9 @@ def main():
         rows = cur.fetchone()[0]
         cur.execute("SELECT cerebro.export_onnx(%s, %s)", (MODEL, version))
         onnx_bytes = cur.fetchone()[0]
+        cur.execute("SELECT class_labels FROM cerebro.model_versions WHERE name = %s AND version = %s",
+                    (MODEL, version))
+        class_labels = cur.fetchone()[0]
     options = ort.SessionOptions()
     options.intra_op_num_threads = os.cpu_count()
     session = ort.InferenceSession(bytes(onnx_bytes), options, providers=["CPUExecutionProvider"])
@@ -181,6 +188,26 @@ def main():
             cur.execute("TRUNCATE scoring_bench_scored")
             cur.execute(f"INSERT INTO scoring_bench_scored SELECT key, label, score FROM cerebro.predictions WHERE {where}")
     results["sql_insert"] = median_seconds(sql_insert, REPEATS)
+    # Writing: PostgreSQL's own INSERT of as many rows of the same shape,
+    # and the Python pipeline storing its scores with COPY.
+    def write_floor():
+        with conn.cursor() as cur:
+            cur.execute("TRUNCATE scoring_bench_scored")
+            cur.execute(f"INSERT INTO scoring_bench_scored SELECT id::text, 'No', 0.5::float8 FROM {TABLE}")
+    results["write_floor"] = median_seconds(write_floor, REPEATS)
+    labels = np.array(class_labels, dtype=object)
+    def client_store():
+        f = copy_session_frame(conn, session)
+        scores = score_in_batches(session, f)
+        prob = scores[:, -1] if scores.ndim == 2 else scores
+        out = pd.DataFrame({"id": f["id"].to_numpy(), "label": labels[(prob >= 0.5).astype(int)], "score": prob})
+        with conn.cursor() as cur:
+            cur.execute("TRUNCATE scoring_bench_scored")
+            with cur.copy("COPY scoring_bench_scored (id, label, score) FROM STDIN") as copy:
+                copy.write(out.to_csv(sep="\t", header=False, index=False))
+    results["python_store"] = median_seconds(client_store, REPEATS)
+    # The check below reads the table SQL wrote.
+    sql_insert()
     # The same scores as the Python pipeline's (a check, not a timing).
     with conn.cursor() as cur:
         cur.execute("SELECT id::integer, score FROM scoring_bench_scored ORDER BY id::integer")
@@ -200,7 +227,10 @@ def main():
         ("(c) SQL: SELECT ... FROM cerebro.predictions", results["sql"],
          f"{results['python'] / results['sql']:.2f}x (b), {results['sql'] / floor:.2f}x floor"),
         ("(c) SQL: INSERT INTO t SELECT ... predictions", results["sql_insert"],
-         f"{results['python'] / results['sql_insert']:.2f}x (b), {results['sql_insert'] / floor:.2f}x floor"),
+         f"{results['python'] / results['sql_insert']:.2f}x (b), {results['sql_insert'] / floor:.2f}x floor, "
+         f"{results['python_store'] / results['sql_insert']:.2f}x (b) storing"),
+        ("(a) PostgreSQL's INSERT of as many rows, unscored", results["write_floor"], ""),
+        ("(b) storing: the same, then COPY of the scores back", results["python_store"], ""),
     ]
     print(f"\n{'batch scoring, ' + format(rows, ',') + ' rows':50} {'seconds':>8} {'rows/s':>11}  ratio")
     for label, seconds, ratio in table:

@@ -536,12 +536,15 @@ ALTER TABLE cerebro.model_versions ALTER COLUMN source_author SET NOT NULL;
 
 
 -- Which version a name means when a query names none: the deployed one, else
--- the newest ready one. SQL predictions, derived models and `cerebrod score`
--- all ask this one function. Runs with the caller's rights: a model a role
--- may not use resolves to nothing.
+-- the newest ready one. Derived models and `cerebrod score` ask this
+-- function; cerebro.predictions and cerebro.predict, which resolve a version
+-- at every call, write the same rule into their own queries
+-- (cerebro_shared::resolved_version_sql!, in shared/src/sql.rs: change both
+-- together). Runs with the caller's rights: a model a role may not use
+-- resolves to nothing.
 -- PL/pgSQL, not SQL: it keeps its plans for the session, where a SQL
 -- function with a SET clause parses and plans its body at every call of a
--- new statement (cerebro.predict checks the version once a call).
+-- new statement.
 CREATE FUNCTION cerebro.resolve_version(name text, version integer DEFAULT NULL) RETURNS integer
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN

@@ -108,8 +108,11 @@ fn resolved(backend: &mut Backend, name: &str, version: Option<i32>) -> Result<M
     let current = Spi::connect(|client| -> Result<Option<i64>> {
         if backend.lookup.is_none() {
             let plan = client.prepare(
-                "SELECT id FROM cerebro.model_versions
-                 WHERE name = $1 AND status = 'ready' AND version = cerebro.resolve_version($1, $2)",
+                concat!(
+                    "SELECT id FROM cerebro.model_versions
+                     WHERE name = $1 AND status = 'ready' AND version = ",
+                    cerebro_shared::resolved_version_sql!()
+                ),
                 &[PgOid::from(pg_sys::TEXTOID), PgOid::from(pg_sys::INT4OID)],
             )?;
             backend.lookup = Some(plan.keep());

@@ -102,11 +102,14 @@ pub(crate) fn resolve_model(name: &str, version: Option<i32>) -> Result<ModelVer
     Spi::connect(|client| {
         let rows = crate::plans::select(
             client,
-            "SELECT id, version, status::text, features, class_labels, source_relation, key_column,
-                    artifact_sha256, epoch, epochs, source_author::text, task
-             FROM cerebro.model_versions
-             WHERE name = $1 AND version = coalesce(cerebro.resolve_version($1, $2::int),
-                 (SELECT max(a.version) FROM cerebro.model_versions a WHERE a.name = $1))",
+            concat!(
+                "SELECT id, version, status::text, features, class_labels, source_relation, key_column,
+                        artifact_sha256, epoch, epochs, source_author::text, task
+                 FROM cerebro.model_versions
+                 WHERE name = $1 AND version = coalesce(",
+                cerebro_shared::resolved_version_sql!(),
+                ", (SELECT max(a.version) FROM cerebro.model_versions a WHERE a.name = $1))"
+            ),
             &[PgOid::from(pg_sys::TEXTOID), PgOid::from(pg_sys::INT4OID)],
             Some(1),
             &[name.into(), version.into()],
@@ -391,10 +394,18 @@ impl PredictionScan {
             }
             let mut sql = format!("SELECT {} FROM {}", select.join(", "), source.in_from());
             let (mut types, mut args) = (Vec::new(), Vec::new());
-            if let Some(keys) = &params.keys {
-                sql.push_str(&format!(" WHERE {}", key.equals_any("$1::pg_catalog.text[]")));
-                types.push(PgOid::from(pg_sys::TEXTARRAYOID));
-                args.push(keys.clone().into());
+            match params.keys.as_deref() {
+                Some([one]) => {
+                    sql.push_str(&format!(" WHERE {}", key.equals("$1::pg_catalog.text")));
+                    types.push(PgOid::from(pg_sys::TEXTOID));
+                    args.push(one.clone().into());
+                }
+                Some(keys) => {
+                    sql.push_str(&format!(" WHERE {}", key.equals_any("$1::pg_catalog.text[]")));
+                    types.push(PgOid::from(pg_sys::TEXTARRAYOID));
+                    args.push(keys.to_vec().into());
+                }
+                None => {}
             }
             Ok((source.display.clone(), crate::plans::open_cursor(client, &sql, &types, &args)?))
         })?;

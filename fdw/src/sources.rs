@@ -56,9 +56,13 @@ impl BaseType {
     /// Asked of a key column only, when a scan or a selection needs it.
     pub(crate) fn ordered(&self) -> bool {
         let BaseType::BuiltIn { oid, .. } = self else { return false };
-        // SAFETY: catalog lookups of an existing type and its operator classes.
+        // The type cache keeps the default btree operator family (found with
+        // GetDefaultOpClass once, forgotten when operator classes change).
+        // SAFETY: catalog lookups of an existing type; the type cache's
+        // entries live as long as the backend.
         type_facts(*oid).category != 'A'
-            && unsafe { pg_sys::GetDefaultOpClass(*oid, pg_sys::BTREE_AM_OID) } != pg_sys::InvalidOid
+            && unsafe { (*pg_sys::lookup_type_cache(*oid, pg_sys::TYPECACHE_BTREE_OPFAMILY as i32)).btree_opf }
+                != pg_sys::InvalidOid
     }
 }
 
@@ -100,6 +104,20 @@ impl SourceColumn {
                 format!("{} OPERATOR(pg_catalog.=) ANY ({array}::{t}[])", self.stored())
             }
             _ => format!("{} OPERATOR(pg_catalog.=) ANY ({array})", self.text()),
+        }
+    }
+
+    /// `column = key` for one key that `value` (a text expression) gives,
+    /// compared as [`equals_any`](Self::equals_any) compares: a query of one
+    /// key gets a generic plan PostgreSQL keeps, where `= ANY` of an array
+    /// parameter is planned again at every call (its generic plan, costed
+    /// for an array of unknown length, never looks cheaper).
+    pub(crate) fn equals(&self, value: &str) -> String {
+        match &self.base {
+            BaseType::BuiltIn { name: t, .. } if self.base.ordered() => {
+                format!("{} OPERATOR(pg_catalog.=) ({value})::{t}", self.stored())
+            }
+            _ => format!("{} OPERATOR(pg_catalog.=) ({value})", self.text()),
         }
     }
 
@@ -249,6 +267,43 @@ fn resolve_query(client: &SpiClient<'_>, query: &str) -> Result<Source> {
     Ok(Source { display, columns: describe(rows)? })
 }
 
+/// An open relation's columns as `describe` takes them: `(name, type oid,
+/// type as written, whether the current user may read it)`, in order,
+/// without dropped ones. A column is readable with the table's SELECT
+/// privilege or its own, as `has_column_privilege` says.
+///
+/// # Safety
+/// `rel` is an open relation.
+unsafe fn columns_of(rel: pg_sys::Relation) -> Vec<(String, pg_sys::Oid, String, bool)> {
+    // SAFETY: as the caller promises; the privilege checks and type names
+    // read the syscache.
+    unsafe {
+        let relid = (*rel).rd_id;
+        let user = pg_sys::GetUserId();
+        let whole_table = pg_sys::pg_class_aclcheck(relid, user, pg_sys::ACL_SELECT as pg_sys::AclMode)
+            == pg_sys::AclResult::ACLCHECK_OK;
+        let desc = (*rel).rd_att;
+        let natts = (*desc).natts as usize;
+        (*desc)
+            .attrs
+            .as_slice(natts)
+            .iter()
+            .filter(|a| !a.attisdropped)
+            .map(|a| {
+                let readable = whole_table
+                    || pg_sys::pg_attribute_aclcheck(relid, a.attnum, user, pg_sys::ACL_SELECT as pg_sys::AclMode)
+                        == pg_sys::AclResult::ACLCHECK_OK;
+                (
+                    pgrx::name_data_to_str(&a.attname).to_owned(),
+                    a.atttypid,
+                    owned(pg_sys::format_type_with_typemod(a.atttypid, a.atttypmod)),
+                    readable,
+                )
+            })
+            .collect()
+    }
+}
+
 /// Resolves `name` (a relation the user names, in their `search_path`, or
 /// a query in parentheses) as the calling user.
 pub(crate) fn resolve_source(client: &SpiClient<'_>, name: &str) -> Result<Source> {
@@ -266,50 +321,39 @@ pub(crate) fn resolve_source(client: &SpiClient<'_>, name: &str) -> Result<Sourc
     .get_one::<pg_sys::Oid>()?
     .ok_or_else(|| CerebroError::UnknownRelation(name.to_owned()))?;
     // Scoring reads the relation later in the statement: keep it from being
-    // dropped, or replaced by a view of the same name, until then.
-    // SAFETY: a lock on an existing relation, released at transaction end.
-    unsafe { pg_sys::LockRelationOid(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
+    // dropped, or replaced by a view of the same name, until then. What the
+    // relation is and which of its columns the user may read come from the
+    // relation cache and the syscache, as PostgreSQL's own checks read them:
+    // no catalog query per call. Types are named as with the search path
+    // pinned, as every message names them.
     let _path = identity::pin_search_path();
-    let rel = plans::select(
-        client,
-        "SELECT c.relkind::text, pg_catalog.format('%I.%I', n.nspname, c.relname)
-         FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-         WHERE c.oid = $1",
-        &[PgOid::from(pg_sys::OIDOID)],
-        Some(1),
-        &[oid.into()],
-    )?;
-    let Some(row) = rel.into_iter().next() else {
-        return Err(CerebroError::UnknownRelation(name.to_owned()));
-    };
-    let relkind: String = row.get(1)?.expect("relkind is not null");
-    let display: String = row.get(2)?.expect("a name is not null");
-    match relkind.as_str() {
-        "r" | "m" | "f" | "p" | "v" => {}
-        "S" => return Err(CerebroError::UnsupportedRelation { name: display, kind: "a sequence" }),
-        "i" | "I" => return Err(CerebroError::UnsupportedRelation { name: display, kind: "an index" }),
-        "c" => return Err(CerebroError::UnsupportedRelation { name: display, kind: "a composite type" }),
-        _ => return Err(CerebroError::UnsupportedRelation { name: display, kind: "not a relation Cerebro can read" }),
-    }
-    let mut rows = Vec::new();
-    for row in plans::select(
-        client,
-        "SELECT a.attname::text, a.atttypid, pg_catalog.format_type(a.atttypid, a.atttypmod),
-                pg_catalog.has_column_privilege($1, a.attnum, 'SELECT')
-         FROM pg_catalog.pg_attribute a
-         WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
-         ORDER BY a.attnum",
-        &[PgOid::from(pg_sys::OIDOID)],
-        None,
-        &[oid.into()],
-    )? {
-        rows.push((
-            row.get::<String>(1)?.unwrap_or_default(),
-            row.get::<pg_sys::Oid>(2)?.expect("atttypid is not null"),
-            row.get::<String>(3)?.unwrap_or_default(),
-            row.get::<bool>(4)?.unwrap_or(false),
+    // SAFETY: opens an existing relation (NULL if it was dropped meanwhile),
+    // keeping the lock to the end of the transaction; its descriptor is read
+    // while it is open.
+    let (display, rows) = unsafe {
+        let rel = pg_sys::try_relation_open(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        if rel.is_null() {
+            return Err(CerebroError::UnknownRelation(name.to_owned()));
+        }
+        let form = &*(*rel).rd_rel;
+        let display = owned(pg_sys::quote_qualified_identifier(
+            pg_sys::get_namespace_name(form.relnamespace),
+            form.relname.data.as_ptr(),
         ));
-    }
+        let relkind = form.relkind as u8;
+        let rows = match relkind {
+            b'r' | b'm' | b'f' | b'p' | b'v' => Ok(columns_of(rel)),
+            b'S' => Err("a sequence"),
+            b'i' | b'I' => Err("an index"),
+            b'c' => Err("a composite type"),
+            _ => Err("not a relation Cerebro can read"),
+        };
+        pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        match rows {
+            Ok(rows) => (display, rows),
+            Err(kind) => return Err(CerebroError::UnsupportedRelation { name: display, kind }),
+        }
+    };
     Ok(Source { display, columns: describe(rows)? })
 }
 

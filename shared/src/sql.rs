@@ -58,6 +58,25 @@ pub fn as_text(expr: &str, enum_type: Option<&str>) -> String {
     }
 }
 
+/// The version model `$1` resolves to, as a SQL expression of `$1` (the
+/// name) and `$2` (an `int4`, the version asked or NULL): the version asked,
+/// else the deployed one, else the newest ready one, among the versions the
+/// reader may see. `cerebro.resolve_version` (fdw/sql) is this rule for SQL
+/// users and must say the same; the queries a backend runs for every
+/// request it scores write it in themselves (with `concat!`), so that
+/// PostgreSQL plans it with them once, where calling the PL/pgSQL function
+/// ran two more queries at every call (a tenth of a by-key prediction).
+/// Every name is qualified: the text means the same under any `search_path`.
+#[macro_export]
+macro_rules! resolved_version_sql {
+    () => {
+        "coalesce($2, \
+           (SELECT d.version FROM cerebro.deployments d WHERE d.name OPERATOR(pg_catalog.=) $1), \
+           (SELECT pg_catalog.max(r.version) FROM cerebro.model_versions r \
+            WHERE r.name OPERATOR(pg_catalog.=) $1 AND r.status OPERATOR(pg_catalog.=) 'ready'))"
+    };
+}
+
 /// The channel an INSERT notifies when it queues a job, and cerebrod
 /// LISTENs on. The notification has no payload: anyone may LISTEN, and
 /// cerebrod claims whatever is queued whatever woke it.

@@ -249,6 +249,19 @@ async fn predict_works_prepared_and_by_key_predictions_use_the_index() -> anyhow
     let after = db.query_one(scans, &[]).await?;
     assert!(after.get::<_, i64>(0) > idx, "an index scan");
     assert_eq!(after.get::<_, i64>(1), seq, "no sequential scan");
+
+    // One key at a time through one prepared statement, ten keys: the
+    // source's query of one key is planned once and kept (generic from the
+    // sixth call), and each key scores as in the batch.
+    let one = db.prepare("SELECT key, score FROM cerebro.predictions WHERE model = 'p_keyed' AND key = $1").await?;
+    for id in (1..=10).map(|i| (i * 7).to_string()) {
+        let row = db.query_one(&one, &[&id]).await?;
+        assert_eq!(row.get::<_, String>(0), id);
+        assert!((row.get::<_, f64>(1) - batch[&id].1).abs() <= 1e-6, "key {id} scores as in a batch");
+    }
+    let lone = db.query(&one, &[&"x0"]).await.expect_err("'x0' is not an integer");
+    assert_eq!(lone.as_db_error().map(|d| d.code().code()), Some("22P02"));
+    assert!(db.query(&one, &[&"7043000"]).await?.is_empty(), "a key no row has scores nothing");
     Ok(())
 }
 
