@@ -310,30 +310,40 @@ pub(crate) fn resolve_source(client: &SpiClient<'_>, name: &str) -> Result<Sourc
     if let Some(query) = source_query(name) {
         return resolve_query(client, query);
     }
-    let oid = plans::select(
-        client,
-        "SELECT pg_catalog.to_regclass($1)::pg_catalog.oid",
-        &[PgOid::from(pg_sys::TEXTOID)],
-        Some(1),
-        &[name.into()],
-    )?
-    .first()
-    .get_one::<pg_sys::Oid>()?
-    .ok_or_else(|| CerebroError::UnknownRelation(name.to_owned()))?;
-    // Scoring reads the relation later in the statement: keep it from being
-    // dropped, or replaced by a view of the same name, until then. What the
-    // relation is and which of its columns the user may read come from the
-    // relation cache and the syscache, as PostgreSQL's own checks read them:
-    // no catalog query per call. Types are named as with the search path
-    // pinned, as every message names them.
+    // The name resolves in the user's search_path, as `to_regclass` does,
+    // and the relation is locked as it resolves (RangeVarGetRelidExtended
+    // looks again if it changed while the lock was awaited): scoring reads
+    // it later in the statement, so it cannot be dropped, or replaced by a
+    // view of the same name, until then. What it is and which of its
+    // columns the user may read come from the relation cache and the
+    // syscache, as PostgreSQL's own checks read them: no catalog query per
+    // call. Types are named as with the search path pinned, as every
+    // message names them.
+    let unknown = || CerebroError::UnknownRelation(name.to_owned());
+    let written = std::ffi::CString::new(name).map_err(|_| unknown())?;
+    // SAFETY: parses a NUL-terminated name (a syntax error is PostgreSQL's
+    // ERROR, as in to_regclass) and looks it up, locking what it finds
+    // until the transaction ends.
+    let oid = unsafe {
+        let relation = pg_sys::makeRangeVarFromNameList(pg_sys::stringToQualifiedNameList(written.as_ptr()));
+        pg_sys::RangeVarGetRelidExtended(
+            relation,
+            pg_sys::AccessShareLock as pg_sys::LOCKMODE,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        )
+    };
+    if oid == pg_sys::InvalidOid {
+        return Err(unknown());
+    }
     let _path = identity::pin_search_path();
-    // SAFETY: opens an existing relation (NULL if it was dropped meanwhile),
-    // keeping the lock to the end of the transaction; its descriptor is read
-    // while it is open.
+    // SAFETY: opens the relation locked above (NULL if it was dropped
+    // before the lock was taken); its descriptor is read while it is open.
     let (display, rows) = unsafe {
-        let rel = pg_sys::try_relation_open(oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let rel = pg_sys::try_relation_open(oid, pg_sys::NoLock as pg_sys::LOCKMODE);
         if rel.is_null() {
-            return Err(CerebroError::UnknownRelation(name.to_owned()));
+            return Err(unknown());
         }
         let form = &*(*rel).rd_rel;
         let display = owned(pg_sys::quote_qualified_identifier(
