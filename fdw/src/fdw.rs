@@ -109,6 +109,7 @@ impl ForeignDataWrapper<CerebroError> for CerebroFdw {
         // The framework's modify state lived in a memory context of the
         // backend's whole life, freed only at EndForeignModify, which an
         // ERROR skips: Cerebro's modify callbacks keep no state at all.
+        routine.PlanForeignModify = Some(plan_foreign_modify);
         routine.BeginForeignModify = Some(begin_foreign_modify);
         routine.EndForeignModify = Some(end_foreign_modify);
         routine.ExecForeignInsert = Some(exec_foreign_insert);
@@ -116,6 +117,19 @@ impl ForeignDataWrapper<CerebroError> for CerebroFdw {
         routine.ExecForeignUpdate = Some(exec_foreign_update);
         routine.ExecForeignDelete = Some(exec_foreign_delete);
     }
+}
+
+/// Plans nothing: the modify callbacks keep no state. The framework's refuses
+/// any `RETURNING` list; an INSERT's `RETURNING` reads the row as queued
+/// (see exec_foreign_insert), and UPDATE and DELETE are refused when they run.
+#[pg_guard]
+unsafe extern "C-unwind" fn plan_foreign_modify(
+    _root: *mut pg_sys::PlannerInfo,
+    _plan: *mut pg_sys::ModifyTable,
+    _result_relation: pg_sys::Index,
+    _subplan_index: i32,
+) -> *mut pg_sys::List {
+    std::ptr::null_mut()
 }
 
 /// Only `cerebro.models` takes rows.
@@ -165,6 +179,8 @@ unsafe extern "C-unwind" fn exec_foreign_delete(
 /// One INSERT into `cerebro.models`: the row becomes a training request.
 /// The framework's conversion of the row panics on jsonb serde_json cannot
 /// hold (see jsonb.rs); this one reads jsonb as text and says what is wrong.
+/// The row handed back (what `RETURNING` reads) is the one written, with
+/// the version queued (a selection's first candidate) and its status.
 #[pg_guard]
 unsafe extern "C-unwind" fn exec_foreign_insert(
     _estate: *mut pg_sys::EState,
@@ -174,10 +190,48 @@ unsafe extern "C-unwind" fn exec_foreign_insert(
 ) -> *mut pg_sys::TupleTableSlot {
     let queued =
         unsafe { inserted_row(slot) }.and_then(|row| crate::training::queue_training(TrainRequest::from_row(&row)?));
-    if let Err(e) = queued {
-        crate::error::raise(e);
+    match queued {
+        Ok(version) => unsafe { store_queued(slot, version) },
+        Err(e) => crate::error::raise(e),
     }
     slot
+}
+
+/// Replaces `slot`'s row (every attribute already read by inserted_row) by
+/// the same with `version` and `status` as queued, as postgres_fdw stores a
+/// remote INSERT's RETURNING row.
+unsafe fn store_queued(slot: *mut pg_sys::TupleTableSlot, version: Option<i32>) {
+    // SAFETY: the slot holds the inserted row with all its attributes
+    // deformed; the new tuple copies every value before the slot lets the
+    // old row go, and the slot frees it.
+    unsafe {
+        let desc = (*slot).tts_tupleDescriptor;
+        let natts = (*desc).natts as usize;
+        let mut values = std::slice::from_raw_parts((*slot).tts_values, natts).to_vec();
+        let mut nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts).to_vec();
+        for (i, attr) in (*desc).attrs.as_slice(natts).iter().enumerate() {
+            if attr.attisdropped {
+                continue;
+            }
+            match (pgrx::name_data_to_str(&attr.attname), attr.atttypid) {
+                ("version", pg_sys::INT4OID) => {
+                    values[i] = pg_sys::Datum::from(version.unwrap_or(0));
+                    nulls[i] = version.is_none();
+                }
+                ("status", pg_sys::TEXTOID) => {
+                    let status = cerebro_shared::sql::ModelStatus::Queued.to_string();
+                    values[i] = pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
+                        status.as_ptr().cast(),
+                        status.len() as i32,
+                    ));
+                    nulls[i] = false;
+                }
+                _ => {}
+            }
+        }
+        let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::ExecForceStoreHeapTuple(tuple, slot, true);
+    }
 }
 
 unsafe fn inserted_row(slot: *mut pg_sys::TupleTableSlot) -> Result<Row, CerebroError> {

@@ -16,13 +16,82 @@ use cerebro_tests::{daemon_log, daemon_scores, model_state, wait_for, wait_until
 const TRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 
 async fn insert(db: &tokio_postgres::Client, name: &str, target: &str, options: &str) -> anyhow::Result<i32> {
-    db.execute(
-        "INSERT INTO cerebro.models (name, source, target, key, options)
-         VALUES ($1, 'telco_churn', $2, 'customer_id', $3::text::jsonb)",
-        &[&name, &target, &options],
-    )
-    .await?;
-    Ok(db.query_one("SELECT max(version) FROM cerebro.models WHERE name = $1", &[&name]).await?.get(0))
+    let row = db
+        .query_one(
+            "INSERT INTO cerebro.models (name, source, target, key, options)
+             VALUES ($1, 'telco_churn', $2, 'customer_id', $3::text::jsonb) RETURNING version",
+            &[&name, &target, &options],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// `INSERT ... RETURNING` reads the row as queued: the version (a
+/// selection's first candidate) and its status, one row per row inserted,
+/// through a statement prepared once and run again, and in a transaction
+/// block.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_insert_returns_the_version_it_queued() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    let returning = "INSERT INTO cerebro.models (name, source, target, key, options)
+                     VALUES ('e2e_returning', 'telco_churn', 'churn', 'customer_id', $1::text::jsonb)
+                     RETURNING name, version, status, options->>'epochs'";
+    let statement = db.prepare(returning).await?;
+    for expected in 1..=2 {
+        let row = db.query_one(&statement, &[&r#"{"epochs": 1}"#]).await?;
+        assert_eq!(row.get::<_, String>(0), "e2e_returning");
+        assert_eq!(row.get::<_, Option<i32>>(1), Some(expected), "the version queued");
+        assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("queued"));
+        assert_eq!(row.get::<_, Option<String>>(3).as_deref(), Some("1"), "the rest as written");
+    }
+    let two = db
+        .query(
+            "INSERT INTO cerebro.models (name, source, target, key, options) VALUES
+                 ('e2e_returning', 'telco_churn', 'churn', 'customer_id', '{\"epochs\": 1}'),
+                 ('e2e_returning', 'telco_churn', 'churn', 'customer_id', '{\"epochs\": 1}')
+             RETURNING version",
+            &[],
+        )
+        .await?;
+    assert_eq!(two.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>(), [3, 4]);
+    let selection = db
+        .query_one(
+            "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('e2e_returning', 'telco_churn',
+                 'churn', 'customer_id', 'model hidden = {[8], [16]}\ntrain epochs = 1') RETURNING version, status",
+            &[],
+        )
+        .await?;
+    let first: i32 = db
+        .query_one(
+            "SELECT min(version) FROM cerebro.model_versions
+             WHERE name = 'e2e_returning' AND selection_id IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(selection.get::<_, i32>(0), first, "a selection returns its first candidate");
+    assert_eq!(first, 5);
+    assert_eq!(selection.get::<_, String>(1), "queued");
+    // Rolled back, it said which version it would have been, and queued nothing.
+    db.batch_execute("BEGIN").await?;
+    let undone: i32 = db.query_one(&statement, &[&r#"{"epochs": 1}"#]).await?.get(1);
+    db.batch_execute("ROLLBACK").await?;
+    assert!(undone > 6, "after the selection's candidates: {undone}");
+    for version in 1..=6 {
+        let states = wait_until_done(&db, "e2e_returning", version, TRAIN_TIMEOUT).await?;
+        assert_eq!(states.last().map(String::as_str), Some("ready"), "version {version}");
+    }
+    let plain: i64 = db
+        .query_one(
+            "SELECT count(*) FROM cerebro.model_versions WHERE name = 'e2e_returning' AND selection_id IS NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(plain, 4, "the rolled back INSERT left no version");
+    Ok(())
 }
 
 /// The same label and a score equal to 1e-6: a row may be summed in another

@@ -72,8 +72,9 @@ pub(crate) struct Batch {
 }
 
 /// Queues what `req` asks for: one version, a selection's candidates, or a
-/// version derived from a parent.
-pub fn queue_training(req: TrainRequest) -> Result<()> {
+/// version derived from a parent. Returns the first version it queued (a
+/// selection's first candidate), which `RETURNING` reads.
+pub fn queue_training(req: TrainRequest) -> Result<Option<i32>> {
     let batch = match (&req.spec, &req.lineage) {
         (Some(spec), Some(lineage)) => {
             let parent = derived::parent_of(&req.name, lineage.parent_version)?;

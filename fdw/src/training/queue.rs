@@ -22,14 +22,17 @@ use crate::identity;
 use crate::recommend::{measure, Measured};
 use crate::sources::{resolve_source, Source, SourceColumn};
 
-/// Queues every version of `batch` (and records its selection, if any).
-pub(super) fn queue(batch: Batch) -> Result<()> {
+/// Queues every version of `batch` (and records its selection, if any);
+/// returns the first version queued (a selection's first candidate).
+pub(super) fn queue(batch: Batch) -> Result<Option<i32>> {
     let Batch { selection, versions, on_snapshot } = batch;
     let Some(new_selection) = selection else {
+        let mut first = None;
         for version in &versions {
-            queue_version(version, None, None, None, &mut KnownTargets::new())?;
+            let number = queue_version(version, None, None, None, &mut KnownTargets::new())?;
+            first.get_or_insert(number);
         }
-        return Ok(());
+        return Ok(first);
     };
     let name = versions.first().map(|v| v.name.clone()).unwrap_or_default();
     let mut snapshots = SharedSnapshots::new();
@@ -50,7 +53,7 @@ pub(super) fn queue(batch: Batch) -> Result<()> {
         numbers.first().copied().unwrap_or(0),
         numbers.last().copied().unwrap_or(0),
     );
-    Ok(())
+    Ok(numbers.first().copied())
 }
 
 /// The row of `cerebro.selections` its candidates point to; returns its id.
