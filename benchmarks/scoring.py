@@ -101,6 +101,11 @@ def copy_session_frame(conn, session):
     return copy_frame(conn, TABLE, columns, text_inputs(session))
 
 
+def churn_probability(scores):
+    """The positive class's probability from the graph's first output."""
+    return scores[:, -1] if scores.ndim == 2 else scores
+
+
 def score_in_batches(session, frame):
     first_output = [session.get_outputs()[0].name]
     return np.concatenate([session.run(first_output, f)[0] for f in batches(feeds(session, frame), len(frame))])
@@ -199,7 +204,7 @@ def main():
     def client_store():
         f = copy_session_frame(conn, session)
         scores = score_in_batches(session, f)
-        prob = scores[:, -1] if scores.ndim == 2 else scores
+        prob = churn_probability(scores)
         out = pd.DataFrame({"id": f["id"].to_numpy(), "label": labels[(prob >= 0.5).astype(int)], "score": prob})
         with conn.cursor() as cur:
             cur.execute("TRUNCATE scoring_bench_scored")
@@ -213,8 +218,7 @@ def main():
         cur.execute("SELECT id::integer, score FROM scoring_bench_scored ORDER BY id::integer")
         sql_scores = np.array([s for _, s in cur.fetchall()])
     order = np.argsort(python_scores["ids"])
-    prob = python_scores["scores"][order]
-    prob = prob[:, -1] if prob.ndim == 2 else prob
+    prob = churn_probability(python_scores["scores"][order])
     worst = float(np.max(np.abs(prob - sql_scores)))
     assert worst < 1e-5, f"SQL and Python scores differ by {worst}"
 

@@ -16,7 +16,7 @@ use crate::error::CerebroError;
 use crate::foreign_scan;
 use crate::jsonb::JsonbText;
 use crate::models::{self, ModelRow, TrainRequest};
-use crate::predictions::PredictionScan;
+use crate::predictions::{text_datum, PredictionScan};
 
 enum Scan {
     Models {
@@ -219,11 +219,7 @@ unsafe fn store_queued(slot: *mut pg_sys::TupleTableSlot, version: Option<i32>) 
                     nulls[i] = version.is_none();
                 }
                 ("status", pg_sys::TEXTOID) => {
-                    let status = cerebro_shared::sql::ModelStatus::Queued.to_string();
-                    values[i] = pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(
-                        status.as_ptr().cast(),
-                        status.len() as i32,
-                    ));
+                    values[i] = text_datum(cerebro_shared::sql::ModelStatus::Queued.to_string().as_bytes());
                     nulls[i] = false;
                 }
                 _ => {}

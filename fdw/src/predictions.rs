@@ -312,7 +312,7 @@ fn jsonb_datum(text: &str) -> pg_sys::Datum {
 
 /// A text datum of `bytes` (in the database's encoding), made in the
 /// current memory context.
-fn text_datum(bytes: &[u8]) -> pg_sys::Datum {
+pub(crate) fn text_datum(bytes: &[u8]) -> pg_sys::Datum {
     // SAFETY: copies `bytes.len()` readable bytes into a fresh varlena; a
     // value comes from a row of at most 1 GB, or from the catalog.
     pg_sys::Datum::from(unsafe { pg_sys::cstring_to_text_with_len(bytes.as_ptr().cast(), bytes.len() as i32) })
