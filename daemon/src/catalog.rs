@@ -251,14 +251,15 @@ pub async fn connect(
 /// it is never in VACUUM's or ANALYZE's way. Dropping it closes
 /// the session, which ends the transaction and frees the lock.
 pub struct DaemonLock {
-    client: Client,
+    _client: Client,
+    backend_pid: i32,
 }
 
 impl DaemonLock {
     /// The server process of the lock's session: it names the daemon in
     /// `pg_stat_activity` and in the jobs it claims.
-    pub async fn backend_pid(&self) -> Result<i32> {
-        Ok(self.client.query_one("SELECT pg_catalog.pg_backend_pid()", &[]).await?.get(0))
+    pub fn backend_pid(&self) -> i32 {
+        self.backend_pid
     }
 }
 
@@ -274,15 +275,21 @@ pub async fn lock_daemon(
     // The transaction stays idle for the daemon's life: a role or database
     // setting must not end it. Idle in a READ COMMITTED transaction that
     // wrote nothing, the session holds no snapshot and no transaction id, so
-    // it holds vacuum back nowhere.
+    // it holds vacuum back nowhere, as long as every statement in it runs
+    // by the simple protocol: the extended protocol's unnamed portal (a
+    // `query`) would stay open until the transaction ends, and with it
+    // its snapshot, keeping every dead row of the database from VACUUM
+    // for the daemon's life. So the pid is read before BEGIN.
     let taken = async {
+        let backend_pid: i32 = client.query_one("SELECT pg_catalog.pg_backend_pid()", &[]).await?.get(0);
         client.batch_execute("SET idle_in_transaction_session_timeout = 0").await?;
         client.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED").await?;
-        client.batch_execute("LOCK TABLE cerebro.daemon_lock IN EXCLUSIVE MODE NOWAIT").await
+        client.batch_execute("LOCK TABLE cerebro.daemon_lock IN EXCLUSIVE MODE NOWAIT").await?;
+        Ok::<i32, tokio_postgres::Error>(backend_pid)
     }
     .await;
     match taken {
-        Ok(()) => Ok(Some((DaemonLock { client }, driver))),
+        Ok(backend_pid) => Ok(Some((DaemonLock { _client: client, backend_pid }, driver))),
         Err(e) => {
             driver.abort();
             match e.code() {

@@ -138,13 +138,7 @@ async fn open_session(
         let Some((lock, driver)) = catalog::lock_daemon(url, lock_timeout).await? else {
             return Err(DaemonError::AlreadyRunning);
         };
-        let pid = match lock.backend_pid().await {
-            Ok(pid) => pid,
-            Err(e) => {
-                driver.abort();
-                return Err(e.into());
-            }
-        };
+        let pid = lock.backend_pid();
         *held = Some(HeldLock { _lock: lock, driver, pid });
     }
     let pid = held.as_ref().map_or(0, |h| h.pid);

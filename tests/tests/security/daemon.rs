@@ -92,6 +92,41 @@ async fn an_advisory_lock_no_longer_keeps_cerebrod_from_starting() -> anyhow::Re
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_lock_holds_vacuum_back_nowhere() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let daemon = Daemon::start(&env)?;
+    // The session holding the daemon lock stays idle in its transaction for
+    // the daemon's life: it must hold no snapshot (and no transaction id),
+    // or VACUUM could remove no dead row of the database while it lives.
+    let lock = db
+        .query_one(
+            "SELECT a.state, a.backend_xmin::text, a.backend_xid::text
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.relation = 'cerebro.daemon_lock'::regclass AND l.mode = 'ExclusiveLock' AND l.granted",
+            &[],
+        )
+        .await?;
+    let (state, xmin, xid): (String, Option<String>, Option<String>) = (lock.get(0), lock.get(1), lock.get(2));
+    assert_eq!(state, "idle in transaction");
+    assert_eq!((xmin, xid), (None, None), "the daemon lock's session holds a snapshot or a transaction id");
+    // What a DBA sees: VACUUM marks the pages of rows everyone can see as
+    // visible to all (what index-only scans and freezing rely on).
+    db.batch_execute(
+        "DROP TABLE IF EXISTS sec_vacuum; CREATE TABLE sec_vacuum AS SELECT g FROM generate_series(1, 10000) g",
+    )
+    .await?;
+    db.batch_execute("VACUUM sec_vacuum").await?;
+    let pages =
+        db.query_one("SELECT relallvisible, relpages FROM pg_class WHERE oid = 'sec_vacuum'::regclass", &[]).await?;
+    let (all_visible, total): (i32, i32) = (pages.get(0), pages.get(1));
+    assert!(total > 0 && all_visible == total, "VACUUM marked {all_visible} of {total} pages all-visible");
+    db.batch_execute("DROP TABLE sec_vacuum").await?;
+    drop(daemon);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_user_holding_locks_on_its_jobs_does_not_stop_training_for_others() -> anyhow::Result<()> {
     let env = Env::from_env().with_config_value("locks", "lock_timeout_ms", "1000")?;
     let db = env.connect().await?;
