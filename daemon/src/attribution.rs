@@ -17,9 +17,12 @@
 //! churn model of hidden [64, 32], 32 points miss completeness by more
 //! than 1e-3 on a third of the rows. When the network is piecewise linear
 //! ([`path::piecewise_linear`]), the path is cut where it bends
-//! ([`path::pieces`]) and each piece, on which the score is a smooth
-//! function of linear logits, gets Gauss–Legendre points enough for how
-//! much the logits change there: exact to rounding. Other networks get
+//! ([`path::pieces`]). On each piece the score is a smooth function of
+//! linear logits: where it is a function of one logit per network (a
+//! sigmoid or a value head), its integral along the piece is known in
+//! closed form ([`NativeModel::mean_gradient`]), one pass a piece; a
+//! softmax head's pieces get Gauss–Legendre points enough for how much the
+//! logits change there. Either is exact to rounding. Other networks get
 //! [`STEPS`] Gauss–Legendre points over the whole path. A row whose
 //! contributions still miss by more than [`COMPLETENESS`] is integrated
 //! again with twice the points, up to [`MAX_POINTS`].
@@ -217,6 +220,47 @@ impl NativeModel {
     }
 }
 
+impl NativeModel {
+    /// The score's derivative in each logit, averaged over a piece of
+    /// `length` in α on which every logit is linear (one point's
+    /// `logits`, in its middle, each changing at its `slope`), times
+    /// `length`, into `d`: `(h(f_end) − h(f_start)) / (f_end − f_start)`
+    /// for a member's output `h` (its derivative where the logit hardly
+    /// changes). For a sigmoid or a value head, whose output is a function
+    /// of one logit.
+    fn mean_gradient(&self, logits: &[f32], slopes: &[f64], length: f64, d: &mut [f32]) {
+        for (((&f, &slope), d), &weight) in logits.iter().zip(slopes).zip(d.iter_mut()).zip(&self.weights) {
+            let (f, change) = (f as f64, slope * length);
+            let mean = if change.abs() > 1e-6 {
+                (self.member_output(f + change / 2.0) - self.member_output(f - change / 2.0)) / change
+            } else {
+                match self.head {
+                    Head::Sigmoid => self.member_output(f) * (1.0 - self.member_output(f)),
+                    Head::Value(scale) => scale.std as f64 * if scale.log { self.member_output(f) } else { 1.0 },
+                    Head::Softmax => unreachable!("a softmax head is integrated by quadrature"),
+                }
+            };
+            *d = (weight as f64 * mean * length) as f32;
+        }
+    }
+
+    /// A member's output for logit `z`, in f64, for a sigmoid or a value head.
+    fn member_output(&self, z: f64) -> f64 {
+        match self.head {
+            Head::Sigmoid => 1.0 / (1.0 + (-z).exp()),
+            Head::Value(scale) => {
+                let v = z * scale.std as f64 + scale.mean as f64;
+                if scale.log {
+                    v.exp()
+                } else {
+                    v
+                }
+            }
+            Head::Softmax => unreachable!("a softmax head is integrated by quadrature"),
+        }
+    }
+}
+
 /// The rows of one batch, their baseline, and what each row's explanation is of.
 struct Path<'a> {
     model: &'a NativeModel,
@@ -293,13 +337,32 @@ impl Path<'_> {
     /// and one more for each unit they change by (the score is a smooth
     /// function of them there), times 2^level; else [`STEPS`] times 2^level
     /// over the whole path.
-    fn points(&self, r: usize, level: u32, rules: &mut Rules) -> Vec<(f64, f64)> {
+    ///
+    /// When the score is a function of each logit alone (a sigmoid or a
+    /// value head), the first try needs no quadrature: on a piece, where a
+    /// logit `f` is linear in α, the mean of the score's derivative in `f`
+    /// is `(h(f_end) − h(f_start)) / (f_end − f_start)`, exactly. Such a
+    /// piece gets one point, its middle, and the slopes of its logits
+    /// (`K·outputs` a point, in the second vector) for [`Path::run_pass`]
+    /// to find `f_start` and `f_end` from the logits there.
+    fn points(&self, r: usize, level: u32, rules: &mut Rules) -> (Vec<(f64, f64)>, Vec<f64>) {
         let kh = self.base_products.len();
         let pieces = self
             .piecewise
             .then(|| path::pieces(&self.model.network, &self.base_products, &self.products[r * kh..(r + 1) * kh]))
             .flatten();
-        let Some(pieces) = pieces else { return rules.get(STEPS << level).to_vec() };
+        let Some(path::Pieces { pieces, slopes }) = pieces else {
+            return (rules.get(STEPS << level).to_vec(), Vec::new());
+        };
+        if level == 0 && !matches!(self.model.head, Head::Softmax) {
+            let wide = slopes.len() / pieces.len().max(1);
+            let (mut out, mut kept) = (Vec::with_capacity(pieces.len()), Vec::with_capacity(slopes.len()));
+            for (piece, slope) in pieces.iter().zip(slopes.chunks_exact(wide)).filter(|(p, _)| p.end > p.start) {
+                out.push(((piece.start + piece.end) / 2.0, piece.end - piece.start));
+                kept.extend_from_slice(slope);
+            }
+            return (out, kept);
+        }
         let scale = match self.model.head {
             Head::Value(scale) if scale.log => scale.std as f64,
             Head::Value(_) => 0.0,
@@ -313,25 +376,25 @@ impl Path<'_> {
             let length = piece.end - piece.start;
             out.extend(rules.get(n).iter().map(|&(t, w)| (piece.start + t * length, w * length)));
         }
-        out
+        (out, Vec::new())
     }
 
     fn integrate_rows(&self, rows: &[usize], level: u32, out: &mut [f64], points: &mut [usize]) {
         let width = self.model.pipeline.features.len();
-        let mut pass: Vec<(usize, Vec<(f64, f64)>)> = Vec::new();
+        let mut pass: Vec<RowPoints> = Vec::new();
         let mut start = 0;
         let mut scratch = PassScratch::default();
         let mut rules = Rules::default();
         for (i, &r) in rows.iter().enumerate() {
-            let along = self.points(r, level, &mut rules);
+            let (along, slopes) = self.points(r, level, &mut rules);
             points[i] = along.len();
-            let queued: usize = pass.iter().map(|(_, p)| p.len()).sum();
+            let queued: usize = pass.iter().map(|p| p.along.len()).sum();
             if !pass.is_empty() && queued + along.len() > PATH_ROWS {
                 self.run_pass(&pass, &mut out[start * width..i * width], &mut scratch);
                 pass.clear();
                 start = i;
             }
-            pass.push((r, along));
+            pass.push(RowPoints { row: r, along, slopes });
         }
         if !pass.is_empty() {
             self.run_pass(&pass, &mut out[start * width..], &mut scratch);
@@ -340,7 +403,7 @@ impl Path<'_> {
 
     /// One pass of the network over every point of `pass`'s rows, each row
     /// with its points and weights; each row's contributions into `out`.
-    fn run_pass(&self, pass: &[(usize, Vec<(f64, f64)>)], out: &mut [f64], scratch: &mut PassScratch) {
+    fn run_pass(&self, pass: &[RowPoints], out: &mut [f64], scratch: &mut PassScratch) {
         let model = self.model;
         let net = &model.network;
         let (p, kc, kh) = (net.arch.inputs, self.base_vectors.len(), self.base_products.len());
@@ -352,35 +415,41 @@ impl Path<'_> {
         let PassScratch { cache, x, products, d_logits, d_products, dx, probabilities } = scratch;
         x.clear();
         products.clear();
+        // Each point's row (in `pass`), weight, and place among its row's.
         let mut owner = Vec::new();
-        for (j, (r, along)) in pass.iter().enumerate() {
+        for (j, RowPoints { row: r, along, .. }) in pass.iter().enumerate() {
             let (row_x, row_products) = (&self.x[r * p..(r + 1) * p], &self.products[r * kh..(r + 1) * kh]);
-            for &(t, weight) in along {
+            for (k, &(t, weight)) in along.iter().enumerate() {
                 let alpha = t as f32;
                 let on_path = |(b, a): (&f32, &f32)| b + alpha * (a - b);
                 products.extend(self.base_products.iter().zip(row_products).map(on_path));
                 if periodic {
                     x.extend(self.base_x.iter().zip(row_x).map(on_path));
                 }
-                owner.push((j, weight as f32));
+                owner.push((j, weight, k));
             }
         }
         let n = owner.len();
         let batch = Batch { x, codes: &[], n };
         net.forward_products(batch, products, cache);
         d_logits.resize(n * wide, 0.0);
-        for ((logits, d), &(j, weight)) in
+        for ((logits, d), &(j, weight, k)) in
             cache.logits().chunks_exact(wide).zip(d_logits.chunks_exact_mut(wide)).zip(&owner)
         {
-            model.output_gradient(logits, self.explained[pass[j].0], Some(d), probabilities);
-            d.iter_mut().for_each(|d| *d *= weight);
+            let slopes = &pass[j].slopes;
+            if slopes.is_empty() {
+                model.output_gradient(logits, self.explained[pass[j].row], Some(d), probabilities);
+                d.iter_mut().for_each(|d| *d *= weight as f32);
+            } else {
+                model.mean_gradient(logits, &slopes[k * wide..(k + 1) * wide], weight, d);
+            }
         }
         net.products_backward(batch, cache, d_logits, d_products, dx);
         // Each row's gradient integrated along its path: of the products,
         // and of the inputs through the periodic embeddings.
         let rows = pass.len();
         let (mut g_products, mut g_periodic) = (vec![0.0f32; rows * kh], vec![0.0f64; rows * p]);
-        for (at, &(j, _)) in owner.iter().enumerate() {
+        for (at, &(j, _, _)) in owner.iter().enumerate() {
             let g = &mut g_products[j * kh..(j + 1) * kh];
             g.iter_mut().zip(&d_products[at * kh..(at + 1) * kh]).for_each(|(g, d)| *g += d);
             if periodic {
@@ -390,7 +459,7 @@ impl Path<'_> {
         }
         let (mut gx, mut gv) = (vec![0.0f32; rows * p], vec![0.0f32; rows * kc]);
         net.linear_products_backward(&g_products, rows, &mut gx, &mut gv);
-        for (j, ((r, _), row_out)) in pass.iter().zip(out.chunks_exact_mut(width)).enumerate() {
+        for (j, (RowPoints { row: r, .. }, row_out)) in pass.iter().zip(out.chunks_exact_mut(width)).enumerate() {
             let (row_x, row_v) = (&self.x[r * p..(r + 1) * p], &self.vectors[r * kc..(r + 1) * kc]);
             let (gx, gv, gp) = (&gx[j * p..(j + 1) * p], &gv[j * kc..(j + 1) * kc], &g_periodic[j * p..(j + 1) * p]);
             let input = |i: usize| (row_x[i] - self.base_x[i]) as f64 * (gx[i] as f64 + gp[i]);
@@ -403,6 +472,15 @@ impl Path<'_> {
             }
         }
     }
+}
+
+/// One row's points along its path, their weights, and, when its pieces
+/// are integrated in closed form, the slopes of its logits at each point
+/// ([`Path::points`]).
+struct RowPoints {
+    row: usize,
+    along: Vec<(f64, f64)>,
+    slopes: Vec<f64>,
 }
 
 /// Gauss–Legendre rules by their number of points, made once a thread.

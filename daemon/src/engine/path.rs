@@ -37,47 +37,65 @@ pub struct Piece {
     pub change: f64,
 }
 
+/// A path's pieces, and how fast each logit changes on each of them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pieces {
+    pub pieces: Vec<Piece>,
+    /// `pieces.len() × K·outputs`: each logit's derivative in α on each
+    /// piece, model after model as the stack lays its logits out.
+    pub slopes: Vec<f64>,
+}
+
 /// The pieces, in order from 0 to 1, of the path of first-layer products
 /// (without bias; `[K·h]` each, as `Stack::linear_products` lays them
 /// out) from `from` to `to`, cut wherever any model of the stack bends;
 /// `None` when the network is not [`piecewise_linear`] or bends more than
 /// [`MAX_PIECES`] times.
-pub fn pieces(net: &Stack, from: &[f32], to: &[f32]) -> Option<Vec<Piece>> {
+pub fn pieces(net: &Stack, from: &[f32], to: &[f32]) -> Option<Pieces> {
     if !piecewise_linear(&net.arch) {
         return None;
     }
-    // Each model's pieces as (end, how fast its logits change).
+    // Each model's pieces as (end, how fast its logits change), and its
+    // logits' slopes on each.
     let models = (0..net.k).map(|m| model_pieces(net, m, from, to)).collect::<Option<Vec<_>>>()?;
-    let mut ends: Vec<f64> = models.iter().flatten().map(|&(end, _)| end).collect();
+    let mut ends: Vec<f64> = models.iter().flat_map(|(ends, _)| ends).map(|&(end, _)| end).collect();
     ends.sort_by(f64::total_cmp);
     ends.dedup();
     if ends.len() > MAX_PIECES {
         return None;
     }
+    let outputs = net.outputs();
     let mut next = vec![0usize; models.len()];
     let mut start = 0.0;
-    let mut out = Vec::with_capacity(ends.len());
+    let mut out =
+        Pieces { pieces: Vec::with_capacity(ends.len()), slopes: Vec::with_capacity(ends.len() * net.k * outputs) };
     for end in ends {
         let mut rate = 0.0f64;
-        for (model, at) in models.iter().zip(next.iter_mut()) {
+        for ((model, slopes), at) in models.iter().zip(next.iter_mut()) {
             // The piece of this model that holds (start, end).
             while model[*at].0 < end {
                 *at += 1;
             }
             rate = rate.max(model[*at].1);
+            out.slopes.extend_from_slice(&slopes[*at * outputs..(*at + 1) * outputs]);
         }
-        out.push(Piece { start, end, change: rate * (end - start) });
+        out.pieces.push(Piece { start, end, change: rate * (end - start) });
         start = end;
     }
     Some(out)
 }
 
+/// One model's pieces as (end, how fast its fastest logit changes), and
+/// its logits' slopes on each, piece after piece.
+type ModelPieces = (Vec<(f64, f64)>, Vec<f64>);
+
 /// Model `m`'s pieces, traced one after the other: where each ends, and
-/// how fast its fastest logit changes on it. The whole network is run once,
+/// how fast its fastest logit changes on it; and its logits' slopes on
+/// each, piece after piece. The whole network is run once,
 /// at the start of the path; at each bend one unit switches, and only what
 /// that changes downstream is updated. A ReLU with no ReLU before it sees
 /// the same lines all along, so its units' switches are sorted once.
-fn model_pieces(net: &Stack, m: usize, from: &[f32], to: &[f32]) -> Option<Vec<(f64, f64)>> {
+fn model_pieces(net: &Stack, m: usize, from: &[f32], to: &[f32]) -> Option<ModelPieces> {
     let model = Model::of(net, m);
     let arch = &net.arch;
     let Op::Dense { outputs: h, .. } = arch.ops[0] else { return None };
@@ -128,9 +146,11 @@ fn model_pieces(net: &Stack, m: usize, from: &[f32], to: &[f32]) -> Option<Vec<(
     let mut deltas: Vec<Line> = (0..ops).map(|i| Line::zeros(arch.width_after(i))).collect();
     let mut touched = vec![false; ops];
     let mut pieces = Vec::new();
+    let mut slopes = Vec::new();
     let mut at = 0.0f64;
     loop {
         let rate = outs[ops - 1].b.iter().fold(0.0f64, |r, x| r.max(x.abs()));
+        slopes.extend_from_slice(&outs[ops - 1].b);
         // The next switch: an active unit whose input falls to zero, or an
         // inactive one whose input rises to it.
         let mut next: Option<(f64, usize, usize)> = fixed.last().copied();
@@ -148,7 +168,7 @@ fn model_pieces(net: &Stack, m: usize, from: &[f32], to: &[f32]) -> Option<Vec<(
         }
         let Some((cross, i, u)) = next else {
             pieces.push((1.0, rate));
-            return Some(pieces);
+            return Some((pieces, slopes));
         };
         if Some(i) == first_relu {
             fixed.pop();
@@ -371,15 +391,22 @@ mod tests {
         let mut total = 0;
         for r in 1..n {
             let (from, to) = (&products[..kh], &products[r * kh..(r + 1) * kh]);
-            let pieces = pieces(&net, from, to).expect("piecewise linear");
+            let Pieces { pieces, slopes } = pieces(&net, from, to).expect("piecewise linear");
             assert_eq!((pieces[0].start, pieces.last().unwrap().end), (0.0, 1.0));
             total += pieces.len();
-            for p in &pieces {
+            let wide = slopes.len() / pieces.len();
+            assert_eq!(wide, 2 * 3, "a slope per logit of each model");
+            for (p, slope) in pieces.iter().zip(slopes.chunks_exact(wide)) {
                 let inset = (p.end - p.start) * 1e-3;
                 assert!(linear_between(from, to, p.start + inset, p.end - inset), "row {r}: {p:?} is not linear");
                 let (s, e) = (logits_at(from, to, p.start + inset), logits_at(from, to, p.end - inset));
                 let change = s.iter().zip(&e).map(|(s, e)| (e - s).abs()).fold(0.0, f64::max);
                 assert!(change <= p.change * (1.0 + 1e-3) + 1e-6, "row {r}: {p:?} changes by {change}");
+                // Each logit changes on the piece at its slope.
+                let length = p.end - p.start - 2.0 * inset;
+                for ((s, e), slope) in s.iter().zip(&e).zip(slope) {
+                    assert!(((e - s) - slope * length).abs() < 1e-4, "row {r}: {p:?}: {s} to {e}, slope {slope}");
+                }
             }
             for pair in pieces.windows(2) {
                 let inset = (pair[0].end - pair[0].start).min(pair[1].end - pair[1].start) * 1e-3;
