@@ -207,7 +207,8 @@ fn with_joins(
 
 /// What the default selection reads of `req`'s source before it searches.
 fn source_facts(client: &SpiClient<'_>, req: &TrainRequest) -> Result<SourceFacts> {
-    Ok(SourceFacts { balance: class_balance(client, req)?, trend_columns: trend_columns(client, req)? })
+    let (balance, regression) = target_facts(client, req)?;
+    Ok(SourceFacts { balance, trend_columns: trend_columns(client, req)?, regression })
 }
 
 /// Most numeric columns whose correlation with the key order is measured
@@ -261,15 +262,16 @@ fn trend_columns(client: &SpiClient<'_>, req: &TrainRequest) -> Result<Vec<Strin
 }
 
 /// How `req`'s target spreads over its classes, when it makes a
-/// classification; None for a regression, or when the source or target
-/// cannot be read (queueing says why, precisely). Read as the user, like
-/// everything a selection reads of its source.
-fn class_balance(client: &SpiClient<'_>, req: &TrainRequest) -> Result<Option<ClassBalance>> {
-    let Ok(source) = resolve_source(client, &req.source) else { return Ok(None) };
+/// classification (None for a regression), and whether it makes a
+/// regression; neither when the source or target cannot be read (queueing
+/// says why, precisely). Read as the user, like everything a selection
+/// reads of its source.
+fn target_facts(client: &SpiClient<'_>, req: &TrainRequest) -> Result<(Option<ClassBalance>, bool)> {
+    let Ok(source) = resolve_source(client, &req.source) else { return Ok((None, false)) };
     let readable = source.column(&req.target).is_ok_and(|c| c.readable);
-    let Ok(kind) = request::target_kind(&source.shape(), &req.target) else { return Ok(None) };
+    let Ok(kind) = request::target_kind(&source.shape(), &req.target) else { return Ok((None, false)) };
     if !readable {
-        return Ok(None);
+        return Ok((None, false));
     }
     let target = quote_ident(&req.target);
     let row = client
@@ -284,8 +286,9 @@ fn class_balance(client: &SpiClient<'_>, req: &TrainRequest) -> Result<Option<Cl
         )?
         .first();
     let (rarest, share, classes) = (row.get::<i64>(1)?, row.get::<f64>(2)?, row.get::<i64>(3)?.unwrap_or(0));
-    let Ok(task) = resolve_task(req.task, &req.target, kind, classes as usize) else { return Ok(None) };
-    let (Some(rarest), Some(share)) = (rarest, share) else { return Ok(None) };
+    let Ok(task) = resolve_task(req.task, &req.target, kind, classes as usize) else { return Ok((None, false)) };
+    let regression = !task.is_classification();
+    let (Some(rarest), Some(share)) = (rarest, share) else { return Ok((None, regression)) };
     let balance = ClassBalance { rarest_rows: rarest.max(0) as u64, rarest_share: share };
-    Ok(task.is_classification().then_some(balance))
+    Ok((task.is_classification().then_some(balance), regression))
 }
