@@ -8,10 +8,13 @@ import time
 import pandas as pd
 
 
-def median_seconds(f, repeats):
-    """The median wall time of `repeats` calls of `f`."""
+def median_seconds(f, repeats, setup=None):
+    """The median wall time of `repeats` calls of `f`, each after an
+    untimed call of `setup` when there is one."""
     times = []
     for _ in range(repeats):
+        if setup is not None:
+            setup()
         t = time.perf_counter()
         f()
         times.append(time.perf_counter() - t)
