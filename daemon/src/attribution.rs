@@ -225,22 +225,20 @@ impl NativeModel {
     /// `length` in α on which every logit is linear (one point's
     /// `logits`, in its middle, each changing at its `slope`), times
     /// `length`, into `d`: `(h(f_end) − h(f_start)) / (f_end − f_start)`
-    /// for a member's output `h` (its derivative where the logit hardly
-    /// changes). For a sigmoid or a value head, whose output is a function
-    /// of one logit.
-    fn mean_gradient(&self, logits: &[f32], slopes: &[f64], length: f64, d: &mut [f32]) {
+    /// for a member's output `h`, and the derivative in the middle
+    /// ([`NativeModel::output_gradient`]) where the logit hardly changes.
+    /// For a sigmoid or a value head, whose output is a function of one
+    /// logit. `probabilities` is `output_gradient`'s scratch.
+    fn mean_gradient(&self, logits: &[f32], slopes: &[f64], length: f64, d: &mut [f32], probabilities: &mut Vec<f32>) {
+        self.output_gradient(logits, 0, Some(d), probabilities);
         for (((&f, &slope), d), &weight) in logits.iter().zip(slopes).zip(d.iter_mut()).zip(&self.weights) {
             let (f, change) = (f as f64, slope * length);
-            let mean = if change.abs() > 1e-6 {
-                (self.member_output(f + change / 2.0) - self.member_output(f - change / 2.0)) / change
+            *d = if change.abs() > 1e-6 {
+                let mean = (self.member_output(f + change / 2.0) - self.member_output(f - change / 2.0)) / change;
+                (weight as f64 * mean * length) as f32
             } else {
-                match self.head {
-                    Head::Sigmoid => self.member_output(f) * (1.0 - self.member_output(f)),
-                    Head::Value(scale) => scale.std as f64 * if scale.log { self.member_output(f) } else { 1.0 },
-                    Head::Softmax => unreachable!("a softmax head is integrated by quadrature"),
-                }
+                *d * length as f32
             };
-            *d = (weight as f64 * mean * length) as f32;
         }
     }
 
@@ -441,7 +439,7 @@ impl Path<'_> {
                 model.output_gradient(logits, self.explained[pass[j].row], Some(d), probabilities);
                 d.iter_mut().for_each(|d| *d *= weight as f32);
             } else {
-                model.mean_gradient(logits, &slopes[k * wide..(k + 1) * wide], weight, d);
+                model.mean_gradient(logits, &slopes[k * wide..(k + 1) * wide], weight, d, probabilities);
             }
         }
         net.products_backward(batch, cache, d_logits, d_products, dx);

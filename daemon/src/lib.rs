@@ -105,11 +105,10 @@ impl Backoff {
 
 /// The daemon lock, held on a session of its own.
 struct HeldLock {
-    _lock: catalog::DaemonLock,
+    /// Its session's server process names the daemon in the jobs it claims.
+    lock: catalog::DaemonLock,
     /// Finishes when the lock's session is lost, and the lock with it.
     driver: JoinHandle<String>,
-    /// Its server process, which names the daemon in the jobs it claims.
-    pid: i32,
 }
 
 /// One session of the daemon with the database: the job loop's connection
@@ -138,10 +137,9 @@ async fn open_session(
         let Some((lock, driver)) = catalog::lock_daemon(url, lock_timeout).await? else {
             return Err(DaemonError::AlreadyRunning);
         };
-        let pid = lock.backend_pid();
-        *held = Some(HeldLock { _lock: lock, driver, pid });
+        *held = Some(HeldLock { lock, driver });
     }
-    let pid = held.as_ref().map_or(0, |h| h.pid);
+    let pid = held.as_ref().map_or(0, |h| h.lock.backend_pid());
     let (control, control_driver) = catalog::connect(url, Some(wake.clone()), lock_timeout).await?;
     if let Err(e) = control.listen().await {
         control_driver.abort();

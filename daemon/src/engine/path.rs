@@ -55,10 +55,9 @@ pub fn pieces(net: &Stack, from: &[f32], to: &[f32]) -> Option<Pieces> {
     if !piecewise_linear(&net.arch) {
         return None;
     }
-    // Each model's pieces as (end, how fast its logits change), and its
-    // logits' slopes on each.
+    // Each model's pieces: where each ends, and its logits' slopes on each.
     let models = (0..net.k).map(|m| model_pieces(net, m, from, to)).collect::<Option<Vec<_>>>()?;
-    let mut ends: Vec<f64> = models.iter().flat_map(|(ends, _)| ends).map(|&(end, _)| end).collect();
+    let mut ends: Vec<f64> = models.iter().flat_map(|(ends, _)| ends).copied().collect();
     ends.sort_by(f64::total_cmp);
     ends.dedup();
     if ends.len() > MAX_PIECES {
@@ -71,13 +70,14 @@ pub fn pieces(net: &Stack, from: &[f32], to: &[f32]) -> Option<Pieces> {
         Pieces { pieces: Vec::with_capacity(ends.len()), slopes: Vec::with_capacity(ends.len() * net.k * outputs) };
     for end in ends {
         let mut rate = 0.0f64;
-        for ((model, slopes), at) in models.iter().zip(next.iter_mut()) {
+        for ((model_ends, slopes), at) in models.iter().zip(next.iter_mut()) {
             // The piece of this model that holds (start, end).
-            while model[*at].0 < end {
+            while model_ends[*at] < end {
                 *at += 1;
             }
-            rate = rate.max(model[*at].1);
-            out.slopes.extend_from_slice(&slopes[*at * outputs..(*at + 1) * outputs]);
+            let slopes = &slopes[*at * outputs..(*at + 1) * outputs];
+            rate = slopes.iter().fold(rate, |r, s| r.max(s.abs()));
+            out.slopes.extend_from_slice(slopes);
         }
         out.pieces.push(Piece { start, end, change: rate * (end - start) });
         start = end;
@@ -85,17 +85,12 @@ pub fn pieces(net: &Stack, from: &[f32], to: &[f32]) -> Option<Pieces> {
     Some(out)
 }
 
-/// One model's pieces as (end, how fast its fastest logit changes), and
-/// its logits' slopes on each, piece after piece.
-type ModelPieces = (Vec<(f64, f64)>, Vec<f64>);
-
 /// Model `m`'s pieces, traced one after the other: where each ends, and
-/// how fast its fastest logit changes on it; and its logits' slopes on
-/// each, piece after piece. The whole network is run once,
+/// its logits' slopes on each, piece after piece. The whole network is run once,
 /// at the start of the path; at each bend one unit switches, and only what
 /// that changes downstream is updated. A ReLU with no ReLU before it sees
 /// the same lines all along, so its units' switches are sorted once.
-fn model_pieces(net: &Stack, m: usize, from: &[f32], to: &[f32]) -> Option<ModelPieces> {
+fn model_pieces(net: &Stack, m: usize, from: &[f32], to: &[f32]) -> Option<(Vec<f64>, Vec<f64>)> {
     let model = Model::of(net, m);
     let arch = &net.arch;
     let Op::Dense { outputs: h, .. } = arch.ops[0] else { return None };
@@ -145,11 +140,9 @@ fn model_pieces(net: &Stack, m: usize, from: &[f32], to: &[f32]) -> Option<Model
 
     let mut deltas: Vec<Line> = (0..ops).map(|i| Line::zeros(arch.width_after(i))).collect();
     let mut touched = vec![false; ops];
-    let mut pieces = Vec::new();
-    let mut slopes = Vec::new();
+    let (mut ends, mut slopes) = (Vec::new(), Vec::new());
     let mut at = 0.0f64;
     loop {
-        let rate = outs[ops - 1].b.iter().fold(0.0f64, |r, x| r.max(x.abs()));
         slopes.extend_from_slice(&outs[ops - 1].b);
         // The next switch: an active unit whose input falls to zero, or an
         // inactive one whose input rises to it.
@@ -167,15 +160,15 @@ fn model_pieces(net: &Stack, m: usize, from: &[f32], to: &[f32]) -> Option<Model
             }
         }
         let Some((cross, i, u)) = next else {
-            pieces.push((1.0, rate));
-            return Some((pieces, slopes));
+            ends.push(1.0);
+            return Some((ends, slopes));
         };
         if Some(i) == first_relu {
             fixed.pop();
         }
         let cross = cross.max(at);
-        pieces.push((cross, rate));
-        if pieces.len() >= MAX_PIECES {
+        ends.push(cross);
+        if ends.len() >= MAX_PIECES {
             return None;
         }
         at = cross;
