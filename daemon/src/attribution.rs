@@ -16,23 +16,25 @@
 //! spaced points converge only as fast as their spacing shrinks there: on a
 //! churn model of hidden [64, 32], 32 points miss completeness by more
 //! than 1e-3 on a third of the rows. When the network is piecewise linear
-//! ([`path::piecewise_linear`]), the path is cut where it bends
-//! ([`path::pieces`]). On each piece the score is a smooth function of
-//! linear logits: where it is a function of one logit per network (a
-//! sigmoid or a value head), its integral along the piece is known in
-//! closed form ([`NativeModel::mean_gradient`]), one pass a piece; a
-//! softmax head's pieces get Gauss–Legendre points enough for how much the
-//! logits change there. Either is exact to rounding. Other networks get
-//! [`STEPS`] Gauss–Legendre points over the whole path. A row whose
+//! ([`path::piecewise_linear`]), each member's path is traced piece by
+//! piece ([`path::Tracer::integrate`]): on a piece its logits are linear in α and
+//! their gradient in the inputs is constant, so the integral is that
+//! gradient times how the head weighs each logit over the piece. For a sigmoid or a value head, a
+//! function of one logit, that weight is known in closed form; a softmax
+//! head's gets Gauss–Legendre points enough for how much its logits change
+//! there. Either is exact to rounding, and no pass of the network runs
+//! along the path: the tracer keeps the gradient up to date as units
+//! switch. Other networks get [`STEPS`] Gauss–Legendre points over the
+//! whole path, one forward and backward pass a point. A row whose
 //! contributions still miss by more than [`COMPLETENESS`] is integrated
 //! again with twice the points, up to [`MAX_POINTS`].
 //!
-//! The first dense layer is linear in the inputs and vectors, so its
-//! products along the path are interpolated between the two rows' products
+//! The first dense layer is linear in the inputs and vectors, so the path
+//! runs through its products, interpolated between the two rows' products
 //! rather than recomputed at every point, and the gradient reaches the
-//! inputs through it once per row, from the points' weighted gradients
-//! ([`Stack::linear_products`]): the path costs the layers after the first
-//! (and the periodic embeddings, which are not linear).
+//! inputs through it once per row, from the pieces' or the points' weighted
+//! gradients ([`Stack::linear_products`]): the path costs the layers after
+//! the first (and the periodic embeddings, which are not linear).
 //!
 //! [`Stack::linear_products`]: crate::engine::Stack::linear_products
 //! [`FeaturePipeline::baseline`]: crate::features::FeaturePipeline::baseline
@@ -46,9 +48,9 @@ use crate::native::{Head, NativeError, NativeModel};
 /// Points over the whole path of a network that is not piecewise linear.
 pub const STEPS: usize = 32;
 
-/// Points on a piece of a piecewise-linear network's path along which no
-/// logit changes by more than [`SMALL_CHANGE`]; on other pieces, this many
-/// and one more for each unit the logits change by.
+/// Points on a piece of a softmax head's path along which no logit
+/// changes by more than [`SMALL_CHANGE`]; on other pieces, this many and
+/// one more for each unit the logits change by.
 pub const POINTS_PER_PIECE: usize = 2;
 
 /// A logit change small enough for one point on its piece: the score is
@@ -56,7 +58,8 @@ pub const POINTS_PER_PIECE: usize = 2;
 /// two-hundredth of the piece's share of the score.
 pub const SMALL_CHANGE: f64 = 0.1;
 
-/// The most points one row is integrated with, its first try's doubled.
+/// The most points one row is integrated with, its first try's doubled
+/// (a piece weighed in closed form counts as one).
 pub const MAX_POINTS: usize = 4096;
 
 /// How far a row's contributions may add up from its score minus the
@@ -126,16 +129,17 @@ impl NativeModel {
             explained.iter().map(|&c| self.output_gradient(&base_logits, c, None, &mut probabilities)).collect();
 
         let (vectors, base_vectors) = (net.categorical_vectors(rows), net.categorical_vectors(base));
+        let base_products = net.linear_products(&baseline.x, &base_vectors, 1);
         let path = Path {
             model: self,
             products: net.linear_products(&encoded.x, &vectors, n),
-            base_products: net.linear_products(&baseline.x, &base_vectors, 1),
+            tracer: path::Tracer::new(net, &base_products),
+            base_products,
             x: &encoded.x,
             vectors,
             base_x: &baseline.x,
             base_vectors,
             explained,
-            piecewise: path::piecewise_linear(&net.arch),
             spans: self.pipeline.spans(),
         };
 
@@ -221,25 +225,57 @@ impl NativeModel {
 }
 
 impl NativeModel {
-    /// The score's derivative in each logit, averaged over a piece of
-    /// `length` in α on which every logit is linear (one point's
-    /// `logits`, in its middle, each changing at its `slope`), times
-    /// `length`, into `d`: `(h(f_end) − h(f_start)) / (f_end − f_start)`
-    /// for a member's output `h`, and the derivative in the middle
-    /// ([`NativeModel::output_gradient`]) where the logit hardly changes.
-    /// For a sigmoid or a value head, whose output is a function of one
-    /// logit. `probabilities` is `output_gradient`'s scratch.
-    fn mean_gradient(&self, logits: &[f32], slopes: &[f64], length: f64, d: &mut [f32], probabilities: &mut Vec<f32>) {
-        self.output_gradient(logits, 0, Some(d), probabilities);
-        for (((&f, &slope), d), &weight) in logits.iter().zip(slopes).zip(d.iter_mut()).zip(&self.weights) {
-            let (f, change) = (f as f64, slope * length);
-            *d = if change.abs() > 1e-6 {
-                let mean = (self.member_output(f + change / 2.0) - self.member_output(f - change / 2.0)) / change;
-                (weight as f64 * mean * length) as f32
-            } else {
-                *d * length as f32
-            };
+    /// The integral over `piece` of the score's derivative in each of its
+    /// member's logits, into `weights`, for a row whose explanation is of
+    /// output `class`; how many points that took (one in closed form).
+    /// A sigmoid's or a value's output `h` is a function of one logit
+    /// linear on the piece, `f = a + α·b`, so the integral of `h'(f)` is
+    /// `(h(f_end) − h(f_start)) / b`, or the derivative in the middle times
+    /// the length where the logit hardly changes. A softmax's gets
+    /// [`POINTS_PER_PIECE`] Gauss–Legendre points and one more for each unit
+    /// its logits change by (one point where they hardly change), times
+    /// 2^`level`.
+    fn piece_weights(
+        &self,
+        piece: &path::Piece<'_>,
+        class: usize,
+        level: u32,
+        rules: &mut Rules,
+        probabilities: &mut Vec<f64>,
+        weights: &mut [f64],
+    ) -> usize {
+        let (start, end, length) = (piece.start, piece.end, piece.end - piece.start);
+        let member = self.weights[piece.model] as f64;
+        if !matches!(self.head, Head::Softmax) {
+            let (a, b) = (piece.a[0], piece.b[0]);
+            let (f_start, f_end) = (a + start * b, a + end * b);
+            weights[0] = member
+                * if (f_end - f_start).abs() > 1e-6 {
+                    (self.member_output(f_end) - self.member_output(f_start)) / b
+                } else {
+                    self.member_derivative((f_start + f_end) / 2.0) * length
+                };
+            return 1;
         }
+        let change = piece.b.iter().fold(0.0f64, |c, b| c.max(b.abs())) * length;
+        let n = if change < SMALL_CHANGE { 1 } else { POINTS_PER_PIECE + change.ceil().min(64.0) as usize } << level;
+        weights.fill(0.0);
+        probabilities.resize(piece.a.len(), 0.0);
+        for &(t, w) in rules.get(n) {
+            let alpha = start + t * length;
+            let top = piece.a.iter().zip(piece.b).map(|(a, b)| a + alpha * b).fold(f64::NEG_INFINITY, f64::max);
+            let mut sum = 0.0;
+            for (p, (a, b)) in probabilities.iter_mut().zip(piece.a.iter().zip(piece.b)) {
+                *p = (a + alpha * b - top).exp();
+                sum += *p;
+            }
+            let p_class = probabilities[class] / sum;
+            for (j, (weight, &p)) in weights.iter_mut().zip(probabilities.iter()).enumerate() {
+                let own = if j == class { 1.0 } else { 0.0 };
+                *weight += w * length * member * p_class * (own - p / sum);
+            }
+        }
+        n
     }
 
     /// A member's output for logit `z`, in f64, for a sigmoid or a value head.
@@ -254,6 +290,18 @@ impl NativeModel {
                     v
                 }
             }
+            Head::Softmax => unreachable!("a softmax head is integrated by quadrature"),
+        }
+    }
+
+    /// [`NativeModel::member_output`]'s derivative in `z`.
+    fn member_derivative(&self, z: f64) -> f64 {
+        match self.head {
+            Head::Sigmoid => {
+                let p = self.member_output(z);
+                p * (1.0 - p)
+            }
+            Head::Value(scale) => scale.std as f64 * if scale.log { self.member_output(z) } else { 1.0 },
             Head::Softmax => unreachable!("a softmax head is integrated by quadrature"),
         }
     }
@@ -272,8 +320,9 @@ struct Path<'a> {
     base_x: &'a [f32],
     base_vectors: Vec<f32>,
     explained: Vec<usize>,
-    /// Whether the path is cut where the network bends.
-    piecewise: bool,
+    /// Cuts each row's path where the network bends, for a piecewise-linear
+    /// network.
+    tracer: Option<path::Tracer>,
     /// Each column's encoded inputs and embedding dims
     /// ([`FeaturePipeline::spans`](crate::features::FeaturePipeline::spans)).
     spans: Vec<(std::ops::Range<usize>, Option<std::ops::Range<usize>>)>,
@@ -329,125 +378,103 @@ impl Path<'_> {
         (out, points)
     }
 
-    /// Row `r`'s points along its path and their weights (summing to 1),
-    /// at refinement `level`: on each piece of a piecewise-linear network's
-    /// path, one where its logits hardly change, else [`POINTS_PER_PIECE`]
-    /// and one more for each unit they change by (the score is a smooth
-    /// function of them there), times 2^level; else [`STEPS`] times 2^level
-    /// over the whole path.
-    ///
-    /// When the score is a function of each logit alone (a sigmoid or a
-    /// value head), the first try needs no quadrature: on a piece, where a
-    /// logit `f` is linear in α, the mean of the score's derivative in `f`
-    /// is `(h(f_end) − h(f_start)) / (f_end − f_start)`, exactly. Such a
-    /// piece gets one point, its middle, and the slopes of its logits
-    /// (`K·outputs` a point, in the second vector) for [`Path::run_pass`]
-    /// to find `f_start` and `f_end` from the logits there.
-    fn points(&self, r: usize, level: u32, rules: &mut Rules) -> (Vec<(f64, f64)>, Vec<f64>) {
+    /// Row `r`'s gradient in the first-layer products integrated along its
+    /// traced path ([`path::Tracer::integrate`]), into `out` (`[K·h]`), at
+    /// refinement `level`; how many points that took, or `None` when the
+    /// network is not piecewise linear or the path bends too often.
+    fn traced(&self, r: usize, level: u32, scratch: &mut TraceScratch, out: &mut [f64]) -> Option<usize> {
+        let tracer = self.tracer.as_ref()?;
         let kh = self.base_products.len();
-        let pieces = self
-            .piecewise
-            .then(|| path::pieces(&self.model.network, &self.base_products, &self.products[r * kh..(r + 1) * kh]))
-            .flatten();
-        let Some(path::Pieces { pieces, slopes }) = pieces else {
-            return (rules.get(STEPS << level).to_vec(), Vec::new());
+        let (model, class) = (self.model, self.explained[r]);
+        let TraceScratch { path, rules, probabilities } = scratch;
+        let mut points = 0;
+        let weigh = |piece: &path::Piece<'_>, weights: &mut [f64]| {
+            points += model.piece_weights(piece, class, level, rules, probabilities, weights);
         };
-        if level == 0 && !matches!(self.model.head, Head::Softmax) {
-            let wide = slopes.len() / pieces.len().max(1);
-            let (mut out, mut kept) = (Vec::with_capacity(pieces.len()), Vec::with_capacity(slopes.len()));
-            for (piece, slope) in pieces.iter().zip(slopes.chunks_exact(wide)).filter(|(p, _)| p.end > p.start) {
-                out.push(((piece.start + piece.end) / 2.0, piece.end - piece.start));
-                kept.extend_from_slice(slope);
-            }
-            return (out, kept);
-        }
-        let scale = match self.model.head {
-            Head::Value(scale) if scale.log => scale.std as f64,
-            Head::Value(_) => 0.0,
-            _ => 1.0,
-        };
-        let mut out = Vec::new();
-        for piece in pieces.iter().filter(|p| p.end > p.start) {
-            let change = piece.change * scale;
-            let n = if change < SMALL_CHANGE { 1 } else { POINTS_PER_PIECE + change.ceil().min(64.0) as usize };
-            let n = n << level;
-            let length = piece.end - piece.start;
-            out.extend(rules.get(n).iter().map(|&(t, w)| (piece.start + t * length, w * length)));
-        }
-        (out, Vec::new())
+        tracer.integrate(&self.products[r * kh..(r + 1) * kh], weigh, path, out)?;
+        Some(points)
     }
 
     fn integrate_rows(&self, rows: &[usize], level: u32, out: &mut [f64], points: &mut [usize]) {
-        let width = self.model.pipeline.features.len();
-        let mut pass: Vec<RowPoints> = Vec::new();
-        let mut start = 0;
+        let kh = self.base_products.len();
         let mut scratch = PassScratch::default();
-        let mut rules = Rules::default();
+        let mut trace_scratch = TraceScratch::default();
+        // Rows traced (their places in `rows`) and their gradients; rows
+        // left to quadrature, with their points.
+        let (mut traced, mut g_traced) = (Vec::new(), Vec::new());
+        let mut g_row = vec![0.0f64; kh];
+        let mut pass: Vec<RowPoints> = Vec::new();
         for (i, &r) in rows.iter().enumerate() {
-            let (along, slopes) = self.points(r, level, &mut rules);
+            if let Some(used) = self.traced(r, level, &mut trace_scratch, &mut g_row) {
+                points[i] = used;
+                traced.push(i);
+                g_traced.extend(g_row.iter().map(|&g| g as f32));
+                if traced.len() == PATH_ROWS {
+                    self.contribute(rows, &traced, &g_traced, None, out);
+                    traced.clear();
+                    g_traced.clear();
+                }
+                continue;
+            }
+            let along = trace_scratch.rules.get(STEPS << level).to_vec();
             points[i] = along.len();
             let queued: usize = pass.iter().map(|p| p.along.len()).sum();
             if !pass.is_empty() && queued + along.len() > PATH_ROWS {
-                self.run_pass(&pass, &mut out[start * width..i * width], &mut scratch);
+                self.run_pass(rows, &pass, out, &mut scratch);
                 pass.clear();
-                start = i;
             }
-            pass.push(RowPoints { row: r, along, slopes });
+            pass.push(RowPoints { at: i, along });
+        }
+        if !traced.is_empty() {
+            self.contribute(rows, &traced, &g_traced, None, out);
         }
         if !pass.is_empty() {
-            self.run_pass(&pass, &mut out[start * width..], &mut scratch);
+            self.run_pass(rows, &pass, out, &mut scratch);
         }
     }
 
-    /// One pass of the network over every point of `pass`'s rows, each row
-    /// with its points and weights; each row's contributions into `out`.
-    fn run_pass(&self, pass: &[RowPoints], out: &mut [f64], scratch: &mut PassScratch) {
+    /// One pass of the network over every point of `pass`'s rows (places
+    /// in `rows`), each row with its points and weights; each row's
+    /// contributions into its place in `out`.
+    fn run_pass(&self, rows: &[usize], pass: &[RowPoints], out: &mut [f64], scratch: &mut PassScratch) {
         let model = self.model;
         let net = &model.network;
-        let (p, kc, kh) = (net.arch.inputs, self.base_vectors.len(), self.base_products.len());
+        let (p, kh) = (net.arch.inputs, self.base_products.len());
         let periodic = net.arch.periodic.is_some();
         let wide = net.k * net.outputs();
-        let spans = &self.spans;
-        let width = spans.len();
-        let c = kc / net.k.max(1);
         let PassScratch { cache, x, products, d_logits, d_products, dx, probabilities } = scratch;
         x.clear();
         products.clear();
-        // Each point's row (in `pass`), weight, and place among its row's.
+        // Each point's row (in `pass`) and weight.
         let mut owner = Vec::new();
-        for (j, RowPoints { row: r, along, .. }) in pass.iter().enumerate() {
+        for (j, RowPoints { at, along }) in pass.iter().enumerate() {
+            let r = rows[*at];
             let (row_x, row_products) = (&self.x[r * p..(r + 1) * p], &self.products[r * kh..(r + 1) * kh]);
-            for (k, &(t, weight)) in along.iter().enumerate() {
+            for &(t, weight) in along {
                 let alpha = t as f32;
                 let on_path = |(b, a): (&f32, &f32)| b + alpha * (a - b);
                 products.extend(self.base_products.iter().zip(row_products).map(on_path));
                 if periodic {
                     x.extend(self.base_x.iter().zip(row_x).map(on_path));
                 }
-                owner.push((j, weight, k));
+                owner.push((j, weight));
             }
         }
         let n = owner.len();
         let batch = Batch { x, codes: &[], n };
         net.forward_products(batch, products, cache);
         d_logits.resize(n * wide, 0.0);
-        for ((logits, d), &(j, weight, k)) in
+        for ((logits, d), &(j, weight)) in
             cache.logits().chunks_exact(wide).zip(d_logits.chunks_exact_mut(wide)).zip(&owner)
         {
-            let slopes = &pass[j].slopes;
-            if slopes.is_empty() {
-                model.output_gradient(logits, self.explained[pass[j].row], Some(d), probabilities);
-                d.iter_mut().for_each(|d| *d *= weight as f32);
-            } else {
-                model.mean_gradient(logits, &slopes[k * wide..(k + 1) * wide], weight, d, probabilities);
-            }
+            model.output_gradient(logits, self.explained[rows[pass[j].at]], Some(d), probabilities);
+            d.iter_mut().for_each(|d| *d *= weight as f32);
         }
         net.products_backward(batch, cache, d_logits, d_products, dx);
         // Each row's gradient integrated along its path: of the products,
         // and of the inputs through the periodic embeddings.
-        let rows = pass.len();
-        let (mut g_products, mut g_periodic) = (vec![0.0f32; rows * kh], vec![0.0f64; rows * p]);
-        for (at, &(j, _, _)) in owner.iter().enumerate() {
+        let (mut g_products, mut g_periodic) = (vec![0.0f32; pass.len() * kh], vec![0.0f64; pass.len() * p]);
+        for (at, &(j, _)) in owner.iter().enumerate() {
             let g = &mut g_products[j * kh..(j + 1) * kh];
             g.iter_mut().zip(&d_products[at * kh..(at + 1) * kh]).for_each(|(g, d)| *g += d);
             if periodic {
@@ -455,14 +482,37 @@ impl Path<'_> {
                 gp.iter_mut().zip(&dx[at * p..(at + 1) * p]).for_each(|(g, d)| *g += *d as f64);
             }
         }
-        let (mut gx, mut gv) = (vec![0.0f32; rows * p], vec![0.0f32; rows * kc]);
-        net.linear_products_backward(&g_products, rows, &mut gx, &mut gv);
-        for (j, (RowPoints { row: r, .. }, row_out)) in pass.iter().zip(out.chunks_exact_mut(width)).enumerate() {
+        let places: Vec<usize> = pass.iter().map(|row| row.at).collect();
+        self.contribute(rows, &places, &g_products, periodic.then_some(&g_periodic[..]), out);
+    }
+
+    /// Each column's contribution for the rows at `places` in `rows`, from
+    /// their gradients integrated along their paths: in the products
+    /// (`[places × K·h]`) and, with periodic embeddings, in the inputs
+    /// through them (`[places × inputs]`); into the rows' places in `out`.
+    fn contribute(
+        &self,
+        rows: &[usize],
+        places: &[usize],
+        g_products: &[f32],
+        g_periodic: Option<&[f64]>,
+        out: &mut [f64],
+    ) {
+        let net = &self.model.network;
+        let (p, kc) = (net.arch.inputs, self.base_vectors.len());
+        let c = kc / net.k.max(1);
+        let width = self.spans.len();
+        let n = places.len();
+        let (mut gx, mut gv) = (vec![0.0f32; n * p], vec![0.0f32; n * kc]);
+        net.linear_products_backward(g_products, n, &mut gx, &mut gv);
+        for (j, &at) in places.iter().enumerate() {
+            let r = rows[at];
             let (row_x, row_v) = (&self.x[r * p..(r + 1) * p], &self.vectors[r * kc..(r + 1) * kc]);
-            let (gx, gv, gp) = (&gx[j * p..(j + 1) * p], &gv[j * kc..(j + 1) * kc], &g_periodic[j * p..(j + 1) * p]);
-            let input = |i: usize| (row_x[i] - self.base_x[i]) as f64 * (gx[i] as f64 + gp[i]);
+            let (gx, gv) = (&gx[j * p..(j + 1) * p], &gv[j * kc..(j + 1) * kc]);
+            let gp = |i: usize| g_periodic.map_or(0.0, |g| g[j * p + i]);
+            let input = |i: usize| (row_x[i] - self.base_x[i]) as f64 * (gx[i] as f64 + gp(i));
             let vector = |i: usize| (row_v[i] - self.base_vectors[i]) as f64 * gv[i] as f64;
-            for (o, (inputs, embedded)) in row_out.iter_mut().zip(spans) {
+            for (o, (inputs, embedded)) in out[at * width..(at + 1) * width].iter_mut().zip(&self.spans) {
                 *o = inputs.clone().map(input).sum::<f64>();
                 if let Some(dims) = embedded {
                     *o += (0..net.k).flat_map(|m| dims.clone().map(move |d| m * c + d)).map(vector).sum::<f64>();
@@ -472,13 +522,11 @@ impl Path<'_> {
     }
 }
 
-/// One row's points along its path, their weights, and, when its pieces
-/// are integrated in closed form, the slopes of its logits at each point
-/// ([`Path::points`]).
+/// A row quadrature integrates: its place in the rows, its points along
+/// its path and their weights.
 struct RowPoints {
-    row: usize,
+    at: usize,
     along: Vec<(f64, f64)>,
-    slopes: Vec<f64>,
 }
 
 /// Gauss–Legendre rules by their number of points, made once a thread.
@@ -489,6 +537,14 @@ impl Rules {
     fn get(&mut self, n: usize) -> &[(f64, f64)] {
         self.0.entry(n).or_insert_with(|| gauss_legendre(n))
     }
+}
+
+/// Buffers one thread's traces reuse.
+#[derive(Default)]
+struct TraceScratch {
+    path: path::Scratch,
+    rules: Rules,
+    probabilities: Vec<f64>,
 }
 
 /// Buffers one thread's passes reuse.
