@@ -234,7 +234,10 @@ impl NativeModel {
     /// the length where the logit hardly changes. A softmax's gets
     /// [`POINTS_PER_PIECE`] Gauss–Legendre points and one more for each unit
     /// its logits change by (one point where they hardly change), times
-    /// 2^`level`.
+    /// 2^`level`. `ended`: the output where the last piece ended, which a
+    /// piece that starts there takes rather than computing it again (and
+    /// leaves its own).
+    #[allow(clippy::too_many_arguments)]
     fn piece_weights(
         &self,
         piece: &path::Piece<'_>,
@@ -242,6 +245,7 @@ impl NativeModel {
         level: u32,
         rules: &mut Rules,
         probabilities: &mut Vec<f64>,
+        ended: &mut Option<Ended>,
         weights: &mut [f64],
     ) -> usize {
         let (start, end, length) = (piece.start, piece.end, piece.end - piece.start);
@@ -249,9 +253,15 @@ impl NativeModel {
         if !matches!(self.head, Head::Softmax) {
             let (a, b) = (piece.a[0], piece.b[0]);
             let (f_start, f_end) = (a + start * b, a + end * b);
+            let output_start = match ended.take() {
+                Some(Ended { model, at, output }) if model == piece.model && at == start => Some(output),
+                _ => None,
+            };
             weights[0] = member
                 * if (f_end - f_start).abs() > 1e-6 {
-                    (self.member_output(f_end) - self.member_output(f_start)) / b
+                    let output_end = self.member_output(f_end);
+                    *ended = Some(Ended { model: piece.model, at: end, output: output_end });
+                    (output_end - output_start.unwrap_or_else(|| self.member_output(f_start))) / b
                 } else {
                     self.member_derivative((f_start + f_end) / 2.0) * length
                 };
@@ -386,10 +396,10 @@ impl Path<'_> {
         let tracer = self.tracer.as_ref()?;
         let kh = self.base_products.len();
         let (model, class) = (self.model, self.explained[r]);
-        let TraceScratch { path, rules, probabilities } = scratch;
+        let TraceScratch { path, rules, probabilities, ended } = scratch;
         let mut points = 0;
         let weigh = |piece: &path::Piece<'_>, weights: &mut [f64]| {
-            points += model.piece_weights(piece, class, level, rules, probabilities, weights);
+            points += model.piece_weights(piece, class, level, rules, probabilities, ended, weights);
         };
         tracer.integrate(&self.products[r * kh..(r + 1) * kh], weigh, path, out)?;
         Some(points)
@@ -545,6 +555,18 @@ struct TraceScratch {
     path: path::Scratch,
     rules: Rules,
     probabilities: Vec<f64>,
+    ended: Option<Ended>,
+}
+
+/// A sigmoid's or a value's output where one piece of a member's path
+/// ended. The logit is continuous where pieces meet, so the next piece
+/// starts from it: one exponential a piece rather than two, and
+/// neighbouring pieces' integrals meet at the very same value.
+#[derive(Debug, Clone, Copy)]
+struct Ended {
+    model: usize,
+    at: f64,
+    output: f64,
 }
 
 /// Buffers one thread's passes reuse.

@@ -41,9 +41,6 @@ pub struct Piece<'a> {
     /// The model's logits on the piece: `a + α·b`.
     pub a: &'a [f64],
     pub b: &'a [f64],
-    /// Each logit's gradient in the model's first-layer products on the
-    /// piece, `outputs × h`, logit after logit.
-    pub gradient: &'a [f64],
 }
 
 /// What tracing paths from one start through one stack needs, made once
@@ -63,6 +60,9 @@ pub struct Tracer {
     h: usize,
     logits: usize,
     first_relu: Option<usize>,
+    /// Whether an op's output is read along the path (a ReLU's input, or
+    /// the logits); the others' outputs are kept at the start alone.
+    read: Vec<bool>,
 }
 
 /// One op's parameters in one model, in f64.
@@ -101,7 +101,13 @@ pub struct Scratch {
     touched: Vec<bool>,
     reached: Vec<bool>,
     fixed: Vec<(f64, usize, usize)>,
+    crosses: Vec<f64>,
+    /// Each logit's weight on the current piece, and summed over the
+    /// pieces so far.
     weights: Vec<f64>,
+    weighed: Vec<f64>,
+    /// Each change of the gradient times the weight before it, summed.
+    earlier: Vec<f64>,
 }
 
 impl Tracer {
@@ -156,6 +162,9 @@ impl Tracer {
             h,
             logits: arch.outputs(),
             first_relu: arch.ops.iter().position(|op| matches!(op, Op::Activation { .. })),
+            read: (0..arch.ops.len())
+                .map(|i| i + 1 == arch.ops.len() || matches!(arch.ops[i + 1], Op::Activation { .. }))
+                .collect(),
         };
         let bias = &net.params[arch.slot_of(0) + 1];
         tracer.starts =
@@ -199,12 +208,12 @@ impl Tracer {
 
     /// The integral along the path of first-layer products from the start
     /// to `to` (`[K·h]`) of the score's gradient in the products, into
-    /// `out` (`[K·h]`, overwritten). `weigh` says, for one piece of one model, the integral
-    /// over the piece of the score's derivative in each of the model's
-    /// logits (into its second argument); the score is taken to be a sum
-    /// over the models, each of its own logits. Returns how many pieces were
-    /// weighed; `None` when a model's path bends more than [`MAX_PIECES`]
-    /// times.
+    /// `out` (`[K·h]`, overwritten). `weigh` says, for one piece of one
+    /// model, the integral over the piece of the score's derivative in each
+    /// of the model's logits (into its second argument); the score is taken
+    /// to be a sum over the models, each of its own logits. Returns how
+    /// many pieces were weighed; `None` when a model's path bends more than
+    /// [`MAX_PIECES`] times.
     pub fn integrate(
         &self,
         to: &[f32],
@@ -213,48 +222,52 @@ impl Tracer {
         out: &mut [f64],
     ) -> Option<usize> {
         let h = self.h;
-        out.fill(0.0);
-        let mut weights = std::mem::take(&mut scratch.weights);
-        weights.resize(self.logits, 0.0);
-        let mut pieces = Some(0);
-        for m in 0..self.models.len() {
-            let out = &mut out[m * h..(m + 1) * h];
-            let traced = self.trace(m, to, scratch, |piece| {
-                weigh(piece, &mut weights);
-                for (&w, gradient) in weights.iter().zip(piece.gradient.chunks_exact(h)) {
-                    if w != 0.0 {
-                        out.iter_mut().zip(gradient).for_each(|(o, g)| *o += w * g);
-                    }
-                }
-            });
-            pieces = pieces.zip(traced).map(|(p, t)| p + t);
-            if pieces.is_none() {
-                break;
-            }
-        }
-        scratch.weights = weights;
-        pieces
+        (0..self.models.len()).try_fold(0, |pieces, m| {
+            Some(pieces + self.trace(m, to, scratch, &mut weigh, &mut out[m * h..(m + 1) * h])?)
+        })
     }
 
     /// Model `m`'s pieces along the path from the start to `to`, in order
-    /// from 0 to 1, each given to `each` with the model's logits and their
-    /// gradient on it; how many there were, or `None` past [`MAX_PIECES`].
-    /// The path starts where every path does (`Start`): only the lines'
-    /// slopes are the path's own, one pass forward. At each bend one unit
-    /// switches, and only what that changes downstream (the lines) and
-    /// upstream (the gradient) is updated. A ReLU with no ReLU before it
-    /// sees the same lines all along, so its units' switches are sorted
-    /// once.
+    /// from 0 to 1, each given to `weigh` with the model's logits on it
+    /// (see [`Tracer::integrate`]), and the integral of the score's gradient
+    /// in the model's first-layer products into `out` (`[h]`); how many
+    /// pieces there were, or `None` past [`MAX_PIECES`]. The path starts
+    /// where every path does (`Start`): only the lines' slopes are the
+    /// path's own, one pass forward. At each bend one unit switches, and
+    /// only what that changes downstream (the lines) and upstream (the
+    /// gradient) is updated. A ReLU with no ReLU before it sees the same
+    /// lines all along, so its units' switches are sorted once.
+    ///
+    /// The gradient is not added up piece by piece: with `W` the pieces'
+    /// weights summed, and each change `Δ` of the gradient at a bend
+    /// weighed by the sum `C` of the weights before it, the integral is
+    /// `g_end·W − Σ Δ·C`. A switch at the first ReLU changes one unit of
+    /// the gradient, so most bends cost the gradient a handful of
+    /// operations, not a pass over the layer.
     pub fn trace(
         &self,
         m: usize,
         to: &[f32],
         scratch: &mut Scratch,
-        mut each: impl FnMut(&Piece<'_>),
+        mut weigh: impl FnMut(&Piece<'_>, &mut [f64]),
+        out: &mut [f64],
     ) -> Option<usize> {
         let (h, ops, logits) = (self.h, self.ops.len(), self.logits);
         let params = &self.models[m];
-        let Scratch { outs, deltas, on, adjoints, changes, touched, reached, fixed, .. } = scratch;
+        let Scratch {
+            outs,
+            deltas,
+            on,
+            adjoints,
+            changes,
+            touched,
+            reached,
+            fixed,
+            crosses,
+            weights,
+            weighed,
+            earlier,
+        } = scratch;
         outs.resize_with(ops, Line::default);
         deltas.resize_with(ops, Line::default);
         on.resize_with(ops, Vec::new);
@@ -262,6 +275,12 @@ impl Tracer {
         changes.resize_with(ops, Vec::new);
         touched.resize(ops, false);
         reached.resize(ops, false);
+        weights.clear();
+        weights.resize(logits, 0.0);
+        weighed.clear();
+        weighed.resize(logits, 0.0);
+        earlier.clear();
+        earlier.resize(logits * h, 0.0);
 
         // Each op's output on the current piece, a + α·b, each ReLU's units'
         // states, and each op's output's adjoint, at α = 0.
@@ -296,17 +315,16 @@ impl Tracer {
         let first_relu = self.first_relu;
         fixed.clear();
         if let Some(i) = first_relu {
-            let input = &outs[i - 1];
-            for (u, ((&a, &b), &state)) in input.a.iter().zip(&input.b).zip(&on[i]).enumerate() {
-                if b != 0.0 && (state == (b < 0.0)) {
-                    let cross = -a / b;
-                    if (0.0..1.0).contains(&cross) {
-                        fixed.push((cross, i, u));
-                    }
-                }
-            }
+            crossings(&outs[i - 1], &on[i], crosses);
+            let ahead = crosses.iter().enumerate().filter(|(_, c)| (0.0..1.0).contains(*c));
+            fixed.extend(ahead.map(|(u, &cross)| (cross, i, u)));
             fixed.sort_unstable_by(|x, y| y.0.total_cmp(&x.0));
         }
+        // Whether a switch at the first ReLU changes the gradient in one
+        // unit alone: only elementwise ops stand between it and the first
+        // layer.
+        let first_is_elementwise = first_relu
+            .is_some_and(|i| self.ops[1..i].iter().all(|op| matches!(op, Op::BatchNorm { .. } | Op::Dropout { .. })));
 
         for (i, (delta, change)) in deltas.iter_mut().zip(changes.iter_mut()).enumerate() {
             delta.resize(self.widths[i]);
@@ -321,24 +339,22 @@ impl Tracer {
             let mut next: Option<(f64, usize, usize)> = fixed.last().copied();
             let mut soonest = next.map_or(1.0, |(t, _, _)| t);
             for (i, states) in on.iter().enumerate().filter(|(i, s)| !s.is_empty() && Some(*i) != first_relu) {
-                let input = &outs[i - 1];
-                for (u, ((&a, &b), &state)) in input.a.iter().zip(&input.b).zip(states).enumerate() {
-                    if (b < 0.0) == state && b != 0.0 {
-                        let cross = (-a / b).max(at);
-                        if cross < soonest {
-                            soonest = cross;
-                            next = Some((cross, i, u));
-                        }
-                    }
+                crossings(&outs[i - 1], states, crosses);
+                let least = least(crosses);
+                if least < soonest {
+                    soonest = least;
+                    let u = crosses.iter().position(|&c| c == least).expect("the least is one of them");
+                    next = Some((least.max(at), i, u));
                 }
             }
             let end = next.map_or(1.0, |(cross, _, _)| cross.max(at));
             if end > at {
                 let last = &outs[ops - 1];
-                each(&Piece { model: m, start: at, end, a: &last.a, b: &last.b, gradient: &adjoints[0] });
+                weigh(&Piece { model: m, start: at, end, a: &last.a, b: &last.b }, weights);
+                weighed.iter_mut().zip(weights.iter()).for_each(|(s, w)| *s += w);
                 pieces += 1;
             }
-            let Some((_, i, u)) = next else { return Some(pieces) };
+            let Some((_, i, u)) = next else { break };
             if Some(i) == first_relu {
                 fixed.pop();
             }
@@ -380,12 +396,27 @@ impl Tracer {
                         }
                     }
                 }
-                outs[j].add(change);
+                if self.read[j] {
+                    outs[j].add(change);
+                }
                 touched[j] = true;
             }
 
             // What it adds to the adjoint of op i's input (unit u passes op
             // i's adjoint back now, or stops), then to every op before it.
+            if Some(i) == first_relu && first_is_elementwise {
+                for o in 0..logits {
+                    let mut d = sign * adjoints[i][o * h + u];
+                    for j in (0..i).rev() {
+                        adjoints[j][o * h + u] += d;
+                        if let Params::Affine { scale, .. } = &params[j] {
+                            d *= scale[u];
+                        }
+                    }
+                    earlier[o * h + u] += d * weighed[o];
+                }
+                continue;
+            }
             let width = self.widths[i];
             for change in &mut changes[..i] {
                 change.fill(0.0);
@@ -399,7 +430,21 @@ impl Tracer {
             for j in (0..i).filter(|&j| reached[j]) {
                 adjoints[j].iter_mut().zip(&changes[j]).for_each(|(x, d)| *x += d);
             }
+            if reached[0] {
+                for ((earlier, change), &weighed) in
+                    earlier.chunks_exact_mut(h).zip(changes[0].chunks_exact(h)).zip(weighed.iter())
+                {
+                    earlier.iter_mut().zip(change).for_each(|(e, d)| *e += d * weighed);
+                }
+            }
         }
+        out.fill(0.0);
+        for ((gradient, earlier), &weighed) in
+            adjoints[0].chunks_exact(h).zip(earlier.chunks_exact(h)).zip(weighed.iter())
+        {
+            out.iter_mut().zip(gradient.iter().zip(earlier)).for_each(|(o, (g, e))| *o += g * weighed - e);
+        }
+        Some(pieces)
     }
 
     /// Pulls the adjoints of ops `top` down to 1 back through each op into
@@ -436,9 +481,7 @@ impl Tracer {
                     let on = &on[j];
                     for (input, output) in input.chunks_exact_mut(on.len()).zip(output.chunks_exact(on.len())) {
                         for ((x, &d), &on) in input.iter_mut().zip(output).zip(on) {
-                            if on {
-                                *x += d;
-                            }
+                            *x += if on { d } else { 0.0 };
                         }
                     }
                 }
@@ -543,6 +586,37 @@ fn dot(w: &[f64], x: &[f64]) -> f64 {
     (sums[0] + sums[1]) + (sums[2] + sums[3]) + tail
 }
 
+/// Where each unit of a ReLU whose input is `input` switches, into
+/// `crosses`: the α where an active unit's input falls to zero or an
+/// inactive one's rises to it, infinity where it heads away. Every unit's
+/// first, without a branch on its state (it would be mispredicted about as
+/// often as not), so that the loop runs on vectors.
+fn crossings(input: &Line, on: &[bool], crosses: &mut Vec<f64>) {
+    crosses.clear();
+    crosses.extend(input.a.iter().zip(&input.b).zip(on).map(|((&a, &b), &on)| {
+        let heading = (b < 0.0) == on && b != 0.0;
+        if heading {
+            -a / b
+        } else {
+            f64::INFINITY
+        }
+    }));
+}
+
+/// The least of `values` (infinity for none), in four running minima
+/// that need not wait on each other and compile to vector minima.
+fn least(values: &[f64]) -> f64 {
+    let chunks = values.chunks_exact(4);
+    let tail = chunks.remainder().iter().fold(f64::INFINITY, |m, &v| if v < m { v } else { m });
+    let mut mins = [f64::INFINITY; 4];
+    for chunk in chunks {
+        for k in 0..4 {
+            mins[k] = if chunk[k] < mins[k] { chunk[k] } else { mins[k] };
+        }
+    }
+    [tail, mins[1], mins[2], mins[3]].into_iter().fold(mins[0], |m, v| if v < m { v } else { m })
+}
+
 /// The op whose output a residual op adds (`usize::MAX`: none).
 fn residual_source(op: &Op) -> usize {
     match op {
@@ -577,10 +651,13 @@ impl Line {
     }
 
     fn mask(&mut self, on: &[bool]) {
-        for ((a, b), &on) in self.a.iter_mut().zip(self.b.iter_mut()).zip(on) {
-            if !on {
-                (*a, *b) = (0.0, 0.0);
-            }
+        // A store on both sides of the choice, one side at a time, so that
+        // the loops take no branch and run on vectors.
+        for (a, &on) in self.a.iter_mut().zip(on) {
+            *a = if on { *a } else { 0.0 };
+        }
+        for (b, &on) in self.b.iter_mut().zip(on) {
+            *b = if on { *b } else { 0.0 };
         }
     }
 
@@ -659,18 +736,28 @@ mod tests {
             for m in 0..net.k {
                 let mine = |alpha: f64| logits_at(&net, from, to, alpha)[m * outputs..(m + 1) * outputs].to_vec();
                 let mut ends = Vec::new();
+                let mut integral = vec![0.0; kh / net.k];
                 let count = tracer
-                    .trace(m, to, &mut scratch, |p| {
-                        assert_eq!(p.model, m);
-                        let inset = (p.end - p.start) * 1e-3;
-                        for alpha in [p.start + inset, (p.start + p.end) / 2.0, p.end - inset] {
-                            for (o, logit) in mine(alpha).iter().enumerate() {
-                                let line = p.a[o] + alpha * p.b[o];
-                                assert!((logit - line).abs() < 1e-4, "row {r}, model {m}, {alpha}: {logit} vs {line}");
+                    .trace(
+                        m,
+                        to,
+                        &mut scratch,
+                        |p, _| {
+                            assert_eq!(p.model, m);
+                            let inset = (p.end - p.start) * 1e-3;
+                            for alpha in [p.start + inset, (p.start + p.end) / 2.0, p.end - inset] {
+                                for (o, logit) in mine(alpha).iter().enumerate() {
+                                    let line = p.a[o] + alpha * p.b[o];
+                                    assert!(
+                                        (logit - line).abs() < 1e-4,
+                                        "row {r}, model {m}, {alpha}: {logit} vs {line}"
+                                    );
+                                }
                             }
-                        }
-                        ends.push((p.start, p.end));
-                    })
+                            ends.push((p.start, p.end));
+                        },
+                        &mut integral,
+                    )
                     .expect("piecewise linear");
                 assert_eq!(count, ends.len());
                 assert_eq!((ends[0].0, ends.last().unwrap().1), (0.0, 1.0));
