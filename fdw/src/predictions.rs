@@ -14,7 +14,7 @@ use cerebro_shared::batch::{
     plan_explained, read_explanations, read_outputs, read_probabilities, write_packed, BatchLayout, PackedColumn,
     NO_LABEL,
 };
-use cerebro_shared::explanation::{ascii_json, explanation, number, DEFAULT_TOP_K};
+use cerebro_shared::explanation::{write_explanation, Shown, DEFAULT_TOP_K, EXPLAIN_BATCH_ROWS};
 use cerebro_shared::protocol::{Request, Response, ScoreRequest};
 use cerebro_shared::request::RequestError;
 use cerebro_shared::spec::{Feature, FeatureKind, Task};
@@ -294,10 +294,12 @@ impl Output {
     }
 }
 
-/// A jsonb datum of JSON `text` (ASCII: see [`ascii_json`]), made in the
-/// current memory context.
-fn jsonb_datum(text: &str) -> pg_sys::Datum {
-    let text = std::ffi::CString::new(text).expect("JSON text has no NUL byte");
+/// A jsonb datum of JSON `text` (ASCII, see
+/// [`cerebro_shared::explanation::write_explanation`], so without a NUL byte),
+/// made in the current memory context.
+fn jsonb_datum(text: &mut Vec<u8>) -> pg_sys::Datum {
+    text.push(0);
+    let text = std::ffi::CStr::from_bytes_with_nul(text).expect("JSON text has no NUL byte");
     // SAFETY: jsonb's input function reads the NUL-terminated text and
     // returns a fresh datum; bad JSON (never made here) would be an ERROR.
     unsafe {
@@ -346,6 +348,15 @@ pub struct PredictionScan {
     classes: u32,
     /// cerebrod's socket, which the session is kept for when the scan ends.
     socket: String,
+    /// Buffers each row's explanation is made in.
+    explaining: Explaining,
+}
+
+/// Buffers an explanation is made in, kept from row to row.
+#[derive(Default)]
+struct Explaining {
+    order: Vec<usize>,
+    json: Vec<u8>,
 }
 
 impl PredictionScan {
@@ -410,7 +421,11 @@ impl PredictionScan {
             Ok((source.display.clone(), crate::plans::open_cursor(client, &sql, &types, &args)?))
         })?;
 
-        let batch_rows = gucs::BATCH_ROWS.get() as i64;
+        let explain = params.explain == Some(true);
+        let batch_rows = match gucs::BATCH_ROWS.get() as i64 {
+            rows if explain => rows.min(EXPLAIN_BATCH_ROWS as i64),
+            rows => rows,
+        };
         let session: SharedSession = Rc::new(RefCell::new(Session::open(socket)?));
         let on_abort = AssertUnwindSafe(session.clone());
         register_xact_callback(PgXactCallbackEvent::Abort, move || {
@@ -429,12 +444,13 @@ impl PredictionScan {
             batch_rows,
             expected_rows: params.keys.as_ref().map_or(batch_rows as usize, |k| k.len().min(batch_rows as usize)),
             current: Scored::default(),
-            explain: params.explain == Some(true),
+            explain,
             top_k,
             spare: Vec::new(),
             inflight: None,
             source_done: false,
             socket: socket.to_owned(),
+            explaining: Explaining::default(),
             classes: match model.task {
                 Task::Multiclass if probabilities => model.class_labels.len() as u32,
                 _ => 0,
@@ -589,6 +605,7 @@ impl PredictionScan {
         }
         let i = self.current.next;
         self.current.next += 1;
+        let mut explaining = std::mem::take(&mut self.explaining);
         let current = &self.current;
         for &(at, output) in &self.outputs {
             let value = match output {
@@ -609,13 +626,16 @@ impl PredictionScan {
                 Output::Probabilities => self.probabilities_of(i).and_then(IntoDatum::into_datum),
                 Output::Explain => Some(pg_sys::Datum::from(self.explain)),
                 Output::TopK => Some(pg_sys::Datum::from(self.top_k as i32)),
-                Output::Explanation => self.explanation_of(i).map(|text| jsonb_datum(&text)),
+                Output::Explanation => {
+                    self.explanation_of(i, &mut explaining).map(|()| jsonb_datum(&mut explaining.json))
+                }
             };
             if let Some(datum) = value {
                 values[at] = datum;
                 nulls[at] = false;
             }
         }
+        self.explaining = explaining;
         Ok(true)
     }
 
@@ -638,27 +658,29 @@ impl PredictionScan {
     }
 
     /// Row `i`'s explanation as jsonb text, when the query asks for one.
-    fn explanation_of(&self, i: usize) -> Option<String> {
+    fn explanation_of(&self, i: usize, into: &mut Explaining) -> Option<()> {
         let current = &self.current;
         let features = &self.model.features;
         let width = 1 + features.len();
         let row = current.explanations.get(i * width..(i + 1) * width)?;
         let values = current.values.as_ref()?;
-        let shown = values
-            .iter()
-            .map(|column| match column {
-                PackedColumn::Float64 { .. } => column.f64_at(i).map_or(serde_json::Value::Null, number),
-                PackedColumn::Text { .. } => column
-                    .text_at(i)
-                    .map_or(serde_json::Value::Null, |b| String::from_utf8_lossy(b).into_owned().into()),
-            })
-            .collect();
+        let value = |c: usize| {
+            let column = &values[c];
+            match column {
+                PackedColumn::Float64 { .. } => column.f64_at(i).map_or(Shown::Null, Shown::Number),
+                PackedColumn::Text { .. } => {
+                    column.text_at(i).map_or(Shown::Null, |b| Shown::Text(String::from_utf8_lossy(b)))
+                }
+            }
+        };
         let names: Vec<&str> = features.iter().map(|f| f.name.as_str()).collect();
         let class = match self.model.task {
             Task::Multiclass => self.model.class_labels.get(current.labels[i] as usize).map(String::as_str),
             _ => None,
         };
-        Some(ascii_json(&explanation(&names, shown, row[0], &row[1..], class, self.top_k)))
+        let Explaining { order, json } = into;
+        write_explanation(&names, value, row[0], &row[1..], class, self.top_k, order, json);
+        Some(())
     }
 
     pub fn end(&mut self) {

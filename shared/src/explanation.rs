@@ -6,65 +6,134 @@
 //! others into `rest`, so that `baseline + Σ contribution + rest` is the
 //! row's score whatever `k` is.
 
-use serde_json::{json, Value};
+use std::borrow::Cow;
+
+use serde::ser::{Serialize, SerializeStruct, Serializer};
 
 /// Columns an explanation lists when the query does not say (`top_k`).
 pub const DEFAULT_TOP_K: usize = 5;
 
-/// The explanation of one row: `contributions` and `values` hold one
-/// entry per column of `columns`; `class` is the class explained, for a
-/// multiclass model.
-pub fn explanation(
-    columns: &[&str],
-    values: Vec<Value>,
-    baseline: f64,
-    contributions: &[f64],
-    class: Option<&str>,
-    top_k: usize,
-) -> Value {
-    let mut order: Vec<usize> = (0..contributions.len()).collect();
-    // Largest first; ties keep the columns' order.
-    order.sort_by(|&a, &b| contributions[b].abs().total_cmp(&contributions[a].abs()));
-    let (shown, rest) = order.split_at(top_k.min(order.len()));
-    let mut values = values;
-    let listed: Vec<Value> = shown
-        .iter()
-        .map(|&c| {
-            json!({
-                "column": columns[c],
-                "value": std::mem::take(&mut values[c]),
-                "contribution": contributions[c],
-            })
-        })
-        .collect();
-    let mut out = serde_json::Map::new();
-    if let Some(class) = class {
-        out.insert("class".into(), class.into());
-    }
-    out.insert("baseline".into(), baseline.into());
-    out.insert("contributions".into(), listed.into());
-    out.insert("rest".into(), rest.iter().map(|&c| contributions[c]).sum::<f64>().into());
-    Value::Object(out)
+/// The most rows one batch of an explaining scan holds. Explaining a row
+/// costs cerebrod some hundred times what scoring it does, and the backend
+/// builds each row's jsonb as it returns it: batches this small let the
+/// backend read and return one batch while cerebrod explains the next,
+/// where one batch of the scan's usual 8,192 rows would make each wait
+/// for the other.
+pub const EXPLAIN_BATCH_ROWS: usize = 1024;
+
+/// One column's value in a row, as an explanation shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shown<'a> {
+    Number(f64),
+    Text(Cow<'a, str>),
+    Null,
 }
 
-/// A number as JSON: itself when finite, else its name (JSON has no NaN).
-pub fn number(v: f64) -> Value {
-    if v.is_finite() {
-        v.into()
-    } else {
-        v.to_string().into()
+impl Serialize for Shown<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            // JSON has no NaN or infinity: those are shown by name.
+            Shown::Number(v) if v.is_finite() => serializer.serialize_f64(*v),
+            Shown::Number(v) => serializer.serialize_str(&v.to_string()),
+            Shown::Text(text) => serializer.serialize_str(text),
+            Shown::Null => serializer.serialize_unit(),
+        }
     }
+}
+
+/// One listed column: its name, its value in the row, its contribution.
+struct Listed<'a> {
+    column: &'a str,
+    value: Shown<'a>,
+    contribution: f64,
+}
+
+impl Serialize for Listed<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut out = serializer.serialize_struct("Listed", 3)?;
+        out.serialize_field("column", self.column)?;
+        out.serialize_field("value", &self.value)?;
+        out.serialize_field("contribution", &finite(self.contribution))?;
+        out.end()
+    }
+}
+
+/// The explanation of one row.
+struct Explanation<'a> {
+    class: Option<&'a str>,
+    baseline: f64,
+    contributions: Vec<Listed<'a>>,
+    rest: f64,
+}
+
+impl Serialize for Explanation<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut out = serializer.serialize_struct("Explanation", 4)?;
+        if let Some(class) = self.class {
+            out.serialize_field("class", class)?;
+        }
+        out.serialize_field("baseline", &finite(self.baseline))?;
+        out.serialize_field("contributions", &self.contributions)?;
+        out.serialize_field("rest", &finite(self.rest))?;
+        out.end()
+    }
+}
+
+/// A number, or `null` where it is not finite (as serde_json's values
+/// show them).
+fn finite(v: f64) -> Option<f64> {
+    v.is_finite().then_some(v)
+}
+
+/// The explanation of one row as JSON text, every character beyond ASCII
+/// escaped (see [`write_ascii_json`]), into `out` (cleared first): the `top_k`
+/// columns of `columns` whose contributions are largest in size, in that
+/// order (ties in the columns' order), each with its `value` in the row,
+/// and the others' contributions summed into `rest`; `class` is the class
+/// explained, for a multiclass model. Only the listed columns' values are
+/// asked for. `order` is scratch space, kept between rows.
+#[allow(clippy::too_many_arguments)]
+pub fn write_explanation<'a>(
+    columns: &[&'a str],
+    mut value: impl FnMut(usize) -> Shown<'a>,
+    baseline: f64,
+    contributions: &[f64],
+    class: Option<&'a str>,
+    top_k: usize,
+    order: &mut Vec<usize>,
+    out: &mut Vec<u8>,
+) {
+    order.clear();
+    order.extend(0..contributions.len());
+    // Largest first; ties in the columns' order. A total order, so the
+    // listed columns can be picked out before only they are sorted.
+    let larger = |a: &usize, b: &usize| contributions[*b].abs().total_cmp(&contributions[*a].abs()).then(a.cmp(b));
+    let listed = top_k.min(order.len());
+    if listed > 0 && listed < order.len() {
+        order.select_nth_unstable_by(listed - 1, larger);
+    }
+    order[..listed].sort_unstable_by(larger);
+    let (shown, rest) = order.split_at(listed);
+    let explanation = Explanation {
+        class,
+        baseline,
+        contributions: shown
+            .iter()
+            .map(|&c| Listed { column: columns[c], value: value(c), contribution: contributions[c] })
+            .collect(),
+        rest: rest.iter().map(|&c| contributions[c]).sum(),
+    };
+    out.clear();
+    write_ascii_json(&explanation, out);
 }
 
 /// `value` as JSON text with every character beyond ASCII escaped
-/// (`\uXXXX`): PostgreSQL reads the escapes into the database's own
-/// encoding, whatever it is, where raw UTF-8 bytes would be read as that
-/// encoding's characters.
-pub fn ascii_json(value: &Value) -> String {
-    let mut out = Vec::new();
-    let mut serializer = serde_json::Serializer::with_formatter(&mut out, AsciiFormatter);
-    serde::Serialize::serialize(value, &mut serializer).expect("a JSON value serialises into memory");
-    String::from_utf8(out).expect("escaped JSON is ASCII")
+/// (`\uXXXX`), appended to `out`: PostgreSQL reads the escapes into the
+/// database's own encoding, whatever it is, where raw UTF-8 bytes would be
+/// read as that encoding's characters.
+fn write_ascii_json(value: &impl Serialize, out: &mut Vec<u8>) {
+    let mut serializer = serde_json::Serializer::with_formatter(out, AsciiFormatter);
+    value.serialize(&mut serializer).expect("a JSON value serialises into memory");
 }
 
 struct AsciiFormatter;
@@ -75,29 +144,52 @@ impl serde_json::ser::Formatter for AsciiFormatter {
         writer: &mut W,
         fragment: &str,
     ) -> std::io::Result<()> {
-        for c in fragment.chars() {
-            if c.is_ascii() {
-                writer.write_all(&[c as u8])?;
-            } else {
-                for unit in c.encode_utf16(&mut [0; 2]) {
-                    write!(writer, "\\u{unit:04x}")?;
-                }
+        // Runs of ASCII at once: most fragments are nothing else.
+        let mut rest = fragment;
+        while let Some(at) = rest.bytes().position(|b| !b.is_ascii()) {
+            writer.write_all(&rest.as_bytes()[..at])?;
+            let c = rest[at..].chars().next().expect("a character at a found position");
+            for unit in c.encode_utf16(&mut [0; 2]) {
+                write!(writer, "\\u{unit:04x}")?;
             }
+            rest = &rest[at + c.len_utf8()..];
         }
-        Ok(())
+        writer.write_all(rest.as_bytes())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::{json, Value};
+
     use super::*;
+
+    fn explained(
+        columns: &[&str],
+        values: &[Shown<'static>],
+        baseline: f64,
+        contributions: &[f64],
+        class: Option<&str>,
+        top_k: usize,
+    ) -> Value {
+        let (mut order, mut out) = (Vec::new(), Vec::new());
+        let mut asked = Vec::new();
+        let value = |c: usize| {
+            asked.push(c);
+            values[c].clone()
+        };
+        write_explanation(columns, value, baseline, contributions, class, top_k, &mut order, &mut out);
+        assert!(out.is_ascii());
+        assert_eq!(asked.len(), top_k.min(columns.len()), "only the listed columns' values are read");
+        serde_json::from_slice(&out).expect("JSON")
+    }
 
     #[test]
     fn the_largest_contributions_are_listed_and_the_rest_summed() {
         let columns = ["tenure", "contract", "charges", "paperless"];
-        let values = vec![json!(2.0), json!("Month-to-month"), Value::Null, json!("Yes")];
+        let values = [Shown::Number(2.0), Shown::Text("Month-to-month".into()), Shown::Null, Shown::Text("Yes".into())];
         let contributions = [0.05, 0.25, -0.125, 0.0625];
-        let e = explanation(&columns, values.clone(), 0.25, &contributions, None, 2);
+        let e = explained(&columns, &values, 0.25, &contributions, None, 2);
         assert_eq!(
             e,
             json!({
@@ -109,7 +201,7 @@ mod tests {
                 "rest": 0.1125,
             })
         );
-        let all = explanation(&columns, values, 0.25, &contributions, Some("Yes"), 10);
+        let all = explained(&columns, &values, 0.25, &contributions, Some("Yes"), 10);
         assert_eq!(all["class"], "Yes");
         assert_eq!(all["contributions"].as_array().unwrap().len(), 4);
         assert_eq!(all["rest"], 0.0);
@@ -119,12 +211,41 @@ mod tests {
     }
 
     #[test]
+    fn ties_keep_the_columns_order_and_numbers_keep_every_digit() {
+        let columns = ["a", "b", "c"];
+        let values = [Shown::Number(0.1), Shown::Number(1.0 / 3.0), Shown::Number(f64::INFINITY)];
+        let e = explained(&columns, &values, 1.0 / 7.0, &[0.5, -0.5, 0.5], None, 3);
+        let listed: Vec<&str> =
+            e["contributions"].as_array().unwrap().iter().map(|c| c["column"].as_str().unwrap()).collect();
+        assert_eq!(listed, ["a", "b", "c"]);
+        assert_eq!(e["baseline"].as_f64(), Some(1.0 / 7.0));
+        assert_eq!(e["contributions"][1]["value"].as_f64(), Some(1.0 / 3.0));
+        assert_eq!(e["contributions"][2]["value"], "inf");
+        let two = explained(&columns, &values, 0.0, &[0.25, -0.5, 0.5], None, 2);
+        let listed: Vec<&str> =
+            two["contributions"].as_array().unwrap().iter().map(|c| c["column"].as_str().unwrap()).collect();
+        assert_eq!(listed, ["b", "c"]);
+        assert_eq!(two["rest"], 0.25);
+        let none = explained(&columns, &values, f64::NAN, &[0.5, -0.5, 0.5], None, 0);
+        assert_eq!(none["baseline"], Value::Null);
+        assert_eq!(none["contributions"], json!([]));
+        assert_eq!(none["rest"], 0.5);
+    }
+
+    fn ascii_json(value: &impl Serialize) -> String {
+        let mut out = Vec::new();
+        write_ascii_json(value, &mut out);
+        String::from_utf8(out).expect("escaped JSON is ASCII")
+    }
+
+    #[test]
     fn json_text_escapes_everything_beyond_ascii_and_reads_back_the_same() {
-        let v = json!({"value": "Crédit – 𝔸 \"quoted\"", "n": number(f64::NAN), "x": number(1.5)});
+        let v = json!({"value": "Crédit – 𝔸 \"quoted\""});
         let text = ascii_json(&v);
         assert!(text.is_ascii(), "{text}");
         assert!(text.contains("Cr\\u00e9dit \\u2013 \\ud835\\udd38"), "{text}");
         assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), v);
-        assert_eq!(v["n"], "NaN");
+        let shown = ascii_json(&[Shown::Number(f64::NAN), Shown::Text("é".into())]);
+        assert_eq!(shown, r#"["NaN","\u00e9"]"#);
     }
 }
