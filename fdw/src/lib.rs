@@ -13,6 +13,7 @@ mod admin;
 mod catalog;
 mod daemon_client;
 mod error;
+mod explanation;
 mod fdw;
 mod fetch;
 mod foreign_scan;
@@ -608,6 +609,36 @@ mod tests {
     fn granting_to_an_unknown_role() {
         two_versions();
         Spi::run("SELECT cerebro.grant_model('m', 'nobody_here')").unwrap();
+    }
+
+    /// An explanation made as jsonb directly equals, as jsonb and as the
+    /// text PostgreSQL writes it out as, its JSON text read by `jsonb_in`:
+    /// every kind of value, text beyond ASCII, a class, numbers that are
+    /// not finite, no column listed and every one.
+    #[pg_test]
+    fn an_explanation_made_as_jsonb_equals_its_json_text_read_as_jsonb() {
+        use cerebro_shared::explanation::{explain_row, write_ascii_json, Shown};
+        let columns = ["tenure", "contract", "charges", "paperless", "crédit"];
+        let values = [
+            Shown::Number(1.0),
+            Shown::Text("Month-to-month – 𝔸 \"quoted\"".into()),
+            Shown::Null,
+            Shown::Number(f64::NAN),
+            Shown::Number(0.1 + 0.2),
+        ];
+        let contributions = [0.2521993173286319, -0.1115498710423708, 1e-300, f64::INFINITY, -3.5e12];
+        for (class, top_k, baseline) in [(None, 5, 0.344), (Some("Ünïcode"), 2, f64::NAN), (None, 0, -1.0)] {
+            let mut order = Vec::new();
+            let e = explain_row(&columns, |c| values[c].clone(), baseline, &contributions, class, top_k, &mut order);
+            let mut text = Vec::new();
+            write_ascii_json(&e, &mut text);
+            let text = String::from_utf8(text).unwrap();
+            let made = crate::explanation::explanation_jsonb(&e);
+            // SAFETY: `made` is a jsonb datum.
+            let made = unsafe { crate::jsonb::JsonbText::of_datum(made) }.0;
+            let read = Spi::get_one_with_args::<String>("SELECT $1::jsonb::text", &[text.as_str().into()]).unwrap();
+            assert_eq!(Some(made), read, "{text}");
+        }
     }
 
     #[pg_test]

@@ -14,7 +14,7 @@ use cerebro_shared::batch::{
     plan_explained, read_explanations, read_outputs, read_probabilities, write_packed, BatchLayout, PackedColumn,
     NO_LABEL,
 };
-use cerebro_shared::explanation::{write_explanation, Shown, DEFAULT_TOP_K, EXPLAIN_BATCH_ROWS};
+use cerebro_shared::explanation::{explain_row, Shown, DEFAULT_TOP_K, EXPLAIN_BATCH_ROWS};
 use cerebro_shared::protocol::{Request, Response, ScoreRequest};
 use cerebro_shared::request::RequestError;
 use cerebro_shared::spec::{Feature, FeatureKind, Task};
@@ -25,6 +25,7 @@ use supabase_wrappers::prelude::{Cell, Column, Qual, Value};
 
 use crate::daemon_client::{DaemonClient, Region};
 use crate::error::{CerebroError, Result};
+use crate::explanation::explanation_jsonb;
 use crate::fetch::{fetch_into, reads_as_number};
 use crate::gucs;
 use crate::sources::{check_own_source, resolve_source, BaseType, Source};
@@ -294,24 +295,6 @@ impl Output {
     }
 }
 
-/// A jsonb datum of JSON `text` (ASCII, see
-/// [`cerebro_shared::explanation::write_explanation`], so without a NUL byte),
-/// made in the current memory context.
-fn jsonb_datum(text: &mut Vec<u8>) -> pg_sys::Datum {
-    text.push(0);
-    let text = std::ffi::CStr::from_bytes_with_nul(text).expect("JSON text has no NUL byte");
-    // SAFETY: jsonb's input function reads the NUL-terminated text and
-    // returns a fresh datum; bad JSON (never made here) would be an ERROR.
-    unsafe {
-        pg_sys::OidInputFunctionCall(
-            pg_sys::Oid::from(pg_sys::F_JSONB_IN),
-            text.as_ptr().cast_mut(),
-            pg_sys::JSONBOID,
-            -1,
-        )
-    }
-}
-
 /// A text datum of `bytes` (in the database's encoding), made in the
 /// current memory context.
 pub(crate) fn text_datum(bytes: &[u8]) -> pg_sys::Datum {
@@ -356,7 +339,6 @@ pub struct PredictionScan {
 #[derive(Default)]
 struct Explaining {
     order: Vec<usize>,
-    json: Vec<u8>,
 }
 
 impl PredictionScan {
@@ -626,9 +608,7 @@ impl PredictionScan {
                 Output::Probabilities => self.probabilities_of(i).and_then(IntoDatum::into_datum),
                 Output::Explain => Some(pg_sys::Datum::from(self.explain)),
                 Output::TopK => Some(pg_sys::Datum::from(self.top_k as i32)),
-                Output::Explanation => {
-                    self.explanation_of(i, &mut explaining).map(|()| jsonb_datum(&mut explaining.json))
-                }
+                Output::Explanation => self.explanation_of(i, &mut explaining),
             };
             if let Some(datum) = value {
                 values[at] = datum;
@@ -657,8 +637,8 @@ impl PredictionScan {
         }
     }
 
-    /// Row `i`'s explanation as jsonb text, when the query asks for one.
-    fn explanation_of(&self, i: usize, into: &mut Explaining) -> Option<()> {
+    /// Row `i`'s explanation as a jsonb datum, when the query asks for one.
+    fn explanation_of(&self, i: usize, scratch: &mut Explaining) -> Option<pg_sys::Datum> {
         let current = &self.current;
         let features = &self.model.features;
         let width = 1 + features.len();
@@ -678,9 +658,8 @@ impl PredictionScan {
             Task::Multiclass => self.model.class_labels.get(current.labels[i] as usize).map(String::as_str),
             _ => None,
         };
-        let Explaining { order, json } = into;
-        write_explanation(&names, value, row[0], &row[1..], class, self.top_k, order, json);
-        Some(())
+        let explanation = explain_row(&names, value, row[0], &row[1..], class, self.top_k, &mut scratch.order);
+        Some(explanation_jsonb(&explanation))
     }
 
     pub fn end(&mut self) {

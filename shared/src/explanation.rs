@@ -34,18 +34,28 @@ impl Serialize for Shown<'_> {
         match self {
             // JSON has no NaN or infinity: those are shown by name.
             Shown::Number(v) if v.is_finite() => serializer.serialize_f64(*v),
-            Shown::Number(v) => serializer.serialize_str(&v.to_string()),
+            Shown::Number(v) => serializer.serialize_str(non_finite_name(*v)),
             Shown::Text(text) => serializer.serialize_str(text),
             Shown::Null => serializer.serialize_unit(),
         }
     }
 }
 
+/// How a number that is not finite is shown: `NaN`, `inf` or `-inf`.
+pub fn non_finite_name(v: f64) -> &'static str {
+    match v {
+        _ if v.is_nan() => "NaN",
+        _ if v > 0.0 => "inf",
+        _ => "-inf",
+    }
+}
+
 /// One listed column: its name, its value in the row, its contribution.
-struct Listed<'a> {
-    column: &'a str,
-    value: Shown<'a>,
-    contribution: f64,
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listed<'a> {
+    pub column: &'a str,
+    pub value: Shown<'a>,
+    pub contribution: f64,
 }
 
 impl Serialize for Listed<'_> {
@@ -58,12 +68,17 @@ impl Serialize for Listed<'_> {
     }
 }
 
-/// The explanation of one row.
-struct Explanation<'a> {
-    class: Option<&'a str>,
-    baseline: f64,
-    contributions: Vec<Listed<'a>>,
-    rest: f64,
+/// The explanation of one row: the class explained (multiclass), the
+/// baseline's score, the listed columns, the others' contributions summed.
+/// As JSON (its `Serialize`): `{"class", "baseline", "contributions":
+/// [{"column", "value", "contribution"}], "rest"}`, numbers that are not
+/// finite as `null`, `class` only where there is one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Explanation<'a> {
+    pub class: Option<&'a str>,
+    pub baseline: f64,
+    pub contributions: Vec<Listed<'a>>,
+    pub rest: f64,
 }
 
 impl Serialize for Explanation<'_> {
@@ -81,19 +96,17 @@ impl Serialize for Explanation<'_> {
 
 /// A number, or `null` where it is not finite (as serde_json's values
 /// show them).
-fn finite(v: f64) -> Option<f64> {
+pub fn finite(v: f64) -> Option<f64> {
     v.is_finite().then_some(v)
 }
 
-/// The explanation of one row as JSON text, every character beyond ASCII
-/// escaped (see [`write_ascii_json`]), into `out` (cleared first): the `top_k`
-/// columns of `columns` whose contributions are largest in size, in that
-/// order (ties in the columns' order), each with its `value` in the row,
-/// and the others' contributions summed into `rest`; `class` is the class
-/// explained, for a multiclass model. Only the listed columns' values are
-/// asked for. `order` is scratch space, kept between rows.
-#[allow(clippy::too_many_arguments)]
-pub fn write_explanation<'a>(
+/// The explanation of one row: the `top_k` columns of `columns` whose
+/// contributions are largest in size, in that order (ties in the columns'
+/// order), each with its `value` in the row, and the others' contributions
+/// summed into `rest`; `class` is the class explained, for a multiclass
+/// model. Only the listed columns' values are asked for. `order` is
+/// scratch space, kept between rows.
+pub fn explain_row<'a>(
     columns: &[&'a str],
     mut value: impl FnMut(usize) -> Shown<'a>,
     baseline: f64,
@@ -101,8 +114,7 @@ pub fn write_explanation<'a>(
     class: Option<&'a str>,
     top_k: usize,
     order: &mut Vec<usize>,
-    out: &mut Vec<u8>,
-) {
+) -> Explanation<'a> {
     order.clear();
     order.extend(0..contributions.len());
     // Largest first; ties in the columns' order. A total order, so the
@@ -114,7 +126,7 @@ pub fn write_explanation<'a>(
     }
     order[..listed].sort_unstable_by(larger);
     let (shown, rest) = order.split_at(listed);
-    let explanation = Explanation {
+    Explanation {
         class,
         baseline,
         contributions: shown
@@ -122,16 +134,14 @@ pub fn write_explanation<'a>(
             .map(|&c| Listed { column: columns[c], value: value(c), contribution: contributions[c] })
             .collect(),
         rest: rest.iter().map(|&c| contributions[c]).sum(),
-    };
-    out.clear();
-    write_ascii_json(&explanation, out);
+    }
 }
 
 /// `value` as JSON text with every character beyond ASCII escaped
 /// (`\uXXXX`), appended to `out`: PostgreSQL reads the escapes into the
 /// database's own encoding, whatever it is, where raw UTF-8 bytes would be
 /// read as that encoding's characters.
-fn write_ascii_json(value: &impl Serialize, out: &mut Vec<u8>) {
+pub fn write_ascii_json(value: &impl Serialize, out: &mut Vec<u8>) {
     let mut serializer = serde_json::Serializer::with_formatter(out, AsciiFormatter);
     value.serialize(&mut serializer).expect("a JSON value serialises into memory");
 }
@@ -178,7 +188,8 @@ mod tests {
             asked.push(c);
             values[c].clone()
         };
-        write_explanation(columns, value, baseline, contributions, class, top_k, &mut order, &mut out);
+        let e = explain_row(columns, value, baseline, contributions, class, top_k, &mut order);
+        write_ascii_json(&e, &mut out);
         assert!(out.is_ascii());
         assert_eq!(asked.len(), top_k.min(columns.len()), "only the listed columns' values are read");
         serde_json::from_slice(&out).expect("JSON")

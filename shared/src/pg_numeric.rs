@@ -92,6 +92,43 @@ pub fn numeric_to_f64(data: &[u8]) -> Option<f64> {
     Some(if negative { -magnitude } else { magnitude })
 }
 
+/// A finite `v` as `digits × 10^−scale`, from the shortest decimal text
+/// that reads back as `v` (serde_json's, which JSON numbers are written
+/// with), with the scale PostgreSQL's `numeric_in` gives that text (digits
+/// after the point less the exponent; below zero, an integer of scale 0):
+/// what `int64_div_fast_to_numeric(digits, scale)` makes into the numeric
+/// `numeric_in` would, display scale included, without parsing text in
+/// the backend. `None` for a number that is not finite, or whose digits do
+/// not fit an i64 (never for the shortest text of an f64: 17 digits).
+pub fn shortest_decimal(v: f64) -> Option<(i64, i32)> {
+    if !v.is_finite() {
+        return None;
+    }
+    let text = serde_json::to_string(&v).ok()?;
+    let (mantissa, exponent) = match text.split_once(['e', 'E']) {
+        Some((mantissa, exponent)) => (mantissa, exponent.parse::<i32>().ok()?),
+        None => (text.as_str(), 0),
+    };
+    let (negative, mantissa) = match mantissa.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, mantissa),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    // Leading zeros (0.00001) add nothing to the value.
+    let digits = whole.bytes().chain(fraction.bytes()).skip_while(|&d| d == b'0');
+    if digits.clone().count() > 18 {
+        return None;
+    }
+    let mut value: i64 = 0;
+    for d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        value = value * 10 + i64::from(d - b'0');
+    }
+    Some((if negative { -value } else { value }, fraction.len() as i32 - exponent))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +187,37 @@ mod tests {
         assert_eq!(numeric_to_f64(&[0]), None);
         assert_eq!(numeric_to_f64(&[0, 0, 0]), None);
         assert_eq!(numeric_to_f64(&[0, 0, 0, 0, 1]), None);
+    }
+
+    #[test]
+    fn shortest_decimals_give_back_the_number_with_numeric_ins_scale() {
+        for (v, expected) in [
+            (0.1, (1, 1)),
+            (1.0, (10, 1)),
+            (-0.0, (0, 1)),
+            (0.2521993173286319, (2521993173286319, 16)),
+            (1e-300, (1, 300)),
+            (-3.5e12, (-35000000000000, 1)),
+            (1.7976931348623157e308, (17976931348623157, -292)),
+            (5e-324, (5, 324)),
+            (1.2345678901234568e-5, (12345678901234568, 21)),
+            (1e16, (1, -16)),
+        ] {
+            assert_eq!(shortest_decimal(v), Some(expected), "{v}");
+        }
+        assert_eq!(shortest_decimal(f64::NAN), None);
+        assert_eq!(shortest_decimal(f64::NEG_INFINITY), None);
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let v = f64::from_bits(state);
+            if !v.is_finite() {
+                continue;
+            }
+            let (digits, scale) = shortest_decimal(v).expect("a finite f64 has at most 17 digits");
+            assert_eq!(format!("{digits}e{}", -scale).parse::<f64>().unwrap(), if v == 0.0 { 0.0 } else { v }, "{v}");
+        }
     }
 }

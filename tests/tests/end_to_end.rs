@@ -1438,6 +1438,17 @@ async fn a_latin1_database_scores_accented_categories_as_it_trained_on_them() ->
         .await?
         .get(0);
     assert_eq!(label, "non");
+    // The explanation shows the accented category as the database stores
+    // it (made as jsonb from UTF-8, converted to LATIN1).
+    let shown: String = latin
+        .query_one(
+            "SELECT c->>'value' FROM cerebro.predictions p, jsonb_array_elements(p.explanation->'contributions') c
+             WHERE p.model = 'e2e_latin1' AND p.key = 'Crème-1' AND p.explain AND c->>'column' = 'kind'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(shown, "Crème");
     daemon.stop()?;
     drop(latin);
     db.execute(&format!("DROP DATABASE {name} WITH (FORCE)"), &[]).await?;
