@@ -375,6 +375,11 @@ impl Path<'_> {
         let threads = threads.clamp(1, rows.len().max(1));
         let mut out = vec![0.0f64; rows.len() * width];
         let mut points = vec![0usize; rows.len()];
+        if threads == 1 {
+            // A row or a few (a query by key): no thread to start.
+            self.integrate_rows(rows, level, &mut out, &mut points);
+            return (out, points);
+        }
         std::thread::scope(|scope| {
             let (mut rest, mut rest_points) = (&mut out[..], &mut points[..]);
             for t in 0..threads {
