@@ -5,6 +5,11 @@
 //! the backend keeps the `k` largest in size, in that order, and sums the
 //! others into `rest`, so that `baseline + Σ contribution + rest` is the
 //! row's score whatever `k` is.
+//!
+//! Its JSON text ([`Explanation`]'s `Serialize`, [`write_ascii_json`]) is
+//! the shape of record; the backend makes the same jsonb from the values
+//! directly (`fdw/src/explanation.rs`), and a test there checks the two
+//! agree.
 
 use std::borrow::Cow;
 
@@ -14,7 +19,7 @@ use serde::ser::{Serialize, SerializeStruct, Serializer};
 pub const DEFAULT_TOP_K: usize = 5;
 
 /// The most rows one batch of an explaining scan holds. Explaining a row
-/// costs cerebrod some hundred times what scoring it does, and the backend
+/// costs cerebrod tens of times what scoring it does, and the backend
 /// builds each row's jsonb as it returns it: batches this small let the
 /// backend read and return one batch while cerebrod explains the next,
 /// where one batch of the scan's usual 8,192 rows would make each wait
