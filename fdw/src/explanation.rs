@@ -20,7 +20,8 @@ use pgrx::pg_sys::JsonbIteratorToken::{
 /// character has no equivalent there, as `jsonb_in` raises for a `\u`
 /// escape it cannot translate).
 pub fn explanation_jsonb(e: &Explanation<'_>) -> pg_sys::Datum {
-    let mut builder = Builder { state: std::ptr::null_mut(), strings: PhantomData };
+    let mut builder =
+        Builder { state: std::ptr::null_mut(), convert: crate::fetch::text_needs_utf8(), strings: PhantomData };
     builder.push(WJB_BEGIN_OBJECT, None);
     if let Some(class) = e.class {
         builder.key("class");
@@ -67,6 +68,10 @@ pub fn explanation_jsonb(e: &Explanation<'_>) -> pg_sys::Datum {
 /// long as the builder (`'a`).
 struct Builder<'a> {
     state: *mut pg_sys::JsonbParseState,
+    /// Whether strings need converting: the database's encoding is neither
+    /// UTF-8 nor SQL_ASCII (where PostgreSQL would take the bytes as they
+    /// are, after checking what a Rust string already is).
+    convert: bool,
     strings: PhantomData<&'a str>,
 }
 
@@ -94,6 +99,9 @@ impl<'a> Builder<'a> {
 
     /// A string value, converted from UTF-8 to the database's encoding.
     fn string(&mut self, text: &'a str) -> pg_sys::JsonbValue {
+        if !self.convert {
+            return jsonb_string(text.as_ptr().cast_mut().cast(), text.len());
+        }
         // SAFETY: `text` is valid UTF-8 of its length; the result is
         // `text` itself where no conversion is needed, else a palloc'd
         // copy in the current memory context, alive as long as the datum

@@ -104,29 +104,35 @@ pub fn shortest_decimal(v: f64) -> Option<(i64, i32)> {
     if !v.is_finite() {
         return None;
     }
-    let text = serde_json::to_string(&v).ok()?;
-    let (mantissa, exponent) = match text.split_once(['e', 'E']) {
-        Some((mantissa, exponent)) => (mantissa, exponent.parse::<i32>().ok()?),
-        None => (text.as_str(), 0),
+    // At most 24 bytes (sign, 17 digits, point, exponent): on the stack,
+    // as this runs for every number of every explained row.
+    let mut buffer = std::io::Cursor::new([0u8; 32]);
+    serde_json::to_writer(&mut buffer, &v).ok()?;
+    let written = buffer.position() as usize;
+    let text = &buffer.get_ref()[..written];
+    let (mantissa, exponent) = match text.iter().position(|&b| b == b'e' || b == b'E') {
+        Some(at) => (&text[..at], std::str::from_utf8(&text[at + 1..]).ok()?.parse::<i32>().ok()?),
+        None => (text, 0),
     };
-    let (negative, mantissa) = match mantissa.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, mantissa),
+    let (negative, mantissa) = match mantissa.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, mantissa),
     };
-    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let point = mantissa.iter().position(|&b| b == b'.');
+    let fraction = point.map_or(0, |at| mantissa.len() - at - 1);
     // Leading zeros (0.00001) add nothing to the value.
-    let digits = whole.bytes().chain(fraction.bytes()).skip_while(|&d| d == b'0');
+    let digits = mantissa.iter().filter(|&&b| b != b'.').skip_while(|&&d| d == b'0');
     if digits.clone().count() > 18 {
         return None;
     }
     let mut value: i64 = 0;
-    for d in digits {
+    for &d in digits {
         if !d.is_ascii_digit() {
             return None;
         }
         value = value * 10 + i64::from(d - b'0');
     }
-    Some((if negative { -value } else { value }, fraction.len() as i32 - exponent))
+    Some((if negative { -value } else { value }, fraction as i32 - exponent))
 }
 
 #[cfg(test)]
