@@ -331,14 +331,8 @@ pub struct PredictionScan {
     classes: u32,
     /// cerebrod's socket, which the session is kept for when the scan ends.
     socket: String,
-    /// Buffers each row's explanation is made in.
-    explaining: Explaining,
-}
-
-/// Buffers an explanation is made in, kept from row to row.
-#[derive(Default)]
-struct Explaining {
-    order: Vec<usize>,
+    /// The columns' order by contribution, kept from row to row.
+    explain_order: Vec<usize>,
 }
 
 impl PredictionScan {
@@ -432,7 +426,7 @@ impl PredictionScan {
             inflight: None,
             source_done: false,
             socket: socket.to_owned(),
-            explaining: Explaining::default(),
+            explain_order: Vec::new(),
             classes: match model.task {
                 Task::Multiclass if probabilities => model.class_labels.len() as u32,
                 _ => 0,
@@ -587,7 +581,7 @@ impl PredictionScan {
         }
         let i = self.current.next;
         self.current.next += 1;
-        let mut explaining = std::mem::take(&mut self.explaining);
+        let mut explain_order = std::mem::take(&mut self.explain_order);
         let current = &self.current;
         for &(at, output) in &self.outputs {
             let value = match output {
@@ -608,14 +602,14 @@ impl PredictionScan {
                 Output::Probabilities => self.probabilities_of(i).and_then(IntoDatum::into_datum),
                 Output::Explain => Some(pg_sys::Datum::from(self.explain)),
                 Output::TopK => Some(pg_sys::Datum::from(self.top_k as i32)),
-                Output::Explanation => self.explanation_of(i, &mut explaining),
+                Output::Explanation => self.explanation_of(i, &mut explain_order),
             };
             if let Some(datum) = value {
                 values[at] = datum;
                 nulls[at] = false;
             }
         }
-        self.explaining = explaining;
+        self.explain_order = explain_order;
         Ok(true)
     }
 
@@ -638,7 +632,7 @@ impl PredictionScan {
     }
 
     /// Row `i`'s explanation as a jsonb datum, when the query asks for one.
-    fn explanation_of(&self, i: usize, scratch: &mut Explaining) -> Option<pg_sys::Datum> {
+    fn explanation_of(&self, i: usize, order: &mut Vec<usize>) -> Option<pg_sys::Datum> {
         let current = &self.current;
         let features = &self.model.features;
         let width = 1 + features.len();
@@ -658,7 +652,7 @@ impl PredictionScan {
             Task::Multiclass => self.model.class_labels.get(current.labels[i] as usize).map(String::as_str),
             _ => None,
         };
-        let explanation = explain_row(&names, value, row[0], &row[1..], class, self.top_k, &mut scratch.order);
+        let explanation = explain_row(&names, value, row[0], &row[1..], class, self.top_k, order);
         Some(explanation_jsonb(&explanation))
     }
 

@@ -60,6 +60,9 @@ pub struct Tracer {
     h: usize,
     logits: usize,
     first_relu: Option<usize>,
+    /// Whether a switch at the first ReLU changes the gradient in one unit
+    /// alone: only elementwise ops stand between it and the first layer.
+    first_is_elementwise: bool,
     /// Whether an op's output is read along the path (a ReLU's input, or
     /// the logits); the others' outputs are kept at the start alone.
     read: Vec<bool>,
@@ -153,6 +156,7 @@ impl Tracer {
                     .collect()
             })
             .collect();
+        let first_relu = arch.ops.iter().position(|op| matches!(op, Op::Activation { .. }));
         let mut tracer = Tracer {
             ops: arch.ops.clone(),
             widths: (0..arch.ops.len()).map(|i| arch.width_after(i)).collect(),
@@ -161,7 +165,10 @@ impl Tracer {
             starts: Vec::new(),
             h,
             logits: arch.outputs(),
-            first_relu: arch.ops.iter().position(|op| matches!(op, Op::Activation { .. })),
+            first_relu,
+            first_is_elementwise: first_relu.is_some_and(|i| {
+                arch.ops[1..i].iter().all(|op| matches!(op, Op::BatchNorm { .. } | Op::Dropout { .. }))
+            }),
             read: (0..arch.ops.len())
                 .map(|i| i + 1 == arch.ops.len() || matches!(arch.ops[i + 1], Op::Activation { .. }))
                 .collect(),
@@ -320,11 +327,6 @@ impl Tracer {
             fixed.extend(ahead.map(|(u, &cross)| (cross, i, u)));
             fixed.sort_unstable_by(|x, y| y.0.total_cmp(&x.0));
         }
-        // Whether a switch at the first ReLU changes the gradient in one
-        // unit alone: only elementwise ops stand between it and the first
-        // layer.
-        let first_is_elementwise = first_relu
-            .is_some_and(|i| self.ops[1..i].iter().all(|op| matches!(op, Op::BatchNorm { .. } | Op::Dropout { .. })));
 
         for (i, (delta, change)) in deltas.iter_mut().zip(changes.iter_mut()).enumerate() {
             delta.resize(self.widths[i]);
@@ -404,7 +406,7 @@ impl Tracer {
 
             // What it adds to the adjoint of op i's input (unit u passes op
             // i's adjoint back now, or stops), then to every op before it.
-            if Some(i) == first_relu && first_is_elementwise {
+            if Some(i) == first_relu && self.first_is_elementwise {
                 for o in 0..logits {
                     let mut d = sign * adjoints[i][o * h + u];
                     for j in (0..i).rev() {
