@@ -131,6 +131,8 @@ pub enum CerebroError {
     Spi(#[from] pgrx::spi::Error),
     #[error("{0} is not supported")]
     Unsupported(&'static str),
+    #[error("a row's explanation cannot be made as jsonb: {0}")]
+    Jsonb(#[from] cerebro_shared::jsonb::JsonbError),
     #[error("foreign table option \"object\" must be 'models' or 'predictions', not {0:?}")]
     UnknownObject(String),
     #[error("server cerebro_daemon has no \"socket\" option")]
@@ -186,6 +188,10 @@ impl CerebroError {
             CerebroError::TooManyCandidates { .. } | CerebroError::LimitExceeded { .. } => {
                 ERRCODE_PROGRAM_LIMIT_EXCEEDED
             }
+            CerebroError::Jsonb(e) => match e {
+                cerebro_shared::jsonb::JsonbError::TooLarge => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                cerebro_shared::jsonb::JsonbError::NotFinite(_) => ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
+            },
             CerebroError::SnapshotGone { .. }
             | CerebroError::NotDeletable { .. }
             | CerebroError::DeletingDeployed { .. }
@@ -347,6 +353,9 @@ impl CerebroError {
             CerebroError::Timeout(_) => Some("Raise cerebro.scoring_timeout, or check cerebrod's log.".into()),
             CerebroError::Unsupported(_) => {
                 Some("Model versions are immutable: INSERT INTO cerebro.models a new version instead.".into())
+            }
+            CerebroError::Jsonb(cerebro_shared::jsonb::JsonbError::TooLarge) => {
+                Some("List fewer columns (AND top_k = ...), or explain a model without its longest text column.".into())
             }
             _ => None,
         }

@@ -611,33 +611,55 @@ mod tests {
         Spi::run("SELECT cerebro.grant_model('m', 'nobody_here')").unwrap();
     }
 
-    /// An explanation made as jsonb directly equals, as jsonb and as the
-    /// text PostgreSQL writes it out as, its JSON text read by `jsonb_in`:
-    /// every kind of value, text beyond ASCII, a class, numbers that are
-    /// not finite, no column listed and every one.
+    /// An explanation made as jsonb directly is, byte for byte, the jsonb
+    /// `jsonb_in` makes of its JSON text: every kind of value, text beyond
+    /// ASCII, a class, numbers that are not finite or need the long numeric
+    /// format, no column listed, and more than 32 (where jsonb records an
+    /// offset among the lengths).
     #[pg_test]
-    fn an_explanation_made_as_jsonb_equals_its_json_text_read_as_jsonb() {
+    fn an_explanation_made_as_jsonb_is_its_json_text_read_as_jsonb() {
         use cerebro_shared::explanation::{explain_row, write_ascii_json, Shown};
-        let columns = ["tenure", "contract", "charges", "paperless", "crédit"];
-        let values = [
+        let mut columns: Vec<String> =
+            ["tenure", "contract", "charges", "paperless", "crédit"].map(String::from).to_vec();
+        let mut values = vec![
             Shown::Number(1.0),
             Shown::Text("Month-to-month – 𝔸 \"quoted\"".into()),
             Shown::Null,
             Shown::Number(f64::NAN),
             Shown::Number(0.1 + 0.2),
         ];
-        let contributions = [0.2521993173286319, -0.1115498710423708, 1e-300, f64::INFINITY, -3.5e12];
-        for (class, top_k, baseline) in [(None, 5, 0.344), (Some("Ünïcode"), 2, f64::NAN), (None, 0, -1.0)] {
+        let mut contributions = vec![0.2521993173286319, -0.1115498710423708, 1e-300, f64::INFINITY, -3.5e12];
+        for i in 0..40 {
+            columns.push(format!("c{i}"));
+            values.push(Shown::Number(-1.7976931348623157e308 / f64::from(i + 1)));
+            contributions.push(f64::from(i) * 1e-5 - 2e-4);
+        }
+        let columns: Vec<&str> = columns.iter().map(String::as_str).collect();
+        let bytes = |datum: pg_sys::Datum| {
+            let pointer = datum.cast_mut_ptr::<pg_sys::varlena>();
+            // SAFETY: a jsonb datum just made, not toasted.
+            unsafe { std::slice::from_raw_parts(pointer.cast::<u8>(), pgrx::varsize_any(pointer)) }.to_vec()
+        };
+        let mut scratch = Vec::new();
+        for (class, top_k, baseline) in
+            [(None, 5, 0.344), (Some("Ünïcode"), 2, f64::NAN), (None, 0, -1.0), (None, 45, 0.0)]
+        {
             let mut order = Vec::new();
             let e = explain_row(&columns, |c| values[c].clone(), baseline, &contributions, class, top_k, &mut order);
             let mut text = Vec::new();
             write_ascii_json(&e, &mut text);
-            let text = String::from_utf8(text).unwrap();
-            let made = crate::explanation::explanation_jsonb(&e);
-            // SAFETY: `made` is a jsonb datum.
-            let made = unsafe { crate::jsonb::JsonbText::of_datum(made) }.0;
-            let read = Spi::get_one_with_args::<String>("SELECT $1::jsonb::text", &[text.as_str().into()]).unwrap();
-            assert_eq!(Some(made), read, "{text}");
+            let text = std::ffi::CString::new(text).unwrap();
+            let made = crate::explanation::explanation_jsonb(&e, &mut scratch).unwrap();
+            // SAFETY: jsonb's input function on a NUL-terminated string.
+            let read = unsafe {
+                pg_sys::OidInputFunctionCall(
+                    pg_sys::Oid::from(pg_sys::F_JSONB_IN),
+                    text.as_ptr().cast_mut(),
+                    pg_sys::JSONBOID,
+                    -1,
+                )
+            };
+            assert_eq!(bytes(made), bytes(read), "{text:?}");
         }
     }
 

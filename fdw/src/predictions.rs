@@ -331,8 +331,16 @@ pub struct PredictionScan {
     classes: u32,
     /// cerebrod's socket, which the session is kept for when the scan ends.
     socket: String,
-    /// The columns' order by contribution, kept from row to row.
-    explain_order: Vec<usize>,
+    /// What explaining a row works in, kept from row to row.
+    explaining: Scratch,
+}
+
+/// Room an explanation is made in: the columns' order by contribution and
+/// the jsonb's bytes.
+#[derive(Default)]
+struct Scratch {
+    order: Vec<usize>,
+    jsonb: Vec<u8>,
 }
 
 impl PredictionScan {
@@ -426,7 +434,7 @@ impl PredictionScan {
             inflight: None,
             source_done: false,
             socket: socket.to_owned(),
-            explain_order: Vec::new(),
+            explaining: Scratch::default(),
             classes: match model.task {
                 Task::Multiclass if probabilities => model.class_labels.len() as u32,
                 _ => 0,
@@ -581,7 +589,7 @@ impl PredictionScan {
         }
         let i = self.current.next;
         self.current.next += 1;
-        let mut explain_order = std::mem::take(&mut self.explain_order);
+        let mut explaining = std::mem::take(&mut self.explaining);
         let current = &self.current;
         for &(at, output) in &self.outputs {
             let value = match output {
@@ -602,14 +610,14 @@ impl PredictionScan {
                 Output::Probabilities => self.probabilities_of(i).and_then(IntoDatum::into_datum),
                 Output::Explain => Some(pg_sys::Datum::from(self.explain)),
                 Output::TopK => Some(pg_sys::Datum::from(self.top_k as i32)),
-                Output::Explanation => self.explanation_of(i, &mut explain_order),
+                Output::Explanation => self.explanation_of(i, &mut explaining)?,
             };
             if let Some(datum) = value {
                 values[at] = datum;
                 nulls[at] = false;
             }
         }
-        self.explain_order = explain_order;
+        self.explaining = explaining;
         Ok(true)
     }
 
@@ -632,12 +640,14 @@ impl PredictionScan {
     }
 
     /// Row `i`'s explanation as a jsonb datum, when the query asks for one.
-    fn explanation_of(&self, i: usize, order: &mut Vec<usize>) -> Option<pg_sys::Datum> {
+    fn explanation_of(&self, i: usize, scratch: &mut Scratch) -> Result<Option<pg_sys::Datum>> {
         let current = &self.current;
         let features = &self.model.features;
         let width = 1 + features.len();
-        let row = current.explanations.get(i * width..(i + 1) * width)?;
-        let values = current.values.as_ref()?;
+        let (Some(row), Some(values)) = (current.explanations.get(i * width..(i + 1) * width), current.values.as_ref())
+        else {
+            return Ok(None);
+        };
         let value = |c: usize| {
             let column = &values[c];
             match column {
@@ -652,8 +662,8 @@ impl PredictionScan {
             Task::Multiclass => self.model.class_labels.get(current.labels[i] as usize).map(String::as_str),
             _ => None,
         };
-        let explanation = explain_row(&names, value, row[0], &row[1..], class, self.top_k, order);
-        Some(explanation_jsonb(&explanation))
+        let explanation = explain_row(&names, value, row[0], &row[1..], class, self.top_k, &mut scratch.order);
+        Ok(Some(explanation_jsonb(&explanation, &mut scratch.jsonb)?))
     }
 
     pub fn end(&mut self) {

@@ -15,6 +15,8 @@ use std::borrow::Cow;
 
 use serde::ser::{Serialize, SerializeStruct, Serializer};
 
+use crate::jsonb;
+
 /// Columns an explanation lists when the query does not say (`top_k`).
 pub const DEFAULT_TOP_K: usize = 5;
 
@@ -140,6 +142,38 @@ pub fn explain_row<'a>(
             .collect(),
         rest: rest.iter().map(|&c| contributions[c]).sum(),
     }
+}
+
+/// `e` as a jsonb value ([`jsonb`]), the shape its JSON text has; `string`
+/// gives a string's bytes in the database's encoding. Each object's pairs
+/// come in jsonb's key order (shorter first), which spares sorting them.
+pub fn jsonb_value<'b>(e: &'b Explanation<'_>, mut string: impl FnMut(&'b str) -> Cow<'b, [u8]>) -> jsonb::Value<'b> {
+    let number = |v: f64| finite(v).map_or(jsonb::Value::Null, jsonb::Value::Number);
+    let listed = e
+        .contributions
+        .iter()
+        .map(|listed| {
+            let value = match &listed.value {
+                Shown::Number(v) if v.is_finite() => jsonb::Value::Number(*v),
+                Shown::Number(v) => jsonb::Value::String(Cow::Borrowed(non_finite_name(*v).as_bytes())),
+                Shown::Text(text) => jsonb::Value::String(string(text)),
+                Shown::Null => jsonb::Value::Null,
+            };
+            jsonb::Value::Object(vec![
+                ("value", value),
+                ("column", jsonb::Value::String(string(listed.column))),
+                ("contribution", number(listed.contribution)),
+            ])
+        })
+        .collect();
+    let mut pairs = Vec::with_capacity(4);
+    pairs.push(("rest", number(e.rest)));
+    if let Some(class) = e.class {
+        pairs.push(("class", jsonb::Value::String(string(class))));
+    }
+    pairs.push(("baseline", number(e.baseline)));
+    pairs.push(("contributions", jsonb::Value::Array(listed)));
+    jsonb::Value::Object(pairs)
 }
 
 /// `value` as JSON text with every character beyond ASCII escaped

@@ -24,6 +24,7 @@ pub mod error;
 pub mod explanation;
 pub mod importance;
 pub mod joins;
+pub mod jsonb;
 pub mod limits;
 pub mod meta;
 pub mod mst;
