@@ -5,16 +5,15 @@
 //! model's source.
 //!
 //! A backend keeps, between calls, its connection to cerebrod with one
-//! attached region, a kept plan that checks which version a model resolves
-//! to, and what it last resolved of each model (features, labels, file).
-//! Each call checks the version again with the statement's snapshot (the
-//! functions are STABLE), so a deploy or a rollback is seen by the next
-//! statement and never within one. A connection that a cancel, a timeout or
+//! attached region, and, as `cerebro.predictions` does, what it last
+//! resolved of each model (features, labels, file;
+//! `predictions::resolved_model`). Each call checks the version again with
+//! the statement's snapshot (the functions are STABLE), so a deploy or a
+//! rollback is seen by the next statement and never within one. A connection that a cancel, a timeout or
 //! a restart of cerebrod left in doubt is dropped, and the next call (or,
 //! for a connection found closed, the same call) opens a new one.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 
 use cerebro_shared::batch::{
     plan_packed, read_outputs, read_probabilities, write_packed, ColumnData, PackedColumn, NO_LABEL,
@@ -22,13 +21,12 @@ use cerebro_shared::batch::{
 use cerebro_shared::protocol::{Request, Response, ScoreRequest};
 use cerebro_shared::spec::{FeatureKind, Task};
 use pgrx::prelude::*;
-use pgrx::spi::OwnedPreparedStatement;
-use pgrx::{AnyElement, FromDatum, PgOid};
+use pgrx::{AnyElement, FromDatum};
 
 use crate::daemon_client::{DaemonClient, Region};
 use crate::error::{raise, CerebroError, Result};
 use crate::gucs;
-use crate::predictions::{resolve_model, ModelVersion};
+use crate::predictions::{resolved_model, ModelVersion};
 
 /// The region a connection attaches first; a larger row attaches a larger one.
 const REGION_BYTES: usize = 1 << 16;
@@ -40,10 +38,6 @@ thread_local! {
 #[derive(Default)]
 struct Backend {
     link: Option<Link>,
-    /// Which version `(model, version asked)` resolves to now, and whether it is ready.
-    lookup: Option<OwnedPreparedStatement>,
-    /// What was last resolved for each `(model, version asked)`.
-    models: HashMap<(String, Option<i32>), ModelVersion>,
 }
 
 /// A connection to cerebrod and its one region.
@@ -101,40 +95,6 @@ impl Link {
     }
 }
 
-/// The ready version `(name, version)` resolves to, from the cache when the
-/// catalog still resolves to the same one.
-fn resolved(backend: &mut Backend, name: &str, version: Option<i32>) -> Result<ModelVersion> {
-    let key = (name.to_owned(), version);
-    let current = Spi::connect(|client| -> Result<Option<i64>> {
-        if backend.lookup.is_none() {
-            let plan = client.prepare(
-                concat!(
-                    "SELECT id FROM cerebro.model_versions
-                     WHERE name = $1 AND status = 'ready' AND version = ",
-                    cerebro_shared::resolved_version_sql!()
-                ),
-                &[PgOid::from(pg_sys::TEXTOID), PgOid::from(pg_sys::INT4OID)],
-            )?;
-            backend.lookup = Some(plan.keep());
-        }
-        let plan = backend.lookup.as_ref().expect("prepared above");
-        let rows = client.select(plan, Some(1), &[name.into(), version.into()])?;
-        Ok(match rows.into_iter().next() {
-            Some(row) => row.get::<i64>(1)?,
-            None => None,
-        })
-    })?;
-    match (current, backend.models.get(&key)) {
-        (Some(id), Some(cached)) if cached.id == id => Ok(cached.clone()),
-        _ => {
-            // Resolving in full says precisely why a model cannot score.
-            let model = resolve_model(name, version)?;
-            backend.models.insert(key, model.clone());
-            Ok(model)
-        }
-    }
-}
-
 /// What cerebrod answered for a batch.
 struct Scored {
     scores: Vec<f64>,
@@ -165,7 +125,7 @@ fn predict_row(
     let Some(input) = input else { return Ok(None) };
     BACKEND.with(|backend| {
         let mut backend = backend.borrow_mut();
-        let model = resolved(&mut backend, name, version)?;
+        let model = resolved_model(name, version)?;
         let columns = read_row(&input, &model)?;
         // A connection in doubt is dropped; one found closed (cerebrod
         // restarted) is opened again once, since scoring changes nothing.

@@ -7,6 +7,7 @@
 //! batch, the backend reads the next one and hands out the previous results.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 
@@ -20,7 +21,8 @@ use cerebro_shared::request::RequestError;
 use cerebro_shared::spec::{Feature, FeatureKind, Task};
 use cerebro_shared::sql::ModelStatus;
 use pgrx::prelude::*;
-use pgrx::{register_xact_callback, JsonB, PgXactCallbackEvent};
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::{register_xact_callback, JsonB, PgOid, PgXactCallbackEvent};
 use supabase_wrappers::prelude::{Cell, Column, Qual, Value};
 
 use crate::daemon_client::{DaemonClient, Region};
@@ -96,9 +98,63 @@ pub(crate) struct ModelVersion {
     source_author: String,
 }
 
+thread_local! {
+    static RESOLVED: RefCell<Resolved> = RefCell::new(Resolved::default());
+}
+
+/// What this backend has resolved, kept between statements.
+#[derive(Default)]
+struct Resolved {
+    /// Which ready version `(model, version asked)` resolves to now.
+    lookup: Option<OwnedPreparedStatement>,
+    /// What was last resolved for each `(model, version asked)`.
+    versions: HashMap<(String, Option<i32>), Rc<ModelVersion>>,
+}
+
+/// The ready version `(name, version)` resolves to, as [`resolve_model`]
+/// resolves it, from what this backend resolved before when the catalog
+/// still resolves to the same version: a ready version's row does not
+/// change, so one kept plan that finds its id, with the statement's
+/// snapshot and the caller's row security, stands for reading and parsing
+/// the row again. A deploy or a rollback is seen by the next statement.
+pub(crate) fn resolved_model(name: &str, version: Option<i32>) -> Result<Rc<ModelVersion>> {
+    RESOLVED.with(|resolved| {
+        let mut resolved = resolved.borrow_mut();
+        let current = Spi::connect(|client| -> Result<Option<i64>> {
+            if resolved.lookup.is_none() {
+                let plan = client.prepare(
+                    concat!(
+                        "SELECT id FROM cerebro.model_versions
+                         WHERE name = $1 AND status = 'ready' AND version = ",
+                        cerebro_shared::resolved_version_sql!()
+                    ),
+                    &[PgOid::from(pg_sys::TEXTOID), PgOid::from(pg_sys::INT4OID)],
+                )?;
+                resolved.lookup = Some(plan.keep());
+            }
+            let plan = resolved.lookup.as_ref().expect("prepared above");
+            let rows = client.select(plan, Some(1), &[name.into(), version.into()])?;
+            Ok(match rows.into_iter().next() {
+                Some(row) => row.get::<i64>(1)?,
+                None => None,
+            })
+        })?;
+        let key = (name.to_owned(), version);
+        match (current, resolved.versions.get(&key)) {
+            (Some(id), Some(cached)) if cached.id == id => Ok(Rc::clone(cached)),
+            _ => {
+                // Resolving in full says precisely why a model cannot score.
+                let model = Rc::new(resolve_model(name, version)?);
+                resolved.versions.insert(key, Rc::clone(&model));
+                Ok(model)
+            }
+        }
+    })
+}
+
 /// [`ModelVersion`] among the versions the caller may use: a model another
 /// role has not granted does not exist for the caller.
-pub(crate) fn resolve_model(name: &str, version: Option<i32>) -> Result<ModelVersion> {
+fn resolve_model(name: &str, version: Option<i32>) -> Result<ModelVersion> {
     let _path = crate::identity::pin_search_path();
     Spi::connect(|client| {
         let rows = crate::plans::select(
@@ -304,7 +360,7 @@ pub(crate) fn text_datum(bytes: &[u8]) -> pg_sys::Datum {
 }
 
 pub struct PredictionScan {
-    model: ModelVersion,
+    model: Rc<ModelVersion>,
     /// The columns the query reads: (attribute number − 1, which).
     outputs: Vec<(usize, Output)>,
     /// What the `source` column shows: the source as the query named it,
@@ -356,7 +412,7 @@ impl PredictionScan {
             Some(k) => k as usize,
             None => DEFAULT_TOP_K,
         };
-        let model = resolve_model(&name, params.version)?;
+        let model = resolved_model(&name, params.version)?;
         let key_column = params
             .key_column
             .clone()

@@ -176,13 +176,24 @@ async fn predict_follows_deployments_from_one_statement_to_the_next() -> anyhow:
     let (s1, s2): (f64, f64) = (db.query_one(&of(v1), &[]).await?.get(0), db.query_one(&of(v2), &[]).await?.get(0));
     assert_ne!(s1, s2);
     let predict = "SELECT cerebro.predict('p_deployed', t) FROM telco_churn t WHERE customer_id = 7";
+    // The same session's by-key scans keep what they resolved too, prepared.
+    let by_key = db.prepare("SELECT score FROM cerebro.predictions WHERE model = 'p_deployed' AND key = $1").await?;
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-6;
+    let both = |expected: f64, why: &'static str| {
+        let (db, by_key) = (&db, &by_key);
+        async move {
+            let predicted: f64 = db.query_one(predict, &[]).await?.get(0);
+            let scanned: f64 = db.query_one(by_key, &[&"7"]).await?.get(0);
+            assert!(close(predicted, expected) && close(scanned, expected), "{why}: {predicted}, {scanned}");
+            anyhow::Ok(())
+        }
+    };
     admin.execute("SELECT cerebro.deploy('p_deployed', $1)", &[&v1]).await?;
-    assert!(close(db.query_one(predict, &[]).await?.get(0), s1));
+    both(s1, "the deployed version").await?;
     admin.execute("SELECT cerebro.deploy('p_deployed', $1)", &[&v2]).await?;
-    assert!(close(db.query_one(predict, &[]).await?.get(0), s2), "the next statement sees the deploy");
+    both(s2, "the next statement sees the deploy").await?;
     admin.execute("SELECT cerebro.rollback('p_deployed')", &[]).await?;
-    assert!(close(db.query_one(predict, &[]).await?.get(0), s1), "and the rollback");
+    both(s1, "and the rollback").await?;
     let pinned = format!("SELECT cerebro.predict('p_deployed', t, {v2}) FROM telco_churn t WHERE customer_id = 7");
     assert!(close(db.query_one(&pinned, &[]).await?.get(0), s2), "a version named is the one scored");
 
