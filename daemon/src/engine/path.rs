@@ -306,7 +306,7 @@ impl Tracer {
                 Op::Activation { .. } => {
                     let input = &before[i - 1].b;
                     out.b.iter_mut().zip(input.iter().zip(&start.on[i])).for_each(|(b, (&x, &on))| {
-                        *b = if on { x } else { 0.0 };
+                        *b = kept(x, on);
                     });
                 }
                 _ => {
@@ -483,7 +483,7 @@ impl Tracer {
                     let on = &on[j];
                     for (input, output) in input.chunks_exact_mut(on.len()).zip(output.chunks_exact(on.len())) {
                         for ((x, &d), &on) in input.iter_mut().zip(output).zip(on) {
-                            *x += if on { d } else { 0.0 };
+                            *x += kept(d, on);
                         }
                     }
                 }
@@ -605,6 +605,14 @@ fn crossings(input: &Line, on: &[bool], crosses: &mut Vec<f64>) {
     }));
 }
 
+/// `x` where `on`, else 0: its bits masked rather than a choice made, so
+/// that a loop of these takes no branch and runs on vectors (LLVM keeps a
+/// select over a `bool` slice as a branch a unit).
+#[inline(always)]
+fn kept(x: f64, on: bool) -> f64 {
+    f64::from_bits(x.to_bits() & u64::from(on).wrapping_neg())
+}
+
 /// The least of `values` (infinity for none), in four running minima
 /// that need not wait on each other and compile to vector minima.
 fn least(values: &[f64]) -> f64 {
@@ -653,13 +661,11 @@ impl Line {
     }
 
     fn mask(&mut self, on: &[bool]) {
-        // A store on both sides of the choice, one side at a time, so that
-        // the loops take no branch and run on vectors.
         for (a, &on) in self.a.iter_mut().zip(on) {
-            *a = if on { *a } else { 0.0 };
+            *a = kept(*a, on);
         }
         for (b, &on) in self.b.iter_mut().zip(on) {
-            *b = if on { *b } else { 0.0 };
+            *b = kept(*b, on);
         }
     }
 
