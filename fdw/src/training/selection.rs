@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use cerebro_shared::joins::{self, JoinPlan};
 use cerebro_shared::mst::{self, Candidate, ClassBalance, Selection, SelectionPlan, SourceFacts, Value};
 use cerebro_shared::request::{self, merge_options, SourceShape};
-use cerebro_shared::spec::{resolve_task, Split, SqlKind, TrainOptions};
+use cerebro_shared::spec::{resolve_task, Split, SqlKind, Task, TrainOptions};
 use cerebro_shared::sql::quote_ident;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -207,8 +207,8 @@ fn with_joins(
 
 /// What the default selection reads of `req`'s source before it searches.
 fn source_facts(client: &SpiClient<'_>, req: &TrainRequest) -> Result<SourceFacts> {
-    let (balance, regression) = target_facts(client, req)?;
-    Ok(SourceFacts { balance, trend_columns: trend_columns(client, req)?, regression })
+    let (balance, task) = target_facts(client, req)?;
+    Ok(SourceFacts { balance, trend_columns: trend_columns(client, req)?, task })
 }
 
 /// Most numeric columns whose correlation with the key order is measured
@@ -262,16 +262,16 @@ fn trend_columns(client: &SpiClient<'_>, req: &TrainRequest) -> Result<Vec<Strin
 }
 
 /// How `req`'s target spreads over its classes, when it makes a
-/// classification (None for a regression), and whether it makes a
-/// regression; neither when the source or target cannot be read (queueing
+/// classification (None for a regression), and the task it makes; neither
+/// when the source or target cannot be read (queueing
 /// says why, precisely). Read as the user, like everything a selection
 /// reads of its source.
-fn target_facts(client: &SpiClient<'_>, req: &TrainRequest) -> Result<(Option<ClassBalance>, bool)> {
-    let Ok(source) = resolve_source(client, &req.source) else { return Ok((None, false)) };
+fn target_facts(client: &SpiClient<'_>, req: &TrainRequest) -> Result<(Option<ClassBalance>, Option<Task>)> {
+    let Ok(source) = resolve_source(client, &req.source) else { return Ok((None, None)) };
     let readable = source.column(&req.target).is_ok_and(|c| c.readable);
-    let Ok(kind) = request::target_kind(&source.shape(), &req.target) else { return Ok((None, false)) };
+    let Ok(kind) = request::target_kind(&source.shape(), &req.target) else { return Ok((None, None)) };
     if !readable {
-        return Ok((None, false));
+        return Ok((None, None));
     }
     let target = quote_ident(&req.target);
     let row = client
@@ -286,9 +286,8 @@ fn target_facts(client: &SpiClient<'_>, req: &TrainRequest) -> Result<(Option<Cl
         )?
         .first();
     let (rarest, share, classes) = (row.get::<i64>(1)?, row.get::<f64>(2)?, row.get::<i64>(3)?.unwrap_or(0));
-    let Ok(task) = resolve_task(req.task, &req.target, kind, classes as usize) else { return Ok((None, false)) };
-    let regression = !task.is_classification();
-    let (Some(rarest), Some(share)) = (rarest, share) else { return Ok((None, regression)) };
+    let Ok(task) = resolve_task(req.task, &req.target, kind, classes as usize) else { return Ok((None, None)) };
+    let (Some(rarest), Some(share)) = (rarest, share) else { return Ok((None, Some(task))) };
     let balance = ClassBalance { rarest_rows: rarest.max(0) as u64, rarest_share: share };
-    Ok((task.is_classification().then_some(balance), regression))
+    Ok((task.is_classification().then_some(balance), Some(task)))
 }
