@@ -9,9 +9,10 @@
 //! resolved of each model (features, labels, file;
 //! `predictions::resolved_model`). Each call checks the version again with
 //! the statement's snapshot (the functions are STABLE), so a deploy or a
-//! rollback is seen by the next statement and never within one. A connection that a cancel, a timeout or
-//! a restart of cerebrod left in doubt is dropped, and the next call (or,
-//! for a connection found closed, the same call) opens a new one.
+//! rollback is seen by the next statement and never within one. A
+//! connection that a cancel, a timeout or a restart of cerebrod left in
+//! doubt is dropped, and the next call (or, for a connection found closed,
+//! the same call) opens a new one.
 
 use std::cell::RefCell;
 

@@ -21,7 +21,6 @@ use cerebro_shared::request::RequestError;
 use cerebro_shared::spec::{Feature, FeatureKind, Task};
 use cerebro_shared::sql::ModelStatus;
 use pgrx::prelude::*;
-use pgrx::spi::OwnedPreparedStatement;
 use pgrx::{register_xact_callback, JsonB, PgOid, PgXactCallbackEvent};
 use supabase_wrappers::prelude::{Cell, Column, Qual, Value};
 
@@ -98,17 +97,12 @@ pub(crate) struct ModelVersion {
     source_author: String,
 }
 
-thread_local! {
-    static RESOLVED: RefCell<Resolved> = RefCell::new(Resolved::default());
-}
+/// What this backend last resolved for each `(model, version asked)`.
+type Resolved = HashMap<(String, Option<i32>), Rc<ModelVersion>>;
 
-/// What this backend has resolved, kept between statements.
-#[derive(Default)]
-struct Resolved {
-    /// Which ready version `(model, version asked)` resolves to now.
-    lookup: Option<OwnedPreparedStatement>,
-    /// What was last resolved for each `(model, version asked)`.
-    versions: HashMap<(String, Option<i32>), Rc<ModelVersion>>,
+thread_local! {
+    /// Kept between statements.
+    static RESOLVED: RefCell<Resolved> = RefCell::new(Resolved::new());
 }
 
 /// The ready version `(name, version)` resolves to, as [`resolve_model`]
@@ -118,38 +112,35 @@ struct Resolved {
 /// snapshot and the caller's row security, stands for reading and parsing
 /// the row again. A deploy or a rollback is seen by the next statement.
 pub(crate) fn resolved_model(name: &str, version: Option<i32>) -> Result<Rc<ModelVersion>> {
-    RESOLVED.with(|resolved| {
-        let mut resolved = resolved.borrow_mut();
-        let current = Spi::connect(|client| -> Result<Option<i64>> {
-            if resolved.lookup.is_none() {
-                let plan = client.prepare(
-                    concat!(
-                        "SELECT id FROM cerebro.model_versions
-                         WHERE name = $1 AND status = 'ready' AND version = ",
-                        cerebro_shared::resolved_version_sql!()
-                    ),
-                    &[PgOid::from(pg_sys::TEXTOID), PgOid::from(pg_sys::INT4OID)],
-                )?;
-                resolved.lookup = Some(plan.keep());
-            }
-            let plan = resolved.lookup.as_ref().expect("prepared above");
-            let rows = client.select(plan, Some(1), &[name.into(), version.into()])?;
-            Ok(match rows.into_iter().next() {
-                Some(row) => row.get::<i64>(1)?,
-                None => None,
-            })
-        })?;
-        let key = (name.to_owned(), version);
-        match (current, resolved.versions.get(&key)) {
-            (Some(id), Some(cached)) if cached.id == id => Ok(Rc::clone(cached)),
-            _ => {
-                // Resolving in full says precisely why a model cannot score.
-                let model = Rc::new(resolve_model(name, version)?);
-                resolved.versions.insert(key, Rc::clone(&model));
-                Ok(model)
-            }
+    let current = Spi::connect(|client| -> Result<Option<i64>> {
+        let rows = crate::plans::select(
+            client,
+            concat!(
+                "SELECT id FROM cerebro.model_versions
+                 WHERE name = $1 AND status = 'ready' AND version = ",
+                cerebro_shared::resolved_version_sql!()
+            ),
+            &[PgOid::from(pg_sys::TEXTOID), PgOid::from(pg_sys::INT4OID)],
+            Some(1),
+            &[name.into(), version.into()],
+        )?;
+        Ok(match rows.into_iter().next() {
+            Some(row) => row.get::<i64>(1)?,
+            None => None,
+        })
+    })?;
+    let key = (name.to_owned(), version);
+    // Borrowed only here, never across a query: one may score rows itself.
+    let cached = RESOLVED.with(|resolved| resolved.borrow().get(&key).cloned());
+    match (current, cached) {
+        (Some(id), Some(cached)) if cached.id == id => Ok(cached),
+        _ => {
+            // Resolving in full says precisely why a model cannot score.
+            let model = Rc::new(resolve_model(name, version)?);
+            RESOLVED.with(|resolved| resolved.borrow_mut().insert(key, Rc::clone(&model)));
+            Ok(model)
         }
-    })
+    }
 }
 
 /// [`ModelVersion`] among the versions the caller may use: a model another
