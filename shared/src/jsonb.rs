@@ -29,7 +29,9 @@ pub enum Value<'a> {
     String(Cow<'a, [u8]>),
     Number(f64),
     Array(Vec<Value<'a>>),
-    /// Pairs in any order, each key once.
+    /// Pairs in any order, each key once. Keys are written as their UTF-8
+    /// bytes: in a database of another encoding, only ASCII keys (the same
+    /// bytes in every server encoding) are right.
     Object(Vec<(&'a str, Value<'a>)>),
 }
 
