@@ -188,8 +188,10 @@ pub const REGRESSION_MEMBERS: u32 = 3;
 pub const MULTICLASS_NORMS: &str = "norm = {none, batch}";
 
 /// The text the default selection searches on data `facts` describes: the
-/// default spec, with class weights searched too when a class is rare and
-/// has rows enough, and each time-index column searched with and without.
+/// default spec, with mini-ensembles for a regression, BatchNorm searched
+/// for a multiclass task, class weights searched too when a class is rare
+/// and has rows enough, and each time-index column searched with and
+/// without.
 pub fn default_for(facts: &SourceFacts) -> String {
     with_facts(DEFAULT_SPEC.to_owned(), facts)
 }
@@ -266,7 +268,8 @@ ensemble"
 
 /// `text` with what `facts` add to a selection the product writes: class
 /// weights searched for a rare class with rows enough, mini-ensembles for
-/// a regression, and each time-index column searched with and without.
+/// a regression, BatchNorm searched for a multiclass task, and each
+/// time-index column searched with and without.
 fn with_facts(mut text: String, facts: &SourceFacts) -> String {
     match facts.task {
         Some(Task::Regression) => text.push_str(&format!("\nmodel  members = {REGRESSION_MEMBERS}")),

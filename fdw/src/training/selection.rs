@@ -263,9 +263,9 @@ fn trend_columns(client: &SpiClient<'_>, req: &TrainRequest) -> Result<Vec<Strin
 
 /// How `req`'s target spreads over its classes, when it makes a
 /// classification (None for a regression), and the task it makes; neither
-/// when the source or target cannot be read (queueing
-/// says why, precisely). Read as the user, like everything a selection
-/// reads of its source.
+/// when the source or target cannot be read (queueing says why,
+/// precisely). Read as the user, like everything a selection reads of its
+/// source.
 fn target_facts(client: &SpiClient<'_>, req: &TrainRequest) -> Result<(Option<ClassBalance>, Option<Task>)> {
     let Ok(source) = resolve_source(client, &req.source) else { return Ok((None, None)) };
     let readable = source.column(&req.target).is_ok_and(|c| c.readable);
