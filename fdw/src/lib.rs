@@ -126,6 +126,31 @@ mod tests {
         assert!(socket.is_some());
     }
 
+    /// The default selection of a multiclass target searches BatchNorm too,
+    /// and says so in its plan; a binary target's searches the default as
+    /// written.
+    #[pg_test]
+    fn the_default_selection_of_a_multiclass_target_searches_batchnorm() {
+        setup();
+        Spi::run("INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('tier', 'customers', 'plan', 'id', 'default')")
+            .unwrap();
+        let searched = Spi::get_one::<String>("SELECT plan->>'searched' FROM cerebro.selections WHERE name = 'tier'")
+            .unwrap()
+            .unwrap_or_default();
+        assert!(searched.ends_with("model  norm = {none, batch}"), "{searched}");
+        let norms = Spi::get_one::<Vec<String>>(
+            "SELECT array_agg(DISTINCT options->>'norm' ORDER BY options->>'norm') FROM cerebro.model_versions
+             WHERE name = 'tier'",
+        )
+        .unwrap();
+        assert_eq!(norms, Some(vec!["batch".to_string(), "none".to_string()]));
+        Spi::run("INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('churn', 'customers', 'churn', 'id', 'default')")
+            .unwrap();
+        let searched =
+            Spi::get_one::<bool>("SELECT plan ? 'searched' FROM cerebro.selections WHERE name = 'churn'").unwrap();
+        assert_eq!(searched, Some(false), "a binary target searches the default as written");
+    }
+
     #[pg_test]
     fn a_valid_insert_freezes_a_snapshot_and_queues_a_job() {
         setup();
