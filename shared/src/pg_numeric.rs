@@ -102,9 +102,9 @@ pub fn numeric_to_f64(data: &[u8]) -> Option<f64> {
 /// that reads back as `v` (serde_json's, which JSON numbers are written
 /// with), with the scale PostgreSQL's `numeric_in` gives that text (digits
 /// after the point less the exponent; below zero, an integer of scale 0):
-/// what `int64_div_fast_to_numeric(digits, scale)` makes into the numeric
-/// `numeric_in` would, display scale included, without parsing text in
-/// the backend. `None` for a number that is not finite, or whose digits do
+/// what [`write_numeric`] writes as the numeric `numeric_in` would make of
+/// that text, display scale included, without parsing text in the
+/// backend. `None` for a number that is not finite, or whose digits do
 /// not fit an i64 (never for the shortest text of an f64: 17 digits).
 pub fn shortest_decimal(v: f64) -> Option<(i64, i32)> {
     if !v.is_finite() {
@@ -286,18 +286,21 @@ mod tests {
         }
         assert_eq!(shortest_decimal(f64::NAN), None);
         assert_eq!(shortest_decimal(f64::NEG_INFINITY), None);
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        for _ in 0..20_000 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let v = f64::from_bits(state);
-            if !v.is_finite() {
-                continue;
-            }
+        for v in random_f64s(0x9E37_79B9_7F4A_7C15).filter(|v| v.is_finite()) {
             let (digits, scale) = shortest_decimal(v).expect("a finite f64 has at most 17 digits");
             assert_eq!(format!("{digits}e{}", -scale).parse::<f64>().unwrap(), if v == 0.0 { 0.0 } else { v }, "{v}");
         }
+    }
+
+    /// 20,000 f64s of every bit pattern (NaN and infinities among them),
+    /// from a xorshift sequence seeded with `state`.
+    fn random_f64s(mut state: u64) -> impl Iterator<Item = f64> {
+        (0..20_000).map(move |_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            f64::from_bits(state)
+        })
     }
 
     fn numeric(digits: i64, scale: i32) -> Vec<u8> {
@@ -332,12 +335,7 @@ mod tests {
 
     #[test]
     fn written_numerics_read_back_as_the_number() {
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        for _ in 0..20_000 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let v = f64::from_bits(state);
+        for v in random_f64s(0x2545_F491_4F6C_DD1D) {
             let Some((digits, scale)) = shortest_decimal(v) else { continue };
             assert_eq!(numeric_to_f64(&numeric(digits, scale)), Some(if v == 0.0 { 0.0 } else { v }), "{v}");
         }
