@@ -55,11 +55,14 @@ async fn thirty_two_sessions_scoring_while_a_model_trains_all_get_the_same_answe
     Ok(())
 }
 
-/// A view over 100 copies of every customer: a scan long enough to stop.
+/// A view over 1,000 copies of every customer (7 million rows): a scan
+/// that lasts seconds, so that a cancel sent after 300 ms finds it running.
+/// 100 copies scored in about 0.4 s, and a fast run finished them before
+/// the cancel came.
 async fn long_source(db: &Client) -> anyhow::Result<()> {
     db.batch_execute(
         "CREATE OR REPLACE VIEW public.rb_long AS
-             SELECT c.* FROM public.telco_churn c CROSS JOIN generate_series(1, 100) g",
+             SELECT c.* FROM public.telco_churn c CROSS JOIN generate_series(1, 1000) g",
     )
     .await?;
     Ok(())
