@@ -152,6 +152,54 @@ mod tests {
     }
 
     #[pg_test]
+    fn the_default_encodes_a_repeated_integer_id_as_a_category() {
+        setup();
+        // Purchases: a household buys again and again (40 households over
+        // 200 rows); `receipt_id` is unique to its row, `store_code` says
+        // nothing of repeats by name alone (all rows one store), `visits`
+        // is a count.
+        Spi::run(
+            "CREATE TABLE public.purchases AS
+                 SELECT i AS receipt_id, i % 40 AS household_id, 1 AS store_code, i % 9 AS visits,
+                        (i * 7 % 40)::float8 AS price, CASE WHEN i % 40 < 15 THEN 'a' ELSE 'b' END AS brand
+                 FROM generate_series(1, 200) i",
+        )
+        .unwrap();
+        Spi::run(
+            "INSERT INTO cerebro.models (name, source, target, key, spec)
+             VALUES ('brand', 'purchases', 'brand', 'receipt_id', 'default')",
+        )
+        .unwrap();
+        let searched = Spi::get_one::<String>("SELECT plan->>'searched' FROM cerebro.selections WHERE name = 'brand'")
+            .unwrap()
+            .unwrap_or_default();
+        assert!(searched.ends_with("\nencode  household_id = category"), "{searched}");
+        let kinds = Spi::get_one::<pgrx::JsonB>(
+            "SELECT jsonb_object_agg(f->>'name', f->>'kind') FROM cerebro.model_versions,
+                    jsonb_array_elements(features) f WHERE name = 'brand' AND version = 1",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            kinds.0,
+            serde_json::json!({"household_id": "categorical", "store_code": "numeric", "visits": "numeric",
+                               "price": "numeric"})
+        );
+        // What a user writes does the same.
+        Spi::run(
+            "INSERT INTO cerebro.models (name, source, target, options)
+             VALUES ('by_hand', 'purchases', 'brand', '{\"encodings\": {\"visits\": 4}}')",
+        )
+        .unwrap();
+        let kind = Spi::get_one::<String>(
+            "SELECT f->>'kind' FROM cerebro.model_versions, jsonb_array_elements(features) f
+             WHERE name = 'by_hand' AND f->>'name' = 'visits'",
+        )
+        .unwrap();
+        assert_eq!(kind.as_deref(), Some("categorical"));
+    }
+
+    #[pg_test]
     fn a_valid_insert_freezes_a_snapshot_and_queues_a_job() {
         setup();
         Spi::run(
@@ -245,6 +293,16 @@ mod tests {
         Spi::run(
             "INSERT INTO cerebro.models (name, source, target, options)
              VALUES ('m', 'customers', 'churn', '{\"encodings\": {\"agee\": \"ple\"}}')",
+        )
+        .unwrap();
+    }
+
+    #[pg_test(error = "option \"encodings\" gives numeric column \"paid\" the categorical encoding \"category\"")]
+    fn a_real_number_is_never_a_category() {
+        setup();
+        Spi::run(
+            "INSERT INTO cerebro.models (name, source, target, options)
+             VALUES ('m', 'customers', 'churn', '{\"encodings\": {\"paid\": \"category\"}}')",
         )
         .unwrap();
     }

@@ -4,7 +4,7 @@
 
 use cerebro_shared::meta::{self, Archived, MetaFeatures, Recommendation};
 use cerebro_shared::request;
-use cerebro_shared::spec::{resolve_task, FeatureKind, Task, TaskChoice};
+use cerebro_shared::spec::{resolve_task, FeatureKind, Task, TaskChoice, TrainOptions};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
@@ -91,7 +91,7 @@ fn source_meta(
     if let Some(key) = key {
         shape.column(key)?;
     }
-    let (features, _) = request::features(&shape, target, key, None)?;
+    let (features, _) = request::features(&shape, target, key, None, &TrainOptions::default())?;
     let target_column = source.column(target)?;
     let target_expr = target_column.stored();
     let from = source.in_from();

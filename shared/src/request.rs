@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 
 use crate::mst::{Change, Selection};
 use crate::onnx_graph::{ImportInput, TensorInfo, FLOAT, STRING};
-use crate::spec::{Feature, FeatureKind, SqlKind, Task, TaskChoice};
+use crate::spec::{Feature, FeatureKind, SqlKind, Task, TaskChoice, TrainOptions};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RequestError {
@@ -95,7 +95,8 @@ pub fn source_query(source: &str) -> Option<&str> {
 }
 
 /// A model's features: the columns `listed`, in order, or when none are
-/// listed every column of a usable type but the target and the key. The
+/// listed every column of a usable type but the target and the key, each
+/// of the kind `options` make it ([`TrainOptions::feature_kind`]). The
 /// second list holds the columns left out for their type, for the caller
 /// to tell the user about.
 pub fn features<'a>(
@@ -103,6 +104,7 @@ pub fn features<'a>(
     target: &str,
     key: Option<&str>,
     listed: Option<&[String]>,
+    options: &TrainOptions,
 ) -> Result<(Vec<Feature>, Vec<&'a Column>)> {
     let mut features: Vec<Feature> = Vec::new();
     let mut unusable = Vec::new();
@@ -120,7 +122,7 @@ pub fn features<'a>(
                     return Err(RequestError::DuplicateFeature(name.clone()));
                 }
                 let kind = column.kind.ok_or_else(|| unsupported(source, column, "a feature"))?;
-                features.push(Feature { name: name.clone(), kind: kind.feature_kind() });
+                features.push(Feature { name: name.clone(), kind: options.feature_kind(name, kind) });
             }
         }
         None => {
@@ -129,7 +131,8 @@ pub fn features<'a>(
                     continue;
                 }
                 match column.kind {
-                    Some(kind) => features.push(Feature { name: column.name.clone(), kind: kind.feature_kind() }),
+                    Some(kind) => features
+                        .push(Feature { name: column.name.clone(), kind: options.feature_kind(&column.name, kind) }),
                     None => unusable.push(column),
                 }
             }
@@ -469,16 +472,36 @@ mod tests {
     #[test]
     fn features_default_to_every_usable_column_but_target_and_key() {
         let source = table();
-        let (features, unusable) = features(&source, "y", Some("id"), None).unwrap();
+        let (features, unusable) = features(&source, "y", Some("id"), None, &TrainOptions::default()).unwrap();
         assert_eq!(names(&features), ["a", "b", "c"]);
         assert_eq!(features[1].kind, FeatureKind::Categorical);
         assert_eq!(unusable.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["p"]);
     }
 
     #[test]
+    fn a_categorical_encoding_makes_an_integer_column_a_category() {
+        let source = table();
+        let options = |v: Value| TrainOptions::from_json(Some(&v)).unwrap();
+        let kinds = |o: &TrainOptions, listed: Option<&[String]>| {
+            features(&source, "y", Some("id"), listed, o).unwrap().0.into_iter().map(|f| f.kind).collect::<Vec<_>>()
+        };
+        use FeatureKind::{Categorical, Numeric};
+        for encoding in [json!("category"), json!("onehot"), json!("embedding"), json!(4)] {
+            let o = options(json!({ "encodings": { "a": encoding } }));
+            assert_eq!(kinds(&o, None), [Categorical, Categorical, Numeric], "{encoding}");
+            assert_eq!(kinds(&o, Some(&strings(&["c", "a"]))), [Numeric, Categorical], "{encoding}");
+        }
+        // A numeric encoding keeps it a number; a text column is a category either way.
+        let o = options(json!({"encodings": {"a": "periodic", "b": "category"}}));
+        assert_eq!(kinds(&o, None), [Numeric, Categorical, Numeric]);
+    }
+
+    #[test]
     fn listed_features_are_checked_in_order() {
         let source = table();
-        let listed = |l: &[&str]| features(&source, "y", Some("id"), Some(&strings(l))).map(|(f, _)| f);
+        let listed = |l: &[&str]| {
+            features(&source, "y", Some("id"), Some(&strings(l)), &TrainOptions::default()).map(|(f, _)| f)
+        };
         assert_eq!(names(&listed(&["c", "a"]).unwrap()), ["c", "a"]);
         assert_eq!(
             listed(&["a", "nope"]).unwrap_err(),

@@ -121,6 +121,15 @@ pub enum FeatureKind {
     Categorical,
 }
 
+impl FeatureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FeatureKind::Numeric => "numeric",
+            FeatureKind::Categorical => "categorical",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Feature {
     pub name: String,
@@ -292,7 +301,12 @@ pub enum SpecError {
     OptionRange { key: String, value: String, allowed: String },
     #[error("option \"encodings\" names column \"{0}\", which is not a feature of this model")]
     UnknownEncodedColumn(String),
-    #[error("option \"encodings\" gives {kind:?} column \"{column}\" the encoding {encoding:?}")]
+    #[error(
+        "option \"encodings\" gives {} column \"{column}\" the {} encoding {}",
+        kind.as_str(),
+        if encoding.is_numeric() { "numeric" } else { "categorical" },
+        serde_json::Value::from(*encoding)
+    )]
     EncodingKind { column: String, kind: FeatureKind, encoding: ColumnEncoding },
     #[error("option \"{key}\" does not apply to a {task} model")]
     OptionTask { key: &'static str, task: Task },
@@ -326,7 +340,9 @@ impl SpecError {
             }
             SpecError::SingleClass { .. } => Some("Check the source's filter: every row has the same label.".into()),
             SpecError::EncodingKind { .. } => Some(
-                "Numeric columns take standard, quantile or ple; categorical ones onehot, embedding or a width.".into(),
+                "Numeric columns take standard, quantile, ple, robust or periodic; text, boolean and integer columns \
+                 take category, onehot, embedding or a width (an integer column so encoded is a category)."
+                    .into(),
             ),
             SpecError::UnknownLabel { labels, .. } => Some(format!("The labels are: {}.", labels.join(", "))),
             SpecError::TargetNotPositive { .. } => Some(

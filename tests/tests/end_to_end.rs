@@ -673,7 +673,7 @@ async fn every_layer_and_encoding_trains_from_sql_and_scores() -> anyhow::Result
     let options = r#"{"epochs": 8, "hidden": [32], "residual_blocks": 1, "norm": "layer", "dropout": 0.1,
         "activation": "gelu", "numeric_encoding": "ple", "onehot_max": 3,
         "encodings": {"total_charges": "quantile", "payment_method": 3, "tenure": "periodic",
-                      "monthly_charges": "periodic"},
+                      "monthly_charges": "periodic", "paperless_billing": "onehot"},
         "periodic_frequencies": 8, "periodic_dim": 8, "class_weights": "balanced", "members": 2}"#;
     let v = insert(&db, "e2e_family", "churn", options).await?;
     let seen = wait_until_done(&db, "e2e_family", v, TRAIN_TIMEOUT).await?;

@@ -65,6 +65,8 @@ async fn predict_equals_predictions_for_every_row_and_task() -> anyhow::Result<(
         ("p_churn", "churn", r#"{"epochs": 3}"#),
         ("p_charges", "monthly_charges", r#"{"epochs": 3, "target_transform": "log"}"#),
         ("p_contract", "contract", r#"{"epochs": 3}"#),
+        // Integer columns as categories: read as their text by every path.
+        ("p_tenure_category", "churn", r#"{"epochs": 3, "encodings": {"tenure": "category", "senior_citizen": 2}}"#),
     ] {
         train(&db, name, target, options).await?;
         let batch =

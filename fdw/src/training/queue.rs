@@ -208,7 +208,8 @@ fn resolve(client: &SpiClient<'_>, v: &VersionRequest) -> Result<Resolved> {
     if v.options.split == Split::Ordered && key.is_none() {
         return Err(CerebroError::OrderedSplitNeedsKey);
     }
-    let (features, unusable) = request::features(&shape, &v.target, v.key.as_deref(), v.features.as_deref())?;
+    let (features, unusable) =
+        request::features(&shape, &v.target, v.key.as_deref(), v.features.as_deref(), &v.options)?;
     for Column { name, type_name, .. } in unusable {
         notice!("cerebro: column \"{name}\" ({type_name}) is not used as a feature: its type is not supported");
     }

@@ -208,7 +208,48 @@ fn with_joins(
 /// What the default selection reads of `req`'s source before it searches.
 fn source_facts(client: &SpiClient<'_>, req: &TrainRequest) -> Result<SourceFacts> {
     let (balance, task) = target_facts(client, req)?;
-    Ok(SourceFacts { balance, trend_columns: trend_columns(client, req)?, task })
+    let trend_columns = trend_columns(client, req)?;
+    let identifier_columns = identifier_columns(client, req, &trend_columns)?;
+    Ok(SourceFacts { balance, trend_columns, task, identifier_columns })
+}
+
+/// The integer features of `req`'s source that name groups of rows
+/// (`mst::names_an_identifier`, `mst::repeats_as_a_group`), in source
+/// order: not time-index columns, not columns the request's `encodings`
+/// already encode, and none when the source cannot be read (queueing says
+/// why). One scan counts every candidate's distinct values.
+fn identifier_columns(client: &SpiClient<'_>, req: &TrainRequest, trends: &[String]) -> Result<Vec<String>> {
+    let Ok(source) = resolve_source(client, &req.source) else { return Ok(Vec::new()) };
+    let written = TrainOptions::from_json(Some(&req.written["options"])).map(|o| o.encodings).unwrap_or_default();
+    let listed = |name: &String| req.features.as_ref().is_none_or(|f| f.contains(name));
+    let named: Vec<&SourceColumn> = source
+        .columns
+        .iter()
+        .filter(|c| c.readable && c.kind == Some(SqlKind::Integer) && mst::names_an_identifier(&c.name))
+        .filter(|c| c.name != req.target && Some(&c.name) != req.key.as_ref() && listed(&c.name))
+        .filter(|c| !trends.contains(&c.name) && !written.contains_key(&c.name))
+        .take(2 * mst::MAX_IDENTIFIER_COLUMNS)
+        .collect();
+    if named.is_empty() {
+        return Ok(Vec::new());
+    }
+    let distinct = named.iter().map(|c| format!("pg_catalog.count(DISTINCT {})", c.stored())).collect::<Vec<_>>();
+    let row = client
+        .select(
+            &format!("SELECT pg_catalog.count(*), {} FROM {}", distinct.join(", "), source.in_from()),
+            Some(1),
+            &[],
+        )?
+        .first();
+    let rows = row.get::<i64>(1)?.unwrap_or(0).max(0) as u64;
+    let mut identifiers = Vec::new();
+    for (i, c) in named.iter().enumerate() {
+        let values = row.get::<i64>(i + 2)?.unwrap_or(0).max(0) as u64;
+        if mst::repeats_as_a_group(values, rows) {
+            identifiers.push(c.name.clone());
+        }
+    }
+    Ok(identifiers)
 }
 
 /// Most numeric columns whose correlation with the key order is measured

@@ -57,7 +57,8 @@ impl WarmStarts {
         if !self.sources.contains_key(source) {
             let resolved = Spi::connect(|client| -> Result<(String, Vec<String>)> {
                 let shape = read_shape(client, source, &[])?;
-                let (all, _) = request::features(&shape, &req.target, req.key.as_deref(), None)?;
+                let (all, _) =
+                    request::features(&shape, &req.target, req.key.as_deref(), None, &TrainOptions::default())?;
                 Ok((shape.relation.clone(), all.into_iter().map(|f| f.name).collect()))
             })?;
             self.sources.insert(source.to_owned(), resolved);

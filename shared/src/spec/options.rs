@@ -30,7 +30,7 @@ use serde_aux::serde_introspection::serde_introspect;
 use serde_json::{Number, Value};
 use struct_field_names_as_array::FieldNamesAsSlice;
 
-use super::{show_number, Feature, FeatureKind, SpecError, Task};
+use super::{show_number, Feature, FeatureKind, SpecError, SqlKind, Task};
 
 pub const MAX_HIDDEN_LAYERS: usize = 8;
 pub const MAX_LAYER_WIDTH: u32 = 4096;
@@ -158,7 +158,10 @@ pub enum TargetTransform {
 pub const AUTO_LOG_SKEWNESS: f64 = 1.0;
 
 /// An encoding named for one column in `encodings`. Stored as written: a
-/// name, or an embedding width.
+/// name, or an embedding width. The categorical ones (`Category`, `OneHot`,
+/// `Embedding`) also make an integer column a category: an identifier such
+/// as a household or a store, whose values name things rather than count
+/// them ([`TrainOptions::feature_kind`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "Value", try_from = "Value")]
 pub enum ColumnEncoding {
@@ -167,6 +170,9 @@ pub enum ColumnEncoding {
     Ple,
     Robust,
     Periodic,
+    /// A category, one-hot or embedded by its vocabulary's size, as a text
+    /// column is by default.
+    Category,
     OneHot,
     Embedding(Option<u32>),
 }
@@ -180,6 +186,7 @@ enum EncodingName {
     Ple,
     Robust,
     Periodic,
+    Category,
     OneHot,
     Embedding,
 }
@@ -200,6 +207,7 @@ impl From<ColumnEncoding> for Value {
             ColumnEncoding::Ple => EncodingName::Ple,
             ColumnEncoding::Robust => EncodingName::Robust,
             ColumnEncoding::Periodic => EncodingName::Periodic,
+            ColumnEncoding::Category => EncodingName::Category,
             ColumnEncoding::OneHot => EncodingName::OneHot,
             ColumnEncoding::Embedding(None) => EncodingName::Embedding,
             ColumnEncoding::Embedding(Some(d)) => return d.into(),
@@ -270,12 +278,13 @@ impl ColumnEncoding {
             EncodingName::Ple => ColumnEncoding::Ple,
             EncodingName::Robust => ColumnEncoding::Robust,
             EncodingName::Periodic => ColumnEncoding::Periodic,
+            EncodingName::Category => ColumnEncoding::Category,
             EncodingName::OneHot => ColumnEncoding::OneHot,
             EncodingName::Embedding => ColumnEncoding::Embedding(None),
         })
     }
 
-    fn is_numeric(self) -> bool {
+    pub fn is_numeric(self) -> bool {
         matches!(
             self,
             ColumnEncoding::Standard
@@ -848,6 +857,16 @@ impl TrainOptions {
         task == Task::Regression && self.target_transform == TargetTransform::Log
     }
 
+    /// What a column of SQL kind `sql` is to a model with these options:
+    /// its kind's, but an integer column given a categorical encoding is a
+    /// category (read as its text, `42`, by training and scoring alike).
+    pub fn feature_kind(&self, column: &str, sql: SqlKind) -> FeatureKind {
+        match self.encodings.get(column) {
+            Some(e) if sql == SqlKind::Integer && !e.is_numeric() => FeatureKind::Categorical,
+            _ => sql.feature_kind(),
+        }
+    }
+
     /// How column `feature` is encoded, given its vocabulary size when categorical.
     pub fn categorical_encoding(&self, column: &str, vocabulary: usize) -> CategoricalEncoding {
         match self.encodings.get(column) {
@@ -1314,11 +1333,11 @@ mod tests {
             (r#"{"onehot_max":"x"}"#, r#"option "onehot_max" must be a non-negative integer"#),
             (
                 r#"{"encodings":[]}"#,
-                r#"option "encodings" must be an object from column names to "standard", "quantile", "ple", "robust", "periodic", "onehot", "embedding" or an embedding width"#,
+                r#"option "encodings" must be an object from column names to "standard", "quantile", "ple", "robust", "periodic", "category", "onehot", "embedding" or an embedding width"#,
             ),
             (
                 r#"{"encodings":{"x":"log"}}"#,
-                r#"option "encodings" must be an object from column names to "standard", "quantile", "ple", "robust", "periodic", "onehot", "embedding" or an embedding width"#,
+                r#"option "encodings" must be an object from column names to "standard", "quantile", "ple", "robust", "periodic", "category", "onehot", "embedding" or an embedding width"#,
             ),
             (
                 r#"{"encodings":{"x":0}}"#,
@@ -1338,7 +1357,7 @@ mod tests {
             ),
             (
                 r#"{"encodings":{"x":null}}"#,
-                r#"option "encodings" must be an object from column names to "standard", "quantile", "ple", "robust", "periodic", "onehot", "embedding" or an embedding width"#,
+                r#"option "encodings" must be an object from column names to "standard", "quantile", "ple", "robust", "periodic", "category", "onehot", "embedding" or an embedding width"#,
             ),
             (
                 r#"{"encodings":{"x":1e+300}}"#,
@@ -1350,7 +1369,7 @@ mod tests {
             ),
             (
                 r#"{"encodings":{"a":"log","b":0}}"#,
-                r#"option "encodings" must be an object from column names to "standard", "quantile", "ple", "robust", "periodic", "onehot", "embedding" or an embedding width"#,
+                r#"option "encodings" must be an object from column names to "standard", "quantile", "ple", "robust", "periodic", "category", "onehot", "embedding" or an embedding width"#,
             ),
             (
                 r#"{"class_weights":"inverse"}"#,
@@ -1586,6 +1605,16 @@ mod tests {
             Err(SpecError::EncodingKind { .. })
         ));
         check(json!({"encodings": {"tenure": "robust"}}), Task::Binary).unwrap();
+        // An integer column given "category" arrives here a category already
+        // (TrainOptions::feature_kind); one still numeric is a real number.
+        assert_eq!(
+            check(json!({"encodings": {"tenure": "category"}}), Task::Binary).unwrap_err().to_string(),
+            "option \"encodings\" gives numeric column \"tenure\" the categorical encoding \"category\""
+        );
+        assert_eq!(
+            check(json!({"encodings": {"plan": "ple"}}), Task::Binary).unwrap_err().to_string(),
+            "option \"encodings\" gives categorical column \"plan\" the numeric encoding \"ple\""
+        );
         assert!(matches!(
             check(json!({"encodings": {"plan": "robust"}}), Task::Binary),
             Err(SpecError::EncodingKind { .. })
@@ -1717,6 +1746,22 @@ mod tests {
     }
 
     #[test]
+    fn integer_columns_given_a_categorical_encoding_are_categories() {
+        let o =
+            TrainOptions::from_json(Some(&json!({"encodings": {"a": "category", "b": 8, "c": "periodic"}}))).unwrap();
+        assert_eq!(o.feature_kind("a", SqlKind::Integer), FeatureKind::Categorical);
+        assert_eq!(o.feature_kind("b", SqlKind::Integer), FeatureKind::Categorical);
+        assert_eq!(o.feature_kind("c", SqlKind::Integer), FeatureKind::Numeric);
+        assert_eq!(o.feature_kind("x", SqlKind::Integer), FeatureKind::Numeric);
+        // A real number is never a category: check_against says so.
+        assert_eq!(o.feature_kind("a", SqlKind::Real), FeatureKind::Numeric);
+        assert_eq!(o.feature_kind("a", SqlKind::Text), FeatureKind::Categorical);
+        // "category" follows the size rule, as a text column does by default.
+        assert_eq!(o.categorical_encoding("a", 16), CategoricalEncoding::OneHot);
+        assert_eq!(o.categorical_encoding("a", 300), CategoricalEncoding::Embedding(embedding_dim(300) as u32));
+    }
+
+    #[test]
     fn categorical_encodings_follow_the_size_rule_and_overrides() {
         let o =
             TrainOptions::from_json(Some(&json!({"encodings": {"a": "onehot", "b": 5, "c": "embedding"}}))).unwrap();
@@ -1822,7 +1867,9 @@ mod tests {
         check::<NumericEncoding>(r#""standard", "quantile", "ple", "robust", "periodic""#);
         check::<RegressionLoss>(r#""mse", "huber""#);
         check::<TargetTransform>(r#""none", "standardize", "log", "auto""#);
-        check::<EncodingName>(r#""standard", "quantile", "ple", "robust", "periodic", "onehot", "embedding""#);
+        check::<EncodingName>(
+            r#""standard", "quantile", "ple", "robust", "periodic", "category", "onehot", "embedding""#,
+        );
         check::<WeightsName>(r#""none", "balanced""#);
         // Names are exact: no other case, no enum written as an object.
         for v in [json!("Relu"), json!({"relu": null}), json!(["relu"])] {
