@@ -57,7 +57,7 @@ fn main() {
         let took = started.elapsed().as_secs_f64();
         best = best.min(took / ROWS as f64);
         println!(
-            "round {round}: {:.2} µs a row, {:.1} pieces a row, {:.0} ns a piece (integrals' sum {sum:.6})",
+            "round {round}: {:.2} µs a row, {:.1} pieces a row, {:.0} ns a piece (integrals' sum {sum})",
             took * 1e6 / ROWS as f64,
             pieces as f64 / ROWS as f64,
             took * 1e9 / pieces as f64

