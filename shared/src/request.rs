@@ -385,7 +385,8 @@ pub fn scored_output<'g>(
 
 /// An imported model's features and feed layout: each graph input fed by
 /// the columns mapped to it, floats from numeric columns and strings from
-/// one categorical column, every column once.
+/// one categorical column (or an integer one, as its text: what Cerebro
+/// exports for an integer it read as a category), every column once.
 pub fn import_features(
     groups: &[(String, Vec<String>)],
     graph: &[TensorInfo],
@@ -417,7 +418,11 @@ pub fn import_features(
         }
         for name in columns {
             let column = source.column(name)?;
-            if column.kind.map(|k| k.feature_kind()) != Some(wanted) {
+            let fits = match (column.kind, wanted) {
+                (Some(SqlKind::Integer), FeatureKind::Categorical) => true,
+                (kind, wanted) => kind.map(SqlKind::feature_kind) == Some(wanted),
+            };
+            if !fits {
                 return Err(invalid(format!(
                     "column \"{name}\" ({}) cannot feed input \"{input_name}\", a {} tensor",
                     column.type_name,
@@ -600,6 +605,14 @@ mod tests {
         assert!(import_features(&groups, &graph, &source).unwrap_err().to_string().contains("cannot feed input"));
         let groups = import_mapping(&json!({"num": ["a", "a"], "cat": "b"}), &graph).unwrap();
         assert_eq!(import_features(&groups, &graph, &source).unwrap_err(), RequestError::DuplicateFeature("a".into()));
+        // An integer column feeds a string input as its text (a category);
+        // a text column never feeds a float one.
+        let groups = import_mapping(&json!({"num": ["c", "id"], "cat": "a"}), &graph).unwrap();
+        let (features, _) = import_features(&groups, &graph, &source).unwrap();
+        assert_eq!(
+            features.iter().map(|f| (f.name.as_str(), f.kind)).collect::<Vec<_>>(),
+            [("c", FeatureKind::Numeric), ("id", FeatureKind::Numeric), ("a", FeatureKind::Categorical)]
+        );
     }
 
     #[test]

@@ -84,6 +84,39 @@ async fn predict_equals_predictions_for_every_row_and_task() -> anyhow::Result<(
         check_probabilities(&db, name, &batch).await?;
         check_predict_proba(&db, name).await?;
     }
+    // Exported and imported again, the model with integer categories
+    // scores the same: its integer columns feed the graph's string inputs
+    // as their text.
+    let bytes: Vec<u8> = db
+        .query_one(
+            "SELECT cerebro.export_onnx('p_tenure_category',
+                 (SELECT max(version) FROM cerebro.models WHERE name = 'p_tenure_category'))",
+            &[],
+        )
+        .await?
+        .get(0);
+    let (inputs, labels): (serde_json::Value, Vec<String>) = {
+        let row = db
+            .query_one(
+                "SELECT (SELECT jsonb_object_agg(f->>'name', f->>'name') FROM jsonb_array_elements(features) f),
+                        class_labels
+                 FROM cerebro.model_versions WHERE name = 'p_tenure_category' ORDER BY version DESC LIMIT 1",
+                &[],
+            )
+            .await?;
+        (row.get(0), row.get(1))
+    };
+    db.execute(
+        "SELECT cerebro.import_onnx('p_tenure_imported', $1, 'telco_churn', $2::text::jsonb, 'binary', $3, NULL,
+                                    'customer_id')",
+        &[&bytes, &inputs.to_string(), &labels],
+    )
+    .await?;
+    let original =
+        scores(&db, "SELECT key, label, score FROM cerebro.predictions WHERE model = 'p_tenure_category'").await?;
+    let imported =
+        scores(&db, "SELECT key, label, score FROM cerebro.predictions WHERE model = 'p_tenure_imported'").await?;
+    assert_same(&imported, &original, "exported and imported again");
     // A row built in the query, read by column name (where a name first
     // appears), in any order, with columns the model does not read and a
     // NULL feature.
