@@ -237,8 +237,8 @@ pub const MULTICLASS_NORMS: &str = "norm = {none, batch}";
 /// BatchNorm searched, and the brand-choice tables' household read as a
 /// category) it raised test accuracy by 0.43 points on average, on five of
 /// them by 0.2 to 2.5 (hpc_data 0.8326 → 0.8383) and lowered two by 1.2
-/// and 1.8, in about the same time; on the binary tasks it moved AUC by
-/// 0.1 at most (docs/benchmarks.md).
+/// and 1.8, in about the same time; on four binary tasks it moved AUC by
+/// 0.12 points at most (docs/benchmarks.md).
 pub const MULTICLASS_TRAINING: &str = "epochs = 80, patience = 16";
 
 /// The text the default selection searches on data `facts` describes: the
