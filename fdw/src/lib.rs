@@ -155,9 +155,9 @@ mod tests {
     fn the_default_encodes_a_repeated_integer_id_as_a_category() {
         setup();
         // Purchases: a household buys again and again (40 households over
-        // 200 rows); `receipt_id` is unique to its row, `store_code` says
-        // nothing of repeats by name alone (all rows one store), `visits`
-        // is a count.
+        // 200 rows); `receipt_id`, the key, is unique to its row;
+        // `store_code` is named as an identifier but holds one value (every
+        // row one store); `visits` is a count.
         Spi::run(
             "CREATE TABLE public.purchases AS
                  SELECT i AS receipt_id, i % 40 AS household_id, 1 AS store_code, i % 9 AS visits,
