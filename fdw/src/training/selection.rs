@@ -18,7 +18,7 @@ use crate::error::{CerebroError, Result};
 use crate::gucs;
 use crate::models::{Lineage, TrainRequest};
 use crate::recommend;
-use crate::sources::{check_own_source, read_shape, resolve_source, BaseType, SourceColumn};
+use crate::sources::{check_own_source, read_shape, resolve_source, BaseType, Source, SourceColumn};
 
 /// The candidates of the selection `written` declares, as versions of `req`'s
 /// model; with `parent`, on that version's frozen snapshot: its source,
@@ -205,21 +205,27 @@ fn with_joins(
     Ok((rewritten, plan))
 }
 
-/// What the default selection reads of `req`'s source before it searches.
+/// What the default selection reads of `req`'s source before it searches:
+/// nothing when the source cannot be resolved (queueing says why,
+/// precisely).
 fn source_facts(client: &SpiClient<'_>, req: &TrainRequest) -> Result<SourceFacts> {
-    let (balance, task) = target_facts(client, req)?;
-    let trend_columns = trend_columns(client, req)?;
-    let identifier_columns = identifier_columns(client, req, &trend_columns)?;
+    let Ok(source) = resolve_source(client, &req.source) else { return Ok(SourceFacts::default()) };
+    let (balance, task) = target_facts(client, req, &source)?;
+    let trend_columns = trend_columns(client, req, &source)?;
+    let identifier_columns = identifier_columns(client, req, &source, &trend_columns)?;
     Ok(SourceFacts { balance, trend_columns, task, identifier_columns })
 }
 
 /// The integer features of `req`'s source that name groups of rows
 /// (`mst::names_an_identifier`, `mst::repeats_as_a_group`), in source
 /// order: not time-index columns, not columns the request's `encodings`
-/// already encode, and none when the source cannot be read (queueing says
-/// why). One scan counts every candidate's distinct values.
-fn identifier_columns(client: &SpiClient<'_>, req: &TrainRequest, trends: &[String]) -> Result<Vec<String>> {
-    let Ok(source) = resolve_source(client, &req.source) else { return Ok(Vec::new()) };
+/// already encode. One scan counts every candidate's distinct values.
+fn identifier_columns(
+    client: &SpiClient<'_>,
+    req: &TrainRequest,
+    source: &Source,
+    trends: &[String],
+) -> Result<Vec<String>> {
     let written = TrainOptions::from_json(Some(&req.written["options"])).map(|o| o.encodings).unwrap_or_default();
     let listed = |name: &String| req.features.as_ref().is_none_or(|f| f.contains(name));
     let named: Vec<&SourceColumn> = source
@@ -259,11 +265,10 @@ const MAX_TREND_SCAN: usize = 256;
 /// The numeric columns of `req`'s source that follow its key order
 /// (mst::TREND_CORRELATION), the most correlated first: only for an
 /// ordered split of a model whose features the user left to Cerebro, and
-/// none when the source or key cannot be read (queueing says why).
-fn trend_columns(client: &SpiClient<'_>, req: &TrainRequest) -> Result<Vec<String>> {
+/// none when the key cannot be read (queueing says why).
+fn trend_columns(client: &SpiClient<'_>, req: &TrainRequest, source: &Source) -> Result<Vec<String>> {
     let ordered = TrainOptions::from_json(Some(&req.written["options"])).is_ok_and(|o| o.split == Split::Ordered);
     let (true, None, Some(key)) = (ordered, &req.features, req.key.as_deref()) else { return Ok(Vec::new()) };
-    let Ok(source) = resolve_source(client, &req.source) else { return Ok(Vec::new()) };
     // A key of a built-in type without an order (json, point) orders nothing.
     let orderable = |k: &&SourceColumn| k.readable && (!matches!(k.base, BaseType::BuiltIn { .. }) || k.base.ordered());
     let Some(key) = source.column(key).ok().filter(orderable) else { return Ok(Vec::new()) };
@@ -304,11 +309,13 @@ fn trend_columns(client: &SpiClient<'_>, req: &TrainRequest) -> Result<Vec<Strin
 
 /// How `req`'s target spreads over its classes, when it makes a
 /// classification (None for a regression), and the task it makes; neither
-/// when the source or target cannot be read (queueing says why,
-/// precisely). Read as the user, like everything a selection reads of its
-/// source.
-fn target_facts(client: &SpiClient<'_>, req: &TrainRequest) -> Result<(Option<ClassBalance>, Option<Task>)> {
-    let Ok(source) = resolve_source(client, &req.source) else { return Ok((None, None)) };
+/// when the target cannot be read (queueing says why, precisely). Read as
+/// the user, like everything a selection reads of its source.
+fn target_facts(
+    client: &SpiClient<'_>,
+    req: &TrainRequest,
+    source: &Source,
+) -> Result<(Option<ClassBalance>, Option<Task>)> {
     let readable = source.column(&req.target).is_ok_and(|c| c.readable);
     let Ok(kind) = request::target_kind(&source.shape(), &req.target) else { return Ok((None, None)) };
     if !readable {
