@@ -7,7 +7,6 @@
 //! terminated connection), it reconnects with backoff and goes on: the
 //! socket stays open, and models already loaded are scored meanwhile.
 
-pub mod attribution;
 pub mod catalog;
 pub mod config;
 pub mod data;
@@ -15,12 +14,10 @@ pub mod digest;
 pub mod distill;
 pub mod engine;
 pub mod ensemble;
-pub mod features;
 pub mod gpu;
 pub mod guide;
 pub mod importance;
 pub mod metrics;
-pub mod native;
 pub mod onnx;
 pub mod scheduler;
 pub mod scoring;
@@ -28,6 +25,10 @@ pub mod server;
 pub mod snapshot_cache;
 pub mod train;
 pub mod warm;
+
+// A network and what it reads live in crate `cerebro-model`, which the
+// extension links to score in the backend; the daemon uses them as its own.
+pub use cerebro_model::{attribution, features, native};
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;

@@ -7,7 +7,7 @@ use cerebro_shared::batch::ColumnData;
 use cerebro_shared::importance::Importance;
 use cerebro_shared::provenance::TrainedWith;
 use cerebro_shared::spec::{
-    ClassWeights, Norm, RegressionLoss, Split, TargetTransform, Task, TrainOptions, TrainingPlan, AUTO_LOG_SKEWNESS,
+    ClassWeights, RegressionLoss, Split, TargetTransform, Task, TrainOptions, TrainingPlan, AUTO_LOG_SKEWNESS,
 };
 use cerebro_shared::surrogate::{Surrogate, DEFAULT_MAX_DEPTH};
 use rand::seq::SliceRandom;
@@ -16,14 +16,15 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{
-    backend, scheduled_lr, Arch, BackendError, Batch, BatchSource, Compute, Embedding, Head, Loss, MiniBatch,
-    ModelStep, Op, Periodic, Predictor, Stack,
+    backend, scheduled_lr, BackendError, Batch, BatchSource, Compute, Head, Loss, MiniBatch, ModelStep, Predictor,
+    Stack,
 };
 use crate::features::{Encoded, FeatureError, FeaturePipeline};
 use crate::metrics::{self, Metrics};
 use crate::snapshot_cache::{SnapshotCache, SnapshotKey};
 use crate::warm::{warm_start, ParentWeights, WarmStart};
 use crate::{distill, importance};
+pub use cerebro_model::{architecture, TargetScale};
 
 /// What one epoch did, reported while training runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,37 +52,6 @@ pub enum Control {
 /// training (its index in the stack, its epoch); sets `controls[m]` for the
 /// models it wants to stop (all start as [`Control::Continue`]).
 pub type OnEpoch<'a> = dyn FnMut(&[(usize, EpochStats)], &mut [Control]) + 'a;
-
-/// How a regression network's output becomes a value in the target's
-/// units: `z · std + mean`, then `exp` when `log`. The network learnt
-/// `(y - mean) / std`, or `(ln y - mean) / std` when `log`
-/// (`target_transform`; `none` is mean 0 and std 1).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct TargetScale {
-    pub mean: f32,
-    pub std: f32,
-    /// The network learnt the target's natural logarithm.
-    #[serde(default)]
-    pub log: bool,
-}
-
-impl TargetScale {
-    /// A target value as the network learns it.
-    fn learnt(&self, y: f64) -> f32 {
-        let y = if self.log { y.ln() } else { y };
-        (y as f32 - self.mean) / self.std
-    }
-
-    /// A network output as a value in the target's units.
-    pub fn value(&self, z: f32) -> f32 {
-        let v = z * self.std + self.mean;
-        if self.log {
-            v.exp()
-        } else {
-            v
-        }
-    }
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainedModel {
@@ -161,59 +131,6 @@ fn head_for(task: Task, classes: usize) -> Head {
         Task::Multiclass => Head::Multiclass(classes),
         Task::Regression => Head::Regression,
     }
-}
-
-/// The network the options describe, over the pipeline's inputs:
-/// `hidden` dense layers (each dense → norm → activation → dropout), then
-/// `residual_blocks` blocks `x + dense(dropout(act(dense(norm(x)))))`, then
-/// (after blocks) norm → activation, then the output layer.
-pub fn architecture(opts: &TrainOptions, pipeline: &FeaturePipeline, outputs: usize) -> Arch {
-    let embeddings: Vec<Embedding> =
-        pipeline.embeddings().into_iter().map(|(vocabulary, dim)| Embedding { vocabulary, dim }).collect();
-    let columns = pipeline.periodic_inputs();
-    let periodic = (!columns.is_empty()).then_some(Periodic {
-        columns,
-        frequencies: opts.periodic_frequencies as usize,
-        dim: opts.periodic_dim as usize,
-        sigma: opts.periodic_sigma as f32,
-    });
-    let mut width = pipeline.width()
-        + embeddings.iter().map(|e| e.dim).sum::<usize>()
-        + periodic.as_ref().map_or(0, Periodic::width);
-    let mut ops = Vec::new();
-    let norm = |ops: &mut Vec<Op>, width: usize| match opts.norm {
-        Norm::None => {}
-        Norm::Batch => ops.push(Op::BatchNorm { width }),
-        Norm::Layer => ops.push(Op::LayerNorm { width }),
-    };
-    let f = opts.activation;
-    let dropout = |ops: &mut Vec<Op>| {
-        if opts.dropout > 0.0 {
-            ops.push(Op::Dropout { p: opts.dropout as f32 });
-        }
-    };
-    for &h in &opts.hidden {
-        ops.push(Op::Dense { inputs: width, outputs: h as usize });
-        width = h as usize;
-        norm(&mut ops, width);
-        ops.push(Op::Activation { f });
-        dropout(&mut ops);
-    }
-    for _ in 0..opts.residual_blocks {
-        let from = ops.len();
-        norm(&mut ops, width);
-        ops.push(Op::Dense { inputs: width, outputs: width });
-        ops.push(Op::Activation { f });
-        dropout(&mut ops);
-        ops.push(Op::Dense { inputs: width, outputs: width });
-        ops.push(Op::Residual { from });
-    }
-    if opts.residual_blocks > 0 {
-        norm(&mut ops, width);
-        ops.push(Op::Activation { f });
-    }
-    ops.push(Op::Dense { inputs: width, outputs });
-    Arch { inputs: pipeline.width(), embeddings, ops, periodic }
 }
 
 /// The loss the options describe; `targets` are the training rows' class

@@ -15,22 +15,18 @@
 //! trained in one pass (K = 1 for a single model). Everything is seeded, so a
 //! model trained twice with the same seed is bit-identical, alone or in a stack.
 
-pub mod activation;
 pub mod backend;
 pub mod cuda;
-mod gemm;
-mod loss;
 mod optim;
-pub mod path;
-mod stack;
 mod trainer;
 
-pub use activation::Activation;
+// The networks themselves (ops, forward and backward passes, the path
+// tracer) are crate `cerebro-model`'s, which the extension links too.
 pub use backend::{BackendError, Compute, DeviceChoice, StackTrainer};
-pub use loss::{sigmoid, softmax_into, Head, Loss};
-pub use optim::{scheduled_lr, ModelStep, StackOptimizer};
-pub use stack::{
-    dropout_keeps, Arch, ArchError, Batch, Embedding, Mode, Op, Periodic, Predictor, Stack, StackCache, StackGradients,
-    BATCH_NORM_MOMENTUM, NORM_EPS,
+pub use cerebro_model::{activation, loss, path, stack};
+pub use cerebro_model::{
+    dropout_keeps, sigmoid, softmax_into, Activation, Arch, ArchError, Batch, Embedding, Head, Loss, Mode, Op,
+    Periodic, Predictor, Stack, StackCache, StackGradients, BATCH_NORM_MOMENTUM, NORM_EPS,
 };
+pub use optim::{scheduled_lr, ModelStep, StackOptimizer};
 pub use trainer::{BatchSource, MiniBatch, ThreadsError, Trainer, SHARD_MODELS};

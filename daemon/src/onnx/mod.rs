@@ -3,7 +3,7 @@
 
 mod ensemble;
 mod export;
-pub mod proto;
 
+pub use cerebro_model::proto;
 pub use ensemble::{ensemble, EnsembleError};
 pub use export::{export, ExportError, OUTPUT_PROBABILITIES, OUTPUT_PROBABILITY, OUTPUT_VALUE};

@@ -987,7 +987,7 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::super::backend::{self, Compute, DeviceChoice};
-    use super::super::stack::tests::every_gpu_op;
+    use super::super::stack::test_support::every_gpu_op;
     use super::*;
 
     /// Fixed minibatches of `rows` rows, borrowed from whole arrays.
@@ -1076,7 +1076,7 @@ mod tests {
     /// saying where they train, before it looks for a GPU at all.
     #[test]
     fn periodic_embeddings_are_refused_on_the_gpu() {
-        let arch = super::super::stack::tests::every_op(Activation::Relu, 1);
+        let arch = super::super::stack::test_support::every_op(Activation::Relu, 1);
         let stack = Stack::new(arch, 1, &mut [ChaCha8Rng::seed_from_u64(1)]);
         let refused = CudaTrainer::new(stack, Loss::new(Head::Binary), Optimizer::Adam, 0).err().expect("refused");
         assert!(matches!(refused, CudaError::Unsupported(_)), "{refused}");

@@ -152,7 +152,7 @@ impl Arch {
     }
 
     /// Output width of op `i` (`i = ops.len()` is not allowed).
-    pub(crate) fn width_after(&self, i: usize) -> usize {
+    pub fn width_after(&self, i: usize) -> usize {
         self.ops[..=i]
             .iter()
             .rev()
@@ -164,7 +164,7 @@ impl Arch {
     }
 
     /// Input width of op `i`.
-    pub(crate) fn width_before(&self, i: usize) -> usize {
+    pub fn width_before(&self, i: usize) -> usize {
         if i == 0 {
             self.inputs + self.embedded_width()
         } else {
@@ -239,12 +239,12 @@ impl Arch {
     }
 
     /// Index of the periodic embeddings' first slot (their frequencies).
-    pub(crate) fn periodic_slot(&self) -> usize {
+    pub fn periodic_slot(&self) -> usize {
         self.slot_of(self.ops.len())
     }
 
     /// Index of op `i`'s first parameter slot.
-    pub(crate) fn slot_of(&self, i: usize) -> usize {
+    pub fn slot_of(&self, i: usize) -> usize {
         self.embeddings.len()
             + self.ops[..i]
                 .iter()
@@ -257,7 +257,7 @@ impl Arch {
 
     /// Index of op `i`'s running mean in the state (BatchNorm only; the
     /// running variance follows it).
-    pub(crate) fn state_of(&self, i: usize) -> usize {
+    pub fn state_of(&self, i: usize) -> usize {
         2 * self.ops[..i].iter().filter(|op| matches!(op, Op::BatchNorm { .. })).count()
     }
 
@@ -1315,7 +1315,7 @@ fn batch_norm_backward(
 }
 
 /// Scoring-time BatchNorm as `x · scale + offset`.
-pub(crate) fn batch_norm_affine(gain: &[f32], shift: &[f32], mean: &[f32], var: &[f32]) -> (Vec<f32>, Vec<f32>) {
+pub fn batch_norm_affine(gain: &[f32], shift: &[f32], mean: &[f32], var: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let scale: Vec<f32> = gain.iter().zip(var).map(|(g, v)| g / (v + NORM_EPS).sqrt()).collect();
     let offset = shift.iter().zip(mean).zip(&scale).map(|((s, m), sc)| s - m * sc).collect();
     (scale, offset)
@@ -1378,17 +1378,18 @@ impl<'m> Predictor<'m> {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
-    use rand::{Rng, SeedableRng};
+/// Architectures with every op and random weights, for the tests of this
+/// crate and of the daemon's trainer and CUDA backend.
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support {
+    use rand::Rng;
     use rand_chacha::ChaCha8Rng;
 
-    use super::super::loss::{Head, Loss};
     use super::*;
 
     /// Every kind of op: embeddings (categorical and periodic), norms,
     /// dropout, a residual block.
-    pub(crate) fn every_op(act: Activation, outputs: usize) -> Arch {
+    pub fn every_op(act: Activation, outputs: usize) -> Arch {
         let mut arch = every_gpu_op(act, outputs);
         arch.periodic = Some(Periodic { columns: vec![0, 2], frequencies: 3, dim: 2, sigma: 0.5 });
         arch.ops[0] = Op::Dense { inputs: 9, outputs: 6 };
@@ -1396,7 +1397,7 @@ pub(crate) mod tests {
     }
 
     /// [`every_op`] without periodic embeddings, which have no GPU kernels.
-    pub(crate) fn every_gpu_op(act: Activation, outputs: usize) -> Arch {
+    pub fn every_gpu_op(act: Activation, outputs: usize) -> Arch {
         let ops = vec![
             Op::Dense { inputs: 5, outputs: 6 },
             Op::BatchNorm { width: 6 },
@@ -1413,16 +1414,9 @@ pub(crate) mod tests {
         Arch { inputs: 3, embeddings: vec![Embedding { vocabulary: 3, dim: 2 }], ops, periodic: None }
     }
 
-    fn batch_data(n: usize, rng: &mut ChaCha8Rng) -> (Vec<f32>, Vec<u32>) {
-        let x = (0..n * 3).map(|_| rng.random_range(-1.0..1.0)).collect();
-        // Code 3 is "never seen": the zero row.
-        let codes = (0..n).map(|r| (r % 4) as u32).collect();
-        (x, codes)
-    }
-
     /// Moves every parameter off its initial value (gains off 1, shifts off
     /// 0), keeping the unseen embedding rows at zero.
-    pub(crate) fn randomise(stack: &mut Stack, rng: &mut ChaCha8Rng) {
+    pub fn randomise(stack: &mut Stack, rng: &mut ChaCha8Rng) {
         let tables = stack.arch.embeddings.clone();
         for (s, (p, slot)) in stack.params.iter_mut().zip(stack.arch.slots()).enumerate() {
             for (j, v) in p.iter_mut().enumerate() {
@@ -1435,6 +1429,23 @@ pub(crate) mod tests {
         for s in stack.state.iter_mut() {
             s.iter_mut().for_each(|v| *v = v.abs() + rng.random_range(0.1..0.5));
         }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::super::loss::{Head, Loss};
+    use super::test_support::*;
+    use super::*;
+
+    fn batch_data(n: usize, rng: &mut ChaCha8Rng) -> (Vec<f32>, Vec<u32>) {
+        let x = (0..n * 3).map(|_| rng.random_range(-1.0..1.0)).collect();
+        // Code 3 is "never seen": the zero row.
+        let codes = (0..n).map(|r| (r % 4) as u32).collect();
+        (x, codes)
     }
 
     /// The periodic embeddings' values before their ReLU, by hand.

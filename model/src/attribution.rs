@@ -36,14 +36,14 @@
 //! gradients ([`Stack::linear_products`]): the path costs the layers after
 //! the first (and the periodic embeddings, which are not linear).
 //!
-//! [`Stack::linear_products`]: crate::engine::Stack::linear_products
+//! [`Stack::linear_products`]: crate::Stack::linear_products
 //! [`FeaturePipeline::baseline`]: crate::features::FeaturePipeline::baseline
 
 use cerebro_shared::batch::{ColumnData, ColumnRef};
 
-use crate::engine::path;
-use crate::engine::{sigmoid, softmax_into, Batch, StackCache};
 use crate::native::{Head, NativeError, NativeModel};
+use crate::path;
+use crate::{sigmoid, softmax_into, Batch, StackCache};
 
 /// Points over the whole path of a network that is not piecewise linear.
 pub const STEPS: usize = 32;

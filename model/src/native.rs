@@ -20,10 +20,10 @@ use cerebro_shared::batch::{ColumnData, ColumnRef};
 use cerebro_shared::spec::{Task, TrainOptions, NULL_CATEGORY};
 use prost::Message;
 
-use crate::engine::{sigmoid, softmax_into, Arch, Batch, Op, Predictor, Stack, NORM_EPS};
 use crate::features::{Encoder, FeatureError, FeaturePipeline};
-use crate::onnx::proto::ModelProto;
-use crate::train::TargetScale;
+use crate::proto::ModelProto;
+use crate::TargetScale;
+use crate::{sigmoid, softmax_into, Arch, Batch, Op, Predictor, Stack, NORM_EPS};
 
 /// How far a native score may be from ONNX Runtime's on the probe batch:
 /// absolute for probabilities, relative (to at least 1) for values.
@@ -54,7 +54,7 @@ pub(crate) enum Head {
 /// of a mini-ensemble, stacked) and its head.
 #[derive(Debug, Clone)]
 pub struct NativeModel {
-    pub(crate) pipeline: FeaturePipeline,
+    pub pipeline: FeaturePipeline,
     pub(crate) network: Stack,
     pub(crate) head: Head,
     /// Each member's share of the output (`ensemble_weight`; 1 alone).
@@ -163,7 +163,7 @@ impl NativeModel {
             return Err(shape("no initializers"));
         }
         let outputs = if task == Task::Multiclass { classes } else { 1 };
-        let arch = crate::train::architecture(options, &pipeline, outputs);
+        let arch = crate::architecture(options, &pipeline, outputs);
         let head = match task {
             Task::Binary => Head::Sigmoid,
             Task::Multiclass => Head::Softmax,

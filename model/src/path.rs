@@ -733,8 +733,8 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::*;
-    use crate::engine::stack::tests::randomise;
-    use crate::engine::{Batch, Embedding, StackCache};
+    use crate::stack::test_support::randomise;
+    use crate::{Batch, Embedding, StackCache};
 
     /// A network of every piecewise-linear op: dense layers, ReLUs,
     /// scoring-mode BatchNorm, dropout and a residual sum.
