@@ -2,8 +2,9 @@
 # Runs every test tier of Cerebro against real parts. Idempotent: set-up work
 # already done is skipped.
 #
-#   1. cargo test           shared/ and daemon/ (engine, ONNX export through
-#                           the real ONNX Runtime, protocol, batch layout)
+#   1. cargo test           shared/, model/ and daemon/ (engine, ONNX export
+#                           through the real ONNX Runtime, protocol, batch
+#                           layout)
 #   2. cargo pgrx test      fdw/ inside a throwaway PostgreSQL 15, run as the
 #                           postgres OS user (initdb refuses root)
 #   3. end-to-end           tests/ against the project-local cluster with the
@@ -38,7 +39,7 @@ SERVER_LOG_START=$(stat -c %s "$SERVER_LOG" 2>/dev/null || echo 0)
 tier() { "$@" 2>&1 | tee -a "$RESULTS"; }
 
 if wants 1; then
-    step "Tier 1/5: cargo test (shared, daemon)"
+    step "Tier 1/5: cargo test (shared, model, daemon)"
     # NVRTC is installed everywhere, so the GPU kernels are compiled even where
     # no GPU is (the GPU training tests then skip, saying so).
     tier env -C "$ROOT" CEREBRO_REQUIRE_ORT=1 CEREBRO_ORT_LIBRARY="$ORT_LIB" \

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use cerebro_shared::batch::{ColumnData, ColumnRef, NO_LABEL};
+use cerebro_shared::batch::{ColumnData, ColumnRef};
 use cerebro_shared::onnx_graph::ImportLayout;
 use cerebro_shared::spec::{Feature, Task, NULL_CATEGORY};
 use ort::environment::Environment;
@@ -17,7 +17,7 @@ use ort::session::Session;
 use ort::value::{Tensor, TensorElementType, ValueType};
 
 use crate::catalog::{Artifact, MemberRef, NativeParts};
-use crate::native::{disagreement, NativeModel, AGREEMENT};
+use crate::native::{disagreement, scores_and_labels, NativeModel, AGREEMENT};
 use crate::onnx::{OUTPUT_PROBABILITIES, OUTPUT_PROBABILITY, OUTPUT_VALUE};
 
 #[derive(Debug, thiserror::Error)]
@@ -107,13 +107,6 @@ pub enum InputKind {
     Text,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OutputHead {
-    Binary,
-    Multiclass,
-    Regression,
-}
-
 pub struct ScoringModel {
     /// Identical sessions of the one graph: ONNX Runtime runs a session one
     /// call at a time, so concurrent batches each take a free one.
@@ -121,7 +114,8 @@ pub struct ScoringModel {
     next_session: AtomicUsize,
     /// Graph inputs in feed order, each taking the next `usize` columns.
     inputs: Vec<(String, InputKind, usize)>,
-    head: OutputHead,
+    /// What its output is: a positive class's probability, every class's, or a value.
+    task: Task,
     output: String,
     /// Binary: the output column with the positive class's probability.
     positive_column: usize,
@@ -294,8 +288,8 @@ impl ScoringModel {
                 baseline[c].get_or_insert(value);
             }
         }
-        let classes: Option<Vec<usize>> = match self.head {
-            OutputHead::Multiclass => Some(self.head_of(out, width).1.into_iter().map(|c| c as usize).collect()),
+        let classes: Option<Vec<usize>> = match self.task {
+            Task::Multiclass => Some(self.head_of(out, width).1.into_iter().map(|c| c as usize).collect()),
             _ => None,
         };
         let rows = columns.first().map_or(0, ColumnRef::len);
@@ -327,12 +321,12 @@ impl ScoringModel {
         let session = sessions[0].lock().unwrap_or_else(|p| p.into_inner());
         let inputs = ScoringModel::input_kinds(&session)?.into_iter().map(|(n, k)| (n, k, 1)).collect();
         let names: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
-        let (head, output) = if names.contains(&OUTPUT_PROBABILITY) {
-            (OutputHead::Binary, OUTPUT_PROBABILITY)
+        let (task, output) = if names.contains(&OUTPUT_PROBABILITY) {
+            (Task::Binary, OUTPUT_PROBABILITY)
         } else if names.contains(&OUTPUT_PROBABILITIES) {
-            (OutputHead::Multiclass, OUTPUT_PROBABILITIES)
+            (Task::Multiclass, OUTPUT_PROBABILITIES)
         } else if names.contains(&OUTPUT_VALUE) {
-            (OutputHead::Regression, OUTPUT_VALUE)
+            (Task::Regression, OUTPUT_VALUE)
         } else {
             return Err(ScoringError::UnknownOutput);
         };
@@ -342,7 +336,7 @@ impl ScoringModel {
             sessions,
             next_session: AtomicUsize::new(0),
             inputs,
-            head,
+            task,
             output,
             positive_column: 0,
             imported: false,
@@ -376,17 +370,12 @@ impl ScoringModel {
         if !session.outputs().iter().any(|o| o.name() == layout.output) {
             return Err(ScoringError::Artifact(format!("the graph has no output \"{}\"", layout.output)));
         }
-        let head = match task {
-            Task::Binary => OutputHead::Binary,
-            Task::Multiclass => OutputHead::Multiclass,
-            Task::Regression => OutputHead::Regression,
-        };
         drop(session);
         Ok(ScoringModel {
             sessions,
             next_session: AtomicUsize::new(0),
             inputs,
-            head,
+            task,
             output: layout.output.clone(),
             positive_column: layout.positive_column,
             imported: true,
@@ -534,22 +523,6 @@ impl ScoringModel {
     /// One score and one label index per row of a raw output `width` wide
     /// (see [`ScoringModel::score`]).
     pub fn head_of(&self, out: &[f32], width: usize) -> (Vec<f64>, Vec<u32>) {
-        match self.head {
-            OutputHead::Binary => out
-                .chunks_exact(width.max(1))
-                .map(|row| {
-                    let p = row[self.positive_column.min(row.len() - 1)];
-                    (p as f64, (p >= 0.5) as u32)
-                })
-                .unzip(),
-            OutputHead::Multiclass => out
-                .chunks_exact(width.max(1))
-                .map(|row| {
-                    let (i, p) = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("non-empty row");
-                    (*p as f64, i as u32)
-                })
-                .unzip(),
-            OutputHead::Regression => out.iter().map(|&v| (v as f64, NO_LABEL)).unzip(),
-        }
+        scores_and_labels(self.task, self.positive_column, out, width)
     }
 }

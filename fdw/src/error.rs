@@ -125,6 +125,8 @@ pub enum CerebroError {
     Interrupted,
     #[error("cerebrod answered out of turn: {0}")]
     Protocol(String),
+    #[error("the backend's copy of the model could not score the row: {0}")]
+    InBackend(String),
     #[error("cannot set up shared memory for scoring: {0}")]
     SharedMemory(std::io::Error),
     #[error("{0}")]
@@ -214,6 +216,7 @@ impl CerebroError {
             CerebroError::MissingFeature { .. } => ERRCODE_UNDEFINED_COLUMN,
             CerebroError::Timeout(_) | CerebroError::Interrupted => ERRCODE_QUERY_CANCELED,
             CerebroError::Protocol(_) => ERRCODE_PROTOCOL_VIOLATION,
+            CerebroError::InBackend(_) => ERRCODE_DATA_EXCEPTION,
             CerebroError::SharedMemory(_) => ERRCODE_INSUFFICIENT_RESOURCES,
             CerebroError::Spi(_) => ERRCODE_INTERNAL_ERROR,
             CerebroError::Unsupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,

@@ -9,6 +9,10 @@ pub static BATCH_ROWS: GucSetting<i32> = GucSetting::<i32>::new(8192);
 /// How long a backend waits for one answer from cerebrod, in milliseconds.
 pub static SCORING_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 
+/// Whether a backend scores `cerebro.predict`'s rows with its own copy of
+/// a model Cerebro trained, once the copy answers as cerebrod does.
+pub static SCORE_IN_BACKEND: GucSetting<bool> = GucSetting::<bool>::new(true);
+
 /// Most candidates one selection INSERT may queue.
 pub static MAX_CANDIDATES: GucSetting<i32> = GucSetting::<i32>::new(100);
 
@@ -111,6 +115,15 @@ pub fn init() {
         i32::MAX,
         GucContext::Userset,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_bool_guc(
+        c"cerebro.score_in_backend",
+        c"Whether cerebro.predict scores rows in the backend with its own copy of the model.",
+        c"The copy is built once per backend and version, and used only after it scores the version's probe rows \
+          as cerebrod does; imported models and selection ensembles are always scored by cerebrod.",
+        &SCORE_IN_BACKEND,
+        GucContext::Userset,
+        GucFlags::default(),
     );
     GucRegistry::define_string_guc(
         c"cerebro.recommend_exclude",

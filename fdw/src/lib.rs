@@ -20,6 +20,7 @@ mod foreign_scan;
 mod gucs;
 mod identity;
 mod imports;
+mod in_backend;
 mod joins;
 mod jsonb;
 mod limits;

@@ -1,20 +1,25 @@
 //! `cerebro.predict(model, input [, version])`, `cerebro.predict_label` and
 //! `cerebro.predict_proba`: one row's score, label or class probabilities,
-//! for application code that asks once per request. The row is the caller's own value (a table's row, a row built in
-//! the query, a subquery's), read by column name; nothing is read from the
-//! model's source.
+//! for application code that asks once per request. The row is the
+//! caller's own value (a table's row, a row built in the query, a
+//! subquery's), read by column name; nothing is read from the model's
+//! source.
 //!
-//! A backend keeps, between calls, its connection to cerebrod with one
-//! attached region, and, as `cerebro.predictions` does, what it last
-//! resolved of each model (features, labels, file;
-//! `predictions::resolved_model`). Each call checks the version again with
-//! the statement's snapshot (the functions are STABLE), so a deploy or a
+//! A backend keeps, between calls, what it last resolved of each model
+//! (features, labels, file; `predictions::resolved_model`, as
+//! `cerebro.predictions` does) and how it scores each version: in the
+//! backend, with its own copy of the network once that copy answers as
+//! cerebrod does (`in_backend`), else through its connection to cerebrod
+//! with one attached region. Each call checks the version again with the
+//! statement's snapshot (the functions are STABLE), so a deploy or a
 //! rollback is seen by the next statement and never within one. A
 //! connection that a cancel, a timeout or a restart of cerebrod left in
 //! doubt is dropped, and the next call (or, for a connection found closed,
 //! the same call) opens a new one.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
 
 use cerebro_shared::batch::{
     plan_packed, read_outputs, read_probabilities, write_packed, ColumnData, PackedColumn, NO_LABEL,
@@ -27,6 +32,7 @@ use pgrx::{AnyElement, FromDatum};
 use crate::daemon_client::{DaemonClient, Region};
 use crate::error::{raise, CerebroError, Result};
 use crate::gucs;
+use crate::in_backend::{self, Scorer};
 use crate::predictions::{resolved_model, ModelVersion};
 
 /// The region a connection attaches first; a larger row attaches a larger one.
@@ -39,6 +45,91 @@ thread_local! {
 #[derive(Default)]
 struct Backend {
     link: Option<Link>,
+    /// How each version this backend scored is scored, by version id,
+    /// with the artifact it was decided for.
+    scorers: HashMap<i64, (String, Rc<Scorer>)>,
+}
+
+/// Most versions a backend keeps a scorer for; past it, it starts over.
+const MAX_SCORERS: usize = 64;
+
+impl Backend {
+    /// How to score `model`: the engine's copy once it has answered the
+    /// probe rows as cerebrod does, else cerebrod (see `in_backend`).
+    fn scorer(&mut self, model: &ModelVersion) -> Result<Rc<Scorer>> {
+        if !gucs::SCORE_IN_BACKEND.get() {
+            return Ok(Rc::new(Scorer::Daemon("cerebro.score_in_backend is off".into())));
+        }
+        if let Some((sha, scorer)) = self.scorers.get(&model.id) {
+            if *sha == model.artifact_sha256 {
+                return Ok(Rc::clone(scorer));
+            }
+        }
+        let scorer = match in_backend::rebuild(model)? {
+            Err(why) => Scorer::Daemon(why),
+            Ok(native) => {
+                let probe = native.probe();
+                let classes = if model.task == Task::Multiclass { model.class_labels.len() as u32 } else { 0 };
+                // Only a failure to reach cerebrod fails the call: the row
+                // itself needs it then.
+                match (
+                    in_backend::score(&native, model.task, &probe, classes),
+                    self.through_daemon(model, &probe, classes),
+                ) {
+                    (_, Err(e @ CerebroError::Daemon(_))) => Scorer::Daemon(format!("the probe rows: {e}")),
+                    (_, Err(e)) => return Err(e),
+                    (Err(e), Ok(_)) => Scorer::Daemon(e.to_string()),
+                    (Ok(own), Ok(daemon)) if in_backend::agrees(&own, &daemon, model.task) => {
+                        Scorer::Backend(Box::new(native))
+                    }
+                    (Ok(_), Ok(_)) => {
+                        Scorer::Daemon("the backend's copy scores the probe rows otherwise than cerebrod".into())
+                    }
+                }
+            }
+        };
+        if let Scorer::Daemon(why) = &scorer {
+            debug1!("model \"{}\" version {}: scored by cerebrod: {why}", model.name, model.version);
+        }
+        if self.scorers.len() >= MAX_SCORERS {
+            self.scorers.clear();
+        }
+        let scorer = Rc::new(scorer);
+        self.scorers.insert(model.id, (model.artifact_sha256.clone(), Rc::clone(&scorer)));
+        Ok(scorer)
+    }
+
+    /// `columns` scored by cerebrod. A connection in doubt is dropped; one
+    /// found closed (cerebrod restarted) is opened again once, since
+    /// scoring changes nothing.
+    fn through_daemon(&mut self, model: &ModelVersion, columns: &[ColumnData], classes: u32) -> Result<Scored> {
+        if self.link.as_ref().is_some_and(|l| l.in_doubt) {
+            self.link = None;
+        }
+        let reused = self.link.is_some();
+        let attempt = |backend: &mut Backend| -> Result<Scored> {
+            if backend.link.is_none() {
+                backend.link = Some(Link::open()?);
+            }
+            let link = backend.link.as_mut().expect("opened above");
+            link.score(model, columns, classes)
+        };
+        let scored = match attempt(self) {
+            Err(CerebroError::Connection(_)) if reused => {
+                self.link = None;
+                attempt(self)
+            }
+            other => other,
+        };
+        scored.inspect_err(|e| {
+            if !matches!(e, CerebroError::Daemon(_)) {
+                self.link = None;
+            }
+            if matches!(e, CerebroError::Interrupted) {
+                pgrx::check_for_interrupts!();
+            }
+        })
+    }
 }
 
 /// A connection to cerebrod and its one region.
@@ -96,12 +187,12 @@ impl Link {
     }
 }
 
-/// What cerebrod answered for a batch.
-struct Scored {
-    scores: Vec<f64>,
-    labels: Vec<u32>,
+/// A batch's scores, from cerebrod or the backend's own copy of the model.
+pub(crate) struct Scored {
+    pub(crate) scores: Vec<f64>,
+    pub(crate) labels: Vec<u32>,
     /// The classes asked for, per row.
-    probabilities: Vec<f64>,
+    pub(crate) probabilities: Vec<f64>,
 }
 
 /// One row's prediction.
@@ -128,41 +219,13 @@ fn predict_row(
         let mut backend = backend.borrow_mut();
         let model = resolved_model(name, version)?;
         let columns = read_row(&input, &model)?;
-        // A connection in doubt is dropped; one found closed (cerebrod
-        // restarted) is opened again once, since scoring changes nothing.
-        if backend.link.as_ref().is_some_and(|l| l.in_doubt) {
-            backend.link = None;
-        }
-        let reused = backend.link.is_some();
         let classes = match model.task {
             Task::Multiclass if probabilities => model.class_labels.len() as u32,
             _ => 0,
         };
-        let attempt = |backend: &mut Backend| -> Result<Scored> {
-            if backend.link.is_none() {
-                backend.link = Some(Link::open()?);
-            }
-            let link = backend.link.as_mut().expect("opened above");
-            link.score(&model, &columns, classes)
-        };
-        let scored = match attempt(&mut backend) {
-            Err(CerebroError::Connection(_)) if reused => {
-                backend.link = None;
-                attempt(&mut backend)
-            }
-            other => other,
-        };
-        let scored = match scored {
-            Ok(s) => s,
-            Err(e) => {
-                if !matches!(e, CerebroError::Daemon(_)) {
-                    backend.link = None;
-                }
-                if matches!(e, CerebroError::Interrupted) {
-                    pgrx::check_for_interrupts!();
-                }
-                return Err(e);
-            }
+        let scored = match &*backend.scorer(&model)? {
+            Scorer::Backend(native) => in_backend::score(native, model.task, &columns, classes)?,
+            Scorer::Daemon(_) => backend.through_daemon(&model, &columns, classes)?,
         };
         let (Some(&score), Some(&label)) = (scored.scores.first(), scored.labels.first()) else {
             return Err(CerebroError::Protocol("cerebrod scored no row".into()));

@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use cerebro_shared::batch::{ColumnData, ColumnRef};
+use cerebro_shared::batch::{ColumnData, ColumnRef, NO_LABEL};
 use cerebro_shared::spec::{Task, TrainOptions, NULL_CATEGORY};
 use prost::Message;
 
@@ -266,6 +266,30 @@ impl NativeModel {
     }
 }
 
+/// One score and one label index per row of a graph's output `width`
+/// wide, as `cerebro.predictions` shows them: a binary model's probability
+/// of its positive class (output `positive_column`; label 1 at 0.5 or
+/// more), a multiclass model's most probable class and its probability, a
+/// regression's value (no label).
+pub fn scores_and_labels(task: Task, positive_column: usize, out: &[f32], width: usize) -> (Vec<f64>, Vec<u32>) {
+    let rows = out.chunks_exact(width.max(1));
+    match task {
+        Task::Binary => rows
+            .map(|row| {
+                let p = row[positive_column.min(row.len() - 1)];
+                (p as f64, (p >= 0.5) as u32)
+            })
+            .unzip(),
+        Task::Multiclass => rows
+            .map(|row| {
+                let (i, p) = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("non-empty row");
+                (*p as f64, i as u32)
+            })
+            .unzip(),
+        Task::Regression => out.iter().map(|&v| (v as f64, NO_LABEL)).unzip(),
+    }
+}
+
 /// The largest disagreement between two outputs of one graph, in the
 /// sense of [`AGREEMENT`] (absolute for probabilities, relative for values).
 pub fn disagreement(a: &[f32], b: &[f32], values: bool) -> f64 {
@@ -287,4 +311,62 @@ pub fn disagreement(a: &[f32], b: &[f32], values: bool) -> f64 {
             }
         })
         .fold(0.0, |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) })
+}
+
+/// A scorer's answer for a batch: a score and a label index per row, and
+/// the class probabilities asked for (empty: none).
+#[derive(Debug, Clone, Copy)]
+pub struct Answer<'a> {
+    pub scores: &'a [f64],
+    pub labels: &'a [u32],
+    pub probabilities: &'a [f64],
+}
+
+/// Whether two scorers answered a batch of a `task` model alike: the same
+/// labels, and scores and probabilities within [`AGREEMENT`] (relative for
+/// a regression's values), the bar the engine's copy of a model is held to
+/// against ONNX Runtime.
+pub fn answers_agree(task: Task, a: Answer<'_>, b: Answer<'_>) -> bool {
+    let narrow = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+    a.labels == b.labels
+        && disagreement(&narrow(a.scores), &narrow(b.scores), task == Task::Regression) <= AGREEMENT
+        && disagreement(&narrow(a.probabilities), &narrow(b.probabilities), false) <= AGREEMENT
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer<'a>(scores: &'a [f64], labels: &'a [u32], probabilities: &'a [f64]) -> Answer<'a> {
+        Answer { scores, labels, probabilities }
+    }
+
+    #[test]
+    fn answers_agree_within_the_bar_and_on_every_label() {
+        let same = answer(&[0.25, 0.75], &[0, 1], &[]);
+        assert!(answers_agree(Task::Binary, same, same));
+        assert!(answers_agree(Task::Binary, same, answer(&[0.25 + 5e-6, 0.75], &[0, 1], &[])));
+        assert!(!answers_agree(Task::Binary, same, answer(&[0.25 + 1e-4, 0.75], &[0, 1], &[])), "a score apart");
+        assert!(!answers_agree(Task::Binary, same, answer(&[0.25, 0.75], &[0, 0], &[])), "a label apart");
+        assert!(!answers_agree(Task::Binary, same, answer(&[0.25], &[0], &[])), "a row missing");
+        let probabilities = answer(&[0.6], &[1], &[0.4, 0.6]);
+        assert!(!answers_agree(Task::Multiclass, probabilities, answer(&[0.6], &[1], &[0.39, 0.6])));
+        // A regression's values agree relative to their size.
+        let values = answer(&[1.0e6], &[NO_LABEL], &[]);
+        assert!(answers_agree(Task::Regression, values, answer(&[1.0e6 + 5.0], &[NO_LABEL], &[])));
+        assert!(!answers_agree(Task::Regression, values, answer(&[1.0e6 + 50.0], &[NO_LABEL], &[])));
+        let nan = answer(&[f64::NAN], &[NO_LABEL], &[]);
+        assert!(answers_agree(Task::Regression, nan, nan), "NaN where both give NaN");
+        assert!(!answers_agree(Task::Regression, nan, values));
+    }
+
+    #[test]
+    fn scores_and_labels_read_each_head() {
+        let (scores, labels) = scores_and_labels(Task::Binary, 0, &[0.2, 0.5, 0.9], 1);
+        assert_eq!((scores, labels), (vec![0.2f32 as f64, 0.5, 0.9f32 as f64], vec![0, 1, 1]));
+        let (scores, labels) = scores_and_labels(Task::Multiclass, 0, &[0.1, 0.7, 0.2, 0.5, 0.25, 0.25], 3);
+        assert_eq!((scores, labels), (vec![0.7f32 as f64, 0.5], vec![1, 0]));
+        let (scores, labels) = scores_and_labels(Task::Regression, 0, &[3.5, -1.0], 1);
+        assert_eq!((scores, labels), (vec![3.5, -1.0], vec![NO_LABEL, NO_LABEL]));
+    }
 }

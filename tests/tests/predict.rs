@@ -1,9 +1,11 @@
 //! One row's score for application code (issue 15): `cerebro.predict`,
 //! `cerebro.predict_label` and `cerebro.predict_proba` equal
-//! `cerebro.predictions` row for row, follow
-//! deployments from one statement to the next, survive a restart of
-//! cerebrod in the same session, work prepared, and fail precisely; and
-//! by-key predictions find their rows through the source's index.
+//! `cerebro.predictions` row for row (scored in the backend, or by cerebrod
+//! for an imported graph), follow deployments from one statement to the
+//! next, go on scoring in the backend while cerebrod is down and survive a
+//! restart of cerebrod in the same session, work prepared, and fail
+//! precisely; and by-key predictions find their rows through the source's
+//! index.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -117,6 +119,16 @@ async fn predict_equals_predictions_for_every_row_and_task() -> anyhow::Result<(
     let imported =
         scores(&db, "SELECT key, label, score FROM cerebro.predictions WHERE model = 'p_tenure_imported'").await?;
     assert_same(&imported, &original, "exported and imported again");
+    // An imported graph is scored by cerebrod (ONNX Runtime), not in the
+    // backend: the same scores row for row.
+    let imported_one_by_one = scores(
+        &db,
+        "SELECT t.customer_id::text, cerebro.predict_label('p_tenure_imported', t),
+                cerebro.predict('p_tenure_imported', t)
+         FROM telco_churn t",
+    )
+    .await?;
+    assert_same(&imported_one_by_one, &original, "an imported graph, one row at a time");
     // A row built in the query, read by column name (where a name first
     // appears), in any order, with columns the model does not read and a
     // NULL feature.
@@ -232,13 +244,22 @@ async fn predict_follows_deployments_from_one_statement_to_the_next() -> anyhow:
     let pinned = format!("SELECT cerebro.predict('p_deployed', t, {v2}) FROM telco_churn t WHERE customer_id = 7");
     assert!(close(db.query_one(&pinned, &[]).await?.get(0), s2), "a version named is the one scored");
 
-    // cerebrod restarted: the session's connection is gone, the next call
-    // opens another.
+    // cerebrod stopped: a version this backend has checked its own copy of
+    // goes on scoring in the backend; a new session has checked nothing,
+    // and with cerebro.score_in_backend off every call goes to cerebrod.
     daemon.stop()?;
+    assert!(close(db.query_one(predict, &[]).await?.get(0), s1), "scored in the backend");
+    let fresh = env.connect().await?;
+    let down = sqlstate(&fresh, predict).await;
+    assert!(down.starts_with("08001"), "a new session checks its copy with cerebrod first: {down}");
+    db.batch_execute("SET cerebro.score_in_backend = off").await?;
     let down = sqlstate(&db, predict).await;
     assert!(down.starts_with("08001"), "{down}");
+    // cerebrod restarted: the session's connection is gone, the next call
+    // opens another.
     daemon = Daemon::start(&env)?;
     assert!(close(db.query_one(predict, &[]).await?.get(0), s1));
+    assert!(close(fresh.query_one(predict, &[]).await?.get(0), s1));
     drop(daemon);
     Ok(())
 }

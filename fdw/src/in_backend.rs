@@ -1,0 +1,105 @@
+//! A model Cerebro trained, scored inside the backend that asks for one
+//! row (`cerebro.predict`, `predict_label`, `predict_proba`).
+//!
+//! Scoring one row through cerebrod costs a round trip (a request, a
+//! wake-up of the daemon, an answer, a wake-up of the backend), which is
+//! most of a call's time and, with many clients on few cores, most of its
+//! CPU; the network itself is a few microseconds of arithmetic. So a
+//! backend rebuilds the engine's copy of a version the first time it
+//! scores it, as cerebrod's own native scorer does (crate `cerebro-model`:
+//! the fitted pipeline from the catalog, the network from the weights its
+//! ONNX file holds), and keeps it while the version stays the one resolved.
+//!
+//! The copy scores nothing until it has answered the version's probe rows
+//! (`NativeModel::probe`: NULLs, NaN, unseen categories, every bin edge)
+//! as cerebrod answers them, to `cerebro_model::native::AGREEMENT`, the
+//! same bar cerebrod sets its own copy against ONNX Runtime. A version
+//! that cannot be rebuilt (imported, a selection's ensemble, a catalog the
+//! engine cannot read) or whose copy disagrees is scored by cerebrod, as
+//! before; `cerebro.score_in_backend = off` sends every row there.
+
+use cerebro_model::features::FeaturePipeline;
+use cerebro_model::native::{answers_agree, scores_and_labels, Answer, NativeModel};
+use cerebro_shared::batch::{ColumnData, ColumnRef};
+use cerebro_shared::spec::{Task, TrainOptions};
+use pgrx::prelude::*;
+use pgrx::JsonB;
+
+use crate::error::{CerebroError, Result};
+use crate::predict::Scored;
+use crate::predictions::ModelVersion;
+
+/// How a backend scores a version it resolved.
+pub(crate) enum Scorer {
+    /// The engine's copy, checked against cerebrod.
+    Backend(Box<NativeModel>),
+    /// cerebrod, and why not the backend (for the log).
+    Daemon(String),
+}
+
+/// The engine's copy of `model`, read from the catalog as the extension's
+/// owner (the caller may use the version: it resolved), or why there is
+/// none. Not yet checked: see [`agrees`].
+pub(crate) fn rebuild(model: &ModelVersion) -> Result<std::result::Result<NativeModel, String>> {
+    let stored = crate::access::as_user_of(&model.name, || {
+        Spi::connect(|client| {
+            let rows = client.select(
+                "SELECT a.bytes, m.pipeline, m.options, m.import_layout IS NOT NULL
+                 FROM cerebro.artifacts a JOIN cerebro.model_versions m ON m.id = a.model_version_id
+                 WHERE m.id = $1 AND a.sha256 = $2",
+                Some(1),
+                &[model.id.into(), model.artifact_sha256.as_str().into()],
+            )?;
+            let Some(row) = rows.into_iter().next() else { return Ok(None) };
+            Ok(Some((
+                row.get::<Vec<u8>>(1)?,
+                row.get::<JsonB>(2)?.map(|j| j.0),
+                row.get::<JsonB>(3)?.map(|j| j.0),
+                row.get::<bool>(4)?.unwrap_or(false),
+            )))
+        })
+    })?;
+    let Some((bytes, pipeline, options, imported)) = stored else {
+        return Ok(Err("its artifact is not in the catalog".into()));
+    };
+    let (Some(bytes), false) = (bytes, imported) else {
+        return Ok(Err("it was imported".into()));
+    };
+    // A selection's ensemble keeps no pipeline: its members keep theirs.
+    let (Some(pipeline), Some(options)) = (pipeline, options) else {
+        return Ok(Err("it has no fitted pipeline of its own (a selection's ensemble)".into()));
+    };
+    let pipeline: FeaturePipeline = match serde_json::from_value(pipeline) {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(format!("its pipeline cannot be read: {e}"))),
+    };
+    let options: TrainOptions = match serde_json::from_value(options) {
+        Ok(o) => o,
+        Err(e) => return Ok(Err(format!("its options cannot be read: {e}"))),
+    };
+    Ok(NativeModel::from_onnx(&bytes, pipeline, &options, model.task, model.class_labels.len())
+        .map_err(|e| e.to_string()))
+}
+
+/// `columns` scored by the engine's copy, as cerebrod answers: a score and
+/// a label index per row, and `classes` probabilities per row (0: none).
+pub(crate) fn score(native: &NativeModel, task: Task, columns: &[ColumnData], classes: u32) -> Result<Scored> {
+    let refs: Vec<ColumnRef<'_>> = columns.iter().map(ColumnData::as_ref).collect();
+    let (out, width) = native.run(&refs).map_err(|e| CerebroError::InBackend(e.to_string()))?;
+    let (scores, labels) = scores_and_labels(task, 0, &out, width);
+    let probabilities = match classes {
+        0 => Vec::new(),
+        c if c as usize == width => out.iter().map(|&p| p as f64).collect(),
+        c => return Err(CerebroError::InBackend(format!("the network has {width} outputs for {c} classes"))),
+    };
+    Ok(Scored { scores, labels, probabilities })
+}
+
+/// Whether the engine's copy answered the probe rows as cerebrod did
+/// (`cerebro_model::native::answers_agree`).
+pub(crate) fn agrees(own: &Scored, daemon: &Scored, task: Task) -> bool {
+    fn answer(s: &Scored) -> Answer<'_> {
+        Answer { scores: &s.scores, labels: &s.labels, probabilities: &s.probabilities }
+    }
+    answers_agree(task, answer(own), answer(daemon))
+}
