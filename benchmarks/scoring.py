@@ -17,8 +17,10 @@ measures:
       (the key, a constant label and score), unscored; (b) the Python
       pipeline that then COPYs its scores back into the table;
   (d) latency percentiles with pgbench -M prepared at 1 and 8 clients: the
-      plain lookup of one row (the floor), cerebro.predict on one row, and
-      by-key predictions.
+      plain lookup of one row (the floor), cerebro.predict on one row (as
+      it runs by default, scored in the backend, and with
+      cerebro.score_in_backend off, each row sent to cerebrod), and by-key
+      predictions.
 
 Every timed part runs REPEATS times; the median counts. Prints one table of
 rows/s and ratios, one of percentiles, and writes both as JSON lines.
@@ -111,7 +113,7 @@ def score_in_batches(session, frame):
     return np.concatenate([session.run(first_output, f)[0] for f in batches(feeds(session, frame), len(frame))])
 
 
-def pgbench(conninfo_args, script, clients, out_dir, name):
+def pgbench(conninfo_args, script, clients, out_dir, name, settings=""):
     path = os.path.join(out_dir, f"{name}.sql")
     with open(path, "w") as f:
         f.write(script)
@@ -123,6 +125,7 @@ def pgbench(conninfo_args, script, clients, out_dir, name):
         ["pgbench", "-n", "-M", "prepared", "-T", str(PGBENCH_SECONDS), "-c", str(clients), "-j", str(min(clients, 2)),
          "-f", path, "--log", f"--log-prefix={prefix}", *conninfo_args],
         check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "PGOPTIONS": settings},
     )
     latencies = []
     for log in os.listdir(out_dir):
@@ -247,16 +250,21 @@ def main():
     params = psycopg.conninfo.conninfo_to_dict(conninfo)
     args = ["-h", params["host"], "-p", str(params["port"]), "-U", params["user"], params["dbname"]]
     keys = f"\\set id random(1, {rows})\n"
+    predict = keys + f"SELECT cerebro.predict('{MODEL}', t) FROM {TABLE} t WHERE id = :id;\n"
     scripts = [
-        ("lookup", keys + f"SELECT tenure FROM {TABLE} WHERE id = :id;\n"),
-        ("predict", keys + f"SELECT cerebro.predict('{MODEL}', t) FROM {TABLE} t WHERE id = :id;\n"),
+        ("lookup", keys + f"SELECT tenure FROM {TABLE} WHERE id = :id;\n", ""),
+        ("predict", predict, ""),
+        # The same calls, each row sent to cerebrod: what scoring in the
+        # backend saves.
+        ("predict, score_in_backend off", predict, "-c cerebro.score_in_backend=off"),
         ("by_key", keys + f"SELECT score FROM cerebro.predictions WHERE model = '{MODEL}' AND source = '{TABLE}' "
-                          f"AND key_column = 'id' AND key = :id::text;\n"),
+                          f"AND key_column = 'id' AND key = :id::text;\n", ""),
     ]
     print(f"\n{'one row, pgbench -M prepared, ' + str(PGBENCH_SECONDS) + ' s':42} {'clients':>7} {'p50 µs':>8} {'p99 µs':>8} {'calls/s':>9}")
-    for name, script in scripts:
+    for name, script, settings in scripts:
         for clients in (1, 8):
-            r = pgbench(args, script, clients, out_dir, name)
+            r = pgbench(args, script, clients, out_dir, name.replace(", ", "_").replace(" ", "_"), settings)
+            r["what"] = name
             print(f"{name:42} {clients:>7} {r['p50_us']:>8,} {r['p99_us']:>8,} {r['calls_per_s']:>9,.0f}", flush=True)
             lines.append(r)
     with open(os.path.join(out_dir, "scoring.jsonl"), "w") as f:
