@@ -9,8 +9,9 @@ pub static BATCH_ROWS: GucSetting<i32> = GucSetting::<i32>::new(8192);
 /// How long a backend waits for one answer from cerebrod, in milliseconds.
 pub static SCORING_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 
-/// Whether a backend scores `cerebro.predict`'s rows with its own copy of
-/// a model Cerebro trained, once the copy answers as cerebrod does.
+/// Whether a backend scores `cerebro.predict`'s rows, and a by-key scan's,
+/// with its own copy of a model Cerebro trained, once the copy answers as
+/// cerebrod does.
 pub static SCORE_IN_BACKEND: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 /// Most candidates one selection INSERT may queue.
@@ -118,9 +119,10 @@ pub fn init() {
     );
     GucRegistry::define_bool_guc(
         c"cerebro.score_in_backend",
-        c"Whether cerebro.predict scores rows in the backend with its own copy of the model.",
-        c"The copy is built once per backend and version, and used only after it scores the version's probe rows \
-          as cerebrod does; imported models and selection ensembles are always scored by cerebrod.",
+        c"Whether cerebro.predict and by-key scans of cerebro.predictions score rows in the backend.",
+        c"With the backend's own copy of the model, built once per backend and version and used only after it \
+          scores the version's probe rows as cerebrod does; imported models and selection ensembles are always \
+          scored by cerebrod.",
         &SCORE_IN_BACKEND,
         GucContext::Userset,
         GucFlags::default(),

@@ -1,5 +1,6 @@
 //! A model Cerebro trained, scored inside the backend that asks for one
-//! row (`cerebro.predict`, `predict_label`, `predict_proba`).
+//! row (`cerebro.predict`, `predict_label`, `predict_proba`) or a few by
+//! key (`cerebro.predictions ... WHERE key = ...`).
 //!
 //! Scoring one row through cerebrod costs a round trip (a request, a
 //! wake-up of the daemon, an answer, a wake-up of the backend), which is
@@ -16,14 +17,15 @@
 //! same bar cerebrod sets its own copy against ONNX Runtime. A version
 //! that cannot be rebuilt (imported, a selection's ensemble, a catalog the
 //! engine cannot read) or whose copy disagrees is scored by cerebrod, as
-//! before; `cerebro.score_in_backend = off` sends every row there.
+//! before; `cerebro.score_in_backend = off` sends every row there. A scan
+//! of a whole source, or one that explains its rows, is always cerebrod's:
+//! there the backend reads the next batch while cerebrod scores this one.
 
 use cerebro_model::features::FeaturePipeline;
 use cerebro_model::native::{answers_agree, scores_and_labels, Answer, NativeModel};
-use cerebro_shared::batch::{ColumnData, ColumnRef};
+use cerebro_shared::batch::ColumnRef;
 use cerebro_shared::spec::{Task, TrainOptions};
 use pgrx::prelude::*;
-use pgrx::JsonB;
 
 use crate::error::{CerebroError, Result};
 use crate::predict::Scored;
@@ -43,8 +45,11 @@ pub(crate) enum Scorer {
 pub(crate) fn rebuild(model: &ModelVersion) -> Result<std::result::Result<NativeModel, String>> {
     let stored = crate::access::as_user_of(&model.name, || {
         Spi::connect(|client| {
+            // The pipeline's vocabularies are the source's text: read as
+            // UTF-8 whatever the database's encoding, as cerebrod reads them.
             let rows = client.select(
-                "SELECT a.bytes, m.pipeline, m.options, m.import_layout IS NOT NULL
+                "SELECT a.bytes, pg_catalog.convert_to(m.pipeline::text, 'UTF8'),
+                        pg_catalog.convert_to(m.options::text, 'UTF8'), m.import_layout IS NOT NULL
                  FROM cerebro.artifacts a JOIN cerebro.model_versions m ON m.id = a.model_version_id
                  WHERE m.id = $1 AND a.sha256 = $2",
                 Some(1),
@@ -53,8 +58,8 @@ pub(crate) fn rebuild(model: &ModelVersion) -> Result<std::result::Result<Native
             let Some(row) = rows.into_iter().next() else { return Ok(None) };
             Ok(Some((
                 row.get::<Vec<u8>>(1)?,
-                row.get::<JsonB>(2)?.map(|j| j.0),
-                row.get::<JsonB>(3)?.map(|j| j.0),
+                row.get::<Vec<u8>>(2)?,
+                row.get::<Vec<u8>>(3)?,
                 row.get::<bool>(4)?.unwrap_or(false),
             )))
         })
@@ -69,11 +74,11 @@ pub(crate) fn rebuild(model: &ModelVersion) -> Result<std::result::Result<Native
     let (Some(pipeline), Some(options)) = (pipeline, options) else {
         return Ok(Err("it has no fitted pipeline of its own (a selection's ensemble)".into()));
     };
-    let pipeline: FeaturePipeline = match serde_json::from_value(pipeline) {
+    let pipeline: FeaturePipeline = match serde_json::from_slice(&pipeline) {
         Ok(p) => p,
         Err(e) => return Ok(Err(format!("its pipeline cannot be read: {e}"))),
     };
-    let options: TrainOptions = match serde_json::from_value(options) {
+    let options: TrainOptions = match serde_json::from_slice(&options) {
         Ok(o) => o,
         Err(e) => return Ok(Err(format!("its options cannot be read: {e}"))),
     };
@@ -83,9 +88,8 @@ pub(crate) fn rebuild(model: &ModelVersion) -> Result<std::result::Result<Native
 
 /// `columns` scored by the engine's copy, as cerebrod answers: a score and
 /// a label index per row, and `classes` probabilities per row (0: none).
-pub(crate) fn score(native: &NativeModel, task: Task, columns: &[ColumnData], classes: u32) -> Result<Scored> {
-    let refs: Vec<ColumnRef<'_>> = columns.iter().map(ColumnData::as_ref).collect();
-    let (out, width) = native.run(&refs).map_err(|e| CerebroError::InBackend(e.to_string()))?;
+pub(crate) fn score(native: &NativeModel, task: Task, columns: &[ColumnRef<'_>], classes: u32) -> Result<Scored> {
+    let (out, width) = native.run(columns).map_err(|e| CerebroError::InBackend(e.to_string()))?;
     let (scores, labels) = scores_and_labels(task, 0, &out, width);
     let probabilities = match classes {
         0 => Vec::new(),

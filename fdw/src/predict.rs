@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use cerebro_shared::batch::{
-    plan_packed, read_outputs, read_probabilities, write_packed, ColumnData, PackedColumn, NO_LABEL,
+    plan_packed, read_outputs, read_probabilities, write_packed, ColumnData, ColumnRef, PackedColumn, NO_LABEL,
 };
 use cerebro_shared::protocol::{Request, Response, ScoreRequest};
 use cerebro_shared::spec::{FeatureKind, Task};
@@ -72,8 +72,9 @@ impl Backend {
                 let classes = if model.task == Task::Multiclass { model.class_labels.len() as u32 } else { 0 };
                 // Only a failure to reach cerebrod fails the call: the row
                 // itself needs it then.
+                let refs: Vec<ColumnRef<'_>> = probe.iter().map(ColumnData::as_ref).collect();
                 match (
-                    in_backend::score(&native, model.task, &probe, classes),
+                    in_backend::score(&native, model.task, &refs, classes),
                     self.through_daemon(model, &probe, classes),
                 ) {
                     (_, Err(e @ CerebroError::Daemon(_))) => Scorer::Daemon(format!("the probe rows: {e}")),
@@ -130,6 +131,18 @@ impl Backend {
             }
         })
     }
+}
+
+/// The backend's own copy of `model`, when the backend scores it (see
+/// `Backend::scorer`), for a by-key scan of `cerebro.predictions`.
+pub(crate) fn backend_copy(model: &ModelVersion) -> Result<Option<Rc<Scorer>>> {
+    // Busy only if a call of cerebro.predict is under way further up this
+    // backend's stack: the scan then goes to cerebrod.
+    let Some(scorer) = BACKEND.with(|backend| backend.try_borrow_mut().ok().map(|mut b| b.scorer(model))) else {
+        return Ok(None);
+    };
+    let scorer = scorer?;
+    Ok(matches!(*scorer, Scorer::Backend(_)).then_some(scorer))
 }
 
 /// A connection to cerebrod and its one region.
@@ -224,7 +237,10 @@ fn predict_row(
             _ => 0,
         };
         let scored = match &*backend.scorer(&model)? {
-            Scorer::Backend(native) => in_backend::score(native, model.task, &columns, classes)?,
+            Scorer::Backend(native) => {
+                let refs: Vec<ColumnRef<'_>> = columns.iter().map(ColumnData::as_ref).collect();
+                in_backend::score(native, model.task, &refs, classes)?
+            }
             Scorer::Daemon(_) => backend.through_daemon(&model, &columns, classes)?,
         };
         let (Some(&score), Some(&label)) = (scored.scores.first(), scored.labels.first()) else {

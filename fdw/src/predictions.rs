@@ -12,8 +12,8 @@ use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 
 use cerebro_shared::batch::{
-    plan_explained, read_explanations, read_outputs, read_probabilities, write_packed, BatchLayout, PackedColumn,
-    NO_LABEL,
+    plan_explained, read_explanations, read_outputs, read_probabilities, write_packed, BatchLayout, ColumnRef,
+    PackedColumn, NO_LABEL,
 };
 use cerebro_shared::explanation::{explain_row, Shown, DEFAULT_TOP_K, EXPLAIN_BATCH_ROWS};
 use cerebro_shared::protocol::{Request, Response, ScoreRequest};
@@ -29,6 +29,7 @@ use crate::error::{CerebroError, Result};
 use crate::explanation::explanation_jsonb;
 use crate::fetch::{fetch_into, reads_as_number};
 use crate::gucs;
+use crate::in_backend::{self, Scorer};
 use crate::sources::{check_own_source, resolve_source, BaseType, Source};
 
 /// Query parameters taken from the WHERE clause.
@@ -378,6 +379,9 @@ pub struct PredictionScan {
     classes: u32,
     /// cerebrod's socket, which the session is kept for when the scan ends.
     socket: String,
+    /// The backend's own copy of the model, which scores a by-key scan's
+    /// rows without cerebrod (`in_backend`); None: cerebrod scores them.
+    own_copy: Option<Rc<Scorer>>,
     /// What explaining a row works in, kept from row to row.
     explaining: Scratch,
 }
@@ -457,7 +461,14 @@ impl PredictionScan {
             rows if explain => rows.min(EXPLAIN_BATCH_ROWS as i64),
             rows => rows,
         };
-        let session: SharedSession = Rc::new(RefCell::new(Session::open(socket)?));
+        // A few rows by key score in the backend when it has a copy of the
+        // model; a whole source, or explanations, go to cerebrod.
+        let own_copy = match params.keys {
+            Some(_) if !explain => crate::predict::backend_copy(&model)?,
+            _ => None,
+        };
+        let session = if own_copy.is_some() { Session::default() } else { Session::open(socket)? };
+        let session: SharedSession = Rc::new(RefCell::new(session));
         let on_abort = AssertUnwindSafe(session.clone());
         register_xact_callback(PgXactCallbackEvent::Abort, move || {
             // Bind the whole wrapper: a closure capturing only `.0` would lose
@@ -481,6 +492,7 @@ impl PredictionScan {
             inflight: None,
             source_done: false,
             socket: socket.to_owned(),
+            own_copy,
             explaining: Scratch::default(),
             classes: match model.task {
                 Task::Multiclass if probabilities => model.class_labels.len() as u32,
@@ -603,6 +615,9 @@ impl PredictionScan {
 
     /// Makes the next batch's results current; false when the scan is done.
     fn advance(&mut self) -> Result<bool> {
+        if let Some(scorer) = self.own_copy.clone() {
+            return self.advance_in_backend(&scorer);
+        }
         if self.inflight.is_none() {
             match self.prepare(0)? {
                 Some(mut b) => {
@@ -622,6 +637,27 @@ impl PredictionScan {
             self.submit(&next)?;
             self.inflight = Some(next);
         }
+        Ok(true)
+    }
+
+    /// [`PredictionScan::advance`] with the backend's own copy of the
+    /// model: the next batch scored where it was read.
+    fn advance_in_backend(&mut self, scorer: &Scorer) -> Result<bool> {
+        let Scorer::Backend(native) = scorer else { unreachable!("only a copy the backend scores with is kept") };
+        // No region is attached, so the batch stays unwritten.
+        let Some(mut batch) = self.prepare(0)? else { return Ok(false) };
+        let columns = batch.unwritten.take().expect("a batch without a region is not written");
+        let refs: Vec<ColumnRef<'_>> = columns.iter().map(PackedColumn::as_ref).collect();
+        let scored = in_backend::score(native, self.model.task, &refs, self.classes)?;
+        drop(refs);
+        self.spare = columns;
+        self.current = Scored {
+            keys: Some(batch.keys),
+            scores: scored.scores,
+            labels: scored.labels,
+            probabilities: scored.probabilities,
+            ..Scored::default()
+        };
         Ok(true)
     }
 

@@ -266,6 +266,16 @@ impl PackedColumn {
         }
     }
 
+    /// The column as a [`ColumnRef`]: numbers copied out (NULL as `None`),
+    /// text borrowed.
+    pub fn as_ref(&self) -> ColumnRef<'_> {
+        let rows = 0..self.len();
+        match self {
+            PackedColumn::Float64 { .. } => ColumnRef::Float64(Cow::Owned(rows.map(|r| self.f64_at(r)).collect())),
+            PackedColumn::Text { .. } => ColumnRef::Text(rows.map(|r| self.text_at(r)).collect()),
+        }
+    }
+
     /// Empties the column, keeping its allocations for the next batch.
     pub fn clear(&mut self) {
         match self {
@@ -779,6 +789,8 @@ mod tests {
         assert_eq!(read_batch(&layout, &region).unwrap(), cols);
         let borrowed = read_batch_ref(&layout, &region).unwrap();
         assert_eq!(borrowed, cols.iter().map(ColumnData::as_ref).collect::<Vec<_>>());
+        // Read in place, as the backend scores a batch itself.
+        assert_eq!(packed.iter().map(PackedColumn::as_ref).collect::<Vec<_>>(), borrowed);
     }
 
     #[test]

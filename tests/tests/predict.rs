@@ -180,8 +180,9 @@ async fn check_probabilities(db: &Client, name: &str, scored: &Scores) -> anyhow
     Ok(())
 }
 
-/// `cerebro.predict_proba` of each row equals the `probabilities` that
-/// `cerebro.predictions` gives it (to 1e-6), NULL for regression.
+/// `cerebro.predict_proba` of each row, and a by-key scan of a few, equal
+/// the `probabilities` that `cerebro.predictions` gives them (to 1e-6),
+/// NULL for regression.
 async fn check_predict_proba(db: &Client, name: &str) -> anyhow::Result<()> {
     let probabilities = |sql: String| async move {
         let rows = db.query(&sql, &[]).await?;
@@ -204,6 +205,22 @@ async fn check_predict_proba(db: &Client, name: &str) -> anyhow::Result<()> {
             }
             (None, None) => {}
             _ => panic!("{name}: key {key}: {found:?} against {expected:?}"),
+        }
+    }
+    // A few keys, scored by the backend's own copy: the same again.
+    let keys = (1..=50).map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ");
+    let by_key = probabilities(format!(
+        "SELECT key, probabilities FROM cerebro.predictions WHERE model = '{name}' AND key IN ({keys})"
+    ))
+    .await?;
+    assert_eq!(by_key.len(), 50, "{name}");
+    for (key, found) in &by_key {
+        match (found, &batch[key]) {
+            (Some(f), Some(e)) => {
+                assert!(f.iter().zip(e).all(|(a, b)| (a - b).abs() <= 1e-6), "{name}: key {key}: {f:?} against {e:?}")
+            }
+            (None, None) => {}
+            (found, expected) => panic!("{name}: key {key}: {found:?} against {expected:?}"),
         }
     }
     Ok(())
@@ -335,13 +352,16 @@ async fn predict_works_prepared_and_by_key_predictions_use_the_index() -> anyhow
 /// A backend keeps the connection of a scan that ended with nothing in
 /// flight for its next scan: scans after a LIMIT (which leaves a batch in
 /// flight), after an ERROR mid-scan and after cerebrod restarted between
-/// two queries all score what a fresh connection scores.
+/// two queries all score what a fresh connection scores. (By-key scans
+/// reach cerebrod here because `cerebro.score_in_backend` is off; on, they
+/// score in the backend, even with cerebrod down.)
 #[tokio::test(flavor = "multi_thread")]
 async fn by_key_scans_keep_their_connection_across_limits_errors_and_restarts() -> anyhow::Result<()> {
     let env = Env::from_env();
     let db = env.connect().await?;
     let mut daemon = Daemon::start(&env)?;
     train(&db, "p_kept", "churn", r#"{"epochs": 2}"#).await?;
+    db.batch_execute("SET cerebro.score_in_backend = off").await?;
     let batch = scores(&db, "SELECT key, label, score FROM cerebro.predictions WHERE model = 'p_kept'").await?;
     let by_key =
         db.prepare("SELECT key, label, score FROM cerebro.predictions WHERE model = 'p_kept' AND key = $1").await?;
@@ -368,6 +388,24 @@ async fn by_key_scans_keep_their_connection_across_limits_errors_and_restarts() 
     daemon.stop()?;
     daemon = Daemon::start(&env)?;
     check(db.query(&by_key, &[&"7"]).await?, "7");
+
+    // In the backend: a few keys score with the backend's own copy of the
+    // model, checked against cerebrod once, and go on while cerebrod is
+    // down; a scan of the whole source still needs cerebrod.
+    db.batch_execute("SET cerebro.score_in_backend = on").await?;
+    check(db.query(&by_key, &[&"8"]).await?, "8");
+    daemon.stop()?;
+    check(db.query(&by_key, &[&"9"]).await?, "9");
+    let several = db
+        .query("SELECT key, label, score FROM cerebro.predictions WHERE model = 'p_kept' AND key IN ('10', '11')", &[])
+        .await?;
+    assert_eq!(several.len(), 2);
+    for row in several {
+        let key: String = row.get(0);
+        check(vec![row], &key);
+    }
+    let whole = sqlstate(&db, "SELECT count(*) FROM cerebro.predictions WHERE model = 'p_kept'").await;
+    assert!(whole.starts_with("08001"), "{whole}");
     drop(daemon);
     Ok(())
 }
