@@ -39,40 +39,52 @@ pub(crate) enum Scorer {
     Daemon(String),
 }
 
-/// The engine's copy of `model`, read from the catalog as the extension's
-/// owner (the caller may use the version: it resolved), or why there is
-/// none. Not yet checked: see [`agrees`].
-pub(crate) fn rebuild(model: &ModelVersion) -> Result<std::result::Result<NativeModel, String>> {
+/// The engine's copy of `model` and the size of its ONNX file, read from
+/// the catalog as the extension's owner (the caller may use the version:
+/// it resolved), or why there is none: the file is read only for a version
+/// Cerebro trained alone, of at most `max_bytes`. Not yet checked: see
+/// [`agrees`].
+pub(crate) fn rebuild(
+    model: &ModelVersion,
+    max_bytes: usize,
+) -> Result<std::result::Result<(NativeModel, usize), String>> {
     let stored = crate::access::as_user_of(&model.name, || {
         Spi::connect(|client| {
             // The pipeline's vocabularies are the source's text: read as
             // UTF-8 whatever the database's encoding, as cerebrod reads them.
             let rows = client.select(
-                "SELECT a.bytes, pg_catalog.convert_to(m.pipeline::text, 'UTF8'),
-                        pg_catalog.convert_to(m.options::text, 'UTF8'), m.import_layout IS NOT NULL
+                "SELECT m.import_layout IS NOT NULL, a.size_bytes,
+                        CASE WHEN m.import_layout IS NULL AND m.pipeline IS NOT NULL AND a.size_bytes <= $3
+                             THEN a.bytes END,
+                        pg_catalog.convert_to(m.pipeline::text, 'UTF8'),
+                        pg_catalog.convert_to(m.options::text, 'UTF8')
                  FROM cerebro.artifacts a JOIN cerebro.model_versions m ON m.id = a.model_version_id
                  WHERE m.id = $1 AND a.sha256 = $2",
                 Some(1),
-                &[model.id.into(), model.artifact_sha256.as_str().into()],
+                &[model.id.into(), model.artifact_sha256.as_str().into(), (max_bytes as i64).into()],
             )?;
             let Some(row) = rows.into_iter().next() else { return Ok(None) };
             Ok(Some((
-                row.get::<Vec<u8>>(1)?,
-                row.get::<Vec<u8>>(2)?,
+                row.get::<bool>(1)?.unwrap_or(false),
+                row.get::<i64>(2)?.unwrap_or(0).max(0) as usize,
                 row.get::<Vec<u8>>(3)?,
-                row.get::<bool>(4)?.unwrap_or(false),
+                row.get::<Vec<u8>>(4)?,
+                row.get::<Vec<u8>>(5)?,
             )))
         })
     })?;
-    let Some((bytes, pipeline, options, imported)) = stored else {
+    let Some((imported, size, bytes, pipeline, options)) = stored else {
         return Ok(Err("its artifact is not in the catalog".into()));
     };
-    let (Some(bytes), false) = (bytes, imported) else {
+    if imported {
         return Ok(Err("it was imported".into()));
-    };
+    }
     // A selection's ensemble keeps no pipeline: its members keep theirs.
     let (Some(pipeline), Some(options)) = (pipeline, options) else {
         return Ok(Err("it has no fitted pipeline of its own (a selection's ensemble)".into()));
+    };
+    let Some(bytes) = bytes else {
+        return Ok(Err(format!("its ONNX file ({size} bytes) is larger than a backend keeps ({max_bytes})")));
     };
     let pipeline: FeaturePipeline = match serde_json::from_slice(&pipeline) {
         Ok(p) => p,
@@ -83,6 +95,7 @@ pub(crate) fn rebuild(model: &ModelVersion) -> Result<std::result::Result<Native
         Err(e) => return Ok(Err(format!("its options cannot be read: {e}"))),
     };
     Ok(NativeModel::from_onnx(&bytes, pipeline, &options, model.task, model.class_labels.len())
+        .map(|native| (native, size))
         .map_err(|e| e.to_string()))
 }
 

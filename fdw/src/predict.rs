@@ -48,15 +48,23 @@ struct Backend {
     /// How each version this backend scored is scored, by version id,
     /// with the artifact it was decided for.
     scorers: HashMap<i64, (String, Rc<Scorer>)>,
+    /// The ONNX bytes of the copies `scorers` keeps, in all: a measure of
+    /// the memory they take.
+    kept_bytes: usize,
 }
 
 /// Most versions a backend keeps a scorer for; past it, it starts over.
 const MAX_SCORERS: usize = 64;
+/// Most ONNX bytes of the copies a backend keeps (the networks' weights,
+/// about as much again once rebuilt); past it, it starts over. Memory a
+/// backend's Rust code allocates is outside PostgreSQL's accounting.
+const MAX_KEPT_BYTES: usize = 64 << 20;
 
 impl Backend {
     /// How to score `model`: the engine's copy once it has answered the
-    /// probe rows as cerebrod does, else cerebrod (see `in_backend`).
-    fn scorer(&mut self, model: &ModelVersion) -> Result<Rc<Scorer>> {
+    /// probe rows as cerebrod does (asked at `socket`), else cerebrod (see
+    /// `in_backend`).
+    fn scorer(&mut self, model: &ModelVersion, socket: &str) -> Result<Rc<Scorer>> {
         if !gucs::SCORE_IN_BACKEND.get() {
             return Ok(Rc::new(Scorer::Daemon("cerebro.score_in_backend is off".into())));
         }
@@ -65,9 +73,9 @@ impl Backend {
                 return Ok(Rc::clone(scorer));
             }
         }
-        let scorer = match in_backend::rebuild(model)? {
-            Err(why) => Scorer::Daemon(why),
-            Ok(native) => {
+        let (scorer, bytes) = match in_backend::rebuild(model, MAX_KEPT_BYTES)? {
+            Err(why) => (Scorer::Daemon(why), 0),
+            Ok((native, bytes)) => {
                 let probe = native.probe();
                 let classes = if model.task == Task::Multiclass { model.class_labels.len() as u32 } else { 0 };
                 // Only a failure to reach cerebrod fails the call: the row
@@ -75,16 +83,21 @@ impl Backend {
                 let refs: Vec<ColumnRef<'_>> = probe.iter().map(ColumnData::as_ref).collect();
                 match (
                     in_backend::score(&native, model.task, &refs, classes),
-                    self.through_daemon(model, &probe, classes),
+                    self.through_daemon(model, &probe, classes, socket),
                 ) {
-                    (_, Err(e @ CerebroError::Daemon(_))) => Scorer::Daemon(format!("the probe rows: {e}")),
+                    // cerebrod may be busy or still loading the model: not
+                    // decided, asked again at the next call.
+                    (_, Err(e @ CerebroError::Daemon(_))) => {
+                        debug1!("model \"{}\" version {}: the probe rows: {e}", model.name, model.version);
+                        return Ok(Rc::new(Scorer::Daemon(e.to_string())));
+                    }
                     (_, Err(e)) => return Err(e),
-                    (Err(e), Ok(_)) => Scorer::Daemon(e.to_string()),
+                    (Err(e), Ok(_)) => (Scorer::Daemon(e.to_string()), 0),
                     (Ok(own), Ok(daemon)) if in_backend::agrees(&own, &daemon, model.task) => {
-                        Scorer::Backend(Box::new(native))
+                        (Scorer::Backend(Box::new(native)), bytes)
                     }
                     (Ok(_), Ok(_)) => {
-                        Scorer::Daemon("the backend's copy scores the probe rows otherwise than cerebrod".into())
+                        (Scorer::Daemon("the backend's copy scores the probe rows otherwise than cerebrod".into()), 0)
                     }
                 }
             }
@@ -92,25 +105,33 @@ impl Backend {
         if let Scorer::Daemon(why) = &scorer {
             debug1!("model \"{}\" version {}: scored by cerebrod: {why}", model.name, model.version);
         }
-        if self.scorers.len() >= MAX_SCORERS {
+        if self.scorers.len() >= MAX_SCORERS || self.kept_bytes + bytes > MAX_KEPT_BYTES {
             self.scorers.clear();
+            self.kept_bytes = 0;
         }
+        self.kept_bytes += bytes;
         let scorer = Rc::new(scorer);
         self.scorers.insert(model.id, (model.artifact_sha256.clone(), Rc::clone(&scorer)));
         Ok(scorer)
     }
 
-    /// `columns` scored by cerebrod. A connection in doubt is dropped; one
-    /// found closed (cerebrod restarted) is opened again once, since
-    /// scoring changes nothing.
-    fn through_daemon(&mut self, model: &ModelVersion, columns: &[ColumnData], classes: u32) -> Result<Scored> {
-        if self.link.as_ref().is_some_and(|l| l.in_doubt) {
+    /// `columns` scored by cerebrod at `socket`. A connection in doubt, or
+    /// to another socket, is dropped; one found closed (cerebrod restarted)
+    /// is opened again once, since scoring changes nothing.
+    fn through_daemon(
+        &mut self,
+        model: &ModelVersion,
+        columns: &[ColumnData],
+        classes: u32,
+        socket: &str,
+    ) -> Result<Scored> {
+        if self.link.as_ref().is_some_and(|l| l.in_doubt || l.socket != socket) {
             self.link = None;
         }
         let reused = self.link.is_some();
         let attempt = |backend: &mut Backend| -> Result<Scored> {
             if backend.link.is_none() {
-                backend.link = Some(Link::open()?);
+                backend.link = Some(Link::open(socket)?);
             }
             let link = backend.link.as_mut().expect("opened above");
             link.score(model, columns, classes)
@@ -134,11 +155,13 @@ impl Backend {
 }
 
 /// The backend's own copy of `model`, when the backend scores it (see
-/// `Backend::scorer`), for a by-key scan of `cerebro.predictions`.
-pub(crate) fn backend_copy(model: &ModelVersion) -> Result<Option<Rc<Scorer>>> {
+/// `Backend::scorer`; cerebrod asked at the scan's `socket`), for a by-key
+/// scan of `cerebro.predictions`.
+pub(crate) fn backend_copy(model: &ModelVersion, socket: &str) -> Result<Option<Rc<Scorer>>> {
     // Busy only if a call of cerebro.predict is under way further up this
     // backend's stack: the scan then goes to cerebrod.
-    let Some(scorer) = BACKEND.with(|backend| backend.try_borrow_mut().ok().map(|mut b| b.scorer(model))) else {
+    let Some(scorer) = BACKEND.with(|backend| backend.try_borrow_mut().ok().map(|mut b| b.scorer(model, socket)))
+    else {
         return Ok(None);
     };
     let scorer = scorer?;
@@ -147,6 +170,8 @@ pub(crate) fn backend_copy(model: &ModelVersion) -> Result<Option<Rc<Scorer>>> {
 
 /// A connection to cerebrod and its one region.
 struct Link {
+    /// cerebrod's socket it is connected to.
+    socket: String,
     client: DaemonClient,
     region: Region,
     /// A request went out and its answer has not been read: an ERROR (a
@@ -155,12 +180,11 @@ struct Link {
 }
 
 impl Link {
-    fn open() -> Result<Link> {
-        let socket = crate::daemon_client::server_socket()?;
-        let mut client = DaemonClient::connect(&socket, gucs::SCORING_TIMEOUT_MS.get())?;
+    fn open(socket: &str) -> Result<Link> {
+        let mut client = DaemonClient::connect(socket, gucs::SCORING_TIMEOUT_MS.get())?;
         let region = Region::create(REGION_BYTES)?;
         client.attach(0, &region)?;
-        Ok(Link { client, region, in_doubt: false })
+        Ok(Link { socket: socket.to_owned(), client, region, in_doubt: false })
     }
 
     /// Scores one batch: the scores and labels of its rows, and `classes`
@@ -236,12 +260,15 @@ fn predict_row(
             Task::Multiclass if probabilities => model.class_labels.len() as u32,
             _ => 0,
         };
-        let scored = match &*backend.scorer(&model)? {
+        // The server the extension's scripts create; a scan asks the one
+        // its table names.
+        let socket = crate::daemon_client::server_socket()?;
+        let scored = match &*backend.scorer(&model, &socket)? {
             Scorer::Backend(native) => {
                 let refs: Vec<ColumnRef<'_>> = columns.iter().map(ColumnData::as_ref).collect();
                 in_backend::score(native, model.task, &refs, classes)?
             }
-            Scorer::Daemon(_) => backend.through_daemon(&model, &columns, classes)?,
+            Scorer::Daemon(_) => backend.through_daemon(&model, &columns, classes, &socket)?,
         };
         let (Some(&score), Some(&label)) = (scored.scores.first(), scored.labels.first()) else {
             return Err(CerebroError::Protocol("cerebrod scored no row".into()));

@@ -343,6 +343,9 @@ impl Output {
     }
 }
 
+/// Most keys a scan scores in the backend (see `PredictionScan::begin`).
+const MAX_KEYS_IN_BACKEND: usize = 1024;
+
 /// A text datum of `bytes` (in the database's encoding), made in the
 /// current memory context.
 pub(crate) fn text_datum(bytes: &[u8]) -> pg_sys::Datum {
@@ -462,9 +465,12 @@ impl PredictionScan {
             rows => rows,
         };
         // A few rows by key score in the backend when it has a copy of the
-        // model; a whole source, or explanations, go to cerebrod.
-        let own_copy = match params.keys {
-            Some(_) if !explain => crate::predict::backend_copy(&model)?,
+        // model; a whole source, many keys, or explanations go to cerebrod,
+        // which scores one batch while the backend reads the next.
+        let own_copy = match &params.keys {
+            Some(keys) if !explain && keys.len() <= MAX_KEYS_IN_BACKEND => {
+                crate::predict::backend_copy(&model, socket)?
+            }
             _ => None,
         };
         let session = if own_copy.is_some() { Session::default() } else { Session::open(socket)? };

@@ -420,17 +420,17 @@ impl FeaturePipeline {
                     }
                 }
                 (Encoder::Categorical { vocabulary }, ColumnRef::Text(values)) => {
-                    let index = index_of(vocabulary);
+                    let index = Lookup::of(vocabulary, values.len());
                     for (r, v) in values.iter().enumerate() {
-                        if let Some(&i) = index.get(v.unwrap_or(NULL_CATEGORY.as_bytes())) {
+                        if let Some(i) = index.get(v.unwrap_or(NULL_CATEGORY.as_bytes())) {
                             x[r * width + offset + i] = 1.0;
                         }
                     }
                 }
                 (Encoder::Embedding { vocabulary, .. }, ColumnRef::Text(values)) => {
-                    let index = index_of(vocabulary);
+                    let index = Lookup::of(vocabulary, values.len());
                     for (r, v) in values.iter().enumerate() {
-                        let code = index.get(v.unwrap_or(NULL_CATEGORY.as_bytes())).copied();
+                        let code = index.get(v.unwrap_or(NULL_CATEGORY.as_bytes()));
                         codes[r * code_cols + code_col] = code.unwrap_or(vocabulary.len()) as u32;
                     }
                     code_col += 1;
@@ -449,8 +449,32 @@ impl FeaturePipeline {
     }
 }
 
-fn index_of(vocabulary: &[String]) -> rustc_hash::FxHashMap<&[u8], usize> {
-    vocabulary.iter().enumerate().map(|(i, v)| (v.as_bytes(), i)).collect()
+/// Rows below which a category is looked up by comparing it with each
+/// value of the vocabulary: hashing the whole vocabulary would cost more
+/// than the comparisons (one row scored in a backend, a few by key).
+const SCAN_BELOW_ROWS: usize = 8;
+
+/// A category's index in a vocabulary.
+enum Lookup<'v> {
+    Scan(&'v [String]),
+    Map(rustc_hash::FxHashMap<&'v [u8], usize>),
+}
+
+impl<'v> Lookup<'v> {
+    fn of(vocabulary: &'v [String], rows: usize) -> Lookup<'v> {
+        if rows < SCAN_BELOW_ROWS {
+            Lookup::Scan(vocabulary)
+        } else {
+            Lookup::Map(vocabulary.iter().enumerate().map(|(i, v)| (v.as_bytes(), i)).collect())
+        }
+    }
+
+    fn get(&self, value: &[u8]) -> Option<usize> {
+        match self {
+            Lookup::Scan(vocabulary) => vocabulary.iter().position(|v| v.as_bytes() == value),
+            Lookup::Map(index) => index.get(value).copied(),
+        }
+    }
 }
 
 /// The row count of columns of lengths `lens`, `expected` of them.
@@ -663,6 +687,13 @@ mod tests {
         assert_eq!(vocabulary[0], NULL_CATEGORY);
         let onehot = FeaturePipeline::fit(&f, &cols, &[0, 1], &opts(serde_json::json!({"encodings": {"c": "onehot"}})));
         assert_eq!(onehot.unwrap().width(), 2);
+        // A row alone looks its category up by comparison, a batch through
+        // a hash of the vocabulary: the same codes either way.
+        let batch: Vec<Option<String>> = (0..30).map(|i| (i % 7 != 0).then(|| format!("c{}", i % 23))).collect();
+        let together = p.transform(&[ColumnData::Text(batch.clone())]).unwrap().codes;
+        let alone: Vec<u32> =
+            batch.into_iter().flat_map(|v| p.transform(&[ColumnData::Text(vec![v])]).unwrap().codes).collect();
+        assert_eq!(alone, together);
     }
 
     #[test]

@@ -62,7 +62,8 @@ async fn sqlstate(db: &Client, sql: &str) -> String {
 async fn predict_equals_predictions_for_every_row_and_task() -> anyhow::Result<()> {
     let env = Env::from_env();
     let db = env.connect().await?;
-    let _daemon = Daemon::start(&env)?;
+    let mut daemon = Daemon::start(&env)?;
+    let mut batches = HashMap::new();
     for (name, target, options) in [
         ("p_churn", "churn", r#"{"epochs": 3}"#),
         ("p_charges", "monthly_charges", r#"{"epochs": 3, "target_transform": "log"}"#),
@@ -85,6 +86,7 @@ async fn predict_equals_predictions_for_every_row_and_task() -> anyhow::Result<(
         assert_same(&one_by_one, &batch, name);
         check_probabilities(&db, name, &batch).await?;
         check_predict_proba(&db, name).await?;
+        batches.insert(name, batch);
     }
     // Exported and imported again, the model with integer categories
     // scores the same: its integer columns feed the graph's string inputs
@@ -144,6 +146,38 @@ async fn predict_equals_predictions_for_every_row_and_task() -> anyhow::Result<(
     assert!((0.0..=1.0).contains(&built), "{built}");
     let none: Option<f64> = db.query_one("SELECT cerebro.predict('p_churn', NULL::telco_churn)", &[]).await?.get(0);
     assert_eq!(none, None, "a NULL row scores NULL");
+
+    // Every head scored in the backend: with cerebrod stopped, the
+    // session's copies of the four versions score as the batches did, one
+    // row at a time and by key.
+    daemon.stop()?;
+    for (name, batch) in &batches {
+        let one_by_one = scores(
+            &db,
+            &format!(
+                "SELECT t.customer_id::text, cerebro.predict_label('{name}', t), cerebro.predict('{name}', t)
+                 FROM telco_churn t WHERE customer_id <= 300"
+            ),
+        )
+        .await?;
+        let keys = (301..=340).map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ");
+        let by_key = scores(
+            &db,
+            &format!("SELECT key, label, score FROM cerebro.predictions WHERE model = '{name}' AND key IN ({keys})"),
+        )
+        .await?;
+        assert_eq!((one_by_one.len(), by_key.len()), (300, 40), "{name}");
+        let mut expected = batch.clone();
+        expected.retain(|key, _| one_by_one.contains_key(key) || by_key.contains_key(key));
+        let mut found = one_by_one;
+        found.extend(by_key);
+        assert_same(&found, &expected, &format!("{name} in the backend"));
+    }
+    let proba: Vec<f64> = db
+        .query_one("SELECT cerebro.predict_proba('p_contract', t) FROM telco_churn t WHERE customer_id = 5", &[])
+        .await?
+        .get(0);
+    assert!((proba.iter().sum::<f64>() - 1.0).abs() < 1e-4, "{proba:?}");
     Ok(())
 }
 
