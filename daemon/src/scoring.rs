@@ -227,12 +227,7 @@ impl ScoringModel {
             return Err(ScoringError::ExplainedCount { given: explained, expected });
         }
         let found = native.explain(columns, self.threads).map_err(|e| ScoringError::Native(e.to_string()))?;
-        let mut values = Vec::with_capacity(found.baselines.len() * (1 + expected));
-        for (baseline, row) in found.baselines.iter().zip(found.contributions.chunks_exact(expected)) {
-            values.push(*baseline);
-            values.extend_from_slice(row);
-        }
-        Ok(values)
+        Ok(found.by_row())
     }
 
     /// The members of a selection's ensemble, heaviest first; empty for any

@@ -1,6 +1,6 @@
 //! A model Cerebro trained, scored inside the backend that asks for one
 //! row (`cerebro.predict`, `predict_label`, `predict_proba`) or a few by
-//! key (`cerebro.predictions ... WHERE key = ...`).
+//! key (`cerebro.predictions ... WHERE key = ...`, explained too).
 //!
 //! Scoring one row through cerebrod costs a round trip (a request, a
 //! wake-up of the daemon, an answer, a wake-up of the backend), which is
@@ -18,8 +18,8 @@
 //! that cannot be rebuilt (imported, a selection's ensemble, a catalog the
 //! engine cannot read) or whose copy disagrees is scored by cerebrod, as
 //! before; `cerebro.score_in_backend = off` sends every row there. A scan
-//! of a whole source, or one that explains its rows, is always cerebrod's:
-//! there the backend reads the next batch while cerebrod scores this one.
+//! of a whole source is always cerebrod's: there the backend reads the
+//! next batch while cerebrod scores this one.
 
 use cerebro_model::features::FeaturePipeline;
 use cerebro_model::native::{answers_agree, scores_and_labels, Answer, NativeModel};
@@ -110,6 +110,13 @@ pub(crate) fn score(native: &NativeModel, task: Task, columns: &[ColumnRef<'_>],
         c => return Err(CerebroError::InBackend(format!("the network has {width} outputs for {c} classes"))),
     };
     Ok(Scored { scores, labels, probabilities })
+}
+
+/// Each row's baseline score and its columns' contributions (`1 +
+/// features` values a row), as cerebrod explains them: on the calling
+/// thread, a few rows at a time.
+pub(crate) fn explain(native: &NativeModel, columns: &[ColumnRef<'_>]) -> Result<Vec<f64>> {
+    Ok(native.explain(columns, 1).map_err(|e| CerebroError::InBackend(e.to_string()))?.by_row())
 }
 
 /// Whether the engine's copy answered the probe rows as cerebrod did

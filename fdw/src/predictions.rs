@@ -464,13 +464,11 @@ impl PredictionScan {
             rows if explain => rows.min(EXPLAIN_BATCH_ROWS as i64),
             rows => rows,
         };
-        // A few rows by key score in the backend when it has a copy of the
-        // model; a whole source, many keys, or explanations go to cerebrod,
-        // which scores one batch while the backend reads the next.
+        // A few rows by key score (and are explained) in the backend when
+        // it has a copy of the model; a whole source, or many keys, go to
+        // cerebrod, which scores one batch while the backend reads the next.
         let own_copy = match &params.keys {
-            Some(keys) if !explain && keys.len() <= MAX_KEYS_IN_BACKEND => {
-                crate::predict::backend_copy(&model, socket)?
-            }
+            Some(keys) if keys.len() <= MAX_KEYS_IN_BACKEND => crate::predict::backend_copy(&model, socket)?,
             _ => None,
         };
         let session = if own_copy.is_some() { Session::default() } else { Session::open(socket)? };
@@ -655,6 +653,7 @@ impl PredictionScan {
         let columns = batch.unwritten.take().expect("a batch without a region is not written");
         let refs: Vec<ColumnRef<'_>> = columns.iter().map(PackedColumn::as_ref).collect();
         let scored = in_backend::score(native, self.model.task, &refs, self.classes)?;
+        let explanations = if self.explain { in_backend::explain(native, &refs)? } else { Vec::new() };
         drop(refs);
         self.spare = columns;
         self.current = Scored {
@@ -662,7 +661,9 @@ impl PredictionScan {
             scores: scored.scores,
             labels: scored.labels,
             probabilities: scored.probabilities,
-            ..Scored::default()
+            explanations,
+            values: batch.explained,
+            next: 0,
         };
         Ok(true)
     }

@@ -83,6 +83,21 @@ pub struct Explained {
     pub contributions: Vec<f64>,
 }
 
+impl Explained {
+    /// Each row's baseline score, then its columns' contributions: `1 +
+    /// columns` values a row, as a scoring batch carries them.
+    pub fn by_row(&self) -> Vec<f64> {
+        let rows = self.baselines.len();
+        let columns = self.contributions.len().checked_div(rows).unwrap_or(0);
+        let mut values = Vec::with_capacity(rows * (1 + columns));
+        for (r, baseline) in self.baselines.iter().enumerate() {
+            values.push(*baseline);
+            values.extend_from_slice(&self.contributions[r * columns..(r + 1) * columns]);
+        }
+        values
+    }
+}
+
 impl NativeModel {
     /// Integrated-gradient contributions of every column to every row's
     /// score, over `threads` threads.
@@ -589,6 +604,15 @@ struct PassScratch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn explanations_by_row_put_each_baseline_before_its_contributions() {
+        let found =
+            Explained { scores: vec![0.7, 0.2], baselines: vec![0.5, 0.4], contributions: vec![0.1, 0.1, -0.2, 0.0] };
+        assert_eq!(found.by_row(), vec![0.5, 0.1, 0.1, 0.4, -0.2, 0.0]);
+        let none = Explained { scores: vec![], baselines: vec![], contributions: vec![] };
+        assert!(none.by_row().is_empty());
+    }
 
     #[test]
     fn gauss_legendre_rules_integrate_polynomials_of_degree_below_twice_their_points_exactly() {

@@ -51,6 +51,32 @@ fn assert_same(a: &Scores, b: &Scores, what: &str) {
     }
 }
 
+/// Each key's explanation.
+async fn explanations_of(db: &Client, sql: &str) -> anyhow::Result<HashMap<String, serde_json::Value>> {
+    let rows = db.query(sql, &[]).await?;
+    Ok(rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, serde_json::Value>(1))).collect())
+}
+
+/// The same JSON, numbers equal to 1e-6 (relative to at least 1).
+fn assert_close_json(a: &serde_json::Value, b: &serde_json::Value, what: &str) {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            let (x, y) = (x.as_f64().unwrap_or(f64::NAN), y.as_f64().unwrap_or(f64::NAN));
+            assert!((x - y).abs() <= 1e-6 * x.abs().max(1.0), "{what}: {x} against {y}");
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            assert_eq!(x.len(), y.len(), "{what}: {a} against {b}");
+            x.iter().zip(y).for_each(|(x, y)| assert_close_json(x, y, what));
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>(), "{what}: {a} against {b}");
+            x.iter().for_each(|(k, v)| assert_close_json(v, &y[k], what));
+        }
+        _ => assert_eq!(a, b, "{what}"),
+    }
+}
+
 async fn sqlstate(db: &Client, sql: &str) -> String {
     match db.simple_query(sql).await {
         Ok(_) => format!("no error from {sql}"),
@@ -147,10 +173,39 @@ async fn predict_equals_predictions_for_every_row_and_task() -> anyhow::Result<(
     let none: Option<f64> = db.query_one("SELECT cerebro.predict('p_churn', NULL::telco_churn)", &[]).await?.get(0);
     assert_eq!(none, None, "a NULL row scores NULL");
 
+    // A few rows explained by key: in the backend as cerebrod explains
+    // them (read with cerebro.score_in_backend off), for every head.
+    let explained = |name: &str| {
+        format!(
+            "SELECT key, explanation FROM cerebro.predictions WHERE model = '{name}'
+             AND key IN ('1', '2', '3', '4', '5') AND explain AND top_k = 3"
+        )
+    };
+    let mut explanations = HashMap::new();
+    for name in ["p_churn", "p_charges", "p_contract"] {
+        db.batch_execute("SET cerebro.score_in_backend = off").await?;
+        let by_daemon = explanations_of(&db, &explained(name)).await?;
+        db.batch_execute("RESET cerebro.score_in_backend").await?;
+        let in_backend = explanations_of(&db, &explained(name)).await?;
+        assert_eq!(by_daemon.len(), 5, "{name}");
+        for (key, e) in &by_daemon {
+            assert_close_json(&in_backend[key], e, &format!("{name} key {key}"));
+        }
+        explanations.insert(name, in_backend);
+    }
+
     // Every head scored in the backend: with cerebrod stopped, the
     // session's copies of the four versions score as the batches did, one
-    // row at a time and by key.
+    // row at a time and by key, and explain as before.
     daemon.stop()?;
+    for (name, before) in &explanations {
+        let rows = db.query(&explained(name), &[]).await?;
+        assert_eq!(rows.len(), 5, "{name}");
+        for row in rows {
+            let key: String = row.get(0);
+            assert_close_json(&row.get::<_, serde_json::Value>(1), &before[&key], &format!("{name} key {key}"));
+        }
+    }
     for (name, batch) in &batches {
         let one_by_one = scores(
             &db,
