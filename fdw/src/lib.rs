@@ -21,6 +21,7 @@ mod gucs;
 mod identity;
 mod imports;
 mod in_backend;
+mod invalidation;
 mod joins;
 mod jsonb;
 mod limits;

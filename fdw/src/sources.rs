@@ -593,6 +593,41 @@ pub(crate) fn foreign_code(client: &SpiClient<'_>, from: &str) -> Result<Option<
 /// part of anything, since planning may already run its functions
 /// (constant folding).
 pub(crate) fn check_own_source(client: &SpiClient<'_>, model: &str, display: &str, author: &str) -> Result<()> {
+    // A relation's verdict is kept for its reader until the catalog changes
+    // (`invalidation`): a by-key query would otherwise analyse the source
+    // and query the catalog again for every key. A query's text is checked
+    // each time, since the reader's search_path decides what it names.
+    let reader = identity::current_role();
+    let kept = (display.to_owned(), author.to_owned(), reader);
+    let changes = crate::invalidation::changes();
+    if source_query(display).is_none() && TRUSTED_SOURCES.with(|t| t.borrow().get(&kept) == Some(&changes)) {
+        return Ok(());
+    }
+    check_own_source_now(client, model, display, author)?;
+    if source_query(display).is_none() {
+        TRUSTED_SOURCES.with(|t| {
+            let mut trusted = t.borrow_mut();
+            if trusted.len() >= MAX_TRUSTED_SOURCES {
+                trusted.clear();
+            }
+            trusted.insert(kept, changes);
+        });
+    }
+    Ok(())
+}
+
+/// Most verdicts [`check_own_source`] keeps.
+const MAX_TRUSTED_SOURCES: usize = 256;
+
+thread_local! {
+    /// Relations found to run no code of a role their reader does not
+    /// trust, by (relation, model's author, reader): the count of catalog
+    /// changes when it was found.
+    static TRUSTED_SOURCES: std::cell::RefCell<std::collections::HashMap<(String, String, pg_sys::Oid), u64>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+fn check_own_source_now(client: &SpiClient<'_>, model: &str, display: &str, author: &str) -> Result<()> {
     let refuse = |code: String, owner: String| CerebroError::ForeignSourceCode {
         model: model.to_owned(),
         code,

@@ -644,7 +644,13 @@ async fn a_tables_owner_cannot_slip_code_into_another_roles_scoring() -> anyhow:
              CREATE POLICY p ON {MALLORY}.guarded USING ({MALLORY}.spy());
              INSERT INTO cerebro.models (name, source, target, key, options)
                  VALUES ('sec_guarded', 'guarded', 'churn', 'customer_id', '{{\"epochs\": 2}}');
-             SELECT cerebro.grant_model('sec_guarded', 'sec_alice');"
+             SELECT cerebro.grant_model('sec_guarded', 'sec_alice');
+             CREATE TABLE {MALLORY}.later AS SELECT * FROM public.telco_churn;
+             GRANT SELECT ON {MALLORY}.later TO PUBLIC;
+             GRANT USAGE ON SCHEMA {MALLORY} TO sec_alice;
+             INSERT INTO cerebro.models (name, source, target, key, options)
+                 VALUES ('sec_later', 'later', 'churn', 'customer_id', '{{\"epochs\": 2}}');
+             SELECT cerebro.grant_model('sec_later', 'sec_alice');"
         ))
         .await?;
     let (admin, admin_notices) = connect_recording(&env, "postgres").await?;
@@ -659,6 +665,21 @@ async fn a_tables_owner_cannot_slip_code_into_another_roles_scoring() -> anyhow:
         .await?;
     wait_ready(&admin, "sec_swapped").await?;
     wait_ready(&mallory, "sec_guarded").await?;
+    wait_ready(&mallory, "sec_later").await?;
+    // Scored while they run nothing of hers: each session keeps that
+    // verdict only until the catalog changes.
+    assert_eq!(scored_rows(&admin, "sec_swapped").await?, 7043);
+    assert_eq!(scored_rows(&alice, "sec_later").await?, 7043);
+    let by_key = "SELECT count(*) FROM cerebro.predictions WHERE model = $1 AND key = '7'";
+    assert_eq!(admin.query_one(by_key, &[&"sec_swapped"]).await?.get::<_, i64>(0), 1);
+    mallory
+        .batch_execute(&format!(
+            "ALTER TABLE {MALLORY}.later ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY p ON {MALLORY}.later USING ({MALLORY}.spy());"
+        ))
+        .await?;
+    let err = refused_scoring(&alice, "sec_later", "a policy of hers added since the last scan").await?;
+    assert!(db_error(&err).1.contains("row-level security policies"), "{err}");
     mallory
         .batch_execute(&format!(
             "ALTER TABLE {MALLORY}.shared RENAME TO shared_data;
@@ -667,6 +688,8 @@ async fn a_tables_owner_cannot_slip_code_into_another_roles_scoring() -> anyhow:
         ))
         .await?;
     refused_scoring(&admin, "sec_swapped", "the view is her code").await?;
+    let err = admin.query(by_key, &[&"sec_swapped"]).await.expect_err("by key, the view is her code too");
+    assert_eq!(db_error(&err).0, "42501");
     // Her policy runs for a grantee who does not bypass row-level security.
     refused_scoring(&alice, "sec_guarded", "the policy is her code").await?;
     // A superuser skips policies: nothing of hers runs, so it scores.
