@@ -138,12 +138,24 @@ impl NativeModel {
         classes: usize,
     ) -> Result<NativeModel, NativeError> {
         let graph = ModelProto::decode(onnx)?.graph.ok_or(NativeError::NoGraph)?;
+        // What the catalog holds is read in a backend too: a pipeline that
+        // no fit makes is refused here, not met as a panic when scoring.
+        if let Some(f) = pipeline.features.iter().find(
+            |f| matches!(&f.encoder, Encoder::Ple { edges, .. } | Encoder::Quantile { edges, .. } if edges.len() < 2),
+        ) {
+            return Err(shape(format!("feature {} has fewer than two bin edges", f.name)));
+        }
         // A mini-ensemble's members are prefixed `_m0/`, `_m1/`, ...
+        let initializers = graph.initializer.len();
         let mut members: Vec<Tensors> = Vec::new();
         let mut weights: Vec<f32> = Vec::new();
         for t in graph.initializer {
             let (index, name) = match t.name.strip_prefix("_m").and_then(|rest| rest.split_once('/')) {
-                Some((i, rest)) => (i.parse::<usize>().map_err(|_| shape(format!("initializer {}", t.name)))?, rest),
+                Some((i, rest)) => match i.parse::<usize>() {
+                    // Each member has initializers of its own.
+                    Ok(i) if i < initializers => (i, rest),
+                    _ => return Err(shape(format!("initializer {}", t.name))),
+                },
                 None => (0, t.name.as_str()),
             };
             if members.len() <= index {
@@ -362,6 +374,40 @@ mod tests {
         let nan = answer(&[f64::NAN], &[NO_LABEL], &[]);
         assert!(answers_agree(Task::Regression, nan, nan), "NaN where both give NaN");
         assert!(!answers_agree(Task::Regression, nan, values));
+    }
+
+    /// An ONNX file whose only initializer is `name`.
+    fn file_with(name: &str) -> Vec<u8> {
+        use crate::proto::{GraphProto, TensorProto};
+        let tensor =
+            TensorProto { dims: vec![1], data_type: 1, float_data: vec![0.5], name: name.into(), ..Default::default() };
+        let graph = GraphProto { initializer: vec![tensor], ..Default::default() };
+        ModelProto { graph: Some(graph), ..Default::default() }.encode_to_vec()
+    }
+
+    #[test]
+    fn a_file_or_pipeline_no_export_makes_is_refused_not_met_as_a_panic() {
+        use crate::features::FittedFeature;
+        let options = TrainOptions::default();
+        let empty = FeaturePipeline { features: Vec::new() };
+        // A member index past the file's initializers would size a list by it.
+        let far = NativeModel::from_onnx(
+            &file_with("_m4000000000/_cerebro/weight_0"),
+            empty.clone(),
+            &options,
+            Task::Binary,
+            2,
+        );
+        assert!(matches!(far, Err(NativeError::Shape(_))), "{far:?}");
+        let binned = FeaturePipeline {
+            features: vec![FittedFeature {
+                name: "tenure".into(),
+                encoder: Encoder::Ple { edges: vec![1.0], null_indicator: false },
+                typical: None,
+            }],
+        };
+        let one_edge = NativeModel::from_onnx(&file_with("_cerebro/weight_0"), binned, &options, Task::Binary, 2);
+        assert!(matches!(&one_edge, Err(NativeError::Shape(why)) if why.contains("two bin edges")), "{one_edge:?}");
     }
 
     #[test]
