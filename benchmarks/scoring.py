@@ -20,7 +20,8 @@ measures:
       plain lookup of one row (the floor), cerebro.predict on one row (as
       it runs by default, scored in the backend, and with
       cerebro.score_in_backend off, each row sent to cerebrod), and by-key
-      predictions.
+      predictions (over the scored table, named, and over the model's own
+      source, as `WHERE model = ... AND key = ...` reads).
 
 Every timed part runs REPEATS times; the median counts. Prints one table of
 rows/s and ratios, one of percentiles, and writes both as JSON lines.
@@ -259,6 +260,12 @@ def main():
         ("predict, score_in_backend off", predict, "-c cerebro.score_in_backend=off"),
         ("by_key", keys + f"SELECT score FROM cerebro.predictions WHERE model = '{MODEL}' AND source = '{TABLE}' "
                           f"AND key_column = 'id' AND key = :id::text;\n", ""),
+        # The form the issue writes: the model's own source (telco_churn,
+        # which the model was trained on), checked for code its reader does
+        # not trust.
+        ("by_key, own source", "\\set id random(1, 7043)\n"
+                               f"SELECT score FROM cerebro.predictions WHERE model = '{MODEL}' AND key = :id::text;\n",
+         ""),
     ]
     print(f"\n{'one row, pgbench -M prepared, ' + str(PGBENCH_SECONDS) + ' s':42} {'clients':>7} {'p50 µs':>8} {'p99 µs':>8} {'calls/s':>9}")
     for name, script, settings in scripts:
