@@ -1,7 +1,9 @@
 """What the benchmarks share: timing, and a model trained once and kept."""
 
 import io
+import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -61,3 +63,30 @@ def copy_frame(conn, table, columns, text_columns):
                 buf.write(block)
     buf.seek(0)
     return pd.read_csv(buf, keep_default_na=False, na_values=[""], dtype={c: object for c in text_columns})
+
+
+def pgbench(conninfo_args, script, clients, out_dir, name, seconds, settings=""):
+    """Runs `script` with pgbench -M prepared for `seconds` at `clients`
+    clients (PGOPTIONS `settings`); its percentiles from --log."""
+    path = os.path.join(out_dir, f"{name}.sql")
+    with open(path, "w") as f:
+        f.write(script)
+    prefix = os.path.join(out_dir, f"pgbench_{name}_{clients}")
+    for old in os.listdir(out_dir):
+        if old.startswith(os.path.basename(prefix) + "."):
+            os.remove(os.path.join(out_dir, old))
+    subprocess.run(
+        ["pgbench", "-n", "-M", "prepared", "-T", str(seconds), "-c", str(clients), "-j", str(min(clients, 2)),
+         "-f", path, "--log", f"--log-prefix={prefix}", *conninfo_args],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "PGOPTIONS": settings},
+    )
+    latencies = []
+    for log in os.listdir(out_dir):
+        if log.startswith(os.path.basename(prefix) + "."):
+            with open(os.path.join(out_dir, log)) as f:
+                latencies += [int(line.split()[2]) for line in f]
+    latencies.sort()
+    pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+    return {"what": name, "clients": clients, "p50_us": pct(0.50), "p99_us": pct(0.99),
+            "calls_per_s": len(latencies) / seconds}

@@ -13,7 +13,9 @@ gradients over STEPS midpoints from the same baseline row:
   (c) Cerebro: SELECT count(*), count(explanation) FROM cerebro.predictions
       WHERE ... AND explain, every row's explanation built as jsonb (and,
       apart, the same query without reading the explanation column, which
-      builds no jsonb), cerebrod's scoring_threads = 2.
+      builds no jsonb), cerebrod's scoring_threads = 2;
+  and one row explained by key with pgbench -M prepared (1 client, 5 s),
+  in the backend and with cerebro.score_in_backend off.
 
 Every timed part runs REPEATS times; the median counts. It checks that
 both sides' contributions agree and that each row's add up to its score,
@@ -35,7 +37,7 @@ import psycopg
 import torch
 from onnx import numpy_helper
 
-from common import copy_frame, median_seconds, train_once
+from common import copy_frame, median_seconds, pgbench, train_once
 
 STEPS = 32
 BATCH_ROWS = 256
@@ -236,6 +238,17 @@ def main():
     for steps, seconds, worst, share in faithful:
         print(f"{str(steps) + ' midpoints':50} {seconds:>8.3f} {worst:>10.1e} {share:>12.1%}  {seconds / results['sql']:.2f}x")
         lines.append({"what": f"pytorch {steps} midpoints", "seconds": seconds, "worst_gap": worst, "rows_beyond_1e-3": share})
+    # One row explained by key, as an application asks: in the backend (the
+    # default), and with every row sent to cerebrod.
+    params = psycopg.conninfo.conninfo_to_dict(conninfo)
+    args = ["-h", params["host"], "-p", str(params["port"]), "-U", params["user"], params["dbname"]]
+    script = (f"\\set id random(1, {rows})\n"
+              f"SELECT explanation FROM cerebro.predictions WHERE model = '{MODEL}' AND explain AND key = :id::text;\n")
+    print(f"\n{'one row by key, explain, pgbench -M prepared, 5 s':50} {'p50 µs':>8} {'p99 µs':>8} {'calls/s':>9}")
+    for label, settings in (("in the backend", ""), ("cerebro.score_in_backend off", "-c cerebro.score_in_backend=off")):
+        r = pgbench(args, script, 1, out_dir, "explain_" + label.split()[-1], 5, settings)
+        print(f"{label:50} {r['p50_us']:>8,} {r['p99_us']:>8,} {r['calls_per_s']:>9,.0f}", flush=True)
+        lines.append({**r, "what": f"one row by key, explain, {label}"})
     with open(os.path.join(out_dir, "explain.jsonl"), "w") as f:
         for line in lines:
             f.write(json.dumps(line) + "\n")

@@ -34,7 +34,6 @@ deploy/scoring.sh sets everything up and runs it.
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 import numpy as np
@@ -42,7 +41,7 @@ import onnxruntime as ort
 import pandas as pd
 import psycopg
 
-from common import copy_frame, median_seconds, train_once
+from common import copy_frame, median_seconds, pgbench, train_once
 
 COPIES = 49
 BATCH = 10_000
@@ -112,31 +111,6 @@ def churn_probability(scores):
 def score_in_batches(session, frame):
     first_output = [session.get_outputs()[0].name]
     return np.concatenate([session.run(first_output, f)[0] for f in batches(feeds(session, frame), len(frame))])
-
-
-def pgbench(conninfo_args, script, clients, out_dir, name, settings=""):
-    path = os.path.join(out_dir, f"{name}.sql")
-    with open(path, "w") as f:
-        f.write(script)
-    prefix = os.path.join(out_dir, f"pgbench_{name}_{clients}")
-    for old in os.listdir(out_dir):
-        if old.startswith(os.path.basename(prefix) + "."):
-            os.remove(os.path.join(out_dir, old))
-    subprocess.run(
-        ["pgbench", "-n", "-M", "prepared", "-T", str(PGBENCH_SECONDS), "-c", str(clients), "-j", str(min(clients, 2)),
-         "-f", path, "--log", f"--log-prefix={prefix}", *conninfo_args],
-        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        env={**os.environ, "PGOPTIONS": settings},
-    )
-    latencies = []
-    for log in os.listdir(out_dir):
-        if log.startswith(os.path.basename(prefix) + "."):
-            with open(os.path.join(out_dir, log)) as f:
-                latencies += [int(line.split()[2]) for line in f]
-    latencies.sort()
-    pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
-    return {"what": name, "clients": clients, "p50_us": pct(0.50), "p99_us": pct(0.99),
-            "calls_per_s": len(latencies) / PGBENCH_SECONDS}
 
 
 def main():
@@ -270,7 +244,7 @@ def main():
     print(f"\n{'one row, pgbench -M prepared, ' + str(PGBENCH_SECONDS) + ' s':42} {'clients':>7} {'p50 µs':>8} {'p99 µs':>8} {'calls/s':>9}")
     for name, script, settings in scripts:
         for clients in (1, 8):
-            r = pgbench(args, script, clients, out_dir, name.replace(", ", "_").replace(" ", "_"), settings)
+            r = pgbench(args, script, clients, out_dir, name.replace(", ", "_").replace(" ", "_"), PGBENCH_SECONDS, settings)
             r["what"] = name
             print(f"{name:42} {clients:>7} {r['p50_us']:>8,} {r['p99_us']:>8,} {r['calls_per_s']:>9,.0f}", flush=True)
             lines.append(r)

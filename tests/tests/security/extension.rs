@@ -691,7 +691,8 @@ async fn a_tables_owner_cannot_slip_code_into_another_roles_scoring() -> anyhow:
     let err = admin.query(by_key, &[&"sec_swapped"]).await.expect_err("by key, the view is her code too");
     assert_eq!(db_error(&err).0, "42501");
     // Her policy runs for a grantee who does not bypass row-level security.
-    refused_scoring(&alice, "sec_guarded", "the policy is her code").await?;
+    let err = refused_scoring(&alice, "sec_guarded", "the policy is her code").await?;
+    assert!(db_error(&err).1.contains("row-level security policies"), "refused for her policy: {err}");
     // A superuser skips policies: nothing of hers runs, so it scores.
     assert_eq!(scored_rows(&admin, "sec_guarded").await?, 7043);
     assert_contained(&env, &[&notices, &admin_notices]).await?;
