@@ -17,7 +17,7 @@ use ort::session::Session;
 use ort::value::{Tensor, TensorElementType, ValueType};
 
 use crate::catalog::{Artifact, MemberRef, NativeParts};
-use crate::native::{disagreement, scores_and_labels, NativeModel, AGREEMENT};
+use crate::native::{class_probabilities, disagreement, scores_and_labels, NativeModel, AGREEMENT};
 use crate::onnx::{OUTPUT_PROBABILITIES, OUTPUT_PROBABILITY, OUTPUT_VALUE};
 
 #[derive(Debug, thiserror::Error)]
@@ -509,10 +509,7 @@ impl ScoringModel {
     /// Every class's probability for each row, `classes` per row in the
     /// order of the model's class labels: a multiclass model's whole output.
     pub fn probabilities(out: &[f32], width: usize, classes: usize) -> Result<Vec<f64>, ScoringError> {
-        if width != classes && !out.is_empty() {
-            return Err(ScoringError::ClassCount { width, classes });
-        }
-        Ok(out.iter().map(|&p| p as f64).collect())
+        class_probabilities(out, width, classes).ok_or(ScoringError::ClassCount { width, classes })
     }
 
     /// One score and one label index per row of a raw output `width` wide

@@ -22,7 +22,7 @@
 //! next batch while cerebrod scores this one.
 
 use cerebro_model::features::FeaturePipeline;
-use cerebro_model::native::{answers_agree, scores_and_labels, Answer, NativeModel};
+use cerebro_model::native::{answers_agree, class_probabilities, scores_and_labels, Answer, NativeModel};
 use cerebro_shared::batch::ColumnRef;
 use cerebro_shared::spec::{Task, TrainOptions};
 use pgrx::prelude::*;
@@ -106,8 +106,8 @@ pub(crate) fn score(native: &NativeModel, task: Task, columns: &[ColumnRef<'_>],
     let (scores, labels) = scores_and_labels(task, 0, &out, width);
     let probabilities = match classes {
         0 => Vec::new(),
-        c if c as usize == width => out.iter().map(|&p| p as f64).collect(),
-        c => return Err(CerebroError::InBackend(format!("the network has {width} outputs for {c} classes"))),
+        c => class_probabilities(&out, width, c as usize)
+            .ok_or_else(|| CerebroError::InBackend(format!("the network has {width} outputs for {c} classes")))?,
     };
     Ok(Scored { scores, labels, probabilities })
 }

@@ -62,9 +62,10 @@ const MAX_KEPT_BYTES: usize = 64 << 20;
 
 impl Backend {
     /// How to score `model`: the engine's copy once it has answered the
-    /// probe rows as cerebrod does (asked at `socket`), else cerebrod (see
+    /// probe rows as cerebrod does (asked at the socket `socket` finds, only
+    /// when the version is not decided yet), else cerebrod (see
     /// `in_backend`).
-    fn scorer(&mut self, model: &ModelVersion, socket: &str) -> Result<Rc<Scorer>> {
+    fn scorer(&mut self, model: &ModelVersion, socket: impl FnOnce() -> Result<String>) -> Result<Rc<Scorer>> {
         if !gucs::SCORE_IN_BACKEND.get() {
             return Ok(Rc::new(Scorer::Daemon("cerebro.score_in_backend is off".into())));
         }
@@ -83,7 +84,7 @@ impl Backend {
                 let refs: Vec<ColumnRef<'_>> = probe.iter().map(ColumnData::as_ref).collect();
                 match (
                     in_backend::score(&native, model.task, &refs, classes),
-                    self.through_daemon(model, &probe, classes, socket),
+                    self.through_daemon(model, &probe, classes, &socket()?),
                 ) {
                     // cerebrod may be busy or still loading the model: not
                     // decided, asked again at the next call.
@@ -160,8 +161,8 @@ impl Backend {
 pub(crate) fn backend_copy(model: &ModelVersion, socket: &str) -> Result<Option<Rc<Scorer>>> {
     // Busy only if a call of cerebro.predict is under way further up this
     // backend's stack: the scan then goes to cerebrod.
-    let Some(scorer) = BACKEND.with(|backend| backend.try_borrow_mut().ok().map(|mut b| b.scorer(model, socket)))
-    else {
+    let asked = || Ok(socket.to_owned());
+    let Some(scorer) = BACKEND.with(|backend| backend.try_borrow_mut().ok().map(|mut b| b.scorer(model, asked))) else {
         return Ok(None);
     };
     let scorer = scorer?;
@@ -260,15 +261,15 @@ fn predict_row(
             Task::Multiclass if probabilities => model.class_labels.len() as u32,
             _ => 0,
         };
-        // The server the extension's scripts create; a scan asks the one
-        // its table names.
-        let socket = crate::daemon_client::server_socket()?;
-        let scored = match &*backend.scorer(&model, &socket)? {
+        // The server the extension's scripts create (a scan asks the one its
+        // table names), looked up only when cerebrod is asked.
+        let socket = crate::daemon_client::server_socket;
+        let scored = match &*backend.scorer(&model, socket)? {
             Scorer::Backend(native) => {
                 let refs: Vec<ColumnRef<'_>> = columns.iter().map(ColumnData::as_ref).collect();
                 in_backend::score(native, model.task, &refs, classes)?
             }
-            Scorer::Daemon(_) => backend.through_daemon(&model, &columns, classes, &socket)?,
+            Scorer::Daemon(_) => backend.through_daemon(&model, &columns, classes, &socket()?)?,
         };
         let (Some(&score), Some(&label)) = (scored.scores.first(), scored.labels.first()) else {
             return Err(CerebroError::Protocol("cerebrod scored no row".into()));

@@ -597,14 +597,14 @@ pub(crate) fn check_own_source(client: &SpiClient<'_>, model: &str, display: &st
     // (`invalidation`): a by-key query would otherwise analyse the source
     // and query the catalog again for every key. A query's text is checked
     // each time, since the reader's search_path decides what it names.
-    let reader = identity::current_role();
-    let kept = (display.to_owned(), author.to_owned(), reader);
+    let keepable = source_query(display).is_none();
+    let kept = (display.to_owned(), author.to_owned(), identity::current_role());
     let changes = crate::invalidation::changes();
-    if source_query(display).is_none() && TRUSTED_SOURCES.with(|t| t.borrow().get(&kept) == Some(&changes)) {
+    if keepable && TRUSTED_SOURCES.with(|t| t.borrow().get(&kept) == Some(&changes)) {
         return Ok(());
     }
     check_own_source_now(client, model, display, author)?;
-    if source_query(display).is_none() {
+    if keepable {
         TRUSTED_SOURCES.with(|t| {
             let mut trusted = t.borrow_mut();
             if trusted.len() >= MAX_TRUSTED_SOURCES {

@@ -325,6 +325,13 @@ pub fn disagreement(a: &[f32], b: &[f32], values: bool) -> f64 {
         .fold(0.0, |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) })
 }
 
+/// Every class's probability for each row of a multiclass graph's output
+/// `width` wide, `classes` per row in the order of the model's class
+/// labels; None when the graph has another number of outputs.
+pub fn class_probabilities(out: &[f32], width: usize, classes: usize) -> Option<Vec<f64>> {
+    (width == classes || out.is_empty()).then(|| out.iter().map(|&p| p as f64).collect())
+}
+
 /// A scorer's answer for a batch: a score and a label index per row, and
 /// the class probabilities asked for (empty: none).
 #[derive(Debug, Clone, Copy)]
