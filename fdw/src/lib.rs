@@ -154,6 +154,41 @@ mod tests {
     }
 
     #[pg_test]
+    fn the_default_validates_a_large_ordered_split_on_its_newest_rows() {
+        setup();
+        // 70,000 rows: a fifth would be 14,000, more than the 13,000 kept.
+        Spi::run(
+            "CREATE TABLE public.events AS
+                 SELECT i AS id, (i * 7919 % 1000)::float8 AS x, CASE WHEN i % 3 = 0 THEN 'yes' ELSE 'no' END AS late
+                 FROM generate_series(1, 70000) i",
+        )
+        .unwrap();
+        let searched = |name: &str, options: &str| {
+            Spi::run(&format!(
+                "INSERT INTO cerebro.models (name, source, target, key, spec, options)
+                 VALUES ('{name}', 'events', 'late', 'id', 'default', '{options}')"
+            ))
+            .unwrap();
+            Spi::get_one::<String>(&format!("SELECT plan->>'searched' FROM cerebro.selections WHERE name = '{name}'"))
+                .unwrap()
+        };
+        let ordered = searched("ordered", r#"{"split": "ordered"}"#).unwrap_or_default();
+        assert!(ordered.ends_with("\ntrain  validation_fraction = 0.186"), "{ordered}");
+        let share = Spi::get_one::<f64>(
+            "SELECT (options->>'validation_fraction')::float8 FROM cerebro.model_versions
+             WHERE name = 'ordered' AND version = 1",
+        )
+        .unwrap();
+        assert_eq!(share, Some(0.186));
+        assert_eq!(searched("random", "{}"), None, "a random split keeps its fifth");
+        assert_eq!(
+            searched("given", r#"{"split": "ordered", "validation_fraction": 0.3}"#),
+            None,
+            "the share the user gave"
+        );
+    }
+
+    #[pg_test]
     fn the_default_encodes_a_repeated_integer_id_as_a_category() {
         setup();
         // Purchases: a household buys again and again (40 households over

@@ -210,10 +210,14 @@ fn with_joins(
 /// precisely).
 fn source_facts(client: &SpiClient<'_>, req: &TrainRequest) -> Result<SourceFacts> {
     let Ok(source) = resolve_source(client, &req.source) else { return Ok(SourceFacts::default()) };
-    let (balance, task) = target_facts(client, req, &source)?;
+    let (balance, task, rows) = target_facts(client, req, &source)?;
     let trend_columns = trend_columns(client, req, &source)?;
     let identifier_columns = identifier_columns(client, req, &source, &trend_columns)?;
-    Ok(SourceFacts { balance, trend_columns, task, identifier_columns })
+    let options = &req.written["options"];
+    let ordered = TrainOptions::from_json(Some(options)).is_ok_and(|o| o.split == Split::Ordered);
+    let share_given = options.get("validation_fraction").is_some();
+    let ordered_rows = rows.filter(|_| ordered && !share_given);
+    Ok(SourceFacts { balance, trend_columns, task, identifier_columns, ordered_rows })
 }
 
 /// The integer features of `req`'s source that name groups of rows
@@ -308,24 +312,25 @@ fn trend_columns(client: &SpiClient<'_>, req: &TrainRequest, source: &Source) ->
 }
 
 /// How `req`'s target spreads over its classes, when it makes a
-/// classification (None for a regression), and the task it makes; neither
-/// when the target cannot be read (queueing says why, precisely). Read as
-/// the user, like everything a selection reads of its source.
+/// classification (None for a regression), the task it makes, and how many
+/// rows have a target; none of them when the target cannot be read
+/// (queueing says why, precisely). Read as the user, like everything a
+/// selection reads of its source.
 fn target_facts(
     client: &SpiClient<'_>,
     req: &TrainRequest,
     source: &Source,
-) -> Result<(Option<ClassBalance>, Option<Task>)> {
+) -> Result<(Option<ClassBalance>, Option<Task>, Option<u64>)> {
     let readable = source.column(&req.target).is_ok_and(|c| c.readable);
-    let Ok(kind) = request::target_kind(&source.shape(), &req.target) else { return Ok((None, None)) };
+    let Ok(kind) = request::target_kind(&source.shape(), &req.target) else { return Ok((None, None, None)) };
     if !readable {
-        return Ok((None, None));
+        return Ok((None, None, None));
     }
     let target = quote_ident(&req.target);
     let row = client
         .select(
             &format!(
-                "SELECT min(n), min(n)::float8 / nullif(sum(n), 0)::float8, count(*)
+                "SELECT min(n), min(n)::float8 / nullif(sum(n), 0)::float8, count(*), sum(n)::int8
                  FROM (SELECT count(*) AS n FROM {} WHERE {target} IS NOT NULL GROUP BY {target}) classes",
                 source.in_from()
             ),
@@ -334,8 +339,9 @@ fn target_facts(
         )?
         .first();
     let (rarest, share, classes) = (row.get::<i64>(1)?, row.get::<f64>(2)?, row.get::<i64>(3)?.unwrap_or(0));
-    let Ok(task) = resolve_task(req.task, &req.target, kind, classes as usize) else { return Ok((None, None)) };
-    let (Some(rarest), Some(share)) = (rarest, share) else { return Ok((None, Some(task))) };
+    let rows = row.get::<i64>(4)?.map(|n| n.max(0) as u64);
+    let Ok(task) = resolve_task(req.task, &req.target, kind, classes as usize) else { return Ok((None, None, rows)) };
+    let (Some(rarest), Some(share)) = (rarest, share) else { return Ok((None, Some(task), rows)) };
     let balance = ClassBalance { rarest_rows: rarest.max(0) as u64, rarest_share: share };
-    Ok((task.is_classification().then_some(balance), Some(task)))
+    Ok((task.is_classification().then_some(balance), Some(task), rows))
 }
