@@ -174,9 +174,9 @@ def load_table(conn, name: str, df: pd.DataFrame):
     conn.commit()
 
 
-def log_target(task: Task, train: pd.DataFrame) -> bool:
+def log_target(task: Task, rows: pd.DataFrame) -> bool:
     """Regression on a strictly positive target is scored by RMSE of its log."""
-    return task.kind == "regression" and (train[task.target] > 0).all()
+    return task.kind == "regression" and (rows[task.target] > 0).all()
 
 
 def metric(task: Task, y_true, y_pred, proba=None, use_log=False):
@@ -354,17 +354,18 @@ def main():
         conn.commit()
         for task in tasks:
             df = task.load(conn)
+            # One metric for every split of a task, so that their mean is one.
+            use_log = log_target(task, df.dropna(subset=[task.target]))
             for seed in [SEED] if task.time_order else split_seeds():
                 train, test = split(task, df, seed)
                 load_table(conn, f"{task.name}_train", train)
                 load_table(conn, f"{task.name}_test", test)
-                use_log = log_target(task, train)
                 print(f"==> {task.name} (split seed {seed}): {len(train)} training rows, {len(test)} test rows",
                       flush=True)
                 value, trained_s, scored_s, details = cerebro(conn, task, train, test, use_log, extra, spec)
                 base = baselines(task, train, test, use_log, seed)
-                row = {"task": task.name, "seed": None if task.time_order else seed, "metric": metric_name(task, use_log), "cerebro": value,
-                       "hgb": base["hgb"][0], "lightgbm": base["lightgbm"][0], "cerebro_train_s": trained_s,
+                row = {"task": task.name, "seed": None if task.time_order else seed,
+                       "metric": metric_name(task, use_log), "cerebro": value, "hgb": base["hgb"][0], "lightgbm": base["lightgbm"][0], "cerebro_train_s": trained_s,
                        "cerebro_score_s": scored_s, "hgb_s": base["hgb"][1], "lightgbm_s": base["lightgbm"][1],
                        "rows": len(train), **details}
                 row["delta"] = delta(row)
