@@ -360,12 +360,13 @@ def main():
                 train, test = split(task, df, seed)
                 load_table(conn, f"{task.name}_train", train)
                 load_table(conn, f"{task.name}_test", test)
-                print(f"==> {task.name} (split seed {seed}): {len(train)} training rows, {len(test)} test rows",
-                      flush=True)
+                which = "in time order" if task.time_order else f"split seed {seed}"
+                print(f"==> {task.name} ({which}): {len(train)} training rows, {len(test)} test rows", flush=True)
                 value, trained_s, scored_s, details = cerebro(conn, task, train, test, use_log, extra, spec)
                 base = baselines(task, train, test, use_log, seed)
                 row = {"task": task.name, "seed": None if task.time_order else seed,
-                       "metric": metric_name(task, use_log), "cerebro": value, "hgb": base["hgb"][0], "lightgbm": base["lightgbm"][0], "cerebro_train_s": trained_s,
+                       "metric": metric_name(task, use_log), "cerebro": value,
+                       "hgb": base["hgb"][0], "lightgbm": base["lightgbm"][0], "cerebro_train_s": trained_s,
                        "cerebro_score_s": scored_s, "hgb_s": base["hgb"][1], "lightgbm_s": base["lightgbm"][1],
                        "rows": len(train), **details}
                 row["delta"] = delta(row)
@@ -406,9 +407,9 @@ def print_table(rows):
         budget = f"{100 * r['spent_s'] / r['budget_s']:6.1f}%" if r.get("budget_s") else "   none"
         winner = f"{r['cerebro']:.4f}{'e' if r['version'] != r['single_version'] else ' '}"
         split = "-" if r.get("seed") is None else str(r["seed"])
-        print(f"{r['task']:14} {split:>5} {r['metric']:10} {winner:>8} {r['single']:8.4f} {r['hgb']:8.4f} {r['lightgbm']:8.4f}"
-              f" {r['delta']:+7.2f} {r['cerebro_train_s']:9.1f} {budget:>7} {r['candidates']:5d} {r['hgb_s']:6.1f}"
-              f" {r['lightgbm_s']:6.1f}")
+        print(f"{r['task']:14} {split:>5} {r['metric']:10} {winner:>8} {r['single']:8.4f} {r['hgb']:8.4f}"
+              f" {r['lightgbm']:8.4f} {r['delta']:+7.2f} {r['cerebro_train_s']:9.1f} {budget:>7} {r['candidates']:5d}"
+              f" {r['hgb_s']:6.1f} {r['lightgbm_s']:6.1f}")
     by_task = {}
     for r in rows:
         by_task.setdefault(r["task"], []).append(r)
@@ -420,8 +421,9 @@ def print_table(rows):
                 return sum(r[key] for r in split_rows) / len(split_rows)
             deltas = [r["delta"] for r in split_rows]
             sd = float(np.std(deltas, ddof=1)) if len(deltas) > 1 else 0.0
-            print(f"{task:14} {len(split_rows):5d} {split_rows[0]['metric']:10} {mean('cerebro'):7.4f}  {mean('single'):8.4f}"
-                  f" {mean('hgb'):8.4f} {mean('lightgbm'):8.4f} {mean('delta'):+7.2f} (sd {sd:.2f})")
+            print(f"{task:14} {len(split_rows):5d} {split_rows[0]['metric']:10} {mean('cerebro'):7.4f}"
+                  f"  {mean('single'):8.4f} {mean('hgb'):8.4f} {mean('lightgbm'):8.4f} {mean('delta'):+7.2f}"
+                  f" (sd {sd:.2f})")
     if rows:
         # Each task counts once, whatever its number of splits.
         task_deltas = [sum(r["delta"] for r in t) / len(t) for t in by_task.values()]

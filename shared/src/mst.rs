@@ -181,10 +181,10 @@ pub struct SourceFacts {
 /// a large table back keeps its most recent months out of training. So the
 /// default validates an ordered split on about this many rows (the share
 /// rounded up to a thousandth; a fifth of tables up to five times as
-/// large). On nycflights13 (261,876 flights
-/// in time order) the default validated on May to early July and trained
-/// on the months before them; HistGradientBoosting trained that way falls
-/// from 0.7447 to 0.7063 test AUC (docs/benchmarks.md).
+/// large). On nycflights13 (261,876 flights in time order) the default
+/// validated on May to early July and trained on the months before them;
+/// HistGradientBoosting trained that way falls from 0.7447 to 0.7063 test
+/// AUC (docs/benchmarks.md).
 pub const ORDERED_VALIDATION_ROWS: u64 = 13_000;
 
 /// The validation share of an ordered split of `rows` rows with a target
