@@ -1,12 +1,12 @@
 //! A selection's request: the spec (docs/selection.md) parsed and expanded,
 //! each candidate a version with its own source, features and options.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use cerebro_shared::joins::{self, JoinPlan};
 use cerebro_shared::mst::{self, Candidate, ClassBalance, Selection, SelectionPlan, SourceFacts, Value};
 use cerebro_shared::request::{self, merge_options, SourceShape};
-use cerebro_shared::spec::{resolve_task, Split, SqlKind, Task, TrainOptions};
+use cerebro_shared::spec::{resolve_task, ColumnEncoding, Split, SqlKind, Task, TrainOptions};
 use cerebro_shared::sql::quote_ident;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -210,11 +210,15 @@ fn with_joins(
 /// precisely).
 fn source_facts(client: &SpiClient<'_>, req: &TrainRequest) -> Result<SourceFacts> {
     let Ok(source) = resolve_source(client, &req.source) else { return Ok(SourceFacts::default()) };
-    let (balance, task, rows) = target_facts(client, req, &source)?;
-    let trend_columns = trend_columns(client, req, &source)?;
-    let identifier_columns = identifier_columns(client, req, &source, &trend_columns)?;
     let options = &req.written["options"];
-    let ordered = TrainOptions::from_json(Some(options)).is_ok_and(|o| o.split == Split::Ordered);
+    // The options as written (defaults where they are silent; none when
+    // they do not read, which queueing refuses, precisely).
+    let written = TrainOptions::from_json(Some(options)).ok();
+    let ordered = written.as_ref().is_some_and(|o| o.split == Split::Ordered);
+    let encoded = written.map(|o| o.encodings).unwrap_or_default();
+    let (balance, task, rows) = target_facts(client, req, &source)?;
+    let trend_columns = if ordered { trend_columns(client, req, &source)? } else { Vec::new() };
+    let identifier_columns = identifier_columns(client, req, &source, &trend_columns, &encoded)?;
     let share_given = options.get("validation_fraction").is_some();
     let ordered_rows = rows.filter(|_| ordered && !share_given);
     Ok(SourceFacts { balance, trend_columns, task, identifier_columns, ordered_rows })
@@ -229,8 +233,8 @@ fn identifier_columns(
     req: &TrainRequest,
     source: &Source,
     trends: &[String],
+    written: &BTreeMap<String, ColumnEncoding>,
 ) -> Result<Vec<String>> {
-    let written = TrainOptions::from_json(Some(&req.written["options"])).map(|o| o.encodings).unwrap_or_default();
     let listed = |name: &String| req.features.as_ref().is_none_or(|f| f.contains(name));
     let named: Vec<&SourceColumn> = source
         .columns
@@ -267,12 +271,11 @@ fn identifier_columns(
 const MAX_TREND_SCAN: usize = 256;
 
 /// The numeric columns of `req`'s source that follow its key order
-/// (mst::TREND_CORRELATION), the most correlated first: only for an
-/// ordered split of a model whose features the user left to Cerebro, and
+/// (mst::TREND_CORRELATION), the most correlated first, for an ordered
+/// split: only for a model whose features the user left to Cerebro, and
 /// none when the key cannot be read (queueing says why).
 fn trend_columns(client: &SpiClient<'_>, req: &TrainRequest, source: &Source) -> Result<Vec<String>> {
-    let ordered = TrainOptions::from_json(Some(&req.written["options"])).is_ok_and(|o| o.split == Split::Ordered);
-    let (true, None, Some(key)) = (ordered, &req.features, req.key.as_deref()) else { return Ok(Vec::new()) };
+    let (None, Some(key)) = (&req.features, req.key.as_deref()) else { return Ok(Vec::new()) };
     // A key of a built-in type without an order (json, point) orders nothing.
     let orderable = |k: &&SourceColumn| k.readable && (!matches!(k.base, BaseType::BuiltIn { .. }) || k.base.ordered());
     let Some(key) = source.column(key).ok().filter(orderable) else { return Ok(Vec::new()) };
