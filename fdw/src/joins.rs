@@ -104,8 +104,8 @@ fn table(client: &SpiClient<'_>, resolved: Source) -> Result<Table> {
         rows = count(client, &format!("SELECT count(*) FROM {relation}"))?;
         for key in &foreign_keys {
             if let [column] = key.columns.as_slice() {
-                if columns.iter().any(|(c, kind)| c == column && *kind == Some(true)) && !distinct.contains_key(column)
-                {
+                // A number's too: an `encode` clause may make it a category.
+                if columns.iter().any(|(c, kind)| c == column && kind.is_some()) && !distinct.contains_key(column) {
                     let sql = format!("SELECT count(DISTINCT {}) FROM {relation}", quote_ident(column));
                     distinct.insert(column.clone(), count(client, &sql)?);
                 }

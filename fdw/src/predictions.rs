@@ -16,6 +16,7 @@ use cerebro_shared::batch::{
     PackedColumn, NO_LABEL,
 };
 use cerebro_shared::explanation::{explain_row, Shown, DEFAULT_TOP_K, EXPLAIN_BATCH_ROWS};
+use cerebro_shared::joins::JoinPlan;
 use cerebro_shared::protocol::{Request, Response, ScoreRequest};
 use cerebro_shared::request::RequestError;
 use cerebro_shared::spec::{Feature, FeatureKind, Task};
@@ -223,10 +224,51 @@ fn model_exists(client: &pgrx::spi::SpiClient<'_>, name: &str) -> Result<bool> {
 /// runs no code of a role without the caller's rights (check_own_source).
 fn scan_source(client: &pgrx::spi::SpiClient<'_>, model: &ModelVersion, named: Option<&str>) -> Result<Source> {
     if let Some(named) = named {
-        return resolve_source(client, named);
+        let source = resolve_source(client, named)?;
+        return through_joins(client, model, source);
     }
     check_own_source(client, &model.name, &model.source_relation, &model.source_author)?;
     resolve_source(client, &model.source_relation)
+}
+
+/// A source the query names, read through the joins `joins(auto)` found
+/// for the version's selection when it has the columns of the table the
+/// model learnt from but none of the joined ones (docs/sql.md, "Another
+/// source, through the model's joins"); else as it is. The tables joined
+/// are the model's choice, not the caller's, so they are read only if they
+/// run no code of a role without the caller's rights, as the model's own
+/// source is.
+fn through_joins(client: &pgrx::spi::SpiClient<'_>, model: &ModelVersion, source: Source) -> Result<Source> {
+    let missing: Vec<&str> =
+        model.features.iter().map(|f| f.name.as_str()).filter(|name| source.column(name).is_err()).collect();
+    if missing.is_empty() {
+        return Ok(source);
+    }
+    let plan = client
+        .select(
+            "SELECT s.plan->'joins' FROM cerebro.model_versions m JOIN cerebro.selections s ON s.id = m.selection_id
+             WHERE m.id = $1",
+            Some(1),
+            &[model.id.into()],
+        )?
+        .next()
+        .map(|row| row.get::<JsonB>(1))
+        .transpose()?
+        .flatten()
+        .and_then(|plan| serde_json::from_value::<JoinPlan>(plan.0).ok());
+    let Some(plan) = plan.filter(|p| !p.kept.is_empty()) else { return Ok(source) };
+    let joined: Vec<&str> = plan.joined_columns().collect();
+    let has_joined = joined.iter().any(|c| source.column(c).is_ok());
+    if has_joined || !missing.iter().all(|m| joined.contains(m)) {
+        // The caller wrote joins of their own, or lacks columns the joins
+        // do not add: the scan says which column is missing.
+        return Ok(source);
+    }
+    let Some(query) = plan.query_over(&source.display) else { return Ok(source) };
+    for join in &plan.kept {
+        check_own_source(client, &model.name, &join.table, &model.source_author)?;
+    }
+    resolve_source(client, &query)
 }
 
 /// Connection and regions, shared with an abort callback so that an ERROR

@@ -119,6 +119,10 @@ pub struct Join {
     /// The joined-from table's columns: the source's, or at hop 2 the
     /// columns (as the query names them) of the join it follows.
     pub on: Vec<String>,
+    /// The columns of `table` that `on` references, in `on`'s order (empty
+    /// in plans written before they were recorded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub referenced: Vec<String>,
     pub hop: u32,
     /// Rows learned from per row of the joined table.
     pub tuple_ratio: f64,
@@ -172,6 +176,54 @@ impl JoinPlan {
                 }
             })
             .collect()
+    }
+
+    /// The query that reads `source` (a relation, or a query in
+    /// parentheses, with the columns of the source the plan was made on)
+    /// with the kept joins: what a version of the selection scores another
+    /// source of the same shape through. Each joined column that is a
+    /// feature is read under its name in the plan. None for a plan written
+    /// before joins recorded the columns they reference.
+    pub fn query_over(&self, source: &str) -> Option<String> {
+        let mut select = vec!["s.*".to_string()];
+        let mut from = vec![format!("{source} s")];
+        for (i, join) in self.kept.iter().enumerate() {
+            if join.referenced.len() != join.on.len() || join.on.is_empty() {
+                return None;
+            }
+            let alias = format!("j{}", i + 1);
+            let own = format!("{}{SEPARATOR}", join.prefix);
+            for name in &join.columns {
+                let column = name.strip_prefix(&own)?;
+                select.push(format!("{alias}.{} AS {}", quote_ident(column), quote_ident(name)));
+            }
+            let mut condition = Vec::with_capacity(join.on.len());
+            for (referenced, on) in join.referenced.iter().zip(&join.on) {
+                // At hop 2, `on` names a column of the hop-1 join it
+                // follows, whose alias is its place among the kept joins.
+                let parent = if join.hop <= 1 {
+                    ("s".to_string(), on.as_str())
+                } else {
+                    self.kept[..i]
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, p)| p.hop + 1 == join.hop)
+                        .filter_map(|(k, p)| {
+                            on.strip_prefix(&format!("{}{SEPARATOR}", p.prefix)).map(|c| (k, p.prefix.len(), c))
+                        })
+                        .max_by_key(|&(_, len, _)| len)
+                        .map(|(k, _, column)| (format!("j{}", k + 1), column))?
+                };
+                condition.push(format!("{alias}.{} = {}.{}", quote_ident(referenced), parent.0, quote_ident(parent.1)));
+            }
+            from.push(format!("LEFT JOIN {} {alias} ON {}", join.table, condition.join(" AND ")));
+        }
+        Some(format!("(SELECT {} FROM {})", select.join(", "), from.join(" ")))
+    }
+
+    /// Every column the kept joins add, as the query names them.
+    pub fn joined_columns(&self) -> impl Iterator<Item = &str> {
+        self.kept.iter().flat_map(|j| j.columns.iter().map(String::as_str))
     }
 }
 
@@ -300,6 +352,7 @@ pub fn plan(schema: &Schema, hops: u32, features: &[String], max_categories: u32
                     table: key.table.clone(),
                     prefix: prefix.clone(),
                     on,
+                    referenced: key.referenced.clone(),
                     hop,
                     tuple_ratio: ratio,
                     columns,
@@ -427,6 +480,17 @@ mod tests {
              LEFT JOIN \"nyc\".\"planes\" j1 ON j1.\"tailnum\" = s.\"tailnum\" \
              LEFT JOIN \"nyc\".\"weather\" j2 ON j2.\"origin\" = s.\"origin\" AND j2.\"time_hour\" = s.\"time_hour\")"
         );
+        // Another source of the same shape is read through the same joins.
+        assert_eq!(plan.query_over(&schema.source.relation).as_deref(), Some(plan.query.as_str()));
+        let stored: JoinPlan = serde_json::from_value(serde_json::to_value(&plan).unwrap()).unwrap();
+        assert_eq!(
+            stored.query_over("(SELECT * FROM nyc.new_flights)").unwrap(),
+            plan.query.replace("\"nyc\".\"flights\" s", "(SELECT * FROM nyc.new_flights) s")
+        );
+        // A plan stored before joins recorded their referenced columns.
+        let mut old = stored;
+        old.kept[0].referenced.clear();
+        assert_eq!(old.query_over("nyc.new_flights"), None);
         assert_eq!(
             plan.features_text(),
             [
@@ -479,6 +543,7 @@ mod tests {
             "{}",
             two.query
         );
+        assert_eq!(two.query_over(&schema.source.relation).as_deref(), Some(two.query.as_str()));
 
         schema.tables.get_mut("\"nyc\".\"weather\"").unwrap().readable = false;
         let plan = plan(&schema, 1, &features(&schema), 1000).unwrap();

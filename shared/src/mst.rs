@@ -1381,6 +1381,25 @@ impl Chooser {
 }
 
 impl Spec {
+    /// The columns its `encode` clauses make categories in every candidate
+    /// (`encode plot_id = category`, `= {onehot, embedding}`): what the
+    /// pruning rule of `joins(auto)` counts as a categorical key, whatever
+    /// the column's type.
+    pub fn categorical_encodings(&self) -> Vec<String> {
+        let categorical = |a: &Assignment| {
+            let mut numeric = Vec::new();
+            let visited = visit_choices(&a.value, &a.span, &mut |choice, _| {
+                let encodings = to_json(&choice).map(|e| json!({ "encodings": { a.key.clone(): e } }));
+                if let Some(Ok(options)) = encodings.map(|o| TrainOptions::from_json(Some(&o))) {
+                    numeric.extend(options.encodings.values().map(|e| e.is_numeric()));
+                }
+                Ok(())
+            });
+            visited.is_ok() && !numeric.is_empty() && !numeric.contains(&true)
+        };
+        self.encodings.iter().filter(|a| categorical(a)).map(|a| a.key.clone()).collect()
+    }
+
     /// Checks every value against the options it sets, at its position.
     fn check(&self, text: &str) -> Result<(), MstError> {
         let invalid = |span: &Span, m: String| MstError::at(text, span.start, ErrorKind::Invalid, m);
@@ -1682,9 +1701,24 @@ impl Spec {
                 }
             }
         }
-        // Optional groups left out are dropped, not kept empty.
+        // Optional groups left out are dropped, not kept empty. A column
+        // an optional exclusion leaves out of this candidate (`-a?`, the
+        // key `joins(auto)` searches without itself) takes no encoding here:
+        // `encode a = ...` is for the candidates that read it.
         for c in &mut out {
             c.features.retain(|s| s.columns.as_ref().is_none_or(|cols| !cols.is_empty()));
+            let left_out: Vec<String> = c
+                .features
+                .iter()
+                .filter(|s| s.exclude && s.optional)
+                .flat_map(|s| s.columns.iter().flatten().cloned())
+                .collect();
+            if let Some(Json::Object(encodings)) = c.options.get_mut("encodings") {
+                encodings.retain(|column, _| !left_out.contains(column));
+                if encodings.is_empty() {
+                    c.options.remove("encodings");
+                }
+            }
         }
         Ok(out)
     }
@@ -1978,6 +2012,30 @@ model    hidden = {[64, 32], [{128, 256}, 64]}, activation = {relu, gelu}, dropo
 train    lr = {1e-3, 3e-4}, batch_size = {256, 512}, epochs = 30  -- a comment
 search   grid
 ";
+
+    #[test]
+    fn a_column_left_out_of_a_candidate_takes_no_encoding_there() {
+        let text = "features *, -tier?\nencode tier = category, age = ple";
+        let candidates = parse(text).unwrap().expand(text, 100).unwrap();
+        let encodings: Vec<(Vec<String>, Json)> =
+            candidates.iter().map(|c| (c.left_out(), c.options["encodings"].clone())).collect();
+        assert_eq!(
+            encodings,
+            [(vec!["tier".to_string()], json!({"age": "ple"})), (vec![], json!({"age": "ple", "tier": "category"})),]
+        );
+        // Left out of every candidate, a column encoded is a mistake, said
+        // when the candidate is checked against its features.
+        let text = "features *, -tier\nencode tier = category";
+        let candidates = parse(text).unwrap().expand(text, 100).unwrap();
+        assert_eq!(candidates[0].options["encodings"], json!({"tier": "category"}));
+    }
+
+    #[test]
+    fn encode_clauses_say_which_columns_are_categories() {
+        let spec = parse("encode plot_id = category, store = {onehot, embedding}, age = ple, zip = 12").unwrap();
+        assert_eq!(spec.categorical_encodings(), ["plot_id", "store", "zip"]);
+        assert!(parse("features *").unwrap().categorical_encodings().is_empty());
+    }
 
     #[test]
     fn parses_every_clause_and_counts_the_grid() {

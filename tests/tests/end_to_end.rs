@@ -218,6 +218,19 @@ async fn a_model_trains_from_insert_and_scores_from_select() -> anyhow::Result<(
         .expect_err("no privilege on telco_churn");
     assert_eq!(denied.code().map(|c| c.code()), Some("42501"), "{denied}");
     db.batch_execute("RESET ROLE").await?;
+
+    // A source without one of the model's columns: the column is named.
+    let missing = db
+        .query(
+            "SELECT * FROM cerebro.predictions
+             WHERE model = 'e2e_churn' AND source = '(SELECT customer_id, tenure FROM telco_churn)'",
+            &[],
+        )
+        .await
+        .expect_err("a source without the model's columns");
+    assert_eq!(missing.code().map(|c| c.code()), Some("42703"), "{missing}");
+    let said = missing.as_db_error().map(|e| e.message().to_string()).unwrap_or_default();
+    assert!(said.contains("does not exist in (SELECT customer_id, tenure"), "{said}");
     Ok(())
 }
 
@@ -2819,6 +2832,94 @@ async fn joins_auto_follows_declared_foreign_keys_and_prunes_small_tables() -> a
         .await?
         .get(0);
     assert_eq!(scored, 3000);
+
+    // Another table of the orders' shape, without the joined columns, is
+    // scored through the same joins: every candidate scores its rows as it
+    // scores them in its own source, whole and by key.
+    db.batch_execute(
+        "CREATE TABLE e2e_shop.new_orders (LIKE e2e_shop.orders);
+         INSERT INTO e2e_shop.new_orders SELECT * FROM e2e_shop.orders WHERE id % 10 = 0;",
+    )
+    .await?;
+    let scores = |source: Option<&'static str>, version: i32| {
+        let db = &db;
+        async move {
+            let rows = match source {
+                Some(source) => {
+                    db.query(
+                        "SELECT key, score FROM cerebro.predictions
+                         WHERE model = 'e2e_joins' AND version = $1 AND source = $2",
+                        &[&version, &source],
+                    )
+                    .await?
+                }
+                None => {
+                    db.query(
+                        "SELECT key, score FROM cerebro.predictions WHERE model = 'e2e_joins' AND version = $1",
+                        &[&version],
+                    )
+                    .await?
+                }
+            };
+            anyhow::Ok(rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, f64>(1))).collect::<HashMap<_, _>>())
+        }
+    };
+    for r in &rows {
+        let version: i32 = r.get(0);
+        let own = scores(None, version).await?;
+        let new = scores(Some("e2e_shop.new_orders"), version).await?;
+        assert_eq!(new.len(), 300, "version {version}");
+        for (key, score) in &new {
+            assert_eq!(Some(score), own.get(key), "version {version}, order {key}");
+        }
+    }
+    let by_key: f64 = db
+        .query_one(
+            "SELECT score FROM cerebro.predictions
+             WHERE model = 'e2e_joins' AND version = $1 AND source = 'e2e_shop.new_orders' AND key = '20'",
+            &[&version],
+        )
+        .await?
+        .get(0);
+    assert_eq!(Some(&by_key), scores(None, version).await?.get("20"));
+    // Columns the joins do not add are still missing, and said.
+    let err = db
+        .query(
+            "SELECT score FROM cerebro.predictions
+             WHERE model = 'e2e_joins' AND version = $1 AND source = '(SELECT id, week FROM e2e_shop.new_orders)'",
+            &[&version],
+        )
+        .await
+        .expect_err("a source without the model's columns");
+    assert_eq!(err.code().map(|c| c.code()), Some("42703"), "{err:?}");
+
+    // An integer key is a number, which the pruning rule cannot count on to
+    // stand in for its join, until the spec encodes it as a category.
+    db.batch_execute(
+        "CREATE TABLE e2e_shop.tiers (tier integer PRIMARY KEY, discount float8);
+         INSERT INTO e2e_shop.tiers VALUES (1, 0), (2, 0.1), (3, 0.2);
+         CREATE TABLE e2e_shop.members (id integer PRIMARY KEY, tier integer REFERENCES e2e_shop.tiers,
+             spent float8, left_us boolean);
+         INSERT INTO e2e_shop.members SELECT i, 1 + i % 3, i % 50, i % 7 = 0 FROM generate_series(1, 300) i;",
+    )
+    .await?;
+    for (name, encode, kept) in [("e2e_tiers", "", true), ("e2e_tiers_category", "encode tier = category", false)] {
+        db.execute(
+            &format!(
+                "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('{name}', 'e2e_shop.members',
+                     'left_us', 'id', 'features joins(auto)
+                                       {encode}
+                                       train epochs = 1')"
+            ),
+            &[],
+        )
+        .await?;
+        let (selection, _) = wait_for_selection(&db, name).await?;
+        let joins: serde_json::Value =
+            db.query_one("SELECT plan->'joins' FROM cerebro.selections WHERE id = $1", &[&selection]).await?.get(0);
+        let tiers_kept = joins["kept"].as_array().is_some_and(|k| k.iter().any(|j| j["prefix"] == "tiers"));
+        assert_eq!(tiers_kept, kept, "{name}: {joins}");
+    }
 
     // A view has no keys; a selection on a snapshot and a change cannot join.
     for (sql, code, says) in [

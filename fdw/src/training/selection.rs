@@ -187,7 +187,7 @@ fn with_joins(
         Some((Value::Word(w) | Value::Text(w), _)) => w.clone(),
         _ => req.source.clone(),
     };
-    let (schema, shape) = crate::joins::read(client, &source, hops)?;
+    let (mut schema, shape) = crate::joins::read(client, &source, hops)?;
     // The pruning rule asks whether a key is a feature of every candidate:
     // what the non-optional selections pick (everything, with none).
     let every: Vec<Selection> = if spec.features.iter().any(|s| !s.exclude && !s.optional) {
@@ -199,6 +199,18 @@ fn with_joins(
     let features = request::candidate_features(&every, &shape, &req.target, req.key.as_deref())?;
     let written = &req.written["options"];
     let options = TrainOptions::from_json(written.is_object().then_some(written))?;
+    // A column encoded as a category (an integer key, `encode plot_id =
+    // category`, or the options' `encodings`) is one for the rule too.
+    let categories: Vec<String> = spec
+        .categorical_encodings()
+        .into_iter()
+        .chain(options.encodings.iter().filter(|(_, e)| !e.is_numeric()).map(|(c, _)| c.clone()))
+        .collect();
+    for (column, kind) in &mut schema.source.columns {
+        if kind.is_some() && categories.contains(column) {
+            *kind = Some(true);
+        }
+    }
     let plan = joins::plan(&schema, hops, &features, options.max_categories)?;
     crate::joins::announce(&plan);
     let rewritten = mst::with_joins(text, spec, &plan.query, &plan.features_text());
