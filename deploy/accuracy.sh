@@ -9,6 +9,8 @@
 #                                           with options added to every INSERT
 #   CEREBRO_ACCURACY_SPEC='search random(8)' deploy/accuracy.sh caravan
 #                                           another selection spec than 'default'
+#   CEREBRO_SNAPSHOT_CACHE_MIB=0 deploy/accuracy.sh
+#                                           with cerebrod's snapshot cache off
 #
 # Runs in a database of its own, cerebro_accuracy, made afresh each run, with
 # a cerebrod of its own (stopped at the end); the cluster and the build are

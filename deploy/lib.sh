@@ -301,6 +301,11 @@ database_url = "host=$RUN_DIR port=$PGPORT user=postgres dbname=$db"
 onnxruntime_library = "$ORT_LIB"
 poll_interval_ms = 2000
 TOML
+    # CEREBRO_SNAPSHOT_CACHE_MIB=0: a daemon without its snapshot cache, to
+    # measure what the cache saves (docs/benchmarks.md).
+    if [ -n "${CEREBRO_SNAPSHOT_CACHE_MIB:-}" ]; then
+        echo "snapshot_cache_mib = $CEREBRO_SNAPSHOT_CACHE_MIB" >>"$STATE/$name.toml"
+    fi
     psql_as "$db" -q -c "ALTER SERVER cerebro_daemon OPTIONS (SET socket '$RUN_DIR/$name.sock')"
 }
 

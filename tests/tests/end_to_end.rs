@@ -1221,6 +1221,12 @@ async fn a_role_without_a_grant_sees_and_scores_nothing_until_granted() -> anyho
     let surrogate = "SELECT cerebro.surrogate_sql('e2e_private', 1)";
     let err = outsider.query_one(surrogate, &[]).await.expect_err("no grant");
     assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42704"), "{err}");
+    let rules = "SELECT count(*) FROM cerebro.surrogate_rules('e2e_private', 1)";
+    let err = outsider.query_one(rules, &[]).await.expect_err("no grant");
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42704"), "{err}");
+    // Nor is the version's row, with its importance and surrogate, visible.
+    let row = "SELECT count(*) FROM cerebro.model_versions WHERE name = 'e2e_private'";
+    assert_eq!(outsider.query_one(row, &[]).await?.get::<_, i64>(0), 0, "another role's version is visible");
     let distill = "SELECT * FROM cerebro.distill('e2e_private', 1, 3)";
     let err = outsider.query_one(distill, &[]).await.expect_err("no grant");
     assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42704"), "{err}");
@@ -1232,6 +1238,7 @@ async fn a_role_without_a_grant_sees_and_scores_nothing_until_granted() -> anyho
     assert_eq!(outsider.query_one(listed, &[]).await?.get::<_, i64>(0), 1);
     assert_eq!(outsider.query_one(importance, &[]).await?.get::<_, i64>(0), 19);
     assert!(outsider.query_one(surrogate, &[]).await?.get::<_, String>(0).starts_with("CASE WHEN "));
+    assert!(outsider.query_one(rules, &[]).await?.get::<_, i64>(0) >= 1, "a grant shows the rules");
     assert_eq!(outsider.query_one(scoring, &[]).await?.get::<_, i64>(0), 7043);
     let why: serde_json::Value = outsider.query_one(explained, &[]).await?.get(0);
     assert_eq!(why["contributions"].as_array().map(Vec::len), Some(5), "{why}");

@@ -71,6 +71,11 @@ async fn long_source(db: &Client) -> anyhow::Result<()> {
 const LONG_SCAN: &str = "SELECT count(*) FROM cerebro.predictions
                          WHERE model = 'rb_churn' AND version = 1 AND source = 'rb_long' AND key_column = 'customer_id'";
 
+/// [`LONG_SCAN`], each row explained and its explanation read.
+const LONG_EXPLAIN: &str = "SELECT count(explanation) FROM cerebro.predictions
+                            WHERE model = 'rb_churn' AND version = 1 AND source = 'rb_long'
+                              AND key_column = 'customer_id' AND explain";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cancelled_or_timed_out_scan_stops_promptly_and_the_session_scores_again() -> anyhow::Result<()> {
     let env = Env::from_env();
@@ -97,7 +102,22 @@ async fn a_cancelled_or_timed_out_scan_stops_promptly_and_the_session_scores_aga
     db.batch_execute("SET statement_timeout = 200").await?;
     let e = db.query_one(LONG_SCAN, &[]).await.expect_err("the scan timed out");
     assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("57014"), "{e}");
-    db.batch_execute("RESET statement_timeout; RESET cerebro.batch_rows").await?;
+    db.batch_execute("RESET statement_timeout").await?;
+
+    // A scan that explains every row stops alike, between batches of
+    // explanations, whether cerebrod or the backend is at work.
+    let cancel = db.cancel_token();
+    let started = Instant::now();
+    let stopper = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cancel.cancel_query(tokio_postgres::NoTls).await
+    });
+    let e = db.query_one(LONG_EXPLAIN, &[]).await.expect_err("the explaining scan was cancelled");
+    stopper.await??;
+    let stopped_after = started.elapsed();
+    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("57014"), "{e}");
+    assert!(stopped_after < Duration::from_secs(10), "the cancel took {stopped_after:?}");
+    db.batch_execute("RESET cerebro.batch_rows").await?;
 
     // The same session scores again, and the daemon serves others.
     assert_eq!(scored(&db).await?, expected);
