@@ -16,13 +16,20 @@ use crate::sources::{resolve_source, Source};
 
 /// The schema `joins(auto, hops)` looks at from `source`, which must be a
 /// table (foreign keys are declared on tables only), and the source's shape.
-pub(crate) fn read(client: &SpiClient<'_>, source: &str, hops: u32) -> Result<(Schema, SourceShape)> {
+/// `categories` are the source's columns its encodings make categories
+/// whatever their type (`encode plot_id = category`).
+pub(crate) fn read(
+    client: &SpiClient<'_>,
+    source: &str,
+    hops: u32,
+    categories: &[String],
+) -> Result<(Schema, SourceShape)> {
     if source_query(source).is_some() {
         return Err(CerebroError::JoinsNeedTable { relation: "the source".into(), kind: "a query" });
     }
     let resolved = resolve_source(client, source)?;
     let shape = resolved.shape();
-    let source = table(client, resolved)?;
+    let source = table(client, resolved, categories)?;
     let mut tables = BTreeMap::new();
     let mut frontier: Vec<String> = source.foreign_keys.iter().map(|k| k.table.clone()).collect();
     for hop in 1..=hops {
@@ -31,7 +38,7 @@ pub(crate) fn read(client: &SpiClient<'_>, source: &str, hops: u32) -> Result<(S
             if tables.contains_key(&relation) {
                 continue;
             }
-            let t = table(client, resolve_source(client, &relation)?)?;
+            let t = table(client, resolve_source(client, &relation)?, &[])?;
             if hop < hops && t.readable {
                 next.extend(t.foreign_keys.iter().map(|k| k.table.clone()));
             }
@@ -44,15 +51,19 @@ pub(crate) fn read(client: &SpiClient<'_>, source: &str, hops: u32) -> Result<(S
 
 /// One table: its columns as the user sees them, its foreign keys, and for
 /// a table the user may read its rows and each one-column key's distinct
-/// values (what the pruning rule weighs). Anything but a table is refused
-/// before it is read: foreign keys are declared on tables only.
-fn table(client: &SpiClient<'_>, resolved: Source) -> Result<Table> {
+/// values (what the pruning rule weighs). A column of `categories` is
+/// categorical whatever its type. Anything but a table is refused before it
+/// is read: foreign keys are declared on tables only.
+fn table(client: &SpiClient<'_>, resolved: Source, categories: &[String]) -> Result<Table> {
     let relation = resolved.display.as_str();
     let readable = resolved.columns.iter().all(|c| c.readable);
     let columns: Vec<(String, Option<bool>)> = resolved
         .columns
         .iter()
-        .map(|c| (c.name.clone(), c.kind.map(|k| matches!(k, SqlKind::Text | SqlKind::Boolean))))
+        .map(|c| {
+            let categorical = |k| matches!(k, SqlKind::Text | SqlKind::Boolean) || categories.contains(&c.name);
+            (c.name.clone(), c.kind.map(categorical))
+        })
         .collect();
     let row = client
         .select(
@@ -104,8 +115,8 @@ fn table(client: &SpiClient<'_>, resolved: Source) -> Result<Table> {
         rows = count(client, &format!("SELECT count(*) FROM {relation}"))?;
         for key in &foreign_keys {
             if let [column] = key.columns.as_slice() {
-                // A number's too: an `encode` clause may make it a category.
-                if columns.iter().any(|(c, kind)| c == column && kind.is_some()) && !distinct.contains_key(column) {
+                if columns.iter().any(|(c, kind)| c == column && *kind == Some(true)) && !distinct.contains_key(column)
+                {
                     let sql = format!("SELECT count(DISTINCT {}) FROM {relation}", quote_ident(column));
                     distinct.insert(column.clone(), count(client, &sql)?);
                 }

@@ -1380,24 +1380,33 @@ impl Chooser {
     }
 }
 
+/// Whether each encoding `a` (an `encode` assignment) searches is numeric,
+/// in its order; an error at the value that is not an encoding, placed in
+/// `text`.
+fn encodings_numeric(a: &Assignment, text: &str) -> Result<Vec<bool>, MstError> {
+    let invalid = |span: &Span, m: String| MstError::at(text, span.start, ErrorKind::Invalid, m);
+    let mut numeric = Vec::new();
+    visit_choices(&a.value, &a.span, &mut |choice, span| {
+        let json = to_json(&choice).ok_or_else(|| invalid(span, "an encoding is a name or a width".into()))?;
+        let options = json!({ "encodings": { a.key.clone(): json } });
+        let options = TrainOptions::from_json(Some(&options)).map_err(|e| invalid(span, option_message(e)))?;
+        numeric.extend(options.encodings.values().map(|e| e.is_numeric()));
+        Ok(())
+    })?;
+    Ok(numeric)
+}
+
 impl Spec {
     /// The columns its `encode` clauses make categories in every candidate
     /// (`encode plot_id = category`, `= {onehot, embedding}`): what the
     /// pruning rule of `joins(auto)` counts as a categorical key, whatever
     /// the column's type.
     pub fn categorical_encodings(&self) -> Vec<String> {
-        let categorical = |a: &Assignment| {
-            let mut numeric = Vec::new();
-            let visited = visit_choices(&a.value, &a.span, &mut |choice, _| {
-                let encodings = to_json(&choice).map(|e| json!({ "encodings": { a.key.clone(): e } }));
-                if let Some(Ok(options)) = encodings.map(|o| TrainOptions::from_json(Some(&o))) {
-                    numeric.extend(options.encodings.values().map(|e| e.is_numeric()));
-                }
-                Ok(())
-            });
-            visited.is_ok() && !numeric.is_empty() && !numeric.contains(&true)
-        };
-        self.encodings.iter().filter(|a| categorical(a)).map(|a| a.key.clone()).collect()
+        self.encodings
+            .iter()
+            .filter(|a| encodings_numeric(a, "").is_ok_and(|n| !n.is_empty() && !n.contains(&true)))
+            .map(|a| a.key.clone())
+            .collect()
     }
 
     /// Checks every value against the options it sets, at its position.
@@ -1436,14 +1445,7 @@ impl Spec {
             }
         }
         for a in &self.encodings {
-            let mut numeric = Vec::new();
-            visit_choices(&a.value, &a.span, &mut |choice, span| {
-                let json = to_json(&choice).ok_or_else(|| invalid(span, "an encoding is a name or a width".into()))?;
-                let options = json!({ "encodings": { a.key.clone(): json } });
-                let options = TrainOptions::from_json(Some(&options)).map_err(|e| invalid(span, option_message(e)))?;
-                numeric.extend(options.encodings.values().map(|e| e.is_numeric()));
-                Ok(())
-            })?;
+            let numeric = encodings_numeric(a, text)?;
             // A categorical encoding makes an integer column a category: the
             // candidates of one selection must agree on what each column is
             // (later rounds and the ensemble read them alike).

@@ -187,16 +187,6 @@ fn with_joins(
         Some((Value::Word(w) | Value::Text(w), _)) => w.clone(),
         _ => req.source.clone(),
     };
-    let (mut schema, shape) = crate::joins::read(client, &source, hops)?;
-    // The pruning rule asks whether a key is a feature of every candidate:
-    // what the non-optional selections pick (everything, with none).
-    let every: Vec<Selection> = if spec.features.iter().any(|s| !s.exclude && !s.optional) {
-        spec.features.iter().filter(|s| !s.optional).cloned().collect()
-    } else {
-        let all = Selection { exclude: false, table: None, columns: None, optional: false, span: 0..0 };
-        std::iter::once(all).chain(spec.features.iter().filter(|s| !s.optional).cloned()).collect()
-    };
-    let features = request::candidate_features(&every, &shape, &req.target, req.key.as_deref())?;
     let written = &req.written["options"];
     let options = TrainOptions::from_json(written.is_object().then_some(written))?;
     // A column encoded as a category (an integer key, `encode plot_id =
@@ -206,11 +196,16 @@ fn with_joins(
         .into_iter()
         .chain(options.encodings.iter().filter(|(_, e)| !e.is_numeric()).map(|(c, _)| c.clone()))
         .collect();
-    for (column, kind) in &mut schema.source.columns {
-        if kind.is_some() && categories.contains(column) {
-            *kind = Some(true);
-        }
-    }
+    let (schema, shape) = crate::joins::read(client, &source, hops, &categories)?;
+    // The pruning rule asks whether a key is a feature of every candidate:
+    // what the non-optional selections pick (everything, with none).
+    let every: Vec<Selection> = if spec.features.iter().any(|s| !s.exclude && !s.optional) {
+        spec.features.iter().filter(|s| !s.optional).cloned().collect()
+    } else {
+        let all = Selection { exclude: false, table: None, columns: None, optional: false, span: 0..0 };
+        std::iter::once(all).chain(spec.features.iter().filter(|s| !s.optional).cloned()).collect()
+    };
+    let features = request::candidate_features(&every, &shape, &req.target, req.key.as_deref())?;
     let plan = joins::plan(&schema, hops, &features, options.max_categories)?;
     crate::joins::announce(&plan);
     let rewritten = mst::with_joins(text, spec, &plan.query, &plan.features_text());

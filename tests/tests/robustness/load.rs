@@ -71,6 +71,23 @@ async fn long_source(db: &Client) -> anyhow::Result<()> {
 const LONG_SCAN: &str = "SELECT count(*) FROM cerebro.predictions
                          WHERE model = 'rb_churn' AND version = 1 AND source = 'rb_long' AND key_column = 'customer_id'";
 
+/// Runs `query` and cancels it from another connection 300 ms in, as a
+/// driver's cancel() does: it ends in 57014 within 10 seconds.
+async fn cancelled_promptly(db: &Client, query: &str) -> anyhow::Result<()> {
+    let cancel = db.cancel_token();
+    let started = Instant::now();
+    let stopper = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cancel.cancel_query(tokio_postgres::NoTls).await
+    });
+    let e = db.query_one(query, &[]).await.expect_err("the scan was cancelled");
+    stopper.await??;
+    let stopped_after = started.elapsed();
+    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("57014"), "{query}: {e}");
+    assert!(stopped_after < Duration::from_secs(10), "{query}: the cancel took {stopped_after:?}");
+    Ok(())
+}
+
 /// [`LONG_SCAN`], each row explained and its explanation read.
 const LONG_EXPLAIN: &str = "SELECT count(explanation) FROM cerebro.predictions
                             WHERE model = 'rb_churn' AND version = 1 AND source = 'rb_long'
@@ -86,17 +103,7 @@ async fn a_cancelled_or_timed_out_scan_stops_promptly_and_the_session_scores_aga
     db.batch_execute("SET cerebro.batch_rows = 1024").await?;
 
     // A cancel from another connection, as a driver's cancel() sends it.
-    let cancel = db.cancel_token();
-    let started = Instant::now();
-    let stopper = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        cancel.cancel_query(tokio_postgres::NoTls).await
-    });
-    let e = db.query_one(LONG_SCAN, &[]).await.expect_err("the scan was cancelled");
-    stopper.await??;
-    let stopped_after = started.elapsed();
-    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("57014"), "{e}");
-    assert!(stopped_after < Duration::from_secs(10), "the cancel took {stopped_after:?}");
+    cancelled_promptly(&db, LONG_SCAN).await?;
 
     // statement_timeout ends it the same way.
     db.batch_execute("SET statement_timeout = 200").await?;
@@ -106,17 +113,7 @@ async fn a_cancelled_or_timed_out_scan_stops_promptly_and_the_session_scores_aga
 
     // A scan that explains every row stops alike, between batches of
     // explanations, whether cerebrod or the backend is at work.
-    let cancel = db.cancel_token();
-    let started = Instant::now();
-    let stopper = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        cancel.cancel_query(tokio_postgres::NoTls).await
-    });
-    let e = db.query_one(LONG_EXPLAIN, &[]).await.expect_err("the explaining scan was cancelled");
-    stopper.await??;
-    let stopped_after = started.elapsed();
-    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("57014"), "{e}");
-    assert!(stopped_after < Duration::from_secs(10), "the cancel took {stopped_after:?}");
+    cancelled_promptly(&db, LONG_EXPLAIN).await?;
     db.batch_execute("RESET cerebro.batch_rows").await?;
 
     // The same session scores again, and the daemon serves others.
