@@ -84,7 +84,7 @@ CREATE TABLE cerebro.audit_log (
     role_name name        NOT NULL,
     action    text        NOT NULL
               CHECK (action IN ('create', 'deploy', 'rollback', 'delete', 'export', 'grant', 'revoke', 'cancel',
-                                'distill')),
+                                'distill', 'measure')),
     model     text        NOT NULL,
     version   integer,
     detail    jsonb
@@ -368,6 +368,13 @@ CREATE FUNCTION cerebro.surrogate_sql(model text, version integer) RETURNS text
 CREATE FUNCTION cerebro.distill(model text, version integer, max_depth integer DEFAULT 4)
     RETURNS TABLE (leaves integer, fidelity_metric text, fidelity double precision, fitted_rows bigint)
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'distill_wrapper';
+-- Measures the version's permutation importance again on its snapshot's
+-- validation rows (cerebrod scores through ONNX Runtime) and stores it in
+-- place of the last: for an imported version with a target, a candidate
+-- halving stopped, or a version whose importance was never measured.
+CREATE FUNCTION cerebro.measure_importance(model text, version integer)
+    RETURNS TABLE (rank integer, column_name text, importance double precision, metric_drop double precision)
+    LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'measure_importance_wrapper';
 
 -- The best versions of the archived tasks nearest a source's by their
 -- meta-features (cerebro.snapshots.meta), nearest first (fdw/src/recommend.rs).
@@ -379,7 +386,8 @@ CREATE FUNCTION cerebro.recommend(source text, target text, k integer DEFAULT 5,
 CREATE FUNCTION cerebro.reproduce(model text, version integer) RETURNS integer
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'reproduce_wrapper';
 CREATE FUNCTION cerebro.import_onnx(name text, onnx bytea, source text, inputs jsonb, task text,
-                                    labels text[] DEFAULT NULL, output text DEFAULT NULL, key text DEFAULT NULL)
+                                    labels text[] DEFAULT NULL, output text DEFAULT NULL, key text DEFAULT NULL,
+                                    target text DEFAULT NULL)
     RETURNS integer
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'import_onnx_wrapper';
 CREATE FUNCTION cerebro.cancel_selection(selection bigint) RETURNS integer

@@ -94,7 +94,7 @@ pub fn distill_scored(
         &valid,
         plan.options.seed,
         max_depth,
-        &mut |columns| Ok(model.run(&model.arrange(&plan.features, columns)?)?.0),
+        &mut |columns| Ok(model.metric_outputs(&plan.features, columns)?),
     )
 }
 

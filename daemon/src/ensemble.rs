@@ -252,19 +252,9 @@ fn measure_importance(
     valid: &[ColumnData],
     targets: &[f64],
 ) -> Result<Option<Importance>, BuildError> {
-    let picked = importance::sample(targets.len(), valid.len(), networks, plan.options.seed);
-    let valid: Vec<ColumnData> = valid.iter().map(|c| c.take(&picked)).collect();
-    let targets: Vec<f64> = picked.iter().map(|&p| targets[p]).collect();
-    let names: Vec<String> = plan.features.iter().map(|f| f.name.clone()).collect();
-    importance::permutation(
-        plan.task,
-        plan.class_labels.len(),
-        &names,
-        &valid,
-        &targets,
-        plan.options.seed,
-        &mut |columns| Ok(graph.run(&feed(graph, &plan.features, columns, 0)?).map_err(BuildError::Scoring)?.0),
-    )
+    importance::on_sample(plan, networks, valid, targets, &mut |columns| {
+        Ok(graph.run(&feed(graph, &plan.features, columns, 0)?).map_err(BuildError::Scoring)?.0)
+    })
 }
 
 /// `valid`'s columns (in `features` order) in the order `model` takes its inputs.

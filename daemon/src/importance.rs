@@ -6,13 +6,14 @@
 
 use cerebro_shared::batch::ColumnData;
 use cerebro_shared::importance::Importance;
-use cerebro_shared::spec::Task;
+use cerebro_shared::spec::{Task, TrainingPlan};
 use cerebro_shared::sql::metrics::{ACCURACY, AUC, RMSE};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::train::validation_metrics;
+use crate::scoring::{ScoringError, ScoringModel};
+use crate::train::{self, validation_metrics, TrainError};
 
 /// Outputs of the rows of some columns, as [`validation_metrics`] reads
 /// them: a version's scorer.
@@ -54,6 +55,48 @@ pub fn seeded_sample(rows: &[usize], most: usize, seed: u64) -> Vec<usize> {
         picked.sort_unstable();
     }
     picked
+}
+
+/// The importance of `plan`'s features for a version of `networks`
+/// networks, on a seeded [`sample`] of the validation rows `valid` (one
+/// column per feature, in `plan`'s order) whose targets are `targets`.
+pub fn on_sample<E>(
+    plan: &TrainingPlan,
+    networks: usize,
+    valid: &[ColumnData],
+    targets: &[f64],
+    score: &mut Scorer<'_, E>,
+) -> Result<Option<Importance>, E> {
+    let picked = sample(targets.len(), valid.len(), networks, plan.options.seed);
+    let valid: Vec<ColumnData> = valid.iter().map(|c| c.take(&picked)).collect();
+    let targets: Vec<f64> = picked.iter().map(|&p| targets[p]).collect();
+    let names: Vec<String> = plan.features.iter().map(|f| f.name.clone()).collect();
+    permutation(plan.task, plan.class_labels.len(), &names, &valid, &targets, plan.options.seed, score)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeasureError {
+    #[error(transparent)]
+    Rows(#[from] TrainError),
+    #[error(transparent)]
+    Scoring(#[from] ScoringError),
+}
+
+/// The importance of the version `model` scores (through ONNX Runtime;
+/// `networks` of them for an ensemble) on `plan`'s validation rows of
+/// `features` (in `plan`'s order, as its snapshot is read): what
+/// `cerebro.measure_importance` asks for, of a version trained, imported
+/// with a target, or an ensemble.
+pub fn measure_scored(
+    model: &ScoringModel,
+    networks: usize,
+    plan: &TrainingPlan,
+    features: &[ColumnData],
+    target: &ColumnData,
+) -> Result<Option<Importance>, MeasureError> {
+    let (rows, targets) = train::validation_rows(plan, target)?;
+    let valid: Vec<ColumnData> = features.iter().map(|c| c.take(&rows)).collect();
+    on_sample(plan, networks, &valid, &targets, &mut |columns| Ok(model.metric_outputs(&plan.features, columns)?))
 }
 
 /// The metric importance is measured by, as the leaderboard ranks: AUC,

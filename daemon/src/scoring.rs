@@ -394,6 +394,12 @@ impl ScoringModel {
     /// `columns`, one per feature of `features` in that order, in the order
     /// the graph takes its inputs.
     pub fn arrange(&self, features: &[Feature], columns: &[ColumnData]) -> Result<Vec<ColumnData>, ScoringError> {
+        if self.imported {
+            // An import lists its features in feed order, each input's
+            // columns in a row (`request::import_features`); its inputs are
+            // named by the graph, not by the columns.
+            return Ok(columns.to_vec());
+        }
         self.inputs
             .iter()
             .map(|(name, _, _)| match features.iter().position(|f| &f.name == name) {
@@ -407,6 +413,18 @@ impl ScoringModel {
     /// row-major, and its width per row.
     pub fn run(&self, columns: &[ColumnData]) -> Result<(Vec<f32>, usize), ScoringError> {
         self.run_with(columns, None)
+    }
+
+    /// The graph's output for `columns` (one per feature of `features`) as
+    /// validation metrics read it: one positive-class probability a row for
+    /// a binary model (an imported graph's scored column, when its output is
+    /// wider), else the whole output.
+    pub fn metric_outputs(&self, features: &[Feature], columns: &[ColumnData]) -> Result<Vec<f32>, ScoringError> {
+        let (out, width) = self.run(&self.arrange(features, columns)?)?;
+        if self.task == Task::Binary && width > 1 {
+            return Ok(out.chunks(width).map(|row| row[self.positive_column]).collect());
+        }
+        Ok(out)
     }
 
     /// [`ScoringModel::run`] under `options`, through which another thread

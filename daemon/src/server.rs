@@ -24,7 +24,10 @@ use std::time::Duration;
 
 use cerebro_shared::batch::{read_batch_ref, write_explanations, write_outputs, write_probabilities};
 use cerebro_shared::error::{ErrorCode, WireError};
-use cerebro_shared::protocol::{self, DistillRequest, FrameError, Request, Response, ScoreRequest, PROTOCOL_VERSION};
+use cerebro_shared::importance::Importance;
+use cerebro_shared::protocol::{
+    self, DistillRequest, FrameError, MeasureRequest, Request, Response, ScoreRequest, PROTOCOL_VERSION,
+};
 use cerebro_shared::surrogate::{Surrogate, DEPTHS};
 use memmap2::{MmapMut, MmapOptions};
 use rustix::fs::{FileType, SealFlags};
@@ -35,9 +38,10 @@ use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::catalog::Catalog;
-use crate::data::read_snapshot;
+use crate::catalog::{Catalog, JobSpec};
+use crate::data::{read_snapshot, Table};
 use crate::distill;
+use crate::importance;
 use crate::scoring::{OnnxRuntime, ScoringModel};
 
 const MAX_REGIONS_PER_CONNECTION: usize = 16;
@@ -74,6 +78,13 @@ pub trait ModelSource: Send + Sync + 'static {
 
     /// The version's rule surrogate, fitted afresh on its training snapshot.
     fn distill(&self, req: DistillRequest) -> impl Future<Output = Result<Surrogate, WireError>> + Send;
+
+    /// The version's permutation importance, measured afresh on its
+    /// snapshot's validation rows.
+    fn measure_importance(
+        &self,
+        req: MeasureRequest,
+    ) -> impl Future<Output = Result<Option<Importance>, WireError>> + Send;
 }
 
 /// Longest the scorer waits for a model's artifact from the database: a
@@ -186,22 +197,14 @@ impl ScoringService {
         Ok(model)
     }
 
-    /// Reads the version's training snapshot and fits its rule surrogate to
-    /// what the version predicts there (`cerebro.distill`). The snapshot is
-    /// read on the data connection, as training reads it.
-    async fn distill_version(&self, req: DistillRequest) -> Result<Surrogate, WireError> {
-        let id = req.model_version_id;
-        if !DEPTHS.contains(&req.max_depth) {
-            let msg = format!("max_depth {} is outside {}..={}", req.max_depth, DEPTHS.start(), DEPTHS.end());
-            return Err(WireError::new(ErrorCode::BadRequest, msg));
-        }
-        let model = self.model(id, &req.artifact_sha256).await?;
-        if model.imported() {
-            return Err(WireError::new(
-                ErrorCode::Unsupported,
-                format!("model version {id} was imported: it has no training snapshot to distill it on"),
-            ));
-        }
+    /// The version's scorer, catalog entry and training snapshot, read on
+    /// the data connection as training reads it, and how long the read took.
+    async fn with_snapshot(
+        &self,
+        id: i64,
+        artifact_sha256: &str,
+    ) -> Result<(Arc<ScoringModel>, JobSpec, Table, f64), WireError> {
+        let model = self.model(id, artifact_sha256).await?;
         let catalog = self.catalog.get(id)?;
         let unreadable = |e: crate::catalog::CatalogError| {
             if e.is_lost() {
@@ -221,7 +224,18 @@ impl ScoringService {
         let spec = catalog.job_spec(id).await.map_err(unreadable)?;
         let started = std::time::Instant::now();
         let table = read_snapshot(catalog.client(), &spec).await.map_err(unreadable)?;
-        let read = started.elapsed().as_secs_f64();
+        Ok((model, spec, table, started.elapsed().as_secs_f64()))
+    }
+
+    /// Reads the version's training snapshot and fits its rule surrogate to
+    /// what the version predicts there (`cerebro.distill`).
+    async fn distill_version(&self, req: DistillRequest) -> Result<Surrogate, WireError> {
+        if !DEPTHS.contains(&req.max_depth) {
+            let msg = format!("max_depth {} is outside {}..={}", req.max_depth, DEPTHS.start(), DEPTHS.end());
+            return Err(WireError::new(ErrorCode::BadRequest, msg));
+        }
+        let started = std::time::Instant::now();
+        let (model, spec, table, read) = self.with_snapshot(req.model_version_id, &req.artifact_sha256).await?;
         let (plan, max_depth) = (spec.plan, req.max_depth);
         let surrogate = tokio::task::spawn_blocking(move || {
             let Some((target, features)) = table.columns.split_last() else {
@@ -243,6 +257,34 @@ impl ScoringService {
         );
         Ok(surrogate)
     }
+
+    /// Reads the version's training snapshot and measures its permutation
+    /// importance on the validation rows, scoring through ONNX Runtime
+    /// (`cerebro.measure_importance`).
+    async fn measure_version(&self, req: MeasureRequest) -> Result<Option<Importance>, WireError> {
+        let started = std::time::Instant::now();
+        let (model, spec, table, read) = self.with_snapshot(req.model_version_id, &req.artifact_sha256).await?;
+        let networks = spec.ensemble.as_ref().map_or(1, |e| e.pool.len().max(1));
+        let plan = spec.plan;
+        let importance = tokio::task::spawn_blocking(move || {
+            let Some((target, features)) = table.columns.split_last() else {
+                return Err(WireError::new(ErrorCode::Internal, "the snapshot was read without columns"));
+            };
+            importance::measure_scored(&model, networks, &plan, features, target)
+                .map_err(|e| WireError::new(ErrorCode::ScoringFailed, e.to_string()))
+        })
+        .await
+        .map_err(|e| WireError::new(ErrorCode::Internal, format!("measuring task failed: {e}")))??;
+        info!(
+            model = %spec.name,
+            version = spec.version,
+            rows = importance.as_ref().map_or(0, |i| i.rows),
+            read_seconds = read,
+            seconds = started.elapsed().as_secs_f64(),
+            "importance measured on request"
+        );
+        Ok(importance)
+    }
 }
 
 impl ModelSource for ScoringService {
@@ -256,6 +298,13 @@ impl ModelSource for ScoringService {
 
     fn distill(&self, req: DistillRequest) -> impl Future<Output = Result<Surrogate, WireError>> + Send {
         self.distill_version(req)
+    }
+
+    fn measure_importance(
+        &self,
+        req: MeasureRequest,
+    ) -> impl Future<Output = Result<Option<Importance>, WireError>> + Send {
+        self.measure_version(req)
     }
 }
 
@@ -650,6 +699,10 @@ impl Connection {
                 Err(e) => (Response::Error(e), true),
             },
             Request::Distill(req) => (distilled(service.distill(req).await), true),
+            Request::MeasureImportance(req) => match service.measure_importance(req).await {
+                Ok(importance) => (Response::Measured { importance }, true),
+                Err(e) => (Response::Error(e), true),
+            },
         }
     }
 
@@ -869,6 +922,10 @@ mod tests {
         }
 
         async fn distill(&self, req: DistillRequest) -> Result<Surrogate, WireError> {
+            Err(WireError::new(ErrorCode::ModelNotFound, format!("no model {} in this test", req.model_version_id)))
+        }
+
+        async fn measure_importance(&self, req: MeasureRequest) -> Result<Option<Importance>, WireError> {
             Err(WireError::new(ErrorCode::ModelNotFound, format!("no model {} in this test", req.model_version_id)))
         }
     }

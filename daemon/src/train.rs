@@ -968,17 +968,10 @@ impl TrainedModel {
         target: &ColumnData,
     ) -> Result<(), TrainError> {
         let (rows, targets) = validation_rows(plan, target)?;
-        let networks = 1 + self.members.len();
-        let picked = importance::sample(rows.len(), features.len(), networks, plan.options.seed);
-        let rows: Vec<usize> = picked.iter().map(|&p| rows[p]).collect();
-        let targets: Vec<f64> = picked.iter().map(|&p| targets[p]).collect();
         let valid: Vec<ColumnData> = features.iter().map(|c| c.take(&rows)).collect();
-        let names: Vec<String> = plan.features.iter().map(|f| f.name.clone()).collect();
-        let classes = self.class_labels.len();
+        let networks = 1 + self.members.len();
         self.importance =
-            importance::permutation(self.task, classes, &names, &valid, &targets, plan.options.seed, &mut |columns| {
-                self.outputs(columns)
-            })?;
+            importance::on_sample(plan, networks, &valid, &targets, &mut |columns| self.outputs(columns))?;
         Ok(())
     }
 

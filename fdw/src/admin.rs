@@ -11,8 +11,9 @@
 //! resolves its version when it starts, so a deployment change reaches new
 //! queries at once and never a running one.
 
+use cerebro_shared::importance::Importance;
 use cerebro_shared::mst::SelectionPlan;
-use cerebro_shared::protocol::{DistillRequest, Request, Response};
+use cerebro_shared::protocol::{DistillRequest, MeasureRequest, Request, Response};
 use cerebro_shared::sql::{JobState, ModelStatus};
 use cerebro_shared::surrogate::{Surrogate, DEPTHS};
 use pgrx::prelude::*;
@@ -202,6 +203,42 @@ const DISTILL_TIMEOUT_MS: i32 = 600_000;
 
 /// Fits the version's rule surrogate again, `max_depth` levels deep, and
 /// stores it in place of the one it had.
+/// The catalog id and artifact of `model`'s ready `version`, which cerebrod
+/// is about to read with its snapshot: refused when the snapshot is gone, or
+/// when an import brought none. `ready_to` and `rows_to` say what for, as
+/// the refusals word it ("distilled", "distill it on").
+fn with_snapshot(
+    client: &mut SpiClient<'_>,
+    model: &str,
+    version: i32,
+    ready_to: &'static str,
+    rows_to: &'static str,
+) -> Result<(i64, String)> {
+    check_ready(client, model, version, ready_to)?;
+    let row = client
+        .select(
+            "SELECT m.id, m.artifact_sha256, m.import_layout IS NOT NULL AND m.snapshot_id IS NULL,
+                    pg_catalog.to_regclass(s.data_relation) IS NOT NULL
+             FROM cerebro.model_versions m LEFT JOIN cerebro.snapshots s ON s.id = m.snapshot_id
+             WHERE m.name = $1 AND m.version = $2",
+            Some(1),
+            &[model.into(), version.into()],
+        )?
+        .first();
+    let (id, sha, rowless, snapshot) =
+        (row.get::<i64>(1)?, row.get::<String>(2)?, row.get::<bool>(3)?, row.get::<bool>(4)?);
+    let (Some(id), Some(sha)) = (id, sha) else {
+        return Err(CerebroError::VersionNotFound { name: model.into(), version });
+    };
+    if rowless == Some(true) {
+        return Err(CerebroError::ImportWithoutRows { name: model.into(), version, to: rows_to });
+    }
+    if snapshot != Some(true) {
+        return Err(CerebroError::SnapshotGone { name: model.into(), version, to: rows_to });
+    }
+    Ok((id, sha))
+}
+
 fn try_distill(model: Option<&str>, version: Option<i32>, max_depth: Option<i32>) -> Result<Surrogate> {
     let model = required(model, "model")?;
     let version = required(version, "version")?;
@@ -211,28 +248,7 @@ fn try_distill(model: Option<&str>, version: Option<i32>, max_depth: Option<i32>
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
         access::as_administrator(model, "distill", || {
-            check_ready(client, model, version, "distilled")?;
-            let row = client
-                .select(
-                    "SELECT m.id, m.artifact_sha256, m.import_layout IS NOT NULL,
-                            pg_catalog.to_regclass(s.data_relation) IS NOT NULL
-                     FROM cerebro.model_versions m LEFT JOIN cerebro.snapshots s ON s.id = m.snapshot_id
-                     WHERE m.name = $1 AND m.version = $2",
-                    Some(1),
-                    &[model.into(), version.into()],
-                )?
-                .first();
-            let (id, sha, imported, snapshot) =
-                (row.get::<i64>(1)?, row.get::<String>(2)?, row.get::<bool>(3)?, row.get::<bool>(4)?);
-            let (Some(id), Some(sha)) = (id, sha) else {
-                return Err(CerebroError::VersionNotFound { name: model.into(), version });
-            };
-            if imported == Some(true) {
-                return Err(CerebroError::DistillingImport { name: model.into(), version });
-            }
-            if snapshot != Some(true) {
-                return Err(CerebroError::SnapshotGone { name: model.into(), version, to: "distill on" });
-            }
+            let (id, sha) = with_snapshot(client, model, version, "distilled", "distill it on")?;
             let mut daemon = DaemonClient::connect(&server_socket()?, DISTILL_TIMEOUT_MS)?;
             let request = Request::Distill(DistillRequest { model_version_id: id, artifact_sha256: sha, max_depth });
             let surrogate = match daemon.call(&request)? {
@@ -253,6 +269,42 @@ fn try_distill(model: Option<&str>, version: Option<i32>, max_depth: Option<i32>
             });
             audit(client, Audit { user: &user, action: "distill", model, version: Some(version), detail })?;
             Ok(surrogate)
+        })
+    })
+}
+
+/// Measures the version's permutation importance again and stores it in
+/// place of the one it had (the trigger on `cerebro.model_versions`
+/// rebuilds `cerebro.model_importance` from it).
+fn try_measure(model: Option<&str>, version: Option<i32>) -> Result<Option<Importance>> {
+    let model = required(model, "model")?;
+    let version = required(version, "version")?;
+    Spi::connect_mut(|client| {
+        let user = current_user(client)?;
+        access::as_administrator(model, "measure", || {
+            let (id, sha) = with_snapshot(client, model, version, "measured", "measure it on")?;
+            let mut daemon = DaemonClient::connect(&server_socket()?, DISTILL_TIMEOUT_MS)?;
+            let request = Request::MeasureImportance(MeasureRequest { model_version_id: id, artifact_sha256: sha });
+            let importance = match daemon.call(&request)? {
+                Response::Measured { importance } => importance,
+                other => return Err(CerebroError::Protocol(format!("expected an importance, got {other:?}"))),
+            };
+            let stored = importance
+                .as_ref()
+                .map(|i| serde_json::to_value(i).map(JsonB))
+                .transpose()
+                .map_err(|e| CerebroError::Catalog(e.to_string()))?;
+            client.update(
+                "UPDATE cerebro.model_versions SET importance = $3 WHERE name = $1 AND version = $2",
+                None,
+                &[model.into(), version.into(), stored.into()],
+            )?;
+            let detail = match &importance {
+                Some(i) => serde_json::json!({ "metric": i.metric, "baseline": i.baseline, "rows": i.rows }),
+                None => serde_json::json!({ "undefined": "the validation rows hold one class only" }),
+            };
+            audit(client, Audit { user: &user, action: "measure", model, version: Some(version), detail })?;
+            Ok(importance)
         })
     })
 }
@@ -310,6 +362,15 @@ fn try_reproduce(model: Option<&str>, version: Option<i32>) -> Result<i32> {
         let caller = identity::current_role();
         access::as_administrator(model, "add a version to", || {
             status_of(client, model, version)?;
+            let imported = first::<bool>(
+                client,
+                "SELECT import_layout IS NOT NULL FROM cerebro.model_versions WHERE name = $1 AND version = $2",
+                &[model.into(), version.into()],
+                1,
+            )?;
+            if imported == Some(true) {
+                return Err(CerebroError::ReproducingImport { name: model.into(), version });
+            }
             let data = first::<String>(
                 client,
                 "SELECT s.data_relation FROM cerebro.snapshots s JOIN cerebro.model_versions m ON m.snapshot_id = s.id
@@ -779,6 +840,27 @@ fn distill(
 > {
     let s = try_distill(model, version, max_depth).unwrap_or_else(|e| raise(e));
     TableIterator::once((s.root.rules().len() as i32, s.fidelity_metric, s.fidelity, s.rows as i64))
+}
+
+/// Measures the version's permutation importance again on its snapshot's
+/// validation rows, through ONNX Runtime, and stores it: what
+/// `cerebro.model_importance` and `top_columns` show from then on. One row
+/// per source column, most important first; none when the metric is not
+/// defined on those rows (one class only).
+#[pg_extern(sql = false)]
+#[allow(clippy::type_complexity)]
+fn measure_importance(
+    model: Option<&str>,
+    version: Option<i32>,
+) -> TableIterator<
+    'static,
+    (name!(rank, i32), name!(column_name, String), name!(importance, f64), name!(metric_drop, f64)),
+> {
+    let measured = try_measure(model, version).unwrap_or_else(|e| raise(e));
+    let columns = measured.map(|i| i.columns).unwrap_or_default();
+    TableIterator::new(
+        columns.into_iter().enumerate().map(|(rank, c)| (rank as i32 + 1, c.column, c.importance, c.drop)),
+    )
 }
 
 /// The version's rule surrogate as a SQL `CASE` expression over the

@@ -51,8 +51,10 @@ pub enum CerebroError {
     ForeignSourceCode { model: String, code: String, owner: String, own_source: String },
     #[error("model \"{name}\" version {version} has no frozen snapshot left to {to}")]
     SnapshotGone { name: String, version: i32, to: &'static str },
-    #[error("model \"{name}\" version {version} was imported: it has no training rows to distill it on")]
-    DistillingImport { name: String, version: i32 },
+    #[error("model \"{name}\" version {version} was imported without a target: it has no rows to {to}")]
+    ImportWithoutRows { name: String, version: i32, to: &'static str },
+    #[error("model \"{name}\" version {version} was imported: Cerebro cannot train a graph made elsewhere again")]
+    ReproducingImport { name: String, version: i32 },
     #[error("a selection on model \"{name}\" version {version}'s snapshot reads column \"{column}\", which was not frozen with it")]
     NotInSnapshot { column: String, name: String, version: i32 },
     #[error("a selection on version {version}'s snapshot trains on its rows and target; it cannot name {what}")]
@@ -221,7 +223,8 @@ impl CerebroError {
             CerebroError::Spi(_) => ERRCODE_INTERNAL_ERROR,
             CerebroError::Unsupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             CerebroError::TopK(_) | CerebroError::MaxDepth { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
-            CerebroError::DistillingImport { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
+            CerebroError::ImportWithoutRows { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            CerebroError::ReproducingImport { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             CerebroError::NotInSnapshot { .. } => ERRCODE_UNDEFINED_COLUMN,
             CerebroError::Joins(cerebro_shared::joins::JoinsError::NameTooLong { .. }) => ERRCODE_NAME_TOO_LONG,
             CerebroError::Joins(cerebro_shared::joins::JoinsError::NameTaken { .. }) => ERRCODE_DUPLICATE_COLUMN,
@@ -328,11 +331,15 @@ impl CerebroError {
                 "A tree of depth d has at most 2^d rules; leave max_depth out for {DEFAULT_MAX_DEPTH}, as cerebrod \
                  distills after training."
             )),
-            CerebroError::DistillingImport { .. } => Some(
-                "A surrogate is fitted to a version's predictions on the rows it was trained on, and an imported \
-                 graph brings none; it still scores through cerebro.predictions like any version."
+            CerebroError::ImportWithoutRows { .. } => Some(
+                "Import the graph again with its target column (cerebro.import_onnx(..., target => 'column')): \
+                 Cerebro then freezes the source's rows with the target, to measure and distill the graph on. \
+                 It scores through cerebro.predictions as it is."
                     .into(),
             ),
+            CerebroError::ReproducingImport { .. } => {
+                Some("cerebro.import_onnx adds another version of a graph trained elsewhere.".into())
+            }
             CerebroError::NotDeployable { .. } => Some(
                 "SELECT version, status FROM cerebro.models WHERE name = '...' shows which versions are ready.".into(),
             ),

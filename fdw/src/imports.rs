@@ -7,17 +7,24 @@
 //! output is a float tensor of the width the task needs. The model is read
 //! straight from its bytes (`cerebro_shared::onnx_graph`), since the backend
 //! never loads ONNX Runtime.
+//!
+//! With a `target`, the mapped columns and the target are frozen in a
+//! snapshot, as training freezes its rows, so that cerebrod can measure the
+//! graph's importance and fit its rule surrogate there, on request
+//! (`cerebro.measure_importance`, `cerebro.distill`).
 
 use cerebro_shared::onnx_graph::{read_signature, ImportLayout};
 use cerebro_shared::request::{self, RequestError};
-use cerebro_shared::spec::{validate_model_name, TaskChoice};
+use cerebro_shared::spec::{validate_model_name, Feature, Task, TaskChoice};
+use cerebro_shared::sql::quote_ident;
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
 use crate::catalog::{audit, current_user, next_version, Audit};
 use crate::error::{raise, CerebroError, Result};
 use crate::identity;
-use crate::sources::resolve_source;
+use crate::sources::{resolve_source, Source};
+use crate::training::freeze_for_import;
 
 /// What `cerebro.import_onnx` was given.
 pub struct ImportRequest<'a> {
@@ -29,6 +36,52 @@ pub struct ImportRequest<'a> {
     pub labels: Vec<String>,
     pub output: Option<&'a str>,
     pub key: Option<&'a str>,
+    pub target: Option<&'a str>,
+}
+
+/// The frozen rows of an import with a target: the snapshot's id.
+fn freeze_rows(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    req: &ImportRequest<'_>,
+    source: &Source,
+    features: &[Feature],
+    task: Task,
+    target: &str,
+    user: &str,
+) -> Result<i64> {
+    request::import_target(&source.shape(), features, target, task)?;
+    let mut columns: Vec<&str> = features.iter().map(|f| f.name.as_str()).collect();
+    columns.push(target);
+    if let Some(key) = req.key.filter(|k| !columns.contains(k)) {
+        columns.push(key);
+    }
+    let (id, data, stored) = freeze_for_import(client, source, &columns, user)?;
+    let _owner = identity::become_owner()?;
+    let target_column = &stored[features.len()];
+    let (labelled, stray) = client
+        .select(
+            &format!(
+                "SELECT count({t}), (SELECT {t}::text FROM {data} WHERE {t} IS NOT NULL
+                                     AND $2 AND NOT ({t}::text = ANY ($1)) LIMIT 1)
+                 FROM {data}",
+                t = quote_ident(target_column)
+            ),
+            Some(1),
+            &[req.labels.clone().into(), (task != Task::Regression).into()],
+        )?
+        .first()
+        .get_two::<i64, String>()?;
+    if labelled.unwrap_or(0) == 0 {
+        return Err(CerebroError::EmptySource { relation: source.display.clone(), target: target.into() });
+    }
+    if let Some(value) = stray {
+        return Err(RequestError::ImportInvalid(format!(
+            "the target \"{target}\" holds \"{value}\", which is not one of the labels ({})",
+            req.labels.join(", ")
+        ))
+        .into());
+    }
+    Ok(id)
 }
 
 fn try_import(req: ImportRequest<'_>) -> Result<i32> {
@@ -47,6 +100,10 @@ fn try_import(req: ImportRequest<'_>) -> Result<i32> {
         let layout = ImportLayout { inputs, output: output.name.clone(), positive_column };
 
         let user = current_user(client)?;
+        let snapshot = match req.target {
+            Some(target) => Some(freeze_rows(client, &req, &source, &features, task, target, &user)?),
+            None => None,
+        };
         let caller = identity::current_role();
         let _owner = identity::become_owner()?;
         let version = next_version(client, req.name, caller)?;
@@ -57,14 +114,15 @@ fn try_import(req: ImportRequest<'_>) -> Result<i32> {
             .expect("sha256 is never NULL");
         let written = serde_json::json!({
             "imported": true, "source": req.source, "inputs": req.inputs, "task": req.task,
-            "labels": req.labels, "output": req.output, "key": req.key,
+            "labels": req.labels, "output": req.output, "key": req.key, "target": req.target,
         });
         let id: i64 = client
             .update(
                 "INSERT INTO cerebro.model_versions (name, version, status, task, source_relation, key_column, features,
                      class_labels, options, epochs, created_by, request, import_layout, artifact_sha256,
-                     artifact_bytes, trained_at, source_author)
-                 VALUES ($1, $2, 'ready', $3, $4, $5, $6, $7, '{}', 0, $8, $9, $10, $11, $12, now(), $8) RETURNING id",
+                     artifact_bytes, trained_at, source_author, target_column, snapshot_id)
+                 VALUES ($1, $2, 'ready', $3, $4, $5, $6, $7, '{}', 0, $8, $9, $10, $11, $12, now(), $8, $13, $14)
+                 RETURNING id",
                 Some(1),
                 &[
                     req.name.into(),
@@ -79,6 +137,8 @@ fn try_import(req: ImportRequest<'_>) -> Result<i32> {
                     JsonB(serde_json::to_value(&layout).expect("layout serialises")).into(),
                     sha.as_str().into(),
                     (req.onnx.len() as i64).into(),
+                    req.target.into(),
+                    snapshot.into(),
                 ],
             )?
             .first()
@@ -89,13 +149,22 @@ fn try_import(req: ImportRequest<'_>) -> Result<i32> {
             None,
             &[id.into(), sha.as_str().into(), (req.onnx.len() as i64).into(), req.onnx.into()],
         )?;
-        let detail = serde_json::json!({ "imported": true, "bytes": req.onnx.len() });
+        let detail = serde_json::json!({ "imported": true, "bytes": req.onnx.len(), "snapshot": snapshot });
         audit(client, Audit { user: &user, action: "create", model: req.name, version: Some(version), detail })?;
         notice!(
-            "model \"{}\" version {version} imported: {} feature column(s), output \"{}\"",
+            "model \"{}\" version {version} imported: {} feature column(s), output \"{}\"{}",
             req.name,
             features.len(),
-            layout.output
+            layout.output,
+            match snapshot {
+                Some(_) => format!(
+                    "; its rows are frozen with target \"{}\": SELECT * FROM cerebro.measure_importance('{}', \
+                     {version}) measures what it reads",
+                    req.target.unwrap_or_default(),
+                    req.name.replace('\'', "''")
+                ),
+                None => String::new(),
+            }
         );
         Ok(version)
     })
@@ -113,6 +182,7 @@ fn import_onnx(
     labels: Option<Vec<Option<String>>>,
     output: Option<&str>,
     key: Option<&str>,
+    target: Option<&str>,
 ) -> i32 {
     fn need<'a>(v: Option<&'a str>, what: &'static str) -> Result<&'a str> {
         v.ok_or(CerebroError::NullArgument(what))
@@ -133,6 +203,7 @@ fn import_onnx(
             labels,
             output,
             key,
+            target,
         })
     };
     run().unwrap_or_else(|e| raise(e))

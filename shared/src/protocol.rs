@@ -5,8 +5,8 @@
 //! rows); the rows themselves travel through shared memory (see [`crate::batch`]).
 //!
 //! A session is: `Hello` (versioned handshake), then any number of `Attach`
-//! (map a shared-memory region), `Score` and `Distill` requests, each
-//! answered in order.
+//! (map a shared-memory region), `Score`, `Distill` and `MeasureImportance`
+//! requests, each answered in order.
 //!
 //! A region is an anonymous memory file (memfd) whose descriptor travels with
 //! the `Attach` frame as SCM_RIGHTS ancillary data, attached to the frame's
@@ -20,13 +20,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::BatchLayout;
 use crate::error::WireError;
+use crate::importance::Importance;
 use crate::surrogate::Surrogate;
 
 /// Bumped whenever a message changes shape.
 /// 2: `Attach` carries the region as a file descriptor, no longer a path.
 /// 3: a batch's output may ask for every class's probability.
 /// 4: `Distill` asks for a version's rule surrogate.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: `MeasureImportance` asks for a version's permutation importance.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Upper bound on one control frame; anything larger is a broken peer.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
@@ -52,6 +54,18 @@ pub enum Request {
     /// daemon stores nothing: the backend writes the surrogate in its own
     /// transaction, so a cancelled or rolled-back call leaves no trace.
     Distill(DistillRequest),
+    /// Measure the version's permutation importance on its snapshot's
+    /// validation rows, scoring through ONNX Runtime; answered with
+    /// `Measured`. As with `Distill`, the backend stores it.
+    MeasureImportance(MeasureRequest),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MeasureRequest {
+    /// `cerebro.model_versions.id` of the version to measure.
+    pub model_version_id: i64,
+    /// The artifact the client expects; the daemon refuses to measure another.
+    pub artifact_sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,10 +91,24 @@ pub struct ScoreRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
-    Hello { protocol: u32, server: String },
-    Attached { region: u32 },
-    Scored { region: u32, rows: u32 },
-    Distilled { surrogate: Surrogate },
+    Hello {
+        protocol: u32,
+        server: String,
+    },
+    Attached {
+        region: u32,
+    },
+    Scored {
+        region: u32,
+        rows: u32,
+    },
+    Distilled {
+        surrogate: Surrogate,
+    },
+    /// None when the metric is not defined on the rows (one class only).
+    Measured {
+        importance: Option<Importance>,
+    },
     Error(WireError),
 }
 
@@ -201,9 +229,11 @@ mod tests {
             Request::Score(ScoreRequest { model_version_id: 7, artifact_sha256: "ab".into(), region: 1, layout });
         let distill =
             Request::Distill(DistillRequest { model_version_id: 7, artifact_sha256: "ab".into(), max_depth: 4 });
+        let measure = Request::MeasureImportance(MeasureRequest { model_version_id: 7, artifact_sha256: "ab".into() });
         for request in [
             score,
             distill,
+            measure,
             Request::Hello { protocol: 2, client: "old".into() },
             Request::Attach { region: 0, len: 8 },
         ] {

@@ -439,6 +439,30 @@ pub fn import_features(
     Ok((features, layout))
 }
 
+/// Checks an import's `target` column: a column of the source, not one the
+/// graph reads, of a kind the task can measure (a number for a regression).
+/// Its rows are frozen with the features, so that the graph's importance and
+/// surrogate can be measured on them.
+pub fn import_target(source: &SourceShape, features: &[Feature], target: &str, task: Task) -> Result<()> {
+    let column = source.column(target)?;
+    if features.iter().any(|f| f.name == target) {
+        return Err(invalid(format!("the target \"{target}\" also feeds a graph input")));
+    }
+    let fits = match (task, column.kind) {
+        (_, None) => false,
+        (Task::Regression, Some(kind)) => matches!(kind, SqlKind::Integer | SqlKind::Real),
+        (Task::Binary | Task::Multiclass, Some(_)) => true,
+    };
+    if !fits {
+        return Err(invalid(format!(
+            "the target \"{target}\" ({}) cannot be the target of a {} model",
+            column.type_name,
+            task.as_str()
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -613,6 +637,29 @@ mod tests {
             features.iter().map(|f| (f.name.as_str(), f.kind)).collect::<Vec<_>>(),
             [("c", FeatureKind::Numeric), ("id", FeatureKind::Numeric), ("a", FeatureKind::Categorical)]
         );
+    }
+
+    #[test]
+    fn an_imports_target_is_another_column_its_task_can_measure() {
+        let source = table();
+        let features = [Feature { name: "a".into(), kind: FeatureKind::Numeric }];
+        assert_eq!(import_target(&source, &features, "b", Task::Binary), Ok(()));
+        assert_eq!(import_target(&source, &features, "c", Task::Regression), Ok(()));
+        let message =
+            |target: &str, task: Task| import_target(&source, &features, target, task).unwrap_err().to_string();
+        assert_eq!(
+            message("a", Task::Binary),
+            "cannot import the ONNX model: the target \"a\" also feeds a graph input"
+        );
+        assert_eq!(
+            message("b", Task::Regression),
+            "cannot import the ONNX model: the target \"b\" (integer) cannot be the target of a regression model"
+        );
+        assert!(message("p", Task::Multiclass).contains("(point) cannot be the target of a multiclass model"));
+        assert!(matches!(
+            import_target(&source, &features, "nope", Task::Binary),
+            Err(RequestError::UnknownColumn { .. })
+        ));
     }
 
     #[test]

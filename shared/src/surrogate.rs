@@ -422,23 +422,26 @@ impl Node {
         }
     }
 
-    /// Each leaf as a rule, from the first leaf down.
+    /// Each leaf as a rule, from the first leaf down: one condition per
+    /// column, in the order the path first tests them.
     pub fn rules(&self) -> Vec<Rule> {
         let mut out = Vec::new();
         self.collect_rules(&mut Vec::new(), &mut out);
         out
     }
 
-    fn collect_rules(&self, path: &mut Vec<String>, out: &mut Vec<Rule>) {
+    fn collect_rules<'a>(&'a self, path: &mut Vec<(&'a str, &'a Test, bool)>, out: &mut Vec<Rule>) {
         match self {
-            Node::Leaf { prediction, support } => {
-                out.push(Rule { conditions: path.clone(), prediction: literal(prediction, false), support: *support })
-            }
+            Node::Leaf { prediction, support } => out.push(Rule {
+                conditions: conditions(path),
+                prediction: literal(prediction, false),
+                support: *support,
+            }),
             Node::Split { column, test, yes, no } => {
-                path.push(condition(column, test, true));
+                path.push((column, test, true));
                 yes.collect_rules(path, out);
                 path.pop();
-                path.push(condition(column, test, false));
+                path.push((column, test, false));
                 no.collect_rules(path, out);
                 path.pop();
             }
@@ -509,6 +512,81 @@ fn sql_test(column: &str, test: &Test) -> String {
     } else {
         core
     }
+}
+
+/// The tests of a path to a leaf (column, test, whether the path passes
+/// it) as conditions a person reads: a column tested more than once says
+/// once what all its tests leave (`12 < tenure <= 30`, `contract in (a)`).
+fn conditions(path: &[(&str, &Test, bool)]) -> Vec<String> {
+    let mut columns: Vec<&str> = Vec::new();
+    for (column, _, _) in path {
+        if !columns.contains(column) {
+            columns.push(column);
+        }
+    }
+    columns
+        .into_iter()
+        .flat_map(|column| {
+            let steps: Vec<(&Test, bool)> = path.iter().filter(|s| s.0 == column).map(|s| (s.1, s.2)).collect();
+            match combined(column, &steps) {
+                Some(text) => vec![text],
+                None => steps.iter().map(|(test, pass)| condition(column, test, *pass)).collect(),
+            }
+        })
+        .collect()
+}
+
+/// One condition for every test of `column` on a path, when they are all
+/// comparisons or all lists (a NULL test is left as it is). A NULL reaches
+/// the leaf when every test lets it through.
+fn combined(column: &str, steps: &[(&Test, bool)]) -> Option<String> {
+    if steps.len() == 1 {
+        return Some(condition(column, steps[0].0, steps[0].1));
+    }
+    let nulls_reach = steps.iter().all(|(test, pass)| match test {
+        Test::AtMost { nulls_pass, .. } | Test::In { nulls_pass, .. } => *nulls_pass == Some(*pass),
+        Test::IsNull => false,
+    });
+    let text = if steps.iter().all(|(t, _)| matches!(t, Test::AtMost { .. })) {
+        let threshold = |t: &Test| match t {
+            Test::AtMost { threshold, .. } => *threshold,
+            _ => unreachable!("comparisons only"),
+        };
+        let upper = steps.iter().filter(|s| s.1).map(|s| threshold(s.0)).reduce(f64::min);
+        let lower = steps.iter().filter(|s| !s.1).map(|s| threshold(s.0)).reduce(f64::max);
+        match (lower, upper) {
+            (Some(l), Some(u)) => format!("{} < {column} <= {}", number(l), number(u)),
+            (Some(l), None) => format!("{column} > {}", number(l)),
+            (None, Some(u)) => format!("{column} <= {}", number(u)),
+            (None, None) => unreachable!("at least one step"),
+        }
+    } else if steps.iter().all(|(t, _)| matches!(t, Test::In { .. })) {
+        let values = |t: &'_ Test| match t {
+            Test::In { values, .. } => values.clone(),
+            _ => unreachable!("lists only"),
+        };
+        let excluded: Vec<String> = steps.iter().filter(|s| !s.1).flat_map(|s| values(s.0)).collect();
+        let within = steps
+            .iter()
+            .filter(|s| s.1)
+            .map(|s| values(s.0))
+            .reduce(|a, b| a.into_iter().filter(|v| b.contains(v)).collect());
+        match within {
+            Some(within) => {
+                let left: Vec<String> = within.into_iter().filter(|v| !excluded.contains(v)).collect();
+                format!("{column} in ({})", left.join(", "))
+            }
+            None => {
+                let mut all = excluded;
+                all.sort();
+                all.dedup();
+                format!("{column} not in ({})", all.join(", "))
+            }
+        }
+    } else {
+        return None;
+    };
+    Some(if nulls_reach { format!("({text} or {column} is null)") } else { text })
 }
 
 fn condition(column: &str, test: &Test, pass: bool) -> String {
@@ -620,6 +698,30 @@ mod tests {
         // Through JSON, as the catalog keeps it.
         let back: Surrogate = serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn a_column_tested_twice_on_a_path_reads_as_one_condition() {
+        let at_most = |threshold: f64, nulls_pass: Option<bool>| Test::AtMost { threshold, nulls_pass };
+        let within =
+            |values: &[&str]| Test::In { values: values.iter().map(|v| v.to_string()).collect(), nulls_pass: None };
+        let (t23, t30, t12) = (at_most(23.0, None), at_most(30.0, None), at_most(12.0, None));
+        assert_eq!(conditions(&[("tenure", &t23, false), ("tenure", &t30, false)]), ["tenure > 30"]);
+        assert_eq!(conditions(&[("tenure", &t30, true), ("tenure", &t12, false)]), ["12 < tenure <= 30"]);
+        assert_eq!(
+            conditions(&[("tenure", &t30, true), ("x", &t12, true), ("tenure", &t23, true)]),
+            ["tenure <= 23", "x <= 12"]
+        );
+        // NULLs pass "<= 23" and "<= 30" here: they reach the leaf.
+        let (n23, n30) = (at_most(23.0, Some(true)), at_most(30.0, Some(true)));
+        assert_eq!(conditions(&[("t", &n30, true), ("t", &n23, true)]), ["(t <= 23 or t is null)"]);
+        assert_eq!(conditions(&[("t", &n30, true), ("t", &t23, true)]), ["t <= 23"]);
+        let (abc, ab, c) = (within(&["a", "b", "c"]), within(&["a", "b"]), within(&["c"]));
+        assert_eq!(conditions(&[("k", &abc, true), ("k", &ab, false)]), ["k in (c)"]);
+        assert_eq!(conditions(&[("k", &ab, false), ("k", &c, false)]), ["k not in (a, b, c)"]);
+        assert_eq!(conditions(&[("k", &abc, true), ("k", &ab, true)]), ["k in (a, b)"]);
+        // A NULL test is left as written.
+        assert_eq!(conditions(&[("k", &Test::IsNull, false), ("k", &ab, true)]), ["k is not null", "k in (a, b)"]);
     }
 
     #[test]

@@ -417,6 +417,36 @@ async fn importance_ranks_the_two_columns_that_decide_the_target_first() -> anyh
         let case_again: String = db.query_one("SELECT cerebro.surrogate_sql($1, $2)", &[&name, &v]).await?.get(0);
         assert_eq!(first_test(&case_again), first_test(&case), "{name}");
 
+        // Importance measured again on request, through ONNX Runtime rather
+        // than the engine: the same rows and shuffles, so the same drops but
+        // for rounding, and the same two columns first.
+        let drops = |sql: &'static str| {
+            let db = &db;
+            async move {
+                let rows = db.query(sql, &[&name, &v]).await?;
+                anyhow::Ok(rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, f64>(1))).collect::<Vec<_>>())
+            }
+        };
+        let stored = drops(
+            "SELECT i.column_name, i.metric_drop FROM cerebro.model_importance i
+             JOIN cerebro.model_versions m ON m.id = i.model_version_id WHERE m.name = $1 AND m.version = $2
+             ORDER BY i.rank",
+        )
+        .await?;
+        let measured =
+            drops("SELECT column_name, metric_drop FROM cerebro.measure_importance($1, $2) ORDER BY rank").await?;
+        assert_eq!(measured.len(), stored.len(), "{name}");
+        for (column, drop) in &stored {
+            let again = measured.iter().find(|(c, _)| c == column).map(|(_, d)| *d);
+            assert!(
+                again.is_some_and(|d| (d - drop).abs() < 1e-3 * (1.0 + drop.abs())),
+                "{name}: {column} {drop} then {again:?}"
+            );
+        }
+        let mut first_two: Vec<&str> = measured[..2].iter().map(|(c, _)| c.as_str()).collect();
+        first_two.sort_unstable();
+        assert_eq!(first_two, ["a", "b"], "{name}: {measured:?}");
+
         // Per-row attributions: every row's add up to its score (the
         // baseline's score, the listed contributions and the rest), and on
         // average a and b move the score most. Asked with parameters, as an
@@ -1228,8 +1258,11 @@ async fn a_role_without_a_grant_sees_and_scores_nothing_until_granted() -> anyho
     let row = "SELECT count(*) FROM cerebro.model_versions WHERE name = 'e2e_private'";
     assert_eq!(outsider.query_one(row, &[]).await?.get::<_, i64>(0), 0, "another role's version is visible");
     let distill = "SELECT * FROM cerebro.distill('e2e_private', 1, 3)";
-    let err = outsider.query_one(distill, &[]).await.expect_err("no grant");
-    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42704"), "{err}");
+    let measure = "SELECT * FROM cerebro.measure_importance('e2e_private', 1)";
+    for call in [distill, measure] {
+        let err = outsider.query_one(call, &[]).await.expect_err("no grant");
+        assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42704"), "{call}: {err}");
+    }
     let explained = "SELECT explanation FROM cerebro.predictions WHERE model = 'e2e_private' AND key = '7' AND explain";
     let err = outsider.query_one(explained, &[]).await.expect_err("no grant");
     assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42704"), "{err}");
@@ -1245,9 +1278,12 @@ async fn a_role_without_a_grant_sees_and_scores_nothing_until_granted() -> anyho
     // A grant lets one see and score, not deploy.
     let err = outsider.query_one("SELECT cerebro.deploy('e2e_private', 1)", &[]).await.expect_err("not the owner");
     assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42501"));
-    // Nor distill: that replaces the surrogate the owner's users read.
-    let err = outsider.query_one(distill, &[]).await.expect_err("not the owner");
-    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42501"), "{err}");
+    // Nor distill or measure: that replaces the surrogate or importance the
+    // owner's users read.
+    for call in [distill, measure] {
+        let err = outsider.query_one(call, &[]).await.expect_err("not the owner");
+        assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42501"), "{call}: {err}");
+    }
 
     db.execute("SELECT cerebro.revoke_model('e2e_private', 'e2e_outsider')", &[]).await?;
     assert_eq!(outsider.query_one(listed, &[]).await?.get::<_, i64>(0), 0);
@@ -1593,15 +1629,116 @@ async fn an_onnx_model_built_elsewhere_imports_checked_and_scores() -> anyhow::R
         assert!((score - p as f64).abs() < 1e-5, "row {key}: {score} vs {p}");
         assert_eq!(label.as_deref(), Some(if *score >= 0.5 { "Yes" } else { "No" }), "row {key}");
     }
-    // Nothing to distill it from: no snapshot, no training rows.
+    // Nothing to distill or measure it on: imported without a target, it
+    // has no rows.
     let err = db.query_one("SELECT cerebro.surrogate_sql('e2e_external', 1)", &[]).await.expect_err("no surrogate");
     let e = err.as_db_error().expect("a server error");
     assert_eq!((e.code().code(), e.message()), ("55000", "model \"e2e_external\" version 1 has no rule surrogate"));
     assert!(e.hint().unwrap_or("").contains("cerebro.distill('e2e_external', 1)"), "{:?}", e.hint());
-    let err = db.query_one("SELECT * FROM cerebro.distill('e2e_external', 1)", &[]).await.expect_err("imported");
+    for (call, to) in [
+        ("SELECT * FROM cerebro.distill('e2e_external', 1)", "distill it on"),
+        ("SELECT * FROM cerebro.measure_importance('e2e_external', 1)", "measure it on"),
+    ] {
+        let err = db.query_one(call, &[]).await.expect_err("imported without a target");
+        let e = err.as_db_error().expect("a server error");
+        let expected =
+            format!("model \"e2e_external\" version 1 was imported without a target: it has no rows to {to}");
+        assert_eq!((e.code().code(), e.message()), ("55000", expected.as_str()));
+        assert!(e.hint().unwrap_or("").contains("target => 'column'"), "{:?}", e.hint());
+    }
+    let err = db.query_one("SELECT cerebro.reproduce('e2e_external', 1)", &[]).await.expect_err("not retrainable");
     let e = err.as_db_error().expect("a server error");
     assert_eq!(e.code().code(), "0A000", "{}", e.message());
-    assert!(e.message().contains("was imported"), "{}", e.message());
+
+    // With a target, its rows are frozen, checked against the labels, and
+    // its importance measured through ONNX Runtime on request.
+    let with_target = "SELECT cerebro.import_onnx('e2e_external', $1, 'telco_churn', $2::text::jsonb, 'binary',
+                                                  $3, NULL, 'customer_id', target => $4)";
+    let yes_no = vec!["No".to_string(), "Yes".to_string()];
+    for (target, labels, code, expected) in [
+        ("nope", yes_no.clone(), "42703", "column \"nope\" does not exist"),
+        ("tenure", yes_no.clone(), "22023", "the target \"tenure\" also feeds a graph input"),
+        ("churn", vec!["no".to_string(), "yes".to_string()], "22023", "which is not one of the labels (no, yes)"),
+    ] {
+        let err = db.query_one(with_target, &[&onnx, &good, &labels, &target]).await.expect_err(expected);
+        let e = err.as_db_error().expect("a server error");
+        assert!(e.message().contains(expected), "{expected}: got {}", e.message());
+        assert_eq!(e.code().code(), code, "{}", e.message());
+    }
+    let v2: i32 = db.query_one(with_target, &[&onnx, &good, &yes_no, &"churn"]).await?.get(0);
+    assert_eq!(v2, 2);
+    let frozen: i64 = db
+        .query_one(
+            "SELECT s.row_count FROM cerebro.snapshots s JOIN cerebro.model_versions m ON m.snapshot_id = s.id
+             WHERE m.name = 'e2e_external' AND m.version = 2 AND m.target_column = 'churn'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(frozen, 7043);
+    let measured = db.query("SELECT * FROM cerebro.measure_importance('e2e_external', 2)", &[]).await?;
+    let ranked: Vec<(i32, String, f64, f64)> =
+        measured.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    assert_eq!(ranked.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2, 3], "{ranked:?}");
+    let mut columns: Vec<&str> = ranked.iter().map(|r| r.1.as_str()).collect();
+    columns.sort_unstable();
+    assert_eq!(columns, ["contract", "monthly_charges", "tenure"]);
+    // Every column the formula weighs moves its AUC when shuffled.
+    assert!(ranked.iter().all(|r| r.3 > 0.0), "{ranked:?}");
+    assert!((ranked.iter().map(|r| r.2).sum::<f64>() - 1.0).abs() < 1e-9, "{ranked:?}");
+    // Stored as training stores it: the index and the models' top columns.
+    let (indexed, top): (i64, Vec<String>) = {
+        let r = db
+            .query_one(
+                "SELECT (SELECT count(*) FROM cerebro.model_importance i JOIN cerebro.model_versions m
+                         ON m.id = i.model_version_id WHERE m.name = 'e2e_external' AND m.version = 2),
+                        (SELECT top_columns FROM cerebro.models WHERE name = 'e2e_external' AND version = 2)",
+                &[],
+            )
+            .await?;
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(indexed, 3);
+    assert_eq!(top, ranked.iter().map(|r| r.1.clone()).collect::<Vec<_>>());
+    // Its metric is the AUC of the graph's own scores on the rows measured:
+    // the formula's AUC on telco_churn is far above chance.
+    let baseline: f64 = db
+        .query_one("SELECT (importance->>'baseline')::float8 FROM cerebro.model_versions WHERE name = 'e2e_external' AND version = 2", &[])
+        .await?
+        .get(0);
+    assert!(baseline > 0.7, "{baseline}");
+    // And its rule surrogate, fitted to the graph's own predictions.
+    let (leaves, fidelity): (i32, f64) = {
+        let r = db.query_one("SELECT leaves, fidelity FROM cerebro.distill('e2e_external', 2, 3)", &[]).await?;
+        (r.get(0), r.get(1))
+    };
+    assert!(leaves >= 2 && fidelity > 0.8, "{leaves} leaves, fidelity {fidelity}");
+    let audited: i64 = db
+        .query_one(
+            "SELECT count(*) FROM cerebro.audit_log WHERE model = 'e2e_external' AND version = 2
+               AND action IN ('measure', 'distill')",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(audited, 2);
+    // With a target it can be a parent: a network of Cerebro's on its
+    // columns and target (nothing to warm-start from), to compare with it.
+    db.execute(
+        "INSERT INTO cerebro.models (name, parent_version, change) VALUES ('e2e_external', 2, 'train epochs = 1')",
+        &[],
+    )
+    .await?;
+    assert_eq!(wait_until_done(&db, "e2e_external", 3, TRAIN_TIMEOUT).await?.last().map(String::as_str), Some("ready"));
+    let derived = db
+        .query_one(
+            "SELECT target, ARRAY(SELECT f FROM unnest(features) f ORDER BY 1)
+             FROM cerebro.models WHERE name = 'e2e_external' AND version = 3",
+            &[],
+        )
+        .await?;
+    assert_eq!(derived.get::<_, String>(0), "churn");
+    assert_eq!(derived.get::<_, Vec<String>>(1), ["contract", "monthly_charges", "tenure"]);
     Ok(())
 }
 

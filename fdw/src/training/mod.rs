@@ -19,6 +19,7 @@
 mod derived;
 pub(crate) mod ensemble;
 mod queue;
+pub(crate) use queue::freeze_for_import;
 pub(crate) mod rounds;
 mod selection;
 mod warm;

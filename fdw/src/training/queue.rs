@@ -266,6 +266,43 @@ fn freeze(client: &mut SpiClient<'_>, source: &Source, columns: &[&SourceColumn]
     })
 }
 
+/// Writes the row of a snapshot just frozen from `source` by `query`.
+fn register(client: &mut SpiClient<'_>, snapshot: &Frozen, query: &str, source: &str, user: &str) -> Result<()> {
+    client.update(
+        "INSERT INTO cerebro.snapshots (id, source_relation, query, data_relation, row_count, created_by, columns)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        None,
+        &[
+            snapshot.id.into(),
+            source.into(),
+            query.into(),
+            snapshot.data_relation.as_str().into(),
+            snapshot.row_count.into(),
+            user.into(),
+            snapshot.columns.clone().into(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// A snapshot frozen for an imported graph (`cerebro.import_onnx` with a
+/// target): `columns` of `source` copied as `user`, as training freezes
+/// them, and recorded. Its id, its table, and the snapshot column that holds
+/// each of `columns`, in order.
+pub(crate) fn freeze_for_import(
+    client: &mut SpiClient<'_>,
+    source: &Source,
+    columns: &[&str],
+    user: &str,
+) -> Result<(i64, String, Vec<String>)> {
+    let frozen: Vec<&SourceColumn> = columns.iter().map(|c| source.column(c)).collect::<Result<_>>()?;
+    let snapshot = freeze(client, source, &frozen, user)?;
+    let query = snapshot.query.as_deref().expect("a snapshot just frozen has its query");
+    let _owner = identity::become_owner()?;
+    register(client, &snapshot, query, &source.display, user)?;
+    Ok((snapshot.id, snapshot.data_relation, (0..columns.len()).map(snapshot_column).collect()))
+}
+
 /// Measures a snapshot just frozen as the task of its first version (its
 /// features and target) and keeps its meta-features (`cerebro.recommend`).
 fn store_meta(
@@ -388,21 +425,7 @@ fn record(
     let _owner = identity::become_owner()?;
     let source = &resolved.source.display;
     if let Some(query) = &snapshot.query {
-        client.update(
-            "INSERT INTO cerebro.snapshots (id, source_relation, query, data_relation, row_count, created_by,
-                 columns)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            None,
-            &[
-                snapshot.id.into(),
-                source.as_str().into(),
-                query.as_str().into(),
-                snapshot.data_relation.as_str().into(),
-                snapshot.row_count.into(),
-                user.into(),
-                snapshot.columns.clone().into(),
-            ],
-        )?;
+        register(client, snapshot, query, source, user)?;
     }
     let features_json = serde_json::to_value(&resolved.features).expect("features serialise");
     let model_version_id: i64 = client
