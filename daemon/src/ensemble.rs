@@ -215,7 +215,7 @@ pub fn build(
             warn!("cannot measure the importance of the ensemble's columns: {e}");
             None
         });
-        let surrogate = distill::distill_scored(&graph, plan, features, &target[0], DEFAULT_MAX_DEPTH)
+        let surrogate = distill::distill_scored(&graph, plan, features, &target[0], DEFAULT_MAX_DEPTH, None)
             .inspect_err(|e| warn!("cannot distill the ensemble's rule surrogate: {e}"))
             .ok();
         (importance, surrogate)

@@ -4,6 +4,8 @@
 //! The scorer is the caller's: the engine for a model Cerebro trained, ONNX
 //! Runtime for an ensemble.
 
+use std::time::Duration;
+
 use cerebro_shared::batch::ColumnData;
 use cerebro_shared::importance::Importance;
 use cerebro_shared::spec::{Task, TrainingPlan};
@@ -86,17 +88,21 @@ pub enum MeasureError {
 /// `networks` of them for an ensemble) on `plan`'s validation rows of
 /// `features` (in `plan`'s order, as its snapshot is read): what
 /// `cerebro.measure_importance` asks for, of a version trained, imported
-/// with a target, or an ensemble.
+/// with a target, or an ensemble. An imported graph's runs stop past
+/// `deadline` each, when given.
 pub fn measure_scored(
     model: &ScoringModel,
     networks: usize,
     plan: &TrainingPlan,
     features: &[ColumnData],
     target: &ColumnData,
+    deadline: Option<Duration>,
 ) -> Result<Option<Importance>, MeasureError> {
     let (rows, targets) = train::validation_rows(plan, target)?;
     let valid: Vec<ColumnData> = features.iter().map(|c| c.take(&rows)).collect();
-    on_sample(plan, networks, &valid, &targets, &mut |columns| Ok(model.metric_outputs(&plan.features, columns)?))
+    on_sample(plan, networks, &valid, &targets, &mut |columns| {
+        Ok(model.metric_outputs(&plan.features, columns, deadline)?)
+    })
 }
 
 /// The metric importance is measured by, as the leaderboard ranks: AUC,

@@ -212,7 +212,12 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
     let runtime =
         OnnxRuntime::load(&config.onnxruntime_library, config.scoring_threads)?.with_native(config.native_scoring);
     let catalog = Arc::new(CatalogSlot::default());
-    let service = Arc::new(ScoringService::new(runtime.clone(), catalog.clone(), config.model_cache_size));
+    let service = Arc::new(ScoringService::new(
+        runtime.clone(),
+        catalog.clone(),
+        config.model_cache_size,
+        config.scoring_deadline,
+    ));
     let limits = server::Limits { max_connections: config.max_connections, scoring_deadline: config.scoring_deadline };
     let wake = Arc::new(Notify::new());
     // Kept across sessions: a snapshot never changes once frozen.

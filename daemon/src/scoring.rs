@@ -7,7 +7,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
 use cerebro_shared::batch::{ColumnData, ColumnRef};
 use cerebro_shared::onnx_graph::ImportLayout;
@@ -48,6 +50,8 @@ pub enum ScoringError {
     ExplainedCount { given: usize, expected: usize },
     #[error("the graph reads column \"{0}\", which the version's features do not have")]
     MissingInput(String),
+    #[error("one run of the imported graph took longer than cerebrod's scoring_deadline_ms ({} ms) and was stopped", .0.as_millis())]
+    Deadline(Duration),
 }
 
 /// The process-wide ONNX Runtime environment.
@@ -418,9 +422,36 @@ impl ScoringModel {
     /// The graph's output for `columns` (one per feature of `features`) as
     /// validation metrics read it: one positive-class probability a row for
     /// a binary model (an imported graph's scored column, when its output is
-    /// wider), else the whole output.
-    pub fn metric_outputs(&self, features: &[Feature], columns: &[ColumnData]) -> Result<Vec<f32>, ScoringError> {
-        let (out, width) = self.run(&self.arrange(features, columns)?)?;
+    /// wider), else the whole output. An imported graph's run is stopped
+    /// past `deadline`, when given, as a scoring batch is: its author
+    /// decides how long it runs.
+    pub fn metric_outputs(
+        &self,
+        features: &[Feature],
+        columns: &[ColumnData],
+        deadline: Option<Duration>,
+    ) -> Result<Vec<f32>, ScoringError> {
+        let columns = self.arrange(features, columns)?;
+        let (out, width) = if let Some(deadline) = deadline.filter(|_| self.imported) {
+            let options = ort::session::RunOptions::new().map_err(|e| ScoringError::Artifact(e.to_string()))?;
+            let (done, wait) = std::sync::mpsc::channel::<()>();
+            std::thread::scope(|scope| {
+                let options = &options;
+                let stopper = scope.spawn(move || {
+                    let late = matches!(wait.recv_timeout(deadline), Err(RecvTimeoutError::Timeout));
+                    if late {
+                        let _ = options.terminate();
+                    }
+                    late
+                });
+                let run = self.run_with(&columns, Some(options));
+                drop(done);
+                let late = stopper.join().unwrap_or(false);
+                run.map_err(|e| if late { ScoringError::Deadline(deadline) } else { e })
+            })?
+        } else {
+            self.run(&columns)?
+        };
         if self.task == Task::Binary && width > 1 {
             return Ok(out.chunks(width).map(|row| row[self.positive_column]).collect());
         }

@@ -131,11 +131,19 @@ pub struct ScoringService {
     catalog: Arc<CatalogSlot>,
     cache: Mutex<HashMap<i64, (String, Arc<ScoringModel>)>>,
     capacity: usize,
+    /// Longest one run of an imported graph may take when a version is
+    /// distilled or measured (`scoring_deadline_ms`, as for a batch scored).
+    run_deadline: Duration,
 }
 
 impl ScoringService {
-    pub fn new(runtime: OnnxRuntime, catalog: Arc<CatalogSlot>, capacity: usize) -> ScoringService {
-        ScoringService { runtime, catalog, cache: Mutex::new(HashMap::new()), capacity }
+    pub fn new(
+        runtime: OnnxRuntime,
+        catalog: Arc<CatalogSlot>,
+        capacity: usize,
+        run_deadline: Duration,
+    ) -> ScoringService {
+        ScoringService { runtime, catalog, cache: Mutex::new(HashMap::new()), capacity, run_deadline }
     }
 
     /// The session for `model_version_id`, loaded from the catalog on a miss.
@@ -236,12 +244,12 @@ impl ScoringService {
         }
         let started = std::time::Instant::now();
         let (model, spec, table, read) = self.with_snapshot(req.model_version_id, &req.artifact_sha256).await?;
-        let (plan, max_depth) = (spec.plan, req.max_depth);
+        let (plan, max_depth, deadline) = (spec.plan, req.max_depth, Some(self.run_deadline));
         let surrogate = tokio::task::spawn_blocking(move || {
             let Some((target, features)) = table.columns.split_last() else {
                 return Err(WireError::new(ErrorCode::Internal, "the snapshot was read without columns"));
             };
-            distill::distill_scored(&model, &plan, features, target, max_depth)
+            distill::distill_scored(&model, &plan, features, target, max_depth, deadline)
                 .map_err(|e| WireError::new(ErrorCode::ScoringFailed, e.to_string()))
         })
         .await
@@ -265,12 +273,12 @@ impl ScoringService {
         let started = std::time::Instant::now();
         let (model, spec, table, read) = self.with_snapshot(req.model_version_id, &req.artifact_sha256).await?;
         let networks = spec.ensemble.as_ref().map_or(1, |e| e.pool.len().max(1));
-        let plan = spec.plan;
+        let (plan, deadline) = (spec.plan, Some(self.run_deadline));
         let importance = tokio::task::spawn_blocking(move || {
             let Some((target, features)) = table.columns.split_last() else {
                 return Err(WireError::new(ErrorCode::Internal, "the snapshot was read without columns"));
             };
-            importance::measure_scored(&model, networks, &plan, features, target)
+            importance::measure_scored(&model, networks, &plan, features, target, deadline)
                 .map_err(|e| WireError::new(ErrorCode::ScoringFailed, e.to_string()))
         })
         .await

@@ -201,8 +201,6 @@ fn surrogate_of(model: Option<&str>, version: Option<i32>) -> Result<Surrogate> 
 /// ends the wait at once.
 const DISTILL_TIMEOUT_MS: i32 = 600_000;
 
-/// Fits the version's rule surrogate again, `max_depth` levels deep, and
-/// stores it in place of the one it had.
 /// The catalog id and artifact of `model`'s ready `version`, which cerebrod
 /// is about to read with its snapshot: refused when the snapshot is gone, or
 /// when an import brought none. `ready_to` and `rows_to` say what for, as
@@ -239,6 +237,8 @@ fn with_snapshot(
     Ok((id, sha))
 }
 
+/// Fits the version's rule surrogate again, `max_depth` levels deep, and
+/// stores it in place of the one it had.
 fn try_distill(model: Option<&str>, version: Option<i32>, max_depth: Option<i32>) -> Result<Surrogate> {
     let model = required(model, "model")?;
     let version = required(version, "version")?;

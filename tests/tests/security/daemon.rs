@@ -424,6 +424,25 @@ async fn a_graph_that_never_ends_is_stopped_at_the_scoring_deadline() -> anyhow:
     let (_, message) = db_error(&err);
     assert!(message.contains("scoring_deadline_ms"), "{message}");
     assert!(started.elapsed() < Duration::from_secs(60), "stopped at the deadline, not at the backend's timeout");
+    // Imported with a target, it is measured and distilled on its frozen
+    // rows, each run stopped at the same deadline.
+    spinner
+        .query(
+            "SELECT cerebro.import_onnx('sec_spinner', $1, 'telco_churn', '{\"x\": \"tenure\"}', 'regression',
+                                        NULL, 'y', 'customer_id', 'monthly_charges')",
+            &[&onnx],
+        )
+        .await?;
+    for call in [
+        "SELECT * FROM cerebro.measure_importance('sec_spinner', 2)",
+        "SELECT * FROM cerebro.distill('sec_spinner', 2)",
+    ] {
+        let started = Instant::now();
+        let err = spinner.query(call, &[]).await.expect_err("the run is stopped");
+        let (_, message) = db_error(&err);
+        assert!(message.contains("scoring_deadline_ms"), "{call}: {message}");
+        assert!(started.elapsed() < Duration::from_secs(60), "{call}: stopped at the deadline");
+    }
     // Nothing of it keeps running once stopped: the daemon is idle again.
     let before = cpu_seconds(daemon.pid())?;
     tokio::time::sleep(Duration::from_secs(3)).await;
