@@ -14,6 +14,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::metrics::Metrics;
 use crate::scoring::{ScoringError, ScoringModel};
 use crate::train::{self, validation_metrics, TrainError};
 
@@ -88,8 +89,8 @@ pub enum MeasureError {
 /// `networks` of them for an ensemble) on `plan`'s validation rows of
 /// `features` (in `plan`'s order, as its snapshot is read): what
 /// `cerebro.measure_importance` asks for, of a version trained, imported
-/// with a target, or an ensemble. An imported graph's runs stop past
-/// `deadline` each, when given.
+/// with a target, or an ensemble; with the version's metrics on all those
+/// rows. An imported graph's runs stop past `deadline` each, when given.
 pub fn measure_scored(
     model: &ScoringModel,
     networks: usize,
@@ -97,12 +98,12 @@ pub fn measure_scored(
     features: &[ColumnData],
     target: &ColumnData,
     deadline: Option<Duration>,
-) -> Result<Option<Importance>, MeasureError> {
+) -> Result<(Option<Importance>, Metrics), MeasureError> {
     let (rows, targets) = train::validation_rows(plan, target)?;
     let valid: Vec<ColumnData> = features.iter().map(|c| c.take(&rows)).collect();
-    on_sample(plan, networks, &valid, &targets, &mut |columns| {
-        Ok(model.metric_outputs(&plan.features, columns, deadline)?)
-    })
+    let mut score = |columns: &[ColumnData]| model.metric_outputs(&plan.features, columns, deadline);
+    let metrics = validation_metrics(plan.task, plan.class_labels.len(), &score(&valid)?, &targets);
+    Ok((on_sample(plan, networks, &valid, &targets, &mut score)?, metrics))
 }
 
 /// The metric importance is measured by, as the leaderboard ranks: AUC,

@@ -42,6 +42,7 @@ use crate::catalog::{Catalog, JobSpec};
 use crate::data::{read_snapshot, Table};
 use crate::distill;
 use crate::importance;
+use crate::metrics::Metrics;
 use crate::scoring::{OnnxRuntime, ScoringModel};
 
 const MAX_REGIONS_PER_CONNECTION: usize = 16;
@@ -80,11 +81,11 @@ pub trait ModelSource: Send + Sync + 'static {
     fn distill(&self, req: DistillRequest) -> impl Future<Output = Result<Surrogate, WireError>> + Send;
 
     /// The version's permutation importance, measured afresh on its
-    /// snapshot's validation rows.
+    /// snapshot's validation rows, and its metrics there.
     fn measure_importance(
         &self,
         req: MeasureRequest,
-    ) -> impl Future<Output = Result<Option<Importance>, WireError>> + Send;
+    ) -> impl Future<Output = Result<(Option<Importance>, Metrics), WireError>> + Send;
 }
 
 /// Longest the scorer waits for a model's artifact from the database: a
@@ -269,12 +270,12 @@ impl ScoringService {
     /// Reads the version's training snapshot and measures its permutation
     /// importance on the validation rows, scoring through ONNX Runtime
     /// (`cerebro.measure_importance`).
-    async fn measure_version(&self, req: MeasureRequest) -> Result<Option<Importance>, WireError> {
+    async fn measure_version(&self, req: MeasureRequest) -> Result<(Option<Importance>, Metrics), WireError> {
         let started = std::time::Instant::now();
         let (model, spec, table, read) = self.with_snapshot(req.model_version_id, &req.artifact_sha256).await?;
         let networks = spec.ensemble.as_ref().map_or(1, |e| e.pool.len().max(1));
         let (plan, deadline) = (spec.plan, Some(self.run_deadline));
-        let importance = tokio::task::spawn_blocking(move || {
+        let (importance, metrics) = tokio::task::spawn_blocking(move || {
             let Some((target, features)) = table.columns.split_last() else {
                 return Err(WireError::new(ErrorCode::Internal, "the snapshot was read without columns"));
             };
@@ -291,7 +292,7 @@ impl ScoringService {
             seconds = started.elapsed().as_secs_f64(),
             "importance measured on request"
         );
-        Ok(importance)
+        Ok((importance, metrics))
     }
 }
 
@@ -311,7 +312,7 @@ impl ModelSource for ScoringService {
     fn measure_importance(
         &self,
         req: MeasureRequest,
-    ) -> impl Future<Output = Result<Option<Importance>, WireError>> + Send {
+    ) -> impl Future<Output = Result<(Option<Importance>, Metrics), WireError>> + Send {
         self.measure_version(req)
     }
 }
@@ -708,7 +709,7 @@ impl Connection {
             },
             Request::Distill(req) => (distilled(service.distill(req).await), true),
             Request::MeasureImportance(req) => match service.measure_importance(req).await {
-                Ok(importance) => (Response::Measured { importance }, true),
+                Ok((importance, metrics)) => (Response::Measured { importance, metrics }, true),
                 Err(e) => (Response::Error(e), true),
             },
         }
@@ -933,7 +934,7 @@ mod tests {
             Err(WireError::new(ErrorCode::ModelNotFound, format!("no model {} in this test", req.model_version_id)))
         }
 
-        async fn measure_importance(&self, req: MeasureRequest) -> Result<Option<Importance>, WireError> {
+        async fn measure_importance(&self, req: MeasureRequest) -> Result<(Option<Importance>, Metrics), WireError> {
             Err(WireError::new(ErrorCode::ModelNotFound, format!("no model {} in this test", req.model_version_id)))
         }
     }

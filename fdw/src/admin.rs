@@ -202,8 +202,8 @@ fn surrogate_of(model: Option<&str>, version: Option<i32>) -> Result<Surrogate> 
 const DISTILL_TIMEOUT_MS: i32 = 600_000;
 
 /// The catalog id and artifact of `model`'s ready `version`, which cerebrod
-/// is about to read with its snapshot: refused when the snapshot is gone, or
-/// when an import brought none. `ready_to` and `rows_to` say what for, as
+/// is about to read with its snapshot, and whether it was imported: refused
+/// when the snapshot is gone, or when an import brought none. `ready_to` and `rows_to` say what for, as
 /// the refusals word it ("distilled", "distill it on").
 fn with_snapshot(
     client: &mut SpiClient<'_>,
@@ -211,30 +211,31 @@ fn with_snapshot(
     version: i32,
     ready_to: &'static str,
     rows_to: &'static str,
-) -> Result<(i64, String)> {
+) -> Result<(i64, String, bool)> {
     check_ready(client, model, version, ready_to)?;
     let row = client
         .select(
-            "SELECT m.id, m.artifact_sha256, m.import_layout IS NOT NULL AND m.snapshot_id IS NULL,
-                    pg_catalog.to_regclass(s.data_relation) IS NOT NULL
+            "SELECT m.id, m.artifact_sha256, m.import_layout IS NOT NULL,
+                    pg_catalog.to_regclass(s.data_relation) IS NOT NULL, m.snapshot_id IS NULL
              FROM cerebro.model_versions m LEFT JOIN cerebro.snapshots s ON s.id = m.snapshot_id
              WHERE m.name = $1 AND m.version = $2",
             Some(1),
             &[model.into(), version.into()],
         )?
         .first();
-    let (id, sha, rowless, snapshot) =
-        (row.get::<i64>(1)?, row.get::<String>(2)?, row.get::<bool>(3)?, row.get::<bool>(4)?);
+    let (id, sha, imported, snapshot, rowless) =
+        (row.get::<i64>(1)?, row.get::<String>(2)?, row.get::<bool>(3)?, row.get::<bool>(4)?, row.get::<bool>(5)?);
     let (Some(id), Some(sha)) = (id, sha) else {
         return Err(CerebroError::VersionNotFound { name: model.into(), version });
     };
-    if rowless == Some(true) {
+    let imported = imported == Some(true);
+    if imported && rowless == Some(true) {
         return Err(CerebroError::ImportWithoutRows { name: model.into(), version, to: rows_to });
     }
     if snapshot != Some(true) {
         return Err(CerebroError::SnapshotGone { name: model.into(), version, to: rows_to });
     }
-    Ok((id, sha))
+    Ok((id, sha, imported))
 }
 
 /// Fits the version's rule surrogate again, `max_depth` levels deep, and
@@ -248,7 +249,7 @@ fn try_distill(model: Option<&str>, version: Option<i32>, max_depth: Option<i32>
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
         access::as_administrator(model, "distill", || {
-            let (id, sha) = with_snapshot(client, model, version, "distilled", "distill it on")?;
+            let (id, sha, _) = with_snapshot(client, model, version, "distilled", "distill it on")?;
             let mut daemon = DaemonClient::connect(&server_socket()?, DISTILL_TIMEOUT_MS)?;
             let request = Request::Distill(DistillRequest { model_version_id: id, artifact_sha256: sha, max_depth });
             let surrogate = match daemon.call(&request)? {
@@ -282,11 +283,11 @@ fn try_measure(model: Option<&str>, version: Option<i32>) -> Result<Option<Impor
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
         access::as_administrator(model, "measure", || {
-            let (id, sha) = with_snapshot(client, model, version, "measured", "measure it on")?;
+            let (id, sha, imported) = with_snapshot(client, model, version, "measured", "measure it on")?;
             let mut daemon = DaemonClient::connect(&server_socket()?, DISTILL_TIMEOUT_MS)?;
             let request = Request::MeasureImportance(MeasureRequest { model_version_id: id, artifact_sha256: sha });
-            let importance = match daemon.call(&request)? {
-                Response::Measured { importance } => importance,
+            let (importance, metrics) = match daemon.call(&request)? {
+                Response::Measured { importance, metrics } => (importance, metrics),
                 other => return Err(CerebroError::Protocol(format!("expected an importance, got {other:?}"))),
             };
             let stored = importance
@@ -299,6 +300,17 @@ fn try_measure(model: Option<&str>, version: Option<i32>) -> Result<Option<Impor
                 None,
                 &[model.into(), version.into(), stored.into()],
             )?;
+            // An import had no metrics: now it has them, on the rows the
+            // versions trained on its snapshot validate on. A trained
+            // version keeps those its training measured.
+            if imported {
+                let metrics = serde_json::to_value(&metrics).map_err(|e| CerebroError::Catalog(e.to_string()))?;
+                client.update(
+                    "UPDATE cerebro.model_versions SET metrics = $3 WHERE name = $1 AND version = $2",
+                    None,
+                    &[model.into(), version.into(), JsonB(metrics).into()],
+                )?;
+            }
             let detail = match &importance {
                 Some(i) => serde_json::json!({ "metric": i.metric, "baseline": i.baseline, "rows": i.rows }),
                 None => serde_json::json!({ "undefined": "the validation rows hold one class only" }),

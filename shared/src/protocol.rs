@@ -13,6 +13,7 @@
 //! first byte; it is never named in a file system, so no other local user can
 //! squat, open or replace it.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
 use serde::de::DeserializeOwned;
@@ -105,9 +106,13 @@ pub enum Response {
     Distilled {
         surrogate: Surrogate,
     },
-    /// None when the metric is not defined on the rows (one class only).
+    /// `importance` is None when its metric is not defined on the rows
+    /// (one class only); `metrics` are the version's on all its validation
+    /// rows, as training measures them.
     Measured {
         importance: Option<Importance>,
+        #[serde(default)]
+        metrics: BTreeMap<String, f64>,
     },
     Error(WireError),
 }

@@ -1702,11 +1702,21 @@ async fn an_onnx_model_built_elsewhere_imports_checked_and_scores() -> anyhow::R
     assert_eq!(top, ranked.iter().map(|r| r.1.clone()).collect::<Vec<_>>());
     // Its metric is the AUC of the graph's own scores on the rows measured:
     // the formula's AUC on telco_churn is far above chance.
-    let baseline: f64 = db
-        .query_one("SELECT (importance->>'baseline')::float8 FROM cerebro.model_versions WHERE name = 'e2e_external' AND version = 2", &[])
-        .await?
-        .get(0);
+    let measured = db
+        .query_one(
+            "SELECT (importance->>'baseline')::float8, (importance->>'rows')::int8, metrics
+             FROM cerebro.model_versions WHERE name = 'e2e_external' AND version = 2",
+            &[],
+        )
+        .await?;
+    let (baseline, rows, metrics): (f64, i64, serde_json::Value) = (measured.get(0), measured.get(1), measured.get(2));
     assert!(baseline > 0.7, "{baseline}");
+    // The import now has metrics, on the validation rows a version trained
+    // on its snapshot validates on; all 1,409 of them were measured, so its
+    // AUC is the importance's baseline.
+    assert_eq!(rows, 1409);
+    assert_eq!(metrics["auc"].as_f64(), Some(baseline), "{metrics}");
+    assert!(metrics["accuracy"].as_f64().is_some_and(|a| a > 0.7) && metrics["log_loss"].is_f64(), "{metrics}");
     // And its rule surrogate, fitted to the graph's own predictions.
     let (leaves, fidelity): (i32, f64) = {
         let r = db.query_one("SELECT leaves, fidelity FROM cerebro.distill('e2e_external', 2, 3)", &[]).await?;
