@@ -369,7 +369,7 @@ CREATE FUNCTION cerebro.distill(model text, version integer, max_depth integer D
     RETURNS TABLE (leaves integer, fidelity_metric text, fidelity double precision, fitted_rows bigint)
     LANGUAGE c CALLED ON NULL INPUT VOLATILE AS 'MODULE_PATHNAME', 'distill_wrapper';
 -- Measures the version's permutation importance again on its snapshot's
--- validation rows (cerebrod scores through ONNX Runtime) and stores it in
+-- validation rows (cerebrod scores it as cerebro.predictions does) and stores it in
 -- place of the last: for an imported version with a target, a candidate
 -- halving stopped, or a version whose importance was never measured.
 CREATE FUNCTION cerebro.measure_importance(model text, version integer)

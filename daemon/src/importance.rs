@@ -2,7 +2,8 @@
 //! rows (docs/sql.md, "Importance"): each column's values are shuffled among
 //! the rows, the rows scored again, and the validation metric's drop kept.
 //! The scorer is the caller's: the engine for a model Cerebro trained, ONNX
-//! Runtime for an ensemble.
+//! Runtime for an ensemble, and the version's scoring model (ONNX Runtime,
+//! or the engine once it agrees) for one measured on request.
 
 use std::time::Duration;
 
@@ -85,8 +86,8 @@ pub enum MeasureError {
     Scoring(#[from] ScoringError),
 }
 
-/// The importance of the version `model` scores (through ONNX Runtime;
-/// `networks` of them for an ensemble) on `plan`'s validation rows of
+/// The importance of the version `model` scores (as `cerebro.predictions`
+/// does; `networks` of them for an ensemble) on `plan`'s validation rows of
 /// `features` (in `plan`'s order, as its snapshot is read): what
 /// `cerebro.measure_importance` asks for, of a version trained, imported
 /// with a target, or an ensemble; with the version's metrics on all those

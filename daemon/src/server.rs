@@ -268,7 +268,7 @@ impl ScoringService {
     }
 
     /// Reads the version's training snapshot and measures its permutation
-    /// importance on the validation rows, scoring through ONNX Runtime
+    /// importance on the validation rows, scoring as a scan does
     /// (`cerebro.measure_importance`).
     async fn measure_version(&self, req: MeasureRequest) -> Result<(Option<Importance>, Metrics), WireError> {
         let started = std::time::Instant::now();

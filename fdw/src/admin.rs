@@ -855,7 +855,7 @@ fn distill(
 }
 
 /// Measures the version's permutation importance again on its snapshot's
-/// validation rows, through ONNX Runtime, and stores it: what
+/// validation rows, scored as `cerebro.predictions` scores it, and stores it: what
 /// `cerebro.model_importance` and `top_columns` show from then on. One row
 /// per source column, most important first; none when the metric is not
 /// defined on those rows (one class only).

@@ -56,7 +56,7 @@ pub enum Request {
     /// transaction, so a cancelled or rolled-back call leaves no trace.
     Distill(DistillRequest),
     /// Measure the version's permutation importance on its snapshot's
-    /// validation rows, scoring through ONNX Runtime; answered with
+    /// validation rows, scoring as a scan does; answered with
     /// `Measured`. As with `Distill`, the backend stores it.
     MeasureImportance(MeasureRequest),
 }

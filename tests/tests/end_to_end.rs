@@ -417,9 +417,10 @@ async fn importance_ranks_the_two_columns_that_decide_the_target_first() -> anyh
         let case_again: String = db.query_one("SELECT cerebro.surrogate_sql($1, $2)", &[&name, &v]).await?.get(0);
         assert_eq!(first_test(&case_again), first_test(&case), "{name}");
 
-        // Importance measured again on request, through ONNX Runtime rather
-        // than the engine: the same rows and shuffles, so the same drops but
-        // for rounding, and the same two columns first.
+        // Importance measured again on request, scored as cerebro.predictions
+        // scores (ONNX Runtime or the engine that agrees with it): the same
+        // rows and shuffles, so the same drops but for rounding, and the
+        // same two columns first.
         let drops = |sql: &'static str| {
             let db = &db;
             async move {
