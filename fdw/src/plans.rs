@@ -23,6 +23,9 @@ thread_local! {
     /// Plans of the queries scans read their rows with, by text: the same
     /// model over the same source reads with the same query every time.
     static CURSORS: RefCell<HashMap<String, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+    /// Plans of queries made from a model's catalog entry, by text: the
+    /// joins `cerebro.predict` reads a row's joined columns through.
+    static BUILT: RefCell<HashMap<String, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
 }
 
 /// More scan queries than this and the kept ones are forgotten.
@@ -46,6 +49,31 @@ pub(crate) fn select<'c>(
         if !kept.contains_key(sql) {
             let plan = client.prepare(sql, types)?.keep();
             kept.insert(sql, plan);
+        }
+        Ok(client.select(&kept[sql], limit, args)?)
+    })
+}
+
+/// Runs `sql`, a query made from a model's catalog entry (arguments of
+/// `types`), with `args`, through the plan this backend keeps for that
+/// text; at most [`MAX_KEPT_CURSORS`] texts are kept.
+pub(crate) fn select_built<'c>(
+    client: &SpiClient<'c>,
+    sql: &str,
+    types: &[PgOid],
+    limit: Option<i64>,
+    args: &[DatumWithOid<'_>],
+) -> Result<SpiTupleTable<'c>> {
+    BUILT.with(|kept| -> Result<SpiTupleTable<'c>> {
+        let Ok(mut kept) = kept.try_borrow_mut() else {
+            return Ok(client.select(sql, limit, args)?);
+        };
+        if !kept.contains_key(sql) {
+            if kept.len() >= MAX_KEPT_CURSORS {
+                kept.clear();
+            }
+            let plan = client.prepare(sql, types)?.keep();
+            kept.insert(sql.to_owned(), plan);
         }
         Ok(client.select(&kept[sql], limit, args)?)
     })

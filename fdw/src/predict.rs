@@ -25,15 +25,19 @@ use cerebro_shared::batch::{
     plan_packed, read_outputs, read_probabilities, write_packed, ColumnData, ColumnRef, PackedColumn, NO_LABEL,
 };
 use cerebro_shared::protocol::{Request, Response, ScoreRequest};
-use cerebro_shared::spec::{FeatureKind, Task};
+use cerebro_shared::spec::{Feature, FeatureKind, Task};
+use cerebro_shared::sql::quote_ident;
+use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
-use pgrx::{AnyElement, FromDatum};
+use pgrx::{AnyElement, FromDatum, PgOid};
 
 use crate::daemon_client::{DaemonClient, Region};
 use crate::error::{raise, CerebroError, Result};
 use crate::gucs;
 use crate::in_backend::{self, Scorer};
-use crate::predictions::{resolved_model, ModelVersion};
+use crate::plans;
+use crate::predictions::{self, resolved_model, ModelVersion};
+use crate::sources::check_own_source;
 
 /// The region a connection attaches first; a larger row attaches a larger one.
 const REGION_BYTES: usize = 1 << 16;
@@ -287,13 +291,19 @@ fn predict_row(
 }
 
 /// The model's features read from `input`'s columns of the same names, one
-/// row per column.
+/// row per column; those the version's joins add, when `input` has none of
+/// them, read through the joins (`through_joins`).
 fn read_row(input: &AnyElement, model: &ModelVersion) -> Result<Vec<ColumnData>> {
     let row = Row::of(input)?;
+    let missing: Vec<&Feature> = model.features.iter().filter(|f| row.column(&f.name).is_none()).collect();
+    let joined = if missing.is_empty() { Vec::new() } else { through_joins(&row, model, &missing)? };
     model
         .features
         .iter()
         .map(|f| {
+            if let Some((_, value)) = joined.iter().find(|(name, _)| name == &f.name) {
+                return Ok(value.clone());
+            }
             let Some(column) = row.column(&f.name) else {
                 return Err(CerebroError::MissingFeature {
                     model: model.name.clone(),
@@ -302,12 +312,61 @@ fn read_row(input: &AnyElement, model: &ModelVersion) -> Result<Vec<ColumnData>>
                     row_type: row.type_name(),
                 });
             };
-            Ok(match f.kind {
-                FeatureKind::Numeric => ColumnData::Float64(vec![row.number(column)?]),
-                FeatureKind::Categorical => ColumnData::Text(vec![row.text(column)]),
-            })
+            row.feature(column, f.kind)
         })
         .collect()
+}
+
+/// The `missing` features of a version from a `features joins(auto)`
+/// selection, read for `row` through the joins it kept, as
+/// `cerebro.predictions` reads another source of the training table's shape
+/// (docs/sql.md, "Another source, through the model's joins"): when `row`
+/// has the keys the joins start from and none of the joined columns, and
+/// every missing feature is one the joins add. Empty otherwise, so that
+/// the caller names the first missing column. The joined tables are read as
+/// the caller, only if they run no code of a role without the caller's
+/// rights, as the model's own source is.
+fn through_joins(row: &Row, model: &ModelVersion, missing: &[&Feature]) -> Result<Vec<(String, ColumnData)>> {
+    Spi::connect(|client| {
+        let Some(plan) = predictions::join_plan(&client, model)? else { return Ok(Vec::new()) };
+        let joined: Vec<&str> = plan.joined_columns().collect();
+        if !missing.iter().all(|f| joined.contains(&f.name.as_str())) || joined.iter().any(|c| row.column(c).is_some())
+        {
+            return Ok(Vec::new());
+        }
+        let mut keys: Vec<&str> = Vec::new();
+        for key in plan.kept.iter().filter(|j| j.hop <= 1).flat_map(|j| j.on.iter()) {
+            if !keys.contains(&key.as_str()) {
+                keys.push(key);
+            }
+        }
+        let mut args = Vec::with_capacity(keys.len());
+        let mut types = Vec::with_capacity(keys.len());
+        let mut columns = Vec::with_capacity(keys.len());
+        for (i, key) in keys.iter().enumerate() {
+            let Some(c) = row.column(key) else { return Ok(Vec::new()) };
+            // SAFETY: the datum is of the row's column type, whose base type
+            // it is passed as; it lives as long as the row.
+            args.push(if row.nulls[c] {
+                DatumWithOid::null_oid(row.types[c])
+            } else {
+                unsafe { DatumWithOid::new(row.values[c], row.types[c]) }
+            });
+            types.push(PgOid::from(row.types[c]));
+            columns.push(format!("${} AS {}", i + 1, quote_ident(key)));
+        }
+        let Some(query) = plan.query_over(&format!("(SELECT {})", columns.join(", "))) else { return Ok(Vec::new()) };
+        for join in &plan.kept {
+            check_own_source(&client, &model.name, &join.table, &model.source_author)?;
+        }
+        // One row: the joins are LEFT JOINs on keys their tables hold once.
+        let read = missing.iter().map(|f| format!("q.{}", quote_ident(&f.name))).collect::<Vec<_>>().join(", ");
+        let sql = format!("SELECT ROW({read}) FROM {query} q");
+        let found = plans::select_built(&client, &sql, &types, Some(1), &args)?;
+        let Some(values) = found.first().get::<AnyElement>(1)? else { return Ok(Vec::new()) };
+        let values = Row::of(&values)?;
+        missing.iter().enumerate().map(|(i, f)| Ok((f.name.clone(), values.feature(i, f.kind)?))).collect()
+    })
 }
 
 /// A composite value's columns, deformed once.
@@ -363,6 +422,14 @@ impl Row {
 
     fn column(&self, name: &str) -> Option<usize> {
         self.names.iter().position(|n| n == name)
+    }
+
+    /// Column `i` as a feature of `kind`, one row.
+    fn feature(&self, i: usize, kind: FeatureKind) -> Result<ColumnData> {
+        Ok(match kind {
+            FeatureKind::Numeric => ColumnData::Float64(vec![self.number(i)?]),
+            FeatureKind::Categorical => ColumnData::Text(vec![self.text(i)]),
+        })
     }
 
     fn type_name(&self) -> String {

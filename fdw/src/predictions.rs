@@ -96,7 +96,7 @@ pub(crate) struct ModelVersion {
     key_column: Option<String>,
     pub(crate) artifact_sha256: String,
     /// Who wrote its source (a query's text is its author's code).
-    source_author: String,
+    pub(crate) source_author: String,
 }
 
 /// What this backend last resolved for each `(model, version asked)`.
@@ -244,19 +244,7 @@ fn through_joins(client: &pgrx::spi::SpiClient<'_>, model: &ModelVersion, source
     if missing.is_empty() {
         return Ok(source);
     }
-    let plan = client
-        .select(
-            "SELECT s.plan->'joins' FROM cerebro.model_versions m JOIN cerebro.selections s ON s.id = m.selection_id
-             WHERE m.id = $1",
-            Some(1),
-            &[model.id.into()],
-        )?
-        .next()
-        .map(|row| row.get::<JsonB>(1))
-        .transpose()?
-        .flatten()
-        .and_then(|plan| serde_json::from_value::<JoinPlan>(plan.0).ok());
-    let Some(plan) = plan.filter(|p| !p.kept.is_empty()) else { return Ok(source) };
+    let Some(plan) = join_plan(client, model)? else { return Ok(source) };
     let joined: Vec<&str> = plan.joined_columns().collect();
     let has_joined = joined.iter().any(|c| source.column(c).is_ok());
     if has_joined || !missing.iter().all(|m| joined.contains(m)) {
@@ -269,6 +257,24 @@ fn through_joins(client: &pgrx::spi::SpiClient<'_>, model: &ModelVersion, source
         check_own_source(client, &model.name, &join.table, &model.source_author)?;
     }
     resolve_source(client, &query)
+}
+
+/// The joins the version's selection kept (`features joins(auto)`), if any.
+pub(crate) fn join_plan(client: &pgrx::spi::SpiClient<'_>, model: &ModelVersion) -> Result<Option<JoinPlan>> {
+    let plan = crate::plans::select(
+        client,
+        "SELECT s.plan->'joins' FROM cerebro.model_versions m JOIN cerebro.selections s ON s.id = m.selection_id
+         WHERE m.id = $1",
+        &[PgOid::from(pg_sys::INT8OID)],
+        Some(1),
+        &[model.id.into()],
+    )?
+    .next()
+    .map(|row| row.get::<JsonB>(1))
+    .transpose()?
+    .flatten()
+    .and_then(|plan| serde_json::from_value::<JoinPlan>(plan.0).ok());
+    Ok(plan.filter(|p| !p.kept.is_empty()))
 }
 
 /// Connection and regions, shared with an abort callback so that an ERROR

@@ -3037,6 +3037,29 @@ async fn joins_auto_follows_declared_foreign_keys_and_prunes_small_tables() -> a
         .await?
         .get(0);
     assert_eq!(Some(&by_key), scores(None, version).await?.get("20"));
+    // One new order's row, as an application passes it, is read through the
+    // same joins by cerebro.predict, and scores as the scan scores it.
+    for r in &rows {
+        let version: i32 = r.get(0);
+        let own = scores(None, version).await?;
+        let predicted = db
+            .query("SELECT o.id::text, cerebro.predict('e2e_joins', o, $1) FROM e2e_shop.new_orders o", &[&version])
+            .await?;
+        assert_eq!(predicted.len(), 300, "version {version}");
+        for p in &predicted {
+            let (key, score): (String, f64) = (p.get(0), p.get(1));
+            let expected = own[&key];
+            assert!((score - expected).abs() <= 1e-6, "version {version}, order {key}: {score} against {expected}");
+        }
+    }
+    let err = db
+        .query_one(
+            "SELECT cerebro.predict('e2e_joins', r, $1) FROM (SELECT id, week FROM e2e_shop.new_orders LIMIT 1) r",
+            &[&version],
+        )
+        .await
+        .expect_err("a row without the model's columns");
+    assert_eq!(err.code().map(|c| c.code()), Some("42703"), "{err:?}");
     // Columns the joins do not add are still missing, and said.
     let err = db
         .query(
