@@ -328,7 +328,7 @@ fn read_row(input: &AnyElement, model: &ModelVersion) -> Result<Vec<ColumnData>>
 /// rights, as the model's own source is.
 fn through_joins(row: &Row, model: &ModelVersion, missing: &[&Feature]) -> Result<Vec<(String, ColumnData)>> {
     Spi::connect(|client| {
-        let Some(plan) = predictions::join_plan(&client, model)? else { return Ok(Vec::new()) };
+        let Some(plan) = predictions::join_plan(client, model)? else { return Ok(Vec::new()) };
         let joined: Vec<&str> = plan.joined_columns().collect();
         if !missing.iter().all(|f| joined.contains(&f.name.as_str())) || joined.iter().any(|c| row.column(c).is_some())
         {
@@ -357,12 +357,12 @@ fn through_joins(row: &Row, model: &ModelVersion, missing: &[&Feature]) -> Resul
         }
         let Some(query) = plan.query_over(&format!("(SELECT {})", columns.join(", "))) else { return Ok(Vec::new()) };
         for join in &plan.kept {
-            check_own_source(&client, &model.name, &join.table, &model.source_author)?;
+            check_own_source(client, &model.name, &join.table, &model.source_author)?;
         }
         // One row: the joins are LEFT JOINs on keys their tables hold once.
         let read = missing.iter().map(|f| format!("q.{}", quote_ident(&f.name))).collect::<Vec<_>>().join(", ");
         let sql = format!("SELECT ROW({read}) FROM {query} q");
-        let found = plans::select_built(&client, &sql, &types, Some(1), &args)?;
+        let found = plans::select_built(client, &sql, &types, Some(1), &args)?;
         let Some(values) = found.first().get::<AnyElement>(1)? else { return Ok(Vec::new()) };
         let values = Row::of(&values)?;
         missing.iter().enumerate().map(|(i, f)| Ok((f.name.clone(), values.feature(i, f.kind)?))).collect()
