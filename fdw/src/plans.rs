@@ -25,7 +25,7 @@ thread_local! {
     static CURSORS: RefCell<HashMap<String, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
     /// Plans of queries made from a model's catalog entry, by text: the
     /// joins `cerebro.predict` reads a row's joined columns through.
-    static BUILT: RefCell<HashMap<String, OwnedPreparedStatement>> = RefCell::new(HashMap::new());
+    static BUILT: RefCell<HashMap<(String, Vec<u32>), OwnedPreparedStatement>> = RefCell::new(HashMap::new());
 }
 
 /// More scan queries than this and the kept ones are forgotten.
@@ -55,8 +55,8 @@ pub(crate) fn select<'c>(
 }
 
 /// Runs `sql`, a query made from a model's catalog entry (arguments of
-/// `types`), with `args`, through the plan this backend keeps for that
-/// text; at most [`MAX_KEPT_CURSORS`] texts are kept.
+/// `types`), with `args`, through the plan this backend keeps for that text
+/// and those types; at most [`MAX_KEPT_CURSORS`] are kept.
 pub(crate) fn select_built<'c>(
     client: &SpiClient<'c>,
     sql: &str,
@@ -68,14 +68,18 @@ pub(crate) fn select_built<'c>(
         let Ok(mut kept) = kept.try_borrow_mut() else {
             return Ok(client.select(sql, limit, args)?);
         };
-        if !kept.contains_key(sql) {
+        // A plan reads its arguments as the types it was prepared with: the
+        // same text with arguments of other types (another row type's keys)
+        // is another plan.
+        let key = (sql.to_owned(), types.iter().map(|t| t.value().to_u32()).collect::<Vec<_>>());
+        if !kept.contains_key(&key) {
             if kept.len() >= MAX_KEPT_CURSORS {
                 kept.clear();
             }
             let plan = client.prepare(sql, types)?.keep();
-            kept.insert(sql.to_owned(), plan);
+            kept.insert(key.clone(), plan);
         }
-        Ok(client.select(&kept[sql], limit, args)?)
+        Ok(client.select(&kept[&key], limit, args)?)
     })
 }
 

@@ -3052,6 +3052,21 @@ async fn joins_auto_follows_declared_foreign_keys_and_prunes_small_tables() -> a
             assert!((score - expected).abs() <= 1e-6, "version {version}, order {key}: {score} against {expected}");
         }
     }
+    // The same joins with a key of another type (week a numeric): another
+    // plan, not the one kept for integer weeks, and the same scores.
+    let own = scores(None, version).await?;
+    let retyped = db
+        .query(
+            "SELECT r.id::text, cerebro.predict('e2e_joins', r, $1)
+             FROM (SELECT id, customer_id, store, week::numeric AS week, amount, returned FROM e2e_shop.new_orders) r",
+            &[&version],
+        )
+        .await?;
+    assert_eq!(retyped.len(), 300);
+    for p in &retyped {
+        let (key, score): (String, f64) = (p.get(0), p.get(1));
+        assert!((score - own[&key]).abs() <= 1e-6, "order {key}: {score} against {}", own[&key]);
+    }
     let err = db
         .query_one(
             "SELECT cerebro.predict('e2e_joins', r, $1) FROM (SELECT id, week FROM e2e_shop.new_orders LIMIT 1) r",
