@@ -103,7 +103,15 @@ pub fn measure_scored(
     let (rows, targets) = train::validation_rows(plan, target)?;
     let valid: Vec<ColumnData> = features.iter().map(|c| c.take(&rows)).collect();
     let mut score = |columns: &[ColumnData]| model.metric_outputs(&plan.features, columns, deadline);
-    let metrics = validation_metrics(plan.task, plan.class_labels.len(), &score(&valid)?, &targets);
+    // All the validation rows, a batch at a time, as a scan sends them.
+    let mut outputs = Vec::new();
+    for batch in (0..rows.len()).collect::<Vec<_>>().chunks(BATCH_ROWS) {
+        outputs.extend(score(&valid.iter().map(|c| c.take(batch)).collect::<Vec<_>>())?);
+    }
+    let mut metrics = validation_metrics(plan.task, plan.class_labels.len(), &outputs, &targets);
+    // Undefined on these rows (AUC of one class, R² of one value): left out,
+    // as JSON has no NaN.
+    metrics.retain(|_, v| v.is_finite());
     Ok((on_sample(plan, networks, &valid, &targets, &mut score)?, metrics))
 }
 

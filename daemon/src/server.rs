@@ -273,7 +273,12 @@ impl ScoringService {
     async fn measure_version(&self, req: MeasureRequest) -> Result<(Option<Importance>, Metrics), WireError> {
         let started = std::time::Instant::now();
         let (model, spec, table, read) = self.with_snapshot(req.model_version_id, &req.artifact_sha256).await?;
-        let networks = spec.ensemble.as_ref().map_or(1, |e| e.pool.len().max(1));
+        // As many networks as after training, so that the sample is the same:
+        // a selection's ensemble's members, or a model's mini-ensemble.
+        let networks = match model.members().len() {
+            0 => spec.plan.options.members.max(1) as usize,
+            members => members,
+        };
         let (plan, deadline) = (spec.plan, Some(self.run_deadline));
         let (importance, metrics) = tokio::task::spawn_blocking(move || {
             let Some((target, features)) = table.columns.split_last() else {

@@ -100,13 +100,18 @@ fn try_import(req: ImportRequest<'_>) -> Result<i32> {
         let layout = ImportLayout { inputs, output: output.name.clone(), positive_column };
 
         let user = current_user(client)?;
+        let caller = identity::current_role();
+        // Whether the caller may add a version to this name, before any rows
+        // are copied.
+        let version = {
+            let _owner = identity::become_owner()?;
+            next_version(client, req.name, caller)?
+        };
         let snapshot = match req.target {
             Some(target) => Some(freeze_rows(client, &req, &source, &features, task, target, &user)?),
             None => None,
         };
-        let caller = identity::current_role();
         let _owner = identity::become_owner()?;
-        let version = next_version(client, req.name, caller)?;
         let sha: String = client
             .select("SELECT encode(sha256($1), 'hex')", Some(1), &[req.onnx.into()])?
             .first()

@@ -1733,6 +1733,25 @@ async fn an_onnx_model_built_elsewhere_imports_checked_and_scores() -> anyhow::R
         .await?
         .get(0);
     assert_eq!(audited, 2);
+    // On rows of one class the AUC, and so the importance, is undefined:
+    // no rows, and metrics without it.
+    let one_class = "SELECT cerebro.import_onnx('e2e_external', $1,
+                         '(SELECT * FROM telco_churn WHERE churn = ''No'')', $2::text::jsonb, 'binary',
+                         ARRAY['No', 'Yes'], NULL, 'customer_id', target => 'churn')";
+    let v_one: i32 = db.query_one(one_class, &[&onnx, &good]).await?.get(0);
+    let measured = db.query("SELECT * FROM cerebro.measure_importance('e2e_external', $1)", &[&v_one]).await?;
+    assert!(measured.is_empty(), "{} rows", measured.len());
+    let (importance, metrics): (Option<serde_json::Value>, serde_json::Value) = {
+        let r = db
+            .query_one(
+                "SELECT importance, metrics FROM cerebro.model_versions WHERE name = 'e2e_external' AND version = $1",
+                &[&v_one],
+            )
+            .await?;
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(importance, None);
+    assert!(metrics.get("auc").is_none() && metrics["accuracy"].is_f64(), "{metrics}");
     // With a target it can be a parent: a network of Cerebro's on its
     // columns and target (nothing to warm-start from), to compare with it.
     db.execute(
@@ -1740,11 +1759,11 @@ async fn an_onnx_model_built_elsewhere_imports_checked_and_scores() -> anyhow::R
         &[],
     )
     .await?;
-    assert_eq!(wait_until_done(&db, "e2e_external", 3, TRAIN_TIMEOUT).await?.last().map(String::as_str), Some("ready"));
+    assert_eq!(wait_until_done(&db, "e2e_external", 4, TRAIN_TIMEOUT).await?.last().map(String::as_str), Some("ready"));
     let derived = db
         .query_one(
             "SELECT target, ARRAY(SELECT f FROM unnest(features) f ORDER BY 1)
-             FROM cerebro.models WHERE name = 'e2e_external' AND version = 3",
+             FROM cerebro.models WHERE name = 'e2e_external' AND version = 4",
             &[],
         )
         .await?;
