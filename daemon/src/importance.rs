@@ -90,8 +90,9 @@ pub enum MeasureError {
 /// does; `networks` of them for an ensemble) on `plan`'s validation rows of
 /// `features` (in `plan`'s order, as its snapshot is read): what
 /// `cerebro.measure_importance` asks for, of a version trained, imported
-/// with a target, or an ensemble; with the version's metrics on all those
-/// rows. An imported graph's runs stop past `deadline` each, when given.
+/// with a target, or an ensemble; with an imported graph's metrics on all
+/// those rows (a version trained has those its training measured). An
+/// imported graph's runs stop past `deadline` each, when given.
 pub fn measure_scored(
     model: &ScoringModel,
     networks: usize,
@@ -103,15 +104,18 @@ pub fn measure_scored(
     let (rows, targets) = train::validation_rows(plan, target)?;
     let valid: Vec<ColumnData> = features.iter().map(|c| c.take(&rows)).collect();
     let mut score = |columns: &[ColumnData]| model.metric_outputs(&plan.features, columns, deadline);
-    // All the validation rows, a batch at a time, as a scan sends them.
-    let mut outputs = Vec::new();
-    for batch in (0..rows.len()).collect::<Vec<_>>().chunks(BATCH_ROWS) {
-        outputs.extend(score(&valid.iter().map(|c| c.take(batch)).collect::<Vec<_>>())?);
+    let mut metrics = Metrics::new();
+    if model.imported() {
+        // All the validation rows, a batch at a time, as a scan sends them.
+        let mut outputs = Vec::new();
+        for batch in (0..rows.len()).collect::<Vec<_>>().chunks(BATCH_ROWS) {
+            outputs.extend(score(&valid.iter().map(|c| c.take(batch)).collect::<Vec<_>>())?);
+        }
+        metrics = validation_metrics(plan.task, plan.class_labels.len(), &outputs, &targets);
+        // Undefined on these rows (AUC of one class, R² of one value): left
+        // out, as JSON has no NaN.
+        metrics.retain(|_, v| v.is_finite());
     }
-    let mut metrics = validation_metrics(plan.task, plan.class_labels.len(), &outputs, &targets);
-    // Undefined on these rows (AUC of one class, R² of one value): left out,
-    // as JSON has no NaN.
-    metrics.retain(|_, v| v.is_finite());
     Ok((on_sample(plan, networks, &valid, &targets, &mut score)?, metrics))
 }
 

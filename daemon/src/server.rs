@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cerebro_shared::batch::{read_batch_ref, write_explanations, write_outputs, write_probabilities};
+use cerebro_shared::batch::{read_batch_ref, write_explanations, write_outputs, write_probabilities, ColumnData};
 use cerebro_shared::error::{ErrorCode, WireError};
 use cerebro_shared::importance::Importance;
 use cerebro_shared::protocol::{
@@ -246,15 +246,11 @@ impl ScoringService {
         let started = std::time::Instant::now();
         let (model, spec, table, read) = self.with_snapshot(req.model_version_id, &req.artifact_sha256).await?;
         let (plan, max_depth, deadline) = (spec.plan, req.max_depth, Some(self.run_deadline));
-        let surrogate = tokio::task::spawn_blocking(move || {
-            let Some((target, features)) = table.columns.split_last() else {
-                return Err(WireError::new(ErrorCode::Internal, "the snapshot was read without columns"));
-            };
+        let surrogate = on_snapshot_rows(table, "distilling", move |features, target| {
             distill::distill_scored(&model, &plan, features, target, max_depth, deadline)
                 .map_err(|e| WireError::new(ErrorCode::ScoringFailed, e.to_string()))
         })
-        .await
-        .map_err(|e| WireError::new(ErrorCode::Internal, format!("distilling task failed: {e}")))??;
+        .await?;
         info!(
             model = %spec.name,
             version = spec.version,
@@ -280,15 +276,11 @@ impl ScoringService {
             members => members,
         };
         let (plan, deadline) = (spec.plan, Some(self.run_deadline));
-        let (importance, metrics) = tokio::task::spawn_blocking(move || {
-            let Some((target, features)) = table.columns.split_last() else {
-                return Err(WireError::new(ErrorCode::Internal, "the snapshot was read without columns"));
-            };
+        let (importance, metrics) = on_snapshot_rows(table, "measuring", move |features, target| {
             importance::measure_scored(&model, networks, &plan, features, target, deadline)
                 .map_err(|e| WireError::new(ErrorCode::ScoringFailed, e.to_string()))
         })
-        .await
-        .map_err(|e| WireError::new(ErrorCode::Internal, format!("measuring task failed: {e}")))??;
+        .await?;
         info!(
             model = %spec.name,
             version = spec.version,
@@ -299,6 +291,23 @@ impl ScoringService {
         );
         Ok((importance, metrics))
     }
+}
+
+/// `work` on a snapshot's feature columns and target (read last), on a
+/// blocking thread: it scores. `what` names it when the thread fails.
+async fn on_snapshot_rows<T: Send + 'static>(
+    table: Table,
+    what: &'static str,
+    work: impl FnOnce(&[ColumnData], &ColumnData) -> Result<T, WireError> + Send + 'static,
+) -> Result<T, WireError> {
+    tokio::task::spawn_blocking(move || {
+        let Some((target, features)) = table.columns.split_last() else {
+            return Err(WireError::new(ErrorCode::Internal, "the snapshot was read without columns"));
+        };
+        work(features, target)
+    })
+    .await
+    .map_err(|e| WireError::new(ErrorCode::Internal, format!("{what} task failed: {e}")))?
 }
 
 impl ModelSource for ScoringService {

@@ -11,6 +11,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::Hash;
 
 use pgrx::datum::DatumWithOid;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
@@ -72,15 +73,27 @@ pub(crate) fn select_built<'c>(
         // same text with arguments of other types (another row type's keys)
         // is another plan.
         let key = (sql.to_owned(), types.iter().map(|t| t.value().to_u32()).collect::<Vec<_>>());
-        if !kept.contains_key(&key) {
-            if kept.len() >= MAX_KEPT_CURSORS {
-                kept.clear();
-            }
-            let plan = client.prepare(sql, types)?.keep();
-            kept.insert(key.clone(), plan);
-        }
-        Ok(client.select(&kept[&key], limit, args)?)
+        Ok(client.select(kept_plan(&mut kept, key, client, sql, types)?, limit, args)?)
     })
+}
+
+/// The plan `kept` holds under `key`, prepared from `sql` (arguments of
+/// `types`) and kept on first use; past [`MAX_KEPT_CURSORS`] plans, those
+/// kept are forgotten first.
+fn kept_plan<'k, K: Eq + Hash + Clone>(
+    kept: &'k mut HashMap<K, OwnedPreparedStatement>,
+    key: K,
+    client: &SpiClient<'_>,
+    sql: &str,
+    types: &[PgOid],
+) -> Result<&'k OwnedPreparedStatement> {
+    if !kept.contains_key(&key) {
+        if kept.len() >= MAX_KEPT_CURSORS {
+            kept.clear();
+        }
+        kept.insert(key.clone(), client.prepare(sql, types)?.keep());
+    }
+    Ok(&kept[&key])
 }
 
 /// Opens a cursor on `sql` (arguments of `types`) with `args`, through the
@@ -95,13 +108,7 @@ pub(crate) fn open_cursor(
         let Ok(mut kept) = kept.try_borrow_mut() else {
             return Ok(client.try_open_cursor(sql, args)?.detach_into_name());
         };
-        if !kept.contains_key(sql) {
-            if kept.len() >= MAX_KEPT_CURSORS {
-                kept.clear();
-            }
-            let plan = client.prepare(sql, types)?.keep();
-            kept.insert(sql.to_owned(), plan);
-        }
-        Ok(client.try_open_cursor(&kept[sql], args)?.detach_into_name())
+        let plan = kept_plan(&mut kept, sql.to_owned(), client, sql, types)?;
+        Ok(client.try_open_cursor(plan, args)?.detach_into_name())
     })
 }

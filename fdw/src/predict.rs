@@ -37,7 +37,6 @@ use crate::gucs;
 use crate::in_backend::{self, Scorer};
 use crate::plans;
 use crate::predictions::{self, resolved_model, ModelVersion};
-use crate::sources::check_own_source;
 
 /// The region a connection attaches first; a larger row attaches a larger one.
 const REGION_BYTES: usize = 1 << 16;
@@ -328,12 +327,8 @@ fn read_row(input: &AnyElement, model: &ModelVersion) -> Result<Vec<ColumnData>>
 /// rights, as the model's own source is.
 fn through_joins(row: &Row, model: &ModelVersion, missing: &[&Feature]) -> Result<Vec<(String, ColumnData)>> {
     Spi::connect(|client| {
-        let Some(plan) = predictions::join_plan(client, model)? else { return Ok(Vec::new()) };
-        let joined: Vec<&str> = plan.joined_columns().collect();
-        if !missing.iter().all(|f| joined.contains(&f.name.as_str())) || joined.iter().any(|c| row.column(c).is_some())
-        {
-            return Ok(Vec::new());
-        }
+        let has = |c: &str| row.column(c).is_some();
+        let Some(plan) = predictions::joins_to_read(client, model, &has)? else { return Ok(Vec::new()) };
         let mut keys: Vec<&str> = Vec::new();
         for key in plan.kept.iter().filter(|j| j.hop <= 1).flat_map(|j| j.on.iter()) {
             if !keys.contains(&key.as_str()) {
@@ -356,9 +351,7 @@ fn through_joins(row: &Row, model: &ModelVersion, missing: &[&Feature]) -> Resul
             columns.push(format!("${} AS {}", i + 1, quote_ident(key)));
         }
         let Some(query) = plan.query_over(&format!("(SELECT {})", columns.join(", "))) else { return Ok(Vec::new()) };
-        for join in &plan.kept {
-            check_own_source(client, &model.name, &join.table, &model.source_author)?;
-        }
+        predictions::check_joined_tables(client, model, &plan)?;
         // One row: the joins are LEFT JOINs on keys their tables hold once.
         let read = missing.iter().map(|f| format!("q.{}", quote_ident(&f.name))).collect::<Vec<_>>().join(", ");
         let sql = format!("SELECT ROW({read}) FROM {query} q");

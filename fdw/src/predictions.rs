@@ -96,7 +96,7 @@ pub(crate) struct ModelVersion {
     key_column: Option<String>,
     pub(crate) artifact_sha256: String,
     /// Who wrote its source (a query's text is its author's code).
-    pub(crate) source_author: String,
+    source_author: String,
 }
 
 /// What this backend last resolved for each `(model, version asked)`.
@@ -239,28 +239,50 @@ fn scan_source(client: &pgrx::spi::SpiClient<'_>, model: &ModelVersion, named: O
 /// run no code of a role without the caller's rights, as the model's own
 /// source is.
 fn through_joins(client: &pgrx::spi::SpiClient<'_>, model: &ModelVersion, source: Source) -> Result<Source> {
-    let missing: Vec<&str> =
-        model.features.iter().map(|f| f.name.as_str()).filter(|name| source.column(name).is_err()).collect();
-    if missing.is_empty() {
-        return Ok(source);
-    }
-    let Some(plan) = join_plan(client, model)? else { return Ok(source) };
-    let joined: Vec<&str> = plan.joined_columns().collect();
-    let has_joined = joined.iter().any(|c| source.column(c).is_ok());
-    if has_joined || !missing.iter().all(|m| joined.contains(m)) {
-        // The caller wrote joins of their own, or lacks columns the joins
-        // do not add: the scan says which column is missing.
-        return Ok(source);
-    }
+    let Some(plan) = joins_to_read(client, model, &|c| source.column(c).is_ok())? else { return Ok(source) };
     let Some(query) = plan.query_over(&source.display) else { return Ok(source) };
-    for join in &plan.kept {
-        check_own_source(client, &model.name, &join.table, &model.source_author)?;
-    }
+    check_joined_tables(client, model, &plan)?;
     resolve_source(client, &query)
 }
 
+/// The joins of the version's selection that a source or a row, which has
+/// the columns `has` says, is to be read through: when it lacks some of the
+/// version's features, every one it lacks is a joined column, and it has
+/// none of the joined columns (else the caller wrote joins of their own, or
+/// lacks columns the joins do not add, and the missing column is said).
+pub(crate) fn joins_to_read(
+    client: &pgrx::spi::SpiClient<'_>,
+    model: &ModelVersion,
+    has: &dyn Fn(&str) -> bool,
+) -> Result<Option<JoinPlan>> {
+    let missing: Vec<&str> = model.features.iter().map(|f| f.name.as_str()).filter(|name| !has(name)).collect();
+    if missing.is_empty() {
+        return Ok(None);
+    }
+    let Some(plan) = join_plan(client, model)? else { return Ok(None) };
+    let joined: Vec<&str> = plan.joined_columns().collect();
+    if joined.iter().any(|c| has(c)) || !missing.iter().all(|m| joined.contains(m)) {
+        return Ok(None);
+    }
+    Ok(Some(plan))
+}
+
+/// The tables joined are the model's choice, not the caller's: they are
+/// read only if they run no code of a role without the caller's rights, as
+/// the model's own source is.
+pub(crate) fn check_joined_tables(
+    client: &pgrx::spi::SpiClient<'_>,
+    model: &ModelVersion,
+    plan: &JoinPlan,
+) -> Result<()> {
+    for join in &plan.kept {
+        check_own_source(client, &model.name, &join.table, &model.source_author)?;
+    }
+    Ok(())
+}
+
 /// The joins the version's selection kept (`features joins(auto)`), if any.
-pub(crate) fn join_plan(client: &pgrx::spi::SpiClient<'_>, model: &ModelVersion) -> Result<Option<JoinPlan>> {
+fn join_plan(client: &pgrx::spi::SpiClient<'_>, model: &ModelVersion) -> Result<Option<JoinPlan>> {
     let plan = crate::plans::select(
         client,
         "SELECT s.plan->'joins' FROM cerebro.model_versions m JOIN cerebro.selections s ON s.id = m.selection_id

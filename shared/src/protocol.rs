@@ -107,8 +107,8 @@ pub enum Response {
         surrogate: Surrogate,
     },
     /// `importance` is None when its metric is not defined on the rows
-    /// (one class only); `metrics` are the version's on all its validation
-    /// rows, as training measures them.
+    /// (one class only); `metrics` are an imported version's on all its
+    /// validation rows, as training measures them (none for another).
     Measured {
         importance: Option<Importance>,
         #[serde(default)]
