@@ -5,14 +5,12 @@
 //! trained, ONNX Runtime for an ensemble, either for a version distilled
 //! on request (`cerebro.distill`, [`distill_scored`]).
 
-use std::time::Duration;
-
 use cerebro_shared::batch::ColumnData;
 use cerebro_shared::spec::{Task, TrainingPlan};
 use cerebro_shared::surrogate::{Growth, Predicted, Surrogate};
 
 use crate::importance::{seeded_sample, Scorer};
-use crate::scoring::{ScoringError, ScoringModel};
+use crate::scoring::{RunDeadline, ScoringError, ScoringModel};
 use crate::train::{self, TrainError};
 
 #[derive(Debug, thiserror::Error)]
@@ -78,14 +76,14 @@ pub fn distill<E>(
 /// The surrogate, `max_depth` levels deep, of the version `model` scores,
 /// fitted on `plan`'s training rows of `features` (in `plan`'s order, as
 /// its snapshot is read) and measured on its validation rows. An imported
-/// graph's runs stop past `deadline` each, when given.
+/// graph's runs stop once `deadline` has passed, when given.
 pub fn distill_scored(
     model: &ScoringModel,
     plan: &TrainingPlan,
     features: &[ColumnData],
     target: &ColumnData,
     max_depth: u32,
-    deadline: Option<Duration>,
+    deadline: Option<RunDeadline>,
 ) -> Result<Surrogate, DistillError> {
     let (train, valid) = train::training_and_validation_rows(plan, target)?;
     let names: Vec<String> = plan.features.iter().map(|f| f.name.clone()).collect();
@@ -98,7 +96,7 @@ pub fn distill_scored(
         &valid,
         plan.options.seed,
         max_depth,
-        &mut |columns| Ok(model.metric_outputs(&plan.features, columns, deadline)?),
+        &mut |columns| Ok(model.metric_outputs(plan, columns, deadline)?),
     )
 }
 

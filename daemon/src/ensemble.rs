@@ -252,9 +252,10 @@ fn measure_importance(
     valid: &[ColumnData],
     targets: &[f64],
 ) -> Result<Option<Importance>, BuildError> {
-    importance::on_sample(plan, networks, valid, targets, &mut |columns| {
+    let measured = importance::on_sample::<BuildError>(plan, networks, valid, targets, &mut |columns| {
         Ok(graph.run(&feed(graph, &plan.features, columns, 0)?).map_err(BuildError::Scoring)?.0)
-    })
+    })?;
+    Ok(importance::bounded(measured))
 }
 
 /// `valid`'s columns (in `features` order) in the order `model` takes its inputs.

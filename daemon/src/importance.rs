@@ -5,8 +5,6 @@
 //! Runtime for an ensemble, and the version's scoring model (ONNX Runtime,
 //! or the engine once it agrees) for one measured on request.
 
-use std::time::Duration;
-
 use cerebro_shared::batch::ColumnData;
 use cerebro_shared::importance::Importance;
 use cerebro_shared::spec::{Task, TrainingPlan};
@@ -16,7 +14,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::metrics::Metrics;
-use crate::scoring::{ScoringError, ScoringModel};
+use crate::scoring::{RunDeadline, ScoringError, ScoringModel};
 use crate::train::{self, validation_metrics, TrainError};
 
 /// Outputs of the rows of some columns, as [`validation_metrics`] reads
@@ -78,12 +76,30 @@ pub fn on_sample<E>(
     permutation(plan.task, plan.class_labels.len(), &names, &valid, &targets, plan.options.seed, score)
 }
 
+/// `importance` unless a column's drop is not a number ([`Importance::unbounded`]),
+/// logged: after training it is an extra the version is stored without.
+pub fn bounded(importance: Option<Importance>) -> Option<Importance> {
+    let unbounded = importance.as_ref().and_then(|i| i.unbounded().map(str::to_owned));
+    match unbounded {
+        Some(column) => {
+            tracing::warn!(column, "no importance stored: with the column shuffled the scores were not finite");
+            None
+        }
+        None => importance,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MeasureError {
     #[error(transparent)]
     Rows(#[from] TrainError),
     #[error(transparent)]
     Scoring(#[from] ScoringError),
+    #[error(
+        "with column \"{0}\" shuffled the version's scores were not finite (NaN or infinite), so its importance \
+         is not a number"
+    )]
+    Unbounded(String),
 }
 
 /// The importance of the version `model` scores (as `cerebro.predictions`
@@ -92,18 +108,18 @@ pub enum MeasureError {
 /// `cerebro.measure_importance` asks for, of a version trained, imported
 /// with a target, or an ensemble; with an imported graph's metrics on all
 /// those rows (a version trained has those its training measured). An
-/// imported graph's runs stop past `deadline` each, when given.
+/// imported graph's runs stop once `deadline` has passed, when given.
 pub fn measure_scored(
     model: &ScoringModel,
     networks: usize,
     plan: &TrainingPlan,
     features: &[ColumnData],
     target: &ColumnData,
-    deadline: Option<Duration>,
+    deadline: Option<RunDeadline>,
 ) -> Result<(Option<Importance>, Metrics), MeasureError> {
     let (rows, targets) = train::validation_rows(plan, target)?;
     let valid: Vec<ColumnData> = features.iter().map(|c| c.take(&rows)).collect();
-    let mut score = |columns: &[ColumnData]| model.metric_outputs(&plan.features, columns, deadline);
+    let mut score = |columns: &[ColumnData]| model.metric_outputs(plan, columns, deadline);
     let mut metrics = Metrics::new();
     if model.imported() {
         // All the validation rows, a batch at a time, as a scan sends them.
@@ -116,7 +132,11 @@ pub fn measure_scored(
         // out, as JSON has no NaN.
         metrics.retain(|_, v| v.is_finite());
     }
-    Ok((on_sample(plan, networks, &valid, &targets, &mut score)?, metrics))
+    let importance = on_sample(plan, networks, &valid, &targets, &mut score)?;
+    if let Some(column) = importance.as_ref().and_then(Importance::unbounded) {
+        return Err(MeasureError::Unbounded(column.to_owned()));
+    }
+    Ok((importance, metrics))
 }
 
 /// The metric importance is measured by, as the leaderboard ranks: AUC,

@@ -35,7 +35,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cerebro_shared::batch::{ColumnData, NO_LABEL};
+use cerebro_shared::batch::ColumnData;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -452,7 +452,8 @@ pub async fn score_relation(
         .zip(scores.into_iter().zip(labels))
         .map(|(key, (score, label))| ScoredRow {
             key,
-            label: (label != NO_LABEL).then(|| model.class_labels[label as usize].clone()),
+            // An imported graph wider than its labels names no label there.
+            label: model.class_labels.get(label as usize).cloned(),
             score,
         })
         .collect())

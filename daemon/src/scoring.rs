@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cerebro_shared::batch::{ColumnData, ColumnRef};
-use cerebro_shared::onnx_graph::ImportLayout;
-use cerebro_shared::spec::{Feature, Task, NULL_CATEGORY};
+use cerebro_shared::onnx_graph::{positive_column, ImportLayout};
+use cerebro_shared::spec::{Feature, Task, TrainingPlan, NULL_CATEGORY};
 use ort::environment::Environment;
 use ort::session::Session;
 use ort::value::{Tensor, TensorElementType, ValueType};
@@ -50,8 +50,34 @@ pub enum ScoringError {
     ExplainedCount { given: usize, expected: usize },
     #[error("the graph reads column \"{0}\", which the version's features do not have")]
     MissingInput(String),
-    #[error("one run of the imported graph took longer than cerebrod's scoring_deadline_ms ({} ms) and was stopped", .0.as_millis())]
+    #[error(
+        "the graph gave {values} value(s) for {rows} row(s); a {task} model gives {wanted} a row",
+        task = .task.as_str()
+    )]
+    OutputShape { rows: usize, values: usize, task: Task, wanted: &'static str },
+    #[error("the imported graph's runs took longer than cerebrod's scoring_deadline_ms ({} ms) together and were stopped", .0.as_millis())]
     Deadline(Duration),
+}
+
+/// How long all the runs of an imported graph that one request makes
+/// (a measure, a distill) may take together: `limit` from `start`. Bound
+/// per run, a request of a few dozen runs could hold a blocking thread for
+/// as many times `scoring_deadline_ms`.
+#[derive(Debug, Clone, Copy)]
+pub struct RunDeadline {
+    pub start: Instant,
+    pub limit: Duration,
+}
+
+impl RunDeadline {
+    pub fn from_now(limit: Duration) -> RunDeadline {
+        RunDeadline { start: Instant::now(), limit }
+    }
+
+    /// What is left of it; zero once past.
+    fn left(&self) -> Duration {
+        self.limit.saturating_sub(self.start.elapsed())
+    }
 }
 
 /// The process-wide ONNX Runtime environment.
@@ -105,6 +131,26 @@ impl OnnxRuntime {
     }
 }
 
+/// The width of a `task` model's output of `values` for `rows` rows: as
+/// many values for every row, as many as the task reads (one probability or
+/// two for a binary model, one value for a regression, a probability a
+/// class for a multiclass model, whose count the caller checks). The shape
+/// an imported graph declares is not enforced by ONNX Runtime, and may be
+/// left unsaid.
+fn output_width(task: Task, rows: usize, values: usize) -> Result<usize, ScoringError> {
+    let width = if rows > 0 && values.is_multiple_of(rows) { values / rows } else { 0 };
+    let (fits, wanted) = match task {
+        Task::Binary => ((1..=2).contains(&width), "one or two values (its classes' probabilities)"),
+        Task::Multiclass => (width >= 2, "a probability for each of its classes"),
+        Task::Regression => (width == 1, "one value"),
+    };
+    if fits {
+        Ok(width)
+    } else {
+        Err(ScoringError::OutputShape { rows, values, task, wanted })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputKind {
     Float,
@@ -122,7 +168,6 @@ pub struct ScoringModel {
     task: Task,
     output: String,
     /// Binary: the output column with the positive class's probability.
-    positive_column: usize,
     /// An imported graph, whose work per row its author decides (it may
     /// loop); one Cerebro exported does a fixed, small amount.
     imported: bool,
@@ -337,7 +382,6 @@ impl ScoringModel {
             inputs,
             task,
             output,
-            positive_column: 0,
             imported: false,
             native: None,
             scores_natively: false,
@@ -376,7 +420,6 @@ impl ScoringModel {
             inputs,
             task,
             output: layout.output.clone(),
-            positive_column: layout.positive_column,
             imported: true,
             native: None,
             scores_natively: false,
@@ -419,26 +462,31 @@ impl ScoringModel {
         self.run_with(columns, None)
     }
 
-    /// The graph's output for `columns` (one per feature of `features`) as
+    /// The graph's output for `columns` (one per feature of `plan`) as
     /// validation metrics read it: one positive-class probability a row for
     /// a binary model (an imported graph's scored column, when its output is
-    /// wider), else the whole output. An imported graph's run is stopped
-    /// past `deadline`, when given, as a scoring batch is: its author
-    /// decides how long it runs.
+    /// wider), else the whole output, a probability for each of `plan`'s
+    /// classes for a multiclass model. An imported graph's run is stopped
+    /// once `deadline` has passed, when given (a request's runs together),
+    /// as a scoring batch is: its author decides how long it runs.
     pub fn metric_outputs(
         &self,
-        features: &[Feature],
+        plan: &TrainingPlan,
         columns: &[ColumnData],
-        deadline: Option<Duration>,
+        deadline: Option<RunDeadline>,
     ) -> Result<Vec<f32>, ScoringError> {
-        let columns = self.arrange(features, columns)?;
+        let columns = self.arrange(&plan.features, columns)?;
         let (out, width) = if let Some(deadline) = deadline.filter(|_| self.imported) {
+            let left = deadline.left();
+            if left.is_zero() {
+                return Err(ScoringError::Deadline(deadline.limit));
+            }
             let options = ort::session::RunOptions::new().map_err(|e| ScoringError::Artifact(e.to_string()))?;
             let (done, wait) = std::sync::mpsc::channel::<()>();
             std::thread::scope(|scope| {
                 let options = &options;
                 let stopper = scope.spawn(move || {
-                    let late = matches!(wait.recv_timeout(deadline), Err(RecvTimeoutError::Timeout));
+                    let late = matches!(wait.recv_timeout(left), Err(RecvTimeoutError::Timeout));
                     if late {
                         let _ = options.terminate();
                     }
@@ -447,13 +495,18 @@ impl ScoringModel {
                 let run = self.run_with(&columns, Some(options));
                 drop(done);
                 let late = stopper.join().unwrap_or(false);
-                run.map_err(|e| if late { ScoringError::Deadline(deadline) } else { e })
+                run.map_err(|e| if late { ScoringError::Deadline(deadline.limit) } else { e })
             })?
         } else {
             self.run(&columns)?
         };
         if self.task == Task::Binary && width > 1 {
-            return Ok(out.chunks(width).map(|row| row[self.positive_column]).collect());
+            let positive = positive_column(width);
+            return Ok(out.chunks_exact(width).map(|row| row[positive]).collect());
+        }
+        let classes = plan.class_labels.len();
+        if self.task == Task::Multiclass && width != classes {
+            return Err(ScoringError::ClassCount { width, classes });
         }
         Ok(out)
     }
@@ -534,7 +587,7 @@ impl ScoringModel {
         }
         .map_err(run_err)?;
         let (_, data) = outputs[self.output.as_str()].try_extract_tensor::<f32>().map_err(run_err)?;
-        let width = data.len() / n;
+        let width = output_width(self.task, n, data.len())?;
         Ok((data.to_vec(), width))
     }
 
@@ -564,6 +617,44 @@ impl ScoringModel {
     /// One score and one label index per row of a raw output `width` wide
     /// (see [`ScoringModel::score`]).
     pub fn head_of(&self, out: &[f32], width: usize) -> (Vec<f64>, Vec<u32>) {
-        scores_and_labels(self.task, self.positive_column, out, width)
+        scores_and_labels(self.task, positive_column(width), out, width)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_output_is_read_by_the_values_each_row_has() {
+        assert_eq!(output_width(Task::Binary, 3, 3).unwrap(), 1);
+        assert_eq!(output_width(Task::Binary, 3, 6).unwrap(), 2);
+        assert_eq!(output_width(Task::Multiclass, 3, 12).unwrap(), 4);
+        assert_eq!(output_width(Task::Regression, 1, 1).unwrap(), 1);
+        for (task, rows, values) in [
+            (Task::Regression, 3, 4),
+            (Task::Regression, 3, 6),
+            (Task::Regression, 3, 0),
+            (Task::Binary, 3, 7),
+            (Task::Binary, 3, 9),
+            (Task::Binary, 3, 2),
+            (Task::Multiclass, 3, 3),
+        ] {
+            let e = output_width(task, rows, values).unwrap_err();
+            assert!(matches!(e, ScoringError::OutputShape { .. }), "{task:?} {rows} {values}: {e}");
+        }
+        let e = output_width(Task::Regression, 7043, 7044).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the graph gave 7044 value(s) for 7043 row(s); a regression model gives one value a row"
+        );
+    }
+
+    #[test]
+    fn a_deadline_is_shared_by_the_runs_of_a_request() {
+        let spent = RunDeadline { start: Instant::now() - Duration::from_secs(2), limit: Duration::from_secs(1) };
+        assert!(spent.left().is_zero());
+        let fresh = RunDeadline::from_now(Duration::from_secs(60));
+        assert!(fresh.left() > Duration::from_secs(59));
     }
 }

@@ -43,7 +43,7 @@ use crate::data::{read_snapshot, Table};
 use crate::distill;
 use crate::importance;
 use crate::metrics::Metrics;
-use crate::scoring::{OnnxRuntime, ScoringModel};
+use crate::scoring::{OnnxRuntime, RunDeadline, ScoringModel};
 
 const MAX_REGIONS_PER_CONNECTION: usize = 16;
 const MAX_REGION_BYTES: u64 = 4 << 30;
@@ -245,7 +245,7 @@ impl ScoringService {
         }
         let started = std::time::Instant::now();
         let (model, spec, table, read) = self.with_snapshot(req.model_version_id, &req.artifact_sha256).await?;
-        let (plan, max_depth, deadline) = (spec.plan, req.max_depth, Some(self.run_deadline));
+        let (plan, max_depth, deadline) = (spec.plan, req.max_depth, Some(RunDeadline::from_now(self.run_deadline)));
         let surrogate = on_snapshot_rows(table, "distilling", move |features, target| {
             distill::distill_scored(&model, &plan, features, target, max_depth, deadline)
                 .map_err(|e| WireError::new(ErrorCode::ScoringFailed, e.to_string()))
@@ -275,7 +275,7 @@ impl ScoringService {
             0 => spec.plan.options.members.max(1) as usize,
             members => members,
         };
-        let (plan, deadline) = (spec.plan, Some(self.run_deadline));
+        let (plan, deadline) = (spec.plan, Some(RunDeadline::from_now(self.run_deadline)));
         let (importance, metrics) = on_snapshot_rows(table, "measuring", move |features, target| {
             importance::measure_scored(&model, networks, &plan, features, target, deadline)
                 .map_err(|e| WireError::new(ErrorCode::ScoringFailed, e.to_string()))

@@ -971,7 +971,9 @@ impl TrainedModel {
         let valid: Vec<ColumnData> = features.iter().map(|c| c.take(&rows)).collect();
         let networks = 1 + self.members.len();
         self.importance =
-            importance::on_sample(plan, networks, &valid, &targets, &mut |columns| self.outputs(columns))?;
+            importance::bounded(importance::on_sample(plan, networks, &valid, &targets, &mut |columns| {
+                self.outputs(columns)
+            })?);
         Ok(())
     }
 

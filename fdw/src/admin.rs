@@ -102,23 +102,26 @@ fn try_rollback(model: Option<&str>, comment: Option<&str>) -> Result<i32> {
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
         access::as_administrator(model, "roll back", || {
-            let query =
-                "SELECT version, earlier[cardinality(earlier)] FROM cerebro.deployments WHERE name = $1 FOR UPDATE";
-            let (current, previous) = match client.update(query, Some(1), &[model.into()])?.next() {
-                Some(row) => (row.get::<i32>(1)?, row.get::<i32>(2)?),
-                None => (None, None),
+            let query = "SELECT version, earlier FROM cerebro.deployments WHERE name = $1 FOR UPDATE";
+            let (current, earlier) = match client.update(query, Some(1), &[model.into()])?.next() {
+                Some(row) => (row.get::<i32>(1)?, row.get::<Vec<i32>>(2)?.unwrap_or_default()),
+                None => (None, Vec::new()),
             };
-            let (Some(current), Some(previous)) = (current, previous) else {
+            // The latest version deployed before that is not the current
+            // one: deleting a version between two deployments of another
+            // leaves that other twice in a row.
+            let back = current.and_then(|c| earlier.iter().rposition(|&v| v != c));
+            let (Some(current), Some(back)) = (current, back) else {
                 return Err(CerebroError::NothingToRollBack { name: model.into(), deployed: current });
             };
+            let previous = earlier[back];
             check_ready(client, model, previous, "rolled back to")?;
             client.update(
                 "UPDATE cerebro.deployments
-                 SET version = earlier[cardinality(earlier)], earlier = earlier[1:cardinality(earlier) - 1],
-                     deployed_at = now(), deployed_by = $2
+                 SET version = $3, earlier = earlier[1:$4], deployed_at = now(), deployed_by = $2
                  WHERE name = $1",
                 None,
-                &[model.into(), user.as_str().into()],
+                &[model.into(), user.as_str().into(), previous.into(), (back as i32).into()],
             )?;
             let change = Change { user: &user, action: "rollback", model, from: Some(current), to: previous, comment };
             record(client, change)?;

@@ -97,6 +97,8 @@ pub enum CerebroError {
     NothingToRollBack { name: String, deployed: Option<i32> },
     #[error("cerebro.predictions needs to know which model to score with")]
     MissingModel,
+    #[error("cerebro.predictions scores one {field} a scan; this query names {count}")]
+    SeveralInOneScan { field: &'static str, count: usize },
     #[error("top_k must be at least 1, not {0}")]
     TopK(i32),
     #[error("cerebro.predict needs a row (of a table, a composite type or a subquery), not {0}")]
@@ -166,6 +168,7 @@ impl CerebroError {
                 RequestError::UnsupportedType { .. } => ERRCODE_DATATYPE_MISMATCH,
                 RequestError::DuplicateFeature(_) => ERRCODE_DUPLICATE_COLUMN,
                 RequestError::FeatureConflict { .. }
+                | RequestError::KeyIsTarget(_)
                 | RequestError::NoFeatures { .. }
                 | RequestError::SelectionTable { .. }
                 | RequestError::ImportInvalid(_) => ERRCODE_INVALID_PARAMETER_VALUE,
@@ -179,6 +182,7 @@ impl CerebroError {
             CerebroError::MissingModel | CerebroError::MissingKey(_) | CerebroError::OrderedSplitNeedsKey => {
                 ERRCODE_INVALID_PARAMETER_VALUE
             }
+            CerebroError::SeveralInOneScan { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             CerebroError::NullArgument(_) => ERRCODE_NULL_VALUE_NOT_ALLOWED,
             CerebroError::NotModelOwner { .. }
             | CerebroError::AskingForAnotherRole
@@ -267,6 +271,9 @@ impl CerebroError {
                     .into(),
             ),
             CerebroError::MissingModel => Some("Add WHERE model = '<name>' to the query.".into()),
+            CerebroError::SeveralInOneScan { field, .. } => {
+                Some(format!("Score each {field} in a query of its own and combine them with UNION ALL."))
+            }
             CerebroError::TopK(_) => Some(
                 "top_k is how many columns each explanation lists, largest contribution first; the others are \
                  summed in its \"rest\". Leave it out for 5."

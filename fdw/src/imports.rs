@@ -86,10 +86,10 @@ fn freeze_rows(
 
 fn try_import(req: ImportRequest<'_>) -> Result<i32> {
     validate_model_name(req.name)?;
-    let task = request::import_task(req.task.parse::<TaskChoice>()?, req.labels.len())?;
+    let task = request::import_task(req.task.parse::<TaskChoice>()?, &req.labels)?;
     let graph = read_signature(req.onnx).map_err(|e| RequestError::ImportInvalid(e.to_string()))?;
     let groups = request::import_mapping(req.inputs, &graph.inputs)?;
-    let (output, positive_column) = request::scored_output(&graph.outputs, req.output, task, req.labels.len())?;
+    let output = request::scored_output(&graph.outputs, req.output, task, req.labels.len())?;
 
     Spi::connect_mut(|client| {
         let source = resolve_source(client, req.source)?;
@@ -97,7 +97,7 @@ fn try_import(req: ImportRequest<'_>) -> Result<i32> {
             source.column(key)?;
         }
         let (features, inputs) = request::import_features(&groups, &graph.inputs, &source.shape())?;
-        let layout = ImportLayout { inputs, output: output.name.clone(), positive_column };
+        let layout = ImportLayout { inputs, output: output.name.clone() };
 
         let user = current_user(client)?;
         let caller = identity::current_role();

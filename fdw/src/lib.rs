@@ -381,6 +381,19 @@ mod tests {
         Spi::run("SELECT * FROM cerebro.predictions").unwrap();
     }
 
+    #[pg_test(error = "model \"churn\" version 1 is queued for training")]
+    fn predictions_of_a_list_of_one_model() {
+        setup();
+        Spi::run("INSERT INTO cerebro.models (name, source, target, key) VALUES ('churn', 'customers', 'churn', 'id')")
+            .unwrap();
+        Spi::run("SELECT * FROM cerebro.predictions WHERE model = ANY (ARRAY['churn', 'churn'])").unwrap();
+    }
+
+    #[pg_test(error = "cerebro.predictions scores one model a scan; this query names 2")]
+    fn predictions_of_a_list_of_models() {
+        Spi::run("SELECT * FROM cerebro.predictions WHERE model IN ('a', 'b')").unwrap();
+    }
+
     /// A model with versions 1 (ready, as if trained) and 2 (queued).
     fn two_versions() {
         setup();

@@ -61,11 +61,30 @@ fn as_i32(cell: &Cell) -> Option<i32> {
     }
 }
 
+/// The one value of `= ANY (...)` (an `IN` list or an array), read by
+/// `read`, which picks as `=` does; several are refused: a scan scores one
+/// model and version.
+fn only_value<T: PartialEq>(field: &'static str, cells: &[Cell], read: fn(&Cell) -> Option<T>) -> Result<Option<T>> {
+    let mut distinct: Vec<T> = Vec::new();
+    for value in cells.iter().filter_map(read) {
+        if !distinct.contains(&value) {
+            distinct.push(value);
+        }
+    }
+    match distinct.len() {
+        0 | 1 => Ok(distinct.pop()),
+        count => Err(CerebroError::SeveralInOneScan { field, count }),
+    }
+}
+
 impl Params {
-    fn from_quals(quals: &[Qual]) -> Params {
+    fn from_quals(quals: &[Qual]) -> Result<Params> {
         let mut p = Params::default();
         for q in quals.iter().filter(|q| q.operator == "=") {
             match (q.field.as_str(), &q.value, q.use_or) {
+                ("model", Value::Array(cells), true) => p.model = only_value("model", cells, as_text)?,
+                ("version", Value::Array(cells), true) => p.version = only_value("version", cells, as_i32)?,
+                ("source", Value::Array(cells), true) => p.source = only_value("source", cells, as_text)?,
                 ("model", Value::Cell(c), false) => p.model = as_text(c),
                 ("version", Value::Cell(c), false) => p.version = as_i32(c),
                 ("source", Value::Cell(c), false) => p.source = as_text(c),
@@ -77,7 +96,7 @@ impl Params {
                 _ => {}
             }
         }
-        p
+        Ok(p)
     }
 }
 
@@ -470,7 +489,7 @@ struct Scratch {
 impl PredictionScan {
     /// A scan for `quals` that hands out `columns`.
     pub fn begin(quals: &[Qual], socket: &str, columns: &[Column]) -> Result<PredictionScan> {
-        let params = Params::from_quals(quals);
+        let params = Params::from_quals(quals)?;
         let outputs: Vec<(usize, Output)> =
             columns.iter().filter_map(|c| Some((c.num - 1, Output::of(&c.name)?))).collect();
         let probabilities = outputs.iter().any(|(_, o)| matches!(o, Output::Probabilities));

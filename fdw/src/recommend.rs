@@ -5,6 +5,7 @@
 use cerebro_shared::meta::{self, Archived, MetaFeatures, Recommendation};
 use cerebro_shared::request;
 use cerebro_shared::spec::{resolve_task, FeatureKind, Task, TaskChoice, TrainOptions};
+use cerebro_shared::sql::as_float8;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
@@ -49,8 +50,10 @@ pub(crate) fn measure(
     let (mut classes, mut minority_share, mut target_skew) = (None, None, None);
     if task == Task::Regression {
         let skew = format!(
-            "WITH m AS (SELECT avg(({target})::float8) AS a, stddev_pop(({target})::float8) AS s FROM {from})
-             SELECT avg(power((({target})::float8 - m.a) / nullif(m.s, 0), 3)) FROM {from}, m WHERE {target} IS NOT NULL"
+            "WITH v AS (SELECT {} AS y FROM {from}),
+                  m AS (SELECT avg(y) AS a, stddev_pop(y) AS s FROM v)
+             SELECT avg(power((y - m.a) / nullif(m.s, 0), 3)) FROM v, m WHERE y IS NOT NULL",
+            as_float8(target)
         );
         target_skew = Some(client.select(&skew, Some(1), &[])?.first().get_one::<f64>()?.unwrap_or(0.0));
     } else {

@@ -18,7 +18,7 @@
 
 use std::ffi::CStr;
 
-use cerebro_shared::request::{source_query, Column, RequestError, SourceShape};
+use cerebro_shared::request::{self, source_query, Column, RequestError, SourceShape};
 use cerebro_shared::spec::SqlKind;
 use cerebro_shared::sql::{as_float8, as_output_text, as_text, quote_ident};
 use pgrx::spi::SpiClient;
@@ -319,7 +319,13 @@ pub(crate) fn resolve_source(client: &SpiClient<'_>, name: &str) -> Result<Sourc
     // syscache, as PostgreSQL's own checks read them: no catalog query per
     // call. Types are named as with the search path pinned, as every
     // message names them.
+    if request::unparenthesised_query(name) {
+        return Err(CerebroError::QuerySource("a query is a source when written in parentheses: (SELECT ...)"));
+    }
     let unknown = || CerebroError::UnknownRelation(name.to_owned());
+    if name.trim().is_empty() {
+        return Err(unknown());
+    }
     let written = std::ffi::CString::new(name).map_err(|_| unknown())?;
     // SAFETY: parses a NUL-terminated name (a syntax error is PostgreSQL's
     // ERROR, as in to_regclass) and looks it up, locking what it finds

@@ -48,6 +48,14 @@ impl Importance {
         Importance { metric: metric.to_string(), baseline, rows, repeats, columns }
     }
 
+    /// The first column whose drop is not a number (NaN, infinite): the
+    /// scores went non-finite with it shuffled, as a regression graph's may
+    /// (a square root of a difference its rows keep positive). Such an
+    /// importance cannot be stored or normalised.
+    pub fn unbounded(&self) -> Option<&str> {
+        self.columns.iter().find(|c| !c.drop.is_finite()).map(|c| c.column.as_str())
+    }
+
     /// The `n` most important columns' names.
     pub fn top(&self, n: usize) -> Vec<&str> {
         self.columns.iter().take(n).map(|c| c.column.as_str()).collect()
@@ -65,6 +73,9 @@ mod tests {
         assert_eq!(imp.top(4), ["a", "b", "d", "c"], "by drop, ties by name");
         let shares: Vec<f64> = imp.columns.iter().map(|c| c.importance).collect();
         assert_eq!(shares, [0.5, 0.25, 0.25, 0.0]);
+        assert_eq!(imp.unbounded(), None);
+        let broken = Importance::from_drops("rmse", 1.5, 10, 3, vec![("a".into(), 0.5), ("b".into(), f64::NAN)]);
+        assert_eq!(broken.unbounded(), Some("b"));
         assert_eq!(imp.columns[3].drop, -0.002, "a negative drop is kept as measured");
 
         let none = Importance::from_drops("rmse", 1.5, 10, 3, vec![("x".into(), 0.0), ("y".into(), -0.1)]);

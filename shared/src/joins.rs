@@ -227,6 +227,17 @@ impl JoinPlan {
     }
 }
 
+/// `name` as one identifier of the selection language: every character it
+/// cannot hold as `_`, and `t_` before a leading digit.
+fn bare_name(name: &str) -> String {
+    let mut out: String =
+        name.chars().map(|c| if c.is_alphabetic() || c == '_' || c.is_ascii_digit() { c } else { '_' }).collect();
+    if !crate::mst::is_bare_name(&out) {
+        out.insert_str(0, "t_");
+    }
+    out
+}
+
 /// The joins `joins(auto, hops)` searches on `schema`, and the query that
 /// reads them. `features` are the source's columns every candidate reads
 /// (for the pruning rule), `max_categories` the encoding's.
@@ -305,12 +316,15 @@ pub fn plan(schema: &Schema, hops: u32, features: &[String], max_categories: u32
                         continue;
                     }
                 }
-                // The table's name, or where several keys of one table
-                // reference it, the key's columns (dest, origin).
-                let own = if keys.iter().filter(|k| k.table == key.table).count() > 1 {
-                    key.columns.join("_")
+                // The table's name, or where several keys reference it or a
+                // table of the same name in another schema, the key's
+                // columns (dest, origin); written as the language reads a
+                // name ("School Dim" as School_Dim).
+                let same_name = |k: &&ForeignKey| schema.tables.get(&k.table).is_some_and(|t| t.name == table.name);
+                let own = if keys.iter().filter(same_name).count() > 1 {
+                    bare_name(&key.columns.join("_"))
                 } else {
-                    table.name.clone()
+                    bare_name(&table.name)
                 };
                 let prefix = match &parent.prefix {
                     Some(p) => format!("{p}{SEPARATOR}{own}"),
@@ -498,6 +512,44 @@ mod tests {
                 "weather.{weather__temp, weather__wind_speed}, -weather.{weather__temp, weather__wind_speed}?",
             ]
         );
+    }
+
+    #[test]
+    fn joined_names_are_ones_the_language_can_write_and_tell_apart() {
+        // A table named with a space, and two tables named alike in two
+        // schemas, each behind a numeric key (so kept).
+        let source = table(
+            "facts",
+            10_000,
+            &[("id", Some(false)), ("a", Some(false)), ("b", Some(false)), ("School Code", Some(false))],
+            vec![
+                key(&["a"], "dim", &["id"]),
+                key(&["b"], "dim", &["id"]),
+                key(&["School Code"], "School Dim", &["id"]),
+            ],
+        );
+        let mut other = table("dim", 10, &[("id", Some(false)), ("v", Some(false))], vec![]);
+        other.relation = "\"other\".\"dim\"".into();
+        let mut schema = Schema {
+            source,
+            tables: [
+                table("dim", 10, &[("id", Some(false)), ("v", Some(false))], vec![]),
+                table("School Dim", 10, &[("id", Some(false)), ("size", Some(false))], vec![]),
+            ]
+            .into_iter()
+            .map(|t| (t.relation.clone(), t))
+            .collect(),
+        };
+        schema.source.foreign_keys[1].table = other.relation.clone();
+        schema.tables.insert(other.relation.clone(), other);
+        let features: Vec<String> = ["a", "b", "School Code"].map(String::from).to_vec();
+        let plan = plan(&schema, 1, &features, 1000).unwrap();
+        let prefixes: Vec<&str> = plan.kept.iter().map(|j| j.prefix.as_str()).collect();
+        assert_eq!(prefixes, ["a", "b", "School_Dim"]);
+        for text in plan.features_text() {
+            let spec = format!("features {text}");
+            crate::mst::parse(&spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
+        }
     }
 
     #[test]

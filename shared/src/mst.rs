@@ -1626,7 +1626,13 @@ impl Spec {
             ));
         }
         let axes = self.axes();
-        let base = Candidate { source: None, features: self.features.clone(), options: serde_json::Map::new() };
+        let mut features = self.features.clone();
+        // Only exclusions (`features -a`, `-a?`): every column but those,
+        // as in a change. Last, so that the optional axes' places hold.
+        if !features.is_empty() && features.iter().all(|s| s.exclude) {
+            features.push(Selection { exclude: false, table: None, columns: None, optional: false, span: 0..0 });
+        }
+        let base = Candidate { source: None, features, options: serde_json::Map::new() };
         let pick = |candidate: &mut Candidate, axis: &Axis, choice: Choice| match (axis, choice) {
             (Axis::Source(values), Choice::Index(i)) => candidate.source = Some(values.nth(i)),
             // Choice 1 leaves the optional group out (marked empty, dropped below).
@@ -1901,9 +1907,51 @@ pub struct Change {
     pub append: Vec<(String, Json)>,
 }
 
+impl Spec {
+    /// Refuses what a selection's text as a user wrote it may say by
+    /// mistake: nothing at all (an empty spec would train one model of
+    /// the defaults), or a setting twice ([`Spec::check_written_once`]).
+    pub fn check_written(&self, text: &str) -> Result<(), MstError> {
+        if *self == Spec::default() {
+            return Err(MstError::at(
+                text,
+                0,
+                ErrorKind::Invalid,
+                "the spec has no clause: write 'default' for the default selection, or the clauses to search".into(),
+            ));
+        }
+        self.check_written_once(text)
+    }
+
+    /// Refuses a setting given twice in `text` as a user wrote it (`train
+    /// epochs = 2` and later `epochs = 7`): one of the two would be
+    /// dropped without a word. Texts the product writes add to its own
+    /// clauses this way (the default's longer training for a multiclass
+    /// task) and are not checked.
+    pub fn check_written_once(&self, text: &str) -> Result<(), MstError> {
+        let clauses = [("encode", &self.encodings), ("model", &self.model), ("train", &self.train)];
+        for (clause, settings) in clauses {
+            for (i, a) in settings.iter().enumerate() {
+                let key = |a: &Assignment| if a.key == "lr" { "learning_rate".to_string() } else { a.key.clone() };
+                if let Some(first) = settings[..i].iter().find(|b| key(b) == key(a)) {
+                    let line = text[..first.key_span.start].matches('\n').count() + 1;
+                    return Err(MstError::at(
+                        text,
+                        a.key_span.start,
+                        ErrorKind::Invalid,
+                        format!("{clause} setting \"{}\" is given twice (first on line {line}); give it once", a.key),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Parses a change: the language's clauses, each with one value.
 pub fn parse_change(text: &str) -> Result<Change, MstError> {
     let spec = parse(text)?;
+    spec.check_written_once(text)?;
     let invalid = |at: usize, m: &str| MstError::at(text, at, ErrorKind::Invalid, m.to_string());
     if let Some((_, span)) = &spec.search {
         return Err(invalid(span.start, "a change has no search: it makes one model"));
@@ -2014,6 +2062,33 @@ model    hidden = {[64, 32], [{128, 256}, 64]}, activation = {relu, gelu}, dropo
 train    lr = {1e-3, 3e-4}, batch_size = {256, 512}, epochs = 30  -- a comment
 search   grid
 ";
+
+    #[test]
+    fn a_setting_written_twice_is_refused_where_a_user_wrote_it() {
+        for (text, expected) in [
+            ("train epochs = 2, epochs = 3", "train setting \"epochs\" is given twice (first on line 1)"),
+            ("model hidden = [8]\ntrain lr = 0.1\nmodel hidden = [16]", "model setting \"hidden\" is given twice"),
+            (
+                "train learning_rate = 0.1\ntrain lr = {0.1, 0.2}",
+                "train setting \"lr\" is given twice (first on line 1)",
+            ),
+            ("encode a = ple\nencode a = standard", "encode setting \"a\" is given twice"),
+        ] {
+            let e = parse(text).unwrap().check_written_once(text).unwrap_err();
+            assert!(e.message.contains(expected), "{text}: {e}");
+            assert_eq!(e.kind, ErrorKind::Invalid);
+            assert!(parse_change(text).is_err());
+        }
+        let once = "train epochs = 2, lr = 0.1\nmodel hidden = [8]";
+        assert!(parse(once).unwrap().check_written(once).is_ok());
+        for blank in ["", "  \n", "-- nothing yet\n;"] {
+            let e = parse(blank).unwrap().check_written(blank).unwrap_err();
+            assert!(e.message.contains("the spec has no clause"), "{blank:?}: {e}");
+        }
+        // What the product writes may add to its own clauses.
+        let multiclass = default_for(&SourceFacts { task: Some(Task::Multiclass), ..SourceFacts::default() });
+        assert!(parse(&multiclass).is_ok());
+    }
 
     #[test]
     fn a_column_left_out_of_a_candidate_takes_no_encoding_there() {

@@ -14,9 +14,14 @@ pub struct ImportLayout {
     pub inputs: Vec<ImportInput>,
     /// The float output scores are read from.
     pub output: String,
-    /// Binary models: the output column holding the positive class's
-    /// probability (0 for a one-column output, 1 for two columns).
-    pub positive_column: usize,
+}
+
+/// A binary model's scored column in an output `width` wide: the second of
+/// two (`[P(first label), P(second label)]`, as exporters write them), else
+/// the only one. Read from the output each run gives, not from the shape
+/// the graph declares, which may leave the width unsaid (`[N, ?]`).
+pub fn positive_column(width: usize) -> usize {
+    usize::from(width == 2)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

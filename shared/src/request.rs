@@ -29,6 +29,8 @@ pub enum RequestError {
     DuplicateFeature(String),
     #[error("column \"{column}\" cannot be both the {role} and a feature")]
     FeatureConflict { column: String, role: &'static str },
+    #[error("column \"{0}\" cannot be both the target and the key")]
+    KeyIsTarget(String),
     #[error("{relation} has no column Cerebro can use as a feature")]
     NoFeatures { relation: String },
     #[error("column \"{column}\" is not a feature of the parent, so it cannot be removed")]
@@ -46,6 +48,9 @@ impl RequestError {
                 Some("Numeric, text, enum and boolean columns are supported; cast others in a view.".into())
             }
             RequestError::NoFeatures { .. } => Some("List the feature columns in the features column.".into()),
+            RequestError::KeyIsTarget(_) => {
+                Some("The key names each row in predictions; give a column that identifies rows, or none.".into())
+            }
             _ => None,
         }
     }
@@ -94,6 +99,16 @@ pub fn source_query(source: &str) -> Option<&str> {
     (t.len() >= 2 && t.starts_with('(') && t.ends_with(')')).then(|| t[1..t.len() - 1].trim())
 }
 
+/// Whether `source` is a query written without its parentheses (`SELECT *
+/// FROM t`), which would otherwise be read, and refused, as a malformed
+/// relation name.
+pub fn unparenthesised_query(source: &str) -> bool {
+    let t = source.trim_start();
+    let word = t.split(|c: char| !c.is_ascii_alphabetic()).next().unwrap_or("");
+    ["select", "with", "values", "table"].iter().any(|k| word.eq_ignore_ascii_case(k))
+        && t[word.len()..].starts_with(char::is_whitespace)
+}
+
 /// A model's features: the columns `listed`, in order, or when none are
 /// listed every column of a usable type but the target and the key, each
 /// of the kind `options` make it ([`TrainOptions::feature_kind`]). The
@@ -106,6 +121,9 @@ pub fn features<'a>(
     listed: Option<&[String]>,
     options: &TrainOptions,
 ) -> Result<(Vec<Feature>, Vec<&'a Column>)> {
+    if key == Some(target) {
+        return Err(RequestError::KeyIsTarget(target.to_owned()));
+    }
     let mut features: Vec<Feature> = Vec::new();
     let mut unusable = Vec::new();
     match listed {
@@ -286,7 +304,17 @@ fn invalid(message: String) -> RequestError {
 /// An imported model's task, which must be fixed, with the labels it needs:
 /// a binary model two (negative, then positive), a multiclass one its labels
 /// in output order, a regression none.
-pub fn import_task(choice: TaskChoice, labels: usize) -> Result<Task> {
+pub fn import_task(choice: TaskChoice, labels: &[String]) -> Result<Task> {
+    for (i, label) in labels.iter().enumerate() {
+        if let Some(first) = labels[..i].iter().position(|l| l == label) {
+            return Err(invalid(format!(
+                "label \"{label}\" is given twice (at {} and {}): each output column is one class",
+                first + 1,
+                i + 1
+            )));
+        }
+    }
+    let labels = labels.len();
     let task = match choice {
         TaskChoice::Fixed(t) => t,
         TaskChoice::Auto => {
@@ -308,6 +336,11 @@ pub fn import_mapping(inputs: &Value, graph: &[TensorInfo]) -> Result<Vec<(Strin
     let object = inputs
         .as_object()
         .ok_or_else(|| invalid("inputs must be a JSON object from graph input names to column names".into()))?;
+    // A graph that reads nothing gives the same output whatever the row:
+    // not a model of the rows, and not shaped by them either.
+    if graph.is_empty() {
+        return Err(invalid("the graph has no inputs: a model must read at least one column".into()));
+    }
     let names: Vec<&str> = graph.iter().map(|i| i.name.as_str()).collect();
     if let Some(unknown) = object.keys().find(|k| !names.contains(&k.as_str())) {
         return Err(invalid(format!("the graph has no input \"{unknown}\"; its inputs are: {}", names.join(", "))));
@@ -334,14 +367,13 @@ pub fn import_mapping(inputs: &Value, graph: &[TensorInfo]) -> Result<Vec<(Strin
 }
 
 /// The output to score with (the one named, else the only float one),
-/// checked against the task; with the column of a binary model's positive
-/// class.
+/// checked against the task.
 pub fn scored_output<'g>(
     graph: &'g [TensorInfo],
     wanted: Option<&str>,
     task: Task,
     classes: usize,
-) -> Result<(&'g TensorInfo, usize)> {
+) -> Result<&'g TensorInfo> {
     let floats: Vec<&TensorInfo> = graph.iter().filter(|o| o.elem_type == FLOAT).collect();
     let output = match wanted {
         Some(name) => graph
@@ -365,10 +397,10 @@ pub fn scored_output<'g>(
         )));
     }
     let width = if output.dims.len() >= 2 { output.dims[1] } else { Some(1) };
-    let (allowed, positive): (&[usize], usize) = match task {
-        Task::Binary => (&[1, 2], if width == Some(2) { 1 } else { 0 }),
-        Task::Multiclass => (std::slice::from_ref(&classes), 0),
-        Task::Regression => (&[1], 0),
+    let allowed: &[usize] = match task {
+        Task::Binary => &[1, 2],
+        Task::Multiclass => std::slice::from_ref(&classes),
+        Task::Regression => &[1],
     };
     if let Some(w) = width {
         if !allowed.contains(&(w as usize)) {
@@ -380,7 +412,7 @@ pub fn scored_output<'g>(
             )));
         }
     }
-    Ok((output, positive))
+    Ok(output)
 }
 
 /// An imported model's features and feed layout: each graph input fed by
@@ -505,6 +537,8 @@ mod tests {
         assert_eq!(names(&features), ["a", "b", "c"]);
         assert_eq!(features[1].kind, FeatureKind::Categorical);
         assert_eq!(unusable.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["p"]);
+        let both = super::features(&source, "y", Some("y"), None, &TrainOptions::default()).unwrap_err();
+        assert_eq!(both, RequestError::KeyIsTarget("y".into()));
     }
 
     #[test]
@@ -592,6 +626,33 @@ mod tests {
     }
 
     #[test]
+    fn a_query_without_its_parentheses_is_told_from_a_name() {
+        for query in ["SELECT * FROM t", "  with x AS (SELECT 1) SELECT * FROM x", "VALUES (1)", "table\tt"] {
+            assert!(unparenthesised_query(query), "{query}");
+        }
+        for name in ["t", "public.t", "values_2024", "table1", "\"select\"", "(SELECT 1)", "selected", ""] {
+            assert!(!unparenthesised_query(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_spec_that_only_excludes_reads_every_other_column() {
+        let source = table();
+        let picked = |text: &str| -> Vec<Vec<String>> {
+            let spec = crate::mst::parse(text).unwrap();
+            spec.expand(text, 10)
+                .unwrap()
+                .iter()
+                .map(|c| candidate_features(&c.features, &source, "y", Some("id")).unwrap())
+                .collect()
+        };
+        assert_eq!(picked("features -b"), [strings(&["a", "c"])]);
+        assert_eq!(picked("features -b?"), [strings(&["a", "c"]), strings(&["a", "b", "c"])]);
+        // An optional group that adds is not an exclusion: no column is implied.
+        assert_eq!(picked("features a?, -b"), [strings(&["a"]), Vec::<String>::new()]);
+    }
+
+    #[test]
     fn options_merge_encodings_by_column_and_replace_the_rest() {
         let mut options = json!({"hidden": [64], "encodings": {"a": "ple"}}).as_object().cloned().unwrap();
         let set = json!({"hidden": [8], "encodings": {"b": "onehot"}}).as_object().cloned().unwrap();
@@ -625,6 +686,8 @@ mod tests {
         assert!(message(import_mapping(&json!({"num": [], "cat": "b"}), &graph)).contains("must map to a column"));
         let groups = import_mapping(&json!({"num": ["a"], "cat": "b"}), &graph).unwrap();
         assert!(import_features(&groups, &graph, &source).unwrap_err().to_string().contains("takes 2 column(s)"));
+        let none = import_mapping(&json!({}), &[]).unwrap_err().to_string();
+        assert!(none.contains("the graph has no inputs"), "{none}");
         let groups = import_mapping(&json!({"num": ["a", "b"], "cat": "b"}), &graph).unwrap();
         assert!(import_features(&groups, &graph, &source).unwrap_err().to_string().contains("cannot feed input"));
         let groups = import_mapping(&json!({"num": ["a", "a"], "cat": "b"}), &graph).unwrap();
@@ -665,15 +728,23 @@ mod tests {
     #[test]
     fn an_imports_output_and_labels_fit_its_task() {
         let outputs = [tensor("label", 7, &[None]), tensor("probabilities", FLOAT, &[None, Some(2)])];
-        let (output, positive) = scored_output(&outputs, None, Task::Binary, 2).unwrap();
-        assert_eq!((output.name.as_str(), positive), ("probabilities", 1));
+        let output = scored_output(&outputs, None, Task::Binary, 2).unwrap();
+        assert_eq!(output.name, "probabilities");
+        use crate::onnx_graph::positive_column;
+        assert_eq!((positive_column(2), positive_column(1)), (1, 0), "the second of two, else the only one");
         assert!(scored_output(&outputs, Some("label"), Task::Binary, 2).is_err());
         assert!(scored_output(&outputs, None, Task::Regression, 0).unwrap_err().to_string().contains("needs 1"));
         assert!(scored_output(&outputs, None, Task::Multiclass, 3).is_err());
-        assert_eq!(import_task(TaskChoice::Fixed(Task::Binary), 2).unwrap(), Task::Binary);
-        assert!(import_task(TaskChoice::Fixed(Task::Binary), 3).is_err());
-        assert!(import_task(TaskChoice::Fixed(Task::Regression), 1).is_err());
-        assert!(import_task(TaskChoice::Fixed(Task::Multiclass), 1).is_err());
-        assert!(import_task(TaskChoice::Auto, 2).is_err());
+        let labels = |names: &[&str]| strings(names);
+        assert_eq!(import_task(TaskChoice::Fixed(Task::Binary), &labels(&["no", "yes"])).unwrap(), Task::Binary);
+        assert!(import_task(TaskChoice::Fixed(Task::Binary), &labels(&["a", "b", "c"])).is_err());
+        assert!(import_task(TaskChoice::Fixed(Task::Regression), &labels(&["a"])).is_err());
+        assert!(import_task(TaskChoice::Fixed(Task::Multiclass), &labels(&["a"])).is_err());
+        assert!(import_task(TaskChoice::Auto, &labels(&["no", "yes"])).is_err());
+        let twice = import_task(TaskChoice::Fixed(Task::Multiclass), &labels(&["a", "b", "a"])).unwrap_err();
+        assert_eq!(
+            twice.to_string(),
+            "cannot import the ONNX model: label \"a\" is given twice (at 1 and 3): each output column is one class"
+        );
     }
 }

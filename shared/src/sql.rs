@@ -33,10 +33,15 @@ pub fn snapshot_column(index: usize) -> String {
 }
 
 /// `expr` (an already quoted column) as `float8`: a built-in cast, since only
-/// built-in numeric types are used as numbers (`SqlKind::classify`).
+/// built-in numeric types are used as numbers (`SqlKind::classify`). A value
+/// beyond float8's range (a `numeric` can hold 1e400), infinite or NaN is
+/// NULL, missing, as scoring reads it: the cast alone fails the whole read.
 pub fn as_float8(expr: &str) -> String {
-    format!("({expr})::pg_catalog.float8")
+    format!("CASE WHEN pg_catalog.abs({expr}) <= {FLOAT8_MAX} THEN ({expr})::pg_catalog.float8 END")
 }
+
+/// The largest finite float8, as a numeric literal (rounded down).
+const FLOAT8_MAX: &str = "1.7976931348623157e308";
 
 /// `expr` (an already quoted column of a type that is not built in, nor an
 /// enum: a composite, a range, an extension's type) as text, through the
@@ -212,7 +217,10 @@ mod tests {
 
     #[test]
     fn conversions_are_qualified_and_enums_never_use_a_cast() {
-        assert_eq!(as_float8("\"x\""), "(\"x\")::pg_catalog.float8");
+        assert_eq!(
+            as_float8("\"x\""),
+            "CASE WHEN pg_catalog.abs(\"x\") <= 1.7976931348623157e308 THEN (\"x\")::pg_catalog.float8 END"
+        );
         assert_eq!(as_text("\"x\"", None), "(\"x\")::pg_catalog.text");
         let e = as_text("\"mood\"", Some("\"app\".\"mood\""));
         assert_eq!(e, "pg_catalog.textin(pg_catalog.enum_out((\"mood\")::\"app\".\"mood\"))");

@@ -1,10 +1,12 @@
 """Builds an ONNX model the way another tool would, for the import test: a
 logistic regression over telco columns, with Cerebro's conventions nowhere.
 
-    make_external_onnx.py OUT.onnx [--external-data]
+    make_external_onnx.py OUT.onnx [--external-data] [--width-unsaid]
 
 With --external-data, the weights go to a file beside OUT.onnx that the
 model refers to by name (ONNX's external data), which Cerebro refuses.
+With --width-unsaid, the output is declared [N, W]: its width is known only
+when the graph runs.
 
 Inputs: "numbers", float [N, 2] (tenure, monthly_charges), and "contract",
 string [N, 1]. Output "probabilities", float [N, 2]: [1 - p, p] with
@@ -44,7 +46,9 @@ def main():
             helper.make_tensor_value_info("numbers", TensorProto.FLOAT, ["N", 2]),
             helper.make_tensor_value_info("contract", TensorProto.STRING, ["N", 1]),
         ],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info(
+            "probabilities", TensorProto.FLOAT, ["N", "W" if "--width-unsaid" in sys.argv[2:] else 2]
+        )],
         initializer=[weights, contract_weight, bias, one],
     )
     model = helper.make_model(

@@ -1159,6 +1159,17 @@ async fn deployments_choose_the_scored_version_roll_back_and_keep_their_history(
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     assert_eq!(flags, vec![(v1, false), (v2, true), (v3, false)]);
+
+    // A version deleted between two deployments of another leaves that one
+    // twice in a row on the stack: rolling back skips it, to the one before.
+    for v in [v1, v3, v1] {
+        db.execute("SELECT cerebro.deploy('e2e_deploy', $1)", &[&v]).await?;
+    }
+    db.execute("SELECT cerebro.delete_model('e2e_deploy', $1)", &[&v3]).await?;
+    let back: i32 = db.query_one("SELECT cerebro.rollback('e2e_deploy')", &[]).await?.get(0);
+    assert_eq!(back, v2);
+    let err = db.query_one("SELECT cerebro.rollback('e2e_deploy')", &[]).await.expect_err("nothing earlier");
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("55000"), "{err}");
     Ok(())
 }
 
@@ -1769,6 +1780,96 @@ async fn an_onnx_model_built_elsewhere_imports_checked_and_scores() -> anyhow::R
         .await?;
     assert_eq!(derived.get::<_, String>(0), "churn");
     assert_eq!(derived.get::<_, Vec<String>>(1), ["contract", "monthly_charges", "tenure"]);
+    Ok(())
+}
+
+/// Runs a script of tests/python that writes an ONNX file, and reads it.
+fn built_onnx(env: &Env, script: &str, args: &[&str]) -> anyhow::Result<Vec<u8>> {
+    let path = std::env::temp_dir().join(format!("cerebro-{script}-{}.onnx", std::process::id()));
+    let script = format!("{}/python/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(&env.python).arg(script).arg(&path).args(args).output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let onnx = std::fs::read(&path)?;
+    std::fs::remove_file(&path)?;
+    Ok(onnx)
+}
+
+/// ONNX Runtime does not hold a graph to the output shape it declares: a
+/// binary graph that leaves its width unsaid is read by the width each run
+/// gives (the positive class second of two), and one that gives more values
+/// than rows fails with its shape (22000) wherever it is scored, rather
+/// than panicking cerebrod's task or reading past its rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_imported_graph_is_read_by_the_shape_it_gives_not_the_one_it_declares() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    let unsaid = built_onnx(&env, "make_external_onnx.py", &["--width-unsaid"])?;
+    let v: i32 = db
+        .query_one(
+            "SELECT cerebro.import_onnx('e2e_shapes', $1, 'telco_churn',
+                 '{\"numbers\": [\"tenure\", \"monthly_charges\"], \"contract\": \"contract\"}', 'binary',
+                 ARRAY['No', 'Yes'], NULL, 'customer_id', target => 'churn')",
+            &[&unsaid],
+        )
+        .await?
+        .get(0);
+    let scored = sql_scores(
+        &db,
+        &format!("SELECT key, label, score FROM cerebro.predictions WHERE model = 'e2e_shapes' AND version = {v}"),
+    )
+    .await?;
+    let rows =
+        db.query("SELECT customer_id::text, tenure, monthly_charges::float8, contract FROM telco_churn", &[]).await?;
+    assert_eq!(scored.len(), rows.len());
+    for r in rows {
+        let (key, tenure, monthly, contract): (String, i32, f64, String) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        let code =
+            ["Month-to-month", "One year", "Two year"].iter().position(|c| *c == contract).map_or(-1.0, |i| i as f32);
+        let p = 1.0 / (1.0 + (0.05 * tenure as f32 - 0.02 * monthly as f32 + 0.8 * code + 0.3).exp());
+        assert!((scored[&key].1 - p as f64).abs() < 1e-5, "row {key}: {:?} vs {p}", scored[&key]);
+    }
+    // Measured by the same column: the formula's AUC, not one minus it.
+    db.query("SELECT * FROM cerebro.measure_importance('e2e_shapes', $1)", &[&v]).await?;
+    let auc: f64 = db
+        .query_one(
+            "SELECT (metrics->>'auc')::float8 FROM cerebro.models WHERE name = 'e2e_shapes' AND version = $1",
+            &[&v],
+        )
+        .await?
+        .get(0);
+    assert!(auc > 0.7, "{auc}");
+
+    let misshapen = built_onnx(&env, "make_misshapen_onnx.py", &[])?;
+    let v: i32 = db
+        .query_one(
+            "SELECT cerebro.import_onnx('e2e_shapes', $1, 'telco_churn', '{\"x\": \"tenure\"}', 'regression',
+                 NULL, NULL, 'customer_id', target => 'monthly_charges')",
+            &[&misshapen],
+        )
+        .await?
+        .get(0);
+    for call in [
+        format!("SELECT count(*) FROM cerebro.predictions WHERE model = 'e2e_shapes' AND version = {v}"),
+        format!("SELECT cerebro.predict('e2e_shapes', t, {v}) FROM telco_churn t WHERE customer_id = 7"),
+        format!("SELECT * FROM cerebro.measure_importance('e2e_shapes', {v})"),
+        format!("SELECT * FROM cerebro.distill('e2e_shapes', {v})"),
+    ] {
+        let err = db.query(&call, &[]).await.expect_err("one value too many");
+        let e = err.as_db_error().expect("a server error");
+        assert_eq!(e.code().code(), "22000", "{call}: {}", e.message());
+        assert!(
+            e.message().contains("value(s) for") && e.message().contains("a regression model gives one value a row"),
+            "{call}: {}",
+            e.message()
+        );
+    }
+    // Nothing else was hurt: the first import still scores.
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM cerebro.predictions WHERE model = 'e2e_shapes' AND version = 1", &[])
+        .await?
+        .get(0);
+    assert_eq!(n, 7043);
     Ok(())
 }
 

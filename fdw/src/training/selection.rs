@@ -78,6 +78,9 @@ pub(super) fn build(req: &TrainRequest, written: &str, parent: Option<&Parent>) 
     let mut searched = searched;
     let mut found_joins = None;
     let spec = mst::parse(searched.as_deref().unwrap_or(written)).map_err(CerebroError::Selection)?;
+    if searched.is_none() {
+        spec.check_written(written).map_err(CerebroError::Selection)?;
+    }
     if let Some(auto) = &spec.joins {
         if let Some(parent) = parent {
             return Err(CerebroError::OnSnapshot { version: parent.version, what: "joins(auto)" });

@@ -99,6 +99,59 @@ async fn out_of_range_numbers_are_errors_with_a_sqlstate_never_panics_or_clamps(
     Ok(())
 }
 
+/// A `numeric` holds what float8 cannot (1e400), and both hold NaN and
+/// infinities: such a value in a feature or the target is missing, as
+/// scoring reads it, not a training that fails reading its snapshot or an
+/// INSERT that fails measuring the target's skew (22003).
+#[tokio::test(flavor = "multi_thread")]
+async fn numbers_beyond_float8_in_the_rows_are_missing_values_not_failures() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = cerebro_tests::Daemon::start(&env)?;
+    db.batch_execute(
+        "DROP TABLE IF EXISTS rb_huge;
+         CREATE TABLE rb_huge (id int PRIMARY KEY, n numeric, r real, c text, y numeric);
+         INSERT INTO rb_huge SELECT g, g * 1.5, g * 0.5, CASE WHEN g % 3 = 0 THEN 'a' ELSE 'b' END, g * 2.0
+             FROM generate_series(1, 400) g;
+         INSERT INTO rb_huge VALUES (401, 1e400, 'Infinity', 'a', 1.0), (402, 'NaN', 'NaN', 'b', 1e400),
+                                    (403, 2.0, 1.0, 'a', 'NaN');",
+    )
+    .await?;
+    for (name, target) in [("rb_huge_y", "y"), ("rb_huge_c", "c")] {
+        db.execute(
+            "INSERT INTO cerebro.models (name, source, target, key, options)
+             VALUES ($1, 'rb_huge', $2, 'id', '{\"epochs\": 2}')",
+            &[&name, &target],
+        )
+        .await?;
+        let seen = cerebro_tests::wait_until_done(&db, name, 1, crate::TRAIN_TIMEOUT).await?;
+        let (status, _, error) = cerebro_tests::model_state(&db, name, 1).await?;
+        assert_eq!((status.as_str(), error), ("ready", None), "{name}: {seen:?}");
+        let scored: Vec<(String, f64)> = db
+            .query(
+                "SELECT key, score FROM cerebro.predictions WHERE model = $1 AND key IN ('401', '402', '403')",
+                &[&name],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(scored.len(), 3, "{name}: {scored:?}");
+        assert!(scored.iter().all(|(_, s)| s.is_finite()), "{name}: {scored:?}");
+    }
+    // The recommendations measure the same rows without failing.
+    let row = db
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE distance = 'NaN' OR distance IS NULL)
+             FROM cerebro.recommend('rb_huge', 'y', key => 'id')",
+            &[],
+        )
+        .await?;
+    let (recommended, unmeasured): (i64, i64) = (row.get(0), row.get(1));
+    assert!(recommended > 0 && unmeasured == 0, "{recommended} recommended, {unmeasured} without a distance");
+    Ok(())
+}
+
 /// splitmix64: the same mutations on every run.
 struct Rng(u64);
 

@@ -55,6 +55,11 @@ fn cases() -> Vec<Case> {
             vec![m(), (Box::new(vec!["1".to_owned(), "17".to_owned(), "4242".to_owned()]), "'{1,17,4242}'::text[]")],
         ),
         case(
+            "predictions of a model in a list",
+            "SELECT key, score FROM cerebro.predictions WHERE model = ANY ($1) AND key IN ('1', '2', '3')",
+            vec![(Box::new(vec![MODEL.to_owned()]), "ARRAY['rb_churn']")],
+        ),
+        case(
             "predictions of one key",
             "SELECT key, score FROM cerebro.predictions WHERE model = $1 AND key = $2",
             vec![m(), (Box::new("99"), "'99'")],
