@@ -518,7 +518,8 @@ impl PredictionScan {
                     (FeatureKind::Categorical, _) => col.text(),
                     // Read as stored: the receiver makes it a float8 itself.
                     (FeatureKind::Numeric, BaseType::BuiltIn { oid, .. }) if reads_as_number(*oid) => col.stored(),
-                    (FeatureKind::Numeric, BaseType::BuiltIn { .. }) => col.float8(),
+                    // Text is not read as a number, as cerebro.predict does
+                    // not: one value that is not a number would fail the scan.
                     (FeatureKind::Numeric, _) => {
                         return Err(RequestError::UnsupportedType {
                             relation: source.display.clone(),

@@ -280,6 +280,102 @@ pub fn is_recommended(text: &str) -> bool {
     text.trim().eq_ignore_ascii_case("recommended")
 }
 
+/// A selection the product writes, which a spec may start from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Base {
+    Default,
+    Recommended,
+}
+
+/// `text` starting from a selection the product writes: `default` or
+/// `recommended` alone on its first line (comments aside), then clauses
+/// that change it ([`with_clauses`]). Returns the base and the text with
+/// the word blanked (same length, so that the clauses' errors point into
+/// the text as written); None when the text does not start so.
+pub fn split_base(text: &str) -> Option<(Base, String)> {
+    let mut p = Parser { text, at: 0, depth: 0 };
+    p.skip(false);
+    let (word, span) = p.ident()?;
+    let base = if word.eq_ignore_ascii_case("default") {
+        Base::Default
+    } else if word.eq_ignore_ascii_case("recommended") {
+        Base::Recommended
+    } else {
+        return None;
+    };
+    p.skip(true);
+    if !matches!(p.rest().chars().next(), None | Some('\n' | ';')) {
+        return None;
+    }
+    let mut clauses = text.to_string();
+    clauses.replace_range(span.clone(), &" ".repeat(span.len()));
+    Some((base, clauses))
+}
+
+/// `base` (a text the product writes: one clause a line) changed by
+/// `clauses` (a user's, checked as written): a `search`, `budget` or
+/// `ensemble` of theirs replaces the base's, a `model`, `train` or `encode`
+/// setting replaces the base's of the same name and adds the others, a
+/// `features` clause replaces the base's (the columns are theirs to
+/// choose), and `source` and `promote` add. With `joins(auto)` and no
+/// `search` of theirs, the base's search keeps one round: a later round
+/// trains on the data the first one read, and candidates of other joins
+/// read other data.
+pub fn with_clauses(base: &str, clauses: &str) -> Result<String, MstError> {
+    let user = parse(clauses)?;
+    user.check_written_once(clauses)?;
+    let key = |a: &Assignment| if a.key == "lr" { "learning_rate".to_string() } else { a.key.clone() };
+    let theirs = |list: &[Assignment]| list.iter().map(key).collect::<Vec<_>>();
+    let (model, train, encodings) = (theirs(&user.model), theirs(&user.train), theirs(&user.encodings));
+    // A column the user leaves out takes no encoding of the base's.
+    let left_out: Vec<String> = user
+        .features
+        .iter()
+        .filter(|s| s.exclude && !s.optional)
+        .flat_map(|s| s.columns.iter().flatten().cloned())
+        .collect();
+    let mut kept: Vec<String> = Vec::new();
+    for line in base.lines().filter(|l| !l.trim().is_empty()) {
+        let clause =
+            parse(line).map_err(|e| MstError::at(base, 0, e.kind, format!("the base selection: {}", e.message)))?;
+        let word = line.split_whitespace().next().unwrap_or_default();
+        let settings = |list: &[Assignment], replaced: &[String]| -> Option<String> {
+            let rest: Vec<&str> = list
+                .iter()
+                .filter(|a| {
+                    let dropped = word == "encode" && left_out.contains(&a.key);
+                    !(replaced.contains(&key(a)) || dropped)
+                })
+                .map(|a| &line[a.key_span.start..a.span.end])
+                .collect();
+            (!rest.is_empty()).then(|| format!("{word}  {}", rest.join(", ")))
+        };
+        let line = match word {
+            "model" => settings(&clause.model, &model),
+            "train" => settings(&clause.train, &train),
+            "encode" => settings(&clause.encodings, &encodings),
+            "features" if !user.features.is_empty() || user.joins.is_some() => None,
+            "search" if user.search.is_some() => None,
+            "search" => match (&clause.rounds, &user.joins) {
+                (Some((_, rounds)), Some(_)) => {
+                    let from = line[..rounds.start].rfind(',').unwrap_or(rounds.start);
+                    Some(format!("{}{}", &line[..from], &line[rounds.end..]))
+                }
+                _ => Some(line.to_string()),
+            },
+            "budget" if user.budget.is_some() => None,
+            "ensemble" if user.ensemble.is_some() => None,
+            _ => Some(line.to_string()),
+        };
+        kept.extend(line);
+    }
+    let written = clauses.trim();
+    if !written.is_empty() {
+        kept.push(written.to_string());
+    }
+    Ok(kept.join("\n"))
+}
+
 /// Candidates a recommended selection draws in each round: half the
 /// default's, since it starts near what won on tasks like this one.
 pub const RECOMMENDED_CANDIDATES: u32 = 12;
@@ -2062,6 +2158,48 @@ model    hidden = {[64, 32], [{128, 256}, 64]}, activation = {relu, gelu}, dropo
 train    lr = {1e-3, 3e-4}, batch_size = {256, 512}, epochs = 30  -- a comment
 search   grid
 ";
+
+    #[test]
+    fn the_default_with_a_users_clauses_is_changed_by_them() {
+        assert_eq!(split_base("default").map(|(b, _)| b), Some(Base::Default));
+        assert_eq!(split_base("-- mine\n Recommended ;budget 1 min").map(|(b, _)| b), Some(Base::Recommended));
+        for not in ["default budget 1 min", "defaults", "model hidden = [8]", ""] {
+            assert_eq!(split_base(not), None, "{not}");
+        }
+        let written = "default\nbudget 2 min\ntrain lr = {1e-3, 1e-2}, epochs = 10\npromote";
+        let (_, clauses) = split_base(written).unwrap();
+        assert_eq!(clauses.len(), written.len(), "the word blanked, not removed");
+        let text = with_clauses(DEFAULT_SPEC, &clauses).unwrap();
+        assert_eq!(
+            text,
+            "model  hidden = {[64, 32], [128, 64], [256, 128]}, dropout = {0, 0.1, 0.2}
+train  weight_decay = {0, 1e-4}, patience = 8
+search halving(24, eta = 3, seed = 1, rounds = 25)
+ensemble
+budget 2 min
+train lr = {1e-3, 1e-2}, epochs = 10
+promote"
+        );
+        let spec = parse(&text).unwrap();
+        assert_eq!(spec.plan(10).budget_seconds, Some(120.0));
+        assert!(spec.promote);
+        // Nothing after the word: the base itself.
+        assert_eq!(with_clauses(DEFAULT_SPEC, "").unwrap(), DEFAULT_SPEC);
+        // Joins found search one round; the base's features give way.
+        let trends = "model  hidden = {[8]}\nsearch halving(24, eta = 3, seed = 1, rounds = 25)\nfeatures *, -day?";
+        let joined = with_clauses(trends, "       \nfeatures joins(auto)").unwrap();
+        assert_eq!(joined, "model  hidden = {[8]}\nsearch halving(24, eta = 3, seed = 1)\nfeatures joins(auto)");
+        // An encoding of the base's for a column the user leaves out goes.
+        let identifiers = "model  hidden = {[8]}\nencode  plot_id = category, site = category";
+        let left = with_clauses(identifiers, "features -plot_id").unwrap();
+        assert_eq!(left, "model  hidden = {[8]}\nencode  site = category\nfeatures -plot_id");
+        // The user's clauses are checked as written, where they wrote them.
+        let (_, twice) = split_base("default\ntrain epochs = 2\ntrain epochs = 3").unwrap();
+        let e = with_clauses(DEFAULT_SPEC, &twice).unwrap_err();
+        assert!(e.message.contains("given twice") && e.line == 3, "{e:?}");
+        let (_, bad) = split_base("default\nbudget soon").unwrap();
+        assert_eq!(with_clauses(DEFAULT_SPEC, &bad).unwrap_err().line, 2);
+    }
 
     #[test]
     fn a_setting_written_twice_is_refused_where_a_user_wrote_it() {

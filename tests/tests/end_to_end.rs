@@ -2191,6 +2191,100 @@ async fn the_default_selection_weighs_a_rare_class() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `default` followed by clauses of the user's: their budget, training and
+/// ensemble replace the default's, and with `features joins(auto)` the
+/// joins found are searched in one round, the identifier rule of the
+/// default still applied to the source's columns.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_default_changed_by_a_users_clauses_searches_as_they_say() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    db.batch_execute(
+        "DROP SCHEMA IF EXISTS e2e_dc CASCADE;
+         CREATE SCHEMA e2e_dc;
+         CREATE TABLE e2e_dc.sites (site_id integer PRIMARY KEY, elevation float8, kind text);
+         INSERT INTO e2e_dc.sites SELECT i, i * 37 % 500, (ARRAY['a', 'b'])[1 + i % 2] FROM generate_series(1, 150) i;
+         CREATE TABLE e2e_dc.visits (id integer PRIMARY KEY, site_id integer REFERENCES e2e_dc.sites, hours float8,
+                                     busy boolean);
+         INSERT INTO e2e_dc.visits SELECT i, 1 + i % 150, i % 13, (i % 150) * 37 % 500 > 250
+         FROM generate_series(1, 1500) i;",
+    )
+    .await?;
+    let _daemon = Daemon::start(&env)?;
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('e2e_dc', 'telco_churn', 'churn',
+             'customer_id', 'default
+                             budget 90 s
+                             train epochs = 2, lr = {0.003, 0.01}
+                             ensemble 2')",
+        &[],
+    )
+    .await?;
+    let (selection, _) = wait_for_selection(&db, "e2e_dc").await?;
+    let row = db
+        .query_one(
+            "SELECT spec, plan->>'searched', budget_seconds FROM cerebro.selections WHERE id = $1",
+            &[&selection],
+        )
+        .await?;
+    let (spec, searched, budget): (String, String, Option<f64>) = (row.get(0), row.get(1), row.get(2));
+    assert!(spec.starts_with("default"), "the spec as written: {spec}");
+    assert_eq!(budget, Some(90.0));
+    assert!(searched.contains("search halving(24") && searched.contains("ensemble 2"), "{searched}");
+    let drawn = db
+        .query(
+            "SELECT (options->>'epochs')::int, (options->>'learning_rate')::float8
+             FROM cerebro.model_versions WHERE selection_id = $1 AND NOT request ? 'ensemble'",
+            &[&selection],
+        )
+        .await?;
+    assert!(drawn.len() >= 24, "{} candidates", drawn.len());
+    for r in &drawn {
+        let (epochs, lr): (i32, f64) = (r.get(0), r.get(1));
+        assert!(epochs == 2 && (lr == 0.003 || lr == 0.01), "{epochs} epochs, lr {lr}");
+    }
+    // Its ensemble weighs the best two.
+    let pool: i32 = db
+        .query_one(
+            "SELECT jsonb_array_length(request->'ensemble'->'pool') FROM cerebro.model_versions
+             WHERE selection_id = $1 AND request ? 'ensemble'",
+            &[&selection],
+        )
+        .await?
+        .get(0);
+    assert_eq!(pool, 2);
+
+    // With the joins the sites' key leads to: one round, the join searched.
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('e2e_dcj', 'e2e_dc.visits', 'busy',
+             'id', 'default
+                    features joins(auto)
+                    train epochs = 2
+                    budget 60 s')",
+        &[],
+    )
+    .await?;
+    let (selection, _) = wait_for_selection(&db, "e2e_dcj").await?;
+    let plan: serde_json::Value =
+        db.query_one("SELECT plan FROM cerebro.selections WHERE id = $1", &[&selection]).await?.get(0);
+    assert!(plan.get("rounds").is_none_or(|r| r.is_null() || r == 1), "{plan}");
+    let kept: Vec<&str> =
+        plan["joins"]["kept"].as_array().into_iter().flatten().filter_map(|j| j["prefix"].as_str()).collect();
+    assert_eq!(kept, ["sites"], "{plan}");
+    let reads: Vec<bool> = db
+        .query(
+            "SELECT features @> '[{\"name\": \"sites__elevation\"}]' FROM cerebro.model_versions
+             WHERE selection_id = $1 AND NOT request ? 'ensemble' AND status = 'ready'",
+            &[&selection],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(reads.contains(&true) && reads.contains(&false), "searched with and without the join: {reads:?}");
+    Ok(())
+}
+
 /// On an ordered split, the default searches with and without a numeric
 /// column that follows the key order (a time index): every round's
 /// candidates learn with it or leave it out, and those without it score.

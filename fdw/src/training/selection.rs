@@ -52,10 +52,10 @@ pub(super) fn build(req: &TrainRequest, written: &str, parent: Option<&Parent>) 
         }
         None => req,
     };
-    let searched = if mst::is_default(written) {
-        Some(mst::default_for(&Spi::connect(|client| source_facts(client, req))?))
-    } else if mst::is_recommended(written) {
-        Some(Spi::connect(|client| -> Result<String> {
+    let based = mst::split_base(written);
+    let searched = match &based {
+        Some((mst::Base::Default, _)) => Some(mst::default_for(&Spi::connect(|client| source_facts(client, req))?)),
+        Some((mst::Base::Recommended, _)) => Some(Spi::connect(|client| -> Result<String> {
             let facts = source_facts(client, req)?;
             let seeds = recommend::seeds(client, &req.source, &req.target, req.key.as_deref(), req.task)?;
             Ok(match mst::recommended_for(&seeds, &facts) {
@@ -71,11 +71,14 @@ pub(super) fn build(req: &TrainRequest, written: &str, parent: Option<&Parent>) 
                     mst::default_for(&facts)
                 }
             })
-        })?)
-    } else {
-        None
+        })?),
+        None => None,
     };
-    let mut searched = searched;
+    // The user's clauses after the word change what it stands for.
+    let mut searched = match (searched, &based) {
+        (Some(base), Some((_, clauses))) => Some(mst::with_clauses(&base, clauses).map_err(CerebroError::Selection)?),
+        (searched, _) => searched,
+    };
     let mut found_joins = None;
     let spec = mst::parse(searched.as_deref().unwrap_or(written)).map_err(CerebroError::Selection)?;
     if searched.is_none() {
