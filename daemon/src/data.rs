@@ -54,6 +54,10 @@ impl ReadColumn {
     }
 }
 
+/// The built-in number types (int8, int2, int4, float4, float8, numeric):
+/// those read as numbers, as a scan of `cerebro.predictions` reads them.
+const NUMBER_TYPES: [u32; 6] = [20, 21, 23, 700, 701, 1700];
+
 /// The last OID of objects made by initdb (FirstNormalObjectId): types
 /// below it are built in, so neither they nor casts between them belong to
 /// any user.
@@ -133,6 +137,12 @@ impl UserRelation {
         };
         match (read_as, enum_type) {
             (ReadAs::Text, Some(e)) => Ok(ReadColumn { name: name.clone(), read_as, enum_type: Some(e.clone()) }),
+            (ReadAs::Float64, None) if *oid < FIRST_NORMAL_OID && !NUMBER_TYPES.contains(oid) => {
+                Err(CatalogError::Unreadable(format!(
+                    "column {column} of {} is not a number; the model reads it as one (cast it in a view)",
+                    self.qualified
+                )))
+            }
             (_, None) if *oid < FIRST_NORMAL_OID => Ok(ReadColumn::builtin(name.clone(), read_as)),
             _ => Err(CatalogError::Unreadable(format!(
                 "column {column} of {} has a type that is not built in; cerebrod score reads it only as {}",

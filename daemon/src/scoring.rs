@@ -167,7 +167,6 @@ pub struct ScoringModel {
     /// What its output is: a positive class's probability, every class's, or a value.
     task: Task,
     output: String,
-    /// Binary: the output column with the positive class's probability.
     /// An imported graph, whose work per row its author decides (it may
     /// loop); one Cerebro exported does a fixed, small amount.
     imported: bool,
@@ -476,6 +475,9 @@ impl ScoringModel {
         deadline: Option<RunDeadline>,
     ) -> Result<Vec<f32>, ScoringError> {
         let columns = self.arrange(&plan.features, columns)?;
+        if columns.first().is_none_or(|c| c.is_empty()) {
+            return Ok(Vec::new());
+        }
         let (out, width) = if let Some(deadline) = deadline.filter(|_| self.imported) {
             let left = deadline.left();
             if left.is_zero() {

@@ -80,11 +80,21 @@ fn only_value<T: PartialEq>(field: &'static str, cells: &[Cell], read: fn(&Cell)
 impl Params {
     fn from_quals(quals: &[Qual]) -> Result<Params> {
         let mut p = Params::default();
-        for q in quals.iter().filter(|q| q.operator == "=") {
+        // A plain `=` first: with it, a list on the same column only
+        // filters (PostgreSQL checks every condition again).
+        let mut quals: Vec<&Qual> = quals.iter().filter(|q| q.operator == "=").collect();
+        quals.sort_by_key(|q| q.use_or);
+        for q in quals {
             match (q.field.as_str(), &q.value, q.use_or) {
-                ("model", Value::Array(cells), true) => p.model = only_value("model", cells, as_text)?,
-                ("version", Value::Array(cells), true) => p.version = only_value("version", cells, as_i32)?,
-                ("source", Value::Array(cells), true) => p.source = only_value("source", cells, as_text)?,
+                ("model", Value::Array(cells), true) if p.model.is_none() => {
+                    p.model = only_value("model", cells, as_text)?
+                }
+                ("version", Value::Array(cells), true) if p.version.is_none() => {
+                    p.version = only_value("version", cells, as_i32)?
+                }
+                ("source", Value::Array(cells), true) if p.source.is_none() => {
+                    p.source = only_value("source", cells, as_text)?
+                }
                 ("model", Value::Cell(c), false) => p.model = as_text(c),
                 ("version", Value::Cell(c), false) => p.version = as_i32(c),
                 ("source", Value::Cell(c), false) => p.source = as_text(c),

@@ -34,6 +34,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::mst::written_name;
 use crate::sql::quote_ident;
 
 /// Rows learned from per row of the joined table at or above which a
@@ -169,9 +170,10 @@ impl JoinPlan {
             .iter()
             .filter(|j| !j.columns.is_empty())
             .map(|j| {
-                let group = format!("{}.{{{}}}", j.prefix, j.columns.join(", "));
+                let columns: Vec<String> = j.columns.iter().map(|c| written_name(c)).collect();
+                let group = format!("{}.{{{}}}", j.prefix, columns.join(", "));
                 match (j.key_searched, j.on.as_slice()) {
-                    (true, [key]) => format!("{group}, -{group}?, -{key}?"),
+                    (true, [key]) => format!("{group}, -{group}?, -{}?", written_name(key)),
                     _ => format!("{group}, -{group}?"),
                 }
             })
@@ -320,11 +322,13 @@ pub fn plan(schema: &Schema, hops: u32, features: &[String], max_categories: u32
                 // table of the same name in another schema, the key's
                 // columns (dest, origin); written as the language reads a
                 // name ("School Dim" as School_Dim).
-                let same_name = |k: &&ForeignKey| schema.tables.get(&k.table).is_some_and(|t| t.name == table.name);
+                let own_name = bare_name(&table.name);
+                let same_name =
+                    |k: &&ForeignKey| schema.tables.get(&k.table).is_some_and(|t| bare_name(&t.name) == own_name);
                 let own = if keys.iter().filter(same_name).count() > 1 {
                     bare_name(&key.columns.join("_"))
                 } else {
-                    bare_name(&table.name)
+                    own_name
                 };
                 let prefix = match &parent.prefix {
                     Some(p) => format!("{p}{SEPARATOR}{own}"),
@@ -336,7 +340,7 @@ pub fn plan(schema: &Schema, hops: u32, features: &[String], max_categories: u32
                 let mut features = Vec::new();
                 for (column, kind) in &table.columns {
                     // The referenced columns equal the key's.
-                    if key.referenced.contains(column) || !crate::mst::is_bare_name(column) {
+                    if key.referenced.contains(column) {
                         continue;
                     }
                     let name = format!("{prefix}{SEPARATOR}{column}");
@@ -361,7 +365,7 @@ pub fn plan(schema: &Schema, hops: u32, features: &[String], max_categories: u32
                     .map(|(r, c)| format!("{alias}.{} = {}.{}", quote_ident(r), parent.alias, quote_ident(c)))
                     .collect();
                 from.push(format!("LEFT JOIN {} {alias} ON {}", table.relation, condition.join(" AND ")));
-                let key_searched = key_feature && crate::mst::is_bare_name(&on[0]);
+                let key_searched = key_feature;
                 plan.kept.push(Join {
                     table: key.table.clone(),
                     prefix: prefix.clone(),

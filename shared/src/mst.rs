@@ -324,16 +324,28 @@ pub fn split_base(text: &str) -> Option<(Base, String)> {
 pub fn with_clauses(base: &str, clauses: &str) -> Result<String, MstError> {
     let user = parse(clauses)?;
     user.check_written_once(clauses)?;
-    let key = |a: &Assignment| if a.key == "lr" { "learning_rate".to_string() } else { a.key.clone() };
-    let theirs = |list: &[Assignment]| list.iter().map(key).collect::<Vec<_>>();
-    let (model, train, encodings) = (theirs(&user.model), theirs(&user.train), theirs(&user.encodings));
-    // A column the user leaves out takes no encoding of the base's.
+    // `lr` is `learning_rate` among settings; encodings are named by column.
+    let key = |a: &Assignment, clause: &str| match (clause, a.key.as_str()) {
+        ("model" | "train", "lr") => "learning_rate".to_string(),
+        _ => a.key.clone(),
+    };
+    let theirs = |list: &[Assignment], clause: &str| list.iter().map(|a| key(a, clause)).collect::<Vec<_>>();
+    let (model, train, encodings) =
+        (theirs(&user.model, "model"), theirs(&user.train, "train"), theirs(&user.encodings, "encode"));
+    // A column the user's features leave out takes no encoding of the
+    // base's: one excluded, or one not among those a list of theirs names
+    // (without `*` or `t.*`, the list is all the columns there are).
+    let named = |s: &&Selection| !s.exclude && !s.optional;
+    let listed: Option<Vec<String>> = (user.features.iter().any(|s| !s.exclude)
+        && !user.features.iter().any(|s| !s.exclude && s.columns.is_none()))
+    .then(|| user.features.iter().filter(named).flat_map(|s| s.columns.iter().flatten().cloned()).collect());
     let left_out: Vec<String> = user
         .features
         .iter()
         .filter(|s| s.exclude && !s.optional)
         .flat_map(|s| s.columns.iter().flatten().cloned())
         .collect();
+    let keeps = |column: &String| !left_out.contains(column) && listed.as_ref().is_none_or(|l| l.contains(column));
     let mut kept: Vec<String> = Vec::new();
     for line in base.lines().filter(|l| !l.trim().is_empty()) {
         let clause =
@@ -342,10 +354,7 @@ pub fn with_clauses(base: &str, clauses: &str) -> Result<String, MstError> {
         let settings = |list: &[Assignment], replaced: &[String]| -> Option<String> {
             let rest: Vec<&str> = list
                 .iter()
-                .filter(|a| {
-                    let dropped = word == "encode" && left_out.contains(&a.key);
-                    !(replaced.contains(&key(a)) || dropped)
-                })
+                .filter(|a| !replaced.contains(&key(a, word)) && (word != "encode" || keeps(&a.key)))
                 .map(|a| &line[a.key_span.start..a.span.end])
                 .collect();
             (!rest.is_empty()).then(|| format!("{word}  {}", rest.join(", ")))
@@ -461,17 +470,15 @@ fn with_facts(mut text: String, facts: &SourceFacts) -> String {
             text.push_str("\ntrain  class_weights = {none, balanced}");
         }
     }
-    // Only names the language writes bare can be excluded by name.
-    let trends: Vec<&str> =
-        facts.trend_columns.iter().map(String::as_str).filter(|c| is_bare_name(c)).take(MAX_TREND_COLUMNS).collect();
+    let trends: Vec<&str> = facts.trend_columns.iter().map(String::as_str).take(MAX_TREND_COLUMNS).collect();
     // An identifier left out of some candidates could not be encoded in
     // theirs: time-index columns are not also identifiers here.
     let identifiers: Vec<String> = facts
         .identifier_columns
         .iter()
-        .filter(|c| is_bare_name(c) && !trends.contains(&c.as_str()))
+        .filter(|c| !trends.contains(&c.as_str()))
         .take(MAX_IDENTIFIER_COLUMNS)
-        .map(|c| format!("{c} = category"))
+        .map(|c| format!("{} = category", written_name(c)))
         .collect();
     if !identifiers.is_empty() {
         text.push_str(&format!("\nencode  {}", identifiers.join(", ")));
@@ -479,17 +486,27 @@ fn with_facts(mut text: String, facts: &SourceFacts) -> String {
     if !trends.is_empty() {
         text.push_str("\nfeatures *");
         for c in trends {
-            text.push_str(&format!(", -{c}?"));
+            text.push_str(&format!(", -{}?", written_name(c)));
         }
     }
     text
 }
 
-/// Whether `name` reads back as one identifier of the language.
+/// Whether `name` reads back as one identifier of the language unquoted.
 pub fn is_bare_name(name: &str) -> bool {
     let mut chars = name.chars();
     chars.next().is_some_and(|c| c.is_alphabetic() || c == '_')
         && chars.all(|c| c.is_alphabetic() || c == '_' || c.is_ascii_digit())
+}
+
+/// `name` as the language writes it: bare when it can be, else in double
+/// quotes (`"School Code"`, a quote inside doubled).
+pub fn written_name(name: &str) -> String {
+    if is_bare_name(name) {
+        name.to_string()
+    } else {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    }
 }
 
 /// Limits that keep a spec's parsing and checking bounded in time, memory
@@ -722,6 +739,9 @@ impl<'a> Parser<'a> {
     fn ident(&mut self) -> Option<(String, Span)> {
         self.skip(false);
         let start = self.at;
+        if self.rest().starts_with('"') {
+            return self.quoted_ident();
+        }
         let len: usize = self
             .rest()
             .char_indices()
@@ -733,6 +753,30 @@ impl<'a> Parser<'a> {
         }
         self.at += len;
         Some((self.text[start..self.at].to_string(), start..self.at))
+    }
+
+    /// A name in double quotes, as SQL writes one (`"Customer Age"`, a
+    /// quote inside doubled): any column a table has. None when it is never
+    /// closed, or empty.
+    fn quoted_ident(&mut self) -> Option<(String, Span)> {
+        let start = self.at;
+        let mut name = String::new();
+        let mut chars = self.rest().char_indices().skip(1).peekable();
+        while let Some((i, c)) = chars.next() {
+            if c != '"' {
+                name.push(c);
+            } else if chars.peek().is_some_and(|(_, next)| *next == '"') {
+                name.push('"');
+                chars.next();
+            } else {
+                if name.is_empty() {
+                    return None;
+                }
+                self.at += i + 1;
+                return Some((name, start..self.at));
+            }
+        }
+        None
     }
 
     fn expect_ident(&mut self, what: &str) -> Result<(String, Span), MstError> {
@@ -2028,7 +2072,11 @@ impl Spec {
         let clauses = [("encode", &self.encodings), ("model", &self.model), ("train", &self.train)];
         for (clause, settings) in clauses {
             for (i, a) in settings.iter().enumerate() {
-                let key = |a: &Assignment| if a.key == "lr" { "learning_rate".to_string() } else { a.key.clone() };
+                // `lr` is `learning_rate` among settings; encodings are named by column.
+                let key = |a: &Assignment| match (clause, a.key.as_str()) {
+                    ("model" | "train", "lr") => "learning_rate".to_string(),
+                    _ => a.key.clone(),
+                };
                 if let Some(first) = settings[..i].iter().find(|b| key(b) == key(a)) {
                     let line = text[..first.key_span.start].matches('\n').count() + 1;
                     return Err(MstError::at(
@@ -2193,6 +2241,15 @@ promote"
         let identifiers = "model  hidden = {[8]}\nencode  plot_id = category, site = category";
         let left = with_clauses(identifiers, "features -plot_id").unwrap();
         assert_eq!(left, "model  hidden = {[8]}\nencode  site = category\nfeatures -plot_id");
+        let listed = with_clauses(identifiers, "features site, weight").unwrap();
+        assert_eq!(listed, "model  hidden = {[8]}\nencode  site = category\nfeatures site, weight");
+        let all = with_clauses(identifiers, "features *, other?").unwrap();
+        assert!(all.contains("encode  plot_id = category, site = category"), "{all}");
+        // Encodings are named by column: `lr` is a column there.
+        let columns = "encode lr = ple, learning_rate = standard";
+        assert!(parse(columns).unwrap().check_written_once(columns).is_ok());
+        let learning = with_clauses("encode  learning_rate = ple", "encode lr = standard").unwrap();
+        assert_eq!(learning, "encode  learning_rate = ple\nencode lr = standard");
         // The user's clauses are checked as written, where they wrote them.
         let (_, twice) = split_base("default\ntrain epochs = 2\ntrain epochs = 3").unwrap();
         let e = with_clauses(DEFAULT_SPEC, &twice).unwrap_err();
@@ -2637,13 +2694,40 @@ promote"
             ..SourceFacts::default()
         };
         let text = default_for(&trends(&["arrival_date_num", "Bad Name", "b", "c", "d", "e"]));
-        assert!(text.ends_with("\nfeatures *, -arrival_date_num?, -b?, -c?, -d?"), "{text}");
+        assert!(text.ends_with("\nfeatures *, -arrival_date_num?, -\"Bad Name\"?, -b?, -c?"), "{text}");
         let spec = parse(&text).unwrap();
         assert_eq!(spec.plan(40), parse(DEFAULT_SPEC).unwrap().plan(40), "rounds and all");
         let drawn = spec.expand_round(&text, 100, 2).unwrap();
         let kept = drawn.iter().filter(|c| !c.left_out().contains(&"arrival_date_num".to_string())).count();
         assert!(kept > 0 && kept < drawn.len(), "both searched: {kept} of {}", drawn.len());
-        assert_eq!(default_for(&trends(&["Bad Name"])), DEFAULT_SPEC, "a name the language cannot write");
+        let quoted = default_for(&trends(&["Bad Name"]));
+        let left_out: Vec<Vec<String>> =
+            parse(&quoted).unwrap().expand(&quoted, 100).unwrap().iter().map(|c| c.left_out()).collect();
+        assert!(left_out.contains(&vec!["Bad Name".to_string()]) && left_out.contains(&vec![]), "{quoted}");
+    }
+
+    #[test]
+    fn a_name_in_double_quotes_is_any_column() {
+        let text = "features \"Customer Age\", t.{\"a \"\"b\"\"\", c}, -\"x y\"?\nencode \"Customer Age\" = ple";
+        let spec = parse(text).unwrap();
+        let columns: Vec<Option<Vec<String>>> = spec.features.iter().map(|s| s.columns.clone()).collect();
+        assert_eq!(
+            columns,
+            [
+                Some(vec!["Customer Age".to_string()]),
+                Some(vec!["a \"b\"".to_string(), "c".to_string()]),
+                Some(vec!["x y".to_string()])
+            ]
+        );
+        assert_eq!(spec.encodings[0].key, "Customer Age");
+        for name in ["Customer Age", "a \"b\"", "plain", "Ünïcode_1", "1st"] {
+            let written = written_name(name);
+            let read = parse(&format!("features {written}")).unwrap();
+            assert_eq!(read.features[0].columns, Some(vec![name.to_string()]), "{written}");
+        }
+        for bad in ["features \"never closed", "features \"\""] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -2693,13 +2777,18 @@ promote"
             trend_columns: trends.iter().map(|n| n.to_string()).collect(),
             ..SourceFacts::default()
         };
-        let text = default_for(&facts(&["household_id", "Bad Name", "store_id"], &[]));
-        assert!(text.ends_with("\nencode  household_id = category, store_id = category"), "{text}");
+        let text = default_for(&facts(&["household_id", "Bad \"Name\"", "store_id"], &[]));
+        assert!(
+            text.ends_with("\nencode  household_id = category, \"Bad \"\"Name\"\"\" = category, store_id = category"),
+            "{text}"
+        );
         let spec = parse(&text).unwrap();
         for c in spec.expand_round(&text, 100, 1).unwrap() {
-            assert_eq!(c.options["encodings"], serde_json::json!({"household_id": "category", "store_id": "category"}));
+            assert_eq!(
+                c.options["encodings"],
+                serde_json::json!({"household_id": "category", "Bad \"Name\"": "category", "store_id": "category"})
+            );
         }
-        assert_eq!(default_for(&facts(&["Bad Name"], &[])), DEFAULT_SPEC, "a name the language cannot write");
         let e = error("encode household_id = {category, periodic}");
         assert!(e.message.contains("numeric and categorical encodings together"), "{e}");
         parse("encode household_id = {category, onehot, 8}, fare = {ple, periodic}").unwrap();

@@ -36,8 +36,12 @@ pub fn snapshot_column(index: usize) -> String {
 /// built-in numeric types are used as numbers (`SqlKind::classify`). A value
 /// beyond float8's range (a `numeric` can hold 1e400), infinite or NaN is
 /// NULL, missing, as scoring reads it: the cast alone fails the whole read.
+/// (No `abs`: it fails on the smallest integer of each type.)
 pub fn as_float8(expr: &str) -> String {
-    format!("CASE WHEN pg_catalog.abs({expr}) <= {FLOAT8_MAX} THEN ({expr})::pg_catalog.float8 END")
+    format!(
+        "CASE WHEN ({expr}) OPERATOR(pg_catalog.<=) {FLOAT8_MAX} AND ({expr}) OPERATOR(pg_catalog.>=) -{FLOAT8_MAX} \
+         THEN ({expr})::pg_catalog.float8 END"
+    )
 }
 
 /// The largest finite float8, as a numeric literal (rounded down).
@@ -219,7 +223,8 @@ mod tests {
     fn conversions_are_qualified_and_enums_never_use_a_cast() {
         assert_eq!(
             as_float8("\"x\""),
-            "CASE WHEN pg_catalog.abs(\"x\") <= 1.7976931348623157e308 THEN (\"x\")::pg_catalog.float8 END"
+            "CASE WHEN (\"x\") OPERATOR(pg_catalog.<=) 1.7976931348623157e308 \
+             AND (\"x\") OPERATOR(pg_catalog.>=) -1.7976931348623157e308 THEN (\"x\")::pg_catalog.float8 END"
         );
         assert_eq!(as_text("\"x\"", None), "(\"x\")::pg_catalog.text");
         let e = as_text("\"mood\"", Some("\"app\".\"mood\""));

@@ -1805,7 +1805,7 @@ async fn an_imported_graph_is_read_by_the_shape_it_gives_not_the_one_it_declares
     let db = env.connect().await?;
     let _daemon = Daemon::start(&env)?;
     let unsaid = built_onnx(&env, "make_external_onnx.py", &["--width-unsaid"])?;
-    let v: i32 = db
+    let first: i32 = db
         .query_one(
             "SELECT cerebro.import_onnx('e2e_shapes', $1, 'telco_churn',
                  '{\"numbers\": [\"tenure\", \"monthly_charges\"], \"contract\": \"contract\"}', 'binary',
@@ -1816,7 +1816,7 @@ async fn an_imported_graph_is_read_by_the_shape_it_gives_not_the_one_it_declares
         .get(0);
     let scored = sql_scores(
         &db,
-        &format!("SELECT key, label, score FROM cerebro.predictions WHERE model = 'e2e_shapes' AND version = {v}"),
+        &format!("SELECT key, label, score FROM cerebro.predictions WHERE model = 'e2e_shapes' AND version = {first}"),
     )
     .await?;
     let rows =
@@ -1830,11 +1830,11 @@ async fn an_imported_graph_is_read_by_the_shape_it_gives_not_the_one_it_declares
         assert!((scored[&key].1 - p as f64).abs() < 1e-5, "row {key}: {:?} vs {p}", scored[&key]);
     }
     // Measured by the same column: the formula's AUC, not one minus it.
-    db.query("SELECT * FROM cerebro.measure_importance('e2e_shapes', $1)", &[&v]).await?;
+    db.query("SELECT * FROM cerebro.measure_importance('e2e_shapes', $1)", &[&first]).await?;
     let auc: f64 = db
         .query_one(
             "SELECT (metrics->>'auc')::float8 FROM cerebro.models WHERE name = 'e2e_shapes' AND version = $1",
-            &[&v],
+            &[&first],
         )
         .await?
         .get(0);
@@ -1866,7 +1866,7 @@ async fn an_imported_graph_is_read_by_the_shape_it_gives_not_the_one_it_declares
     }
     // Nothing else was hurt: the first import still scores.
     let n: i64 = db
-        .query_one("SELECT count(*) FROM cerebro.predictions WHERE model = 'e2e_shapes' AND version = 1", &[])
+        .query_one("SELECT count(*) FROM cerebro.predictions WHERE model = 'e2e_shapes' AND version = $1", &[&first])
         .await?
         .get(0);
     assert_eq!(n, 7043);
@@ -2214,7 +2214,7 @@ async fn the_default_changed_by_a_users_clauses_searches_as_they_say() -> anyhow
     db.execute(
         "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('e2e_dc', 'telco_churn', 'churn',
              'customer_id', 'default
-                             budget 90 s
+                             budget 5 min
                              train epochs = 2, lr = {0.003, 0.01}
                              ensemble 2')",
         &[],
@@ -2229,7 +2229,7 @@ async fn the_default_changed_by_a_users_clauses_searches_as_they_say() -> anyhow
         .await?;
     let (spec, searched, budget): (String, String, Option<f64>) = (row.get(0), row.get(1), row.get(2));
     assert!(spec.starts_with("default"), "the spec as written: {spec}");
-    assert_eq!(budget, Some(90.0));
+    assert_eq!(budget, Some(300.0));
     assert!(searched.contains("search halving(24") && searched.contains("ensemble 2"), "{searched}");
     let drawn = db
         .query(
@@ -2260,7 +2260,7 @@ async fn the_default_changed_by_a_users_clauses_searches_as_they_say() -> anyhow
              'id', 'default
                     features joins(auto)
                     train epochs = 2
-                    budget 60 s')",
+                    budget 5 min')",
         &[],
     )
     .await?;
@@ -2268,6 +2268,8 @@ async fn the_default_changed_by_a_users_clauses_searches_as_they_say() -> anyhow
     let plan: serde_json::Value =
         db.query_one("SELECT plan FROM cerebro.selections WHERE id = $1", &[&selection]).await?.get(0);
     assert!(plan.get("rounds").is_none_or(|r| r.is_null() || r == 1), "{plan}");
+    // The default's identifier rule read the sites' key as a category.
+    assert!(plan["searched"].as_str().is_some_and(|t| t.contains("site_id = category")), "{plan}");
     let kept: Vec<&str> =
         plan["joins"]["kept"].as_array().into_iter().flatten().filter_map(|j| j["prefix"].as_str()).collect();
     assert_eq!(kept, ["sites"], "{plan}");
@@ -2282,6 +2284,26 @@ async fn the_default_changed_by_a_users_clauses_searches_as_they_say() -> anyhow
         .map(|r| r.get(0))
         .collect();
     assert!(reads.contains(&true) && reads.contains(&false), "searched with and without the join: {reads:?}");
+
+    // `default` with a clause that says what the default says already is
+    // the default, round after round.
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, spec) VALUES ('e2e_dce', 'telco_churn', 'churn',
+             'customer_id', 'default
+                             ensemble')",
+        &[],
+    )
+    .await?;
+    let (selection, _) = wait_for_selection(&db, "e2e_dce").await?;
+    let row = db
+        .query_one(
+            "SELECT max(coalesce((request->'selection'->>'round')::int, 1)), count(*) FILTER (WHERE status = 'failed')
+             FROM cerebro.model_versions WHERE selection_id = $1",
+            &[&selection],
+        )
+        .await?;
+    let (rounds, failed): (i32, i64) = (row.get(0), row.get(1));
+    assert!(rounds >= 2 && failed == 0, "{rounds} round(s), {failed} failed");
     Ok(())
 }
 

@@ -169,7 +169,10 @@ pub(super) fn build(req: &TrainRequest, written: &str, parent: Option<&Parent>) 
         );
     }
     let plan = SelectionPlan {
-        searched: searched.filter(|t| t != mst::DEFAULT_SPEC),
+        // `default` alone reads back as the default; any other text that
+        // came to the same (`default` + `ensemble`) is kept, as later rounds
+        // read it.
+        searched: searched.filter(|t| !(t == mst::DEFAULT_SPEC && mst::is_default(written))),
         joins: found_joins,
         ..spec.plan(max_epochs)
     };

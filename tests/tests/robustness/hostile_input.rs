@@ -110,11 +110,14 @@ async fn numbers_beyond_float8_in_the_rows_are_missing_values_not_failures() -> 
     let _daemon = cerebro_tests::Daemon::start(&env)?;
     db.batch_execute(
         "DROP TABLE IF EXISTS rb_huge;
-         CREATE TABLE rb_huge (id int PRIMARY KEY, n numeric, r real, c text, y numeric);
-         INSERT INTO rb_huge SELECT g, g * 1.5, g * 0.5, CASE WHEN g % 3 = 0 THEN 'a' ELSE 'b' END, g * 2.0
+         CREATE TABLE rb_huge (id int PRIMARY KEY, n numeric, r real, s smallint, i bigint, c text, y numeric);
+         INSERT INTO rb_huge SELECT g, g * 1.5, g * 0.5, g % 7, g * 1000, CASE WHEN g % 3 = 0 THEN 'a' ELSE 'b' END,
+                                    g * 2.0
              FROM generate_series(1, 400) g;
-         INSERT INTO rb_huge VALUES (401, 1e400, 'Infinity', 'a', 1.0), (402, 'NaN', 'NaN', 'b', 1e400),
-                                    (403, 2.0, 1.0, 'a', 'NaN');",
+         -- Each integer type's smallest value, which abs() cannot take.
+         INSERT INTO rb_huge VALUES (401, 1e400, 'Infinity', -32768, -9223372036854775808, 'a', 1.0),
+                                    (402, 'NaN', 'NaN', 3, 5, 'b', 1e400),
+                                    (403, 2.0, 1.0, 4, 6, 'a', 'NaN');",
     )
     .await?;
     for (name, target) in [("rb_huge_y", "y"), ("rb_huge_c", "c")] {
