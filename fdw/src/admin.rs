@@ -449,6 +449,19 @@ fn try_delete(model: Option<&str>, version: Option<i32>) -> Result<i64> {
             if deployed == Some(version) {
                 return Err(CerebroError::DeletingDeployed { name: model.into(), version });
             }
+            // An ensemble's explanations and reproduction read its members.
+            let ensemble = first::<i32>(
+                client,
+                "SELECT min(e.version) FROM cerebro.model_versions e
+                 WHERE e.name = $1 AND e.status <> 'deleted'
+                   AND e.trained_with->'ensemble'->'members' @> pg_catalog.jsonb_build_array(
+                           pg_catalog.jsonb_build_object('version', $2))",
+                &[model.into(), version.into()],
+                1,
+            )?;
+            if let Some(ensemble) = ensemble {
+                return Err(CerebroError::DeletingMember { name: model.into(), version, ensemble });
+            }
             let row = client
                 .update(
                     "SELECT m.id, m.snapshot_id, s.data_relation, coalesce(m.artifact_bytes, 0),

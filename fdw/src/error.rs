@@ -75,6 +75,8 @@ pub enum CerebroError {
     NotCancellable { name: String, version: i32, status: String },
     #[error("model \"{name}\" version {version} is deployed and cannot be deleted")]
     DeletingDeployed { name: String, version: i32 },
+    #[error("model \"{name}\" version {version} is a member of ensemble version {ensemble}, which is explained and reproduced by its members")]
+    DeletingMember { name: String, version: i32, ensemble: i32 },
     #[error("invalid selection spec: {}", .0.message)]
     Selection(cerebro_shared::mst::MstError),
     #[error("this selection expands to {total} candidates, more than cerebro.max_candidates ({limit})")]
@@ -203,6 +205,7 @@ impl CerebroError {
             CerebroError::SnapshotGone { .. }
             | CerebroError::NotDeletable { .. }
             | CerebroError::DeletingDeployed { .. }
+            | CerebroError::DeletingMember { .. }
             | CerebroError::NotCancellable { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             CerebroError::NotDeployable { .. }
             | CerebroError::NothingToRollBack { .. }
@@ -296,6 +299,9 @@ impl CerebroError {
             )),
             CerebroError::DeletingDeployed { name, .. } => {
                 Some(format!("Deploy another version first: SELECT cerebro.deploy('{name}', <version>); or roll back."))
+            }
+            CerebroError::DeletingMember { name, ensemble, .. } => {
+                Some(format!("Delete the ensemble first: SELECT cerebro.delete_model('{name}', {ensemble});"))
             }
             CerebroError::NotDeletable { status, .. } if status == ModelStatus::Training.as_str() => {
                 Some("Wait for its training to end, then delete it.".into())

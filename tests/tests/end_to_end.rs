@@ -2564,6 +2564,17 @@ async fn a_selections_ensemble_averages_its_best_and_is_a_version_like_any() -> 
         .get(0);
     assert_eq!(warm["from_version"], best3[0], "{warm}");
     assert!(warm["layers"].as_u64().unwrap_or(0) >= 1, "{warm}");
+    // A member stays while an ensemble of it does: the ensemble is
+    // explained and reproduced by its members.
+    let member = weights[0].0;
+    let err = db
+        .query_one("SELECT cerebro.delete_model('e2e_ensemble', $1)", &[&member])
+        .await
+        .expect_err("a member of versions 5 and 6");
+    let e = err.as_db_error().expect("a server error");
+    assert_eq!(e.code().code(), "55000", "{}", e.message());
+    assert!(e.message().contains("is a member of ensemble version 5"), "{}", e.message());
+    assert!(e.hint().is_some_and(|h| h.contains("cerebro.delete_model('e2e_ensemble', 5)")), "{:?}", e.hint());
     Ok(())
 }
 
