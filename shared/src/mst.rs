@@ -499,6 +499,10 @@ pub fn is_bare_name(name: &str) -> bool {
         && chars.all(|c| c.is_alphabetic() || c == '_' || c.is_ascii_digit())
 }
 
+/// The longest name PostgreSQL keeps (NAMEDATALEN - 1), and so the longest
+/// a quoted name of the language may be.
+const MAX_NAME_BYTES: usize = 63;
+
 /// `name` as the language writes it: bare when it can be, else in double
 /// quotes (`"School Code"`, a quote inside doubled).
 pub fn written_name(name: &str) -> String {
@@ -757,7 +761,8 @@ impl<'a> Parser<'a> {
 
     /// A name in double quotes, as SQL writes one (`"Customer Age"`, a
     /// quote inside doubled): any column a table has. None when it is never
-    /// closed, or empty.
+    /// closed, empty, or longer than PostgreSQL's names (63 bytes), so that
+    /// no message quotes more of a text than that.
     fn quoted_ident(&mut self) -> Option<(String, Span)> {
         let start = self.at;
         let mut name = String::new();
@@ -769,7 +774,7 @@ impl<'a> Parser<'a> {
                 name.push('"');
                 chars.next();
             } else {
-                if name.is_empty() {
+                if name.is_empty() || name.len() > MAX_NAME_BYTES {
                     return None;
                 }
                 self.at += i + 1;
@@ -2725,7 +2730,8 @@ promote"
             let read = parse(&format!("features {written}")).unwrap();
             assert_eq!(read.features[0].columns, Some(vec![name.to_string()]), "{written}");
         }
-        for bad in ["features \"never closed", "features \"\""] {
+        let long = format!("features \"{}\"", "x".repeat(64));
+        for bad in ["features \"never closed", "features \"\"", long.as_str()] {
             assert!(parse(bad).is_err(), "{bad}");
         }
     }
