@@ -1,7 +1,7 @@
 //! Reading rows out of PostgreSQL with COPY BINARY into column batches.
 
 use cerebro_shared::batch::ColumnData;
-use cerebro_shared::spec::{FeatureKind, Task};
+use cerebro_shared::spec::{FeatureKind, SqlKind, Task};
 use cerebro_shared::sql::{as_float8, as_text, quote_ident};
 use futures_util::{pin_mut, TryStreamExt};
 use sha2::{Digest, Sha256};
@@ -54,10 +54,6 @@ impl ReadColumn {
     }
 }
 
-/// The built-in number types (int8, int2, int4, float4, float8, numeric):
-/// those read as numbers, as a scan of `cerebro.predictions` reads them.
-const NUMBER_TYPES: [u32; 6] = [20, 21, 23, 700, 701, 1700];
-
 /// The last OID of objects made by initdb (FirstNormalObjectId): types
 /// below it are built in, so neither they nor casts between them belong to
 /// any user.
@@ -68,9 +64,20 @@ const FIRST_NORMAL_OID: u32 = 16384;
 #[derive(Debug, Clone)]
 pub struct UserRelation {
     pub qualified: String,
-    /// (name, base type OID, the base type schema-qualified and quoted when
-    /// it is an enum)
-    columns: Vec<(String, u32, Option<String>)>,
+    columns: Vec<RelationColumn>,
+}
+
+/// One column of a [`UserRelation`], its domains resolved.
+#[derive(Debug, Clone)]
+struct RelationColumn {
+    name: String,
+    /// The base type's OID.
+    oid: u32,
+    /// The base type schema-qualified and quoted, when it is an enum.
+    enum_type: Option<String>,
+    /// What the base type is to a model (`SqlKind::classify`): numbers are
+    /// read as numbers only from a number type.
+    kind: Option<SqlKind>,
 }
 
 impl UserRelation {
@@ -116,7 +123,8 @@ impl UserRelation {
                      SELECT b.attnum, b.name, t.typbasetype
                      FROM base b JOIN pg_catalog.pg_type t ON t.oid = b.type WHERE t.typtype = 'd')
                  SELECT b.name, t.oid, CASE WHEN t.typtype = 'e'
-                        THEN pg_catalog.format('%I.%I', n.nspname, t.typname) END
+                        THEN pg_catalog.format('%I.%I', n.nspname, t.typname) END,
+                        t.typcategory::pg_catalog.text, t.typname::pg_catalog.text
                  FROM base b JOIN pg_catalog.pg_type t ON t.oid = b.type
                  JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
                  WHERE t.typtype <> 'd'
@@ -124,7 +132,18 @@ impl UserRelation {
                 &[&oid],
             )
             .await?;
-        let columns = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+        let columns = rows
+            .iter()
+            .map(|r| {
+                let (category, type_name): (String, String) = (r.get(3), r.get(4));
+                RelationColumn {
+                    name: r.get(0),
+                    oid: r.get(1),
+                    enum_type: r.get(2),
+                    kind: SqlKind::classify(category.chars().next().unwrap_or_default(), &type_name),
+                }
+            })
+            .collect();
         Ok(UserRelation { qualified, columns })
     }
 
@@ -132,12 +151,14 @@ impl UserRelation {
     /// built-in type through pg_catalog's casts, an enum to text through its
     /// output function; anything else is refused.
     pub fn read(&self, column: &str, read_as: ReadAs) -> Result<ReadColumn> {
-        let Some((name, oid, enum_type)) = self.columns.iter().find(|(n, _, _)| n == column) else {
+        let Some(RelationColumn { name, oid, enum_type, kind }) = self.columns.iter().find(|c| c.name == column) else {
             return Err(CatalogError::NotFound(format!("relation {} has no column {column}", self.qualified)));
         };
         match (read_as, enum_type) {
             (ReadAs::Text, Some(e)) => Ok(ReadColumn { name: name.clone(), read_as, enum_type: Some(e.clone()) }),
-            (ReadAs::Float64, None) if *oid < FIRST_NORMAL_OID && !NUMBER_TYPES.contains(oid) => {
+            (ReadAs::Float64, None)
+                if *oid < FIRST_NORMAL_OID && !matches!(kind, Some(SqlKind::Integer | SqlKind::Real)) =>
+            {
                 Err(CatalogError::Unreadable(format!(
                     "column {column} of {} is not a number; the model reads it as one (cast it in a view)",
                     self.qualified
