@@ -73,6 +73,19 @@ pub struct Assignment {
     pub append: bool,
 }
 
+impl Assignment {
+    /// The option this setting sets: `lr` is `learning_rate` among model and
+    /// training settings; an `encode` setting (`encoding`) is named by its
+    /// column, whatever the column is called.
+    fn option_key(&self, encoding: bool) -> String {
+        if !encoding && self.key == "lr" {
+            "learning_rate".to_string()
+        } else {
+            self.key.clone()
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Search {
     /// Every combination of the sets.
@@ -324,11 +337,7 @@ pub fn split_base(text: &str) -> Option<(Base, String)> {
 pub fn with_clauses(base: &str, clauses: &str) -> Result<String, MstError> {
     let user = parse(clauses)?;
     user.check_written_once(clauses)?;
-    // `lr` is `learning_rate` among settings; encodings are named by column.
-    let key = |a: &Assignment, clause: &str| match (clause, a.key.as_str()) {
-        ("model" | "train", "lr") => "learning_rate".to_string(),
-        _ => a.key.clone(),
-    };
+    let key = |a: &Assignment, clause: &str| a.option_key(clause == "encode");
     let theirs = |list: &[Assignment], clause: &str| list.iter().map(|a| key(a, clause)).collect::<Vec<_>>();
     let (model, train, encodings) =
         (theirs(&user.model, "model"), theirs(&user.train, "train"), theirs(&user.encodings, "encode"));
@@ -1562,9 +1571,9 @@ impl Spec {
         {
             let list = if clause == "model" { &self.model } else { &self.train };
             for a in list {
-                let key = if a.key == "lr" { "learning_rate" } else { a.key.as_str() };
-                if !keys.contains(&key) {
-                    let why = if other_keys.contains(&key) {
+                let key = a.option_key(false);
+                if !keys.contains(&key.as_str()) {
+                    let why = if other_keys.contains(&key.as_str()) {
                         format!("\"{}\" belongs under {other}, not {clause}", a.key)
                     } else {
                         format!("unknown {clause} setting \"{}\"; known: {}", a.key, keys.join(", "))
@@ -1583,7 +1592,7 @@ impl Spec {
                 visit_choices(&a.value, &a.span, &mut |choice, span| {
                     let json =
                         to_json(&choice).ok_or_else(|| invalid(span, "a set or range cannot nest here".into()))?;
-                    TrainOptions::from_json(Some(&json!({ key: json })))
+                    TrainOptions::from_json(Some(&json!({ key.as_str(): json })))
                         .map(drop)
                         .map_err(|e| invalid(span, option_message(e)))
                 })?;
@@ -1739,7 +1748,7 @@ impl Spec {
         let settings =
             self.encodings.iter().map(|a| (a, true)).chain(self.model.iter().chain(&self.train).map(|a| (a, false)));
         for (a, encoding) in settings {
-            let key = if a.key == "lr" { "learning_rate".to_string() } else { a.key.clone() };
+            let key = a.option_key(encoding);
             let range = match a.value {
                 Value::Range { lo, hi, scale } => Some((lo, hi, scale)),
                 _ => None,
@@ -2077,11 +2086,7 @@ impl Spec {
         let clauses = [("encode", &self.encodings), ("model", &self.model), ("train", &self.train)];
         for (clause, settings) in clauses {
             for (i, a) in settings.iter().enumerate() {
-                // `lr` is `learning_rate` among settings; encodings are named by column.
-                let key = |a: &Assignment| match (clause, a.key.as_str()) {
-                    ("model" | "train", "lr") => "learning_rate".to_string(),
-                    _ => a.key.clone(),
-                };
+                let key = |a: &Assignment| a.option_key(clause == "encode");
                 if let Some(first) = settings[..i].iter().find(|b| key(b) == key(a)) {
                     let line = text[..first.key_span.start].matches('\n').count() + 1;
                     return Err(MstError::at(
@@ -2139,7 +2144,7 @@ pub fn parse_change(text: &str) -> Result<Change, MstError> {
             return Err(invalid(a.span.start, single));
         }
         let json = to_json(&a.value).ok_or_else(|| invalid(a.span.start, single))?;
-        let key = if a.key == "lr" { "learning_rate".to_string() } else { a.key.clone() };
+        let key = a.option_key(encoding);
         if encoding {
             let map = change.set.entry("encodings").or_insert_with(|| json!({}));
             if let Some(map) = map.as_object_mut() {
@@ -2255,6 +2260,9 @@ promote"
         assert!(parse(columns).unwrap().check_written_once(columns).is_ok());
         let learning = with_clauses("encode  learning_rate = ple", "encode lr = standard").unwrap();
         assert_eq!(learning, "encode  learning_rate = ple\nencode lr = standard");
+        let candidates = parse(columns).unwrap().expand(columns, 10).unwrap();
+        assert_eq!(candidates[0].options["encodings"], json!({"lr": "ple", "learning_rate": "standard"}));
+        assert_eq!(parse_change("encode lr = ple").unwrap().set["encodings"], json!({"lr": "ple"}));
         // The user's clauses are checked as written, where they wrote them.
         let (_, twice) = split_base("default\ntrain epochs = 2\ntrain epochs = 3").unwrap();
         let e = with_clauses(DEFAULT_SPEC, &twice).unwrap_err();
