@@ -331,6 +331,13 @@ stop_daemon() {
         as_root kill -TERM "$(cat "$pidfile")"
         for _ in $(seq 1 50); do daemon_running "$1" || break; sleep 0.2; done
     fi
+    # Left running, it would hold the daemon lock against the next one; the
+    # jobs it had go back to the queue when a cerebrod starts again.
+    if daemon_running "$1"; then
+        echo "    cerebrod ($1) did not stop within 10 s of SIGTERM; killing it" >&2
+        as_root kill -KILL "$(cat "$pidfile")"
+        for _ in $(seq 1 50); do daemon_running "$1" || break; sleep 0.2; done
+    fi
     rm -f "$pidfile" "$watchdog"
 }
 

@@ -540,6 +540,15 @@ pub fn sweep_outcome(
     (if used_up { SweptTo::Failed } else { SweptTo::Queued }, Some(error))
 }
 
+/// An imported version cerebrod measures once its import commits.
+#[derive(Debug, Clone)]
+pub struct ImportToMeasure {
+    pub id: i64,
+    pub artifact_sha256: String,
+    pub name: String,
+    pub version: i32,
+}
+
 /// A model version as the scorer needs to find it.
 #[derive(Debug, Clone)]
 pub struct ModelRef {
@@ -863,6 +872,57 @@ impl Catalog {
             )
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Imported versions with frozen rows that nobody has measured yet
+    /// (no importance, no metrics), but for `skip`, oldest first: cerebrod
+    /// measures them once their import commits. An import measured on
+    /// request, or whose rows hold one class (metrics without importance),
+    /// is not among them.
+    pub async fn imports_to_measure(&self, skip: &[i64]) -> Result<Vec<ImportToMeasure>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT id, artifact_sha256, name, version FROM cerebro.model_versions
+                 WHERE import_layout IS NOT NULL AND snapshot_id IS NOT NULL AND status = 'ready'
+                   AND importance IS NULL AND metrics IS NULL AND artifact_sha256 IS NOT NULL
+                   AND id <> ALL($1)
+                 ORDER BY id LIMIT 16",
+                &[&skip],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ImportToMeasure { id: r.get(0), artifact_sha256: r.get(1), name: r.get(2), version: r.get(3) })
+            .collect())
+    }
+
+    /// Stores what cerebrod measured of an import (and its surrogate, where
+    /// it has none), unless someone measured
+    /// it meanwhile (`cerebro.measure_importance`) or its graph changed;
+    /// whether it was stored. The trigger on `cerebro.model_versions`
+    /// indexes the importance, as after training.
+    pub async fn store_import_measure(
+        &self,
+        import: &ImportToMeasure,
+        importance: Option<&Importance>,
+        metrics: &Metrics,
+        surrogate: Option<&Surrogate>,
+    ) -> Result<bool> {
+        let importance = importance.map(|i| serde_json::to_value(i).expect("importance serialises"));
+        let metrics = serde_json::to_value(metrics).expect("metrics serialise");
+        let surrogate = surrogate.map(|s| serde_json::to_value(s).expect("surrogate serialises"));
+        // A surrogate distilled on request meanwhile stays.
+        let stored = self
+            .client
+            .execute(
+                "UPDATE cerebro.model_versions
+                 SET importance = $3, metrics = $4, surrogate = coalesce(surrogate, $5)
+                 WHERE id = $1 AND artifact_sha256 = $2 AND importance IS NULL AND metrics IS NULL",
+                &[&import.id, &import.artifact_sha256, &importance, &metrics, &surrogate],
+            )
+            .await?;
+        Ok(stored == 1)
     }
 
     /// Records one epoch of a version; returns whether a user asked to

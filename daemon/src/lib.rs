@@ -307,6 +307,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             lost,
             carry: std::mem::take(&mut carry),
             snapshots: snapshots.clone(),
+            service: service.clone(),
         };
         let mut jobs = tokio::spawn(scheduler.run());
         let lock_driver = &mut held.as_mut().expect("open_session holds the lock").driver;

@@ -2,19 +2,23 @@
 //! artifact and results. Jobs are durable rows; this loop holds no state a
 //! crash could lose.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cerebro_shared::batch::ColumnData;
+use cerebro_shared::error::{ErrorCode, WireError};
+use cerebro_shared::protocol::{DistillRequest, MeasureRequest};
 use cerebro_shared::provenance::TrainedWith;
 use cerebro_shared::spec::TrainingPlan;
+use cerebro_shared::surrogate::DEFAULT_MAX_DEPTH;
 use rayon::prelude::*;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinError;
 use tracing::{debug, error, info, warn};
 
-use crate::catalog::{Catalog, CatalogError, ClaimedJob, JobSpec, Stored, SweptTo};
+use crate::catalog::{Catalog, CatalogError, ClaimedJob, ImportToMeasure, JobSpec, Stored, SweptTo};
 use crate::data::{read_snapshot, Table};
 use crate::engine::Compute;
 use crate::ensemble::{self, Candidate};
@@ -22,6 +26,7 @@ use crate::features::FeaturePipeline;
 use crate::guide::Guide;
 use crate::onnx;
 use crate::scoring::OnnxRuntime;
+use crate::server::ScoringService;
 use crate::snapshot_cache::{SnapshotCache, SnapshotKey};
 use crate::train::{self, Control, EpochStats, TrainError, TrainedModel};
 use crate::warm::ParentWeights;
@@ -35,6 +40,11 @@ const RECORD_PAUSE: Duration = Duration::from_secs(30);
 /// How long a retry to close a selection (the sweep's) waits for a lock: the
 /// first try, after the selection's last stack, waits the full lock_timeout.
 const RETRY_LOCK_TIMEOUT: Duration = Duration::from_millis(100);
+/// How long a stop waits for the epoch in training to end before it puts
+/// the stack's jobs back in the queue anyway: well within the daemon's own
+/// grace (`STOP_GRACE`), after which its connections are closed and the
+/// jobs would be left `running`, their attempt counted by the next sweep.
+const EPOCH_END_WAIT: Duration = Duration::from_secs(5);
 /// Earlier sessions remembered to name why their jobs were left running.
 /// The first sweep of the next session takes nearly all of them; the bound
 /// only keeps a daemon that reconnects for months from growing.
@@ -51,6 +61,12 @@ pub struct Carry {
     /// Worker ids of earlier sessions and why each ended: the sweep names
     /// that reason in the jobs they left running.
     earlier: Vec<(String, String)>,
+    /// Measuring the imports that committed with their rows (see
+    /// `Scheduler::measure_imports`), while it runs.
+    measuring: Option<tokio::task::JoinHandle<()>>,
+    /// Imports whose measuring failed: not tried again until cerebrod
+    /// restarts (`cerebro.measure_importance` says why on request).
+    unmeasurable: Arc<std::sync::Mutex<HashSet<i64>>>,
 }
 
 impl Carry {
@@ -92,6 +108,8 @@ pub struct Scheduler {
     pub carry: Carry,
     /// Snapshots read, for the next stacks that read the same (`snapshot_cache_mib`).
     pub snapshots: Arc<SnapshotCache>,
+    /// Measures imported versions as `cerebro.measure_importance` does.
+    pub service: Arc<ScoringService>,
 }
 
 /// The outcome of a write that ends `job`, where a lock another transaction
@@ -150,6 +168,52 @@ fn explain_models(
         }
     });
     info!(models = models.len(), seconds = started.elapsed().as_secs_f64(), "importance and surrogates measured");
+}
+
+/// Why an import was not measured: `Later` when the next pass may, as
+/// when cerebrod is away from the database or a lock held the write up.
+enum Unmeasured {
+    Later(String),
+    Never(String),
+}
+
+/// Measures one import on its frozen rows, distills it, and stores both,
+/// unless someone measured it meanwhile.
+async fn measure_import(data: &Catalog, service: &ScoringService, import: &ImportToMeasure) -> Result<(), Unmeasured> {
+    let started = Instant::now();
+    let request = MeasureRequest { model_version_id: import.id, artifact_sha256: import.artifact_sha256.clone() };
+    let unmeasured = |e: WireError| match e.code {
+        ErrorCode::Unavailable => Unmeasured::Later(e.message),
+        _ => Unmeasured::Never(e.message),
+    };
+    let (importance, metrics) = service.measure_version(request).await.map_err(unmeasured)?;
+    // Its rule surrogate too, as after training; without it if the graph
+    // fails there (the importance still tells what it reads).
+    let request = DistillRequest {
+        model_version_id: import.id,
+        artifact_sha256: import.artifact_sha256.clone(),
+        max_depth: DEFAULT_MAX_DEPTH,
+    };
+    let surrogate = match service.distill_version(request).await.map_err(unmeasured) {
+        Ok(surrogate) => Some(surrogate),
+        Err(Unmeasured::Later(why)) => return Err(Unmeasured::Later(why)),
+        Err(Unmeasured::Never(why)) => {
+            warn!(model = %import.name, version = import.version, "cannot distill the imported version: {why}");
+            None
+        }
+    };
+    match data.store_import_measure(import, importance.as_ref(), &metrics, surrogate.as_ref()).await {
+        Ok(true) => info!(
+            model = %import.name,
+            version = import.version,
+            rows = importance.as_ref().map_or(0, |i| i.rows),
+            seconds = started.elapsed().as_secs_f64(),
+            "importance of the imported version measured once its import committed"
+        ),
+        Ok(false) => debug!(model = %import.name, version = import.version, "the import was measured meanwhile"),
+        Err(e) => return Err(Unmeasured::Later(format!("cannot store what was measured: {}", e.reason()))),
+    }
+    Ok(())
 }
 
 /// The jobs of one stack, with what each asks for (`specs[i]` is
@@ -233,6 +297,7 @@ impl Scheduler {
                     return Err(session_lost());
                 }
                 self.sweep_jobs(&[]).await?;
+                self.measure_imports();
                 if selections_swept.is_none_or(|t| t.elapsed() >= self.poll_interval) {
                     self.sweep_selections().await?;
                     selections_swept = Some(Instant::now());
@@ -268,6 +333,48 @@ impl Scheduler {
                 _ = self.lost.changed() => return Err(session_lost()),
             }
         }
+    }
+
+    /// Measures, beside the job loop, the imported versions whose rows
+    /// were frozen with their import and that nobody has measured yet: their
+    /// importance and metrics, as `cerebro.measure_importance` would, stored
+    /// by cerebrod (the import's own transaction cannot ask: cerebrod sees
+    /// its rows only once it commits, and the import's NOTIFY wakes this
+    /// loop then). Beside, not in it: a graph may take up to
+    /// `scoring_deadline_ms` a run, and training waits for none of it.
+    fn measure_imports(&mut self) {
+        if self.carry.measuring.as_ref().is_some_and(|m| !m.is_finished()) {
+            return;
+        }
+        let (data, service) = (self.data.clone(), self.service.clone());
+        let (unmeasurable, wake) = (self.carry.unmeasurable.clone(), self.wake.clone());
+        self.carry.measuring = Some(tokio::spawn(async move {
+            let skip: Vec<i64> = unmeasurable.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect();
+            let pending = match data.imports_to_measure(&skip).await {
+                Ok(pending) => pending,
+                Err(e) => return debug!("cannot look for imports to measure: {}; next pass", e.reason()),
+            };
+            for import in &pending {
+                match measure_import(&data, &service, import).await {
+                    Ok(()) => {}
+                    Err(Unmeasured::Later(why)) => {
+                        return debug!(model = %import.name, version = import.version, "{why}; next pass")
+                    }
+                    Err(Unmeasured::Never(why)) => {
+                        warn!(
+                            model = %import.name,
+                            version = import.version,
+                            "cannot measure the imported version: {why}; not tried again until cerebrod restarts (cerebro.measure_importance tries on request)"
+                        );
+                        unmeasurable.lock().unwrap_or_else(|e| e.into_inner()).insert(import.id);
+                    }
+                }
+            }
+            // More may wait than one look returns.
+            if !pending.is_empty() {
+                wake.notify_one();
+            }
+        }));
     }
 
     /// Requeues, fails or cancels the jobs left `running` but for those of
@@ -673,6 +780,8 @@ impl Scheduler {
         let mut sweep = tokio::time::interval_at(tokio::time::Instant::now() + self.poll_interval, self.poll_interval);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut lost = self.lost.clone();
+        // The stack's thread, left to end its epoch alone after a stop.
+        let mut abandoned = false;
         let outcome = loop {
             tokio::select! {
                 done = &mut training => break Ok(done),
@@ -697,11 +806,34 @@ impl Scheduler {
                         debug!("sweep during training: {e}");
                     }
                 }
-                _ = shutdown.changed() => stop.store(true, Ordering::Relaxed),
+                _ = shutdown.changed() => {
+                    stop.store(true, Ordering::Relaxed);
+                    match tokio::time::timeout(EPOCH_END_WAIT, &mut training).await {
+                        Ok(done) => break Ok(done),
+                        Err(_) => {
+                            // An epoch longer than the wait: the jobs go back
+                            // to the queue now, their attempt not counted,
+                            // while cerebrod can still write it.
+                            warn!(
+                                job = stack.first,
+                                "the epoch in training did not end within {} s of the stop; requeueing its jobs now",
+                                EPOCH_END_WAIT.as_secs()
+                            );
+                            abandoned = true;
+                            break Ok(Ok((Err(TrainError::Stopped), String::new(), None)));
+                        }
+                    }
+                }
                 _ = lost.changed() => break Err(session_lost()),
             }
         };
         let outcome = match outcome {
+            Ok(done) if abandoned => {
+                self.carry.unwinding = Some(tokio::spawn(async move {
+                    let _ = training.await;
+                }));
+                return Ok((done, None));
+            }
             Ok(done) => done,
             Err(e) => {
                 // The session ended under the stack (or cannot record it):

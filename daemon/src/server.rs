@@ -238,7 +238,7 @@ impl ScoringService {
 
     /// Reads the version's training snapshot and fits its rule surrogate to
     /// what the version predicts there (`cerebro.distill`).
-    async fn distill_version(&self, req: DistillRequest) -> Result<Surrogate, WireError> {
+    pub async fn distill_version(&self, req: DistillRequest) -> Result<Surrogate, WireError> {
         if !DEPTHS.contains(&req.max_depth) {
             let msg = format!("max_depth {} is outside {}..={}", req.max_depth, DEPTHS.start(), DEPTHS.end());
             return Err(WireError::new(ErrorCode::BadRequest, msg));
@@ -258,7 +258,7 @@ impl ScoringService {
             fidelity = surrogate.fidelity,
             read_seconds = read,
             seconds = started.elapsed().as_secs_f64(),
-            "rule surrogate distilled on request"
+            "rule surrogate distilled"
         );
         Ok(surrogate)
     }
@@ -266,7 +266,7 @@ impl ScoringService {
     /// Reads the version's training snapshot and measures its permutation
     /// importance on the validation rows, scoring as a scan does
     /// (`cerebro.measure_importance`).
-    async fn measure_version(&self, req: MeasureRequest) -> Result<(Option<Importance>, Metrics), WireError> {
+    pub async fn measure_version(&self, req: MeasureRequest) -> Result<(Option<Importance>, Metrics), WireError> {
         let started = std::time::Instant::now();
         let (model, spec, table, read) = self.with_snapshot(req.model_version_id, &req.artifact_sha256).await?;
         // As many networks as after training, so that the sample is the same:
@@ -287,7 +287,7 @@ impl ScoringService {
             rows = importance.as_ref().map_or(0, |i| i.rows),
             read_seconds = read,
             seconds = started.elapsed().as_secs_f64(),
-            "importance measured on request"
+            "importance measured"
         );
         Ok((importance, metrics))
     }

@@ -447,7 +447,21 @@ fn try_delete(model: Option<&str>, version: Option<i32>) -> Result<i64> {
                 1,
             )?;
             if deployed == Some(version) {
-                return Err(CerebroError::DeletingDeployed { name: model.into(), version });
+                // While other versions remain, one of them must be deployed
+                // instead (or rolled back to); the model's last version goes
+                // with its deployment, as the model would.
+                let others = first::<i64>(
+                    client,
+                    "SELECT count(*) FROM cerebro.model_versions
+                     WHERE name = $1 AND version <> $2 AND status <> 'deleted'",
+                    &[model.into(), version.into()],
+                    1,
+                )?
+                .unwrap_or(0);
+                if others > 0 {
+                    return Err(CerebroError::DeletingDeployed { name: model.into(), version });
+                }
+                client.update("DELETE FROM cerebro.deployments WHERE name = $1", None, &[model.into()])?;
             }
             // An ensemble's explanations and reproduction read its members.
             let ensemble = first::<i32>(

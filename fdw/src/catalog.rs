@@ -88,6 +88,12 @@ pub(crate) fn queue_copy(
 /// the extension owner.
 pub(crate) fn enqueue(client: &mut SpiClient<'_>, model_version_id: i64) -> Result<()> {
     client.update("INSERT INTO cerebro.jobs (model_version_id) VALUES ($1)", None, &[model_version_id.into()])?;
+    wake_daemon(client)
+}
+
+/// Wakes cerebrod's job loop when the transaction commits (NOTIFY is
+/// delivered then, and never for a rolled-back one).
+pub(crate) fn wake_daemon(client: &mut SpiClient<'_>) -> Result<()> {
     client.update("SELECT pg_catalog.pg_notify($1, '')", None, &[cerebro_shared::sql::JOBS_CHANNEL.into()])?;
     Ok(())
 }

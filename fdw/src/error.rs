@@ -131,6 +131,8 @@ pub enum CerebroError {
     Interrupted,
     #[error("cerebrod answered out of turn: {0}")]
     Protocol(String),
+    #[error("the scan's cursor on its source ({0}) was closed before the scan ended")]
+    SourceCursorClosed(String),
     #[error("the backend's copy of the model could not score the row: {0}")]
     InBackend(String),
     #[error("cannot set up shared memory for scoring: {0}")]
@@ -225,6 +227,7 @@ impl CerebroError {
             CerebroError::MissingFeature { .. } => ERRCODE_UNDEFINED_COLUMN,
             CerebroError::Timeout(_) | CerebroError::Interrupted => ERRCODE_QUERY_CANCELED,
             CerebroError::Protocol(_) => ERRCODE_PROTOCOL_VIOLATION,
+            CerebroError::SourceCursorClosed(_) => ERRCODE_INVALID_CURSOR_STATE,
             CerebroError::InBackend(_) => ERRCODE_DATA_EXCEPTION,
             CerebroError::SharedMemory(_) => ERRCODE_INSUFFICIENT_RESOURCES,
             CerebroError::Spi(_) => ERRCODE_INTERNAL_ERROR,
@@ -297,9 +300,10 @@ impl CerebroError {
             CerebroError::NotModelOwner { owner, .. } => Some(format!(
                 "Only the model's owner ({owner}), members of role cerebro_admin and superusers may do this."
             )),
-            CerebroError::DeletingDeployed { name, .. } => {
-                Some(format!("Deploy another version first: SELECT cerebro.deploy('{name}', <version>); or roll back."))
-            }
+            CerebroError::DeletingDeployed { name, .. } => Some(format!(
+                "Deploy another version first (SELECT cerebro.deploy('{name}', <version>)), or roll back; \
+                     the model's last version can be deleted, and its deployment goes with it."
+            )),
             CerebroError::DeletingMember { name, ensemble, .. } => {
                 Some(format!("Delete the ensemble first: SELECT cerebro.delete_model('{name}', {ensemble});"))
             }

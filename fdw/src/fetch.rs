@@ -296,7 +296,7 @@ pub fn fetch_into(cursor: &str, rows: i64, columns: Vec<PackedColumn>, utf8_from
     unsafe {
         let portal = pg_sys::GetPortalByName(name.as_ptr());
         if portal.is_null() {
-            return Err(CerebroError::Protocol(format!("cursor {cursor} is not open")));
+            return Err(CerebroError::SourceCursorClosed(cursor.to_owned()));
         }
         let dest = &mut receiver.dest as *mut pg_sys::DestReceiver;
         pg_sys::PortalRunFetch(portal, pg_sys::FetchDirection::FETCH_FORWARD, rows as std::ffi::c_long, dest);
@@ -305,4 +305,30 @@ pub fn fetch_into(cursor: &str, rows: i64, columns: Vec<PackedColumn>, utf8_from
         Some(what) => Err(CerebroError::Protocol(format!("the scoring query's rows are not as planned: {what}"))),
         None => Ok(receiver.columns),
     }
+}
+
+/// Marks the scan's own cursor `cursor` holdable when the portal the scan
+/// starts in is (a cursor declared `WITH HOLD`). At COMMIT PostgreSQL keeps
+/// such a cursor by running its query to the end, and drops the
+/// transaction's other cursors in the order of its table of portal names:
+/// before this, the scan's source cursor could be dropped first, and the
+/// scan then failed halfway (depending on the user's cursor's name). Held
+/// too, the source cursor keeps its rows until the scan ends and closes it.
+pub fn hold_with_active_portal(cursor: &str) -> Result<()> {
+    let name = CString::new(cursor).map_err(|_| CerebroError::SourceCursorClosed(cursor.to_owned()))?;
+    // SAFETY: ActivePortal is the portal being started or run, set by
+    // PortalStart/PortalRun around the executor (this runs inside it); the
+    // scan's cursor is looked up by name and checked.
+    unsafe {
+        let active = pg_sys::ActivePortal;
+        if active.is_null() || (*active).cursorOptions & pg_sys::CURSOR_OPT_HOLD as i32 == 0 {
+            return Ok(());
+        }
+        let portal = pg_sys::GetPortalByName(name.as_ptr());
+        if portal.is_null() {
+            return Err(CerebroError::SourceCursorClosed(cursor.to_owned()));
+        }
+        (*portal).cursorOptions |= pg_sys::CURSOR_OPT_HOLD as i32;
+    }
+    Ok(())
 }

@@ -10,8 +10,9 @@
 //!
 //! With a `target`, the mapped columns and the target are frozen in a
 //! snapshot, as training freezes its rows, so that cerebrod can measure the
-//! graph's importance and fit its rule surrogate there, on request
-//! (`cerebro.measure_importance`, `cerebro.distill`).
+//! graph's importance and metrics there once the import commits (woken by
+//! its NOTIFY), and fit its rule surrogate on request (`cerebro.distill`;
+//! `cerebro.measure_importance` measures again).
 
 use cerebro_shared::onnx_graph::{read_signature, ImportLayout};
 use cerebro_shared::request::{self, RequestError};
@@ -20,7 +21,7 @@ use cerebro_shared::sql::quote_ident;
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
-use crate::catalog::{audit, current_user, next_version, Audit};
+use crate::catalog::{audit, current_user, next_version, wake_daemon, Audit};
 use crate::error::{raise, CerebroError, Result};
 use crate::identity;
 use crate::sources::{resolve_source, Source};
@@ -154,6 +155,9 @@ fn try_import(req: ImportRequest<'_>) -> Result<i32> {
             None,
             &[id.into(), sha.as_str().into(), (req.onnx.len() as i64).into(), req.onnx.into()],
         )?;
+        if snapshot.is_some() {
+            wake_daemon(client)?;
+        }
         let detail = serde_json::json!({ "imported": true, "bytes": req.onnx.len(), "snapshot": snapshot });
         audit(client, Audit { user: &user, action: "create", model: req.name, version: Some(version), detail })?;
         notice!(
@@ -163,10 +167,9 @@ fn try_import(req: ImportRequest<'_>) -> Result<i32> {
             layout.output,
             match snapshot {
                 Some(_) => format!(
-                    "; its rows are frozen with target \"{}\": SELECT * FROM cerebro.measure_importance('{}', \
-                     {version}) measures what it reads",
-                    req.target.unwrap_or_default(),
-                    req.name.replace('\'', "''")
+                    "; its rows are frozen with target \"{}\", and cerebrod measures what it reads once this \
+                     transaction commits (cerebro.model_importance)",
+                    req.target.unwrap_or_default()
                 ),
                 None => String::new(),
             }

@@ -564,6 +564,22 @@ mod tests {
         Spi::run("SELECT cerebro.delete_model('m', 1)").unwrap();
     }
 
+    /// The model's last version may go though deployed, and its
+    /// deployment with it; not while another version remains.
+    #[pg_test]
+    fn deleting_a_models_last_version_though_deployed() {
+        two_versions();
+        Spi::run("SELECT cerebro.deploy('m', 1)").unwrap();
+        Spi::run("SELECT cerebro.delete_model('m', 2)").unwrap();
+        Spi::run("SELECT cerebro.delete_model('m', 1)").unwrap();
+        let left = Spi::get_one::<i64>(
+            "SELECT (SELECT count(*) FROM cerebro.model_versions WHERE name = 'm')
+                  + (SELECT count(*) FROM cerebro.deployments WHERE name = 'm')",
+        )
+        .unwrap();
+        assert_eq!(left, Some(0));
+    }
+
     #[pg_test(error = "model \"m\" version 1 is deleted")]
     fn scoring_a_deleted_version() {
         two_versions();

@@ -556,7 +556,9 @@ impl PredictionScan {
                 }
                 None => {}
             }
-            Ok((source.display.clone(), crate::plans::open_cursor(client, &sql, &types, &args)?))
+            let cursor = crate::plans::open_cursor(client, &sql, &types, &args)?;
+            crate::fetch::hold_with_active_portal(&cursor)?;
+            Ok((source.display.clone(), cursor))
         })?;
 
         let explain = params.explain == Some(true);

@@ -62,6 +62,19 @@ pub const SMALL_CHANGE: f64 = 0.1;
 /// (a piece weighed in closed form counts as one).
 pub const MAX_POINTS: usize = 4096;
 
+/// The most refinements of one row: its points double with each, so
+/// [`MAX_POINTS`] ends it sooner but for rows whose points do not double.
+const MAX_LEVEL: u32 = 12;
+
+/// Whether a row whose contributions miss by `gap` (more than `tolerance`)
+/// is integrated again: only while more points can do better. A path
+/// weighed in closed form takes as many points at every level (one a
+/// piece), so a gap that rounding leaves there stays whatever the level,
+/// and trying again would never end.
+fn retry(gap: f64, tolerance: f64, before: usize, used: usize) -> bool {
+    gap > tolerance && used > before && 2 * used <= MAX_POINTS
+}
+
 /// How far a row's contributions may add up from its score minus the
 /// baseline's before it is integrated again: absolute for probabilities,
 /// relative (to at least 1) for values.
@@ -160,22 +173,24 @@ impl NativeModel {
 
         let width = self.pipeline.features.len();
         let mut contributions = vec![0.0f64; n * width];
-        let mut pending: Vec<usize> = (0..n).collect();
-        for level in 0.. {
+        // Each pending row with the points its last try took.
+        let mut pending: Vec<(usize, usize)> = (0..n).map(|r| (r, 0)).collect();
+        for level in 0..=MAX_LEVEL {
             if pending.is_empty() {
                 break;
             }
-            let (found, points) = path.integrate(&pending, level, threads);
+            let rows: Vec<usize> = pending.iter().map(|&(r, _)| r).collect();
+            let (found, points) = path.integrate(&rows, level, threads);
             let mut again = Vec::new();
-            for ((&r, row), &used) in pending.iter().zip(found.chunks_exact(width)).zip(&points) {
+            for ((&(r, before), row), &used) in pending.iter().zip(found.chunks_exact(width)).zip(&points) {
                 contributions[r * width..(r + 1) * width].copy_from_slice(row);
                 let gap = (row.iter().sum::<f64>() - (scores[r] - baselines[r])).abs();
                 let scale = match self.head {
                     Head::Value(_) => scores[r].abs().max(1.0),
                     _ => 1.0,
                 };
-                if gap > COMPLETENESS * scale && 2 * used <= MAX_POINTS {
-                    again.push(r);
+                if retry(gap, COMPLETENESS * scale, before, used) {
+                    again.push((r, used));
                 }
             }
             pending = again;
@@ -603,6 +618,20 @@ struct PassScratch {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_row_is_integrated_again_only_while_more_points_can_do_better() {
+        // A quadrature row whose points doubled: again, while under the cap.
+        assert!(retry(1e-3, 1e-4, 32, 64));
+        assert!(!retry(1e-3, 1e-4, 2048, 4096 + 1));
+        // Complete enough: done.
+        assert!(!retry(1e-5, 1e-4, 32, 64));
+        // A path weighed in closed form takes as many points at every
+        // level: a gap rounding leaves is final (it looped forever before).
+        assert!(!retry(3e-4, 2.6e-4, 25, 25));
+        // The first try always counts as more points than none.
+        assert!(retry(3e-4, 2.6e-4, 0, 25));
+    }
     use super::*;
 
     #[test]

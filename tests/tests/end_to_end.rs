@@ -994,6 +994,54 @@ async fn killing_the_daemon_mid_training_leaves_no_job_stuck() -> anyhow::Result
     Ok(())
 }
 
+/// A stop (SIGTERM) while an epoch longer than cerebrod waits for is in
+/// training: the daemon exits promptly and puts the job back in the queue
+/// itself, its attempt not counted, rather than leaving it `running` for
+/// the next daemon's sweep to count.
+#[tokio::test(flavor = "multi_thread")]
+async fn stopping_the_daemon_mid_epoch_requeues_without_counting_an_attempt() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    // One epoch of this network on telco_churn eight times over takes far
+    // longer than the 5 s cerebrod waits for an epoch's end (about 18 s on
+    // 2 cores).
+    let mut daemon = Daemon::start(&env)?;
+    let v: i32 = db
+        .query_one(
+            "INSERT INTO cerebro.models (name, source, target, key, options)
+             VALUES ('e2e_stopped',
+                     '(SELECT t.*, t.customer_id * 8 + g AS row_key FROM telco_churn t CROSS JOIN generate_series(0, 7) g)',
+                     'churn', 'row_key', '{\"epochs\": 1, \"hidden\": [2048, 2048]}')
+             RETURNING version",
+            &[],
+        )
+        .await?
+        .get(0);
+    wait_for(&db, "e2e_stopped", v, TRAIN_TIMEOUT, |s, _| s == "training").await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopping = std::time::Instant::now();
+    daemon.stop()?;
+    assert!(stopping.elapsed() < Duration::from_secs(20), "stopped in {:?}", stopping.elapsed());
+    let (state, attempts): (String, i32) = {
+        let r = db
+            .query_one(
+                "SELECT j.state::text, j.attempts FROM cerebro.jobs j
+                 JOIN cerebro.model_versions m ON m.id = j.model_version_id
+                 WHERE m.name = 'e2e_stopped' AND m.version = $1",
+                &[&v],
+            )
+            .await?;
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((state.as_str(), attempts), ("queued", 0));
+    assert_eq!(model_state(&db, "e2e_stopped", v).await?.0, "queued");
+    assert!(daemon_log(&env).contains("requeueing its jobs now"), "the early requeue is logged");
+    // Not for the next test's daemon to train.
+    let cancelled: String = db.query_one("SELECT cerebro.cancel('e2e_stopped', $1)", &[&v]).await?.get(0);
+    assert_eq!(cancelled, "cancelled");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cuda_job_on_a_machine_without_a_gpu_fails_with_the_reason_and_the_daemon_keeps_serving() -> anyhow::Result<()>
 {
@@ -1688,6 +1736,13 @@ async fn an_onnx_model_built_elsewhere_imports_checked_and_scores() -> anyhow::R
         .await?
         .get(0);
     assert_eq!(frozen, 7043);
+    // cerebrod measures it once the import commits, as it measures a
+    // version it trained: its importance and metrics, through ONNX Runtime.
+    let (measured_by_cerebrod, _) = import_measured(&db, "e2e_external", 2).await?;
+    let measured_by_cerebrod = measured_by_cerebrod.expect("an importance: the rows hold both classes");
+    // And distilled, as after training: a surrogate of depth 4 at most.
+    let case: String = db.query_one("SELECT cerebro.surrogate_sql('e2e_external', 2)", &[]).await?.get(0);
+    assert!(case.starts_with("CASE") && case.contains("tenure"), "{case}");
     let measured = db.query("SELECT * FROM cerebro.measure_importance('e2e_external', 2)", &[]).await?;
     let ranked: Vec<(i32, String, f64, f64)> =
         measured.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
@@ -1698,6 +1753,19 @@ async fn an_onnx_model_built_elsewhere_imports_checked_and_scores() -> anyhow::R
     // Every column the formula weighs moves its AUC when shuffled.
     assert!(ranked.iter().all(|r| r.3 > 0.0), "{ranked:?}");
     assert!((ranked.iter().map(|r| r.2).sum::<f64>() - 1.0).abs() < 1e-9, "{ranked:?}");
+    // Measured again on request, it is what cerebrod measured: the same
+    // rows, shuffles and scores.
+    let again: Vec<(String, f64)> = measured_by_cerebrod["columns"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .map(|c| (c["column"].as_str().expect("column").to_string(), c["drop"].as_f64().expect("drop")))
+        .collect();
+    assert_eq!(again.len(), ranked.len(), "{measured_by_cerebrod}");
+    for ((column, drop), r) in again.iter().zip(&ranked) {
+        assert_eq!(column, &r.1, "{measured_by_cerebrod}");
+        assert!((drop - r.3).abs() < 1e-9, "{column}: {drop} then {}", r.3);
+    }
     // Stored as training stores it: the index and the models' top columns.
     let (indexed, top): (i64, Vec<String>) = {
         let r = db
@@ -1750,6 +1818,9 @@ async fn an_onnx_model_built_elsewhere_imports_checked_and_scores() -> anyhow::R
                          '(SELECT * FROM telco_churn WHERE churn = ''No'')', $2::text::jsonb, 'binary',
                          ARRAY['No', 'Yes'], NULL, 'customer_id', target => 'churn')";
     let v_one: i32 = db.query_one(one_class, &[&onnx, &good]).await?.get(0);
+    let (importance, metrics) = import_measured(&db, "e2e_external", v_one).await?;
+    assert_eq!(importance, None);
+    assert!(metrics.get("auc").is_none() && metrics["accuracy"].is_f64(), "{metrics}");
     let measured = db.query("SELECT * FROM cerebro.measure_importance('e2e_external', $1)", &[&v_one]).await?;
     assert!(measured.is_empty(), "{} rows", measured.len());
     let (importance, metrics): (Option<serde_json::Value>, serde_json::Value) = {
@@ -3636,4 +3707,30 @@ async fn recommendations_come_from_the_nearest_archived_tasks() -> anyhow::Resul
         assert_eq!(err.code().map(|c| c.code()), Some(code), "{call}: {err}");
     }
     Ok(())
+}
+
+/// The importance and metrics cerebrod stores of an import with a target
+/// once its import commits: waits for the metrics (an import has none
+/// before), for at most a minute.
+async fn import_measured(
+    db: &tokio_postgres::Client,
+    name: &str,
+    version: i32,
+) -> anyhow::Result<(Option<serde_json::Value>, serde_json::Value)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let row = db
+            .query_one(
+                "SELECT importance, metrics FROM cerebro.model_versions WHERE name = $1 AND version = $2",
+                &[&name, &version],
+            )
+            .await?;
+        if let Some(metrics) = row.get::<_, Option<serde_json::Value>>(1) {
+            return Ok((row.get(0), metrics));
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("cerebrod did not measure {name} version {version} within a minute of its import");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -58,24 +58,34 @@ fn main() -> ExitCode {
     }
 }
 
+/// How long a stopped daemon waits for its blocking tasks before it exits.
+const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::from_file(&cli.config)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => rt.block_on(async {
-            let (tx, rx) = watch::channel(false);
-            let mut term = signal(SignalKind::terminate())?;
-            let mut int = signal(SignalKind::interrupt())?;
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-                let _ = tx.send(true);
+        Command::Run => {
+            let ran = rt.block_on(async {
+                let (tx, rx) = watch::channel(false);
+                let mut term = signal(SignalKind::terminate())?;
+                let mut int = signal(SignalKind::interrupt())?;
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                    let _ = tx.send(true);
+                });
+                cerebro_daemon::run(config, rx).await.map_err(anyhow::Error::from)
             });
-            cerebro_daemon::run(config, rx).await.map_err(anyhow::Error::from)
-        }),
+            // A blocking task that has not ended (a training epoch, a run
+            // of an imported graph) must not keep a stopped daemon alive:
+            // what it would write, the next daemon redoes.
+            rt.shutdown_timeout(SHUTDOWN_WAIT);
+            ran
+        }
         Command::Score { model, version, source, key } => {
             let rows = rt.block_on(cerebro_daemon::score_relation(
                 &config,

@@ -323,6 +323,51 @@ async fn null_parameters_match_nothing_as_the_unprepared_query_does() -> anyhow:
     Ok(())
 }
 
+/// A cursor declared `WITH HOLD` over `cerebro.predictions` outlives its
+/// transaction: at COMMIT PostgreSQL runs it to the end and keeps its rows.
+/// Before, it failed at COMMIT for some cursor names (08P01 `cursor
+/// <unnamed portal 1> is not open`): PostgreSQL dropped the scan's own
+/// cursor on its source first, in the order of its table of portal names.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cursor_declared_with_hold_outlives_its_transaction_whatever_its_name() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = scoring_model(&env, &db).await?;
+    let expected: Vec<(String, f64)> = db
+        .query("SELECT key, score FROM cerebro.predictions WHERE model = $1 AND version = 1 ORDER BY key", &[&MODEL])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(expected.len(), 7043);
+    // The trial's names that failed and that worked, and some more: the
+    // order PostgreSQL drops cursors in follows their names' hashes.
+    let names = ["h2", "my_cursor", "hc", "abc", "zz", "c1", "c2", "c3", "c4", "c5", "held", "scores"];
+    for name in names {
+        db.batch_execute(&format!(
+            "BEGIN;
+             DECLARE {name} CURSOR WITH HOLD FOR
+                 SELECT key, score FROM cerebro.predictions WHERE model = '{MODEL}' AND version = 1 ORDER BY key;
+             FETCH 5 FROM {name};
+             COMMIT;"
+        ))
+        .await
+        .map_err(|e| anyhow::anyhow!("cursor {name}: {e:?}"))?;
+        let rest = db.query(&format!("FETCH ALL FROM {name}"), &[]).await?;
+        db.batch_execute(&format!("CLOSE {name}")).await?;
+        let rest: Vec<(String, f64)> = rest.iter().map(|r| (r.get(0), r.get(1))).collect();
+        assert_eq!(rest, expected[5..], "cursor {name}");
+    }
+    // A cursor without HOLD still ends with its transaction.
+    db.batch_execute(&format!(
+        "BEGIN; DECLARE gone CURSOR FOR SELECT key FROM cerebro.predictions WHERE model = '{MODEL}'; FETCH 1 FROM gone; COMMIT;"
+    ))
+    .await?;
+    let err = db.batch_execute("FETCH 1 FROM gone").await.expect_err("closed at COMMIT");
+    assert_eq!(err.code().map(|c| c.code()), Some("34000"), "{err:?}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn refused_writes_leave_no_memory_behind_in_the_backend() -> anyhow::Result<()> {
     let env = Env::from_env();
