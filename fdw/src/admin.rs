@@ -480,7 +480,8 @@ fn try_delete(model: Option<&str>, version: Option<i32>) -> Result<i64> {
                 .update(
                     "SELECT m.id, m.snapshot_id, s.data_relation, coalesce(m.artifact_bytes, 0),
                             EXISTS (SELECT 1 FROM cerebro.model_versions c
-                                    WHERE c.name = m.name AND (c.parent_version = m.version OR c.reproduces = m.version))
+                                    WHERE c.name = m.name AND (c.parent_version = m.version OR c.reproduces = m.version)),
+                            m.selection_id
                      FROM cerebro.model_versions m LEFT JOIN cerebro.snapshots s ON s.id = m.snapshot_id
                      WHERE m.name = $1 AND m.version = $2",
                     Some(1),
@@ -494,6 +495,7 @@ fn try_delete(model: Option<&str>, version: Option<i32>) -> Result<i64> {
             let data_relation: Option<String> = row.get(3)?;
             let mut freed: i64 = row.get(4)?.unwrap_or(0);
             let is_parent: bool = row.get(5)?.unwrap_or(false);
+            let selection: Option<i64> = row.get(6)?;
 
             client.update("DELETE FROM cerebro.artifacts WHERE model_version_id = $1", None, &[id.into()])?;
             if is_parent {
@@ -541,6 +543,15 @@ fn try_delete(model: Option<&str>, version: Option<i32>) -> Result<i64> {
                         &[snapshot.into()],
                     )?;
                 }
+            }
+            // A selection none of whose versions is left goes too.
+            if let Some(selection) = selection {
+                client.update(
+                    "DELETE FROM cerebro.selections s WHERE s.id = $1
+                         AND NOT EXISTS (SELECT 1 FROM cerebro.model_versions m WHERE m.selection_id = s.id)",
+                    None,
+                    &[selection.into()],
+                )?;
             }
             // The last version gone: the name is free again, without its grants.
             client.update(

@@ -20,6 +20,8 @@ pub enum CerebroError {
     Request(#[from] RequestError),
     #[error("column \"{0}\" of cerebro.models is required")]
     MissingValue(&'static str),
+    #[error("features holds a NULL; each of its elements names a column")]
+    NullFeature,
     #[error("column \"{0}\" of cerebro.models is set by Cerebro and cannot be inserted")]
     ReadOnlyColumn(String),
     #[error("column \"{column}\" of cerebro.models must be {expected}")]
@@ -174,6 +176,7 @@ impl CerebroError {
                 RequestError::FeatureConflict { .. }
                 | RequestError::KeyIsTarget(_)
                 | RequestError::NoFeatures { .. }
+                | RequestError::EmptyFeatures
                 | RequestError::SelectionTable { .. }
                 | RequestError::ImportInvalid(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             },
@@ -187,7 +190,7 @@ impl CerebroError {
                 ERRCODE_INVALID_PARAMETER_VALUE
             }
             CerebroError::SeveralInOneScan { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
-            CerebroError::NullArgument(_) => ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            CerebroError::NullArgument(_) | CerebroError::NullFeature => ERRCODE_NULL_VALUE_NOT_ALLOWED,
             CerebroError::NotModelOwner { .. }
             | CerebroError::AskingForAnotherRole
             | CerebroError::ForeignSourceCode { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -276,7 +279,12 @@ impl CerebroError {
                  another role's model is used only once its owner grants it: cerebro.grant_model."
                     .into(),
             ),
-            CerebroError::MissingModel => Some("Add WHERE model = '<name>' to the query.".into()),
+            CerebroError::MissingModel => Some(
+                "Add WHERE model = '<name>' to the query. A condition on another table's column in a join \
+                 or a LATERAL subquery does not reach the scan: put the scan in a scalar subquery, or add \
+                 OFFSET 0 to the LATERAL subquery."
+                    .into(),
+            ),
             CerebroError::SeveralInOneScan { field, .. } => {
                 Some(format!("Score each {field} in a query of its own and combine them with UNION ALL."))
             }
@@ -401,6 +409,12 @@ impl CerebroError {
 
 impl From<CerebroError> for ErrorReport {
     fn from(e: CerebroError) -> ErrorReport {
+        if matches!(e, CerebroError::Interrupted) {
+            // PostgreSQL's own error where it has one pending: a statement
+            // timeout, a lock timeout or a terminate says so, rather than
+            // "due to user request".
+            pgrx::check_for_interrupts!();
+        }
         let mut report = ErrorReport::new(e.sqlstate(), e.to_string(), "cerebro");
         if let Some(h) = e.hint() {
             report = report.set_hint(h);

@@ -699,6 +699,12 @@ mod tests {
             Spi::get_one::<i32>("SELECT version FROM cerebro.leaderboard WHERE name = 'sel' AND rank = 1").unwrap(),
             Some(8)
         );
+        // Its row goes with the last of its versions, not before.
+        for version in 1..=8 {
+            assert_eq!(count("SELECT count(*) FROM cerebro.selections WHERE name = 'sel'"), 1, "before {version}");
+            Spi::run(&format!("SELECT cerebro.delete_model('sel', {version})")).unwrap();
+        }
+        assert_eq!(count("SELECT count(*) FROM cerebro.selections WHERE name = 'sel'"), 0);
     }
 
     #[pg_test]

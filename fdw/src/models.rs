@@ -77,7 +77,7 @@ impl TrainRequest {
                         Some(Cell::StringArray(values)) => Some(
                             values
                                 .iter()
-                                .map(|v| v.clone().ok_or(CerebroError::MissingValue("features")))
+                                .map(|v| v.clone().ok_or(CerebroError::NullFeature))
                                 .collect::<Result<Vec<_>>>()?,
                         ),
                         Some(_) => {
@@ -145,7 +145,11 @@ pub fn list_models() -> Result<Vec<ModelRow>> {
                     CASE WHEN m.importance IS NOT NULL THEN
                         ARRAY(SELECT c.value->>'column'
                               FROM pg_catalog.jsonb_array_elements(m.importance->'columns') WITH ORDINALITY c(value, n)
-                              ORDER BY c.n LIMIT 5) END
+                              ORDER BY c.n LIMIT 5) END,
+                    CASE WHEN m.import_layout IS NOT NULL THEN 'imported'
+                         WHEN m.trained_with ? 'ensemble' THEN
+                             'an ensemble of ' || pg_catalog.jsonb_array_length(m.trained_with->'ensemble'->'members')
+                             || ' versions' END
              FROM cerebro.model_versions m LEFT JOIN cerebro.deployments d ON d.name = m.name
              LEFT JOIN cerebro.snapshots s ON s.id = m.snapshot_id
              ORDER BY m.name, m.version",
@@ -157,9 +161,12 @@ pub fn list_models() -> Result<Vec<ModelRow>> {
             let status: String = row.get(3)?.unwrap_or_default();
             let epoch: i32 = row.get(10)?.unwrap_or(0);
             let epochs: i32 = row.get(11)?.unwrap_or(0);
-            let progress = match status.parse() {
-                Ok(ModelStatus::Training) => format!("epoch {epoch} of {epochs}"),
-                Ok(ModelStatus::Ready) => format!("trained {epoch} of {epochs} epochs"),
+            // An import or an ensemble trains no epochs of its own.
+            let untrained: Option<String> = row.get(22)?;
+            let progress = match (status.parse(), untrained) {
+                (Ok(ModelStatus::Training), _) => format!("epoch {epoch} of {epochs}"),
+                (Ok(ModelStatus::Ready), Some(what)) => what,
+                (Ok(ModelStatus::Ready), None) => format!("trained {epoch} of {epochs} epochs"),
                 _ => status.clone(),
             };
             let string = |v: Option<String>| v.map(Cell::String);

@@ -33,6 +33,8 @@ pub enum RequestError {
     KeyIsTarget(String),
     #[error("{relation} has no column Cerebro can use as a feature")]
     NoFeatures { relation: String },
+    #[error("features is an empty list")]
+    EmptyFeatures,
     #[error("column \"{column}\" is not a feature of the parent, so it cannot be removed")]
     NotAFeature { column: String },
     #[error("selection names table \"{table}\", but the source is {relation}")]
@@ -48,6 +50,9 @@ impl RequestError {
                 Some("Numeric, text, enum and boolean columns are supported; cast others in a view.".into())
             }
             RequestError::NoFeatures { .. } => Some("List the feature columns in the features column.".into()),
+            RequestError::EmptyFeatures => Some(
+                "Name at least one column, or leave features out to use every column but the target and key.".into(),
+            ),
             RequestError::KeyIsTarget(_) => {
                 Some("The key names each row in predictions; give a column that identifies rows, or none.".into())
             }
@@ -127,6 +132,7 @@ pub fn features<'a>(
     let mut features: Vec<Feature> = Vec::new();
     let mut unusable = Vec::new();
     match listed {
+        Some([]) => return Err(RequestError::EmptyFeatures),
         Some(names) => {
             for name in names {
                 let column = source.column(name)?;
@@ -579,7 +585,7 @@ mod tests {
             "column \"p\" of \"public\".\"t\" has type point, which Cerebro cannot use as a feature"
         );
         assert!(err.hint().is_some());
-        assert_eq!(listed(&[]).unwrap_err(), RequestError::NoFeatures { relation: source.relation.clone() });
+        assert_eq!(listed(&[]).unwrap_err(), RequestError::EmptyFeatures);
     }
 
     #[test]

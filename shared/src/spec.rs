@@ -338,6 +338,9 @@ impl SpecError {
             SpecError::TooManyClasses { .. } => {
                 Some("For a numeric target set task to 'regression'; an identifier cannot be a target.".into())
             }
+            SpecError::SingleClass { distinct: 0, .. } => {
+                Some("Every row's target is NULL: check the source's filter, or the target column's name.".into())
+            }
             SpecError::SingleClass { .. } => Some("Check the source's filter: every row has the same label.".into()),
             SpecError::EncodingKind { .. } => Some(
                 "Numeric columns take standard, quantile, ple, robust or periodic; text, boolean and integer columns \

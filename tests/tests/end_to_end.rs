@@ -1727,6 +1727,11 @@ async fn an_onnx_model_built_elsewhere_imports_checked_and_scores() -> anyhow::R
     }
     let v2: i32 = db.query_one(with_target, &[&onnx, &good, &yes_no, &"churn"]).await?.get(0);
     assert_eq!(v2, 2);
+    let progress: String = db
+        .query_one("SELECT progress FROM cerebro.models WHERE name = 'e2e_external' AND version = 2", &[])
+        .await?
+        .get(0);
+    assert_eq!(progress, "imported");
     let frozen: i64 = db
         .query_one(
             "SELECT s.row_count FROM cerebro.snapshots s JOIN cerebro.model_versions m ON m.snapshot_id = s.id
@@ -2503,6 +2508,12 @@ async fn a_selections_ensemble_averages_its_best_and_is_a_version_like_any() -> 
         .await?
         .get(0);
     assert_eq!(lineage, members);
+    // It trained no epochs of its own, and says what it is instead.
+    let progress: String = db
+        .query_one("SELECT progress FROM cerebro.models WHERE name = 'e2e_ensemble' AND version = 5", &[])
+        .await?
+        .get(0);
+    assert_eq!(progress, format!("an ensemble of {} versions", weights.len()));
     // Its importance, measured through ONNX Runtime on its validation rows.
     let imp = db
         .query_one(

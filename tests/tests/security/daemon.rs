@@ -443,6 +443,17 @@ async fn a_graph_that_never_ends_is_stopped_at_the_scoring_deadline() -> anyhow:
         assert!(message.contains("scoring_deadline_ms"), "{call}: {message}");
         assert!(started.elapsed() < Duration::from_secs(60), "{call}: stopped at the deadline");
     }
+    // A statement timeout reached while the backend waits on cerebrod is
+    // PostgreSQL's own error, not a cancel "due to user request".
+    spinner.batch_execute("SET statement_timeout = '300ms'").await?;
+    let err = spinner
+        .query("SELECT * FROM cerebro.measure_importance('sec_spinner', 2)", &[])
+        .await
+        .expect_err("the statement times out");
+    assert_eq!(db_error(&err), ("57014".into(), "canceling statement due to statement timeout".into()));
+    spinner.batch_execute("RESET statement_timeout").await?;
+    // Its run goes on in cerebrod until the deadline.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     // Nothing of it keeps running once stopped: the daemon is idle again.
     let before = cpu_seconds(daemon.pid())?;
     tokio::time::sleep(Duration::from_secs(3)).await;
