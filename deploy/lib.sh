@@ -333,8 +333,8 @@ stop_daemon() {
     fi
     # Left running, it would hold the daemon lock against the next one; the
     # jobs it had go back to the queue when a cerebrod starts again.
-    if daemon_running "$1"; then
-        echo "    cerebrod ($1) did not stop within 10 s of SIGTERM; killing it" >&2
+    if daemon_running "$1" && [ "$(cat "/proc/$(cat "$pidfile")/comm" 2>/dev/null)" = cerebrod ]; then
+        echo "    cerebrod ($1) did not stop after SIGTERM; killing it" >&2
         as_root kill -KILL "$(cat "$pidfile")"
         for _ in $(seq 1 50); do daemon_running "$1" || break; sleep 0.2; done
     fi

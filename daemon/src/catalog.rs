@@ -874,12 +874,12 @@ impl Catalog {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
-    /// Imported versions with frozen rows that nobody has measured yet
-    /// (no importance, no metrics), but for `skip`, oldest first: cerebrod
+    /// At most `limit` imported versions with frozen rows that nobody has
+    /// measured yet (no importance, no metrics), but for `skip`, oldest first: cerebrod
     /// measures them once their import commits. An import measured on
     /// request, or whose rows hold one class (metrics without importance),
     /// is not among them.
-    pub async fn imports_to_measure(&self, skip: &[i64]) -> Result<Vec<ImportToMeasure>> {
+    pub async fn imports_to_measure(&self, skip: &[i64], limit: usize) -> Result<Vec<ImportToMeasure>> {
         let rows = self
             .client
             .query(
@@ -887,8 +887,8 @@ impl Catalog {
                  WHERE import_layout IS NOT NULL AND snapshot_id IS NOT NULL AND status = 'ready'
                    AND importance IS NULL AND metrics IS NULL AND artifact_sha256 IS NOT NULL
                    AND id <> ALL($1)
-                 ORDER BY id LIMIT 16",
-                &[&skip],
+                 ORDER BY id LIMIT $2",
+                &[&skip, &(limit as i64)],
             )
             .await?;
         Ok(rows
@@ -918,7 +918,8 @@ impl Catalog {
             .execute(
                 "UPDATE cerebro.model_versions
                  SET importance = $3, metrics = $4, surrogate = coalesce(surrogate, $5)
-                 WHERE id = $1 AND artifact_sha256 = $2 AND importance IS NULL AND metrics IS NULL",
+                 WHERE id = $1 AND artifact_sha256 = $2 AND status = 'ready'
+                   AND importance IS NULL AND metrics IS NULL",
                 &[&import.id, &import.artifact_sha256, &importance, &metrics, &surrogate],
             )
             .await?;

@@ -2,7 +2,6 @@
 //! artifact and results. Jobs are durable rows; this loop holds no state a
 //! crash could lose.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,9 +63,11 @@ pub struct Carry {
     /// Measuring the imports that committed with their rows (see
     /// `Scheduler::measure_imports`), while it runs.
     measuring: Option<tokio::task::JoinHandle<()>>,
-    /// Imports whose measuring failed: not tried again until cerebrod
-    /// restarts (`cerebro.measure_importance` says why on request).
-    unmeasurable: Arc<std::sync::Mutex<HashSet<i64>>>,
+    /// Imports whose measuring failed, and how many times it failed for a
+    /// reason that may pass: those that failed for good, or too often, are
+    /// not tried again until cerebrod restarts (`cerebro.measure_importance`
+    /// says why on request).
+    unmeasurable: Arc<std::sync::Mutex<Unmeasurable>>,
 }
 
 impl Carry {
@@ -175,6 +176,32 @@ fn explain_models(
 enum Unmeasured {
     Later(String),
     Never(String),
+}
+
+/// Most imports one pass looks at.
+const IMPORTS_A_PASS: usize = 16;
+/// Passes an import may fail for a reason that may pass before it is
+/// given up on.
+const MEASURE_TRIES: u32 = 5;
+
+/// The imports whose measuring failed (see `Carry::unmeasurable`).
+#[derive(Default)]
+struct Unmeasurable(std::collections::HashMap<i64, u32>);
+
+impl Unmeasurable {
+    /// Counts a failure; whether the import is given up on now.
+    fn failed(&mut self, id: i64, why: &Unmeasured) -> bool {
+        let tries = self.0.entry(id).or_default();
+        *tries = match why {
+            Unmeasured::Never(_) => MEASURE_TRIES,
+            Unmeasured::Later(_) => *tries + 1,
+        };
+        *tries >= MEASURE_TRIES
+    }
+
+    fn given_up(&self) -> Vec<i64> {
+        self.0.iter().filter(|(_, &tries)| tries >= MEASURE_TRIES).map(|(&id, _)| id).collect()
+    }
 }
 
 /// Measures one import on its frozen rows, distills it, and stores both,
@@ -349,29 +376,37 @@ impl Scheduler {
         let (data, service) = (self.data.clone(), self.service.clone());
         let (unmeasurable, wake) = (self.carry.unmeasurable.clone(), self.wake.clone());
         self.carry.measuring = Some(tokio::spawn(async move {
-            let skip: Vec<i64> = unmeasurable.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect();
-            let pending = match data.imports_to_measure(&skip).await {
+            let skip = unmeasurable.lock().unwrap_or_else(|e| e.into_inner()).given_up();
+            let pending = match data.imports_to_measure(&skip, IMPORTS_A_PASS).await {
                 Ok(pending) => pending,
                 Err(e) => return debug!("cannot look for imports to measure: {}; next pass", e.reason()),
             };
+            let mut measured = 0;
             for import in &pending {
-                match measure_import(&data, &service, import).await {
-                    Ok(()) => {}
-                    Err(Unmeasured::Later(why)) => {
-                        return debug!(model = %import.name, version = import.version, "{why}; next pass")
+                let failed = match measure_import(&data, &service, import).await {
+                    Ok(()) => {
+                        measured += 1;
+                        continue;
                     }
-                    Err(Unmeasured::Never(why)) => {
-                        warn!(
-                            model = %import.name,
-                            version = import.version,
-                            "cannot measure the imported version: {why}; not tried again until cerebrod restarts (cerebro.measure_importance tries on request)"
-                        );
-                        unmeasurable.lock().unwrap_or_else(|e| e.into_inner()).insert(import.id);
-                    }
+                    Err(failed) => failed,
+                };
+                let given_up = unmeasurable.lock().unwrap_or_else(|e| e.into_inner()).failed(import.id, &failed);
+                let why = match &failed {
+                    Unmeasured::Later(why) | Unmeasured::Never(why) => why,
+                };
+                if given_up {
+                    warn!(
+                        model = %import.name,
+                        version = import.version,
+                        "cannot measure the imported version: {why}; not tried again until cerebrod restarts \
+                         (cerebro.measure_importance tries on request)"
+                    );
+                } else {
+                    debug!(model = %import.name, version = import.version, "{why}; a later pass tries again");
                 }
             }
             // More may wait than one look returns.
-            if !pending.is_empty() {
+            if measured > 0 || pending.len() == IMPORTS_A_PASS {
                 wake.notify_one();
             }
         }));
@@ -805,6 +840,9 @@ impl Scheduler {
                     if let Err(e) = self.sweep_jobs(&stack_ids).await {
                         debug!("sweep during training: {e}");
                     }
+                    // An import that commits while a stack trains is measured
+                    // now, not once the stack ends.
+                    self.measure_imports();
                 }
                 _ = shutdown.changed() => {
                     stop.store(true, Ordering::Relaxed);
@@ -832,7 +870,7 @@ impl Scheduler {
                 self.carry.unwinding = Some(tokio::spawn(async move {
                     let _ = training.await;
                 }));
-                return Ok((done, None));
+                return Ok((done, refused));
             }
             Ok(done) => done,
             Err(e) => {
@@ -1134,5 +1172,24 @@ impl Scheduler {
         error!(job = job.job_id, "{msg}");
         let ended = self.control.finish_failure(job, &msg).await;
         unless_locked(job, ended)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_import_is_given_up_on_at_once_for_good_reasons_and_after_some_tries_for_passing_ones() {
+        let mut failures = Unmeasurable::default();
+        assert!(failures.failed(1, &Unmeasured::Never("the graph gave 2 values".into())));
+        for _ in 1..MEASURE_TRIES {
+            assert!(!failures.failed(2, &Unmeasured::Later("a lock held the write".into())));
+        }
+        assert_eq!(failures.given_up(), [1]);
+        assert!(failures.failed(2, &Unmeasured::Later("a lock held the write".into())));
+        let mut given_up = failures.given_up();
+        given_up.sort_unstable();
+        assert_eq!(given_up, [1, 2]);
     }
 }

@@ -9,6 +9,7 @@
 //! and its values are appended to columns already in the region's encoding
 //! ([`PackedColumn`]), with no tuple formed and no allocation per value.
 
+use std::cell::RefCell;
 use std::ffi::CString;
 
 use cerebro_shared::batch::PackedColumn;
@@ -307,18 +308,33 @@ pub fn fetch_into(cursor: &str, rows: i64, columns: Vec<PackedColumn>, utf8_from
     }
 }
 
+/// PostgreSQL's InvalidSubTransactionId: a portal's `createSubid` once it
+/// is kept past its transaction (pgrx does not export the macro).
+const INVALID_SUBTRANSACTION_ID: pg_sys::SubTransactionId = 0;
+
+thread_local! {
+    /// The scans' source cursors marked holdable, by name, and whether
+    /// their scan went away without closing them (see [`abandon_hold`]).
+    static HELD: RefCell<Vec<(String, bool)>> = const { RefCell::new(Vec::new()) };
+}
+
 /// Marks the scan's own cursor `cursor` holdable when the portal the scan
 /// starts in is (a cursor declared `WITH HOLD`). At COMMIT PostgreSQL keeps
 /// such a cursor by running its query to the end, and drops the
 /// transaction's other cursors in the order of its table of portal names:
 /// before this, the scan's source cursor could be dropped first, and the
 /// scan then failed halfway (depending on the user's cursor's name). Held
-/// too, the source cursor keeps its rows until the scan ends and closes it.
+/// too, the source cursor keeps its rows until the scan ends and closes it
+/// ([`release_hold`]). It is made forward-only, so that keeping it stores
+/// only the rows not read yet rather than running its query again from
+/// the start. First closes source cursors of scans gone since.
 pub fn hold_with_active_portal(cursor: &str) -> Result<()> {
+    close_abandoned_holds();
     let name = CString::new(cursor).map_err(|_| CerebroError::SourceCursorClosed(cursor.to_owned()))?;
     // SAFETY: ActivePortal is the portal being started or run, set by
     // PortalStart/PortalRun around the executor (this runs inside it); the
-    // scan's cursor is looked up by name and checked.
+    // scan's cursor is looked up by name and checked, and has not been
+    // fetched from yet.
     unsafe {
         let active = pg_sys::ActivePortal;
         if active.is_null() || (*active).cursorOptions & pg_sys::CURSOR_OPT_HOLD as i32 == 0 {
@@ -328,7 +344,66 @@ pub fn hold_with_active_portal(cursor: &str) -> Result<()> {
         if portal.is_null() {
             return Err(CerebroError::SourceCursorClosed(cursor.to_owned()));
         }
-        (*portal).cursorOptions |= pg_sys::CURSOR_OPT_HOLD as i32;
+        let options = (*portal).cursorOptions & !(pg_sys::CURSOR_OPT_SCROLL as i32);
+        (*portal).cursorOptions = options | (pg_sys::CURSOR_OPT_NO_SCROLL | pg_sys::CURSOR_OPT_HOLD) as i32;
     }
+    HELD.with(|held| held.borrow_mut().push((cursor.to_owned(), false)));
     Ok(())
+}
+
+/// The scan closed its source cursor `cursor` itself.
+pub fn release_hold(cursor: &str) {
+    HELD.with(|held| held.borrow_mut().retain(|(name, _)| name != cursor));
+}
+
+/// The scan went away without closing its source cursor `cursor` (its
+/// query failed or was abandoned, so PostgreSQL never ended it): a cursor
+/// not kept yet goes back to ending with its transaction; one already kept
+/// past COMMIT is closed when the next scan starts. Runs from a memory
+/// context's reset callback, so it only looks the portal up and flips a
+/// flag: nothing that allocates or raises.
+pub fn abandon_hold(cursor: &str) {
+    HELD.with(|held| {
+        let mut held = held.borrow_mut();
+        let Some(at) = held.iter().position(|(name, _)| name == cursor) else { return };
+        let Ok(name) = CString::new(cursor) else { return };
+        // SAFETY: a lookup in the portal table, which neither allocates nor
+        // raises; a portal not kept yet was created in this transaction.
+        let kept = unsafe {
+            let portal = pg_sys::GetPortalByName(name.as_ptr());
+            if !portal.is_null() && (*portal).createSubid != INVALID_SUBTRANSACTION_ID {
+                (*portal).cursorOptions &= !(pg_sys::CURSOR_OPT_HOLD as i32);
+                false
+            } else {
+                !portal.is_null()
+            }
+        };
+        if kept {
+            held[at].1 = true;
+        } else {
+            held.remove(at);
+        }
+    });
+}
+
+/// Closes the source cursors that scans gone left kept past their
+/// transaction ([`abandon_hold`]).
+fn close_abandoned_holds() {
+    let abandoned: Vec<String> = HELD.with(|held| {
+        let mut held = held.borrow_mut();
+        let gone = held.iter().filter(|(_, abandoned)| *abandoned).map(|(name, _)| name.clone()).collect();
+        held.retain(|(_, abandoned)| !abandoned);
+        gone
+    });
+    for cursor in abandoned {
+        let Ok(name) = CString::new(cursor) else { continue };
+        // SAFETY: looked up by name and checked; a portal that is running
+        // is left alone.
+        unsafe {
+            let portal = pg_sys::GetPortalByName(name.as_ptr());
+            if !portal.is_null() && (*portal).status != pg_sys::PortalStatus::PORTAL_ACTIVE {
+                pg_sys::SPI_cursor_close(portal);
+            }
+        }
+    }
 }

@@ -10,9 +10,9 @@
 //!
 //! With a `target`, the mapped columns and the target are frozen in a
 //! snapshot, as training freezes its rows, so that cerebrod can measure the
-//! graph's importance and metrics there once the import commits (woken by
-//! its NOTIFY), and fit its rule surrogate on request (`cerebro.distill`;
-//! `cerebro.measure_importance` measures again).
+//! graph's importance and metrics there and fit its rule surrogate once the
+//! import commits (woken by its NOTIFY); `cerebro.measure_importance` and
+//! `cerebro.distill` do so again on request.
 
 use cerebro_shared::onnx_graph::{read_signature, ImportLayout};
 use cerebro_shared::request::{self, RequestError};

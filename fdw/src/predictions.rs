@@ -862,12 +862,23 @@ impl PredictionScan {
         if let Some(name) = self.cursor.take() {
             // Dropping a found cursor closes it.
             let _ = Spi::connect(|client| client.find_cursor(&name).map(drop));
+            crate::fetch::release_hold(&name);
         }
         let session = std::mem::take(&mut *self.session.borrow_mut());
         // A scan stopped early (LIMIT) leaves a batch in flight: its answer
         // would be read as the next scan's, so that connection goes.
         if self.inflight.take().is_none() {
             session.keep(std::mem::take(&mut self.socket));
+        }
+    }
+}
+
+impl Drop for PredictionScan {
+    /// A scan PostgreSQL never ended (its query failed, or was abandoned)
+    /// leaves its source cursor to its transaction.
+    fn drop(&mut self) {
+        if let Some(name) = self.cursor.take() {
+            crate::fetch::abandon_hold(&name);
         }
     }
 }
