@@ -279,12 +279,9 @@ impl CerebroError {
                  another role's model is used only once its owner grants it: cerebro.grant_model."
                     .into(),
             ),
-            CerebroError::MissingModel => Some(
-                "Add WHERE model = '<name>' to the query. A condition on another table's column in a join \
-                 or a LATERAL subquery does not reach the scan: put the scan in a scalar subquery, or add \
-                 OFFSET 0 to the LATERAL subquery."
-                    .into(),
-            ),
+            CerebroError::MissingModel => {
+                Some("Add WHERE model = '<name>' to the query (or a join condition on model).".into())
+            }
             CerebroError::SeveralInOneScan { field, .. } => {
                 Some(format!("Score each {field} in a query of its own and combine them with UNION ALL."))
             }

@@ -368,6 +368,72 @@ async fn a_cursor_declared_with_hold_outlives_its_transaction_whatever_its_name(
     Ok(())
 }
 
+/// A join on the key scores only the rows it joins (a scan parameterised by
+/// the other table's row, in a nested loop), and a LATERAL subquery may name
+/// its model and keys by the outer row's columns; in every plan mode, as
+/// prepared statements run. Before, the join scored the model's whole source
+/// and the LATERAL subquery was 22023 `needs to know which model`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_join_on_the_key_scores_only_the_rows_it_joins_and_lateral_names_the_model() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = scoring_model(&env, &db).await?;
+    let scored =
+        |rows: Vec<tokio_postgres::Row>| -> Vec<(String, f64)> { rows.iter().map(|r| (r.get(0), r.get(1))).collect() };
+    let keys: Vec<String> = db
+        .query("SELECT key FROM cerebro.predictions WHERE model = $1 AND version = 1 ORDER BY key LIMIT 3", &[&MODEL])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let expected = scored(
+        db.query(
+            "SELECT key, score FROM cerebro.predictions WHERE model = $1 AND version = 1 AND key = ANY ($2) ORDER BY key",
+            &[&MODEL, &keys],
+        )
+        .await?,
+    );
+    assert_eq!(expected.len(), 3);
+    db.batch_execute("CREATE TEMP TABLE picked (id text, model text)").await?;
+    for key in &keys {
+        db.execute("INSERT INTO picked VALUES ($1, $2)", &[key, &MODEL]).await?;
+    }
+    db.batch_execute("ANALYZE picked").await?;
+    let join = "SELECT p.key, p.score FROM picked k
+                JOIN cerebro.predictions p ON p.key = k.id AND p.model = $1 AND p.version = 1 ORDER BY 1";
+    let lateral = "SELECT p.key, p.score FROM picked k
+                   CROSS JOIN LATERAL (SELECT key, score FROM cerebro.predictions
+                                       WHERE model = k.model AND version = 1 AND key = k.id) p ORDER BY 1";
+    for mode in ["auto", "force_generic_plan", "force_custom_plan"] {
+        db.batch_execute(&format!("SET plan_cache_mode = {mode}")).await?;
+        let join = db.prepare(join).await?;
+        let lateral = db.prepare(lateral).await?;
+        for run in 1..=7 {
+            assert_eq!(scored(db.query(&join, &[&MODEL]).await?), expected, "join ({mode}), run {run}");
+            assert_eq!(scored(db.query(&lateral, &[]).await?), expected, "lateral ({mode}), run {run}");
+        }
+    }
+    db.batch_execute("RESET plan_cache_mode").await?;
+    // Three rescans of one row each, not one scan of the model's 7,043.
+    let plan: Vec<String> = db
+        .simple_query(&format!(
+            "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT p.key, p.score FROM picked k
+             JOIN cerebro.predictions p ON p.key = k.id AND p.model = '{MODEL}' AND p.version = 1"
+        ))
+        .await?
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("Nested Loop"), "{plan}");
+    assert!(plan.contains("Foreign Scan on predictions p (actual rows=1 loops=3)"), "{plan}");
+    assert!(plan.contains("key = ..."), "{plan}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn refused_writes_leave_no_memory_behind_in_the_backend() -> anyhow::Result<()> {
     let env = Env::from_env();
