@@ -17,7 +17,7 @@ use std::future::Future;
 use std::io::{ErrorKind, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +60,13 @@ pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 pub enum ServerError {
     #[error("cannot create the socket {path}: {source}")]
     Bind { path: PathBuf, source: std::io::Error },
+    #[error("socket_path {path} is a file that is not a socket; cerebrod does not remove it: set socket_path to a path of its own")]
+    NotASocket { path: PathBuf },
+    #[error(
+        "another process listens on socket_path {path} (another cerebrod, for another database?); each cerebrod needs \
+         a socket_path of its own, and the database's server option socket names it"
+    )]
+    SocketInUse { path: PathBuf },
     #[error(
         "allowed_uid {allowed_uid} is not cerebrod's uid {daemon_uid}, and the socket {path} cannot be opened to it: \
          {reason}. Run cerebrod as uid {allowed_uid} (the PostgreSQL server's OS user; then leave allowed_uid unset), \
@@ -349,10 +356,22 @@ pub fn bind(path: &Path, allowed_uid: u32) -> Result<UnixListener, ServerError> 
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => info!("removed stale socket {}", path.display()),
+    // Only a socket nobody listens on is stale: another file at the path
+    // (a mistyped socket_path, PostgreSQL's own socket) is not cerebrod's
+    // to remove, and a live socket is another daemon's (a copied config
+    // serving another database), whose clients would reach this one.
+    match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
+        Ok(meta) if !meta.file_type().is_socket() => return Err(ServerError::NotASocket { path: path.to_path_buf() }),
+        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(ServerError::SocketInUse { path: path.to_path_buf() }),
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path).map_err(err)?;
+                info!("removed stale socket {}", path.display());
+            }
+            Err(e) => return Err(err(e)),
+        },
     }
     let listener = UnixListener::bind(path).map_err(err)?;
     // Until the mode is set the file has the umask's; a peer connecting in
@@ -1139,6 +1158,28 @@ mod tests {
         assert!(matches!(call(&mut first, &hello(PROTOCOL_VERSION), &[]), Response::Hello { .. }));
         stop.send(true).unwrap();
         server.await.unwrap();
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn only_a_socket_nobody_listens_on_is_replaced() {
+        let path = temp_socket("stale");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        // A regular file (a mistyped socket_path) is left alone.
+        std::fs::write(&path, b"keep me").unwrap();
+        let e = bind(&path, rustix::process::geteuid().as_raw()).unwrap_err();
+        assert!(matches!(e, ServerError::NotASocket { .. }), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"keep me");
+        std::fs::remove_file(&path).unwrap();
+        // A live socket (another daemon's) is refused, and stays.
+        let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let e = bind(&path, rustix::process::geteuid().as_raw()).unwrap_err();
+        assert!(matches!(e, ServerError::SocketInUse { .. }), "{e}");
+        assert!(path.exists());
+        // Once nobody listens on it, it is stale and replaced.
+        drop(live);
+        let _listener = bind(&path, rustix::process::geteuid().as_raw()).unwrap();
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 

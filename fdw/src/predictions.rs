@@ -143,11 +143,14 @@ thread_local! {
 /// snapshot and the caller's row security, stands for reading and parsing
 /// the row again. A deploy or a rollback is seen by the next statement.
 pub(crate) fn resolved_model(name: &str, version: Option<i32>) -> Result<Rc<ModelVersion>> {
-    let current = Spi::connect(|client| -> Result<Option<i64>> {
+    // The artifact too, not the id alone: ids start again at 1 when the
+    // extension is dropped and created again, and a session kept from
+    // before must not score a new version 1 with the old one's copy.
+    let current = Spi::connect(|client| -> Result<Option<(i64, String)>> {
         let rows = crate::plans::select(
             client,
             concat!(
-                "SELECT id FROM cerebro.model_versions
+                "SELECT id, artifact_sha256 FROM cerebro.model_versions
                  WHERE name = $1 AND status = 'ready' AND version = ",
                 cerebro_shared::resolved_version_sql!()
             ),
@@ -156,7 +159,7 @@ pub(crate) fn resolved_model(name: &str, version: Option<i32>) -> Result<Rc<Mode
             &[name.into(), version.into()],
         )?;
         Ok(match rows.into_iter().next() {
-            Some(row) => row.get::<i64>(1)?,
+            Some(row) => row.get::<i64>(1)?.zip(row.get::<String>(2)?),
             None => None,
         })
     })?;
@@ -164,7 +167,7 @@ pub(crate) fn resolved_model(name: &str, version: Option<i32>) -> Result<Rc<Mode
     // Borrowed only here, never across a query: one may score rows itself.
     let cached = RESOLVED.with(|resolved| resolved.borrow().get(&key).cloned());
     match (current, cached) {
-        (Some(id), Some(cached)) if cached.id == id => Ok(cached),
+        (Some((id, sha)), Some(cached)) if cached.id == id && cached.artifact_sha256 == sha => Ok(cached),
         _ => {
             // Resolving in full says precisely why a model cannot score.
             let model = Rc::new(resolve_model(name, version)?);
