@@ -194,6 +194,23 @@ pub fn session_setup(lock_timeout: Duration) -> String {
 /// unless `database_url` names another.
 pub const APPLICATION_NAME: &str = "cerebrod";
 
+/// How a session with the database ended: what the server said, and
+/// whether the server was shut down or the session terminated on purpose
+/// (`pg_ctl stop` or `restart`, `pg_terminate_backend`: SQLSTATE 57P01),
+/// which no job in hand is to blame for; a crash of another backend
+/// (57P02) or a lost network may be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEnd {
+    pub why: String,
+    pub on_purpose: bool,
+}
+
+impl SessionEnd {
+    fn from_code(why: String, code: Option<&SqlState>) -> SessionEnd {
+        SessionEnd { why, on_purpose: code == Some(&SqlState::ADMIN_SHUTDOWN) }
+    }
+}
+
 /// Opens a connection whose driver task runs in the background, with the
 /// session set up by [`session_setup`]. When `notify` is given, NOTIFY
 /// messages on the connection wake it. The returned handle finishes when the
@@ -202,7 +219,7 @@ pub async fn connect(
     url: &str,
     notify: Option<Arc<Notify>>,
     lock_timeout: Duration,
-) -> Result<(Catalog, tokio::task::JoinHandle<String>)> {
+) -> Result<(Catalog, tokio::task::JoinHandle<SessionEnd>)> {
     let mut config: tokio_postgres::Config = url.parse()?;
     if config.get_application_name().is_none() {
         config.application_name(APPLICATION_NAME);
@@ -211,7 +228,7 @@ pub async fn connect(
     let driver = tokio::spawn(async move {
         // A server that stops at once (immediate shutdown, a crashed
         // backend) says why in a WARNING before it closes the connection.
-        let mut farewell: Option<String> = None;
+        let mut farewell: Option<SessionEnd> = None;
         let mut messages = stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
@@ -224,18 +241,18 @@ pub async fn connect(
                 Ok(AsyncMessage::Notice(n)) => {
                     debug!("server notice: {}", n.message());
                     if ends_session(n.code()) {
-                        farewell = Some(n.message().to_string());
+                        farewell = Some(SessionEnd::from_code(n.message().to_string(), Some(n.code())));
                     }
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    let why = farewell.take().unwrap_or_else(|| describe(&e));
-                    debug!("database connection lost: {why}");
-                    return why;
+                    let end = farewell.take().unwrap_or_else(|| SessionEnd::from_code(describe(&e), e.code()));
+                    debug!("database connection lost: {}", end.why);
+                    return end;
                 }
             }
         }
-        farewell.unwrap_or_else(|| "the server closed the connection".into())
+        farewell.unwrap_or_else(|| SessionEnd { why: "the server closed the connection".into(), on_purpose: false })
     });
     if let Err(e) = client.batch_execute(&session_setup(lock_timeout)).await {
         driver.abort();
@@ -269,7 +286,7 @@ impl DaemonLock {
 pub async fn lock_daemon(
     url: &str,
     lock_timeout: Duration,
-) -> Result<Option<(DaemonLock, tokio::task::JoinHandle<String>)>> {
+) -> Result<Option<(DaemonLock, tokio::task::JoinHandle<SessionEnd>)>> {
     let (session, driver) = connect(url, None, lock_timeout).await?;
     let client = session.client;
     // The transaction stays idle for the daemon's life: a role or database
@@ -486,7 +503,7 @@ pub enum LeftBy {
     HeldLock,
     /// An earlier session of this daemon, which ended for the reason given
     /// (its connection to the database was lost, say) while the job trained.
-    EndedSession(String),
+    EndedSession(SessionEnd),
 }
 
 impl LeftBy {
@@ -497,6 +514,13 @@ impl LeftBy {
             LeftBy::HeldLock => "when a lock held up its ending",
             LeftBy::EndedSession(_) => "when cerebrod's session with the database ended",
         }
+    }
+
+    /// Whether the attempt counts against the job's `max_attempts`: not
+    /// when the database was shut down or the session terminated on purpose
+    /// (a planned restart), which no job is to blame for.
+    pub fn counts(&self) -> bool {
+        !matches!(self, LeftBy::EndedSession(SessionEnd { on_purpose: true, .. }))
     }
 }
 
@@ -521,20 +545,25 @@ pub fn sweep_outcome(
     if cancel_requested {
         return (SweptTo::Cancelled, None);
     }
-    let used_up = attempts >= max_attempts;
+    let used_up = attempts >= max_attempts && left_by.counts();
     let lock = "another transaction held a lock on the job's catalog rows or snapshot";
     let error = match (left_by, used_up) {
+        (LeftBy::EndedSession(end), _) if !left_by.counts() => format!(
+            "attempt {attempts} was interrupted: {}; the job was requeued, the attempt not counted (the database \
+             was shut down or the session terminated on purpose)",
+            end.why
+        ),
         (LeftBy::StoppedDaemon, false) => format!("cerebrod stopped during attempt {attempts}; the job was requeued"),
         (LeftBy::StoppedDaemon, true) => format!("cerebrod stopped during training {attempts} times; giving up"),
         (LeftBy::HeldLock, false) => format!("{lock} during attempt {attempts}; the job was requeued"),
         (LeftBy::HeldLock, true) => {
             format!("{lock} during attempt {attempts}; giving up after {attempts} attempts")
         }
-        (LeftBy::EndedSession(why), false) => {
-            format!("attempt {attempts} was interrupted: {why}; the job was requeued")
+        (LeftBy::EndedSession(end), false) => {
+            format!("attempt {attempts} was interrupted: {}; the job was requeued", end.why)
         }
-        (LeftBy::EndedSession(why), true) => {
-            format!("attempt {attempts} was interrupted: {why}; giving up after {attempts} attempts")
+        (LeftBy::EndedSession(end), true) => {
+            format!("attempt {attempts} was interrupted: {}; giving up after {attempts} attempts", end.why)
         }
     };
     (if used_up { SweptTo::Failed } else { SweptTo::Queued }, Some(error))
@@ -587,7 +616,7 @@ impl Catalog {
         &mut self,
         worker: &str,
         training: &[i64],
-        earlier: &[(String, String)],
+        earlier: &[(String, SessionEnd)],
     ) -> Result<Vec<Swept>> {
         let tx = self.client.transaction().await?;
         let rows = tx
@@ -606,20 +635,23 @@ impl Catalog {
             let left_by = match claimed_by {
                 Some(w) if w == worker => LeftBy::HeldLock,
                 Some(w) => match earlier.iter().find(|(id, _)| *id == w) {
-                    Some((_, why)) => LeftBy::EndedSession(why.clone()),
+                    Some((_, end)) => LeftBy::EndedSession(end.clone()),
                     None => LeftBy::StoppedDaemon,
                 },
                 None => LeftBy::StoppedDaemon,
             };
             let (to, error) = sweep_outcome(row.get(2), row.get(3), row.get(4), &left_by);
+            let uncounted = !left_by.counts();
             // A cancel keeps the reason its request wrote on the job.
             tx.execute(
                 "UPDATE cerebro.jobs SET state = $2::pg_catalog.text::cerebro.job_state,
                         error = coalesce($3, error),
                         finished_at = CASE WHEN $2 = 'queued' THEN NULL ELSE pg_catalog.now() END,
-                        claimed_by = CASE WHEN $2 = 'queued' THEN NULL ELSE claimed_by END
+                        claimed_by = CASE WHEN $2 = 'queued' THEN NULL ELSE claimed_by END,
+                        attempts = CASE WHEN $4 AND $2 = 'queued' THEN pg_catalog.greatest(attempts - 1, 0)
+                                        ELSE attempts END
                  WHERE id = $1",
-                &[&job_id, &to.job_state().as_str(), &error],
+                &[&job_id, &to.job_state().as_str(), &error, &uncounted],
             )
             .await?;
             tx.execute(
@@ -1267,18 +1299,34 @@ mod tests {
 
     #[test]
     fn a_job_a_lost_session_left_is_requeued_with_the_servers_reason_until_its_attempts_run_out() {
-        let lost = LeftBy::EndedSession(
-            "the connection to the database was lost: terminating connection due to administrator command".into(),
-        );
+        let lost = LeftBy::EndedSession(SessionEnd {
+            why: "the connection to the database was lost: terminating connection because of crash of another \
+                  server process"
+                .into(),
+            on_purpose: false,
+        });
         let (to, error) = sweep_outcome(1, 3, false, &lost);
         assert_eq!(to, SweptTo::Queued, "a database restart fails no job that has attempts left");
         let error = error.unwrap();
         assert!(error.starts_with("attempt 1 was interrupted: the connection to the database was lost"), "{error}");
-        assert!(error.contains("terminating connection due to administrator command"), "{error}");
+        assert!(error.contains("crash of another server process"), "{error}");
         let (to, error) = sweep_outcome(3, 3, false, &lost);
         assert_eq!(to, SweptTo::Failed);
         assert!(error.unwrap().ends_with("giving up after 3 attempts"));
         assert_eq!(sweep_outcome(2, 3, true, &lost), (SweptTo::Cancelled, None));
+        // A planned restart (57P01) counts no attempt: the third one is
+        // requeued too, not failed.
+        let restart = LeftBy::EndedSession(SessionEnd::from_code(
+            "terminating connection due to administrator command".into(),
+            Some(&SqlState::ADMIN_SHUTDOWN),
+        ));
+        assert!(!restart.counts() && lost.counts() && LeftBy::StoppedDaemon.counts());
+        let (to, error) = sweep_outcome(3, 3, false, &restart);
+        assert_eq!(to, SweptTo::Queued);
+        assert!(error
+            .unwrap()
+            .ends_with("the attempt not counted (the database was shut down or the session terminated on purpose)"));
+        assert_eq!(sweep_outcome(3, 3, true, &restart), (SweptTo::Cancelled, None));
     }
 
     fn plan(features: &[&str], target: &str) -> TrainingPlan {

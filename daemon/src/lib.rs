@@ -40,7 +40,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::catalog::{Catalog, CatalogError};
+use crate::catalog::{Catalog, CatalogError, SessionEnd};
 use crate::config::Config;
 use crate::data::{copy_columns, ReadAs, UserRelation};
 use crate::engine::{Compute, DeviceChoice};
@@ -109,16 +109,16 @@ struct HeldLock {
     /// Its session's server process names the daemon in the jobs it claims.
     lock: catalog::DaemonLock,
     /// Finishes when the lock's session is lost, and the lock with it.
-    driver: JoinHandle<String>,
+    driver: JoinHandle<SessionEnd>,
 }
 
 /// One session of the daemon with the database: the job loop's connection
 /// (which LISTENs) and the one that reads snapshots and artifacts.
 struct Session {
     control: Catalog,
-    control_driver: JoinHandle<String>,
+    control_driver: JoinHandle<SessionEnd>,
     data: Arc<Catalog>,
-    data_driver: JoinHandle<String>,
+    data_driver: JoinHandle<SessionEnd>,
     /// What the jobs this session claims say in `claimed_by`: unique to the
     /// session, so that the next one knows the jobs it left running.
     worker_id: String,
@@ -181,13 +181,16 @@ enum End {
     /// The job loop returned (an error ends the session).
     JobLoop(Result<(scheduler::Carry, Result<(), CatalogError>), tokio::task::JoinError>),
     /// A connection of the session was lost: why.
-    Lost(String),
+    Lost(SessionEnd),
 }
 
 /// Why a driver's connection ended.
-fn lost_because(what: &str, ended: Result<String, tokio::task::JoinError>) -> String {
-    let why = ended.unwrap_or_else(|e| e.to_string());
-    format!("the connection to the database was lost: {why} ({what} connection)")
+fn lost_because(what: &str, ended: Result<SessionEnd, tokio::task::JoinError>) -> SessionEnd {
+    let end = ended.unwrap_or_else(|e| SessionEnd { why: e.to_string(), on_purpose: false });
+    SessionEnd {
+        why: format!("the connection to the database was lost: {} ({what} connection)", end.why),
+        on_purpose: end.on_purpose,
+    }
 }
 
 /// Runs the daemon until `shutdown` becomes true. Database errors end a
@@ -336,29 +339,40 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         }
         control_driver.abort();
         data_driver.abort();
+        // A statement in flight gets the server's own words (a fast
+        // shutdown's FATAL goes to it, not to the connection).
+        let statement_lost = |e: &CatalogError| match e {
+            CatalogError::Db(db) if e.is_lost() => Some(SessionEnd {
+                why: format!("the connection to the database was lost: {}", e.reason()),
+                on_purpose: db.code() == Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN),
+            }),
+            _ if e.is_lost() => Some(SessionEnd {
+                why: format!("the connection to the database was lost: {}", e.reason()),
+                on_purpose: false,
+            }),
+            _ => None,
+        };
         let (ended, why) = match end {
             End::Stop => unreachable!("handled above"),
             End::Lost(why) => {
                 let _ = lost_tx.send(true);
                 let ended = jobs.await;
-                // A statement in flight got the server's own words (a fast
-                // shutdown's FATAL goes to it, not to the connection).
                 let why = match &ended {
-                    Ok((_, Err(e @ CatalogError::Db(db)))) if e.is_lost() && db.as_db_error().is_some() => {
-                        format!("the connection to the database was lost: {}", e.reason())
+                    Ok((_, Err(e @ CatalogError::Db(db)))) if db.as_db_error().is_some() => {
+                        statement_lost(e).unwrap_or(why)
                     }
                     _ => why,
                 };
                 (ended, why)
             }
             End::JobLoop(done) => {
+                let stopped = |why: String| SessionEnd { why, on_purpose: false };
                 let why = match &done {
-                    Ok((_, Err(e))) if e.is_lost() => {
-                        format!("the connection to the database was lost: {}", e.reason())
+                    Ok((_, Err(e))) => {
+                        statement_lost(e).unwrap_or_else(|| stopped(format!("the job loop stopped: {e}")))
                     }
-                    Ok((_, Err(e))) => format!("the job loop stopped: {e}"),
-                    Ok((_, Ok(()))) => "the job loop stopped".into(),
-                    Err(e) => e.to_string(),
+                    Ok((_, Ok(()))) => stopped("the job loop stopped".into()),
+                    Err(e) => stopped(e.to_string()),
                 };
                 (done, why)
             }
@@ -367,9 +381,10 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             Ok((c, _)) => carry = c,
             Err(e) => break Err(DaemonError::JobLoopPanicked(e.to_string())),
         }
-        carry.session_ended(worker_id, why.clone());
+        let why_text = why.why.clone();
+        carry.session_ended(worker_id, why);
         error!(
-            "{why}. Reconnecting; the jobs this session had in hand go back to the queue once cerebrod is back, \
+            "{why_text}. Reconnecting; the jobs this session had in hand go back to the queue once cerebrod is back, \
              and models already loaded are still scored meanwhile"
         );
         let lasted = started.elapsed();

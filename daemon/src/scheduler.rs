@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinError;
 use tracing::{debug, error, info, warn};
 
-use crate::catalog::{Catalog, CatalogError, ClaimedJob, ImportToMeasure, JobSpec, Stored, SweptTo};
+use crate::catalog::{Catalog, CatalogError, ClaimedJob, ImportToMeasure, JobSpec, SessionEnd, Stored, SweptTo};
 use crate::data::{read_snapshot, Table};
 use crate::engine::Compute;
 use crate::ensemble::{self, Candidate};
@@ -59,7 +59,7 @@ pub struct Carry {
     unwinding: Option<tokio::task::JoinHandle<()>>,
     /// Worker ids of earlier sessions and why each ended: the sweep names
     /// that reason in the jobs they left running.
-    earlier: Vec<(String, String)>,
+    earlier: Vec<(String, SessionEnd)>,
     /// Measuring the imports that committed with their rows (see
     /// `Scheduler::measure_imports`), while it runs.
     measuring: Option<tokio::task::JoinHandle<()>>,
@@ -71,12 +71,12 @@ pub struct Carry {
 }
 
 impl Carry {
-    /// Records that the session working as `worker` ended, for `why`.
-    pub fn session_ended(&mut self, worker: String, why: String) {
+    /// Records that the session working as `worker` ended, and how.
+    pub fn session_ended(&mut self, worker: String, end: SessionEnd) {
         if self.earlier.len() >= EARLIER_SESSIONS {
             self.earlier.remove(0);
         }
-        self.earlier.push((worker, why));
+        self.earlier.push((worker, end));
     }
 }
 
