@@ -648,7 +648,7 @@ impl Catalog {
                         error = coalesce($3, error),
                         finished_at = CASE WHEN $2 = 'queued' THEN NULL ELSE pg_catalog.now() END,
                         claimed_by = CASE WHEN $2 = 'queued' THEN NULL ELSE claimed_by END,
-                        attempts = CASE WHEN $4 AND $2 = 'queued' THEN pg_catalog.greatest(attempts - 1, 0)
+                        attempts = CASE WHEN $4 AND $2 = 'queued' THEN GREATEST(attempts - 1, 0)
                                         ELSE attempts END
                  WHERE id = $1",
                 &[&job_id, &to.job_state().as_str(), &error, &uncounted],
