@@ -166,10 +166,16 @@ pub unsafe extern "C-unwind" fn get_foreign_paths(
     unsafe {
         let rows = (*baserel).rows;
         let scores = object_of(&table_options(foreigntableid)) == "predictions";
+        // Every path of a relation that refers to others laterally needs
+        // their row.
+        let lateral = (*baserel).lateral_relids;
+        let model_named =
+            scores && picked_by(root, baserel, foreigntableid, (*baserel).baserestrictinfo, lateral).model;
         // Scans parameterised by the other relations a join condition on
         // the key or the model reads: `p.key = o.id::text` scores each outer
         // row's key in a nested loop rather than the model's whole source,
-        // and a LATERAL subquery's `p.model = m.name` names the model.
+        // and a LATERAL subquery's `p.model = m.name` names the model. Only
+        // scans that know their model: one that does not can only fail.
         let mut model_by_join = false;
         if scores {
             for outer in join_partners(root, baserel) {
@@ -178,7 +184,7 @@ pub unsafe extern "C-unwind" fn get_foreign_paths(
                     continue;
                 }
                 let picked = picked_by(root, baserel, foreigntableid, (*info).ppi_clauses, outer);
-                if picked.keys.is_none() && !picked.model {
+                if (picked.keys.is_none() && !picked.model) || !(picked.model || model_named) {
                     continue;
                 }
                 model_by_join |= picked.model;
@@ -200,10 +206,7 @@ pub unsafe extern "C-unwind" fn get_foreign_paths(
         }
         // A scan that names no model of its own can only fail: when a join
         // can name it, that plan must win.
-        let unnamed = scores
-            && model_by_join
-            && !picked_by(root, baserel, foreigntableid, (*baserel).baserestrictinfo, ptr::null_mut()).model;
-        let cost = if unnamed { pg_sys::disable_cost } else { rows };
+        let cost = if model_by_join && !model_named { pg_sys::disable_cost } else { rows };
         let path = pg_sys::create_foreignscan_path(
             root,
             baserel,
@@ -212,7 +215,7 @@ pub unsafe extern "C-unwind" fn get_foreign_paths(
             0.0,
             cost,
             ptr::null_mut(),
-            ptr::null_mut(),
+            lateral,
             ptr::null_mut(),
             ptr::null_mut(),
         );
@@ -266,12 +269,19 @@ unsafe fn picked_by(
     picked
 }
 
+/// Most other relations whose pairs are tried as a parameterised scan's
+/// outer relations (the key from one, the model from another).
+const PAIRED_RELATIONS: usize = 8;
+
 /// The sets of other relations a parameterised scan could be given a row
 /// of: each other relation of the query alone (an equality such as `p.key =
 /// d.id::text` lives in an equivalence class, not in the join clauses, and
-/// PostgreSQL derives it for a scan parameterised by `d`), and the
-/// relations each of this scan's other join conditions reads; each with the
-/// relations this one refers to laterally, and each once.
+/// PostgreSQL derives it for a scan parameterised by `d`), each pair of
+/// them (the key from one, the model from another), and the relations each
+/// of this scan's other join conditions reads; each with the relations
+/// this one refers to laterally, and each once. Never this scan's own
+/// parents (an appendrel's: a `UNION ALL` or a partitioned table) nor the
+/// relations that refer to this one laterally.
 unsafe fn join_partners(
     root: *mut pg_sys::PlannerInfo,
     baserel: *mut pg_sys::RelOptInfo,
@@ -279,26 +289,46 @@ unsafe fn join_partners(
     let mut partners: Vec<*mut pg_sys::Bitmapset> = Vec::new();
     unsafe {
         let lateral = (*baserel).lateral_relids;
+        let excluded = pg_sys::bms_union(
+            pg_sys::bms_union((*baserel).relids, (*baserel).top_parent_relids),
+            (*baserel).lateral_referencers,
+        );
         let mut add = |outer: *mut pg_sys::Bitmapset| {
-            let outer = pg_sys::bms_difference(pg_sys::bms_union(outer, lateral), (*baserel).relids);
-            if !pg_sys::bms_is_empty(outer) && !partners.iter().any(|&p| pg_sys::bms_equal(p, outer)) {
-                partners.push(outer);
+            let outer = pg_sys::bms_union(outer, lateral);
+            if pg_sys::bms_is_empty(outer)
+                || pg_sys::bms_overlap(outer, excluded)
+                || partners.iter().any(|&p| pg_sys::bms_equal(p, outer))
+            {
+                return;
             }
+            partners.push(outer);
         };
+        let mut others = Vec::new();
         let mut member = -1;
         loop {
             member = pg_sys::bms_next_member((*root).all_baserels, member);
             if member < 0 {
                 break;
             }
-            if member as u32 != (*baserel).relid {
-                add(pg_sys::bms_make_singleton(member));
+            if !pg_sys::bms_is_member(member, excluded) {
+                others.push(member);
+            }
+        }
+        for &one in &others {
+            add(pg_sys::bms_make_singleton(one));
+        }
+        if others.len() <= PAIRED_RELATIONS {
+            for (i, &one) in others.iter().enumerate() {
+                for &two in &others[i + 1..] {
+                    add(pg_sys::bms_add_member(pg_sys::bms_make_singleton(one), two));
+                }
             }
         }
         let joininfo = (*baserel).joininfo;
         if !joininfo.is_null() {
             for cell in std::slice::from_raw_parts((*joininfo).elements, (*joininfo).length as usize) {
-                add((*(cell.ptr_value as *mut pg_sys::RestrictInfo)).clause_relids);
+                let clause_relids = (*(cell.ptr_value as *mut pg_sys::RestrictInfo)).clause_relids;
+                add(pg_sys::bms_difference(clause_relids, (*baserel).relids));
             }
         }
     }
