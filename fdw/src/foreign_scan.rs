@@ -184,7 +184,7 @@ pub unsafe extern "C-unwind" fn get_foreign_paths(
                     continue;
                 }
                 let picked = picked_by(root, baserel, foreigntableid, (*info).ppi_clauses, outer);
-                if (picked.keys.is_none() && !picked.model) || !(picked.model || model_named) {
+                if !picked.model && (picked.keys.is_none() || !model_named) {
                     continue;
                 }
                 model_by_join |= picked.model;
