@@ -194,20 +194,29 @@ pub fn session_setup(lock_timeout: Duration) -> String {
 /// unless `database_url` names another.
 pub const APPLICATION_NAME: &str = "cerebrod";
 
-/// How a session with the database ended: what the server said, and
-/// whether the server was shut down or the session terminated on purpose
-/// (`pg_ctl stop` or `restart`, `pg_terminate_backend`: SQLSTATE 57P01),
-/// which no job in hand is to blame for; a crash of another backend
-/// (57P02) or a lost network may be.
+/// How a session with the database ended: what the server said, whether
+/// the server was shut down or the session terminated on purpose (`pg_ctl
+/// stop` or `restart`, `pg_terminate_backend`: SQLSTATE 57P01), and when
+/// the server it was a session of had started (`pg_postmaster_start_time`,
+/// in microseconds; set by the daemon, not the driver). A restart on purpose is
+/// no job's fault; a crash of another backend (57P02), a lost network, or a
+/// session terminated again and again while the server ran on may be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionEnd {
     pub why: String,
     pub on_purpose: bool,
+    pub server_started: Option<i64>,
 }
 
 impl SessionEnd {
     fn from_code(why: String, code: Option<&SqlState>) -> SessionEnd {
-        SessionEnd { why, on_purpose: code == Some(&SqlState::ADMIN_SHUTDOWN) }
+        SessionEnd { why, on_purpose: code == Some(&SqlState::ADMIN_SHUTDOWN), server_started: None }
+    }
+
+    /// Whether the session ended with a restart on purpose of its server,
+    /// which now runs since `server_started`.
+    pub fn planned_restart(&self, server_started: i64) -> bool {
+        self.on_purpose && self.server_started.is_some_and(|then| then != server_started)
     }
 }
 
@@ -252,7 +261,7 @@ pub async fn connect(
                 }
             }
         }
-        farewell.unwrap_or_else(|| SessionEnd { why: "the server closed the connection".into(), on_purpose: false })
+        farewell.unwrap_or_else(|| SessionEnd::from_code("the server closed the connection".into(), None))
     });
     if let Err(e) = client.batch_execute(&session_setup(lock_timeout)).await {
         driver.abort();
@@ -516,11 +525,12 @@ impl LeftBy {
         }
     }
 
-    /// Whether the attempt counts against the job's `max_attempts`: not
-    /// when the database was shut down or the session terminated on purpose
-    /// (a planned restart), which no job is to blame for.
-    pub fn counts(&self) -> bool {
-        !matches!(self, LeftBy::EndedSession(SessionEnd { on_purpose: true, .. }))
+    /// Whether the attempt counts against the job's `max_attempts`, the
+    /// server now running since `server_started`: not when the session
+    /// ended with a restart of the server on purpose, which no job is to
+    /// blame for.
+    pub fn counts(&self, server_started: i64) -> bool {
+        !matches!(self, LeftBy::EndedSession(end) if end.planned_restart(server_started))
     }
 }
 
@@ -541,16 +551,18 @@ pub fn sweep_outcome(
     max_attempts: i32,
     cancel_requested: bool,
     left_by: &LeftBy,
+    server_started: i64,
 ) -> (SweptTo, Option<String>) {
     if cancel_requested {
         return (SweptTo::Cancelled, None);
     }
-    let used_up = attempts >= max_attempts && left_by.counts();
+    let counts = left_by.counts(server_started);
+    let used_up = attempts >= max_attempts && counts;
     let lock = "another transaction held a lock on the job's catalog rows or snapshot";
     let error = match (left_by, used_up) {
-        (LeftBy::EndedSession(end), _) if !left_by.counts() => format!(
+        (LeftBy::EndedSession(end), _) if !counts => format!(
             "attempt {attempts} was interrupted: {}; the job was requeued, the attempt not counted (the database \
-             was shut down or the session terminated on purpose)",
+             was restarted on purpose)",
             end.why
         ),
         (LeftBy::StoppedDaemon, false) => format!("cerebrod stopped during attempt {attempts}; the job was requeued"),
@@ -600,6 +612,20 @@ impl Catalog {
         &mut self.client
     }
 
+    /// When the server started (`pg_postmaster_start_time`), in microseconds
+    /// since the epoch: a different value after a reconnect means the
+    /// server restarted.
+    pub async fn server_started(&self) -> Result<i64> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT (pg_catalog.date_part('epoch', pg_catalog.pg_postmaster_start_time()) * 1e6)::pg_catalog.int8",
+                &[],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
     pub async fn listen(&self) -> Result<()> {
         self.client.batch_execute(&format!("LISTEN {JOBS_CHANNEL}")).await?;
         Ok(())
@@ -617,6 +643,7 @@ impl Catalog {
         worker: &str,
         training: &[i64],
         earlier: &[(String, SessionEnd)],
+        server_started: i64,
     ) -> Result<Vec<Swept>> {
         let tx = self.client.transaction().await?;
         let rows = tx
@@ -640,8 +667,8 @@ impl Catalog {
                 },
                 None => LeftBy::StoppedDaemon,
             };
-            let (to, error) = sweep_outcome(row.get(2), row.get(3), row.get(4), &left_by);
-            let uncounted = !left_by.counts();
+            let (to, error) = sweep_outcome(row.get(2), row.get(3), row.get(4), &left_by, server_started);
+            let uncounted = !left_by.counts(server_started);
             // A cancel keeps the reason its request wrote on the job.
             tx.execute(
                 "UPDATE cerebro.jobs SET state = $2::pg_catalog.text::cerebro.job_state,
@@ -1280,18 +1307,18 @@ mod tests {
     fn the_sweep_requeues_cancels_or_gives_up() {
         let stopped = LeftBy::StoppedDaemon;
         let lock = LeftBy::HeldLock;
-        assert_eq!(sweep_outcome(1, 3, true, &lock), (SweptTo::Cancelled, None));
-        assert_eq!(sweep_outcome(3, 3, true, &stopped), (SweptTo::Cancelled, None));
-        let (to, error) = sweep_outcome(1, 3, false, &stopped);
+        assert_eq!(sweep_outcome(1, 3, true, &lock, NOW), (SweptTo::Cancelled, None));
+        assert_eq!(sweep_outcome(3, 3, true, &stopped, NOW), (SweptTo::Cancelled, None));
+        let (to, error) = sweep_outcome(1, 3, false, &stopped, NOW);
         assert_eq!(to, SweptTo::Queued);
         assert_eq!(error.unwrap(), "cerebrod stopped during attempt 1; the job was requeued");
-        let (to, error) = sweep_outcome(3, 3, false, &stopped);
+        let (to, error) = sweep_outcome(3, 3, false, &stopped, NOW);
         assert_eq!(to, SweptTo::Failed);
         assert!(error.unwrap().contains("giving up"));
-        let (to, error) = sweep_outcome(2, 3, false, &lock);
+        let (to, error) = sweep_outcome(2, 3, false, &lock, NOW);
         assert_eq!(to, SweptTo::Queued);
         assert!(error.unwrap().contains("another transaction held a lock on the job's catalog rows"));
-        let (to, error) = sweep_outcome(3, 3, false, &lock);
+        let (to, error) = sweep_outcome(3, 3, false, &lock, NOW);
         assert_eq!(to, SweptTo::Failed);
         let error = error.unwrap();
         assert!(error.contains("held a lock") && error.contains("giving up after 3 attempts"), "{error}");
@@ -1304,30 +1331,43 @@ mod tests {
                   server process"
                 .into(),
             on_purpose: false,
+            server_started: Some(BEFORE),
         });
-        let (to, error) = sweep_outcome(1, 3, false, &lost);
+        let (to, error) = sweep_outcome(1, 3, false, &lost, NOW);
         assert_eq!(to, SweptTo::Queued, "a database restart fails no job that has attempts left");
         let error = error.unwrap();
         assert!(error.starts_with("attempt 1 was interrupted: the connection to the database was lost"), "{error}");
         assert!(error.contains("crash of another server process"), "{error}");
-        let (to, error) = sweep_outcome(3, 3, false, &lost);
+        let (to, error) = sweep_outcome(3, 3, false, &lost, NOW);
         assert_eq!(to, SweptTo::Failed);
         assert!(error.unwrap().ends_with("giving up after 3 attempts"));
-        assert_eq!(sweep_outcome(2, 3, true, &lost), (SweptTo::Cancelled, None));
-        // A planned restart (57P01) counts no attempt: the third one is
-        // requeued too, not failed.
-        let restart = LeftBy::EndedSession(SessionEnd::from_code(
+        assert_eq!(sweep_outcome(2, 3, true, &lost, NOW), (SweptTo::Cancelled, None));
+        // A restart on purpose (57P01, and the server started again since)
+        // counts no attempt: the third one is requeued too, not failed.
+        let mut end = SessionEnd::from_code(
             "terminating connection due to administrator command".into(),
             Some(&SqlState::ADMIN_SHUTDOWN),
-        ));
-        assert!(!restart.counts() && lost.counts() && LeftBy::StoppedDaemon.counts());
-        let (to, error) = sweep_outcome(3, 3, false, &restart);
+        );
+        end.server_started = Some(BEFORE);
+        let restart = LeftBy::EndedSession(end.clone());
+        assert!(!restart.counts(NOW) && lost.counts(NOW) && LeftBy::StoppedDaemon.counts(NOW));
+        let (to, error) = sweep_outcome(3, 3, false, &restart, NOW);
         assert_eq!(to, SweptTo::Queued);
-        assert!(error
-            .unwrap()
-            .ends_with("the attempt not counted (the database was shut down or the session terminated on purpose)"));
-        assert_eq!(sweep_outcome(3, 3, true, &restart), (SweptTo::Cancelled, None));
+        assert!(error.unwrap().ends_with("the attempt not counted (the database was restarted on purpose)"));
+        assert_eq!(sweep_outcome(3, 3, true, &restart, NOW), (SweptTo::Cancelled, None));
+        // The same 57P01 while the server ran on (pg_terminate_backend of
+        // cerebrod's session, again and again) counts: the job cannot go
+        // round for ever.
+        assert!(restart.counts(BEFORE));
+        assert_eq!(sweep_outcome(3, 3, false, &restart, BEFORE).0, SweptTo::Failed);
+        // Unknown when the server started: counted, as before.
+        end.server_started = None;
+        assert!(LeftBy::EndedSession(end).counts(NOW));
     }
+
+    /// Server start times (microseconds since the epoch) for the sweep's tests.
+    const BEFORE: i64 = 1_764_900_000_000_000;
+    const NOW: i64 = 1_764_950_000_000_000;
 
     fn plan(features: &[&str], target: &str) -> TrainingPlan {
         TrainingPlan {

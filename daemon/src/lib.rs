@@ -122,6 +122,8 @@ struct Session {
     /// What the jobs this session claims say in `claimed_by`: unique to the
     /// session, so that the next one knows the jobs it left running.
     worker_id: String,
+    /// When the server started (see `Catalog::server_started`).
+    server_started: i64,
 }
 
 /// Takes the daemon lock unless `held` still has it (its session alive),
@@ -146,6 +148,13 @@ async fn open_session(
         control_driver.abort();
         return Err(e.into());
     }
+    let server_started = match control.server_started().await {
+        Ok(t) => t,
+        Err(e) => {
+            control_driver.abort();
+            return Err(e.into());
+        }
+    };
     let (data, data_driver) = match catalog::connect(url, None, lock_timeout).await {
         Ok(c) => c,
         Err(e) => {
@@ -159,6 +168,7 @@ async fn open_session(
         data: Arc::new(data),
         data_driver,
         worker_id: format!("cerebrod pid {} (session {pid}, connection {number})", std::process::id()),
+        server_started,
     })
 }
 
@@ -186,11 +196,8 @@ enum End {
 
 /// Why a driver's connection ended.
 fn lost_because(what: &str, ended: Result<SessionEnd, tokio::task::JoinError>) -> SessionEnd {
-    let end = ended.unwrap_or_else(|e| SessionEnd { why: e.to_string(), on_purpose: false });
-    SessionEnd {
-        why: format!("the connection to the database was lost: {} ({what} connection)", end.why),
-        on_purpose: end.on_purpose,
-    }
+    let end = ended.unwrap_or_else(|e| SessionEnd { why: e.to_string(), on_purpose: false, server_started: None });
+    SessionEnd { why: format!("the connection to the database was lost: {} ({what} connection)", end.why), ..end }
 }
 
 /// Runs the daemon until `shutdown` becomes true. Database errors end a
@@ -290,7 +297,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             listening = Some(Listening { server, file: socket_file(&config.socket_path) });
         }
 
-        let Session { control, mut control_driver, data, mut data_driver, worker_id } = session;
+        let Session { control, mut control_driver, data, mut data_driver, worker_id, server_started } = session;
         catalog.set(Some(data.clone()));
         let started = Instant::now();
         let (lost_tx, lost) = watch::channel(false);
@@ -298,6 +305,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             control,
             data,
             worker_id: worker_id.clone(),
+            server_started,
             poll_interval: config.poll_interval,
             lock_timeout: config.lock_timeout,
             compute: Compute { device: config.device, threads: config.training_threads },
@@ -345,10 +353,12 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             CatalogError::Db(db) if e.is_lost() => Some(SessionEnd {
                 why: format!("the connection to the database was lost: {}", e.reason()),
                 on_purpose: db.code() == Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN),
+                server_started: None,
             }),
             _ if e.is_lost() => Some(SessionEnd {
                 why: format!("the connection to the database was lost: {}", e.reason()),
                 on_purpose: false,
+                server_started: None,
             }),
             _ => None,
         };
@@ -366,7 +376,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                 (ended, why)
             }
             End::JobLoop(done) => {
-                let stopped = |why: String| SessionEnd { why, on_purpose: false };
+                let stopped = |why: String| SessionEnd { why, on_purpose: false, server_started: None };
                 let why = match &done {
                     Ok((_, Err(e))) => {
                         statement_lost(e).unwrap_or_else(|| stopped(format!("the job loop stopped: {e}")))
@@ -382,7 +392,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             Err(e) => break Err(DaemonError::JobLoopPanicked(e.to_string())),
         }
         let why_text = why.why.clone();
-        carry.session_ended(worker_id, why);
+        carry.session_ended(worker_id, SessionEnd { server_started: Some(server_started), ..why });
         error!(
             "{why_text}. Reconnecting; the jobs this session had in hand go back to the queue once cerebrod is back, \
              and models already loaded are still scored meanwhile"

@@ -86,6 +86,9 @@ pub struct Scheduler {
     /// COPY of snapshots, on its own connection so progress writes never wait on it.
     pub data: Arc<Catalog>,
     pub worker_id: String,
+    /// When the server this session reaches started (a restart since an
+    /// earlier session's end is what excuses its jobs' attempts).
+    pub server_started: i64,
     pub poll_interval: Duration,
     /// The sessions' lock_timeout (`lock_timeout_ms`).
     pub lock_timeout: Duration,
@@ -415,14 +418,15 @@ impl Scheduler {
     /// Requeues, fails or cancels the jobs left `running` but for those of
     /// `training` (see `Catalog::sweep_jobs`); never waits on a lock.
     async fn sweep_jobs(&mut self, training: &[i64]) -> Result<(), CatalogError> {
-        let swept = match self.control.sweep_jobs(&self.worker_id, training, &self.carry.earlier).await {
-            Ok(swept) => swept,
-            Err(e) if e.is_lock_timeout() => {
-                debug!("the sweep waited on a lock past lock_timeout ({}); next pass", e.reason());
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
+        let swept =
+            match self.control.sweep_jobs(&self.worker_id, training, &self.carry.earlier, self.server_started).await {
+                Ok(swept) => swept,
+                Err(e) if e.is_lock_timeout() => {
+                    debug!("the sweep waited on a lock past lock_timeout ({}); next pass", e.reason());
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
         for s in swept {
             let why = s.left_by.describe();
             match s.to {
