@@ -92,8 +92,10 @@ fn ends_session(code: &SqlState) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
     /// Another transaction held a lock the statement needed, past
-    /// `lock_timeout` (or a deadlock with it was broken by failing ours):
-    /// nothing is wrong with the job, the write may succeed later.
+    /// `lock_timeout` (or a deadlock or a serialization failure with it was
+    /// broken by failing ours), or someone cancelled the statement
+    /// (`pg_cancel_backend`): nothing is wrong with the job, the write may
+    /// succeed later.
     Lock,
     /// The server refused the statement (a privilege, a constraint) while
     /// the connection stayed up: the job at hand fails, the daemon goes on.
@@ -110,7 +112,14 @@ impl Failure {
     pub fn of(code: Option<&SqlState>) -> Failure {
         match code {
             None => Failure::Lost,
-            Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE || *c == SqlState::T_R_DEADLOCK_DETECTED => Failure::Lock,
+            Some(c)
+                if *c == SqlState::LOCK_NOT_AVAILABLE
+                    || *c == SqlState::T_R_DEADLOCK_DETECTED
+                    || *c == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *c == SqlState::QUERY_CANCELED =>
+            {
+                Failure::Lock
+            }
             Some(c) if ends_session(c) => Failure::Lost,
             Some(_) => Failure::Refusal,
         }
@@ -185,9 +194,20 @@ impl CatalogError {
 /// What every session of cerebrod runs first: nothing it runs later may
 /// resolve a name through a schema a user can write (pg_temp last, where
 /// functions and operators are never looked up), nor wait on a lock for
-/// longer than `lock_timeout`.
+/// longer than `lock_timeout`. And a database's or role's defaults, meant
+/// for applications, do not reach it: a `statement_timeout` would cancel
+/// reading a large snapshot, an `idle_session_timeout` end the data
+/// connection while a model trains (and the session with it, an attempt
+/// counted each time), `default_transaction_read_only` leave every job
+/// queued for ever, and a stricter isolation level fail a write on a
+/// concurrent update of a row the daemon owns.
 pub fn session_setup(lock_timeout: Duration) -> String {
-    format!("SET search_path = pg_catalog, pg_temp; SET lock_timeout = {}", lock_timeout.as_millis().max(1))
+    format!(
+        "SET search_path = pg_catalog, pg_temp; SET lock_timeout = {}; SET statement_timeout = 0; \
+         SET idle_session_timeout = 0; SET default_transaction_read_only = off; \
+         SET default_transaction_isolation = 'read committed'",
+        lock_timeout.as_millis().max(1)
+    )
 }
 
 /// The `application_name` cerebrod's sessions show in `pg_stat_activity`,
@@ -277,7 +297,7 @@ pub async fn connect(
 /// it is never in VACUUM's or ANALYZE's way. Dropping it closes
 /// the session, which ends the transaction and frees the lock.
 pub struct DaemonLock {
-    _client: Client,
+    client: Client,
     backend_pid: i32,
 }
 
@@ -286,6 +306,46 @@ impl DaemonLock {
     /// `pg_stat_activity` and in the jobs it claims.
     pub fn backend_pid(&self) -> i32 {
         self.backend_pid
+    }
+
+    /// Returns once another session waits to take `cerebro.daemon_lock`
+    /// whole (`DROP EXTENSION`, an `ALTER EXTENSION ... UPDATE` that
+    /// replaces the view, a DROP or ALTER of it), looking every `every`: the
+    /// daemon then gives the lock up rather than leave that statement
+    /// waiting for ever, and with it every statement queued behind the locks
+    /// it already holds (the jobs table's, for a DROP EXTENSION). Also
+    /// returns when the look itself fails, the lock's transaction being no
+    /// use then. Says why.
+    pub async fn until_wanted_whole(&self, every: Duration) -> String {
+        // The simple protocol, as for every statement of the lock's
+        // transaction (see `lock_daemon`).
+        const WAITER: &str = "SELECT l.pid FROM pg_catalog.pg_locks l
+             WHERE l.locktype = 'relation' AND NOT l.granted AND l.mode = 'AccessExclusiveLock'
+               AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
+                                 WHERE d.datname = pg_catalog.current_database())
+               AND l.relation = 'cerebro.daemon_lock'::pg_catalog.regclass
+             LIMIT 1";
+        loop {
+            tokio::time::sleep(every).await;
+            match self.client.simple_query(WAITER).await {
+                Ok(messages) => {
+                    let waiter = messages.iter().find_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                        _ => None,
+                    });
+                    if let Some(pid) = waiter {
+                        return format!(
+                            "server process {pid} waits to take cerebro.daemon_lock whole (a DROP EXTENSION, \
+                             an ALTER EXTENSION ... UPDATE); cerebrod gives the lock up and takes it again \
+                             once it can"
+                        );
+                    }
+                }
+                Err(e) => {
+                    return format!("the daemon lock's session failed to look for waiters: {}", describe(&e));
+                }
+            }
+        }
     }
 }
 
@@ -315,7 +375,7 @@ pub async fn lock_daemon(
     }
     .await;
     match taken {
-        Ok(backend_pid) => Ok(Some((DaemonLock { _client: client, backend_pid }, driver))),
+        Ok(backend_pid) => Ok(Some((DaemonLock { client, backend_pid }, driver))),
         Err(e) => {
             driver.abort();
             match e.code() {
@@ -1278,6 +1338,7 @@ mod tests {
     fn lock_conflicts_are_told_apart_from_refusals() {
         assert_eq!(Failure::of(Some(&SqlState::LOCK_NOT_AVAILABLE)), Failure::Lock);
         assert_eq!(Failure::of(Some(&SqlState::T_R_DEADLOCK_DETECTED)), Failure::Lock);
+        assert_eq!(Failure::of(Some(&SqlState::T_R_SERIALIZATION_FAILURE)), Failure::Lock);
         assert_eq!(Failure::of(Some(&SqlState::INSUFFICIENT_PRIVILEGE)), Failure::Refusal);
         assert_eq!(Failure::of(Some(&SqlState::UNIQUE_VIOLATION)), Failure::Refusal);
         assert_eq!(Failure::of(None), Failure::Lost);
@@ -1287,8 +1348,9 @@ mod tests {
         assert_eq!(Failure::of(Some(&SqlState::CRASH_SHUTDOWN)), Failure::Lost);
         assert_eq!(Failure::of(Some(&SqlState::CANNOT_CONNECT_NOW)), Failure::Lost);
         assert_eq!(Failure::of(Some(&SqlState::CONNECTION_FAILURE)), Failure::Lost);
-        // A cancelled statement is not a lost session.
-        assert_eq!(Failure::of(Some(&SqlState::QUERY_CANCELED)), Failure::Refusal);
+        // A cancelled statement (pg_cancel_backend) is not a lost session,
+        // nor the job's fault: the write is tried again later.
+        assert_eq!(Failure::of(Some(&SqlState::QUERY_CANCELED)), Failure::Lock);
         let lost = CatalogError::Lost("the server closed the connection".into());
         assert!(lost.is_lost() && lost.is_transient() && !lost.is_refusal());
         let corrupt = CatalogError::Corrupt("x".into());
@@ -1298,9 +1360,17 @@ mod tests {
     #[test]
     fn sessions_pin_the_search_path_and_bound_lock_waits() {
         let sql = session_setup(Duration::from_millis(1500));
-        assert_eq!(sql, "SET search_path = pg_catalog, pg_temp; SET lock_timeout = 1500");
+        assert!(sql.starts_with("SET search_path = pg_catalog, pg_temp; SET lock_timeout = 1500;"), "{sql}");
+        for pinned in [
+            "statement_timeout = 0",
+            "idle_session_timeout = 0",
+            "default_transaction_read_only = off",
+            "default_transaction_isolation = 'read committed'",
+        ] {
+            assert!(sql.contains(pinned), "{sql}");
+        }
         // Never 0, which would mean waiting forever.
-        assert!(session_setup(Duration::ZERO).ends_with("lock_timeout = 1"));
+        assert!(session_setup(Duration::ZERO).contains("lock_timeout = 1;"));
     }
 
     #[test]

@@ -192,6 +192,8 @@ enum End {
     JobLoop(Result<(scheduler::Carry, Result<(), CatalogError>), tokio::task::JoinError>),
     /// A connection of the session was lost: why.
     Lost(SessionEnd),
+    /// A statement waits to take the daemon lock whole: why.
+    StepAside(String),
 }
 
 /// Why a driver's connection ended.
@@ -321,7 +323,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             service: service.clone(),
         };
         let mut jobs = tokio::spawn(scheduler.run());
-        let lock_driver = &mut held.as_mut().expect("open_session holds the lock").driver;
+        let HeldLock { lock, driver: lock_driver } = held.as_mut().expect("open_session holds the lock");
         let end = tokio::select! {
             biased;
             _ = shutdown.changed() => End::Stop,
@@ -330,6 +332,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             // Without the lock's session another daemon could start and
             // take over the jobs this one is training.
             why = lock_driver => End::Lost(lost_because("the daemon lock's", why)),
+            why = lock.until_wanted_whole(config.poll_interval) => End::StepAside(why),
             done = &mut jobs => End::JobLoop(done),
         };
         // From here the session's connections serve nothing: calls on them
@@ -349,19 +352,15 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         data_driver.abort();
         // A statement in flight gets the server's own words (a fast
         // shutdown's FATAL goes to it, not to the connection).
-        let statement_lost = |e: &CatalogError| match e {
-            CatalogError::Db(db) if e.is_lost() => Some(SessionEnd {
+        let statement_lost = |e: &CatalogError| {
+            e.is_lost().then(|| SessionEnd {
                 why: format!("the connection to the database was lost: {}", e.reason()),
-                on_purpose: db.code() == Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN),
+                on_purpose: matches!(e, CatalogError::Db(db)
+                    if db.code() == Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN)),
                 server_started: None,
-            }),
-            _ if e.is_lost() => Some(SessionEnd {
-                why: format!("the connection to the database was lost: {}", e.reason()),
-                on_purpose: false,
-                server_started: None,
-            }),
-            _ => None,
+            })
         };
+        let mut stepped_aside = false;
         let (ended, why) = match end {
             End::Stop => unreachable!("handled above"),
             End::Lost(why) => {
@@ -374,6 +373,17 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                     _ => why,
                 };
                 (ended, why)
+            }
+            End::StepAside(why) => {
+                let _ = lost_tx.send(true);
+                let ended = jobs.await;
+                // Closing the lock's session ends its transaction and frees
+                // the lock, now that nothing of this session writes.
+                if let Some(h) = held.take() {
+                    h.driver.abort();
+                }
+                stepped_aside = true;
+                (ended, SessionEnd { why, on_purpose: false, server_started: None })
             }
             End::JobLoop(done) => {
                 let stopped = |why: String| SessionEnd { why, on_purpose: false, server_started: None };
@@ -393,10 +403,13 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         }
         let why_text = why.why.clone();
         carry.session_ended(worker_id, SessionEnd { server_started: Some(server_started), ..why });
-        error!(
-            "{why_text}. Reconnecting; the jobs this session had in hand go back to the queue once cerebrod is back, \
-             and models already loaded are still scored meanwhile"
-        );
+        let after = "the jobs this session had in hand go back to the queue once cerebrod is back, \
+                     and models already loaded are still scored meanwhile";
+        if stepped_aside {
+            warn!("{why_text}; {after}");
+        } else {
+            error!("{why_text}. Reconnecting; {after}");
+        }
         let lasted = started.elapsed();
         if lasted >= STABLE_SESSION {
             backoff.reset();

@@ -8,7 +8,7 @@ use pgrx::spi::SpiClient;
 use pgrx::{pg_sys, FromDatum, IntoDatum, JsonB};
 
 use crate::access;
-use crate::error::Result;
+use crate::error::{CerebroError, Result};
 
 /// Column `column` (1-based) of the first row `query` returns, None when it
 /// returns no row or NULL.
@@ -18,6 +18,13 @@ pub(crate) fn first<T: FromDatum + IntoDatum>(
     args: &[DatumWithOid],
     column: usize,
 ) -> Result<Option<T>> {
+    // It writes, or locks rows: on a hot standby PostgreSQL would fail
+    // when it gave the transaction an id (XX000), not with the words of a
+    // statement refused during recovery.
+    // SAFETY: reads shared memory's recovery state.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        return Err(CerebroError::DuringRecovery);
+    }
     match client.update(query, Some(1), args)?.next() {
         Some(row) => Ok(row.get::<T>(column)?),
         None => Ok(None),
@@ -122,7 +129,11 @@ pub(crate) fn allocate_version(client: &mut SpiClient<'_>, name: &str) -> Result
         None,
         &[name.into()],
     )?;
-    client.update("SELECT 1 FROM cerebro.model_names WHERE name = $1 FOR UPDATE", None, &[name.into()])?;
+    // An UPDATE, not a row lock alone: after waiting on another INSERT of
+    // the same name, a REPEATABLE READ or SERIALIZABLE transaction, whose
+    // snapshot cannot see the version it added, fails with 40001 (which
+    // applications retry) rather than taking the same number (23505).
+    client.update("UPDATE cerebro.model_names SET name = name WHERE name = $1", None, &[name.into()])?;
     let version = first::<i32>(
         client,
         "SELECT coalesce(max(version), 0) + 1 FROM cerebro.model_versions WHERE name = $1",

@@ -109,8 +109,15 @@ pub enum CerebroError {
     NotARow(String),
     #[error("model \"{model}\" version {version} reads column \"{column}\", which {row_type} does not have")]
     MissingFeature { model: String, version: i32, column: String, row_type: String },
+    #[error("cannot change Cerebro's catalog during recovery: this server is a standby")]
+    DuringRecovery,
     #[error("column \"{column}\" is {type_name}, but the model reads it as {expected}")]
     FeatureType { column: String, type_name: String, expected: &'static str },
+    #[error(
+        "column \"{column}\" is {type_name}, but model \"{model}\" version {version} learned its categories \
+         from {trained}: as text its values would be categories the model never saw"
+    )]
+    CategoryType { model: String, version: i32, column: String, type_name: String, trained: String },
     #[error("model \"{0}\" has no key column to identify the rows it scores")]
     MissingKey(String),
     #[error("the source query cannot be used: {0}")]
@@ -226,7 +233,10 @@ impl CerebroError {
                 ErrorCode::Unsupported => ERRCODE_FEATURE_NOT_SUPPORTED,
             },
             CerebroError::Connection(_) => ERRCODE_CONNECTION_FAILURE,
-            CerebroError::NotARow(_) | CerebroError::FeatureType { .. } => ERRCODE_DATATYPE_MISMATCH,
+            CerebroError::DuringRecovery => ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            CerebroError::NotARow(_) | CerebroError::FeatureType { .. } | CerebroError::CategoryType { .. } => {
+                ERRCODE_DATATYPE_MISMATCH
+            }
             CerebroError::MissingFeature { .. } => ERRCODE_UNDEFINED_COLUMN,
             CerebroError::Timeout(_) | CerebroError::Interrupted => ERRCODE_QUERY_CANCELED,
             CerebroError::Protocol(_) => ERRCODE_PROTOCOL_VIOLATION,
@@ -298,6 +308,10 @@ impl CerebroError {
             CerebroError::MissingFeature { model, version, .. } => Some(format!(
                 "The row needs every feature the model was trained on, by name: SELECT features FROM \
                  cerebro.model_versions WHERE name = '{model}' AND version = {version} lists them."
+            )),
+            CerebroError::CategoryType { column, trained, .. } => Some(format!(
+                "Cast it to the type the model learned from, e.g. {column}::{trained} in a query source, \
+                 a view or the row given to cerebro.predict."
             )),
             CerebroError::FeatureType { column, .. } => Some(format!(
                 "Cast it in the query, e.g. ROW(..., {column}::float8, ...), or pass the table's own row."

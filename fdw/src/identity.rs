@@ -84,9 +84,19 @@ impl Drop for OwnerScope {
 /// The extension owner's role, read under the pinned path.
 pub fn extension_owner() -> Result<pg_sys::Oid> {
     let _path = pin_search_path();
-    let owner = Spi::get_one::<pg_sys::Oid>(
-        "SELECT extowner FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'cerebro'",
-    )?;
+    // A read-only query: `Spi::get_one` runs its query as an update, and
+    // giving a transaction an id fails on a standby (and costs an xid, and
+    // WAL, on a primary) where nothing is written.
+    let owner = Spi::connect(|client| {
+        client
+            .select(
+                "SELECT extowner FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'cerebro'",
+                Some(1),
+                &[],
+            )?
+            .first()
+            .get_one::<pg_sys::Oid>()
+    })?;
     Ok(owner.expect("the cerebro extension is installed while its code runs"))
 }
 

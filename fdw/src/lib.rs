@@ -237,6 +237,47 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_regressions_meta_counts_the_rows_it_trains_on() {
+        // NaN, ±Infinity and a numeric past float8's range are not trained
+        // on, nor is NULL: 600 rows, 595 of them finite.
+        Spi::run(
+            "CREATE TABLE public.prices (id int, x float8, price numeric);
+             INSERT INTO public.prices SELECT i, i, i * 2.5 FROM generate_series(1, 600) i;
+             UPDATE public.prices SET price = CASE id WHEN 1 THEN 'NaN' WHEN 2 THEN 'Infinity'
+                 WHEN 3 THEN '-Infinity' WHEN 4 THEN 1e400 ELSE NULL END WHERE id <= 5;
+             INSERT INTO cerebro.models (name, source, target, key, options)
+             VALUES ('price', 'prices', 'price', 'id', '{\"epochs\": 3}')",
+        )
+        .unwrap();
+        let rows = Spi::get_one::<i64>("SELECT (meta->>'rows')::int8 FROM cerebro.snapshots").unwrap();
+        assert_eq!(rows, Some(595));
+    }
+
+    #[pg_test]
+    fn a_query_source_may_end_in_a_line_comment() {
+        setup();
+        Spi::run(
+            "INSERT INTO cerebro.models (name, source, target, key, options)
+             VALUES ('commented', '(SELECT * FROM customers -- every customer
+             )', 'churn', 'id', '{\"epochs\": 3}')",
+        )
+        .unwrap();
+        assert_eq!(queued_jobs(), 1);
+    }
+
+    #[pg_test(
+        error = "the source query cannot be used: a query source is one SELECT in parentheses with nothing after them: no alias, no semicolon"
+    )]
+    fn a_query_source_with_an_alias_says_so() {
+        setup();
+        Spi::run(
+            "INSERT INTO cerebro.models (name, source, target, key)
+             VALUES ('aliased', '(SELECT * FROM customers) c', 'churn', 'id')",
+        )
+        .unwrap();
+    }
+
+    #[pg_test]
     fn a_valid_insert_freezes_a_snapshot_and_queues_a_job() {
         setup();
         Spi::run(

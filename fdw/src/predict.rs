@@ -311,6 +311,9 @@ fn read_row(input: &AnyElement, model: &ModelVersion) -> Result<Vec<ColumnData>>
                     row_type: row.type_name(),
                 });
             };
+            if f.kind == FeatureKind::Categorical {
+                model.check_category_type(&f.name, row.types[column])?;
+            }
             row.feature(column, f.kind)
         })
         .collect()

@@ -31,7 +31,7 @@ use crate::explanation::explanation_jsonb;
 use crate::fetch::{fetch_into, reads_as_number};
 use crate::gucs;
 use crate::in_backend::{self, Scorer};
-use crate::sources::{check_own_source, resolve_source, BaseType, Source};
+use crate::sources::{check_own_source, resolve_source, text_family, BaseType, Source};
 
 /// Query parameters taken from the WHERE clause.
 #[derive(Debug, Default)]
@@ -126,6 +126,81 @@ pub(crate) struct ModelVersion {
     pub(crate) artifact_sha256: String,
     /// Who wrote its source (a query's text is its author's code).
     source_author: String,
+    /// Each categorical feature's type in the version's snapshot (none for
+    /// a version without one, an import).
+    category_types: Vec<(String, pg_sys::Oid)>,
+}
+
+impl ModelVersion {
+    /// Refuses to read categorical feature `column` from a column of type
+    /// `oid` whose values read as other text than the type the version
+    /// learned its categories from (a boolean given as an integer or as
+    /// text): every value would be a category never seen, and the scores
+    /// quietly those of unknown categories.
+    pub(crate) fn check_category_type(&self, column: &str, oid: pg_sys::Oid) -> Result<()> {
+        let Some(&(_, trained)) = self.category_types.iter().find(|(name, _)| name == column) else {
+            return Ok(());
+        };
+        if text_family(trained) == text_family(oid) {
+            return Ok(());
+        }
+        // SAFETY: syscache lookups of existing types.
+        let name = |oid| owned_text(unsafe { pg_sys::format_type_be(oid) });
+        Err(CerebroError::CategoryType {
+            model: self.name.clone(),
+            version: self.version,
+            column: column.to_owned(),
+            type_name: name(oid),
+            trained: name(trained),
+        })
+    }
+}
+
+/// A palloc'd C string as a String.
+fn owned_text(p: *mut std::ffi::c_char) -> String {
+    // SAFETY: PostgreSQL returns a NUL-terminated string.
+    unsafe { std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned() }
+}
+
+/// The types of `features`' categorical columns in the snapshot version
+/// `id` was trained on, by feature name.
+fn category_types(
+    client: &pgrx::spi::SpiClient<'_>,
+    id: i64,
+    features: &[Feature],
+) -> Result<Vec<(String, pg_sys::Oid)>> {
+    if features.iter().all(|f| f.kind != FeatureKind::Categorical) {
+        return Ok(Vec::new());
+    }
+    let rows = crate::plans::select(
+        client,
+        "SELECT s.columns, a.attname::text, a.atttypid
+         FROM cerebro.model_versions m
+         JOIN cerebro.snapshots s ON s.id = m.snapshot_id
+         JOIN pg_catalog.pg_attribute a ON a.attrelid = pg_catalog.to_regclass(s.data_relation)
+         WHERE m.id = $1 AND a.attnum > 0 AND NOT a.attisdropped",
+        &[PgOid::from(pg_sys::INT8OID)],
+        None,
+        &[id.into()],
+    )?;
+    let mut types = Vec::new();
+    for row in rows {
+        let (Some(columns), Some(attname), Some(oid)) =
+            (row.get::<Vec<String>>(1)?, row.get::<String>(2)?, row.get::<pg_sys::Oid>(3)?)
+        else {
+            continue;
+        };
+        // Snapshot column `c{i + 1}` holds source column `columns[i]`.
+        let Some(column) =
+            attname.strip_prefix('c').and_then(|i| i.parse::<usize>().ok()).and_then(|i| columns.get(i - 1))
+        else {
+            continue;
+        };
+        if features.iter().any(|f| f.kind == FeatureKind::Categorical && &f.name == column) {
+            types.push((column.clone(), oid));
+        }
+    }
+    Ok(types)
 }
 
 /// What this backend last resolved for each `(model, version asked)`.
@@ -226,8 +301,11 @@ fn resolve_model(name: &str, version: Option<i32>) -> Result<ModelVersion> {
         }
         let features: Vec<Feature> = serde_json::from_value(row.get::<JsonB>(4)?.map(|j| j.0).unwrap_or_default())
             .map_err(|e| CerebroError::Protocol(format!("catalog features are malformed: {e}")))?;
+        let id: i64 = row.get(1)?.expect("id");
+        let category_types = category_types(client, id, &features)?;
         Ok(ModelVersion {
-            id: row.get(1)?.expect("id"),
+            id,
+            category_types,
             name: name.into(),
             version: found_version,
             features,
@@ -528,7 +606,10 @@ impl PredictionScan {
             for f in &model.features {
                 let col = source.column(&f.name)?;
                 select.push(match (f.kind, &col.base) {
-                    (FeatureKind::Categorical, _) => col.text(),
+                    (FeatureKind::Categorical, _) => {
+                        model.check_category_type(&f.name, col.type_oid)?;
+                        col.text()
+                    }
                     // Read as stored: the receiver makes it a float8 itself.
                     (FeatureKind::Numeric, BaseType::BuiltIn { oid, .. }) if reads_as_number(*oid) => col.stored(),
                     // Text is not read as a number, as cerebro.predict does

@@ -21,7 +21,8 @@ pub(crate) struct Measured {
 }
 
 /// The meta-features of the rows of `from` (a FROM item) whose `target`
-/// (an expression) is not NULL, with `features`, for `task`.
+/// (an expression) is not NULL (and, for a regression, finite), with
+/// `features`, for `task`.
 pub(crate) fn measure(
     client: &SpiClient<'_>,
     from: &str,
@@ -30,7 +31,13 @@ pub(crate) fn measure(
     target: &str,
     task: Task,
 ) -> Result<MetaFeatures> {
-    let mut select = vec![format!("count({target})"), "count(*)".to_string()];
+    // A regression trains on finite targets alone: NaN, ±Infinity and a
+    // numeric past float8's range are not rows of its task.
+    let labelled = match task {
+        Task::Regression => format!("count({})", as_float8(target)),
+        _ => format!("count({target})"),
+    };
+    let mut select = vec![labelled, "count(*)".to_string()];
     select.extend(features.iter().map(|f| format!("count({})", f.expr)));
     let categorical: Vec<&Measured> = features.iter().filter(|f| f.kind == FeatureKind::Categorical).collect();
     select.extend(categorical.iter().map(|f| format!("count(DISTINCT {})", f.expr)));

@@ -35,6 +35,30 @@ pub(crate) struct SourceColumn {
     pub(crate) kind: Option<SqlKind>,
     pub(crate) readable: bool,
     pub(crate) base: BaseType,
+    /// Its type's oid, a domain's own.
+    pub(crate) type_oid: pg_sys::Oid,
+}
+
+/// How a categorical feature's values read as text, the categories a model
+/// learns: any type of strings, and enums, write a value as the same text,
+/// as do the integer types; any other type only itself (`true` is not `1`
+/// nor `t`, `2.0` as numeric is not `2` as float8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TextFamily {
+    Strings,
+    Integers,
+    Type(pg_sys::Oid),
+}
+
+pub(crate) fn text_family(oid: pg_sys::Oid) -> TextFamily {
+    // SAFETY: getBaseType follows typbasetype through the syscache.
+    let base = unsafe { pg_sys::getBaseType(oid) };
+    match base {
+        pg_sys::INT2OID | pg_sys::INT4OID | pg_sys::INT8OID => TextFamily::Integers,
+        pg_sys::TEXTOID | pg_sys::VARCHAROID | pg_sys::BPCHAROID | pg_sys::NAMEOID => TextFamily::Strings,
+        _ if type_facts(base).typtype == 'e' => TextFamily::Strings,
+        _ => TextFamily::Type(base),
+    }
 }
 
 /// A column's base type (through every level of domains), as far as
@@ -230,7 +254,7 @@ fn describe(rows: Vec<(String, pg_sys::Oid, String, bool)>) -> Result<Vec<Source
     // SAFETY: getBaseType follows typbasetype through the syscache.
     let bases: Vec<pg_sys::Oid> = rows.iter().map(|r| unsafe { pg_sys::getBaseType(r.1) }).collect();
     let mut columns = Vec::with_capacity(rows.len());
-    for (base, (name, _, type_name, readable)) in bases.iter().zip(rows) {
+    for (base, (name, type_oid, type_name, readable)) in bases.iter().zip(rows) {
         let TypeFacts { typname, category, typtype } = type_facts(*base);
         // SAFETY: a syscache lookup of an existing type; the name comes back
         // schema-qualified and quoted where needed.
@@ -242,7 +266,14 @@ fn describe(rows: Vec<(String, pg_sys::Oid, String, bool)>) -> Result<Vec<Source
         } else {
             BaseType::Other
         };
-        columns.push(SourceColumn { name, type_name, kind: SqlKind::classify(category, &typname), readable, base });
+        columns.push(SourceColumn {
+            name,
+            type_name,
+            kind: SqlKind::classify(category, &typname),
+            readable,
+            base,
+            type_oid,
+        });
     }
     Ok(columns)
 }
@@ -251,7 +282,13 @@ fn describe(rows: Vec<(String, pg_sys::Oid, String, bool)>) -> Result<Vec<Source
 /// runs as the user, so their privileges on every table it reads apply).
 fn resolve_query(client: &SpiClient<'_>, query: &str) -> Result<Source> {
     check_single_select(query)?;
-    let display = format!("({query})");
+    // A `--` comment on the query's last line would swallow the closing
+    // parenthesis: it ends on a line of its own then.
+    let display = if query.rsplit('\n').next().is_some_and(|last| last.contains("--")) {
+        format!("({query}\n)")
+    } else {
+        format!("({query})")
+    };
     let probe = client.select(&format!("SELECT * FROM {} LIMIT 0", from_item(&display)), None, &[])?;
     let mut rows: Vec<(String, pg_sys::Oid, String, bool)> = Vec::new();
     for i in 1..=probe.columns()? {
@@ -321,6 +358,11 @@ pub(crate) fn resolve_source(client: &SpiClient<'_>, name: &str) -> Result<Sourc
     // message names them.
     if request::unparenthesised_query(name) {
         return Err(CerebroError::QuerySource("a query is a source when written in parentheses: (SELECT ...)"));
+    }
+    if name.trim_start().starts_with('(') {
+        return Err(CerebroError::QuerySource(
+            "a query source is one SELECT in parentheses with nothing after them: no alias, no semicolon",
+        ));
     }
     let unknown = || CerebroError::UnknownRelation(name.to_owned());
     if name.trim().is_empty() {

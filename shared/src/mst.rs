@@ -693,6 +693,11 @@ impl<'a> Parser<'a> {
         MstError::at(self.text, offset, ErrorKind::Syntax, message.into())
     }
 
+    /// Text that follows the grammar but asks for what cannot be (22023).
+    fn invalid(&self, offset: usize, message: impl Into<String>) -> MstError {
+        MstError::at(self.text, offset, ErrorKind::Invalid, message.into())
+    }
+
     fn rest(&self) -> &'a str {
         &self.text[self.at..]
     }
@@ -1184,7 +1189,7 @@ impl<'a> Parser<'a> {
         let at = self.at;
         let amount = match self.number()? {
             Some(n) if n > 0.0 => n,
-            Some(_) => return Err(self.error(at, "a budget must be more than zero")),
+            Some(_) => return Err(self.invalid(at, "a budget must be more than zero")),
             None => {
                 let found = self.describe_next();
                 return Err(self.error(at, format!("expected an amount after budget, found {found}")));
@@ -1277,7 +1282,7 @@ pub fn parse(text: &str) -> Result<Spec, MstError> {
         }
         let (clause, span) =
             p.expect_ident("a clause: source, features, encode, model, train, search, budget, promote or ensemble")?;
-        let twice = |p: &Parser<'_>| p.error(span.start, format!("\"{clause}\" is given twice"));
+        let twice = |p: &Parser<'_>| p.invalid(span.start, format!("\"{clause}\" is given twice"));
         match clause.as_str() {
             "source" => {
                 if spec.source.is_some() {
@@ -1292,7 +1297,7 @@ pub fn parse(text: &str) -> Result<Spec, MstError> {
                     let start = p.at;
                     if let Some(hops) = p.joins()? {
                         if spec.joins.is_some() {
-                            return Err(p.error(start, "joins(auto) is given twice"));
+                            return Err(p.invalid(start, "joins(auto) is given twice"));
                         }
                         let span = start..p.at;
                         let removal = match previous_end {
@@ -1352,7 +1357,7 @@ pub fn parse(text: &str) -> Result<Spec, MstError> {
                 spec.ensemble = Some((pool, span.start..p.at));
             }
             other => {
-                return Err(p.error(
+                return Err(p.invalid(
                     span.start,
                     format!(
                         "unknown clause \"{other}\"; the clauses are source, features, encode, model, train, search, budget, promote and ensemble"
@@ -2384,6 +2389,11 @@ promote"
         assert!(e.message.starts_with("unknown train setting \"hiden\""), "{e}");
         let e = error("modle hidden = [64]");
         assert!(e.message.starts_with("unknown clause \"modle\""), "{e}");
+        // Text that follows the grammar but cannot be is invalid (22023),
+        // as the error table of docs/selection.md says.
+        for text in ["modle hidden = [64]", "budget 0 s", "promote\npromote", "budget 1 min; budget 2 min"] {
+            assert_eq!(error(text).kind, ErrorKind::Invalid, "{text}");
+        }
         let e = error("model activation = {relu, swish}");
         assert_eq!(e.column, 27, "{e}");
         let e = error("source (SELECT * FROM t");

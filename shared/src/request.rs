@@ -409,6 +409,14 @@ pub fn scored_output<'g>(
         Task::Regression => &[1],
     };
     if let Some(w) = width {
+        if task == Task::Multiclass && w >= 2 && w as usize != classes {
+            // The graph may be right and the labels short or long.
+            return Err(invalid(format!(
+                "output \"{}\" has {w} columns, one a class, but {classes} class labels are given; \
+                 give one label for each of its columns, in their order",
+                output.name
+            )));
+        }
         if !allowed.contains(&(w as usize)) {
             return Err(invalid(format!(
                 "output \"{}\" has {w} column(s); a {} model needs {}",
@@ -740,7 +748,8 @@ mod tests {
         assert_eq!((positive_column(2), positive_column(1)), (1, 0), "the second of two, else the only one");
         assert!(scored_output(&outputs, Some("label"), Task::Binary, 2).is_err());
         assert!(scored_output(&outputs, None, Task::Regression, 0).unwrap_err().to_string().contains("needs 1"));
-        assert!(scored_output(&outputs, None, Task::Multiclass, 3).is_err());
+        let short = scored_output(&outputs, None, Task::Multiclass, 3).unwrap_err().to_string();
+        assert!(short.contains("has 2 columns, one a class, but 3 class labels are given"), "{short}");
         let labels = |names: &[&str]| strings(names);
         assert_eq!(import_task(TaskChoice::Fixed(Task::Binary), &labels(&["no", "yes"])).unwrap(), Task::Binary);
         assert!(import_task(TaskChoice::Fixed(Task::Binary), &labels(&["a", "b", "c"])).is_err());

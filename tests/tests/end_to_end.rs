@@ -1571,6 +1571,95 @@ async fn a_latin1_database_scores_accented_categories_as_it_trained_on_them() ->
     Ok(())
 }
 
+/// DROP EXTENSION and CREATE EXTENSION under a live session: the new
+/// archive's ids start again at 1, so a session that kept the old version
+/// 1 (its scorer, its resolved model) must see that the new version 1 is
+/// another model (its artifact differs) and score with it. cerebrod, running
+/// all along, lets the DROP take its lock, and trains the new archive's jobs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_kept_across_drop_and_create_extension_scores_the_new_archives_model() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let name = "cerebro_e2e_recreated";
+    db.execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"), &[]).await?;
+    db.execute(&format!("CREATE DATABASE {name}"), &[]).await?;
+    let socket = env.socket.with_file_name("cerebrod-e2e-recreated.sock");
+    let setup = |label_kind: &str| {
+        format!(
+            "CREATE EXTENSION cerebro;
+             ALTER SERVER cerebro_daemon OPTIONS (SET socket '{}');
+             DROP TABLE IF EXISTS drinks;
+             CREATE TABLE drinks AS
+             SELECT kind || '-' || i AS tag, kind, (i * 7919 % 101)::float8 AS noise,
+                    CASE WHEN kind = '{label_kind}' THEN 'yes' ELSE 'no' END AS label
+             FROM generate_series(1, 900) i, LATERAL (SELECT (ARRAY['tea', 'coffee', 'milk'])[1 + i % 3] AS kind) k",
+            socket.display()
+        )
+    };
+    let admin = env.connect_to(name).await?;
+    admin.batch_execute(&setup("tea")).await?;
+    let url = format!("'host={} port={} user=postgres dbname={name}'", env.pghost, env.pgport);
+    let mut own = env.with_config_value("recreated", "database_url", &url)?;
+    own = own.with_config_value("recreated", "socket_path", &format!("'{}'", socket.display()))?;
+    own.socket = socket.clone();
+    let mut daemon = Daemon::start(&own)?;
+    let train = "INSERT INTO cerebro.models (name, source, target, key, features, options)
+                 VALUES ('e2e_recreated', 'drinks', 'label', 'tag', ARRAY['kind', 'noise'], '{\"epochs\": 30}')";
+    admin.execute(train, &[]).await?;
+    let seen = wait_until_done(&admin, "e2e_recreated", 1, TRAIN_TIMEOUT).await?;
+    assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
+
+    // The kept session scores version 1 every way it can: by scan, by key
+    // (in the backend and through cerebrod), and with cerebro.predict.
+    let kept = env.connect_to(name).await?;
+    let before = tea_scores(&kept).await?;
+    assert!(before.iter().all(|&s| s > 0.9), "{before:?}");
+
+    // cerebrod holds cerebro.daemon_lock for its life: it gives the lock
+    // up when the DROP waits for it, or the DROP would wait for ever.
+    tokio::time::timeout(Duration::from_secs(60), admin.batch_execute("DROP EXTENSION cerebro CASCADE"))
+        .await
+        .map_err(|_| anyhow::anyhow!("DROP EXTENSION still waits on cerebrod after 60 s"))??;
+    admin.batch_execute(&setup("coffee")).await?;
+    admin.execute(train, &[]).await?;
+    let seen = wait_until_done(&admin, "e2e_recreated", 1, TRAIN_TIMEOUT).await?;
+    assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
+    let after = tea_scores(&kept).await?;
+    assert!(after.iter().all(|&s| s < 0.1), "the kept session scored the dropped archive's model: {after:?}");
+    daemon.stop()?;
+    drop(kept);
+    drop(admin);
+    db.execute(&format!("DROP DATABASE {name} WITH (FORCE)"), &[]).await?;
+    Ok(())
+}
+
+/// How `e2e_recreated` scores a tea, every way a session can ask.
+async fn tea_scores(session: &tokio_postgres::Client) -> anyhow::Result<Vec<f64>> {
+    let mut scores = Vec::new();
+    for in_backend in ["on", "off"] {
+        session.batch_execute(&format!("SET cerebro.score_in_backend = {in_backend}")).await?;
+        let by_key: f64 = session
+            .query_one("SELECT score FROM cerebro.predictions WHERE model = 'e2e_recreated' AND key = 'tea-3'", &[])
+            .await?
+            .get(0);
+        let scanned: f64 = session
+            .query_one(
+                "SELECT avg(p.score) FROM cerebro.predictions p JOIN drinks d ON d.tag = p.key
+                 WHERE p.model = 'e2e_recreated' AND d.kind = 'tea'",
+                &[],
+            )
+            .await?
+            .get(0);
+        let one: f64 = session
+            .query_one("SELECT cerebro.predict('e2e_recreated', d) FROM drinks d WHERE tag = 'tea-3'", &[])
+            .await?
+            .get(0);
+        scores.extend([by_key, scanned, one]);
+    }
+    session.batch_execute("RESET cerebro.score_in_backend").await?;
+    Ok(scores)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cerebrod_runs_as_a_role_with_only_the_documented_privileges() -> anyhow::Result<()> {
     let env = Env::from_env();
@@ -1606,6 +1695,45 @@ async fn cerebrod_runs_as_a_role_with_only_the_documented_privileges() -> anyhow
     db.batch_execute("GRANT INSERT ON cerebro.training_history TO e2e_cerebrod").await?;
     let v3 = insert(&db, "e2e_least", "churn", r#"{"epochs": 2}"#).await?;
     assert_eq!(wait_until_done(&db, "e2e_least", v3, TRAIN_TIMEOUT).await?.last().map(String::as_str), Some("ready"));
+    Ok(())
+}
+
+/// Settings a database or a role gives its applications do not reach
+/// cerebrod's sessions: a statement_timeout shorter than reading the
+/// snapshot, an idle_session_timeout shorter than training (the data
+/// connection idles meanwhile), read-only transactions by default, and
+/// SERIALIZABLE. The model trains in one attempt.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_roles_defaults_for_applications_do_not_reach_cerebrods_sessions() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    db.batch_execute(
+        "DO $$ BEGIN CREATE ROLE e2e_defaults; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         ALTER ROLE e2e_defaults LOGIN BYPASSRLS;
+         SELECT cerebro.grant_daemon_privileges('e2e_defaults');
+         ALTER ROLE e2e_defaults SET statement_timeout = '50ms';
+         ALTER ROLE e2e_defaults SET idle_session_timeout = '300ms';
+         ALTER ROLE e2e_defaults SET default_transaction_read_only = on;
+         ALTER ROLE e2e_defaults SET default_transaction_isolation = 'serializable';",
+    )
+    .await?;
+    let url = format!("'host={} port={} user=e2e_defaults dbname={}'", env.pghost, env.pgport, env.db);
+    let daemon = Daemon::start(&env.with_config_value("role-defaults", "database_url", &url)?)?;
+    let v = insert(&db, "e2e_defaults", "churn", r#"{"epochs": 100, "hidden": [256, 256], "patience": 0}"#).await?;
+    let seen = wait_until_done(&db, "e2e_defaults", v, TRAIN_TIMEOUT).await?;
+    let (status, _, error) = model_state(&db, "e2e_defaults", v).await?;
+    assert_eq!(status, "ready", "{seen:?}: {error:?}");
+    let attempts: i32 = db
+        .query_one(
+            "SELECT j.attempts FROM cerebro.jobs j JOIN cerebro.model_versions m ON m.id = j.model_version_id
+             WHERE m.name = 'e2e_defaults' AND m.version = $1",
+            &[&v],
+        )
+        .await?
+        .get(0);
+    assert_eq!(attempts, 1, "the session was not lost while the model trained");
+    drop(daemon);
+    db.batch_execute("ALTER ROLE e2e_defaults RESET ALL").await?;
     Ok(())
 }
 

@@ -526,6 +526,51 @@ async fn predict_fails_precisely() -> anyhow::Result<()> {
         sqlstate(&db, "SELECT cerebro.predict('p_errors', r) FROM (SELECT tenure FROM telco_churn LIMIT 1) r").await;
     assert!(missing.contains("reads column \"female\""), "{missing}");
 
+    // A categorical column of another type than the model learned from:
+    // its values as text would be categories never seen. Refused, by
+    // predict and by a scan; an enum of the same labels reads as text does.
+    db.batch_execute(
+        "DROP TABLE IF EXISTS p_int_contract, p_enum_contract;
+         DROP TYPE IF EXISTS p_contract;
+         CREATE TABLE p_int_contract AS SELECT * FROM telco_churn WHERE customer_id = 1;
+         ALTER TABLE p_int_contract ALTER COLUMN contract TYPE int USING length(contract);
+         CREATE TYPE p_contract AS ENUM ('Month-to-month', 'One year', 'Two year');
+         CREATE TABLE p_enum_contract AS SELECT * FROM telco_churn WHERE customer_id = 1;
+         ALTER TABLE p_enum_contract ALTER COLUMN contract TYPE p_contract USING contract::p_contract;",
+    )
+    .await?;
+    for sql in [
+        "SELECT cerebro.predict('p_errors', t) FROM p_int_contract t",
+        "SELECT score FROM cerebro.predictions WHERE model = 'p_errors' AND source = 'p_int_contract'",
+    ] {
+        let refused = sqlstate(&db, sql).await;
+        assert!(
+            refused.starts_with("42804") && refused.contains("learned its categories from text"),
+            "{sql}: {refused}"
+        );
+    }
+    // Scoring writes nothing, so it takes no transaction id (a standby
+    // has none to give): a new session's first calls, by row and by key.
+    let reader = env.connect().await?;
+    reader.batch_execute("BEGIN").await?;
+    reader.query_one("SELECT cerebro.predict('p_errors', t, 1) FROM telco_churn t WHERE customer_id = 1", &[]).await?;
+    reader.query_one("SELECT score FROM cerebro.predictions WHERE model = 'p_errors' AND key = '2'", &[]).await?;
+    let xid: Option<String> = reader.query_one("SELECT pg_current_xact_id_if_assigned()::text", &[]).await?.get(0);
+    assert_eq!(xid, None, "scoring took a transaction id");
+    reader.batch_execute("COMMIT").await?;
+
+    let as_text: f64 = db
+        .query_one("SELECT cerebro.predict('p_errors', t) FROM telco_churn t WHERE customer_id = 1", &[])
+        .await?
+        .get(0);
+    for sql in [
+        "SELECT cerebro.predict('p_errors', t) FROM p_enum_contract t",
+        "SELECT score FROM cerebro.predictions WHERE model = 'p_errors' AND source = 'p_enum_contract'",
+    ] {
+        let as_enum: f64 = db.query_one(sql, &[]).await?.get(0);
+        assert!((as_enum - as_text).abs() < 1e-6, "{sql}: {as_enum} against {as_text}");
+    }
+
     // A version still training is not ready.
     db.execute(
         "INSERT INTO cerebro.models (name, source, target, key, options)

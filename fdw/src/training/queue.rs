@@ -26,6 +26,7 @@ use crate::sources::{resolve_source, Source, SourceColumn};
 /// returns the first version queued (a selection's first candidate).
 pub(super) fn queue(batch: Batch) -> Result<Option<i32>> {
     let Batch { selection, versions, on_snapshot } = batch;
+    LEFT_OUT_TOLD.with(|told| told.borrow_mut().clear());
     let Some(new_selection) = selection else {
         let mut first = None;
         for version in &versions {
@@ -198,6 +199,13 @@ fn queue_version(
     })
 }
 
+thread_local! {
+    /// The columns of a source this batch has already said it leaves out
+    /// for their type: a selection says so once, not once a candidate.
+    static LEFT_OUT_TOLD: std::cell::RefCell<std::collections::BTreeSet<(String, String)>> =
+        const { std::cell::RefCell::new(std::collections::BTreeSet::new()) };
+}
+
 /// Resolves the version's source as the user, and checks the target, key
 /// and features against it and their privileges.
 fn resolve(client: &SpiClient<'_>, v: &VersionRequest) -> Result<Resolved> {
@@ -211,7 +219,10 @@ fn resolve(client: &SpiClient<'_>, v: &VersionRequest) -> Result<Resolved> {
     let (features, unusable) =
         request::features(&shape, &v.target, v.key.as_deref(), v.features.as_deref(), &v.options)?;
     for Column { name, type_name, .. } in unusable {
-        notice!("cerebro: column \"{name}\" ({type_name}) is not used as a feature: its type is not supported");
+        let first = LEFT_OUT_TOLD.with(|told| told.borrow_mut().insert((source.display.clone(), name.clone())));
+        if first {
+            notice!("cerebro: column \"{name}\" ({type_name}) is not used as a feature: its type is not supported");
+        }
     }
     // Privileges are checked up front so the error names every column; the
     // snapshot query runs as the user anyway, with RLS applied.
