@@ -221,16 +221,19 @@ pub const APPLICATION_NAME: &str = "cerebrod";
 /// in microseconds; set by the daemon, not the driver). A restart on purpose is
 /// no job's fault; a crash of another backend (57P02), a lost network, or a
 /// session terminated again and again while the server ran on may be.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SessionEnd {
     pub why: String,
     pub on_purpose: bool,
     pub server_started: Option<i64>,
+    /// The daemon ended it to give its lock to a `DROP` or `ALTER
+    /// EXTENSION` of a role that may run it: no job's fault either.
+    pub stepped_aside: bool,
 }
 
 impl SessionEnd {
     fn from_code(why: String, code: Option<&SqlState>) -> SessionEnd {
-        SessionEnd { why, on_purpose: code == Some(&SqlState::ADMIN_SHUTDOWN), server_started: None }
+        SessionEnd { why, on_purpose: code == Some(&SqlState::ADMIN_SHUTDOWN), ..SessionEnd::default() }
     }
 
     /// Whether the session ended with a restart on purpose of its server,
@@ -297,7 +300,7 @@ pub async fn connect(
 /// it is never in VACUUM's or ANALYZE's way. Dropping it closes
 /// the session, which ends the transaction and frees the lock.
 pub struct DaemonLock {
-    client: Client,
+    _client: Client,
     backend_pid: i32,
 }
 
@@ -307,44 +310,44 @@ impl DaemonLock {
     pub fn backend_pid(&self) -> i32 {
         self.backend_pid
     }
+}
 
-    /// Returns once another session waits to take `cerebro.daemon_lock`
-    /// whole (`DROP EXTENSION`, an `ALTER EXTENSION ... UPDATE` that
-    /// replaces the view, a DROP or ALTER of it), looking every `every`: the
-    /// daemon then gives the lock up rather than leave that statement
-    /// waiting for ever, and with it every statement queued behind the locks
-    /// it already holds (the jobs table's, for a DROP EXTENSION). Also
-    /// returns when the look itself fails, the lock's transaction being no
-    /// use then. Says why.
-    pub async fn until_wanted_whole(&self, every: Duration) -> String {
-        // The simple protocol, as for every statement of the lock's
-        // transaction (see `lock_daemon`).
-        const WAITER: &str = "SELECT l.pid FROM pg_catalog.pg_locks l
-             WHERE l.locktype = 'relation' AND NOT l.granted AND l.mode = 'AccessExclusiveLock'
-               AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
-                                 WHERE d.datname = pg_catalog.current_database())
-               AND l.relation = 'cerebro.daemon_lock'::pg_catalog.regclass
-             LIMIT 1";
-        loop {
-            tokio::time::sleep(every).await;
-            match self.client.simple_query(WAITER).await {
-                Ok(messages) => {
-                    let waiter = messages.iter().find_map(|m| match m {
-                        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-                        _ => None,
-                    });
-                    if let Some(pid) = waiter {
-                        return format!(
-                            "server process {pid} waits to take cerebro.daemon_lock whole (a DROP EXTENSION, \
-                             an ALTER EXTENSION ... UPDATE); cerebrod gives the lock up and takes it again \
-                             once it can"
-                        );
-                    }
-                }
-                Err(e) => {
-                    return format!("the daemon lock's session failed to look for waiters: {}", describe(&e));
-                }
+/// Returns once a session waits to take `cerebro.daemon_lock` whole
+/// (`DROP EXTENSION`, an `ALTER EXTENSION ... UPDATE` that replaces the
+/// view, a DROP or ALTER of it) as a role that may do so (a superuser, or
+/// a member of the view's owner), looking every `every` on `catalog`: the
+/// daemon then gives the lock up rather than leave that statement waiting
+/// for ever, and with it every statement queued behind the locks it
+/// already holds (the jobs table's, for a DROP EXTENSION). A role that may
+/// not (whose `CREATE RULE` on the view waits for the lock before it is
+/// refused) is not given it. Not looked for on the lock's own session,
+/// whose transaction would keep the locks of the catalogs the look reads
+/// for the daemon's life. Says why.
+pub async fn until_lock_wanted_whole(catalog: &Catalog, every: Duration) -> String {
+    const WAITER: &str = "SELECT l.pid FROM pg_catalog.pg_locks l
+         JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+         JOIN pg_catalog.pg_class c ON c.oid = l.relation
+         WHERE l.locktype = 'relation' AND NOT l.granted AND l.mode = 'AccessExclusiveLock'
+           AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
+                             WHERE d.datname = pg_catalog.current_database())
+           AND l.relation = 'cerebro.daemon_lock'::pg_catalog.regclass
+           AND (EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.oid = a.usesysid AND r.rolsuper)
+                OR pg_catalog.pg_has_role(a.usesysid, c.relowner, 'USAGE'))
+         LIMIT 1";
+    loop {
+        tokio::time::sleep(every).await;
+        match catalog.client.query_opt(WAITER, &[]).await {
+            Ok(Some(row)) => {
+                let pid: i32 = row.get(0);
+                return format!(
+                    "server process {pid} waits to take cerebro.daemon_lock whole (a DROP EXTENSION, an ALTER \
+                     EXTENSION ... UPDATE); cerebrod gives the lock up and takes it again once it can"
+                );
             }
+            Ok(None) => {}
+            // A lost connection ends the session anyway; anything else is
+            // looked at again next time.
+            Err(e) => debug!("looking for a statement waiting on the daemon lock failed: {}", describe(&e)),
         }
     }
 }
@@ -375,7 +378,7 @@ pub async fn lock_daemon(
     }
     .await;
     match taken {
-        Ok(backend_pid) => Ok(Some((DaemonLock { client, backend_pid }, driver))),
+        Ok(backend_pid) => Ok(Some((DaemonLock { _client: client, backend_pid }, driver))),
         Err(e) => {
             driver.abort();
             match e.code() {
@@ -590,7 +593,7 @@ impl LeftBy {
     /// ended with a restart of the server on purpose, which no job is to
     /// blame for.
     pub fn counts(&self, server_started: i64) -> bool {
-        !matches!(self, LeftBy::EndedSession(end) if end.planned_restart(server_started))
+        !matches!(self, LeftBy::EndedSession(end) if end.stepped_aside || end.planned_restart(server_started))
     }
 }
 
@@ -621,9 +624,13 @@ pub fn sweep_outcome(
     let lock = "another transaction held a lock on the job's catalog rows or snapshot";
     let error = match (left_by, used_up) {
         (LeftBy::EndedSession(end), _) if !counts => format!(
-            "attempt {attempts} was interrupted: {}; the job was requeued, the attempt not counted (the database \
-             was restarted on purpose)",
-            end.why
+            "attempt {attempts} was interrupted: {}; the job was requeued, the attempt not counted ({})",
+            end.why,
+            if end.stepped_aside {
+                "cerebrod gave its lock to a DROP or ALTER EXTENSION"
+            } else {
+                "the database was restarted on purpose"
+            }
         ),
         (LeftBy::StoppedDaemon, false) => format!("cerebrod stopped during attempt {attempts}; the job was requeued"),
         (LeftBy::StoppedDaemon, true) => format!("cerebrod stopped during training {attempts} times; giving up"),
@@ -1402,6 +1409,7 @@ mod tests {
                 .into(),
             on_purpose: false,
             server_started: Some(BEFORE),
+            ..SessionEnd::default()
         });
         let (to, error) = sweep_outcome(1, 3, false, &lost, NOW);
         assert_eq!(to, SweptTo::Queued, "a database restart fails no job that has attempts left");
@@ -1433,6 +1441,16 @@ mod tests {
         // Unknown when the server started: counted, as before.
         end.server_started = None;
         assert!(LeftBy::EndedSession(end).counts(NOW));
+        // The lock given to a DROP or ALTER EXTENSION: not counted.
+        let aside = LeftBy::EndedSession(SessionEnd {
+            why: "server process 7 waits to take cerebro.daemon_lock whole".into(),
+            stepped_aside: true,
+            ..SessionEnd::default()
+        });
+        assert!(!aside.counts(NOW));
+        let (to, error) = sweep_outcome(3, 3, false, &aside, NOW);
+        assert_eq!(to, SweptTo::Queued);
+        assert!(error.unwrap().ends_with("(cerebrod gave its lock to a DROP or ALTER EXTENSION)"));
     }
 
     /// Server start times (microseconds since the epoch) for the sweep's tests.

@@ -55,7 +55,7 @@ pub enum DaemonError {
     Scoring(#[from] ScoringError),
     #[error(transparent)]
     Server(#[from] server::ServerError),
-    #[error("another cerebrod already serves this database (it holds the daemon lock)")]
+    #[error("another cerebrod already serves this database (it holds the daemon lock), or a DROP or ALTER EXTENSION holds it")]
     AlreadyRunning,
     #[error("the job loop panicked: {0}")]
     JobLoopPanicked(String),
@@ -198,7 +198,7 @@ enum End {
 
 /// Why a driver's connection ended.
 fn lost_because(what: &str, ended: Result<SessionEnd, tokio::task::JoinError>) -> SessionEnd {
-    let end = ended.unwrap_or_else(|e| SessionEnd { why: e.to_string(), on_purpose: false, server_started: None });
+    let end = ended.unwrap_or_else(|e| SessionEnd { why: e.to_string(), ..SessionEnd::default() });
     SessionEnd { why: format!("the connection to the database was lost: {} ({what} connection)", end.why), ..end }
 }
 
@@ -301,6 +301,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
 
         let Session { control, mut control_driver, data, mut data_driver, worker_id, server_started } = session;
         catalog.set(Some(data.clone()));
+        let watching = data.clone();
         let started = Instant::now();
         let (lost_tx, lost) = watch::channel(false);
         let scheduler = scheduler::Scheduler {
@@ -323,7 +324,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             service: service.clone(),
         };
         let mut jobs = tokio::spawn(scheduler.run());
-        let HeldLock { lock, driver: lock_driver } = held.as_mut().expect("open_session holds the lock");
+        let lock_driver = &mut held.as_mut().expect("open_session holds the lock").driver;
         let end = tokio::select! {
             biased;
             _ = shutdown.changed() => End::Stop,
@@ -332,7 +333,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             // Without the lock's session another daemon could start and
             // take over the jobs this one is training.
             why = lock_driver => End::Lost(lost_because("the daemon lock's", why)),
-            why = lock.until_wanted_whole(config.poll_interval) => End::StepAside(why),
+            why = catalog::until_lock_wanted_whole(&watching, config.poll_interval) => End::StepAside(why),
             done = &mut jobs => End::JobLoop(done),
         };
         // From here the session's connections serve nothing: calls on them
@@ -357,7 +358,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                 why: format!("the connection to the database was lost: {}", e.reason()),
                 on_purpose: matches!(e, CatalogError::Db(db)
                     if db.code() == Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN)),
-                server_started: None,
+                ..SessionEnd::default()
             })
         };
         let mut stepped_aside = false;
@@ -383,10 +384,10 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                     h.driver.abort();
                 }
                 stepped_aside = true;
-                (ended, SessionEnd { why, on_purpose: false, server_started: None })
+                (ended, SessionEnd { why, stepped_aside: true, ..SessionEnd::default() })
             }
             End::JobLoop(done) => {
-                let stopped = |why: String| SessionEnd { why, on_purpose: false, server_started: None };
+                let stopped = |why: String| SessionEnd { why, ..SessionEnd::default() };
                 let why = match &done {
                     Ok((_, Err(e))) => {
                         statement_lost(e).unwrap_or_else(|| stopped(format!("the job loop stopped: {e}")))

@@ -67,6 +67,7 @@ fn check_ready(client: &mut SpiClient<'_>, model: &str, version: i32, to: &'stat
 }
 
 fn try_deploy(model: Option<&str>, version: Option<i32>, comment: Option<&str>) -> Result<i32> {
+    crate::catalog::writable()?;
     let model = required(model, "model")?;
     let version = required(version, "version")?;
     Spi::connect_mut(|client| {
@@ -98,6 +99,7 @@ fn deploy_as(client: &mut SpiClient<'_>, user: &str, model: &str, version: i32, 
 }
 
 fn try_rollback(model: Option<&str>, comment: Option<&str>) -> Result<i32> {
+    crate::catalog::writable()?;
     let model = required(model, "model")?;
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
@@ -159,6 +161,7 @@ fn record(client: &mut SpiClient<'_>, c: Change<'_>) -> Result<()> {
 }
 
 fn try_export(model: Option<&str>, version: Option<i32>) -> Result<Vec<u8>> {
+    crate::catalog::writable()?;
     let model = required(model, "model")?;
     let version = required(version, "version")?;
     Spi::connect_mut(|client| {
@@ -244,6 +247,7 @@ fn with_snapshot(
 /// Fits the version's rule surrogate again, `max_depth` levels deep, and
 /// stores it in place of the one it had.
 fn try_distill(model: Option<&str>, version: Option<i32>, max_depth: Option<i32>) -> Result<Surrogate> {
+    crate::catalog::writable()?;
     let model = required(model, "model")?;
     let version = required(version, "version")?;
     let asked = required(max_depth, "max_depth")?;
@@ -281,6 +285,7 @@ fn try_distill(model: Option<&str>, version: Option<i32>, max_depth: Option<i32>
 /// place of the one it had (the trigger on `cerebro.model_versions`
 /// rebuilds `cerebro.model_importance` from it).
 fn try_measure(model: Option<&str>, version: Option<i32>) -> Result<Option<Importance>> {
+    crate::catalog::writable()?;
     let model = required(model, "model")?;
     let version = required(version, "version")?;
     Spi::connect_mut(|client| {
@@ -325,6 +330,7 @@ fn try_measure(model: Option<&str>, version: Option<i32>) -> Result<Option<Impor
 }
 
 fn try_grant(model: Option<&str>, grantee: Option<&str>, grant: bool) -> Result<()> {
+    crate::catalog::writable()?;
     let model = required(model, "model")?;
     let grantee = required(grantee, "grantee")?;
     Spi::connect_mut(|client| {
@@ -370,6 +376,7 @@ fn try_grant(model: Option<&str>, grantee: Option<&str>, grant: bool) -> Result<
 }
 
 fn try_reproduce(model: Option<&str>, version: Option<i32>) -> Result<i32> {
+    crate::catalog::writable()?;
     let model = required(model, "model")?;
     let version = required(version, "version")?;
     Spi::connect_mut(|client| {
@@ -417,6 +424,7 @@ fn reproduce(model: Option<&str>, version: Option<i32>) -> i32 {
 }
 
 fn try_delete(model: Option<&str>, version: Option<i32>) -> Result<i64> {
+    crate::catalog::writable()?;
     let model = required(model, "model")?;
     let version = required(version, "version")?;
     Spi::connect_mut(|client| {
@@ -585,6 +593,7 @@ fn delete_model(model: Option<&str>, version: Option<i32>) -> i64 {
 /// records the epoch). Its creator or whoever administers the model may;
 /// the reason says who and when. Returns `cancelled` or `cancelling`.
 fn try_cancel_version(model: Option<&str>, version: Option<i32>) -> Result<String> {
+    crate::catalog::writable()?;
     let model = required(model, "model")?;
     let version = required(version, "version")?;
     Spi::connect_mut(|client| {
@@ -664,6 +673,7 @@ fn cancel(model: Option<&str>, version: Option<i32>) -> String {
 }
 
 fn try_cancel(selection: Option<i64>) -> Result<i32> {
+    crate::catalog::writable()?;
     let selection = selection.ok_or(CerebroError::NullArgument("selection"))?;
     Spi::connect_mut(|client| {
         let user = current_user(client)?;
@@ -733,6 +743,7 @@ fn cancel_selection(selection: Option<i64>) -> i32 {
 /// it. cerebrod calls it after each stack; calling it again, or early,
 /// changes nothing but the spending. Returns the version promoted, if any.
 fn try_finish_selection(selection: Option<i64>) -> Result<Option<i32>> {
+    crate::catalog::writable()?;
     let selection = selection.ok_or(CerebroError::NullArgument("selection"))?;
     Spi::connect_mut(|client| {
         let _owner = identity::become_owner()?;

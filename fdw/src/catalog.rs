@@ -10,6 +10,18 @@ use pgrx::{pg_sys, FromDatum, IntoDatum, JsonB};
 use crate::access;
 use crate::error::{CerebroError, Result};
 
+/// Refuses, on a hot standby, a function that changes the catalog, before
+/// it runs anything: PostgreSQL would refuse it only when it first gave the
+/// transaction an id, with XX000 `cannot assign TransactionIds during
+/// recovery`.
+pub(crate) fn writable() -> Result<()> {
+    // SAFETY: reads shared memory's recovery state.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        return Err(CerebroError::DuringRecovery);
+    }
+    Ok(())
+}
+
 /// Column `column` (1-based) of the first row `query` returns, None when it
 /// returns no row or NULL.
 pub(crate) fn first<T: FromDatum + IntoDatum>(
@@ -18,12 +30,15 @@ pub(crate) fn first<T: FromDatum + IntoDatum>(
     args: &[DatumWithOid],
     column: usize,
 ) -> Result<Option<T>> {
-    // It writes, or locks rows: on a hot standby PostgreSQL would fail
-    // when it gave the transaction an id (XX000), not with the words of a
-    // statement refused during recovery.
+    // Run as an update, a query gives the transaction an id, which a hot
+    // standby refuses (XX000). Only reads get here there: whatever writes
+    // was refused first (`writable`).
     // SAFETY: reads shared memory's recovery state.
     if unsafe { pg_sys::RecoveryInProgress() } {
-        return Err(CerebroError::DuringRecovery);
+        return match client.select(query, Some(1), args)?.next() {
+            Some(row) => Ok(row.get::<T>(column)?),
+            None => Ok(None),
+        };
     }
     match client.update(query, Some(1), args)?.next() {
         Some(row) => Ok(row.get::<T>(column)?),

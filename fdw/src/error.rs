@@ -230,6 +230,7 @@ impl CerebroError {
                 ErrorCode::BufferInvalid | ErrorCode::Internal => ERRCODE_INTERNAL_ERROR,
                 ErrorCode::ScoringFailed => ERRCODE_DATA_EXCEPTION,
                 ErrorCode::Unavailable => ERRCODE_CONNECTION_FAILURE,
+                ErrorCode::LockNotAvailable => ERRCODE_LOCK_NOT_AVAILABLE,
                 ErrorCode::Unsupported => ERRCODE_FEATURE_NOT_SUPPORTED,
             },
             CerebroError::Connection(_) => ERRCODE_CONNECTION_FAILURE,

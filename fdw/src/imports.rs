@@ -86,6 +86,7 @@ fn freeze_rows(
 }
 
 fn try_import(req: ImportRequest<'_>) -> Result<i32> {
+    crate::catalog::writable()?;
     validate_model_name(req.name)?;
     let task = request::import_task(req.task.parse::<TaskChoice>()?, &req.labels)?;
     let graph = read_signature(req.onnx).map_err(|e| RequestError::ImportInvalid(e.to_string()))?;

@@ -15,7 +15,7 @@ use cerebro_shared::batch::{
     plan_explained, read_explanations, read_outputs, read_probabilities, write_packed, BatchLayout, ColumnRef,
     PackedColumn, NO_LABEL,
 };
-use cerebro_shared::explanation::{explain_row, Shown, DEFAULT_TOP_K, EXPLAIN_BATCH_ROWS};
+use cerebro_shared::explanation::{explain_row, printed_real, Shown, DEFAULT_TOP_K, EXPLAIN_BATCH_ROWS};
 use cerebro_shared::joins::JoinPlan;
 use cerebro_shared::protocol::{Request, Response, ScoreRequest};
 use cerebro_shared::request::RequestError;
@@ -31,7 +31,7 @@ use crate::explanation::explanation_jsonb;
 use crate::fetch::{fetch_into, reads_as_number};
 use crate::gucs;
 use crate::in_backend::{self, Scorer};
-use crate::sources::{check_own_source, resolve_source, text_family, BaseType, Source};
+use crate::sources::{check_own_source, resolve_source, text_family, BaseType, Source, TextFamily};
 
 /// Query parameters taken from the WHERE clause.
 #[derive(Debug, Default)]
@@ -126,22 +126,23 @@ pub(crate) struct ModelVersion {
     pub(crate) artifact_sha256: String,
     /// Who wrote its source (a query's text is its author's code).
     source_author: String,
-    /// Each categorical feature's type in the version's snapshot (none for
-    /// a version without one, an import).
-    category_types: Vec<(String, pg_sys::Oid)>,
+    /// Each categorical feature's type in the version's snapshot, and its
+    /// family (none for a version without one, an import).
+    category_types: Vec<(String, pg_sys::Oid, TextFamily)>,
 }
 
 impl ModelVersion {
     /// Refuses to read categorical feature `column` from a column of type
     /// `oid` whose values read as other text than the type the version
-    /// learned its categories from (a boolean given as an integer or as
-    /// text): every value would be a category never seen, and the scores
-    /// quietly those of unknown categories.
+    /// learned its categories from (a boolean given as an integer, an
+    /// integer as a numeric): every value would be a category never seen,
+    /// and the scores quietly those of unknown categories. Text stands for
+    /// any type: it holds what its writer wrote.
     pub(crate) fn check_category_type(&self, column: &str, oid: pg_sys::Oid) -> Result<()> {
-        let Some(&(_, trained)) = self.category_types.iter().find(|(name, _)| name == column) else {
+        let Some(&(_, trained, family)) = self.category_types.iter().find(|(name, ..)| name == column) else {
             return Ok(());
         };
-        if text_family(trained) == text_family(oid) {
+        if oid == trained || text_family(oid).can_stand_for(family) {
             return Ok(());
         }
         // SAFETY: syscache lookups of existing types.
@@ -168,7 +169,7 @@ fn category_types(
     client: &pgrx::spi::SpiClient<'_>,
     id: i64,
     features: &[Feature],
-) -> Result<Vec<(String, pg_sys::Oid)>> {
+) -> Result<Vec<(String, pg_sys::Oid, TextFamily)>> {
     if features.iter().all(|f| f.kind != FeatureKind::Categorical) {
         return Ok(Vec::new());
     }
@@ -197,7 +198,7 @@ fn category_types(
             continue;
         };
         if features.iter().any(|f| f.kind == FeatureKind::Categorical && &f.name == column) {
-            types.push((column.clone(), oid));
+            types.push((column.clone(), oid, text_family(oid)));
         }
     }
     Ok(types)
@@ -567,6 +568,10 @@ pub struct PredictionScan {
     own_copy: Option<Rc<Scorer>>,
     /// What explaining a row works in, kept from row to row.
     explaining: Scratch,
+    /// Per feature, whether its column is `real`: an explanation shows its
+    /// value as PostgreSQL prints a `real` (3.9), not as the double it was
+    /// read into (3.900000095367432).
+    single_precision: Vec<bool>,
 }
 
 /// Room an explanation is made in: the columns' order by contribution and
@@ -599,12 +604,14 @@ impl PredictionScan {
         // Runs as the calling user: their privileges and RLS decide what is
         // scored. The source's own text runs under their search_path; every
         // name Cerebro adds is qualified, and the keys are a parameter.
+        let mut single_precision = vec![false; model.features.len()];
         let (source_display, cursor) = Spi::connect(|client| -> Result<(String, String)> {
             let source = scan_source(client, &model, params.source.as_deref())?;
             let key = source.column(&key_column)?;
             let mut select = vec![key.text()];
-            for f in &model.features {
+            for (i, f) in model.features.iter().enumerate() {
                 let col = source.column(&f.name)?;
+                single_precision[i] = matches!(col.base, BaseType::BuiltIn { oid: pg_sys::FLOAT4OID, .. });
                 select.push(match (f.kind, &col.base) {
                     (FeatureKind::Categorical, _) => {
                         model.check_category_type(&f.name, col.type_oid)?;
@@ -684,6 +691,7 @@ impl PredictionScan {
             socket: socket.to_owned(),
             own_copy,
             explaining: Scratch::default(),
+            single_precision,
             classes: match model.task {
                 Task::Multiclass if probabilities => model.class_labels.len() as u32,
                 _ => 0,
@@ -927,7 +935,11 @@ impl PredictionScan {
         let value = |c: usize| {
             let column = &values[c];
             match column {
-                PackedColumn::Float64 { .. } => column.f64_at(i).map_or(Shown::Null, Shown::Number),
+                PackedColumn::Float64 { .. } => match column.f64_at(i) {
+                    None => Shown::Null,
+                    Some(v) if self.single_precision.get(c) == Some(&true) => Shown::Number(printed_real(v)),
+                    Some(v) => Shown::Number(v),
+                },
                 PackedColumn::Text { .. } => {
                     column.text_at(i).map_or(Shown::Null, |b| Shown::Text(String::from_utf8_lossy(b)))
                 }

@@ -40,14 +40,25 @@ pub(crate) struct SourceColumn {
 }
 
 /// How a categorical feature's values read as text, the categories a model
-/// learns: any type of strings, and enums, write a value as the same text,
-/// as do the integer types; any other type only itself (`true` is not `1`
-/// nor `t`, `2.0` as numeric is not `2` as float8).
+/// learns: strings (any string type, an enum, any type not built in, each
+/// read through its output function, as a snapshot freezes it), the
+/// integer types (which write a value as the same text), or another
+/// built-in type, only itself (`true` is not `1`, `2.0` as numeric is not
+/// `2` as float8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TextFamily {
     Strings,
     Integers,
     Type(pg_sys::Oid),
+}
+
+impl TextFamily {
+    /// Whether a column of this family can stand for one of `trained`'s:
+    /// the same family, or strings, which hold whatever text the user
+    /// wrote (`'true'` for a boolean, `payload->>'store_id'` for an id).
+    pub(crate) fn can_stand_for(self, trained: TextFamily) -> bool {
+        self == trained || self == TextFamily::Strings
+    }
 }
 
 pub(crate) fn text_family(oid: pg_sys::Oid) -> TextFamily {
@@ -56,7 +67,7 @@ pub(crate) fn text_family(oid: pg_sys::Oid) -> TextFamily {
     match base {
         pg_sys::INT2OID | pg_sys::INT4OID | pg_sys::INT8OID => TextFamily::Integers,
         pg_sys::TEXTOID | pg_sys::VARCHAROID | pg_sys::BPCHAROID | pg_sys::NAMEOID => TextFamily::Strings,
-        _ if type_facts(base).typtype == 'e' => TextFamily::Strings,
+        _ if base.to_u32() >= pg_sys::FirstNormalObjectId => TextFamily::Strings,
         _ => TextFamily::Type(base),
     }
 }

@@ -22,6 +22,9 @@ pub enum ErrorCode {
     ScoringFailed,
     /// The daemon cannot serve now (starting up, shutting down, no database).
     Unavailable,
+    /// A transaction held a lock the daemon needed past its `lock_timeout`
+    /// (reading an artifact a maintenance statement locked).
+    LockNotAvailable,
     /// The model cannot do what the request asks (explain a model the
     /// engine does not run).
     Unsupported,
@@ -39,6 +42,7 @@ impl ErrorCode {
             ErrorCode::BufferInvalid => "buffer_invalid",
             ErrorCode::ScoringFailed => "scoring_failed",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::LockNotAvailable => "lock_not_available",
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::Internal => "internal",
         }

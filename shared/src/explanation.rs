@@ -57,6 +57,17 @@ pub fn non_finite_name(v: f64) -> &'static str {
     }
 }
 
+/// A `real` read into a double, as the double nearest the shortest
+/// decimal that reads back as the same `real`: what PostgreSQL prints of
+/// it (3.9, where the double it widens to is 3.900000095367432).
+pub fn printed_real(v: f64) -> f64 {
+    let single = v as f32;
+    if !single.is_finite() {
+        return v;
+    }
+    single.to_string().parse().unwrap_or(v)
+}
+
 /// One listed column: its name, its value in the row, its contribution.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Listed<'a> {
@@ -280,6 +291,16 @@ mod tests {
         assert_eq!(none["baseline"], Value::Null);
         assert_eq!(none["contributions"], json!([]));
         assert_eq!(none["rest"], 0.5);
+    }
+
+    #[test]
+    fn a_real_shows_as_postgresql_prints_it() {
+        assert_eq!(printed_real(3.9f32 as f64), 3.9);
+        assert_eq!(printed_real(0.1f32 as f64), 0.1);
+        assert_eq!(printed_real(16777217.0), 16777216.0);
+        assert_eq!(printed_real(-0.0), 0.0);
+        assert!(printed_real(f64::NAN).is_nan());
+        assert_eq!(printed_real(f64::INFINITY), f64::INFINITY);
     }
 
     fn ascii_json(value: &impl Serialize) -> String {

@@ -1615,6 +1615,22 @@ async fn a_session_kept_across_drop_and_create_extension_scores_the_new_archives
     let before = tea_scores(&kept).await?;
     assert!(before.iter().all(|&s| s > 0.9), "{before:?}");
 
+    // A role that may not change the view waits for its lock all the same
+    // (CREATE RULE locks before it checks): cerebrod does not give it up.
+    admin
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE e2e_rule_maker LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+        )
+        .await?;
+    let outsider = env.connect_as("e2e_rule_maker", name).await?;
+    outsider.batch_execute("SET lock_timeout = '5s'").await?;
+    let refused = outsider
+        .batch_execute("CREATE RULE e2e_squat AS ON INSERT TO cerebro.daemon_lock DO INSTEAD NOTHING")
+        .await
+        .expect_err("only the owner may add a rule");
+    assert_eq!(refused.code().map(|c| c.code()), Some("55P03"), "cerebrod kept its lock: {refused}");
+    drop(outsider);
+
     // cerebrod holds cerebro.daemon_lock for its life: it gives the lock
     // up when the DROP waits for it, or the DROP would wait for ever.
     tokio::time::timeout(Duration::from_secs(60), admin.batch_execute("DROP EXTENSION cerebro CASCADE"))
@@ -1695,6 +1711,43 @@ async fn cerebrod_runs_as_a_role_with_only_the_documented_privileges() -> anyhow
     db.batch_execute("GRANT INSERT ON cerebro.training_history TO e2e_cerebrod").await?;
     let v3 = insert(&db, "e2e_least", "churn", r#"{"epochs": 2}"#).await?;
     assert_eq!(wait_until_done(&db, "e2e_least", v3, TRAIN_TIMEOUT).await?.last().map(String::as_str), Some("ready"));
+    Ok(())
+}
+
+/// Two transactions adding a version to one model at once: in REPEATABLE
+/// READ the later fails with 40001, which applications retry, not with a
+/// duplicate version number (23505).
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_inserts_under_repeatable_read_fail_with_a_serialization_failure() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let first = insert(&db, "e2e_conc", "churn", r#"{"epochs": 1}"#).await?;
+    let (one, two) = (env.connect().await?, env.connect().await?);
+    let add = "INSERT INTO cerebro.models (name, source, target, key, options)
+               VALUES ('e2e_conc', 'telco_churn', 'churn', 'customer_id', '{\"epochs\": 1}')";
+    for s in [&one, &two] {
+        s.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1").await?;
+    }
+    one.batch_execute(add).await?;
+    let later = tokio::spawn(async move {
+        let r = two.batch_execute(add).await;
+        let _ = two.batch_execute("ROLLBACK").await;
+        r
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    one.batch_execute("COMMIT").await?;
+    let refused = later.await?.expect_err("the later INSERT cannot take the same version");
+    assert_eq!(refused.code().map(|c| c.code()), Some("40001"), "{refused}");
+    let versions: Vec<i32> = db
+        .query("SELECT version FROM cerebro.models WHERE name = 'e2e_conc' ORDER BY version", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, vec![first, first + 1]);
+    for v in versions {
+        db.execute("SELECT cerebro.cancel('e2e_conc', $1)", &[&v]).await?;
+    }
     Ok(())
 }
 

@@ -559,6 +559,32 @@ async fn predict_fails_precisely() -> anyhow::Result<()> {
     assert_eq!(xid, None, "scoring took a transaction id");
     reader.batch_execute("COMMIT").await?;
 
+    // A model trained on a type not built in (citext, read as its text)
+    // scores its own source, and text stands for it.
+    db.batch_execute(
+        "CREATE EXTENSION IF NOT EXISTS citext;
+         DROP TABLE IF EXISTS p_citext;
+         CREATE TABLE p_citext AS SELECT customer_id, contract::citext AS contract, tenure, churn FROM telco_churn;
+         INSERT INTO cerebro.models (name, source, target, key, features, options)
+         VALUES ('p_citext', 'p_citext', 'churn', 'customer_id', ARRAY['contract', 'tenure'], '{\"epochs\": 2}');",
+    )
+    .await?;
+    let seen = wait_until_done(&db, "p_citext", 1, TRAIN_TIMEOUT).await?;
+    assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
+    let own: f64 =
+        db.query_one("SELECT cerebro.predict('p_citext', t) FROM p_citext t WHERE customer_id = 1", &[]).await?.get(0);
+    let scanned: f64 =
+        db.query_one("SELECT score FROM cerebro.predictions WHERE model = 'p_citext' AND key = '1'", &[]).await?.get(0);
+    let as_plain_text: f64 = db
+        .query_one(
+            "SELECT cerebro.predict('p_citext', r) FROM
+             (SELECT contract::text AS contract, tenure FROM p_citext WHERE customer_id = 1) r",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert!((own - scanned).abs() < 1e-6 && (own - as_plain_text).abs() < 1e-6, "{own} {scanned} {as_plain_text}");
+
     let as_text: f64 = db
         .query_one("SELECT cerebro.predict('p_errors', t) FROM telco_churn t WHERE customer_id = 1", &[])
         .await?
