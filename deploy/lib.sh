@@ -196,9 +196,19 @@ unlink_extension_library() {
     as_root rm -f "$("$PG_CONFIG" --pkglibdir)/cerebro.so"
 }
 
+# install_extension: builds the extension into target/release/cerebro-pg15
+# first, then puts it in place: the library is unlinked, not overwritten
+# (live backends keep the file they mapped), and missing only for the
+# moment of the copy, not for the minutes of a build, while the servers
+# that load it go on serving.
 install_extension() {
+    local staged=$ROOT/target/release/cerebro-pg15 libdir sharedir
+    libdir=$("$PG_CONFIG" --pkglibdir)
+    sharedir=$("$PG_CONFIG" --sharedir)/extension
+    (cd "$ROOT/fdw" && cargo pgrx package --pg-config "$PG_CONFIG" >/dev/null)
     unlink_extension_library
-    (cd "$ROOT/fdw" && cargo pgrx install --release --sudo --pg-config "$PG_CONFIG" >/dev/null)
+    as_root install -m 755 "$staged$libdir/cerebro.so" "$libdir/cerebro.so"
+    as_root install -m 644 "$staged$sharedir"/cerebro* "$sharedir/"
 }
 
 build_release() {

@@ -435,6 +435,10 @@ pub struct Stored<'a> {
     pub trained_with: &'a TrainedWith,
     pub importance: Option<&'a Importance>,
     pub surrogate: Option<&'a Surrogate>,
+    /// The epochs it trained, when it trained (not an ensemble): what
+    /// `epoch` says once ready, whether or not each was recorded in
+    /// `training_history` (a lock can leave some out).
+    pub epochs_run: Option<i32>,
 }
 
 impl<'a> Stored<'a> {
@@ -448,6 +452,7 @@ impl<'a> Stored<'a> {
             trained_with,
             importance: model.importance.as_ref(),
             surrogate: model.surrogate.as_ref(),
+            epochs_run: Some(model.epochs_run as i32),
         }
     }
 }
@@ -605,6 +610,28 @@ pub struct Swept {
     pub left_by: LeftBy,
 }
 
+/// How a job requeued because a lock held up its ending begins its error:
+/// the claim reads it to wait before the next attempt.
+pub const LOCK_HELD: &str = "another transaction held a lock on the job's catalog rows or snapshot";
+
+/// How long a job requeued because a lock held up its ending waits before
+/// its next attempt, from the start of the last: this doubled for each
+/// attempt already made (15, 30, 60 s...), so that a maintenance statement's
+/// lock of a few tens of seconds does not use up its attempts at once.
+pub const LOCK_RETRY_WAIT_SECS: f64 = 15.0;
+
+/// The condition a queued job `j` meets when it may be claimed: not one
+/// waiting after a lock held up its last attempt ([`LOCK_RETRY_WAIT_SECS`]).
+/// `$lock` and `$wait` are its parameters' placeholders.
+fn claimable(j: &str, lock: &str, wait: &str) -> String {
+    format!(
+        "NOT ({j}.attempts > 0 AND {j}.claimed_at IS NOT NULL
+              AND coalesce(pg_catalog.starts_with({j}.error, {lock}), false)
+              AND {j}.claimed_at > pg_catalog.now() - pg_catalog.make_interval(
+                  secs => {wait} * pg_catalog.power(2.0::pg_catalog.float8, LEAST({j}.attempts, 6) - 1)))"
+    )
+}
+
 /// Where a job left `running` goes, and the error users read. Attempts count
 /// whatever left it there, so that a job that keeps being left (one that
 /// crashes the daemon or a backend each time) ends `failed` after
@@ -621,7 +648,7 @@ pub fn sweep_outcome(
     }
     let counts = left_by.counts(server_started);
     let used_up = attempts >= max_attempts && counts;
-    let lock = "another transaction held a lock on the job's catalog rows or snapshot";
+    let lock = LOCK_HELD;
     let error = match (left_by, used_up) {
         (LeftBy::EndedSession(end), _) if !counts => format!(
             "attempt {attempts} was interrupted: {}; the job was requeued, the attempt not counted ({})",
@@ -772,9 +799,8 @@ impl Catalog {
     /// waited for.
     pub async fn claim_next_job(&mut self, worker: &str) -> Result<Option<ClaimedJob>> {
         let tx = self.client.transaction().await?;
-        let row = tx
-            .query_opt(
-                "UPDATE cerebro.jobs j SET state = 'running', attempts = attempts + 1,
+        let sql = format!(
+            "UPDATE cerebro.jobs j SET state = 'running', attempts = attempts + 1,
                         claimed_by = $1, claimed_at = pg_catalog.now(),
                         error = CASE WHEN j.cancel_requested THEN j.error END
                  FROM (WITH served AS (
@@ -784,14 +810,14 @@ impl Catalog {
                            GROUP BY m.created_by)
                        SELECT j2.id FROM cerebro.jobs j2 JOIN cerebro.model_versions m2 ON m2.id = j2.model_version_id
                        LEFT JOIN served s ON s.created_by = m2.created_by
-                       WHERE j2.state = 'queued'
+                       WHERE j2.state = 'queued' AND {}
                        ORDER BY s.last NULLS FIRST, j2.id LIMIT 1
                        FOR UPDATE OF j2 SKIP LOCKED FOR NO KEY UPDATE OF m2 SKIP LOCKED) next
                  WHERE j.id = next.id
                  RETURNING j.id, j.model_version_id, j.attempts",
-                &[&worker],
-            )
-            .await?;
+            claimable("j2", "$2", "$3")
+        );
+        let row = tx.query_opt(&sql, &[&worker, &LOCK_HELD, &LOCK_RETRY_WAIT_SECS]).await?;
         let Some(row) = row else {
             tx.commit().await?;
             return Ok(None);
@@ -816,15 +842,14 @@ impl Catalog {
     /// (engine::train_group). Lost races are skipped, not waited for.
     pub async fn claim_companions(&mut self, job: &ClaimedJob, worker: &str, limit: i64) -> Result<Vec<ClaimedJob>> {
         let tx = self.client.transaction().await?;
-        let rows = tx
-            .query(
-                "UPDATE cerebro.jobs j SET state = 'running', attempts = attempts + 1,
+        let sql = format!(
+            "UPDATE cerebro.jobs j SET state = 'running', attempts = attempts + 1,
                         claimed_by = $2, claimed_at = pg_catalog.now(),
                         error = CASE WHEN j.cancel_requested THEN j.error END
                  FROM (SELECT j2.id FROM cerebro.jobs j2
                        JOIN cerebro.model_versions m2 ON m2.id = j2.model_version_id
                        JOIN cerebro.model_versions m ON m.id = $1
-                       WHERE j2.state = 'queued' AND m.selection_id IS NOT NULL
+                       WHERE j2.state = 'queued' AND {} AND m.selection_id IS NOT NULL
                          AND NOT m.request ? 'ensemble' AND NOT m2.request ? 'ensemble'
                          AND m2.selection_id = m.selection_id AND m2.snapshot_id = m.snapshot_id
                          AND m2.target_column = m.target_column AND m2.task = m.task
@@ -834,7 +859,19 @@ impl Catalog {
                        FOR UPDATE OF j2 SKIP LOCKED FOR NO KEY UPDATE OF m2 SKIP LOCKED) next
                  WHERE j.id = next.id
                  RETURNING j.id, j.model_version_id, j.attempts",
-                &[&job.model_version_id, &worker, &cerebro_shared::spec::PER_MODEL_OPTIONS, &limit],
+            claimable("j2", "$5", "$6")
+        );
+        let rows = tx
+            .query(
+                &sql,
+                &[
+                    &job.model_version_id,
+                    &worker,
+                    &cerebro_shared::spec::PER_MODEL_OPTIONS,
+                    &limit,
+                    &LOCK_HELD,
+                    &LOCK_RETRY_WAIT_SECS,
+                ],
             )
             .await?;
         let jobs: Vec<ClaimedJob> = rows
@@ -1107,8 +1144,8 @@ impl Catalog {
         tx.execute(
             "UPDATE cerebro.model_versions SET status = 'ready', metrics = $2, pipeline = $3,
                     artifact_sha256 = $4, trained_at = pg_catalog.now(), error = NULL,
-                    epoch = (SELECT coalesce(pg_catalog.max(epoch), 0) FROM cerebro.training_history
-                             WHERE model_version_id = $1),
+                    epoch = coalesce($10, (SELECT coalesce(pg_catalog.max(epoch), 0) FROM cerebro.training_history
+                                           WHERE model_version_id = $1)),
                     weights_sha256 = $5, trained_with = $6, artifact_bytes = $7, importance = $8,
                     surrogate = $9
              WHERE id = $1",
@@ -1122,6 +1159,7 @@ impl Catalog {
                 &(onnx.len() as i64),
                 &importance,
                 &surrogate,
+                &stored.epochs_run,
             ],
         )
         .await?;

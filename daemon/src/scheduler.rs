@@ -1060,6 +1060,7 @@ impl Scheduler {
             trained_with: &with,
             importance: built.importance.as_ref(),
             surrogate: built.surrogate.as_ref(),
+            epochs_run: None,
         };
         match self.control.finish_success(job, spec.snapshot_id, &stored, &fingerprint).await {
             Ok(()) => info!(

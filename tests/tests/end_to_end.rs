@@ -1714,6 +1714,37 @@ async fn cerebrod_runs_as_a_role_with_only_the_documented_privileges() -> anyhow
     Ok(())
 }
 
+/// A maintenance statement's lock on the artifacts (VACUUM FULL, say) that
+/// outlasts a short training holds up its ending: the job goes back to the
+/// queue and waits before its next attempt, rather than using its three
+/// attempts up in seconds; it ends ready once the lock is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lock_held_for_twenty_seconds_does_not_use_up_a_jobs_attempts() -> anyhow::Result<()> {
+    let env = Env::from_env().with_config_value("artifact-lock", "lock_timeout_ms", "1000")?;
+    let db = env.connect().await?;
+    let holder = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    holder.batch_execute("BEGIN; LOCK TABLE cerebro.artifacts IN ACCESS EXCLUSIVE MODE").await?;
+    let v = insert(&db, "e2e_held_artifacts", "churn", r#"{"epochs": 2}"#).await?;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let (status, _, error) = model_state(&db, "e2e_held_artifacts", v).await?;
+    assert_ne!(status, "failed", "{error:?}");
+    holder.batch_execute("COMMIT").await?;
+    let seen = wait_until_done(&db, "e2e_held_artifacts", v, TRAIN_TIMEOUT).await?;
+    let (status, _, error) = model_state(&db, "e2e_held_artifacts", v).await?;
+    assert_eq!(status, "ready", "{seen:?}: {error:?}");
+    let attempts: i32 = db
+        .query_one(
+            "SELECT j.attempts FROM cerebro.jobs j JOIN cerebro.model_versions m ON m.id = j.model_version_id
+             WHERE m.name = 'e2e_held_artifacts' AND m.version = $1",
+            &[&v],
+        )
+        .await?
+        .get(0);
+    assert!((2..=3).contains(&attempts), "{attempts} attempts");
+    Ok(())
+}
+
 /// Two transactions adding a version to one model at once: in REPEATABLE
 /// READ the later fails with 40001, which applications retry, not with a
 /// duplicate version number (23505).
