@@ -205,7 +205,10 @@ install_extension() {
     local staged=$ROOT/target/release/cerebro-pg15 libdir sharedir
     libdir=$("$PG_CONFIG" --pkglibdir)
     sharedir=$("$PG_CONFIG" --sharedir)/extension
-    (cd "$ROOT/fdw" && cargo pgrx package --pg-config "$PG_CONFIG" >/dev/null)
+    # Afresh, so that no script of another build is installed with this one.
+    rm -rf "$staged"
+    (cd "$ROOT/fdw" && cargo pgrx package --pg-config "$PG_CONFIG" --out-dir "$staged" >/dev/null)
+    [ -f "$staged$libdir/cerebro.so" ] || die "cargo pgrx package made no $staged$libdir/cerebro.so"
     unlink_extension_library
     as_root install -m 755 "$staged$libdir/cerebro.so" "$libdir/cerebro.so"
     as_root install -m 644 "$staged$sharedir"/cerebro* "$sharedir/"

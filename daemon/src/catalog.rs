@@ -19,7 +19,7 @@ use futures_util::{stream, StreamExt};
 use tokio::sync::Notify;
 use tokio_postgres::error::{Severity, SqlState};
 use tokio_postgres::{AsyncMessage, Client, NoTls};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
 use crate::train::{EpochStats, TrainedModel};
@@ -300,8 +300,14 @@ pub async fn connect(
 /// it is never in VACUUM's or ANALYZE's way. Dropping it closes
 /// the session, which ends the transaction and frees the lock.
 pub struct DaemonLock {
-    _client: Client,
+    client: Client,
     backend_pid: i32,
+    /// The database's, the view's and its owner's oids, read before the
+    /// lock's transaction began: what [`DaemonLock::until_wanted_whole`]
+    /// looks for without reading a catalog table in that transaction.
+    database: u32,
+    view: u32,
+    owner: u32,
 }
 
 impl DaemonLock {
@@ -310,44 +316,66 @@ impl DaemonLock {
     pub fn backend_pid(&self) -> i32 {
         self.backend_pid
     }
-}
 
-/// Returns once a session waits to take `cerebro.daemon_lock` whole
-/// (`DROP EXTENSION`, an `ALTER EXTENSION ... UPDATE` that replaces the
-/// view, a DROP or ALTER of it) as a role that may do so (a superuser, or
-/// a member of the view's owner), looking every `every` on `catalog`: the
-/// daemon then gives the lock up rather than leave that statement waiting
-/// for ever, and with it every statement queued behind the locks it
-/// already holds (the jobs table's, for a DROP EXTENSION). A role that may
-/// not (whose `CREATE RULE` on the view waits for the lock before it is
-/// refused) is not given it. Not looked for on the lock's own session,
-/// whose transaction would keep the locks of the catalogs the look reads
-/// for the daemon's life. Says why.
-pub async fn until_lock_wanted_whole(catalog: &Catalog, every: Duration) -> String {
-    const WAITER: &str = "SELECT l.pid FROM pg_catalog.pg_locks l
-         JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
-         JOIN pg_catalog.pg_class c ON c.oid = l.relation
-         WHERE l.locktype = 'relation' AND NOT l.granted AND l.mode = 'AccessExclusiveLock'
-           AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
-                             WHERE d.datname = pg_catalog.current_database())
-           AND l.relation = 'cerebro.daemon_lock'::pg_catalog.regclass
-           AND (EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.oid = a.usesysid AND r.rolsuper)
-                OR pg_catalog.pg_has_role(a.usesysid, c.relowner, 'USAGE'))
-         LIMIT 1";
-    loop {
-        tokio::time::sleep(every).await;
-        match catalog.client.query_opt(WAITER, &[]).await {
-            Ok(Some(row)) => {
-                let pid: i32 = row.get(0);
-                return format!(
-                    "server process {pid} waits to take cerebro.daemon_lock whole (a DROP EXTENSION, an ALTER \
-                     EXTENSION ... UPDATE); cerebrod gives the lock up and takes it again once it can"
-                );
+    /// Returns once a session waits to take `cerebro.daemon_lock` whole
+    /// (`DROP EXTENSION`, an `ALTER EXTENSION ... UPDATE` that replaces the
+    /// view, a DROP or ALTER of it) as a role that may do so (a superuser,
+    /// or a member of the view's owner: `pg_has_role` of its session user),
+    /// looking every `every`: the daemon then gives the lock up rather than
+    /// leave that statement waiting for ever, and with it every statement
+    /// queued behind the locks it already holds (the jobs table's, for a
+    /// DROP EXTENSION). A role that may not (whose `CREATE RULE` on the view
+    /// waits for the lock before it is refused) is not given it. It looks
+    /// on the lock's own session, which runs nothing else, so no statement
+    /// of the daemon's is ever ahead of the look; through functions alone
+    /// (`pg_lock_status`, `pg_stat_get_activity`, `pg_has_role`), whose
+    /// catalog reads release their locks at once, where a query of a
+    /// catalog table would keep its lock for the transaction's, the
+    /// daemon's, life; in a savepoint, so that a failed look leaves the
+    /// lock's transaction as it was. Says why.
+    pub async fn until_wanted_whole(&self, every: Duration) -> String {
+        let look = format!(
+            "SAVEPOINT cerebro_look;
+             SELECT l.pid FROM pg_catalog.pg_lock_status() l
+             WHERE l.locktype = 'relation' AND NOT l.granted AND l.mode = 'AccessExclusiveLock'
+               AND l.database = {}::pg_catalog.oid AND l.relation = {}::pg_catalog.oid
+               AND pg_catalog.pg_has_role(
+                   (SELECT s.usesysid FROM pg_catalog.pg_stat_get_activity(l.pid) s), {}::pg_catalog.oid, 'USAGE')
+             LIMIT 1;
+             RELEASE SAVEPOINT cerebro_look",
+            self.database, self.view, self.owner
+        );
+        let mut failed: Option<String> = None;
+        loop {
+            tokio::time::sleep(every).await;
+            match self.client.simple_query(&look).await {
+                Ok(messages) => {
+                    failed = None;
+                    let waiter = messages.iter().find_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                        _ => None,
+                    });
+                    if let Some(pid) = waiter {
+                        return format!(
+                            "server process {pid} waits to take cerebro.daemon_lock whole (a DROP EXTENSION, an \
+                             ALTER EXTENSION ... UPDATE); cerebrod gives the lock up and takes it again once it can"
+                        );
+                    }
+                }
+                Err(e) => {
+                    // Said once, and again when it says something else: a
+                    // look that keeps failing would leave a DROP waiting.
+                    let why = describe(&e);
+                    if failed.as_deref() != Some(why.as_str()) {
+                        warn!(
+                            "cannot look for a DROP or ALTER EXTENSION waiting on the daemon lock: {why}; such a \
+                             statement waits until cerebrod stops"
+                        );
+                    }
+                    failed = Some(why);
+                    let _ = self.client.batch_execute("ROLLBACK TO SAVEPOINT cerebro_look").await;
+                }
             }
-            Ok(None) => {}
-            // A lost connection ends the session anyway; anything else is
-            // looked at again next time.
-            Err(e) => debug!("looking for a statement waiting on the daemon lock failed: {}", describe(&e)),
         }
     }
 }
@@ -370,15 +398,28 @@ pub async fn lock_daemon(
     // its snapshot, keeping every dead row of the database from VACUUM
     // for the daemon's life. So the pid is read before BEGIN.
     let taken = async {
-        let backend_pid: i32 = client.query_one("SELECT pg_catalog.pg_backend_pid()", &[]).await?.get(0);
+        let row = client
+            .query_one(
+                "SELECT pg_catalog.pg_backend_pid(), d.oid::pg_catalog.int8, c.oid::pg_catalog.int8,
+                        c.relowner::pg_catalog.int8
+                 FROM pg_catalog.pg_database d, pg_catalog.pg_class c
+                 WHERE d.datname = pg_catalog.current_database()
+                   AND c.oid = 'cerebro.daemon_lock'::pg_catalog.regclass",
+                &[],
+            )
+            .await?;
+        let oid = |i: usize| row.get::<_, i64>(i) as u32;
+        let (backend_pid, database, view, owner): (i32, u32, u32, u32) = (row.get(0), oid(1), oid(2), oid(3));
         client.batch_execute("SET idle_in_transaction_session_timeout = 0").await?;
         client.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED").await?;
         client.batch_execute("LOCK TABLE cerebro.daemon_lock IN EXCLUSIVE MODE NOWAIT").await?;
-        Ok::<i32, tokio_postgres::Error>(backend_pid)
+        Ok::<_, tokio_postgres::Error>((backend_pid, database, view, owner))
     }
     .await;
     match taken {
-        Ok(backend_pid) => Ok(Some((DaemonLock { _client: client, backend_pid }, driver))),
+        Ok((backend_pid, database, view, owner)) => {
+            Ok(Some((DaemonLock { client, backend_pid, database, view, owner }, driver)))
+        }
         Err(e) => {
             driver.abort();
             match e.code() {

@@ -59,6 +59,11 @@ pub enum DaemonError {
     AlreadyRunning,
     #[error("the job loop panicked: {0}")]
     JobLoopPanicked(String),
+    #[error(
+        "the database is a hot standby (in recovery), where cerebrod cannot take its lock: point database_url \
+         at the primary ({0})"
+    )]
+    Standby(String),
 }
 
 impl DaemonError {
@@ -258,6 +263,11 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         }
         let session = match open_session(&config, &mut held, &wake, sessions + 1).await {
             Ok(s) => s,
+            Err(DaemonError::Catalog(CatalogError::Db(e)))
+                if sessions == 0 && e.code() == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) =>
+            {
+                break Err(DaemonError::Standby(catalog::describe(&e)))
+            }
             Err(e) if sessions == 0 && !e.is_transient() => break Err(e),
             Err(e) => {
                 tries += 1;
@@ -301,7 +311,6 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
 
         let Session { control, mut control_driver, data, mut data_driver, worker_id, server_started } = session;
         catalog.set(Some(data.clone()));
-        let watching = data.clone();
         let started = Instant::now();
         let (lost_tx, lost) = watch::channel(false);
         let scheduler = scheduler::Scheduler {
@@ -324,7 +333,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             service: service.clone(),
         };
         let mut jobs = tokio::spawn(scheduler.run());
-        let lock_driver = &mut held.as_mut().expect("open_session holds the lock").driver;
+        let HeldLock { lock, driver: lock_driver } = held.as_mut().expect("open_session holds the lock");
         let end = tokio::select! {
             biased;
             _ = shutdown.changed() => End::Stop,
@@ -333,7 +342,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             // Without the lock's session another daemon could start and
             // take over the jobs this one is training.
             why = lock_driver => End::Lost(lost_because("the daemon lock's", why)),
-            why = catalog::until_lock_wanted_whole(&watching, config.poll_interval) => End::StepAside(why),
+            why = lock.until_wanted_whole(config.poll_interval) => End::StepAside(why),
             done = &mut jobs => End::JobLoop(done),
         };
         // From here the session's connections serve nothing: calls on them

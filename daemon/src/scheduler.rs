@@ -213,7 +213,7 @@ async fn measure_import(data: &Catalog, service: &ScoringService, import: &Impor
     let started = Instant::now();
     let request = MeasureRequest { model_version_id: import.id, artifact_sha256: import.artifact_sha256.clone() };
     let unmeasured = |e: WireError| match e.code {
-        ErrorCode::Unavailable => Unmeasured::Later(e.message),
+        ErrorCode::Unavailable | ErrorCode::LockNotAvailable => Unmeasured::Later(e.message),
         _ => Unmeasured::Never(e.message),
     };
     let (importance, metrics) = service.measure_version(request).await.map_err(unmeasured)?;

@@ -177,13 +177,13 @@ impl ScoringService {
                 ))
             }
             Ok(Err(e)) if e.is_lost() => return Err(away(model_version_id)),
-            Ok(Err(e)) if e.is_lock_timeout() => {
-                return Err(WireError::new(
-                    ErrorCode::LockNotAvailable,
-                    format!("cannot read model version {model_version_id}'s artifact now: {}", e.reason()),
-                )
-                .with_hint("A transaction holds a lock on cerebro.artifacts; try again once it ends."))
-            }
+            Ok(Err(e)) if e.is_lock_timeout() => return Err(WireError::new(
+                ErrorCode::LockNotAvailable,
+                format!("cannot read model version {model_version_id}'s artifact now: {}", e.reason()),
+            )
+            .with_hint(
+                "Another transaction held a lock cerebrod needed (on cerebro.artifacts, say); try again once it ends.",
+            )),
             Ok(Err(e)) => {
                 return Err(WireError::new(ErrorCode::Unavailable, format!("cannot read the artifact: {}", e.reason())))
             }

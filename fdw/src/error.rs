@@ -227,7 +227,7 @@ impl CerebroError {
                 ErrorCode::ProtocolMismatch | ErrorCode::BadRequest => ERRCODE_PROTOCOL_VIOLATION,
                 ErrorCode::ModelNotFound => ERRCODE_UNDEFINED_OBJECT,
                 ErrorCode::ArtifactInvalid => ERRCODE_DATA_CORRUPTED,
-                ErrorCode::BufferInvalid | ErrorCode::Internal => ERRCODE_INTERNAL_ERROR,
+                ErrorCode::BufferInvalid | ErrorCode::Internal | ErrorCode::Unknown => ERRCODE_INTERNAL_ERROR,
                 ErrorCode::ScoringFailed => ERRCODE_DATA_EXCEPTION,
                 ErrorCode::Unavailable => ERRCODE_CONNECTION_FAILURE,
                 ErrorCode::LockNotAvailable => ERRCODE_LOCK_NOT_AVAILABLE,

@@ -30,6 +30,9 @@ pub enum ErrorCode {
     Unsupported,
     /// A bug: anything else.
     Internal,
+    /// A code this side does not know (a newer peer's): read as Internal.
+    #[serde(other)]
+    Unknown,
 }
 
 impl ErrorCode {
@@ -45,6 +48,7 @@ impl ErrorCode {
             ErrorCode::LockNotAvailable => "lock_not_available",
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unknown => "unknown",
         }
     }
 }
@@ -95,5 +99,8 @@ mod tests {
         let back: WireError = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
         assert_eq!(back, e);
         assert_eq!(ErrorCode::BufferInvalid.to_string(), "buffer_invalid");
+        // A code a newer peer added reads as one this side handles.
+        let newer: ErrorCode = serde_json::from_str("\"a_code_from_the_future\"").unwrap();
+        assert_eq!(newer, ErrorCode::Unknown);
     }
 }

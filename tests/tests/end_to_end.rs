@@ -1726,21 +1726,32 @@ async fn a_lock_held_for_twenty_seconds_does_not_use_up_a_jobs_attempts() -> any
     let _daemon = Daemon::start(&env)?;
     holder.batch_execute("BEGIN; LOCK TABLE cerebro.artifacts IN ACCESS EXCLUSIVE MODE").await?;
     let v = insert(&db, "e2e_held_artifacts", "churn", r#"{"epochs": 2}"#).await?;
-    tokio::time::sleep(Duration::from_secs(20)).await;
-    let (status, _, error) = model_state(&db, "e2e_held_artifacts", v).await?;
-    assert_ne!(status, "failed", "{error:?}");
+    // Held for 20 s at least, and until a second attempt has begun.
+    let attempts_of = |v: i32| {
+        let db = &db;
+        async move {
+            let row = db
+                .query_one(
+                    "SELECT j.attempts FROM cerebro.jobs j JOIN cerebro.model_versions m ON m.id = j.model_version_id
+                     WHERE m.name = 'e2e_held_artifacts' AND m.version = $1",
+                    &[&v],
+                )
+                .await?;
+            anyhow::Ok(row.get::<_, i32>(0))
+        }
+    };
+    let held = std::time::Instant::now();
+    while held.elapsed() < Duration::from_secs(20) || attempts_of(v).await? < 2 {
+        anyhow::ensure!(held.elapsed() < TRAIN_TIMEOUT, "no second attempt while the lock was held");
+        let (status, _, error) = model_state(&db, "e2e_held_artifacts", v).await?;
+        assert_ne!(status, "failed", "{error:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     holder.batch_execute("COMMIT").await?;
     let seen = wait_until_done(&db, "e2e_held_artifacts", v, TRAIN_TIMEOUT).await?;
     let (status, _, error) = model_state(&db, "e2e_held_artifacts", v).await?;
     assert_eq!(status, "ready", "{seen:?}: {error:?}");
-    let attempts: i32 = db
-        .query_one(
-            "SELECT j.attempts FROM cerebro.jobs j JOIN cerebro.model_versions m ON m.id = j.model_version_id
-             WHERE m.name = 'e2e_held_artifacts' AND m.version = $1",
-            &[&v],
-        )
-        .await?
-        .get(0);
+    let attempts = attempts_of(v).await?;
     assert!((2..=3).contains(&attempts), "{attempts} attempts");
     Ok(())
 }

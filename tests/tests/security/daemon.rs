@@ -110,6 +110,23 @@ async fn the_daemon_lock_holds_vacuum_back_nowhere() -> anyhow::Result<()> {
     let (state, xmin, xid): (String, Option<String>, Option<String>) = (lock.get(0), lock.get(1), lock.get(2));
     assert_eq!(state, "idle in transaction");
     assert_eq!((xmin, xid), (None, None), "the daemon lock's session holds a snapshot or a transaction id");
+    // Its look for a DROP EXTENSION waiting on the lock (every poll) keeps
+    // no lock of a catalog it reads, pg_database's above all (which a
+    // VACUUM FULL of it, and then every new connection, would wait for).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let others: Vec<String> = db
+        .query(
+            "SELECT l.relation::regclass::text FROM pg_locks l
+             WHERE l.pid = (SELECT pid FROM pg_locks WHERE relation = 'cerebro.daemon_lock'::regclass
+                            AND mode = 'ExclusiveLock' AND granted)
+               AND l.locktype = 'relation' AND l.relation <> 'cerebro.daemon_lock'::regclass",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(others.is_empty(), "the daemon lock's session holds locks on {others:?}");
     // What a DBA sees: VACUUM marks the pages of rows everyone can see as
     // visible to all (what index-only scans and freezing rely on).
     db.batch_execute(
