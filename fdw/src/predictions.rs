@@ -192,8 +192,10 @@ fn category_types(
             continue;
         };
         // Snapshot column `c{i + 1}` holds source column `columns[i]`.
-        let Some(column) =
-            attname.strip_prefix('c').and_then(|i| i.parse::<usize>().ok()).and_then(|i| columns.get(i - 1))
+        let Some(column) = attname
+            .strip_prefix('c')
+            .and_then(|i| i.parse::<usize>().ok()?.checked_sub(1))
+            .and_then(|i| columns.get(i))
         else {
             continue;
         };
