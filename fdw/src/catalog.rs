@@ -34,13 +34,12 @@ pub(crate) fn first<T: FromDatum + IntoDatum>(
     // standby refuses (XX000). Only reads get here there: whatever writes
     // was refused first (`writable`).
     // SAFETY: reads shared memory's recovery state.
-    if unsafe { pg_sys::RecoveryInProgress() } {
-        return match client.select(query, Some(1), args)?.next() {
-            Some(row) => Ok(row.get::<T>(column)?),
-            None => Ok(None),
-        };
-    }
-    match client.update(query, Some(1), args)?.next() {
+    let rows = if unsafe { pg_sys::RecoveryInProgress() } {
+        client.select(query, Some(1), args)?
+    } else {
+        client.update(query, Some(1), args)?
+    };
+    match rows.into_iter().next() {
         Some(row) => Ok(row.get::<T>(column)?),
         None => Ok(None),
     }

@@ -483,7 +483,7 @@ impl Row {
     }
 }
 
-fn type_name(oid: pg_sys::Oid) -> String {
+pub(crate) fn type_name(oid: pg_sys::Oid) -> String {
     // SAFETY: format_type_be returns a palloc'd string for any type oid.
     unsafe { std::ffi::CStr::from_ptr(pg_sys::format_type_be(oid)).to_string_lossy().into_owned() }
 }

@@ -145,22 +145,14 @@ impl ModelVersion {
         if oid == trained || text_family(oid).can_stand_for(family) {
             return Ok(());
         }
-        // SAFETY: syscache lookups of existing types.
-        let name = |oid| owned_text(unsafe { pg_sys::format_type_be(oid) });
         Err(CerebroError::CategoryType {
             model: self.name.clone(),
             version: self.version,
             column: column.to_owned(),
-            type_name: name(oid),
-            trained: name(trained),
+            type_name: crate::predict::type_name(oid),
+            trained: crate::predict::type_name(trained),
         })
     }
-}
-
-/// A palloc'd C string as a String.
-fn owned_text(p: *mut std::ffi::c_char) -> String {
-    // SAFETY: PostgreSQL returns a NUL-terminated string.
-    unsafe { std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned() }
 }
 
 /// The types of `features`' categorical columns in the snapshot version

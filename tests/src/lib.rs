@@ -391,6 +391,18 @@ pub async fn model_state(db: &Client, name: &str, version: i32) -> Result<(Strin
     Ok((row.get(0), row.get(1), row.get(2)))
 }
 
+/// Attempts of a model version's job.
+pub async fn job_attempts(db: &Client, name: &str, version: i32) -> Result<i32> {
+    Ok(db
+        .query_one(
+            "SELECT j.attempts FROM cerebro.jobs j JOIN cerebro.model_versions m ON m.id = j.model_version_id
+             WHERE m.name = $1 AND m.version = $2",
+            &[&name, &version],
+        )
+        .await?
+        .get(0))
+}
+
 /// Polls until the version has finished (ready, failed, cancelled or deleted);
 /// returns every status seen, in order.
 pub async fn wait_until_done(db: &Client, name: &str, version: i32, timeout: Duration) -> Result<Vec<String>> {

@@ -11,7 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use cerebro_shared::protocol::{self, Request, Response, PROTOCOL_VERSION};
-use cerebro_tests::{daemon_log, daemon_scores, model_state, wait_for, wait_until_done, Daemon, Env};
+use cerebro_tests::{daemon_log, daemon_scores, job_attempts, model_state, wait_for, wait_until_done, Daemon, Env};
 
 const TRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -953,14 +953,7 @@ async fn killing_the_daemon_mid_training_leaves_no_job_stuck() -> anyhow::Result
     let daemon = Daemon::start(&env)?;
     let seen = wait_until_done(&db, "e2e_killed", v, TRAIN_TIMEOUT).await?;
     assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
-    let attempts: i32 = db
-        .query_one(
-            "SELECT j.attempts FROM cerebro.jobs j JOIN cerebro.model_versions m ON m.id = j.model_version_id
-             WHERE m.name = 'e2e_killed' AND m.version = $1",
-            &[&v],
-        )
-        .await?
-        .get(0);
+    let attempts = job_attempts(&db, "e2e_killed", v).await?;
     assert_eq!(attempts, 2);
     let (epochs, distinct): (i64, i64) = {
         let r = db
@@ -1727,21 +1720,8 @@ async fn a_lock_held_for_twenty_seconds_does_not_use_up_a_jobs_attempts() -> any
     holder.batch_execute("BEGIN; LOCK TABLE cerebro.artifacts IN ACCESS EXCLUSIVE MODE").await?;
     let v = insert(&db, "e2e_held_artifacts", "churn", r#"{"epochs": 2}"#).await?;
     // Held for 20 s at least, and until a second attempt has begun.
-    let attempts_of = |v: i32| {
-        let db = &db;
-        async move {
-            let row = db
-                .query_one(
-                    "SELECT j.attempts FROM cerebro.jobs j JOIN cerebro.model_versions m ON m.id = j.model_version_id
-                     WHERE m.name = 'e2e_held_artifacts' AND m.version = $1",
-                    &[&v],
-                )
-                .await?;
-            anyhow::Ok(row.get::<_, i32>(0))
-        }
-    };
     let held = std::time::Instant::now();
-    while held.elapsed() < Duration::from_secs(20) || attempts_of(v).await? < 2 {
+    while held.elapsed() < Duration::from_secs(20) || job_attempts(&db, "e2e_held_artifacts", v).await? < 2 {
         anyhow::ensure!(held.elapsed() < TRAIN_TIMEOUT, "no second attempt while the lock was held");
         let (status, _, error) = model_state(&db, "e2e_held_artifacts", v).await?;
         assert_ne!(status, "failed", "{error:?}");
@@ -1751,7 +1731,7 @@ async fn a_lock_held_for_twenty_seconds_does_not_use_up_a_jobs_attempts() -> any
     let seen = wait_until_done(&db, "e2e_held_artifacts", v, TRAIN_TIMEOUT).await?;
     let (status, _, error) = model_state(&db, "e2e_held_artifacts", v).await?;
     assert_eq!(status, "ready", "{seen:?}: {error:?}");
-    let attempts = attempts_of(v).await?;
+    let attempts = job_attempts(&db, "e2e_held_artifacts", v).await?;
     assert!((2..=3).contains(&attempts), "{attempts} attempts");
     Ok(())
 }
@@ -1818,14 +1798,7 @@ async fn a_roles_defaults_for_applications_do_not_reach_cerebrods_sessions() -> 
     let seen = wait_until_done(&db, "e2e_defaults", v, TRAIN_TIMEOUT).await?;
     let (status, _, error) = model_state(&db, "e2e_defaults", v).await?;
     assert_eq!(status, "ready", "{seen:?}: {error:?}");
-    let attempts: i32 = db
-        .query_one(
-            "SELECT j.attempts FROM cerebro.jobs j JOIN cerebro.model_versions m ON m.id = j.model_version_id
-             WHERE m.name = 'e2e_defaults' AND m.version = $1",
-            &[&v],
-        )
-        .await?
-        .get(0);
+    let attempts = job_attempts(&db, "e2e_defaults", v).await?;
     assert_eq!(attempts, 1, "the session was not lost while the model trained");
     drop(daemon);
     db.batch_execute("ALTER ROLE e2e_defaults RESET ALL").await?;

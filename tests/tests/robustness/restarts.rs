@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use cerebro_tests::{daemon_log, model_state, wait_for, wait_until_done, Daemon, Env, Supervised};
+use cerebro_tests::{daemon_log, job_attempts, model_state, wait_for, wait_until_done, Daemon, Env, Supervised};
 use tokio_postgres::Client;
 
 use crate::TRAIN_TIMEOUT;
@@ -376,18 +376,6 @@ async fn cerebrod_killed_under_its_watchdog_is_back_and_the_selection_loses_noth
     Ok(())
 }
 
-/// Attempts of a plain model's job.
-async fn attempts(db: &Client, name: &str, version: i32) -> anyhow::Result<i32> {
-    Ok(db
-        .query_one(
-            "SELECT j.attempts FROM cerebro.jobs j JOIN cerebro.model_versions m ON m.id = j.model_version_id
-             WHERE m.name = $1 AND m.version = $2",
-            &[&name, &version],
-        )
-        .await?
-        .get(0))
-}
-
 /// A job whose daemon is killed every time it trains fails after its third
 /// attempt, saying why, instead of going round for ever.
 #[tokio::test(flavor = "multi_thread")]
@@ -408,7 +396,7 @@ async fn a_job_killed_three_times_fails_with_the_reason() -> anyhow::Result<()> 
         let deadline = Instant::now() + TRAIN_TIMEOUT;
         loop {
             let (status, epoch, _) = model_state(&db, "rs_thrice", version).await?;
-            if status == "training" && epoch >= 1 && attempts(&db, "rs_thrice", version).await? == attempt {
+            if status == "training" && epoch >= 1 && job_attempts(&db, "rs_thrice", version).await? == attempt {
                 break;
             }
             anyhow::ensure!(Instant::now() < deadline, "attempt {attempt} never trained (status {status})");
@@ -422,6 +410,6 @@ async fn a_job_killed_three_times_fails_with_the_reason() -> anyhow::Result<()> 
     assert_eq!(status, "failed", "{seen:?}");
     let error = error.unwrap_or_default();
     assert!(error.contains("cerebrod stopped during training 3 times; giving up"), "{error}");
-    assert_eq!(attempts(&db, "rs_thrice", version).await?, 3);
+    assert_eq!(job_attempts(&db, "rs_thrice", version).await?, 3);
     Ok(())
 }
