@@ -229,11 +229,20 @@ pub struct SessionEnd {
     /// The daemon ended it to give its lock to a `DROP` or `ALTER
     /// EXTENSION` of a role that may run it: no job's fault either.
     pub stepped_aside: bool,
+    /// The server ended it for another process's crash (57P02); for the
+    /// session as a whole, every connection of it was (none of cerebrod's
+    /// own backends crashed): no job's fault.
+    pub crashed_elsewhere: bool,
 }
 
 impl SessionEnd {
     fn from_code(why: String, code: Option<&SqlState>) -> SessionEnd {
-        SessionEnd { why, on_purpose: code == Some(&SqlState::ADMIN_SHUTDOWN), ..SessionEnd::default() }
+        SessionEnd {
+            why,
+            on_purpose: code == Some(&SqlState::ADMIN_SHUTDOWN),
+            crashed_elsewhere: code == Some(&SqlState::CRASH_SHUTDOWN),
+            ..SessionEnd::default()
+        }
     }
 
     /// Whether the session ended with a restart on purpose of its server,
@@ -437,6 +446,8 @@ pub struct Catalog {
 /// A version's ONNX file and how to feed it (`ScoringModel::from_artifact`
 /// loads it).
 pub struct Artifact {
+    /// The version as users name it, `model "churn" version 3`, for logs.
+    pub label: String,
     pub sha256: String,
     pub bytes: Vec<u8>,
     /// Set for imported models; Cerebro's own exports need none.
@@ -639,7 +650,8 @@ impl LeftBy {
     /// ended with a restart of the server on purpose, which no job is to
     /// blame for.
     pub fn counts(&self, server_started: i64) -> bool {
-        !matches!(self, LeftBy::EndedSession(end) if end.stepped_aside || end.planned_restart(server_started))
+        !matches!(self, LeftBy::EndedSession(end)
+            if end.stepped_aside || end.crashed_elsewhere || end.planned_restart(server_started))
     }
 }
 
@@ -696,6 +708,8 @@ pub fn sweep_outcome(
             end.why,
             if end.stepped_aside {
                 "cerebrod gave its lock to a DROP or ALTER EXTENSION"
+            } else if end.crashed_elsewhere {
+                "another server process crashed, none of cerebrod's"
             } else {
                 "the database was restarted on purpose"
             }
@@ -759,6 +773,11 @@ impl Catalog {
             )
             .await?;
         Ok(row.get(0))
+    }
+
+    /// Whether the server is a standby in recovery (not yet promoted).
+    pub async fn in_recovery(&self) -> Result<bool> {
+        Ok(self.client.query_one("SELECT pg_catalog.pg_is_in_recovery()", &[]).await?.get(0))
     }
 
     pub async fn listen(&self) -> Result<()> {
@@ -1302,7 +1321,8 @@ impl Catalog {
         let row = self
             .client
             .query_opt(
-                "SELECT a.sha256, a.bytes, m.import_layout, m.task, m.pipeline, m.options, m.class_labels
+                "SELECT a.sha256, a.bytes, m.import_layout, m.task, m.pipeline, m.options, m.class_labels,
+                        pg_catalog.format('model \"%s\" version %s', m.name, m.version)
                  FROM cerebro.artifacts a JOIN cerebro.model_versions m ON m.id = a.model_version_id
                  WHERE a.model_version_id = $1",
                 &[&model_version_id],
@@ -1326,6 +1346,7 @@ impl Catalog {
                     _ => None,
                 };
                 Ok(Artifact {
+                    label: r.get(7),
                     sha256: r.get(0),
                     bytes: r.get(1),
                     members: Vec::new(),
@@ -1520,6 +1541,18 @@ mod tests {
         // Unknown when the server started: counted, as before.
         end.server_started = None;
         assert!(LeftBy::EndedSession(end).counts(NOW));
+        // Every connection ended for another server process's crash
+        // (57P02): none of cerebrod's backends crashed, not counted. One
+        // that closed without a word (the backend that crashed) counts.
+        let elsewhere = SessionEnd::from_code(
+            "terminating connection because of crash of another server process".into(),
+            Some(&SqlState::CRASH_SHUTDOWN),
+        );
+        assert!(elsewhere.crashed_elsewhere && !LeftBy::EndedSession(elsewhere.clone()).counts(BEFORE));
+        let (to, error) = sweep_outcome(3, 3, false, &LeftBy::EndedSession(elsewhere), BEFORE);
+        assert_eq!(to, SweptTo::Queued);
+        assert!(error.unwrap().ends_with("(another server process crashed, none of cerebrod's)"));
+        assert!(!SessionEnd::from_code("the server closed the connection".into(), None).crashed_elsewhere);
         // The lock given to a DROP or ALTER EXTENSION: not counted.
         let aside = LeftBy::EndedSession(SessionEnd {
             why: "server process 7 waits to take cerebro.daemon_lock whole".into(),

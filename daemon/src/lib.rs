@@ -5,7 +5,9 @@
 //! jobs a previous daemon left running) until `shutdown` turns true. When
 //! its session with the database ends (a restart, a crashed backend, a
 //! terminated connection), it reconnects with backoff and goes on: the
-//! socket stays open, and models already loaded are scored meanwhile.
+//! socket stays open, and models already loaded are scored meanwhile. A
+//! hot standby has no lock to take and no job to train: there cerebrod
+//! only scores ([`serve_standby`]) until the standby is promoted.
 
 pub mod catalog;
 pub mod config;
@@ -38,7 +40,7 @@ use std::time::{Duration, Instant};
 use cerebro_shared::batch::ColumnData;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::catalog::{Catalog, CatalogError, SessionEnd};
 use crate::config::Config;
@@ -59,11 +61,6 @@ pub enum DaemonError {
     AlreadyRunning,
     #[error("the job loop panicked: {0}")]
     JobLoopPanicked(String),
-    #[error(
-        "the database is a hot standby (in recovery), where cerebrod cannot take its lock: point database_url \
-         at the primary ({0})"
-    )]
-    Standby(String),
 }
 
 impl DaemonError {
@@ -189,16 +186,125 @@ struct Listening {
     file: Option<(u64, u64)>,
 }
 
+/// Binds the socket once the daemon holds the lock (or serves a standby),
+/// and again if another daemon replaced (or removed) the file while this
+/// one was away from the database and without the lock.
+fn listen(
+    config: &Config,
+    listening: &mut Option<Listening>,
+    service: &Arc<ScoringService>,
+    limits: server::Limits,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(), DaemonError> {
+    if listening.as_ref().is_some_and(|l| l.file.is_some() && socket_file(&config.socket_path) == l.file) {
+        return Ok(());
+    }
+    if let Some(old) = listening.take() {
+        old.server.abort();
+        warn!(socket = %config.socket_path.display(), "the socket file changed while cerebrod was away; binding it again");
+    }
+    let listener = server::bind(&config.socket_path, config.allowed_uid)?;
+    info!(socket = %config.socket_path.display(), allowed_uid = config.allowed_uid, "listening");
+    let server = tokio::spawn(server::serve(listener, service.clone(), config.allowed_uid, limits, shutdown.clone()));
+    *listening = Some(Listening { server, file: socket_file(&config.socket_path) });
+    Ok(())
+}
+
+/// How serving a hot standby ended.
+enum StandbyEnd {
+    /// A stop was asked for.
+    Stop,
+    /// The standby is a primary now: the daemon lock can be taken.
+    Promoted,
+    /// The connection was lost: why.
+    Lost(String),
+}
+
+/// Serves scoring from a hot standby, where the daemon lock cannot be
+/// taken (no lock beyond ROW EXCLUSIVE during recovery) and no job is
+/// trained, since nothing can be written: one connection reads the models,
+/// artifacts and snapshots scoring asks for, as the primary's cerebrod
+/// does, and looks every `poll_interval` whether the standby was promoted.
+/// A standby on another machine has no primary's cerebrod to reach.
+async fn serve_standby(
+    config: &Config,
+    catalog: &CatalogSlot,
+    shutdown: &mut watch::Receiver<bool>,
+    first: bool,
+) -> Result<StandbyEnd, CatalogError> {
+    let (data, mut driver) = catalog::connect(&config.database_url, None, config.lock_timeout).await?;
+    let data = Arc::new(data);
+    let promoted = !data.in_recovery().await.inspect_err(|_| driver.abort())?;
+    if promoted {
+        driver.abort();
+        return Ok(StandbyEnd::Promoted);
+    }
+    let said = "the database is a hot standby (in recovery): cerebrod scores from it and trains nothing until it \
+                is promoted (jobs are the primary's cerebrod's)";
+    if first {
+        warn!("{said}");
+    } else {
+        info!("{said}");
+    }
+    catalog.set(Some(data.clone()));
+    let end = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => break StandbyEnd::Stop,
+            why = &mut driver => break StandbyEnd::Lost(lost_because("the standby's", why).why),
+            _ = tokio::time::sleep(config.poll_interval) => match data.in_recovery().await {
+                Ok(true) => {}
+                Ok(false) => break StandbyEnd::Promoted,
+                Err(e) => break StandbyEnd::Lost(format!("cannot ask the standby whether it was promoted: {}", e.reason())),
+            },
+        }
+    };
+    catalog.set(None);
+    driver.abort();
+    Ok(end)
+}
+
 /// How a session ended.
 enum End {
     /// A stop was asked for.
     Stop,
     /// The job loop returned (an error ends the session).
     JobLoop(Result<(scheduler::Carry, Result<(), CatalogError>), tokio::task::JoinError>),
-    /// A connection of the session was lost: why.
-    Lost(SessionEnd),
+    /// A connection of the session was lost: why, and which.
+    Lost(SessionEnd, Connection),
     /// A statement waits to take the daemon lock whole: why.
     StepAside(String),
+}
+
+/// A session's connections to the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Connection {
+    Control,
+    Data,
+    Lock,
+}
+
+/// How long the session's other connections are waited for, once one was
+/// ended for another server process's crash, to hear what ended them.
+const CRASH_FAREWELLS: Duration = Duration::from_secs(2);
+
+/// Whether each of `others`, the session's connections still to end after
+/// one was ended for another server process's crash (57P02), was ended for
+/// it too: then none of cerebrod's own backends crashed, and no job's
+/// statement did it. A connection that closes without a word (the backend
+/// that crashed), or not at once, says otherwise.
+async fn all_said_crash_elsewhere<'a>(others: impl Iterator<Item = &'a mut JoinHandle<SessionEnd>>) -> bool {
+    let deadline = tokio::time::Instant::now() + CRASH_FAREWELLS;
+    for driver in others {
+        match tokio::time::timeout_at(deadline, driver).await {
+            Ok(Ok(end)) if end.crashed_elsewhere => {}
+            other => {
+                debug!("another connection of the session did not end for another process's crash: {other:?}");
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// Why a driver's connection ended.
@@ -264,9 +370,37 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         let session = match open_session(&config, &mut held, &wake, sessions + 1).await {
             Ok(s) => s,
             Err(DaemonError::Catalog(CatalogError::Db(e)))
-                if sessions == 0 && e.code() == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) =>
+                if e.code() == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) =>
             {
-                break Err(DaemonError::Standby(catalog::describe(&e)))
+                if let Err(e) = listen(&config, &mut listening, &service, limits, &shutdown) {
+                    break Err(e);
+                }
+                let started = Instant::now();
+                match serve_standby(&config, &catalog, &mut shutdown, sessions == 0).await {
+                    Ok(StandbyEnd::Stop) => break Ok(()),
+                    Ok(StandbyEnd::Promoted) => {
+                        info!("the database was promoted: cerebrod takes its lock and trains");
+                        backoff.reset();
+                        pause = Duration::ZERO;
+                    }
+                    Ok(StandbyEnd::Lost(why)) => {
+                        pause = if started.elapsed() >= STABLE_SESSION {
+                            backoff.reset();
+                            RECONNECT_FIRST
+                        } else {
+                            backoff.next_wait()
+                        };
+                        warn!("{why}; reconnecting in {:.1} s", pause.as_secs_f64());
+                    }
+                    Err(e) if sessions == 0 && !e.is_transient() => break Err(e.into()),
+                    Err(e) => {
+                        pause = backoff.next_wait();
+                        warn!("cannot reach the standby: {e}; trying again in {:.1} s", pause.as_secs_f64());
+                    }
+                }
+                // Served: errors no retry mends end the daemon no more.
+                sessions += 1;
+                continue;
             }
             Err(e) if sessions == 0 && !e.is_transient() => break Err(e),
             Err(e) => {
@@ -291,22 +425,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         }
         tries = 0;
 
-        // The socket is bound once the daemon holds the lock, and again if
-        // another daemon replaced (or removed) the file while this one was
-        // away from the database and without the lock.
-        if listening.as_ref().is_none_or(|l| l.file.is_none() || socket_file(&config.socket_path) != l.file) {
-            if let Some(old) = listening.take() {
-                old.server.abort();
-                warn!(socket = %config.socket_path.display(), "the socket file changed while cerebrod was away; binding it again");
-            }
-            let listener = match server::bind(&config.socket_path, config.allowed_uid) {
-                Ok(l) => l,
-                Err(e) => break Err(e.into()),
-            };
-            info!(socket = %config.socket_path.display(), allowed_uid = config.allowed_uid, "listening");
-            let server =
-                tokio::spawn(server::serve(listener, service.clone(), config.allowed_uid, limits, shutdown.clone()));
-            listening = Some(Listening { server, file: socket_file(&config.socket_path) });
+        if let Err(e) = listen(&config, &mut listening, &service, limits, &shutdown) {
+            break Err(e);
         }
 
         let Session { control, mut control_driver, data, mut data_driver, worker_id, server_started } = session;
@@ -337,11 +457,11 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         let end = tokio::select! {
             biased;
             _ = shutdown.changed() => End::Stop,
-            why = &mut control_driver => End::Lost(lost_because("the job loop's", why)),
-            why = &mut data_driver => End::Lost(lost_because("the snapshots' and artifacts'", why)),
+            why = &mut control_driver => End::Lost(lost_because("the job loop's", why), Connection::Control),
+            why = &mut data_driver => End::Lost(lost_because("the snapshots' and artifacts'", why), Connection::Data),
             // Without the lock's session another daemon could start and
             // take over the jobs this one is training.
-            why = lock_driver => End::Lost(lost_because("the daemon lock's", why)),
+            why = lock_driver => End::Lost(lost_because("the daemon lock's", why), Connection::Lock),
             why = lock.until_wanted_whole(config.poll_interval) => End::StepAside(why),
             done = &mut jobs => End::JobLoop(done),
         };
@@ -358,6 +478,18 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
             data_driver.abort();
             break Ok(());
         }
+        let elsewhere = match &end {
+            End::Lost(why, which) if why.crashed_elsewhere => {
+                let lock_driver = held.as_mut().map(|h| &mut h.driver);
+                let others = [
+                    (*which != Connection::Control).then_some(&mut control_driver),
+                    (*which != Connection::Data).then_some(&mut data_driver),
+                    lock_driver.filter(|_| *which != Connection::Lock),
+                ];
+                all_said_crash_elsewhere(others.into_iter().flatten()).await
+            }
+            _ => false,
+        };
         control_driver.abort();
         data_driver.abort();
         // A statement in flight gets the server's own words (a fast
@@ -373,7 +505,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
         let mut stepped_aside = false;
         let (ended, why) = match end {
             End::Stop => unreachable!("handled above"),
-            End::Lost(why) => {
+            End::Lost(why, _) => {
                 let _ = lost_tx.send(true);
                 let ended = jobs.await;
                 let why = match &ended {
@@ -382,7 +514,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                     }
                     _ => why,
                 };
-                (ended, why)
+                (ended, SessionEnd { crashed_elsewhere: elsewhere, ..why })
             }
             End::StepAside(why) => {
                 let _ = lost_tx.send(true);

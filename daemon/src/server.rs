@@ -138,6 +138,9 @@ pub struct ScoringService {
     runtime: OnnxRuntime,
     catalog: Arc<CatalogSlot>,
     cache: Mutex<HashMap<i64, (String, Arc<ScoringModel>)>>,
+    /// One load a version at a time: after a deployment every backend asks
+    /// for the new version at once, and it is read and built once.
+    loading: Mutex<HashMap<i64, Arc<Mutex<()>>>>,
     capacity: usize,
     /// Longest one run of an imported graph may take when a version is
     /// distilled or measured (`scoring_deadline_ms`, as for a batch scored).
@@ -151,7 +154,14 @@ impl ScoringService {
         capacity: usize,
         run_deadline: Duration,
     ) -> ScoringService {
-        ScoringService { runtime, catalog, cache: Mutex::new(HashMap::new()), capacity, run_deadline }
+        ScoringService {
+            runtime,
+            catalog,
+            cache: Mutex::new(HashMap::new()),
+            loading: Mutex::new(HashMap::new()),
+            capacity,
+            run_deadline,
+        }
     }
 
     /// The session for `model_version_id`, loaded from the catalog on a miss.
@@ -159,11 +169,34 @@ impl ScoringService {
     /// Models already loaded need no database: they are served while
     /// cerebrod reconnects.
     pub async fn model(&self, model_version_id: i64, expected_sha: &str) -> Result<Arc<ScoringModel>, WireError> {
-        if let Some((sha, model)) = self.cache.lock().await.get(&model_version_id) {
-            if sha == expected_sha {
-                return Ok(model.clone());
-            }
+        if let Some(model) = self.cached(model_version_id, expected_sha).await {
+            return Ok(model);
         }
+        let gate = self.loading.lock().await.entry(model_version_id).or_default().clone();
+        let loaded = {
+            let _one_at_a_time = gate.lock().await;
+            match self.cached(model_version_id, expected_sha).await {
+                Some(model) => Ok(model),
+                None => self.load(model_version_id, expected_sha).await,
+            }
+        };
+        let mut loading = self.loading.lock().await;
+        // The last of those that waited on it takes the gate away.
+        if Arc::strong_count(&gate) == 2 {
+            loading.remove(&model_version_id);
+        }
+        loaded
+    }
+
+    async fn cached(&self, model_version_id: i64, expected_sha: &str) -> Option<Arc<ScoringModel>> {
+        match self.cache.lock().await.get(&model_version_id) {
+            Some((sha, model)) if sha == expected_sha => Some(model.clone()),
+            _ => None,
+        }
+    }
+
+    /// Reads, builds and caches the version's scorer.
+    async fn load(&self, model_version_id: i64, expected_sha: &str) -> Result<Arc<ScoringModel>, WireError> {
         let catalog = self.catalog.get(model_version_id)?;
         let read = tokio::time::timeout(ARTIFACT_READ_TIMEOUT, catalog.artifact(model_version_id)).await;
         let artifact = match read {
@@ -199,16 +232,17 @@ impl ScoringService {
         if sha != expected_sha {
             return Err(WireError::new(
                 ErrorCode::ModelNotFound,
-                format!("model version {model_version_id} has artifact {sha}, not the expected {expected_sha}"),
+                format!("{} has artifact {sha}, not the expected {expected_sha}", artifact.label),
             ));
         }
+        let label = artifact.label.clone();
         let runtime = self.runtime.clone();
         let model = tokio::task::spawn_blocking(move || ScoringModel::from_artifact(&runtime, &artifact))
             .await
             .map_err(|e| WireError::new(ErrorCode::Internal, format!("model loading task failed: {e}")))?
             .map_err(|e| WireError::new(ErrorCode::ArtifactInvalid, e.to_string()))?;
         let scorer = if model.native() { "the engine" } else { "ONNX Runtime" };
-        info!("model version {model_version_id} loaded for scoring, scored by {scorer}");
+        info!(id = model_version_id, "{label} loaded for scoring, scored by {scorer}");
         let model = Arc::new(model);
         let mut cache = self.cache.lock().await;
         if cache.len() >= self.capacity {
@@ -553,6 +587,7 @@ pub async fn serve<S: ModelSource>(
     let too_many = format!("{max_connections} connections already open (max_connections)");
     let mut strangers = RefusalLog::new(REFUSAL_LOG_INTERVAL);
     let mut crowd = RefusalLog::new(REFUSAL_LOG_INTERVAL);
+    let open = Arc::new(OpenConnections::default());
     loop {
         let due = match (strangers.due(), crowd.due()) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -587,22 +622,95 @@ pub async fn serve<S: ModelSource>(
             tokio::spawn(refuse(stream, refusal));
             continue;
         }
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => open.make_room(&slots).await,
+        };
+        let Some(permit) = permit else {
             log_refusal(crowd.refused(Instant::now(), peer), &too_many);
-            let busy = WireError::new(ErrorCode::Unavailable, "cerebrod has too many open connections")
-                .with_hint("Raise max_connections in cerebrod's configuration.");
+            let busy = WireError::new(
+                ErrorCode::TooManyConnections,
+                format!("all {max_connections} connections cerebrod serves (max_connections) are in use"),
+            )
+            .with_hint("Raise max_connections in cerebrod's configuration, or try again in a moment.");
             tokio::spawn(refuse(stream, busy));
             continue;
         };
         let service = service.clone();
         let shutdown = shutdown.clone();
+        let (id, state) = open.add();
+        let open = open.clone();
         tokio::spawn(async move {
-            let connection = Connection { scoring_deadline: Some(limits.scoring_deadline), ..Default::default() };
+            let connection = Connection {
+                scoring_deadline: Some(limits.scoring_deadline),
+                state: Some(state),
+                ..Default::default()
+            };
             if let Err(e) = connection.run(stream, &*service, shutdown).await {
                 debug!(peer_pid = ?peer.pid, "connection ended: {e}");
             }
+            open.remove(id);
             drop(permit);
         });
+    }
+}
+
+/// A served connection's state, as [`OpenConnections`] sees it.
+#[derive(Default)]
+struct ConnectionState {
+    /// Since when it waits for its next request (None: answering one).
+    idle_since: std::sync::Mutex<Option<Instant>>,
+    /// Ends the connection once it is idle.
+    close: tokio::sync::Notify,
+}
+
+/// The connections served, so that a new one finds room when every slot
+/// is taken: a backend keeps its connection for its life (its next scan
+/// reuses it), so with more scoring backends than `max_connections` the
+/// idle ones would keep the others out for good. The one idle the longest
+/// is closed instead; its backend connects again when it next scores (an
+/// idle connection found closed is opened anew).
+#[derive(Default)]
+struct OpenConnections {
+    states: std::sync::Mutex<(u64, HashMap<u64, Arc<ConnectionState>>)>,
+}
+
+/// How long a new connection waits for the slot of the idle one closed
+/// for it.
+const ROOM_WAIT: Duration = Duration::from_secs(2);
+
+impl OpenConnections {
+    fn add(&self) -> (u64, Arc<ConnectionState>) {
+        let mut states = self.states.lock().expect("not poisoned");
+        let (next, map) = &mut *states;
+        *next += 1;
+        let state = Arc::new(ConnectionState::default());
+        map.insert(*next, state.clone());
+        (*next, state)
+    }
+
+    fn remove(&self, id: u64) {
+        self.states.lock().expect("not poisoned").1.remove(&id);
+    }
+
+    /// Closes the connection idle the longest and takes its slot; None
+    /// when every connection is answering a request.
+    async fn make_room(&self, slots: &Arc<Semaphore>) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let oldest = {
+            let states = self.states.lock().expect("not poisoned");
+            states
+                .1
+                .values()
+                .filter_map(|s| s.idle_since.lock().expect("not poisoned").map(|t| (t, s.clone())))
+                .min_by_key(|(t, _)| *t)
+        };
+        let (since, state) = oldest?;
+        debug!(
+            idle_s = since.elapsed().as_secs_f64(),
+            "closing the connection idle the longest to make room (max_connections)"
+        );
+        state.close.notify_one();
+        tokio::time::timeout(ROOM_WAIT, slots.clone().acquire_owned()).await.ok()?.ok()
     }
 }
 
@@ -671,6 +779,8 @@ struct Connection {
     regions: HashMap<u32, MmapMut>,
     /// Past it, a scoring run is stopped (`Limits::scoring_deadline`).
     scoring_deadline: Option<Duration>,
+    /// Whether it waits for a request, and its close (None in unit tests).
+    state: Option<Arc<ConnectionState>>,
 }
 
 impl Connection {
@@ -680,12 +790,27 @@ impl Connection {
         service: &S,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), FrameError> {
+        let state = self.state.clone();
+        let idle = |since: Option<Instant>| {
+            if let Some(s) = &state {
+                *s.idle_since.lock().expect("not poisoned") = since;
+            }
+        };
         loop {
             let mut fds = Vec::new();
+            idle(Some(Instant::now()));
+            let closed = async {
+                match &state {
+                    Some(s) => s.close.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
             let request = tokio::select! {
                 r = read_request(&stream, &mut fds) => r,
                 _ = shutdown.changed() => return Ok(()),
+                _ = closed => return Ok(()),
             };
+            idle(None);
             let request = match request {
                 Ok(r) => r,
                 Err(FrameError::Malformed(e)) => {
@@ -1040,6 +1165,12 @@ mod tests {
 
     /// Whether cerebrod closed the connection. Our side is shut first: a
     /// refusal drains what the peer sends until it closes.
+    /// Whether the server closed the connection, the client having not.
+    fn ended_by_server(stream: &mut StdStream) -> bool {
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        matches!(stream.read(&mut [0u8; 16]), Ok(0))
+    }
+
     fn closed(stream: &mut StdStream) -> bool {
         let _ = stream.shutdown(std::net::Shutdown::Write);
         let mut rest = Vec::new();
@@ -1156,13 +1287,17 @@ mod tests {
         let listener = bind(&path, euid).unwrap();
         let (stop, shutdown) = watch::channel(false);
         let server = tokio::spawn(serve(listener, Arc::new(NoModels), euid, test_limits(1), shutdown));
+        // With every slot taken, the connection idle the longest is closed
+        // to make room: a backend keeps its connection idle between scans.
         let mut first = connect(&path);
         assert!(matches!(call(&mut first, &hello(PROTOCOL_VERSION), &[]), Response::Hello { .. }));
         let mut second = connect(&path);
-        let e = error_of(call(&mut second, &hello(PROTOCOL_VERSION), &[]));
-        assert_eq!(e.code, ErrorCode::Unavailable);
-        assert!(closed(&mut second));
-        assert!(matches!(call(&mut first, &hello(PROTOCOL_VERSION), &[]), Response::Hello { .. }));
+        assert!(matches!(call(&mut second, &hello(PROTOCOL_VERSION), &[]), Response::Hello { .. }));
+        assert!(ended_by_server(&mut first));
+        let mut third = connect(&path);
+        assert!(matches!(call(&mut third, &hello(PROTOCOL_VERSION), &[]), Response::Hello { .. }));
+        assert!(ended_by_server(&mut second));
+        assert!(matches!(call(&mut third, &hello(PROTOCOL_VERSION), &[]), Response::Hello { .. }));
         stop.send(true).unwrap();
         server.await.unwrap();
         let _ = std::fs::remove_dir_all(path.parent().unwrap());

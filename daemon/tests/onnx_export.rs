@@ -188,6 +188,7 @@ fn check_native(rt: &OnnxRuntime, model: &TrainedModel, options: &TrainOptions, 
     }
     let parts = NativeParts { pipeline: model.pipeline.clone(), options: options.clone(), classes };
     let artifact = Artifact {
+        label: "model \"test\" version 1".into(),
         sha256: String::new(),
         bytes,
         import_layout: None,
@@ -240,6 +241,7 @@ fn a_file_that_is_not_the_network_of_its_options_is_left_to_onnx_runtime() {
     assert!(err.to_string().contains("weight"), "{err}");
     let parts = NativeParts { pipeline: model.pipeline.clone(), options: other, classes: 2 };
     let artifact = Artifact {
+        label: "model \"test\" version 1".into(),
         sha256: String::new(),
         bytes,
         import_layout: None,
@@ -424,6 +426,7 @@ fn an_ensemble_graph_is_the_weighted_average_of_its_members() {
             candidates.push(Candidate {
                 version: v as i32 + 1,
                 artifact: Artifact {
+                    label: "model \"test\" version 1".into(),
                     sha256: String::new(),
                     bytes,
                     import_layout: None,
@@ -511,6 +514,7 @@ fn an_ensemble_is_explained_by_its_members_completely() {
             let parts =
                 NativeParts { pipeline: model.pipeline.clone(), options: plan(task, o.clone()).0.options, classes };
             let artifact = Artifact {
+                label: "model \"test\" version 1".into(),
                 sha256: String::new(),
                 bytes: bytes.clone(),
                 import_layout: None,

@@ -70,10 +70,12 @@ fn try_deploy(model: Option<&str>, version: Option<i32>, comment: Option<&str>) 
     crate::catalog::writable()?;
     let model = required(model, "model")?;
     let version = required(version, "version")?;
-    Spi::connect_mut(|client| {
+    let deployed = Spi::connect_mut(|client| {
         let user = current_user(client)?;
         access::as_administrator(model, "deploy", || deploy_as(client, &user, model, version, comment))
-    })
+    })?;
+    warn_unless_cerebrod_answers(model, version);
+    Ok(deployed)
 }
 
 /// Deploys `version` of `model` for `user`, whose right to has been checked;
@@ -130,6 +132,7 @@ fn try_rollback(model: Option<&str>, comment: Option<&str>) -> Result<i32> {
             Ok(previous)
         })
     })
+    .inspect(|&previous| warn_unless_cerebrod_answers(model, previous))
 }
 
 /// A deployment change.
@@ -158,6 +161,21 @@ fn record(client: &mut SpiClient<'_>, c: Change<'_>) -> Result<()> {
         None => notice!("model \"{model}\": version {} is deployed", c.to),
     }
     Ok(())
+}
+
+/// A session scores a version it has not scored before only once cerebrod
+/// has answered its probe rows (`in_backend.rs`), so a deployment made while
+/// cerebrod is away stops the model's scoring everywhere until it is back,
+/// where the version before went on being scored in the backends: say so.
+fn warn_unless_cerebrod_answers(model: &str, version: i32) {
+    const ASK_MS: i32 = 2000;
+    let answered = server_socket().and_then(|socket| DaemonClient::connect(&socket, ASK_MS));
+    if let Err(e) = answered {
+        warning!(
+            "cerebro: {e}; until cerebrod is back, a session that has not scored model \"{model}\" version \
+             {version} before cannot score it: each checks a version with cerebrod first"
+        );
+    }
 }
 
 fn try_export(model: Option<&str>, version: Option<i32>) -> Result<Vec<u8>> {

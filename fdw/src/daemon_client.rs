@@ -79,6 +79,7 @@ impl DaemonClient {
     pub fn recv(&mut self) -> Result<Response> {
         let deadline = Instant::now() + Duration::from_millis(self.timeout_ms as u64);
         let mut chunk = [0u8; 4096];
+        let _shown = WaitShown::start();
         loop {
             if self.buffer.len() >= 4 {
                 let len = protocol::payload_len(self.buffer[..4].try_into().expect("4 bytes"))?;
@@ -136,6 +137,28 @@ impl DaemonClient {
             Response::Attached { .. } => Ok(()),
             other => Err(CerebroError::Protocol(format!("expected attached, got {other:?}"))),
         }
+    }
+}
+
+/// While it lives, `pg_stat_activity` shows the backend waiting on an
+/// extension (`wait_event_type` and `wait_event` `Extension`), as it shows
+/// one waiting on a lock or on the client: a query that waits for cerebrod
+/// is not idle CPU. PostgreSQL clears it when a transaction aborts too.
+struct WaitShown;
+
+impl WaitShown {
+    fn start() -> WaitShown {
+        // SAFETY: my_wait_event_info points at this backend's own slot
+        // (pgstat_report_wait_start's store, which is a static inline in C).
+        unsafe { std::ptr::write_volatile(pg_sys::my_wait_event_info, pg_sys::PG_WAIT_EXTENSION) };
+        WaitShown
+    }
+}
+
+impl Drop for WaitShown {
+    fn drop(&mut self) {
+        // SAFETY: as in start: pgstat_report_wait_end's store.
+        unsafe { std::ptr::write_volatile(pg_sys::my_wait_event_info, 0) };
     }
 }
 

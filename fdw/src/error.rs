@@ -101,6 +101,11 @@ pub enum CerebroError {
     NothingToRollBack { name: String, deployed: Option<i32> },
     #[error("cerebro.predictions needs to know which model to score with")]
     MissingModel,
+    #[error(
+        "cerebro.predictions cannot take its {0} from another table's rows in this query: it would score \
+         the default {0}'s rows, which the join would then drop"
+    )]
+    ChoiceLeftToJoin(&'static str),
     #[error("cerebro.predictions scores one {field} a scan; this query names {count}")]
     SeveralInOneScan { field: &'static str, count: usize },
     #[error("top_k must be at least 1, not {0}")]
@@ -109,6 +114,11 @@ pub enum CerebroError {
     NotARow(String),
     #[error("model \"{model}\" version {version} reads column \"{column}\", which {row_type} does not have")]
     MissingFeature { model: String, version: i32, column: String, row_type: String },
+    #[error(
+        "model \"{model}\" version {version} reads column \"{column}\" through the joins its selection found, \
+         which start from column \"{key}\", which {row_type} does not have"
+    )]
+    MissingJoinKey { model: String, version: i32, column: String, key: String, row_type: String },
     #[error("cannot change Cerebro's catalog during recovery: this server is a standby")]
     DuringRecovery,
     #[error("column \"{column}\" is {type_name}, but the model reads it as {expected}")]
@@ -196,7 +206,7 @@ impl CerebroError {
             CerebroError::MissingModel | CerebroError::MissingKey(_) | CerebroError::OrderedSplitNeedsKey => {
                 ERRCODE_INVALID_PARAMETER_VALUE
             }
-            CerebroError::SeveralInOneScan { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
+            CerebroError::SeveralInOneScan { .. } | CerebroError::ChoiceLeftToJoin(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             CerebroError::NullArgument(_) | CerebroError::NullFeature => ERRCODE_NULL_VALUE_NOT_ALLOWED,
             CerebroError::NotModelOwner { .. }
             | CerebroError::AskingForAnotherRole
@@ -232,13 +242,14 @@ impl CerebroError {
                 ErrorCode::Unavailable => ERRCODE_CONNECTION_FAILURE,
                 ErrorCode::LockNotAvailable => ERRCODE_LOCK_NOT_AVAILABLE,
                 ErrorCode::Unsupported => ERRCODE_FEATURE_NOT_SUPPORTED,
+                ErrorCode::TooManyConnections => ERRCODE_TOO_MANY_CONNECTIONS,
             },
             CerebroError::Connection(_) => ERRCODE_CONNECTION_FAILURE,
             CerebroError::DuringRecovery => ERRCODE_READ_ONLY_SQL_TRANSACTION,
             CerebroError::NotARow(_) | CerebroError::FeatureType { .. } | CerebroError::CategoryType { .. } => {
                 ERRCODE_DATATYPE_MISMATCH
             }
-            CerebroError::MissingFeature { .. } => ERRCODE_UNDEFINED_COLUMN,
+            CerebroError::MissingFeature { .. } | CerebroError::MissingJoinKey { .. } => ERRCODE_UNDEFINED_COLUMN,
             CerebroError::Timeout(_) | CerebroError::Interrupted => ERRCODE_QUERY_CANCELED,
             CerebroError::Protocol(_) => ERRCODE_PROTOCOL_VIOLATION,
             CerebroError::SourceCursorClosed(_) => ERRCODE_INVALID_CURSOR_STATE,
@@ -290,9 +301,23 @@ impl CerebroError {
                  another role's model is used only once its owner grants it: cerebro.grant_model."
                     .into(),
             ),
-            CerebroError::MissingModel => {
-                Some("Add WHERE model = '<name>' to the query (or a join condition on model).".into())
-            }
+            CerebroError::MissingModel => Some(
+                "Add WHERE model = '<name>' to the query (or a join condition on model). The scan uses model = \
+                 ..., model = ANY (...) and model IN (...), alone or joined by AND; not an OR, a LIKE or a \
+                 function of the column: for several models, one query each, combined with UNION ALL."
+                    .into(),
+            ),
+            CerebroError::Connection(_) => Some(
+                "cerebrod ended the connection in the middle of the statement (it stopped, restarted or was \
+                 killed): run the statement again once it is back; its log says why."
+                    .into(),
+            ),
+            CerebroError::ChoiceLeftToJoin(column) => Some(format!(
+                "A join on {column} needs a plan that scans cerebro.predictions once per row of the other \
+                 table, a nested loop (which enable_nestloop = off rules out). Or ask per row with a \
+                 correlated subquery, (SELECT p.score FROM cerebro.predictions p WHERE p.model = ... AND \
+                 p.{column} = t.x AND p.key = ...), or give {column} as a constant or a parameter."
+            )),
             CerebroError::SeveralInOneScan { field, .. } => {
                 Some(format!("Score each {field} in a query of its own and combine them with UNION ALL."))
             }
@@ -306,6 +331,10 @@ impl CerebroError {
                  subquery's row: FROM (VALUES (...)) AS r(tenure, contract, ...)."
                     .into(),
             ),
+            CerebroError::MissingJoinKey { key, column, .. } => Some(format!(
+                "Give the row \"{key}\" and the other keys the joins start from, and the joined columns are read \
+                 from their tables; or give \"{column}\" and the other joined columns yourself."
+            )),
             CerebroError::MissingFeature { model, version, .. } => Some(format!(
                 "The row needs every feature the model was trained on, by name: SELECT features FROM \
                  cerebro.model_versions WHERE name = '{model}' AND version = {version} lists them."

@@ -169,44 +169,51 @@ pub unsafe extern "C-unwind" fn get_foreign_paths(
         // Every path of a relation that refers to others laterally needs
         // their row.
         let lateral = (*baserel).lateral_relids;
-        let model_named =
-            scores && picked_by(root, baserel, foreigntableid, (*baserel).baserestrictinfo, lateral).model;
+        let own = if scores {
+            picked_by(root, baserel, foreigntableid, (*baserel).baserestrictinfo, lateral)
+        } else {
+            Picked::default()
+        };
         // Scans parameterised by the other relations a join condition on
-        // the key or the model reads: `p.key = o.id::text` scores each outer
-        // row's key in a nested loop rather than the model's whole source,
-        // and a LATERAL subquery's `p.model = m.name` names the model. Only
-        // scans that know their model: one that does not can only fail.
+        // the key, the model, the version, the source or the key column
+        // reads: `p.key = o.id::text` scores each outer row's key in a
+        // nested loop rather than the model's whole source, and a LATERAL
+        // subquery's `p.model = m.name` names the model. Only scans that
+        // know their model: one that does not can only fail.
+        let partners = if scores { parameterisations(root, baserel, foreigntableid) } else { Vec::new() };
+        // What joins choose that the scan's own conditions do not: a scan
+        // that leaves it to a join filter would score the deployed version
+        // (the model's own source, its key column) and the filter would
+        // drop every row, where the rows asked for are another version's.
+        let joined_choice = partners.iter().fold(0, |c, (_, picked)| c | picked.chooses) & !own.chooses;
         let mut model_by_join = false;
-        if scores {
-            for outer in join_partners(root, baserel) {
-                let info = pg_sys::get_baserel_parampathinfo(root, baserel, outer);
-                if info.is_null() {
-                    continue;
-                }
-                let picked = picked_by(root, baserel, foreigntableid, (*info).ppi_clauses, outer);
-                if !picked.model && (picked.keys.is_none() || !model_named) {
-                    continue;
-                }
-                model_by_join |= picked.model;
-                let inner_rows = picked.keys.unwrap_or(rows);
-                let path = pg_sys::create_foreignscan_path(
-                    root,
-                    baserel,
-                    ptr::null_mut(),
-                    inner_rows,
-                    SCAN_START_COST,
-                    SCAN_START_COST + inner_rows,
-                    ptr::null_mut(),
-                    outer,
-                    ptr::null_mut(),
-                    ptr::null_mut(),
-                );
-                pg_sys::add_path(baserel, path.cast());
+        for (outer, picked) in partners {
+            if !picked.model && (!own.model || (picked.keys.is_none() && picked.chooses == 0)) {
+                continue;
             }
+            model_by_join |= picked.model;
+            let inner_rows = picked.keys.unwrap_or(rows);
+            let complete = picked.chooses & joined_choice == joined_choice;
+            let total = if complete { SCAN_START_COST + inner_rows } else { pg_sys::disable_cost };
+            let path = pg_sys::create_foreignscan_path(
+                root,
+                baserel,
+                ptr::null_mut(),
+                inner_rows,
+                SCAN_START_COST,
+                total,
+                ptr::null_mut(),
+                outer,
+                ptr::null_mut(),
+                ptr::null_mut(),
+            );
+            pg_sys::add_path(baserel, path.cast());
         }
-        // A scan that names no model of its own can only fail: when a join
-        // can name it, that plan must win.
-        let cost = if model_by_join && !model_named { pg_sys::disable_cost } else { rows };
+        // A scan that names no model of its own can only fail, and one that
+        // leaves a join's choice of version, source or key column to a
+        // filter returns the wrong rows: when a join can say it, that plan
+        // must win (GetForeignPlan refuses the other).
+        let cost = if (model_by_join && !own.model) || joined_choice != 0 { pg_sys::disable_cost } else { rows };
         let path = pg_sys::create_foreignscan_path(
             root,
             baserel,
@@ -223,6 +230,25 @@ pub unsafe extern "C-unwind" fn get_foreign_paths(
     }
 }
 
+/// Each set of other relations a scan could be parameterised by (see
+/// [`join_partners`]), with what the join conditions it would be given
+/// pick.
+unsafe fn parameterisations(
+    root: *mut pg_sys::PlannerInfo,
+    baserel: *mut pg_sys::RelOptInfo,
+    foreigntableid: pg_sys::Oid,
+) -> Vec<(*mut pg_sys::Bitmapset, Picked)> {
+    unsafe {
+        join_partners(root, baserel)
+            .into_iter()
+            .filter_map(|outer| {
+                let info = pg_sys::get_baserel_parampathinfo(root, baserel, outer);
+                (!info.is_null()).then(|| (outer, picked_by(root, baserel, foreigntableid, (*info).ppi_clauses, outer)))
+            })
+            .collect()
+    }
+}
+
 /// What a rescan of a parameterised scan costs besides its rows, in the
 /// units of a plain scan's (one a row): the source query opened for one key
 /// and the row scored alone. Measured on a 2-core machine (53,940 diamonds,
@@ -231,11 +257,19 @@ pub unsafe extern "C-unwind" fn get_foreign_paths(
 const SCAN_START_COST: f64 = 20.0;
 
 /// What conditions pick for a scan: how many keys (`key = v`: 1, `key =
-/// ANY (...)`: a guess of 10), and whether they name a model.
+/// ANY (...)`: a guess of 10), whether they name a model, and which of
+/// [`CHOOSING_COLUMNS`] they give (a bit each, in that order).
+#[derive(Default)]
 struct Picked {
     keys: Option<f64>,
     model: bool,
+    chooses: u8,
 }
+
+/// The columns besides `model` whose value chooses which rows exist at all
+/// (a version's, a source's, by a key column), where a scan told nothing
+/// takes a default.
+const CHOOSING_COLUMNS: [&str; 3] = ["version", "source", "key_column"];
 
 /// What the pushable conditions among `clauses` (RestrictInfos) pick, their
 /// values reading only the relations of `outer`.
@@ -246,7 +280,7 @@ unsafe fn picked_by(
     clauses: *mut pg_sys::List,
     outer: *mut pg_sys::Bitmapset,
 ) -> Picked {
-    let mut picked = Picked { keys: None, model: false };
+    let mut picked = Picked::default();
     unsafe {
         if clauses.is_null() {
             return picked;
@@ -262,7 +296,11 @@ unsafe fn picked_by(
                     picked.keys = Some(picked.keys.map_or(keys, |k: f64| k.min(keys)));
                 }
                 "model" => picked.model = true,
-                _ => {}
+                other => {
+                    if let Some(i) = CHOOSING_COLUMNS.iter().position(|c| *c == other) {
+                        picked.chooses |= 1 << i;
+                    }
+                }
             }
         }
     }
@@ -562,6 +600,9 @@ pub unsafe extern "C-unwind" fn get_foreign_plan(
                 }
             }
         }
+        if scores {
+            refuse_a_choice_left_to_a_join(root, baserel, foreigntableid, &private.pushed);
+        }
         // Every other condition stays a filter PostgreSQL checks on each row.
         let mut kept: *mut pg_sys::List = ptr::null_mut();
         if !scan_clauses.is_null() {
@@ -588,6 +629,32 @@ pub unsafe extern "C-unwind" fn get_foreign_plan(
             ptr::null_mut(),
             outer_plan,
         )
+    }
+}
+
+/// Raises an error when a join gives this scan a version, source or key
+/// column that the plan does not push to it (`pushed`, attribute numbers),
+/// which happens only when no parameterised scan could be used (the path
+/// that leaves it to a filter costs `disable_cost`): the scan would score
+/// the default's rows and the join would drop them all.
+unsafe fn refuse_a_choice_left_to_a_join(
+    root: *mut pg_sys::PlannerInfo,
+    baserel: *mut pg_sys::RelOptInfo,
+    foreigntableid: pg_sys::Oid,
+    pushed: &[i32],
+) {
+    unsafe {
+        let own = picked_by(root, baserel, foreigntableid, (*baserel).baserestrictinfo, (*baserel).lateral_relids);
+        let joined =
+            parameterisations(root, baserel, foreigntableid).iter().fold(0, |c, (_, picked)| c | picked.chooses)
+                & !own.chooses;
+        let given = pushed.iter().fold(0u8, |c, &attnum| {
+            let name = attname(foreigntableid, attnum);
+            c | CHOOSING_COLUMNS.iter().position(|n| *n == name).map_or(0, |i| 1 << i)
+        });
+        if let Some(i) = (0..CHOOSING_COLUMNS.len()).find(|i| joined & !given & (1 << i) != 0) {
+            raise(CerebroError::ChoiceLeftToJoin(CHOOSING_COLUMNS[i]));
+        }
     }
 }
 

@@ -295,7 +295,8 @@ fn predict_row(
 fn read_row(input: &AnyElement, model: &ModelVersion) -> Result<Vec<ColumnData>> {
     let row = Row::of(input)?;
     let missing: Vec<&Feature> = model.features.iter().filter(|f| row.column(&f.name).is_none()).collect();
-    let joined = if missing.is_empty() { Vec::new() } else { through_joins(&row, model, &missing)? };
+    let (joined, lacking_key) =
+        if missing.is_empty() { (Vec::new(), None) } else { through_joins(&row, model, &missing)? };
     model
         .features
         .iter()
@@ -304,6 +305,15 @@ fn read_row(input: &AnyElement, model: &ModelVersion) -> Result<Vec<ColumnData>>
                 return Ok(value.clone());
             }
             let Some(column) = row.column(&f.name) else {
+                if let Some(key) = &lacking_key {
+                    return Err(CerebroError::MissingJoinKey {
+                        model: model.name.clone(),
+                        version: model.version,
+                        column: f.name.clone(),
+                        key: key.clone(),
+                        row_type: row.type_name(),
+                    });
+                }
                 return Err(CerebroError::MissingFeature {
                     model: model.name.clone(),
                     version: model.version,
@@ -319,19 +329,23 @@ fn read_row(input: &AnyElement, model: &ModelVersion) -> Result<Vec<ColumnData>>
         .collect()
 }
 
+/// A feature read through the model's joins, by name.
+type Joined = (String, ColumnData);
+
 /// The `missing` features of a version from a `features joins(auto)`
 /// selection, read for `row` through the joins it kept, as
 /// `cerebro.predictions` reads another source of the training table's shape
 /// (docs/sql.md, "Another source, through the model's joins"): when `row`
 /// has the keys the joins start from and none of the joined columns, and
 /// every missing feature is one the joins add. Empty otherwise, so that
-/// the caller names the first missing column. The joined tables are read as
-/// the caller, only if they run no code of a role without the caller's
+/// the caller names the first missing column, with the key the joins
+/// start from that `row` lacks, if that is why. The joined tables are read
+/// as the caller, only if they run no code of a role without the caller's
 /// rights, as the model's own source is.
-fn through_joins(row: &Row, model: &ModelVersion, missing: &[&Feature]) -> Result<Vec<(String, ColumnData)>> {
+fn through_joins(row: &Row, model: &ModelVersion, missing: &[&Feature]) -> Result<(Vec<Joined>, Option<String>)> {
     Spi::connect(|client| {
         let has = |c: &str| row.column(c).is_some();
-        let Some(plan) = predictions::joins_to_read(client, model, &has)? else { return Ok(Vec::new()) };
+        let Some(plan) = predictions::joins_to_read(client, model, &has)? else { return Ok((Vec::new(), None)) };
         let mut keys: Vec<&str> = Vec::new();
         for key in plan.kept.iter().filter(|j| j.hop <= 1).flat_map(|j| j.on.iter()) {
             if !keys.contains(&key.as_str()) {
@@ -342,7 +356,7 @@ fn through_joins(row: &Row, model: &ModelVersion, missing: &[&Feature]) -> Resul
         let mut types = Vec::with_capacity(keys.len());
         let mut columns = Vec::with_capacity(keys.len());
         for (i, key) in keys.iter().enumerate() {
-            let Some(c) = row.column(key) else { return Ok(Vec::new()) };
+            let Some(c) = row.column(key) else { return Ok((Vec::new(), Some(key.to_string()))) };
             // SAFETY: the datum is of the row's column type, whose base type
             // it is passed as; it lives as long as the row.
             args.push(if row.nulls[c] {
@@ -353,15 +367,18 @@ fn through_joins(row: &Row, model: &ModelVersion, missing: &[&Feature]) -> Resul
             types.push(PgOid::from(row.types[c]));
             columns.push(format!("${} AS {}", i + 1, quote_ident(key)));
         }
-        let Some(query) = plan.query_over(&format!("(SELECT {})", columns.join(", "))) else { return Ok(Vec::new()) };
+        let Some(query) = plan.query_over(&format!("(SELECT {})", columns.join(", "))) else {
+            return Ok((Vec::new(), None));
+        };
         predictions::check_joined_tables(client, model, &plan)?;
         // One row: the joins are LEFT JOINs on keys their tables hold once.
         let read = missing.iter().map(|f| format!("q.{}", quote_ident(&f.name))).collect::<Vec<_>>().join(", ");
         let sql = format!("SELECT ROW({read}) FROM {query} q");
         let found = plans::select_built(client, &sql, &types, Some(1), &args)?;
-        let Some(values) = found.first().get::<AnyElement>(1)? else { return Ok(Vec::new()) };
+        let Some(values) = found.first().get::<AnyElement>(1)? else { return Ok((Vec::new(), None)) };
         let values = Row::of(&values)?;
-        missing.iter().enumerate().map(|(i, f)| Ok((f.name.clone(), values.feature(i, f.kind)?))).collect()
+        let read = missing.iter().enumerate().map(|(i, f)| Ok((f.name.clone(), values.feature(i, f.kind)?)));
+        Ok((read.collect::<Result<_>>()?, None))
     })
 }
 
@@ -401,12 +418,16 @@ impl Row {
             let mut types = Vec::with_capacity(natts);
             for i in 0..natts {
                 let att = (*desc).attrs.as_slice(natts)[i];
+                // A dropped column keeps its place in the row, with no name
+                // a feature has and no type (atttypid 0, which no cache
+                // lookup finds).
                 if att.attisdropped {
                     names.push(String::new());
+                    types.push(pg_sys::InvalidOid);
                 } else {
                     names.push(std::ffi::CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned());
+                    types.push(pg_sys::getBaseType(att.atttypid));
                 }
-                types.push(pg_sys::getBaseType(att.atttypid));
             }
             // ReleaseTupleDesc: only a reference-counted descriptor was pinned.
             if (*desc).tdrefcount >= 0 {

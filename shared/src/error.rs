@@ -28,6 +28,9 @@ pub enum ErrorCode {
     /// The model cannot do what the request asks (explain a model the
     /// engine does not run).
     Unsupported,
+    /// Every connection cerebrod serves (`max_connections`) is in the
+    /// middle of a request: none idle to close for this one.
+    TooManyConnections,
     /// A bug: anything else.
     Internal,
     /// A code this side does not know (a newer peer's): read as Internal.
@@ -47,6 +50,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::LockNotAvailable => "lock_not_available",
             ErrorCode::Unsupported => "unsupported",
+            ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::Internal => "internal",
             ErrorCode::Unknown => "unknown",
         }

@@ -187,6 +187,84 @@ fn without_inherited_fds(program: &str) -> Command {
     command
 }
 
+/// A hot standby of the test cluster (`pg_basebackup -R`, streaming from
+/// it), in a directory and socket directory of its own; stopped at once
+/// and removed when dropped.
+pub struct Standby {
+    dir: PathBuf,
+    pgbin: String,
+    port: String,
+}
+
+impl Standby {
+    pub fn start(env: &Env) -> Result<Standby> {
+        let dir = std::env::temp_dir().join(format!("cerebro-e2e-standby-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let (uid, gid) = postgres_ids()?;
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+        let standby = Standby { dir, pgbin: env.pgbin.clone(), port: env.pgport.clone() };
+        standby.as_postgres(
+            "pg_basebackup",
+            &["-h", &env.pghost, "-p", &env.pgport, "-U", "postgres", "-R", "-X", "stream", "-c", "fast", "-D"],
+            &[standby.dir.join("data").as_os_str()],
+        )?;
+        // The primary's own settings come with the copy: only the socket
+        // directory differs (no TCP, so the port may be the primary's).
+        let options = format!("-k {} -c listen_addresses='' -c port={}", standby.dir.display(), standby.port);
+        standby.pg_ctl(&["-w", "-t", "120", "-o", &options, "start"])?;
+        Ok(standby)
+    }
+
+    fn as_postgres(&self, program: &str, args: &[&str], more: &[&std::ffi::OsStr]) -> Result<()> {
+        let out = without_inherited_fds("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(format!("{}/{program}", self.pgbin))
+            .args(args)
+            .args(more)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {program}"))?;
+        if !out.status.success() {
+            bail!("{program} failed with {}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Result<()> {
+        let (data, log) = (self.dir.join("data"), self.dir.join("postgresql.log"));
+        let mut all: Vec<&std::ffi::OsStr> = vec!["-D".as_ref(), data.as_os_str(), "-l".as_ref(), log.as_os_str()];
+        all.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
+        self.as_postgres("pg_ctl", &[], &all)
+    }
+
+    /// Promotes it to a primary of its own, once it has replayed all it has.
+    pub fn promote(&self) -> Result<()> {
+        self.pg_ctl(&["-w", "-t", "120", "promote"])
+    }
+
+    /// A `database_url` (libpq keywords) for database `db` of the standby.
+    pub fn url(&self, db: &str) -> String {
+        format!("host={} port={} user=postgres dbname={db}", self.dir.display(), self.port)
+    }
+
+    pub async fn connect(&self, db: &str) -> Result<Client> {
+        let (client, conn) =
+            tokio_postgres::connect(&self.url(db), NoTls).await.context("connecting to the standby")?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        let _ = self.pg_ctl(&["-m", "immediate", "stop"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 fn postgres_ids() -> Result<(u32, u32)> {
     let id = |flag: &str| -> Result<u32> {
         let out = Command::new("id").args([flag, "postgres"]).output()?;

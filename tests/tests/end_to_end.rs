@@ -3600,6 +3600,36 @@ async fn joins_auto_follows_declared_foreign_keys_and_prunes_small_tables() -> a
         .await
         .expect_err("a row without the model's columns");
     assert_eq!(err.code().map(|c| c.code()), Some("42703"), "{err:?}");
+    // A row without a key the joins start from, where the version reads
+    // the key only through its joins: the error names the key.
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, spec)
+         VALUES ('e2e_joins_keyless', 'e2e_shop.orders', 'returned', 'id',
+                 E'model hidden = {[8]}\ntrain epochs = 1\nfeatures amount, joins(auto)')",
+        &[],
+    )
+    .await?;
+    let keyless: i32 = db
+        .query_one(
+            "SELECT min(version) FROM cerebro.model_versions
+             WHERE name = 'e2e_joins_keyless' AND features::text LIKE '%customers__age%'",
+            &[],
+        )
+        .await?
+        .get(0);
+    let seen = wait_until_done(&db, "e2e_joins_keyless", keyless, TRAIN_TIMEOUT).await?;
+    assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
+    let err = db
+        .query_one(
+            "SELECT cerebro.predict('e2e_joins_keyless', r, $1)
+             FROM (SELECT id, store, week, amount FROM e2e_shop.new_orders LIMIT 1) r",
+            &[&keyless],
+        )
+        .await
+        .expect_err("a row without the customer the customers are joined on");
+    let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+    assert_eq!(err.code().map(|c| c.code()), Some("42703"), "{err:?}");
+    assert!(message.contains("which start from column \"customer_id\""), "{message}");
     // Columns the joins do not add are still missing, and said.
     let err = db
         .query(

@@ -597,6 +597,33 @@ async fn predict_fails_precisely() -> anyhow::Result<()> {
         assert!((as_enum - as_text).abs() < 1e-6, "{sql}: {as_enum} against {as_text}");
     }
 
+    // A row whose type has a dropped column (its place kept, with no type)
+    // scores as the same row without it: by predict alone and in a trigger
+    // that scores each new row, as applications write them.
+    db.batch_execute(
+        "DROP TABLE IF EXISTS p_dropped;
+         CREATE TABLE p_dropped AS SELECT 0 AS junk, * FROM telco_churn WHERE customer_id <= 3;
+         ALTER TABLE p_dropped ADD COLUMN score float8, DROP COLUMN junk;
+         CREATE OR REPLACE FUNCTION p_score_new_row() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN NEW.score := cerebro.predict('p_errors', NEW, 1); RETURN NEW; END $$;
+         CREATE TRIGGER p_score BEFORE INSERT ON p_dropped FOR EACH ROW EXECUTE FUNCTION p_score_new_row();
+         ALTER TABLE p_dropped ADD COLUMN note text;
+         ALTER TABLE p_dropped DROP COLUMN note;
+         INSERT INTO p_dropped SELECT t.*, NULL FROM telco_churn t WHERE customer_id = 1;",
+    )
+    .await?;
+    let dropped: f64 = db
+        .query_one("SELECT cerebro.predict('p_errors', d, 1) FROM p_dropped d WHERE customer_id = 2", &[])
+        .await?
+        .get(0);
+    let whole: f64 = db
+        .query_one("SELECT cerebro.predict('p_errors', t, 1) FROM telco_churn t WHERE customer_id = 2", &[])
+        .await?
+        .get(0);
+    assert!((dropped - whole).abs() < 1e-6, "{dropped} against {whole}");
+    let triggered: f64 = db.query_one("SELECT score FROM p_dropped WHERE score IS NOT NULL", &[]).await?.get(0);
+    assert!((triggered - as_text).abs() < 1e-6, "{triggered} against {as_text}");
+
     // A version still training is not ready.
     db.execute(
         "INSERT INTO cerebro.models (name, source, target, key, options)
@@ -676,5 +703,34 @@ async fn conditions_every_row_repeats_are_not_checked_again() -> anyhow::Result<
         let keys = vec!["42".to_owned(), "43".to_owned()];
         assert_eq!(db.query_one(&prepared, &[name, &keys]).await?.get::<_, i64>(0), 2, "{name}");
     }
+    Ok(())
+}
+
+/// A deployment made while cerebrod is away warns what it costs: a session
+/// scores a version it has not scored before only once cerebrod has
+/// checked it, so until cerebrod is back the model scores nowhere new
+/// (where the version before went on scoring in the backends).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deployment_while_cerebrod_is_away_warns() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let (db, notices) = env.connect_recording_notices().await?;
+    let mut daemon = Daemon::start(&env)?;
+    let first = train(&db, "p_away", "churn", r#"{"epochs": 1}"#).await?;
+    let second = train(&db, "p_away", "churn", r#"{"epochs": 2}"#).await?;
+    let warned = |notices: &std::sync::Mutex<Vec<String>>| {
+        notices
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|n| n.contains("could not connect to cerebrod") && n.contains("cannot score it"))
+    };
+    db.execute("SELECT cerebro.deploy('p_away', $1)", &[&first]).await?;
+    assert!(!warned(&notices), "{:?}", notices.lock().unwrap());
+    daemon.stop()?;
+    db.execute("SELECT cerebro.deploy('p_away', $1)", &[&second]).await?;
+    assert!(warned(&notices), "{:?}", notices.lock().unwrap());
+    notices.lock().unwrap().clear();
+    db.execute("SELECT cerebro.rollback('p_away')", &[]).await?;
+    assert!(warned(&notices), "rollback: {:?}", notices.lock().unwrap());
     Ok(())
 }

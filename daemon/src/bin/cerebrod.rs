@@ -84,7 +84,21 @@ fn real_main() -> anyhow::Result<()> {
             // of an imported graph) must not keep a stopped daemon alive:
             // what it would write, the next daemon redoes.
             rt.shutdown_timeout(SHUTDOWN_WAIT);
-            ran
+            // Such a task may still run on its thread: leave without the
+            // exit-time destructors of ONNX Runtime and CUDA running under
+            // it, where a crash would tell systemd a stop failed (and have
+            // it restart a daemon asked to stop).
+            let code = match ran {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("cerebrod: {e:#}");
+                    1
+                }
+            };
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+            // SAFETY: _exit ends the process at once; nothing after it runs,
+            // and stderr, where the log goes, is unbuffered.
+            unsafe { libc::_exit(code) }
         }
         Command::Score { model, version, source, key } => {
             let rows = rt.block_on(cerebro_daemon::score_relation(

@@ -491,3 +491,108 @@ async fn refused_writes_leave_no_memory_behind_in_the_backend() -> anyhow::Resul
     assert_eq!(contexts, 0, "memory contexts left by refused writes");
     Ok(())
 }
+
+/// A join that gives the scan its version or its source scores what it
+/// gives: PostgreSQL is offered a scan parameterised by the other table's
+/// row, and the plan that would score the deployed version (or the model's
+/// own source) and leave the join to drop its rows costs too much to win;
+/// where only that plan is left, 0A000, never missing rows. Before, the
+/// scan ran once with the defaults and the join kept the rows that matched
+/// them: one row of two, or none.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_join_on_the_version_or_the_source_scores_what_it_names() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = scoring_model(&env, &db).await?;
+    let name = "rb_joined_versions";
+    db.execute("SELECT cerebro.delete_model(name, version) FROM cerebro.models WHERE name = $1", &[&name]).await?;
+    let mut made = Vec::new();
+    for epochs in [1, 3] {
+        db.execute(
+            "INSERT INTO cerebro.models (name, source, target, key, options)
+             VALUES ($1, 'telco_churn', 'churn', 'customer_id', jsonb_build_object('epochs', $2::int))",
+            &[&name, &epochs],
+        )
+        .await?;
+        let version: i32 =
+            db.query_one("SELECT max(version) FROM cerebro.models WHERE name = $1", &[&name]).await?.get(0);
+        let seen = cerebro_tests::wait_until_done(&db, name, version, crate::TRAIN_TIMEOUT).await?;
+        assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
+        made.push(version);
+    }
+    let (first, last) = (made[0], made[1]);
+    db.batch_execute(&format!(
+        "DROP TABLE IF EXISTS rb_joined_copy;
+         CREATE TABLE rb_joined_copy AS SELECT * FROM telco_churn WHERE customer_id <= 10;
+         UPDATE rb_joined_copy SET tenure = tenure + 40, contract = 'Two year';
+         CREATE TEMP TABLE asked_versions (v int); INSERT INTO asked_versions VALUES ({first}), ({last});
+         CREATE TEMP TABLE asked_sources (s text); INSERT INTO asked_sources VALUES ('telco_churn'), ('rb_joined_copy');
+         ANALYZE asked_versions; ANALYZE asked_sources;",
+    ))
+    .await?;
+    let one = |sql: String| {
+        let db = &db;
+        async move { db.query_one(&sql, &[]).await.map(|r| r.get::<_, f64>(0)) }
+    };
+    let mut by_version = Vec::new();
+    for v in [first, last] {
+        by_version.push((
+            v,
+            one(format!(
+                "SELECT score FROM cerebro.predictions WHERE model = '{name}' AND version = {v} AND key = '1'"
+            ))
+            .await?,
+        ));
+    }
+    let mut by_source = Vec::new();
+    for s in ["rb_joined_copy", "telco_churn"] {
+        by_source.push((s.to_owned(), one(format!("SELECT score FROM cerebro.predictions WHERE model = '{name}' AND version = {last} AND source = '{s}' AND key = '1'")).await?));
+    }
+    assert!((by_version[0].1 - by_version[1].1).abs() > 1e-9 && (by_source[0].1 - by_source[1].1).abs() > 1e-9);
+    let versions = [
+        "SELECT v.v, p.score FROM asked_versions v
+         JOIN cerebro.predictions p ON p.version = v.v AND p.model = $1 AND p.key = '1' ORDER BY 1",
+        "SELECT v.v, p.score FROM asked_versions v CROSS JOIN LATERAL
+         (SELECT score FROM cerebro.predictions WHERE version = v.v AND model = $1 AND key = '1') p ORDER BY 1",
+    ];
+    let sources = "SELECT s.s, p.score FROM asked_sources s
+                   JOIN cerebro.predictions p ON p.source = s.s AND p.model = $1 AND p.version = $2 AND p.key = '1'
+                   ORDER BY 1";
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+    for nestloop in ["on", "off"] {
+        db.batch_execute(&format!("SET enable_nestloop = {nestloop}")).await?;
+        for mode in ["force_generic_plan", "force_custom_plan"] {
+            db.batch_execute(&format!("SET plan_cache_mode = {mode}")).await?;
+            for sql in versions {
+                match db.query(sql, &[&name]).await {
+                    Ok(rows) => {
+                        let got: Vec<(i32, f64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+                        assert!(
+                            got.len() == 2 && got.iter().zip(&by_version).all(|(g, w)| g.0 == w.0 && close(g.1, w.1)),
+                            "{sql} ({mode}, nestloop {nestloop}): {got:?} against {by_version:?}"
+                        );
+                    }
+                    Err(e) => {
+                        assert!(nestloop == "off", "{sql} ({mode}): {e:?}");
+                        assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{e:?}");
+                    }
+                }
+            }
+            match db.query(sources, &[&name, &last]).await {
+                Ok(rows) => {
+                    let got: Vec<(String, f64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+                    assert!(
+                        got.len() == 2 && got.iter().zip(&by_source).all(|(g, w)| g.0 == w.0 && close(g.1, w.1)),
+                        "sources ({mode}, nestloop {nestloop}): {got:?} against {by_source:?}"
+                    );
+                }
+                Err(e) => {
+                    assert!(nestloop == "off", "sources ({mode}): {e:?}");
+                    assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{e:?}");
+                }
+            }
+        }
+    }
+    db.batch_execute("RESET enable_nestloop; RESET plan_cache_mode; DROP TABLE rb_joined_copy").await?;
+    Ok(())
+}

@@ -413,3 +413,165 @@ async fn a_job_killed_three_times_fails_with_the_reason() -> anyhow::Result<()> 
     assert_eq!(job_attempts(&db, "rs_thrice", version).await?, 3);
     Ok(())
 }
+
+/// A hot standby scores through a cerebrod of its own (as on the
+/// standby's machine, where no primary's cerebrod is), which trains
+/// nothing there and, once the standby is promoted, takes its lock and
+/// trains. Before, cerebrod pointed at a standby exited: a standby on
+/// another machine could not score at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_scores_through_a_cerebrod_of_its_own_and_trains_once_promoted() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let mut primary = Daemon::start(&env)?;
+    ready_model(&db, SCORED).await?;
+    let expected: Vec<(String, f64)> = db
+        .query(
+            "SELECT key, score FROM cerebro.predictions WHERE model = $1 AND key = ANY ('{1,2,3}') ORDER BY key",
+            &[&SCORED],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    // The standby's server option names the primary's socket, as it would
+    // on its own machine: its cerebrod binds the same path.
+    primary.stop()?;
+    let standby = cerebro_tests::Standby::start(&env)?;
+    let standby_env = env.with_config_value("standby", "database_url", &format!("\"{}\"", standby.url(&env.db)))?;
+    let from = daemon_log(&env).len();
+    let mut daemon = Daemon::start(&standby_env)?;
+    wait_for_log(&env, from, "hot standby").await?;
+    let replica = standby.connect(&env.db).await?;
+    for in_backend in ["on", "off"] {
+        replica.batch_execute(&format!("SET cerebro.score_in_backend = {in_backend}")).await?;
+        let scored: Vec<(String, f64)> = replica
+            .query(
+                "SELECT key, score FROM cerebro.predictions WHERE model = $1 AND key = ANY ('{1,2,3}') ORDER BY key",
+                &[&SCORED],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(scored.len(), 3);
+        for ((k, s), (ek, es)) in scored.iter().zip(&expected) {
+            assert!(k == ek && (s - es).abs() < 1e-6, "score_in_backend {in_backend}: {k} {s} against {ek} {es}");
+        }
+        assert_eq!(count_scored(&replica, SCORED).await?, 7043);
+        let predicted: f64 = replica
+            .query_one("SELECT cerebro.predict($1, t) FROM telco_churn t WHERE customer_id = 1", &[&SCORED])
+            .await?
+            .get(0);
+        assert!((predicted - expected[0].1).abs() < 1e-6, "{predicted} against {}", expected[0].1);
+    }
+    // Nothing is written: a training asked for on the standby is refused
+    // by PostgreSQL, and cerebrod holds no lock there.
+    let refused = replica
+        .execute(
+            "INSERT INTO cerebro.models (name, source, target, key) VALUES ('rs_standby', 'telco_churn', 'churn', 'customer_id')",
+            &[],
+        )
+        .await
+        .expect_err("a standby takes no INSERT");
+    assert_eq!(refused.code().map(|c| c.code()), Some("25006"), "{refused:?}");
+
+    standby.promote()?;
+    wait_for_log(&env, from, "the database was promoted").await?;
+    let promoted = standby.connect(&env.db).await?;
+    promoted
+        .execute(
+            "INSERT INTO cerebro.models (name, source, target, key, options)
+             VALUES ('rs_promoted', 'telco_churn', 'churn', 'customer_id', '{\"epochs\": 1}')",
+            &[],
+        )
+        .await?;
+    let seen = wait_until_done(&promoted, "rs_promoted", 1, TRAIN_TIMEOUT).await?;
+    assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
+    assert!(daemon.is_running());
+    daemon.stop()?;
+    drop(standby);
+    let log = daemon_log(&env);
+    assert!(!log[from..].contains("panicked"), "{}", &log[from..]);
+    Ok(())
+}
+
+/// A backend of another session that crashes (an application's, killed by
+/// the OOM killer, say) makes PostgreSQL end every session, cerebrod's
+/// with "crash of another server process": the training it interrupts is
+/// requeued without counting the attempt, since none of cerebrod's own
+/// backends crashed. Before, three such crashes failed the job.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_of_another_backend_costs_a_training_no_attempt() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let _daemon = Daemon::start(&env)?;
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, options)
+         VALUES ('rs_crash_elsewhere', 'telco_churn', 'churn', 'customer_id',
+                 '{\"epochs\": 150, \"patience\": 0, \"hidden\": [128, 64], \"batch_size\": 32}')",
+        &[],
+    )
+    .await?;
+    let version: i32 =
+        db.query_one("SELECT max(version) FROM cerebro.models WHERE name = 'rs_crash_elsewhere'", &[]).await?.get(0);
+    let deadline = Instant::now() + TRAIN_TIMEOUT;
+    loop {
+        let (status, epoch, _) = model_state(&db, "rs_crash_elsewhere", version).await?;
+        // Well into training: cerebrod's connections idle between writes,
+        // so each hears the server's word (a backend in the middle of
+        // sending drops it, and a silent end counts the attempt).
+        if status == "training" && epoch >= 10 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "never trained (status {status})");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let victim = env.connect().await?;
+    let pid: i32 = victim.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+    let from = daemon_log(&env).len();
+    let killed = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status()?;
+    anyhow::ensure!(killed.success(), "kill -KILL {pid}");
+    wait_for_log(&env, from, "crash of another server process").await?;
+    let db = reconnect(&env).await?;
+    let seen = wait_until_done(&db, "rs_crash_elsewhere", version, TRAIN_TIMEOUT).await?;
+    let (status, _, error) = model_state(&db, "rs_crash_elsewhere", version).await?;
+    assert_eq!(status, "ready", "{seen:?} {error:?}");
+    assert_eq!(job_attempts(&db, "rs_crash_elsewhere", version).await?, 1, "the crash cost an attempt");
+    Ok(())
+}
+
+/// A query waiting for cerebrod's answer shows it in `pg_stat_activity`
+/// (`wait_event_type` `Extension`), as one waiting on a lock does: before,
+/// it showed `active` with no wait, like a query using the CPU.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_query_waiting_for_cerebrod_shows_its_wait() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let daemon = Daemon::start(&env)?;
+    ready_model(&db, SCORED).await?;
+    let waiting = env.connect().await?;
+    waiting.batch_execute("SET cerebro.score_in_backend = off; SET cerebro.scoring_timeout = '60s'").await?;
+    let pid: i32 = waiting.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+    let stop = |signal: &str| std::process::Command::new("kill").args([signal, &daemon.pid().to_string()]).status();
+    anyhow::ensure!(stop("-STOP")?.success(), "kill -STOP");
+    let scan = tokio::spawn(async move {
+        waiting.query_one("SELECT count(*) FROM cerebro.predictions WHERE model = $1", &[&SCORED]).await
+    });
+    let deadline = Instant::now() + BACK_TIMEOUT;
+    let seen = loop {
+        let row =
+            db.query_one("SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE pid = $1", &[&pid]).await?;
+        let seen: (Option<String>, Option<String>) = (row.get(0), row.get(1));
+        if seen.0.is_some() || Instant::now() > deadline {
+            break seen;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let continued = stop("-CONT")?;
+    anyhow::ensure!(continued.success(), "kill -CONT");
+    assert_eq!(seen, (Some("Extension".into()), Some("Extension".into())));
+    let scanned: i64 = scan.await??.get(0);
+    assert_eq!(scanned, 7043);
+    Ok(())
+}
