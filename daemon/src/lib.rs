@@ -216,6 +216,10 @@ enum StandbyEnd {
     Stop,
     /// The standby is a primary now: the daemon lock can be taken.
     Promoted,
+    /// The database was not in recovery when first asked, though taking
+    /// the lock said it was (promoted in between, or a `database_url` that
+    /// reaches different servers): try the lock again, after a wait.
+    NotInRecovery,
     /// The connection was lost: why.
     Lost(String),
 }
@@ -237,7 +241,7 @@ async fn serve_standby(
     let promoted = !data.in_recovery().await.inspect_err(|_| driver.abort())?;
     if promoted {
         driver.abort();
-        return Ok(StandbyEnd::Promoted);
+        return Ok(StandbyEnd::NotInRecovery);
     }
     let said = "the database is a hot standby (in recovery): cerebrod scores from it and trains nothing until it \
                 is promoted (jobs are the primary's cerebrod's)";
@@ -248,11 +252,17 @@ async fn serve_standby(
     }
     catalog.set(Some(data.clone()));
     let end = loop {
+        // The look waits behind a snapshot the connection reads: a stop
+        // or a lost connection must not.
+        let look = async {
+            tokio::time::sleep(config.poll_interval).await;
+            data.in_recovery().await
+        };
         tokio::select! {
             biased;
             _ = shutdown.changed() => break StandbyEnd::Stop,
             why = &mut driver => break StandbyEnd::Lost(lost_because("the standby's", why).why),
-            _ = tokio::time::sleep(config.poll_interval) => match data.in_recovery().await {
+            looked = look => match looked {
                 Ok(true) => {}
                 Ok(false) => break StandbyEnd::Promoted,
                 Err(e) => break StandbyEnd::Lost(format!("cannot ask the standby whether it was promoted: {}", e.reason())),
@@ -260,7 +270,13 @@ async fn serve_standby(
         }
     };
     catalog.set(None);
-    driver.abort();
+    if matches!(end, StandbyEnd::Promoted) {
+        // Reads under way finish on it (they hold the connection); it
+        // closes with the last of them.
+        drop(driver);
+    } else {
+        driver.abort();
+    }
     Ok(end)
 }
 
@@ -382,6 +398,14 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                         info!("the database was promoted: cerebrod takes its lock and trains");
                         backoff.reset();
                         pause = Duration::ZERO;
+                    }
+                    Ok(StandbyEnd::NotInRecovery) => {
+                        pause = backoff.next_wait();
+                        warn!(
+                            "taking the daemon lock said the database is in recovery, but it is not now; trying \
+                             again in {:.1} s",
+                            pause.as_secs_f64()
+                        );
                     }
                     Ok(StandbyEnd::Lost(why)) => {
                         pause = if started.elapsed() >= STABLE_SESSION {

@@ -139,8 +139,9 @@ pub struct ScoringService {
     catalog: Arc<CatalogSlot>,
     cache: Mutex<HashMap<i64, (String, Arc<ScoringModel>)>>,
     /// One load a version at a time: after a deployment every backend asks
-    /// for the new version at once, and it is read and built once.
-    loading: Mutex<HashMap<i64, Arc<Mutex<()>>>>,
+    /// for the new version at once, and it is read and built once. A load
+    /// that failed leaves its error for those that waited on it.
+    loading: Mutex<HashMap<i64, Arc<Mutex<Option<WireError>>>>>,
     capacity: usize,
     /// Longest one run of an imported graph may take when a version is
     /// distilled or measured (`scoring_deadline_ms`, as for a batch scored).
@@ -174,10 +175,13 @@ impl ScoringService {
         }
         let gate = self.loading.lock().await.entry(model_version_id).or_default().clone();
         let loaded = {
-            let _one_at_a_time = gate.lock().await;
-            match self.cached(model_version_id, expected_sha).await {
-                Some(model) => Ok(model),
-                None => self.load(model_version_id, expected_sha).await,
+            let mut failed = gate.lock().await;
+            match (self.cached(model_version_id, expected_sha).await, failed.as_ref()) {
+                (Some(model), _) => Ok(model),
+                (None, Some(e)) => Err(e.clone()),
+                (None, None) => {
+                    self.load(model_version_id, expected_sha).await.inspect_err(|e| *failed = Some(e.clone()))
+                }
             }
         };
         let mut loading = self.loading.lock().await;
@@ -733,6 +737,24 @@ async fn refuse(mut stream: UnixStream, error: WireError) {
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
+/// Waits until a request's first byte has arrived, or the peer closed.
+/// (Readiness alone is not enough: it stays set after a frame read whole.)
+async fn first_byte(stream: &UnixStream) -> std::io::Result<()> {
+    loop {
+        stream.readable().await?;
+        let peeked = stream.try_io(Interest::READABLE, || {
+            rustix::net::recv(stream, &mut [0u8; 1], RecvFlags::PEEK | RecvFlags::DONTWAIT)
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+        match peeked {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Reads one frame; the descriptors that arrive with its bytes go to `fds`.
 async fn read_request(stream: &UnixStream, fds: &mut Vec<OwnedFd>) -> Result<Request, FrameError> {
     let mut header = [0u8; 4];
@@ -805,12 +827,19 @@ impl Connection {
                     None => std::future::pending().await,
                 }
             };
+            // Closed to make room only before a request's first byte: one
+            // begun is read whole and answered.
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Ok(()),
+                arrived = first_byte(&stream) => arrived?,
+                _ = closed => return Ok(()),
+            }
+            idle(None);
             let request = tokio::select! {
                 r = read_request(&stream, &mut fds) => r,
                 _ = shutdown.changed() => return Ok(()),
-                _ = closed => return Ok(()),
             };
-            idle(None);
             let request = match request {
                 Ok(r) => r,
                 Err(FrameError::Malformed(e)) => {

@@ -170,7 +170,8 @@ fn record(client: &mut SpiClient<'_>, c: Change<'_>) -> Result<()> {
 fn warn_unless_cerebrod_answers(model: &str, version: i32) {
     const ASK_MS: i32 = 2000;
     let answered = server_socket().and_then(|socket| DaemonClient::connect(&socket, ASK_MS));
-    if let Err(e) = answered {
+    // Only a cerebrod that is not there: a full or slow one still checks.
+    if let Err(e @ (CerebroError::DaemonUnavailable { .. } | CerebroError::Connection(_))) = answered {
         warning!(
             "cerebro: {e}; until cerebrod is back, a session that has not scored model \"{model}\" version \
              {version} before cannot score it: each checks a version with cerebrod first"

@@ -101,9 +101,13 @@ pub enum CerebroError {
     NothingToRollBack { name: String, deployed: Option<i32> },
     #[error("cerebro.predictions needs to know which model to score with")]
     MissingModel,
+    /// A scan whose version, given by a join, has no scores: it returns no
+    /// rows (never raised to the user).
+    #[error("the version a join gives has no scores")]
+    NothingToScore,
     #[error(
         "cerebro.predictions cannot take its {0} from another table's rows in this query: it would score \
-         the default {0}'s rows, which the join would then drop"
+         the default {0}'s rows, and the join would keep only those"
     )]
     ChoiceLeftToJoin(&'static str),
     #[error("cerebro.predictions scores one {field} a scan; this query names {count}")]
@@ -203,9 +207,10 @@ impl CerebroError {
             CerebroError::ModelNotReady { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             CerebroError::NoParent(_) | CerebroError::NotDerivable { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             CerebroError::QuerySource(_) => ERRCODE_INVALID_PARAMETER_VALUE,
-            CerebroError::MissingModel | CerebroError::MissingKey(_) | CerebroError::OrderedSplitNeedsKey => {
-                ERRCODE_INVALID_PARAMETER_VALUE
-            }
+            CerebroError::MissingModel
+            | CerebroError::MissingKey(_)
+            | CerebroError::OrderedSplitNeedsKey
+            | CerebroError::NothingToScore => ERRCODE_INVALID_PARAMETER_VALUE,
             CerebroError::SeveralInOneScan { .. } | CerebroError::ChoiceLeftToJoin(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             CerebroError::NullArgument(_) | CerebroError::NullFeature => ERRCODE_NULL_VALUE_NOT_ALLOWED,
             CerebroError::NotModelOwner { .. }
@@ -308,15 +313,17 @@ impl CerebroError {
                     .into(),
             ),
             CerebroError::Connection(_) => Some(
-                "cerebrod ended the connection in the middle of the statement (it stopped, restarted or was \
-                 killed): run the statement again once it is back; its log says why."
+                "The connection to cerebrod broke in the middle of the statement (cerebrod stopped, restarted \
+                 or was killed, or sent what could not be read): run the statement again once it is back; its \
+                 log says why."
                     .into(),
             ),
             CerebroError::ChoiceLeftToJoin(column) => Some(format!(
-                "A join on {column} needs a plan that scans cerebro.predictions once per row of the other \
-                 table, a nested loop (which enable_nestloop = off rules out). Or ask per row with a \
-                 correlated subquery, (SELECT p.score FROM cerebro.predictions p WHERE p.model = ... AND \
-                 p.{column} = t.x AND p.key = ...), or give {column} as a constant or a parameter."
+                "The query is refused as it is planned (EXPLAIN too). A join may give {column} only as \
+                 p.{column} = <the other table's column>, in a plan that scans cerebro.predictions once per \
+                 row of the other table (a nested loop, which enable_nestloop = off rules out). Or ask per \
+                 row with a correlated subquery, (SELECT p.score FROM cerebro.predictions p WHERE p.model = \
+                 ... AND p.{column} = t.x AND p.key = ...), or give {column} as a constant or a parameter."
             )),
             CerebroError::SeveralInOneScan { field, .. } => {
                 Some(format!("Score each {field} in a query of its own and combine them with UNION ALL."))

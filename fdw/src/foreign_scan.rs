@@ -194,7 +194,7 @@ pub unsafe extern "C-unwind" fn get_foreign_paths(
             model_by_join |= picked.model;
             let inner_rows = picked.keys.unwrap_or(rows);
             let complete = picked.chooses & joined_choice == joined_choice;
-            let total = if complete { SCAN_START_COST + inner_rows } else { pg_sys::disable_cost };
+            let total = if complete { SCAN_START_COST + inner_rows } else { WRONG_ROWS_COST };
             let path = pg_sys::create_foreignscan_path(
                 root,
                 baserel,
@@ -213,13 +213,22 @@ pub unsafe extern "C-unwind" fn get_foreign_paths(
         // leaves a join's choice of version, source or key column to a
         // filter returns the wrong rows: when a join can say it, that plan
         // must win (GetForeignPlan refuses the other).
-        let cost = if (model_by_join && !own.model) || joined_choice != 0 { pg_sys::disable_cost } else { rows };
+        // A scan of the wrong rows must lose to any nested loop, however
+        // many outer rows it rescans for (disable_cost alone is passed by
+        // a parameterised scan of a whole source per row of 10^5 rows).
+        let (startup, cost) = if joined_choice != 0 {
+            (WRONG_ROWS_COST, WRONG_ROWS_COST)
+        } else if model_by_join && !own.model {
+            (0.0, pg_sys::disable_cost)
+        } else {
+            (0.0, rows)
+        };
         let path = pg_sys::create_foreignscan_path(
             root,
             baserel,
             ptr::null_mut(),
             rows,
-            0.0,
+            startup,
             cost,
             ptr::null_mut(),
             lateral,
@@ -249,6 +258,10 @@ unsafe fn parameterisations(
     }
 }
 
+/// The cost of a path that would return the wrong rows (a default version
+/// where a join gives another): far beyond `disable_cost` (1e10).
+const WRONG_ROWS_COST: f64 = 1e16;
+
 /// What a rescan of a parameterised scan costs besides its rows, in the
 /// units of a plain scan's (one a row): the source query opened for one key
 /// and the row scored alone. Measured on a 2-core machine (53,940 diamonds,
@@ -264,6 +277,54 @@ struct Picked {
     keys: Option<f64>,
     model: bool,
     chooses: u8,
+    /// Join conditions on a choosing column that the scan cannot use.
+    unusable: u8,
+}
+
+/// The bits of [`CHOOSING_COLUMNS`] that `clause` reads of this scan.
+unsafe fn choosing_columns_read(foreigntableid: pg_sys::Oid, clause: *mut pg_sys::Node, relid: u32) -> u8 {
+    unsafe {
+        let mut attrs: *mut pg_sys::Bitmapset = ptr::null_mut();
+        pg_sys::pull_varattnos(clause, relid, &mut attrs);
+        let offset = pg_sys::FirstLowInvalidHeapAttributeNumber;
+        let mut bits = 0;
+        let mut member = -1;
+        loop {
+            member = pg_sys::bms_next_member(attrs, member);
+            if member < 0 {
+                break bits;
+            }
+            let name = attname(foreigntableid, member + offset);
+            if let Some(i) = CHOOSING_COLUMNS.iter().position(|c| *c == name) {
+                bits |= 1 << i;
+            }
+        }
+    }
+}
+
+/// Whether `value` is a choosing column of another `cerebro.predictions`
+/// scan of the query.
+unsafe fn echoes_another_scans_choice(root: *mut pg_sys::PlannerInfo, value: *mut pg_sys::Node) -> bool {
+    unsafe {
+        let node = strip_relabel(value);
+        if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_Var {
+            return false;
+        }
+        let var = node as *mut pg_sys::Var;
+        if (*var).varlevelsup != 0 || (*var).varno < 1 || (*var).varno >= (*root).simple_rel_array_size {
+            return false;
+        }
+        let rte = *(*root).simple_rte_array.add((*var).varno as usize);
+        if rte.is_null()
+            || (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION
+            || (*rte).relkind != pg_sys::RELKIND_FOREIGN_TABLE as std::ffi::c_char
+        {
+            return false;
+        }
+        let table = pg_sys::GetForeignTable((*rte).relid);
+        object_of(&def_elems((*table).options)) == "predictions"
+            && CHOOSING_COLUMNS.contains(&attname((*rte).relid, (*var).varattno as i32).as_str())
+    }
 }
 
 /// The columns besides `model` whose value chooses which rows exist at all
@@ -285,9 +346,15 @@ unsafe fn picked_by(
         if clauses.is_null() {
             return picked;
         }
+        let relid = (*baserel).relid;
         for cell in std::slice::from_raw_parts((*clauses).elements, (*clauses).length as usize) {
             let rinfo = cell.ptr_value as *mut pg_sys::RestrictInfo;
-            let Some((attnum, _, any)) = pushable(root, (*rinfo).clause.cast(), (*baserel).relid, outer) else {
+            let Some((attnum, value, any)) = pushable(root, (*rinfo).clause.cast(), relid, outer) else {
+                // A join condition on a choosing column the scan cannot use
+                // (`p.version::text = a.v`, `p.version > a.v`).
+                if !outer.is_null() {
+                    picked.unusable |= choosing_columns_read(foreigntableid, (*rinfo).clause.cast(), relid);
+                }
                 continue;
             };
             match attname(foreigntableid, attnum).as_str() {
@@ -296,6 +363,9 @@ unsafe fn picked_by(
                     picked.keys = Some(picked.keys.map_or(keys, |k: f64| k.min(keys)));
                 }
                 "model" => picked.model = true,
+                // Another scoring scan's own choice (`USING (source)` between
+                // two scans) is its default as much as this one's: no choice.
+                _ if echoes_another_scans_choice(root, value) => {}
                 other => {
                     if let Some(i) = CHOOSING_COLUMNS.iter().position(|c| *c == other) {
                         picked.chooses |= 1 << i;
@@ -455,6 +525,12 @@ unsafe fn is_equality(opno: pg_sys::Oid, input_type: pg_sys::Oid, collation: pg_
 /// The columns a scoring scan uses to choose its model and rows; conditions
 /// on the others (`score`, `label`) are only PostgreSQL's filter.
 const PUSHED_COLUMNS: [&str; 7] = ["model", "version", "source", "key_column", "key", "explain", "top_k"];
+
+/// The operator of a pushed `column = value` whose value comes from outside
+/// the scan's query level (a join's other relation, an outer row, a
+/// subquery: a PARAM_EXEC parameter), for the wrapper to tell it from a
+/// value the query names.
+pub(crate) const OUTSIDE_EQUALS: &str = "= (from outside the scan)";
 
 /// Columns a scan shows exactly as the condition that chose them said:
 /// `model = 'm'` scores model `m` and every row it returns says `m`.
@@ -645,9 +721,12 @@ unsafe fn refuse_a_choice_left_to_a_join(
 ) {
     unsafe {
         let own = picked_by(root, baserel, foreigntableid, (*baserel).baserestrictinfo, (*baserel).lateral_relids);
-        let joined =
-            parameterisations(root, baserel, foreigntableid).iter().fold(0, |c, (_, picked)| c | picked.chooses)
-                & !own.chooses;
+        let partners = parameterisations(root, baserel, foreigntableid);
+        let joined = partners.iter().fold(0, |c, (_, picked)| c | picked.chooses) & !own.chooses;
+        let unusable = partners.iter().fold(0, |c, (_, picked)| c | picked.unusable);
+        if let Some(i) = (0..CHOOSING_COLUMNS.len()).find(|i| unusable & (1 << i) != 0) {
+            raise(CerebroError::ChoiceLeftToJoin(CHOOSING_COLUMNS[i]));
+        }
         let given = pushed.iter().fold(0u8, |c, &attnum| {
             let name = attname(foreigntableid, attnum);
             c | CHOOSING_COLUMNS.iter().position(|n| *n == name).map_or(0, |i| 1 << i)
@@ -664,8 +743,11 @@ struct ScanExecution<W> {
     fdw: W,
     options: HashMap<String, String>,
     columns: Vec<Column>,
-    /// (column name, is ANY, prepared value expression) of each pushed condition.
-    pushed: Vec<(String, bool, *mut pg_sys::ExprState)>,
+    /// (column name, is ANY, prepared value expression, whether the value
+    /// comes from outside the scan's own query level: another relation of a
+    /// join, a LATERAL or correlated outer row, a subquery) of each pushed
+    /// condition.
+    pushed: Vec<(String, bool, *mut pg_sys::ExprState, bool)>,
     row: Row,
     /// Whether [`ForeignDataWrapper::begin_scan`] ran: on the first row, not in
     /// BeginForeignScan, because a value computed by an InitPlan
@@ -769,10 +851,18 @@ impl<W: ForeignDataWrapper<CerebroError>> ScanExecution<W> {
     /// The pushed conditions as [`Qual`]s; `None` when one matches nothing.
     unsafe fn quals(&self, econtext: *mut pg_sys::ExprContext) -> Option<Vec<Qual>> {
         let mut quals = Vec::with_capacity(self.pushed.len());
-        for (field, any, state) in &self.pushed {
+        for (field, any, state, outside) in &self.pushed {
             match unsafe { evaluate(*state, econtext, *any) } {
                 Pushed::Value(value) => {
-                    quals.push(Qual { field: field.clone(), operator: "=".into(), value, use_or: *any, param: None })
+                    // A value from outside the scan says so in its operator.
+                    let operator = if *outside { OUTSIDE_EQUALS } else { "=" };
+                    quals.push(Qual {
+                        field: field.clone(),
+                        operator: operator.into(),
+                        value,
+                        use_or: *any,
+                        param: None,
+                    })
                 }
                 Pushed::MatchesNothing => return None,
                 Pushed::Unused => {}
@@ -787,8 +877,13 @@ impl<W: ForeignDataWrapper<CerebroError>> ScanExecution<W> {
     unsafe fn begin(&mut self, econtext: *mut pg_sys::ExprContext) -> Result<bool, CerebroError> {
         let Some(quals) = (unsafe { self.quals(econtext) }) else { return Ok(false) };
         self.started = true;
-        self.fdw.begin_scan(&quals, &self.columns, &[], &None, &self.options)?;
-        Ok(true)
+        match self.fdw.begin_scan(&quals, &self.columns, &[], &None, &self.options) {
+            Err(CerebroError::NothingToScore) => {
+                self.started = false;
+                Ok(false)
+            }
+            other => other.map(|()| true),
+        }
     }
 
     fn end(&mut self) -> Result<(), CerebroError> {
@@ -831,7 +926,11 @@ pub unsafe extern "C-unwind" fn begin_foreign_scan<W: ForeignDataWrapper<Cerebro
             .enumerate()
             .map(|(i, (&attnum, &any))| {
                 let name = pgrx::name_data_to_str(&attrs[attnum as usize - 1].attname).to_owned();
-                (name, any, (*(*states).elements.add(i)).ptr_value as *mut pg_sys::ExprState)
+                let expr = strip_relabel((*(*(*plan).fdw_exprs).elements.add(i)).ptr_value.cast());
+                let outside = !expr.is_null()
+                    && (*expr).type_ == pg_sys::NodeTag::T_Param
+                    && (*(expr as *mut pg_sys::Param)).paramkind == pg_sys::ParamKind::PARAM_EXEC;
+                (name, any, (*(*states).elements.add(i)).ptr_value as *mut pg_sys::ExprState, outside)
             })
             .collect();
         let execution = Box::into_raw(Box::new(ScanExecution {

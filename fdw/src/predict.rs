@@ -336,8 +336,8 @@ type Joined = (String, ColumnData);
 /// selection, read for `row` through the joins it kept, as
 /// `cerebro.predictions` reads another source of the training table's shape
 /// (docs/sql.md, "Another source, through the model's joins"): when `row`
-/// has the keys the joins start from and none of the joined columns, and
-/// every missing feature is one the joins add. Empty otherwise, so that
+/// has the keys the joins those features come through start from and none
+/// of the joined columns, and every missing feature is one the joins add. Empty otherwise, so that
 /// the caller names the first missing column, with the key the joins
 /// start from that `row` lacks, if that is why. The joined tables are read
 /// as the caller, only if they run no code of a role without the caller's
@@ -346,6 +346,10 @@ fn through_joins(row: &Row, model: &ModelVersion, missing: &[&Feature]) -> Resul
     Spi::connect(|client| {
         let has = |c: &str| row.column(c).is_some();
         let Some(plan) = predictions::joins_to_read(client, model, &has)? else { return Ok((Vec::new(), None)) };
+        // Only the joins this version's missing columns come through: the
+        // others' keys (other candidates' joins) the row need not have.
+        let names: Vec<&str> = missing.iter().map(|f| f.name.as_str()).collect();
+        let plan = plan.reading(&names);
         let mut keys: Vec<&str> = Vec::new();
         for key in plan.kept.iter().filter(|j| j.hop <= 1).flat_map(|j| j.on.iter()) {
             if !keys.contains(&key.as_str()) {

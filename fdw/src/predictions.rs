@@ -38,6 +38,9 @@ use crate::sources::{check_own_source, resolve_source, text_family, BaseType, So
 struct Params {
     model: Option<String>,
     version: Option<i32>,
+    /// The version comes from outside the scan's query level (a join's
+    /// other relation, an outer row, a subquery).
+    version_from_outside: bool,
     source: Option<String>,
     key_column: Option<String>,
     keys: Option<Vec<String>>,
@@ -82,7 +85,8 @@ impl Params {
         let mut p = Params::default();
         // A plain `=` first: with it, a list on the same column only
         // filters (PostgreSQL checks every condition again).
-        let mut quals: Vec<&Qual> = quals.iter().filter(|q| q.operator == "=").collect();
+        let outside = crate::foreign_scan::OUTSIDE_EQUALS;
+        let mut quals: Vec<&Qual> = quals.iter().filter(|q| q.operator == "=" || q.operator == outside).collect();
         quals.sort_by_key(|q| q.use_or);
         for q in quals {
             match (q.field.as_str(), &q.value, q.use_or) {
@@ -96,7 +100,10 @@ impl Params {
                     p.source = only_value("source", cells, as_text)?
                 }
                 ("model", Value::Cell(c), false) => p.model = as_text(c),
-                ("version", Value::Cell(c), false) => p.version = as_i32(c),
+                ("version", Value::Cell(c), false) => {
+                    p.version = as_i32(c);
+                    p.version_from_outside = q.operator == outside;
+                }
                 ("source", Value::Cell(c), false) => p.source = as_text(c),
                 ("key_column", Value::Cell(c), false) => p.key_column = as_text(c),
                 ("key", Value::Cell(c), false) => p.keys = as_text(c).map(|k| vec![k]),
@@ -589,7 +596,18 @@ impl PredictionScan {
             Some(k) => k as usize,
             None => DEFAULT_TOP_K,
         };
-        let model = resolved_model(&name, params.version)?;
+        // A version another relation's row gives (`JOIN cerebro.models m ON
+        // p.version = m.version`) that has no scores, being queued, failed
+        // or gone, has no rows, as a join to a table without them would;
+        // named by the query itself, it is an error that says why.
+        let model = match resolved_model(&name, params.version) {
+            Err(CerebroError::ModelNotReady { .. } | CerebroError::VersionNotFound { .. })
+                if params.version_from_outside =>
+            {
+                return Err(CerebroError::NothingToScore)
+            }
+            other => other?,
+        };
         let key_column = params
             .key_column
             .clone()
@@ -767,21 +785,60 @@ impl PredictionScan {
         Ok(())
     }
 
-    fn submit(&mut self, batch: &Batch) -> Result<()> {
-        let request = Request::Score(ScoreRequest {
+    fn request(&self, batch: &Batch) -> Request {
+        Request::Score(ScoreRequest {
             model_version_id: self.model.id,
             artifact_sha256: self.model.artifact_sha256.clone(),
             region: batch.region as u32,
             layout: batch.layout.clone(),
-        });
+        })
+    }
+
+    fn submit(&mut self, batch: &Batch) -> Result<()> {
+        let request = self.request(batch);
+        let sent = self.session.borrow_mut().client.as_mut().ok_or(CerebroError::Interrupted)?.send(&request);
+        match sent {
+            Err(CerebroError::Connection(_)) => {
+                self.reconnect()?;
+                self.session.borrow_mut().client.as_mut().ok_or(CerebroError::Interrupted)?.send(&request)
+            }
+            other => other,
+        }
+    }
+
+    /// cerebrod closed the connection between two batches, the request in
+    /// flight unread (it makes room for another backend past its
+    /// `max_connections` by closing the connection idle the longest, and a
+    /// scan waiting for its client to fetch is idle to it): scoring changes
+    /// nothing, so the scan connects again, attaches its regions again and
+    /// goes on. A cerebrod that is gone fails the connect (08001).
+    fn reconnect(&mut self) -> Result<()> {
         let mut session = self.session.borrow_mut();
-        session.client.as_mut().ok_or(CerebroError::Interrupted)?.send(&request)
+        session.client = None;
+        let mut client = DaemonClient::connect(&self.socket, gucs::SCORING_TIMEOUT_MS.get())?;
+        for (i, region) in session.regions.iter().enumerate() {
+            if let Some(region) = region {
+                client.attach(i as u32, region)?;
+            }
+        }
+        session.client = Some(client);
+        Ok(())
     }
 
     fn collect(&mut self, batch: Batch) -> Result<()> {
+        let received = self.session.borrow_mut().client.as_mut().ok_or(CerebroError::Interrupted)?.recv();
+        let received = match received {
+            Err(CerebroError::Connection(_)) => {
+                self.reconnect()?;
+                let request = self.request(&batch);
+                let mut session = self.session.borrow_mut();
+                let client = session.client.as_mut().ok_or(CerebroError::Interrupted)?;
+                client.send(&request).and_then(|_| client.recv())
+            }
+            other => other,
+        };
         let mut session = self.session.borrow_mut();
-        let client = session.client.as_mut().ok_or(CerebroError::Interrupted)?;
-        match client.recv() {
+        match received {
             Ok(Response::Scored { .. }) => {}
             Ok(other) => return Err(CerebroError::Protocol(format!("expected scored, got {other:?}"))),
             Err(CerebroError::Interrupted) => {

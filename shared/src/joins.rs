@@ -223,6 +223,29 @@ impl JoinPlan {
         Some(format!("(SELECT {} FROM {})", select.join(", "), from.join(" ")))
     }
 
+    /// The plan with only the joins `columns` (joined columns) are read
+    /// through: those that add one, and at a nearer hop those they follow.
+    /// A row scored alone needs the keys these start from, not those of
+    /// joins only other candidates of the selection read.
+    pub fn reading(&self, columns: &[&str]) -> JoinPlan {
+        let mut needed: Vec<bool> =
+            self.kept.iter().map(|j| j.columns.iter().any(|c| columns.contains(&c.as_str()))).collect();
+        for i in (0..self.kept.len()).rev() {
+            let join = &self.kept[i];
+            if !needed[i] || join.hop <= 1 {
+                continue;
+            }
+            for (k, parent) in self.kept[..i].iter().enumerate() {
+                let own = format!("{}{SEPARATOR}", parent.prefix);
+                if parent.hop + 1 == join.hop && join.on.iter().any(|on| on.starts_with(&own)) {
+                    needed[k] = true;
+                }
+            }
+        }
+        let kept = self.kept.iter().zip(needed).filter(|(_, n)| *n).map(|(j, _)| j.clone()).collect();
+        JoinPlan { kept, query: String::new(), ..self.clone() }
+    }
+
     /// Every column the kept joins add, as the query names them.
     pub fn joined_columns(&self) -> impl Iterator<Item = &str> {
         self.kept.iter().flat_map(|j| j.columns.iter().map(String::as_str))
@@ -600,6 +623,16 @@ mod tests {
             two.query
         );
         assert_eq!(two.query_over(&schema.source.relation).as_deref(), Some(two.query.as_str()));
+        // A row scored alone reads only the joins its columns come through:
+        // the makers' country through the planes, not the weather.
+        let reading = two.reading(&["planes__makers__country"]);
+        let prefixes: Vec<&str> = reading.kept.iter().map(|j| j.prefix.as_str()).collect();
+        assert_eq!(prefixes, ["planes", "planes__makers"]);
+        let query = reading.query_over("s0").unwrap();
+        assert!(query.contains("LEFT JOIN \"nyc\".\"makers\" j2 ON j2.\"id\" = j1.\"maker_id\""), "{query}");
+        assert!(!query.contains("weather"), "{query}");
+        let weather: Vec<String> = two.reading(&["weather__temp"]).kept.into_iter().map(|j| j.prefix).collect();
+        assert_eq!(weather, ["weather"]);
 
         schema.tables.get_mut("\"nyc\".\"weather\"").unwrap().readable = false;
         let plan = plan(&schema, 1, &features(&schema), 1000).unwrap();

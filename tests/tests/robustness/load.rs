@@ -173,3 +173,44 @@ async fn one_roles_long_queue_does_not_hold_another_roles_job() -> anyhow::Resul
     assert_eq!(order, ["rb_busy_0", "rb_patient_0", "rb_busy_1", "rb_busy_2", "rb_busy_3"], "{order:?}");
     Ok(())
 }
+
+/// More scoring sessions than cerebrod's `max_connections`: each keeps its
+/// connection between scans, so cerebrod closes the one idle the longest
+/// for a newcomer, and its session connects again when it next scores,
+/// even in the middle of a scan (a cursor between two fetches). Before,
+/// every session past the limit failed for as long as the others stayed.
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_beyond_cerebrods_max_connections_take_turns() -> anyhow::Result<()> {
+    let env = Env::from_env();
+    let db = env.connect().await?;
+    let daemon = scoring_model(&env, &db).await?;
+    let expected = scored(&db).await?;
+    drop(daemon);
+    let narrow = env.with_config_value("two-connections", "max_connections", "2")?;
+    let _daemon = cerebro_tests::Daemon::start(&narrow)?;
+    // A scan half read, its batches small: its connection waits between them.
+    let cursor = env.connect().await?;
+    cursor
+        .batch_execute(
+            "SET cerebro.batch_rows = 500;
+             BEGIN;
+             DECLARE half CURSOR FOR SELECT key, score FROM cerebro.predictions WHERE model = 'rb_churn' AND version = 1;
+             FETCH 1000 FROM half;",
+        )
+        .await?;
+    let mut sessions = Vec::new();
+    for _ in 0..6 {
+        let s = env.connect().await?;
+        s.batch_execute("SET cerebro.score_in_backend = off").await?;
+        sessions.push(s);
+    }
+    for round in 0..3 {
+        for (i, s) in sessions.iter().enumerate() {
+            assert_eq!(scored(s).await?, expected, "session {i}, round {round}");
+        }
+    }
+    let rest: i64 = cursor.query("FETCH ALL FROM half", &[]).await?.len().try_into()?;
+    assert_eq!(rest, 7043 - 1000, "the half-read scan went on");
+    cursor.batch_execute("COMMIT").await?;
+    Ok(())
+}

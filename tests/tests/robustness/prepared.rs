@@ -593,6 +593,62 @@ async fn a_join_on_the_version_or_the_source_scores_what_it_names() -> anyhow::R
             }
         }
     }
-    db.batch_execute("RESET enable_nestloop; RESET plan_cache_mode; DROP TABLE rb_joined_copy").await?;
+    db.batch_execute("RESET enable_nestloop; RESET plan_cache_mode").await?;
+
+    // Versions from the catalog: those with scores are scored, one that
+    // has none (queued or training for long) has no rows, where the same
+    // version named by the query is 55000.
+    db.execute(
+        "INSERT INTO cerebro.models (name, source, target, key, options)
+         VALUES ($1, 'telco_churn', 'churn', 'customer_id', '{\"epochs\": 50000, \"patience\": 0}')",
+        &[&name],
+    )
+    .await?;
+    let per_version: Vec<(i32, i64)> = db
+        .query(
+            "SELECT m.version, count(p.key) FROM cerebro.models m
+             JOIN cerebro.predictions p ON p.model = m.name AND p.version = m.version
+             WHERE m.name = $1 GROUP BY 1 ORDER BY 1",
+            &[&name],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(per_version, [(first, 7043), (last, 7043)], "the queued version has no rows");
+    let queued: i32 = db.query_one("SELECT max(version) FROM cerebro.models WHERE name = $1", &[&name]).await?.get(0);
+    let named = db
+        .query_one(
+            &format!("SELECT count(*) FROM cerebro.predictions WHERE model = '{name}' AND version = {queued}"),
+            &[],
+        )
+        .await
+        .expect_err("a queued version named by the query");
+    assert_eq!(named.code().map(|c| c.code()), Some("55000"), "{named:?}");
+    db.execute("SELECT cerebro.cancel($1, $2)", &[&name, &queued]).await?;
+    // A condition on the version the scan cannot use is refused, not left
+    // to a filter over the default's rows.
+    let wrapped = db
+        .query(
+            "SELECT count(*) FROM asked_versions v
+             JOIN cerebro.predictions p ON p.version::text = v.v::text AND p.model = $1 AND p.key = '1'",
+            &[&name],
+        )
+        .await
+        .expect_err("a condition the scan cannot use");
+    assert_eq!(wrapped.code().map(|c| c.code()), Some("0A000"), "{wrapped:?}");
+    // Two scans joined on their source each keep their own default.
+    let pairs: i64 = db
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM cerebro.predictions a JOIN cerebro.predictions b USING (key, source)
+                 WHERE a.model = '{MODEL}' AND b.model = '{name}' AND b.version = {last}"
+            ),
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(pairs, 7043);
+    db.batch_execute("DROP TABLE rb_joined_copy").await?;
     Ok(())
 }

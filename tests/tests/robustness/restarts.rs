@@ -465,8 +465,8 @@ async fn a_standby_scores_through_a_cerebrod_of_its_own_and_trains_once_promoted
             .get(0);
         assert!((predicted - expected[0].1).abs() < 1e-6, "{predicted} against {}", expected[0].1);
     }
-    // Nothing is written: a training asked for on the standby is refused
-    // by PostgreSQL, and cerebrod holds no lock there.
+    // A training asked for on the standby is refused by PostgreSQL (25006):
+    // the standby's cerebrod has nothing to train.
     let refused = replica
         .execute(
             "INSERT INTO cerebro.models (name, source, target, key) VALUES ('rs_standby', 'telco_churn', 'churn', 'customer_id')",
@@ -528,7 +528,9 @@ async fn a_crash_of_another_backend_costs_a_training_no_attempt() -> anyhow::Res
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let victim = env.connect().await?;
-    let pid: i32 = victim.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+    // Its last query is what the server log names the process by: test.sh
+    // passes over a backend killed so.
+    let pid: i32 = victim.query_one("SELECT pg_backend_pid() AS killed_on_purpose_by_a_test", &[]).await?.get(0);
     let from = daemon_log(&env).len();
     let killed = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status()?;
     anyhow::ensure!(killed.success(), "kill -KILL {pid}");
