@@ -392,7 +392,12 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                     break Err(e);
                 }
                 let started = Instant::now();
-                match serve_standby(&config, &catalog, &mut shutdown, sessions == 0).await {
+                let served = serve_standby(&config, &catalog, &mut shutdown, sessions == 0).await;
+                // Served: errors no retry mends end the daemon no more.
+                if matches!(served, Ok(StandbyEnd::Stop | StandbyEnd::Promoted | StandbyEnd::Lost(_))) {
+                    sessions += 1;
+                }
+                match served {
                     Ok(StandbyEnd::Stop) => break Ok(()),
                     Ok(StandbyEnd::Promoted) => {
                         info!("the database was promoted: cerebrod takes its lock and trains");
@@ -422,8 +427,6 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<
                         warn!("cannot reach the standby: {e}; trying again in {:.1} s", pause.as_secs_f64());
                     }
                 }
-                // Served: errors no retry mends end the daemon no more.
-                sessions += 1;
                 continue;
             }
             Err(e) if sessions == 0 && !e.is_transient() => break Err(e),

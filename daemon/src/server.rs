@@ -185,8 +185,9 @@ impl ScoringService {
             }
         };
         let mut loading = self.loading.lock().await;
-        // The last of those that waited on it takes the gate away.
-        if Arc::strong_count(&gate) == 2 {
+        // The last of those that waited on it takes the gate away (its own:
+        // a later one may have taken its place).
+        if Arc::strong_count(&gate) == 2 && loading.get(&model_version_id).is_some_and(|g| Arc::ptr_eq(g, &gate)) {
             loading.remove(&model_version_id);
         }
         loaded

@@ -110,6 +110,11 @@ pub enum CerebroError {
          the default {0}'s rows, and the join would keep only those"
     )]
     ChoiceLeftToJoin(&'static str),
+    #[error(
+        "cerebro.predictions cannot read the {0} this query gives it (a value of a type it does not read, or \
+         text it cannot convert)"
+    )]
+    UnreadableChoice(&'static str),
     #[error("cerebro.predictions scores one {field} a scan; this query names {count}")]
     SeveralInOneScan { field: &'static str, count: usize },
     #[error("top_k must be at least 1, not {0}")]
@@ -211,7 +216,9 @@ impl CerebroError {
             | CerebroError::MissingKey(_)
             | CerebroError::OrderedSplitNeedsKey
             | CerebroError::NothingToScore => ERRCODE_INVALID_PARAMETER_VALUE,
-            CerebroError::SeveralInOneScan { .. } | CerebroError::ChoiceLeftToJoin(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
+            CerebroError::SeveralInOneScan { .. }
+            | CerebroError::ChoiceLeftToJoin(_)
+            | CerebroError::UnreadableChoice(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             CerebroError::NullArgument(_) | CerebroError::NullFeature => ERRCODE_NULL_VALUE_NOT_ALLOWED,
             CerebroError::NotModelOwner { .. }
             | CerebroError::AskingForAnotherRole
@@ -325,6 +332,11 @@ impl CerebroError {
                  row with a correlated subquery, (SELECT p.score FROM cerebro.predictions p WHERE p.model = \
                  ... AND p.{column} = t.x AND p.key = ...), or give {column} as a constant or a parameter."
             )),
+            CerebroError::UnreadableChoice(column) => Some(if *column == "version" {
+                "Give the version as an integer, e.g. p.version = a.v::integer.".into()
+            } else {
+                format!("Give {column} as text, e.g. p.{column} = a.x::text.")
+            }),
             CerebroError::SeveralInOneScan { field, .. } => {
                 Some(format!("Score each {field} in a query of its own and combine them with UNION ALL."))
             }

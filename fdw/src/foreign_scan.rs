@@ -54,7 +54,8 @@ fn estimate(object: &str) -> (f64, i32) {
 }
 
 /// What a plan tells its executions, kept in `fdw_private` as
-/// `(pushed attnos, pushed-with-ANY flags, needed attnos)`: integer lists,
+/// `(pushed attnos, pushed-with-ANY flags, needed attnos, from-outside
+/// flags)`: integer lists,
 /// which `copyObject` copies with the plan.
 struct PlanPrivate {
     /// Attribute numbers of the pushed conditions; `fdw_exprs` holds their
@@ -64,6 +65,9 @@ struct PlanPrivate {
     any: Vec<bool>,
     /// The attributes the query reads; empty when it reads whole rows.
     needed: Vec<i32>,
+    /// Whether each pushed value comes from other rows than the query
+    /// names ([`comes_from_outside`]).
+    outside: Vec<bool>,
 }
 
 impl PlanPrivate {
@@ -79,9 +83,11 @@ impl PlanPrivate {
             let pushed = ints(self.pushed.iter().copied());
             let any = ints(self.any.iter().map(|&a| a as i32));
             let needed = ints(self.needed.iter().copied());
+            let outside = ints(self.outside.iter().map(|&o| o as i32));
             let mut list = pg_sys::lappend(ptr::null_mut(), pushed.cast());
             list = pg_sys::lappend(list, any.cast());
-            pg_sys::lappend(list, needed.cast())
+            list = pg_sys::lappend(list, needed.cast());
+            pg_sys::lappend(list, outside.cast())
         }
     }
 
@@ -104,6 +110,7 @@ impl PlanPrivate {
                 pushed: ints(nth(list, 0)),
                 any: ints(nth(list, 1)).into_iter().map(|a| a != 0).collect(),
                 needed: ints(nth(list, 2)),
+                outside: ints(nth(list, 3)).into_iter().map(|o| o != 0).collect(),
             }
         }
     }
@@ -299,6 +306,41 @@ unsafe fn choosing_columns_read(foreigntableid: pg_sys::Oid, clause: *mut pg_sys
                 bits |= 1 << i;
             }
         }
+    }
+}
+
+/// Whether a pushed value comes from other rows than the query names:
+/// another relation of a join (its columns, which become parameters once
+/// the plan is made), or an outer query's row (a correlation parameter).
+/// Not an InitPlan's output (`version = (SELECT max(version) ...)`), which
+/// the query computes once and names as a constant.
+unsafe fn comes_from_outside(root: *mut pg_sys::PlannerInfo, value: *mut pg_sys::Node) -> bool {
+    unsafe {
+        if pg_sys::contain_var_clause(value) {
+            return true;
+        }
+        let node = strip_relabel(value);
+        if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_Param {
+            return false;
+        }
+        let param = node as *mut pg_sys::Param;
+        if (*param).paramkind != pg_sys::ParamKind::PARAM_EXEC {
+            return false;
+        }
+        let mut level = root;
+        while !level.is_null() {
+            let plans = (*level).init_plans;
+            if !plans.is_null() {
+                for cell in std::slice::from_raw_parts((*plans).elements, (*plans).length as usize) {
+                    let plan = cell.ptr_value as *mut pg_sys::SubPlan;
+                    if pg_sys::list_member_int((*plan).setParam, (*param).paramid) {
+                        return false;
+                    }
+                }
+            }
+            level = (*level).parent_root;
+        }
+        true
     }
 }
 
@@ -652,7 +694,7 @@ pub unsafe extern "C-unwind" fn get_foreign_plan(
     unsafe {
         let relid = (*baserel).relid;
         let scores = object_of(&table_options(foreigntableid)) == "predictions";
-        let mut private = PlanPrivate { pushed: Vec::new(), any: Vec::new(), needed: Vec::new() };
+        let mut private = PlanPrivate { pushed: Vec::new(), any: Vec::new(), needed: Vec::new(), outside: Vec::new() };
         let mut fdw_exprs: *mut pg_sys::List = ptr::null_mut();
         let mut echoed: Vec<(i32, *mut pg_sys::RestrictInfo)> = Vec::new();
         // A parameterised path's join conditions come in `scan_clauses` with
@@ -667,11 +709,17 @@ pub unsafe extern "C-unwind" fn get_foreign_plan(
                     if !PUSHED_COLUMNS.contains(&name.as_str()) {
                         continue;
                     }
+                    // Another scoring scan's own choice is no choice of this
+                    // one's, in any plan: only a filter.
+                    if CHOOSING_COLUMNS.contains(&name.as_str()) && echoes_another_scans_choice(root, value) {
+                        continue;
+                    }
                     if ECHOED_COLUMNS.contains(&name.as_str()) && echoes((*rinfo).clause.cast(), value, any) {
                         echoed.push((attnum, rinfo));
                     }
                     private.pushed.push(attnum);
                     private.any.push(any);
+                    private.outside.push(comes_from_outside(root, value));
                     fdw_exprs = pg_sys::lappend(fdw_exprs, value.cast());
                 }
             }
@@ -849,7 +897,7 @@ unsafe fn evaluate(state: *mut pg_sys::ExprState, econtext: *mut pg_sys::ExprCon
 
 impl<W: ForeignDataWrapper<CerebroError>> ScanExecution<W> {
     /// The pushed conditions as [`Qual`]s; `None` when one matches nothing.
-    unsafe fn quals(&self, econtext: *mut pg_sys::ExprContext) -> Option<Vec<Qual>> {
+    unsafe fn quals(&self, econtext: *mut pg_sys::ExprContext) -> Result<Option<Vec<Qual>>, CerebroError> {
         let mut quals = Vec::with_capacity(self.pushed.len());
         for (field, any, state, outside) in &self.pushed {
             match unsafe { evaluate(*state, econtext, *any) } {
@@ -864,18 +912,25 @@ impl<W: ForeignDataWrapper<CerebroError>> ScanExecution<W> {
                         param: None,
                     })
                 }
-                Pushed::MatchesNothing => return None,
+                Pushed::MatchesNothing => return Ok(None),
+                // A version, source or key column left unread would score
+                // the default's rows, which the filter would then cut.
+                Pushed::Unused if !*any => {
+                    if let Some(column) = CHOOSING_COLUMNS.iter().find(|c| **c == field.as_str()) {
+                        return Err(CerebroError::UnreadableChoice(column));
+                    }
+                }
                 Pushed::Unused => {}
             }
         }
-        Some(quals)
+        Ok(Some(quals))
     }
 
     /// Begins the scan with the pushed values; false when they match no row
     /// (`model = NULL`), which then scores nothing, as PostgreSQL's filter
     /// would keep nothing.
     unsafe fn begin(&mut self, econtext: *mut pg_sys::ExprContext) -> Result<bool, CerebroError> {
-        let Some(quals) = (unsafe { self.quals(econtext) }) else { return Ok(false) };
+        let Some(quals) = (unsafe { self.quals(econtext) })? else { return Ok(false) };
         self.started = true;
         match self.fdw.begin_scan(&quals, &self.columns, &[], &None, &self.options) {
             Err(CerebroError::NothingToScore) => {
@@ -926,10 +981,7 @@ pub unsafe extern "C-unwind" fn begin_foreign_scan<W: ForeignDataWrapper<Cerebro
             .enumerate()
             .map(|(i, (&attnum, &any))| {
                 let name = pgrx::name_data_to_str(&attrs[attnum as usize - 1].attname).to_owned();
-                let expr = strip_relabel((*(*(*plan).fdw_exprs).elements.add(i)).ptr_value.cast());
-                let outside = !expr.is_null()
-                    && (*expr).type_ == pg_sys::NodeTag::T_Param
-                    && (*(expr as *mut pg_sys::Param)).paramkind == pg_sys::ParamKind::PARAM_EXEC;
+                let outside = private.outside.get(i).copied().unwrap_or(false);
                 (name, any, (*(*states).elements.add(i)).ptr_value as *mut pg_sys::ExprState, outside)
             })
             .collect();

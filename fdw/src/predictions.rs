@@ -460,6 +460,16 @@ impl Session {
     }
 }
 
+/// Whether cerebrod closed the connection with what was sent on it unread
+/// (a write that found it closed, or a read that found it reset: a Unix
+/// socket closed with unread bytes resets), so that sending it again on a
+/// new connection scores it once. A clean end after it was read (cerebrod
+/// stopped or died while scoring it) is not: the error stands.
+fn closed_unread(e: &CerebroError) -> bool {
+    matches!(e, CerebroError::Connection(cerebro_shared::protocol::FrameError::Io(io))
+        if matches!(io.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset))
+}
+
 struct Batch {
     region: usize,
     keys: PackedColumn,
@@ -769,16 +779,25 @@ impl PredictionScan {
     /// first when needed. Only called with no request in flight.
     fn write(&mut self, batch: &mut Batch) -> Result<()> {
         let Some(columns) = batch.unwritten.take() else { return Ok(()) };
-        let mut session = self.session.borrow_mut();
-        let session = &mut *session;
-        let fits = session.regions[batch.region].as_ref().is_some_and(|r| r.len() as u64 >= batch.needed);
+        let fits = self.session.borrow().regions[batch.region].as_ref().is_some_and(|r| r.len() as u64 >= batch.needed);
         if !fits {
             let len = (batch.needed as usize).next_power_of_two().max(1 << 20);
             let fresh = Region::create(len)?;
-            let client = session.client.as_mut().ok_or(CerebroError::Interrupted)?;
-            client.attach(batch.region as u32, &fresh)?;
-            session.regions[batch.region] = Some(fresh);
+            let attached = self
+                .session
+                .borrow_mut()
+                .client
+                .as_mut()
+                .ok_or(CerebroError::Interrupted)?
+                .attach(batch.region as u32, &fresh);
+            self.session.borrow_mut().regions[batch.region] = Some(fresh);
+            match attached {
+                // The new connection attaches every region, this one too.
+                Err(e) if closed_unread(&e) => self.reconnect()?,
+                other => other?,
+            }
         }
+        let mut session = self.session.borrow_mut();
         let map = &mut session.regions[batch.region].as_mut().expect("region set above").map;
         write_packed(&columns, &batch.layout, &mut map[..]).map_err(|e| CerebroError::Protocol(e.to_string()))?;
         self.spare = columns;
@@ -798,7 +817,7 @@ impl PredictionScan {
         let request = self.request(batch);
         let sent = self.session.borrow_mut().client.as_mut().ok_or(CerebroError::Interrupted)?.send(&request);
         match sent {
-            Err(CerebroError::Connection(_)) => {
+            Err(e) if closed_unread(&e) => {
                 self.reconnect()?;
                 self.session.borrow_mut().client.as_mut().ok_or(CerebroError::Interrupted)?.send(&request)
             }
@@ -807,11 +826,11 @@ impl PredictionScan {
     }
 
     /// cerebrod closed the connection between two batches, the request in
-    /// flight unread (it makes room for another backend past its
-    /// `max_connections` by closing the connection idle the longest, and a
-    /// scan waiting for its client to fetch is idle to it): scoring changes
-    /// nothing, so the scan connects again, attaches its regions again and
-    /// goes on. A cerebrod that is gone fails the connect (08001).
+    /// flight unread ([`closed_unread`]; it makes room for another backend
+    /// past its `max_connections` by closing the connection idle the
+    /// longest, and a scan waiting for its client to fetch is idle to it):
+    /// the scan connects again, attaches its regions again and sends the
+    /// request again. A cerebrod that is gone fails the connect (08001).
     fn reconnect(&mut self) -> Result<()> {
         let mut session = self.session.borrow_mut();
         session.client = None;
@@ -828,7 +847,7 @@ impl PredictionScan {
     fn collect(&mut self, batch: Batch) -> Result<()> {
         let received = self.session.borrow_mut().client.as_mut().ok_or(CerebroError::Interrupted)?.recv();
         let received = match received {
-            Err(CerebroError::Connection(_)) => {
+            Err(e) if closed_unread(&e) => {
                 self.reconnect()?;
                 let request = self.request(&batch);
                 let mut session = self.session.borrow_mut();

@@ -625,6 +625,16 @@ async fn a_join_on_the_version_or_the_source_scores_what_it_names() -> anyhow::R
         .await
         .expect_err("a queued version named by the query");
     assert_eq!(named.code().map(|c| c.code()), Some("55000"), "{named:?}");
+    // Computed once by the query (an InitPlan), it is named too.
+    let computed = db
+        .query_one(
+            "SELECT count(*) FROM cerebro.predictions
+             WHERE model = $1 AND version = (SELECT max(version) FROM cerebro.models WHERE name = $1)",
+            &[&name],
+        )
+        .await
+        .expect_err("a queued version the query computes");
+    assert_eq!(computed.code().map(|c| c.code()), Some("55000"), "{computed:?}");
     db.execute("SELECT cerebro.cancel($1, $2)", &[&name, &queued]).await?;
     // A condition on the version the scan cannot use is refused, not left
     // to a filter over the default's rows.
