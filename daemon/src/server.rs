@@ -819,9 +819,9 @@ impl Connection {
                 *s.idle_since.lock().expect("not poisoned") = since;
             }
         };
+        idle(Some(Instant::now()));
         loop {
             let mut fds = Vec::new();
-            idle(Some(Instant::now()));
             let closed = async {
                 match &state {
                     Some(s) => s.close.notified().await,
@@ -852,6 +852,9 @@ impl Connection {
                 Err(e) => return Err(e),
             };
             let (response, keep_open) = self.handle(request, fds, service).await;
+            // Answered: from here it is the client's turn, before the answer
+            // reaches it (a close asked meanwhile waits for the write).
+            idle(Some(Instant::now()));
             stream.write_all(&protocol::encode(&response)).await?;
             if !keep_open {
                 return Ok(());
