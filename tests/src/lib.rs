@@ -2,6 +2,7 @@
 //! cerebrod processes the tests start, kill and restart themselves.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs::OpenOptions;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -60,28 +61,9 @@ impl Env {
         let pgdata =
             self.pgdata.as_ref().context("CEREBRO_E2E_PGDATA is not set: run the tests with deploy/test.sh")?;
         let pglog = self.pglog.as_ref().context("CEREBRO_E2E_PGLOG is not set: run the tests with deploy/test.sh")?;
-        let out = without_inherited_fds("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(format!("{}/pg_ctl", self.pgbin))
-            .arg("-D")
-            .arg(pgdata)
-            .arg("-l")
-            .arg(pglog)
-            .args(["-w", "-t", "120"])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .context("running pg_ctl")?;
-        if !out.status.success() {
-            bail!(
-                "pg_ctl {} failed with {}: {}{}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
+        let mut all: Vec<&OsStr> = vec!["-D".as_ref(), pgdata.as_os_str(), "-l".as_ref(), pglog.as_os_str()];
+        all.extend(["-w", "-t", "120"].iter().chain(args).map(OsStr::new));
+        as_postgres(&self.pgbin, "pg_ctl", &all)
     }
 
     /// Restarts the cluster in shutdown `mode` ("fast": every session is
@@ -204,11 +186,13 @@ impl Standby {
         let (uid, gid) = postgres_ids()?;
         std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
         let standby = Standby { dir, pgbin: env.pgbin.clone(), port: env.pgport.clone() };
-        standby.as_postgres(
-            "pg_basebackup",
-            &["-h", &env.pghost, "-p", &env.pgport, "-U", "postgres", "-R", "-X", "stream", "-c", "fast", "-D"],
-            &[standby.dir.join("data").as_os_str()],
-        )?;
+        let data = standby.dir.join("data");
+        let mut args: Vec<&OsStr> = ["-h", &env.pghost, "-p", &env.pgport, "-U", "postgres", "-R", "-X", "stream"]
+            .into_iter()
+            .map(OsStr::new)
+            .collect();
+        args.extend(["-c".as_ref(), "fast".as_ref(), "-D".as_ref(), data.as_os_str()]);
+        as_postgres(&env.pgbin, "pg_basebackup", &args)?;
         // The primary's own settings come with the copy: only the socket
         // directory differs (no TCP, so the port may be the primary's).
         let options = format!("-k {} -c listen_addresses='' -c port={}", standby.dir.display(), standby.port);
@@ -216,26 +200,11 @@ impl Standby {
         Ok(standby)
     }
 
-    fn as_postgres(&self, program: &str, args: &[&str], more: &[&std::ffi::OsStr]) -> Result<()> {
-        let out = without_inherited_fds("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(format!("{}/{program}", self.pgbin))
-            .args(args)
-            .args(more)
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("running {program}"))?;
-        if !out.status.success() {
-            bail!("{program} failed with {}: {}", out.status, String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(())
-    }
-
     fn pg_ctl(&self, args: &[&str]) -> Result<()> {
         let (data, log) = (self.dir.join("data"), self.dir.join("postgresql.log"));
-        let mut all: Vec<&std::ffi::OsStr> = vec!["-D".as_ref(), data.as_os_str(), "-l".as_ref(), log.as_os_str()];
-        all.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
-        self.as_postgres("pg_ctl", &[], &all)
+        let mut all: Vec<&OsStr> = vec!["-D".as_ref(), data.as_os_str(), "-l".as_ref(), log.as_os_str()];
+        all.extend(args.iter().map(OsStr::new));
+        as_postgres(&self.pgbin, "pg_ctl", &all)
     }
 
     /// Promotes it to a primary of its own, once it has replayed all it has.
@@ -263,6 +232,28 @@ impl Drop for Standby {
         let _ = self.pg_ctl(&["-m", "immediate", "stop"]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Runs PostgreSQL's `program` (from `pgbin`) as the postgres OS user, as
+/// deploy/lib.sh does, with every inherited descriptor above 2 closed.
+fn as_postgres(pgbin: &str, program: &str, args: &[&OsStr]) -> Result<()> {
+    let out = without_inherited_fds("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(format!("{pgbin}/{program}"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed with {}: {}{}",
+            args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 fn postgres_ids() -> Result<(u32, u32)> {

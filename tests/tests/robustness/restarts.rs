@@ -12,7 +12,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use cerebro_tests::{daemon_log, job_attempts, model_state, wait_for, wait_until_done, Daemon, Env, Supervised};
+use cerebro_tests::{
+    daemon_log, insert_telco_model, job_attempts, model_state, wait_for, wait_until_done, Daemon, Env, Supervised,
+};
 use tokio_postgres::Client;
 
 use crate::TRAIN_TIMEOUT;
@@ -506,27 +508,16 @@ async fn a_crash_of_another_backend_costs_a_training_no_attempt() -> anyhow::Res
     let env = Env::from_env();
     let db = env.connect().await?;
     let _daemon = Daemon::start(&env)?;
-    db.execute(
-        "INSERT INTO cerebro.models (name, source, target, key, options)
-         VALUES ('rs_crash_elsewhere', 'telco_churn', 'churn', 'customer_id',
-                 '{\"epochs\": 40, \"patience\": 0, \"hidden\": [256, 256], \"batch_size\": 16}')",
-        &[],
+    let version = insert_telco_model(
+        &db,
+        "rs_crash_elsewhere",
+        r#"{"epochs": 40, "patience": 0, "hidden": [256, 256], "batch_size": 16}"#,
     )
     .await?;
-    let version: i32 =
-        db.query_one("SELECT max(version) FROM cerebro.models WHERE name = 'rs_crash_elsewhere'", &[]).await?.get(0);
-    let deadline = Instant::now() + TRAIN_TIMEOUT;
-    loop {
-        let (status, epoch, _) = model_state(&db, "rs_crash_elsewhere", version).await?;
-        // Well into training, its epochs long: cerebrod's connections idle
-        // between an epoch's writes, so each hears the server's word (one
-        // in the middle of a write does not, and a silent end counts).
-        if status == "training" && epoch >= 2 {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "never trained (status {status})");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Well into training, its epochs long: cerebrod's connections idle
+    // between an epoch's writes, so each hears the server's word (one in
+    // the middle of a write does not, and a silent end counts).
+    wait_for(&db, "rs_crash_elsewhere", version, TRAIN_TIMEOUT, |s, epoch| s == "training" && epoch >= 2).await?;
     let victim = env.connect().await?;
     // Its last query is what the server log names the process by: test.sh
     // passes over a backend killed so.
